@@ -1,0 +1,71 @@
+"""reprod: prove that a ported model computes the same numbers, and find where it does not.
+
+>>> from reprod import ReprodLogger, ReprodDiffHelper   # drop-in for reprod_log
+>>> result = reprod.compare("forward_torch.npy", "forward_paddle.npy", threshold=1e-5)
+>>> result.passed, result.first_failure
+
+Importing reprod imports numpy only; torch, paddle and pandas load when something needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    DumpFormatError,
+    KeyMismatchError,
+    ReprodError,
+    UnsafeDumpError,
+    UnsupportedValueError,
+)
+from .logger import ReprodLogger
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ReprodLogger",
+    "ReprodDiffHelper",
+    "compare",
+    "load",
+    "save",
+    "DiffResult",
+    "KeyResult",
+    "ReprodError",
+    "DumpFormatError",
+    "UnsafeDumpError",
+    "KeyMismatchError",
+    "UnsupportedValueError",
+    "__version__",
+]
+
+# Resolved on first use so that `import reprod` stays cheap (PEP 562).
+_LAZY = {
+    "ReprodDiffHelper": ("reprod.helper", "ReprodDiffHelper"),
+    "compare": ("reprod.diff.engine", "compare"),
+    "load": ("reprod.storage", "load"),
+    "save": ("reprod.storage", "save"),
+    "DiffResult": ("reprod.diff.result", "DiffResult"),
+    "KeyResult": ("reprod.diff.result", "KeyResult"),
+}
+
+if TYPE_CHECKING:
+    from .diff.engine import compare
+    from .diff.result import DiffResult, KeyResult
+    from .helper import ReprodDiffHelper
+    from .storage import load, save
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'reprod' has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,137 @@
+"""Anything numeric -> numpy, losslessly. torch and paddle are recognised by their type's module,
+so neither framework is ever imported here; the one that made the tensor is already loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Union
+
+import numpy as np
+
+from .errors import UnsupportedValueError
+
+__all__ = ["to_numpy", "to_tree", "Converted", "BFLOAT16"]
+
+BFLOAT16 = "bfloat16"
+
+Tree = Union[np.ndarray, "dict[str, Tree]"]
+
+
+class Converted:
+    """A numpy array plus the name of the dtype it came from when numpy has no such dtype.
+
+    bfloat16 is held as float32 (exact: every bfloat16 is a float32) and remembered here so that the
+    native format can store the original bits and the report can show the original dtype.
+    """
+
+    __slots__ = ("array", "source_dtype")
+
+    def __init__(self, array: np.ndarray, source_dtype: str | None = None) -> None:
+        self.array = array
+        self.source_dtype = source_dtype
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 values (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values that are exact bfloat16 numbers -> their uint16 bit patterns."""
+    return (np.ascontiguousarray(values, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _module_of(obj: Any) -> str:
+    return type(obj).__module__.split(".", 1)[0]
+
+
+def _torch_to_numpy(t: Any) -> Converted:
+    import torch  # already imported by whoever made ``t``
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        bits = t.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return Converted(bf16_bits_to_float32(bits), BFLOAT16)
+    if t.dtype == torch.complex32:
+        t = t.to(torch.complex64)
+    if getattr(t, "is_conj", lambda: False)():
+        t = t.resolve_conj()
+    if getattr(t, "is_neg", lambda: False)():
+        t = t.resolve_neg()
+    # .numpy() shares memory with the tensor: copy so a later in-place update cannot change the log.
+    return Converted(np.array(t.numpy(), copy=True, order="C"))
+
+
+def _paddle_to_numpy(t: Any) -> Converted:
+    dtype = str(getattr(t, "dtype", "")).lower()
+    if "bfloat16" in dtype:
+        # paddle hands bfloat16 out as its uint16 bit patterns
+        return Converted(bf16_bits_to_float32(np.asarray(t.numpy()).view(np.uint16)), BFLOAT16)
+    arr = t.numpy()  # copies to host memory already
+    return Converted(np.array(arr, copy=True, order="C"))
+
+
+def _is_numeric_dtype(dt: np.dtype) -> bool:
+    return dt.kind in "biufc"
+
+
+def to_numpy(value: Any, *, key: str = "<value>") -> Converted:
+    """Convert one leaf value (array, tensor, scalar, list of numbers) to a numpy copy.
+
+    Raises UnsupportedValueError naming ``key`` for anything that is not numeric data.
+    """
+    mod = _module_of(value)
+    if isinstance(value, np.ndarray):
+        if not _is_numeric_dtype(value.dtype):
+            raise UnsupportedValueError(
+                f"key {key!r}: value is a numpy array of dtype {value.dtype}, which is not numeric"
+            )
+        return Converted(np.array(value, copy=True, order="C"))
+    if isinstance(value, np.generic):
+        if not _is_numeric_dtype(value.dtype):
+            raise UnsupportedValueError(f"key {key!r}: numpy scalar of dtype {value.dtype} is not numeric")
+        return Converted(np.array(value))
+    if mod == "torch" and hasattr(value, "detach"):
+        return _torch_to_numpy(value)
+    if mod == "paddle" and hasattr(value, "numpy"):
+        return _paddle_to_numpy(value)
+    if isinstance(value, (bool, int, float, complex)):
+        arr = np.array(value)
+        if arr.dtype == object:  # an int beyond int64/uint64
+            raise UnsupportedValueError(f"key {key!r}: integer {value} does not fit in 64 bits")
+        return Converted(arr)
+    if isinstance(value, (list, tuple)):
+        try:
+            parts = [to_numpy(v, key=key).array for v in value]
+            arr = np.array(parts) if parts else np.array([], dtype=np.float64)
+        except UnsupportedValueError:
+            raise
+        except ValueError as exc:
+            raise UnsupportedValueError(f"key {key!r}: list is ragged or not numeric ({exc})") from None
+        if not _is_numeric_dtype(arr.dtype):
+            raise UnsupportedValueError(f"key {key!r}: list does not hold numbers")
+        return Converted(arr)
+    raise UnsupportedValueError(
+        f"key {key!r}: cannot log a value of type {type(value).__module__}.{type(value).__qualname__}; "
+        "expected a numpy array, a torch or paddle tensor, a number, or a list/dict of them"
+    )
+
+
+def to_tree(value: Any, *, key: str = "<value>") -> tuple[Any, Any]:
+    """Convert a leaf or a nested mapping. Returns (tree of arrays, tree of source dtypes or None)."""
+    if isinstance(value, Mapping):
+        data: dict[str, Any] = {}
+        dtypes: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UnsupportedValueError(
+                    f"key {key!r}: nested key {k!r} is a {type(k).__name__}, keys must be str"
+                )
+            data[k], dt = to_tree(v, key=f"{key}/{k}")
+            if dt is not None:
+                dtypes[k] = dt
+        return data, (dtypes or None)
+    conv = to_numpy(value, key=key)
+    return conv.array, conv.source_dtype

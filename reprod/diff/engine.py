@@ -1,0 +1,198 @@
+"""``reprod.compare``: pair the keys, compute the statistics, apply the pass rule, return data."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ..report.format import fmt_num
+from .metrics import compute_stats
+from .pairing import Pair, leaf_array, open_side, walk_pairs
+from .result import STAT_OF_METHOD, DiffResult, KeyResult
+from .tolerance import MethodArg, PerKey, Policy
+
+__all__ = ["compare"]
+
+
+def compare(
+    ref: Any,
+    other: Any,
+    *,
+    method: MethodArg = "mean",
+    threshold: Optional[float] = 1e-6,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    per_key: PerKey = None,
+    keys: Optional[Union[str, Sequence[str]]] = None,
+    equal_nan: bool = False,
+) -> DiffResult:
+    """Compare two dumps key by key; ``ref`` is the reference (relative errors divide by |ref|).
+
+    ``ref``/``other``: paths (``.npy``/``.npz``), mappings (nested allowed) of arrays or tensors, or
+    single arrays. ``method``: reprod_log's ``diff_method`` (``"mean"``, ``"max"``, ``"min"``,
+    ``"all"``, ``"mean_rel"``, ``"max_rel"`` or a list); a check passes when the statistic is <=
+    its threshold. ``threshold=None`` turns the statistic checks off. ``atol``/``rtol`` add the
+    element-wise rule |other - ref| <= atol + rtol*|ref|. ``per_key`` maps names or globs to a
+    threshold or a {method: threshold} dict. ``keys``: globs selecting which keys to compare.
+
+    >>> r = compare({"x": np.ones(3)}, {"x": np.ones(3) + 1e-7}, method="max", threshold=1e-6)
+    >>> r.passed
+    True
+    """
+    policy = Policy.build(method, threshold, per_key)
+    a = open_side(ref, "ref")
+    b = open_side(other, "other")
+    results = [
+        _compare_pair(p, policy, atol=atol, rtol=rtol, equal_nan=equal_nan)
+        for p in walk_pairs(a.tree, b.tree, keys=keys)
+    ]
+    options: dict[str, Any] = {
+        "methods": list(policy.methods),
+        "threshold": policy.threshold,
+        "atol": atol,
+        "rtol": rtol,
+        "equal_nan": equal_nan,
+    }
+    if per_key:
+        options["per_key"] = {k: (dict(v) if isinstance(v, Mapping) else float(v)) for k, v in per_key.items()}
+    if keys:
+        options["keys"] = [keys] if isinstance(keys, str) else list(keys)
+    return DiffResult(
+        results=tuple(results),
+        ref_name=a.name,
+        other_name=b.name,
+        options=options,
+        created=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+
+
+def _shape_str(s: Optional[tuple[int, ...]]) -> str:
+    return "(" + ", ".join(str(x) for x in s) + ("," if s is not None and len(s) == 1 else "") + ")" if s is not None else "-"
+
+
+def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optional[float],
+                  equal_nan: bool) -> KeyResult:
+    key = p.key
+    leaf = p.path[-1]
+    thresholds = policy.for_key(key)
+    methods = tuple(thresholds) or policy.methods
+    base: dict[str, Any] = {"key": key, "path": p.path, "methods": methods, "thresholds": thresholds,
+                            "atol": atol, "rtol": rtol}
+    if p.kind in ("missing", "extra"):
+        tree = p.ref_tree if p.kind == "missing" else p.other_tree
+        assert tree is not None
+        arr, dt = leaf_array(tree, leaf)
+        side = {"ref_shape": tuple(arr.shape), "ref_dtype": dt} if p.kind == "missing" else \
+               {"other_shape": tuple(arr.shape), "other_dtype": dt}
+        reason = "key only in ref (missing from other)" if p.kind == "missing" else "key only in other (not in ref)"
+        return KeyResult(passed=False, status=p.kind, reason=reason, size=int(arr.size), **side, **base)
+    assert p.ref_tree is not None and p.other_tree is not None
+    if p.kind == "type":
+        return KeyResult(passed=False, status="type",
+                         reason="a nested dict on one side, an array on the other", **base)
+    ra, rdt = leaf_array(p.ref_tree, leaf)
+    oa, odt = leaf_array(p.other_tree, leaf)
+    base.update(ref_shape=tuple(ra.shape), other_shape=tuple(oa.shape), ref_dtype=rdt, other_dtype=odt)
+    notes: list[str] = []
+    if rdt != odt:
+        notes.append(f"dtypes differ ({rdt} vs {odt}), compared by value")
+    if ra.shape != oa.shape:
+        if ra.size == oa.size and tuple(s for s in ra.shape if s != 1) == tuple(s for s in oa.shape if s != 1):
+            notes.append(f"shapes differ only by axes of size 1 ({_shape_str(ra.shape)} vs "
+                         f"{_shape_str(oa.shape)}), compared element by element")
+            oa = oa.reshape(ra.shape)
+        else:
+            hint = ""
+            if ra.ndim >= 2 and oa.shape == ra.shape[::-1]:
+                hint = ("; other is the transpose of ref (a Linear weight? paddle stores [in, out], "
+                        "torch [out, in]): transpose one side")
+            return KeyResult(passed=False, status="shape",
+                             reason=f"shape {_shape_str(oa.shape)} does not match ref {_shape_str(ra.shape)}{hint}",
+                             size=int(ra.size), note="; ".join(notes) or None, **base)
+    if ra.size == 0 or oa.size == 0:
+        if ra.size == 0 and oa.size == 0:
+            return KeyResult(passed=True, status="passed", reason="both empty",
+                             size=0, note="; ".join(notes) or None, **base)
+        return KeyResult(passed=False, status="empty", reason="one side is empty", size=int(ra.size), **base)
+    st = compute_stats(ra, oa, atol=atol, rtol=rtol, equal_nan=equal_nan)
+    values = {
+        "mean_abs": st.mean_abs, "max_abs": st.max_abs, "min_abs": st.min_abs,
+        "mean_rel": st.mean_rel, "max_rel": st.max_rel, "cosine": st.cosine,
+    }
+    worst_index = None if st.worst_flat is None else tuple(int(i) for i in np.unravel_index(st.worst_flat, ra.shape))
+    status, reason, checks = "passed", "", {}
+    if st.nan_unmatched:
+        status = "nan"
+        reason = f"{st.nan_unmatched} NaN position(s) (ref {st.ref_nan} NaN, other {st.other_nan} NaN)" + \
+                 ("" if equal_nan else "; NaN never passes unless equal_nan=True")
+        checks = {m: False for m in thresholds}
+    elif st.inf_unmatched:
+        status = "inf"
+        reason = f"{st.inf_unmatched} Inf position(s) without an equal Inf on the other side " \
+                 f"(ref {st.ref_inf} Inf, other {st.other_inf} Inf)"
+        checks = {m: False for m in thresholds}
+    else:
+        status, reason, checks = judge(values, thresholds, mismatched=st.mismatched, size=st.size,
+                                       atol=atol, rtol=rtol, worst_index=worst_index,
+                                       worst_ref=st.worst_ref, worst_other=st.worst_other)
+    return KeyResult(
+        passed=status == "passed", status=status, reason=reason, size=st.size,
+        worst_index=worst_index, worst_ref=st.worst_ref, worst_other=st.worst_other,
+        mismatched=st.mismatched, ref_nan=st.ref_nan, ref_inf=st.ref_inf,
+        other_nan=st.other_nan, other_inf=st.other_inf, checks=checks,
+        note="; ".join(notes) or None, **values, **base,
+    )
+
+
+def judge(values: Mapping[str, Optional[float]], thresholds: Mapping[str, float], *,
+          mismatched: Optional[int], size: int, atol: Optional[float], rtol: Optional[float],
+          worst_index: Optional[tuple[int, ...]], worst_ref: Optional[float],
+          worst_other: Optional[float]) -> tuple[str, str, dict[str, bool]]:
+    """The pass rule for a finite comparison: (status, reason, per-method checks)."""
+    checks: dict[str, bool] = {}
+    for m, t in thresholds.items():
+        v = values[STAT_OF_METHOD[m]]
+        checks[m] = v is None or not (v > t or v != v)  # reprod_log: fails only when value > threshold
+    at = ""
+    if worst_index is not None and worst_ref is not None and worst_other is not None:
+        at = f" at index {worst_index} (ref {worst_ref:.6g}, other {worst_other:.6g})"
+    if not all(checks.values()):
+        bad = [m for m, ok in checks.items() if not ok]
+        reason = "; ".join(f"{m} {fmt_num(values[STAT_OF_METHOD[m]])} > {fmt_num(thresholds[m])}" for m in bad)
+        return "failed", reason + at, checks
+    if mismatched:
+        reason = (f"{mismatched} / {size} elements ({100.0 * mismatched / size:.3g}%) outside "
+                  f"atol+rtol*|ref| (atol={atol or 0:g}, rtol={rtol or 0:g}){at}")
+        return "mismatch", reason, checks
+    reason = "; ".join(f"{m} {fmt_num(values[STAT_OF_METHOD[m]])} <= {fmt_num(thresholds[m])}"
+                       for m in thresholds) or "compared (no statistic checked)"
+    if mismatched == 0:
+        reason += f"; all elements within atol={atol or 0:g}, rtol={rtol or 0:g}"
+    return "passed", reason, checks
+
+
+def rejudge(result: DiffResult, *, method: MethodArg = "mean", threshold: Optional[float] = 1e-6,
+            per_key: PerKey = None) -> DiffResult:
+    """The same statistics judged with other methods/thresholds (no data is read again)."""
+    policy = Policy.build(method, threshold, per_key)
+    out = []
+    for kr in result:
+        thresholds = policy.for_key(kr.key)
+        methods = tuple(thresholds) or policy.methods
+        if kr.status in ("passed", "failed", "mismatch") and kr.size:
+            values = {s: getattr(kr, s) for s in STAT_OF_METHOD.values()}
+            status, reason, checks = judge(values, thresholds, mismatched=kr.mismatched, size=kr.size,
+                                           atol=kr.atol, rtol=kr.rtol, worst_index=kr.worst_index,
+                                           worst_ref=kr.worst_ref, worst_other=kr.worst_other)
+            kr = replace(kr, status=status, reason=reason, checks=checks, passed=status == "passed",
+                         methods=methods, thresholds=thresholds)
+        else:
+            kr = replace(kr, methods=methods, thresholds=thresholds,
+                         checks={m: kr.passed for m in thresholds})
+        out.append(kr)
+    options = dict(result.options, methods=list(policy.methods), threshold=policy.threshold)
+    return replace(result, results=tuple(out), options=options)

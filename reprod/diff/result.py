@@ -1,0 +1,194 @@
+"""DiffResult and KeyResult: the immutable data every renderer reads and every test asserts on."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+__all__ = ["KeyResult", "DiffResult", "STAT_OF_METHOD", "STATUSES"]
+
+# reprod_log's diff_method names -> the statistic each one judges
+STAT_OF_METHOD: dict[str, str] = {
+    "mean": "mean_abs",
+    "max": "max_abs",
+    "min": "min_abs",
+    "mean_rel": "mean_rel",
+    "max_rel": "max_rel",
+}
+
+# status words, in the order a report lists them
+STATUSES = ("passed", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type")
+
+
+def _num(x: Any) -> Optional[float]:
+    return None if x is None else float(x)
+
+
+@dataclass(frozen=True)
+class KeyResult:
+    """The comparison of one key: verdict, reason, and every statistic.
+
+    ``status`` is one word: passed, failed (a statistic over its threshold), mismatch (elements outside
+    atol + rtol*|ref|), nan, inf (non-finite values not matched on the other side), shape, missing (in
+    ref only), extra (in other only), empty (an empty array against a non-empty one), type (a nested
+    mapping against an array).
+    """
+
+    key: str
+    passed: bool
+    status: str
+    reason: str
+    path: tuple[str, ...] = ()
+    ref_shape: Optional[tuple[int, ...]] = None
+    other_shape: Optional[tuple[int, ...]] = None
+    ref_dtype: Optional[str] = None
+    other_dtype: Optional[str] = None
+    size: int = 0
+    mean_abs: Optional[float] = None
+    max_abs: Optional[float] = None
+    min_abs: Optional[float] = None
+    mean_rel: Optional[float] = None
+    max_rel: Optional[float] = None
+    cosine: Optional[float] = None
+    worst_index: Optional[tuple[int, ...]] = None
+    worst_ref: Optional[float] = None
+    worst_other: Optional[float] = None
+    mismatched: Optional[int] = None
+    ref_nan: int = 0
+    ref_inf: int = 0
+    other_nan: int = 0
+    other_inf: int = 0
+    methods: tuple[str, ...] = ()
+    thresholds: dict[str, float] = field(default_factory=dict)
+    checks: dict[str, bool] = field(default_factory=dict)
+    atol: Optional[float] = None
+    rtol: Optional[float] = None
+    note: Optional[str] = None
+
+    def stat(self, method: str) -> Optional[float]:
+        """The statistic a reprod_log ``diff_method`` name judges (``"mean"`` -> ``mean_abs``)."""
+        return getattr(self, STAT_OF_METHOD.get(method, method))
+
+    @property
+    def mismatch_ratio(self) -> Optional[float]:
+        if self.mismatched is None or not self.size:
+            return None
+        return self.mismatched / self.size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("path", "ref_shape", "other_shape", "worst_index", "methods"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        for k, v in list(d.items()):
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = repr(v)  # JSON has no inf/nan: "inf", "nan", "-inf"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KeyResult:
+        kw = dict(d)
+        for k in ("path", "ref_shape", "other_shape", "worst_index", "methods"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        for f in fields(cls):
+            v = kw.get(f.name)
+            if isinstance(v, str) and v in ("inf", "-inf", "nan") and f.name not in ("key", "status", "reason"):
+                kw[f.name] = float(v)
+        kw = {k: v for k, v in kw.items() if k in {f.name for f in fields(cls)}}
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """The comparison of two dumps: one KeyResult per key, in the reference's key order
+    (keys only in ``other`` come last).
+
+    >>> r = reprod.compare("torch.npy", "paddle.npy", threshold=1e-5)
+    >>> r.passed, r.first_failure
+    """
+
+    results: tuple[KeyResult, ...]
+    ref_name: str = "ref"
+    other_name: str = "other"
+    options: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    # --- verdict -------------------------------------------------------------------------------
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> list[KeyResult]:
+        return [r for r in self.results if not r.passed]
+
+    @property
+    def first_failure(self) -> Optional[KeyResult]:
+        for r in self.results:
+            if not r.passed:
+                return r
+        return None
+
+    def __bool__(self) -> bool:  # truthiness would be ambiguous (empty vs passed): say it
+        raise TypeError("use DiffResult.passed, not bool(DiffResult)")
+
+    def __iter__(self) -> Iterator[KeyResult]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, key: str) -> KeyResult:
+        for r in self.results:
+            if r.key == key:
+                return r
+        raise KeyError(key)
+
+    def keys(self) -> list[str]:
+        return [r.key for r in self.results]
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for r in self.results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        first = self.first_failure
+        return {
+            "compared": len(self.results),
+            "passed": sum(r.passed for r in self.results),
+            "failed": sum(not r.passed for r in self.results),
+            "statuses": counts,
+            "first_failure": None if first is None else first.key,
+            "first_failure_reason": None if first is None else first.reason,
+        }
+
+    def summary_line(self) -> str:
+        s = self.summary()
+        head = f"{s['compared']} keys compared, {s['passed']} passed, {s['failed']} failed"
+        if s["first_failure"] is None:
+            return head + ": PASSED"
+        return head + f": FAILED; first failure {s['first_failure']}: {s['first_failure_reason']}"
+
+    # --- data ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "summary": self.summary(),
+            "ref": self.ref_name,
+            "other": self.other_name,
+            "options": dict(self.options),
+            "created": self.created,
+            "keys": [r.to_dict() for r in self.results],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DiffResult:
+        return cls(
+            results=tuple(KeyResult.from_dict(k) for k in d["keys"]),
+            ref_name=d.get("ref", "ref"),
+            other_name=d.get("other", "other"),
+            options=dict(d.get("options", {})),
+            created=d.get("created", ""),
+        )

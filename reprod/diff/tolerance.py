@@ -1,0 +1,73 @@
+"""Which statistics judge a key, and against which thresholds: the run's defaults, overridden per
+key by exact name or glob pattern (the most specific pattern wins)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from ..errors import ReprodError
+from .result import STAT_OF_METHOD
+
+__all__ = ["Policy", "normalize_methods"]
+
+MethodArg = Union[str, Sequence[str], None]
+PerKey = Optional[Mapping[str, Union[float, Mapping[str, float]]]]
+
+
+def normalize_methods(method: MethodArg) -> tuple[str, ...]:
+    """reprod_log's ``diff_method``: a name, ``"all"`` (min, max, mean, in reprod_log's order) or a list."""
+    if method is None:
+        return ()
+    names = [method] if isinstance(method, str) else list(method)
+    out: list[str] = []
+    for m in names:
+        for part in ([m] if m != "all" else ["min", "max", "mean"]):
+            if part not in STAT_OF_METHOD:
+                raise ReprodError(
+                    f"unknown diff method {part!r}; choose from {', '.join(STAT_OF_METHOD)} or 'all'"
+                )
+            if part not in out:
+                out.append(part)
+    return tuple(out)
+
+
+def _specificity(pattern: str) -> tuple[int, int]:
+    """Exact names beat patterns; among patterns, more literal characters win."""
+    wild = sum(pattern.count(c) for c in "*?[")
+    return (1 if wild == 0 else 0, len(pattern) - wild)
+
+
+@dataclass(frozen=True)
+class Policy:
+    methods: tuple[str, ...]
+    threshold: Optional[float]
+    per_key: tuple[tuple[str, dict[str, float]], ...] = ()
+
+    @classmethod
+    def build(cls, method: MethodArg, threshold: Optional[float], per_key: PerKey) -> Policy:
+        methods = normalize_methods(method)
+        rules: list[tuple[str, dict[str, float]]] = []
+        for pattern, value in (per_key or {}).items():
+            if isinstance(value, Mapping):
+                spec = {m: float(v) for k, v in value.items() for m in normalize_methods(k)}
+            else:
+                spec = {"*": float(value)}
+            rules.append((pattern, spec))
+        rules.sort(key=lambda r: _specificity(r[0]), reverse=True)
+        return cls(methods=methods, threshold=None if threshold is None else float(threshold),
+                   per_key=tuple(rules))
+
+    def for_key(self, key: str) -> dict[str, float]:
+        """method -> threshold for ``key``."""
+        out = {m: self.threshold for m in self.methods} if self.threshold is not None else {}
+        for pattern, spec in self.per_key:
+            if key == pattern or fnmatch.fnmatchcase(key, pattern):
+                if "*" in spec:
+                    out = {m: spec["*"] for m in (self.methods or ("mean",))}
+                else:
+                    out.update(spec)
+                break
+        return {m: t for m, t in out.items() if t is not None}

@@ -1,0 +1,120 @@
+"""ReprodLogger: reprod_log's capture API, accepting any framework's tensors and copying at add time."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+from .adapters import to_tree
+from .errors import UnsupportedValueError
+
+__all__ = ["ReprodLogger"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class ReprodLogger:
+    """Collect named tensors and save them as one dump.
+
+    >>> logger = ReprodLogger()
+    >>> logger.add("logits", model(x))          # numpy, torch, paddle, scalars, nested dicts
+    >>> logger.save("result/forward_torch.npy")  # reprod_log's format; ``.npz`` for the native one
+
+    With ``stream_to="run.npz"`` every ``add`` is written to disk at once (native format) and only
+    key names stay in memory; ``save()``/``close()`` finishes the file (it appears, complete, only
+    then). Differences from reprod_log: values are copied at ``add`` (reprod_log keeps a reference,
+    so an in-place update after ``add`` changed what it saved), and bad keys or values raise
+    ``ReprodError`` instead of ``AssertionError``.
+    """
+
+    def __init__(self, stream_to: Optional[PathLike] = None) -> None:
+        self._data: dict[str, Any] = {}
+        self._dtypes: dict[str, Any] = {}
+        self._writer: Any = None
+        self._stream_path = None if stream_to is None else os.fspath(stream_to)
+        if self._stream_path is not None:
+            from .storage.native import NpzWriter
+
+            self._writer = NpzWriter(self._stream_path)
+            self._keys: list[str] = []
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The logged values (key -> numpy array or nested dict). Empty in streaming mode."""
+        return self._data
+
+    @property
+    def source_dtypes(self) -> dict[str, Any]:
+        """Original dtypes numpy cannot hold (``"bfloat16"``), by key; values are stored as float32."""
+        return self._dtypes
+
+    def add(self, key: str, val: Any) -> None:
+        if not isinstance(key, str):
+            raise UnsupportedValueError(
+                f"key {key!r} is a {type(key).__name__}; ReprodLogger keys must be str"
+            )
+        tree, dtypes = to_tree(val, key=key)
+        if self._writer is not None:
+            self._writer.add(key, tree, dtypes)
+            if key not in self._keys:
+                self._keys.append(key)
+            return
+        self._data[key] = tree
+        if dtypes is not None:
+            self._dtypes[key] = dtypes
+        else:
+            self._dtypes.pop(key, None)
+
+    def remove(self, key: str) -> None:
+        if self._writer is not None:
+            raise UnsupportedValueError(
+                f"key {key!r}: cannot remove from a streaming logger, it is already on disk"
+            )
+        if key in self._data:
+            self._data.pop(key)
+            self._dtypes.pop(key, None)
+        else:
+            # reprod_log's exact message
+            print(f"{key} is not in {self._data.keys()}")
+
+    def clear(self) -> None:
+        self._data.clear()
+        self._dtypes.clear()
+
+    def keys(self) -> list[str]:
+        return list(self._keys) if self._writer is not None else list(self._data)
+
+    def save(self, path: Optional[PathLike] = None) -> str:
+        """Write the dump atomically and return the path written.
+
+        The format follows the suffix: ``.npz`` native, anything else reprod_log's pickled ``.npy``
+        dict (numpy appends ``.npy`` to a path without it, as reprod_log's ``np.save`` did).
+        In streaming mode ``path`` may be omitted (or must be the stream path).
+        """
+        if self._writer is not None:
+            if path is not None and os.path.abspath(os.fspath(path)) != os.path.abspath(self._stream_path or ""):
+                raise UnsupportedValueError(
+                    f"{os.fspath(path)}: this logger streams to {self._stream_path}; save() there"
+                )
+            return self.close()
+        if path is None:
+            raise TypeError("save() needs a path")
+        from .storage import save
+
+        return save(path, self._data, source_dtypes=self._dtypes)
+
+    def close(self) -> str:
+        """Finish a streaming dump (no-op otherwise)."""
+        if self._writer is None:
+            return ""
+        return self._writer.close()
+
+    def __enter__(self) -> ReprodLogger:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._writer is not None:
+            if exc_type is None:
+                self._writer.close()
+            else:
+                self._writer.abort()

@@ -1,0 +1,84 @@
+"""reprod_log's log lines, from a DiffResult: ``<key>: `` then ``\\t<method> diff: check passed:
+<bool>, value: <v>`` per method, nested parents bare, and ``diff check passed|failed`` last.
+
+Values print as reprod_log printed them, a numpy scalar of the difference's dtype (float32 inputs
+give float32 values), so logs read the same as before a migration. Two deliberate differences:
+each method line carries that method's own verdict (reprod_log let one failure mark the later
+methods of a key failed too), and keys reprod_log could not handle (missing, extra, shape, NaN)
+get a line saying why instead of an exception or a silent pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..diff.result import STAT_OF_METHOD, DiffResult, KeyResult
+
+__all__ = ["render_log", "format_value"]
+
+
+def _np_dtype(name: Optional[str]) -> Optional[np.dtype]:
+    if name is None:
+        return None
+    if name == "bfloat16":
+        return np.dtype(np.float32)
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None
+
+
+def format_value(kr: KeyResult, method: str) -> str:
+    """One statistic as reprod_log would have printed it (``"{}".format`` of a numpy scalar)."""
+    v = kr.stat(method)
+    if v is None:
+        return "None"
+    a, b = _np_dtype(kr.ref_dtype), _np_dtype(kr.other_dtype)
+    if a is None or b is None:
+        return "{}".format(np.float64(v))
+    if a.kind == "b":
+        a = np.dtype(np.int8)
+    if b.kind == "b":
+        b = np.dtype(np.int8)
+    dt = np.result_type(a, b)
+    if dt.kind in "iu":
+        if STAT_OF_METHOD.get(method, method) in ("max_abs", "min_abs"):
+            return str(int(v))
+        return "{}".format(np.float64(v))
+    if dt.kind == "c":
+        dt = np.dtype(np.float32) if dt.itemsize <= 8 else np.dtype(np.float64)
+    with np.errstate(over="ignore"):
+        # reprod_log formats with "{}", which prints a float32 through Python's float repr
+        return "{}".format(dt.type(v))
+
+
+def render_log(result: DiffResult, *, indent: str = "\t") -> list[str]:
+    """The lines reprod_log's ``report`` logs (without the logging prefix)."""
+    lines: list[str] = []
+    open_path: tuple[str, ...] = ()
+    for kr in result:
+        path = kr.path or (kr.key,)
+        parents = path[:-1]
+        common = 0
+        while common < min(len(parents), len(open_path)) and parents[common] == open_path[common]:
+            common += 1
+        for depth in range(common, len(parents)):
+            lines.append(f"{indent * depth}{parents[depth]}")
+        open_path = parents
+        level = len(parents)
+        lines.append(f"{indent * level}{path[-1]}: ")
+        methods = kr.methods or tuple(kr.thresholds) or ("mean",)
+        for m in methods:
+            ok = kr.checks.get(m, kr.passed) and kr.passed if kr.status not in ("passed", "failed", "mismatch") \
+                else kr.checks.get(m, kr.passed)
+            if kr.status in ("nan", "inf"):
+                value = kr.status
+            elif kr.status in ("missing", "extra", "shape", "type", "empty"):
+                value = f"None ({kr.status}: {kr.reason})"
+            else:
+                value = format_value(kr, m)
+            lines.append(f"{indent * (level + 1)}{m} diff: check passed: {ok}, value: {value}")
+    lines.append("diff check passed" if result.passed else "diff check failed")
+    return lines

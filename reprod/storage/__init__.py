@@ -1,0 +1,87 @@
+"""``reprod.load`` and ``reprod.save``: two formats chosen by content (load) or suffix (save)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+from ..adapters import to_tree
+from ..errors import DumpFormatError, UnsupportedValueError
+from .lazy import ArraySpec, Dump, MappedFile
+
+__all__ = ["load", "save", "Dump", "ArraySpec"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def load(path: PathLike) -> Dump:
+    """Open a dump lazily: keys, shapes and dtypes now, array bytes (mmap) when a key is read.
+
+    Reads reprod's ``.npz``, reprod_log's pickled ``.npy`` dicts (safely: no code runs), plain
+    ``.npy`` arrays (one key named after the file) and plain ``numpy.savez`` archives. The format is
+    detected from the content, not the suffix.
+
+    >>> d = reprod.load("result/forward_paddle.npy")
+    >>> list(d), d["logits"].shape
+    """
+    p = os.fspath(path)
+    mf = MappedFile(p)
+    head = bytes(mf.buffer()[:6])
+    try:
+        if head == b"\x93NUMPY":
+            from .legacy import read_npy
+
+            stem = os.path.splitext(os.path.basename(p))[0]
+            return read_npy(mf, stem)
+        if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+            from .native import read_npz
+
+            return read_npz(mf)
+    except BaseException:
+        mf.close()
+        raise
+    mf.close()
+    raise DumpFormatError(f"{p}: not a dump (neither .npy nor .npz; starts with {head[:4]!r})")
+
+
+def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[Mapping[str, Any]] = None) -> str:
+    """Write ``mapping`` (key -> array/tensor/number or nested dict) atomically; return the path.
+
+    ``.npz`` writes the native format; any other path writes reprod_log's pickled ``.npy`` dict,
+    with ``.npy`` appended when missing (as ``np.save`` did for reprod_log). An exception while
+    saving leaves any earlier file at ``path`` intact.
+    """
+    p = os.fspath(path)
+    if not isinstance(mapping, Mapping):
+        raise UnsupportedValueError(f"{p}: save() needs a mapping of key -> array, got {type(mapping).__name__}")
+    tree: dict[str, Any] = {}
+    dtypes: dict[str, Any] = dict(source_dtypes or {})
+    for k, v in mapping.items():
+        if not isinstance(k, str):
+            raise UnsupportedValueError(f"{p}: key {k!r} is a {type(k).__name__}; keys must be str")
+        if isinstance(v, Dump):
+            v = v.to_dict()
+        tree[k], dt = to_tree(v, key=k) if not _is_plain(v) else (v, None)
+        if dt is not None:
+            dtypes[k] = dt
+    if p.endswith(".npz"):
+        from .native import write_npz
+
+        return write_npz(p, tree, dtypes)
+    from .legacy import write_legacy
+
+    if not p.endswith(".npy"):
+        p += ".npy"
+    return write_legacy(p, tree)
+
+
+def _is_plain(v: Any) -> bool:
+    """Already-converted trees (what ReprodLogger holds) need no second copy."""
+    import numpy as np
+
+    if isinstance(v, np.ndarray):
+        return v.dtype.kind in "biufc"
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _is_plain(x) for k, x in v.items())
+    return False

@@ -1,0 +1,541 @@
+"""reprod_log's format: ``np.save(path, dict)``, an .npy holding a pickled dict of arrays.
+
+Reading never runs the pickle. A small pickle machine walks the opcodes, accepts only the globals
+numpy needs to rebuild arrays, dtypes and scalars (plus plain containers), and records where each
+array's bytes lie in the file instead of copying them, so opening a 2 GiB dump costs milliseconds
+and each array is then viewed in place through mmap. Anything else is refused with
+``UnsafeDumpError`` before it could run.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import struct
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import DumpFormatError, UnsafeDumpError
+from ._atomic import AtomicFile
+from .lazy import ArraySpec, Dump, MappedFile
+
+__all__ = ["read_legacy", "write_legacy", "SAFE_GLOBALS", "restricted_unpickle"]
+
+_RECONSTRUCT, _NDARRAY, _DTYPE, _SCALAR, _ENCODE, _ODICT = range(6)
+
+# The only globals a pickled dict of numpy arrays needs, and why each is harmless: they construct
+# arrays, dtypes, scalars, bytes or dicts from data, and call nothing the file names.
+SAFE_GLOBALS: dict[tuple[str, str], int] = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DTYPE,
+    ("numpy.core.multiarray", "scalar"): _SCALAR,
+    ("numpy._core.multiarray", "scalar"): _SCALAR,
+    ("_codecs", "encode"): _ENCODE,  # how protocol 2 spells bytes
+    ("collections", "OrderedDict"): _ODICT,
+}
+
+# Payloads at least this long are left in the file and viewed in place; shorter ones are copied.
+_INLINE_LIMIT = 256
+
+_MARK = object()
+
+
+class _Payload:
+    """A byte string left in the file: its absolute offset and length."""
+
+    __slots__ = ("offset", "length")
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+
+
+class _Global:
+    __slots__ = ("kind", "name")
+
+    def __init__(self, kind: int, name: str) -> None:
+        self.kind = kind
+        self.name = name
+
+
+class _DtypeStub:
+    __slots__ = ("descr", "byteorder", "structured")
+
+    def __init__(self, descr: str) -> None:
+        self.descr = descr
+        self.byteorder = "|"
+        self.structured = False
+
+    def to_dtype(self, where: str) -> np.dtype:
+        if self.structured:
+            raise DumpFormatError(f"{where}: structured dtype is not numeric data")
+        try:
+            dt = np.dtype(self.descr)
+        except TypeError:
+            raise DumpFormatError(f"{where}: unknown dtype {self.descr!r}") from None
+        if self.byteorder in "<>" and dt.itemsize > 1:
+            dt = dt.newbyteorder(self.byteorder)
+        return dt
+
+
+class _ArrayStub:
+    __slots__ = ("shape", "dtype", "fortran", "data", "built")
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] = ()
+        self.dtype: Optional[_DtypeStub] = None
+        self.fortran = False
+        self.data: Any = None
+        self.built = False
+
+
+class _Scalar:
+    __slots__ = ("dtype", "data")
+
+    def __init__(self, dtype: _DtypeStub, data: Any) -> None:
+        self.dtype = dtype
+        self.data = data
+
+
+class _PickleWalker:
+    """Interprets the subset of the pickle protocol numpy's pickles use, without calling anything."""
+
+    def __init__(self, buf: Any, start: int, end: int, path: str) -> None:
+        self.buf = buf
+        self.pos = start
+        self.end = end
+        self.path = path
+
+    # -- reading primitives -----------------------------------------------------------------------
+    def _need(self, n: int) -> int:
+        p = self.pos
+        if n < 0 or p + n > self.end:
+            raise DumpFormatError(f"{self.path}: truncated or corrupt pickle at byte {p}")
+        self.pos = p + n
+        return p
+
+    def _bytes(self, n: int) -> bytes:
+        p = self._need(n)
+        return bytes(self.buf[p : p + n])
+
+    def _u8(self) -> int:
+        p = self._need(1)
+        return self.buf[p]
+
+    def _unpack(self, fmt: str, n: int) -> Any:
+        p = self._need(n)
+        return struct.unpack_from(fmt, self.buf, p)[0]
+
+    def _line(self) -> bytes:
+        p = self.pos
+        nl = self.buf.find(b"\n", p, self.end)
+        if nl < 0:
+            raise DumpFormatError(f"{self.path}: truncated pickle (unterminated line at byte {p})")
+        self.pos = nl + 1
+        return bytes(self.buf[p:nl])
+
+    def _blob(self, n: int) -> Any:
+        if n >= _INLINE_LIMIT:
+            p = self._need(n)
+            return _Payload(p, n)
+        return self._bytes(n)
+
+    def _text(self, n: int) -> str:
+        try:
+            return self._bytes(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise DumpFormatError(f"{self.path}: corrupt pickle (bad UTF-8 string)") from None
+
+    # -- the machine --------------------------------------------------------------------------------
+    def run(self) -> Any:
+        stack: list[Any] = []
+        memo: dict[int, Any] = {}
+        marks: list[int] = []
+
+        def pop_mark() -> list[Any]:
+            if not marks:
+                raise DumpFormatError(f"{self.path}: corrupt pickle (no mark)")
+            m = marks.pop()
+            items = stack[m:]
+            del stack[m:]
+            return items
+
+        def pop() -> Any:
+            if not stack:
+                raise DumpFormatError(f"{self.path}: corrupt pickle (stack underflow at byte {self.pos})")
+            return stack.pop()
+
+        steps = 0
+        while True:
+            if self.pos >= self.end:
+                raise DumpFormatError(f"{self.path}: truncated pickle (no STOP opcode)")
+            op = self._u8()
+            steps += 1
+            if op == 0x80:  # PROTO
+                self._u8()
+            elif op == 0x95:  # FRAME: a length prefix only; opcodes continue inline
+                self._need(8)
+            elif op == 0x2E:  # STOP
+                if len(stack) != 1:
+                    raise DumpFormatError(f"{self.path}: corrupt pickle (stack has {len(stack)} items at STOP)")
+                return stack[0]
+            elif op == 0x28:  # MARK
+                marks.append(len(stack))
+            elif op == 0x4E:  # NONE
+                stack.append(None)
+            elif op == 0x88:
+                stack.append(True)
+            elif op == 0x89:
+                stack.append(False)
+            elif op == 0x4B:  # BININT1
+                stack.append(self._u8())
+            elif op == 0x4D:  # BININT2
+                stack.append(self._unpack("<H", 2))
+            elif op == 0x4A:  # BININT
+                stack.append(self._unpack("<i", 4))
+            elif op == 0x8A:  # LONG1
+                n = self._u8()
+                stack.append(int.from_bytes(self._bytes(n), "little", signed=True))
+            elif op == 0x8B:  # LONG4
+                n = self._unpack("<i", 4)
+                if n > 64:
+                    raise DumpFormatError(f"{self.path}: corrupt pickle (integer of {n} bytes)")
+                stack.append(int.from_bytes(self._bytes(n), "little", signed=True))
+            elif op == 0x49:  # INT (protocol 0)
+                line = self._line()
+                stack.append({b"00": False, b"01": True}.get(line) if line in (b"00", b"01") else self._int(line))
+            elif op == 0x4C:  # LONG (protocol 0)
+                stack.append(self._int(self._line().rstrip(b"L")))
+            elif op == 0x47:  # BINFLOAT
+                stack.append(self._unpack(">d", 8))
+            elif op == 0x46:  # FLOAT (protocol 0)
+                try:
+                    stack.append(float(self._line()))
+                except ValueError:
+                    raise DumpFormatError(f"{self.path}: corrupt pickle (bad float)") from None
+            elif op == 0x8C:  # SHORT_BINUNICODE
+                stack.append(self._text(self._u8()))
+            elif op == 0x58:  # BINUNICODE
+                stack.append(self._text(self._unpack("<I", 4)))
+            elif op == 0x8D:  # BINUNICODE8
+                stack.append(self._text(self._unpack("<Q", 8)))
+            elif op == 0x56:  # UNICODE (protocol 0, raw-unicode-escape)
+                stack.append(self._line().decode("raw_unicode_escape", errors="replace"))
+            elif op == 0x43:  # SHORT_BINBYTES
+                stack.append(self._blob(self._u8()))
+            elif op == 0x42:  # BINBYTES
+                stack.append(self._blob(self._unpack("<I", 4)))
+            elif op == 0x8E:  # BINBYTES8
+                stack.append(self._blob(self._unpack("<Q", 8)))
+            elif op == 0x96:  # BYTEARRAY8
+                stack.append(self._blob(self._unpack("<Q", 8)))
+            elif op == 0x55:  # SHORT_BINSTRING (py2 str, read as bytes)
+                stack.append(self._blob(self._u8()))
+            elif op == 0x54:  # BINSTRING
+                stack.append(self._blob(self._unpack("<i", 4)))
+            elif op == 0x7D:  # EMPTY_DICT
+                stack.append({})
+            elif op == 0x5D:  # EMPTY_LIST
+                stack.append([])
+            elif op == 0x29:  # EMPTY_TUPLE
+                stack.append(())
+            elif op == 0x74:  # TUPLE
+                stack.append(tuple(pop_mark()))
+            elif op == 0x85:
+                stack.append((pop(),))
+            elif op == 0x86:
+                b = pop()
+                stack.append((pop(), b))
+            elif op == 0x87:
+                c = pop()
+                b = pop()
+                stack.append((pop(), b, c))
+            elif op == 0x6C:  # LIST
+                stack.append(pop_mark())
+            elif op == 0x64:  # DICT
+                items = pop_mark()
+                stack.append(self._pairs({}, items))
+            elif op == 0x61:  # APPEND
+                v = pop()
+                self._as(stack, list).append(v)
+            elif op == 0x65:  # APPENDS
+                items = pop_mark()
+                self._as(stack, list).extend(items)
+            elif op == 0x73:  # SETITEM
+                v = pop()
+                k = pop()
+                self._pairs(self._as(stack, dict), [k, v])
+            elif op == 0x75:  # SETITEMS
+                items = pop_mark()
+                self._pairs(self._as(stack, dict), items)
+            elif op == 0x94:  # MEMOIZE
+                if not stack:
+                    raise DumpFormatError(f"{self.path}: corrupt pickle (memoize on empty stack)")
+                memo[len(memo)] = stack[-1]
+            elif op == 0x71:  # BINPUT
+                memo[self._u8()] = self._top(stack)
+            elif op == 0x72:  # LONG_BINPUT
+                memo[self._unpack("<I", 4)] = self._top(stack)
+            elif op == 0x70:  # PUT
+                memo[self._int(self._line())] = self._top(stack)
+            elif op in (0x68, 0x6A, 0x67):  # BINGET, LONG_BINGET, GET
+                idx = self._u8() if op == 0x68 else self._unpack("<I", 4) if op == 0x6A else self._int(self._line())
+                if idx not in memo:
+                    raise DumpFormatError(f"{self.path}: corrupt pickle (memo {idx} unset)")
+                stack.append(memo[idx])
+            elif op == 0x93:  # STACK_GLOBAL
+                name = pop()
+                module = pop()
+                if not isinstance(module, str) or not isinstance(name, str):
+                    raise DumpFormatError(f"{self.path}: corrupt pickle (bad global name)")
+                stack.append(self._global(module, name))
+            elif op == 0x63:  # GLOBAL
+                module = self._line().decode("utf-8", "replace")
+                name = self._line().decode("utf-8", "replace")
+                stack.append(self._global(module, name))
+            elif op == 0x52:  # REDUCE
+                args = pop()
+                func = pop()
+                stack.append(self._reduce(func, args))
+            elif op == 0x62:  # BUILD
+                state = pop()
+                self._build(self._top(stack), state)
+            elif op in (0x81, 0x92):  # NEWOBJ, NEWOBJ_EX
+                raise UnsafeDumpError(f"{self.path}: refuses to build objects of a class (NEWOBJ); "
+                                      "only numpy arrays, scalars and plain containers are allowed")
+            elif op in (0x69, 0x6F, 0x82, 0x83, 0x84, 0x50, 0x51):  # INST, OBJ, EXT*, PERSID
+                raise UnsafeDumpError(f"{self.path}: refuses pickle opcode 0x{op:02x} "
+                                      "(it would build or look up arbitrary objects)")
+            else:
+                raise DumpFormatError(f"{self.path}: unsupported or corrupt pickle opcode 0x{op:02x} at byte {self.pos - 1}")
+
+    def _int(self, line: bytes) -> int:
+        try:
+            return int(line)
+        except ValueError:
+            raise DumpFormatError(f"{self.path}: corrupt pickle (bad integer)") from None
+
+    def _top(self, stack: list[Any]) -> Any:
+        if not stack:
+            raise DumpFormatError(f"{self.path}: corrupt pickle (empty stack)")
+        return stack[-1]
+
+    def _as(self, stack: list[Any], typ: type) -> Any:
+        top = self._top(stack)
+        if not isinstance(top, typ):
+            raise DumpFormatError(f"{self.path}: corrupt pickle (expected a {typ.__name__})")
+        return top
+
+    def _pairs(self, d: dict[Any, Any], items: list[Any]) -> dict[Any, Any]:
+        if len(items) % 2:
+            raise DumpFormatError(f"{self.path}: corrupt pickle (odd number of dict items)")
+        for i in range(0, len(items), 2):
+            k = items[i]
+            if isinstance(k, _Payload):
+                k = self._materialize_bytes(k)
+            try:
+                d[k] = items[i + 1]
+            except TypeError:
+                raise DumpFormatError(f"{self.path}: corrupt pickle (unhashable dict key)") from None
+        return d
+
+    def _global(self, module: str, name: str) -> _Global:
+        kind = SAFE_GLOBALS.get((module, name))
+        if kind is None:
+            raise UnsafeDumpError(
+                f"{self.path}: refuses to load global {module}.{name}: a reprod/reprod_log dump "
+                "holds only numpy arrays, scalars and plain containers (nothing was executed)"
+            )
+        return _Global(kind, f"{module}.{name}")
+
+    def _materialize_bytes(self, x: Any) -> bytes:
+        if isinstance(x, _Payload):
+            return bytes(self.buf[x.offset : x.offset + x.length])
+        return x
+
+    def _reduce(self, func: Any, args: Any) -> Any:
+        if not isinstance(func, _Global) or not isinstance(args, tuple):
+            raise DumpFormatError(f"{self.path}: corrupt pickle (REDUCE on a non-callable)")
+        k = func.kind
+        if k == _RECONSTRUCT:
+            if len(args) != 3 or not (isinstance(args[0], _Global) and args[0].kind == _NDARRAY):
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad array reconstruct)")
+            return _ArrayStub()
+        if k == _DTYPE:
+            if not args or not isinstance(args[0], str):
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad dtype)")
+            return _DtypeStub(args[0])
+        if k == _SCALAR:
+            if len(args) < 1 or not isinstance(args[0], _DtypeStub):
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad scalar)")
+            return _Scalar(args[0], args[1] if len(args) > 1 else None)
+        if k == _ENCODE:
+            if len(args) != 2 or not isinstance(args[0], str) or args[1] != "latin1":
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad bytes encoding)")
+            try:
+                return args[0].encode("latin1")
+            except UnicodeEncodeError:
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad latin1 bytes)") from None
+        if k == _ODICT:
+            if args not in ((), ([],)):
+                if len(args) == 1 and isinstance(args[0], list):
+                    return self._pairs({}, [x for kv in args[0] for x in kv])
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad OrderedDict)")
+            return {}
+        raise UnsafeDumpError(f"{self.path}: refuses to call {func.name}")
+
+    def _build(self, obj: Any, state: Any) -> None:
+        if isinstance(obj, _ArrayStub) and not obj.built:
+            if not (isinstance(state, tuple) and len(state) == 5):
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad array state)")
+            _, shape, dtype, fortran, data = state
+            if not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad array shape {shape!r})")
+            if not isinstance(dtype, _DtypeStub):
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad array dtype)")
+            obj.shape, obj.dtype, obj.fortran, obj.data, obj.built = shape, dtype, bool(fortran), data, True
+        elif isinstance(obj, _DtypeStub):
+            if isinstance(state, tuple) and len(state) >= 2 and isinstance(state[1], str):
+                obj.byteorder = state[1]
+                obj.structured = len(state) > 3 and state[3] is not None
+            else:
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad dtype state)")
+        else:
+            raise UnsafeDumpError(f"{self.path}: refuses to set the state of a {type(obj).__name__}")
+
+
+def restricted_unpickle(buf: Any, start: int, end: int, path: str) -> Any:
+    """Walk a pickle in ``buf[start:end]`` safely; arrays come back as stubs with file offsets."""
+    return _PickleWalker(buf, start, end, path).run()
+
+
+def _leaf(value: Any, mf: MappedFile, where: str) -> ArraySpec:
+    path = mf.path
+    if isinstance(value, _ArrayStub):
+        if value.dtype is None:
+            raise DumpFormatError(f"{where}: corrupt array")
+        dt = value.dtype.to_dtype(where)
+        if dt.kind not in "biufc":
+            raise DumpFormatError(f"{where}: array of dtype {dt} is not numeric data")
+        spec = ArraySpec(dtype=dt, shape=value.shape, fortran=value.fortran)
+        data = value.data
+        if isinstance(data, _Payload):
+            if data.length != spec.nbytes:
+                raise DumpFormatError(f"{where}: array claims {spec.nbytes} bytes but holds {data.length}")
+            return ArraySpec(dtype=dt, shape=value.shape, offset=data.offset, fortran=value.fortran)
+        if isinstance(data, (bytes, bytearray)):
+            if len(data) != spec.nbytes:
+                raise DumpFormatError(f"{where}: array claims {spec.nbytes} bytes but holds {len(data)}")
+            raw = bytes(data)
+            shape, fortran = value.shape, value.fortran
+            return ArraySpec(dtype=dt, shape=shape, fortran=fortran,
+                             loader=lambda: np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C"))
+        raise DumpFormatError(f"{where}: array payload is not raw bytes (object array?)")
+    if isinstance(value, _Scalar):
+        dt = value.dtype.to_dtype(where)
+        if dt.kind not in "biufc":
+            raise DumpFormatError(f"{where}: scalar of dtype {dt} is not numeric data")
+        raw = bytes(value.data if isinstance(value.data, (bytes, bytearray)) else
+                    mf.buffer()[value.data.offset: value.data.offset + value.data.length]
+                    if isinstance(value.data, _Payload) else b"")
+        if len(raw) != dt.itemsize:
+            raise DumpFormatError(f"{where}: corrupt scalar")
+        return ArraySpec(dtype=dt, shape=(), loader=lambda: np.frombuffer(raw, dtype=dt).reshape(()))
+    if isinstance(value, (bool, int, float, complex)) and not isinstance(value, _Payload):
+        arr = np.array(value)
+        if arr.dtype == object:
+            raise DumpFormatError(f"{where}: integer does not fit in 64 bits")
+        return ArraySpec(dtype=arr.dtype, shape=(), loader=lambda: arr)
+    if isinstance(value, (list, tuple)):
+        specs = [_leaf(v, mf, where) for v in value]
+        def load_list() -> np.ndarray:
+            return np.array([s.materialize(mf) for s in specs])
+        try:
+            probe = np.array([np.zeros(s.shape, s.dtype) for s in specs]) if specs else np.zeros(0)
+        except ValueError:
+            raise DumpFormatError(f"{where}: ragged list is not an array") from None
+        return ArraySpec(dtype=probe.dtype, shape=probe.shape, loader=load_list)
+    raise DumpFormatError(f"{path}: {where.split(': ', 1)[-1]}: value of type {type(value).__name__} is not numeric data")
+
+
+def _tree(d: dict[Any, Any], mf: MappedFile, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if not isinstance(k, str):
+            raise DumpFormatError(f"{mf.path}: key {k!r} is a {type(k).__name__}, not a string")
+        name = f"{prefix}{k}"
+        out[k] = _tree(v, mf, name + "/") if isinstance(v, dict) else _leaf(v, mf, f"{mf.path}: key {name!r}")
+    return out
+
+
+def parse_npy_header(buf: Any, start: int, end: int, path: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran, data offset) of the .npy header at ``buf[start:]``; never trusts it."""
+    if end - start < 10 or bytes(buf[start : start + 6]) != b"\x93NUMPY":
+        raise DumpFormatError(f"{path}: not an .npy file (bad magic)")
+    major = buf[start + 6]
+    if major == 1:
+        hlen = struct.unpack_from("<H", buf, start + 8)[0]
+        hstart = start + 10
+    elif major in (2, 3):
+        if end - start < 12:
+            raise DumpFormatError(f"{path}: truncated .npy header")
+        hlen = struct.unpack_from("<I", buf, start + 8)[0]
+        hstart = start + 12
+    else:
+        raise DumpFormatError(f"{path}: unsupported .npy version {major}")
+    if hlen > 1 << 20 or hstart + hlen > end:
+        raise DumpFormatError(f"{path}: truncated .npy header")
+    text = bytes(buf[hstart : hstart + hlen]).decode("utf-8" if major == 3 else "latin1", "replace")
+    try:
+        d = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise DumpFormatError(f"{path}: corrupt .npy header") from None
+    if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
+        raise DumpFormatError(f"{path}: corrupt .npy header (wrong fields)")
+    shape, fortran = d["shape"], d["fortran_order"]
+    if not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape) \
+            or not isinstance(fortran, bool):
+        raise DumpFormatError(f"{path}: corrupt .npy header (bad shape {shape!r})")
+    try:
+        dt = np.lib.format.descr_to_dtype(d["descr"])
+    except (TypeError, ValueError):
+        raise DumpFormatError(f"{path}: corrupt .npy header (bad dtype {d['descr']!r})") from None
+    return dt, shape, fortran, hstart + hlen
+
+
+def read_npy(mf: MappedFile, stem: str) -> Dump:
+    """Read an .npy: reprod_log's pickled dict, or a plain array (one key named after the file)."""
+    buf = mf.buffer()
+    dt, shape, fortran, data_off = parse_npy_header(buf, 0, mf.size, mf.path)
+    if dt.hasobject:
+        root = restricted_unpickle(buf, data_off, mf.size, mf.path)
+        if isinstance(root, _ArrayStub) and root.dtype is not None and root.dtype.descr.startswith("O") \
+                and isinstance(root.data, list) and len(root.data) == 1:
+            root = root.data[0]
+        if not isinstance(root, dict):
+            raise DumpFormatError(
+                f"{mf.path}: object .npy does not hold a dict of arrays (found {type(root).__name__})"
+            )
+        return Dump(_tree(root, mf, ""), mf, path=mf.path, fmt="npy-dict")
+    if dt.kind not in "biufc":
+        raise DumpFormatError(f"{mf.path}: array of dtype {dt} is not numeric data")
+    spec = ArraySpec(dtype=dt, shape=shape, offset=data_off, fortran=fortran)
+    if data_off + spec.nbytes > mf.size:
+        raise DumpFormatError(f"{mf.path}: truncated: header claims {spec.nbytes} bytes of data, "
+                              f"file has {mf.size - data_off}")
+    return Dump({stem: spec}, mf, path=mf.path, fmt="npy-array")
+
+
+read_legacy = read_npy
+
+
+def write_legacy(path: str, tree: dict[str, Any]) -> str:
+    """``np.save(path, tree)`` exactly as reprod_log does, but atomically."""
+    with AtomicFile(path) as af:
+        np.save(af.file, tree, allow_pickle=True)  # type: ignore[arg-type]
+    return path
+
+
