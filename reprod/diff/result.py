@@ -22,8 +22,18 @@ STAT_OF_METHOD: dict[str, str] = {
 STATUSES = ("passed", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type")
 
 
-def _num(x: Any) -> Optional[float]:
-    return None if x is None else float(x)
+_NONFINITE = ("inf", "-inf", "nan")
+
+
+def _json_safe(x: Any) -> Any:
+    """JSON has no inf/nan: write them as the strings "inf", "-inf", "nan"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 @dataclass(frozen=True)
@@ -82,10 +92,7 @@ class KeyResult:
         for k in ("path", "ref_shape", "other_shape", "worst_index", "methods"):
             if d[k] is not None:
                 d[k] = list(d[k])
-        for k, v in list(d.items()):
-            if isinstance(v, float) and not math.isfinite(v):
-                d[k] = repr(v)  # JSON has no inf/nan: "inf", "nan", "-inf"
-        return d
+        return _json_safe(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KeyResult:
@@ -95,8 +102,12 @@ class KeyResult:
                 kw[k] = tuple(kw[k])
         for f in fields(cls):
             v = kw.get(f.name)
-            if isinstance(v, str) and v in ("inf", "-inf", "nan") and f.name not in ("key", "status", "reason"):
+            if f.name in ("key", "status", "reason", "note", "ref_dtype", "other_dtype", "path"):
+                continue
+            if isinstance(v, str) and v in _NONFINITE:
                 kw[f.name] = float(v)
+            elif isinstance(v, dict):
+                kw[f.name] = {k: float(x) if isinstance(x, str) and x in _NONFINITE else x for k, x in v.items()}
         kw = {k: v for k, v in kw.items() if k in {f.name for f in fields(cls)}}
         return cls(**kw)
 
@@ -178,7 +189,7 @@ class DiffResult:
             "summary": self.summary(),
             "ref": self.ref_name,
             "other": self.other_name,
-            "options": dict(self.options),
+            "options": _json_safe(dict(self.options)),
             "created": self.created,
             "keys": [r.to_dict() for r in self.results],
         }
