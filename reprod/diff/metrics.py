@@ -149,6 +149,8 @@ def compute_stats(ref: np.ndarray, other: np.ndarray, *, atol: Optional[float] =
             ar = np.abs(rf)
             with np.errstate(divide="ignore"):
                 rel = np.divide(d, ar, out=np.zeros_like(d), where=(ar != 0) | (d != 0))
+            if valid is not None:
+                rel[np.isinf(d)] = np.inf  # an unmatched Inf is an infinite relative error, not inf/inf
             total_rel += float(rel.sum())
             bmr = float(rel.max())
             if bmr > max_rel:
