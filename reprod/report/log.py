@@ -37,7 +37,7 @@ def format_value(kr: KeyResult, method: str) -> str:
         return "None"
     a, b = _np_dtype(kr.ref_dtype), _np_dtype(kr.other_dtype)
     if a is None or b is None:
-        return "{}".format(np.float64(v))
+        return f"{np.float64(v)}"
     if a.kind == "b":
         a = np.dtype(np.int8)
     if b.kind == "b":
@@ -46,12 +46,12 @@ def format_value(kr: KeyResult, method: str) -> str:
     if dt.kind in "iu":
         if STAT_OF_METHOD.get(method, method) in ("max_abs", "min_abs"):
             return str(int(v))
-        return "{}".format(np.float64(v))
+        return f"{np.float64(v)}"
     if dt.kind == "c":
         dt = np.dtype(np.float32) if dt.itemsize <= 8 else np.dtype(np.float64)
     with np.errstate(over="ignore"):
         # reprod_log formats with "{}", which prints a float32 through Python's float repr
-        return "{}".format(dt.type(v))
+        return f"{dt.type(v)}"
 
 
 def render_log(result: DiffResult, *, indent: str = "\t") -> list[str]:

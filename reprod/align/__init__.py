@@ -1,0 +1,51 @@
+"""The porting workflow, torch -> Paddle: check the structure, convert the weights, then align the
+forward pass and training steps.
+
+>>> from reprod.align import compare_structure, load_into_paddle, align_forward, align_train
+>>> print(compare_structure(torch_model, paddle_model).to_table(only_problems=True))
+>>> load_into_paddle(paddle_model, torch_model)            # or torch_to_paddle(...) / reprod-convert
+>>> align_forward(torch_model, paddle_model, {"x": x}, out_dir="result").passed
+
+Importing this package imports neither torch nor paddle; each function imports what it is handed.
+"""
+
+from __future__ import annotations
+
+from .steps import KNOWN_DIFFERENCES, align_forward, align_train
+from .structure import LayerCount, StructureReport, StructureRow, compare_structure
+from .weights import (
+    Conversion,
+    ConversionRules,
+    HeuristicLinearWarning,
+    KeyPlan,
+    check_fits,
+    convert,
+    load_into_paddle,
+    load_weights_as_dump,
+    read_pdparams,
+    read_torch_state_dict,
+    torch_to_paddle,
+    write_pdparams,
+)
+
+__all__ = [
+    "compare_structure",
+    "StructureReport",
+    "StructureRow",
+    "LayerCount",
+    "torch_to_paddle",
+    "convert",
+    "Conversion",
+    "ConversionRules",
+    "KeyPlan",
+    "HeuristicLinearWarning",
+    "read_torch_state_dict",
+    "read_pdparams",
+    "write_pdparams",
+    "load_weights_as_dump",
+    "check_fits",
+    "load_into_paddle",
+    "align_forward",
+    "align_train",
+    "KNOWN_DIFFERENCES",
+]

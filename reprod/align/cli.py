@@ -1,0 +1,203 @@
+"""``reprod-convert``: a PyTorch weight file -> a Paddle ``.pdparams``, through ``reprod.align``'s rules.
+
+    reprod-convert model.pth model.pdparams --model mypkg.models:resnet50 --rename '^module\\.='
+
+Exit status: 0 written (or shown, with ``--dry-run``), 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+from ..errors import ReprodError
+from .weights import (
+    PADDLE_SUFFIXES,
+    TORCH_SUFFIXES,
+    Conversion,
+    ConversionRules,
+    HeuristicLinearWarning,
+    check_fits,
+    convert,
+    write_pdparams,
+)
+
+__all__ = ["main", "load_factory"]
+
+PROG = "reprod-convert"
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """``"package.module:factory"`` or ``"path/to/file.py:factory"`` -> the callable it names.
+
+    The current directory is importable, as it is for ``python -m``.
+
+    >>> build = load_factory("models.resnet:resnet50"); model = build()
+    """
+    if ":" not in spec:
+        raise ReprodError(
+            f"--model {spec!r}: expected MODULE:FACTORY (e.g. models.resnet:resnet50)"
+        )
+    target, _, attr = spec.rpartition(":")
+    try:
+        if target.endswith(".py") or os.sep in target:
+            if not os.path.isfile(target):
+                raise ReprodError(f"{target}: no such file")
+            mod_spec = importlib.util.spec_from_file_location(
+                os.path.splitext(os.path.basename(target))[0], target
+            )
+            if mod_spec is None or mod_spec.loader is None:
+                raise ReprodError(f"{target}: cannot be imported")
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(target)
+    except ReprodError:
+        raise
+    except Exception as exc:  # the user's module failed to import: say which and why, in one line
+        raise ReprodError(f"{spec}: cannot import {target} ({type(exc).__name__}: {exc})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ReprodError(f"{spec}: {target} has no callable {attr!r}")
+    return factory
+
+
+def _build(spec: str, what: str) -> Any:
+    try:
+        return load_factory(spec)()
+    except ReprodError:
+        raise
+    except Exception as exc:
+        raise ReprodError(
+            f"{what} {spec}: the factory failed ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert a PyTorch state dict into a Paddle .pdparams: nn.Linear weights "
+        "transposed, BatchNorm running_mean/running_var renamed to _mean/_variance, "
+        "num_batches_tracked dropped, plus your rules. Patterns are regular expressions searched in "
+        "the PyTorch key.",
+    )
+    p.add_argument(
+        "src", help=f"PyTorch weights ({', '.join(TORCH_SUFFIXES)}), read with weights_only=True"
+    )
+    p.add_argument("dst", help="the .pdparams to write (atomically)")
+    p.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="builds the torch model: Linear weights are then found by isinstance, not "
+        "guessed, and the file must fit the model",
+    )
+    p.add_argument(
+        "--paddle-model",
+        metavar="MODULE:FACTORY",
+        help="builds the Paddle model: the result must fit it (every key, shape, dtype)",
+    )
+    p.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="PATTERN=REPL",
+        help="re.sub(PATTERN, REPL, key); repeatable, applied in order",
+    )
+    p.add_argument(
+        "--skip", action="append", default=[], metavar="PATTERN", help="leave these keys out"
+    )
+    p.add_argument(
+        "--transpose",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also transpose these 2-D tensors",
+    )
+    p.add_argument(
+        "--no-transpose",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="never transpose these tensors",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="show what would be done per key, write nothing"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def _plan_table(conv: Conversion) -> str:
+    from tabulate import tabulate
+
+    from ..report.format import fmt_shape
+
+    rows = [
+        [
+            p.torch_name,
+            p.paddle_name or "-",
+            fmt_shape(p.torch_shape),
+            fmt_shape(p.paddle_shape),
+            p.action,
+            p.why,
+        ]
+        for p in conv.plan
+    ]
+    return tabulate(
+        rows, headers=["torch key", "paddle key", "torch shape", "paddle shape", "action", "why"]
+    )
+
+
+def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
+    if os.path.splitext(args.dst)[1].lower() in TORCH_SUFFIXES:
+        raise ReprodError(
+            f"{args.dst}: the output would be a PyTorch suffix; did you swap SRC and DST? "
+            f"(write {PADDLE_SUFFIXES[0]})"
+        )
+    rules = ConversionRules.from_strings(
+        rename=args.rename, skip=args.skip, transpose=args.transpose, no_transpose=args.no_transpose
+    )
+    torch_model = _build(args.model, "--model") if args.model else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HeuristicLinearWarning)
+        conv = convert(args.src, model=torch_model, rules=rules)
+    for w in caught:
+        if issubclass(w.category, HeuristicLinearWarning):
+            print(f"{PROG}: note: {w.message}", file=err)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if args.paddle_model:
+        check_fits(_build(args.paddle_model, "--paddle-model"), conv.weights, source=args.src)
+    if args.dry_run:
+        print(_plan_table(conv), file=out)
+        print(conv.summary_line() + " (dry run, nothing written)", file=out)
+        return 0
+    write_pdparams(args.dst, conv.weights)
+    if not args.quiet:
+        print(f"wrote {args.dst}: {conv.summary_line()}", file=out)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``reprod-convert``; returns the exit status.
+
+    >>> main(["model.pth", "model.pdparams", "--model", "models:build"])
+    0
+    """
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args, sys.stdout, sys.stderr)
+    except ReprodError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Side-by-side check that a Paddle port has the torch model's parameters: names, shapes, counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..report.format import fmt_shape
+from .weights import ConversionRules, linear_weight_names, plan_conversion
+
+__all__ = ["StructureRow", "LayerCount", "StructureReport", "compare_structure"]
+
+# statuses that do not keep the weights from loading
+_FINE = ("ok", "transposed", "skipped", "dropped")
+
+
+@dataclass(frozen=True)
+class StructureRow:
+    """One tensor, seen from both sides after the conversion rules.
+
+    ``status``: ok, transposed (a Linear weight, converted on load), shape, missing (torch has it,
+    the Paddle model does not), extra (only the Paddle model has it), skipped (a user rule),
+    dropped (no Paddle counterpart, e.g. ``num_batches_tracked``). ``trainable`` is False for
+    statistics: torch buffers and Paddle's ``stop_gradient`` parameters (BatchNorm ``_mean``/``_variance``).
+    """
+
+    paddle_name: Optional[str]
+    torch_name: Optional[str]
+    torch_shape: Optional[tuple[int, ...]]
+    paddle_shape: Optional[tuple[int, ...]]
+    status: str
+    note: str
+    trainable: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.status in _FINE
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    """Number of values per layer (the Paddle name without its last segment) on each side."""
+
+    layer: str
+    torch_count: int
+    paddle_count: int
+
+    @property
+    def ok(self) -> bool:
+        return self.torch_count == self.paddle_count
+
+
+@dataclass(frozen=True)
+class StructureReport:
+    """The result of ``compare_structure``.
+
+    Counts include statistics on both sides (torch buffers, Paddle's BatchNorm ``_mean``/``_variance``
+    parameters) and leave out what has no Paddle counterpart (``num_batches_tracked``) or what a
+    rule skips, so that a faithful port has equal totals.
+    """
+
+    rows: tuple[StructureRow, ...]
+    layers: tuple[LayerCount, ...]
+    torch_total: int
+    paddle_total: int
+    torch_trainable: int
+    paddle_trainable: int
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows) and self.torch_total == self.paddle_total
+
+    @property
+    def problems(self) -> list[StructureRow]:
+        return [r for r in self.rows if not r.ok]
+
+    def rows_with(self, status: str) -> list[StructureRow]:
+        return [r for r in self.rows if r.status == status]
+
+    def summary_line(self) -> str:
+        counts = (
+            f"values: torch {self.torch_total:,} ({self.torch_trainable:,} trainable), "
+            f"paddle {self.paddle_total:,} ({self.paddle_trainable:,} trainable)"
+        )
+        if self.ok:
+            return (
+                f"structure matches: {len(self.rows_with('ok')) + len(self.rows_with('transposed'))} "
+                f"tensors, {len(self.rows_with('transposed'))} transposed on conversion; {counts}"
+            )
+        parts = [
+            f"{len(self.rows_with(s))} {s}"
+            for s in ("missing", "extra", "shape")
+            if self.rows_with(s)
+        ]
+        return f"structure differs: {', '.join(parts) or 'counts differ'}; {counts}"
+
+    def to_table(self, *, only_problems: bool = False, layers: bool = False) -> str:
+        """A text table (tabulate) of the rows, then the totals; ``layers=True`` adds per-layer counts.
+
+        >>> print(compare_structure(torch_model, paddle_model).to_table(only_problems=True))
+        """
+        from tabulate import tabulate
+
+        rows = self.problems if only_problems else list(self.rows)
+        body = [
+            [
+                r.paddle_name or "-",
+                r.torch_name or "-",
+                fmt_shape(r.torch_shape),
+                fmt_shape(r.paddle_shape),
+                r.note or r.status,
+            ]
+            for r in rows
+        ]
+        out = tabulate(
+            body, headers=["paddle name", "torch name", "torch shape", "paddle shape", "status"]
+        )
+        if layers:
+            lbody = [
+                [
+                    lc.layer,
+                    f"{lc.torch_count:,}",
+                    f"{lc.paddle_count:,}",
+                    "" if lc.ok else "differs",
+                ]
+                for lc in self.layers
+            ]
+            out += "\n\n" + tabulate(lbody, headers=["layer", "torch values", "paddle values", ""])
+        return out + "\n\n" + self.summary_line()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _layer(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else "(root)"
+
+
+def compare_structure(
+    torch_model: Any, paddle_model: Any, *, rules: Optional[ConversionRules] = None
+) -> StructureReport:
+    """Put the torch model's state dict, converted by the same rules as ``torch_to_paddle``, beside
+    the Paddle model's: what is missing, extra or shaped differently, and the value counts per layer.
+
+    >>> report = compare_structure(torch_model, paddle_model)
+    >>> report.ok, print(report.to_table(only_problems=True))
+    """
+    torch_sd = torch_model.state_dict()
+    trainable_torch = {n for n, p in torch_model.named_parameters() if p.requires_grad}
+    plan = plan_conversion(
+        {k: tuple(v.shape) for k, v in torch_sd.items()},
+        linear_weights=linear_weight_names(torch_model),
+        rules=rules,
+    )
+    paddle_sd = paddle_model.state_dict()
+    paddle_shapes = {k: tuple(int(s) for s in v.shape) for k, v in paddle_sd.items()}
+    paddle_trainable = {k for k, v in paddle_sd.items() if not getattr(v, "stop_gradient", True)}
+
+    rows: list[StructureRow] = []
+    counts: dict[str, list[int]] = {}
+    for p in plan:
+        trainable = p.torch_name in trainable_torch
+        if p.paddle_name is None:
+            status = "skipped" if p.action == "skip" else "dropped"
+            rows.append(
+                StructureRow(
+                    None, p.torch_name, p.torch_shape, None, status, f"{status}: {p.why}", trainable
+                )
+            )
+            continue
+        counts.setdefault(_layer(p.paddle_name), [0, 0])[0] += _numel(p.torch_shape)
+        want = paddle_shapes.get(p.paddle_name)
+        converted = p.paddle_shape
+        if want is None:
+            status, note = "missing", "missing in paddle"
+        elif converted == want:
+            status, note = (
+                ("transposed", "transposed: will be converted")
+                if p.action == "transpose"
+                else ("ok", "")
+            )
+        elif converted is not None and len(want) == 2 and tuple(reversed(converted)) == want:
+            status = "shape"
+            note = (
+                "shape: paddle wants the torch layout (not a Linear in paddle? add a no-transpose rule)"
+                if p.action == "transpose"
+                else "shape: paddle wants the transpose (add a transpose rule)"
+            )
+        else:
+            status, note = (
+                "shape",
+                f"shape: converted {fmt_shape(converted)} vs paddle {fmt_shape(want)}",
+            )
+        rows.append(
+            StructureRow(p.paddle_name, p.torch_name, p.torch_shape, want, status, note, trainable)
+        )
+    converted_names = {p.paddle_name for p in plan if p.paddle_name is not None}
+    for name, shape in paddle_shapes.items():
+        counts.setdefault(_layer(name), [0, 0])[1] += _numel(shape)
+        if name not in converted_names:
+            rows.append(
+                StructureRow(
+                    name,
+                    None,
+                    None,
+                    shape,
+                    "extra",
+                    "extra: only in paddle",
+                    name in paddle_trainable,
+                )
+            )
+    torch_total = sum(_numel(p.torch_shape) for p in plan if p.paddle_name is not None)
+    return StructureReport(
+        rows=tuple(rows),
+        layers=tuple(LayerCount(k, v[0], v[1]) for k, v in counts.items()),
+        torch_total=torch_total,
+        paddle_total=sum(_numel(s) for s in paddle_shapes.values()),
+        torch_trainable=sum(
+            _numel(p.torch_shape)
+            for p in plan
+            if p.paddle_name is not None and p.torch_name in trainable_torch
+        ),
+        paddle_trainable=sum(_numel(paddle_shapes[k]) for k in paddle_trainable),
+    )

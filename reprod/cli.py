@@ -1,0 +1,356 @@
+"""``reprod-diff``: compare two dumps (or two folders of dumps) from the command line.
+
+A thin layer: parse arguments, call ``reprod.compare``, hand the result to a renderer, map the
+verdict to an exit status (0 every key passed, 1 some key failed, 2 bad usage or unreadable input).
+Only what the chosen output needs is imported, so a check in a CI loop starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from .errors import ReprodError
+
+if TYPE_CHECKING:
+    from .diff.result import DiffResult
+
+__all__ = ["main", "build_parser", "DUMP_SUFFIXES"]
+
+PROG = "reprod-diff"
+DUMP_SUFFIXES = (".npy", ".npz")
+METHODS = ("mean", "max", "min", "all", "mean_rel", "max_rel")
+FORMATS = ("table", "log", "json", "csv", "markdown")
+
+# one compared pair: (relative path in folder mode, or None for two files; its result)
+Compared = list[tuple[Optional[str], "DiffResult"]]
+
+
+class UsageError(ReprodError):
+    """Arguments that parse but do not make sense together (reported like an argparse error)."""
+
+
+# --- arguments -------------------------------------------------------------------------------------
+
+
+def _methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(METHODS)}; comma lists allowed)"
+        )
+    return names
+
+
+def _key_threshold(text: str) -> tuple[str, Union[float, dict[str, float]]]:
+    # "PATTERN=VALUE": VALUE is a number (every judged method) or "method=number[,method=number]"
+    pattern, sep, value = text.partition("=")
+    if not sep or not pattern or not value:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=VALUE, got {text!r}")
+    try:
+        if "=" not in value:
+            return pattern, float(value)
+        spec: dict[str, float] = {}
+        for part in value.split(","):
+            method, _, number = part.partition("=")
+            method = method.strip()
+            if method not in METHODS:
+                raise argparse.ArgumentTypeError(
+                    f"unknown method {method!r} in {text!r} (choose from {', '.join(METHODS)})"
+                )
+            spec[method] = float(number)
+        return pattern, spec
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number in {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``reprod-diff`` argument parser (exposed for documentation and shell completion)."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Compare two dumps written by reprod or reprod_log (.npy/.npz), key by key, or two "
+            "folders of them (files paired by relative path). Exit status: 0 every key passed, "
+            "1 some key failed, 2 bad usage or unreadable input."
+        ),
+    )
+    p.add_argument("ref", metavar="REF", help="reference dump or folder (e.g. the torch side)")
+    p.add_argument("other", metavar="OTHER", help="dump or folder to check (e.g. the paddle side)")
+    p.add_argument(
+        "--threshold", type=float, default=1e-6, help="threshold of each method (default 1e-6)"
+    )
+    p.add_argument(
+        "--method",
+        action="append",
+        type=_methods,
+        metavar="{" + ",".join(METHODS) + "}",
+        help="statistic(s) judged against the threshold; repeatable or a comma list (default mean)",
+    )
+    p.add_argument("--atol", type=float, help="also require |other-ref| <= atol + rtol*|ref|")
+    p.add_argument("--rtol", type=float, help="relative part of the element-wise rule")
+    p.add_argument(
+        "--key-threshold",
+        action="append",
+        type=_key_threshold,
+        default=[],
+        metavar="PATTERN=VALUE",
+        help="threshold for keys matching a name or glob: VALUE a number (every judged method) or "
+        "METHOD=NUMBER[,...] (sets those methods' thresholds; repeatable)",
+    )
+    p.add_argument(
+        "--keys", action="append", metavar="GLOB", help="compare only matching keys (repeatable)"
+    )
+    p.add_argument(
+        "--equal-nan", action="store_true", help="NaNs at the same positions on both sides pass"
+    )
+    p.add_argument("--format", choices=FORMATS, default="table", help="report format (table)")
+    p.add_argument("--output", metavar="PATH", help="write the report to PATH instead of stdout")
+    p.add_argument(
+        "--first",
+        action="store_true",
+        help="report only the first failing key, in detail (instead of the --format report)",
+    )
+    p.add_argument(
+        "--html", metavar="PATH", help="also write a self-contained HTML report to PATH"
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="print nothing on stdout; the exit status tells"
+    )
+    return p
+
+
+# --- comparing -------------------------------------------------------------------------------------
+
+
+def _dump_files(folder: str) -> list[str]:
+    """Relative paths (with "/") of every dump under ``folder``, sorted for a stable report."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in files:
+            if name.endswith(DUMP_SUFFIXES):
+                rel = os.path.relpath(os.path.join(root, name), folder)
+                found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _unpaired(result: DiffResult, missing_path: str) -> DiffResult:
+    """A file without a partner: every key it holds fails, and the reason names the absent file."""
+    from .diff.result import KeyResult
+
+    reason = f"{missing_path} does not exist"
+    keys = tuple(replace(kr, reason=reason) for kr in result.results)
+    if not keys:  # an empty dump still must not pass for an absent partner
+        status = "missing" if result.other_name == missing_path else "extra"
+        keys = (
+            KeyResult(
+                key=os.path.basename(missing_path), passed=False, status=status, reason=reason
+            ),
+        )
+    return replace(result, results=keys)
+
+
+def _compare_folders(ref: str, other: str, options: dict[str, Any]) -> Compared:
+    from . import compare
+
+    ref_files = _dump_files(ref)
+    other_files = _dump_files(other)
+    if not ref_files and not other_files:
+        raise UsageError(f"{ref}: no dump files ({', '.join(DUMP_SUFFIXES)}) in this folder")
+    out: Compared = []
+    for rel in ref_files:
+        a, b = os.path.join(ref, rel), os.path.join(other, rel)
+        if os.path.isfile(b):
+            out.append((rel, compare(a, b, **options)))
+        else:
+            result = replace(compare(a, {}, **options), other_name=b)
+            out.append((rel, _unpaired(result, b)))
+    paired = set(ref_files)
+    for rel in other_files:
+        if rel not in paired:
+            a, b = os.path.join(ref, rel), os.path.join(other, rel)
+            result = replace(compare({}, b, **options), ref_name=a)
+            out.append((rel, _unpaired(result, a)))
+    return out
+
+
+def _run(args: argparse.Namespace) -> Compared:
+    from . import compare
+
+    methods: list[str] = [m for group in (args.method or [["mean"]]) for m in group]
+    per_key: dict[str, Any] = {}
+    for pattern, value in args.key_threshold:
+        if isinstance(value, dict) and isinstance(per_key.get(pattern), dict):
+            per_key[pattern].update(value)
+        else:
+            per_key[pattern] = value
+    options: dict[str, Any] = {
+        "method": methods[0] if len(methods) == 1 else methods,
+        "threshold": args.threshold,
+        "atol": args.atol,
+        "rtol": args.rtol,
+        "per_key": per_key or None,
+        "keys": args.keys,
+        "equal_nan": args.equal_nan,
+    }
+    for path in (args.ref, args.other):
+        if not os.path.exists(path):
+            raise UsageError(f"{path}: no such file or directory")
+    ref_dir, other_dir = os.path.isdir(args.ref), os.path.isdir(args.other)
+    if ref_dir != other_dir:
+        folder, file = (args.ref, args.other) if ref_dir else (args.other, args.ref)
+        raise UsageError(f"{folder} is a folder but {file} is not: give two files or two folders")
+    if ref_dir:
+        compared = _compare_folders(args.ref, args.other, options)
+    else:
+        compared = [(None, compare(args.ref, args.other, **options))]
+    if args.keys and not any(len(result) for _, result in compared):
+        globs = ", ".join(repr(k) for k in args.keys)
+        raise UsageError(f"no key matches --keys {globs} in {args.ref} or {args.other}")
+    return compared
+
+
+# --- reporting -------------------------------------------------------------------------------------
+
+
+def _summary(compared: Compared) -> str:
+    if len(compared) == 1 and compared[0][0] is None:
+        return compared[0][1].summary_line()
+    results = [r for _, result in compared for r in result.results]
+    passed = sum(r.passed for r in results)
+    head = (
+        f"{len(compared)} files, {len(results)} keys compared, {passed} passed, "
+        f"{len(results) - passed} failed"
+    )
+    for rel, result in compared:
+        first = result.first_failure
+        if first is not None:
+            return head + f": FAILED; first failure {rel}: {first.key}: {first.reason}"
+    return head + ": PASSED"
+
+
+def _first(compared: Compared) -> str:
+    from .report.table import render_first_failure
+
+    for rel, result in compared:
+        if not result.passed:
+            text = render_first_failure(result)
+            return text if rel is None else f"file: {rel}\n{text}"
+    keys = sum(len(result) for _, result in compared)
+    return f"all keys passed ({keys} compared)"
+
+
+def _log_lines(result: DiffResult) -> list[str]:
+    try:
+        from .report.log import render_log
+    except ImportError:  # pragma: no cover - the log renderer ships with reprod
+        raise UsageError("--format log is not available in this installation") from None
+    return list(render_log(result))
+
+
+def _by_file(compared: Compared) -> dict[str, DiffResult]:
+    return {str(rel): result for rel, result in compared}
+
+
+def _render(compared: Compared, args: argparse.Namespace) -> str:
+    fmt = args.format
+    single = len(compared) == 1 and compared[0][0] is None
+    if fmt == "json":
+        from .report.data import files_to_json, to_json
+
+        if single:
+            return to_json(compared[0][1])
+        return files_to_json(_by_file(compared))
+    if fmt == "csv":
+        from .report.data import files_to_csv, to_csv
+
+        if single:
+            return to_csv(compared[0][1]).rstrip("\n")
+        return files_to_csv(_by_file(compared)).rstrip("\n")
+    if fmt == "markdown":
+        from .report.data import to_markdown
+
+        if single:
+            return to_markdown(compared[0][1]).rstrip("\n")
+        parts = [f"## {rel}\n\n{to_markdown(result).rstrip()}" for rel, result in compared]
+        return "\n\n".join(parts) + "\n\n" + _summary(compared)
+    if fmt == "log":
+        if single:
+            return "\n".join(_log_lines(compared[0][1]))
+        parts = ["\n".join([f"== {rel} ==", *_log_lines(result)]) for rel, result in compared]
+        return "\n\n".join(parts) + "\n\n" + _summary(compared)
+    from .report.table import render_table
+
+    if single:
+        return render_table(compared[0][1])
+    parts = [f"== {rel} ==\n{render_table(result)}" for rel, result in compared]
+    return "\n\n".join(parts) + "\n\n" + _summary(compared)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    from .storage._atomic import AtomicFile
+
+    with AtomicFile(path) as f:
+        f.file.write(text.encode("utf-8"))
+
+
+def _write_html(compared: Compared, path: str) -> None:
+    from .report.html import write_html
+
+    results = [r for _, r in compared]
+    if len(results) == 1:
+        write_html(results[0], path)
+        return
+    # folders: one page over every file, keys prefixed with their file
+    from .diff.result import DiffResult
+
+    merged = []
+    for rel, r in compared:
+        merged.extend(replace(k, key=f"{rel}:{k.key}") for k in r)
+    first = results[0] if results else None
+    write_html(DiffResult(results=tuple(merged), ref_name=getattr(first, "ref_name", "ref"),
+                          other_name=getattr(first, "other_name", "other"),
+                          options=getattr(first, "options", {}), created=getattr(first, "created", "")),
+               path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``reprod-diff`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    >>> main(["torch.npy", "paddle.npy", "--threshold", "1e-5", "--quiet"])
+    0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) and usage errors (2): return rather than exit
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        compared = _run(args)
+        text = _first(compared) if args.first else _render(compared, args)
+        if args.html:
+            _write_html(compared, args.html)
+        if args.output:
+            _write_atomic(args.output, text + "\n")
+            if not args.quiet:
+                print(_summary(compared))
+        elif not args.quiet:
+            print(text)
+    except BrokenPipeError:
+        # the reader went away (`reprod-diff a b | head`): not an input error, keep the verdict;
+        # point stdout at devnull so that the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except ReprodError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable input or unwritable --output: the user's to fix
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    passed = all(result.passed for _, result in compared)
+    return 0 if passed else 1
