@@ -179,6 +179,28 @@ def _compare_folders(ref: str, other: str, options: dict[str, Any]) -> Compared:
     return out
 
 
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pdparams")
+
+
+def _open(path: str) -> Any:
+    """Dumps open lazily; weight files (torch or paddle) are read safely and brought to paddle's
+    names and layout, so ``reprod-diff model.pth model.pdparams`` compares across frameworks."""
+    if not path.endswith(_WEIGHT_SUFFIXES):
+        return path
+    import warnings
+
+    from .align.weights import load_weights_as_dump
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        weights = load_weights_as_dump(path)
+    for w in caught:
+        print(f"{PROG}: note: {path}: {w.message}", file=sys.stderr)
+    from .diff.pairing import Named
+
+    return Named(weights, path)
+
+
 def _run(args: argparse.Namespace) -> Compared:
     from . import compare
 
@@ -208,7 +230,7 @@ def _run(args: argparse.Namespace) -> Compared:
     if ref_dir:
         compared = _compare_folders(args.ref, args.other, options)
     else:
-        compared = [(None, compare(args.ref, args.other, **options))]
+        compared = [(None, compare(_open(args.ref), _open(args.other), **options))]
     if args.keys and not any(len(result) for _, result in compared):
         globs = ", ".join(repr(k) for k in args.keys)
         raise UsageError(f"no key matches --keys {globs} in {args.ref} or {args.other}")

@@ -13,7 +13,15 @@ import numpy as np
 
 from ..adapters import to_numpy
 
-__all__ = ["Side", "Pair", "open_side", "walk_pairs"]
+__all__ = ["Side", "Pair", "Named", "open_side", "walk_pairs"]
+
+
+class Named(dict):  # type: ignore[type-arg]
+    """A plain dict that remembers which file it was read from (for report headers)."""
+
+    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+        super().__init__(data)
+        self.path = path
 
 
 @dataclass
