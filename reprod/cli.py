@@ -262,9 +262,24 @@ def _first(compared: Compared) -> str:
     for rel, result in compared:
         if not result.passed:
             text = render_first_failure(result)
+            where = _divergence(result)
+            if where:
+                text = f"{where}\n{text}"
             return text if rel is None else f"file: {rel}\n{text}"
     keys = sum(len(result) for _, result in compared)
     return f"all keys passed ({keys} compared)"
+
+
+def _divergence(result: DiffResult) -> str:
+    """For layer-by-layer captures (``reprod.capture`` keys), where the two models part ways."""
+    from .capture.naming import parse_key
+
+    if not any(parse_key(k.key) is not None for k in result):
+        return ""
+    from .capture import first_divergence
+
+    div = first_divergence(result)
+    return "" if div is None else div.message
 
 
 def _log_lines(result: DiffResult) -> list[str]:

@@ -1,0 +1,118 @@
+"""Layer-by-layer capture of a torch or paddle model, and the first layer where two captures part.
+
+>>> from reprod.capture import record, first_divergence, layer_types
+>>> with record(torch_model, backward=True) as log:
+...     torch_model(x).sum().backward()
+>>> log.save("torch_layers.npz")
+
+Every leaf layer's inputs and outputs (and, with ``backward=True``, the gradients through them
+and every parameter's gradient) are logged under keys named after the layer, in call order; the
+key scheme is in ``reprod.capture.naming`` and docs/capture.md. torch and paddle are recognised
+by the model's classes and imported by nobody here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+from ..errors import UnsupportedValueError
+from ..logger import ReprodLogger
+from .divergence import Divergence, first_divergence
+from .naming import ROOT, CaptureKey, layer_key, pair_by_order, param_key, parse_key, rename
+from .recorder import Backend, Patterns, Recorder
+
+__all__ = [
+    "record",
+    "layer_types",
+    "first_divergence",
+    "Divergence",
+    "rename",
+    "pair_by_order",
+    "parse_key",
+    "layer_key",
+    "param_key",
+    "CaptureKey",
+    "ROOT",
+]
+
+
+def _backend(model: Any) -> Backend:
+    # A user's model class lives in the user's module: look at its bases for the framework.
+    roots = {cls.__module__.split(".", 1)[0] for cls in type(model).__mro__}
+    if "torch" in roots and hasattr(model, "named_modules"):
+        from ._torch import BACKEND as torch_backend
+
+        return torch_backend
+    if "paddle" in roots and hasattr(model, "named_sublayers"):
+        from ._paddle import BACKEND as paddle_backend
+
+        return paddle_backend
+    raise UnsupportedValueError(
+        f"record: {type(model).__module__}.{type(model).__qualname__} is neither a "
+        "torch.nn.Module nor a paddle.nn.Layer"
+    )
+
+
+@contextmanager
+def record(
+    model: Any,
+    logger: Optional[ReprodLogger] = None,
+    *,
+    forward: bool = True,
+    backward: bool = False,
+    inputs: bool = True,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    containers: bool = False,
+) -> Iterator[ReprodLogger]:
+    """Record what flows through ``model``'s layers while the block runs; yields the logger.
+
+    ``model`` is a ``torch.nn.Module`` or a ``paddle.nn.Layer``. For every recorded layer call:
+    its tensor inputs (``inputs=True``) and outputs (``forward=True``), and with
+    ``backward=True`` the gradients arriving at its outputs and leaving through its inputs,
+    plus every trainable parameter's gradient (each time backward reaches it). Leaf layers are
+    recorded (layers without sublayers, or with parameters of their own); ``containers=True``
+    adds every other layer, the model included. ``include``/``exclude`` are glob patterns (one or
+    a list) on layer names (``"features.*"``); parameters follow their layer. Values are copied
+    to numpy at once, so a step's graph is not kept alive; with
+    ``ReprodLogger(stream_to="run.npz")`` they go to disk as they come. Every hook is removed
+    when the block ends, also when it raises.
+
+    >>> with record(model, backward=True) as log:
+    ...     loss = criterion(model(x), y)
+    ...     loss.backward()
+    >>> log.keys()[:3]
+    ['conv.in', 'conv.out', 'bn.in']
+    """
+    backend = _backend(model)
+    if logger is None:
+        logger = ReprodLogger()
+    recorder = Recorder(
+        backend,
+        model,
+        logger,
+        forward=forward,
+        backward=backward,
+        inputs=inputs,
+        include=include,
+        exclude=exclude,
+        containers=containers,
+    )
+    recorder.start()
+    try:
+        yield logger
+    finally:
+        recorder.stop()
+
+
+def layer_types(model: Any) -> dict[str, str]:
+    """Layer name -> class name for every layer of a torch or paddle model (``<model>`` for the
+    model itself), for ``first_divergence``'s messages.
+
+    >>> layer_types(model)["features.3.block.2"]
+    'SqueezeExcitation'
+    """
+    types = _backend(model).layer_types(model)
+    return {(name or ROOT): cls for name, cls in types.items()}

@@ -1,0 +1,304 @@
+"""The capture key scheme, and the name maps that pair one side's keys with the other's.
+
+A captured key is ``<subject>[#<call>].<what>[<item>]...``:
+
+- ``subject`` is a layer's qualified name (``features.3.block.2``; the model itself is
+  ``<model>``) or ``param.<parameter name>``;
+- ``#<call>`` counts calls of the same layer (or backward passes reaching the same parameter)
+  within one recording; the first call has no index, the second is ``#2``;
+- ``what`` is ``in`` (an input), ``out`` (an output), ``grad_out`` (the gradient arriving at an
+  output in backward), ``grad_in`` (the gradient leaving through an input) or ``grad`` (a
+  parameter's gradient);
+- each ``[<item>]`` picks a part of a structured value: a tuple position or a dict key
+  (``.out[0]``, ``.out[logits]``, ``.in[1]``).
+
+Items sit in brackets rather than after another dot so that a key always splits one way: the
+``what`` word is the last dot-separated word before the brackets, whatever the layer and dict
+keys are called (a layer attribute named ``out`` gives ``head.out.out``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+from ..errors import KeyMismatchError, UnsupportedValueError
+
+__all__ = [
+    "ROOT",
+    "PARAM_PREFIX",
+    "CaptureKey",
+    "layer_key",
+    "param_key",
+    "parse_key",
+    "rename",
+    "pair_by_order",
+    "Rules",
+]
+
+ROOT = "<model>"
+PARAM_PREFIX = "param."
+UNPAIRED = "unpaired:"  # prefix of other-side keys pair_by_order could not pair
+LAYER_WHATS = ("in", "out", "grad_out", "grad_in")
+_WHATS = LAYER_WHATS + ("grad",)
+
+# non-greedy subject + anchored end: the ``what`` word is the last dotted word before the items.
+# ``#`` belongs to the call index only (a layer whose own name holds one is not parsed).
+_KEY_RE = re.compile(
+    r"^(?P<subject>[^#]+?)(?:#(?P<call>[1-9][0-9]*))?"
+    r"\.(?P<what>in|out|grad_out|grad_in|grad)"
+    r"(?P<items>(?:\[[^\[\]]*\])*)$"
+)
+_ITEM_RE = re.compile(r"\[([^\[\]]*)\]")
+
+Rule = tuple[Union[str, "re.Pattern[str]"], Union[str, Callable[["re.Match[str]"], str]]]
+Rules = Union[Mapping[str, str], Sequence[Rule], Callable[[str], Optional[str]]]
+
+
+@dataclass(frozen=True)
+class CaptureKey:
+    """One parsed capture key.
+
+    >>> parse_key("features.3#2.out[0]")
+    CaptureKey(name='features.3', call=2, what='out', items=('0',))
+    """
+
+    name: str  # layer name, or parameter name without the ``param.`` prefix
+    call: int
+    what: str
+    items: tuple[str, ...] = ()
+
+    @property
+    def is_param(self) -> bool:
+        return self.what == "grad"
+
+    @property
+    def subject(self) -> str:
+        """The layer call (``name`` or ``name#call``) or ``param.<name>[#call]``."""
+        base = PARAM_PREFIX + self.name if self.is_param else self.name
+        return base if self.call == 1 else f"{base}#{self.call}"
+
+    @property
+    def part(self) -> str:
+        """What was captured, with its items: ``out``, ``in[1]``, ``grad_out[logits]``."""
+        return self.what + "".join(f"[{i}]" for i in self.items)
+
+    def with_name(self, name: str) -> CaptureKey:
+        return CaptureKey(name, self.call, self.what, self.items)
+
+    def __str__(self) -> str:
+        return f"{self.subject}.{self.part}"
+
+
+def _item(x: Any) -> str:
+    # brackets delimit items, so an item cannot hold one
+    return str(x).replace("[", "(").replace("]", ")")
+
+
+def layer_key(name: str, call: int, what: str, items: Sequence[Any] = ()) -> str:
+    """The key of one captured value of a layer call.
+
+    >>> layer_key("features.3", 2, "out", (0,))
+    'features.3#2.out[0]'
+    """
+    if what not in LAYER_WHATS:
+        raise ValueError(f"what must be one of {LAYER_WHATS}, not {what!r}")
+    return str(CaptureKey(name, call, what, tuple(_item(i) for i in items)))
+
+
+def param_key(name: str, call: int = 1) -> str:
+    """The key of a parameter's gradient: ``param.fc.weight.grad``, ``param.fc.weight#2.grad``."""
+    return str(CaptureKey(name, call, "grad"))
+
+
+def parse_key(key: str) -> Optional[CaptureKey]:
+    """Split a capture key into its parts; ``None`` for a key the scheme did not make.
+
+    >>> parse_key("param.fc.weight.grad").is_param
+    True
+    """
+    m = _KEY_RE.match(key)
+    if m is None:
+        return None
+    subject, what = m.group("subject"), m.group("what")
+    is_param = what == "grad"
+    if is_param and not subject.startswith(PARAM_PREFIX):
+        return None
+    name = subject[len(PARAM_PREFIX) :] if is_param else subject
+    if not name:
+        return None
+    items = tuple(_ITEM_RE.findall(m.group("items")))
+    return CaptureKey(name, int(m.group("call") or 1), what, items)
+
+
+# --- name maps ---------------------------------------------------------------------------------
+
+
+def _compile_rules(rules: Rules) -> Callable[[str], Optional[str]]:
+    if callable(rules) and not isinstance(rules, Mapping):
+        return rules
+    if isinstance(rules, Mapping):
+        table = {str(k): str(v) for k, v in rules.items()}
+
+        def lookup(name: str) -> Optional[str]:
+            # the longest dotted prefix with an entry: a layer's entry covers what lies under it
+            head, tail = name, ""
+            while True:
+                if head in table:
+                    return table[head] + tail
+                head, dot, last = head.rpartition(".")
+                if not dot:
+                    return None
+                tail = f".{last}{tail}"
+
+        return lookup
+    compiled = []
+    for rule in rules:
+        try:
+            pattern, repl = rule
+        except (TypeError, ValueError):
+            raise UnsupportedValueError(
+                f"rename rule {rule!r}: expected a (regex pattern, replacement) pair"
+            ) from None
+        compiled.append((re.compile(pattern), repl))
+
+    def apply(name: str) -> Optional[str]:
+        for pattern, repl in compiled:  # the first rule that matches wins
+            if pattern.search(name):
+                return pattern.sub(repl, name, count=1)
+        return None
+
+    return apply
+
+
+def rename(mapping: Mapping[str, Any], rules: Rules) -> dict[str, Any]:
+    """Rename one side's keys so that they pair with the other side's, keeping key order.
+
+    ``rules`` is a dict of names (an entry also renames what lies under it:
+    ``{"blocks.0": "features.1"}`` turns ``blocks.0.conv`` into ``features.1.conv``; the longest
+    entry wins), a list of ``(regex, replacement)`` pairs (the first rule
+    whose pattern is found in a name is applied once, ``re.sub`` style; a replacement may be a
+    function of the match) or a callable ``name -> new name`` (``None`` keeps the name). For a
+    capture key the rules see the layer or parameter name (``blocks.0.conv``, not
+    ``blocks.0.conv#2.out[0]``), so one rule renames a layer's inputs, outputs, gradients and
+    its parameters' gradients together; any other key (``loss``) is offered whole. A dict
+    entry for a whole key wins over an entry for its name.
+
+    >>> paddle_side = rename(paddle_logger.data, [(r"^blocks\\.(\\d+)", r"features.\\1")])
+    >>> reprod.compare(torch_logger.data, paddle_side, method="max", threshold=1e-5)
+    """
+    fn = _compile_rules(rules)
+    whole = rules if isinstance(rules, Mapping) else None
+    out: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for key, value in mapping.items():
+        new = _rename_key(key, fn, whole)
+        if new in out:
+            raise KeyMismatchError(
+                f"rename: keys {source[new]!r} and {key!r} both become {new!r}; "
+                "make the rules tell them apart"
+            )
+        out[new] = value
+        source[new] = key
+    return out
+
+
+def _rename_key(
+    key: str, fn: Callable[[str], Optional[str]], whole: Optional[Mapping[str, Any]]
+) -> str:
+    if whole is not None and key in whole:
+        return str(whole[key])
+    parsed = parse_key(key)
+    if parsed is None:
+        new = fn(key)
+        return key if new is None else str(new)
+    new = fn(parsed.name)
+    return key if new is None else str(parsed.with_name(str(new)))
+
+
+# --- pairing by call order ---------------------------------------------------------------------
+
+
+def _shape(value: Any) -> Optional[tuple[int, ...]]:
+    shape = getattr(value, "shape", None)
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def _layer_calls(mapping: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Layer calls in order of first appearance: (subject, {part: shape}); forward parts first."""
+    calls: dict[str, dict[str, Any]] = {}
+    for key, value in mapping.items():
+        parsed = parse_key(key)
+        if parsed is None or parsed.is_param:
+            continue
+        calls.setdefault(parsed.subject, {})[parsed.part] = _shape(value)
+    return list(calls.items())
+
+
+def _signature(parts: dict[str, Any]) -> tuple[Any, ...]:
+    # forward parts only: a gradient missing on one side must not break the pairing of layers
+    fwd = sorted((p, s) for p, s in parts.items() if p.startswith(("in", "out")))
+    return tuple(fwd) if fwd else tuple(sorted(parts.items()))
+
+
+def pair_by_order(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename ``other_map``'s capture keys to ``ref_map``'s by pairing layer calls in call order.
+
+    For ports whose layer names cannot be mapped by rules. Layer calls are taken in the order
+    their keys appear and paired when their inputs and outputs have the same shapes; where one
+    side has a layer the other lacks, the longest runs of matching shapes are paired
+    (``difflib``), and the layers left over keep their names (they show up as missing / extra;
+    one whose name a paired layer now carries is renamed ``unpaired:<key>``).
+    A parameter gradient follows its layer (``param.blocks.0.weight.grad`` becomes
+    ``param.features.1.weight.grad`` when layer ``blocks.0`` pairs with ``features.1``). Keys
+    outside the capture scheme are kept as they are. Layers whose shapes agree by chance pair
+    wrongly, so read the result with that in mind; run it on leaf-layer captures, where the
+    two sides' layers line up.
+
+    >>> reprod.compare(torch_data, pair_by_order(torch_data, paddle_data), threshold=1e-5)
+    """
+    ref_calls = _layer_calls(ref_map)
+    other_calls = _layer_calls(other_map)
+    matcher = difflib.SequenceMatcher(
+        None,
+        [_signature(p) for _, p in ref_calls],
+        [_signature(p) for _, p in other_calls],
+        autojunk=False,
+    )
+    subject_map: dict[str, str] = {}
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            subject_map[other_calls[block.b + k][0]] = ref_calls[block.a + k][0]
+    # a layer's parameters follow the layer's first call
+    owner_map: dict[str, str] = {}
+    for other_subject, ref_subject in subject_map.items():
+        o, r = parse_key(other_subject + ".out"), parse_key(ref_subject + ".out")
+        if o is not None and r is not None and o.call == 1 and r.call == 1:
+            owner_map[o.name] = r.name
+
+    renamed: list[tuple[str, Optional[str]]] = []  # (key, paired name or None)
+    for key in other_map:
+        parsed = parse_key(key)
+        paired: Optional[str] = None
+        if parsed is not None and not parsed.is_param and parsed.subject in subject_map:
+            paired = f"{subject_map[parsed.subject]}.{parsed.part}"
+        elif parsed is not None and parsed.is_param:
+            owner, _, local = parsed.name.rpartition(".")
+            ref_owner = owner_map.get(owner or ROOT)
+            if ref_owner is not None:
+                paired = str(
+                    parsed.with_name(local if ref_owner == ROOT else f"{ref_owner}.{local}")
+                )
+        renamed.append((key, paired))
+    taken = {p for _, p in renamed if p is not None}
+    out: dict[str, Any] = {}
+    for key, paired in renamed:
+        # a key left unpaired must not take the name a paired key now carries
+        new = paired if paired is not None else (UNPAIRED + key if key in taken else key)
+        if new in out:
+            raise KeyMismatchError(f"pair_by_order: two keys of the other side pair with {new!r}")
+        out[new] = other_map[key]
+    return out

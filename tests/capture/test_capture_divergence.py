@@ -1,0 +1,205 @@
+"""first_divergence on comparisons of hand-made captures (framework-free)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import reprod
+from reprod.capture import Divergence, first_divergence
+
+BASE = np.linspace(-1.0, 1.0, 6, dtype=np.float32)
+
+
+def chain(*layers: str) -> dict:
+    """A capture of a chain of layers: each one's input is the previous one's output."""
+    data = {}
+    value = BASE
+    for i, name in enumerate(layers):
+        data[f"{name}.in"] = value
+        value = value * (i + 2)
+        data[f"{name}.out"] = value
+    return data
+
+
+def changed(data: dict, key: str, delta: float = 1e-2) -> dict:
+    out = dict(data)
+    out[key] = data[key] + delta
+    return out
+
+
+def compare(ref: dict, other: dict):
+    return reprod.compare(ref, other, method="max", threshold=1e-5)
+
+
+def test_aligned_captures_have_no_divergence():
+    ref = chain("a", "b", "c")
+    assert first_divergence(compare(ref, dict(ref))) is None
+
+
+def test_a_failing_user_key_is_not_a_layer_divergence():
+    ref = {**chain("a"), "loss": np.float32(1.0)}
+    other = {**ref, "loss": np.float32(2.0)}
+    result = compare(ref, other)
+    assert not result.passed
+    assert first_divergence(result) is None
+
+
+def test_output_differs_with_aligned_input():
+    ref = chain("a", "b", "c")
+    other = changed(changed(ref, "b.out"), "c.in")
+    other["c.out"] = other["c.in"] * 4  # everything after b follows b's change
+    div = first_divergence(compare(ref, other), layer_types={"b": "Hardswish"})
+    assert isinstance(div, Divergence)
+    assert (div.layer, div.layer_type, div.direction, div.previous) == ("b", "Hardswish", "forward", "a")
+    assert div.input_aligned is True
+    assert div.input is not None and div.input.key == "b.in"
+    assert div.output.key == "b.out"
+    assert div.message == (
+        "diverges at b (Hardswish): input aligned (max 0.000e+00), output max diff 1.000e-02"
+    )
+
+
+def test_input_already_differs_points_between_the_layers():
+    ref = chain("a", "b", "c")
+    other = changed(changed(ref, "c.in", 0.5), "c.out", 2.0)
+    div = first_divergence(compare(ref, other))
+    assert div is not None
+    assert (div.layer, div.previous, div.input_aligned) == ("c", "b", False)
+    assert div.input is not None and div.input.key == "c.in"
+    assert div.message == (
+        "diverges before c: input already differs (max diff 5.000e-01) although b aligns, so the "
+        "cause lies between the two, outside the recorded layers; output max diff 2.000e+00"
+    )
+
+
+def test_input_of_the_first_layer_differs():
+    ref = chain("a", "b")
+    other = changed(changed(ref, "a.in", 0.5), "a.out", 0.5)
+    div = first_divergence(compare(ref, other))
+    assert div is not None and div.previous is None
+    assert "the input of the first recorded layer already differs (max diff 5.000e-01)" in div.message
+
+
+def test_layer_without_recorded_inputs():
+    ref = {k: v for k, v in chain("a", "b").items() if k.endswith(".out")}
+    div = first_divergence(compare(ref, changed(ref, "b.out")))
+    assert div is not None and div.input is None and div.input_aligned is None
+    assert div.message == "diverges at b: input not recorded, output max diff 1.000e-02"
+
+
+def test_the_failing_item_of_a_tuple_output_is_named():
+    ref = {"m.in": BASE, "m.out[0]": BASE, "m.out[1]": BASE * 2, "n.in": BASE, "n.out": BASE}
+    div = first_divergence(compare(ref, changed(ref, "m.out[1]")))
+    assert div is not None and div.output.key == "m.out[1]"
+    assert [r.key for r in div.outputs] == ["m.out[0]", "m.out[1]"]
+    assert div.message.endswith("output out[1] max diff 1.000e-02")
+
+
+def test_a_second_call_is_named_with_its_call_index():
+    ref = {"a.in": BASE, "a.out": BASE, "b.in": BASE, "b.out": BASE, "a#2.in": BASE, "a#2.out": BASE}
+    div = first_divergence(compare(ref, changed(ref, "a#2.out")), layer_types={"a": "Linear"})
+    assert div is not None and (div.layer, div.layer_type, div.previous) == ("a#2", "Linear", "b")
+
+
+def test_call_order_is_the_order_outputs_appear_in():
+    # a container (recorded with containers=True) ends after its children: a failing child is
+    # named, not the container whose input came first
+    ref = {"blk.in": BASE, "blk.conv.in": BASE, "blk.conv.out": BASE, "blk.out": BASE}
+    other = changed(changed(ref, "blk.conv.out"), "blk.out")
+    div = first_divergence(compare(ref, other))
+    assert div is not None and div.layer == "blk.conv"
+
+
+def test_keys_on_one_side_only_are_skipped():
+    ref = chain("a", "b", "c")
+    other = {k: v for k, v in changed(ref, "c.out").items() if not k.startswith("b.")}
+    div = first_divergence(compare(ref, other))
+    assert div is not None and div.layer == "c" and div.previous == "a"
+
+
+def test_a_shape_verdict_is_described_by_its_reason():
+    ref = chain("a", "b")
+    other = dict(ref)
+    other["b.out"] = np.zeros((2, 3), dtype=np.float32)
+    result = compare(ref, other)
+    div = first_divergence(result)
+    assert div is not None and div.output.status == "shape"
+    assert div.message.endswith("output " + result["b.out"].reason)
+
+
+# --- backward ---------------------------------------------------------------------------------
+
+
+def with_grads(fwd: dict) -> dict:
+    """Gradients as a capture records them: reverse call order, params after their layer's grad_out."""
+    data = dict(fwd)
+    data.update({
+        "c.grad_out": BASE, "c.grad_in": BASE * 2, "param.c.weight.grad": BASE,
+        "b.grad_out": BASE * 2, "b.grad_in": BASE * 3, "param.b.weight.grad": BASE,
+        "a.grad_out": BASE * 3, "param.a.weight.grad": BASE,
+    })
+    return data
+
+
+def test_forward_divergence_comes_before_backward():
+    ref = with_grads(chain("a", "b", "c"))
+    other = changed(changed(ref, "c.out"), "param.a.weight.grad")
+    div = first_divergence(compare(ref, other))
+    assert div is not None and (div.layer, div.direction) == ("c", "forward")
+
+
+def test_backward_divergence_at_a_layers_input_gradient():
+    ref = with_grads(chain("a", "b", "c"))
+    other = changed(changed(ref, "b.grad_in"), "a.grad_out")
+    div = first_divergence(compare(ref, other), layer_types={"b": "Conv2d"})
+    assert div is not None
+    assert (div.layer, div.direction, div.previous) == ("b", "backward", "c")
+    assert div.input is not None and div.input.key == "b.grad_out"
+    assert div.output.key == "b.grad_in"
+    assert div.message == (
+        "backward diverges at b (Conv2d): incoming gradient aligned (max 0.000e+00), gradient of "
+        "its input (a total over every use of that input) max diff 1.000e-02"
+    )
+
+
+def test_backward_divergence_at_a_parameter_gradient():
+    ref = with_grads(chain("a", "b", "c"))
+    div = first_divergence(compare(ref, changed(ref, "param.b.weight.grad")))
+    assert div is not None and (div.layer, div.direction) == ("b", "backward")
+    assert div.output.key == "param.b.weight.grad"
+    assert "gradient of param b.weight max diff 1.000e-02" in div.message
+
+
+def test_backward_gradient_already_different_when_it_arrives():
+    ref = with_grads(chain("a", "b", "c"))
+    other = changed(changed(ref, "c.grad_out"), "c.grad_in")  # e.g. the loss differs
+    div = first_divergence(compare(ref, other))
+    assert div is not None and div.layer == "c" and div.input_aligned is False
+    assert div.message.startswith(
+        "backward diverges before c: the incoming gradient of the first recorded layer already differs"
+    )
+
+
+def test_backward_only_capture_walks_gradients_in_the_order_they_were_recorded():
+    ref = with_grads({})
+    div = first_divergence(compare(ref, changed(ref, "b.grad_in")))
+    assert div is not None and (div.layer, div.previous) == ("b", "c")
+
+
+def test_gradient_of_a_root_parameter_is_attributed_to_the_model():
+    ref = {"<model>.in": BASE, "<model>.out": BASE, "<model>.grad_out": BASE, "param.scale.grad": BASE}
+    div = first_divergence(compare(ref, changed(ref, "param.scale.grad")), layer_types={"<model>": "Net"})
+    assert div is not None and (div.layer, div.layer_type) == ("<model>", "Net")
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_divergence_round_trips_through_the_result_json(direction):
+    ref = with_grads(chain("a", "b", "c"))
+    key = "b.out" if direction == "forward" else "param.b.weight.grad"
+    other = changed(ref, key)
+    if direction == "forward":
+        other = changed(changed(other, "c.in"), "c.out")
+    result = compare(ref, other)
+    again = reprod.DiffResult.from_dict(result.to_dict())
+    assert first_divergence(again) == first_divergence(result)
