@@ -45,31 +45,51 @@ def _module_of(obj: Any) -> str:
     return type(obj).__module__.split(".", 1)[0]
 
 
-def _torch_to_numpy(t: Any) -> Converted:
+def _torch_to_numpy(t: Any, key: str) -> Converted:
     import torch  # already imported by whoever made ``t``
 
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype == torch.bfloat16:
-        bits = t.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return Converted(bf16_bits_to_float32(bits), BFLOAT16)
-    if t.dtype == torch.complex32:
-        t = t.to(torch.complex64)
-    if getattr(t, "is_conj", lambda: False)():
-        t = t.resolve_conj()
-    if getattr(t, "is_neg", lambda: False)():
-        t = t.resolve_neg()
-    # .numpy() shares memory with the tensor: copy so a later in-place update cannot change the log.
-    return Converted(np.array(t.numpy(), copy=True, order="C"))
+    try:
+        t = t.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        name = str(t.dtype).replace("torch.", "")
+        if t.dtype == torch.bfloat16:
+            bits = t.contiguous().view(torch.int16).numpy().view(np.uint16)
+            return Converted(bf16_bits_to_float32(bits), BFLOAT16)
+        if name.startswith("float8"):
+            # every float8 value is a float32 value: keep the numbers, remember the dtype
+            return Converted(t.float().numpy().copy(), name)
+        if t.dtype == torch.complex32:
+            t = t.to(torch.complex64)
+        if t.is_conj():
+            t = t.resolve_conj()
+        if t.is_neg():
+            t = t.resolve_neg()
+        # .numpy() shares memory with the tensor: copy so a later in-place update cannot change the log
+        return Converted(np.array(t.numpy(), copy=True, order="C"))
+    except (TypeError, RuntimeError, NotImplementedError) as exc:
+        raise UnsupportedValueError(
+            f"key {key!r}: cannot convert torch tensor (dtype {t.dtype}, layout {t.layout}, "
+            f"device {t.device}) to numpy: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
-def _paddle_to_numpy(t: Any) -> Converted:
-    dtype = str(getattr(t, "dtype", "")).lower()
-    if "bfloat16" in dtype:
-        # paddle hands bfloat16 out as its uint16 bit patterns
-        return Converted(bf16_bits_to_float32(np.asarray(t.numpy()).view(np.uint16)), BFLOAT16)
-    arr = t.numpy()  # copies to host memory already
+def _paddle_to_numpy(t: Any, key: str) -> Converted:
+    dtype = str(getattr(t, "dtype", "")).lower().replace("paddle.", "")
+    try:
+        if "bfloat16" in dtype:
+            # paddle hands bfloat16 out as its uint16 bit patterns
+            return Converted(bf16_bits_to_float32(np.asarray(t.numpy()).view(np.uint16)), BFLOAT16)
+        if "float8" in dtype:
+            # .numpy() gives float8 as raw bits; the values go through float32 (exact)
+            return Converted(np.array(t.astype("float32").numpy(), copy=True), dtype)
+        arr = t.numpy()  # copies to host memory already
+    except (TypeError, RuntimeError, ValueError, NotImplementedError) as exc:
+        raise UnsupportedValueError(
+            f"key {key!r}: cannot convert paddle tensor (dtype {dtype}) to numpy: {str(exc).splitlines()[0]}"
+        ) from None
     return Converted(np.array(arr, copy=True, order="C"))
 
 
@@ -94,9 +114,9 @@ def to_numpy(value: Any, *, key: str = "<value>") -> Converted:
             raise UnsupportedValueError(f"key {key!r}: numpy scalar of dtype {value.dtype} is not numeric")
         return Converted(np.array(value))
     if mod == "torch" and hasattr(value, "detach"):
-        return _torch_to_numpy(value)
+        return _torch_to_numpy(value, key)
     if mod == "paddle" and hasattr(value, "numpy"):
-        return _paddle_to_numpy(value)
+        return _paddle_to_numpy(value, key)
     if isinstance(value, (bool, int, float, complex)):
         arr = np.array(value)
         if arr.dtype == object:  # an int beyond int64/uint64

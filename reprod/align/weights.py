@@ -431,7 +431,7 @@ def read_pdparams(path: PathLike) -> dict[str, np.ndarray]:
     >>> weights = read_pdparams("model.pdparams")
     """
     from ..storage.lazy import Dump, MappedFile
-    from ..storage.legacy import _tree, restricted_unpickle
+    from ..storage.legacy import restricted_unpickle, tree_from_pickle
 
     path = os.fspath(path)
     mf = MappedFile(path)
@@ -449,7 +449,7 @@ def read_pdparams(path: PathLike) -> dict[str, np.ndarray]:
             for k, v in root.items()
             if not (isinstance(k, str) and k.endswith(_PADDLE_META_SUFFIX))
         }
-        out = Dump(_tree(tensors, mf, ""), mf, path=path, fmt="pdparams").to_dict()
+        out = Dump(tree_from_pickle(tensors, mf), mf, path=path, fmt="pdparams").to_dict()
     finally:
         mf.close()
     for k, v in out.items():

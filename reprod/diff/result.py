@@ -177,7 +177,8 @@ class DiffResult:
 
     def summary_line(self) -> str:
         s = self.summary()
-        head = f"{s['compared']} keys compared, {s['passed']} passed, {s['failed']} failed"
+        noun = "key" if s["compared"] == 1 else "keys"
+        head = f"{s['compared']} {noun} compared, {s['passed']} passed, {s['failed']} failed"
         if s["first_failure"] is None:
             return head + ": PASSED"
         return head + f": FAILED; first failure {s['first_failure']}: {s['first_failure_reason']}"

@@ -10,7 +10,6 @@ and each array is then viewed in place through mmap. Anything else is refused wi
 from __future__ import annotations
 
 import ast
-
 import struct
 from typing import Any, Optional
 
@@ -20,9 +19,12 @@ from ..errors import DumpFormatError, UnsafeDumpError
 from ._atomic import AtomicFile
 from .lazy import ArraySpec, Dump, MappedFile
 
-__all__ = ["read_legacy", "write_legacy", "SAFE_GLOBALS", "restricted_unpickle"]
+__all__ = ["read_legacy", "write_legacy", "SAFE_GLOBALS", "restricted_unpickle", "tree_from_pickle"]
 
-_RECONSTRUCT, _NDARRAY, _DTYPE, _SCALAR, _ENCODE, _ODICT = range(6)
+_RECONSTRUCT, _NDARRAY, _DTYPE, _SCALAR, _ENCODE, _ODICT, _BYTES, _FROMBUFFER = range(8)
+
+# nested dicts deeper than this are refused: real dumps nest a few levels, and the readers recurse
+MAX_DEPTH = 64
 
 # The only globals a pickled dict of numpy arrays needs, and why each is harmless: they construct
 # arrays, dtypes, scalars, bytes or dicts from data, and call nothing the file names.
@@ -35,6 +37,10 @@ SAFE_GLOBALS: dict[tuple[str, str], int] = {
     ("numpy._core.multiarray", "scalar"): _SCALAR,
     ("_codecs", "encode"): _ENCODE,  # how protocol 2 spells bytes
     ("collections", "OrderedDict"): _ODICT,
+    ("__builtin__", "bytes"): _BYTES,  # protocols 0-2 spell an empty bytes as bytes()
+    ("builtins", "bytes"): _BYTES,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,  # protocol 5 arrays
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
 }
 
 # Payloads at least this long are left in the file and viewed in place; shorter ones are copied.
@@ -346,8 +352,8 @@ class _PickleWalker:
         kind = SAFE_GLOBALS.get((module, name))
         if kind is None:
             raise UnsafeDumpError(
-                f"{self.path}: refuses to load global {module}.{name}: a reprod/reprod_log dump "
-                "holds only numpy arrays, scalars and plain containers (nothing was executed)"
+                f"{self.path}: refuses to load global {module}.{name}: only numpy arrays, scalars "
+                "and plain containers are allowed in this file (nothing was executed)"
             )
         return _Global(kind, f"{module}.{name}")
 
@@ -379,6 +385,23 @@ class _PickleWalker:
                 return args[0].encode("latin1")
             except UnicodeEncodeError:
                 raise DumpFormatError(f"{self.path}: corrupt pickle (bad latin1 bytes)") from None
+        if k == _BYTES:
+            if args == ():
+                return b""
+            if len(args) == 1 and isinstance(args[0], (bytes, _Payload)):
+                return args[0]
+            raise DumpFormatError(f"{self.path}: corrupt pickle (bad bytes() call)")
+        if k == _FROMBUFFER:
+            if not (len(args) == 4 and isinstance(args[0], (bytes, bytearray, _Payload))
+                    and isinstance(args[1], _DtypeStub) and isinstance(args[2], tuple)
+                    and args[3] in ("C", "F")):
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad array frombuffer)")
+            shape = args[2]
+            if not all(isinstance(x, int) and x >= 0 for x in shape):
+                raise DumpFormatError(f"{self.path}: corrupt pickle (bad array shape {shape!r})")
+            stub = _ArrayStub()
+            stub.shape, stub.dtype, stub.fortran, stub.data, stub.built = shape, args[1], args[3] == "F", args[0], True
+            return stub
         if k == _ODICT:
             if args not in ((), ([],)):
                 if len(args) == 1 and isinstance(args[0], list):
@@ -461,14 +484,23 @@ def _leaf(value: Any, mf: MappedFile, where: str) -> ArraySpec:
     raise DumpFormatError(f"{path}: {where.split(': ', 1)[-1]}: value of type {type(value).__name__} is not numeric data")
 
 
-def _tree(d: dict[Any, Any], mf: MappedFile, prefix: str) -> dict[str, Any]:
+def _tree(d: dict[Any, Any], mf: MappedFile, prefix: str, depth: int = 0) -> dict[str, Any]:
+    if depth > MAX_DEPTH:
+        raise DumpFormatError(f"{mf.path}: key {prefix.rstrip('/')[:80]!r}...: dicts nested more than "
+                              f"{MAX_DEPTH} levels deep")
     out: dict[str, Any] = {}
     for k, v in d.items():
         if not isinstance(k, str):
             raise DumpFormatError(f"{mf.path}: key {k!r} is a {type(k).__name__}, not a string")
         name = f"{prefix}{k}"
-        out[k] = _tree(v, mf, name + "/") if isinstance(v, dict) else _leaf(v, mf, f"{mf.path}: key {name!r}")
+        out[k] = _tree(v, mf, name + "/", depth + 1) if isinstance(v, dict) \
+            else _leaf(v, mf, f"{mf.path}: key {name!r}")
     return out
+
+
+def tree_from_pickle(root: dict[Any, Any], mf: MappedFile) -> dict[str, Any]:
+    """The lazy tree of ArraySpecs for a dict that ``restricted_unpickle`` returned."""
+    return _tree(root, mf, "")
 
 
 def parse_npy_header(buf: Any, start: int, end: int, path: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:

@@ -5,7 +5,6 @@ place only when complete. No pickle anywhere."""
 from __future__ import annotations
 
 import json
-
 import platform
 import re
 import struct
@@ -21,6 +20,7 @@ from ..adapters import BFLOAT16, float32_to_bf16_bits
 from ..errors import DumpFormatError
 from ._atomic import AtomicFile
 from .lazy import ArraySpec, Dump, MappedFile
+from .legacy import MAX_DEPTH
 
 __all__ = ["NpzWriter", "read_npz", "write_npz", "META_NAME", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -33,8 +33,11 @@ _ZIP64_LIMIT = (1 << 31) - 1
 _SAFE_MEMBER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
 
 
-def _flatten(tree: Any, dtypes: Any, path: tuple[str, ...], out: list[tuple[tuple[str, ...], np.ndarray, Optional[str]]]) -> None:
+def _flatten(tree: Any, dtypes: Any, path: tuple[str, ...],
+             out: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]]) -> None:
     if isinstance(tree, Mapping):
+        if not tree:
+            out.append((path, None, None))
         for k, v in tree.items():
             sub = dtypes.get(k) if isinstance(dtypes, Mapping) else None
             _flatten(v, sub, path + (k,), out)
@@ -71,25 +74,34 @@ class NpzWriter:
         self._names: set[str] = {META_NAME}
         self._closed = False
         self._counter = 0
+        self._order: dict[str, int] = {}
 
     def add(self, key: str, tree: Any, dtypes: Any = None) -> None:
-        leaves: list[tuple[tuple[str, ...], np.ndarray, Optional[str]]] = []
+        leaves: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]] = []
         _flatten(tree, dtypes, (key,), leaves)
-        if not isinstance(tree, Mapping):
-            pass
-        # a re-added key replaces the old value (reprod_log's dict semantics)
+        # a re-added key replaces the old value and keeps its place (reprod_log's dict semantics)
+        if key not in self._order:
+            self._order[key] = len(self._order)
         for p in [p for p in self._entries if p[0] == key]:
             del self._entries[p]
         for path, arr, src in leaves:
-            self._write_member(path, arr, src)
+            if arr is None:  # an empty nested dict: an entry with no member
+                self._entries[path] = {"path": list(path), "kind": "dict"}
+            else:
+                self._write_member(path, arr, src)
 
     def _member_name(self, path: tuple[str, ...]) -> str:
         display = "/".join(path)
+        # keys that make clean zip paths keep their name, so plain numpy.load shows them; the rest
+        # (and anything that looks like our own fallback names) get a numbered name
         if _SAFE_MEMBER.match(display) and len(path) == display.count("/") + 1 \
-                and display + ".npy" not in self._names:
+                and not display.startswith("__reprod") and display + ".npy" not in self._names:
             name = display + ".npy"
         else:
             name = f"__reprod_{self._counter}.npy"
+            while name in self._names:
+                self._counter += 1
+                name = f"__reprod_{self._counter}.npy"
         self._counter += 1
         self._names.add(name)
         return name
@@ -125,7 +137,7 @@ class NpzWriter:
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "keys": list(self._entries.values()),
+            "keys": [e for _, e in sorted(self._entries.items(), key=lambda kv: self._order[kv[0][0]])],
             "writer": _writer_info(),
         }
         try:
@@ -223,7 +235,7 @@ def _member_spec(mf: MappedFile, zf: zipfile.ZipFile, zi: zipfile.ZipInfo, src: 
             with zipfile.ZipFile(mf.path) as z2, z2.open(zi.filename) as f2:
                 f2.read(data_off)
                 raw = f2.read(probe.nbytes)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
             raise DumpFormatError(f"{where}: cannot decompress ({exc})") from None
         if len(raw) != probe.nbytes:
             raise DumpFormatError(f"{where}: truncated")
@@ -244,7 +256,7 @@ def read_npz(mf: MappedFile) -> Dump:
         raise DumpFormatError(f"{mf.path}: not a valid zip dump ({exc})") from None
     by_name = {zi.filename: zi for zi in infos}
     meta: dict[str, Any] = {}
-    entries: list[tuple[list[str], str, Optional[str]]] = []
+    entries: list[tuple[list[str], Optional[str], Optional[str]]] = []
     if META_NAME in by_name:
         zi = by_name[META_NAME]
         if zi.file_size > 64 << 20:
@@ -256,9 +268,13 @@ def read_npz(mf: MappedFile) -> Dump:
             if int(meta.get("version", 0)) > FORMAT_VERSION:
                 raise DumpFormatError(f"{mf.path}: written by a newer reprod (format version {meta['version']})")
             for e in meta["keys"]:
-                p, m = e["path"], e["member"]
-                if not (isinstance(p, list) and p and all(isinstance(s, str) for s in p) and isinstance(m, str)):
+                p = e["path"]
+                m = None if e.get("kind") == "dict" else e["member"]
+                if not (isinstance(p, list) and p and all(isinstance(s, str) for s in p)
+                        and (m is None or isinstance(m, str))):
                     raise ValueError("bad key entry")
+                if len(p) > MAX_DEPTH:
+                    raise ValueError(f"key nested more than {MAX_DEPTH} levels deep")
                 entries.append((p, m, e.get("dtype")))
         except DumpFormatError:
             raise
@@ -272,13 +288,18 @@ def read_npz(mf: MappedFile) -> Dump:
             raise DumpFormatError(f"{mf.path}: zip holds no .npy arrays, not a dump")
     tree: dict[str, Any] = {}
     for path, member, src in entries:
-        zi = by_name.get(member)
-        if zi is None:
-            raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: member {member!r} is missing")
-        try:
-            spec = _member_spec(mf, zf, zi, src)
-        except (zipfile.BadZipFile, OSError, EOFError, struct.error) as exc:
-            raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: unreadable ({exc})") from None
+        spec: Any
+        if member is None:
+            spec = {}
+        else:
+            zi = by_name.get(member)
+            if zi is None:
+                raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: member {member!r} is missing")
+            try:
+                spec = _member_spec(mf, zf, zi, src)
+            except (zipfile.BadZipFile, OSError, EOFError, struct.error, NotImplementedError,
+                    RuntimeError) as exc:
+                raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: unreadable ({exc})") from None
         node = tree
         for part in path[:-1]:
             nxt = node.setdefault(part, {})

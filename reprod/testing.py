@@ -1,0 +1,455 @@
+"""``assert_aligned``: one assertion for tests and scripts, with dtype-aware default tolerances.
+
+>>> from reprod.testing import assert_aligned
+>>> assert_aligned(torch_logits, paddle_logits)              # tolerances from the dtypes
+>>> assert_aligned("fwd_torch.npy", "fwd_paddle.npy", threshold=1e-5)   # reprod_log semantics
+
+The engine (``reprod.compare``) computes every statistic; this module only chooses tolerances,
+turns failing ``KeyResult``s into one message shape, and tells the pytest plugin about each check.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .diff.result import DiffResult, KeyResult
+from .report.format import fmt_num, fmt_shape
+
+__all__ = [
+    "assert_aligned",
+    "format_failure",
+    "format_failures",
+    "Tolerance",
+    "DEFAULT_TOLERANCES",
+    "default_tolerance",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# dtype-aware defaults (torch.testing's table): a float16 port cannot meet float32 tolerances
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Elementwise tolerance: ``|other - ref| <= atol + rtol * |ref|``."""
+
+    rtol: float
+    atol: float
+
+    def looser(self, other: Tolerance) -> Tolerance:
+        return Tolerance(rtol=max(self.rtol, other.rtol), atol=max(self.atol, other.atol))
+
+
+_EXACT = Tolerance(rtol=0.0, atol=0.0)
+
+DEFAULT_TOLERANCES: Mapping[str, Tolerance] = {
+    "float16": Tolerance(rtol=1e-3, atol=1e-5),
+    "bfloat16": Tolerance(rtol=1.6e-2, atol=1e-5),
+    "float32": Tolerance(rtol=1.3e-6, atol=1e-5),
+    "float64": Tolerance(rtol=1e-7, atol=1e-7),
+    "complex64": Tolerance(rtol=1.3e-6, atol=1e-5),
+    "complex128": Tolerance(rtol=1e-7, atol=1e-7),
+    "complex32": Tolerance(rtol=1e-3, atol=1e-5),  # torch's half-precision complex
+    "int": _EXACT,  # every signed and unsigned integer width
+    "bool": _EXACT,
+}
+
+
+def _tolerance_of(dtype: str) -> Tolerance:
+    if dtype in DEFAULT_TOLERANCES:
+        return DEFAULT_TOLERANCES[dtype]
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"no default tolerance for dtype {dtype!r}; pass atol and rtol") from None
+    if dt.kind in "iu":
+        return DEFAULT_TOLERANCES["int"]
+    if dt.kind == "b":
+        return DEFAULT_TOLERANCES["bool"]
+    if dt.kind == "f":  # longdouble is at least as precise as float64
+        return DEFAULT_TOLERANCES["float64"] if dt.itemsize >= 8 else DEFAULT_TOLERANCES["float32"]
+    if dt.kind == "c":
+        return (
+            DEFAULT_TOLERANCES["complex128"]
+            if dt.itemsize >= 16
+            else DEFAULT_TOLERANCES["complex64"]
+        )
+    raise ValueError(f"no default tolerance for dtype {dtype!r}; pass atol and rtol")
+
+
+def default_tolerance(*dtypes: Optional[str]) -> Tolerance:
+    """The default tolerance for a pair (or more) of dtypes: the looser one where they differ.
+
+    ``None`` entries (a side without an array) are skipped; with no dtype at all it is exact.
+
+    >>> default_tolerance("float32", "float16")
+    Tolerance(rtol=0.001, atol=1e-05)
+    """
+    tol = _EXACT
+    for dt in dtypes:
+        if dt is not None:
+            tol = tol.looser(_tolerance_of(str(dt)))
+    return tol
+
+
+# --------------------------------------------------------------------------------------------
+# the message: a pure function of KeyResults
+# --------------------------------------------------------------------------------------------
+
+_METHOD_LABEL = {
+    "mean": "mean abs diff",
+    "max": "max abs diff",
+    "min": "min abs diff",
+    "mean_rel": "mean rel diff",
+    "max_rel": "max rel diff",
+}
+
+
+def _percent(part: int, whole: int) -> str:
+    pct = 100.0 * part / whole
+    text = f"{pct:.3g}"
+    # %g never rounds a non-zero share to "0", but it does round 99.9999 up to "100"
+    if text == "100" and part < whole:
+        text = "99.9"
+    return text + "%"
+
+
+def _index(index: tuple[int, ...]) -> str:
+    return repr(tuple(int(i) for i in index))
+
+
+def _worst(kr: KeyResult, head: str) -> str:
+    """``<head> at index (2, 7) (ref 1.234e-01, other 1.237e-01)``, leaving out what is unknown."""
+    text = head
+    if kr.worst_index is not None and len(kr.worst_index) > 0:
+        text += f" at index {_index(kr.worst_index)}"
+    if kr.worst_ref is not None or kr.worst_other is not None:
+        ref, other = _distinct(kr.worst_ref, kr.worst_other)
+        text += f" (ref {ref}, other {other})"
+    return text
+
+
+def _distinct(a: Optional[float], b: Optional[float]) -> tuple[str, str]:
+    """Both values with the fewest digits (3 at least) that print them differently: the worst
+    element of a close comparison often agrees in its first four digits."""
+    for digits in range(3, 17):
+        ta, tb = fmt_num(a, digits), fmt_num(b, digits)
+        if ta != tb:
+            break
+    return ta, tb
+
+
+def _structural(kr: KeyResult) -> str:
+    if kr.status == "shape":
+        text = f"shape mismatch: ref {fmt_shape(kr.ref_shape)}, other {fmt_shape(kr.other_shape)}"
+        if kr.ref_shape and len(kr.ref_shape) >= 2 and kr.other_shape == kr.ref_shape[::-1]:
+            # the most common port bug of all: paddle's Linear weight is [in, out], torch's [out, in]
+            text += " (a transpose: paddle stores Linear weights as [in, out], torch as [out, in])"
+        return text
+    if kr.status == "missing":
+        return f"missing in other (ref shape {fmt_shape(kr.ref_shape)})"
+    if kr.status == "extra":
+        return f"extra key, not in ref (other shape {fmt_shape(kr.other_shape)})"
+    if kr.status == "empty":
+        return f"empty array: ref {fmt_shape(kr.ref_shape)}, other {fmt_shape(kr.other_shape)}"
+    return kr.reason  # "type": a nested mapping against an array; the engine says which side
+
+
+def format_failure(kr: KeyResult) -> str:
+    """One line for one key, always in the same shape: ``<key>: <clause>; <clause>; ...``.
+
+    The clauses, in this order and each only when it applies: unmatched NaN / Inf counts, every
+    threshold check that failed (``mean abs diff 3.100e-04 > 1.000e-05``), the count of elements
+    outside ``atol + rtol*|ref|``, the worst element (``max abs diff ... at index (2, 7) (ref ...,
+    other ...)``, merged into the ``max`` check when that one failed), then the engine's note.
+    Structural verdicts (shape, missing, extra, empty, type) give one clause naming both sides.
+
+    >>> format_failure(result["logits"])
+    'logits: 12 / 1000 elements (1.2%) outside atol+rtol*|ref| (atol 1.000e-05, rtol 1.300e-06); max abs diff 3.100e-04 at index (2, 7) (ref 1.234e-01, other 1.237e-01)'
+    """
+    if kr.status == "passed":
+        return f"{kr.key}: passed"
+    clauses: list[str] = []
+    if kr.status in ("shape", "missing", "extra", "empty", "type"):
+        clauses.append(_structural(kr))
+    else:
+        if kr.status in ("nan", "inf"):
+            if kr.ref_nan or kr.other_nan:
+                nan = f"NaN: {kr.ref_nan} in ref, {kr.other_nan} in other"
+                if kr.ref_nan and kr.other_nan:
+                    nan += " (equal_nan=True lets NaN at the same positions pass)"
+                clauses.append(nan)
+            if kr.ref_inf or kr.other_inf:
+                clauses.append(f"Inf: {kr.ref_inf} in ref, {kr.other_inf} in other")
+        worst_told = False
+        for method in kr.methods:
+            if kr.checks.get(method, True):
+                continue
+            label = _METHOD_LABEL.get(method, f"{method} diff")
+            check = f"{label} {fmt_num(kr.stat(method))} > {fmt_num(kr.thresholds.get(method))}"
+            if method == "max":
+                check = _worst(kr, check)
+                worst_told = True
+            clauses.append(check)
+        if kr.mismatched and kr.size:
+            clauses.append(
+                f"{kr.mismatched} / {kr.size} elements ({_percent(kr.mismatched, kr.size)}) "
+                f"outside atol+rtol*|ref| (atol {fmt_num(kr.atol or 0.0)}, rtol {fmt_num(kr.rtol or 0.0)})"
+            )
+        if not worst_told and kr.max_abs is not None:
+            clauses.append(_worst(kr, f"max abs diff {fmt_num(kr.max_abs)}"))
+        if not clauses:  # a verdict this module does not know yet: the engine's words
+            clauses.append(kr.reason or kr.status)
+    if kr.note:
+        clauses.append(kr.note)
+    return f"{kr.key}: " + "; ".join(clauses)
+
+
+def _summary(result: DiffResult) -> str:
+    failed = result.failed
+    where = f"ref: {result.ref_name}, other: {result.other_name}"
+    if not failed:
+        return f"all {len(result)} keys aligned; {where}"
+    counts: dict[str, int] = {}
+    for kr in failed:
+        counts[kr.status] = counts.get(kr.status, 0) + 1
+    by_status = ", ".join(f"{status} {n}" for status, n in counts.items())
+    return f"{len(failed)} of {len(result)} keys not aligned ({by_status}); {where}"
+
+
+def format_failures(result: DiffResult) -> str:
+    """Every failing key, one :func:`format_failure` line each, then one summary line.
+
+    >>> print(format_failures(result))
+    logits: 12 / 1000 elements (1.2%) outside atol+rtol*|ref| (atol 1.000e-05, rtol 1.300e-06); ...
+    loss: NaN: 0 in ref, 1 in other
+    2 of 3 keys not aligned (mismatch 1, nan 1); ref: torch.npz, other: paddle.npz
+    """
+    return "\n".join([format_failure(kr) for kr in result.failed] + [_summary(result)])
+
+
+# --------------------------------------------------------------------------------------------
+# assert_aligned
+# --------------------------------------------------------------------------------------------
+
+# The pytest plugin listens here; only the innermost session (the last pushed) hears a check,
+# so a pytest run nested in another (pytester) does not leak its checks to the outer one.
+_listeners: list[Callable[[DiffResult, str, Optional[str]], None]] = []
+
+
+def _push_listener(fn: Callable[[DiffResult, str, Optional[str]], None]) -> None:
+    _listeners.append(fn)
+
+
+def _pop_listener(fn: Callable[[DiffResult, str, Optional[str]], None]) -> None:
+    if fn in _listeners:
+        _listeners.remove(fn)
+
+
+def _as_mapping(value: Any) -> Any:
+    """A path or mapping as given; a single array/tensor/number as the one key ``"value"``."""
+    if isinstance(value, (str, os.PathLike, Mapping)):
+        return value
+    return {"value": value}
+
+
+def _dtype_name(tree: Any, leaf: str) -> Optional[str]:
+    """The dtype of one leaf without converting it: a dump's spec, or the tensor's own dtype."""
+    spec = getattr(tree, "spec", None)
+    if callable(spec):
+        return str(spec(leaf).display_dtype)
+    value = tree[leaf]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return str(value.dtype)
+    if type(value).__module__.split(".", 1)[0] in ("torch", "paddle") and hasattr(value, "dtype"):
+        return str(value.dtype).rsplit(".", 1)[-1]  # "torch.bfloat16" / "paddle.float16"
+    from .adapters import to_numpy  # numbers and lists: small
+
+    conv = to_numpy(value, key=leaf)
+    return conv.source_dtype or str(conv.array.dtype)
+
+
+def _fnmatch_literal(key: str) -> str:
+    # the engine's ``keys`` are globs; bracket the metacharacters so a key matches only itself
+    return "".join(f"[{c}]" if c in "*?[" else c for c in key)
+
+
+def _compare_with_dtype_defaults(ref: Any, other: Any, *, keys: Any, equal_nan: bool) -> DiffResult:
+    """``compare`` with each key's atol/rtol taken from its dtypes (the looser side).
+
+    The engine takes one atol/rtol per call, so keys are grouped by tolerance and each group is
+    compared in its own call; the results are put back in the engine's key order.
+    """
+    from .diff.engine import compare
+    from .diff.pairing import open_side, walk_pairs
+
+    a = open_side(ref, "ref")
+    b = open_side(other, "other")
+    order: list[str] = []
+    seen: set[str] = set()
+    groups: dict[Tolerance, list[str]] = {}
+    for pair in walk_pairs(a.tree, b.tree, keys=keys):
+        if pair.key in seen:  # a type pair can come up twice
+            continue
+        seen.add(pair.key)
+        order.append(pair.key)
+        leaf = pair.path[-1]
+        dts = []
+        if pair.kind != "type":
+            for tree in (pair.ref_tree, pair.other_tree):
+                if tree is not None:
+                    dts.append(_dtype_name(tree, leaf))
+        groups.setdefault(default_tolerance(*dts), []).append(pair.key)
+    if len(groups) <= 1:
+        tol = next(iter(groups), _EXACT)
+        return compare(
+            a.tree,
+            b.tree,
+            method=None,
+            threshold=None,
+            atol=tol.atol,
+            rtol=tol.rtol,
+            keys=keys,
+            equal_nan=equal_nan,
+        )
+    by_key: dict[str, KeyResult] = {}
+    first: Optional[DiffResult] = None
+    for tol, names in groups.items():
+        part = compare(
+            a.tree,
+            b.tree,
+            method=None,
+            threshold=None,
+            atol=tol.atol,
+            rtol=tol.rtol,
+            keys=[_fnmatch_literal(k) for k in names],
+            equal_nan=equal_nan,
+        )
+        if first is None:
+            first = part
+        for kr in part.results:
+            by_key.setdefault(kr.key, kr)
+    assert first is not None
+    options = dict(first.options, atol=None, rtol=None, tolerances="dtype defaults per key")
+    return DiffResult(
+        results=tuple(by_key[k] for k in order if k in by_key),
+        ref_name=first.ref_name,
+        other_name=first.other_name,
+        options=options,
+        created=first.created,
+    )
+
+
+def _check(
+    ref: Any,
+    other: Any,
+    *,
+    kind: str,
+    reference: Optional[str],
+    method: Any,
+    threshold: Optional[float],
+    atol: Optional[float],
+    rtol: Optional[float],
+    per_key: Any,
+    keys: Any = None,
+    equal_nan: bool = False,
+    msg: Optional[str] = None,
+    other_name: Optional[str] = None,
+) -> DiffResult:
+    __tracebackhide__ = True
+    ref, other = _as_mapping(ref), _as_mapping(other)
+    if method is not None or threshold is not None or per_key:
+        from .diff.engine import compare
+
+        # reprod_log semantics: a statistic against a threshold (plus atol/rtol when given)
+        result = compare(
+            ref,
+            other,
+            method="mean" if method is None else method,
+            threshold=1e-6 if threshold is None else threshold,
+            atol=atol,
+            rtol=rtol,
+            per_key=per_key,
+            keys=keys,
+            equal_nan=equal_nan,
+        )
+    elif atol is not None or rtol is not None:
+        from .diff.engine import compare
+
+        result = compare(
+            ref,
+            other,
+            method=None,
+            threshold=None,
+            atol=atol or 0.0,
+            rtol=rtol or 0.0,
+            keys=keys,
+            equal_nan=equal_nan,
+        )
+    else:
+        result = _compare_with_dtype_defaults(ref, other, keys=keys, equal_nan=equal_nan)
+    if other_name is not None:
+        result = replace(result, other_name=other_name)
+    if _listeners:
+        _listeners[-1](result, kind, reference)
+    if not result.passed:
+        text = format_failures(result)
+        raise AssertionError(text if msg is None else f"{msg}\n{text}")
+    return result
+
+
+def assert_aligned(
+    ref: Any,
+    other: Any,
+    *,
+    method: Any = None,
+    threshold: Optional[float] = None,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    per_key: Any = None,
+    keys: Any = None,
+    equal_nan: bool = False,
+    msg: Optional[str] = None,
+) -> DiffResult:
+    """Pass silently (returning the ``DiffResult``) or raise ``AssertionError`` listing every
+    failing key, one :func:`format_failure` line each, then a summary line.
+
+    ``ref``/``other``: dump paths, (nested) mappings of arrays/tensors, or single arrays/tensors
+    of any supported framework (compared as the one key ``"value"``).
+
+    Tolerances, in order of precedence:
+
+    - ``method``/``threshold``/``per_key`` given: reprod_log semantics, as ``reprod.compare``
+      (``method="mean"``, ``threshold=1e-6`` when one of them is left out); ``atol``/``rtol``, if
+      also given, add the element-wise rule.
+    - only ``atol`` and/or ``rtol``: ``|other - ref| <= atol + rtol*|ref|`` for every element (the
+      one left out is 0).
+    - nothing: that rule with each key's defaults from :data:`DEFAULT_TOLERANCES` by dtype (the
+      looser of the two sides; integers and bool exact).
+
+    ``equal_nan=True`` lets NaN at the same positions pass; ``msg`` is put above the report.
+
+    >>> assert_aligned(torch_out, paddle_out)                    # float32: rtol 1.3e-6, atol 1e-5
+    >>> assert_aligned("fwd_torch.npy", "fwd_paddle.npy", threshold=1e-5)
+    """
+    __tracebackhide__ = True
+    return _check(
+        ref,
+        other,
+        kind="assert_aligned",
+        reference=None,
+        method=method,
+        threshold=threshold,
+        atol=atol,
+        rtol=rtol,
+        per_key=per_key,
+        keys=keys,
+        equal_nan=equal_nan,
+        msg=msg,
+    )
