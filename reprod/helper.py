@@ -11,11 +11,11 @@ from typing import Any, Optional, Union
 from .errors import DumpFormatError, ReprodError
 from .storage import Dump, load
 
-__all__ = ["ReprodDiffHelper"]
+__all__ = ["ReprodDiffHelper", "emit_log_lines", "LOGGER_NAME"]
 
 _FORMAT = "[%(asctime)s] root %(levelname)s: %(message)s"  # reprod_log logs through the root logger
 _DATEFMT = "%Y/%m/%d %H:%M:%S"
-_LOGGER = "reprod.report"
+LOGGER_NAME = "reprod.report"
 
 
 class ReprodDiffHelper:
@@ -69,16 +69,23 @@ class ReprodDiffHelper:
         return bool(self.result.passed)
 
 
-def emit_log_lines(lines: list[str], path: Optional[str]) -> None:
-    """Log ``lines`` to the sys.stdout of this moment and to ``path`` (overwritten), with
-    reprod_log's prefix, through handlers that live only for this call."""
-    logger = logging.getLogger(_LOGGER)
+def emit_log_lines(lines: list[str], path: Optional[str], *, console: bool = True,
+                   propagate: bool = True) -> None:
+    """Log ``lines`` to the sys.stdout of this moment (``console``) and to ``path`` (overwritten),
+    with reprod_log's prefix, through handlers that live only for this call.
+
+    Records propagate to the root logger (so pytest's caplog and the user's own logging see them)
+    unless ``propagate=False``: importing paddle installs a root handler on stderr, which would
+    print every line a second time in a long run.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.DEBUG)
     formatter = logging.Formatter(_FORMAT, datefmt=_DATEFMT)
     handlers: list[logging.Handler] = []
-    stream = logging.StreamHandler(stream=sys.stdout)
-    stream.setFormatter(formatter)
-    handlers.append(stream)
+    if console:
+        stream = logging.StreamHandler(stream=sys.stdout)
+        stream.setFormatter(formatter)
+        handlers.append(stream)
     if path is not None:
         folder = os.path.dirname(path)
         if folder:
@@ -88,10 +95,13 @@ def emit_log_lines(lines: list[str], path: Optional[str]) -> None:
         handlers.append(fh)
     for h in handlers:
         logger.addHandler(h)
+    was = logger.propagate
+    logger.propagate = propagate
     try:
         for line in lines:
             logger.info(line)
     finally:
+        logger.propagate = was
         for h in handlers:
             logger.removeHandler(h)
             h.close()

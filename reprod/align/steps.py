@@ -276,26 +276,13 @@ def _finish(
 def _write_diff_log(result: Any, log_path: str, *, verbose: bool) -> None:
     """The reprod_log-style log the porting tutorials ask for, with ``ReprodDiffHelper``'s lines,
     rendered from the very result returned (so per-key thresholds and atol/rtol show in it too)."""
-    import io
-    import logging
-
-    from ..helper import _LOGGER, emit_log_lines
+    from ..helper import emit_log_lines
     from ..report.log import render_log
 
     lines = render_log(result)
-    if verbose:
-        emit_log_lines(lines, log_path)
-        return
-    # The helper also logs to sys.stdout, and its records reach the root logger, where importing
-    # paddle installs a stderr handler: a training run's hundreds of keys go to the file only.
-    logger = logging.getLogger(_LOGGER)
-    propagate = logger.propagate
-    logger.propagate = False
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            emit_log_lines(lines, log_path)
-    finally:
-        logger.propagate = propagate
+    # The records would also reach the root logger, where importing paddle installs a stderr
+    # handler: unless asked to be verbose, a training run's hundreds of keys go to the file only.
+    emit_log_lines(lines, log_path, console=verbose, propagate=verbose)
 
 
 # --- forward ------------------------------------------------------------------------------------
