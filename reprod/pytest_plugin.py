@@ -146,7 +146,7 @@ class _Recorder:
                     tr.write_line("    " + line)
         expected = len(failed) - len(listed)
         path = self.report
-        if self.checks and (listed or path or expected):
+        if self.checks and (listed or path):
             tail = f"reprod: {len(self.checks)} alignment checks, {len(failed)} failed"
             if expected:
                 tail += f" ({expected} in passing tests)"
