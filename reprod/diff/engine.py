@@ -74,6 +74,19 @@ def _shape_str(s: Optional[tuple[int, ...]]) -> str:
     return "(" + ", ".join(str(x) for x in s) + ("," if s is not None and len(s) == 1 else "") + ")" if s is not None else "-"
 
 
+def _same_elements(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Shapes that pair elements one to one without broadcasting: equal once size-1 axes are
+    dropped, and broadcastable to a shape of the same size ((1,) vs (), (1, 3) vs (3,); not
+    (3, 1) vs (3,), which numpy would broadcast to (3, 3))."""
+    if tuple(s for s in a if s != 1) != tuple(s for s in b if s != 1):
+        return False
+    try:
+        target = np.broadcast_shapes(a, b)
+    except ValueError:
+        return False
+    return int(np.prod(target)) == int(np.prod(a)) == int(np.prod(b))
+
+
 def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optional[float],
                   equal_nan: bool) -> KeyResult:
     key = p.key
@@ -82,6 +95,7 @@ def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optio
     methods = tuple(thresholds) or policy.methods
     base: dict[str, Any] = {"key": key, "path": p.path, "methods": methods, "thresholds": thresholds,
                             "atol": atol, "rtol": rtol}
+    failed_checks = {m: False for m in thresholds}  # verdicts without a statistic fail every method
     if p.kind in ("missing", "extra"):
         tree = p.ref_tree if p.kind == "missing" else p.other_tree
         assert tree is not None
@@ -89,10 +103,11 @@ def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optio
         side = {"ref_shape": tuple(arr.shape), "ref_dtype": dt} if p.kind == "missing" else \
                {"other_shape": tuple(arr.shape), "other_dtype": dt}
         reason = "key only in ref (missing from other)" if p.kind == "missing" else "key only in other (not in ref)"
-        return KeyResult(passed=False, status=p.kind, reason=reason, size=int(arr.size), **side, **base)
+        return KeyResult(passed=False, status=p.kind, reason=reason, size=int(arr.size),
+                         checks=failed_checks, **side, **base)
     assert p.ref_tree is not None and p.other_tree is not None
     if p.kind == "type":
-        return KeyResult(passed=False, status="type",
+        return KeyResult(passed=False, status="type", checks=failed_checks,
                          reason="a nested dict on one side, an array on the other", **base)
     ra, rdt = leaf_array(p.ref_tree, leaf)
     oa, odt = leaf_array(p.other_tree, leaf)
@@ -100,24 +115,27 @@ def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optio
     notes: list[str] = []
     if rdt != odt:
         notes.append(f"dtypes differ ({rdt} vs {odt}), compared by value")
+    if (ra.size == 0) != (oa.size == 0):
+        return KeyResult(passed=False, status="empty", checks=failed_checks,
+                         reason=f"one side is empty (ref {_shape_str(ra.shape)}, other {_shape_str(oa.shape)})",
+                         size=int(ra.size), note="; ".join(notes) or None, **base)
     if ra.shape != oa.shape:
-        if ra.size == oa.size and tuple(s for s in ra.shape if s != 1) == tuple(s for s in oa.shape if s != 1):
+        if _same_elements(ra.shape, oa.shape):
             notes.append(f"shapes differ only by axes of size 1 ({_shape_str(ra.shape)} vs "
                          f"{_shape_str(oa.shape)}), compared element by element")
             oa = oa.reshape(ra.shape)
         else:
             hint = ""
             if ra.ndim >= 2 and oa.shape == ra.shape[::-1]:
-                hint = ("; other is the transpose of ref (a Linear weight? paddle stores [in, out], "
-                        "torch [out, in]): transpose one side")
-            return KeyResult(passed=False, status="shape",
+                hint = "other is the transpose of ref (a Linear weight? paddle stores [in, out], torch [out, in]): transpose one side"
+                notes.append(hint)
+                hint = "; " + hint
+            return KeyResult(passed=False, status="shape", checks=failed_checks,
                              reason=f"shape {_shape_str(oa.shape)} does not match ref {_shape_str(ra.shape)}{hint}",
                              size=int(ra.size), note="; ".join(notes) or None, **base)
-    if ra.size == 0 or oa.size == 0:
-        if ra.size == 0 and oa.size == 0:
-            return KeyResult(passed=True, status="passed", reason="both empty",
-                             size=0, note="; ".join(notes) or None, **base)
-        return KeyResult(passed=False, status="empty", reason="one side is empty", size=int(ra.size), **base)
+    if ra.size == 0:
+        return KeyResult(passed=True, status="passed", reason="both empty", checks={m: True for m in thresholds},
+                         size=0, note="; ".join(notes) or None, **base)
     st = compute_stats(ra, oa, atol=atol, rtol=rtol, equal_nan=equal_nan)
     values = {
         "mean_abs": st.mean_abs, "max_abs": st.max_abs, "min_abs": st.min_abs,
