@@ -1,0 +1,169 @@
+"""The reference side of a migration: runs the PyTorch model and dumps what the port must match.
+
+Run by ``run.py`` in its own process, as a real migration runs it: paddle is never imported here.
+Writes into ``--out``: ``model.pth`` (seeded random weights) and one ReprodLogger dump per step,
+``<step>_torch.npy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from config import (
+    BN_MOMENTUM_TORCH,
+    DROPOUT,
+    GRAD_DTYPE,
+    LR,
+    MOMENTUM,
+    NUM_CLASSES,
+    SEED,
+    WEIGHT_DECAY,
+)
+from torch import nn
+from torch_model import mobilenet_v3_small
+
+from reprod import ReprodLogger
+from reprod.align import torch_to_paddle
+from reprod.align.weights import linear_weight_names, plan_conversion
+from reprod.capture import record
+
+
+def dump(path: str, values: dict[str, Any]) -> None:
+    logger = ReprodLogger()
+    for key, value in values.items():
+        logger.add(key, value)
+    logger.save(path)
+
+
+@torch.no_grad()
+def make_weights(model: nn.Module, calibration: torch.Tensor) -> None:
+    """Seeded random weights that behave like trained ones.
+
+    torchvision's init leaves every BatchNorm at mean 0, variance 1, scale 1, shift 0, which Paddle's
+    init also produces: a conversion that dropped the BN statistics would pass unnoticed. So the
+    statistics come from one pass over a calibration batch, and scale and shift are drawn at random.
+    Its classifier starts at N(0, 0.01), which gives logits near 0.01 where a 1e-5 check means
+    little; torch's default Linear init gives logits of order 1, as a trained model has.
+    """
+    gen = torch.Generator().manual_seed(SEED + 1)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.reset_parameters()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.weight.copy_(torch.empty_like(bn.weight).uniform_(0.5, 1.5, generator=gen))
+        bn.bias.copy_(torch.empty_like(bn.bias).normal_(0.0, 0.2, generator=gen))
+        bn.momentum = 1.0  # take this batch's statistics outright
+    model.train()
+    model(calibration)
+    for bn in bns:
+        bn.momentum = BN_MOMENTUM_TORCH
+        bn.num_batches_tracked.zero_()
+
+
+def paddle_layout(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Tensors named like ``model``'s state dict in Paddle's names and layouts, by the same plan as
+    the weight conversion, so both sides' dumps have the same keys and shapes.
+
+    ``torch_to_paddle(..., model=model)`` insists on a complete state dict; gradients are not one.
+    """
+    plan = plan_conversion(
+        {k: tuple(v.shape) for k, v in named.items()}, linear_weights=linear_weight_names(model)
+    )
+    out = {}
+    for p in plan:
+        if p.paddle_name is not None:
+            array = named[p.torch_name].detach().numpy()
+            # a copy: the optimizer may reuse the gradient's memory before the dump is written
+            out[p.paddle_name] = np.array(array.T if p.action == "transpose" else array, order="C")
+    return out
+
+
+def grads_of(model: nn.Module) -> dict[str, np.ndarray]:
+    return paddle_layout(model, {n: p.grad for n, p in model.named_parameters()})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    out = args.out
+    torch.manual_seed(SEED)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    x = torch.from_numpy(np.load(os.path.join(out, "fake_data.npy")))
+    y = torch.from_numpy(np.load(os.path.join(out, "fake_label.npy")))
+    # BatchNorm statistics come from a batch of their own, so they are not the test batch's
+    calibration = torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(SEED + 2))
+    criterion = nn.CrossEntropyLoss()
+
+    model = mobilenet_v3_small(num_classes=NUM_CLASSES, dropout=DROPOUT)
+    make_weights(model, calibration)
+    pth = os.path.join(out, "model.pth")
+    torch.save(model.state_dict(), pth)
+    dump(os.path.join(out, "weights_torch.npy"), torch_to_paddle(model.state_dict(), model=model))
+    print("  torch: model.pth saved", flush=True)
+
+    # 3. forward, 7. every layer's output: eval mode, as in inference
+    model.eval()
+    with torch.no_grad():
+        dump(os.path.join(out, "forward_torch.npy"), {"logits": model(x)})
+        # one image is enough to localise a layer, and keeps the capture (every layer's input
+        # and output) a quarter the size
+        with record(model) as layers:
+            model(x[:1])
+        layers.save(os.path.join(out, "layers_torch.npy"))
+
+    # 4. loss: one training-mode pass (BatchNorm normalises with batch statistics), float32
+    model.load_state_dict(torch.load(pth, weights_only=True))
+    model.train()
+    with torch.no_grad():
+        dump(os.path.join(out, "loss_torch.npy"), {"loss": criterion(model(x), y)})
+
+    # 5. backward: the same pass in float64 (see GRAD_DTYPE), every parameter's gradient
+    dtype = getattr(torch, GRAD_DTYPE)
+    x64 = x.to(dtype)
+    model.load_state_dict(torch.load(pth, weights_only=True))
+    model.to(dtype).train()
+    criterion(model(x64), y).backward()
+    dump(os.path.join(out, "backward_torch.npy"), grads_of(model))
+    print("  torch: forward, layers, loss, backward dumped", flush=True)
+
+    # 6. training: SGD with momentum and weight decay, cosine schedule, from the saved weights,
+    # in float64 like the backward step (the model is float64 already; loading casts)
+    model.load_state_dict(torch.load(pth, weights_only=True))
+    model.zero_grad(set_to_none=True)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
+    train = ReprodLogger()
+    variances: dict[str, np.ndarray] = {}
+    for step in range(1, args.steps + 1):
+        lr = opt.param_groups[0]["lr"]
+        opt.zero_grad()
+        loss = criterion(model(x64), y)
+        loss.backward()
+        grads = grads_of(model)
+        opt.step()
+        sched.step()
+        weights = torch_to_paddle(model.state_dict(), model=model)
+        # running variances are compared on their own (see run.py): Paddle updates them differently
+        variances = {k: weights.pop(k) for k in list(weights) if k.endswith("._variance")}
+        train.add(
+            f"step_{step}",
+            {"loss": loss, "lr": np.float64(lr), "grad": grads, "weight": weights},
+        )
+    train.save(os.path.join(out, "train_torch.npy"))
+    dump(os.path.join(out, "bn_variance_torch.npy"), variances)
+    print(f"  torch: {args.steps} training steps dumped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The MobileNetV3 example, run as a user runs it: ``python examples/mobilenetv3/run.py``.
+
+Each scenario runs the entry point once in a subprocess (module-scoped fixtures); the tests then
+check its exit code, its verdicts and its files, and check the numbers against independent
+references: numpy recomputes the logged differences, reprod_log reads the dumps, torch and paddle
+read the weight files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("paddle")
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "mobilenetv3"
+RUN = EXAMPLE / "run.py"
+
+STEP_FILES = ["weights", "forward", "loss", "backward", "train", "bn_variance", "layers"]
+STEP_TITLES = [
+    "1. structure",
+    "2. weights",
+    "3. forward",
+    "4. loss",
+    "5. backward",
+    "6. training",
+    "6. BN variance",
+    "7. layers",
+]
+
+# reprod_log's line shapes, after its "[date time] root INFO: " prefix
+PREFIX = r"^\[\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\] root INFO: "
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(RUN), *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+class Run:
+    def __init__(self, proc: subprocess.CompletedProcess[str], out: Path) -> None:
+        self.proc = proc
+        self.out = out
+        self.summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+
+    def step(self, title: str) -> dict:
+        return next(s for s in self.summary["steps"] if s["title"] == title)
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    # the README's command: no --out, so the results land in ./result of the working directory
+    cwd = tmp_path_factory.mktemp("aligned")
+    proc = _run([], cwd)
+    assert (cwd / "result" / "summary.json").is_file(), proc.stdout + proc.stderr
+    yield Run(proc, cwd / "result")
+    shutil.rmtree(cwd, ignore_errors=True)  # a few hundred MB of dumps
+
+
+@pytest.fixture(scope="module", params=["hardswish", "bn-eps", "no-transpose"])
+def broken(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Run]:
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    # one training step is enough to see a failure; it keeps the three runs short
+    proc = _run(["--out", str(out), "--inject-bug", request.param, "--steps", "1"], REPO)
+    assert (out / "summary.json").is_file(), proc.stdout + proc.stderr
+    yield Run(proc, out)
+    shutil.rmtree(out.parent, ignore_errors=True)
+
+
+# --- the aligned port --------------------------------------------------------------------------
+
+
+def test_aligned_port_passes_every_step(aligned: Run) -> None:
+    assert aligned.proc.returncode == 0, aligned.proc.stdout + aligned.proc.stderr
+    assert aligned.summary["passed"] is True
+    assert [s["title"] for s in aligned.summary["steps"]] == STEP_TITLES
+    assert all(s["passed"] for s in aligned.summary["steps"])
+    assert aligned.summary["first_divergent_layer"] is None
+    assert "ALIGNED" in aligned.proc.stdout and "NOT ALIGNED" not in aligned.proc.stdout
+
+
+def test_aligned_run_writes_every_file(aligned: Run) -> None:
+    out = aligned.out
+    expected = ["fake_data.npy", "fake_label.npy", "model.pth", "model.pdparams"]
+    expected += ["summary.txt", "summary.json", "report.html", "tables/structure.txt"]
+    for name in STEP_FILES:
+        expected += [f"{name}_torch.npy", f"{name}_paddle.npy", f"log/{name}_diff.log"]
+        expected += [f"tables/{name}.txt"]
+    missing = [name for name in expected if not (out / name).is_file()]
+    assert not missing
+    assert (out / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_fake_data_is_the_documented_seeded_batch(aligned: Run) -> None:
+    data = np.load(aligned.out / "fake_data.npy")
+    labels = np.load(aligned.out / "fake_label.npy")
+    assert data.shape == (4, 3, 224, 224) and data.dtype == np.float32
+    assert labels.shape == (4,) and labels.dtype == np.int64
+    rng = np.random.RandomState(2024)
+    np.testing.assert_array_equal(data, rng.standard_normal(data.shape).astype("float32"))
+    np.testing.assert_array_equal(labels, rng.randint(0, 1000, (4,)))
+
+
+def test_forward_log_is_reprod_log_format_with_numpy_value(aligned: Run) -> None:
+    lines = (aligned.out / "log" / "forward_diff.log").read_text(encoding="utf-8").splitlines()
+    assert [re.sub(PREFIX, "", line) for line in lines][0] == "logits: "
+    m = re.fullmatch(PREFIX + r"\tmean diff: check passed: True, value: (\S+)", lines[1])
+    assert m, lines[1]
+    assert re.fullmatch(PREFIX + "diff check passed", lines[-1])
+    # the logged value is numpy's mean |torch - paddle| over the dumped logits
+    torch_logits = np.load(aligned.out / "forward_torch.npy", allow_pickle=True).item()["logits"]
+    paddle_logits = np.load(aligned.out / "forward_paddle.npy", allow_pickle=True).item()["logits"]
+    assert torch_logits.shape == (4, 1000)
+    expected = np.abs(torch_logits.astype(np.float64) - paddle_logits).mean()
+    assert float(m.group(1)) == pytest.approx(expected, rel=1e-5)
+    assert expected <= 1e-5
+    # and the logits are not trivially small, so 1e-5 is a real check
+    assert np.abs(torch_logits).mean() > 1e-2
+
+
+def test_dumps_load_in_reprod_log(aligned: Run) -> None:
+    reprod_log = pytest.importorskip("reprod_log")
+    helper = reprod_log.ReprodDiffHelper()
+    torch_info = helper.load_info(str(aligned.out / "backward_torch.npy"))
+    paddle_info = helper.load_info(str(aligned.out / "backward_paddle.npy"))
+    helper.compare_info(torch_info, paddle_info)
+    # reprod_log's own statistics agree with the verdict: every gradient mean diff <= 1e-6
+    assert len(helper.diff_dict) == 142
+    assert max(v["mean"] for v in helper.diff_dict.values()) <= 1e-6
+    train = helper.load_info(str(aligned.out / "train_torch.npy"))
+    assert list(train) == ["step_1", "step_2", "step_3"]
+    assert set(train["step_1"]) == {"loss", "lr", "grad", "weight"}
+
+
+def test_pdparams_holds_the_pth_weights_in_paddle_layout(aligned: Run) -> None:
+    import paddle
+    import torch
+
+    pth = torch.load(aligned.out / "model.pth", weights_only=True)
+    pdparams = paddle.load(str(aligned.out / "model.pdparams"), return_numpy=True)
+    assert len(pdparams) == len([k for k in pth if not k.endswith("num_batches_tracked")])
+    # Linear weights transposed, BatchNorm statistics renamed, everything else copied
+    np.testing.assert_array_equal(
+        pdparams["classifier.0.weight"], pth["classifier.0.weight"].numpy().T
+    )
+    np.testing.assert_array_equal(
+        pdparams["features.3.block.1.1._variance"],
+        pth["features.3.block.1.1.running_var"].numpy(),
+    )
+    np.testing.assert_array_equal(
+        pdparams["features.0.0.weight"], pth["features.0.0.weight"].numpy()
+    )
+    # the seeded weights have real BatchNorm statistics, not the (0, 1) that a lost copy hides
+    assert not np.allclose(pdparams["features.3.block.1.1._variance"], 1.0)
+
+
+def test_training_lr_follows_the_cosine_schedule(aligned: Run) -> None:
+    train = np.load(aligned.out / "train_paddle.npy", allow_pickle=True).item()
+    lrs = [float(train[f"step_{i}"]["lr"]) for i in (1, 2, 3)]
+    expected = [0.1 * (1 + np.cos(np.pi * i / 3)) / 2 for i in range(3)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-12)
+    losses = [float(train[f"step_{i}"]["loss"]) for i in (1, 2, 3)]
+    assert losses[0] == pytest.approx(np.log(1000), rel=0.05)  # random weights: ~ln(classes)
+    assert losses[2] < losses[0]  # and training does train
+
+
+def test_layer_capture_covers_every_leaf_layer(aligned: Run) -> None:
+    layers = np.load(aligned.out / "layers_torch.npy", allow_pickle=True).item()
+    outs = [k for k in layers if k.endswith(".out")]
+    # 141 leaf layers in call order: the stem conv first, the last Linear last
+    assert len(outs) == 141
+    assert outs[0] == "features.0.0.out" and outs[-1] == "classifier.3.out"
+    assert layers["classifier.3.out"].shape == (1, 1000)
+
+
+# --- each side runs without the other framework ----------------------------------------------
+
+
+def _run_blocking(
+    script: str, blocked: str, out: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    # sys.modules[name] = None makes every `import name` fail, as on a machine without it
+    code = (
+        "import runpy, sys\n"
+        f"sys.modules[{blocked!r}] = None\n"
+        f"sys.path.insert(0, {str(EXAMPLE)!r})\n"
+        f"sys.argv = [{script!r}, '--out', {str(out)!r}, *{list(args)!r}]\n"
+        f"runpy.run_path({str(EXAMPLE / script)!r}, run_name='__main__')\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=False
+    )
+
+
+def test_each_side_runs_without_the_other_framework(aligned: Run, tmp_path: Path) -> None:
+    for name in ("fake_data.npy", "fake_label.npy", "model.pdparams"):
+        shutil.copy(aligned.out / name, tmp_path / name)
+    try:
+        proc = _run_blocking("torch_side.py", "paddle", tmp_path, "--steps", "1")
+        assert proc.returncode == 0, proc.stderr
+        proc = _run_blocking("paddle_side.py", "torch", tmp_path, "--steps", "1")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "forward_paddle.npy").is_file()
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# --- a broken port ----------------------------------------------------------------------------
+
+
+def test_injected_bug_fails_and_names_its_layer(broken: Run) -> None:
+    bug, layer = broken.summary["inject_bug"], broken.summary["bug_layer"]
+    assert broken.proc.returncode == 1, broken.proc.stdout + broken.proc.stderr
+    assert broken.summary["passed"] is False
+    assert broken.summary["first_divergent_layer"] == layer
+    assert f"diverges at {layer} (" in broken.proc.stdout
+    assert f"the injected bug '{bug}' is in {layer}: found there" in broken.proc.stdout
+    assert "NOT ALIGNED" in broken.proc.stdout
+    for title in ("3. forward", "7. layers"):
+        assert broken.step(title)["passed"] is False
+    # the layer table marks the first failing key of that layer
+    table = (broken.out / "tables" / "layers.txt").read_text(encoding="utf-8")
+    first = next(line for line in table.splitlines() if line.startswith(">>"))
+    assert first.split()[1] == f"{layer}.out"
+
+
+def test_injected_bug_is_only_where_it_was_put(broken: Run) -> None:
+    # everything before the broken layer still agrees, and the structure check cannot see it
+    assert broken.step("1. structure")["passed"] is True
+    weights_ok = broken.step("2. weights")["passed"]
+    # a conversion bug shows in the weights; a bug in the port's code does not
+    assert weights_ok is (broken.summary["inject_bug"] != "no-transpose")
+    log = (broken.out / "log" / "forward_diff.log").read_text(encoding="utf-8").splitlines()
+    assert re.fullmatch(PREFIX + "diff check failed", log[-1])
