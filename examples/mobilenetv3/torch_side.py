@@ -28,8 +28,7 @@ from torch import nn
 from torch_model import mobilenet_v3_small
 
 from reprod import ReprodLogger
-from reprod.align import torch_to_paddle
-from reprod.align import linear_weight_names, plan_conversion
+from reprod.align import linear_weight_names, plan_conversion, torch_to_paddle
 from reprod.capture import record
 
 
