@@ -195,6 +195,49 @@ class DiffResult:
             "keys": [r.to_dict() for r in self.results],
         }
 
+    # --- renderers: each imports its module (and pandas/tabulate) only when called ----------------
+    def to_table(self, *, methods: Any = None, failed_only: bool = False,
+                 tablefmt: str = "simple") -> str:
+        """One row per key (tabulate), the first failure marked ``>>``, then the summary line."""
+        from ..report.table import render_table
+
+        return render_table(self, methods=methods, failed_only=failed_only, tablefmt=tablefmt)
+
+    def to_frame(self) -> Any:
+        """A pandas DataFrame, one row per key, every statistic a column."""
+        from ..report.frame import to_frame as _frame
+
+        return _frame(self)
+
+    def to_json(self, *, indent: Optional[int] = 2) -> str:
+        from ..report.data import to_json as _json
+
+        return _json(self, indent=indent)
+
+    def to_csv(self) -> str:
+        from ..report.data import to_csv as _csv
+
+        return _csv(self)
+
+    def to_markdown(self) -> str:
+        from ..report.data import to_markdown as _md
+
+        return _md(self)
+
+    def to_log(self) -> str:
+        """reprod_log's log lines (without the logging prefix)."""
+        from ..report.log import render_log
+
+        return "\n".join(render_log(self))
+
+    def to_html(self, path: Optional[str] = None, *, title: Optional[str] = None) -> str:
+        """The self-contained HTML report: written to ``path`` (returned) or returned as text."""
+        from ..report.html import render_html, write_html
+
+        if path is None:
+            return render_html(self, title=title)
+        return write_html(self, path, title=title)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiffResult:
         return cls(
