@@ -219,6 +219,7 @@ def _run(args: argparse.Namespace) -> Compared:
         "per_key": per_key or None,
         "keys": args.keys,
         "equal_nan": args.equal_nan,
+        "progress": False if args.quiet else None,
     }
     for path in (args.ref, args.other):
         if not os.path.exists(path):
@@ -369,7 +370,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         compared = _run(args)
-        text = _first(compared) if args.first else _render(compared, args)
+        if args.quiet and not args.output:
+            text = ""  # nothing is printed: rendering (and importing tabulate) is wasted work
+        else:
+            text = _first(compared) if args.first else _render(compared, args)
         if args.html:
             _write_html(compared, args.html)
         if args.output:

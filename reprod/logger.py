@@ -36,7 +36,7 @@ class ReprodLogger:
             from .storage.native import NpzWriter
 
             self._writer = NpzWriter(self._stream_path)
-            self._keys: list[str] = []
+            self._keys: dict[str, None] = {}  # ordered, O(1) membership
 
     @property
     def data(self) -> dict[str, Any]:
@@ -56,8 +56,7 @@ class ReprodLogger:
         tree, dtypes = to_tree(val, key=key)
         if self._writer is not None:
             self._writer.add(key, tree, dtypes)
-            if key not in self._keys:
-                self._keys.append(key)
+            self._keys[key] = None
             return
         self._data[key] = tree
         if dtypes is not None:

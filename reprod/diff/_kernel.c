@@ -8,7 +8,8 @@
  *
  * A block is first run through a branch-free vector loop that assumes every value is finite;
  * when the block holds a NaN or an Inf, its vector results are dropped and a scalar loop with
- * the masks redoes the block. Blocks are read in place, even unaligned (memcpy loads).
+ * the masks redoes the block. Buffers are read in place, even unaligned (unaligned loads ran
+ * at 98 % of the aligned speed; copying blocks to aligned scratch first cost 15 %).
  *
  * Built with -ffp-contract=off: a fused multiply-add would round atol + rtol*|r| differently
  * from numpy.isclose and change which elements count as mismatched.
@@ -19,6 +20,12 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
 
 typedef struct {
     int64_t counted;
@@ -34,13 +41,13 @@ typedef struct {
     double atol, rtol;
 } opts_t;
 
-static inline double load_f(const char *p, Py_ssize_t i) {
+INLINE double load_f(const char *p, Py_ssize_t i) {
     float v;
     memcpy(&v, p + 4 * i, 4);
     return (double)v;
 }
 
-static inline double load_d(const char *p, Py_ssize_t i) {
+INLINE double load_d(const char *p, Py_ssize_t i) {
     double v;
     memcpy(&v, p + 8 * i, 8);
     return v;
@@ -49,11 +56,12 @@ static inline double load_d(const char *p, Py_ssize_t i) {
 #define LOAD(kind, p, i) ((kind) == 'f' ? load_f((p), (i)) : load_d((p), (i)))
 
 /* The exact per-element rule, for blocks holding a non-finite value (and for short tails). */
-static inline void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,
-                                Py_ssize_t hi, const opts_t *o, acc_t *a) {
+INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,
+                         Py_ssize_t hi, const opts_t *o, acc_t *a) {
     for (Py_ssize_t i = lo; i < hi; i++) {
         double r = LOAD(rk, rp, i), x = LOAD(ok, op, i);
-        int rn = isnan(r), xn = isnan(x), ri = isinf(r), xi = isinf(x);
+        /* != 0: glibc's isinf(-inf) is -1 */
+        int rn = isnan(r) != 0, xn = isnan(x) != 0, ri = isinf(r) != 0, xi = isinf(x) != 0;
         a->ref_nan += rn;
         a->other_nan += xn;
         a->ref_inf += ri;
@@ -95,122 +103,175 @@ static inline void scalar_range(const char *rp, char rk, const char *op, char ok
 
 #if defined(__GNUC__) || defined(__clang__)
 #define HAVE_VECTORS 1
-#define W 4 /* float64 lanes of one vector */
-typedef double vd __attribute__((vector_size(8 * W)));
-typedef int64_t vi __attribute__((vector_size(8 * W)));
-typedef float vf __attribute__((vector_size(4 * W)));
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
-static inline vd vload(const char *p, char kind, Py_ssize_t i) {
-    if (kind == 'f') {
-        vf f;
-        memcpy(&f, p + 4 * i, sizeof f);
-        return __builtin_convertvector(f, vd);
+/* m ? a : b, lane-wise: the portable spelling of max/min where no instruction is named below */
+#define VSELECT(VD, VI, m, a, b) ((VD)(((VI)(a) & (m)) | ((VI)(b) & ~(m))))
+
+/*
+ * The vector loop, instantiated below for 2 lanes (SSE2 or any GNU C target) and, on x86-64,
+ * for 4 lanes (AVX2, chosen at run time). MAX(a, b) must be `a > b ? a : b` and MIN(a, b)
+ * `a < b ? a : b` lane-wise (what MAXPD/MINPD do). A block is assumed finite; when the sum of
+ * its differences is not finite, the block is left untouched and 0 returned.
+ */
+#define DEFINE_VECTOR_BLOCK(NAME, ATTR, W, VD, VI, LOADF, LOADD, MAX, MIN)                        \
+    ATTR INLINE VD NAME##_load(const char *p, char kind, Py_ssize_t i) {                         \
+        return kind == 'f' ? LOADF(p + 4 * i) : LOADD(p + 8 * i);                                \
+    }                                                                                            \
+    ATTR INLINE double NAME##_hsum(VD v) {                                                       \
+        double s = 0.0;                                                                          \
+        for (int l = 0; l < W; l++) s += v[l];                                                   \
+        return s;                                                                                \
+    }                                                                                            \
+    ATTR INLINE int NAME(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,         \
+                         Py_ssize_t hi, const opts_t *o, acc_t *a) {                             \
+        const VD zero = {0}, vatol = zero + o->atol, vrtol = zero + o->rtol;                     \
+        const VI absmask = (VI){0} + INT64_MAX;                                                  \
+        VD s_d = zero, s_rel = zero, s_dot = zero, s_rr = zero, s_oo = zero;                     \
+        VD vmax = zero - 1.0, vmin = zero + INFINITY, vmaxrel = zero - 1.0;                      \
+        VI outside = {0};                                                                        \
+        Py_ssize_t n = (hi - lo) / W * W;                                                        \
+        for (Py_ssize_t i = lo; i < lo + n; i += W) {                                            \
+            VD r = NAME##_load(rp, rk, i), x = NAME##_load(op, ok, i);                          \
+            VD d = (VD)((VI)(x - r) & absmask);                                                  \
+            VD ar = (VD)((VI)r & absmask);                                                       \
+            VD rel = (VD)((VI)(d / ar) & (d != 0.0)); /* 0/0 = 0; x/0 = inf */                  \
+            s_d += d;                                                                            \
+            s_rel += rel;                                                                        \
+            vmax = MAX(d, vmax);                                                                 \
+            vmin = MIN(d, vmin);                                                                 \
+            vmaxrel = MAX(rel, vmaxrel);                                                         \
+            s_dot += r * x;                                                                      \
+            s_rr += r * r;                                                                       \
+            s_oo += x * x;                                                                       \
+            if (o->check_close) outside += (d > vatol + vrtol * ar); /* true lanes are -1 */     \
+        }                                                                                        \
+        double total = NAME##_hsum(s_d);                                                         \
+        if (!isfinite(total)) return 0; /* a NaN or Inf (or a huge difference): redo exactly */ \
+        acc_t t = *a;                                                                            \
+        t.total += total;                                                                        \
+        t.total_rel += NAME##_hsum(s_rel);                                                       \
+        t.dot += NAME##_hsum(s_dot);                                                             \
+        t.rr += NAME##_hsum(s_rr);                                                               \
+        t.oo += NAME##_hsum(s_oo);                                                               \
+        double bmax = -1.0, bmin = INFINITY, bmr = -1.0;                                         \
+        for (int l = 0; l < W; l++) {                                                            \
+            if (vmax[l] > bmax) bmax = vmax[l];                                                  \
+            if (vmin[l] < bmin) bmin = vmin[l];                                                  \
+            if (vmaxrel[l] > bmr) bmr = vmaxrel[l];                                              \
+            t.mismatched -= outside[l];                                                          \
+        }                                                                                        \
+        t.counted += n;                                                                          \
+        if (n > 0) {                                                                             \
+            if (bmax > t.max_abs) { /* rare after the first blocks: find the first position */  \
+                for (Py_ssize_t j = lo; j < lo + n; j++) {                                       \
+                    if (fabs(LOAD(ok, op, j) - LOAD(rk, rp, j)) == bmax) {                       \
+                        t.worst = j;                                                             \
+                        break;                                                                   \
+                    }                                                                            \
+                }                                                                                \
+                t.max_abs = bmax;                                                                \
+            }                                                                                    \
+            if (bmin < t.min_abs) t.min_abs = bmin;                                              \
+            if (bmr > t.max_rel) t.max_rel = bmr;                                                \
+        }                                                                                        \
+        *a = t;                                                                                  \
+        scalar_range(rp, rk, op, ok, lo + n, hi, o, a); /* the tail */                           \
+        return 1;                                                                                \
     }
-    vd v;
-    memcpy(&v, p + 8 * i, sizeof v);
+
+typedef double vd2 __attribute__((vector_size(16)));
+typedef int64_t vi2 __attribute__((vector_size(16)));
+typedef float vf2 __attribute__((vector_size(8)));
+#if defined(__SSE2__)
+#define MAX2(a, b) ((vd2)_mm_max_pd((a), (b)))
+#define MIN2(a, b) ((vd2)_mm_min_pd((a), (b)))
+#define LOADF2(p) ((vd2)_mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p)))))
+#define LOADD2(p) ((vd2)_mm_loadu_pd((const double *)(p)))
+#else
+#define MAX2(a, b) VSELECT(vd2, vi2, (a) > (b), (a), (b))
+#define MIN2(a, b) VSELECT(vd2, vi2, (a) < (b), (a), (b))
+INLINE vd2 LOADF2(const char *p) {
+    vf2 f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, vd2);
+}
+INLINE vd2 LOADD2(const char *p) {
+    vd2 v;
+    memcpy(&v, p, sizeof v);
     return v;
 }
-
-static inline vd vabs(vd v) {
-    const vi mask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
-    return (vd)((vi)v & mask);
-}
-
-static inline vd vselect(vi m, vd a, vd b) { /* m ? a : b, lane-wise */
-    return (vd)(((vi)a & m) | ((vi)b & ~m));
-}
-
-static inline double hsum(vd v) {
-    double s = 0.0;
-    for (int l = 0; l < W; l++) s += v[l];
-    return s;
-}
-
-/* One block assuming finite values; returns 0 (and changes nothing) when that was wrong. */
-static inline int vector_block(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,
-                               Py_ssize_t hi, const opts_t *o, acc_t *a) {
-    const vd zero = {0}, vatol = {o->atol, o->atol, o->atol, o->atol},
-             vrtol = {o->rtol, o->rtol, o->rtol, o->rtol};
-    vd s_d = zero, s_rel = zero, s_dot = zero, s_rr = zero, s_oo = zero, nonfinite = zero;
-    vd vmax = zero - 1.0, vmin = zero + INFINITY, vmaxrel = zero - 1.0;
-    vi outside = {0};
-    Py_ssize_t n = (hi - lo) / W * W;
-    for (Py_ssize_t i = lo; i < lo + n; i += W) {
-        vd r = vload(rp, rk, i), x = vload(op, ok, i);
-        vd d = vabs(x - r);
-        nonfinite += d * 0.0; /* NaN as soon as d is NaN or Inf */
-        s_d += d;
-        vmax = vselect(d > vmax, d, vmax);
-        vmin = vselect(d < vmin, d, vmin);
-        vd ar = vabs(r);
-        vd rel = (vd)((vi)(d / ar) & (d != 0.0)); /* 0/0 = 0; x/0 = inf */
-        s_rel += rel;
-        vmaxrel = vselect(rel > vmaxrel, rel, vmaxrel);
-        s_dot += r * x;
-        s_rr += r * r;
-        s_oo += x * x;
-        if (o->check_close) outside += (d > vatol + vrtol * ar); /* true lanes are -1 */
-    }
-    if (hsum(nonfinite) != 0.0) return 0; /* NaN: a value is not finite (or a difference overflows) */
-    acc_t t = *a; /* update a copy, so a rejected block could not leave half its results */
-    t.total += hsum(s_d);
-    t.total_rel += hsum(s_rel);
-    t.dot += hsum(s_dot);
-    t.rr += hsum(s_rr);
-    t.oo += hsum(s_oo);
-    double bmax = -1.0, bmin = INFINITY, bmr = -1.0;
-    for (int l = 0; l < W; l++) {
-        if (vmax[l] > bmax) bmax = vmax[l];
-        if (vmin[l] < bmin) bmin = vmin[l];
-        if (vmaxrel[l] > bmr) bmr = vmaxrel[l];
-        t.mismatched -= outside[l];
-    }
-    t.counted += n;
-    if (n > 0) {
-        if (bmax > t.max_abs) { /* rare after the first blocks: find the first position */
-            for (Py_ssize_t j = lo; j < lo + n; j++) {
-                if (fabs(LOAD(ok, op, j) - LOAD(rk, rp, j)) == bmax) {
-                    t.worst = j;
-                    break;
-                }
-            }
-            t.max_abs = bmax;
-        }
-        if (bmin < t.min_abs) t.min_abs = bmin;
-        if (bmr > t.max_rel) t.max_rel = bmr;
-    }
-    *a = t;
-    scalar_range(rp, rk, op, ok, lo + n, hi, o, a); /* the tail, all finite */
-    return 1;
-}
 #endif
+DEFINE_VECTOR_BLOCK(block2, , 2, vd2, vi2, LOADF2, LOADD2, MAX2, MIN2)
 
-static void run(const char *rp, char rk, const char *op, char ok, Py_ssize_t n, Py_ssize_t block,
-                const opts_t *o, acc_t *a) {
-    for (Py_ssize_t lo = 0; lo < n; lo += block) {
-        Py_ssize_t hi = lo + block < n ? lo + block : n;
+#if defined(__x86_64__) && (defined(__linux__) || defined(__APPLE__))
+#define HAVE_AVX2 1
+#define AVX2 __attribute__((target("avx2")))
+typedef double vd4 __attribute__((vector_size(32)));
+typedef int64_t vi4 __attribute__((vector_size(32)));
+#define MAX4(a, b) ((vd4)_mm256_max_pd((a), (b)))
+#define MIN4(a, b) ((vd4)_mm256_min_pd((a), (b)))
+#define LOADF4(p) ((vd4)_mm256_cvtps_pd(_mm_loadu_ps((const float *)(p))))
+#define LOADD4(p) ((vd4)_mm256_loadu_pd((const double *)(p)))
+DEFINE_VECTOR_BLOCK(block4, AVX2, 4, vd4, vi4, LOADF4, LOADD4, MAX4, MIN4)
+#endif
+#endif /* vectors */
+
+/* Blocks through the vector loop, or the exact scalar rule where a block is not all finite. */
+#define DEFINE_RUN(NAME, ATTR, VECTOR_BLOCK)                                                      \
+    ATTR INLINE void NAME(const char *rp, char rk, const char *op, char ok, Py_ssize_t n,        \
+                          Py_ssize_t block, const opts_t *o, acc_t *a) {                         \
+        for (Py_ssize_t lo = 0; lo < n; lo += block) {                                           \
+            Py_ssize_t hi = lo + block < n ? lo + block : n;                                     \
+            if (VECTOR_BLOCK(rp, rk, op, ok, lo, hi, o, a)) continue;                            \
+            scalar_range(rp, rk, op, ok, lo, hi, o, a);                                          \
+        }                                                                                        \
+    }
+
+INLINE int no_vectors(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,
+                      Py_ssize_t hi, const opts_t *o, acc_t *a) {
+    (void)rp, (void)rk, (void)op, (void)ok, (void)lo, (void)hi, (void)o, (void)a;
+    return 0;
+}
+
 #ifdef HAVE_VECTORS
-        if (vector_block(rp, rk, op, ok, lo, hi, o, a)) continue;
+DEFINE_RUN(run2, , block2)
+#else
+DEFINE_RUN(run2, , no_vectors)
 #endif
-        scalar_range(rp, rk, op, ok, lo, hi, o, a);
-    }
-}
+#ifdef HAVE_AVX2
+DEFINE_RUN(run4, AVX2, block4)
+#endif
 
-/* One specialised copy per dtype pair, so the loads are decided at compile time. */
-#define SPECIALISE(RK, OK, NAME)                                                                  \
-    static void NAME(const char *rp, const char *op, Py_ssize_t n, Py_ssize_t block,             \
-                     const opts_t *o, acc_t *a) {                                                \
-        run(rp, RK, op, OK, n, block, o, a);                                                     \
+/* One copy per dtype pair and instruction set, so the loads are decided at compile time. */
+typedef void (*run_fn)(const char *, const char *, Py_ssize_t, Py_ssize_t, const opts_t *, acc_t *);
+#define SPECIALISE(NAME, ATTR, RUN, RK, OK)                                                       \
+    ATTR static void NAME(const char *rp, const char *op, Py_ssize_t n, Py_ssize_t block,        \
+                          const opts_t *o, acc_t *a) {                                           \
+        RUN(rp, RK, op, OK, n, block, o, a);                                                     \
     }
-SPECIALISE('f', 'f', run_ff)
-SPECIALISE('f', 'd', run_fd)
-SPECIALISE('d', 'f', run_df)
-SPECIALISE('d', 'd', run_dd)
+SPECIALISE(base_ff, , run2, 'f', 'f')
+SPECIALISE(base_fd, , run2, 'f', 'd')
+SPECIALISE(base_df, , run2, 'd', 'f')
+SPECIALISE(base_dd, , run2, 'd', 'd')
+static const run_fn base_table[4] = {base_ff, base_fd, base_df, base_dd};
+#ifdef HAVE_AVX2
+SPECIALISE(avx2_ff, AVX2, run4, 'f', 'f')
+SPECIALISE(avx2_fd, AVX2, run4, 'f', 'd')
+SPECIALISE(avx2_df, AVX2, run4, 'd', 'f')
+SPECIALISE(avx2_dd, AVX2, run4, 'd', 'd')
+static const run_fn avx2_table[4] = {avx2_ff, avx2_fd, avx2_df, avx2_dd};
+#endif
+
+static const run_fn *table = base_table;
+static const char *isa = "base";
 
 PyDoc_STRVAR(stats_doc,
-             "stats(ref, rkind, other, okind, block, check_close, atol, rtol, equal_nan) -> tuple\n\n"
-             "Statistics of two equally long contiguous buffers of float32 ('f') or float64 ('d'),\n"
-             "in the field order of reprod.diff.metrics._FIELDS; worst is -1 when nothing was counted.");
+    "stats(ref, rkind, other, okind, block, check_close, atol, rtol, equal_nan) -> tuple\n\n"
+    "Statistics of two equally long contiguous buffers of float32 ('f') or float64 ('d'),\n"
+    "in the field order of reprod.diff.metrics._FIELDS; worst is -1 if nothing was counted.");
 
 static PyObject *stats(PyObject *self, PyObject *args) {
     Py_buffer rb, ob;
@@ -239,10 +300,7 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     a.worst = -1;
     const char *rp = rb.buf, *op = ob.buf;
     Py_BEGIN_ALLOW_THREADS
-    if (rk == 'f' && ok == 'f') run_ff(rp, op, n, block, &o, &a);
-    else if (rk == 'f') run_fd(rp, op, n, block, &o, &a);
-    else if (ok == 'f') run_df(rp, op, n, block, &o, &a);
-    else run_dd(rp, op, n, block, &o, &a);
+    table[(rk == 'd') * 2 + (ok == 'd')](rp, op, n, block, &o, &a);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&rb);
     PyBuffer_Release(&ob);
@@ -253,8 +311,58 @@ static PyObject *stats(PyObject *self, PyObject *args) {
                          (long long)a.nan_unmatched, (long long)a.inf_unmatched);
 }
 
+static int avx2_supported(void) {
+#ifdef HAVE_AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+#else
+    return 0;
+#endif
+}
+
+PyDoc_STRVAR(set_isa_doc,
+    "set_isa(name) -> str\n\n"
+    "Use the 'avx2' (4 lanes) or 'base' (2 lanes, or scalar without GNU C) loop; 'best'\n"
+    "picks the widest this CPU runs. Returns the previous name. Results are the same to\n"
+    "float64 rounding; this exists for tests and benchmarks.");
+
+static PyObject *set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    const char *previous = isa;
+    int want_avx2 = strcmp(name, "avx2") == 0 || (strcmp(name, "best") == 0 && avx2_supported());
+    if (want_avx2) {
+#ifdef HAVE_AVX2
+        if (!avx2_supported()) {
+            PyErr_SetString(PyExc_ValueError, "set_isa: this CPU has no AVX2");
+            return NULL;
+        }
+        table = avx2_table;
+        isa = "avx2";
+#else
+        PyErr_SetString(PyExc_ValueError, "set_isa: built without AVX2 support");
+        return NULL;
+#endif
+    } else if (strcmp(name, "base") == 0 || strcmp(name, "best") == 0) {
+        table = base_table;
+        isa = "base";
+    } else {
+        PyErr_SetString(PyExc_ValueError, "set_isa: name must be 'best', 'avx2' or 'base'");
+        return NULL;
+    }
+    return PyUnicode_FromString(previous);
+}
+
+static PyObject *get_isa(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    return PyUnicode_FromString(isa);
+}
+
 static PyMethodDef methods[] = {
     {"stats", stats, METH_VARARGS, stats_doc},
+    {"set_isa", set_isa, METH_VARARGS, set_isa_doc},
+    {"isa", get_isa, METH_NOARGS, "isa() -> str: the loop in use ('avx2' or 'base')."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -263,4 +371,12 @@ static struct PyModuleDef module = {
     methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernel(void) {
+#ifdef HAVE_AVX2
+    if (avx2_supported()) {
+        table = avx2_table;
+        isa = "avx2";
+    }
+#endif
+    return PyModule_Create(&module);
+}

@@ -12,6 +12,7 @@ import numpy as np
 from ..report.format import fmt_num
 from .metrics import compute_stats
 from .pairing import Pair, leaf_array, open_side, walk_pairs
+from .progress import Progress, progress_enabled
 from .result import STAT_OF_METHOD, DiffResult, KeyResult
 from .tolerance import MethodArg, PerKey, Policy
 
@@ -29,6 +30,7 @@ def compare(
     per_key: PerKey = None,
     keys: Optional[Union[str, Sequence[str]]] = None,
     equal_nan: bool = False,
+    progress: Optional[bool] = None,
 ) -> DiffResult:
     """Compare two dumps key by key; ``ref`` is the reference (relative errors divide by |ref|).
 
@@ -38,6 +40,8 @@ def compare(
     its threshold. ``threshold=None`` turns the statistic checks off. ``atol``/``rtol`` add the
     element-wise rule |other - ref| <= atol + rtol*|ref|. ``per_key`` maps names or globs to a
     threshold or a {method: threshold} dict. ``keys``: globs selecting which keys to compare.
+    ``progress``: a progress bar on stderr when the comparison takes more than a second (``None``:
+    only when stderr is a terminal; ``False``: never).
 
     >>> r = compare({"x": np.ones(3)}, {"x": np.ones(3) + 1e-7}, method="max", threshold=1e-6)
     >>> r.passed
@@ -46,10 +50,16 @@ def compare(
     policy = Policy.build(method, threshold, per_key)
     a = open_side(ref, "ref")
     b = open_side(other, "other")
-    results = [
-        _compare_pair(p, policy, atol=atol, rtol=rtol, equal_nan=equal_nan)
-        for p in walk_pairs(a.tree, b.tree, keys=keys)
-    ]
+    pairs = list(walk_pairs(a.tree, b.tree, keys=keys))
+    if progress_enabled(progress):
+        with _progress_bar(pairs) as bar:
+            results = []
+            for p in pairs:
+                results.append(_compare_pair(p, policy, atol=atol, rtol=rtol, equal_nan=equal_nan,
+                                             bar=bar))
+                bar.key_done()
+    else:
+        results = [_compare_pair(p, policy, atol=atol, rtol=rtol, equal_nan=equal_nan) for p in pairs]
     options: dict[str, Any] = {
         "methods": list(policy.methods),
         "threshold": policy.threshold,
@@ -87,8 +97,27 @@ def _same_elements(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return int(np.prod(target)) == int(np.prod(a)) == int(np.prod(b))
 
 
+def _pair_nbytes(p: Pair) -> int:
+    """Bytes a pair will read, from the dumps' structure (no array is read); 0 when unknown."""
+    if p.kind != "leaf":
+        return 0
+    total = 0
+    for tree in (p.ref_tree, p.other_tree):
+        spec = getattr(tree, "spec", None)
+        try:
+            node = spec(p.path[-1]) if callable(spec) else tree[p.path[-1]]  # type: ignore[index]
+            total += int(getattr(node, "nbytes", 0))
+        except Exception:  # a value the adapters convert later; only the bar's total is off
+            pass
+    return total
+
+
+def _progress_bar(pairs: Sequence[Pair]) -> Progress:
+    return Progress(total_keys=len(pairs), total_bytes=sum(_pair_nbytes(p) for p in pairs))
+
+
 def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optional[float],
-                  equal_nan: bool) -> KeyResult:
+                  equal_nan: bool, bar: Optional[Progress] = None) -> KeyResult:
     key = p.key
     leaf = p.path[-1]
     thresholds = policy.for_key(key)
@@ -136,7 +165,8 @@ def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optio
     if ra.size == 0:
         return KeyResult(passed=True, status="passed", reason="both empty", checks={m: True for m in thresholds},
                          size=0, note="; ".join(notes) or None, **base)
-    st = compute_stats(ra, oa, atol=atol, rtol=rtol, equal_nan=equal_nan)
+    on_progress = None if bar is None else bar.per_element(ra.itemsize + oa.itemsize)
+    st = compute_stats(ra, oa, atol=atol, rtol=rtol, equal_nan=equal_nan, on_progress=on_progress)
     values = {
         "mean_abs": st.mean_abs, "max_abs": st.max_abs, "min_abs": st.min_abs,
         "mean_rel": st.mean_rel, "max_rel": st.max_rel, "cosine": st.cosine,

@@ -25,12 +25,14 @@ import numpy as np
 
 __all__ = ["Stats", "compute_stats", "BLOCK", "CHUNK", "kernel_available", "set_threads"]
 
-# Elements per block: the numpy path's five float64 scratch buffers of a block stay inside L2
-# (measured on float32 pairs: 16K elements 210M/s, 64K 180M/s, 256K 150M/s; benchmarks/README.md).
-BLOCK = 1 << 14
-# Elements per chunk, the unit of work of one thread: small enough to balance two threads on
-# arrays of a few MiB, large enough that the per-chunk Python overhead (~10 us) stays below 1 %.
-CHUNK = 1 << 18
+# Elements per block. The numpy path's float64 scratch buffers of a block stay in L2, and its
+# np.dot calls stay below OpenBLAS's 10,000-element threshold for threading: above it each dot
+# wakes the BLAS threads and a 16K block ran 7x slower on 2 busy cores (benchmarks/README.md).
+BLOCK = 1 << 13
+# Elements per chunk, the unit of work of one thread. Measured on 2 x 2 GiB float32 with two
+# threads: 64K elements 0.64 s, 256K 0.50 s, 1M 0.45 s, 4M 0.44 s (fewer hand-offs, longer
+# sequential runs for the prefetcher and the page-fault-around); 1M still splits a 4 MiB key.
+CHUNK = 1 << 20
 
 try:  # the optional compiled kernel (setup.py builds it; the numpy path is the fallback)
     from . import _kernel  # type: ignore[attr-defined]
@@ -321,11 +323,6 @@ def _kernel_chunk(r: np.ndarray, o: np.ndarray, lo: int, hi: int, opt: _Options)
     return _Partial.from_tuple(out, lo)
 
 
-def _kernel_fits(r: np.ndarray, o: np.ndarray) -> bool:
-    # native byte order only (the dtype keys compare with byte order); contiguous by construction
-    return _use_kernel and r.dtype in _KERNEL_CODES and o.dtype in _KERNEL_CODES
-
-
 # --- threads ---------------------------------------------------------------------------------------
 
 
@@ -422,73 +419,83 @@ def compute_stats(ref: np.ndarray, other: np.ndarray, *, atol: Optional[float] =
     r_flat = ref.reshape(-1)
     o_flat = other.reshape(-1)
     n = int(r_flat.size)
-    st = Stats(size=n)
     if n == 0:
-        return st
+        return Stats(size=0)
     block = max(1, int(block))
-    opt = _Options(check_close=atol is not None or rtol is not None, atol=float(atol or 0.0),
-                   rtol=float(rtol or 0.0), equal_nan=bool(equal_nan), block=block)
+    check_close = atol is not None or rtol is not None
+    a_tol, r_tol, equal_nan = float(atol or 0.0), float(rtol or 0.0), bool(equal_nan)
+    kernel = _use_kernel and r_flat.dtype in _KERNEL_CODES and o_flat.dtype in _KERNEL_CODES
+    if kernel:
+        # a reshape(-1) that could not be a view already copied; a strided 1-D view is copied here
+        if not r_flat.flags.c_contiguous:
+            r_flat = np.ascontiguousarray(r_flat)
+        if not o_flat.flags.c_contiguous:
+            o_flat = np.ascontiguousarray(o_flat)
+        if n <= CHUNK:  # most keys of a dump: one call, no thread hand-off
+            values = _kernel.stats(r_flat, _KERNEL_CODES[r_flat.dtype], o_flat,
+                                   _KERNEL_CODES[o_flat.dtype], block, check_close, a_tol, r_tol,
+                                   equal_nan)
+            if on_progress is not None:
+                on_progress(n)
+            return _finish(n, values, r_flat, o_flat, check_close, block)
+    opt = _Options(check_close=check_close, atol=a_tol, rtol=r_tol, equal_nan=equal_nan, block=block)
     chunk = max(1, CHUNK // block) * block  # whole blocks, so the block grid is the same
-    if _kernel_fits(r_flat, o_flat):
-        r_c, o_c = r_flat, o_flat
-        if not r_c.flags.c_contiguous:
-            r_c = np.ascontiguousarray(r_c)  # only a reshaped non-contiguous input gets here
-        if not o_c.flags.c_contiguous:
-            o_c = np.ascontiguousarray(o_c)
-
+    if kernel:
         def work(lo: int, hi: int) -> _Partial:
-            return _kernel_chunk(r_c, o_c, lo, hi, opt)
+            return _kernel_chunk(r_flat, o_flat, lo, hi, opt)
     else:
         def work(lo: int, hi: int) -> _Partial:
             return _numpy_chunk(r_flat, o_flat, lo, hi, opt)
 
     p = _run_chunks(work, n, chunk, on_progress)
-    return _finish(st, p, r_flat, o_flat, opt)
+    return _finish(n, tuple(getattr(p, f) for f in _FIELDS), r_flat, o_flat, check_close, block)
 
 
-def _finish(st: Stats, p: _Partial, r: np.ndarray, o: np.ndarray, opt: _Options) -> Stats:
-    for name in ("ref_nan", "ref_inf", "other_nan", "other_inf", "nan_unmatched", "inf_unmatched"):
-        setattr(st, name, int(getattr(p, name)))
-    st.counted = int(p.counted)
-    if opt.check_close:
-        st.mismatched = int(p.mismatched)
-    if p.counted == 0:
+def _finish(n: int, values: Sequence[Any], r: np.ndarray, o: np.ndarray, check_close: bool,
+            block: int) -> Stats:
+    (counted, total, total_rel, dot, rr, oo, max_abs, worst, min_abs, max_rel, mismatched,
+     ref_nan, ref_inf, other_nan, other_inf, nan_unmatched, inf_unmatched) = values
+    st = Stats(size=n, counted=int(counted), mismatched=int(mismatched) if check_close else None,
+               ref_nan=int(ref_nan), ref_inf=int(ref_inf), other_nan=int(other_nan),
+               other_inf=int(other_inf), nan_unmatched=int(nan_unmatched),
+               inf_unmatched=int(inf_unmatched))
+    if counted == 0:
         return st
-    st.max_abs = float(p.max_abs)
-    st.min_abs = float(p.min_abs)
-    st.max_rel = float(p.max_rel)
-    st.mean_abs = p.total / p.counted
-    st.mean_rel = p.total_rel / p.counted
-    if (math.isinf(p.total) and math.isfinite(p.max_abs)) or \
-            (math.isinf(p.total_rel) and math.isfinite(p.max_rel)):
+    st.max_abs = float(max_abs)
+    st.min_abs = float(min_abs)
+    st.max_rel = float(max_rel)
+    st.mean_abs = total / counted
+    st.mean_rel = total_rel / counted
+    if (math.isinf(total) and math.isfinite(max_abs)) or \
+            (math.isinf(total_rel) and math.isfinite(max_rel)):
         # finite terms whose sum overflows (values near the float64 limit): the mean is finite
-        mean_abs, mean_rel = _scaled_means(r, o, opt)
-        if math.isfinite(p.max_abs):
+        mean_abs, mean_rel = _scaled_means(r, o, block)
+        if math.isfinite(max_abs):
             st.mean_abs = mean_abs
-        if math.isfinite(p.max_rel):
+        if math.isfinite(max_rel):
             st.mean_rel = mean_rel
-    if math.isfinite(p.rr) and math.isfinite(p.oo) and math.isfinite(p.dot):
-        if p.rr == 0.0 and p.oo == 0.0:
+    if math.isfinite(rr) and math.isfinite(oo) and math.isfinite(dot):
+        if rr == 0.0 and oo == 0.0:
             st.cosine = 1.0
-        elif p.rr > 0.0 and p.oo > 0.0:
-            st.cosine = max(-1.0, min(1.0, p.dot / (math.sqrt(p.rr) * math.sqrt(p.oo))))
+        elif rr > 0.0 and oo > 0.0:
+            st.cosine = max(-1.0, min(1.0, dot / (math.sqrt(rr) * math.sqrt(oo))))
         else:
             st.cosine = 0.0
-    if p.worst >= 0:
-        st.worst_flat = int(p.worst)
-        st.worst_ref = _scalar(r[p.worst])
-        st.worst_other = _scalar(o[p.worst])
+    if worst >= 0:
+        st.worst_flat = int(worst)
+        st.worst_ref = _scalar(r[worst])
+        st.worst_other = _scalar(o[worst])
     return st
 
 
-def _scaled_means(r: np.ndarray, o: np.ndarray, opt: _Options) -> tuple[float, float]:
+def _scaled_means(r: np.ndarray, o: np.ndarray, block: int) -> tuple[float, float]:
     """Means of |o - r| and of the relative error summed in a scaled domain (a rare second pass)."""
     scale = 2.0**-64
     acc = acc_rel = 0.0
     counted = 0
     with np.errstate(all="ignore"):
-        for s in range(0, r.size, opt.block):
-            rb, ob = r[s : s + opt.block], o[s : s + opt.block]
+        for s in range(0, r.size, block):
+            rb, ob = r[s : s + block], o[s : s + block]
             if rb.dtype.kind in "biu" and ob.dtype.kind in "biu":
                 d = _int_absdiff(rb.astype(np.int64) if rb.dtype.kind == "b" else rb,
                                  ob.astype(np.int64) if ob.dtype.kind == "b" else ob)
