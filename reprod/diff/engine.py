@@ -39,7 +39,8 @@ def compare(
     ``"all"``, ``"mean_rel"``, ``"max_rel"`` or a list); a check passes when the statistic is <=
     its threshold. ``threshold=None`` turns the statistic checks off. ``atol``/``rtol`` add the
     element-wise rule |other - ref| <= atol + rtol*|ref|. ``per_key`` maps names or globs to a
-    threshold or a {method: threshold} dict. ``keys``: globs selecting which keys to compare.
+    threshold or a {method: threshold} dict, where ``"atol"``/``"rtol"`` entries set that key's
+    element-wise rule. ``keys``: globs selecting which keys to compare.
     ``progress``: a progress bar on stderr when the comparison takes more than a second (``None``:
     only when stderr is a terminal; ``False``: never).
 
@@ -119,6 +120,7 @@ def _progress_bar(pairs: Sequence[Pair]) -> Progress:
 def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optional[float],
                   equal_nan: bool, bar: Optional[Progress] = None) -> KeyResult:
     key = p.key
+    atol, rtol = policy.tolerance_for(key, atol, rtol)
     leaf = p.path[-1]
     thresholds = policy.for_key(key)
     methods = tuple(thresholds) or policy.methods

@@ -13,6 +13,8 @@ from .result import STAT_OF_METHOD
 
 __all__ = ["Policy", "normalize_methods"]
 
+_ELEMENTWISE = ("atol", "rtol")
+
 MethodArg = Union[str, Sequence[str], None]
 PerKey = Optional[Mapping[str, Union[float, Mapping[str, float]]]]
 
@@ -52,7 +54,10 @@ class Policy:
         rules: list[tuple[str, dict[str, float]]] = []
         for pattern, value in (per_key or {}).items():
             if isinstance(value, Mapping):
-                spec = {m: float(v) for k, v in value.items() for m in normalize_methods(k)}
+                # "atol"/"rtol" entries set the element-wise rule for matching keys
+                spec = {k: float(v) for k, v in value.items() if k in _ELEMENTWISE}
+                spec.update({m: float(v) for k, v in value.items() if k not in _ELEMENTWISE
+                             for m in normalize_methods(k)})
             else:
                 spec = {"*": float(value)}
             rules.append((pattern, spec))
@@ -60,14 +65,27 @@ class Policy:
         return cls(methods=methods, threshold=None if threshold is None else float(threshold),
                    per_key=tuple(rules))
 
+    def _rule(self, key: str) -> Optional[dict[str, float]]:
+        for pattern, spec in self.per_key:
+            if key == pattern or fnmatch.fnmatchcase(key, pattern):
+                return spec
+        return None
+
     def for_key(self, key: str) -> dict[str, float]:
         """method -> threshold for ``key``."""
         out = {m: self.threshold for m in self.methods} if self.threshold is not None else {}
-        for pattern, spec in self.per_key:
-            if key == pattern or fnmatch.fnmatchcase(key, pattern):
-                if "*" in spec:
-                    out = {m: spec["*"] for m in (self.methods or ("mean",))}
-                else:
-                    out.update(spec)
-                break
+        spec = self._rule(key)
+        if spec is not None:
+            if "*" in spec:
+                out = {m: spec["*"] for m in (self.methods or ("mean",))}
+            else:
+                out.update({m: t for m, t in spec.items() if m not in _ELEMENTWISE})
         return {m: t for m, t in out.items() if t is not None}
+
+    def tolerance_for(self, key: str, atol: Optional[float], rtol: Optional[float]
+                      ) -> tuple[Optional[float], Optional[float]]:
+        """(atol, rtol) for ``key``: the run's, overridden by the most specific per-key rule."""
+        spec = self._rule(key)
+        if spec is None:
+            return atol, rtol
+        return spec.get("atol", atol), spec.get("rtol", rtol)
