@@ -37,6 +37,23 @@ PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[Heal
 # ---------------------------------------------------------------------------------------------
 
 
+
+def _scaled(v: np.ndarray) -> np.ndarray:
+    """``v`` times a power of two near 1/max|v| (exact): dot products neither overflow nor underflow."""
+    m = float(np.abs(v).max()) if v.size else 0.0
+    return np.ldexp(v, -math.frexp(m)[1]) if m and math.isfinite(m) else v
+
+
+def _finite_rel(rv: np.ndarray, ov: np.ndarray, d: np.ndarray, rel: np.ndarray) -> np.ndarray:
+    """Differences of finite values that overflow float64 still have a finite relative error."""
+    over = np.isinf(d) & np.isfinite(rv) & np.isfinite(ov)
+    rel = rel.copy()
+    rel[np.isinf(d) & ~over] = np.inf
+    with np.errstate(all="ignore"):
+        rel[over] = np.abs(ov[over] / 2 - rv[over] / 2) / (np.abs(rv[over]) / 2)
+    return rel
+
+
 def _true_mean(x: np.ndarray) -> float:
     """Mean of non-negative float64 values; a sum that overflows while every term is finite is
     taken in a scaled domain, because the mean of finite numbers is finite."""
@@ -116,11 +133,12 @@ def reference(
     ar = np.abs(rv)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rel = np.where(ar == 0, np.where(d == 0, 0.0, np.inf), d / ar)  # 0/0 = 0, x/0 = inf
-    rel[np.isinf(d)] = np.inf  # an infinite difference is an infinite relative error
+    rel = _finite_rel(rv, ov, d, rel)  # an infinite difference of non-finite values: inf
     out["mean_rel"] = _true_mean(rel)
     out["max_rel"] = float(rel.max())
     with np.errstate(over="ignore", invalid="ignore"):
-        dot, rr, oo = float(np.dot(rv, ov)), float(np.dot(rv, rv)), float(np.dot(ov, ov))
+        sr, so = _scaled(rv.astype(np.float64)), _scaled(ov.astype(np.float64))
+        dot, rr, oo = float(np.dot(sr, so)), float(np.dot(sr, sr)), float(np.dot(so, so))
     if not (math.isfinite(dot) and math.isfinite(rr) and math.isfinite(oo)):
         out["cosine"] = None
     elif rr == 0.0 and oo == 0.0:

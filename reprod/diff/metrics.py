@@ -474,6 +474,12 @@ def _finish(n: int, values: Sequence[Any], r: np.ndarray, o: np.ndarray, check_c
             st.mean_abs = mean_abs
         if math.isfinite(max_rel):
             st.mean_rel = mean_rel
+    if math.isinf(max_abs) and inf_unmatched == 0 and nan_unmatched == 0:
+        # two finite values more than the float64 maximum apart: |o - r| rounds to inf (right for
+        # the absolute statistics) but the relative error is finite; recompute it without overflow
+        st.mean_rel, st.max_rel = _overflow_safe_rel(r, o, block)
+    if _squares_lost(rr, oo, dot, max_abs):
+        dot, rr, oo = _scaled_dot(r, o, block)
     if math.isfinite(rr) and math.isfinite(oo) and math.isfinite(dot):
         if rr == 0.0 and oo == 0.0:
             st.cosine = 1.0
@@ -512,6 +518,80 @@ def _scaled_means(r: np.ndarray, o: np.ndarray, block: int) -> tuple[float, floa
             acc += float((d * scale).sum())
             acc_rel += float((rel * scale).sum())
     return acc / counted / scale, acc_rel / counted / scale
+
+
+_TINY = 2.0**-900  # sums of squares below this may have lost values to underflow
+_HUGE = 2.0**900
+
+
+def _squares_lost(rr: float, oo: float, dot: float, max_abs: float) -> bool:
+    """Whether the unscaled dot products may have overflowed or underflowed (values beyond about
+    1e154 or below about 1e-135): then the cosine needs a scaled second pass."""
+    if not (math.isfinite(rr) and math.isfinite(oo) and math.isfinite(dot)):
+        return True
+    if rr > _HUGE or oo > _HUGE:
+        return True
+    if rr == 0.0 and oo == 0.0 and max_abs == 0.0:
+        return False  # identical (zero or underflowing) arrays: cosine 1 either way
+    return rr < _TINY or oo < _TINY
+
+
+def _kept(rb: np.ndarray, ob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 pairs that enter the statistics: no NaN, no matched Inf."""
+    rf, of = _as_float(rb), _as_float(ob)
+    keep = ~(np.isnan(rf) | np.isnan(of)) & ~(np.isinf(rf) & (rf == of))
+    return rf[keep], of[keep]
+
+
+def _scaled_dot(r: np.ndarray, o: np.ndarray, block: int) -> tuple[float, float, float]:
+    """dot(r, o), dot(r, r), dot(o, o) with each side scaled by a power of two near its largest
+    magnitude (exact), so that neither overflow nor underflow loses them; the cosine is unchanged
+    by the scaling. A rare second (and third) pass."""
+    er = eo = None
+    with np.errstate(all="ignore"):
+        for s in range(0, r.size, block):
+            rf, of = _kept(r[s : s + block], o[s : s + block])
+            rf, of = np.abs(rf.real), np.abs(of.real)
+            rf, of = rf[np.isfinite(rf)], of[np.isfinite(of)]
+            if rf.size:
+                m = float(rf.max())
+                er = m if er is None else max(er, m)
+            if of.size:
+                m = float(of.max())
+                eo = m if eo is None else max(eo, m)
+        kr = math.frexp(er)[1] if er else 0
+        ko = math.frexp(eo)[1] if eo else 0
+        dot = rr = oo = 0.0
+        for s in range(0, r.size, block):
+            rf, of = _kept(r[s : s + block], o[s : s + block])
+            rf, of = np.ldexp(rf.real, -kr), np.ldexp(of.real, -ko)
+            dot += float(np.dot(rf, of))
+            rr += float(np.dot(rf, rf))
+            oo += float(np.dot(of, of))
+    return dot, rr, oo
+
+
+def _overflow_safe_rel(r: np.ndarray, o: np.ndarray, block: int) -> tuple[float, float]:
+    """(mean_rel, max_rel) where differences overflow: those elements use halved operands
+    (exact at that magnitude); the others keep the plain quotient."""
+    total = 0.0
+    mx = 0.0
+    counted = 0
+    with np.errstate(all="ignore"):
+        for s in range(0, r.size, block):
+            rf, of = _kept(r[s : s + block], o[s : s + block])
+            d = np.abs(of - rf)
+            ar = np.abs(rf)
+            rel = np.divide(d, ar, out=np.zeros_like(d), where=(ar != 0) | (d != 0))
+            over = np.isinf(d) & np.isfinite(rf) & np.isfinite(of)
+            if over.any():
+                rel[over] = np.abs(of[over] / 2 - rf[over] / 2) / (ar[over] / 2)
+            rel[np.isinf(d) & ~over] = np.inf
+            counted += d.size
+            total += float((rel * 2.0**-64).sum())
+            if rel.size:
+                mx = max(mx, float(rel.max()))
+    return (total / counted / 2.0**-64 if counted else 0.0), mx
 
 
 def _scalar(x: np.generic) -> float:
