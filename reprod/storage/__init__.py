@@ -15,12 +15,17 @@ __all__ = ["load", "save", "Dump", "ArraySpec"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def load(path: PathLike) -> Dump:
+def load(path: PathLike, *, verify: Optional[bool] = None) -> Dump:
     """Open a dump lazily: keys, shapes and dtypes now, array bytes (mmap) when a key is read.
 
     Reads reprod's ``.npz``, reprod_log's pickled ``.npy`` dicts (safely: no code runs), plain
     ``.npy`` arrays (one key named after the file) and plain ``numpy.savez`` archives. The format is
-    detected from the content, not the suffix.
+    detected from the content, not the suffix. Every problem with the file, found now or when a key
+    is read, is a ``DumpFormatError`` naming the file.
+
+    ``verify`` applies to ``.npz`` members, which carry a CRC32: by default (``None``) a member
+    under 1 MiB is checked the first time it is read; ``True`` checks every member now; ``False``
+    checks none. A legacy ``.npy`` has no checksum: a flipped payload byte there cannot be detected.
 
     >>> d = reprod.load("result/forward_paddle.npy")
     >>> list(d), d["logits"].shape
@@ -37,7 +42,14 @@ def load(path: PathLike) -> Dump:
         if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
             from .native import read_npz
 
-            return read_npz(mf)
+            dump = read_npz(mf, verify=verify)
+            if verify:
+                dump.verify()
+            return dump
+    except RecursionError:
+        # the readers recurse over nesting they have already bounded; this is a last safety net
+        mf.close()
+        raise DumpFormatError(f"{p}: structure nested too deeply to be a dump") from None
     except BaseException:
         mf.close()
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -14,7 +15,12 @@ import numpy as np
 from ..adapters import BFLOAT16, bf16_bits_to_float32
 from ..errors import DumpFormatError
 
-__all__ = ["ArraySpec", "Dump", "MappedFile"]
+__all__ = ["ArraySpec", "Dump", "MappedFile", "VERIFY_SMALL_BYTES"]
+
+# By default a member's CRC is checked on first access when the member is smaller than this: the
+# check then costs well under a millisecond, and larger members are left to ``verify=True``.
+VERIFY_SMALL_BYTES = 1 << 20
+_CRC_CHUNK = 16 << 20
 
 
 class MappedFile:
@@ -35,6 +41,8 @@ class MappedFile:
             if self.size == 0:
                 raise DumpFormatError(f"{path}: empty file, not a dump")
             self.mm: Optional[mmap.mmap] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # byte ranges whose checksum has been verified; shared by every Dump viewing this file
+        self.verified: set[int] = set()
 
     def buffer(self) -> mmap.mmap:
         if self.mm is None:
@@ -62,6 +70,8 @@ class ArraySpec:
     fortran: bool = False
     source_dtype: Optional[str] = None
     loader: Optional[Callable[[], np.ndarray]] = None  # for data that cannot be viewed in place
+    # (start, length, crc32) of the bytes a stored zip member's CRC covers; None where there is none
+    check: Optional[tuple[int, int, int]] = None
 
     @property
     def nbytes(self) -> int:
@@ -78,7 +88,8 @@ class ArraySpec:
         if self.loader is not None:
             arr = self.loader()
         else:
-            assert mf is not None
+            if mf is None:
+                raise RuntimeError("an in-file array spec without its file (a reprod bug)")
             count = self.nbytes // self.dtype.itemsize if self.dtype.itemsize else 0
             arr = np.frombuffer(mf.buffer(), dtype=self.dtype, count=count, offset=self.offset)
             arr = arr.reshape(self.shape, order="F" if self.fortran else "C")
@@ -87,6 +98,24 @@ class ArraySpec:
         if arr.flags.writeable:
             arr.flags.writeable = False
         return arr
+
+
+    def verify(self, mf: Optional[MappedFile], where: str) -> None:
+        """Check the member's CRC32 against its bytes once per opened file; raise on a mismatch."""
+        if self.check is None or mf is None:
+            return
+        start, length, crc = self.check
+        if start in mf.verified:
+            return
+        got = 0
+        with memoryview(mf.buffer()) as view:
+            for pos in range(start, start + length, _CRC_CHUNK):
+                with view[pos : min(pos + _CRC_CHUNK, start + length)] as chunk:
+                    got = zlib.crc32(chunk, got)
+        if got != crc:
+            raise DumpFormatError(f"{where}: checksum mismatch (CRC32 {got:08x}, the zip directory "
+                                  f"says {crc:08x}): the file is corrupt")
+        mf.verified.add(start)
 
 
 Node = Union[ArraySpec, "dict[str, Node]"]
@@ -98,26 +127,52 @@ class Dump(Mapping[str, Any]):
     Iteration follows the order the keys were added. ``spec(key)`` gives shape and dtype without
     reading data; ``dump[key]`` returns a read-only array viewing the file (mmap) where the format
     allows it. ``source_dtype(key)`` is ``"bfloat16"`` for values stored from bfloat16 tensors.
+
+    ``verify`` (native ``.npz`` only, whose members carry a CRC32): ``None`` checks a member smaller
+    than ``VERIFY_SMALL_BYTES`` the first time it is read, ``True`` every member (``load`` checks
+    them all at once), ``False`` none. A corrupt member raises ``DumpFormatError``.
     """
 
     def __init__(self, tree: dict[str, Any], mf: Optional[MappedFile], *, path: str, fmt: str,
-                 meta: Optional[dict[str, Any]] = None) -> None:
+                 meta: Optional[dict[str, Any]] = None, verify: Optional[bool] = None,
+                 prefix: str = "") -> None:
         self._tree = tree
         self._mf = mf
         self.path = path
         self.format = fmt
         self.meta: dict[str, Any] = meta or {}
+        self._verify = verify
+        self._prefix = prefix
 
     def __getitem__(self, key: str) -> Any:
         node = self._tree[key]
         if isinstance(node, dict):
-            return Dump(node, self._mf, path=self.path, fmt=self.format, meta=self.meta)
+            return self._child(key, node)
+        where = f"{self.path}: key {self._prefix + key!r}"
         try:
+            if node.check is not None and (self._verify or (
+                    self._verify is None and node.check[1] < VERIFY_SMALL_BYTES)):
+                node.verify(self._mf, where)
             return node.materialize(self._mf)
         except DumpFormatError:
             raise
-        except (ValueError, OSError, EOFError) as exc:
-            raise DumpFormatError(f"{self.path}: key {key!r}: cannot read array ({exc})") from None
+        except (ValueError, OSError, EOFError, OverflowError) as exc:
+            raise DumpFormatError(f"{where}: cannot read array ({_one_line(exc)})") from None
+
+    def _child(self, key: str, node: dict[str, Any]) -> Dump:
+        return Dump(node, self._mf, path=self.path, fmt=self.format, meta=self.meta,
+                    verify=self._verify, prefix=f"{self._prefix}{key}/")
+
+    def verify(self) -> None:
+        """Check the CRC32 of every member now (native ``.npz``; a no-op for formats without one).
+
+        >>> reprod.load("run.npz").verify()   # raises DumpFormatError naming a corrupt key
+        """
+        for key, node in self._tree.items():
+            if isinstance(node, dict):
+                self._child(key, node).verify()
+            else:
+                node.verify(self._mf, f"{self.path}: key {self._prefix + key!r}")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tree)
@@ -131,7 +186,7 @@ class Dump(Mapping[str, Any]):
     def spec(self, key: str) -> Union[ArraySpec, Dump]:
         node = self._tree[key]
         if isinstance(node, dict):
-            return Dump(node, self._mf, path=self.path, fmt=self.format, meta=self.meta)
+            return self._child(key, node)
         return node
 
     def source_dtype(self, key: str) -> Optional[str]:
@@ -158,3 +213,10 @@ class Dump(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"<reprod.Dump {self.path!r} ({self.format}), {len(self)} keys>"
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message as one printable line (it may quote bytes from the file)."""
+    text = " ".join(str(exc).split())
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text[:200] or type(exc).__name__

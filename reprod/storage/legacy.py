@@ -10,7 +10,10 @@ and each array is then viewed in place through mmap. Anything else is refused wi
 from __future__ import annotations
 
 import ast
+import functools
+import re
 import struct
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -19,12 +22,20 @@ from ..errors import DumpFormatError, UnsafeDumpError
 from ._atomic import AtomicFile
 from .lazy import ArraySpec, Dump, MappedFile
 
-__all__ = ["read_legacy", "write_legacy", "SAFE_GLOBALS", "restricted_unpickle", "tree_from_pickle"]
+__all__ = ["read_legacy", "write_legacy", "SAFE_GLOBALS", "restricted_unpickle", "tree_from_pickle",
+           "check_shape"]
 
 _RECONSTRUCT, _NDARRAY, _DTYPE, _SCALAR, _ENCODE, _ODICT, _BYTES, _FROMBUFFER = range(8)
 
 # nested dicts deeper than this are refused: real dumps nest a few levels, and the readers recurse
 MAX_DEPTH = 64
+# numpy's own limit on dimensions (NPY_MAXDIMS in numpy 2)
+MAX_NDIM = 64
+# A pickle's memo lets one sub-dict or list be referenced many times, so a tiny file can describe a
+# tree of billions of entries. Real dumps reference each container about once: the tree may hold at
+# most this many entries per pickle opcode (plus a constant) before the file is refused.
+_EXPANSION = 4
+_EXPANSION_FLOOR = 100_000
 
 # The only globals a pickled dict of numpy arrays needs, and why each is harmless: they construct
 # arrays, dtypes, scalars, bytes or dicts from data, and call nothing the file names.
@@ -47,6 +58,11 @@ SAFE_GLOBALS: dict[tuple[str, str], int] = {
 _INLINE_LIMIT = 256
 
 _MARK = object()
+
+# what numpy's dtype parser raises on strings from a damaged file (a comma string goes through
+# ast.literal_eval, hence SyntaxError)
+_DTYPE_PARSE_ERRORS = (TypeError, ValueError, OverflowError, KeyError, IndexError, SyntaxError,
+                       RecursionError)
 
 
 class _Payload:
@@ -80,9 +96,9 @@ class _DtypeStub:
             raise DumpFormatError(f"{where}: structured dtype is not numeric data")
         try:
             dt = np.dtype(self.descr)
-        except TypeError:
-            raise DumpFormatError(f"{where}: unknown dtype {self.descr!r}") from None
-        if self.byteorder in "<>" and dt.itemsize > 1:
+        except _DTYPE_PARSE_ERRORS:
+            raise DumpFormatError(f"{where}: unknown dtype {_short(self.descr)}") from None
+        if self.byteorder in ("<", ">") and dt.itemsize > 1:
             dt = dt.newbyteorder(self.byteorder)
         return dt
 
@@ -114,6 +130,7 @@ class _PickleWalker:
         self.pos = start
         self.end = end
         self.path = path
+        self.steps = 0
 
     # -- reading primitives -----------------------------------------------------------------------
     def _need(self, n: int) -> int:
@@ -151,7 +168,9 @@ class _PickleWalker:
 
     def _text(self, n: int) -> str:
         try:
-            return self._bytes(n).decode("utf-8")
+            # pickle writes str with "surrogatepass": a key holding a lone surrogate (a file name
+            # decoded with surrogateescape) must read back
+            return self._bytes(n).decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
             raise DumpFormatError(f"{self.path}: corrupt pickle (bad UTF-8 string)") from None
 
@@ -174,12 +193,11 @@ class _PickleWalker:
                 raise DumpFormatError(f"{self.path}: corrupt pickle (stack underflow at byte {self.pos})")
             return stack.pop()
 
-        steps = 0
         while True:
             if self.pos >= self.end:
                 raise DumpFormatError(f"{self.path}: truncated pickle (no STOP opcode)")
             op = self._u8()
-            steps += 1
+            self.steps += 1
             if op == 0x80:  # PROTO
                 self._u8()
             elif op == 0x95:  # FRAME: a length prefix only; opcodes continue inline
@@ -342,17 +360,18 @@ class _PickleWalker:
             k = items[i]
             if isinstance(k, _Payload):
                 k = self._materialize_bytes(k)
-            try:
-                d[k] = items[i + 1]
-            except TypeError:
-                raise DumpFormatError(f"{self.path}: corrupt pickle (unhashable dict key)") from None
+            # only flat keys: hashing a tuple nested a million deep recurses in C
+            if not isinstance(k, (str, bytes, int, float)) and k is not None:
+                raise DumpFormatError(f"{self.path}: corrupt pickle (dict key is a {type(k).__name__})")
+            d[k] = items[i + 1]
         return d
 
     def _global(self, module: str, name: str) -> _Global:
         kind = SAFE_GLOBALS.get((module, name))
         if kind is None:
             raise UnsafeDumpError(
-                f"{self.path}: refuses to load global {module}.{name}: only numpy arrays, scalars "
+                f"{self.path}: refuses to load global {_printable(module)}.{_printable(name)}: only "
+                "numpy arrays, scalars "
                 "and plain containers are allowed in this file (nothing was executed)"
             )
         return _Global(kind, f"{module}.{name}")
@@ -396,9 +415,7 @@ class _PickleWalker:
                     and isinstance(args[1], _DtypeStub) and isinstance(args[2], tuple)
                     and args[3] in ("C", "F")):
                 raise DumpFormatError(f"{self.path}: corrupt pickle (bad array frombuffer)")
-            shape = args[2]
-            if not all(isinstance(x, int) and x >= 0 for x in shape):
-                raise DumpFormatError(f"{self.path}: corrupt pickle (bad array shape {shape!r})")
+            shape = check_shape(args[2], self._itemsize(args[1]), f"{self.path}: corrupt pickle")
             stub = _ArrayStub()
             stub.shape, stub.dtype, stub.fortran, stub.data, stub.built = shape, args[1], args[3] == "F", args[0], True
             return stub
@@ -410,15 +427,21 @@ class _PickleWalker:
             return {}
         raise UnsafeDumpError(f"{self.path}: refuses to call {func.name}")
 
+    def _itemsize(self, dtype: _DtypeStub) -> int:
+        # only to bound a shape; a dtype that is not numeric data is refused later, naming the key
+        try:
+            return dtype.to_dtype(self.path).itemsize
+        except DumpFormatError:
+            return 1
+
     def _build(self, obj: Any, state: Any) -> None:
         if isinstance(obj, _ArrayStub) and not obj.built:
             if not (isinstance(state, tuple) and len(state) == 5):
                 raise DumpFormatError(f"{self.path}: corrupt pickle (bad array state)")
             _, shape, dtype, fortran, data = state
-            if not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape):
-                raise DumpFormatError(f"{self.path}: corrupt pickle (bad array shape {shape!r})")
             if not isinstance(dtype, _DtypeStub):
                 raise DumpFormatError(f"{self.path}: corrupt pickle (bad array dtype)")
+            shape = check_shape(shape, self._itemsize(dtype), f"{self.path}: corrupt pickle")
             obj.shape, obj.dtype, obj.fortran, obj.data, obj.built = shape, dtype, bool(fortran), data, True
         elif isinstance(obj, _DtypeStub):
             if isinstance(state, tuple) and len(state) >= 2 and isinstance(state[1], str):
@@ -431,12 +454,64 @@ class _PickleWalker:
 
 
 def restricted_unpickle(buf: Any, start: int, end: int, path: str) -> Any:
-    """Walk a pickle in ``buf[start:end]`` safely; arrays come back as stubs with file offsets."""
+    """Walk a pickle in ``buf[start:end]`` safely; arrays come back as stubs with file offsets.
+
+    The result feeds ``tree_from_pickle``, which bounds how far shared sub-containers may expand.
+    """
     return _PickleWalker(buf, start, end, path).run()
 
 
-def _leaf(value: Any, mf: MappedFile, where: str) -> ArraySpec:
+def _printable(text: str, limit: int = 80) -> str:
+    """A name from the file as it can appear in a one-line message."""
+    r = text if text.isprintable() else repr(text)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _short(x: Any, limit: int = 80, depth: int = 0) -> str:
+    """A repr bounded in length and never recursing deeply (the value comes from the file)."""
+    if isinstance(x, (str, bytes, float, bool)) or x is None or isinstance(x, int) and x.bit_length() < 256:
+        r = repr(x)
+    elif isinstance(x, tuple) and depth < 2:
+        r = "(" + ", ".join(_short(v, 20, depth + 1) for v in x[:8]) + (", ..." if len(x) > 8 else "") + ")"
+    else:
+        r = f"<{type(x).__name__}>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def check_shape(shape: Any, itemsize: int, where: str) -> tuple[int, ...]:
+    """A shape read from a file, checked before anything is sized by it: a tuple of at most 64
+    non-negative ints whose byte size (zero dimensions aside) fits numpy's index type."""
+    if not isinstance(shape, tuple) or len(shape) > MAX_NDIM \
+            or not all(type(s) is int and s >= 0 for s in shape):
+        raise DumpFormatError(f"{where} (bad array shape {_short(shape)})")
+    n = max(itemsize, 1)
+    for s in shape:
+        n *= max(s, 1)
+        if n >= 1 << 63:
+            raise DumpFormatError(f"{where} (array shape {_short(shape)} is too large for any memory)")
+    return shape
+
+
+class _Budget:
+    """Counts the entries a tree expands to, against a bound set by the size of its pickle."""
+
+    __slots__ = ("left", "path")
+
+    def __init__(self, left: int, path: str) -> None:
+        self.left = left
+        self.path = path
+
+    def take(self, n: int = 1) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise DumpFormatError(f"{self.path}: the pickle's shared entries expand to an implausibly "
+                                  "large tree (a hostile file?)")
+
+
+def _leaf(value: Any, mf: MappedFile, where: str, budget: Optional[_Budget] = None, depth: int = 0) -> ArraySpec:
     path = mf.path
+    if budget is not None:
+        budget.take()
     if isinstance(value, _ArrayStub):
         if value.dtype is None:
             raise DumpFormatError(f"{where}: corrupt array")
@@ -473,34 +548,52 @@ def _leaf(value: Any, mf: MappedFile, where: str) -> ArraySpec:
             raise DumpFormatError(f"{where}: integer does not fit in 64 bits")
         return ArraySpec(dtype=arr.dtype, shape=(), loader=lambda: arr)
     if isinstance(value, (list, tuple)):
-        specs = [_leaf(v, mf, where) for v in value]
+        if depth >= MAX_NDIM:
+            raise DumpFormatError(f"{where}: list nested more than {MAX_NDIM} levels deep")
+        specs = [_leaf(v, mf, where, budget, depth + 1) for v in value]
+        if not specs:
+            return ArraySpec(dtype=np.dtype(np.float64), shape=(0,), loader=lambda: np.zeros(0))
+        # numpy's own rule for a list of equal-shape arrays, worked out without allocating them
+        if any(s.shape != specs[0].shape for s in specs):
+            raise DumpFormatError(f"{where}: ragged list is not an array")
+        dt = functools.reduce(np.promote_types, {s.dtype for s in specs})
+        shape = check_shape((len(specs), *specs[0].shape), dt.itemsize, where)
+        spec = ArraySpec(dtype=dt, shape=shape)
+        if spec.nbytes > 8 * mf.size + (1 << 20):
+            raise DumpFormatError(f"{where}: a list of {len(specs)} entries referencing the same "
+                                  "data expands far beyond the file (a hostile file?)")
+
         def load_list() -> np.ndarray:
-            return np.array([s.materialize(mf) for s in specs])
-        try:
-            probe = np.array([np.zeros(s.shape, s.dtype) for s in specs]) if specs else np.zeros(0)
-        except ValueError:
-            raise DumpFormatError(f"{where}: ragged list is not an array") from None
-        return ArraySpec(dtype=probe.dtype, shape=probe.shape, loader=load_list)
+            return np.array([s.materialize(mf) for s in specs], dtype=dt)
+
+        return ArraySpec(dtype=dt, shape=shape, loader=load_list)
     raise DumpFormatError(f"{path}: {where.split(': ', 1)[-1]}: value of type {type(value).__name__} is not numeric data")
 
 
-def _tree(d: dict[Any, Any], mf: MappedFile, prefix: str, depth: int = 0) -> dict[str, Any]:
+def _tree(d: dict[Any, Any], mf: MappedFile, prefix: str, budget: _Budget, depth: int = 0) -> dict[str, Any]:
     if depth > MAX_DEPTH:
         raise DumpFormatError(f"{mf.path}: key {prefix.rstrip('/')[:80]!r}...: dicts nested more than "
                               f"{MAX_DEPTH} levels deep")
+    budget.take(1 + len(d))
     out: dict[str, Any] = {}
     for k, v in d.items():
         if not isinstance(k, str):
-            raise DumpFormatError(f"{mf.path}: key {k!r} is a {type(k).__name__}, not a string")
+            raise DumpFormatError(f"{mf.path}: key {_short(k)} is a {type(k).__name__}, not a string")
         name = f"{prefix}{k}"
-        out[k] = _tree(v, mf, name + "/", depth + 1) if isinstance(v, dict) \
-            else _leaf(v, mf, f"{mf.path}: key {name!r}")
+        out[k] = _tree(v, mf, name + "/", budget, depth + 1) if isinstance(v, dict) \
+            else _leaf(v, mf, f"{mf.path}: key {name!r}", budget)
     return out
 
 
-def tree_from_pickle(root: dict[Any, Any], mf: MappedFile) -> dict[str, Any]:
-    """The lazy tree of ArraySpecs for a dict that ``restricted_unpickle`` returned."""
-    return _tree(root, mf, "")
+def tree_from_pickle(root: dict[Any, Any], mf: MappedFile, *, opcodes: Optional[int] = None) -> dict[str, Any]:
+    """The lazy tree of ArraySpecs for a dict that ``restricted_unpickle`` returned.
+
+    The tree may hold a few entries per pickle opcode (``opcodes``; by default the file's size,
+    which bounds it) and no more: shared sub-containers cannot blow a small file up into billions
+    of entries.
+    """
+    left = _EXPANSION * (mf.size if opcodes is None else opcodes) + _EXPANSION_FLOOR
+    return _tree(root, mf, "", _Budget(left, mf.path))
 
 
 def parse_npy_header(buf: Any, start: int, end: int, path: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
@@ -521,21 +614,45 @@ def parse_npy_header(buf: Any, start: int, end: int, path: str) -> tuple[np.dtyp
     if hlen > 1 << 20 or hstart + hlen > end:
         raise DumpFormatError(f"{path}: truncated .npy header")
     text = bytes(buf[hstart : hstart + hlen]).decode("utf-8" if major == 3 else "latin1", "replace")
-    try:
-        d = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        raise DumpFormatError(f"{path}: corrupt .npy header") from None
-    if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
-        raise DumpFormatError(f"{path}: corrupt .npy header (wrong fields)")
-    shape, fortran = d["shape"], d["fortran_order"]
-    if not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape) \
-            or not isinstance(fortran, bool):
-        raise DumpFormatError(f"{path}: corrupt .npy header (bad shape {shape!r})")
-    try:
-        dt = np.lib.format.descr_to_dtype(d["descr"])
-    except (TypeError, ValueError):
-        raise DumpFormatError(f"{path}: corrupt .npy header (bad dtype {d['descr']!r})") from None
+    m = _NUMPY_HEADER.match(text)
+    if m:  # the exact form numpy writes: parsed without ast (20x faster on dumps of many keys)
+        descr: Any = m.group(1)
+        fortran: Any = m.group(2) == "True"
+        shape: Any = tuple(int(x) for x in m.group(3).replace(",", " ").split())
+    else:
+        try:
+            with warnings.catch_warnings():  # a damaged header can make the parser warn
+                warnings.simplefilter("ignore")
+                d = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise DumpFormatError(f"{path}: corrupt .npy header") from None
+        if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
+            raise DumpFormatError(f"{path}: corrupt .npy header (wrong fields)")
+        descr, shape, fortran = d["descr"], d["shape"], d["fortran_order"]
+    if not isinstance(fortran, bool):
+        raise DumpFormatError(f"{path}: corrupt .npy header (bad fortran_order)")
+    dt = _descr_dtype(descr, path)
+    shape = check_shape(shape, dt.itemsize, f"{path}: corrupt .npy header")
     return dt, shape, fortran, hstart + hlen
+
+
+# numpy's header, as ``numpy.lib.format`` writes it for plain (non-structured) dtypes
+_NUMPY_HEADER = re.compile(
+    r"\{'descr': '([<>|=]?[a-zA-Z][0-9]{0,3})', 'fortran_order': (True|False), "
+    r"'shape': \((|[0-9]{1,19},|[0-9]{1,19}(?:, [0-9]{1,19})+)\), \} *\n?\Z")
+_DESCR_CACHE: dict[str, np.dtype] = {}
+
+
+def _descr_dtype(descr: Any, path: str) -> np.dtype:
+    if isinstance(descr, str) and descr in _DESCR_CACHE:
+        return _DESCR_CACHE[descr]
+    try:
+        dt = np.lib.format.descr_to_dtype(descr)
+    except _DTYPE_PARSE_ERRORS:
+        raise DumpFormatError(f"{path}: corrupt .npy header (bad dtype {_short(descr)})") from None
+    if isinstance(descr, str) and len(_DESCR_CACHE) < 256:
+        _DESCR_CACHE[descr] = dt
+    return dt
 
 
 def read_npy(mf: MappedFile, stem: str) -> Dump:
@@ -543,7 +660,8 @@ def read_npy(mf: MappedFile, stem: str) -> Dump:
     buf = mf.buffer()
     dt, shape, fortran, data_off = parse_npy_header(buf, 0, mf.size, mf.path)
     if dt.hasobject:
-        root = restricted_unpickle(buf, data_off, mf.size, mf.path)
+        walker = _PickleWalker(buf, data_off, mf.size, mf.path)
+        root = walker.run()
         if isinstance(root, _ArrayStub) and root.dtype is not None and root.dtype.descr.startswith("O") \
                 and isinstance(root.data, list) and len(root.data) == 1:
             root = root.data[0]
@@ -551,7 +669,7 @@ def read_npy(mf: MappedFile, stem: str) -> Dump:
             raise DumpFormatError(
                 f"{mf.path}: object .npy does not hold a dict of arrays (found {type(root).__name__})"
             )
-        return Dump(_tree(root, mf, ""), mf, path=mf.path, fmt="npy-dict")
+        return Dump(tree_from_pickle(root, mf, opcodes=walker.steps), mf, path=mf.path, fmt="npy-dict")
     if dt.kind not in "biufc":
         raise DumpFormatError(f"{mf.path}: array of dtype {dt} is not numeric data")
     spec = ArraySpec(dtype=dt, shape=shape, offset=data_off, fortran=fortran)

@@ -5,21 +5,24 @@ place only when complete. No pickle anywhere."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import struct
 import sys
 import time
+import weakref
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import numpy as np
 
 from ..adapters import BFLOAT16, float32_to_bf16_bits
-from ..errors import DumpFormatError
+from ..errors import DumpFormatError, ReprodError
 from ._atomic import AtomicFile
-from .lazy import ArraySpec, Dump, MappedFile
+from .lazy import ArraySpec, Dump, MappedFile, _one_line
 from .legacy import MAX_DEPTH
 
 __all__ = ["NpzWriter", "read_npz", "write_npz", "META_NAME", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -63,32 +66,51 @@ def _version() -> str:
 class NpzWriter:
     """Write a native dump member by member; the file appears at ``path`` on ``close()``.
 
-    Memory stays bounded by the largest single array: each ``add`` goes straight to disk.
+    Memory stays bounded by the largest single array: each ``add`` goes straight to a temporary
+    file beside ``path``, renamed into place by ``close()``. Until then any earlier file at
+    ``path`` stays as it was: a process killed mid-run leaves that earlier dump (or no file), never
+    a partial one, plus its temporary file, which the next save to ``path`` removes once stale.
+    An error while writing (a full disk) aborts the writer: the temporary file is removed and
+    later ``add``/``close`` calls raise.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._af = AtomicFile(path)
         self._zf = zipfile.ZipFile(self._af.file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._entries: dict[tuple[str, ...], dict[str, Any]] = {}
+        # top-level key -> its metadata entries; dict order is the order keys were first added
+        self._entries: dict[str, list[dict[str, Any]]] = {}
         self._names: set[str] = {META_NAME}
         self._closed = False
+        self._aborted: Optional[str] = None
         self._counter = 0
-        self._order: dict[str, int] = {}
+        # a writer dropped or left open at exit gives its temporary file back (in this process
+        # only: a forked child exiting must not remove its parent's file)
+        self._finalizer = weakref.finalize(self, _abandon, self._zf, self._af, path, os.getpid())
+
+    def _check_open(self) -> None:
+        if self._aborted is not None:
+            raise ReprodError(f"{self.path}: this dump was abandoned ({self._aborted}); nothing was "
+                              "written")
+        if self._closed:
+            raise ReprodError(f"{self.path}: this dump is already closed")
 
     def add(self, key: str, tree: Any, dtypes: Any = None) -> None:
+        self._check_open()
         leaves: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]] = []
         _flatten(tree, dtypes, (key,), leaves)
         # a re-added key replaces the old value and keeps its place (reprod_log's dict semantics)
-        if key not in self._order:
-            self._order[key] = len(self._order)
-        for p in [p for p in self._entries if p[0] == key]:
-            del self._entries[p]
-        for path, arr, src in leaves:
-            if arr is None:  # an empty nested dict: an entry with no member
-                self._entries[path] = {"path": list(path), "kind": "dict"}
-            else:
-                self._write_member(path, arr, src)
+        entries = self._entries[key] = []
+        try:
+            for path, arr, src in leaves:
+                if arr is None:  # an empty nested dict: an entry with no member
+                    entries.append({"path": list(path), "kind": "dict"})
+                else:
+                    entries.append(self._write_member(path, arr, src))
+        except BaseException as exc:
+            # a member half written leaves the zip unusable: give up cleanly rather than later
+            self._abort(exc)
+            raise
 
     def _member_name(self, path: tuple[str, ...]) -> str:
         display = "/".join(path)
@@ -106,7 +128,7 @@ class NpzWriter:
         self._names.add(name)
         return name
 
-    def _write_member(self, path: tuple[str, ...], arr: np.ndarray, src: Optional[str]) -> None:
+    def _write_member(self, path: tuple[str, ...], arr: np.ndarray, src: Optional[str]) -> dict[str, Any]:
         if src == BFLOAT16:
             arr = float32_to_bf16_bits(arr)
         if not arr.flags.c_contiguous:
@@ -129,31 +151,40 @@ class NpzWriter:
         entry: dict[str, Any] = {"path": list(path), "member": name}
         if src is not None:
             entry["dtype"] = src
-        self._entries[path] = entry
+        return entry
 
     def close(self) -> str:
-        if self._closed:
+        if self._closed and self._aborted is None:
             return self.path
+        self._check_open()
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "keys": [e for _, e in sorted(self._entries.items(), key=lambda kv: self._order[kv[0][0]])],
+            "keys": [e for entries in self._entries.values() for e in entries],
             "writer": _writer_info(),
         }
         try:
-            self._zf.writestr(META_NAME, json.dumps(meta, ensure_ascii=False))
+            self._zf.writestr(META_NAME, _meta_bytes(meta))
             self._zf.close()
             self._af.commit()
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            self._abort(exc)
             raise
         self._closed = True
+        self._finalizer.detach()
         return self.path
 
+    def _abort(self, exc: BaseException) -> None:
+        self.abort()
+        self._aborted = f"{type(exc).__name__}: {_one_line(exc)}"
+
     def abort(self) -> None:
+        """Give the dump up: the temporary file goes, any earlier file at ``path`` stays."""
         if self._closed:
             return
         self._closed = True
+        self._aborted = self._aborted or "aborted"
+        self._finalizer.detach()
         try:
             self._zf.close()
         except Exception:
@@ -168,6 +199,26 @@ class NpzWriter:
             self.close()
         else:
             self.abort()
+
+
+def _abandon(zf: zipfile.ZipFile, af: AtomicFile, path: str, pid: int) -> None:
+    if os.getpid() != pid:
+        return
+    try:
+        zf.close()
+    except Exception:
+        pass
+    af.abort()
+    sys.stderr.write(f"reprod: the dump streamed to {path} was never closed, so nothing was written "
+                     "(call close() or save(), or use the logger in a with block)\n")
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    text = json.dumps(meta, ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a key with a lone surrogate: JSON's \u escapes carry it
+        return json.dumps(meta, ensure_ascii=True).encode("ascii")
 
 
 def _npy_header(arr: np.ndarray) -> bytes:
@@ -194,49 +245,102 @@ def write_npz(path: str, tree: Mapping[str, Any], source_dtypes: Optional[Mappin
     return w.close()
 
 
+# Deflate cannot shrink data by more than about 1032:1; a member claiming more is lying about its size.
+_MAX_DEFLATE_RATIO = 1032
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
+               NotImplementedError, RuntimeError, OverflowError, zlib.error)
+
+
 def _data_start(mf: MappedFile, zi: zipfile.ZipInfo) -> int:
+    """Offset of a member's data, after checking its local header against the central directory."""
     buf = mf.buffer()
+    where = f"{mf.path}: member {zi.filename!r}"
     off = zi.header_offset
     if off < 0 or off + 30 > mf.size or bytes(buf[off : off + 4]) != b"PK\x03\x04":
-        raise DumpFormatError(f"{mf.path}: member {zi.filename!r}: bad local header")
+        raise DumpFormatError(f"{where}: bad local header (offset {off} in a file of {mf.size} bytes)")
+    if zi.flag_bits & 0x1:
+        raise DumpFormatError(f"{where}: encrypted members are not supported")
     n, e = struct.unpack_from("<HH", buf, off + 26)
     start = off + 30 + n + e
-    if start + zi.file_size > mf.size:
-        raise DumpFormatError(f"{mf.path}: member {zi.filename!r}: truncated (claims {zi.file_size} bytes)")
+    raw_name = bytes(buf[off + 30 : off + 30 + n])
+    if raw_name != zi.orig_filename.encode("utf-8" if zi.flag_bits & 0x800 else "cp437", "replace"):
+        raise DumpFormatError(f"{where}: local header names {raw_name[:80]!r}; the zip is corrupt")
+    stored_size = zi.file_size if zi.compress_type == zipfile.ZIP_STORED else zi.compress_size
+    if zi.compress_type == zipfile.ZIP_STORED and zi.compress_size != zi.file_size:
+        raise DumpFormatError(f"{where}: stored member with two different sizes "
+                              f"({zi.compress_size} and {zi.file_size}); the zip is corrupt")
+    if start + stored_size > mf.size:
+        raise DumpFormatError(f"{where}: truncated (claims {stored_size} bytes at offset {start}, "
+                              f"file has {mf.size})")
     return start
+
+
+def _check_directory(mf: MappedFile, infos: list[zipfile.ZipInfo]) -> None:
+    """The central directory lists every member the end record counts, each with a local header
+    that agrees with it: a damaged directory cannot silently drop or rename members."""
+    claimed = _entries_claimed(mf)
+    if claimed is not None and claimed != len(infos):
+        raise DumpFormatError(f"{mf.path}: the zip directory lists {len(infos)} members but its end "
+                              f"record counts {claimed}; the zip is corrupt")
+    for zi in infos:
+        _data_start(mf, zi)
+
+
+def _entries_claimed(mf: MappedFile) -> Optional[int]:
+    """The member count in the end-of-central-directory record zipfile used (zip64 aware)."""
+    buf = mf.buffer()
+    tail_start = max(0, mf.size - (1 << 16) - 22)
+    eocd = buf.rfind(b"PK\x05\x06", tail_start)
+    if mf.size >= 22 and bytes(buf[mf.size - 22 : mf.size - 18]) == b"PK\x05\x06":
+        eocd = mf.size - 22  # zipfile's first guess: no archive comment
+    if eocd < 0 or eocd + 22 > mf.size:
+        return None
+    total = struct.unpack_from("<H", buf, eocd + 10)[0]
+    loc = eocd - 20
+    if total == 0xFFFF and loc >= 0 and bytes(buf[loc : loc + 4]) == b"PK\x06\x07":
+        rec = struct.unpack_from("<Q", buf, loc + 8)[0]
+        if rec + 56 <= mf.size and bytes(buf[rec : rec + 4]) == b"PK\x06\x06":
+            return int(struct.unpack_from("<Q", buf, rec + 32)[0])
+    return int(total)
 
 
 def _member_spec(mf: MappedFile, zf: zipfile.ZipFile, zi: zipfile.ZipInfo, src: Optional[str]) -> ArraySpec:
     from .legacy import parse_npy_header
 
     where = f"{mf.path}: member {zi.filename!r}"
+    start = _data_start(mf, zi)
     if zi.compress_type == zipfile.ZIP_STORED:
-        start = _data_start(mf, zi)
         dt, shape, fortran, data_off = parse_npy_header(mf.buffer(), start, start + zi.file_size, where)
-        if dt.kind not in "biufc":
-            raise DumpFormatError(f"{where}: dtype {dt} is not numeric data")
-        spec = ArraySpec(dtype=dt, shape=shape, offset=data_off, fortran=fortran, source_dtype=src)
+        _check_numeric(dt, src, where)
+        spec = ArraySpec(dtype=dt, shape=shape, offset=data_off, fortran=fortran, source_dtype=src,
+                         check=(start, zi.file_size, zi.CRC))
         if data_off + spec.nbytes != start + zi.file_size:
             raise DumpFormatError(f"{where}: header claims {spec.nbytes} bytes of data, member has "
                                   f"{start + zi.file_size - data_off}")
         return spec
-    # a compressed member (plain np.savez_compressed): decompress on access
+    # a compressed member (plain np.savez_compressed): decompress on access, after bounding the
+    # claimed size by what the compressed bytes in the file could possibly expand to
+    if zi.file_size > _MAX_DEFLATE_RATIO * zi.compress_size + 1024:
+        raise DumpFormatError(f"{where}: claims {zi.file_size} bytes from {zi.compress_size} "
+                              "compressed ones; the zip is corrupt")
     with zf.open(zi) as f:
         head = f.read(1 << 16)
     dt, shape, fortran, data_off = parse_npy_header(head, 0, len(head), where)
-    if dt.kind not in "biufc":
-        raise DumpFormatError(f"{where}: dtype {dt} is not numeric data")
+    _check_numeric(dt, src, where)
     probe = ArraySpec(dtype=dt, shape=shape, fortran=fortran)
     if data_off + probe.nbytes != zi.file_size:
-        raise DumpFormatError(f"{where}: header claims {probe.nbytes} bytes of data")
+        raise DumpFormatError(f"{where}: header claims {probe.nbytes} bytes of data, member has "
+                              f"{zi.file_size - data_off}")
 
     def load() -> np.ndarray:
         try:
-            with zipfile.ZipFile(mf.path) as z2, z2.open(zi.filename) as f2:
+            # through the same mapping, not the path: the file may have been replaced since
+            with zipfile.ZipFile(_MmapReader(mf.buffer())) as z2, z2.open(zi) as f2:
                 f2.read(data_off)
                 raw = f2.read(probe.nbytes)
-        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
-            raise DumpFormatError(f"{where}: cannot decompress ({exc})") from None
+                f2.read(1)  # reach the end, where zipfile checks the CRC
+        except _ZIP_ERRORS as exc:
+            raise DumpFormatError(f"{where}: cannot decompress ({_one_line(exc)})") from None
         if len(raw) != probe.nbytes:
             raise DumpFormatError(f"{where}: truncated")
         return np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C")
@@ -244,16 +348,61 @@ def _member_spec(mf: MappedFile, zf: zipfile.ZipFile, zi: zipfile.ZipInfo, src: 
     return ArraySpec(dtype=dt, shape=shape, fortran=fortran, source_dtype=src, loader=load)
 
 
-def read_npz(mf: MappedFile) -> Dump:
+def _check_numeric(dt: np.dtype, src: Optional[str], where: str) -> None:
+    if dt.kind not in "biufc":
+        raise DumpFormatError(f"{where}: dtype {dt} is not numeric data")
+    if src == BFLOAT16 and dt != np.dtype(np.uint16):
+        raise DumpFormatError(f"{where}: bfloat16 values must be stored as uint16 bits, not {dt}")
+
+
+def _parse_meta(raw: bytes, path: str) -> tuple[dict[str, Any], list[tuple[list[str], Optional[str], Optional[str]]]]:
+    """The metadata member, checked field by field: it comes from the file, so nothing is trusted."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise DumpFormatError(f"{path}: corrupt metadata member ({_one_line(exc)})") from None
+
+    def bad(what: str) -> DumpFormatError:
+        return DumpFormatError(f"{path}: corrupt metadata member ({what})")
+
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise bad("wrong format name")
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad(f"version {str(version)[:40]!r} is not an integer")
+    if version > FORMAT_VERSION:
+        raise DumpFormatError(f"{path}: written by a newer reprod (format version {version})")
+    keys = meta.get("keys")
+    if not isinstance(keys, list):
+        raise bad("no key list")
+    entries: list[tuple[list[str], Optional[str], Optional[str]]] = []
+    for e in keys:
+        if not isinstance(e, dict):
+            raise bad("bad key entry")
+        p, src = e.get("path"), e.get("dtype")
+        m = None if e.get("kind") == "dict" else e.get("member")
+        if not (isinstance(p, list) and p and all(isinstance(s, str) for s in p)):
+            raise bad("bad key path")
+        if m is None and e.get("kind") != "dict" or m is not None and not isinstance(m, str):
+            raise bad(f"key {'/'.join(p)[:80]!r}: bad member name")
+        if src is not None and not (isinstance(src, str) and 0 < len(src) <= 64 and src.isprintable()):
+            raise bad(f"key {'/'.join(p)[:80]!r}: bad source dtype")
+        if len(p) > MAX_DEPTH:
+            raise bad(f"key nested more than {MAX_DEPTH} levels deep")
+        entries.append((p, m, src))
+    return meta, entries
+
+
+def read_npz(mf: MappedFile, *, verify: Optional[bool] = None) -> Dump:
     import io
 
     buf = mf.buffer()
     try:
         zf = zipfile.ZipFile(io.BytesIO(buf) if mf.size < (1 << 16) else _MmapReader(buf))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
-            NotImplementedError) as exc:
-        raise DumpFormatError(f"{mf.path}: not a valid zip dump ({exc})") from None
+    except _ZIP_ERRORS as exc:
+        raise DumpFormatError(f"{mf.path}: not a valid zip dump ({_one_line(exc)})") from None
+    _check_directory(mf, infos)
     by_name = {zi.filename: zi for zi in infos}
     meta: dict[str, Any] = {}
     entries: list[tuple[list[str], Optional[str], Optional[str]]] = []
@@ -262,26 +411,15 @@ def read_npz(mf: MappedFile) -> Dump:
         if zi.file_size > 64 << 20:
             raise DumpFormatError(f"{mf.path}: metadata member too large")
         try:
-            meta = json.loads(zf.read(zi).decode("utf-8"))
-            if meta.get("format") != FORMAT_NAME:
-                raise ValueError("wrong format name")
-            if int(meta.get("version", 0)) > FORMAT_VERSION:
-                raise DumpFormatError(f"{mf.path}: written by a newer reprod (format version {meta['version']})")
-            for e in meta["keys"]:
-                p = e["path"]
-                m = None if e.get("kind") == "dict" else e["member"]
-                if not (isinstance(p, list) and p and all(isinstance(s, str) for s in p)
-                        and (m is None or isinstance(m, str))):
-                    raise ValueError("bad key entry")
-                if len(p) > MAX_DEPTH:
-                    raise ValueError(f"key nested more than {MAX_DEPTH} levels deep")
-                entries.append((p, m, e.get("dtype")))
-        except DumpFormatError:
-            raise
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise DumpFormatError(f"{mf.path}: corrupt metadata member ({exc})") from None
+            raw = zf.read(zi)  # zipfile checks the CRC of what it reads
+        except _ZIP_ERRORS as exc:
+            raise DumpFormatError(f"{mf.path}: corrupt metadata member ({_one_line(exc)})") from None
+        meta, entries = _parse_meta(raw, mf.path)
     else:
         for zi in infos:
+            if zi.filename.startswith("__reprod"):
+                # reprod's own member names: this is a reprod dump that lost its metadata
+                raise DumpFormatError(f"{mf.path}: the metadata member is missing; the dump is corrupt")
             if zi.filename.endswith(".npy"):
                 entries.append(([zi.filename[:-4]], zi.filename, None))
         if not entries:
@@ -297,19 +435,20 @@ def read_npz(mf: MappedFile) -> Dump:
                 raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: member {member!r} is missing")
             try:
                 spec = _member_spec(mf, zf, zi, src)
-            except (zipfile.BadZipFile, OSError, EOFError, struct.error, NotImplementedError,
-                    RuntimeError) as exc:
-                raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: unreadable ({exc})") from None
+            except DumpFormatError:
+                raise
+            except _ZIP_ERRORS as exc:
+                raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: unreadable ({_one_line(exc)})") from None
         node = tree
         for part in path[:-1]:
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
                 raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r} clashes with an array")
             node = nxt
-        if isinstance(node.get(path[-1]), dict):
-            raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r} clashes with a nested key")
+        if path[-1] in node:
+            raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r} appears twice")
         node[path[-1]] = spec
-    return Dump(tree, mf, path=mf.path, fmt="npz", meta=meta)
+    return Dump(tree, mf, path=mf.path, fmt="npz", meta=meta, verify=verify)
 
 
 class _MmapReader:
