@@ -4,6 +4,7 @@ forward pass and training steps.
 >>> from reprod.align import compare_structure, load_into_paddle, align_forward, align_train
 >>> print(compare_structure(torch_model, paddle_model).to_table(only_problems=True))
 >>> load_into_paddle(paddle_model, torch_model)            # or torch_to_paddle(...) / reprod-convert
+>>> load_into_paddle(paddle_model, torch_model, by_order=True)   # names differ: pair by order
 >>> align_forward(torch_model, paddle_model, {"x": x}, out_dir="result").passed
 
 Importing this package imports neither torch nor paddle; each function imports what it is handed.
@@ -18,11 +19,13 @@ from .weights import (
     ConversionRules,
     HeuristicLinearWarning,
     KeyPlan,
+    by_order_rules,
     check_fits,
     convert,
     linear_weight_names,
     load_into_paddle,
     load_weights_as_dump,
+    pair_by_order,
     plan_conversion,
     read_pdparams,
     read_torch_state_dict,
@@ -41,6 +44,8 @@ __all__ = [
     "ConversionRules",
     "KeyPlan",
     "plan_conversion",
+    "pair_by_order",
+    "by_order_rules",
     "linear_weight_names",
     "HeuristicLinearWarning",
     "read_torch_state_dict",

@@ -1,6 +1,7 @@
 """``reprod-convert``: a PyTorch weight file -> a Paddle ``.pdparams``, through ``reprod.align``'s rules.
 
     reprod-convert model.pth model.pdparams --model mypkg.models:resnet50 --rename '^module\\.='
+    reprod-convert model.pth model.pdparams --by-order --paddle-model mypkg.paddle_models:resnet50
 
 Exit status: 0 written (or shown, with ``--dry-run``), 2 bad input (one line on stderr, no traceback).
 """
@@ -104,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
         help="builds the Paddle model: the result must fit it (every key, shape, dtype)",
     )
     p.add_argument(
+        "--by-order",
+        action="store_true",
+        help="name each tensor after the Paddle model's tensor at the same position (definition "
+        "order, shapes checked; a 2-D weight may be the transpose), for ports whose names no "
+        "rename maps; needs --paddle-model",
+    )
+    p.add_argument(
         "--rename",
         action="append",
         default=[],
@@ -164,17 +172,26 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     rules = ConversionRules.from_strings(
         rename=args.rename, skip=args.skip, transpose=args.transpose, no_transpose=args.no_transpose
     )
+    if args.by_order and not args.paddle_model:
+        raise ReprodError("--by-order needs --paddle-model MODULE:FACTORY to take the order from")
     torch_model = _build(args.model, "--model") if args.model else None
+    paddle_model = _build(args.paddle_model, "--paddle-model") if args.paddle_model else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HeuristicLinearWarning)
-        conv = convert(args.src, model=torch_model, rules=rules)
+        conv = convert(
+            args.src,
+            model=torch_model,
+            rules=rules,
+            by_order=args.by_order,
+            paddle_model=paddle_model if args.by_order else None,
+        )
     for w in caught:
         if issubclass(w.category, HeuristicLinearWarning):
             print(f"{PROG}: note: {w.message}", file=err)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if args.paddle_model:
-        check_fits(_build(args.paddle_model, "--paddle-model"), conv.weights, source=args.src)
+    if paddle_model is not None:
+        check_fits(paddle_model, conv.weights, source=args.src)
     if args.dry_run:
         print(_plan_table(conv), file=out)
         print(conv.summary_line() + " (dry run, nothing written)", file=out)

@@ -6,11 +6,18 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..report.format import fmt_shape
-from .weights import ConversionRules, linear_weight_names, plan_conversion
+from .weights import (
+    ConversionRules,
+    _order_plan,
+    _rules_from_order,
+    linear_weight_names,
+    plan_conversion,
+)
 
 __all__ = ["StructureRow", "LayerCount", "StructureReport", "compare_structure"]
 
-# statuses that do not keep the weights from loading
+# statuses that do not keep the weights from loading ("order": paired by order with a tensor of
+# another kind, e.g. a BatchNorm statistic with a weight, is a problem)
 _FINE = ("ok", "transposed", "skipped", "dropped")
 
 
@@ -20,7 +27,9 @@ class StructureRow:
 
     ``status``: ok, transposed (a Linear weight, converted on load), shape, missing (torch has it,
     the Paddle model does not), extra (only the Paddle model has it), skipped (a user rule),
-    dropped (no Paddle counterpart, e.g. ``num_batches_tracked``). ``trainable`` is False for
+    dropped (no Paddle counterpart, e.g. ``num_batches_tracked``), order (``by_order=True`` paired a
+    BatchNorm statistic with another kind of tensor). With ``by_order=True`` the note of a pair whose
+    names differ starts with ``paired by order``. ``trainable`` is False for
     statistics: torch buffers and Paddle's ``stop_gradient`` parameters (BatchNorm ``_mean``/``_variance``).
     """
 
@@ -89,7 +98,7 @@ class StructureReport:
             )
         parts = [
             f"{len(self.rows_with(s))} {s}"
-            for s in ("missing", "extra", "shape")
+            for s in ("missing", "extra", "shape", "order")
             if self.rows_with(s)
         ]
         return f"structure differs: {', '.join(parts) or 'counts differ'}; {counts}"
@@ -141,14 +150,27 @@ def _layer(name: str) -> str:
 
 
 def compare_structure(
-    torch_model: Any, paddle_model: Any, *, rules: Optional[ConversionRules] = None
+    torch_model: Any,
+    paddle_model: Any,
+    *,
+    rules: Optional[ConversionRules] = None,
+    by_order: bool = False,
 ) -> StructureReport:
     """Put the torch model's state dict, converted by the same rules as ``torch_to_paddle``, beside
     the Paddle model's: what is missing, extra or shaped differently, and the value counts per layer.
 
+    ``by_order=True`` pairs tensors by definition order instead of by name (see ``pair_by_order``)
+    and shows each pair, including those whose shapes disagree, rather than raising.
+
     >>> report = compare_structure(torch_model, paddle_model)
     >>> report.ok, print(report.to_table(only_problems=True))
+    >>> print(compare_structure(torch_model, renamed_port, by_order=True).to_table())
     """
+    wrong_kind: set[str] = set()
+    if by_order:
+        order = _order_plan(torch_model, paddle_model, rules)
+        wrong_kind = set(order.wrong_kind)
+        rules = _rules_from_order(order, rules)
     torch_sd = torch_model.state_dict()
     trainable_torch = {n for n, p in torch_model.named_parameters() if p.requires_grad}
     plan = plan_conversion(
@@ -175,7 +197,9 @@ def compare_structure(
         counts.setdefault(_layer(p.paddle_name), [0, 0])[0] += _numel(p.torch_shape)
         want = paddle_shapes.get(p.paddle_name)
         converted = p.paddle_shape
-        if want is None:
+        if p.torch_name in wrong_kind:
+            status, note = "order", "order: a BatchNorm statistic paired with another kind"
+        elif want is None:
             status, note = "missing", "missing in paddle"
         elif converted == want:
             status, note = (
@@ -195,6 +219,8 @@ def compare_structure(
                 "shape",
                 f"shape: converted {fmt_shape(converted)} vs paddle {fmt_shape(want)}",
             )
+        if by_order and p.paddle_name != p.torch_name:
+            note = "paired by order" + (f"; {note}" if note else "")
         rows.append(
             StructureRow(p.paddle_name, p.torch_name, p.torch_shape, want, status, note, trainable)
         )

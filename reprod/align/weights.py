@@ -11,7 +11,9 @@ What differs between the two frameworks' state dicts, and what this module does 
 
 User rules (``ConversionRules``) add renames, skips and transposes. Every pattern is a regular
 expression searched in the *original PyTorch key*; renames apply in order, each to the result of
-the previous one, and the BatchNorm suffix renames apply after them.
+the previous one, and the BatchNorm suffix renames apply after them. Exact ``pairs`` (torch key ->
+Paddle key) come before all renames; ``pair_by_order`` finds them by definition order when names
+cannot be mapped by rules.
 
 Files: ``.pth``/``.pt``/``.bin``/``.ckpt`` are read with ``torch.load(weights_only=True)``;
 ``.pdparams`` (a pickle of a dict of numpy arrays) is read without running the pickle and written
@@ -36,6 +38,8 @@ from ..errors import DumpFormatError, KeyMismatchError, ReprodError
 __all__ = [
     "ConversionRules",
     "KeyPlan",
+    "pair_by_order",
+    "by_order_rules",
     "Conversion",
     "HeuristicLinearWarning",
     "TORCH_SUFFIXES",
@@ -104,6 +108,8 @@ class ConversionRules:
     - ``skip``: keys matching any of these are left out of the result.
     - ``transpose``: 2-D tensors matching these are transposed even if not ``nn.Linear`` weights.
     - ``no_transpose``: tensors matching these are never transposed (overrides model and heuristic).
+    - ``pairs``: exact torch key -> Paddle key (or a dict); a paired key takes this name and no
+      rename applies to it (see ``from_pairs`` and ``pair_by_order``).
 
     >>> rules = ConversionRules(rename={r"^module\\.": ""}, skip=[r"^head\\."])
     >>> weights = torch_to_paddle("model.pth", rules=rules)
@@ -113,6 +119,7 @@ class ConversionRules:
     skip: tuple[str, ...] = ()
     transpose: tuple[str, ...] = ()
     no_transpose: tuple[str, ...] = ()
+    pairs: tuple[tuple[str, str], ...] = ()
     _compiled: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +132,13 @@ class ConversionRules:
                 )
             pairs.append((pair[0], pair[1]))
         object.__setattr__(self, "rename", tuple(pairs))
+        exact = self.pairs.items() if isinstance(self.pairs, Mapping) else self.pairs
+        exact_pairs: list[tuple[str, str]] = []
+        for pair in exact:
+            if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(s, str) for s in pair):
+                raise ReprodError(f"pair {pair!r} must be a (torch key, paddle key) pair of str")
+            exact_pairs.append((pair[0], pair[1]))
+        object.__setattr__(self, "pairs", tuple(exact_pairs))
         for name in ("skip", "transpose", "no_transpose"):
             object.__setattr__(self, name, _tuple_of_str(getattr(self, name), name))
         renames = tuple((_compile(p, "rename"), r) for p, r in self.rename)
@@ -133,6 +147,7 @@ class ConversionRules:
             "skip": tuple(_compile(p, "skip") for p in self.skip),
             "transpose": tuple(_compile(p, "transpose") for p in self.transpose),
             "no_transpose": tuple(_compile(p, "no-transpose") for p in self.no_transpose),
+            "pairs": dict(self.pairs),
         }
         for pat, repl in renames:
             try:
@@ -170,6 +185,34 @@ class ConversionRules:
             no_transpose=tuple(no_transpose),
         )
 
+    @classmethod
+    def from_pairs(
+        cls,
+        pairs: Mapping[str, str],
+        *,
+        transpose: Collection[str] = (),
+        no_transpose: Collection[str] = (),
+        base: Optional[ConversionRules] = None,
+    ) -> ConversionRules:
+        """Rules that name each torch key's Paddle key exactly, e.g. the result of
+        ``pair_by_order``. ``transpose``/``no_transpose`` are exact torch keys (not patterns);
+        ``base`` keeps another rule set's renames, skips and transposes beside the pairs.
+
+        >>> rules = ConversionRules.from_pairs({"features.0.weight": "stem.conv.weight"})
+        >>> rules.paddle_name("features.0.weight")
+        'stem.conv.weight'
+        """
+        base = base or _DEFAULT_RULES
+        exact = tuple(f"^{re.escape(k)}$" for k in transpose)
+        exact_no = tuple(f"^{re.escape(k)}$" for k in no_transpose)
+        return cls(
+            rename=base.rename,
+            skip=base.skip,
+            transpose=base.transpose + exact,
+            no_transpose=base.no_transpose + exact_no,
+            pairs=base.pairs + tuple(pairs.items()),
+        )
+
     def skip_pattern(self, torch_name: str) -> Optional[str]:
         for pat in self._compiled["skip"]:
             if pat.search(torch_name):
@@ -190,6 +233,9 @@ class ConversionRules:
 
     def paddle_name(self, torch_name: str) -> str:
         """The Paddle key for a torch key: user renames, then the built-in BatchNorm renames."""
+        paired = self._compiled["pairs"].get(torch_name)
+        if paired is not None:
+            return str(paired)
         name = torch_name
         for pat, repl in self._compiled["rename"]:
             name = pat.sub(repl, name)
@@ -224,7 +270,8 @@ class Conversion:
     """The result of ``convert``: Paddle-named, Paddle-layout arrays plus what was done to each key.
 
     ``linear_source`` is ``"model"`` when Linear weights were found with ``isinstance`` on the torch
-    model, ``"heuristic"`` otherwise. ``source_dtypes`` names dtypes numpy lacks (bfloat16, stored
+    model, ``"order"`` when read from the shapes of the Paddle tensors paired by order (a square one
+    still from the model or the heuristic), ``"heuristic"`` otherwise. ``source_dtypes`` names dtypes numpy lacks (bfloat16, stored
     here as float32).
     """
 
@@ -239,11 +286,10 @@ class Conversion:
     def summary_line(self) -> str:
         n = {a: len(self.by_action(a)) for a in ("copy", "transpose", "skip", "drop")}
         renamed = sum(p.paddle_name not in (None, p.torch_name) for p in self.plan)
-        how = (
-            "nn.Linear layers of the torch model"
-            if self.linear_source == "model"
-            else "a name/shape heuristic (no torch model given)"
-        )
+        how = {
+            "model": "nn.Linear layers of the torch model",
+            "order": "the shapes of the Paddle tensors paired by order",
+        }.get(self.linear_source, "a name/shape heuristic (no torch model given)")
         return (
             f"{len(self.weights)} tensors converted: {n['transpose']} transposed (found by {how}), "
             f"{renamed} renamed, {n['copy']} copied, {n['skip']} skipped by rule, "
@@ -274,6 +320,13 @@ def linear_weight_names(torch_model: Any) -> set[str]:
         for name, module in torch_model.named_modules()
         if isinstance(module, torch.nn.Linear)
     }
+
+
+def _rule_why(kind: str, pattern: str, name: str) -> str:
+    # from_pairs (pair_by_order) writes one exact pattern per key; quoting it back is just noise
+    if pattern == f"^{re.escape(name)}$":
+        return f"exact {kind} rule for this key"
+    return f"{kind} rule {pattern!r}"
 
 
 def plan_conversion(
@@ -308,10 +361,11 @@ def plan_conversion(
             continue
         paddle = rules.paddle_name(name)
         forced = rules.transpose_pattern(name)
-        if rules.no_transpose_pattern(name) is not None:
-            action, why = "copy", f"no-transpose rule {rules.no_transpose_pattern(name)!r}"
+        kept = rules.no_transpose_pattern(name)
+        if kept is not None:
+            action, why = "copy", _rule_why("no-transpose", kept, name)
         elif forced is not None:
-            action, why = "transpose", f"transpose rule {forced!r}"
+            action, why = "transpose", _rule_why("transpose", forced, name)
             if len(shape) != 2:
                 not_2d.append(f"{name} {list(shape)}")
         elif linear_weights is not None and name in linear_weights:
@@ -335,6 +389,167 @@ def plan_conversion(
     if clashes:
         raise ReprodError(f"rename rules map several keys to one Paddle name: {'; '.join(clashes)}")
     return tuple(plans)
+
+
+# --- pairing by definition order -----------------------------------------------------------------
+
+# torch BatchNorm statistics and Paddle's names for them: a statistic pairs only with a statistic
+# of the same kind, so a shifted pairing among same-shaped BN tensors is caught, not loaded.
+_TORCH_STAT = (
+    (re.compile(r"(^|\.)running_mean$"), "mean"),
+    (re.compile(r"(^|\.)running_var$"), "var"),
+)
+_PADDLE_STAT = ((re.compile(r"(^|\.)_mean$"), "mean"), (re.compile(r"(^|\.)_variance$"), "var"))
+
+
+def _stat_kind(name: str, table: tuple[tuple[re.Pattern[str], str], ...]) -> Optional[str]:
+    for pat, kind in table:
+        if pat.search(name):
+            return kind
+    return None
+
+
+def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], Optional[set[str]], str]:
+    """(name -> shape in state-dict order, Linear weight names or None, a label for messages)."""
+    if _is_torch_module(obj):
+        sd: Mapping[str, Any] = obj.state_dict()
+        linear: Optional[set[str]] = linear_weight_names(obj)
+        label = f"torch {type(obj).__name__}"
+    elif isinstance(obj, (str, os.PathLike)):
+        label = os.fspath(obj)
+        sd, linear = read_torch_state_dict(label), None
+    elif isinstance(obj, Mapping):
+        sd, linear, label = obj, None, "torch state dict"
+    else:
+        raise ReprodError(
+            f"cannot pair a {type(obj).__name__}: expected a torch model, state dict or .pth path"
+        )
+    return {k: tuple(int(s) for s in np.shape(v)) for k, v in sd.items()}, linear, label
+
+
+def _paddle_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], str]:
+    if isinstance(obj, (str, os.PathLike)):
+        label = os.fspath(obj)
+        sd: Mapping[str, Any] = read_pdparams(label)
+    elif isinstance(obj, Mapping):
+        sd, label = obj, "paddle state dict"
+    elif hasattr(obj, "state_dict"):
+        sd, label = obj.state_dict(), f"paddle {type(obj).__name__}"
+    else:
+        raise ReprodError(
+            f"cannot pair a {type(obj).__name__}: expected a Paddle model, state dict or "
+            ".pdparams path"
+        )
+    # paddle tensors report their shape as a list; numpy's np.shape would copy them
+    return {
+        k: tuple(int(s) for s in getattr(v, "shape", np.shape(v))) for k, v in sd.items()
+    }, label
+
+
+@dataclass(frozen=True)
+class _OrderPlan:
+    """Positional pairs ``(torch key, paddle key, transpose)`` for every position both sides have,
+    and the problems found: ``(torch key or None, text)``, one per position; ``wrong_kind`` holds
+    the torch keys paired with a tensor of another kind (a BatchNorm statistic with a weight)."""
+
+    pairs: tuple[tuple[str, str, bool], ...]
+    problems: tuple[tuple[Optional[str], str], ...]
+    header: str
+    wrong_kind: frozenset[str] = frozenset()
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            listed = "; ".join(text for _, text in self.problems)
+            raise KeyMismatchError(f"pairing by order failed: {self.header}: {listed}")
+
+
+def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules]) -> _OrderPlan:
+    rules = rules or _DEFAULT_RULES
+    tshapes, linear, tlabel = _torch_shapes(torch_side)
+    pshapes, plabel = _paddle_shapes(paddle_side)
+    torch_keys = [k for k in tshapes if not _DROPPED.search(k) and rules.skip_pattern(k) is None]
+    paddle_keys = list(pshapes)
+    pairs: list[tuple[str, str, bool]] = []
+    problems: list[tuple[Optional[str], str]] = []
+    wrong_kind: set[str] = set()
+    for i, (tk, pk) in enumerate(zip(torch_keys, paddle_keys)):
+        ts, ps = tshapes[tk], pshapes[pk]
+        if ts == ps and len(ts) == 2 and ts[0] == ts[1]:
+            # a square weight's layout cannot be read from shapes: ask the model, else the heuristic
+            transpose = tk in linear if linear is not None else guess_linear_weight(tk, ts)
+        elif ts == ps:
+            transpose = False
+        elif len(ts) == 2 and ts[::-1] == ps:
+            transpose = True
+        else:
+            problems.append((tk, f"#{i} {tk} {list(ts)} vs {pk} {list(ps)}"))
+            pairs.append((tk, pk, False))
+            continue
+        if _stat_kind(tk, _TORCH_STAT) != _stat_kind(pk, _PADDLE_STAT):
+            wrong_kind.add(tk)
+            problems.append(
+                (tk, f"#{i} {tk} vs {pk}: a BatchNorm statistic paired with another kind of tensor")
+            )
+        pairs.append((tk, pk, transpose))
+    n = len(pairs)
+    problems += [
+        (k, f"#{n + j} {k} {list(tshapes[k])} vs nothing") for j, k in enumerate(torch_keys[n:])
+    ]
+    problems += [
+        (None, f"#{n + j} nothing vs {k} {list(pshapes[k])}") for j, k in enumerate(paddle_keys[n:])
+    ]
+    header = f"{tlabel} ({len(torch_keys)} tensors) vs {plabel} ({len(paddle_keys)} tensors)"
+    return _OrderPlan(tuple(pairs), tuple(problems), header, frozenset(wrong_kind))
+
+
+def pair_by_order(
+    torch_side: Any, paddle_side: Any, *, rules: Optional[ConversionRules] = None
+) -> dict[str, str]:
+    """Pair torch keys with Paddle keys by definition order, for ports whose names no rule maps
+    (``features.0`` against ``stem.conv``). Both frameworks list parameters in definition order,
+    BatchNorm statistics included (``running_mean``/``running_var`` against ``_mean``/``_variance``),
+    so the n-th tensor on one side is the n-th on the other when the port defines its layers in the
+    same order.
+
+    Each pair is checked: the shapes must be equal, or a 2-D weight the transpose (a Linear); a
+    BatchNorm statistic pairs only with a statistic of the same kind. ``num_batches_tracked`` and
+    keys that ``rules`` skip are left out. Any disagreement raises one ``KeyMismatchError`` listing
+    every position with both names and shapes.
+
+    ``torch_side``: a torch model, state dict or ``.pth`` path; ``paddle_side``: a Paddle model,
+    state dict or ``.pdparams`` path. Returns torch key -> Paddle key, in order.
+
+    >>> pair_by_order(torch_model, paddle_model)
+    {'features.0.weight': 'stem.conv.weight', ..., 'classifier.weight': 'head.weight', ...}
+    >>> load_into_paddle(paddle_model, torch_model, by_order=True)   # pair, convert and load
+    """
+    plan = _order_plan(torch_side, paddle_side, rules)
+    plan.raise_problems()
+    return {tk: pk for tk, pk, _ in plan.pairs}
+
+
+def _rules_from_order(plan: _OrderPlan, base: Optional[ConversionRules]) -> ConversionRules:
+    return ConversionRules.from_pairs(
+        {tk: pk for tk, pk, _ in plan.pairs},
+        transpose=[tk for tk, _, t in plan.pairs if t],
+        no_transpose=[tk for tk, _, t in plan.pairs if not t],
+        base=base,
+    )
+
+
+def by_order_rules(
+    torch_side: Any, paddle_side: Any, *, rules: Optional[ConversionRules] = None
+) -> ConversionRules:
+    """``pair_by_order``'s pairs as ``ConversionRules``, with each 2-D tensor's transpose decided by
+    the two shapes (a square one by the torch model's ``nn.Linear`` layers, or the name heuristic).
+    ``rules`` (skips, extra transposes) are kept. Raises like ``pair_by_order``.
+
+    >>> rules = by_order_rules(torch_model, paddle_model)
+    >>> paddle_model.set_state_dict(torch_to_paddle(torch_model, rules=rules))
+    """
+    plan = _order_plan(torch_side, paddle_side, rules)
+    plan.raise_problems()
+    return _rules_from_order(plan, rules)
 
 
 # --- reading and writing files -------------------------------------------------------------------
@@ -544,6 +759,8 @@ def convert(
     *,
     model: Any = None,
     rules: Optional[ConversionRules] = None,
+    by_order: bool = False,
+    paddle_model: Any = None,
 ) -> Conversion:
     """Convert a PyTorch state dict (a mapping, a file, or a torch model) into a Paddle one, and say
     what was done to every key.
@@ -551,6 +768,10 @@ def convert(
     With ``model`` (the torch ``nn.Module``), Linear weights are found by ``isinstance`` and the
     state dict must fit the model (every key, every shape); without it ``guess_linear_weight``
     decides and ``HeuristicLinearWarning`` is issued.
+
+    ``by_order=True`` names each key after the Paddle key at the same position of ``paddle_model``
+    (a Paddle model, state dict or ``.pdparams`` path), see ``pair_by_order``; Linear weights are
+    then recognised by shape. ``rules`` still skip keys.
 
     >>> conv = convert(torch_model.state_dict(), model=torch_model)
     >>> paddle_model.set_state_dict(conv.weights); print(conv.summary_line())
@@ -580,6 +801,12 @@ def convert(
         linear: Optional[set[str]] = linear_weight_names(model)
     else:
         linear = None
+    if by_order:
+        if paddle_model is None:
+            raise ReprodError(f"{source}: by_order needs paddle_model= to take the order from")
+        rules = by_order_rules(model if model is not None else sd, paddle_model, rules=rules)
+    elif paddle_model is not None:
+        raise ReprodError(f"{source}: paddle_model= is only used with by_order=True")
     plan = plan_conversion(
         {k: tuple(np.shape(v)) for k, v in sd.items()}, linear_weights=linear, rules=rules
     )
@@ -595,7 +822,8 @@ def convert(
         weights[p.paddle_name] = arr
         if conv.source_dtype is not None:
             dtypes[p.paddle_name] = conv.source_dtype
-    result = Conversion(weights, plan, "model" if linear is not None else "heuristic", dtypes)
+    how = "order" if by_order else "model" if linear is not None else "heuristic"
+    result = Conversion(weights, plan, how, dtypes)
     if linear is None and result.by_action("transpose"):
         names = ", ".join(
             p.torch_name for p in result.by_action("transpose") if p.why.startswith("heur")
@@ -700,26 +928,43 @@ def load_into_paddle(
     *,
     model: Any = None,
     rules: Optional[ConversionRules] = None,
+    by_order: bool = False,
 ) -> None:
     """Load weights into a Paddle model after checking that every key fits (see ``check_fits``).
 
     ``weights`` is a Paddle-named mapping, a ``.pdparams`` or ``.pth`` path, a torch state dict or a
-    torch model (converted with ``model``/``rules`` first).
+    torch model (converted with ``model``/``rules`` first). ``by_order=True`` pairs torch keys with
+    ``paddle_model``'s keys by definition order (see ``pair_by_order``) instead of by name.
 
     >>> load_into_paddle(paddle_model, torch_model)          # copy a torch model's weights
+    >>> load_into_paddle(paddle_model, torch_model, by_order=True)   # names differ, order agrees
     >>> load_into_paddle(paddle_model, "model.pdparams")
     """
     source = "converted weights"
-    if isinstance(weights, (str, os.PathLike)):
+    target = paddle_model if by_order else None
+    if isinstance(weights, (str, os.PathLike)) and by_order:
         source = os.fspath(weights)
-        arrays: Mapping[str, Any] = load_weights_as_dump(source, rules=rules, model=model)
+        if _suffix(source) in PADDLE_SUFFIXES:
+            raise ReprodError(f"{source}: by_order converts PyTorch files, not a .pdparams")
+        arrays: Mapping[str, Any] = convert(
+            source, model=model, rules=rules, by_order=by_order, paddle_model=target
+        ).weights
+    elif isinstance(weights, (str, os.PathLike)):
+        source = os.fspath(weights)
+        arrays = load_weights_as_dump(source, rules=rules, model=model)
     elif _is_torch_module(weights):
         source = f"weights of {type(weights).__name__}"
-        arrays = convert(weights, model=model, rules=rules).weights
+        arrays = convert(
+            weights, model=model, rules=rules, by_order=by_order, paddle_model=target
+        ).weights
     elif isinstance(weights, Mapping) and any(
         type(v).__module__.startswith("torch") for v in weights.values()
     ):
-        arrays = convert(weights, model=model, rules=rules).weights
+        arrays = convert(
+            weights, model=model, rules=rules, by_order=by_order, paddle_model=target
+        ).weights
+    elif by_order:
+        raise ReprodError("by_order needs PyTorch weights (a torch model, state dict or .pth)")
     elif isinstance(weights, Mapping):
         arrays = weights
     else:
