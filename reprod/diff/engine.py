@@ -173,7 +173,12 @@ def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optio
         "mean_abs": st.mean_abs, "max_abs": st.max_abs, "min_abs": st.min_abs,
         "mean_rel": st.mean_rel, "max_rel": st.max_rel, "cosine": st.cosine,
     }
-    worst_index = None if st.worst_flat is None else tuple(int(i) for i in np.unravel_index(st.worst_flat, ra.shape))
+    if st.worst_flat is None:
+        worst_index = None
+    elif ra.ndim == 1:  # most keys: np.unravel_index costs more than the statistics of 1 KiB
+        worst_index = (int(st.worst_flat),)
+    else:
+        worst_index = tuple(int(i) for i in np.unravel_index(st.worst_flat, ra.shape))
     status, reason, checks = "passed", "", {}
     if st.nan_unmatched:
         status = "nan"
@@ -198,6 +203,20 @@ def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optio
     )
 
 
+# the same few thresholds are printed in every key's reason
+_THRESHOLD_TEXT: dict[float, str] = {}
+
+
+def _fmt_threshold(t: float) -> str:
+    text = _THRESHOLD_TEXT.get(t)
+    if text is None:
+        text = fmt_num(t)
+        # not zero: -0.0 == 0.0 as a key but prints differently
+        if type(t) is float and t != 0.0 and len(_THRESHOLD_TEXT) < 256:
+            _THRESHOLD_TEXT[t] = text
+    return text
+
+
 def judge(values: Mapping[str, Optional[float]], thresholds: Mapping[str, float], *,
           mismatched: Optional[int], size: int, atol: Optional[float], rtol: Optional[float],
           worst_index: Optional[tuple[int, ...]], worst_ref: Optional[float],
@@ -212,14 +231,16 @@ def judge(values: Mapping[str, Optional[float]], thresholds: Mapping[str, float]
         at = f" at index {worst_index} (ref {worst_ref:.6g}, other {worst_other:.6g})"
     if not all(checks.values()):
         bad = [m for m, ok in checks.items() if not ok]
-        reason = "; ".join(f"{m} {fmt_num(values[STAT_OF_METHOD[m]])} > {fmt_num(thresholds[m])}" for m in bad)
+        reason = "; ".join(f"{m} {fmt_num(values[STAT_OF_METHOD[m]])} > "
+                           f"{_fmt_threshold(thresholds[m])}" for m in bad)
         return "failed", reason + at, checks
     if mismatched:
         reason = (f"{mismatched} / {size} elements ({100.0 * mismatched / size:.3g}%) outside "
                   f"atol+rtol*|ref| (atol={atol or 0:g}, rtol={rtol or 0:g}){at}")
         return "mismatch", reason, checks
-    reason = "; ".join(f"{m} {fmt_num(values[STAT_OF_METHOD[m]])} <= {fmt_num(thresholds[m])}"
-                       for m in thresholds) or "compared (no statistic checked)"
+    reason = "; ".join(f"{m} {fmt_num(values[STAT_OF_METHOD[m]])} <= "
+                       f"{_fmt_threshold(thresholds[m])}" for m in thresholds) \
+        or "compared (no statistic checked)"
     if mismatched == 0:
         reason += f"; all elements within atol={atol or 0:g}, rtol={rtol or 0:g}"
     return "passed", reason, checks

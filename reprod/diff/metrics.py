@@ -424,7 +424,9 @@ def compute_stats(ref: np.ndarray, other: np.ndarray, *, atol: Optional[float] =
     block = max(1, int(block))
     check_close = atol is not None or rtol is not None
     a_tol, r_tol, equal_nan = float(atol or 0.0), float(rtol or 0.0), bool(equal_nan)
-    kernel = _use_kernel and r_flat.dtype in _KERNEL_CODES and o_flat.dtype in _KERNEL_CODES
+    r_code = _KERNEL_CODES.get(r_flat.dtype) if _use_kernel else None
+    o_code = _KERNEL_CODES.get(o_flat.dtype) if r_code is not None else None
+    kernel = o_code is not None
     if kernel:
         # a reshape(-1) that could not be a view already copied; a strided 1-D view is copied here
         if not r_flat.flags.c_contiguous:
@@ -432,8 +434,7 @@ def compute_stats(ref: np.ndarray, other: np.ndarray, *, atol: Optional[float] =
         if not o_flat.flags.c_contiguous:
             o_flat = np.ascontiguousarray(o_flat)
         if n <= CHUNK:  # most keys of a dump: one call, no thread hand-off
-            values = _kernel.stats(r_flat, _KERNEL_CODES[r_flat.dtype], o_flat,
-                                   _KERNEL_CODES[o_flat.dtype], block, check_close, a_tol, r_tol,
+            values = _kernel.stats(r_flat, r_code, o_flat, o_code, block, check_close, a_tol, r_tol,
                                    equal_nan)
             if on_progress is not None:
                 on_progress(n)
@@ -489,8 +490,8 @@ def _finish(n: int, values: Sequence[Any], r: np.ndarray, o: np.ndarray, check_c
             st.cosine = 0.0
     if worst >= 0:
         st.worst_flat = int(worst)
-        st.worst_ref = _scalar(r[worst])
-        st.worst_other = _scalar(o[worst])
+        st.worst_ref = _scalar_at(r, worst)
+        st.worst_other = _scalar_at(o, worst)
     return st
 
 
@@ -594,8 +595,10 @@ def _overflow_safe_rel(r: np.ndarray, o: np.ndarray, block: int) -> tuple[float,
     return (total / counted / 2.0**-64 if counted else 0.0), mx
 
 
-def _scalar(x: np.generic) -> float:
-    v = x.item()
+def _scalar_at(a: np.ndarray, i: int) -> float:
+    """``a[i]`` as a float (a complex one by its modulus unless it is real), without the numpy
+    scalar in between."""
+    v = a.item(i)
     if isinstance(v, complex):
         return v.real if v.imag == 0 else abs(v)
     return float(v)

@@ -52,10 +52,26 @@ def leaf_array(tree: Mapping[str, Any], key: str) -> tuple[np.ndarray, str]:
     src = getattr(tree, "source_dtype", None)
     value = tree[key]
     source = src(key) if callable(src) else None
-    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
-        return value, source or str(value.dtype)
+    if isinstance(value, np.ndarray):
+        dt = value.dtype
+        if dt.kind in "biufc":
+            return value, source or _dtype_name(dt)
     conv = to_numpy(value, key=key)
     return conv.array, source or conv.source_dtype or str(conv.array.dtype)
+
+
+# str(dtype) costs microseconds (numpy builds it in Python); a dump repeats a few dtypes. Equal
+# dtypes print alike (metadata is neither compared nor printed), so the dtype is the key.
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def _dtype_name(dt: np.dtype) -> str:
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        name = str(dt)
+        if len(_DTYPE_NAMES) < 256:
+            _DTYPE_NAMES[dt] = name
+    return name
 
 
 @dataclass

@@ -3,6 +3,7 @@ structure; an array's bytes are viewed (mmap) only when the key is accessed."""
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import zlib
@@ -90,9 +91,10 @@ class ArraySpec:
         else:
             if mf is None:
                 raise RuntimeError("an in-file array spec without its file (a reprod bug)")
-            count = self.nbytes // self.dtype.itemsize if self.dtype.itemsize else 0
+            count = math.prod(self.shape) if self.dtype.itemsize else 0
             arr = np.frombuffer(mf.buffer(), dtype=self.dtype, count=count, offset=self.offset)
-            arr = arr.reshape(self.shape, order="F" if self.fortran else "C")
+            if len(self.shape) != 1:  # frombuffer's result is already the 1-D array
+                arr = arr.reshape(self.shape, order="F" if self.fortran else "C")
         if self.source_dtype == BFLOAT16:
             arr = bf16_bits_to_float32(arr)
         if arr.flags.writeable:
@@ -109,9 +111,13 @@ class ArraySpec:
             return
         got = 0
         with memoryview(mf.buffer()) as view:
-            for pos in range(start, start + length, _CRC_CHUNK):
-                with view[pos : min(pos + _CRC_CHUNK, start + length)] as chunk:
-                    got = zlib.crc32(chunk, got)
+            if length <= _CRC_CHUNK:  # most members: one call
+                with view[start : start + length] as chunk:
+                    got = zlib.crc32(chunk)
+            else:
+                for pos in range(start, start + length, _CRC_CHUNK):
+                    with view[pos : min(pos + _CRC_CHUNK, start + length)] as chunk:
+                        got = zlib.crc32(chunk, got)
         if got != crc:
             raise DumpFormatError(f"{where}: checksum mismatch (CRC32 {got:08x}, the zip directory "
                                   f"says {crc:08x}): the file is corrupt")
@@ -148,16 +154,20 @@ class Dump(Mapping[str, Any]):
         node = self._tree[key]
         if isinstance(node, dict):
             return self._child(key, node)
-        where = f"{self.path}: key {self._prefix + key!r}"
         try:
             if node.check is not None and (self._verify or (
                     self._verify is None and node.check[1] < VERIFY_SMALL_BYTES)):
-                node.verify(self._mf, where)
+                node.verify(self._mf, self._where(key))
             return node.materialize(self._mf)
         except DumpFormatError:
             raise
         except (ValueError, OSError, EOFError, OverflowError) as exc:
-            raise DumpFormatError(f"{where}: cannot read array ({_one_line(exc)})") from None
+            raise DumpFormatError(f"{self._where(key)}: cannot read array "
+                                  f"({_one_line(exc)})") from None
+
+    def _where(self, key: str) -> str:
+        # built only when needed: formatting it costs as much as viewing a small array
+        return f"{self.path}: key {self._prefix + key!r}"
 
     def _child(self, key: str, node: dict[str, Any]) -> Dump:
         return Dump(node, self._mf, path=self.path, fmt=self.format, meta=self.meta,
