@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--html", metavar="PATH", help="also write a self-contained HTML report to PATH"
     )
     p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the CRC of every .npz member before comparing (by default only members "
+        "under 1 MiB are checked, when read)",
+    )
+    p.add_argument(
         "--quiet", action="store_true", help="print nothing on stdout; the exit status tells"
     )
     return p
@@ -155,7 +161,7 @@ def _unpaired(result: DiffResult, missing_path: str) -> DiffResult:
     return replace(result, results=keys)
 
 
-def _compare_folders(ref: str, other: str, options: dict[str, Any]) -> Compared:
+def _compare_folders(ref: str, other: str, options: dict[str, Any], verify: bool = False) -> Compared:
     from . import compare
 
     ref_files = _dump_files(ref)
@@ -166,7 +172,7 @@ def _compare_folders(ref: str, other: str, options: dict[str, Any]) -> Compared:
     for rel in ref_files:
         a, b = os.path.join(ref, rel), os.path.join(other, rel)
         if os.path.isfile(b):
-            out.append((rel, compare(a, b, **options)))
+            out.append((rel, compare(_open(a, verify), _open(b, verify), **options)))
         else:
             result = replace(compare(a, {}, **options), other_name=b)
             out.append((rel, _unpaired(result, b)))
@@ -182,10 +188,15 @@ def _compare_folders(ref: str, other: str, options: dict[str, Any]) -> Compared:
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pdparams")
 
 
-def _open(path: str) -> Any:
-    """Dumps open lazily; weight files (torch or paddle) are read safely and brought to paddle's
-    names and layout, so ``reprod-diff model.pth model.pdparams`` compares across frameworks."""
+def _open(path: str, verify: bool = False) -> Any:
+    """Dumps open lazily (``verify``: every .npz member's CRC is checked first); weight files
+    (torch or paddle) are read safely and brought to paddle's names and layout, so
+    ``reprod-diff model.pth model.pdparams`` compares across frameworks."""
     if not path.endswith(_WEIGHT_SUFFIXES):
+        if verify:
+            from .storage import load
+
+            return load(path, verify=True)
         return path
     import warnings
 
@@ -229,9 +240,10 @@ def _run(args: argparse.Namespace) -> Compared:
         folder, file = (args.ref, args.other) if ref_dir else (args.other, args.ref)
         raise UsageError(f"{folder} is a folder but {file} is not: give two files or two folders")
     if ref_dir:
-        compared = _compare_folders(args.ref, args.other, options)
+        compared = _compare_folders(args.ref, args.other, options, args.verify)
     else:
-        compared = [(None, compare(_open(args.ref), _open(args.other), **options))]
+        compared = [(None, compare(_open(args.ref, args.verify), _open(args.other, args.verify),
+                                   **options))]
     if args.keys and not any(len(result) for _, result in compared):
         globs = ", ".join(repr(k) for k in args.keys)
         raise UsageError(f"no key matches --keys {globs} in {args.ref} or {args.other}")
