@@ -212,7 +212,9 @@ def _open(path: str, verify: bool = False) -> Any:
     return Named(weights, path)
 
 
-def _run(args: argparse.Namespace) -> Compared:
+def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]:
+    """The comparisons, and for two files the two opened sides (the HTML report reads them again
+    for its histograms)."""
     from . import compare
 
     methods: list[str] = [m for group in (args.method or [["mean"]]) for m in group]
@@ -239,15 +241,16 @@ def _run(args: argparse.Namespace) -> Compared:
     if ref_dir != other_dir:
         folder, file = (args.ref, args.other) if ref_dir else (args.other, args.ref)
         raise UsageError(f"{folder} is a folder but {file} is not: give two files or two folders")
+    sides: Optional[tuple[Any, Any]] = None
     if ref_dir:
         compared = _compare_folders(args.ref, args.other, options, args.verify)
     else:
-        compared = [(None, compare(_open(args.ref, args.verify), _open(args.other, args.verify),
-                                   **options))]
+        sides = (_open(args.ref, args.verify), _open(args.other, args.verify))
+        compared = [(None, compare(*sides, **options))]
     if args.keys and not any(len(result) for _, result in compared):
         globs = ", ".join(repr(k) for k in args.keys)
         raise UsageError(f"no key matches --keys {globs} in {args.ref} or {args.other}")
-    return compared
+    return compared, sides
 
 
 # --- reporting -------------------------------------------------------------------------------------
@@ -349,12 +352,17 @@ def _write_atomic(path: str, text: str) -> None:
         f.file.write(text.encode("utf-8"))
 
 
-def _write_html(compared: Compared, path: str) -> None:
+def _write_html(compared: Compared, path: str, sides: Optional[tuple[Any, Any]] = None) -> None:
     from .report.html import write_html
 
     results = [r for _, r in compared]
     if len(results) == 1:
-        write_html(results[0], path)
+        histograms = None
+        if sides is not None:
+            from .diff.histogram import result_histograms
+
+            histograms = result_histograms(results[0], *sides)
+        write_html(results[0], path, histograms=histograms)
         return
     # folders: one page over every file, keys prefixed with their file
     from .diff.result import DiffResult
@@ -381,13 +389,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help (0) and usage errors (2): return rather than exit
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        compared = _run(args)
+        compared, sides = _run(args)
         if args.quiet and not args.output:
             text = ""  # nothing is printed: rendering (and importing tabulate) is wasted work
         else:
             text = _first(compared) if args.first else _render(compared, args)
         if args.html:
-            _write_html(compared, args.html)
+            _write_html(compared, args.html, sides)
         if args.output:
             _write_atomic(args.output, text + "\n")
             if not args.quiet:
