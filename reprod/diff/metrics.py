@@ -508,13 +508,9 @@ def _scaled_means(r: np.ndarray, o: np.ndarray, block: int) -> tuple[float, floa
                                  ob.astype(np.int64) if ob.dtype.kind == "b" else ob)
                 rf = rb.astype(np.float64)
             else:
-                rf, of = _as_float(rb), _as_float(ob)
-                keep = ~(np.isnan(rf) | np.isnan(of)) & ~(np.isinf(rf) & (rf == of))
-                rf, of = rf[keep], of[keep]
+                rf, of = _kept(rb, ob)
                 d = np.abs(of - rf)
-            ar = np.abs(rf)
-            rel = np.divide(d, ar, out=np.zeros_like(d), where=(ar != 0) | (d != 0))
-            rel[np.isinf(d)] = np.inf
+            rel = _rel(d, np.abs(rf))
             counted += d.size
             acc += float((d * scale).sum())
             acc_rel += float((rel * scale).sum())
@@ -535,6 +531,14 @@ def _squares_lost(rr: float, oo: float, dot: float, max_abs: float) -> bool:
     if rr == 0.0 and oo == 0.0 and max_abs == 0.0:
         return False  # identical (zero or underflowing) arrays: cosine 1 either way
     return rr < _TINY or oo < _TINY
+
+
+def _rel(d: np.ndarray, ar: np.ndarray) -> np.ndarray:
+    """|other - ref| / |ref| with 0/0 = 0 and x/0 = inf; an infinite difference is an infinite
+    relative error (not inf/inf)."""
+    rel = np.divide(d, ar, out=np.zeros_like(d), where=(ar != 0) | (d != 0))
+    rel[np.isinf(d)] = np.inf
+    return rel
 
 
 def _kept(rb: np.ndarray, ob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -583,11 +587,10 @@ def _overflow_safe_rel(r: np.ndarray, o: np.ndarray, block: int) -> tuple[float,
             rf, of = _kept(r[s : s + block], o[s : s + block])
             d = np.abs(of - rf)
             ar = np.abs(rf)
-            rel = np.divide(d, ar, out=np.zeros_like(d), where=(ar != 0) | (d != 0))
+            rel = _rel(d, ar)
             over = np.isinf(d) & np.isfinite(rf) & np.isfinite(of)
             if over.any():
                 rel[over] = np.abs(of[over] / 2 - rf[over] / 2) / (ar[over] / 2)
-            rel[np.isinf(d) & ~over] = np.inf
             counted += d.size
             total += float((rel * 2.0**-64).sum())
             if rel.size:
