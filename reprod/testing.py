@@ -281,70 +281,30 @@ def _fnmatch_literal(key: str) -> str:
 
 
 def _compare_with_dtype_defaults(ref: Any, other: Any, *, keys: Any, equal_nan: bool) -> DiffResult:
-    """``compare`` with each key's atol/rtol taken from its dtypes (the looser side).
+    """``compare`` with each key's atol/rtol taken from its dtypes (the looser side), given to
+    the engine as one per-key rule for each key (escaped, so a rule matches its own key only)."""
+    from dataclasses import replace
 
-    The engine takes one atol/rtol per call, so keys are grouped by tolerance and each group is
-    compared in its own call; the results are put back in the engine's key order.
-    """
     from .diff.engine import compare
     from .diff.pairing import open_side, walk_pairs
 
     a = open_side(ref, "ref")
     b = open_side(other, "other")
-    order: list[str] = []
-    seen: set[str] = set()
-    groups: dict[Tolerance, list[str]] = {}
+    per_key: dict[str, dict[str, float]] = {}
     for pair in walk_pairs(a.tree, b.tree, keys=keys):
-        if pair.key in seen:  # a type pair can come up twice
-            continue
-        seen.add(pair.key)
-        order.append(pair.key)
         leaf = pair.path[-1]
         dts = []
         if pair.kind != "type":
             for tree in (pair.ref_tree, pair.other_tree):
                 if tree is not None:
                     dts.append(_dtype_name(tree, leaf))
-        groups.setdefault(default_tolerance(*dts), []).append(pair.key)
-    if len(groups) <= 1:
-        tol = next(iter(groups), _EXACT)
-        return compare(
-            a.tree,
-            b.tree,
-            method=None,
-            threshold=None,
-            atol=tol.atol,
-            rtol=tol.rtol,
-            keys=keys,
-            equal_nan=equal_nan,
-        )
-    by_key: dict[str, KeyResult] = {}
-    first: Optional[DiffResult] = None
-    for tol, names in groups.items():
-        part = compare(
-            a.tree,
-            b.tree,
-            method=None,
-            threshold=None,
-            atol=tol.atol,
-            rtol=tol.rtol,
-            keys=[_fnmatch_literal(k) for k in names],
-            equal_nan=equal_nan,
-        )
-        if first is None:
-            first = part
-        for kr in part.results:
-            by_key.setdefault(kr.key, kr)
-    assert first is not None
-    options = dict(first.options, atol=None, rtol=None, tolerances="dtype defaults per key")
-    return DiffResult(
-        results=tuple(by_key[k] for k in order if k in by_key),
-        ref_name=first.ref_name,
-        other_name=first.other_name,
-        options=options,
-        created=first.created,
-    )
-
+        tol = default_tolerance(*dts)
+        per_key[_fnmatch_literal(pair.key)] = {"atol": tol.atol, "rtol": tol.rtol}
+    result = compare(a.tree, b.tree, method=None, threshold=None, atol=_EXACT.atol,
+                     rtol=_EXACT.rtol, per_key=per_key, keys=keys, equal_nan=equal_nan)
+    options = {k: v for k, v in result.options.items() if k != "per_key"}
+    options.update(atol=None, rtol=None, tolerances="dtype defaults per key")
+    return replace(result, options=options)
 
 def _check(
     ref: Any,
