@@ -311,6 +311,232 @@ static PyObject *stats(PyObject *self, PyObject *args) {
                          (long long)a.nan_unmatched, (long long)a.inf_unmatched);
 }
 
+PyDoc_STRVAR(stats_many_doc,
+    "stats_many(ref, other, jobs, tols, out, block, equal_nan) -> None\n\n"
+    "stats() of many pairs viewed in two buffers, in one call (dumps of thousands of small keys\n"
+    "spent more time calling stats() than in it). jobs: int64 rows of (ref byte offset, other\n"
+    "byte offset, element count, kinds 0-3 for ff fd df dd, check_close); tols: float64 rows of\n"
+    "(atol, rtol); out: writable float64 rows of MANY_FIELDS: the fields of stats(), then the\n"
+    "ref and other values at worst (NaN when worst is -1). Every range is checked against its\n"
+    "buffer before anything is read.");
+
+static uint32_t le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+#define MANY_JOB 5
+#define MANY_FIELDS 19
+
+static PyObject *stats_many(PyObject *self, PyObject *args) {
+    Py_buffer rb, ob, jb, tb, outb;
+    Py_ssize_t block;
+    int equal_nan;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*np", &rb, &ob, &jb, &tb, &outb, &block, &equal_nan))
+        return NULL;
+    Py_ssize_t n = jb.len / (Py_ssize_t)(MANY_JOB * sizeof(int64_t));
+    const char *bad = NULL;
+    if (block < 1 || jb.len % (MANY_JOB * sizeof(int64_t)) || tb.len != n * 2 * (Py_ssize_t)sizeof(double) ||
+        outb.len != n * MANY_FIELDS * (Py_ssize_t)sizeof(double))
+        bad = "stats_many: jobs, tols and out do not describe the same number of pairs";
+    const int64_t *jobs = jb.buf;
+    for (Py_ssize_t j = 0; !bad && j < n; j++) {
+        const int64_t *job = jobs + j * MANY_JOB;
+        int64_t count = job[2], kinds = job[3];
+        int64_t rs = kinds & 2 ? 8 : 4, os = kinds & 1 ? 8 : 4;
+        if (kinds < 0 || kinds > 3 || count < 0 || count > (INT64_MAX >> 4) || job[0] < 0 ||
+            job[1] < 0 || job[0] > rb.len || job[1] > ob.len || count * rs > rb.len - job[0] ||
+            count * os > ob.len - job[1])
+            bad = "stats_many: a job reaches outside its buffer";
+    }
+    if (bad) {
+        PyBuffer_Release(&rb);
+        PyBuffer_Release(&ob);
+        PyBuffer_Release(&jb);
+        PyBuffer_Release(&tb);
+        PyBuffer_Release(&outb);
+        PyErr_SetString(PyExc_ValueError, bad);
+        return NULL;
+    }
+    const double *tols = tb.buf;
+    double *out = outb.buf;
+    const char *rbase = rb.buf, *obase = ob.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < n; j++) {
+        const int64_t *job = jobs + j * MANY_JOB;
+        int kinds = (int)job[3];
+        const char *rp = rbase + job[0], *op = obase + job[1];
+        opts_t o = {(int)job[4], equal_nan, tols[2 * j], tols[2 * j + 1]};
+        acc_t a;
+        memset(&a, 0, sizeof a);
+        a.max_abs = -1.0;
+        a.max_rel = -1.0;
+        a.min_abs = INFINITY;
+        a.worst = -1;
+        table[kinds](rp, op, (Py_ssize_t)job[2], block, &o, &a);
+        double *row = out + j * MANY_FIELDS;
+        row[0] = (double)a.counted;
+        row[1] = a.total;
+        row[2] = a.total_rel;
+        row[3] = a.dot;
+        row[4] = a.rr;
+        row[5] = a.oo;
+        row[6] = a.max_abs;
+        row[7] = (double)a.worst;
+        row[8] = a.min_abs;
+        row[9] = a.max_rel;
+        row[10] = (double)a.mismatched;
+        row[11] = (double)a.ref_nan;
+        row[12] = (double)a.ref_inf;
+        row[13] = (double)a.other_nan;
+        row[14] = (double)a.other_inf;
+        row[15] = (double)a.nan_unmatched;
+        row[16] = (double)a.inf_unmatched;
+        if (a.worst >= 0) {
+            row[17] = kinds & 2 ? load_d(rp, a.worst) : load_f(rp, a.worst);
+            row[18] = kinds & 1 ? load_d(op, a.worst) : load_f(op, a.worst);
+        } else {
+            row[17] = row[18] = NAN;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&rb);
+    PyBuffer_Release(&ob);
+    PyBuffer_Release(&jb);
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&outb);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(scan_items_doc,
+    "scan_items(buf, pos, end, limit) -> list\n\n"
+    "Byte patterns of reprod.storage.legacy's pickle walker, matched in C: from pos, up to limit\n"
+    "consecutive dict items of the exact form numpy's pickler writes for `key: ndarray`\n"
+    "(SHORT_BINUNICODE key MEMOIZE, then the opcodes _PickleWalker._fast_array documents).\n"
+    "Each item is (start, key_start, key_len, rec, nd, third, dims, shape_memo, dtype, fortran,\n"
+    "data_at, n, end, steps): memo indices and offsets only. Nothing is interpreted: the walker\n"
+    "checks the memo entries and commits each item as its generic loop would, and walks\n"
+    "anything else itself. The scan stops at the first byte that does not fit.");
+
+static PyObject *scan_items(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    Py_ssize_t pos, end, limit;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnn", &b, &pos, &end, &limit)) return NULL;
+    if (end > b.len) end = b.len;
+    PyObject *items = PyList_New(0);
+    if (!items) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    const unsigned char *u = b.buf;
+    while (PyList_GET_SIZE(items) < limit && pos >= 0) {
+        Py_ssize_t q = pos;
+        /* the key: SHORT_BINUNICODE len bytes MEMOIZE, then BINGET (the array's first opcode) */
+        if (q + 2 > end || u[q] != 0x8C) break;
+        Py_ssize_t klen = u[q + 1], kstart = q + 2;
+        q = kstart + klen;
+        if (q + 2 > end || u[q] != 0x94 || u[q + 1] != 0x68) break;
+        Py_ssize_t p = q + 2; /* after the BINGET opcode, as _fast_array starts */
+        if (p + 17 > end || u[p + 1] != 0x68 || memcmp(u + p + 3, "K\x00\x85\x94h", 5) != 0 ||
+            memcmp(u + p + 9, "\x87\x94R\x94(K\x01", 7) != 0)
+            break;
+        long rec = u[p], nd = u[p + 2], third = u[p + 8];
+        q = p + 16;
+        long long dims[4];
+        int ndims = 0, too_many = 0;
+        while (q + 5 <= end) {
+            long long d;
+            if (u[q] == 0x4B) {
+                d = u[q + 1];
+                q += 2;
+            } else if (u[q] == 0x4D) {
+                d = u[q + 1] | (u[q + 2] << 8);
+                q += 3;
+            } else if (u[q] == 0x4A) {
+                d = (int32_t)le32(u + q + 1); /* signed, little-endian as pickle writes it */
+                q += 5;
+            } else {
+                break;
+            }
+            if (ndims == 3) {
+                too_many = 1; /* TUPLE1-3 take at most three: not this form */
+                break;
+            }
+            dims[ndims++] = d;
+        }
+        if (too_many || q + 4 > end) break;
+        int shape_memo, steps = 11 + ndims;
+        if (u[q] == 0x29 && ndims == 0) {
+            shape_memo = 0;
+            q += 1;
+            steps += 1;
+        } else if (ndims && u[q] - 0x84 == ndims && u[q + 1] == 0x94) {
+            shape_memo = 1;
+            q += 2;
+            steps += 2;
+        } else {
+            break;
+        }
+        if (q + 4 > end || u[q] != 0x68 || (u[q + 2] != 0x88 && u[q + 2] != 0x89)) break;
+        long dtype = u[q + 1];
+        int fortran = u[q + 2] == 0x88;
+        unsigned char c = u[q + 3];
+        q += 4;
+        unsigned long long n;
+        if (c == 0x43) {
+            if (q + 1 > end) break;
+            n = u[q];
+            q += 1;
+        } else if (c == 0x42) {
+            if (q + 4 > end) break;
+            n = le32(u + q);
+            q += 4;
+        } else if (c == 0x8E) {
+            if (q + 8 > end) break;
+            n = (uint64_t)le32(u + q) | (uint64_t)le32(u + q + 4) << 32;
+            q += 8;
+        } else {
+            break;
+        }
+        Py_ssize_t data_at = q;
+        if (n > (unsigned long long)(end - q)) break;
+        q += (Py_ssize_t)n;
+        steps += 3;
+        if (q + 9 <= end && u[q] == 0x95) {
+            q += 9;
+            steps += 1;
+        }
+        if (q + 4 > end || memcmp(u + q, "\x94t\x94" "b", 4) != 0) break;
+        q += 4;
+        steps += 4;
+        PyObject *shape = PyTuple_New(ndims);
+        if (!shape) goto fail;
+        for (int i = 0; i < ndims; i++) {
+            PyObject *v = PyLong_FromLongLong(dims[i]);
+            if (!v) {
+                Py_DECREF(shape);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(shape, i, v);
+        }
+        PyObject *item = Py_BuildValue("(nnnlllNilinnni)", pos, kstart, klen, rec, nd, third, shape,
+                                       shape_memo, dtype, fortran, data_at, (Py_ssize_t)n, q,
+                                       steps + 3 /* SHORT_BINUNICODE, MEMOIZE, BINGET */);
+        if (!item) goto fail;
+        int err = PyList_Append(items, item);
+        Py_DECREF(item);
+        if (err) goto fail;
+        pos = q;
+    }
+    PyBuffer_Release(&b);
+    return items;
+fail:
+    Py_DECREF(items);
+    PyBuffer_Release(&b);
+    return NULL;
+}
+
 static int avx2_supported(void) {
 #ifdef HAVE_AVX2
     __builtin_cpu_init();
@@ -361,6 +587,8 @@ static PyObject *get_isa(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"stats", stats, METH_VARARGS, stats_doc},
+    {"stats_many", stats_many, METH_VARARGS, stats_many_doc},
+    {"scan_items", scan_items, METH_VARARGS, scan_items_doc},
     {"set_isa", set_isa, METH_VARARGS, set_isa_doc},
     {"isa", get_isa, METH_NOARGS, "isa() -> str: the loop in use ('avx2' or 'base')."},
     {NULL, NULL, 0, NULL},

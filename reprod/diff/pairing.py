@@ -44,7 +44,7 @@ def open_side(obj: Any, default_name: str) -> Side:
 
 
 def _is_branch(v: Any) -> bool:
-    return isinstance(v, Mapping)
+    return type(v) is dict or (type(v) is not np.ndarray and isinstance(v, Mapping))
 
 
 def leaf_array(tree: Mapping[str, Any], key: str) -> tuple[np.ndarray, str]:
@@ -74,16 +74,22 @@ def _dtype_name(dt: np.dtype) -> str:
     return name
 
 
-@dataclass
 class Pair:
-    path: tuple[str, ...]
-    kind: str  # "leaf", "missing", "extra", "type"
-    ref_tree: Optional[Mapping[str, Any]] = None
-    other_tree: Optional[Mapping[str, Any]] = None
+    """Two leaves (or one, for "missing"/"extra") at ``path``; ``key`` is the path joined by "/"."""
 
-    @property
-    def key(self) -> str:
-        return "/".join(self.path)
+    __slots__ = ("path", "kind", "ref_tree", "other_tree", "key")
+
+    def __init__(self, path: tuple[str, ...], kind: str,  # "leaf", "missing", "extra", "type"
+                 ref_tree: Optional[Mapping[str, Any]] = None,
+                 other_tree: Optional[Mapping[str, Any]] = None, key: Optional[str] = None) -> None:
+        self.path = path
+        self.kind = kind
+        self.ref_tree = ref_tree
+        self.other_tree = other_tree
+        self.key = "/".join(path) if key is None else key
+
+    def __repr__(self) -> str:
+        return f"Pair({self.key!r}, {self.kind!r})"
 
 
 def _selected(key: str, patterns: Optional[Sequence[str]]) -> bool:
@@ -95,23 +101,35 @@ def walk_pairs(ref: Mapping[str, Any], other: Mapping[str, Any], *,
                _prefix: tuple[str, ...] = ()) -> Iterator[Pair]:
     """Pairs in the reference's key order; keys only in ``other`` follow, in its order."""
     patterns = [keys] if isinstance(keys, str) else keys
+    ref_nodes, other_nodes = _nodes(ref), _nodes(other)
+    head = "/".join(_prefix) + "/" if _prefix else ""
     for k in ref:
         path = _prefix + (k,)
-        rv_branch = _is_branch(_peek(ref, k))
+        rv_branch = _is_branch(ref_nodes[k] if ref_nodes is not None else _peek(ref, k))
         if k not in other:
             yield from _one_sided(ref, k, path, "missing", patterns, rv_branch)
             continue
-        ov_branch = _is_branch(_peek(other, k))
+        ov_branch = _is_branch(other_nodes[k] if other_nodes is not None else _peek(other, k))
         if rv_branch and ov_branch:
             yield from walk_pairs(ref[k], other[k], keys=patterns, _prefix=path)
-        elif rv_branch != ov_branch:
-            if _selected("/".join(path), patterns) or rv_branch or ov_branch:
-                yield Pair(path, "type", ref, other)
-        elif _selected("/".join(path), patterns):
-            yield Pair(path, "leaf", ref, other)
+            continue
+        key = head + k
+        if rv_branch != ov_branch:
+            if _selected(key, patterns) or rv_branch or ov_branch:
+                yield Pair(path, "type", ref, other, key)
+        elif _selected(key, patterns):
+            yield Pair(path, "leaf", ref, other, key)
     for k in other:
         if k not in ref:
             yield from _one_sided(other, k, _prefix + (k,), "extra", patterns, _is_branch(_peek(other, k)))
+
+
+def _nodes(tree: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """A Dump's key -> spec-or-dict table (what ``_peek`` would return, as a nested dict where it
+    returns a nested Dump: both are branches), so the walk does not call ``spec`` per key."""
+    from ..storage.lazy import Dump
+
+    return tree._tree if type(tree) is Dump else None
 
 
 def _peek(tree: Mapping[str, Any], k: str) -> Any:

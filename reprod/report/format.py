@@ -10,6 +10,8 @@ __all__ = ["fmt_num", "fmt_shape"]
 
 def fmt_num(x: Optional[float], digits: int = 3) -> str:
     """Scientific notation with a fixed number of digits: ``3.100e-04``; ``-`` for a missing value."""
+    if type(x) is float and digits == 3 and x - x == 0.0:  # finite: the common case, formatted once
+        return f"{x:.3e}"
     if x is None:
         return "-"
     x = float(x)

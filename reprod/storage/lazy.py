@@ -74,6 +74,16 @@ class ArraySpec:
     # (start, length, crc32) of the bytes a stored zip member's CRC covers; None where there is none
     check: Optional[tuple[int, int, int]] = None
 
+    @classmethod
+    def in_file(cls, dtype: np.dtype, shape: tuple[int, ...], offset: int, fortran: bool) -> ArraySpec:
+        """``ArraySpec(dtype, shape, offset, fortran)`` for readers building one per key of a
+        dump: a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``."""
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "__dict__", {"dtype": dtype, "shape": shape, "offset": offset,
+                                             "fortran": fortran, "source_dtype": None,
+                                             "loader": None, "check": None})
+        return obj
+
     @property
     def nbytes(self) -> int:
         n = self.dtype.itemsize
@@ -164,6 +174,23 @@ class Dump(Mapping[str, Any]):
         except (ValueError, OSError, EOFError, OverflowError) as exc:
             raise DumpFormatError(f"{self._where(key)}: cannot read array "
                                   f"({_one_line(exc)})") from None
+
+    def in_file(self, key: str) -> Optional[ArraySpec]:
+        """The spec of ``key`` when its bytes lie in the mapped file exactly as ``self[key]`` would
+        view them (no loader, no bfloat16 widening), checksum verified as ``self[key]`` does;
+        ``None`` otherwise. For readers that compute on the mapping directly (the engine's batch)."""
+        node = self._tree[key]
+        if type(node) is not ArraySpec or node.loader is not None or node.source_dtype is not None \
+                or self._mf is None:
+            return None
+        if node.check is not None and (self._verify or (
+                self._verify is None and node.check[1] < VERIFY_SMALL_BYTES)):
+            node.verify(self._mf, self._where(key))
+        return node
+
+    @property
+    def mapped_file(self) -> Optional[MappedFile]:
+        return self._mf
 
     def _where(self, key: str) -> str:
         # built only when needed: formatting it costs as much as viewing a small array
