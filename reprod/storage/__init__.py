@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
+from .._gc import gc_paused
 from ..adapters import to_tree
 from ..errors import DumpFormatError, UnsupportedValueError
 from .lazy import ArraySpec, Dump, MappedFile
@@ -34,18 +35,8 @@ def load(path: PathLike, *, verify: Optional[bool] = None) -> Dump:
     mf = MappedFile(p)
     head = bytes(mf.buffer()[:6])
     try:
-        if head == b"\x93NUMPY":
-            from .legacy import read_npy
-
-            stem = os.path.splitext(os.path.basename(p))[0]
-            return read_npy(mf, stem)
-        if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-            from .native import read_npz
-
-            dump = read_npz(mf, verify=verify)
-            if verify:
-                dump.verify()
-            return dump
+        with gc_paused():
+            return _read(mf, p, head, verify)
     except RecursionError:
         # the readers recurse over nesting they have already bounded; this is a last safety net
         mf.close()
@@ -53,7 +44,21 @@ def load(path: PathLike, *, verify: Optional[bool] = None) -> Dump:
     except BaseException:
         mf.close()
         raise
-    mf.close()
+
+
+def _read(mf: MappedFile, p: str, head: bytes, verify: Optional[bool]) -> Dump:
+    if head == b"\x93NUMPY":
+        from .legacy import read_npy
+
+        stem = os.path.splitext(os.path.basename(p))[0]
+        return read_npy(mf, stem)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        from .native import read_npz
+
+        dump = read_npz(mf, verify=verify)
+        if verify:
+            dump.verify()
+        return dump
     raise DumpFormatError(f"{p}: not a dump (neither .npy nor .npz; starts with {head[:4]!r})")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import functools
 import math
+import os
 import re
 import struct
 import warnings
@@ -59,6 +60,13 @@ SAFE_GLOBALS: dict[tuple[str, str], int] = {
 _INLINE_LIMIT = 256
 
 _MARK = object()
+
+try:  # the compiled scanner of numpy's per-array opcodes (optional, like the comparison kernel)
+    from ..diff._kernel import scan_items as _scan  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _scan = None
+if os.environ.get("REPROD_KERNEL", "1") == "0":
+    _scan = None
 
 # what numpy's dtype parser raises on strings from a damaged file (a comma string goes through
 # ast.literal_eval, hence SyntaxError)
@@ -206,6 +214,11 @@ class _PickleWalker:
         while True:
             if self.pos >= self.end:
                 raise DumpFormatError(f"{self.path}: truncated pickle (no STOP opcode)")
+            if _scan is not None and self.buf[self.pos] == 0x8C:  # SHORT_BINUNICODE: a key?
+                at = self.pos
+                self._scan_items(stack, memo)
+                if self.pos != at:
+                    continue
             op = self._u8()
             self.steps += 1
             if op == 0x68 and self._fast_array(stack, memo):  # BINGET starting numpy's array form
@@ -427,11 +440,19 @@ class _PickleWalker:
             steps += 1
         if q + 4 > end or buf[q : q + 4] != b"\x94t\x94b":
             return False
-        steps += 4
+        self._commit_array(stack, memo, nd, third, tuple(dims), shape_memo, dtype, fortran,
+                           data_at, n)
+        self.pos = q + 4
+        self.steps += steps + 4
+        return True
+
+    def _commit_array(self, stack: list[Any], memo: dict[int, Any], nd: _Global, third: int,
+                      shape: tuple[int, ...], shape_memo: bool, dtype: _DtypeStub, fortran: bool,
+                      data_at: int, n: int) -> None:
+        """The stack and memo entries of one array in numpy's form, in the order the generic loop
+        makes them (its memo references already checked)."""
         data: Any = _Payload(data_at, n) if n >= _INLINE_LIMIT else \
-            bytes(buf[data_at : data_at + n])
-        shape = tuple(dims)
-        # commit: the memo entries, in the order the generic loop makes them
+            bytes(self.buf[data_at : data_at + n])
         zero = (0,)
         memo[len(memo)] = zero
         memo[len(memo)] = (nd, zero, memo[third])
@@ -443,10 +464,46 @@ class _PickleWalker:
         state = (1, shape, dtype, fortran, data)
         memo[len(memo)] = state
         stack.append(stub)
-        self.pos = q + 4
-        self.steps += steps
         self._build(stub, state)
-        return True
+
+    def _scan_items(self, stack: list[Any], memo: dict[int, Any]) -> None:
+        """Dict items ``key: ndarray`` in numpy's exact form, located by the compiled scanner
+        (``reprod.diff._kernel.scan_items``) and committed here with the generic loop's checks,
+        stack, memo and step count. Stops at the first item that does not fit; the generic loop
+        walks on from there. Called with ``pos`` on a SHORT_BINUNICODE opcode."""
+        buf = self.buf
+        where = f"{self.path}: corrupt pickle"
+        for (_start, key_at, key_len, rec, nd, third, shape, shape_memo, dt, fortran, data_at, n,
+             after, steps) in _scan(buf, self.pos, self.end, 1 << 16):
+            rec_g, nd_g, dtype = memo.get(rec), memo.get(nd), memo.get(dt)
+            if not (type(rec_g) is _Global and rec_g.kind == _RECONSTRUCT and type(nd_g) is _Global
+                    and nd_g.kind == _NDARRAY and third in memo and type(dtype) is _DtypeStub):
+                return
+            try:
+                key = bytes(buf[key_at : key_at + key_len]).decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                return  # the generic loop raises the error, at the same byte
+            # references were checked before the key's MEMOIZE: one naming the key's own entry
+            # failed above and goes to the generic loop, which gives it the same meaning
+            stack.append(key)
+            memo[len(memo)] = key
+            # _commit_array and _build, inlined: this loop runs once per array of the dump
+            data: Any = _Payload(data_at, n) if n >= _INLINE_LIMIT else bytes(buf[data_at : data_at + n])
+            zero = (0,)
+            memo[len(memo)] = zero  # len() each time: a sparse memo (BINPUT) must count alike
+            memo[len(memo)] = (nd_g, zero, memo[third])
+            stub = _ArrayStub()
+            memo[len(memo)] = stub
+            if shape_memo:
+                memo[len(memo)] = shape
+            memo[len(memo)] = data
+            fortran = fortran == 1
+            memo[len(memo)] = (1, shape, dtype, fortran, data)
+            stack.append(stub)
+            stub.shape = check_shape(shape, self._itemsize(dtype), where)
+            stub.dtype, stub.fortran, stub.data, stub.built = dtype, fortran, data, True
+            self.pos = after
+            self.steps += steps
 
     def _int(self, line: bytes) -> int:
         try:
@@ -690,9 +747,17 @@ def _tree(d: dict[Any, Any], mf: MappedFile, prefix: str, budget: _Budget, depth
                               f"{MAX_DEPTH} levels deep")
     budget.take(1 + len(d))
     out: dict[str, Any] = {}
+    spec = ArraySpec.in_file
     for k, v in d.items():
-        if not isinstance(k, str):
+        if type(k) is not str:
             raise DumpFormatError(f"{mf.path}: key {_short(k)} is a {type(k).__name__}, not a string")
+        if type(v) is _ArrayStub and type(v.data) is _Payload and v.dtype is not None:
+            # the common leaf, as _leaf builds it, without formatting the key's text
+            dt = _STUB_DTYPES.get((v.dtype.descr, v.dtype.byteorder)) if not v.dtype.structured else None
+            if dt is not None and dt.kind in "biufc" and v.data.length == dt.itemsize * math.prod(v.shape):
+                budget.take()
+                out[k] = spec(dt, v.shape, v.data.offset, v.fortran)
+                continue
         name = f"{prefix}{k}"
         out[k] = _tree(v, mf, name + "/", budget, depth + 1) if isinstance(v, dict) \
             else _leaf(v, mf, f"{mf.path}: key {name!r}", budget)
