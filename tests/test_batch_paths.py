@@ -272,3 +272,30 @@ def test_kernel_off_still_compares(tmp_path):
         outs.append(subprocess.run([sys.executable, "-c", code, str(a), str(b)], env=env,
                                    capture_output=True, text=True, check=True).stdout)
     assert outs[0] == outs[1] == "['failed', 'passed'] 1.0\n"
+
+
+def test_array_spec_in_file_is_what_init_builds():
+    dt = np.dtype(np.float32)
+    fast = ArraySpec.in_file(dt, (2, 3), 128, True, "bfloat16", (64, 88, 12345))
+    slow = ArraySpec(dtype=dt, shape=(2, 3), offset=128, fortran=True, source_dtype="bfloat16",
+                     check=(64, 88, 12345))
+    assert fast == slow and hash(fast) == hash(slow)
+    assert list(fast.__dict__) == [f.name for f in dataclasses.fields(ArraySpec)]
+    assert fast.__dict__ == slow.__dict__
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.offset = 0  # type: ignore[misc]
+
+
+def test_crc_mismatch_names_the_key_and_closing_releases_the_mapping(tmp_path):
+    path = tmp_path / "d.npz"
+    reprod.save(path, {"a": np.arange(1000, dtype=np.float32), "b": np.ones(10)})
+    raw = bytearray(path.read_bytes())
+    at = raw.index(np.arange(1000, dtype=np.float32).tobytes()[40:60])
+    raw[at] ^= 1
+    path.write_bytes(bytes(raw))
+    d = reprod.load(path)
+    assert d["b"].sum() == 10
+    with pytest.raises(DumpFormatError, match=r"key 'a': checksum mismatch"):
+        d["a"]
+    d.close()
+    assert d.mapped_file is not None and d.mapped_file.mm is None

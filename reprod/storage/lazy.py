@@ -44,15 +44,26 @@ class MappedFile:
             self.mm: Optional[mmap.mmap] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         # byte ranges whose checksum has been verified; shared by every Dump viewing this file
         self.verified: set[int] = set()
+        self._view: Optional[memoryview] = None
 
     def buffer(self) -> mmap.mmap:
         if self.mm is None:
             raise DumpFormatError(f"{self.path}: the dump was closed")
         return self.mm
 
+    def view(self) -> memoryview:
+        """A memoryview of the whole mapping, made once: slicing it costs less than slicing the
+        mmap (which copies) or a fresh view per checksum (thousands of members)."""
+        if self._view is None:
+            self._view = memoryview(self.buffer())
+        return self._view
+
     def close(self) -> None:
         # Arrays handed out keep the buffer alive through numpy's base reference; closing while
         # they exist raises BufferError, in which case the mmap goes when the last view goes.
+        if self._view is not None:
+            self._view.release()  # slices of it still held keep the mapping alive (BufferError below)
+            self._view = None
         if self.mm is not None:
             try:
                 self.mm.close()
@@ -75,13 +86,17 @@ class ArraySpec:
     check: Optional[tuple[int, int, int]] = None
 
     @classmethod
-    def in_file(cls, dtype: np.dtype, shape: tuple[int, ...], offset: int, fortran: bool) -> ArraySpec:
-        """``ArraySpec(dtype, shape, offset, fortran)`` for readers building one per key of a
-        dump: a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``."""
+    def in_file(cls, dtype: np.dtype, shape: tuple[int, ...], offset: int, fortran: bool,
+                source_dtype: Optional[str] = None,
+                check: Optional[tuple[int, int, int]] = None) -> ArraySpec:
+        """``ArraySpec(...)`` of bytes in the file, for readers building one per key of a dump: a
+        frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``, a quarter
+        of a reader's per-key cost on dumps of many small keys (tests/test_batch_paths.py checks this
+        builds what ``__init__`` builds)."""
         obj = object.__new__(cls)
         object.__setattr__(obj, "__dict__", {"dtype": dtype, "shape": shape, "offset": offset,
-                                             "fortran": fortran, "source_dtype": None,
-                                             "loader": None, "check": None})
+                                             "fortran": fortran, "source_dtype": source_dtype,
+                                             "loader": None, "check": check})
         return obj
 
     @property
@@ -112,24 +127,24 @@ class ArraySpec:
         return arr
 
 
-    def verify(self, mf: Optional[MappedFile], where: str) -> None:
-        """Check the member's CRC32 against its bytes once per opened file; raise on a mismatch."""
+    def verify(self, mf: Optional[MappedFile], where: Union[str, Callable[[], str]]) -> None:
+        """Check the member's CRC32 against its bytes once per opened file; raise on a mismatch.
+        ``where`` names the key in the message (a callable is called only then)."""
         if self.check is None or mf is None:
             return
         start, length, crc = self.check
         if start in mf.verified:
             return
-        got = 0
-        with memoryview(mf.buffer()) as view:
-            if length <= _CRC_CHUNK:  # most members: one call
-                with view[start : start + length] as chunk:
-                    got = zlib.crc32(chunk)
-            else:
-                for pos in range(start, start + length, _CRC_CHUNK):
-                    with view[pos : min(pos + _CRC_CHUNK, start + length)] as chunk:
-                        got = zlib.crc32(chunk, got)
+        view = mf.view()
+        if length <= _CRC_CHUNK:  # most members: one call
+            got = zlib.crc32(view[start : start + length])
+        else:
+            got = 0
+            for pos in range(start, start + length, _CRC_CHUNK):
+                got = zlib.crc32(view[pos : min(pos + _CRC_CHUNK, start + length)], got)
         if got != crc:
-            raise DumpFormatError(f"{where}: checksum mismatch (CRC32 {got:08x}, the zip directory "
+            text = where() if callable(where) else where
+            raise DumpFormatError(f"{text}: checksum mismatch (CRC32 {got:08x}, the zip directory "
                                   f"says {crc:08x}): the file is corrupt")
         mf.verified.add(start)
 
@@ -167,7 +182,7 @@ class Dump(Mapping[str, Any]):
         try:
             if node.check is not None and (self._verify or (
                     self._verify is None and node.check[1] < VERIFY_SMALL_BYTES)):
-                node.verify(self._mf, self._where(key))
+                node.verify(self._mf, lambda: self._where(key))
             return node.materialize(self._mf)
         except DumpFormatError:
             raise
@@ -185,7 +200,7 @@ class Dump(Mapping[str, Any]):
             return None
         if node.check is not None and (self._verify or (
                 self._verify is None and node.check[1] < VERIFY_SMALL_BYTES)):
-            node.verify(self._mf, self._where(key))
+            node.verify(self._mf, lambda: self._where(key))
         return node
 
     @property

@@ -678,33 +678,6 @@ def _fast_directory(mf: MappedFile) -> Optional[dict[str, tuple[int, int, int]]]
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int, int]] = {}
 
 
-def _new_spec() -> Optional[Any]:
-    """A constructor for ``ArraySpec`` that fills the instance dict in one call: the frozen
-    dataclass ``__init__`` sets seven fields one ``object.__setattr__`` at a time, which is a
-    quarter of the per-member cost on dumps of many small keys. Only while ``ArraySpec`` stays a
-    plain dataclass with exactly these fields; otherwise ``None`` and the constructor is used."""
-    import dataclasses
-
-    names = [f.name for f in dataclasses.fields(ArraySpec)]
-    if names != ["dtype", "shape", "offset", "fortran", "source_dtype", "loader", "check"] \
-            or hasattr(ArraySpec, "__post_init__") or hasattr(ArraySpec, "__slots__"):
-        return None
-    new = object.__new__
-
-    def make(dtype: np.dtype, shape: tuple[int, ...], offset: int, fortran: bool,
-             source_dtype: Optional[str], check: tuple[int, int, int]) -> ArraySpec:
-        spec = new(ArraySpec)
-        spec.__dict__.update(dtype=dtype, shape=shape, offset=offset, fortran=fortran,
-                             source_dtype=source_dtype, loader=None, check=check)
-        return spec
-
-    return make
-
-
-_make_spec = _new_spec() or (lambda dtype, shape, offset, fortran, source_dtype, check: ArraySpec(
-    dtype=dtype, shape=shape, offset=offset, fortran=fortran, source_dtype=source_dtype, check=check))
-
-
 # numpy's own header form (``legacy._NUMPY_HEADER``, on bytes), split where the shape begins:
 # the part before it (dtype and order) repeats across a dump's members while shapes often differ
 # (2,038 distinct headers among the 5,000 members of the many-small benchmark), so a header with a
@@ -793,7 +766,7 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
         if not entries:
             raise DumpFormatError(f"{mf.path}: zip holds no .npy arrays, not a dump")
     tree: dict[str, Any] = {}
-    headers, make, get = _NPY_HEADERS, _make_spec, members.get
+    headers, make, get = _NPY_HEADERS, ArraySpec.in_file, members.get
     for path, member, src in entries:
         spec: Any
         if member is None:
