@@ -401,15 +401,17 @@ def test_failed_legacy_write_midway_keeps_earlier_file(tmp_path, monkeypatch) ->
     p = tmp_path / "d.npy"
     reprod.save(p, {"old": np.arange(10)})
     before = p.read_bytes()
-    real_save = np.save
+    from reprod.storage import _npy_writer  # write_legacy's writer (np.save only as fallback)
 
-    def half_then_fail(file, arr, *args, **kwargs):
+    real_write = _npy_writer.write_npy_dict
+
+    def half_then_fail(file, tree):
         buf = io.BytesIO()
-        real_save(buf, arr, *args, **kwargs)
+        assert real_write(buf, tree)
         file.write(buf.getvalue()[: len(buf.getvalue()) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(np, "save", half_then_fail)
+    monkeypatch.setattr(_npy_writer, "write_npy_dict", half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         reprod.save(p, {"a": np.zeros(1000)})
     monkeypatch.undo()

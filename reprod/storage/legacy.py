@@ -872,9 +872,16 @@ read_legacy = read_npy
 
 
 def write_legacy(path: str, tree: dict[str, Any]) -> str:
-    """``np.save(path, tree)`` exactly as reprod_log does, but atomically."""
+    """``np.save(path, tree)`` exactly as reprod_log does, but atomically.
+
+    The pickle is written from the arrays' memory (``_npy_writer``: same bytes as ``np.save``,
+    without its copy of every array into a ``bytes``); ``np.save`` itself for anything else.
+    """
+    from ._npy_writer import write_npy_dict
+
     with AtomicFile(path) as af:
-        np.save(af.file, tree, allow_pickle=True)  # type: ignore[arg-type]
+        if not write_npy_dict(af.file, tree):
+            np.save(af.file, tree, allow_pickle=True)  # type: ignore[arg-type]
     return path
 
 

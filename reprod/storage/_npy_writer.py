@@ -1,0 +1,474 @@
+"""Write reprod_log's dump format (``np.save(path, dict_of_arrays)``) straight from the arrays.
+
+``np.save`` of a dict pickles a 0-d object array whose one item is the dict; the pickler calls
+``ndarray.__reduce__`` on every array, which copies its data into a ``bytes`` object (``tobytes``),
+and then copies that again into its frame buffer (or writes it). Here the pickle opcodes are
+emitted directly and each payload is written from the array's own memory: small payloads are
+copied once into the current frame, large ones (64 KiB and more, as the pickler does) go to the
+file unframed and uncopied.
+
+The stream is the one numpy's protocol-4 pickle produces, opcode for opcode: the same globals
+(``numpy._core.multiarray._reconstruct`` under numpy 2, the module numpy itself names), the same
+memo indices, memoised dtypes, strings and repeated objects, BINGET/LONG_BINGET, the same
+SHORT_BINBYTES/BINBYTES/BINBYTES8 choice and the same unframed large payloads. Only frame
+boundaries can differ: a frame is closed before a key, never inside an array's opcodes (the
+pickler closes one wherever it crosses 64 KiB), which keeps every array in the exact sequence
+``reprod.load``'s fast path recognises. Files up to 64 KiB of opcodes are byte-identical to
+``np.save``'s.
+
+Anything this writer does not cover exactly (an ndarray subclass, an object dtype, a value that
+is not an array or a dict with str keys, a dtype whose reduction holds other than ints, strings,
+bools and None) makes ``write_npy_dict`` return False before writing anything; the caller then
+uses ``np.save``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any, BinaryIO
+
+import numpy as np
+
+__all__ = ["write_npy_dict", "npy_dict_bytes_supported"]
+
+_FRAME_TARGET = 64 * 1024  # pickle's _FRAME_SIZE_TARGET: frame size, and the large-payload bound
+_BATCH = 1000  # pickle's BATCHSIZE for SETITEMS
+_KINDS = frozenset("biufc")
+
+_pack_I = struct.Struct("<I").pack
+_pack_Q = struct.Struct("<Q").pack
+_pack_i = struct.Struct("<i").pack
+
+
+class _Prefix:
+    """What precedes the dict: npy header, PROTO, the object array's reduce up to its state list.
+
+    Built once from numpy's own pickle of a 0-d object array holding ``{}``, so the globals and
+    memo layout are whatever this numpy writes; the memo indices the writer reuses are read off
+    it and checked.
+    """
+
+    def __init__(self) -> None:
+        import io
+        import pickletools
+
+        holder = np.empty((), dtype=object)
+        holder[()] = {}
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            buf, np.lib.format.header_data_from_array_1_0(holder)
+        )
+        self.npy_header = buf.getvalue()
+        raw = pickle.dumps(holder, protocol=4)
+        ops = list(pickletools.genops(raw))
+        if [op.name for op, _, _ in ops[:2]] != ["PROTO", "FRAME"]:
+            raise ValueError("unexpected pickle layout")
+        memo = 0
+        globals_: list[int] = []
+        strings: dict[str, int] = {}
+        bytes_memo: dict[bytes, int] = {}
+        last_pushed: Any = None
+        body_start = ops[2][2]  # first opcode after FRAME
+        dict_at = None
+        for op, arg, pos in ops[2:]:
+            if op.name == "MEMOIZE":
+                if last_pushed == ("global",):
+                    globals_.append(memo)
+                elif isinstance(last_pushed, str):
+                    strings.setdefault(last_pushed, memo)
+                elif isinstance(last_pushed, bytes):
+                    bytes_memo[last_pushed] = memo
+                memo += 1
+                continue
+            if op.name == "EMPTY_DICT":
+                dict_at = (pos, memo)
+            last_pushed = ("global",) if op.name == "STACK_GLOBAL" else arg
+        if dict_at is None or len(globals_) != 3 or bytes_memo.get(b"b") is None:
+            raise ValueError("unexpected pickle layout")
+        self.body = raw[body_start : dict_at[0]]
+        self.dict_memo = dict_at[1]
+        self.reconstruct, self.ndarray, self.dtype_global = globals_
+        self.b_memo = bytes_memo[b"b"]
+        self.b_obj = np.array([98], np.uint8).tobytes()  # b"b", the object numpy's reduce uses
+        # every array starts: _reconstruct, (ndarray, (0,), b"b") REDUCE, and its state: MARK 1;
+        # the (0,) tuple is new each time, so memoised
+        self.head = (
+            _get(self.reconstruct) + _get(self.ndarray) + b"K\x00\x85\x94" + _get(self.b_memo)
+            + b"\x87\x94R\x94(K\x01"
+        )
+        self.strings = strings
+        # the byte-order character of dtype('O') ("|"): numpy's dtypes reduce to the same object
+        self.pipe = np.dtype(object).__reduce__()[2][1]
+        tail = raw[dict_at[0] :]
+        if tail != b"}\x94at\x94b.":
+            raise ValueError("unexpected pickle layout")
+
+
+_prefix: Any = None
+
+
+def _get_prefix() -> Any:
+    global _prefix
+    if _prefix is None:
+        try:
+            _prefix = _Prefix()
+            _prefix = _prefix if _self_test(_prefix) else False
+        except (ValueError, AttributeError, IndexError, TypeError):
+            _prefix = False  # an unknown numpy layout: np.save does the work
+    return _prefix
+
+
+def _self_test(pre: Any) -> bool:
+    """Once per process: the writer's bytes equal this numpy's ``np.save`` on a small sample
+    (each array form, a repeated dtype, a nested dict); any difference leaves it to np.save."""
+    import io
+
+    base = np.arange(6, dtype=np.float32).reshape(2, 3)
+    sample = {"a": base, "b": {"c": np.asfortranarray(base), "d": base[:, ::2]},
+              "e": np.array(2.5), "f": np.zeros(0, np.int8), "g": np.array([1, 2], ">i4"),
+              "h": np.arange(3, dtype=np.float32)}
+    want, got = io.BytesIO(), io.BytesIO()
+    np.save(want, sample, allow_pickle=True)
+    w = _Writer(got, pre)
+    _write(w, sample)
+    return got.getvalue() == want.getvalue()
+
+
+def npy_dict_bytes_supported() -> bool:
+    """Whether this numpy's pickle layout is the one the writer reproduces."""
+    return bool(_get_prefix())
+
+
+def _get(i: int) -> bytes:
+    return b"h" + bytes((i,)) if i < 256 else b"j" + _pack_I(i)
+
+
+def _int(v: int) -> bytes:
+    if 0 <= v < 256:
+        return b"K" + bytes((v,))
+    if 0 <= v < 65536:
+        return b"M" + v.to_bytes(2, "little")
+    if -(2**31) <= v < 2**31:
+        return b"J" + _pack_i(v)
+    raw = pickle.encode_long(v)  # type: ignore[attr-defined]
+    if len(raw) < 256:
+        return b"\x8a" + bytes((len(raw),)) + raw
+    return b"\x8b" + _pack_i(len(raw)) + raw
+
+
+def _bytes_header(n: int) -> bytes:
+    if n < 256:
+        return b"C" + bytes((n,))
+    if n < 2**32:
+        return b"B" + _pack_I(n)
+    return b"\x8e" + _pack_Q(n)
+
+
+def _str_op(s: str) -> bytes:
+    raw = s.encode("utf-8", "surrogatepass")
+    n = len(raw)
+    if n < 256:
+        return b"\x8c" + bytes((n,)) + raw
+    if n < 2**32:
+        return b"X" + _pack_I(n) + raw
+    return b"\x8d" + _pack_Q(n) + raw
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Writer:
+    __slots__ = ("f", "out", "memo", "n", "pre", "keep")
+
+    def __init__(self, f: BinaryIO, pre: Any) -> None:
+        self.f = f
+        self.pre = pre
+        self.out = bytearray()
+        # pickle's memo: id(object) -> index; the objects stay alive in the tree or in ``keep``
+        self.memo: dict[int, int] = {}
+        self.keep: list[Any] = []
+        self.n = 0
+
+    # -- frames ---------------------------------------------------------------------------------
+    def commit(self) -> None:
+        out = self.out
+        if not out:
+            return
+        if len(out) >= 4:  # pickle's FRAME_SIZE_MIN: a shorter frame goes without a header
+            self.f.write(b"\x95" + _pack_Q(len(out)))
+        self.f.write(out)
+        self.out = bytearray()
+
+    def memoize(self, obj: Any) -> None:
+        self.memo[id(obj)] = self.n
+        self.n += 1
+
+    # -- objects --------------------------------------------------------------------------------
+    def string(self, s: str) -> None:
+        i = self.memo.get(id(s))
+        if i is not None:
+            self.out += _get(i)
+            return
+        self.out += _str_op(s)
+        self.out += b"\x94"
+        self.memoize(s)
+
+    def scalar(self, v: Any) -> None:
+        """The items of a dtype's reduction: None, bool, int, str (anything else: unsupported)."""
+        if v is None:
+            self.out += b"N"
+        elif v is True:
+            self.out += b"\x88"
+        elif v is False:
+            self.out += b"\x89"
+        elif type(v) is int:
+            self.out += _int(v)
+        elif type(v) is str:
+            self.string(v)
+        else:
+            raise _Unsupported
+
+    def dtype(self, dt: np.dtype) -> None:
+        i = self.memo.get(id(dt))
+        if i is not None:
+            self.out += _get(i)
+            return
+        red = dt.__reduce__()
+        if len(red) != 3 or red[0] is not np.dtype or len(red[1]) != 3 or not isinstance(red[2], tuple):
+            raise _Unsupported
+        self.keep.append(red)
+        out = self.out
+        out += _get(self.pre.dtype_global)
+        for v in red[1]:
+            self.scalar(v)
+        self.out += b"\x87\x94R\x94"  # TUPLE3 MEMOIZE REDUCE MEMOIZE
+        self.n += 1
+        self.memoize(dt)
+        self.out += b"("
+        for v in red[2]:
+            self.scalar(v)
+        self.out += b"t\x94b"  # TUPLE MEMOIZE BUILD
+        self.n += 1
+
+    def array(self, a: np.ndarray) -> None:
+        i = self.memo.get(id(a))
+        if i is not None:
+            self.out += _get(i)
+            return
+        pre = self.pre
+        n = self.n
+        self.out += pre.head
+        self.memo[id(a)] = n + 2  # the REDUCE result
+        n += 3
+        shape = a.shape
+        self.out += _SHAPES.get(shape) or _shape_ops(shape)
+        if shape:
+            n += 1  # the shape tuple is memoised (the empty tuple is not)
+        self.n = n
+        self.dtype(a.dtype)
+        # ndarray.__reduce__: Fortran-ordered (F- but not C-contiguous) data is written in F order
+        flags = a.flags
+        fortran = flags.f_contiguous and not flags.c_contiguous
+        if fortran:
+            data = a.T
+        elif flags.c_contiguous:
+            data = a
+        else:
+            data = np.ascontiguousarray(a)
+        nbytes = a.nbytes
+        self.out += b"\x88" if fortran else b"\x89"
+        if nbytes <= 1:
+            # numpy's tobytes() returns CPython's shared empty / one-byte bytes objects, which the
+            # pickler memoises by identity like any other object
+            b = data.tobytes()
+            i = self.memo.get(id(b))
+            if i is not None:
+                self.out += _get(i) + b"t\x94b"
+                self.n += 1
+                return
+            self.out += _bytes_header(nbytes) + b
+            self.keep.append(b)
+            self.memoize(b)
+            self.out += b"\x94t\x94b"
+            self.n += 1
+            return
+        if nbytes >= _FRAME_TARGET:
+            # as the pickler does: close the frame, write the header and the payload unframed,
+            # the payload straight from the array's memory
+            self.commit()
+            self.f.write(_bytes_header(nbytes))
+            self.f.write(_raw(data))
+        else:
+            out = self.out
+            out += _bytes_header(nbytes)
+            out += _raw(data)  # the one copy, into the frame
+        self.out += b"\x94t\x94b"  # MEMOIZE (the payload) TUPLE MEMOIZE BUILD
+        self.n += 2
+
+    def mapping(self, d: dict[Any, Any]) -> None:
+        i = self.memo.get(id(d))
+        if i is not None:
+            self.out += _get(i)
+            return
+        self.out += b"}\x94"
+        self.memoize(d)
+        size = len(d)
+        if size == 0:
+            return
+        items = iter(d.items())
+        if size == 1:
+            k, v = next(items)
+            self.item(k, v)
+            self.out += b"s"
+            return
+        left = size
+        while True:
+            self.out += b"("
+            batch = min(left, _BATCH)
+            for _ in range(batch):
+                k, v = next(items)
+                self.item(k, v)
+            self.out += b"u"
+            left -= batch
+            if batch < _BATCH:
+                break
+            # a multiple of the batch size ends with an empty MARK ... SETITEMS, as the C pickler
+
+    def item(self, k: Any, v: Any) -> None:
+        out = self.out
+        if len(out) >= _FRAME_TARGET:
+            self.commit()
+            out = self.out
+        if type(k) is not str:
+            raise _Unsupported
+        memo = self.memo
+        i = memo.get(id(k))
+        if i is None:
+            out += _str_op(k)
+            out += b"\x94"
+            memo[id(k)] = self.n
+            self.n += 1
+        else:
+            out += _get(i)
+        if type(v) is not np.ndarray:
+            if type(v) is dict:
+                self.mapping(v)
+                return
+            raise _Unsupported
+        # the common case inline: a new C-contiguous array of 2 bytes to 64 KiB whose dtype was
+        # written before; the opcodes are those of array()
+        nbytes = v.nbytes
+        dt = memo.get(id(v.dtype))
+        if dt is None or not 1 < nbytes < _FRAME_TARGET or id(v) in memo or not v.flags.c_contiguous:
+            self.array(v)
+            return
+        try:
+            # ``out += v`` would be numpy's add; some dtypes (non-native long double) have no
+            # buffer export, _raw's uint8 view has
+            raw = memoryview(v)
+        except ValueError:
+            raw = _raw(v)
+        n = self.n
+        shape = v.shape
+        sh = _SHAPES.get(shape)
+        if sh is None:
+            sh = _shape_ops(shape)
+        memo[id(v)] = n + 2
+        out += self.pre.head
+        out += sh
+        out += b"h" + bytes((dt,)) if dt < 256 else b"j" + _pack_I(dt)
+        out += b"\x89C" + bytes((nbytes,)) if nbytes < 256 else b"\x89B" + _pack_I(nbytes)
+        out += raw  # the one copy, into the frame
+        out += b"\x94t\x94b"
+        self.n = n + (6 if shape else 5)
+
+
+_SHAPES: dict[tuple[int, ...], bytes] = {}
+
+
+def _raw(a: np.ndarray) -> memoryview:
+    """A C-contiguous array's bytes, as a buffer any dtype can give (through a uint8 view)."""
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def _shape_ops(shape: tuple[int, ...]) -> bytes:
+    """The shape tuple's opcodes (with its MEMOIZE; the empty tuple has none), cached."""
+    if not shape:
+        ops = b")"
+    else:
+        ops = b"".join(_int(d) for d in shape)
+        ops = b"(" + ops + b"t\x94" if len(shape) > 3 else ops + bytes((0x84 + len(shape), 0x94))
+    if len(_SHAPES) < 4096:
+        _SHAPES[shape] = ops
+    return ops
+
+
+def _check(tree: Any, dtypes: dict[int, np.dtype], depth: int = 0) -> bool:
+    """Everything ``_Writer`` reproduces exactly: dicts with str keys of plain numeric ndarrays.
+    Collects the distinct dtype objects into ``dtypes``."""
+    if depth > 200:
+        return False
+    for k, v in tree.items():
+        if type(k) is not str:
+            return False
+        if type(v) is np.ndarray:
+            dt = v.dtype
+            if dt.kind not in _KINDS:
+                return False
+            dtypes[id(dt)] = dt
+        elif type(v) is dict:
+            if not _check(v, dtypes, depth + 1):
+                return False
+        else:
+            return False
+    return True
+
+
+def write_npy_dict(f: BinaryIO, tree: dict[str, Any]) -> bool:
+    """Write ``tree`` to the binary file ``f`` as ``np.save(f, tree, allow_pickle=True)`` would.
+
+    Returns False, having written nothing, when ``tree`` holds anything but (nested) dicts with str
+    keys of numeric numpy arrays, or this numpy pickles arrays another way; use ``np.save`` then.
+
+    >>> with open("forward.npy", "wb") as f:
+    ...     write_npy_dict(f, {"logits": np.ones((2, 3), np.float32)})
+    True
+    """
+    pre = _get_prefix()
+    dtypes: dict[int, np.dtype] = {}
+    if not pre or type(tree) is not dict or not _check(tree, dtypes):
+        return False
+    # the dtype reductions are checked before anything is written, too
+    try:
+        for dt in dtypes.values():
+            red = dt.__reduce__()
+            if red[0] is not np.dtype or not all(
+                v is None or type(v) in (bool, int, str) for v in (*red[1], *red[2])
+            ):
+                return False
+    except (TypeError, IndexError, ValueError):
+        return False
+    _write(_Writer(f, pre), tree)
+    return True
+
+
+def _write(w: _Writer, tree: dict[str, Any]) -> None:
+    pre = w.pre
+    w.f.write(pre.npy_header)
+    w.f.write(b"\x80\x04")  # PROTO 4, outside the first frame as the pickler writes it
+    w.out += pre.body
+    w.n = pre.dict_memo
+    # objects of the prefix that numpy hands out again (CPython's one-character str and bytes
+    # singletons): the pickler finds them in its memo, so must we
+    if pre.pipe in pre.strings:
+        w.memo[id(pre.pipe)] = pre.strings[pre.pipe]
+    w.memo[id(pre.b_obj)] = pre.b_memo
+    w.keep += (pre.pipe, pre.b_obj)
+    try:
+        w.mapping(tree)
+    except _Unsupported:  # pragma: no cover - _check and the dtype check rule these out
+        raise AssertionError("tree changed while being written") from None
+    w.out += b"at\x94b."  # APPEND (the dict into the state list) TUPLE MEMOIZE BUILD STOP
+    w.commit()
