@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from typing import BinaryIO, Optional
 
@@ -20,8 +19,14 @@ __all__ = ["AtomicFile", "STALE_TMP_SECONDS", "remove_stale_temporaries"]
 # system without flock) the age alone decides, and it must be a day.
 STALE_TMP_SECONDS = 3600
 STALE_TMP_SECONDS_UNLOCKED = 24 * 3600
-# tempfile.mkstemp's names: "." + target name + "." + 8 random characters + ".tmp"
+# temporary names: "." + target name + "." + 8 random characters + ".tmp" (tempfile.mkstemp's
+# characters, so that files left by earlier versions, which used mkstemp, are recognised too)
 _RANDOM = re.compile(r"^[a-z0-9_]{8}$")
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+_OPEN_FLAGS = (
+    os.O_RDWR | os.O_CREAT | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+)
 
 
 _FSYNC = os.environ.get("REPROD_FSYNC", "0") not in ("", "0", "false", "no")
@@ -46,9 +51,7 @@ class AtomicFile:
         folder = os.path.dirname(self.path)
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(self.path)
-        fd, self.tmp_path = tempfile.mkstemp(
-            prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=folder
-        )
+        fd, self.tmp_path = _mkstemp(folder, "." + os.path.basename(self.path) + ".")
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -99,6 +102,19 @@ class AtomicFile:
             self.commit()
         else:
             self.abort()
+
+
+def _mkstemp(folder: str, prefix: str) -> tuple[int, str]:
+    """``tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)`` without importing tempfile,
+    which (with shutil and random) costs ~15 ms on the first save of a process."""
+    for _ in range(100):
+        name = "".join(_CHARS[b % len(_CHARS)] for b in os.urandom(8))
+        path = os.path.join(folder, prefix + name + ".tmp")
+        try:
+            return os.open(path, _OPEN_FLAGS, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: no free temporary name for {prefix}*.tmp")
 
 
 def remove_stale_temporaries(path: str, *, now: Optional[float] = None) -> list[str]:
