@@ -130,15 +130,60 @@ def test_batch_takes_nothing_it_cannot_view(tmp_path, monkeypatch):
 @needs_kernel
 def test_stats_many_refuses_ranges_outside_its_buffers():
     buf = np.zeros(16, np.float32).tobytes()
-    out = np.empty((1, 19))
+    out = np.empty((1, 21))
     tols = np.zeros((1, 2))
-    for job in ([0, 0, 17, 0, 0], [-4, 0, 1, 0, 0], [0, 60, 2, 0, 0], [0, 0, 1, 4, 0], [0, 0, 9, 3, 0]):
+    crc = metrics.zlib_crc32_address()
+    none = [0, -1, 0]
+
+    def run(job, crc_address=crc, jobs=None):
+        jobs = np.array(job + none + none if len(job) == 5 else job, np.int64) if jobs is None else jobs
+        metrics._kernel.stats_many(buf, buf, jobs, tols, out, 8192, False, crc_address)
+
+    for job in ([0, 0, 17, 0, 0], [-4, 0, 1, 0, 0], [0, 60, 2, 0, 0], [0, 0, 1, 4, 0], [0, 0, 9, 3, 0],
+                [0, 0, 4, 0, 0, 60, 8, 0] + none, [0, 0, 4, 0, 0] + none + [-1, 4, 0]):
         with pytest.raises(ValueError):
-            metrics._kernel.stats_many(buf, buf, np.array(job, np.int64), tols, out, 8192, False)
+            run(job)
     with pytest.raises(ValueError):  # jobs and out disagree on the number of pairs
-        metrics._kernel.stats_many(buf, buf, np.zeros(10, np.int64), tols, out, 8192, False)
-    metrics._kernel.stats_many(buf, buf, np.array([0, 0, 16, 0, 0], np.int64), tols, out, 8192, False)
-    assert out[0, 0] == 16 and out[0, 6] == 0.0
+        run(None, jobs=np.zeros(10, np.int64))
+    with pytest.raises(ValueError):  # a check without a crc32 function
+        run([0, 0, 4, 0, 0, 0, 8, 0] + none, crc_address=0)
+    run([0, 0, 16, 0, 0])
+    assert out[0, 0] == 16 and out[0, 6] == 0.0 and list(out[0, 19:]) == [-1.0, -1.0]
+    if crc:
+        import zlib
+
+        good = zlib.crc32(buf[8:40])
+        run([0, 0, 16, 0, 0, 8, 32, good, 8, 32, good ^ 1])
+        assert list(out[0, 19:]) == [1.0, 0.0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_batch_checks_member_crcs(tmp_path, monkeypatch, in_kernel):
+    """A flipped byte in one small member of a many-key .npz: compare names that key, whether the
+    checksums run in the kernel call or one by one; the good members are recorded as verified."""
+    if not in_kernel:
+        monkeypatch.setattr(metrics, "_CRC32_ADDRESS", 0)
+    elif not metrics.zlib_crc32_address():
+        pytest.skip("zlib's crc32 not reachable through ctypes here")
+    rng = np.random.default_rng(2)
+    tree = {f"k{i}": rng.standard_normal(200 + i).astype(np.float32) for i in range(50)}
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    reprod.save(a, tree)
+    reprod.save(b, tree)
+    assert reprod.compare(a, b, progress=False).passed
+    d = reprod.load(b)
+    reprod.compare(reprod.load(a), d, progress=False)
+    assert len(d.mapped_file.verified) == 50
+    raw = bytearray(b.read_bytes())
+    at = raw.index(tree["k17"].tobytes()[100:140])
+    raw[at] ^= 0x10
+    b.write_bytes(bytes(raw))
+    with pytest.raises(DumpFormatError, match=r"b\.npz: key 'k17': checksum mismatch"):
+        reprod.compare(a, b, progress=False)
+    # without checks the flipped byte is only a (tiny) numeric difference
+    r = reprod.compare(reprod.load(a), reprod.load(b, verify=False), progress=False, threshold=None)
+    assert r["k17"].max_abs > 0 and r["k16"].max_abs == 0
 
 
 def _walk(path: str) -> tuple:

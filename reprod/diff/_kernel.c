@@ -312,28 +312,36 @@ static PyObject *stats(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(stats_many_doc,
-    "stats_many(ref, other, jobs, tols, out, block, equal_nan) -> None\n\n"
+    "stats_many(ref, other, jobs, tols, out, block, equal_nan, crc32) -> None\n\n"
     "stats() of many pairs viewed in two buffers, in one call (dumps of thousands of small keys\n"
-    "spent more time calling stats() than in it). jobs: int64 rows of (ref byte offset, other\n"
-    "byte offset, element count, kinds 0-3 for ff fd df dd, check_close); tols: float64 rows of\n"
-    "(atol, rtol); out: writable float64 rows of MANY_FIELDS: the fields of stats(), then the\n"
-    "ref and other values at worst (NaN when worst is -1). Every range is checked against its\n"
-    "buffer before anything is read.");
+    "spent more time calling stats() than in it). jobs: int64 rows of MANY_JOB: ref byte\n"
+    "offset, other byte offset, element count, kinds 0-3 for ff fd df dd, check_close, then\n"
+    "for ref and for other the (start, length, expected CRC32) of a zip member to check before\n"
+    "its statistics (length -1: none); tols: float64 rows of (atol, rtol); out: writable\n"
+    "float64 rows of MANY_FIELDS: the fields of stats(), the ref and other values at worst (NaN\n"
+    "when worst is -1), then per side 1 (CRC matches), 0 (it does not) or -1 (not checked).\n"
+    "crc32: the address of zlib's crc32 (0 when no row asks for a check), found and tested by\n"
+    "the caller. Every range is checked against its buffer before anything is read.");
+
+typedef unsigned long (*crc32_fn)(unsigned long, const unsigned char *, unsigned int);
 
 static uint32_t le32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-#define MANY_JOB 5
-#define MANY_FIELDS 19
+#define MANY_JOB 11
+#define MANY_FIELDS 21
 
 static PyObject *stats_many(PyObject *self, PyObject *args) {
     Py_buffer rb, ob, jb, tb, outb;
     Py_ssize_t block;
     int equal_nan;
+    unsigned long long crc_addr;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*np", &rb, &ob, &jb, &tb, &outb, &block, &equal_nan))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*npK", &rb, &ob, &jb, &tb, &outb, &block, &equal_nan,
+                          &crc_addr))
         return NULL;
+    crc32_fn crc = (crc32_fn)(uintptr_t)crc_addr;
     Py_ssize_t n = jb.len / (Py_ssize_t)(MANY_JOB * sizeof(int64_t));
     const char *bad = NULL;
     if (block < 1 || jb.len % (MANY_JOB * sizeof(int64_t)) || tb.len != n * 2 * (Py_ssize_t)sizeof(double) ||
@@ -348,6 +356,13 @@ static PyObject *stats_many(PyObject *self, PyObject *args) {
             job[1] < 0 || job[0] > rb.len || job[1] > ob.len || count * rs > rb.len - job[0] ||
             count * os > ob.len - job[1])
             bad = "stats_many: a job reaches outside its buffer";
+        for (int side = 0; side < 2 && !bad; side++) {
+            const int64_t *c = job + 5 + 3 * side;
+            Py_ssize_t len = side ? ob.len : rb.len;
+            if (c[1] == -1) continue;
+            if (!crc || c[0] < 0 || c[1] < 0 || c[1] > UINT32_MAX || c[0] > len || c[1] > len - c[0])
+                bad = "stats_many: a checksum range reaches outside its buffer";
+        }
     }
     if (bad) {
         PyBuffer_Release(&rb);
@@ -366,6 +381,14 @@ static PyObject *stats_many(PyObject *self, PyObject *args) {
         const int64_t *job = jobs + j * MANY_JOB;
         int kinds = (int)job[3];
         const char *rp = rbase + job[0], *op = obase + job[1];
+        double *row = out + j * MANY_FIELDS;
+        /* the member's checksum first: its bytes are then in cache for the statistics */
+        for (int side = 0; side < 2; side++) {
+            const int64_t *c = job + 5 + 3 * side;
+            const char *base = side ? obase : rbase;
+            row[19 + side] = c[1] == -1 ? -1.0 :
+                (uint32_t)crc(0, (const unsigned char *)base + c[0], (unsigned int)c[1]) == (uint32_t)c[2];
+        }
         opts_t o = {(int)job[4], equal_nan, tols[2 * j], tols[2 * j + 1]};
         acc_t a;
         memset(&a, 0, sizeof a);
@@ -374,7 +397,6 @@ static PyObject *stats_many(PyObject *self, PyObject *args) {
         a.min_abs = INFINITY;
         a.worst = -1;
         table[kinds](rp, op, (Py_ssize_t)job[2], block, &o, &a);
-        double *row = out + j * MANY_FIELDS;
         row[0] = (double)a.counted;
         row[1] = a.total;
         row[2] = a.total_rel;
