@@ -67,7 +67,6 @@ class ReprodLogger:
             from .storage.native import NpzWriter
 
             self._writer = NpzWriter(self._stream_path)
-            self._keys: dict[str, None] = {}  # ordered, O(1) membership
 
     @property
     def data(self) -> dict[str, Any]:
@@ -103,7 +102,6 @@ class ReprodLogger:
         tree, dtypes = to_tree(val, key=key)
         if self._writer is not None:
             self._writer.add(key, tree, dtypes)
-            self._keys[key] = None
             return
         self._data[key] = tree
         if dtypes is not None:
@@ -128,7 +126,7 @@ class ReprodLogger:
         self._dtypes.clear()
 
     def keys(self) -> list[str]:
-        return list(self._keys) if self._writer is not None else list(self._data)
+        return self._writer.keys() if self._writer is not None else list(self._data)
 
     def save(self, path: Optional[PathLike] = None) -> str:
         """Write the dump atomically and return the path written.

@@ -340,3 +340,40 @@ def test_stream_holds_nothing_in_memory(tmp_path) -> None:
         d.close()
     finally:
         p.unlink()
+
+
+def test_streaming_state_per_key_is_small(tmp_path):
+    """What a streaming logger keeps per key (directory entry, metadata, names) stays a few hundred
+    bytes, whatever the data: 20,000 keys of 64 bytes each."""
+    import tracemalloc
+
+    a = np.ones(16, np.float32)
+    lg = ReprodLogger(stream_to=tmp_path / "s.npz")
+    for i in range(500):
+        lg.add(f"warm{i}", a)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(20000):
+            lg.add(f"step{i // 50:05d}/layer{i % 50:02d}/activation", a)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    per_key = sum(s.size_diff for s in after.compare_to(before, "filename")) / 20000
+    assert per_key < 700, per_key
+    lg.close()
+    d = reprod.load(tmp_path / "s.npz")
+    assert len(d) == 20500 and d["step00399/layer49/activation"].sum() == 16
+
+
+def test_streaming_metadata_keeps_order_and_replacement(tmp_path):
+    lg = ReprodLogger(stream_to=tmp_path / "s.npz")
+    lg.add("a", np.ones(2))
+    lg.add("b", {"c": np.zeros(1), "e": {}})
+    lg.add("\udcffodd", 3)
+    lg.add("a", np.zeros(5))  # replaces, keeps its place
+    assert lg.keys() == ["a", "b", "\udcffodd"]
+    lg.close()
+    d = reprod.load(tmp_path / "s.npz")
+    assert list(d) == ["a", "b", "\udcffodd"]
+    assert d["a"].shape == (5,) and list(d["b"]) == ["c", "e"] and d["\udcffodd"] == 3

@@ -93,9 +93,14 @@ class NpzWriter:
         self._af = AtomicFile(path)
         self._file = self._af.file
         self._pos = 0  # where the next local header goes
-        self._central: list[bytes] = []  # the central directory, entry by entry
-        # top-level key -> its metadata entries; dict order is the order keys were first added
-        self._entries: dict[str, list[dict[str, Any]]] = {}
+        # The state kept per key is what bounds a streaming logger's memory (the arrays go to
+        # disk at once), so it is kept compact: the central directory as one bytearray, each
+        # key's metadata entries as their JSON text (~450 bytes a key in all, not ~800).
+        self._central = bytearray()
+        self._members = 0
+        # top-level key -> its metadata entries as JSON, ", "-joined; dict order is the order keys
+        # were first added
+        self._entries: dict[str, str] = {}
         self._names: set[str] = {META_NAME}
         self._closed = False
         self._aborted: Optional[str] = None
@@ -115,8 +120,7 @@ class NpzWriter:
         self._check_open()
         leaves: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]] = []
         _flatten(tree, dtypes, (key,), leaves)
-        # a re-added key replaces the old value and keeps its place (reprod_log's dict semantics)
-        entries = self._entries[key] = []
+        entries: list[dict[str, Any]] = []
         try:
             for path, arr, src in leaves:
                 if arr is None:  # an empty nested dict: an entry with no member
@@ -127,6 +131,8 @@ class NpzWriter:
             # a member half written leaves the zip unusable: give up cleanly rather than later
             self._abort(exc)
             raise
+        # a re-added key replaces the old value and keeps its place (reprod_log's dict semantics)
+        self._entries[key] = ", ".join(json.dumps(e, ensure_ascii=False) for e in entries)
 
     def _member_name(self, path: tuple[str, ...]) -> str:
         display = "/".join(path)
@@ -202,18 +208,19 @@ class NpzWriter:
         if big:
             extra = struct.pack(f"<HH{len(big)}Q", 1, 8 * len(big), *big) + extra
             version = _ZIP64_VERSION
-        self._central.append(_CENTRAL_HEADER.pack(
+        self._central += _CENTRAL_HEADER.pack(
             b"PK\x01\x02", version, _CREATE_SYSTEM, version, 0, 0, _STORED, dos_time, dos_date,
             crc, csize, usize, len(raw_name), len(extra), 0, 0, 0, _EXTERNAL_ATTR, hoff)
-            + raw_name + extra)
+        self._central += raw_name
+        self._central += extra
+        self._members += 1
 
     def _write_directory(self) -> None:
         """The central directory and the end records (zip64 ones where counts or offsets need)."""
         f = self._file
         start = self._pos
-        directory = b"".join(self._central)
-        f.write(directory)
-        count, size = len(self._central), len(directory)
+        f.write(self._central)
+        count, size = self._members, len(self._central)
         end = start + size
         if count >= _ZIP_FILECOUNT_LIMIT or start > _ZIP64_LIMIT or size > _ZIP64_LIMIT:
             f.write(_EOCD64.pack(b"PK\x06\x06", 44, _ZIP64_VERSION, _ZIP64_VERSION, 0, 0, count,
@@ -226,14 +233,8 @@ class NpzWriter:
         if self._closed and self._aborted is None:
             return self.path
         self._check_open()
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "keys": [e for entries in self._entries.values() for e in entries],
-            "writer": _writer_info(),
-        }
         try:
-            self._write_stored(META_NAME, _meta_bytes(meta), b"", align=False)
+            self._write_stored(META_NAME, self._meta(), b"", align=False)
             self._write_directory()
             self._af.commit()
         except BaseException as exc:
@@ -242,6 +243,21 @@ class NpzWriter:
         self._closed = True
         self._finalizer.detach()
         return self.path
+
+    def _meta(self) -> bytes:
+        """The metadata member, ``json.dumps`` of {format, version, keys, writer} (UTF-8, or
+        ASCII escapes where a key holds a lone surrogate), assembled from the keys' JSON texts."""
+        head = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION})[:-1]
+        keys = ", ".join(e for e in self._entries.values() if e)
+        text = f'{head}, "keys": [{keys}], "writer": {json.dumps(_writer_info(), ensure_ascii=False)}}}'
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:  # a key with a lone surrogate: JSON's \u escapes carry it
+            return json.dumps(json.loads(text), ensure_ascii=True).encode("ascii")
+
+    def keys(self) -> list[str]:
+        """The top-level keys added so far, in the order they were first added."""
+        return list(self._entries)
 
     def _abort(self, exc: BaseException) -> None:
         self.abort()
@@ -284,14 +300,6 @@ def _dos_now() -> tuple[int, int]:
         y, mo, d, h, mi, sec = time.localtime(now)[:6]
         _DOS_TIME[:] = [now, (h << 11 | mi << 5 | sec // 2, max(y - 1980, 0) << 9 | mo << 5 | d)]
     return _DOS_TIME[1]
-
-
-def _meta_bytes(meta: dict[str, Any]) -> bytes:
-    text = json.dumps(meta, ensure_ascii=False)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:  # a key with a lone surrogate: JSON's \u escapes carry it
-        return json.dumps(meta, ensure_ascii=True).encode("ascii")
 
 
 def _npy_header(arr: np.ndarray) -> bytes:
