@@ -207,7 +207,7 @@ class Dump(Mapping[str, Any]):
     def pending_check(self, spec: ArraySpec) -> Optional[tuple[int, int, int]]:
         """(start, length, CRC32) that ``self[key]`` would verify before viewing ``spec``, or
         ``None`` (no checksum, not wanted, or verified already). A caller that checks it itself
-        reports success with ``checked``."""
+        adds its start to ``mapped_file.verified``."""
         check = spec.check
         if check is None or self._mf is None or check[0] in self._mf.verified:
             return None
@@ -215,9 +215,6 @@ class Dump(Mapping[str, Any]):
             return check
         return None
 
-    def checked(self, check: tuple[int, int, int]) -> None:
-        assert self._mf is not None
-        self._mf.verified.add(check[0])
 
     @property
     def mapped_file(self) -> Optional[MappedFile]:
