@@ -473,6 +473,7 @@ class _PickleWalker:
         walks on from there. Called with ``pos`` on a SHORT_BINUNICODE opcode."""
         buf = self.buf
         where = f"{self.path}: corrupt pickle"
+        checked: dict[tuple[tuple[int, ...], _DtypeStub], tuple[int, ...]] = {}
         for (_start, key_at, key_len, rec, nd, third, shape, shape_memo, dt, fortran, data_at, n,
              after, steps) in _scan(buf, self.pos, self.end, 1 << 16):
             rec_g, nd_g, dtype = memo.get(rec), memo.get(nd), memo.get(dt)
@@ -500,7 +501,10 @@ class _PickleWalker:
             fortran = fortran == 1
             memo[len(memo)] = (1, shape, dtype, fortran, data)
             stack.append(stub)
-            stub.shape = check_shape(shape, self._itemsize(dtype), where)
+            ok = checked.get((shape, dtype))
+            if ok is None:  # the dump's arrays repeat a few hundred (shape, dtype) pairs
+                ok = checked[shape, dtype] = check_shape(shape, self._itemsize(dtype), where)
+            stub.shape = ok
             stub.dtype, stub.fortran, stub.data, stub.built = dtype, fortran, data, True
             self.pos = after
             self.steps += steps
