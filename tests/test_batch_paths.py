@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -132,40 +133,49 @@ def test_stats_many_refuses_ranges_outside_its_buffers():
     buf = np.zeros(16, np.float32).tobytes()
     out = np.empty((1, 21))
     tols = np.zeros((1, 2))
-    crc = metrics.zlib_crc32_address()
     none = [0, -1, 0]
 
-    def run(job, crc_address=crc, jobs=None):
+    def run(job, jobs=None):
         jobs = np.array(job + none + none if len(job) == 5 else job, np.int64) if jobs is None else jobs
-        metrics._kernel.stats_many(buf, buf, jobs, tols, out, 8192, False, crc_address)
+        metrics._kernel.stats_many(buf, buf, jobs, tols, out, 8192, False)
 
     for job in ([0, 0, 17, 0, 0], [-4, 0, 1, 0, 0], [0, 60, 2, 0, 0], [0, 0, 1, 4, 0], [0, 0, 9, 3, 0],
-                [0, 0, 4, 0, 0, 60, 8, 0] + none, [0, 0, 4, 0, 0] + none + [-1, 4, 0]):
+                [0, 0, 4, 0, 0, 60, 8, 0] + none, [0, 0, 4, 0, 0] + none + [-1, 4, 0],
+                [0, 0, 4, 0, 0, 0, 65, 0] + none):
         with pytest.raises(ValueError):
             run(job)
     with pytest.raises(ValueError):  # jobs and out disagree on the number of pairs
         run(None, jobs=np.zeros(10, np.int64))
-    with pytest.raises(ValueError):  # a check without a crc32 function
-        run([0, 0, 4, 0, 0, 0, 8, 0] + none, crc_address=0)
     run([0, 0, 16, 0, 0])
     assert out[0, 0] == 16 and out[0, 6] == 0.0 and list(out[0, 19:]) == [-1.0, -1.0]
-    if crc:
-        import zlib
-
-        good = zlib.crc32(buf[8:40])
-        run([0, 0, 16, 0, 0, 8, 32, good, 8, 32, good ^ 1])
-        assert list(out[0, 19:]) == [1.0, 0.0]
+    good = zlib.crc32(buf[8:40])
+    run([0, 0, 16, 0, 0, 8, 32, good, 8, 32, good ^ 1])
+    assert list(out[0, 19:]) == [1.0, 0.0]
 
 
 @needs_kernel
-@pytest.mark.parametrize("in_kernel", [True, False])
-def test_batch_checks_member_crcs(tmp_path, monkeypatch, in_kernel):
+def test_kernel_crc32_is_zlibs():
+    """Every length up to a few folds, odd offsets, running values, both loops."""
+    data = np.random.default_rng(9).integers(0, 256, 70_000, dtype=np.uint8).tobytes()
+    crc32 = metrics._kernel.crc32
+    for n in [*range(0, 200), 255, 256, 1000, 4095, 4096, 5000, 65536, 65537, 69_990]:
+        for off in (0, 1, 5, 15):
+            chunk = data[off : off + n]
+            for value in (0, 1, 0xDEADBEEF, 0xFFFFFFFF):
+                expected = zlib.crc32(chunk, value)
+                assert crc32(chunk, value) == expected, (n, off, value)
+                assert crc32(chunk, value, False) == expected, (n, off, value)
+    assert crc32(memoryview(data)[3:], 7) == zlib.crc32(data[3:], 7)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [True, False])
+def test_member_crcs_are_checked(tmp_path, monkeypatch, batch):
     """A flipped byte in one small member of a many-key .npz: compare names that key, whether the
-    checksums run in the kernel call or one by one; the good members are recorded as verified."""
-    if not in_kernel:
-        monkeypatch.setattr(metrics, "_CRC32_ADDRESS", 0)
-    elif not metrics.zlib_crc32_address():
-        pytest.skip("zlib's crc32 not reachable through ctypes here")
+    checksums run in the batch kernel call or in Dump.__getitem__; good members are recorded as
+    verified."""
+    if not batch:
+        monkeypatch.setattr(engine, "_BATCH_MAX", 0)
     rng = np.random.default_rng(2)
     tree = {f"k{i}": rng.standard_normal(200 + i).astype(np.float32) for i in range(50)}
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"

@@ -43,42 +43,6 @@ _KERNEL_CODES = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}
 _use_kernel = _kernel is not None and os.environ.get("REPROD_KERNEL", "1") != "0"
 
 
-def zlib_crc32_address() -> int:
-    """The address of zlib's ``crc32`` for the kernel's batch (checksums of many small zip members
-    without a Python call each), or 0 where it cannot be found. Found once through ctypes (which
-    numpy has imported already) and tested against ``zlib.crc32`` before it is handed out."""
-    global _CRC32_ADDRESS
-    if _CRC32_ADDRESS is None:
-        _CRC32_ADDRESS = 0
-        if _use_kernel and os.environ.get("REPROD_KERNEL_CRC", "1") != "0":
-            _CRC32_ADDRESS = _find_crc32()
-    return _CRC32_ADDRESS
-
-
-_CRC32_ADDRESS: Optional[int] = None
-
-
-def _find_crc32() -> int:
-    import ctypes
-    import zlib
-
-    for name in ("libz.so.1", "libz.so", "libz.1.dylib", "libz.dylib"):
-        try:
-            fn = ctypes.CDLL(name).crc32
-        except (OSError, AttributeError):
-            continue
-        fn.restype = ctypes.c_ulong
-        fn.argtypes = (ctypes.c_ulong, ctypes.c_char_p, ctypes.c_uint)
-        probe = bytes(range(256)) * 9 + b"reprod"
-        try:
-            ok = fn(0, probe, len(probe)) == zlib.crc32(probe) and fn(0, b"", 0) == 0
-        except Exception:  # a symbol by that name that is not zlib's
-            ok = False
-        if ok:
-            return int(ctypes.cast(fn, ctypes.c_void_p).value or 0)
-    return 0
-
-
 def kernel_available() -> bool:
     """Whether float32/float64 pairs go through the compiled kernel (``REPROD_KERNEL=0`` disables it)."""
     return _use_kernel

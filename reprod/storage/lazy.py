@@ -18,6 +18,13 @@ from ..errors import DumpFormatError
 
 __all__ = ["ArraySpec", "Dump", "MappedFile", "VERIFY_SMALL_BYTES"]
 
+try:  # the compiled kernel's CRC-32 (same result as zlib.crc32, ~3x faster with PCLMULQDQ)
+    from ..diff._kernel import crc32 as _crc32  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _crc32 = None
+if os.environ.get("REPROD_KERNEL", "1") == "0":
+    _crc32 = None
+
 # By default a member's CRC is checked on first access when the member is smaller than this: the
 # check then costs well under a millisecond, and larger members are left to ``verify=True``.
 VERIFY_SMALL_BYTES = 1 << 20
@@ -136,12 +143,13 @@ class ArraySpec:
         if start in mf.verified:
             return
         view = mf.view()
+        crc32 = _crc32 or zlib.crc32
         if length <= _CRC_CHUNK:  # most members: one call
-            got = zlib.crc32(view[start : start + length])
+            got = crc32(view[start : start + length])
         else:
             got = 0
             for pos in range(start, start + length, _CRC_CHUNK):
-                got = zlib.crc32(view[pos : min(pos + _CRC_CHUNK, start + length)], got)
+                got = crc32(view[pos : min(pos + _CRC_CHUNK, start + length)], got)
         if got != crc:
             text = where() if callable(where) else where
             raise DumpFormatError(f"{text}: checksum mismatch (CRC32 {got:08x}, the zip directory "
