@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _crc32 = None
 if os.environ.get("REPROD_KERNEL", "1") == "0":
     _crc32 = None
+crc32: Callable[..., int] = _crc32 or zlib.crc32  # crc32(data, value=0), zlib's result
 
 # By default a member's CRC is checked on first access when the member is smaller than this: the
 # check then costs well under a millisecond, and larger members are left to ``verify=True``.
@@ -143,7 +144,6 @@ class ArraySpec:
         if start in mf.verified:
             return
         view = mf.view()
-        crc32 = _crc32 or zlib.crc32
         if length <= _CRC_CHUNK:  # most members: one call
             got = crc32(view[start : start + length])
         else:

@@ -22,7 +22,7 @@ from .._gc import gc_paused
 from ..adapters import BFLOAT16, float32_to_bf16_bits
 from ..errors import DumpFormatError, ReprodError
 from ._atomic import AtomicFile
-from .lazy import ArraySpec, Dump, MappedFile, _one_line
+from .lazy import ArraySpec, Dump, MappedFile, _one_line, crc32
 from .legacy import MAX_DEPTH, MAX_NDIM
 
 if TYPE_CHECKING:  # zipfile costs ~5 ms to import; the common paths do not need it
@@ -173,7 +173,7 @@ class NpzWriter:
         or offsets pass ``_ZIP64_LIMIT``, the padding field that aligns the data to 64 bytes."""
         raw_name = name.encode("ascii")  # _member_name and META_NAME make ASCII names only
         size = len(header) + len(data)
-        crc = zlib.crc32(data, zlib.crc32(header))
+        crc = crc32(data, crc32(header))
         offset = self._pos
         zip64 = size > _ZIP64_LIMIT
         extra = b""
@@ -762,7 +762,7 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
         if size > 64 << 20:
             raise DumpFormatError(f"{mf.path}: metadata member too large")
         raw = buf[start : start + size]
-        if zlib.crc32(raw) != crc:
+        if crc32(raw) != crc:
             return _read_npz_zipfile(mf, verify=verify)  # which words the error as zipfile does
         meta, entries = _parse_meta(raw, mf.path)
     else:
