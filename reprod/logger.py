@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .adapters import to_tree
+from .adapters import fresh_copy, to_tree
 from .errors import UnsupportedValueError
 
 __all__ = ["ReprodLogger"]
@@ -16,32 +16,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 _NUMERIC_KINDS = frozenset("biufc")
 _SCALARS = (float, int, bool)
-# numpy asks for transparent huge pages (madvise) for every allocation from 4 MiB up; where the
-# kernel then compacts memory at each fault (THP defrag "madvise", the common default), copying
-# a 1 GiB model's activations took 3.0 s against 0.7 s from pre-faulted plain pages (measured on
-# the benchmark machine). Large copies therefore go into an anonymous mapping populated at once.
-_POPULATE_FROM = 4 << 20
-_MAP_FLAGS = None
-try:
-    import mmap as _mmap
-
-    if hasattr(_mmap, "MAP_POPULATE"):
-        _MAP_FLAGS = _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS | _mmap.MAP_POPULATE
-except ImportError:  # pragma: no cover
-    pass
-
-
-def _copy(a: np.ndarray) -> np.ndarray:
-    """``a.copy()`` (C order), large arrays into pre-faulted memory (see _POPULATE_FROM)."""
-    if a.nbytes < _POPULATE_FROM or _MAP_FLAGS is None:
-        return a.copy()
-    try:
-        buf = _mmap.mmap(-1, a.nbytes, flags=_MAP_FLAGS)
-    except (OSError, ValueError):
-        return a.copy()
-    out = np.frombuffer(buf, dtype=a.dtype).reshape(a.shape)
-    np.copyto(out, a)
-    return out
 
 
 class ReprodLogger:
@@ -84,7 +58,7 @@ class ReprodLogger:
         tv = type(val)
         if type(key) is str and self._writer is None:
             if tv is np.ndarray and val.dtype.kind in _NUMERIC_KINDS:
-                self._data[key] = _copy(val)
+                self._data[key] = fresh_copy(val)
                 if self._dtypes:
                     self._dtypes.pop(key, None)
                 return

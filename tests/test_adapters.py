@@ -354,3 +354,34 @@ def test_to_tree_errors_name_the_full_path() -> None:
         to_tree({"inner": "oops"}, key="out")
     with pytest.raises(UnsupportedValueError, match=r"'out'.*\b3\b.*int"):
         to_tree({3: np.ones(1)}, key="out")
+
+
+@pytest.mark.parametrize("shape", [(3,), (2048, 1024), (1, 1536, 1024)])
+def test_fresh_copy_large_and_small(shape) -> None:
+    """Copies of 4 MiB and more come from pre-faulted memory: same values, dtype and shape, C order,
+    writable, and independent of the source."""
+    from reprod.adapters import fresh_copy
+
+    src = np.asfortranarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    out = fresh_copy(src)
+    np.testing.assert_array_equal(out, src)
+    assert out.dtype == src.dtype and out.shape == src.shape
+    assert out.flags.c_contiguous and out.flags.writeable and not np.shares_memory(out, src)
+    src[...] = 0
+    assert out.any()
+
+
+def test_large_torch_tensor_copied_at_conversion(torch) -> None:
+    t = torch.ones(2048, 1024)  # 8 MiB: the pre-faulted path
+    conv = to_numpy(t, key="big")
+    t.add_(1)
+    assert conv.array.dtype == np.float32 and float(conv.array.max()) == 1.0
+
+
+def test_paddle_value_independent_of_tensor(paddle) -> None:
+    """paddle's .numpy() already copies; the converted array must still not follow the tensor."""
+    t = paddle.to_tensor(np.arange(6, dtype=np.float32))
+    conv = to_numpy(t, key="p")
+    t.add_(paddle.ones([6], dtype="float32"))
+    np.testing.assert_array_equal(conv.array, np.arange(6, dtype=np.float32))
+    assert conv.array.flags.c_contiguous and conv.array.flags.writeable
