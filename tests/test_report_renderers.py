@@ -401,3 +401,38 @@ def test_markdown_escapes_pipes_in_keys() -> None:
     assert "a\\|b" in row
     # the escaped pipe does not add a cell
     assert row.replace("\\|", "").count("|") == text.splitlines()[0].count("|")
+
+
+def test_simple_table_is_tabulates_character_for_character() -> None:
+    """The fast renderer of the default table against tabulate on random ASCII tables (cells with
+    blanks around them, empty cells, both alignments), and its refusal of wide characters."""
+    import random
+    import string
+
+    from tabulate import tabulate
+
+    from reprod.report.table import _simple_table
+
+    rng = random.Random(0)
+    pool = ["", ">>", "!", "a b", " pad ", "1.000e-06", "[2, 3]", "-"]
+    for _ in range(2000):
+        ncol = rng.randint(1, 9)
+        headers = [rng.choice(["", "key", "shape", "mean_abs", "verdict", " sp "]) for _ in range(ncol)]
+        align = [rng.choice(["left", "right"]) for _ in range(ncol)]
+        rows = [[rng.choice([*pool, "".join(rng.choices(string.printable[:95], k=rng.randint(0, 30)))])
+                 for _ in range(ncol)] for _ in range(rng.randint(1, 6))]
+        want = tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True, colalign=align)
+        assert _simple_table(rows, headers, align) == want, (rows, headers, align)
+    assert _simple_table([["ключ", "1"]], ["key", "v"], ["left", "right"]) is None
+    assert _simple_table([["a\nb", "1"]], ["key", "v"], ["left", "right"]) is None
+
+
+def test_default_table_with_wide_keys_still_renders() -> None:
+    import numpy as np
+
+    import reprod
+
+    r = reprod.compare({"层1": np.ones(3), "x": np.ones(2)}, {"层1": np.ones(3), "x": np.ones(2) * 2},
+                       progress=False)
+    text = r.to_table()
+    assert "层1" in text and text.splitlines()[-1] == r.summary_line()
