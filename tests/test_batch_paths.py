@@ -354,3 +354,31 @@ def test_crc_mismatch_names_the_key_and_closing_releases_the_mapping(tmp_path):
         d["a"]
     d.close()
     assert d.mapped_file is not None and d.mapped_file.mm is None
+
+
+@needs_kernel
+def test_batch_with_progress_bar_and_key_filter(tmp_path, monkeypatch):
+    """The batch under a (forced) progress bar and with --keys globs gives the plain results, and
+    the bar counts every byte it was promised."""
+    from reprod.diff import progress as progress_mod
+
+    rng = np.random.default_rng(4)
+    tree = {f"layer{i}": {"out": rng.standard_normal(300).astype(np.float32)} for i in range(300)}
+    other = {k: {"out": v["out"] * 1.0001} for k, v in tree.items()}
+    reprod.save(tmp_path / "a.npz", tree)
+    reprod.save(tmp_path / "b.npz", other)
+    done = []
+    real_advance = progress_mod.Progress.advance
+
+    def advance(self, nbytes):
+        done.append(nbytes)
+        return real_advance(self, nbytes)
+
+    monkeypatch.setattr(progress_mod.Progress, "advance", advance)
+    plain = reprod.compare(tmp_path / "a.npz", tmp_path / "b.npz", progress=False)
+    barred = reprod.compare(tmp_path / "a.npz", tmp_path / "b.npz", progress=True)
+    assert [k.to_dict() for k in plain] == [k.to_dict() for k in barred]
+    assert sum(done) == 300 * 300 * 8
+    some = reprod.compare(tmp_path / "a.npz", tmp_path / "b.npz", progress=False, keys="layer1*/out")
+    assert some.keys() == [k for k in plain.keys() if k.startswith("layer1")]
+    assert all(x == plain[x.key] for x in some)
