@@ -1,0 +1,69 @@
+"""Mutated legacy dumps and random batch rows for the compiled kernel under AddressSanitizer.
+
+Not a pytest file (it needs a sanitizer build); see docs/fuzzing.md for the build and the run:
+
+    python tests/asan_kernel_fuzz.py TREE SEED N
+
+TREE is a copy of the repository whose reprod/diff/_kernel*.so was built with -fsanitize=address.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+TREE, SEED, N = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, TREE)
+
+import reprod  # noqa: E402
+from reprod.diff import _kernel  # noqa: E402
+from reprod.errors import DumpFormatError  # noqa: E402
+from reprod.storage import legacy  # noqa: E402
+
+assert legacy._scan is not None and _kernel.__file__.startswith(os.path.abspath(TREE))
+rng = np.random.default_rng(SEED)
+tree = {}
+for i in range(40):
+    dt = [np.float32, np.float64, np.int64, np.float16, ">f4"][i % 5]
+    shape = [(), (5,), (70,), (3, 100), (2, 3, 50)][(i // 5) % 5]
+    tree[f"k{i}" if i % 3 else "ü" * (i % 7) + str(i)] = (rng.standard_normal(shape) * 10).astype(dt)
+src = os.path.join(TREE, f"src{SEED}.npy")
+np.save(src, tree, allow_pickle=True)
+data = open(src, "rb").read()
+mut = os.path.join(TREE, f"m{SEED}.npy")
+ok = err = 0
+for t in range(N):
+    b = bytearray(data)
+    k = int(rng.integers(1, 4))
+    for _ in range(k):
+        pos = int(rng.integers(100, len(b)))
+        b[pos] = int(rng.integers(0, 256))
+    if t % 7 == 0:
+        b = b[: int(rng.integers(100, len(b)))]
+    open(mut, "wb").write(bytes(b))
+    try:
+        d = reprod.load(mut)
+        for key in d:
+            try:
+                d[key]
+            except DumpFormatError:
+                pass
+        ok += 1
+    except DumpFormatError:
+        err += 1
+# batch kernel + crc with random jobs near bounds
+buf = bytes(rng.integers(0, 256, 4096, dtype=np.uint8))
+for _ in range(20000):
+    job = [int(rng.integers(-2, 4100)), int(rng.integers(-2, 4100)), int(rng.integers(-1, 600)),
+           int(rng.integers(-1, 5)), 1, int(rng.integers(-2, 4100)), int(rng.integers(-2, 300)), 0,
+           0, -1, 0]
+    out = np.empty((1, 21))
+    try:
+        _kernel.stats_many(buf, buf, np.array(job, np.int64), np.zeros((1, 2)), out, 64, False)
+    except ValueError:
+        pass
+for _ in range(2000):
+    off = int(rng.integers(0, 4096))
+    ln = int(rng.integers(0, 4096 - off + 1))
+    _kernel.crc32(memoryview(buf)[off : off + ln])
+print("seed", SEED, "loaded", ok, "errors", err)
