@@ -41,6 +41,15 @@ typedef struct {
     double atol, rtol;
 } opts_t;
 
+/* nothing counted yet: maxima below any |difference|, the minimum above, no worst position */
+static void acc_init(acc_t *a) {
+    memset(a, 0, sizeof *a);
+    a->max_abs = -1.0;
+    a->max_rel = -1.0;
+    a->min_abs = INFINITY;
+    a->worst = -1;
+}
+
 INLINE double load_f(const char *p, Py_ssize_t i) {
     float v;
     memcpy(&v, p + 4 * i, 4);
@@ -293,11 +302,7 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     Py_ssize_t n = rb.len / rsize;
     opts_t o = {check_close, equal_nan, atol, rtol};
     acc_t a;
-    memset(&a, 0, sizeof a);
-    a.max_abs = -1.0;
-    a.max_rel = -1.0;
-    a.min_abs = INFINITY;
-    a.worst = -1;
+    acc_init(&a);
     const char *rp = rb.buf, *op = ob.buf;
     Py_BEGIN_ALLOW_THREADS
     table[(rk == 'd') * 2 + (ok == 'd')](rp, op, n, block, &o, &a);
@@ -525,11 +530,7 @@ static PyObject *stats_many(PyObject *self, PyObject *args) {
         }
         opts_t o = {(int)job[4], equal_nan, tols[2 * j], tols[2 * j + 1]};
         acc_t a;
-        memset(&a, 0, sizeof a);
-        a.max_abs = -1.0;
-        a.max_rel = -1.0;
-        a.min_abs = INFINITY;
-        a.worst = -1;
+        acc_init(&a);
         table[kinds](rp, op, (Py_ssize_t)job[2], block, &o, &a);
         row[0] = (double)a.counted;
         row[1] = a.total;

@@ -149,6 +149,8 @@ class _PickleWalker:
         self.end = end
         self.path = path
         self.steps = 0
+        # (shape, dtype stub) -> the checked shape, for _commit_array
+        self._shapes: dict[tuple[tuple[int, ...], _DtypeStub], tuple[int, ...]] = {}
 
     # -- reading primitives -----------------------------------------------------------------------
     def _need(self, n: int) -> int:
@@ -450,21 +452,26 @@ class _PickleWalker:
                       shape: tuple[int, ...], shape_memo: bool, dtype: _DtypeStub, fortran: bool,
                       data_at: int, n: int) -> None:
         """The stack and memo entries of one array in numpy's form, in the order the generic loop
-        makes them (its memo references already checked)."""
+        makes them (its memo references already checked), and what ``_build`` makes of the stub.
+        Runs once per array of a dump: ``_build``'s checks of a state it built itself are left out,
+        and shape checks are cached per (shape, dtype)."""
         data: Any = _Payload(data_at, n) if n >= _INLINE_LIMIT else \
             bytes(self.buf[data_at : data_at + n])
         zero = (0,)
-        memo[len(memo)] = zero
+        memo[len(memo)] = zero  # len() each time: a sparse memo (BINPUT) must count alike
         memo[len(memo)] = (nd, zero, memo[third])
         stub = _ArrayStub()
         memo[len(memo)] = stub
         if shape_memo:
             memo[len(memo)] = shape
         memo[len(memo)] = data
-        state = (1, shape, dtype, fortran, data)
-        memo[len(memo)] = state
+        memo[len(memo)] = (1, shape, dtype, fortran, data)
         stack.append(stub)
-        self._build(stub, state)
+        checked = self._shapes.get((shape, dtype))
+        if checked is None:  # a dump's arrays repeat a few hundred (shape, dtype) pairs
+            checked = check_shape(shape, self._itemsize(dtype), f"{self.path}: corrupt pickle")
+            self._shapes[shape, dtype] = checked
+        stub.shape, stub.dtype, stub.fortran, stub.data, stub.built = checked, dtype, fortran, data, True
 
     def _scan_items(self, stack: list[Any], memo: dict[int, Any]) -> None:
         """Dict items ``key: ndarray`` in numpy's exact form, located by the compiled scanner
@@ -472,8 +479,6 @@ class _PickleWalker:
         stack, memo and step count. Stops at the first item that does not fit; the generic loop
         walks on from there. Called with ``pos`` on a SHORT_BINUNICODE opcode."""
         buf = self.buf
-        where = f"{self.path}: corrupt pickle"
-        checked: dict[tuple[tuple[int, ...], _DtypeStub], tuple[int, ...]] = {}
         for (_start, key_at, key_len, rec, nd, third, shape, shape_memo, dt, fortran, data_at, n,
              after, steps) in _scan(buf, self.pos, self.end, 1 << 16):
             rec_g, nd_g, dtype = memo.get(rec), memo.get(nd), memo.get(dt)
@@ -488,24 +493,8 @@ class _PickleWalker:
             # failed above and goes to the generic loop, which gives it the same meaning
             stack.append(key)
             memo[len(memo)] = key
-            # _commit_array and _build, inlined: this loop runs once per array of the dump
-            data: Any = _Payload(data_at, n) if n >= _INLINE_LIMIT else bytes(buf[data_at : data_at + n])
-            zero = (0,)
-            memo[len(memo)] = zero  # len() each time: a sparse memo (BINPUT) must count alike
-            memo[len(memo)] = (nd_g, zero, memo[third])
-            stub = _ArrayStub()
-            memo[len(memo)] = stub
-            if shape_memo:
-                memo[len(memo)] = shape
-            memo[len(memo)] = data
-            fortran = fortran == 1
-            memo[len(memo)] = (1, shape, dtype, fortran, data)
-            stack.append(stub)
-            ok = checked.get((shape, dtype))
-            if ok is None:  # the dump's arrays repeat a few hundred (shape, dtype) pairs
-                ok = checked[shape, dtype] = check_shape(shape, self._itemsize(dtype), where)
-            stub.shape = ok
-            stub.dtype, stub.fortran, stub.data, stub.built = dtype, fortran, data, True
+            self._commit_array(stack, memo, nd_g, third, shape, shape_memo == 1, dtype, fortran == 1,
+                               data_at, n)
             self.pos = after
             self.steps += steps
 
