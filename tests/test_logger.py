@@ -377,3 +377,72 @@ def test_streaming_metadata_keeps_order_and_replacement(tmp_path):
     d = reprod.load(tmp_path / "s.npz")
     assert list(d) == ["a", "b", "\udcffodd"]
     assert d["a"].shape == (5,) and list(d["b"]) == ["c", "e"] and d["\udcffodd"] == 3
+
+
+def _stream_sequence(lg: ReprodLogger) -> None:
+    rng = np.random.default_rng(5)
+    for i in range(40):
+        lg.add(f"k{i}", rng.standard_normal(3).astype(np.float32))
+        if i == 3:
+            lg.add("nested", {"a": np.ones(2), "e": {}, "b": {"c": np.zeros(1)}})
+        if i == 20:
+            lg.add("k2", np.full(4, 2.0))  # re-added after the spill
+            lg.add("\udcffodd", 7)  # a lone surrogate after the spill
+        if i == 30:
+            lg.add("k25", np.full(2, 25.0))  # a key first added after the spill, re-added
+            lg.add("k2", np.full(5, 3.0))
+
+
+def test_stream_spilled_to_disk_writes_the_same_dump(tmp_path, monkeypatch):
+    """Past _KeyLog.spill keys (and past _CENTRAL_SPILL bytes of directory) the writer keeps its
+    per-key state on disk; the dump is the one it writes with everything in memory."""
+    import zipfile
+
+    from reprod.storage import native
+
+    lg = ReprodLogger(stream_to=tmp_path / "mem.npz")
+    _stream_sequence(lg)
+    mem_keys = lg.keys()
+    lg.close()
+    monkeypatch.setattr(native._KeyLog, "spill", 5)
+    monkeypatch.setattr(native, "_CENTRAL_SPILL", 300)
+    lg = ReprodLogger(stream_to=tmp_path / "disk.npz")
+    _stream_sequence(lg)
+    assert lg._writer._keys.db is not None and lg._writer._central_file is not None
+    assert lg.keys() == mem_keys
+    lg.close()
+    with zipfile.ZipFile(tmp_path / "mem.npz") as a, zipfile.ZipFile(tmp_path / "disk.npz") as b:
+        assert a.namelist() == b.namelist()
+        assert a.read("__reprod__.json") == b.read("__reprod__.json")
+        assert b.testzip() is None
+    x, y = reprod.load(tmp_path / "mem.npz", verify=True), reprod.load(tmp_path / "disk.npz", verify=True)
+    assert list(x) == list(y) == mem_keys
+    assert y["k2"].tolist() == [3.0] * 5 and y["k25"].tolist() == [25.0, 25.0] and y["\udcffodd"] == 7
+    assert list(y["nested"]) == ["a", "e", "b"]
+
+
+def test_stream_memory_stays_flat_past_the_spill(tmp_path, monkeypatch):
+    """Keys past the spill cost the writer (almost) no memory: 20,000 of them add < 60 bytes each."""
+    import tracemalloc
+
+    from reprod.storage import native
+
+    monkeypatch.setattr(native._KeyLog, "spill", 1000)
+    monkeypatch.setattr(native, "_CENTRAL_SPILL", 1 << 16)
+    a = np.ones(4, np.float32)
+    lg = ReprodLogger(stream_to=tmp_path / "s.npz")
+    for i in range(2000):
+        lg.add(f"warm{i}", a)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(20000):
+            lg.add(f"step{i // 50:05d}/layer{i % 50:02d}", a)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    per_key = sum(s.size_diff for s in after.compare_to(before, "filename")) / 20000
+    assert per_key < 60, per_key
+    lg.close()
+    d = reprod.load(tmp_path / "s.npz")
+    assert len(d) == 22000 and list(d)[1999:2001] == ["warm1999", "step00000/layer00"]

@@ -14,7 +14,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -97,14 +97,14 @@ class NpzWriter:
         self._file = self._af.file
         self._pos = 0  # where the next local header goes
         # The state kept per key is what bounds a streaming logger's memory (the arrays go to
-        # disk at once), so it is kept compact: the central directory as one bytearray, each
-        # key's metadata entries as their JSON text (~450 bytes a key in all, not ~800).
+        # disk at once): the central directory in a bytearray, moved to a temporary file every
+        # few MiB, and the keys' metadata in a _KeyLog (in memory up to _KeyLog.spill keys, then
+        # on disk), so that a stream of any length holds a bounded amount of memory.
         self._central = bytearray()
+        self._central_file: Any = None
+        self._central_spilled = 0
         self._members = 0
-        # top-level key -> its metadata entries as JSON, ", "-joined; dict order is the order keys
-        # were first added
-        self._entries: dict[str, str] = {}
-        self._names: set[str] = {META_NAME}
+        self._keys = _KeyLog(os.path.dirname(os.path.abspath(path)))
         self._closed = False
         self._aborted: Optional[str] = None
         self._counter = 0
@@ -125,40 +125,39 @@ class NpzWriter:
         _flatten(tree, dtypes, (key,), leaves)
         entries: list[str] = []
         try:
+            # a re-added key's members are written again beside the old ones: numbered names
+            again = self._keys.seen(key)
             for path, arr, src in leaves:
                 if arr is None:  # an empty nested dict: an entry with no member
                     entries.append(json.dumps({"path": list(path), "kind": "dict"}, ensure_ascii=False))
                 else:
-                    entries.append(self._write_member(path, arr, src))
+                    entries.append(self._write_member(path, arr, src, again))
+            # a re-added key replaces the old value and keeps its place (reprod_log's dict semantics)
+            self._keys.put(key, ", ".join(entries))
         except BaseException as exc:
             # a member half written leaves the zip unusable: give up cleanly rather than later
             self._abort(exc)
             raise
-        # a re-added key replaces the old value and keeps its place (reprod_log's dict semantics)
-        self._entries[key] = ", ".join(entries)
 
-    def _member_name(self, path: tuple[str, ...]) -> str:
+    def _member_name(self, path: tuple[str, ...], again: bool) -> str:
+        """Keys that make clean zip paths keep their name, so plain numpy.load shows them; the
+        rest get a numbered name. Names cannot clash: a clean name is its key's path, and a path
+        element holding "/" or starting with "__reprod" is not clean; a re-added key (``again``),
+        whose first members keep their names, is numbered."""
         display = "/".join(path)
-        # keys that make clean zip paths keep their name, so plain numpy.load shows them; the rest
-        # (and anything that looks like our own fallback names) get a numbered name
-        if _SAFE_MEMBER.match(display) and len(path) == display.count("/") + 1 \
-                and not display.startswith("__reprod") and display + ".npy" not in self._names:
-            name = display + ".npy"
-        else:
-            name = f"__reprod_{self._counter}.npy"
-            while name in self._names:
-                self._counter += 1
-                name = f"__reprod_{self._counter}.npy"
         self._counter += 1
-        self._names.add(name)
-        return name
+        if not again and _SAFE_MEMBER.match(display) and len(path) == display.count("/") + 1 \
+                and not display.startswith("__reprod"):
+            return display + ".npy"
+        return f"__reprod_{self._counter - 1}.npy"
 
-    def _write_member(self, path: tuple[str, ...], arr: np.ndarray, src: Optional[str]) -> str:
+    def _write_member(self, path: tuple[str, ...], arr: np.ndarray, src: Optional[str],
+                      again: bool = False) -> str:
         if src == BFLOAT16:
             arr = float32_to_bf16_bits(arr)
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        name = self._member_name(path)
+        name = self._member_name(path, again)
         header = _npy_header(arr)
         data = memoryview(arr.reshape(-1)).cast("B") if arr.nbytes else b""
         self._write_stored(name, header, data, align=True)
@@ -167,7 +166,8 @@ class NpzWriter:
         text = '{"path": [' + ", ".join(map(_json_str, path)) + '], "member": ' + _json_str(name)
         return text + (', "dtype": ' + _json_str(src) + "}" if src is not None else "}")
 
-    def _write_stored(self, name: str, header: bytes, data: Any, *, align: bool) -> None:
+    def _write_stored(self, name: str, header: bytes, data: Any, *, align: bool,
+                      chunks: Optional[Callable[[], Iterator[bytes]]] = None) -> None:
         """One stored member: local header, ``header + data``, and its central directory entry.
 
         The CRC is computed before anything is written, so the file is written front to back
@@ -175,8 +175,14 @@ class NpzWriter:
         ~40 us a member). The layout is zipfile's: zip64 extra fields and end records where sizes
         or offsets pass ``_ZIP64_LIMIT``, the padding field that aligns the data to 64 bytes."""
         raw_name = name.encode("ascii")  # _member_name and META_NAME make ASCII names only
-        size = len(header) + len(data)
-        crc = crc32(data, crc32(header))
+        if chunks is None:
+            size = len(header) + len(data)
+            crc = crc32(data, crc32(header))
+        else:  # content made twice by ``chunks``: size and CRC first, then the bytes
+            size = crc = 0
+            for chunk in chunks():
+                size += len(chunk)
+                crc = crc32(chunk, crc)
         offset = self._pos
         zip64 = size > _ZIP64_LIMIT
         extra = b""
@@ -193,7 +199,11 @@ class NpzWriter:
         f = self._file
         head = _LOCAL_HEADER.pack(b"PK\x03\x04", version, 0, _STORED, dos_time, dos_date, crc,
                                   *fields, len(raw_name), len(local_extra))
-        if len(data) < _ONE_WRITE:  # small members (most of a many-key dump): one write call
+        if chunks is not None:
+            f.write(b"".join((head, raw_name, local_extra)))
+            for chunk in chunks():
+                f.write(chunk)
+        elif len(data) < _ONE_WRITE:  # small members (most of a many-key dump): one write call
             f.write(b"".join((head, raw_name, local_extra, header, data)))
         else:
             f.write(b"".join((head, raw_name, local_extra, header)))
@@ -219,13 +229,26 @@ class NpzWriter:
         self._central += raw_name
         self._central += extra
         self._members += 1
+        if len(self._central) >= _CENTRAL_SPILL:
+            if self._central_file is None:
+                self._central_file = _side_file(os.path.dirname(os.path.abspath(self.path)))
+            self._central_file.write(self._central)
+            self._central_spilled += len(self._central)
+            self._central = bytearray()
 
     def _write_directory(self) -> None:
         """The central directory and the end records (zip64 ones where counts or offsets need)."""
         f = self._file
         start = self._pos
+        if self._central_file is not None:  # the entries moved out of memory, in order
+            self._central_file.seek(0)
+            while True:
+                chunk = self._central_file.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
         f.write(self._central)
-        count, size = self._members, len(self._central)
+        count, size = self._members, self._central_spilled + len(self._central)
         end = start + size
         if count >= _ZIP_FILECOUNT_LIMIT or start > _ZIP64_LIMIT or size > _ZIP64_LIMIT:
             f.write(_EOCD64.pack(b"PK\x06\x06", 44, _ZIP64_VERSION, _ZIP64_VERSION, 0, 0, count,
@@ -239,30 +262,59 @@ class NpzWriter:
             return self.path
         self._check_open()
         try:
-            self._write_stored(META_NAME, self._meta(), b"", align=False)
+            self._write_stored(META_NAME, b"", b"", align=False, chunks=self._meta_chunks())
             self._write_directory()
             self._af.commit()
         except BaseException as exc:
             self._abort(exc)
             raise
+        finally:
+            self._release()
         self._closed = True
         self._finalizer.detach()
         return self.path
 
-    def _meta(self) -> bytes:
+    def _meta_chunks(self) -> Callable[[], Iterator[bytes]]:
         """The metadata member, ``json.dumps`` of {format, version, keys, writer} (UTF-8, or
-        ASCII escapes where a key holds a lone surrogate), assembled from the keys' JSON texts."""
-        head = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION})[:-1]
-        keys = ", ".join(e for e in self._entries.values() if e)
-        text = f'{head}, "keys": [{keys}], "writer": {json.dumps(_writer_info(), ensure_ascii=False)}}}'
-        try:
-            return text.encode("utf-8")
-        except UnicodeEncodeError:  # a key with a lone surrogate: JSON's \u escapes carry it
-            return json.dumps(json.loads(text), ensure_ascii=True).encode("ascii")
+        ASCII escapes where a key holds a lone surrogate), as chunks assembled from the keys'
+        JSON texts: read twice (size and CRC first), never held whole."""
+        head = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION})[:-1] + ', "keys": ['
+        tail = '], "writer": ' + json.dumps(_writer_info(), ensure_ascii=False) + "}"
+        ascii_only = False
+        for text in self._keys.texts():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a key with a lone surrogate: JSON's \u escapes carry it
+                ascii_only = True
+                break
+
+        def chunks() -> Iterator[bytes]:
+            yield head.encode("ascii")
+            batch: list[str] = []
+            first = True
+            for text in self._keys.texts():
+                if not text:
+                    continue
+                if ascii_only:
+                    text = json.dumps(json.loads("[" + text + "]"), ensure_ascii=True)[1:-1]
+                batch.append(text if first else ", " + text)
+                first = False
+                if len(batch) >= 4096:
+                    yield "".join(batch).encode("utf-8")
+                    batch = []
+            yield ("".join(batch) + tail).encode("ascii" if ascii_only else "utf-8")
+
+        return chunks
+
+    def _release(self) -> None:
+        if self._central_file is not None:
+            self._central_file.close()
+            self._central_file = None
+        self._keys.close()
 
     def keys(self) -> list[str]:
         """The top-level keys added so far, in the order they were first added."""
-        return list(self._entries)
+        return self._keys.keys()
 
     def _abort(self, exc: BaseException) -> None:
         self.abort()
@@ -276,6 +328,7 @@ class NpzWriter:
         self._aborted = self._aborted or "aborted"
         self._finalizer.detach()
         self._af.abort()
+        self._release()
 
     def __enter__(self) -> NpzWriter:
         return self
@@ -285,6 +338,96 @@ class NpzWriter:
             self.close()
         else:
             self.abort()
+
+
+_CENTRAL_SPILL = 4 << 20  # bytes of central directory kept in memory before moving them out
+
+
+def _side_file(folder: str) -> Any:
+    """An anonymous temporary file beside the dump (gone with the process, however it ends)."""
+    import tempfile
+
+    return tempfile.TemporaryFile(dir=folder)
+
+
+class _KeyLog:
+    """A writer's top-level keys and their metadata texts, in first-added order, a re-added key's
+    last text in its first place. The first ``spill`` keys stay in a dict; later keys go to an
+    anonymous SQLite database on disk (key -> position) and their texts to a temporary file, so
+    a stream of any length holds a bounded amount of memory (a key re-added after the spill
+    keeps its latest text in memory: streams re-log a few keys, not all of them)."""
+
+    spill = 20_000
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.mem: dict[str, str] = {}
+        self.db: Any = None
+        self.texts_file: Any = None
+        self.spilled = 0
+        self.replaced: dict[int, str] = {}
+
+    def seen(self, key: str) -> bool:
+        if key in self.mem:
+            return True
+        return self.db is not None and self._position(key) is not None
+
+    def _position(self, key: str) -> Optional[int]:
+        row = self.db.execute("SELECT pos FROM k WHERE key = ?", (_db_key(key),)).fetchone()
+        return None if row is None else int(row[0])
+
+    def put(self, key: str, text: str) -> None:
+        if key in self.mem or (self.db is None and len(self.mem) < self.spill):
+            self.mem[key] = text
+            return
+        if self.db is None:
+            import sqlite3
+
+            self.db = sqlite3.connect("")  # a private database in a temporary file
+            self.db.execute("CREATE TABLE k (key BLOB PRIMARY KEY, pos INTEGER)")
+            self.texts_file = _side_file(self.folder)
+        pos = self._position(key)
+        if pos is not None:
+            self.replaced[pos] = text
+            return
+        self.db.execute("INSERT INTO k VALUES (?, ?)", (_db_key(key), self.spilled))
+        raw = text.encode("utf-8", "surrogatepass")
+        self.texts_file.write(_TEXT_RECORD.pack(len(raw)) + raw)
+        self.spilled += 1
+
+    def texts(self) -> Iterator[str]:
+        yield from self.mem.values()
+        if self.texts_file is not None:
+            self.texts_file.flush()
+            self.texts_file.seek(0)
+            for pos in range(self.spilled):
+                (n,) = _TEXT_RECORD.unpack(self.texts_file.read(_TEXT_RECORD.size))
+                text = self.texts_file.read(n).decode("utf-8", "surrogatepass")
+                yield self.replaced.get(pos, text)
+            self.texts_file.seek(0, 2)
+
+    def keys(self) -> list[str]:
+        out = list(self.mem)
+        if self.db is not None:
+            out += [k.decode("utf-8", "surrogatepass") for (k,) in
+                    self.db.execute("SELECT key FROM k ORDER BY pos")]
+        return out
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        if self.texts_file is not None:
+            self.texts_file.close()
+            self.texts_file = None
+
+
+_TEXT_RECORD = struct.Struct("<I")
+
+
+def _db_key(key: str) -> bytes:
+    # keys may hold lone surrogates (file names decoded with surrogateescape): stored as bytes
+    return key.encode("utf-8", "surrogatepass")
 
 
 def _abandon(af: AtomicFile, path: str, pid: int) -> None:
