@@ -446,3 +446,34 @@ def test_stream_memory_stays_flat_past_the_spill(tmp_path, monkeypatch):
     lg.close()
     d = reprod.load(tmp_path / "s.npz")
     assert len(d) == 22000 and list(d)[1999:2001] == ["warm1999", "step00000/layer00"]
+
+
+def test_stream_spill_from_another_thread_and_without_sqlite(tmp_path, monkeypatch):
+    import builtins
+    import threading
+
+    from reprod.storage import native
+
+    monkeypatch.setattr(native._KeyLog, "spill", 3)
+    lg = ReprodLogger(stream_to=tmp_path / "t.npz")
+    for i in range(5):
+        lg.add(f"a{i}", i)
+    worker = threading.Thread(target=lambda: [lg.add(f"b{i}", i) for i in range(5)])
+    worker.start()
+    worker.join()
+    lg.close()
+    assert list(reprod.load(tmp_path / "t.npz")) == [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(5)]
+    real_import = builtins.__import__
+
+    def no_sqlite(name, *args, **kwargs):
+        if name == "sqlite3":
+            raise ImportError("no sqlite3 here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sqlite)
+    lg = ReprodLogger(stream_to=tmp_path / "u.npz")
+    for i in range(6):
+        lg.add(f"c{i}", i)
+    assert lg._writer._keys.db is None and lg.keys() == [f"c{i}" for i in range(6)]
+    lg.close()
+    assert reprod.load(tmp_path / "u.npz")["c5"] == 5

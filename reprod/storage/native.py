@@ -366,6 +366,7 @@ class _KeyLog:
         self.texts_file: Any = None
         self.spilled = 0
         self.replaced: dict[int, str] = {}
+        self.no_db = False
 
     def seen(self, key: str) -> bool:
         if key in self.mem:
@@ -377,13 +378,18 @@ class _KeyLog:
         return None if row is None else int(row[0])
 
     def put(self, key: str, text: str) -> None:
-        if key in self.mem or (self.db is None and len(self.mem) < self.spill):
+        if key in self.mem or (self.db is None and (len(self.mem) < self.spill or self.no_db)):
             self.mem[key] = text
             return
         if self.db is None:
-            import sqlite3
-
-            self.db = sqlite3.connect("")  # a private database in a temporary file
+            try:
+                import sqlite3
+            except ImportError:  # a Python built without it: the keys stay in memory
+                self.no_db = True
+                self.mem[key] = text
+                return
+            # a private database in a temporary file; the logger may be used from any one thread
+            self.db = sqlite3.connect("", check_same_thread=False)
             self.db.execute("CREATE TABLE k (key BLOB PRIMARY KEY, pos INTEGER)")
             self.texts_file = _side_file(self.folder)
         pos = self._position(key)
