@@ -25,9 +25,9 @@ class ReprodLogger:
     >>> logger.add("logits", model(x))          # numpy, torch, paddle, scalars, nested dicts
     >>> logger.save("result/forward_torch.npy")  # reprod_log's format; ``.npz`` for the native one
 
-    With ``stream_to="run.npz"`` every ``add`` is written to disk at once (native format) and only
-    key names stay in memory; ``save()``/``close()`` finishes the file (it appears, complete, only
-    then). Differences from reprod_log: values are copied at ``add`` (reprod_log keeps a reference,
+    With ``stream_to="run.npz"`` every ``add`` is written to disk at once (native format) and
+    memory stays bounded however many steps are logged (an index of the keys, moved to disk past
+    20,000 keys); ``save()``/``close()`` finishes the file (it appears, complete, only then). Differences from reprod_log: values are copied at ``add`` (reprod_log keeps a reference,
     so an in-place update after ``add`` changed what it saved), and bad keys or values raise
     ``ReprodError`` instead of ``AssertionError``.
     """
