@@ -57,7 +57,9 @@ class AtomicFile:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 pass  # no locks on this file system: stale files then go by age alone
-        self.file: BinaryIO = os.fdopen(fd, "w+b")
+        # a 1 MiB buffer: dumps of thousands of small keys are written in KiB pieces (a system call
+        # each with the default 8 KiB); large payloads bypass it
+        self.file: BinaryIO = os.fdopen(fd, "w+b", buffering=1 << 20)
         self._done = False
 
     def commit(self) -> str:
