@@ -672,11 +672,12 @@ class _Budget:
                                   "large tree (a hostile file?)")
 
 
-def _leaf(value: Any, mf: MappedFile, where: str, budget: Optional[_Budget] = None, depth: int = 0) -> ArraySpec:
+def _leaf(value: Any, mf: MappedFile, where: Any, budget: Optional[_Budget] = None, depth: int = 0) -> ArraySpec:
+    """``where``: the key's text for messages, a str or a _KeyText."""
     path = mf.path
     if budget is not None:
         budget.take()
-    if isinstance(value, _ArrayStub):
+    if type(value) is _ArrayStub:
         if value.dtype is None:
             raise DumpFormatError(f"{where}: corrupt array")
         dt = value.dtype.to_dtype(where)
@@ -687,7 +688,7 @@ def _leaf(value: Any, mf: MappedFile, where: str, budget: Optional[_Budget] = No
         if isinstance(data, _Payload):
             if data.length != nbytes:
                 raise DumpFormatError(f"{where}: array claims {nbytes} bytes but holds {data.length}")
-            return ArraySpec(dtype=dt, shape=value.shape, offset=data.offset, fortran=value.fortran)
+            return ArraySpec.in_file(dt, value.shape, data.offset, value.fortran)
         if isinstance(data, (bytes, bytearray)):
             if len(data) != nbytes:
                 raise DumpFormatError(f"{where}: array claims {nbytes} bytes but holds {len(data)}")
@@ -731,7 +732,7 @@ def _leaf(value: Any, mf: MappedFile, where: str, budget: Optional[_Budget] = No
             return np.array([s.materialize(mf) for s in specs], dtype=dt)
 
         return ArraySpec(dtype=dt, shape=shape, loader=load_list)
-    raise DumpFormatError(f"{path}: {where.split(': ', 1)[-1]}: value of type {type(value).__name__} is not numeric data")
+    raise DumpFormatError(f"{path}: {str(where).split(': ', 1)[-1]}: value of type {type(value).__name__} is not numeric data")
 
 
 def _tree(d: dict[Any, Any], mf: MappedFile, prefix: str, budget: _Budget, depth: int = 0) -> dict[str, Any]:
@@ -740,21 +741,26 @@ def _tree(d: dict[Any, Any], mf: MappedFile, prefix: str, budget: _Budget, depth
                               f"{MAX_DEPTH} levels deep")
     budget.take(1 + len(d))
     out: dict[str, Any] = {}
-    spec = ArraySpec.in_file
     for k, v in d.items():
         if type(k) is not str:
             raise DumpFormatError(f"{mf.path}: key {_short(k)} is a {type(k).__name__}, not a string")
-        if type(v) is _ArrayStub and type(v.data) is _Payload and v.dtype is not None:
-            # the common leaf, as _leaf builds it, without formatting the key's text
-            dt = _STUB_DTYPES.get((v.dtype.descr, v.dtype.byteorder)) if not v.dtype.structured else None
-            if dt is not None and dt.kind in "biufc" and v.data.length == dt.itemsize * math.prod(v.shape):
-                budget.take()
-                out[k] = spec(dt, v.shape, v.data.offset, v.fortran)
-                continue
-        name = f"{prefix}{k}"
-        out[k] = _tree(v, mf, name + "/", budget, depth + 1) if isinstance(v, dict) \
-            else _leaf(v, mf, f"{mf.path}: key {name!r}", budget)
+        out[k] = _tree(v, mf, f"{prefix}{k}/", budget, depth + 1) if isinstance(v, dict) \
+            else _leaf(v, mf, _KeyText(mf.path, prefix + k), budget)
     return out
+
+
+class _KeyText:
+    """``f"{path}: key {name!r}"``, formatted only if a message needs it (a dump of 5,000 keys
+    would format 5,000 texts that no error uses)."""
+
+    __slots__ = ("path", "name")
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path = path
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"{self.path}: key {self.name!r}"
 
 
 def tree_from_pickle(root: dict[Any, Any], mf: MappedFile, *, opcodes: Optional[int] = None) -> dict[str, Any]:
