@@ -218,55 +218,40 @@ def _compare_batch(pairs: Sequence[Pair], policy: Policy, *, atol: Optional[floa
         late.result()
     else:
         kernel.stats_many(rb, ob, job_rows, tol_rows, rows, *args)
+    crc_ok = (rows[:, 19] != 0.0) & (rows[:, 20] != 0.0)  # -1 (not checked) counts as good
     if checks:
-        bad_crc = (rows[:, 19] == 0.0) | (rows[:, 20] == 0.0)
-        if bad_crc.any():
-            bad_rows = set(np.flatnonzero(bad_crc).tolist())
-            checks = [c for c in checks if c[0] not in bad_rows]
+        if not crc_ok.all():
+            checks = [c for c in checks if crc_ok[c[0]]]
         # every Dump of one side (nested ones too) shares that side's mapped file and its record
         ref_mf.verified.update(c[2] for c in checks if c[1] == 0)
         other_mf.verified.update(c[2] for c in checks if c[1] == 1)
-    counted, total, total_rel, dot, rr, oo, max_abs = rows[:, :7].T
-    sizes = np.array([t[4] for t in todo], dtype=np.float64)
-    with np.errstate(all="ignore"):
-        # what _finish would do with each row; rows it would give a second pass go the general way
-        plain = (counted == sizes) & (total < math.inf) & (total_rel < math.inf) & \
-            (max_abs < math.inf) & ~_squares_lost(rr, oo, dot, max_abs) & \
-            (rows[:, 19] != 0.0) & (rows[:, 20] != 0.0)  # a bad CRC: the general path raises
-        cosine = np.where((rr == 0.0) & (oo == 0.0), 1.0, np.where(
-            (rr > 0.0) & (oo > 0.0), np.clip(dot / (np.sqrt(rr) * np.sqrt(oo)), -1.0, 1.0), 0.0))
-        table = np.column_stack([total / sizes, max_abs, rows[:, 8], total_rel / sizes, rows[:, 9],
-                                 cosine, rows[:, 7], rows[:, 17], rows[:, 18], rows[:, 10]])
+    # rows _finish would give a second pass, or whose CRC failed (the general path raises the
+    # error naming the key), go the general way
+    plain, table = metrics.finish_rows(rows, np.array([t[4] for t in todo], dtype=np.float64))
+    plain &= crc_ok
     for (i, p, rs, os_, n, a, r), ok, (mean_abs, max_abs_, min_abs, mean_rel, max_rel, cos, worst,
                                         worst_ref, worst_other, mismatched) \
             in zip(todo, plain.tolist(), table.tolist()):
         if not ok:
-            continue  # NaN, Inf, overflowing sums or lost squares: the general path's second passes
-        shape = rs.shape
-        w = int(worst)
-        if len(shape) == 1:
-            worst_index: tuple[int, ...] = (w,)
-        else:
-            idx = []
-            for s in reversed(shape):
-                w, q = divmod(w, s)
-                idx.append(q)
-            worst_index = tuple(reversed(idx))
+            continue
         out[i] = _finite_result(p, policy, n, a, r, (mean_abs, max_abs_, min_abs, mean_rel, max_rel,
-                                cos), worst_index, worst_ref, worst_other,
+                                cos), _unravel(int(worst), rs.shape), worst_ref, worst_other,
                                 int(mismatched) if (a is not None or r is not None) else None, rs, os_)
         if bar is not None:
             bar.advance(n * (rs.dtype.itemsize + os_.dtype.itemsize))
     return out
 
 
-def _squares_lost(rr: np.ndarray, oo: np.ndarray, dot: np.ndarray, max_abs: np.ndarray) -> np.ndarray:
-    """``metrics._squares_lost`` of every row at once."""
-    finite = np.isfinite(rr) & np.isfinite(oo) & np.isfinite(dot)
-    huge = (rr > metrics._HUGE) | (oo > metrics._HUGE)
-    zero = (rr == 0.0) & (oo == 0.0) & (max_abs == 0.0)
-    tiny = (rr < metrics._TINY) | (oo < metrics._TINY)
-    return ~finite | huge | (~zero & tiny)
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``np.unravel_index(flat, shape)`` as ints; for the few dimensions of a key, plain integer
+    arithmetic costs less than the numpy call (and than the statistics of a 1 KiB key)."""
+    if len(shape) == 1:
+        return (flat,)
+    idx = []
+    for s in reversed(shape):
+        flat, q = divmod(flat, s)
+        idx.append(q)
+    return tuple(reversed(idx))
 
 
 def _finite_result(p: Pair, policy: Policy, n: int, atol: Optional[float], rtol: Optional[float],
@@ -354,10 +339,8 @@ def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optio
     }
     if st.worst_flat is None:
         worst_index = None
-    elif ra.ndim == 1:  # most keys: np.unravel_index costs more than the statistics of 1 KiB
-        worst_index = (int(st.worst_flat),)
     else:
-        worst_index = tuple(int(i) for i in np.unravel_index(st.worst_flat, ra.shape))
+        worst_index = _unravel(int(st.worst_flat), tuple(ra.shape))
     status, reason, checks = "passed", "", {}
     if st.nan_unmatched:
         status = "nan"

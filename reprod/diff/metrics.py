@@ -495,6 +495,27 @@ def _finish(n: int, values: Sequence[Any], r: np.ndarray, o: np.ndarray, check_c
     return st
 
 
+def finish_rows(rows: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_finish`` for many pairs at once, from rows of ``_kernel.stats_many`` (the fields of
+    ``_FIELDS``, then the ref and other values at the worst position): a mask of the rows that
+    need nothing else (every element counted, no sum that overflowed, no lost square; the others
+    need ``_finish``'s second passes), and per row mean_abs, max_abs, min_abs, mean_rel, max_rel,
+    cosine, worst position, worst ref, worst other, mismatched."""
+    counted, total, total_rel, dot, rr, oo, max_abs = rows[:, :7].T
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(rr) & np.isfinite(oo) & np.isfinite(dot)
+        zero = (rr == 0.0) & (oo == 0.0) & (max_abs == 0.0)
+        tiny = (rr < _TINY) | (oo < _TINY)
+        lost = ~finite | (rr > _HUGE) | (oo > _HUGE) | (~zero & tiny)  # _squares_lost, row-wise
+        plain = (counted == sizes) & (total < math.inf) & (total_rel < math.inf) & \
+            (max_abs < math.inf) & ~lost
+        cosine = np.where((rr == 0.0) & (oo == 0.0), 1.0, np.where(
+            (rr > 0.0) & (oo > 0.0), np.clip(dot / (np.sqrt(rr) * np.sqrt(oo)), -1.0, 1.0), 0.0))
+        table = np.column_stack([total / sizes, max_abs, rows[:, 8], total_rel / sizes, rows[:, 9],
+                                 cosine, rows[:, 7], rows[:, 17], rows[:, 18], rows[:, 10]])
+    return plain, table
+
+
 def _scaled_means(r: np.ndarray, o: np.ndarray, block: int) -> tuple[float, float]:
     """Means of |o - r| and of the relative error summed in a scaled domain (a rare second pass)."""
     scale = 2.0**-64
