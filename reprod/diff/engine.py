@@ -171,7 +171,7 @@ def _compare_batch(pairs: Sequence[Pair], policy: Policy, *, atol: Optional[floa
         if p.kind != "leaf" or type(rt) is not Dump or type(ot) is not Dump:
             continue
         leaf = p.path[-1]
-        rs, os_ = rt.in_file(leaf, verify=False), ot.in_file(leaf, verify=False)
+        rs, os_ = rt.in_file(leaf), ot.in_file(leaf)
         if rs is None or os_ is None:
             continue
         shape = rs.shape

@@ -188,8 +188,7 @@ class Dump(Mapping[str, Any]):
         if isinstance(node, dict):
             return self._child(key, node)
         try:
-            if node.check is not None and (self._verify or (
-                    self._verify is None and node.check[1] < VERIFY_SMALL_BYTES)):
+            if self.pending_check(node) is not None:
                 node.verify(self._mf, lambda: self._where(key))
             return node.materialize(self._mf)
         except DumpFormatError:
@@ -198,31 +197,27 @@ class Dump(Mapping[str, Any]):
             raise DumpFormatError(f"{self._where(key)}: cannot read array "
                                   f"({_one_line(exc)})") from None
 
-    def in_file(self, key: str, *, verify: bool = True) -> Optional[ArraySpec]:
+    def in_file(self, key: str) -> Optional[ArraySpec]:
         """The spec of ``key`` when its bytes lie in the mapped file exactly as ``self[key]`` would
-        view them (no loader, no bfloat16 widening), checksum verified as ``self[key]`` does
-        (``verify=False``: the caller checks ``pending_check``); ``None`` otherwise. For readers
-        that compute on the mapping directly (the engine's batch)."""
+        view them (no loader, no bfloat16 widening), ``None`` otherwise; its checksum is not
+        verified (see ``pending_check``). For readers that compute on the mapping directly (the
+        engine's batch)."""
         node = self._tree[key]
         if type(node) is not ArraySpec or node.loader is not None or node.source_dtype is not None \
                 or self._mf is None:
             return None
-        if verify and node.check is not None and (self._verify or (
-                self._verify is None and node.check[1] < VERIFY_SMALL_BYTES)):
-            node.verify(self._mf, lambda: self._where(key))
         return node
 
     def pending_check(self, spec: ArraySpec) -> Optional[tuple[int, int, int]]:
-        """(start, length, CRC32) that ``self[key]`` would verify before viewing ``spec``, or
-        ``None`` (no checksum, not wanted, or verified already). A caller that checks it itself
-        adds its start to ``mapped_file.verified``."""
+        """(start, length, CRC32) that ``self[key]`` verifies before viewing ``spec``, or ``None``
+        (no checksum, not wanted, or verified already). A caller that checks it itself adds its
+        start to ``mapped_file.verified``."""
         check = spec.check
         if check is None or self._mf is None or check[0] in self._mf.verified:
             return None
         if self._verify or (self._verify is None and check[1] < VERIFY_SMALL_BYTES):
             return check
         return None
-
 
     @property
     def mapped_file(self) -> Optional[MappedFile]:
