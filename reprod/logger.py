@@ -18,6 +18,19 @@ _NUMERIC_KINDS = frozenset("biufc")
 _SCALARS = (float, int, bool)
 
 
+def _plain_copy(val: Any) -> Optional[np.ndarray]:
+    """What ``to_tree`` makes of the values logged most, plain numpy arrays and Python numbers
+    (a C-ordered copy; a 0-d array), without its per-value dispatch; ``None`` for anything else."""
+    tv = type(val)
+    if tv is np.ndarray and val.dtype.kind in _NUMERIC_KINDS:
+        return fresh_copy(val)
+    if tv in _SCALARS:
+        arr = np.array(val)
+        if arr.dtype.kind != "O":  # an int beyond 64 bits: to_tree raises the error
+            return arr
+    return None
+
+
 class ReprodLogger:
     """Collect named tensors and save them as one dump.
 
@@ -27,8 +40,9 @@ class ReprodLogger:
 
     With ``stream_to="run.npz"`` every ``add`` is written to disk at once (native format) and
     memory stays bounded however many steps are logged (an index of the keys, moved to disk past
-    20,000 keys); ``save()``/``close()`` finishes the file (it appears, complete, only then). Differences from reprod_log: values are copied at ``add`` (reprod_log keeps a reference,
-    so an in-place update after ``add`` changed what it saved), and bad keys or values raise
+    20,000 keys); ``save()``/``close()`` finishes the file (it appears, complete, only then).
+    Differences from reprod_log: values are copied at ``add`` (reprod_log keeps a reference, so an
+    in-place update after ``add`` changed what it saved), and bad keys or values raise
     ``ReprodError`` instead of ``AssertionError``.
     """
 
@@ -53,30 +67,18 @@ class ReprodLogger:
         return self._dtypes
 
     def add(self, key: str, val: Any) -> None:
-        # fast path for what is logged most, plain numpy arrays and Python numbers: the same
-        # result as to_tree (a C-ordered copy; a 0-d array), without its per-value dispatch
-        tv = type(val)
-        if type(key) is str and self._writer is None:
-            if tv is np.ndarray and val.dtype.kind in _NUMERIC_KINDS:
-                self._data[key] = fresh_copy(val)
-                if self._dtypes:
-                    self._dtypes.pop(key, None)
-                return
-            if tv in _SCALARS:
-                arr = np.array(val)
-                if arr.dtype.kind != "O":  # an int beyond 64 bits: to_tree raises below
-                    self._data[key] = arr
-                    if self._dtypes:
-                        self._dtypes.pop(key, None)
-                    return
         if not isinstance(key, str):
             raise UnsupportedValueError(
                 f"key {key!r} is a {type(key).__name__}; ReprodLogger keys must be str"
             )
-        tree, dtypes = to_tree(val, key=key)
-        if self._writer is not None:
-            self._writer.add(key, tree, dtypes)
-            return
+        tree = _plain_copy(val) if self._writer is None else None
+        if tree is not None:
+            dtypes = None
+        else:
+            tree, dtypes = to_tree(val, key=key)
+            if self._writer is not None:
+                self._writer.add(key, tree, dtypes)
+                return
         self._data[key] = tree
         if dtypes is not None:
             self._dtypes[key] = dtypes
