@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from .._gc import gc_paused
 from ..adapters import BFLOAT16, float32_to_bf16_bits
 from ..errors import DumpFormatError, ReprodError
 from ._atomic import AtomicFile
 from .lazy import ArraySpec, Dump, MappedFile, _one_line, crc32
-from .legacy import MAX_DEPTH, MAX_NDIM
+from .legacy import MAX_DEPTH, parse_npy_header
 
 if TYPE_CHECKING:  # zipfile costs ~5 ms to import; the common paths do not need it
     import zipfile
@@ -705,16 +704,21 @@ def _read_npz_zipfile(mf: MappedFile, *, verify: Optional[bool] = None) -> Dump:
                 raise
             except _zip_errors() as exc:
                 raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: unreadable ({_one_line(exc)})") from None
-        node = tree
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r} clashes with an array")
-            node = nxt
-        if path[-1] in node:
-            raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r} appears twice")
-        node[path[-1]] = spec
+        _place(tree, path, spec, mf)
     return Dump(tree, mf, path=mf.path, fmt="npz", meta=meta, verify=verify)
+
+
+def _place(tree: dict[str, Any], path: list[str], spec: Any, mf: MappedFile) -> None:
+    """Put a key's spec (or ``{}`` for an empty dict) at its path in the reader's nested tree."""
+    node = tree
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r} clashes with an array")
+        node = nxt
+    if path[-1] in node:
+        raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r} appears twice")
+    node[path[-1]] = spec
 
 
 # The common case, a dump this module (or plain ``np.savez``) wrote, is read without ``zipfile``:
@@ -840,67 +844,29 @@ def _fast_directory(mf: MappedFile) -> Optional[dict[str, tuple[int, int, int]]]
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int, int]] = {}
 
 
-# numpy's own header form (``legacy._NUMPY_HEADER``, on bytes), split where the shape begins:
-# the part before it (dtype and order) repeats across a dump's members while shapes often differ
-# (2,038 distinct headers among the 5,000 members of the many-small benchmark), so a header with a
-# known prefix costs one regex match instead of a full parse
-_NPY_FORM = re.compile(
-    rb"(\{'descr': '[<>|=]?[a-zA-Z][0-9]{0,3}', 'fortran_order': (?:True|False), 'shape': \()"
-    rb"(|[0-9]{1,19},|[0-9]{1,19}(?:, [0-9]{1,19})+)\), \} *\n?\Z")
-# prefix bytes -> (dtype, fortran) of prefixes whose header passed parse_npy_header and the
-# numeric check
-_NPY_PREFIXES: dict[bytes, tuple[np.dtype, bool]] = {}
-
-
 def _parse_stored(mf: MappedFile, name: str, start: int, size: int,
                   src: Optional[str]) -> tuple[np.dtype, tuple[int, ...], bool, int, int]:
     """(dtype, shape, fortran, header length, data bytes) of a stored member whose header is not
-    in ``_NPY_HEADERS`` yet, checked as ``_member_spec`` checks it, and cached."""
+    in ``_NPY_HEADERS`` yet, checked as ``_member_spec`` checks it, and cached by its bytes."""
+    where = f"{mf.path}: member {name!r}"
     buf = mf.buffer()
-    m = None
-    version1 = size >= 10 and buf[start + 6] == 1
-    if version1:
-        hend = start + 10 + (buf[start + 8] | buf[start + 9] << 8)
-        if hend <= start + size and buf[start : start + 6] == b"\x93NUMPY":
-            m = _NPY_FORM.match(buf[start + 10 : hend])
-    known = _NPY_PREFIXES.get(m.group(1)) if m is not None else None
-    shape: Any = None
-    if known is not None:
-        dt, fortran = known
-        shape = tuple(map(int, m.group(2).replace(b",", b" ").split()))  # type: ignore[union-attr]
-        nbytes = max(dt.itemsize, 1)
-        for s in shape:  # legacy.check_shape's bounds; past them the full parse words the error
-            nbytes *= max(s, 1)
-        if len(shape) > MAX_NDIM or nbytes >= 1 << 63:
-            shape = None
-        elif src is not None:
-            _check_numeric(dt, src, f"{mf.path}: member {name!r}")
-        data_off = hend
-    if shape is None:
-        from .legacy import parse_npy_header
-
-        where = f"{mf.path}: member {name!r}"
-        dt, shape, fortran, data_off = parse_npy_header(buf, start, start + size, where)
-        _check_numeric(dt, src, where)
-        if m is not None and len(_NPY_PREFIXES) < 1024:
-            _NPY_PREFIXES[m.group(1)] = (dt, fortran)
+    dt, shape, fortran, data_off = parse_npy_header(buf, start, start + size, where)
+    _check_numeric(dt, src, where)
     nbytes = dt.itemsize
     for s in shape:
         nbytes *= s
-    if version1 and data_off - start <= 512 and len(_NPY_HEADERS) < 4096:
+    if size >= 10 and buf[start + 6] == 1 and data_off - start <= 512 and len(_NPY_HEADERS) < 4096:
         _NPY_HEADERS[buf[start:data_off]] = (dt, shape, fortran, data_off - start, nbytes)
     return dt, shape, fortran, data_off - start, nbytes
 
 
 def read_npz(mf: MappedFile, *, verify: Optional[bool] = None) -> Dump:
-    """Open a native (or plain ``np.savez``) dump lazily; see ``reprod.load``."""
-    # gc_paused: opening 5,000 keys makes ~25,000 objects that all survive, over which the
-    # collector would otherwise run full passes (~10 ms of ~40 ms); reprod.load pauses it already
-    with gc_paused():
-        members = _fast_directory(mf)
-        if members is None:
-            return _read_npz_zipfile(mf, verify=verify)
-        return _read_npz_fast(mf, members, verify)
+    """Open a native (or plain ``np.savez``) dump lazily; see ``reprod.load`` (which pauses the
+    cyclic GC around it: 5,000 keys make ~25,000 objects that all survive)."""
+    members = _fast_directory(mf)
+    if members is None:
+        return _read_npz_zipfile(mf, verify=verify)
+    return _read_npz_fast(mf, members, verify)
 
 
 def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
@@ -953,17 +919,7 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
                 raise DumpFormatError(f"{mf.path}: member {member!r}: header claims {h[4]} bytes of "
                                       f"data, member has {size - h[3]}")
             spec = make(h[0], h[1], start + h[3], h[2], src, hit)
-        node = tree
-        if len(path) > 1:
-            for part in path[:-1]:
-                nxt = node.setdefault(part, {})
-                if not isinstance(nxt, dict):
-                    raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r} clashes with an array")
-                node = nxt
-        last = path[-1]
-        if last in node:
-            raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r} appears twice")
-        node[last] = spec
+        _place(tree, path, spec, mf)
     return Dump(tree, mf, path=mf.path, fmt="npz", meta=meta, verify=verify)
 
 
