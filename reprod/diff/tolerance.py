@@ -73,9 +73,9 @@ class Policy:
 
     def for_key(self, key: str) -> dict[str, float]:
         """method -> threshold for ``key``."""
-        if not self.per_key:  # no rules: every key gets a copy of the run's thresholds
-            return {m: self.threshold for m in self.methods} if self.threshold is not None else {}
         out = {m: self.threshold for m in self.methods} if self.threshold is not None else {}
+        if not self.per_key:  # no rules (the common case): the run's thresholds, nothing to match
+            return out
         spec = self._rule(key)
         if spec is not None:
             if "*" in spec:
