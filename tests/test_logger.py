@@ -342,24 +342,30 @@ def test_stream_holds_nothing_in_memory(tmp_path) -> None:
         p.unlink()
 
 
-def test_streaming_state_per_key_is_small(tmp_path):
-    """What a streaming logger keeps per key (directory entry, metadata, names) stays a few hundred
-    bytes, whatever the data: 20,000 keys of 64 bytes each."""
+def _bytes_per_streamed_key(path, value, warm, name):
+    """Memory (tracemalloc) a streaming logger holds per key for 20,000 keys ``name(i)`` added
+    after ``warm`` others; returns the logger, still open, and the figure."""
     import tracemalloc
 
-    a = np.ones(16, np.float32)
-    lg = ReprodLogger(stream_to=tmp_path / "s.npz")
-    for i in range(500):
-        lg.add(f"warm{i}", a)
+    lg = ReprodLogger(stream_to=path)
+    for i in range(warm):
+        lg.add(f"warm{i}", value)
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()
         for i in range(20000):
-            lg.add(f"step{i // 50:05d}/layer{i % 50:02d}/activation", a)
+            lg.add(name(i), value)
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
-    per_key = sum(s.size_diff for s in after.compare_to(before, "filename")) / 20000
+    return lg, sum(s.size_diff for s in after.compare_to(before, "filename")) / 20000
+
+
+def test_streaming_state_per_key_is_small(tmp_path):
+    """What a streaming logger keeps per key (directory entry, metadata, names) stays a few hundred
+    bytes, whatever the data: 20,000 keys of 64 bytes each."""
+    lg, per_key = _bytes_per_streamed_key(tmp_path / "s.npz", np.ones(16, np.float32), 500,
+                                          lambda i: f"step{i // 50:05d}/layer{i % 50:02d}/activation")
     assert per_key < 700, per_key
     lg.close()
     d = reprod.load(tmp_path / "s.npz")
@@ -423,25 +429,12 @@ def test_stream_spilled_to_disk_writes_the_same_dump(tmp_path, monkeypatch):
 
 def test_stream_memory_stays_flat_past_the_spill(tmp_path, monkeypatch):
     """Keys past the spill cost the writer (almost) no memory: 20,000 of them add < 60 bytes each."""
-    import tracemalloc
-
     from reprod.storage import native
 
     monkeypatch.setattr(native._KeyLog, "spill", 1000)
     monkeypatch.setattr(native, "_CENTRAL_SPILL", 1 << 16)
-    a = np.ones(4, np.float32)
-    lg = ReprodLogger(stream_to=tmp_path / "s.npz")
-    for i in range(2000):
-        lg.add(f"warm{i}", a)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.take_snapshot()
-        for i in range(20000):
-            lg.add(f"step{i // 50:05d}/layer{i % 50:02d}", a)
-        after = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    per_key = sum(s.size_diff for s in after.compare_to(before, "filename")) / 20000
+    lg, per_key = _bytes_per_streamed_key(tmp_path / "s.npz", np.ones(4, np.float32), 2000,
+                                          lambda i: f"step{i // 50:05d}/layer{i % 50:02d}")
     assert per_key < 60, per_key
     lg.close()
     d = reprod.load(tmp_path / "s.npz")
