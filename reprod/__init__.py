@@ -26,6 +26,7 @@ __all__ = [
     "ReprodLogger",
     "ReprodDiffHelper",
     "compare",
+    "Criteria",
     "load",
     "save",
     "DiffResult",
@@ -42,6 +43,7 @@ __all__ = [
 _LAZY = {
     "ReprodDiffHelper": ("reprod.helper", "ReprodDiffHelper"),
     "compare": ("reprod.diff.engine", "compare"),
+    "Criteria": ("reprod.diff.criteria", "Criteria"),
     "load": ("reprod.storage", "load"),
     "save": ("reprod.storage", "save"),
     "DiffResult": ("reprod.diff.result", "DiffResult"),
@@ -49,6 +51,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .diff.criteria import Criteria
     from .diff.engine import compare
     from .diff.result import DiffResult, KeyResult
     from .helper import ReprodDiffHelper

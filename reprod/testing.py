@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
-import numpy as np
-
+from .diff.criteria import DEFAULT_TOLERANCES, Criteria, Tolerance, default_tolerance
 from .diff.result import DiffResult, KeyResult
 from .report.format import fmt_num, fmt_shape
 
@@ -28,74 +27,6 @@ __all__ = [
     "DEFAULT_TOLERANCES",
     "default_tolerance",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# dtype-aware defaults (torch.testing's table): a float16 port cannot meet float32 tolerances
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Elementwise tolerance: ``|other - ref| <= atol + rtol * |ref|``."""
-
-    rtol: float
-    atol: float
-
-    def looser(self, other: Tolerance) -> Tolerance:
-        return Tolerance(rtol=max(self.rtol, other.rtol), atol=max(self.atol, other.atol))
-
-
-_EXACT = Tolerance(rtol=0.0, atol=0.0)
-
-DEFAULT_TOLERANCES: Mapping[str, Tolerance] = {
-    "float16": Tolerance(rtol=1e-3, atol=1e-5),
-    "bfloat16": Tolerance(rtol=1.6e-2, atol=1e-5),
-    "float32": Tolerance(rtol=1.3e-6, atol=1e-5),
-    "float64": Tolerance(rtol=1e-7, atol=1e-7),
-    "complex64": Tolerance(rtol=1.3e-6, atol=1e-5),
-    "complex128": Tolerance(rtol=1e-7, atol=1e-7),
-    "complex32": Tolerance(rtol=1e-3, atol=1e-5),  # torch's half-precision complex
-    "int": _EXACT,  # every signed and unsigned integer width
-    "bool": _EXACT,
-}
-
-
-def _tolerance_of(dtype: str) -> Tolerance:
-    if dtype in DEFAULT_TOLERANCES:
-        return DEFAULT_TOLERANCES[dtype]
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise ValueError(f"no default tolerance for dtype {dtype!r}; pass atol and rtol") from None
-    if dt.kind in "iu":
-        return DEFAULT_TOLERANCES["int"]
-    if dt.kind == "b":
-        return DEFAULT_TOLERANCES["bool"]
-    if dt.kind == "f":  # longdouble is at least as precise as float64
-        return DEFAULT_TOLERANCES["float64"] if dt.itemsize >= 8 else DEFAULT_TOLERANCES["float32"]
-    if dt.kind == "c":
-        return (
-            DEFAULT_TOLERANCES["complex128"]
-            if dt.itemsize >= 16
-            else DEFAULT_TOLERANCES["complex64"]
-        )
-    raise ValueError(f"no default tolerance for dtype {dtype!r}; pass atol and rtol")
-
-
-def default_tolerance(*dtypes: Optional[str]) -> Tolerance:
-    """The default tolerance for a pair (or more) of dtypes: the looser one where they differ.
-
-    ``None`` entries (a side without an array) are skipped; with no dtype at all it is exact.
-
-    >>> default_tolerance("float32", "float16")
-    Tolerance(rtol=0.001, atol=1e-05)
-    """
-    tol = _EXACT
-    for dt in dtypes:
-        if dt is not None:
-            tol = tol.looser(_tolerance_of(str(dt)))
-    return tol
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,53 +190,6 @@ def _as_mapping(value: Any) -> Any:
     return {"value": value}
 
 
-def _dtype_name(tree: Any, leaf: str) -> Optional[str]:
-    """The dtype of one leaf without converting it: a dump's spec, or the tensor's own dtype."""
-    spec = getattr(tree, "spec", None)
-    if callable(spec):
-        return str(spec(leaf).display_dtype)
-    value = tree[leaf]
-    if isinstance(value, (np.ndarray, np.generic)):
-        return str(value.dtype)
-    if type(value).__module__.split(".", 1)[0] in ("torch", "paddle") and hasattr(value, "dtype"):
-        return str(value.dtype).rsplit(".", 1)[-1]  # "torch.bfloat16" / "paddle.float16"
-    from .adapters import to_numpy  # numbers and lists: small
-
-    conv = to_numpy(value, key=leaf)
-    return conv.source_dtype or str(conv.array.dtype)
-
-
-def _fnmatch_literal(key: str) -> str:
-    # the engine's ``keys`` are globs; bracket the metacharacters so a key matches only itself
-    return "".join(f"[{c}]" if c in "*?[" else c for c in key)
-
-
-def _compare_with_dtype_defaults(ref: Any, other: Any, *, keys: Any, equal_nan: bool) -> DiffResult:
-    """``compare`` with each key's atol/rtol taken from its dtypes (the looser side), given to
-    the engine as one per-key rule for each key (escaped, so a rule matches its own key only)."""
-    from dataclasses import replace
-
-    from .diff.engine import compare
-    from .diff.pairing import open_side, walk_pairs
-
-    a = open_side(ref, "ref")
-    b = open_side(other, "other")
-    per_key: dict[str, dict[str, float]] = {}
-    for pair in walk_pairs(a.tree, b.tree, keys=keys):
-        leaf = pair.path[-1]
-        dts = []
-        if pair.kind != "type":
-            for tree in (pair.ref_tree, pair.other_tree):
-                if tree is not None:
-                    dts.append(_dtype_name(tree, leaf))
-        tol = default_tolerance(*dts)
-        per_key[_fnmatch_literal(pair.key)] = {"atol": tol.atol, "rtol": tol.rtol}
-    result = compare(a.tree, b.tree, method=None, threshold=None, atol=_EXACT.atol,
-                     rtol=_EXACT.rtol, per_key=per_key, keys=keys, equal_nan=equal_nan)
-    options = {k: v for k, v in result.options.items() if k != "per_key"}
-    options.update(atol=None, rtol=None, tolerances="dtype defaults per key")
-    return replace(result, options=options)
-
 def _check(
     ref: Any,
     other: Any,
@@ -353,7 +237,11 @@ def _check(
             equal_nan=equal_nan,
         )
     else:
-        result = _compare_with_dtype_defaults(ref, other, keys=keys, equal_nan=equal_nan)
+        from .diff.engine import compare
+
+        # torch.testing's tolerances for each pair's two dtypes, resolved by the engine per key
+        result = compare(ref, other, keys=keys, criteria=Criteria(
+            methods=None, threshold=None, equal_nan=equal_nan, dtype_tolerances=True))
     if other_name is not None:
         result = replace(result, other_name=other_name)
     if _listeners:

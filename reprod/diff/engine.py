@@ -15,11 +15,11 @@ from .._gc import gc_paused
 from ..report.format import fmt_num
 from ..storage.lazy import Dump
 from . import metrics
+from .criteria import Criteria, MethodArg, PerKey, build_criteria
 from .metrics import compute_stats
 from .pairing import Pair, _dtype_name, leaf_array, open_side, walk_pairs
 from .progress import Progress, progress_enabled
 from .result import STAT_OF_METHOD, DiffResult, KeyResult
-from .tolerance import MethodArg, PerKey, Policy
 
 __all__ = ["compare"]
 
@@ -35,6 +35,8 @@ def compare(
     per_key: PerKey = None,
     keys: Optional[Union[str, Sequence[str]]] = None,
     equal_nan: bool = False,
+    strict_shape: bool = False,
+    criteria: Optional[Criteria] = None,
     progress: Optional[bool] = None,
 ) -> DiffResult:
     """Compare two dumps key by key; ``ref`` is the reference (relative errors divide by |ref|).
@@ -45,7 +47,9 @@ def compare(
     its threshold. ``threshold=None`` turns the statistic checks off. ``atol``/``rtol`` add the
     element-wise rule |other - ref| <= atol + rtol*|ref|. ``per_key`` maps names or globs to a
     threshold or a {method: threshold} dict, where ``"atol"``/``"rtol"`` entries set that key's
-    element-wise rule. ``keys``: globs selecting which keys to compare.
+    element-wise rule. ``keys``: globs selecting which keys to compare. ``criteria``: a
+    :class:`reprod.Criteria` holding all of these at once (keyword arguments given beside it
+    override its fields).
     ``progress``: a progress bar on stderr when the comparison takes more than a second (``None``:
     only when stderr is a terminal; ``False``: never).
 
@@ -53,16 +57,21 @@ def compare(
     >>> r.passed
     True
     """
+    given = {"methods": method, "threshold": threshold, "atol": atol, "rtol": rtol,
+             "per_key": per_key, "equal_nan": equal_nan, "strict_shape": strict_shape}
+    if criteria is not None:  # the shortcuts left at their defaults do not override criteria
+        given = {k: v for k, v in given.items() if v != _DEFAULTS[k]}
+    crit = build_criteria(criteria, **given)
     with gc_paused():
-        return _compare(ref, other, method=method, threshold=threshold, atol=atol, rtol=rtol,
-                        per_key=per_key, keys=keys, equal_nan=equal_nan, progress=progress)
+        return _compare(ref, other, crit, keys=keys, progress=progress)
 
 
-def _compare(ref: Any, other: Any, *, method: MethodArg, threshold: Optional[float],
-             atol: Optional[float], rtol: Optional[float], per_key: PerKey,
-             keys: Optional[Union[str, Sequence[str]]], equal_nan: bool,
-             progress: Optional[bool]) -> DiffResult:
-    policy = Policy.build(method, threshold, per_key)
+_DEFAULTS: dict[str, Any] = {"methods": "mean", "threshold": 1e-6, "atol": None, "rtol": None,
+                             "per_key": None, "equal_nan": False, "strict_shape": False}
+
+
+def _compare(ref: Any, other: Any, policy: Criteria, *,
+             keys: Optional[Union[str, Sequence[str]]], progress: Optional[bool]) -> DiffResult:
     a = open_side(ref, "ref")
     b = open_side(other, "other")
     pairs = list(walk_pairs(a.tree, b.tree, keys=keys))
@@ -71,22 +80,14 @@ def _compare(ref: Any, other: Any, *, method: MethodArg, threshold: Optional[flo
     with bar if bar is not None else contextlib.nullcontext():
         for lo in range(0, len(pairs), _WINDOW):
             window = pairs[lo : lo + _WINDOW]
-            batched = _compare_batch(window, policy, atol=atol, rtol=rtol, equal_nan=equal_nan, bar=bar)
+            batched = _compare_batch(window, policy, bar=bar)
             for p, kr in zip(window, batched):
                 if kr is None:
-                    kr = _compare_pair(p, policy, atol=atol, rtol=rtol, equal_nan=equal_nan, bar=bar)
+                    kr = _compare_pair(p, policy, bar=bar)
                 results.append(kr)
                 if bar is not None:
                     bar.key_done()
-    options: dict[str, Any] = {
-        "methods": list(policy.methods),
-        "threshold": policy.threshold,
-        "atol": atol,
-        "rtol": rtol,
-        "equal_nan": equal_nan,
-    }
-    if per_key:
-        options["per_key"] = {k: (dict(v) if isinstance(v, Mapping) else float(v)) for k, v in per_key.items()}
+    options = policy.options()
     if keys:
         options["keys"] = [keys] if isinstance(keys, str) else list(keys)
     return DiffResult(
@@ -143,8 +144,7 @@ _BATCH_KINDS = {np.dtype(np.float32): 0, np.dtype(np.float64): 2}
 _NO_CHECK = (0, -1, 0)  # a job's (start, length, CRC32) when its member needs no check
 
 
-def _compare_batch(pairs: Sequence[Pair], policy: Policy, *, atol: Optional[float],
-                   rtol: Optional[float], equal_nan: bool, bar: Optional[Progress]
+def _compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Progress]
                    ) -> list[Optional[KeyResult]]:
     """The results of the pairs the batch kernel can take, ``None`` for the others.
 
@@ -189,7 +189,7 @@ def _compare_batch(pairs: Sequence[Pair], policy: Policy, *, atol: Optional[floa
         if rs.offset + n * rs.dtype.itemsize > ref_mf.size or os_.offset + n * os_.dtype.itemsize > other_mf.size:
             continue  # a truncated file: the general path raises the error that names it
         key = p.key
-        a, r = policy.tolerance_for(key, atol, rtol)
+        a, r = policy.tolerance_for(key, _dtype_name(rs.dtype), _dtype_name(os_.dtype))
         check_close = a is not None or r is not None
         rc, oc = rt.pending_check(rs), ot.pending_check(os_)
         if rc is not None:
@@ -207,7 +207,7 @@ def _compare_batch(pairs: Sequence[Pair], policy: Policy, *, atol: Optional[floa
     rows = np.empty((m, 21))
     job_rows = np.array(jobs, dtype=np.int64).reshape(m, -1)
     tol_rows = np.array(tols).reshape(m, 2)
-    args = (metrics.BLOCK, equal_nan)
+    args = (metrics.BLOCK, policy.equal_nan)
     rb, ob = ref_mf.buffer(), other_mf.buffer()
     if metrics._threads > 1 and m >= 64:
         # the kernel releases the GIL: a second core takes the second half of the rows
@@ -254,12 +254,12 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(idx))
 
 
-def _finite_result(p: Pair, policy: Policy, n: int, atol: Optional[float], rtol: Optional[float],
+def _finite_result(p: Pair, policy: Criteria, n: int, atol: Optional[float], rtol: Optional[float],
                    stats: tuple[float, ...], worst_index: tuple[int, ...], worst_ref: float,
                    worst_other: float, mismatched: Optional[int], rs: Any, os_: Any) -> KeyResult:
     """The result of a batched pair (finite values, one shape), built as _compare_pair builds it."""
     key = p.key
-    thresholds = policy.for_key(key)
+    thresholds = policy.thresholds_for(key)
     rdt, odt = _dtype_name(rs.dtype), _dtype_name(os_.dtype)
     mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine = stats
     values = {"mean_abs": mean_abs, "max_abs": max_abs, "min_abs": min_abs, "mean_rel": mean_rel,
@@ -281,12 +281,12 @@ def _finite_result(p: Pair, policy: Policy, n: int, atol: Optional[float], rtol:
     })
 
 
-def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optional[float],
-                  equal_nan: bool, bar: Optional[Progress] = None) -> KeyResult:
+def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None) -> KeyResult:
     key = p.key
-    atol, rtol = policy.tolerance_for(key, atol, rtol)
     leaf = p.path[-1]
-    thresholds = policy.for_key(key)
+    equal_nan = policy.equal_nan
+    thresholds = policy.thresholds_for(key)
+    atol, rtol = policy.tolerance_for(key)
     methods = tuple(thresholds) or policy.methods
     base: dict[str, Any] = {"key": key, "path": p.path, "methods": methods, "thresholds": thresholds,
                             "atol": atol, "rtol": rtol}
@@ -297,6 +297,7 @@ def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optio
         arr, dt = leaf_array(tree, leaf)
         side = {"ref_shape": tuple(arr.shape), "ref_dtype": dt} if p.kind == "missing" else \
                {"other_shape": tuple(arr.shape), "other_dtype": dt}
+        base["atol"], base["rtol"] = policy.tolerance_for(key, dt)
         reason = "key only in ref (missing from other)" if p.kind == "missing" else "key only in other (not in ref)"
         return KeyResult(passed=False, status=p.kind, reason=reason, size=int(arr.size),
                          checks=failed_checks, **side, **base)
@@ -306,7 +307,9 @@ def _compare_pair(p: Pair, policy: Policy, *, atol: Optional[float], rtol: Optio
                          reason="a nested dict on one side, an array on the other", **base)
     ra, rdt = leaf_array(p.ref_tree, leaf)
     oa, odt = leaf_array(p.other_tree, leaf)
-    base.update(ref_shape=tuple(ra.shape), other_shape=tuple(oa.shape), ref_dtype=rdt, other_dtype=odt)
+    atol, rtol = policy.tolerance_for(key, rdt, odt)
+    base.update(ref_shape=tuple(ra.shape), other_shape=tuple(oa.shape), ref_dtype=rdt, other_dtype=odt,
+                atol=atol, rtol=rtol)
     notes: list[str] = []
     if rdt != odt:
         notes.append(f"dtypes differ ({rdt} vs {odt}), compared by value")
@@ -413,10 +416,10 @@ def judge(values: Mapping[str, Optional[float]], thresholds: Mapping[str, float]
 def rejudge(result: DiffResult, *, method: MethodArg = "mean", threshold: Optional[float] = 1e-6,
             per_key: PerKey = None) -> DiffResult:
     """The same statistics judged with other methods/thresholds (no data is read again)."""
-    policy = Policy.build(method, threshold, per_key)
+    policy = Criteria(methods=method, threshold=threshold, per_key=per_key)
     out = []
     for kr in result:
-        thresholds = policy.for_key(kr.key)
+        thresholds = policy.thresholds_for(kr.key)
         methods = tuple(thresholds) or policy.methods
         if kr.status in ("passed", "failed", "mismatch") and kr.size:
             values = {s: getattr(kr, s) for s in STAT_OF_METHOD.values()}
