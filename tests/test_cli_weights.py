@@ -21,7 +21,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_pth_against_converted_pdparams(tmp_path: Path) -> None:
-    from reprod.align.weights import torch_to_paddle, write_pdparams
+    from reprod.align import torch_to_paddle
+    from reprod.storage.framework_files import write_pdparams
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))

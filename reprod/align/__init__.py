@@ -7,31 +7,34 @@ forward pass and training steps.
 >>> load_into_paddle(paddle_model, torch_model, by_order=True)   # names differ: pair by order
 >>> align_forward(torch_model, paddle_model, {"x": x}, out_dir="result").passed
 
+Modules: ``rules`` (the torch -> Paddle name and layout rules, planned per key), ``by_order``
+(pairing state dicts by definition order), ``conversion`` (convert, check, load), ``structure``,
+``steps``. The weight files themselves are read and written by ``reprod.storage.framework_files``
+(re-exported here).
+
 Importing this package imports neither torch nor paddle; each function imports what it is handed.
 """
 
 from __future__ import annotations
 
-from .steps import KNOWN_DIFFERENCES, align_forward, align_train
-from .structure import LayerCount, StructureReport, StructureRow, compare_structure
-from .weights import (
-    Conversion,
-    ConversionRules,
-    HeuristicLinearWarning,
-    KeyPlan,
-    by_order_rules,
-    check_fits,
-    convert,
-    linear_weight_names,
-    load_into_paddle,
+from ..storage.framework_files import (
     load_weights_as_dump,
-    pair_by_order,
-    plan_conversion,
     read_pdparams,
     read_torch_state_dict,
-    torch_to_paddle,
     write_pdparams,
 )
+from .by_order import by_order_rules, pair_by_order, pair_weights_by_order
+from .conversion import (
+    Conversion,
+    HeuristicLinearWarning,
+    check_fits,
+    convert,
+    load_into_paddle,
+    torch_to_paddle,
+)
+from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
+from .steps import KNOWN_DIFFERENCES, align_forward, align_train
+from .structure import LayerCount, StructureReport, StructureRow, compare_structure
 
 __all__ = [
     "compare_structure",
@@ -44,7 +47,8 @@ __all__ = [
     "ConversionRules",
     "KeyPlan",
     "plan_conversion",
-    "pair_by_order",
+    "pair_weights_by_order",
+    "pair_by_order",  # deprecated: pair_weights_by_order
     "by_order_rules",
     "linear_weight_names",
     "HeuristicLinearWarning",

@@ -17,16 +17,9 @@ import warnings
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import ReprodError
-from .weights import (
-    PADDLE_SUFFIXES,
-    TORCH_SUFFIXES,
-    Conversion,
-    ConversionRules,
-    HeuristicLinearWarning,
-    check_fits,
-    convert,
-    write_pdparams,
-)
+from ..storage.framework_files import PADDLE_SUFFIXES, TORCH_SUFFIXES, write_pdparams
+from .conversion import Conversion, HeuristicLinearWarning, check_fits, convert
+from .rules import ConversionRules
 
 __all__ = ["main", "load_factory"]
 

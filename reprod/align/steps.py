@@ -20,8 +20,8 @@ import numpy as np
 from ..adapters import to_numpy
 from ..errors import KeyMismatchError, ReprodError
 from ..logger import ReprodLogger
+from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
 from .structure import compare_structure
-from .weights import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
 
 __all__ = ["align_forward", "align_train", "KNOWN_DIFFERENCES"]
 

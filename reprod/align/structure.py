@@ -6,13 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..report.format import fmt_shape
-from .weights import (
-    ConversionRules,
-    _order_plan,
-    _rules_from_order,
-    linear_weight_names,
-    plan_conversion,
-)
+from .by_order import _order_plan, _rules_from_order
+from .rules import ConversionRules, linear_weight_names, plan_conversion
 
 __all__ = ["StructureRow", "LayerCount", "StructureReport", "compare_structure"]
 
@@ -159,8 +154,9 @@ def compare_structure(
     """Put the torch model's state dict, converted by the same rules as ``torch_to_paddle``, beside
     the Paddle model's: what is missing, extra or shaped differently, and the value counts per layer.
 
-    ``by_order=True`` pairs tensors by definition order instead of by name (see ``pair_by_order``)
-    and shows each pair, including those whose shapes disagree, rather than raising.
+    ``by_order=True`` pairs tensors by definition order instead of by name (see
+    ``pair_weights_by_order``) and shows each pair, including those whose shapes disagree, rather
+    than raising.
 
     >>> report = compare_structure(torch_model, paddle_model)
     >>> report.ok, print(report.to_table(only_problems=True))

@@ -20,7 +20,16 @@ from typing import Any, Optional
 from ..errors import UnsupportedValueError
 from ..logger import ReprodLogger
 from .divergence import Divergence, first_divergence
-from .naming import ROOT, CaptureKey, layer_key, pair_by_order, param_key, parse_key, rename
+from .naming import (
+    ROOT,
+    CaptureKey,
+    layer_key,
+    pair_by_order,
+    param_key,
+    parse_key,
+    rename,
+    rename_by_order,
+)
 from .recorder import Backend, Patterns, Recorder
 
 __all__ = [
@@ -29,7 +38,8 @@ __all__ = [
     "first_divergence",
     "Divergence",
     "rename",
-    "pair_by_order",
+    "rename_by_order",
+    "pair_by_order",  # deprecated: rename_by_order
     "parse_key",
     "layer_key",
     "param_key",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -35,13 +36,14 @@ __all__ = [
     "param_key",
     "parse_key",
     "rename",
+    "rename_by_order",
     "pair_by_order",
     "Rules",
 ]
 
 ROOT = "<model>"
 PARAM_PREFIX = "param."
-UNPAIRED = "unpaired:"  # prefix of other-side keys pair_by_order could not pair
+UNPAIRED = "unpaired:"  # prefix of other-side keys rename_by_order could not pair
 LAYER_WHATS = ("in", "out", "grad_out", "grad_in")
 _WHATS = LAYER_WHATS + ("grad",)
 
@@ -244,8 +246,9 @@ def _signature(parts: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(fwd) if fwd else tuple(sorted(parts.items()))
 
 
-def pair_by_order(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename ``other_map``'s capture keys to ``ref_map``'s by pairing layer calls in call order.
+def rename_by_order(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> dict[str, Any]:
+    """``other_map`` with its capture keys renamed to ``ref_map``'s, by pairing layer calls in call
+    order.
 
     For ports whose layer names cannot be mapped by rules. Layer calls are taken in the order
     their keys appear and paired when their inputs and outputs have the same shapes; where one
@@ -258,7 +261,7 @@ def pair_by_order(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> d
     wrongly, so read the result with that in mind; run it on leaf-layer captures, where the
     two sides' layers line up.
 
-    >>> reprod.compare(torch_data, pair_by_order(torch_data, paddle_data), threshold=1e-5)
+    >>> reprod.compare(torch_data, rename_by_order(torch_data, paddle_data), threshold=1e-5)
     """
     ref_calls = _layer_calls(ref_map)
     other_calls = _layer_calls(other_map)
@@ -299,6 +302,16 @@ def pair_by_order(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> d
         # a key left unpaired must not take the name a paired key now carries
         new = paired if paired is not None else (UNPAIRED + key if key in taken else key)
         if new in out:
-            raise KeyMismatchError(f"pair_by_order: two keys of the other side pair with {new!r}")
+            raise KeyMismatchError(f"rename_by_order: two keys of the other side pair with {new!r}")
         out[new] = other_map[key]
     return out
+
+
+def pair_by_order(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> dict[str, Any]:
+    """Deprecated: the old name of ``rename_by_order`` (which says what it returns)."""
+    warnings.warn(
+        "reprod.capture.pair_by_order is deprecated; use reprod.capture.rename_by_order",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return rename_by_order(ref_map, other_map)

@@ -17,10 +17,10 @@ from reprod.align import (
     compare_structure,
     convert,
     load_into_paddle,
-    pair_by_order,
-    read_pdparams,
+    pair_weights_by_order,
 )
 from reprod.align.cli import main
+from reprod.storage.framework_files import read_pdparams
 
 HERE = os.path.abspath(__file__)
 HIDDEN, CLASSES = 16, 5
@@ -127,10 +127,18 @@ def _forward_both(tm: TorchNet, pm: PaddlePort) -> tuple[np.ndarray, np.ndarray]
 
 def test_pairs_follow_definition_order(models) -> None:
     tm, pm = models
-    got = pair_by_order(tm, pm)
+    got = pair_weights_by_order(tm, pm)
     assert list(got.items()) == list(EXPECTED.items())  # num_batches_tracked left out
     # the same pairs from state dicts alone
-    assert pair_by_order(tm.state_dict(), pm.state_dict()) == EXPECTED
+    assert pair_weights_by_order(tm.state_dict(), pm.state_dict()) == EXPECTED
+
+
+def test_pair_by_order_is_a_deprecated_alias(models) -> None:
+    import reprod.align as align
+
+    tm, pm = models
+    with pytest.warns(DeprecationWarning, match="pair_weights_by_order"):
+        assert align.pair_by_order(tm, pm) == EXPECTED
 
 
 def test_load_by_order_then_forward_outputs_align(models) -> None:
@@ -184,7 +192,7 @@ def test_square_linear_follows_the_model_not_the_name() -> None:
 def test_a_shape_disagreement_lists_every_position_in_one_error(models) -> None:
     tm, _ = models
     with pytest.raises(KeyMismatchError) as info:
-        pair_by_order(tm, wrong_port())
+        pair_weights_by_order(tm, wrong_port())
     assert str(info.value) == (  # the positions that agree are not listed
         "pairing by order failed: torch TorchNet (15 tensors) vs paddle PaddlePort (15 tensors): "
         "#13 classifier.2.weight [5, 16] vs head.out.weight [16, 6]; "
@@ -198,11 +206,11 @@ def test_skipped_keys_are_left_out_of_the_order(models) -> None:
     tm, pm = models
     sd = OrderedDict((k, v.numpy()) for k, v in pm.state_dict().items() if k.startswith("stem."))
     rules = ConversionRules(skip=[r"^features\.[34]\.", r"^classifier\."])
-    assert pair_by_order(tm, sd, rules=rules) == {k: v for k, v in EXPECTED.items() if "stem" in v}
+    assert pair_weights_by_order(tm, sd, rules=rules) == {k: v for k, v in EXPECTED.items() if "stem" in v}
     with pytest.raises(
         KeyMismatchError, match=r"#6 features\.3\.weight \[16, 8, 3, 3\] vs nothing"
     ):
-        pair_by_order(tm, sd)
+        pair_weights_by_order(tm, sd)
 
 
 def test_a_missing_layer_shows_the_overhang(models) -> None:
@@ -210,7 +218,7 @@ def test_a_missing_layer_shows_the_overhang(models) -> None:
     sd = OrderedDict((k, v.numpy()) for k, v in pm.state_dict().items())
     del sd["head.out.bias"]
     with pytest.raises(KeyMismatchError, match=r"#14 classifier\.2\.bias \[5\] vs nothing"):
-        pair_by_order(tm, sd)
+        pair_weights_by_order(tm, sd)
 
 
 def test_a_statistic_never_pairs_with_a_weight(models) -> None:
@@ -222,7 +230,7 @@ def test_a_statistic_never_pairs_with_a_weight(models) -> None:
     keys[i], keys[i + 2] = keys[i + 2], keys[i]  # _mean where weight was
     reordered = OrderedDict((k, sd[k].numpy()) for k in keys)
     with pytest.raises(KeyMismatchError) as info:
-        pair_by_order(tm, reordered)
+        pair_weights_by_order(tm, reordered)
     msg = str(info.value)
     assert "#2 features.1.weight vs stem.bn._mean" in msg
     assert "#4 features.1.running_mean vs stem.bn.weight" in msg
@@ -280,7 +288,7 @@ def test_cli_by_order(models, tmp_path, capsys) -> None:
         "tensors paired by order), 15 renamed, 13 copied, 0 skipped by rule, 2 dropped"
     )
     assert list(read_pdparams(dst)) == list(EXPECTED.values())
-    assert pair_by_order(src, dst) == EXPECTED  # files on both sides
+    assert pair_weights_by_order(src, dst) == EXPECTED  # files on both sides
     pm = PaddlePort()
     pm.set_state_dict(paddle.load(dst))
     want, got = _forward_both(tm, pm)

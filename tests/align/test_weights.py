@@ -19,12 +19,10 @@ from reprod.align import (
     check_fits,
     convert,
     load_into_paddle,
-    load_weights_as_dump,
-    read_pdparams,
     torch_to_paddle,
-    write_pdparams,
 )
-from reprod.align.weights import guess_linear_weight, plan_conversion
+from reprod.align.rules import guess_linear_weight, plan_conversion
+from reprod.storage.framework_files import load_weights_as_dump, read_pdparams, write_pdparams
 
 
 def _torch_net(seed: int = 0) -> TorchNet:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reprod.capture import CaptureKey, layer_key, pair_by_order, param_key, parse_key, rename
+from reprod.capture import CaptureKey, layer_key, param_key, parse_key, rename, rename_by_order
 from reprod.errors import KeyMismatchError, UnsupportedValueError
 
 # layer names as torch/paddle make them: dotted attribute names and indices
@@ -149,7 +149,7 @@ def _arr(*shape):
     return np.zeros(shape, dtype=np.float32)
 
 
-def test_pair_by_order_pairs_renamed_layers_and_their_parameter_grads():
+def test_rename_by_order_pairs_renamed_layers_and_their_parameter_grads():
     ref = {
         "stem.in": _arr(1, 3), "stem.out": _arr(1, 4),
         "features.1.in": _arr(1, 4), "features.1.out": _arr(1, 6),
@@ -164,28 +164,37 @@ def test_pair_by_order_pairs_renamed_layers_and_their_parameter_grads():
         "param.blocks.0.weight.grad": _arr(4, 6),  # transposed, as paddle's Linear keeps it
         "loss": _arr(),
     }
-    paired = pair_by_order(ref, other)
+    paired = rename_by_order(ref, other)
     assert list(paired) == list(ref)
     assert all(paired[k] is other[o] for k, o in zip(ref, other))
 
 
-def test_pair_by_order_skips_a_layer_only_one_side_has():
+def test_rename_by_order_skips_a_layer_only_one_side_has():
     ref = {"a.out": _arr(2), "b.out": _arr(3), "c.out": _arr(4), "d.out": _arr(5)}
     other = {"w.out": _arr(2), "x.out": _arr(3), "extra.out": _arr(9), "y.out": _arr(4), "z.out": _arr(5)}
-    paired = pair_by_order(ref, other)
+    paired = rename_by_order(ref, other)
     assert list(paired) == ["a.out", "b.out", "extra.out", "c.out", "d.out"]
 
 
-def test_pair_by_order_leaves_shape_mismatches_unpaired():
+def test_pair_by_order_is_a_deprecated_alias_of_rename_by_order():
+    import reprod.capture as capture
+
+    ref = {"a.out": _arr(2), "b.out": _arr(3)}
+    other = {"x.out": _arr(2), "y.out": _arr(3)}
+    with pytest.warns(DeprecationWarning, match="rename_by_order"):
+        assert capture.pair_by_order(ref, other) == rename_by_order(ref, other)
+
+
+def test_rename_by_order_leaves_shape_mismatches_unpaired():
     ref = {"a.out": _arr(2), "b.out": _arr(3)}
     other = {"x.out": _arr(2), "y.out": _arr(7)}
-    assert list(pair_by_order(ref, other)) == ["a.out", "y.out"]
+    assert list(rename_by_order(ref, other)) == ["a.out", "y.out"]
 
 
-def test_pair_by_order_uses_forward_shapes_even_when_a_gradient_is_missing():
+def test_rename_by_order_uses_forward_shapes_even_when_a_gradient_is_missing():
     ref = {"a.out": _arr(2), "a.grad_out": _arr(2), "b.out": _arr(3), "b.grad_out": _arr(3)}
     other = {"x.out": _arr(2), "y.out": _arr(3), "y.grad_out": _arr(3)}
-    assert list(pair_by_order(ref, other)) == ["a.out", "b.out", "b.grad_out"]
+    assert list(rename_by_order(ref, other)) == ["a.out", "b.out", "b.grad_out"]
 
 
 def test_importing_capture_loads_no_framework():
@@ -197,10 +206,10 @@ def test_importing_capture_loads_no_framework():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_pair_by_order_never_lets_an_unpaired_key_take_a_paired_name():
+def test_rename_by_order_never_lets_an_unpaired_key_take_a_paired_name():
     ref = {"a.out": _arr(2), "b.out": _arr(3)}
     other = {"a.out": _arr(3), "x.out": _arr(2)}  # "a" is "b" now, and "x" is "a"
-    paired = pair_by_order(ref, other)
+    paired = rename_by_order(ref, other)
     # only one of the two can pair in order: x with a; the other side's "a" is left over
     assert list(paired) == ["unpaired:a.out", "a.out"]
     assert paired["a.out"] is other["x.out"] and paired["unpaired:a.out"] is other["a.out"]

@@ -12,7 +12,7 @@ pytest.importorskip("paddle")
 import capture_twins as twins  # noqa: E402
 
 import reprod  # noqa: E402
-from reprod.capture import first_divergence, layer_types, pair_by_order, parse_key, rename  # noqa: E402
+from reprod.capture import first_divergence, layer_types, parse_key, rename, rename_by_order  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_renamed_port_pairs_by_rules_and_by_order(torch_model, torch_log):
     assert "squeeze.fc1.out" in ported and "param.proj.conv.weight.grad" in ported
     back = rename(ported, [(r"^squeeze\b", "se"), (r"^proj\.(conv|bn)", lambda m: m.group(1) + "2")])
     assert list(back) == list(log.data)
-    by_order = pair_by_order(torch_log.data, ported)
+    by_order = rename_by_order(torch_log.data, ported)
     assert sorted(by_order) == sorted(log.data)
     result = compare(torch_log, by_order)
     assert result.passed, result.summary_line()

@@ -1,0 +1,302 @@
+"""Converting a PyTorch state dict into a Paddle one by the rules of ``reprod.align.rules``, and
+loading the result into a Paddle model after checking that every key fits.
+
+Weight files are read and written by ``reprod.storage.framework_files`` (``.pth`` with
+``torch.load(weights_only=True)``, ``.pdparams`` without running the pickle).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from ..adapters import to_numpy
+from ..errors import DumpFormatError, KeyMismatchError, ReprodError
+from ..storage.framework_files import (
+    PADDLE_SUFFIXES,
+    TORCH_SUFFIXES,
+    load_weights_as_dump,
+    read_torch_state_dict,
+    weight_file_suffix,
+)
+from .by_order import by_order_rules
+from .rules import ConversionRules, KeyPlan, _is_torch_module, linear_weight_names, plan_conversion
+
+__all__ = [
+    "Conversion",
+    "HeuristicLinearWarning",
+    "convert",
+    "torch_to_paddle",
+    "check_fits",
+    "load_into_paddle",
+]
+
+
+class HeuristicLinearWarning(UserWarning):
+    """No torch model was given, so Linear weights were recognised by name and shape."""
+
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The result of ``convert``: Paddle-named, Paddle-layout arrays plus what was done to each key.
+
+    ``linear_source`` is ``"model"`` when Linear weights were found with ``isinstance`` on the torch
+    model, ``"order"`` when read from the shapes of the Paddle tensors paired by order (a square one
+    still from the model or the heuristic), ``"heuristic"`` otherwise. ``source_dtypes`` names
+    dtypes numpy lacks (bfloat16, stored here as float32).
+    """
+
+    weights: dict[str, np.ndarray]
+    plan: tuple[KeyPlan, ...]
+    linear_source: str
+    source_dtypes: dict[str, str] = field(default_factory=dict)
+
+    def by_action(self, action: str) -> list[KeyPlan]:
+        return [p for p in self.plan if p.action == action]
+
+    def summary_line(self) -> str:
+        n = {a: len(self.by_action(a)) for a in ("copy", "transpose", "skip", "drop")}
+        renamed = sum(p.paddle_name not in (None, p.torch_name) for p in self.plan)
+        how = {
+            "model": "nn.Linear layers of the torch model",
+            "order": "the shapes of the Paddle tensors paired by order",
+        }.get(self.linear_source, "a name/shape heuristic (no torch model given)")
+        return (
+            f"{len(self.weights)} tensors converted: {n['transpose']} transposed (found by {how}), "
+            f"{renamed} renamed, {n['copy']} copied, {n['skip']} skipped by rule, "
+            f"{n['drop']} dropped"
+        )
+
+
+def _check_fits_torch_model(sd: Mapping[str, Any], model: Any, source: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [
+        f"{k} {list(np.shape(sd[k]))} vs model {list(expected[k])}"
+        for k in sd
+        if k in expected and tuple(np.shape(sd[k])) != expected[k]
+    ]
+    _raise_misfit(source, f"the torch model {type(model).__name__}", missing, unexpected, wrong, [])
+
+
+def _raise_misfit(
+    source: str,
+    target: str,
+    missing: list[str],
+    unexpected: list[str],
+    wrong: list[str],
+    dtypes: list[str],
+) -> None:
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): {', '.join(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected)}")
+    if wrong:
+        parts.append(f"wrong shape: {'; '.join(wrong)}")
+    if dtypes:
+        parts.append(f"wrong dtype: {'; '.join(dtypes)}")
+    if parts:
+        raise KeyMismatchError(f"{source}: does not fit {target}: {' | '.join(parts)}")
+
+
+def convert(
+    state_dict_or_path: Any,
+    *,
+    model: Any = None,
+    rules: Optional[ConversionRules] = None,
+    by_order: bool = False,
+    paddle_model: Any = None,
+) -> Conversion:
+    """Convert a PyTorch state dict (a mapping, a file, or a torch model) into a Paddle one, and say
+    what was done to every key.
+
+    With ``model`` (the torch ``nn.Module``), Linear weights are found by ``isinstance`` and the
+    state dict must fit the model (every key, every shape); without it ``guess_linear_weight``
+    decides and ``HeuristicLinearWarning`` is issued.
+
+    ``by_order=True`` names each key after the Paddle key at the same position of ``paddle_model``
+    (a Paddle model, state dict or ``.pdparams`` path), see ``pair_weights_by_order``; Linear weights are
+    then recognised by shape. ``rules`` still skip keys.
+
+    >>> conv = convert(torch_model.state_dict(), model=torch_model)
+    >>> paddle_model.set_state_dict(conv.weights); print(conv.summary_line())
+    """
+    source = "state dict"
+    if _is_torch_module(state_dict_or_path):
+        model = state_dict_or_path if model is None else model
+        sd: Mapping[str, Any] = state_dict_or_path.state_dict()
+        source = f"state dict of {type(state_dict_or_path).__name__}"
+    elif isinstance(state_dict_or_path, (str, os.PathLike)):
+        source = os.fspath(state_dict_or_path)
+        if weight_file_suffix(source) in PADDLE_SUFFIXES:
+            raise DumpFormatError(
+                f"{source}: is already a Paddle file; convert reads PyTorch files "
+                f"({', '.join(TORCH_SUFFIXES)})"
+            )
+        sd = read_torch_state_dict(source)
+    elif isinstance(state_dict_or_path, Mapping):
+        sd = state_dict_or_path
+    else:
+        raise ReprodError(
+            f"cannot convert a {type(state_dict_or_path).__name__}: expected a state dict, "
+            "a path to a .pth file, or a torch model"
+        )
+    if model is not None:
+        _check_fits_torch_model(sd, model, source)
+        linear: Optional[set[str]] = linear_weight_names(model)
+    else:
+        linear = None
+    if by_order:
+        if paddle_model is None:
+            raise ReprodError(f"{source}: by_order needs paddle_model= to take the order from")
+        rules = by_order_rules(model if model is not None else sd, paddle_model, rules=rules)
+    elif paddle_model is not None:
+        raise ReprodError(f"{source}: paddle_model= is only used with by_order=True")
+    plan = plan_conversion(
+        {k: tuple(np.shape(v)) for k, v in sd.items()}, linear_weights=linear, rules=rules
+    )
+    weights: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    for p in plan:
+        if p.paddle_name is None:
+            continue
+        conv = to_numpy(sd[p.torch_name], key=p.torch_name)
+        arr = conv.array
+        if p.action == "transpose":
+            arr = np.ascontiguousarray(arr.T)
+        weights[p.paddle_name] = arr
+        if conv.source_dtype is not None:
+            dtypes[p.paddle_name] = conv.source_dtype
+    how = "order" if by_order else "model" if linear is not None else "heuristic"
+    result = Conversion(weights, plan, how, dtypes)
+    if linear is None and result.by_action("transpose"):
+        names = ", ".join(
+            p.torch_name for p in result.by_action("transpose") if p.why.startswith("heur")
+        )
+        if names:
+            warnings.warn(
+                f"{source}: no torch model given, so Linear weights were guessed by name and shape "
+                f"(2-D '.weight' outside conv/embedding) and transposed: {names}; pass model= "
+                "(--model) to decide from nn.Linear layers",
+                HeuristicLinearWarning,
+                stacklevel=2,
+            )
+    return result
+
+
+def torch_to_paddle(
+    state_dict_or_path: Any,
+    *,
+    model: Any = None,
+    rules: Optional[ConversionRules] = None,
+) -> dict[str, np.ndarray]:
+    """A PyTorch state dict as a dict ``paddle.Layer.set_state_dict`` accepts: Linear weights
+    transposed, BatchNorm statistics renamed, ``num_batches_tracked`` dropped, user rules applied.
+
+    >>> paddle_model.set_state_dict(torch_to_paddle(torch_model.state_dict(), model=torch_model))
+    >>> write_pdparams("model.pdparams", torch_to_paddle("model.pth", model=build_torch_model()))
+    """
+    return convert(state_dict_or_path, model=model, rules=rules).weights
+
+
+def _paddle_dtype_name(t: Any) -> str:
+    return str(t.dtype).replace("paddle.", "")
+
+
+def check_fits(
+    paddle_model: Any, weights: Mapping[str, Any], *, source: str = "converted weights"
+) -> None:
+    """Raise one ``KeyMismatchError`` listing every key that keeps ``weights`` from loading into
+    ``paddle_model``: missing, unexpected, wrong shape (with a hint when it is the transpose), wrong
+    dtype. Paddle's own ``set_state_dict`` only warns about missing keys.
+
+    >>> check_fits(paddle_model, torch_to_paddle("model.pth", model=torch_model))
+    """
+    expected = paddle_model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong, dtypes = [], []
+    for k, v in weights.items():
+        if k not in expected:
+            continue
+        want = tuple(expected[k].shape)
+        got = tuple(np.shape(v))
+        if got != want:
+            hint = (
+                " (transposed: a Linear weight? pass the torch model or a transpose rule)"
+                if len(got) == 2 and got[::-1] == want
+                else ""
+            )
+            wrong.append(f"{k} {list(got)} vs model {list(want)}{hint}")
+            continue
+        got_dt = str(getattr(v, "dtype", ""))
+        want_dt = _paddle_dtype_name(expected[k])
+        if isinstance(v, np.ndarray) and got_dt != want_dt:
+            dtypes.append(f"{k} {got_dt} vs model {want_dt}")
+    _raise_misfit(
+        source,
+        f"the Paddle model {type(paddle_model).__name__}",
+        missing,
+        unexpected,
+        wrong,
+        dtypes,
+    )
+
+
+def load_into_paddle(
+    paddle_model: Any,
+    weights: Any,
+    *,
+    model: Any = None,
+    rules: Optional[ConversionRules] = None,
+    by_order: bool = False,
+) -> None:
+    """Load weights into a Paddle model after checking that every key fits (see ``check_fits``).
+
+    ``weights`` is a Paddle-named mapping, a ``.pdparams`` or ``.pth`` path, a torch state dict or a
+    torch model (converted with ``model``/``rules`` first). ``by_order=True`` pairs torch keys with
+    ``paddle_model``'s keys by definition order (see ``pair_weights_by_order``) instead of by name.
+
+    >>> load_into_paddle(paddle_model, torch_model)          # copy a torch model's weights
+    >>> load_into_paddle(paddle_model, torch_model, by_order=True)   # names differ, order agrees
+    >>> load_into_paddle(paddle_model, "model.pdparams")
+    """
+    source = "converted weights"
+    target = paddle_model if by_order else None
+    if isinstance(weights, (str, os.PathLike)) and by_order:
+        source = os.fspath(weights)
+        if weight_file_suffix(source) in PADDLE_SUFFIXES:
+            raise ReprodError(f"{source}: by_order converts PyTorch files, not a .pdparams")
+        arrays: Mapping[str, Any] = convert(
+            source, model=model, rules=rules, by_order=by_order, paddle_model=target
+        ).weights
+    elif isinstance(weights, (str, os.PathLike)):
+        source = os.fspath(weights)
+        arrays = load_weights_as_dump(source, rules=rules, model=model)
+    elif _is_torch_module(weights):
+        source = f"weights of {type(weights).__name__}"
+        arrays = convert(
+            weights, model=model, rules=rules, by_order=by_order, paddle_model=target
+        ).weights
+    elif isinstance(weights, Mapping) and any(
+        type(v).__module__.startswith("torch") for v in weights.values()
+    ):
+        arrays = convert(
+            weights, model=model, rules=rules, by_order=by_order, paddle_model=target
+        ).weights
+    elif by_order:
+        raise ReprodError("by_order needs PyTorch weights (a torch model, state dict or .pth)")
+    elif isinstance(weights, Mapping):
+        arrays = weights
+    else:
+        raise ReprodError(f"cannot load a {type(weights).__name__} into a Paddle model")
+    check_fits(paddle_model, arrays, source=source)
+    paddle_model.set_state_dict(dict(arrays))

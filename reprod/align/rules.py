@@ -1,0 +1,331 @@
+"""The torch -> Paddle state-dict rules: which name each torch key takes and which tensors are
+transposed, decided per key before any array is touched.
+
+What differs between the two frameworks' state dicts, and what the rules do about it:
+
+- ``nn.Linear`` stores its weight as ``[out, in]`` in torch and ``[in, out]`` in Paddle: transposed.
+  Which weights are Linear weights is read from the torch model (``isinstance(m, nn.Linear)``) when
+  one is given; without a model a heuristic decides (see ``guess_linear_weight``).
+- BatchNorm's ``running_mean``/``running_var`` are Paddle's ``_mean``/``_variance``;
+  ``num_batches_tracked`` has no Paddle counterpart and is dropped.
+- Everything else keeps its name and layout (Conv, Embedding, LayerNorm, ConvTranspose, LSTM, ...).
+
+User rules (``ConversionRules``) add renames, skips and transposes. Every pattern is a regular
+expression searched in the *original PyTorch key*; renames apply in order, each to the result of
+the previous one, and the BatchNorm suffix renames apply after them. Exact ``pairs`` (torch key ->
+Paddle key) come before all renames; ``reprod.align.pair_weights_by_order`` finds them by
+definition order when names cannot be mapped by rules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..errors import ReprodError
+
+__all__ = [
+    "ConversionRules",
+    "KeyPlan",
+    "plan_conversion",
+    "linear_weight_names",
+    "guess_linear_weight",
+]
+
+# torch BatchNorm statistics -> Paddle's names for the same tensors
+_BUILTIN_RENAMES = (
+    (re.compile(r"running_mean$"), "_mean"),
+    (re.compile(r"running_var$"), "_variance"),
+)
+_DROPPED = re.compile(r"(^|\.)num_batches_tracked$")
+# a module-path segment naming a layer whose 2-D weight is NOT stored transposed in Paddle
+_NOT_LINEAR_SEGMENT = re.compile(r"(?i)conv|emb|^wte$|^wpe$")
+
+
+def _compile(pattern: str, what: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ReprodError(
+            f"{what} pattern {pattern!r} is not a valid regular expression ({exc})"
+        ) from None
+
+
+def _tuple_of_str(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    out = tuple(value)
+    for p in out:
+        if not isinstance(p, str):
+            raise ReprodError(f"{what} pattern {p!r} is a {type(p).__name__}, expected a str")
+    return out
+
+
+@dataclass(frozen=True)
+class ConversionRules:
+    """User additions to the built-in torch -> Paddle rules. Patterns are regexes searched in the
+    original PyTorch key.
+
+    - ``rename``: ``(pattern, replacement)`` pairs (or a dict), applied in order with ``re.sub``.
+    - ``skip``: keys matching any of these are left out of the result.
+    - ``transpose``: 2-D tensors matching these are transposed even if not ``nn.Linear`` weights.
+    - ``no_transpose``: tensors matching these are never transposed (overrides model and heuristic).
+    - ``pairs``: exact torch key -> Paddle key (or a dict); a paired key takes this name and no
+      rename applies to it (see ``from_pairs`` and ``pair_weights_by_order``).
+
+    >>> rules = ConversionRules(rename={r"^module\\.": ""}, skip=[r"^head\\."])
+    >>> weights = torch_to_paddle("model.pth", rules=rules)
+    """
+
+    rename: tuple[tuple[str, str], ...] = ()
+    skip: tuple[str, ...] = ()
+    transpose: tuple[str, ...] = ()
+    no_transpose: tuple[str, ...] = ()
+    pairs: tuple[tuple[str, str], ...] = ()
+    _compiled: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rename = self.rename.items() if isinstance(self.rename, Mapping) else self.rename
+        pairs: list[tuple[str, str]] = []
+        for pair in rename:
+            if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(s, str) for s in pair):
+                raise ReprodError(
+                    f"rename rule {pair!r} must be a (pattern, replacement) pair of str"
+                )
+            pairs.append((pair[0], pair[1]))
+        object.__setattr__(self, "rename", tuple(pairs))
+        exact = self.pairs.items() if isinstance(self.pairs, Mapping) else self.pairs
+        exact_pairs: list[tuple[str, str]] = []
+        for pair in exact:
+            if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(s, str) for s in pair):
+                raise ReprodError(f"pair {pair!r} must be a (torch key, paddle key) pair of str")
+            exact_pairs.append((pair[0], pair[1]))
+        object.__setattr__(self, "pairs", tuple(exact_pairs))
+        for name in ("skip", "transpose", "no_transpose"):
+            object.__setattr__(self, name, _tuple_of_str(getattr(self, name), name))
+        renames = tuple((_compile(p, "rename"), r) for p, r in self.rename)
+        compiled: dict[str, Any] = {
+            "rename": renames,
+            "skip": tuple(_compile(p, "skip") for p in self.skip),
+            "transpose": tuple(_compile(p, "transpose") for p in self.transpose),
+            "no_transpose": tuple(_compile(p, "no-transpose") for p in self.no_transpose),
+            "pairs": dict(self.pairs),
+        }
+        for pat, repl in renames:
+            try:
+                pat.sub(repl, "")  # a bad group reference in the replacement shows up here
+            except (re.error, IndexError) as exc:
+                raise ReprodError(
+                    f"rename replacement {repl!r} is invalid for {pat.pattern!r} ({exc})"
+                ) from None
+        object.__setattr__(self, "_compiled", compiled)
+
+    @classmethod
+    def from_strings(
+        cls,
+        *,
+        rename: Collection[str] = (),
+        skip: Collection[str] = (),
+        transpose: Collection[str] = (),
+        no_transpose: Collection[str] = (),
+    ) -> ConversionRules:
+        """Rules from command-line style strings; a rename is ``"PATTERN=REPLACEMENT"``.
+
+        >>> ConversionRules.from_strings(rename=[r"^backbone\\.=body."]).rename
+        (('^backbone\\\\.', 'body.'),)
+        """
+        pairs = []
+        for item in rename:
+            if "=" not in item:
+                raise ReprodError(f"rename rule {item!r} must look like PATTERN=REPLACEMENT")
+            pat, repl = item.split("=", 1)
+            pairs.append((pat, repl))
+        return cls(
+            rename=tuple(pairs),
+            skip=tuple(skip),
+            transpose=tuple(transpose),
+            no_transpose=tuple(no_transpose),
+        )
+
+    @classmethod
+    def from_pairs(
+        cls,
+        pairs: Mapping[str, str],
+        *,
+        transpose: Collection[str] = (),
+        no_transpose: Collection[str] = (),
+        base: Optional[ConversionRules] = None,
+    ) -> ConversionRules:
+        """Rules that name each torch key's Paddle key exactly, e.g. the result of
+        ``pair_weights_by_order``. ``transpose``/``no_transpose`` are exact torch keys (not
+        patterns); ``base`` keeps another rule set's renames, skips and transposes beside the pairs.
+
+        >>> rules = ConversionRules.from_pairs({"features.0.weight": "stem.conv.weight"})
+        >>> rules.paddle_name("features.0.weight")
+        'stem.conv.weight'
+        """
+        base = base or _DEFAULT_RULES
+        exact = tuple(f"^{re.escape(k)}$" for k in transpose)
+        exact_no = tuple(f"^{re.escape(k)}$" for k in no_transpose)
+        return cls(
+            rename=base.rename,
+            skip=base.skip,
+            transpose=base.transpose + exact,
+            no_transpose=base.no_transpose + exact_no,
+            pairs=base.pairs + tuple(pairs.items()),
+        )
+
+    def skip_pattern(self, torch_name: str) -> Optional[str]:
+        for pat in self._compiled["skip"]:
+            if pat.search(torch_name):
+                return str(pat.pattern)
+        return None
+
+    def transpose_pattern(self, torch_name: str) -> Optional[str]:
+        for pat in self._compiled["transpose"]:
+            if pat.search(torch_name):
+                return str(pat.pattern)
+        return None
+
+    def no_transpose_pattern(self, torch_name: str) -> Optional[str]:
+        for pat in self._compiled["no_transpose"]:
+            if pat.search(torch_name):
+                return str(pat.pattern)
+        return None
+
+    def paddle_name(self, torch_name: str) -> str:
+        """The Paddle key for a torch key: user renames, then the built-in BatchNorm renames."""
+        paired = self._compiled["pairs"].get(torch_name)
+        if paired is not None:
+            return str(paired)
+        name = torch_name
+        for pat, repl in self._compiled["rename"]:
+            name = pat.sub(repl, name)
+        for pat, repl in _BUILTIN_RENAMES:
+            name = pat.sub(repl, name)
+        return name
+
+
+_DEFAULT_RULES = ConversionRules()
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    """What happens to one torch key: ``action`` is copy, transpose, skip (a user rule) or drop
+    (no Paddle counterpart); ``why`` says which rule decided."""
+
+    torch_name: str
+    paddle_name: Optional[str]
+    action: str
+    why: str
+    torch_shape: tuple[int, ...]
+
+    @property
+    def paddle_shape(self) -> Optional[tuple[int, ...]]:
+        if self.paddle_name is None:
+            return None
+        return tuple(reversed(self.torch_shape)) if self.action == "transpose" else self.torch_shape
+
+
+def guess_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """The fallback when no torch model is given: a key is taken for an ``nn.Linear`` weight when it
+    is 2-D, its last segment is ``weight`` and no segment of its module path mentions ``conv`` or
+    ``emb`` (embedding) or is ``wte``/``wpe`` (GPT-style embeddings).
+
+    >>> guess_linear_weight("head.fc.weight", (10, 64)), guess_linear_weight("tok_emb.weight", (100, 64))
+    (True, False)
+    """
+    parts = name.split(".")
+    if len(shape) != 2 or parts[-1] != "weight":
+        return False
+    return not any(_NOT_LINEAR_SEGMENT.search(seg) for seg in parts[:-1])
+
+
+def _is_torch_module(obj: Any) -> bool:
+    return (
+        hasattr(obj, "state_dict")
+        and hasattr(obj, "named_modules")
+        and type(obj).__module__.split(".")[0] != "paddle"
+    )
+
+
+def linear_weight_names(torch_model: Any) -> set[str]:
+    """Keys of every ``nn.Linear`` (and subclass) weight in a torch model's state dict."""
+    import torch
+
+    return {
+        f"{name}.weight" if name else "weight"
+        for name, module in torch_model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def _rule_why(kind: str, pattern: str, name: str) -> str:
+    # from_pairs (pair_weights_by_order) writes one exact pattern per key: quoting it back is noise
+    if pattern == f"^{re.escape(name)}$":
+        return f"exact {kind} rule for this key"
+    return f"{kind} rule {pattern!r}"
+
+
+def plan_conversion(
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    linear_weights: Optional[Collection[str]] = None,
+    rules: Optional[ConversionRules] = None,
+) -> tuple[KeyPlan, ...]:
+    """Decide, for each torch key, its Paddle name and whether it is transposed, skipped or dropped.
+
+    ``linear_weights`` are the torch keys known to be ``nn.Linear`` weights; ``None`` means unknown,
+    and ``guess_linear_weight`` decides. Raises ``ReprodError`` when two keys land on one Paddle name
+    or a transpose rule matches a tensor that is not 2-D.
+
+    >>> [p.action for p in plan_conversion({"fc.weight": (2, 3), "bn.num_batches_tracked": ()},
+    ...                                    linear_weights={"fc.weight"})]
+    ['transpose', 'drop']
+    """
+    rules = rules or _DEFAULT_RULES
+    plans: list[KeyPlan] = []
+    not_2d: list[str] = []
+    for name, shape in shapes.items():
+        shape = tuple(int(s) for s in shape)
+        skip = rules.skip_pattern(name)
+        if skip is not None:
+            plans.append(KeyPlan(name, None, "skip", f"skip rule {skip!r}", shape))
+            continue
+        if _DROPPED.search(name):
+            plans.append(
+                KeyPlan(name, None, "drop", "BatchNorm counter, no Paddle counterpart", shape)
+            )
+            continue
+        paddle = rules.paddle_name(name)
+        forced = rules.transpose_pattern(name)
+        kept = rules.no_transpose_pattern(name)
+        if kept is not None:
+            action, why = "copy", _rule_why("no-transpose", kept, name)
+        elif forced is not None:
+            action, why = "transpose", _rule_why("transpose", forced, name)
+            if len(shape) != 2:
+                not_2d.append(f"{name} {list(shape)}")
+        elif linear_weights is not None and name in linear_weights:
+            action, why = "transpose", "nn.Linear weight"
+        elif linear_weights is None and guess_linear_weight(name, shape):
+            action, why = "transpose", "heuristic: 2-D weight outside conv/embedding"
+        else:
+            action, why = "copy", "same layout"
+        plans.append(KeyPlan(name, paddle, action, why, shape))
+    if not_2d:
+        raise ReprodError(f"transpose rules match tensors that are not 2-D: {', '.join(not_2d)}")
+    seen: dict[str, str] = {}
+    clashes = []
+    for p in plans:
+        if p.paddle_name is None:
+            continue
+        if p.paddle_name in seen:
+            clashes.append(f"{seen[p.paddle_name]} and {p.torch_name} -> {p.paddle_name}")
+        else:
+            seen[p.paddle_name] = p.torch_name
+    if clashes:
+        raise ReprodError(f"rename rules map several keys to one Paddle name: {'; '.join(clashes)}")
+    return tuple(plans)
