@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--equal-nan", action="store_true", help="NaNs at the same positions on both sides pass"
     )
+    p.add_argument(
+        "--strict-shape",
+        action="store_true",
+        help="shapes that differ only by axes of size 1 ((90, 1) vs (90,)) fail instead of being "
+        "compared element by element",
+    )
     p.add_argument("--format", choices=FORMATS, default="table", help="report format (table)")
     p.add_argument("--output", metavar="PATH", help="write the report to PATH instead of stdout")
     p.add_argument(
@@ -200,7 +206,7 @@ def _open(path: str, verify: bool = False) -> Any:
         return path
     import warnings
 
-    from .align.weights import load_weights_as_dump
+    from .storage.framework_files import load_weights_as_dump
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -224,14 +230,16 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
             per_key[pattern].update(value)
         else:
             per_key[pattern] = value
+    from .diff.criteria import Criteria
+
+    # built before any file is read: a NaN or negative limit is a usage error, not a pass
+    criteria = Criteria(methods=methods[0] if len(methods) == 1 else methods,
+                        threshold=args.threshold, atol=args.atol, rtol=args.rtol,
+                        per_key=per_key or None, equal_nan=args.equal_nan,
+                        strict_shape=args.strict_shape)
     options: dict[str, Any] = {
-        "method": methods[0] if len(methods) == 1 else methods,
-        "threshold": args.threshold,
-        "atol": args.atol,
-        "rtol": args.rtol,
-        "per_key": per_key or None,
+        "criteria": criteria,
         "keys": args.keys,
-        "equal_nan": args.equal_nan,
         "progress": False if args.quiet else None,
     }
     for path in (args.ref, args.other):
@@ -346,7 +354,7 @@ def _render(compared: Compared, args: argparse.Namespace) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    from .storage._atomic import AtomicFile
+    from .storage.atomic import AtomicFile
 
     with AtomicFile(path) as f:
         f.file.write(text.encode("utf-8"))

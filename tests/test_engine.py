@@ -210,13 +210,15 @@ def test_size_one_axes_compare_element_by_element() -> None:
 
 
 def test_broadcast_that_is_not_elementwise_is_a_shape_verdict() -> None:
-    # DESIGN.md: "any other broadcast ((3, 1) against (3,), which reprod_log silently accepts) is a
-    # shape verdict". numpy broadcasts the pair to (3, 3): nine differences for three elements.
+    # DESIGN.md: "any other broadcast ((3, 1) against (1, 3), which reprod_log silently turns into
+    # a 3x3 cross product) is a shape verdict"; (3, 1) against (3,) holds the same three elements
+    # in the same order (reprod_log's lr lists) and is compared element by element.
     a = np.array([[1.0], [2.0], [3.0]])
-    b = np.array([1.0, 2.0, 3.0])
-    assert np.broadcast_shapes(a.shape, b.shape) == (3, 3)
-    kr = compare({"x": a}, {"x": b})["x"]
+    assert np.broadcast_shapes(a.shape, (1, 3)) == (3, 3)
+    kr = compare({"x": a}, {"x": a.reshape(1, 3)})["x"]
     assert not kr.passed and kr.status == "shape"
+    kr = compare({"x": a}, {"x": a.reshape(3)})["x"]
+    assert kr.passed and kr.size == 3 and "axes of size 1" in kr.note
 
 
 def test_both_empty_with_equal_shapes_pass() -> None:

@@ -64,8 +64,8 @@ def _limit(value: Any, what: str) -> float:
     except (TypeError, ValueError):
         raise CriteriaError(f"{what}: {value!r} is not a number") from None
     if math.isnan(v) or v < 0:
-        raise CriteriaError(f"{what}: {v!r} is not a usable limit (must be a number >= 0; "
-                            "a NaN limit would pass every difference)")
+        raise CriteriaError(f"{what}: {v!r} is not a usable limit (a number >= 0 is needed; "
+                            "NaN would pass every difference, a negative one fail every key)")
     return v
 
 

@@ -104,16 +104,12 @@ def _shape_str(s: Optional[tuple[int, ...]]) -> str:
 
 
 def _same_elements(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    """Shapes that pair elements one to one without broadcasting: equal once size-1 axes are
-    dropped, and broadcastable to a shape of the same size ((1,) vs (), (1, 3) vs (3,); not
-    (3, 1) vs (3,), which numpy would broadcast to (3, 3))."""
+    """Shapes that hold the same elements in the same order: equal once size-1 axes are dropped
+    ((1,) vs (), (90, 1) vs (90,), reprod_log's lr lists), unless one is the other reversed
+    ((3, 1) vs (1, 3) is a transpose, which numpy would broadcast into a 3x3 cross product)."""
     if tuple(s for s in a if s != 1) != tuple(s for s in b if s != 1):
         return False
-    try:
-        target = np.broadcast_shapes(a, b)
-    except ValueError:
-        return False
-    return int(np.prod(target)) == int(np.prod(a)) == int(np.prod(b))
+    return not (len(a) == len(b) >= 2 and b == a[::-1])
 
 
 def _pair_nbytes(p: Pair) -> int:
@@ -318,13 +314,17 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None) 
                          reason=f"one side is empty (ref {_shape_str(ra.shape)}, other {_shape_str(oa.shape)})",
                          size=int(ra.size), note="; ".join(notes) or None, **base)
     if ra.shape != oa.shape:
-        if _same_elements(ra.shape, oa.shape):
+        if _same_elements(ra.shape, oa.shape) and not policy.strict_shape:
             notes.append(f"shapes differ only by axes of size 1 ({_shape_str(ra.shape)} vs "
                          f"{_shape_str(oa.shape)}), compared element by element")
             oa = oa.reshape(ra.shape)
         else:
             hint = ""
-            if ra.ndim >= 2 and oa.shape == ra.shape[::-1]:
+            if _same_elements(ra.shape, oa.shape):
+                hint = "shapes differ only by axes of size 1 (strict_shape: a failure)"
+                notes.append(hint)
+                hint = "; " + hint
+            elif ra.ndim >= 2 and oa.shape == ra.shape[::-1]:
                 hint = "other is the transpose of ref (a Linear weight? paddle stores [in, out], torch [out, in]): transpose one side"
                 notes.append(hint)
                 hint = "; " + hint
