@@ -23,7 +23,7 @@ __all__ = ["main", "build_parser", "DUMP_SUFFIXES"]
 
 PROG = "reprod-diff"
 DUMP_SUFFIXES = (".npy", ".npz")
-METHODS = ("mean", "max", "min", "all", "mean_rel", "max_rel")
+METHODS = ("mean", "max", "min", "all", "mean_rel", "max_rel", "rel_l2", "max_scaled")
 FORMATS = ("table", "log", "json", "csv", "markdown")
 
 # one compared pair: (relative path in folder mode, or None for two files; its result)

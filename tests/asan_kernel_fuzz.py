@@ -18,9 +18,9 @@ sys.path.insert(0, TREE)
 import reprod  # noqa: E402
 from reprod.diff import _kernel  # noqa: E402
 from reprod.errors import DumpFormatError  # noqa: E402
-from reprod.storage import legacy  # noqa: E402
+from reprod.storage import pickle_walker  # noqa: E402
 
-assert legacy._scan is not None and _kernel.__file__.startswith(os.path.abspath(TREE))
+assert pickle_walker._scan is not None and _kernel.__file__.startswith(os.path.abspath(TREE))
 rng = np.random.default_rng(SEED)
 tree = {}
 for i in range(40):
@@ -57,7 +57,7 @@ for _ in range(20000):
     job = [int(rng.integers(-2, 4100)), int(rng.integers(-2, 4100)), int(rng.integers(-1, 600)),
            int(rng.integers(-1, 5)), 1, int(rng.integers(-2, 4100)), int(rng.integers(-2, 300)), 0,
            0, -1, 0]
-    out = np.empty((1, 21))
+    out = np.empty((1, len(metrics.ROW_COLUMNS)))
     try:
         _kernel.stats_many(buf, buf, np.array(job, np.int64), np.zeros((1, 2)), out, 64, False)
     except ValueError:

@@ -20,7 +20,7 @@ import reprod
 from reprod._gc import gc_paused
 from reprod.diff import engine, metrics
 from reprod.errors import DumpFormatError
-from reprod.storage import legacy
+from reprod.storage import legacy, npy_header, pickle_walker
 from reprod.storage.lazy import ArraySpec, MappedFile
 
 needs_kernel = pytest.mark.skipif(not metrics.kernel_available(), reason="compiled kernel not built")
@@ -131,7 +131,7 @@ def test_batch_takes_nothing_it_cannot_view(tmp_path, monkeypatch):
 @needs_kernel
 def test_stats_many_refuses_ranges_outside_its_buffers():
     buf = np.zeros(16, np.float32).tobytes()
-    out = np.empty((1, 21))
+    out = np.empty((1, len(metrics.ROW_COLUMNS)))
     tols = np.zeros((1, 2))
     none = [0, -1, 0]
 
@@ -147,10 +147,10 @@ def test_stats_many_refuses_ranges_outside_its_buffers():
     with pytest.raises(ValueError):  # jobs and out disagree on the number of pairs
         run(None, jobs=np.zeros(10, np.int64))
     run([0, 0, 16, 0, 0])
-    assert out[0, 0] == 16 and out[0, 6] == 0.0 and list(out[0, 19:]) == [-1.0, -1.0]
+    assert out[0, 0] == 16 and out[0, 6] == 0.0 and list(out[0, metrics.COL["crc_ref"]:]) == [-1.0, -1.0]
     good = zlib.crc32(buf[8:40])
     run([0, 0, 16, 0, 0, 8, 32, good, 8, 32, good ^ 1])
-    assert list(out[0, 19:]) == [1.0, 0.0]
+    assert list(out[0, metrics.COL["crc_ref"]:]) == [1.0, 0.0]
 
 
 @needs_kernel
@@ -241,7 +241,7 @@ def test_scanner_and_python_walk_agree(tmp_path, monkeypatch):
     _legacy_dump(path, rng)
     fast = _walk(path)
     assert fast[0] == "ok" and len(fast[1]) == 61
-    monkeypatch.setattr(legacy, "_scan", None)
+    monkeypatch.setattr(pickle_walker, "_scan", None)
     assert _walk(path) == fast
 
 
@@ -253,7 +253,7 @@ def test_scanner_and_python_walk_agree_on_mutated_files(tmp_path, monkeypatch):
     src = str(tmp_path / "d.npy")
     _legacy_dump(src, rng)
     data = open(src, "rb").read()
-    scan = legacy._scan
+    scan = pickle_walker._scan
     mutated = str(tmp_path / "m.npy")
     for trial in range(300):
         b = bytearray(data)
@@ -265,9 +265,9 @@ def test_scanner_and_python_walk_agree_on_mutated_files(tmp_path, monkeypatch):
             b[pos] = int(rng.integers(0, 256))
         with open(mutated, "wb") as f:
             f.write(bytes(b))
-        monkeypatch.setattr(legacy, "_scan", scan)
+        monkeypatch.setattr(pickle_walker, "_scan", scan)
         fast = _walk(mutated)
-        monkeypatch.setattr(legacy, "_scan", None)
+        monkeypatch.setattr(pickle_walker, "_scan", None)
         slow = _walk(mutated)
         assert fast == slow, trial
 
@@ -278,12 +278,12 @@ def test_scanner_steps_match(tmp_path, monkeypatch):
     path = str(tmp_path / "d.npy")
     np.save(path, {f"k{i}": np.arange(i % 50 + 1, dtype=np.float32) for i in range(500)}, allow_pickle=True)
     steps = []
-    for scan in (legacy._scan, None):
-        monkeypatch.setattr(legacy, "_scan", scan)
+    for scan in (pickle_walker._scan, None):
+        monkeypatch.setattr(pickle_walker, "_scan", scan)
         mf = MappedFile(path)
         buf = mf.buffer()
-        _, _, _, off = legacy.parse_npy_header(buf, 0, mf.size, path)
-        w = legacy._PickleWalker(buf, off, mf.size, path)
+        _, _, _, off = npy_header.parse_npy_header(buf, 0, mf.size, path)
+        w = pickle_walker._PickleWalker(buf, off, mf.size, path)
         w.run()
         steps.append(w.steps)
         mf.close()

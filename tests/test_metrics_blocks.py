@@ -126,7 +126,8 @@ def whole_array(ref: np.ndarray, other: np.ndarray, *, atol: Optional[float] = N
         d, rv, ov = d_all[valid], r[valid], o[valid]
         if d.size == 0:
             return out | dict.fromkeys(("mean_abs", "max_abs", "min_abs", "mean_rel", "max_rel",
-                                        "cosine", "worst_flat", "worst_ref", "worst_other"))
+                                        "cosine", "rel_l2", "max_scaled", "worst_flat",
+                                        "worst_ref", "worst_other"))
         ar = np.abs(rv)
         rel = np.where(ar == 0, np.where(d == 0, 0.0, np.inf), d / ar)
         rel = _finite_rel(rv, ov, d, rel)
@@ -144,7 +145,7 @@ def whole_array(ref: np.ndarray, other: np.ndarray, *, atol: Optional[float] = N
     return out | {
         "mean_abs": _mean(d), "max_abs": float(d.max()), "min_abs": float(d.min()),
         "mean_rel": _mean(rel), "max_rel": float(rel.max()), "cosine": cosine,
-        "worst_flat": worst, "worst_ref": float(ref.reshape(-1)[worst]),
+        **dict(zip(("rel_l2", "max_scaled"), _scale_aware(ref, other))), "worst_flat": worst, "worst_ref": float(ref.reshape(-1)[worst]),
         "worst_other": float(other.reshape(-1)[worst]),
     }
 
@@ -158,7 +159,7 @@ def assert_same(got: metrics.Stats, want: dict[str, Any]) -> None:
     __tracebackhide__ = True
     for name in EXACT:
         assert getattr(got, name) == want[name], f"{name}: {getattr(got, name)!r} != {want[name]!r}"
-    for name in ("mean_abs", "mean_rel", "cosine"):
+    for name in ("mean_abs", "mean_rel", "cosine", "rel_l2", "max_scaled"):
         g, w = getattr(got, name), want[name]
         if w is None or g is None:
             assert g is w, f"{name}: {g!r} != {w!r}"
@@ -431,3 +432,78 @@ def test_numpy_fallback_when_the_extension_is_missing() -> None:
     assert (max_abs, worst, mismatched, nan_bad) == (want["max_abs"], want["worst_flat"],
                                                      want["mismatched"], want["nan_unmatched"])
     np.testing.assert_allclose(mean_abs, want["mean_abs"], rtol=1e-12)
+
+
+# --- the scale-aware statistics: rel_l2 and max_scaled -----------------------------------------------
+
+
+def _scale_aware(ref: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """float64 (long double where it helps) whole-array values of ||o - r|| / ||r|| and
+    max|o - r| / max|r| over the elements that enter the statistics (no NaN, no matched Inf)."""
+    r, o = ref.astype(np.longdouble).ravel(), other.astype(np.longdouble).ravel()
+    keep = ~(np.isnan(r) | np.isnan(o)) & ~(np.isinf(r) & (r == o))
+    r, o = r[keep], o[keep]
+    d = np.abs(o - r)
+    num, den = float(np.sqrt((d * d).sum())), float(np.sqrt((r * r).sum()))
+    l2 = 0.0 if num == den == 0.0 else (math.inf if den == 0.0 or math.isinf(num) else num / den)
+    mx, mr = float(d.max()), float(np.abs(r).max())
+    scaled = 0.0 if mx == mr == 0.0 else (math.inf if mr == 0.0 or math.isinf(mx) else mx / mr)
+    return l2, scaled
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 4097])
+@pytest.mark.parametrize("dtypes", [(np.float32, np.float32), (np.float64, np.float64),
+                                    (np.float32, np.float64), (np.int32, np.int32)])
+def test_rel_l2_and_max_scaled_match_whole_array(impl: str, small_chunks: None, threads: int,
+                                                 n: int, dtypes: tuple[Any, Any]) -> None:
+    rng = np.random.default_rng(n)
+    base = rng.standard_normal(n) * 50
+    ref = base.astype(dtypes[0])
+    other = (base + rng.standard_normal(n) * 1e-3 * (1 + 9 * (dtypes[0] is np.int32))).astype(dtypes[1])
+    st_ = metrics.compute_stats(ref, other, block=100)
+    l2, scaled = _scale_aware(ref, other)
+    assert st_.rel_l2 == pytest.approx(l2, rel=1e-12, abs=0.0)
+    assert st_.max_scaled == pytest.approx(scaled, rel=1e-15, abs=0.0)
+
+
+@pytest.mark.parametrize("case", ["zeros", "ref_zero", "huge", "tiny", "nan_matched", "inf_unmatched"])
+def test_rel_l2_and_max_scaled_edge_cases(impl: str, case: str) -> None:
+    ref, other = {
+        "zeros": (np.zeros(5), np.zeros(5)),                      # 0/0 = 0
+        "ref_zero": (np.zeros(5), np.full(5, 1e-3)),              # x/0 = inf
+        "huge": (np.full(4, 1e300), np.full(4, 1e300) * (1 + 1e-6)),   # squares overflow
+        "tiny": (np.full(4, 1e-300), np.full(4, 1e-300) * (1 + 1e-6)),  # squares underflow
+        "nan_matched": (np.array([1.0, np.nan, 2.0]), np.array([1.5, np.nan, 2.0])),
+        "inf_unmatched": (np.array([1.0, np.inf]), np.array([1.0, 1.0])),
+    }[case]
+    st_ = metrics.compute_stats(ref, other, equal_nan=True)
+    l2, scaled = _scale_aware(ref, other)
+    assert st_.rel_l2 == pytest.approx(l2, rel=1e-9) and st_.max_scaled == pytest.approx(scaled, rel=1e-9)
+    if case in ("huge", "tiny"):
+        assert st_.rel_l2 == pytest.approx(1e-6, rel=1e-6)
+
+
+def test_scale_aware_methods_judge_keys_and_agree_between_batch_and_per_key(tmp_path: Any) -> None:
+    import reprod
+
+    rng = np.random.default_rng(3)
+    ref = {f"k{i}": (rng.standard_normal(64) * 10 ** (i % 5)).astype(np.float32) for i in range(200)}
+    other = {k: v * np.float32(1 + 1e-6) for k, v in ref.items()}
+    other["k7"] = ref["k7"] * np.float32(1.01)
+    reprod.save(tmp_path / "a.npz", ref)
+    reprod.save(tmp_path / "b.npz", other)
+    on_disk = reprod.compare(tmp_path / "a.npz", tmp_path / "b.npz", method=["rel_l2", "max_scaled"],
+                             threshold=1e-4)  # the batch kernel path
+    in_memory = reprod.compare(ref, other, method=["rel_l2", "max_scaled"], threshold=1e-4)
+    assert [k.key for k in on_disk.failed] == ["k7"]
+    for a, b in zip(on_disk, in_memory):
+        assert (a.rel_l2, a.max_scaled, a.checks) == (b.rel_l2, b.max_scaled, b.checks)
+        want = _scale_aware(ref[a.key], other[a.key])
+        assert a.rel_l2 == pytest.approx(want[0], rel=1e-12)
+
+
+@pytest.mark.skipif(metrics._kernel is None, reason="the compiled kernel is not built")
+def test_kernel_row_columns_are_the_python_names() -> None:
+    assert tuple(metrics._kernel.ROW_COLUMNS) == metrics.ROW_COLUMNS
+    assert len(metrics._kernel.stats(np.ones(2), "d", np.ones(2), "d", 8, False, 0.0, 0.0, False)) == \
+        metrics.COL["max_ref"] + 1

@@ -34,6 +34,7 @@ typedef struct {
     int64_t worst;
     double min_abs, max_rel;
     int64_t mismatched, ref_nan, ref_inf, other_nan, other_inf, nan_unmatched, inf_unmatched;
+    double dd, max_ref; /* sum of squared differences and max |ref|: rel_l2 and max_scaled */
 } acc_t;
 
 typedef struct {
@@ -107,6 +108,8 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
         a->dot += r * x;
         a->rr += r * r;
         a->oo += x * x;
+        a->dd += d * d;
+        if (fabs(r) > a->max_ref) a->max_ref = fabs(r);
     }
 }
 
@@ -138,8 +141,8 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
                          Py_ssize_t hi, const opts_t *o, acc_t *a) {                             \
         const VD zero = {0}, vatol = zero + o->atol, vrtol = zero + o->rtol;                     \
         const VI absmask = (VI){0} + INT64_MAX;                                                  \
-        VD s_d = zero, s_rel = zero, s_dot = zero, s_rr = zero, s_oo = zero;                     \
-        VD vmax = zero - 1.0, vmin = zero + INFINITY, vmaxrel = zero - 1.0;                      \
+        VD s_d = zero, s_rel = zero, s_dot = zero, s_rr = zero, s_oo = zero, s_dd = zero;        \
+        VD vmax = zero - 1.0, vmin = zero + INFINITY, vmaxrel = zero - 1.0, vmaxref = zero;      \
         VI outside = {0};                                                                        \
         Py_ssize_t n = (hi - lo) / W * W;                                                        \
         for (Py_ssize_t i = lo; i < lo + n; i += W) {                                            \
@@ -155,6 +158,8 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
             s_dot += r * x;                                                                      \
             s_rr += r * r;                                                                       \
             s_oo += x * x;                                                                       \
+            s_dd += d * d;                                                                       \
+            vmaxref = MAX(ar, vmaxref);                                                          \
             if (o->check_close) outside += (d > vatol + vrtol * ar); /* true lanes are -1 */     \
         }                                                                                        \
         double total = NAME##_hsum(s_d);                                                         \
@@ -165,8 +170,10 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
         t.dot += NAME##_hsum(s_dot);                                                             \
         t.rr += NAME##_hsum(s_rr);                                                               \
         t.oo += NAME##_hsum(s_oo);                                                               \
+        t.dd += NAME##_hsum(s_dd);                                                               \
         double bmax = -1.0, bmin = INFINITY, bmr = -1.0;                                         \
         for (int l = 0; l < W; l++) {                                                            \
+            if (vmaxref[l] > t.max_ref) t.max_ref = vmaxref[l];                                  \
             if (vmax[l] > bmax) bmax = vmax[l];                                                  \
             if (vmin[l] < bmin) bmin = vmin[l];                                                  \
             if (vmaxrel[l] > bmr) bmr = vmaxrel[l];                                              \
@@ -309,11 +316,11 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&rb);
     PyBuffer_Release(&ob);
-    return Py_BuildValue("(LddddddLddLLLLLLL)", (long long)a.counted, a.total, a.total_rel, a.dot,
-                         a.rr, a.oo, a.max_abs, (long long)a.worst, a.min_abs, a.max_rel,
+    return Py_BuildValue("(LddddddLddLLLLLLLdd)", (long long)a.counted, a.total, a.total_rel,
+                         a.dot, a.rr, a.oo, a.max_abs, (long long)a.worst, a.min_abs, a.max_rel,
                          (long long)a.mismatched, (long long)a.ref_nan, (long long)a.ref_inf,
                          (long long)a.other_nan, (long long)a.other_inf,
-                         (long long)a.nan_unmatched, (long long)a.inf_unmatched);
+                         (long long)a.nan_unmatched, (long long)a.inf_unmatched, a.dd, a.max_ref);
 }
 
 
@@ -463,8 +470,8 @@ PyDoc_STRVAR(stats_many_doc,
     "offset, other byte offset, element count, kinds 0-3 for ff fd df dd, check_close, then\n"
     "for ref and for other the (start, length, expected CRC32) of a zip member to check before\n"
     "its statistics (length -1: none); tols: float64 rows of (atol, rtol); out: writable\n"
-    "float64 rows of MANY_FIELDS: the fields of stats(), the ref and other values at worst (NaN\n"
-    "when worst is -1), then per side 1 (CRC matches), 0 (it does not) or -1 (not checked).\n"
+    "float64 rows named by ROW_COLUMNS: the fields of stats(), the ref and other values at worst\n"
+    "(NaN when worst is -1), then per side 1 (CRC matches), 0 (it does not) or -1 (not checked).\n"
     "Every range is checked against its buffer before anything is read.");
 
 static uint32_t le32(const unsigned char *p) {
@@ -472,7 +479,7 @@ static uint32_t le32(const unsigned char *p) {
 }
 
 #define MANY_JOB 11
-#define MANY_FIELDS 21
+#define MANY_FIELDS 23
 
 static PyObject *stats_many(PyObject *self, PyObject *args) {
     Py_buffer rb, ob, jb, tb, outb;
@@ -525,7 +532,7 @@ static PyObject *stats_many(PyObject *self, PyObject *args) {
         for (int side = 0; side < 2; side++) {
             const int64_t *c = job + 5 + 3 * side;
             const char *base = side ? obase : rbase;
-            row[19 + side] = c[1] == -1 ? -1.0 :
+            row[21 + side] = c[1] == -1 ? -1.0 :
                 crc32_of(0, (const unsigned char *)base + c[0], (size_t)c[1]) == (uint32_t)c[2];
         }
         opts_t o = {(int)job[4], equal_nan, tols[2 * j], tols[2 * j + 1]};
@@ -549,11 +556,13 @@ static PyObject *stats_many(PyObject *self, PyObject *args) {
         row[14] = (double)a.other_inf;
         row[15] = (double)a.nan_unmatched;
         row[16] = (double)a.inf_unmatched;
+        row[17] = a.dd;
+        row[18] = a.max_ref;
         if (a.worst >= 0) {
-            row[17] = kinds & 2 ? load_d(rp, a.worst) : load_f(rp, a.worst);
-            row[18] = kinds & 1 ? load_d(op, a.worst) : load_f(op, a.worst);
+            row[19] = kinds & 2 ? load_d(rp, a.worst) : load_f(rp, a.worst);
+            row[20] = kinds & 1 ? load_d(op, a.worst) : load_f(op, a.worst);
         } else {
-            row[17] = row[18] = NAN;
+            row[19] = row[20] = NAN;
         }
     }
     Py_END_ALLOW_THREADS
@@ -769,5 +778,18 @@ PyMODINIT_FUNC PyInit__kernel(void) {
         isa = "avx2";
     }
 #endif
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    /* the one list of the row's columns: metrics.py reads its indices from here */
+    PyObject *cols = Py_BuildValue(
+        "(sssssssssssssssssssssss)", "counted", "total", "total_rel", "dot", "rr", "oo", "max_abs",
+        "worst", "min_abs", "max_rel", "mismatched", "ref_nan", "ref_inf", "other_nan", "other_inf",
+        "nan_unmatched", "inf_unmatched", "dd", "max_ref", "worst_ref", "worst_other", "crc_ref",
+        "crc_other");
+    if (cols == NULL || PyModule_AddObject(m, "ROW_COLUMNS", cols) < 0) {
+        Py_XDECREF(cols);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -200,7 +200,7 @@ def _compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Pro
         return out
     assert ref_mf is not None and other_mf is not None
     m = len(todo)
-    rows = np.empty((m, 21))
+    rows = np.empty((m, len(metrics.ROW_COLUMNS)))
     job_rows = np.array(jobs, dtype=np.int64).reshape(m, -1)
     tol_rows = np.array(tols).reshape(m, 2)
     args = (metrics.BLOCK, policy.equal_nan)
@@ -214,7 +214,8 @@ def _compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Pro
         late.result()
     else:
         kernel.stats_many(rb, ob, job_rows, tol_rows, rows, *args)
-    crc_ok = (rows[:, 19] != 0.0) & (rows[:, 20] != 0.0)  # -1 (not checked) counts as good
+    col = metrics.COL
+    crc_ok = (rows[:, col["crc_ref"]] != 0.0) & (rows[:, col["crc_other"]] != 0.0)  # -1: unchecked
     if checks:
         if not crc_ok.all():
             checks = [c for c in checks if crc_ok[c[0]]]
@@ -225,13 +226,12 @@ def _compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Pro
     # error naming the key), go the general way
     plain, table = metrics.finish_rows(rows, np.array([t[4] for t in todo], dtype=np.float64))
     plain &= crc_ok
-    for (i, p, rs, os_, n, a, r), ok, (mean_abs, max_abs_, min_abs, mean_rel, max_rel, cos, worst,
-                                        worst_ref, worst_other, mismatched) \
+    for (i, p, rs, os_, n, a, r), ok, (*stats, worst, worst_ref, worst_other, mismatched) \
             in zip(todo, plain.tolist(), table.tolist()):
         if not ok:
             continue
-        out[i] = _finite_result(p, policy, n, a, r, (mean_abs, max_abs_, min_abs, mean_rel, max_rel,
-                                cos), _unravel(int(worst), rs.shape), worst_ref, worst_other,
+        out[i] = _finite_result(p, policy, n, a, r, stats, _unravel(int(worst), rs.shape),
+                                worst_ref, worst_other,
                                 int(mismatched) if (a is not None or r is not None) else None, rs, os_)
         if bar is not None:
             bar.advance(n * (rs.dtype.itemsize + os_.dtype.itemsize))
@@ -257,9 +257,9 @@ def _finite_result(p: Pair, policy: Criteria, n: int, atol: Optional[float], rto
     key = p.key
     thresholds = policy.thresholds_for(key)
     rdt, odt = _dtype_name(rs.dtype), _dtype_name(os_.dtype)
-    mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine = stats
+    mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled = stats
     values = {"mean_abs": mean_abs, "max_abs": max_abs, "min_abs": min_abs, "mean_rel": mean_rel,
-              "max_rel": max_rel, "cosine": cosine}
+              "max_rel": max_rel, "cosine": cosine, "rel_l2": rel_l2, "max_scaled": max_scaled}
     status, reason, checks = judge(values, thresholds, mismatched=mismatched, size=n, atol=atol,
                                    rtol=rtol, worst_index=worst_index, worst_ref=worst_ref,
                                    worst_other=worst_other)
@@ -269,7 +269,7 @@ def _finite_result(p: Pair, policy: Criteria, n: int, atol: Optional[float], rto
         "path": p.path, "ref_shape": rs.shape, "other_shape": os_.shape, "ref_dtype": rdt,
         "other_dtype": odt, "size": n, "mean_abs": mean_abs, "max_abs": max_abs,
         "min_abs": min_abs, "mean_rel": mean_rel, "max_rel": max_rel, "cosine": cosine,
-        "worst_index": worst_index, "worst_ref": worst_ref, "worst_other": worst_other,
+        "rel_l2": rel_l2, "max_scaled": max_scaled, "worst_index": worst_index, "worst_ref": worst_ref, "worst_other": worst_other,
         "mismatched": mismatched, "ref_nan": 0, "ref_inf": 0, "other_nan": 0, "other_inf": 0,
         "methods": tuple(thresholds) or policy.methods, "thresholds": thresholds,
         "checks": checks, "atol": atol, "rtol": rtol,
@@ -339,6 +339,7 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None) 
     values = {
         "mean_abs": st.mean_abs, "max_abs": st.max_abs, "min_abs": st.min_abs,
         "mean_rel": st.mean_rel, "max_rel": st.max_rel, "cosine": st.cosine,
+        "rel_l2": st.rel_l2, "max_scaled": st.max_scaled,
     }
     if st.worst_flat is None:
         worst_index = None

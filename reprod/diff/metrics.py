@@ -58,6 +58,8 @@ class Stats:
     mean_rel: Optional[float] = None
     max_rel: Optional[float] = None
     cosine: Optional[float] = None
+    rel_l2: Optional[float] = None  # ||other - ref||_2 / ||ref||_2
+    max_scaled: Optional[float] = None  # max|other - ref| / max|ref|
     worst_flat: Optional[int] = None
     worst_ref: Optional[float] = None
     worst_other: Optional[float] = None
@@ -72,10 +74,16 @@ class Stats:
 
 # --- partial statistics of one chunk ---------------------------------------------------------------
 
-# The fields of a partial, in the order the compiled kernel returns them.
-_FIELDS = ("counted", "total", "total_rel", "dot", "rr", "oo", "max_abs", "worst", "min_abs",
-           "max_rel", "mismatched", "ref_nan", "ref_inf", "other_nan", "other_inf",
-           "nan_unmatched", "inf_unmatched")
+# The kernel's row (stats_many) and, its first 19 columns, stats()' tuple: named in the kernel,
+# which the numpy path must match (a test checks this copy against the compiled one).
+ROW_COLUMNS = ("counted", "total", "total_rel", "dot", "rr", "oo", "max_abs", "worst", "min_abs",
+               "max_rel", "mismatched", "ref_nan", "ref_inf", "other_nan", "other_inf",
+               "nan_unmatched", "inf_unmatched", "dd", "max_ref", "worst_ref", "worst_other",
+               "crc_ref", "crc_other")
+if _kernel is not None:
+    ROW_COLUMNS = tuple(_kernel.ROW_COLUMNS)
+COL = {name: i for i, name in enumerate(ROW_COLUMNS)}
+_FIELDS = ROW_COLUMNS[: COL["max_ref"] + 1]  # a partial's fields, in stats()' order
 
 
 class _Partial:
@@ -94,6 +102,8 @@ class _Partial:
         self.mismatched = 0
         self.ref_nan = self.ref_inf = self.other_nan = self.other_inf = 0
         self.nan_unmatched = self.inf_unmatched = 0
+        self.dd = 0.0
+        self.max_ref = 0.0
 
     @classmethod
     def from_tuple(cls, values: Sequence[Any], offset: int) -> _Partial:
@@ -125,6 +135,9 @@ class _Partial:
         self.other_inf += b.other_inf
         self.nan_unmatched += b.nan_unmatched
         self.inf_unmatched += b.inf_unmatched
+        self.dd += b.dd
+        if b.max_ref > self.max_ref:
+            self.max_ref = b.max_ref
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,9 @@ def _fast_float_block(rb: np.ndarray, ob: np.ndarray, start: int, p: _Partial, o
     if bmin < p.min_abs:
         p.min_abs = bmin
     np.abs(rf, out=ar)
+    bref = float(np.maximum.reduce(ar))
+    if bref > p.max_ref:
+        p.max_ref = bref
     np.divide(d, ar, out=rel)
     total_rel = float(np.add.reduce(rel))
     if total_rel != total_rel:  # a 0/0 somewhere: the relative error of equal zeros is 0
@@ -222,6 +238,7 @@ def _fast_float_block(rb: np.ndarray, ob: np.ndarray, start: int, p: _Partial, o
     p.dot += float(np.dot(rf, of))
     p.rr += float(np.dot(rf, rf))
     p.oo += float(np.dot(of, of))
+    p.dd += float(np.dot(d, d))
     return True
 
 
@@ -283,6 +300,10 @@ def _general_block(rb: np.ndarray, ob: np.ndarray, start: int, p: _Partial, opt:
     if bmin < p.min_abs:
         p.min_abs = bmin
     ar = np.abs(rf)
+    bref = float(ar.max())
+    if bref > p.max_ref:
+        p.max_ref = bref
+    p.dd += float(np.dot(d, d))
     rel = np.divide(d, ar, out=np.zeros_like(d), where=(ar != 0) | (d != 0))
     if valid is not None:
         rel[np.isinf(d)] = np.inf  # an unmatched Inf is an infinite relative error, not inf/inf
@@ -455,7 +476,7 @@ def compute_stats(ref: np.ndarray, other: np.ndarray, *, atol: Optional[float] =
 def _finish(n: int, values: Sequence[Any], r: np.ndarray, o: np.ndarray, check_close: bool,
             block: int) -> Stats:
     (counted, total, total_rel, dot, rr, oo, max_abs, worst, min_abs, max_rel, mismatched,
-     ref_nan, ref_inf, other_nan, other_inf, nan_unmatched, inf_unmatched) = values
+     ref_nan, ref_inf, other_nan, other_inf, nan_unmatched, inf_unmatched, dd, max_ref) = values
     st = Stats(size=n, counted=int(counted), mismatched=int(mismatched) if check_close else None,
                ref_nan=int(ref_nan), ref_inf=int(ref_inf), other_nan=int(other_nan),
                other_inf=int(other_inf), nan_unmatched=int(nan_unmatched),
@@ -479,6 +500,11 @@ def _finish(n: int, values: Sequence[Any], r: np.ndarray, o: np.ndarray, check_c
         # two finite values more than the float64 maximum apart: |o - r| rounds to inf (right for
         # the absolute statistics) but the relative error is finite; recompute it without overflow
         st.mean_rel, st.max_rel = _overflow_safe_rel(r, o, block)
+    st.max_scaled = _ratio(float(max_abs), float(max_ref))
+    if _squares_lost(dd, rr, 0.0, max_abs) and not (dd == 0.0 and max_abs == 0.0):
+        st.rel_l2 = _scaled_rel_l2(r, o, block, float(max_abs), float(max_ref))
+    else:
+        st.rel_l2 = _ratio(math.sqrt(dd), math.sqrt(rr))
     if _squares_lost(rr, oo, dot, max_abs):
         dot, rr, oo = _scaled_dot(r, o, block)
     if math.isfinite(rr) and math.isfinite(oo) and math.isfinite(dot):
@@ -502,18 +528,67 @@ def finish_rows(rows: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.nda
     need ``_finish``'s second passes), and per row mean_abs, max_abs, min_abs, mean_rel, max_rel,
     cosine, worst position, worst ref, worst other, mismatched."""
     counted, total, total_rel, dot, rr, oo, max_abs = rows[:, :7].T
+    dd, max_ref = rows[:, COL["dd"]], rows[:, COL["max_ref"]]
     with np.errstate(all="ignore"):
-        finite = np.isfinite(rr) & np.isfinite(oo) & np.isfinite(dot)
+        finite = np.isfinite(rr) & np.isfinite(oo) & np.isfinite(dot) & np.isfinite(dd)
         zero = (rr == 0.0) & (oo == 0.0) & (max_abs == 0.0)
-        tiny = (rr < _TINY) | (oo < _TINY)
-        lost = ~finite | (rr > _HUGE) | (oo > _HUGE) | (~zero & tiny)  # _squares_lost, row-wise
+        tiny = (rr < _TINY) | (oo < _TINY) | ((dd < _TINY) & (max_abs > 0.0))
+        lost = ~finite | (rr > _HUGE) | (oo > _HUGE) | (dd > _HUGE) | (~zero & tiny)
         plain = (counted == sizes) & (total < math.inf) & (total_rel < math.inf) & \
             (max_abs < math.inf) & ~lost
         cosine = np.where((rr == 0.0) & (oo == 0.0), 1.0, np.where(
             (rr > 0.0) & (oo > 0.0), np.clip(dot / (np.sqrt(rr) * np.sqrt(oo)), -1.0, 1.0), 0.0))
-        table = np.column_stack([total / sizes, max_abs, rows[:, 8], total_rel / sizes, rows[:, 9],
-                                 cosine, rows[:, 7], rows[:, 17], rows[:, 18], rows[:, 10]])
+        rel_l2 = _ratios(np.sqrt(dd), np.sqrt(rr))
+        max_scaled = _ratios(max_abs, max_ref)
+        c = COL
+        table = np.column_stack([total / sizes, max_abs, rows[:, c["min_abs"]], total_rel / sizes,
+                                 rows[:, c["max_rel"]], cosine, rel_l2, max_scaled,
+                                 rows[:, c["worst"]], rows[:, c["worst_ref"]],
+                                 rows[:, c["worst_other"]], rows[:, c["mismatched"]]])
     return plain, table
+
+
+def _ratio(num: float, den: float) -> float:
+    """num / den with 0/0 = 0 and x/0 = inf (the relative error's convention); an infinite
+    difference is an infinite ratio, whatever the reference holds."""
+    if num == math.inf:
+        return math.inf
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _ratios(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where((den == 0.0) | (num == np.inf), np.where(num == 0.0, 0.0, np.inf),
+                    num / np.where(den == 0.0, 1.0, den))
+
+
+def _scaled_rel_l2(r: np.ndarray, o: np.ndarray, block: int, max_abs: float, max_ref: float) -> float:
+    """||o - r|| / ||r|| with each sum of squares taken in a domain scaled by a power of two near
+    its largest term (exact), so that neither overflow nor underflow loses it. A rare second pass."""
+    kd = math.frexp(max_abs)[1] if 0.0 < max_abs < math.inf else 0
+    kr = math.frexp(max_ref)[1] if 0.0 < max_ref < math.inf else 0
+    dd = rr = 0.0
+    with np.errstate(all="ignore"):
+        for s in range(0, r.size, block):
+            rb, ob = r[s : s + block], o[s : s + block]
+            if rb.dtype.kind in "biu" and ob.dtype.kind in "biu":
+                d = _int_absdiff(rb.astype(np.int64) if rb.dtype.kind == "b" else rb,
+                                 ob.astype(np.int64) if ob.dtype.kind == "b" else ob)
+                ar = np.abs(rb.astype(np.float64))
+            else:
+                rf, of = _kept(rb, ob)
+                d, ar = np.abs(of - rf), np.abs(rf)
+            d, ar = np.ldexp(d, -kd), np.ldexp(ar, -kr)
+            dd += float(np.dot(d, d))
+            rr += float(np.dot(ar, ar))
+    ratio = _ratio(math.sqrt(dd), math.sqrt(rr))
+    if not 0.0 < ratio < math.inf:
+        return ratio
+    try:
+        return math.ldexp(ratio, kd - kr)
+    except OverflowError:  # a difference beyond the float64 range times the reference's norm
+        return math.inf
 
 
 def _scaled_means(r: np.ndarray, o: np.ndarray, block: int) -> tuple[float, float]:

@@ -16,6 +16,8 @@ STAT_OF_METHOD: dict[str, str] = {
     "min": "min_abs",
     "mean_rel": "mean_rel",
     "max_rel": "max_rel",
+    "rel_l2": "rel_l2",  # ||other - ref||_2 / ||ref||_2: scale-aware, robust to one outlier
+    "max_scaled": "max_scaled",  # max|other - ref| / max|ref|: scale-aware worst element
 }
 
 # status words, in the order a report lists them
@@ -62,6 +64,8 @@ class KeyResult:
     mean_rel: Optional[float] = None
     max_rel: Optional[float] = None
     cosine: Optional[float] = None
+    rel_l2: Optional[float] = None
+    max_scaled: Optional[float] = None
     worst_index: Optional[tuple[int, ...]] = None
     worst_ref: Optional[float] = None
     worst_other: Optional[float] = None

@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Any, Optional
 
 from ..diff.result import STAT_OF_METHOD, DiffResult, KeyResult
-from ..storage._atomic import AtomicFile
+from ..storage.atomic import AtomicFile
 from .format import fmt_num
 
 __all__ = ["render_html", "write_html"]
@@ -29,6 +29,7 @@ Histogram = tuple[Sequence[float], Sequence[int]]
 _COLUMNS = (
     "key", "passed", "status", "reason", "path", "ref_shape", "other_shape", "ref_dtype",
     "other_dtype", "size", "mean_abs", "max_abs", "min_abs", "mean_rel", "max_rel", "cosine",
+    "rel_l2", "max_scaled",
     "worst_index", "worst_ref", "worst_other", "mismatched", "ref_nan", "ref_inf", "other_nan",
     "other_inf", "methods", "thresholds", "checks", "atol", "rtol", "note",
 )  # fmt: skip

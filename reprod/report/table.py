@@ -27,7 +27,8 @@ FAIL_MARK = "!"
 _ALL_METHODS = ("min", "max", "mean")
 
 # every statistic a KeyResult carries, in the order a detailed report lists them
-_STATISTICS = ("mean_abs", "max_abs", "min_abs", "mean_rel", "max_rel", "cosine", "mismatched")
+_STATISTICS = ("mean_abs", "max_abs", "min_abs", "mean_rel", "max_rel", "rel_l2", "max_scaled", "cosine",
+               "mismatched")
 
 
 def _as_list(methods: Any) -> list[str]:
@@ -242,6 +243,8 @@ def render_first_failure(result: DiffResult) -> str:
                 share = fmt_num(r.mismatch_ratio)
                 lines.append(f"  {stat + ':':<10} {r.mismatched} / {r.size} ({share})")
             continue
+        if stat in ("rel_l2", "max_scaled") and getattr(r, stat) is None:
+            continue  # results written before these statistics existed
         lines.append(f"  {stat + ':':<10} {fmt_num(getattr(r, stat))}")
     if r.ref_nan or r.ref_inf or r.other_nan or r.other_inf:
         lines.append(
