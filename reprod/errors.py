@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from errno import ENOENT as _ENOENT
+
 __all__ = [
     "ReprodError",
     "DumpFormatError",
+    "DumpNotFoundError",
     "UnsafeDumpError",
     "KeyMismatchError",
     "UnsupportedValueError",
@@ -17,6 +20,24 @@ class ReprodError(Exception):
 
 class DumpFormatError(ReprodError, ValueError):
     """A file is missing, truncated, corrupt or not a dump reprod can read."""
+
+
+class DumpNotFoundError(DumpFormatError, FileNotFoundError):
+    """No file at the path given: a ``DumpFormatError`` that ``except FileNotFoundError`` also
+    catches (reprod_log's ``load_info`` raised ``AssertionError`` there; code written for it often
+    guards the load with ``except FileNotFoundError``)."""
+
+    def __init__(self, path: str, message: str = "") -> None:
+        super().__init__(message or f"{path}: no such file")
+        self.errno = _ENOENT
+        self.strerror = "No such file or directory"
+        self.filename = path
+
+    def __str__(self) -> str:  # OSError would print "[Errno 2] ..."; keep the one-line message
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickles (multiprocessing) as it was raised
+        return (type(self), (self.filename, str(self)))
 
 
 class UnsafeDumpError(DumpFormatError):

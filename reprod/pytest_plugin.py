@@ -163,7 +163,7 @@ def _shorten(lines: list[str], keep: int = _TERMINAL_KEYS) -> list[str]:
 
 
 def _write_report(path: str, checks: list[dict[str, Any]]) -> None:
-    from .storage._atomic import AtomicFile
+    from .storage.atomic import AtomicFile
 
     failed = sum(not c["passed"] for c in checks)
     if path.lower().endswith(_TEXT_SUFFIXES):

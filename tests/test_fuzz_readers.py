@@ -46,7 +46,7 @@ import pytest
 
 import reprod
 from reprod import DumpFormatError
-from reprod.storage.legacy import SAFE_GLOBALS
+from reprod.storage.pickle_walker import SAFE_GLOBALS
 
 CASES = int(os.environ.get("REPROD_FUZZ_CASES", "7000"))
 SEED = int(os.environ.get("REPROD_FUZZ_SEED", "20240611"))

@@ -1,5 +1,5 @@
-"""The native reader's own zip directory parse (``native._fast_directory`` and the path built on
-it) against ``zipfile`` and against the general reader ``native._read_npz_zipfile``.
+"""The native reader's own zip directory parse (``npz_reader._fast_directory`` and the path built on
+it) against ``zipfile`` and against the general reader ``npz_reader._read_npz_zipfile``.
 
 Valid archives of every kind reprod meets (reprod-written, nested keys, bfloat16, empty arrays, no
 keys, plain ``np.savez``, zip64 end records and extra fields, UTF-8 names) must give the same
@@ -23,7 +23,7 @@ import pytest
 
 import reprod
 from reprod import DumpFormatError
-from reprod.storage import native
+from reprod.storage import npz_reader, npz_writer
 from reprod.storage.lazy import Dump, MappedFile
 
 torch = pytest.importorskip("torch")
@@ -44,7 +44,7 @@ def _zipfile_members(path: Any) -> dict[str, tuple[int, int, int]]:
 def _fast(path: Any) -> Any:
     mf = MappedFile(str(path))
     try:
-        return native._fast_directory(mf)
+        return npz_reader._fast_directory(mf)
     finally:
         mf.close()
 
@@ -81,8 +81,8 @@ def _outcome(reader: Any, path: str) -> tuple[Any, ...]:
 
 
 def _same_through_both_readers(path: Any) -> tuple[Any, ...]:
-    fast = _outcome(native.read_npz, str(path))
-    slow = _outcome(native._read_npz_zipfile, str(path))
+    fast = _outcome(npz_reader.read_npz, str(path))
+    slow = _outcome(npz_reader._read_npz_zipfile, str(path))
     assert fast == slow
     return fast
 
@@ -144,8 +144,8 @@ def test_zip64_end_records_and_extra_fields(tmp_path, monkeypatch) -> None:
     # files get zip64 sizes, offsets and end records everywhere
     monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 64)
     monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 3)
-    monkeypatch.setattr(native, "_ZIP64_LIMIT", 64)
-    monkeypatch.setattr(native, "_ZIP_FILECOUNT_LIMIT", 3)
+    monkeypatch.setattr(npz_writer, "_ZIP64_LIMIT", 64)
+    monkeypatch.setattr(npz_writer, "_ZIP_FILECOUNT_LIMIT", 3)
     tree = {f"k{i}": np.arange(i * 10, dtype=np.float32) for i in range(6)}
     paths = [reprod.save(tmp_path / "r.npz", tree)]
     np.savez(tmp_path / "p.npz", **tree)
@@ -258,8 +258,8 @@ def test_mutated_archives_give_the_same_result_through_both_readers(tmp_path, du
         with monkeypatch.context() as m:
             m.setattr(zipfile, "ZIP64_LIMIT", 64)
             m.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 3)
-            m.setattr(native, "_ZIP64_LIMIT", 64)
-            m.setattr(native, "_ZIP_FILECOUNT_LIMIT", 3)
+            m.setattr(npz_writer, "_ZIP64_LIMIT", 64)
+            m.setattr(npz_writer, "_ZIP_FILECOUNT_LIMIT", 3)
             path = reprod.save(tmp_path / "z.npz", {f"k{i}": np.arange(i * 9, dtype=np.float32)
                                                     for i in range(5)})
     else:
@@ -310,7 +310,7 @@ def test_fast_reader_result_is_a_plain_dump(dumps) -> None:
     d = reprod.load(dumps["flat"])
     assert isinstance(d, Dump) and d.format == "npz"
     spec = d.spec("k1")
-    assert spec == native.ArraySpec(dtype=spec.dtype, shape=spec.shape, offset=spec.offset,
+    assert spec == npz_reader.ArraySpec(dtype=spec.dtype, shape=spec.shape, offset=spec.offset,
                                     fortran=False, check=spec.check)
     assert spec.nbytes == d["k1"].nbytes
 
@@ -321,17 +321,17 @@ def test_fast_reader_result_is_a_plain_dump(dumps) -> None:
 
 def _rewrite_with_zipfile(path: str, out: str) -> None:
     """The archive as the previous writer built it through zipfile: each .npy member with the
-    alignment field in front of its data (zip64 above native._ZIP64_LIMIT), then the metadata
+    alignment field in front of its data (zip64 above npz_writer._ZIP64_LIMIT), then the metadata
     member; the timestamps taken from ``path``."""
     with zipfile.ZipFile(path) as src, open(out, "wb") as f, \
             zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for old in src.infolist():
             data = src.read(old)
-            if old.filename == native.META_NAME:
+            if old.filename == npz_reader.META_NAME:
                 zi = zipfile.ZipInfo(old.filename, date_time=old.date_time)
                 zf.writestr(zi, data)
                 continue
-            zip64 = len(data) > native._ZIP64_LIMIT
+            zip64 = len(data) > npz_writer._ZIP64_LIMIT
             fixed = 30 + len(old.filename) + 4 + (20 if zip64 else 0)
             pad = (-(f.tell() + fixed)) % 64
             zi = zipfile.ZipInfo(old.filename, date_time=old.date_time)
@@ -362,8 +362,8 @@ def test_writer_bytes_match_the_zipfile_writer(tmp_path, monkeypatch, zip64) -> 
         # every member (each has a 128-byte .npy header) and the directory pass these limits
         monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 64)
         monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 3)
-        monkeypatch.setattr(native, "_ZIP64_LIMIT", 64)
-        monkeypatch.setattr(native, "_ZIP_FILECOUNT_LIMIT", 3)
+        monkeypatch.setattr(npz_writer, "_ZIP64_LIMIT", 64)
+        monkeypatch.setattr(npz_writer, "_ZIP_FILECOUNT_LIMIT", 3)
     tree = _writer_tree()
     path = reprod.save(tmp_path / "w.npz", tree)
     _rewrite_with_zipfile(path, str(tmp_path / "ref.npz"))
@@ -381,7 +381,7 @@ def test_written_dumps_open_in_numpy_zipfile_and_unzip(tmp_path) -> None:
     with zipfile.ZipFile(path) as zf:
         assert zf.testzip() is None
     members = _zipfile_members(path)
-    assert all(start % 64 == 0 for name, (start, _, _) in members.items() if name != native.META_NAME)
+    assert all(start % 64 == 0 for name, (start, _, _) in members.items() if name != npz_reader.META_NAME)
     d = reprod.load(path)
     with np.load(path) as z:
         np.testing.assert_array_equal(z["a"], tree["a"])

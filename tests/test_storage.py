@@ -375,12 +375,12 @@ def test_failed_save_keeps_earlier_file_unsupported_value(tmp_path, fmt) -> None
 
 
 def test_failed_native_write_midway_keeps_earlier_file(tmp_path, monkeypatch) -> None:
-    from reprod.storage import native
+    from reprod.storage import npz_writer
 
     p = tmp_path / "d.npz"
     reprod.save(p, {"old": np.arange(10)})
     before = p.read_bytes()
-    real = native.NpzWriter._write_member
+    real = npz_writer.NpzWriter._write_member
     calls = []
 
     def flaky(self, *args, **kwargs):
@@ -389,7 +389,7 @@ def test_failed_native_write_midway_keeps_earlier_file(tmp_path, monkeypatch) ->
         calls.append(1)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(native.NpzWriter, "_write_member", flaky)
+    monkeypatch.setattr(npz_writer.NpzWriter, "_write_member", flaky)
     with pytest.raises(OSError, match="disk full"):
         reprod.save(p, {"a": np.zeros(1000), "b": np.ones(1000)})
     assert calls == [1]

@@ -23,7 +23,7 @@ import pytest
 
 import reprod
 from reprod import DumpFormatError
-from reprod.storage import _atomic
+from reprod.storage import atomic
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and rlimits")
 
@@ -230,7 +230,7 @@ def test_sigkill_mid_save_leaves_a_complete_dump(tmp_path, fmt) -> None:
         except DumpFormatError:
             pass
     # the next save removes the leftovers once they are stale (their writers are dead)
-    old = time.time() - _atomic.STALE_TMP_SECONDS - 60
+    old = time.time() - atomic.STALE_TMP_SECONDS - 60
     for t in leftovers:
         os.utime(t, (old, old))
     reprod.save(target, _dump(3.0, 100))
@@ -266,7 +266,7 @@ def test_sigkill_during_a_streaming_run_keeps_the_previous_dump(tmp_path) -> Non
     # only a file that is also old is removed); once old, it goes
     reprod.save(target, _dump(2.0))
     assert _temporaries(tmp_path) == leftovers
-    old = time.time() - _atomic.STALE_TMP_SECONDS - 60
+    old = time.time() - atomic.STALE_TMP_SECONDS - 60
     os.utime(leftovers[0], (old, old))
     reprod.save(target, _dump(3.0))
     assert _temporaries(tmp_path) == [] and _tag_of(target) == 3.0
@@ -296,10 +296,10 @@ def test_cleanup_never_touches_a_live_writers_temporary(tmp_path) -> None:
     try:
         assert p.stdout.readline().strip() == "started", p.stderr.read()
         (live,) = _temporaries(tmp_path)
-        old = time.time() - 10 * _atomic.STALE_TMP_SECONDS
+        old = time.time() - 10 * atomic.STALE_TMP_SECONDS
         os.utime(live, (old, old))  # as old as a forgotten file, but its writer holds the lock
         reprod.save(target, _dump(1.0))
-        assert _atomic.remove_stale_temporaries(str(target)) == []
+        assert atomic.remove_stale_temporaries(str(target)) == []
         assert _temporaries(tmp_path) == [live] and _tag_of(target) == 1.0
         p.stdin.write("go\n")
         p.stdin.flush()
@@ -317,11 +317,11 @@ def test_only_reprods_own_temporary_names_are_candidates(tmp_path) -> None:
                                    ".other.npz.abcdefgh.tmp", "run.npz.abcdefgh.tmp",
                                    ".run.npz.abcdefgh.tmp.bak")]
     stale = tmp_path / ".run.npz.abcd_fgh.tmp"
-    old = time.time() - 2 * _atomic.STALE_TMP_SECONDS
+    old = time.time() - 2 * atomic.STALE_TMP_SECONDS
     for f in [*keep, stale]:
         f.write_bytes(b"x")
         os.utime(f, (old, old))
-    assert _atomic.remove_stale_temporaries(str(target)) == [str(stale)]
+    assert atomic.remove_stale_temporaries(str(target)) == [str(stale)]
     assert all(f.exists() for f in keep) and not stale.exists()
 
 

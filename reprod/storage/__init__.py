@@ -32,7 +32,14 @@ def load(path: PathLike, *, verify: Optional[bool] = None) -> Dump:
     >>> list(d), d["logits"].shape
     """
     p = os.fspath(path)
-    mf = MappedFile(p)
+    try:
+        mf = MappedFile(p)
+    except DumpFormatError as exc:
+        if isinstance(exc.__context__, FileNotFoundError):  # also a FileNotFoundError
+            from ..errors import DumpNotFoundError
+
+            raise DumpNotFoundError(p, str(exc)) from None
+        raise
     head = bytes(mf.buffer()[:6])
     try:
         with gc_paused():
@@ -53,7 +60,7 @@ def _read(mf: MappedFile, p: str, head: bytes, verify: Optional[bool]) -> Dump:
         stem = os.path.splitext(os.path.basename(p))[0]
         return read_npy(mf, stem)
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        from .native import read_npz
+        from .npz_reader import read_npz
 
         dump = read_npz(mf, verify=verify)
         if verify:
@@ -83,7 +90,7 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
         if dt is not None:
             dtypes[k] = dt
     if p.endswith(".npz"):
-        from .native import write_npz
+        from .npz_writer import write_npz
 
         return write_npz(p, tree, dtypes)
     from .legacy import write_legacy

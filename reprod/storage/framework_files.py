@@ -198,7 +198,7 @@ def write_pdparams(path: PathLike, weights: Mapping[str, Any]) -> str:
     >>> write_pdparams("model.pdparams", torch_to_paddle("model.pth"))
     'model.pdparams'
     """
-    from ._atomic import AtomicFile
+    from .atomic import AtomicFile
 
     path = os.fspath(path)
     arrays = {

@@ -1,0 +1,484 @@
+"""The native format's writer: ``NpzWriter`` writes a dump member by member into a temporary file,
+renamed into place only when complete; a streaming logger's keys are kept in a ``_KeyLog``, which
+moves them to disk past ``_KeyLog.spill`` keys. The layout is in ``npz_format``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import struct
+import sys
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from ..adapters import BFLOAT16, float32_to_bf16_bits
+from ..errors import ReprodError
+from .atomic import AtomicFile
+from .lazy import _one_line, crc32
+from .npz_format import _EOCD, _EOCD64, _LOCATOR64, _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
+
+__all__ = ["NpzWriter", "write_npz", "META_NAME", "FORMAT_NAME", "FORMAT_VERSION"]
+
+_ALIGN = 64
+_PAD_ID = 0xD935  # the extra-field id zipalign uses for padding
+_ZIP64_LIMIT = (1 << 31) - 1
+_ZIP_FILECOUNT_LIMIT = 0xFFFF  # more members than this need the zip64 end record
+# the values zipfile writes: versions needed 2.0 (4.5 with zip64), made on Unix, mode 0600
+_DEFAULT_VERSION = 20
+_ZIP64_VERSION = 45
+_CREATE_SYSTEM = 0 if sys.platform == "win32" else 3
+_EXTERNAL_ATTR = 0o600 << 16
+_PAD_FIELD = struct.Struct("<HH")
+_ZIP64_SIZES = struct.Struct("<HHQQ")
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zipfile's structFileHeader (version as one H)
+_CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")  # zipfile's structCentralDir
+_ONE_WRITE = 1 << 16  # members below this go to the file in one write with their headers
+# json.dumps(str, ensure_ascii=False) without the json.dumps call around it
+_json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_SAFE_MEMBER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
+
+
+def _flatten(tree: Any, dtypes: Any, path: tuple[str, ...],
+             out: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]]) -> None:
+    if isinstance(tree, Mapping):
+        if not tree:
+            out.append((path, None, None))
+        for k, v in tree.items():
+            sub = dtypes.get(k) if isinstance(dtypes, Mapping) else None
+            _flatten(v, sub, path + (k,), out)
+    else:
+        out.append((path, np.asarray(tree), dtypes if isinstance(dtypes, str) else None))
+
+
+def _writer_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"reprod": _version(), "numpy": np.__version__, "python": platform.python_version()}
+    for mod in ("torch", "paddle"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            info[mod] = getattr(m, "__version__", "?")
+    return info
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class NpzWriter:
+    """Write a native dump member by member; the file appears at ``path`` on ``close()``.
+
+    Memory stays bounded by the largest single array: each ``add`` goes straight to a temporary
+    file beside ``path``, renamed into place by ``close()``. Until then any earlier file at
+    ``path`` stays as it was: a process killed mid-run leaves that earlier dump (or no file), never
+    a partial one, plus its temporary file, which the next save to ``path`` removes once stale.
+    An error while writing (a full disk) aborts the writer: the temporary file is removed and
+    later ``add``/``close`` calls raise.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._af = AtomicFile(path)
+        self._file = self._af.file
+        self._pos = 0  # where the next local header goes
+        # The state kept per key is what bounds a streaming logger's memory (the arrays go to
+        # disk at once): the central directory in a bytearray, moved to a temporary file every
+        # few MiB, and the keys' metadata in a _KeyLog (in memory up to _KeyLog.spill keys, then
+        # on disk), so that a stream of any length holds a bounded amount of memory.
+        self._central = bytearray()
+        self._central_file: Any = None
+        self._central_spilled = 0
+        self._members = 0
+        self._keys = _KeyLog(os.path.dirname(os.path.abspath(path)))
+        self._closed = False
+        self._aborted: Optional[str] = None
+        self._counter = 0
+        # a writer dropped or left open at exit gives its temporary file back (in this process
+        # only: a forked child exiting must not remove its parent's file)
+        self._finalizer = weakref.finalize(self, _abandon, self._af, path, os.getpid())
+
+    def _check_open(self) -> None:
+        if self._aborted is not None:
+            raise ReprodError(f"{self.path}: this dump was abandoned ({self._aborted}); nothing was "
+                              "written")
+        if self._closed:
+            raise ReprodError(f"{self.path}: this dump is already closed")
+
+    def add(self, key: str, tree: Any, dtypes: Any = None) -> None:
+        self._check_open()
+        leaves: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]] = []
+        _flatten(tree, dtypes, (key,), leaves)
+        entries: list[str] = []
+        try:
+            # a re-added key's members are written again beside the old ones: numbered names
+            again = self._keys.seen(key)
+            for path, arr, src in leaves:
+                if arr is None:  # an empty nested dict: an entry with no member
+                    entries.append(json.dumps({"path": list(path), "kind": "dict"}, ensure_ascii=False))
+                else:
+                    entries.append(self._write_member(path, arr, src, again))
+            # a re-added key replaces the old value and keeps its place (reprod_log's dict semantics)
+            self._keys.put(key, ", ".join(entries))
+        except BaseException as exc:
+            # a member half written leaves the zip unusable: give up cleanly rather than later
+            self._abort(exc)
+            raise
+
+    def _member_name(self, path: tuple[str, ...], again: bool) -> str:
+        """Keys that make clean zip paths keep their name, so plain numpy.load shows them; the
+        rest get a numbered name. Names cannot clash: a clean name is its key's path, and a path
+        element holding "/" or starting with "__reprod" is not clean; a re-added key (``again``),
+        whose first members keep their names, is numbered."""
+        display = "/".join(path)
+        self._counter += 1
+        if not again and _SAFE_MEMBER.match(display) and len(path) == display.count("/") + 1 \
+                and not display.startswith("__reprod"):
+            return display + ".npy"
+        return f"__reprod_{self._counter - 1}.npy"
+
+    def _write_member(self, path: tuple[str, ...], arr: np.ndarray, src: Optional[str],
+                      again: bool = False) -> str:
+        if src == BFLOAT16:
+            arr = float32_to_bf16_bits(arr)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        name = self._member_name(path, again)
+        header = _npy_header(arr)
+        data = memoryview(arr.reshape(-1)).cast("B") if arr.nbytes else b""
+        self._write_stored(name, header, data, align=True)
+        # the metadata entry as json.dumps({"path": [...], "member": name[, "dtype": src]}) writes
+        # it, by its C string encoder (json.dumps costs ~5 us an entry)
+        text = '{"path": [' + ", ".join(map(_json_str, path)) + '], "member": ' + _json_str(name)
+        return text + (', "dtype": ' + _json_str(src) + "}" if src is not None else "}")
+
+    def _write_stored(self, name: str, header: bytes, data: Any, *, align: bool,
+                      chunks: Optional[Callable[[], Iterator[bytes]]] = None) -> None:
+        """One stored member: local header, ``header + data``, and its central directory entry.
+
+        The CRC is computed before anything is written, so the file is written front to back
+        once (zipfile writes the local header, the data, then seeks back to rewrite the header:
+        ~40 us a member). The layout is zipfile's: zip64 extra fields and end records where sizes
+        or offsets pass ``_ZIP64_LIMIT``, the padding field that aligns the data to 64 bytes."""
+        raw_name = name.encode("ascii")  # _member_name and META_NAME make ASCII names only
+        if chunks is None:
+            size = len(header) + len(data)
+            crc = crc32(data, crc32(header))
+        else:  # content made twice by ``chunks``: size and CRC first, then the bytes
+            size = crc = 0
+            for chunk in chunks():
+                size += len(chunk)
+                crc = crc32(chunk, crc)
+        offset = self._pos
+        zip64 = size > _ZIP64_LIMIT
+        extra = b""
+        if align:
+            pad = (-(offset + 30 + len(raw_name) + 4 + (20 if zip64 else 0))) % _ALIGN
+            extra = _PAD_FIELD.pack(_PAD_ID, pad) + b"\0" * pad
+        version = _ZIP64_VERSION if zip64 else _DEFAULT_VERSION
+        dos_time, dos_date = _dos_now()
+        if zip64:
+            local_extra = extra + _ZIP64_SIZES.pack(1, 16, size, size)
+            fields = (0xFFFFFFFF, 0xFFFFFFFF)
+        else:
+            local_extra, fields = extra, (size, size)
+        f = self._file
+        head = _LOCAL_HEADER.pack(b"PK\x03\x04", version, 0, _STORED, dos_time, dos_date, crc,
+                                  *fields, len(raw_name), len(local_extra))
+        if chunks is not None:
+            f.write(b"".join((head, raw_name, local_extra)))
+            for chunk in chunks():
+                f.write(chunk)
+        elif len(data) < _ONE_WRITE:  # small members (most of a many-key dump): one write call
+            f.write(b"".join((head, raw_name, local_extra, header, data)))
+        else:
+            f.write(b"".join((head, raw_name, local_extra, header)))
+            f.write(data)
+        self._pos = offset + 30 + len(raw_name) + len(local_extra) + size
+        # the central entry: zip64 values (sizes, then offset) go in a leading extra field, as
+        # zipfile writes them
+        big = []
+        csize = usize = size
+        hoff = offset
+        if size > _ZIP64_LIMIT:
+            big += [size, size]
+            csize = usize = 0xFFFFFFFF
+        if offset > _ZIP64_LIMIT:
+            big.append(offset)
+            hoff = 0xFFFFFFFF
+        if big:
+            extra = struct.pack(f"<HH{len(big)}Q", 1, 8 * len(big), *big) + extra
+            version = _ZIP64_VERSION
+        self._central += _CENTRAL_HEADER.pack(
+            b"PK\x01\x02", version, _CREATE_SYSTEM, version, 0, 0, _STORED, dos_time, dos_date,
+            crc, csize, usize, len(raw_name), len(extra), 0, 0, 0, _EXTERNAL_ATTR, hoff)
+        self._central += raw_name
+        self._central += extra
+        self._members += 1
+        if len(self._central) >= _CENTRAL_SPILL:
+            if self._central_file is None:
+                self._central_file = _side_file(os.path.dirname(os.path.abspath(self.path)))
+            self._central_file.write(self._central)
+            self._central_spilled += len(self._central)
+            self._central = bytearray()
+
+    def _write_directory(self) -> None:
+        """The central directory and the end records (zip64 ones where counts or offsets need)."""
+        f = self._file
+        start = self._pos
+        if self._central_file is not None:  # the entries moved out of memory, in order
+            self._central_file.seek(0)
+            while True:
+                chunk = self._central_file.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+        f.write(self._central)
+        count, size = self._members, self._central_spilled + len(self._central)
+        end = start + size
+        if count >= _ZIP_FILECOUNT_LIMIT or start > _ZIP64_LIMIT or size > _ZIP64_LIMIT:
+            f.write(_EOCD64.pack(b"PK\x06\x06", 44, _ZIP64_VERSION, _ZIP64_VERSION, 0, 0, count,
+                                 count, size, start))
+            f.write(_LOCATOR64.pack(b"PK\x06\x07", 0, end, 1))
+            count, size, start = min(count, 0xFFFF), min(size, 0xFFFFFFFF), min(start, 0xFFFFFFFF)
+        f.write(_EOCD.pack(b"PK\x05\x06", 0, 0, count, count, size, start, 0))
+
+    def close(self) -> str:
+        if self._closed and self._aborted is None:
+            return self.path
+        self._check_open()
+        try:
+            self._write_stored(META_NAME, b"", b"", align=False, chunks=self._meta_chunks())
+            self._write_directory()
+            self._af.commit()
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+        finally:
+            self._release()
+        self._closed = True
+        self._finalizer.detach()
+        return self.path
+
+    def _meta_chunks(self) -> Callable[[], Iterator[bytes]]:
+        """The metadata member, ``json.dumps`` of {format, version, keys, writer} (UTF-8, or
+        ASCII escapes where a key holds a lone surrogate), as chunks assembled from the keys'
+        JSON texts: read twice (size and CRC first), never held whole."""
+        head = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION})[:-1] + ', "keys": ['
+        tail = '], "writer": ' + json.dumps(_writer_info(), ensure_ascii=False) + "}"
+        ascii_only = False
+        for text in self._keys.texts():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a key with a lone surrogate: JSON's \u escapes carry it
+                ascii_only = True
+                break
+
+        def chunks() -> Iterator[bytes]:
+            yield head.encode("ascii")
+            batch: list[str] = []
+            first = True
+            for text in self._keys.texts():
+                if not text:
+                    continue
+                if ascii_only:
+                    text = json.dumps(json.loads("[" + text + "]"), ensure_ascii=True)[1:-1]
+                batch.append(text if first else ", " + text)
+                first = False
+                if len(batch) >= 4096:
+                    yield "".join(batch).encode("utf-8")
+                    batch = []
+            yield ("".join(batch) + tail).encode("ascii" if ascii_only else "utf-8")
+
+        return chunks
+
+    def _release(self) -> None:
+        if self._central_file is not None:
+            self._central_file.close()
+            self._central_file = None
+        self._keys.close()
+
+    def keys(self) -> list[str]:
+        """The top-level keys added so far, in the order they were first added."""
+        return self._keys.keys()
+
+    def _abort(self, exc: BaseException) -> None:
+        self.abort()
+        self._aborted = f"{type(exc).__name__}: {_one_line(exc)}"
+
+    def abort(self) -> None:
+        """Give the dump up: the temporary file goes, any earlier file at ``path`` stays."""
+        if self._closed:
+            return
+        self._closed = True
+        self._aborted = self._aborted or "aborted"
+        self._finalizer.detach()
+        self._af.abort()
+        self._release()
+
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+_CENTRAL_SPILL = 4 << 20  # bytes of central directory kept in memory before moving them out
+
+
+def _side_file(folder: str) -> Any:
+    """An anonymous temporary file beside the dump (gone with the process, however it ends)."""
+    import tempfile
+
+    return tempfile.TemporaryFile(dir=folder)
+
+
+class _KeyLog:
+    """A writer's top-level keys and their metadata texts, in first-added order, a re-added key's
+    last text in its first place. The first ``spill`` keys stay in a dict; later keys go to an
+    anonymous SQLite database on disk (key -> position) and their texts to a temporary file, so
+    a stream of any length holds a bounded amount of memory (a key re-added after the spill
+    keeps its latest text in memory: streams re-log a few keys, not all of them)."""
+
+    spill = 20_000
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.mem: dict[str, str] = {}
+        self.db: Any = None
+        self.texts_file: Any = None
+        self.spilled = 0
+        self.replaced: dict[int, str] = {}
+        self.no_db = False
+
+    def seen(self, key: str) -> bool:
+        if key in self.mem:
+            return True
+        return self.db is not None and self._position(key) is not None
+
+    def _position(self, key: str) -> Optional[int]:
+        row = self.db.execute("SELECT pos FROM k WHERE key = ?", (_db_key(key),)).fetchone()
+        return None if row is None else int(row[0])
+
+    def put(self, key: str, text: str) -> None:
+        if key in self.mem or (self.db is None and (len(self.mem) < self.spill or self.no_db)):
+            self.mem[key] = text
+            return
+        if self.db is None:
+            try:
+                import sqlite3
+            except ImportError:  # a Python built without it: the keys stay in memory
+                self.no_db = True
+                self.mem[key] = text
+                return
+            # a private database in a temporary file; the logger may be used from any one thread
+            self.db = sqlite3.connect("", check_same_thread=False)
+            self.db.execute("CREATE TABLE k (key BLOB PRIMARY KEY, pos INTEGER)")
+            self.texts_file = _side_file(self.folder)
+        pos = self._position(key)
+        if pos is not None:
+            self.replaced[pos] = text
+            return
+        self.db.execute("INSERT INTO k VALUES (?, ?)", (_db_key(key), self.spilled))
+        raw = text.encode("utf-8", "surrogatepass")
+        self.texts_file.write(_TEXT_RECORD.pack(len(raw)) + raw)
+        self.spilled += 1
+
+    def texts(self) -> Iterator[str]:
+        yield from self.mem.values()
+        if self.texts_file is not None:
+            self.texts_file.flush()
+            self.texts_file.seek(0)
+            for pos in range(self.spilled):
+                (n,) = _TEXT_RECORD.unpack(self.texts_file.read(_TEXT_RECORD.size))
+                text = self.texts_file.read(n).decode("utf-8", "surrogatepass")
+                yield self.replaced.get(pos, text)
+            self.texts_file.seek(0, 2)
+
+    def keys(self) -> list[str]:
+        out = list(self.mem)
+        if self.db is not None:
+            out += [k.decode("utf-8", "surrogatepass") for (k,) in
+                    self.db.execute("SELECT key FROM k ORDER BY pos")]
+        return out
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        if self.texts_file is not None:
+            self.texts_file.close()
+            self.texts_file = None
+
+
+_TEXT_RECORD = struct.Struct("<I")
+
+
+def _db_key(key: str) -> bytes:
+    # keys may hold lone surrogates (file names decoded with surrogateescape): stored as bytes
+    return key.encode("utf-8", "surrogatepass")
+
+
+def _abandon(af: AtomicFile, path: str, pid: int) -> None:
+    if os.getpid() != pid:
+        return
+    af.abort()
+    sys.stderr.write(f"reprod: the dump streamed to {path} was never closed, so nothing was written "
+                     "(call close() or save(), or use the logger in a with block)\n")
+
+
+_DOS_TIME: list[Any] = [None, (0, 0)]  # (second, (dos time, dos date)) of the last member
+
+
+def _dos_now() -> tuple[int, int]:
+    """The member timestamp zipfile would write (local time, 2-second steps), once a second."""
+    now = int(time.time())
+    if _DOS_TIME[0] != now:
+        y, mo, d, h, mi, sec = time.localtime(now)[:6]
+        _DOS_TIME[:] = [now, (h << 11 | mi << 5 | sec // 2, max(y - 1980, 0) << 9 | mo << 5 | d)]
+    return _DOS_TIME[1]
+
+
+def _npy_header(arr: np.ndarray) -> bytes:
+    dt = arr.dtype
+    # numpy's header is a function of dtype, shape and order (always C here); writing it costs
+    # ~4 us, cached for plain dtypes, where ``dtype.str`` is the header's descr
+    key = (dt.str, arr.shape) if dt.names is None and dt.subdtype is None and dt.metadata is None \
+        else None
+    header = _WRITTEN_HEADERS.get(key) if key is not None else None
+    if header is None:
+        import io
+
+        buf = io.BytesIO()
+        d = np.lib.format.header_data_from_array_1_0(arr)
+        try:
+            np.lib.format.write_array_header_1_0(buf, d)
+        except ValueError:
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_2_0(buf, d)
+        header = buf.getvalue()
+        if key is not None and len(_WRITTEN_HEADERS) < 4096:
+            _WRITTEN_HEADERS[key] = header
+    return header
+
+
+_WRITTEN_HEADERS: dict[Any, bytes] = {}
+
+
+def write_npz(path: str, tree: Mapping[str, Any], source_dtypes: Optional[Mapping[str, Any]] = None) -> str:
+    w = NpzWriter(path)
+    try:
+        for k, v in tree.items():
+            w.add(k, v, (source_dtypes or {}).get(k))
+    except BaseException:
+        w.abort()
+        raise
+    return w.close()
