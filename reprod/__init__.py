@@ -42,7 +42,9 @@ __all__ = [
 # Resolved on first use so that `import reprod` stays cheap (PEP 562).
 _LAZY = {
     "ReprodDiffHelper": ("reprod.helper", "ReprodDiffHelper"),
-    "compare": ("reprod.diff.engine", "compare"),
+    # the module reprod.compare itself ("": no attribute): callable as reprod.diff.engine.compare,
+    # and reprod_log.compare's functions under reprod's name; `import reprod.compare` binds the same
+    "compare": ("reprod.compare", ""),
     "Criteria": ("reprod.diff.criteria", "Criteria"),
     "load": ("reprod.storage", "load"),
     "save": ("reprod.storage", "save"),
@@ -65,7 +67,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'reprod' has no attribute {name!r}") from None
     import importlib
 
-    value = getattr(importlib.import_module(module), attr)
+    value = importlib.import_module(module)
+    if attr:
+        value = getattr(value, attr)
     globals()[name] = value
     return value
 

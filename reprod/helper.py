@@ -8,8 +8,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
-from .errors import DumpFormatError, ReprodError
-from .storage import Dump, load
+from .errors import DumpNotFoundError, ReprodError
+from .storage import load
 
 __all__ = ["ReprodDiffHelper", "emit_log_lines", "LOGGER_NAME"]
 
@@ -25,25 +25,38 @@ class ReprodDiffHelper:
     >>> a = helper.load_info("result/forward_torch.npy")
     >>> b = helper.load_info("result/forward_paddle.npy")
     >>> helper.compare_info(a, b)
+    >>> helper.diff_dict["logits"]["mean"]
     >>> helper.report(path="result/log/forward_diff.log", diff_threshold=1e-5)
     True
 
-    Differences from reprod_log, each deliberate: ``load_info`` returns a lazy read-only mapping
-    (no pickle is run; arrays are read when compared); ``compare_info`` reports missing and extra keys
-    as failed checks instead of asserting; ``report`` returns True/False, never passes a NaN, never
-    silently transposes, and does not add handlers to the root logger (so calling it twice prints
-    each line once). ``result`` holds the full :class:`reprod.DiffResult` after ``report``.
+    ``load_info`` returns a plain ``dict`` (nested dicts for nested keys) of writable numpy arrays,
+    as reprod_log's did, but reads nothing: the arrays view a private copy-on-write mapping of the
+    file (editing one never changes the file), and no pickle is run. ``diff_dict`` is reprod_log's
+    ``{key: {"mean", "max", "min"}}`` after ``compare_info``; ``result`` holds the full
+    :class:`reprod.DiffResult` after ``report``.
+
+    Differences from reprod_log, each deliberate: a missing file raises ``DumpNotFoundError`` (a
+    ``FileNotFoundError``) instead of ``AssertionError``; ``compare_info`` reports missing and
+    extra keys as failed checks instead of asserting; ``report`` returns True/False, never passes
+    a NaN, never silently transposes, and does not add handlers to the root logger (so calling it
+    twice prints each line once).
     """
 
     def __init__(self) -> None:
-        self._info: Optional[tuple[Any, Any]] = None
         self._base: Any = None
+        self._diff_dict: Optional[dict[str, Any]] = None
+        self._own_diff_dict = True  # False once the caller assigns diff_dict (report then uses it)
         self.result: Any = None
 
-    def load_info(self, path: str) -> Dump:
-        if not os.path.exists(path):
-            raise DumpFormatError(f"{path}: no such file")
-        return load(path)
+    def load_info(self, path: str) -> dict[str, Any]:
+        p = os.fspath(path)
+        if not os.path.exists(p):
+            raise DumpNotFoundError(p)
+        dump = load(p)
+        try:
+            return dump.to_writable_dict()
+        finally:
+            dump.close()  # the arrays keep their own (copy-on-write) mapping
 
     def compare_info(self, info1: Mapping[str, Any], info2: Mapping[str, Any]) -> None:
         if not isinstance(info1, Mapping) or not isinstance(info2, Mapping):
@@ -51,14 +64,45 @@ class ReprodDiffHelper:
                 f"compare_info needs two dicts (what load_info returns), got "
                 f"{type(info1).__name__} and {type(info2).__name__}"
             )
+        from .compare import str_keys
         from .diff.engine import compare
 
         # every statistic is computed once here; report() only judges them
-        self._base = compare(info1, info2, method="all", threshold=None)
-        self.diff_dict = self._base  # reprod_log exposes diff_dict; keep the attribute
+        self._base = compare(str_keys(info1), str_keys(info2), method="all", threshold=None)
+        self._diff_dict = None
+        self._own_diff_dict = True
+
+    @property
+    def diff_dict(self) -> dict[str, Any]:
+        """reprod_log's diff dict of the last ``compare_info``: ``{key: {"mean": v, "max": v,
+        "min": v}}``, nested as the dumps are (built on first access). A key that has no
+        statistics (NaN, shape, missing or extra key) holds NaN values."""
+        if self._diff_dict is None:
+            if self._base is None:
+                raise AttributeError("'ReprodDiffHelper' object has no attribute 'diff_dict' "
+                                     "(call compare_info first)")
+            from .compare import diff_tree
+
+            self._diff_dict = diff_tree(self._base)
+        return self._diff_dict
+
+    @diff_dict.setter
+    def diff_dict(self, value: dict[str, Any]) -> None:
+        # reprod_log's report judges whatever diff_dict holds; a dict assigned here is what it reports
+        self._diff_dict = value
+        self._own_diff_dict = False
 
     def report(self, diff_method: Union[str, list[str]] = "mean", diff_threshold: float = 1e-6,
                path: Optional[str] = "./diff.txt") -> bool:
+        if not self._own_diff_dict:
+            from .utils import check_print_diff
+
+            lines: list[str] = []
+            passed = check_print_diff(self.diff_dict, diff_method=diff_method,
+                                      diff_threshold=diff_threshold, print_func=lines.append)
+            lines.append("diff check passed" if passed else "diff check failed")
+            emit_log_lines(lines, path)
+            return passed
         if self._base is None:
             raise ReprodError("report() called before compare_info()")
         from .diff.engine import rejudge

@@ -31,6 +31,17 @@ def _plain_copy(val: Any) -> Optional[np.ndarray]:
     return None
 
 
+def _key(key: Any) -> str:
+    """A key reprod_log accepted that reprod stores: str as is, an integer (not a bool) as its str."""
+    if isinstance(key, str):
+        return str(key)
+    if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+        return str(int(key))
+    raise UnsupportedValueError(
+        f"key {key!r} is a {type(key).__name__}; ReprodLogger keys must be str (or int)"
+    )
+
+
 class ReprodLogger:
     """Collect named tensors and save them as one dump.
 
@@ -42,8 +53,9 @@ class ReprodLogger:
     memory stays bounded however many steps are logged (an index of the keys, moved to disk past
     20,000 keys); ``save()``/``close()`` finishes the file (it appears, complete, only then).
     Differences from reprod_log: values are copied at ``add`` (reprod_log keeps a reference, so an
-    in-place update after ``add`` changed what it saved), and bad keys or values raise
-    ``ReprodError`` instead of ``AssertionError``.
+    in-place update after ``add`` changed what it saved); an integer key is stored (and reported)
+    as its ``str`` (``add(3, x)`` logs key ``"3"``); bad keys or values raise ``ReprodError`` instead
+    of ``AssertionError``.
     """
 
     def __init__(self, stream_to: Optional[PathLike] = None) -> None:
@@ -52,7 +64,7 @@ class ReprodLogger:
         self._writer: Any = None
         self._stream_path = None if stream_to is None else os.fspath(stream_to)
         if self._stream_path is not None:
-            from .storage.native import NpzWriter
+            from .storage.npz_writer import NpzWriter
 
             self._writer = NpzWriter(self._stream_path)
 
@@ -66,11 +78,9 @@ class ReprodLogger:
         """Original dtypes numpy cannot hold (``"bfloat16"``), by key; values are stored as float32."""
         return self._dtypes
 
-    def add(self, key: str, val: Any) -> None:
-        if not isinstance(key, str):
-            raise UnsupportedValueError(
-                f"key {key!r} is a {type(key).__name__}; ReprodLogger keys must be str"
-            )
+    def add(self, key: Union[str, int], val: Any) -> None:
+        if type(key) is not str:
+            key = _key(key)
         tree = _plain_copy(val) if self._writer is None else None
         if tree is not None:
             dtypes = None
@@ -85,7 +95,9 @@ class ReprodLogger:
         else:
             self._dtypes.pop(key, None)
 
-    def remove(self, key: str) -> None:
+    def remove(self, key: Union[str, int]) -> None:
+        if type(key) is not str and isinstance(key, (int, np.integer)):
+            key = str(key)
         if self._writer is not None:
             raise UnsupportedValueError(
                 f"key {key!r}: cannot remove from a streaming logger, it is already on disk"

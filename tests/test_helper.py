@@ -174,6 +174,21 @@ def test_load_info_of_missing_file_names_it(tmp_path: Path, assert_one_line_erro
     with pytest.raises(reprod.DumpFormatError) as info:
         ReprodDiffHelper().load_info(str(p))
     assert_one_line_error(info.value, p)
+    assert isinstance(info.value, FileNotFoundError)  # what code written for reprod_log catches
+
+
+def test_load_info_returns_a_plain_dict(tmp_path: Path) -> None:
+    p = reprod.save(tmp_path / "ref.npy", REF)
+    info = ReprodDiffHelper().load_info(str(p))
+    assert type(info) is dict and list(info) == list(REF)
+    info["logits"] *= 2  # writable; the file is not
+    np.testing.assert_array_equal(reprod.load(p)["logits"], REF["logits"])
+
+
+def test_diff_dict_holds_reprod_logs_statistics(tmp_path: Path) -> None:
+    h = _helper(tmp_path, REF, CLOSE)
+    assert h.diff_dict["logits"]["mean"] == np.float32(2.0**-22)
+    assert set(h.diff_dict["loss"]) == {"mean", "max", "min"}
 
 
 def test_report_before_compare_info_is_a_reprod_error() -> None:

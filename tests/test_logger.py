@@ -141,13 +141,40 @@ def test_paddle_value_copied_at_add(paddle) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", [1, None, ("a",), b"k"], ids=repr)
+@pytest.mark.parametrize("key", [None, ("a",), b"k", 1.5, True], ids=repr)
 def test_non_str_key_is_refused(key) -> None:
     lg = ReprodLogger()
     with pytest.raises(ReprodError) as info:
         lg.add(key, np.ones(1))
     assert repr(key) in str(info.value) and type(key).__name__ in str(info.value)
     assert lg.data == {}
+
+
+@pytest.mark.parametrize("key", [3, np.int64(3), np.uint8(3)], ids=repr)
+def test_int_key_is_stored_as_its_str(key, tmp_path) -> None:
+    """reprod_log took any key; an integer one (``add(step, loss)``) is kept, as ``str(key)``."""
+    lg = ReprodLogger()
+    lg.add(key, np.ones(2))
+    lg.add("x", np.zeros(1))
+    assert list(lg.data) == ["3", "x"] and lg.keys() == ["3", "x"]
+    lg.add(3, np.full(2, 7.0))  # the same key: replaced in place
+    assert list(lg.data) == ["3", "x"]
+    np.testing.assert_array_equal(lg.data["3"], np.full(2, 7.0))
+    lg.remove(3)
+    assert list(lg.data) == ["x"]
+    lg.add(key, np.ones(2))
+    for path in (tmp_path / "a.npy", tmp_path / "a.npz"):
+        lg.save(path)
+        assert list(reprod.load(path)) == ["x", "3"]
+
+
+def test_int_key_streams_as_its_str(tmp_path) -> None:
+    with ReprodLogger(stream_to=tmp_path / "s.npz") as lg:
+        lg.add(0, np.ones(2))
+        lg.add(1, {"loss": 0.5})
+        assert lg.keys() == ["0", "1"]
+    d = reprod.load(tmp_path / "s.npz")
+    assert list(d) == ["0", "1"] and float(d["1"]["loss"]) == 0.5
 
 
 @pytest.mark.parametrize(
@@ -404,14 +431,14 @@ def test_stream_spilled_to_disk_writes_the_same_dump(tmp_path, monkeypatch):
     per-key state on disk; the dump is the one it writes with everything in memory."""
     import zipfile
 
-    from reprod.storage import native
+    from reprod.storage import npz_writer
 
     lg = ReprodLogger(stream_to=tmp_path / "mem.npz")
     _stream_sequence(lg)
     mem_keys = lg.keys()
     lg.close()
-    monkeypatch.setattr(native._KeyLog, "spill", 5)
-    monkeypatch.setattr(native, "_CENTRAL_SPILL", 300)
+    monkeypatch.setattr(npz_writer._KeyLog, "spill", 5)
+    monkeypatch.setattr(npz_writer, "_CENTRAL_SPILL", 300)
     lg = ReprodLogger(stream_to=tmp_path / "disk.npz")
     _stream_sequence(lg)
     assert lg._writer._keys.db is not None and lg._writer._central_file is not None
@@ -429,10 +456,10 @@ def test_stream_spilled_to_disk_writes_the_same_dump(tmp_path, monkeypatch):
 
 def test_stream_memory_stays_flat_past_the_spill(tmp_path, monkeypatch):
     """Keys past the spill cost the writer (almost) no memory: 20,000 of them add < 60 bytes each."""
-    from reprod.storage import native
+    from reprod.storage import npz_writer
 
-    monkeypatch.setattr(native._KeyLog, "spill", 1000)
-    monkeypatch.setattr(native, "_CENTRAL_SPILL", 1 << 16)
+    monkeypatch.setattr(npz_writer._KeyLog, "spill", 1000)
+    monkeypatch.setattr(npz_writer, "_CENTRAL_SPILL", 1 << 16)
     lg, per_key = _bytes_per_streamed_key(tmp_path / "s.npz", np.ones(4, np.float32), 2000,
                                           lambda i: f"step{i // 50:05d}/layer{i % 50:02d}")
     assert per_key < 60, per_key
@@ -445,9 +472,9 @@ def test_stream_spill_from_another_thread_and_without_sqlite(tmp_path, monkeypat
     import builtins
     import threading
 
-    from reprod.storage import native
+    from reprod.storage import npz_writer
 
-    monkeypatch.setattr(native._KeyLog, "spill", 3)
+    monkeypatch.setattr(npz_writer._KeyLog, "spill", 3)
     lg = ReprodLogger(stream_to=tmp_path / "t.npz")
     for i in range(5):
         lg.add(f"a{i}", i)

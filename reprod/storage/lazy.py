@@ -282,6 +282,59 @@ class Dump(Mapping[str, Any]):
     def __repr__(self) -> str:
         return f"<reprod.Dump {self.path!r} ({self.format}), {len(self)} keys>"
 
+    def to_writable_dict(self) -> dict[str, Any]:
+        """The dump as plain nested ``dict``s of writable numpy arrays, without reading it: arrays
+        whose bytes lie in the file view a private copy-on-write mapping of it (``mmap.ACCESS_COPY``,
+        ``np.load(mmap_mode="c")``'s semantics), so writing to one changes this process's copy of
+        those pages, never the file. Values not stored as viewable bytes (pickled scalars,
+        compressed members, bfloat16 widened to float32) are copies. Checksums are verified as
+        ``self[key]`` verifies them. What ``ReprodDiffHelper.load_info`` returns; the dump itself
+        can be closed afterwards."""
+        mf = self._mf
+        cow: Optional[mmap.mmap] = None
+        if mf is not None:
+            try:
+                with open(self.path, "rb") as f:
+                    if os.fstat(f.fileno()).st_size == mf.size:
+                        cow = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as exc:
+                raise DumpFormatError(f"{self.path}: cannot map the file again "
+                                      f"({_one_line(exc)})") from None
+            # opened by path a second time: it must still be the file the structure was read from
+            n = min(mf.size, 1 << 16)
+            buf = mf.buffer()
+            if cow is None or cow[:n] != buf[:n] or cow[mf.size - n:] != buf[mf.size - n:]:
+                raise DumpFormatError(f"{self.path}: the file changed on disk while it was read")
+
+        def build(dump: Dump) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for key, node in dump._tree.items():
+                if isinstance(node, dict):
+                    out[key] = build(dump._child(key, node))
+                elif cow is None or node.loader is not None:
+                    out[key] = np.array(dump[key])  # its own copy: a loader may cache its array
+                elif node.source_dtype is not None:
+                    arr = dump[key]  # bfloat16 widened: a fresh array, flagged read-only
+                    arr.flags.writeable = True
+                    out[key] = arr
+                else:
+                    try:
+                        if dump.pending_check(node) is not None:
+                            node.verify(mf, lambda k=key: dump._where(k))
+                        count = math.prod(node.shape) if node.dtype.itemsize else 0
+                        arr = np.frombuffer(cow, dtype=node.dtype, count=count, offset=node.offset)
+                    except DumpFormatError:
+                        raise
+                    except (ValueError, OSError, EOFError, OverflowError) as exc:
+                        raise DumpFormatError(f"{dump._where(key)}: cannot read array "
+                                              f"({_one_line(exc)})") from None
+                    if len(node.shape) != 1:
+                        arr = arr.reshape(node.shape, order="F" if node.fortran else "C")
+                    out[key] = arr
+            return out
+
+        return build(self)
+
 
 def _one_line(exc: BaseException) -> str:
     """An exception's message as one printable line (it may quote bytes from the file)."""
