@@ -109,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--equal-nan", action="store_true", help="NaNs at the same positions on both sides pass"
     )
     p.add_argument(
+        "--noise",
+        metavar="REF_HI",
+        help="the reference computed in float64 (same keys; a folder when REF is one): each key "
+        "found there passes when its difference is within --noise-factor times the reference's "
+        "own float32 noise, instead of the plain threshold",
+    )
+    p.add_argument(
+        "--noise-factor",
+        type=float,
+        metavar="F",
+        help="with --noise: how many times its noise a key may differ (default 10)",
+    )
+    p.add_argument(
         "--strict-shape",
         action="store_true",
         help="shapes that differ only by axes of size 1 ((90, 1) vs (90,)) fail instead of being "
@@ -167,6 +180,17 @@ def _unpaired(result: DiffResult, missing_path: str) -> DiffResult:
     return replace(result, results=keys)
 
 
+def _noise_for(rel: str, options: dict[str, Any], verify: bool) -> dict[str, Any]:
+    """The comparison options of one file pair: with --noise, the noise folder's file at the same
+    relative path (a pair without one is judged by the plain threshold, each key noted)."""
+    root = options.get("noise_root")
+    out = {k: v for k, v in options.items() if k != "noise_root"}
+    if root is not None:
+        path = os.path.join(root, rel)
+        out["noise"] = _open(path, verify) if os.path.isfile(path) else {}
+    return out
+
+
 def _compare_folders(ref: str, other: str, options: dict[str, Any], verify: bool = False) -> Compared:
     from . import compare
 
@@ -178,15 +202,15 @@ def _compare_folders(ref: str, other: str, options: dict[str, Any], verify: bool
     for rel in ref_files:
         a, b = os.path.join(ref, rel), os.path.join(other, rel)
         if os.path.isfile(b):
-            out.append((rel, compare(_open(a, verify), _open(b, verify), **options)))
+            out.append((rel, compare(_open(a, verify), _open(b, verify), **_noise_for(rel, options, verify))))
         else:
-            result = replace(compare(a, {}, **options), other_name=b)
+            result = replace(compare(a, {}, **_noise_for(rel, options, verify)), other_name=b)
             out.append((rel, _unpaired(result, b)))
     paired = set(ref_files)
     for rel in other_files:
         if rel not in paired:
             a, b = os.path.join(ref, rel), os.path.join(other, rel)
-            result = replace(compare({}, b, **options), ref_name=a)
+            result = replace(compare({}, b, **_noise_for(rel, options, verify)), ref_name=a)
             out.append((rel, _unpaired(result, a)))
     return out
 
@@ -236,13 +260,15 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
     criteria = Criteria(methods=methods[0] if len(methods) == 1 else methods,
                         threshold=args.threshold, atol=args.atol, rtol=args.rtol,
                         per_key=per_key or None, equal_nan=args.equal_nan,
-                        strict_shape=args.strict_shape)
+                        strict_shape=args.strict_shape, noise_factor=args.noise_factor)
+    if args.noise_factor is not None and args.noise is None:
+        raise UsageError("--noise-factor needs --noise REF_HI (the reference run in float64)")
     options: dict[str, Any] = {
         "criteria": criteria,
         "keys": args.keys,
         "progress": False if args.quiet else None,
     }
-    for path in (args.ref, args.other):
+    for path in (args.ref, args.other) + ((args.noise,) if args.noise else ()):
         if not os.path.exists(path):
             raise UsageError(f"{path}: no such file or directory")
     ref_dir, other_dir = os.path.isdir(args.ref), os.path.isdir(args.other)
@@ -250,10 +276,16 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
         folder, file = (args.ref, args.other) if ref_dir else (args.other, args.ref)
         raise UsageError(f"{folder} is a folder but {file} is not: give two files or two folders")
     sides: Optional[tuple[Any, Any]] = None
+    if args.noise and os.path.isdir(args.noise) != ref_dir:
+        raise UsageError(f"--noise {args.noise} must be a folder exactly when {args.ref} is one")
     if ref_dir:
+        if args.noise:
+            options["noise_root"] = args.noise
         compared = _compare_folders(args.ref, args.other, options, args.verify)
     else:
         sides = (_open(args.ref, args.verify), _open(args.other, args.verify))
+        if args.noise:
+            options["noise"] = _open(args.noise, args.verify)
         compared = [(None, compare(*sides, **options))]
     if args.keys and not any(len(result) for _, result in compared):
         globs = ", ".join(repr(k) for k in args.keys)

@@ -270,19 +270,10 @@ class RegressionChecker:
                 f"with: pytest --reprod-regen {nodeid}",
                 pytrace=False,
             )
-        return testing._check(
-            path,
-            data,
-            kind="regression",
-            reference=str(path),
-            method=method,
-            threshold=threshold,
-            atol=atol,
-            rtol=rtol,
-            per_key=per_key,
-            equal_nan=equal_nan,
-            other_name="this run",
-        )
+        criteria = testing.criteria_for(method=method, threshold=threshold, atol=atol, rtol=rtol,
+                                        per_key=per_key, equal_nan=equal_nan)
+        return testing._check(path, data, kind="regression", reference=str(path), criteria=criteria,
+                              other_name="this run")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from reprod.report.data import (
     to_json,
     to_markdown,
 )
-from reprod.report.format import fmt_num
+from reprod.messages import fmt_num
 from reprod.report.table import render_first_failure, render_table, statistics_for
 
 

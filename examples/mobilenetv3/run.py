@@ -52,7 +52,7 @@ from config import (  # noqa: E402
 
 from reprod import ReprodDiffHelper  # noqa: E402
 from reprod.diff.result import DiffResult  # noqa: E402
-from reprod.report.format import fmt_num  # noqa: E402
+from reprod.messages import fmt_num  # noqa: E402
 from reprod.report.table import render_table  # noqa: E402
 
 

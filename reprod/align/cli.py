@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
 def _plan_table(conv: Conversion) -> str:
     from tabulate import tabulate
 
-    from ..report.format import fmt_shape
+    from ..messages import fmt_shape
 
     rows = [
         [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..report.format import fmt_shape
+from ..messages import fmt_shape
 from .by_order import _order_plan, _rules_from_order
 from .rules import ConversionRules, linear_weight_names, plan_conversion
 

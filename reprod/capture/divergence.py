@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..diff.result import DiffResult, KeyResult
-from ..report.format import fmt_num
+from ..messages import fmt_num
 from .naming import ROOT, CaptureKey, parse_key
 
 __all__ = ["Divergence", "first_divergence"]

@@ -48,9 +48,13 @@ def normalize_methods(method: MethodArg) -> tuple[str, ...]:
     out: list[str] = []
     for m in names:
         for part in ([m] if m != "all" else ["min", "max", "mean"]):
+            if part == "noise":
+                raise CriteriaError("'noise' is not a method to choose: give compare(noise=...) a "
+                                    "float64 run of the reference and calibrated keys use it")
             if part not in STAT_OF_METHOD:
                 raise CriteriaError(
-                    f"unknown diff method {part!r}; choose from {', '.join(STAT_OF_METHOD)} or 'all'"
+                    f"unknown diff method {part!r}; choose from "
+                    f"{', '.join(m for m in STAT_OF_METHOD if m != 'noise')} or 'all'"
                 )
             if part not in out:
                 out.append(part)
@@ -169,6 +173,8 @@ class Criteria:
     glob). ``dtype_tolerances``: keys left without atol/rtol get torch.testing's defaults for their
     two dtypes (the looser side). ``equal_nan``: NaN at the same positions pass. ``strict_shape``:
     shapes that differ only by axes of size 1 fail instead of being compared element by element.
+    ``noise_factor``: with a noise reference (``compare(noise=...)``), a key passes when its
+    difference is at most this many times the reference's own noise (default 10).
 
     >>> c = Criteria(methods="max", threshold=1e-5, per_key={"*.grad": 1e-4})
     >>> c.resolve("fc.grad").thresholds
@@ -183,6 +189,7 @@ class Criteria:
     equal_nan: bool = False
     strict_shape: bool = False
     dtype_tolerances: bool = False
+    noise_factor: Optional[float] = None
     _exact: dict[str, Rule] = field(default_factory=dict, init=False, repr=False, compare=False)
     _globs: tuple[tuple[str, Rule], ...] = field(default=(), init=False, repr=False, compare=False)
     _dtype_cache: dict[tuple[Optional[str], Optional[str]], tuple[float, float]] = field(
@@ -194,6 +201,7 @@ class Criteria:
         s(self, "threshold", _optional_limit(self.threshold, "threshold"))
         s(self, "atol", _optional_limit(self.atol, "atol"))
         s(self, "rtol", _optional_limit(self.rtol, "rtol"))
+        s(self, "noise_factor", _optional_limit(self.noise_factor, "noise_factor"))
         raw = dict(self.per_key.items() if isinstance(self.per_key, Mapping) else (self.per_key or ()))
         s(self, "per_key", raw)
         rules = [(str(p), _rule(str(p), v)) for p, v in raw.items()]
@@ -268,6 +276,8 @@ class Criteria:
                               for k, v in self.per_key.items()}
         if self.dtype_tolerances:
             out["tolerances"] = "dtype defaults per key"
+        if self.noise_factor is not None:
+            out["noise_factor"] = self.noise_factor
         return out
 
 

@@ -11,12 +11,13 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from .. import messages as msg
 from .._gc import gc_paused
-from ..report.format import fmt_num
 from ..storage.lazy import Dump
 from . import metrics
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
 from .metrics import compute_stats
+from .noise import DEFAULT_NOISE_FACTOR, calibrate
 from .pairing import Pair, _dtype_name, leaf_array, open_side, walk_pairs
 from .progress import Progress, progress_enabled
 from .result import STAT_OF_METHOD, DiffResult, KeyResult
@@ -36,6 +37,8 @@ def compare(
     keys: Optional[Union[str, Sequence[str]]] = None,
     equal_nan: bool = False,
     strict_shape: bool = False,
+    noise: Any = None,
+    noise_factor: Optional[float] = None,
     criteria: Optional[Criteria] = None,
     progress: Optional[bool] = None,
 ) -> DiffResult:
@@ -50,6 +53,13 @@ def compare(
     element-wise rule. ``keys``: globs selecting which keys to compare. ``criteria``: a
     :class:`reprod.Criteria` holding all of these at once (keyword arguments given beside it
     override its fields).
+
+    ``noise``: the same computation as ``ref`` run at higher precision (a dump, path or mapping
+    with the same keys, e.g. the torch side in float64). Each key found there is calibrated: it
+    passes when its difference is at most ``noise_factor`` (default 10) times the reference's own
+    noise (how far ``ref`` is from ``noise``), whatever the plain thresholds say; the result
+    carries ``noise_multiple``, ``noise_l2`` and ``noise_max``. Keys not found there are judged by
+    the plain thresholds, with a note.
     ``progress``: a progress bar on stderr when the comparison takes more than a second (``None``:
     only when stderr is a terminal; ``False``: never).
 
@@ -58,36 +68,44 @@ def compare(
     True
     """
     given = {"methods": method, "threshold": threshold, "atol": atol, "rtol": rtol,
-             "per_key": per_key, "equal_nan": equal_nan, "strict_shape": strict_shape}
+             "per_key": per_key, "equal_nan": equal_nan, "strict_shape": strict_shape,
+             "noise_factor": noise_factor}
     if criteria is not None:  # the shortcuts left at their defaults do not override criteria
         given = {k: v for k, v in given.items() if v != _DEFAULTS[k]}
     crit = build_criteria(criteria, **given)
     with gc_paused():
-        return _compare(ref, other, crit, keys=keys, progress=progress)
+        return _compare(ref, other, crit, keys=keys, progress=progress, noise=noise)
 
 
 _DEFAULTS: dict[str, Any] = {"methods": "mean", "threshold": 1e-6, "atol": None, "rtol": None,
-                             "per_key": None, "equal_nan": False, "strict_shape": False}
+                             "per_key": None, "equal_nan": False, "strict_shape": False,
+                             "noise_factor": None}
 
 
 def _compare(ref: Any, other: Any, policy: Criteria, *,
-             keys: Optional[Union[str, Sequence[str]]], progress: Optional[bool]) -> DiffResult:
+             keys: Optional[Union[str, Sequence[str]]], progress: Optional[bool],
+             noise: Any = None) -> DiffResult:
     a = open_side(ref, "ref")
     b = open_side(other, "other")
+    hi = None if noise is None else open_side(noise, "noise")
     pairs = list(walk_pairs(a.tree, b.tree, keys=keys))
     bar = _progress_bar(pairs) if progress_enabled(progress) else None
     results: list[KeyResult] = []
     with bar if bar is not None else contextlib.nullcontext():
         for lo in range(0, len(pairs), _WINDOW):
             window = pairs[lo : lo + _WINDOW]
-            batched = _compare_batch(window, policy, bar=bar)
+            # calibrated keys read a third array: the per-key path
+            batched = _compare_batch(window, policy, bar=bar) if hi is None else [None] * len(window)
             for p, kr in zip(window, batched):
                 if kr is None:
-                    kr = _compare_pair(p, policy, bar=bar)
+                    kr = _compare_pair(p, policy, bar=bar, noise=None if hi is None else hi.tree)
                 results.append(kr)
                 if bar is not None:
                     bar.key_done()
     options = policy.options()
+    if hi is not None:
+        options["noise"] = hi.name
+        options.setdefault("noise_factor", DEFAULT_NOISE_FACTOR)
     if keys:
         options["keys"] = [keys] if isinstance(keys, str) else list(keys)
     return DiffResult(
@@ -97,10 +115,6 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
         options=options,
         created=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     )
-
-
-def _shape_str(s: Optional[tuple[int, ...]]) -> str:
-    return "(" + ", ".join(str(x) for x in s) + ("," if s is not None and len(s) == 1 else "") + ")" if s is not None else "-"
 
 
 def _same_elements(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -260,24 +274,26 @@ def _finite_result(p: Pair, policy: Criteria, n: int, atol: Optional[float], rto
     mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled = stats
     values = {"mean_abs": mean_abs, "max_abs": max_abs, "min_abs": min_abs, "mean_rel": mean_rel,
               "max_rel": max_rel, "cosine": cosine, "rel_l2": rel_l2, "max_scaled": max_scaled}
-    status, reason, checks = judge(values, thresholds, mismatched=mismatched, size=n, atol=atol,
-                                   rtol=rtol, worst_index=worst_index, worst_ref=worst_ref,
-                                   worst_other=worst_other)
+    status, reason, checks = _judged(values, thresholds, mismatched=mismatched, size=n, atol=atol,
+                                     rtol=rtol, worst_index=worst_index, worst_ref=worst_ref,
+                                     worst_other=worst_other)
     # every field, in declaration order (tests/test_batch_paths.py checks both)
     return KeyResult._from_fields({
         "key": key, "passed": status == "passed", "status": status, "reason": reason,
         "path": p.path, "ref_shape": rs.shape, "other_shape": os_.shape, "ref_dtype": rdt,
         "other_dtype": odt, "size": n, "mean_abs": mean_abs, "max_abs": max_abs,
         "min_abs": min_abs, "mean_rel": mean_rel, "max_rel": max_rel, "cosine": cosine,
-        "rel_l2": rel_l2, "max_scaled": max_scaled, "worst_index": worst_index, "worst_ref": worst_ref, "worst_other": worst_other,
+        "rel_l2": rel_l2, "max_scaled": max_scaled, "noise_multiple": None, "noise_l2": None,
+        "noise_max": None, "worst_index": worst_index, "worst_ref": worst_ref, "worst_other": worst_other,
         "mismatched": mismatched, "ref_nan": 0, "ref_inf": 0, "other_nan": 0, "other_inf": 0,
         "methods": tuple(thresholds) or policy.methods, "thresholds": thresholds,
         "checks": checks, "atol": atol, "rtol": rtol,
-        "note": None if rdt == odt else f"dtypes differ ({rdt} vs {odt}), compared by value",
+        "note": None if rdt == odt else msg.note_dtypes(rdt, odt),
     })
 
 
-def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None) -> KeyResult:
+def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
+                  noise: Optional[Mapping[str, Any]] = None) -> KeyResult:
     key = p.key
     leaf = p.path[-1]
     equal_nan = policy.equal_nan
@@ -294,13 +310,12 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None) 
         side = {"ref_shape": tuple(arr.shape), "ref_dtype": dt} if p.kind == "missing" else \
                {"other_shape": tuple(arr.shape), "other_dtype": dt}
         base["atol"], base["rtol"] = policy.tolerance_for(key, dt)
-        reason = "key only in ref (missing from other)" if p.kind == "missing" else "key only in other (not in ref)"
-        return KeyResult(passed=False, status=p.kind, reason=reason, size=int(arr.size),
+        return KeyResult(passed=False, status=p.kind, reason=msg.reason_one_sided(p.kind), size=int(arr.size),
                          checks=failed_checks, **side, **base)
     assert p.ref_tree is not None and p.other_tree is not None
     if p.kind == "type":
         return KeyResult(passed=False, status="type", checks=failed_checks,
-                         reason="a nested dict on one side, an array on the other", **base)
+                         reason=msg.REASON_TYPE, **base)
     ra, rdt = leaf_array(p.ref_tree, leaf)
     oa, odt = leaf_array(p.other_tree, leaf)
     atol, rtol = policy.tolerance_for(key, rdt, odt)
@@ -308,31 +323,28 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None) 
                 atol=atol, rtol=rtol)
     notes: list[str] = []
     if rdt != odt:
-        notes.append(f"dtypes differ ({rdt} vs {odt}), compared by value")
+        notes.append(msg.note_dtypes(rdt, odt))
     if (ra.size == 0) != (oa.size == 0):
         return KeyResult(passed=False, status="empty", checks=failed_checks,
-                         reason=f"one side is empty (ref {_shape_str(ra.shape)}, other {_shape_str(oa.shape)})",
+                         reason=msg.reason_empty(ra.shape, oa.shape),
                          size=int(ra.size), note="; ".join(notes) or None, **base)
     if ra.shape != oa.shape:
         if _same_elements(ra.shape, oa.shape) and not policy.strict_shape:
-            notes.append(f"shapes differ only by axes of size 1 ({_shape_str(ra.shape)} vs "
-                         f"{_shape_str(oa.shape)}), compared element by element")
+            notes.append(msg.note_size_one_axes(ra.shape, oa.shape))
             oa = oa.reshape(ra.shape)
         else:
             hint = ""
             if _same_elements(ra.shape, oa.shape):
-                hint = "shapes differ only by axes of size 1 (strict_shape: a failure)"
-                notes.append(hint)
-                hint = "; " + hint
+                hint = msg.SIZE_ONE_AXES_STRICT
             elif ra.ndim >= 2 and oa.shape == ra.shape[::-1]:
-                hint = "other is the transpose of ref (a Linear weight? paddle stores [in, out], torch [out, in]): transpose one side"
+                hint = msg.ENGINE_TRANSPOSE_HINT
+            if hint:
                 notes.append(hint)
-                hint = "; " + hint
             return KeyResult(passed=False, status="shape", checks=failed_checks,
-                             reason=f"shape {_shape_str(oa.shape)} does not match ref {_shape_str(ra.shape)}{hint}",
+                             reason=msg.reason_shape(ra.shape, oa.shape, hint),
                              size=int(ra.size), note="; ".join(notes) or None, **base)
     if ra.size == 0:
-        return KeyResult(passed=True, status="passed", reason="both empty", checks={m: True for m in thresholds},
+        return KeyResult(passed=True, status="passed", reason=msg.REASON_BOTH_EMPTY, checks={m: True for m in thresholds},
                          size=0, note="; ".join(notes) or None, **base)
     on_progress = None if bar is None else bar.per_element(ra.itemsize + oa.itemsize)
     st = compute_stats(ra, oa, atol=atol, rtol=rtol, equal_nan=equal_nan, on_progress=on_progress)
@@ -341,6 +353,15 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None) 
         "mean_rel": st.mean_rel, "max_rel": st.max_rel, "cosine": st.cosine,
         "rel_l2": st.rel_l2, "max_scaled": st.max_scaled,
     }
+    if noise is not None and not (st.nan_unmatched or st.inf_unmatched):
+        cal = calibrate(st, ra, noise, p.path, rdt, odt)
+        if cal.multiple is None:
+            notes.append(msg.note_uncalibrated(cal.why or "unknown"))
+        else:
+            factor = DEFAULT_NOISE_FACTOR if policy.noise_factor is None else policy.noise_factor
+            thresholds = {"noise": factor}
+            base.update(methods=("noise",), thresholds=thresholds)
+            values.update(noise_multiple=cal.multiple, noise_l2=cal.l2, noise_max=cal.max)
     if st.worst_flat is None:
         worst_index = None
     else:
@@ -348,18 +369,16 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None) 
     status, reason, checks = "passed", "", {}
     if st.nan_unmatched:
         status = "nan"
-        reason = f"{st.nan_unmatched} NaN position(s) (ref {st.ref_nan} NaN, other {st.other_nan} NaN)" + \
-                 ("" if equal_nan else "; NaN never passes unless equal_nan=True")
+        reason = msg.reason_nan(st.nan_unmatched, st.ref_nan, st.other_nan, equal_nan)
         checks = {m: False for m in thresholds}
     elif st.inf_unmatched:
         status = "inf"
-        reason = f"{st.inf_unmatched} Inf position(s) without an equal Inf on the other side " \
-                 f"(ref {st.ref_inf} Inf, other {st.other_inf} Inf)"
+        reason = msg.reason_inf(st.inf_unmatched, st.ref_inf, st.other_inf)
         checks = {m: False for m in thresholds}
     else:
-        status, reason, checks = judge(values, thresholds, mismatched=st.mismatched, size=st.size,
-                                       atol=atol, rtol=rtol, worst_index=worst_index,
-                                       worst_ref=st.worst_ref, worst_other=st.worst_other)
+        status, reason, checks = _judged(values, thresholds, mismatched=st.mismatched, size=st.size,
+                                         atol=atol, rtol=rtol, worst_index=worst_index,
+                                         worst_ref=st.worst_ref, worst_other=st.worst_other)
     return KeyResult(
         passed=status == "passed", status=status, reason=reason, size=st.size,
         worst_index=worst_index, worst_ref=st.worst_ref, worst_other=st.worst_other,
@@ -369,49 +388,30 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None) 
     )
 
 
-# the same few thresholds are printed in every key's reason
-_THRESHOLD_TEXT: dict[float, str] = {}
-
-
-def _fmt_threshold(t: float) -> str:
-    text = _THRESHOLD_TEXT.get(t)
-    if text is None:
-        text = fmt_num(t)
-        # not zero: -0.0 == 0.0 as a key but prints differently
-        if type(t) is float and t != 0.0 and len(_THRESHOLD_TEXT) < 256:
-            _THRESHOLD_TEXT[t] = text
-    return text
-
-
 def judge(values: Mapping[str, Optional[float]], thresholds: Mapping[str, float], *,
-          mismatched: Optional[int], size: int, atol: Optional[float], rtol: Optional[float],
-          worst_index: Optional[tuple[int, ...]], worst_ref: Optional[float],
-          worst_other: Optional[float]) -> tuple[str, str, dict[str, bool]]:
-    """The pass rule for a finite comparison: (status, reason, per-method checks)."""
+          mismatched: Optional[int]) -> tuple[str, dict[str, bool]]:
+    """The pass rule for a finite comparison: (status, per-method checks). A check fails only
+    when the statistic is over its threshold (reprod_log's rule) or NaN."""
     checks: dict[str, bool] = {}
     ok = True
     for m, t in thresholds.items():
         v = values[STAT_OF_METHOD[m]]
-        # reprod_log: fails only when value > threshold
         ok &= checks.setdefault(m, v is None or not (v > t or v != v))
-    if ok and not mismatched:  # the common case: no worst-element text to format
-        reason = "; ".join([f"{m} {fmt_num(values[STAT_OF_METHOD[m]])} <= "
-                            f"{_fmt_threshold(t)}" for m, t in thresholds.items()]) \
-            or "compared (no statistic checked)"
-        if mismatched == 0:
-            reason += f"; all elements within atol={atol or 0:g}, rtol={rtol or 0:g}"
-        return "passed", reason, checks
-    at = ""
-    if worst_index is not None and worst_ref is not None and worst_other is not None:
-        at = f" at index {worst_index} (ref {worst_ref:.6g}, other {worst_other:.6g})"
-    if not ok:
-        bad = [m for m, good in checks.items() if not good]
-        reason = "; ".join(f"{m} {fmt_num(values[STAT_OF_METHOD[m]])} > "
-                           f"{_fmt_threshold(thresholds[m])}" for m in bad)
-        return "failed", reason + at, checks
-    reason = (f"{mismatched} / {size} elements ({100.0 * mismatched / size:.3g}%) outside "
-              f"atol+rtol*|ref| (atol={atol or 0:g}, rtol={rtol or 0:g}){at}")
-    return "mismatch", reason, checks
+    if ok and not mismatched:
+        return "passed", checks
+    return ("failed" if not ok else "mismatch"), checks
+
+
+def _judged(values: Mapping[str, Optional[float]], thresholds: Mapping[str, float], *,
+            mismatched: Optional[int], size: int, atol: Optional[float], rtol: Optional[float],
+            worst_index: Optional[tuple[int, ...]], worst_ref: Optional[float],
+            worst_other: Optional[float]) -> tuple[str, str, dict[str, bool]]:
+    """(status, reason, checks): the verdict, then the words for it."""
+    status, checks = judge(values, thresholds, mismatched=mismatched)
+    reason = msg.reason_judged(status, values, thresholds, checks, mismatched=mismatched, size=size,
+                               atol=atol, rtol=rtol, worst_index=worst_index, worst_ref=worst_ref,
+                               worst_other=worst_other)
+    return status, reason, checks
 
 
 def rejudge(result: DiffResult, *, method: MethodArg = "mean", threshold: Optional[float] = 1e-6,
@@ -424,9 +424,10 @@ def rejudge(result: DiffResult, *, method: MethodArg = "mean", threshold: Option
         methods = tuple(thresholds) or policy.methods
         if kr.status in ("passed", "failed", "mismatch") and kr.size:
             values = {s: getattr(kr, s) for s in STAT_OF_METHOD.values()}
-            status, reason, checks = judge(values, thresholds, mismatched=kr.mismatched, size=kr.size,
-                                           atol=kr.atol, rtol=kr.rtol, worst_index=kr.worst_index,
-                                           worst_ref=kr.worst_ref, worst_other=kr.worst_other)
+            status, reason, checks = _judged(values, thresholds, mismatched=kr.mismatched,
+                                             size=kr.size, atol=kr.atol, rtol=kr.rtol,
+                                             worst_index=kr.worst_index, worst_ref=kr.worst_ref,
+                                             worst_other=kr.worst_other)
             kr = replace(kr, status=status, reason=reason, checks=checks, passed=status == "passed",
                          methods=methods, thresholds=thresholds)
         else:

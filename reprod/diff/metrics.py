@@ -60,6 +60,9 @@ class Stats:
     cosine: Optional[float] = None
     rel_l2: Optional[float] = None  # ||other - ref||_2 / ||ref||_2
     max_scaled: Optional[float] = None  # max|other - ref| / max|ref|
+    diff_l2: Optional[float] = None  # ||other - ref||_2
+    ref_l2: Optional[float] = None  # ||ref||_2
+    ref_max: Optional[float] = None  # max|ref|
     worst_flat: Optional[int] = None
     worst_ref: Optional[float] = None
     worst_other: Optional[float] = None
@@ -501,10 +504,12 @@ def _finish(n: int, values: Sequence[Any], r: np.ndarray, o: np.ndarray, check_c
         # the absolute statistics) but the relative error is finite; recompute it without overflow
         st.mean_rel, st.max_rel = _overflow_safe_rel(r, o, block)
     st.max_scaled = _ratio(float(max_abs), float(max_ref))
+    st.ref_max = float(max_ref)
     if _squares_lost(dd, rr, 0.0, max_abs) and not (dd == 0.0 and max_abs == 0.0):
-        st.rel_l2 = _scaled_rel_l2(r, o, block, float(max_abs), float(max_ref))
+        st.rel_l2, st.diff_l2, st.ref_l2 = _scaled_rel_l2(r, o, block, float(max_abs), float(max_ref))
     else:
-        st.rel_l2 = _ratio(math.sqrt(dd), math.sqrt(rr))
+        st.diff_l2, st.ref_l2 = math.sqrt(dd), math.sqrt(rr)
+        st.rel_l2 = _ratio(st.diff_l2, st.ref_l2)
     if _squares_lost(rr, oo, dot, max_abs):
         dot, rr, oo = _scaled_dot(r, o, block)
     if math.isfinite(rr) and math.isfinite(oo) and math.isfinite(dot):
@@ -563,9 +568,11 @@ def _ratios(num: np.ndarray, den: np.ndarray) -> np.ndarray:
                     num / np.where(den == 0.0, 1.0, den))
 
 
-def _scaled_rel_l2(r: np.ndarray, o: np.ndarray, block: int, max_abs: float, max_ref: float) -> float:
-    """||o - r|| / ||r|| with each sum of squares taken in a domain scaled by a power of two near
-    its largest term (exact), so that neither overflow nor underflow loses it. A rare second pass."""
+def _scaled_rel_l2(r: np.ndarray, o: np.ndarray, block: int, max_abs: float,
+                   max_ref: float) -> tuple[float, float, float]:
+    """(||o - r|| / ||r||, ||o - r||, ||r||) with each sum of squares taken in a domain scaled by a
+    power of two near its largest term (exact), so that neither overflow nor underflow loses the
+    ratio (a norm beyond the float64 range is inf). A rare second pass."""
     kd = math.frexp(max_abs)[1] if 0.0 < max_abs < math.inf else 0
     kr = math.frexp(max_ref)[1] if 0.0 < max_ref < math.inf else 0
     dd = rr = 0.0
@@ -582,12 +589,18 @@ def _scaled_rel_l2(r: np.ndarray, o: np.ndarray, block: int, max_abs: float, max
             d, ar = np.ldexp(d, -kd), np.ldexp(ar, -kr)
             dd += float(np.dot(d, d))
             rr += float(np.dot(ar, ar))
+    norms = (_ldexp(math.sqrt(dd), kd), _ldexp(math.sqrt(rr), kr))
     ratio = _ratio(math.sqrt(dd), math.sqrt(rr))
     if not 0.0 < ratio < math.inf:
-        return ratio
+        return (ratio, *norms)
+    # a difference beyond the float64 range times the reference's norm: inf
+    return (_ldexp(ratio, kd - kr), *norms)
+
+
+def _ldexp(x: float, k: int) -> float:
     try:
-        return math.ldexp(ratio, kd - kr)
-    except OverflowError:  # a difference beyond the float64 range times the reference's norm
+        return math.ldexp(x, k)
+    except OverflowError:
         return math.inf
 
 

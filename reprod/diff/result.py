@@ -18,6 +18,7 @@ STAT_OF_METHOD: dict[str, str] = {
     "max_rel": "max_rel",
     "rel_l2": "rel_l2",  # ||other - ref||_2 / ||ref||_2: scale-aware, robust to one outlier
     "max_scaled": "max_scaled",  # max|other - ref| / max|ref|: scale-aware worst element
+    "noise": "noise_multiple",  # calibrated keys (compare(noise=...)): difference / own noise
 }
 
 # status words, in the order a report lists them
@@ -66,6 +67,9 @@ class KeyResult:
     cosine: Optional[float] = None
     rel_l2: Optional[float] = None
     max_scaled: Optional[float] = None
+    noise_multiple: Optional[float] = None
+    noise_l2: Optional[float] = None
+    noise_max: Optional[float] = None
     worst_index: Optional[tuple[int, ...]] = None
     worst_ref: Optional[float] = None
     worst_other: Optional[float] = None

@@ -18,8 +18,8 @@ from importlib import resources
 from typing import Any, Optional
 
 from ..diff.result import STAT_OF_METHOD, DiffResult, KeyResult
+from ..messages import fmt_num
 from ..storage.atomic import AtomicFile
-from .format import fmt_num
 
 __all__ = ["render_html", "write_html"]
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 from ..diff.result import STAT_OF_METHOD, DiffResult, KeyResult
-from .format import fmt_num, fmt_shape
+from ..messages import fmt_multiple, fmt_num, fmt_shape
 
 __all__ = [
     "render_table",
@@ -27,8 +27,8 @@ FAIL_MARK = "!"
 _ALL_METHODS = ("min", "max", "mean")
 
 # every statistic a KeyResult carries, in the order a detailed report lists them
-_STATISTICS = ("mean_abs", "max_abs", "min_abs", "mean_rel", "max_rel", "rel_l2", "max_scaled", "cosine",
-               "mismatched")
+_STATISTICS = ("noise_multiple", "mean_abs", "max_abs", "min_abs", "mean_rel", "max_rel", "rel_l2",
+               "max_scaled", "cosine", "mismatched")
 
 
 def _as_list(methods: Any) -> list[str]:
@@ -97,10 +97,14 @@ def _dtype_cell(r: KeyResult) -> str:
 def _stat_cell(r: KeyResult, stat: str) -> str:
     if stat == "mismatched":
         return "-" if r.mismatched is None else f"{r.mismatched}/{r.size}"
+    if stat == "noise_multiple":  # "2.4x" against "4,800x": the calibrated verdict at a glance
+        return fmt_multiple(r.noise_multiple)
     return fmt_num(getattr(r, stat))
 
 
 def _threshold_cell(r: KeyResult) -> str:
+    if "noise" in r.thresholds:
+        return f"{fmt_multiple(r.thresholds['noise'])} noise"
     if r.thresholds:
         values = list(r.thresholds.values())
         if all(v == values[0] for v in values):
@@ -243,8 +247,12 @@ def render_first_failure(result: DiffResult) -> str:
                 share = fmt_num(r.mismatch_ratio)
                 lines.append(f"  {stat + ':':<10} {r.mismatched} / {r.size} ({share})")
             continue
-        if stat in ("rel_l2", "max_scaled") and getattr(r, stat) is None:
-            continue  # results written before these statistics existed
+        if stat in ("rel_l2", "max_scaled", "noise_multiple") and getattr(r, stat) is None:
+            continue  # uncalibrated keys, results written before these statistics existed
+        if stat == "noise_multiple":
+            lines.append(f"  noise:     {fmt_multiple(r.noise_multiple)} the reference's own noise "
+                         f"(L2 {fmt_num(r.noise_l2)}, max {fmt_num(r.noise_max)})")
+            continue
         lines.append(f"  {stat + ':':<10} {fmt_num(getattr(r, stat))}")
     if r.ref_nan or r.ref_inf or r.other_nan or r.other_inf:
         lines.append(
