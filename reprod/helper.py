@@ -105,7 +105,7 @@ class ReprodDiffHelper:
             return passed
         if self._base is None:
             raise ReprodError("report() called before compare_info()")
-        from .diff.engine import rejudge
+        from .diff.verdict import rejudge
         from .report.log import render_log
 
         self.result = rejudge(self._base, method=diff_method, threshold=diff_threshold)

@@ -1,6 +1,6 @@
 """The fast paths for dumps of many small keys give exactly what the general paths give.
 
-* the engine's batch (``engine._compare_batch`` + ``_kernel.stats_many``) against the per-key
+* the engine's batch (``batch.compare_batch`` + ``_kernel.stats_many``) against the per-key
   path (``_compare_pair`` + ``compute_stats``), every KeyResult field;
 * the walker's compiled item scanner (``_kernel.scan_items``) against its Python loop: same tree,
   same step count, or the same error, on valid and on mutated files.
@@ -18,7 +18,7 @@ import pytest
 
 import reprod
 from reprod._gc import gc_paused
-from reprod.diff import engine, metrics
+from reprod.diff import batch, engine, metrics
 from reprod.errors import DumpFormatError
 from reprod.storage import legacy, npy_header, pickle_walker
 from reprod.storage.lazy import ArraySpec, MappedFile
@@ -90,7 +90,7 @@ def test_batch_equals_general_path(tmp_path, monkeypatch, suffix):
     reprod.save(a, ref)
     reprod.save(b, other)
     batched = []
-    real = engine._compare_batch
+    real = batch.compare_batch
 
     def counting(pairs, *args, **kw):
         out = real(pairs, *args, **kw)
@@ -98,10 +98,10 @@ def test_batch_equals_general_path(tmp_path, monkeypatch, suffix):
         return out
 
     for opts in OPTIONS:
-        monkeypatch.setattr(engine, "_compare_batch", counting)
+        monkeypatch.setattr(engine, "compare_batch", counting)
         fast = reprod.compare(a, b, progress=False, **opts)
         monkeypatch.undo()
-        monkeypatch.setattr(engine, "_BATCH_MAX", 0)
+        monkeypatch.setattr(batch, "_BATCH_MAX", 0)
         slow = reprod.compare(a, b, progress=False, **opts)
         monkeypatch.undo()
         assert fast.keys() == slow.keys()
@@ -116,7 +116,7 @@ def test_batch_equals_general_path(tmp_path, monkeypatch, suffix):
 def test_batch_takes_nothing_it_cannot_view(tmp_path, monkeypatch):
     """In-memory mappings, bf16 (a loader widens it) and keys above the batch size go the general
     way; results are the same either way."""
-    monkeypatch.setattr(engine, "_BATCH_MAX", 100)
+    monkeypatch.setattr(batch, "_BATCH_MAX", 100)
     ref = {"big": np.arange(1000, dtype=np.float32), "small": np.arange(50, dtype=np.float32)}
     other = {k: v + 1e-3 for k, v in ref.items()}
     r = reprod.compare(ref, other, progress=False)
@@ -169,13 +169,13 @@ def test_kernel_crc32_is_zlibs():
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch", [True, False])
-def test_member_crcs_are_checked(tmp_path, monkeypatch, batch):
+@pytest.mark.parametrize("batched", [True, False])
+def test_member_crcs_are_checked(tmp_path, monkeypatch, batched):
     """A flipped byte in one small member of a many-key .npz: compare names that key, whether the
     checksums run in the batch kernel call or in Dump.__getitem__; good members are recorded as
     verified."""
-    if not batch:
-        monkeypatch.setattr(engine, "_BATCH_MAX", 0)
+    if not batched:
+        monkeypatch.setattr(batch, "_BATCH_MAX", 0)
     rng = np.random.default_rng(2)
     tree = {f"k{i}": rng.standard_normal(200 + i).astype(np.float32) for i in range(50)}
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"

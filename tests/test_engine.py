@@ -15,7 +15,7 @@ import pytest
 
 import reprod
 from reprod import DiffResult, KeyResult, compare
-from reprod.diff.engine import rejudge
+from reprod.diff.verdict import rejudge
 
 # ---------------------------------------------------------------------------------------------
 # NaN and Inf

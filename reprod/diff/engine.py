@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Optional, Union
-
-import numpy as np
 
 from .. import messages as msg
 from .._gc import gc_paused
-from ..storage.lazy import Dump
-from . import metrics
+from .batch import compare_batch, unravel
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
 from .metrics import compute_stats
 from .noise import DEFAULT_NOISE_FACTOR, calibrate
-from .pairing import Pair, _dtype_name, leaf_array, open_side, walk_pairs
+from .pairing import Pair, leaf_array, open_side, walk_pairs
 from .progress import Progress, progress_enabled
-from .result import STAT_OF_METHOD, DiffResult, KeyResult
+from .result import DiffResult, KeyResult
+from .verdict import judged
 
 __all__ = ["compare"]
 
@@ -95,7 +91,7 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
         for lo in range(0, len(pairs), _WINDOW):
             window = pairs[lo : lo + _WINDOW]
             # calibrated keys read a third array: the per-key path
-            batched = _compare_batch(window, policy, bar=bar) if hi is None else [None] * len(window)
+            batched = compare_batch(window, policy, bar=bar) if hi is None else [None] * len(window)
             for p, kr in zip(window, batched):
                 if kr is None:
                     kr = _compare_pair(p, policy, bar=bar, noise=None if hi is None else hi.tree)
@@ -147,149 +143,6 @@ def _progress_bar(pairs: Sequence[Pair]) -> Progress:
 
 # Pairs handed to the batch kernel at a time: bounds its scratch (152 bytes a pair).
 _WINDOW = 4096
-# Keys up to this many elements go through the batch; larger ones through compute_stats, whose
-# chunks run on several threads and report progress as they go.
-_BATCH_MAX = 1 << 16
-_BATCH_KINDS = {np.dtype(np.float32): 0, np.dtype(np.float64): 2}
-_NO_CHECK = (0, -1, 0)  # a job's (start, length, CRC32) when its member needs no check
-
-
-def _compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Progress]
-                   ) -> list[Optional[KeyResult]]:
-    """The results of the pairs the batch kernel can take, ``None`` for the others.
-
-    A dump of thousands of small keys spent most of its time around the statistics (viewing two
-    arrays, a kernel call, a Stats object per key): here the plain cases (two float32/float64
-    arrays of one shape, both viewable in place in two mapped dumps) are described by offsets and
-    computed in one kernel call. Anything unusual (NaN, Inf, values where the sums overflow,
-    Fortran order...) returns ``None`` and takes the general path, so results are identical.
-    """
-    out: list[Optional[KeyResult]] = [None] * len(pairs)
-    kernel = metrics._kernel if metrics.kernel_available() else None
-    if kernel is None or not pairs:
-        return out
-    ref_mf = other_mf = None
-    todo: list[tuple[int, Pair, Any, Any, int, Optional[float], Optional[float]]] = []
-    checks: list[tuple[int, int, int]] = []  # (row, side, member start) verified by the kernel
-    jobs: list[int] = []
-    tols: list[float] = []
-    kinds = _BATCH_KINDS
-    # the members' CRC checks (small .npz members, as Dump.__getitem__ does them) go into the
-    # kernel call too: each member is checksummed just before its statistics, while in cache
-    for i, p in enumerate(pairs):
-        rt, ot = p.ref_tree, p.other_tree
-        if p.kind != "leaf" or type(rt) is not Dump or type(ot) is not Dump:
-            continue
-        leaf = p.path[-1]
-        rs, os_ = rt.in_file(leaf), ot.in_file(leaf)
-        if rs is None or os_ is None:
-            continue
-        shape = rs.shape
-        rk, ok = kinds.get(rs.dtype), kinds.get(os_.dtype)
-        if rk is None or ok is None or shape != os_.shape or (len(shape) > 1 and (rs.fortran or os_.fortran)):
-            continue
-        n = math.prod(shape)
-        if not 0 < n <= _BATCH_MAX:
-            continue
-        if ref_mf is None:
-            ref_mf, other_mf = rt.mapped_file, ot.mapped_file
-        if rt.mapped_file is not ref_mf or ot.mapped_file is not other_mf:
-            continue
-        assert ref_mf is not None and other_mf is not None
-        if rs.offset + n * rs.dtype.itemsize > ref_mf.size or os_.offset + n * os_.dtype.itemsize > other_mf.size:
-            continue  # a truncated file: the general path raises the error that names it
-        key = p.key
-        a, r = policy.tolerance_for(key, _dtype_name(rs.dtype), _dtype_name(os_.dtype))
-        check_close = a is not None or r is not None
-        rc, oc = rt.pending_check(rs), ot.pending_check(os_)
-        if rc is not None:
-            checks.append((len(todo), 0, rc[0]))
-        if oc is not None:
-            checks.append((len(todo), 1, oc[0]))
-        todo.append((i, p, rs, os_, n, a, r))
-        jobs += (rs.offset, os_.offset, n, rk + (ok >> 1), check_close, *(rc or _NO_CHECK),
-                 *(oc or _NO_CHECK))
-        tols += (float(a or 0.0), float(r or 0.0))
-    if not todo:
-        return out
-    assert ref_mf is not None and other_mf is not None
-    m = len(todo)
-    rows = np.empty((m, len(metrics.ROW_COLUMNS)))
-    job_rows = np.array(jobs, dtype=np.int64).reshape(m, -1)
-    tol_rows = np.array(tols).reshape(m, 2)
-    args = (metrics.BLOCK, policy.equal_nan)
-    rb, ob = ref_mf.buffer(), other_mf.buffer()
-    if metrics._threads > 1 and m >= 64:
-        # the kernel releases the GIL: a second core takes the second half of the rows
-        h = m // 2
-        late = metrics._executor().submit(kernel.stats_many, rb, ob, job_rows[h:], tol_rows[h:],
-                                          rows[h:], *args)
-        kernel.stats_many(rb, ob, job_rows[:h], tol_rows[:h], rows[:h], *args)
-        late.result()
-    else:
-        kernel.stats_many(rb, ob, job_rows, tol_rows, rows, *args)
-    col = metrics.COL
-    crc_ok = (rows[:, col["crc_ref"]] != 0.0) & (rows[:, col["crc_other"]] != 0.0)  # -1: unchecked
-    if checks:
-        if not crc_ok.all():
-            checks = [c for c in checks if crc_ok[c[0]]]
-        # every Dump of one side (nested ones too) shares that side's mapped file and its record
-        ref_mf.verified.update(c[2] for c in checks if c[1] == 0)
-        other_mf.verified.update(c[2] for c in checks if c[1] == 1)
-    # rows _finish would give a second pass, or whose CRC failed (the general path raises the
-    # error naming the key), go the general way
-    plain, table = metrics.finish_rows(rows, np.array([t[4] for t in todo], dtype=np.float64))
-    plain &= crc_ok
-    for (i, p, rs, os_, n, a, r), ok, (*stats, worst, worst_ref, worst_other, mismatched) \
-            in zip(todo, plain.tolist(), table.tolist()):
-        if not ok:
-            continue
-        out[i] = _finite_result(p, policy, n, a, r, stats, _unravel(int(worst), rs.shape),
-                                worst_ref, worst_other,
-                                int(mismatched) if (a is not None or r is not None) else None, rs, os_)
-        if bar is not None:
-            bar.advance(n * (rs.dtype.itemsize + os_.dtype.itemsize))
-    return out
-
-
-def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """``np.unravel_index(flat, shape)`` as ints; for the few dimensions of a key, plain integer
-    arithmetic costs less than the numpy call (and than the statistics of a 1 KiB key)."""
-    if len(shape) == 1:
-        return (flat,)
-    idx = []
-    for s in reversed(shape):
-        flat, q = divmod(flat, s)
-        idx.append(q)
-    return tuple(reversed(idx))
-
-
-def _finite_result(p: Pair, policy: Criteria, n: int, atol: Optional[float], rtol: Optional[float],
-                   stats: tuple[float, ...], worst_index: tuple[int, ...], worst_ref: float,
-                   worst_other: float, mismatched: Optional[int], rs: Any, os_: Any) -> KeyResult:
-    """The result of a batched pair (finite values, one shape), built as _compare_pair builds it."""
-    key = p.key
-    thresholds = policy.thresholds_for(key)
-    rdt, odt = _dtype_name(rs.dtype), _dtype_name(os_.dtype)
-    mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled = stats
-    values = {"mean_abs": mean_abs, "max_abs": max_abs, "min_abs": min_abs, "mean_rel": mean_rel,
-              "max_rel": max_rel, "cosine": cosine, "rel_l2": rel_l2, "max_scaled": max_scaled}
-    status, reason, checks = _judged(values, thresholds, mismatched=mismatched, size=n, atol=atol,
-                                     rtol=rtol, worst_index=worst_index, worst_ref=worst_ref,
-                                     worst_other=worst_other)
-    # every field, in declaration order (tests/test_batch_paths.py checks both)
-    return KeyResult._from_fields({
-        "key": key, "passed": status == "passed", "status": status, "reason": reason,
-        "path": p.path, "ref_shape": rs.shape, "other_shape": os_.shape, "ref_dtype": rdt,
-        "other_dtype": odt, "size": n, "mean_abs": mean_abs, "max_abs": max_abs,
-        "min_abs": min_abs, "mean_rel": mean_rel, "max_rel": max_rel, "cosine": cosine,
-        "rel_l2": rel_l2, "max_scaled": max_scaled, "noise_multiple": None, "noise_l2": None,
-        "noise_max": None, "worst_index": worst_index, "worst_ref": worst_ref, "worst_other": worst_other,
-        "mismatched": mismatched, "ref_nan": 0, "ref_inf": 0, "other_nan": 0, "other_inf": 0,
-        "methods": tuple(thresholds) or policy.methods, "thresholds": thresholds,
-        "checks": checks, "atol": atol, "rtol": rtol,
-        "note": None if rdt == odt else msg.note_dtypes(rdt, odt),
-    })
 
 
 def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
@@ -365,7 +218,7 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
     if st.worst_flat is None:
         worst_index = None
     else:
-        worst_index = _unravel(int(st.worst_flat), tuple(ra.shape))
+        worst_index = unravel(int(st.worst_flat), tuple(ra.shape))
     status, reason, checks = "passed", "", {}
     if st.nan_unmatched:
         status = "nan"
@@ -376,7 +229,7 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
         reason = msg.reason_inf(st.inf_unmatched, st.ref_inf, st.other_inf)
         checks = {m: False for m in thresholds}
     else:
-        status, reason, checks = _judged(values, thresholds, mismatched=st.mismatched, size=st.size,
+        status, reason, checks = judged(values, thresholds, mismatched=st.mismatched, size=st.size,
                                          atol=atol, rtol=rtol, worst_index=worst_index,
                                          worst_ref=st.worst_ref, worst_other=st.worst_other)
     return KeyResult(
@@ -388,51 +241,3 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
     )
 
 
-def judge(values: Mapping[str, Optional[float]], thresholds: Mapping[str, float], *,
-          mismatched: Optional[int]) -> tuple[str, dict[str, bool]]:
-    """The pass rule for a finite comparison: (status, per-method checks). A check fails only
-    when the statistic is over its threshold (reprod_log's rule) or NaN."""
-    checks: dict[str, bool] = {}
-    ok = True
-    for m, t in thresholds.items():
-        v = values[STAT_OF_METHOD[m]]
-        ok &= checks.setdefault(m, v is None or not (v > t or v != v))
-    if ok and not mismatched:
-        return "passed", checks
-    return ("failed" if not ok else "mismatch"), checks
-
-
-def _judged(values: Mapping[str, Optional[float]], thresholds: Mapping[str, float], *,
-            mismatched: Optional[int], size: int, atol: Optional[float], rtol: Optional[float],
-            worst_index: Optional[tuple[int, ...]], worst_ref: Optional[float],
-            worst_other: Optional[float]) -> tuple[str, str, dict[str, bool]]:
-    """(status, reason, checks): the verdict, then the words for it."""
-    status, checks = judge(values, thresholds, mismatched=mismatched)
-    reason = msg.reason_judged(status, values, thresholds, checks, mismatched=mismatched, size=size,
-                               atol=atol, rtol=rtol, worst_index=worst_index, worst_ref=worst_ref,
-                               worst_other=worst_other)
-    return status, reason, checks
-
-
-def rejudge(result: DiffResult, *, method: MethodArg = "mean", threshold: Optional[float] = 1e-6,
-            per_key: PerKey = None) -> DiffResult:
-    """The same statistics judged with other methods/thresholds (no data is read again)."""
-    policy = Criteria(methods=method, threshold=threshold, per_key=per_key)
-    out = []
-    for kr in result:
-        thresholds = policy.thresholds_for(kr.key)
-        methods = tuple(thresholds) or policy.methods
-        if kr.status in ("passed", "failed", "mismatch") and kr.size:
-            values = {s: getattr(kr, s) for s in STAT_OF_METHOD.values()}
-            status, reason, checks = _judged(values, thresholds, mismatched=kr.mismatched,
-                                             size=kr.size, atol=kr.atol, rtol=kr.rtol,
-                                             worst_index=kr.worst_index, worst_ref=kr.worst_ref,
-                                             worst_other=kr.worst_other)
-            kr = replace(kr, status=status, reason=reason, checks=checks, passed=status == "passed",
-                         methods=methods, thresholds=thresholds)
-        else:
-            kr = replace(kr, methods=methods, thresholds=thresholds,
-                         checks={m: kr.passed for m in thresholds})
-        out.append(kr)
-    options = dict(result.options, methods=list(policy.methods), threshold=policy.threshold)
-    return replace(result, results=tuple(out), options=options)

@@ -55,7 +55,7 @@ def leaf_array(tree: Mapping[str, Any], key: str) -> tuple[np.ndarray, str]:
     if isinstance(value, np.ndarray):
         dt = value.dtype
         if dt.kind in "biufc":
-            return value, source or _dtype_name(dt)
+            return value, source or dtype_name(dt)
     conv = to_numpy(value, key=key)
     return conv.array, source or conv.source_dtype or str(conv.array.dtype)
 
@@ -65,7 +65,7 @@ def leaf_array(tree: Mapping[str, Any], key: str) -> tuple[np.ndarray, str]:
 _DTYPE_NAMES: dict[np.dtype, str] = {}
 
 
-def _dtype_name(dt: np.dtype) -> str:
+def dtype_name(dt: np.dtype) -> str:
     name = _DTYPE_NAMES.get(dt)
     if name is None:
         name = str(dt)
