@@ -1,6 +1,6 @@
 """Build glue for the optional compiled kernel; everything else is in pyproject.toml.
 
-``reprod.diff._kernel`` computes the comparison statistics of float32/float64 pairs in one pass.
+``reprod._kernel`` computes the comparison statistics of float32/float64 pairs in one pass.
 It is optional: when no C compiler is available the build goes on without it and reprod uses
 its numpy path (same results, slower). Build it in place for development with
 ``python setup.py build_ext --inplace``.
@@ -19,8 +19,8 @@ else:
 setup(
     ext_modules=[
         Extension(
-            "reprod.diff._kernel",
-            sources=["reprod/diff/_kernel.c"],
+            "reprod._kernel",
+            sources=["reprod/_kernel.c"],
             extra_compile_args=args,
             optional=True,
         )

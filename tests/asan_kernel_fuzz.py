@@ -4,7 +4,7 @@ Not a pytest file (it needs a sanitizer build); see docs/fuzzing.md for the buil
 
     python tests/asan_kernel_fuzz.py TREE SEED N
 
-TREE is a copy of the repository whose reprod/diff/_kernel*.so was built with -fsanitize=address.
+TREE is a copy of the repository whose reprod/_kernel*.so was built with -fsanitize=address.
 """
 
 import os
@@ -16,11 +16,12 @@ TREE, SEED, N = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sys.path.insert(0, TREE)
 
 import reprod  # noqa: E402
-from reprod.diff import _kernel  # noqa: E402
+from reprod import _native  # noqa: E402
+from reprod.diff import metrics  # noqa: E402
 from reprod.errors import DumpFormatError  # noqa: E402
-from reprod.storage import pickle_walker  # noqa: E402
 
-assert pickle_walker._scan is not None and _kernel.__file__.startswith(os.path.abspath(TREE))
+_kernel = _native.kernel()
+assert _kernel is not None and _kernel.__file__.startswith(os.path.abspath(TREE))
 rng = np.random.default_rng(SEED)
 tree = {}
 for i in range(40):

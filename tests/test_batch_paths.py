@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import reprod
+from reprod import _native
 from reprod._gc import gc_paused
 from reprod.diff import batch, engine, metrics
 from reprod.errors import DumpFormatError
@@ -137,7 +138,7 @@ def test_stats_many_refuses_ranges_outside_its_buffers():
 
     def run(job, jobs=None):
         jobs = np.array(job + none + none if len(job) == 5 else job, np.int64) if jobs is None else jobs
-        metrics._kernel.stats_many(buf, buf, jobs, tols, out, 8192, False)
+        _native.built().stats_many(buf, buf, jobs, tols, out, 8192, False)
 
     for job in ([0, 0, 17, 0, 0], [-4, 0, 1, 0, 0], [0, 60, 2, 0, 0], [0, 0, 1, 4, 0], [0, 0, 9, 3, 0],
                 [0, 0, 4, 0, 0, 60, 8, 0] + none, [0, 0, 4, 0, 0] + none + [-1, 4, 0],
@@ -157,7 +158,7 @@ def test_stats_many_refuses_ranges_outside_its_buffers():
 def test_kernel_crc32_is_zlibs():
     """Every length up to a few folds, odd offsets, running values, both loops."""
     data = np.random.default_rng(9).integers(0, 256, 70_000, dtype=np.uint8).tobytes()
-    crc32 = metrics._kernel.crc32
+    crc32 = _native.built().crc32
     for n in [*range(0, 200), 255, 256, 1000, 4095, 4096, 5000, 65536, 65537, 69_990]:
         for off in (0, 1, 5, 15):
             chunk = data[off : off + n]
@@ -241,7 +242,7 @@ def test_scanner_and_python_walk_agree(tmp_path, monkeypatch):
     _legacy_dump(path, rng)
     fast = _walk(path)
     assert fast[0] == "ok" and len(fast[1]) == 61
-    monkeypatch.setattr(pickle_walker, "_scan", None)
+    monkeypatch.setattr(_native, "_enabled", False)
     assert _walk(path) == fast
 
 
@@ -253,7 +254,6 @@ def test_scanner_and_python_walk_agree_on_mutated_files(tmp_path, monkeypatch):
     src = str(tmp_path / "d.npy")
     _legacy_dump(src, rng)
     data = open(src, "rb").read()
-    scan = pickle_walker._scan
     mutated = str(tmp_path / "m.npy")
     for trial in range(300):
         b = bytearray(data)
@@ -265,9 +265,9 @@ def test_scanner_and_python_walk_agree_on_mutated_files(tmp_path, monkeypatch):
             b[pos] = int(rng.integers(0, 256))
         with open(mutated, "wb") as f:
             f.write(bytes(b))
-        monkeypatch.setattr(pickle_walker, "_scan", scan)
+        monkeypatch.setattr(_native, "_enabled", True)
         fast = _walk(mutated)
-        monkeypatch.setattr(pickle_walker, "_scan", None)
+        monkeypatch.setattr(_native, "_enabled", False)
         slow = _walk(mutated)
         assert fast == slow, trial
 
@@ -278,8 +278,8 @@ def test_scanner_steps_match(tmp_path, monkeypatch):
     path = str(tmp_path / "d.npy")
     np.save(path, {f"k{i}": np.arange(i % 50 + 1, dtype=np.float32) for i in range(500)}, allow_pickle=True)
     steps = []
-    for scan in (pickle_walker._scan, None):
-        monkeypatch.setattr(pickle_walker, "_scan", scan)
+    for on in (True, False):
+        monkeypatch.setattr(_native, "_enabled", on)
         mf = MappedFile(path)
         buf = mf.buffer()
         _, _, _, off = npy_header.parse_npy_header(buf, 0, mf.size, path)

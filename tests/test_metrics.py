@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from reprod import _native
 from reprod.diff import metrics
 from reprod.diff.metrics import BLOCK, Stats, compute_stats
 
@@ -275,14 +276,14 @@ tolerances = st.sampled_from([None, 0.0, 1e-3, 0.5, 100.0])
 def engine_setup(*, kernel: bool, threads: int, chunk: int) -> Iterator[None]:
     """Run compute_stats through the compiled kernel or the numpy path, on ``threads`` threads
     with ``chunk`` elements per unit of work (so tiny arrays are split and merged too)."""
-    saved = (metrics._use_kernel, metrics.CHUNK)
-    metrics._use_kernel = kernel and metrics._kernel is not None
+    saved = (_native.set_enabled(kernel), metrics.CHUNK)
     metrics.CHUNK = chunk
     old_threads = metrics.set_threads(threads)
     try:
         yield
     finally:
-        metrics._use_kernel, metrics.CHUNK = saved
+        _native.set_enabled(saved[0])
+        metrics.CHUNK = saved[1]
         metrics.set_threads(old_threads)
 
 

@@ -27,16 +27,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reprod import _native
 from reprod.diff import metrics
 from reprod.diff.metrics import compute_stats
 from reprod.diff.progress import Progress, progress_enabled
 
 IMPLS = ["numpy"]
-if metrics._kernel is not None:
+if _native.built() is not None:
     IMPLS.append("kernel-base")
     try:
-        previous = metrics._kernel.set_isa("avx2")
-        metrics._kernel.set_isa(previous)
+        previous = _native.built().set_isa("avx2")
+        _native.built().set_isa(previous)
         IMPLS.append("kernel-avx2")
     except ValueError:  # no AVX2 on this CPU, or not an x86-64 build
         pass
@@ -63,15 +64,15 @@ def _finite_rel(rv: np.ndarray, ov: np.ndarray, d: np.ndarray, rel: np.ndarray) 
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run the test once per path: numpy, and the compiled kernel's loops where built."""
     name = request.param
-    monkeypatch.setattr(metrics, "_use_kernel", name != "numpy")
+    monkeypatch.setattr(_native, "_enabled", name != "numpy")
     if name == "numpy":
         yield name
         return
-    previous = metrics._kernel.set_isa(name.split("-")[1])
+    previous = _native.built().set_isa(name.split("-")[1])
     try:
         yield name
     finally:
-        metrics._kernel.set_isa(previous)
+        _native.built().set_isa(previous)
 
 
 @pytest.fixture
@@ -318,27 +319,27 @@ def test_random_pairs_match_whole_array(impl: str, small_chunks: None, p: tuple[
 
 
 def test_kernel_and_numpy_paths_agree_on_a_large_pair(monkeypatch: pytest.MonkeyPatch) -> None:
-    if metrics._kernel is None:
+    if _native.built() is None:
         pytest.skip("the compiled kernel is not built")
     ref, other = pair(3 * metrics.CHUNK + 12_345, seed=21, zeros=True)
     other[-3] = np.nan
     want = whole_array(ref, other, atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(metrics, "_use_kernel", True)
+    monkeypatch.setattr(_native, "_enabled", True)
     assert_same(compute_stats(ref, other, atol=1e-5, rtol=1e-5), want)
-    monkeypatch.setattr(metrics, "_use_kernel", False)
+    monkeypatch.setattr(_native, "_enabled", False)
     assert_same(compute_stats(ref, other, atol=1e-5, rtol=1e-5), want)
 
 
 def test_kernel_rejects_bad_buffers() -> None:
-    if metrics._kernel is None:
+    if _native.built() is None:
         pytest.skip("the compiled kernel is not built")
     a = np.zeros(4, np.float32)
     with pytest.raises(ValueError):
-        metrics._kernel.stats(a, "f", np.zeros(3, np.float32), "f", 8, False, 0.0, 0.0, False)
+        _native.built().stats(a, "f", np.zeros(3, np.float32), "f", 8, False, 0.0, 0.0, False)
     with pytest.raises(ValueError):
-        metrics._kernel.stats(a, "i", a, "f", 8, False, 0.0, 0.0, False)
+        _native.built().stats(a, "i", a, "f", 8, False, 0.0, 0.0, False)
     with pytest.raises(ValueError):
-        metrics._kernel.set_isa("sse9")
+        _native.built().set_isa("sse9")
 
 
 # --- the progress bar -------------------------------------------------------------------------------
@@ -407,11 +408,11 @@ def test_compare_with_progress_reports_on_stderr(monkeypatch: pytest.MonkeyPatch
 
 
 def test_numpy_fallback_when_the_extension_is_missing() -> None:
-    # a fresh interpreter where importing reprod.diff._kernel fails, as on a machine without a
+    # a fresh interpreter where importing reprod._kernel fails, as on a machine without a
     # C compiler: reprod imports, says so, and computes the same statistics
     code = (
         "import sys, json, numpy as np\n"
-        "sys.modules['reprod.diff._kernel'] = None\n"
+        "sys.modules['reprod._kernel'] = None\n"
         "from reprod.diff import metrics\n"
         "rng = np.random.default_rng(0)\n"
         "r = rng.standard_normal(3001).astype(np.float32); o = r + np.float32(1e-3); o[-1] = np.nan\n"
@@ -502,8 +503,8 @@ def test_scale_aware_methods_judge_keys_and_agree_between_batch_and_per_key(tmp_
         assert a.rel_l2 == pytest.approx(want[0], rel=1e-12)
 
 
-@pytest.mark.skipif(metrics._kernel is None, reason="the compiled kernel is not built")
+@pytest.mark.skipif(_native.built() is None, reason="the compiled kernel is not built")
 def test_kernel_row_columns_are_the_python_names() -> None:
-    assert tuple(metrics._kernel.ROW_COLUMNS) == metrics.ROW_COLUMNS
-    assert len(metrics._kernel.stats(np.ones(2), "d", np.ones(2), "d", 8, False, 0.0, 0.0, False)) == \
+    assert tuple(_native.built().ROW_COLUMNS) == metrics.ROW_COLUMNS
+    assert len(_native.built().stats(np.ones(2), "d", np.ones(2), "d", 8, False, 0.0, 0.0, False)) == \
         metrics.COL["max_ref"] + 1

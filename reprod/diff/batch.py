@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .. import _native
 from .. import messages as msg
 from ..storage.lazy import Dump
 from . import metrics
@@ -45,7 +46,7 @@ def compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Prog
     Fortran order...) returns ``None`` and takes the general path, so results are identical.
     """
     out: list[Optional[KeyResult]] = [None] * len(pairs)
-    kernel = metrics._kernel if metrics.kernel_available() else None
+    kernel = _native.kernel()
     if kernel is None or not pairs:
         return out
     ref_mf = other_mf = None
@@ -99,10 +100,10 @@ def compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Prog
     tol_rows = np.array(tols).reshape(m, 2)
     args = (metrics.BLOCK, policy.equal_nan)
     rb, ob = ref_mf.buffer(), other_mf.buffer()
-    if metrics._threads > 1 and m >= 64:
+    if metrics.threads() > 1 and m >= 64:
         # the kernel releases the GIL: a second core takes the second half of the rows
         h = m // 2
-        late = metrics._executor().submit(kernel.stats_many, rb, ob, job_rows[h:], tol_rows[h:],
+        late = metrics.executor().submit(kernel.stats_many, rb, ob, job_rows[h:], tol_rows[h:],
                                           rows[h:], *args)
         kernel.stats_many(rb, ob, job_rows[:h], tol_rows[:h], rows[:h], *args)
         late.result()

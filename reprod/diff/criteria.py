@@ -174,7 +174,7 @@ class Criteria:
     two dtypes (the looser side). ``equal_nan``: NaN at the same positions pass. ``strict_shape``:
     shapes that differ only by axes of size 1 fail instead of being compared element by element.
     ``noise_factor``: with a noise reference (``compare(noise=...)``), a key passes when its
-    difference is at most this many times the reference's own noise (default 10).
+    difference is at most this many times the reference's own noise (default 20).
 
     >>> c = Criteria(methods="max", threshold=1e-5, per_key={"*.grad": 1e-4})
     >>> c.resolve("fc.grad").thresholds

@@ -52,7 +52,7 @@ def compare(
 
     ``noise``: the same computation as ``ref`` run at higher precision (a dump, path or mapping
     with the same keys, e.g. the torch side in float64). Each key found there is calibrated: it
-    passes when its difference is at most ``noise_factor`` (default 10) times the reference's own
+    passes when its difference is at most ``noise_factor`` (default 20) times the reference's own
     noise (how far ``ref`` is from ``noise``), whatever the plain thresholds say; the result
     carries ``noise_multiple``, ``noise_l2`` and ``noise_max``. Keys not found there are judged by
     the plain thresholds, with a note.

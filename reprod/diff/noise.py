@@ -15,7 +15,6 @@ last-bit differences two correct implementations make.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -24,12 +23,16 @@ import numpy as np
 
 from .metrics import Stats, compute_stats
 from .pairing import leaf_array
+from .second_pass import ratio
 
 __all__ = ["DEFAULT_NOISE_FACTOR", "Calibration", "calibrate"]
 
-# A key passes when its difference is within this many times the reference's own noise. Chosen
-# from measurements on torchvision models against paddle.vision's (tests/realworld/MEASUREMENTS.md).
-DEFAULT_NOISE_FACTOR = 10.0
+# A key passes when its difference is within this many times the reference's own noise. Measured
+# on torchvision resnet50 / mobilenet_v3 against paddle.vision's own ports (3 seeds; forward, every
+# layer, 2 SGD steps in float32; tests/realworld/MEASUREMENTS.md): correct ports reached 10.4 at
+# most (paddle's float32 average pooling), the weakest injected bug 48 (one BN epsilon, logits):
+# 20 leaves about 2x on each side.
+DEFAULT_NOISE_FACTOR = 20.0
 
 # unit roundoff of the dtypes a port is compared in; anything else counts as float32
 _EPS = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53,
@@ -48,14 +51,6 @@ class Calibration:
 
 def _eps(*dtypes: Optional[str]) -> float:
     return max(_EPS.get(str(d), _EPS["float32"]) for d in dtypes if d is not None)
-
-
-def _ratio(num: float, den: float) -> float:
-    if num == 0.0:
-        return 0.0
-    if den == 0.0 or math.isinf(num):
-        return math.inf
-    return num / den
 
 
 def calibrate(diff: Stats, ref: np.ndarray, hi_tree: Mapping[str, Any], path: tuple[str, ...],
@@ -79,5 +74,5 @@ def calibrate(diff: Stats, ref: np.ndarray, hi_tree: Mapping[str, Any], path: tu
     ref_l2, ref_max = diff.ref_l2 or 0.0, diff.ref_max or 0.0
     noise_l2 = max(ns.diff_l2 or 0.0, eps * ref_l2)
     noise_max = max(ns.max_abs or 0.0, eps * ref_max)
-    multiple = max(_ratio(diff.diff_l2 or 0.0, noise_l2), _ratio(diff.max_abs or 0.0, noise_max))
+    multiple = max(ratio(diff.diff_l2 or 0.0, noise_l2), ratio(diff.max_abs or 0.0, noise_max))
     return Calibration(l2=noise_l2, max=noise_max, multiple=multiple)

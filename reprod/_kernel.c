@@ -1,5 +1,5 @@
 /*
- * reprod.diff._kernel: every statistic of a float32/float64 array pair in one pass.
+ * reprod._kernel: every statistic of a float32/float64 array pair in one pass.
  *
  * The compiled twin of the numpy path in reprod/diff/metrics.py, with the same semantics:
  * |o - r| and everything else in float64, NaN and Inf counted and handled by the pass rule,

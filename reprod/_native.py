@@ -1,0 +1,50 @@
+"""The optional compiled kernel (``reprod/_kernel.c``), imported here and nowhere else.
+
+It serves the comparison (``stats``, ``stats_many``) and storage (``crc32``, the pickle opcode
+scanner ``scan_items``). Without a C compiler at install it is absent and every caller takes its
+numpy/zlib/Python path, with the same results. ``REPROD_KERNEL=0`` switches it off for the
+process (read once, here); tests switch it with :func:`set_enabled`.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Any, Optional
+
+__all__ = ["kernel", "built", "set_enabled", "crc32", "scanner"]
+
+try:
+    from . import _kernel as _built  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _built = None
+
+_enabled = _built is not None and os.environ.get("REPROD_KERNEL", "1") != "0"
+
+
+def kernel() -> Optional[Any]:
+    """The compiled module, or ``None`` when it is not built or switched off."""
+    return _built if _enabled else None
+
+
+def built() -> Optional[Any]:
+    """The compiled module whether or not it is switched off (``None`` when not built)."""
+    return _built
+
+
+def set_enabled(on: bool) -> bool:
+    """Use the kernel (when built) or not; returns the previous setting."""
+    global _enabled
+    previous = _enabled
+    _enabled = bool(on) and _built is not None
+    return previous
+
+
+def crc32(data: Any, value: int = 0) -> int:
+    """zlib's CRC-32, computed by the kernel where it is on (~3x faster with PCLMULQDQ)."""
+    return _built.crc32(data, value) if _enabled else zlib.crc32(data, value)  # type: ignore[union-attr]
+
+
+def scanner() -> Optional[Any]:
+    """The compiled scanner of numpy's per-array pickle opcodes, or ``None``."""
+    return _built.scan_items if _enabled else None  # type: ignore[union-attr]
