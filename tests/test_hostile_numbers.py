@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import reprod
-from reprod.diff import metrics
+from reprod import _native
 
 MANY_KEYS = int(os.environ.get("REPROD_MANY_KEYS", "100000"))
 
@@ -40,11 +40,9 @@ DENORM = 5e-324  # the smallest float64 denormal
 @pytest.fixture(params=["kernel", "numpy"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test through the compiled kernel and through the numpy path."""
-    if not hasattr(metrics, "_use_kernel"):
-        pytest.skip("the engine no longer has a kernel switch")
-    if request.param == "kernel" and not metrics.kernel_available():
+    if request.param == "kernel" and _native.built() is None:
         pytest.skip("compiled kernel not built")
-    monkeypatch.setattr(metrics, "_use_kernel", request.param == "kernel")
+    monkeypatch.setattr(_native, "_enabled", request.param == "kernel")
     return request.param
 
 

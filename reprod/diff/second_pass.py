@@ -39,14 +39,7 @@ def scaled_rel_l2(r: np.ndarray, o: np.ndarray, block: int, max_abs: float,
     dd = rr = 0.0
     with np.errstate(all="ignore"):
         for s in range(0, r.size, block):
-            rb, ob = r[s : s + block], o[s : s + block]
-            if rb.dtype.kind in "biu" and ob.dtype.kind in "biu":
-                d = int_absdiff(rb.astype(np.int64) if rb.dtype.kind == "b" else rb,
-                                 ob.astype(np.int64) if ob.dtype.kind == "b" else ob)
-                ar = np.abs(rb.astype(np.float64))
-            else:
-                rf, of = _kept(rb, ob)
-                d, ar = np.abs(of - rf), np.abs(rf)
+            d, ar = _diffs(r[s : s + block], o[s : s + block])
             d, ar = np.ldexp(d, -kd), np.ldexp(ar, -kr)
             dd += float(np.dot(d, d))
             rr += float(np.dot(ar, ar))
@@ -56,6 +49,16 @@ def scaled_rel_l2(r: np.ndarray, o: np.ndarray, block: int, max_abs: float,
         return (scaled, *norms)
     # a difference beyond the float64 range times the reference's norm: inf
     return (_ldexp(scaled, kd - kr), *norms)
+
+
+def _diffs(rb: np.ndarray, ob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """|o - r| and |r| of the elements that enter the statistics (integers exactly)."""
+    if rb.dtype.kind in "biu" and ob.dtype.kind in "biu":
+        d = int_absdiff(rb.astype(np.int64) if rb.dtype.kind == "b" else rb,
+                        ob.astype(np.int64) if ob.dtype.kind == "b" else ob)
+        return d, np.abs(rb.astype(np.float64))
+    rf, of = _kept(rb, ob)
+    return np.abs(of - rf), np.abs(rf)
 
 
 def _ldexp(x: float, k: int) -> float:
@@ -72,15 +75,8 @@ def scaled_means(r: np.ndarray, o: np.ndarray, block: int) -> tuple[float, float
     counted = 0
     with np.errstate(all="ignore"):
         for s in range(0, r.size, block):
-            rb, ob = r[s : s + block], o[s : s + block]
-            if rb.dtype.kind in "biu" and ob.dtype.kind in "biu":
-                d = int_absdiff(rb.astype(np.int64) if rb.dtype.kind == "b" else rb,
-                                 ob.astype(np.int64) if ob.dtype.kind == "b" else ob)
-                rf = rb.astype(np.float64)
-            else:
-                rf, of = _kept(rb, ob)
-                d = np.abs(of - rf)
-            rel = _rel(d, np.abs(rf))
+            d, ar = _diffs(r[s : s + block], o[s : s + block])
+            rel = _rel(d, ar)
             counted += d.size
             acc += float((d * scale).sum())
             acc_rel += float((rel * scale).sum())
