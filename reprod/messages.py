@@ -25,7 +25,8 @@ __all__ = [
 ]
 
 # the most common port bug of all: paddle's Linear weight is [in, out], torch's [out, in]
-TRANSPOSE_HINT = "a transpose: paddle stores Linear weights as [in, out], torch as [out, in]"
+TRANSPOSE_HINT = ("other is the transpose of ref (a Linear weight? paddle stores [in, out], "
+                  "torch [out, in]): transpose one side")
 
 
 def fmt_num(x: Optional[float], digits: int = 3) -> str:
@@ -70,8 +71,6 @@ def reason_one_sided(kind: str) -> str:
 REASON_TYPE = "a nested dict on one side, an array on the other"
 REASON_BOTH_EMPTY = "both empty"
 SIZE_ONE_AXES_STRICT = "shapes differ only by axes of size 1 (strict_shape: a failure)"
-ENGINE_TRANSPOSE_HINT = ("other is the transpose of ref (a Linear weight? paddle stores [in, out], "
-                         "torch [out, in]): transpose one side")
 
 
 def shape_str(s: Optional[tuple[int, ...]]) -> str:
@@ -209,8 +208,8 @@ def _distinct(a: Optional[float], b: Optional[float]) -> tuple[str, str]:
 def _structural(kr: KeyResult) -> str:
     if kr.status == "shape":
         text = f"shape mismatch: ref {fmt_shape(kr.ref_shape)}, other {fmt_shape(kr.other_shape)}"
-        if kr.ref_shape and len(kr.ref_shape) >= 2 and kr.other_shape == kr.ref_shape[::-1]:
-            # the most common port bug of all: paddle's Linear weight is [in, out], torch's [out, in]
+        if kr.ref_shape and len(kr.ref_shape) >= 2 and kr.other_shape == kr.ref_shape[::-1] \
+                and TRANSPOSE_HINT not in (kr.note or ""):  # the engine's note carries it already
             text += f" ({TRANSPOSE_HINT})"
         return text
     if kr.status == "missing":
@@ -279,7 +278,7 @@ def _summary(result: DiffResult) -> str:
     failed = result.failed
     where = f"ref: {result.ref_name}, other: {result.other_name}"
     if not failed:
-        return f"all {len(result)} keys aligned; {where}"
+        return f"{'the 1 key' if len(result) == 1 else f'all {len(result)} keys'} aligned; {where}"
     counts: dict[str, int] = {}
     for kr in failed:
         counts[kr.status] = counts.get(kr.status, 0) + 1

@@ -16,11 +16,11 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
+from .diff.result import ALL_METHODS as METHODS  # reprod_log's three, in its order
 from .errors import ReprodError, UnsupportedValueError
 
 __all__ = ["init_logger", "np2torch", "np2paddle", "paddle2np", "torch2np", "check_print_diff"]
 
-METHODS = ("min", "max", "mean")
 _MARK = "_reprod_init_logger"  # set on the handlers init_logger adds, so a second call replaces them
 
 

@@ -206,9 +206,17 @@ def test_transposed_shape_says_so() -> None:
         other_shape=(64, 10),
     )
     assert format_failure(kr) == (
-        "fc.weight: shape mismatch: ref [10, 64], other [64, 10] (a transpose: paddle stores Linear "
-        "weights as [in, out], torch as [out, in])"
+        "fc.weight: shape mismatch: ref [10, 64], other [64, 10] (other is the transpose of ref (a "
+        "Linear weight? paddle stores [in, out], torch [out, in]): transpose one side)"
     )
+
+
+def test_transpose_hint_appears_once_in_an_assert_aligned_message() -> None:
+    with pytest.raises(AssertionError) as info:
+        assert_aligned({"fc.weight": np.ones((10, 64))}, {"fc.weight": np.ones((64, 10))})
+    from reprod.messages import TRANSPOSE_HINT
+
+    assert str(info.value).count(TRANSPOSE_HINT) == 1 and str(info.value).count("transpose of ref") == 1
     square = KeyResult(
         key="w", passed=False, status="shape", reason="", ref_shape=(3,), other_shape=(3, 1)
     )
@@ -258,7 +266,7 @@ def test_failures_list_every_failing_key_then_a_summary() -> None:
 def test_passing_result_says_so() -> None:
     ok = KeyResult(key="a", passed=True, status="passed", reason="", size=3, max_abs=0.0)
     assert (
-        format_failures(DiffResult(results=(ok,))) == "all 1 keys aligned; ref: ref, other: other"
+        format_failures(DiffResult(results=(ok,))) == "the 1 key aligned; ref: ref, other: other"
     )
 
 

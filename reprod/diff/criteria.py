@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import ReprodError
-from .result import STAT_OF_METHOD
+from .result import ALL_METHODS, STAT_OF_METHOD
 
 __all__ = [
     "Criteria",
@@ -47,7 +47,7 @@ def normalize_methods(method: MethodArg) -> tuple[str, ...]:
     names = [method] if isinstance(method, str) else list(method)
     out: list[str] = []
     for m in names:
-        for part in ([m] if m != "all" else ["min", "max", "mean"]):
+        for part in ([m] if m != "all" else ALL_METHODS):
             if part == "noise":
                 raise CriteriaError("'noise' is not a method to choose: give compare(noise=...) a "
                                     "float64 run of the reference and calibrated keys use it")

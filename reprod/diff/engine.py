@@ -190,7 +190,7 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
             if _same_elements(ra.shape, oa.shape):
                 hint = msg.SIZE_ONE_AXES_STRICT
             elif ra.ndim >= 2 and oa.shape == ra.shape[::-1]:
-                hint = msg.ENGINE_TRANSPOSE_HINT
+                hint = msg.TRANSPOSE_HINT
             if hint:
                 notes.append(hint)
             return KeyResult(passed=False, status="shape", checks=failed_checks,

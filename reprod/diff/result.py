@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-__all__ = ["KeyResult", "DiffResult", "STAT_OF_METHOD", "STATUSES"]
+__all__ = ["KeyResult", "DiffResult", "STAT_OF_METHOD", "ALL_METHODS", "STATUSES"]
 
 # reprod_log's diff_method names -> the statistic each one judges
 STAT_OF_METHOD: dict[str, str] = {
@@ -20,6 +20,9 @@ STAT_OF_METHOD: dict[str, str] = {
     "max_scaled": "max_scaled",  # max|other - ref| / max|ref|: scale-aware worst element
     "noise": "noise_multiple",  # calibrated keys (compare(noise=...)): difference / own noise
 }
+
+# reprod_log's diff_method="all": these three, in this order
+ALL_METHODS = ("min", "max", "mean")
 
 # status words, in the order a report lists them
 STATUSES = ("passed", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type")
@@ -94,6 +97,11 @@ class KeyResult:
         object.__setattr__(obj, "__dict__", d)
         return obj
 
+    def __repr__(self) -> str:
+        # the dataclass repr lists ~35 fields; this is the line a reader wants in a REPL or a log
+        reason = self.reason if len(self.reason) <= 100 else self.reason[:97] + "..."
+        return f"<KeyResult {self.key!r} {self.status}" + (f": {reason}>" if reason else ">")
+
     def stat(self, method: str) -> Optional[float]:
         """The statistic a reprod_log ``diff_method`` name judges (``"mean"`` -> ``mean_abs``)."""
         return getattr(self, STAT_OF_METHOD.get(method, method))
@@ -159,6 +167,19 @@ class DiffResult:
             if not r.passed:
                 return r
         return None
+
+    def __repr__(self) -> str:
+        # one line, not the dataclass repr of every KeyResult (kilobytes); to_table() shows them
+        n = len(self.results)
+        failed = sum(not r.passed for r in self.results)
+        head = f"<DiffResult {n} key{'' if n == 1 else 's'}"
+        if not n:
+            return head + ">"
+        if not failed:
+            return head + ": all passed>" if n > 1 else head + ": passed>"
+        first = self.first_failure
+        key = "" if first is None else f"; first failure {first.key}"
+        return f"{head}: {n - failed} passed, {failed} failed{key}>"
 
     def __bool__(self) -> bool:  # truthiness would be ambiguous (empty vs passed): say it
         raise TypeError("use DiffResult.passed, not bool(DiffResult)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
-from ..diff.result import STAT_OF_METHOD, DiffResult, KeyResult
+from ..diff.result import ALL_METHODS, STAT_OF_METHOD, DiffResult, KeyResult
 from ..messages import fmt_multiple, fmt_num, fmt_shape
 
 __all__ = [
@@ -23,8 +23,6 @@ __all__ = [
 FIRST_MARK = ">>"
 FAIL_MARK = "!"
 
-# reprod_log prints the methods of "all" in this order
-_ALL_METHODS = ("min", "max", "mean")
 
 # every statistic a KeyResult carries, in the order a detailed report lists them
 _STATISTICS = ("noise_multiple", "mean_abs", "max_abs", "min_abs", "mean_rel", "max_rel", "rel_l2",
@@ -59,7 +57,7 @@ def statistics_for(result: DiffResult, methods: Optional[Iterable[str]] = None) 
             names = ["mean"]  # reprod_log's default
     stats: list[str] = []
     for name in names:
-        for m in _ALL_METHODS if name == "all" else (name,):
+        for m in ALL_METHODS if name == "all" else (name,):
             stat = STAT_OF_METHOD.get(m, m)
             if stat not in _STATISTICS:
                 known = ", ".join([*STAT_OF_METHOD, "all", *_STATISTICS])
@@ -155,9 +153,12 @@ def render_table(
     methods: Optional[Iterable[str]] = None,
     failed_only: bool = False,
     tablefmt: str = "simple",
+    max_rows: Optional[int] = None,
 ) -> str:
     """One row per key and the summary line below; the first failing key is marked ``>>``, the
-    other failures ``!``.
+    other failures ``!``. ``failed_only`` leaves out the passing keys; ``max_rows`` shows the
+    first ``max_rows`` rows and then a ``... N more rows`` line (the summary still counts every
+    key).
 
     >>> print(render_table(reprod.compare("torch.npy", "paddle.npy")))
         key     shape    dtype    mean_abs   max_abs    threshold  verdict
@@ -166,9 +167,18 @@ def render_table(
     ...
     """
     stats = statistics_for(result, methods)
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"max_rows must be 0 or more, got {max_rows}")
     rows = table_rows(result, stats, failed_only=failed_only)
     if not rows:
         return result.summary_line()
+    more = ""
+    if max_rows is not None and len(rows) > max_rows:
+        hidden = len(rows) - max_rows
+        more = f"... {hidden} more row{'' if hidden == 1 else 's'}\n"
+        rows = rows[:max_rows]
+        if not rows:
+            return more + result.summary_line()
     # numbers right-aligned so that exponents line up down a column
     align = ["left"] * 4 + ["right"] * (len(stats) + 1) + ["left"]
     headers = table_columns(stats)
@@ -179,7 +189,7 @@ def render_table(
         # disable_numparse: the cells are already formatted; tabulate must not re-format "1.000e-06"
         table = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True,
                          colalign=align)
-    return table + "\n" + result.summary_line()
+    return table + "\n" + more + result.summary_line()
 
 
 def _simple_table(rows: Sequence[Sequence[str]], headers: Sequence[str],
