@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 from .errors import DumpNotFoundError, ReprodError
+from .report.log import emit_log_lines
 from .storage import load
 
-__all__ = ["ReprodDiffHelper", "emit_log_lines", "LOGGER_NAME"]
-
-_FORMAT = "[%(asctime)s] root %(levelname)s: %(message)s"  # reprod_log logs through the root logger
-_DATEFMT = "%Y/%m/%d %H:%M:%S"
-LOGGER_NAME = "reprod.report"
+__all__ = ["ReprodDiffHelper"]
 
 
 class ReprodDiffHelper:
@@ -111,41 +106,3 @@ class ReprodDiffHelper:
         self.result = rejudge(self._base, method=diff_method, threshold=diff_threshold)
         emit_log_lines(render_log(self.result), path)
         return bool(self.result.passed)
-
-
-def emit_log_lines(lines: list[str], path: Optional[str], *, console: bool = True,
-                   propagate: bool = True) -> None:
-    """Log ``lines`` to the sys.stdout of this moment (``console``) and to ``path`` (overwritten),
-    with reprod_log's prefix, through handlers that live only for this call.
-
-    Records propagate to the root logger (so pytest's caplog and the user's own logging see them)
-    unless ``propagate=False``: importing paddle installs a root handler on stderr, which would
-    print every line a second time in a long run.
-    """
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(logging.DEBUG)
-    formatter = logging.Formatter(_FORMAT, datefmt=_DATEFMT)
-    handlers: list[logging.Handler] = []
-    if console:
-        stream = logging.StreamHandler(stream=sys.stdout)
-        stream.setFormatter(formatter)
-        handlers.append(stream)
-    if path is not None:
-        folder = os.path.dirname(path)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        fh = logging.FileHandler(path, "w", encoding="utf-8")
-        fh.setFormatter(formatter)
-        handlers.append(fh)
-    for h in handlers:
-        logger.addHandler(h)
-    was = logger.propagate
-    logger.propagate = propagate
-    try:
-        for line in lines:
-            logger.info(line)
-    finally:
-        logger.propagate = was
-        for h in handlers:
-            logger.removeHandler(h)
-            h.close()
