@@ -147,12 +147,16 @@ class _Recorder:
         expected = len(failed) - len(listed)
         path = self.report
         if self.checks and (listed or path):
-            tail = f"reprod: {len(self.checks)} alignment checks, {len(failed)} failed"
+            tail = f"reprod: {_checks(len(self.checks))}, {len(failed)} failed"
             if expected:
                 tail += f" ({expected} in passing tests)"
             if path:
                 tail += f"; report: {path}"
             tr.write_line(tail)
+
+
+def _checks(n: int) -> str:
+    return f"{n} alignment check{'' if n == 1 else 's'}"
 
 
 def _shorten(lines: list[str], keep: int = _TERMINAL_KEYS) -> list[str]:
@@ -192,7 +196,7 @@ def _text_report(checks: list[dict[str, Any]], failed: int) -> str:
         if not c["passed"]:
             body += "\n" + c["message"]
         parts.append(head + "\n" + body)
-    parts.append(f"{len(checks)} alignment checks, {len(checks) - failed} passed, {failed} failed")
+    parts.append(f"{_checks(len(checks))}, {len(checks) - failed} passed, {failed} failed")
     return "\n\n".join(parts) + "\n"
 
 
@@ -202,8 +206,15 @@ def _text_report(checks: list[dict[str, Any]], failed: int) -> str:
 
 
 def _file_stem(name: str) -> str:
-    # parametrize ids may hold "/", spaces or anything else; keep file names portable
-    return re.sub(r"[^\w.\[\]-]", "_", name)
+    """A portable file name for a test or check name. Parametrize ids may hold "/", spaces or
+    anything else; where characters had to be replaced, a hash of the name keeps ids such as
+    ``p/q`` and ``p_q`` on two different files."""
+    stem = re.sub(r"[^\w.\[\]-]", "_", name)
+    if stem != name:
+        import hashlib
+
+        stem += "-" + hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return stem
 
 
 class RegressionChecker:
@@ -272,8 +283,20 @@ class RegressionChecker:
             )
         criteria = testing.criteria_for(method=method, threshold=threshold, atol=atol, rtol=rtol,
                                         per_key=per_key, equal_nan=equal_nan)
-        return testing._check(path, data, kind="regression", reference=str(path), criteria=criteria,
-                              other_name="this run")
+        obtained = path.with_name(path.stem + ".obtained.npz")
+        try:
+            result = testing._check(path, data, kind="regression", reference=str(path),
+                                    criteria=criteria, other_name="this run")
+        except AssertionError as exc:
+            # this run's values beside the reference, to inspect or to promote by renaming
+            from .storage import save
+
+            save(obtained, testing._as_mapping(data))
+            raise AssertionError(f"{exc}\nthis run's values: {obtained} (rename it to {path.name} "
+                                 "to make it the reference)") from None
+        if obtained.exists():  # a stale one from an earlier failure no longer applies
+            obtained.unlink()
+        return result
 
 
 @pytest.fixture

@@ -101,6 +101,44 @@ def test_a_drifted_value_fails_with_the_message(pytester: pytest.Pytester) -> No
     result.stdout.no_fnmatch_line("*reprod/pytest_plugin.py*")
 
 
+def test_a_failed_check_writes_the_obtained_values_beside_the_reference(
+    pytester: pytest.Pytester,
+) -> None:
+    write_model(pytester)
+    run(pytester, "--reprod-regen").assert_outcomes(passed=1)
+    write_model(pytester, shift=3e-4)
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    folder = pytester.path / "test_model"
+    obtained = folder / "test_forward.obtained.npz"
+    result.stdout.fnmatch_lines([f"E * this run's values: {obtained} (rename it to test_forward.npz*"])
+    got, ref = reprod.load(obtained), reprod.load(folder / "test_forward.npz")
+    assert sorted(got) == sorted(ref)
+    assert not reprod.compare(ref, got, method="max", threshold=1e-5).passed
+    # promoting it makes the check pass, and a passing check removes a stale obtained file
+    obtained.replace(folder / "test_forward.npz")
+    run(pytester).assert_outcomes(passed=1)
+    assert not obtained.exists()
+
+
+def test_ids_that_differ_only_in_replaced_characters_get_different_references(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        test_ids="""
+        import numpy as np
+        import pytest
+
+        @pytest.mark.parametrize("case", ["p/q", "p_q"], ids=["p/q", "p_q"])
+        def test_it(reprod_regression, case):
+            reprod_regression.check({"x": np.full(2, float(len(case) + (case == "p/q")))})
+        """
+    )
+    run(pytester, "--reprod-regen").assert_outcomes(passed=2)
+    assert len(list((pytester.path / "test_ids").iterdir())) == 2
+    run(pytester).assert_outcomes(passed=2)
+
+
 def test_missing_reference_says_how_to_create_it(pytester: pytest.Pytester) -> None:
     write_model(pytester)
     result = run(pytester)
@@ -141,13 +179,16 @@ def test_reference_names_for_params_classes_and_name(pytester: pytest.Pytester) 
         ["*this test already checked this reference; give each check its own name=*"]
     )
     folder = pytester.path / "test_names"
-    assert sorted(p.name for p in folder.iterdir()) == [
+    import hashlib
+
+    hashed = "test_param[a_b_c]-" + hashlib.sha1(b"test_param[a/b c]").hexdigest()[:8] + ".npz"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([
         "TestGroup.test_method.npz",
         "second.npz",
         "test_param[2].npz",
-        "test_param[a_b_c].npz",
+        hashed,
         "test_twice.npz",
-    ]
+    ])
     assert list(reprod.load(folder / "test_param[2].npz")) == ["value"]
     run(pytester, "-k", "not twice").assert_outcomes(passed=3)
 
