@@ -96,15 +96,25 @@ def _raise_misfit(
 ) -> None:
     parts = []
     if missing:
-        parts.append(f"missing {len(missing)} key(s): {', '.join(missing)}")
+        parts.append(f"missing {len(missing)} key(s): {_few(missing, ', ')}")
     if unexpected:
-        parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected)}")
+        parts.append(f"unexpected {len(unexpected)} key(s): {_few(unexpected, ', ')}")
     if wrong:
-        parts.append(f"wrong shape: {'; '.join(wrong)}")
+        parts.append(f"wrong shape: {_few(wrong, '; ')}")
     if dtypes:
-        parts.append(f"wrong dtype: {'; '.join(dtypes)}")
+        parts.append(f"wrong dtype: {_few(dtypes, '; ')}")
     if parts:
-        raise KeyMismatchError(f"{source}: does not fit {target}: {' | '.join(parts)}")
+        hint = ""
+        if missing and unexpected and len(missing) == len(unexpected):
+            # as many names missing as unexpected: the port names its layers differently
+            hint = " | the names do not pair but the counts match: try by_order=True (reprod-convert --by-order)"
+        raise KeyMismatchError(f"{source}: does not fit {target}: {' | '.join(parts)}{hint}")
+
+
+def _few(names: list[str], sep: str, shown: int = 3) -> str:
+    """A few names and a count of the rest: an error stays one readable line."""
+    more = len(names) - shown
+    return sep.join(names[:shown]) + (f"{sep}... ({more} more)" if more > 0 else "")
 
 
 def convert(

@@ -96,7 +96,12 @@ class StructureReport:
             for s in ("missing", "extra", "shape", "order")
             if self.rows_with(s)
         ]
-        return f"structure differs: {', '.join(parts) or 'counts differ'}; {counts}"
+        hint = ""
+        if self.rows_with("missing") and len(self.rows_with("missing")) == len(self.rows_with("extra")) \
+                and self.torch_total == self.paddle_total:
+            # every name fails to pair but the totals agree: the port names its layers differently
+            hint = "; names do not pair but the totals match: try compare_structure(..., by_order=True)"
+        return f"structure differs: {', '.join(parts) or 'counts differ'}; {counts}{hint}"
 
     def to_table(self, *, only_problems: bool = False, layers: bool = False) -> str:
         """A text table (tabulate) of the rows, then the totals; ``layers=True`` adds per-layer counts.

@@ -124,3 +124,33 @@ def test_skipped_keys_are_shown_and_left_out_of_the_counts(skip: str) -> None:
         r.torch_shape[0] * (r.torch_shape[1] if len(r.torch_shape) > 1 else 1) for r in skipped
     )
     assert {r.paddle_name for r in report.rows_with("extra")} == {r.torch_name for r in skipped}
+
+
+class _RenamedPort(paddle.nn.Layer):
+    """The twin port with every layer under another name: nothing pairs by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        inner = PaddleNet()
+        for name, layer in list(inner.named_children()):
+            setattr(self, f"renamed_{name}", layer)
+
+
+def test_names_that_do_not_pair_with_equal_totals_suggest_by_order() -> None:
+    report = compare_structure(TorchNet(), _RenamedPort())
+    assert not report.ok
+    assert "try compare_structure(..., by_order=True)" in report.summary_line()
+    assert compare_structure(TorchNet(), _RenamedPort(), by_order=True).ok
+
+
+def test_conversion_errors_name_a_few_keys_a_count_and_the_by_order_hint() -> None:
+    from reprod.align import convert
+    from reprod.errors import KeyMismatchError
+
+    torch_model = TorchNet()
+    sd = {f"renamed_{k}": v for k, v in torch_model.state_dict().items()}
+    with pytest.raises(KeyMismatchError) as info:
+        convert(sd, model=torch_model)
+    text = str(info.value)
+    assert "\n" not in text and len(text) < 1000, text
+    assert "more)" in text and "by_order=True" in text
