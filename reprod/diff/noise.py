@@ -8,7 +8,7 @@ multiple of a key is
     max( ||other - ref||_2 / ||ref - ref_hi||_2 ,  max|other - ref| / max|ref - ref_hi| )
 
 (the L2 ratio sees a bias spread over many elements, the max ratio a few wrong elements), where
-each noise is taken no lower than one rounding unit of the coarser dtype at the reference's scale
+each noise is taken no lower than one machine epsilon of the coarser dtype at the reference's scale
 (``eps * ||ref||_2`` and ``eps * max|ref|``): a key computed exactly (noise 0) still allows the
 last-bit differences two correct implementations make.
 """
@@ -34,9 +34,10 @@ __all__ = ["DEFAULT_NOISE_FACTOR", "Calibration", "calibrate"]
 # 20 leaves about 2x on each side.
 DEFAULT_NOISE_FACTOR = 20.0
 
-# unit roundoff of the dtypes a port is compared in; anything else counts as float32
-_EPS = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53,
-        "complex64": 2.0**-24, "complex128": 2.0**-53}
+# machine epsilon (one unit in the last place at 1.0) of the dtypes a port is compared in; two
+# correctly rounded implementations may differ by that much per element. Anything else: float32.
+_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52,
+        "complex64": 2.0**-23, "complex128": 2.0**-52}
 
 
 @dataclass(frozen=True)
