@@ -114,6 +114,13 @@ def make_result(n: int = 60, *, first_fail: int | None = 23, seed: int = 0) -> D
     )
 
 
+def failed_first(result: DiffResult, keys: list[str] | None = None) -> list[str]:
+    """The order the key table opens in: failing keys first, each group in call order."""
+    keys = result.keys() if keys is None else keys
+    bad = {r.key for r in result.results if not r.passed}
+    return [k for k in keys if k in bad] + [k for k in keys if k not in bad]
+
+
 def embedded(page: str) -> dict:
     m = re.search(r'<script type="application/json" id="reprod-data">(.*?)</script>', page, re.S)
     assert m, "no data blob"
@@ -287,9 +294,9 @@ def artifacts(tmp_path) -> Path:
 def open_report(browser, tmp_path):
     pages = []
 
-    def _open(result, *, name="report.html", fragment="", **kw):
+    def _open(result, *, name="report.html", fragment="", width=1400, height=1000, **kw):
         path = write_html(result, tmp_path / name, **kw)
-        page = browser.open(Path(path).as_uri() + fragment)
+        page = browser.open(Path(path).as_uri() + fragment, width=width, height=height)
         page.wait_for("document.documentElement.dataset.ready === '1'", timeout=90)
         page.settle(0.3)
         pages.append(page)
@@ -367,14 +374,15 @@ def test_page_renders_verdict_chart_and_table(open_report, artifacts):
     options = text(page, "options")
     assert "method=mean" in options and "threshold=1.000e-06" in options
 
-    # every key is a row, failing ones marked
+    # every key is a row, failing ones marked and listed first
     rows = page.evaluate(ALL_ROWS)
-    assert [r["key"] for r in rows] == result.keys()
+    assert [r["key"] for r in rows] == failed_first(result)
     assert [r["key"] for r in rows if r["fail"]] == [r.key for r in result.failed]
-    assert [r["status"] for r in rows] == [r.status for r in result.results]
+    assert [r["status"] for r in rows] == [result[r["key"]].status for r in rows]
     assert text(page, "row-count") == f"{len(result)} keys"
     # a statistic is printed as fmt_num prints it
-    assert rows[5]["mean"] == f"{result.results[5].mean_abs:.3e}"
+    by_key = {r["key"]: r for r in rows}
+    assert by_key[result.keys()[5]]["mean"] == f"{result.results[5].mean_abs:.3e}"
 
     # the chart is drawn, names its first failure and paints failures in the failure colour
     label = page.evaluate("document.getElementById('chart').getAttribute('aria-label')")
@@ -396,12 +404,14 @@ def test_filters_narrow_the_table(open_report, artifacts):
 
     page.type_text("#filter-name", "Blocks.1")  # case does not matter
     page.settle()
-    assert all_keys(page) == [k for k in keys if "blocks.1" in k.lower()]
+    assert all_keys(page) == failed_first(result, [k for k in keys if "blocks.1" in k.lower()])
     assert text(page, "row-count") == (f"{sum('blocks.1' in k for k in keys)} of {len(keys)} keys")
 
     page.type_text("#filter-name", "*blocks.?.bn*")
     page.settle()
-    assert all_keys(page) == [k for k in keys if fnmatch.fnmatch(k, "*blocks.?.bn*")]
+    assert all_keys(page) == failed_first(
+        result, [k for k in keys if fnmatch.fnmatch(k, "*blocks.?.bn*")]
+    )
 
     page.type_text("#filter-name", "")
     page.click("#filter-failed")
@@ -454,6 +464,7 @@ def test_selecting_keys_from_table_chart_and_buttons(open_report):
     page = open_report(result)
     keys = result.keys()
 
+    page.click("th.c-idx")  # call order, for the arrow keys below
     page.evaluate("document.getElementById('tablewrap').scrollTop = 0")
     page.settle()
     page.click('#tbody tr.row[data-i="7"] .c-key')
@@ -561,17 +572,18 @@ def test_ten_thousand_keys_stay_small_and_responsive(open_report, tmp_path, arti
     page.screenshot(artifacts / "html_report_10000.png")
 
     total = len(result)
+    order = failed_first(result)
     assert text(page, "row-count") == f"{total:,} keys"
     # rendered virtually: a window of rows, not ten thousand of them
     assert 10 < page.evaluate(ROWS + ".length") < 200
     page.evaluate(
         "(() => { const w = document.getElementById('tablewrap'); w.scrollTop = w.scrollHeight; })()"
     )
-    page.wait_for(f"{ROW_KEYS}.includes({json.dumps(result.keys()[-1])})", timeout=30)
+    page.wait_for(f"{ROW_KEYS}.includes({json.dumps(order[-1])})", timeout=30)
     page.evaluate(
         "(() => { const w = document.getElementById('tablewrap'); w.scrollTop = 5000 * 28; })()"
     )
-    page.wait_for(f"{ROW_KEYS}.includes({json.dumps(result.keys()[5000])})", timeout=30)
+    page.wait_for(f"{ROW_KEYS}.includes({json.dumps(order[5000])})", timeout=30)
 
     page.click("#filter-failed")
     page.wait_for(
@@ -609,12 +621,14 @@ def test_report_of_a_real_comparison(open_report, artifacts):
     page.screenshot(artifacts / "html_report_compare.png", full_page=True)
 
     rows = page.evaluate(ALL_ROWS)
-    assert [r["key"] for r in rows] == [*flat, "head/logits"]
-    for row in rows[:-1]:
-        r, o = flat[row["key"]]
-        assert row["mean"] == f"{np.abs(o.astype(np.float64) - r).mean():.3e}"
-    assert rows[-1]["status"] == "nan" and rows[-1]["fail"]
-    assert [row["fail"] for row in rows[:-1]] == [not kr.passed for kr in result.results[:-1]]
+    assert [r["key"] for r in rows] == failed_first(result, [*flat, "head/logits"])
+    for row in rows:
+        if row["key"] in flat:
+            r, o = flat[row["key"]]
+            assert row["mean"] == f"{np.abs(o.astype(np.float64) - r).mean():.3e}"
+    logits = next(row for row in rows if row["key"] == "head/logits")
+    assert logits["status"] == "nan" and logits["fail"]
+    assert [row["fail"] for row in rows] == [not result[row["key"]].passed for row in rows]
     assert text(page, "verdict") == "FAILED"
 
     # the chart opens on max |diff|, which "max" judges, with the per-key thresholds
@@ -627,3 +641,334 @@ def test_report_of_a_real_comparison(open_report, artifacts):
     r, o = flat[first.key]
     assert f"{np.abs(o.astype(np.float64) - r).max():.6e}".split("e")[0] in stats
     assert text(page, "hist-caption").startswith(f"{r.size:,} elements in 16 bins")
+
+
+# --- where it diverges, per step, failed first, wide tables, calibrated results ------------------
+
+DIVERGENCE = (
+    "diverges at features.4.block.0.2 (Hardswish vs _HardswishOldSlope): input aligned "
+    "(max 4.9e-06), output max diff 2.1e-01"
+)
+
+
+def stepped_result(steps: int = 3, n: int = 12, *, noise: bool = False) -> DiffResult:
+    """``step_<s>/<layer>`` keys, one group per training step: step 1 passes, later steps fail
+    from their key ``n - s`` on."""
+    results = []
+    for s in range(1, steps + 1):
+        for i, name in enumerate(_layer_names(n)):
+            bad = s > 1 and i >= n - s
+            max_abs = 10.0 ** (-7 + s) * (1 + i / n) * (100 if bad else 1)
+            multiple = 0.5 * s + i / n + (40.0 if bad else 0.0)
+            results.append(
+                KeyResult(
+                    key=f"step_{s}/{name}",
+                    passed=not bad,
+                    status="failed" if bad else "passed",
+                    reason=f"{'over' if bad else 'within'} threshold",
+                    path=(f"step_{s}", name),
+                    size=16,
+                    mean_abs=max_abs / 3,
+                    max_abs=max_abs,
+                    noise_multiple=multiple if noise else None,
+                    methods=("noise",) if noise else ("max",),
+                    thresholds={"noise": 20.0} if noise else {"max": 1e-3},
+                    checks={"noise" if noise else "max": not bad},
+                )
+            )
+    return DiffResult(tuple(results), ref_name="torch", other_name="paddle")
+
+
+def test_findings_open_the_page_escaped():
+    result = make_result(20, first_fail=8)
+    page = render_html(result, findings=[DIVERGENCE, "<b>replay</b> & </script>"])
+    found = re.search(r'<ul class="findings fail" id="findings">(.*?)</ul>', page, re.S)
+    assert found, "no findings block"
+    items = re.findall(r'<li class="finding">(.*?)</li>', found.group(1))
+    assert items == [html_escape(DIVERGENCE), "&lt;b&gt;replay&lt;/b&gt; &amp; &lt;/script&gt;"]
+    # at the top: in the header, before the summary line, the chart and the table
+    at = page.index('id="findings"')
+    assert page.index('<header class="top panel"') < at < page.index('id="summary-line"')
+    assert at < page.index('id="chart-section"') < page.index('id="table-section"')
+    assert page.count("</script>") == 2 and "<b>replay" not in page
+    assert embedded(page)["findings"] == [DIVERGENCE, "<b>replay</b> & </script>"]
+    # none given: no block; a lone string is one finding; one line each
+    assert 'id="findings"' not in render_html(result)
+    assert embedded(render_html(result, findings="one\nsentence"))["findings"] == ["one sentence"]
+    # the same through DiffResult.to_html and write_html
+    assert html_escape(DIVERGENCE) in result.to_html(findings=[DIVERGENCE])
+
+
+def html_escape(s: str) -> str:
+    import html
+
+    return html.escape(s)
+
+
+def test_to_html_and_write_html_take_findings(tmp_path):
+    result = make_result(10, first_fail=4)
+    written = result.to_html(str(tmp_path / "r.html"), findings=[DIVERGENCE])
+    assert html_escape(DIVERGENCE) in Path(written).read_text(encoding="utf-8")
+    write_html(result, tmp_path / "w.html", findings=(DIVERGENCE,))
+    assert embedded((tmp_path / "w.html").read_text(encoding="utf-8"))["findings"] == [DIVERGENCE]
+
+
+def test_per_step_summary():
+    result = stepped_result(3, 12)
+    page = render_html(result)
+    steps = embedded(page)["steps"]
+    assert [s["step"] for s in steps] == ["step_1", "step_2", "step_3"]
+    assert [(s["keys"], s["passed"], s["failed"]) for s in steps] == [
+        (12, 12, 0),
+        (12, 10, 2),
+        (12, 9, 3),
+    ]
+    assert [s["first_failure"] for s in steps] == [
+        None,
+        "step_2/" + _layer_names(12)[10],
+        "step_3/" + _layer_names(12)[9],
+    ]
+    for s in steps:
+        group = [r for r in result.results if r.key.startswith(s["step"] + "/")]
+        assert s["worst_max_abs"] == max(r.max_abs for r in group)
+        assert s["worst_noise_multiple"] is None
+    table = re.search(r'<table class="steps" id="steps">(.*?)</table>', page, re.S).group(1)
+    assert "<th>step</th>" in table and "worst noise" not in table
+    assert page.index('id="steps-section"') < page.index('id="chart-section"')
+
+    # calibrated: the worst noise multiple per step, printed as fmt_multiple prints it
+    cal = stepped_result(2, 6, noise=True)
+    steps = embedded(render_html(cal))["steps"]
+    assert steps[1]["worst_noise_multiple"] == max(r.noise_multiple for r in cal.results[6:])
+    assert "<th>worst noise</th>" in render_html(cal)
+
+
+def test_step_groups_come_from_paths_or_key_prefixes():
+    def kr(key, path=()):
+        return KeyResult(key=key, passed=True, status="passed", reason="", path=path, max_abs=0.0)
+
+    # key prefixes, without paths: iter_3/, epoch2/
+    prefixed = DiffResult((kr("iter_1/loss"), kr("iter_1/lr"), kr("iter_2/loss")))
+    assert [s["step"] for s in embedded(render_html(prefixed))["steps"]] == ["iter_1", "iter_2"]
+    # path[0] wins over the key's text
+    by_path = DiffResult((kr("a", ("epoch2", "a")), kr("b", ("epoch3", "b"))))
+    assert [s["step"] for s in embedded(render_html(by_path))["steps"]] == ["epoch2", "epoch3"]
+    # groups that are not steps are summarised as groups
+    named = render_html(DiffResult((kr("forward/logits"), kr("backward/conv.grad"))))
+    assert "<h2>Per group</h2>" in named
+    # flat keys, one group only, or a key outside every group: no summary
+    for keys in (["a", "b"], ["step_1/a", "step_1/b"], ["step_1/a", "step_2/a", "loose"]):
+        page = render_html(DiffResult(tuple(kr(k) for k in keys)))
+        assert embedded(page)["steps"] == [] and 'id="steps-section"' not in page
+
+
+def test_calibrated_result_shows_the_noise_multiple():
+    cal = stepped_result(2, 6, noise=True)
+    data = embedded(render_html(cal))
+    assert data["chart_stat"] == "noise_multiple"
+    assert data["keys"]["noise_multiple"] == [r.noise_multiple for r in cal.results]
+    # uncalibrated results keep their statistic
+    assert embedded(render_html(stepped_result(2, 6)))["chart_stat"] == "max_abs"
+
+
+# --- the CLI writes the divergence into the page ----------------------------------------------
+
+
+def _captures(broken: str | None) -> dict:
+    """Forward captures of a five-layer chain; ``broken`` adds 0.2 to that layer's output (and so
+    to every later input and output)."""
+    from reprod.capture.naming import layer_key
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 8)).astype(np.float32)
+    dump = {}
+    off = np.float32(0.0)
+    for name in ("stem.conv", "stem.bn", "features.4.block.0.2", "features.5", "classifier"):
+        dump[layer_key(name, 1, "in")] = x + off
+        y = np.tanh(x) + np.float32(0.1)
+        if name == broken:
+            off = np.float32(0.2)
+        dump[layer_key(name, 1, "out")] = y + off
+        x = y
+    return dump
+
+
+def test_cli_html_names_the_divergence(tmp_path, capsys):
+    from reprod.cli import main
+
+    np.savez(tmp_path / "torch.npz", **_captures(None))
+    np.savez(tmp_path / "paddle.npz", **_captures("features.4.block.0.2"))
+    out = tmp_path / "out.html"
+    rc = main(
+        [str(tmp_path / "torch.npz"), str(tmp_path / "paddle.npz"), "--html", str(out), "--quiet"]
+    )
+    assert rc == 1
+    findings = embedded(out.read_text(encoding="utf-8"))["findings"]
+    assert len(findings) == 1
+    assert findings[0].startswith("diverges at features.4.block.0.2: input aligned")
+    assert "output max diff 2.000e-01" in findings[0]
+    assert html_escape(findings[0]) in out.read_text(encoding="utf-8")
+
+    # aligned captures: no finding
+    np.savez(tmp_path / "same.npz", **_captures(None))
+    rc = main(
+        [str(tmp_path / "torch.npz"), str(tmp_path / "same.npz"), "--html", str(out), "--quiet"]
+    )
+    assert rc == 0 and embedded(out.read_text(encoding="utf-8"))["findings"] == []
+
+    # not captures: the first failure and its reason
+    np.savez(tmp_path / "a.npz", x=np.zeros(3, np.float32), y=np.ones(3, np.float32))
+    np.savez(tmp_path / "b.npz", x=np.zeros(3, np.float32), y=np.full(3, 2, np.float32))
+    rc = main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--html", str(out), "--quiet"])
+    assert rc == 1
+    (finding,) = embedded(out.read_text(encoding="utf-8"))["findings"]
+    assert finding.startswith("first failure: y: ")
+    capsys.readouterr()
+
+
+# --- in the browser ---------------------------------------------------------------------------
+
+TABLE_FITS = """(() => {
+  const w = document.getElementById('tablewrap'), r = w.getBoundingClientRect();
+  const sec = document.getElementById('table-section').getBoundingClientRect();
+  const t = document.getElementById('keys').getBoundingClientRect();
+  return {page: document.documentElement.scrollWidth, view: innerWidth, wrapLeft: r.left,
+    wrapRight: r.right, sectionRight: sec.right, tableWidth: t.width, scrollWidth: w.scrollWidth,
+    clientWidth: w.clientWidth, overflowX: getComputedStyle(w).overflowX};
+})()"""
+
+LAST_COLUMN_REACHABLE = """(async () => {
+  const w = document.getElementById('tablewrap');
+  w.scrollLeft = w.scrollWidth;
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  const th = [...document.querySelectorAll('#thead th')].pop(), a = th.getBoundingClientRect();
+  const b = w.getBoundingClientRect();
+  const out = {label: th.textContent, left: a.left, right: a.right, wrapLeft: b.left, wrapRight: b.right};
+  w.scrollLeft = 0;
+  return out;
+})()"""
+
+
+@needs_browser
+@pytest.mark.parametrize("size", [(1400, 900), (1024, 768)], ids=["1400x900", "1024x768"])
+def test_wide_table_scrolls_inside_its_box(open_report, artifacts, size):
+    width, height = size
+    result = make_result(40, first_fail=15)
+    page = open_report(result, width=width, height=height)
+    page.screenshot(artifacts / f"html_report_{width}.png", full_page=True)
+    m = page.evaluate(TABLE_FITS)
+    # the page itself never scrolls sideways; the table's box stays inside the window
+    assert m["page"] <= m["view"], m
+    assert 0 <= m["wrapLeft"] and m["wrapRight"] <= m["view"] and m["sectionRight"] <= m["view"], m
+    # the table is wider than its box: the box scrolls, it does not clip
+    assert m["tableWidth"] > m["clientWidth"] and m["scrollWidth"] > m["clientWidth"], m
+    assert m["overflowX"] in ("auto", "scroll"), m
+    last = page.evaluate(LAST_COLUMN_REACHABLE)
+    assert last["label"] == "reason"
+    assert last["wrapLeft"] <= last["left"] and last["right"] <= last["wrapRight"] + 1, last
+
+
+@needs_browser
+def test_table_opens_failed_first_and_sorts_on_click(open_report):
+    result = make_result(30, first_fail=10)
+    page = open_report(result)
+    assert all_keys(page) == failed_first(result)
+    assert "failed keys first" in text(page, "sort-note")
+    # the chart keeps call order
+    assert page.evaluate("+document.getElementById('chart').dataset.viewStart") == 0
+    label = page.evaluate("document.getElementById('chart').getAttribute('aria-label')")
+    assert f"first failure #{result.keys().index(result.first_failure.key)} " in label
+    # the first failure is selected and is the first row
+    assert text(page, "detail-key") == result.first_failure.key
+    assert page.evaluate(f"{ROW_KEYS}[0]") == result.first_failure.key
+    page.click("th.c-idx")
+    page.settle()
+    assert all_keys(page) == result.keys()
+    assert text(page, "sort-note") == ""
+    page.click("th.c-idx")
+    page.settle()
+    assert all_keys(page) == result.keys()[::-1]
+
+
+@needs_browser
+def test_findings_and_steps_at_the_top(open_report, artifacts):
+    result = stepped_result(3, 12)
+    evil = "<img src=x onerror=alert(1)> replay: step_2 diverges"
+    page = open_report(result, findings=[DIVERGENCE, evil])
+    page.screenshot(artifacts / "html_report_steps.png", full_page=True)
+    items = page.evaluate(
+        "[...document.querySelectorAll('#findings li')].map(li => li.textContent)"
+    )
+    assert items == [DIVERGENCE, evil]
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    tops = page.evaluate(
+        "['findings', 'steps', 'chart', 'tablewrap'].map(id =>"
+        " document.getElementById(id).getBoundingClientRect().top)"
+    )
+    assert tops == sorted(tops), tops
+    # the findings are on the first screen
+    assert tops[0] < 200
+
+    rows = page.evaluate(
+        "[...document.querySelectorAll('#steps tbody tr')].map(tr =>"
+        " [...tr.children].map(td => td.textContent))"
+    )
+    names = _layer_names(12)
+    assert [r[:4] for r in rows] == [
+        ["step_1", "12", "12", "0"],
+        ["step_2", "12", "10", "2"],
+        ["step_3", "12", "9", "3"],
+    ]
+    assert [r[-1] for r in rows] == ["-", f"step_2/{names[10]}", f"step_3/{names[9]}"]
+    assert rows[2][4] == f"{max(r.max_abs for r in result.results[24:]):.3e}"
+    # a step's first failing key selects it
+    page.click("#steps tbody tr:nth-child(3) a")
+    page.settle()
+    assert text(page, "detail-key") == f"step_3/{names[9]}"
+
+
+@needs_browser
+def test_noise_column_and_chart(open_report):
+    from reprod.messages import fmt_multiple
+
+    cal = stepped_result(2, 6, noise=True)
+    extra = [
+        KeyResult(
+            key=f"step_2/extra{i}",
+            passed=v <= 20,
+            status="passed" if v <= 20 else "failed",
+            reason="",
+            path=("step_2", f"extra{i}"),
+            max_abs=1e-6,
+            noise_multiple=v,
+            methods=("noise",),
+            thresholds={"noise": 20.0},
+        )
+        for i, v in enumerate([0.0, 0.005, 0.0123, 1.0, 2.4, 9.96, 48.2, 4812.0, 2.5e16])
+    ]
+    cal = DiffResult(cal.results + tuple(extra), ref_name="torch", other_name="paddle")
+    page = open_report(cal)
+    assert page.evaluate("document.getElementById('metric').value") == "noise_multiple"
+    assert page.evaluate("!!document.querySelector('th.c-noise_multiple')")
+    cells = {
+        r["key"]: r["noise"]
+        for r in page.evaluate(
+            ALL_ROWS.replace(
+                "mean: r.querySelector('.c-mean_abs').textContent",
+                "noise: r.querySelector('.c-noise_multiple').textContent",
+            )
+        )
+    }
+    for r in cal.results:
+        assert cells[r.key] == fmt_multiple(r.noise_multiple), r.key
+    # the threshold line is the noise factor; failing keys are drawn red
+    assert page.evaluate(FAIL_PIXELS) > 20
+    # the detail panel lists the multiple against its factor
+    page.click("#first-failure a")
+    page.settle()
+    stats = page.evaluate("document.getElementById('detail-stats').innerText")
+    assert "noise_multiple" in stats and "20x" in stats and "failed" in stats
+    # sorting by the noise column: the largest multiple first
+    page.click("th.c-noise_multiple")
+    page.settle()
+    assert all_keys(page)[0] == "step_2/extra8"

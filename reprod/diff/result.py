@@ -25,7 +25,7 @@ STAT_OF_METHOD: dict[str, str] = {
 ALL_METHODS = ("min", "max", "mean")
 
 # status words, in the order a report lists them
-STATUSES = ("passed", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type")
+STATUSES = ("passed", "kink", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type")
 
 
 _NONFINITE = ("inf", "-inf", "nan")
@@ -268,13 +268,17 @@ class DiffResult:
 
         return "\n".join(render_log(self))
 
-    def to_html(self, path: Optional[str] = None, *, title: Optional[str] = None) -> str:
-        """The self-contained HTML report: written to ``path`` (returned) or returned as text."""
+    def to_html(self, path: Optional[str] = None, *, title: Optional[str] = None,
+                findings: tuple[str, ...] | list[str] = ()) -> str:
+        """The self-contained HTML report: written to ``path`` (returned) or returned as text.
+
+        ``findings``: one-line sentences shown at the top of the page, e.g.
+        ``[reprod.capture.first_divergence(result).message]``."""
         from ..report.html import render_html, write_html
 
         if path is None:
-            return render_html(self, title=title)
-        return write_html(self, path, title=title)
+            return render_html(self, title=title, findings=findings)
+        return write_html(self, path, title=title, findings=findings)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiffResult:
