@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 from .. import messages as msg
@@ -35,6 +35,7 @@ def compare(
     strict_shape: bool = False,
     noise: Any = None,
     noise_factor: Optional[float] = None,
+    pair: Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], Mapping[str, Any]]] = None,
     criteria: Optional[Criteria] = None,
     progress: Optional[bool] = None,
 ) -> DiffResult:
@@ -56,6 +57,11 @@ def compare(
     noise (how far ``ref`` is from ``noise``), whatever the plain thresholds say; the result
     carries ``noise_multiple``, ``noise_l2`` and ``noise_max``. Keys not found there are judged by
     the plain thresholds, with a note.
+
+    ``pair``: a function ``(ref_tree, other_tree) -> other_tree`` that renames the other side's keys
+    to the reference's before pairing (``reprod.capture.rename_by_order`` for captures whose layer
+    names differ, ``functools.partial(reprod.capture.rename, rules=...)``, or
+    ``reprod.diff.pairing.rename_leaves_by_order`` for any two dumps written in the same order).
     ``progress``: a progress bar on stderr when the comparison takes more than a second (``None``:
     only when stderr is a terminal; ``False``: never).
 
@@ -70,7 +76,7 @@ def compare(
         given = {k: v for k, v in given.items() if v != _DEFAULTS[k]}
     crit = build_criteria(criteria, **given)
     with gc_paused():
-        return _compare(ref, other, crit, keys=keys, progress=progress, noise=noise)
+        return _compare(ref, other, crit, keys=keys, progress=progress, noise=noise, pair=pair)
 
 
 _DEFAULTS: dict[str, Any] = {"methods": "mean", "threshold": 1e-6, "atol": None, "rtol": None,
@@ -80,9 +86,11 @@ _DEFAULTS: dict[str, Any] = {"methods": "mean", "threshold": 1e-6, "atol": None,
 
 def _compare(ref: Any, other: Any, policy: Criteria, *,
              keys: Optional[Union[str, Sequence[str]]], progress: Optional[bool],
-             noise: Any = None) -> DiffResult:
+             noise: Any = None, pair: Any = None) -> DiffResult:
     a = open_side(ref, "ref")
     b = open_side(other, "other")
+    if pair is not None:
+        b.tree = pair(a.tree, b.tree)
     hi = None if noise is None else open_side(noise, "noise")
     b.tree = _as_ref_key(a.tree, b.tree)
     if hi is not None:

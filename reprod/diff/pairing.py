@@ -13,7 +13,7 @@ import numpy as np
 
 from ..adapters import to_numpy
 
-__all__ = ["Side", "Pair", "Named", "open_side", "walk_pairs"]
+__all__ = ["Side", "Pair", "Named", "open_side", "walk_pairs", "rename_leaves_by_order"]
 
 
 class Named(dict):  # type: ignore[type-arg]
@@ -146,3 +146,50 @@ def _one_sided(tree: Mapping[str, Any], k: str, path: tuple[str, ...], kind: str
         return
     if _selected("/".join(path), patterns):
         yield Pair(path, kind, tree if kind == "missing" else None, tree if kind == "extra" else None)
+
+
+def _leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for k in tree:
+        node = _peek(tree, k)
+        if _is_branch(node):
+            yield from _leaves(tree[k], prefix + (k,))
+        else:
+            yield prefix + (k,), node
+
+
+def _shape(node: Any) -> Optional[tuple[int, ...]]:
+    shape = getattr(node, "shape", None)
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def rename_leaves_by_order(ref: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+    """``other`` as a flat mapping whose i-th leaf carries the reference's i-th key, for two dumps
+    written in the same order under different names (a port whose parameters or outputs are named
+    otherwise). Leaves are paired while their shapes agree (or one is the 2-D transpose of the
+    other, which the comparison then reports); from the first disagreement on, the rest keep their
+    own names and show up as missing/extra, so a wrong pairing is never silent.
+
+    >>> reprod.compare(torch_dump, paddle_dump, pair=rename_leaves_by_order)
+    """
+    ref_leaves = list(_leaves(ref))
+    out: dict[str, Any] = {}
+    paired = True
+    for i, (path, node) in enumerate(_leaves(other)):
+        new = path
+        if paired and i < len(ref_leaves):
+            rs, os_ = _shape(ref_leaves[i][1]), _shape(node)
+            if rs is not None and (rs == os_ or (len(rs) == 2 and os_ == rs[::-1])):
+                new = ref_leaves[i][0]
+            else:
+                paired = False
+        else:
+            paired = False
+        value: Any = other
+        for part in path:
+            value = value[part]
+        branch = out
+        for part in new[:-1]:
+            branch = branch.setdefault(part, {})
+        leaf = new[-1] if new[-1] not in branch else "unpaired:" + new[-1]
+        branch[leaf] = value
+    return out
