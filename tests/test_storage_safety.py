@@ -181,12 +181,11 @@ def _bad_files(tmp_path):
         zf.writestr("a.npy", b"")
         zf.writestr("__reprod__.json", "{not json")
     yield "zip-corrupt-metadata", tmp_path / "badmeta.npz"
-    np.save(tmp_path / "objdict.npy", {"a": np.ones(3), "o": np.array([1, "x"], dtype=object)})
-    yield "object-array-in-dict", tmp_path / "objdict.npy"
-    np.save(tmp_path / "strdict.npy", {"a": np.ones(3), "s": np.array(["abc"])})
-    yield "string-array-in-dict", tmp_path / "strdict.npy"
-    np.save(tmp_path / "strval.npy", {"a": np.ones(3), "name": "resnet"})
-    yield "string-value-in-dict", tmp_path / "strval.npy"
+    os.mkfifo(tmp_path / "fifo.npy")  # reading it would wait for a writer forever
+    yield "fifo", tmp_path / "fifo.npy"
+    yield "character-device", "/dev/null"
+    os.symlink("/dev/zero", tmp_path / "zero.npz")
+    yield "symlink-to-a-device", tmp_path / "zero.npz"
     np.save(tmp_path / "list.npy", np.array([np.ones(2), None], dtype=object))
     yield "object-array-not-dict", tmp_path / "list.npy"
     np.save(tmp_path / "str.npy", np.array(["a", "b"]))
@@ -207,6 +206,26 @@ def test_bad_files_raise_one_line_dump_format_error(tmp_path, assert_one_line_er
             _load_everything(path)
         assert_one_line_error(info.value, path)
         assert isinstance(info.value, ReprodError) and isinstance(info.value, ValueError), name
+
+
+def test_non_numeric_values_load_as_markers_beside_the_arrays(tmp_path) -> None:
+    """reprod_log's ``.npy`` may hold a str, None, a list or an array of strings or objects as a
+    value: that key is a ``NonNumericValue`` (the engine's ``type`` verdict), the other keys load."""
+    from reprod.storage import NonNumericValue
+
+    p = tmp_path / "mixed.npy"
+    np.save(p, {"a": np.ones(3), "name": "resnet", "none": None, "lr": [0.1, "x"],
+                "s": np.array(["abc"]), "o": np.array([1, "x"], dtype=object)})
+    with reprod.load(p) as d:
+        np.testing.assert_array_equal(d["a"], np.ones(3))
+        got = {k: d[k] for k in ("name", "none", "lr", "s", "o")}
+        assert all(isinstance(v, NonNumericValue) for v in got.values())
+        assert "'resnet'" in got["name"].what and got["name"].value == "resnet"
+        assert got["none"].has_value and got["none"].value is None
+        assert got["lr"].value == [0.1, "x"] and "str" in got["lr"].what
+        assert "<U3" in got["s"].what and not got["s"].has_value
+        assert "object" in got["o"].what
+        assert all("\n" not in v.what for v in got.values())
 
 
 def test_npz_member_with_unknown_compression_method(tmp_path, assert_one_line_error) -> None:

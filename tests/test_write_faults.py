@@ -272,6 +272,66 @@ def test_sigkill_during_a_streaming_run_keeps_the_previous_dump(tmp_path) -> Non
     assert _temporaries(tmp_path) == [] and _tag_of(target) == 3.0
 
 
+def _term_after(p: subprocess.Popen, saves: int, delay: float) -> int:
+    """``_kill_after`` with SIGTERM: the last save reported before the child ended."""
+    last = 0
+    for _ in range(saves):
+        line = p.stdout.readline()
+        assert line, p.stderr.read()[-3000:]
+        last = int(line)
+    time.sleep(delay)
+    p.send_signal(signal.SIGTERM)
+    rest, err = p.communicate(timeout=60)
+    # 143: SIGTERM came mid-save (SystemExit after the cleanup); -15: between saves, where the
+    # default action is back in place and there is nothing to clean up
+    assert p.returncode in (143, -signal.SIGTERM), (p.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    return max([last, *(int(x) for x in rest.split())])
+
+
+def test_sigterm_mid_save_leaves_no_temporary(tmp_path, fmt) -> None:
+    """Ctrl-C cleaned up after itself; SIGTERM (a job scheduler, ``kill``, a container stopping)
+    left 200-350 MB of hidden temporary files. Now it runs the same cleanup."""
+    target = tmp_path / f"run.{fmt}"
+    reprod.save(target, _dump(1.0, 2_000_000))
+    rng = np.random.default_rng(9)
+    codes = []
+    for _ in range(6):
+        p = _child(_SAVE_LOOP, target, 2_000_000)
+        last = _term_after(p, 1, float(rng.uniform(0, 0.15)))
+        codes.append(p.returncode)
+        assert _temporaries(tmp_path) == [], codes
+        assert _tag_of(target) in (last, last + 1)
+    print("exit statuses", codes)
+
+
+_TERM_STREAM = r"""
+import sys
+import numpy as np
+from reprod import ReprodLogger
+path, n = sys.argv[1], int(sys.argv[2])
+logger = ReprodLogger(stream_to=path)
+for step in range(100000):
+    logger.add(f"step_{step}", np.full(n, float(step)))
+    print(step, flush=True)
+"""
+
+
+def test_sigterm_during_a_streaming_run_leaves_no_temporary(tmp_path) -> None:
+    target = tmp_path / "run.npz"
+    reprod.save(target, _dump(1.0))
+    p = _child(_TERM_STREAM, target, 50_000)
+    for _ in range(25):
+        assert p.stdout.readline()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err[-3000:]
+    # between two adds the unclosed stream is given back at exit, and says so; during an add the
+    # writer aborts itself (no message)
+    assert "Traceback" not in err, err[-3000:]
+    assert _temporaries(tmp_path) == [] and _tag_of(target) == 1.0
+
+
 _SLOW_STREAM = r"""
 import sys
 import numpy as np

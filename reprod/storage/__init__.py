@@ -9,9 +9,9 @@ from typing import Any, Optional, Union
 from .._gc import gc_paused
 from ..adapters import to_tree
 from ..errors import DumpFormatError, UnsupportedValueError
-from .lazy import ArraySpec, Dump, MappedFile
+from .lazy import ArraySpec, Dump, MappedFile, NonNumericValue
 
-__all__ = ["load", "save", "Dump", "ArraySpec"]
+__all__ = ["load", "save", "Dump", "ArraySpec", "NonNumericValue"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -23,6 +23,10 @@ def load(path: PathLike, *, verify: Optional[bool] = None) -> Dump:
     ``.npy`` arrays (one key named after the file) and plain ``numpy.savez`` archives. The format is
     detected from the content, not the suffix. Every problem with the file, found now or when a key
     is read, is a ``DumpFormatError`` naming the file.
+
+    A value of a reprod_log ``.npy`` that is not numeric data (a ``str``, ``None``, a list that is
+    no array, an array of strings) loads as a ``NonNumericValue`` (``what`` says what it is), which
+    the comparison reports as a ``type`` verdict; the other keys load as usual.
 
     ``verify`` applies to ``.npz`` members, which carry a CRC32: by default (``None``) a member
     under 1 MiB is checked the first time it is read; ``True`` checks every member now; ``False``
@@ -81,11 +85,16 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
         raise UnsupportedValueError(f"{p}: save() needs a mapping of key -> array, got {type(mapping).__name__}")
     tree: dict[str, Any] = {}
     dtypes: dict[str, Any] = dict(source_dtypes or {})
+    legacy = not p.endswith(".npz")
     for k, v in mapping.items():
         if not isinstance(k, str):
             raise UnsupportedValueError(f"{p}: key {k!r} is a {type(k).__name__}; keys must be str")
         if isinstance(v, Dump):
             v = v.to_dict()
+        if _has_marker(v):
+            # a reprod_log dump's str/None/list value: np.save keeps it in a .npy, as it came
+            tree[k] = _unmarked(v, p, k, legacy)
+            continue
         tree[k], dt = to_tree(v, key=k) if not _is_plain(v) else (v, None)
         if dt is not None:
             dtypes[k] = dt
@@ -98,6 +107,25 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
     if not p.endswith(".npy"):
         p += ".npy"
     return write_legacy(p, tree)
+
+
+def _has_marker(v: Any) -> bool:
+    if isinstance(v, NonNumericValue):
+        return True
+    return isinstance(v, dict) and any(_has_marker(x) for x in v.values())
+
+
+def _unmarked(v: Any, p: str, key: str, legacy: bool) -> Any:
+    """A tree holding ``NonNumericValue``s (from ``load`` of a reprod_log dump) with their plain
+    values, for a ``.npy``; a ``.npz`` holds numeric data only."""
+    if isinstance(v, dict):
+        return {k: _unmarked(x, p, f"{key}/{k}", legacy) for k, x in v.items()}
+    if isinstance(v, NonNumericValue):
+        if not (legacy and v.has_value):
+            raise UnsupportedValueError(f"{p}: key {key!r} holds {v.what}, not numeric data"
+                                        + ("; only a .npy dump can keep it" if v.has_value else ""))
+        return v.value
+    return v
 
 
 def _is_plain(v: Any) -> bool:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import signal
+import stat
+import threading
 import time
-from typing import BinaryIO, Optional
+from typing import Any, BinaryIO, Optional
 
 try:  # POSIX: a writer holds a lock on its temporary file while it lives
     import fcntl
@@ -43,15 +47,64 @@ class AtomicFile:
     already protects against a crashed or killed process, and fsync made saving a 1 GiB dump
     about 35% slower (benchmarks/README.md). A writer killed outright
     (SIGKILL, power loss) leaves its temporary file behind; the next ``AtomicFile`` for the same
-    path removes such leftovers (see ``remove_stale_temporaries``).
+    path removes such leftovers (see ``remove_stale_temporaries``). SIGTERM (in the main thread,
+    where no other handler is set) ends the process as Ctrl-C does, removing the temporary file.
+
+    What is already at ``path`` is respected:
+
+    - a symlink is written through: the file it points to is replaced (atomically, in its folder)
+      and the link stays;
+    - a FIFO, a device or a socket (``/dev/null``, ``>(cat)``, ``/dev/stdout``) is written to
+      directly and never replaced (``direct`` is True; nothing can then be undone by ``abort``);
+      a FIFO that no process reads fails at once with ``ENXIO`` instead of waiting;
+    - a replaced file's permission bits are kept (a 0600 dump stays 0600); a new file gets those
+      of a plain ``open()`` (0666 less the umask);
+    - a file with other hard links is replaced like any other: this name gets the new dump, the
+      other names keep the old one (the alternative, writing in place, would let a reader see half
+      a dump and crash a process that has the old one mapped).
     """
 
     def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
-        folder = os.path.dirname(self.path)
+        target = os.path.abspath(path)
+        self.path = target
+        self.direct = False
+        self.tmp_path: Optional[str] = None
+        self._mode: Optional[int] = None
+        self._done = False
+        try:
+            st: Optional[os.stat_result] = os.stat(target)  # through symlinks
+        except FileNotFoundError:  # nothing there (or a dangling symlink)
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+            self._open_direct(target)
+            return
+        if os.path.islink(target):
+            # write through the link: the temporary file and the rename go where the data lives
+            target = os.path.realpath(target)
+        if st is not None:
+            self._mode = stat.S_IMODE(st.st_mode)
+        self._target = target
+        folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
-        remove_stale_temporaries(self.path)
-        fd, self.tmp_path = _mkstemp(folder, "." + os.path.basename(self.path) + ".")
+        remove_stale_temporaries(target)
+        _sigterm_hold()
+        main = threading.current_thread() is threading.main_thread()
+        if main:  # SIGTERM waits until the temporary file is registered for its handler
+            _critical[0] += 1
+        try:
+            fd, tmp = _mkstemp(folder, "." + os.path.basename(target) + ".")
+            _live_temporaries.add(tmp)
+            self.tmp_path = tmp
+        except BaseException:
+            _sigterm_release()
+            raise
+        finally:
+            if main:
+                _critical[0] -= 1
+        if main and _term_state["pending"]:
+            _terminate(signal.SIGTERM)  # one came meanwhile: removes the file, raises SystemExit
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -60,26 +113,49 @@ class AtomicFile:
         # a 1 MiB buffer: dumps of thousands of small keys are written in KiB pieces (a system call
         # each with the default 8 KiB); large payloads bypass it
         self.file: BinaryIO = os.fdopen(fd, "w+b", buffering=1 << 20)
-        self._done = False
+
+    def _open_direct(self, target: str) -> None:
+        """Open a FIFO, device or socket for writing, as the shell's ``>`` would (no truncation
+        matters there); O_NONBLOCK only for the open, so that a FIFO without a reader fails."""
+        flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(target, flags | getattr(os, "O_NONBLOCK", 0))
+        try:
+            if fcntl is not None:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            self.file = os.fdopen(fd, "wb", buffering=1 << 20)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.direct = True
 
     def commit(self) -> str:
         if self._done:
+            return self.path
+        if self.direct:
+            self._done = True
+            self.file.close()  # flushes; a write error shows here
             return self.path
         try:
             self.file.flush()
             if _FSYNC:
                 os.fsync(self.file.fileno())
             self.file.close()
-            # mkstemp creates 0600; give the dump the permissions a plain open() would have
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp_path, 0o666 & ~umask)
-            os.replace(self.tmp_path, self.path)
+            mode = self._mode
+            if mode is None:
+                # mkstemp creates 0600; give the dump the permissions a plain open() would have
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            assert self.tmp_path is not None
+            os.chmod(self.tmp_path, mode)
+            os.replace(self.tmp_path, self._target)
+            _live_temporaries.discard(self.tmp_path)
         except BaseException:
             # a full disk often shows only here, when the last buffered bytes are flushed
             self.abort()
             raise
         self._done = True
+        _sigterm_release()
         return self.path
 
     def abort(self) -> None:
@@ -91,10 +167,14 @@ class AtomicFile:
         except OSError:
             pass  # closing flushes; on a full disk that fails, and the file goes anyway
         finally:
-            try:
-                os.unlink(self.tmp_path)
-            except FileNotFoundError:
-                pass
+            if self.tmp_path is not None:
+                try:
+                    os.unlink(self.tmp_path)
+                except FileNotFoundError:
+                    pass
+                finally:
+                    _live_temporaries.discard(self.tmp_path)
+                    _sigterm_release()
 
     def __enter__(self) -> AtomicFile:
         return self
@@ -104,6 +184,73 @@ class AtomicFile:
             self.commit()
         else:
             self.abort()
+
+
+# --- SIGTERM while a temporary file exists ---------------------------------------------------------
+# Ctrl-C (KeyboardInterrupt) unwinds through the writers' cleanup and removes their temporary
+# files; SIGTERM's default action ends the process on the spot and left hundreds of MB behind. While
+# at least one AtomicFile holds a temporary file, SIGTERM (in the main thread, where Python runs
+# signal handlers) removes every temporary file of this process's live AtomicFiles and raises
+# SystemExit(143): the writers' cleanup then runs as for Ctrl-C, finding nothing left to remove,
+# and the process exits with status 128 + 15. Removing the files in the handler itself closes the
+# windows where an exception would escape a cleanup (between creating the file and entering the
+# ``with`` block); the handler waits while a temporary file is being created and registered. This
+# happens only where SIGTERM has its default action: a handler the program set, or SIG_IGN, is
+# left alone. The default action is put back when the last such file is committed or aborted.
+_term_lock = threading.Lock()
+_term_holders = [0]
+_term_state: dict[str, Any] = {"installed": False, "terminating": False, "pending": False}
+_live_temporaries: set[str] = set()  # temporary files of live AtomicFiles, for the handler
+_critical = [0]  # > 0 while the main thread creates and registers a temporary file
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _term_state["terminating"]:
+        return  # a second SIGTERM while the first unwinds: let the cleanup finish
+    if _critical[0]:
+        _term_state["pending"] = True  # raised as soon as the new file is registered
+        return
+    _terminate(signum)
+
+
+def _terminate(signum: int) -> None:
+    _term_state["terminating"] = True
+    _term_state["pending"] = False
+    for path in list(_live_temporaries):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    raise SystemExit(128 + signum)
+
+
+def _sigterm_hold() -> None:
+    with _term_lock:
+        _term_holders[0] += 1
+        if _term_state["installed"] or threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, _on_sigterm)
+                _term_state["installed"] = True
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - no signals here
+            pass
+
+
+def _sigterm_release() -> None:
+    with _term_lock:
+        _term_holders[0] = max(0, _term_holders[0] - 1)
+        if _term_holders[0] or not _term_state["installed"]:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return  # put back by the next release in the main thread
+        try:
+            if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except (ValueError, OSError):  # pragma: no cover
+            pass
+        _term_state["installed"] = False
+        _term_state["terminating"] = _term_state["pending"] = False
 
 
 def _mkstemp(folder: str, prefix: str) -> tuple[int, str]:

@@ -117,14 +117,19 @@ def read_torch_state_dict(path: PathLike) -> dict[str, Any]:
     """
     import torch
 
+    from .lazy import open_regular
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DumpFormatError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, KeyError, RuntimeError, EOFError...
-        with open(path, "rb") as f:
+    # a FIFO or a device is refused, and torch reads the very file that was checked
+    with os.fdopen(open_regular(path)[0], "rb") as f:
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+            exc = None
+        except Exception as e:  # torch raises UnpicklingError, KeyError, RuntimeError, EOFError...
+            exc = e
+            f.seek(0)
             head = f.read(4)
+    if exc is not None:
         raise DumpFormatError(
             f"{path}: cannot be read by torch.load(weights_only=True): {_torch_load_detail(exc, head)}"
         ) from None
@@ -163,7 +168,9 @@ def read_pdparams(path: PathLike) -> dict[str, np.ndarray]:
             for k, v in root.items()
             if not (isinstance(k, str) and k.endswith(_PADDLE_META_SUFFIX))
         }
-        out = Dump(tree_from_pickle(tensors, mf), mf, path=path, fmt="pdparams").to_dict()
+        # keys sharing one payload (the pickle's memo) share one copy: bounded like reprod.load
+        out = Dump(tree_from_pickle(tensors, mf, markers=False), mf, path=path,
+                   fmt="pdparams").to_dict()
     finally:
         mf.close()
     for k, v in out.items():

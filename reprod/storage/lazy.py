@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import zlib
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -16,15 +16,9 @@ import numpy as np
 from ..adapters import BFLOAT16, bf16_bits_to_float32
 from ..errors import DumpFormatError
 
-__all__ = ["ArraySpec", "Dump", "MappedFile", "VERIFY_SMALL_BYTES"]
+__all__ = ["ArraySpec", "Dump", "MappedFile", "NonNumericValue", "VERIFY_SMALL_BYTES", "open_regular"]
 
-try:  # the compiled kernel's CRC-32 (same result as zlib.crc32, ~3x faster with PCLMULQDQ)
-    from ..diff._kernel import crc32 as _crc32  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
-    _crc32 = None
-if os.environ.get("REPROD_KERNEL", "1") == "0":
-    _crc32 = None
-crc32: Callable[..., int] = _crc32 or zlib.crc32  # crc32(data, value=0), zlib's result
+from .._native import crc32  # zlib's CRC-32, by the kernel where it is on
 
 # By default a member's CRC is checked on first access when the member is smaller than this: the
 # check then costs well under a millisecond, and larger members are left to ``verify=True``.
@@ -32,24 +26,67 @@ VERIFY_SMALL_BYTES = 1 << 20
 _CRC_CHUNK = 16 << 20
 
 
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) \
+    | getattr(os, "O_BINARY", 0)
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """``(fd, fstat)`` of ``path`` opened for reading, or a one-line ``DumpFormatError``: a FIFO,
+    a device, a socket or a directory is refused. ``os.stat`` first, so that nothing but a regular
+    file is opened at all, then ``O_NONBLOCK`` (opening a FIFO swapped in meanwhile does not wait
+    for a writer) and ``S_ISREG`` on the opened descriptor, which is what is read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DumpFormatError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DumpFormatError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    _check_regular(path, st)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise DumpFormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DumpFormatError(f"{path}: is a directory, not a dump") from None
+    except OSError as exc:
+        raise DumpFormatError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        _check_regular(path, st)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _check_regular(path: str, st: os.stat_result) -> None:
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise DumpFormatError(f"{path}: is a directory, not a dump")
+    what = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+    raise DumpFormatError(f"{path}: is {what}, not a dump (only regular files are read)")
+
+
 class MappedFile:
     """One read-only mmap of a dump, shared by every array viewed from it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        fd, st = open_regular(path)
         try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            raise DumpFormatError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise DumpFormatError(f"{path}: is a directory, not a dump") from None
-        except OSError as exc:
-            raise DumpFormatError(f"{path}: cannot open ({exc.strerror})") from None
-        with f:
-            self.size = os.fstat(f.fileno()).st_size
+            self.size = st.st_size
             if self.size == 0:
                 raise DumpFormatError(f"{path}: empty file, not a dump")
-            self.mm: Optional[mmap.mmap] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                self.mm: Optional[mmap.mmap] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
+                raise DumpFormatError(f"{path}: cannot map the file ({_one_line(exc)})") from None
+        finally:
+            os.close(fd)
         # byte ranges whose checksum has been verified; shared by every Dump viewing this file
         self.verified: set[int] = set()
         self._view: Optional[memoryview] = None
@@ -157,7 +194,42 @@ class ArraySpec:
         mf.verified.add(start)
 
 
-Node = Union[ArraySpec, "dict[str, Node]"]
+class NonNumericValue:
+    """What ``Dump[key]`` gives for a value of a reprod_log ``.npy`` that is not numeric data (a
+    ``str``, ``None``, a list that is no array, an array of strings or objects): the key loads,
+    and so do the file's other keys; the comparison engine reports this key as a ``type``
+    verdict. ``what`` says what the file holds (one line, for a reason); ``value`` is the plain
+    Python value where the file holds one (a str, bytes, None, a number, or lists and tuples of
+    them), else ``None`` with ``has_value`` False. Nothing in the file is run to build it.
+
+    >>> reprod.load("old_run.npy")["model_name"]
+    <reprod non-numeric value: a str ('resnet50')>
+    """
+
+    __slots__ = ("what", "kind", "value", "has_value", "source_dtype", "loader", "check")
+
+    def __init__(self, what: str, kind: str, value: Any = None, has_value: bool = False) -> None:
+        self.what = what
+        self.kind = kind  # "str", "bytes", "NoneType", "list", "tuple", "array", ...
+        self.value = value
+        self.has_value = has_value
+        # the ArraySpec attributes the readers and the engine look at, so it passes as a leaf
+        self.source_dtype: Optional[str] = None
+        self.loader = None
+        self.check = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+    def __str__(self) -> str:
+        return self.what
+
+    def __repr__(self) -> str:
+        return f"<reprod non-numeric value: {self.what}>"
+
+
+Node = Union[ArraySpec, NonNumericValue, "dict[str, Node]"]
 
 
 class Dump(Mapping[str, Any]):
@@ -187,6 +259,8 @@ class Dump(Mapping[str, Any]):
         node = self._tree[key]
         if isinstance(node, dict):
             return self._child(key, node)
+        if type(node) is NonNumericValue:
+            return node
         try:
             if self.pending_check(node) is not None:
                 node.verify(self._mf, lambda: self._where(key))
@@ -239,7 +313,7 @@ class Dump(Mapping[str, Any]):
         for key, node in self._tree.items():
             if isinstance(node, dict):
                 self._child(key, node).verify()
-            else:
+            elif type(node) is ArraySpec:
                 node.verify(self._mf, f"{self.path}: key {self._prefix + key!r}")
 
     def __iter__(self) -> Iterator[str]:
@@ -262,11 +336,24 @@ class Dump(Mapping[str, Any]):
         return None if isinstance(node, dict) else node.source_dtype
 
     def to_dict(self) -> dict[str, Any]:
-        """Read everything into plain (writable) numpy arrays and dicts."""
+        """Read everything into plain (writable) numpy arrays and dicts (``NonNumericValue``s stay
+        as they are). Keys that the file stores as one shared payload (a pickle's memo) share one
+        copy here too, as ``pickle.load`` would give them: memory stays that of the file's data,
+        however many keys refer to it."""
+        return self._to_dict({})
+
+    def _to_dict(self, copies: dict[int, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for k in self:
-            v = self[k]
-            out[k] = v.to_dict() if isinstance(v, Dump) else np.array(v)
+        for k, node in self._tree.items():
+            if isinstance(node, dict):
+                out[k] = self._child(k, node)._to_dict(copies)
+            elif type(node) is NonNumericValue:
+                out[k] = node
+            else:
+                arr = copies.get(id(node))
+                if arr is None:
+                    arr = copies[id(node)] = np.array(self[k])
+                out[k] = arr
         return out
 
     def close(self) -> None:
@@ -294,9 +381,14 @@ class Dump(Mapping[str, Any]):
         cow: Optional[mmap.mmap] = None
         if mf is not None:
             try:
-                with open(self.path, "rb") as f:
-                    if os.fstat(f.fileno()).st_size == mf.size:
-                        cow = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                fd, st = open_regular(self.path)
+                try:
+                    if st.st_size == mf.size:
+                        cow = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                finally:
+                    os.close(fd)
+            except DumpFormatError:
+                raise
             except (OSError, ValueError) as exc:
                 raise DumpFormatError(f"{self.path}: cannot map the file again "
                                       f"({_one_line(exc)})") from None
@@ -311,6 +403,9 @@ class Dump(Mapping[str, Any]):
             for key, node in dump._tree.items():
                 if isinstance(node, dict):
                     out[key] = build(dump._child(key, node))
+                elif type(node) is NonNumericValue:
+                    # what numpy.load gives for it, where the file holds a plain value
+                    out[key] = node.value if node.has_value else node
                 elif cow is None or node.loader is not None:
                     out[key] = np.array(dump[key])  # its own copy: a loader may cache its array
                 elif node.source_dtype is not None:

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from ..errors import DumpFormatError
 from .atomic import AtomicFile
-from .lazy import ArraySpec, Dump, MappedFile
+from .lazy import ArraySpec, Dump, MappedFile, NonNumericValue
 from .npy_header import MAX_DEPTH, MAX_NDIM, _short, check_shape, parse_npy_header
 from .pickle_walker import (
     SAFE_GLOBALS,
     _ArrayStub,
     _Payload,
     _PickleWalker,
+    _Py2Payload,
+    _Py2Str,
     _Scalar,
     restricted_unpickle,
 )
@@ -31,20 +33,46 @@ __all__ = ["read_legacy", "write_legacy", "SAFE_GLOBALS", "restricted_unpickle",
            "check_shape"]
 
 # A pickle's memo lets one sub-dict or list be referenced many times, so a tiny file can describe a
-# tree of billions of entries. Real dumps reference each container about once: the tree may hold at
-# most this many entries per pickle opcode (plus a constant) before the file is refused.
-_EXPANSION = 4
+# tree of billions of entries. Real dumps reference each container about once, and each entry of
+# theirs costs at least one opcode: the tree may hold at most this many entries per pickle opcode
+# (plus a constant) before the file is refused. (Each entry is a key to compare: 1 MiB of pickle
+# may describe a few hundred thousand, as a genuine dump of 5-byte keys does.)
+_EXPANSION = 1
 _EXPANSION_FLOOR = 100_000
+# ... and one payload can be the value of many keys (the memo again, or many .npz metadata entries
+# naming one member): the keys of a dump may refer to at most this many bytes of data in all,
+# counted once per key, before the file is refused: comparing (or copying) what a file describes
+# stays within a constant factor of the file's own size. A genuine dump refers to its payloads
+# once each (numbers written as pickle integers widen at most 8 times).
+ALIAS_FACTOR = 64
+ALIAS_FLOOR = 64 << 20
+
+
+def aliased_payloads_error(path: str, keys: int, total: int, size: int) -> DumpFormatError:
+    """The one error both readers give for keys referring to far more data than the file holds."""
+    return DumpFormatError(
+        f"{path}: {keys} keys refer to more than {total} bytes of data in a file of {size} bytes "
+        f"(aliased payloads: the limit is {ALIAS_FACTOR} times the file's size + "
+        f"{ALIAS_FLOOR >> 20} MiB; a hostile file?)")
 
 
 class _Budget:
-    """Counts the entries a tree expands to, against a bound set by the size of its pickle."""
+    """Counts the entries a tree expands to, against a bound set by the size of its pickle, and
+    the bytes of data its keys refer to, against a bound set by the size of the file."""
 
-    __slots__ = ("left", "path")
+    __slots__ = ("left", "path", "bytes_left", "size", "keys", "specs", "trees", "markers")
 
-    def __init__(self, left: int, path: str) -> None:
+    def __init__(self, left: int, path: str, size: int = 0, markers: bool = True) -> None:
         self.left = left
         self.path = path
+        self.size = size
+        self.bytes_left = ALIAS_FACTOR * size + ALIAS_FLOOR
+        self.keys = 0
+        # id(stub or list) -> its spec: keys that share one payload in the pickle share one spec
+        self.specs: dict[int, Any] = {}
+        # id(dict) -> (its tree, entries, data bytes, keys, height): shared dicts, walked once
+        self.trees: dict[int, tuple[dict[str, Any], int, int, int, int]] = {}
+        self.markers = markers  # False: a value that is not numeric data is an error (.pdparams)
 
     def take(self, n: int = 1) -> None:
         self.left -= n
@@ -52,18 +80,53 @@ class _Budget:
             raise DumpFormatError(f"{self.path}: the pickle's shared entries expand to an implausibly "
                                   "large tree (a hostile file?)")
 
+    def data(self, n: int, keys: int = 1) -> None:
+        """``n`` bytes of data referred to (by ``keys`` more keys)."""
+        self.keys += keys
+        self.bytes_left -= n
+        if self.bytes_left < 0:
+            raise aliased_payloads_error(self.path, self.keys, ALIAS_FACTOR * self.size + ALIAS_FLOOR,
+                                         self.size)
 
-def _leaf(value: Any, mf: MappedFile, where: Any, budget: Optional[_Budget] = None, depth: int = 0) -> ArraySpec:
-    """``where``: the key's text for messages, a str or a _KeyText."""
-    path = mf.path
+
+def _marker(where: Any, what: str, kind: str, budget: Optional[_Budget], value: Any = None,
+            has_value: bool = False) -> NonNumericValue:
+    if budget is not None and not budget.markers:
+        raise DumpFormatError(f"{where}: {what} is not numeric data")
+    return NonNumericValue(what, kind, value, has_value)
+
+
+def _leaf(value: Any, mf: MappedFile, where: Any, budget: Optional[_Budget] = None,
+          depth: int = 0) -> Union[ArraySpec, NonNumericValue]:
+    """``where``: the key's text for messages, a str or a _KeyText. A value that is well-formed
+    but not numeric data (a str, None, a list that is no array, an array of strings) is a
+    ``NonNumericValue``; a corrupt one is a ``DumpFormatError``."""
+    tv = type(value)
     if budget is not None:
         budget.take()
+        if tv is _ArrayStub or tv is list or tv is tuple:
+            hit = budget.specs.get(id(value))
+            if hit is not None:  # the pickle's memo: this very value again
+                return hit
+            spec = _leaf_uncached(value, mf, where, budget, depth)
+            budget.specs[id(value)] = spec
+            return spec
+    return _leaf_uncached(value, mf, where, budget, depth)
+
+
+def _leaf_uncached(value: Any, mf: MappedFile, where: Any, budget: Optional[_Budget],
+                   depth: int) -> Union[ArraySpec, NonNumericValue]:
+    path = mf.path
     if type(value) is _ArrayStub:
         if value.dtype is None:
             raise DumpFormatError(f"{where}: corrupt array")
+        if value.dtype.structured:
+            return _marker(where, f"an array of a structured dtype, shape {_shape_text(value.shape)}",
+                           "array", budget)
         dt = value.dtype.to_dtype(where)
         if dt.kind not in "biufc":
-            raise DumpFormatError(f"{where}: array of dtype {dt} is not numeric data")
+            return _marker(where, f"an array of dtype {_dtype_text(value.dtype, dt)}, shape {_shape_text(value.shape)}", "array",
+                           budget)
         nbytes = dt.itemsize * math.prod(value.shape)  # ArraySpec.nbytes, without building one
         data = value.data
         if isinstance(data, _Payload):
@@ -79,9 +142,11 @@ def _leaf(value: Any, mf: MappedFile, where: Any, budget: Optional[_Budget] = No
                              loader=lambda: np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C"))
         raise DumpFormatError(f"{where}: array payload is not raw bytes (object array?)")
     if isinstance(value, _Scalar):
+        if value.dtype.structured:
+            return _marker(where, "a numpy scalar of a structured dtype", "scalar", budget)
         dt = value.dtype.to_dtype(where)
         if dt.kind not in "biufc":
-            raise DumpFormatError(f"{where}: scalar of dtype {dt} is not numeric data")
+            return _marker(where, f"a numpy scalar of dtype {_dtype_text(value.dtype, dt)}", "scalar", budget)
         raw = bytes(value.data if isinstance(value.data, (bytes, bytearray)) else
                     mf.buffer()[value.data.offset: value.data.offset + value.data.length]
                     if isinstance(value.data, _Payload) else b"")
@@ -91,17 +156,30 @@ def _leaf(value: Any, mf: MappedFile, where: Any, budget: Optional[_Budget] = No
     if isinstance(value, (bool, int, float, complex)) and not isinstance(value, _Payload):
         arr = np.array(value)
         if arr.dtype == object:
-            raise DumpFormatError(f"{where}: integer does not fit in 64 bits")
+            return _marker(where, f"an integer of {value.bit_length()} bits (beyond 64)", "int",
+                           budget, value, True)
         return ArraySpec(dtype=arr.dtype, shape=(), loader=lambda: arr)
+    if value is None:
+        return _marker(where, "None", "NoneType", budget, None, True)
+    if isinstance(value, (str, bytes, _Payload)):
+        text = _plain_value(value, mf, budget)
+        kind = type(text).__name__
+        what = f"a {kind} ({_short(text, 60)})"
+        return _marker(where, what, kind, budget, text, True)
     if isinstance(value, (list, tuple)):
         if depth >= MAX_NDIM:
             raise DumpFormatError(f"{where}: list nested more than {MAX_NDIM} levels deep")
-        specs = [_leaf(v, mf, where, budget, depth + 1) for v in value]
+        specs = [_leaf(v, mf, where, budget, depth + 1) if type(v) is not dict else None
+                 for v in value]
         if not specs:
             return ArraySpec(dtype=np.dtype(np.float64), shape=(0,), loader=lambda: np.zeros(0))
+        if any(type(s) is not ArraySpec for s in specs):
+            odd = next(s for s in specs if type(s) is not ArraySpec)
+            held = "a dict" if odd is None else odd.what
+            return _list_marker(value, mf, where, budget, f"it holds {held}")
         # numpy's own rule for a list of equal-shape arrays, worked out without allocating them
         if any(s.shape != specs[0].shape for s in specs):
-            raise DumpFormatError(f"{where}: ragged list is not an array")
+            return _list_marker(value, mf, where, budget, "its items differ in shape")
         dt = functools.reduce(np.promote_types, {s.dtype for s in specs})
         shape = check_shape((len(specs), *specs[0].shape), dt.itemsize, where)
         spec = ArraySpec(dtype=dt, shape=shape)
@@ -110,24 +188,106 @@ def _leaf(value: Any, mf: MappedFile, where: Any, budget: Optional[_Budget] = No
                                   "data expands far beyond the file (a hostile file?)")
 
         def load_list() -> np.ndarray:
-            return np.array([s.materialize(mf) for s in specs], dtype=dt)
+            return np.array([s.materialize(mf) for s in specs], dtype=dt)  # type: ignore[union-attr]
 
         return ArraySpec(dtype=dt, shape=shape, loader=load_list)
     raise DumpFormatError(f"{path}: {str(where).split(': ', 1)[-1]}: value of type {type(value).__name__} is not numeric data")
 
 
+def _list_marker(value: Any, mf: MappedFile, where: Any, budget: Optional[_Budget],
+                 why: str) -> NonNumericValue:
+    kind = type(value).__name__
+    try:
+        plain, ok = _plain_value(value, mf, budget), True
+    except _NotPlain:
+        plain, ok = None, False
+    return _marker(where, f"a {kind} of {len(value)} items that is not an array ({why})", kind,
+                   budget, plain, ok)
+
+
+def _dtype_text(stub: Any, dt: np.dtype) -> str:
+    """``str(dt)`` bounded for a one-line reason, made once per (memoized) dtype: a structured
+    dtype prints every field, milliseconds for thousands of them."""
+    text = stub.text
+    if text is None:
+        text = str(dt) if dt.names is None else f"[{len(dt.names)} fields]"
+        text = stub.text = text if len(text) <= 60 else text[:57] + "..."
+    return text
+
+
+def _shape_text(shape: Any) -> str:
+    text = str(shape) if type(shape) is tuple else "?"  # a checked shape: at most 64 ints
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _plain_value(value: Any, mf: MappedFile, budget: Optional[_Budget], depth: int = 0) -> Any:
+    """The plain Python value (str, bytes, None, numbers, lists and tuples of them) that
+    ``numpy.load(allow_pickle=True)`` would give, for ``NonNumericValue.value``; ``_NotPlain``
+    for anything else (arrays, dicts). Only called on values ``_leaf`` has walked (and budgeted);
+    bytes read from the file count against the budget's data bound."""
+    if value is None or type(value) in (str, bool, int, float, complex):
+        return value
+    if type(value) is _Py2Str:
+        return value.decode("latin1")
+    if isinstance(value, _Payload):
+        if budget is not None:
+            budget.data(value.length, 0)
+        raw = bytes(mf.buffer()[value.offset : value.offset + value.length])
+        return raw.decode("latin1") if type(value) is _Py2Payload else raw
+    if isinstance(value, bytes):
+        return bytes(value)
+    if type(value) in (list, tuple) and depth < MAX_NDIM:
+        items = [_plain_value(v, mf, budget, depth + 1) for v in value]
+        return items if type(value) is list else tuple(items)
+    raise _NotPlain
+
+
 def _tree(d: dict[Any, Any], mf: MappedFile, prefix: str, budget: _Budget, depth: int = 0) -> dict[str, Any]:
+    return _subtree(d, mf, prefix, budget, depth)[0]
+
+
+def _subtree(d: dict[Any, Any], mf: MappedFile, prefix: str, budget: _Budget,
+             depth: int) -> tuple[dict[str, Any], int]:
+    """(tree, height in dicts). A dict the pickle shares (its memo) is walked once: every further
+    reference charges the budgets what the first walk counted, at once, and shares the tree, so a
+    file of many references to one big dict is refused in time proportional to the file."""
     if depth > MAX_DEPTH:
         raise DumpFormatError(f"{mf.path}: key {prefix.rstrip('/')[:80]!r}...: dicts nested more than "
                               f"{MAX_DEPTH} levels deep")
+    hit = budget.trees.get(id(d))
+    if hit is not None:
+        out, entries, nbytes, keys, height = hit
+        if depth + height > MAX_DEPTH:
+            raise DumpFormatError(f"{mf.path}: key {prefix.rstrip('/')[:80]!r}...: dicts nested "
+                                  f"more than {MAX_DEPTH} levels deep")
+        budget.take(entries)
+        budget.data(nbytes, keys)
+        return out, height
+    left, bytes_left, keys_before = budget.left, budget.bytes_left, budget.keys
     budget.take(1 + len(d))
-    out: dict[str, Any] = {}
+    out = {}
+    height = 0
     for k, v in d.items():
         if type(k) is not str:
-            raise DumpFormatError(f"{mf.path}: key {_short(k)} is a {type(k).__name__}, not a string")
-        out[k] = _tree(v, mf, f"{prefix}{k}/", budget, depth + 1) if isinstance(v, dict) \
-            else _leaf(v, mf, _KeyText(mf.path, prefix + k), budget)
-    return out
+            if type(k) is not int:
+                raise DumpFormatError(f"{mf.path}: key {_short(k)} is a {type(k).__name__}, not a string")
+            # reprod_log's add(3, x) wrote an int key: reprod names it "3", as ReprodLogger does
+            k = str(k)
+            if k in d or k in out:
+                raise DumpFormatError(f"{mf.path}: key {k!r} appears twice (as an int and a str)")
+        if isinstance(v, dict):
+            out[k], h = _subtree(v, mf, f"{prefix}{k}/", budget, depth + 1)
+            height = max(height, h + 1)
+        else:
+            leaf = out[k] = _leaf(v, mf, _KeyText(mf.path, prefix + k), budget)
+            budget.data(leaf.nbytes)
+    budget.trees[id(d)] = (out, left - budget.left, bytes_left - budget.bytes_left,
+                           budget.keys - keys_before, height)
+    return out, height
 
 
 class _KeyText:
@@ -144,15 +304,18 @@ class _KeyText:
         return f"{self.path}: key {self.name!r}"
 
 
-def tree_from_pickle(root: dict[Any, Any], mf: MappedFile, *, opcodes: Optional[int] = None) -> dict[str, Any]:
+def tree_from_pickle(root: dict[Any, Any], mf: MappedFile, *, opcodes: Optional[int] = None,
+                     markers: bool = True) -> dict[str, Any]:
     """The lazy tree of ArraySpecs for a dict that ``restricted_unpickle`` returned.
 
     The tree may hold a few entries per pickle opcode (``opcodes``; by default the file's size,
     which bounds it) and no more: shared sub-containers cannot blow a small file up into billions
-    of entries.
+    of entries; and its keys may refer to at most ``ALIAS_FACTOR`` times the file's size (plus
+    ``ALIAS_FLOOR``) bytes of data. A value that is not numeric data is a ``NonNumericValue``
+    (``markers=False``: a ``DumpFormatError``).
     """
     left = _EXPANSION * (mf.size if opcodes is None else opcodes) + _EXPANSION_FLOOR
-    return _tree(root, mf, "", _Budget(left, mf.path))
+    return _tree(root, mf, "", _Budget(left, mf.path, mf.size, markers))
 
 
 def read_npy(mf: MappedFile, stem: str) -> Dump:

@@ -14,12 +14,15 @@ import numpy as np
 
 from ..errors import DumpFormatError
 
-__all__ = ["parse_npy_header", "check_shape", "MAX_DEPTH", "MAX_NDIM"]
+__all__ = ["parse_npy_header", "check_shape", "MAX_DEPTH", "MAX_NDIM", "MAX_HEADER_SIZE"]
 
 # nested dicts deeper than this are refused: real dumps nest a few levels, and the readers recurse
 MAX_DEPTH = 64
 # numpy's own limit on dimensions (NPY_MAXDIMS in numpy 2)
 MAX_NDIM = 64
+# numpy's own limit on a header's length (numpy.lib.format._MAX_HEADER_SIZE, which np.load applies
+# to any file it does not trust); numpy writes 118-byte headers for numeric arrays
+MAX_HEADER_SIZE = 10_000
 
 # what numpy's dtype parser raises on strings from a damaged file (a comma string goes through
 # ast.literal_eval, hence SyntaxError)
@@ -69,7 +72,10 @@ def parse_npy_header(buf: Any, start: int, end: int, path: str) -> tuple[np.dtyp
         hstart = start + 12
     else:
         raise DumpFormatError(f"{path}: unsupported .npy version {major}")
-    if hlen > 1 << 20 or hstart + hlen > end:
+    if hlen > MAX_HEADER_SIZE:
+        raise DumpFormatError(f"{path}: .npy header of {hlen} bytes is longer than numpy's limit "
+                              f"of {MAX_HEADER_SIZE}")
+    if hstart + hlen > end:
         raise DumpFormatError(f"{path}: truncated .npy header")
     hend = hstart + hlen
     key = bytes(buf[start:hend])
@@ -96,8 +102,11 @@ def parse_npy_header(buf: Any, start: int, end: int, path: str) -> tuple[np.dtyp
         raise DumpFormatError(f"{path}: corrupt .npy header (bad fortran_order)")
     dt = _descr_dtype(descr, path)
     shape = check_shape(shape, dt.itemsize, f"{path}: corrupt .npy header")
-    if hend - start <= _HEADER_BYTES and len(_HEADERS) < _HEADER_ENTRIES:
-        # numpy writes 128 bytes; a file's header may be 1 MiB
+    long = hend - start > _HEADER_BYTES
+    if len(_HEADERS) < _HEADER_ENTRIES and (not long or _LONG_HEADERS[0] < _LONG_HEADER_ENTRIES):
+        # numpy writes 128 bytes; a file's header may be 10,000: a few of those are kept too, so
+        # that members repeating one long header are parsed once
+        _LONG_HEADERS[0] += long
         nbytes = dt.itemsize
         for s in shape:
             nbytes *= s
@@ -112,6 +121,8 @@ def parse_npy_header(buf: Any, start: int, end: int, path: str) -> tuple[np.dtyp
 # directly, by their bytes, before calling ``parse_npy_header``.
 _HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int, int]] = {}
 _HEADER_BYTES = 512
+_LONG_HEADER_ENTRIES = 64
+_LONG_HEADERS = [0]  # how many of the cached headers are longer than _HEADER_BYTES
 _HEADER_ENTRIES = 4096
 
 # numpy's header, as ``numpy.lib.format`` writes it for plain (non-structured) dtypes

@@ -222,6 +222,9 @@ def _read_npz_zipfile(mf: MappedFile, *, verify: Optional[bool] = None) -> Dump:
         if not entries:
             raise DumpFormatError(f"{mf.path}: zip holds no .npy arrays, not a dump")
     tree: dict[str, Any] = {}
+    made: dict[tuple[str, Optional[str]], ArraySpec] = {}
+    limit = _alias_limit(mf)
+    total = 0
     for path, member, src in entries:
         spec: Any
         if member is None:
@@ -230,14 +233,32 @@ def _read_npz_zipfile(mf: MappedFile, *, verify: Optional[bool] = None) -> Dump:
             zi = by_name.get(member)
             if zi is None:
                 raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: member {member!r} is missing")
-            try:
-                spec = _member_spec(mf, zf, zi, src, starts.get(id(zi)))
-            except DumpFormatError:
-                raise
-            except _zip_errors() as exc:
-                raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: unreadable ({_one_line(exc)})") from None
+            spec = made.get((member, src))
+            if spec is None:  # keys naming one member share its spec (and to_dict's copy)
+                try:
+                    spec = made[member, src] = _member_spec(mf, zf, zi, src, starts.get(id(zi)))
+                except DumpFormatError:
+                    raise
+                except _zip_errors() as exc:
+                    raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: unreadable ({_one_line(exc)})") from None
+            total += spec.nbytes
+            if total > limit:
+                raise _aliased(mf, entries, limit)
         _place(tree, path, spec, mf)
     return Dump(tree, mf, path=mf.path, fmt="npz", meta=meta, verify=verify)
+
+
+def _alias_limit(mf: MappedFile) -> int:
+    """The bytes of data the keys of a dump may refer to in all (``legacy.ALIAS_FACTOR``)."""
+    from .legacy import ALIAS_FACTOR, ALIAS_FLOOR
+
+    return ALIAS_FACTOR * mf.size + ALIAS_FLOOR
+
+
+def _aliased(mf: MappedFile, entries: list[Any], limit: int) -> DumpFormatError:
+    from .legacy import aliased_payloads_error
+
+    return aliased_payloads_error(mf.path, len(entries), limit, mf.size)
 
 
 def _place(tree: dict[str, Any], path: list[str], spec: Any, mf: MappedFile) -> None:
@@ -417,6 +438,9 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
             raise DumpFormatError(f"{mf.path}: zip holds no .npy arrays, not a dump")
     tree: dict[str, Any] = {}
     headers, make, get = _HEADERS, ArraySpec.in_file, members.get
+    made: dict[Any, ArraySpec] = {}
+    limit = _alias_limit(mf)
+    total = 0
     for path, member, src in entries:
         spec: Any
         if member is None:
@@ -441,7 +465,14 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
             if h[3] + h[4] != size:
                 raise DumpFormatError(f"{mf.path}: member {member!r}: header claims {h[4]} bytes of "
                                       f"data, member has {size - h[3]}")
-            spec = make(h[0], h[1], start + h[3], h[2], src, hit)
+            total += h[4]
+            if total > limit:
+                raise _aliased(mf, entries, limit)
+            spec = made.get(start)
+            if spec is None or spec.source_dtype != src:
+                spec = make(h[0], h[1], start + h[3], h[2], src, hit)
+                # keys naming one member share its spec (and to_dict's copy)
+                made[start] = spec
         _place(tree, path, spec, mf)
     return Dump(tree, mf, path=mf.path, fmt="npz", meta=meta, verify=verify)
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from ..adapters import BFLOAT16, float32_to_bf16_bits
-from ..errors import ReprodError
+from ..errors import ReprodError, UnsupportedValueError
 from .atomic import AtomicFile
 from .lazy import _one_line, crc32
 from .npz_format import _EOCD, _EOCD64, _LOCATOR64, _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
@@ -42,6 +42,16 @@ _ONE_WRITE = 1 << 16  # members below this go to the file in one write with thei
 # json.dumps(str, ensure_ascii=False) without the json.dumps call around it
 _json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
 _SAFE_MEMBER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
+# Keys up to this long keep their name as their member's name; longer ones (a zip name holds at
+# most 65,535 bytes) get a numbered member, their name living in the metadata alone.
+_MAX_CLEAN_NAME = 1024
+# A key (its path joined) may be this long at most: the reader takes metadata of up to 64 MiB.
+MAX_KEY_CHARS = 1 << 20
+# A member's record, for a re-added key: where it lies (offset, length) and where its central
+# directory entry is (position in the directory stream).
+_RECORD = struct.Struct("<QQQ")
+_DEAD = b"DEAD"  # what a superseded member's central entry starts with instead of PK\x01\x02
+_FREE_REGIONS = 1 << 16  # free regions remembered for reuse at most
 
 
 def _flatten(tree: Any, dtypes: Any, path: tuple[str, ...],
@@ -79,7 +89,11 @@ class NpzWriter:
     ``path`` stays as it was: a process killed mid-run leaves that earlier dump (or no file), never
     a partial one, plus its temporary file, which the next save to ``path`` removes once stale.
     An error while writing (a full disk) aborts the writer: the temporary file is removed and
-    later ``add``/``close`` calls raise.
+    later ``add``/``close`` calls raise. A re-added key replaces the old value (last one wins, in
+    its first place): the old members leave the directory and their space takes later members
+    that fit, so re-adding a key forever does not grow the file. A key longer than
+    ``_MAX_CLEAN_NAME`` gets a numbered member, its name living in the metadata; one longer than
+    ``MAX_KEY_CHARS`` is refused before anything is written, and the stream goes on.
     """
 
     def __init__(self, path: str) -> None:
@@ -99,6 +113,14 @@ class NpzWriter:
         self._closed = False
         self._aborted: Optional[str] = None
         self._counter = 0
+        # A re-added key supersedes its members: their directory entries are marked dead (and
+        # left out of the directory written on close), and their space, free, takes later members
+        # that fit (a value re-added with the same shape goes back where it was), so re-adding
+        # one key forever does not grow the file. length -> offsets of free regions:
+        self._free: dict[int, list[int]] = {}
+        self._n_free = 0
+        self._dead = 0
+        self._reuse = not self._af.direct or self._file.seekable()
         # a writer dropped or left open at exit gives its temporary file back (in this process
         # only: a forked child exiting must not remove its parent's file)
         self._finalizer = weakref.finalize(self, _abandon, self._af, path, os.getpid())
@@ -114,51 +136,103 @@ class NpzWriter:
         self._check_open()
         leaves: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]] = []
         _flatten(tree, dtypes, (key,), leaves)
+        for path, _, _ in leaves:  # refused before anything is written: the stream goes on
+            n = sum(map(len, path)) + len(path) - 1
+            if n > MAX_KEY_CHARS:
+                raise UnsupportedValueError(
+                    f"{self.path}: key {'/'.join(path)[:60]!r}... is {n} characters long; reprod "
+                    f"stores keys of at most {MAX_KEY_CHARS} characters")
         entries: list[str] = []
+        records: list[bytes] = []
         try:
-            # a re-added key's members are written again beside the old ones: numbered names
-            again = self._keys.seen(key)
+            old = self._keys.records(key)
+            if old:  # a re-added key: its old value's space is free for the new one
+                for offset, length, _cpos in _RECORD.iter_unpack(old):
+                    self._free_region(offset, length)
             for path, arr, src in leaves:
                 if arr is None:  # an empty nested dict: an entry with no member
                     entries.append(json.dumps({"path": list(path), "kind": "dict"}, ensure_ascii=False))
                 else:
-                    entries.append(self._write_member(path, arr, src, again))
+                    entries.append(self._write_member(path, arr, src, records))
             # a re-added key replaces the old value and keeps its place (reprod_log's dict semantics)
-            self._keys.put(key, ", ".join(entries))
+            self._keys.put(key, ", ".join(entries), b"".join(records))
+            if old:
+                for _offset, _length, cpos in _RECORD.iter_unpack(old):
+                    self._kill_entry(cpos)
         except BaseException as exc:
             # a member half written leaves the zip unusable: give up cleanly rather than later
             self._abort(exc)
             raise
 
-    def _member_name(self, path: tuple[str, ...], again: bool) -> str:
+    def _member_name(self, path: tuple[str, ...]) -> str:
         """Keys that make clean zip paths keep their name, so plain numpy.load shows them; the
-        rest get a numbered name. Names cannot clash: a clean name is its key's path, and a path
-        element holding "/" or starting with "__reprod" is not clean; a re-added key (``again``),
-        whose first members keep their names, is numbered."""
+        rest (and keys longer than ``_MAX_CLEAN_NAME``) get a numbered name. Names cannot clash:
+        a clean name is its key's path, and a path element holding "/" or starting with
+        "__reprod" is not clean; a re-added key's old members, which may have its name, are left
+        out of the directory."""
         display = "/".join(path)
         self._counter += 1
-        if not again and _SAFE_MEMBER.match(display) and len(path) == display.count("/") + 1 \
-                and not display.startswith("__reprod"):
+        if len(display) <= _MAX_CLEAN_NAME and _SAFE_MEMBER.match(display) \
+                and len(path) == display.count("/") + 1 and not display.startswith("__reprod"):
             return display + ".npy"
         return f"__reprod_{self._counter - 1}.npy"
 
+    def _free_region(self, offset: int, length: int) -> None:
+        if self._reuse and self._n_free < _FREE_REGIONS and length > 0:
+            self._free.setdefault(length, []).append(offset)
+            self._n_free += 1
+
+    def _take_region(self, n_name: int, size: int) -> Optional[tuple[int, int]]:
+        """A free region (offset, length) that holds a member with an ``n_name``-byte name and
+        ``size`` bytes of data (its alignment padding depends on where it goes), or None."""
+        if not self._n_free:
+            return None
+        least = 30 + n_name + 4 + size  # with no padding; at most 63 bytes more
+        for length in range(least, least + _ALIGN):
+            offsets = self._free.get(length)
+            if not offsets:
+                continue
+            for i in range(len(offsets) - 1, max(-1, len(offsets) - 9), -1):
+                o = offsets[i]
+                pad = (-(o + 30 + n_name + 4)) % _ALIGN
+                if least + pad <= length:
+                    offsets.pop(i)
+                    if not offsets:
+                        del self._free[length]
+                    self._n_free -= 1
+                    return o, length
+        return None
+
+    def _kill_entry(self, cpos: int) -> None:
+        """Mark the central directory entry at ``cpos`` (of the whole directory stream) dead."""
+        self._dead += 1
+        if cpos >= self._central_spilled:
+            at = cpos - self._central_spilled
+            self._central[at : at + 4] = _DEAD
+        else:
+            f = self._central_file
+            f.seek(cpos)
+            f.write(_DEAD)
+            f.seek(0, 2)
+
     def _write_member(self, path: tuple[str, ...], arr: np.ndarray, src: Optional[str],
-                      again: bool = False) -> str:
+                      records: Optional[list[bytes]] = None) -> str:
         if src == BFLOAT16:
             arr = float32_to_bf16_bits(arr)
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        name = self._member_name(path, again)
+        name = self._member_name(path)
         header = _npy_header(arr)
         data = memoryview(arr.reshape(-1)).cast("B") if arr.nbytes else b""
-        self._write_stored(name, header, data, align=True)
+        self._write_stored(name, header, data, align=True, records=records)
         # the metadata entry as json.dumps({"path": [...], "member": name[, "dtype": src]}) writes
         # it, by its C string encoder (json.dumps costs ~5 us an entry)
         text = '{"path": [' + ", ".join(map(_json_str, path)) + '], "member": ' + _json_str(name)
         return text + (', "dtype": ' + _json_str(src) + "}" if src is not None else "}")
 
     def _write_stored(self, name: str, header: bytes, data: Any, *, align: bool,
-                      chunks: Optional[Callable[[], Iterator[bytes]]] = None) -> None:
+                      chunks: Optional[Callable[[], Iterator[bytes]]] = None,
+                      records: Optional[list[bytes]] = None) -> None:
         """One stored member: local header, ``header + data``, and its central directory entry.
 
         The CRC is computed before anything is written, so the file is written front to back
@@ -174,8 +248,10 @@ class NpzWriter:
             for chunk in chunks():
                 size += len(chunk)
                 crc = crc32(chunk, crc)
-        offset = self._pos
         zip64 = size > _ZIP64_LIMIT
+        region = self._take_region(len(raw_name), size) if records is not None and align \
+            and not zip64 else None
+        offset = self._pos if region is None else region[0]
         extra = b""
         if align:
             pad = (-(offset + 30 + len(raw_name) + 4 + (20 if zip64 else 0))) % _ALIGN
@@ -190,6 +266,9 @@ class NpzWriter:
         f = self._file
         head = _LOCAL_HEADER.pack(b"PK\x03\x04", version, 0, _STORED, dos_time, dos_date, crc,
                                   *fields, len(raw_name), len(local_extra))
+        length = 30 + len(raw_name) + len(local_extra) + size
+        if region is not None:
+            f.seek(offset)
         if chunks is not None:
             f.write(b"".join((head, raw_name, local_extra)))
             for chunk in chunks():
@@ -199,7 +278,16 @@ class NpzWriter:
         else:
             f.write(b"".join((head, raw_name, local_extra, header)))
             f.write(data)
-        self._pos = offset + 30 + len(raw_name) + len(local_extra) + size
+        if region is None:
+            self._pos = offset + length
+        else:
+            f.seek(self._pos)
+            if region[1] - length >= 64:  # the rest of a larger region stays free
+                self._free_region(offset + length, region[1] - length)
+            else:
+                length = region[1]
+        if records is not None:
+            records.append(_RECORD.pack(offset, length, self._central_spilled + len(self._central)))
         # the central entry: zip64 values (sizes, then offset) go in a leading extra field, as
         # zipfile writes them
         big = []
@@ -231,15 +319,22 @@ class NpzWriter:
         """The central directory and the end records (zip64 ones where counts or offsets need)."""
         f = self._file
         start = self._pos
-        if self._central_file is not None:  # the entries moved out of memory, in order
-            self._central_file.seek(0)
-            while True:
-                chunk = self._central_file.read(1 << 20)
-                if not chunk:
-                    break
-                f.write(chunk)
-        f.write(self._central)
-        count, size = self._members, self._central_spilled + len(self._central)
+        if not self._dead:
+            if self._central_file is not None:  # the entries moved out of memory, in order
+                self._central_file.seek(0)
+                while True:
+                    chunk = self._central_file.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+            f.write(self._central)
+            count, size = self._members, self._central_spilled + len(self._central)
+        else:  # superseded members' entries are left out
+            count = size = 0
+            for entry in self._live_entries():
+                f.write(entry)
+                count += 1
+                size += len(entry)
         end = start + size
         if count >= _ZIP_FILECOUNT_LIMIT or start > _ZIP64_LIMIT or size > _ZIP64_LIMIT:
             f.write(_EOCD64.pack(b"PK\x06\x06", 44, _ZIP64_VERSION, _ZIP64_VERSION, 0, 0, count,
@@ -247,6 +342,33 @@ class NpzWriter:
             f.write(_LOCATOR64.pack(b"PK\x06\x07", 0, end, 1))
             count, size, start = min(count, 0xFFFF), min(size, 0xFFFFFFFF), min(start, 0xFFFFFFFF)
         f.write(_EOCD.pack(b"PK\x05\x06", 0, 0, count, count, size, start, 0))
+
+    def _live_entries(self) -> Iterator[bytes]:
+        """The central directory entries written so far, in order, less the dead ones."""
+
+        def stream() -> Iterator[bytes]:
+            if self._central_file is not None:
+                self._central_file.seek(0)
+                while True:
+                    chunk = self._central_file.read(1 << 20)
+                    if not chunk:
+                        break
+                    yield chunk
+            yield bytes(self._central)
+
+        buf = b""
+        pos = 0
+        for chunk in stream():
+            buf = buf[pos:] + chunk
+            pos = 0
+            while len(buf) - pos >= 46:
+                n, e, c = struct.unpack_from("<HHH", buf, pos + 28)
+                end = pos + 46 + n + e + c
+                if end > len(buf):
+                    break
+                if buf[pos : pos + 4] != _DEAD:
+                    yield buf[pos:end]
+                pos = end
 
     def close(self) -> str:
         if self._closed and self._aborted is None:
@@ -368,39 +490,57 @@ class _KeyLog:
         row = self.db.execute("SELECT pos FROM k WHERE key = ?", (_db_key(key),)).fetchone()
         return None if row is None else int(row[0])
 
-    def put(self, key: str, text: str) -> None:
+    def records(self, key: str) -> Optional[bytes]:
+        """The member records ``put`` stored with ``key``'s latest text, or None for a new key."""
+        text = self.mem.get(key)
+        if text is None and self.db is not None:
+            row = self.db.execute("SELECT pos, recs FROM k WHERE key = ?", (_db_key(key),)).fetchone()
+            if row is not None:
+                text = self.replaced.get(int(row[0]))
+                if text is None:
+                    return bytes(row[1])
+        if text is None:
+            return None
+        return text[text.index("\0") + 1 :].encode("latin1")
+
+    def put(self, key: str, text: str, records: bytes = b"") -> None:
+        # the records ride after the JSON text, past a NUL (which JSON always escapes), as latin-1
+        # characters: one string per key, in memory, on disk and in ``replaced`` alike
+        rec_text = records.decode("latin1")
         if key in self.mem or (self.db is None and (len(self.mem) < self.spill or self.no_db)):
-            self.mem[key] = text
+            self.mem[key] = text + "\0" + rec_text
             return
         if self.db is None:
             try:
                 import sqlite3
             except ImportError:  # a Python built without it: the keys stay in memory
                 self.no_db = True
-                self.mem[key] = text
+                self.mem[key] = text + "\0" + rec_text
                 return
             # a private database in a temporary file; the logger may be used from any one thread
             self.db = sqlite3.connect("", check_same_thread=False)
-            self.db.execute("CREATE TABLE k (key BLOB PRIMARY KEY, pos INTEGER)")
+            self.db.execute("CREATE TABLE k (key BLOB PRIMARY KEY, pos INTEGER, recs BLOB)")
             self.texts_file = _side_file(self.folder)
         pos = self._position(key)
         if pos is not None:
-            self.replaced[pos] = text
+            self.replaced[pos] = text + "\0" + rec_text
             return
-        self.db.execute("INSERT INTO k VALUES (?, ?)", (_db_key(key), self.spilled))
+        self.db.execute("INSERT INTO k VALUES (?, ?, ?)", (_db_key(key), self.spilled, records))
         raw = text.encode("utf-8", "surrogatepass")
         self.texts_file.write(_TEXT_RECORD.pack(len(raw)) + raw)
         self.spilled += 1
 
     def texts(self) -> Iterator[str]:
-        yield from self.mem.values()
+        for text in self.mem.values():
+            yield text[: text.index("\0")]
         if self.texts_file is not None:
             self.texts_file.flush()
             self.texts_file.seek(0)
             for pos in range(self.spilled):
                 (n,) = _TEXT_RECORD.unpack(self.texts_file.read(_TEXT_RECORD.size))
                 text = self.texts_file.read(n).decode("utf-8", "surrogatepass")
-                yield self.replaced.get(pos, text)
+                text = self.replaced.get(pos, text)
+                yield text[: text.index("\0")] if "\0" in text else text
             self.texts_file.seek(0, 2)
 
     def keys(self) -> list[str]:

@@ -9,12 +9,12 @@ stubs below) is turned into a lazy tree by ``legacy.tree_from_pickle``.
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Any, Optional
 
 import numpy as np
 
+from .._native import scanner
 from ..errors import DumpFormatError, UnsafeDumpError
 from .npy_header import _DTYPE_PARSE_ERRORS, _short, check_shape
 
@@ -42,12 +42,6 @@ SAFE_GLOBALS: dict[tuple[str, str], int] = {
 # Payloads at least this long are left in the file and viewed in place; shorter ones are copied.
 _INLINE_LIMIT = 256
 
-try:  # the compiled scanner of numpy's per-array opcodes (optional, like the comparison kernel)
-    from ..diff._kernel import scan_items as _scan  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
-    _scan = None
-if os.environ.get("REPROD_KERNEL", "1") == "0":
-    _scan = None
 
 
 class _Payload:
@@ -60,6 +54,25 @@ class _Payload:
         self.length = length
 
 
+class _Py2Payload(_Payload):
+    """A long Python 2 ``str`` (BINSTRING), left in the file: bytes where numpy wants bytes (an
+    array's data), latin-1 text where a str is wanted (a key, a dtype), as
+    ``numpy.load(encoding="latin1")`` reads it."""
+
+    __slots__ = ()
+
+
+class _Py2Str(bytes):
+    """A short Python 2 ``str`` (SHORT_BINSTRING, BINSTRING): see ``_Py2Payload``."""
+
+    __slots__ = ()
+
+
+# numpy's own bound on a header's length (numpy.lib.format._MAX_HEADER_SIZE): dtype strings from a
+# pickle are held to it too; a numeric dtype's string has a few characters
+MAX_DTYPE_STRING = 10_000
+
+
 class _Global:
     __slots__ = ("kind", "name")
 
@@ -69,23 +82,37 @@ class _Global:
 
 
 class _DtypeStub:
-    __slots__ = ("descr", "byteorder", "structured")
+    __slots__ = ("descr", "byteorder", "structured", "_parsed", "text")
 
     def __init__(self, descr: str) -> None:
         self.descr = descr
         self.byteorder = "|"
         self.structured = False
+        # the parse of this stub, dtype or error text: a memoized dtype is referenced by every
+        # array of its kind, and is parsed once (BUILD, which changes it, clears this)
+        self._parsed: Any = None
+        self.text: Optional[str] = None  # the dtype as messages show it, made once (legacy)
 
-    def to_dtype(self, where: str) -> np.dtype:
+    def to_dtype(self, where: Any) -> np.dtype:
+        """The numpy dtype; ``DumpFormatError`` for one that does not parse or is structured.
+        ``where`` (str() of it) names the key in the message."""
+        parsed = self._parsed
+        if parsed is None:
+            parsed = self._parsed = self._parse()
+        if type(parsed) is str:
+            raise DumpFormatError(f"{where}: {parsed}")
+        return parsed
+
+    def _parse(self) -> Any:
         if self.structured:
-            raise DumpFormatError(f"{where}: structured dtype is not numeric data")
+            return "structured dtype is not numeric data"
         cached = _STUB_DTYPES.get((self.descr, self.byteorder))
         if cached is not None:  # a dump repeats a handful of dtypes thousands of times
             return cached
         try:
             dt = np.dtype(self.descr)
         except _DTYPE_PARSE_ERRORS:
-            raise DumpFormatError(f"{where}: unknown dtype {_short(self.descr)}") from None
+            return f"unknown dtype {_short(self.descr)}"
         if self.byteorder in ("<", ">") and dt.itemsize > 1:
             dt = dt.newbyteorder(self.byteorder)
         if len(self.descr) <= 16 and len(self.byteorder) == 1 and len(_STUB_DTYPES) < 256:
@@ -162,6 +189,21 @@ class _PickleWalker:
             return _Payload(p, n)
         return self._bytes(n)
 
+    def _py2_blob(self, n: int) -> Any:
+        if n >= _INLINE_LIMIT:
+            p = self._need(n)
+            return _Py2Payload(p, n)
+        return _Py2Str(self._bytes(n))
+
+    def _as_str(self, x: Any) -> Any:
+        """A Python 2 str as the text ``numpy.load(encoding="latin1")`` makes of it; anything
+        else unchanged."""
+        if type(x) is _Py2Str:
+            return x.decode("latin1")
+        if type(x) is _Py2Payload:
+            return bytes(self.buf[x.offset : x.offset + x.length]).decode("latin1")
+        return x
+
     def _text(self, n: int) -> str:
         try:
             # pickle writes str with "surrogatepass": a key holding a lone surrogate (a file name
@@ -189,10 +231,11 @@ class _PickleWalker:
                 raise DumpFormatError(f"{self.path}: corrupt pickle (stack underflow at byte {self.pos})")
             return stack.pop()
 
+        scan = scanner()  # the kernel's scanner, or None: the generic loop alone
         while True:
             if self.pos >= self.end:
                 raise DumpFormatError(f"{self.path}: truncated pickle (no STOP opcode)")
-            if _scan is not None and self.buf[self.pos] == 0x8C:  # SHORT_BINUNICODE: a key?
+            if scan is not None and self.buf[self.pos] == 0x8C:  # SHORT_BINUNICODE: a key?
                 at = self.pos
                 self._scan_items(stack, memo)
                 if self.pos != at:
@@ -263,10 +306,10 @@ class _PickleWalker:
                 stack.append(self._blob(self._unpack("<Q", 8)))
             elif op == 0x96:  # BYTEARRAY8
                 stack.append(self._blob(self._unpack("<Q", 8)))
-            elif op == 0x55:  # SHORT_BINSTRING (py2 str, read as bytes)
-                stack.append(self._blob(self._u8()))
+            elif op == 0x55:  # SHORT_BINSTRING (a Python 2 str)
+                stack.append(self._py2_blob(self._u8()))
             elif op == 0x54:  # BINSTRING
-                stack.append(self._blob(self._unpack("<i", 4)))
+                stack.append(self._py2_blob(self._unpack("<i", 4)))
             elif op == 0x7D:  # EMPTY_DICT
                 stack.append({})
             elif op == 0x5D:  # EMPTY_LIST
@@ -451,12 +494,14 @@ class _PickleWalker:
 
     def _scan_items(self, stack: list[Any], memo: dict[int, Any]) -> None:
         """Dict items ``key: ndarray`` in numpy's exact form, located by the compiled scanner
-        (``reprod.diff._kernel.scan_items``) and committed here with the generic loop's checks,
+        (``reprod._kernel.scan_items``) and committed here with the generic loop's checks,
         stack, memo and step count. Stops at the first item that does not fit; the generic loop
         walks on from there. Called with ``pos`` on a SHORT_BINUNICODE opcode."""
         buf = self.buf
+        scan = scanner()
+        assert scan is not None
         for (_start, key_at, key_len, rec, nd, third, shape, shape_memo, dt, fortran, data_at, n,
-             after, steps) in _scan(buf, self.pos, self.end, 1 << 16):
+             after, steps) in scan(buf, self.pos, self.end, 1 << 16):
             rec_g, nd_g, dtype = memo.get(rec), memo.get(nd), memo.get(dt)
             if not (type(rec_g) is _Global and rec_g.kind == _RECONSTRUCT and type(nd_g) is _Global
                     and nd_g.kind == _NDARRAY and third in memo and type(dtype) is _DtypeStub):
@@ -496,7 +541,9 @@ class _PickleWalker:
             raise DumpFormatError(f"{self.path}: corrupt pickle (odd number of dict items)")
         for i in range(0, len(items), 2):
             k = items[i]
-            if isinstance(k, _Payload):
+            if type(k) is _Py2Str or type(k) is _Py2Payload:
+                k = self._as_str(k)  # a Python 2 dump's keys
+            elif isinstance(k, _Payload):
                 k = self._materialize_bytes(k)
             # only flat keys: hashing a tuple nested a million deep recurses in C
             if not isinstance(k, (str, bytes, int, float)) and k is not None:
@@ -528,9 +575,13 @@ class _PickleWalker:
                 raise DumpFormatError(f"{self.path}: corrupt pickle (bad array reconstruct)")
             return _ArrayStub()
         if k == _DTYPE:
-            if not args or not isinstance(args[0], str):
+            descr = self._as_str(args[0]) if args else None
+            if not isinstance(descr, str):
                 raise DumpFormatError(f"{self.path}: corrupt pickle (bad dtype)")
-            return _DtypeStub(args[0])
+            if len(descr) > MAX_DTYPE_STRING:
+                raise DumpFormatError(f"{self.path}: corrupt pickle (a dtype string of {len(descr)} "
+                                      f"characters; numpy's limit is {MAX_DTYPE_STRING})")
+            return _DtypeStub(descr)
         if k == _SCALAR:
             if len(args) < 1 or not isinstance(args[0], _DtypeStub):
                 raise DumpFormatError(f"{self.path}: corrupt pickle (bad scalar)")
@@ -558,11 +609,16 @@ class _PickleWalker:
             stub.shape, stub.dtype, stub.fortran, stub.data, stub.built = shape, args[1], args[3] == "F", args[0], True
             return stub
         if k == _ODICT:
-            if args not in ((), ([],)):
-                if len(args) == 1 and isinstance(args[0], list):
-                    return self._pairs({}, [x for kv in args[0] for x in kv])
-                raise DumpFormatError(f"{self.path}: corrupt pickle (bad OrderedDict)")
-            return {}
+            if args == ():
+                return {}
+            if len(args) == 1 and type(args[0]) is list:
+                items: list[Any] = []
+                for kv in args[0]:  # OrderedDict([(k, v), ...]): pairs and nothing else
+                    if type(kv) not in (tuple, list) or len(kv) != 2:
+                        raise DumpFormatError(f"{self.path}: corrupt pickle (bad OrderedDict item)")
+                    items += kv
+                return self._pairs({}, items)
+            raise DumpFormatError(f"{self.path}: corrupt pickle (bad OrderedDict)")
         raise UnsafeDumpError(f"{self.path}: refuses to call {func.name}")
 
     def _itemsize(self, dtype: _DtypeStub) -> int:
@@ -582,9 +638,11 @@ class _PickleWalker:
             shape = check_shape(shape, self._itemsize(dtype), f"{self.path}: corrupt pickle")
             obj.shape, obj.dtype, obj.fortran, obj.data, obj.built = shape, dtype, bool(fortran), data, True
         elif isinstance(obj, _DtypeStub):
-            if isinstance(state, tuple) and len(state) >= 2 and isinstance(state[1], str):
-                obj.byteorder = state[1]
+            order = self._as_str(state[1]) if isinstance(state, tuple) and len(state) >= 2 else None
+            if isinstance(order, str):
+                obj.byteorder = order
                 obj.structured = len(state) > 3 and state[3] is not None
+                obj._parsed = None
             else:
                 raise DumpFormatError(f"{self.path}: corrupt pickle (bad dtype state)")
         else:
