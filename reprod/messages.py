@@ -108,6 +108,10 @@ def reason_inf(unmatched: int, ref_inf: int, other_inf: int) -> str:
             f"(ref {ref_inf} Inf, other {other_inf} Inf)")
 
 
+def reason_non_numeric(sides: list[str]) -> str:
+    return "; ".join(sides) + ", not numeric data"
+
+
 def note_uncalibrated(why: str) -> str:
     return f"no noise calibration ({why}): judged by the plain threshold"
 

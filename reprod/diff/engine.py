@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 from .. import messages as msg
 from .._gc import gc_paused
+from ..storage.lazy import NonNumericValue
 from .batch import compare_batch, unravel
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
 from .metrics import compute_stats
@@ -124,6 +125,18 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
     )
 
 
+def _non_numeric(p: Pair, leaf: str) -> Optional[str]:
+    """The reason for a pair where a side holds a value that is not numeric data, else None."""
+    sides = []
+    for name, tree in (("ref", p.ref_tree), ("other", p.other_tree)):
+        if tree is None or p.kind == "type":
+            continue
+        value = tree[leaf]
+        if isinstance(value, NonNumericValue):
+            sides.append(f"{name} holds {value.what}")
+    return msg.reason_non_numeric(sides) if sides else None
+
+
 def _plain_array_key(tree: Any) -> Optional[str]:
     """The key of a dump that is one plain ``.npy`` array (named after its file), else None."""
     if getattr(tree, "format", None) == "npy-array" and len(tree) == 1:
@@ -183,6 +196,10 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
     base: dict[str, Any] = {"key": key, "path": p.path, "methods": methods, "thresholds": thresholds,
                             "atol": atol, "rtol": rtol}
     failed_checks = {m: False for m in thresholds}  # verdicts without a statistic fail every method
+    odd = _non_numeric(p, leaf)
+    if odd is not None:  # a str, None, list... in a reprod_log file: this key's verdict, not the file's
+        return KeyResult(passed=False, status="type" if p.kind in ("leaf", "type") else p.kind,
+                         checks=failed_checks, reason=odd, **base)
     if p.kind in ("missing", "extra"):
         tree = p.ref_tree if p.kind == "missing" else p.other_tree
         assert tree is not None
