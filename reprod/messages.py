@@ -108,6 +108,11 @@ def reason_inf(unmatched: int, ref_inf: int, other_inf: int) -> str:
             f"(ref {ref_inf} Inf, other {other_inf} Inf)")
 
 
+def reason_nothing(ref: str, other: str, filtered: bool) -> str:
+    what = "no key matches the key filter" if filtered else "neither side holds an array"
+    return f"nothing to compare: {what} (ref {ref}, other {other})"
+
+
 def reason_non_numeric(sides: list[str]) -> str:
     return "; ".join(sides) + ", not numeric data"
 

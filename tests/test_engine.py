@@ -149,7 +149,7 @@ def test_first_failure_follows_reference_order_not_other_order() -> None:
         ("fc.*", ["fc.weight", "fc.bias"]),
         (["*.bias", "conv*"], ["conv.weight", "fc.bias", "gone.bias"]),
         ("net/*", ["net/x"]),
-        ("nothing*", []),
+        ("nothing*", ["(nothing compared)"]),
     ],
 )
 def test_keys_glob_selects_keys(keys: Any, want: list[str]) -> None:
@@ -163,7 +163,15 @@ def test_keys_glob_selects_keys(keys: Any, want: list[str]) -> None:
     other = {k: v for k, v in ref.items() if k != "gone.bias"}
     r = compare(ref, other, keys=keys)
     assert r.keys() == want
-    assert ("gone.bias" in want) is (not r.passed)
+    # a missing key fails; so does a filter that selects nothing (comparing nothing proves nothing)
+    assert ("gone.bias" in want or not r.results[0].path) is (not r.passed)
+
+
+def test_comparing_nothing_is_a_failure_with_its_own_verdict() -> None:
+    for ref, other in (({}, {}), ({"a": {}}, {"b": {}})):
+        r = compare(ref, other)
+        assert not r.passed and [kr.status for kr in r] == ["nothing"]
+        assert "nothing to compare" in r.results[0].reason
 
 
 # ---------------------------------------------------------------------------------------------

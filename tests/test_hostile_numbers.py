@@ -333,3 +333,11 @@ def test_unusual_keys_round_trip_and_compare_in_both_formats(tmp_path, fmt) -> N
     assert [k.path for k in r.failed] == [("../../etc/passwd",), ("nest", "a", "b")]
     # a key with "/" stays one element: its display name may equal a nested key's
     assert [k.key for k in r.results if k.key == "nest/a/b"] == ["nest/a/b"] * 2
+
+
+def test_complex_worst_element_beyond_the_float64_range_is_inf_not_an_error() -> None:
+    a = {"c": np.array([1.5e308 + 1.5e308j, 1 + 1j])}
+    b = {"c": np.array([-1.5e308 - 1.5e308j, 1 + 1j])}
+    kr = reprod.compare(a, b)["c"]
+    assert kr.status == "failed" and kr.worst_index == (0,)
+    assert kr.worst_ref == kr.worst_other == float("inf") and kr.max_abs == float("inf")

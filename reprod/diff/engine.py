@@ -110,6 +110,9 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
                 results.append(kr)
                 if bar is not None:
                     bar.key_done()
+    if not results:  # comparing nothing proves nothing: never an all-clear
+        results.append(KeyResult(key="(nothing compared)", passed=False, status="nothing",
+                                 reason=msg.reason_nothing(a.name, b.name, bool(keys))))
     options = policy.options()
     if hi is not None:
         options["noise"] = hi.name

@@ -309,6 +309,9 @@ def _scalar_at(a: np.ndarray, i: int) -> float:
     scalar in between."""
     v = a.item(i)
     if isinstance(v, complex):
-        return v.real if v.imag == 0 else abs(v)
+        if v.imag == 0:
+            return v.real
+        # abs(v) raises OverflowError for components near the float64 limit; hypot gives inf
+        return math.hypot(v.real, v.imag)
     return float(v)
 

@@ -25,7 +25,8 @@ STAT_OF_METHOD: dict[str, str] = {
 ALL_METHODS = ("min", "max", "mean")
 
 # status words, in the order a report lists them
-STATUSES = ("passed", "kink", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type")
+STATUSES = ("passed", "kink", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type",
+            "nothing")
 
 
 _NONFINITE = ("inf", "-inf", "nan")
