@@ -69,6 +69,16 @@ def _key_threshold(text: str) -> tuple[str, Union[float, dict[str, float]]]:
         raise argparse.ArgumentTypeError(f"not a number in {text!r}") from None
 
 
+def _row_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a row count (0 or more), got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``reprod-diff`` argument parser (exposed for documentation and shell completion)."""
     p = argparse.ArgumentParser(
@@ -79,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
             "1 some key failed, 2 bad usage or unreadable input."
         ),
     )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"reprod {__version__}")
     p.add_argument("ref", metavar="REF", help="reference dump or folder (e.g. the torch side)")
     p.add_argument("other", metavar="OTHER", help="dump or folder to check (e.g. the paddle side)")
     p.add_argument(
@@ -119,7 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise-factor",
         type=float,
         metavar="F",
-        help="with --noise: how many times its noise a key may differ (default 10)",
+        help="with --noise: how many times its noise a key may differ (default 20)",
+    )
+    p.add_argument(
+        "--by-order",
+        action="store_true",
+        help="pair OTHER's keys with REF's by order when their names differ: layer captures by "
+        "call order (reprod.capture.rename_by_order), anything else leaf by leaf while shapes agree",
+    )
+    p.add_argument(
+        "--rename",
+        metavar="FILE",
+        help="rename OTHER's keys before pairing: a JSON file holding {\"old name\": \"new name\"} "
+        "or [[\"regex\", \"replacement\"], ...] (capture keys are renamed by layer name)",
     )
     p.add_argument(
         "--strict-shape",
@@ -133,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--first",
         action="store_true",
         help="report only the first failing key, in detail (instead of the --format report)",
+    )
+    p.add_argument(
+        "--failed-only", action="store_true", help="table: list only the keys that failed"
+    )
+    p.add_argument(
+        "--max-rows",
+        type=_row_count,
+        metavar="N",
+        help="table: show at most N rows per table, then a '... M more rows' line",
     )
     p.add_argument(
         "--html", metavar="PATH", help="also write a self-contained HTML report to PATH"
@@ -153,14 +187,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dump_files(folder: str) -> list[str]:
-    """Relative paths (with "/") of every dump under ``folder``, sorted for a stable report."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in files:
-            if name.endswith(DUMP_SUFFIXES):
-                rel = os.path.relpath(os.path.join(root, name), folder)
-                found.append(rel.replace(os.sep, "/"))
+    """Relative paths (with "/") of every dump under ``folder``, sorted for a stable report.
+
+    Dumps are regular files (a FIFO or a device named ``x.npy`` is not listed: reading it could
+    wait forever) whose suffix is ``.npy`` or ``.npz`` in any case (``.NPY``). Symlinks are
+    followed, to files and to folders alike; a folder reached twice (a symlink loop, or two links
+    to one folder) is walked once, by its (device, inode)."""
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+
+    def walk(path: str, rel: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) in seen:
+            return
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+                is_file = not is_dir and e.is_file()
+            except OSError:
+                continue
+            name = f"{rel}{e.name}"
+            if is_dir:
+                walk(e.path, name + "/")
+            elif is_file and e.name.lower().endswith(DUMP_SUFFIXES):  # is_file: S_ISREG
+                found.append(name)
+
+    walk(folder, "")
     return sorted(found)
 
 
@@ -178,6 +238,42 @@ def _unpaired(result: DiffResult, missing_path: str) -> DiffResult:
             ),
         )
     return replace(result, results=keys)
+
+
+def _pairing(args: argparse.Namespace) -> Any:
+    """The ``pair`` function of --by-order / --rename FILE (None without them)."""
+    if args.rename and args.by_order:
+        raise UsageError("give --by-order or --rename FILE, not both")
+    if args.rename:
+        import json
+
+        try:
+            with open(args.rename, encoding="utf-8") as f:
+                rules = json.load(f)
+        except OSError as exc:
+            raise UsageError(f"{args.rename}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"{args.rename}: not JSON ({exc})") from None
+        if isinstance(rules, list) and all(isinstance(r, list) and len(r) == 2 for r in rules):
+            rules = [tuple(r) for r in rules]
+        elif not (isinstance(rules, dict) and all(isinstance(v, str) for v in rules.values())):
+            raise UsageError(f"{args.rename}: expected {{\"old\": \"new\"}} or [[\"regex\", \"replacement\"], ...]")
+        from .capture.naming import rename
+
+        return lambda ref, other: rename(other, rules)
+    if not args.by_order:
+        return None
+
+    def by_order(ref: Any, other: Any) -> Any:
+        from .capture.naming import parse_key, rename_by_order
+        from .diff.pairing import rename_leaves_by_order
+
+        keys = list(ref)
+        if keys and sum(parse_key(k) is not None for k in keys) * 2 > len(keys):
+            return rename_by_order(ref, other)  # layer captures: by call order and shapes
+        return rename_leaves_by_order(ref, other)
+
+    return by_order
 
 
 def _noise_for(rel: str, options: dict[str, Any], verify: bool) -> dict[str, Any]:
@@ -201,7 +297,9 @@ def _compare_folders(ref: str, other: str, options: dict[str, Any], verify: bool
     out: Compared = []
     for rel in ref_files:
         a, b = os.path.join(ref, rel), os.path.join(other, rel)
-        if os.path.isfile(b):
+        # a partner that is no regular file (a FIFO, a folder) is an error naming it when opened,
+        # not an absent partner, and never a wait
+        if os.path.exists(b):
             out.append((rel, compare(_open(a, verify), _open(b, verify), **_noise_for(rel, options, verify))))
         else:
             result = replace(compare(a, {}, **_noise_for(rel, options, verify)), other_name=b)
@@ -236,7 +334,14 @@ def _open(path: str, verify: bool = False) -> Any:
         warnings.simplefilter("always")
         weights = load_weights_as_dump(path)
     for w in caught:
-        print(f"{PROG}: note: {path}: {w.message}", file=sys.stderr)
+        text = str(w.message)
+        if text.startswith(f"{path}: "):  # the note names the file once
+            text = text[len(path) + 2:]
+        if "; pass model=" in text:  # reprod-diff has no --model: say what does decide
+            text = text.split("; pass model=")[0] + (
+                "; to decide from nn.Linear layers, convert it with reprod-convert --model "
+                "MODULE:FACTORY and compare the .pdparams it writes")
+        print(f"{PROG}: note: {path}: {text}", file=sys.stderr)
     from .diff.pairing import Named
 
     return Named(weights, path)
@@ -268,6 +373,9 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
         "keys": args.keys,
         "progress": False if args.quiet else None,
     }
+    pair = _pairing(args)
+    if pair is not None:
+        options["pair"] = pair
     for path in (args.ref, args.other) + ((args.noise,) if args.noise else ()):
         if not os.path.exists(path):
             raise UsageError(f"{path}: no such file or directory")
@@ -287,7 +395,7 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
         if args.noise:
             options["noise"] = _open(args.noise, args.verify)
         compared = [(None, compare(*sides, **options))]
-    if args.keys and not any(len(result) for _, result in compared):
+    if args.keys and all(kr.status == "nothing" for _, result in compared for kr in result):
         globs = ", ".join(repr(k) for k in args.keys)
         raise UsageError(f"no key matches --keys {globs} in {args.ref} or {args.other}")
     return compared, sides
@@ -302,7 +410,8 @@ def _summary(compared: Compared) -> str:
     results = [r for _, result in compared for r in result.results]
     passed = sum(r.passed for r in results)
     head = (
-        f"{len(compared)} files, {len(results)} keys compared, {passed} passed, "
+        f"{len(compared)} file{'' if len(compared) == 1 else 's'}, {len(results)} "
+        f"key{'' if len(results) == 1 else 's'} compared, {passed} passed, "
         f"{len(results) - passed} failed"
     )
     for rel, result in compared:
@@ -353,6 +462,11 @@ def _by_file(compared: Compared) -> dict[str, DiffResult]:
 def _render(compared: Compared, args: argparse.Namespace) -> str:
     fmt = args.format
     single = len(compared) == 1 and compared[0][0] is None
+    trim = {"failed_only": getattr(args, "failed_only", False),
+            "max_rows": getattr(args, "max_rows", None)}
+    if fmt != "table" and (trim["failed_only"] or trim["max_rows"] is not None):
+        raise UsageError(f"--failed-only and --max-rows shape the table; --format {fmt} "
+                         "writes every key")
     if fmt == "json":
         from .report.data import files_to_json, to_json
 
@@ -380,41 +494,77 @@ def _render(compared: Compared, args: argparse.Namespace) -> str:
     from .report.table import render_table
 
     if single:
-        return render_table(compared[0][1])
-    parts = [f"== {rel} ==\n{render_table(result)}" for rel, result in compared]
+        return render_table(compared[0][1], **trim)
+    parts = [f"== {rel} ==\n{render_table(result, **trim)}" for rel, result in compared]
     return "\n\n".join(parts) + "\n\n" + _summary(compared)
 
 
 def _write_atomic(path: str, text: str) -> None:
+    """``--output``: ``-`` is stdout; a file is replaced atomically (through a symlink, keeping
+    its permissions); a FIFO or device (``/dev/null``, ``>(cat)``) is written, never replaced."""
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     from .storage.atomic import AtomicFile
 
     with AtomicFile(path) as f:
-        f.file.write(text.encode("utf-8"))
+        # a key or file name may hold lone surrogates (a non-UTF-8 file name): write them escaped
+        f.file.write(text.encode("utf-8", "backslashreplace"))
 
 
 def _write_html(compared: Compared, path: str, sides: Optional[tuple[Any, Any]] = None) -> None:
     from .report.html import write_html
 
     results = [r for _, r in compared]
+    findings = _html_findings(compared)
     if len(results) == 1:
         histograms = None
         if sides is not None:
             from .diff.histogram import result_histograms
 
             histograms = result_histograms(results[0], *sides)
-        write_html(results[0], path, histograms=histograms)
+        write_html(results[0], path, histograms=histograms, findings=findings)
         return
-    # folders: one page over every file, keys prefixed with their file
+    # folders: one page over every file, keys prefixed with their file (and grouped by it, for
+    # the page's per-file summary)
     from .diff.result import DiffResult
 
     merged = []
     for rel, r in compared:
-        merged.extend(replace(k, key=f"{rel}:{k.key}") for k in r)
+        merged.extend(
+            replace(k, key=f"{rel}:{k.key}", path=(str(rel), *(k.path or (k.key,)))) for k in r
+        )
     first = results[0] if results else None
     write_html(DiffResult(results=tuple(merged), ref_name=getattr(first, "ref_name", "ref"),
                           other_name=getattr(first, "other_name", "other"),
                           options=getattr(first, "options", {}), created=getattr(first, "created", "")),
-               path)
+               path, findings=findings)
+
+
+def _html_findings(compared: Compared) -> list[str]:
+    """The sentences the HTML page opens with: where layer captures diverge
+    (``reprod.capture.first_divergence``), else the first failure and its reason."""
+    from .capture import first_divergence
+    from .capture.naming import parse_key
+
+    several = len(compared) > 1
+    findings: list[str] = []
+    for rel, result in compared:
+        keys = result.keys()
+        if not keys or 2 * sum(parse_key(k) is not None for k in keys) <= len(keys):
+            continue  # not (mostly) layer captures
+        div = first_divergence(result)
+        if div is not None:
+            findings.append(f"{rel}: {div.message}" if several else div.message)
+    if not findings:
+        for rel, result in compared:
+            first = result.first_failure
+            if first is not None:
+                key = f"{rel}:{first.key}" if several else first.key
+                findings.append(f"first failure: {key}: {first.reason}")
+                break
+    return findings
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -423,6 +573,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     >>> main(["torch.npy", "paddle.npy", "--threshold", "1e-5", "--quiet"])
     0
     """
+    for stream in (sys.stdout, sys.stderr):
+        # a key or file name with lone surrogates (a non-UTF-8 file name) must not end the report
+        # with a UnicodeEncodeError under a strict UTF-8 locale: it is printed escaped
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", "") == "strict":
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

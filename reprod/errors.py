@@ -11,6 +11,7 @@ __all__ = [
     "UnsafeDumpError",
     "KeyMismatchError",
     "UnsupportedValueError",
+    "MissingDependencyError",
 ]
 
 
@@ -53,3 +54,8 @@ class KeyMismatchError(ReprodError, KeyError):
 
 class UnsupportedValueError(ReprodError, TypeError):
     """A value handed to reprod is not numeric data (a string, None, an object array, ...)."""
+
+
+class MissingDependencyError(ReprodError, ImportError):
+    """A file or value needs a framework that is not installed (torch for a ``.pth``); the
+    message names the extra to install."""

@@ -116,7 +116,7 @@ def write_html(
     '/home/me/run/report.html'
     """
     page = render_html(result, title=title, histograms=histograms, findings=findings)
-    data = page.encode("utf-8")
+    data = page.encode("utf-8", "backslashreplace")  # lone surrogates (non-UTF-8 names) escaped
     target = os.fspath(path)
     try:
         with AtomicFile(target) as f:

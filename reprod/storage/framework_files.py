@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 
 from ..adapters import to_numpy
-from ..errors import DumpFormatError
+from ..errors import DumpFormatError, MissingDependencyError
 
 if TYPE_CHECKING:
     from ..align.rules import ConversionRules
@@ -115,7 +115,12 @@ def read_torch_state_dict(path: PathLike) -> dict[str, Any]:
 
     >>> sd = read_torch_state_dict("resnet50.pth")
     """
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError(
+            f"{os.fspath(path)}: reading a PyTorch file needs torch: pip install \"reprod-align[torch]\""
+        ) from None
 
     from .lazy import open_regular
 
