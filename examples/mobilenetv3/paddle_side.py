@@ -1,7 +1,10 @@
 """The port's side of a migration: runs the Paddle model on the same data and dumps the same keys.
 
 Run by ``run.py`` in its own process, as a real migration runs it: torch is never imported here.
-Reads ``model.pdparams`` (written by ``align_weights.py``) and writes ``<step>_paddle.npy``.
+Reads ``model.pdparams`` (written by ``align_weights.py``) and writes ``<step>_paddle.npy``. With
+``--float64``, runs only the backward and training steps, in float64, and writes
+``<step>_paddle64.npy``: ``run.py`` asks for it when a float32 gradient check fails, to tell
+rounding (a kink flip, gone in float64) from a bug (still there).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ warnings.filterwarnings("ignore", message="When training, we now always track")
 
 from config import (  # noqa: E402
     DROPOUT,
-    GRAD_DTYPE,
     LR,
     MOMENTUM,
     NUM_CLASSES,
@@ -61,11 +63,54 @@ def build(bug: str | None, pdparams: str, dtype: str = "float32") -> nn.Layer:
     return model
 
 
+def backward(model: nn.Layer, x: Any, y: Any) -> dict[str, Any]:
+    """5. One training-mode pass (BatchNorm normalises with batch statistics), every gradient."""
+    model.train()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    return grads_of(model)
+
+
+def train(model: nn.Layer, x: Any, y: Any, steps: int) -> tuple[ReprodLogger, dict[str, Any]]:
+    """6. Momentum with L2 weight decay under a cosine schedule: each step's loss, lr, gradients
+    and updated weights, and the running variances after the last step."""
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    sched = paddle.optimizer.lr.CosineAnnealingDecay(learning_rate=LR, T_max=steps)
+    opt = paddle.optimizer.Momentum(
+        learning_rate=sched,
+        momentum=MOMENTUM,
+        parameters=model.parameters(),
+        weight_decay=WEIGHT_DECAY,  # a float is L2Decay, torch SGD's weight_decay
+    )
+    log = ReprodLogger()
+    variances: dict[str, Any] = {}
+    for step in range(1, steps + 1):
+        lr = opt.get_lr()
+        loss = criterion(model(x), y)
+        loss.backward()
+        # copied now: clear_grad() zeroes the gradients in place
+        grads = {k: v.numpy() for k, v in grads_of(model).items()}
+        opt.step()
+        opt.clear_grad()
+        sched.step()
+        weights = {k: v.numpy() for k, v in model.state_dict().items()}
+        # running variances are compared on their own (see run.py): Paddle updates them differently
+        variances = {k: weights.pop(k) for k in list(weights) if k.endswith("._variance")}
+        log.add(
+            f"step_{step}",
+            {"loss": loss, "lr": np.float64(lr), "grad": grads, "weight": weights},
+        )
+    return log, variances
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--inject-bug", default=None)
+    parser.add_argument(
+        "--float64", action="store_true", help="only backward and training, in float64"
+    )
     args = parser.parse_args()
     out = args.out
     paddle.set_device("cpu")
@@ -74,7 +119,15 @@ def main() -> int:
     x = paddle.to_tensor(np.load(os.path.join(out, "fake_data.npy")))
     y = paddle.to_tensor(np.load(os.path.join(out, "fake_label.npy")))
     pdparams = os.path.join(out, "model.pdparams")
-    criterion = nn.CrossEntropyLoss()
+
+    if args.float64:
+        x64 = x.astype("float64")
+        model = build(args.inject_bug, pdparams, dtype="float64")
+        dump(os.path.join(out, "backward_paddle64.npy"), backward(model, x64, y))
+        log, _ = train(build(args.inject_bug, pdparams, dtype="float64"), x64, y, args.steps)
+        log.save(os.path.join(out, "train_paddle64.npy"))
+        print("  paddle: backward and training dumped in float64", flush=True)
+        return 0
 
     model = build(args.inject_bug, pdparams)
     dump(os.path.join(out, "weights_paddle.npy"), model.state_dict())
@@ -94,46 +147,14 @@ def main() -> int:
     model = build(args.inject_bug, pdparams)
     model.train()
     with paddle.no_grad():
-        dump(os.path.join(out, "loss_paddle.npy"), {"loss": criterion(model(x), y)})
+        dump(os.path.join(out, "loss_paddle.npy"), {"loss": nn.CrossEntropyLoss()(model(x), y)})
 
-    # 5. backward: the same pass in float64 (see GRAD_DTYPE), every parameter's gradient
-    x64 = x.astype(GRAD_DTYPE)
-    model = build(args.inject_bug, pdparams, dtype=GRAD_DTYPE)
-    model.train()
-    criterion(model(x64), y).backward()
-    dump(os.path.join(out, "backward_paddle.npy"), grads_of(model))
+    # 5. backward and 6. training, float32 like everything else: the torch side's float64 run
+    # calibrates the verdicts
+    dump(os.path.join(out, "backward_paddle.npy"), backward(build(args.inject_bug, pdparams), x, y))
     print("  paddle: forward, layers, loss, backward dumped", flush=True)
-
-    # 6. training: Momentum with L2 weight decay, cosine schedule, from the converted weights,
-    # in float64 like the backward step
-    model = build(args.inject_bug, pdparams, dtype=GRAD_DTYPE)
-    model.train()
-    sched = paddle.optimizer.lr.CosineAnnealingDecay(learning_rate=LR, T_max=args.steps)
-    opt = paddle.optimizer.Momentum(
-        learning_rate=sched,
-        momentum=MOMENTUM,
-        parameters=model.parameters(),
-        weight_decay=WEIGHT_DECAY,  # a float is L2Decay, torch SGD's weight_decay
-    )
-    train = ReprodLogger()
-    variances: dict[str, Any] = {}
-    for step in range(1, args.steps + 1):
-        lr = opt.get_lr()
-        loss = criterion(model(x64), y)
-        loss.backward()
-        # copied now: clear_grad() zeroes the gradients in place
-        grads = {k: v.numpy() for k, v in grads_of(model).items()}
-        opt.step()
-        opt.clear_grad()
-        sched.step()
-        weights = {k: v.numpy() for k, v in model.state_dict().items()}
-        # running variances are compared on their own (see run.py): Paddle updates them differently
-        variances = {k: weights.pop(k) for k in list(weights) if k.endswith("._variance")}
-        train.add(
-            f"step_{step}",
-            {"loss": loss, "lr": np.float64(lr), "grad": grads, "weight": weights},
-        )
-    train.save(os.path.join(out, "train_paddle.npy"))
+    log, variances = train(build(args.inject_bug, pdparams), x, y, args.steps)
+    log.save(os.path.join(out, "train_paddle.npy"))
     dump(os.path.join(out, "bn_variance_paddle.npy"), variances)
     print(f"  paddle: {args.steps} training steps dumped", flush=True)
     return 0

@@ -2,12 +2,14 @@
 
 Run by ``run.py`` in its own process, as a real migration runs it: paddle is never imported here.
 Writes into ``--out``: ``model.pth`` (seeded random weights) and one ReprodLogger dump per step,
-``<step>_torch.npy``.
+``<step>_torch.npy``; for the calibrated steps (backward, training) also ``<step>_torch64.npy``,
+the same keys computed by a float64 copy of the model: the reference's own float32 noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from typing import Any
@@ -17,7 +19,6 @@ import torch
 from config import (
     BN_MOMENTUM_TORCH,
     DROPOUT,
-    GRAD_DTYPE,
     LR,
     MOMENTUM,
     NUM_CLASSES,
@@ -87,6 +88,44 @@ def grads_of(model: nn.Module) -> dict[str, np.ndarray]:
     return paddle_layout(model, {n: p.grad for n, p in model.named_parameters()})
 
 
+def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+    """5. One training-mode pass (BatchNorm normalises with batch statistics), every gradient."""
+    model.zero_grad(set_to_none=True)
+    model.train()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    return grads_of(model)
+
+
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int
+) -> tuple[ReprodLogger, dict[str, np.ndarray]]:
+    """6. SGD with momentum and weight decay under a cosine schedule: each step's loss, lr,
+    gradients and updated weights, and the running variances after the last step."""
+    model.zero_grad(set_to_none=True)
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    log = ReprodLogger()
+    variances: dict[str, np.ndarray] = {}
+    for step in range(1, steps + 1):
+        lr = opt.param_groups[0]["lr"]
+        opt.zero_grad()
+        loss = criterion(model(x), y)
+        loss.backward()
+        grads = grads_of(model)
+        opt.step()
+        sched.step()
+        weights = torch_to_paddle(model.state_dict(), model=model)
+        # running variances are compared on their own (see run.py): Paddle updates them differently
+        variances = {k: weights.pop(k) for k in list(weights) if k.endswith("._variance")}
+        log.add(
+            f"step_{step}",
+            {"loss": loss, "lr": np.float64(lr), "grad": grads, "weight": weights},
+        )
+    return log, variances
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -125,42 +164,28 @@ def main() -> int:
     with torch.no_grad():
         dump(os.path.join(out, "loss_torch.npy"), {"loss": criterion(model(x), y)})
 
-    # 5. backward: the same pass in float64 (see GRAD_DTYPE), every parameter's gradient
-    dtype = getattr(torch, GRAD_DTYPE)
-    x64 = x.to(dtype)
+    # 5. backward and 6. training, in float32 as the model runs, and once more in float64: the
+    # calibration. A float64 copy of the model (weights and BatchNorm statistics cast) on the same
+    # batch cast to float64 gives every key the value float32 only approximates; how far the
+    # float32 dump is from it is the reference's own rounding noise, and run.py judges the port's
+    # difference as a multiple of that noise (reprod.compare(..., noise=...)).
     model.load_state_dict(torch.load(pth, weights_only=True))
-    model.to(dtype).train()
-    criterion(model(x64), y).backward()
-    dump(os.path.join(out, "backward_torch.npy"), grads_of(model))
+    dump(os.path.join(out, "backward_torch.npy"), backward(model, x, y))
     print("  torch: forward, layers, loss, backward dumped", flush=True)
-
-    # 6. training: SGD with momentum and weight decay, cosine schedule, from the saved weights,
-    # in float64 like the backward step (the model is float64 already; loading casts)
     model.load_state_dict(torch.load(pth, weights_only=True))
-    model.zero_grad(set_to_none=True)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
-    train = ReprodLogger()
-    variances: dict[str, np.ndarray] = {}
-    for step in range(1, args.steps + 1):
-        lr = opt.param_groups[0]["lr"]
-        opt.zero_grad()
-        loss = criterion(model(x64), y)
-        loss.backward()
-        grads = grads_of(model)
-        opt.step()
-        sched.step()
-        weights = torch_to_paddle(model.state_dict(), model=model)
-        # running variances are compared on their own (see run.py): Paddle updates them differently
-        variances = {k: weights.pop(k) for k in list(weights) if k.endswith("._variance")}
-        train.add(
-            f"step_{step}",
-            {"loss": loss, "lr": np.float64(lr), "grad": grads, "weight": weights},
-        )
-    train.save(os.path.join(out, "train_torch.npy"))
+    log, variances = train(model, x, y, args.steps)
+    log.save(os.path.join(out, "train_torch.npy"))
     dump(os.path.join(out, "bn_variance_torch.npy"), variances)
     print(f"  torch: {args.steps} training steps dumped", flush=True)
+
+    model.load_state_dict(torch.load(pth, weights_only=True))
+    model64 = copy.deepcopy(model).double()
+    x64 = x.double()
+    dump(os.path.join(out, "backward_torch64.npy"), backward(model64, x64, y))
+    model64.load_state_dict(torch.load(pth, weights_only=True))  # cast to float64 on loading
+    log, _ = train(model64, x64, y, args.steps)
+    log.save(os.path.join(out, "train_torch64.npy"))
+    print("  torch: backward and training again in float64, the calibration", flush=True)
     return 0
 
 

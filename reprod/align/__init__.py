@@ -6,6 +6,7 @@ forward pass and training steps.
 >>> load_into_paddle(paddle_model, torch_model)            # or torch_to_paddle(...) / reprod-convert
 >>> load_into_paddle(paddle_model, torch_model, by_order=True)   # names differ: pair by order
 >>> align_forward(torch_model, paddle_model, {"x": x}, out_dir="result").passed
+>>> align_forward(torch_model, paddle_model, {"x": x}, calibrate=True).passed  # vs float32 noise
 
 Modules: ``rules`` (the torch -> Paddle name and layout rules, planned per key), ``by_order``
 (pairing state dicts by definition order), ``conversion`` (convert, check, load), ``structure``,
@@ -33,7 +34,7 @@ from .conversion import (
     torch_to_paddle,
 )
 from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
-from .steps import KNOWN_DIFFERENCES, align_forward, align_train
+from .steps import KNOWN_DIFFERENCES, align_forward, align_train, noise_multiples
 from .structure import LayerCount, StructureReport, StructureRow, compare_structure
 
 __all__ = [
@@ -60,5 +61,6 @@ __all__ = [
     "load_into_paddle",
     "align_forward",
     "align_train",
+    "noise_multiples",
     "KNOWN_DIFFERENCES",
 ]

@@ -4,14 +4,21 @@ pass, and N training steps (logits, loss, learning rate, gradients, updated weig
 Both sides are recorded with Paddle names and Paddle layout (torch Linear weights and their
 gradients transposed), through the same rules as ``torch_to_paddle``, so that one ``reprod.compare``
 pairs them key by key.
+
+With ``calibrate=True`` a float64 copy of the torch model runs beside it and its dump is the noise
+reference of ``reprod.compare(..., noise=)``: every key is judged as a multiple of the float32
+reference's own rounding noise instead of by an absolute threshold.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
+import inspect
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -23,7 +30,7 @@ from ..logger import ReprodLogger
 from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
 from .structure import compare_structure
 
-__all__ = ["align_forward", "align_train", "KNOWN_DIFFERENCES"]
+__all__ = ["align_forward", "align_train", "noise_multiples", "KNOWN_DIFFERENCES"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -91,10 +98,16 @@ def _torch_device(model: Any) -> Any:
     return torch.device("cpu")
 
 
-def _to_torch(value: Any, device: Any) -> Any:
+def _to_torch(value: Any, device: Any, *, float64: bool = False) -> Any:
+    """numpy arrays (or tensors) -> torch tensors on ``device``; with ``float64``, floating ones
+    (float16/bfloat16/float32) in float64 (integer and boolean ones as they are)."""
     import torch
 
-    return _map_tree(value, lambda v: torch.from_numpy(np.array(_as_array(v))).to(device))
+    def one(v: Any) -> Any:
+        t = torch.from_numpy(np.array(_as_array(v))).to(device)
+        return t.double() if float64 and t.is_floating_point() else t
+
+    return _map_tree(value, one)
 
 
 def _paddle_place(model: Any) -> Any:
@@ -188,6 +201,13 @@ def _check_no_dropout(torch_model: Any, paddle_model: Any) -> None:
         )
 
 
+def _check_noise_factor(calibrate: bool, noise_factor: Optional[float]) -> None:
+    if noise_factor is not None and not calibrate:
+        raise ReprodError(
+            "noise_factor needs calibrate=True (it scales the float64 reference's noise)"
+        )
+
+
 def _check_scalar_loss(loss: Any, side: str, step: int) -> Any:
     if isinstance(loss, Mapping):  # reprod_log's loss functions return {"loss": tensor, ...}
         if "loss" not in loss:
@@ -250,9 +270,16 @@ def _finish(
     rtol: Optional[float],
     per_key: Any,
     verbose: bool,
+    noise_log: Optional[ReprodLogger] = None,
+    noise_factor: Optional[float] = None,
 ) -> Any:
     from ..diff.engine import compare
 
+    calibrated: dict[str, Any] = {}
+    if noise_log is not None:
+        calibrated = {"noise": noise_log.data}
+        if noise_factor is not None:
+            calibrated["noise_factor"] = noise_factor
     result = _with_notes(
         compare(
             torch_log.data,
@@ -262,27 +289,142 @@ def _finish(
             atol=atol,
             rtol=rtol,
             per_key=per_key,
+            **calibrated,
         )
     )
+    if noise_log is not None:
+        worst = noise_multiples(result, default_group=name)
+        options = dict(result.options, noise="torch float64", noise_multiple=worst)
+        result = dataclasses.replace(result, options=options)
     if out_dir is not None:
         out = os.fspath(out_dir)
         os.makedirs(out, exist_ok=True)
         torch_log.save(os.path.join(out, f"{name}_torch.npy"))
         paddle_log.save(os.path.join(out, f"{name}_paddle.npy"))
+        if noise_log is not None:
+            noise_log.save(os.path.join(out, f"{name}_torch64.npy"))
         _write_diff_log(result, os.path.join(out, f"{name}_diff.log"), verbose=verbose)
+    if verbose and noise_log is not None:
+        print(_noise_summary(result), flush=True)
     return result
+
+
+_STEP = re.compile(r"step_?\d+")
+
+
+def noise_multiples(result: Any, *, default_group: str = "all") -> dict[str, dict[str, Any]]:
+    """The worst noise multiple of each step of a calibrated result: ``{"step0": {"multiple": 2.4,
+    "key": "step0/grad/fc1.weight"}, ...}``. Keys are grouped by their first ``/`` segment when it
+    is ``step<N>`` or ``step_<N>`` (``align_train``'s keys, reprod_log's training dumps), all
+    others under ``default_group``; keys the noise reference did not calibrate are left out.
+    ``align_forward``/``align_train`` with ``calibrate=True`` put this in
+    ``result.options["noise_multiple"]``.
+    """
+    worst: dict[str, dict[str, Any]] = {}
+    for r in result:
+        if r.noise_multiple is None:
+            continue
+        head = r.key.split("/", 1)[0]
+        group = head if _STEP.fullmatch(head) else default_group
+        seen = worst.get(group)
+        # NaN compares False: a NaN multiple (never produced by the engine) would not hide others
+        if seen is None or r.noise_multiple > seen["multiple"]:
+            worst[group] = {"multiple": float(r.noise_multiple), "key": r.key}
+    return worst
+
+
+def _noise_summary(result: Any) -> str:
+    """One line: the worst noise multiple per step and the factor a key may reach."""
+    from ..messages import fmt_multiple
+
+    factor = result.options.get("noise_factor")
+    parts = [
+        f"{group} {fmt_multiple(w['multiple'])} ({w['key']})"
+        for group, w in result.options.get("noise_multiple", {}).items()
+    ]
+    return (
+        f"worst noise multiple (a key passes up to {fmt_multiple(factor)}): "
+        + ("; ".join(parts) if parts else "no key calibrated")
+    )
 
 
 def _write_diff_log(result: Any, log_path: str, *, verbose: bool) -> None:
     """The reprod_log-style log the porting tutorials ask for, with ``ReprodDiffHelper``'s lines,
     rendered from the very result returned (so per-key thresholds and atol/rtol show in it too)."""
-    from ..helper import emit_log_lines
-    from ..report.log import render_log
+    from ..report.log import emit_log_lines, render_log
 
     lines = render_log(result)
     # The records would also reach the root logger, where importing paddle installs a stderr
     # handler: unless asked to be verbose, a training run's hundreds of keys go to the file only.
     emit_log_lines(lines, log_path, console=verbose, propagate=verbose)
+
+
+# --- calibration: the torch model again, in float64 ----------------------------------------------
+
+
+def _float64_twin(torch_model: Any) -> Any:
+    """A deep copy of the torch model with every floating parameter and buffer (BatchNorm
+    statistics included) in float64; the modes of its sub-modules are the original's."""
+    try:
+        twin = copy.deepcopy(torch_model)
+    except Exception as e:  # a module holding something deepcopy refuses (a lock, a file...)
+        raise ReprodError(
+            f"calibrate=True runs a float64 copy of the torch model, but copy.deepcopy of "
+            f"{type(torch_model).__name__} failed ({type(e).__name__}: {e}); make the model "
+            "deep-copyable or compare with reprod.compare(..., noise=) on dumps of your own"
+        ) from e
+    return twin.double()
+
+
+def _float64_loss(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A loss module holding floating buffers (class weights) gets a float64 copy; a plain
+    function is used as it is."""
+    import torch
+
+    if isinstance(loss_fn, torch.nn.Module):
+        return copy.deepcopy(loss_fn).double()
+    return loss_fn
+
+
+def _constructor_kwargs(cls: type, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` restricted to what ``cls.__init__`` accepts (torch's AdamW keeps
+    ``decoupled_weight_decay`` in its defaults but does not take it)."""
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return dict(defaults)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return dict(defaults)
+    return {k: v for k, v in defaults.items() if k in sig.parameters}
+
+
+def _float64_optimizer(optimizer: Any, model: Any, twin: Any) -> Any:
+    """The same optimizer class over the twin's parameters: same param groups and hyperparameters,
+    and its state (momentum buffers, Adam moments and step counts) copied and cast to float64."""
+    by_id = {id(p): p64 for p, p64 in zip(model.parameters(), twin.parameters())}
+    groups = []
+    for g in optimizer.param_groups:
+        try:
+            params = [by_id[id(p)] for p in g["params"]]
+        except KeyError:
+            raise ReprodError(
+                "calibrate=True: the torch optimizer updates a tensor that is not a parameter of "
+                "the torch model, so the float64 copy cannot mirror it"
+            ) from None
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": params})
+    cls = type(optimizer)
+    try:
+        twin_opt = cls(groups, **_constructor_kwargs(cls, optimizer.defaults))
+        # a deep copy: load_state_dict keeps integer tensors such as Adam's step as they are,
+        # and the float64 run would count the float32 run's steps up a second time
+        twin_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    except Exception as e:
+        raise ReprodError(
+            f"calibrate=True could not build a float64 copy of the torch optimizer {cls.__name__} "
+            f"({type(e).__name__}: {e}); torch.optim.SGD, Adam and AdamW are supported, and any "
+            "optimizer that rebuilds from its param groups, defaults and state_dict"
+        ) from e
+    return twin_opt
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -301,6 +443,8 @@ def align_forward(
     per_key: Any = None,
     seed: int = 0,
     verbose: bool = False,
+    calibrate: bool = False,
+    noise_factor: Optional[float] = None,
 ) -> Any:
     """Run both models in eval mode on the same inputs and compare their outputs.
 
@@ -311,6 +455,16 @@ def align_forward(
     modes are restored afterwards.
     Returns ``reprod.compare``'s ``DiffResult`` (torch is the reference).
 
+    ``calibrate=True``: a deep copy of the torch model cast to float64 (``.double()``: weights and
+    BatchNorm statistics) runs on the same inputs (floating ones cast to float64), and its outputs
+    are the noise reference of ``reprod.compare(..., noise=)``: each key passes when the Paddle
+    output differs from the torch one by at most ``noise_factor`` (default 20) times the torch
+    output's own distance from float64, whatever ``threshold`` says (``KeyResult.noise_multiple``).
+    It costs one float64 forward pass and a second copy of the torch model. The worst multiple is
+    in ``result.options["noise_multiple"]`` (``{"forward": {"multiple": ..., "key": ...}}``);
+    ``out_dir`` also gets ``forward_torch64.npy`` (``reprod-diff forward_torch.npy
+    forward_paddle.npy --noise forward_torch64.npy`` reproduces the verdicts).
+
     >>> load_into_paddle(paddle_model, torch_model)
     >>> r = align_forward(torch_model, paddle_model, {"x": x}, out_dir="result")
     >>> r.passed
@@ -319,16 +473,27 @@ def align_forward(
     import paddle
     import torch
 
+    _check_noise_factor(calibrate, noise_factor)
     torch_log, paddle_log = ReprodLogger(), ReprodLogger()
+    noise_log = ReprodLogger() if calibrate else None
     args, kwargs = _split_inputs(inputs)
+    outs: list[tuple[ReprodLogger, Any]] = []
     with _modes(torch_model, paddle_model, train=False), _deterministic(seed):
         dev = _torch_device(torch_model)
         with torch.no_grad():
-            out_t = torch_model(*_to_torch(args, dev), **_to_torch(kwargs, dev))
+            torch.manual_seed(seed)
+            outs.append((torch_log, torch_model(*_to_torch(args, dev), **_to_torch(kwargs, dev))))
+            if noise_log is not None:
+                twin = _float64_twin(torch_model)  # in eval mode, as the original is now
+                torch.manual_seed(seed)
+                args64 = _to_torch(args, dev, float64=True)
+                outs.append((noise_log, twin(*args64, **_to_torch(kwargs, dev, float64=True))))
+                del twin
         place = _paddle_place(paddle_model)
         with paddle.no_grad():
             out_p = paddle_model(*_to_paddle(args, place), **_to_paddle(kwargs, place))
-    for log, out in ((torch_log, out_t), (paddle_log, out_p)):
+            outs.append((paddle_log, out_p))
+    for log, out in outs:
         flat: dict[str, np.ndarray] = {}
         _flatten(out, "logits", flat)
         for k, v in flat.items():
@@ -344,6 +509,8 @@ def align_forward(
         rtol=rtol,
         per_key=per_key,
         verbose=verbose,
+        noise_log=noise_log,
+        noise_factor=noise_factor,
     )
 
 
@@ -391,15 +558,35 @@ def _torch_steps(
     plan: dict[str, KeyPlan],
     stats: bool,
     log: ReprodLogger,
+    float64: bool = False,
+    reseed: Optional[int] = None,
+    hyper_out: Optional[list[list[dict[str, Any]]]] = None,
+    hyper_in: Optional[Sequence[Sequence[Mapping[str, Any]]]] = None,
 ) -> None:
+    """``float64``: cast floating inputs and labels to float64. ``reseed``: seed torch with
+    ``reseed + i`` before step i's forward pass. ``hyper_out`` receives each step's param-group
+    hyperparameters (lr, momentum, betas...) as the step starts; ``hyper_in`` sets them (the
+    float64 run follows the float32 run's scheduler, whatever its class)."""
+    import torch
+
     dev = _torch_device(model)
     buffers = {name for name, _ in model.named_buffers()}
     for i in range(n):
         inputs, labels = _split_batch(batches[i % len(batches)], i)
         args, kwargs = _split_inputs(inputs)
+        if hyper_in is not None:
+            for group, saved in zip(optimizer.param_groups, hyper_in[i]):
+                group.update(copy.deepcopy(dict(saved)))
+        if hyper_out is not None:
+            hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            hyper_out.append(copy.deepcopy(hyper))
         optimizer.zero_grad()
-        out = model(*_to_torch(args, dev), **_to_torch(kwargs, dev))
-        loss = _check_scalar_loss(_call_loss(loss_fn, out, _to_torch(labels, dev)), "torch", i)
+        if reseed is not None:
+            torch.manual_seed(reseed + i)
+        args_t = _to_torch(args, dev, float64=float64)
+        out = model(*args_t, **_to_torch(kwargs, dev, float64=float64))
+        labels_t = _to_torch(labels, dev, float64=float64)
+        loss = _check_scalar_loss(_call_loss(loss_fn, out, labels_t), "torch", i)
         loss.backward()
         flat: dict[str, np.ndarray] = {}
         _flatten(out, f"step{i}/logits", flat)
@@ -488,6 +675,8 @@ def align_train(
     check_determinism: bool = True,
     seed: int = 0,
     verbose: bool = False,
+    calibrate: bool = False,
+    noise_factor: Optional[float] = None,
 ) -> Any:
     """Train both models for ``steps`` steps on the same batches and compare, per step, the logits,
     the loss, the learning rate, every parameter's gradient and every updated parameter.
@@ -506,6 +695,23 @@ def align_train(
     ``ReprodError``. With ``out_dir``, writes ``train_torch.npy``, ``train_paddle.npy`` and
     ``train_diff.log`` (also printed with ``verbose``).
 
+    ``calibrate=True`` judges every key against the torch model's own float32 noise: before
+    training, a deep copy of the torch model is cast to float64 (weights and BatchNorm statistics),
+    and a float64 copy of the torch optimizer is built over it (same class, param groups and
+    hyperparameters, its state copied and cast; torch.optim.SGD, Adam and AdamW are supported, and
+    any optimizer that rebuilds from its param groups, ``defaults`` and ``state_dict``). It trains
+    on the same batches (floating inputs and labels cast to float64; a loss ``nn.Module`` is copied
+    to float64, a loss function is called as it is), follows the torch run's learning rate and
+    other hyperparameters step by step (so any scheduler works), and records the same keys; torch
+    is seeded with ``seed + i`` before step i's forward pass in both runs. Those float64 values
+    are the ``noise`` of ``reprod.compare``: a key passes when it is within ``noise_factor``
+    (default 20) times the torch value's own distance from float64 (``KeyResult.noise_multiple``),
+    whatever ``threshold`` says. The cost is one float64 forward/backward/update per step and a
+    second copy of the model and optimizer state. ``result.options["noise_multiple"]`` holds the
+    worst multiple of each step (``{"step0": {"multiple": 2.4, "key": "step0/grad/fc1.weight"}}``,
+    see ``noise_multiples``), also printed with ``verbose``; ``out_dir`` also gets
+    ``train_torch64.npy``. The BatchNorm running variance keeps its known difference (above).
+
     >>> r = align_train(tm, pm, [(x, y)], steps=3,
     ...                 torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
     ...                 torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9),
@@ -517,6 +723,7 @@ def align_train(
     n = len(batches) if steps is None else int(steps)
     if n < 1:
         raise ReprodError(f"steps must be at least 1, got {steps}")
+    _check_noise_factor(calibrate, noise_factor)
     if bool(torch_model.training) != bool(paddle_model.training):
         modes = {True: "train", False: "eval"}
         raise ReprodError(
@@ -531,6 +738,12 @@ def align_train(
         _check_determinism(torch_model, paddle_model, batches[0], seed)
 
     torch_log, paddle_log = ReprodLogger(), ReprodLogger()
+    noise_log = ReprodLogger() if calibrate else None
+    hyper: Optional[list[list[dict[str, Any]]]] = None
+    if calibrate:  # copied before the float32 run changes weights, statistics and optimizer state
+        twin = _float64_twin(torch_model)
+        twin_opt = _float64_optimizer(torch_optimizer, torch_model, twin)
+        hyper = []
     with _deterministic(seed):
         _torch_steps(
             torch_model,
@@ -542,7 +755,27 @@ def align_train(
             plan=plan,
             stats=stats,
             log=torch_log,
+            reseed=seed if calibrate else None,
+            hyper_out=hyper,
         )
+    if calibrate:
+        assert noise_log is not None and hyper is not None
+        with _deterministic(seed):
+            _torch_steps(
+                twin,
+                batches,
+                n,
+                loss_fn=_float64_loss(torch_loss_fn),
+                optimizer=twin_opt,
+                scheduler=None,
+                plan=plan,
+                stats=stats,
+                log=noise_log,
+                float64=True,
+                reseed=seed,
+                hyper_in=hyper,
+            )
+        del twin, twin_opt
     with _deterministic(seed):
         _paddle_steps(
             paddle_model,
@@ -565,6 +798,8 @@ def align_train(
         rtol=rtol,
         per_key=per_key,
         verbose=verbose,
+        noise_log=noise_log,
+        noise_factor=noise_factor,
     )
 
 
