@@ -17,6 +17,7 @@ import pytest
 
 import reprod
 from reprod.diff.result import DiffResult, KeyResult
+from reprod.messages import fmt_num
 from reprod.report.data import (
     files_from_json,
     files_to_csv,
@@ -26,7 +27,6 @@ from reprod.report.data import (
     to_json,
     to_markdown,
 )
-from reprod.messages import fmt_num
 from reprod.report.table import render_first_failure, render_table, statistics_for
 
 

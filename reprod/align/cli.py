@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
         "num_batches_tracked dropped, plus your rules. Patterns are regular expressions searched in "
         "the PyTorch key.",
     )
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"reprod {__version__}")
     p.add_argument(
         "src", help=f"PyTorch weights ({', '.join(TORCH_SUFFIXES)}), read with weights_only=True"
     )
@@ -203,7 +206,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        return _run(args, sys.stdout, sys.stderr)
+        with warnings.catch_warnings():
+            if args.quiet:  # importing paddle (--paddle-model) warns that ccache is missing
+                warnings.filterwarnings("ignore", message=r"No ccache found", category=UserWarning)
+            return _run(args, sys.stdout, sys.stderr)
     except ReprodError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

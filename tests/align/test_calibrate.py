@@ -14,7 +14,7 @@ from align_twins import PaddleNet, make_batch, twins
 
 import reprod
 from reprod.align import align_forward, align_train, load_into_paddle, noise_multiples
-from reprod.align.steps import _float64_optimizer
+from reprod.align.calibration import _float64_optimizer
 from reprod.capture import first_divergence, record
 from reprod.diff.noise import DEFAULT_NOISE_FACTOR
 

@@ -1,0 +1,77 @@
+"""Calibration: the torch model again, in float64 (weights, buffers, optimizer state and hyperparameters cast), whose run is the noise reference of the comparison."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping
+from typing import Any, Callable
+
+from ..errors import ReprodError
+
+# --- calibration: the torch model again, in float64 ----------------------------------------------
+
+
+def _float64_twin(torch_model: Any) -> Any:
+    """A deep copy of the torch model with every floating parameter and buffer (BatchNorm
+    statistics included) in float64; the modes of its sub-modules are the original's."""
+    try:
+        twin = copy.deepcopy(torch_model)
+    except Exception as e:  # a module holding something deepcopy refuses (a lock, a file...)
+        raise ReprodError(
+            f"calibrate=True runs a float64 copy of the torch model, but copy.deepcopy of "
+            f"{type(torch_model).__name__} failed ({type(e).__name__}: {e}); make the model "
+            "deep-copyable or compare with reprod.compare(..., noise=) on dumps of your own"
+        ) from e
+    return twin.double()
+
+
+def _float64_loss(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A loss module holding floating buffers (class weights) gets a float64 copy; a plain
+    function is used as it is."""
+    import torch
+
+    if isinstance(loss_fn, torch.nn.Module):
+        return copy.deepcopy(loss_fn).double()
+    return loss_fn
+
+
+def _constructor_kwargs(cls: type, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` restricted to what ``cls.__init__`` accepts (torch's AdamW keeps
+    ``decoupled_weight_decay`` in its defaults but does not take it)."""
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return dict(defaults)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return dict(defaults)
+    return {k: v for k, v in defaults.items() if k in sig.parameters}
+
+
+def _float64_optimizer(optimizer: Any, model: Any, twin: Any) -> Any:
+    """The same optimizer class over the twin's parameters: same param groups and hyperparameters,
+    and its state (momentum buffers, Adam moments and step counts) copied and cast to float64."""
+    by_id = {id(p): p64 for p, p64 in zip(model.parameters(), twin.parameters())}
+    groups = []
+    for g in optimizer.param_groups:
+        try:
+            params = [by_id[id(p)] for p in g["params"]]
+        except KeyError:
+            raise ReprodError(
+                "calibrate=True: the torch optimizer updates a tensor that is not a parameter of "
+                "the torch model, so the float64 copy cannot mirror it"
+            ) from None
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": params})
+    cls = type(optimizer)
+    try:
+        twin_opt = cls(groups, **_constructor_kwargs(cls, optimizer.defaults))
+        # a deep copy: load_state_dict keeps integer tensors such as Adam's step as they are,
+        # and the float64 run would count the float32 run's steps up a second time
+        twin_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    except Exception as e:
+        raise ReprodError(
+            f"calibrate=True could not build a float64 copy of the torch optimizer {cls.__name__} "
+            f"({type(e).__name__}: {e}); torch.optim.SGD, Adam and AdamW are supported, and any "
+            "optimizer that rebuilds from its param groups, defaults and state_dict"
+        ) from e
+    return twin_opt

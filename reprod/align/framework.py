@@ -1,0 +1,205 @@
+"""Small pieces shared by align_forward and align_train: values to and from each framework, train/eval modes, seeding, and the checks that run before a comparison."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..adapters import to_numpy
+from ..errors import KeyMismatchError, ReprodError
+from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
+from .structure import compare_structure
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
+    """Model outputs (a tensor, or tuples/lists/dicts of them) -> flat ``prefix/...`` keys."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}/{k}", out)
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            _flatten(v, f"{prefix}/{i}", out)
+    elif value is not None:
+        out[prefix] = to_numpy(value, key=prefix).array
+
+
+def _split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """How inputs are passed to a model: a mapping as keyword arguments, a tuple/list as positional
+    arguments, anything else as the one positional argument."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def _map_tree(value: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _map_tree(v, fn) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tree(v, fn) for v in value)
+    if value is None:
+        return None
+    return fn(value)
+
+
+def _as_array(value: Any) -> np.ndarray:
+    return to_numpy(value, key="<input>").array
+
+
+def _torch_device(model: Any) -> Any:
+    import torch
+
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to_torch(value: Any, device: Any, *, float64: bool = False) -> Any:
+    """numpy arrays (or tensors) -> torch tensors on ``device``; with ``float64``, floating ones
+    (float16/bfloat16/float32) in float64 (integer and boolean ones as they are)."""
+    import torch
+
+    def one(v: Any) -> Any:
+        t = torch.from_numpy(np.array(_as_array(v))).to(device)
+        return t.double() if float64 and t.is_floating_point() else t
+
+    return _map_tree(value, one)
+
+
+def _paddle_place(model: Any) -> Any:
+    for p in model.parameters():
+        return p.place
+    return None
+
+
+def _to_paddle(value: Any, place: Any) -> Any:
+    import paddle
+
+    return _map_tree(value, lambda v: paddle.to_tensor(_as_array(v), place=place))
+
+
+@contextlib.contextmanager
+def _modes(torch_model: Any, paddle_model: Any, *, train: Optional[bool]) -> Iterator[None]:
+    """Put both models in train/eval mode (``None``: leave them) and restore every sub-layer's mode."""
+    saved_t = [(m, m.training) for m in torch_model.modules()]
+    saved_p = [(m, m.training) for m in paddle_model.sublayers(include_self=True)]
+    try:
+        if train is not None:
+            torch_model.train(train)
+            paddle_model.train() if train else paddle_model.eval()
+        yield
+    finally:
+        for m, t in saved_t:
+            m.training = t
+        for m, t in saved_p:
+            m.training = t
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int) -> Iterator[None]:
+    """Seed both frameworks and ask CUDA for deterministic kernels; restore the cuDNN flags after."""
+    import paddle
+    import torch
+
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.deterministic, cudnn.benchmark)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        paddle.set_flags({"FLAGS_cudnn_deterministic": True})
+    except (ValueError, RuntimeError):  # CPU builds may not know the flag
+        pass
+    torch.manual_seed(seed)
+    paddle.seed(seed)
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
+def _torch_params_plan(torch_model: Any, rules: Optional[ConversionRules]) -> dict[str, KeyPlan]:
+    sd = torch_model.state_dict()
+    plan = plan_conversion(
+        {k: tuple(v.shape) for k, v in sd.items()},
+        linear_weights=linear_weight_names(torch_model),
+        rules=rules,
+    )
+    return {p.torch_name: p for p in plan}
+
+
+def _torch_array(value: Any, plan: KeyPlan) -> np.ndarray:
+    arr = to_numpy(value, key=plan.torch_name).array
+    return np.ascontiguousarray(arr.T) if plan.action == "transpose" else arr
+
+
+def _check_structure(torch_model: Any, paddle_model: Any, rules: Optional[ConversionRules]) -> None:
+    report = compare_structure(torch_model, paddle_model, rules=rules)
+    bad = [r for r in report.problems if r.status in ("missing", "extra", "shape")]
+    if bad:
+        listed = "; ".join(f"{r.paddle_name or r.torch_name} ({r.note})" for r in bad)
+        raise KeyMismatchError(f"the Paddle model does not mirror the torch model: {listed}")
+
+
+def _check_no_dropout(torch_model: Any, paddle_model: Any) -> None:
+    """Dropout draws different masks in each framework: in train mode nothing would align."""
+    found = []
+    for side, layers in (
+        ("torch", torch_model.named_modules()),
+        ("paddle", paddle_model.named_sublayers()),
+    ):
+        for name, m in layers:
+            if "Dropout" in type(m).__name__ and m.training and float(getattr(m, "p", 0) or 0) > 0:
+                found.append(f"{side} {name or type(m).__name__} (p={float(m.p):g})")
+    if found:
+        raise ReprodError(
+            f"dropout is active in train mode and draws different random masks in each framework: "
+            f"{', '.join(found)}; build the models with dropout 0 for alignment, or call .eval() on "
+            "those layers"
+        )
+
+
+def _check_noise_factor(calibrate: bool, noise_factor: Optional[float]) -> None:
+    if noise_factor is not None and not calibrate:
+        raise ReprodError(
+            "noise_factor needs calibrate=True (it scales the float64 reference's noise)"
+        )
+
+
+def _check_scalar_loss(loss: Any, side: str, step: int) -> Any:
+    if isinstance(loss, Mapping):  # reprod_log's loss functions return {"loss": tensor, ...}
+        if "loss" not in loss:
+            raise ReprodError(
+                f"{side}_loss_fn returned a dict without a 'loss' entry at step {step}"
+            )
+        loss = loss["loss"]
+    shape = tuple(getattr(loss, "shape", ()))
+    if not hasattr(loss, "backward"):
+        raise ReprodError(
+            f"{side}_loss_fn returned a {type(loss).__name__} at step {step}; it must "
+            "return a scalar tensor"
+        )
+    if int(np.prod(shape)) != 1:
+        raise ReprodError(
+            f"{side}_loss_fn returned a tensor of shape {list(shape)} at step {step}; it "
+            "must return a scalar (reduce it with .mean() or .sum())"
+        )
+    return loss
+
+
+def _split_batch(batch: Any, step: int) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ReprodError(
+        f"batch {step} is a {type(batch).__name__}"
+        f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}; each "
+        "batch must be an (inputs, labels) pair (labels may be None)"
+    )
+
+
+def _call_loss(loss_fn: Callable[..., Any], out: Any, labels: Any) -> Any:
+    return loss_fn(out) if labels is None else loss_fn(out, labels)
