@@ -7,7 +7,9 @@
 
 Every leaf layer's inputs and outputs (and, with ``backward=True``, the gradients through them
 and every parameter's gradient) are logged under keys named after the layer, in call order; the
-key scheme is in ``reprod.capture.naming`` and docs/capture.md. torch and paddle are recognised
+key scheme is in ``reprod.capture.naming`` and docs/capture.md. ``explain_kinks`` relabels the
+gradients that differ only because an activation's input sits within noise of its kink
+(``reprod.capture.kinks``). torch and paddle are recognised
 by the model's classes and imported by nobody here.
 """
 
@@ -20,6 +22,7 @@ from typing import Any, Optional
 from ..errors import UnsupportedValueError
 from ..logger import ReprodLogger
 from .divergence import Divergence, first_divergence
+from .kinks import KINK_POINTS, KinkCrossing, explain_kinks, find_kink_crossings
 from .naming import (
     ROOT,
     CaptureKey,
@@ -37,6 +40,10 @@ __all__ = [
     "layer_types",
     "first_divergence",
     "Divergence",
+    "explain_kinks",
+    "find_kink_crossings",
+    "KinkCrossing",
+    "KINK_POINTS",
     "rename",
     "rename_by_order",
     "pair_by_order",  # deprecated: rename_by_order

@@ -155,7 +155,9 @@ def first_divergence(
     keys, and keys present on one side only, are ignored). Forward: layers in call order, each
     judged by its outputs, reported with its inputs. Backward (when the forward pass aligns):
     layers in reverse call order, each judged by the gradients it sends on and its parameters'
-    gradients, reported with the gradients it received. ``layer_types`` maps layer names to class
+    gradients, reported with the gradients it received. Keys that ``explain_kinks`` labelled
+    ``"kink"`` are not held against their layer (a layer whose outputs are all kink keys is
+    skipped). ``layer_types`` maps layer names to class
     names (``reprod.capture.layer_types(model)``) for the message. ``None`` when every recorded
     layer aligns.
 
@@ -170,6 +172,8 @@ def first_divergence(
         parsed = parse_key(r.key)
         if parsed is None or r.status in _ONE_SIDED:
             continue
+        if r.status == "kink" and parsed.what not in ("in", "grad_out"):
+            continue  # explained by a kink crossing (explain_kinks): never blamed on its layer
         if parsed.is_param:
             params.append((parsed, r))
             continue

@@ -114,7 +114,10 @@ def _threshold_cell(r: KeyResult) -> str:
 
 
 def verdict(r: KeyResult) -> str:
-    """``ok`` for a passing key, else its status upper-cased (``FAILED``, ``NAN``, ``SHAPE``)."""
+    """``ok`` for a passing key, else its status upper-cased (``FAILED``, ``NAN``, ``SHAPE``);
+    ``KINK`` for a key that passes only as downstream of a kink crossing (``explain_kinks``)."""
+    if r.status == "kink":
+        return "KINK"
     return "ok" if r.passed else r.status.upper()
 
 
