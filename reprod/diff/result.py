@@ -217,7 +217,9 @@ class DiffResult:
     def summary_line(self) -> str:
         s = self.summary()
         noun = "key" if s["compared"] == 1 else "keys"
-        head = f"{s['compared']} {noun} compared, {s['passed']} passed, {s['failed']} failed"
+        kinks = s["statuses"].get("kink", 0)
+        passed = f"{s['passed']} passed" + (f" ({kinks} only across a kink crossing)" if kinks else "")
+        head = f"{s['compared']} {noun} compared, {passed}, {s['failed']} failed"
         if s["first_failure"] is None:
             return head + ": PASSED"
         return head + f": FAILED; first failure {s['first_failure']}: {s['first_failure_reason']}"

@@ -261,3 +261,14 @@ def test_a_max_pool_tie_picked_differently():
     (crossing,) = explained.options["kink_crossings"]
     assert crossing["layer_type"] == "MaxPool" and crossing["kinks"] == "max"
     assert "picked differently" in explained["conv.grad_out"].reason
+
+
+def test_kink_keys_read_as_passing_in_the_log_and_are_counted_in_the_summary() -> None:
+    from reprod.diff.result import DiffResult, KeyResult
+
+    kr = KeyResult(key="fc.grad_in[0]", passed=True, status="kink", reason="downstream of a kink",
+                   methods=("max",), thresholds={"max": 1e-6}, checks={"max": False},
+                   ref_dtype="float32", other_dtype="float32", max_abs=1e-3, size=4)
+    r = DiffResult(results=(kr,))
+    assert "max diff: check passed: True" in r.to_log() and r.to_log().endswith("diff check passed")
+    assert "1 passed (1 only across a kink crossing)" in r.summary_line()
