@@ -34,6 +34,7 @@ from .naming import (
     rename_by_order,
 )
 from .recorder import Backend, Patterns, Recorder
+from .replay import replay  # noqa: F401  (isolated per-layer replay)
 
 __all__ = [
     "record",
@@ -82,7 +83,7 @@ def record(
     inputs: bool = True,
     include: Patterns = None,
     exclude: Patterns = None,
-    containers: bool = False,
+    containers: bool = True,
 ) -> Iterator[ReprodLogger]:
     """Record what flows through ``model``'s layers while the block runs; yields the logger.
 

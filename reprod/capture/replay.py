@@ -1,0 +1,426 @@
+"""Isolated per-layer replay: feed each port layer the reference's recorded input, compare outputs.
+
+A plain comparison of two forward captures shows the first layer that differs; everything after
+it sees different inputs, so a second bug further on is hidden (or faked) by accumulated error.
+``replay`` runs every layer of the port alone on exactly what the reference layer received, so
+each broken layer is found on its own, several in one run. torch and paddle are imported only
+for the port's own framework, inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import numpy as np
+
+from ..diff.result import DiffResult
+from .naming import ROOT, Rules, _compile_rules, layer_key, parse_key
+from .recorder import Patterns, _patterns, _selected, flatten
+
+__all__ = ["replay"]
+
+# how many reference layers ``by_order`` looks past the next unpaired one for a layer that fits
+_LOOKAHEAD = 8
+
+
+class _Call:
+    """One recorded reference layer call: its tensor inputs and output keys, in key order."""
+
+    __slots__ = ("name", "call", "ins", "outs", "shapes")
+
+    def __init__(self, name: str, call: int) -> None:
+        self.name = name
+        self.call = call
+        self.ins: list[tuple[tuple[str, ...], np.ndarray]] = []
+        self.outs: list[tuple[str, tuple[str, ...]]] = []  # (key, items)
+        self.shapes: dict[tuple[str, ...], tuple[int, ...]] = {}  # output items -> shape
+
+
+def _reference_tree(reference: Any) -> Mapping[str, Any]:
+    from ..logger import ReprodLogger
+
+    if isinstance(reference, ReprodLogger):
+        return reference.data
+    from ..diff.pairing import open_side
+
+    return open_side(reference, "reference").tree
+
+
+def _reference_calls(tree: Mapping[str, Any]) -> dict[str, list[_Call]]:
+    """Layer name -> its calls in call order (only layers with a recorded output)."""
+    calls: dict[tuple[str, int], _Call] = {}
+    for key in tree:
+        parsed = parse_key(key)
+        if parsed is None or parsed.what not in ("in", "out"):
+            continue
+        c = calls.get((parsed.name, parsed.call))
+        if c is None:
+            c = calls[(parsed.name, parsed.call)] = _Call(parsed.name, parsed.call)
+        if parsed.what == "in":
+            c.ins.append((parsed.items, np.asarray(tree[key])))
+        else:
+            c.outs.append((key, parsed.items))
+            c.shapes[parsed.items] = tuple(int(d) for d in np.shape(tree[key]))
+    by_name: dict[str, list[_Call]] = {}
+    for c in calls.values():
+        if c.outs:
+            by_name.setdefault(c.name, []).append(c)
+    for lst in by_name.values():
+        lst.sort(key=lambda c: c.call)
+    return by_name
+
+
+# --- the port's framework ----------------------------------------------------------------------
+
+
+class _Torch:
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def no_grad(self) -> Any:
+        return self.torch.no_grad()
+
+    def _ref_tensor(self, layer: Any, model: Any) -> Any:
+        for src in (layer, model):
+            for t in list(src.parameters()) + list(src.buffers()):
+                if t.is_floating_point():
+                    return t
+        return None
+
+    def tensor(self, arr: np.ndarray, like: Any) -> Any:
+        t = self.torch.from_numpy(np.ascontiguousarray(arr).copy())
+        if like is None:
+            return t
+        if t.is_floating_point():
+            return t.to(device=like.device, dtype=like.dtype)
+        return t.to(device=like.device)
+
+    def snapshot(self, layer: Any) -> Any:
+        return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+
+    def restore(self, layer: Any, state: Any) -> None:
+        layer.load_state_dict(state)
+
+    def has_state(self, layer: Any) -> bool:
+        return next(iter(layer.buffers()), None) is not None
+
+
+class _Paddle:
+    def __init__(self) -> None:
+        import paddle
+
+        self.paddle = paddle
+
+    def no_grad(self) -> Any:
+        return self.paddle.no_grad()
+
+    def _ref_tensor(self, layer: Any, model: Any) -> Any:
+        for src in (layer, model):
+            for t in list(src.parameters()) + list(src.buffers()):
+                if t.dtype in (self.paddle.float16, self.paddle.bfloat16, self.paddle.float32,
+                               self.paddle.float64):
+                    return t
+        return None
+
+    def tensor(self, arr: np.ndarray, like: Any) -> Any:
+        arr = np.ascontiguousarray(arr).copy()
+        if like is None:
+            return self.paddle.to_tensor(arr)
+        t = self.paddle.to_tensor(arr, place=like.place)
+        if np.issubdtype(arr.dtype, np.floating) and t.dtype != like.dtype:
+            t = t.astype(like.dtype)
+        return t
+
+    def snapshot(self, layer: Any) -> Any:
+        return {k: v.clone() for k, v in layer.state_dict().items()}
+
+    def restore(self, layer: Any, state: Any) -> None:
+        layer.set_state_dict(state)
+
+    def has_state(self, layer: Any) -> bool:
+        return next(iter(layer.buffers()), None) is not None or any(
+            p.stop_gradient for p in layer.parameters(include_sublayers=True)
+        )
+
+
+def _framework(model: Any) -> tuple[Any, Any]:
+    from . import _backend
+
+    backend = _backend(model)
+    return backend, (_Torch() if backend.name == "torch" else _Paddle())
+
+
+# --- one layer call ----------------------------------------------------------------------------
+
+
+class _Skip(Exception):
+    pass
+
+
+def _arguments(layer: Any, call: _Call) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The recorded inputs as (positional, keyword) arrays; _Skip when they cannot be rebuilt."""
+    if not call.ins:
+        raise _Skip("its inputs were not recorded (record(..., inputs=False))")
+    if len(call.ins) == 1 and call.ins[0][0] == ():
+        args: list[Any] = [call.ins[0][1]]
+        kwargs: dict[str, Any] = {}
+    else:
+        positional: dict[int, Any] = {}
+        kwargs = {}
+        for items, arr in call.ins:
+            if len(items) != 1:
+                shown = "".join(f"[{i}]" for i in items)
+                raise _Skip(f"its input in{shown} sits in a nested structure, which is not rebuilt")
+            if items[0].isdigit():
+                positional[int(items[0])] = arr
+            else:
+                kwargs[items[0]] = arr
+        if sorted(positional) != list(range(len(positional))):
+            raise _Skip(
+                "its positional inputs are not all tensors (recorded "
+                + ", ".join(f"in[{i}]" for i in sorted(positional))
+                + "; non-tensor arguments are not recorded)"
+            )
+        args = [positional[i] for i in range(len(positional))]
+    _check_signature(layer, len(args), kwargs)
+    return tuple(args), kwargs
+
+
+def _check_signature(layer: Any, n_args: int, kwargs: Mapping[str, Any]) -> None:
+    try:
+        params = list(inspect.signature(layer.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return
+    required = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.default is p.empty
+        and p.name not in kwargs
+    ]
+    if len(required) > n_args:
+        missing = ", ".join(required[n_args:])
+        raise _Skip(
+            f"forward needs {len(required)} positional arguments and the capture holds "
+            f"{n_args} tensor input(s): {missing} is not a tensor (non-tensor inputs are "
+            "not recorded)"
+        )
+
+
+def _stateful_reason(layer: Any) -> Optional[str]:
+    """Why a layer cannot be replayed alone, or None."""
+    if not getattr(layer, "training", False):
+        return None
+    cls = type(layer).__name__
+    if "Dropout" in cls and float(getattr(layer, "p", 0.0) or 0.0) > 0.0:
+        return f"{cls} in training mode draws a random mask: put the model in eval mode"
+    return None
+
+
+def _run(fw: Any, backend: Any, model: Any, layer: Any, call: _Call) -> dict[tuple[Any, ...], Any]:
+    args, kwargs = _arguments(layer, call)
+    like = fw._ref_tensor(layer, model)
+    t_args = [fw.tensor(a, like) for a in args]
+    t_kwargs = {k: fw.tensor(v, like) for k, v in kwargs.items()}
+    state = fw.snapshot(layer) if fw.has_state(layer) else None
+    try:
+        with fw.no_grad():
+            out = layer(*t_args, **t_kwargs)
+    except _Skip:
+        raise
+    except Exception as exc:  # a port layer that cannot take the reference's input: say so
+        raise _Skip(f"replay raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        if state is not None:  # BatchNorm in training mode updates its running statistics
+            fw.restore(layer, state)
+    return dict(flatten(out, backend.is_tensor))
+
+
+# --- pairing -----------------------------------------------------------------------------------
+
+
+def _port_layers(backend: Any, model: Any, include: Patterns, exclude: Patterns) -> list[tuple[str, Any]]:
+    inc, exc = _patterns(include), _patterns(exclude) or ()
+    return [
+        (name or ROOT, layer)
+        for name, layer in backend.named_layers(model)
+        if _selected(name or ROOT, inc, exc)
+    ]
+
+
+# --- the entry point ---------------------------------------------------------------------------
+
+
+def replay(
+    model: Any,
+    reference: Any,
+    *,
+    rename: Optional[Rules] = None,
+    by_order: bool = False,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    containers: bool = False,
+    **compare_kw: Any,
+) -> DiffResult:
+    """Run every layer of the port ``model`` alone on the reference's recorded inputs and compare
+    its outputs with the reference's outputs: every broken layer fails, independently of upstream
+    error.
+
+    ``model`` is the port (``torch.nn.Module`` or ``paddle.nn.Layer``) with the reference's
+    weights; ``reference`` a capture of the reference model made by ``record`` (its logger, a
+    dump path or a mapping), in any framework. Each port layer is paired with a reference layer
+    by name, through ``rename`` rules (as ``reprod.capture.rename``: port name -> reference name),
+    or with ``by_order=True`` by call order (port leaf layers in registration order against the
+    reference's layers in call order; a pair must replay to outputs of the reference's shapes).
+    Every recorded call of the paired layer is replayed (``name#2`` ...), in no-grad mode, on the
+    recorded inputs converted to the port's framework, device and floating dtype. A layer's buffers
+    are restored after each call (BatchNorm in training mode does not drift); dropout in training
+    mode is skipped. ``include``/``exclude`` are globs on the port's layer names. Leaf layers are
+    replayed (as ``record`` defines them); ``containers=True`` adds the containers the reference
+    recorded, which finds a bug in a container's own code between its sublayers, but a container
+    also fails whenever one of its sublayers does (read it after its sublayers).
+
+    Other keyword arguments go to ``reprod.compare`` (``method``, ``threshold``, ``atol``,
+    ``rtol``, ``per_key``, ``noise``, ``noise_factor``, ``criteria``). The result has one key per
+    replayed output, named as in the reference; ``first_divergence`` reads it. Layers not
+    replayed are listed in ``result.options["replay_skipped"]`` (``layer``, ``reference``,
+    ``reason``), reference layers nobody paired with in ``result.options["replay_unpaired"]``.
+
+    >>> with record(torch_model) as ref:
+    ...     torch_model(x)
+    >>> r = replay(paddle_model, ref, method="max", threshold=1e-5)
+    >>> [k.key for k in r.failed]
+    ['bn.out', 'act2.out']
+    """
+    from ..adapters import to_numpy
+    from ..diff.engine import compare
+
+    for bad in ("pair", "keys"):
+        if bad in compare_kw:
+            raise TypeError(f"replay: {bad}= is not supported (use rename=, by_order=, include=)")
+    tree = _reference_tree(reference)
+    calls = _reference_calls(tree)
+    order: dict[str, int] = {}  # layer name -> position of its first output: call order
+    for pos, key in enumerate(tree):
+        parsed = parse_key(key)
+        if parsed is not None and parsed.what == "out":
+            order.setdefault(parsed.name, pos)
+    backend, fw = _framework(model)
+    layers = [
+        (name, layer)
+        for name, layer in _port_layers(backend, model, include, exclude)
+        if containers or (name != ROOT and backend.is_leaf(layer))
+    ]
+
+    skipped: list[dict[str, Any]] = []
+    if by_order:
+        mapping, skipped = _pair_by_order(fw, backend, model, layers, calls, order)
+    else:
+        fn = None if rename is None else _compile_rules(rename)
+        mapping = {}
+        for name, layer in layers:
+            ref = None if fn is None else fn(name)
+            ref = name if ref is None else str(ref)
+            if ref in calls:
+                mapping[name] = ref
+            elif name != ROOT and backend.is_leaf(layer):
+                skipped.append({"layer": name, "reference": ref,
+                                "reason": "the reference capture holds no output of " + ref})
+
+    ref_out: dict[str, Any] = {}
+    port_out: dict[str, Any] = {}
+    layer_of = dict(layers)
+    paired_refs = set(mapping.values())
+    # replay in the reference's call order, so the result reads like the capture
+    for name, ref in sorted(mapping.items(), key=lambda nr: order.get(nr[1], 0)):
+        layer = layer_of[name]
+        reason = _stateful_reason(layer)
+        if reason is not None:
+            skipped.append({"layer": name, "reference": ref, "reason": reason})
+            continue
+        for call in calls[ref]:
+            subject = ref if call.call == 1 else f"{ref}#{call.call}"
+            try:
+                outs = _run(fw, backend, model, layer, call)
+            except _Skip as s:
+                skipped.append({"layer": name, "reference": subject, "reason": str(s)})
+                continue
+            got = {tuple(str(i) for i in items): t for items, t in outs.items()}
+            for key, items in call.outs:
+                ref_out[key] = tree[key]
+                if items in got:
+                    port_out[key] = to_numpy(got.pop(items), key=key).array
+            for items, t in got.items():  # outputs the reference does not have: shown as extra
+                key = layer_key(ref, call.call, "out", items)
+                port_out[key] = to_numpy(t, key=key).array
+
+    result = compare(ref_out, port_out, **compare_kw)
+    inner = _containers(calls)
+    unpaired = [n for n in sorted(calls, key=lambda n: order.get(n, 0))
+                if n not in paired_refs and (containers or n not in inner)]
+    result.options["replay_skipped"] = skipped
+    result.options["replay_unpaired"] = unpaired
+    return result
+
+
+def _containers(calls: Mapping[str, Any]) -> set[str]:
+    """Reference layers that hold other recorded layers (the model, ``se`` of ``se.fc1``)."""
+    found = {ROOT} & set(calls)
+    for name in calls:
+        head, dot, _ = name.rpartition(".")
+        while dot:
+            if head in calls:
+                found.add(head)
+            head, dot, _ = head.rpartition(".")
+    return found
+
+
+def _pair_by_order(
+    fw: Any, backend: Any, model: Any, layers: list[tuple[str, Any]],
+    calls: dict[str, list[_Call]], order: Mapping[str, int],
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Port leaf layers in registration order, reference layers in call order; a port layer pairs
+    with the first unpaired reference layer (within a look-ahead) whose first call it can replay
+    to outputs of the same structure and shapes."""
+    inner = _containers(calls)
+    ref_names = [n for n in sorted(calls, key=lambda n: order.get(n, 0)) if n not in inner]
+    taken: set[str] = set()
+    mapping: dict[str, str] = {}
+    skipped: list[dict[str, Any]] = []
+    j = 0
+    for name, layer in layers:
+        if name == ROOT or not backend.is_leaf(layer):
+            continue
+        found = None
+        k, looked = j, 0
+        while k < len(ref_names) and looked <= _LOOKAHEAD:
+            ref = ref_names[k]
+            if ref not in taken:
+                looked += 1
+                call = calls[ref][0]
+                try:
+                    outs = _run(fw, backend, model, layer, call)
+                except _Skip:
+                    outs = None
+                if outs is not None:
+                    got = {tuple(str(i) for i in items): tuple(int(s) for s in t.shape)
+                           for items, t in outs.items()}
+                    if got == call.shapes:
+                        found = k
+                        break
+            k += 1
+        if found is None:
+            skipped.append({"layer": name, "reference": None,
+                            "reason": "no reference layer pairs with it by call order"})
+            continue
+        mapping[name] = ref_names[found]
+        taken.add(ref_names[found])
+        j = found + 1
+    return mapping, skipped
+
