@@ -6,43 +6,105 @@ import dataclasses
 import fnmatch
 import os
 import re
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
+from ..diagnose import MOMENTUM_HINT, VAR_BIAS_HINT, _prev_key, _stat_hint
 from ..logger import ReprodLogger
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-# (glob over keys, explanation) offered as the note of a failing key: framework differences a
-# porter meets, measured on torch 2.x / Paddle 3.x.
+# (glob over keys, explanation): framework differences a porter meets, measured on torch 2.x /
+# Paddle 3.x. The BatchNorm ones are offered only where the numbers fit (``reprod.diagnose``): a
+# failing statistic whose previous step is recorded is checked, and gets the hint only when its
+# magnitudes fit; one that cannot be checked (step 0) gets "possible: <hint> (not checked ...)".
 KNOWN_DIFFERENCES: tuple[tuple[str, str], ...] = (
-    (
-        "*/stat/*_variance",
-        "in training Paddle updates the running variance with the biased batch "
-        "variance, torch with the unbiased one (ratio n/(n-1) per update); the forward pass is not affected",
-    ),
-    ("*/stat/*_mean", "check BatchNorm momentum: Paddle's momentum is torch's 1 - momentum"),
+    ("*/stat/*_variance", VAR_BIAS_HINT),
+    ("*/stat/*_mean", MOMENTUM_HINT),
     (
         "*/lr",
         "the learning rates differ: check that the Paddle scheduler mirrors the torch one "
         "(StepDecay/StepLR: same step_size and gamma) and that both are stepped once per step",
     ),
 )
+_STAT_PATTERNS = ("*/stat/*_variance", "*/stat/*_mean")
+_NOT_CHECKED = "not checked: the statistics before this step are not recorded"
 
 
+def _with_notes(
+    result: Any,
+    ref: Optional[Mapping[str, Any]] = None,
+    other: Optional[Mapping[str, Any]] = None,
+) -> Any:
+    """Offer known framework differences as the note of the failing keys they explain.
 
-def _with_notes(result: Any) -> Any:
-    """Offer known framework differences as the note of the failing keys they may explain."""
+    BatchNorm statistics are checked by magnitude (``reprod.diagnose``) against the previous
+    step's: the momentum swap, then the biased running variance. A layer's statistics checked at
+    some step give their verdict to its other steps (step 0 has no previous statistics); where no
+    step of the layer can be checked the hint is offered as "possible: ... (not checked)".
+    Other known differences (the learning rate) are offered by key.
+    """
+    ref = ref or {}
+    other = other or {}
+    verdicts = _stat_verdicts(result, ref, other)
     results = []
     changed = False
     for r in result.results:
         if not r.passed:
-            for pattern, why in KNOWN_DIFFERENCES:
-                if fnmatch.fnmatchcase(r.key, pattern):
-                    r = dataclasses.replace(r, note=f"{r.note}; {why}" if r.note else why)
-                    changed = True
-                    break
+            why = None
+            for pattern, text in KNOWN_DIFFERENCES:
+                if not fnmatch.fnmatchcase(r.key, pattern):
+                    continue
+                if pattern in _STAT_PATTERNS:
+                    why = _stat_note(r.key, text, verdicts)
+                else:
+                    why = text
+                break
+            if why:
+                r = dataclasses.replace(r, note=f"{r.note}; {why}" if r.note else why)
+                changed = True
         results.append(r)
     return dataclasses.replace(result, results=tuple(results)) if changed else result
+
+
+def _layer_of(key: str) -> tuple[str, str]:
+    """``step3/stat/bn._variance`` -> (``bn.``, ``var``)."""
+    tail = key.split("/stat/", 1)[1]
+    if tail.endswith("_variance"):
+        return tail[: -len("_variance")], "var"
+    return tail[: -len("_mean")], "mean"
+
+
+def _stat_verdicts(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any]) -> dict[Any, Any]:
+    """Each failing checkable statistic key (its previous step recorded on both sides) -> its hint or
+    None; (layer, "var"|"mean") -> (hint, step) of the first checked step whose numbers fit, or
+    None where steps were checked and none fit; absent where no step could be checked."""
+    verdicts: dict[Any, Any] = {}
+    for r in result.results:
+        if r.passed or not any(fnmatch.fnmatchcase(r.key, p) for p in _STAT_PATTERNS):
+            continue
+        prev = _prev_key(r.key)
+        if prev is None or prev not in ref or prev not in other or r.key not in ref or r.key not in other:
+            continue
+        hint = _stat_hint(r.key, ref, other, {})
+        verdicts[r.key] = hint
+        layer = _layer_of(r.key)
+        if verdicts.get(layer) is None:
+            verdicts[layer] = None if hint is None else (hint, r.key.split("/", 1)[0])
+    return verdicts
+
+
+def _stat_note(key: str, text: str, verdicts: dict[Any, Any]) -> Optional[str]:
+    if key in verdicts:  # checked at its own step
+        hint: Optional[str] = verdicts[key]
+        return hint
+    layer = _layer_of(key)
+    if layer not in verdicts:
+        return f"possible: {text} ({_NOT_CHECKED})"
+    found = verdicts[layer]
+    if found is None:
+        return None
+    return f"{found[0]} (checked at {found[1]})"
 
 
 def _finish(
@@ -77,7 +139,9 @@ def _finish(
             rtol=rtol,
             per_key=per_key,
             **calibrated,
-        )
+        ),
+        torch_log.data,
+        paddle_log.data,
     )
     if noise_log is not None:
         worst = noise_multiples(result, default_group=name)

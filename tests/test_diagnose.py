@@ -1,0 +1,259 @@
+"""reprod.diagnose: a known-difference hint appears only where the magnitudes fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import reprod
+from reprod.diagnose import (
+    activation_mismatch,
+    bn_epsilon,
+    diagnose,
+    layernorm_epsilon,
+    momentum_swap,
+    running_var_bias,
+    untransposed_linear,
+)
+
+
+def _torch_bn_step(x: np.ndarray, prev_mean, prev_var, m: float = 0.1):
+    """One training forward of a real torch BatchNorm (1d for 2-D input, 2d for 4-D) from the
+    given running statistics: the running mean and variance after the update."""
+    c = x.shape[1]
+    bn = torch.nn.BatchNorm1d(c, momentum=m) if x.ndim == 2 else torch.nn.BatchNorm2d(c, momentum=m)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.from_numpy(prev_mean.astype(np.float32)))
+        bn.running_var.copy_(torch.from_numpy(prev_var.astype(np.float32)))
+    bn.train()
+    bn(torch.from_numpy(x))
+    return bn.running_mean.numpy().copy(), bn.running_var.numpy().copy()
+
+
+def _paddle_bn_step(x: np.ndarray, prev_mean, prev_var, paddle_momentum: float = 0.9):
+    """Paddle's update (python/paddle/nn/functional/norm.py, batch_norm kernel): running =
+    momentum * running + (1 - momentum) * batch, with the biased batch variance; in float32."""
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    xx = x.astype(np.float64)
+    mu, var = xx.mean(axis=axes), xx.var(axis=axes)
+    pm = np.float32(paddle_momentum)
+    new_mean = pm * prev_mean.astype(np.float32) + (1 - pm) * mu.astype(np.float32)
+    new_var = pm * prev_var.astype(np.float32) + (1 - pm) * var.astype(np.float32)
+    return new_mean.astype(np.float32), new_var.astype(np.float32)
+
+
+def _batch(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    scale = rng.uniform(0.5, 3.0, size=c).reshape([1, c] + [1] * (len(shape) - 2))
+    shift = rng.uniform(-2, 2, size=c).reshape([1, c] + [1] * (len(shape) - 2))
+    return (rng.standard_normal(shape) * scale + shift).astype(np.float32)
+
+
+def _prev(c, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, c).astype(np.float32), rng.uniform(0.5, 2.0, c).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(16, 6), (4, 8, 5, 5)])
+def test_running_variance_bias_fits_a_real_torch_batchnorm(shape) -> None:
+    x = _batch(shape)
+    pm, pv = _prev(shape[1])
+    n = x.size // shape[1]
+    _, tv = _torch_bn_step(x, pm, pv)
+    _, qv = _paddle_bn_step(x, pm, pv)
+    hint = running_var_bias(tv, qv, n, momentum=0.1, prev_var=pv)
+    assert hint is not None and "biased batch variance" in hint and f"n ≈ {n}" in hint
+    # n and the momentum estimated from the numbers alone
+    est = running_var_bias(tv, qv, prev_var=pv)
+    assert est is not None and f"n ≈ {n}" in est and "momentum 0.1" in est
+    # the wrong n, or no previous statistics: no hint
+    assert running_var_bias(tv, qv, n * 4, momentum=0.1, prev_var=pv) is None
+    assert running_var_bias(tv, qv, n) is None
+
+
+def test_momentum_swap_is_not_called_the_variance_difference_and_vice_versa() -> None:
+    x = _batch((8, 6, 3, 3), seed=3)
+    pm, pv = _prev(6, seed=4)
+    tm, tv = _torch_bn_step(x, pm, pv, m=0.1)
+    # the porter copied torch's momentum=0.1 to Paddle: it keeps 0.1 of the old statistics
+    qm, qv = _paddle_bn_step(x, pm, pv, paddle_momentum=0.1)
+    mu = x.astype(np.float64).mean(axis=(0, 2, 3))
+    swap = momentum_swap(tm, qm, pm, mu, 0.1)
+    assert swap is not None and "1 - momentum" in swap
+    assert momentum_swap(tm, qm, pm) is not None  # batch mean and momentum from the numbers
+    assert running_var_bias(tv, qv, prev_var=pv) is None
+    assert running_var_bias(tv, qv, 72, momentum=0.1, prev_var=pv) is None
+    # the right momentum: the variance difference, and no momentum hint on the means
+    qm2, qv2 = _paddle_bn_step(x, pm, pv, paddle_momentum=0.9)
+    assert momentum_swap(tm, qm2, pm) is None
+    assert momentum_swap(tm, qm2, pm, mu, 0.1) is None
+    assert running_var_bias(tv, qv2, 72, momentum=0.1, prev_var=pv) is not None
+
+
+def test_random_differences_get_no_hint() -> None:
+    rng = np.random.default_rng(7)
+    pm, pv = _prev(8, seed=8)
+    tv = rng.uniform(0.5, 2, 8)
+    qv = tv + rng.normal(0, 1e-2, 8)
+    assert running_var_bias(tv, qv, prev_var=pv) is None
+    assert momentum_swap(tv, qv, pm) is None
+    x = rng.standard_normal((4, 8, 3, 3))
+    assert bn_epsilon(x, x + rng.normal(0, 1e-2, x.shape), np.ones(8)) is None
+    assert activation_mismatch(x, x, x + rng.normal(0, 1e-2, x.shape)) is None
+    w = rng.standard_normal((5, 3))
+    assert untransposed_linear(w, rng.standard_normal((3, 5))) is None
+    assert layernorm_epsilon(x.reshape(48, 6), x.reshape(48, 6), x.reshape(48, 6) * 1.01) is None
+
+
+def test_bn_epsilon_is_estimated_from_a_real_torch_batchnorm() -> None:
+    rng = np.random.default_rng(2)
+    c = 6
+    var = np.geomspace(1e-4, 1.0, c).astype(np.float32)
+    x = torch.from_numpy(_batch((4, c, 5, 5), seed=5))
+    outs = []
+    for eps in (1e-5, 1e-3):
+        bn = torch.nn.BatchNorm2d(c, eps=eps).eval()
+        with torch.no_grad():
+            bn.running_var.copy_(torch.from_numpy(var))
+            bn.weight.copy_(torch.from_numpy(rng.uniform(0.5, 2, c).astype(np.float32)))
+            bn.bias.copy_(torch.from_numpy(np.linspace(-1, 1, c).astype(np.float32)))
+            outs.append(bn(x).numpy())
+        rng = np.random.default_rng(2)  # the same weights for both
+    beta = np.linspace(-1, 1, c)
+    hint = bn_epsilon(outs[0], outs[1], var, 1e-5, beta=beta)
+    assert hint == "BN epsilon: port uses ~1e-3, reference 1e-5"
+    assert bn_epsilon(outs[0], outs[0], var, 1e-5, beta=beta) is None
+
+
+def test_layernorm_epsilon_is_estimated_from_the_input() -> None:
+    x = torch.from_numpy((np.random.default_rng(3).standard_normal((6, 16)) * 0.02).astype(np.float32))
+    ref = torch.nn.functional.layer_norm(x, (16,), eps=1e-5).numpy()
+    oth = torch.nn.functional.layer_norm(x, (16,), eps=1e-6).numpy()
+    hint = layernorm_epsilon(x.numpy(), ref, oth, 1e-5)
+    assert hint == "LayerNorm epsilon: port uses ~1e-6, reference 1e-5"
+
+
+def test_hardsigmoid_slope_and_gelu_tanh_are_recognised_from_the_recorded_input() -> None:
+    x = torch.linspace(-6, 6, 301)
+    ref = torch.nn.functional.hardsigmoid(x).numpy()
+    port = np.clip(0.2 * x.numpy() + 0.5, 0, 1)  # the slope of Paddle's fluid hard_sigmoid
+    hint = activation_mismatch(x.numpy(), ref, port)
+    assert hint == "activation: reference Hardsigmoid (slope 1/6), port Hardsigmoid (slope 0.2)"
+    g = torch.nn.functional.gelu(x).numpy()
+    gt = torch.nn.functional.gelu(x, approximate="tanh").numpy()
+    assert activation_mismatch(x.numpy(), g, gt) == (
+        "activation: reference GELU (exact, erf), port GELU (tanh approximation)"
+    )
+    sig = torch.sigmoid(x).numpy()
+    assert "port Sigmoid" in activation_mismatch(x.numpy(), ref, sig)
+    assert activation_mismatch(x.numpy(), g, g) is None
+
+
+def test_untransposed_linear() -> None:
+    lin = torch.nn.Linear(3, 5)
+    w = lin.weight.detach().numpy()
+    assert "not transposed" in untransposed_linear(w.T, w)
+    assert untransposed_linear(w.T, w.T) is None
+
+
+def test_diagnose_attaches_hints_only_where_they_fit_and_names_both_layer_types() -> None:
+    x = torch.linspace(-5, 5, 64).reshape(4, 16)
+    ref = {
+        "act.in[0]": x.numpy(),
+        "act.out": torch.nn.functional.hardsigmoid(x).numpy(),
+        "noise.in[0]": x.numpy(),
+        "noise.out": x.numpy(),
+        "fc.weight": np.arange(15, dtype=np.float32).reshape(3, 5),
+    }
+    other = {
+        "act.in[0]": x.numpy(),
+        "act.out": torch.sigmoid(x).numpy(),
+        "noise.in[0]": x.numpy(),
+        "noise.out": x.numpy() + 0.1,
+        "fc.weight": np.arange(15, dtype=np.float32).reshape(3, 5).T.copy(),
+    }
+    r = reprod.compare(ref, other)
+    d = diagnose(r, ref, other, layer_types={"act": ("Hardsigmoid", "Sigmoid")})
+    assert d["act.out"].note.startswith("Hardsigmoid vs Sigmoid: activation: reference Hardsigmoid")
+    assert d["noise.out"].note is None
+    assert "not transposed" in d["fc.weight"].note
+
+
+def test_align_run_stat_notes_are_checked_by_magnitude() -> None:
+    """_with_notes on an align-style dump: the biased variance is named where step1 fits it, a
+    momentum swap is named on the means and the variances, and step-0-only runs say 'possible'."""
+    from reprod.align.results import _with_notes
+
+    x0, x1 = _batch((8, 6, 3, 3), seed=10), _batch((8, 6, 3, 3), seed=11)
+    pm, pv = _prev(6, seed=12)
+
+    def run(paddle_momentum):
+        t, p = {}, {}
+        tm, tv, qm, qv = pm, pv, pm, pv
+        for i, x in enumerate((x0, x1)):
+            tm, tv = _torch_bn_step(x, tm, tv)
+            qm, qv = _paddle_bn_step(x, qm, qv, paddle_momentum)
+            t[f"step{i}/stat/bn._mean"], t[f"step{i}/stat/bn._variance"] = tm, tv
+            p[f"step{i}/stat/bn._mean"], p[f"step{i}/stat/bn._variance"] = qm, qv
+        return t, p
+
+    t, p = run(0.9)
+    r = _with_notes(reprod.compare(t, p), t, p)
+    assert [k.key for k in r.failed] == ["step0/stat/bn._variance", "step1/stat/bn._variance"]
+    assert "biased batch variance" in r["step1/stat/bn._variance"].note
+    assert "(checked at step1)" in r["step0/stat/bn._variance"].note
+    step0_only = {k: v for k, v in t.items() if k.startswith("step0")}
+    r0 = _with_notes(reprod.compare(step0_only, p), step0_only, p)
+    assert r0["step0/stat/bn._variance"].note.startswith("possible: ")
+    assert "not checked" in r0["step0/stat/bn._variance"].note
+
+    t, p = run(0.1)
+    r = _with_notes(reprod.compare(t, p), t, p)
+    for key in ("step1/stat/bn._mean", "step1/stat/bn._variance", "step0/stat/bn._mean"):
+        assert "1 - momentum" in r[key].note, key
+        assert "biased batch variance" not in r[key].note
+    # a difference that fits neither: no hint
+    q = {k: v + np.float32(0.05) * np.arange(6, dtype=np.float32) ** 2 for k, v in t.items()}
+    r = _with_notes(reprod.compare(t, q), t, q)
+    assert all(k.note is None for k in r.failed)
+
+
+@pytest.mark.parametrize("same_batch", [False, True])
+def test_align_train_names_the_variance_bias_or_the_momentum_bug_by_magnitude(same_batch) -> None:
+    """A real align_train run: a correct port's variances get the biased-variance hint (checked),
+    a port with torch's momentum copied gets the momentum hint and not the variance one."""
+    import sys
+    from pathlib import Path
+
+    import paddle
+
+    sys.path.insert(0, str(Path(__file__).parent / "align"))
+    from align_twins import make_batch, twins
+
+    from reprod.align import align_train
+
+    def train(tm, pm):
+        tm.train()
+        pm.train()
+        batches = [make_batch(0)] if same_batch else [make_batch(i) for i in range(3)]
+        return align_train(
+            tm, pm, batches, steps=3,
+            torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+            torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.05),
+            paddle_optimizer=paddle.optimizer.SGD(learning_rate=0.05, parameters=pm.parameters()),
+        )
+
+    r = train(*twins(seed=4))
+    assert [k.key for k in r.failed] == [f"step{i}/stat/bn._variance" for i in range(3)]
+    assert all("biased batch variance" in k.note and "n ≈ 144" in k.note for k in r.failed)
+    assert not any("possible" in k.note for k in r.failed)
+
+    tm, pm = twins(seed=4)
+    pm.bn._momentum = 0.1  # torch's momentum copied as it is
+    r = train(tm, pm)
+    stats = [k for k in r.failed if "/stat/" in k.key]
+    assert {k.key.split("/")[-1] for k in stats} == {"bn._mean", "bn._variance"}
+    for k in stats:
+        assert "1 - momentum" in k.note and "biased batch variance" not in k.note, k.key
