@@ -31,6 +31,7 @@ __all__ = [
     "save",
     "DiffResult",
     "KeyResult",
+    "compare_trees",
     "ReprodError",
     "DumpFormatError",
     "UnsafeDumpError",
@@ -50,6 +51,7 @@ _LAZY = {
     "save": ("reprod.storage", "save"),
     "DiffResult": ("reprod.diff.result", "DiffResult"),
     "KeyResult": ("reprod.diff.result", "KeyResult"),
+    "compare_trees": ("reprod.trees", "compare_trees"),
 }
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from .diff.result import DiffResult, KeyResult
     from .helper import ReprodDiffHelper
     from .storage import load, save
+    from .trees import compare_trees
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,882 @@
+"""Compare two trees of dumps file pair by file pair: serially, on a local process pool, or on a
+Dask cluster; then read the verdicts by training step and by rank.
+
+>>> t = reprod.compare_trees("torch_dumps", "paddle_dumps", jobs=4)
+>>> print("\\n".join(t.summary_lines()))
+>>> for rel, result in t.pairs: ...          # what reprod-diff's folder mode renders
+>>> t.first_divergence()                     # earliest step, lowest rank, then file and key order
+
+A distributed training run dumps one tree per rank and step (``rank_0/step_1/out.npz`` ...,
+``rank3``, ``worker_3``; ``step_12``, ``step12``, ``iter_12``, anywhere in the relative path).
+Every file pair is one task: it opens its two files where it runs (on a cluster, a worker reads
+them from shared storage; no array crosses the network) and sends back only its ``KeyResult``s
+(with ``failed_only=True``: the failing ones plus the counts). The merged result is the serial
+one, key for key, in the same order, whichever way it was computed.
+
+Dask is optional (``pip install "dask[distributed]"``): it is imported only when a ``client``,
+a ``scheduler`` address or ``REPROD_SCHEDULER`` is given. The local pool uses the standard
+library's ``concurrent.futures``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from .errors import ReprodError
+
+if TYPE_CHECKING:
+    from .diff.criteria import Criteria
+    from .diff.result import DiffResult, KeyResult
+
+__all__ = [
+    "compare_trees",
+    "TreeResult",
+    "TreeEntry",
+    "StepReport",
+    "Divergence",
+    "ClusterError",
+    "dump_files",
+    "rank_and_step",
+]
+
+DUMP_SUFFIXES = (".npy", ".npz")
+SCHEDULER_ENV = "REPROD_SCHEDULER"
+# with jobs=None, trees smaller than this (both sides) are compared serially: on small files a
+# pair's comparison costs about what running it in another process does (benchmarks/README.md)
+AUTO_SERIAL_BYTES = 64 * 2**20
+
+ProgressArg = Union[bool, None, Callable[[int, int, str], None]]
+
+
+class ClusterError(ReprodError, ConnectionError):
+    """The Dask scheduler cannot be reached, or its workers cannot run reprod's tasks."""
+
+
+# --- listing and naming ----------------------------------------------------------------------------
+
+
+def dump_files(folder: str) -> list[str]:
+    """Relative paths (with "/") of every dump under ``folder``, sorted.
+
+    Dumps are regular files whose suffix is ``.npy`` or ``.npz`` in any case (a FIFO named
+    ``x.npy`` is not listed: reading it could wait forever). Symlinks are followed, to files and to
+    folders alike; a folder reached twice (a symlink loop, two links to one folder) is walked once,
+    by its (device, inode)."""
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[str, str]] = [(folder, "")]
+    while stack:  # no recursion: a deep tree cannot hit the recursion limit
+        path, rel = stack.pop()
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs: list[tuple[str, str]] = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+                is_file = not is_dir and e.is_file()  # a regular file (S_ISREG), link followed
+            except OSError:
+                continue
+            name = f"{rel}{e.name}"
+            if is_dir:
+                subdirs.append((e.path, name + "/"))
+            elif is_file and e.name.lower().endswith(DUMP_SUFFIXES):
+                found.append(name)
+        stack.extend(reversed(subdirs))
+    return sorted(found)
+
+
+_RANK = re.compile(r"(?<![a-z0-9])(?:rank|worker)[_-]?(\d+)(?![0-9])", re.IGNORECASE)
+_STEP = re.compile(r"(?<![a-z0-9])(?:step|iter(?:ation)?)[_-]?(\d+)(?![0-9])", re.IGNORECASE)
+
+
+def rank_and_step(rel: str) -> tuple[Optional[int], Optional[int]]:
+    """The rank and the step a relative path names (``None`` where it names none): ``rank_3``,
+    ``rank3``, ``rank-3``, ``worker_3``; ``step_12``, ``step12``, ``iter_12``, ``iteration_12``,
+    in any case, in a folder or a file name (the first one from the left counts).
+
+    >>> rank_and_step("rank_3/step_12/forward.npz"), rank_and_step("out_worker7_iter2.npy")
+    ((3, 12), (7, 2))
+    """
+    r = _RANK.search(rel)
+    s = _STEP.search(rel)
+    return (int(r.group(1)) if r else None, int(s.group(1)) if s else None)
+
+
+# --- one file pair: the task every executor runs ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One file pair, as a worker needs it: plain, picklable, small."""
+
+    index: int
+    rel: str
+    ref: Optional[str]  # the path to open; None: the file is absent on this side
+    other: Optional[str]
+    ref_name: str  # the names results carry (as the caller gave the roots)
+    other_name: str
+    noise: Optional[str]  # None: no noise tree; "": a noise tree without this file
+    nbytes: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # criteria, keys, verify, failed_only
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    index: int
+    result: Optional[DiffResult]
+    keys: int = 0
+    passed_keys: int = 0
+    error: Optional[BaseException] = None  # a ReprodError from reading the pair
+    lost: str = ""  # why the pair was not compared (its worker died), "" when it was
+
+
+def _open(path: str, verify: bool) -> Any:
+    if verify:
+        from .storage import load
+
+        return load(path, verify=True)
+    return path
+
+
+def _unpaired(result: DiffResult, missing_path: str) -> DiffResult:
+    """A file without a partner: every key it holds fails, the reason naming the absent file
+    (reprod-diff's folder mode, key for key)."""
+    from .diff.result import KeyResult
+
+    reason = f"{missing_path} does not exist"
+    keys = tuple(replace(kr, reason=reason) for kr in result.results)
+    if not keys:  # an empty dump still must not pass for an absent partner
+        status = "missing" if result.other_name == missing_path else "extra"
+        keys = (KeyResult(key=os.path.basename(missing_path), passed=False, status=status,
+                          reason=reason),)
+    return replace(result, results=keys)
+
+
+def _compare_task(task: _Task) -> DiffResult:
+    from .diff.engine import compare
+
+    verify = bool(task.options.get("verify"))
+    opts: dict[str, Any] = {"criteria": task.options.get("criteria"),
+                            "keys": task.options.get("keys"), "progress": False}
+    if task.noise is not None:
+        opts["noise"] = _open(task.noise, verify) if task.noise else {}
+    if task.ref is not None and task.other is not None:
+        result = compare(_open(task.ref, verify), _open(task.other, verify), **opts)
+        return replace(result, ref_name=task.ref_name, other_name=task.other_name)
+    if task.ref is not None:
+        result = replace(compare(_open(task.ref, verify), {}, **opts),
+                         ref_name=task.ref_name, other_name=task.other_name)
+        return _unpaired(result, task.other_name)
+    assert task.other is not None
+    result = replace(compare({}, _open(task.other, verify), **opts),
+                     ref_name=task.ref_name, other_name=task.other_name)
+    return _unpaired(result, task.ref_name)
+
+
+def _run_task(task: _Task) -> _Outcome:
+    """Compare one pair where this runs; only the verdicts travel back."""
+    try:
+        result = _compare_task(task)
+    except ReprodError as exc:
+        return _Outcome(task.index, None, error=exc)
+    n = len(result.results)
+    passed = sum(r.passed for r in result.results)
+    if task.options.get("failed_only") and passed:
+        result = replace(result, results=tuple(r for r in result.results if not r.passed))
+    return _Outcome(task.index, result, keys=n, passed_keys=passed)
+
+
+def _error_result(task: _Task, reason: str) -> DiffResult:
+    """A pair that could not be compared: one failing key named after the file, status "error"."""
+    from .diff.result import DiffResult, KeyResult
+
+    key = KeyResult(key=os.path.basename(task.rel), passed=False, status="error", reason=reason)
+    return DiffResult(results=(key,), ref_name=task.ref_name, other_name=task.other_name)
+
+
+def _lost(task: _Task, reason: str) -> _Outcome:
+    return _Outcome(task.index, _error_result(task, reason), keys=1, lost=reason)
+
+
+# --- the plan: which pairs, which paths --------------------------------------------------------------
+
+
+def _plan(ref: str, other: str, noise: Optional[str], absolute: bool,
+          options: dict[str, Any]) -> list[_Task]:
+    """Every file pair of the two trees: the reference's files in sorted order, then the files
+    only the other tree holds (reprod-diff's folder order). ``absolute``: tasks open absolute
+    paths (a cluster worker's working directory is not the caller's)."""
+    for root, what in ((ref, "reference"), (other, "other"), (noise, "noise")):
+        if root is not None and not os.path.isdir(root):
+            raise ReprodError(f"{root}: no such folder ({what} tree)")
+    ref_files, other_files = dump_files(ref), dump_files(other)
+    if not ref_files and not other_files:
+        raise ReprodError(f"{ref}: no dump files ({', '.join(DUMP_SUFFIXES)}) in this folder "
+                          f"nor in {other}")
+    opener = os.path.abspath if absolute else (lambda p: p)
+    other_set = set(other_files)
+    tasks: list[_Task] = []
+
+    def add(rel: str, in_ref: bool, in_other: bool) -> None:
+        a, b = os.path.join(ref, rel), os.path.join(other, rel)
+        nz: Optional[str] = None
+        if noise is not None:
+            path = os.path.join(noise, rel)
+            nz = opener(path) if os.path.isfile(path) else ""
+        size = 0
+        for p, present in ((a, in_ref), (b, in_other)):
+            if present:
+                try:
+                    size += os.stat(p).st_size
+                except OSError:
+                    pass
+        tasks.append(_Task(index=len(tasks), rel=rel, ref=opener(a) if in_ref else None,
+                           other=opener(b) if in_other else None, ref_name=a, other_name=b,
+                           noise=nz, nbytes=size, options=options))
+
+    for rel in ref_files:
+        # a partner that exists but is no regular file (a FIFO, a folder) is an error naming it
+        # when opened, not an absent partner
+        add(rel, True, rel in other_set or os.path.exists(os.path.join(other, rel)))
+    paired = set(ref_files)
+    for rel in other_files:
+        if rel not in paired:
+            add(rel, False, True)
+    return tasks
+
+
+# --- executors ---------------------------------------------------------------------------------------
+
+
+class _PairProgress:
+    """Pairs done out of the total: a bar on stderr (reprod's Progress, counting pairs and the
+    bytes of their files), or a callback ``(done, total, rel)``."""
+
+    def __init__(self, tasks: Sequence[_Task], progress: ProgressArg) -> None:
+        self.total = len(tasks)
+        self.done = 0
+        self.callback: Optional[Callable[[int, int, str], None]] = None
+        self.bar: Any = None
+        if callable(progress) and not isinstance(progress, bool):
+            self.callback = progress
+            return
+        from .diff.progress import Progress, progress_enabled
+
+        class _Bar(Progress):
+            def line(self, now: Optional[float] = None) -> str:
+                return super().line(now).replace(" keys ", " file pairs ", 1)
+
+        if progress_enabled(progress):
+            self.bar = _Bar(total_keys=self.total, total_bytes=sum(t.nbytes for t in tasks))
+
+    def pair_done(self, task: _Task) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(self.done, self.total, task.rel)
+        elif self.bar is not None:
+            self.bar.advance(task.nbytes)
+            self.bar.key_done()  # the bar's "keys" are the pairs here
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+TaskFn = Callable[[_Task], _Outcome]
+
+
+def _run_serial(tasks: Sequence[_Task], fn: TaskFn, bar: _PairProgress,
+                errors: str) -> dict[int, _Outcome]:
+    out: dict[int, _Outcome] = {}
+    for t in tasks:
+        o = fn(t)
+        out[t.index] = o
+        bar.pair_done(t)
+        if o.error is not None and errors == "raise":
+            break
+    return out
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _init_pool_worker(threads: Optional[int]) -> None:
+    if threads is not None:
+        from .diff.metrics import set_threads
+
+        set_threads(threads)
+
+
+_PRELOAD = ["reprod.trees", "reprod.diff.engine", "reprod.storage"]
+
+
+def _pool_context() -> Any:
+    """forkserver (never fork: this process may hold threads), its server importing reprod once
+    so that each pool process starts ready; spawn where there is no forkserver."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():  # pragma: no cover - Windows
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    try:
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver  # type: ignore[attr-defined]
+        have = list(getattr(server, "_preload_modules", ["__main__"]))
+        if getattr(server, "_forkserver_pid", None) is None and not set(_PRELOAD) <= set(have):
+            ctx.set_forkserver_preload(have + [m for m in _PRELOAD if m not in have])
+    except Exception:  # pragma: no cover - a Python without these internals: start unloaded
+        pass
+    return ctx
+
+
+def _run_pool(tasks: Sequence[_Task], fn: TaskFn, jobs: int, bar: _PairProgress,
+              errors: str) -> dict[int, _Outcome]:
+    """A local process pool. A process that dies breaks the whole pool (every pair in flight
+    fails with it): those pairs run again in a fresh pool, and pairs that broke that one too run
+    one at a time, so that only a pair whose process dies while it runs alone is reported, as an
+    error pair naming both files; no pair is dropped."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = _pool_context()
+    # the pool's processes share the CPUs: each one's threads for large arrays, unless set
+    threads = None if os.environ.get("REPROD_THREADS") else max(1, _cpu_count() // jobs)
+    out: dict[int, _Outcome] = {}
+
+    def new_pool(n: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_pool_worker,
+                                   initargs=(threads,))
+
+    def done(t: _Task, o: _Outcome) -> bool:
+        """Record an outcome; True when the run must stop (an unreadable file, errors="raise")."""
+        out[t.index] = o
+        bar.pair_done(t)
+        return o.error is not None and errors == "raise"
+
+    pending = list(tasks)
+    for _round in range(2):  # all pairs, then the pairs whose pool broke, in parallel
+        died: list[_Task] = []
+        stop = False
+        with new_pool(min(jobs, len(pending))) as pool:
+            futures = {pool.submit(fn, t): t for t in pending}
+            waiting = set(futures)
+            try:
+                while waiting and not stop:
+                    finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+                    for f in sorted(finished, key=lambda f: futures[f].index):
+                        try:
+                            o = f.result()
+                        except BrokenProcessPool:
+                            died.append(futures[f])
+                            continue
+                        stop = done(futures[f], o) or stop
+            finally:
+                for f in waiting:
+                    f.cancel()
+        if stop:
+            return out
+        pending = sorted(died, key=lambda t: t.index)
+        if not pending:
+            return out
+    pool = new_pool(1)  # then one at a time: a pool that breaks now names its pair
+    try:
+        for t in pending:
+            try:
+                o = pool.submit(fn, t).result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=True)
+                pool = new_pool(1)
+                o = _lost(t, f"the process comparing {t.ref_name} and {t.other_name} died "
+                             "(killed, out of memory?), three times; not compared")
+            if done(t, o):
+                break
+    finally:
+        pool.shutdown(wait=True)
+    return out
+
+
+def _connect(address: str, timeout: float) -> Any:
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ClusterError(f"scheduler {address}: Dask is not installed "
+                           "(pip install \"dask[distributed]\")") from None
+    try:
+        return Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} "
+                           f"(waited {timeout:g} s): {text}") from None
+
+
+def _run_dask(tasks: Sequence[_Task], fn: TaskFn, client: Any, bar: _PairProgress,
+              errors: str) -> dict[int, _Outcome]:
+    """One Dask task per pair. A worker that dies is replaced and its task rerun by the scheduler
+    (``distributed.scheduler.allowed-failures`` times); past that the pair is an error pair."""
+    import uuid
+
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    run = uuid.uuid4().hex[:8]
+    futures = client.map(fn, list(tasks), key=[f"reprod-pair-{run}-{t.index}" for t in tasks],
+                         pure=False)
+    by_key = {f.key: t for f, t in zip(futures, tasks)}
+    out: dict[int, _Outcome] = {}
+    # results come back as they finish, fetched concurrently (not one round trip a pair)
+    done = as_completed(futures, loop=client.loop, with_results=True, raise_errors=False)
+    try:
+        for f, value in done:
+            t = by_key[f.key]
+            if f.status == "error":
+                exc = value[1]
+                if isinstance(exc, ImportError):
+                    raise ClusterError(f"the Dask workers cannot run reprod ({exc}): install "
+                                       "reprod-align on every worker") from None
+                if not isinstance(exc, KilledWorker):
+                    raise exc
+                o = _lost(t, f"the Dask worker comparing {t.ref_name} and {t.other_name} died "
+                             f"on each of {exc.allowed_failures + 1} tries (KilledWorker); "
+                             "not compared")
+            else:
+                o = value
+            f.release()  # the worker may drop it now
+            out[t.index] = o
+            bar.pair_done(t)
+            if o.error is not None and errors == "raise":
+                break
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+    return out
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """One file pair of the tree: its verdicts, and the rank and step its path names.
+
+    ``status``: ``compared``; ``missing`` (the file is absent on one side: ``absent`` says which,
+    ``"ref"`` or ``"other"``; its keys fail as missing/extra); ``error`` (not compared: the
+    worker died, or with ``errors="report"`` the file could not be read; ``reason`` says why).
+    ``keys``/``passed_keys`` count every key even when ``failed_only`` kept only the failing
+    ``KeyResult``s in ``result``."""
+
+    rel: str
+    result: DiffResult
+    status: str
+    rank: Optional[int]
+    step: Optional[int]
+    keys: int
+    passed_keys: int
+    absent: Optional[str] = None
+    reason: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "compared" and self.keys == self.passed_keys
+
+    @property
+    def failed_keys(self) -> int:
+        return self.keys - self.passed_keys
+
+    @property
+    def first_failure(self) -> Optional[KeyResult]:
+        return None if self.passed else self.result.first_failure
+
+
+def _where(step: Optional[int], rank: Optional[int]) -> str:
+    parts = [] if step is None else [f"step {step}"]
+    if rank is not None:
+        parts.append(f"rank {rank}")
+    return ", ".join(parts)
+
+
+def _ranks_text(ranks: Sequence[int], limit: int = 12) -> str:
+    """``5``; ``0-3, 7, 9``: runs of consecutive ranks joined."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in runs]
+    if len(parts) > limit:
+        parts = parts[:limit] + [f"... ({len(ranks)} in all)"]
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """The pairs of one step, by rank (ranks in increasing order; ``None``: no rank in the path,
+    listed first)."""
+
+    step: Optional[int]
+    ranks: dict[Optional[int], tuple[TreeEntry, ...]]
+
+    @property
+    def failing_ranks(self) -> list[Optional[int]]:
+        return [r for r, es in self.ranks.items() if not all(e.passed for e in es)]
+
+    @property
+    def passing_ranks(self) -> list[Optional[int]]:
+        return [r for r, es in self.ranks.items() if all(e.passed for e in es)]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failing_ranks
+
+    @property
+    def disagree(self) -> bool:
+        """Some ranks of this step pass and others fail: a rank-local bug (one bad rank's data,
+        sharding, a collective) rather than a port bug every rank shares."""
+        return bool(self.failing_ranks) and bool(self.passing_ranks)
+
+    def line(self) -> str:
+        """``step 3: rank 5 fails, 63 ranks pass``; ``step 3: every rank fails (64 ranks)``."""
+        head = "files without a step" if self.step is None else f"step {self.step}"
+        bad, good = self.failing_ranks, self.passing_ranks
+        if list(self.ranks) == [None]:  # no rank in these paths
+            es = self.ranks[None]
+            n_bad = sum(not e.passed for e in es)
+            files = f"{len(es)} file pair{'s' if len(es) != 1 else ''}"
+            return f"{head}: {files}, " + ("all pass" if not n_bad else f"{n_bad} fail")
+        n = len(self.ranks)
+        if not bad:
+            return f"{head}: every rank passes ({n} rank{'s' if n != 1 else ''})"
+        if not good:
+            return f"{head}: every rank fails ({n} rank{'s' if n != 1 else ''})" if n > 1 \
+                else f"{head}: rank {_rank_name(bad[0])} fails (the only rank)"
+        named = [r for r in bad if r is not None]
+        what = (f"rank {named[0]} fails" if len(bad) == 1 and named else
+                f"ranks {_ranks_text(named)} fail" if len(named) == len(bad) else
+                f"{len(bad)} ranks fail")
+        return f"{head}: {what}, " + ("1 rank passes" if len(good) == 1 else
+                                      f"{len(good)} ranks pass")
+
+
+def _rank_name(rank: Optional[int]) -> str:
+    return "(none)" if rank is None else str(rank)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where the tree first goes wrong: the earliest step, its lowest failing rank, that rank's
+    first failing file (file order) and that file's first failing key (call order)."""
+
+    step: Optional[int]
+    rank: Optional[int]
+    rel: str
+    key: Optional[KeyResult]
+    entry: TreeEntry
+
+    def line(self) -> str:
+        where = _where(self.step, self.rank)
+        head = f"first divergence: {where + ': ' if where else ''}{self.rel}"
+        if self.key is None:
+            return head
+        return f"{head}, key {self.key.key!r}: {self.key.reason}"
+
+
+def _order(v: Optional[int]) -> tuple[int, int]:
+    return (0, 0) if v is None else (1, v)
+
+
+@dataclass(frozen=True)
+class TreeResult:
+    """The comparison of two trees of dumps.
+
+    ``pairs``: ``(relative path, DiffResult)`` for every file pair, the reference's files in
+    sorted order then the files only the other tree holds (reprod-diff's folder order).
+    ``entries``: the same pairs with their status, rank, step and key counts. ``by_step()``,
+    ``first_divergence()`` and ``summary_lines()`` read them by step, then rank."""
+
+    ref: str
+    other: str
+    entries: tuple[TreeEntry, ...]
+    mode: str = "serial"
+    seconds: float = 0.0
+
+    @property
+    def pairs(self) -> list[tuple[str, DiffResult]]:
+        return [(e.rel, e.result) for e in self.entries]
+
+    @property
+    def passed(self) -> bool:
+        return all(e.passed for e in self.entries)
+
+    @property
+    def failed(self) -> list[TreeEntry]:
+        return [e for e in self.entries if not e.passed]
+
+    @property
+    def missing(self) -> list[TreeEntry]:
+        return [e for e in self.entries if e.status == "missing"]
+
+    @property
+    def errors(self) -> list[TreeEntry]:
+        return [e for e in self.entries if e.status == "error"]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Any:
+        return iter(self.pairs)
+
+    def __repr__(self) -> str:
+        n, bad = len(self.entries), len(self.failed)
+        return f"<TreeResult {n} file pairs: {n - bad} passed, {bad} failed ({self.mode})>"
+
+    def by_step(self) -> list[StepReport]:
+        """One report per step in increasing order (files whose path names no step first), each
+        with its ranks in increasing order and each rank's pairs in file order."""
+        steps: dict[Optional[int], dict[Optional[int], list[TreeEntry]]] = {}
+        for e in self.entries:
+            steps.setdefault(e.step, {}).setdefault(e.rank, []).append(e)
+        out = []
+        for s in sorted(steps, key=_order):
+            ranks = steps[s]
+            out.append(StepReport(step=s, ranks={
+                r: tuple(sorted(ranks[r], key=lambda e: e.rel)) for r in sorted(ranks, key=_order)
+            }))
+        return out
+
+    def first_divergence(self) -> Optional[Divergence]:
+        """The earliest step with a failure, its lowest failing rank, that rank's first failing
+        file in file order, and that file's first failing key in call order; None if all pass."""
+        for sr in self.by_step():
+            for rank, es in sr.ranks.items():
+                for e in es:
+                    if not e.passed:
+                        return Divergence(step=sr.step, rank=rank, rel=e.rel,
+                                          key=e.result.first_failure, entry=e)
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        ranks = {e.rank for e in self.entries if e.rank is not None}
+        steps = {e.step for e in self.entries if e.step is not None}
+        first = self.first_divergence()
+        return {
+            "pairs": len(self.entries),
+            "passed": sum(e.passed for e in self.entries),
+            "failed": len(self.failed),
+            "missing": len(self.missing),
+            "errors": len(self.errors),
+            "keys": sum(e.keys for e in self.entries),
+            "failed_keys": sum(e.failed_keys for e in self.entries),
+            "ranks": len(ranks),
+            "steps": len(steps),
+            "first_divergence": None if first is None else {
+                "step": first.step, "rank": first.rank, "file": first.rel,
+                "key": None if first.key is None else first.key.key},
+            "mode": self.mode,
+            "seconds": self.seconds,
+        }
+
+    def summary_lines(self, *, max_lines: int = 20) -> list[str]:
+        """The verdict of the tree in a few lines: the count, the first divergence, one line per
+        failing step (saying whether every rank fails or only some), then missing and error
+        pairs (at most ``max_lines`` of those, then a count)."""
+        s = self.summary()
+        shape = []
+        if s["steps"]:
+            shape.append(f"{s['steps']} step{'s' if s['steps'] != 1 else ''}")
+        if s["ranks"]:
+            shape.append(f"{s['ranks']} rank{'s' if s['ranks'] != 1 else ''}")
+        head = f"{s['pairs']} file pair{'s' if s['pairs'] != 1 else ''}"
+        if shape:
+            head += f" ({' x '.join(shape)})"
+        head += f", {s['passed']} passed, {s['failed']} failed"
+        extra = [f"{s['missing']} missing on one side"] if s["missing"] else []
+        extra += [f"{s['errors']} not compared"] if s["errors"] else []
+        if extra:
+            head += f" ({', '.join(extra)})"
+        head += f"; {s['keys']:,} keys, {s['failed_keys']:,} failed"
+        lines = [head + (": PASSED" if self.passed else ": FAILED")]
+        first = self.first_divergence()
+        if first is not None:
+            lines.append(first.line())
+        reports = self.by_step()
+        good = [r for r in reports if r.passed]
+        for r in reports:
+            if not r.passed:
+                lines.append(r.line())
+        if good and len(good) < len(reports):
+            named = [r.step for r in good if r.step is not None]
+            lines.append(f"steps {_ranks_text(named)}: every pair passes" if len(named) > 1 else
+                         f"step {named[0]}: every pair passes" if named else
+                         "files without a step: every pair passes")
+        odd = [e for e in self.entries if e.status != "compared"]
+        for e in odd[:max_lines]:
+            if e.status == "missing":
+                lines.append(f"{e.rel}: missing in the {'other' if e.absent == 'other' else 'reference'}"
+                             f" tree ({e.reason})")
+            else:
+                lines.append(f"{e.rel}: not compared: {e.reason}")
+        if len(odd) > max_lines:
+            lines.append(f"... and {len(odd) - max_lines} more missing or uncompared pairs")
+        return lines
+
+
+def _entry(task: _Task, o: _Outcome) -> TreeEntry:
+    rank, step = rank_and_step(task.rel)
+    assert o.result is not None
+    if o.lost:
+        return TreeEntry(task.rel, o.result, "error", rank, step, keys=1, passed_keys=0,
+                         reason=o.lost)
+    if task.ref is None or task.other is None:
+        absent = "ref" if task.ref is None else "other"
+        missing = task.ref_name if absent == "ref" else task.other_name
+        return TreeEntry(task.rel, o.result, "missing", rank, step, keys=o.keys,
+                         passed_keys=o.passed_keys, absent=absent,
+                         reason=f"{missing} does not exist")
+    return TreeEntry(task.rel, o.result, "compared", rank, step, keys=o.keys,
+                     passed_keys=o.passed_keys)
+
+
+# --- the entry point --------------------------------------------------------------------------------
+
+
+def compare_trees(
+    a: Union[str, os.PathLike[str]],
+    b: Union[str, os.PathLike[str]],
+    *,
+    criteria: Optional[Criteria] = None,
+    noise: Optional[Union[str, os.PathLike[str]]] = None,
+    client: Any = None,
+    jobs: Optional[int] = None,
+    scheduler: Optional[str] = None,
+    keys: Optional[Union[str, Sequence[str]]] = None,
+    verify: bool = False,
+    failed_only: bool = False,
+    errors: str = "raise",
+    progress: ProgressArg = None,
+    connect_timeout: float = 10.0,
+) -> TreeResult:
+    """Compare every dump of tree ``a`` (the reference) with the file at the same relative path in
+    tree ``b``; ``noise``: a third tree (the reference in float64), the file at the same path
+    calibrating each pair (a pair without one is judged by the plain thresholds, each key noted).
+
+    Where the pairs run: on ``client`` (a ``distributed.Client``) when given; else on the Dask
+    scheduler at ``scheduler`` (``"tcp://host:8786"``; environment: ``REPROD_SCHEDULER``), a
+    client connected for this call and closed after it (``connect_timeout`` seconds to reach it,
+    else a one-line ``ClusterError``, a ``ReprodError``); else on a local pool of ``jobs``
+    processes (default: the CPUs this process may use, or serially for trees under 64 MiB;
+    ``jobs=1``: serially, in this process). The pool's processes start from a forkserver: a
+    script that calls this must guard its top level with ``if __name__ == "__main__":``.
+    On a cluster the workers open the files at the paths given (made absolute), so the trees
+    must be on storage every worker sees at the same path; reprod must be installed there too.
+
+    Every way gives the same result: ``.pairs`` in the same order, every ``KeyResult`` equal.
+    ``criteria``, ``keys`` (globs) and ``verify`` (check every .npz member's CRC first) are
+    ``reprod.compare``'s. ``failed_only``: each pair sends back only its failing keys (and the
+    counts), for trees of millions of keys. A file present on one side only is a ``missing``
+    pair (its keys fail as missing or extra). A file that cannot be read raises its
+    ``ReprodError`` (``errors="report"``: the pair becomes an ``error`` pair and the rest go on).
+    A pair whose worker process dies is run again (a fresh pool, or the Dask scheduler's retries),
+    then reported as an ``error`` pair naming both files; no pair is ever dropped. ``progress``: a
+    bar over the pairs on stderr (``None``: when stderr is a terminal), or a callable
+    ``(done, total, relative_path)``.
+    """
+    return _compare_trees(a, b, criteria=criteria, noise=noise, client=client, jobs=jobs,
+                          scheduler=scheduler, keys=keys, verify=verify, failed_only=failed_only,
+                          errors=errors, progress=progress, connect_timeout=connect_timeout,
+                          task_fn=_run_task)
+
+
+def _visible(*roots: str) -> bool:
+    """Whether this process sees the trees (on a cluster, the workers may see what it does not)."""
+    return all(os.path.isdir(r) for r in roots)
+
+
+def _compare_trees(a: Any, b: Any, *, criteria: Any, noise: Any, client: Any, jobs: Optional[int],
+                   scheduler: Optional[str], keys: Any, verify: bool, failed_only: bool,
+                   errors: str, progress: ProgressArg, connect_timeout: float,
+                   task_fn: TaskFn) -> TreeResult:
+    if errors not in ("raise", "report"):
+        raise ValueError(f"errors={errors!r}: 'raise' or 'report'")
+    if jobs is not None and (isinstance(jobs, bool) or int(jobs) < 1):
+        raise ValueError(f"jobs={jobs!r}: a number of processes >= 1")
+    if criteria is None:
+        from .diff.criteria import Criteria
+
+        criteria = Criteria()
+    ref, other = os.fspath(a), os.fspath(b)
+    noise_root = None if noise is None else os.fspath(noise)
+    if client is None and scheduler is None:
+        scheduler = os.environ.get(SCHEDULER_ENV) or None
+    cluster = client is not None or scheduler is not None
+    options = {"criteria": criteria, "keys": keys, "verify": verify, "failed_only": failed_only}
+    start = time.perf_counter()
+    own_client = None
+    try:
+        if cluster and client is None:
+            assert scheduler is not None
+            client = own_client = _connect(scheduler, connect_timeout)
+        if cluster and not _visible(ref, other):
+            # the caller does not see the trees: list them where the workers do
+            tasks = client.submit(_plan, ref, other, noise_root, True, options,
+                                  pure=False).result()
+        else:
+            tasks = _plan(ref, other, noise_root, cluster, options)
+        bar = _PairProgress(tasks, progress)
+        try:
+            if cluster:
+                mode = f"dask {getattr(client.scheduler, 'address', scheduler) or scheduler}"
+                outcomes = _run_dask(tasks, task_fn, client, bar, errors)
+            else:
+                n = min(_cpu_count() if jobs is None else int(jobs), len(tasks))
+                if jobs is None and sum(t.nbytes for t in tasks) < AUTO_SERIAL_BYTES:
+                    n = 1  # a pool's start and transfers cost more than it saves
+                if n <= 1:
+                    mode = "serial"
+                    outcomes = _run_serial(tasks, task_fn, bar, errors)
+                else:
+                    mode = f"{n} processes"
+                    outcomes = _run_pool(tasks, task_fn, n, bar, errors)
+        finally:
+            bar.close()
+    finally:
+        if own_client is not None:
+            own_client.close()
+    return _merge(ref, other, tasks, outcomes, errors, mode, time.perf_counter() - start)
+
+
+def _merge(ref: str, other: str, tasks: Iterable[_Task], outcomes: dict[int, _Outcome],
+           errors: str, mode: str, seconds: float) -> TreeResult:
+    tasks = list(tasks)
+    if errors == "raise":  # the first unreadable file in pair order, whichever finished first
+        for t in tasks:
+            o = outcomes.get(t.index)
+            if o is not None and o.error is not None:
+                raise o.error
+    entries = []
+    for t in tasks:
+        o = outcomes.get(t.index)
+        if o is None:  # cannot happen: every executor reports every pair; never drop one
+            o = _lost(t, "no result came back")
+        elif o.error is not None:
+            o = _lost(t, " ".join(str(o.error).split()))
+        entries.append(_entry(t, o))
+    return TreeResult(ref=ref, other=other, entries=tuple(entries), mode=mode, seconds=seconds)
