@@ -135,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --noise: how many times its noise a key may differ (default 20)",
     )
     p.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="folders: compare file pairs on N local processes (default: one process)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="URL",
+        help="folders: compare file pairs on a Dask cluster (tcp://host:8786; environment "
+        "REPROD_SCHEDULER), each worker reading its files where they are (pip install dask[distributed])",
+    )
+    p.add_argument(
         "--by-order",
         action="store_true",
         help="pair OTHER's keys with REF's by order when their names differ: layer captures by "
@@ -386,7 +398,17 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
     sides: Optional[tuple[Any, Any]] = None
     if args.noise and os.path.isdir(args.noise) != ref_dir:
         raise UsageError(f"--noise {args.noise} must be a folder exactly when {args.ref} is one")
-    if ref_dir:
+    scheduler = args.scheduler or os.environ.get("REPROD_SCHEDULER") or None
+    if ref_dir and (args.jobs is not None or scheduler):
+        if pair is not None:
+            raise UsageError("--by-order/--rename work on one process: leave out --jobs/--scheduler")
+        from .trees import compare_trees
+
+        tree = compare_trees(args.ref, args.other, criteria=criteria, noise=args.noise,
+                             jobs=args.jobs, scheduler=scheduler, keys=args.keys,
+                             verify=args.verify, progress=False if args.quiet else None)
+        compared = list(tree.pairs)
+    elif ref_dir:
         if args.noise:
             options["noise_root"] = args.noise
         compared = _compare_folders(args.ref, args.other, options, args.verify)

@@ -26,7 +26,7 @@ ALL_METHODS = ("min", "max", "mean")
 
 # status words, in the order a report lists them
 STATUSES = ("passed", "kink", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type",
-            "nothing")
+            "nothing", "error")
 
 
 _NONFINITE = ("inf", "-inf", "nan")
