@@ -57,3 +57,36 @@ def torch() -> Any:
 def paddle() -> Any:
     """paddle, imported once (slow); tests that need it skip where it is not installed."""
     return pytest.importorskip("paddle")
+
+
+# --- the "slow" marker ----------------------------------------------------------------------------
+# Tests that take seconds each: whole example runs, scripts run in subprocesses under two
+# libraries, fuzzing loops, memory measurements, killed writers, headless Chromium. CI runs them
+# all (the README's test command); `python -m pytest -q -m "not slow"` is the quick subset. They
+# are named here by node id prefix (file, or file::test) so that the list lives in one place.
+SLOW = (
+    "tests/examples/",  # MobileNetV3 in torch and paddle, every step, several injected bugs
+    "tests/compat/test_dropin_pipelines.py",  # scripts run under reprod_log and reprod
+    "tests/test_import.py",  # fresh interpreters importing torch / paddle
+    "tests/align/test_convert_cli.py::test_runs_as_a_program",
+    "tests/test_cli_weights.py::test_pth_against_converted_pdparams",
+    "tests/test_fuzz_readers.py::test_mutated_dumps_load_right_or_fail_cleanly",
+    "tests/test_fuzz_readers.py::test_mutated_pdparams_read_right_or_fail_cleanly",
+    "tests/test_hostile_numbers.py::test_many_tiny_keys_in_memory",
+    "tests/test_logger.py::test_stream_holds_nothing_in_memory",
+    "tests/test_logger.py::test_streaming_state_per_key_is_small",
+    "tests/test_logger.py::test_stream_memory_stays_flat_past_the_spill",
+    "tests/test_write_faults.py::test_sigkill_mid_save_leaves_a_complete_dump",
+    "tests/test_pytest_plugin.py::test_xdist_workers_share_one_report",
+    "tests/test_metrics_blocks.py::test_kernel_and_numpy_paths_agree_on_a_large_pair",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        nodeid = item.nodeid.replace("\\", "/")
+        if not nodeid.startswith("tests/"):  # run from inside tests/: ids lack the prefix
+            nodeid = "tests/" + nodeid
+        # the HTML report's tests in headless Chromium (they skip where it is absent)
+        if nodeid.startswith(SLOW) or "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
