@@ -330,7 +330,7 @@ static PyObject *stats(PyObject *self, PyObject *args) {
  * (Gopal et al., "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ", Intel 2009;
  * the constants are the paper's for this polynomial, as in Linux's crc32-pclmul and
  * Chromium's zlib), the rest by a table. zlib.crc32 ran at ~1.5 GB/s on the many small
- * members of a dump; tests/test_batch_paths.py compares the two on every length and offset.
+ * members of a dump; tests/diff/test_batch_paths.py compares the two on every length and offset.
  */
 static uint32_t crc_table[256];
 

@@ -70,15 +70,15 @@ SLOW = (
     "tests/test_import.py",  # fresh interpreters importing torch / paddle
     "tests/align/test_convert_cli.py::test_runs_as_a_program",
     "tests/test_cli_weights.py::test_pth_against_converted_pdparams",
-    "tests/test_fuzz_readers.py::test_mutated_dumps_load_right_or_fail_cleanly",
-    "tests/test_fuzz_readers.py::test_mutated_pdparams_read_right_or_fail_cleanly",
-    "tests/test_hostile_numbers.py::test_many_tiny_keys_in_memory",
+    "tests/storage/test_fuzz_readers.py::test_mutated_dumps_load_right_or_fail_cleanly",
+    "tests/storage/test_fuzz_readers.py::test_mutated_pdparams_read_right_or_fail_cleanly",
+    "tests/diff/test_hostile_numbers.py::test_many_tiny_keys_in_memory",
     "tests/test_logger.py::test_stream_holds_nothing_in_memory",
     "tests/test_logger.py::test_streaming_state_per_key_is_small",
     "tests/test_logger.py::test_stream_memory_stays_flat_past_the_spill",
-    "tests/test_write_faults.py::test_sigkill_mid_save_leaves_a_complete_dump",
+    "tests/storage/test_write_faults.py::test_sigkill_mid_save_leaves_a_complete_dump",
     "tests/test_pytest_plugin.py::test_xdist_workers_share_one_report",
-    "tests/test_metrics_blocks.py::test_kernel_and_numpy_paths_agree_on_a_large_pair",
+    "tests/diff/test_metrics_blocks.py::test_kernel_and_numpy_paths_agree_on_a_large_pair",
 )
 
 

@@ -5,7 +5,7 @@
 ...     torch_model(x).sum().backward()
 >>> log.save("torch_layers.npz")
 
-Every leaf layer's inputs and outputs (and, with ``backward=True``, the gradients through them
+Every layer's inputs and outputs (and, with ``backward=True``, the gradients through them
 and every parameter's gradient) are logged under keys named after the layer, in call order; the
 key scheme is in ``reprod.capture.naming`` and docs/capture.md. ``explain_kinks`` relabels the
 gradients that differ only because an activation's input sits within noise of its kink
@@ -90,9 +90,12 @@ def record(
     ``model`` is a ``torch.nn.Module`` or a ``paddle.nn.Layer``. For every recorded layer call:
     its tensor inputs (``inputs=True``) and outputs (``forward=True``), and with
     ``backward=True`` the gradients arriving at its outputs and leaving through its inputs,
-    plus every trainable parameter's gradient (each time backward reaches it). Leaf layers are
-    recorded (layers without sublayers, or with parameters of their own); ``containers=True``
-    adds every other layer, the model included. ``include``/``exclude`` are glob patterns (one or
+    plus every trainable parameter's gradient (each time backward reaches it). Every layer is
+    recorded, containers and the model itself (``<model>``) included, so that
+    ``first_divergence`` can name a container whose own ``forward`` code (a residual add, a
+    reshape, a concatenation) differs; ``containers=False`` records leaf layers only (layers
+    without sublayers, or with parameters of their own), about a third fewer values and what
+    ``rename_by_order`` pairs best. ``include``/``exclude`` are glob patterns (one or
     a list) on layer names (``"features.*"``); parameters follow their layer. Values are copied
     to numpy at once, so a step's graph is not kept alive; with
     ``ReprodLogger(stream_to="run.npz")`` they go to disk as they come. Every hook is removed
@@ -102,7 +105,7 @@ def record(
     ...     loss = criterion(model(x), y)
     ...     loss.backward()
     >>> log.keys()[:3]
-    ['conv.in', 'conv.out', 'bn.in']
+    ['<model>.in', 'conv.in', 'conv.out']
     """
     backend = _backend(model)
     if logger is None:

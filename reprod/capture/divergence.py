@@ -1,11 +1,14 @@
 """The first divergence: in call order, the first recorded layer whose output fails, and whether
-its input was already different (then the cause lies before it, outside the recorded layers)."""
+its input was already different. Then the cause is code between recorded layers: with containers
+recorded, the innermost enclosing layer whose input aligns and whose output differs is named (its
+own ``forward``); without, the gap between the two leaf layers is. A comparison whose layer calls
+mostly did not pair by name gives a divergence of kind ``"unpaired"``, never ``None``."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from ..diff.result import DiffResult, KeyResult
 from ..messages import fmt_num
@@ -30,6 +33,13 @@ class Divergence:
     sent back, so a layer named for its ``grad_in`` shares the suspicion with the other users of
     that input; a parameter gradient is the layer's own. ``previous`` is the last
     recorded layer before it, whose outputs all align.
+
+    ``kind`` is ``"layer"``, or ``"unpaired"`` when most layer calls are on one side only (names
+    that did not pair): then nothing is shown to align, ``layer`` is ``""``, ``output`` is the
+    first one-sided key and ``paired`` / ``calls`` count the layer calls that paired / all of
+    the reference's. ``inner`` is set when ``layer`` is a container named for its own code: the
+    divergence first seen inside it (a sublayer whose input already differs).
+    ``own_code`` is True when ``layer`` has recorded sublayers that all align.
     """
 
     layer: str
@@ -40,6 +50,12 @@ class Divergence:
     outputs: tuple[KeyResult, ...] = ()
     direction: str = "forward"
     previous: Optional[str] = None
+    kind: str = "layer"
+    inner: Optional[Divergence] = None
+    own_code: bool = False
+    paired: Optional[int] = None
+    calls: Optional[int] = None
+    one_sided: Optional[int] = None
 
     @property
     def input_aligned(self) -> Optional[bool]:
@@ -55,6 +71,13 @@ class Divergence:
         >>> first_divergence(result).message
         'diverges at features.3.block.2 (SqueezeExcitation): input aligned (max 2.000e-07), output max diff 4.000e-02'
         """
+        if self.kind == "unpaired":
+            return (
+                f"layer names do not pair: only {self.paired} of {self.calls} layer calls pair "
+                f"by name ({self.one_sided} capture keys on one side only), so nothing is shown "
+                "to align; pair them by call order: reprod.capture.rename_by_order(ref, other), "
+                "or reprod-diff --by-order"
+            )
         backward = self.direction == "backward"
         where = self.layer + (f" ({self.layer_type})" if self.layer_type else "")
         head = "backward diverges" if backward else "diverges"
@@ -64,7 +87,16 @@ class Divergence:
             return f"{head} at {where}: {inp} not recorded, {out}"
         if self.input_aligned:
             worst = _max_abs(self.inputs)
-            return f"{head} at {where}: {inp} aligned (max {fmt_num(worst)}), {out}"
+            text = f"{head} at {where}: {inp} aligned (max {fmt_num(worst)}), {out}"
+            if self.inner is not None and self.inner.input is not None:
+                text += (
+                    f"; inside it, the {inp} of {self.inner.layer} already differs "
+                    f"({_describe(self.inner.input)}) while its recorded sublayers before that "
+                    f"align, so the cause is {self.layer}'s own forward code"
+                )
+            elif self.own_code:
+                text += "; its recorded sublayers align, so the cause is its own forward code"
+            return text
         assert self.input is not None
         diff = _describe(self.input)
         if self.previous is None:
@@ -111,39 +143,120 @@ def _representative(results: tuple[KeyResult, ...]) -> Optional[KeyResult]:
 
 
 class _Unit:
-    __slots__ = ("subject", "name", "ins", "outs", "pos")
+    __slots__ = ("subject", "name", "ins", "outs", "pos", "start")
 
     def __init__(self, subject: str, name: str) -> None:
         self.subject = subject
         self.name = name
         self.pos: Optional[int] = None  # position of the first output key: when the call ended
+        self.start: Optional[int] = None  # position of its first key: when the call began
         self.ins: list[KeyResult] = []
         self.outs: list[KeyResult] = []
 
 
+# forward (start, end) positions of each layer call: call A encloses call B when A began before
+# B and ended after it (a container and what its forward called)
+Spans = dict[str, tuple[int, int]]
+
+
+def _encloses(spans: Spans, outer: str, inner: str) -> bool:
+    a, b = spans.get(outer), spans.get(inner)
+    if a is None or b is None:
+        return False
+    return a[0] < b[0] and b[1] < a[1]
+
+
+def _aligned(results: list[KeyResult]) -> bool:
+    return bool(results) and all(r.passed for r in results)
+
+
+def _failing(results: list[KeyResult]) -> bool:
+    return any(not r.passed for r in results)
+
+
+def _divergence(
+    unit: _Unit,
+    direction: str,
+    layer_types: Optional[Mapping[str, str]],
+    previous: Optional[str],
+    **extra: Any,
+) -> Divergence:
+    ins, outs = tuple(unit.ins), tuple(unit.outs)
+    output = _representative(outs)
+    assert output is not None
+    return Divergence(
+        layer=unit.subject,
+        layer_type=None if layer_types is None else layer_types.get(unit.name),
+        input=_representative(ins),
+        output=output,
+        inputs=ins,
+        outputs=outs,
+        direction=direction,
+        previous=previous,
+        **extra,
+    )
+
+
 def _walk(
-    units: list[_Unit], direction: str, layer_types: Optional[Mapping[str, str]]
+    units: list[_Unit], direction: str, layer_types: Optional[Mapping[str, str]], spans: Spans
 ) -> Optional[Divergence]:
     previous: Optional[str] = None
     for unit in units:
         if not unit.outs:
             continue
-        if any(not r.passed for r in unit.outs):
-            ins, outs = tuple(unit.ins), tuple(unit.outs)
-            output = _representative(outs)
-            assert output is not None
-            return Divergence(
-                layer=unit.subject,
-                layer_type=None if layer_types is None else layer_types.get(unit.name),
-                input=_representative(ins),
-                output=output,
-                inputs=ins,
-                outputs=outs,
-                direction=direction,
-                previous=previous,
-            )
+        if _failing(unit.outs):
+            found = _divergence(unit, direction, layer_types, previous)
+            inside = [u for u in units if u.outs and _encloses(spans, unit.subject, u.subject)]
+            if found.input_aligned is False:
+                # the input was computed by code between recorded layers: the innermost enclosing
+                # layer whose input aligns and whose output differs ran that code
+                outer = [u for u in units if _encloses(spans, u.subject, unit.subject)]
+                for enclosing in sorted(outer, key=lambda u: -spans[u.subject][0]):
+                    if _aligned(enclosing.ins):
+                        if _failing(enclosing.outs):
+                            return _divergence(
+                                enclosing, direction, layer_types, previous, inner=found
+                            )
+                        break
+            elif inside and found.input_aligned:
+                return _divergence(unit, direction, layer_types, previous, own_code=True)
+            return found
         previous = unit.subject
     return None
+
+
+def _unpaired(result: DiffResult) -> Optional[Divergence]:
+    """A kind ``"unpaired"`` divergence when most of the reference's layer calls have no
+    counterpart (their keys are on one side only), else None."""
+    ref_calls: dict[str, bool] = {}  # subject -> has a key on both sides
+    other_calls: set[str] = set()
+    one_sided: list[KeyResult] = []
+    for r in result.results:
+        parsed = parse_key(r.key)
+        if parsed is None or parsed.is_param:
+            continue
+        if r.status in _ONE_SIDED:
+            one_sided.append(r)
+            if r.status == "extra":
+                other_calls.add(parsed.subject)
+                continue
+        paired = r.status not in _ONE_SIDED
+        ref_calls[parsed.subject] = ref_calls.get(parsed.subject, False) or paired
+    paired = sum(ref_calls.values())
+    calls = max(len(ref_calls), paired + len(other_calls - set(ref_calls)))
+    if not one_sided or 2 * paired > calls:
+        return None
+    return Divergence(
+        layer="",
+        layer_type=None,
+        input=None,
+        output=one_sided[0],
+        outputs=tuple(one_sided),
+        kind="unpaired",
+        paired=paired,
+        calls=len(ref_calls) or calls,
+        one_sided=len(one_sided),
+    )
 
 
 def first_divergence(
@@ -152,19 +265,27 @@ def first_divergence(
     """The first recorded layer whose output differs, forward pass first, then backward.
 
     ``result`` compares two captures made by ``reprod.capture.record`` (keys that are not capture
-    keys, and keys present on one side only, are ignored). Forward: layers in call order, each
-    judged by its outputs, reported with its inputs. Backward (when the forward pass aligns):
-    layers in reverse call order, each judged by the gradients it sends on and its parameters'
-    gradients, reported with the gradients it received. Keys that ``explain_kinks`` labelled
-    ``"kink"`` are not held against their layer (a layer whose outputs are all kink keys is
-    skipped). ``layer_types`` maps layer names to class
-    names (``reprod.capture.layer_types(model)``) for the message. ``None`` when every recorded
-    layer aligns.
+    keys are ignored). Forward: layers in call order, each judged by its outputs, reported with
+    its inputs. When that layer's input already differs, code between recorded layers made it:
+    the innermost enclosing layer (a container, recorded by default) whose input aligns and whose
+    output differs is named, with the sublayer as ``inner``. Backward (when the forward pass
+    aligns): layers in reverse call order, each judged by the gradients it sends on and its
+    parameters' gradients, reported with the gradients it received. Keys that ``explain_kinks``
+    labelled ``"kink"`` are not held against their layer (a layer whose outputs are all kink keys
+    is skipped). ``layer_types`` maps layer names to class names
+    (``reprod.capture.layer_types(model)``) for the message.
+
+    Keys on one side only are skipped, but when most of the reference's layer calls did not pair
+    by name the answer is a divergence of kind ``"unpaired"`` (pair them with
+    ``reprod.capture.rename_by_order``). ``None`` when every paired layer aligns.
 
     >>> result = reprod.compare(torch_log.data, paddle_log.data, method="max", threshold=1e-5)
     >>> div = first_divergence(result, layer_types=reprod.capture.layer_types(model))
     >>> print(div.message if div else "aligned")
     """
+    unpaired = _unpaired(result)
+    if unpaired is not None:
+        return unpaired
     forward: dict[str, _Unit] = {}
     backward: dict[str, _Unit] = {}
     params: list[tuple[CaptureKey, KeyResult]] = []
@@ -181,6 +302,8 @@ def first_divergence(
         unit = table.get(parsed.subject)
         if unit is None:
             unit = table[parsed.subject] = _Unit(parsed.subject, parsed.name)
+        if unit.start is None:
+            unit.start = pos
         if parsed.what in ("in", "grad_out"):
             unit.ins.append(r)
         else:
@@ -188,15 +311,23 @@ def first_divergence(
             if unit.pos is None:
                 unit.pos = pos
 
+    spans: Spans = {
+        u.subject: (u.start, u.pos)
+        for u in forward.values()
+        if u.start is not None and u.pos is not None
+    }
     # forward call order is the order in which layers finished: the order of their outputs
-    order = sorted(forward.values(), key=lambda u: len(result.results) if u.pos is None else u.pos)
-    found = _walk(order, "forward", layer_types)
+    end = len(result.results)
+    order = sorted(forward.values(), key=lambda u: end if u.pos is None else u.pos)
+    found = _walk(order, "forward", layer_types, spans)
     if found is not None:
         return found
 
     if forward:
-        # reverse call order; layers with no gradient recorded drop out in _walk
-        rank = {u.subject: i for i, u in enumerate(reversed(order))}
+        # reverse order of the calls' starts: a container's input gradient is complete after its
+        # sublayers'; layers with no gradient recorded drop out in _walk
+        starts = sorted(forward.values(), key=lambda u: end if u.start is None else u.start)
+        rank = {u.subject: i for i, u in enumerate(reversed(starts))}
         bwd = sorted(backward.values(), key=lambda u: rank.get(u.subject, len(rank)))
     else:
         bwd = list(backward.values())  # gradient hooks fired in backward order already
@@ -212,4 +343,4 @@ def first_divergence(
             unit = last_unit[owner] = _Unit(owner, owner)
             bwd.append(unit)
         unit.outs.append(r)
-    return _walk(bwd, "backward", layer_types)
+    return _walk(bwd, "backward", layer_types, spans)

@@ -5,7 +5,7 @@ arrays, a kernel call, a result object per key). Here the plain cases (two float
 of one shape, both viewable in place in two mapped dumps) are described by byte offsets and
 computed in one call of the compiled kernel (``stats_many``), split over two threads. Anything
 unusual (NaN, Inf, sums that overflow, Fortran order, loaders, bf16) is left to the per-key path,
-which gives identical results (``tests/test_batch_paths.py`` checks every field).
+which gives identical results (``tests/diff/test_batch_paths.py`` checks every field).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _finite_result(p: Pair, policy: Criteria, n: int, atol: Optional[float], rto
     status, reason, checks = judged(values, thresholds, mismatched=mismatched, size=n, atol=atol,
                                      rtol=rtol, worst_index=worst_index, worst_ref=worst_ref,
                                      worst_other=worst_other)
-    # every field, in declaration order (tests/test_batch_paths.py checks both)
+    # every field, in declaration order (tests/diff/test_batch_paths.py checks both)
     return KeyResult._from_fields({
         "key": key, "passed": status == "passed", "status": status, "reason": reason,
         "path": p.path, "ref_shape": rs.shape, "other_shape": os_.shape, "ref_dtype": rdt,

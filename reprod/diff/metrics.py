@@ -8,7 +8,7 @@ Large arrays are cut into chunks that a small thread pool works on together (the
 and numpy both release the GIL); the partial statistics of the chunks are merged in chunk order, so
 the result does not depend on how many threads ran. Real float32/float64 pairs go through the
 compiled kernel (``reprod._native``) when it is built, else through the numpy path below; both
-give the same statistics to float64 rounding (``tests/test_metrics_blocks.py``).
+give the same statistics to float64 rounding (``tests/diff/test_metrics_blocks.py``).
 """
 
 from __future__ import annotations

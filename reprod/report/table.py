@@ -201,7 +201,7 @@ def _simple_table(rows: Sequence[Sequence[str]], headers: Sequence[str],
     ~4 us a cell (0.18 s on a 5,000-key dump, longer than the comparison); ``None`` when a cell
     is anything but printable ASCII (wide characters, newlines), which tabulate then lays out.
     Cells are stripped; each column is as wide as its widest cell or its header plus two; columns
-    are joined by two spaces; lines carry no trailing blanks (tests/test_report_renderers.py
+    are joined by two spaces; lines carry no trailing blanks (tests/report/test_report_renderers.py
     compares it with tabulate on random tables)."""
     if not all(type(h) is str and h.isascii() and h.isprintable() for h in headers):
         return None

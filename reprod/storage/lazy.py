@@ -136,7 +136,7 @@ class ArraySpec:
                 check: Optional[tuple[int, int, int]] = None) -> ArraySpec:
         """``ArraySpec(...)`` of bytes in the file, for readers building one per key of a dump: a
         frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``, a quarter
-        of a reader's per-key cost on dumps of many small keys (tests/test_batch_paths.py checks this
+        of a reader's per-key cost on dumps of many small keys (tests/diff/test_batch_paths.py checks this
         builds what ``__init__`` builds)."""
         obj = object.__new__(cls)
         object.__setattr__(obj, "__dict__", {"dtype": dtype, "shape": shape, "offset": offset,

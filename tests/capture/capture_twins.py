@@ -201,3 +201,114 @@ def torch_layout(paddle_data: dict) -> dict:
         if key in data:
             data[key] = np.ascontiguousarray(data[key].T)
     return data
+
+
+# --- containers whose own forward code holds the bug -------------------------------------------
+
+# bugs in Block.forward (paddle side, block2 only): what first_divergence must name is "block2"
+BLOCK_BUGS = ("no_residual_add", "wrong_transpose", "wrong_reshape", "concat_order")
+
+
+def block_torch_net():
+    """stem -> block1 -> block2 -> pool -> head; a Block concatenates two branches, normalises
+    over channels in a (N, HW, C) layout and adds its input back."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c // 2, 1)
+            self.conv2 = nn.Conv2d(c, c // 2, 3, padding=1)
+            self.act = nn.Hardswish()
+            self.norm = nn.LayerNorm(c)
+            self.proj = nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            y = torch.cat([self.conv1(x), self.act(self.conv2(x))], dim=1)
+            n, c, h, w = y.shape
+            y = self.norm(y.reshape(n, c, h * w).transpose(1, 2))
+            y = y.transpose(1, 2).reshape(n, c, h, w)
+            return self.proj(y) + x
+
+    class BlockNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block1 = Block(8)
+            self.block2 = Block(8)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.flatten = nn.Flatten()
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            x = self.block2(self.block1(self.stem(x)))
+            return self.head(self.flatten(self.pool(x)))
+
+    torch.manual_seed(0)
+    return BlockNet().eval()
+
+
+def block_paddle_net(bug: Optional[str] = None):
+    """The paddle twin of ``block_torch_net``, with ``bug`` in block2's own forward code."""
+    import paddle
+    from paddle import nn
+
+    class Block(nn.Layer):
+        def __init__(self, c: int, bug: Optional[str]) -> None:
+            super().__init__()
+            self.bug = bug
+            self.conv1 = nn.Conv2D(c, c // 2, 1)
+            self.conv2 = nn.Conv2D(c, c // 2, 3, padding=1)
+            self.act = nn.Hardswish()
+            self.norm = nn.LayerNorm(c)
+            self.proj = nn.Conv2D(c, c, 1)
+
+        def forward(self, x):
+            a, b = self.conv1(x), self.act(self.conv2(x))
+            y = paddle.concat([b, a] if self.bug == "concat_order" else [a, b], axis=1)
+            n, c, h, w = y.shape
+            if self.bug == "wrong_reshape":  # (N, C, H, W) read as (N, HW, C) without a transpose
+                y = y.reshape([n, h * w, c])
+            else:
+                y = y.reshape([n, c, h * w]).transpose([0, 2, 1])
+            y = self.norm(y)
+            if self.bug == "wrong_transpose":  # back to (N, C, H, W) without transposing
+                y = y.reshape([n, c, h, w])
+            else:
+                y = y.transpose([0, 2, 1]).reshape([n, c, h, w])
+            y = self.proj(y)
+            return y if self.bug == "no_residual_add" else y + x
+
+    class BlockNet(nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2D(3, 8, 3, padding=1)
+            self.block1 = Block(8, None)
+            self.block2 = Block(8, bug)
+            self.pool = nn.AdaptiveAvgPool2D(1)
+            self.flatten = nn.Flatten()
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            x = self.block2(self.block1(self.stem(x)))
+            return self.head(self.flatten(self.pool(x)))
+
+    paddle.set_device("cpu")
+    net = BlockNet()
+    net.eval()
+    return net
+
+
+def copy_block_weights(torch_model, paddle_model) -> None:
+    """torch state dict -> paddle for the Block twins (the head's weight transposed)."""
+    import paddle
+
+    state = {}
+    for name, value in torch_model.state_dict().items():
+        arr = value.detach().numpy()
+        if name == "head.weight":
+            arr = arr.T
+        state[name] = paddle.to_tensor(np.ascontiguousarray(arr))
+    missing, unexpected = paddle_model.set_state_dict(state)
+    assert not missing and not unexpected, (missing, unexpected)

@@ -203,3 +203,114 @@ def test_divergence_round_trips_through_the_result_json(direction):
     result = compare(ref, other)
     again = reprod.DiffResult.from_dict(result.to_dict())
     assert first_divergence(again) == first_divergence(result)
+
+
+def block(*, inner_in: float = 0.0, own: float = 0.0) -> tuple[dict, dict]:
+    """``<model>`` calls ``blk`` (sublayers ``blk.a``, ``blk.b``), then ``c``: a reference capture
+    and one whose ``blk`` code changes ``blk.b``'s input (``inner_in``) or its own output
+    after its last sublayer (``own``); everything downstream follows."""
+    ref = {
+        "<model>.in": BASE,
+        "blk.in": BASE,
+        "blk.a.in": BASE,
+        "blk.a.out": BASE * 2,
+        "blk.b.in": BASE * 2,
+        "blk.b.out": BASE * 3,
+        "blk.out": BASE * 3,
+        "c.in": BASE * 3,
+        "c.out": BASE * 4,
+        "<model>.out": BASE * 4,
+    }
+    other = dict(ref)
+    shift = inner_in + own
+    for key in ("blk.b.in", "blk.b.out") if inner_in else ():
+        other[key] = ref[key] + inner_in
+    for key in ("blk.out", "c.in", "c.out", "<model>.out") if shift else ():
+        other[key] = ref[key] + shift
+    return ref, other
+
+
+def test_code_of_an_enclosing_container_is_named_at_the_container():
+    ref, other = block(inner_in=0.5)
+    div = first_divergence(compare(ref, other), layer_types={"blk": "Block"})
+    assert div is not None and (div.layer, div.layer_type, div.input_aligned) == ("blk", "Block", True)
+    assert div.output.key == "blk.out" and div.previous == "blk.a"
+    assert div.inner is not None and (div.inner.layer, div.inner.input_aligned) == ("blk.b", False)
+    assert div.message == (
+        "diverges at blk (Block): input aligned (max 0.000e+00), output max diff 5.000e-01; inside "
+        "it, the input of blk.b already differs (max diff 5.000e-01) while its recorded sublayers "
+        "before that align, so the cause is blk's own forward code"
+    )
+
+
+def test_a_container_whose_sublayers_align_is_named_for_its_own_code():
+    ref, other = block(own=0.25)
+    div = first_divergence(compare(ref, other))
+    assert div is not None and div.layer == "blk" and div.inner is None and div.own_code
+    assert div.message.endswith("its recorded sublayers align, so the cause is its own forward code")
+
+
+def test_the_innermost_container_with_an_aligned_input_is_named():
+    ref, other = block(inner_in=0.5)
+    # blk.b is itself a container around blk.b.conv; its own input differs too, blk's aligns
+    def nest(data: dict) -> dict:
+        out = {}
+        for key, value in data.items():
+            if key == "blk.b.out":
+                out["blk.b.conv.out"] = value
+            out[key] = value
+            if key == "blk.b.in":
+                out["blk.b.conv.in"] = value
+        return out
+
+    ref, other = nest(ref), nest(other)
+    div = first_divergence(compare(ref, other))
+    assert div is not None and div.layer == "blk"
+    assert div.inner is not None and div.inner.layer == "blk.b.conv"
+
+
+def test_an_enclosing_container_whose_output_aligns_is_not_blamed():
+    ref, other = block(inner_in=0.5)
+    for key in ("blk.out", "c.in", "c.out", "<model>.out"):
+        other[key] = ref[key]
+    div = first_divergence(compare(ref, other))
+    assert div is not None and div.layer == "blk.b" and div.input_aligned is False
+    assert "outside the recorded layers" in div.message
+
+
+def test_a_backward_bug_in_a_sublayer_is_named_before_its_container():
+    # blk's input gradient includes what blk.a sent back: blk.a is differentiated first
+    ref = {
+        "blk.in": BASE, "blk.a.in": BASE, "blk.a.out": BASE, "blk.out": BASE,
+        "blk.grad_out": BASE, "blk.a.grad_out": BASE, "blk.a.grad_in": BASE, "blk.grad_in": BASE,
+    }
+    other = changed(changed(ref, "blk.a.grad_in"), "blk.grad_in")
+    div = first_divergence(compare(ref, other))
+    assert div is not None and (div.layer, div.direction, div.input_aligned) == ("blk.a", "backward", True)
+
+
+def test_names_that_mostly_do_not_pair_give_an_unpaired_divergence():
+    ref = chain("a", "b", "c", "d", "e")
+    other = {k.replace(k[0], "x" + k[0], 1) if k[0] in "bcde" else k: v for k, v in ref.items()}
+    result = compare(ref, other)
+    div = first_divergence(result)
+    assert isinstance(div, Divergence) and div.kind == "unpaired"
+    assert (div.paired, div.calls, div.one_sided) == (1, 5, 16)
+    assert div.layer == "" and div.output.status in ("missing", "extra")
+    assert div.message == (
+        "layer names do not pair: only 1 of 5 layer calls pair by name (16 capture keys on one "
+        "side only), so nothing is shown to align; pair them by call order: "
+        "reprod.capture.rename_by_order(ref, other), or reprod-diff --by-order"
+    )
+    # a numeric divergence among the few that paired is no answer either
+    assert first_divergence(compare(ref, changed(other, "a.out"))).kind == "unpaired"
+
+
+def test_a_few_one_sided_layers_keep_the_answer():
+    ref = chain("a", "b", "c", "d", "e")
+    other = {k: v for k, v in ref.items() if not k.startswith("c.")}
+    assert first_divergence(compare(ref, other)) is None
+    other = {k: v for k, v in ref.items() if not k.startswith(("c.", "d."))}
+    assert first_divergence(compare(ref, other)) is None  # 3 of 5 pair
+    other = {k: v for k, v in ref.items() if not k.startswith(("b.", "c.", "d."))}
+    assert first_divergence(compare(ref, other)).kind == "unpaired"  # 2 of 5

@@ -42,8 +42,15 @@ def net():
 
 
 def test_leaf_layers_in_call_order(net):
-    log = twins.run_torch(net, backward=False)
+    log = twins.run_torch(net, backward=False, containers=False)
     assert log.keys() == FORWARD_KEYS
+
+
+def test_containers_are_recorded_by_default(net):
+    keys = twins.run_torch(net, backward=False).keys()
+    assert [k for k in keys if k in FORWARD_KEYS] == FORWARD_KEYS
+    assert sorted(set(keys) - set(FORWARD_KEYS)) == ["<model>.in", "<model>.out", "se.in", "se.out"]
+    assert keys[0] == "<model>.in" and keys[-1] == "<model>.out"
 
 
 def test_values_are_what_the_layers_compute(net):
@@ -127,7 +134,7 @@ def test_a_layer_called_twice_gets_a_call_index():
             return self.shared(self.other(self.shared(x)))
 
     model = Twice()
-    with record(model, backward=True) as log:
+    with record(model, backward=True, containers=False) as log:
         model(torch.ones(1, 3)).sum().backward()
     assert log.keys()[:6] == [
         "shared.in", "shared.out", "other.in", "other.out", "shared#2.in", "shared#2.out"
@@ -163,7 +170,7 @@ def test_structured_outputs_and_keyword_inputs():
             return self.multi(x, scale=torch.full_like(x, 3.0))
 
     net = Net()
-    with record(net) as log:
+    with record(net, containers=False) as log:
         net(torch.ones(2))
     assert log.keys() == [
         "multi.in[0]", "multi.in[scale]", "multi.out[0]", "multi.out[1][double]", "multi.out[1][scaled]"
@@ -187,7 +194,7 @@ def test_non_tensor_arguments_do_not_change_the_input_key():
             return self.c(self.b(self.a(x), 3.0, mode="mul"))
 
     net = Net()
-    with record(net) as log:
+    with record(net, containers=False) as log:
         net(torch.ones(2))
     assert log.keys() == ["a.in", "a.out", "b.in", "b.out", "c.in", "c.out"]
     np.testing.assert_array_equal(log.data["c.in"], [6.0, 6.0])
@@ -208,7 +215,7 @@ def test_containers_include_and_exclude(net):
 
 
 def test_inputs_off_and_forward_off(net):
-    log = twins.run_torch(net, backward=False, inputs=False)
+    log = twins.run_torch(net, backward=False, inputs=False, containers=False)
     assert log.keys() == [k for k in FORWARD_KEYS if ".out" in k]
     log = twins.run_torch(net, backward=True, forward=False)
     assert log.keys() and all("grad" in k for k in log.keys())
@@ -274,7 +281,7 @@ def test_recorder_keeps_no_tensor_alive(net, run_backward):
 def test_streaming_logger_holds_nothing_and_keeps_call_order(net, tmp_path):
     path = tmp_path / "run.npz"
     logger = ReprodLogger(stream_to=path)
-    with record(net, logger, backward=True) as log:
+    with record(net, logger, backward=True, containers=False) as log:
         assert log is logger
         x, w = twins.inputs()
         (net(torch.from_numpy(x)) * torch.from_numpy(w)).sum().backward()
@@ -283,7 +290,7 @@ def test_streaming_logger_holds_nothing_and_keeps_call_order(net, tmp_path):
     logger.close()
     dump = reprod.load(path)
     assert list(dump) == keys and keys[: len(FORWARD_KEYS)] == FORWARD_KEYS
-    in_memory = twins.run_torch(twins.torch_net())
+    in_memory = twins.run_torch(twins.torch_net(), containers=False)
     result = reprod.compare(in_memory.data, dump, method="max", threshold=0)
     assert result.passed, result.summary_line()
 
@@ -307,7 +314,7 @@ def test_legacy_dump_loads_in_reprod_log(net, tmp_path):
 
 
 def test_no_grad_with_backward_records_forward_only(net):
-    with torch.no_grad(), record(net, backward=True) as log:
+    with torch.no_grad(), record(net, backward=True, containers=False) as log:
         net(torch.ones(1, 3, 8, 8))
     assert log.keys() == FORWARD_KEYS
 

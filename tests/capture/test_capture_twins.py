@@ -40,9 +40,10 @@ def test_forward_and_backward_align_key_by_key(torch_model, torch_log):
     assert sorted(log.keys()) == sorted(torch_log.keys())
     forward = [k for k in torch_log.keys() if parse_key(k).what in ("in", "out")]
     assert [k for k in log.keys() if k in forward] == forward  # same call order
-    # forward, gradients through every layer, and every parameter gradient (not BN statistics)
-    assert len(forward) == 33
-    assert sum(k.endswith(".grad_out") for k in log.keys()) == 16
+    # forward, gradients through every layer (the model and the container se included), and
+    # every parameter gradient (not BN statistics)
+    assert len(forward) == 37
+    assert sum(k.endswith(".grad_out") for k in log.keys()) == 18
     assert sorted(k for k in log.keys() if k.startswith("param.")) == sorted(
         f"param.{n}.grad" for n, _ in torch_model.named_parameters()
     )
@@ -69,6 +70,11 @@ def test_a_bug_between_recorded_layers_is_located_between_them(torch_model, torc
     # SqueezeExcitation adds its scale instead of multiplying: code of a container, not a leaf
     model, log = paddle_log(torch_model, "se_add")
     div = first_divergence(compare(torch_log, log.data), layer_types=layer_types(model))
+    assert div is not None and (div.layer, div.input_aligned, div.own_code) == ("se", True, True)
+    # recorded without containers, the gap between two leaf layers is named
+    leaf_ref = twins.run_torch(torch_model, containers=False)
+    leaf = twins.run_paddle(model, containers=False)
+    div = first_divergence(compare(leaf_ref, leaf.data), layer_types=layer_types(model))
     assert div is not None
     assert (div.layer, div.previous, div.input_aligned) == ("conv2", "se.gate", False)
     assert "although se.gate aligns, so the cause lies between the two" in div.message
@@ -79,7 +85,7 @@ def test_a_backward_only_bug_is_found_in_the_backward_pass(torch_model, torch_lo
     model, log = paddle_log(torch_model, "residual_backward")
     result = compare(torch_log, log.data)
     forward = [r for r in result.results if parse_key(r.key).what in ("in", "out")]
-    assert len(forward) == 33 and all(r.passed for r in forward)
+    assert len(forward) == 37 and all(r.passed for r in forward)
     div = first_divergence(result, layer_types=layer_types(model))
     assert div is not None
     assert (div.layer, div.direction, div.layer_type) == ("res", "backward", "Residual")

@@ -250,9 +250,11 @@ def test_training_lr_follows_the_cosine_schedule(aligned: Run) -> None:
 def test_layer_capture_covers_every_leaf_layer(aligned: Run) -> None:
     layers = np.load(aligned.out / "layers_torch.npy", allow_pickle=True).item()
     outs = [k for k in layers if k.endswith(".out")]
-    # 141 leaf layers in call order: the stem conv first, the last Linear last
-    assert len(outs) == 141
-    assert outs[0] == "features.0.0.out" and outs[-1] == "classifier.3.out"
+    # 141 leaf layer calls and 68 container calls (the model included), in the order they
+    # finish: the stem conv first, the last Linear, its Sequential and the model last
+    assert len(outs) == 141 + 68
+    assert outs[0] == "features.0.0.out"
+    assert outs[-3:] == ["classifier.3.out", "classifier.out", "<model>.out"]
     assert layers["classifier.3.out"].shape == (1, 1000)
 
 

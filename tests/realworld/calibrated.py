@@ -124,13 +124,13 @@ def layers(pair: ModelPair, seed: int, bug: Optional[str] = None) -> Run:
     x = make_inputs(seed, S.BATCH["layers"])
 
     def capture(model, dtype):
-        with torch.no_grad(), record(model) as log:
+        with torch.no_grad(), record(model, containers=False) as log:
             model(torch_input(x, dtype))
         return dict(log.data)
 
     ref, ref64 = _torch_side("layers", pair, seed, capture)
     model = pair.paddle(bug)
-    with paddle.no_grad(), record(model) as log:
+    with paddle.no_grad(), record(model, containers=False) as log:
         model(paddle_input(x))
     port = rename_by_order(ref, dict(log.data))
     return _common(ref, ref64, port, [pair.last_bug] if bug else [])
@@ -163,7 +163,7 @@ def _torch_train(pair: ModelPair, seed: int):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=S.LR, momentum=S.MOMENTUM)
         xt, yt = torch_input(x, dtype), torch.from_numpy(y)
-        with record(model, backward=True) as log:
+        with record(model, backward=True, containers=False) as log:
             for step in range(1, S.STEPS + 1):
                 opt.zero_grad(set_to_none=True)
                 loss = torch.nn.functional.cross_entropy(model(xt), yt)
@@ -189,7 +189,7 @@ def train(pair: ModelPair, seed: int, bug: Optional[str] = None) -> Run:
                                     parameters=model.parameters(), use_nesterov=False)
     xp, yp = paddle_input(x), paddle.to_tensor(y)
     to_torch = {p.paddle_key: p for p in pair.pairs}
-    with record(model, backward=True) as log:
+    with record(model, backward=True, containers=False) as log:
         for step in range(1, S.STEPS + 1):
             loss = paddle.nn.functional.cross_entropy(model(xp), yp)
             log.add(f"step{step}/loss", _np(loss).reshape(()))

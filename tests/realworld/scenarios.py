@@ -103,7 +103,7 @@ def forward(pair: ModelPair, seed: int = 0, bug: Optional[str] = None) -> Result
 def _capture(model: Any, x: Any, **kw: Any) -> Arrays:
     from reprod.capture import record
 
-    with record(model, inputs=False, **kw) as log:
+    with record(model, inputs=False, containers=False, **kw) as log:
         model(x)
     return {k: np.asarray(v) for k, v in dict(log.data).items()}
 
@@ -167,7 +167,7 @@ def _torch_train(
     names = _activation_names(model, True)
     for step in range(1, STEPS + 1):
         opt.zero_grad(set_to_none=True)
-        with record(model, include=names, forward=True) as log:
+        with record(model, include=names, forward=True, containers=False) as log:
             logits = model(xt)
         acts[step] = {k: np.asarray(v) for k, v in dict(log.data).items() if k.endswith(".in")}
         loss = torch.nn.functional.cross_entropy(logits, yt)
@@ -199,7 +199,7 @@ def _paddle_train(pair: ModelPair, model: Any, x: np.ndarray, y: np.ndarray) -> 
     acts: dict[int, Arrays] = {}
     names = _activation_names(model, False)
     for step in range(1, STEPS + 1):
-        with record(model, include=names, forward=True) as log:
+        with record(model, include=names, forward=True, containers=False) as log:
             logits = model(xp)
         acts[step] = {k: np.asarray(v) for k, v in dict(log.data).items() if k.endswith(".in")}
         loss = paddle.nn.functional.cross_entropy(logits, yp)

@@ -396,7 +396,7 @@ def test_a_hard_linked_dump_is_replaced_not_rewritten(tmp_path) -> None:
     assert reprod.load(other)["v"].tolist() == [1.0, 1.0]
 
 
-# --- 6. SIGTERM: see tests/test_write_faults.py; the handler's life here ----------------------------
+# --- 6. SIGTERM: see tests/storage/test_write_faults.py; the handler's life here ----------------------------
 
 
 def test_the_sigterm_handler_lives_only_while_a_temporary_exists(tmp_path) -> None:

@@ -420,7 +420,7 @@ def test_numpy_fallback_when_the_extension_is_missing() -> None:
         "print(json.dumps([metrics.kernel_available(), s.max_abs, s.worst_flat, s.mismatched,"
         " s.mean_abs, s.nan_unmatched]))\n"
     )
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": root})
     available, max_abs, worst, mismatched, mean_abs, nan_bad = json.loads(out.stdout)

@@ -27,7 +27,7 @@ from reprod.storage import atomic
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and rlimits")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _child(src: str, *args: Any, **kw: Any) -> subprocess.Popen:

@@ -13,7 +13,7 @@ import numpy as np
 import reprod
 from reprod.report import data, log, table
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _result() -> reprod.DiffResult:

@@ -13,7 +13,7 @@ import numpy as np
 import reprod
 from reprod.diff.histogram import diff_histogram, result_histograms
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_counts_match_numpy_across_blocks() -> None:

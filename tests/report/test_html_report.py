@@ -18,7 +18,7 @@ from reprod.report.html import render_html, write_html
 try:
     from browser import Browser, find_chromium
 except ImportError:  # collected as the tests package
-    from tests.browser import Browser, find_chromium
+    from tests.report.browser import Browser, find_chromium
 
 THRESHOLD = 1e-6
 
@@ -252,7 +252,7 @@ def test_write_html_is_atomic(tmp_path):
 def test_template_ships_with_the_package():
     """The page template is package data: an installed reprod must carry it."""
     tomllib = pytest.importorskip("tomllib")
-    conf = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    conf = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
     package_data = conf["tool"].get("setuptools", {}).get("package-data", {})
     wanted = "reprod/report/_html_template.html"
     assert any(
