@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import reference, scale_aware
 
 from reprod import _native
 from reprod.diff import metrics
@@ -42,22 +43,6 @@ if _native.built() is not None:
     except ValueError:  # no AVX2 on this CPU, or not an x86-64 build
         pass
 
-
-
-def _scaled(v: np.ndarray) -> np.ndarray:
-    """``v`` times a power of two near 1/max|v| (exact): dot products neither overflow nor underflow."""
-    m = float(np.abs(v).max()) if v.size else 0.0
-    return np.ldexp(v, -math.frexp(m)[1]) if m and math.isfinite(m) else v
-
-
-def _finite_rel(rv: np.ndarray, ov: np.ndarray, d: np.ndarray, rel: np.ndarray) -> np.ndarray:
-    """Differences of finite values that overflow float64 still have a finite relative error."""
-    over = np.isinf(d) & np.isfinite(rv) & np.isfinite(ov)
-    rel = rel.copy()
-    rel[np.isinf(d) & ~over] = np.inf
-    with np.errstate(all="ignore"):
-        rel[over] = np.abs(ov[over] / 2 - rv[over] / 2) / (np.abs(rv[over]) / 2)
-    return rel
 
 
 @pytest.fixture(params=IMPLS)
@@ -91,64 +76,10 @@ def threads(request: pytest.FixtureRequest) -> Iterator[int]:
 # --- the reference: the whole array at once ---------------------------------------------------------
 
 
-def _mean(x: np.ndarray) -> float:
-    with np.errstate(over="ignore"):
-        s = float(x.sum())
-    if math.isinf(s) and bool(np.isfinite(x).all()):
-        return float((x * 2.0**-64).sum()) / x.size / 2.0**-64  # finite terms: a finite mean
-    return s / x.size
-
-
 def whole_array(ref: np.ndarray, other: np.ndarray, *, atol: Optional[float] = None,
                 rtol: Optional[float] = None, equal_nan: bool = False) -> dict[str, Any]:
-    r = ref.reshape(-1).astype(np.float64)
-    o = other.reshape(-1).astype(np.float64)
-    r_nan, o_nan, r_inf, o_inf = np.isnan(r), np.isnan(o), np.isinf(r), np.isinf(o)
-    any_nan = r_nan | o_nan
-    nan_bad = any_nan & ~(r_nan & o_nan) if equal_nan else any_nan
-    with np.errstate(invalid="ignore"):
-        matched_inf = (r_inf | o_inf) & ~any_nan & (r == o)
-    inf_bad = (r_inf | o_inf) & ~any_nan & ~matched_inf
-    valid = ~any_nan & ~matched_inf
-    out: dict[str, Any] = {
-        "size": r.size, "counted": int(valid.sum()),
-        "ref_nan": int(r_nan.sum()), "other_nan": int(o_nan.sum()),
-        "ref_inf": int(r_inf.sum()), "other_inf": int(o_inf.sum()),
-        "nan_unmatched": int(nan_bad.sum()), "inf_unmatched": int(inf_bad.sum()),
-        "mismatched": None,
-    }
-    if atol is not None or rtol is not None:
-        close = np.isclose(o, r, atol=float(atol or 0.0), rtol=float(rtol or 0.0), equal_nan=equal_nan)
-        with np.errstate(invalid="ignore"):
-            close &= ~((np.isinf(r) | np.isinf(o)) & (r != o))  # an Inf is close only to the same Inf
-        out["mismatched"] = int((~close).sum())
-    with np.errstate(all="ignore"):
-        d_all = np.abs(o - r)
-        d, rv, ov = d_all[valid], r[valid], o[valid]
-        if d.size == 0:
-            return out | dict.fromkeys(("mean_abs", "max_abs", "min_abs", "mean_rel", "max_rel",
-                                        "cosine", "rel_l2", "max_scaled", "worst_flat",
-                                        "worst_ref", "worst_other"))
-        ar = np.abs(rv)
-        rel = np.where(ar == 0, np.where(d == 0, 0.0, np.inf), d / ar)
-        rel = _finite_rel(rv, ov, d, rel)
-        sr, so = _scaled(rv.astype(np.float64)), _scaled(ov.astype(np.float64))
-        dot, rr, oo = float(np.dot(sr, so)), float(np.dot(sr, sr)), float(np.dot(so, so))
-    worst = int(np.flatnonzero(valid)[int(np.argmax(d))])
-    cosine: Optional[float] = None
-    if math.isfinite(dot) and math.isfinite(rr) and math.isfinite(oo):
-        if rr == 0.0 and oo == 0.0:
-            cosine = 1.0
-        elif rr > 0.0 and oo > 0.0:
-            cosine = max(-1.0, min(1.0, dot / (math.sqrt(rr) * math.sqrt(oo))))
-        else:
-            cosine = 0.0
-    return out | {
-        "mean_abs": _mean(d), "max_abs": float(d.max()), "min_abs": float(d.min()),
-        "mean_rel": _mean(rel), "max_rel": float(rel.max()), "cosine": cosine,
-        **dict(zip(("rel_l2", "max_scaled"), _scale_aware(ref, other))), "worst_flat": worst, "worst_ref": float(ref.reshape(-1)[worst]),
-        "worst_other": float(other.reshape(-1)[worst]),
-    }
+    """The float64 oracle (tests/diff/oracle.py) on the whole array at once."""
+    return reference(ref, other, atol=atol, rtol=rtol, equal_nan=equal_nan)
 
 
 EXACT = ("size", "counted", "ref_nan", "other_nan", "ref_inf", "other_inf", "nan_unmatched",
@@ -438,20 +369,6 @@ def test_numpy_fallback_when_the_extension_is_missing() -> None:
 # --- the scale-aware statistics: rel_l2 and max_scaled -----------------------------------------------
 
 
-def _scale_aware(ref: np.ndarray, other: np.ndarray) -> tuple[float, float]:
-    """float64 (long double where it helps) whole-array values of ||o - r|| / ||r|| and
-    max|o - r| / max|r| over the elements that enter the statistics (no NaN, no matched Inf)."""
-    r, o = ref.astype(np.longdouble).ravel(), other.astype(np.longdouble).ravel()
-    keep = ~(np.isnan(r) | np.isnan(o)) & ~(np.isinf(r) & (r == o))
-    r, o = r[keep], o[keep]
-    d = np.abs(o - r)
-    num, den = float(np.sqrt((d * d).sum())), float(np.sqrt((r * r).sum()))
-    l2 = 0.0 if num == den == 0.0 else (math.inf if den == 0.0 or math.isinf(num) else num / den)
-    mx, mr = float(d.max()), float(np.abs(r).max())
-    scaled = 0.0 if mx == mr == 0.0 else (math.inf if mr == 0.0 or math.isinf(mx) else mx / mr)
-    return l2, scaled
-
-
 @pytest.mark.parametrize("n", [1, 7, 1000, 4097])
 @pytest.mark.parametrize("dtypes", [(np.float32, np.float32), (np.float64, np.float64),
                                     (np.float32, np.float64), (np.int32, np.int32)])
@@ -462,7 +379,7 @@ def test_rel_l2_and_max_scaled_match_whole_array(impl: str, small_chunks: None, 
     ref = base.astype(dtypes[0])
     other = (base + rng.standard_normal(n) * 1e-3 * (1 + 9 * (dtypes[0] is np.int32))).astype(dtypes[1])
     st_ = metrics.compute_stats(ref, other, block=100)
-    l2, scaled = _scale_aware(ref, other)
+    l2, scaled = scale_aware(ref, other)
     assert st_.rel_l2 == pytest.approx(l2, rel=1e-12, abs=0.0)
     assert st_.max_scaled == pytest.approx(scaled, rel=1e-15, abs=0.0)
 
@@ -478,7 +395,7 @@ def test_rel_l2_and_max_scaled_edge_cases(impl: str, case: str) -> None:
         "inf_unmatched": (np.array([1.0, np.inf]), np.array([1.0, 1.0])),
     }[case]
     st_ = metrics.compute_stats(ref, other, equal_nan=True)
-    l2, scaled = _scale_aware(ref, other)
+    l2, scaled = scale_aware(ref, other)
     assert st_.rel_l2 == pytest.approx(l2, rel=1e-9) and st_.max_scaled == pytest.approx(scaled, rel=1e-9)
     if case in ("huge", "tiny"):
         assert st_.rel_l2 == pytest.approx(1e-6, rel=1e-6)
@@ -499,7 +416,7 @@ def test_scale_aware_methods_judge_keys_and_agree_between_batch_and_per_key(tmp_
     assert [k.key for k in on_disk.failed] == ["k7"]
     for a, b in zip(on_disk, in_memory):
         assert (a.rel_l2, a.max_scaled, a.checks) == (b.rel_l2, b.max_scaled, b.checks)
-        want = _scale_aware(ref[a.key], other[a.key])
+        want = scale_aware(ref[a.key], other[a.key])
         assert a.rel_l2 == pytest.approx(want[0], rel=1e-12)
 
 

@@ -730,7 +730,7 @@ def test_mutated_dumps_load_right_or_fail_cleanly(seeds, ref_reader, seed_name, 
 
 def test_mutated_pdparams_read_right_or_fail_cleanly(tmp_path) -> None:
     """Paddle's ``.pdparams`` reader (reprod.align) walks the same restricted pickle machine."""
-    from reprod.align.weights import read_pdparams, write_pdparams
+    from reprod.storage.framework_files import read_pdparams, write_pdparams
 
     weights = {"conv.weight": np.arange(54, dtype=np.float32).reshape(2, 3, 3, 3),
                "bn._mean": np.zeros(2, np.float32), "fc.bias": np.array([0.5, -1.0])}
@@ -1122,7 +1122,7 @@ def test_reduce_arguments_of_every_allowed_global(tmp_path) -> None:
     global, called with random arguments (ints, strs, bytes, None, lists, tuples, dicts, other
     calls, nested), as a value and as the whole file, in a legacy ``.npy`` and a ``.pdparams``,
     must load or raise a one-line DumpFormatError naming the file."""
-    from reprod.align.weights import read_pdparams
+    from reprod.storage.framework_files import read_pdparams
 
     rng = np.random.default_rng([SEED, 7])
     npy, pdp = tmp_path / "call.npy", tmp_path / "call.pdparams"
@@ -1159,7 +1159,7 @@ def test_reduce_arguments_of_every_allowed_global(tmp_path) -> None:
 
 def test_ordered_dict_of_a_non_pair_is_a_dump_error(tmp_path) -> None:
     """The 60-byte file of the report: ``{"k": collections.OrderedDict([1])}``."""
-    from reprod.align.weights import read_pdparams
+    from reprod.storage.framework_files import read_pdparams
 
     body = b"\x80\x02}X\x01\x00\x00\x00kccollections\nOrderedDict\n(]K\x01atRs."
     npy, pdp = _legacy_raw(tmp_path, body), tmp_path / "od.pdparams"

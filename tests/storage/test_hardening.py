@@ -198,7 +198,7 @@ def test_keys_aliasing_one_payload_are_refused_legacy(tmp_path) -> None:
         reprod.load(p)
     assert "aliased payloads" in _one_line(info.value, p)
     assert time.perf_counter() - t0 < 5
-    from reprod.align.weights import read_pdparams
+    from reprod.storage.framework_files import read_pdparams
 
     pd = tmp_path / "alias.pdparams"
     pd.write_bytes(p.read_bytes()[len(_npy_object_header()):])
@@ -223,7 +223,7 @@ def test_aliasing_under_the_bound_shares_one_copy(tmp_path) -> None:
     """Below the bound, ``to_dict`` (what ``reprod.save(path, dump)`` and ``read_pdparams`` use)
     gives aliased keys one shared copy, as ``pickle.load`` would: memory stays the file's."""
     p = _aliasing_npy(tmp_path / "alias.npy", 1 << 17, 40)  # 1 MiB under 40 keys
-    from reprod.align.weights import read_pdparams
+    from reprod.storage.framework_files import read_pdparams
 
     pd = tmp_path / "alias.pdparams"
     pd.write_bytes(p.read_bytes()[len(_npy_object_header()):])
