@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "build_parser", "DUMP_SUFFIXES"]
 
+
 PROG = "reprod-diff"
-DUMP_SUFFIXES = (".npy", ".npz")
+DUMP_SUFFIXES = (".npy", ".npz")  # what folder mode compares (any case; reprod.trees.dump_files)
 METHODS = ("mean", "max", "min", "all", "mean_rel", "max_rel", "rel_l2", "max_scaled")
 FORMATS = ("table", "log", "json", "csv", "markdown")
 
@@ -198,60 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --- comparing -------------------------------------------------------------------------------------
 
 
-def _dump_files(folder: str) -> list[str]:
-    """Relative paths (with "/") of every dump under ``folder``, sorted for a stable report.
-
-    Dumps are regular files (a FIFO or a device named ``x.npy`` is not listed: reading it could
-    wait forever) whose suffix is ``.npy`` or ``.npz`` in any case (``.NPY``). Symlinks are
-    followed, to files and to folders alike; a folder reached twice (a symlink loop, or two links
-    to one folder) is walked once, by its (device, inode)."""
-    found: list[str] = []
-    seen: set[tuple[int, int]] = set()
-
-    def walk(path: str, rel: str) -> None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return
-        if (st.st_dev, st.st_ino) in seen:
-            return
-        seen.add((st.st_dev, st.st_ino))
-        try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
-        except OSError:
-            return
-        for e in entries:
-            try:
-                is_dir = e.is_dir()  # follows symlinks
-                is_file = not is_dir and e.is_file()
-            except OSError:
-                continue
-            name = f"{rel}{e.name}"
-            if is_dir:
-                walk(e.path, name + "/")
-            elif is_file and e.name.lower().endswith(DUMP_SUFFIXES):  # is_file: S_ISREG
-                found.append(name)
-
-    walk(folder, "")
-    return sorted(found)
-
-
-def _unpaired(result: DiffResult, missing_path: str) -> DiffResult:
-    """A file without a partner: every key it holds fails, and the reason names the absent file."""
-    from .diff.result import KeyResult
-
-    reason = f"{missing_path} does not exist"
-    keys = tuple(replace(kr, reason=reason) for kr in result.results)
-    if not keys:  # an empty dump still must not pass for an absent partner
-        status = "missing" if result.other_name == missing_path else "extra"
-        keys = (
-            KeyResult(
-                key=os.path.basename(missing_path), passed=False, status=status, reason=reason
-            ),
-        )
-    return replace(result, results=keys)
-
-
 def _pairing(args: argparse.Namespace) -> Any:
     """The ``pair`` function of --by-order / --rename FILE (None without them)."""
     if args.rename and args.by_order:
@@ -286,43 +233,6 @@ def _pairing(args: argparse.Namespace) -> Any:
         return rename_leaves_by_order(ref, other)
 
     return by_order
-
-
-def _noise_for(rel: str, options: dict[str, Any], verify: bool) -> dict[str, Any]:
-    """The comparison options of one file pair: with --noise, the noise folder's file at the same
-    relative path (a pair without one is judged by the plain threshold, each key noted)."""
-    root = options.get("noise_root")
-    out = {k: v for k, v in options.items() if k != "noise_root"}
-    if root is not None:
-        path = os.path.join(root, rel)
-        out["noise"] = _open(path, verify) if os.path.isfile(path) else {}
-    return out
-
-
-def _compare_folders(ref: str, other: str, options: dict[str, Any], verify: bool = False) -> Compared:
-    from . import compare
-
-    ref_files = _dump_files(ref)
-    other_files = _dump_files(other)
-    if not ref_files and not other_files:
-        raise UsageError(f"{ref}: no dump files ({', '.join(DUMP_SUFFIXES)}) in this folder")
-    out: Compared = []
-    for rel in ref_files:
-        a, b = os.path.join(ref, rel), os.path.join(other, rel)
-        # a partner that is no regular file (a FIFO, a folder) is an error naming it when opened,
-        # not an absent partner, and never a wait
-        if os.path.exists(b):
-            out.append((rel, compare(_open(a, verify), _open(b, verify), **_noise_for(rel, options, verify))))
-        else:
-            result = replace(compare(a, {}, **_noise_for(rel, options, verify)), other_name=b)
-            out.append((rel, _unpaired(result, b)))
-    paired = set(ref_files)
-    for rel in other_files:
-        if rel not in paired:
-            a, b = os.path.join(ref, rel), os.path.join(other, rel)
-            result = replace(compare({}, b, **_noise_for(rel, options, verify)), ref_name=a)
-            out.append((rel, _unpaired(result, a)))
-    return out
 
 
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pdparams")
@@ -398,20 +308,19 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
     sides: Optional[tuple[Any, Any]] = None
     if args.noise and os.path.isdir(args.noise) != ref_dir:
         raise UsageError(f"--noise {args.noise} must be a folder exactly when {args.ref} is one")
-    scheduler = args.scheduler or os.environ.get("REPROD_SCHEDULER") or None
-    if ref_dir and (args.jobs is not None or scheduler):
-        if pair is not None:
-            raise UsageError("--by-order/--rename work on one process: leave out --jobs/--scheduler")
+    if ref_dir:
+        # folders: every file pair through compare_trees (serially, on a local process pool with
+        # --jobs, on a Dask cluster with --scheduler / REPROD_SCHEDULER); --by-order/--rename run
+        # their renaming here, in this process
         from .trees import compare_trees
 
+        scheduler = args.scheduler or os.environ.get("REPROD_SCHEDULER") or None
+        if pair is not None and (scheduler or (args.jobs or 1) > 1):
+            raise UsageError("--by-order/--rename work in one process: leave out --jobs/--scheduler")
         tree = compare_trees(args.ref, args.other, criteria=criteria, noise=args.noise,
                              jobs=args.jobs, scheduler=scheduler, keys=args.keys,
-                             verify=args.verify, progress=False if args.quiet else None)
-        compared = list(tree.pairs)
-    elif ref_dir:
-        if args.noise:
-            options["noise_root"] = args.noise
-        compared = _compare_folders(args.ref, args.other, options, args.verify)
+                             verify=args.verify, progress=False if args.quiet else None, pair=pair)
+        compared: Compared = list(tree.pairs)
     else:
         sides = (_open(args.ref, args.verify), _open(args.other, args.verify))
         if args.noise:

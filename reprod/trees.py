@@ -172,7 +172,8 @@ def _compare_task(task: _Task) -> DiffResult:
 
     verify = bool(task.options.get("verify"))
     opts: dict[str, Any] = {"criteria": task.options.get("criteria"),
-                            "keys": task.options.get("keys"), "progress": False}
+                            "keys": task.options.get("keys"), "progress": False,
+                            "pair": task.options.get("pair")}
     if task.noise is not None:
         opts["noise"] = _open(task.noise, verify) if task.noise else {}
     if task.ref is not None and task.other is not None:
@@ -773,6 +774,7 @@ def compare_trees(
     errors: str = "raise",
     progress: ProgressArg = None,
     connect_timeout: float = 10.0,
+    pair: Optional[Callable[[Any, Any], Any]] = None,
 ) -> TreeResult:
     """Compare every dump of tree ``a`` (the reference) with the file at the same relative path in
     tree ``b``; ``noise``: a third tree (the reference in float64), the file at the same path
@@ -797,12 +799,16 @@ def compare_trees(
     A pair whose worker process dies is run again (a fresh pool, or the Dask scheduler's retries),
     then reported as an ``error`` pair naming both files; no pair is ever dropped. ``progress``: a
     bar over the pairs on stderr (``None``: when stderr is a terminal), or a callable
-    ``(done, total, relative_path)``.
+    ``(done, total, relative_path)``. ``pair``: ``reprod.compare``'s renaming function, applied
+    to every pair; it runs in this process only (``jobs=1``, no cluster).
     """
-    return _compare_trees(a, b, criteria=criteria, noise=noise, client=client, jobs=jobs,
-                          scheduler=scheduler, keys=keys, verify=verify, failed_only=failed_only,
-                          errors=errors, progress=progress, connect_timeout=connect_timeout,
-                          task_fn=_run_task)
+    if pair is not None and (client is not None or scheduler is not None or (jobs or 1) > 1):
+        raise ReprodError("compare_trees: pair= runs in this process only (jobs=1, no cluster)")
+    return _compare_trees(a, b, criteria=criteria, noise=noise, client=client,
+                          jobs=1 if pair is not None else jobs, scheduler=scheduler, keys=keys,
+                          verify=verify, failed_only=failed_only, errors=errors,
+                          progress=progress, connect_timeout=connect_timeout, task_fn=_run_task,
+                          pair=pair)
 
 
 def _visible(*roots: str) -> bool:
@@ -813,7 +819,7 @@ def _visible(*roots: str) -> bool:
 def _compare_trees(a: Any, b: Any, *, criteria: Any, noise: Any, client: Any, jobs: Optional[int],
                    scheduler: Optional[str], keys: Any, verify: bool, failed_only: bool,
                    errors: str, progress: ProgressArg, connect_timeout: float,
-                   task_fn: TaskFn) -> TreeResult:
+                   task_fn: TaskFn, pair: Any = None) -> TreeResult:
     if errors not in ("raise", "report"):
         raise ValueError(f"errors={errors!r}: 'raise' or 'report'")
     if jobs is not None and (isinstance(jobs, bool) or int(jobs) < 1):
@@ -828,6 +834,8 @@ def _compare_trees(a: Any, b: Any, *, criteria: Any, noise: Any, client: Any, jo
         scheduler = os.environ.get(SCHEDULER_ENV) or None
     cluster = client is not None or scheduler is not None
     options = {"criteria": criteria, "keys": keys, "verify": verify, "failed_only": failed_only}
+    if pair is not None:
+        options["pair"] = pair
     start = time.perf_counter()
     own_client = None
     try:

@@ -132,19 +132,21 @@ def test_pool_equals_serial_key_for_key(tmp_path) -> None:
     assert serial.pairs[rels.index("rank_0/step_1/fwd.npz")][1]["loss"].noise_multiple is not None
 
 
-def test_serial_equals_reprod_diff_folder_mode(tmp_path) -> None:
-    """The CLI renders .pairs: the same pairs, names and KeyResults as its own folder mode."""
-    from reprod import cli
-
+def test_serial_equals_reprod_compare_of_each_pair(tmp_path) -> None:
+    """.pairs (what reprod-diff's folder mode renders): each pair is reprod.compare of its two
+    files, and a file on one side only fails every key, naming the absent file."""
     a, b = make_trees(tmp_path, ranks=2, steps=2, bad=[(1, 1, "fwd.npz", "loss")])
     os.remove(os.path.join(a, "rank_0/step_2/fwd.npz"))
     crit = reprod.Criteria()
     got = compare_trees(a, b, criteria=crit, jobs=1)
-    want = cli._compare_folders(a, b, {"criteria": crit, "keys": None, "progress": False})
-    assert [rel for rel, _ in got.pairs] == [rel for rel, _ in want]
-    for (rel, g), (_, w) in zip(got.pairs, want):
+    rels = [rel for rel, _ in got.pairs]
+    assert rels[-1] == "rank_0/step_2/fwd.npz" and rels[:-1] == sorted(rels[:-1])
+    for rel, g in got.pairs[:-1]:
+        w = reprod.compare(os.path.join(a, rel), os.path.join(b, rel), criteria=crit)
         assert g.results == w.results, rel
-        assert (g.ref_name, g.other_name, g.options) == (w.ref_name, w.other_name, w.options)
+        assert (g.ref_name, g.other_name) == (os.path.join(a, rel), os.path.join(b, rel))
+    missing = got.pairs[-1][1]
+    assert not missing.passed and all("does not exist" in kr.reason for kr in missing)
 
 
 def test_by_step_then_rank_one_bad_rank_against_every_rank(tmp_path) -> None:

@@ -109,7 +109,7 @@ def test_folder_walk_lists_regular_files_only(tmp_path, capsys) -> None:
     os.mkfifo(b / "pipe.npy")
     with _deadline(20):
         assert diff_main([str(a), str(b), "--quiet"]) == 0
-    from reprod.cli import _dump_files
+    from reprod.trees import dump_files as _dump_files
 
     assert _dump_files(str(a)) == ["x.npy"]
 
@@ -159,7 +159,7 @@ def test_symlinked_sub_folders_are_followed_once(tmp_path) -> None:
     assert diff_main([str(real_a), str(real_b), "--quiet"]) == 1
     with _deadline(20):
         assert diff_main([str(a), str(b), "--quiet"]) == 1
-    from reprod.cli import _dump_files
+    from reprod.trees import dump_files as _dump_files
 
     assert _dump_files(str(a)) == ["sub/x.npy"]
 
