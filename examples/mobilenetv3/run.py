@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -277,7 +278,7 @@ def localise(out: Path, layers: Outcome) -> Any:
     return first_divergence(layers.result, layer_types=types)
 
 
-def write_html_report(outcomes: list[Outcome], out: Path) -> str:
+def write_html_report(outcomes: list[Outcome], out: Path, findings: Sequence[str] = ()) -> str:
     """Every step's keys in one page, each key prefixed with its step (``forward/logits``)."""
     from reprod.report.html import write_html
 
@@ -290,7 +291,8 @@ def write_html_report(outcomes: list[Outcome], out: Path) -> str:
             path = (step, *(r.path or (r.key,)))
             rows.append(dataclasses.replace(r, key=f"{step}/{r.key}", path=path))
     result = DiffResult(tuple(rows), ref_name="torch", other_name="paddle")
-    return write_html(result, out / "report.html", title="MobileNetV3-Small: PyTorch vs Paddle")
+    return write_html(result, out / "report.html", title="MobileNetV3-Small: PyTorch vs Paddle",
+                      findings=findings)
 
 
 def summary_table(outcomes: list[Outcome]) -> str:
@@ -381,7 +383,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         say("the structures differ (tables/structure.txt); fix the port before comparing numbers")
 
-    report = write_html_report(outcomes, out)
+    # the divergence sentence the console prints heads the page too
+    report = write_html_report(outcomes, out, [divergence.message] if divergence is not None else [])
     passed = all(o.passed for o in outcomes)
     seconds = time.perf_counter() - start
     table = summary_table(outcomes)

@@ -304,6 +304,8 @@ def test_injected_bug_fails_and_names_its_layer(broken: Run) -> None:
     assert f"diverges at {layer} (" in broken.proc.stdout
     assert f"the injected bug '{bug}' is in {layer}: found there" in broken.proc.stdout
     assert "NOT ALIGNED" in broken.proc.stdout
+    # the HTML report says where too, at the top of the page
+    assert f"diverges at {layer} (" in (broken.out / "report.html").read_text(encoding="utf-8")
     for title in ("3. forward", "7. layers"):
         assert broken.step(title)["passed"] is False
     # the calibrated steps fail far beyond the noise, and in float64 too: a bug, not rounding
