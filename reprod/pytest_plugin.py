@@ -26,11 +26,11 @@ import pytest
 
 from . import testing
 from .diff.result import DiffResult
+from .report.session import checks_text, write_session_report
 
 __all__ = ["RegressionChecker", "reprod_regression"]
 
 _WORKER_KEY = "reprod_checks"
-_TEXT_SUFFIXES = (".txt", ".log")
 _TERMINAL_KEYS = 10  # failing keys shown per check in the terminal summary
 
 
@@ -120,7 +120,7 @@ class _Recorder:
             )
             return
         if self.report:
-            _write_report(self.report, self.checks)
+            write_session_report(self.report, self.checks)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         testing._pop_listener(self.record)
@@ -147,7 +147,7 @@ class _Recorder:
         expected = len(failed) - len(listed)
         path = self.report
         if self.checks and (listed or path):
-            tail = f"reprod: {_checks(len(self.checks))}, {len(failed)} failed"
+            tail = f"reprod: {checks_text(len(self.checks))}, {len(failed)} failed"
             if expected:
                 tail += f" ({expected} in passing tests)"
             if path:
@@ -155,49 +155,11 @@ class _Recorder:
             tr.write_line(tail)
 
 
-def _checks(n: int) -> str:
-    return f"{n} alignment check{'' if n == 1 else 's'}"
-
-
 def _shorten(lines: list[str], keep: int = _TERMINAL_KEYS) -> list[str]:
     """The first failing keys and the summary line; the report and the assertion hold them all."""
     if len(lines) <= keep + 2:
         return lines
     return [*lines[:keep], f"... {len(lines) - 1 - keep} more failing keys", lines[-1]]
-
-
-def _write_report(path: str, checks: list[dict[str, Any]]) -> None:
-    from .storage.atomic import AtomicFile
-
-    failed = sum(not c["passed"] for c in checks)
-    if path.lower().endswith(_TEXT_SUFFIXES):
-        text = _text_report(checks, failed)
-    else:
-        doc = {
-            "passed": failed == 0,
-            "summary": {"checks": len(checks), "passed": len(checks) - failed, "failed": failed},
-            "checks": checks,
-        }
-        text = json.dumps(doc, indent=2) + "\n"
-    with AtomicFile(path) as f:
-        f.file.write(text.encode("utf-8"))
-
-
-def _text_report(checks: list[dict[str, Any]], failed: int) -> str:
-    from .report.table import render_table
-
-    parts = []
-    for c in checks:
-        verdict = "passed" if c["passed"] else "FAILED"
-        head = f"== {c['nodeid'] or '<outside a test>'} ({c['kind']}): {verdict}"
-        if c["reference"]:
-            head += f"\n   reference: {c['reference']}"
-        body = render_table(DiffResult.from_dict(c["result"]))
-        if not c["passed"]:
-            body += "\n" + c["message"]
-        parts.append(head + "\n" + body)
-    parts.append(f"{_checks(len(checks))}, {len(checks) - failed} passed, {failed} failed")
-    return "\n\n".join(parts) + "\n"
 
 
 # --------------------------------------------------------------------------------------------

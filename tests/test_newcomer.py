@@ -129,7 +129,7 @@ def test_render_table_max_rows(twelve) -> None:
 
 
 def test_singular_counts() -> None:
-    from reprod.pytest_plugin import _text_report
+    from reprod.report.session import session_text as _text_report
 
     ok = KeyResult(key="a", passed=True, status="passed", reason="", max_abs=0.0)
     assert format_failures(DiffResult((ok,))).startswith("the 1 key aligned;")
