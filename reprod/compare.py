@@ -108,20 +108,13 @@ def _stats(kr: Any) -> dict[str, Any]:
 
 def _scalar_types(ref_dtype: Optional[str], other_dtype: Optional[str]) -> tuple[Any, Any]:
     """The numpy scalar types reprod_log's ``np.abs(a - b)`` statistics had: (mean, max/min)."""
-    from .report.log import _np_dtype
+    from .report.log import difference_dtype
 
-    a, b = _np_dtype(ref_dtype), _np_dtype(other_dtype)
-    if a is None or b is None:
+    dt = difference_dtype(ref_dtype, other_dtype)
+    if dt is None:
         return np.float64, np.float64
-    if a.kind == "b":
-        a = np.dtype(np.int8)
-    if b.kind == "b":
-        b = np.dtype(np.int8)
-    dt = np.result_type(a, b)
     if dt.kind in "iu":
         return np.float64, _int_scalar
-    if dt.kind == "c":
-        dt = np.dtype(np.float32) if dt.itemsize <= 8 else np.dtype(np.float64)
     return _float_scalar(dt.type), _float_scalar(dt.type)
 
 

@@ -37,25 +37,34 @@ def _np_dtype(name: Optional[str]) -> Optional[np.dtype]:
         return None
 
 
-def format_value(kr: KeyResult, method: str) -> str:
-    """One statistic as reprod_log would have printed it (``"{}".format`` of a numpy scalar)."""
-    v = kr.stat(method)
-    if v is None:
-        return "None"
-    a, b = _np_dtype(kr.ref_dtype), _np_dtype(kr.other_dtype)
+def difference_dtype(ref_dtype: Optional[str], other_dtype: Optional[str]) -> Optional[np.dtype]:
+    """The dtype of reprod_log's ``np.abs(a - b)`` for the two sides (bool as int8, complex as its
+    real part's float), or None where a side has no numpy dtype."""
+    a, b = _np_dtype(ref_dtype), _np_dtype(other_dtype)
     if a is None or b is None:
-        return f"{np.float64(v)}"
+        return None
     if a.kind == "b":
         a = np.dtype(np.int8)
     if b.kind == "b":
         b = np.dtype(np.int8)
     dt = np.result_type(a, b)
+    if dt.kind == "c":
+        dt = np.dtype(np.float32) if dt.itemsize <= 8 else np.dtype(np.float64)
+    return dt
+
+
+def format_value(kr: KeyResult, method: str) -> str:
+    """One statistic as reprod_log would have printed it (``"{}".format`` of a numpy scalar)."""
+    v = kr.stat(method)
+    if v is None:
+        return "None"
+    dt = difference_dtype(kr.ref_dtype, kr.other_dtype)
+    if dt is None:
+        return f"{np.float64(v)}"
     if dt.kind in "iu":
         if STAT_OF_METHOD.get(method, method) in ("max_abs", "min_abs"):
             return str(int(v))
         return f"{np.float64(v)}"
-    if dt.kind == "c":
-        dt = np.dtype(np.float32) if dt.itemsize <= 8 else np.dtype(np.float64)
     with np.errstate(over="ignore"):
         # reprod_log formats with "{}", which prints a float32 through Python's float repr
         return f"{dt.type(v)}"
