@@ -22,6 +22,7 @@ from ..errors import ReprodError, UnsupportedValueError
 from .atomic import AtomicFile
 from .lazy import _one_line, crc32
 from .npz_format import _EOCD, _EOCD64, _LOCATOR64, _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
+from .npz_keylog import _KeyLog, _side_file
 
 __all__ = ["NpzWriter", "write_npz", "META_NAME", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -454,117 +455,6 @@ class NpzWriter:
 
 
 _CENTRAL_SPILL = 4 << 20  # bytes of central directory kept in memory before moving them out
-
-
-def _side_file(folder: str) -> Any:
-    """An anonymous temporary file beside the dump (gone with the process, however it ends)."""
-    import tempfile
-
-    return tempfile.TemporaryFile(dir=folder)
-
-
-class _KeyLog:
-    """A writer's top-level keys and their metadata texts, in first-added order, a re-added key's
-    last text in its first place. The first ``spill`` keys stay in a dict; later keys go to an
-    anonymous SQLite database on disk (key -> position) and their texts to a temporary file, so
-    a stream of any length holds a bounded amount of memory (a key re-added after the spill
-    keeps its latest text in memory: streams re-log a few keys, not all of them)."""
-
-    spill = 20_000
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-        self.mem: dict[str, str] = {}
-        self.db: Any = None
-        self.texts_file: Any = None
-        self.spilled = 0
-        self.replaced: dict[int, str] = {}
-        self.no_db = False
-
-    def seen(self, key: str) -> bool:
-        if key in self.mem:
-            return True
-        return self.db is not None and self._position(key) is not None
-
-    def _position(self, key: str) -> Optional[int]:
-        row = self.db.execute("SELECT pos FROM k WHERE key = ?", (_db_key(key),)).fetchone()
-        return None if row is None else int(row[0])
-
-    def records(self, key: str) -> Optional[bytes]:
-        """The member records ``put`` stored with ``key``'s latest text, or None for a new key."""
-        text = self.mem.get(key)
-        if text is None and self.db is not None:
-            row = self.db.execute("SELECT pos, recs FROM k WHERE key = ?", (_db_key(key),)).fetchone()
-            if row is not None:
-                text = self.replaced.get(int(row[0]))
-                if text is None:
-                    return bytes(row[1])
-        if text is None:
-            return None
-        return text[text.index("\0") + 1 :].encode("latin1")
-
-    def put(self, key: str, text: str, records: bytes = b"") -> None:
-        # the records ride after the JSON text, past a NUL (which JSON always escapes), as latin-1
-        # characters: one string per key, in memory, on disk and in ``replaced`` alike
-        rec_text = records.decode("latin1")
-        if key in self.mem or (self.db is None and (len(self.mem) < self.spill or self.no_db)):
-            self.mem[key] = text + "\0" + rec_text
-            return
-        if self.db is None:
-            try:
-                import sqlite3
-            except ImportError:  # a Python built without it: the keys stay in memory
-                self.no_db = True
-                self.mem[key] = text + "\0" + rec_text
-                return
-            # a private database in a temporary file; the logger may be used from any one thread
-            self.db = sqlite3.connect("", check_same_thread=False)
-            self.db.execute("CREATE TABLE k (key BLOB PRIMARY KEY, pos INTEGER, recs BLOB)")
-            self.texts_file = _side_file(self.folder)
-        pos = self._position(key)
-        if pos is not None:
-            self.replaced[pos] = text + "\0" + rec_text
-            return
-        self.db.execute("INSERT INTO k VALUES (?, ?, ?)", (_db_key(key), self.spilled, records))
-        raw = text.encode("utf-8", "surrogatepass")
-        self.texts_file.write(_TEXT_RECORD.pack(len(raw)) + raw)
-        self.spilled += 1
-
-    def texts(self) -> Iterator[str]:
-        for text in self.mem.values():
-            yield text[: text.index("\0")]
-        if self.texts_file is not None:
-            self.texts_file.flush()
-            self.texts_file.seek(0)
-            for pos in range(self.spilled):
-                (n,) = _TEXT_RECORD.unpack(self.texts_file.read(_TEXT_RECORD.size))
-                text = self.texts_file.read(n).decode("utf-8", "surrogatepass")
-                text = self.replaced.get(pos, text)
-                yield text[: text.index("\0")] if "\0" in text else text
-            self.texts_file.seek(0, 2)
-
-    def keys(self) -> list[str]:
-        out = list(self.mem)
-        if self.db is not None:
-            out += [k.decode("utf-8", "surrogatepass") for (k,) in
-                    self.db.execute("SELECT key FROM k ORDER BY pos")]
-        return out
-
-    def close(self) -> None:
-        if self.db is not None:
-            self.db.close()
-            self.db = None
-        if self.texts_file is not None:
-            self.texts_file.close()
-            self.texts_file = None
-
-
-_TEXT_RECORD = struct.Struct("<I")
-
-
-def _db_key(key: str) -> bytes:
-    # keys may hold lone surrogates (file names decoded with surrogateescape): stored as bytes
-    return key.encode("utf-8", "surrogatepass")
 
 
 def _abandon(af: AtomicFile, path: str, pid: int) -> None:
