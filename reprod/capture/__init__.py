@@ -34,13 +34,14 @@ from .naming import (
     rename_by_order,
 )
 from .recorder import Backend, Patterns, Recorder
-from .replay import replay  # noqa: F401  (isolated per-layer replay)
+from .replay import replay  # isolated per-layer replay
 
 __all__ = [
     "record",
     "layer_types",
     "first_divergence",
     "Divergence",
+    "replay",
     "explain_kinks",
     "find_kink_crossings",
     "KinkCrossing",
