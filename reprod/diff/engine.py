@@ -134,7 +134,9 @@ def _non_numeric(p: Pair, leaf: str) -> Optional[str]:
     for name, tree in (("ref", p.ref_tree), ("other", p.other_tree)):
         if tree is None or p.kind == "type":
             continue
-        value = tree[leaf]
+        # a Dump's spec says what the leaf is without reading it (the read follows, once)
+        spec = getattr(tree, "spec", None)
+        value = spec(leaf) if callable(spec) else tree[leaf]
         if isinstance(value, NonNumericValue):
             sides.append(f"{name} holds {value.what}")
     return msg.reason_non_numeric(sides) if sides else None
