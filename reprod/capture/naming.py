@@ -246,7 +246,37 @@ def _signature(parts: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(fwd) if fwd else tuple(sorted(parts.items()))
 
 
-def rename_by_order(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> dict[str, Any]:
+def _anchored_pairs(
+    ref_calls: list[tuple[str, dict[str, Any]]],
+    other_calls: list[tuple[str, dict[str, Any]]],
+    anchors: Optional[Mapping[str, str]],
+) -> list[tuple[int, int]]:
+    """(other index, ref index) of the layer calls ``anchors`` pair (other layer name -> ref layer
+    name; the n-th call of one with the n-th of the other), increasing on both sides: an anchor
+    that would cross an earlier one is dropped."""
+    if not anchors:
+        return []
+    ref_at = {subject: j for j, (subject, _) in enumerate(ref_calls)}
+    pairs: list[tuple[int, int]] = []
+    last = -1
+    for i, (subject, _) in enumerate(other_calls):
+        name, _, call = subject.partition("#")
+        target = anchors.get(name)
+        if target is None:
+            continue
+        j = ref_at.get(f"{target}#{call}" if call else target)
+        if j is not None and j > last:
+            pairs.append((i, j))
+            last = j
+    return pairs
+
+
+def rename_by_order(
+    ref_map: Mapping[str, Any],
+    other_map: Mapping[str, Any],
+    *,
+    anchors: Optional[Mapping[str, str]] = None,
+) -> dict[str, Any]:
     """``other_map`` with its capture keys renamed to ``ref_map``'s, by pairing layer calls in call
     order.
 
@@ -261,20 +291,32 @@ def rename_by_order(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) ->
     wrongly, so read the result with that in mind; run it on leaf-layer captures, where the
     two sides' layers line up.
 
+    ``anchors`` (other layer name -> reference layer name) fixes pairs known otherwise, such
+    as the layers owning parameters paired by ``reprod.align.pair_weights_by_order``: shapes
+    alone cannot tell a BatchNorm from the ReLU after it, and a port that calls its activation
+    as a function has one layer fewer. Anchored calls pair whatever their shapes; the calls
+    between two anchors are paired by shape as above.
+
     >>> reprod.compare(torch_data, rename_by_order(torch_data, paddle_data), threshold=1e-5)
     """
     ref_calls = _layer_calls(ref_map)
     other_calls = _layer_calls(other_map)
-    matcher = difflib.SequenceMatcher(
-        None,
-        [_signature(p) for _, p in ref_calls],
-        [_signature(p) for _, p in other_calls],
-        autojunk=False,
-    )
     subject_map: dict[str, str] = {}
-    for block in matcher.get_matching_blocks():
-        for k in range(block.size):
-            subject_map[other_calls[block.b + k][0]] = ref_calls[block.a + k][0]
+    fixed = _anchored_pairs(ref_calls, other_calls, anchors)
+    bounds = [(-1, -1), *fixed, (len(other_calls), len(ref_calls))]
+    for (i0, j0), (i1, j1) in zip(bounds, bounds[1:]):
+        if i1 < len(other_calls):
+            subject_map[other_calls[i1][0]] = ref_calls[j1][0]
+        ref_seg, other_seg = ref_calls[j0 + 1 : j1], other_calls[i0 + 1 : i1]
+        matcher = difflib.SequenceMatcher(
+            None,
+            [_signature(p) for _, p in ref_seg],
+            [_signature(p) for _, p in other_seg],
+            autojunk=False,
+        )
+        for block in matcher.get_matching_blocks():
+            for k in range(block.size):
+                subject_map[other_seg[block.b + k][0]] = ref_seg[block.a + k][0]
     # a layer's parameters follow the layer's first call
     owner_map: dict[str, str] = {}
     for other_subject, ref_subject in subject_map.items():

@@ -1,0 +1,46 @@
+"""rename_by_order with anchors: layers paired by their weights fix the pairing where shapes alone
+would pair a BatchNorm with the ReLU after it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reprod.capture import rename_by_order
+
+
+def _calls(*layers: tuple[str, int, int]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, cin, cout in layers:
+        out[f"{name}.in"] = np.zeros((1, cin), np.float32)
+        out[f"{name}.out"] = np.zeros((1, cout), np.float32)
+    return out
+
+
+# torch: conv, bn, relu as layers; the port calls relu as a function (one layer fewer)
+REF = _calls(("f.0", 3, 8), ("f.1", 8, 8), ("f.2", 8, 8), ("f.3", 8, 16), ("f.4", 16, 16))
+PORT = _calls(("stem.conv", 3, 8), ("stem.bn", 8, 8), ("body.conv", 8, 16), ("body.bn", 16, 16))
+
+
+def test_shapes_alone_can_pair_a_batchnorm_with_a_relu() -> None:
+    # what the anchors are for: without them the port's BN takes the ReLU's name (difflib's
+    # longest run is conv-(8->8)-conv, which pairs the 8 -> 8 layer right before f.3)
+    got = rename_by_order(REF, PORT)
+    assert got["f.2.out"] is PORT["stem.bn.out"] and "f.1.out" not in got
+
+
+def test_anchors_fix_the_layers_their_weights_pair() -> None:
+    anchors = {"stem.conv": "f.0", "stem.bn": "f.1", "body.conv": "f.3", "body.bn": "f.4"}
+    got = rename_by_order(REF, PORT, anchors=anchors)
+    assert list(got) == ["f.0.in", "f.0.out", "f.1.in", "f.1.out", "f.3.in", "f.3.out",
+                         "f.4.in", "f.4.out"]
+    assert got["f.1.out"] is PORT["stem.bn.out"]
+
+
+def test_calls_between_anchors_pair_by_shape_and_crossing_anchors_are_dropped() -> None:
+    ref = _calls(("a", 1, 2), ("act", 2, 2), ("b", 2, 3), ("c", 3, 4))
+    port = _calls(("x", 1, 2), ("relu", 2, 2), ("y", 2, 3), ("z", 3, 4))
+    # y -> c would cross z -> ... : anchors must increase on both sides; x -> a and z -> c hold
+    got = rename_by_order(ref, port, anchors={"x": "a", "y": "c", "z": "c"})
+    assert got["a.out"] is port["x.out"]
+    assert got["act.out"] is port["relu.out"]  # between anchors, by shape
+    assert got["c.out"] is port["y.out"]  # the first anchor to c wins; z's crosses it
