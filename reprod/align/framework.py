@@ -10,6 +10,7 @@ import numpy as np
 
 from ..adapters import to_numpy
 from ..errors import KeyMismatchError, ReprodError
+from .conversion import _few
 from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
 from .structure import compare_structure
 
@@ -141,8 +142,18 @@ def _check_structure(torch_model: Any, paddle_model: Any, rules: Optional[Conver
     report = compare_structure(torch_model, paddle_model, rules=rules)
     bad = [r for r in report.problems if r.status in ("missing", "extra", "shape")]
     if bad:
-        listed = "; ".join(f"{r.paddle_name or r.torch_name} ({r.note})" for r in bad)
-        raise KeyMismatchError(f"the Paddle model does not mirror the torch model: {listed}")
+        listed = _few([f"{r.paddle_name or r.torch_name} ({r.note})" for r in bad], "; ")
+        missing = sum(r.status == "missing" for r in bad)
+        extra = sum(r.status == "extra" for r in bad)
+        hint = ""
+        if missing and missing == extra:  # the port names its layers differently
+            hint = (
+                f" | {missing} missing and {extra} extra: the names do not pair but the counts "
+                "match: try by_order=True"
+            )
+        raise KeyMismatchError(
+            f"the Paddle model does not mirror the torch model ({len(bad)} problems): {listed}{hint}"
+        )
 
 
 def _check_no_dropout(torch_model: Any, paddle_model: Any) -> None:

@@ -121,7 +121,10 @@ def _finish(
     verbose: bool,
     noise_log: Optional[ReprodLogger] = None,
     noise_factor: Optional[float] = None,
+    write_log: bool = True,
 ) -> Any:
+    """Compare, annotate and write the dumps (and, with ``write_log``, the diff log: a caller
+    that adds findings first writes it itself)."""
     from ..diff.engine import compare
 
     calibrated: dict[str, Any] = {}
@@ -154,7 +157,8 @@ def _finish(
         paddle_log.save(os.path.join(out, f"{name}_paddle.npy"))
         if noise_log is not None:
             noise_log.save(os.path.join(out, f"{name}_torch64.npy"))
-        _write_diff_log(result, os.path.join(out, f"{name}_diff.log"), verbose=verbose)
+        if write_log:
+            _write_diff_log(result, os.path.join(out, f"{name}_diff.log"), verbose=verbose)
     if verbose and noise_log is not None:
         print(_noise_summary(result), flush=True)
     return result
@@ -205,6 +209,8 @@ def _write_diff_log(result: Any, log_path: str, *, verbose: bool) -> None:
     from ..report.log import emit_log_lines, render_log
 
     lines = render_log(result)
+    # after reprod_log's verdict line, so that tools reading the log as reprod_log's still can
+    lines += [f"finding: {f}" for f in result.options.get("findings", ())]
     # The records would also reach the root logger, where importing paddle installs a stderr
     # handler: unless asked to be verbose, a training run's hundreds of keys go to the file only.
     emit_log_lines(lines, log_path, console=verbose, propagate=verbose)

@@ -20,7 +20,9 @@ import numpy as np
 
 from ..errors import ReprodError
 from ..logger import ReprodLogger
+from .by_order import by_order_rules
 from .calibration import _float64_loss, _float64_optimizer, _float64_twin
+from .forward import align_forward
 from .framework import (
     _call_loss,
     _check_no_dropout,
@@ -29,7 +31,6 @@ from .framework import (
     _check_structure,
     _deterministic,
     _flatten,
-    _modes,
     _paddle_place,
     _split_batch,
     _split_inputs,
@@ -43,93 +44,6 @@ from .results import KNOWN_DIFFERENCES, PathLike, _finish, noise_multiples
 from .rules import ConversionRules, KeyPlan
 
 __all__ = ["align_forward", "align_train", "noise_multiples", "KNOWN_DIFFERENCES"]
-
-# --- forward ------------------------------------------------------------------------------------
-
-
-def align_forward(
-    torch_model: Any,
-    paddle_model: Any,
-    inputs: Any,
-    *,
-    out_dir: Optional[PathLike] = None,
-    threshold: float = 1e-5,
-    method: Any = "mean",
-    atol: Optional[float] = None,
-    rtol: Optional[float] = None,
-    per_key: Any = None,
-    seed: int = 0,
-    verbose: bool = False,
-    calibrate: bool = False,
-    noise_factor: Optional[float] = None,
-) -> Any:
-    """Run both models in eval mode on the same inputs and compare their outputs.
-
-    ``inputs``: numpy arrays (or tensors): one array, a tuple/list (positional arguments) or a dict
-    (keyword arguments). Outputs are recorded as ``logits`` (``logits/0``, ``logits/<name>`` for
-    tuples and dicts). With ``out_dir``, writes ``forward_torch.npy``, ``forward_paddle.npy`` and the
-    reprod_log-style ``forward_diff.log`` (also printed with ``verbose``). The models' train/eval
-    modes are restored afterwards.
-    Returns ``reprod.compare``'s ``DiffResult`` (torch is the reference).
-
-    ``calibrate=True``: a deep copy of the torch model cast to float64 (``.double()``: weights and
-    BatchNorm statistics) runs on the same inputs (floating ones cast to float64), and its outputs
-    are the noise reference of ``reprod.compare(..., noise=)``: each key passes when the Paddle
-    output differs from the torch one by at most ``noise_factor`` (default 20) times the torch
-    output's own distance from float64, whatever ``threshold`` says (``KeyResult.noise_multiple``).
-    It costs one float64 forward pass and a second copy of the torch model. The worst multiple is
-    in ``result.options["noise_multiple"]`` (``{"forward": {"multiple": ..., "key": ...}}``);
-    ``out_dir`` also gets ``forward_torch64.npy`` (``reprod-diff forward_torch.npy
-    forward_paddle.npy --noise forward_torch64.npy`` reproduces the verdicts).
-
-    >>> load_into_paddle(paddle_model, torch_model)
-    >>> r = align_forward(torch_model, paddle_model, {"x": x}, out_dir="result")
-    >>> r.passed
-    True
-    """
-    import paddle
-    import torch
-
-    _check_noise_factor(calibrate, noise_factor)
-    torch_log, paddle_log = ReprodLogger(), ReprodLogger()
-    noise_log = ReprodLogger() if calibrate else None
-    args, kwargs = _split_inputs(inputs)
-    outs: list[tuple[ReprodLogger, Any]] = []
-    with _modes(torch_model, paddle_model, train=False), _deterministic(seed):
-        dev = _torch_device(torch_model)
-        with torch.no_grad():
-            torch.manual_seed(seed)
-            outs.append((torch_log, torch_model(*_to_torch(args, dev), **_to_torch(kwargs, dev))))
-            if noise_log is not None:
-                twin = _float64_twin(torch_model)  # in eval mode, as the original is now
-                torch.manual_seed(seed)
-                args64 = _to_torch(args, dev, float64=True)
-                outs.append((noise_log, twin(*args64, **_to_torch(kwargs, dev, float64=True))))
-                del twin
-        place = _paddle_place(paddle_model)
-        with paddle.no_grad():
-            out_p = paddle_model(*_to_paddle(args, place), **_to_paddle(kwargs, place))
-            outs.append((paddle_log, out_p))
-    for log, out in outs:
-        flat: dict[str, np.ndarray] = {}
-        _flatten(out, "logits", flat)
-        for k, v in flat.items():
-            log.add(k, v)
-    return _finish(
-        torch_log,
-        paddle_log,
-        out_dir=out_dir,
-        name="forward",
-        method=method,
-        threshold=threshold,
-        atol=atol,
-        rtol=rtol,
-        per_key=per_key,
-        verbose=verbose,
-        noise_log=noise_log,
-        noise_factor=noise_factor,
-    )
-
 
 # --- training -----------------------------------------------------------------------------------
 
@@ -294,6 +208,7 @@ def align_train(
     verbose: bool = False,
     calibrate: bool = False,
     noise_factor: Optional[float] = None,
+    by_order: bool = False,
 ) -> Any:
     """Train both models for ``steps`` steps on the same batches and compare, per step, the logits,
     the loss, the learning rate, every parameter's gradient and every updated parameter.
@@ -329,6 +244,10 @@ def align_train(
     see ``noise_multiples``), also printed with ``verbose``; ``out_dir`` also gets
     ``train_torch64.npy``. The BatchNorm running variance keeps its known difference (above).
 
+    ``by_order=True`` pairs the two models' parameters by definition order
+    (``reprod.align.by_order_rules``), for ports whose names no rule maps; every key is then
+    recorded under the Paddle model's own names.
+
     >>> r = align_train(tm, pm, [(x, y)], steps=3,
     ...                 torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
     ...                 torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9),
@@ -347,6 +266,8 @@ def align_train(
             f"the torch model is in {modes[bool(torch_model.training)]} mode and the Paddle "
             f"model in {modes[bool(paddle_model.training)]} mode; put both in the same mode"
         )
+    if by_order:  # names no rule maps (torchvision against paddle.vision): pair by position
+        rules = by_order_rules(torch_model, paddle_model, rules=rules)
     _check_structure(torch_model, paddle_model, rules)
     if torch_model.training:
         _check_no_dropout(torch_model, paddle_model)

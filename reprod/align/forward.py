@@ -1,0 +1,194 @@
+"""``align_forward``: both models in eval mode on the same inputs, their outputs compared, and
+where they differ, the first layer that makes them differ (``localise``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from ..logger import ReprodLogger
+from ..storage import save
+from .calibration import _float64_twin
+from .framework import (
+    _check_noise_factor,
+    _deterministic,
+    _flatten,
+    _modes,
+    _paddle_place,
+    _split_inputs,
+    _to_paddle,
+    _to_torch,
+    _torch_device,
+)
+from .localise import localise_forward
+from .results import PathLike, _finish, _write_diff_log
+
+__all__ = ["align_forward"]
+
+# --- forward ------------------------------------------------------------------------------------
+
+
+def align_forward(
+    torch_model: Any,
+    paddle_model: Any,
+    inputs: Any,
+    *,
+    out_dir: Optional[PathLike] = None,
+    threshold: float = 1e-5,
+    method: Any = "mean",
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    per_key: Any = None,
+    seed: int = 0,
+    verbose: bool = False,
+    calibrate: bool = False,
+    noise_factor: Optional[float] = None,
+    by_order: bool = False,
+    localise: bool = True,
+) -> Any:
+    """Run both models in eval mode on the same inputs and compare their outputs.
+
+    ``inputs``: numpy arrays (or tensors): one array, a tuple/list (positional arguments) or a dict
+    (keyword arguments). Outputs are recorded as ``logits`` (``logits/0``, ``logits/<name>`` for
+    tuples and dicts). With ``out_dir``, writes ``forward_torch.npy``, ``forward_paddle.npy`` and the
+    reprod_log-style ``forward_diff.log`` (also printed with ``verbose``). The models' train/eval
+    modes are restored afterwards.
+    Returns ``reprod.compare``'s ``DiffResult`` (torch is the reference).
+
+    ``calibrate=True``: a deep copy of the torch model cast to float64 (``.double()``: weights and
+    BatchNorm statistics) runs on the same inputs (floating ones cast to float64), and its outputs
+    are the noise reference of ``reprod.compare(..., noise=)``: each key passes when the Paddle
+    output differs from the torch one by at most ``noise_factor`` (default 20) times the torch
+    output's own distance from float64, whatever ``threshold`` says (``KeyResult.noise_multiple``).
+    It costs one float64 forward pass and a second copy of the torch model. The worst multiple is
+    in ``result.options["noise_multiple"]`` (``{"forward": {"multiple": ..., "key": ...}}``);
+    ``out_dir`` also gets ``forward_torch64.npy`` (``reprod-diff forward_torch.npy
+    forward_paddle.npy --noise forward_torch64.npy`` reproduces the verdicts).
+
+    >>> load_into_paddle(paddle_model, torch_model)
+    >>> r = align_forward(torch_model, paddle_model, {"x": x}, out_dir="result")
+    >>> r.passed
+    True
+    """
+    import paddle
+    import torch
+
+    _check_noise_factor(calibrate, noise_factor)
+    torch_log, paddle_log = ReprodLogger(), ReprodLogger()
+    noise_log = ReprodLogger() if calibrate else None
+    args, kwargs = _split_inputs(inputs)
+    outs: list[tuple[ReprodLogger, Any]] = []
+    with _modes(torch_model, paddle_model, train=False), _deterministic(seed):
+        dev = _torch_device(torch_model)
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            outs.append((torch_log, torch_model(*_to_torch(args, dev), **_to_torch(kwargs, dev))))
+            if noise_log is not None:
+                twin = _float64_twin(torch_model)  # in eval mode, as the original is now
+                torch.manual_seed(seed)
+                args64 = _to_torch(args, dev, float64=True)
+                outs.append((noise_log, twin(*args64, **_to_torch(kwargs, dev, float64=True))))
+                del twin
+        place = _paddle_place(paddle_model)
+        with paddle.no_grad():
+            out_p = paddle_model(*_to_paddle(args, place), **_to_paddle(kwargs, place))
+            outs.append((paddle_log, out_p))
+    for log, out in outs:
+        flat: dict[str, np.ndarray] = {}
+        _flatten(out, "logits", flat)
+        for k, v in flat.items():
+            log.add(k, v)
+    result = _finish(
+        torch_log,
+        paddle_log,
+        out_dir=out_dir,
+        name="forward",
+        method=method,
+        threshold=threshold,
+        atol=atol,
+        rtol=rtol,
+        per_key=per_key,
+        verbose=verbose,
+        noise_log=noise_log,
+        noise_factor=noise_factor,
+        write_log=not localise,
+    )
+    if localise and not result.passed:
+        result = _localised(
+            result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,
+            calibrate=calibrate, compare_kw=dict(method=method, threshold=threshold, atol=atol,
+                                                 rtol=rtol, per_key=per_key),
+            noise_factor=noise_factor, out_dir=out_dir, verbose=verbose,
+        )
+    elif out_dir is not None:
+        _write_diff_log(result, os.path.join(os.fspath(out_dir), "forward_diff.log"), verbose=verbose)
+    return result
+
+
+def _localised(
+    result: Any,
+    torch_model: Any,
+    paddle_model: Any,
+    args: Any,
+    kwargs: Any,
+    *,
+    seed: int,
+    by_order: bool,
+    calibrate: bool,
+    compare_kw: dict[str, Any],
+    noise_factor: Optional[float],
+    out_dir: Optional[PathLike],
+    verbose: bool,
+) -> Any:
+    """``result`` with ``align_forward``'s localisation in its options, the findings written to
+    the diff log and, with ``verbose``, printed."""
+    import paddle
+    import torch
+
+    if calibrate and noise_factor is not None:
+        compare_kw["noise_factor"] = noise_factor
+    with _modes(torch_model, paddle_model, train=False), _deterministic(seed):
+        dev, place = _torch_device(torch_model), _paddle_place(paddle_model)
+        targs, tkw = _to_torch(args, dev), _to_torch(kwargs, dev)
+        pargs, pkw = _to_paddle(args, place), _to_paddle(kwargs, place)
+
+        def run_torch() -> None:
+            with torch.no_grad():
+                torch.manual_seed(seed)
+                torch_model(*targs, **tkw)
+
+        def run_paddle() -> None:
+            with paddle.no_grad():
+                paddle_model(*pargs, **pkw)
+
+        twin = None
+        if calibrate:
+            model64 = _float64_twin(torch_model)
+            a64, k64 = _to_torch(args, dev, float64=True), _to_torch(kwargs, dev, float64=True)
+
+            def run_twin() -> None:
+                with torch.no_grad():
+                    torch.manual_seed(seed)
+                    model64(*a64, **k64)
+
+            twin = (model64, run_twin)
+        found = localise_forward(torch_model, paddle_model, run_torch, run_paddle,
+                                 by_order=by_order, compare_kw=compare_kw, run_twin=twin)
+    div = found.divergence
+    options = dict(result.options, findings=found.findings)
+    if div is not None:
+        options["divergence"] = {"layer": div.layer, "kind": div.kind, "message": div.message,
+                                 "hint": found.hint}
+    result = dataclasses.replace(result, options=options)
+    if out_dir is not None:
+        out = os.fspath(out_dir)
+        save(os.path.join(out, "forward_layers_torch.npy"), found.ref)
+        save(os.path.join(out, "forward_layers_paddle.npy"), found.port)
+        _write_diff_log(result, os.path.join(out, "forward_diff.log"), verbose=verbose)
+    if verbose:
+        for line in found.findings:
+            print(line, flush=True)
+    return result

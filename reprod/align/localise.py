@@ -1,0 +1,182 @@
+"""Where a failing forward pass goes wrong, and why: ``align_forward``'s localisation.
+
+When the outputs differ, both models run once more under ``reprod.capture.record`` on the same
+inputs; the captures are paired by layer name (or by call order, ``by_order=True``), judged
+with the forward check's criteria (against the float64 twin's capture with ``calibrate=True``),
+and ``first_divergence`` names the first layer whose output differs while its input aligns.
+``reprod.diagnose`` then checks that layer's numbers against the known differences it knows
+(activation variants, BatchNorm / LayerNorm epsilon), reading the epsilons and statistics from
+the torch model, so a hint appears only where the magnitudes fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..adapters import to_numpy
+
+__all__ = ["Localisation", "localise_forward"]
+
+
+@dataclass(frozen=True)
+class Localisation:
+    """What the layer captures say: ``divergence`` (``reprod.capture.Divergence`` or None),
+    ``hint`` (a diagnosis of that layer whose numbers fit, or None), ``result`` (the layer
+    captures' ``DiffResult``, with diagnoses in failing keys' notes), ``ref``/``port`` (the two
+    captures, the port's keys renamed to the reference's when paired by order)."""
+
+    divergence: Any
+    hint: Optional[str]
+    result: Any
+    ref: Mapping[str, Any]
+    port: Mapping[str, Any]
+
+    @property
+    def findings(self) -> list[str]:
+        """One-line sentences for a report: where, then why (when a diagnosis fits)."""
+        if self.divergence is None:
+            return [
+                "the layer captures align although the outputs differ: the difference arises "
+                "outside the recorded layers (the model's own forward code after its last layer)"
+            ]
+        lines = [self.divergence.message]
+        if self.hint:
+            label = f"{self.divergence.layer_type}: "
+            why = self.hint[len(label) :] if self.hint.startswith(label) else self.hint
+            lines.append(f"likely cause at {self.divergence.layer}: {why}")
+        return lines
+
+
+def _capture(model: Any, call: Any, containers: bool = True) -> dict[str, Any]:
+    from ..capture import record
+
+    with record(model, containers=containers) as log:
+        call()
+    return dict(log.data)
+
+
+def _ported_names(
+    ref: Mapping[str, Any], port: Mapping[str, Any], renamed: Mapping[str, Any]
+) -> dict[str, str]:
+    """Port layer name -> reference layer name, read back from ``rename_by_order``'s output
+    (which keeps each value object: the renamed key of a value is its pairing)."""
+    from ..capture.naming import parse_key
+
+    original = {id(v): k for k, v in port.items()}
+    names: dict[str, str] = {}
+    for new, value in renamed.items():
+        old = original.get(id(value))
+        a, b = parse_key(old) if old else None, parse_key(new)
+        if a is not None and b is not None and not a.is_param:
+            names.setdefault(a.name, b.name)
+    return names
+
+
+def _weight_anchors(torch_model: Any, paddle_model: Any) -> dict[str, str]:
+    """Paddle layer -> torch layer for the layers owning parameters, from the weights' pairing by
+    definition order (empty where the weights do not pair: shapes alone then decide)."""
+    from ..errors import ReprodError
+    from .by_order import pair_weights_by_order
+
+    try:
+        pairs = pair_weights_by_order(torch_model, paddle_model)
+    except ReprodError:
+        return {}
+    return {p.rpartition(".")[0]: t.rpartition(".")[0] for t, p in pairs.items()}
+
+
+def _torch_context(torch_model: Any) -> dict[str, dict[str, Any]]:
+    """Per normalisation layer of the reference, what ``reprod.diagnose`` needs to test an
+    epsilon: BatchNorm's running variance, epsilon and shift; LayerNorm's epsilon and affine."""
+    import torch
+
+    ctx: dict[str, dict[str, Any]] = {}
+    for name, m in torch_model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+            ctx[name] = {
+                "var": to_numpy(m.running_var).array,
+                "eps": float(m.eps),
+                "beta": None if m.bias is None else to_numpy(m.bias.detach()).array,
+            }
+        elif isinstance(m, torch.nn.LayerNorm):
+            ctx[name] = {
+                "eps": float(m.eps),
+                "normalized_ndim": len(m.normalized_shape),
+                "weight": None if m.weight is None else to_numpy(m.weight.detach()).array,
+                "bias": None if m.bias is None else to_numpy(m.bias.detach()).array,
+            }
+    return ctx
+
+
+def localise_forward(
+    torch_model: Any,
+    paddle_model: Any,
+    run_torch: Any,
+    run_paddle: Any,
+    *,
+    by_order: bool,
+    compare_kw: Mapping[str, Any],
+    run_twin: Any = None,
+) -> Localisation:
+    """Capture both models' layers (``run_*``: no-argument callables running one forward pass
+    in the right mode), pair, judge and diagnose them. ``run_twin`` runs the float64 twin, whose
+    capture becomes the noise reference."""
+    from ..capture import first_divergence, layer_types, rename_by_order
+    from ..diagnose import diagnose
+    from ..diff.engine import compare
+
+    # between the layers the weights pair, pairing by call order reads only shapes, and a
+    # container and a leaf with the same in/out shapes would pair: by order, leaf layers only
+    containers = not by_order
+    ref = _capture(torch_model, run_torch, containers)
+    raw = _capture(paddle_model, run_paddle, containers)
+    port = (
+        rename_by_order(ref, raw, anchors=_weight_anchors(torch_model, paddle_model))
+        if by_order
+        else raw
+    )
+    names = _ported_names(ref, raw, port) if by_order else {}
+    kw = dict(compare_kw)
+    if run_twin is not None:
+        kw["noise"] = _capture(run_twin[0], run_twin[1], containers)
+    plain = compare(ref, port, **kw)
+    ptypes = layer_types(paddle_model)
+    types: dict[str, tuple[str, Optional[str]]] = {
+        name: (cls, None) for name, cls in layer_types(torch_model).items()
+    }
+    for pname, cls in ptypes.items():
+        rname = names.get(pname, pname)
+        if rname in types:
+            types[rname] = (types[rname][0], cls)
+    # BatchNorm2d and BatchNorm2D are one layer: the port's class is named only where it differs
+    types = {
+        k: (r, None if p is None or p.lower() == r.lower() else p) for k, (r, p) in types.items()
+    }
+    result = diagnose(
+        plain,
+        ref,
+        port,
+        layer_types={k: tuple(t for t in v if t) for k, v in types.items()},
+        context=_torch_context(torch_model),
+    )
+    div = first_divergence(result, layer_types={k: _type_label(v) for k, v in types.items()})
+    return Localisation(div, _hint_of(div, plain), result, ref, port)
+
+
+def _type_label(types: tuple[Optional[str], Optional[str]]) -> str:
+    ref, port = types
+    return ref if port is None else f"{ref} vs {port}"
+
+
+def _hint_of(div: Any, plain: Any) -> Optional[str]:
+    """What ``diagnose`` added to the notes of the divergence's outputs (``plain``: before it)."""
+    if div is None or div.kind != "layer":
+        return None
+    for r in (div.output, *div.outputs):
+        before = plain[r.key].note or ""
+        after = r.note or ""
+        if after != before:
+            return after[len(before) :].lstrip("; ") if after.startswith(before) else after
+    return None
