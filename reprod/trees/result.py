@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
-    from .diff.result import DiffResult, KeyResult
+    from ..diff.result import DiffResult, KeyResult
 
 __all__ = ["TreeResult", "TreeEntry", "StepReport", "Divergence"]
 
