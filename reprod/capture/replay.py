@@ -320,7 +320,10 @@ def replay(
 
     skipped: list[dict[str, Any]] = []
     if by_order:
-        mapping, skipped = _pair_by_order(fw, backend, model, layers, calls, order)
+        mapping, skipped = _pair_by_order(
+            fw, backend, model, _in_call_order(fw, backend, model, layers, calls), calls, order,
+            tree,
+        )
     else:
         fn = None if rename is None else _compile_rules(rename)
         mapping = {}
@@ -381,13 +384,65 @@ def _containers(calls: Mapping[str, Any]) -> set[str]:
     return found
 
 
+def _in_call_order(
+    fw: Any, backend: Any, model: Any, layers: list[tuple[str, Any]], calls: Mapping[str, list[_Call]]
+) -> list[tuple[str, Any]]:
+    """``layers`` in the order the port calls them, found by running the whole port once on the
+    reference model's recorded input (``<model>.in``, recorded with containers); layers it never
+    calls follow in registration order. Registration order where the reference holds no model
+    input or the port cannot run on it: an SE block registers fc1, fc2, relu but calls fc1,
+    relu, fc2, and that order is the reference's."""
+    root = calls.get(ROOT)
+    if not root:
+        return layers
+    seen: list[str] = []
+    handles = []
+    for name, layer in layers:
+        if name != ROOT and backend.is_leaf(layer):
+            handles.append(backend.add_post_hook(layer, lambda out, n=name: seen.append(n)))
+    try:
+        _run(fw, backend, model, model, root[0])
+    except _Skip:
+        return layers
+    finally:
+        for h in handles:
+            h.remove()
+    rank = {n: i for i, n in enumerate(dict.fromkeys(seen))}
+    return sorted(layers, key=lambda nl: rank.get(nl[0], len(rank)))
+
+
+def _closeness(outs: Mapping[str, Any], call: _Call, tree: Mapping[str, Any]) -> Optional[float]:
+    """The relative L2 distance of a trial replay's outputs from the reference's, or None when
+    their structure or shapes differ."""
+    got = {tuple(str(i) for i in items): t for items, t in outs.items()}
+    if {k: tuple(int(s) for s in t.shape) for k, t in got.items()} != call.shapes:
+        return None
+    from ..adapters import to_numpy
+
+    worst = 0.0
+    for key, items in call.outs:
+        ref = np.asarray(tree[key], dtype=np.float64)
+        port = to_numpy(got[items], key=key).array.astype(np.float64, copy=False)
+        with np.errstate(all="ignore"):
+            scale = float(np.linalg.norm(ref))
+            dist = float(np.linalg.norm(port - ref)) / scale if scale > 0 else float(np.linalg.norm(port))
+        worst = max(worst, dist) if np.isfinite(dist) else float("inf")
+    return worst
+
+
+# a trial replay this close to a reference layer's output is that layer (a bug in the layer moves
+# it further, but never to another layer's output of the same shape more than its own)
+_CLOSE = 0.5
+
+
 def _pair_by_order(
     fw: Any, backend: Any, model: Any, layers: list[tuple[str, Any]],
-    calls: dict[str, list[_Call]], order: Mapping[str, int],
+    calls: dict[str, list[_Call]], order: Mapping[str, int], tree: Mapping[str, Any],
 ) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """Port leaf layers in registration order, reference layers in call order; a port layer pairs
-    with the first unpaired reference layer (within a look-ahead) whose first call it can replay
-    to outputs of the same structure and shapes."""
+    """Port leaf layers in call order, reference layers in call order; a port layer pairs with
+    the first unpaired reference layer (within a look-ahead) whose first call it replays to
+    outputs of the same structure and shapes and close in value, else with the first whose
+    shapes fit: shapes alone pair a BatchNorm with the ReLU after it."""
     inner = _containers(calls)
     ref_names = [n for n in sorted(calls, key=lambda n: order.get(n, 0)) if n not in inner]
     taken: set[str] = set()
@@ -408,10 +463,11 @@ def _pair_by_order(
                     outs = _run(fw, backend, model, layer, call)
                 except _Skip:
                     outs = None
-                if outs is not None:
-                    got = {tuple(str(i) for i in items): tuple(int(s) for s in t.shape)
-                           for items, t in outs.items()}
-                    if got == call.shapes:
+                dist = None if outs is None else _closeness(outs, call, tree)
+                if dist is not None:
+                    if found is None:
+                        found = k
+                    if dist <= _CLOSE:
                         found = k
                         break
             k += 1
