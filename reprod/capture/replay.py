@@ -276,8 +276,10 @@ def replay(
     weights; ``reference`` a capture of the reference model made by ``record`` (its logger, a
     dump path or a mapping), in any framework. Each port layer is paired with a reference layer
     by name, through ``rename`` rules (as ``reprod.capture.rename``: port name -> reference name),
-    or with ``by_order=True`` by call order (port leaf layers in registration order against the
-    reference's layers in call order; a pair must replay to outputs of the reference's shapes).
+    or with ``by_order=True`` by call order (port leaf layers in the order the port calls them,
+    found by one run of the port on the reference's model input, against the reference's layers
+    in call order; a pair must replay to outputs of the reference's shapes, and the closest in
+    value is taken among those).
     Every recorded call of the paired layer is replayed (``name#2`` ...), in no-grad mode, on the
     recorded inputs converted to the port's framework, device and floating dtype. A layer's buffers
     are restored after each call (BatchNorm in training mode does not drift); dropout in training
