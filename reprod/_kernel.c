@@ -13,6 +13,10 @@
  *
  * Built with -ffp-contract=off: a fused multiply-add would round atol + rtol*|r| differently
  * from numpy.isclose and change which elements count as mismatched.
+ *
+ * stats3 adds a key's noise (ref against its float64 run, for calibrated verdicts) to the same
+ * pass. Every call that reads caller buffers is guarded against SIGBUS (a mapped dump truncated
+ * meanwhile): see "The SIGBUS guard" below.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,6 +45,9 @@ typedef struct {
     int check_close, equal_nan;
     double atol, rtol;
 } opts_t;
+
+/* the noise pass's options: no element-wise rule, NaN never equal (calibrate's compute_stats) */
+static const opts_t no_check = {0, 0, 0.0, 0.0};
 
 /* nothing counted yet: maxima below any |difference|, the minimum above, no worst position */
 static void acc_init(acc_t *a) {
@@ -198,6 +205,49 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
         return 1;                                                                                \
     }
 
+/*
+ * The noise pass of stats3 (hi against ref): the lines of the vector loop above that the
+ * calibration reads (the sums of differences, of squared differences and of squared hi, the
+ * largest difference and |hi|, the count), in the same lanes and order, so each of these sums is
+ * bit-identical to the whole loop's; no division, no relative error, no worst position. A block
+ * that is not all finite is left to the caller's scalar_range, as above. LOAD_OF names the
+ * instantiation of DEFINE_VECTOR_BLOCK whose loads it shares.
+ */
+#define DEFINE_NOISE_BLOCK(NAME, ATTR, W, VD, VI, LOAD_OF, MAX)                                   \
+    ATTR INLINE int NAME(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,         \
+                         Py_ssize_t hi, acc_t *a) {                                              \
+        const VD zero = {0};                                                                     \
+        const VI absmask = (VI){0} + INT64_MAX;                                                  \
+        VD s_d = zero, s_rr = zero, s_dd = zero, vmax = zero - 1.0, vmaxref = zero;              \
+        Py_ssize_t n = (hi - lo) / W * W;                                                        \
+        for (Py_ssize_t i = lo; i < lo + n; i += W) {                                            \
+            VD r = LOAD_OF##_load(rp, rk, i), x = LOAD_OF##_load(op, ok, i);                    \
+            VD d = (VD)((VI)(x - r) & absmask);                                                  \
+            VD ar = (VD)((VI)r & absmask);                                                       \
+            s_d += d;                                                                            \
+            vmax = MAX(d, vmax);                                                                 \
+            s_rr += r * r;                                                                       \
+            s_dd += d * d;                                                                       \
+            vmaxref = MAX(ar, vmaxref);                                                          \
+        }                                                                                        \
+        double total = LOAD_OF##_hsum(s_d);                                                      \
+        if (!isfinite(total)) return 0;                                                          \
+        acc_t t = *a;                                                                            \
+        t.total += total;                                                                        \
+        t.rr += LOAD_OF##_hsum(s_rr);                                                            \
+        t.dd += LOAD_OF##_hsum(s_dd);                                                            \
+        double bmax = -1.0;                                                                      \
+        for (int l = 0; l < W; l++) {                                                            \
+            if (vmaxref[l] > t.max_ref) t.max_ref = vmaxref[l];                                  \
+            if (vmax[l] > bmax) bmax = vmax[l];                                                  \
+        }                                                                                        \
+        t.counted += n;                                                                          \
+        if (n > 0 && bmax > t.max_abs) t.max_abs = bmax;                                         \
+        *a = t;                                                                                  \
+        scalar_range(rp, rk, op, ok, lo + n, hi, &no_check, a); /* the tail */                   \
+        return 1;                                                                                \
+    }
+
 typedef double vd2 __attribute__((vector_size(16)));
 typedef int64_t vi2 __attribute__((vector_size(16)));
 typedef float vf2 __attribute__((vector_size(8)));
@@ -221,6 +271,7 @@ INLINE vd2 LOADD2(const char *p) {
 }
 #endif
 DEFINE_VECTOR_BLOCK(block2, , 2, vd2, vi2, LOADF2, LOADD2, MAX2, MIN2)
+DEFINE_NOISE_BLOCK(noise2, , 2, vd2, vi2, block2, MAX2)
 
 #if defined(__x86_64__) && (defined(__linux__) || defined(__APPLE__))
 #define HAVE_AVX2 1
@@ -232,14 +283,19 @@ typedef int64_t vi4 __attribute__((vector_size(32)));
 #define LOADF4(p) ((vd4)_mm256_cvtps_pd(_mm_loadu_ps((const float *)(p))))
 #define LOADD4(p) ((vd4)_mm256_loadu_pd((const double *)(p)))
 DEFINE_VECTOR_BLOCK(block4, AVX2, 4, vd4, vi4, LOADF4, LOADD4, MAX4, MIN4)
+DEFINE_NOISE_BLOCK(noise4, AVX2, 4, vd4, vi4, block4, MAX4)
 #endif
 #endif /* vectors */
 
-/* Blocks through the vector loop, or the exact scalar rule where a block is not all finite. */
+/*
+ * Blocks through the vector loop, or the exact scalar rule where a block is not all finite.
+ * Elements [start, n) in blocks starting at start, positions counted from the buffers' start:
+ * stats3 runs one block of two pairs at a time, on the same grid as two whole runs.
+ */
 #define DEFINE_RUN(NAME, ATTR, VECTOR_BLOCK)                                                      \
-    ATTR INLINE void NAME(const char *rp, char rk, const char *op, char ok, Py_ssize_t n,        \
-                          Py_ssize_t block, const opts_t *o, acc_t *a) {                         \
-        for (Py_ssize_t lo = 0; lo < n; lo += block) {                                           \
+    ATTR INLINE void NAME(const char *rp, char rk, const char *op, char ok, Py_ssize_t start,    \
+                          Py_ssize_t n, Py_ssize_t block, const opts_t *o, acc_t *a) {           \
+        for (Py_ssize_t lo = start; lo < n; lo += block) {                                       \
             Py_ssize_t hi = lo + block < n ? lo + block : n;                                     \
             if (VECTOR_BLOCK(rp, rk, op, ok, lo, hi, o, a)) continue;                            \
             scalar_range(rp, rk, op, ok, lo, hi, o, a);                                          \
@@ -262,11 +318,12 @@ DEFINE_RUN(run4, AVX2, block4)
 #endif
 
 /* One copy per dtype pair and instruction set, so the loads are decided at compile time. */
-typedef void (*run_fn)(const char *, const char *, Py_ssize_t, Py_ssize_t, const opts_t *, acc_t *);
+typedef void (*run_fn)(const char *, const char *, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                       const opts_t *, acc_t *);
 #define SPECIALISE(NAME, ATTR, RUN, RK, OK)                                                       \
-    ATTR static void NAME(const char *rp, const char *op, Py_ssize_t n, Py_ssize_t block,        \
-                          const opts_t *o, acc_t *a) {                                           \
-        RUN(rp, RK, op, OK, n, block, o, a);                                                     \
+    ATTR static void NAME(const char *rp, const char *op, Py_ssize_t start, Py_ssize_t n,        \
+                          Py_ssize_t block, const opts_t *o, acc_t *a) {                         \
+        RUN(rp, RK, op, OK, start, n, block, o, a);                                              \
     }
 SPECIALISE(base_ff, , run2, 'f', 'f')
 SPECIALISE(base_fd, , run2, 'f', 'd')
@@ -284,10 +341,186 @@ static const run_fn avx2_table[4] = {avx2_ff, avx2_fd, avx2_df, avx2_dd};
 static const run_fn *table = base_table;
 static const char *isa = "base";
 
+/* stats3's noise pass over [lo, end) of one block, per (hi, ref) kind pair and loop width: the
+ * width must be the one `table` runs, or its sums would be rounded differently */
+typedef void (*noise_fn)(const char *, const char *, Py_ssize_t, Py_ssize_t, acc_t *);
+#define SPECIALISE_NOISE(NAME, ATTR, NOISE_BLOCK, HK, RK)                                         \
+    ATTR static void NAME(const char *hp, const char *rp, Py_ssize_t lo, Py_ssize_t end,         \
+                          acc_t *a) {                                                            \
+        if (!NOISE_BLOCK(hp, HK, rp, RK, lo, end, a)) scalar_range(hp, HK, rp, RK, lo, end, &no_check, a); \
+    }
+#ifdef HAVE_VECTORS
+#define NOISE_BASE noise2
+#else
+#define NOISE_BASE no_noise_vectors
+INLINE int no_noise_vectors(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,
+                            Py_ssize_t hi, acc_t *a) {
+    (void)rp, (void)rk, (void)op, (void)ok, (void)lo, (void)hi, (void)a;
+    return 0;
+}
+#endif
+SPECIALISE_NOISE(noise_base_ff, , NOISE_BASE, 'f', 'f')
+SPECIALISE_NOISE(noise_base_fd, , NOISE_BASE, 'f', 'd')
+SPECIALISE_NOISE(noise_base_df, , NOISE_BASE, 'd', 'f')
+SPECIALISE_NOISE(noise_base_dd, , NOISE_BASE, 'd', 'd')
+static const noise_fn noise_base_table[4] = {noise_base_ff, noise_base_fd, noise_base_df, noise_base_dd};
+#ifdef HAVE_AVX2
+SPECIALISE_NOISE(noise_avx2_ff, AVX2, noise4, 'f', 'f')
+SPECIALISE_NOISE(noise_avx2_fd, AVX2, noise4, 'f', 'd')
+SPECIALISE_NOISE(noise_avx2_df, AVX2, noise4, 'd', 'f')
+SPECIALISE_NOISE(noise_avx2_dd, AVX2, noise4, 'd', 'd')
+static const noise_fn noise_avx2_table[4] = {noise_avx2_ff, noise_avx2_fd, noise_avx2_df, noise_avx2_dd};
+#endif
+
+/*
+ * The SIGBUS guard. Arrays are read where the dumps are mapped; when another process truncates
+ * a mapped file, reading a page past its new end raises SIGBUS, which kills the process without
+ * a word. Each call that reads caller-given buffers (stats, stats3, stats_many, crc32) arms a
+ * guard around its loops: a sigsetjmp point on its own stack, published in a thread-local
+ * pointer (threads run these loops at once with the GIL released, each with its own guard). The
+ * handler, installed once by the first guarded call (with the GIL held) and left installed,
+ * jumps back there when the fault hits an armed thread; the call then raises MappedReadError
+ * (an OSError) saying which buffer faulted, and the caller names the file and key. A fault
+ * anywhere else goes to the handler found at installation (SIG_DFL: the old death by SIGBUS).
+ *
+ * Nothing inside a guarded region allocates, takes a lock or calls Python: the jump leaves
+ * nothing half done but the statistics, which are dropped. POSIX with GNU C only (thread-local
+ * storage, atomics); elsewhere the macros below compile to the unguarded loops.
+ */
+#if (defined(__unix__) || defined(__APPLE__)) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_BUS_GUARD 1
+#include <setjmp.h>
+#include <signal.h>
+
+typedef struct bus_guard {
+    sigjmp_buf jmp;
+    void *volatile addr; /* the faulting address, set by the handler */
+    struct bus_guard *outer;
+} bus_guard_t;
+
+/* this thread's armed guard. An armed thread has written it, so the handler's read of it there
+ * never makes the dynamic TLS model allocate (which is not signal-safe); a thread that never
+ * armed one reads it only for a fault that is not ours while another thread is armed. */
+static __thread bus_guard_t *bus_current;
+/* guards armed in all threads: a fault while none is armed chains without reading the TLS */
+static int bus_armed;
+static struct sigaction bus_previous;
+static int bus_installed; /* changed with the GIL held only */
+
+static void bus_handler(int sig, siginfo_t *info, void *ctx) {
+    if (__atomic_load_n(&bus_armed, __ATOMIC_SEQ_CST) > 0) {
+        bus_guard_t *g = bus_current;
+        if (g != NULL) {
+            g->addr = info != NULL ? info->si_addr : NULL;
+            siglongjmp(g->jmp, 1);
+        }
+    }
+    /* not a read of ours: what would have happened without this handler */
+    if (bus_previous.sa_flags & SA_SIGINFO) {
+        bus_previous.sa_sigaction(sig, info, ctx);
+    } else if (bus_previous.sa_handler != SIG_DFL && bus_previous.sa_handler != SIG_IGN) {
+        bus_previous.sa_handler(sig);
+    } else {
+        /* the default action: returning re-runs the faulting load, which now kills the process
+         * as before; a SIGBUS sent by kill() is sent again (an ignored fault kills too) */
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        sigemptyset(&dfl.sa_mask);
+        sigaction(SIGBUS, &dfl, NULL);
+        if (info == NULL || info->si_code <= 0) raise(sig);
+    }
+}
+
+/* Called with the GIL held before a guarded region; 0, or -1 with an exception set. */
+static int bus_install(void) {
+    if (bus_installed) return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = bus_handler;
+    /* SA_NODEFER: SIGBUS stays deliverable in the handler, so a fault while chaining to the
+     * previous handler still kills instead of hanging on a blocked signal */
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &bus_previous) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    bus_installed = 1;
+    return 0;
+}
+
+static void bus_arm(bus_guard_t *g) {
+    g->addr = NULL;
+    g->outer = bus_current;
+    bus_current = g;
+    __atomic_add_fetch(&bus_armed, 1, __ATOMIC_SEQ_CST);
+}
+
+static void bus_disarm(bus_guard_t *g) {
+    __atomic_sub_fetch(&bus_armed, 1, __ATOMIC_SEQ_CST);
+    bus_current = g->outer;
+}
+
+/* `if (BUS_GUARDED(g)) { bus_arm(&g); reads; } else { faulted }; bus_disarm(&g);`: sigsetjmp
+ * must be called in the frame it returns to, so this is a macro. The signal mask is saved and
+ * restored by the jump (the handler may run with signals blocked by a chained handler). */
+#define BUS_GUARDED(g) (sigsetjmp((g).jmp, 1) == 0)
+#else
+typedef struct {
+    void *addr;
+} bus_guard_t;
+static int bus_install(void) { return 0; }
+static void bus_arm(bus_guard_t *g) { g->addr = NULL; }
+static void bus_disarm(bus_guard_t *g) { (void)g; }
+#define BUS_GUARDED(g) 1
+#endif
+
+static PyObject *MappedReadError;
+
+/* Which of the n buffers holds addr (-1: none, or the fault carried no address). */
+static int bus_which(void *addr, Py_buffer *const *bufs, int n) {
+    for (int i = 0; i < n; i++) {
+        const char *b = bufs[i]->buf;
+        if (addr != NULL && (const char *)addr >= b && (const char *)addr < b + bufs[i]->len)
+            return i;
+    }
+    return -1;
+}
+
+/* Raise MappedReadError; argument: which buffer (0-based in the call's arguments, -1 unknown),
+ * job: the stats_many row being computed (-1 elsewhere). */
+static PyObject *bus_raise(int argument, Py_ssize_t job) {
+    PyObject *exc = PyObject_CallFunction(
+        MappedReadError, "s",
+        "SIGBUS: the mapped file was truncated or could not be read");
+    if (exc == NULL) return NULL;
+    PyObject *a = PyLong_FromLong(argument), *j = PyLong_FromSsize_t(job);
+    if (a != NULL && j != NULL && PyObject_SetAttrString(exc, "argument", a) == 0 &&
+        PyObject_SetAttrString(exc, "job", j) == 0)
+        PyErr_SetObject(MappedReadError, exc);
+    Py_XDECREF(a);
+    Py_XDECREF(j);
+    Py_DECREF(exc);
+    return NULL;
+}
+
 PyDoc_STRVAR(stats_doc,
     "stats(ref, rkind, other, okind, block, check_close, atol, rtol, equal_nan) -> tuple\n\n"
     "Statistics of two equally long contiguous buffers of float32 ('f') or float64 ('d'),\n"
-    "in the field order of reprod.diff.metrics._FIELDS; worst is -1 if nothing was counted.");
+    "in the field order of reprod.diff.metrics._FIELDS; worst is -1 if nothing was counted.\n"
+    "A SIGBUS while reading (a mapped file truncated meanwhile) raises MappedReadError.");
+
+static Py_ssize_t kind_size(int k) { return k == 'f' ? 4 : k == 'd' ? 8 : 0; }
+
+static PyObject *acc_tuple(const acc_t *a) {
+    return Py_BuildValue("(LddddddLddLLLLLLLdd)", (long long)a->counted, a->total, a->total_rel,
+                         a->dot, a->rr, a->oo, a->max_abs, (long long)a->worst, a->min_abs,
+                         a->max_rel, (long long)a->mismatched, (long long)a->ref_nan,
+                         (long long)a->ref_inf, (long long)a->other_nan, (long long)a->other_inf,
+                         (long long)a->nan_unmatched, (long long)a->inf_unmatched, a->dd,
+                         a->max_ref);
+}
 
 static PyObject *stats(PyObject *self, PyObject *args) {
     Py_buffer rb, ob;
@@ -298,7 +531,7 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*Cy*Cnpddp", &rb, &rk, &ob, &ok, &block, &check_close, &atol,
                           &rtol, &equal_nan))
         return NULL;
-    Py_ssize_t rsize = rk == 'f' ? 4 : rk == 'd' ? 8 : 0, osize = ok == 'f' ? 4 : ok == 'd' ? 8 : 0;
+    Py_ssize_t rsize = kind_size(rk), osize = kind_size(ok);
     if (!rsize || !osize || rb.len % rsize || ob.len % osize || rb.len / rsize != ob.len / osize ||
         block < 1) {
         PyBuffer_Release(&rb);
@@ -306,21 +539,110 @@ static PyObject *stats(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "stats: bad kinds, lengths or block");
         return NULL;
     }
+    if (bus_install() < 0) {
+        PyBuffer_Release(&rb);
+        PyBuffer_Release(&ob);
+        return NULL;
+    }
     Py_ssize_t n = rb.len / rsize;
     opts_t o = {check_close, equal_nan, atol, rtol};
     acc_t a;
     acc_init(&a);
     const char *rp = rb.buf, *op = ob.buf;
+    bus_guard_t g;
+    int faulted = 0;
     Py_BEGIN_ALLOW_THREADS
-    table[(rk == 'd') * 2 + (ok == 'd')](rp, op, n, block, &o, &a);
+    if (BUS_GUARDED(g)) {
+        bus_arm(&g);
+        table[(rk == 'd') * 2 + (ok == 'd')](rp, op, 0, n, block, &o, &a);
+    } else {
+        faulted = 1;
+    }
+    bus_disarm(&g);
     Py_END_ALLOW_THREADS
+    Py_buffer *bufs[2] = {&rb, &ob};
+    int which = faulted ? bus_which(g.addr, bufs, 2) : -1;
     PyBuffer_Release(&rb);
     PyBuffer_Release(&ob);
-    return Py_BuildValue("(LddddddLddLLLLLLLdd)", (long long)a.counted, a.total, a.total_rel,
-                         a.dot, a.rr, a.oo, a.max_abs, (long long)a.worst, a.min_abs, a.max_rel,
-                         (long long)a.mismatched, (long long)a.ref_nan, (long long)a.ref_inf,
-                         (long long)a.other_nan, (long long)a.other_inf,
-                         (long long)a.nan_unmatched, (long long)a.inf_unmatched, a.dd, a.max_ref);
+    if (faulted) return bus_raise(which, -1);
+    return acc_tuple(&a);
+}
+
+PyDoc_STRVAR(stats3_doc,
+    "stats3(ref, rkind, other, okind, hi, hkind, block, check_close, atol, rtol, equal_nan)\n"
+    "    -> (tuple, tuple)\n\n"
+    "stats(ref, rkind, other, okind, block, check_close, atol, rtol, equal_nan), and what the\n"
+    "calibration reads of stats(hi, hkind, ref, rkind, block, False, 0.0, 0.0, False) (the noise\n"
+    "of ref against its high-precision run, reprod.diff.noise), in one pass: each block of ref\n"
+    "is read for both while it is in cache. The first tuple is bit-identical to stats()'; of the\n"
+    "second, counted, total, rr, dd, max_abs, max_ref and the NaN/Inf counts are bit-identical\n"
+    "to stats()' (the same blocks, lanes and order); total_rel, dot, oo, min_abs and max_rel are\n"
+    "NaN, worst is -1 and mismatched 0 (not computed: no division in the noise pass).");
+
+static PyObject *stats3(PyObject *self, PyObject *args) {
+    Py_buffer rb, ob, hb;
+    int rk, ok, hk, check_close, equal_nan;
+    Py_ssize_t block;
+    double atol, rtol;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*Cy*Cy*Cnpddp", &rb, &rk, &ob, &ok, &hb, &hk, &block,
+                          &check_close, &atol, &rtol, &equal_nan))
+        return NULL;
+    Py_ssize_t rsize = kind_size(rk), osize = kind_size(ok), hsize = kind_size(hk);
+    const char *bad = NULL;
+    if (!rsize || !osize || !hsize || rb.len % rsize || ob.len % osize || hb.len % hsize ||
+        rb.len / rsize != ob.len / osize || rb.len / rsize != hb.len / hsize || block < 1)
+        bad = "stats3: bad kinds, lengths or block";
+    if (bad || bus_install() < 0) {
+        PyBuffer_Release(&rb);
+        PyBuffer_Release(&ob);
+        PyBuffer_Release(&hb);
+        if (bad) PyErr_SetString(PyExc_ValueError, bad);
+        return NULL;
+    }
+    Py_ssize_t n = rb.len / rsize;
+    opts_t o = {check_close, equal_nan, atol, rtol};
+    acc_t a, na;
+    acc_init(&a);
+    acc_init(&na);
+    const char *rp = rb.buf, *op = ob.buf, *hp = hb.buf;
+    run_fn diff = table[(rk == 'd') * 2 + (ok == 'd')];
+    const noise_fn *noise_table = noise_base_table;
+#ifdef HAVE_AVX2
+    if (table == avx2_table) noise_table = noise_avx2_table;
+#endif
+    noise_fn noise = noise_table[(hk == 'd') * 2 + (rk == 'd')];
+    bus_guard_t g;
+    int faulted = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (BUS_GUARDED(g)) {
+        bus_arm(&g);
+        for (Py_ssize_t lo = 0; lo < n; lo += block) {
+            Py_ssize_t end = lo + block < n ? lo + block : n;
+            diff(rp, op, lo, end, block, &o, &a);
+            noise(hp, rp, lo, end, &na);
+        }
+    } else {
+        faulted = 1;
+    }
+    bus_disarm(&g);
+    Py_END_ALLOW_THREADS
+    Py_buffer *bufs[3] = {&rb, &ob, &hb};
+    int which = faulted ? bus_which(g.addr, bufs, 3) : -1;
+    PyBuffer_Release(&rb);
+    PyBuffer_Release(&ob);
+    PyBuffer_Release(&hb);
+    if (faulted) return bus_raise(which, -1);
+    /* the fields the noise pass leaves out (the scalar blocks computed some: dropped too) */
+    na.total_rel = na.dot = na.oo = na.min_abs = na.max_rel = NAN;
+    na.worst = -1;
+    na.mismatched = 0;
+    PyObject *first = acc_tuple(&a), *second = first ? acc_tuple(&na) : NULL;
+    if (second == NULL) {
+        Py_XDECREF(first);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", first, second);
 }
 
 
@@ -448,18 +770,37 @@ static PyObject *crc32_py(PyObject *self, PyObject *args) {
     int fold = 1;
     (void)self;
     if (!PyArg_ParseTuple(args, "y*|Ip", &b, &value, &fold)) return NULL;
+    if (bus_install() < 0) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
     int saved = use_pclmul;
     if (!fold) use_pclmul = 0;
-    uint32_t c;
+    uint32_t c = 0;
+    bus_guard_t g;
+    int faulted = 0;
     if (b.len > 65536 && fold) {
         Py_BEGIN_ALLOW_THREADS
-        c = crc32_of(value, b.buf, (size_t)b.len);
+        if (BUS_GUARDED(g)) {
+            bus_arm(&g);
+            c = crc32_of(value, b.buf, (size_t)b.len);
+        } else {
+            faulted = 1;
+        }
+        bus_disarm(&g);
         Py_END_ALLOW_THREADS
     } else {
-        c = crc32_of(value, b.buf, (size_t)b.len);
+        if (BUS_GUARDED(g)) {
+            bus_arm(&g);
+            c = crc32_of(value, b.buf, (size_t)b.len);
+        } else {
+            faulted = 1;
+        }
+        bus_disarm(&g);
     }
     use_pclmul = saved;
     PyBuffer_Release(&b);
+    if (faulted) return bus_raise(0, -1);
     return PyLong_FromUnsignedLong(c);
 }
 
@@ -480,6 +821,55 @@ static uint32_t le32(const unsigned char *p) {
 
 #define MANY_JOB 11
 #define MANY_FIELDS 23
+
+/* stats_many's rows, in one guarded region; *at: the row being computed */
+static void many_rows(const char *rbase, const char *obase, const int64_t *jobs,
+                      const double *tols, double *out, Py_ssize_t n, Py_ssize_t block,
+                      int equal_nan, volatile Py_ssize_t *at) {
+    for (Py_ssize_t j = 0; j < n; j++) {
+        *at = j;
+        const int64_t *job = jobs + j * MANY_JOB;
+        int kinds = (int)job[3];
+        const char *rp = rbase + job[0], *op = obase + job[1];
+        double *row = out + j * MANY_FIELDS;
+        /* the member's checksum first: its bytes are then in cache for the statistics */
+        for (int side = 0; side < 2; side++) {
+            const int64_t *c = job + 5 + 3 * side;
+            const char *base = side ? obase : rbase;
+            row[21 + side] = c[1] == -1 ? -1.0 :
+                crc32_of(0, (const unsigned char *)base + c[0], (size_t)c[1]) == (uint32_t)c[2];
+        }
+        opts_t o = {(int)job[4], equal_nan, tols[2 * j], tols[2 * j + 1]};
+        acc_t a;
+        acc_init(&a);
+        table[kinds](rp, op, 0, (Py_ssize_t)job[2], block, &o, &a);
+        row[0] = (double)a.counted;
+        row[1] = a.total;
+        row[2] = a.total_rel;
+        row[3] = a.dot;
+        row[4] = a.rr;
+        row[5] = a.oo;
+        row[6] = a.max_abs;
+        row[7] = (double)a.worst;
+        row[8] = a.min_abs;
+        row[9] = a.max_rel;
+        row[10] = (double)a.mismatched;
+        row[11] = (double)a.ref_nan;
+        row[12] = (double)a.ref_inf;
+        row[13] = (double)a.other_nan;
+        row[14] = (double)a.other_inf;
+        row[15] = (double)a.nan_unmatched;
+        row[16] = (double)a.inf_unmatched;
+        row[17] = a.dd;
+        row[18] = a.max_ref;
+        if (a.worst >= 0) {
+            row[19] = kinds & 2 ? load_d(rp, a.worst) : load_f(rp, a.worst);
+            row[20] = kinds & 1 ? load_d(op, a.worst) : load_f(op, a.worst);
+        } else {
+            row[19] = row[20] = NAN;
+        }
+    }
+}
 
 static PyObject *stats_many(PyObject *self, PyObject *args) {
     Py_buffer rb, ob, jb, tb, outb;
@@ -519,58 +909,37 @@ static PyObject *stats_many(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, bad);
         return NULL;
     }
+    if (bus_install() < 0) {
+        PyBuffer_Release(&rb);
+        PyBuffer_Release(&ob);
+        PyBuffer_Release(&jb);
+        PyBuffer_Release(&tb);
+        PyBuffer_Release(&outb);
+        return NULL;
+    }
     const double *tols = tb.buf;
     double *out = outb.buf;
     const char *rbase = rb.buf, *obase = ob.buf;
+    bus_guard_t g;
+    int faulted = 0;
+    volatile Py_ssize_t at = -1; /* the row being computed, for the error */
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t j = 0; j < n; j++) {
-        const int64_t *job = jobs + j * MANY_JOB;
-        int kinds = (int)job[3];
-        const char *rp = rbase + job[0], *op = obase + job[1];
-        double *row = out + j * MANY_FIELDS;
-        /* the member's checksum first: its bytes are then in cache for the statistics */
-        for (int side = 0; side < 2; side++) {
-            const int64_t *c = job + 5 + 3 * side;
-            const char *base = side ? obase : rbase;
-            row[21 + side] = c[1] == -1 ? -1.0 :
-                crc32_of(0, (const unsigned char *)base + c[0], (size_t)c[1]) == (uint32_t)c[2];
-        }
-        opts_t o = {(int)job[4], equal_nan, tols[2 * j], tols[2 * j + 1]};
-        acc_t a;
-        acc_init(&a);
-        table[kinds](rp, op, (Py_ssize_t)job[2], block, &o, &a);
-        row[0] = (double)a.counted;
-        row[1] = a.total;
-        row[2] = a.total_rel;
-        row[3] = a.dot;
-        row[4] = a.rr;
-        row[5] = a.oo;
-        row[6] = a.max_abs;
-        row[7] = (double)a.worst;
-        row[8] = a.min_abs;
-        row[9] = a.max_rel;
-        row[10] = (double)a.mismatched;
-        row[11] = (double)a.ref_nan;
-        row[12] = (double)a.ref_inf;
-        row[13] = (double)a.other_nan;
-        row[14] = (double)a.other_inf;
-        row[15] = (double)a.nan_unmatched;
-        row[16] = (double)a.inf_unmatched;
-        row[17] = a.dd;
-        row[18] = a.max_ref;
-        if (a.worst >= 0) {
-            row[19] = kinds & 2 ? load_d(rp, a.worst) : load_f(rp, a.worst);
-            row[20] = kinds & 1 ? load_d(op, a.worst) : load_f(op, a.worst);
-        } else {
-            row[19] = row[20] = NAN;
-        }
+    if (BUS_GUARDED(g)) {
+        bus_arm(&g);
+        many_rows(rbase, obase, jobs, tols, out, n, block, equal_nan, &at);
+    } else {
+        faulted = 1;
     }
+    bus_disarm(&g);
     Py_END_ALLOW_THREADS
+    Py_buffer *bufs[2] = {&rb, &ob};
+    int which = faulted ? bus_which(g.addr, bufs, 2) : -1;
     PyBuffer_Release(&rb);
     PyBuffer_Release(&ob);
     PyBuffer_Release(&jb);
     PyBuffer_Release(&tb);
     PyBuffer_Release(&outb);
+    if (faulted) return bus_raise(which, at);
     Py_RETURN_NONE;
 }
 
@@ -753,6 +1122,7 @@ static PyObject *get_isa(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"stats", stats, METH_VARARGS, stats_doc},
+    {"stats3", stats3, METH_VARARGS, stats3_doc},
     {"stats_many", stats_many, METH_VARARGS, stats_many_doc},
     {"scan_items", scan_items, METH_VARARGS, scan_items_doc},
     {"crc32", crc32_py, METH_VARARGS, crc32_doc},
@@ -780,6 +1150,24 @@ PyMODINIT_FUNC PyInit__kernel(void) {
 #endif
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
+    /* an OSError: where the kernel is not built the same reads raise nothing of the kind, and
+     * the readers' handlers of OSError already turn it into a one-line DumpFormatError */
+    MappedReadError = PyErr_NewExceptionWithDoc(
+        "reprod._kernel.MappedReadError",
+        "A SIGBUS while the kernel read a buffer: the file mapped under it was truncated (or could\n"
+        "not be read) meanwhile. argument: which buffer argument faulted (0-based, -1 unknown);\n"
+        "job: the stats_many row being computed (-1 elsewhere).",
+        PyExc_OSError, NULL);
+    if (MappedReadError == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(MappedReadError); /* the module's reference; the static one is kept (3.9: no AddObjectRef) */
+    if (PyModule_AddObject(m, "MappedReadError", MappedReadError) < 0) {
+        Py_DECREF(MappedReadError);
+        Py_DECREF(m);
+        return NULL;
+    }
     /* the one list of the row's columns: metrics.py reads its indices from here */
     PyObject *cols = Py_BuildValue(
         "(sssssssssssssssssssssss)", "counted", "total", "total_rel", "dot", "rr", "oo", "max_abs",

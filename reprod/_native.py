@@ -1,9 +1,11 @@
 """The optional compiled kernel (``reprod/_kernel.c``), imported here and nowhere else.
 
-It serves the comparison (``stats``, ``stats_many``) and storage (``crc32``, the pickle opcode
+It serves the comparison (``stats``, ``stats3``, ``stats_many``) and storage (``crc32``, the pickle opcode
 scanner ``scan_items``). Without a C compiler at install it is absent and every caller takes its
 numpy/zlib/Python path, with the same results. ``REPROD_KERNEL=0`` switches it off for the
-process (read once, here); tests switch it with :func:`set_enabled`.
+process (read once, here); tests switch it with :func:`set_enabled`. Its reads of mapped dumps
+are guarded against SIGBUS (a file truncated by another process meanwhile): they raise
+:data:`MappedReadError` instead of killing the process; the numpy path has no such guard.
 """
 
 from __future__ import annotations
@@ -12,12 +14,22 @@ import os
 import zlib
 from typing import Any, Optional
 
-__all__ = ["kernel", "built", "set_enabled", "crc32", "scanner"]
+__all__ = ["kernel", "built", "set_enabled", "crc32", "scanner", "MappedReadError"]
 
 try:
     from . import _kernel as _built  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - depends on the build
     _built = None
+
+
+class _NeverRaised(OSError):
+    """Stands for MappedReadError where the kernel is not built (nothing raises it then)."""
+
+
+# A SIGBUS caught while the kernel read a buffer: the file mapped under it was truncated (or
+# could not be read) meanwhile. An OSError with ``argument`` (which buffer argument faulted,
+# 0-based, -1 unknown) and ``job`` (the stats_many row, -1 elsewhere); callers name the file.
+MappedReadError: type[OSError] = getattr(_built, "MappedReadError", _NeverRaised)
 
 _enabled = _built is not None and os.environ.get("REPROD_KERNEL", "1") != "0"
 

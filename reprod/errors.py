@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from errno import ENOENT as _ENOENT
+from typing import Optional
 
 __all__ = [
     "ReprodError",
     "DumpFormatError",
     "DumpNotFoundError",
+    "DumpChangedError",
     "UnsafeDumpError",
     "KeyMismatchError",
     "UnsupportedValueError",
@@ -39,6 +42,22 @@ class DumpNotFoundError(DumpFormatError, FileNotFoundError):
 
     def __reduce__(self) -> tuple[object, ...]:  # pickles (multiprocessing) as it was raised
         return (type(self), (self.filename, str(self)))
+
+
+class DumpChangedError(DumpFormatError):
+    """A dump changed on disk while it was being compared: another process truncated it while
+    reprod had it mapped. The compiled kernel catches the SIGBUS its reads then raise (the numpy
+    path cannot: there the process still dies of it; SECURITY.md)."""
+
+    @classmethod
+    def sigbus(cls, key: str, files: Sequence[Optional[str]], argument: int) -> DumpChangedError:
+        """The one-line error for ``key``, whose read faulted in the kernel buffer ``argument``
+        (0-based; -1: unknown); ``files``: the file each buffer argument came from, in order."""
+        if 0 <= argument < len(files) and files[argument]:
+            where = str(files[argument])
+        else:  # the fault carried no address: every file that was being read
+            where = " or ".join(dict.fromkeys(str(f) for f in files if f))
+        return cls(f"{where}: key {key!r}: the file was truncated while being read (SIGBUS)")
 
 
 class UnsafeDumpError(DumpFormatError):

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
+from .. import _native
 from .. import messages as msg
 from .._gc import gc_paused
+from ..errors import DumpChangedError
 from ..storage.lazy import NonNumericValue
 from .batch import compare_batch, unravel
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
-from .metrics import compute_stats
-from .noise import DEFAULT_NOISE_FACTOR, calibrate
+from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats
 from .pairing import Pair, leaf_array, open_side, walk_pairs
 from .progress import Progress, progress_enabled
 from .result import DiffResult, KeyResult
@@ -96,17 +98,28 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
     b.tree = _as_ref_key(a.tree, b.tree)
     if hi is not None:
         hi.tree = _as_ref_key(a.tree, hi.tree)
-    pairs = list(walk_pairs(a.tree, b.tree, keys=keys))
-    bar = _progress_bar(pairs) if progress_enabled(progress) else None
+    walk = walk_pairs(a.tree, b.tree, keys=keys)
+    bar = None
+    if progress_enabled(progress):  # the bar's totals need every pair first
+        pairs = list(walk)
+        bar = _progress_bar(pairs)
+        walk = iter(pairs)
     results: list[KeyResult] = []
     with bar if bar is not None else contextlib.nullcontext():
-        for lo in range(0, len(pairs), _WINDOW):
-            window = pairs[lo : lo + _WINDOW]
+        # a window of pairs at a time: a million keys never hold a million Pairs at once
+        for window in iter(lambda: list(itertools.islice(walk, _WINDOW)), []):
             # calibrated keys read a third array: the per-key path
-            batched = compare_batch(window, policy, bar=bar) if hi is None else [None] * len(window)
+            try:
+                batched = compare_batch(window, policy, bar=bar) if hi is None else [None] * len(window)
+            except _native.MappedReadError:  # a dump truncated meanwhile: the per-key path names it
+                batched = [None] * len(window)
             for p, kr in zip(window, batched):
                 if kr is None:
-                    kr = _compare_pair(p, policy, bar=bar, noise=None if hi is None else hi.tree)
+                    try:
+                        kr = _compare_pair(p, policy, bar=bar, noise=None if hi is None else hi.tree)
+                    except _native.MappedReadError as exc:  # SIGBUS in the kernel: one line, not a crash
+                        files = (a.name, b.name, None if hi is None else hi.name)
+                        raise DumpChangedError.sigbus(p.key, files, getattr(exc, "argument", -1)) from None
                 results.append(kr)
                 if bar is not None:
                     bar.key_done()
@@ -249,14 +262,15 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
         return KeyResult(passed=True, status="passed", reason=msg.REASON_BOTH_EMPTY, checks={m: True for m in thresholds},
                          size=0, note="; ".join(notes) or None, **base)
     on_progress = None if bar is None else bar.per_element(ra.itemsize + oa.itemsize)
-    st = compute_stats(ra, oa, atol=atol, rtol=rtol, equal_nan=equal_nan, on_progress=on_progress)
+    # with a noise reference, its statistics come from the same pass (noise.calibrated_stats)
+    st, cal = calibrated_stats(ra, oa, noise, p.path, rdt, odt, atol=atol, rtol=rtol,
+                               equal_nan=equal_nan, on_progress=on_progress)
     values = {
         "mean_abs": st.mean_abs, "max_abs": st.max_abs, "min_abs": st.min_abs,
         "mean_rel": st.mean_rel, "max_rel": st.max_rel, "cosine": st.cosine,
         "rel_l2": st.rel_l2, "max_scaled": st.max_scaled,
     }
-    if noise is not None and not (st.nan_unmatched or st.inf_unmatched):
-        cal = calibrate(st, ra, noise, p.path, rdt, odt)
+    if cal is not None:
         if cal.multiple is None:
             notes.append(msg.note_uncalibrated(cal.why or "unknown"))
         else:

@@ -15,17 +15,22 @@ last-bit differences two correct implementations make.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .. import _native
+from . import metrics
+from . import second_pass as sp
 from .metrics import Stats, compute_stats
 from .pairing import leaf_array
+from .partial import FIELDS, Partial
 from .second_pass import ratio
 
-__all__ = ["DEFAULT_NOISE_FACTOR", "Calibration", "calibrate"]
+__all__ = ["DEFAULT_NOISE_FACTOR", "Calibration", "calibrate", "calibrated_stats"]
 
 # A key passes when its difference is within this many times the reference's own noise. Measured
 # on torchvision resnet50 / mobilenet_v3 against paddle.vision's own ports (3 seeds; forward, every
@@ -58,17 +63,74 @@ def calibrate(diff: Stats, ref: np.ndarray, hi_tree: Mapping[str, Any], path: tu
               ref_dtype: Optional[str], other_dtype: Optional[str]) -> Calibration:
     """The noise of ``ref`` against its high-precision value at ``path`` in ``hi_tree``, and the
     multiple of it that ``diff`` (the statistics of other against ref) is."""
+    hi, why = _noise_array(hi_tree, path, ref)
+    if hi is None:
+        return Calibration(why=why)
+    return _judge(diff, _noise_stats(hi, ref), ref_dtype, other_dtype)
+
+
+def calibrated_stats(ref: np.ndarray, other: np.ndarray, hi_tree: Optional[Mapping[str, Any]],
+                     path: tuple[str, ...], ref_dtype: Optional[str], other_dtype: Optional[str], *,
+                     atol: Optional[float] = None, rtol: Optional[float] = None,
+                     equal_nan: bool = False, on_progress: Optional[Callable[[int], None]] = None,
+                     ) -> tuple[Stats, Optional[Calibration]]:
+    """``compute_stats(ref, other, ...)`` and, with a noise reference, ``calibrate`` of it: the
+    calibration is ``None`` without ``hi_tree`` and where the key's own NaN/Inf verdict decides
+    (unmatched NaN or Inf), as the engine asks for none there.
+
+    Where the compiled kernel takes all three arrays (float32/float64), both come from one pass
+    (``stats3``: each block of ``ref`` read once for both, and no division for the noise): the
+    statistics and the calibration are bit-identical to the two ``compute_stats`` calls they
+    replace (of the noise statistics, the calibration reads the counts, ``max_abs`` and
+    ``diff_l2``; relative errors, cosine and worst position are left out). Else the two passes
+    (tests/diff/test_stats3.py checks one against the other)."""
+    if hi_tree is None:
+        return compute_stats(ref, other, atol=atol, rtol=rtol, equal_nan=equal_nan,
+                             on_progress=on_progress), None
+    hi, why = _noise_array(hi_tree, path, ref)
+    both = None if hi is None else _one_pass(ref, other, hi, atol, rtol, equal_nan, on_progress)
+    if both is None:
+        st = compute_stats(ref, other, atol=atol, rtol=rtol, equal_nan=equal_nan,
+                           on_progress=on_progress)
+        if st.nan_unmatched or st.inf_unmatched:
+            return st, None
+        if hi is None:
+            return st, Calibration(why=why)
+        return st, _judge(st, _noise_stats(hi, ref), ref_dtype, other_dtype)
+    st, ns = both
+    if st.nan_unmatched or st.inf_unmatched:
+        return st, None
+    return st, _judge(st, ns, ref_dtype, other_dtype)
+
+
+def _noise_array(hi_tree: Mapping[str, Any], path: tuple[str, ...], ref: np.ndarray
+                 ) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """The high-precision array at ``path`` in ``ref``'s shape, or ``None`` and why not."""
     parent = hi_tree
     for part in path[:-1]:
         parent = parent.get(part) if isinstance(parent, Mapping) else None  # type: ignore[assignment]
     if not isinstance(parent, Mapping) or path[-1] not in parent:
-        return Calibration(why="not in the noise reference")
+        return None, "not in the noise reference"
     hi, _ = leaf_array(parent, path[-1])
     if hi.size != ref.size or tuple(s for s in hi.shape if s != 1) != tuple(s for s in ref.shape if s != 1):
-        return Calibration(why=f"noise reference has shape {tuple(hi.shape)}, ref {tuple(ref.shape)}")
+        return None, f"noise reference has shape {tuple(hi.shape)}, ref {tuple(ref.shape)}"
     if hi.shape != ref.shape:
         hi = hi.reshape(ref.shape)
-    ns = compute_stats(hi, ref)
+    return hi, None
+
+
+def _noise_stats(hi: np.ndarray, ref: np.ndarray) -> Stats:
+    """The second pass: ref against its high-precision run."""
+    try:
+        return compute_stats(hi, ref)
+    except _native.MappedReadError as exc:
+        # the kernel numbers its buffers (hi, ref) here; callers name files by (ref, other, hi)
+        exc.argument = {0: 2, 1: 0}.get(getattr(exc, "argument", -1), -1)  # type: ignore[attr-defined]
+        raise
+
+
+def _judge(diff: Stats, ns: Stats, ref_dtype: Optional[str], other_dtype: Optional[str]) -> Calibration:
+    """The calibration of ``diff`` against the noise statistics ``ns`` (hi against ref)."""
     if ns.nan_unmatched or ns.inf_unmatched or ns.counted == 0:
         return Calibration(why="noise reference and ref disagree on NaN/Inf positions")
     eps = _eps(ref_dtype, other_dtype)
@@ -77,3 +139,66 @@ def calibrate(diff: Stats, ref: np.ndarray, hi_tree: Mapping[str, Any], path: tu
     noise_max = max(ns.max_abs or 0.0, eps * ref_max)
     multiple = max(ratio(diff.diff_l2 or 0.0, noise_l2), ratio(diff.max_abs or 0.0, noise_max))
     return Calibration(l2=noise_l2, max=noise_max, multiple=multiple)
+
+
+def _one_pass(ref: np.ndarray, other: np.ndarray, hi: np.ndarray, atol: Optional[float],
+              rtol: Optional[float], equal_nan: bool, on_progress: Optional[Callable[[int], None]]
+              ) -> Optional[tuple[Stats, Stats]]:
+    """``compute_stats(ref, other, ...)`` and the fields of ``compute_stats(hi, ref)`` that the
+    calibration reads, from the kernel's ``stats3`` on compute_stats' chunks and threads;
+    ``None`` where the kernel cannot take the three arrays."""
+    kernel = _native.kernel()
+    codes = metrics._KERNEL_CODES
+    if kernel is None or not hasattr(kernel, "stats3"):  # a build older than stats3
+        return None
+    r, o, h = ref.reshape(-1), other.reshape(-1), hi.reshape(-1)
+    rc, oc, hc = codes.get(r.dtype), codes.get(o.dtype), codes.get(h.dtype)
+    n = int(r.size)
+    if rc is None or oc is None or hc is None or n == 0 or o.size != n or h.size != n:
+        return None
+    # compute_stats' conversions, so that both statistics see the same contiguous buffers
+    r, o, h = (a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in (r, o, h))
+    block = metrics.BLOCK
+    check_close = atol is not None or rtol is not None
+    args = (block, check_close, float(atol or 0.0), float(rtol or 0.0), bool(equal_nan))
+    if n <= metrics.CHUNK:
+        values, noise_values = kernel.stats3(r, rc, o, oc, h, hc, *args)
+        if on_progress is not None:
+            on_progress(n)
+    else:
+        chunk = max(1, metrics.CHUNK // block) * block  # compute_stats' chunks, so its block grid
+        noise_parts: dict[int, Partial] = {}
+
+        def work(lo: int, hi_: int) -> Partial:
+            first, second = kernel.stats3(r[lo:hi_], rc, o[lo:hi_], oc, h[lo:hi_], hc, *args)
+            noise_parts[lo] = Partial.from_tuple(second, lo)  # one key per chunk: no lock needed
+            return Partial.from_tuple(first, lo)
+
+        p = metrics._run_chunks(work, n, chunk, on_progress)
+        q = Partial()
+        for lo in sorted(noise_parts):  # merged in chunk order, as _run_chunks merges
+            q.merge(noise_parts[lo])
+        values = tuple(getattr(p, f) for f in FIELDS)
+        noise_values = tuple(getattr(q, f) for f in FIELDS)
+    return metrics._finish(n, values, r, o, check_close, block), _noise_finish(n, noise_values, h, r, block)
+
+
+def _noise_finish(n: int, values: Any, h: np.ndarray, r: np.ndarray, block: int) -> Stats:
+    """``metrics._finish`` of stats3's noise row, for the fields that row has (the counts,
+    max_abs, the L2 norms and max|hi|; the noise pass computes no relative error, cosine or
+    worst position): the same values, second pass included, as ``compute_stats(hi, ref)``."""
+    f = dict(zip(FIELDS, values))
+    st = Stats(size=n, counted=int(f["counted"]), ref_nan=int(f["ref_nan"]), ref_inf=int(f["ref_inf"]),
+               other_nan=int(f["other_nan"]), other_inf=int(f["other_inf"]),
+               nan_unmatched=int(f["nan_unmatched"]), inf_unmatched=int(f["inf_unmatched"]))
+    if st.counted == 0:
+        return st
+    max_abs, max_ref, dd, rr = float(f["max_abs"]), float(f["max_ref"]), f["dd"], f["rr"]
+    st.max_abs, st.ref_max = max_abs, max_ref
+    st.max_scaled = sp.ratio(max_abs, max_ref)
+    if sp.squares_lost(dd, rr, 0.0, max_abs) and not (dd == 0.0 and max_abs == 0.0):
+        st.rel_l2, st.diff_l2, st.ref_l2 = sp.scaled_rel_l2(h, r, block, max_abs, max_ref)
+    else:
+        st.diff_l2, st.ref_l2 = math.sqrt(dd), math.sqrt(rr)
+        st.rel_l2 = sp.ratio(st.diff_l2, st.ref_l2)
+    return st
