@@ -36,6 +36,8 @@ class Localisation:
     @property
     def findings(self) -> list[str]:
         """One-line sentences for a report: where, then why (when a diagnosis fits)."""
+        if self.divergence is not None and self.divergence.kind == "unpaired":
+            return [f"{self.divergence.message} (align_forward: by_order=True)"]
         if self.divergence is None:
             return [
                 "the layer captures align although the outputs differ: the difference arises "
@@ -55,23 +57,6 @@ def _capture(model: Any, call: Any, containers: bool = True) -> dict[str, Any]:
     with record(model, containers=containers) as log:
         call()
     return dict(log.data)
-
-
-def _ported_names(
-    ref: Mapping[str, Any], port: Mapping[str, Any], renamed: Mapping[str, Any]
-) -> dict[str, str]:
-    """Port layer name -> reference layer name, read back from ``rename_by_order``'s output
-    (which keeps each value object: the renamed key of a value is its pairing)."""
-    from ..capture.naming import parse_key
-
-    original = {id(v): k for k, v in port.items()}
-    names: dict[str, str] = {}
-    for new, value in renamed.items():
-        old = original.get(id(value))
-        a, b = parse_key(old) if old else None, parse_key(new)
-        if a is not None and b is not None and not a.is_param:
-            names.setdefault(a.name, b.name)
-    return names
 
 
 def _weight_anchors(torch_model: Any, paddle_model: Any) -> dict[str, str]:
@@ -123,7 +108,8 @@ def localise_forward(
     """Capture both models' layers (``run_*``: no-argument callables running one forward pass
     in the right mode), pair, judge and diagnose them. ``run_twin`` runs the float64 twin, whose
     capture becomes the noise reference."""
-    from ..capture import first_divergence, layer_types, rename_by_order
+    from ..capture import first_divergence, layer_types
+    from ..capture.naming import _renamed, pair_layer_calls
     from ..diagnose import diagnose
     from ..diff.engine import compare
 
@@ -132,12 +118,12 @@ def localise_forward(
     containers = not by_order
     ref = _capture(torch_model, run_torch, containers)
     raw = _capture(paddle_model, run_paddle, containers)
-    port = (
-        rename_by_order(ref, raw, anchors=_weight_anchors(torch_model, paddle_model))
-        if by_order
-        else raw
-    )
-    names = _ported_names(ref, raw, port) if by_order else {}
+    names: dict[str, str] = {}  # port layer -> reference layer
+    port = raw
+    if by_order:
+        calls = pair_layer_calls(ref, raw, anchors=_weight_anchors(torch_model, paddle_model))
+        port = _renamed(raw, calls)
+        names = {o.partition("#")[0]: r.partition("#")[0] for o, r in calls.items()}
     kw = dict(compare_kw)
     if run_twin is not None:
         kw["noise"] = _capture(run_twin[0], run_twin[1], containers)

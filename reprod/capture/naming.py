@@ -299,6 +299,19 @@ def rename_by_order(
 
     >>> reprod.compare(torch_data, rename_by_order(torch_data, paddle_data), threshold=1e-5)
     """
+    subject_map = pair_layer_calls(ref_map, other_map, anchors=anchors)
+    return _renamed(other_map, subject_map)
+
+
+def pair_layer_calls(
+    ref_map: Mapping[str, Any],
+    other_map: Mapping[str, Any],
+    *,
+    anchors: Optional[Mapping[str, str]] = None,
+) -> dict[str, str]:
+    """The layer calls ``rename_by_order`` pairs: other subject (``blocks.0``, ``act#2``) ->
+    reference subject, for callers that need the pairing itself (a layer's class, its
+    configuration) rather than the renamed keys."""
     ref_calls = _layer_calls(ref_map)
     other_calls = _layer_calls(other_map)
     subject_map: dict[str, str] = {}
@@ -317,6 +330,10 @@ def rename_by_order(
         for block in matcher.get_matching_blocks():
             for k in range(block.size):
                 subject_map[other_seg[block.b + k][0]] = ref_seg[block.a + k][0]
+    return subject_map
+
+
+def _renamed(other_map: Mapping[str, Any], subject_map: Mapping[str, str]) -> dict[str, Any]:
     # a layer's parameters follow the layer's first call
     owner_map: dict[str, str] = {}
     for other_subject, ref_subject in subject_map.items():

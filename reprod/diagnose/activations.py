@@ -45,7 +45,9 @@ def _matches(pred: np.ndarray, out: np.ndarray) -> bool:
 
 def _which(x: np.ndarray, out: np.ndarray) -> Optional[str]:
     for name, f in _ACTIVATIONS.items():
-        if _matches(f(x), out):
+        with np.errstate(over="ignore"):  # exp(-x) of a large negative x is inf: sigmoid 0, exactly
+            pred = f(x)
+        if _matches(pred, out):
             return name
     neg = x < -1e-3
     if neg.any() and _matches(np.maximum(x, 0.0), np.where(neg, 0.0, out)):
