@@ -122,20 +122,28 @@ def _finish(
     noise_log: Optional[ReprodLogger] = None,
     noise_factor: Optional[float] = None,
     write_log: bool = True,
+    kinks: Any = None,
+    paddle_to_torch: Optional[Mapping[str, str]] = None,
 ) -> Any:
     """Compare, annotate and write the dumps (and, with ``write_log``, the diff log: a caller
-    that adds findings first writes it itself)."""
+    that adds findings first writes it itself). ``kinks``: the ``align.kinks.KinkCapture`` whose
+    layer captures the loggers also hold (compared, used to explain kink crossings, then taken
+    out of the result and the dumps); ``paddle_to_torch`` maps the gradients' parameter names."""
     from ..diff.engine import compare
 
+    ref, other = torch_log.data, paddle_log.data
+    noise = None if noise_log is None else noise_log.data
+    if kinks is not None:  # the Paddle side's captures under the torch layer calls they pair with
+        ref, other, noise = kinks.sides(ref, other, noise)
     calibrated: dict[str, Any] = {}
-    if noise_log is not None:
-        calibrated = {"noise": noise_log.data}
+    if noise is not None:
+        calibrated = {"noise": noise}
         if noise_factor is not None:
             calibrated["noise_factor"] = noise_factor
     result = _with_notes(
         compare(
-            torch_log.data,
-            paddle_log.data,
+            ref,
+            other,
             method=method,
             threshold=threshold,
             atol=atol,
@@ -143,9 +151,14 @@ def _finish(
             per_key=per_key,
             **calibrated,
         ),
-        torch_log.data,
-        paddle_log.data,
+        ref,
+        other,
     )
+    if kinks is not None:
+        result = kinks.explain(result, ref, other, noise, paddle_to_torch or {})
+        del ref, other, noise  # the capture arrays go with the loggers' keys below
+        for log, side in ((torch_log, "torch"), (paddle_log, "paddle"), (noise_log, "torch64")):
+            kinks.strip(log, side)
     if noise_log is not None:
         worst = noise_multiples(result, default_group=name)
         options = dict(result.options, noise="torch float64", noise_multiple=worst)
@@ -161,7 +174,20 @@ def _finish(
             _write_diff_log(result, os.path.join(out, f"{name}_diff.log"), verbose=verbose)
     if verbose and noise_log is not None:
         print(_noise_summary(result), flush=True)
+    if verbose and kinks is not None:
+        print(_kink_summary(result), flush=True)
     return result
+
+
+def _kink_summary(result: Any) -> str:
+    """One line: how many keys kink crossings explain, and where they are."""
+    info = result.options.get("kinks", {})
+    if info.get("skipped"):
+        return f"kink crossings not checked: {info['skipped']}"
+    where = "; ".join(c["message"] for c in result.options.get("kink_crossings", [])
+                      if c.get("explained"))
+    head = f"kink crossings: {info.get('explained', 0)} keys explained"
+    return f"{head} ({where})" if where else head
 
 
 _STEP = re.compile(r"step_?\d+")

@@ -12,6 +12,7 @@ reference's own rounding noise instead of by an absolute threshold.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
@@ -40,6 +41,7 @@ from .framework import (
     _torch_device,
     _torch_params_plan,
 )
+from .kinks import KinkCapture
 from .results import KNOWN_DIFFERENCES, PathLike, _finish, noise_multiples
 from .rules import ConversionRules, KeyPlan
 
@@ -209,6 +211,7 @@ def align_train(
     calibrate: bool = False,
     noise_factor: Optional[float] = None,
     by_order: bool = False,
+    kinks: Optional[bool] = None,
 ) -> Any:
     """Train both models for ``steps`` steps on the same batches and compare, per step, the logits,
     the loss, the learning rate, every parameter's gradient and every updated parameter.
@@ -248,6 +251,19 @@ def align_train(
     (``reprod.align.by_order_rules``), for ports whose names no rule maps; every key is then
     recorded under the Paddle model's own names.
 
+    ``kinks`` (default: ``calibrate``) explains kink crossings: a correct port can put an
+    activation's input that lies within rounding of a kink (ReLU at 0, Hardswish at +-3, a
+    max-pool tie) on the other side of it, and every gradient upstream then differs by far more
+    than noise. Each run records the inputs and outputs of its layers whose class has kinks
+    (``reprod.capture.KINK_POINTS``; the cost is those activations), the n-th such call of the
+    Paddle model is paired with the n-th of the torch model, and ``reprod.capture.explain_kinks``
+    relabels the failing keys a crossing explains: status ``"kink"``, passed, the reason naming
+    the crossing (the gradients of layers called before it, the parameters updated with those
+    gradients, every failing key of later steps). Where the calls do not pair (other counts or
+    classes) nothing is relabelled. The captures are left out of the result and of the dumps;
+    ``result.options["kinks"]`` says how many keys were explained (or why none could be) and
+    ``result.options["kink_crossings"]`` lists the crossings (torch and Paddle layer names).
+
     >>> r = align_train(tm, pm, [(x, y)], steps=3,
     ...                 torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
     ...                 torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9),
@@ -272,6 +288,8 @@ def align_train(
     if torch_model.training:
         _check_no_dropout(torch_model, paddle_model)
     plan = _torch_params_plan(torch_model, rules)
+    explain = calibrate if kinks is None else kinks
+    kink = KinkCapture(torch_model, paddle_model) if explain else None
     if check_determinism and torch_model.training:
         _check_determinism(torch_model, paddle_model, batches[0], seed)
 
@@ -282,7 +300,7 @@ def align_train(
         twin = _float64_twin(torch_model)
         twin_opt = _float64_optimizer(torch_optimizer, torch_model, twin)
         hyper = []
-    with _deterministic(seed):
+    with _deterministic(seed), _recording(kink, torch_model, torch_log, "torch"):
         _torch_steps(
             torch_model,
             batches,
@@ -298,7 +316,7 @@ def align_train(
         )
     if calibrate:
         assert noise_log is not None and hyper is not None
-        with _deterministic(seed):
+        with _deterministic(seed), _recording(kink, twin, noise_log, "torch64"):
             _torch_steps(
                 twin,
                 batches,
@@ -314,7 +332,7 @@ def align_train(
                 hyper_in=hyper,
             )
         del twin, twin_opt
-    with _deterministic(seed):
+    with _deterministic(seed), _recording(kink, paddle_model, paddle_log, "paddle"):
         _paddle_steps(
             paddle_model,
             batches,
@@ -338,7 +356,13 @@ def align_train(
         verbose=verbose,
         noise_log=noise_log,
         noise_factor=noise_factor,
+        kinks=kink,
+        paddle_to_torch={kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name},
     )
+
+
+def _recording(kink: Optional[KinkCapture], model: Any, log: ReprodLogger, side: str) -> Any:
+    return contextlib.nullcontext() if kink is None else kink.recording(model, log, side)
 
 
 def _check_determinism(torch_model: Any, paddle_model: Any, batch: Any, seed: int) -> None:

@@ -1,0 +1,226 @@
+"""align_train(calibrate=True) explains kink crossings: gradients that differ only because a ReLU
+input sits within noise of 0, on opposite sides in torch and in a correct Paddle port.
+
+The twins: fc0 (identity) -> fc1 -> act (ReLU) -> fc2, written once per framework. fc1 sums its
+three products in an order set per model (as tests/capture/test_kinks.py): for the first sample's
+first unit the products are 1, 3e-8 and -1, so torch's order ((1 - 1) + 3e-8) gives the exact
+3e-8, like float64, while the port's ((1 + 3e-8) - 1) rounds it to 0: a correct float32 result on
+the other side of ReLU's kink. The ReLU then passes the gradient of that element in torch and
+stops it in Paddle, and the gradients of fc1 and fc0 (and the weights updated with them) differ by
+far more than float32 noise, while fc2's gradients and every forward key align.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+
+from reprod.align import align_train, load_into_paddle  # noqa: E402
+from reprod.storage import load  # noqa: E402
+
+X = np.array([[1.0, 3e-8, -1.0], [0.3, -0.7, 0.9]], dtype=np.float32)
+W1 = np.array([[1.0, 1.0, 1.0], [0.5, -1.2, 0.8], [-0.9, 0.4, 0.3], [0.7, 0.2, -1.1]], np.float32)
+W2 = np.array([[0.6, -0.3, 0.9, 0.2], [-0.4, 0.8, 0.1, 0.5]], np.float32)
+LOSS_W = np.array([[1.0, -2.0], [0.5, 1.5]], np.float32)
+ACCURATE, NAIVE = (0, 2, 1), (0, 1, 2)
+LR = 0.5
+
+# the keys the crossing reaches in step 0: the gradients of the layers called before the ReLU,
+# and those parameters after the update
+UPSTREAM = {"step0/grad/fc0.weight", "step0/grad/fc1.weight",
+            "step0/param/fc0.weight", "step0/param/fc1.weight"}
+
+
+class TorchOrderedLinear(torch.nn.Module):
+    """A bias-free linear layer that adds its products in a fixed order."""
+
+    def __init__(self, weight: np.ndarray, order: tuple[int, ...]) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.from_numpy(weight.copy()))
+        self.order = order
+
+    def forward(self, x):
+        terms = [x[:, j : j + 1] * self.weight[:, j] for j in range(x.shape[1])]
+        out = terms[self.order[0]]
+        for j in self.order[1:]:
+            out = out + terms[j]
+        return out
+
+
+class PaddleOrderedLinear(paddle.nn.Layer):
+    def __init__(self, weight: np.ndarray, order: tuple[int, ...]) -> None:
+        super().__init__()
+        self.weight = self.create_parameter(
+            list(weight.shape), default_initializer=paddle.nn.initializer.Assign(weight)
+        )
+        self.order = order
+
+    def forward(self, x):
+        terms = [x[:, j : j + 1] * self.weight[:, j] for j in range(x.shape[1])]
+        out = terms[self.order[0]]
+        for j in self.order[1:]:
+            out = out + terms[j]
+        return out
+
+
+class TorchNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0 = torch.nn.Linear(3, 3, bias=False)
+        self.fc1 = TorchOrderedLinear(W1, ACCURATE)
+        self.act = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(4, 2)
+        with torch.no_grad():
+            self.fc0.weight.copy_(torch.eye(3))
+            self.fc2.weight.copy_(torch.from_numpy(W2))
+            self.fc2.bias.copy_(torch.tensor([0.1, -0.2]))
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(self.fc0(x))))
+
+
+class PaddleNet(paddle.nn.Layer):
+    def __init__(self, *, functional_relu: bool = False) -> None:
+        super().__init__()
+        self.fc0 = paddle.nn.Linear(3, 3, bias_attr=False)
+        self.fc1 = PaddleOrderedLinear(W1, NAIVE)
+        self.act = None if functional_relu else paddle.nn.ReLU()
+        self.fc2 = paddle.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.fc1(self.fc0(x))
+        h = paddle.nn.functional.relu(h) if self.act is None else self.act(h)
+        return self.fc2(h)
+
+
+def _torch_loss(out):  # no labels: called with the outputs alone
+    return (out * torch.from_numpy(LOSS_W).to(out.dtype)).sum()
+
+
+def _paddle_loss(out):
+    return (out * paddle.to_tensor(LOSS_W)).sum()
+
+
+def _train(*, steps: int = 1, bug: str | None = None, functional_relu: bool = False, **kw):
+    torch.manual_seed(0)
+    paddle.seed(0)
+    tm, pm = TorchNet(), PaddleNet(functional_relu=functional_relu)
+    load_into_paddle(pm, tm)
+    if bug == "fc0":  # a wrong weight before the ReLU: its input differs, no crossing
+        pm.fc0.weight.set_value(pm.fc0.weight.numpy() * 1.001)
+    elif bug == "fc2":  # after it: the crossing is still there, the logits differ
+        pm.fc2.weight.set_value(pm.fc2.weight.numpy() * 1.001)
+    return align_train(
+        tm, pm, [(X, None)], steps=steps,
+        torch_loss_fn=_torch_loss, paddle_loss_fn=_paddle_loss,
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=LR),
+        paddle_optimizer=paddle.optimizer.SGD(learning_rate=LR, parameters=pm.parameters()),
+        **{"calibrate": True, "stats": False, **kw},
+    )
+
+
+def test_the_port_crosses_the_kink_and_fails_upstream_without_the_explanation() -> None:
+    r = _train(kinks=False)
+    assert {k.key for k in r.failed} == UPSTREAM, r.to_table(failed_only=True)
+    assert all(k.status == "failed" for k in r.failed)
+    assert "kinks" not in r.options and "kink_crossings" not in r.options
+    # the forward pass and fc2's gradient align: the difference starts at the ReLU's backward
+    for key in ("step0/logits", "step0/loss", "step0/grad/fc2.weight", "step0/grad/fc2.bias"):
+        assert r[key].passed, key
+
+
+def test_calibrate_explains_the_crossing_and_passes() -> None:
+    plain = _train(kinks=False)
+    r = _train()  # kinks defaults to calibrate
+    assert r.passed, r.to_table(failed_only=True)
+    assert {k.key for k in r if k.status == "kink"} == UPSTREAM
+    for key in UPSTREAM:
+        k = r[key]
+        assert k.passed and k.noise_multiple == plain[key].noise_multiple  # statistics kept
+        assert "kink crossing at act (ReLU): 1 element within noise of 0 on opposite sides" in (
+            k.reason
+        ), k.reason
+    assert r["step0/param/fc1.weight"].reason.startswith(
+        "updated with step0/grad/fc1.weight, downstream of the kink crossing at act (ReLU)"
+    )
+    # every other key keeps its verdict, and only align_train's keys are in the result
+    assert [k.key for k in r] == [k.key for k in plain]
+    for k in r:
+        if k.key not in UPSTREAM:
+            assert k.status == plain[k.key].status == "passed", k.key
+    assert r.options["kinks"] == {"explained": len(UPSTREAM), "crossings": 1, "layer_calls": 1}
+    (crossing,) = r.options["kink_crossings"]
+    assert crossing["layer"] == "act" and crossing["paddle_layer"] == "act"
+    assert crossing["elements"] == 1 and crossing["explained"] == len(UPSTREAM)
+
+
+def test_a_second_step_after_the_crossing_is_explained_as_later(tmp_path) -> None:
+    plain = _train(steps=2, kinks=False)
+    r = _train(steps=2, out_dir=tmp_path, verbose=False)
+    assert r.passed, r.to_table(failed_only=True)
+    later = {k.key for k in plain.failed if k.key.startswith("step1/")}
+    assert later, "the weights of step 1 carry step 0's difference"
+    for key in later:
+        assert r[key].status == "kink", key
+        assert r[key].reason.startswith("after the kink crossing at act (ReLU)"), r[key].reason
+    # the dumps keep the documented keys only: the layer captures are gone
+    for name in ("train_torch.npy", "train_paddle.npy", "train_torch64.npy"):
+        keys = list(load(str(tmp_path / name)).keys())
+        assert keys and all(k.startswith(("step0/", "step1/")) for k in keys), (name, keys)
+
+
+@pytest.mark.parametrize("bug", ["fc0", "fc2"])
+def test_a_real_bug_still_fails_with_the_explanation_on(bug) -> None:
+    r = _train(bug=bug)
+    assert not r.passed
+    assert not r["step0/logits"].passed and r["step0/logits"].status == "failed"
+    if bug == "fc0":  # the ReLU's input differs: a divergence, no crossing, nothing relabelled
+        assert r.options["kink_crossings"] == [] and r.options["kinks"]["explained"] == 0
+        assert not any(k.status == "kink" for k in r)
+        assert {"step0/grad/fc0.weight", "step0/grad/fc1.weight"} <= {k.key for k in r.failed}
+    else:  # the crossing explains what is upstream of it; the bug's own keys keep failing
+        assert r["step0/param/fc2.weight"].status == "failed"
+        assert r["step0/loss"].status == "failed"
+
+
+def test_uncalibrated_kinks_use_a_few_rounding_units_of_the_input() -> None:
+    plain = _train(calibrate=False, method="max", threshold=1e-6)  # kinks follows calibrate: off
+    assert {k.key for k in plain.failed} == UPSTREAM and "kinks" not in plain.options
+    r = _train(calibrate=False, method="max", threshold=1e-6, kinks=True)
+    assert r.passed and {k.key for k in r if k.status == "kink"} == UPSTREAM
+
+
+def test_kink_layers_that_do_not_pair_are_not_explained() -> None:
+    # the port calls relu as a function: torch has one kink layer call, Paddle none
+    r = _train(functional_relu=True)
+    assert {k.key for k in r.failed} == UPSTREAM
+    assert r.options["kinks"]["explained"] == 0
+    assert "called 1 times" in r.options["kinks"]["skipped"], r.options["kinks"]
+
+
+def test_verbose_prints_the_kink_line(capsys) -> None:
+    _train(verbose=True)
+    assert "kink crossings: 4 keys explained (kink crossing at act (ReLU)" in capsys.readouterr().out
+
+
+def test_a_model_without_kink_layers_records_nothing_and_says_so() -> None:
+    # align_twins calls relu as a function on both sides: there is no layer to capture
+    from align_twins import make_batch, twins
+
+    tm, pm = twins(0)
+    tm.train()
+    pm.train()
+    kw = dict(
+        steps=1, calibrate=True, stats=False,
+        torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+    )
+    r = align_train(tm, pm, [make_batch(0)], kinks=True,
+                    torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
+                    paddle_optimizer=paddle.optimizer.SGD(0.1, parameters=pm.parameters()), **kw)
+    assert r.passed
+    assert r.options["kinks"]["explained"] == 0
+    assert "no layer of a class with kinks" in r.options["kinks"]["skipped"]
+    assert all(k.key.startswith("step0/") for k in r)
