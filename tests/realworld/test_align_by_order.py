@@ -38,8 +38,7 @@ from models import TARGETS, bugs_for, build_pair, make_inputs, make_labels  # no
 from reprod.align import align_forward, align_train, pair_weights_by_order  # noqa: E402
 
 # seed 0 of mobilenet_v3_small has no kink crossing in the two training steps (seed 2 has one in
-# the first, which fails gradients downstream of it: align_train has no layer capture for
-# explain_kinks to read)
+# the first: test_align_train_kinks.py checks that align_train explains it)
 SEEDS = {"resnet50": 0, "mobilenet_v3_large": 0, "mobilenet_v3_small": 0}
 MODELS = tuple(SEEDS)
 TRAIN_MODEL = "mobilenet_v3_small"
