@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import UnsupportedValueError
 
-__all__ = ["to_numpy", "to_tree", "Converted", "BFLOAT16"]
+__all__ = ["to_numpy", "to_tree", "Converted", "BFLOAT16", "empty_array"]
 
 BFLOAT16 = "bfloat16"
 
@@ -69,11 +69,27 @@ def fresh_copy(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def empty_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-ordered array that is the owner of its memory as numpy sees it (a view
+    of it has it as ``.base``, so its reference count tells whether anyone still holds it); from
+    4 MiB in pre-faulted memory, for the reason given above ``fresh_copy``."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes >= _POPULATE_FROM and _MAP_FLAGS is not None:
+        try:
+            # np.ndarray over the mmap (not frombuffer + reshape): numpy collapses a view's base to
+            # the first array that owns its data or whose base is no array, which is this one
+            return np.ndarray(shape, dtype=dtype, buffer=_mmap.mmap(-1, nbytes, flags=_MAP_FLAGS))
+        except (OSError, ValueError):
+            pass
+    return np.empty(shape, dtype=dtype)
+
+
 def _module_of(obj: Any) -> str:
     return type(obj).__module__.split(".", 1)[0]
 
 
-def _torch_to_numpy(t: Any, key: str) -> Converted:
+def _torch_to_numpy(t: Any, key: str, copy: bool = True) -> Converted:
     import torch  # already imported by whoever made ``t``
 
     try:
@@ -96,7 +112,7 @@ def _torch_to_numpy(t: Any, key: str) -> Converted:
         if t.is_neg():
             t = t.resolve_neg()
         # .numpy() shares memory with the tensor: copy so a later in-place update cannot change the log
-        return Converted(fresh_copy(t.numpy()))
+        return Converted(fresh_copy(t.numpy()) if copy else t.numpy())
     except (TypeError, RuntimeError, NotImplementedError) as exc:
         raise UnsupportedValueError(
             f"key {key!r}: cannot convert torch tensor (dtype {t.dtype}, layout {t.layout}, "
@@ -104,8 +120,19 @@ def _torch_to_numpy(t: Any, key: str) -> Converted:
         ) from None
 
 
-def _paddle_to_numpy(t: Any, key: str) -> Converted:
+_PADDLE_DLPACK = frozenset(["float16", "float32", "float64", "complex64", "complex128", "bool",
+                            "uint8", "int8", "int16", "int32", "int64"])
+
+
+def _paddle_to_numpy(t: Any, key: str, copy: bool = True) -> Converted:
     dtype = str(getattr(t, "dtype", "")).lower().replace("paddle.", "")
+    if not copy and dtype in _PADDLE_DLPACK and getattr(t, "place", None) is not None \
+            and t.place.is_cpu_place():
+        try:
+            # the tensor's own memory (.numpy() copies into fresh pages): read at once by the caller
+            return Converted(np.from_dlpack(t.detach()))
+        except (BufferError, RuntimeError, TypeError, ValueError, AttributeError):
+            pass
     try:
         if "bfloat16" in dtype:
             # paddle hands bfloat16 out as its uint16 bit patterns
@@ -119,6 +146,8 @@ def _paddle_to_numpy(t: Any, key: str) -> Converted:
             f"key {key!r}: cannot convert paddle tensor (dtype {dtype}) to numpy: {str(exc).splitlines()[0]}"
         ) from None
     arr = np.asarray(arr)
+    if not copy:
+        return Converted(arr)
     if arr.flags.owndata and arr.base is None and arr.flags.c_contiguous and arr.flags.writeable:
         return Converted(arr)  # .numpy() made this copy (paddle 2.x and 3.x do): no second one
     return Converted(fresh_copy(arr))
@@ -128,10 +157,12 @@ def _is_numeric_dtype(dt: np.dtype) -> bool:
     return dt.kind in "biufc"
 
 
-def to_numpy(value: Any, *, key: str = "<value>") -> Converted:
+def to_numpy(value: Any, *, key: str = "<value>", copy: bool = True) -> Converted:
     """Convert one leaf value (array, tensor, scalar, list of numbers) to a numpy copy.
 
-    Raises UnsupportedValueError naming ``key`` for anything that is not numeric data.
+    ``copy=False``: the array may share memory with ``value`` (a CPU tensor, a numpy array), for
+    a caller that is done with it before ``value`` can change (a streaming logger writes it at
+    once). Raises UnsupportedValueError naming ``key`` for anything that is not numeric data.
     """
     mod = _module_of(value)
     if isinstance(value, np.ndarray):
@@ -139,15 +170,15 @@ def to_numpy(value: Any, *, key: str = "<value>") -> Converted:
             raise UnsupportedValueError(
                 f"key {key!r}: value is a numpy array of dtype {value.dtype}, which is not numeric"
             )
-        return Converted(fresh_copy(value))
+        return Converted(fresh_copy(value) if copy else value)
     if isinstance(value, np.generic):
         if not _is_numeric_dtype(value.dtype):
             raise UnsupportedValueError(f"key {key!r}: numpy scalar of dtype {value.dtype} is not numeric")
         return Converted(np.array(value))
     if mod == "torch" and hasattr(value, "detach"):
-        return _torch_to_numpy(value, key)
+        return _torch_to_numpy(value, key, copy)
     if mod == "paddle" and hasattr(value, "numpy"):
-        return _paddle_to_numpy(value, key)
+        return _paddle_to_numpy(value, key, copy)
     if isinstance(value, (bool, int, float, complex)):
         arr = np.array(value)
         if arr.dtype == object:  # an int beyond int64/uint64
@@ -170,8 +201,9 @@ def to_numpy(value: Any, *, key: str = "<value>") -> Converted:
     )
 
 
-def to_tree(value: Any, *, key: str = "<value>") -> tuple[Any, Any]:
-    """Convert a leaf or a nested mapping. Returns (tree of arrays, tree of source dtypes or None)."""
+def to_tree(value: Any, *, key: str = "<value>", copy: bool = True) -> tuple[Any, Any]:
+    """Convert a leaf or a nested mapping. Returns (tree of arrays, tree of source dtypes or None);
+    ``copy`` as for ``to_numpy``."""
     if isinstance(value, Mapping):
         data: dict[str, Any] = {}
         dtypes: dict[str, Any] = {}
@@ -180,9 +212,9 @@ def to_tree(value: Any, *, key: str = "<value>") -> tuple[Any, Any]:
                 raise UnsupportedValueError(
                     f"key {key!r}: nested key {k!r} is a {type(k).__name__}, keys must be str"
                 )
-            data[k], dt = to_tree(v, key=f"{key}/{k}")
+            data[k], dt = to_tree(v, key=f"{key}/{k}", copy=copy)
             if dt is not None:
                 dtypes[k] = dt
         return data, (dtypes or None)
-    conv = to_numpy(value, key=key)
+    conv = to_numpy(value, key=key, copy=copy)
     return conv.array, conv.source_dtype

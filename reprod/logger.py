@@ -85,13 +85,26 @@ class ReprodLogger:
         if tree is not None:
             dtypes = None
         else:
-            tree, dtypes = to_tree(val, key=key)
+            # a streaming logger writes the value before returning: no copy of it is needed
+            tree, dtypes = to_tree(val, key=key, copy=self._writer is None)
             if self._writer is not None:
                 self._writer.add(key, tree, dtypes)
                 return
         self._data[key] = tree
         if dtypes is not None:
             self._dtypes[key] = dtypes
+        else:
+            self._dtypes.pop(key, None)
+
+    def _put(self, key: str, array: np.ndarray, source_dtype: Optional[str] = None) -> None:
+        """``add`` of an array that is already the logger's own copy (``reprod.capture`` makes
+        it): kept as is in memory, written at once when streaming."""
+        if self._writer is not None:
+            self._writer.add(key, array, source_dtype)
+            return
+        self._data[key] = array
+        if source_dtype is not None:
+            self._dtypes[key] = source_dtype
         else:
             self._dtypes.pop(key, None)
 

@@ -33,11 +33,12 @@ from .naming import (
     rename,
     rename_by_order,
 )
-from .recorder import Backend, Patterns, Recorder
+from .recorder import Backend, Patterns, Recorder, release_buffers
 from .replay import replay  # isolated per-layer replay
 
 __all__ = [
     "record",
+    "release_buffers",
     "layer_types",
     "first_divergence",
     "Divergence",
@@ -85,6 +86,7 @@ def record(
     include: Patterns = None,
     exclude: Patterns = None,
     containers: bool = True,
+    reuse: bool = True,
 ) -> Iterator[ReprodLogger]:
     """Record what flows through ``model``'s layers while the block runs; yields the logger.
 
@@ -101,6 +103,13 @@ def record(
     to numpy at once, so a step's graph is not kept alive; with
     ``ReprodLogger(stream_to="run.npz")`` they go to disk as they come. Every hook is removed
     when the block ends, also when it raises.
+
+    A tensor recorded under several keys unchanged (a layer's output is the next layer's input)
+    is copied once: those keys share one read-only array. With ``reuse=True`` the copies go into
+    host arrays of this model's previous ``record`` block that nobody holds any more (an array
+    still held, by a logger or by anyone, is never written again); the model keeps them until
+    its next block, ``release_buffers(model)``, or its end. CUDA tensors are copied to pinned
+    memory without blocking; the block waits for those copies when it ends.
 
     >>> with record(model, backward=True) as log:
     ...     loss = criterion(model(x), y)
@@ -121,6 +130,7 @@ def record(
         include=include,
         exclude=exclude,
         containers=containers,
+        reuse=reuse,
     )
     recorder.start()
     try:

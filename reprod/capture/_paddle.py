@@ -8,15 +8,24 @@ made the model, never here.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from .recorder import PreHook
+import numpy as np
+
+from ..adapters import Converted, empty_array, to_numpy
+from .recorder import Buffers, PreHook
 
 __all__ = ["BACKEND"]
+
+_NUMPY_DTYPES = frozenset(["float16", "float32", "float64", "complex64", "complex128", "bool",
+                           "uint8", "int8", "int16", "int32", "int64"])
 
 
 class _PaddleBackend:
     name = "paddle"
+    # paddle's accumulation of gradients is not known to count in inplace_version: every
+    # gradient is copied on its own
+    shares_gradients = False
 
     def named_layers(self, model: Any) -> list[tuple[str, Any]]:
         return list(model.named_sublayers(include_self=True))
@@ -57,6 +66,31 @@ class _PaddleBackend:
 
     def layer_types(self, model: Any) -> dict[str, str]:
         return {name: type(lay).__name__ for name, lay in model.named_sublayers(include_self=True)}
+
+    def version(self, tensor: Any) -> Optional[int]:
+        try:
+            return int(tensor.inplace_version)
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            return None
+
+    def host_copy(self, tensor: Any, key: str, buffers: Buffers) -> tuple[Converted, bool]:
+        dtype = str(tensor.dtype).replace("paddle.", "")
+        if dtype not in _NUMPY_DTYPES or not tensor.place.is_cpu_place():
+            return to_numpy(tensor, key=key), False  # paddle's own copy to host, synchronous
+        try:
+            # a view of the tensor's memory (.numpy() would copy it into fresh pages first)
+            src = np.from_dlpack(tensor.detach())
+        except (BufferError, RuntimeError, TypeError, ValueError, AttributeError):
+            return to_numpy(tensor, key=key), False
+        arr = buffers.take(src.shape, src.dtype)
+        if arr is None:
+            arr = empty_array(src.shape, src.dtype)
+            buffers.keep(arr)
+        np.copyto(arr, src)
+        return Converted(arr), False
+
+    def synchronize(self) -> None:
+        pass  # copies off the CPU go through paddle's synchronous .numpy()
 
 
 BACKEND = _PaddleBackend()

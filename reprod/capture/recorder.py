@@ -1,22 +1,41 @@
 """The framework-free part of layer capture: which layers, which keys, in which order.
 
 A backend (``_torch``, ``_paddle``) knows how to walk a model and attach hooks; the Recorder
-decides what each hook writes. Hooks hand tensors straight to ``ReprodLogger.add``, which copies
-them to numpy at once (``reprod.adapters.to_numpy``): an in-place op later in the forward pass
-cannot change what was recorded, and no tensor, hence no autograd graph, is kept alive.
+decides what each hook writes. Every value is copied to host memory inside its hook: an in-place
+op later in the forward pass cannot change what was recorded, and no tensor, hence no autograd
+graph, is kept alive.
+
+Copying is what capture costs, so it is done as little and as cheaply as it can be:
+
+- a tensor recorded again unchanged (a layer's output is the next layer's input and its
+  container's output: same object, same in-place version counter) is copied once, and its keys
+  share that copy as read-only views;
+- copies go into host arrays reused from the model's previous ``record`` block where nobody holds
+  them any more (their reference count says so: numpy makes every view of an array hold that
+  array), so a step's copies land in memory already faulted in rather than ~300 fresh
+  allocations; an array the user (or a logger) still holds is never written again;
+- a streaming logger writes each tensor from the tensor's own memory, inside the hook;
+- a CUDA tensor is copied into pinned host memory without blocking, on its own stream (the copy
+  overlaps the next layers; an in-place op later on that stream runs after it); the block's end
+  waits for those copies, so the logger's values are complete once the block has ended.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import sys
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Protocol, Union
 
+import numpy as np
+
+from ..adapters import Converted
 from ..logger import ReprodLogger
 from .naming import ROOT, layer_key, param_key
 
-__all__ = ["Backend", "Recorder", "Patterns"]
+__all__ = ["Backend", "Recorder", "Patterns", "Buffers"]
 
 Patterns = Union[str, Sequence[str], None]
 Items = tuple[Any, ...]
@@ -45,6 +64,106 @@ class Backend(Protocol):
     def add_grad_hook(self, tensor: Any, fn: Callable[[Any], None], *, persistent: bool) -> Any: ...
 
     def layer_types(self, model: Any) -> dict[str, str]: ...
+
+    # the tensor's in-place version counter; None where it has none (then it is never shared)
+    def version(self, tensor: Any) -> Optional[int]: ...
+
+    # whether a gradient's version counter also counts autograd's own in-place accumulation
+    # into it (a gradient handed to two hooks may be summed into between them)
+    shares_gradients: bool
+
+    # a host copy of the tensor taken now (or, second item True, enqueued on its device, complete
+    # after ``synchronize``), in an array from ``buffers`` where it can
+    def host_copy(self, tensor: Any, key: str, buffers: Buffers) -> tuple[Converted, bool]: ...
+
+    def synchronize(self) -> None: ...
+
+
+class Buffers:
+    """Host arrays for one model's captures, reused from one ``record`` block to the next.
+
+    ``take`` hands out an array of the last block that nobody else holds (numpy makes every
+    view of an array hold a reference to it, so its reference count is exact), ``keep`` registers
+    a new one; ``end_block`` makes this block's arrays the next block's candidates. An array of
+    the last block that this block did not take (still held when looked at, or of a shape this
+    block did not need: a training step's gradients during an evaluation step) stays a candidate
+    for one more block, then is forgotten: what a user keeps is never written again, and what
+    nobody keeps is held for at most two blocks.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[Any, ...], list[tuple[int, np.ndarray]]] = {}
+        self._made: list[tuple[tuple[Any, ...], np.ndarray]] = []
+        self._busy: list[tuple[tuple[Any, ...], np.ndarray]] = []
+        self._block = 0
+        self.in_use = False
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype, pinned: bool = False) -> Optional[np.ndarray]:
+        spec = (shape, np.dtype(dtype).str, pinned)
+        candidates = self._free.get(spec)
+        while candidates:
+            born, arr = candidates.pop()
+            # two references: ``arr`` here and getrefcount's argument
+            if sys.getrefcount(arr) == 2:
+                self._made.append((spec, arr))
+                return arr
+            if born == self._block - 1:
+                self._busy.append((spec, arr))
+        return None
+
+    def keep(self, arr: np.ndarray, pinned: bool = False) -> None:
+        self._made.append(((arr.shape, arr.dtype.str, pinned), arr))
+
+    def end_block(self) -> None:
+        block = self._block
+        free: dict[tuple[Any, ...], list[tuple[int, np.ndarray]]] = {}
+        for spec, arr in self._busy:
+            free.setdefault(spec, []).append((block - 1, arr))
+        for spec, candidates in self._free.items():
+            for born, arr in candidates:
+                if born == block - 1:
+                    free.setdefault(spec, []).append((born, arr))
+        for spec, arr in self._made:
+            free.setdefault(spec, []).append((block, arr))
+        self._free, self._made, self._busy = free, [], []
+        self._block = block + 1
+
+    def clear(self) -> None:
+        self._free.clear()
+        self._made.clear()
+        self._busy.clear()
+
+
+# model -> its Buffers, for as long as the model lives
+_BUFFERS: weakref.WeakKeyDictionary[Any, Buffers] = weakref.WeakKeyDictionary()
+_BUFFERS_LOCK = threading.Lock()
+
+
+def _buffers_for(model: Any, reuse: bool) -> Buffers:
+    if not reuse:
+        return Buffers()
+    with _BUFFERS_LOCK:
+        try:
+            buffers = _BUFFERS.get(model)
+            if buffers is None:
+                buffers = _BUFFERS[model] = Buffers()
+        except TypeError:  # a model that cannot be weakly referenced: no reuse
+            return Buffers()
+        if buffers.in_use:  # a record block of this model inside another: its own arrays
+            return Buffers()
+        buffers.in_use = True
+        return buffers
+
+
+def release_buffers(model: Any) -> None:
+    """Drop the host arrays kept for reuse by ``model``'s next ``record`` block."""
+    with _BUFFERS_LOCK:
+        try:
+            buffers = _BUFFERS.pop(model, None)
+        except TypeError:
+            buffers = None
+    if buffers is not None:
+        buffers.clear()
 
 
 def _patterns(p: Patterns) -> Optional[tuple[str, ...]]:
@@ -88,6 +207,7 @@ class Recorder:
         include: Patterns,
         exclude: Patterns,
         containers: bool,
+        reuse: bool = True,
     ) -> None:
         self.backend = backend
         self.model = model
@@ -104,6 +224,11 @@ class Recorder:
         self._param_calls: dict[str, int] = {}
         self._lock = threading.Lock()  # backward hooks may run on autograd's worker threads
         self.active = False
+        self._reuse = reuse
+        self._buffers: Optional[Buffers] = None
+        # id(tensor) -> (weak reference, version, its copy, the first key that took it)
+        self._seen: dict[int, tuple[Any, int, Converted, str]] = {}
+        self._pending = False  # copies enqueued on a device, to wait for at the end
 
     # --- which layers --------------------------------------------------------------------------
     def layers(self) -> list[tuple[str, Any]]:
@@ -119,6 +244,10 @@ class Recorder:
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         self.active = True
+        self._streaming = getattr(self.logger, "_writer", None) is not None
+        self._put = getattr(self.logger, "_put", None)
+        if not self._streaming and self._put is not None:
+            self._buffers = _buffers_for(self.model, self._reuse)
         try:
             for name, layer in self.layers():
                 self._handles.append(self.backend.add_pre_hook(layer, self._pre(name)))
@@ -140,15 +269,57 @@ class Recorder:
         # backward): disarm them all first, then remove every handle we hold.
         self.active = False
         handles, self._handles = self._handles, []
-        for h in handles:
-            if h is not None:
-                h.remove()
+        try:
+            for h in handles:
+                if h is not None:
+                    h.remove()
+        finally:
+            with self._lock:
+                self._seen.clear()
+                buffers, self._buffers = self._buffers, None
+                pending, self._pending = self._pending, False
+                if buffers is not None:
+                    buffers.end_block()
+                    buffers.in_use = False
+            if pending:  # the logger's arrays are complete only once the device is done
+                self.backend.synchronize()
 
     # --- hooks ---------------------------------------------------------------------------------
-    def _add(self, key: str, value: Any) -> None:
+    def _add(self, key: str, value: Any, *, gradient: bool = False) -> None:
         with self._lock:
-            if self.active:
+            if not self.active:
+                return
+            if self._buffers is None:  # streaming: written at once, from the tensor's memory
                 self.logger.add(key, value)
+                return
+            self._copy(key, value, share=not gradient or self.backend.shares_gradients)
+
+    def _copy(self, key: str, t: Any, *, share: bool) -> None:
+        version = self.backend.version(t) if share else None
+        seen = self._seen.get(id(t)) if version is not None else None
+        if seen is not None and seen[0]() is t and seen[1] == version:
+            # unchanged since it was copied: the keys share the copy, read-only so that no
+            # write through one key shows under another
+            conv, first = seen[2], seen[3]
+            if conv.array.flags.writeable:
+                shared = conv.array.view()
+                shared.flags.writeable = False
+                if self.logger.data.get(first) is conv.array:
+                    self._put(first, shared, conv.source_dtype)
+                conv = Converted(shared, conv.source_dtype)
+                self._seen[id(t)] = (seen[0], version, conv, first)
+            self._put(key, conv.array, conv.source_dtype)
+            return
+        assert self._buffers is not None
+        conv, pending = self.backend.host_copy(t, key, self._buffers)
+        self._pending |= pending
+        self._put(key, conv.array, conv.source_dtype)
+        if version is not None:
+            try:
+                ref = weakref.ref(t)
+            except TypeError:
+                return
+            self._seen[id(t)] = (ref, version, conv, key)
 
     def _pre(self, name: str) -> PreHook:
         def hook(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -192,7 +363,7 @@ class Recorder:
     def _grad_hook(self, tensor: Any, key: str) -> None:
         def hook(grad: Any) -> None:
             if grad is not None:
-                self._add(key, grad)
+                self._add(key, grad, gradient=True)
 
         handle = self.backend.add_grad_hook(tensor, hook, persistent=False)
         if handle is not None:
@@ -205,6 +376,6 @@ class Recorder:
             with self._lock:
                 call = self._param_calls.get(name, 0) + 1
                 self._param_calls[name] = call
-            self._add(param_key(name, call), grad)
+            self._add(param_key(name, call), grad, gradient=True)
 
         return hook
