@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
@@ -128,12 +127,10 @@ class KinkCapture:
         if not layers:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        kw: dict[str, Any] = {}
-        # record's arrays kept for reuse would stay alive on the model after align_train returns
-        if "reuse" in inspect.signature(record).parameters:
-            kw["reuse"] = False
+        # reuse=False: record's arrays kept for reuse would stay alive on the model after
+        # align_train returns
         stack.enter_context(record(model, log, include=[_exact(n) for n in layers], forward=True,
-                                   inputs=True, containers=False, **kw))
+                                   inputs=True, containers=False, reuse=False))
         if side == "torch":
             stack.enter_context(_call_order(model, self.order))
         return stack
