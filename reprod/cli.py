@@ -8,12 +8,13 @@ Only what the chosen output needs is imported, so a check in a CI loop starts fa
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from .cli_output import _first, _render, _render_pieces, _summary, _write_atomic, _write_html
 from .errors import ReprodError
 
 if TYPE_CHECKING:
@@ -332,172 +333,6 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
     return compared, sides
 
 
-# --- reporting -------------------------------------------------------------------------------------
-
-
-def _summary(compared: Compared) -> str:
-    if len(compared) == 1 and compared[0][0] is None:
-        return compared[0][1].summary_line()
-    results = [r for _, result in compared for r in result.results]
-    passed = sum(r.passed for r in results)
-    head = (
-        f"{len(compared)} file{'' if len(compared) == 1 else 's'}, {len(results)} "
-        f"key{'' if len(results) == 1 else 's'} compared, {passed} passed, "
-        f"{len(results) - passed} failed"
-    )
-    for rel, result in compared:
-        first = result.first_failure
-        if first is not None:
-            return head + f": FAILED; first failure {rel}: {first.key}: {first.reason}"
-    return head + ": PASSED"
-
-
-def _first(compared: Compared) -> str:
-    from .report.table import render_first_failure
-
-    for rel, result in compared:
-        if not result.passed:
-            text = render_first_failure(result)
-            where = _divergence(result)
-            if where:
-                text = f"{where}\n{text}"
-            return text if rel is None else f"file: {rel}\n{text}"
-    keys = sum(len(result) for _, result in compared)
-    return f"all keys passed ({keys} compared)"
-
-
-def _divergence(result: DiffResult) -> str:
-    """For layer-by-layer captures (``reprod.capture`` keys), where the two models part ways."""
-    from .capture.naming import parse_key
-
-    if not any(parse_key(k.key) is not None for k in result):
-        return ""
-    from .capture import first_divergence
-
-    div = first_divergence(result)
-    return "" if div is None else div.message
-
-
-def _log_lines(result: DiffResult) -> list[str]:
-    try:
-        from .report.log import render_log
-    except ImportError:  # pragma: no cover - the log renderer ships with reprod
-        raise UsageError("--format log is not available in this installation") from None
-    return list(render_log(result))
-
-
-def _by_file(compared: Compared) -> dict[str, DiffResult]:
-    return {str(rel): result for rel, result in compared}
-
-
-def _render(compared: Compared, args: argparse.Namespace) -> str:
-    fmt = args.format
-    single = len(compared) == 1 and compared[0][0] is None
-    trim = {"failed_only": getattr(args, "failed_only", False),
-            "max_rows": getattr(args, "max_rows", None)}
-    if fmt != "table" and (trim["failed_only"] or trim["max_rows"] is not None):
-        raise UsageError(f"--failed-only and --max-rows shape the table; --format {fmt} "
-                         "writes every key")
-    if fmt == "json":
-        from .report.data import files_to_json, to_json
-
-        if single:
-            return to_json(compared[0][1])
-        return files_to_json(_by_file(compared))
-    if fmt == "csv":
-        from .report.data import files_to_csv, to_csv
-
-        if single:
-            return to_csv(compared[0][1]).rstrip("\n")
-        return files_to_csv(_by_file(compared)).rstrip("\n")
-    if fmt == "markdown":
-        from .report.data import to_markdown
-
-        if single:
-            return to_markdown(compared[0][1]).rstrip("\n")
-        parts = [f"## {rel}\n\n{to_markdown(result).rstrip()}" for rel, result in compared]
-        return "\n\n".join(parts) + "\n\n" + _summary(compared)
-    if fmt == "log":
-        if single:
-            return "\n".join(_log_lines(compared[0][1]))
-        parts = ["\n".join([f"== {rel} ==", *_log_lines(result)]) for rel, result in compared]
-        return "\n\n".join(parts) + "\n\n" + _summary(compared)
-    from .report.table import render_table
-
-    if single:
-        return render_table(compared[0][1], **trim)
-    parts = [f"== {rel} ==\n{render_table(result, **trim)}" for rel, result in compared]
-    return "\n\n".join(parts) + "\n\n" + _summary(compared)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    """``--output``: ``-`` is stdout; a file is replaced atomically (through a symlink, keeping
-    its permissions); a FIFO or device (``/dev/null``, ``>(cat)``) is written, never replaced."""
-    if path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    from .storage.atomic import AtomicFile
-
-    with AtomicFile(path) as f:
-        # a key or file name may hold lone surrogates (a non-UTF-8 file name): write them escaped
-        f.file.write(text.encode("utf-8", "backslashreplace"))
-
-
-def _write_html(compared: Compared, path: str, sides: Optional[tuple[Any, Any]] = None) -> None:
-    from .report.html import write_html
-
-    results = [r for _, r in compared]
-    findings = _html_findings(compared)
-    if len(results) == 1:
-        histograms = None
-        if sides is not None:
-            from .diff.histogram import result_histograms
-
-            histograms = result_histograms(results[0], *sides)
-        write_html(results[0], path, histograms=histograms, findings=findings)
-        return
-    # folders: one page over every file, keys prefixed with their file (and grouped by it, for
-    # the page's per-file summary)
-    from .diff.result import DiffResult
-
-    merged = []
-    for rel, r in compared:
-        merged.extend(
-            replace(k, key=f"{rel}:{k.key}", path=(str(rel), *(k.path or (k.key,)))) for k in r
-        )
-    first = results[0] if results else None
-    write_html(DiffResult(results=tuple(merged), ref_name=getattr(first, "ref_name", "ref"),
-                          other_name=getattr(first, "other_name", "other"),
-                          options=getattr(first, "options", {}), created=getattr(first, "created", "")),
-               path, findings=findings)
-
-
-def _html_findings(compared: Compared) -> list[str]:
-    """The sentences the HTML page opens with: where layer captures diverge
-    (``reprod.capture.first_divergence``), else the first failure and its reason."""
-    from .capture import first_divergence
-    from .capture.naming import parse_key
-
-    several = len(compared) > 1
-    findings: list[str] = []
-    for rel, result in compared:
-        keys = result.keys()
-        if not keys or 2 * sum(parse_key(k) is not None for k in keys) <= len(keys):
-            continue  # not (mostly) layer captures
-        div = first_divergence(result)
-        if div is not None:
-            findings.append(f"{rel}: {div.message}" if several else div.message)
-    if not findings:
-        for rel, result in compared:
-            first = result.first_failure
-            if first is not None:
-                key = f"{rel}:{first.key}" if several else first.key
-                findings.append(f"first failure: {key}: {first.reason}")
-                break
-    return findings
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``reprod-diff`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
@@ -516,18 +351,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         compared, sides = _run(args)
+        pieces: Iterable[str] = ()
         if args.quiet and not args.output:
-            text = ""  # nothing is printed: rendering (and importing tabulate) is wasted work
+            pass  # nothing is printed: rendering (and importing tabulate) is wasted work
+        elif args.first:
+            pieces = [_first(compared)]
+        elif args.output:
+            pieces = _render_pieces(compared, args)  # JSON: written a key at a time
         else:
-            text = _first(compared) if args.first else _render(compared, args)
+            pieces = [_render(compared, args)]
         if args.html:
             _write_html(compared, args.html, sides)
         if args.output:
-            _write_atomic(args.output, text + "\n")
+            _write_atomic(args.output, itertools.chain(pieces, ["\n"]))
             if not args.quiet:
                 print(_summary(compared))
         elif not args.quiet:
-            print(text)
+            print("".join(pieces))
     except BrokenPipeError:
         # the reader went away (`reprod-diff a b | head`): not an input error, keep the verdict;
         # point stdout at devnull so that the interpreter's final flush does not fail again

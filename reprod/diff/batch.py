@@ -3,9 +3,12 @@
 A dump of thousands of small keys spent most of its time around the statistics (viewing two
 arrays, a kernel call, a result object per key). Here the plain cases (two float32/float64 arrays
 of one shape, both viewable in place in two mapped dumps) are described by byte offsets and
-computed in one call of the compiled kernel (``stats_many``), split over two threads. Anything
-unusual (NaN, Inf, sums that overflow, Fortran order, loaders, bf16) is left to the per-key path,
-which gives identical results (``tests/diff/test_batch_paths.py`` checks every field).
+computed in one call of the compiled kernel (``stats_many``), split over two threads; single
+numbers of reprod_log files (pickled ints and floats, numpy scalars) go in a second call, from
+their values. Anything unusual (NaN, Inf, sums that overflow, Fortran order, other loaders, bf16)
+is left to the per-key path, which gives identical results (``tests/diff/test_batch_paths.py``
+and ``tests/diff/test_many_keys.py`` check every field). Results are ``RowKeyResult``s: their
+fields are built from the kernel's rows when read.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import numpy as np
 
 from .. import _native
 from .. import messages as msg
-from ..storage.lazy import Dump
+from ..storage.lazy import ArraySpec, Dump
 from . import metrics
 from .criteria import Criteria
 from .pairing import Pair, dtype_name
 from .progress import Progress
-from .result import KeyResult
-from .verdict import judged
+from .result import STAT_OF_METHOD, KeyResult, RowKeyResult
+from .verdict import judge, judged
 
 __all__ = ["compare_batch", "unravel"]
 
@@ -55,6 +58,7 @@ def compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Prog
     jobs: list[int] = []
     tols: list[float] = []
     kinds = _BATCH_KINDS
+    scalars = _Scalars()
     # the members' CRC checks (small .npz members, as Dump.__getitem__ does them) go into the
     # kernel call too: each member is checksummed just before its statistics, while in cache
     for i, p in enumerate(pairs):
@@ -64,6 +68,8 @@ def compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Prog
         leaf = p.path[-1]
         rs, os_ = rt.in_file(leaf), ot.in_file(leaf)
         if rs is None or os_ is None:
+            if rs is None and os_ is None:
+                _scalar_job(i, p, rt, ot, leaf, policy, scalars)
             continue
         shape = rs.shape
         rk, ok = kinds.get(rs.dtype), kinds.get(os_.dtype)
@@ -91,27 +97,23 @@ def compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Prog
         jobs += (rs.offset, os_.offset, n, rk + (ok >> 1), check_close, *(rc or _NO_CHECK),
                  *(oc or _NO_CHECK))
         tols += (float(a or 0.0), float(r or 0.0))
-    if not todo:
+    if not todo and not scalars.todo:
         return out
-    assert ref_mf is not None and other_mf is not None
-    m = len(todo)
-    rows = np.empty((m, len(metrics.ROW_COLUMNS)))
-    job_rows = np.array(jobs, dtype=np.int64).reshape(m, -1)
-    tol_rows = np.array(tols).reshape(m, 2)
-    args = (metrics.BLOCK, policy.equal_nan)
-    rb, ob = ref_mf.buffer(), other_mf.buffer()
-    if metrics.threads() > 1 and m >= 64:
-        # the kernel releases the GIL: a second core takes the second half of the rows
-        h = m // 2
-        late = metrics.executor().submit(kernel.stats_many, rb, ob, job_rows[h:], tol_rows[h:],
-                                          rows[h:], *args)
-        kernel.stats_many(rb, ob, job_rows[:h], tol_rows[:h], rows[:h], *args)
-        late.result()
-    else:
-        kernel.stats_many(rb, ob, job_rows, tol_rows, rows, *args)
+    rows = np.empty((0, len(metrics.ROW_COLUMNS)))
+    if todo:
+        assert ref_mf is not None and other_mf is not None
+        rows = _stats_many(kernel, ref_mf.buffer(), other_mf.buffer(), jobs, tols, policy)
+    if scalars.todo:
+        # numbers a reprod_log file holds as pickle ints/floats or numpy scalars: their values,
+        # in float64 (exact: ints beyond 2**53 stay on the per-key path), as two small buffers
+        srows = _stats_many(kernel, np.array(scalars.ref), np.array(scalars.other), scalars.jobs,
+                            scalars.tols, policy)
+        rows = np.concatenate([rows, srows])
+        todo += scalars.todo
     col = metrics.COL
     crc_ok = (rows[:, col["crc_ref"]] != 0.0) & (rows[:, col["crc_other"]] != 0.0)  # -1: unchecked
     if checks:
+        assert ref_mf is not None and other_mf is not None
         if not crc_ok.all():
             checks = [c for c in checks if crc_ok[c[0]]]
         # every Dump of one side (nested ones too) shares that side's mapped file and its record
@@ -121,16 +123,155 @@ def compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Prog
     # error naming the key), go the general way
     plain, table = metrics.finish_rows(rows, np.array([t[4] for t in todo], dtype=np.float64))
     plain &= crc_ok
-    for (i, p, rs, os_, n, a, r), ok, (*stats, worst, worst_ref, worst_other, mismatched) \
-            in zip(todo, plain.tolist(), table.tolist()):
-        if not ok:
-            continue
-        out[i] = _finite_result(p, policy, n, a, r, stats, unravel(int(worst), rs.shape),
-                                worst_ref, worst_other,
-                                int(mismatched) if (a is not None or r is not None) else None, rs, os_)
+    keep = np.flatnonzero(plain)
+    if not len(keep):
+        return out
+    rows_kept = [todo[j] for j in keep.tolist()]
+    window = _Window(policy, rows_kept, table[keep])
+    idx = _INDICES
+    for j, (i, _p, rs, os_, n, _a, _r) in enumerate(rows_kept):
+        out[i] = RowKeyResult._at(window, idx[j] if j < _N_INDICES else j)
         if bar is not None:
             bar.advance(n * (rs.dtype.itemsize + os_.dtype.itemsize))
     return out
+
+
+# the statistics' columns of finish_rows' table, by the name a method judges
+_TABLE_COL = {"mean_abs": 0, "max_abs": 1, "min_abs": 2, "mean_rel": 3, "max_rel": 4, "cosine": 5,
+              "rel_l2": 6, "max_scaled": 7}
+
+
+_STATUS_WORDS = ("passed", "mismatch", "failed")
+# a window's row numbers, one int object each for every window: a result holds its row's, and
+# a fresh int per key is 28 bytes of a million-key comparison's ~80 a key
+_N_INDICES = 4096
+_INDICES = tuple(range(_N_INDICES))
+
+
+class _Window:
+    """The batched keys of one kernel call, as their ``RowKeyResult``s read them: key and status
+    now (the verdict needs no words), every other field built from the row when asked for (the
+    last one built is kept: a renderer reads a key's fields one after another). Per key it holds
+    the key, the two specs (the dumps' own) and the path where it is not ``(key,)``."""
+
+    __slots__ = ("policy", "table", "keys", "paths", "ref_specs", "other_specs", "statuses",
+                 "_last")
+
+    def __init__(self, policy: Criteria, todo: list[Any], table: np.ndarray) -> None:
+        self.policy = policy
+        self.table = table
+        self.keys = [t[1].key for t in todo]
+        self.paths = [None if len(t[1].path) == 1 and t[1].path[0] == t[1].key else t[1].path
+                      for t in todo]
+        self.ref_specs = [t[2] for t in todo]
+        self.other_specs = [t[3] for t in todo]
+        self.statuses = self._statuses([t[5] is not None or t[6] is not None for t in todo])
+        self._last: tuple[int, dict[str, Any]] = (-1, {})
+
+    def _statuses(self, close: list[bool]) -> list[str]:
+        """``verdict.judge`` of every row: vectorized where every key has the run's thresholds."""
+        policy, table = self.policy, self.table
+        mism = np.array(close, dtype=bool) & (table[:, 11] > 0)
+        if policy.per_key:
+            out = []
+            for key, row, m in zip(self.keys, table[:, :8].tolist(), mism.tolist()):
+                values = dict(zip(_TABLE_COL, row))
+                out.append(judge(values, policy.thresholds_for(key), mismatched=m)[0])
+            return out
+        ok = np.ones(len(close), dtype=bool)
+        with np.errstate(invalid="ignore"):
+            for m, t in policy.thresholds_for("").items():
+                c = _TABLE_COL.get(STAT_OF_METHOD[m])
+                if c is not None:  # a statistic the batch has not (noise): None, which passes
+                    col = table[:, c]
+                    ok &= ~((col > t) | (col != col))
+        # the three words themselves, not one new str per key from numpy
+        code = np.where(ok & ~mism, 0, np.where(ok, 1, 2)).tolist()
+        return [_STATUS_WORDS[c] for c in code]
+
+    def fields(self, j: int) -> dict[str, Any]:
+        last = self._last
+        if last[0] == j:
+            return last[1]
+        key, rs, os_ = self.keys[j], self.ref_specs[j], self.other_specs[j]
+        path = self.paths[j] or (key,)
+        a, r = self.policy.tolerance_for(key, dtype_name(rs.dtype), dtype_name(os_.dtype))
+        *stats, worst, worst_ref, worst_other, mismatched = self.table[j].tolist()
+        d = _finite_fields(key, path, self.policy, math.prod(rs.shape), a, r, stats,
+                           unravel(int(worst), rs.shape), worst_ref, worst_other,
+                           int(mismatched) if (a is not None or r is not None) else None, rs, os_)
+        self._last = (j, d)
+        return d
+
+
+def _stats_many(kernel: Any, rb: Any, ob: Any, jobs: list[int], tols: list[float],
+                policy: Criteria) -> np.ndarray:
+    m = len(tols) // 2
+    rows = np.empty((m, len(metrics.ROW_COLUMNS)))
+    job_rows = np.array(jobs, dtype=np.int64).reshape(m, -1)
+    tol_rows = np.array(tols).reshape(m, 2)
+    args = (metrics.BLOCK, policy.equal_nan)
+    if metrics.threads() > 1 and m >= 64:
+        # the kernel releases the GIL: a second core takes the second half of the rows
+        h = m // 2
+        late = metrics.executor().submit(kernel.stats_many, rb, ob, job_rows[h:], tol_rows[h:],
+                                          rows[h:], *args)
+        kernel.stats_many(rb, ob, job_rows[:h], tol_rows[:h], rows[:h], *args)
+        late.result()
+    else:
+        kernel.stats_many(rb, ob, job_rows, tol_rows, rows, *args)
+    return rows
+
+
+class _Scalars:
+    """The single numbers of a window (see ``_scalar_job``): their values and kernel jobs."""
+
+    __slots__ = ("todo", "ref", "other", "jobs", "tols")
+
+    def __init__(self) -> None:
+        self.todo: list[Any] = []
+        self.ref: list[float] = []
+        self.other: list[float] = []
+        self.jobs: list[int] = []
+        self.tols: list[float] = []
+
+
+_EXACT = float(1 << 53)  # every int up to this converts to float64 exactly
+_F64_KIND = _BATCH_KINDS[np.dtype(np.float64)]
+
+
+def _scalar_job(i: int, p: Pair, rt: Dump, ot: Dump, leaf: str, policy: Criteria,
+                scalars: _Scalars) -> None:
+    """Queue a pair of single numbers of two reprod_log dumps (a pickled Python int or float, a
+    numpy scalar: each a 0-d array behind a loader, so not in the file) for the kernel, as
+    float64 values: for one element, of an integer or float dtype, every statistic is then what
+    the per-key path computes from the arrays themselves (150,000 such keys took ~70 us each
+    there). Anything else (bool, complex, ints beyond 2**53) is left to the per-key path."""
+    if rt.format != "npy-dict" or ot.format != "npy-dict":
+        return
+    rs, os_ = rt._tree[leaf], ot._tree[leaf]
+    if type(rs) is not ArraySpec or type(os_) is not ArraySpec or rs.shape != () \
+            or os_.shape != () or rs.source_dtype is not None or os_.source_dtype is not None \
+            or rs.dtype.kind not in "iuf" or os_.dtype.kind not in "iuf" \
+            or rs.dtype.itemsize > 8 or os_.dtype.itemsize > 8 or _BATCH_MAX < 1:
+        return
+    rv, ov = rt[leaf].item(), ot[leaf].item()
+    if type(rv) is int:
+        if abs(rv) > _EXACT:
+            return
+        rv = float(rv)
+    if type(ov) is int:
+        if abs(ov) > _EXACT:
+            return
+        ov = float(ov)
+    a, r = policy.tolerance_for(p.key, dtype_name(rs.dtype), dtype_name(os_.dtype))
+    k = len(scalars.ref)
+    scalars.ref.append(rv)
+    scalars.other.append(ov)
+    scalars.todo.append((i, p, rs, os_, 1, a, r))
+    scalars.jobs += (8 * k, 8 * k, 1, _F64_KIND + (_F64_KIND >> 1), a is not None or r is not None,
+                     *_NO_CHECK, *_NO_CHECK)
+    scalars.tols += (float(a or 0.0), float(r or 0.0))
 
 
 def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -145,11 +286,12 @@ def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(idx))
 
 
-def _finite_result(p: Pair, policy: Criteria, n: int, atol: Optional[float], rtol: Optional[float],
-                   stats: tuple[float, ...], worst_index: tuple[int, ...], worst_ref: float,
-                   worst_other: float, mismatched: Optional[int], rs: Any, os_: Any) -> KeyResult:
-    """The result of a batched pair (finite values, one shape), built as _compare_pair builds it."""
-    key = p.key
+def _finite_fields(key: str, path: tuple[str, ...], policy: Criteria, n: int,
+                   atol: Optional[float], rtol: Optional[float], stats: list[float],
+                   worst_index: tuple[int, ...], worst_ref: float, worst_other: float,
+                   mismatched: Optional[int], rs: Any, os_: Any) -> dict[str, Any]:
+    """The fields of a batched pair's result (finite values, one shape), as _compare_pair builds
+    them."""
     thresholds = policy.thresholds_for(key)
     rdt, odt = dtype_name(rs.dtype), dtype_name(os_.dtype)
     mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled = stats
@@ -159,9 +301,9 @@ def _finite_result(p: Pair, policy: Criteria, n: int, atol: Optional[float], rto
                                      rtol=rtol, worst_index=worst_index, worst_ref=worst_ref,
                                      worst_other=worst_other)
     # every field, in declaration order (tests/diff/test_batch_paths.py checks both)
-    return KeyResult._from_fields({
+    return {
         "key": key, "passed": status == "passed", "status": status, "reason": reason,
-        "path": p.path, "ref_shape": rs.shape, "other_shape": os_.shape, "ref_dtype": rdt,
+        "path": path, "ref_shape": rs.shape, "other_shape": os_.shape, "ref_dtype": rdt,
         "other_dtype": odt, "size": n, "mean_abs": mean_abs, "max_abs": max_abs,
         "min_abs": min_abs, "mean_rel": mean_rel, "max_rel": max_rel, "cosine": cosine,
         "rel_l2": rel_l2, "max_scaled": max_scaled, "noise_multiple": None, "noise_l2": None,
@@ -170,6 +312,6 @@ def _finite_result(p: Pair, policy: Criteria, n: int, atol: Optional[float], rto
         "methods": tuple(thresholds) or policy.methods, "thresholds": thresholds,
         "checks": checks, "atol": atol, "rtol": rtol,
         "note": None if rdt == odt else msg.note_dtypes(rdt, odt),
-    })
+    }
 
 

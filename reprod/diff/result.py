@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 __all__ = ["KeyResult", "DiffResult", "STAT_OF_METHOD", "ALL_METHODS", "STATUSES"]
 
@@ -43,7 +44,7 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KeyResult:
     """The comparison of one key: verdict, reason, and every statistic.
 
@@ -98,6 +99,16 @@ class KeyResult:
         object.__setattr__(obj, "__dict__", d)
         return obj
 
+    # equality and hashing by value over every field, as the dataclass's own would be, but between
+    # a KeyResult and a RowKeyResult too (the batch's lazy results equal the per-key path's)
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, KeyResult):
+            return NotImplemented
+        return _all_fields(self) == _all_fields(other)
+
+    def __hash__(self) -> int:  # a TypeError, as the dataclass's (thresholds and checks are dicts)
+        return hash(_all_fields(self))
+
     def __repr__(self) -> str:
         # the dataclass repr lists ~35 fields; this is the line a reader wants in a REPL or a log
         reason = self.reason if len(self.reason) <= 100 else self.reason[:97] + "..."
@@ -136,6 +147,71 @@ class KeyResult:
                 kw[f.name] = {k: float(x) if isinstance(x, str) and x in _NONFINITE else x for k, x in v.items()}
         kw = {k: v for k, v in kw.items() if k in {f.name for f in fields(cls)}}
         return cls(**kw)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(KeyResult))
+_all_fields = operator.attrgetter(*_FIELD_NAMES)
+
+
+class RowSource(Protocol):
+    """What a ``RowKeyResult`` reads: the keys and statuses of its rows at once, every other field
+    built on demand (``fields(i)``: a dict of every field, in declaration order)."""
+
+    keys: list[str]
+    statuses: list[str]
+
+    def fields(self, i: int) -> dict[str, Any]: ...
+
+
+class RowKeyResult(KeyResult):
+    """A ``KeyResult`` whose fields are built when read, from a row of a batch (the engine's
+    thousands of small keys): ``key``, ``status`` and ``passed`` are stored, the statistics stay in
+    the batch's row arrays and the reason is formatted only when asked for. A million keys held
+    ~1.5 KiB each as plain KeyResults (35 fields, a reason, a checks dict); this holds ~80 bytes.
+
+    It is a ``KeyResult`` in every way a caller can see: the same fields and values, equal to the
+    plain one, ``dataclasses.replace``/``asdict``, ``vars()``, pickling and copying give plain
+    KeyResults or their fields."""
+
+    __slots__ = ("_src", "_i")
+    _src: RowSource
+    _i: int
+
+    def __new__(cls, *args: Any, **kw: Any) -> KeyResult:  # type: ignore[misc]
+        # called only by code building one from fields (dataclasses.replace): a plain KeyResult
+        return KeyResult(*args, **kw)
+
+    @classmethod
+    def _at(cls, src: RowSource, i: int) -> RowKeyResult:
+        obj = object.__new__(cls)
+        _SET_SRC(obj, src)
+        _SET_I(obj, i)
+        return obj
+
+    @property
+    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
+        return dict(self._src.fields(self._i))
+
+    def __reduce__(self) -> Any:
+        return (KeyResult._from_fields, (dict(self._src.fields(self._i)),))
+
+
+def _lazy_field(name: str) -> property:
+    def get(self: RowKeyResult) -> Any:
+        return self._src.fields(self._i)[name]
+
+    return property(get)
+
+
+for _name in _FIELD_NAMES:
+    setattr(RowKeyResult, _name, _lazy_field(_name))
+RowKeyResult.key = property(lambda self: self._src.keys[self._i])  # type: ignore[assignment]
+RowKeyResult.status = property(lambda self: self._src.statuses[self._i])  # type: ignore[assignment]
+RowKeyResult.passed = property(  # type: ignore[assignment]
+    lambda self: self._src.statuses[self._i] == "passed")
+_SET_SRC = RowKeyResult.__dict__["_src"].__set__
+_SET_I = RowKeyResult.__dict__["_i"].__set__
+del _name
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,18 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import fields
 from typing import Any, Optional
 
 import numpy as np
 
-from ..diff.result import DiffResult, KeyResult
+from ..diff.result import DiffResult, KeyResult, _json_safe
 from .table import statistics_for, table_columns, table_rows
 
 __all__ = [
     "to_json",
+    "iter_json",
     "from_json",
     "to_csv",
     "files_to_csv",
@@ -66,7 +67,34 @@ def to_json(result: DiffResult, *, indent: Optional[int] = 2) -> str:
     >>> doc["passed"], doc["summary"]["first_failure"]
     (False, 'fc.weight')
     """
-    return json.dumps(_jsonable(result.to_dict()), indent=indent, allow_nan=False)
+    return "".join(iter_json(result, indent=indent))
+
+
+def iter_json(result: DiffResult, *, indent: Optional[int] = 2) -> Iterator[str]:
+    """``to_json``'s text in pieces, a key at a time: writing them one after another gives the
+    same bytes, and a million keys never exist as one document (a dict per key, then one string)
+    at once. ``indent=None`` (one line) is one piece."""
+    if indent is None or not result.results:
+        yield json.dumps(_jsonable(result.to_dict()), indent=indent, allow_nan=False)
+        return
+    doc = {
+        "passed": result.passed,
+        "summary": result.summary(),
+        "ref": result.ref_name,
+        "other": result.other_name,
+        "options": _json_safe(dict(result.options)),
+        "created": result.created,
+    }
+    head = json.dumps(_jsonable(doc), indent=indent, allow_nan=False)
+    pad = " " * indent
+    # json.dumps's "keys" entry, the last of the document: each key indented two levels deeper
+    yield head[:-2] + f',\n{pad}"keys": [\n'
+    sep = ""
+    for kr in result.results:
+        text = json.dumps(_jsonable(kr.to_dict()), indent=indent, allow_nan=False)
+        yield sep + pad + pad + text.replace("\n", "\n" + pad + pad)
+        sep = ",\n"
+    yield f"\n{pad}]\n}}"
 
 
 def from_json(text: str) -> DiffResult:

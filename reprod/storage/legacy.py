@@ -60,7 +60,7 @@ class _Budget:
     """Counts the entries a tree expands to, against a bound set by the size of its pickle, and
     the bytes of data its keys refer to, against a bound set by the size of the file."""
 
-    __slots__ = ("left", "path", "bytes_left", "size", "keys", "specs", "trees", "markers")
+    __slots__ = ("left", "path", "bytes_left", "size", "keys", "specs", "trees", "markers", "inplace")
 
     def __init__(self, left: int, path: str, size: int = 0, markers: bool = True) -> None:
         self.left = left
@@ -71,8 +71,9 @@ class _Budget:
         # id(stub or list) -> its spec: keys that share one payload in the pickle share one spec
         self.specs: dict[int, Any] = {}
         # id(dict) -> (its tree, entries, data bytes, keys, height): shared dicts, walked once
-        self.trees: dict[int, tuple[dict[str, Any], int, int, int, int]] = {}
+        self.trees: dict[int, tuple[dict[str, Any], int, int, int, int, Any]] = {}
         self.markers = markers  # False: a value that is not numeric data is an error (.pdparams)
+        self.inplace = False  # True: the walked dicts are nobody else's, and may become the tree
 
     def take(self, n: int = 1) -> None:
         self.left -= n
@@ -104,12 +105,18 @@ def _leaf(value: Any, mf: MappedFile, where: Any, budget: Optional[_Budget] = No
     tv = type(value)
     if budget is not None:
         budget.take()
-        if tv is _ArrayStub or tv is list or tv is tuple:
+        if tv is _ArrayStub:  # the spec rides on the stub: no table entry per array
+            spec = value.spec
+            if spec is None:
+                spec = value.spec = _leaf_uncached(value, mf, where, budget, depth)
+            return spec
+        if tv is list or tv is tuple:
             hit = budget.specs.get(id(value))
             if hit is not None:  # the pickle's memo: this very value again
-                return hit
+                return hit[0]
             spec = _leaf_uncached(value, mf, where, budget, depth)
-            budget.specs[id(value)] = spec
+            # the value kept alive with it: its id must not name another object while cached
+            budget.specs[id(value)] = (spec, value)
             return spec
     return _leaf_uncached(value, mf, where, budget, depth)
 
@@ -260,7 +267,7 @@ def _subtree(d: dict[Any, Any], mf: MappedFile, prefix: str, budget: _Budget,
                               f"{MAX_DEPTH} levels deep")
     hit = budget.trees.get(id(d))
     if hit is not None:
-        out, entries, nbytes, keys, height = hit
+        out, entries, nbytes, keys, height, _ = hit
         if depth + height > MAX_DEPTH:
             raise DumpFormatError(f"{mf.path}: key {prefix.rstrip('/')[:80]!r}...: dicts nested "
                                   f"more than {MAX_DEPTH} levels deep")
@@ -269,7 +276,11 @@ def _subtree(d: dict[Any, Any], mf: MappedFile, prefix: str, budget: _Budget,
         return out, height
     left, bytes_left, keys_before = budget.left, budget.bytes_left, budget.keys
     budget.take(1 + len(d))
-    out = {}
+    # a dict of str keys (the walker's own, used nowhere else) becomes its tree in place: each
+    # value replaced by its spec as it is walked, so the stubs go as the specs come, and a
+    # million keys never have two dicts (int keys need a new dict, their names change)
+    inplace = budget.inplace and all(type(k) is str for k in d)
+    out = d if inplace else {}
     height = 0
     for k, v in d.items():
         if type(k) is not str:
@@ -285,8 +296,9 @@ def _subtree(d: dict[Any, Any], mf: MappedFile, prefix: str, budget: _Budget,
         else:
             leaf = out[k] = _leaf(v, mf, _KeyText(mf.path, prefix + k), budget)
             budget.data(leaf.nbytes)
+    # the entry keeps ``d`` alive too: its id must not be reused by another dict while cached
     budget.trees[id(d)] = (out, left - budget.left, bytes_left - budget.bytes_left,
-                           budget.keys - keys_before, height)
+                           budget.keys - keys_before, height, d)
     return out, height
 
 
@@ -305,7 +317,7 @@ class _KeyText:
 
 
 def tree_from_pickle(root: dict[Any, Any], mf: MappedFile, *, opcodes: Optional[int] = None,
-                     markers: bool = True) -> dict[str, Any]:
+                     markers: bool = True, _inplace: bool = False) -> dict[str, Any]:
     """The lazy tree of ArraySpecs for a dict that ``restricted_unpickle`` returned.
 
     The tree may hold a few entries per pickle opcode (``opcodes``; by default the file's size,
@@ -315,7 +327,9 @@ def tree_from_pickle(root: dict[Any, Any], mf: MappedFile, *, opcodes: Optional[
     (``markers=False``: a ``DumpFormatError``).
     """
     left = _EXPANSION * (mf.size if opcodes is None else opcodes) + _EXPANSION_FLOOR
-    return _tree(root, mf, "", _Budget(left, mf.path, mf.size, markers))
+    budget = _Budget(left, mf.path, mf.size, markers)
+    budget.inplace = _inplace
+    return _tree(root, mf, "", budget)
 
 
 def read_npy(mf: MappedFile, stem: str) -> Dump:
@@ -332,7 +346,7 @@ def read_npy(mf: MappedFile, stem: str) -> Dump:
             raise DumpFormatError(
                 f"{mf.path}: object .npy does not hold a dict of arrays (found {type(root).__name__})"
             )
-        return Dump(tree_from_pickle(root, mf, opcodes=walker.steps), mf, path=mf.path, fmt="npy-dict")
+        return Dump(tree_from_pickle(root, mf, opcodes=walker.steps, _inplace=True), mf, path=mf.path, fmt="npy-dict")
     if dt.kind not in "biufc":
         raise DumpFormatError(f"{mf.path}: array of dtype {dt} is not numeric data")
     spec = ArraySpec(dtype=dt, shape=shape, offset=data_off, fortran=fortran)

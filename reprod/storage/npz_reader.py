@@ -5,8 +5,8 @@ layout is in ``npz_format``."""
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import struct
 import zlib
 from typing import TYPE_CHECKING, Any, Optional
@@ -17,7 +17,7 @@ from ..adapters import BFLOAT16
 from ..errors import DumpFormatError
 from .lazy import ArraySpec, Dump, MappedFile, _one_line, crc32
 from .npy_header import _HEADERS, MAX_DEPTH, parse_npy_header
-from .npz_format import _EOCD, _EOCD64, _LOCATOR64, _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
+from .npz_format import _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
 
 if TYPE_CHECKING:  # zipfile costs ~5 ms to import; the common paths do not need it
     import zipfile
@@ -26,6 +26,13 @@ __all__ = ["read_npz", "META_NAME", "FORMAT_NAME", "FORMAT_VERSION"]
 
 # Deflate cannot shrink data by more than about 1032:1; a member claiming more is lying about its size.
 _MAX_DEFLATE_RATIO = 1032
+
+
+def _meta_limit(members: int) -> int:
+    """The largest metadata member read: 64 MiB, plus 1 KiB for each member of the archive (an
+    entry names a key and its member in ~70 bytes: a dump of a million keys has ~70 MiB of it,
+    which a flat 64 MiB refused, though reprod.save had written it)."""
+    return (64 << 20) + (members << 10)
 
 
 def _zip_errors() -> tuple[type[BaseException], ...]:
@@ -188,6 +195,10 @@ def _parse_meta(raw: bytes, path: str) -> tuple[dict[str, Any], list[tuple[list[
     return meta, entries
 
 
+def _reparse_meta(mf: MappedFile, start: int, size: int) -> dict[str, Any]:
+    return _parse_meta(bytes(mf.buffer()[start : start + size]), mf.path)[0]
+
+
 def _read_npz_zipfile(mf: MappedFile, *, verify: Optional[bool] = None) -> Dump:
     """The general reader: ``zipfile`` parses the directory (compressed members, comments, ...)."""
     import io
@@ -205,7 +216,7 @@ def _read_npz_zipfile(mf: MappedFile, *, verify: Optional[bool] = None) -> Dump:
     entries: list[tuple[list[str], Optional[str], Optional[str]]] = []
     if META_NAME in by_name:
         zi = by_name[META_NAME]
-        if zi.file_size > 64 << 20:
+        if zi.file_size > _meta_limit(len(infos)):
             raise DumpFormatError(f"{mf.path}: metadata member too large")
         try:
             raw = zf.read(zi)  # zipfile checks the CRC of what it reads
@@ -274,119 +285,7 @@ def _place(tree: dict[str, Any], path: list[str], spec: Any, mf: MappedFile) -> 
     node[path[-1]] = spec
 
 
-# The common case, a dump this module (or plain ``np.savez``) wrote, is read without ``zipfile``:
-# one pass of ``struct`` over the central directory and the local headers. Only archives whose
-# every field is the plain, consistent kind take this path; anything else (compressed members, an
-# archive comment, data descriptors, encryption, duplicate names, a zip inside another file, any
-# field that disagrees) goes to ``_read_npz_zipfile``, which then reads or rejects it exactly as
-# before. So the fast path never has to produce an error about the zip structure itself.
-# central directory entry, 46 bytes: signature, extract version, flags, method, CRC, compressed
-# size, size, name/extra/comment lengths, local header offset (the rest is not used)
-_CENTRAL = struct.Struct("<4s2xBxHH4xLLLHHH8xL")
-_LOCAL = struct.Struct("<4s22xHH")  # local header, 30 bytes: signature, name and extra lengths
-_FIELD = struct.Struct("<HH")
-_Q = struct.Struct("<Q")
-_MAX_EXTRACT_VERSION = 63  # zipfile refuses more
-_UTF8_NAME = 0x800
-_ALT_SEP = os.sep if os.sep != "/" else "\0"  # zipfile turns os.sep into "/"
-
-
-def _fast_directory(mf: MappedFile) -> Optional[dict[str, tuple[int, int, int]]]:
-    """member name -> (data start, size, CRC32) for a plain uncompressed zip whose directory,
-    end records and local headers all agree; ``None`` for anything else. Checks what
-    ``_check_directory`` checks (count in the end record = members listed, each local header
-    agrees in name, stored sizes equal, nothing outside the file) and what makes ``zipfile``
-    read a directory differently (offset shift of a zip prefixed by other data, zip64 fields)."""
-    size = mf.size
-    if size < 22:
-        return None
-    buf = mf.buffer()
-    eocd = size - 22
-    sig, disk, disk_cd, count_disk, count, cd_size, cd_off, comment = _EOCD.unpack_from(buf, eocd)
-    if sig != b"PK\x05\x06" or comment:
-        return None
-    claimed = count  # what _entries_claimed reads
-    cd_end = eocd
-    if eocd >= 20 and buf[eocd - 20 : eocd - 16] == b"PK\x06\x07":
-        _, disk64, rec, disks = _LOCATOR64.unpack_from(buf, eocd - 20)
-        # zipfile reads the zip64 record just before the locator, _entries_claimed where the
-        # locator points: both must be the same record
-        if disk64 or disks > 1 or rec != eocd - 76 or rec < 0:
-            return None
-        (sig, rec_size, _, _, disk, disk_cd, count_disk, count64, cd_size,
-         cd_off) = _EOCD64.unpack_from(buf, rec)
-        if sig != b"PK\x06\x06" or rec_size != 44:
-            return None
-        if claimed == 0xFFFF:
-            claimed = count64
-        count = count64
-        cd_end = rec
-    if disk or disk_cd or count_disk != count or cd_off + cd_size != cd_end:
-        return None
-    members: dict[str, tuple[int, int, int]] = {}
-    listed = 0
-    unpack_central, unpack_local, unpack_field = _CENTRAL.unpack_from, _LOCAL.unpack_from, _FIELD.unpack_from
-    pos = cd_off
-    while pos < cd_end:
-        if pos + 46 > cd_end:
-            return None
-        sig, version, flags, method, crc, csize, usize, n, e, c, off = unpack_central(buf, pos)
-        if sig != b"PK\x01\x02" or version > _MAX_EXTRACT_VERSION or flags & ~_UTF8_NAME or method:
-            return None
-        p = pos + 46
-        pos = p + n + e + c
-        if pos > cd_end:
-            return None
-        raw = buf[p : p + n]
-        # zipfile's _decodeExtra: fields must fit; zip64 sizes replace the 0xFFFFFFFF ones. Most
-        # entries carry one field, the alignment padding, which needs no walk.
-        if e and (e < 4 or unpack_field(buf, p + n)[1] + 4 != e or usize == 0xFFFFFFFF
-                  or csize == 0xFFFFFFFF or off == 0xFFFFFFFF):
-            x, x_end = p + n, p + n + e
-            while x_end - x >= 4:
-                tp, ln = unpack_field(buf, x)
-                x += 4
-                if x + ln > x_end:
-                    return None
-                if tp == 1:
-                    z, z_end = x, x + ln
-                    if usize == 0xFFFFFFFF:
-                        if z + 8 > z_end:
-                            return None
-                        usize = _Q.unpack_from(buf, z)[0]
-                        z += 8
-                    if csize == 0xFFFFFFFF:
-                        if z + 8 > z_end:
-                            return None
-                        csize = _Q.unpack_from(buf, z)[0]
-                        z += 8
-                    if off == 0xFFFFFFFF:
-                        if z + 8 > z_end:
-                            return None
-                        off = _Q.unpack_from(buf, z)[0]
-                x += ln
-        if csize != usize or off + 30 > size:
-            return None
-        lsig, ln, le = unpack_local(buf, off)
-        start = off + 30 + ln + le
-        if lsig != b"PK\x03\x04" or ln != n or start + usize > size or buf[off + 30 : start - le] != raw:
-            return None
-        try:
-            name = raw.decode("ascii")  # cp437 and UTF-8 agree on ASCII names
-        except UnicodeDecodeError:
-            try:
-                name = raw.decode("utf-8" if flags & _UTF8_NAME else "cp437")
-            except UnicodeDecodeError:
-                return None
-        members[name] = (start, usize, crc)
-        listed += 1
-    # a duplicate name shadows a member; zipfile cuts a name at a NUL and rewrites os.sep
-    if pos != cd_end or len(members) != listed or listed != claimed:
-        return None
-    names = "".join(members)
-    if "\0" in names or _ALT_SEP in names:
-        return None
-    return members
+from .npz_directory import _fast_directory  # noqa: E402  (importable from here, as before)
 
 
 def _parse_stored(mf: MappedFile, name: str, start: int, size: int,
@@ -422,12 +321,16 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
     m = members.get(META_NAME)
     if m is not None:
         start, size, crc = m
-        if size > 64 << 20:
+        if size > _meta_limit(len(members)):
             raise DumpFormatError(f"{mf.path}: metadata member too large")
         raw = buf[start : start + size]
         if crc32(raw) != crc:
             return _read_npz_zipfile(mf, verify=verify)  # which words the error as zipfile does
         meta, entries = _parse_meta(raw, mf.path)
+        # parsed again if asked for (Dump.meta): the same bytes, checked already. The parsed
+        # document (a dict per key) and the member's copy go now, before the tree is built
+        meta = functools.partial(_reparse_meta, mf, start, size)  # type: ignore[assignment]
+        del raw
     else:
         for name in members:
             if name.startswith("__reprod"):

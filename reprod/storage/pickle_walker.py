@@ -10,140 +10,40 @@ stubs below) is turned into a lazy tree by ``legacy.tree_from_pickle``.
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional
-
-import numpy as np
+from typing import Any
 
 from .._native import scanner
 from ..errors import DumpFormatError, UnsafeDumpError
-from .npy_header import _DTYPE_PARSE_ERRORS, _short, check_shape
+from .npy_header import check_shape
 
 __all__ = ["SAFE_GLOBALS", "restricted_unpickle"]
 
-_RECONSTRUCT, _NDARRAY, _DTYPE, _SCALAR, _ENCODE, _ODICT, _BYTES, _FROMBUFFER = range(8)
-
-# The only globals a pickled dict of numpy arrays needs, and why each is harmless: they construct
-# arrays, dtypes, scalars, bytes or dicts from data, and call nothing the file names.
-SAFE_GLOBALS: dict[tuple[str, str], int] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _DTYPE,
-    ("numpy.core.multiarray", "scalar"): _SCALAR,
-    ("numpy._core.multiarray", "scalar"): _SCALAR,
-    ("_codecs", "encode"): _ENCODE,  # how protocol 2 spells bytes
-    ("collections", "OrderedDict"): _ODICT,
-    ("__builtin__", "bytes"): _BYTES,  # protocols 0-2 spell an empty bytes as bytes()
-    ("builtins", "bytes"): _BYTES,
-    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,  # protocol 5 arrays
-    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
-}
-
-# Payloads at least this long are left in the file and viewed in place; shorter ones are copied.
-_INLINE_LIMIT = 256
-
-
-
-class _Payload:
-    """A byte string left in the file: its absolute offset and length."""
-
-    __slots__ = ("offset", "length")
-
-    def __init__(self, offset: int, length: int) -> None:
-        self.offset = offset
-        self.length = length
+from .pickle_fast import _NumpyForms
+from .pickle_stubs import (  # noqa: F401  (their names stay importable from here)
+    _BYTES,
+    _DTYPE,
+    _ENCODE,
+    _FROMBUFFER,
+    _INLINE_LIMIT,
+    _NDARRAY,
+    _ODICT,
+    _RECONSTRUCT,
+    _SCALAR,
+    _STUB_DTYPES,
+    MAX_DTYPE_STRING,
+    SAFE_GLOBALS,
+    _ArrayStub,
+    _DtypeStub,
+    _Global,
+    _Memo,
+    _Payload,
+    _Py2Payload,
+    _Py2Str,
+    _Scalar,
+)
 
 
-class _Py2Payload(_Payload):
-    """A long Python 2 ``str`` (BINSTRING), left in the file: bytes where numpy wants bytes (an
-    array's data), latin-1 text where a str is wanted (a key, a dtype), as
-    ``numpy.load(encoding="latin1")`` reads it."""
-
-    __slots__ = ()
-
-
-class _Py2Str(bytes):
-    """A short Python 2 ``str`` (SHORT_BINSTRING, BINSTRING): see ``_Py2Payload``."""
-
-    __slots__ = ()
-
-
-# numpy's own bound on a header's length (numpy.lib.format._MAX_HEADER_SIZE): dtype strings from a
-# pickle are held to it too; a numeric dtype's string has a few characters
-MAX_DTYPE_STRING = 10_000
-
-
-class _Global:
-    __slots__ = ("kind", "name")
-
-    def __init__(self, kind: int, name: str) -> None:
-        self.kind = kind
-        self.name = name
-
-
-class _DtypeStub:
-    __slots__ = ("descr", "byteorder", "structured", "_parsed", "text")
-
-    def __init__(self, descr: str) -> None:
-        self.descr = descr
-        self.byteorder = "|"
-        self.structured = False
-        # the parse of this stub, dtype or error text: a memoized dtype is referenced by every
-        # array of its kind, and is parsed once (BUILD, which changes it, clears this)
-        self._parsed: Any = None
-        self.text: Optional[str] = None  # the dtype as messages show it, made once (legacy)
-
-    def to_dtype(self, where: Any) -> np.dtype:
-        """The numpy dtype; ``DumpFormatError`` for one that does not parse or is structured.
-        ``where`` (str() of it) names the key in the message."""
-        parsed = self._parsed
-        if parsed is None:
-            parsed = self._parsed = self._parse()
-        if type(parsed) is str:
-            raise DumpFormatError(f"{where}: {parsed}")
-        return parsed
-
-    def _parse(self) -> Any:
-        if self.structured:
-            return "structured dtype is not numeric data"
-        cached = _STUB_DTYPES.get((self.descr, self.byteorder))
-        if cached is not None:  # a dump repeats a handful of dtypes thousands of times
-            return cached
-        try:
-            dt = np.dtype(self.descr)
-        except _DTYPE_PARSE_ERRORS:
-            return f"unknown dtype {_short(self.descr)}"
-        if self.byteorder in ("<", ">") and dt.itemsize > 1:
-            dt = dt.newbyteorder(self.byteorder)
-        if len(self.descr) <= 16 and len(self.byteorder) == 1 and len(_STUB_DTYPES) < 256:
-            _STUB_DTYPES[(self.descr, self.byteorder)] = dt
-        return dt
-
-
-# (descr, byteorder) -> dtype, for _DtypeStub.to_dtype; numpy dtypes are immutable
-_STUB_DTYPES: dict[tuple[str, str], np.dtype] = {}
-
-
-class _ArrayStub:
-    __slots__ = ("shape", "dtype", "fortran", "data", "built")
-
-    def __init__(self) -> None:
-        self.shape: tuple[int, ...] = ()
-        self.dtype: Optional[_DtypeStub] = None
-        self.fortran = False
-        self.data: Any = None
-        self.built = False
-
-
-class _Scalar:
-    __slots__ = ("dtype", "data")
-
-    def __init__(self, dtype: _DtypeStub, data: Any) -> None:
-        self.dtype = dtype
-        self.data = data
-
-
-class _PickleWalker:
+class _PickleWalker(_NumpyForms):
     """Interprets the subset of the pickle protocol numpy's pickles use, without calling anything."""
 
     def __init__(self, buf: Any, start: int, end: int, path: str) -> None:
@@ -154,6 +54,8 @@ class _PickleWalker:
         self.steps = 0
         # (shape, dtype stub) -> the checked shape, for _commit_array
         self._shapes: dict[tuple[tuple[int, ...], _DtypeStub], tuple[int, ...]] = {}
+        self._shape_objs: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per shape
+        self._heads: dict[int, tuple[Any, ...]] = {}  # memo index of b"b" -> (ndarray, (0,), b"b")
 
     # -- reading primitives -----------------------------------------------------------------------
     def _need(self, n: int) -> int:
@@ -184,10 +86,10 @@ class _PickleWalker:
         return bytes(self.buf[p:nl])
 
     def _blob(self, n: int) -> Any:
-        if n >= _INLINE_LIMIT:
-            p = self._need(n)
-            return _Payload(p, n)
-        return self._bytes(n)
+        # left in the file whatever its size: an array's bytes (the first array of a dump, whose
+        # dtype is built inline, is walked here) are then viewed in place, and batched, never
+        # copied behind a loader; every reader of a blob takes a _Payload as it takes bytes
+        return _Payload(self._need(n), n)
 
     def _py2_blob(self, n: int) -> Any:
         if n >= _INLINE_LIMIT:
@@ -215,7 +117,7 @@ class _PickleWalker:
     # -- the machine --------------------------------------------------------------------------------
     def run(self) -> Any:
         stack: list[Any] = []
-        memo: dict[int, Any] = {}
+        memo = _Memo()
         marks: list[int] = []
 
         def pop_mark() -> list[Any]:
@@ -247,7 +149,7 @@ class _PickleWalker:
             if op == 0x94:  # MEMOIZE (the commonest opcode: tested first)
                 if not stack:
                     raise DumpFormatError(f"{self.path}: corrupt pickle (memoize on empty stack)")
-                memo[len(memo)] = stack[-1]
+                memo.add(stack[-1])
             elif op == 0x80:  # PROTO
                 self._u8()
             elif op == 0x95:  # FRAME: a length prefix only; opcodes continue inline
@@ -381,143 +283,6 @@ class _PickleWalker:
                                       "(it would build or look up arbitrary objects)")
             else:
                 raise DumpFormatError(f"{self.path}: unsupported or corrupt pickle opcode 0x{op:02x} at byte {self.pos - 1}")
-
-    def _fast_array(self, stack: list[Any], memo: dict[int, Any]) -> bool:
-        """Consume one array in the exact opcode sequence numpy's ``__reduce__`` yields under
-        protocol 4 (``np.save``'s), after its first BINGET (already read); False, with nothing
-        consumed, for anything else, which the generic loop then walks. Same stack, memo, step
-        count and checks as the generic loop, without dispatching ~25 opcodes one by one::
-
-            BINGET _reconstruct  BINGET ndarray  BININT1 0  TUPLE1 MEMOIZE  BINGET b"b"  TUPLE3
-            MEMOIZE  REDUCE MEMOIZE  MARK BININT1 1  <dims> TUPLEn MEMOIZE | EMPTY_TUPLE
-            BINGET dtype  NEWTRUE|NEWFALSE  (SHORT_)BINBYTES(8) <data> [FRAME]  MEMOIZE
-            TUPLE MEMOIZE BUILD
-        """
-        buf, p, end = self.buf, self.pos, self.end
-        if p + 17 > end or buf[p + 1] != 0x68 or buf[p + 3 : p + 8] != b"K\x00\x85\x94h" \
-                or buf[p + 9 : p + 16] != b"\x87\x94R\x94(K\x01":
-            return False
-        rec, nd, third = memo.get(buf[p]), memo.get(buf[p + 2]), buf[p + 8]
-        if not (type(rec) is _Global and rec.kind == _RECONSTRUCT and type(nd) is _Global
-                and nd.kind == _NDARRAY and third in memo):
-            return False
-        q = p + 16
-        steps = 11  # the opcodes above, after the BINGET the loop counted
-        dims: list[int] = []
-        while q + 5 <= end:
-            c = buf[q]
-            if c == 0x4B:  # BININT1
-                dims.append(buf[q + 1])
-                q += 2
-            elif c == 0x4D:  # BININT2
-                dims.append(buf[q + 1] | buf[q + 2] << 8)
-                q += 3
-            elif c == 0x4A:  # BININT
-                dims.append(int.from_bytes(buf[q + 1 : q + 5], "little", signed=True))
-                q += 5
-            else:
-                break
-        if q + 4 > end:
-            return False
-        steps += len(dims)
-        c = buf[q]
-        if c == 0x29 and not dims:  # EMPTY_TUPLE (never memoized)
-            shape_memo = False
-            q += 1
-            steps += 1
-        elif dims and c - 0x84 == len(dims) and buf[q + 1] == 0x94:  # TUPLE1-3 MEMOIZE
-            shape_memo = True
-            q += 2
-            steps += 2
-        else:
-            return False
-        if q + 4 > end or buf[q] != 0x68 or buf[q + 2] not in (0x88, 0x89):
-            return False
-        dtype = memo.get(buf[q + 1])
-        if type(dtype) is not _DtypeStub:
-            return False
-        fortran = buf[q + 2] == 0x88
-        c = buf[q + 3]
-        q += 4
-        if c == 0x43:  # SHORT_BINBYTES
-            if q + 1 > end:
-                return False
-            n, q = buf[q], q + 1
-        elif c == 0x42:  # BINBYTES
-            if q + 4 > end:
-                return False
-            n, q = struct.unpack_from("<I", buf, q)[0], q + 4
-        elif c == 0x8E:  # BINBYTES8
-            if q + 8 > end:
-                return False
-            n, q = struct.unpack_from("<Q", buf, q)[0], q + 8
-        else:
-            return False
-        data_at = q
-        q += n
-        steps += 3
-        if q + 9 <= end and buf[q] == 0x95:  # FRAME: a large payload is written between frames
-            q += 9
-            steps += 1
-        if q + 4 > end or buf[q : q + 4] != b"\x94t\x94b":
-            return False
-        self._commit_array(stack, memo, nd, third, tuple(dims), shape_memo, dtype, fortran,
-                           data_at, n)
-        self.pos = q + 4
-        self.steps += steps + 4
-        return True
-
-    def _commit_array(self, stack: list[Any], memo: dict[int, Any], nd: _Global, third: int,
-                      shape: tuple[int, ...], shape_memo: bool, dtype: _DtypeStub, fortran: bool,
-                      data_at: int, n: int) -> None:
-        """The stack and memo entries of one array in numpy's form, in the order the generic loop
-        makes them (its memo references already checked), and what ``_build`` makes of the stub.
-        Runs once per array of a dump: ``_build``'s checks of a state it built itself are left out,
-        and shape checks are cached per (shape, dtype)."""
-        data: Any = _Payload(data_at, n) if n >= _INLINE_LIMIT else \
-            bytes(self.buf[data_at : data_at + n])
-        zero = (0,)
-        memo[len(memo)] = zero  # len() each time: a sparse memo (BINPUT) must count alike
-        memo[len(memo)] = (nd, zero, memo[third])
-        stub = _ArrayStub()
-        memo[len(memo)] = stub
-        if shape_memo:
-            memo[len(memo)] = shape
-        memo[len(memo)] = data
-        memo[len(memo)] = (1, shape, dtype, fortran, data)
-        stack.append(stub)
-        checked = self._shapes.get((shape, dtype))
-        if checked is None:  # a dump's arrays repeat a few hundred (shape, dtype) pairs
-            checked = check_shape(shape, self._itemsize(dtype), f"{self.path}: corrupt pickle")
-            self._shapes[shape, dtype] = checked
-        stub.shape, stub.dtype, stub.fortran, stub.data, stub.built = checked, dtype, fortran, data, True
-
-    def _scan_items(self, stack: list[Any], memo: dict[int, Any]) -> None:
-        """Dict items ``key: ndarray`` in numpy's exact form, located by the compiled scanner
-        (``reprod._kernel.scan_items``) and committed here with the generic loop's checks,
-        stack, memo and step count. Stops at the first item that does not fit; the generic loop
-        walks on from there. Called with ``pos`` on a SHORT_BINUNICODE opcode."""
-        buf = self.buf
-        scan = scanner()
-        assert scan is not None
-        for (_start, key_at, key_len, rec, nd, third, shape, shape_memo, dt, fortran, data_at, n,
-             after, steps) in scan(buf, self.pos, self.end, 1 << 16):
-            rec_g, nd_g, dtype = memo.get(rec), memo.get(nd), memo.get(dt)
-            if not (type(rec_g) is _Global and rec_g.kind == _RECONSTRUCT and type(nd_g) is _Global
-                    and nd_g.kind == _NDARRAY and third in memo and type(dtype) is _DtypeStub):
-                return
-            try:
-                key = bytes(buf[key_at : key_at + key_len]).decode("utf-8", "surrogatepass")
-            except UnicodeDecodeError:
-                return  # the generic loop raises the error, at the same byte
-            # references were checked before the key's MEMOIZE: one naming the key's own entry
-            # failed above and goes to the generic loop, which gives it the same meaning
-            stack.append(key)
-            memo[len(memo)] = key
-            self._commit_array(stack, memo, nd_g, third, shape, shape_memo == 1, dtype, fortran == 1,
-                               data_at, n)
-            self.pos = after
-            self.steps += steps
 
     def _int(self, line: bytes) -> int:
         try:

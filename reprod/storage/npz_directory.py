@@ -1,0 +1,129 @@
+"""The native reader's own parse of a zip directory: for a plain uncompressed archive (what
+``npz_writer`` and plain ``numpy.savez`` write), one pass of ``struct`` over the central directory
+and the local headers instead of ``zipfile``; ``None`` for anything else."""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Optional
+
+from .lazy import MappedFile
+from .npz_format import _EOCD, _EOCD64, _LOCATOR64
+
+__all__: list[str] = []
+
+
+# The common case, a dump this module (or plain ``np.savez``) wrote, is read without ``zipfile``:
+# one pass of ``struct`` over the central directory and the local headers. Only archives whose
+# every field is the plain, consistent kind take this path; anything else (compressed members, an
+# archive comment, data descriptors, encryption, duplicate names, a zip inside another file, any
+# field that disagrees) goes to ``_read_npz_zipfile``, which then reads or rejects it exactly as
+# before. So the fast path never has to produce an error about the zip structure itself.
+# central directory entry, 46 bytes: signature, extract version, flags, method, CRC, compressed
+# size, size, name/extra/comment lengths, local header offset (the rest is not used)
+_CENTRAL = struct.Struct("<4s2xBxHH4xLLLHHH8xL")
+_LOCAL = struct.Struct("<4s22xHH")  # local header, 30 bytes: signature, name and extra lengths
+_FIELD = struct.Struct("<HH")
+_Q = struct.Struct("<Q")
+_MAX_EXTRACT_VERSION = 63  # zipfile refuses more
+_UTF8_NAME = 0x800
+_ALT_SEP = os.sep if os.sep != "/" else "\0"  # zipfile turns os.sep into "/"
+
+
+def _fast_directory(mf: MappedFile) -> Optional[dict[str, tuple[int, int, int]]]:
+    """member name -> (data start, size, CRC32) for a plain uncompressed zip whose directory,
+    end records and local headers all agree; ``None`` for anything else. Checks what
+    ``_check_directory`` checks (count in the end record = members listed, each local header
+    agrees in name, stored sizes equal, nothing outside the file) and what makes ``zipfile``
+    read a directory differently (offset shift of a zip prefixed by other data, zip64 fields)."""
+    size = mf.size
+    if size < 22:
+        return None
+    buf = mf.buffer()
+    eocd = size - 22
+    sig, disk, disk_cd, count_disk, count, cd_size, cd_off, comment = _EOCD.unpack_from(buf, eocd)
+    if sig != b"PK\x05\x06" or comment:
+        return None
+    claimed = count  # what _entries_claimed reads
+    cd_end = eocd
+    if eocd >= 20 and buf[eocd - 20 : eocd - 16] == b"PK\x06\x07":
+        _, disk64, rec, disks = _LOCATOR64.unpack_from(buf, eocd - 20)
+        # zipfile reads the zip64 record just before the locator, _entries_claimed where the
+        # locator points: both must be the same record
+        if disk64 or disks > 1 or rec != eocd - 76 or rec < 0:
+            return None
+        (sig, rec_size, _, _, disk, disk_cd, count_disk, count64, cd_size,
+         cd_off) = _EOCD64.unpack_from(buf, rec)
+        if sig != b"PK\x06\x06" or rec_size != 44:
+            return None
+        if claimed == 0xFFFF:
+            claimed = count64
+        count = count64
+        cd_end = rec
+    if disk or disk_cd or count_disk != count or cd_off + cd_size != cd_end:
+        return None
+    members: dict[str, tuple[int, int, int]] = {}
+    listed = 0
+    unpack_central, unpack_local, unpack_field = _CENTRAL.unpack_from, _LOCAL.unpack_from, _FIELD.unpack_from
+    pos = cd_off
+    while pos < cd_end:
+        if pos + 46 > cd_end:
+            return None
+        sig, version, flags, method, crc, csize, usize, n, e, c, off = unpack_central(buf, pos)
+        if sig != b"PK\x01\x02" or version > _MAX_EXTRACT_VERSION or flags & ~_UTF8_NAME or method:
+            return None
+        p = pos + 46
+        pos = p + n + e + c
+        if pos > cd_end:
+            return None
+        raw = buf[p : p + n]
+        # zipfile's _decodeExtra: fields must fit; zip64 sizes replace the 0xFFFFFFFF ones. Most
+        # entries carry one field, the alignment padding, which needs no walk.
+        if e and (e < 4 or unpack_field(buf, p + n)[1] + 4 != e or usize == 0xFFFFFFFF
+                  or csize == 0xFFFFFFFF or off == 0xFFFFFFFF):
+            x, x_end = p + n, p + n + e
+            while x_end - x >= 4:
+                tp, ln = unpack_field(buf, x)
+                x += 4
+                if x + ln > x_end:
+                    return None
+                if tp == 1:
+                    z, z_end = x, x + ln
+                    if usize == 0xFFFFFFFF:
+                        if z + 8 > z_end:
+                            return None
+                        usize = _Q.unpack_from(buf, z)[0]
+                        z += 8
+                    if csize == 0xFFFFFFFF:
+                        if z + 8 > z_end:
+                            return None
+                        csize = _Q.unpack_from(buf, z)[0]
+                        z += 8
+                    if off == 0xFFFFFFFF:
+                        if z + 8 > z_end:
+                            return None
+                        off = _Q.unpack_from(buf, z)[0]
+                x += ln
+        if csize != usize or off + 30 > size:
+            return None
+        lsig, ln, le = unpack_local(buf, off)
+        start = off + 30 + ln + le
+        if lsig != b"PK\x03\x04" or ln != n or start + usize > size or buf[off + 30 : start - le] != raw:
+            return None
+        try:
+            name = raw.decode("ascii")  # cp437 and UTF-8 agree on ASCII names
+        except UnicodeDecodeError:
+            try:
+                name = raw.decode("utf-8" if flags & _UTF8_NAME else "cp437")
+            except UnicodeDecodeError:
+                return None
+        members[name] = (start, usize, crc)
+        listed += 1
+    # a duplicate name shadows a member; zipfile cuts a name at a NUL and rewrites os.sep
+    if pos != cd_end or len(members) != listed or listed != claimed:
+        return None
+    names = "".join(members)
+    if "\0" in names or _ALT_SEP in names:
+        return None
+    return members
