@@ -9,11 +9,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..diff.criteria import Criteria
 from ..logger import ReprodLogger
 from ..storage import save
 from .calibration import _float64_twin
 from .framework import (
-    _check_noise_factor,
+    _criteria,
     _deterministic,
     _flatten,
     _modes,
@@ -46,6 +47,7 @@ def align_forward(
     verbose: bool = False,
     calibrate: bool = False,
     noise_factor: Optional[float] = None,
+    criteria: Optional[Criteria] = None,
     by_order: bool = False,
     localise: bool = True,
 ) -> Any:
@@ -68,6 +70,9 @@ def align_forward(
     ``out_dir`` also gets ``forward_torch64.npy`` (``reprod-diff forward_torch.npy
     forward_paddle.npy --noise forward_torch64.npy`` reproduces the verdicts).
 
+    ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
+    rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
+
     >>> load_into_paddle(paddle_model, torch_model)
     >>> r = align_forward(torch_model, paddle_model, {"x": x}, out_dir="result")
     >>> r.passed
@@ -76,7 +81,8 @@ def align_forward(
     import paddle
     import torch
 
-    _check_noise_factor(calibrate, noise_factor)
+    crit = _criteria(criteria, calibrate, methods=method, threshold=threshold, atol=atol,
+                     rtol=rtol, per_key=per_key, noise_factor=noise_factor)
     torch_log, paddle_log = ReprodLogger(), ReprodLogger()
     noise_log = ReprodLogger() if calibrate else None
     args, kwargs = _split_inputs(inputs)
@@ -106,22 +112,15 @@ def align_forward(
         paddle_log,
         out_dir=out_dir,
         name="forward",
-        method=method,
-        threshold=threshold,
-        atol=atol,
-        rtol=rtol,
-        per_key=per_key,
+        criteria=crit,
         verbose=verbose,
         noise_log=noise_log,
-        noise_factor=noise_factor,
         write_log=not localise,
     )
     if localise and not result.passed:
         result = _localised(
             result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,
-            calibrate=calibrate, compare_kw=dict(method=method, threshold=threshold, atol=atol,
-                                                 rtol=rtol, per_key=per_key),
-            noise_factor=noise_factor, out_dir=out_dir, verbose=verbose,
+            calibrate=calibrate, criteria=crit, out_dir=out_dir, verbose=verbose,
         )
     elif out_dir is not None:
         _write_diff_log(result, os.path.join(os.fspath(out_dir), "forward_diff.log"), verbose=verbose)
@@ -138,8 +137,7 @@ def _localised(
     seed: int,
     by_order: bool,
     calibrate: bool,
-    compare_kw: dict[str, Any],
-    noise_factor: Optional[float],
+    criteria: Criteria,
     out_dir: Optional[PathLike],
     verbose: bool,
 ) -> Any:
@@ -148,8 +146,6 @@ def _localised(
     import paddle
     import torch
 
-    if calibrate and noise_factor is not None:
-        compare_kw["noise_factor"] = noise_factor
     with _modes(torch_model, paddle_model, train=False), _deterministic(seed):
         dev, place = _torch_device(torch_model), _paddle_place(paddle_model)
         targs, tkw = _to_torch(args, dev), _to_torch(kwargs, dev)
@@ -176,7 +172,7 @@ def _localised(
 
             twin = (model64, run_twin)
         found = localise_forward(torch_model, paddle_model, run_torch, run_paddle,
-                                 by_order=by_order, compare_kw=compare_kw, run_twin=twin)
+                                 by_order=by_order, criteria=criteria, run_twin=twin)
     div = found.divergence
     options = dict(result.options, findings=found.findings)
     if div is not None:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..adapters import to_numpy
+from ..diff.criteria import Criteria, build_criteria
 from ..errors import KeyMismatchError, ReprodError
 from .conversion import _few
 from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
@@ -172,6 +173,20 @@ def _check_no_dropout(torch_model: Any, paddle_model: Any) -> None:
             f"{', '.join(found)}; build the models with dropout 0 for alignment, or call .eval() on "
             "those layers"
         )
+
+
+# align's own defaults for the keyword shortcuts (threshold 1e-5: float32 ports, not compare's 1e-6)
+_ALIGN_DEFAULTS: dict[str, Any] = {"methods": "mean", "threshold": 1e-5, "atol": None, "rtol": None,
+                                   "per_key": None, "noise_factor": None}
+
+
+def _criteria(criteria: Optional[Criteria], calibrate: bool, **given: Any) -> Criteria:
+    """One ``reprod.Criteria`` for every comparison of an align run: ``criteria`` with the keyword
+    shortcuts given beside it (those left at align's defaults do not override it)."""
+    _check_noise_factor(calibrate, given.get("noise_factor"))
+    if criteria is not None:
+        given = {k: v for k, v in given.items() if v != _ALIGN_DEFAULTS[k]}
+    return build_criteria(criteria, **given)
 
 
 def _check_noise_factor(calibrate: bool, noise_factor: Optional[float]) -> None:

@@ -102,7 +102,7 @@ def localise_forward(
     run_paddle: Any,
     *,
     by_order: bool,
-    compare_kw: Mapping[str, Any],
+    criteria: Any,
     run_twin: Any = None,
 ) -> Localisation:
     """Capture both models' layers (``run_*``: no-argument callables running one forward pass
@@ -124,10 +124,8 @@ def localise_forward(
         calls = pair_layer_calls(ref, raw, anchors=_weight_anchors(torch_model, paddle_model))
         port = _renamed(raw, calls)
         names = {o.partition("#")[0]: r.partition("#")[0] for o, r in calls.items()}
-    kw = dict(compare_kw)
-    if run_twin is not None:
-        kw["noise"] = _capture(run_twin[0], run_twin[1], containers)
-    plain = compare(ref, port, **kw)
+    noise = None if run_twin is None else _capture(run_twin[0], run_twin[1], containers)
+    plain = compare(ref, port, criteria=criteria, noise=noise)
     ptypes = layer_types(paddle_model)
     types: dict[str, tuple[str, Optional[str]]] = {
         name: (cls, None) for name, cls in layer_types(torch_model).items()

@@ -113,20 +113,16 @@ def _finish(
     *,
     out_dir: Optional[PathLike],
     name: str,
-    method: Any,
-    threshold: float,
-    atol: Optional[float],
-    rtol: Optional[float],
-    per_key: Any,
+    criteria: Any,
     verbose: bool,
     noise_log: Optional[ReprodLogger] = None,
-    noise_factor: Optional[float] = None,
     write_log: bool = True,
     kinks: Any = None,
     paddle_to_torch: Optional[Mapping[str, str]] = None,
 ) -> Any:
     """Compare, annotate and write the dumps (and, with ``write_log``, the diff log: a caller
-    that adds findings first writes it itself). ``kinks``: the ``align.kinks.KinkCapture`` whose
+    that adds findings first writes it itself), judged by ``criteria`` (a ``reprod.Criteria``,
+``framework._criteria``). ``kinks``: the ``align.kinks.KinkCapture`` whose
     layer captures the loggers also hold (compared, used to explain kink crossings, then taken
     out of the result and the dumps); ``paddle_to_torch`` maps the gradients' parameter names."""
     from ..diff.engine import compare
@@ -135,25 +131,7 @@ def _finish(
     noise = None if noise_log is None else noise_log.data
     if kinks is not None:  # the Paddle side's captures under the torch layer calls they pair with
         ref, other, noise = kinks.sides(ref, other, noise)
-    calibrated: dict[str, Any] = {}
-    if noise is not None:
-        calibrated = {"noise": noise}
-        if noise_factor is not None:
-            calibrated["noise_factor"] = noise_factor
-    result = _with_notes(
-        compare(
-            ref,
-            other,
-            method=method,
-            threshold=threshold,
-            atol=atol,
-            rtol=rtol,
-            per_key=per_key,
-            **calibrated,
-        ),
-        ref,
-        other,
-    )
+    result = _with_notes(compare(ref, other, criteria=criteria, noise=noise), ref, other)
     if kinks is not None:
         result = kinks.explain(result, ref, other, noise, paddle_to_torch or {})
         del ref, other, noise  # the capture arrays go with the loggers' keys below

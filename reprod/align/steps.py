@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..diff.criteria import Criteria
 from ..errors import ReprodError
 from ..logger import ReprodLogger
 from .by_order import by_order_rules
@@ -27,9 +28,9 @@ from .forward import align_forward
 from .framework import (
     _call_loss,
     _check_no_dropout,
-    _check_noise_factor,
     _check_scalar_loss,
     _check_structure,
+    _criteria,
     _deterministic,
     _flatten,
     _paddle_place,
@@ -210,6 +211,7 @@ def align_train(
     verbose: bool = False,
     calibrate: bool = False,
     noise_factor: Optional[float] = None,
+    criteria: Optional[Criteria] = None,
     by_order: bool = False,
     kinks: Optional[bool] = None,
 ) -> Any:
@@ -264,6 +266,9 @@ def align_train(
     ``result.options["kinks"]`` says how many keys were explained (or why none could be) and
     ``result.options["kink_crossings"]`` lists the crossings (torch and Paddle layer names).
 
+    ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
+    rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
+
     >>> r = align_train(tm, pm, [(x, y)], steps=3,
     ...                 torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
     ...                 torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9),
@@ -275,7 +280,8 @@ def align_train(
     n = len(batches) if steps is None else int(steps)
     if n < 1:
         raise ReprodError(f"steps must be at least 1, got {steps}")
-    _check_noise_factor(calibrate, noise_factor)
+    crit = _criteria(criteria, calibrate, methods=method, threshold=threshold, atol=atol,
+                     rtol=rtol, per_key=per_key, noise_factor=noise_factor)
     if bool(torch_model.training) != bool(paddle_model.training):
         modes = {True: "train", False: "eval"}
         raise ReprodError(
@@ -348,14 +354,9 @@ def align_train(
         paddle_log,
         out_dir=out_dir,
         name="train",
-        method=method,
-        threshold=threshold,
-        atol=atol,
-        rtol=rtol,
-        per_key=per_key,
+        criteria=crit,
         verbose=verbose,
         noise_log=noise_log,
-        noise_factor=noise_factor,
         kinks=kink,
         paddle_to_torch={kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name},
     )

@@ -172,3 +172,18 @@ def test_train_by_order_pairs_parameters_that_no_rule_maps() -> None:
     # the only failures are the known running-variance difference
     assert {k.key.rsplit("/", 1)[1] for k in r.failed} <= {"stem.bn._variance", "body.bn._variance"}
     assert r["step1/param/head.hidden.weight"].passed
+
+
+def test_one_criteria_object_judges_the_outputs_and_the_layers() -> None:
+    tm, pm = twins(seed=0)
+    pm.bn._epsilon = 1e-2
+    inputs, _ = make_batch(1)
+    by_keywords = align_forward(tm, pm, inputs, method="max", threshold=1e-6)
+    crit = reprod.Criteria(methods="max", threshold=1e-6)
+    by_criteria = align_forward(tm, pm, inputs, criteria=crit)
+    assert by_criteria.results == by_keywords.results
+    assert by_criteria.options["findings"] == by_keywords.options["findings"]
+    # a shortcut given beside it overrides its field: nothing fails at a threshold of 1
+    assert align_forward(tm, pm, inputs, criteria=crit, threshold=1.0).passed
+    with pytest.raises(reprod.ReprodError, match="noise_factor needs calibrate"):
+        align_forward(tm, pm, inputs, criteria=crit, noise_factor=5)
