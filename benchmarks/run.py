@@ -6,7 +6,10 @@
 Generates the workloads (seeded) under benchmarks/data/ unless they are there already, then runs
 reprod_log and reprod on the same files in interleaved rounds and prints a Markdown table of the
 median wall time, peak RSS, peak private memory (RssAnon, sampled from /proc every 2 ms) and the
-reprod/reprod_log ratios. Linux only (it reads /proc and uses wait4).
+reprod/reprod_log ratios. Beside every figure, a floor measured in the same rounds: for a
+comparison, starting Python and importing numpy, plus reading both files from the page cache and
+one numpy pass over them (``_child.py floor``); for a save, writing every array's bytes to one
+file; for start-up, ``python -c "import numpy"``. Linux only (it reads /proc and uses wait4).
 """
 
 from __future__ import annotations
@@ -143,15 +146,33 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def floor_of(samples: dict[str, list[Any]], fmt: str) -> dict[str, float]:
+    """A comparison's floor from one run's samples: the median start of ``python -c "import
+    numpy"`` plus the median in-process read of both files from the page cache and one numpy pass
+    over them (``_child.py floor``); the read and the pass also apart."""
+    start = _median(samples["start"])
+    read = _median([s["read"] for s in samples[fmt]])
+    read_pass = _median([s["read_pass"] for s in samples[fmt]])
+    return {"start": start, "read": read, "pass": max(read_pass - read, 0.0), "floor": start + read_pass}
+
+
 def run_workload(name: str, files: dict[str, str], rounds: int, reprod_log_rounds: int,
-                 variants: bool, log: Any) -> list[dict[str, Any]]:
+                 variants: bool, log: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     for p in files.values():  # into the page cache, as for every later round
         with open(p, "rb") as f:
             while f.read(1 << 24):
                 pass
     runs = diff_runs(files, variants)
     samples: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in runs}
+    floor_samples: dict[str, list[Any]] = {"start": [], "npy": [], "npz": []}
     for r in range(rounds):
+        # the floor, in the same rounds as the runs it is the floor of
+        floor_samples["start"].append(measure([PY, "-c", "import numpy"])["wall"])
+        for fmt in ("npy", "npz"):
+            m = measure([PY, CHILD, "floor", files[f"ref.{fmt}"], files[f"other.{fmt}"]])
+            if m["rc"] != 0:
+                raise SystemExit(f"floor {fmt} failed:\n{m['stderr'][-3000:]}")
+            floor_samples[fmt].append(json.loads(m["stdout"].strip().splitlines()[-1]))
         for label, cmd, env in runs:
             if label.startswith("reprod_log") and r >= reprod_log_rounds:
                 continue
@@ -161,13 +182,20 @@ def run_workload(name: str, files: dict[str, str], rounds: int, reprod_log_round
             samples[label].append(m)
             log(f"  {name:10s} round {r + 1}/{rounds} {label:26s} {m['wall']:7.3f} s  "
                 f"rss {m['rss'] / 2**20:7.0f} MiB  anon {m['anon'] / 2**20:7.0f} MiB")
+    floors = {fmt: floor_of(floor_samples, fmt) for fmt in ("npy", "npz")}
+    log(f"  {name:10s} floor: " + ", ".join(
+        f".{fmt} {f['floor']:.3f} s (start {f['start']:.3f} + read {f['read']:.3f} + pass {f['pass']:.3f})"
+        for fmt, f in floors.items()))
     return [{"workload": name, "run": label, "n": len(ms),
              "wall": _median([m["wall"] for m in ms]), "rss": _median([m["rss"] for m in ms]),
-             "anon": _median([m["anon"] for m in ms])} for label, ms in samples.items()]
+             "anon": _median([m["anon"] for m in ms]),
+             "floor": floors["npz" if ".npz" in label else "npy"]["floor"]}
+            for label, ms in samples.items()], floors
 
 
 def run_logger(workload: str, scale: float, rounds: int, tmp: str, log: Any) -> list[dict[str, Any]]:
-    cases = [("reprod_log", "npy"), ("reprod", "npy"), ("reprod", "npz")]
+    # floor: every array's bytes written to one file, one write each (no format at all)
+    cases = [("reprod_log", "npy"), ("reprod", "npy"), ("reprod", "npz"), ("floor", "bin")]
     samples: dict[str, list[dict[str, Any]]] = {f"{t} .{f}": [] for t, f in cases}
     for r in range(rounds):
         for tool, fmt in cases:
@@ -220,6 +248,10 @@ def run_startup(tmp: str, rounds: int, log: Any) -> dict[str, Any]:
     return out
 
 
+def _ratio(x: float, base: Optional[float]) -> str:
+    return f"{x / base:.2f}x" if base else ""
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 
@@ -228,9 +260,9 @@ def _mib(x: float) -> str:
 
 
 def table(rows: list[dict[str, Any]], sizes: dict[str, str]) -> str:
-    lines = ["| workload | run | n | wall (median) | peak RSS | peak private (RssAnon) | "
-             "speed-up vs reprod_log | private memory vs reprod_log |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | run | n | wall (median) | floor | wall / floor | peak RSS | "
+             "peak private (RssAnon) | speed-up vs reprod_log | private memory vs reprod_log |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["workload"]: r for r in rows if r["run"].startswith("reprod_log") and r["n"]}
     for r in rows:
         if not r["n"]:
@@ -240,20 +272,28 @@ def table(rows: list[dict[str, Any]], sizes: dict[str, str]) -> str:
         if b is not None and r is not b:
             speed = f"{b['wall'] / r['wall']:.1f}x"
             mem = f"{r['anon'] / b['anon']:.3f}"
+        floor = r.get("floor")
         lines.append(f"| {r['workload']} ({sizes[r['workload']]}) | {r['run']} | {r['n']} | "
-                     f"{r['wall']:.3f} s | {_mib(r['rss'])} | {_mib(r['anon'])} | {speed} | {mem} |")
+                     f"{r['wall']:.3f} s | {'' if floor is None else f'{floor:.3f} s'} | "
+                     f"{_ratio(r['wall'], floor)} | {_mib(r['rss'])} | {_mib(r['anon'])} | {speed} | {mem} |")
     return "\n".join(lines)
 
 
 def logger_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| workload | logger | add | save | add+save | vs reprod_log | peak private |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| workload | logger | add | save | add+save | floor | add+save / floor | "
+             "speed vs reprod_log | peak private |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = {r["workload"]: r for r in rows if r["run"].startswith("reprod_log")}
+    floors = {r["workload"]: r["save"] for r in rows if r["run"].startswith("floor")}
     for r in rows:
+        if r["run"].startswith("floor"):
+            continue
         b = base[r["workload"]]
         ratio = "" if r is b else f"{(b['add'] + b['save']) / (r['add'] + r['save']):.2f}x"
+        fl = floors.get(r["workload"])
         lines.append(f"| {r['workload']} | {r['run']} | {r['add']:.3f} s | {r['save']:.3f} s | "
-                     f"{r['add'] + r['save']:.3f} s | {ratio} | {_mib(r['anon'])} |")
+                     f"{r['add'] + r['save']:.3f} s | {'' if fl is None else f'{fl:.4f} s'} | "
+                     f"{_ratio(r['add'] + r['save'], fl)} | {ratio} | {_mib(r['anon'])} |")
     return "\n".join(lines)
 
 
@@ -276,7 +316,10 @@ def machine() -> str:
         pass
     kernel = "compiled kernel" if metrics.kernel_available() else "numpy path"
     if metrics.kernel_available():
-        kernel += f" ({metrics._kernel.isa()})"
+        from reprod import _native
+
+        isa = getattr(_native.kernel(), "isa", None)
+        kernel += f" ({isa()})" if isa else ""
     return (f"{_dt.date.today().isoformat()}, {cpu}, {os.cpu_count()} CPUs, {mem} RAM, "
             f"Python {platform.python_version()}, numpy {np.__version__}, {kernel}, "
             f"load average at start {os.getloadavg()[0]:.1f}")
@@ -309,6 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows: list[dict[str, Any]] = []
     sizes: dict[str, str] = {}
     verdicts: dict[str, str] = {}
+    floors: dict[str, dict[str, dict[str, float]]] = {}
     for name in args.workloads.split(","):
         files = generate(args.data, name, scale)
         with open(os.path.join(os.path.dirname(files["ref.npy"]), "workload.json")) as f:
@@ -317,9 +361,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         verdicts[name] = verify(files, info["failing"])
         log(f"  {name}: {verdicts[name]}")
         large = name == "few-large" and scale >= 1.0
-        rows += run_workload(name, files, args.rounds,
-                             args.reprod_log_large_rounds if large else args.rounds,
-                             args.variants, log)
+        got, floors[name] = run_workload(name, files, args.rounds,
+                                         args.reprod_log_large_rounds if large else args.rounds,
+                                         args.variants, log)
+        rows += got
         _evict(files.values())  # leave the page cache to the next workload
     with tempfile.TemporaryDirectory(dir=args.data) as tmp:
         startup = run_startup(tmp, args.rounds, log)
@@ -335,8 +380,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, v in verdicts.items():
         print(f"- {name}: {v}")
     print()
-    print("Start-up (median wall): " + ", ".join(
-        f"{k} {v:.3f} s" for k, v in startup.items() if k != "heavy imports")
+    print("Floors (same run; start = `python -c 'import numpy'`, read = both files from the page "
+          "cache, pass = one numpy pass over both as float32):")
+    for name, by_fmt in floors.items():
+        print(f"- {name}: " + "; ".join(
+            f".{fmt} {f['floor']:.3f} s = start {f['start']:.3f} + read {f['read']:.4f} + pass {f['pass']:.4f}"
+            for fmt, f in by_fmt.items()))
+    print()
+    numpy_start = startup.get("python -c 'import numpy'")
+    print("Start-up (median wall; x the `import numpy` start): " + ", ".join(
+        f"{k} {v:.3f} s ({_ratio(v, numpy_start)})" for k, v in startup.items() if k != "heavy imports")
         + "; torch/paddle/pandas/tabulate imported by `python -m reprod`: "
         + (", ".join(startup["heavy imports"]) or "none"))
     if logger_rows:
@@ -351,7 +404,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"{_mib(s['anon'])} | {_mib(s['rss'])} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": header, "rows": rows, "startup": startup, "logger": logger_rows,
+            json.dump({"machine": header, "rows": rows, "floors": floors, "startup": startup,
+                       "logger": logger_rows,
                        "stream": stream_rows, "verdicts": verdicts, "sizes": sizes}, f, indent=1)
     return 0
 

@@ -51,7 +51,6 @@ class _Prefix:
 
     def __init__(self) -> None:
         import io
-        import pickletools
 
         holder = np.empty((), dtype=object)
         holder[()] = {}
@@ -61,7 +60,7 @@ class _Prefix:
         )
         self.npy_header = buf.getvalue()
         raw = pickle.dumps(holder, protocol=4)
-        ops = list(pickletools.genops(raw))
+        ops = _genops(raw)
         if [op.name for op, _, _ in ops[:2]] != ["PROTO", "FRAME"]:
             raise ValueError("unexpected pickle layout")
         memo = 0
@@ -103,6 +102,53 @@ class _Prefix:
         tail = raw[dict_at[0] :]
         if tail != b"}\x94at\x94b.":
             raise ValueError("unexpected pickle layout")
+
+
+# the opcodes of numpy's pickle of a 0-d object array (pickletools.genops, which costs 0.7 ms to
+# import, for just these): code -> (name, argument: fixed byte count, or "s1" a 1-byte length then
+# that many bytes); any other opcode is an unknown layout, left to np.save
+_OPS: dict[int, tuple[str, Any]] = {
+    0x80: ("PROTO", 1), 0x95: ("FRAME", 8), 0x8C: ("SHORT_BINUNICODE", "s1"), 0x94: ("MEMOIZE", 0),
+    0x93: ("STACK_GLOBAL", 0), 0x4B: ("BININT1", 1), 0x4A: ("BININT", 4), 0x85: ("TUPLE1", 0),
+    0x86: ("TUPLE2", 0), 0x87: ("TUPLE3", 0), 0x43: ("SHORT_BINBYTES", "s1"), 0x52: ("REDUCE", 0),
+    0x28: ("MARK", 0), 0x29: ("EMPTY_TUPLE", 0), 0x68: ("BINGET", 1), 0x89: ("NEWFALSE", 0),
+    0x88: ("NEWTRUE", 0), 0x4E: ("NONE", 0), 0x74: ("TUPLE", 0), 0x62: ("BUILD", 0),
+    0x5D: ("EMPTY_LIST", 0), 0x7D: ("EMPTY_DICT", 0), 0x61: ("APPEND", 0), 0x2E: ("STOP", 0),
+}
+
+
+class _Op:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _genops(raw: bytes) -> list[tuple[_Op, Any, int]]:
+    """``list(pickletools.genops(raw))`` for the opcodes of ``_OPS`` (the same names, arguments
+    and positions: str for SHORT_BINUNICODE, bytes for SHORT_BINBYTES, int otherwise)."""
+    out: list[tuple[_Op, Any, int]] = []
+    pos = 0
+    while pos < len(raw):
+        entry = _OPS.get(raw[pos])
+        if entry is None:
+            raise ValueError("unexpected pickle layout")
+        name, argument = entry
+        at = pos
+        pos += 1
+        arg: Any = None
+        if argument == "s1":
+            n = raw[pos]
+            data = raw[pos + 1 : pos + 1 + n]
+            arg = data.decode("utf-8") if name == "SHORT_BINUNICODE" else data
+            pos += 1 + n
+        elif argument:
+            arg = int.from_bytes(raw[pos : pos + argument], "little", signed=name == "BININT")
+            pos += argument
+        out.append((_Op(name), arg, at))
+        if name == "STOP":
+            break
+    return out
 
 
 _prefix: Any = None
@@ -180,7 +226,7 @@ class _Unsupported(Exception):
 
 
 class _Writer:
-    __slots__ = ("f", "out", "memo", "n", "pre", "keep")
+    __slots__ = ("f", "out", "memo", "n", "pre", "keep", "mids")
 
     def __init__(self, f: BinaryIO, pre: Any) -> None:
         self.f = f
@@ -190,6 +236,7 @@ class _Writer:
         self.memo: dict[int, int] = {}
         self.keep: list[Any] = []
         self.n = 0
+        self.mids: dict[tuple[Any, ...], bytes] = {}  # item()'s opcodes between key and payload
 
     # -- frames ---------------------------------------------------------------------------------
     def commit(self) -> None:
@@ -346,8 +393,14 @@ class _Writer:
         memo = self.memo
         i = memo.get(id(k))
         if i is None:
-            out += _str_op(k)
-            out += b"\x94"
+            raw_key = k.encode("utf-8", "surrogatepass")
+            if len(raw_key) < 256:
+                out += _SHORT_STR[len(raw_key)]
+                out += raw_key
+                out += b"\x94"
+            else:
+                out += _str_op(k)
+                out += b"\x94"
             memo[id(k)] = self.n
             self.n += 1
         else:
@@ -358,31 +411,42 @@ class _Writer:
                 return
             raise _Unsupported
         # the common case inline: a new C-contiguous array of 2 bytes to 64 KiB whose dtype was
-        # written before; the opcodes are those of array()
+        # written before; the opcodes are those of array(), the ones between the key and the
+        # payload taken whole from a cache by (shape, dtype's memo index, size)
         nbytes = v.nbytes
         dt = memo.get(id(v.dtype))
-        if dt is None or not 1 < nbytes < _FRAME_TARGET or id(v) in memo or not v.flags.c_contiguous:
+        if dt is None or not 1 < nbytes < _FRAME_TARGET or id(v) in memo:
             self.array(v)
             return
         try:
-            # ``out += v`` would be numpy's add; some dtypes (non-native long double) have no
-            # buffer export, _raw's uint8 view has
+            # ``out += v`` would be numpy's add; a dtype without buffer export (non-native long
+            # double) goes through array(), which writes through a uint8 view
             raw = memoryview(v)
         except ValueError:
-            raw = _raw(v)
-        n = self.n
+            self.array(v)
+            return
+        if not raw.c_contiguous:  # as v.flags.c_contiguous (axes of length 1 ignored), cheaper
+            self.array(v)
+            return
         shape = v.shape
-        sh = _SHAPES.get(shape)
-        if sh is None:
-            sh = _shape_ops(shape)
+        spec = (shape, dt, nbytes)
+        mid = self.mids.get(spec)
+        if mid is None:
+            sh = _SHAPES.get(shape)
+            if sh is None:
+                sh = _shape_ops(shape)
+            mid = (self.pre.head + sh + _get(dt)
+                   + (b"\x89C" + bytes((nbytes,)) if nbytes < 256 else b"\x89B" + _pack_I(nbytes)))
+            self.mids[spec] = mid
+        n = self.n
         memo[id(v)] = n + 2
-        out += self.pre.head
-        out += sh
-        out += b"h" + bytes((dt,)) if dt < 256 else b"j" + _pack_I(dt)
-        out += b"\x89C" + bytes((nbytes,)) if nbytes < 256 else b"\x89B" + _pack_I(nbytes)
+        out += mid
         out += raw  # the one copy, into the frame
         out += b"\x94t\x94b"
         self.n = n + (6 if shape else 5)
+
+
+_SHORT_STR = [b"\x8c" + bytes((n,)) for n in range(256)]  # SHORT_BINUNICODE and its length
 
 
 _SHAPES: dict[tuple[int, ...], bytes] = {}

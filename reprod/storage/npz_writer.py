@@ -1,16 +1,13 @@
 """The native format's writer: ``NpzWriter`` writes a dump member by member into a temporary file,
-renamed into place only when complete; a streaming logger's keys are kept in a ``_KeyLog``, which
-moves them to disk past ``_KeyLog.spill`` keys. The layout is in ``npz_format``."""
+renamed into place only when complete; a streaming logger's keys are kept in a ``_KeyLog``
+(``npz_keylog``), the members' records are laid out by ``npz_members``, the format's constants
+are in ``npz_format``."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import re
 import struct
-import sys
-import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Optional
@@ -23,64 +20,42 @@ from .atomic import AtomicFile
 from .lazy import _one_line, crc32
 from .npz_format import _EOCD, _EOCD64, _LOCATOR64, _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
 from .npz_keylog import _KeyLog, _side_file
+from .npz_members import (  # noqa: F401 - the writer's layout, importable from here as before
+    _ALIGN,
+    _CENTRAL_HEADER,
+    _CREATE_SYSTEM,
+    _DEAD,
+    _DEFAULT_VERSION,
+    _EXTERNAL_ATTR,
+    _FREE_REGIONS,
+    _HEADER_CRCS,
+    _LOCAL_HEADER,
+    _MAX_CLEAN_NAME,
+    _ONE_WRITE,
+    _PAD_FIELD,
+    _PAD_ID,
+    _PADS,
+    _RECORD,
+    _SAFE_MEMBER,
+    _ZIP64_SIZES,
+    _ZIP64_VERSION,
+    MAX_KEY_CHARS,
+    _abandon,
+    _dos_now,
+    _flatten,
+    _json_str,
+    _npy_header,
+    _writer_info,
+    live_entries,
+    meta_chunks,
+)
 
-__all__ = ["NpzWriter", "write_npz", "META_NAME", "FORMAT_NAME", "FORMAT_VERSION"]
-
-_ALIGN = 64
-_PAD_ID = 0xD935  # the extra-field id zipalign uses for padding
 _ZIP64_LIMIT = (1 << 31) - 1
 _ZIP_FILECOUNT_LIMIT = 0xFFFF  # more members than this need the zip64 end record
-# the values zipfile writes: versions needed 2.0 (4.5 with zip64), made on Unix, mode 0600
-_DEFAULT_VERSION = 20
-_ZIP64_VERSION = 45
-_CREATE_SYSTEM = 0 if sys.platform == "win32" else 3
-_EXTERNAL_ATTR = 0o600 << 16
-_PAD_FIELD = struct.Struct("<HH")
-_ZIP64_SIZES = struct.Struct("<HHQQ")
-_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zipfile's structFileHeader (version as one H)
-_CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")  # zipfile's structCentralDir
-_ONE_WRITE = 1 << 16  # members below this go to the file in one write with their headers
-# json.dumps(str, ensure_ascii=False) without the json.dumps call around it
-_json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
-_SAFE_MEMBER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
-# Keys up to this long keep their name as their member's name; longer ones (a zip name holds at
-# most 65,535 bytes) get a numbered member, their name living in the metadata alone.
-_MAX_CLEAN_NAME = 1024
-# A key (its path joined) may be this long at most: the reader takes metadata of up to 64 MiB.
-MAX_KEY_CHARS = 1 << 20
-# A member's record, for a re-added key: where it lies (offset, length) and where its central
-# directory entry is (position in the directory stream).
-_RECORD = struct.Struct("<QQQ")
-_DEAD = b"DEAD"  # what a superseded member's central entry starts with instead of PK\x01\x02
-_FREE_REGIONS = 1 << 16  # free regions remembered for reuse at most
 
 
-def _flatten(tree: Any, dtypes: Any, path: tuple[str, ...],
-             out: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]]) -> None:
-    if isinstance(tree, Mapping):
-        if not tree:
-            out.append((path, None, None))
-        for k, v in tree.items():
-            sub = dtypes.get(k) if isinstance(dtypes, Mapping) else None
-            _flatten(v, sub, path + (k,), out)
-    else:
-        out.append((path, np.asarray(tree), dtypes if isinstance(dtypes, str) else None))
 
-
-def _writer_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"reprod": _version(), "numpy": np.__version__, "python": platform.python_version()}
-    for mod in ("torch", "paddle"):
-        m = sys.modules.get(mod)
-        if m is not None:
-            info[mod] = getattr(m, "__version__", "?")
-    return info
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
+__all__ = ["NpzWriter", "write_npz", "META_NAME", "FORMAT_NAME", "FORMAT_VERSION"]
 
 class NpzWriter:
     """Write a native dump member by member; the file appears at ``path`` on ``close()``.
@@ -135,6 +110,9 @@ class NpzWriter:
 
     def add(self, key: str, tree: Any, dtypes: Any = None) -> None:
         self._check_open()
+        if type(tree) is np.ndarray and dtypes is None and len(key) <= MAX_KEY_CHARS:
+            self._add_array(key, tree)  # the value of most keys, one plain array
+            return
         leaves: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]] = []
         _flatten(tree, dtypes, (key,), leaves)
         for path, _, _ in leaves:  # refused before anything is written: the stream goes on
@@ -165,6 +143,22 @@ class NpzWriter:
             self._abort(exc)
             raise
 
+    def _add_array(self, key: str, arr: np.ndarray) -> None:
+        """``add`` of one plain array (what ``add`` does with its one leaf, less the walk)."""
+        records: list[bytes] = []
+        try:
+            old = self._keys.records(key)
+            if old:
+                for offset, length, _cpos in _RECORD.iter_unpack(old):
+                    self._free_region(offset, length)
+            self._keys.put(key, self._write_member((key,), arr, None, records), b"".join(records))
+            if old:
+                for _offset, _length, cpos in _RECORD.iter_unpack(old):
+                    self._kill_entry(cpos)
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+
     def _member_name(self, path: tuple[str, ...]) -> str:
         """Keys that make clean zip paths keep their name, so plain numpy.load shows them; the
         rest (and keys longer than ``_MAX_CLEAN_NAME``) get a numbered name. Names cannot clash:
@@ -173,8 +167,8 @@ class NpzWriter:
         out of the directory."""
         display = "/".join(path)
         self._counter += 1
-        if len(display) <= _MAX_CLEAN_NAME and _SAFE_MEMBER.match(display) \
-                and len(path) == display.count("/") + 1 and not display.startswith("__reprod"):
+        if len(path) == display.count("/") + 1 and len(display) <= _MAX_CLEAN_NAME \
+                and _SAFE_MEMBER.match(display) and not display.startswith("__reprod"):
             return display + ".npy"
         return f"__reprod_{self._counter - 1}.npy"
 
@@ -224,12 +218,65 @@ class NpzWriter:
             arr = np.ascontiguousarray(arr)
         name = self._member_name(path)
         header = _npy_header(arr)
-        data = memoryview(arr.reshape(-1)).cast("B") if arr.nbytes else b""
-        self._write_stored(name, header, data, align=True, records=records)
+        header_crc = _HEADER_CRCS.get(header)
+        if header_crc is None:
+            header_crc = crc32(header)
+            if len(_HEADER_CRCS) < 4096:
+                _HEADER_CRCS[header] = header_crc
+        if records is None or not arr.nbytes \
+                or not self._write_small(name, header, header_crc, arr, arr.nbytes, records):
+            data = memoryview(arr.reshape(-1)).cast("B") if arr.nbytes else b""
+            self._write_stored(name, header, data, align=True, records=records)
         # the metadata entry as json.dumps({"path": [...], "member": name[, "dtype": src]}) writes
         # it, by its C string encoder (json.dumps costs ~5 us an entry)
         text = '{"path": [' + ", ".join(map(_json_str, path)) + '], "member": ' + _json_str(name)
         return text + (', "dtype": ' + _json_str(src) + "}" if src is not None else "}")
+
+    def _write_small(self, name: str, header: bytes, header_crc: int, arr: np.ndarray,
+                     nbytes: int, records: list[bytes]) -> bool:
+        """``_write_stored`` of the member of most dumps (a C-contiguous array under 64 KiB, no
+        zip64 field, no free region to reuse): the same bytes, from the array's buffer; False,
+        having written nothing, for any other (or an array without a buffer)."""
+        size = len(header) + nbytes
+        offset = self._pos
+        if self._n_free or size >= _ONE_WRITE or offset > _ZIP64_LIMIT or size > _ZIP64_LIMIT:
+            return False
+        raw_name = name.encode("ascii")
+        n = len(raw_name)
+        extra = _PADS[(-(offset + 34 + n)) % _ALIGN]
+        dos_time, dos_date = _dos_now()
+        try:
+            crc = crc32(arr, header_crc)
+            member = b"".join((
+                _LOCAL_HEADER.pack(b"PK\x03\x04", _DEFAULT_VERSION, 0, _STORED, dos_time, dos_date,
+                                   crc, size, size, n, len(extra)),
+                raw_name, extra, header, arr))
+        except (ValueError, TypeError, BufferError):
+            return False
+        if len(member) != 30 + n + len(extra) + size:  # pragma: no cover - a buffer of other size
+            return False
+        self._file.write(member)
+        length = 30 + n + len(extra) + size
+        self._pos = offset + length
+        central = self._central
+        records.append(_RECORD.pack(offset, length, self._central_spilled + len(central)))
+        central += _CENTRAL_HEADER.pack(
+            b"PK\x01\x02", _DEFAULT_VERSION, _CREATE_SYSTEM, _DEFAULT_VERSION, 0, 0, _STORED,
+            dos_time, dos_date, crc, size, size, n, len(extra), 0, 0, 0, _EXTERNAL_ATTR, offset)
+        central += raw_name
+        central += extra
+        self._members += 1
+        if len(central) >= _CENTRAL_SPILL:
+            self._spill_central()
+        return True
+
+    def _spill_central(self) -> None:
+        """Move the central directory entries kept in memory to the side file."""
+        if self._central_file is None:
+            self._central_file = _side_file(os.path.dirname(os.path.abspath(self.path)))
+        self._central_file.write(self._central)
+        self._central_spilled += len(self._central)
+        self._central = bytearray()
 
     def _write_stored(self, name: str, header: bytes, data: Any, *, align: bool,
                       chunks: Optional[Callable[[], Iterator[bytes]]] = None,
@@ -310,11 +357,7 @@ class NpzWriter:
         self._central += extra
         self._members += 1
         if len(self._central) >= _CENTRAL_SPILL:
-            if self._central_file is None:
-                self._central_file = _side_file(os.path.dirname(os.path.abspath(self.path)))
-            self._central_file.write(self._central)
-            self._central_spilled += len(self._central)
-            self._central = bytearray()
+            self._spill_central()
 
     def _write_directory(self) -> None:
         """The central directory and the end records (zip64 ones where counts or offsets need)."""
@@ -332,7 +375,7 @@ class NpzWriter:
             count, size = self._members, self._central_spilled + len(self._central)
         else:  # superseded members' entries are left out
             count = size = 0
-            for entry in self._live_entries():
+            for entry in live_entries(self._central_file, self._central):
                 f.write(entry)
                 count += 1
                 size += len(entry)
@@ -344,39 +387,12 @@ class NpzWriter:
             count, size, start = min(count, 0xFFFF), min(size, 0xFFFFFFFF), min(start, 0xFFFFFFFF)
         f.write(_EOCD.pack(b"PK\x05\x06", 0, 0, count, count, size, start, 0))
 
-    def _live_entries(self) -> Iterator[bytes]:
-        """The central directory entries written so far, in order, less the dead ones."""
-
-        def stream() -> Iterator[bytes]:
-            if self._central_file is not None:
-                self._central_file.seek(0)
-                while True:
-                    chunk = self._central_file.read(1 << 20)
-                    if not chunk:
-                        break
-                    yield chunk
-            yield bytes(self._central)
-
-        buf = b""
-        pos = 0
-        for chunk in stream():
-            buf = buf[pos:] + chunk
-            pos = 0
-            while len(buf) - pos >= 46:
-                n, e, c = struct.unpack_from("<HHH", buf, pos + 28)
-                end = pos + 46 + n + e + c
-                if end > len(buf):
-                    break
-                if buf[pos : pos + 4] != _DEAD:
-                    yield buf[pos:end]
-                pos = end
-
     def close(self) -> str:
         if self._closed and self._aborted is None:
             return self.path
         self._check_open()
         try:
-            self._write_stored(META_NAME, b"", b"", align=False, chunks=self._meta_chunks())
+            self._write_stored(META_NAME, b"", b"", align=False, chunks=meta_chunks(self._keys))
             self._write_directory()
             self._af.commit()
         except BaseException as exc:
@@ -387,38 +403,6 @@ class NpzWriter:
         self._closed = True
         self._finalizer.detach()
         return self.path
-
-    def _meta_chunks(self) -> Callable[[], Iterator[bytes]]:
-        """The metadata member, ``json.dumps`` of {format, version, keys, writer} (UTF-8, or
-        ASCII escapes where a key holds a lone surrogate), as chunks assembled from the keys'
-        JSON texts: read twice (size and CRC first), never held whole."""
-        head = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION})[:-1] + ', "keys": ['
-        tail = '], "writer": ' + json.dumps(_writer_info(), ensure_ascii=False) + "}"
-        ascii_only = False
-        for text in self._keys.texts():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # a key with a lone surrogate: JSON's \u escapes carry it
-                ascii_only = True
-                break
-
-        def chunks() -> Iterator[bytes]:
-            yield head.encode("ascii")
-            batch: list[str] = []
-            first = True
-            for text in self._keys.texts():
-                if not text:
-                    continue
-                if ascii_only:
-                    text = json.dumps(json.loads("[" + text + "]"), ensure_ascii=True)[1:-1]
-                batch.append(text if first else ", " + text)
-                first = False
-                if len(batch) >= 4096:
-                    yield "".join(batch).encode("utf-8")
-                    batch = []
-            yield ("".join(batch) + tail).encode("ascii" if ascii_only else "utf-8")
-
-        return chunks
 
     def _release(self) -> None:
         if self._central_file is not None:
@@ -455,52 +439,6 @@ class NpzWriter:
 
 
 _CENTRAL_SPILL = 4 << 20  # bytes of central directory kept in memory before moving them out
-
-
-def _abandon(af: AtomicFile, path: str, pid: int) -> None:
-    if os.getpid() != pid:
-        return
-    af.abort()
-    sys.stderr.write(f"reprod: the dump streamed to {path} was never closed, so nothing was written "
-                     "(call close() or save(), or use the logger in a with block)\n")
-
-
-_DOS_TIME: list[Any] = [None, (0, 0)]  # (second, (dos time, dos date)) of the last member
-
-
-def _dos_now() -> tuple[int, int]:
-    """The member timestamp zipfile would write (local time, 2-second steps), once a second."""
-    now = int(time.time())
-    if _DOS_TIME[0] != now:
-        y, mo, d, h, mi, sec = time.localtime(now)[:6]
-        _DOS_TIME[:] = [now, (h << 11 | mi << 5 | sec // 2, max(y - 1980, 0) << 9 | mo << 5 | d)]
-    return _DOS_TIME[1]
-
-
-def _npy_header(arr: np.ndarray) -> bytes:
-    dt = arr.dtype
-    # numpy's header is a function of dtype, shape and order (always C here); writing it costs
-    # ~4 us, cached for plain dtypes, where ``dtype.str`` is the header's descr
-    key = (dt.str, arr.shape) if dt.names is None and dt.subdtype is None and dt.metadata is None \
-        else None
-    header = _WRITTEN_HEADERS.get(key) if key is not None else None
-    if header is None:
-        import io
-
-        buf = io.BytesIO()
-        d = np.lib.format.header_data_from_array_1_0(arr)
-        try:
-            np.lib.format.write_array_header_1_0(buf, d)
-        except ValueError:
-            buf = io.BytesIO()
-            np.lib.format.write_array_header_2_0(buf, d)
-        header = buf.getvalue()
-        if key is not None and len(_WRITTEN_HEADERS) < 4096:
-            _WRITTEN_HEADERS[key] = header
-    return header
-
-
-_WRITTEN_HEADERS: dict[Any, bytes] = {}
 
 
 def write_npz(path: str, tree: Mapping[str, Any], source_dtypes: Optional[Mapping[str, Any]] = None) -> str:

@@ -1,0 +1,188 @@
+"""The native format's members as ``NpzWriter`` writes them: the zip records' layouts, a
+member's name and ``.npy`` header, the timestamp, the metadata's JSON pieces (``npz_writer``
+writes them; ``npz_format`` has the layout the reader shares)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import struct
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from .atomic import AtomicFile
+from .npz_format import FORMAT_NAME, FORMAT_VERSION
+
+__all__: list[str] = []  # the writer's private helpers
+
+_ALIGN = 64
+_PAD_ID = 0xD935  # the extra-field id zipalign uses for padding
+# the values zipfile writes: versions needed 2.0 (4.5 with zip64), made on Unix, mode 0600
+_DEFAULT_VERSION = 20
+_ZIP64_VERSION = 45
+_CREATE_SYSTEM = 0 if sys.platform == "win32" else 3
+_EXTERNAL_ATTR = 0o600 << 16
+_PAD_FIELD = struct.Struct("<HH")
+_ZIP64_SIZES = struct.Struct("<HHQQ")
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zipfile's structFileHeader (version as one H)
+_CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")  # zipfile's structCentralDir
+_ONE_WRITE = 1 << 16  # members below this go to the file in one write with their headers
+# json.dumps(str, ensure_ascii=False) without the json.dumps call around it
+_json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_SAFE_MEMBER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
+# Keys up to this long keep their name as their member's name; longer ones (a zip name holds at
+# most 65,535 bytes) get a numbered member, their name living in the metadata alone.
+_MAX_CLEAN_NAME = 1024
+# A key (its path joined) may be this long at most: the reader takes metadata of up to 64 MiB.
+MAX_KEY_CHARS = 1 << 20
+# A member's record, for a re-added key: where it lies (offset, length) and where its central
+# directory entry is (position in the directory stream).
+_RECORD = struct.Struct("<QQQ")
+_DEAD = b"DEAD"  # what a superseded member's central entry starts with instead of PK\x01\x02
+_FREE_REGIONS = 1 << 16  # free regions remembered for reuse at most
+# the alignment field of a member whose data needs ``pad`` bytes to reach 64, by ``pad``
+_PADS = [_PAD_FIELD.pack(_PAD_ID, pad) + b"\0" * pad for pad in range(_ALIGN)]
+
+
+
+def _flatten(tree: Any, dtypes: Any, path: tuple[str, ...],
+             out: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]]) -> None:
+    if isinstance(tree, Mapping):
+        if not tree:
+            out.append((path, None, None))
+        for k, v in tree.items():
+            sub = dtypes.get(k) if isinstance(dtypes, Mapping) else None
+            _flatten(v, sub, path + (k,), out)
+    else:
+        out.append((path, np.asarray(tree), dtypes if isinstance(dtypes, str) else None))
+
+
+def _writer_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"reprod": _version(), "numpy": np.__version__, "python": platform.python_version()}
+    for mod in ("torch", "paddle"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            info[mod] = getattr(m, "__version__", "?")
+    return info
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _abandon(af: AtomicFile, path: str, pid: int) -> None:
+    import os
+
+    if os.getpid() != pid:
+        return
+    af.abort()
+    sys.stderr.write(f"reprod: the dump streamed to {path} was never closed, so nothing was written "
+                     "(call close() or save(), or use the logger in a with block)\n")
+
+
+_DOS_TIME: list[Any] = [None, (0, 0)]  # (second, (dos time, dos date)) of the last member
+
+
+def _dos_now() -> tuple[int, int]:
+    """The member timestamp zipfile would write (local time, 2-second steps), once a second."""
+    now = int(time.time())
+    if _DOS_TIME[0] != now:
+        y, mo, d, h, mi, sec = time.localtime(now)[:6]
+        _DOS_TIME[:] = [now, (h << 11 | mi << 5 | sec // 2, max(y - 1980, 0) << 9 | mo << 5 | d)]
+    return _DOS_TIME[1]
+
+
+def _npy_header(arr: np.ndarray) -> bytes:
+    dt = arr.dtype
+    # numpy's header is a function of dtype, shape and order (always C here); writing it costs
+    # ~4 us, cached for plain dtypes, where ``dtype.str`` is the header's descr
+    key = (dt.str, arr.shape) if dt.names is None and dt.subdtype is None and dt.metadata is None \
+        else None
+    header = _WRITTEN_HEADERS.get(key) if key is not None else None
+    if header is None:
+        import io
+
+        buf = io.BytesIO()
+        d = np.lib.format.header_data_from_array_1_0(arr)
+        try:
+            np.lib.format.write_array_header_1_0(buf, d)
+        except ValueError:
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_2_0(buf, d)
+        header = buf.getvalue()
+        if key is not None and len(_WRITTEN_HEADERS) < 4096:
+            _WRITTEN_HEADERS[key] = header
+    return header
+
+
+_WRITTEN_HEADERS: dict[Any, bytes] = {}
+_HEADER_CRCS: dict[bytes, int] = {}  # the CRC-32 of each cached header, by its bytes
+
+
+def live_entries(central_file: Any, central: bytearray) -> Iterator[bytes]:
+    """The central directory entries written so far (moved to ``central_file``, then those in
+    ``central``), in order, less the dead ones."""
+
+    def stream() -> Iterator[bytes]:
+        if central_file is not None:
+            central_file.seek(0)
+            while True:
+                chunk = central_file.read(1 << 20)
+                if not chunk:
+                    break
+                yield chunk
+        yield bytes(central)
+
+    buf = b""
+    pos = 0
+    for chunk in stream():
+        buf = buf[pos:] + chunk
+        pos = 0
+        while len(buf) - pos >= 46:
+            n, e, c = struct.unpack_from("<HHH", buf, pos + 28)
+            end = pos + 46 + n + e + c
+            if end > len(buf):
+                break
+            if buf[pos : pos + 4] != _DEAD:
+                yield buf[pos:end]
+            pos = end
+
+
+def meta_chunks(keys: Any) -> Callable[[], Iterator[bytes]]:
+    """The metadata member, ``json.dumps`` of {format, version, keys, writer} (UTF-8, or
+    ASCII escapes where a key holds a lone surrogate), as chunks assembled from the keys'
+    JSON texts: read twice (size and CRC first), never held whole."""
+    head = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION})[:-1] + ', "keys": ['
+    tail = '], "writer": ' + json.dumps(_writer_info(), ensure_ascii=False) + "}"
+    ascii_only = False
+    for text in keys.texts():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a key with a lone surrogate: JSON's \u escapes carry it
+            ascii_only = True
+            break
+
+    def chunks() -> Iterator[bytes]:
+        yield head.encode("ascii")
+        batch: list[str] = []
+        first = True
+        for text in keys.texts():
+            if not text:
+                continue
+            if ascii_only:
+                text = json.dumps(json.loads("[" + text + "]"), ensure_ascii=True)[1:-1]
+            batch.append(text if first else ", " + text)
+            first = False
+            if len(batch) >= 4096:
+                yield "".join(batch).encode("utf-8")
+                batch = []
+        yield ("".join(batch) + tail).encode("ascii" if ascii_only else "utf-8")
+
+    return chunks
