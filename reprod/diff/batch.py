@@ -14,6 +14,7 @@ fields are built from the kernel's rows when read.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -148,24 +149,59 @@ _N_INDICES = 4096
 _INDICES = tuple(range(_N_INDICES))
 
 
+_N_COLS = 12  # finish_rows' table: the 8 statistics, worst index, worst values, mismatched
+_ROWS_PER_BLOCK = 4  # 384 bytes: under the 512 that Python's small-object allocator takes
+_ROW = struct.Struct(f"={_N_COLS}d")  # one row of a block, as the table's float64s (native order)
+
+
+class _Coded:
+    """A list of values that repeat (a window's statuses, its keys' shapes and dtypes) as one byte
+    each, indexing the distinct values; a plain list where there are more than 256 of those."""
+
+    __slots__ = ("values", "codes")
+
+    def __init__(self, items: list[Any]) -> None:
+        index: dict[Any, int] = {}
+        codes = [index.setdefault(v, len(index)) for v in items]
+        if len(index) <= 256:
+            self.values: Any = tuple(index)
+            self.codes: Any = bytes(codes)
+        else:
+            self.values, self.codes = items, None
+
+    def __getitem__(self, j: int) -> Any:
+        codes = self.codes
+        return self.values[j] if codes is None else self.values[codes[j]]
+
+    def __len__(self) -> int:
+        return len(self.values) if self.codes is None else len(self.codes)
+
+
 class _Window:
     """The batched keys of one kernel call, as their ``RowKeyResult``s read them: key and status
     now (the verdict needs no words), every other field built from the row when asked for (the
     last one built is kept: a renderer reads a key's fields one after another). Per key it holds
-    the key, the two specs (the dumps' own) and the path where it is not ``(key,)``."""
+    the key, its status and its shapes and dtypes as one byte each (codes into a few shared
+    values; not the dumps' specs, which the engine drops once a window is compared), its row
+    (96 bytes) and its path where that is not ``(key,)``. A million keys held ~150 bytes each
+    here, most of it in memory asked of the system while the released specs' memory sat free."""
 
-    __slots__ = ("policy", "table", "keys", "paths", "ref_specs", "other_specs", "statuses",
-                 "_last")
+    __slots__ = ("policy", "table", "keys", "paths", "layouts", "statuses", "_last")
 
     def __init__(self, policy: Criteria, todo: list[Any], table: np.ndarray) -> None:
         self.policy = policy
         self.table = table
         self.keys = [t[1].key for t in todo]
-        self.paths = [None if len(t[1].path) == 1 and t[1].path[0] == t[1].key else t[1].path
-                      for t in todo]
-        self.ref_specs = [t[2] for t in todo]
-        self.other_specs = [t[3] for t in todo]
-        self.statuses = self._statuses([t[5] is not None or t[6] is not None for t in todo])
+        self.paths = {j: t[1].path for j, t in enumerate(todo)
+                      if len(t[1].path) != 1 or t[1].path[0] != t[1].key}
+        self.layouts = _Coded([(t[2].shape, t[2].dtype, t[3].shape, t[3].dtype) for t in todo])
+        self.statuses = _Coded(self._statuses([t[5] is not None or t[6] is not None for t in todo]))
+        # kept as blocks of _ROWS_PER_BLOCK rows, each a bytes object small enough for Python's
+        # own allocator: they fill the memory the engine frees as it drops the dumps' specs,
+        # where one numpy table per window asked the system for new memory (96 bytes a key)
+        step = _ROWS_PER_BLOCK * table.shape[1] * 8
+        raw = table.tobytes()
+        self.table = [raw[k : k + step] for k in range(0, len(raw), step)]
         self._last: tuple[int, dict[str, Any]] = (-1, {})
 
     def _statuses(self, close: list[bool]) -> list[str]:
@@ -193,13 +229,16 @@ class _Window:
         last = self._last
         if last[0] == j:
             return last[1]
-        key, rs, os_ = self.keys[j], self.ref_specs[j], self.other_specs[j]
-        path = self.paths[j] or (key,)
-        a, r = self.policy.tolerance_for(key, dtype_name(rs.dtype), dtype_name(os_.dtype))
-        *stats, worst, worst_ref, worst_other, mismatched = self.table[j].tolist()
-        d = _finite_fields(key, path, self.policy, math.prod(rs.shape), a, r, stats,
-                           unravel(int(worst), rs.shape), worst_ref, worst_other,
-                           int(mismatched) if (a is not None or r is not None) else None, rs, os_)
+        key, layout = self.keys[j], self.layouts[j]
+        path = self.paths.get(j) or (key,)
+        shape = layout[0]
+        a, r = self.policy.tolerance_for(key, dtype_name(layout[1]), dtype_name(layout[3]))
+        block, at = divmod(j, _ROWS_PER_BLOCK)
+        *stats, worst, worst_ref, worst_other, mismatched = _ROW.unpack_from(self.table[block],
+                                                                             at * _ROW.size)
+        d = _finite_fields(key, path, self.policy, math.prod(shape), a, r, stats,
+                           unravel(int(worst), shape), worst_ref, worst_other,
+                           int(mismatched) if (a is not None or r is not None) else None, layout)
         self._last = (j, d)
         return d
 
@@ -289,11 +328,12 @@ def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _finite_fields(key: str, path: tuple[str, ...], policy: Criteria, n: int,
                    atol: Optional[float], rtol: Optional[float], stats: list[float],
                    worst_index: tuple[int, ...], worst_ref: float, worst_other: float,
-                   mismatched: Optional[int], rs: Any, os_: Any) -> dict[str, Any]:
+                   mismatched: Optional[int], layout: tuple[Any, ...]) -> dict[str, Any]:
     """The fields of a batched pair's result (finite values, one shape), as _compare_pair builds
-    them."""
+    them; ``layout``: (ref shape, ref dtype, other shape, other dtype)."""
     thresholds = policy.thresholds_for(key)
-    rdt, odt = dtype_name(rs.dtype), dtype_name(os_.dtype)
+    ref_shape, other_shape = layout[0], layout[2]
+    rdt, odt = dtype_name(layout[1]), dtype_name(layout[3])
     mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled = stats
     values = {"mean_abs": mean_abs, "max_abs": max_abs, "min_abs": min_abs, "mean_rel": mean_rel,
               "max_rel": max_rel, "cosine": cosine, "rel_l2": rel_l2, "max_scaled": max_scaled}
@@ -303,7 +343,7 @@ def _finite_fields(key: str, path: tuple[str, ...], policy: Criteria, n: int,
     # every field, in declaration order (tests/diff/test_batch_paths.py checks both)
     return {
         "key": key, "passed": status == "passed", "status": status, "reason": reason,
-        "path": path, "ref_shape": rs.shape, "other_shape": os_.shape, "ref_dtype": rdt,
+        "path": path, "ref_shape": ref_shape, "other_shape": other_shape, "ref_dtype": rdt,
         "other_dtype": odt, "size": n, "mean_abs": mean_abs, "max_abs": max_abs,
         "min_abs": min_abs, "mean_rel": mean_rel, "max_rel": max_rel, "cosine": cosine,
         "rel_l2": rel_l2, "max_scaled": max_scaled, "noise_multiple": None, "noise_l2": None,

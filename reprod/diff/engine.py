@@ -12,11 +12,11 @@ from .. import _native
 from .. import messages as msg
 from .._gc import gc_paused
 from ..errors import DumpChangedError
-from ..storage.lazy import NonNumericValue
+from ..storage.lazy import Dump, NonNumericValue
 from .batch import compare_batch, unravel
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
 from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats
-from .pairing import Pair, leaf_array, open_side, walk_pairs
+from .pairing import Pair, Side, leaf_array, open_side, walk_pairs
 from .progress import Progress, progress_enabled
 from .result import DiffResult, KeyResult
 from .verdict import judged
@@ -99,6 +99,8 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
     if hi is not None:
         hi.tree = _as_ref_key(a.tree, hi.tree)
     walk = walk_pairs(a.tree, b.tree, keys=keys)
+    # the mapped files of the dumps opened here: their specs go once a window is compared
+    owned = _owned_files((a, b)) if pair is None else ()
     bar = None
     if progress_enabled(progress):  # the bar's totals need every pair first
         pairs = list(walk)
@@ -123,6 +125,8 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
                 results.append(kr)
                 if bar is not None:
                     bar.key_done()
+            if owned:
+                _release(window, owned)
     if not results:  # comparing nothing proves nothing: never an all-clear
         results.append(KeyResult(key="(nothing compared)", passed=False, status="nothing",
                                  reason=msg.reason_nothing(a.name, b.name, bool(keys))))
@@ -139,6 +143,26 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
         options=options,
         created=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     )
+
+
+def _owned_files(sides: Sequence[Side]) -> tuple[Any, ...]:
+    """The mapped files of the sides this comparison opened from paths (their dumps are nobody
+    else's): nested dumps share their root's file, so the file tells a dump of theirs."""
+    return tuple(mf for s in sides if s.owned and type(s.tree) is Dump
+                 and (mf := s.tree.mapped_file) is not None)
+
+
+def _release(window: Sequence[Pair], owned: tuple[Any, ...]) -> None:
+    """Drop the specs of a compared window's leaves from the dumps opened here: results keep
+    what they need (the batch's shapes and dtypes), and a million keys a side no longer hold a
+    million specs until the end."""
+    for p in window:
+        if p.kind != "leaf":
+            continue
+        leaf = p.path[-1]
+        for t in (p.ref_tree, p.other_tree):
+            if type(t) is Dump and t.mapped_file in owned:
+                t._release(leaf)
 
 
 def _non_numeric(p: Pair, leaf: str) -> Optional[str]:

@@ -26,17 +26,19 @@ class Named(dict):  # type: ignore[type-arg]
 
 @dataclass
 class Side:
-    """One side of a comparison: a mapping plus where it came from."""
+    """One side of a comparison: a mapping plus where it came from. ``owned``: the engine opened
+    it from a path, so no caller holds it and the comparison may release what it has read."""
 
     tree: Mapping[str, Any]
     name: str
+    owned: bool = False
 
 
 def open_side(obj: Any, default_name: str) -> Side:
     if isinstance(obj, (str, os.PathLike)):
         from ..storage import load
 
-        return Side(load(obj), os.fspath(obj))
+        return Side(load(obj), os.fspath(obj), owned=True)
     if isinstance(obj, Mapping):
         return Side(obj, getattr(obj, "path", default_name))
     # a single array or tensor: one key

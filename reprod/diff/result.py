@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Protocol
 
@@ -157,8 +157,8 @@ class RowSource(Protocol):
     """What a ``RowKeyResult`` reads: the keys and statuses of its rows at once, every other field
     built on demand (``fields(i)``: a dict of every field, in declaration order)."""
 
-    keys: list[str]
-    statuses: list[str]
+    keys: Sequence[str]
+    statuses: Sequence[str]
 
     def fields(self, i: int) -> dict[str, Any]: ...
 

@@ -154,10 +154,14 @@ def _check_numeric(dt: np.dtype, src: Optional[str], where: str) -> None:
         raise DumpFormatError(f"{where}: bfloat16 values must be stored as uint16 bits, not {dt}")
 
 
-def _parse_meta(raw: bytes, path: str) -> tuple[dict[str, Any], list[tuple[list[str], Optional[str], Optional[str]]]]:
-    """The metadata member, checked field by field: it comes from the file, so nothing is trusted."""
+def _parse_meta(raw: Any, path: str, *, consume: bool = False
+                ) -> tuple[dict[str, Any], list[tuple[list[str], Optional[str], Optional[str]]]]:
+    """The metadata member (bytes or a memoryview of them), checked field by field: it comes from
+    the file, so nothing is trusted. ``consume``: the key list is emptied as its entries are
+    made (each key's dict goes as its entry comes: at a million keys the parsed document and the
+    entries together were the peak of a load), for a caller that drops the document."""
     try:
-        meta = json.loads(raw.decode("utf-8"))
+        meta = json.loads(str(raw, "utf-8"), object_hook=_entry_hook if consume else None)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise DumpFormatError(f"{path}: corrupt metadata member ({_one_line(exc)})") from None
 
@@ -177,11 +181,19 @@ def _parse_meta(raw: bytes, path: str) -> tuple[dict[str, Any], list[tuple[list[
     entries: list[tuple[list[str], Optional[str], Optional[str]]] = []
     # json.loads makes exact dicts, lists and strs, so ``type(x) is`` checks what isinstance would,
     # faster: this loop runs once per key (5,000 in the many-small benchmark)
-    for e in keys:
-        if type(e) is not dict:
+    if consume:
+        keys.reverse()  # popped from the end, in the file's order
+    for e in _popping(keys) if consume else keys:
+        if type(e) is _KeyEntry:
+            p, src, kind, m = e
+            if type(p) is _OneName:
+                p = [str(p)]  # as the document had it
+            m = None if kind == "dict" else m
+        elif type(e) is not dict:
             raise bad("bad key entry")
-        p, src, kind = e.get("path"), e.get("dtype"), e.get("kind")
-        m = None if kind == "dict" else e.get("member")
+        else:
+            p, src, kind = e.get("path"), e.get("dtype"), e.get("kind")
+            m = None if kind == "dict" else e.get("member")
         if type(p) is not list or not p or (type(p[0]) is not str if len(p) == 1
                                              else not all(type(s) is str for s in p)):
             raise bad("bad key path")
@@ -191,8 +203,45 @@ def _parse_meta(raw: bytes, path: str) -> tuple[dict[str, Any], list[tuple[list[
             raise bad(f"key {'/'.join(p)[:80]!r}: bad source dtype")
         if len(p) > MAX_DEPTH:
             raise bad(f"key nested more than {MAX_DEPTH} levels deep")
-        entries.append((p, m, src))
+        # consume: a key of one name keeps its name, not a list of it (72 bytes a key)
+        entries.append((p[0] if consume and len(p) == 1 else p, m, src))
     return meta, entries
+
+
+class _KeyEntry(tuple):  # type: ignore[type-arg]
+    """``(path, dtype, kind, member)`` of a JSON object holding no other field, as ``.get`` reads
+    them: what a key's entry keeps of its dict while the document is parsed (a million keys'
+    dicts were the peak of a load)."""
+
+    __slots__ = ()
+
+
+_ENTRY_FIELDS = frozenset(("path", "dtype", "kind", "member"))
+
+
+def _entry_hook(d: dict[str, Any]) -> Any:
+    """``json.loads``' object hook for ``_parse_meta(consume=True)``, whose caller keeps nothing
+    of the document but the checked entries: a key's dict becomes a ``_KeyEntry`` as it is
+    parsed (any other object stays a dict; the checks read both alike)."""
+    if d.keys() <= _ENTRY_FIELDS:
+        p = d.get("path")
+        if type(p) is list and len(p) == 1 and type(p[0]) is str:
+            p = _OneName(p[0])  # the common path, one name, without its list
+        return _KeyEntry((p, d.get("dtype"), d.get("kind"), d.get("member")))
+    return d
+
+
+class _OneName(str):
+    """A ``_KeyEntry``'s path that was a list of one str (read back as ``[str(name)]``)."""
+
+    __slots__ = ()
+
+
+def _popping(items: list[Any]) -> Any:
+    """The items of ``items`` popped from its end, each dropped by the list as it is handed out."""
+    pop = items.pop
+    while items:
+        yield pop()
 
 
 def _reparse_meta(mf: MappedFile, start: int, size: int) -> dict[str, Any]:
@@ -254,7 +303,7 @@ def _read_npz_zipfile(mf: MappedFile, *, verify: Optional[bool] = None) -> Dump:
                     raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: unreadable ({_one_line(exc)})") from None
             total += spec.nbytes
             if total > limit:
-                raise _aliased(mf, entries, limit)
+                raise _aliased(mf, len(entries), limit)
         _place(tree, path, spec, mf)
     return Dump(tree, mf, path=mf.path, fmt="npz", meta=meta, verify=verify)
 
@@ -266,10 +315,10 @@ def _alias_limit(mf: MappedFile) -> int:
     return ALIAS_FACTOR * mf.size + ALIAS_FLOOR
 
 
-def _aliased(mf: MappedFile, entries: list[Any], limit: int) -> DumpFormatError:
+def _aliased(mf: MappedFile, keys: int, limit: int) -> DumpFormatError:
     from .legacy import aliased_payloads_error
 
-    return aliased_payloads_error(mf.path, len(entries), limit, mf.size)
+    return aliased_payloads_error(mf.path, keys, limit, mf.size)
 
 
 def _place(tree: dict[str, Any], path: list[str], spec: Any, mf: MappedFile) -> None:
@@ -323,10 +372,13 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
         start, size, crc = m
         if size > _meta_limit(len(members)):
             raise DumpFormatError(f"{mf.path}: metadata member too large")
-        raw = buf[start : start + size]
-        if crc32(raw) != crc:
-            return _read_npz_zipfile(mf, verify=verify)  # which words the error as zipfile does
-        meta, entries = _parse_meta(raw, mf.path)
+        raw = mf.view()[start : start + size]  # decoded from the mapping: no copy of the bytes
+        try:
+            if crc32(raw) != crc:
+                return _read_npz_zipfile(mf, verify=verify)  # which words the error as zipfile does
+            meta, entries = _parse_meta(raw, mf.path, consume=True)
+        finally:
+            raw.release()
         # parsed again if asked for (Dump.meta): the same bytes, checked already. The parsed
         # document (a dict per key) and the member's copy go now, before the tree is built
         meta = functools.partial(_reparse_meta, mf, start, size)  # type: ignore[assignment]
@@ -344,7 +396,12 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
     made: dict[Any, ArraySpec] = {}
     limit = _alias_limit(mf)
     total = 0
-    for path, member, src in entries:
+    # each entry (a path list, a member name) goes as its key's spec comes
+    n_keys = len(entries)
+    entries.reverse()
+    for path, member, src in _popping(entries):
+        if type(path) is str:
+            path = [path]
         spec: Any
         if member is None:
             spec = {}
@@ -370,7 +427,7 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
                                       f"data, member has {size - h[3]}")
             total += h[4]
             if total > limit:
-                raise _aliased(mf, entries, limit)
+                raise _aliased(mf, n_keys, limit)
             spec = made.get(start)
             if spec is None or spec.source_dtype != src:
                 spec = make(h[0], h[1], start + h[3], h[2], src, hit)
