@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_many_keys import _write as write_pair
 
 import reprod
 import reprod.storage as storage
@@ -22,14 +23,7 @@ def _dumps(tmp_path, fmt: str, n: int = 600) -> tuple[str, str]:
     ref["nested"] = {"x": np.arange(4.0), "y": np.ones((2, 2), np.float32)}
     other = {k: (v * np.float32(1.001) if isinstance(v, np.ndarray) and k.endswith("7") else v)
              for k, v in ref.items()}
-    a, b = str(tmp_path / f"a.{fmt}"), str(tmp_path / f"b.{fmt}")
-    if fmt == "npy":
-        np.save(a, ref, allow_pickle=True)
-        np.save(b, other, allow_pickle=True)
-    else:
-        reprod.save(a, ref)
-        reprod.save(b, other)
-    return a, b
+    return write_pair(tmp_path, ref, other, fmt)
 
 
 @needs_kernel
