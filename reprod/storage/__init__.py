@@ -3,17 +3,39 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from .._gc import gc_paused
 from ..adapters import to_tree
 from ..errors import DumpFormatError, UnsupportedValueError
-from .lazy import ArraySpec, Dump, MappedFile, NonNumericValue
+
+if TYPE_CHECKING:
+    from .lazy import ArraySpec, Dump, MappedFile, NonNumericValue
 
 __all__ = ["load", "save", "Dump", "ArraySpec", "NonNumericValue"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+# The reader's classes, resolved on first use (PEP 562): importing them (mmap views, dataclasses,
+# the kernel) was ~3 ms of a process's first ``ReprodLogger.save``, which imports this package for
+# its writer and reads nothing.
+_FROM_LAZY = frozenset({"ArraySpec", "Dump", "MappedFile", "NonNumericValue"})
+_LAZY_MODULE = __name__ + ".lazy"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _FROM_LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import lazy
+
+    value = getattr(lazy, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _FROM_LAZY)
 
 
 def load(path: PathLike, *, verify: Optional[bool] = None) -> Dump:
@@ -35,6 +57,9 @@ def load(path: PathLike, *, verify: Optional[bool] = None) -> Dump:
     >>> d = reprod.load("result/forward_paddle.npy")
     >>> list(d), d["logits"].shape
     """
+    from .._gc import gc_paused
+    from .lazy import MappedFile
+
     p = os.fspath(path)
     try:
         mf = MappedFile(p)
@@ -86,12 +111,18 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
     tree: dict[str, Any] = {}
     dtypes: dict[str, Any] = dict(source_dtypes or {})
     legacy = not p.endswith(".npz")
+    # a Dump or a NonNumericValue exists only once their module is imported: until then no value
+    # can be one, and saving need not import the reader
+    lazy = sys.modules.get(_LAZY_MODULE)
+    dump_cls = marker_cls = None
+    if lazy is not None:
+        dump_cls, marker_cls = lazy.Dump, lazy.NonNumericValue
     for k, v in mapping.items():
         if not isinstance(k, str):
             raise UnsupportedValueError(f"{p}: key {k!r} is a {type(k).__name__}; keys must be str")
-        if isinstance(v, Dump):
+        if dump_cls is not None and isinstance(v, dump_cls):
             v = v.to_dict()
-        if _has_marker(v):
+        if marker_cls is not None and _has_marker(v, marker_cls):
             # a reprod_log dump's str/None/list value: np.save keeps it in a .npy, as it came
             tree[k] = _unmarked(v, p, k, legacy)
             continue
@@ -109,15 +140,17 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
     return write_legacy(p, tree)
 
 
-def _has_marker(v: Any) -> bool:
-    if isinstance(v, NonNumericValue):
+def _has_marker(v: Any, marker_cls: type) -> bool:
+    if isinstance(v, marker_cls):
         return True
-    return isinstance(v, dict) and any(_has_marker(x) for x in v.values())
+    return isinstance(v, dict) and any(_has_marker(x, marker_cls) for x in v.values())
 
 
 def _unmarked(v: Any, p: str, key: str, legacy: bool) -> Any:
     """A tree holding ``NonNumericValue``s (from ``load`` of a reprod_log dump) with their plain
     values, for a ``.npy``; a ``.npz`` holds numeric data only."""
+    from .lazy import NonNumericValue
+
     if isinstance(v, dict):
         return {k: _unmarked(x, p, f"{key}/{k}", legacy) for k, x in v.items()}
     if isinstance(v, NonNumericValue):

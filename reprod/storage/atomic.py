@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import _thread
 import errno
 import os
 import re
-import signal
 import stat
-import threading
 import time
 from typing import Any, BinaryIO, Optional
+
+try:  # the C module behind ``signal``, loaded at start-up: ``signal`` costs ~0.6 ms to import
+    import _signal
+except ImportError:  # pragma: no cover - an implementation without it
+    import signal as _signal
 
 try:  # POSIX: a writer holds a lock on its temporary file while it lives
     import fcntl
@@ -89,8 +93,7 @@ class AtomicFile:
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(target)
-        _sigterm_hold()
-        main = threading.current_thread() is threading.main_thread()
+        main = _sigterm_hold()
         if main:  # SIGTERM waits until the temporary file is registered for its handler
             _critical[0] += 1
         try:
@@ -104,7 +107,7 @@ class AtomicFile:
             if main:
                 _critical[0] -= 1
         if main and _term_state["pending"]:
-            _terminate(signal.SIGTERM)  # one came meanwhile: removes the file, raises SystemExit
+            _terminate(_signal.SIGTERM)  # one came meanwhile: removes the file, raises SystemExit
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -197,9 +200,14 @@ class AtomicFile:
 # ``with`` block); the handler waits while a temporary file is being created and registered. This
 # happens only where SIGTERM has its default action: a handler the program set, or SIG_IGN, is
 # left alone. The default action is put back when the last such file is committed or aborted.
-_term_lock = threading.Lock()
+# Written with _thread and _signal, which every process has loaded, instead of threading and
+# signal, which a process that only saves has not: "the main thread" is the one that installed the
+# handler (only it can: elsewhere signal.signal raises ValueError), as that is the thread where
+# the handler runs.
+_term_lock = _thread.allocate_lock()  # what threading.Lock() is
 _term_holders = [0]
-_term_state: dict[str, Any] = {"installed": False, "terminating": False, "pending": False}
+_term_state: dict[str, Any] = {"installed": False, "terminating": False, "pending": False,
+                               "thread": None}  # the ident of the thread that installed it
 _live_temporaries: set[str] = set()  # temporary files of live AtomicFiles, for the handler
 _critical = [0]  # > 0 while the main thread creates and registers a temporary file
 
@@ -224,17 +232,29 @@ def _terminate(signum: int) -> None:
     raise SystemExit(128 + signum)
 
 
-def _sigterm_hold() -> None:
+def _sigterm_hold() -> bool:
+    """Count one more temporary file, installing the handler where SIGTERM has its default action;
+    True when the handler is installed and runs in this thread (which then guards its file's
+    creation with ``_critical``)."""
+    me = _thread.get_ident()
     with _term_lock:
         _term_holders[0] += 1
-        if _term_state["installed"] or threading.current_thread() is not threading.main_thread():
-            return
-        try:
-            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-                signal.signal(signal.SIGTERM, _on_sigterm)
-                _term_state["installed"] = True
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - no signals here
-            pass
+        if not _term_state["installed"]:
+            try:
+                if _is_default(_signal.getsignal(_signal.SIGTERM)):
+                    _signal.signal(_signal.SIGTERM, _on_sigterm)  # ValueError but in the main thread
+                    _term_state["installed"] = True
+                    _term_state["thread"] = me
+            except (ValueError, OSError, AttributeError):  # not the main thread, or no signals here
+                pass
+        return _term_state["installed"] and _term_state["thread"] == me
+
+
+def _is_default(handler: Any) -> bool:
+    """``signal.getsignal(SIGTERM) is signal.SIG_DFL`` for ``_signal.getsignal``'s raw value: a
+    stored handler that is not callable (nor None, one set outside Python) equals SIG_IGN or
+    SIG_DFL, as ``signal.signal`` enforces, and ``signal.getsignal`` maps it to that member."""
+    return handler is not None and not callable(handler) and handler == _signal.SIG_DFL
 
 
 def _sigterm_release() -> None:
@@ -242,15 +262,25 @@ def _sigterm_release() -> None:
         _term_holders[0] = max(0, _term_holders[0] - 1)
         if _term_holders[0] or not _term_state["installed"]:
             return
-        if threading.current_thread() is not threading.main_thread():
+        if _thread.get_ident() != _term_state["thread"]:
             return  # put back by the next release in the main thread
         try:
-            if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if _signal.getsignal(_signal.SIGTERM) is _on_sigterm:
+                _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
         except (ValueError, OSError):  # pragma: no cover
             pass
         _term_state["installed"] = False
         _term_state["terminating"] = _term_state["pending"] = False
+
+
+def _after_fork_in_child() -> None:
+    # a forked child's one thread is its main thread now (threading.main_thread() says so too),
+    # and it inherits the handler
+    _term_state["thread"] = _thread.get_ident()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _mkstemp(folder: str, prefix: str) -> tuple[int, str]:
