@@ -6,13 +6,17 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+import operator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
+from itertools import repeat
+from json.encoder import encode_basestring_ascii
 from typing import Any, Optional
 
 import numpy as np
 
-from ..diff.result import DiffResult, KeyResult, _json_safe
+from ..diff.result import _FIELD_NAMES, DiffResult, KeyResult, _json_safe
+from .json_fast import KeyEncoder, _call, field_values, layout, methods_values
 from .table import statistics_for, table_columns, table_rows
 
 __all__ = [
@@ -71,9 +75,76 @@ def to_json(result: DiffResult, *, indent: Optional[int] = 2) -> str:
 
 
 def iter_json(result: DiffResult, *, indent: Optional[int] = 2) -> Iterator[str]:
-    """``to_json``'s text in pieces, a key at a time: writing them one after another gives the
-    same bytes, and a million keys never exist as one document (a dict per key, then one string)
-    at once. ``indent=None`` (one line) is one piece."""
+    """``to_json``'s text in pieces, many keys at a time: writing them one after another gives
+    the same bytes, and a million keys never exist as one document (a dict per key, then one
+    string) at once."""
+    if not _fast_indent(indent):
+        yield from _iter_json_reference(result, indent=indent)
+        return
+    yield from _result_pieces(result, indent, 0)
+
+
+def _fast_indent(indent: Any) -> bool:
+    # what json_fast lays out; any other indent (a str, a bool) keeps the general path's text
+    # and errors
+    return indent is None or type(indent) is int
+
+
+# keys per piece: ~1 MB of text at indent=2, one write for the CLI's writer
+_KEYS_PER_PIECE = 1024
+
+
+def _result_pieces(result: DiffResult, indent: Optional[int], level: int) -> Iterator[str]:
+    """``json.dumps(_jsonable(result.to_dict()), indent=indent)`` as it is nested ``level``
+    deep (``files_to_json`` puts results at 2), in pieces: the keys through ``KeyEncoder``,
+    any key it cannot write exactly the general way."""
+    doc = {
+        "passed": result.passed,
+        "summary": result.summary(),
+        "ref": result.ref_name,
+        "other": result.other_name,
+        "options": _json_safe(dict(result.options)),
+        "created": result.created,
+    }
+    head = json.dumps(_jsonable(doc), indent=indent, allow_nan=False)
+    open1, sep1, close0 = layout(indent, level)
+    if close0:  # no raw newline inside json's strings: every one is a line break
+        head = head.replace("\n", close0)
+    # the head's closing brace off, "keys" (to_dict's last entry) after its other entries
+    head = head[: len(head) - len(close0) - 1] + sep1 + '"keys": '
+    results = result.results
+    if not isinstance(results, (tuple, list)):
+        results = tuple(results)
+    if not results:
+        yield head + "[]" + close0 + "}"
+        return
+    open2, sep2, close1 = layout(indent, level + 1)
+    encode = KeyEncoder(indent, level + 2).encode
+    lead = head + "[" + open2
+    for start in range(0, len(results), _KEYS_PER_PIECE):
+        batch = results[start : start + _KEYS_PER_PIECE]
+        try:
+            texts = list(map(encode, batch))
+        except KeyError:  # json_fast.Unsupported somewhere in the batch
+            texts = [_key_text(kr, encode, indent, level + 2) for kr in batch]
+        yield lead + sep2.join(texts)
+        lead = sep2
+    yield close1 + "]" + close0 + "}"
+
+
+def _key_text(kr: KeyResult, encode: Any, indent: Optional[int], level: int) -> str:
+    try:
+        return encode(kr)
+    except KeyError:
+        # a value KeyEncoder does not write exactly (a numpy scalar, a subclass): the general
+        # way, which raises what it raised before where the key cannot be written at all
+        text = json.dumps(_jsonable(kr.to_dict()), indent=indent, allow_nan=False)
+        return text if indent is None else text.replace("\n", "\n" + " " * indent * level)
+
+
+def _iter_json_reference(result: DiffResult, *, indent: Optional[int] = 2) -> Iterator[str]:
+    """``iter_json`` through ``json.dumps`` and ``to_dict`` (the pure-Python encoder: ~120 us a
+    key): the text ``iter_json`` must equal byte for byte, and its path for any other indent."""
     if indent is None or not result.results:
         yield json.dumps(_jsonable(result.to_dict()), indent=indent, allow_nan=False)
         return
@@ -131,6 +202,30 @@ def files_to_dict(results: Mapping[str, DiffResult]) -> dict[str, Any]:
 
 def files_to_json(results: Mapping[str, DiffResult], *, indent: Optional[int] = 2) -> str:
     """``files_to_dict`` as strict JSON (inf and nan as strings, as in ``to_json``)."""
+    if not _fast_indent(indent) or any(type(name) is not str for name in results):
+        return _files_to_json_reference(results, indent=indent)
+    return "".join(_files_pieces(results, indent))
+
+
+def _files_pieces(results: Mapping[str, DiffResult], indent: Optional[int]) -> Iterator[str]:
+    open1, sep1, close0 = layout(indent, 0)
+    passed = all(r.passed for r in results.values())
+    yield "{" + open1 + '"passed": ' + ("true" if passed else "false") + sep1 + '"files": '
+    if not results:
+        yield "{}" + close0 + "}"
+        return
+    open2, sep2, close1 = layout(indent, 1)
+    lead = "{" + open2
+    for name, result in results.items():
+        yield lead + encode_basestring_ascii(name) + ": "
+        yield from _result_pieces(result, indent, 2)
+        lead = sep2
+    yield close1 + "}" + close0 + "}"
+
+
+def _files_to_json_reference(results: Mapping[str, DiffResult], *,
+                             indent: Optional[int] = 2) -> str:
+    """``files_to_json`` through ``json.dumps``: the text it must equal, and its other indents."""
     return json.dumps(_jsonable(files_to_dict(results)), indent=indent, allow_nan=False)
 
 
@@ -142,6 +237,9 @@ def files_from_json(text: str) -> dict[str, DiffResult]:
 
 _FLATTENED = ("thresholds", "checks")
 _PREFIX = {"thresholds": "threshold_", "checks": "check_"}
+_I_THR, _I_CHK = _FIELD_NAMES.index("thresholds"), _FIELD_NAMES.index("checks")
+assert _I_CHK == _I_THR + 1
+_BEFORE, _AFTER = _FIELD_NAMES[:_I_THR], _FIELD_NAMES[_I_CHK + 1 :]
 
 
 def _nested_names(results: Iterable[KeyResult], attr: str) -> list[str]:
@@ -151,6 +249,37 @@ def _nested_names(results: Iterable[KeyResult], attr: str) -> list[str]:
     return names
 
 
+def _method_names(results: Iterable[KeyResult]) -> Optional[tuple[list[str], list[str]]]:
+    """``_nested_names`` of thresholds and of checks, reading each key once (a batch row's
+    fields are built per read: the two passes built them twice); ``None`` where a value is not
+    a dict or a method not a str, for the general path (and its errors)."""
+    thr_names: list[str] = []
+    chk_names: list[str] = []
+    thr_seen: set[str] = set()
+    chk_seen: set[str] = set()
+    for r in results:
+        thr, chk = methods_values(r)
+        if type(thr) is not dict or type(chk) is not dict \
+                or not _STR_ONLY.issuperset(map(type, thr)) \
+                or not _STR_ONLY.issuperset(map(type, chk)):
+            return None
+        if not thr.keys() <= thr_seen:
+            thr_names.extend(m for m in thr if m not in thr_seen)
+            thr_seen.update(thr)
+        if not chk.keys() <= chk_seen:
+            chk_names.extend(m for m in chk if m not in chk_seen)
+            chk_seen.update(chk)
+    return thr_names, chk_names
+
+
+_STR_ONLY = frozenset([str])
+
+
+def _columns(thr_names: list[str], chk_names: list[str]) -> list[str]:
+    return [*_BEFORE, *("threshold_" + m for m in thr_names), *("check_" + m for m in chk_names),
+            *_AFTER]
+
+
 def flat_columns(result: DiffResult) -> list[str]:
     """Every KeyResult field in declaration order, with ``thresholds`` and ``checks`` spread into
     ``threshold_<method>`` and ``check_<method>`` columns (methods in order of first use).
@@ -158,6 +287,13 @@ def flat_columns(result: DiffResult) -> list[str]:
     >>> flat_columns(result)[:4]
     ['key', 'passed', 'status', 'reason']
     """
+    names = _method_names(result.results)
+    if names is None:
+        return _flat_columns_reference(result)
+    return _columns(*names)
+
+
+def _flat_columns_reference(result: DiffResult) -> list[str]:
     columns: list[str] = []
     for f in fields(KeyResult):
         if f.name in _FLATTENED:
@@ -171,6 +307,16 @@ def flat_columns(result: DiffResult) -> list[str]:
 def flat_record(r: KeyResult) -> dict[str, Any]:
     """One key as a flat mapping over (a subset of) ``flat_columns``: values unchanged, tuples
     kept as tuples, the nested thresholds/checks spread into prefixed entries."""
+    values = field_values(r)
+    record = dict(zip(_BEFORE, values))
+    # no field name starts with a prefix: the spread entries never replace a field's
+    record.update({"threshold_" + m: v for m, v in values[_I_THR].items()})
+    record.update({"check_" + m: v for m, v in values[_I_CHK].items()})
+    record.update(zip(_AFTER, values[_I_CHK + 1 :]))
+    return record
+
+
+def _flat_record_reference(r: KeyResult) -> dict[str, Any]:
     record: dict[str, Any] = {}
     for f in fields(KeyResult):
         value = getattr(r, f.name)
@@ -200,6 +346,99 @@ def _csv_cell(x: Any) -> str:
     return str(x)
 
 
+# json.dumps (C encoder, default separators) of a tuple's items, for the items written the same
+# way whatever json's float options (a float item takes _csv_cell)
+_TUPLE_ITEM = {str: encode_basestring_ascii, int: int.__repr__, bool: ("false", "true").__getitem__,
+               type(None): {None: "null"}.__getitem__}
+
+
+def _csv_tuple(x: tuple[Any, ...]) -> str:
+    try:
+        items = list(map(_call, map(_TUPLE_ITEM.__getitem__, map(type, x)), x))
+    except KeyError:
+        return _csv_cell(x)
+    return "[" + ", ".join(items) + "]"
+
+
+# _csv_cell of a value of each exact type, without its isinstance chain; any other type (numpy
+# scalars, subclasses) takes _csv_cell itself
+_CELL = {type(None): {None: ""}.__getitem__, bool: ("false", "true").__getitem__,
+         float: float.__repr__, int: int.__repr__, str: str, tuple: _csv_tuple}
+_ANY_CELL = repeat(_csv_cell)
+
+
+class _Slow(Exception):
+    """A key the fast CSV rows do not cover (a method not among the columns, or not a str)."""
+
+
+def _csv_fast(groups: list[tuple[Optional[str], Sequence[KeyResult]]],
+              names: list[tuple[list[str], list[str]]]) -> str:
+    """``_csv`` of the groups' ``flat_record``s (with a leading ``file`` column where the groups
+    are named), given each group's ``_method_names``: one read of each key's fields, each cell
+    by its value's type. ``_Slow`` where a key has a method its group's names lack."""
+    columns: list[str] = []
+    for group_names in names:
+        columns.extend(c for c in _columns(*group_names) if c not in columns)
+    files = groups[0][0] is not None
+    if files:
+        columns = ["file", *columns]
+    all_thr = list(dict.fromkeys(m for thr, _ in names for m in thr))
+    all_chk = list(dict.fromkeys(m for _, chk in names for m in chk))
+    # a row: (file, every field, each threshold method's value, each check's); record.get(column)
+    # is the item at the column's position, None where the key lacks the method
+    field_at = {n: 1 + i for i, n in enumerate(_FIELD_NAMES) if n not in _FLATTENED}
+    positions = []
+    for c in columns:
+        if c == "file" and files:
+            positions.append(0)
+        elif c in field_at:
+            positions.append(field_at[c])
+        elif c.startswith("threshold_"):
+            positions.append(1 + len(_FIELD_NAMES) + all_thr.index(c[len("threshold_") :]))
+        else:
+            positions.append(1 + len(_FIELD_NAMES) + len(all_thr) + all_chk.index(c[len("check_") :]))
+    pick = operator.itemgetter(*positions)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    write, cell, any_cell = writer.writerow, _CELL.get, _ANY_CELL
+    for (name, results), (thr_names, chk_names) in zip(groups, names):
+        thr_seen, chk_seen = set(thr_names), set(chk_names)
+        for r in results:
+            values = field_values(r)
+            thr, chk = values[_I_THR], values[_I_CHK]
+            if type(thr) is not dict or type(chk) is not dict or not thr.keys() <= thr_seen \
+                    or not chk.keys() <= chk_seen or not _STR_ONLY.issuperset(map(type, thr)) \
+                    or not _STR_ONLY.issuperset(map(type, chk)):
+                raise _Slow(r.key)
+            row = pick((name, *values, *map(thr.get, all_thr), *map(chk.get, all_chk)))
+            write(list(map(_call, map(cell, map(type, row), any_cell), row)))
+    return buf.getvalue()
+
+
+def _csv_of(groups: list[tuple[Optional[str], Sequence[KeyResult]]]) -> Optional[str]:
+    """``_csv_fast`` with every group's methods, from its first key (one pass, where every key
+    has the first one's, as a comparison's keys do) or else from all of them; ``None`` where the
+    keys need the general path."""
+    firsts = [_method_names(results[:1]) for _, results in groups]
+    if all(n is not None for n in firsts):
+        try:
+            return _csv_fast(groups, firsts)  # type: ignore[arg-type]
+        except _Slow:
+            pass
+    names = [_method_names(results) for _, results in groups]
+    if any(n is None for n in names):
+        return None
+    try:
+        return _csv_fast(groups, names)  # type: ignore[arg-type]
+    except _Slow:  # a key's fields changed between two reads: the general path's text
+        return None
+
+
+def _as_sequence(results: Iterable[KeyResult]) -> Sequence[KeyResult]:
+    return results if isinstance(results, (tuple, list)) else tuple(results)
+
+
 def to_csv(result: DiffResult) -> str:
     """A header and one row per key with every field (``flat_columns``) in full precision:
     floats as Python's shortest round-trip text (``inf``, ``nan``), booleans ``true``/``false``,
@@ -209,7 +448,14 @@ def to_csv(result: DiffResult) -> str:
     >>> float(rows[0]["mean_abs"])
     0.00031
     """
-    return _csv(flat_columns(result), (flat_record(r) for r in result.results))
+    text = _csv_of([(None, _as_sequence(result.results))])
+    return _to_csv_reference(result) if text is None else text
+
+
+def _to_csv_reference(result: DiffResult) -> str:
+    """``to_csv`` through ``flat_record`` and ``_csv_cell``: the text it must equal."""
+    return _csv(_flat_columns_reference(result),
+                (_flat_record_reference(r) for r in result.results))
 
 
 def _csv(columns: list[str], records: Iterable[dict[str, Any]]) -> str:
@@ -223,11 +469,20 @@ def _csv(columns: list[str], records: Iterable[dict[str, Any]]) -> str:
 
 def files_to_csv(results: dict[str, DiffResult]) -> str:
     """Several results (one per compared file) as one CSV with a leading ``file`` column."""
+    text = None
+    if results and all(type(name) is str for name in results):
+        text = _csv_of([(name, _as_sequence(r.results)) for name, r in results.items()])
+    return _files_to_csv_reference(results) if text is None else text
+
+
+def _files_to_csv_reference(results: dict[str, DiffResult]) -> str:
     columns: list[str] = []
     for result in results.values():
-        columns.extend(c for c in flat_columns(result) if c not in columns)
+        columns.extend(c for c in _flat_columns_reference(result) if c not in columns)
     records = (
-        {"file": name, **flat_record(r)} for name, result in results.items() for r in result.results
+        {"file": name, **_flat_record_reference(r)}
+        for name, result in results.items()
+        for r in result.results
     )
     return _csv(["file", *columns], records)
 
