@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import _native
 from .. import messages as msg
-from ..storage.lazy import ArraySpec, Dump
+from ..storage.lazy import REMEMBER_VERIFIED, ArraySpec, Dump
 from . import metrics
 from .criteria import Criteria
 from .pairing import Pair, dtype_name
@@ -90,9 +90,9 @@ def compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Prog
         a, r = policy.tolerance_for(key, dtype_name(rs.dtype), dtype_name(os_.dtype))
         check_close = a is not None or r is not None
         rc, oc = rt.pending_check(rs), ot.pending_check(os_)
-        if rc is not None:
+        if rc is not None and rc[1] >= REMEMBER_VERIFIED:
             checks.append((len(todo), 0, rc[0]))
-        if oc is not None:
+        if oc is not None and oc[1] >= REMEMBER_VERIFIED:
             checks.append((len(todo), 1, oc[0]))
         todo.append((i, p, rs, os_, n, a, r))
         jobs += (rs.offset, os_.offset, n, rk + (ok >> 1), check_close, *(rc or _NO_CHECK),

@@ -107,6 +107,7 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
         bar = _progress_bar(pairs)
         walk = iter(pairs)
     results: list[KeyResult] = []
+    windows = 0
     with bar if bar is not None else contextlib.nullcontext():
         # a window of pairs at a time: a million keys never hold a million Pairs at once
         for window in iter(lambda: list(itertools.islice(walk, _WINDOW)), []):
@@ -127,6 +128,10 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
                     bar.key_done()
             if owned:
                 _release(window, owned)
+                windows += 1
+                if windows % _DROP_EVERY == 0:  # a large dump's pages, read through, go
+                    for mf in owned:
+                        mf.drop_pages()
     if not results:  # comparing nothing proves nothing: never an all-clear
         results.append(KeyResult(key="(nothing compared)", passed=False, status="nothing",
                                  reason=msg.reason_nothing(a.name, b.name, bool(keys))))
@@ -225,6 +230,7 @@ def _progress_bar(pairs: Sequence[Pair]) -> Progress:
 
 # Pairs handed to the batch kernel at a time: bounds its scratch (152 bytes a pair).
 _WINDOW = 4096
+_DROP_EVERY = 16  # windows between two drop_pages of the dumps opened here (64k keys)
 
 
 def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,

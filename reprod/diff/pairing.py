@@ -129,9 +129,14 @@ def walk_pairs(ref: Mapping[str, Any], other: Mapping[str, Any], *,
 def _nodes(tree: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
     """A Dump's key -> spec-or-dict table (what ``_peek`` would return, as a nested dict where it
     returns a nested Dump: both are branches), so the walk does not call ``spec`` per key."""
+    from ..storage.columns import ColumnTree
     from ..storage.lazy import Dump
 
-    return tree._tree if type(tree) is Dump else None
+    if type(tree) is not Dump:
+        return None
+    nodes = tree._tree
+    # a ColumnTree holds leaves only: its row numbers say "not a branch" without building a spec
+    return nodes._rows if type(nodes) is ColumnTree else nodes
 
 
 def _peek(tree: Mapping[str, Any], k: str) -> Any:

@@ -24,6 +24,13 @@ from .._native import crc32  # zlib's CRC-32, by the kernel where it is on
 # check then costs well under a millisecond, and larger members are left to ``verify=True``.
 VERIFY_SMALL_BYTES = 1 << 20
 _CRC_CHUNK = 16 << 20
+# a member this large is remembered as verified (MappedFile.verified); a smaller one is checked
+# again when read again, which costs less than remembering it (a million members held ~90 bytes
+# each in that set, the largest part of a million-key .npz comparison but for the results)
+REMEMBER_VERIFIED = 4096
+# files from this size on give their mapped pages back once read through (MappedFile.drop_pages):
+# below it, mapping them in again would cost more than the memory is worth
+DROP_PAGES_BYTES = 32 << 20
 
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) \
@@ -90,6 +97,17 @@ class MappedFile:
         # byte ranges whose checksum has been verified; shared by every Dump viewing this file
         self.verified: set[int] = set()
         self._view: Optional[memoryview] = None
+
+    def drop_pages(self) -> None:
+        """Let go of the file's pages this process has mapped in (a large dump, read through):
+        they stay in the page cache, and a later read maps them in again. The mapping is shared
+        and read-only, so nothing is lost; resident memory stops counting a file read once."""
+        mm = self.mm
+        if mm is not None and self.size >= DROP_PAGES_BYTES and hasattr(mm, "madvise"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError, AttributeError):  # not offered here: pages stay mapped
+                pass
 
     def buffer(self) -> mmap.mmap:
         if self.mm is None:
@@ -199,7 +217,8 @@ class ArraySpec:
             text = where() if callable(where) else where
             raise DumpFormatError(f"{text}: checksum mismatch (CRC32 {got:08x}, the zip directory "
                                   f"says {crc:08x}): the file is corrupt")
-        mf.verified.add(start)
+        if length >= REMEMBER_VERIFIED:
+            mf.verified.add(start)
 
 
 # the slot descriptors' setters, in field order: what a frozen dataclass's __setattr__ bypasses
@@ -338,8 +357,12 @@ class Dump(Mapping[str, Any]):
         it has compared a key of a dump it opened itself and no one else holds. A million keys a
         side held ~120 bytes each in specs until the comparison ended. Replacing a value keeps
         the dict's size, so a walk iterating it meanwhile goes on."""
-        if key in self._tree and not isinstance(self._tree[key], dict):
-            self._tree[key] = None
+        tree = self._tree
+        if type(tree) is dict:
+            if key in tree and not isinstance(tree[key], dict):
+                tree[key] = None
+        else:
+            tree.release(key)  # a ColumnTree
 
     def verify(self) -> None:
         """Check the CRC32 of every member now (native ``.npz``; a no-op for formats without one).
@@ -378,7 +401,7 @@ class Dump(Mapping[str, Any]):
         however many keys refer to it."""
         return self._to_dict({})
 
-    def _to_dict(self, copies: dict[int, np.ndarray]) -> dict[str, Any]:
+    def _to_dict(self, copies: dict[Any, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, node in self._tree.items():
             if isinstance(node, dict):
@@ -386,9 +409,13 @@ class Dump(Mapping[str, Any]):
             elif type(node) is NonNumericValue:
                 out[k] = node
             else:
-                arr = copies.get(id(node))
+                # in-file bytes by where they lie and how they are read (a ColumnTree builds a
+                # new spec per lookup), anything else by the spec object itself
+                ident: Any = id(node) if node.loader is not None else \
+                    (node.offset, node.dtype, node.shape, node.fortran, node.source_dtype)
+                arr = copies.get(ident)
                 if arr is None:
-                    arr = copies[id(node)] = np.array(self[k])
+                    arr = copies[ident] = np.array(self[k])
                 out[k] = arr
         return out
 

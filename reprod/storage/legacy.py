@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import DumpFormatError
 from .atomic import AtomicFile
+from .columns import columns_of
 from .lazy import ArraySpec, Dump, MappedFile, NonNumericValue
 from .npy_header import MAX_DEPTH, MAX_NDIM, _short, check_shape, parse_npy_header
 from .pickle_walker import (
@@ -346,7 +347,11 @@ def read_npy(mf: MappedFile, stem: str) -> Dump:
             raise DumpFormatError(
                 f"{mf.path}: object .npy does not hold a dict of arrays (found {type(root).__name__})"
             )
-        return Dump(tree_from_pickle(root, mf, opcodes=walker.steps, _inplace=True), mf, path=mf.path, fmt="npy-dict")
+        tree = tree_from_pickle(root, mf, opcodes=walker.steps, _inplace=True)
+        del walker, root  # the walk's memo goes before the tree is turned into columns
+        cols = columns_of(tree)
+        mf.drop_pages()  # the walk read every page; the comparison maps in what it reads
+        return Dump(tree if cols is None else cols, mf, path=mf.path, fmt="npy-dict")
     if dt.kind not in "biufc":
         raise DumpFormatError(f"{mf.path}: array of dtype {dt} is not numeric data")
     spec = ArraySpec(dtype=dt, shape=shape, offset=data_off, fortran=fortran)

@@ -6,7 +6,6 @@ layout is in ``npz_format``."""
 from __future__ import annotations
 
 import functools
-import json
 import struct
 import zlib
 from typing import TYPE_CHECKING, Any, Optional
@@ -16,8 +15,9 @@ import numpy as np
 from ..adapters import BFLOAT16
 from ..errors import DumpFormatError
 from .lazy import ArraySpec, Dump, MappedFile, _one_line, crc32
-from .npy_header import _HEADERS, MAX_DEPTH, parse_npy_header
+from .npy_header import _HEADERS, parse_npy_header
 from .npz_format import _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
+from .npz_meta import CHUNKED_FROM, Rechunk, _parse_meta, _popping, iter_meta_chunked
 
 if TYPE_CHECKING:  # zipfile costs ~5 ms to import; the common paths do not need it
     import zipfile
@@ -154,96 +154,6 @@ def _check_numeric(dt: np.dtype, src: Optional[str], where: str) -> None:
         raise DumpFormatError(f"{where}: bfloat16 values must be stored as uint16 bits, not {dt}")
 
 
-def _parse_meta(raw: Any, path: str, *, consume: bool = False
-                ) -> tuple[dict[str, Any], list[tuple[list[str], Optional[str], Optional[str]]]]:
-    """The metadata member (bytes or a memoryview of them), checked field by field: it comes from
-    the file, so nothing is trusted. ``consume``: the key list is emptied as its entries are
-    made (each key's dict goes as its entry comes: at a million keys the parsed document and the
-    entries together were the peak of a load), for a caller that drops the document."""
-    try:
-        meta = json.loads(str(raw, "utf-8"), object_hook=_entry_hook if consume else None)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError included
-        raise DumpFormatError(f"{path}: corrupt metadata member ({_one_line(exc)})") from None
-
-    def bad(what: str) -> DumpFormatError:
-        return DumpFormatError(f"{path}: corrupt metadata member ({what})")
-
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise bad("wrong format name")
-    version = meta.get("version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise bad(f"version {str(version)[:40]!r} is not an integer")
-    if version > FORMAT_VERSION:
-        raise DumpFormatError(f"{path}: written by a newer reprod (format version {version})")
-    keys = meta.get("keys")
-    if not isinstance(keys, list):
-        raise bad("no key list")
-    entries: list[tuple[list[str], Optional[str], Optional[str]]] = []
-    # json.loads makes exact dicts, lists and strs, so ``type(x) is`` checks what isinstance would,
-    # faster: this loop runs once per key (5,000 in the many-small benchmark)
-    if consume:
-        keys.reverse()  # popped from the end, in the file's order
-    for e in _popping(keys) if consume else keys:
-        if type(e) is _KeyEntry:
-            p, src, kind, m = e
-            if type(p) is _OneName:
-                p = [str(p)]  # as the document had it
-            m = None if kind == "dict" else m
-        elif type(e) is not dict:
-            raise bad("bad key entry")
-        else:
-            p, src, kind = e.get("path"), e.get("dtype"), e.get("kind")
-            m = None if kind == "dict" else e.get("member")
-        if type(p) is not list or not p or (type(p[0]) is not str if len(p) == 1
-                                             else not all(type(s) is str for s in p)):
-            raise bad("bad key path")
-        if m is None and kind != "dict" or m is not None and type(m) is not str:
-            raise bad(f"key {'/'.join(p)[:80]!r}: bad member name")
-        if src is not None and not (isinstance(src, str) and 0 < len(src) <= 64 and src.isprintable()):
-            raise bad(f"key {'/'.join(p)[:80]!r}: bad source dtype")
-        if len(p) > MAX_DEPTH:
-            raise bad(f"key nested more than {MAX_DEPTH} levels deep")
-        # consume: a key of one name keeps its name, not a list of it (72 bytes a key)
-        entries.append((p[0] if consume and len(p) == 1 else p, m, src))
-    return meta, entries
-
-
-class _KeyEntry(tuple):  # type: ignore[type-arg]
-    """``(path, dtype, kind, member)`` of a JSON object holding no other field, as ``.get`` reads
-    them: what a key's entry keeps of its dict while the document is parsed (a million keys'
-    dicts were the peak of a load)."""
-
-    __slots__ = ()
-
-
-_ENTRY_FIELDS = frozenset(("path", "dtype", "kind", "member"))
-
-
-def _entry_hook(d: dict[str, Any]) -> Any:
-    """``json.loads``' object hook for ``_parse_meta(consume=True)``, whose caller keeps nothing
-    of the document but the checked entries: a key's dict becomes a ``_KeyEntry`` as it is
-    parsed (any other object stays a dict; the checks read both alike)."""
-    if d.keys() <= _ENTRY_FIELDS:
-        p = d.get("path")
-        if type(p) is list and len(p) == 1 and type(p[0]) is str:
-            p = _OneName(p[0])  # the common path, one name, without its list
-        return _KeyEntry((p, d.get("dtype"), d.get("kind"), d.get("member")))
-    return d
-
-
-class _OneName(str):
-    """A ``_KeyEntry``'s path that was a list of one str (read back as ``[str(name)]``)."""
-
-    __slots__ = ()
-
-
-def _popping(items: list[Any]) -> Any:
-    """The items of ``items`` popped from its end, each dropped by the list as it is handed out."""
-    pop = items.pop
-    while items:
-        yield pop()
-
-
 def _reparse_meta(mf: MappedFile, start: int, size: int) -> dict[str, Any]:
     return _parse_meta(bytes(mf.buffer()[start : start + size]), mf.path)[0]
 
@@ -308,6 +218,28 @@ def _read_npz_zipfile(mf: MappedFile, *, verify: Optional[bool] = None) -> Dump:
     return Dump(tree, mf, path=mf.path, fmt="npz", meta=meta, verify=verify)
 
 
+def _header_of(mf: MappedFile, buf: Any, headers: dict[Any, Any], member: str,
+               hit: tuple[int, int, int], src: Optional[str]) -> tuple[Any, ...]:
+    """(dtype, shape, fortran, header length, data bytes) of a stored member, checked."""
+    start, size = hit[0], hit[1]
+    # the .npy header by its bytes (magic, version 1, length, text) in the cache that
+    # parse_npy_header fills: each distinct header is parsed once per process
+    h = None
+    if size >= 10 and buf[start + 6] == 1:
+        hend = start + 10 + (buf[start + 8] | buf[start + 9] << 8)
+        if hend <= start + size:
+            h = headers.get(buf[start:hend])
+    if h is None:
+        h = _parse_stored(mf, member, start, size, src)
+    elif src is not None or h[0].kind not in "biufc":
+        # the cache holds every header that parsed, whatever reader met it first
+        _check_numeric(h[0], src, f"{mf.path}: member {member!r}")
+    if h[3] + h[4] != size:
+        raise DumpFormatError(f"{mf.path}: member {member!r}: header claims {h[4]} bytes of "
+                              f"data, member has {size - h[3]}")
+    return h
+
+
 def _alias_limit(mf: MappedFile) -> int:
     """The bytes of data the keys of a dump may refer to in all (``legacy.ALIAS_FACTOR``)."""
     from .legacy import ALIAS_FACTOR, ALIAS_FLOOR
@@ -334,7 +266,8 @@ def _place(tree: dict[str, Any], path: list[str], spec: Any, mf: MappedFile) -> 
     node[path[-1]] = spec
 
 
-from .npz_directory import _fast_directory  # noqa: E402  (importable from here, as before)
+from .columns import ColumnBuilder  # noqa: E402
+from .npz_directory import Directory, _fast_directory  # noqa: E402  (importable from here, as before)
 
 
 def _parse_stored(mf: MappedFile, name: str, start: int, size: int,
@@ -360,14 +293,12 @@ def read_npz(mf: MappedFile, *, verify: Optional[bool] = None) -> Dump:
     return _read_npz_fast(mf, members, verify)
 
 
-def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
-                   verify: Optional[bool]) -> Dump:
+def _read_npz_fast(mf: MappedFile, members: Directory, verify: Optional[bool]) -> Dump:
     """``_read_npz_zipfile`` for an archive whose directory ``_fast_directory`` has read and
     checked: same tree, same metadata, same errors, in the same order."""
-    buf = mf.buffer()
     meta: dict[str, Any] = {}
     entries: list[tuple[list[str], Optional[str], Optional[str]]] = []
-    m = members.get(META_NAME)
+    m = members.at(len(members) - 1, META_NAME)  # where the writer puts it
     if m is not None:
         start, size, crc = m
         if size > _meta_limit(len(members)):
@@ -376,12 +307,21 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
         try:
             if crc32(raw) != crc:
                 return _read_npz_zipfile(mf, verify=verify)  # which words the error as zipfile does
+            # parsed again if asked for (Dump.meta): the same bytes, checked already
+            lazy_meta = functools.partial(_reparse_meta, mf, start, size)
+            if size >= CHUNKED_FROM:
+                # a large document a few megabytes at a time, its entries made into columns as
+                # they come; anything that reads otherwise than whole (an error too) is read whole
+                try:
+                    cols = _columns(mf, members, iter_meta_chunked(mf.buffer(), start, size, mf.path), -1)
+                    return _fast_dump(mf, cols.build(), lazy_meta, verify)
+                except (Rechunk, DumpFormatError):
+                    pass
             meta, entries = _parse_meta(raw, mf.path, consume=True)
         finally:
             raw.release()
-        # parsed again if asked for (Dump.meta): the same bytes, checked already. The parsed
-        # document (a dict per key) and the member's copy go now, before the tree is built
-        meta = functools.partial(_reparse_meta, mf, start, size)  # type: ignore[assignment]
+        # the parsed document (a dict per key) and the member's copy go now, before the tree
+        meta = lazy_meta  # type: ignore[assignment]
         del raw
     else:
         for name in members:
@@ -391,40 +331,33 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
                 entries.append(([name[:-4]], name, None))
         if not entries:
             raise DumpFormatError(f"{mf.path}: zip holds no .npy arrays, not a dump")
+    n_keys = len(entries)
+    # a flat dump (every key one name, every value an array) becomes columns: no spec, no
+    # directory tuple kept per key (see columns.py)
+    if entries and all(m is not None and (type(p) is str or len(p) == 1) for p, m, _ in entries):
+        entries.reverse()
+        return _fast_dump(mf, _columns(mf, members, _popping(entries), n_keys).build(), meta, verify)
+    buf = mf.buffer()
     tree: dict[str, Any] = {}
-    headers, make, get = _HEADERS, ArraySpec.in_file, members.get
+    headers, make, at = _HEADERS, ArraySpec.in_file, members.at
     made: dict[Any, ArraySpec] = {}
     limit = _alias_limit(mf)
     total = 0
     # each entry (a path list, a member name) goes as its key's spec comes
-    n_keys = len(entries)
     entries.reverse()
-    for path, member, src in _popping(entries):
+    # the i-th key's member is looked for as the i-th member first (the writer's order)
+    for i, (path, member, src) in enumerate(_popping(entries)):
         if type(path) is str:
             path = [path]
         spec: Any
         if member is None:
             spec = {}
         else:
-            hit = get(member)
+            hit = at(i, member)
             if hit is None:
                 raise DumpFormatError(f"{mf.path}: key {'/'.join(path)!r}: member {member!r} is missing")
-            start, size = hit[0], hit[1]
-            # the .npy header by its bytes (magic, version 1, length, text) in the cache that
-            # parse_npy_header fills: each distinct header is parsed once per process
-            h = None
-            if size >= 10 and buf[start + 6] == 1:
-                hend = start + 10 + (buf[start + 8] | buf[start + 9] << 8)
-                if hend <= start + size:
-                    h = headers.get(buf[start:hend])
-            if h is None:
-                h = _parse_stored(mf, member, start, size, src)
-            elif src is not None or h[0].kind not in "biufc":
-                # the cache holds every header that parsed, whatever reader met it first
-                _check_numeric(h[0], src, f"{mf.path}: member {member!r}")
-            if h[3] + h[4] != size:
-                raise DumpFormatError(f"{mf.path}: member {member!r}: header claims {h[4]} bytes of "
-                                      f"data, member has {size - h[3]}")
+            start = hit[0]
+            h = _header_of(mf, buf, headers, member, hit, src)
             total += h[4]
             if total > limit:
                 raise _aliased(mf, n_keys, limit)
@@ -434,7 +367,59 @@ def _read_npz_fast(mf: MappedFile, members: dict[str, tuple[int, int, int]],
                 # keys naming one member share its spec (and to_dict's copy)
                 made[start] = spec
         _place(tree, path, spec, mf)
+    return _fast_dump(mf, tree, meta, verify)
+
+
+def _fast_dump(mf: MappedFile, tree: Any, meta: Any, verify: Optional[bool]) -> Dump:
+    mf.drop_pages()  # the directory's walk read every member's header
     return Dump(tree, mf, path=mf.path, fmt="npz", meta=meta, verify=verify)
+
+
+def _columns(mf: MappedFile, members: Directory, entries: Any, n_keys: int) -> ColumnBuilder:
+    """The rows of a flat dump's keys (``entries``: path or one-name list, member, source
+    dtype), checked as the tree's loop checks them. ``n_keys < 0``: the entries come from the
+    chunked parse, which may hold any entry: one that is not flat, or an error whose wording
+    needs the whole list (the alias bound's count), raises ``Rechunk``."""
+    buf = mf.buffer()
+    rows: dict[str, int] = {}
+    cols = ColumnBuilder(rows, checks=True)
+    offsets, codes, (cstart, clen, ccrc) = cols.offsets, cols.codes, cols.checks  # type: ignore[misc]
+    layout_of: dict[tuple[int, Optional[str]], tuple[int, Any]] = {}
+    headers, at = _HEADERS, members.at
+    limit = _alias_limit(mf)
+    total = 0
+    for i, (path, member, src) in enumerate(entries):
+        if type(path) is not str:
+            if len(path) != 1 or member is None:
+                raise Rechunk
+            path = path[0]
+        hit = at(i, member)
+        if hit is None:
+            raise DumpFormatError(f"{mf.path}: key {path!r}: member {member!r} is missing")
+        h = _header_of(mf, buf, headers, member, hit, src)
+        start, size = hit[0], hit[1]
+        total += h[4]
+        if total > limit:
+            if n_keys < 0:
+                raise Rechunk
+            raise _aliased(mf, n_keys, limit)
+        if path in rows:
+            raise DumpFormatError(f"{mf.path}: key {path!r} appears twice")
+        rows[path] = len(offsets)
+        offsets.append(start + h[3])
+        # the layout by the header tuple's identity (the cache hands out one per header)
+        c = layout_of.get((id(h), src))
+        if c is None:
+            c = layout_of[id(h), src] = (cols.code((h[0], h[1], h[2], src)), h)
+        codes.append(c[0])
+        cstart.append(start)
+        clen.append(size)
+        ccrc.append(hit[2])
+        if not i & 0xFFFF:  # the members' headers, read, leave resident memory as read
+            mf.drop_pages()
+    if n_keys < 0 and not rows:
+        raise Rechunk  # no keys: the whole parse says what that is
+    return cols
 
 
 class _MmapReader:

@@ -145,7 +145,10 @@ def test_legacy_small_shared_and_int_keyed_arrays_are_viewed_in_place(tmp_path):
         assert d.in_file(k) is not None, k  # no loader: a view of the file
         np.testing.assert_array_equal(d[k], v)
         assert d[k].dtype == v.dtype
-    assert d.spec("0") is d.spec("1")  # one payload, one spec, as the pickle shares it
+    # one payload, as the pickle shares it: the same bytes of the file, and one copy in to_dict
+    assert d.spec("0") == d.spec("1") and d.spec("0").offset != d.spec("2").offset
+    copied = d.to_dict()
+    assert copied["0"] is copied["1"] and copied["0"] is not copied["2"]
 
 
 def test_int_keyed_dump_compares_like_reprod_log(tmp_path):

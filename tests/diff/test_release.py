@@ -128,3 +128,40 @@ def test_results_keep_no_specs(tmp_path):
         assert len(result) == n and not result.passed
         del result
     assert (held[1] - held[0]) / 6000 < 400
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["npy", "npz"])
+def test_flat_dumps_held_as_columns_are_released_as_compared(tmp_path, monkeypatch, fmt):
+    """A flat dump is held as columns (storage/columns.py): the comparison forgets each compared
+    key's row, keeps the keys (an extra key is still found after the walk), and gives the results
+    the caller's own open dumps give."""
+    from reprod.storage.columns import ColumnTree
+
+    rng = np.random.default_rng(4)
+    ref = {f"k{i}": rng.standard_normal(3).astype(np.float32) for i in range(5000)}
+    other = {k: v * np.float32(1.001) if k.endswith("7") else v for k, v in ref.items() if k != "k10"}
+    other["zz"] = np.zeros(2, np.float32)
+    a, b = write_pair(tmp_path, ref, other, fmt)
+    opened: list[Dump] = []
+    real = storage.load
+
+    def recording(*args, **kw):
+        d = real(*args, **kw)
+        opened.append(d)
+        return d
+
+    monkeypatch.setattr(storage, "load", recording)
+    owned = reprod.compare(a, b, progress=False)
+    monkeypatch.setattr(storage, "load", real)
+    assert [type(d._tree) for d in opened] == [ColumnTree, ColumnTree]
+    ref_rows, other_rows = (d._tree._rows for d in opened)
+    assert all(v is None for k, v in ref_rows.items() if k != "k10")
+    assert ref_rows["k10"] is None or isinstance(ref_rows["k10"], int)
+    assert other_rows["zz"] is not None  # extra: never compared, never released
+    with reprod.load(a) as da, reprod.load(b) as db:
+        given = reprod.compare(da, db, progress=False)
+        assert all(type(da._tree._rows[k]) is int for k in da)  # the caller's: untouched
+    assert owned.to_dict()["keys"] == given.to_dict()["keys"]
+    assert [r.key for r in owned if r.status in ("missing", "extra")] == ["k10", "zz"]
+    assert sum(r.status == "failed" for r in owned) == sum(k.endswith("7") for k in ref if k != "k10")

@@ -44,7 +44,9 @@ def _zipfile_members(path: Any) -> dict[str, tuple[int, int, int]]:
 def _fast(path: Any) -> Any:
     mf = MappedFile(str(path))
     try:
-        return npz_reader._fast_directory(mf)
+        d = npz_reader._fast_directory(mf)
+        # the directory reads its names from the mapping: as a dict, before the file closes
+        return None if d is None else dict(d.items())
     finally:
         mf.close()
 
