@@ -398,7 +398,8 @@ class Dump(Mapping[str, Any]):
         """Read everything into plain (writable) numpy arrays and dicts (``NonNumericValue``s stay
         as they are). Keys that the file stores as one shared payload (a pickle's memo) share one
         copy here too, as ``pickle.load`` would give them: memory stays that of the file's data,
-        however many keys refer to it."""
+        however many keys refer to it (but for arrays of 0 or 1 byte: pickle stores distinct ones
+        of those as one payload too, so each gets its own copy)."""
         return self._to_dict({})
 
     def _to_dict(self, copies: dict[Any, np.ndarray]) -> dict[str, Any]:
@@ -411,6 +412,12 @@ class Dump(Mapping[str, Any]):
             else:
                 # in-file bytes by where they lie and how they are read (a ColumnTree builds a
                 # new spec per lookup), anything else by the spec object itself
+                # (an empty or one-byte payload is one bytes object CPython shares between
+                # distinct arrays, so pickle writes it once: those are never taken as one; a
+                # loader's spec lives in a dict tree, so its id stays its own)
+                if node.loader is None and node.nbytes <= 1:
+                    out[k] = np.array(self[k])
+                    continue
                 ident: Any = id(node) if node.loader is not None else \
                     (node.offset, node.dtype, node.shape, node.fortran, node.source_dtype)
                 arr = copies.get(ident)
@@ -469,7 +476,8 @@ class Dump(Mapping[str, Any]):
                 elif type(node) is NonNumericValue:
                     # what numpy.load gives for it, where the file holds a plain value
                     out[key] = node.value if node.has_value else node
-                elif cow is None or node.loader is not None:
+                elif cow is None or node.loader is not None or node.nbytes <= 1:
+                    # (a payload of 0 or 1 byte may be shared by distinct arrays: see _to_dict)
                     out[key] = np.array(dump[key])  # its own copy: a loader may cache its array
                 elif node.source_dtype is not None:
                     arr = dump[key]  # bfloat16 widened: a fresh array, flagged read-only

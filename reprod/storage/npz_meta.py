@@ -120,7 +120,12 @@ def iter_meta_chunked(buf: Any, start: int, size: int, path: str,
             try:
                 items, at = decoder.raw_decode("[" + text)
                 tail = text[at - 1:].lstrip()  # ', "writer": {...}}' or '}', then blanks
-                rest = json.loads("{" + (tail[1:] if tail[:1] == "," else tail))
+                if tail[:1] == "," and tail[1:].lstrip()[:1] == '"':  # more members
+                    rest = json.loads("{" + tail[1:])
+                elif tail.rstrip() == "}":
+                    rest = {}
+                else:  # "],}", a missing comma...: what the whole parse words
+                    raise Rechunk
             except (ValueError, RecursionError, IndexError):
                 raise Rechunk from None
             if type(items) is not list or type(rest) is not dict or rest.keys() & {"format", "version", "keys"}:
