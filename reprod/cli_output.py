@@ -150,12 +150,48 @@ def _batched(pieces: Iterable[str], size: int = 1 << 20) -> Iterator[str]:
 def _render_pieces(compared: Compared, args: argparse.Namespace) -> Iterable[str]:
     """``_render``'s text, in pieces where a format can be written a key at a time (JSON of two
     files); checked now, rendered as the pieces are taken."""
-    if args.format == "json" and len(compared) == 1 and compared[0][0] is None \
-            and not getattr(args, "failed_only", False) and getattr(args, "max_rows", None) is None:
-        from .report.data import iter_json
+    if len(compared) == 1 and compared[0][0] is None and not getattr(args, "failed_only", False) \
+            and getattr(args, "max_rows", None) is None:
+        result = compared[0][1]
+        if args.format == "json":
+            from .report.data import iter_json
 
-        return iter_json(compared[0][1])
+            return iter_json(result)
+        if args.format == "csv":
+            from .report.data import iter_csv
+
+            return _rstrip_newlines(iter_csv(result))
+        if args.format == "log":
+            from .report.log import iter_log_lines
+
+            return _joined_lines(iter_log_lines(result))
     return [_render(compared, args)]
+
+
+def _rstrip_newlines(pieces: Iterable[str]) -> Iterator[str]:
+    """The pieces of a text, its trailing newlines left out (``text.rstrip("\n")``)."""
+    held = ""
+    for piece in pieces:
+        if piece.rstrip("\n"):
+            if held:
+                yield held
+            held = piece
+        else:
+            held += piece  # only newlines: they go only if text follows
+    yield held.rstrip("\n")
+
+
+def _joined_lines(lines: Iterable[str]) -> Iterator[str]:
+    """``"\n".join(lines)``, in pieces of a few thousand lines."""
+    run: list[str] = []
+    first = True
+    for line in lines:
+        run.append(line)
+        if len(run) >= 4096:
+            yield ("" if first else "\n") + "\n".join(run)
+            run, first = [], False
+    if run or first:
+        yield ("" if first else "\n") + "\n".join(run)
 
 
 def _write_html(compared: Compared, path: str, sides: Optional[tuple[Any, Any]] = None) -> None:

@@ -371,9 +371,9 @@ class _Slow(Exception):
     """A key the fast CSV rows do not cover (a method not among the columns, or not a str)."""
 
 
-def _csv_fast(groups: list[tuple[Optional[str], Sequence[KeyResult]]],
-              names: list[tuple[list[str], list[str]]]) -> str:
-    """``_csv`` of the groups' ``flat_record``s (with a leading ``file`` column where the groups
+def _csv_rows(groups: list[tuple[Optional[str], Sequence[KeyResult]]],
+              names: list[tuple[list[str], list[str]]], every: int) -> Iterator[str]:
+    """``_csv`` of the groups' ``flat_record``s (in pieces of ``every`` rows; 0: one piece) (with a leading ``file`` column where the groups
     are named), given each group's ``_method_names``: one read of each key's fields, each cell
     by its value's type. ``_Slow`` where a key has a method its group's names lack."""
     columns: list[str] = []
@@ -402,6 +402,7 @@ def _csv_fast(groups: list[tuple[Optional[str], Sequence[KeyResult]]],
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     write, cell, any_cell = writer.writerow, _CELL.get, _ANY_CELL
+    n = 0
     for (name, results), (thr_names, chk_names) in zip(groups, names):
         thr_seen, chk_seen = set(thr_names), set(chk_names)
         for r in results:
@@ -413,7 +414,40 @@ def _csv_fast(groups: list[tuple[Optional[str], Sequence[KeyResult]]],
                 raise _Slow(r.key)
             row = pick((name, *values, *map(thr.get, all_thr), *map(chk.get, all_chk)))
             write(list(map(_call, map(cell, map(type, row), any_cell), row)))
-    return buf.getvalue()
+            n += 1
+            if every and n % every == 0:
+                yield buf.getvalue()
+                buf.seek(0)
+                buf.truncate()
+    yield buf.getvalue()
+
+
+def _csv_fast(groups: list[tuple[Optional[str], Sequence[KeyResult]]],
+              names: list[tuple[list[str], list[str]]]) -> str:
+    """``_csv_rows`` as one text (``_Slow`` as there)."""
+    return "".join(_csv_rows(groups, names, 0))
+
+
+_CSV_PIECE_ROWS = 4096
+
+
+def iter_csv(result: DiffResult) -> Iterator[str]:
+    """``to_csv``'s text in pieces of a few thousand rows, made as they are taken (a million keys'
+    text is not held at once): the columns from every key first, then the rows."""
+    results = _as_sequence(result.results)
+    names = _method_names(results)
+    if names is None:  # the general path, whole
+        yield to_csv(result)
+        return
+    started = False
+    try:
+        for piece in _csv_rows([(None, results)], [names], _CSV_PIECE_ROWS):
+            started = True
+            yield piece
+    except _Slow:
+        if started:  # a key's fields read otherwise than the first pass read them
+            raise RuntimeError("a key's thresholds changed while the CSV was written") from None
+        yield _to_csv_reference(result)
 
 
 def _csv_of(groups: list[tuple[Optional[str], Sequence[KeyResult]]]) -> Optional[str]:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Optional
 
 import numpy as np
 
 from ..diff.result import STAT_OF_METHOD, DiffResult, KeyResult
 
-__all__ = ["render_log", "format_value", "emit_log_lines", "LOGGER_NAME"]
+__all__ = ["render_log", "iter_log_lines", "format_value", "emit_log_lines", "LOGGER_NAME"]
 
 _FORMAT = "[%(asctime)s] root %(levelname)s: %(message)s"  # reprod_log logs through the root logger
 _DATEFMT = "%Y/%m/%d %H:%M:%S"
@@ -72,7 +73,11 @@ def format_value(kr: KeyResult, method: str) -> str:
 
 def render_log(result: DiffResult, *, indent: str = "\t") -> list[str]:
     """The lines reprod_log's ``report`` logs (without the logging prefix)."""
-    lines: list[str] = []
+    return list(iter_log_lines(result, indent=indent))
+
+
+def iter_log_lines(result: DiffResult, *, indent: str = "\t") -> Iterator[str]:
+    """``render_log``'s lines as they are made (a million keys' lines are not held at once)."""
     open_path: tuple[str, ...] = ()
     for kr in result:
         path = kr.path or (kr.key,)
@@ -81,10 +86,10 @@ def render_log(result: DiffResult, *, indent: str = "\t") -> list[str]:
         while common < min(len(parents), len(open_path)) and parents[common] == open_path[common]:
             common += 1
         for depth in range(common, len(parents)):
-            lines.append(f"{indent * depth}{parents[depth]}")
+            yield f"{indent * depth}{parents[depth]}"
         open_path = parents
         level = len(parents)
-        lines.append(f"{indent * level}{path[-1]}: ")
+        yield f"{indent * level}{path[-1]}: "
         methods = kr.methods or tuple(kr.thresholds) or ("mean",)
         for m in methods:
             if kr.status == "kink":  # beyond noise only downstream of a kink crossing: passes
@@ -99,9 +104,8 @@ def render_log(result: DiffResult, *, indent: str = "\t") -> list[str]:
                 value = f"None ({kr.status}: {kr.reason})"
             else:
                 value = format_value(kr, m)
-            lines.append(f"{indent * (level + 1)}{m} diff: check passed: {ok}, value: {value}")
-    lines.append("diff check passed" if result.passed else "diff check failed")
-    return lines
+            yield f"{indent * (level + 1)}{m} diff: check passed: {ok}, value: {value}"
+    yield "diff check passed" if result.passed else "diff check failed"
 
 
 def emit_log_lines(lines: list[str], path: Optional[str], *, console: bool = True,
