@@ -94,10 +94,8 @@ def _fast_indent(indent: Any) -> bool:
 _KEYS_PER_PIECE = 1024
 
 
-def _result_pieces(result: DiffResult, indent: Optional[int], level: int) -> Iterator[str]:
-    """``json.dumps(_jsonable(result.to_dict()), indent=indent)`` as it is nested ``level``
-    deep (``files_to_json`` puts results at 2), in pieces: the keys through ``KeyEncoder``,
-    any key it cannot write exactly the general way."""
+def _head(result: DiffResult, indent: Optional[int]) -> str:
+    """The document without its keys, as ``json.dumps`` writes it."""
     doc = {
         "passed": result.passed,
         "summary": result.summary(),
@@ -106,7 +104,14 @@ def _result_pieces(result: DiffResult, indent: Optional[int], level: int) -> Ite
         "options": _json_safe(dict(result.options)),
         "created": result.created,
     }
-    head = json.dumps(_jsonable(doc), indent=indent, allow_nan=False)
+    return json.dumps(_jsonable(doc), indent=indent, allow_nan=False)
+
+
+def _result_pieces(result: DiffResult, indent: Optional[int], level: int) -> Iterator[str]:
+    """``json.dumps(_jsonable(result.to_dict()), indent=indent)`` as it is nested ``level``
+    deep (``files_to_json`` puts results at 2), in pieces: the keys through ``KeyEncoder``,
+    any key it cannot write exactly the general way."""
+    head = _head(result, indent)
     open1, sep1, close0 = layout(indent, level)
     if close0:  # no raw newline inside json's strings: every one is a line break
         head = head.replace("\n", close0)
@@ -148,15 +153,7 @@ def _iter_json_reference(result: DiffResult, *, indent: Optional[int] = 2) -> It
     if indent is None or not result.results:
         yield json.dumps(_jsonable(result.to_dict()), indent=indent, allow_nan=False)
         return
-    doc = {
-        "passed": result.passed,
-        "summary": result.summary(),
-        "ref": result.ref_name,
-        "other": result.other_name,
-        "options": _json_safe(dict(result.options)),
-        "created": result.created,
-    }
-    head = json.dumps(_jsonable(doc), indent=indent, allow_nan=False)
+    head = _head(result, indent)
     pad = " " * indent
     # json.dumps's "keys" entry, the last of the document: each key indented two levels deeper
     yield head[:-2] + f',\n{pad}"keys": [\n'
