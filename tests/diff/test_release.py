@@ -3,6 +3,8 @@ dump the caller passed), and the batch's results keep what they need without the
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from test_many_keys import _write as write_pair
@@ -26,18 +28,24 @@ def _dumps(tmp_path, fmt: str, n: int = 600) -> tuple[str, str]:
     return write_pair(tmp_path, ref, other, fmt)
 
 
-@needs_kernel
-@pytest.mark.parametrize("fmt", ["npy", "npz"])
-def test_dumps_opened_from_paths_are_released_as_compared(tmp_path, monkeypatch, fmt):
-    a, b = _dumps(tmp_path, fmt)
+def _recording_load() -> tuple[list[Dump], Any, Any]:
+    """(the dumps opened so far, storage.load, a load that records what it opens)."""
     opened: list[Dump] = []
     real = storage.load
 
-    def recording(*args, **kw):
+    def recording(*args: Any, **kw: Any) -> Dump:
         d = real(*args, **kw)
         opened.append(d)
         return d
 
+    return opened, real, recording
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["npy", "npz"])
+def test_dumps_opened_from_paths_are_released_as_compared(tmp_path, monkeypatch, fmt):
+    a, b = _dumps(tmp_path, fmt)
+    opened, real, recording = _recording_load()
     # the caller's dumps: compared, never changed
     with reprod.load(a) as da, reprod.load(b) as db:
         given = reprod.compare(da, db, progress=False)
@@ -143,14 +151,7 @@ def test_flat_dumps_held_as_columns_are_released_as_compared(tmp_path, monkeypat
     other = {k: v * np.float32(1.001) if k.endswith("7") else v for k, v in ref.items() if k != "k10"}
     other["zz"] = np.zeros(2, np.float32)
     a, b = write_pair(tmp_path, ref, other, fmt)
-    opened: list[Dump] = []
-    real = storage.load
-
-    def recording(*args, **kw):
-        d = real(*args, **kw)
-        opened.append(d)
-        return d
-
+    opened, real, recording = _recording_load()
     monkeypatch.setattr(storage, "load", recording)
     owned = reprod.compare(a, b, progress=False)
     monkeypatch.setattr(storage, "load", real)
