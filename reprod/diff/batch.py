@@ -128,7 +128,11 @@ def compare_batch(pairs: Sequence[Pair], policy: Criteria, *, bar: Optional[Prog
     if not len(keep):
         return out
     rows_kept = [todo[j] for j in keep.tolist()]
-    window = _Window(policy, rows_kept, table[keep])
+    window = _Window(policy, [t[1].key for t in rows_kept],
+                     {j: t[1].path for j, t in enumerate(rows_kept)
+                      if len(t[1].path) != 1 or t[1].path[0] != t[1].key},
+                     _Coded([(t[2].shape, t[2].dtype, t[3].shape, t[3].dtype) for t in rows_kept]),
+                     [t[5] is not None or t[6] is not None for t in rows_kept], table[keep])
     idx = _INDICES
     for j, (i, _p, rs, os_, n, _a, _r) in enumerate(rows_kept):
         out[i] = RowKeyResult._at(window, idx[j] if j < _N_INDICES else j)
@@ -169,6 +173,15 @@ class _Coded:
         else:
             self.values, self.codes = items, None
 
+    @classmethod
+    def of_codes(cls, values: tuple[Any, ...], codes: np.ndarray) -> _Coded:
+        """The coded list whose j-th item is ``values[codes[j]]``."""
+        if len(values) > 256:
+            return cls([values[c] for c in codes.tolist()])
+        obj = object.__new__(cls)
+        obj.values, obj.codes = values, codes.astype(np.uint8).tobytes()
+        return obj
+
     def __getitem__(self, j: int) -> Any:
         codes = self.codes
         return self.values[j] if codes is None else self.values[codes[j]]
@@ -188,14 +201,17 @@ class _Window:
 
     __slots__ = ("policy", "table", "keys", "paths", "layouts", "statuses", "_last")
 
-    def __init__(self, policy: Criteria, todo: list[Any], table: np.ndarray) -> None:
+    def __init__(self, policy: Criteria, keys: list[str], paths: dict[int, tuple[str, ...]],
+                 layouts: _Coded, close: Any, table: np.ndarray) -> None:
+        """``keys``, ``layouts`` ((ref shape, ref dtype, other shape, other dtype)) and ``close``
+        (whether the key has an atol/rtol rule) per row of ``table`` (``finish_rows``'); ``paths``
+        the rows whose path is not ``(key,)``."""
         self.policy = policy
         self.table = table
-        self.keys = [t[1].key for t in todo]
-        self.paths = {j: t[1].path for j, t in enumerate(todo)
-                      if len(t[1].path) != 1 or t[1].path[0] != t[1].key}
-        self.layouts = _Coded([(t[2].shape, t[2].dtype, t[3].shape, t[3].dtype) for t in todo])
-        self.statuses = _Coded(self._statuses([t[5] is not None or t[6] is not None for t in todo]))
+        self.keys = keys
+        self.paths = paths
+        self.layouts = layouts
+        self.statuses = _Coded(self._statuses(close))
         # kept as blocks of _ROWS_PER_BLOCK rows, each a bytes object small enough for Python's
         # own allocator: they fill the memory the engine frees as it drops the dumps' specs,
         # where one numpy table per window asked the system for new memory (96 bytes a key)

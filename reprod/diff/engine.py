@@ -14,6 +14,7 @@ from .._gc import gc_paused
 from ..errors import DumpChangedError
 from ..storage.lazy import Dump, NonNumericValue
 from .batch import compare_batch, unravel
+from .columns_batch import ColumnPairs, column_pairs, compare_columns, sides_of
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
 from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats
 from .pairing import Pair, Side, leaf_array, open_side, walk_pairs
@@ -108,6 +109,11 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
         walk = iter(pairs)
     results: list[KeyResult] = []
     windows = 0
+    cp = column_pairs(a.tree, b.tree) if hi is None and pair is None and not keys and bar is None \
+        else None
+    if cp is not None:  # two flat column dumps with the same keys: no Pair per key
+        _compare_columns(cp, policy, owned, results, (a.name, b.name))
+        walk = iter(())
     with bar if bar is not None else contextlib.nullcontext():
         # a window of pairs at a time: a million keys never hold a million Pairs at once
         for window in iter(lambda: list(itertools.islice(walk, _WINDOW)), []):
@@ -148,6 +154,36 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
         options=options,
         created=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     )
+
+
+def _compare_columns(cp: ColumnPairs, policy: Criteria, owned: tuple[Any, ...],
+                     results: list[KeyResult], names: tuple[str, str]) -> None:
+    """``_compare``'s loop for two column dumps (``columns_batch``): the same windows, releases
+    and page drops, the same per-key path for what the kernel does not take."""
+    def slow(p: Pair) -> KeyResult:
+        try:
+            return _compare_pair(p, policy)
+        except _native.MappedReadError as exc:  # SIGBUS in the kernel: one line, not a crash
+            raise DumpChangedError.sigbus(p.key, names + (None,), getattr(exc, "argument", -1)) from None
+
+    sides = sides_of(cp)
+    release = [d._tree for d in (cp.ref, cp.other) if d.mapped_file in owned]
+    keys = cp.keys
+    windows = 0
+    for start in range(0, len(keys), _WINDOW):
+        stop = min(start + _WINDOW, len(keys))
+        try:
+            results += compare_columns(cp, policy, start, stop, slow, sides)
+        except _native.MappedReadError:  # a dump truncated meanwhile: the per-key path names it
+            results += [slow(Pair((k,), "leaf", cp.ref, cp.other, k)) for k in keys[start:stop]]
+        if release:
+            gone = dict.fromkeys(keys[start:stop])  # ColumnTree.release of each, in one update
+            for t in release:
+                t._rows.update(gone)
+            windows += 1
+            if windows % _DROP_EVERY == 0:
+                for mf in owned:
+                    mf.drop_pages()
 
 
 def _owned_files(sides: Sequence[Side]) -> tuple[Any, ...]:
