@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import DumpFormatError
 from .atomic import AtomicFile
-from .columns import columns_of
+from .columns import ColumnBuilder, ColumnTree, columns_of
 from .lazy import ArraySpec, Dump, MappedFile, NonNumericValue
 from .npy_header import MAX_DEPTH, MAX_NDIM, _short, check_shape, parse_npy_header
 from .pickle_walker import (
@@ -333,6 +333,53 @@ def tree_from_pickle(root: dict[Any, Any], mf: MappedFile, *, opcodes: Optional[
     return _tree(root, mf, "", budget)
 
 
+def _stub_columns(root: dict[Any, Any], mf: MappedFile, opcodes: int) -> Optional[ColumnTree]:
+    """``columns_of(tree_from_pickle(root, ...))`` for the usual reprod_log dict (str keys, every
+    value an array whose bytes lie in the file), without a spec per key on the way: the same
+    columns, or None, with ``root`` untouched, for anything else or anything the general walk
+    would refuse or mark (which it then does, with its own message). Its per-key loop is one
+    check and two appends; the general one built a spec, checked it, then took it apart."""
+    n = len(root)
+    if not n or set(map(type, root)) != {str} or set(map(type, root.values())) != {_ArrayStub}:
+        return None
+    budget = _Budget(_EXPANSION * opcodes + _EXPANSION_FLOOR, mf.path, mf.size)
+    if budget.left < 1 + 2 * n:  # tree_from_pickle's count: the dict's entries, then each leaf
+        return None
+    b = ColumnBuilder()
+    offsets, codes = b.offsets, b.codes
+    # (dtype stub, shape, fortran) -> (layout code, bytes): a dump repeats a few hundred
+    seen: dict[tuple[Any, ...], tuple[int, int]] = {}
+    total = 0
+    payload = _Payload
+    for stub in root.values():
+        data = stub.data
+        if type(data) is not payload:
+            return None
+        form = (stub.dtype, stub.shape, stub.fortran)
+        got = seen.get(form)
+        if got is None:
+            dstub = form[0]
+            if dstub is None or dstub.structured:
+                return None
+            try:
+                dt = dstub.to_dtype(mf.path)
+            except DumpFormatError:
+                return None
+            if dt.kind not in "biufc":
+                return None
+            got = seen[form] = (b.code((dt, form[1], form[2], None)), dt.itemsize * math.prod(form[1]))
+        if data.length != got[1]:
+            return None
+        offsets.append(data.offset)
+        codes.append(got[0])
+        total += got[1]
+    if total > budget.bytes_left:  # aliased payloads: the general walk names the key
+        return None
+    root.update(zip(list(root), range(n)))  # the reader's dict becomes the rows, in place
+    b.rows = root
+    return b.build()
+
+
 def read_npy(mf: MappedFile, stem: str) -> Dump:
     """Read an .npy: reprod_log's pickled dict, or a plain array (one key named after the file)."""
     buf = mf.buffer()
@@ -347,6 +394,11 @@ def read_npy(mf: MappedFile, stem: str) -> Dump:
             raise DumpFormatError(
                 f"{mf.path}: object .npy does not hold a dict of arrays (found {type(root).__name__})"
             )
+        cols = _stub_columns(root, mf, walker.steps)
+        if cols is not None:  # the usual dict of arrays: straight to columns
+            del walker, root
+            mf.drop_pages()
+            return Dump(cols, mf, path=mf.path, fmt="npy-dict")
         tree = tree_from_pickle(root, mf, opcodes=walker.steps, _inplace=True)
         del walker, root  # the walk's memo goes before the tree is turned into columns
         cols = columns_of(tree)

@@ -167,6 +167,9 @@ class _NumpyForms:
         buf = self.buf
         scan = scanner()
         assert scan is not None
+        if memo.table is None:
+            self._scan_items_listed(scan, stack, memo)
+            return
         for (_start, key_at, key_len, rec, nd, third, shape, shape_memo, dt, fortran, data_at, n,
              after, steps) in scan(buf, self.pos, self.end, 1 << 16):
             rec_g, nd_g, dtype = memo.get(rec), memo.get(nd), memo.get(dt)
@@ -183,5 +186,48 @@ class _NumpyForms:
             memo.add(key)
             self._commit_array(stack, memo, nd_g, third, shape, shape_memo == 1, dtype, fortran == 1,
                                data_at, n)
+            self.pos = after
+            self.steps += steps
+
+    def _scan_items_listed(self, scan: Any, stack: list[Any], memo: _Memo) -> None:
+        """``_scan_items`` while the memo is a list (numpy's pickles, always): ``_commit_array``
+        inlined, and the memo references of an item checked once per distinct (reconstruct,
+        ndarray, b"b", dtype) quadruple of the call: the memo only grows here, so what held for
+        one item holds for every later one naming the same entries. Same stack, memo, steps."""
+        buf = self.buf
+        items = memo.items
+        shapes, shape_objs, heads = self._shapes, self._shape_objs, self._heads
+        checked_refs: dict[tuple[int, int, int, int], Any] = {}
+        push, put = stack.append, items.append
+        for (_start, key_at, key_len, rec, nd, third, shape, shape_memo, dt, fortran, data_at, n,
+             after, steps) in scan(buf, self.pos, self.end, 1 << 16):
+            refs = (rec, nd, third, dt)
+            dtype = checked_refs.get(refs)
+            if dtype is None:
+                rec_g, nd_g, dtype = memo.get(rec), memo.get(nd), memo.get(dt)
+                if not (type(rec_g) is _Global and rec_g.kind == _RECONSTRUCT and type(nd_g) is _Global
+                        and nd_g.kind == _NDARRAY and third in memo and type(dtype) is _DtypeStub):
+                    return
+                checked_refs[refs] = dtype
+            try:
+                key = str(buf[key_at : key_at + key_len], "utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                return  # the generic loop raises the error, at the same byte
+            push(key)
+            put(key)
+            # _commit_array, for a list memo
+            data = _Payload(data_at, n)
+            if (shape, dtype) not in shapes:
+                shapes[shape, dtype] = check_shape(shape, self._itemsize(dtype), f"{self.path}: corrupt pickle")
+            shape = shape_objs.setdefault(shape, shape)
+            head = heads.get(third)
+            nd_g = items[nd]
+            if head is None or head[2] is not items[third] or head[0] is not nd_g:
+                head = heads[third] = (nd_g, _ZERO, memo[third])
+            stub = _ArrayStub()
+            stub.shape, stub.dtype, stub.fortran, stub.data, stub.built = shape, dtype, fortran == 1, data, True
+            items += (_ZERO, head, stub, shape, data, _STATE) if shape_memo == 1 \
+                else (_ZERO, head, stub, data, _STATE)
+            push(stub)
             self.pos = after
             self.steps += steps

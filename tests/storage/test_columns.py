@@ -199,8 +199,17 @@ def test_npy_flat_dumps_match_numpy(tmp_path, monkeypatch, seed) -> None:
     # the same specs as the dict tree the reader builds with columns disabled
     with monkeypatch.context() as m:
         m.setattr(legacy, "columns_of", lambda tree: None)
+        m.setattr(legacy, "_stub_columns", lambda *_: None)
         plain = reprod.load(p)
     assert type(plain._tree) is dict
+    # the columns built straight from the walker's stubs are the ones built from its specs
+    with monkeypatch.context() as m:
+        m.setattr(legacy, "_stub_columns", lambda *_: None)
+        via_specs = reprod.load(p)
+    assert type(via_specs._tree) is ColumnTree
+    for name in ("_offsets", "_codes", "_layouts"):
+        assert getattr(d._tree, name) == getattr(via_specs._tree, name), name
+    assert d._tree._rows == via_specs._tree._rows and list(d._tree._rows) == list(via_specs._tree._rows)
     assert _specs(d) == _specs(plain)
     assert list(d._tree.items()) == list(plain._tree.items())
     assert list(d._tree.values()) == list(plain._tree.values())
