@@ -1072,6 +1072,111 @@ fail:
     return NULL;
 }
 
+PyDoc_STRVAR(zip_central_doc,
+    "zip_central(buf, pos, end, size, limit) -> (pos, bytes) or None\n\n"
+    "reprod.storage.npz_directory._fast_directory's loop over a zip's central directory, in C:\n"
+    "from pos (< end), up to limit entries of the plain kind (stored, no flag but UTF-8, sizes\n"
+    "equal, at most the one padding extra field, the local header naming the member alike, all\n"
+    "inside size bytes) with ASCII names holding no NUL. Returns where it stopped and, per entry,\n"
+    "seven int64s: name offset, name length, UTF-8 flag, data start, size, CRC-32, hash(name).\n"
+    "None as soon as an entry is of any other kind: the Python loop then reads the directory.");
+
+static PyObject *zip_central(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    Py_ssize_t pos, end, size, limit;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnn", &b, &pos, &end, &size, &limit)) return NULL;
+    if (end > b.len || size > b.len || pos < 0 || limit < 0) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "zip_central: range outside the buffer");
+        return NULL;
+    }
+    const unsigned char *u = b.buf;
+    Py_ssize_t cap = 1024, n_out = 0;
+    int64_t *rec = PyMem_Malloc((size_t)cap * 7 * sizeof(int64_t));
+    if (!rec) {
+        PyBuffer_Release(&b);
+        return PyErr_NoMemory();
+    }
+    int plain = 1;
+    while (pos < end && n_out < limit) {
+        if (pos + 46 > end) { plain = 0; break; }
+        const unsigned char *c = u + pos;
+        if (memcmp(c, "PK\x01\x02", 4) != 0) { plain = 0; break; }
+        unsigned version = c[6];
+        unsigned flags = c[8] | (c[9] << 8), method = c[10] | (c[11] << 8);
+        uint32_t crc = le32(c + 16), csize = le32(c + 20), usize = le32(c + 24);
+        Py_ssize_t n = c[28] | (c[29] << 8), e = c[30] | (c[31] << 8), cm = c[32] | (c[33] << 8);
+        uint32_t off = le32(c + 42);
+        if (version > 63 || (flags & ~0x800u) || method) { plain = 0; break; }
+        Py_ssize_t p = pos + 46;
+        Py_ssize_t next = p + n + e + cm;
+        if (next > end) { plain = 0; break; }
+        /* one extra field exactly filling e, no zip64 marker: the Python loop walks the rest */
+        if (e && (e < 4 || (Py_ssize_t)(u[p + n + 2] | (u[p + n + 3] << 8)) + 4 != e ||
+                  usize == 0xFFFFFFFFu || csize == 0xFFFFFFFFu || off == 0xFFFFFFFFu)) {
+            plain = 0;
+            break;
+        }
+        if (csize != usize || (Py_ssize_t)off + 30 > size) { plain = 0; break; }
+        const unsigned char *l = u + off;
+        Py_ssize_t ln = l[26] | (l[27] << 8), le = l[28] | (l[29] << 8);
+        Py_ssize_t start = (Py_ssize_t)off + 30 + ln + le;
+        if (memcmp(l, "PK\x03\x04", 4) != 0 || ln != n || start + (Py_ssize_t)usize > size ||
+            memcmp(l + 30, u + p, (size_t)n) != 0) {
+            plain = 0;
+            break;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (u[p + i] >= 0x80 || u[p + i] == 0) { plain = 0; break; }
+        }
+        if (!plain) break;
+        PyObject *name = PyUnicode_FromStringAndSize((const char *)u + p, n);
+        if (!name) {
+            PyMem_Free(rec);
+            PyBuffer_Release(&b);
+            return NULL;
+        }
+        Py_hash_t h = PyObject_Hash(name);
+        Py_DECREF(name);
+        if (h == -1 && PyErr_Occurred()) {
+            PyMem_Free(rec);
+            PyBuffer_Release(&b);
+            return NULL;
+        }
+        if (n_out == cap) {
+            int64_t *more = PyMem_Realloc(rec, (size_t)cap * 2 * 7 * sizeof(int64_t));
+            if (!more) {
+                PyMem_Free(rec);
+                PyBuffer_Release(&b);
+                return PyErr_NoMemory();
+            }
+            rec = more;
+            cap *= 2;
+        }
+        int64_t *r = rec + n_out * 7;
+        r[0] = p;
+        r[1] = n;
+        r[2] = (flags & 0x800u) ? 1 : 0;
+        r[3] = start;
+        r[4] = usize;
+        r[5] = crc;
+        r[6] = (int64_t)h;
+        n_out++;
+        pos = next;
+    }
+    PyBuffer_Release(&b);
+    if (!plain) {
+        PyMem_Free(rec);
+        Py_RETURN_NONE;
+    }
+    PyObject *out = PyBytes_FromStringAndSize((const char *)rec, n_out * 7 * (Py_ssize_t)sizeof(int64_t));
+    PyMem_Free(rec);
+    if (!out) return NULL;
+    return Py_BuildValue("(nN)", pos, out);
+}
+
+
 static int avx2_supported(void) {
 #ifdef HAVE_AVX2
     __builtin_cpu_init();
@@ -1125,6 +1230,7 @@ static PyMethodDef methods[] = {
     {"stats3", stats3, METH_VARARGS, stats3_doc},
     {"stats_many", stats_many, METH_VARARGS, stats_many_doc},
     {"scan_items", scan_items, METH_VARARGS, scan_items_doc},
+    {"zip_central", zip_central, METH_VARARGS, zip_central_doc},
     {"crc32", crc32_py, METH_VARARGS, crc32_doc},
     {"set_isa", set_isa, METH_VARARGS, set_isa_doc},
     {"isa", get_isa, METH_NOARGS, "isa() -> str: the loop in use ('avx2' or 'base')."},

@@ -124,6 +124,68 @@ def _fast_directory(mf: MappedFile) -> Optional[Directory]:
         cd_end = rec
     if disk or disk_cd or count_disk != count or cd_off + cd_size != cd_end:
         return None
+    got = _kernel_directory(mf, buf, cd_off, cd_end)
+    if got is not None:
+        members, hashes, listed = got
+    else:
+        members, hashes, listed, pos = _python_directory(mf, buf, cd_off, cd_end)
+        if pos != cd_end:
+            return None
+    if listed != claimed:
+        return None
+    # a duplicate name shadows a member: equal hashes are looked at by name (zipfile's rule)
+    if listed > 1:
+        import numpy as np
+
+        h = np.sort(np.frombuffer(hashes, dtype=np.int64))
+        if (h[1:] == h[:-1]).any() and len(members._lookup()) != listed:
+            return None
+    return members
+
+
+# entries the kernel reads between two drop_pages (as the Python loop drops them)
+_KERNEL_RUN = 0x10000
+
+
+def _kernel_directory(mf: MappedFile, buf: Any, cd_off: int, cd_end: int
+                      ) -> Optional[tuple[Directory, array, int]]:
+    """The directory read by the kernel's ``zip_central`` (the loop below, for the plain kind of
+    entry with an ASCII name), or None where it is off or meets any other kind of entry."""
+    from .._native import kernel
+
+    k = kernel()
+    if k is None:
+        return None
+    import numpy as np
+
+    members = Directory(buf)
+    hashes = array("q")
+    pos = cd_off
+    listed = 0
+    while pos < cd_end:
+        got = k.zip_central(buf, pos, cd_end, mf.size, _KERNEL_RUN)
+        if got is None:
+            return None
+        pos, raw = got
+        rec = np.frombuffer(raw, dtype=np.int64).reshape(-1, 7)
+        members._name_at.frombytes(rec[:, 0].tobytes())
+        members._name_len.frombytes(rec[:, 1].astype(np.uint32).tobytes())
+        members._utf8 += rec[:, 2].astype(np.uint8).tobytes()
+        members._start.frombytes(rec[:, 3].tobytes())
+        members._size.frombytes(rec[:, 4].tobytes())
+        members._crc.frombytes(rec[:, 5].astype(np.uint32).tobytes())
+        hashes.frombytes(rec[:, 6].tobytes())
+        listed += len(rec)
+        if pos < cd_end:  # a large archive's headers, read, leave resident memory as read
+            mf.drop_pages()
+    return members, hashes, listed
+
+
+def _python_directory(mf: MappedFile, buf: Any, cd_off: int, cd_end: int
+                      ) -> tuple[Directory, array, int, int]:
+    """The directory's entries read one by one with ``struct``: (members, name hashes, count,
+    where it stopped: short of ``cd_end`` at an entry this reader does not take)."""
+    size = mf.size
     members = Directory(buf)
     hashes = array("q")
     name_at, name_len, utf8 = members._name_at, members._name_len, members._utf8
@@ -133,14 +195,14 @@ def _fast_directory(mf: MappedFile) -> Optional[Directory]:
     pos = cd_off
     while pos < cd_end:
         if pos + 46 > cd_end:
-            return None
+            return members, hashes, listed, -1
         sig, version, flags, method, crc, csize, usize, n, e, c, off = unpack_central(buf, pos)
         if sig != b"PK\x01\x02" or version > _MAX_EXTRACT_VERSION or flags & ~_UTF8_NAME or method:
-            return None
+            return members, hashes, listed, -1
         p = pos + 46
         pos = p + n + e + c
         if pos > cd_end:
-            return None
+            return members, hashes, listed, -1
         raw = buf[p : p + n]
         # zipfile's _decodeExtra: fields must fit; zip64 sizes replace the 0xFFFFFFFF ones. Most
         # entries carry one field, the alignment padding, which needs no walk.
@@ -151,34 +213,34 @@ def _fast_directory(mf: MappedFile) -> Optional[Directory]:
                 tp, ln = unpack_field(buf, x)
                 x += 4
                 if x + ln > x_end:
-                    return None
+                    return members, hashes, listed, -1
                 if tp == 1:
                     z, z_end = x, x + ln
                     if usize == 0xFFFFFFFF:
                         if z + 8 > z_end:
-                            return None
+                            return members, hashes, listed, -1
                         usize = _Q.unpack_from(buf, z)[0]
                         z += 8
                     if csize == 0xFFFFFFFF:
                         if z + 8 > z_end:
-                            return None
+                            return members, hashes, listed, -1
                         csize = _Q.unpack_from(buf, z)[0]
                         z += 8
                     if off == 0xFFFFFFFF:
                         if z + 8 > z_end:
-                            return None
+                            return members, hashes, listed, -1
                         off = _Q.unpack_from(buf, z)[0]
                 x += ln
         if csize != usize or off + 30 > size:
-            return None
+            return members, hashes, listed, -1
         lsig, ln, le = unpack_local(buf, off)
         start = off + 30 + ln + le
         if lsig != b"PK\x03\x04" or ln != n or start + usize > size or buf[off + 30 : start - le] != raw:
-            return None
+            return members, hashes, listed, -1
         name = _decode(raw, flags & _UTF8_NAME)
         # zipfile cuts a name at a NUL and rewrites os.sep
         if name is None or "\0" in name or _ALT_SEP in name:
-            return None
+            return members, hashes, listed, -1
         hashes.append(hash(name))
         name_at.append(p)
         name_len.append(n)
@@ -189,13 +251,4 @@ def _fast_directory(mf: MappedFile) -> Optional[Directory]:
         listed += 1
         if not listed & 0xFFFF:  # a large archive's headers, read, leave resident memory as read
             mf.drop_pages()
-    if pos != cd_end or listed != claimed:
-        return None
-    # a duplicate name shadows a member: equal hashes are looked at by name (zipfile's rule)
-    if listed > 1:
-        import numpy as np
-
-        h = np.sort(np.frombuffer(hashes, dtype=np.int64))
-        if (h[1:] == h[:-1]).any() and len(members._lookup()) != listed:
-            return None
-    return members
+    return members, hashes, listed, pos

@@ -142,6 +142,44 @@ def iter_meta_chunked(buf: Any, start: int, size: int, path: str,
         pos = cut + 3  # past "}, "
 
 
+# one key entry as the writer spells it for a key of one name with no escape in it (and no
+# control character, which JSON refuses), and a list of them as the writer joins them
+_PLAIN_STR = rb'"([^"\\\x00-\x1f]*)"'
+_ONE = rb'\{"path": \[' + _PLAIN_STR + rb'\], "member": ' + _PLAIN_STR + rb'\}'
+_ONE_RE = re.compile(_ONE)
+_LIST_RE = re.compile(rb"(?:" + _ONE + rb"(?:, " + _ONE + rb")*)?\]")
+
+
+def plain_meta_entries(buf: Any, start: int, size: int) -> Optional[list[tuple[bytes, bytes]]]:
+    """(key, member) of every entry of the metadata member at ``buf[start:start + size]`` as
+    UTF-8 bytes, where the document is the writer's own spelling and every key is one plain name
+    without a source dtype (most dumps); None for any other document, which the JSON parse then
+    reads or refuses. The whole key list is matched by one regular expression and the pairs
+    taken by another: no JSON object per key. The rest of the document is parsed as JSON."""
+    if not hasattr(buf, "find"):
+        return None
+    end = start + size
+    m = _HEAD.match(buf, start, end)
+    if m is None or m.group(1) != FORMAT_NAME.encode() or int(m.group(2)) > FORMAT_VERSION:
+        return None
+    keys = _LIST_RE.match(buf, m.end(), end)
+    if keys is None:
+        return None
+    tail = bytes(buf[keys.end():end]).lstrip()  # ', "writer": {...}}' or '}', then blanks
+    try:
+        if tail[:1] == b"," and tail[1:].lstrip()[:1] == b'"':
+            rest = json.loads(b"{" + tail[1:])
+        elif tail.rstrip() == b"}":
+            rest = {}
+        else:
+            return None
+    except (ValueError, RecursionError):
+        return None
+    if type(rest) is not dict or rest.keys() & {"format", "version", "keys"}:
+        return None
+    return _ONE_RE.findall(buf, m.end(), keys.end())
+
+
 def _text(buf: Any, a: int, b: int) -> str:
     try:
         return str(buf[a:b], "utf-8")

@@ -17,7 +17,14 @@ from ..errors import DumpFormatError
 from .lazy import ArraySpec, Dump, MappedFile, _one_line, crc32
 from .npy_header import _HEADERS, parse_npy_header
 from .npz_format import _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
-from .npz_meta import CHUNKED_FROM, Rechunk, _parse_meta, _popping, iter_meta_chunked
+from .npz_meta import (
+    CHUNKED_FROM,
+    Rechunk,
+    _parse_meta,
+    _popping,
+    iter_meta_chunked,
+    plain_meta_entries,
+)
 
 if TYPE_CHECKING:  # zipfile costs ~5 ms to import; the common paths do not need it
     import zipfile
@@ -317,6 +324,12 @@ def _read_npz_fast(mf: MappedFile, members: Directory, verify: Optional[bool]) -
                     return _fast_dump(mf, cols.build(), lazy_meta, verify)
                 except (Rechunk, DumpFormatError):
                     pass
+            else:
+                pairs = plain_meta_entries(mf.buffer(), start, size)
+                if pairs is not None:  # the writer's spelling, every key one plain name
+                    cols = _plain_columns(mf, members, pairs)
+                    if cols is not None:
+                        return _fast_dump(mf, cols.build(), lazy_meta, verify)
             meta, entries = _parse_meta(raw, mf.path, consume=True)
         finally:
             raw.release()
@@ -419,6 +432,60 @@ def _columns(mf: MappedFile, members: Directory, entries: Any, n_keys: int) -> C
             mf.drop_pages()
     if n_keys < 0 and not rows:
         raise Rechunk  # no keys: the whole parse says what that is
+    return cols
+
+
+def _plain_columns(mf: MappedFile, members: Directory, pairs: list[tuple[bytes, bytes]]
+                   ) -> Optional[ColumnBuilder]:
+    """``_columns`` of ``npz_meta.plain_meta_entries``' (key, member) pairs, the lookups inlined
+    for the writer's order (the i-th key's member is the i-th member, its header one the cache
+    holds); None, having raised nothing, for anything else: ``_columns`` then reads the whole
+    parse's entries and words any error."""
+    buf = mf.buffer()
+    rows: dict[str, int] = {}
+    cols = ColumnBuilder(rows, checks=True)
+    offsets, codes, (cstart, clen, ccrc) = cols.offsets, cols.codes, cols.checks  # type: ignore[misc]
+    name_at, name_len, starts, sizes, crcs = (members._name_at, members._name_len, members._start,
+                                              members._size, members._crc)
+    if len(pairs) > len(starts) or members._index is not None:
+        return None
+    layout_of: dict[int, tuple[int, Any]] = {}
+    headers = _HEADERS
+    limit = _alias_limit(mf)
+    total = 0
+    for i, (raw_key, member) in enumerate(pairs):
+        a = name_at[i]
+        if buf[a : a + name_len[i]] != member:
+            return None
+        start, size = starts[i], sizes[i]
+        if size < 10 or buf[start + 6] != 1:
+            return None
+        hend = start + 10 + (buf[start + 8] | buf[start + 9] << 8)
+        h = headers.get(buf[start:hend]) if hend <= start + size else None
+        if h is None:  # a header not met yet in this process (or odd): parsed and checked there
+            h = _header_of(mf, buf, headers, str(member, "ascii", "replace"), (start, size, crcs[i]), None)
+        if h[0].kind not in "biufc" or h[3] + h[4] != size:
+            return None
+        total += h[4]
+        if total > limit:
+            return None
+        try:
+            key = str(raw_key, "utf-8")
+        except UnicodeDecodeError:
+            return None
+        if key in rows:
+            return None
+        rows[key] = len(offsets)
+        offsets.append(start + h[3])
+        c = layout_of.get(id(h))
+        if c is None:
+            c = layout_of[id(h)] = (cols.code((h[0], h[1], h[2], None)), h)
+        codes.append(c[0])
+        cstart.append(start)
+        clen.append(size)
+        ccrc.append(crcs[i])
+    if not rows:
+        return None
     return cols
 
 
