@@ -18,7 +18,15 @@ from ..errors import DumpFormatError
 from .atomic import AtomicFile
 from .columns import ColumnBuilder, ColumnTree, columns_of
 from .lazy import ArraySpec, Dump, MappedFile, NonNumericValue
-from .npy_header import MAX_DEPTH, MAX_NDIM, _short, check_shape, parse_npy_header
+from .npy_header import (
+    ALIAS_FACTOR,
+    ALIAS_FLOOR,
+    MAX_DEPTH,
+    MAX_NDIM,
+    _short,
+    check_shape,
+    parse_npy_header,
+)
 from .pickle_walker import (
     SAFE_GLOBALS,
     _ArrayStub,
@@ -40,13 +48,6 @@ __all__ = ["read_legacy", "write_legacy", "SAFE_GLOBALS", "restricted_unpickle",
 # may describe a few hundred thousand, as a genuine dump of 5-byte keys does.)
 _EXPANSION = 1
 _EXPANSION_FLOOR = 100_000
-# ... and one payload can be the value of many keys (the memo again, or many .npz metadata entries
-# naming one member): the keys of a dump may refer to at most this many bytes of data in all,
-# counted once per key, before the file is refused: comparing (or copying) what a file describes
-# stays within a constant factor of the file's own size. A genuine dump refers to its payloads
-# once each (numbers written as pickle integers widen at most 8 times).
-ALIAS_FACTOR = 64
-ALIAS_FLOOR = 64 << 20
 
 
 def aliased_payloads_error(path: str, keys: int, total: int, size: int) -> DumpFormatError:

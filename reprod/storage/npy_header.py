@@ -20,6 +20,13 @@ __all__ = ["parse_npy_header", "check_shape", "MAX_DEPTH", "MAX_NDIM", "MAX_HEAD
 MAX_DEPTH = 64
 # numpy's own limit on dimensions (NPY_MAXDIMS in numpy 2)
 MAX_NDIM = 64
+# One payload can be the value of many keys (a pickle's memo, or many .npz metadata entries
+# naming one member): the keys of a dump may refer to at most this many bytes of data in all,
+# counted once per key, before the file is refused: comparing (or copying) what a file describes
+# stays within a constant factor of the file's own size. A genuine dump refers to its payloads
+# once each (numbers written as pickle integers widen at most 8 times). Both readers use it.
+ALIAS_FACTOR = 64
+ALIAS_FLOOR = 64 << 20
 # numpy's own limit on a header's length (numpy.lib.format._MAX_HEADER_SIZE, which np.load applies
 # to any file it does not trust); numpy writes 118-byte headers for numeric arrays
 MAX_HEADER_SIZE = 10_000

@@ -15,7 +15,7 @@ import numpy as np
 from ..adapters import BFLOAT16
 from ..errors import DumpFormatError
 from .lazy import ArraySpec, Dump, MappedFile, _one_line, crc32
-from .npy_header import _HEADERS, parse_npy_header
+from .npy_header import _HEADERS, ALIAS_FACTOR, ALIAS_FLOOR, parse_npy_header
 from .npz_format import _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
 from .npz_meta import (
     CHUNKED_FROM,
@@ -248,9 +248,7 @@ def _header_of(mf: MappedFile, buf: Any, headers: dict[Any, Any], member: str,
 
 
 def _alias_limit(mf: MappedFile) -> int:
-    """The bytes of data the keys of a dump may refer to in all (``legacy.ALIAS_FACTOR``)."""
-    from .legacy import ALIAS_FACTOR, ALIAS_FLOOR
-
+    """The bytes of data the keys of a dump may refer to in all (``npy_header.ALIAS_FACTOR``)."""
     return ALIAS_FACTOR * mf.size + ALIAS_FLOOR
 
 
