@@ -14,8 +14,9 @@ import numpy as np
 
 from ..adapters import BFLOAT16
 from ..errors import DumpFormatError
+from . import npy_header
 from .lazy import ArraySpec, Dump, MappedFile, _one_line, crc32
-from .npy_header import _HEADERS, ALIAS_FACTOR, ALIAS_FLOOR, parse_npy_header
+from .npy_header import _HEADERS, parse_npy_header
 from .npz_format import _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
 from .npz_meta import (
     CHUNKED_FROM,
@@ -249,7 +250,7 @@ def _header_of(mf: MappedFile, buf: Any, headers: dict[Any, Any], member: str,
 
 def _alias_limit(mf: MappedFile) -> int:
     """The bytes of data the keys of a dump may refer to in all (``npy_header.ALIAS_FACTOR``)."""
-    return ALIAS_FACTOR * mf.size + ALIAS_FLOOR
+    return npy_header.ALIAS_FACTOR * mf.size + npy_header.ALIAS_FLOOR
 
 
 def _aliased(mf: MappedFile, keys: int, limit: int) -> DumpFormatError:

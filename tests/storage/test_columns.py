@@ -27,7 +27,7 @@ import pytest
 
 import reprod
 from reprod import DumpFormatError
-from reprod.storage import lazy, legacy, npz_directory, npz_meta, npz_reader
+from reprod.storage import lazy, legacy, npy_header, npz_directory, npz_meta, npz_reader
 from reprod.storage.columns import ColumnTree, columns_of
 from reprod.storage.lazy import ArraySpec, Dump, MappedFile, NonNumericValue
 from reprod.storage.npz_format import FORMAT_NAME, FORMAT_VERSION, META_NAME
@@ -815,8 +815,8 @@ def test_hostile_npz_files_give_the_same_outcome_chunked_or_not(tmp_path, monkey
         "metadata first": ([("a.npy", a), ("b.npy", b)], _meta(ok)),
     }
     # a small alias bound: the 200 keys naming one 2 KiB member pass it
-    monkeypatch.setattr(legacy, "ALIAS_FACTOR", 1)
-    monkeypatch.setattr(legacy, "ALIAS_FLOOR", 0)
+    monkeypatch.setattr(npy_header, "ALIAS_FACTOR", 1)  # the .npz reader's bound
+    monkeypatch.setattr(npy_header, "ALIAS_FLOOR", 0)
     seen = {}
     for name, (members, meta) in cases.items():
         p = _zip(tmp_path / f"{len(seen)}.npz", members, meta, meta_first=name == "metadata first")
