@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from test_batch_paths import _dumps as _mixed_dumps  # tests/diff, on sys.path under pytest
 
 import reprod
 from reprod.diff import batch, columns_batch, engine, metrics
@@ -21,47 +22,28 @@ needs_kernel = pytest.mark.skipif(not metrics.kernel_available(), reason="compil
 
 
 def _pairs(rng: np.random.Generator) -> tuple[dict, dict]:
-    """Flat dumps with equal key lists: keys the kernel takes and keys it must hand back."""
-    ref: dict = {}
-    other: dict = {}
-
-    def add(a: np.ndarray, b: np.ndarray) -> None:
-        k = f"layer{len(ref):03d}/out"
-        ref[k], other[k] = a, b
-
-    for dt in (np.float32, np.float64):
-        for shape in [(), (1,), (64,), (3, 70), (2, 3, 40), (5000,), (70_000,)]:
-            a = rng.standard_normal(shape).astype(dt)
-            add(a, a.copy())
-            add(a, (a * (1 + 1e-6)).astype(dt))
-            add(a, (a + rng.standard_normal(shape) * 1e-3).astype(dt))
-            add(a, (a + 1e-4).astype(np.float64 if dt == np.float32 else np.float32))
-    base = rng.standard_normal((40, 30)).astype(np.float32)
-    add(np.asfortranarray(base), base + 1e-4)
-    add(base, np.asfortranarray(base + 1e-4))
-    for pos, val in (((3, 4), np.nan), ((-1, -1), np.inf)):
-        b = base.copy()
-        b[pos] = val
-        add(base, b)
-    add(np.full(100, 1e308), np.full(100, -1e308))
-    add(np.full(100, 1e-200), np.full(100, 1.1e-200))
-    add(np.zeros(100, np.float32), np.ones(100, np.float32))
-    add(np.ones((10, 10), np.float32), np.ones((100,), np.float32))
-    add(np.ones((10, 10), np.float32), np.ones((10, 11), np.float32))
-    add(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32))
-    add(np.arange(100, dtype=np.int64), np.arange(100, dtype=np.int64) + 1)
-    add(np.arange(100, dtype=np.float32).astype(">f4"), np.arange(100, dtype=np.float32))
-    add(np.arange(12, dtype=np.float16), np.arange(12, dtype=np.float16))
+    """test_batch_paths' pairs (every kind the batch takes or hands back) made flat, with equal
+    key lists, and a few more: empty arrays, large keys, integers and float16."""
+    ref, other = _mixed_dumps(rng)
+    for k in ("nested", "only_ref", "only_other"):
+        ref.pop(k, None)
+        other.pop(k, None)
+    other = {k: other[k] for k in ref}  # the reference's order
+    extra = [(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)),
+             (np.ones(70_000, np.float32), np.ones(70_000, np.float32) * 1.5),
+             (np.arange(100, dtype=np.int64), np.arange(100, dtype=np.int64) + 1),
+             (np.arange(12, dtype=np.float16), np.arange(12, dtype=np.float16))]
+    for i, (a, b) in enumerate(extra):
+        ref[f"extra{i}/out"], other[f"extra{i}/out"] = a, b
     return ref, other
 
 
-OPTIONS = [
-    {},
-    {"method": "all", "threshold": 1e-5, "atol": 1e-6, "rtol": 1e-5},
-    {"method": ["max_rel", "mean"], "per_key": {"layer00*": 1e-2, "layer01*": {"max": 1e-9, "atol": 0.1}}},
-    {"equal_nan": True, "atol": 0.0, "rtol": 0.0},
-    {"threshold": None},
-]
+# the option sets change what the batch decides per key: tolerances per dtype pair or per rule,
+# the mismatch count, NaN matching, no statistic at all
+OPTIONS = [{}, {"method": "all", "atol": 1e-6, "rtol": 1e-5},
+           {"method": "max", "threshold": 1e-4,
+            "per_key": {"k00*": 1e-2, "k01*": {"max": 1e-9, "atol": 0.1}}},
+           {"equal_nan": True, "rtol": 1e-3}, {"threshold": None, "atol": 0.0}]
 
 
 def _fields(r: reprod.DiffResult) -> list[dict]:
