@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from itertools import repeat
+from itertools import count, islice, repeat
+from operator import eq
 from typing import Any, Optional
 
 import numpy as np
@@ -36,19 +37,24 @@ _NO_CHECK = np.array([0, -1, 0], dtype=np.int64)
 
 
 class ColumnPairs:
-    """Two column dumps with the same keys in the same order: the keys, and each side's rows."""
+    """Two column dumps with the same keys in the same order, each key at row i of both: ``n``
+    keys, handed out a window at a time by ``window`` (no list of a million keys is held)."""
 
-    __slots__ = ("ref", "other", "keys", "ref_rows", "other_rows")
+    __slots__ = ("ref", "other", "n", "_keys")
 
-    def __init__(self, ref: Dump, other: Dump, keys: list[str], ref_rows: np.ndarray,
-                 other_rows: np.ndarray) -> None:
-        self.ref, self.other, self.keys = ref, other, keys
-        self.ref_rows, self.other_rows = ref_rows, other_rows
+    def __init__(self, ref: Dump, other: Dump, n: int) -> None:
+        self.ref, self.other, self.n = ref, other, n
+        self._keys = iter(ref._tree._rows)  # type: ignore[union-attr]
+
+    def window(self, size: int) -> list[str]:
+        """The next ``size`` keys (the keys are handed out in order, once)."""
+        return list(islice(self._keys, size))
 
 
 def column_pairs(ref: Any, other: Any) -> Optional[ColumnPairs]:
     """The pairing of two dumps when both are column tables over mapped files with equal key
-    lists (what ``walk_pairs`` gives then: every key a leaf pair, in that order), else None."""
+    lists (what ``walk_pairs`` gives then: every key a leaf pair, in that order), each key at
+    the row of its rank (a fresh table's), else None. Compared streaming, in C's loops."""
     if type(ref) is not Dump or type(other) is not Dump:
         return None
     ta, tb = ref._tree, other._tree
@@ -56,17 +62,12 @@ def column_pairs(ref: Any, other: Any) -> Optional[ColumnPairs]:
             or other.mapped_file is None:
         return None
     n = len(ta)
-    if not n or n != len(tb):
+    if not n or n != len(tb) or not all(map(eq, ta._rows, tb._rows)):
         return None
-    keys = list(ta._rows)
-    if keys != list(tb._rows):  # compared in C: no per-key Python step when they agree
+    # a released key's row is None: such a dump was compared before, take the general way
+    if not all(map(eq, ta._rows.values(), count())) or not all(map(eq, tb._rows.values(), count())):
         return None
-    try:  # a released key's row is None: such a dump was compared before, take the general way
-        ra = np.fromiter(ta._rows.values(), np.int64, n)
-        rb = np.fromiter(tb._rows.values(), np.int64, n)
-    except TypeError:
-        return None
-    return ColumnPairs(ref, other, keys, ra, rb)
+    return ColumnPairs(ref, other, n)
 
 
 class _Side:
@@ -112,13 +113,13 @@ class _Side:
         return want, start, length, crc
 
 
-def compare_columns(cp: ColumnPairs, policy: Criteria, start: int, stop: int,
+def compare_columns(cp: ColumnPairs, policy: Criteria, start: int, keys: list[str],
                     slow: Callable[[Pair], KeyResult],
                     sides: Optional[tuple[_Side, _Side]] = None) -> list[KeyResult]:
-    """The results of keys ``start:stop`` of ``cp``, in order; ``slow(pair)`` gives those the
-    kernel cannot (the engine's per-key path)."""
+    """The results of ``keys``, rows ``start:start + len(keys)`` of ``cp``, in order;
+    ``slow(pair)`` gives those the kernel cannot (the engine's per-key path)."""
     kernel = _native.kernel()
-    keys = cp.keys[start:stop]
+    stop = start + len(keys)
     out: list[Optional[KeyResult]] = [None] * len(keys)
     if kernel is not None:
         a, b = sides if sides is not None else (_Side(cp.ref), _Side(cp.other))
@@ -138,7 +139,7 @@ def sides_of(cp: ColumnPairs) -> tuple[_Side, _Side]:
 
 def _batch(kernel: Any, cp: ColumnPairs, a: _Side, b: _Side, policy: Criteria, start: int,
            stop: int, keys: list[str], out: list[Optional[KeyResult]]) -> None:
-    ra, rb = cp.ref_rows[start:stop], cp.other_rows[start:stop]
+    ra = rb = np.arange(start, stop)
     ca, cb = a.codes[ra].astype(np.int64), b.codes[rb].astype(np.int64)
     # what compare_batch decides per key depends on the two layouts only: decide it per distinct
     # pair of layouts (a dump of thousands of keys has a few dozen)

@@ -168,16 +168,15 @@ def _compare_columns(cp: ColumnPairs, policy: Criteria, owned: tuple[Any, ...],
 
     sides = sides_of(cp)
     release = [d._tree for d in (cp.ref, cp.other) if d.mapped_file in owned]
-    keys = cp.keys
     windows = 0
-    for start in range(0, len(keys), _WINDOW):
-        stop = min(start + _WINDOW, len(keys))
+    for start in range(0, cp.n, _WINDOW):
+        keys = cp.window(_WINDOW)
         try:
-            results += compare_columns(cp, policy, start, stop, slow, sides)
+            results += compare_columns(cp, policy, start, keys, slow, sides)
         except _native.MappedReadError:  # a dump truncated meanwhile: the per-key path names it
-            results += [slow(Pair((k,), "leaf", cp.ref, cp.other, k)) for k in keys[start:stop]]
+            results += [slow(Pair((k,), "leaf", cp.ref, cp.other, k)) for k in keys]
         if release:
-            gone = dict.fromkeys(keys[start:stop])  # ColumnTree.release of each, in one update
+            gone = dict.fromkeys(keys)  # ColumnTree.release of each, in one update
             for t in release:
                 t._rows.update(gone)
             windows += 1
