@@ -133,7 +133,9 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
  * The vector loop, instantiated below for 2 lanes (SSE2 or any GNU C target) and, on x86-64,
  * for 4 lanes (AVX2, chosen at run time). MAX(a, b) must be `a > b ? a : b` and MIN(a, b)
  * `a < b ? a : b` lane-wise (what MAXPD/MINPD do). A block is assumed finite; when the sum of
- * its differences is not finite, the block is left untouched and 0 returned.
+ * its differences is not finite, the block is left untouched and 0 returned. Its lanes
+ * (NAME##_sums), one step and the merge into acc_t are apart so that stats3's fused loop
+ * (DEFINE_FUSED_BLOCK) adds the same terms in the same lanes and order as this loop.
  */
 #define DEFINE_VECTOR_BLOCK(NAME, ATTR, W, VD, VI, LOADF, LOADD, MAX, MIN)                        \
     ATTR INLINE VD NAME##_load(const char *p, char kind, Py_ssize_t i) {                         \
@@ -144,51 +146,59 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
         for (int l = 0; l < W; l++) s += v[l];                                                   \
         return s;                                                                                \
     }                                                                                            \
-    ATTR INLINE int NAME(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,         \
-                         Py_ssize_t hi, const opts_t *o, acc_t *a) {                             \
-        const VD zero = {0}, vatol = zero + o->atol, vrtol = zero + o->rtol;                     \
+    typedef struct {                                                                             \
+        VD vatol, vrtol, s_d, s_rel, s_dot, s_rr, s_oo, s_dd, vmax, vmin, vmaxrel, vmaxref;      \
+        VI outside;                                                                              \
+    } NAME##_sums;                                                                               \
+    ATTR INLINE void NAME##_start(NAME##_sums *s, const opts_t *o) {                             \
+        const VD zero = {0};                                                                     \
+        s->vatol = zero + o->atol, s->vrtol = zero + o->rtol;                                    \
+        s->s_d = s->s_rel = s->s_dot = s->s_rr = s->s_oo = s->s_dd = zero;                       \
+        s->vmax = zero - 1.0, s->vmin = zero + INFINITY, s->vmaxrel = zero - 1.0;                \
+        s->vmaxref = zero;                                                                       \
+        s->outside = (VI){0};                                                                    \
+    }                                                                                            \
+    ATTR INLINE void NAME##_step(NAME##_sums *s, VD r, VD x, int check_close) {                  \
         const VI absmask = (VI){0} + INT64_MAX;                                                  \
-        VD s_d = zero, s_rel = zero, s_dot = zero, s_rr = zero, s_oo = zero, s_dd = zero;        \
-        VD vmax = zero - 1.0, vmin = zero + INFINITY, vmaxrel = zero - 1.0, vmaxref = zero;      \
-        VI outside = {0};                                                                        \
-        Py_ssize_t n = (hi - lo) / W * W;                                                        \
-        for (Py_ssize_t i = lo; i < lo + n; i += W) {                                            \
-            VD r = NAME##_load(rp, rk, i), x = NAME##_load(op, ok, i);                          \
-            VD d = (VD)((VI)(x - r) & absmask);                                                  \
-            VD ar = (VD)((VI)r & absmask);                                                       \
-            VD rel = (VD)((VI)(d / ar) & (d != 0.0)); /* 0/0 = 0; x/0 = inf */                  \
-            s_d += d;                                                                            \
-            s_rel += rel;                                                                        \
-            vmax = MAX(d, vmax);                                                                 \
-            vmin = MIN(d, vmin);                                                                 \
-            vmaxrel = MAX(rel, vmaxrel);                                                         \
-            s_dot += r * x;                                                                      \
-            s_rr += r * r;                                                                       \
-            s_oo += x * x;                                                                       \
-            s_dd += d * d;                                                                       \
-            vmaxref = MAX(ar, vmaxref);                                                          \
-            if (o->check_close) outside += (d > vatol + vrtol * ar); /* true lanes are -1 */     \
-        }                                                                                        \
-        double total = NAME##_hsum(s_d);                                                         \
-        if (!isfinite(total)) return 0; /* a NaN or Inf (or a huge difference): redo exactly */ \
+        VD d = (VD)((VI)(x - r) & absmask);                                                      \
+        VD ar = (VD)((VI)r & absmask);                                                           \
+        VD rel = (VD)((VI)(d / ar) & (d != 0.0)); /* 0/0 = 0; x/0 = inf */                       \
+        s->s_d += d;                                                                             \
+        s->s_rel += rel;                                                                         \
+        s->vmax = MAX(d, s->vmax);                                                               \
+        s->vmin = MIN(d, s->vmin);                                                               \
+        s->vmaxrel = MAX(rel, s->vmaxrel);                                                       \
+        s->s_dot += r * x;                                                                       \
+        s->s_rr += r * r;                                                                        \
+        s->s_oo += x * x;                                                                        \
+        s->s_dd += d * d;                                                                        \
+        s->vmaxref = MAX(ar, s->vmaxref);                                                        \
+        if (check_close) s->outside += (d > s->vatol + s->vrtol * ar); /* true lanes are -1 */   \
+    }                                                                                            \
+    /* the n elements from lo that the loop ran, then the tail up to hi by the scalar rule */    \
+    ATTR INLINE int NAME##_merge(const NAME##_sums *s, const char *rp, char rk, const char *op,  \
+                                 char ok, Py_ssize_t lo, Py_ssize_t n, Py_ssize_t hi,            \
+                                 const opts_t *o, acc_t *a) {                                    \
+        double total = NAME##_hsum(s->s_d);                                                      \
+        if (!isfinite(total)) return 0; /* a NaN or Inf (or a huge difference): redo exactly */  \
         acc_t t = *a;                                                                            \
         t.total += total;                                                                        \
-        t.total_rel += NAME##_hsum(s_rel);                                                       \
-        t.dot += NAME##_hsum(s_dot);                                                             \
-        t.rr += NAME##_hsum(s_rr);                                                               \
-        t.oo += NAME##_hsum(s_oo);                                                               \
-        t.dd += NAME##_hsum(s_dd);                                                               \
+        t.total_rel += NAME##_hsum(s->s_rel);                                                    \
+        t.dot += NAME##_hsum(s->s_dot);                                                          \
+        t.rr += NAME##_hsum(s->s_rr);                                                            \
+        t.oo += NAME##_hsum(s->s_oo);                                                            \
+        t.dd += NAME##_hsum(s->s_dd);                                                            \
         double bmax = -1.0, bmin = INFINITY, bmr = -1.0;                                         \
         for (int l = 0; l < W; l++) {                                                            \
-            if (vmaxref[l] > t.max_ref) t.max_ref = vmaxref[l];                                  \
-            if (vmax[l] > bmax) bmax = vmax[l];                                                  \
-            if (vmin[l] < bmin) bmin = vmin[l];                                                  \
-            if (vmaxrel[l] > bmr) bmr = vmaxrel[l];                                              \
-            t.mismatched -= outside[l];                                                          \
+            if (s->vmaxref[l] > t.max_ref) t.max_ref = s->vmaxref[l];                            \
+            if (s->vmax[l] > bmax) bmax = s->vmax[l];                                            \
+            if (s->vmin[l] < bmin) bmin = s->vmin[l];                                            \
+            if (s->vmaxrel[l] > bmr) bmr = s->vmaxrel[l];                                        \
+            t.mismatched -= s->outside[l];                                                       \
         }                                                                                        \
         t.counted += n;                                                                          \
         if (n > 0) {                                                                             \
-            if (bmax > t.max_abs) { /* rare after the first blocks: find the first position */  \
+            if (bmax > t.max_abs) { /* rare after the first blocks: find the first position */   \
                 for (Py_ssize_t j = lo; j < lo + n; j++) {                                       \
                     if (fabs(LOAD(ok, op, j) - LOAD(rk, rp, j)) == bmax) {                       \
                         t.worst = j;                                                             \
@@ -203,49 +213,116 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
         *a = t;                                                                                  \
         scalar_range(rp, rk, op, ok, lo + n, hi, o, a); /* the tail */                           \
         return 1;                                                                                \
+    }                                                                                            \
+    ATTR INLINE int NAME(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,         \
+                         Py_ssize_t hi, const opts_t *o, acc_t *a) {                             \
+        NAME##_sums s;                                                                           \
+        NAME##_start(&s, o);                                                                     \
+        Py_ssize_t n = (hi - lo) / W * W;                                                        \
+        for (Py_ssize_t i = lo; i < lo + n; i += W)                                              \
+            NAME##_step(&s, NAME##_load(rp, rk, i), NAME##_load(op, ok, i), o->check_close);     \
+        return NAME##_merge(&s, rp, rk, op, ok, lo, n, hi, o, a);                                \
     }
 
 /*
- * The noise pass of stats3 (hi against ref): the lines of the vector loop above that the
+ * The noise's step of stats3 (hi against ref): the lines of the vector loop's step that the
  * calibration reads (the sums of differences, of squared differences and of squared hi, the
- * largest difference and |hi|, the count), in the same lanes and order, so each of these sums is
- * bit-identical to the whole loop's; no division, no relative error, no worst position. A block
- * that is not all finite is left to the caller's scalar_range, as above. LOAD_OF names the
- * instantiation of DEFINE_VECTOR_BLOCK whose loads it shares.
+ * largest difference and |hi|, the count), in the same lanes and order, so each of these sums
+ * is bit-identical to the whole loop's; no division, no relative error, no worst position. The
+ * sum of differences stays for the finiteness test: a block that is not all finite is left to
+ * the caller's scalar_range, as above. PAIR names the vector loop whose loads it shares.
  */
-#define DEFINE_NOISE_BLOCK(NAME, ATTR, W, VD, VI, LOAD_OF, MAX)                                   \
-    ATTR INLINE int NAME(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,         \
-                         Py_ssize_t hi, acc_t *a) {                                              \
+#define DEFINE_NOISE_STEP(NAME, ATTR, W, VD, VI, PAIR, MAX)                                       \
+    typedef struct {                                                                             \
+        VD s_d, s_rr, s_dd, vmax, vmaxref;                                                       \
+    } NAME##_sums;                                                                               \
+    ATTR INLINE void NAME##_start(NAME##_sums *s) {                                              \
         const VD zero = {0};                                                                     \
+        s->s_d = s->s_rr = s->s_dd = s->vmaxref = zero;                                          \
+        s->vmax = zero - 1.0;                                                                    \
+    }                                                                                            \
+    ATTR INLINE void NAME##_step(NAME##_sums *s, VD r, VD x) {                                   \
         const VI absmask = (VI){0} + INT64_MAX;                                                  \
-        VD s_d = zero, s_rr = zero, s_dd = zero, vmax = zero - 1.0, vmaxref = zero;              \
-        Py_ssize_t n = (hi - lo) / W * W;                                                        \
-        for (Py_ssize_t i = lo; i < lo + n; i += W) {                                            \
-            VD r = LOAD_OF##_load(rp, rk, i), x = LOAD_OF##_load(op, ok, i);                    \
-            VD d = (VD)((VI)(x - r) & absmask);                                                  \
-            VD ar = (VD)((VI)r & absmask);                                                       \
-            s_d += d;                                                                            \
-            vmax = MAX(d, vmax);                                                                 \
-            s_rr += r * r;                                                                       \
-            s_dd += d * d;                                                                       \
-            vmaxref = MAX(ar, vmaxref);                                                          \
-        }                                                                                        \
-        double total = LOAD_OF##_hsum(s_d);                                                      \
+        VD d = (VD)((VI)(x - r) & absmask);                                                      \
+        VD ar = (VD)((VI)r & absmask);                                                           \
+        s->s_d += d;                                                                             \
+        s->vmax = MAX(d, s->vmax);                                                               \
+        s->s_rr += r * r;                                                                        \
+        s->s_dd += d * d;                                                                        \
+        s->vmaxref = MAX(ar, s->vmaxref);                                                        \
+    }                                                                                            \
+    ATTR INLINE int NAME##_merge(const NAME##_sums *s, const char *rp, char rk, const char *op,  \
+                                 char ok, Py_ssize_t lo, Py_ssize_t n, Py_ssize_t hi,            \
+                                 acc_t *a) {                                                     \
+        double total = PAIR##_hsum(s->s_d);                                                      \
         if (!isfinite(total)) return 0;                                                          \
         acc_t t = *a;                                                                            \
         t.total += total;                                                                        \
-        t.rr += LOAD_OF##_hsum(s_rr);                                                            \
-        t.dd += LOAD_OF##_hsum(s_dd);                                                            \
+        t.rr += PAIR##_hsum(s->s_rr);                                                            \
+        t.dd += PAIR##_hsum(s->s_dd);                                                            \
         double bmax = -1.0;                                                                      \
         for (int l = 0; l < W; l++) {                                                            \
-            if (vmaxref[l] > t.max_ref) t.max_ref = vmaxref[l];                                  \
-            if (vmax[l] > bmax) bmax = vmax[l];                                                  \
+            if (s->vmaxref[l] > t.max_ref) t.max_ref = s->vmaxref[l];                            \
+            if (s->vmax[l] > bmax) bmax = s->vmax[l];                                            \
         }                                                                                        \
         t.counted += n;                                                                          \
         if (n > 0 && bmax > t.max_abs) t.max_abs = bmax;                                         \
         *a = t;                                                                                  \
         scalar_range(rp, rk, op, ok, lo + n, hi, &no_check, a); /* the tail */                   \
         return 1;                                                                                \
+    }
+
+/*
+ * stats3's loop over one block: each W elements of ref, other and hi are loaded once and go
+ * through both steps, the pair's (ref, other) and the noise's (hi, ref), each into its own
+ * lanes; a side whose block is not all finite is redone by scalar_range, that side only.
+ * Before, a block went through the pair's loop, then through the noise's: the noise's loop
+ * alone is bound by its sums' latency (each add waits on the one before); here it runs in the
+ * pair's shadow (the division), and the block is read in one sweep.
+ *
+ * The prefetches: without them one core kept too few cache misses in flight to stream three
+ * arrays (the fused loop took 1.6x the time of the same loop prefetching, on mapped dumps of
+ * 2 x float32 and a float64; 256 to 1024 elements ahead ran alike: benchmarks/README.md, issue
+ * 23). One prefetch per line (FUSED_GROUP elements: one line of float32, two of float64),
+ * the distance clamped to the buffers (len elements) so that no address past them is formed.
+ */
+#define FUSED_AHEAD 512
+#define FUSED_GROUP 16
+INLINE void prefetch_group(const char *p, char kind, Py_ssize_t i) {
+    __builtin_prefetch(kind == 'f' ? p + 4 * i : p + 8 * i);
+    if (kind == 'd') __builtin_prefetch(p + 8 * i + 64);
+}
+#define DEFINE_FUSED_BLOCK(NAME, ATTR, W, VD, PAIR, NOISE)                                        \
+    ATTR INLINE void NAME(const char *rp, char rk, const char *op, char ok, const char *hp,      \
+                          char hk, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t len,                 \
+                          const opts_t *o, acc_t *a, acc_t *na) {                                \
+        PAIR##_sums s;                                                                           \
+        NOISE##_sums q;                                                                          \
+        PAIR##_start(&s, o);                                                                     \
+        NOISE##_start(&q);                                                                       \
+        int check_close = o->check_close;                                                        \
+        Py_ssize_t n = (hi - lo) / W * W, i = lo;                                                \
+        for (; i + FUSED_GROUP <= lo + n; i += FUSED_GROUP) {                                    \
+            Py_ssize_t ahead = i + FUSED_AHEAD;                                                  \
+            if (ahead > len - FUSED_GROUP) ahead = len - FUSED_GROUP;                            \
+            prefetch_group(rp, rk, ahead);                                                       \
+            prefetch_group(op, ok, ahead);                                                       \
+            prefetch_group(hp, hk, ahead);                                                       \
+            for (int u = 0; u < FUSED_GROUP; u += W) {                                           \
+                VD r = PAIR##_load(rp, rk, i + u);                                               \
+                PAIR##_step(&s, r, PAIR##_load(op, ok, i + u), check_close);                     \
+                NOISE##_step(&q, PAIR##_load(hp, hk, i + u), r);                                 \
+            }                                                                                    \
+        }                                                                                        \
+        for (; i < lo + n; i += W) {                                                             \
+            VD r = PAIR##_load(rp, rk, i);                                                       \
+            PAIR##_step(&s, r, PAIR##_load(op, ok, i), check_close);                             \
+            NOISE##_step(&q, PAIR##_load(hp, hk, i), r);                                         \
+        }                                                                                        \
+        if (!PAIR##_merge(&s, rp, rk, op, ok, lo, n, hi, o, a))                                  \
+            scalar_range(rp, rk, op, ok, lo, hi, o, a);                                          \
+        if (!NOISE##_merge(&q, hp, hk, rp, rk, lo, n, hi, na))                                   \
+            scalar_range(hp, hk, rp, rk, lo, hi, &no_check, na);                                 \
     }
 
 typedef double vd2 __attribute__((vector_size(16)));
@@ -271,7 +348,8 @@ INLINE vd2 LOADD2(const char *p) {
 }
 #endif
 DEFINE_VECTOR_BLOCK(block2, , 2, vd2, vi2, LOADF2, LOADD2, MAX2, MIN2)
-DEFINE_NOISE_BLOCK(noise2, , 2, vd2, vi2, block2, MAX2)
+DEFINE_NOISE_STEP(noise2, , 2, vd2, vi2, block2, MAX2)
+DEFINE_FUSED_BLOCK(fused2, , 2, vd2, block2, noise2)
 
 #if defined(__x86_64__) && (defined(__linux__) || defined(__APPLE__))
 #define HAVE_AVX2 1
@@ -283,14 +361,14 @@ typedef int64_t vi4 __attribute__((vector_size(32)));
 #define LOADF4(p) ((vd4)_mm256_cvtps_pd(_mm_loadu_ps((const float *)(p))))
 #define LOADD4(p) ((vd4)_mm256_loadu_pd((const double *)(p)))
 DEFINE_VECTOR_BLOCK(block4, AVX2, 4, vd4, vi4, LOADF4, LOADD4, MAX4, MIN4)
-DEFINE_NOISE_BLOCK(noise4, AVX2, 4, vd4, vi4, block4, MAX4)
+DEFINE_NOISE_STEP(noise4, AVX2, 4, vd4, vi4, block4, MAX4)
+DEFINE_FUSED_BLOCK(fused4, AVX2, 4, vd4, block4, noise4)
 #endif
 #endif /* vectors */
 
 /*
  * Blocks through the vector loop, or the exact scalar rule where a block is not all finite.
- * Elements [start, n) in blocks starting at start, positions counted from the buffers' start:
- * stats3 runs one block of two pairs at a time, on the same grid as two whole runs.
+ * Elements [start, n) in blocks starting at start, positions counted from the buffers' start.
  */
 #define DEFINE_RUN(NAME, ATTR, VECTOR_BLOCK)                                                      \
     ATTR INLINE void NAME(const char *rp, char rk, const char *op, char ok, Py_ssize_t start,    \
@@ -341,35 +419,53 @@ static const run_fn avx2_table[4] = {avx2_ff, avx2_fd, avx2_df, avx2_dd};
 static const run_fn *table = base_table;
 static const char *isa = "base";
 
-/* stats3's noise pass over [lo, end) of one block, per (hi, ref) kind pair and loop width: the
- * width must be the one `table` runs, or its sums would be rounded differently */
-typedef void (*noise_fn)(const char *, const char *, Py_ssize_t, Py_ssize_t, acc_t *);
-#define SPECIALISE_NOISE(NAME, ATTR, NOISE_BLOCK, HK, RK)                                         \
-    ATTR static void NAME(const char *hp, const char *rp, Py_ssize_t lo, Py_ssize_t end,         \
-                          acc_t *a) {                                                            \
-        if (!NOISE_BLOCK(hp, HK, rp, RK, lo, end, a)) scalar_range(hp, HK, rp, RK, lo, end, &no_check, a); \
+/* stats3's blocks, per (ref, other, hi) kind triple and loop width: the width must be the one
+ * `table` runs, or the pair's sums would be rounded differently from stats()' */
+typedef void (*fused_fn)(const char *, const char *, const char *, Py_ssize_t, Py_ssize_t,
+                         const opts_t *, acc_t *, acc_t *);
+#define SPECIALISE_FUSED(NAME, ATTR, FUSED_BLOCK, RK, OK, HK)                                     \
+    ATTR static void NAME(const char *rp, const char *op, const char *hp, Py_ssize_t n,          \
+                          Py_ssize_t block, const opts_t *o, acc_t *a, acc_t *na) {              \
+        for (Py_ssize_t lo = 0; lo < n; lo += block) {                                           \
+            Py_ssize_t hi = lo + block < n ? lo + block : n;                                     \
+            FUSED_BLOCK(rp, RK, op, OK, hp, HK, lo, hi, n, o, a, na);                            \
+        }                                                                                        \
     }
 #ifdef HAVE_VECTORS
-#define NOISE_BASE noise2
+#define FUSED_BASE fused2
 #else
-#define NOISE_BASE no_noise_vectors
-INLINE int no_noise_vectors(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,
-                            Py_ssize_t hi, acc_t *a) {
-    (void)rp, (void)rk, (void)op, (void)ok, (void)lo, (void)hi, (void)a;
-    return 0;
+#define FUSED_BASE no_fused_vectors
+INLINE void no_fused_vectors(const char *rp, char rk, const char *op, char ok, const char *hp,
+                             char hk, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t len,
+                             const opts_t *o, acc_t *a, acc_t *na) {
+    (void)len;
+    scalar_range(rp, rk, op, ok, lo, hi, o, a);
+    scalar_range(hp, hk, rp, rk, lo, hi, &no_check, na);
 }
 #endif
-SPECIALISE_NOISE(noise_base_ff, , NOISE_BASE, 'f', 'f')
-SPECIALISE_NOISE(noise_base_fd, , NOISE_BASE, 'f', 'd')
-SPECIALISE_NOISE(noise_base_df, , NOISE_BASE, 'd', 'f')
-SPECIALISE_NOISE(noise_base_dd, , NOISE_BASE, 'd', 'd')
-static const noise_fn noise_base_table[4] = {noise_base_ff, noise_base_fd, noise_base_df, noise_base_dd};
+SPECIALISE_FUSED(fused_base_fff, , FUSED_BASE, 'f', 'f', 'f')
+SPECIALISE_FUSED(fused_base_ffd, , FUSED_BASE, 'f', 'f', 'd')
+SPECIALISE_FUSED(fused_base_fdf, , FUSED_BASE, 'f', 'd', 'f')
+SPECIALISE_FUSED(fused_base_fdd, , FUSED_BASE, 'f', 'd', 'd')
+SPECIALISE_FUSED(fused_base_dff, , FUSED_BASE, 'd', 'f', 'f')
+SPECIALISE_FUSED(fused_base_dfd, , FUSED_BASE, 'd', 'f', 'd')
+SPECIALISE_FUSED(fused_base_ddf, , FUSED_BASE, 'd', 'd', 'f')
+SPECIALISE_FUSED(fused_base_ddd, , FUSED_BASE, 'd', 'd', 'd')
+static const fused_fn fused_base_table[8] = {fused_base_fff, fused_base_ffd, fused_base_fdf,
+                                             fused_base_fdd, fused_base_dff, fused_base_dfd,
+                                             fused_base_ddf, fused_base_ddd};
 #ifdef HAVE_AVX2
-SPECIALISE_NOISE(noise_avx2_ff, AVX2, noise4, 'f', 'f')
-SPECIALISE_NOISE(noise_avx2_fd, AVX2, noise4, 'f', 'd')
-SPECIALISE_NOISE(noise_avx2_df, AVX2, noise4, 'd', 'f')
-SPECIALISE_NOISE(noise_avx2_dd, AVX2, noise4, 'd', 'd')
-static const noise_fn noise_avx2_table[4] = {noise_avx2_ff, noise_avx2_fd, noise_avx2_df, noise_avx2_dd};
+SPECIALISE_FUSED(fused_avx2_fff, AVX2, fused4, 'f', 'f', 'f')
+SPECIALISE_FUSED(fused_avx2_ffd, AVX2, fused4, 'f', 'f', 'd')
+SPECIALISE_FUSED(fused_avx2_fdf, AVX2, fused4, 'f', 'd', 'f')
+SPECIALISE_FUSED(fused_avx2_fdd, AVX2, fused4, 'f', 'd', 'd')
+SPECIALISE_FUSED(fused_avx2_dff, AVX2, fused4, 'd', 'f', 'f')
+SPECIALISE_FUSED(fused_avx2_dfd, AVX2, fused4, 'd', 'f', 'd')
+SPECIALISE_FUSED(fused_avx2_ddf, AVX2, fused4, 'd', 'd', 'f')
+SPECIALISE_FUSED(fused_avx2_ddd, AVX2, fused4, 'd', 'd', 'd')
+static const fused_fn fused_avx2_table[8] = {fused_avx2_fff, fused_avx2_ffd, fused_avx2_fdf,
+                                             fused_avx2_fdd, fused_avx2_dff, fused_avx2_dfd,
+                                             fused_avx2_ddf, fused_avx2_ddd};
 #endif
 
 /*
@@ -573,8 +669,8 @@ PyDoc_STRVAR(stats3_doc,
     "    -> (tuple, tuple)\n\n"
     "stats(ref, rkind, other, okind, block, check_close, atol, rtol, equal_nan), and what the\n"
     "calibration reads of stats(hi, hkind, ref, rkind, block, False, 0.0, 0.0, False) (the noise\n"
-    "of ref against its high-precision run, reprod.diff.noise), in one pass: each block of ref\n"
-    "is read for both while it is in cache. The first tuple is bit-identical to stats()'; of the\n"
+    "of ref against its high-precision run, reprod.diff.noise), in one pass: each element of ref\n"
+    "is loaded once for both. The first tuple is bit-identical to stats()'; of the\n"
     "second, counted, total, rr, dd, max_abs, max_ref and the NaN/Inf counts are bit-identical\n"
     "to stats()' (the same blocks, lanes and order); total_rel, dot, oo, min_abs and max_rel are\n"
     "NaN, worst is -1 and mismatched 0 (not computed: no division in the noise pass).");
@@ -606,22 +702,17 @@ static PyObject *stats3(PyObject *self, PyObject *args) {
     acc_init(&a);
     acc_init(&na);
     const char *rp = rb.buf, *op = ob.buf, *hp = hb.buf;
-    run_fn diff = table[(rk == 'd') * 2 + (ok == 'd')];
-    const noise_fn *noise_table = noise_base_table;
+    const fused_fn *fused_table = fused_base_table;
 #ifdef HAVE_AVX2
-    if (table == avx2_table) noise_table = noise_avx2_table;
+    if (table == avx2_table) fused_table = fused_avx2_table;
 #endif
-    noise_fn noise = noise_table[(hk == 'd') * 2 + (rk == 'd')];
+    fused_fn fused = fused_table[(rk == 'd') * 4 + (ok == 'd') * 2 + (hk == 'd')];
     bus_guard_t g;
     int faulted = 0;
     Py_BEGIN_ALLOW_THREADS
     if (BUS_GUARDED(g)) {
         bus_arm(&g);
-        for (Py_ssize_t lo = 0; lo < n; lo += block) {
-            Py_ssize_t end = lo + block < n ? lo + block : n;
-            diff(rp, op, lo, end, block, &o, &a);
-            noise(hp, rp, lo, end, &na);
-        }
+        fused(rp, op, hp, n, block, &o, &a, &na);
     } else {
         faulted = 1;
     }

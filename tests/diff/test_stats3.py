@@ -5,6 +5,7 @@ replaces, on both loop widths and across chunks and threads, and agree with the 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -75,31 +76,78 @@ def _triple(n: int, rdt: Any, odt: Any, hdt: Any, seed: int, kind: str = "plain"
         ref[17], other[17], hi[17] = np.inf, np.inf, np.inf
         other[29] = -np.inf  # unmatched in the statistics, not in the noise
         hi[37] = np.nan  # unmatched in the noise only
+    if kind == "spread":  # Inf matched on all three sides, in blocks far apart and in the tail
+        for at in (n // 7, n // 2 + 5, n - 1):
+            ref[at] = other[at] = hi[at] = np.inf
     return ref, other, hi
 
 
-DTYPES = [(np.float32, np.float32, np.float64), (np.float32, np.float64, np.float64),
-          (np.float64, np.float32, np.float32), (np.float64, np.float64, np.float64),
-          (np.float32, np.float32, np.float32)]
+def _unaligned(a: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of ``a`` starting ``offset`` bytes past a 64-byte boundary."""
+    raw = np.zeros(a.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    out = raw[start:start + a.nbytes].view(a.dtype)
+    out[:] = a
+    assert out.ctypes.data % 64 == offset
+    return out
 
 
-@pytest.mark.parametrize("n", [1, 3, 64, 8191, 8192, 8193, 20000, 65537])
+def _check_stats3(ref: np.ndarray, other: np.ndarray, hi: np.ndarray, block: int,
+                  check_close: bool, equal_nan: bool) -> None:
+    """stats3 against stats() of the pair and of (hi, ref), field by field."""
+    rc, oc, hc = (CODES[a.dtype] for a in (ref, other, hi))
+    args = (block, check_close, 1e-6, 1e-5, equal_nan)
+    first, second = KERNEL.stats3(ref, rc, other, oc, hi, hc, *args)
+    plain = KERNEL.stats(ref, rc, other, oc, *args)
+    alone = KERNEL.stats(hi, hc, ref, rc, block, False, 0.0, 0.0, False)
+    assert all(_same(a, b) for a, b in zip(first, plain)), (first, plain)
+    got = dict(zip(FIELDS, second))
+    want = dict(zip(FIELDS, alone))
+    for f in NOISE_FIELDS:
+        assert _same(got[f], want[f]), (f, got[f], want[f])
+    assert got["worst"] == -1 and got["mismatched"] == 0 and math.isnan(got["max_rel"])
+
+
+# every (ref, other, hi) kind triple: the fused loop has one copy per triple and loop width
+DTYPES = list(itertools.product((np.float32, np.float64), repeat=3))
+
+
+# n and block around the fused loop's steps: 16 elements per prefetch (GROUP), then W at a time
+# (W = 2 or 4), then the scalar tail; the prefetch distance (512) clamped near the end
+@pytest.mark.parametrize("n", [1, 3, 15, 16, 17, 64, 529, 8191, 8192, 8193, 20000, 65537])
 @pytest.mark.parametrize("dts", DTYPES, ids=lambda d: "".join(np.dtype(t).char for t in d))
 @pytest.mark.parametrize("kind", ["plain", "nonfinite", "huge"])
 def test_stats3_is_two_stats_calls(isa: str, n: int, dts: Any, kind: str) -> None:
     ref, other, hi = _triple(n, *dts, seed=n, kind=kind)
-    rc, oc, hc = (CODES[a.dtype] for a in (ref, other, hi))
-    for block, check_close, equal_nan in ((8192, True, False), (1000, False, True), (7, True, True)):
-        args = (block, check_close, 1e-6, 1e-5, equal_nan)
-        first, second = KERNEL.stats3(ref, rc, other, oc, hi, hc, *args)
-        plain = KERNEL.stats(ref, rc, other, oc, *args)
-        alone = KERNEL.stats(hi, hc, ref, rc, block, False, 0.0, 0.0, False)
-        assert all(_same(a, b) for a, b in zip(first, plain)), (first, plain)
-        got = dict(zip(FIELDS, second))
-        want = dict(zip(FIELDS, alone))
-        for f in NOISE_FIELDS:
-            assert _same(got[f], want[f]), (f, got[f], want[f])
-        assert got["worst"] == -1 and got["mismatched"] == 0 and math.isnan(got["max_rel"])
+    for block, check_close, equal_nan in ((8192, True, False), (1000, False, True), (7, True, True),
+                                          (16, False, False), (36, True, False)):
+        _check_stats3(ref, other, hi, block, check_close, equal_nan)
+
+
+@pytest.mark.parametrize("dts", DTYPES, ids=lambda d: "".join(np.dtype(t).char for t in d))
+@pytest.mark.parametrize("offset", [0, 4, 1, 3])
+def test_stats3_one_sided_nonfinite_blocks_unaligned(isa: str, dts: Any, offset: int) -> None:
+    # block 1000: 62 groups of 16, then 8 elements W at a time; n leaves a scalar tail of 3
+    n, block = 5003, 1000
+    ref, other, hi = _triple(n, *dts, seed=offset + 40)
+    other[1005] = np.inf  # block 1, group loop: the pair's block redone by the scalar rule
+    hi[2997] = np.nan  # block 2, W-step remainder: the noise's only
+    hi[3010] = -np.inf  # block 3: the noise's only
+    ref[4000] = np.nan  # block 4, first element: both
+    hi[5002] = np.inf  # the scalar tail of the last block: the noise's only
+    other[5001] = 1e30 if other.dtype == np.float32 else 1e300  # the largest finite one, in the tail
+    ref, other, hi = (_unaligned(a, offset) for a in (ref, other, hi))
+    for check_close, equal_nan in ((True, False), (False, True)):
+        _check_stats3(ref, other, hi, block, check_close, equal_nan)
+    # the unmatched Inf is the worst position, not the tail's finite difference; the non-finite
+    # counts on each side
+    first, second = KERNEL.stats3(ref, CODES[ref.dtype], other, CODES[other.dtype], hi,
+                                  CODES[hi.dtype], block, False, 0.0, 0.0, False)
+    got, noise_row = dict(zip(FIELDS, first)), dict(zip(FIELDS, second))
+    assert got["worst"] == 1005 and got["max_abs"] == math.inf
+    assert (got["ref_nan"], got["other_inf"], got["nan_unmatched"], got["inf_unmatched"]) == (1, 1, 1, 1)
+    assert (noise_row["ref_nan"], noise_row["ref_inf"], noise_row["other_nan"]) == (1, 2, 1)
+    assert noise_row["nan_unmatched"] == 2 and noise_row["inf_unmatched"] == 2
 
 
 def _two_pass(monkeypatch: Any, *args: Any, **kw: Any) -> Any:
@@ -109,7 +157,7 @@ def _two_pass(monkeypatch: Any, *args: Any, **kw: Any) -> Any:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("kind", ["plain", "nonfinite", "huge", "tiny"])
+@pytest.mark.parametrize("kind", ["plain", "nonfinite", "huge", "tiny", "spread"])
 def test_calibrated_stats_matches_two_passes_across_chunks(monkeypatch: Any, threads: int,
                                                            kind: str) -> None:
     # three chunks and a tail: the chunks' partials are merged in order, as compute_stats merges
