@@ -2,6 +2,7 @@
 
     python benchmarks/calibrated.py                    # 4 x float32 [8, 1024, 4096] (scale 0.5)
     python benchmarks/calibrated.py --scale 1 --rounds 7 --json out.json
+    python benchmarks/calibrated.py --scale 1 --against ../before   # and another checkout's reprod
 
 Writes (once, seeded, into the git-ignored benchmarks/data/calibrated@<scale>x<keys>/)
 ``ref.npz`` and ``other.npz`` (float32; ``other`` is ``ref`` with one-ulp noise) and
@@ -16,7 +17,9 @@ float32). Then, in interleaved rounds, each in a fresh interpreter from the page
   what a calibrated comparison cost before issue 23, ref read a second time for the noise.
 
 It prints, per variant, the median wall time of the process and of ``compare`` inside it, and
-the ratios to ``plain``. Peak memory needs ~2 x the float32 side plus the float64 side of page
+the ratios to ``plain``. ``--against DIR`` runs every variant with DIR's ``reprod`` as well (a
+checkout of the commit before a change, built in place), in the same interleaved rounds, and
+prints its table too: before and after under the same load. Peak memory needs ~2 x the float32 side plus the float64 side of page
 cache (scale 0.5: 2 GiB).
 """
 
@@ -97,12 +100,12 @@ def _warm(paths: dict[str, str]) -> None:
                 pass
 
 
-def _run_once(variant: str, paths: dict[str, str]) -> dict[str, float]:
+def _run_once(variant: str, paths: dict[str, str], root: str = ROOT) -> dict[str, float]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, paths["ref"],
            paths["other"], paths["noise"]]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"{variant} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
@@ -117,6 +120,7 @@ def main(argv: Any = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--data", default=os.path.join(HERE, "data"))
     p.add_argument("--json", help="write the raw times here")
+    p.add_argument("--against", metavar="DIR", help="also run every variant with DIR's reprod")
     p.add_argument("--child", nargs=4, metavar=("VARIANT", "REF", "OTHER", "NOISE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -125,32 +129,42 @@ def main(argv: Any = None) -> int:
     paths = _write(folder, args.scale, args.keys)
     sizes = {k: os.path.getsize(v) / 2**30 for k, v in paths.items()}
     _warm(paths)
-    times: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    roots = [ROOT] + ([os.path.abspath(args.against)] if args.against else [])
+    runs = [(root, v) for root in roots for v in VARIANTS]
+    times: dict[str, dict[str, list[dict[str, float]]]] = {root: {v: [] for v in VARIANTS} for root in roots}
     for r in range(args.rounds):
-        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]  # interleaved, each first in turn
-        for v in order:
-            times[v].append(_run_once(v, paths))
+        order = runs[r % len(runs):] + runs[: r % len(runs)]  # interleaved, each first in turn
+        for root, v in order:
+            times[root][v].append(_run_once(v, paths, root))
     load = os.getloadavg()
     shape = _shapes(args.scale, args.keys)[0][1]
     print(f"{args.keys} x float32 {list(shape)}: ref {sizes['ref']:.2f} GiB, other {sizes['other']:.2f} GiB, "
           f"noise (float64) {sizes['noise']:.2f} GiB; {args.rounds} interleaved rounds; "
-          f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
+          f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    for root in roots:
+        if args.against:
+            print(f"\nreprod from {root}:")
+        _table(times[root])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "sizes_gib": sizes, "times": times[ROOT], "load": load,
+                       "against_times": times[roots[-1]] if args.against else None}, f, indent=1)
+    return 0
+
+
+def _table(times: dict[str, list[dict[str, float]]]) -> None:
     med = {v: {k: statistics.median(t[k] for t in ts) for k in ("wall", "compare")} for v, ts in times.items()}
     # the ratio within each round as well: on a shared machine the load drifts between rounds,
     # and a round's runs are seconds apart
     per_round = {v: statistics.median(t["compare"] / p["compare"] for t, p in zip(times[v], times["plain"]))
                  for v in VARIANTS}
-    print("| variant | process (median) | compare (median) | process / plain | compare / plain | "
+    print("\n| variant | process (median) | compare (median) | process / plain | compare / plain | "
           "compare / plain, median of rounds |")
     print("|---|---|---|---|---|---|")
     for v in VARIANTS:
         print(f"| {v} | {med[v]['wall']:.3f} s | {med[v]['compare']:.3f} s | "
               f"{med[v]['wall'] / med['plain']['wall']:.2f}x | {med[v]['compare'] / med['plain']['compare']:.2f}x | "
               f"{per_round[v]:.2f}x |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "sizes_gib": sizes, "times": times, "load": load}, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":
