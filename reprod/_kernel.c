@@ -283,9 +283,10 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
  *
  * The prefetches: without them one core kept too few cache misses in flight to stream three
  * arrays (the fused loop took 1.6x the time of the same loop prefetching, on mapped dumps of
- * 2 x float32 and a float64; 256 to 1024 elements ahead ran alike: benchmarks/README.md, issue
- * 23). One prefetch per line (FUSED_GROUP elements: one line of float32, two of float64),
- * the distance clamped to the buffers (len elements) so that no address past them is formed.
+ * 2 x float32 and a float64; of 256 to 2048 elements ahead, 512 ran best or as well as any:
+ * benchmarks/README.md, issue 23). One prefetch per line (FUSED_GROUP elements: one line of
+ * float32, two of float64), the distance clamped to the buffers (len elements) so that no
+ * address past them is formed.
  */
 #define FUSED_AHEAD 512
 #define FUSED_GROUP 16
