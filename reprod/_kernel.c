@@ -24,6 +24,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__GNUC__) || defined(__clang__)
 #define INLINE static inline __attribute__((always_inline))
@@ -1269,6 +1270,584 @@ static PyObject *zip_central(PyObject *self, PyObject *args) {
     return Py_BuildValue("(nN)", pos, out);
 }
 
+/*
+ * The native .npz writer's batch of plain members (reprod/storage/npz_writer.py,
+ * NpzWriter.add_mapping): for a run of (key, array) pairs, every byte _write_small and
+ * _KeyLog.put would make, in one call. Python's per-member work (name, header, records, JSON
+ * text, CRC, two struct packs) was ~6 us a member, most of a 5,000-key save.
+ *
+ * Phase one (the GIL held, Python objects touched) takes pairs while each is plain: a str key
+ * of ASCII characters, an exact ndarray whose dtype object is one of the writer's, C-contiguous
+ * by numpy's own rule (a PyBUF_ND export is refused otherwise), header and data under _ONE_WRITE,
+ * the offset within the zip64 limit, the key not logged yet and no source dtype for it. It
+ * lays out each member, stores its metadata text (in the key log's dict, or as rows for its
+ * SQLite part) and keeps the buffer. Phase two, guarded against SIGBUS and calling no Python,
+ * copies headers and data into the output and computes the CRCs. The first pair that does not
+ * fit ends the batch, and the writer's Python path takes it, so the order of members is kept.
+ */
+#define PACK_MAX_DIMS 64
+#ifdef _WIN32
+#define PACK_CREATE_SYSTEM 0 /* zipfile's create_system: 0 on Windows, 3 (Unix) elsewhere */
+#else
+#define PACK_CREATE_SYSTEM 3
+#endif
+
+typedef struct {
+    Py_buffer view;
+    PyObject *key;        /* a reference held until the members are written */
+    PyObject *header;     /* the .npy header (bytes), a reference */
+    uint32_t header_crc;
+    Py_ssize_t name_len;  /* of the member's name */
+    int clean;            /* the name is the key + ".npy", else numbered (the array may move) */
+    char numbered[40];
+    unsigned long long offset;
+    int pad;
+    unsigned dos_time, dos_date;
+} pack_member_t;
+
+/* _SAFE_MEMBER.match(key) for a key with no "/" (re's "$" also matches before a final "\n") */
+static int pack_clean(const unsigned char *k, Py_ssize_t n, Py_ssize_t max_clean) {
+    if (n == 0 || n > max_clean) return 0;
+    if (n >= 8 && memcmp(k, "__reprod", 8) == 0) return 0;
+    Py_ssize_t end = n;
+    if (n >= 2 && k[n - 1] == '\n') end = n - 1;
+    for (Py_ssize_t i = 0; i < end; i++) {
+        unsigned char c = k[i];
+        int ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                 c == '_' || (i > 0 && (c == '.' || c == '-'));
+        if (!ok) return 0;
+    }
+    return 1;
+}
+
+/* json.encoder.encode_basestring of an ASCII string, without its quotes; out holds 6 * n */
+static Py_ssize_t pack_json(char *out, const unsigned char *k, Py_ssize_t n) {
+    static const char hex[] = "0123456789abcdef";
+    char *o = out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = k[i];
+        switch (c) {
+        case '"': *o++ = '\\'; *o++ = '"'; break;
+        case '\\': *o++ = '\\'; *o++ = '\\'; break;
+        case '\n': *o++ = '\\'; *o++ = 'n'; break;
+        case '\r': *o++ = '\\'; *o++ = 'r'; break;
+        case '\t': *o++ = '\\'; *o++ = 't'; break;
+        case '\b': *o++ = '\\'; *o++ = 'b'; break;
+        case '\f': *o++ = '\\'; *o++ = 'f'; break;
+        default:
+            if (c >= 0x20) {
+                *o++ = (char)c;
+            } else {
+                *o++ = '\\'; *o++ = 'u'; *o++ = '0'; *o++ = '0';
+                *o++ = hex[c >> 4]; *o++ = hex[c & 15];
+            }
+        }
+    }
+    return o - out;
+}
+
+/* "__reprod_<counter>.npy" (snprintf was a tenth of the batch's time); returns its length */
+static Py_ssize_t pack_numbered(char *out, unsigned long long counter) {
+    char digits[24];
+    int nd = 0;
+    do {
+        digits[nd++] = (char)('0' + counter % 10);
+        counter /= 10;
+    } while (counter);
+    memcpy(out, "__reprod_", 9);
+    for (int j = 0; j < nd; j++) out[9 + j] = digits[nd - 1 - j];
+    memcpy(out + 9 + nd, ".npy", 4);
+    return 13 + nd;
+}
+
+static void put16(unsigned char *p, unsigned v) {
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+}
+
+static void put32(unsigned char *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static void put64(unsigned char *p, unsigned long long v) {
+    for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* the member's DOS time and date as zipfile writes them (local time, 2-second steps), as
+ * npz_members._dos_now takes them: each member reads the clock */
+static void pack_dos_now(unsigned *dos_time, unsigned *dos_date) {
+    static time_t cached = (time_t)-1;
+    static unsigned ct, cd;
+    time_t now = time(NULL);
+    if (now != cached) {
+        struct tm tm;
+#ifdef _WIN32
+        localtime_s(&tm, &now);
+#else
+        localtime_r(&now, &tm);
+#endif
+        int y = tm.tm_year + 1900 - 1980;
+        ct = (unsigned)(tm.tm_hour << 11 | tm.tm_min << 5 | tm.tm_sec / 2);
+        cd = (unsigned)((y > 0 ? y : 0) << 9 | (tm.tm_mon + 1) << 5 | tm.tm_mday);
+        cached = now;
+    }
+    *dos_time = ct;
+    *dos_date = cd;
+}
+
+PyDoc_STRVAR(npz_pack_doc,
+    "npz_pack(items, start, ndarray, dtypes, headers, make_header, source_dtypes, mem, room,\n"
+    "         pos, cpos, counter, zip64_limit, one_write, max_clean, max_key, limit, spilled,\n"
+    "         clock)\n"
+    "    -> (next, full, members, central, count, rows, texts)\n\n"
+    "The members of items[start:] (a list of (key, value) tuples) up to the first pair the\n"
+    "writer's Python path must take (see the comment above) or until members passes limit\n"
+    "bytes (full is then true): members (local headers, names, padding, .npy headers, data)\n"
+    "written from offset pos, central (their directory entries, the first at directory\n"
+    "position cpos), count pairs taken, numbered names from counter. dtypes: the dtype objects\n"
+    "taken (by identity); headers: a dict the call caches (header, header CRC) in, by dtype\n"
+    "and shape, calling make_header(array) -> (header, crc) for one it lacks. Each key's\n"
+    "metadata text (JSON, NUL, the member's record as latin-1) goes into mem (a dict) while\n"
+    "room lasts; with mem None, rows is a list of (key bytes, position from spilled, record)\n"
+    "and texts the length-prefixed texts, for the key log's SQLite part and side file.\n"
+    "clock: None (each member reads the clock) or a fixed (DOS time, DOS date).");
+
+static PyObject *npz_pack(PyObject *self, PyObject *args) {
+    PyObject *items, *ndarray, *dtypes, *headers, *make_header, *source_dtypes, *mem, *clock;
+    Py_ssize_t start, room, max_clean, max_key, limit, spilled;
+    unsigned long long pos, cpos, counter, zip64_limit, one_write;
+    (void)self;
+    unsigned fixed_time = 0, fixed_date = 0;
+    if (!PyArg_ParseTuple(args, "O!nO!O!O!OOOnKKKKKnnnnO", &PyList_Type, &items, &start,
+                          &PyType_Type, &ndarray, &PyTuple_Type, &dtypes, &PyDict_Type, &headers,
+                          &make_header, &source_dtypes, &mem, &room, &pos, &cpos, &counter,
+                          &zip64_limit, &one_write, &max_clean, &max_key, &limit, &spilled, &clock))
+        return NULL;
+    if (clock != Py_None && !PyArg_ParseTuple(clock, "II;npz_pack: clock must be None or (time, date)",
+                                              &fixed_time, &fixed_date))
+        return NULL;
+    if (mem != Py_None && !PyDict_Check(mem)) {
+        PyErr_SetString(PyExc_TypeError, "npz_pack: mem must be a dict or None");
+        return NULL;
+    }
+    if (source_dtypes != Py_None && !PyDict_Check(source_dtypes)) {
+        PyErr_SetString(PyExc_TypeError, "npz_pack: source_dtypes must be a dict or None");
+        return NULL;
+    }
+    if (max_key < 0 || max_key > (1 << 20) || max_clean < 0) {
+        PyErr_SetString(PyExc_ValueError, "npz_pack: key lengths out of range");
+        return NULL;
+    }
+    if (start < 0 || start > PyList_GET_SIZE(items)) {
+        PyErr_SetString(PyExc_IndexError, "npz_pack: start out of range");
+        return NULL;
+    }
+    if (bus_install() < 0) return NULL;
+    static PyObject *s_dtype = NULL;
+    if (s_dtype == NULL && (s_dtype = PyUnicode_InternFromString("dtype")) == NULL) return NULL;
+
+    Py_ssize_t n_items = PyList_GET_SIZE(items);
+    Py_ssize_t cap = 0, count = 0, i = start;
+    pack_member_t *plan = NULL;
+    char *text = NULL;
+    PyObject *rows = NULL, *texts = NULL, *members = NULL, *central = NULL, *result = NULL;
+    unsigned char *blob = NULL;
+    Py_ssize_t blob_len = 0, blob_cap = 0;
+    size_t members_len = 0, central_len = 0;
+    int full = 0;
+    /* the last header looked up: runs of one shape skip the dict */
+    unsigned char last_key[2 + 8 * PACK_MAX_DIMS];
+    Py_ssize_t last_len = -1;
+    PyObject *last_header = NULL;
+    uint32_t last_crc = 0;
+
+    text = PyMem_Malloc((size_t)(6 * max_key + 64 + 40 + 24 + max_clean));
+    if (text == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (mem == Py_None && (rows = PyList_New(0)) == NULL) goto done;
+
+    for (; i < n_items; i++) {
+        if ((Py_ssize_t)members_len >= limit) {
+            full = 1;
+            break;
+        }
+        PyObject *item = PyList_GET_ITEM(items, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) break;
+        PyObject *key = PyTuple_GET_ITEM(item, 0), *val = PyTuple_GET_ITEM(item, 1);
+        if (!PyUnicode_CheckExact(key) || !PyUnicode_IS_ASCII(key) ||
+            PyUnicode_GET_LENGTH(key) > max_key || (PyObject *)Py_TYPE(val) != ndarray)
+            break;
+        if (mem != Py_None) {
+            if (room <= 0) break;
+            int seen = PyDict_Contains(mem, key);
+            if (seen < 0) goto done;
+            if (seen) break; /* a re-added key: its old members are superseded */
+        }
+        if (source_dtypes != Py_None) {
+            PyObject *src = PyDict_GetItemWithError(source_dtypes, key);
+            if (src == NULL && PyErr_Occurred()) goto done;
+            if (src != NULL && src != Py_None) break;
+        }
+        PyObject *dt = PyObject_GetAttr(val, s_dtype);
+        if (dt == NULL) goto done;
+        Py_ssize_t which = -1;
+        for (Py_ssize_t d = 0; d < PyTuple_GET_SIZE(dtypes); d++) {
+            if (PyTuple_GET_ITEM(dtypes, d) == dt) {
+                which = d;
+                break;
+            }
+        }
+        Py_DECREF(dt);
+        if (which < 0 || which > 255) break;
+        if (count == cap) {
+            Py_ssize_t ncap = cap ? 2 * cap : 256;
+            pack_member_t *np_ = PyMem_Realloc(plan, (size_t)ncap * sizeof *plan);
+            if (np_ == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            plan = np_;
+            cap = ncap;
+        }
+        pack_member_t *m = &plan[count];
+        /* PyBUF_ND without PyBUF_STRIDES: numpy refuses (ValueError) an array that is not
+         * C-contiguous by its own flag; the Python path takes it, as it takes one without a
+         * buffer (_write_small's exceptions) */
+        if (PyObject_GetBuffer(val, &m->view, PyBUF_ND) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_BufferError) && !PyErr_ExceptionMatches(PyExc_ValueError) &&
+                !PyErr_ExceptionMatches(PyExc_TypeError))
+                goto done;
+            PyErr_Clear();
+            break;
+        }
+        int ndim = m->view.ndim;
+        if (ndim > PACK_MAX_DIMS || (ndim > 0 && m->view.shape == NULL)) {
+            PyBuffer_Release(&m->view);
+            break;
+        }
+        unsigned char hkey[2 + 8 * PACK_MAX_DIMS];
+        Py_ssize_t hlen = 2 + 8 * (Py_ssize_t)ndim;
+        hkey[0] = (unsigned char)which;
+        hkey[1] = (unsigned char)ndim;
+        for (int d = 0; d < ndim; d++) put64(hkey + 2 + 8 * d, (unsigned long long)m->view.shape[d]);
+        PyObject *header;
+        uint32_t hcrc;
+        if (hlen == last_len && memcmp(hkey, last_key, (size_t)hlen) == 0) {
+            header = last_header;
+            hcrc = last_crc;
+        } else {
+            PyObject *kb = PyBytes_FromStringAndSize((const char *)hkey, hlen);
+            PyObject *entry = kb ? PyDict_GetItemWithError(headers, kb) : NULL;
+            if (entry != NULL) {
+                Py_INCREF(entry);
+            } else if (kb != NULL && !PyErr_Occurred()) {
+                entry = PyObject_CallOneArg(make_header, val);
+                /* past 4096 shapes the dict stops growing: the header is made each time */
+                if (entry != NULL && PyDict_GET_SIZE(headers) < 4096 &&
+                    PyDict_SetItem(headers, kb, entry) < 0)
+                    Py_CLEAR(entry);
+            }
+            Py_XDECREF(kb);
+            unsigned long c = 0;
+            if (entry != NULL) {
+                if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2 ||
+                    !PyBytes_Check(PyTuple_GET_ITEM(entry, 0))) {
+                    PyErr_SetString(PyExc_TypeError, "npz_pack: a header must be (bytes, int)");
+                    Py_CLEAR(entry);
+                } else {
+                    c = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(entry, 1));
+                    if (c == (unsigned long)-1 && PyErr_Occurred()) Py_CLEAR(entry);
+                }
+            }
+            if (entry == NULL) {
+                PyBuffer_Release(&m->view);
+                goto done;
+            }
+            header = PyTuple_GET_ITEM(entry, 0);
+            hcrc = (uint32_t)c;
+            Py_INCREF(header);
+            Py_DECREF(entry);
+            Py_XDECREF(last_header);
+            last_header = header;
+            memcpy(last_key, hkey, (size_t)hlen);
+            last_len = hlen;
+            last_crc = hcrc;
+        }
+        unsigned long long size = (unsigned long long)PyBytes_GET_SIZE(header) +
+                                  (unsigned long long)m->view.len;
+        if (size >= one_write || pos > zip64_limit || size > zip64_limit) {
+            PyBuffer_Release(&m->view);
+            break;
+        }
+        /* from here the pair is taken */
+        const unsigned char *k = PyUnicode_1BYTE_DATA(key);
+        Py_ssize_t klen = PyUnicode_GET_LENGTH(key);
+        m->clean = pack_clean(k, klen, max_clean);
+        if (m->clean)
+            m->name_len = klen + 4;
+        else
+            m->name_len = pack_numbered(m->numbered, counter);
+        counter++;
+        Py_INCREF(key);
+        m->key = key;
+        Py_INCREF(header);
+        m->header = header;
+        m->header_crc = hcrc;
+        m->offset = pos;
+        if (clock == Py_None) {
+            pack_dos_now(&m->dos_time, &m->dos_date);
+        } else {
+            m->dos_time = fixed_time;
+            m->dos_date = fixed_date;
+        }
+        m->pad = (int)((64 - (pos + 34 + (unsigned long long)m->name_len) % 64) % 64);
+        count++;
+        unsigned long long length = 30 + (unsigned long long)m->name_len + 4 + (unsigned)m->pad + size;
+        /* the key's metadata text, then NUL and the record (offset, length, directory position) */
+        char *t = text;
+        memcpy(t, "{\"path\": [\"", 11);
+        t += 11;
+        t += pack_json(t, k, klen);
+        memcpy(t, "\"], \"member\": \"", 15);
+        t += 15;
+        if (m->clean) { /* a clean name may end in "\n" (see pack_clean): escaped as the key */
+            t += pack_json(t, k, klen);
+            memcpy(t, ".npy", 4);
+            t += 4;
+        } else {
+            memcpy(t, m->numbered, (size_t)m->name_len);
+            t += m->name_len;
+        }
+        memcpy(t, "\"}", 2);
+        t += 2;
+        Py_ssize_t json_len = t - text;
+        *t++ = '\0';
+        put64((unsigned char *)t, pos);
+        put64((unsigned char *)t + 8, length);
+        put64((unsigned char *)t + 16, cpos);
+        t += 24;
+        if (mem != Py_None) {
+            PyObject *s = PyUnicode_DecodeLatin1(text, t - text, NULL);
+            if (s == NULL) goto done;
+            int err = PyDict_SetItem(mem, key, s);
+            Py_DECREF(s);
+            if (err < 0) goto done;
+            room--;
+        } else {
+            PyObject *row = Py_BuildValue("(y#ny#)", (const char *)k, klen, spilled + count - 1,
+                                          t - 24, (Py_ssize_t)24);
+            if (row == NULL) goto done;
+            int err = PyList_Append(rows, row);
+            Py_DECREF(row);
+            if (err < 0) goto done;
+            if (blob_len + 4 + json_len > blob_cap) {
+                Py_ssize_t ncap = blob_cap ? 2 * blob_cap : 65536;
+                while (ncap < blob_len + 4 + json_len) ncap *= 2;
+                unsigned char *nb = PyMem_Realloc(blob, (size_t)ncap);
+                if (nb == NULL) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                blob = nb;
+                blob_cap = ncap;
+            }
+            put32(blob + blob_len, (uint32_t)json_len);
+            memcpy(blob + blob_len + 4, text, (size_t)json_len);
+            blob_len += 4 + json_len;
+        }
+        members_len += (size_t)length;
+        central_len += 46 + (size_t)m->name_len + 4 + (size_t)m->pad;
+        pos += length;
+        cpos += 46 + (unsigned long long)m->name_len + 4 + (unsigned)m->pad;
+    }
+
+    members = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)members_len);
+    central = members ? PyBytes_FromStringAndSize(NULL, (Py_ssize_t)central_len) : NULL;
+    if (central == NULL) goto done;
+    {
+        unsigned char *o = (unsigned char *)PyBytes_AS_STRING(members);
+        unsigned char *c = (unsigned char *)PyBytes_AS_STRING(central);
+        int faulted = 0;
+        bus_guard_t g;
+        if (BUS_GUARDED(g)) {
+            bus_arm(&g);
+            for (Py_ssize_t j = 0; j < count; j++) {
+                pack_member_t *m = &plan[j];
+                const unsigned char *hb = (const unsigned char *)PyBytes_AS_STRING(m->header);
+                size_t hl = (size_t)PyBytes_GET_SIZE(m->header), dl = (size_t)m->view.len;
+                uint32_t size = (uint32_t)(hl + dl);
+                uint32_t crc = dl ? crc32_of(m->header_crc, m->view.buf, dl) : m->header_crc;
+                unsigned dos_time = m->dos_time, dos_date = m->dos_date;
+                unsigned n = (unsigned)m->name_len, e = 4 + (unsigned)m->pad;
+                memcpy(o, "PK\x03\x04", 4);
+                put16(o + 4, 20);
+                put16(o + 6, 0);
+                put16(o + 8, 0);
+                put16(o + 10, dos_time);
+                put16(o + 12, dos_date);
+                put32(o + 14, crc);
+                put32(o + 18, size);
+                put32(o + 22, size);
+                put16(o + 26, n);
+                put16(o + 28, e);
+                unsigned char *nm = o + 30;
+                if (m->clean) {
+                    memcpy(nm, PyUnicode_1BYTE_DATA(m->key), n - 4);
+                    memcpy(nm + n - 4, ".npy", 4);
+                } else {
+                    memcpy(nm, m->numbered, n);
+                }
+                unsigned char *ex = nm + n;
+                put16(ex, 0xD935);
+                put16(ex + 2, (unsigned)m->pad);
+                memset(ex + 4, 0, (size_t)m->pad);
+                memcpy(ex + e, hb, hl);
+                if (dl) memcpy(ex + e + hl, m->view.buf, dl);
+                memcpy(c, "PK\x01\x02", 4);
+                c[4] = 20;
+                c[5] = (unsigned char)PACK_CREATE_SYSTEM;
+                c[6] = 20;
+                c[7] = 0;
+                put16(c + 8, 0);
+                put16(c + 10, 0);
+                put16(c + 12, dos_time);
+                put16(c + 14, dos_date);
+                put32(c + 16, crc);
+                put32(c + 20, size);
+                put32(c + 24, size);
+                put16(c + 28, n);
+                put16(c + 30, e);
+                put16(c + 32, 0);
+                put16(c + 34, 0);
+                put16(c + 36, 0);
+                put32(c + 38, 0600u << 16);
+                put32(c + 42, (uint32_t)m->offset);
+                memcpy(c + 46, nm, (size_t)n + e);
+                o = ex + e + hl + dl;
+                c += 46 + n + e;
+            }
+        } else {
+            faulted = 1;
+        }
+        bus_disarm(&g);
+        if (faulted) {
+            bus_raise(-1, -1);
+            goto done;
+        }
+    }
+    if (mem == Py_None) {
+        texts = PyBytes_FromStringAndSize((const char *)blob, blob_len);
+        if (texts == NULL) goto done;
+    }
+    result = Py_BuildValue("(niOOnOO)", i, full, members, central, count,
+                           rows ? rows : Py_None, texts ? texts : Py_None);
+done:
+    for (Py_ssize_t j = 0; j < count; j++) {
+        PyBuffer_Release(&plan[j].view);
+        Py_DECREF(plan[j].key);
+        Py_DECREF(plan[j].header);
+    }
+    PyMem_Free(plan);
+    PyMem_Free(text);
+    PyMem_Free(blob);
+    Py_XDECREF(last_header);
+    Py_XDECREF(members);
+    Py_XDECREF(central);
+    Py_XDECREF(rows);
+    Py_XDECREF(texts);
+    return result;
+}
+
+PyDoc_STRVAR(join_texts_doc,
+    "join_texts(texts) -> bytes | None\n\n"
+    "b', '.join of the non-empty t.partition('\\0')[0] of the strs in the list texts, UTF-8\n"
+    "encoded (the key log's metadata texts, a NUL and their records after each): the metadata\n"
+    "member's keys, without a Python step per key. None where a text cannot be UTF-8 (a lone\n"
+    "surrogate): the caller then writes JSON's ASCII escapes.");
+
+static PyObject *join_texts(PyObject *self, PyObject *args) {
+    PyObject *list;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(list), total = 0;
+    /* sized first: a 1-byte text's characters take one UTF-8 byte, or two past 0x7F */
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *t = PyList_GET_ITEM(list, j);
+        if (!PyUnicode_Check(t)) {
+            PyErr_SetString(PyExc_TypeError, "join_texts: texts must be str");
+            return NULL;
+        }
+        Py_ssize_t len = PyUnicode_GET_LENGTH(t);
+        if (PyUnicode_KIND(t) == PyUnicode_1BYTE_KIND) {
+            const unsigned char *d = PyUnicode_1BYTE_DATA(t), *z = memchr(d, 0, (size_t)len);
+            Py_ssize_t cut = z ? z - d : len;
+            if (!PyUnicode_IS_ASCII(t))
+                for (Py_ssize_t c = 0; c < cut; c++) total += d[c] >> 7;
+            total += cut + 2;
+        } else {
+            total += 4 * len + 2;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL) return NULL;
+    char *o = PyBytes_AS_STRING(out), *start = o;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *t = PyList_GET_ITEM(list, j);
+        Py_ssize_t len = PyUnicode_GET_LENGTH(t);
+        if (PyUnicode_KIND(t) == PyUnicode_1BYTE_KIND) {
+            const unsigned char *d = PyUnicode_1BYTE_DATA(t), *z = memchr(d, 0, (size_t)len);
+            Py_ssize_t cut = z ? z - d : len;
+            if (cut == 0) continue;
+            if (o != start) {
+                memcpy(o, ", ", 2);
+                o += 2;
+            }
+            if (PyUnicode_IS_ASCII(t)) {
+                memcpy(o, d, (size_t)cut);
+                o += cut;
+            } else {
+                for (Py_ssize_t c = 0; c < cut; c++) {
+                    if (d[c] < 0x80) {
+                        *o++ = (char)d[c];
+                    } else {
+                        *o++ = (char)(0xC0 | d[c] >> 6);
+                        *o++ = (char)(0x80 | (d[c] & 0x3F));
+                    }
+                }
+            }
+        } else {
+            Py_ssize_t cut = PyUnicode_FindChar(t, 0, 0, len, 1);
+            if (cut == -2) goto fail;
+            if (cut < 0) cut = len;
+            if (cut == 0) continue;
+            PyObject *sub = PyUnicode_Substring(t, 0, cut);
+            if (sub == NULL) goto fail;
+            Py_ssize_t ulen;
+            const char *u = PyUnicode_AsUTF8AndSize(sub, &ulen);
+            if (u == NULL) {
+                Py_DECREF(sub);
+                if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) goto fail;
+                PyErr_Clear();
+                Py_DECREF(out);
+                Py_RETURN_NONE;
+            }
+            if (o != start) {
+                memcpy(o, ", ", 2);
+                o += 2;
+            }
+            memcpy(o, u, (size_t)ulen); /* at most 4 bytes a character: sized above */
+            o += ulen;
+            Py_DECREF(sub);
+        }
+    }
+    if (_PyBytes_Resize(&out, o - start) < 0) return NULL;
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
 
 static int avx2_supported(void) {
 #ifdef HAVE_AVX2
@@ -1325,6 +1904,8 @@ static PyMethodDef methods[] = {
     {"scan_items", scan_items, METH_VARARGS, scan_items_doc},
     {"zip_central", zip_central, METH_VARARGS, zip_central_doc},
     {"crc32", crc32_py, METH_VARARGS, crc32_doc},
+    {"npz_pack", npz_pack, METH_VARARGS, npz_pack_doc},
+    {"join_texts", join_texts, METH_VARARGS, join_texts_doc},
     {"set_isa", set_isa, METH_VARARGS, set_isa_doc},
     {"isa", get_isa, METH_NOARGS, "isa() -> str: the loop in use ('avx2' or 'base')."},
     {NULL, NULL, 0, NULL},
