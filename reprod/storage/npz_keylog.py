@@ -84,9 +84,17 @@ class _KeyLog:
         self.texts_file.write(_TEXT_RECORD.pack(len(raw)) + raw)
         self.spilled += 1
 
-    def texts(self) -> Iterator[str]:
-        for text in self.mem.values():
-            yield text[: text.index("\0")]
+    def put_rows(self, rows: list[tuple[bytes, int, bytes]], texts: bytes) -> None:
+        """``put`` of new keys past the spill, as ``npz_pack`` lays them out: the database's rows
+        (key, position, records) and the side file's length-prefixed texts."""
+        self.db.executemany("INSERT INTO k VALUES (?, ?, ?)", rows)
+        self.texts_file.write(texts)
+        self.spilled += len(rows)
+
+    def texts(self, spilled_only: bool = False) -> Iterator[str]:
+        if not spilled_only:
+            for text in self.mem.values():
+                yield text[: text.index("\0")]
         if self.texts_file is not None:
             self.texts_file.flush()
             self.texts_file.seek(0)
@@ -96,6 +104,22 @@ class _KeyLog:
                 text = self.replaced.get(pos, text)
                 yield text[: text.index("\0")] if "\0" in text else text
             self.texts_file.seek(0, 2)
+
+    def text_blocks(self, n: int) -> Iterator[list[str]]:
+        """``texts()`` in lists of up to ``n``, each text possibly followed by a NUL and more
+        (its records), for ``join_texts``: no Python step per key in the dict part."""
+        values = list(self.mem.values())
+        for i in range(0, len(values), n):
+            yield values[i : i + n]
+        if self.texts_file is not None:
+            block: list[str] = []
+            for text in self.texts(spilled_only=True):
+                block.append(text)
+                if len(block) >= n:
+                    yield block
+                    block = []
+            if block:
+                yield block
 
     def keys(self) -> list[str]:
         out = list(self.mem)

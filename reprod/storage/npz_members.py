@@ -4,7 +4,6 @@ writes them; ``npz_format`` has the layout the reader shares)."""
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 import struct
@@ -15,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from .. import _native
 from .atomic import AtomicFile
 from .npz_format import FORMAT_NAME, FORMAT_VERSION
 
@@ -32,8 +32,12 @@ _ZIP64_SIZES = struct.Struct("<HHQQ")
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zipfile's structFileHeader (version as one H)
 _CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")  # zipfile's structCentralDir
 _ONE_WRITE = 1 << 16  # members below this go to the file in one write with their headers
-# json.dumps(str, ensure_ascii=False) without the json.dumps call around it
-_json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+# json.dumps(str, ensure_ascii=False) without the json.dumps call around it (json's own C
+# function, taken from _json without importing json)
+try:
+    from _json import encode_basestring as _json_str
+except ImportError:  # pragma: no cover - a Python without the C accelerator
+    from json.encoder import py_encode_basestring as _json_str  # type: ignore[assignment]
 _SAFE_MEMBER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
 # Keys up to this long keep their name as their member's name; longer ones (a zip name holds at
 # most 65,535 bytes) get a numbered member, their name living in the metadata alone.
@@ -88,10 +92,15 @@ def _abandon(af: AtomicFile, path: str, pid: int) -> None:
 
 
 _DOS_TIME: list[Any] = [None, (0, 0)]  # (second, (dos time, dos date)) of the last member
+# Every member's (DOS time, DOS date) instead of the clock's, where set: tests compare the files
+# two paths write byte for byte (the kernel's batch reads the clock on its own).
+_FIXED_DOS: Optional[tuple[int, int]] = None
 
 
 def _dos_now() -> tuple[int, int]:
     """The member timestamp zipfile would write (local time, 2-second steps), once a second."""
+    if _FIXED_DOS is not None:
+        return _FIXED_DOS
     now = int(time.time())
     if _DOS_TIME[0] != now:
         y, mo, d, h, mi, sec = time.localtime(now)[:6]
@@ -158,31 +167,78 @@ def live_entries(central_file: Any, central: bytearray) -> Iterator[bytes]:
 def meta_chunks(keys: Any) -> Callable[[], Iterator[bytes]]:
     """The metadata member, ``json.dumps`` of {format, version, keys, writer} (UTF-8, or
     ASCII escapes where a key holds a lone surrogate), as chunks assembled from the keys'
-    JSON texts: read twice (size and CRC first), never held whole."""
-    head = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION})[:-1] + ', "keys": ['
-    tail = '], "writer": ' + json.dumps(_writer_info(), ensure_ascii=False) + "}"
+    JSON texts, read twice (size and CRC first): kept from the first reading when they come
+    to at most ``_KEEP_META`` bytes, never held whole when larger."""
+    head = _META_HEAD.encode("ascii")
     ascii_only = False
-    for text in keys.texts():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # a key with a lone surrogate: JSON's \u escapes carry it
-            ascii_only = True
+    kept: Optional[list[bytes]] = []
+    size = 0
+    for block in _joined(keys, False):
+        if block is None:  # a key with a lone surrogate: JSON's \u escapes carry it
+            ascii_only, kept = True, None
             break
+        if kept is not None:
+            kept.append(block)
+            size += len(block)
+            if size > _KEEP_META:
+                kept = None
+    tail = ('], "writer": ' + _json_obj(_writer_info()) + "}").encode("ascii" if ascii_only else "utf-8")
 
     def chunks() -> Iterator[bytes]:
-        yield head.encode("ascii")
-        batch: list[str] = []
-        first = True
-        for text in keys.texts():
-            if not text:
-                continue
-            if ascii_only:
-                text = json.dumps(json.loads("[" + text + "]"), ensure_ascii=True)[1:-1]
-            batch.append(text if first else ", " + text)
-            first = False
-            if len(batch) >= 4096:
-                yield "".join(batch).encode("utf-8")
-                batch = []
-        yield ("".join(batch) + tail).encode("ascii" if ascii_only else "utf-8")
+        yield head
+        if kept is not None:
+            yield from kept
+        else:
+            for block in _joined(keys, ascii_only):
+                assert block is not None  # the first reading found every text encodable
+                yield block
+        yield tail
 
     return chunks
+
+
+def _joined(keys: Any, ascii_only: bool) -> Iterator[Optional[bytes]]:
+    """The keys' texts joined by ", " and encoded, a block of up to 4,096 keys at a time; a
+    block of None where a text cannot be UTF-8 (``ascii_only`` re-encodes them as JSON's
+    ASCII escapes)."""
+    join = _native.kernel()
+    join = getattr(join, "join_texts", None) or _join_texts
+    first = True
+    for block in keys.text_blocks(4096):
+        if ascii_only:
+            import json
+
+            texts = [t.partition("\0")[0] for t in block]
+            data: Optional[bytes] = ", ".join(
+                json.dumps(json.loads("[" + t + "]"), ensure_ascii=True)[1:-1] for t in texts if t
+            ).encode("ascii")
+        else:
+            data = join(block)
+        if data is None:
+            yield None
+            return
+        if data:
+            yield data if first else b", " + data
+            first = False
+
+
+def _join_texts(block: list[str]) -> Optional[bytes]:
+    """``_kernel.join_texts`` without the kernel."""
+    try:
+        return ", ".join(t for t in (t.partition("\0")[0] for t in block) if t).encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
+def _json_obj(info: Mapping[str, Any]) -> str:
+    """``json.dumps(info, ensure_ascii=False)`` of a dict of strings (the writer's versions),
+    without importing json (~2 ms of a process's first save) where every value is a str."""
+    if all(type(k) is str and isinstance(v, str) for k, v in info.items()):
+        return "{" + ", ".join(_json_str(k) + ": " + _json_str(v) for k, v in info.items()) + "}"
+    import json
+
+    return json.dumps(info, ensure_ascii=False)
+
+
+_META_HEAD = '{"format": ' + _json_str(FORMAT_NAME) + ', "version": ' + str(FORMAT_VERSION) + ', "keys": ['
+_KEEP_META = 4 << 20  # metadata up to this size is encoded once, not twice

@@ -5,7 +5,6 @@ are in ``npz_format``."""
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import weakref
@@ -14,10 +13,12 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from .. import _native
+from .._native import crc32  # zlib's CRC-32, by the kernel where it is on
 from ..adapters import BFLOAT16, float32_to_bf16_bits
 from ..errors import ReprodError, UnsupportedValueError
+from . import npz_members
 from .atomic import AtomicFile
-from .lazy import _one_line, crc32
 from .npz_format import _EOCD, _EOCD64, _LOCATOR64, _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
 from .npz_keylog import _KeyLog, _side_file
 from .npz_members import (  # noqa: F401 - the writer's layout, importable from here as before
@@ -130,6 +131,8 @@ class NpzWriter:
                     self._free_region(offset, length)
             for path, arr, src in leaves:
                 if arr is None:  # an empty nested dict: an entry with no member
+                    import json  # here only: ~2 ms of a process's first save
+
                     entries.append(json.dumps({"path": list(path), "kind": "dict"}, ensure_ascii=False))
                 else:
                     entries.append(self._write_member(path, arr, src, records))
@@ -158,6 +161,57 @@ class NpzWriter:
         except BaseException as exc:
             self._abort(exc)
             raise
+
+    def add_mapping(self, tree: Mapping[str, Any], source_dtypes: Optional[Mapping[str, Any]] = None) -> None:
+        """``add(key, value, source_dtypes.get(key))`` of every item of ``tree``, in order, with
+        the same bytes; runs of plain small arrays are written by the compiled kernel, a few MiB
+        a call (``_kernel.npz_pack``), the rest key by key as ``add`` writes them."""
+        self._check_open()
+        sd = source_dtypes or {}
+        k = _native.kernel()
+        pack = getattr(k, "npz_pack", None)
+        if pack is None or not tree:
+            for key, value in tree.items():
+                self.add(key, value, sd.get(key))
+            return
+        items = list(tree.items())
+        sd = sd if type(sd) is dict else dict(sd)
+        # a dict's keys are unique: none of them can be in the key log's SQLite part already,
+        # which the kernel does not look into (the dict part it does)
+        unique = type(tree) is dict
+        keys = self._keys
+        i, n = 0, len(items)
+        while i < n:
+            if not self._n_free and (keys.db is None or unique):
+                if keys.db is None:
+                    mem: Optional[dict[str, str]] = keys.mem
+                    room = n if keys.no_db else keys.spill - len(keys.mem)
+                else:
+                    mem, room = None, 0
+                try:
+                    i, full, members, central, count, rows, texts = pack(
+                        items, i, np.ndarray, _BATCH_DTYPES, _BATCH_HEADERS, _header_and_crc,
+                        sd or None, mem, room, self._pos, self._central_spilled + len(self._central),
+                        self._counter, _ZIP64_LIMIT, _ONE_WRITE, _MAX_CLEAN_NAME, _BATCH_MAX_KEY,
+                        _BATCH_BYTES, keys.spilled, npz_members._FIXED_DOS)
+                    if count:
+                        self._file.write(members)
+                        self._pos += len(members)
+                        self._counter += count
+                        self._members += count
+                        self._central += central
+                        if len(self._central) >= _CENTRAL_SPILL:
+                            self._spill_central()
+                        if rows is not None:
+                            keys.put_rows(rows, texts)
+                except BaseException as exc:
+                    self._abort(exc)
+                    raise
+                if full or i >= n:
+                    continue
+            key, value = items[i]  # one the kernel leaves to Python (see npz_pack)
+            self.add(key, value, sd.get(key))
+            i += 1
 
     def _member_name(self, path: tuple[str, ...]) -> str:
         """Keys that make clean zip paths keep their name, so plain numpy.load shows them; the
@@ -415,6 +469,8 @@ class NpzWriter:
         return self._keys.keys()
 
     def _abort(self, exc: BaseException) -> None:
+        from .lazy import _one_line  # the reader's module: imported only for this message
+
         self.abort()
         self._aborted = f"{type(exc).__name__}: {_one_line(exc)}"
 
@@ -441,11 +497,37 @@ class NpzWriter:
 _CENTRAL_SPILL = 4 << 20  # bytes of central directory kept in memory before moving them out
 
 
+def _header_and_crc(arr: np.ndarray) -> tuple[bytes, int]:
+    """The ``.npy`` header of ``arr`` and its CRC-32, for ``npz_pack``'s cache of them."""
+    header = _npy_header(arr)
+    header_crc = _HEADER_CRCS.get(header)
+    if header_crc is None:
+        header_crc = crc32(header)
+    return header, header_crc
+
+
+def _batch_dtypes() -> tuple[np.dtype, ...]:
+    # numpy's own dtype objects of the plain types, each once by identity ('l' and 'q' are both
+    # int64 on Linux, equal but two objects): an array with a byte-swapped, metadata-carrying or
+    # otherwise other dtype object goes the Python path
+    out: list[np.dtype] = []
+    for c in "?bBhHiIlLqQefdFD":
+        dt = np.dtype(c)
+        if not any(dt is o for o in out):
+            out.append(dt)
+    return tuple(out)
+
+
+_BATCH_DTYPES = _batch_dtypes()
+_BATCH_HEADERS: dict[bytes, tuple[bytes, int]] = {}  # npz_pack's: (dtype, shape) -> (header, crc)
+_BATCH_BYTES = 4 << 20  # member bytes made by one npz_pack call
+_BATCH_MAX_KEY = 4096  # longer keys go the Python path (a numbered member each)
+
+
 def write_npz(path: str, tree: Mapping[str, Any], source_dtypes: Optional[Mapping[str, Any]] = None) -> str:
     w = NpzWriter(path)
     try:
-        for k, v in tree.items():
-            w.add(k, v, (source_dtypes or {}).get(k))
+        w.add_mapping(tree, source_dtypes)
     except BaseException:
         w.abort()
         raise
