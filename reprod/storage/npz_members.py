@@ -241,4 +241,4 @@ def _json_obj(info: Mapping[str, Any]) -> str:
 
 
 _META_HEAD = '{"format": ' + _json_str(FORMAT_NAME) + ', "version": ' + str(FORMAT_VERSION) + ', "keys": ['
-_KEEP_META = 4 << 20  # metadata up to this size is encoded once, not twice
+_KEEP_META = 1 << 20  # metadata up to this size is encoded once, not twice

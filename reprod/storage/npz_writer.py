@@ -9,6 +9,7 @@ import os
 import struct
 import weakref
 from collections.abc import Mapping
+from itertools import islice
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -174,11 +175,19 @@ class NpzWriter:
             for key, value in tree.items():
                 self.add(key, value, sd.get(key))
             return
-        items = list(tree.items())
         sd = sd if type(sd) is dict else dict(sd)
         # a dict's keys are unique: none of them can be in the key log's SQLite part already,
         # which the kernel does not look into (the dict part it does)
         unique = type(tree) is dict
+        pairs = iter(tree.items())
+        while True:  # a slice of the items at a time: a list of all was ~70 bytes a key more
+            items = list(islice(pairs, _BATCH_ITEMS))
+            if not items:
+                return
+            self._add_items(pack, items, sd, unique)
+
+    def _add_items(self, pack: Callable[..., Any], items: list[tuple[Any, Any]],
+                   sd: dict[str, Any], unique: bool) -> None:
         keys = self._keys
         i, n = 0, len(items)
         while i < n:
@@ -520,8 +529,9 @@ def _batch_dtypes() -> tuple[np.dtype, ...]:
 
 _BATCH_DTYPES = _batch_dtypes()
 _BATCH_HEADERS: dict[bytes, tuple[bytes, int]] = {}  # npz_pack's: (dtype, shape) -> (header, crc)
-_BATCH_BYTES = 4 << 20  # member bytes made by one npz_pack call
+_BATCH_BYTES = 1 << 20  # member bytes made by one npz_pack call (at most one member more)
 _BATCH_MAX_KEY = 4096  # longer keys go the Python path (a numbered member each)
+_BATCH_ITEMS = 8192  # items handed to npz_pack at most, with their rows past the key log's spill
 
 
 def write_npz(path: str, tree: Mapping[str, Any], source_dtypes: Optional[Mapping[str, Any]] = None) -> str:

@@ -285,6 +285,10 @@ def test_small_batches_and_spilled_directory(tmp_path, spy, monkeypatch) -> None
     tree, dtypes = _mixture()
     _both(tmp_path, tree, dtypes)
     assert spy.calls > 40
+    monkeypatch.setattr(npz_writer, "_BATCH_ITEMS", 7)  # slices of the items
+    spy.taken = 0
+    _both(tmp_path, tree, dtypes, name="sliced")
+    assert spy.taken == sum(_eligible(v) and not dtypes.get(k) for k, v in tree.items() if k.isascii())
 
 
 @needs_kernel
@@ -323,6 +327,7 @@ def test_re_added_keys_keep_the_python_semantics(tmp_path, spy) -> None:
 @needs_kernel
 def test_keys_past_the_key_log_spill(tmp_path, spy, monkeypatch) -> None:
     monkeypatch.setattr(npz_keylog._KeyLog, "spill", 30)
+    monkeypatch.setattr(npz_writer, "_BATCH_ITEMS", 25)
     tree, dtypes = _mixture()
     tree.update({f"late{i}": np.full(2, i) for i in range(100)})
     _both(tmp_path, tree, dtypes)
