@@ -1281,9 +1281,13 @@ static PyObject *zip_central(PyObject *self, PyObject *args) {
  * by numpy's own rule (a PyBUF_ND export is refused otherwise), header and data under _ONE_WRITE,
  * the offset within the zip64 limit, the key not logged yet and no source dtype for it. It
  * lays out each member, stores its metadata text (in the key log's dict, or as rows for its
- * SQLite part) and keeps the buffer. Phase two, guarded against SIGBUS and calling no Python,
- * copies headers and data into the output and computes the CRCs. The first pair that does not
- * fit ends the batch, and the writer's Python path takes it, so the order of members is kept.
+ * SQLite part) and keeps the buffer. Phase two (pack_flush), every few hundred members,
+ * guarded against SIGBUS and calling no Python, copies headers and data into one chunk and
+ * computes the CRCs; the chunk goes to the file's write and the directory entries onto the
+ * writer's bytearray. The memory touched stays a few hundred KiB however many members (on a
+ * VM a fresh page cost ~3 us: a whole batch's output and layout in fresh memory was a third
+ * of its time). The first pair that does not fit ends the batch, and the writer's Python path
+ * takes it, so the order of members is kept.
  */
 #define PACK_MAX_DIMS 64
 #ifdef _WIN32
@@ -1395,33 +1399,143 @@ static void pack_dos_now(unsigned *dos_time, unsigned *dos_date) {
     *dos_date = cd;
 }
 
+#define PACK_PLAN 512 /* members laid out before they are copied and written */
+
+typedef struct {
+    PyObject *write;      /* the file's write */
+    PyObject *central;    /* the writer's directory entries (bytearray), appended to */
+    pack_member_t *plan;
+    Py_ssize_t n;         /* members laid out */
+    size_t bytes, cbytes; /* their bytes in the file and in the directory */
+    unsigned long long written;
+} pack_out_t;
+
+/* Phase two: the members laid out, copied (guarded against SIGBUS, no Python called) into one
+ * bytes object handed to write, their directory entries onto central; their buffers and
+ * references released either way. 0, or -1 with an exception set. */
+static int pack_flush(pack_out_t *out) {
+    int rc = -1;
+    PyObject *chunk = NULL;
+    if (out->n == 0) return 0;
+    Py_ssize_t old = PyByteArray_GET_SIZE(out->central);
+    chunk = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out->bytes);
+    if (chunk == NULL || PyByteArray_Resize(out->central, old + (Py_ssize_t)out->cbytes) < 0) goto release;
+    {
+        unsigned char *o = (unsigned char *)PyBytes_AS_STRING(chunk);
+        unsigned char *c = (unsigned char *)PyByteArray_AS_STRING(out->central) + old;
+        int faulted = 0;
+        bus_guard_t g;
+        if (BUS_GUARDED(g)) {
+            bus_arm(&g);
+            for (Py_ssize_t j = 0; j < out->n; j++) {
+                pack_member_t *m = &out->plan[j];
+                const unsigned char *hb = (const unsigned char *)PyBytes_AS_STRING(m->header);
+                size_t hl = (size_t)PyBytes_GET_SIZE(m->header), dl = (size_t)m->view.len;
+                uint32_t size = (uint32_t)(hl + dl);
+                uint32_t crc = dl ? crc32_of(m->header_crc, m->view.buf, dl) : m->header_crc;
+                unsigned n = (unsigned)m->name_len, e = 4 + (unsigned)m->pad;
+                memcpy(o, "PK\x03\x04", 4);
+                put16(o + 4, 20);
+                put16(o + 6, 0);
+                put16(o + 8, 0);
+                put16(o + 10, m->dos_time);
+                put16(o + 12, m->dos_date);
+                put32(o + 14, crc);
+                put32(o + 18, size);
+                put32(o + 22, size);
+                put16(o + 26, n);
+                put16(o + 28, e);
+                unsigned char *nm = o + 30;
+                if (m->clean) {
+                    memcpy(nm, PyUnicode_1BYTE_DATA(m->key), n - 4);
+                    memcpy(nm + n - 4, ".npy", 4);
+                } else {
+                    memcpy(nm, m->numbered, n);
+                }
+                unsigned char *ex = nm + n;
+                put16(ex, 0xD935);
+                put16(ex + 2, (unsigned)m->pad);
+                memset(ex + 4, 0, (size_t)m->pad);
+                memcpy(ex + e, hb, hl);
+                if (dl) memcpy(ex + e + hl, m->view.buf, dl);
+                memcpy(c, "PK\x01\x02", 4);
+                c[4] = 20;
+                c[5] = (unsigned char)PACK_CREATE_SYSTEM;
+                c[6] = 20;
+                c[7] = 0;
+                put16(c + 8, 0);
+                put16(c + 10, 0);
+                put16(c + 12, m->dos_time);
+                put16(c + 14, m->dos_date);
+                put32(c + 16, crc);
+                put32(c + 20, size);
+                put32(c + 24, size);
+                put16(c + 28, n);
+                put16(c + 30, e);
+                put16(c + 32, 0);
+                put16(c + 34, 0);
+                put16(c + 36, 0);
+                put32(c + 38, 0600u << 16);
+                put32(c + 42, (uint32_t)m->offset);
+                memcpy(c + 46, nm, (size_t)n + e);
+                o = ex + e + hl + dl;
+                c += 46 + n + e;
+            }
+        } else {
+            faulted = 1;
+        }
+        bus_disarm(&g);
+        if (faulted) {
+            bus_raise(-1, -1);
+            goto release;
+        }
+    }
+    PyObject *r = PyObject_CallOneArg(out->write, chunk);
+    if (r == NULL) goto release;
+    Py_DECREF(r);
+    out->written += out->bytes;
+    rc = 0;
+release:
+    Py_XDECREF(chunk);
+    for (Py_ssize_t j = 0; j < out->n; j++) {
+        PyBuffer_Release(&out->plan[j].view);
+        Py_DECREF(out->plan[j].key);
+        Py_DECREF(out->plan[j].header);
+    }
+    out->n = 0;
+    out->bytes = out->cbytes = 0;
+    return rc;
+}
+
 PyDoc_STRVAR(npz_pack_doc,
     "npz_pack(items, start, ndarray, dtypes, headers, make_header, source_dtypes, mem, room,\n"
-    "         pos, cpos, counter, zip64_limit, one_write, max_clean, max_key, limit, spilled,\n"
-    "         clock)\n"
-    "    -> (next, full, members, central, count, rows, texts)\n\n"
+    "         pos, central, central_base, counter, zip64_limit, one_write, max_clean, max_key,\n"
+    "         chunk, spilled, clock, write) -> (next, written, count, rows, texts)\n\n"
     "The members of items[start:] (a list of (key, value) tuples) up to the first pair the\n"
-    "writer's Python path must take (see the comment above) or until members passes limit\n"
-    "bytes (full is then true): members (local headers, names, padding, .npy headers, data)\n"
-    "written from offset pos, central (their directory entries, the first at directory\n"
-    "position cpos), count pairs taken, numbered names from counter. dtypes: the dtype objects\n"
-    "taken (by identity); headers: a dict the call caches (header, header CRC) in, by dtype\n"
-    "and shape, calling make_header(array) -> (header, crc) for one it lacks. Each key's\n"
-    "metadata text (JSON, NUL, the member's record as latin-1) goes into mem (a dict) while\n"
-    "room lasts; with mem None, rows is a list of (key bytes, position from spilled, record)\n"
-    "and texts the length-prefixed texts, for the key log's SQLite part and side file.\n"
-    "clock: None (each member reads the clock) or a fixed (DOS time, DOS date).");
+    "writer's Python path must take (see the comment above): their bytes (local headers,\n"
+    "names, padding, .npy headers, data), from file offset pos, handed to write a chunk of\n"
+    "about chunk bytes at a time (written in all), their directory entries appended to the\n"
+    "bytearray central (whose first byte is at directory position central_base), count pairs\n"
+    "taken, numbered names from counter. dtypes: the dtype objects taken (by identity);\n"
+    "headers: a dict the call caches (header, header CRC) in, by dtype and shape, calling\n"
+    "make_header(array) -> (header, crc) for one it lacks. Each key's metadata text (JSON,\n"
+    "NUL, the member's record as latin-1) goes into mem (a dict) while room lasts; with mem\n"
+    "None, rows is a list of (key bytes, position from spilled, record) and texts the\n"
+    "length-prefixed texts, for the key log's SQLite part and side file. clock: None (each\n"
+    "member reads the clock) or a fixed (DOS time, DOS date).");
 
 static PyObject *npz_pack(PyObject *self, PyObject *args) {
-    PyObject *items, *ndarray, *dtypes, *headers, *make_header, *source_dtypes, *mem, *clock;
-    Py_ssize_t start, room, max_clean, max_key, limit, spilled;
-    unsigned long long pos, cpos, counter, zip64_limit, one_write;
-    (void)self;
+    PyObject *items, *ndarray, *dtypes, *headers, *make_header, *source_dtypes, *mem, *central,
+        *clock, *write;
+    Py_ssize_t start, room, max_clean, max_key, chunk, spilled;
+    unsigned long long pos, central_base, counter, zip64_limit, one_write;
     unsigned fixed_time = 0, fixed_date = 0;
-    if (!PyArg_ParseTuple(args, "O!nO!O!O!OOOnKKKKKnnnnO", &PyList_Type, &items, &start,
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!nO!O!O!OOOnKO!KKKKnnnnOO", &PyList_Type, &items, &start,
                           &PyType_Type, &ndarray, &PyTuple_Type, &dtypes, &PyDict_Type, &headers,
-                          &make_header, &source_dtypes, &mem, &room, &pos, &cpos, &counter,
-                          &zip64_limit, &one_write, &max_clean, &max_key, &limit, &spilled, &clock))
+                          &make_header, &source_dtypes, &mem, &room, &pos, &PyByteArray_Type,
+                          &central, &central_base, &counter, &zip64_limit, &one_write, &max_clean,
+                          &max_key, &chunk, &spilled, &clock, &write))
         return NULL;
     if (clock != Py_None && !PyArg_ParseTuple(clock, "II;npz_pack: clock must be None or (time, date)",
                                               &fixed_time, &fixed_date))
@@ -1434,7 +1548,7 @@ static PyObject *npz_pack(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "npz_pack: source_dtypes must be a dict or None");
         return NULL;
     }
-    if (max_key < 0 || max_key > (1 << 20) || max_clean < 0) {
+    if (max_key < 0 || max_key > (1 << 20) || max_clean < 0 || max_clean > 60000) {
         PyErr_SetString(PyExc_ValueError, "npz_pack: key lengths out of range");
         return NULL;
     }
@@ -1446,33 +1560,29 @@ static PyObject *npz_pack(PyObject *self, PyObject *args) {
     static PyObject *s_dtype = NULL;
     if (s_dtype == NULL && (s_dtype = PyUnicode_InternFromString("dtype")) == NULL) return NULL;
 
-    Py_ssize_t n_items = PyList_GET_SIZE(items);
-    Py_ssize_t cap = 0, count = 0, i = start;
-    pack_member_t *plan = NULL;
+    Py_ssize_t n_items = PyList_GET_SIZE(items), count = 0, i = start;
+    unsigned long long cpos = central_base + (unsigned long long)PyByteArray_GET_SIZE(central);
+    pack_out_t out = {write, central, NULL, 0, 0, 0, 0};
     char *text = NULL;
-    PyObject *rows = NULL, *texts = NULL, *members = NULL, *central = NULL, *result = NULL;
+    PyObject *rows = NULL, *texts = NULL, *result = NULL;
     unsigned char *blob = NULL;
     Py_ssize_t blob_len = 0, blob_cap = 0;
-    size_t members_len = 0, central_len = 0;
-    int full = 0;
     /* the last header looked up: runs of one shape skip the dict */
     unsigned char last_key[2 + 8 * PACK_MAX_DIMS];
     Py_ssize_t last_len = -1;
     PyObject *last_header = NULL;
     uint32_t last_crc = 0;
 
-    text = PyMem_Malloc((size_t)(6 * max_key + 64 + 40 + 24 + max_clean));
-    if (text == NULL) {
+    out.plan = PyMem_Malloc(PACK_PLAN * sizeof *out.plan);
+    text = PyMem_Malloc((size_t)(6 * max_key + 64 + 40 + 24 + 6 * max_clean));
+    if (out.plan == NULL || text == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     if (mem == Py_None && (rows = PyList_New(0)) == NULL) goto done;
 
     for (; i < n_items; i++) {
-        if ((Py_ssize_t)members_len >= limit) {
-            full = 1;
-            break;
-        }
+        if ((out.n == PACK_PLAN || out.bytes >= (size_t)chunk) && pack_flush(&out) < 0) goto done;
         PyObject *item = PyList_GET_ITEM(items, i);
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) break;
         PyObject *key = PyTuple_GET_ITEM(item, 0), *val = PyTuple_GET_ITEM(item, 1);
@@ -1501,17 +1611,7 @@ static PyObject *npz_pack(PyObject *self, PyObject *args) {
         }
         Py_DECREF(dt);
         if (which < 0 || which > 255) break;
-        if (count == cap) {
-            Py_ssize_t ncap = cap ? 2 * cap : 256;
-            pack_member_t *np_ = PyMem_Realloc(plan, (size_t)ncap * sizeof *plan);
-            if (np_ == NULL) {
-                PyErr_NoMemory();
-                goto done;
-            }
-            plan = np_;
-            cap = ncap;
-        }
-        pack_member_t *m = &plan[count];
+        pack_member_t *m = &out.plan[out.n];
         /* PyBUF_ND without PyBUF_STRIDES: numpy refuses (ValueError) an array that is not
          * C-contiguous by its own flag; the Python path takes it, as it takes one without a
          * buffer (_write_small's exceptions) */
@@ -1603,8 +1703,10 @@ static PyObject *npz_pack(PyObject *self, PyObject *args) {
             m->dos_date = fixed_date;
         }
         m->pad = (int)((64 - (pos + 34 + (unsigned long long)m->name_len) % 64) % 64);
+        out.n++;
         count++;
         unsigned long long length = 30 + (unsigned long long)m->name_len + 4 + (unsigned)m->pad + size;
+        unsigned long long clength = 46 + (unsigned long long)m->name_len + 4 + (unsigned)m->pad;
         /* the key's metadata text, then NUL and the record (offset, length, directory position) */
         char *t = text;
         memcpy(t, "{\"path\": [\"", 11);
@@ -1657,104 +1759,28 @@ static PyObject *npz_pack(PyObject *self, PyObject *args) {
             memcpy(blob + blob_len + 4, text, (size_t)json_len);
             blob_len += 4 + json_len;
         }
-        members_len += (size_t)length;
-        central_len += 46 + (size_t)m->name_len + 4 + (size_t)m->pad;
+        out.bytes += (size_t)length;
+        out.cbytes += (size_t)clength;
         pos += length;
-        cpos += 46 + (unsigned long long)m->name_len + 4 + (unsigned)m->pad;
+        cpos += clength;
     }
-
-    members = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)members_len);
-    central = members ? PyBytes_FromStringAndSize(NULL, (Py_ssize_t)central_len) : NULL;
-    if (central == NULL) goto done;
-    {
-        unsigned char *o = (unsigned char *)PyBytes_AS_STRING(members);
-        unsigned char *c = (unsigned char *)PyBytes_AS_STRING(central);
-        int faulted = 0;
-        bus_guard_t g;
-        if (BUS_GUARDED(g)) {
-            bus_arm(&g);
-            for (Py_ssize_t j = 0; j < count; j++) {
-                pack_member_t *m = &plan[j];
-                const unsigned char *hb = (const unsigned char *)PyBytes_AS_STRING(m->header);
-                size_t hl = (size_t)PyBytes_GET_SIZE(m->header), dl = (size_t)m->view.len;
-                uint32_t size = (uint32_t)(hl + dl);
-                uint32_t crc = dl ? crc32_of(m->header_crc, m->view.buf, dl) : m->header_crc;
-                unsigned dos_time = m->dos_time, dos_date = m->dos_date;
-                unsigned n = (unsigned)m->name_len, e = 4 + (unsigned)m->pad;
-                memcpy(o, "PK\x03\x04", 4);
-                put16(o + 4, 20);
-                put16(o + 6, 0);
-                put16(o + 8, 0);
-                put16(o + 10, dos_time);
-                put16(o + 12, dos_date);
-                put32(o + 14, crc);
-                put32(o + 18, size);
-                put32(o + 22, size);
-                put16(o + 26, n);
-                put16(o + 28, e);
-                unsigned char *nm = o + 30;
-                if (m->clean) {
-                    memcpy(nm, PyUnicode_1BYTE_DATA(m->key), n - 4);
-                    memcpy(nm + n - 4, ".npy", 4);
-                } else {
-                    memcpy(nm, m->numbered, n);
-                }
-                unsigned char *ex = nm + n;
-                put16(ex, 0xD935);
-                put16(ex + 2, (unsigned)m->pad);
-                memset(ex + 4, 0, (size_t)m->pad);
-                memcpy(ex + e, hb, hl);
-                if (dl) memcpy(ex + e + hl, m->view.buf, dl);
-                memcpy(c, "PK\x01\x02", 4);
-                c[4] = 20;
-                c[5] = (unsigned char)PACK_CREATE_SYSTEM;
-                c[6] = 20;
-                c[7] = 0;
-                put16(c + 8, 0);
-                put16(c + 10, 0);
-                put16(c + 12, dos_time);
-                put16(c + 14, dos_date);
-                put32(c + 16, crc);
-                put32(c + 20, size);
-                put32(c + 24, size);
-                put16(c + 28, n);
-                put16(c + 30, e);
-                put16(c + 32, 0);
-                put16(c + 34, 0);
-                put16(c + 36, 0);
-                put32(c + 38, 0600u << 16);
-                put32(c + 42, (uint32_t)m->offset);
-                memcpy(c + 46, nm, (size_t)n + e);
-                o = ex + e + hl + dl;
-                c += 46 + n + e;
-            }
-        } else {
-            faulted = 1;
-        }
-        bus_disarm(&g);
-        if (faulted) {
-            bus_raise(-1, -1);
-            goto done;
-        }
-    }
-    if (mem == Py_None) {
-        texts = PyBytes_FromStringAndSize((const char *)blob, blob_len);
-        if (texts == NULL) goto done;
-    }
-    result = Py_BuildValue("(niOOnOO)", i, full, members, central, count,
-                           rows ? rows : Py_None, texts ? texts : Py_None);
+    if (pack_flush(&out) < 0) goto done;
+    if (mem == Py_None && (texts = PyBytes_FromStringAndSize((const char *)blob, blob_len)) == NULL)
+        goto done;
+    result = Py_BuildValue("(nKnOO)", i, out.written, count, rows ? rows : Py_None,
+                           texts ? texts : Py_None);
 done:
-    for (Py_ssize_t j = 0; j < count; j++) {
-        PyBuffer_Release(&plan[j].view);
-        Py_DECREF(plan[j].key);
-        Py_DECREF(plan[j].header);
+    if (out.plan != NULL) {
+        for (Py_ssize_t j = 0; j < out.n; j++) { /* laid out, never written: an error */
+            PyBuffer_Release(&out.plan[j].view);
+            Py_DECREF(out.plan[j].key);
+            Py_DECREF(out.plan[j].header);
+        }
     }
-    PyMem_Free(plan);
+    PyMem_Free(out.plan);
     PyMem_Free(text);
     PyMem_Free(blob);
     Py_XDECREF(last_header);
-    Py_XDECREF(members);
-    Py_XDECREF(central);
     Py_XDECREF(rows);
     Py_XDECREF(texts);
     return result;

@@ -165,8 +165,9 @@ class NpzWriter:
 
     def add_mapping(self, tree: Mapping[str, Any], source_dtypes: Optional[Mapping[str, Any]] = None) -> None:
         """``add(key, value, source_dtypes.get(key))`` of every item of ``tree``, in order, with
-        the same bytes; runs of plain small arrays are written by the compiled kernel, a few MiB
-        a call (``_kernel.npz_pack``), the rest key by key as ``add`` writes them."""
+        the same bytes; runs of plain small arrays are written by the compiled kernel
+        (``_kernel.npz_pack``, through the file's write a chunk at a time), the rest key by key as
+        ``add`` writes them."""
         self._check_open()
         sd = source_dtypes or {}
         k = _native.kernel()
@@ -198,25 +199,22 @@ class NpzWriter:
                 else:
                     mem, room = None, 0
                 try:
-                    i, full, members, central, count, rows, texts = pack(
+                    i, written, count, rows, texts = pack(
                         items, i, np.ndarray, _BATCH_DTYPES, _BATCH_HEADERS, _header_and_crc,
-                        sd or None, mem, room, self._pos, self._central_spilled + len(self._central),
+                        sd or None, mem, room, self._pos, self._central, self._central_spilled,
                         self._counter, _ZIP64_LIMIT, _ONE_WRITE, _MAX_CLEAN_NAME, _BATCH_MAX_KEY,
-                        _BATCH_BYTES, keys.spilled, npz_members._FIXED_DOS)
-                    if count:
-                        self._file.write(members)
-                        self._pos += len(members)
-                        self._counter += count
-                        self._members += count
-                        self._central += central
-                        if len(self._central) >= _CENTRAL_SPILL:
-                            self._spill_central()
-                        if rows is not None:
-                            keys.put_rows(rows, texts)
+                        _BATCH_BYTES, keys.spilled, npz_members._FIXED_DOS, self._file.write)
+                    self._pos += written
+                    self._counter += count
+                    self._members += count
+                    if len(self._central) >= _CENTRAL_SPILL:
+                        self._spill_central()
+                    if rows:
+                        keys.put_rows(rows, texts)
                 except BaseException as exc:
                     self._abort(exc)
                     raise
-                if full or i >= n:
+                if i >= n:
                     continue
             key, value = items[i]  # one the kernel leaves to Python (see npz_pack)
             self.add(key, value, sd.get(key))
@@ -529,7 +527,7 @@ def _batch_dtypes() -> tuple[np.dtype, ...]:
 
 _BATCH_DTYPES = _batch_dtypes()
 _BATCH_HEADERS: dict[bytes, tuple[bytes, int]] = {}  # npz_pack's: (dtype, shape) -> (header, crc)
-_BATCH_BYTES = 1 << 20  # member bytes made by one npz_pack call (at most one member more)
+_BATCH_BYTES = 256 << 10  # member bytes npz_pack hands to the file's write at a time (about)
 _BATCH_MAX_KEY = 4096  # longer keys go the Python path (a numbered member each)
 _BATCH_ITEMS = 8192  # items handed to npz_pack at most, with their rows past the key log's spill
 

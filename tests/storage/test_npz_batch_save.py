@@ -52,17 +52,24 @@ def _kernel_on_and_fixed_clock(monkeypatch):
 
 
 class _Spy:
-    """The kernel, counting the members ``npz_pack`` writes and its calls."""
+    """The kernel, counting the members ``npz_pack`` writes, its calls and its writes."""
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self.taken = 0
         self.calls = 0
+        self.chunks = 0  # the kernel's calls of the file's write
 
     def npz_pack(self, *args: Any) -> Any:
-        out = self.kernel.npz_pack(*args)
+        write = args[-1]
+
+        def counted(data: bytes) -> Any:
+            self.chunks += 1
+            return write(data)
+
+        out = self.kernel.npz_pack(*args[:-1], counted)
         self.calls += 1
-        self.taken += out[4]
+        self.taken += out[2]  # (next, written, count, rows, texts)
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -284,7 +291,14 @@ def test_small_batches_and_spilled_directory(tmp_path, spy, monkeypatch) -> None
     monkeypatch.setattr(npz_writer, "_CENTRAL_SPILL", 2000)
     tree, dtypes = _mixture()
     _both(tmp_path, tree, dtypes)
-    assert spy.calls > 40
+    plain = {f"p{i}": np.full(i % 9, i, np.float32) for i in range(2000)}
+    spy.calls = spy.chunks = 0
+    _both(tmp_path, plain, name="plain")
+    assert spy.calls == 1 and spy.chunks > 2000 * 150 // 3000  # chunks of about 3,000 bytes
+    monkeypatch.setattr(npz_writer, "_BATCH_BYTES", 1 << 30)  # 512 members laid out at most
+    spy.calls = spy.chunks = 0
+    _both(tmp_path, plain, name="plan")
+    assert spy.calls == 1 and spy.chunks == 4
     monkeypatch.setattr(npz_writer, "_BATCH_ITEMS", 7)  # slices of the items
     spy.taken = 0
     _both(tmp_path, tree, dtypes, name="sliced")
