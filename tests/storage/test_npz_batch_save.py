@@ -92,6 +92,17 @@ def _python_path(fn: Any, *args: Any) -> Any:
         _native.set_enabled(previous)
 
 
+def _streamed_alike(tmp_path: Any, stream: Any) -> str:
+    """``stream(path)`` run with the kernel and on the Python path: the same bytes; the first
+    file's path."""
+    fast, slow = str(tmp_path / "s-fast.npz"), str(tmp_path / "s-py.npz")
+    stream(fast)
+    _python_path(stream, slow)
+    with open(fast, "rb") as f, open(slow, "rb") as g:
+        assert f.read() == g.read()
+    return fast
+
+
 def _both(tmp_path, tree: Mapping[str, Any], source_dtypes: Any = None, name: str = "t") -> tuple[str, str]:
     """The file the current path writes and the one the Python path writes: the same bytes."""
     fast, slow = str(tmp_path / f"{name}-fast.npz"), str(tmp_path / f"{name}-py.npz")
@@ -323,12 +334,7 @@ def test_re_added_keys_keep_the_python_semantics(tmp_path, spy) -> None:
         w.add("s/t", {"nested": a})
         w.close()
 
-    fast, slow = str(tmp_path / "s-fast.npz"), str(tmp_path / "s-py.npz")
-    stream(fast)
-    _python_path(stream, slow)
-    with open(fast, "rb") as f, open(slow, "rb") as g:
-        assert f.read() == g.read()
-    d = reprod.load(fast)
+    d = reprod.load(_streamed_alike(tmp_path, stream))
     try:
         assert list(d) == ["p", "q", "r", "s/t", "u"]
         np.testing.assert_array_equal(d["q"], a * 3)
@@ -359,12 +365,7 @@ def test_keys_past_the_key_log_spill(tmp_path, spy, monkeypatch) -> None:
         w.add("late60", np.arange(30.0))
         w.close()
 
-    fast, slow = str(tmp_path / "s-fast.npz"), str(tmp_path / "s-py.npz")
-    stream(fast)
-    _python_path(stream, slow)
-    with open(fast, "rb") as f, open(slow, "rb") as g:
-        assert f.read() == g.read()
-    d = reprod.load(fast)
+    d = reprod.load(_streamed_alike(tmp_path, stream))
     try:
         np.testing.assert_array_equal(d["late50"], np.full(2, -1))
         np.testing.assert_array_equal(d["late60"], np.arange(30.0))
