@@ -71,7 +71,9 @@ class NpzWriter:
     its first place): the old members leave the directory and their space takes later members
     that fit, so re-adding a key forever does not grow the file. A key longer than
     ``_MAX_CLEAN_NAME`` gets a numbered member, its name living in the metadata; one longer than
-    ``MAX_KEY_CHARS`` is refused before anything is written, and the stream goes on.
+    ``MAX_KEY_CHARS`` is refused before anything is written, and the stream goes on. In a forked
+    child the writer is its parent's: it refuses to write, its ``abort`` leaves the temporary file
+    alone, and the bytes its file buffer held go nowhere when the child exits.
     """
 
     def __init__(self, path: str) -> None:
@@ -101,9 +103,14 @@ class NpzWriter:
         self._reuse = not self._af.direct or self._file.seekable()
         # a writer dropped or left open at exit gives its temporary file back (in this process
         # only: a forked child exiting must not remove its parent's file)
-        self._finalizer = weakref.finalize(self, _abandon, self._af, path, os.getpid())
+        self._pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _abandon, self._af, path, self._pid)
+        _OPEN.add(self)
 
     def _check_open(self) -> None:
+        if self._pid != os.getpid():
+            raise ReprodError(f"{self.path}: this dump is streamed by process {self._pid}; a forked "
+                              "child cannot write to it (open a logger of its own in the child)")
         if self._aborted is not None:
             raise ReprodError(f"{self.path}: this dump was abandoned ({self._aborted}); nothing was "
                               "written")
@@ -466,6 +473,7 @@ class NpzWriter:
         return self.path
 
     def _release(self) -> None:
+        _OPEN.discard(self)
         if self._central_file is not None:
             self._central_file.close()
             self._central_file = None
@@ -488,6 +496,8 @@ class NpzWriter:
         self._closed = True
         self._aborted = self._aborted or "aborted"
         self._finalizer.detach()
+        if self._pid != os.getpid():
+            return  # a forked child's copy: the temporary file is its parent's
         self._af.abort()
         self._release()
 
@@ -502,6 +512,37 @@ class NpzWriter:
 
 
 _CENTRAL_SPILL = 4 << 20  # bytes of central directory kept in memory before moving them out
+
+# the writers not yet closed or aborted, for _silence_in_child
+_OPEN: weakref.WeakSet[NpzWriter] = weakref.WeakSet()
+
+
+def _silence_in_child() -> None:
+    """A forked child inherits its parent's open dumps with the bytes their file buffers held, and
+    their files' offsets are shared: flushed when the child's copies are closed (at its exit),
+    those bytes would land in the parent's file a second time, shifting what the parent writes
+    next. In the child those files write to the null device instead."""
+    writers = list(_OPEN)
+    if not writers:
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # pragma: no cover - no null device
+        return
+    try:
+        for w in writers:
+            for f in (w._file, w._central_file, w._keys.texts_file):
+                try:
+                    if f is not None and not f.closed:
+                        os.dup2(null, f.fileno())
+                except (OSError, ValueError):  # pragma: no cover - closed meanwhile
+                    pass
+    finally:
+        os.close(null)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_silence_in_child)
 
 
 def _header_and_crc(arr: np.ndarray) -> tuple[bytes, int]:
