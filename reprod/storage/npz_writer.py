@@ -122,14 +122,7 @@ class NpzWriter:
         if type(tree) is np.ndarray and dtypes is None and len(key) <= MAX_KEY_CHARS:
             self._add_array(key, tree)  # the value of most keys, one plain array
             return
-        leaves: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]] = []
-        _flatten(tree, dtypes, (key,), leaves)
-        for path, _, _ in leaves:  # refused before anything is written: the stream goes on
-            n = sum(map(len, path)) + len(path) - 1
-            if n > MAX_KEY_CHARS:
-                raise UnsupportedValueError(
-                    f"{self.path}: key {'/'.join(path)[:60]!r}... is {n} characters long; reprod "
-                    f"stores keys of at most {MAX_KEY_CHARS} characters")
+        leaves = self.check(key, tree, dtypes)
         entries: list[str] = []
         records: list[bytes] = []
         try:
@@ -154,7 +147,32 @@ class NpzWriter:
             self._abort(exc)
             raise
 
-    def _add_array(self, key: str, arr: np.ndarray) -> None:
+    def check(self, key: str, tree: Any, dtypes: Any = None
+              ) -> list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]]:
+        """The leaves ``add`` would write; raises what ``add`` refuses before writing anything
+        (a key too long), so that a caller writing later (``npz_background``) refuses it now."""
+        leaves: list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]] = []
+        _flatten(tree, dtypes, (key,), leaves)
+        for path, _, _ in leaves:  # refused before anything is written: the stream goes on
+            n = sum(map(len, path)) + len(path) - 1
+            if n > MAX_KEY_CHARS:
+                raise UnsupportedValueError(
+                    f"{self.path}: key {'/'.join(path)[:60]!r}... is {n} characters long; reprod "
+                    f"stores keys of at most {MAX_KEY_CHARS} characters")
+        return leaves
+
+    def add_array(self, key: str, arr: np.ndarray, source_dtype: Optional[str] = None,
+                  crcs: Optional[dict[bytes, int]] = None) -> None:
+        """``add`` of one array. ``crcs`` (npy header -> CRC of its member's data) is shared by
+        the keys that write the same bytes (``reprod.capture``'s keys of one unchanged tensor):
+        the first computes the CRC, the others take it."""
+        if source_dtype is not None or len(key) > MAX_KEY_CHARS:
+            self.add(key, arr, source_dtype)  # the rare path, with its checks
+            return
+        self._check_open()
+        self._add_array(key, arr, crcs)
+
+    def _add_array(self, key: str, arr: np.ndarray, crcs: Optional[dict[bytes, int]] = None) -> None:
         """``add`` of one plain array (what ``add`` does with its one leaf, less the walk)."""
         records: list[bytes] = []
         try:
@@ -162,7 +180,8 @@ class NpzWriter:
             if old:
                 for offset, length, _cpos in _RECORD.iter_unpack(old):
                     self._free_region(offset, length)
-            self._keys.put(key, self._write_member((key,), arr, None, records), b"".join(records))
+            self._keys.put(key, self._write_member((key,), arr, None, records, crcs),
+                           b"".join(records))
             if old:
                 for _offset, _length, cpos in _RECORD.iter_unpack(old):
                     self._kill_entry(cpos)
@@ -279,7 +298,8 @@ class NpzWriter:
             f.seek(0, 2)
 
     def _write_member(self, path: tuple[str, ...], arr: np.ndarray, src: Optional[str],
-                      records: Optional[list[bytes]] = None) -> str:
+                      records: Optional[list[bytes]] = None,
+                      crcs: Optional[dict[bytes, int]] = None) -> str:
         if src == BFLOAT16:
             arr = float32_to_bf16_bits(arr)
         if not arr.flags.c_contiguous:
@@ -294,7 +314,12 @@ class NpzWriter:
         if records is None or not arr.nbytes \
                 or not self._write_small(name, header, header_crc, arr, arr.nbytes, records):
             data = memoryview(arr.reshape(-1)).cast("B") if arr.nbytes else b""
-            self._write_stored(name, header, data, align=True, records=records)
+            crc = None if crcs is None else crcs.get(header)
+            if crc is None:
+                crc = crc32(data, header_crc)
+                if crcs is not None:
+                    crcs[header] = crc
+            self._write_stored(name, header, data, align=True, records=records, crc=crc)
         # the metadata entry as json.dumps({"path": [...], "member": name[, "dtype": src]}) writes
         # it, by its C string encoder (json.dumps costs ~5 us an entry)
         text = '{"path": [' + ", ".join(map(_json_str, path)) + '], "member": ' + _json_str(name)
@@ -348,17 +373,19 @@ class NpzWriter:
 
     def _write_stored(self, name: str, header: bytes, data: Any, *, align: bool,
                       chunks: Optional[Callable[[], Iterator[bytes]]] = None,
-                      records: Optional[list[bytes]] = None) -> None:
+                      records: Optional[list[bytes]] = None, crc: Optional[int] = None) -> None:
         """One stored member: local header, ``header + data``, and its central directory entry.
 
         The CRC is computed before anything is written, so the file is written front to back
         once (zipfile writes the local header, the data, then seeks back to rewrite the header:
         ~40 us a member). The layout is zipfile's: zip64 extra fields and end records where sizes
-        or offsets pass ``_ZIP64_LIMIT``, the padding field that aligns the data to 64 bytes."""
+        or offsets pass ``_ZIP64_LIMIT``, the padding field that aligns the data to 64 bytes.
+        ``crc``: that of ``header + data`` where the caller has it."""
         raw_name = name.encode("ascii")  # _member_name and META_NAME make ASCII names only
         if chunks is None:
             size = len(header) + len(data)
-            crc = crc32(data, crc32(header))
+            if crc is None:
+                crc = crc32(data, crc32(header))
         else:  # content made twice by ``chunks``: size and CRC first, then the bytes
             size = crc = 0
             for chunk in chunks():
