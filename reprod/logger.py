@@ -103,11 +103,13 @@ class ReprodLogger:
         else:
             self._dtypes.pop(key, None)
 
-    def _put(self, key: str, array: np.ndarray, source_dtype: Optional[str] = None) -> None:
+    def _put(self, key: str, array: np.ndarray, source_dtype: Optional[str] = None,
+             crcs: Optional[dict[bytes, int]] = None) -> None:
         """``add`` of an array that is already the logger's own copy (``reprod.capture`` makes
-        it): kept as is in memory, written at once when streaming."""
+        it): kept as is in memory, written at once when streaming (``crcs``: see
+        ``NpzWriter.add_array``)."""
         if self._writer is not None:
-            self._writer.add(key, array, source_dtype)
+            self._writer.add_array(key, array, source_dtype, crcs)
             return
         self._data[key] = array
         if source_dtype is not None:

@@ -73,6 +73,9 @@ class _PaddleBackend:
         except (AttributeError, RuntimeError, TypeError, ValueError):
             return None
 
+    def host_view(self, tensor: Any, key: str) -> Converted:
+        return to_numpy(tensor, key=key, copy=False)
+
     def host_copy(self, tensor: Any, key: str, buffers: Buffers) -> tuple[Converted, bool]:
         dtype = str(tensor.dtype).replace("paddle.", "")
         if dtype not in _NUMPY_DTYPES or not tensor.place.is_cpu_place():

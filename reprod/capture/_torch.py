@@ -82,6 +82,15 @@ class _TorchBackend:
         except (AttributeError, RuntimeError):  # inference-mode tensors keep no counter
             return None
 
+    def host_view(self, tensor: Any, key: str) -> Converted:
+        import torch
+
+        t = tensor.detach()
+        if (t.device.type == "cpu" and t.layout == torch.strided and not t.is_conj()
+                and not t.is_neg() and _numpy_dtype(torch, t.dtype) is not None):
+            return Converted(t.numpy())  # to_numpy's answer for these, without its walk
+        return to_numpy(t, key=key, copy=False)
+
     def host_copy(self, tensor: Any, key: str, buffers: Buffers) -> tuple[Converted, bool]:
         import torch  # already imported by whoever made ``tensor``
 

@@ -14,7 +14,8 @@ Copying is what capture costs, so it is done as little and as cheaply as it can 
   them any more (their reference count says so: numpy makes every view of an array hold that
   array), so a step's copies land in memory already faulted in rather than ~300 fresh
   allocations; an array the user (or a logger) still holds is never written again;
-- a streaming logger writes each tensor from the tensor's own memory, inside the hook;
+- a streaming logger writes each tensor from the tensor's own memory, inside the hook; keys of
+  one unchanged tensor share its CRC, computed once;
 - a CUDA tensor is copied into pinned host memory without blocking, on its own stream (the copy
   overlaps the next layers; an in-place op later on that stream runs after it); the block's end
   waits for those copies, so the logger's values are complete once the block has ended.
@@ -41,6 +42,9 @@ Patterns = Union[str, Sequence[str], None]
 Items = tuple[Any, ...]
 # called with the positional and keyword arguments of a layer call
 PreHook = Callable[[tuple[Any, ...], dict[str, Any]], None]
+# tensors a streamed block remembers, for keys that record one again (MobileNetV3's repeat
+# within 2)
+_RECENT = 8
 
 
 class Backend(Protocol):
@@ -75,6 +79,10 @@ class Backend(Protocol):
     # a host copy of the tensor taken now (or, second item True, enqueued on its device, complete
     # after ``synchronize``), in an array from ``buffers`` where it can
     def host_copy(self, tensor: Any, key: str, buffers: Buffers) -> tuple[Converted, bool]: ...
+
+    # the tensor's host memory as numpy (a copy only where it must convert), for a caller done
+    # with it before the tensor can change
+    def host_view(self, tensor: Any, key: str) -> Converted: ...
 
     def synchronize(self) -> None: ...
 
@@ -229,6 +237,9 @@ class Recorder:
         # id(tensor) -> (weak reference, version, its copy, the first key that took it)
         self._seen: dict[int, tuple[Any, int, Converted, str]] = {}
         self._pending = False  # copies enqueued on a device, to wait for at the end
+        # streaming: the last tensors written, id(tensor) -> (weak reference, version, source
+        # dtype, its CRC cache)
+        self._recent: dict[int, tuple[Any, int, Optional[str], dict[bytes, int]]] = {}
 
     # --- which layers --------------------------------------------------------------------------
     def layers(self) -> list[tuple[str, Any]]:
@@ -276,6 +287,7 @@ class Recorder:
         finally:
             with self._lock:
                 self._seen.clear()
+                self._recent.clear()
                 buffers, self._buffers = self._buffers, None
                 pending, self._pending = self._pending, False
                 if buffers is not None:
@@ -289,10 +301,12 @@ class Recorder:
         with self._lock:
             if not self.active:
                 return
-            if self._buffers is None:  # streaming: written at once, from the tensor's memory
+            if self._buffers is not None:
+                self._copy(key, value, share=not gradient or self.backend.shares_gradients)
+            elif self._streaming and self._put is not None:
+                self._stream(key, value, share=not gradient or self.backend.shares_gradients)
+            else:  # a logger of another kind
                 self.logger.add(key, value)
-                return
-            self._copy(key, value, share=not gradient or self.backend.shares_gradients)
 
     def _copy(self, key: str, t: Any, *, share: bool) -> None:
         version = self.backend.version(t) if share else None
@@ -320,6 +334,33 @@ class Recorder:
             except TypeError:
                 return
             self._seen[id(t)] = (ref, version, conv, key)
+
+    def _stream(self, key: str, t: Any, *, share: bool) -> None:
+        """Write ``t`` to a streaming logger from the tensor's own memory, before this returns.
+        Keys that record the same tensor unchanged write the same bytes: its CRC is computed
+        once."""
+        version = self.backend.version(t) if share else None
+        recent = self._recent
+        if version is not None:
+            seen = recent.get(id(t))
+            if seen is not None and seen[0]() is t and seen[1] == version:
+                self._put(key, self.backend.host_view(t, key).array, seen[2], seen[3])
+                return
+        crcs: dict[bytes, int] = {}
+        conv = self.backend.host_view(t, key)
+        self._put(key, conv.array, conv.source_dtype, crcs)
+        if version is None:
+            return
+        try:
+            ref = weakref.ref(t)
+        except TypeError:
+            return
+        # the tensors a key records again are the last few (a layer's output is the next
+        # layer's input and its container's output): a window of them bounds what is held
+        recent.pop(id(t), None)
+        recent[id(t)] = (ref, version, conv.source_dtype, crcs)
+        if len(recent) > _RECENT:
+            del recent[next(iter(recent))]
 
     def _pre(self, name: str) -> PreHook:
         def hook(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

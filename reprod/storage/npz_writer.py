@@ -312,7 +312,7 @@ class NpzWriter:
             if len(_HEADER_CRCS) < 4096:
                 _HEADER_CRCS[header] = header_crc
         if records is None or not arr.nbytes \
-                or not self._write_small(name, header, header_crc, arr, arr.nbytes, records):
+                or not self._write_plain(name, header, header_crc, arr, arr.nbytes, records, crcs):
             data = memoryview(arr.reshape(-1)).cast("B") if arr.nbytes else b""
             crc = None if crcs is None else crcs.get(header)
             if crc is None:
@@ -325,30 +325,52 @@ class NpzWriter:
         text = '{"path": [' + ", ".join(map(_json_str, path)) + '], "member": ' + _json_str(name)
         return text + (', "dtype": ' + _json_str(src) + "}" if src is not None else "}")
 
-    def _write_small(self, name: str, header: bytes, header_crc: int, arr: np.ndarray,
-                     nbytes: int, records: list[bytes]) -> bool:
-        """``_write_stored`` of the member of most dumps (a C-contiguous array under 64 KiB, no
-        zip64 field, no free region to reuse): the same bytes, from the array's buffer; False,
-        having written nothing, for any other (or an array without a buffer)."""
+    def _write_plain(self, name: str, header: bytes, header_crc: int, arr: np.ndarray,
+                     nbytes: int, records: list[bytes],
+                     crcs: Optional[dict[bytes, int]] = None) -> bool:
+        """``_write_stored`` of the member of most dumps (a C-contiguous array, no zip64 field, no
+        free region to reuse): the same bytes, from the array's buffer, without its general
+        walk (~10 us a key less); False, having written nothing, for any other (or an array
+        without a buffer). ``crcs``: see ``add_array``."""
         size = len(header) + nbytes
         offset = self._pos
-        if self._n_free or size >= _ONE_WRITE or offset > _ZIP64_LIMIT or size > _ZIP64_LIMIT:
+        if self._n_free or offset > _ZIP64_LIMIT or size > _ZIP64_LIMIT:
             return False
         raw_name = name.encode("ascii")
         n = len(raw_name)
         extra = _PADS[(-(offset + 34 + n)) % _ALIGN]
         dos_time, dos_date = _dos_now()
-        try:
-            crc = crc32(arr, header_crc)
-            member = b"".join((
+        if size < _ONE_WRITE:  # one write call with its headers
+            try:
+                crc = crc32(arr, header_crc)
+                member = b"".join((
+                    _LOCAL_HEADER.pack(b"PK\x03\x04", _DEFAULT_VERSION, 0, _STORED, dos_time,
+                                       dos_date, crc, size, size, n, len(extra)),
+                    raw_name, extra, header, arr))
+            except (ValueError, TypeError, BufferError):
+                return False
+            if len(member) != 30 + n + len(extra) + size:  # pragma: no cover - another size
+                return False
+            self._file.write(member)
+        else:
+            try:
+                data = memoryview(arr.reshape(-1)).cast("B")
+            except (ValueError, TypeError, BufferError):  # pragma: no cover - no buffer
+                return False
+            crc = None if crcs is None else crcs.get(header)
+            if crc is None:
+                crc = crc32(data, header_crc)
+                if crcs is not None:
+                    crcs[header] = crc
+            prefix = b"".join((
                 _LOCAL_HEADER.pack(b"PK\x03\x04", _DEFAULT_VERSION, 0, _STORED, dos_time, dos_date,
                                    crc, size, size, n, len(extra)),
-                raw_name, extra, header, arr))
-        except (ValueError, TypeError, BufferError):
-            return False
-        if len(member) != 30 + n + len(extra) + size:  # pragma: no cover - a buffer of other size
-            return False
-        self._file.write(member)
+                raw_name, extra, header))
+            if nbytes < _WRITEV_FROM:
+                self._file.write(prefix)
+                self._file.write(data)
+            else:
+                _write_large(self._file, prefix, data)
         length = 30 + n + len(extra) + size
         self._pos = offset + length
         central = self._central
@@ -418,9 +440,11 @@ class NpzWriter:
                 f.write(chunk)
         elif len(data) < _ONE_WRITE:  # small members (most of a many-key dump): one write call
             f.write(b"".join((head, raw_name, local_extra, header, data)))
-        else:
+        elif len(data) < _WRITEV_FROM:
             f.write(b"".join((head, raw_name, local_extra, header)))
             f.write(data)
+        else:
+            _write_large(f, b"".join((head, raw_name, local_extra, header)), data)
         if region is None:
             self._pos = offset + length
         else:
@@ -539,6 +563,32 @@ class NpzWriter:
 
 
 _CENTRAL_SPILL = 4 << 20  # bytes of central directory kept in memory before moving them out
+
+def _write_large(f: Any, prefix: bytes, data: Any) -> None:
+    """``f.write(prefix); f.write(data)`` for data of at least ``_WRITEV_FROM`` bytes, in one
+    system call from the data's own memory (the buffered file copies data smaller than its 1 MiB
+    buffer into the buffer first, and writes a header alone before larger data; 256 KiB - 1 MiB
+    members went 5-20 % faster, smaller ones slower): what ``f`` holds goes out first. Only
+    absolute seeks follow on ``f``: its cached position is not updated."""
+    if _WRITEV is None:  # pragma: no cover - Windows
+        f.write(prefix)
+        f.write(data)
+        return
+    f.flush()
+    fd = f.fileno()
+    done = _WRITEV(fd, (prefix, data))
+    if done < len(prefix):  # short writes (a pipe, a signal): the rest piece by piece
+        prefix_rest = memoryview(prefix)[done:]
+        while prefix_rest:
+            prefix_rest = prefix_rest[os.write(fd, prefix_rest):]
+        done = len(prefix)
+    rest = memoryview(data)[done - len(prefix):]
+    while rest:
+        rest = rest[os.write(fd, rest):]
+
+
+_WRITEV = getattr(os, "writev", None)
+_WRITEV_FROM = 256 << 10
 
 # the writers not yet closed or aborted, for _silence_in_child
 _OPEN: weakref.WeakSet[NpzWriter] = weakref.WeakSet()
