@@ -15,6 +15,7 @@ __all__ = [
     "KeyMismatchError",
     "UnsupportedValueError",
     "MissingDependencyError",
+    "StreamWriteError",
 ]
 
 
@@ -73,6 +74,16 @@ class KeyMismatchError(ReprodError, KeyError):
 
 class UnsupportedValueError(ReprodError, TypeError):
     """A value handed to reprod is not numeric data (a string, None, an object array, ...)."""
+
+
+class StreamWriteError(ReprodError, OSError):
+    """A streaming dump's background writer failed (a full disk): raised by the logger's next
+    ``add``/``keys``/``close``, naming the file, the key being written and the problem (the
+    original exception is its ``__cause__``; an ``OSError``'s ``errno`` is kept). The dump is
+    abandoned: its temporary file is gone and any earlier file at the path is untouched."""
+
+    # the message as given, not OSError's "[Errno n] strerror" once errno is set
+    __str__ = BaseException.__str__
 
 
 class MissingDependencyError(ReprodError, ImportError):

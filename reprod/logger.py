@@ -52,16 +52,29 @@ class ReprodLogger:
     With ``stream_to="run.npz"`` every ``add`` is written to disk at once (native format) and
     memory stays bounded however many steps are logged (an index of the keys, moved to disk past
     20,000 keys); ``save()``/``close()`` finishes the file (it appears, complete, only then).
+    ``reprod.capture.record`` writes each tensor inside its hook, from the tensor's own memory.
+    With ``stream_queue_bytes=N`` (> 0) it hands copies to a writer thread instead, so that the
+    model computes on while they reach the file, at most N bytes of them waiting: worth it where
+    the framework leaves a CPU core idle (a torch model on fewer threads than cores: 1.13x -> 0.88x
+    of clone hooks), a loss where its threads take every core (benchmarks/README.md, "Capture").
+    Once that thread runs, ``add`` queues a copy of its value behind them. A failure of the
+    thread (a full disk) is raised by the next ``add``/``keys``/``close`` as a
+    ``reprod.errors.StreamWriteError``; the dump is then abandoned.
     Differences from reprod_log: values are copied at ``add`` (reprod_log keeps a reference, so an
     in-place update after ``add`` changed what it saved); an integer key is stored (and reported)
     as its ``str`` (``add(3, x)`` logs key ``"3"``); bad keys or values raise ``ReprodError`` instead
     of ``AssertionError``.
     """
 
-    def __init__(self, stream_to: Optional[PathLike] = None) -> None:
+    def __init__(self, stream_to: Optional[PathLike] = None, *,
+                 stream_queue_bytes: int = 0) -> None:
         self._data: dict[str, Any] = {}
         self._dtypes: dict[str, Any] = {}
         self._writer: Any = None
+        self._background: Any = None  # npz_background.BackgroundWriter, from the first hand-over
+        self._queue_bytes = int(stream_queue_bytes)  # 0: no writer thread for capture's copies
+        if self._queue_bytes < 0:
+            raise ValueError(f"stream_queue_bytes={stream_queue_bytes}: must be >= 0")
         self._stream_path = None if stream_to is None else os.fspath(stream_to)
         if self._stream_path is not None:
             from .storage.npz_writer import NpzWriter
@@ -92,10 +105,15 @@ class ReprodLogger:
         if tree is not None:
             dtypes = None
         else:
-            # a streaming logger writes the value before returning: no copy of it is needed
-            tree, dtypes = to_tree(val, key=key, copy=self._writer is None)
+            # a streaming logger writes the value before returning (no copy of it is needed),
+            # unless its writer thread runs: then a copy waits behind what the thread has
+            background = self._background
+            tree, dtypes = to_tree(val, key=key, copy=self._writer is None or background is not None)
             if self._writer is not None:
-                self._writer.add(key, tree, dtypes)
+                if background is not None:
+                    background.put(key, tree, dtypes)
+                else:
+                    self._writer.add(key, tree, dtypes)
                 return
         self._data[key] = tree
         if dtypes is not None:
@@ -109,6 +127,8 @@ class ReprodLogger:
         it): kept as is in memory, written at once when streaming (``crcs``: see
         ``NpzWriter.add_array``)."""
         if self._writer is not None:
+            if self._background is not None:  # the order of keys: what waits goes first
+                self._background.drain()
             self._writer.add_array(key, array, source_dtype, crcs)
             return
         self._data[key] = array
@@ -116,6 +136,18 @@ class ReprodLogger:
             self._dtypes[key] = source_dtype
         else:
             self._dtypes.pop(key, None)
+
+    def _put_later(self, key: str, array: np.ndarray, source_dtype: Optional[str] = None,
+                   crcs: Optional[dict[bytes, int]] = None) -> None:
+        """``_put`` of an array nobody changes any more, written by the logger's writer thread
+        (started here the first time); waits while ``stream_queue_bytes`` are waiting."""
+        background = self._background
+        if background is None:
+            from .storage.npz_background import QUEUE_BYTES, BackgroundWriter
+
+            background = self._background = BackgroundWriter(self._writer,
+                                                             self._queue_bytes or QUEUE_BYTES)
+        background.put(key, array, source_dtype, crcs)
 
     def remove(self, key: Union[str, int]) -> None:
         if type(key) is not str and isinstance(key, (int, np.integer)):
@@ -136,7 +168,11 @@ class ReprodLogger:
         self._dtypes.clear()
 
     def keys(self) -> list[str]:
-        return self._writer.keys() if self._writer is not None else list(self._data)
+        if self._writer is None:
+            return list(self._data)
+        if self._background is not None:
+            self._background.drain()
+        return self._writer.keys()
 
     def save(self, path: Optional[PathLike] = None) -> str:
         """Write the dump atomically and return the path written.
@@ -176,6 +212,8 @@ class ReprodLogger:
         """Finish a streaming dump (no-op otherwise)."""
         if self._writer is None:
             return ""
+        if self._background is not None:
+            return self._background.close()
         return self._writer.close()
 
     def __enter__(self) -> ReprodLogger:
@@ -184,6 +222,8 @@ class ReprodLogger:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self._writer is not None:
             if exc_type is None:
-                self._writer.close()
+                self.close()
+            elif self._background is not None:
+                self._background.abort()
             else:
                 self._writer.abort()

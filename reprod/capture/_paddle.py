@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..adapters import Converted, empty_array, to_numpy
-from .recorder import Buffers, PreHook
+from .recorder import HostArrays, PreHook
 
 __all__ = ["BACKEND"]
 
@@ -76,7 +76,7 @@ class _PaddleBackend:
     def host_view(self, tensor: Any, key: str) -> Converted:
         return to_numpy(tensor, key=key, copy=False)
 
-    def host_copy(self, tensor: Any, key: str, buffers: Buffers) -> tuple[Converted, bool]:
+    def host_copy(self, tensor: Any, key: str, buffers: HostArrays) -> tuple[Converted, bool]:
         dtype = str(tensor.dtype).replace("paddle.", "")
         if dtype not in _NUMPY_DTYPES or not tensor.place.is_cpu_place():
             return to_numpy(tensor, key=key), False  # paddle's own copy to host, synchronous

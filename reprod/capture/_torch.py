@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..adapters import Converted, empty_array, to_numpy
-from .recorder import Buffers, PreHook
+from .recorder import HostArrays, PreHook
 
 __all__ = ["BACKEND"]
 
@@ -91,7 +91,7 @@ class _TorchBackend:
             return Converted(t.numpy())  # to_numpy's answer for these, without its walk
         return to_numpy(t, key=key, copy=False)
 
-    def host_copy(self, tensor: Any, key: str, buffers: Buffers) -> tuple[Converted, bool]:
+    def host_copy(self, tensor: Any, key: str, buffers: HostArrays) -> tuple[Converted, bool]:
         import torch  # already imported by whoever made ``tensor``
 
         t = tensor.detach()

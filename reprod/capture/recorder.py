@@ -15,7 +15,10 @@ Copying is what capture costs, so it is done as little and as cheaply as it can 
   array), so a step's copies land in memory already faulted in rather than ~300 fresh
   allocations; an array the user (or a logger) still holds is never written again;
 - a streaming logger writes each tensor from the tensor's own memory, inside the hook; keys of
-  one unchanged tensor share its CRC, computed once;
+  one unchanged tensor share its CRC, computed once. With a writer thread
+  (``ReprodLogger(stream_queue_bytes=N)``) the hooks copy each tensor into host memory reused as
+  soon as the thread has written it (a pool bounded in bytes, like the thread's queue), and keys
+  of one unchanged tensor hand over the same copy;
 - a CUDA tensor is copied into pinned host memory without blocking, on its own stream (the copy
   overlaps the next layers; an in-place op later on that stream runs after it); the block's end
   waits for those copies, so the logger's values are complete once the block has ended.
@@ -24,6 +27,7 @@ Copying is what capture costs, so it is done as little and as cheaply as it can 
 from __future__ import annotations
 
 import fnmatch
+import math
 import sys
 import threading
 import weakref
@@ -32,11 +36,11 @@ from typing import Any, Callable, Optional, Protocol, Union
 
 import numpy as np
 
-from ..adapters import Converted
+from ..adapters import Converted, empty_array
 from ..logger import ReprodLogger
 from .naming import ROOT, layer_key, param_key
 
-__all__ = ["Backend", "Recorder", "Patterns", "Buffers"]
+__all__ = ["Backend", "Recorder", "Patterns", "Buffers", "StreamBuffers"]
 
 Patterns = Union[str, Sequence[str], None]
 Items = tuple[Any, ...]
@@ -78,7 +82,7 @@ class Backend(Protocol):
 
     # a host copy of the tensor taken now (or, second item True, enqueued on its device, complete
     # after ``synchronize``), in an array from ``buffers`` where it can
-    def host_copy(self, tensor: Any, key: str, buffers: Buffers) -> tuple[Converted, bool]: ...
+    def host_copy(self, tensor: Any, key: str, buffers: HostArrays) -> tuple[Converted, bool]: ...
 
     # the tensor's host memory as numpy (a copy only where it must convert), for a caller done
     # with it before the tensor can change
@@ -142,8 +146,89 @@ class Buffers:
         self._busy.clear()
 
 
-# model -> its Buffers, for as long as the model lives
+# copies smaller than this come from malloc's heap, warm already: not pooled
+_POOL_FROM = 64 << 10
+
+
+def _capacity(nbytes: int) -> int:
+    """The pooled buffer size for ``nbytes``: 8 sizes per power of two, at most 1/8 unused."""
+    shift = max(nbytes.bit_length() - 4, 6)
+    return -(-nbytes >> shift) << shift
+
+
+class StreamBuffers:
+    """Host memory for the copies a streamed ``record`` block hands to the writer thread.
+
+    Unlike ``Buffers`` an array is reused within the block, as soon as nobody holds it (the
+    writer thread drops it once written; the Recorder holds the last few, for keys that record
+    the same tensor again): the copies in flight at once, not a step's, are what it needs. The
+    pool keeps flat byte buffers by size class, each handed out as a view of the shape wanted (a
+    view holds its buffer, so the buffer's reference count tells whether anyone still holds it),
+    and at most ``limit`` bytes of them; past that a copy gets memory of its own, not kept.
+    Pinned arrays (CUDA copies) are kept by exact shape and dtype, within the same limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._flat: dict[int, list[np.ndarray]] = {}
+        self._pinned: dict[tuple[Any, ...], list[np.ndarray]] = {}
+        self._bytes = 0
+        self.in_use = False
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype, pinned: bool = False) -> Optional[np.ndarray]:
+        dtype = np.dtype(dtype)
+        if pinned:
+            for arr in self._pinned.get((shape, dtype.str), ()):
+                if sys.getrefcount(arr) == 3:  # the list, ``arr`` and getrefcount's argument
+                    return arr
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < _POOL_FROM:
+            return None  # ``keep`` is then told of a fresh array, and ignores it
+        cap = _capacity(nbytes)
+        for buf in self._flat.get(cap, ()):
+            if sys.getrefcount(buf) == 3:
+                return buf[:nbytes].view(dtype).reshape(shape)
+        buf = empty_array((cap,), np.dtype(np.uint8))
+        if self._room(cap):
+            self._flat.setdefault(cap, []).append(buf)
+            self._bytes += cap
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+    def keep(self, arr: np.ndarray, pinned: bool = False) -> None:
+        if pinned and self._room(arr.nbytes):
+            self._pinned.setdefault((arr.shape, arr.dtype.str), []).append(arr)
+            self._bytes += arr.nbytes
+
+    def _room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit in the limit, once unheld buffers are given up for them."""
+        if self._bytes + nbytes <= self.limit:
+            return True
+        for pool in (self._flat, self._pinned):
+            for spec in list(pool):
+                arrays = pool[spec]
+                kept = [a for a in arrays if sys.getrefcount(a) > 3]  # list, ``a``, argument
+                self._bytes -= sum(a.nbytes for a in arrays) - sum(a.nbytes for a in kept)
+                if kept:
+                    pool[spec] = kept
+                else:
+                    del pool[spec]
+                if self._bytes + nbytes <= self.limit:
+                    return True
+        return False
+
+    def clear(self) -> None:
+        self._flat.clear()
+        self._pinned.clear()
+        self._bytes = 0
+
+
+# where a backend's host_copy takes its arrays from (take, keep)
+HostArrays = Union[Buffers, StreamBuffers]
+
+# model -> its Buffers (its StreamBuffers), for as long as the model lives
 _BUFFERS: weakref.WeakKeyDictionary[Any, Buffers] = weakref.WeakKeyDictionary()
+_STREAM_BUFFERS: weakref.WeakKeyDictionary[Any, StreamBuffers] = weakref.WeakKeyDictionary()
 _BUFFERS_LOCK = threading.Lock()
 
 
@@ -163,15 +248,35 @@ def _buffers_for(model: Any, reuse: bool) -> Buffers:
         return buffers
 
 
+def _stream_buffers_for(model: Any, reuse: bool, limit: int) -> StreamBuffers:
+    if not reuse:
+        return StreamBuffers(limit)
+    with _BUFFERS_LOCK:
+        try:
+            pool = _STREAM_BUFFERS.get(model)
+            if pool is None:
+                pool = _STREAM_BUFFERS[model] = StreamBuffers(limit)
+        except TypeError:
+            return StreamBuffers(limit)
+        if pool.in_use:
+            return StreamBuffers(limit)
+        pool.in_use = True
+        pool.limit = limit
+        return pool
+
+
 def release_buffers(model: Any) -> None:
     """Drop the host arrays kept for reuse by ``model``'s next ``record`` block."""
     with _BUFFERS_LOCK:
         try:
             buffers = _BUFFERS.pop(model, None)
+            pool = _STREAM_BUFFERS.pop(model, None)
         except TypeError:
-            buffers = None
+            buffers = pool = None
     if buffers is not None:
         buffers.clear()
+    if pool is not None:
+        pool.clear()
 
 
 def _patterns(p: Patterns) -> Optional[tuple[str, ...]]:
@@ -237,9 +342,12 @@ class Recorder:
         # id(tensor) -> (weak reference, version, its copy, the first key that took it)
         self._seen: dict[int, tuple[Any, int, Converted, str]] = {}
         self._pending = False  # copies enqueued on a device, to wait for at the end
-        # streaming: the last tensors written, id(tensor) -> (weak reference, version, source
-        # dtype, its CRC cache)
-        self._recent: dict[int, tuple[Any, int, Optional[str], dict[bytes, int]]] = {}
+        # streaming: the pool of the copies handed to the logger's writer thread (None: written
+        # in the hook), and the last tensors written, id(tensor) -> (weak reference, version,
+        # the copy handed over or None, source dtype, its CRC cache)
+        self._stream_pool: Optional[StreamBuffers] = None
+        self._put_later: Any = None
+        self._recent: dict[int, tuple[Any, int, Optional[np.ndarray], Optional[str], dict[bytes, int]]] = {}
 
     # --- which layers --------------------------------------------------------------------------
     def layers(self) -> list[tuple[str, Any]]:
@@ -259,6 +367,14 @@ class Recorder:
         self._put = getattr(self.logger, "_put", None)
         if not self._streaming and self._put is not None:
             self._buffers = _buffers_for(self.model, self._reuse)
+        elif self._put is not None:
+            self._put_later = getattr(self.logger, "_put_later", None)
+            queue = getattr(self.logger, "_queue_bytes", 0)
+            if self._put_later is not None and queue:
+                # what waits in the queue, the few copies kept for keys of the same tensor, the
+                # next copies made meanwhile, and room for sizes to mix: MobileNetV3-Small's
+                # training step settled at 140 MiB for a 64 MiB queue (allocating on at 2x)
+                self._stream_pool = _stream_buffers_for(self.model, self._reuse, 4 * queue)
         try:
             for name, layer in self.layers():
                 self._handles.append(self.backend.add_pre_hook(layer, self._pre(name)))
@@ -288,6 +404,9 @@ class Recorder:
             with self._lock:
                 self._seen.clear()
                 self._recent.clear()
+                pool, self._stream_pool = self._stream_pool, None
+                if pool is not None:
+                    pool.in_use = False
                 buffers, self._buffers = self._buffers, None
                 pending, self._pending = self._pending, False
                 if buffers is not None:
@@ -336,19 +455,31 @@ class Recorder:
             self._seen[id(t)] = (ref, version, conv, key)
 
     def _stream(self, key: str, t: Any, *, share: bool) -> None:
-        """Write ``t`` to a streaming logger from the tensor's own memory, before this returns.
-        Keys that record the same tensor unchanged write the same bytes: its CRC is computed
-        once."""
+        """Hand ``t`` to a streaming logger: a copy from the pool to its writer thread, or (no
+        pool) the tensor's own memory, written before this returns. Keys that record the same
+        tensor unchanged hand over the same copy, and the writer computes its CRC once."""
         version = self.backend.version(t) if share else None
         recent = self._recent
         if version is not None:
             seen = recent.get(id(t))
             if seen is not None and seen[0]() is t and seen[1] == version:
-                self._put(key, self.backend.host_view(t, key).array, seen[2], seen[3])
+                _ref, _version, array, src, crcs = seen
+                if array is not None:
+                    self._put_later(key, array, src, crcs)
+                else:
+                    self._put(key, self.backend.host_view(t, key).array, src, crcs)
                 return
         crcs: dict[bytes, int] = {}
-        conv = self.backend.host_view(t, key)
-        self._put(key, conv.array, conv.source_dtype, crcs)
+        pool = self._stream_pool
+        if pool is not None:
+            conv, pending = self.backend.host_copy(t, key, pool)
+            if pending:  # a device copy into pinned memory: complete before the thread reads it
+                self.backend.synchronize()
+            kept: Optional[np.ndarray] = conv.array
+            self._put_later(key, conv.array, conv.source_dtype, crcs)
+        else:
+            conv, kept = self.backend.host_view(t, key), None
+            self._put(key, conv.array, conv.source_dtype, crcs)
         if version is None:
             return
         try:
@@ -358,7 +489,7 @@ class Recorder:
         # the tensors a key records again are the last few (a layer's output is the next
         # layer's input and its container's output): a window of them bounds what is held
         recent.pop(id(t), None)
-        recent[id(t)] = (ref, version, conv.source_dtype, crcs)
+        recent[id(t)] = (ref, version, kept, conv.source_dtype, crcs)
         if len(recent) > _RECENT:
             del recent[next(iter(recent))]
 
