@@ -2,6 +2,7 @@
 
     python benchmarks/capture.py                      # torch and paddle, 7 rounds
     python benchmarks/capture.py --frameworks torch --rounds 5 --batch 8
+    python benchmarks/capture.py --frameworks torch --against ../before  # and a checkout's reprod
 
 MobileNetV3-Small from examples/mobilenetv3/ (batch 8, 224x224, CPU). Each framework runs in its
 own process; within it, for one pass after the other, every variant runs once per round, rounds
@@ -19,6 +20,10 @@ interleaved, so that a change of machine load hits every variant alike; the figu
 - ``record stream``: the same with ``ReprodLogger(stream_to=...)`` (closed inside the timing);
 - ``record stream thread`` (only with ``--variants``): the same with ``stream_queue_bytes=64
   MiB``: the hooks hand copies to a writer thread.
+
+``--against DIR`` also runs every record variant (``record stream (against)``, ...) with DIR's
+``reprod``, loaded beside this checkout's in the same process, each beside its twin in every
+round: before and after a change under the same load, against the same floors.
 
 A ratio is a variant's median over its floor's (``hooks leaf`` for ``record leaf``, ``hooks all``
 for the others), for wall time and for CPU time (all the process's threads; steadier than wall
@@ -206,10 +211,47 @@ def hand_hooks(fw: Any, backward: bool, *, containers: bool) -> tuple[float, flo
     return dt
 
 
+AGAINST = " (against)"  # a record variant run with --against DIR's reprod
+
+
+def _load_against(folder: str) -> None:
+    """DIR's reprod as the package ``reprod_against``, beside this checkout's (the capture and
+    storage code imports itself relatively, so a second copy runs under another name)."""
+    import importlib.util
+
+    pkg = os.path.join(os.path.abspath(folder), "reprod")
+    spec = importlib.util.spec_from_file_location(
+        "reprod_against", os.path.join(pkg, "__init__.py"), submodule_search_locations=[pkg])
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["reprod_against"] = mod
+    spec.loader.exec_module(mod)
+
+
+def _variants(args: argparse.Namespace, round_: int) -> list[str]:
+    """A round's variants; with --against each record variant beside its twin, which of the two
+    runs first alternating from round to round."""
+    out: list[str] = []
+    for v in args.variants:
+        if args.against and v.startswith("record") and v not in EXTRA_VARIANTS:
+            pair = [v, v + AGAINST]
+            out += pair if round_ % 2 == 0 else pair[::-1]
+        else:
+            out.append(v)
+    return out
+
+
 def one(fw: Any, variant: str, backward: bool, tmp: str) -> tuple[float, float]:
     """Wall and CPU (all of the process's threads) seconds of one step of ``variant``."""
-    from reprod import ReprodLogger
-    from reprod.capture import record
+    if variant.endswith(AGAINST):
+        import importlib
+
+        ReprodLogger = sys.modules["reprod_against"].ReprodLogger  # noqa: N806
+        record = importlib.import_module("reprod_against.capture").record
+        variant = variant[: -len(AGAINST)]
+    else:
+        from reprod import ReprodLogger
+        from reprod.capture import record
 
     if variant == "plain":
         t0, c0 = time.perf_counter(), time.process_time()
@@ -240,15 +282,17 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, ROOT)
     sys.path.insert(0, EXAMPLE)
     fw = (Torch if args.child == "torch" else Paddle)(args.batch, args.threads)
+    if args.against:
+        _load_against(args.against)
     modes = [m == "fwd+bwd" for m in args.modes]
     times: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         # one pass after the other, each repeated as a loop repeats its step
         for backward in modes:
-            for v in args.variants:  # warm-up: allocator, first-call costs, page cache
+            for v in _variants(args, 0):  # warm-up: allocator, first-call costs, page cache
                 one(fw, v, backward, tmp)
-            for _ in range(args.rounds):
-                for v in args.variants:
+            for r in range(args.rounds):
+                for v in _variants(args, r):
                     key = f"{'fwd+bwd' if backward else 'fwd'}|{v}"
                     times.setdefault(key, []).append(one(fw, v, backward, tmp))
     json.dump({k: [statistics.median(w for w, _ in v), statistics.median(c for _, c in v)]
@@ -262,7 +306,7 @@ def table(results: dict[str, dict[str, list[float]]]) -> str:
     for fw, med in results.items():
         for key, (wall, cpu) in med.items():
             mode, variant = key.split("|")
-            floor = FLOOR.get(variant)
+            floor = FLOOR.get(variant.removesuffix(AGAINST))
             if floor is None or f"{mode}|{floor}" not in med:
                 rows.append(f"| {fw} | {mode} | {variant} | {wall * 1e3:.1f} | | | "
                             f"| {cpu * 1e3:.1f} | | |")
@@ -284,6 +328,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tmp", default=None, help="where the streamed dump goes (default: the system's)")
+    ap.add_argument("--against", metavar="DIR", default=None,
+                    help="also run every record variant with DIR's reprod (a checkout of the commit "
+                         "before a change, built in place), interleaved with this one's")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -296,12 +343,16 @@ def main() -> int:
                "--variants", *args.variants]
         if args.tmp:
             cmd += ["--tmp", args.tmp]
+        if args.against:
+            cmd += ["--against", os.path.abspath(args.against)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
         load = os.getloadavg()
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         results[fw] = json.loads(out.strip().splitlines()[-1])
         print(f"{fw}: load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
               f"after {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
+    if args.against:
+        print(f"(against): reprod from {os.path.abspath(args.against)}", file=sys.stderr)
     print(table(results))
     return 0
 
