@@ -101,6 +101,9 @@ class NpzWriter:
         self._n_free = 0
         self._dead = 0
         self._reuse = not self._af.direct or self._file.seekable()
+        # the temporary file is extended ahead of the members (see _reserve), to this size
+        self._reserved = 0
+        self._grow = os.name == "posix" and not self._af.direct
         # a writer dropped or left open at exit gives its temporary file back (in this process
         # only: a forked child exiting must not remove its parent's file)
         self._pid = os.getpid()
@@ -339,6 +342,9 @@ class NpzWriter:
         raw_name = name.encode("ascii")
         n = len(raw_name)
         extra = _PADS[(-(offset + 34 + n)) % _ALIGN]
+        length = 30 + n + len(extra) + size
+        if offset + length > self._reserved:
+            self._reserve(offset + length)
         dos_time, dos_date = _dos_now()
         if size < _ONE_WRITE:  # one write call with its headers
             try:
@@ -371,7 +377,6 @@ class NpzWriter:
                 self._file.write(data)
             else:
                 _write_large(self._file, prefix, data)
-        length = 30 + n + len(extra) + size
         self._pos = offset + length
         central = self._central
         records.append(_RECORD.pack(offset, length, self._central_spilled + len(central)))
@@ -384,6 +389,21 @@ class NpzWriter:
         if len(central) >= _CENTRAL_SPILL:
             self._spill_central()
         return True
+
+    def _reserve(self, end: int) -> None:
+        """Extend the temporary file past ``end`` (sparse: no blocks, no zeros written) before
+        the members up to there are written: ext4 takes a write within the file's size ~30 %
+        faster than one that extends it (780 MiB in 6 MiB writes: 231 against 330 ms). ``close``
+        cuts the file back to its end."""
+        if not self._grow:
+            return
+        new = end + min(max(end, 16 << 20), 1 << 30)
+        try:
+            os.ftruncate(self._file.fileno(), new)
+        except (OSError, ValueError):  # a file system that refuses: writes extend it as they go
+            self._grow = False
+            return
+        self._reserved = new
 
     def _spill_central(self) -> None:
         """Move the central directory entries kept in memory to the side file."""
@@ -434,6 +454,8 @@ class NpzWriter:
         length = 30 + len(raw_name) + len(local_extra) + size
         if region is not None:
             f.seek(offset)
+        elif chunks is None and offset + length > self._reserved:
+            self._reserve(offset + length)
         if chunks is not None:
             f.write(b"".join((head, raw_name, local_extra)))
             for chunk in chunks():
@@ -478,8 +500,9 @@ class NpzWriter:
         if len(self._central) >= _CENTRAL_SPILL:
             self._spill_central()
 
-    def _write_directory(self) -> None:
-        """The central directory and the end records (zip64 ones where counts or offsets need)."""
+    def _write_directory(self) -> int:
+        """The central directory and the end records (zip64 ones where counts or offsets need);
+        returns the offset of the file's end."""
         f = self._file
         start = self._pos
         if not self._dead:
@@ -503,8 +526,10 @@ class NpzWriter:
             f.write(_EOCD64.pack(b"PK\x06\x06", 44, _ZIP64_VERSION, _ZIP64_VERSION, 0, 0, count,
                                  count, size, start))
             f.write(_LOCATOR64.pack(b"PK\x06\x07", 0, end, 1))
+            end += _EOCD64.size + _LOCATOR64.size
             count, size, start = min(count, 0xFFFF), min(size, 0xFFFFFFFF), min(start, 0xFFFFFFFF)
         f.write(_EOCD.pack(b"PK\x05\x06", 0, 0, count, count, size, start, 0))
+        return end + _EOCD.size
 
     def close(self) -> str:
         if self._closed and self._aborted is None:
@@ -512,7 +537,10 @@ class NpzWriter:
         self._check_open()
         try:
             self._write_stored(META_NAME, b"", b"", align=False, chunks=meta_chunks(self._keys))
-            self._write_directory()
+            end = self._write_directory()
+            if self._reserved:  # what _reserve added past the end goes
+                self._file.flush()
+                os.ftruncate(self._file.fileno(), end)
             self._af.commit()
         except BaseException as exc:
             self._abort(exc)

@@ -71,3 +71,46 @@ def test_without_writev(tmp_path, monkeypatch, fixed_time) -> None:
         want = _write(tmp_path / "buffered.npz")
     monkeypatch.setattr(npz_writer, "_WRITEV", None)  # Windows
     assert _write(tmp_path / "plain.npz") == want
+
+
+def test_the_file_extended_ahead_is_cut_back_to_its_end(tmp_path, monkeypatch, fixed_time) -> None:
+    """Members are written within the temporary file's size (extended ahead, sparse); the dump
+    is the bytes written without that, its end where the zip ends."""
+    real_init = NpzWriter.__init__
+
+    def no_growth(self, path):
+        real_init(self, path)
+        self._grow = False
+
+    with monkeypatch.context() as m:
+        m.setattr(NpzWriter, "__init__", no_growth)
+        want = _write(tmp_path / "grown_as_written.npz")
+    sizes = []
+    real_reserve = NpzWriter._reserve
+
+    def reserve(self, end):
+        real_reserve(self, end)
+        sizes.append((end, os.fstat(self._file.fileno()).st_size))
+
+    monkeypatch.setattr(NpzWriter, "_reserve", reserve)
+    got = _write(tmp_path / "reserved.npz")
+    if os.name == "posix":
+        assert sizes and all(size > end for end, size in sizes)
+    assert got == want
+    assert reprod.load(tmp_path / "reserved.npz", verify=True)["k4"].shape == (1 << 20,)
+
+
+def test_a_zip64_dump_is_cut_back_to_its_end_records(tmp_path, monkeypatch, fixed_time) -> None:
+    """Past 65,535 members the end records are zip64 ones: the cut is after them."""
+    w = NpzWriter(str(tmp_path / "many.npz"))
+    w.add_array("big", np.ones(10 << 20, np.float32))  # 40 MiB: the file extended to 80 MiB
+    one = np.zeros(1, np.uint8)
+    for i in range(70_000):
+        w.add_array(f"k{i}", one)
+    assert w._reserved > w._pos + (10 << 20) or os.name != "posix"  # room left for the directory
+    w.close()
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "many.npz") as z:
+        assert len(z.namelist()) == 70_002 and z.testzip() is None
+    assert (tmp_path / "many.npz").read_bytes()[-22:-18] == b"PK\x05\x06"
