@@ -55,8 +55,8 @@ class ReprodLogger:
     ``reprod.capture.record`` writes each tensor inside its hook, from the tensor's own memory.
     With ``stream_queue_bytes=N`` (> 0) it hands copies to a writer thread instead, so that the
     model computes on while they reach the file, at most N bytes of them waiting: worth it where
-    the framework leaves a CPU core idle (a torch model on fewer threads than cores: 1.13x -> 0.88x
-    of clone hooks), a loss where its threads take every core (benchmarks/README.md, "Capture").
+    the framework leaves a CPU core idle (paddle's CPU kernels: 1.2x -> 1.0x of clone hooks), a
+    loss where its threads take every core (torch's, by default; benchmarks/README.md, "Capture").
     Once that thread runs, ``add`` queues a copy of its value behind them. A failure of the
     thread (a full disk) is raised by the next ``add``/``keys``/``close`` as a
     ``reprod.errors.StreamWriteError``; the dump is then abandoned.
