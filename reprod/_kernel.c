@@ -1432,8 +1432,12 @@ static int pack_flush(pack_out_t *out) {
                 const unsigned char *hb = (const unsigned char *)PyBytes_AS_STRING(m->header);
                 size_t hl = (size_t)PyBytes_GET_SIZE(m->header), dl = (size_t)m->view.len;
                 uint32_t size = (uint32_t)(hl + dl);
-                uint32_t crc = dl ? crc32_of(m->header_crc, m->view.buf, dl) : m->header_crc;
                 unsigned n = (unsigned)m->name_len, e = 4 + (unsigned)m->pad;
+                unsigned char *data = o + 30 + n + e + hl;
+                /* the copy first, the CRC over it: memcpy streams the scattered small arrays from
+                   memory faster than the fold's loads, which then find the bytes in cache */
+                if (dl) memcpy(data, m->view.buf, dl);
+                uint32_t crc = dl ? crc32_of(m->header_crc, data, dl) : m->header_crc;
                 memcpy(o, "PK\x03\x04", 4);
                 put16(o + 4, 20);
                 put16(o + 6, 0);
@@ -1457,7 +1461,6 @@ static int pack_flush(pack_out_t *out) {
                 put16(ex + 2, (unsigned)m->pad);
                 memset(ex + 4, 0, (size_t)m->pad);
                 memcpy(ex + e, hb, hl);
-                if (dl) memcpy(ex + e + hl, m->view.buf, dl);
                 memcpy(c, "PK\x01\x02", 4);
                 c[4] = 20;
                 c[5] = (unsigned char)PACK_CREATE_SYSTEM;
@@ -1507,10 +1510,50 @@ release:
     return rc;
 }
 
+/* numpy's version 1.0 .npy header of a C-ordered array with this descr and shape, as
+ * numpy.lib.format._write_array_header lays it out (the dict's text, 21 spaces less the first
+ * axis's digits for it to grow into, padded with spaces and a newline to a multiple of 64), with
+ * its CRC-32, as (bytes, int); NULL without an exception where numpy would need version 2.0. The
+ * caller hands a descr only where storage/npz_members.py found this text equal to numpy's. */
+static PyObject *npy_header_entry(PyObject *descr, int ndim, const Py_ssize_t *shape) {
+    char text[160 + 22 * PACK_MAX_DIMS];
+    Py_ssize_t dl = PyBytes_GET_SIZE(descr);
+    if (dl > 32) return NULL;
+    int n = snprintf(text, 40, "{'descr': '");
+    memcpy(text + n, PyBytes_AS_STRING(descr), (size_t)dl);
+    n += (int)dl;
+    n += snprintf(text + n, 40, "', 'fortran_order': False, 'shape': (");
+    int first = 0;
+    for (int d = 0; d < ndim; d++) {
+        int w = snprintf(text + n, 24, d ? ", %lld" : "%lld", (long long)shape[d]);
+        if (d == 0) first = w;
+        n += w;
+    }
+    if (ndim == 1) text[n++] = ',';
+    n += snprintf(text + n, 8, "), }");
+    if (ndim > 0)
+        for (int k = first; k < 21; k++) text[n++] = ' ';
+    Py_ssize_t hlen = n + 1, total = hlen + 64 - (10 + hlen) % 64;
+    if (total > 0xFFFF) return NULL;
+    PyObject *header = PyBytes_FromStringAndSize(NULL, 10 + total);
+    if (header == NULL) return NULL;
+    unsigned char *h = (unsigned char *)PyBytes_AS_STRING(header);
+    memcpy(h, "\x93NUMPY\x01\x00", 8);
+    put16(h + 8, (unsigned)total);
+    memcpy(h + 10, text, (size_t)n);
+    memset(h + 10 + n, ' ', (size_t)(total - hlen));
+    h[10 + total - 1] = '\n';
+    PyObject *crc = PyLong_FromUnsignedLong(crc32_of(0, h, (size_t)(10 + total)));
+    PyObject *entry = crc ? PyTuple_Pack(2, header, crc) : NULL;
+    Py_DECREF(header);
+    Py_XDECREF(crc);
+    return entry;
+}
+
 PyDoc_STRVAR(npz_pack_doc,
     "npz_pack(items, start, ndarray, dtypes, headers, make_header, source_dtypes, mem, room,\n"
     "         pos, central, central_base, counter, zip64_limit, one_write, max_clean, max_key,\n"
-    "         chunk, spilled, clock, write) -> (next, written, count, rows, texts)\n\n"
+    "         chunk, spilled, clock, write, descrs=None) -> (next, written, count, rows, texts)\n\n"
     "The members of items[start:] (a list of (key, value) tuples) up to the first pair the\n"
     "writer's Python path must take (see the comment above): their bytes (local headers,\n"
     "names, padding, .npy headers, data), from file offset pos, handed to write a chunk of\n"
@@ -1531,12 +1574,17 @@ static PyObject *npz_pack(PyObject *self, PyObject *args) {
     unsigned long long pos, central_base, counter, zip64_limit, one_write;
     unsigned fixed_time = 0, fixed_date = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!nO!O!O!OOOnKO!KKKKnnnnOO", &PyList_Type, &items, &start,
+    PyObject *descrs = Py_None;
+    if (!PyArg_ParseTuple(args, "O!nO!O!O!OOOnKO!KKKKnnnnOO|O", &PyList_Type, &items, &start,
                           &PyType_Type, &ndarray, &PyTuple_Type, &dtypes, &PyDict_Type, &headers,
                           &make_header, &source_dtypes, &mem, &room, &pos, &PyByteArray_Type,
                           &central, &central_base, &counter, &zip64_limit, &one_write, &max_clean,
-                          &max_key, &chunk, &spilled, &clock, &write))
+                          &max_key, &chunk, &spilled, &clock, &write, &descrs))
         return NULL;
+    if (descrs != Py_None && !PyList_Check(descrs)) {
+        PyErr_SetString(PyExc_TypeError, "npz_pack: descrs must be a list or None");
+        return NULL;
+    }
     if (clock != Py_None && !PyArg_ParseTuple(clock, "II;npz_pack: clock must be None or (time, date)",
                                               &fixed_time, &fixed_date))
         return NULL;
@@ -1643,7 +1691,10 @@ static PyObject *npz_pack(PyObject *self, PyObject *args) {
             if (entry != NULL) {
                 Py_INCREF(entry);
             } else if (kb != NULL && !PyErr_Occurred()) {
-                entry = PyObject_CallOneArg(make_header, val);
+                PyObject *descr = descrs != Py_None && which < PyList_GET_SIZE(descrs)
+                                      ? PyList_GET_ITEM(descrs, which) : Py_None;
+                entry = PyBytes_Check(descr) ? npy_header_entry(descr, ndim, m->view.shape) : NULL;
+                if (entry == NULL && !PyErr_Occurred()) entry = PyObject_CallOneArg(make_header, val);
                 /* past 4096 shapes the dict stops growing: the header is made each time */
                 if (entry != NULL && PyDict_GET_SIZE(headers) < 4096 &&
                     PyDict_SetItem(headers, kb, entry) < 0)

@@ -110,25 +110,83 @@ def _dos_now() -> tuple[int, int]:
 
 def _npy_header(arr: np.ndarray) -> bytes:
     dt = arr.dtype
-    # numpy's header is a function of dtype, shape and order (always C here); writing it costs
-    # ~4 us, cached for plain dtypes, where ``dtype.str`` is the header's descr
-    key = (dt.str, arr.shape) if dt.names is None and dt.subdtype is None and dt.metadata is None \
-        else None
-    header = _WRITTEN_HEADERS.get(key) if key is not None else None
+    # numpy's header is a function of dtype, shape and order (always C here), cached for plain
+    # dtypes, where ``dtype.str`` is the header's descr
+    if dt.names is not None or dt.subdtype is not None or dt.metadata is not None:
+        return _numpy_header(arr)
+    key = (dt.str, arr.shape)
+    header = _WRITTEN_HEADERS.get(key)
     if header is None:
-        import io
-
-        buf = io.BytesIO()
-        d = np.lib.format.header_data_from_array_1_0(arr)
-        try:
-            np.lib.format.write_array_header_1_0(buf, d)
-        except ValueError:
-            buf = io.BytesIO()
-            np.lib.format.write_array_header_2_0(buf, d)
-        header = buf.getvalue()
-        if key is not None and len(_WRITTEN_HEADERS) < 4096:
+        # numpy writes a header in ~5 us; dumps of many differently sized arrays have as many
+        # shapes as keys, so the text is formatted here where it agrees with numpy's
+        header = _formula_header(*key) if _formula_holds(key[0]) else None
+        if header is None:
+            header = _numpy_header(arr)
+        if len(_WRITTEN_HEADERS) < 4096:
             _WRITTEN_HEADERS[key] = header
     return header
+
+
+def _numpy_header(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    d = np.lib.format.header_data_from_array_1_0(arr)
+    try:
+        np.lib.format.write_array_header_1_0(buf, d)
+    except ValueError:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, d)
+    return buf.getvalue()
+
+
+# The spaces numpy leaves after the shape for the first axis to grow into (from 1.24: 21; none
+# before); the probes below check it with the rest of the layout
+_GROWTH = getattr(np.lib.format, "GROWTH_AXIS_MAX_DIGITS", 0)
+_MAGIC_1_0 = b"\x93NUMPY\x01\x00"
+
+
+def _formula_header(descr: str, shape: tuple[int, ...]) -> Optional[bytes]:
+    """numpy's version 1.0 header of a C-ordered array, as ``_write_array_header`` lays it out;
+    None where it would need version 2.0."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, shape)
+    if shape:
+        text += " " * (_GROWTH - len(repr(shape[0])))
+    hlen = len(text) + 1
+    total = hlen + _ALIGN - (len(_MAGIC_1_0) + 2 + hlen) % _ALIGN
+    if total > 0xFFFF:
+        return None
+    return (_MAGIC_1_0 + total.to_bytes(2, "little") + text.encode("latin1")
+            + b" " * (total - hlen) + b"\n")
+
+
+# Shapes whose header texts take every length modulo the 64-byte alignment (a text longer or
+# shorter than numpy's anywhere moves one of them past a boundary), and first axes of 1 to 19
+# digits (the growth padding): ~0.3 ms a dtype, once per process
+_PROBE_SHAPES = ((), (0,), *((10**k,) for k in range(19)), *((1,) + (7,) * j for j in range(64)))
+_FORMULA_HOLDS: dict[str, bool] = {}
+
+
+def _formula_holds(descr: str) -> bool:
+    """Whether ``_formula_header`` writes this numpy's bytes for ``descr``, checked once per
+    dtype (another numpy's layout leaves each header to numpy)."""
+    holds = _FORMULA_HOLDS.get(descr)
+    if holds is None:
+        import io
+
+        holds = True
+        try:
+            for shape in _PROBE_SHAPES:
+                buf = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    buf, {"descr": descr, "fortran_order": False, "shape": shape})
+                if buf.getvalue() != _formula_header(descr, shape):
+                    holds = False
+                    break
+        except (ValueError, TypeError, AttributeError):
+            holds = False
+        _FORMULA_HOLDS[descr] = holds
+    return holds
 
 
 _WRITTEN_HEADERS: dict[Any, bytes] = {}

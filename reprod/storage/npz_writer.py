@@ -45,6 +45,7 @@ from .npz_members import (  # noqa: F401 - the writer's layout, importable from 
     _abandon,
     _dos_now,
     _flatten,
+    _formula_holds,
     _json_str,
     _npy_header,
     _writer_info,
@@ -232,7 +233,8 @@ class NpzWriter:
                         items, i, np.ndarray, _BATCH_DTYPES, _BATCH_HEADERS, _header_and_crc,
                         sd or None, mem, room, self._pos, self._central, self._central_spilled,
                         self._counter, _ZIP64_LIMIT, _ONE_WRITE, _MAX_CLEAN_NAME, _BATCH_MAX_KEY,
-                        _BATCH_BYTES, keys.spilled, npz_members._FIXED_DOS, self._file.write)
+                        _BATCH_BYTES, keys.spilled, npz_members._FIXED_DOS, self._file.write,
+                        _BATCH_DESCRS)
                     self._pos += written
                     self._counter += count
                     self._members += count
@@ -651,8 +653,18 @@ if hasattr(os, "register_at_fork"):
 
 
 def _header_and_crc(arr: np.ndarray) -> tuple[bytes, int]:
-    """The ``.npy`` header of ``arr`` and its CRC-32, for ``npz_pack``'s cache of them."""
+    """The ``.npy`` header of ``arr`` and its CRC-32, for ``npz_pack``'s cache of them; where
+    numpy's header text for the dtype is the formula's, ``npz_pack`` formats the dtype's later
+    shapes itself (``_BATCH_DESCRS``)."""
     header = _npy_header(arr)
+    descrs = _BATCH_DESCRS
+    if descrs is not None:
+        dt = arr.dtype
+        for i, d in enumerate(_BATCH_DTYPES):
+            if d is dt:
+                if _formula_holds(dt.str):
+                    descrs[i] = dt.str.encode("ascii")
+                break
     header_crc = _HEADER_CRCS.get(header)
     if header_crc is None:
         header_crc = crc32(header)
@@ -673,6 +685,8 @@ def _batch_dtypes() -> tuple[np.dtype, ...]:
 
 _BATCH_DTYPES = _batch_dtypes()
 _BATCH_HEADERS: dict[bytes, tuple[bytes, int]] = {}  # npz_pack's: (dtype, shape) -> (header, crc)
+# npz_pack's: by dtype, the descr of those whose headers it formats (``_formula_header`` in C)
+_BATCH_DESCRS: Optional[list[Optional[bytes]]] = [None] * len(_BATCH_DTYPES)
 _BATCH_BYTES = 256 << 10  # member bytes npz_pack hands to the file's write at a time (about)
 _BATCH_MAX_KEY = 4096  # longer keys go the Python path (a numbered member each)
 _BATCH_ITEMS = 8192  # items handed to npz_pack at most, with their rows past the key log's spill
