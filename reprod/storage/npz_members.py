@@ -149,7 +149,7 @@ _MAGIC_1_0 = b"\x93NUMPY\x01\x00"
 def _formula_header(descr: str, shape: tuple[int, ...]) -> Optional[bytes]:
     """numpy's version 1.0 header of a C-ordered array, as ``_write_array_header`` lays it out;
     None where it would need version 2.0."""
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, shape)
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
     if shape:
         text += " " * (_GROWTH - len(repr(shape[0])))
     hlen = len(text) + 1
