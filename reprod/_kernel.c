@@ -215,13 +215,24 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
         scalar_range(rp, rk, op, ok, lo + n, hi, o, a); /* the tail */                           \
         return 1;                                                                                \
     }                                                                                            \
+    /* len: the buffers' length in elements, which the prefetches stay within */                \
     ATTR INLINE int NAME(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,         \
-                         Py_ssize_t hi, const opts_t *o, acc_t *a) {                             \
+                         Py_ssize_t hi, Py_ssize_t len, const opts_t *o, acc_t *a) {             \
         NAME##_sums s;                                                                           \
         NAME##_start(&s, o);                                                                     \
-        Py_ssize_t n = (hi - lo) / W * W;                                                        \
-        for (Py_ssize_t i = lo; i < lo + n; i += W)                                              \
-            NAME##_step(&s, NAME##_load(rp, rk, i), NAME##_load(op, ok, i), o->check_close);     \
+        int check_close = o->check_close;                                                        \
+        Py_ssize_t n = (hi - lo) / W * W, i = lo;                                                \
+        for (; i + FUSED_GROUP <= lo + n; i += FUSED_GROUP) {                                    \
+            Py_ssize_t ahead = i + FUSED_AHEAD;                                                  \
+            if (ahead > len - FUSED_GROUP) ahead = len - FUSED_GROUP;                            \
+            prefetch_group(rp, rk, ahead);                                                       \
+            prefetch_group(op, ok, ahead);                                                       \
+            for (int u = 0; u < FUSED_GROUP; u += W)                                             \
+                NAME##_step(&s, NAME##_load(rp, rk, i + u), NAME##_load(op, ok, i + u),          \
+                            check_close);                                                        \
+        }                                                                                        \
+        for (; i < lo + n; i += W)                                                               \
+            NAME##_step(&s, NAME##_load(rp, rk, i), NAME##_load(op, ok, i), check_close);        \
         return NAME##_merge(&s, rp, rk, op, ok, lo, n, hi, o, a);                                \
     }
 
@@ -378,14 +389,14 @@ DEFINE_FUSED_BLOCK(fused4, AVX2, 4, vd4, block4, noise4)
                           Py_ssize_t n, Py_ssize_t block, const opts_t *o, acc_t *a) {           \
         for (Py_ssize_t lo = start; lo < n; lo += block) {                                       \
             Py_ssize_t hi = lo + block < n ? lo + block : n;                                     \
-            if (VECTOR_BLOCK(rp, rk, op, ok, lo, hi, o, a)) continue;                            \
+            if (VECTOR_BLOCK(rp, rk, op, ok, lo, hi, n, o, a)) continue;                         \
             scalar_range(rp, rk, op, ok, lo, hi, o, a);                                          \
         }                                                                                        \
     }
 
 INLINE int no_vectors(const char *rp, char rk, const char *op, char ok, Py_ssize_t lo,
-                      Py_ssize_t hi, const opts_t *o, acc_t *a) {
-    (void)rp, (void)rk, (void)op, (void)ok, (void)lo, (void)hi, (void)o, (void)a;
+                      Py_ssize_t hi, Py_ssize_t len, const opts_t *o, acc_t *a) {
+    (void)rp, (void)rk, (void)op, (void)ok, (void)lo, (void)hi, (void)len, (void)o, (void)a;
     return 0;
 }
 
