@@ -136,7 +136,10 @@ INLINE void scalar_range(const char *rp, char rk, const char *op, char ok, Py_ss
  * `a < b ? a : b` lane-wise (what MAXPD/MINPD do). A block is assumed finite; when the sum of
  * its differences is not finite, the block is left untouched and 0 returned. Its lanes
  * (NAME##_sums), one step and the merge into acc_t are apart so that stats3's fused loop
- * (DEFINE_FUSED_BLOCK) adds the same terms in the same lanes and order as this loop.
+ * (DEFINE_FUSED_BLOCK) adds the same terms in the same lanes and order as this loop. The loop
+ * prefetches as stats3's does (FUSED_AHEAD, below): a core alone kept too few cache misses in
+ * flight to stream even two arrays behind the division (from memory, 0.58x the time for float64
+ * and 0.78x for float32 with the prefetches; benchmarks/README.md, issue 23).
  */
 #define DEFINE_VECTOR_BLOCK(NAME, ATTR, W, VD, VI, LOADF, LOADD, MAX, MIN)                        \
     ATTR INLINE VD NAME##_load(const char *p, char kind, Py_ssize_t i) {                         \
