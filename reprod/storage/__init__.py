@@ -117,9 +117,15 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
     dump_cls = marker_cls = None
     if lazy is not None:
         dump_cls, marker_cls = lazy.Dump, lazy.NonNumericValue
+    import numpy as np
+
+    ndarray = np.ndarray
     for k, v in mapping.items():
         if not isinstance(k, str):
             raise UnsupportedValueError(f"{p}: key {k!r} is a {type(k).__name__}; keys must be str")
+        if type(v) is ndarray and v.dtype.kind in _PLAIN_KINDS:  # most values: kept as they are
+            tree[k] = v
+            continue
         if dump_cls is not None and isinstance(v, dump_cls):
             v = v.to_dict()
         if marker_cls is not None and _has_marker(v, marker_cls):
@@ -161,12 +167,15 @@ def _unmarked(v: Any, p: str, key: str, legacy: bool) -> Any:
     return v
 
 
+_PLAIN_KINDS = "biufc"
+
+
 def _is_plain(v: Any) -> bool:
     """Already-converted trees (what ReprodLogger holds) need no second copy."""
     import numpy as np
 
     if isinstance(v, np.ndarray):
-        return v.dtype.kind in "biufc"
+        return v.dtype.kind in _PLAIN_KINDS
     if isinstance(v, dict):
         return all(isinstance(k, str) and _is_plain(x) for k, x in v.items())
     return False

@@ -4,6 +4,7 @@ writes them; ``npz_format`` has the layout the reader shares)."""
 
 from __future__ import annotations
 
+import itertools
 import platform
 import re
 import struct
@@ -225,30 +226,47 @@ def live_entries(central_file: Any, central: bytearray) -> Iterator[bytes]:
 def meta_chunks(keys: Any) -> Callable[[], Iterator[bytes]]:
     """The metadata member, ``json.dumps`` of {format, version, keys, writer} (UTF-8, or
     ASCII escapes where a key holds a lone surrogate), as chunks assembled from the keys'
-    JSON texts, read twice (size and CRC first): kept from the first reading when they come
-    to at most ``_KEEP_META`` bytes, never held whole when larger."""
+    JSON texts, made twice (size and CRC first): from the first reading, kept in memory up to
+    ``_KEEP_META`` bytes and past that in an anonymous file beside the dump (the key log's
+    texts are read once, never held whole)."""
     head = _META_HEAD.encode("ascii")
     ascii_only = False
     kept: Optional[list[bytes]] = []
+    spool: Any = None
     size = 0
     for block in _joined(keys, False):
         if block is None:  # a key with a lone surrogate: JSON's \u escapes carry it
             ascii_only, kept = True, None
             break
-        if kept is not None:
-            kept.append(block)
-            size += len(block)
-            if size > _KEEP_META:
-                kept = None
+        if spool is not None:
+            spool.write(block)
+            continue
+        assert kept is not None
+        kept.append(block)
+        size += len(block)
+        if size > _KEEP_META:
+            spool = keys.spool()
+            spool.writelines(kept)
+            kept = None
+    if ascii_only and spool is not None:
+        spool = None  # the key log closes it; the ASCII texts are made from the log each time
     tail = ('], "writer": ' + _json_obj(_writer_info()) + "}").encode("ascii" if ascii_only else "utf-8")
 
     def chunks() -> Iterator[bytes]:
         yield head
         if kept is not None:
             yield from kept
+        elif spool is not None:
+            spool.flush()
+            spool.seek(0)
+            while True:
+                piece = spool.read(1 << 20)
+                if not piece:
+                    break
+                yield piece
         else:
             for block in _joined(keys, ascii_only):
-                assert block is not None  # the first reading found every text encodable
+                assert block is not None  # ASCII escapes can carry every text
                 yield block
         yield tail
 
@@ -256,28 +274,40 @@ def meta_chunks(keys: Any) -> Callable[[], Iterator[bytes]]:
 
 
 def _joined(keys: Any, ascii_only: bool) -> Iterator[Optional[bytes]]:
-    """The keys' texts joined by ", " and encoded, a block of up to 4,096 keys at a time; a
-    block of None where a text cannot be UTF-8 (``ascii_only`` re-encodes them as JSON's
-    ASCII escapes)."""
+    """The keys' texts joined by ", " and encoded, a block of up to 4,096 keys (past the key
+    log's spill: about 1 MiB) at a time; a block of None where a text cannot be UTF-8
+    (``ascii_only`` re-encodes them as JSON's ASCII escapes)."""
     join = _native.kernel()
     join = getattr(join, "join_texts", None) or _join_texts
     first = True
-    for block in keys.text_blocks(4096):
-        if ascii_only:
-            import json
-
-            texts = [t.partition("\0")[0] for t in block]
-            data: Optional[bytes] = ", ".join(
-                json.dumps(json.loads("[" + t + "]"), ensure_ascii=True)[1:-1] for t in texts if t
-            ).encode("ascii")
+    blocks: Iterator[Any] = keys.text_blocks(4096)
+    if keys.texts_file is not None:
+        blocks = itertools.chain(blocks, keys.spilled_joined(check=not ascii_only))
+    for block in blocks:
+        data: Optional[bytes]
+        if type(block) is list:  # the dict part's texts, each maybe followed by NUL, records
+            if ascii_only:
+                data = _ascii_json(", ".join(t for t in (t.partition("\0")[0] for t in block) if t))
+            else:
+                data = join(block)
+        elif ascii_only:  # the spilled part, joined
+            data = _ascii_json(block.decode("utf-8", "surrogatepass"))
         else:
-            data = join(block)
+            data = block
         if data is None:
             yield None
             return
         if data:
             yield data if first else b", " + data
             first = False
+
+
+def _ascii_json(joined: str) -> bytes:
+    """JSON texts joined by ", ", with every non-ASCII character as JSON's escape (a lone
+    surrogate included, which UTF-8 cannot carry)."""
+    import json
+
+    return json.dumps(json.loads("[" + joined + "]"), ensure_ascii=True)[1:-1].encode("ascii")
 
 
 def _join_texts(block: list[str]) -> Optional[bytes]:

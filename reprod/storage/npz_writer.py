@@ -75,9 +75,13 @@ class NpzWriter:
     ``MAX_KEY_CHARS`` is refused before anything is written, and the stream goes on. In a forked
     child the writer is its parent's: it refuses to write, its ``abort`` leaves the temporary file
     alone, and the bytes its file buffer held go nowhere when the child exits.
+
+    ``indexed=False`` is for a writer whose keys are all distinct and never asked for again (one
+    save of a dict): past 20,000 keys it keeps no index of them, so a re-added key is not
+    detected (it would be written twice) and ``keys()`` raises.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, indexed: bool = True) -> None:
         self.path = path
         self._af = AtomicFile(path)
         self._file = self._af.file
@@ -90,7 +94,7 @@ class NpzWriter:
         self._central_file: Any = None
         self._central_spilled = 0
         self._members = 0
-        self._keys = _KeyLog(os.path.dirname(os.path.abspath(path)))
+        self._keys = _KeyLog(os.path.dirname(os.path.abspath(path)), indexed)
         self._closed = False
         self._aborted: Optional[str] = None
         self._counter = 0
@@ -222,8 +226,8 @@ class NpzWriter:
         keys = self._keys
         i, n = 0, len(items)
         while i < n:
-            if not self._n_free and (keys.db is None or unique):
-                if keys.db is None:
+            if not self._n_free and (not keys.spilling or unique):
+                if not keys.spilling:
                     mem: Optional[dict[str, str]] = keys.mem
                     room = n if keys.no_db else keys.spill - len(keys.mem)
                 else:
@@ -693,7 +697,8 @@ _BATCH_ITEMS = 8192  # items handed to npz_pack at most, with their rows past th
 
 
 def write_npz(path: str, tree: Mapping[str, Any], source_dtypes: Optional[Mapping[str, Any]] = None) -> str:
-    w = NpzWriter(path)
+    # a dict's keys are unique and nothing asks the writer for them again: no key index
+    w = NpzWriter(path, indexed=type(tree) is not dict)
     try:
         w.add_mapping(tree, source_dtypes)
     except BaseException:
