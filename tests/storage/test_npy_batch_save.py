@@ -675,7 +675,7 @@ def test_a_truncated_mapped_source_raises_and_writes_nothing(tmp_path) -> None:
             sys.exit(3)
         print("no error")
     """)
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": ROOT, "REPROD_KERNEL": "1"}  # the kernel's guard is tested
     r = subprocess.run([sys.executable, "-c", src, str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 3, (r.returncode, r.stdout, r.stderr[-2000:])
