@@ -1940,6 +1940,452 @@ fail:
     return NULL;
 }
 
+/*
+ * npy_pack: the common case of the .npy dict writer's per-key step (storage/_npy_writer.py,
+ * _Writer.item), for a run of a mapping's items: a str key, then an exact ndarray, C-contiguous
+ * by numpy's rule, of 2 bytes to frame-1, whose dtype is memoised already and which is not.
+ * The opcodes are item()'s, byte for byte: the key's SHORT_BINUNICODE/BINUNICODE/
+ * BINUNICODE8 and MEMOIZE (or its BINGET/LONG_BINGET where the key object is memoised), the
+ * array's reduce (the writer's head, the shape, the dtype's BINGET, NEWFALSE, the payload's
+ * SHORT_BINBYTES/BINBYTES), MEMOIZE TUPLE MEMOIZE BUILD; the memo dict (id -> index) and the
+ * counter n move as item() moves them, and the frame is committed where item() commits it
+ * (before a key, once it holds frame bytes or more). The first pair it does not take (anything
+ * else: a nested dict, a dtype not seen yet, a tiny, large, non-contiguous or memoised array, a
+ * subclass) is handed back untouched for item().
+ *
+ * The frame is the writer's bytearray, grown here in steps (its size is its capacity until the
+ * call returns); payloads are copied into it a plan at a time under the SIGBUS guard, so an
+ * array viewing a mapped file truncated meanwhile raises MappedReadError instead of killing the
+ * process.
+ */
+#define NPY_PLAN 256       /* payloads laid out before they are copied */
+#define NPY_MAX_DIMS 64
+
+typedef struct {
+    Py_buffer view;
+    Py_ssize_t at; /* where the payload goes in the frame */
+} npy_copy_t;
+
+typedef struct {
+    PyObject *out;    /* the frame (bytearray, a reference) */
+    Py_ssize_t used;  /* its bytes written so far; its size is its capacity meanwhile */
+    Py_ssize_t frame; /* the frame size target */
+    PyObject *write;
+    npy_copy_t plan[NPY_PLAN];
+    int n_plan;
+} npy_out_t;
+
+static void npy_release(npy_out_t *o) {
+    for (int j = 0; j < o->n_plan; j++) PyBuffer_Release(&o->plan[j].view);
+    o->n_plan = 0;
+}
+
+/* the laid-out payloads into the frame; 0, or -1 with MappedReadError set */
+static int npy_copy(npy_out_t *o) {
+    if (o->n_plan == 0) return 0;
+    char *base = PyByteArray_AS_STRING(o->out);
+    int faulted = 0;
+    bus_guard_t g;
+    if (BUS_GUARDED(g)) {
+        bus_arm(&g);
+        for (int j = 0; j < o->n_plan; j++)
+            memcpy(base + o->plan[j].at, o->plan[j].view.buf, (size_t)o->plan[j].view.len);
+    } else {
+        faulted = 1;
+    }
+    bus_disarm(&g);
+    npy_release(o);
+    if (faulted) {
+        bus_raise(-1, -1);
+        return -1;
+    }
+    return 0;
+}
+
+/* room for extra more bytes. Past the first frame-and-a-quarter the capacity doubles: growing by
+ * each payload was a realloc a key; under 128 KiB the buffer stays out of malloc's mmap range,
+ * where each new frame's pages would be fresh ones. */
+static int npy_fit(npy_out_t *o, Py_ssize_t extra) {
+    Py_ssize_t cap = PyByteArray_GET_SIZE(o->out);
+    if (extra > PY_SSIZE_T_MAX / 2 - o->used) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t need = o->used + extra;
+    if (need <= cap) return 0;
+    Py_ssize_t want = cap < PY_SSIZE_T_MAX / 4 ? 2 * cap : need;
+    Py_ssize_t first = o->frame + o->frame / 4;
+    if (want < first) want = first;
+    if (want < need) want = need;
+    return PyByteArray_Resize(o->out, want);
+}
+
+/* the frame's bytes as the writer's out holds them: its size cut back to what was written */
+static int npy_settle(npy_out_t *o) {
+    if (npy_copy(o) < 0) return -1;
+    return PyByteArray_Resize(o->out, o->used);
+}
+
+/* _Writer.commit: FRAME and its length (for 4 bytes or more), the frame, a new bytearray */
+static int npy_commit(npy_out_t *o) {
+    if (npy_settle(o) < 0) return -1;
+    if (o->used == 0) return 0;
+    PyObject *r;
+    if (o->used >= 4) {
+        unsigned char head[9];
+        head[0] = 0x95;
+        put64(head + 1, (unsigned long long)o->used);
+        PyObject *h = PyBytes_FromStringAndSize((const char *)head, 9);
+        if (h == NULL) return -1;
+        r = PyObject_CallOneArg(o->write, h);
+        Py_DECREF(h);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    r = PyObject_CallOneArg(o->write, o->out);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    PyObject *fresh = PyByteArray_FromStringAndSize(NULL, 0);
+    if (fresh == NULL) return -1;
+    Py_SETREF(o->out, fresh);
+    o->used = 0;
+    return 0;
+}
+
+/* memo[id(obj)]: its index; -1 where obj is not memoised; -2 with an exception set; -3 an index
+ * the opcodes here cannot get (negative, or past LONG_BINGET's 32 bits) */
+static long long npy_memo(PyObject *memo, PyObject *obj) {
+    PyObject *id = PyLong_FromVoidPtr(obj);
+    if (id == NULL) return -2;
+    PyObject *v = PyDict_GetItemWithError(memo, id);
+    Py_DECREF(id);
+    if (v == NULL) return PyErr_Occurred() ? -2 : -1;
+    if (!PyLong_Check(v)) return -3;
+    int overflow;
+    long long i = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (i == -1 && PyErr_Occurred()) return -2;
+    if (overflow || i < 0 || i > 0xFFFFFFFFLL) return -3;
+    return i;
+}
+
+/* memo[id(obj)] = i; 0 or -1 */
+static int npy_memoize(PyObject *memo, PyObject *obj, Py_ssize_t i) {
+    PyObject *id = PyLong_FromVoidPtr(obj), *v = id ? PyLong_FromSsize_t(i) : NULL;
+    int rc = v ? PyDict_SetItem(memo, id, v) : -1;
+    Py_XDECREF(id);
+    Py_XDECREF(v);
+    return rc;
+}
+
+/* _get(i): BINGET / LONG_BINGET */
+static unsigned char *npy_get(unsigned char *p, long long i) {
+    if (i < 256) {
+        *p++ = 'h';
+        *p++ = (unsigned char)i;
+    } else {
+        *p++ = 'j';
+        put32(p, (uint32_t)i);
+        p += 4;
+    }
+    return p;
+}
+
+PyDoc_STRVAR(npy_pack_doc,
+    "npy_pack(items, count, out, memo, n, ndarray, head, write, frame)\n"
+    "    -> (taken, n, out, pending)\n\n"
+    "_Writer.item(k, v) of up to count pairs drawn from the iterator items, while they are the\n"
+    "common case (see the comment above): their opcodes appended to the frame out (a\n"
+    "bytearray), frames committed through write as _Writer.commit does (a new bytearray after\n"
+    "each), memo (id -> index) and the counter n updated. head: the opcodes that start every\n"
+    "array (_Prefix.head); frame: the frame size target, also the payloads' bound. Returns the\n"
+    "pairs taken, the counter, the frame (out or its successor) and the first pair drawn and\n"
+    "not taken (None when there was none): the caller writes it with item().");
+
+static PyObject *npy_pack(PyObject *self, PyObject *args) {
+    PyObject *items, *out_in, *memo, *ndarray, *head, *write;
+    Py_ssize_t count, n, frame;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OnO!O!nO!O!On", &items, &count, &PyByteArray_Type, &out_in,
+                          &PyDict_Type, &memo, &n, &PyType_Type, &ndarray, &PyBytes_Type, &head,
+                          &write, &frame))
+        return NULL;
+    if (!PyIter_Check(items)) {
+        PyErr_SetString(PyExc_TypeError, "npy_pack: items must be an iterator");
+        return NULL;
+    }
+    if (frame < 4 || frame > ((Py_ssize_t)1 << 30) || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "npy_pack: frame or n out of range");
+        return NULL;
+    }
+    if (bus_install() < 0) return NULL;
+    static PyObject *s_dtype = NULL;
+    if (s_dtype == NULL && (s_dtype = PyUnicode_InternFromString("dtype")) == NULL) return NULL;
+
+    npy_out_t *o = PyMem_Malloc(sizeof *o);
+    if (o == NULL) return PyErr_NoMemory();
+    Py_INCREF(out_in);
+    o->out = out_in;
+    o->used = PyByteArray_GET_SIZE(out_in);
+    o->frame = frame;
+    o->write = write;
+    o->n_plan = 0;
+    const unsigned char *hb = (const unsigned char *)PyBytes_AS_STRING(head);
+    Py_ssize_t hl = PyBytes_GET_SIZE(head), taken = 0;
+    PyObject *pending = NULL, *result = NULL;
+
+    while (taken < count) {
+        PyObject *item = PyIter_Next(items);
+        if (item == NULL) {
+            if (PyErr_Occurred()) goto fail;
+            break; /* ended early: the caller's next() says so */
+        }
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            pending = item;
+            break;
+        }
+        /* item() commits first thing, whether this pair is taken here or handed back */
+        if (o->used >= frame && npy_commit(o) < 0) {
+            Py_DECREF(item);
+            goto fail;
+        }
+        PyObject *key = PyTuple_GET_ITEM(item, 0), *val = PyTuple_GET_ITEM(item, 1);
+        if (!PyUnicode_CheckExact(key) || (PyObject *)Py_TYPE(val) != ndarray) {
+            pending = item;
+            break;
+        }
+        PyObject *dt = PyObject_GetAttr(val, s_dtype);
+        if (dt == NULL) {
+            Py_DECREF(item);
+            goto fail;
+        }
+        long long dti = npy_memo(memo, dt);
+        Py_DECREF(dt);
+        long long vi = dti >= 0 ? npy_memo(memo, val) : 0;
+        if (dti == -2 || vi == -2) {
+            Py_DECREF(item);
+            goto fail;
+        }
+        if (dti < 0 || vi != -1) {
+            pending = item;
+            break;
+        }
+        if (o->n_plan == NPY_PLAN && npy_copy(o) < 0) {
+            Py_DECREF(item);
+            goto fail;
+        }
+        npy_copy_t *c = &o->plan[o->n_plan];
+        /* PyBUF_ND without PyBUF_STRIDES: numpy refuses (ValueError) an array that is not
+         * C-contiguous by its own flag, the rule of item()'s memoryview test */
+        if (PyObject_GetBuffer(val, &c->view, PyBUF_ND) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_BufferError) && !PyErr_ExceptionMatches(PyExc_ValueError) &&
+                !PyErr_ExceptionMatches(PyExc_TypeError)) {
+                Py_DECREF(item);
+                goto fail;
+            }
+            PyErr_Clear();
+            pending = item;
+            break;
+        }
+        Py_ssize_t nbytes = c->view.len;
+        int ndim = c->view.ndim, ok = nbytes > 1 && nbytes < frame && ndim <= NPY_MAX_DIMS &&
+                                      (ndim == 0 || c->view.shape != NULL);
+        for (int d = 0; ok && d < ndim; d++) ok = c->view.shape[d] >= 0 && c->view.shape[d] < 0x80000000LL;
+        if (!ok) {
+            PyBuffer_Release(&c->view);
+            pending = item;
+            break;
+        }
+        long long ki = npy_memo(memo, key);
+        if (ki == -2 || ki == -3) {
+            PyBuffer_Release(&c->view);
+            if (ki == -3) {
+                pending = item;
+                break;
+            }
+            Py_DECREF(item);
+            goto fail;
+        }
+        /* from here the pair is taken */
+        PyObject *enc = NULL;
+        const char *kb = NULL;
+        Py_ssize_t kl = 0;
+        if (ki < 0) {
+            if (PyUnicode_IS_ASCII(key)) {
+                kb = (const char *)PyUnicode_1BYTE_DATA(key);
+                kl = PyUnicode_GET_LENGTH(key);
+            } else {
+                enc = PyUnicode_AsEncodedString(key, "utf-8", "surrogatepass");
+                if (enc == NULL) {
+                    PyBuffer_Release(&c->view);
+                    Py_DECREF(item);
+                    goto fail;
+                }
+                kb = PyBytes_AS_STRING(enc);
+                kl = PyBytes_GET_SIZE(enc);
+            }
+        }
+        if (npy_fit(o, kl + 10 + hl + 2 + 5 * (Py_ssize_t)ndim + 2 + 5 + 6 + nbytes + 4) < 0) {
+            Py_XDECREF(enc);
+            PyBuffer_Release(&c->view);
+            Py_DECREF(item);
+            goto fail;
+        }
+        unsigned char *base = (unsigned char *)PyByteArray_AS_STRING(o->out), *p = base + o->used;
+        if (ki >= 0) {
+            p = npy_get(p, ki);
+        } else {
+            if (kl < 256) {
+                *p++ = 0x8c;
+                *p++ = (unsigned char)kl;
+            } else if ((unsigned long long)kl < 0x100000000ULL) {
+                *p++ = 'X';
+                put32(p, (uint32_t)kl);
+                p += 4;
+            } else {
+                *p++ = 0x8d;
+                put64(p, (unsigned long long)kl);
+                p += 8;
+            }
+            memcpy(p, kb, (size_t)kl);
+            p += kl;
+            *p++ = 0x94;
+            Py_XDECREF(enc);
+            if (npy_memoize(memo, key, n) < 0) {
+                PyBuffer_Release(&c->view);
+                Py_DECREF(item);
+                goto fail;
+            }
+            n++;
+        }
+        if (npy_memoize(memo, val, n + 2) < 0) {
+            PyBuffer_Release(&c->view);
+            Py_DECREF(item);
+            goto fail;
+        }
+        memcpy(p, hb, (size_t)hl);
+        p += hl;
+        if (ndim == 0) {
+            *p++ = ')';
+        } else {
+            if (ndim > 3) *p++ = '(';
+            for (int d = 0; d < ndim; d++) {
+                Py_ssize_t v = c->view.shape[d];
+                if (v < 256) {
+                    *p++ = 'K';
+                    *p++ = (unsigned char)v;
+                } else if (v < 65536) {
+                    *p++ = 'M';
+                    put16(p, (unsigned)v);
+                    p += 2;
+                } else {
+                    *p++ = 'J';
+                    put32(p, (uint32_t)v);
+                    p += 4;
+                }
+            }
+            if (ndim > 3) {
+                *p++ = 't';
+            } else {
+                *p++ = (unsigned char)(0x84 + ndim);
+            }
+            *p++ = 0x94;
+        }
+        p = npy_get(p, dti);
+        *p++ = 0x89;
+        if (nbytes < 256) {
+            *p++ = 'C';
+            *p++ = (unsigned char)nbytes;
+        } else {
+            *p++ = 'B';
+            put32(p, (uint32_t)nbytes);
+            p += 4;
+        }
+        c->at = p - base;
+        o->n_plan++;
+        p += nbytes;
+        memcpy(p, "\x94t\x94" "b", 4);
+        p += 4;
+        o->used = p - base;
+        n += ndim ? 6 : 5;
+        taken++;
+        Py_DECREF(item);
+    }
+    if (npy_settle(o) < 0) goto fail;
+    result = Py_BuildValue("(nnOO)", taken, n, o->out, pending ? pending : Py_None);
+fail:
+    npy_release(o);
+    Py_XDECREF(pending);
+    Py_DECREF(o->out);
+    PyMem_Free(o);
+    return result;
+}
+
+PyDoc_STRVAR(npy_check_doc,
+    "npy_check(tree, ndarray, dtypes) -> bool\n\n"
+    "_npy_writer._check(tree, dtypes) without a Python step per key: whether tree (a dict) holds\n"
+    "only str keys of exact ndarrays of kind b, i, u, f or c and exact dicts of the same, nested\n"
+    "200 deep at most; the distinct dtype objects go into dtypes (id -> dtype) as _check puts\n"
+    "them.");
+
+/* 1, 0 (something _check refuses), -1 with an exception set */
+static int npy_check_dict(PyObject *tree, PyObject *ndarray, PyObject *dtypes, int depth,
+                          PyObject **last) {
+    static PyObject *s_dtype = NULL, *s_kind = NULL;
+    if (s_dtype == NULL && (s_dtype = PyUnicode_InternFromString("dtype")) == NULL) return -1;
+    if (s_kind == NULL && (s_kind = PyUnicode_InternFromString("kind")) == NULL) return -1;
+    if (depth > 200) return 0;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(tree, &pos, &k, &v)) {
+        if (!PyUnicode_CheckExact(k)) return 0;
+        if ((PyObject *)Py_TYPE(v) == ndarray) {
+            PyObject *dt = PyObject_GetAttr(v, s_dtype);
+            if (dt == NULL) return -1;
+            /* runs of one dtype: its kind was checked and it is in dtypes (kept alive there) */
+            if (dt == *last) {
+                Py_DECREF(dt);
+                continue;
+            }
+            PyObject *kind = PyObject_GetAttr(dt, s_kind);
+            if (kind == NULL) {
+                Py_DECREF(dt);
+                return -1;
+            }
+            Py_UCS4 c = PyUnicode_Check(kind) && PyUnicode_GET_LENGTH(kind) == 1
+                            ? PyUnicode_READ_CHAR(kind, 0) : 0;
+            int ok = c == 'b' || c == 'i' || c == 'u' || c == 'f' || c == 'c';
+            Py_DECREF(kind);
+            if (!ok) {
+                Py_DECREF(dt);
+                return 0;
+            }
+            PyObject *id = PyLong_FromVoidPtr(dt);
+            int err = id ? PyDict_SetItem(dtypes, id, dt) : -1;
+            Py_XDECREF(id);
+            Py_DECREF(dt);
+            if (err < 0) return -1;
+            *last = dt;
+        } else if (PyDict_CheckExact(v)) {
+            int r = npy_check_dict(v, ndarray, dtypes, depth + 1, last);
+            if (r <= 0) return r;
+        } else {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *npy_check(PyObject *self, PyObject *args) {
+    PyObject *tree, *ndarray, *dtypes, *last = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyDict_Type, &tree, &PyType_Type, &ndarray, &PyDict_Type,
+                          &dtypes))
+        return NULL;
+    int r = npy_check_dict(tree, ndarray, dtypes, 0, &last);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
 static int avx2_supported(void) {
 #ifdef HAVE_AVX2
     __builtin_cpu_init();
@@ -1997,6 +2443,8 @@ static PyMethodDef methods[] = {
     {"crc32", crc32_py, METH_VARARGS, crc32_doc},
     {"npz_pack", npz_pack, METH_VARARGS, npz_pack_doc},
     {"join_texts", join_texts, METH_VARARGS, join_texts_doc},
+    {"npy_pack", npy_pack, METH_VARARGS, npy_pack_doc},
+    {"npy_check", npy_check, METH_VARARGS, npy_check_doc},
     {"set_isa", set_isa, METH_VARARGS, set_isa_doc},
     {"isa", get_isa, METH_NOARGS, "isa() -> str: the loop in use ('avx2' or 'base')."},
     {NULL, NULL, 0, NULL},

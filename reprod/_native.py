@@ -2,7 +2,7 @@
 
 It serves the comparison (``stats``, ``stats3``, ``stats_many``) and storage (``crc32``, the pickle opcode
 scanner ``scan_items``, the ``.npz`` writer's batch of members ``npz_pack`` and its metadata's
-``join_texts``). Without a C compiler at install it is absent and every caller takes its
+``join_texts``, the ``.npy`` dict writer's runs of keys ``npy_pack`` and its check ``npy_check``). Without a C compiler at install it is absent and every caller takes its
 numpy/zlib/Python path, with the same results. ``REPROD_KERNEL=0`` switches it off for the
 process (read once, here); tests switch it with :func:`set_enabled`. Its reads of mapped dumps
 are guarded against SIGBUS (a file truncated by another process meanwhile): they raise
