@@ -194,18 +194,23 @@ _WRITTEN_HEADERS: dict[Any, bytes] = {}
 _HEADER_CRCS: dict[bytes, int] = {}  # the CRC-32 of each cached header, by its bytes
 
 
+def _pieces(f: Any) -> Iterator[bytes]:
+    """A side file's bytes from its start, 1 MiB at a time."""
+    f.seek(0)
+    while True:
+        piece = f.read(1 << 20)
+        if not piece:
+            return
+        yield piece
+
+
 def live_entries(central_file: Any, central: bytearray) -> Iterator[bytes]:
     """The central directory entries written so far (moved to ``central_file``, then those in
     ``central``), in order, less the dead ones."""
 
     def stream() -> Iterator[bytes]:
         if central_file is not None:
-            central_file.seek(0)
-            while True:
-                chunk = central_file.read(1 << 20)
-                if not chunk:
-                    break
-                yield chunk
+            yield from _pieces(central_file)
         yield bytes(central)
 
     buf = b""
@@ -258,12 +263,7 @@ def meta_chunks(keys: Any) -> Callable[[], Iterator[bytes]]:
             yield from kept
         elif spool is not None:
             spool.flush()
-            spool.seek(0)
-            while True:
-                piece = spool.read(1 << 20)
-                if not piece:
-                    break
-                yield piece
+            yield from _pieces(spool)
         else:
             for block in _joined(keys, ascii_only):
                 assert block is not None  # ASCII escapes can carry every text
