@@ -274,9 +274,21 @@ def _sigterm_release() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # a forked child's one thread is its main thread now (threading.main_thread() says so too),
-    # and it inherits the handler
+    # a forked child's one thread is its main thread now (threading.main_thread() says so too).
+    # The temporary files it inherits the names of are its parent's: a SIGTERM in the child (a
+    # DataLoader worker stopped) must not remove them, so they are forgotten here and SIGTERM
+    # gets its default action back until the child makes a temporary file of its own
     _term_state["thread"] = _thread.get_ident()
+    _live_temporaries.clear()
+    _term_holders[0] = 0
+    _term_state["terminating"] = _term_state["pending"] = False
+    if _term_state["installed"]:
+        _term_state["installed"] = False
+        try:
+            if _signal.getsignal(_signal.SIGTERM) is _on_sigterm:
+                _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+        except (ValueError, OSError):  # pragma: no cover
+            pass
 
 
 if hasattr(os, "register_at_fork"):

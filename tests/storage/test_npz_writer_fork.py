@@ -67,3 +67,38 @@ def test_a_forked_child_leaves_its_parents_dump_as_the_parent_writes_it(tmp_path
         assert list(d) == ["a", "b"] and d["a"].sum() == 1000
     assert sizes[0] == sizes[1]
     assert sorted(os.listdir(tmp_path)) == ["forked.npz", "plain.npz"]
+
+
+_SIGTERM_SCRIPT = r"""
+import os, signal, sys, time
+import numpy as np
+from reprod import ReprodLogger
+path = sys.argv[1]
+lg = ReprodLogger(stream_to=path)  # its temporary file exists from here
+lg.add("a", np.ones(1000))
+tmp = [n for n in os.listdir(os.path.dirname(path)) if n.endswith(".tmp")]
+assert len(tmp) == 1, tmp
+pid = os.fork()
+if pid == 0:
+    os.kill(os.getpid(), signal.SIGTERM)  # a worker stopped: the default action, at once
+    time.sleep(5)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+assert os.path.exists(os.path.join(os.path.dirname(path), tmp[0])), "the parent's file is gone"
+lg.add("b", np.zeros(500))
+lg.close()
+"""
+
+
+def test_a_sigterm_in_a_forked_child_leaves_its_parents_temporary_file(tmp_path) -> None:
+    """The child inherited the parent's SIGTERM handler and the names of its temporary files:
+    stopping the child removed the file the parent was still writing."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = tmp_path / "d.npz"
+    p = subprocess.run([sys.executable, "-c", _SIGTERM_SCRIPT, str(path)], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = reprod.load(path, verify=True)
+    assert list(d) == ["a", "b"] and d["a"].sum() == 1000
+    assert os.listdir(tmp_path) == ["d.npz"]
