@@ -70,29 +70,25 @@ class _KeyLog:
         if key in self.mem or (self.db is None and (len(self.mem) < self.spill or self.no_db)):
             self.mem[key] = text + "\0" + rec_text
             return
-        if not self.indexed:
-            if self.texts_file is None:
-                self.texts_file = _side_file(self.folder)
-            raw = text.encode("utf-8", "surrogatepass")
-            self.texts_file.write(_TEXT_RECORD.pack(len(raw)) + raw)
-            self.spilled += 1
-            return
-        if self.db is None:
-            try:
-                import sqlite3
-            except ImportError:  # a Python built without it: the keys stay in memory
-                self.no_db = True
-                self.mem[key] = text + "\0" + rec_text
-                return
-            # a private database in a temporary file; the logger may be used from any one thread
-            self.db = sqlite3.connect("", check_same_thread=False)
-            self.db.execute("CREATE TABLE k (key BLOB PRIMARY KEY, pos INTEGER, recs BLOB)")
+        if self.texts_file is None:  # the first key past the spill
+            if self.indexed:
+                try:
+                    import sqlite3
+                except ImportError:  # a Python built without it: the keys stay in memory
+                    self.no_db = True
+                    self.mem[key] = text + "\0" + rec_text
+                    return
+                # a private database in a temporary file; the logger may be used from any one
+                # thread
+                self.db = sqlite3.connect("", check_same_thread=False)
+                self.db.execute("CREATE TABLE k (key BLOB PRIMARY KEY, pos INTEGER, recs BLOB)")
             self.texts_file = _side_file(self.folder)
-        pos = self._position(key)
-        if pos is not None:
-            self.replaced[pos] = text + "\0" + rec_text
-            return
-        self.db.execute("INSERT INTO k VALUES (?, ?, ?)", (_db_key(key), self.spilled, records))
+        if self.db is not None:
+            pos = self._position(key)
+            if pos is not None:
+                self.replaced[pos] = text + "\0" + rec_text
+                return
+            self.db.execute("INSERT INTO k VALUES (?, ?, ?)", (_db_key(key), self.spilled, records))
         raw = text.encode("utf-8", "surrogatepass")
         self.texts_file.write(_TEXT_RECORD.pack(len(raw)) + raw)
         self.spilled += 1
