@@ -16,10 +16,14 @@ float32). Then, in interleaved rounds, each in a fresh interpreter from the page
 - ``two-pass``: the same with the one pass switched off (``noise._one_pass`` returning ``None``):
   what a calibrated comparison cost before issue 23, ref read a second time for the noise.
 
-It prints, per variant, the median wall time of the process and of ``compare`` inside it, and
-the ratios to ``plain``. ``--against DIR`` runs every variant with DIR's ``reprod`` as well (a
-checkout of the commit before a change, built in place), in the same interleaved rounds, and
-prints its table too: before and after under the same load. Peak memory needs ~2 x the float32 side plus the float64 side of page
+and the read floors, in the same rounds: ``read 2``, every byte of ref and other read once
+(mapped as ``compare`` maps them, on its threads, with an int64 sum), and ``read 3``, the same
+with noise: the memory traffic each comparison cannot go under. It prints, per variant, the
+median wall time of the process and of ``compare`` inside it, the ratios to ``plain`` and the
+ratio to the variant's read floor. ``--against DIR`` runs every variant with DIR's ``reprod``
+as well (a checkout of the commit before a change, built in place), in the same interleaved
+rounds, and prints its table too: before and after under the same load. Peak memory needs
+~2 x the float32 side plus the float64 side of page
 cache (scale 0.5: 2 GiB).
 """
 
@@ -37,6 +41,10 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VARIANTS = ("plain", "calibrated", "two-pass")
+# the read floors (the machine's memory bandwidth, not a comparison): every byte a plain pass
+# reads (ref, other) and every byte a calibrated one reads (and noise), read once
+FLOORS = ("read 2", "read 3")
+FLOOR_OF = {"plain": "read 2", "calibrated": "read 3", "two-pass": "read 3"}
 
 
 def _shapes(scale: float, keys: int) -> list[tuple[str, tuple[int, int, int]]]:
@@ -75,8 +83,38 @@ def _write(folder: str, scale: float, keys: int) -> dict[str, str]:
     return paths
 
 
+def _read_floor(paths: list[str]) -> float:
+    """The seconds to read every byte of ``paths``' arrays once, as ``compare`` reads them (the
+    dumps mapped by ``reprod.load``, 1 Mi-element chunks on ``reprod``'s threads), with the
+    cheapest reduction numpy has (an int64 sum: ~18 GB/s on one core here, faster than a float
+    sum and free of the denormal slow path that float bits read as float64 would hit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    import reprod
+    from reprod.diff import metrics
+
+    t0 = time.perf_counter()
+    chunks = []
+    for path in paths:
+        dump = reprod.load(path)
+        for key in dump:
+            flat = np.asarray(dump[key]).reshape(-1).view(np.uint8)
+            words = flat[: flat.size // 8 * 8].view(np.int64)
+            step = 1 << 20
+            chunks += [words[lo : lo + step] for lo in range(0, words.size, step)]
+    with ThreadPoolExecutor(metrics.threads()) as pool:
+        list(pool.map(np.sum, chunks))
+    return time.perf_counter() - t0
+
+
 def _child(variant: str, ref: str, other: str, noise: str) -> int:
     """One timed comparison; prints the seconds inside ``compare`` as JSON."""
+    if variant in FLOORS:
+        t = _read_floor([ref, other] + ([noise] if variant == "read 3" else []))
+        print(json.dumps({"import": 0.0, "compare": t, "passed": True}))
+        return 0
     t0 = time.perf_counter()
     import reprod
     from reprod.diff import noise as noise_mod
@@ -130,8 +168,9 @@ def main(argv: Any = None) -> int:
     sizes = {k: os.path.getsize(v) / 2**30 for k, v in paths.items()}
     _warm(paths)
     roots = [ROOT] + ([os.path.abspath(args.against)] if args.against else [])
-    runs = [(root, v) for root in roots for v in VARIANTS]
-    times: dict[str, dict[str, list[dict[str, float]]]] = {root: {v: [] for v in VARIANTS} for root in roots}
+    runs = [(root, v) for root in roots for v in VARIANTS] + [(ROOT, f) for f in FLOORS]
+    times: dict[str, dict[str, list[dict[str, float]]]] = {
+        root: {v: [] for v in VARIANTS + (FLOORS if root == ROOT else ())} for root in roots}
     for r in range(args.rounds):
         order = runs[r % len(runs):] + runs[: r % len(runs)]  # interleaved, each first in turn
         for root, v in order:
@@ -144,7 +183,7 @@ def main(argv: Any = None) -> int:
     for root in roots:
         if args.against:
             print(f"\nreprod from {root}:")
-        _table(times[root])
+        _table(times[root], times[ROOT])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "sizes_gib": sizes, "times": times[ROOT], "load": load,
@@ -152,20 +191,22 @@ def main(argv: Any = None) -> int:
     return 0
 
 
-def _table(times: dict[str, list[dict[str, float]]]) -> None:
+def _table(times: dict[str, list[dict[str, float]]], floors: dict[str, list[dict[str, float]]]) -> None:
     med = {v: {k: statistics.median(t[k] for t in ts) for k in ("wall", "compare")} for v, ts in times.items()}
+    fmed = {f: statistics.median(t["compare"] for t in floors[f]) for f in FLOORS}
     # the ratio within each round as well: on a shared machine the load drifts between rounds,
     # and a round's runs are seconds apart
     per_round = {v: statistics.median(t["compare"] / p["compare"] for t, p in zip(times[v], times["plain"]))
                  for v in VARIANTS}
     print("\n| variant | process (median) | compare (median) | process / plain | compare / plain | "
-          "compare / plain, median of rounds |")
-    print("|---|---|---|---|---|---|")
+          "compare / plain, median of rounds | read floor | compare / read floor |")
+    print("|---|---|---|---|---|---|---|---|")
     for v in VARIANTS:
+        f = FLOOR_OF[v]
         print(f"| {v} | {med[v]['wall']:.3f} s | {med[v]['compare']:.3f} s | "
               f"{med[v]['wall'] / med['plain']['wall']:.2f}x | {med[v]['compare'] / med['plain']['compare']:.2f}x | "
-              f"{per_round[v]:.2f}x |")
-
+              f"{per_round[v]:.2f}x | {f}: {fmed[f]:.3f} s | {med[v]['compare'] / fmed[f]:.2f}x |")
+    print(f"| (floors) | | | | read 3 / read 2: {fmed['read 3'] / fmed['read 2']:.2f}x | | | |")
 
 if __name__ == "__main__":
     sys.exit(main())
