@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from faulty_files import FailingFile
 
 import reprod
 from reprod import ReprodLogger, _native
@@ -520,23 +521,6 @@ def test_npy_pack_writes_what_item_writes() -> None:
     assert n > 1000
 
 
-class _FailingFile:
-    """A file whose writes fail once ``budget`` bytes were written."""
-
-    def __init__(self, f: Any, budget: int) -> None:
-        self._f, self._budget = f, budget
-
-    def write(self, data: Any) -> int:
-        n = len(memoryview(data).cast("B"))
-        if n > self._budget:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self._budget -= n
-        return self._f.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._f, name)
-
-
 @pytest.mark.parametrize("budget", [0, 100, 70_000, 300_000, 10**9])
 @pytest.mark.parametrize("kernel_on", [True, False])
 @pytest.mark.parametrize("via", ["save", "logger"])
@@ -549,7 +533,7 @@ def test_a_write_error_leaves_the_earlier_file(tmp_path, monkeypatch, budget, ke
     class Failing(real):  # type: ignore[misc, valid-type]
         def __init__(self, p: str) -> None:
             super().__init__(p)
-            self.file = _FailingFile(self.file, budget)
+            self.file = FailingFile(self.file, budget)
 
     monkeypatch.setattr(legacy, "AtomicFile", Failing)
     from reprod.storage import atomic

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from faulty_files import FailingFile
 
 import reprod
 from reprod import ReprodLogger, _native
@@ -459,24 +460,6 @@ def test_members_carry_the_time_of_writing(tmp_path, monkeypatch) -> None:
         pos += 46 + n + e + c
 
 
-class _FailingFile:
-    """A file whose writes fail (a full disk) once ``budget`` bytes have been written."""
-
-    def __init__(self, f: Any, budget: int) -> None:
-        self._f = f
-        self._budget = budget
-
-    def write(self, data: Any) -> int:
-        n = len(memoryview(data).cast("B"))
-        if n > self._budget:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self._budget -= n
-        return self._f.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._f, name)
-
-
 @pytest.mark.parametrize("budget", [0, 100, 5000, 10**9])
 @pytest.mark.parametrize("kernel_on", [True, False])
 def test_a_write_error_leaves_the_earlier_file(tmp_path, monkeypatch, budget, kernel_on) -> None:
@@ -488,7 +471,7 @@ def test_a_write_error_leaves_the_earlier_file(tmp_path, monkeypatch, budget, ke
     class Failing(real):  # type: ignore[misc, valid-type]
         def __init__(self, p: str) -> None:
             super().__init__(p)
-            self.file = _FailingFile(self.file, budget)
+            self.file = FailingFile(self.file, budget)
 
     monkeypatch.setattr(npz_writer, "AtomicFile", Failing)
     tree = {f"k{i}": np.full(40, i, np.float32) for i in range(300)}
