@@ -21,7 +21,7 @@ from ..errors import ReprodError, UnsupportedValueError
 from . import npz_members
 from .atomic import AtomicFile
 from .npz_format import _EOCD, _EOCD64, _LOCATOR64, _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
-from .npz_keylog import _KeyLog, _side_file
+from .npz_keylog import _KeyLog, _side_file, _to_null
 from .npz_members import (  # noqa: F401 - the writer's layout, importable from here as before
     _ALIGN,
     _CENTRAL_HEADER,
@@ -632,24 +632,9 @@ def _silence_in_child() -> None:
     """A forked child inherits its parent's open dumps with the bytes their file buffers held, and
     their files' offsets are shared: flushed when the child's copies are closed (at its exit),
     those bytes would land in the parent's file a second time, shifting what the parent writes
-    next. In the child those files write to the null device instead."""
-    writers = list(_OPEN)
-    if not writers:
-        return
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:  # pragma: no cover - no null device
-        return
-    try:
-        for w in writers:
-            for f in (w._file, w._central_file, w._keys.texts_file):
-                try:
-                    if f is not None and not f.closed:
-                        os.dup2(null, f.fileno())
-                except (OSError, ValueError):  # pragma: no cover - closed meanwhile
-                    pass
-    finally:
-        os.close(null)
+    next. In the child those files write to the null device instead (the key log's own files
+    and database: ``npz_keylog._disown_in_child``)."""
+    _to_null([f for w in list(_OPEN) for f in (w._file, w._central_file) if f is not None])
 
 
 if hasattr(os, "register_at_fork"):
