@@ -117,8 +117,7 @@ class NpzWriter:
 
     def _check_open(self) -> None:
         if self._pid != os.getpid():
-            raise ReprodError(f"{self.path}: this dump is streamed by process {self._pid}; a forked "
-                              "child cannot write to it (open a logger of its own in the child)")
+            raise self._forked()
         if self._aborted is not None:
             raise ReprodError(f"{self.path}: this dump was abandoned ({self._aborted}); nothing was "
                               "written")
@@ -564,8 +563,16 @@ class NpzWriter:
             self._central_file = None
         self._keys.close()
 
+    def _forked(self) -> ReprodError:
+        return ReprodError(f"{self.path}: this dump is streamed by process {self._pid}; a forked "
+                           "child cannot write to it (open a logger of its own in the child)")
+
     def keys(self) -> list[str]:
         """The top-level keys added so far, in the order they were first added."""
+        if self._pid != os.getpid():
+            # past the spill they are in the parent's SQLite database, which the child's copy of
+            # the key log has let go of (SQLite's connections are not to be used across a fork)
+            raise self._forked()
         return self._keys.keys()
 
     def _abort(self, exc: BaseException) -> None:
