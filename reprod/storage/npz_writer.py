@@ -73,8 +73,9 @@ class NpzWriter:
     that fit, so re-adding a key forever does not grow the file. A key longer than
     ``_MAX_CLEAN_NAME`` gets a numbered member, its name living in the metadata; one longer than
     ``MAX_KEY_CHARS`` is refused before anything is written, and the stream goes on. In a forked
-    child the writer is its parent's: it refuses to write, its ``abort`` leaves the temporary file
-    alone, and the bytes its file buffer held go nowhere when the child exits.
+    child the writer is its parent's: it refuses to write (and to list its keys), its ``abort``
+    leaves the temporary file alone, and the bytes its file buffer held go nowhere when the child
+    exits.
 
     ``indexed=False`` is for a writer whose keys are all distinct and never asked for again (one
     save of a dict): past 20,000 keys it keeps no index of them, so a re-added key is not

@@ -141,7 +141,7 @@ def test_a_forked_child_leaves_its_parents_key_log_as_the_parent_has_it(tmp_path
     """The child's exit closed its copy of the SQLite connection, which rolled back the
     parent's open transaction into the database file they share: the parent's next look-up of a
     spilled key raised "database disk image is malformed". (The side file of the spilled keys'
-    texts is silenced in the child already: unsilenced, the child flushed its copy of the
+    texts was pointed at the null device in the child already, by the writer's hook: without it, the child flushed its copy of the
     buffer into the shared offset and a key appeared twice in the metadata.)"""
     spill, n, cache = _SIZES[size]
     path = tmp_path / "d.npz"
