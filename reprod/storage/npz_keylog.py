@@ -4,9 +4,11 @@ temporary files beside the dump, so memory stays bounded however many keys are l
 
 from __future__ import annotations
 
+import os
 import re
 import struct
-from typing import Any, Iterator, Optional
+import weakref
+from typing import Any, Callable, Iterator, Optional
 
 __all__: list[str] = []  # the streaming writer's private helpers
 
@@ -23,7 +25,9 @@ class _KeyLog:
     last text in its first place. The first ``spill`` keys stay in a dict; later keys go to an
     anonymous SQLite database on disk (key -> position) and their texts to a temporary file, so
     a stream of any length holds a bounded amount of memory (a key re-added after the spill
-    keeps its latest text in memory: streams re-log a few keys, not all of them)."""
+    keeps its latest text in memory: streams re-log a few keys, not all of them). In a forked
+    child the database and files are the parent's: the child lets go of them untouched
+    (``_disown_in_child``), and its writer refuses to be used."""
 
     spill = 20_000
 
@@ -83,6 +87,7 @@ class _KeyLog:
                 self.db = sqlite3.connect("", check_same_thread=False)
                 self.db.execute("CREATE TABLE k (key BLOB PRIMARY KEY, pos INTEGER, recs BLOB)")
             self.texts_file = _side_file(self.folder)
+            _track(self)
         if self.db is not None:
             pos = self._position(key)
             if pos is not None:
@@ -175,9 +180,11 @@ class _KeyLog:
         """An anonymous file beside the dump for the writer's metadata, closed with the log."""
         f = _side_file(self.folder)
         self.spools.append(f)
+        _track(self)
         return f
 
     def close(self) -> None:
+        _LIVE.discard(self)
         for f in self.spools:
             f.close()
         self.spools.clear()
@@ -187,6 +194,90 @@ class _KeyLog:
         if self.texts_file is not None:
             self.texts_file.close()
             self.texts_file = None
+
+    def _disown(self) -> None:
+        """In a forked child: forget the parent's database and files without closing them.
+
+        Closing the child's copy of the connection (its finalizer does, at the child's exit) rolls
+        back the transaction the parent keeps open into the temporary database file they share:
+        the parent's next look-up of a spilled key found "database disk image is malformed".
+        SQLite forbids using a connection across a fork at all, so the child's copy is never
+        freed. The files' buffers, flushed at the child's exit into the file offsets shared with
+        the parent, would put their bytes there a second time: they write to the null device."""
+        _to_null([f for f in (self.texts_file, *self.spools) if f is not None])
+        if self.db is not None:
+            _keep_forever(self.db)
+        self.db = self.texts_file = None
+        self.spools = []
+
+
+# the key logs holding a database or files (from their spill or first spool), for the fork hook;
+# a WeakSet: a log dropped without ``close`` is not kept alive by it
+_LIVE: weakref.WeakSet[_KeyLog] = weakref.WeakSet()
+# Py_IncRef (or None where there is none), looked up at the first spill: in the parent, as the
+# fork hook must not load a library (another thread may have held the loader's lock at the fork)
+_INCREF: list[Optional[Callable[[Any], None]]] = []
+# what ``_keep_forever`` keeps where it cannot take a reference of its own: alive until the
+# child's interpreter frees its modules at its exit (when they are finalized after all)
+_KEPT: list[Any] = []
+
+
+def _track(log: _KeyLog) -> None:
+    if not _INCREF:
+        _INCREF.append(_py_incref())
+    _LIVE.add(log)
+
+
+def _py_incref() -> Optional[Callable[[Any], None]]:
+    try:
+        import ctypes
+
+        # a function object of its own: ``pythonapi.Py_IncRef`` is shared, its argtypes too
+        return ctypes.PYFUNCTYPE(None, ctypes.py_object)(("Py_IncRef", ctypes.pythonapi))
+    except (ImportError, AttributeError, OSError):  # pragma: no cover - not CPython
+        return None
+
+
+def _keep_forever(obj: Any) -> None:
+    """Never free ``obj`` in this process: an object in a module's list is still freed when the
+    interpreter exits (a connection in one was closed, and rolled back, all the same); a
+    reference taken from the interpreter and never given back outlives it."""
+    incref = _INCREF[0] if _INCREF else None
+    if incref is not None:
+        incref(obj)
+    else:  # pragma: no cover - not CPython
+        _KEPT.append(obj)
+
+
+def _to_null(files: list[Any]) -> None:
+    """Point the descriptors of ``files`` at the null device: what their buffers flush goes
+    nowhere, and the descriptors the child shares with its parent are left as they are."""
+    if not files:
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # pragma: no cover - no null device
+        return
+    try:
+        for f in files:
+            try:
+                if not f.closed:
+                    os.dup2(null, f.fileno())
+            except (OSError, ValueError):  # pragma: no cover - closed meanwhile
+                pass
+    finally:
+        os.close(null)
+
+
+def _disown_in_child() -> None:
+    logs = list(_LIVE)
+    _LIVE.clear()
+    for log in logs:
+        log._disown()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_in_child)
 
 
 _TEXT_RECORD = struct.Struct("<I")

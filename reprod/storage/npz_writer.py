@@ -21,7 +21,7 @@ from ..errors import ReprodError, UnsupportedValueError
 from . import npz_members
 from .atomic import AtomicFile
 from .npz_format import _EOCD, _EOCD64, _LOCATOR64, _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
-from .npz_keylog import _KeyLog, _side_file
+from .npz_keylog import _KeyLog, _side_file, _to_null
 from .npz_members import (  # noqa: F401 - the writer's layout, importable from here as before
     _ALIGN,
     _CENTRAL_HEADER,
@@ -73,8 +73,9 @@ class NpzWriter:
     that fit, so re-adding a key forever does not grow the file. A key longer than
     ``_MAX_CLEAN_NAME`` gets a numbered member, its name living in the metadata; one longer than
     ``MAX_KEY_CHARS`` is refused before anything is written, and the stream goes on. In a forked
-    child the writer is its parent's: it refuses to write, its ``abort`` leaves the temporary file
-    alone, and the bytes its file buffer held go nowhere when the child exits.
+    child the writer is its parent's: it refuses to write (and to list its keys), its ``abort``
+    leaves the temporary file alone, and the bytes its file buffer held go nowhere when the child
+    exits.
 
     ``indexed=False`` is for a writer whose keys are all distinct and never asked for again (one
     save of a dict): past 20,000 keys it keeps no index of them, so a re-added key is not
@@ -117,8 +118,7 @@ class NpzWriter:
 
     def _check_open(self) -> None:
         if self._pid != os.getpid():
-            raise ReprodError(f"{self.path}: this dump is streamed by process {self._pid}; a forked "
-                              "child cannot write to it (open a logger of its own in the child)")
+            raise self._forked()
         if self._aborted is not None:
             raise ReprodError(f"{self.path}: this dump was abandoned ({self._aborted}); nothing was "
                               "written")
@@ -564,8 +564,16 @@ class NpzWriter:
             self._central_file = None
         self._keys.close()
 
+    def _forked(self) -> ReprodError:
+        return ReprodError(f"{self.path}: this dump is streamed by process {self._pid}; a forked "
+                           "child cannot write to it (open a logger of its own in the child)")
+
     def keys(self) -> list[str]:
         """The top-level keys added so far, in the order they were first added."""
+        if self._pid != os.getpid():
+            # past the spill they are in the parent's SQLite database, which the child's copy of
+            # the key log has let go of (SQLite's connections are not to be used across a fork)
+            raise self._forked()
         return self._keys.keys()
 
     def _abort(self, exc: BaseException) -> None:
@@ -632,24 +640,9 @@ def _silence_in_child() -> None:
     """A forked child inherits its parent's open dumps with the bytes their file buffers held, and
     their files' offsets are shared: flushed when the child's copies are closed (at its exit),
     those bytes would land in the parent's file a second time, shifting what the parent writes
-    next. In the child those files write to the null device instead."""
-    writers = list(_OPEN)
-    if not writers:
-        return
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:  # pragma: no cover - no null device
-        return
-    try:
-        for w in writers:
-            for f in (w._file, w._central_file, w._keys.texts_file):
-                try:
-                    if f is not None and not f.closed:
-                        os.dup2(null, f.fileno())
-                except (OSError, ValueError):  # pragma: no cover - closed meanwhile
-                    pass
-    finally:
-        os.close(null)
+    next. In the child those files write to the null device instead (the key log's own files
+    and database: ``npz_keylog._disown_in_child``)."""
+    _to_null([f for w in list(_OPEN) for f in (w._file, w._central_file) if f is not None])
 
 
 if hasattr(os, "register_at_fork"):
