@@ -574,6 +574,15 @@ class NpzWriter:
             # past the spill they are in the parent's SQLite database, which the child's copy of
             # the key log has let go of (SQLite's connections are not to be used across a fork)
             raise self._forked()
+        if self._closed and self._keys.spilled:
+            # close() let go of the spilled keys' index with the files: they are in the dump
+            if self._aborted is not None:
+                raise ReprodError(f"{self.path}: this dump was abandoned ({self._aborted}); its "
+                                  "keys past the first in memory were not kept")
+            from . import load
+
+            with load(self.path) as dump:
+                return list(dump.keys())
         return self._keys.keys()
 
     def _abort(self, exc: BaseException) -> None:

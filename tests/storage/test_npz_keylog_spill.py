@@ -166,3 +166,28 @@ def test_spilled_joined_marks_a_lone_surrogate(tmp_path) -> None:
         log2.close()
     finally:
         log.close()
+
+
+@pytest.mark.parametrize("n", [30, 120])
+def test_a_closed_streams_keys_are_all_of_them(tmp_path, n) -> None:
+    """close() lets go of the SQLite index of the keys past the spill: keys() after it used to
+    list only the first ones, the rest silently missing; now it reads them from the dump."""
+    path = tmp_path / "s.npz"
+    lg = reprod.ReprodLogger(stream_to=path)
+    for i in range(n):
+        lg.add(f"k{i}", np.full(2, i, np.float32))
+    lg.add("k3", np.zeros(3))  # re-added: keeps its first place
+    expected = [f"k{i}" for i in range(n)]
+    assert lg.keys() == expected
+    lg.close()
+    assert lg.keys() == expected == list(reprod.load(path).keys())
+
+
+def test_an_abandoned_streams_keys_past_the_spill_are_refused(tmp_path) -> None:
+    lg = reprod.ReprodLogger(stream_to=tmp_path / "s.npz")
+    for i in range(120):
+        lg.add(f"k{i}", np.ones(2))
+    lg._writer.abort()
+    with pytest.raises(reprod.errors.ReprodError, match="abandoned"):
+        lg.keys()
+    assert not os.listdir(tmp_path)
