@@ -29,7 +29,7 @@ STALE_TMP_SECONDS = 3600
 STALE_TMP_SECONDS_UNLOCKED = 24 * 3600
 # temporary names: "." + target name + "." + 8 random characters + ".tmp" (tempfile.mkstemp's
 # characters, so that files left by earlier versions, which used mkstemp, are recognised too)
-_RANDOM = re.compile(r"^[a-z0-9_]{8}$")
+_RANDOM = r"^[a-z0-9_]{8}$"  # compiled by re at first use (import time is every save's)
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 _OPEN_FLAGS = (
     os.O_RDWR | os.O_CREAT | os.O_EXCL
@@ -328,7 +328,7 @@ def remove_stale_temporaries(path: str, *, now: Optional[float] = None) -> list[
         return removed
     for e in entries:
         if not (e.name.startswith(prefix) and e.name.endswith(".tmp")
-                and _RANDOM.match(e.name[len(prefix) : -4])):
+                and re.match(_RANDOM, e.name[len(prefix) : -4])):
             continue
         try:
             age = now - e.stat(follow_symlinks=False).st_mtime

@@ -284,11 +284,11 @@ _TEXT_RECORD = struct.Struct("<I")
 
 
 # a lone surrogate (U+D800-U+DFFF) as surrogatepass writes it: not UTF-8
-_SURROGATE = re.compile(b"\xed[\xa0-\xbf]")
+_SURROGATE = b"\xed[\xa0-\xbf]"  # compiled by re at first use: past the spill only
 
 
 def _checked(data: bytes) -> Optional[bytes]:
-    return None if _SURROGATE.search(data) else data
+    return None if re.search(_SURROGATE, data) else data
 
 
 def _db_key(key: str) -> bytes:

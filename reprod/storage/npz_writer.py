@@ -38,7 +38,6 @@ from .npz_members import (  # noqa: F401 - the writer's layout, importable from 
     _PAD_ID,
     _PADS,
     _RECORD,
-    _SAFE_MEMBER,
     _ZIP64_SIZES,
     _ZIP64_VERSION,
     MAX_KEY_CHARS,
@@ -264,7 +263,7 @@ class NpzWriter:
         display = "/".join(path)
         self._counter += 1
         if len(path) == display.count("/") + 1 and len(display) <= _MAX_CLEAN_NAME \
-                and _SAFE_MEMBER.match(display) and not display.startswith("__reprod"):
+                and npz_members.safe_member(display) and not display.startswith("__reprod"):
             return display + ".npy"
         return f"__reprod_{self._counter - 1}.npy"
 
