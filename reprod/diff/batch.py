@@ -14,6 +14,7 @@ fields are built from the kernel's rows when read.
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -27,7 +28,7 @@ from . import metrics
 from .criteria import Criteria
 from .pairing import Pair, dtype_name
 from .progress import Progress
-from .result import STAT_OF_METHOD, KeyResult, RowKeyResult
+from .result import _FIELD_NAMES, STAT_OF_METHOD, KeyResult, RowKeyResult
 from .verdict import judge, judged
 
 __all__ = ["compare_batch", "unravel"]
@@ -147,6 +148,13 @@ _TABLE_COL = {"mean_abs": 0, "max_abs": 1, "min_abs": 2, "mean_rel": 3, "max_rel
 
 
 _STATUS_WORDS = ("passed", "mismatch", "failed")
+# a fields dict's values after key, passed and status (a row's own), in declaration order
+_ROW_FIELDS = operator.itemgetter(*_FIELD_NAMES[3:])
+
+
+def _braces(text: str) -> str:
+    """``text`` as the literal part of a ``str.format`` template."""
+    return text.replace("{", "{{").replace("}", "}}")
 # a window's row numbers, one int object each for every window: a result holds its row's, and
 # a fresh int per key is 28 bytes of a million-key comparison's ~80 a key
 _N_INDICES = 4096
@@ -257,6 +265,88 @@ class _Window:
                            int(mismatched) if (a is not None or r is not None) else None, layout)
         self._last = (j, d)
         return d
+
+    def columns(self, start: int, stop: int) -> list[list[Any]]:
+        """The fields of rows ``start:stop`` as one list per KeyResult field (declaration order):
+        ``[[fields(j)[name] for j in rows] for name in fields]``, with ``key``, ``passed`` and
+        ``status`` as the rows' own (a ``RowKeyResult``'s properties). A writer of a million
+        keys spent ~9 us a key in ``fields`` (a dict, a reason, a judge, four dtype names);
+        here what a window's keys share (layouts, thresholds, tolerances, the passing keys'
+        checks) is worked out once and the rest a column at a time. Objects equal to a
+        ``fields`` value may be shared between rows (one thresholds dict, one shape tuple):
+        readers must not change them. Rows not passing, or any run with per-key rules, take
+        ``fields`` itself (``tests/diff/test_batch_paths.py`` compares the two)."""
+        keys = self.keys[start:stop]
+        n = len(keys)
+        statuses = self.statuses
+        codes = statuses.codes
+        status = list(statuses.values[start:stop] if codes is None
+                      else map(statuses.values.__getitem__, codes[start:stop]))
+        passed = list(map("passed".__eq__, status))
+        policy = self.policy
+        thresholds = policy.thresholds_for("")
+        stat_cols = [_TABLE_COL.get(STAT_OF_METHOD.get(m, "")) for m in thresholds]
+        if policy.per_key or None in stat_cols or not n:
+            # a rule may name any key (its thresholds and tolerances are the key's own), or a
+            # method the batch has no column for: every row as fields builds it
+            rows = [(k, p, s, *_ROW_FIELDS(self.fields(j)))
+                    for j, k, p, s in zip(range(start, stop), keys, passed, status)]
+            return [list(c) for c in zip(*rows)] if rows else [[] for _ in _FIELD_NAMES]
+        paths = self.paths
+        path = [paths.get(j) or (k,) for j, k in zip(range(start, stop), keys)] if paths \
+            else list(zip(keys))
+        layouts = self.layouts
+        lcodes = layouts.codes
+        layout = list(layouts.values[start:stop] if lcodes is None
+                      else map(layouts.values.__getitem__, lcodes[start:stop]))
+        # per distinct layout: what _finite_fields derives from it alone (no per-key rule here)
+        info: dict[Any, tuple[Any, ...]] = {}
+        for lay in layout:
+            if lay not in info:
+                rdt, odt = dtype_name(lay[1]), dtype_name(lay[3])
+                a, r = policy.tolerance_for("", rdt, odt)
+                close = a is not None or r is not None
+                info[lay] = (lay[0], lay[2], rdt, odt, math.prod(lay[0]), a, r, close,
+                             None if rdt == odt else msg.note_dtypes(rdt, odt),
+                             f"; all elements within atol={a or 0:g}, rtol={r or 0:g}" if close
+                             else "", len(lay[0]) == 1)
+        per = list(map(info.__getitem__, layout))
+        (ref_shape, other_shape, rdt_col, odt_col, size, atol, rtol, close, note, within,
+         one_d) = (list(c) for c in zip(*per))
+        b0, b1 = start // _ROWS_PER_BLOCK, (stop - 1) // _ROWS_PER_BLOCK + 1
+        block = np.frombuffer(b"".join(self.table[b0:b1]), dtype=np.float64).reshape(-1, _N_COLS)
+        off = start - b0 * _ROWS_PER_BLOCK
+        (mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled, worst,
+         worst_ref, worst_other, mism) = block[off : off + n].T.tolist()
+        stats = (mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled)
+        worst_index = [(int(w),) if d1 else unravel(int(w), s)
+                       for w, d1, s in zip(worst, one_d, ref_shape)]
+        mismatched = [int(m) if c else None for m, c in zip(mism, close)]
+        # a passing key's reason: "<method> <value> <= <threshold>" per method (fmt_num of a value
+        # at or under its threshold: never NaN, so its ".3e" text), then the atol/rtol clause
+        if thresholds:
+            template = "; ".join(
+                f"{_braces(m)} {{{i}:.3e}} <= {_braces(msg._fmt_threshold(t))}"
+                for i, (m, t) in enumerate(thresholds.items()))
+            reason = list(map(template.format, *(stats[c] for c in stat_cols)))  # type: ignore[index]
+        else:
+            reason = ["compared (no statistic checked)"] * n
+        if any(close):
+            reason = list(map(str.__add__, reason, within))
+        methods = tuple(thresholds) or policy.methods
+        checks = dict.fromkeys(thresholds, True)
+        none, zero = [None] * n, [0] * n
+        out = [keys, passed, status, reason, path, ref_shape, other_shape, rdt_col, odt_col, size,
+               *stats, none, none[:], none[:], worst_index, worst_ref, worst_other, mismatched, zero,
+               zero[:], zero[:], zero[:], [methods] * n, [thresholds] * n, [checks] * n, atol,
+               rtol, note]
+        if not all(passed):
+            # failing keys (a few in a run): their reasons and checks as fields words them
+            for i, p in enumerate(passed):
+                if not p:
+                    for c, v in zip(out[3:], _ROW_FIELDS(self.fields(start + i))):
+                        c[i] = v
+        return out
 
 
 def _stats_many(kernel: Any, rb: Any, ob: Any, jobs: list[int], tols: list[float],

@@ -124,12 +124,13 @@ def _result_pieces(result: DiffResult, indent: Optional[int], level: int) -> Ite
         yield head + "[]" + close0 + "}"
         return
     open2, sep2, close1 = layout(indent, level + 1)
-    encode = KeyEncoder(indent, level + 2).encode
+    encoder = KeyEncoder(indent, level + 2)
+    encode = encoder.encode
     lead = head + "[" + open2
     for start in range(0, len(results), _KEYS_PER_PIECE):
         batch = results[start : start + _KEYS_PER_PIECE]
         try:
-            texts = list(map(encode, batch))
+            texts = encoder.encode_many(batch)
         except KeyError:  # json_fast.Unsupported somewhere in the batch
             texts = [_key_text(kr, encode, indent, level + 2) for kr in batch]
         yield lead + sep2.join(texts)
