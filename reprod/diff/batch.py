@@ -150,6 +150,7 @@ _TABLE_COL = {"mean_abs": 0, "max_abs": 1, "min_abs": 2, "mean_rel": 3, "max_rel
 _STATUS_WORDS = ("passed", "mismatch", "failed")
 # a fields dict's values after key, passed and status (a row's own), in declaration order
 _ROW_FIELDS = operator.itemgetter(*_FIELD_NAMES[3:])
+_METHODS = operator.itemgetter("thresholds", "checks")
 
 
 def _braces(text: str) -> str:
@@ -266,6 +267,33 @@ class _Window:
         self._last = (j, d)
         return d
 
+    def _shared_thresholds(self) -> Optional[dict[str, float]]:
+        """The thresholds every key of the window has (no per-key rule), where each method's
+        statistic is a column of the table; else None (each row as ``fields`` builds it)."""
+        policy = self.policy
+        if policy.per_key:
+            return None
+        thresholds = policy.thresholds_for("")
+        if not all(STAT_OF_METHOD.get(m) in _TABLE_COL for m in thresholds):
+            return None
+        return thresholds
+
+    def method_columns(self, start: int, stop: int) -> tuple[list[Any], list[Any]]:
+        """``columns``' thresholds and checks alone (a CSV's columns are read from every key's
+        methods before its rows are written)."""
+        thresholds = self._shared_thresholds()
+        if thresholds is None:
+            rows = [_METHODS(self.fields(j)) for j in range(start, stop)]
+            return [r[0] for r in rows], [r[1] for r in rows]
+        statuses = self.statuses
+        codes = statuses.codes
+        status = (statuses.values[start:stop] if codes is None
+                  else map(statuses.values.__getitem__, codes[start:stop]))
+        checks = dict.fromkeys(thresholds, True)  # a passing key's: every check passed
+        return [thresholds] * (stop - start), [
+            checks if s == "passed" else self.fields(j)["checks"]
+            for j, s in zip(range(start, stop), status)]
+
     def columns(self, start: int, stop: int) -> list[list[Any]]:
         """The fields of rows ``start:stop`` as one list per KeyResult field (declaration order):
         ``[[fields(j)[name] for j in rows] for name in fields]``, with ``key``, ``passed`` and
@@ -284,9 +312,8 @@ class _Window:
                       else map(statuses.values.__getitem__, codes[start:stop]))
         passed = list(map("passed".__eq__, status))
         policy = self.policy
-        thresholds = policy.thresholds_for("")
-        stat_cols = [_TABLE_COL.get(STAT_OF_METHOD.get(m, "")) for m in thresholds]
-        if policy.per_key or None in stat_cols or not n:
+        thresholds = self._shared_thresholds()
+        if thresholds is None or not n:
             # a rule may name any key (its thresholds and tolerances are the key's own), or a
             # method the batch has no column for: every row as fields builds it
             rows = [(k, p, s, *_ROW_FIELDS(self.fields(j)))
@@ -310,21 +337,29 @@ class _Window:
                              None if rdt == odt else msg.note_dtypes(rdt, odt),
                              f"; all elements within atol={a or 0:g}, rtol={r or 0:g}" if close
                              else "", len(lay[0]) == 1)
-        per = list(map(info.__getitem__, layout))
-        (ref_shape, other_shape, rdt_col, odt_col, size, atol, rtol, close, note, within,
-         one_d) = (list(c) for c in zip(*per))
+        if len(info) == 1:  # one layout (keys of one shape): each of its fields n times
+            (ref_shape, other_shape, rdt_col, odt_col, size, atol, rtol, close, note, within,
+             one_d) = ([v] * n for v in next(iter(info.values())))
+        else:
+            (ref_shape, other_shape, rdt_col, odt_col, size, atol, rtol, close, note, within,
+             one_d) = (list(c) for c in zip(*map(info.__getitem__, layout)))
         b0, b1 = start // _ROWS_PER_BLOCK, (stop - 1) // _ROWS_PER_BLOCK + 1
         block = np.frombuffer(b"".join(self.table[b0:b1]), dtype=np.float64).reshape(-1, _N_COLS)
         off = start - b0 * _ROWS_PER_BLOCK
         (mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled, worst,
          worst_ref, worst_other, mism) = block[off : off + n].T.tolist()
         stats = (mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled)
-        worst_index = [(int(w),) if d1 else unravel(int(w), s)
-                       for w, d1, s in zip(worst, one_d, ref_shape)]
-        mismatched = [int(m) if c else None for m, c in zip(mism, close)]
+        if all(one_d):
+            worst_index = list(zip(map(int, worst)))
+        else:
+            worst_index = [(int(w),) if d1 else unravel(int(w), s)
+                           for w, d1, s in zip(worst, one_d, ref_shape)]
+        mismatched = [int(m) if c else None for m, c in zip(mism, close)] if any(close) \
+            else [None] * n
         # a passing key's reason: "<method> <value> <= <threshold>" per method (fmt_num of a value
         # at or under its threshold: never NaN, so its ".3e" text), then the atol/rtol clause
         if thresholds:
+            stat_cols = [_TABLE_COL[STAT_OF_METHOD[m]] for m in thresholds]
             template = "; ".join(
                 f"{_braces(m)} {{{i}:.3e}} <= {_braces(msg._fmt_threshold(t))}"
                 for i, (m, t) in enumerate(thresholds.items()))

@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from ..diff.result import _FIELD_NAMES, KeyResult, RowKeyResult
 
-__all__ = ["Unsupported", "KeyEncoder", "layout", "field_values", "field_columns", "methods_values"]
+__all__ = ["Unsupported", "KeyEncoder", "layout", "field_values", "field_columns", "methods_values",
+           "methods_columns"]
 
 # operator.call (3.11+) keeps the per-value call in C; older Pythons pay a lambda frame
 _call: Callable[[Callable[[Any], str], Any], str] = getattr(operator, "call", None) or (lambda f, v: f(v))
@@ -263,9 +264,45 @@ def field_columns(batch: Sequence[KeyResult]) -> list[list[Any]]:
     window's rows (``RowKeyResult``s of one source, in row order) from the source's
     ``columns`` (a million keys' fields cost ~9 us each one by one), any other key from
     ``field_values``. Values may be shared between keys: not to be changed."""
-    parts: list[list[Any]] = []  # in order: columns of a source's run, or rows transposed
-    rows: list[tuple[Any, ...]] = []
-    src: Any = None
+    parts = [src.columns(first, after) if src is not None else list(zip(*map(field_values, keys)))
+             for src, first, after, keys in _segments(batch)]
+    if len(parts) == 1:
+        return [c if type(c) is list else list(c) for c in parts[0]]
+    cols: list[list[Any]] = [[] for _ in _FIELD_NAMES]
+    for part in parts:
+        for c, values in zip(cols, part):
+            c += values
+    return cols
+
+
+def methods_columns(batch: Sequence[KeyResult]) -> tuple[list[Any], list[Any]]:
+    """``methods_values`` of every key of ``batch``: its thresholds and its checks, as two
+    lists (``field_columns``' two, read alone)."""
+    thr: list[Any] = []
+    chk: list[Any] = []
+    for src, first, after, keys in _segments(batch):
+        if src is not None:
+            t, c = src.method_columns(first, after)
+        else:
+            t, c = zip(*map(methods_values, keys))  # type: ignore[assignment]
+        thr += t
+        chk += c
+    return thr, chk
+
+
+def _segments(batch: Sequence[KeyResult]) -> list[tuple[Any, int, int, list[KeyResult]]]:
+    """``batch`` as runs, in order: (source, first row, row after, []) for consecutive rows of
+    a source that has ``columns``, (None, 0, 0, keys) for the keys between them."""
+    if _ROW_ONLY.issuperset(map(type, batch)) and len(set(map(_SRC, batch))) == 1:
+        # the usual batch: rows of one window, in order (checked in C's loops)
+        rows = list(map(_ROW_I, batch))
+        src = batch[0]._src  # type: ignore[attr-defined]
+        if rows == list(range(rows[0], rows[0] + len(rows))) \
+                and getattr(src, "columns", None) is not None:
+            return [(src, rows[0], rows[0] + len(rows), [])]
+    out: list[tuple[Any, int, int, list[KeyResult]]] = []
+    keys: list[KeyResult] = []
+    src = None
     first = after = 0
     for kr in batch:
         if type(kr) is RowKeyResult:
@@ -275,27 +312,21 @@ def field_columns(batch: Sequence[KeyResult]) -> list[list[Any]]:
                 continue
             if getattr(s, "columns", None) is not None:
                 if src is not None:
-                    parts.append(src.columns(first, after))
-                elif rows:
-                    parts.append(list(zip(*rows)))
-                    rows = []
+                    out.append((src, first, after, []))
+                elif keys:
+                    out.append((None, 0, 0, keys))
+                    keys = []
                 src, first, after = s, i, i + 1
                 continue
         if src is not None:
-            parts.append(src.columns(first, after))
+            out.append((src, first, after, []))
             src = None
-        rows.append(field_values(kr))
+        keys.append(kr)
     if src is not None:
-        parts.append(src.columns(first, after))
-    elif rows:
-        parts.append(list(zip(*rows)))
-    if len(parts) == 1:
-        return [c if type(c) is list else list(c) for c in parts[0]]
-    cols: list[list[Any]] = [[] for _ in _FIELD_NAMES]
-    for part in parts:
-        for c, values in zip(cols, part):
-            c += values
-    return cols
+        out.append((src, first, after, []))
+    elif keys:
+        out.append((None, 0, 0, keys))
+    return out
 
 
 def methods_values(kr: KeyResult) -> tuple[Any, Any]:
@@ -319,6 +350,9 @@ _SCALAR: dict[type, Callable[[Any], str]] = {
     str: encode_basestring_ascii, int: int.__repr__, bool: ("false", "true").__getitem__,
     type(None): {None: "null"}.__getitem__}
 _PLAIN_TYPES = frozenset([KeyResult, RowKeyResult])
+_ROW_ONLY = frozenset([RowKeyResult])
+_SRC = operator.attrgetter("_src")
+_ROW_I = operator.attrgetter("_i")
 _STR_ONLY = frozenset([str])
 
 
