@@ -151,6 +151,8 @@ _STATUS_WORDS = ("passed", "mismatch", "failed")
 # a fields dict's values after key, passed and status (a row's own), in declaration order
 _ROW_FIELDS = operator.itemgetter(*_FIELD_NAMES[3:])
 _METHODS = operator.itemgetter("thresholds", "checks")
+# a layout's ref shape, ref dtype, other shape, other dtype
+_ITEM0, _ITEM1, _ITEM2, _ITEM3 = map(operator.itemgetter, range(4))
 
 
 def _braces(text: str) -> str:
@@ -294,6 +296,15 @@ class _Window:
             checks if s == "passed" else self.fields(j)["checks"]
             for j, s in zip(range(start, stop), status)]
 
+    def _dtype_fields(self, rd: np.dtype, od: np.dtype) -> tuple[Any, ...]:
+        """What a passing key's fields hold for its two dtypes: their names, atol, rtol, whether
+        there is an element-wise rule, the note, the reason's atol/rtol clause."""
+        rdt, odt = dtype_name(rd), dtype_name(od)
+        a, r = self.policy.tolerance_for("", rdt, odt)
+        close = a is not None or r is not None
+        return (rdt, odt, a, r, close, None if rdt == odt else msg.note_dtypes(rdt, odt),
+                f"; all elements within atol={a or 0:g}, rtol={r or 0:g}" if close else "")
+
     def columns(self, start: int, stop: int) -> list[list[Any]]:
         """The fields of rows ``start:stop`` as one list per KeyResult field (declaration order):
         ``[[fields(j)[name] for j in rows] for name in fields]``, with ``key``, ``passed`` and
@@ -326,34 +337,34 @@ class _Window:
         lcodes = layouts.codes
         layout = list(layouts.values[start:stop] if lcodes is None
                       else map(layouts.values.__getitem__, lcodes[start:stop]))
-        # per distinct layout: what _finite_fields derives from it alone (no per-key rule here)
-        info: dict[Any, tuple[Any, ...]] = {}
-        for lay in layout:
-            if lay not in info:
-                rdt, odt = dtype_name(lay[1]), dtype_name(lay[3])
-                a, r = policy.tolerance_for("", rdt, odt)
-                close = a is not None or r is not None
-                info[lay] = (lay[0], lay[2], rdt, odt, math.prod(lay[0]), a, r, close,
-                             None if rdt == odt else msg.note_dtypes(rdt, odt),
-                             f"; all elements within atol={a or 0:g}, rtol={r or 0:g}" if close
-                             else "", len(lay[0]) == 1)
-        if len(info) == 1:  # one layout (keys of one shape): each of its fields n times
-            (ref_shape, other_shape, rdt_col, odt_col, size, atol, rtol, close, note, within,
-             one_d) = ([v] * n for v in next(iter(info.values())))
+        # what _finite_fields derives from a layout (no per-key rule here): from its shapes, a
+        # column at a time (a window of keys of many shapes has about as many layouts); from its
+        # pair of dtypes, once per pair (a window has one or a few)
+        ref_shape = list(map(_ITEM0, layout))
+        other_shape = list(map(_ITEM2, layout))
+        size = list(map(math.prod, ref_shape))
+        rdts, odts = list(map(_ITEM1, layout)), list(map(_ITEM3, layout))
+        if len(set(map(id, rdts))) == 1 and len(set(map(id, odts))) == 1:
+            (rdt_col, odt_col, atol, rtol, close, note, within) = (
+                [v] * n for v in self._dtype_fields(rdts[0], odts[0]))
         else:
-            (ref_shape, other_shape, rdt_col, odt_col, size, atol, rtol, close, note, within,
-             one_d) = (list(c) for c in zip(*map(info.__getitem__, layout)))
+            by_pair: dict[tuple[int, int], tuple[Any, ...]] = {}
+            for rd, od in zip(rdts, odts):
+                if (id(rd), id(od)) not in by_pair:
+                    by_pair[(id(rd), id(od))] = self._dtype_fields(rd, od)
+            (rdt_col, odt_col, atol, rtol, close, note, within) = (list(c) for c in zip(
+                *map(by_pair.__getitem__, zip(map(id, rdts), map(id, odts)))))
         b0, b1 = start // _ROWS_PER_BLOCK, (stop - 1) // _ROWS_PER_BLOCK + 1
         block = np.frombuffer(b"".join(self.table[b0:b1]), dtype=np.float64).reshape(-1, _N_COLS)
         off = start - b0 * _ROWS_PER_BLOCK
         (mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled, worst,
          worst_ref, worst_other, mism) = block[off : off + n].T.tolist()
         stats = (mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled)
-        if all(one_d):
+        if set(map(len, ref_shape)) == {1}:
             worst_index = list(zip(map(int, worst)))
         else:
-            worst_index = [(int(w),) if d1 else unravel(int(w), s)
-                           for w, d1, s in zip(worst, one_d, ref_shape)]
+            worst_index = [(int(w),) if len(s) == 1 else unravel(int(w), s)
+                           for w, s in zip(worst, ref_shape)]
         mismatched = [int(m) if c else None for m, c in zip(mism, close)] if any(close) \
             else [None] * n
         # a passing key's reason: "<method> <value> <= <threshold>" per method (fmt_num of a value

@@ -430,21 +430,30 @@ def _csv_rows(groups: list[tuple[Optional[str], Sequence[KeyResult]]],
         yield "".join(out)
 
 
+class _Written(list):  # type: ignore[type-arg]
+    """A column's cells as the CSV holds them: texts that need no quoting (a number's repr) or
+    are quoted already (their texts before in ``raw``); ``_csv_batch`` writes them as they are."""
+
+    raw: list[str]
+
+
 def _csv_cells(col: list[Any]) -> Any:
     """``_csv_cell`` of each value of a column: one text where every value writes the same,
-    else the list of texts."""
+    else the list of texts (a ``_Written`` where they are the cells' final text)."""
     types = set(map(type, col))
     if len(types) != 1:
         return list(map(_call, map(_CELL.get, map(type, col), _ANY_CELL), col))
     t = types.pop()
     if t is float:  # no single text: 0.0 == -0.0 and nan != nan, though their texts differ
-        return list(map(float.__repr__, col))
+        return _Written(map(float.__repr__, col))
     if t is type(None):
         return ""
     if t is str or t is int or t is bool:
         # one exact type: equal values write equal texts
         cell = _CELL[t]
-        return cell(col[0]) if col.count(col[0]) == len(col) else list(map(cell, col))
+        if col.count(col[0]) == len(col):
+            return cell(col[0])
+        return list(map(cell, col)) if t is str else _Written(map(cell, col))
     if t is tuple:
         if 2 * len(set(map(id, col))) <= len(col):  # a window's shapes, its methods: shared
             ids = list(map(id, col))
@@ -457,7 +466,16 @@ def _csv_cells(col: list[Any]) -> Any:
             if k and all(len(set(map(type, c))) == 1 and type(c[0]) in _TUPLE_ITEM for c in items):
                 # json.dumps of the items ("[1, 2]", '["a"]'): each item column at once
                 texts = [list(map(_TUPLE_ITEM[type(c[0])], c)) for c in items]
-                return list(map(("[" + ", ".join(["{}"] * k) + "]").format, *texts))
+                cells = map(("[" + ", ".join(["{}"] * k) + "]").format, *texts)
+                if k == 1 and type(items[0][0]) is not str:
+                    return _Written(cells)  # "[3]", "[true]": nothing to quote
+                # a comma between items, a string's quotes (JSON's escapes leave no line
+                # break or NUL in it): every cell quoted
+                raw = list(cells)
+                quoted = _Written(map('"{}"'.format, map(str.replace, raw, repeat('"'),
+                                                         repeat('""'))))
+                quoted.raw = raw  # the cells' texts, for a row csv.writer writes
+                return quoted
     return list(map(_call, map(_CELL.get, map(type, col), _ANY_CELL), col))
 
 
@@ -485,13 +503,15 @@ def _csv_batch(cells: list[Any], n: int, writer: Any, buf: io.StringIO) -> str:
                                else c)
                 continue
             c = [c] * n
-        joined = "".join(c)
-        if any(map(joined.__contains__, _RAW)):
-            raw_rows.update(j for j, text in enumerate(c) if any(map(text.__contains__, _RAW)))
-        if any(map(joined.__contains__, _QUOTED)):
-            need = list(map(operator.or_, map(str.__contains__, c, repeat(",")),
-                            map(str.__contains__, c, repeat('"'))))
-            c = [('"' + text.replace('"', '""') + '"') if q else text for text, q in zip(c, need)]
+        if type(c) is not _Written:
+            joined = "".join(c)
+            if any(map(joined.__contains__, _RAW)):
+                raw_rows.update(j for j, text in enumerate(c) if any(map(text.__contains__, _RAW)))
+            if any(map(joined.__contains__, _QUOTED)):
+                need = list(map(operator.or_, map(str.__contains__, c, repeat(",")),
+                                map(str.__contains__, c, repeat('"'))))
+                c = [('"' + text.replace('"', '""') + '"') if q else text
+                     for text, q in zip(c, need)]
         if literal:
             pieces.append(repeat("".join(literal), n))
             literal = []
@@ -500,7 +520,7 @@ def _csv_batch(cells: list[Any], n: int, writer: Any, buf: io.StringIO) -> str:
     pieces.append(repeat("".join(literal), n))
     lines = list(map("".join, zip(*pieces)))
     if raw_rows:
-        raw = [c if type(c) is not str else repeat(c, n) for c in cells]
+        raw = [repeat(c, n) if type(c) is str else getattr(c, "raw", c) for c in cells]
         rows = list(zip(*raw))
         for j in raw_rows:
             buf.seek(0)
