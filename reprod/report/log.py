@@ -131,16 +131,16 @@ def _line_batches(result: DiffResult, indent: str) -> Iterator[list[str]]:
             # a value the reference words key by key (or raises on, at its key): that way
             lines = None
         if lines is None:
-            lines = []
-            for kr in batch:
-                lines += _key_lines(kr, indent, state)
-        yield lines
+            for kr in batch:  # each key's lines before the next is read, as the reference
+                yield _key_lines(kr, indent, state)
+        else:
+            yield lines
     yield ["diff check passed" if result.passed else "diff check failed"]
 
 
 def _key_lines(kr: KeyResult, indent: str, state: list[Any]) -> list[str]:
-    """One key's lines, as ``_iter_log_lines_reference`` writes them (``state[0]``: the open
-    path, updated)."""
+    """One key's lines, read from the key field by field (``state[0]``: the open path, the
+    parents already written; updated)."""
     out: list[str] = []
     path = kr.path or (kr.key,)
     parents = path[:-1]
@@ -252,7 +252,7 @@ def _batch_lines(batch: Sequence[KeyResult], indent: str, state: list[Any]) -> O
 def _values_text(values: list[Any], dts: list[Optional[np.dtype]], stat: str) -> list[str]:
     """``_value_text`` of each value (its key's difference dtype in ``dts``): the values of a
     float dtype cast at once (``"{}".format`` of a numpy float prints Python's float repr of
-    it: ``tests/report/test_log_columns.py`` checks the two agree), any other one by one."""
+    it: ``tests/report/test_batched_writers.py`` checks the two agree), any other one by one."""
     out: list[Optional[str]] = [None] * len(values)
     groups: dict[Optional[np.dtype], list[int]] = {}
     for i, dt in enumerate(dts):
@@ -294,34 +294,10 @@ def _braces(text: str) -> str:
 
 
 def _iter_log_lines_reference(result: DiffResult, *, indent: str = "\t") -> Iterator[str]:
-    """``iter_log_lines`` key by key: the lines it must equal."""
-    open_path: tuple[str, ...] = ()
+    """``iter_log_lines`` key by key (``_key_lines``): the lines it must equal."""
+    state: list[Any] = [()]
     for kr in result:
-        path = kr.path or (kr.key,)
-        parents = path[:-1]
-        common = 0
-        while common < min(len(parents), len(open_path)) and parents[common] == open_path[common]:
-            common += 1
-        for depth in range(common, len(parents)):
-            yield f"{indent * depth}{parents[depth]}"
-        open_path = parents
-        level = len(parents)
-        yield f"{indent * level}{path[-1]}: "
-        methods = kr.methods or tuple(kr.thresholds) or ("mean",)
-        for m in methods:
-            if kr.status == "kink":  # beyond noise only downstream of a kink crossing: passes
-                ok = True
-            elif kr.status not in ("passed", "failed", "mismatch"):
-                ok = kr.checks.get(m, kr.passed) and kr.passed
-            else:
-                ok = kr.checks.get(m, kr.passed)
-            if kr.status in ("nan", "inf"):
-                value = kr.status
-            elif kr.status in ("missing", "extra", "shape", "type", "empty"):
-                value = f"None ({kr.status}: {kr.reason})"
-            else:
-                value = format_value(kr, m)
-            yield f"{indent * (level + 1)}{m} diff: check passed: {ok}, value: {value}"
+        yield from _key_lines(kr, indent, state)
     yield "diff check passed" if result.passed else "diff check failed"
 
 
