@@ -16,7 +16,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..diff.result import _FIELD_NAMES, DiffResult, KeyResult, _json_safe
-from .json_fast import KeyEncoder, _call, field_columns, field_values, layout, methods_columns
+from .fields import field_columns, field_values, methods_columns
+from .json_fast import KeyEncoder, _call, layout
 from .table import statistics_for, table_columns, table_rows
 
 __all__ = [

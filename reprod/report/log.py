@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..diff.result import _FIELD_NAMES, STAT_OF_METHOD, DiffResult, KeyResult, RowKeyResult
-from .json_fast import field_columns
+from .fields import field_columns
 
 __all__ = ["render_log", "iter_log_lines", "iter_log_text", "format_value", "emit_log_lines",
            "LOGGER_NAME"]

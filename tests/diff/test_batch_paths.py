@@ -397,7 +397,7 @@ def test_window_columns_are_its_rows_fields(tmp_path, suffix):
     field, what ``field_values`` reads of each key one at a time: passing and failing keys,
     every option set, runs starting and ending anywhere in a window."""
     from reprod.diff.criteria import Criteria
-    from reprod.report.json_fast import field_columns, field_values
+    from reprod.report.fields import field_columns, field_values
 
     ref, other = _dumps(np.random.default_rng(11))
     a, b = str(tmp_path / f"ref{suffix}"), str(tmp_path / f"other{suffix}")
