@@ -56,15 +56,17 @@ def _memory_kib(pid: int) -> tuple[int, int]:
     return anon, hwm
 
 
-def measure(cmd: list[str], *, env: Optional[dict[str, str]] = None, sample_s: float = 0.002) -> dict[str, Any]:
+def measure(cmd: list[str], *, env: Optional[dict[str, str]] = None, sample_s: float = 0.002,
+            root: str = ROOT) -> dict[str, Any]:
     """Wall seconds, peak RSS and peak RssAnon (bytes) of one process; stdout kept in a file.
+    ``root``: the checkout whose ``reprod`` it imports (its folder and PYTHONPATH).
 
     Peak RSS is the process's own VmHWM, sampled: wait4's ru_maxrss is not used because after a
     vfork/exec it also counts the parent's resident memory."""
-    full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": root, **(env or {})}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full_env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full_env, cwd=root)
         peak_anon = peak_rss = 0
         while True:
             pid, status, _ = os.wait4(proc.pid, os.WNOHANG)

@@ -465,7 +465,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.output:
             from .cli_output import _summary, _write_atomic
 
-            _write_atomic(args.output, itertools.chain(pieces, ["\n"]))
+            with gc_paused():  # the writers' batches build no cycle either (see _gc)
+                _write_atomic(args.output, itertools.chain(pieces, ["\n"]))
             if not args.quiet:
                 print(_summary(compared))
         elif not args.quiet:

@@ -162,9 +162,9 @@ def _render_pieces(compared: Compared, args: argparse.Namespace) -> Iterable[str
 
             return _rstrip_newlines(iter_csv(result))
         if args.format == "log":
-            from .report.log import iter_log_lines
+            from .report.log import iter_log_text
 
-            return _joined_lines(iter_log_lines(result))
+            return iter_log_text(result)
     return [_render(compared, args)]
 
 
@@ -179,19 +179,6 @@ def _rstrip_newlines(pieces: Iterable[str]) -> Iterator[str]:
         else:
             held += piece  # only newlines: they go only if text follows
     yield held.rstrip("\n")
-
-
-def _joined_lines(lines: Iterable[str]) -> Iterator[str]:
-    """``"\n".join(lines)``, in pieces of a few thousand lines."""
-    run: list[str] = []
-    first = True
-    for line in lines:
-        run.append(line)
-        if len(run) >= 4096:
-            yield ("" if first else "\n") + "\n".join(run)
-            run, first = [], False
-    if run or first:
-        yield ("" if first else "\n") + "\n".join(run)
 
 
 def _write_html(compared: Compared, path: str, sides: Optional[tuple[Any, Any]] = None) -> None:

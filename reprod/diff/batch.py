@@ -14,6 +14,7 @@ fields are built from the kernel's rows when read.
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -27,7 +28,7 @@ from . import metrics
 from .criteria import Criteria
 from .pairing import Pair, dtype_name
 from .progress import Progress
-from .result import STAT_OF_METHOD, KeyResult, RowKeyResult
+from .result import _FIELD_NAMES, STAT_OF_METHOD, KeyResult, RowKeyResult
 from .verdict import judge, judged
 
 __all__ = ["compare_batch", "unravel"]
@@ -147,6 +148,16 @@ _TABLE_COL = {"mean_abs": 0, "max_abs": 1, "min_abs": 2, "mean_rel": 3, "max_rel
 
 
 _STATUS_WORDS = ("passed", "mismatch", "failed")
+# a fields dict's values after key, passed and status (a row's own), in declaration order
+_ROW_FIELDS = operator.itemgetter(*_FIELD_NAMES[3:])
+_METHODS = operator.itemgetter("thresholds", "checks")
+# a layout's ref shape, ref dtype, other shape, other dtype
+_ITEM0, _ITEM1, _ITEM2, _ITEM3 = map(operator.itemgetter, range(4))
+
+
+def _braces(text: str) -> str:
+    """``text`` as the literal part of a ``str.format`` template."""
+    return text.replace("{", "{{").replace("}", "}}")
 # a window's row numbers, one int object each for every window: a result holds its row's, and
 # a fresh int per key is 28 bytes of a million-key comparison's ~80 a key
 _N_INDICES = 4096
@@ -257,6 +268,131 @@ class _Window:
                            int(mismatched) if (a is not None or r is not None) else None, layout)
         self._last = (j, d)
         return d
+
+    def _shared_thresholds(self) -> Optional[dict[str, float]]:
+        """The thresholds every key of the window has (no per-key rule), where each method's
+        statistic is a column of the table; else None (each row as ``fields`` builds it)."""
+        policy = self.policy
+        if policy.per_key:
+            return None
+        thresholds = policy.thresholds_for("")
+        if not all(STAT_OF_METHOD.get(m) in _TABLE_COL for m in thresholds):
+            return None
+        return thresholds
+
+    def method_columns(self, start: int, stop: int) -> tuple[list[Any], list[Any]]:
+        """``columns``' thresholds and checks alone (a CSV's columns are read from every key's
+        methods before its rows are written)."""
+        thresholds = self._shared_thresholds()
+        if thresholds is None:
+            rows = [_METHODS(self.fields(j)) for j in range(start, stop)]
+            return [r[0] for r in rows], [r[1] for r in rows]
+        statuses = self.statuses
+        codes = statuses.codes
+        status = (statuses.values[start:stop] if codes is None
+                  else map(statuses.values.__getitem__, codes[start:stop]))
+        checks = dict.fromkeys(thresholds, True)  # a passing key's: every check passed
+        return [thresholds] * (stop - start), [
+            checks if s == "passed" else self.fields(j)["checks"]
+            for j, s in zip(range(start, stop), status)]
+
+    def _dtype_fields(self, rd: np.dtype, od: np.dtype) -> tuple[Any, ...]:
+        """What a passing key's fields hold for its two dtypes: their names, atol, rtol, whether
+        there is an element-wise rule, the note, the reason's atol/rtol clause."""
+        rdt, odt = dtype_name(rd), dtype_name(od)
+        a, r = self.policy.tolerance_for("", rdt, odt)
+        close = a is not None or r is not None
+        return (rdt, odt, a, r, close, None if rdt == odt else msg.note_dtypes(rdt, odt),
+                f"; all elements within atol={a or 0:g}, rtol={r or 0:g}" if close else "")
+
+    def columns(self, start: int, stop: int) -> list[list[Any]]:
+        """The fields of rows ``start:stop`` as one list per KeyResult field (declaration order):
+        ``[[fields(j)[name] for j in rows] for name in fields]``, with ``key``, ``passed`` and
+        ``status`` as the rows' own (a ``RowKeyResult``'s properties). A writer of a million
+        keys spent ~9 us a key in ``fields`` (a dict, a reason, a judge, four dtype names);
+        here what a window's keys share (layouts, thresholds, tolerances, the passing keys'
+        checks) is worked out once and the rest a column at a time. Objects equal to a
+        ``fields`` value may be shared between rows (one thresholds dict, one shape tuple):
+        readers must not change them. Rows not passing, or any run with per-key rules, take
+        ``fields`` itself (``tests/diff/test_batch_paths.py`` compares the two)."""
+        keys = self.keys[start:stop]
+        n = len(keys)
+        statuses = self.statuses
+        codes = statuses.codes
+        status = list(statuses.values[start:stop] if codes is None
+                      else map(statuses.values.__getitem__, codes[start:stop]))
+        passed = list(map("passed".__eq__, status))
+        policy = self.policy
+        thresholds = self._shared_thresholds()
+        if thresholds is None or not n:
+            # a rule may name any key (its thresholds and tolerances are the key's own), or a
+            # method the batch has no column for: every row as fields builds it
+            rows = [(k, p, s, *_ROW_FIELDS(self.fields(j)))
+                    for j, k, p, s in zip(range(start, stop), keys, passed, status)]
+            return [list(c) for c in zip(*rows)] if rows else [[] for _ in _FIELD_NAMES]
+        paths = self.paths
+        path = [paths.get(j) or (k,) for j, k in zip(range(start, stop), keys)] if paths \
+            else list(zip(keys))
+        layouts = self.layouts
+        lcodes = layouts.codes
+        layout = list(layouts.values[start:stop] if lcodes is None
+                      else map(layouts.values.__getitem__, lcodes[start:stop]))
+        # what _finite_fields derives from a layout (no per-key rule here): from its shapes, a
+        # column at a time (a window of keys of many shapes has about as many layouts); from its
+        # pair of dtypes, once per pair (a window has one or a few)
+        ref_shape = list(map(_ITEM0, layout))
+        other_shape = list(map(_ITEM2, layout))
+        size = list(map(math.prod, ref_shape))
+        rdts, odts = list(map(_ITEM1, layout)), list(map(_ITEM3, layout))
+        if len(set(map(id, rdts))) == 1 and len(set(map(id, odts))) == 1:
+            (rdt_col, odt_col, atol, rtol, close, note, within) = (
+                [v] * n for v in self._dtype_fields(rdts[0], odts[0]))
+        else:
+            by_pair: dict[tuple[int, int], tuple[Any, ...]] = {}
+            for rd, od in zip(rdts, odts):
+                if (id(rd), id(od)) not in by_pair:
+                    by_pair[(id(rd), id(od))] = self._dtype_fields(rd, od)
+            (rdt_col, odt_col, atol, rtol, close, note, within) = (list(c) for c in zip(
+                *map(by_pair.__getitem__, zip(map(id, rdts), map(id, odts)))))
+        b0, b1 = start // _ROWS_PER_BLOCK, (stop - 1) // _ROWS_PER_BLOCK + 1
+        block = np.frombuffer(b"".join(self.table[b0:b1]), dtype=np.float64).reshape(-1, _N_COLS)
+        off = start - b0 * _ROWS_PER_BLOCK
+        (mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled, worst,
+         worst_ref, worst_other, mism) = block[off : off + n].T.tolist()
+        stats = (mean_abs, max_abs, min_abs, mean_rel, max_rel, cosine, rel_l2, max_scaled)
+        if set(map(len, ref_shape)) == {1}:
+            worst_index = list(zip(map(int, worst)))
+        else:
+            worst_index = [(int(w),) if len(s) == 1 else unravel(int(w), s)
+                           for w, s in zip(worst, ref_shape)]
+        mismatched = [int(m) if c else None for m, c in zip(mism, close)] if any(close) \
+            else [None] * n
+        # a passing key's reason: "<method> <value> <= <threshold>" per method (fmt_num of a value
+        # at or under its threshold: never NaN, so its ".3e" text), then the atol/rtol clause
+        if thresholds:
+            stat_cols = [_TABLE_COL[STAT_OF_METHOD[m]] for m in thresholds]
+            template = "; ".join(
+                f"{_braces(m)} {{{i}:.3e}} <= {_braces(msg._fmt_threshold(t))}"
+                for i, (m, t) in enumerate(thresholds.items()))
+            reason = list(map(template.format, *(stats[c] for c in stat_cols)))  # type: ignore[index]
+        else:
+            reason = ["compared (no statistic checked)"] * n
+        if any(close):
+            reason = list(map(str.__add__, reason, within))
+        methods = tuple(thresholds) or policy.methods
+        checks = dict.fromkeys(thresholds, True)
+        none, zero = [None] * n, [0] * n
+        out = [keys, passed, status, reason, path, ref_shape, other_shape, rdt_col, odt_col, size,
+               *stats, none, none[:], none[:], worst_index, worst_ref, worst_other, mismatched, zero,
+               zero[:], zero[:], zero[:], [methods] * n, [thresholds] * n, [checks] * n, atol,
+               rtol, note]
+        if not all(passed):
+            # failing keys (a few in a run): their reasons and checks as fields words them
+            for i, p in enumerate(passed):
+                if not p:
+                    for c, v in zip(out[3:], _ROW_FIELDS(self.fields(start + i))):
+                        c[i] = v
+        return out
 
 
 def _stats_many(kernel: Any, rb: Any, ob: Any, jobs: list[int], tols: list[float],

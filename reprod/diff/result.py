@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Protocol
@@ -151,6 +152,8 @@ class KeyResult:
 
 _FIELD_NAMES = tuple(f.name for f in fields(KeyResult))
 _all_fields = operator.attrgetter(*_FIELD_NAMES)
+_STATUS = operator.attrgetter("status")
+_PASSED = operator.attrgetter("passed")
 
 
 class RowSource(Protocol):
@@ -232,7 +235,7 @@ class DiffResult:
     # --- verdict -------------------------------------------------------------------------------
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        return all(map(_PASSED, self.results))
 
     @property
     def failed(self) -> list[KeyResult]:
@@ -277,14 +280,16 @@ class DiffResult:
         return [r.key for r in self.results]
 
     def summary(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for r in self.results:
-            counts[r.status] = counts.get(r.status, 0) + 1
+        # each field read once a key, in C's loops: at a million keys the three Python loops
+        # here cost ~2 us a key, as much as writing a key's JSON
+        results = self.results
+        counts = dict(Counter(map(_STATUS, results)))
+        passed = list(map(_PASSED, results))
         first = self.first_failure
         return {
-            "compared": len(self.results),
-            "passed": sum(r.passed for r in self.results),
-            "failed": sum(not r.passed for r in self.results),
+            "compared": len(results),
+            "passed": sum(passed),
+            "failed": sum(map(operator.not_, passed)),
             "statuses": counts,
             "first_failure": None if first is None else first.key,
             "first_failure_reason": None if first is None else first.reason,

@@ -16,7 +16,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..diff.result import _FIELD_NAMES, DiffResult, KeyResult, _json_safe
-from .json_fast import KeyEncoder, _call, field_values, layout, methods_values
+from .fields import field_columns, field_values, methods_columns
+from .json_fast import KeyEncoder, _call, layout
 from .table import statistics_for, table_columns, table_rows
 
 __all__ = [
@@ -124,12 +125,13 @@ def _result_pieces(result: DiffResult, indent: Optional[int], level: int) -> Ite
         yield head + "[]" + close0 + "}"
         return
     open2, sep2, close1 = layout(indent, level + 1)
-    encode = KeyEncoder(indent, level + 2).encode
+    encoder = KeyEncoder(indent, level + 2)
+    encode = encoder.encode
     lead = head + "[" + open2
     for start in range(0, len(results), _KEYS_PER_PIECE):
         batch = results[start : start + _KEYS_PER_PIECE]
         try:
-            texts = list(map(encode, batch))
+            texts = encoder.encode_many(batch)
         except KeyError:  # json_fast.Unsupported somewhere in the batch
             texts = [_key_text(kr, encode, indent, level + 2) for kr in batch]
         yield lead + sep2.join(texts)
@@ -248,25 +250,30 @@ def _nested_names(results: Iterable[KeyResult], attr: str) -> list[str]:
 
 def _method_names(results: Iterable[KeyResult]) -> Optional[tuple[list[str], list[str]]]:
     """``_nested_names`` of thresholds and of checks, reading each key once (a batch row's
-    fields are built per read: the two passes built them twice); ``None`` where a value is not
-    a dict or a method not a str, for the general path (and its errors)."""
+    fields are built per read: the two passes built them twice), a batch of keys at a time
+    (``methods_columns``: a window's keys share their thresholds dict), each distinct dict
+    once; ``None`` where a value is not a dict or a method not a str, for the general path
+    (and its errors)."""
     thr_names: list[str] = []
     chk_names: list[str] = []
     thr_seen: set[str] = set()
     chk_seen: set[str] = set()
-    for r in results:
-        thr, chk = methods_values(r)
-        if type(thr) is not dict or type(chk) is not dict \
-                or not _STR_ONLY.issuperset(map(type, thr)) \
-                or not _STR_ONLY.issuperset(map(type, chk)):
-            return None
-        if not thr.keys() <= thr_seen:
-            thr_names.extend(m for m in thr if m not in thr_seen)
-            thr_seen.update(thr)
-        if not chk.keys() <= chk_seen:
-            chk_names.extend(m for m in chk if m not in chk_seen)
-            chk_seen.update(chk)
+    results = _as_sequence(results)
+    for start in range(0, len(results), _CSV_PIECE_ROWS):
+        thr_col, chk_col = methods_columns(results[start : start + _CSV_PIECE_ROWS])
+        for col, names, seen in ((thr_col, thr_names, thr_seen), (chk_col, chk_names, chk_seen)):
+            for d in _distinct(col):
+                if type(d) is not dict or not _STR_ONLY.issuperset(map(type, d)):
+                    return None
+                if not d.keys() <= seen:
+                    names.extend(m for m in d if m not in seen)
+                    seen.update(d)
     return thr_names, chk_names
+
+
+def _distinct(col: list[Any]) -> Iterable[Any]:
+    """The distinct objects of ``col`` (by identity), in order of first appearance."""
+    return dict(zip(map(id, col), col)).values()
 
 
 _STR_ONLY = frozenset([str])
@@ -370,53 +377,158 @@ class _Slow(Exception):
 
 def _csv_rows(groups: list[tuple[Optional[str], Sequence[KeyResult]]],
               names: list[tuple[list[str], list[str]]], every: int) -> Iterator[str]:
-    """``_csv`` of the groups' ``flat_record``s (in pieces of ``every`` rows; 0: one piece) (with a leading ``file`` column where the groups
-    are named), given each group's ``_method_names``: one read of each key's fields, each cell
-    by its value's type. ``_Slow`` where a key has a method its group's names lack."""
+    """``_csv`` of the groups' ``flat_record``s (with a leading ``file`` column where the
+    groups are named), in pieces of ``every`` rows (0: one piece), given each group's
+    ``_method_names``: a batch of keys at a time (``field_columns``), each CSV column's cells
+    by one ``map`` of their type's text, a column's cell that every key writes alike once (see
+    ``_csv_batch``). ``_Slow`` where a key has a method its group's names lack."""
     columns: list[str] = []
     for group_names in names:
         columns.extend(c for c in _columns(*group_names) if c not in columns)
     files = groups[0][0] is not None
     if files:
         columns = ["file", *columns]
-    all_thr = list(dict.fromkeys(m for thr, _ in names for m in thr))
-    all_chk = list(dict.fromkeys(m for _, chk in names for m in chk))
-    # a row: (file, every field, each threshold method's value, each check's); record.get(column)
-    # is the item at the column's position, None where the key lacks the method
-    field_at = {n: 1 + i for i, n in enumerate(_FIELD_NAMES) if n not in _FLATTENED}
-    positions = []
+    # where each column's cells come from: the file name, a field, a method of thresholds/checks
+    field_at = {n: i for i, n in enumerate(_FIELD_NAMES) if n not in _FLATTENED}
+    sources: list[tuple[str, Any]] = []
     for c in columns:
         if c == "file" and files:
-            positions.append(0)
+            sources.append(("file", None))
         elif c in field_at:
-            positions.append(field_at[c])
+            sources.append(("field", field_at[c]))
         elif c.startswith("threshold_"):
-            positions.append(1 + len(_FIELD_NAMES) + all_thr.index(c[len("threshold_") :]))
+            sources.append(("thr", c[len("threshold_") :]))
         else:
-            positions.append(1 + len(_FIELD_NAMES) + len(all_thr) + all_chk.index(c[len("check_") :]))
-    pick = operator.itemgetter(*positions)
+            sources.append(("chk", c[len("check_") :]))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
-    write, cell, any_cell = writer.writerow, _CELL.get, _ANY_CELL
-    n = 0
+    out = [buf.getvalue()]
+    size = every or _CSV_PIECE_ROWS
     for (name, results), (thr_names, chk_names) in zip(groups, names):
         thr_seen, chk_seen = set(thr_names), set(chk_names)
-        for r in results:
-            values = field_values(r)
-            thr, chk = values[_I_THR], values[_I_CHK]
-            if type(thr) is not dict or type(chk) is not dict or not thr.keys() <= thr_seen \
-                    or not chk.keys() <= chk_seen or not _STR_ONLY.issuperset(map(type, thr)) \
-                    or not _STR_ONLY.issuperset(map(type, chk)):
-                raise _Slow(r.key)
-            row = pick((name, *values, *map(thr.get, all_thr), *map(chk.get, all_chk)))
-            write(list(map(_call, map(cell, map(type, row), any_cell), row)))
-            n += 1
-            if every and n % every == 0:
-                yield buf.getvalue()
-                buf.seek(0)
-                buf.truncate()
-    yield buf.getvalue()
+        for start in range(0, len(results), size):
+            cols = field_columns(results[start : start + size])
+            for col, seen in ((cols[_I_THR], thr_seen), (cols[_I_CHK], chk_seen)):
+                for d in _distinct(col):
+                    if type(d) is not dict or not d.keys() <= seen \
+                            or not _STR_ONLY.issuperset(map(type, d)):
+                        raise _Slow(d)
+            cells: list[Any] = []
+            for kind, at in sources:
+                if kind == "file":
+                    cells.append(_csv_cell(name))
+                elif kind == "field":
+                    cells.append(_csv_cells(cols[at]))
+                else:
+                    col = cols[_I_THR if kind == "thr" else _I_CHK]
+                    cells.append(_csv_cells(list(map(dict.get, col, repeat(at)))))
+            out.append(_csv_batch(cells, len(cols[0]), writer, buf))
+            if every:
+                yield "".join(out)
+                out = []
+    if out:
+        yield "".join(out)
+
+
+class _Written(list):  # type: ignore[type-arg]
+    """A column's cells as the CSV holds them: texts that need no quoting (a number's repr) or
+    are quoted already (their texts before in ``raw``); ``_csv_batch`` writes them as they are."""
+
+    raw: list[str]
+
+
+def _csv_cells(col: list[Any]) -> Any:
+    """``_csv_cell`` of each value of a column: one text where every value writes the same,
+    else the list of texts (a ``_Written`` where they are the cells' final text)."""
+    types = set(map(type, col))
+    if len(types) != 1:
+        return list(map(_call, map(_CELL.get, map(type, col), _ANY_CELL), col))
+    t = types.pop()
+    if t is float:  # no single text: 0.0 == -0.0 and nan != nan, though their texts differ
+        return _Written(map(float.__repr__, col))
+    if t is type(None):
+        return ""
+    if t is str or t is int or t is bool:
+        # one exact type: equal values write equal texts
+        cell = _CELL[t]
+        if col.count(col[0]) == len(col):
+            return cell(col[0])
+        return list(map(cell, col)) if t is str else _Written(map(cell, col))
+    if t is tuple:
+        if 2 * len(set(map(id, col))) <= len(col):  # a window's shapes, its methods: shared
+            ids = list(map(id, col))
+            text = {i: _csv_tuple(v) for i, v in dict(zip(ids, col)).items()}
+            return list(map(text.__getitem__, ids))
+        lengths = set(map(len, col))
+        if len(lengths) == 1:
+            k = lengths.pop()
+            items = [list(c) for c in zip(*col)]
+            if k and all(len(set(map(type, c))) == 1 and type(c[0]) in _TUPLE_ITEM for c in items):
+                # json.dumps of the items ("[1, 2]", '["a"]'): each item column at once
+                texts = [list(map(_TUPLE_ITEM[type(c[0])], c)) for c in items]
+                cells = map(("[" + ", ".join(["{}"] * k) + "]").format, *texts)
+                if k == 1 and type(items[0][0]) is not str:
+                    return _Written(cells)  # "[3]", "[true]": nothing to quote
+                # a comma between items, a string's quotes (JSON's escapes leave no line
+                # break or NUL in it): every cell quoted
+                raw = list(cells)
+                quoted = _Written(map('"{}"'.format, map(str.replace, raw, repeat('"'),
+                                                         repeat('""'))))
+                quoted.raw = raw  # the cells' texts, for a row csv.writer writes
+                return quoted
+    return list(map(_call, map(_CELL.get, map(type, col), _ANY_CELL), col))
+
+
+# a cell holding one of these is quoted (delimiter, quote char); a row with a cell holding one of
+# _RAW is left to csv.writer itself (line breaks and NUL: what its rules for them are differs
+# between Python versions)
+_QUOTED = (",", '"')
+_RAW = ("\n", "\r", "\x00")
+
+
+def _csv_batch(cells: list[Any], n: int, writer: Any, buf: io.StringIO) -> str:
+    """The CSV lines of ``n`` rows whose columns are ``cells`` (a text every row has, or the
+    rows' texts), as ``csv.writer`` (minimal quoting, ``"\n"`` line ends) writes them: the
+    rows are joined from pieces, each run of shared text (separators, one-text columns) one
+    piece."""
+    pieces: list[Any] = []
+    literal: list[str] = []
+    raw_rows: set[int] = set()
+    for i, c in enumerate(cells):
+        if i:
+            literal.append(",")
+        if type(c) is str:
+            if not any(map(c.__contains__, _RAW)):
+                literal.append('"' + c.replace('"', '""') + '"' if any(map(c.__contains__, _QUOTED))
+                               else c)
+                continue
+            c = [c] * n
+        if type(c) is not _Written:
+            joined = "".join(c)
+            if any(map(joined.__contains__, _RAW)):
+                raw_rows.update(j for j, text in enumerate(c) if any(map(text.__contains__, _RAW)))
+            if any(map(joined.__contains__, _QUOTED)):
+                need = list(map(operator.or_, map(str.__contains__, c, repeat(",")),
+                                map(str.__contains__, c, repeat('"'))))
+                c = [('"' + text.replace('"', '""') + '"') if q else text
+                     for text, q in zip(c, need)]
+        if literal:
+            pieces.append(repeat("".join(literal), n))
+            literal = []
+        pieces.append(c)
+    literal.append("\n")
+    pieces.append(repeat("".join(literal), n))
+    lines = list(map("".join, zip(*pieces)))
+    if raw_rows:
+        raw = [repeat(c, n) if type(c) is str else getattr(c, "raw", c) for c in cells]
+        rows = list(zip(*raw))
+        for j in raw_rows:
+            buf.seek(0)
+            buf.truncate()
+            writer.writerow(rows[j])
+            lines[j] = buf.getvalue()
+    return "".join(lines)
 
 
 def _csv_fast(groups: list[tuple[Optional[str], Sequence[KeyResult]]],

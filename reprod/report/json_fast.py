@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from itertools import chain, repeat
 from json.encoder import encode_basestring_ascii
 from typing import Any, Optional
 
 from ..diff.result import _FIELD_NAMES, KeyResult, RowKeyResult
+from .fields import field_columns, field_values, methods_columns, methods_values
 
-__all__ = ["Unsupported", "KeyEncoder", "layout", "field_values", "methods_values"]
+__all__ = ["Unsupported", "KeyEncoder", "layout", "field_values", "field_columns", "methods_values",
+           "methods_columns"]
 
 # operator.call (3.11+) keeps the per-value call in C; older Pythons pay a lambda frame
 _call: Callable[[Callable[[Any], str], Any], str] = getattr(operator, "call", None) or (lambda f, v: f(v))
@@ -29,12 +32,6 @@ _call: Callable[[Callable[[Any], str], Any], str] = getattr(operator, "call", No
 _NON_FINITE = {"nan": '"nan"', "inf": '"inf"', "-inf": '"-inf"'}
 _NON_FINITE_KEYS = _NON_FINITE.keys()
 
-# what asdict reads of a RowKeyResult: these three from its own properties, the rest from its row
-_OWN = ("key", "passed", "status")
-assert _FIELD_NAMES[:3] == _OWN
-_ROW_FIELDS = operator.itemgetter(*_FIELD_NAMES[3:])
-_ALL_FIELDS = operator.attrgetter(*_FIELD_NAMES)
-_ROW_METHODS = operator.itemgetter("thresholds", "checks")
 
 
 def layout(indent: Optional[int], level: int) -> tuple[str, str, str]:
@@ -71,6 +68,7 @@ class KeyEncoder:
         names = [encode_basestring_ascii(n) + ": %s" for n in _FIELD_NAMES]
         # the key's object: one % of its encoded values into the fixed field layout
         self._template = "{" + open_ + sep.join(names) + close + "}"
+        self._names = [encode_basestring_ascii(n) + ": " for n in _FIELD_NAMES]
         self._fields = self.table(level + 1)
 
     def layout(self, level: int) -> tuple[str, str, str]:
@@ -124,6 +122,116 @@ class KeyEncoder:
             tuple: seq, list: seq, dict: mapping,
         }
 
+    def encode_many(self, batch: Sequence[KeyResult]) -> list[str]:
+        """``[self.encode(kr) for kr in batch]``, a field at a time over the batch
+        (``field_columns``): the batch's keys are written through one ``%`` template whose
+        literal text holds what every key of the batch writes alike (a window's dtypes, its
+        thresholds, the nulls, the brackets of each tuple and dict of one shape), and whose slots
+        take the rest, each column's values written by one ``map`` of their type's encoder.
+        ``Unsupported`` where ``encode`` would raise it for some key."""
+        n = len(batch)
+        if not n:
+            return []
+        if not _PLAIN_TYPES.issuperset(map(type, batch)):
+            raise Unsupported("a KeyResult subclass")
+        open_, sep, close = self.layout(self.level)
+        parts: list[Any] = ["{" + open_]  # literal text (str) and slots (a list of n texts)
+        try:
+            for i, (name, col) in enumerate(zip(self._names, field_columns(batch))):
+                parts.append(name if not i else sep + name)
+                self._flatten(col, self.level + 1, parts)
+        except KeyError as e:
+            raise Unsupported(*e.args) from None
+        parts.append(close + "}")
+        # each key's text joined from its pieces: a literal repeated, a slot's text, ... (join
+        # copies each piece once; a % template scans itself for every key: 2.5x slower)
+        pieces: list[Any] = []
+        literal: list[str] = []
+        for p in parts:
+            if type(p) is str:
+                literal.append(p)
+            else:
+                if literal:
+                    pieces.append(repeat("".join(literal), n))
+                    literal = []
+                pieces.append(p)
+        if len(pieces) == 0:
+            return ["".join(literal)] * n
+        if literal:
+            pieces.append(repeat("".join(literal), n))
+        return list(map("".join, zip(*pieces)))
+
+    def _flatten(self, col: list[Any], level: int, parts: list[Any]) -> None:
+        """Append to ``parts`` the text of a column of values at depth ``level`` (brackets
+        there), as ``_encoded`` writes each: one literal where every value writes the same text,
+        a tuple's or dict's items where all have one length or the same keys, else one slot."""
+        n = len(col)
+        types = set(map(type, col))
+        if len(types) != 1:
+            parts.append(_encoded(col, self.table(level)))
+            return
+        t = types.pop()
+        if t is float:  # no literal: 0.0 == -0.0 and nan != nan, though their texts differ
+            out = list(map(float.__repr__, col))
+            if not _NON_FINITE_KEYS.isdisjoint(out):
+                out = [_NON_FINITE.get(s, s) for s in out]
+            parts.append(out)
+            return
+        scalar = _SCALAR.get(t)
+        if scalar is not None:
+            # one exact type: equal values write equal texts
+            parts.append(scalar(col[0]) if col.count(col[0]) == n else list(map(scalar, col)))
+            return
+        if t is not tuple and t is not list and t is not dict:
+            raise Unsupported(t.__name__)
+        distinct = len(set(map(id, col)))
+        if distinct == 1:
+            parts.append(self._by_object(col[:1], level)[0])
+            return
+        if 2 * distinct <= n:
+            parts.append(self._by_object(col, level))
+            return
+        open_, sep, close = self.layout(level)
+        if t is dict:
+            if len(set(map(tuple, col))) != 1 or not _STR_ONLY.issuperset(
+                    map(type, chain.from_iterable(col))):
+                parts.append(self._by_object(col, level))
+                return
+            names = list(col[0])
+            if not names:
+                parts.append("{}")
+                return
+            parts.append("{" + open_)
+            for i, k in enumerate(names):
+                text = encode_basestring_ascii(k) + ": "
+                parts.append(text if not i else sep + text)
+                self._flatten(list(map(operator.itemgetter(k), col)), level + 1, parts)
+            parts.append(close + "}")
+            return
+        lengths = set(map(len, col))
+        if len(lengths) != 1:
+            parts.append(self._by_object(col, level))
+            return
+        if not lengths.pop():
+            parts.append("[]")
+            return
+        parts.append("[" + open_)
+        for i, items in enumerate(zip(*col)):
+            if i:
+                parts.append(sep)
+            self._flatten(list(items), level + 1, parts)
+        parts.append(close + "]")
+
+    def _by_object(self, col: list[Any], level: int) -> list[str]:
+        """Each distinct object of ``col`` written once (a window's keys share their shape,
+        thresholds and methods objects); by identity, as equal values may differ in text
+        (``(1,)`` and ``(True,)``)."""
+        ids = list(map(id, col))
+        table = self.table(level)
+        distinct = dict(zip(ids, col))
+        text = dict(zip(distinct, _encoded(distinct.values(), table)))
+        return list(map(text.__getitem__, ids))
+
     def encode(self, kr: KeyResult) -> str:
         """The key's text; ``Unsupported`` (a KeyError) where a value or the result's type is
         not one this writes exactly."""
@@ -137,22 +245,6 @@ class KeyEncoder:
             raise Unsupported(*e.args) from None
 
 
-def field_values(kr: KeyResult) -> tuple[Any, ...]:
-    """Every KeyResult field of ``kr`` in declaration order, as ``getattr`` gives them."""
-    if type(kr) is RowKeyResult:
-        # a row's getattr is src.fields(i)[name] (the one dict, cached): read once, not 35
-        # times; key, passed and status are the result's own properties
-        return (kr.key, kr.passed, kr.status, *_ROW_FIELDS(kr._src.fields(kr._i)))
-    return _ALL_FIELDS(kr)
-
-
-def methods_values(kr: KeyResult) -> tuple[Any, Any]:
-    """``kr``'s thresholds and checks, as ``getattr`` gives them (a row's built once)."""
-    if type(kr) is RowKeyResult:
-        return _ROW_METHODS(kr._src.fields(kr._i))
-    return kr.thresholds, kr.checks
-
-
 def _encoded(items: Any, table: dict[type, Callable[[Any], str]]) -> list[str]:
     out = list(map(_call, map(table.__getitem__, map(type, items)), items))
     # only a float's repr is bare nan/inf: strings are quoted, containers bracketed
@@ -162,3 +254,12 @@ def _encoded(items: Any, table: dict[type, Callable[[Any], str]]) -> list[str]:
 
 
 _KEY_TABLE: dict[type, Callable[[Any], str]] = {str: encode_basestring_ascii}
+# the encoder of a column of one scalar type (floats take their own, for nan and inf)
+_SCALAR: dict[type, Callable[[Any], str]] = {
+    str: encode_basestring_ascii, int: int.__repr__, bool: ("false", "true").__getitem__,
+    type(None): {None: "null"}.__getitem__}
+_PLAIN_TYPES = frozenset([KeyResult, RowKeyResult])
+_STR_ONLY = frozenset([str])
+
+
+

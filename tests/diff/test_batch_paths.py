@@ -388,3 +388,34 @@ def test_batch_with_progress_bar_and_key_filter(tmp_path, monkeypatch):
     some = reprod.compare(tmp_path / "a.npz", tmp_path / "b.npz", progress=False, keys="layer1*/out")
     assert some.keys() == [k for k in plain.keys() if k.startswith("layer1")]
     assert all(x == plain[x.key] for x in some)
+
+
+@needs_kernel
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_window_columns_are_its_rows_fields(tmp_path, suffix):
+    """``_Window.columns`` (what the report writers read of a million keys) holds, field by
+    field, what ``field_values`` reads of each key one at a time: passing and failing keys,
+    every option set, runs starting and ending anywhere in a window."""
+    from reprod.diff.criteria import Criteria
+    from reprod.report.fields import field_columns, field_values
+
+    ref, other = _dumps(np.random.default_rng(11))
+    a, b = str(tmp_path / f"ref{suffix}"), str(tmp_path / f"other{suffix}")
+    reprod.save(a, ref)
+    reprod.save(b, other)
+    options = [*OPTIONS, {"method": ["rel_l2", "max_scaled", "min"], "threshold": 1e-3},
+               {"threshold": float("inf"), "atol": 1e-3},
+               {"criteria": Criteria(dtype_tolerances=True)},
+               {"method": "max", "per_key": {"k01*": {"atol": 1e-3}}}]
+    for opts in options:
+        result = reprod.compare(a, b, progress=False, **opts)
+        keys = list(result.results)
+        assert sum(type(k) is batch.RowKeyResult for k in keys) >= 50, opts
+        want = [repr(field_values(k)) for k in keys]
+        for size in (len(keys), 1, 7, 64):
+            got = []
+            for start in range(0, len(keys), size):
+                cols = field_columns(keys[start : start + size])
+                assert len(cols) == len(dataclasses.fields(reprod.KeyResult))
+                got += [repr(row) for row in zip(*cols)]
+            assert got == want, (opts, size)

@@ -314,3 +314,32 @@ def test_lone_surrogate_keys_are_escaped() -> None:
     assert json.loads(text)["keys"][0]["key"] == "lone\udcffkey"
     _same_json(result)
     _same_csv(result)
+
+
+def test_encode_many_is_encode_key_by_key() -> None:
+    """``KeyEncoder.encode_many`` (a batch's keys a field at a time, what every key of the batch
+    writes alike in one literal) against ``encode`` of each key, on batches mixing what it folds
+    (one shape, one thresholds dict, constant columns) with what it cannot (lists, odd floats,
+    dicts of other keys, numpy scalars, subclasses)."""
+    hand = _hand_built()
+    base = hand[0]
+    shared_thr = {"mean": 1e-6, "max": 0.5}
+    same = [replace(base, key=f"k{i}", path=(f"k{i}",), worst_index=(i,),
+                    thresholds=shared_thr, mean_abs=[0.1, -0.0, math.nan, math.inf][i % 4],
+                    size=6) for i in range(12)]
+    two_d = [replace(b, worst_index=(i, 2 * i), path=("p", b.key)) for i, b in enumerate(same)]
+    batches = [same, two_d, same[:1], hand[:9], [*same, *hand[:9]], [hand[9], *same],
+               [hand[-1], *same], [*same[:3], hand[-2]], []]
+    for indent in (None, 0, 2, 4):
+        for level in (0, 2):
+            enc = KeyEncoder(indent, level)
+            for b in batches:
+                try:
+                    want: Any = [enc.encode(kr) for kr in b]
+                except Unsupported:
+                    want = Unsupported
+                try:
+                    got: Any = enc.encode_many(b)
+                except Unsupported:
+                    got = Unsupported
+                assert got == want, (indent, level, [kr.key for kr in b])
