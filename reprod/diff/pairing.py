@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..adapters import to_numpy
+from ..errors import UnsupportedValueError
 
 __all__ = ["Side", "Pair", "Named", "open_side", "walk_pairs", "rename_leaves_by_order"]
 
@@ -40,9 +41,44 @@ def open_side(obj: Any, default_name: str) -> Side:
 
         return Side(load(obj), os.fspath(obj), owned=True)
     if isinstance(obj, Mapping):
-        return Side(obj, getattr(obj, "path", default_name))
+        name = getattr(obj, "path", default_name)
+        return Side(_str_keys(obj, name, ()), name)
     # a single array or tensor: one key
     return Side({"value": obj}, default_name)
+
+
+def _str_keys(tree: Mapping[Any, Any], name: str, path: tuple[str, ...]) -> Mapping[str, Any]:
+    """``tree`` with its integer keys (at any depth) as their ``str``, as ``ReprodLogger`` stores
+    them, so an in-memory tree pairs with a dump of it; the tree itself where every key is a str
+    (a dump's always are). Any other key, or an int beside the same str, is a one-line error."""
+    from ..storage.lazy import Dump
+
+    if type(tree) is Dump:
+        return tree
+    keys = list(tree)
+    if all(type(k) is str for k in keys) and not any(_is_branch(v) for v in tree.values()):
+        return tree
+    out: dict[str, Any] = {}
+    changed = False
+    for k in keys:
+        v = tree[k]
+        if type(k) is str:
+            key = k
+        elif isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)):
+            key, changed = str(int(k)), True
+        else:
+            where = "/".join(path + (repr(k),))
+            raise UnsupportedValueError(f"{name}: key {where} is a {type(k).__name__}; keys must "
+                                        "be str (or int)")
+        if key in out:
+            where = "/".join(path + (key,))
+            raise UnsupportedValueError(f"{name}: key {where} is there both as an int and as a str")
+        if _is_branch(v):
+            nv = _str_keys(v, name, path + (key,))
+            changed = changed or nv is not v
+            v = nv
+        out[key] = v
+    return out if changed else tree
 
 
 def _is_branch(v: Any) -> bool:
