@@ -210,7 +210,7 @@ def to_tree(value: Any, *, key: str = "<value>", copy: bool = True) -> tuple[Any
         for k, v in value.items():
             if not isinstance(k, str):
                 raise UnsupportedValueError(
-                    f"key {key!r}: nested key {k!r} is a {type(k).__name__}, keys must be str"
+                    f"key {key!r}: nested key {k!r} is of type {type(k).__name__}; keys must be str"
                 )
             data[k], dt = to_tree(v, key=f"{key}/{k}", copy=copy)
             if dt is not None:

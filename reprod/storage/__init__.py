@@ -122,7 +122,7 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
     ndarray = np.ndarray
     for k, v in mapping.items():
         if not isinstance(k, str):
-            raise UnsupportedValueError(f"{p}: key {k!r} is a {type(k).__name__}; keys must be str")
+            raise UnsupportedValueError(f"{p}: key {k!r} is of type {type(k).__name__}; keys must be str")
         if type(v) is ndarray and v.dtype.kind in _PLAIN_KINDS:  # most values: kept as they are
             tree[k] = v
             continue
