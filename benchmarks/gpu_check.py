@@ -1,0 +1,188 @@
+"""The GPU checks of issue 23, prepared for a session that is lent a CUDA device (one short run):
+
+    python benchmarks/gpu_check.py                 # on cuda; exits 2 with one line where there is none
+    python benchmarks/gpu_check.py --device cpu    # the same checks on the CPU (the tests run this)
+
+On MobileNetV3-Small from examples/mobilenetv3/ (seeded random weights, batch 8, 224x224):
+
+1. **Complete copies.** ``record(model, backward=True)`` in float32 and in bfloat16: every key a
+   leaf layer's output or a parameter's gradient is bit for bit what hand-written hooks copied
+   in the same step with a blocking copy to the host (in float32 for bfloat16 values, which is exact),
+   once the block has ended; bfloat16 keys carry their source dtype. On CUDA the record copies
+   into pinned memory without blocking, so this is what proves they are complete.
+2. **Overlap.** Forward steps (eval, no_grad), each ended by a synchronize: the model alone;
+   hooks that copy every leaf layer's output to the host with a blocking copy (``.to("cpu",
+   copy=True)``: the naive floor); ``record(containers=False, inputs=False)`` into memory; the same streaming to a file.
+   Medians of ``--rounds`` after a warm-up, interleaved. ``record`` under the blocking hooks says
+   its copies overlap the next layers.
+
+Prints a table and, last, one JSON line with every figure; exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+EXAMPLE = os.path.join(ROOT, "examples", "mobilenetv3")
+
+
+def _model(torch: Any, device: str, dtype: Any, batch: int) -> tuple[Any, Any]:
+    import numpy as np
+
+    sys.path.insert(0, EXAMPLE)
+    from torch_model import mobilenet_v3_small
+
+    torch.manual_seed(0)
+    m = mobilenet_v3_small(num_classes=1000)
+    with torch.no_grad():  # BN statistics and biases that matter: no layer is an identity
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 1.5)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32))
+    return m.eval().to(device=device, dtype=dtype), x.to(device=device, dtype=dtype)
+
+
+def _leaves(m: Any) -> list[tuple[str, Any]]:
+    return [(n, mod) for n, mod in m.named_modules()
+            if next(iter(mod.children()), None) is None or any(True for _ in mod.parameters(False))]
+
+
+def check_copies(torch: Any, device: str, dtype: Any, batch: int) -> dict[str, Any]:
+    """``record``'s keys against blocking copies taken by hooks in the same step."""
+    import numpy as np
+
+    from reprod.capture import parse_key, record
+
+    m, x = _model(torch, device, dtype, batch)
+    seen: dict[str, list[np.ndarray]] = {}
+
+    def keep(name: str) -> Any:
+        def hook(mod: Any, args: Any, out: Any) -> None:
+            # copy=True: on the CPU .cpu() is the tensor itself, which an in-place activation
+            # after it changes
+            seen.setdefault(name, []).append(out.detach().to("cpu", torch.float32, copy=True).numpy())
+        return hook
+
+    handles = [mod.register_forward_hook(keep(n)) for n, mod in _leaves(m)]
+    try:
+        with record(m, backward=True, containers=False, inputs=False) as log:
+            m(x).float().sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    bad: list[str] = []
+    checked = 0
+    sources = log.source_dtypes
+    want_source = "bfloat16" if dtype == torch.bfloat16 else None
+    for key, value in log.data.items():
+        k = parse_key(key)
+        if k is None or k.items:
+            continue
+        if k.is_param:
+            p = m.get_parameter(k.name)
+            expected = p.grad.detach().to("cpu", torch.float32, copy=True).numpy()
+        elif k.what == "out" and k.name in seen:
+            expected = seen[k.name][k.call - 1]
+        else:
+            continue
+        checked += 1
+        if value.shape != expected.shape or not np.array_equal(value, expected):
+            bad.append(key)
+        elif sources.get(key) != want_source:
+            bad.append(f"{key} (source dtype {sources.get(key)!r})")
+    return {"dtype": str(dtype).replace("torch.", ""), "keys checked": checked, "wrong": bad[:10],
+            "passed": checked > 100 and not bad}
+
+
+def time_overlap(torch: Any, device: str, batch: int, rounds: int) -> dict[str, float]:
+    """Median ms of a forward step per variant, each step ended by a synchronize."""
+    from reprod import ReprodLogger
+    from reprod.capture import record
+
+    m, x = _model(torch, device, torch.float32, batch)
+    leaves = _leaves(m)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    tmp = tempfile.mkdtemp(prefix="gpu_check_")
+
+    def plain() -> None:
+        m(x)
+
+    def hooks() -> None:
+        copies: list[Any] = []
+        hs = [mod.register_forward_hook(lambda mod, a, out: copies.append(out.detach().to("cpu", copy=True)))
+              for _, mod in leaves]
+        try:
+            m(x)
+        finally:
+            for h in hs:
+                h.remove()
+
+    def rec() -> None:
+        with record(m, containers=False, inputs=False):
+            m(x)
+
+    def stream() -> None:
+        path = os.path.join(tmp, "s.npz")
+        with ReprodLogger(stream_to=path) as log, record(m, log, containers=False, inputs=False):
+            m(x)
+        os.remove(path)
+
+    variants = {"plain": plain, "hooks copy": hooks, "record": rec, "record stream": stream}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    with torch.no_grad():
+        for r in range(rounds + 2):  # two warm-up rounds
+            names = list(variants)
+            names = names[r % len(names):] + names[: r % len(names)]
+            for v in names:
+                sync()
+                t0 = time.perf_counter()
+                variants[v]()
+                sync()
+                if r >= 2:
+                    times[v].append(time.perf_counter() - t0)
+    os.rmdir(tmp)
+    return {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
+
+
+def main(argv: Any = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False)")
+        return 2
+    out: dict[str, Any] = {"device": args.device, "torch": torch.__version__}
+    if args.device == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(0)
+    out["copies"] = [check_copies(torch, args.device, dt, args.batch)
+                     for dt in (torch.float32, torch.bfloat16)]
+    ms = time_overlap(torch, args.device, args.batch, args.rounds)
+    out["forward ms"] = {k: round(v, 2) for k, v in ms.items()}
+    out["record / hooks copy"] = round(ms["record"] / ms["hooks copy"], 3)
+    out["record stream / hooks copy"] = round(ms["record stream"] / ms["hooks copy"], 3)
+    for c in out["copies"]:
+        print(f"copies, {c['dtype']}: {c['keys checked']} keys checked, "
+              f"{'all bit for bit' if c['passed'] else 'WRONG: ' + ', '.join(c['wrong'])}")
+    print("| variant | forward ms (median) | / hooks copy |\n|---|---|---|")
+    for k, v in ms.items():
+        print(f"| {k} | {v:.2f} | {v / ms['hooks copy']:.2f}x |")
+    print(json.dumps(out))
+    return 0 if all(c["passed"] for c in out["copies"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
