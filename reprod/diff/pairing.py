@@ -56,8 +56,12 @@ def _str_keys(tree: Mapping[Any, Any], name: str, path: tuple[str, ...]) -> Mapp
     if type(tree) is Dump:
         return tree
     keys = list(tree)
-    if all(type(k) is str for k in keys) and not any(_is_branch(v) for v in tree.values()):
-        return tree
+    if all(type(k) is str for k in keys):
+        # the usual tree: nothing to rename here, and a new dict only where a branch changed
+        branches = {k: _str_keys(v, name, path + (k,)) for k, v in tree.items() if _is_branch(v)}
+        if all(nv is tree[k] for k, nv in branches.items()):
+            return tree
+        return {k: branches.get(k, v) for k, v in tree.items()}
     out: dict[str, Any] = {}
     changed = False
     for k in keys:
