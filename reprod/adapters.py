@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .errors import UnsupportedValueError
+from .keys import bad_key, key_text
 
 __all__ = ["to_numpy", "to_tree", "Converted", "BFLOAT16", "empty_array"]
 
@@ -208,10 +209,14 @@ def to_tree(value: Any, *, key: str = "<value>", copy: bool = True) -> tuple[Any
         data: dict[str, Any] = {}
         dtypes: dict[str, Any] = {}
         for k, v in value.items():
-            if not isinstance(k, str):
-                raise UnsupportedValueError(
-                    f"key {key!r}: nested key {k!r} is of type {type(k).__name__}; keys must be str"
-                )
+            if type(k) is not str:
+                text = key_text(k)
+                if text is None:
+                    raise bad_key(k, f"key {key!r}: nested key {k!r}")
+                if text in value or text in data:  # its own text beside it, before or after
+                    raise UnsupportedValueError(
+                        f"key {key!r}: nested key {text} is there both as an int and as a str")
+                k = text
             data[k], dt = to_tree(v, key=f"{key}/{k}", copy=copy)
             if dt is not None:
                 dtypes[k] = dt

@@ -9,6 +9,7 @@ import numpy as np
 
 from .adapters import _POPULATE_FROM, fresh_copy, to_tree
 from .errors import UnsupportedValueError
+from .keys import bad_key, key_text
 
 __all__ = ["ReprodLogger"]
 
@@ -33,13 +34,10 @@ def _plain_copy(val: Any) -> Optional[np.ndarray]:
 
 def _key(key: Any) -> str:
     """A key reprod_log accepted that reprod stores: str as is, an integer (not a bool) as its str."""
-    if isinstance(key, str):
-        return str(key)
-    if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
-        return str(int(key))
-    raise UnsupportedValueError(
-        f"key {key!r} is a {type(key).__name__}; ReprodLogger keys must be str (or int)"
-    )
+    text = key_text(key)
+    if text is None:
+        raise bad_key(key, f"key {key!r}")
+    return text
 
 
 class ReprodLogger:

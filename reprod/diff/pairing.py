@@ -13,6 +13,7 @@ import numpy as np
 
 from ..adapters import to_numpy
 from ..errors import UnsupportedValueError
+from ..keys import bad_key, key_text
 
 __all__ = ["Side", "Pair", "Named", "open_side", "walk_pairs", "rename_leaves_by_order"]
 
@@ -66,14 +67,10 @@ def _str_keys(tree: Mapping[Any, Any], name: str, path: tuple[str, ...]) -> Mapp
     changed = False
     for k in keys:
         v = tree[k]
-        if type(k) is str:
-            key = k
-        elif isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)):
-            key, changed = str(int(k)), True
-        else:
-            where = "/".join(path + (repr(k),))
-            raise UnsupportedValueError(f"{name}: key {where} is a {type(k).__name__}; keys must "
-                                        "be str (or int)")
+        key = key_text(k)
+        if key is None:
+            raise bad_key(k, f"{name}: key " + "/".join(path + (repr(k),)))
+        changed = changed or key is not k
         if key in out:
             where = "/".join(path + (key,))
             raise UnsupportedValueError(f"{name}: key {where} is there both as an int and as a str")

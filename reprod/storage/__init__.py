@@ -120,9 +120,12 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
     import numpy as np
 
     ndarray = np.ndarray
+    if not all(type(k) is str for k in mapping):
+        # an int key as ReprodLogger.add takes it (its text), any other a one-line error
+        from ..keys import str_keyed
+
+        mapping = str_keyed(mapping, f"{p}: key")
     for k, v in mapping.items():
-        if not isinstance(k, str):
-            raise UnsupportedValueError(f"{p}: key {k!r} is of type {type(k).__name__}; keys must be str")
         if type(v) is ndarray and v.dtype.kind in _PLAIN_KINDS:  # most values: kept as they are
             tree[k] = v
             continue
@@ -132,7 +135,10 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
             # a reprod_log dump's str/None/list value: np.save keeps it in a .npy, as it came
             tree[k] = _unmarked(v, p, k, legacy)
             continue
-        tree[k], dt = to_tree(v, key=k) if not _is_plain(v) else (v, None)
+        try:
+            tree[k], dt = to_tree(v, key=k) if not _is_plain(v) else (v, None)
+        except UnsupportedValueError as e:  # named by its key only: the file too
+            raise UnsupportedValueError(f"{p}: {e}") from None
         if dt is not None:
             dtypes[k] = dt
     if p.endswith(".npz"):
