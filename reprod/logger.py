@@ -148,8 +148,8 @@ class ReprodLogger:
         background.put(key, array, source_dtype, crcs)
 
     def remove(self, key: Union[str, int]) -> None:
-        if type(key) is not str and isinstance(key, (int, np.integer)):
-            key = str(key)
+        if type(key) is not str:
+            key = key_text(key) or key  # a key add refuses is in no log: reprod_log's message
         if self._writer is not None:
             raise UnsupportedValueError(
                 f"key {key!r}: cannot remove from a streaming logger, it is already on disk"
