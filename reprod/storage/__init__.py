@@ -102,7 +102,8 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
     """Write ``mapping`` (key -> array/tensor/number or nested dict) atomically; return the path.
 
     ``.npz`` writes the native format; any other path writes reprod_log's pickled ``.npy`` dict,
-    with ``.npy`` appended when missing (as ``np.save`` did for reprod_log). An exception while
+    with ``.npy`` appended when missing (as ``np.save`` did for reprod_log). Keys are str; an int
+    key (at any depth) is saved as its str, as ``ReprodLogger.add`` stores it. An exception while
     saving leaves any earlier file at ``path`` intact.
     """
     p = os.fspath(path)
