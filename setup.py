@@ -21,6 +21,9 @@ setup(
         Extension(
             "reprod._kernel",
             sources=["reprod/_kernel.c"],
+            # headers _kernel.c includes: listed so that the sdist ships them (setuptools>=68
+            # adds an extension's in-tree depends to it) and a changed one rebuilds the kernel
+            depends=["reprod/_float_text.h", "reprod/_float_text_pow10.h"],
             extra_compile_args=args,
             optional=True,
         )

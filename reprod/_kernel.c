@@ -2386,6 +2386,51 @@ static PyObject *npy_check(PyObject *self, PyObject *args) {
     return PyBool_FromLong(r);
 }
 
+/*
+ * float_texts: float.__repr__ of a column of floats, for the report writers (JSON, CSV, log),
+ * whose ~11 statistics a key spent half their time in CPython's bignum dtoa. The digits and
+ * their layout are _float_text.h's; the GIL stays held, as every item becomes a str.
+ */
+#include "_float_text.h"
+
+PyDoc_STRVAR(float_texts_doc,
+    "float_texts(col) -> list[str]\n\n"
+    "[float.__repr__(x) for x in col], the same texts byte for byte (the shortest decimal that\n"
+    "reads back as x, in repr's layout; 'nan' for every NaN), at ~10x the speed. col is a\n"
+    "sequence of exact floats; any other item raises TypeError.");
+
+static PyObject *float_texts(PyObject *self, PyObject *args) {
+    PyObject *col;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O", &col)) return NULL;
+    PyObject *seq = PySequence_Fast(col, "float_texts: col must be a sequence of floats");
+    if (seq == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyFloat_CheckExact(v)) {
+            /* a subclass too: its __repr__ may differ, and the callers pass exact floats */
+            PyErr_Format(PyExc_TypeError, "float_texts: item %zd is of type %.200s, not float", i,
+                         Py_TYPE(v)->tp_name);
+            goto fail;
+        }
+        char text[FT_TEXT_MAX];
+        int len = ft_format(PyFloat_AS_DOUBLE(v), text);
+        PyObject *s = PyUnicode_New(len, 127);
+        if (s == NULL) goto fail;
+        memcpy(PyUnicode_1BYTE_DATA(s), text, (size_t)len);
+        PyList_SET_ITEM(out, i, s);
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_XDECREF(out);
+    Py_DECREF(seq);
+    return NULL;
+}
+
 static int avx2_supported(void) {
 #ifdef HAVE_AVX2
     __builtin_cpu_init();
@@ -2445,6 +2490,7 @@ static PyMethodDef methods[] = {
     {"join_texts", join_texts, METH_VARARGS, join_texts_doc},
     {"npy_pack", npy_pack, METH_VARARGS, npy_pack_doc},
     {"npy_check", npy_check, METH_VARARGS, npy_check_doc},
+    {"float_texts", float_texts, METH_VARARGS, float_texts_doc},
     {"set_isa", set_isa, METH_VARARGS, set_isa_doc},
     {"isa", get_isa, METH_NOARGS, "isa() -> str: the loop in use ('avx2' or 'base')."},
     {NULL, NULL, 0, NULL},

@@ -2,7 +2,8 @@
 
 It serves the comparison (``stats``, ``stats3``, ``stats_many``) and storage (``crc32``, the pickle opcode
 scanner ``scan_items``, the ``.npz`` writer's batch of members ``npz_pack`` and its metadata's
-``join_texts``, the ``.npy`` dict writer's runs of keys ``npy_pack`` and its check ``npy_check``). Without a C compiler at install it is absent and every caller takes its
+``join_texts``, the ``.npy`` dict writer's runs of keys ``npy_pack`` and its check ``npy_check``) and the
+report writers (``float_texts``: ``float.__repr__`` of a column). Without a C compiler at install it is absent and every caller takes its
 numpy/zlib/Python path, with the same results. ``REPROD_KERNEL=0`` switches it off for the
 process (read once, here); tests switch it with :func:`set_enabled`. Its reads of mapped dumps
 are guarded against SIGBUS (a file truncated by another process meanwhile): they raise
@@ -12,9 +13,13 @@ are guarded against SIGBUS (a file truncated by another process meanwhile): they
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-__all__ = ["kernel", "built", "set_enabled", "crc32", "scanner", "MappedReadError"]
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["kernel", "built", "set_enabled", "crc32", "scanner", "float_texts",
+           "MappedReadError"]
 
 try:
     from . import _kernel as _built  # type: ignore[attr-defined]
@@ -64,3 +69,13 @@ def crc32(data: Any, value: int = 0) -> int:
 def scanner() -> Optional[Any]:
     """The compiled scanner of numpy's per-array pickle opcodes, or ``None``."""
     return _built.scan_items if _enabled else None  # type: ignore[union-attr]
+
+
+def float_texts(col: Sequence[float]) -> list[str]:
+    """``list(map(float.__repr__, col))``, the same texts byte for byte, from the kernel where it
+    is on (~80 ns a value against CPython's ~0.6 us: its dtoa works in bignums). ``col`` holds
+    exact floats: the kernel raises TypeError on anything else, a float subclass included (whose
+    ``__repr__`` may differ); the fallback only on a non-float."""
+    if _enabled:
+        return _built.float_texts(col)  # type: ignore[union-attr]
+    return list(map(float.__repr__, col))

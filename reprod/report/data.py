@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .._native import float_texts
 from ..diff.result import _FIELD_NAMES, DiffResult, KeyResult, _json_safe
 from .fields import field_columns, field_values, methods_columns
 from .json_fast import KeyEncoder, _call, layout
@@ -446,7 +447,7 @@ def _csv_cells(col: list[Any]) -> Any:
         return list(map(_call, map(_CELL.get, map(type, col), _ANY_CELL), col))
     t = types.pop()
     if t is float:  # no single text: 0.0 == -0.0 and nan != nan, though their texts differ
-        return _Written(map(float.__repr__, col))
+        return _Written(float_texts(col))  # float.__repr__'s, by the kernel where it is on
     if t is type(None):
         return ""
     if t is str or t is int or t is bool:

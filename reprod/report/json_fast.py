@@ -19,6 +19,7 @@ from itertools import chain, repeat
 from json.encoder import encode_basestring_ascii
 from typing import Any, Optional
 
+from .._native import float_texts
 from ..diff.result import _FIELD_NAMES, KeyResult, RowKeyResult
 from .fields import field_columns, field_values, methods_columns, methods_values
 
@@ -172,7 +173,7 @@ class KeyEncoder:
             return
         t = types.pop()
         if t is float:  # no literal: 0.0 == -0.0 and nan != nan, though their texts differ
-            out = list(map(float.__repr__, col))
+            out = float_texts(col)  # float.__repr__'s texts, by the kernel where it is on
             if not _NON_FINITE_KEYS.isdisjoint(out):
                 out = [_NON_FINITE.get(s, s) for s in out]
             parts.append(out)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .._native import float_texts
 from ..diff.result import _FIELD_NAMES, STAT_OF_METHOD, DiffResult, KeyResult, RowKeyResult
 from .fields import field_columns
 
@@ -265,7 +266,7 @@ def _values_text(values: list[Any], dts: list[Optional[np.dtype]], stat: str) ->
         if ftype is not None and _FLOAT_ONLY.issuperset(map(type, vals)):
             with np.errstate(over="ignore", invalid="ignore"):
                 cast = np.array(vals, dtype=np.float64).astype(ftype).astype(np.float64)
-            texts = list(map(float.__repr__, cast.tolist()))
+            texts = float_texts(cast.tolist())  # float.__repr__'s, by the kernel where it is on
         else:
             texts = [_value_text(v, dt, stat) for v in vals]
         for i, t in zip(rows, texts):
