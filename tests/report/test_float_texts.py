@@ -215,3 +215,16 @@ def test_writers_with_and_without_the_kernel() -> None:
     finally:
         _native.set_enabled(previous)
     assert off == on
+
+
+def test_the_committed_power_table_is_the_generators() -> None:
+    """The 128-bit powers of ten in _float_text_pow10.h are what tools/gen_pow10_table.py computes
+    with exact integers (which also checks the header's log approximations for every exponent)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "gen_pow10_table.py"
+    r = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "up to date" in r.stdout
