@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .errors import UnsupportedValueError
-from .keys import bad_key, key_text
+from .keys import bad_key, key_text, twin_key
 
 __all__ = ["to_numpy", "to_tree", "Converted", "BFLOAT16", "empty_array"]
 
@@ -214,8 +214,7 @@ def to_tree(value: Any, *, key: str = "<value>", copy: bool = True) -> tuple[Any
                 if text is None:
                     raise bad_key(k, f"key {key!r}: nested key {k!r}")
                 if text in value or text in data:  # its own text beside it, before or after
-                    raise UnsupportedValueError(
-                        f"key {key!r}: nested key {text} is there both as an int and as a str")
+                    raise twin_key(f"key {key!r}: nested key {text}")
                 k = text
             data[k], dt = to_tree(v, key=f"{key}/{k}", copy=copy)
             if dt is not None:

@@ -33,6 +33,11 @@ def bad_key(key: Any, where: str) -> UnsupportedValueError:
     return UnsupportedValueError(f"{where} is a {type(key).__name__}; keys must be str (or int)")
 
 
+def twin_key(where: str) -> UnsupportedValueError:
+    """The error for an int key beside its own text at one level; ``where`` names the text."""
+    return UnsupportedValueError(f"{where} is there both as an int and as a str")
+
+
 def str_keyed(tree: Mapping[Any, Any], where: str) -> dict[str, Any]:
     """One level of ``tree`` as a dict keyed by ``key_text`` (values as they are); ``where`` is
     the text before the key path in an error ("ref: key", "out.npz: key")."""
@@ -42,6 +47,6 @@ def str_keyed(tree: Mapping[Any, Any], where: str) -> dict[str, Any]:
         if text is None:
             raise bad_key(k, f"{where} {k!r}")
         if text in out:
-            raise UnsupportedValueError(f"{where} {text} is there both as an int and as a str")
+            raise twin_key(f"{where} {text}")
         out[text] = v
     return out

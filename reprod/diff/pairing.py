@@ -12,8 +12,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..adapters import to_numpy
-from ..errors import UnsupportedValueError
-from ..keys import bad_key, key_text
+from ..keys import bad_key, key_text, twin_key
 
 __all__ = ["Side", "Pair", "Named", "open_side", "walk_pairs", "rename_leaves_by_order"]
 
@@ -72,8 +71,7 @@ def _str_keys(tree: Mapping[Any, Any], name: str, path: tuple[str, ...]) -> Mapp
             raise bad_key(k, f"{name}: key " + "/".join(path + (repr(k),)))
         changed = changed or key is not k
         if key in out:
-            where = "/".join(path + (key,))
-            raise UnsupportedValueError(f"{name}: key {where} is there both as an int and as a str")
+            raise twin_key(f"{name}: key " + "/".join(path + (key,)))
         if _is_branch(v):
             nv = _str_keys(v, name, path + (key,))
             changed = changed or nv is not v
