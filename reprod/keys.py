@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from .errors import UnsupportedValueError
 
-__all__ = ["key_text", "str_keyed"]
+__all__ = ["key_text", "bad_key", "twin_key", "str_keyed"]
 
 
 def key_text(key: Any) -> Optional[str]:
@@ -40,13 +40,13 @@ def twin_key(where: str) -> UnsupportedValueError:
 
 def str_keyed(tree: Mapping[Any, Any], where: str) -> dict[str, Any]:
     """One level of ``tree`` as a dict keyed by ``key_text`` (values as they are); ``where`` is
-    the text before the key path in an error ("ref: key", "out.npz: key")."""
+    the text before the key in an error ("ref: key block/", "out.npz: key ")."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         text = key_text(k)
         if text is None:
-            raise bad_key(k, f"{where} {k!r}")
+            raise bad_key(k, f"{where}{k!r}")
         if text in out:
-            raise twin_key(f"{where} {text}")
+            raise twin_key(f"{where}{text}")
         out[text] = v
     return out

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..adapters import to_numpy
-from ..keys import bad_key, key_text, twin_key
+from ..keys import str_keyed
 
 __all__ = ["Side", "Pair", "Named", "open_side", "walk_pairs", "rename_leaves_by_order"]
 
@@ -55,29 +55,15 @@ def _str_keys(tree: Mapping[Any, Any], name: str, path: tuple[str, ...]) -> Mapp
 
     if type(tree) is Dump:
         return tree
-    keys = list(tree)
-    if all(type(k) is str for k in keys):
-        # the usual tree: nothing to rename here, and a new dict only where a branch changed
-        branches = {k: _str_keys(v, name, path + (k,)) for k, v in tree.items() if _is_branch(v)}
-        if all(nv is tree[k] for k, nv in branches.items()):
-            return tree
-        return {k: branches.get(k, v) for k, v in tree.items()}
-    out: dict[str, Any] = {}
-    changed = False
-    for k in keys:
-        v = tree[k]
-        key = key_text(k)
-        if key is None:
-            raise bad_key(k, f"{name}: key " + "/".join(path + (repr(k),)))
-        changed = changed or key is not k
-        if key in out:
-            raise twin_key(f"{name}: key " + "/".join(path + (key,)))
-        if _is_branch(v):
-            nv = _str_keys(v, name, path + (key,))
-            changed = changed or nv is not v
-            v = nv
-        out[key] = v
-    return out if changed else tree
+    if all(type(k) is str for k in tree):
+        level: Mapping[str, Any] = tree
+    else:  # an int key as its text, as ReprodLogger stores it; any other key an error
+        level = str_keyed(tree, f"{name}: key " + "".join(p + "/" for p in path))
+    # a new dict only where a key or a branch changed
+    branches = {k: _str_keys(v, name, path + (k,)) for k, v in level.items() if _is_branch(v)}
+    if level is tree and all(nv is tree[k] for k, nv in branches.items()):
+        return tree
+    return {k: branches.get(k, v) for k, v in level.items()}
 
 
 def _is_branch(v: Any) -> bool:

@@ -125,7 +125,7 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
         # an int key as ReprodLogger.add takes it (its text), any other a one-line error
         from ..keys import str_keyed
 
-        mapping = str_keyed(mapping, f"{p}: key")
+        mapping = str_keyed(mapping, f"{p}: key ")
     for k, v in mapping.items():
         if type(v) is ndarray and v.dtype.kind in _PLAIN_KINDS:  # most values: kept as they are
             tree[k] = v
