@@ -14,7 +14,10 @@ On MobileNetV3-Small from examples/mobilenetv3/ (seeded random weights, batch 8,
    hooks that copy every leaf layer's output to the host with a blocking copy (``.to("cpu",
    copy=True)``: the naive floor); ``record(containers=False, inputs=False)`` into memory; the same streaming to a file.
    Medians of ``--rounds`` after a warm-up, interleaved. ``record`` under the blocking hooks says
-   its copies overlap the next layers.
+   its copies overlap the next layers. The floor of the streamed step: the model, then the
+   streamed dump's bytes written to the same disk (``plain + write``).
+3. **Streamed copies.** A streamed forward step's dump is bit for bit what blocking hooks copied
+   in the same step: on CUDA the copies reach the writer thread still in flight.
 
 Prints a table and, last, one JSON line with every figure; exits 1 when a check fails.
 """
@@ -55,6 +58,47 @@ def _model(torch: Any, device: str, dtype: Any, batch: int) -> tuple[Any, Any]:
 def _leaves(m: Any) -> list[tuple[str, Any]]:
     return [(n, mod) for n, mod in m.named_modules()
             if next(iter(mod.children()), None) is None or any(True for _ in mod.parameters(False))]
+
+
+def check_stream(torch: Any, device: str, batch: int) -> dict[str, Any]:
+    """A streamed forward step's dump against blocking copies taken by hooks in the same step
+    (on CUDA the writer thread waits for each copy still in flight)."""
+    import numpy as np
+
+    import reprod
+    from reprod import ReprodLogger
+    from reprod.capture import parse_key, record
+
+    m, x = _model(torch, device, torch.float32, batch)
+    seen: dict[str, list[np.ndarray]] = {}
+    handles = [mod.register_forward_hook(
+        lambda mod, a, out, n=n: seen.setdefault(n, []).append(out.detach().to("cpu", copy=True).numpy()))
+        for n, mod in _leaves(m)]
+    tmp = tempfile.mkdtemp(prefix="gpu_check_")
+    path = os.path.join(tmp, "s.npz")
+    try:
+        with torch.no_grad(), ReprodLogger(stream_to=path) as log, \
+                record(m, log, containers=False, inputs=False):
+            m(x)
+    finally:
+        for h in handles:
+            h.remove()
+    bad: list[str] = []
+    checked = 0
+    dump = reprod.load(path, verify=True)
+    for key in dump:
+        k = parse_key(key)
+        if k is None or k.items or k.what != "out" or k.name not in seen:
+            continue
+        checked += 1
+        value, want = np.asarray(dump[key]), seen[k.name][k.call - 1]
+        if value.shape != want.shape or not np.array_equal(value, want):
+            bad.append(key)
+    del dump
+    os.remove(path)
+    os.rmdir(tmp)
+    return {"dtype": "float32, streamed", "keys checked": checked, "wrong": bad[:10],
+            "passed": checked > 100 and not bad}
 
 
 def check_copies(torch: Any, device: str, dtype: Any, batch: int) -> dict[str, Any]:
@@ -137,7 +181,30 @@ def time_overlap(torch: Any, device: str, batch: int, rounds: int) -> dict[str, 
             m(x)
         os.remove(path)
 
-    variants = {"plain": plain, "hooks copy": hooks, "record": rec, "record stream": stream}
+    with torch.no_grad():  # the size of a streamed step's dump, for the write floor
+        stream()
+        path = os.path.join(tmp, "s.npz")
+        with ReprodLogger(stream_to=path) as log, record(m, log, containers=False, inputs=False):
+            m(x)
+        dump_bytes = os.path.getsize(path)
+        os.remove(path)
+    chunk = memoryview(bytearray(256 << 10))
+
+    def plain_write() -> None:
+        # the floor of a streamed step: the model, then the dump's bytes written to the same disk
+        m(x)
+        sync()
+        path = os.path.join(tmp, "w.bin")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for start in range(0, dump_bytes, len(chunk)):
+                os.write(fd, chunk[: min(len(chunk), dump_bytes - start)])
+        finally:
+            os.close(fd)
+        os.remove(path)
+
+    variants = {"plain": plain, "hooks copy": hooks, "record": rec, "plain + write": plain_write,
+                "record stream": stream}
     times: dict[str, list[float]] = {v: [] for v in variants}
     with torch.no_grad():
         for r in range(rounds + 2):  # two warm-up rounds
@@ -151,7 +218,9 @@ def time_overlap(torch: Any, device: str, batch: int, rounds: int) -> dict[str, 
                 if r >= 2:
                     times[v].append(time.perf_counter() - t0)
     os.rmdir(tmp)
-    return {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
+    ms = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
+    ms["dump MiB"] = dump_bytes / 2**20
+    return ms
 
 
 def main(argv: Any = None) -> int:
@@ -170,13 +239,17 @@ def main(argv: Any = None) -> int:
         out["gpu"] = torch.cuda.get_device_name(0)
     out["copies"] = [check_copies(torch, args.device, dt, args.batch)
                      for dt in (torch.float32, torch.bfloat16)]
+    out["copies"].append(check_stream(torch, args.device, args.batch))
     ms = time_overlap(torch, args.device, args.batch, args.rounds)
+    out["dump MiB"] = round(ms.pop("dump MiB"), 1)
     out["forward ms"] = {k: round(v, 2) for k, v in ms.items()}
     out["record / hooks copy"] = round(ms["record"] / ms["hooks copy"], 3)
     out["record stream / hooks copy"] = round(ms["record stream"] / ms["hooks copy"], 3)
+    out["record stream / plain + write"] = round(ms["record stream"] / ms["plain + write"], 3)
     for c in out["copies"]:
         print(f"copies, {c['dtype']}: {c['keys checked']} keys checked, "
               f"{'all bit for bit' if c['passed'] else 'WRONG: ' + ', '.join(c['wrong'])}")
+    print(f"a streamed step's dump: {out['dump MiB']} MiB")
     print("| variant | forward ms (median) | / hooks copy |\n|---|---|---|")
     for k, v in ms.items():
         print(f"| {k} | {v:.2f} | {v / ms['hooks copy']:.2f}x |")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -55,6 +55,8 @@ class ReprodLogger:
     model computes on while they reach the file, at most N bytes of them waiting: worth it where
     the framework leaves a CPU core idle (paddle's CPU kernels: 1.2x -> 1.0x of clone hooks), a
     loss where its threads take every core (torch's, by default; benchmarks/README.md, "Capture").
+    CUDA tensors always go through that thread (64 MiB waiting by default): their copies reach it
+    still in flight, and it waits for each before writing it.
     Once that thread runs, ``add`` queues a copy of its value behind them. A failure of the
     thread (a full disk) is raised by the next ``add``/``keys``/``close`` as a
     ``reprod.errors.StreamWriteError``; the dump is then abandoned.
@@ -136,16 +138,18 @@ class ReprodLogger:
             self._dtypes.pop(key, None)
 
     def _put_later(self, key: str, array: np.ndarray, source_dtype: Optional[str] = None,
-                   crcs: Optional[dict[bytes, int]] = None) -> None:
+                   crcs: Optional[dict[bytes, int]] = None,
+                   ready: Optional[Callable[[], None]] = None) -> None:
         """``_put`` of an array nobody changes any more, written by the logger's writer thread
-        (started here the first time); waits while ``stream_queue_bytes`` are waiting."""
+        (started here the first time) once ``ready()`` has returned (the wait for a device's
+        copy into it); waits while ``stream_queue_bytes`` are waiting."""
         background = self._background
         if background is None:
             from .storage.npz_background import QUEUE_BYTES, BackgroundWriter
 
             background = self._background = BackgroundWriter(self._writer,
                                                              self._queue_bytes or QUEUE_BYTES)
-        background.put(key, array, source_dtype, crcs)
+        background.put(key, array, source_dtype, crcs, ready)
 
     def remove(self, key: Union[str, int]) -> None:
         if type(key) is not str:

@@ -95,5 +95,15 @@ class _PaddleBackend:
     def synchronize(self) -> None:
         pass  # copies off the CPU go through paddle's synchronous .numpy()
 
+    def on_device(self, tensor: Any) -> bool:
+        return False  # host_copy never leaves a copy pending
+
+    def copy_ready(self, tensor: Any) -> Callable[[], None]:
+        return _done
+
+
+def _done() -> None:
+    pass
+
 
 BACKEND = _PaddleBackend()

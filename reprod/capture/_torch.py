@@ -128,5 +128,18 @@ class _TorchBackend:
             for device in range(torch.cuda.device_count()):
                 torch.cuda.synchronize(device)
 
+    def on_device(self, tensor: Any) -> bool:
+        return tensor.device.type == "cuda"
+
+    def copy_ready(self, tensor: Any) -> Callable[[], None]:
+        import torch
+
+        # host_copy enqueued the copy on the current stream of the tensor's device (a gradient
+        # hook runs in autograd's device thread, where that is the backward's stream); the
+        # event's wait releases the GIL
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(tensor.device))
+        return event.synchronize
+
 
 BACKEND = _TorchBackend()

@@ -21,7 +21,9 @@ Copying is what capture costs, so it is done as little and as cheaply as it can 
   of one unchanged tensor hand over the same copy;
 - a CUDA tensor is copied into pinned host memory without blocking, on its own stream (the copy
   overlaps the next layers; an in-place op later on that stream runs after it); the block's end
-  waits for those copies, so the logger's values are complete once the block has ended.
+  waits for those copies, so the logger's values are complete once the block has ended. A
+  streaming logger hands such copies to its writer thread (started for them whatever
+  ``stream_queue_bytes`` says), which waits for each copy's event before writing it.
 """
 
 from __future__ import annotations
@@ -89,6 +91,13 @@ class Backend(Protocol):
     def host_view(self, tensor: Any, key: str) -> Converted: ...
 
     def synchronize(self) -> None: ...
+
+    # whether host_copy enqueues the tensor's copy on a device (then a streamed block hands it
+    # to the writer thread with ``copy_ready``'s wait rather than blocking the model on it)
+    def on_device(self, tensor: Any) -> bool: ...
+
+    # a wait for the copies enqueued so far on the tensor's device stream, for another thread
+    def copy_ready(self, tensor: Any) -> Callable[[], None]: ...
 
 
 class Buffers:
@@ -471,12 +480,18 @@ class Recorder:
                 return
         crcs: dict[bytes, int] = {}
         pool = self._stream_pool
+        if pool is None and self._put_later is not None and self.backend.on_device(t):
+            # a device tensor has no host memory to write from: its copy goes to pinned memory
+            # without blocking and the writer thread waits for it, so the model computes on
+            from ..storage.npz_background import QUEUE_BYTES
+
+            pool = self._stream_pool = _stream_buffers_for(self.model, self._reuse, 4 * QUEUE_BYTES)
         if pool is not None:
             conv, pending = self.backend.host_copy(t, key, pool)
-            if pending:  # a device copy into pinned memory: complete before the thread reads it
-                self.backend.synchronize()
+            # the thread writes items in order: keys recording this tensor again need no wait
+            ready = self.backend.copy_ready(t) if pending else None
             kept: Optional[np.ndarray] = conv.array
-            self._put_later(key, conv.array, conv.source_dtype, crcs)
+            self._put_later(key, conv.array, conv.source_dtype, crcs, ready)
         else:
             conv, kept = self.backend.host_view(t, key), None
             self._put(key, conv.array, conv.source_dtype, crcs)

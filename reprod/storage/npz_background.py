@@ -29,7 +29,7 @@ import os
 import threading
 import weakref
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import ReprodError, StreamWriteError
 from .npz_writer import MAX_KEY_CHARS, NpzWriter
@@ -41,8 +41,9 @@ __all__ = ["BackgroundWriter", "QUEUE_BYTES"]
 # (813 MiB for MobileNetV3-Small's training step at batch 8).
 QUEUE_BYTES = 64 << 20
 
-# (key, value, source dtypes, CRC cache): a key's value as NpzWriter.add / add_array take it
-_Item = tuple[str, Any, Any, Optional[dict[bytes, int]]]
+# (key, value, source dtypes, CRC cache): a key's value as NpzWriter.add / add_array take it,
+# and the wait for the value's last write (a device's copy into it) or None
+_Item = tuple[str, Any, Any, Optional[dict[bytes, int]], Optional[Callable[[], None]]]
 
 
 class _State:
@@ -79,10 +80,18 @@ def _run(state: _State, writer: NpzWriter) -> None:
                 cond.wait()
             if not state.items:
                 return
-            (key, value, dtypes, crcs), nbytes = state.items.popleft()
+            (key, value, dtypes, crcs, ready), nbytes = state.items.popleft()
             state.busy = True
         failed: Optional[BaseException] = None
         try:
+            if ready is not None:
+                try:
+                    ready()  # a device error surfaces here
+                except BaseException:
+                    with state.io:
+                        writer.abort()  # as NpzWriter does on a failure of its own
+                    raise
+                ready = None
             with state.io:
                 if type(value) is not dict:
                     writer.add_array(key, value, dtypes, crcs)
@@ -173,9 +182,11 @@ class BackgroundWriter:
         self._finalizer = weakref.finalize(self, _stop, st, thread)
 
     def put(self, key: str, value: Any, dtypes: Any = None,
-            crcs: Optional[dict[bytes, int]] = None) -> None:
-        """Queue ``value`` (an array, or a tree of them, that nobody changes any more) for
-        ``key``; waits while the queue is full. Raises at once what ``NpzWriter.add`` would
+            crcs: Optional[dict[bytes, int]] = None,
+            ready: Optional[Callable[[], None]] = None) -> None:
+        """Queue ``value`` (an array, or a tree of them, that nobody changes any more once
+        ``ready()`` has returned, called by the thread before it writes) for ``key``; waits while
+        the queue is full. Raises at once what ``NpzWriter.add`` would
         refuse before writing, and the thread's error if it has failed."""
         st = self._check()
         if st.stop:
@@ -194,7 +205,7 @@ class BackgroundWriter:
             while st.queued and st.queued + nbytes > self.max_bytes and st.error is None:
                 cond.wait()
             if st.error is None:
-                st.items.append(((key, value, dtypes, crcs), nbytes))
+                st.items.append(((key, value, dtypes, crcs, ready), nbytes))
                 st.queued += nbytes
                 cond.notify_all()
         if st.error is not None:

@@ -37,20 +37,21 @@ def model() -> nn.Module:
 
 
 def expected(m: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Layer outputs computed by torch, step by step, without hooks."""
+    """Layer outputs computed by torch, step by step, without hooks, on the model's device
+    (a CUDA matrix product sums in another order than the CPU's)."""
     out: dict[str, np.ndarray] = {}
     with torch.no_grad():
         h = m[0](x)
-        out["0.out"] = h.numpy().copy()
+        out["0.out"] = h.cpu().numpy().copy()
         h = torch.relu(h)
-        out["1.out"] = h.numpy().copy()
+        out["1.out"] = h.cpu().numpy().copy()
         h = m[2](h)
-        out["2.out"] = h.numpy().copy()
+        out["2.out"] = h.cpu().numpy().copy()
         h = m[3](h)
-        out["3.out"] = h.numpy().copy()
+        out["3.out"] = h.cpu().numpy().copy()
         h = h.t()
-        out["4.out"] = h.numpy().copy()
-        out["5.out"] = torch.tanh(h).numpy().copy()
+        out["4.out"] = h.cpu().numpy().copy()
+        out["5.out"] = torch.tanh(h).cpu().numpy().copy()
     return out
 
 
@@ -309,10 +310,26 @@ def test_cuda_copies_are_complete_when_the_block_ends():
     first = step(m, x1)
     second = step(m, x2)
     for log, x in ((first, x1), (second, x2)):
-        ref = expected(m.cpu(), x.cpu())
-        m.cuda()
-        check(log, ref)
+        check(log, expected(m, x))
         assert all(type(v) is np.ndarray for v in log.data.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("queue", [0, 1 << 20])
+def test_cuda_streamed_copies_are_written_once_complete(tmp_path, queue):
+    # a device tensor's copy goes to the writer thread still in flight (whatever the queue
+    # bound; 1 MiB here is less than the first layer's 4 MiB output), which waits for it
+    m = model().cuda()
+    xs = [x.cuda() for x in inputs(3)]
+    for i, x in enumerate(xs):
+        path = tmp_path / f"run{i}.npz"
+        with ReprodLogger(stream_to=path, stream_queue_bytes=queue) as log:
+            step(m, x, log)
+            assert log._background is not None
+        dump = reprod.load(path, verify=True)
+        for key, value in expected(m, x).items():
+            np.testing.assert_array_equal(dump[key], value, err_msg=key)
+        np.testing.assert_array_equal(dump["0.in"], x.cpu().numpy())
 
 
 def test_gradient_buffers_survive_an_evaluation_step_between_two_training_steps():

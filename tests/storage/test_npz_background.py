@@ -384,3 +384,47 @@ def test_the_metadata_is_the_synchronous_streams(tmp_path) -> None:
     thread.close()
     _same_dump(tmp_path / "thread.npz", tmp_path / "sync.npz")
     assert reprod.load(tmp_path / "thread.npz").source_dtype("bf") == "bfloat16"
+
+
+def test_the_thread_writes_a_value_only_once_its_wait_has_returned(tmp_path) -> None:
+    # capture's hand-over of a device copy still in flight: ``ready`` is the wait for it, and
+    # the thread runs it right before writing that value (never before the values ahead of it)
+    path = tmp_path / "run.npz"
+    lg = ReprodLogger(stream_to=path)
+    value = np.zeros(1000, np.float32)
+    order: list[str] = []
+    gate = threading.Event()
+
+    def ready() -> None:
+        order.append("ready")
+        gate.wait(10)
+        value[:] = 7  # the copy lands
+
+    lg._put_later("before", np.ones(3))
+    lg._put_later("late", value, None, None, ready)
+    lg._put_later("after", np.full(2, 3.0))
+    assert not gate.is_set()
+    gate.set()
+    lg.close()
+    d = reprod.load(path, verify=True)
+    assert list(d) == ["before", "late", "after"] and order == ["ready"]
+    np.testing.assert_array_equal(d["late"], np.full(1000, 7, np.float32))
+
+
+def test_a_failed_wait_abandons_the_dump_naming_file_and_key(tmp_path, assert_one_line_error) -> None:
+    path = tmp_path / "run.npz"
+    reprod.save(path, {"earlier": np.ones(2)})
+    before = path.read_bytes()
+
+    def ready() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    lg = ReprodLogger(stream_to=path)
+    lg._put_later("ok", np.zeros(2))
+    lg._put_later("copy", np.zeros(2), None, None, ready)
+    with pytest.raises(StreamWriteError) as info:
+        lg.close()
+    assert_one_line_error(info.value, path)
+    assert "'copy'" in str(info.value) and "illegal memory access" in str(info.value)
+    assert path.read_bytes() == before and _files(tmp_path) == ["run.npz"]
+    assert _threads() == []
