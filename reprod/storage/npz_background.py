@@ -143,6 +143,9 @@ class BackgroundWriter:
 
     def __init__(self, writer: NpzWriter, max_bytes: int = QUEUE_BYTES) -> None:
         self.writer = writer
+        if _cores() >= OVERLAP_CORES:
+            # a core for the model, one for this thread's writes, one for the CRCs beside them
+            writer.overlap_crcs()
         self.max_bytes = max(int(max_bytes), 1)
         self._state = _State(writer.path)
         self._thread: Optional[threading.Thread] = None
@@ -253,6 +256,17 @@ class BackgroundWriter:
             return
         self._end(discard=True)
         self.writer.abort()
+
+
+# the cores from which the thread's large members get their CRCs computed beside their writes
+OVERLAP_CORES = 4
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _tree_bytes(tree: Any) -> int:
