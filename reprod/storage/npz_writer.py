@@ -236,6 +236,10 @@ class NpzWriter:
                    sd: dict[str, Any], unique: bool) -> None:
         keys = self._keys
         i, n = 0, len(items)
+        # the kernel's chunks straight to the file: through the buffered file, which copies a
+        # chunk smaller than its buffer into it first, each byte was copied once more
+        direct = not self._af.direct
+        write = _direct_write(self._file.fileno()) if direct else self._file.write
         while i < n:
             if not self._n_free and (not keys.spilling or unique):
                 if not keys.spilling:
@@ -244,11 +248,13 @@ class NpzWriter:
                 else:
                     mem, room = None, 0
                 try:
+                    if direct:
+                        self._file.flush()  # what the Python path wrote goes first
                     i, written, count, rows, texts = pack(
                         items, i, np.ndarray, _BATCH_DTYPES, _BATCH_HEADERS, _header_and_crc,
                         sd or None, mem, room, self._pos, self._central, self._central_spilled,
                         self._counter, _ZIP64_LIMIT, _ONE_WRITE, _MAX_CLEAN_NAME, _BATCH_MAX_KEY,
-                        _BATCH_BYTES, keys.spilled, npz_members._FIXED_DOS, self._file.write,
+                        _BATCH_BYTES, keys.spilled, npz_members._FIXED_DOS, write,
                         _BATCH_DESCRS)
                     self._pos += written
                     self._counter += count
@@ -686,6 +692,19 @@ def _crc_pool() -> Any:
 
 if hasattr(os, "register_at_fork"):  # a child has none of its parent's threads
     os.register_at_fork(after_in_child=_CRC_POOL.clear)
+
+
+def _direct_write(fd: int) -> Callable[[bytes], int]:
+    """``write`` of a buffered file already flushed, on its descriptor (a short write goes on
+    where it stopped). Only absolute seeks follow on the buffered file (see _write_large)."""
+    def write(data: bytes) -> int:
+        done = os.write(fd, data)
+        if done < len(data):
+            rest = memoryview(data)[done:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+        return len(data)
+    return write
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
