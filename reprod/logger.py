@@ -72,7 +72,7 @@ class ReprodLogger:
         self._dtypes: dict[str, Any] = {}
         self._writer: Any = None
         self._background: Any = None  # npz_background.BackgroundWriter, from the first hand-over
-        self._queue_bytes = int(stream_queue_bytes)  # 0: no writer thread for capture's copies
+        self._queue_bytes = int(stream_queue_bytes)  # 0: no writer thread for capture's CPU copies
         if self._queue_bytes < 0:
             raise ValueError(f"stream_queue_bytes={stream_queue_bytes}: must be >= 0")
         self._stream_path = None if stream_to is None else os.fspath(stream_to)
