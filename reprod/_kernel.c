@@ -1439,6 +1439,10 @@ static int pack_flush(pack_out_t *out) {
         unsigned char *c = (unsigned char *)PyByteArray_AS_STRING(out->central) + old;
         int faulted = 0;
         bus_guard_t g;
+        /* below, only the new chunk and this writer's directory are written, and the plan holds
+           references to what is read: with the GIL released, a thread writing the last chunk
+           runs beside this one's copy */
+        PyThreadState *ts = out->bytes >= 65536 ? PyEval_SaveThread() : NULL;
         if (BUS_GUARDED(g)) {
             bus_arm(&g);
             for (Py_ssize_t j = 0; j < out->n; j++) {
@@ -1502,6 +1506,7 @@ static int pack_flush(pack_out_t *out) {
             faulted = 1;
         }
         bus_disarm(&g);
+        if (ts != NULL) PyEval_RestoreThread(ts);
         if (faulted) {
             bus_raise(-1, -1);
             goto release;

@@ -32,7 +32,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from ..errors import ReprodError, StreamWriteError
-from .npz_writer import MAX_KEY_CHARS, NpzWriter
+from .npz_writer import MAX_KEY_CHARS, NpzWriter, cores
 
 __all__ = ["BackgroundWriter", "QUEUE_BYTES"]
 
@@ -143,7 +143,7 @@ class BackgroundWriter:
 
     def __init__(self, writer: NpzWriter, max_bytes: int = QUEUE_BYTES) -> None:
         self.writer = writer
-        if _cores() >= OVERLAP_CORES:
+        if cores() >= OVERLAP_CORES:
             # a core for the model, one for this thread's writes, one for the CRCs beside them
             writer.overlap_crcs()
         self.max_bytes = max(int(max_bytes), 1)
@@ -260,13 +260,6 @@ class BackgroundWriter:
 
 # the cores from which the thread's large members get their CRCs computed beside their writes
 OVERLAP_CORES = 4
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _tree_bytes(tree: Any) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import struct
 import weakref
+from collections import deque
 from collections.abc import Mapping
 from itertools import islice
 from typing import Any, Callable, Iterator, Optional
@@ -237,9 +238,16 @@ class NpzWriter:
         keys = self._keys
         i, n = 0, len(items)
         # the kernel's chunks straight to the file: through the buffered file, which copies a
-        # chunk smaller than its buffer into it first, each byte was copied once more
+        # chunk smaller than its buffer into it first, each byte was copied once more; with a
+        # core to spare, on the helper thread while the kernel packs the next chunk
         direct = not self._af.direct
-        write = _direct_write(self._file.fileno()) if direct else self._file.write
+        pipe: Optional[_ChunkPipe] = None
+        if not direct:
+            write: Callable[[bytes], int] = self._file.write
+        elif cores() >= 2:
+            write = pipe = _ChunkPipe(self._file.fileno())
+        else:
+            write = _direct_write(self._file.fileno())
         while i < n:
             if not self._n_free and (not keys.spilling or unique):
                 if not keys.spilling:
@@ -250,12 +258,16 @@ class NpzWriter:
                 try:
                     if direct:
                         self._file.flush()  # what the Python path wrote goes first
-                    i, written, count, rows, texts = pack(
-                        items, i, np.ndarray, _BATCH_DTYPES, _BATCH_HEADERS, _header_and_crc,
-                        sd or None, mem, room, self._pos, self._central, self._central_spilled,
-                        self._counter, _ZIP64_LIMIT, _ONE_WRITE, _MAX_CLEAN_NAME, _BATCH_MAX_KEY,
-                        _BATCH_BYTES, keys.spilled, npz_members._FIXED_DOS, write,
-                        _BATCH_DESCRS)
+                    try:
+                        i, written, count, rows, texts = pack(
+                            items, i, np.ndarray, _BATCH_DTYPES, _BATCH_HEADERS, _header_and_crc,
+                            sd or None, mem, room, self._pos, self._central,
+                            self._central_spilled, self._counter, _ZIP64_LIMIT, _ONE_WRITE,
+                            _MAX_CLEAN_NAME, _BATCH_MAX_KEY, _BATCH_BYTES, keys.spilled,
+                            npz_members._FIXED_DOS, write, _BATCH_DESCRS)
+                    finally:
+                        if pipe is not None:
+                            pipe.finish()  # nothing may write to the file after an abort
                     self._pos += written
                     self._counter += count
                     self._members += count
@@ -682,7 +694,8 @@ _CRC_POOL: list[Any] = []
 
 
 def _crc_pool() -> Any:
-    """The helper thread of ``overlap_crcs`` (one for the process, made on first use)."""
+    """The helper thread of ``overlap_crcs`` and ``_ChunkPipe`` (one for the process, made on
+    first use)."""
     if not _CRC_POOL:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -692,6 +705,43 @@ def _crc_pool() -> Any:
 
 if hasattr(os, "register_at_fork"):  # a child has none of its parent's threads
     os.register_at_fork(after_in_child=_CRC_POOL.clear)
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class _ChunkPipe:
+    """``npz_pack``'s write on a flushed file's descriptor: each chunk written by the helper
+    thread while the kernel packs the next (it releases the GIL for that, and ``os.write`` does),
+    at most two chunks in flight. ``finish`` waits for them and raises the first failure; a
+    failure also surfaces at the next call."""
+
+    def __init__(self, fd: int) -> None:
+        self._write = _direct_write(fd)
+        self._pending: deque[Any] = deque()
+
+    def __call__(self, chunk: bytes) -> int:
+        pending = self._pending
+        if len(pending) >= 2:
+            pending.popleft().result()
+        pending.append(_crc_pool().submit(self._write, chunk))
+        return len(chunk)
+
+    def finish(self) -> None:
+        pending = self._pending
+        failed: Optional[BaseException] = None
+        while pending:
+            try:
+                pending.popleft().result()
+            except BaseException as exc:  # noqa: BLE001 - the first one is raised, all are waited for
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 def _direct_write(fd: int) -> Callable[[bytes], int]:

@@ -1,0 +1,148 @@
+"""The kernel's ``.npz`` chunks written on the file's descriptor, by the helper thread while the
+kernel packs the next chunk (``npz_writer._ChunkPipe``, where the process has two cores), or
+inline (one core): the same members as through the buffered file, in the same order when runs of
+kernel-packed keys alternate with keys the Python path writes, and a failed write leaves the
+earlier file (nothing is written after the dump is abandoned)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from faulty_files import assert_the_earlier_file_is_kept
+
+import reprod
+from reprod import _native
+from reprod.storage import npz_writer
+
+pytestmark = pytest.mark.skipif(_native.kernel() is None, reason="npz_pack needs the kernel")
+
+
+def _tree() -> dict[str, np.ndarray]:
+    """~1.5 MB in runs of small keys for the kernel (several 256 KiB chunks each), broken by keys
+    it leaves to Python: a non-contiguous array, a key longer than it takes, a byte-swapped
+    dtype."""
+    rng = np.random.default_rng(2)
+    tree: dict[str, np.ndarray] = {}
+    for run in range(3):
+        for i in range(150):
+            tree[f"run{run}/k{i}"] = rng.standard_normal(int(rng.integers(200, 1200))).astype(np.float32)
+        tree[f"run{run}/strided"] = rng.standard_normal((40, 40))[:, ::2]
+        tree["L" * (npz_writer._BATCH_MAX_KEY + 1 + run)] = np.arange(run + 3.0)
+        tree[f"run{run}/swapped"] = np.arange(run + 5, dtype=">f4")
+    return tree
+
+
+def _members(path) -> list[tuple[str, bytes, int]]:
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None
+        return [(i.filename, z.read(i), i.CRC) for i in z.infolist()]
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_the_members_are_the_python_paths(tmp_path, monkeypatch, cores) -> None:
+    tree = _tree()
+    was = _native.set_enabled(False)  # the reference: Python's writes, through the buffered file
+    try:
+        reprod.save(tmp_path / "python.npz", tree)
+    finally:
+        _native.set_enabled(was)
+    monkeypatch.setattr(npz_writer, "cores", lambda: cores)
+    used: list[str] = []
+    real_pipe, real_direct = npz_writer._ChunkPipe, npz_writer._direct_write
+    monkeypatch.setattr(npz_writer, "_ChunkPipe", lambda fd: used.append("pipe") or real_pipe(fd))
+    monkeypatch.setattr(npz_writer, "_direct_write",
+                        lambda fd: used.append("direct") or real_direct(fd))
+    reprod.save(tmp_path / "d.npz", tree)
+    assert used[0] == ("pipe" if cores >= 2 else "direct")
+    assert _members(tmp_path / "d.npz") == _members(tmp_path / "python.npz")
+    d = reprod.load(tmp_path / "d.npz", verify=True)
+    assert list(d) == list(tree)
+    for key, value in tree.items():
+        np.testing.assert_array_equal(d[key], value, err_msg=key[:40])
+
+
+def _failing_direct_write(monkeypatch, fail_at: int, slow: float = 0.0) -> list[float]:
+    """Descriptor writes fail as a full disk from the ``fail_at``-th chunk on; returns the
+    times at which writes ended (each a little slow, so that chunks are in flight together)."""
+    real = npz_writer._direct_write
+    ended: list[float] = []
+    lock = threading.Lock()
+
+    def direct(fd: int):
+        write = real(fd)
+
+        def w(data: bytes) -> int:
+            with lock:
+                n = len(ended) + 1
+            time.sleep(slow)
+            if n >= fail_at:
+                with lock:
+                    ended.append(time.monotonic())
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done = write(data)
+            with lock:
+                ended.append(time.monotonic())
+            return done
+        return w
+
+    monkeypatch.setattr(npz_writer, "_direct_write", direct)
+    return ended
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_a_failed_chunk_write_keeps_the_earlier_file(tmp_path, monkeypatch, cores, fail_at) -> None:
+    path = tmp_path / "d.npz"
+    path.write_bytes(b"the earlier dump")
+    monkeypatch.setattr(npz_writer, "cores", lambda: cores)
+    ended = _failing_direct_write(monkeypatch, fail_at, slow=0.01)
+    real_abort = npz_writer.NpzWriter._abort
+    aborted: list[float] = []
+
+    def abort(self, exc):
+        aborted.append(time.monotonic())
+        return real_abort(self, exc)
+
+    monkeypatch.setattr(npz_writer.NpzWriter, "_abort", abort)
+    with pytest.raises(OSError) as info:
+        reprod.save(path, _tree())
+    assert_the_earlier_file_is_kept(info.value, path, b"the earlier dump")
+    assert len(ended) >= fail_at and aborted
+    npz_writer._crc_pool().submit(lambda: None).result()  # the helper thread is idle now
+    assert max(ended) <= aborted[0]  # every chunk in flight had ended before the abort
+
+
+def test_finish_waits_for_every_chunk_and_raises_the_first_failure(tmp_path) -> None:
+    fd = os.open(tmp_path / "f.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        pipe = npz_writer._ChunkPipe(fd)
+        calls: list[bytes] = []
+        gate = threading.Event()
+
+        def write(data: bytes) -> int:
+            gate.wait(5)
+            calls.append(data)
+            if data == b"bad":
+                raise OSError(errno.EIO, "I/O error")
+            return len(data)
+
+        pipe._write = write
+        assert pipe(b"one") == 3 and pipe(b"bad") == 3
+        gate.set()
+        assert pipe(b"three") == 5  # the oldest chunk, "one", was written
+        with pytest.raises(OSError, match="I/O error"):
+            pipe(b"four")  # the next oldest's failure surfaces at the next call
+        pipe.finish()  # waits for "three"
+        assert calls == [b"one", b"bad", b"three"]
+        pipe(b"bad")
+        with pytest.raises(OSError, match="I/O error"):
+            pipe.finish()
+        pipe.finish()  # nothing left
+    finally:
+        os.close(fd)
