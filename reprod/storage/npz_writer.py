@@ -5,6 +5,7 @@ are in ``npz_format``."""
 
 from __future__ import annotations
 
+import _thread
 import os
 import struct
 import weakref
@@ -404,7 +405,7 @@ class NpzWriter:
                 if self._overlap and nbytes >= _OVERLAP_FROM:
                     # the kernel's CRC releases the GIL, as writev does: both read the array at
                     # once, on two cores
-                    pending = _crc_pool().submit(crc32, data, header_crc)
+                    pending = _helper().submit(crc32, data, header_crc)
                     crc = 0  # patched below
                 else:
                     crc = crc32(data, header_crc)
@@ -690,21 +691,85 @@ _WRITEV_FROM = 256 << 10
 _OVERLAP_FROM = 512 << 10
 _CRC = struct.Struct("<I")
 _CRC_AT = 14  # the CRC's offset in a local file header
-_CRC_POOL: list[Any] = []
+_HELPERS: list[_Helper] = []
 
 
-def _crc_pool() -> Any:
+class _Job:
+    """A call handed to the helper thread; ``result`` waits for it (a lock held until it ran:
+    concurrent.futures would cost ~5 ms of imports on the first save of a process)."""
+
+    __slots__ = ("fn", "args", "value", "error", "_lock")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn, self.args = fn, args
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - raised by result(), in the caller's thread
+            self.error = exc
+        self.fn = self.args = None  # the data goes as soon as it is written
+        self._lock.release()
+
+    def done(self) -> bool:
+        return not self._lock.locked()
+
+    def result(self) -> Any:
+        with self._lock:
+            pass
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Helper:
+    """One daemon thread running ``_Job``s in the order submitted."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading  # here: a process that only saves on one core never needs it
+
+        self._jobs: Any = queue.SimpleQueue()
+        thread = threading.Thread(target=self._main, args=(self._jobs,), daemon=True,
+                                  name="reprod helper")
+        thread.start()
+
+    @staticmethod
+    def _main(jobs: Any) -> None:
+        while True:
+            jobs.get().run()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _Job:
+        job = _Job(fn, args)
+        self._jobs.put(job)
+        return job
+
+
+def _helper() -> _Helper:
     """The helper thread of ``overlap_crcs`` and ``_ChunkPipe`` (one for the process, made on
     first use)."""
-    if not _CRC_POOL:
-        from concurrent.futures import ThreadPoolExecutor
+    if not _HELPERS:
+        with _HELPER_LOCK:
+            if not _HELPERS:
+                _HELPERS.append(_Helper())
+    return _HELPERS[0]
 
-        _CRC_POOL.append(ThreadPoolExecutor(1, thread_name_prefix="reprod crc"))
-    return _CRC_POOL[0]
+
+_HELPER_LOCK = _thread.allocate_lock()
 
 
-if hasattr(os, "register_at_fork"):  # a child has none of its parent's threads
-    os.register_at_fork(after_in_child=_CRC_POOL.clear)
+def _after_fork_in_child() -> None:  # a child has none of its parent's threads
+    global _HELPER_LOCK
+    _HELPERS.clear()
+    _HELPER_LOCK = _thread.allocate_lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def cores() -> int:
@@ -729,7 +794,7 @@ class _ChunkPipe:
         pending = self._pending
         if len(pending) >= 2:
             pending.popleft().result()
-        pending.append(_crc_pool().submit(self._write, chunk))
+        pending.append(_helper().submit(self._write, chunk))
         return len(chunk)
 
     def finish(self) -> None:

@@ -114,7 +114,7 @@ def test_a_failed_chunk_write_keeps_the_earlier_file(tmp_path, monkeypatch, core
         reprod.save(path, _tree())
     assert_the_earlier_file_is_kept(info.value, path, b"the earlier dump")
     assert len(ended) >= fail_at and aborted
-    npz_writer._crc_pool().submit(lambda: None).result()  # the helper thread is idle now
+    npz_writer._helper().submit(lambda: None).result()  # the helper thread is idle now
     assert max(ended) <= aborted[0]  # every chunk in flight had ended before the abort
 
 

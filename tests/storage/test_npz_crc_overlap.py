@@ -58,24 +58,24 @@ def _local_crcs(path) -> dict[str, tuple[int, int]]:
                 for i in z.infolist()}
 
 
-class _CountingPool:
+class _CountingHelper:
     def __init__(self) -> None:
         self.sizes: list[int] = []
 
-    def __call__(self) -> _CountingPool:
+    def __call__(self) -> _CountingHelper:
         return self
 
     def submit(self, fn, data, *args):
         self.sizes.append(len(data))
-        return _REAL_POOL().submit(fn, data, *args)
+        return _REAL_HELPER().submit(fn, data, *args)
 
 
-_REAL_POOL = npz_writer._crc_pool
+_REAL_HELPER = npz_writer._helper
 
 
 def test_the_overlapped_dump_is_the_plain_one(tmp_path, monkeypatch) -> None:
-    pool = _CountingPool()
-    monkeypatch.setattr(npz_writer, "_crc_pool", pool)
+    pool = _CountingHelper()
+    monkeypatch.setattr(npz_writer, "_helper", pool)
     assert _write(tmp_path / "plain.npz", overlap=False) is False
     assert pool.sizes == []
     assert _write(tmp_path / "overlap.npz", overlap=True) is True
@@ -105,11 +105,11 @@ def test_a_failed_write_waits_for_its_crc_and_keeps_the_earlier_file(tmp_path, m
 
     class Pool:
         def submit(self, fn, *args):
-            fut = _REAL_POOL().submit(fn, *args)
+            fut = _REAL_HELPER().submit(fn, *args)
             submitted.append(fut)
             return fut
 
-    monkeypatch.setattr(npz_writer, "_crc_pool", Pool)
+    monkeypatch.setattr(npz_writer, "_helper", Pool)
 
     def full_disk(f, prefix, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -155,7 +155,7 @@ import numpy as np
 from reprod.storage import npz_writer
 from reprod.storage.npz_writer import NpzWriter
 folder = sys.argv[1]
-npz_writer._crc_pool()  # the parent's helper thread exists before the fork
+npz_writer._helper()  # the parent's helper thread exists before the fork
 pid = os.fork()
 if pid == 0:
     w = NpzWriter(os.path.join(folder, "child.npz"))
