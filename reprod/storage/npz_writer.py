@@ -266,9 +266,12 @@ class NpzWriter:
                             self._central_spilled, self._counter, _ZIP64_LIMIT, _ONE_WRITE,
                             _MAX_CLEAN_NAME, _BATCH_MAX_KEY, _BATCH_BYTES, keys.spilled,
                             npz_members._FIXED_DOS, write, _BATCH_DESCRS)
-                    finally:
+                    except BaseException:
                         if pipe is not None:
-                            pipe.finish()  # nothing may write to the file after an abort
+                            pipe.wait()  # nothing may write to the file after the abort
+                        raise
+                    if pipe is not None:
+                        pipe.finish()
                     self._pos += written
                     self._counter += count
                     self._members += count
@@ -421,9 +424,12 @@ class NpzWriter:
             else:
                 try:
                     _write_large(self._file, prefix, data)
-                finally:
-                    crc = pending.result() if pending is not None else crc
+                except BaseException:
+                    if pending is not None:
+                        pending.wait()  # the CRC reads the array: done before it may go
+                    raise
                 if pending is not None:
+                    crc = pending.result()
                     _pwrite_all(self._file.fileno(), _CRC.pack(crc), offset + _CRC_AT)
                     if crcs is not None:
                         crcs[header] = crc
@@ -688,7 +694,7 @@ _WRITEV_FROM = 256 << 10
 # overlap_crcs: members from this size have their CRC computed beside their write (the helper
 # thread's hand-over costs tens of us, a 512 KiB CRC ~60 us, its write ~130 us;
 # benchmarks/stream_thread.py: 1.77x -> 1.20x of the write floor from here, 1.69x from 1 MiB)
-_OVERLAP_FROM = 512 << 10
+_OVERLAP_FROM = max(512 << 10, _WRITEV_FROM)  # written by _write_large, which flushes first
 _CRC = struct.Struct("<I")
 _CRC_AT = 14  # the CRC's offset in a local file header
 _HELPERS: list[_Helper] = []
@@ -718,9 +724,12 @@ class _Job:
     def done(self) -> bool:
         return not self._lock.locked()
 
-    def result(self) -> Any:
+    def wait(self) -> None:
         with self._lock:
             pass
+
+    def result(self) -> Any:
+        self.wait()
         if self.error is not None:
             raise self.error
         return self.value
@@ -783,8 +792,8 @@ def cores() -> int:
 class _ChunkPipe:
     """``npz_pack``'s write on a flushed file's descriptor: each chunk written by the helper
     thread while the kernel packs the next (it releases the GIL for that, and ``os.write`` does),
-    at most two chunks in flight. ``finish`` waits for them and raises the first failure; a
-    failure also surfaces at the next call."""
+    at most two chunks in flight. ``finish`` waits for them and raises the first failure (a
+    failure also surfaces at the next call); ``wait`` waits for them and drops their failures."""
 
     def __init__(self, fd: int) -> None:
         self._write = _direct_write(fd)
@@ -796,6 +805,11 @@ class _ChunkPipe:
             pending.popleft().result()
         pending.append(_helper().submit(self._write, chunk))
         return len(chunk)
+
+    def wait(self) -> None:
+        """Wait for every chunk in flight, their failures dropped (the caller is raising)."""
+        while self._pending:
+            self._pending.popleft().wait()
 
     def finish(self) -> None:
         pending = self._pending

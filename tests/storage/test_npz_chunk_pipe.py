@@ -24,14 +24,14 @@ pytestmark = pytest.mark.skipif(_native.kernel() is None, reason="npz_pack needs
 
 
 def _tree() -> dict[str, np.ndarray]:
-    """~1.5 MB in runs of small keys for the kernel (several 256 KiB chunks each), broken by keys
+    """~3.6 MB in runs of small keys for the kernel (about five 256 KiB chunks each), broken by keys
     it leaves to Python: a non-contiguous array, a key longer than it takes, a byte-swapped
     dtype."""
     rng = np.random.default_rng(2)
     tree: dict[str, np.ndarray] = {}
     for run in range(3):
         for i in range(150):
-            tree[f"run{run}/k{i}"] = rng.standard_normal(int(rng.integers(200, 1200))).astype(np.float32)
+            tree[f"run{run}/k{i}"] = rng.standard_normal(int(rng.integers(1000, 3000))).astype(np.float32)
         tree[f"run{run}/strided"] = rng.standard_normal((40, 40))[:, ::2]
         tree["L" * (npz_writer._BATCH_MAX_KEY + 1 + run)] = np.arange(run + 3.0)
         tree[f"run{run}/swapped"] = np.arange(run + 5, dtype=">f4")
@@ -69,7 +69,9 @@ def test_the_members_are_the_python_paths(tmp_path, monkeypatch, cores) -> None:
 
 def _failing_direct_write(monkeypatch, fail_at: int, slow: float = 0.0) -> list[float]:
     """Descriptor writes fail as a full disk from the ``fail_at``-th chunk on; returns the
-    times at which writes ended (each a little slow, so that chunks are in flight together)."""
+    times at which writes ended (each ``slow``, so that chunks are in flight together; those
+    after the failing one 0.3 s, so that one still in flight when the failure surfaces ends
+    well after an abort that did not wait for it)."""
     real = npz_writer._direct_write
     ended: list[float] = []
     lock = threading.Lock()
@@ -80,7 +82,7 @@ def _failing_direct_write(monkeypatch, fail_at: int, slow: float = 0.0) -> list[
         def w(data: bytes) -> int:
             with lock:
                 n = len(ended) + 1
-            time.sleep(slow)
+            time.sleep(slow if n <= fail_at else 0.3)
             if n >= fail_at:
                 with lock:
                     ended.append(time.monotonic())
