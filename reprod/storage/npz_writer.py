@@ -901,6 +901,8 @@ _BATCH_ITEMS = 8192  # items handed to npz_pack at most, with their rows past th
 def write_npz(path: str, tree: Mapping[str, Any], source_dtypes: Optional[Mapping[str, Any]] = None) -> str:
     # a dict's keys are unique and nothing asks the writer for them again: no key index
     w = NpzWriter(path, indexed=type(tree) is not dict)
+    if cores() >= 2:  # nothing else runs meanwhile: a core for the writes, one for the CRCs
+        w.overlap_crcs()
     try:
         w.add_mapping(tree, source_dtypes)
     except BaseException:
