@@ -16,8 +16,9 @@ On MobileNetV3-Small from examples/mobilenetv3/ (seeded random weights, batch 8,
    Medians of ``--rounds`` after a warm-up, interleaved. ``record`` under the blocking hooks says
    its copies overlap the next layers. The floor of the streamed step: the model, then the
    streamed dump's bytes written to the same disk (``plain + write``).
-3. **Streamed copies.** A streamed forward step's dump is bit for bit what blocking hooks copied
-   in the same step: on CUDA the copies reach the writer thread still in flight.
+3. **Streamed copies.** A streamed training step's dump is bit for bit what blocking hooks copied
+   in the same step and the gradients left after it: on CUDA the copies reach the writer thread
+   still in flight.
 
 Prints a table and, last, one JSON line with every figure; exits 1 when a check fails.
 """
@@ -61,8 +62,10 @@ def _leaves(m: Any) -> list[tuple[str, Any]]:
 
 
 def check_stream(torch: Any, device: str, batch: int) -> dict[str, Any]:
-    """A streamed forward step's dump against blocking copies taken by hooks in the same step
-    (on CUDA the writer thread waits for each copy still in flight)."""
+    """A streamed training step's dump (leaf outputs and parameter gradients) against blocking
+    copies taken by hooks in the same step and the gradients left after it (on CUDA the writer
+    thread waits for each copy still in flight; the gradients' copies are enqueued on autograd's
+    stream)."""
     import numpy as np
 
     import reprod
@@ -77,9 +80,9 @@ def check_stream(torch: Any, device: str, batch: int) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="gpu_check_")
     path = os.path.join(tmp, "s.npz")
     try:
-        with torch.no_grad(), ReprodLogger(stream_to=path) as log, \
-                record(m, log, containers=False, inputs=False):
-            m(x)
+        with ReprodLogger(stream_to=path) as log, \
+                record(m, log, backward=True, containers=False, inputs=False):
+            m(x).sum().backward()
     finally:
         for h in handles:
             h.remove()
@@ -88,10 +91,16 @@ def check_stream(torch: Any, device: str, batch: int) -> dict[str, Any]:
     dump = reprod.load(path, verify=True)
     for key in dump:
         k = parse_key(key)
-        if k is None or k.items or k.what != "out" or k.name not in seen:
+        if k is None or k.items:
+            continue
+        if k.is_param:
+            want = m.get_parameter(k.name).grad.detach().to("cpu", copy=True).numpy()
+        elif k.what == "out" and k.name in seen:
+            want = seen[k.name][k.call - 1]
+        else:
             continue
         checked += 1
-        value, want = np.asarray(dump[key]), seen[k.name][k.call - 1]
+        value = np.asarray(dump[key])
         if value.shape != want.shape or not np.array_equal(value, want):
             bad.append(key)
     del dump
