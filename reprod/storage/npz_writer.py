@@ -12,7 +12,7 @@ import weakref
 from collections import deque
 from collections.abc import Mapping
 from itertools import islice
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -758,13 +758,27 @@ class _Helper:
         return job
 
 
-def _helper() -> _Helper:
+class _Inline:
+    """``_Helper``'s stand-in where no thread can be started: each job runs in the caller."""
+
+    @staticmethod
+    def submit(fn: Callable[..., Any], *args: Any) -> _Job:
+        job = _Job(fn, args)
+        job.run()
+        return job
+
+
+def _helper() -> Union[_Helper, _Inline]:
     """The helper thread of ``overlap_crcs`` and ``_ChunkPipe`` (one for the process, made on
-    first use)."""
+    first use), or ``_Inline`` where a thread cannot be started: a save in an ``atexit``
+    handler (Python 3.12 refuses new threads at shutdown), or no threads left."""
     if not _HELPERS:
         with _HELPER_LOCK:
             if not _HELPERS:
-                _HELPERS.append(_Helper())
+                try:
+                    _HELPERS.append(_Helper())
+                except RuntimeError:
+                    return _Inline()
     return _HELPERS[0]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -19,6 +21,8 @@ from faulty_files import assert_the_earlier_file_is_kept
 import reprod
 from reprod import _native
 from reprod.storage import npz_writer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.skipif(_native.kernel() is None, reason="npz_pack needs the kernel")
 
@@ -148,3 +152,41 @@ def test_finish_waits_for_every_chunk_and_raises_the_first_failure(tmp_path) -> 
         pipe.finish()  # nothing left
     finally:
         os.close(fd)
+
+
+def test_without_a_thread_the_jobs_run_inline(tmp_path, monkeypatch) -> None:
+    def refuse(self) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(npz_writer, "_HELPERS", [])
+    monkeypatch.setattr(npz_writer._Helper, "__init__", refuse)
+    monkeypatch.setattr(npz_writer, "cores", lambda: 2)
+    tree = _tree()
+    tree["big"] = np.arange(300_000, dtype=np.float64)  # 2.4 MB: its CRC a job too
+    reprod.save(tmp_path / "d.npz", tree)
+    assert npz_writer._HELPERS == []  # not kept: a later save tries again
+    d = reprod.load(tmp_path / "d.npz", verify=True)
+    assert list(d) == list(tree)
+    np.testing.assert_array_equal(d["big"], tree["big"])
+
+
+_AT_EXIT = r"""
+import atexit, sys
+import numpy as np
+import reprod
+
+def save() -> None:  # Python 3.12 refuses new threads here
+    tree = {f"k{i}": np.full(2000, i, np.float32) for i in range(500)}
+    tree["big"] = np.ones(1 << 20)
+    reprod.save(sys.argv[1], tree)
+    print("saved", len(reprod.load(sys.argv[1], verify=True)), flush=True)
+
+atexit.register(save)
+"""
+
+
+def test_a_save_in_an_atexit_handler(tmp_path) -> None:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", _AT_EXIT, str(tmp_path / "d.npz")],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "saved 501", p.stderr[-2000:]
