@@ -80,27 +80,11 @@ def _run(state: _State, writer: NpzWriter) -> None:
                 cond.wait()
             if not state.items:
                 return
-            (key, value, dtypes, crcs, ready), nbytes = state.items.popleft()
+            item, nbytes = state.items.popleft()
             state.busy = True
-        failed: Optional[BaseException] = None
-        try:
-            if ready is not None:
-                try:
-                    ready()  # a device error surfaces here
-                except BaseException:
-                    with state.io:
-                        writer.abort()  # as NpzWriter does on a failure of its own
-                    raise
-                ready = None
-            with state.io:
-                if type(value) is not dict:
-                    writer.add_array(key, value, dtypes, crcs)
-                else:
-                    writer.add(key, value, dtypes)
-        except BaseException as exc:  # noqa: BLE001 - kept for the caller, raised by its next call
-            failed = exc
-        # the value goes back to whoever pooled it as soon as it is written
-        value = None
+        key = item[0]
+        failed = _write_one(state, writer, item)
+        item = None  # the value goes back to whoever pooled it as soon as it is written
         with cond:
             state.queued -= nbytes
             state.busy = False
@@ -113,6 +97,27 @@ def _run(state: _State, writer: NpzWriter) -> None:
             cond.notify_all()
             if failed is not None:
                 return
+
+
+def _write_one(state: _State, writer: NpzWriter, item: _Item) -> Optional[BaseException]:
+    """Write one item once its wait has returned; what failed (the dump then abandoned), or None."""
+    key, value, dtypes, crcs, ready = item
+    try:
+        if ready is not None:
+            try:
+                ready()  # a device error surfaces here
+            except BaseException:
+                with state.io:
+                    writer.abort()  # as NpzWriter does on a failure of its own
+                raise
+        with state.io:
+            if type(value) is not dict:
+                writer.add_array(key, value, dtypes, crcs)
+            else:
+                writer.add(key, value, dtypes)
+    except BaseException as exc:  # noqa: BLE001 - kept for the caller, raised by its next call
+        return exc
+    return None
 
 
 def _stop(state: _State, thread: threading.Thread) -> None:
@@ -149,6 +154,7 @@ class BackgroundWriter:
         self.max_bytes = max(int(max_bytes), 1)
         self._state = _State(writer.path)
         self._thread: Optional[threading.Thread] = None
+        self._inline = False  # no thread could be started: put writes each value itself
         self._finalizer: Optional[weakref.finalize] = None
 
     def _check(self) -> _State:
@@ -201,8 +207,19 @@ class BackgroundWriter:
             if len(key) > MAX_KEY_CHARS:
                 self.writer.check(key, value)
             nbytes = value.nbytes
-        if self._thread is None:
-            self._start()
+        if self._thread is None and not self._inline:
+            try:
+                self._start()
+            except RuntimeError:
+                # no thread can be started (an atexit handler on Python 3.12, none left): each
+                # value is written here, in order, as a streaming logger without one writes it
+                self._inline = True
+        if self._inline:
+            failed = _write_one(st, self.writer, (key, value, dtypes, crcs, ready))
+            if failed is not None:
+                st.error = (key, failed)
+                self._raise(st.error)
+            return
         cond = st.cond
         with cond:
             while st.queued and st.queued + nbytes > self.max_bytes and st.error is None:

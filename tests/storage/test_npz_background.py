@@ -17,7 +17,7 @@ import pytest
 import reprod
 from reprod import ReprodLogger
 from reprod.errors import ReprodError, StreamWriteError, UnsupportedValueError
-from reprod.storage import npz_writer
+from reprod.storage import npz_background, npz_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -429,3 +429,34 @@ def test_a_failed_wait_abandons_the_dump_naming_file_and_key(tmp_path, assert_on
     assert "'copy'" in str(info.value) and "illegal memory access" in str(info.value)
     assert path.read_bytes() == before and _files(tmp_path) == ["run.npz"]
     assert _threads() == []
+
+
+def test_without_a_thread_put_writes_each_value_itself(tmp_path, monkeypatch) -> None:
+    def refuse(self) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(npz_background.BackgroundWriter, "_start", refuse)
+    want = _stream(tmp_path / "sync.npz", background=False).close()
+    got = _stream(tmp_path / "inline.npz", background=True).close()
+    _same_dump(got, want)
+    assert _threads() == []
+    landed = np.zeros(3)
+    lg = ReprodLogger(stream_to=tmp_path / "waited.npz")
+    lg._put_later("a", landed, None, None, lambda: landed.__setitem__(slice(None), 4.0))
+    lg.close()
+    np.testing.assert_array_equal(reprod.load(tmp_path / "waited.npz")["a"], np.full(3, 4.0))
+    path = tmp_path / "run.npz"
+    reprod.save(path, {"earlier": np.ones(2)})
+    before = path.read_bytes()
+    lg = ReprodLogger(stream_to=path)
+    lg._put_later("a", np.ones(3))
+
+    def broken() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(StreamWriteError, match="'b'.*illegal memory access"):
+        lg._put_later("b", np.zeros(3), None, None, broken)
+    with pytest.raises(StreamWriteError, match="'b'"):
+        lg.close()
+    assert path.read_bytes() == before
+    assert _files(tmp_path) == ["inline.npz", "run.npz", "sync.npz", "waited.npz"]
