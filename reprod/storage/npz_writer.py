@@ -679,11 +679,12 @@ def _write_large(f: Any, prefix: bytes, data: Any) -> None:
     fd = f.fileno()
     done = _WRITEV(fd, (prefix, data))
     if done < len(prefix):  # short writes (a pipe, a signal): the rest piece by piece
-        prefix_rest = memoryview(prefix)[done:]
-        while prefix_rest:
-            prefix_rest = prefix_rest[os.write(fd, prefix_rest):]
+        _write_rest(fd, memoryview(prefix)[done:])
         done = len(prefix)
-    rest = memoryview(data)[done - len(prefix):]
+    _write_rest(fd, memoryview(data)[done - len(prefix):])
+
+
+def _write_rest(fd: int, rest: memoryview) -> None:
     while rest:
         rest = rest[os.write(fd, rest):]
 
@@ -843,9 +844,7 @@ def _direct_write(fd: int) -> Callable[[bytes], int]:
     def write(data: bytes) -> int:
         done = os.write(fd, data)
         if done < len(data):
-            rest = memoryview(data)[done:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
+            _write_rest(fd, memoryview(data)[done:])
         return len(data)
     return write
 
