@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-import reprod
-from reprod.diagnose import (
+torch = pytest.importorskip("torch")
+
+import reprod  # noqa: E402
+from reprod.diagnose import (  # noqa: E402
     activation_mismatch,
     bn_epsilon,
     diagnose,

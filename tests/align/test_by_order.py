@@ -6,12 +6,13 @@ import os
 from collections import OrderedDict
 
 import numpy as np
-import paddle
 import pytest
-import torch
 
-from reprod import KeyMismatchError, ReprodError
-from reprod.align import (
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+
+from reprod import KeyMismatchError, ReprodError  # noqa: E402
+from reprod.align import (  # noqa: E402
     ConversionRules,
     by_order_rules,
     compare_structure,
@@ -19,8 +20,8 @@ from reprod.align import (
     load_into_paddle,
     pair_weights_by_order,
 )
-from reprod.align.cli import main
-from reprod.storage.framework_files import read_pdparams
+from reprod.align.cli import main  # noqa: E402
+from reprod.storage.framework_files import read_pdparams  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 HIDDEN, CLASSES = 16, 5

@@ -7,16 +7,17 @@ import copy
 import threading
 
 import numpy as np
-import paddle
 import pytest
-import torch
-from align_twins import PaddleNet, make_batch, twins
 
-import reprod
-from reprod.align import align_forward, align_train, load_into_paddle, noise_multiples
-from reprod.align.calibration import _float64_optimizer
-from reprod.capture import first_divergence, record
-from reprod.diff.noise import DEFAULT_NOISE_FACTOR
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+from align_twins import PaddleNet, make_batch, twins  # noqa: E402
+
+import reprod  # noqa: E402
+from reprod.align import align_forward, align_train, load_into_paddle, noise_multiples  # noqa: E402
+from reprod.align.calibration import _float64_optimizer  # noqa: E402
+from reprod.capture import first_divergence, record  # noqa: E402
+from reprod.diff.noise import DEFAULT_NOISE_FACTOR  # noqa: E402
 
 LR, MU = 0.1, 0.9
 

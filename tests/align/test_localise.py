@@ -4,15 +4,16 @@ and why where the numbers fit; align_train and align_forward with by_order."""
 from __future__ import annotations
 
 import numpy as np
-import paddle
 import pytest
-import torch
-from align_twins import make_batch, twins
-from test_by_order import EXPECTED, PaddlePort, TorchNet
 
-import reprod
-from reprod import KeyMismatchError
-from reprod.align import align_forward, align_train, load_into_paddle
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+from align_twins import make_batch, twins  # noqa: E402
+from test_by_order import EXPECTED, PaddlePort, TorchNet  # noqa: E402
+
+import reprod  # noqa: E402
+from reprod import KeyMismatchError  # noqa: E402
+from reprod.align import align_forward, align_train, load_into_paddle  # noqa: E402
 
 
 def _by_order_twins(seed: int = 0) -> tuple[TorchNet, PaddlePort]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import paddle
 import pytest
-import torch
-from align_twins import PaddleNet, TorchNet, make_batch, twins
 
-import reprod
-from reprod.align import align_forward, align_train
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+from align_twins import PaddleNet, TorchNet, make_batch, twins  # noqa: E402
+
+import reprod  # noqa: E402
+from reprod.align import align_forward, align_train  # noqa: E402
 
 LR, MU = 0.1, 0.9
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import paddle
 import pytest
-import torch
-from align_twins import PaddleNet, TorchNet
 
-from reprod.align import ConversionRules, compare_structure
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+from align_twins import PaddleNet, TorchNet  # noqa: E402
+
+from reprod.align import ConversionRules, compare_structure  # noqa: E402
 
 
 def _numel_torch_state(model: torch.nn.Module) -> int:

@@ -7,13 +7,14 @@ import pickle
 import warnings
 
 import numpy as np
-import paddle
 import pytest
-import torch
-from align_twins import PaddleNet, TorchNet, make_batch, twins
 
-import reprod
-from reprod.align import (
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+from align_twins import PaddleNet, TorchNet, make_batch, twins  # noqa: E402
+
+import reprod  # noqa: E402
+from reprod.align import (  # noqa: E402
     ConversionRules,
     HeuristicLinearWarning,
     check_fits,
@@ -21,8 +22,8 @@ from reprod.align import (
     load_into_paddle,
     torch_to_paddle,
 )
-from reprod.align.rules import guess_linear_weight, plan_conversion
-from reprod.storage.framework_files import load_weights_as_dump, read_pdparams, write_pdparams
+from reprod.align.rules import guess_linear_weight, plan_conversion  # noqa: E402
+from reprod.storage.framework_files import load_weights_as_dump, read_pdparams, write_pdparams  # noqa: E402
 
 
 def _torch_net(seed: int = 0) -> TorchNet:
