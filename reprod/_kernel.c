@@ -1965,6 +1965,7 @@ fail:
  */
 #define NPY_PLAN 256       /* payloads laid out before they are copied */
 #define NPY_MAX_DIMS 64
+#define NPY_COPY_FREE (64 << 10) /* a plan of this many bytes is copied without the GIL */
 
 typedef struct {
     Py_buffer view;
@@ -1990,6 +1991,11 @@ static int npy_copy(npy_out_t *o) {
     if (o->n_plan == 0) return 0;
     char *base = PyByteArray_AS_STRING(o->out);
     int faulted = 0;
+    Py_ssize_t total = 0;
+    for (int j = 0; j < o->n_plan; j++) total += o->plan[j].view.len;
+    /* the .npy writer's helper thread writes the last frames meanwhile (_pipe.WritevPipe); a
+     * smaller plan is not worth the GIL's hand-over */
+    PyThreadState *ts = total >= NPY_COPY_FREE ? PyEval_SaveThread() : NULL;
     bus_guard_t g;
     if (BUS_GUARDED(g)) {
         bus_arm(&g);
@@ -1999,6 +2005,7 @@ static int npy_copy(npy_out_t *o) {
         faulted = 1;
     }
     bus_disarm(&g);
+    if (ts != NULL) PyEval_RestoreThread(ts);
     npy_release(o);
     if (faulted) {
         bus_raise(-1, -1);

@@ -201,7 +201,8 @@ class ReprodLogger:
 
             p = p if p.endswith(".npy") else p + ".npy"
             with AtomicFile(p) as af:
-                if not _npy_writer.write_npy_dict(af.file, self._data):
+                fd = None if af.direct else af.file.fileno()
+                if not _npy_writer.write_npy_dict(af.file, self._data, fd):
                     np.save(af.file, self._data, allow_pickle=True)  # type: ignore[arg-type]
             return p
         # what storage.save does for this suffix (storage.npz_writer.write_npz), minus its re-check

@@ -426,6 +426,6 @@ def write_legacy(path: str, tree: dict[str, Any]) -> str:
     from ._npy_writer import write_npy_dict
 
     with AtomicFile(path) as af:
-        if not write_npy_dict(af.file, tree):
+        if not write_npy_dict(af.file, tree, None if af.direct else af.file.fileno()):
             np.save(af.file, tree, allow_pickle=True)  # type: ignore[arg-type]
     return path

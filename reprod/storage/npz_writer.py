@@ -5,14 +5,12 @@ are in ``npz_format``."""
 
 from __future__ import annotations
 
-import _thread
 import os
 import struct
 import weakref
-from collections import deque
 from collections.abc import Mapping
 from itertools import islice
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -21,6 +19,16 @@ from .._native import crc32  # zlib's CRC-32, by the kernel where it is on
 from ..adapters import BFLOAT16, float32_to_bf16_bits
 from ..errors import ReprodError, UnsupportedValueError
 from . import npz_members
+from ._pipe import (  # noqa: F401 - _HELPERS, _Helper, _Job: importable from here as before
+    _HELPERS,
+    _ChunkPipe,
+    _direct_write,
+    _Helper,
+    _helper,
+    _Job,
+    _write_rest,
+    cores,
+)
 from .atomic import AtomicFile
 from .npz_format import _EOCD, _EOCD64, _LOCATOR64, _STORED, FORMAT_NAME, FORMAT_VERSION, META_NAME
 from .npz_keylog import _KeyLog, _side_file, _to_null
@@ -684,11 +692,6 @@ def _write_large(f: Any, prefix: bytes, data: Any) -> None:
     _write_rest(fd, memoryview(data)[done - len(prefix):])
 
 
-def _write_rest(fd: int, rest: memoryview) -> None:
-    while rest:
-        rest = rest[os.write(fd, rest):]
-
-
 _WRITEV = getattr(os, "writev", None)
 _WRITEV_FROM = 256 << 10
 
@@ -698,157 +701,6 @@ _WRITEV_FROM = 256 << 10
 _OVERLAP_FROM = max(512 << 10, _WRITEV_FROM)  # written by _write_large, which flushes first
 _CRC = struct.Struct("<I")
 _CRC_AT = 14  # the CRC's offset in a local file header
-_HELPERS: list[_Helper] = []
-
-
-class _Job:
-    """A call handed to the helper thread; ``result`` waits for it (a lock held until it ran:
-    concurrent.futures would cost ~5 ms of imports on the first save of a process)."""
-
-    __slots__ = ("fn", "args", "value", "error", "_lock")
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self.fn, self.args = fn, args
-        self.value: Any = None
-        self.error: Optional[BaseException] = None
-        self._lock = _thread.allocate_lock()
-        self._lock.acquire()
-
-    def run(self) -> None:
-        try:
-            self.value = self.fn(*self.args)
-        except BaseException as exc:  # noqa: BLE001 - raised by result(), in the caller's thread
-            self.error = exc
-        self.fn = self.args = None  # the data goes as soon as it is written
-        self._lock.release()
-
-    def done(self) -> bool:
-        return not self._lock.locked()
-
-    def wait(self) -> None:
-        with self._lock:
-            pass
-
-    def result(self) -> Any:
-        self.wait()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-class _Helper:
-    """One daemon thread running ``_Job``s in the order submitted."""
-
-    def __init__(self) -> None:
-        import queue
-        import threading  # here: a process that only saves on one core never needs it
-
-        self._jobs: Any = queue.SimpleQueue()
-        thread = threading.Thread(target=self._main, args=(self._jobs,), daemon=True,
-                                  name="reprod helper")
-        thread.start()
-
-    @staticmethod
-    def _main(jobs: Any) -> None:
-        while True:
-            jobs.get().run()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> _Job:
-        job = _Job(fn, args)
-        self._jobs.put(job)
-        return job
-
-
-class _Inline:
-    """``_Helper``'s stand-in where no thread can be started: each job runs in the caller."""
-
-    @staticmethod
-    def submit(fn: Callable[..., Any], *args: Any) -> _Job:
-        job = _Job(fn, args)
-        job.run()
-        return job
-
-
-def _helper() -> Union[_Helper, _Inline]:
-    """The helper thread of ``overlap_crcs`` and ``_ChunkPipe`` (one for the process, made on
-    first use), or ``_Inline`` where a thread cannot be started: a save in an ``atexit``
-    handler (Python 3.12 refuses new threads at shutdown), or no threads left."""
-    if not _HELPERS:
-        with _HELPER_LOCK:
-            if not _HELPERS:
-                try:
-                    _HELPERS.append(_Helper())
-                except RuntimeError:
-                    return _Inline()
-    return _HELPERS[0]
-
-
-_HELPER_LOCK = _thread.allocate_lock()
-
-
-def _after_fork_in_child() -> None:  # a child has none of its parent's threads
-    global _HELPER_LOCK
-    _HELPERS.clear()
-    _HELPER_LOCK = _thread.allocate_lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def cores() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-class _ChunkPipe:
-    """``npz_pack``'s write on a flushed file's descriptor: each chunk written by the helper
-    thread while the kernel packs the next (it releases the GIL for that, and ``os.write`` does),
-    at most two chunks in flight. ``finish`` waits for them and raises the first failure (a
-    failure also surfaces at the next call); ``wait`` waits for them and drops their failures."""
-
-    def __init__(self, fd: int) -> None:
-        self._write = _direct_write(fd)
-        self._pending: deque[Any] = deque()
-
-    def __call__(self, chunk: bytes) -> int:
-        pending = self._pending
-        if len(pending) >= 2:
-            pending.popleft().result()
-        pending.append(_helper().submit(self._write, chunk))
-        return len(chunk)
-
-    def wait(self) -> None:
-        """Wait for every chunk in flight, their failures dropped (the caller is raising)."""
-        while self._pending:
-            self._pending.popleft().wait()
-
-    def finish(self) -> None:
-        pending = self._pending
-        failed: Optional[BaseException] = None
-        while pending:
-            try:
-                pending.popleft().result()
-            except BaseException as exc:  # noqa: BLE001 - the first one is raised, all are waited for
-                failed = failed or exc
-        if failed is not None:
-            raise failed
-
-
-def _direct_write(fd: int) -> Callable[[bytes], int]:
-    """``write`` of a buffered file already flushed, on its descriptor (a short write goes on
-    where it stopped). Only absolute seeks follow on the buffered file (see _write_large)."""
-    def write(data: bytes) -> int:
-        done = os.write(fd, data)
-        if done < len(data):
-            _write_rest(fd, memoryview(data)[done:])
-        return len(data)
-    return write
-
-
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     while data:
         done = os.pwrite(fd, data, offset)

@@ -20,7 +20,7 @@ from faulty_files import assert_the_earlier_file_is_kept
 
 import reprod
 from reprod import _native
-from reprod.storage import npz_writer
+from reprod.storage import _pipe, npz_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -97,7 +97,8 @@ def _failing_direct_write(monkeypatch, fail_at: int, slow: float = 0.0) -> list[
             return done
         return w
 
-    monkeypatch.setattr(npz_writer, "_direct_write", direct)
+    monkeypatch.setattr(npz_writer, "_direct_write", direct)  # one core: the writer's own writes
+    monkeypatch.setattr(_pipe, "_direct_write", direct)  # two: _ChunkPipe's
     return ended
 
 
@@ -158,13 +159,13 @@ def test_without_a_thread_the_jobs_run_inline(tmp_path, monkeypatch) -> None:
     def refuse(self) -> None:
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
-    monkeypatch.setattr(npz_writer, "_HELPERS", [])
+    monkeypatch.setattr(_pipe, "_HELPERS", [])
     monkeypatch.setattr(npz_writer._Helper, "__init__", refuse)
     monkeypatch.setattr(npz_writer, "cores", lambda: 2)
     tree = _tree()
     tree["big"] = np.arange(300_000, dtype=np.float64)  # 2.4 MB: its CRC a job too
     reprod.save(tmp_path / "d.npz", tree)
-    assert npz_writer._HELPERS == []  # not kept: a later save tries again
+    assert _pipe._HELPERS == []  # not kept: a later save tries again
     d = reprod.load(tmp_path / "d.npz", verify=True)
     assert list(d) == list(tree)
     np.testing.assert_array_equal(d["big"], tree["big"])

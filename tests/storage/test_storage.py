@@ -409,7 +409,7 @@ def test_failed_legacy_write_midway_keeps_earlier_file(tmp_path, monkeypatch) ->
 
     real_write = _npy_writer.write_npy_dict
 
-    def half_then_fail(file, tree):
+    def half_then_fail(file, tree, fd=None):
         buf = io.BytesIO()
         assert real_write(buf, tree)
         file.write(buf.getvalue()[: len(buf.getvalue()) // 2])
