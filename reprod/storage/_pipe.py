@@ -61,13 +61,13 @@ class _Helper:
     """One daemon thread running ``_Job``s in the order submitted."""
 
     def __init__(self) -> None:
-        import queue
-        import threading  # here: a process that only saves on one core never needs it
+        # the C modules under queue and threading: importing those two (and heapq with them) was
+        # ~1.8 ms of a process's first save; a thread _thread starts is a daemon thread (never
+        # joined at exit), and 3.12 refuses it at shutdown with the same RuntimeError
+        import _queue
 
-        self._jobs: Any = queue.SimpleQueue()
-        thread = threading.Thread(target=self._main, args=(self._jobs,), daemon=True,
-                                  name="reprod helper")
-        thread.start()
+        self._jobs: Any = _queue.SimpleQueue()
+        _thread.start_new_thread(self._main, (self._jobs,))
 
     @staticmethod
     def _main(jobs: Any) -> None:
@@ -126,16 +126,21 @@ def cores() -> int:
 
 
 class _ChunkPipe:
-    """``npz_pack``'s write on a flushed file's descriptor: each chunk written by the helper
-    thread while the kernel packs the next (it releases the GIL for that, and ``os.write`` does),
+    """``npz_pack``'s write on a flushed file's descriptor: each chunk but the first written by the
+    helper thread while the kernel packs the next (it releases the GIL for that, and ``os.write`` does),
     at most two chunks in flight. ``finish`` waits for them and raises the first failure (a
     failure also surfaces at the next call); ``wait`` waits for them and drops their failures."""
 
     def __init__(self, fd: int) -> None:
         self._write = _direct_write(fd)
         self._pending: deque[Any] = deque()
+        self._first = True
 
     def __call__(self, chunk: bytes) -> int:
+        if self._first:
+            # written here: a dump of one chunk (most small saves) never starts the thread
+            self._first = False
+            return self._write(chunk)
         pending = self._pending
         if len(pending) >= 2:
             pending.popleft().result()
@@ -202,8 +207,8 @@ def _writev_all(fd: int, buffers: list[Any]) -> None:
 class WritevPipe:
     """``write`` for a flushed file's descriptor that gathers what it is given (bytes, bytearrays
     nobody changes any more, uint8 memoryviews of arrays that stay alive and unchanged) into
-    ``writev`` calls of ``_GATHER`` bytes, each written by the helper thread (with ``threaded``)
-    while the caller produces the next, at most two in flight. ``finish`` writes the rest, waits
+    ``writev`` calls of ``_GATHER`` bytes, each but the first written by the helper thread (with
+    ``threaded``) while the caller produces the next, at most two in flight. ``finish`` writes the rest, waits
     for everything and raises the first failure (a failure also surfaces at a later ``write``);
     ``wait`` waits for what is in flight, failures dropped (the caller is raising): the file may
     not be closed while the helper writes to its descriptor."""
@@ -214,6 +219,7 @@ class WritevPipe:
         self._buffers: list[Any] = []
         self._size = 0
         self._pending: deque[_Job] = deque()
+        self._first = True
 
     def write(self, data: Any) -> int:
         n = len(data)
@@ -230,7 +236,9 @@ class WritevPipe:
         if len(pending) >= 2:
             pending.popleft().result()  # a failure raised here leaves these buffers unsent
         buffers, self._buffers, self._size = self._buffers, [], 0
-        if not self._threaded:
+        if not self._threaded or self._first:
+            # the first run written here: a dump of one run never starts the thread
+            self._first = False
             _writev_all(self._fd, buffers)
             return
         pending.append(_helper().submit(_writev_all, self._fd, buffers))

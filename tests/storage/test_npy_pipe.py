@@ -261,6 +261,10 @@ def test_finish_raises_the_first_failure_and_wait_drops_them(tmp_path, monkeypat
     monkeypatch.setattr(_pipe, "_writev_all", writev)
     monkeypatch.setattr(_pipe, "_GATHER", 4)
     pipe = _pipe.WritevPipe(-1, True)
+    gate.set()
+    pipe.write(b"zero")  # the first run: written in the call
+    assert written == [b"zero"]
+    gate.clear()
     pipe.write(b"good")
     pipe.write(b"bad!")
     gate.set()
@@ -268,7 +272,7 @@ def test_finish_raises_the_first_failure_and_wait_drops_them(tmp_path, monkeypat
     with pytest.raises(OSError, match="I/O error"):
         pipe.write(b"more")  # the next oldest's failure surfaces at the next hand-over
     pipe.finish()  # "next" and "more"
-    assert written == [b"good", b"bad!", b"next", b"more"]
+    assert written == [b"zero", b"good", b"bad!", b"next", b"more"]
     pipe.write(b"bad again")
     with pytest.raises(OSError, match="I/O error"):
         pipe.finish()

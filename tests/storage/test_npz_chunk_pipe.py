@@ -140,13 +140,16 @@ def test_finish_waits_for_every_chunk_and_raises_the_first_failure(tmp_path) -> 
             return len(data)
 
         pipe._write = write
+        gate.set()
+        assert pipe(b"zero") == 4 and calls == [b"zero"]  # the first chunk: written in the call
+        gate.clear()
         assert pipe(b"one") == 3 and pipe(b"bad") == 3
         gate.set()
         assert pipe(b"three") == 5  # the oldest chunk, "one", was written
         with pytest.raises(OSError, match="I/O error"):
             pipe(b"four")  # the next oldest's failure surfaces at the next call
         pipe.finish()  # waits for "three"
-        assert calls == [b"one", b"bad", b"three"]
+        assert calls == [b"zero", b"one", b"bad", b"three"]
         pipe(b"bad")
         with pytest.raises(OSError, match="I/O error"):
             pipe.finish()
