@@ -2491,6 +2491,53 @@ static PyObject *get_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(isa);
 }
 
+/*
+ * rename_exchange: renameat2(a, b, RENAME_EXCHANGE), the two names swapped in one step. AtomicFile
+ * replaces an earlier dump so: a rename over an existing file makes ext4 (auto_da_alloc) allocate
+ * and start writing the new file's data inside the rename (170 ms for 256 MiB here), and the old
+ * file's blocks are freed there too; an exchange does neither, and the old file is removed after.
+ */
+#if defined(__linux__)
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#ifndef RENAME_EXCHANGE
+#define RENAME_EXCHANGE (1 << 1)
+#endif
+#endif
+
+PyDoc_STRVAR(rename_exchange_doc,
+    "rename_exchange(a, b) -> None\n\n"
+    "Swap the files (or other entries) named a and b, atomically (Linux's renameat2 with\n"
+    "RENAME_EXCHANGE); OSError where the system or the file system cannot (ENOSYS, EINVAL).");
+
+static PyObject *rename_exchange(PyObject *self, PyObject *args) {
+    PyObject *a, *b;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O&O&", PyUnicode_FSConverter, &a, PyUnicode_FSConverter, &b))
+        return NULL;
+    int rc, err;
+#if defined(__linux__) && defined(SYS_renameat2)
+    const char *pa = PyBytes_AS_STRING(a), *pb = PyBytes_AS_STRING(b);
+    Py_BEGIN_ALLOW_THREADS
+    rc = (int)syscall(SYS_renameat2, AT_FDCWD, pa, AT_FDCWD, pb, RENAME_EXCHANGE);
+    err = errno;
+    Py_END_ALLOW_THREADS
+#else
+    rc = -1;
+    err = ENOSYS;
+#endif
+    if (rc != 0) {
+        errno = err;
+        PyErr_SetFromErrnoWithFilenameObjects(PyExc_OSError, a, b);
+    }
+    Py_DECREF(a);
+    Py_DECREF(b);
+    if (rc != 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"stats", stats, METH_VARARGS, stats_doc},
     {"stats3", stats3, METH_VARARGS, stats3_doc},
@@ -2504,6 +2551,7 @@ static PyMethodDef methods[] = {
     {"npy_check", npy_check, METH_VARARGS, npy_check_doc},
     {"float_texts", float_texts, METH_VARARGS, float_texts_doc},
     {"set_isa", set_isa, METH_VARARGS, set_isa_doc},
+    {"rename_exchange", rename_exchange, METH_VARARGS, rename_exchange_doc},
     {"isa", get_isa, METH_NOARGS, "isa() -> str: the loop in use ('avx2' or 'base')."},
     {NULL, NULL, 0, NULL},
 };
