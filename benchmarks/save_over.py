@@ -1,7 +1,7 @@
 """Saving over an earlier dump: what ``reprod.save`` costs where a file is already at the path,
 against the same save to a new name (the floor) and against reprod_log's ``np.save``.
 
-    python benchmarks/save_over.py [--mib 256] [--rounds 5] [--against DIR] [--dir /tmp]
+    python benchmarks/save_over.py [--mib 256] [--rounds 5] [--loop 7] [--against DIR] [--dir /tmp]
 
 Two ways a dump is replaced:
 
@@ -16,6 +16,8 @@ with nothing there; ``reprod_log``: ``np.save`` of the dict, as reprod_log's ``s
 ``--against`` times another checkout's reprod too (imported from there, its kernel as built
 there). On ext4, a rename over an existing file allocates and starts writing the new file
 inside the rename (``auto_da_alloc``); reprod exchanges the names instead (``storage/atomic.py``).
+A second table: ``ReprodLogger`` with the many-small workload (5,000 keys of 1-10 KiB, 27 MiB)
+saved to one path ``--loop`` times after a first save, for reprod in both formats and reprod_log.
 Prints the medians and the ranges (ms), and the load averages at the start and the end.
 """
 
@@ -66,6 +68,36 @@ print(json.dumps(times))
 """
 
 
+# the logger over one path in a loop: many-small (5,000 keys of 1-10 KiB, 27 MiB), each save after
+# the first timed
+_LOOP = r"""
+import json, os, sys, time
+tool, fmt, rounds, folder, tree_root, here = sys.argv[1:7]
+sys.path.insert(0, tree_root)
+sys.path.insert(0, here)
+import workloads
+data = dict(workloads._arrays(workloads.many_small(1.0), 0, False))
+if tool == "reprod_log":
+    from reprod_log import ReprodLogger
+else:
+    import reprod
+    assert reprod.__file__.startswith(tree_root), reprod.__file__
+    from reprod import ReprodLogger
+log = ReprodLogger()
+for k, v in data.items():
+    log.add(k, v)
+path = os.path.join(folder, f"save_over_loop_{os.getpid()}.{fmt}")
+log.save(path)
+times = []
+for r in range(int(rounds)):
+    t0 = time.perf_counter()
+    log.save(path)
+    times.append(time.perf_counter() - t0)
+os.remove(path)
+print(json.dumps(times))
+"""
+
+
 def _load() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -76,6 +108,7 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--against", help="another checkout (its reprod is imported from there)")
+    ap.add_argument("--loop", type=int, default=7, help="timed saves of the logger loop")
     ap.add_argument("--dir", default=os.environ.get("TMPDIR", "/tmp"), help="where the dumps go")
     args = ap.parse_args()
     trees = [("reprod", ROOT)] + ([("reprod " + os.path.basename(os.path.abspath(args.against)),
@@ -92,6 +125,18 @@ def main() -> int:
                               args.dir, tree], env=env, capture_output=True, text=True, check=True).stdout
         ms = [t * 1e3 for t in json.loads(out.strip().splitlines()[-1])]
         print(f"| {name} | {mode} | {statistics.median(ms):.0f} | {min(ms):.0f}-{max(ms):.0f} |")
+    print()
+    print(f"| logger, many-small, over one path in a loop | format | median ms | range ms |  ({args.loop} saves each)")
+    print("|---|---|---|---|")
+    loops = [(name, tree, fmt) for fmt in ("npy", "npz") for name, tree in trees]
+    loops.append(("reprod_log", ROOT, "npy"))
+    for name, tree, fmt in loops:
+        tool = "reprod_log" if name == "reprod_log" else "reprod"
+        out = subprocess.run([sys.executable, "-c", _LOOP, tool, fmt, str(args.loop), args.dir, tree, HERE],
+                             env=dict(os.environ, PYTHONPATH=tree), capture_output=True, text=True,
+                             check=True).stdout
+        ms = [t * 1e3 for t in json.loads(out.strip().splitlines()[-1])]
+        print(f"| {name} | {fmt} | {statistics.median(ms):.1f} | {min(ms):.1f}-{max(ms):.1f} |")
     print(f"load average at end: {_load()}")
     return 0
 
