@@ -91,8 +91,8 @@ class _Inline:
 
 
 def _helper() -> Union[_Helper, _Inline]:
-    """The helper thread of ``overlap_crcs`` and ``_ChunkPipe`` (one for the process, made on
-    first use), or ``_Inline`` where a thread cannot be started: a save in an ``atexit``
+    """The helper thread of ``overlap_crcs``, ``_ChunkPipe`` and ``WritevPipe`` (one for the
+    process, made on first use), or ``_Inline`` where a thread cannot be started: a save in an ``atexit``
     handler (Python 3.12 refuses new threads at shutdown), or no threads left."""
     if not _HELPERS:
         with _HELPER_LOCK:
@@ -127,9 +127,10 @@ def cores() -> int:
 
 class _ChunkPipe:
     """``npz_pack``'s write on a flushed file's descriptor: each chunk but the first written by the
-    helper thread while the kernel packs the next (it releases the GIL for that, and ``os.write`` does),
-    at most two chunks in flight. ``finish`` waits for them and raises the first failure (a
-    failure also surfaces at the next call); ``wait`` waits for them and drops their failures."""
+    helper thread while the kernel packs the next (it releases the GIL for that, and
+    ``os.write`` does), at most two chunks in flight. ``finish`` waits for them and raises the
+    first failure (a failure also surfaces at the next call); ``wait`` waits for them and drops
+    their failures."""
 
     def __init__(self, fd: int) -> None:
         self._write = _direct_write(fd)
@@ -208,10 +209,10 @@ class WritevPipe:
     """``write`` for a flushed file's descriptor that gathers what it is given (bytes, bytearrays
     nobody changes any more, uint8 memoryviews of arrays that stay alive and unchanged) into
     ``writev`` calls of ``_GATHER`` bytes, each but the first written by the helper thread (with
-    ``threaded``) while the caller produces the next, at most two in flight. ``finish`` writes the rest, waits
-    for everything and raises the first failure (a failure also surfaces at a later ``write``);
-    ``wait`` waits for what is in flight, failures dropped (the caller is raising): the file may
-    not be closed while the helper writes to its descriptor."""
+    ``threaded``) while the caller produces the next, at most two in flight. ``finish`` writes
+    the rest, waits for everything and raises the first failure (a failure also surfaces at a
+    later ``write``); ``wait`` waits for what is in flight, failures dropped (the caller is
+    raising): the file may not be closed while the helper writes to its descriptor."""
 
     def __init__(self, fd: int, threaded: bool) -> None:
         self._fd = fd
