@@ -150,19 +150,22 @@ class _ChunkPipe:
 
     def wait(self) -> None:
         """Wait for every chunk in flight, their failures dropped (the caller is raising)."""
-        while self._pending:
-            self._pending.popleft().wait()
+        _drain(self._pending, raise_first=False)
 
     def finish(self) -> None:
-        pending = self._pending
-        failed: Optional[BaseException] = None
-        while pending:
-            try:
-                pending.popleft().result()
-            except BaseException as exc:  # noqa: BLE001 - the first one is raised, all are waited for
-                failed = failed or exc
-        if failed is not None:
-            raise failed
+        _drain(self._pending, raise_first=True)
+
+
+def _drain(pending: deque[_Job], raise_first: bool) -> None:
+    """Wait for every job in ``pending``, oldest first, emptying it; then raise the first failure
+    (``raise_first``) or none."""
+    failed: Optional[BaseException] = None
+    while pending:
+        job = pending.popleft()
+        job.wait()
+        failed = failed or job.error
+    if failed is not None and raise_first:
+        raise failed
 
 
 def _direct_write(fd: int) -> Callable[[bytes], int]:
@@ -246,8 +249,7 @@ class WritevPipe:
 
     def wait(self) -> None:
         self._buffers, self._size = [], 0
-        while self._pending:
-            self._pending.popleft().wait()
+        _drain(self._pending, raise_first=False)
 
     def finish(self) -> None:
         try:
@@ -255,12 +257,4 @@ class WritevPipe:
         except BaseException:
             self.wait()
             raise
-        failed: Optional[BaseException] = None
-        pending = self._pending
-        while pending:
-            try:
-                pending.popleft().result()
-            except BaseException as exc:  # noqa: BLE001 - the first one is raised, all are waited for
-                failed = failed or exc
-        if failed is not None:
-            raise failed
+        _drain(self._pending, raise_first=True)
