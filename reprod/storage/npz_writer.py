@@ -26,7 +26,7 @@ from ._pipe import (  # noqa: F401 - _HELPERS, _Helper, _Job: importable from he
     _Helper,
     _helper,
     _Job,
-    _write_rest,
+    _writev_all,
     cores,
 )
 from .atomic import AtomicFile
@@ -684,12 +684,7 @@ def _write_large(f: Any, prefix: bytes, data: Any) -> None:
         f.write(data)
         return
     f.flush()
-    fd = f.fileno()
-    done = _WRITEV(fd, (prefix, data))
-    if done < len(prefix):  # short writes (a pipe, a signal): the rest piece by piece
-        _write_rest(fd, memoryview(prefix)[done:])
-        done = len(prefix)
-    _write_rest(fd, memoryview(data)[done - len(prefix):])
+    _writev_all(f.fileno(), [prefix, data])  # short writes (a pipe, a signal): the rest follows
 
 
 _WRITEV = getattr(os, "writev", None)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import reprod
-from reprod.storage import npz_members, npz_writer
+from reprod.storage import _pipe, npz_members, npz_writer
 from reprod.storage.npz_writer import NpzWriter
 
 
@@ -60,7 +60,7 @@ def test_short_writes_are_finished(tmp_path, monkeypatch, fixed_time, short) -> 
         calls.append(len(data))
         return os.write(fd, data[:short])
 
-    monkeypatch.setattr(npz_writer, "_WRITEV", writev)
+    monkeypatch.setattr(_pipe, "_WRITEV", writev)  # _write_large's writev_all
     assert _write(tmp_path / "short.npz") == want
     assert calls and all(n >= npz_writer._WRITEV_FROM for n in calls)
 
