@@ -79,6 +79,16 @@ SLOW = (
     "tests/storage/test_write_faults.py::test_sigkill_mid_save_leaves_a_complete_dump",
     "tests/test_pytest_plugin.py::test_xdist_workers_share_one_report",
     "tests/diff/test_metrics_blocks.py::test_kernel_and_numpy_paths_agree_on_a_large_pair",
+    "tests/test_cli_trees.py::test_unreachable_scheduler_is_one_line",  # a connection's timeout
+    "tests/report/test_float_texts.py::test_random_bit_patterns",  # fuzzing
+    "tests/report/test_float_texts.py::test_the_committed_power_table_is_the_generators",
+    "tests/storage/test_storage.py::test_random_trees_round_trip",  # fuzzing
+    "tests/storage/test_npy_writer_props.py::test_random_trees_match_np_save",  # fuzzing
+    "tests/storage/test_npz_writev.py::test_a_zip64_dump_is_cut_back_to_its_end_records",  # 70,000 members
+    "tests/storage/test_npz_keylog_fork.py",  # forked children
+    "tests/storage/test_write_faults.py::test_sigterm_mid_save_leaves_no_temporary",  # killed writers
+    "tests/capture/test_gpu_check_script.py",  # a fresh interpreter with torch
+    "tests/report/test_json_fast.py::test_random_comparisons_of_dump_files",  # fuzzing
 )
 
 
