@@ -21,6 +21,7 @@ from ..errors import ReprodError, UnsupportedValueError
 from . import npz_members
 from ._pipe import (  # noqa: F401 - _HELPERS, _Helper, _Job: importable from here as before
     _HELPERS,
+    _WRITEV,
     _ChunkPipe,
     _direct_write,
     _Helper,
@@ -687,7 +688,6 @@ def _write_large(f: Any, prefix: bytes, data: Any) -> None:
     _writev_all(f.fileno(), [prefix, data])  # short writes (a pipe, a signal): the rest follows
 
 
-_WRITEV = getattr(os, "writev", None)
 _WRITEV_FROM = 256 << 10
 
 # overlap_crcs: members from this size have their CRC computed beside their write (the helper
