@@ -17,6 +17,7 @@ from .errors import (
     ReprodError,
     UnsafeDumpError,
     UnsupportedValueError,
+    WriteError,
 )
 from .logger import ReprodLogger
 
@@ -37,6 +38,7 @@ __all__ = [
     "UnsafeDumpError",
     "KeyMismatchError",
     "UnsupportedValueError",
+    "WriteError",
     "__version__",
 ]
 

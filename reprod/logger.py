@@ -57,9 +57,11 @@ class ReprodLogger:
     loss where its threads take every core (torch's, by default; benchmarks/README.md, "Capture").
     CUDA tensors always go through that thread (64 MiB waiting by default): their copies reach it
     still in flight, and it waits for each before writing it.
-    Once that thread runs, ``add`` queues a copy of its value behind them. A failure of the
-    thread (a full disk) is raised by the next ``add``/``keys``/``close`` as a
-    ``reprod.errors.StreamWriteError``; the dump is then abandoned.
+    Once that thread runs, ``add`` queues a copy of its value behind them. A failed write (a full
+    disk) raises ``reprod.errors.StreamWriteError``, naming the file, the key and the problem: from
+    that ``add``, or, where the thread wrote it, from the next ``add``/``keys``/``close``; the dump
+    is then abandoned. A failed ``save`` raises ``reprod.errors.WriteError`` (the same, less the
+    streaming); either way any earlier file at the path is kept.
     Differences from reprod_log: values are copied at ``add`` (reprod_log keeps a reference, so an
     in-place update after ``add`` changed what it saved); an integer key is stored (and reported)
     as its ``str`` (``add(3, x)`` logs key ``"3"``); bad keys or values raise ``ReprodError`` instead
@@ -79,7 +81,7 @@ class ReprodLogger:
         if self._stream_path is not None:
             from .storage.npz_writer import NpzWriter
 
-            self._writer = NpzWriter(self._stream_path)
+            self._writer = NpzWriter(self._stream_path, stream=True)
 
     @property
     def data(self) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import stat
 import time
 from typing import Any, BinaryIO, Optional
 
+from ..errors import write_error
+
 try:  # the C module behind ``signal``, loaded at start-up: ``signal`` costs ~0.6 ms to import
     import _signal
 except ImportError:  # pragma: no cover - an implementation without it
@@ -75,6 +77,15 @@ class AtomicFile:
         self.tmp_path: Optional[str] = None
         self._mode: Optional[int] = None
         self._done = False
+        self._given = path  # what errors name: the path as the caller gave it
+        try:
+            self._open(target)
+        except IsADirectoryError:
+            raise  # says it all, and naming the path
+        except OSError as exc:  # a folder that cannot be written to, a path through a file, ...
+            raise write_error(exc, path, creating=True)  # noqa: B904 - write_error chains it
+
+    def _open(self, target: str) -> None:
         try:
             st: Optional[os.stat_result] = os.stat(target)  # through symlinks
         except FileNotFoundError:  # nothing there (or a dangling symlink)
@@ -136,7 +147,10 @@ class AtomicFile:
             return self.path
         if self.direct:
             self._done = True
-            self.file.close()  # flushes; a write error shows here
+            try:
+                self.file.close()  # flushes; a write error shows here
+            except OSError as exc:
+                raise self._error(exc)  # noqa: B904 - write_error chains it
             return self.path
         try:
             self.file.flush()
@@ -159,10 +173,10 @@ class AtomicFile:
             else:
                 os.replace(self.tmp_path, self._target)
             _live_temporaries.discard(self.tmp_path)
-        except BaseException:
+        except BaseException as exc:
             # a full disk often shows only here, when the last buffered bytes are flushed
             self.abort()
-            raise
+            raise self._error(exc)  # noqa: B904 - write_error chains it
         self._done = True
         _sigterm_release()
         return self.path
@@ -191,8 +205,19 @@ class AtomicFile:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.commit()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if isinstance(exc, OSError):  # a full disk, named: the file and the problem
+            err = self._error(exc)
+            if err is not exc:
+                raise err
+
+    def _error(self, exc: BaseException) -> BaseException:
+        """``exc`` as ``write_error`` names it, where it is about this write (no file, or ours)."""
+        name = getattr(exc, "filename", None)
+        ours = name is not None and os.fsdecode(name) in (self.tmp_path, self.path,
+                                                          getattr(self, "_target", None))
+        return write_error(exc, self._given, ours=ours, direct=self.direct)
 
 
 # --- SIGTERM while a temporary file exists ---------------------------------------------------------

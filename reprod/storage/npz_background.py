@@ -170,6 +170,8 @@ class BackgroundWriter:
         from .lazy import _one_line  # the reader's module: imported only for this message
 
         key, exc = error
+        if isinstance(exc, StreamWriteError):  # the writer's own: it names the file and the key
+            raise exc
         err = StreamWriteError(f"{self._state.path}: writing key {key!r} failed "
                                f"({type(exc).__name__}: {_one_line(exc)}); the dump was abandoned, "
                                "nothing was written")

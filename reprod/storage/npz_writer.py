@@ -17,7 +17,7 @@ import numpy as np
 from .. import _native
 from .._native import crc32  # zlib's CRC-32, by the kernel where it is on
 from ..adapters import BFLOAT16, float32_to_bf16_bits
-from ..errors import ReprodError, UnsupportedValueError
+from ..errors import ReprodError, StreamWriteError, UnsupportedValueError, write_error
 from . import npz_members
 from ._pipe import (  # noqa: F401 - _HELPERS, _Helper, _Job: importable from here as before
     _HELPERS,
@@ -87,13 +87,18 @@ class NpzWriter:
     leaves the temporary file alone, and the bytes its file buffer held go nowhere when the child
     exits.
 
+    A failed write raises ``reprod.errors.WriteError`` (``StreamWriteError`` with
+    ``stream=True``, a streaming logger's writer), naming the file, the key where one was being
+    added, and the system's problem.
+
     ``indexed=False`` is for a writer whose keys are all distinct and never asked for again (one
     save of a dict): past 20,000 keys it keeps no index of them, so a re-added key is not
     detected (it would be written twice) and ``keys()`` raises.
     """
 
-    def __init__(self, path: str, *, indexed: bool = True) -> None:
+    def __init__(self, path: str, *, indexed: bool = True, stream: bool = False) -> None:
         self.path = path
+        self._stream = stream  # a write error raises StreamWriteError
         self._af = AtomicFile(path)
         self._file = self._af.file
         self._pos = 0  # where the next local header goes
@@ -174,8 +179,7 @@ class NpzWriter:
                     self._kill_entry(cpos)
         except BaseException as exc:
             # a member half written leaves the zip unusable: give up cleanly rather than later
-            self._abort(exc)
-            raise
+            raise self._abort(exc, key)  # noqa: B904 - chained by write_error
 
     def check(self, key: str, tree: Any, dtypes: Any = None
               ) -> list[tuple[tuple[str, ...], Optional[np.ndarray], Optional[str]]]:
@@ -216,8 +220,7 @@ class NpzWriter:
                 for _offset, _length, cpos in _RECORD.iter_unpack(old):
                     self._kill_entry(cpos)
         except BaseException as exc:
-            self._abort(exc)
-            raise
+            raise self._abort(exc, key)  # noqa: B904 - chained by write_error
 
     def add_mapping(self, tree: Mapping[str, Any], source_dtypes: Optional[Mapping[str, Any]] = None) -> None:
         """``add(key, value, source_dtypes.get(key))`` of every item of ``tree``, in order, with
@@ -289,8 +292,7 @@ class NpzWriter:
                     if rows:
                         keys.put_rows(rows, texts)
                 except BaseException as exc:
-                    self._abort(exc)
-                    raise
+                    raise self._abort(exc)  # noqa: B904 - chained by write_error
                 if i >= n:
                     continue
             key, value = items[i]  # one the kernel leaves to Python (see npz_pack)
@@ -608,8 +610,7 @@ class NpzWriter:
                 os.ftruncate(self._file.fileno(), end)
             self._af.commit()
         except BaseException as exc:
-            self._abort(exc)
-            raise
+            raise self._abort(exc)  # noqa: B904 - chained by write_error
         finally:
             self._release()
         self._closed = True
@@ -644,11 +645,17 @@ class NpzWriter:
                 return list(dump.keys())
         return self._keys.keys()
 
-    def _abort(self, exc: BaseException) -> None:
+    def _abort(self, exc: BaseException, key: Optional[str] = None) -> BaseException:
+        """Abandon the dump after ``exc``; returns what to raise: ``exc``, or a system error of the
+        write as the ``WriteError`` naming the file (and ``key``)."""
         from .lazy import _one_line  # the reader's module: imported only for this message
 
         self.abort()
         self._aborted = f"{type(exc).__name__}: {_one_line(exc)}"
+        return write_error(exc, self.path, key, cls=StreamWriteError if self._stream else None,
+                           ours=self._af.tmp_path is not None
+                           and getattr(exc, "filename", None) == self._af.tmp_path,
+                           direct=self._af.direct)
 
     def abort(self) -> None:
         """Give the dump up: the temporary file goes, any earlier file at ``path`` stays."""

@@ -1,0 +1,190 @@
+"""A write the system refuses raises one line naming the file, the key where known, and the problem.
+
+The refusals are the system's own: a file-size limit (``RLIMIT_FSIZE`` with SIGXFSZ ignored: the
+write fails with EFBIG, as a full disk fails with ENOSPC) in a child process, a path through a
+regular file, a folder of /proc, the full device. Every saver is run: the logger's and
+``reprod.save``'s two formats, a streaming logger (inline and on its writer thread), reports.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reprod
+from reprod import ReprodLogger, WriteError
+from reprod.errors import StreamWriteError, write_error
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX rlimits and devices")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_LIMITED = r"""
+import json, os, resource, signal, sys
+import numpy as np
+import reprod
+from reprod import ReprodLogger
+
+folder, limit = sys.argv[1], int(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
+many = {f"k{i}": np.full(100, i, np.float32) for i in range(3000)}  # ~1.2 MB of small keys
+big = {"big": np.ones(1 << 19)}  # 4 MiB in one key
+
+
+def logger_save(path, data):
+    lg = ReprodLogger()
+    for k, v in data.items():
+        lg.add(k, v)
+    return lg.save(path)
+
+
+def stream(path, data, queue=0):
+    lg = ReprodLogger(stream_to=path, stream_queue_bytes=queue)
+    for k, v in data.items():
+        if queue:
+            lg._put_later(k, np.array(v))  # the writer thread's path (capture's)
+        else:
+            lg.add(k, v)
+    return lg.close()
+
+
+def report(path, data):
+    with reprod.load(os.path.join(folder, "small.npz")) as d:
+        reprod.compare(d, d).to_html(path)
+
+
+reprod.save(os.path.join(folder, "small.npz"), {"x": np.ones(3)})
+cases = []
+for fmt in ("npy", "npz"):
+    for name, data in (("many", many), ("big", big)):
+        cases.append((f"logger {fmt} {name}", logger_save, f"out.{fmt}", data))
+        cases.append((f"save {fmt} {name}", reprod.save, f"out.{fmt}", data))
+cases.append(("stream", stream, "out.npz", big | {"after": np.ones(1 << 19)}))
+cases.append(("stream thread", lambda p, d: stream(p, d, 1 << 30), "out.npz",
+              {"first": np.ones(1 << 19), "second": np.ones(1 << 19)}))
+cases.append(("report", report, "report.html", None))
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+for name, fn, file, data in cases:
+    path = os.path.join(folder, file)
+    with open(path, "wb") as f:
+        f.write(b"the earlier file")
+    # the report is a few KiB: it fails a little way in, as the dumps do
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit if data is not None else 1024, hard))
+    out = {"case": name, "path": path}
+    try:
+        fn(path, data)
+        out["raised"] = None
+    except BaseException as exc:
+        out.update(raised=[c.__name__ for c in type(exc).__mro__], message=str(exc),
+                   errno=exc.errno, filename=exc.filename,
+                   cause=type(exc.__cause__).__name__)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with open(path, "rb") as f:
+        out["kept"] = f.read() == b"the earlier file"
+    out["left"] = sorted(n for n in os.listdir(folder) if n.endswith(".tmp"))
+    print(json.dumps(out), flush=True)
+"""
+
+
+def test_every_saver_names_the_file_and_the_problem_when_the_system_refuses_a_write(tmp_path):
+    limit = 64 << 10  # under every case's file, over the earlier file's 16 bytes
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _LIMITED, str(tmp_path), str(limit)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(results) == 11
+    for out in results:
+        case = out["case"]
+        assert out["raised"] is not None, case  # never a silent pass
+        assert "WriteError" in out["raised"] and "OSError" in out["raised"], out
+        assert out["errno"] == errno.EFBIG and out["cause"] == "OSError", out
+        message = out["message"]
+        assert "\n" not in message, out
+        assert message.startswith(out["path"] + ": "), out
+        assert os.strerror(errno.EFBIG) in message and "writing failed" in message, out
+        assert out["filename"] == out["path"], out
+        assert out["kept"] and out["left"] == [], out  # nothing lost, nothing left behind
+    by_case = {out["case"]: out for out in results}
+    # where one key was being written, it is named
+    assert by_case["logger npz big"]["message"].startswith(f"{by_case['logger npz big']['path']}: "
+                                                           "key 'big': ")
+    assert "key 'big'" in by_case["stream"]["message"]
+    assert "StreamWriteError" in by_case["stream"]["raised"]
+    thread = by_case["stream thread"]
+    assert "StreamWriteError" in thread["raised"] and "key 'first'" in thread["message"], thread
+
+
+def test_a_path_through_a_file_names_the_path_and_keeps_the_system_class(tmp_path):
+    (tmp_path / "plain").write_bytes(b"x")
+    target = tmp_path / "plain" / "out.npz"
+    for save in (lambda p: reprod.save(p, {"a": np.ones(3)}),
+                 lambda p: ReprodLogger().save(p),
+                 lambda p: ReprodLogger(stream_to=p)):
+        with pytest.raises(WriteError) as info:
+            save(target)
+        err = info.value
+        assert isinstance(err, NotADirectoryError) and isinstance(err, reprod.ReprodError)
+        assert err.errno == errno.ENOTDIR and err.filename == str(target)
+        assert str(err) == (f"{target}: cannot create the file ({tmp_path / 'plain'}: "
+                            f"{os.strerror(errno.ENOTDIR)} (errno {errno.ENOTDIR}))")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux /proc")
+def test_a_folder_where_no_file_can_be_made_names_the_target_not_the_temporary_file():
+    with pytest.raises(WriteError) as info:
+        reprod.save("/proc/reprod-test.npy", {"a": np.ones(3)})
+    message = str(info.value)
+    assert message.startswith("/proc/reprod-test.npy: cannot create the file (/proc: ")
+    assert ".tmp" not in message
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_device_written_in_place_does_not_claim_nothing_was_replaced(tmp_path):
+    link = tmp_path / "out.npy"
+    link.symlink_to("/dev/full")  # written through: the device, in place
+    with pytest.raises(WriteError) as info:
+        reprod.save(link, {"a": np.ones(100000)})
+    assert info.value.errno == errno.ENOSPC
+    assert str(info.value) == (f"{link}: writing failed: {os.strerror(errno.ENOSPC)} "
+                               f"(errno {errno.ENOSPC})")
+
+
+def test_write_errors_pickle_as_raised():
+    base = OSError(errno.EACCES, "Permission denied")
+    err = write_error(base, "/x/out.npz", "k")
+    assert isinstance(err, PermissionError) and type(err).__name__ == "WriteError"
+    assert str(err) == "/x/out.npz: key 'k': writing failed: Permission denied (errno 13); " \
+                       "nothing was replaced"
+    for e in (err, write_error(OSError(errno.ENOSPC, "No space left on device"), "/x/a.npy"),
+              write_error(base, "/x/s.npz", cls=StreamWriteError)):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back).__mro__[1:] == type(e).__mro__[1:] or type(back) is type(e)
+        assert (str(back), back.errno, back.strerror, back.filename) == \
+               (str(e), e.errno, e.strerror, e.filename)
+        assert isinstance(back, WriteError) and isinstance(back, type(e).__mro__[1])
+    assert isinstance(pickle.loads(pickle.dumps(write_error(base, "/x/s.npz",
+                                                            cls=StreamWriteError))),
+                      StreamWriteError)
+
+
+def test_what_is_not_the_writes_fault_is_left_as_raised(tmp_path):
+    other = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "in.npz"))
+    assert write_error(other, str(tmp_path / "out.npz")) is other  # a file being read
+    interrupt = KeyboardInterrupt()
+    assert write_error(interrupt, "out.npz") is interrupt
+    already = WriteError("out.npz: writing failed")
+    assert write_error(already, "out.npz") is already
+    # the write's temporary file is the write's own
+    tmp = OSError(errno.EIO, "Input/output error", str(tmp_path / ".out.npz.abcd1234.tmp"))
+    assert isinstance(write_error(tmp, str(tmp_path / "out.npz")), WriteError)
+
