@@ -194,3 +194,53 @@ def test_a_save_in_an_atexit_handler(tmp_path) -> None:
     p = subprocess.run([sys.executable, "-c", _AT_EXIT, str(tmp_path / "d.npz")],
                        capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "saved 501", p.stderr[-2000:]
+
+
+def _recording_saves(tmp_path, monkeypatch, keep: bool) -> tuple[list, list[bytes]]:
+    """Two saves of ``_tree()`` on one core, every chunk the kernel hands to write recorded: the
+    objects themselves where ``keep`` (a write that holds on to them), with a copy of their bytes
+    at the time of the write."""
+    monkeypatch.setattr(npz_writer, "cores", lambda: 1)
+    seen: list = []
+    texts: list[bytes] = []
+
+    def direct_write(fd: int):
+        real = _pipe._direct_write(fd)
+
+        def write(chunk) -> int:
+            texts.append(bytes(chunk))
+            seen.append(chunk if keep else id(chunk))
+            return real(chunk)
+        return write
+
+    monkeypatch.setattr(npz_writer, "_direct_write", direct_write)
+    tree = _tree()
+    for name in ("a.npz", "b.npz"):
+        reprod.save(tmp_path / name, tree)
+    return seen, texts
+
+
+def test_chunks_a_write_holds_on_to_are_never_written_over(tmp_path, monkeypatch) -> None:
+    # the kernel takes a chunk again only once nobody else holds it: here the write holds every
+    # one, so each must still hold the bytes it was written with
+    seen, texts = _recording_saves(tmp_path, monkeypatch, keep=True)
+    assert len(seen) >= 20
+    assert [bytes(c) for c in seen] == texts
+    assert len({id(c) for c in seen}) == len(seen)
+    assert _members(tmp_path / "a.npz") == _members(tmp_path / "b.npz")
+
+
+def test_the_chunks_are_used_again_once_written(tmp_path, monkeypatch) -> None:
+    # a new chunk was new memory, faulted in page by page: the kernel keeps a few, and the next
+    # chunk, and the next save's, goes into one of them
+    seen, texts = _recording_saves(tmp_path, monkeypatch, keep=False)
+    assert len(seen) >= 20
+    assert len(set(seen)) <= 4, len(set(seen))
+    tree = _tree()
+    was = _native.set_enabled(False)
+    try:
+        reprod.save(tmp_path / "python.npz", tree)
+    finally:
+        _native.set_enabled(was)
+    assert _members(tmp_path / "a.npz") == _members(tmp_path / "python.npz")
+    assert _members(tmp_path / "b.npz") == _members(tmp_path / "python.npz")
