@@ -188,3 +188,27 @@ def test_what_is_not_the_writes_fault_is_left_as_raised(tmp_path):
     tmp = OSError(errno.EIO, "Input/output error", str(tmp_path / ".out.npz.abcd1234.tmp"))
     assert isinstance(write_error(tmp, str(tmp_path / "out.npz")), WriteError)
 
+
+
+def test_the_command_line_names_the_report_it_could_not_write(tmp_path):
+    import resource
+    import signal
+
+    for side in ("a", "b"):
+        reprod.save(tmp_path / f"{side}.npz", {"x": np.arange(300.0)})
+    html = tmp_path / "report.html"
+    html.write_bytes(b"the earlier report")
+
+    def limited() -> None:  # in the child: a write past 1 KiB fails with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "reprod", str(tmp_path / "a.npz"),
+                        str(tmp_path / "b.npz"), "--html", str(html)], env=env,
+                       capture_output=True, text=True, timeout=120, preexec_fn=limited)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr == (f"reprod-diff: error: {html}: writing failed: {os.strerror(errno.EFBIG)} "
+                        f"(errno {errno.EFBIG}); nothing was replaced\n")
+    assert html.read_bytes() == b"the earlier report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "report.html"]
