@@ -115,8 +115,20 @@ def write_error(exc: BaseException, path: str, key: Optional[str] = None, *,
     making the file (its folder, its temporary file), whatever file the error names; ``ours``:
     the caller knows the file the error names is one of the write's own; ``direct``: the file is
     written in place (a FIFO, a device), so what was written may have arrived."""
-    if not isinstance(exc, OSError) or isinstance(exc, ReprodError):
+    if isinstance(exc, ReprodError) or not isinstance(exc, Exception):
         return exc
+    if not isinstance(exc, OSError):
+        if type(exc).__module__ != "sqlite3":
+            return exc
+        # the key index of a stream past 20,000 keys (npz_keylog), in a temporary database: a
+        # full disk there is this write's too ("database or disk is full")
+        where = f"{path}: key {key!r}" if key is not None else path
+        err = (cls or WriteError)(f"{where}: writing failed: the key index: "
+                                  f"{' '.join(str(exc).split())}; nothing was replaced",
+                                  None, None, os.fspath(path))
+        err.__cause__ = exc
+        err.__suppress_context__ = True
+        return err
     native = sys.modules.get("reprod._native")  # not loaded: nothing raised its read faults
     if native is not None and isinstance(exc, native.MappedReadError):
         return exc  # a source array's file truncated while it was read: not the write's fault

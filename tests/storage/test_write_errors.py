@@ -212,3 +212,30 @@ def test_the_command_line_names_the_report_it_could_not_write(tmp_path):
                         f"(errno {errno.EFBIG}); nothing was replaced\n")
     assert html.read_bytes() == b"the earlier report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "report.html"]
+
+
+def test_a_full_disk_under_the_key_index_names_the_stream_and_key(tmp_path, monkeypatch):
+    import sqlite3
+
+    from reprod.storage import npz_keylog
+
+    real = npz_keylog._KeyLog.put
+
+    def put(self, key, *args):
+        if key == "k3":  # what SQLite raises when its temporary database cannot grow
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, key, *args)
+
+    monkeypatch.setattr(npz_keylog._KeyLog, "put", put)
+    path = tmp_path / "run.npz"
+    path.write_bytes(b"the earlier dump")
+    logger = ReprodLogger(stream_to=path)
+    for i in range(3):
+        logger.add(f"k{i}", np.ones(10))
+    with pytest.raises(StreamWriteError) as info:
+        logger.add("k3", np.ones(10))
+    assert str(info.value) == (f"{path}: key 'k3': writing failed: the key index: database or "
+                               "disk is full; nothing was replaced")
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert path.read_bytes() == b"the earlier dump"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.npz"]
