@@ -6,6 +6,7 @@ import builtins
 import os
 import sys
 from collections.abc import Sequence
+from errno import ENAMETOOLONG as _ENAMETOOLONG
 from errno import ENOENT as _ENOENT
 from typing import Optional
 
@@ -140,9 +141,11 @@ def write_error(exc: BaseException, path: str, key: Optional[str] = None, *,
     else:
         problem = " ".join(str(exc).split()) or type(exc).__name__
     where = f"{path}: key {key!r}" if key is not None else path
-    if creating:
-        folder = os.path.dirname(path) if name is None or _names_target(os.fsdecode(name), path) \
-            else os.fsdecode(name)
+    if creating and exc.errno == _ENAMETOOLONG:  # the user's name: no folder to blame
+        message = f"{where}: cannot create the file: {problem}"
+    elif creating:
+        folder = os.fsdecode(name) if name is not None and \
+            not _names_target(os.fsdecode(name), path) else os.path.dirname(os.path.abspath(path))
         message = f"{where}: cannot create the file ({folder}: {problem})"
     else:
         message = f"{where}: writing failed: {problem}" + ("" if direct else "; nothing was replaced")
@@ -154,12 +157,17 @@ def write_error(exc: BaseException, path: str, key: Optional[str] = None, *,
 
 
 def _names_target(name: str, path: str) -> bool:
-    """Whether an error's file name is ``path`` or its temporary file (``.<name>.<8>.tmp``)."""
+    """Whether an error's file name is ``path`` or its temporary file: ``.<name>.<8>.tmp``, or
+    ``.<name cut>~<8 hex>.<8>.tmp`` for a long name (``storage.atomic._tmp_prefix``)."""
     a, b = os.path.abspath(name), os.path.abspath(path)
     if a == b or os.path.dirname(a) != os.path.dirname(b):
         return a == b
     base, target = os.path.basename(a), os.path.basename(b)
-    return base.startswith("." + target + ".") and base.endswith(".tmp")
+    if not (base.startswith(".") and base.endswith(".tmp")) or len(base) < 14:
+        return False
+    stem = base[1:-13]  # less "." before, and ".<8 random>.tmp" after
+    cut = stem.rfind("~")
+    return stem == target or (cut > 0 and len(stem) - cut == 9 and target.startswith(stem[:cut]))
 
 
 # the OSError subclasses a WriteError keeps (each with its own class here, made on first use)

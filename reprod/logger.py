@@ -77,7 +77,7 @@ class ReprodLogger:
         self._queue_bytes = int(stream_queue_bytes)  # 0: no writer thread for capture's CPU copies
         if self._queue_bytes < 0:
             raise ValueError(f"stream_queue_bytes={stream_queue_bytes}: must be >= 0")
-        self._stream_path = None if stream_to is None else os.fspath(stream_to)
+        self._stream_path = None if stream_to is None else os.fsdecode(stream_to)
         if self._stream_path is not None:
             from .storage.npz_writer import NpzWriter
 
@@ -186,14 +186,14 @@ class ReprodLogger:
         In streaming mode ``path`` may be omitted (or must be the stream path).
         """
         if self._writer is not None:
-            if path is not None and os.path.abspath(os.fspath(path)) != os.path.abspath(self._stream_path or ""):
+            if path is not None and os.path.abspath(os.fsdecode(path)) != os.path.abspath(self._stream_path or ""):
                 raise UnsupportedValueError(
-                    f"{os.fspath(path)}: this logger streams to {self._stream_path}; save() there"
+                    f"{os.fsdecode(path)}: this logger streams to {self._stream_path}; save() there"
                 )
             return self.close()
         if path is None:
             raise TypeError("save() needs a path")
-        p = os.fspath(path)
+        p = os.fsdecode(path)
         if not p.endswith(".npz"):
             # what storage.save does for this suffix (storage.legacy.write_legacy), minus its
             # re-check of every value (add() has converted them all already) and without importing

@@ -117,17 +117,9 @@ def write_html(
     """
     page = render_html(result, title=title, histograms=histograms, findings=findings)
     data = page.encode("utf-8", "backslashreplace")  # lone surrogates (non-UTF-8 names) escaped
-    target = os.fspath(path)
-    try:
-        with AtomicFile(target) as f:
-            f.file.write(data)
-    except OSError as exc:
-        # the error names the hidden temporary file (".report.html.x1y2z3ab.tmp"): name the user's
-        if exc.filename is not None and os.path.basename(os.fsdecode(exc.filename)).startswith(
-            "." + os.path.basename(os.fsdecode(target)) + "."
-        ):
-            raise OSError(exc.errno, exc.strerror, target) from None
-        raise
+    # a failed write raises the WriteError naming ``path`` (not the hidden temporary file)
+    with AtomicFile(os.fspath(path)) as f:
+        f.file.write(data)
     return f.path
 
 

@@ -106,7 +106,7 @@ def save(path: PathLike, mapping: Mapping[str, Any], *, source_dtypes: Optional[
     key (at any depth) is saved as its str, as ``ReprodLogger.add`` stores it. An exception while
     saving leaves any earlier file at ``path`` intact.
     """
-    p = os.fspath(path)
+    p = os.fsdecode(path)
     if not isinstance(mapping, Mapping):
         raise UnsupportedValueError(f"{p}: save() needs a mapping of key -> array, got {type(mapping).__name__}")
     tree: dict[str, Any] = {}

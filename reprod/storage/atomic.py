@@ -108,7 +108,7 @@ class AtomicFile:
         if main:  # SIGTERM waits until the temporary file is registered for its handler
             _critical[0] += 1
         try:
-            fd, tmp = _mkstemp(folder, "." + os.path.basename(target) + ".")
+            fd, tmp = _mkstemp(folder, _tmp_prefix(folder, os.path.basename(target)))
             _live_temporaries.add(tmp)
             self.tmp_path = tmp
         except BaseException:
@@ -375,6 +375,31 @@ def _exchange(tmp: str, target: str) -> bool:
     return False
 
 
+def _tmp_prefix(folder: str, name: str) -> str:
+    """The start of the temporary names of target ``name``: ``.<name>.``, then 8 random
+    characters and ``.tmp``. Where that would be longer than a file name may be (a target name of
+    242 bytes or more, where the limit is 255), the name is cut and a checksum of it added,
+    ``.<name cut>~<8 hex digits>.``, so that every name the system takes can be saved to, and
+    each target still has temporary names of its own."""
+    prefix = "." + name + "."
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    except (OSError, ValueError):
+        limit = 255
+    if limit <= 0 or len(os.fsencode(prefix)) + 12 <= limit:
+        return prefix
+    import zlib  # here only: names this long are rare
+
+    raw = os.fsencode(name)
+    tag = f"~{zlib.crc32(raw):08x}."
+    keep = max(limit - 12 - len(tag) - 1, 1)
+    # cut on a character boundary: surrogate-escaped bytes stay whole
+    cut = os.fsdecode(raw[:keep])
+    while len(os.fsencode(cut)) > keep:
+        cut = cut[:-1]
+    return "." + cut + tag
+
+
 def _mkstemp(folder: str, prefix: str) -> tuple[int, str]:
     """``tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)`` without importing tempfile,
     which (with shutil and random) costs ~15 ms on the first save of a process."""
@@ -399,7 +424,7 @@ def remove_stale_temporaries(path: str, *, now: Optional[float] = None) -> list[
     []
     """
     folder, name = os.path.split(os.path.abspath(path))
-    prefix = "." + name + "."
+    prefix = _tmp_prefix(folder, name)
     now = time.time() if now is None else now
     removed: list[str] = []
     try:
