@@ -319,13 +319,13 @@ def emit_log_lines(lines: list[str], path: Optional[str], *, console: bool = Tru
         stream = logging.StreamHandler(stream=sys.stdout)
         stream.setFormatter(formatter)
         handlers.append(stream)
-    if path is not None:
-        folder = os.path.dirname(path)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        fh = logging.FileHandler(path, "w", encoding="utf-8")
-        fh.setFormatter(formatter)
-        handlers.append(fh)
+    # the file's lines are kept and written at the end, atomically: a logging.FileHandler
+    # truncated the earlier log first, and on a full disk printed a traceback for every line
+    # (logging's handleError) before raising an OSError that named no file at close
+    kept = _Kept() if path is not None else None
+    if kept is not None:
+        kept.setFormatter(formatter)
+        handlers.append(kept)
     for h in handlers:
         logger.addHandler(h)
     was = logger.propagate
@@ -338,3 +338,20 @@ def emit_log_lines(lines: list[str], path: Optional[str], *, console: bool = Tru
         for h in handlers:
             logger.removeHandler(h)
             h.close()
+    if kept is not None and path is not None:
+        from ..storage.atomic import AtomicFile
+
+        text = "".join(kept.texts)
+        with AtomicFile(path) as af:  # a failure: one WriteError, the earlier log kept
+            af.file.write(text.encode("utf-8", "backslashreplace"))
+
+
+class _Kept(logging.Handler):
+    """A handler keeping each record's text as ``logging.FileHandler`` would write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(self.format(record) + "\n")
