@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, repeat
