@@ -146,7 +146,135 @@ def localise_forward(
         context=_torch_context(torch_model),
     )
     div = first_divergence(result, layer_types={k: _type_label(v) for k, v in types.items()})
-    return Localisation(div, _hint_of(div, plain), result, ref, port)
+    hint = _hint_of(div, plain)
+    if by_order and div is not None and div.kind == "layer" and div.direction == "forward" \
+            and div.input_aligned is False and div.previous is not None:
+        found = _block_between(div, torch_model, paddle_model, run_torch, run_paddle, ref, raw,
+                               names, criteria, run_twin)
+        if found is not None:
+            div, hint = found[0], None
+            ref, port = {**ref, **found[1]}, {**port, **found[2]}
+    return Localisation(div, hint, result, ref, port)
+
+
+def _containers(named: Any) -> list[str]:
+    """The names of the layers with sublayers (the model itself left out), outermost first."""
+    names = [name for name, layer in named if name and _has_sublayers(layer)]
+    return sorted(names, key=lambda n: n.count("."))
+
+
+def _has_sublayers(layer: Any) -> bool:
+    children = getattr(layer, "children", None)  # torch; paddle's Layer has it too
+    if children is None:  # pragma: no cover - neither framework
+        return False
+    return next(iter(children()), None) is not None
+
+
+def _around(containers: list[str], previous: str, following: str) -> list[str]:
+    """The containers whose own forward code may run between layers ``previous`` and
+    ``following`` (outermost first): those holding ``previous`` but not ``following`` (their
+    forward ends between the two), and the innermost one holding both."""
+    ending = [c for c in containers
+              if previous.startswith(c + ".") and not (following == c or following.startswith(c + "."))]
+    both = [c for c in containers if previous.startswith(c + ".") and following.startswith(c + ".")]
+    return (both[-1:] if both else []) + ending
+
+
+def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any, run_paddle: Any,
+                   ref_leaves: Mapping[str, Any], port_leaves: Mapping[str, Any],
+                   names: Mapping[str, str], criteria: Any, run_twin: Any
+                   ) -> Optional[tuple[Any, dict[str, Any], dict[str, Any]]]:
+    """By call order only leaf layers are recorded, so a block's own forward code (a dropped
+    residual add) shows as a leaf whose input already differs although the leaf before it aligns.
+    The blocks whose forward code may run between those two leaves (those ending between them,
+    and the innermost one holding both: a ResNet block's add before its last ReLU) are recorded
+    on each side, and a port block pairs with the reference block that holds the same leaves (by
+    the leaves' pairing; where several nested blocks hold the same ones, outermost with
+    outermost). The innermost pair whose input aligns while its output differs is where the two
+    part ways, as by name. Returns that ``Divergence`` and the blocks' captures, or None (no such
+    blocks, or none diverges)."""
+    from ..capture.divergence import Divergence, _representative
+    from ..capture.naming import _renamed, parse_key
+    from ..diff.engine import compare
+
+    previous, following = div.previous.partition("#")[0], div.layer.partition("#")[0]
+    to_port = {r: o for o, r in names.items()}
+    if previous not in to_port or following not in to_port:
+        return None
+    ref_blocks = _around(_containers(torch_model.named_modules()), previous, following)
+    port_blocks = _around(_containers(paddle_model.named_sublayers()), to_port[previous],
+                          to_port[following])
+    if not ref_blocks or not port_blocks:
+        return None
+    ref = _capture_only(torch_model, run_torch, ref_blocks)
+    raw = _capture_only(paddle_model, run_paddle, port_blocks)
+    # a block never called (a ModuleList, a LayerList) has no keys and pairs with nothing
+    ref_called, port_called = _subjects(ref), _subjects(raw)
+    ref_leaf_names, port_leaf_names = _bases(ref_leaves), _bases(port_leaves)
+    groups: dict[frozenset[str], tuple[list[str], list[str]]] = {}
+    for b in ref_blocks:
+        held = frozenset(x for x in ref_leaf_names if x.startswith(b + "."))
+        if b in ref_called and held:
+            groups.setdefault(held, ([], []))[0].append(b)
+    for b in port_blocks:
+        held_port = [x for x in port_leaf_names if x.startswith(b + ".")]
+        held = frozenset(names.get(x, "") for x in held_port)
+        if b in port_called and held_port and "" not in held and held in groups:
+            groups[held][1].append(b)
+    pairs = sorted((pair for r_side, p_side in groups.values() for pair in zip(r_side, p_side)),
+                   key=lambda pair: -pair[0].count("."))  # the innermost first
+    if not pairs:
+        return None
+    port = _renamed(raw, {p: r for r, p in pairs})
+    paired = {r for r, _ in pairs}
+    ref = {k: v for k, v in ref.items() if _subject(k) in paired}
+    port = {k: v for k, v in port.items() if _subject(k) in paired}
+    noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], sorted(paired))
+    result = compare(ref, port, criteria=criteria, noise=noise)
+    ref_types = dict(torch_model.named_modules())
+    port_types = dict(paddle_model.named_sublayers())
+    for r, p in pairs:
+        keys = [(kr, parse_key(kr.key)) for kr in result]
+        ins = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "in")
+        outs = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "out")
+        if not ins or not outs or not all(kr.passed for kr in ins) or all(kr.passed for kr in outs):
+            continue
+        output = _representative(outs)
+        assert output is not None
+        rc, pc = type(ref_types[r]).__name__, type(port_types[p]).__name__
+        label = _type_label((rc, None if pc.lower() == rc.lower() else pc))
+        # a block ending between the two holds only aligned layers; the one holding both holds
+        # the layer whose input differs, as by name its "inner" divergence
+        holds = following.startswith(r + ".")
+        found = Divergence(layer=r, layer_type=label, input=_representative(ins), output=output,
+                           inputs=ins, outputs=outs, previous=div.previous,
+                           inner=div if holds else None, own_code=not holds)
+        return found, ref, port
+    return None
+
+
+def _subject(key: str) -> Optional[str]:
+    from ..capture.naming import parse_key
+
+    k = parse_key(key)
+    return None if k is None or k.is_param else k.subject
+
+
+def _subjects(capture: Mapping[str, Any]) -> set[str]:
+    return {s for s in map(_subject, capture) if s is not None}
+
+
+def _bases(capture: Mapping[str, Any]) -> set[str]:
+    """The layer names of a capture's layer calls (``act#2`` counts as ``act``)."""
+    return {s.partition("#")[0] for s in _subjects(capture)}
+
+
+def _capture_only(model: Any, call: Any, layers: list[str]) -> dict[str, Any]:
+    from ..capture import record
+
+    with record(model, include=layers, containers=True) as log:
+        call()
+    return dict(log.data)
 
 
 def _type_label(types: tuple[Optional[str], Optional[str]]) -> str:

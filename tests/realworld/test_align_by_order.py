@@ -7,8 +7,8 @@ layer names do not map (``features.7.block.0.1`` against ``blocks.6.expand_conv.
 - ``align_forward(calibrate=True, by_order=True)`` passes a correct port with no findings;
 - on each injected bug (models.BUGS) it fails, names the bug's layer and, where the numbers fit,
   says why (BN epsilon, Hardsigmoid slope); a dropped residual add, which lies in a container's
-  own code (by order only leaf layers are recorded), is placed between the block's last leaf and
-  the next one; BN momentum does not act in eval mode and passes;
+  own code (by order only leaf layers are recorded, then the blocks around the first leaf whose
+  input differs), is named at its block; BN momentum does not act in eval mode and passes;
 - without ``by_order`` the names do not pair and the localisation fails closed ("unpaired");
 - ``align_train(by_order=True, calibrate=True)`` records Paddle names, and a correct port fails
   only the BN running variances (biased against unbiased), each with the note that says so.
@@ -117,7 +117,6 @@ def test_a_correct_port_passes_with_no_findings(model):
 # --- 3. each bug, localised -------------------------------------------------------------------
 
 
-_PREVIOUS = re.compile(r"although (\S+) aligns")
 _BN_EPS = re.compile(r"BN epsilon: port uses ~(\S+), reference (\S+)$")
 
 
@@ -154,12 +153,19 @@ def test_a_bug_is_found_in_its_layer_and_explained(model, bug):
         assert hint is not None and hint.endswith(why), hint
         assert findings[1] == f"likely cause at {layer}: {why}", findings
     elif bug == "no_residual":
-        # the add lies in the block's own forward: the block's last leaf aligns, the next leaf's
-        # input already differs, and no diagnosis fits a missing add
-        assert message.startswith(f"diverges before {div['layer']} "), message
-        assert "input already differs" in message and "outside the recorded layers" in message
-        previous = _PREVIOUS.search(message)
-        assert previous is not None and previous.group(1).startswith(f"{target}."), message
+        # the add lies in the block's own forward, which by order records no key: the blocks
+        # around the first leaf whose input differs are recorded and paired by the leaves they
+        # hold, and the block is named as by name; no diagnosis fits a missing add
+        assert div["layer"] == target, message
+        cls = _torch_class(pair, target)  # and the port's where it differs (BottleneckBlock)
+        assert re.match(rf"diverges at {re.escape(target)} \({cls}( vs \w+)?\): input aligned "
+                        r"\(max ", message), message
+        if model == "resnet50":  # the add comes before the block's last leaf, its shared ReLU
+            assert f"; inside it, the input of {target}.relu#3 already differs" in message
+            assert message.endswith(f"so the cause is {target}'s own forward code"), message
+        else:  # MobileNetV3's InvertedResidual adds after its last leaf
+            assert message.endswith("; its recorded sublayers align, so the cause is its own "
+                                    "forward code"), message
         assert hint is None and len(findings) == 1, findings
 
 
@@ -178,7 +184,13 @@ def test_the_findings_name_the_port_layer_classes_right(model):
             continue
         div = localised(model, bug)[0].options["divergence"]
         cls = _torch_class(pair, div["layer"])
-        assert f"{div['layer']} ({cls}):" in div["message"], (bug, div["message"])
+        shown = re.search(rf"{re.escape(div['layer'])} \(([^()]*)\):", div["message"])
+        assert shown is not None, (bug, div["message"])
+        # one name, or the port's beside it where it is another class (a ResNet block is
+        # Bottleneck in torchvision and BottleneckBlock in paddle.vision)
+        label = shown.group(1)
+        assert label == cls or (label.startswith(f"{cls} vs ")
+                                and label[len(cls) + 4:].lower() != cls.lower()), (bug, label)
         if div["hint"] is not None:
             assert div["hint"].startswith(f"{cls}: "), (bug, div["hint"])
 
