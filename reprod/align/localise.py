@@ -201,9 +201,8 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     to_port = {r: o for o, r in names.items()}
     if previous not in to_port or following not in to_port:
         return None
-    ref_blocks = _around(_containers(torch_model.named_modules()), previous, following)
-    port_blocks = _around(_containers(paddle_model.named_sublayers()), to_port[previous],
-                          to_port[following])
+    ref_blocks = _around(_containers(_named(torch_model)), previous, following)
+    port_blocks = _around(_containers(_named(paddle_model)), to_port[previous], to_port[following])
     if not ref_blocks or not port_blocks:
         return None
     ref = _capture_only(torch_model, run_torch, ref_blocks)
@@ -231,8 +230,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     port = {k: v for k, v in port.items() if _subject(k) in paired}
     noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], sorted(paired))
     result = compare(ref, port, criteria=criteria, noise=noise)
-    ref_types = dict(torch_model.named_modules())
-    port_types = dict(paddle_model.named_sublayers())
+    ref_types, port_types = dict(_named(torch_model)), dict(_named(paddle_model))
     for r, p in pairs:
         keys = [(kr, parse_key(kr.key)) for kr in result]
         ins = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "in")
@@ -251,6 +249,12 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
                            inner=div if holds else None, own_code=not holds)
         return found, ref, port
     return None
+
+
+def _named(model: Any) -> list[tuple[str, Any]]:
+    """(name, layer) of every layer: paddle's ``named_sublayers``, torch's ``named_modules``."""
+    named = getattr(model, "named_sublayers", None) or model.named_modules
+    return list(named())
 
 
 def _subject(key: str) -> Optional[str]:
