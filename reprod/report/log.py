@@ -318,13 +318,24 @@ def emit_log_lines(lines: list[str], path: Optional[str], *, console: bool = Tru
         stream = logging.StreamHandler(stream=sys.stdout)
         stream.setFormatter(formatter)
         handlers.append(stream)
-    # the file's lines are kept and written at the end, atomically: a logging.FileHandler
+    # the file is written through an AtomicFile, in place when complete: a logging.FileHandler
     # truncated the earlier log first, and on a full disk printed a traceback for every line
-    # (logging's handleError) before raising an OSError that named no file at close
-    kept = _Kept() if path is not None else None
-    if kept is not None:
-        kept.setFormatter(formatter)
-        handlers.append(kept)
+    # (logging's handleError) and went on as if it had written
+    if path is None:
+        _log_lines(logger, handlers, lines, propagate)
+        return
+    from ..storage.atomic import AtomicFile
+
+    with AtomicFile(path) as af:  # a failure: one WriteError naming the file, the earlier log kept
+        to_file = _ToFile(af.file)
+        to_file.setFormatter(formatter)
+        _log_lines(logger, [*handlers, to_file], lines, propagate)
+        if to_file.error is not None:
+            raise to_file.error  # after every line reached the console
+
+
+def _log_lines(logger: logging.Logger, handlers: list[logging.Handler], lines: list[str],
+               propagate: bool) -> None:
     for h in handlers:
         logger.addHandler(h)
     was = logger.propagate
@@ -337,20 +348,21 @@ def emit_log_lines(lines: list[str], path: Optional[str], *, console: bool = Tru
         for h in handlers:
             logger.removeHandler(h)
             h.close()
-    if kept is not None and path is not None:
-        from ..storage.atomic import AtomicFile
-
-        text = "".join(kept.texts)
-        with AtomicFile(path) as af:  # a failure: one WriteError, the earlier log kept
-            af.file.write(text.encode("utf-8", "backslashreplace"))
 
 
-class _Kept(logging.Handler):
-    """A handler keeping each record's text as ``logging.FileHandler`` would write it."""
+class _ToFile(logging.Handler):
+    """``logging.FileHandler``'s bytes (UTF-8, a newline after each record) into a file object;
+    its first write error is kept, and nothing more is written, instead of logging's traceback a
+    line."""
 
-    def __init__(self) -> None:
+    def __init__(self, f: Any) -> None:
         super().__init__()
-        self.texts: list[str] = []
+        self.file = f
+        self.error: Optional[OSError] = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.texts.append(self.format(record) + "\n")
+        if self.error is None:
+            try:
+                self.file.write((self.format(record) + "\n").encode("utf-8", "backslashreplace"))
+            except OSError as exc:
+                self.error = exc

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import reprod
 from reprod import ReprodDiffHelper
@@ -40,6 +41,7 @@ def test_the_file_holds_what_a_file_handler_writes(tmp_path):
 _FULL = r"""
 import resource, signal, sys
 import numpy as np
+import pytest
 import reprod
 from reprod import ReprodDiffHelper
 
@@ -63,8 +65,10 @@ def test_a_full_disk_raises_one_line_and_keeps_the_earlier_log(tmp_path):
     r = subprocess.run([sys.executable, "-c", _FULL, str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines()[-1] == (f"WriteError {tmp_path}/diff.log: writing failed: "
-                                         f"{os.strerror(27)} (errno 27); nothing was replaced")
+    out = r.stdout.splitlines()
+    assert out[-1] == (f"WriteError {tmp_path}/diff.log: writing failed: "
+                       f"{os.strerror(27)} (errno 27); nothing was replaced")
+    assert out[-2].endswith("root INFO: diff check passed")  # the console got every line
     assert "Logging error" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert (tmp_path / "diff.log").read_text() == "the earlier log\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "diff.log"]
@@ -78,3 +82,43 @@ def test_the_helpers_log_is_still_written_through_its_folder(tmp_path):
     assert helper.report(path=str(tmp_path / "new" / "folder" / "diff.log")) is True
     text = (tmp_path / "new" / "folder" / "diff.log").read_text()
     assert text.splitlines()[-1].endswith("root INFO: diff check passed")
+
+
+def test_a_write_failing_midway_keeps_the_console_whole_and_raises_once(tmp_path, monkeypatch,
+                                                                        capsys):
+    import errno
+
+    from reprod.storage import atomic
+
+    real = atomic.AtomicFile
+
+    class Failing(real):  # its file refuses the third record: the disk filled up meanwhile
+        def __init__(self, p):
+            super().__init__(p)
+            inner, count = self.file, [0]
+
+            class File:
+                def write(self, data):
+                    count[0] += 1
+                    if count[0] >= 3:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    return inner.write(data)
+
+                def __getattr__(self, name):
+                    return getattr(inner, name)
+
+            self.file = File()
+
+    monkeypatch.setattr(atomic, "AtomicFile", Failing)
+    target = tmp_path / "diff.log"
+    target.write_text("the earlier log\n")
+    lines = [f"line {i}" for i in range(6)]
+    with pytest.raises(reprod.WriteError) as info:
+        log_mod.emit_log_lines(lines, str(target), propagate=False)
+    assert str(info.value) == (f"{target}: writing failed: {os.strerror(errno.ENOSPC)} "
+                               f"(errno {errno.ENOSPC}); nothing was replaced")
+    printed = capsys.readouterr()
+    assert [x.split(": ", 1)[1] for x in printed.out.splitlines()] == lines
+    assert "Logging error" not in printed.err
+    assert target.read_text() == "the earlier log\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diff.log"]
