@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--by-order",
         action="store_true",
         help="pair OTHER's keys with REF's by order when their names differ: layer captures by "
-        "call order (reprod.capture.rename_by_order), anything else leaf by leaf while shapes agree",
+        "call order, containers by the layers they hold, those pairing with nothing left out "
+        "(reprod.capture.match_by_order); anything else leaf by leaf while shapes agree",
     )
     p.add_argument(
         "--rename",
@@ -310,12 +311,12 @@ def _pairing(args: argparse.Namespace) -> Any:
         return None
 
     def by_order(ref: Any, other: Any) -> Any:
-        from .capture.naming import parse_key, rename_by_order
+        from .capture.naming import match_by_order, parse_key
         from .diff.pairing import rename_leaves_by_order
 
         keys = list(ref)
         if keys and sum(parse_key(k) is not None for k in keys) * 2 > len(keys):
-            return rename_by_order(ref, other)  # layer captures: by call order and shapes
+            return match_by_order(ref, other)  # layer captures: by call order and shapes
         return rename_leaves_by_order(ref, other)
 
     return by_order

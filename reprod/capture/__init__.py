@@ -27,6 +27,7 @@ from .naming import (
     ROOT,
     CaptureKey,
     layer_key,
+    match_by_order,
     pair_by_order,
     param_key,
     parse_key,
@@ -49,6 +50,7 @@ __all__ = [
     "KINK_POINTS",
     "rename",
     "rename_by_order",
+    "match_by_order",
     "pair_by_order",  # deprecated: rename_by_order
     "parse_key",
     "layer_key",

@@ -38,6 +38,7 @@ __all__ = [
     "rename",
     "rename_by_order",
     "pair_by_order",
+    "match_by_order",
     "Rules",
 ]
 
@@ -285,11 +286,14 @@ def rename_by_order(
     side has a layer the other lacks, the longest runs of matching shapes are paired
     (``difflib``), and the layers left over keep their names (they show up as missing / extra;
     one whose name a paired layer now carries is renamed ``unpaired:<key>``).
+    In captures with containers (``record``'s default), the leaf layers pair so, and each
+    container with the one holding the same leaves (nested ones holding the same leaves, such as
+    a block and the ``Sequential`` inside it, outermost with outermost); a container that pairs
+    with nothing keeps its name (``match_by_order`` leaves those out of both sides).
     A parameter gradient follows its layer (``param.blocks.0.weight.grad`` becomes
     ``param.features.1.weight.grad`` when layer ``blocks.0`` pairs with ``features.1``). Keys
     outside the capture scheme are kept as they are. Layers whose shapes agree by chance pair
-    wrongly, so read the result with that in mind; run it on leaf-layer captures, where the
-    two sides' layers line up.
+    wrongly, so read the result with that in mind.
 
     ``anchors`` (other layer name -> reference layer name) fixes pairs known otherwise, such
     as the layers owning parameters paired by ``reprod.align.pair_weights_by_order``: shapes
@@ -314,6 +318,92 @@ def pair_layer_calls(
     configuration) rather than the renamed keys."""
     ref_calls = _layer_calls(ref_map)
     other_calls = _layer_calls(other_map)
+    ref_boxes, other_boxes = _containers_of(ref_calls), _containers_of(other_calls)
+    if not ref_boxes and not other_boxes:  # leaf-layer captures
+        return _pair_calls(ref_calls, other_calls, anchors)
+    # with containers, shapes alone pair a block with a leaf or a wrapper with its block: the
+    # leaf layers pair by call order, then each container with the one holding the same leaves
+    subject_map = _pair_calls([c for c in ref_calls if _base(c[0]) not in ref_boxes],
+                              [c for c in other_calls if _base(c[0]) not in other_boxes], anchors)
+    subject_map.update(_pair_containers(ref_calls, other_calls, ref_boxes, other_boxes,
+                                        subject_map))
+    return subject_map
+
+
+def _base(subject: str) -> str:
+    """A layer call's layer name (``act#2`` -> ``act``)."""
+    return subject.partition("#")[0]
+
+
+def _containers_of(calls: list[tuple[str, dict[str, Any]]]) -> set[str]:
+    """The recorded layers holding other recorded layers (``blocks.0`` where ``blocks.0.conv``
+    is recorded), and the model itself: what a capture with containers (``record``'s default)
+    holds beside its leaf layers."""
+    names = {_base(s) for s, _ in calls}
+    boxes = {ROOT} & names
+    for name in names:
+        cut = name.rfind(".")
+        while cut > 0:
+            if name[:cut] in names:
+                boxes.add(name[:cut])
+            cut = name.rfind(".", 0, cut)
+    return boxes
+
+
+def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
+                     other_calls: list[tuple[str, dict[str, Any]]], ref_boxes: set[str],
+                     other_boxes: set[str], leaf_map: Mapping[str, str]) -> dict[str, str]:
+    """Container calls paired by the leaf layers they hold: a port container with the reference
+    container holding the leaves its own leaves pair with (``leaf_map``); where nested
+    containers hold the same leaves (a block and the ``Sequential`` inside it), outermost with
+    outermost. Calls pair in order where both have as many; the model with the model."""
+    leaves = {_base(o): _base(r) for o, r in leaf_map.items()}
+
+    def held(calls: list[tuple[str, dict[str, Any]]], boxes: set[str],
+             rename: Optional[Mapping[str, str]]) -> dict[str, set[Optional[str]]]:
+        out: dict[str, set[Optional[str]]] = {}
+        for name in {_base(s) for s, _ in calls} - boxes:
+            leaf = name if rename is None else rename.get(name)
+            cut = name.rfind(".")
+            while cut > 0:
+                if name[:cut] in boxes:
+                    out.setdefault(name[:cut], set()).add(leaf)
+                cut = name.rfind(".", 0, cut)
+        return out
+
+    groups: dict[frozenset[Optional[str]], tuple[list[str], list[str]]] = {}
+    for box, inside in sorted(held(ref_calls, ref_boxes, None).items(),
+                              key=lambda item: item[0].count(".")):
+        groups.setdefault(frozenset(inside), ([], []))[0].append(box)
+    for box, inside in sorted(held(other_calls, other_boxes, leaves).items(),
+                              key=lambda item: item[0].count(".")):
+        key = frozenset(inside)
+        if None not in key and key in groups:  # every leaf it holds paired
+            groups[key][1].append(box)
+    pairs = [pair for r_side, o_side in groups.values() for pair in zip(r_side, o_side)]
+    if ROOT in ref_boxes and ROOT in other_boxes:
+        pairs.append((ROOT, ROOT))
+    ref_by, other_by = _calls_by_layer(ref_calls), _calls_by_layer(other_calls)
+    out: dict[str, str] = {}
+    for r, o in pairs:
+        r_calls, o_calls = ref_by.get(r, []), other_by.get(o, [])
+        if len(r_calls) == len(o_calls):
+            out.update(zip(o_calls, r_calls))
+    return out
+
+
+def _calls_by_layer(calls: list[tuple[str, dict[str, Any]]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for subject, _ in calls:
+        out.setdefault(_base(subject), []).append(subject)
+    return out
+
+
+def _pair_calls(ref_calls: list[tuple[str, dict[str, Any]]],
+                other_calls: list[tuple[str, dict[str, Any]]],
+                anchors: Optional[Mapping[str, str]]) -> dict[str, str]:
+    """Layer calls paired by call order: the anchored ones, and between them the longest runs of
+    matching shapes."""
     subject_map: dict[str, str] = {}
     fixed = _anchored_pairs(ref_calls, other_calls, anchors)
     bounds = [(-1, -1), *fixed, (len(other_calls), len(ref_calls))]
@@ -331,6 +421,38 @@ def pair_layer_calls(
             for k in range(block.size):
                 subject_map[other_seg[block.b + k][0]] = ref_seg[block.a + k][0]
     return subject_map
+
+
+def match_by_order(
+    ref_map: Mapping[str, Any],
+    other_map: Mapping[str, Any],
+    *,
+    anchors: Optional[Mapping[str, str]] = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(ref, other)`` ready to compare: ``other_map`` renamed as ``rename_by_order`` renames it,
+    and, in captures with containers (``record``'s default), the container calls that pair with
+    nothing left out on both sides. A ``Sequential`` the port does without, or a ``ModuleList``
+    on one side, cannot be compared with anything; every leaf layer and the model's own input
+    and output still are, so a difference in its code still fails the layers after it.
+    ``reprod-diff --by-order`` compares layer captures this way.
+
+    >>> reprod.compare(*match_by_order(torch_capture, paddle_capture), threshold=1e-5)
+    """
+    ref_calls, other_calls = _layer_calls(ref_map), _layer_calls(other_map)
+    ref_boxes, other_boxes = _containers_of(ref_calls), _containers_of(other_calls)
+    subject_map = pair_layer_calls(ref_map, other_map, anchors=anchors)
+    if not ref_boxes and not other_boxes:
+        return dict(ref_map), _renamed(other_map, subject_map)
+    paired = set(subject_map.values())
+
+    def unpaired(key: str, boxes: set[str], known: Any) -> bool:
+        k = parse_key(key)
+        return k is not None and not k.is_param and _base(k.subject) in boxes \
+            and k.subject not in known
+
+    ref = {k: v for k, v in ref_map.items() if not unpaired(k, ref_boxes, paired)}
+    other = {k: v for k, v in other_map.items() if not unpaired(k, other_boxes, subject_map)}
+    return ref, _renamed(other, subject_map)
 
 
 def _renamed(other_map: Mapping[str, Any], subject_map: Mapping[str, str]) -> dict[str, Any]:

@@ -65,7 +65,9 @@ def compare(
     ``pair``: a function ``(ref_tree, other_tree) -> other_tree`` that renames the other side's keys
     to the reference's before pairing (``reprod.capture.rename_by_order`` for captures whose layer
     names differ, ``functools.partial(reprod.capture.rename, rules=...)``, or
-    ``reprod.diff.pairing.rename_leaves_by_order`` for any two dumps written in the same order).
+    ``reprod.diff.pairing.rename_leaves_by_order`` for any two dumps written in the same order),
+    or ``-> (ref_tree, other_tree)`` where it also leaves reference keys out
+    (``reprod.capture.match_by_order``: containers that pair with nothing).
     ``progress``: a progress bar on stderr when the comparison takes more than a second (``None``:
     only when stderr is a terminal; ``False``: never).
 
@@ -94,7 +96,11 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
     a = open_side(ref, "ref")
     b = open_side(other, "other")
     if pair is not None:
-        b.tree = pair(a.tree, b.tree)
+        paired = pair(a.tree, b.tree)
+        if isinstance(paired, tuple):  # (ref, other): keys with no counterpart left out
+            a.tree, b.tree = paired
+        else:
+            b.tree = paired
     hi = None if noise is None else open_side(noise, "noise")
     b.tree = _as_ref_key(a.tree, b.tree)
     if hi is not None:

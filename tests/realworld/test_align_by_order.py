@@ -11,7 +11,9 @@ layer names do not map (``features.7.block.0.1`` against ``blocks.6.expand_conv.
   input differs), is named at its block; BN momentum does not act in eval mode and passes;
 - without ``by_order`` the names do not pair and the localisation fails closed ("unpaired");
 - ``align_train(by_order=True, calibrate=True)`` records Paddle names, and a correct port fails
-  only the BN running variances (biased against unbiased), each with the note that says so.
+  only the BN running variances (biased against unbiased), each with the note that says so;
+- ``record``'s default captures (containers included) compared through ``match_by_order``: a
+  correct port passes against the float64 twin's noise, a dropped residual is named at its block.
 
 resnet50's names happen to pair (paddle.vision keeps torchvision's): by name and by order give
 the same localisation there. The whole file takes ~70 s single-threaded on a shared 2-core
@@ -35,6 +37,7 @@ import paddle  # noqa: E402
 import torch  # noqa: E402
 from models import TARGETS, bugs_for, build_pair, make_inputs, make_labels  # noqa: E402
 
+import reprod  # noqa: E402
 from reprod.align import align_forward, align_train, pair_weights_by_order  # noqa: E402
 
 # seed 0 of mobilenet_v3_small has no kink crossing in the two training steps (seed 2 has one in
@@ -255,3 +258,45 @@ def test_train_by_order_fails_only_the_running_variance(model):
         assert re.fullmatch(r"step[01]/stat/.*\._variance", r.key), result.to_table(failed_only=True)
         assert "biased batch variance" in (r.note or ""), (r.key, r.note)
     assert all(r.passed for r in result if r.key.endswith("._mean"))
+
+
+# --- 6. captures with containers, compared by order ----------------------------------------------
+
+
+def _captured(model_obj, fw: str, x, float64: bool = False) -> dict:
+    """``record(model)`` with its defaults (containers and the model included), one forward."""
+    import numpy as np
+
+    from reprod.capture import record
+
+    if fw == "torch":
+        t = torch.from_numpy(x.astype(np.float64) if float64 else x)
+        with torch.no_grad(), record(model_obj) as log:
+            model_obj(t)
+    else:
+        with paddle.no_grad(), record(model_obj) as log:
+            model_obj(paddle.to_tensor(x))
+    return dict(log.data)
+
+
+@pytest.mark.parametrize("model", [_param(m) for m in MODELS])
+def test_default_captures_compared_by_order_pass_a_correct_port_and_name_a_block_bug(model):
+    """``record``'s default captures hold containers; paired by shapes alone a block paired with
+    the Sequential inside it, and a correct MobileNetV3 port failed 38 (small) or 71 (large) keys
+    with a wrong "diverges at" (measured before ``match_by_order``). Containers now pair by the
+    leaves they hold; the float64 twin's capture is the noise reference."""
+    from reprod.capture import first_divergence, match_by_order
+
+    pair = pair_of(model)
+    x = inputs_of(model)
+    ref, hi = _captured(pair.torch32, "torch", x), _captured(pair.torch64, "torch", x, True)
+    a, b = match_by_order(ref, _captured(pair.paddle(), "paddle", x))
+    assert "<model>.out" in a and "<model>.out" in b
+    r = reprod.compare(a, b, noise=hi)
+    assert r.passed, r.to_table(failed_only=True)
+    r = reprod.compare(*match_by_order(ref, _captured(pair.paddle("no_residual"), "paddle", x)),
+                       noise=hi)
+    div = first_divergence(r)
+    target = TARGETS[model]["no_residual"]
+    assert not r.passed and div is not None and div.layer == target, div and div.message
+    assert div.input_aligned, div.message
