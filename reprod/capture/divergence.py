@@ -75,8 +75,8 @@ class Divergence:
             return (
                 f"layer names do not pair: only {self.paired} of {self.calls} layer calls pair "
                 f"by name ({self.one_sided} capture keys on one side only), so nothing is shown "
-                "to align; pair them by call order: reprod.capture.rename_by_order(ref, other), "
-                "or reprod-diff --by-order"
+                "to align; pair them by call order: "
+                "compare(*reprod.capture.match_by_order(ref, other)), or reprod-diff --by-order"
             )
         backward = self.direction == "backward"
         where = self.layer + (f" ({self.layer_type})" if self.layer_type else "")

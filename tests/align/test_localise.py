@@ -142,7 +142,7 @@ def test_forward_without_by_order_fails_closed_when_names_do_not_pair() -> None:
     r = align_forward(tm, pm, _image(), calibrate=True)
     div = r.options["divergence"]
     assert div["kind"] == "unpaired" and div["layer"] == ""
-    assert "--by-order" in div["message"] and "rename_by_order" in div["message"]
+    assert "--by-order" in div["message"] and "match_by_order" in div["message"]
 
 
 def test_train_by_order_pairs_parameters_that_no_rule_maps() -> None:

@@ -300,7 +300,7 @@ def test_names_that_mostly_do_not_pair_give_an_unpaired_divergence():
     assert div.message == (
         "layer names do not pair: only 1 of 5 layer calls pair by name (16 capture keys on one "
         "side only), so nothing is shown to align; pair them by call order: "
-        "reprod.capture.rename_by_order(ref, other), or reprod-diff --by-order"
+        "compare(*reprod.capture.match_by_order(ref, other)), or reprod-diff --by-order"
     )
     # a numeric divergence among the few that paired is no answer either
     assert first_divergence(compare(ref, changed(other, "a.out"))).kind == "unpaired"

@@ -122,7 +122,7 @@ def test_names_that_do_not_pair_are_no_all_clear(torch_model, torch_data):
     calls = sum(1 for k in torch_data if k.endswith(".out"))
     assert (div.paired, div.calls) == (1, calls)
     assert div.message.startswith(f"layer names do not pair: only 1 of {calls} layer calls pair")
-    assert "rename_by_order" in div.message and "reprod-diff --by-order" in div.message
+    assert "match_by_order" in div.message and "reprod-diff --by-order" in div.message
     # paired by call order, the bug is found again
     by_order = first_divergence(compare(torch_data, rename_by_order(torch_data, ported)))
     assert by_order is not None and by_order.kind == "layer" and by_order.layer == "block2"
