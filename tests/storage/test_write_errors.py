@@ -239,3 +239,28 @@ def test_a_full_disk_under_the_key_index_names_the_stream_and_key(tmp_path, monk
     assert isinstance(info.value.__cause__, sqlite3.OperationalError)
     assert path.read_bytes() == b"the earlier dump"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.npz"]
+
+
+def test_a_stream_failing_at_close_raises_a_stream_write_error(tmp_path, monkeypatch):
+    # the last bytes are flushed at close: a full disk there is the stream's too
+    from reprod.storage import atomic
+
+    path = tmp_path / "run.npz"
+    logger = ReprodLogger(stream_to=path)
+    logger.add("a", np.ones(10))
+    real_flush = atomic.AtomicFile.commit
+
+    def commit(self):
+        self.file.flush = _full  # the flush inside commit fails
+        return real_flush(self)
+
+    def _full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic.AtomicFile, "commit", commit)
+    with pytest.raises(StreamWriteError) as info:
+        logger.close()
+    assert str(info.value) == (f"{path}: writing failed: {os.strerror(errno.ENOSPC)} "
+                               f"(errno {errno.ENOSPC}); nothing was replaced")
+    assert isinstance(info.value.__cause__, OSError) and info.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
