@@ -194,7 +194,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     part ways, as by name. Returns that ``Divergence`` and the blocks' captures, or None (no such
     blocks, or none diverges)."""
     from ..capture.divergence import Divergence, _representative
-    from ..capture.naming import _renamed, parse_key
+    from ..capture.naming import _layer_calls, _pair_containers, _renamed, parse_key
     from ..diff.engine import compare
 
     previous, following = div.previous.partition("#")[0], div.layer.partition("#")[0]
@@ -207,20 +207,11 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
         return None
     ref = _capture_only(torch_model, run_torch, ref_blocks)
     raw = _capture_only(paddle_model, run_paddle, port_blocks)
-    # a block never called (a ModuleList, a LayerList) has no keys and pairs with nothing
-    ref_called, port_called = _subjects(ref), _subjects(raw)
-    ref_leaf_names, port_leaf_names = _bases(ref_leaves), _bases(port_leaves)
-    groups: dict[frozenset[str], tuple[list[str], list[str]]] = {}
-    for b in ref_blocks:
-        held = frozenset(x for x in ref_leaf_names if x.startswith(b + "."))
-        if b in ref_called and held:
-            groups.setdefault(held, ([], []))[0].append(b)
-    for b in port_blocks:
-        held_port = [x for x in port_leaf_names if x.startswith(b + ".")]
-        held = frozenset(names.get(x, "") for x in held_port)
-        if b in port_called and held_port and "" not in held and held in groups:
-            groups[held][1].append(b)
-    pairs = sorted((pair for r_side, p_side in groups.values() for pair in zip(r_side, p_side)),
+    # paired as match_by_order pairs containers: by the leaves they hold (a block never called,
+    # a ModuleList, has no keys and pairs with nothing); its first call only
+    ref_calls, port_calls = _layer_calls({**ref_leaves, **ref}), _layer_calls({**port_leaves, **raw})
+    boxes = _pair_containers(ref_calls, port_calls, set(ref_blocks), set(port_blocks), names)
+    pairs = sorted(((r, p) for p, r in boxes.items() if "#" not in p and "#" not in r),
                    key=lambda pair: -pair[0].count("."))  # the innermost first
     if not pairs:
         return None
@@ -262,15 +253,6 @@ def _subject(key: str) -> Optional[str]:
 
     k = parse_key(key)
     return None if k is None or k.is_param else k.subject
-
-
-def _subjects(capture: Mapping[str, Any]) -> set[str]:
-    return {s for s in map(_subject, capture) if s is not None}
-
-
-def _bases(capture: Mapping[str, Any]) -> set[str]:
-    """The layer names of a capture's layer calls (``act#2`` counts as ``act``)."""
-    return {s.partition("#")[0] for s in _subjects(capture)}
 
 
 def _capture_only(model: Any, call: Any, layers: list[str]) -> dict[str, Any]:
