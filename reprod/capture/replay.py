@@ -235,7 +235,8 @@ def _run(fw: Any, backend: Any, model: Any, layer: Any, call: _Call) -> dict[tup
     except _Skip:
         raise
     except Exception as exc:  # a port layer that cannot take the reference's input: say so
-        raise _Skip(f"replay raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        first = (str(exc).splitlines() or [""])[0][:200]  # NotImplementedError() says nothing
+        raise _Skip(f"replay raised {type(exc).__name__}" + (f": {first}" if first else "")) from None
     finally:
         if state is not None:  # BatchNorm in training mode updates its running statistics
             fw.restore(layer, state)
@@ -286,7 +287,9 @@ def replay(
     mode is skipped. ``include``/``exclude`` are globs on the port's layer names. Leaf layers are
     replayed (as ``record`` defines them); ``containers=True`` adds the containers the reference
     recorded, which finds a bug in a container's own code between its sublayers, but a container
-    also fails whenever one of its sublayers does (read it after its sublayers).
+    also fails whenever one of its sublayers does (read it after its sublayers). By order, a
+    container pairs with the reference's that holds the same leaf layers (as
+    ``match_by_order`` pairs them; outermost with outermost where nested ones hold the same).
 
     Other keyword arguments go to ``reprod.compare`` (``method``, ``threshold``, ``atol``,
     ``rtol``, ``per_key``, ``noise``, ``noise_factor``, ``criteria``). The result has one key per
@@ -326,6 +329,8 @@ def replay(
             fw, backend, model, _in_call_order(fw, backend, model, layers, calls), calls, order,
             tree,
         )
+        if containers:
+            mapping.update(_containers_by_leaves(backend, layers, calls, order, mapping))
     else:
         fn = None if rename is None else _compile_rules(rename)
         mapping = {}
@@ -372,6 +377,30 @@ def replay(
     result.options["replay_skipped"] = skipped
     result.options["replay_unpaired"] = unpaired
     return result
+
+
+def _containers_by_leaves(backend: Any, layers: list[tuple[str, Any]],
+                          calls: Mapping[str, Any], order: Mapping[str, int],
+                          leaves: Mapping[str, str]) -> dict[str, str]:
+    """Port containers paired with the reference's by the leaf layers they hold (``leaves``: the
+    leaf pairing), as ``match_by_order`` pairs them; the model with the model."""
+    from .naming import _pair_containers
+
+    ref_calls = [(n, {}) for n in sorted(calls, key=lambda n: order.get(n, 0))]
+    # a list of layers (ModuleList, LayerList) holds leaves but is never called: no pair
+    port_calls: list[tuple[str, dict[str, Any]]] = [(n, {}) for n, layer in layers
+                                                    if _has_forward(layer)]
+    port_boxes = {n for n, layer in layers if n == ROOT or not backend.is_leaf(layer)}
+    return _pair_containers(ref_calls, port_calls, _containers(calls), port_boxes, leaves)
+
+
+def _has_forward(layer: Any) -> bool:
+    """False for a layer whose class keeps its framework's unimplemented ``forward``."""
+    for klass in type(layer).__mro__:
+        if klass.__name__ in ("Module", "Layer") and klass.__module__.startswith(("torch.nn",
+                                                                                  "paddle.nn")):
+            return getattr(type(layer), "forward", None) is not getattr(klass, "forward", None)
+    return True
 
 
 def _containers(calls: Mapping[str, Any]) -> set[str]:

@@ -190,3 +190,40 @@ def test_a_dropped_add_inside_a_block_before_its_last_leaf_is_named_at_the_block
     assert "; inside it, the input of 2.relu already differs (max diff " in message, message
     assert message.endswith("while its recorded sublayers before that align, so the cause is 2's "
                             "own forward code"), message
+
+
+# --- replay by order, containers included ---------------------------------------------------------
+
+
+def test_replay_by_order_pairs_blocks_by_their_leaves_and_finds_a_dropped_add():
+    from reprod.capture import record, replay
+
+    tm, pm = _pair()
+    with torch.no_grad(), record(tm) as ref:
+        tm(torch.from_numpy(_x()))
+    r = replay(pm, ref, by_order=True, containers=True, threshold=1e-4)
+    assert r.passed, r.to_table(failed_only=True)
+    assert {f"blocks.{i}.out" for i in range(3)} <= {k.key for k in r}
+    # the Sequential inside each block and the list of blocks pair with nothing on the port
+    assert sorted(r.options["replay_unpaired"]) == ["blocks", "blocks.0.body", "blocks.1.body",
+                                                    "blocks.2.body"]
+    assert r.options["replay_skipped"] == []
+    pm.stages[1].residual = False
+    r = replay(pm, ref, by_order=True, containers=True, threshold=1e-4)
+    assert sorted(k.key for k in r.failed) == ["<model>.out", "blocks.1.out"]
+
+
+def test_a_layer_raising_with_no_message_is_skipped_with_its_exception_named():
+    from reprod.capture import record, replay
+
+    tm, pm = _pair()
+    with torch.no_grad(), record(tm) as ref:
+        tm(torch.from_numpy(_x()))
+
+    def broken(x):
+        raise NotImplementedError
+
+    pm.proj.forward = broken
+    r = replay(pm, ref, rename={"proj": "head", "conv_in": "stem"}, threshold=1e-4)
+    assert {"layer": "proj", "reference": "head",
+            "reason": "replay raised NotImplementedError"} in r.options["replay_skipped"]

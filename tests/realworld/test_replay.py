@@ -1,6 +1,7 @@
 """reprod.capture.replay on torchvision models against paddle.vision's own ports, paired by call
 order with no hand-written rule: a correct port replays every leaf layer within float32 rounding,
-and every injected bug fails in its own layer and nowhere else, several in one run."""
+and every injected bug fails in its own layer and nowhere else, several in one run; with
+containers, a dropped residual add fails at its block."""
 
 from __future__ import annotations
 
@@ -78,3 +79,25 @@ def test_two_bugs_in_one_port_are_both_found_in_their_layers(model):
     passing = max(r.rel_l2 or 0.0 for r in result if r.passed)
     assert min(result[k].rel_l2 for k in wanted) > 100 * passing
     assert np.isfinite(passing)
+
+
+@pytest.mark.parametrize("model", [_param(m) for m in MODELS])
+def test_by_order_with_containers_a_dropped_residual_fails_at_its_block(model):
+    """Containers pair by the leaf layers they hold (before, none paired by order, and the
+    missing add failed nowhere); the float64 twin's capture is the noise reference."""
+    pair, ref = _reference(model)
+    x = make_inputs(SEEDS[model], 2)
+    with record(pair.torch64) as hi, torch.no_grad():
+        pair.torch64(torch_input(x, torch.float64))
+    correct = replay(pair.paddle(), ref, by_order=True, containers=True, noise=dict(hi.data))
+    assert correct.passed, correct.to_table(failed_only=True)
+    assert correct.options["replay_skipped"] == []
+    target = TARGETS[model]["no_residual"]
+    assert f"{target}.out" in correct.keys()
+    bug = replay(pair.paddle("no_residual"), ref, by_order=True, containers=True,
+                 noise=dict(hi.data))
+    failed = {k.key for k in bug.failed}
+    # the block, and what holds it; no leaf fails
+    assert f"{target}.out" in failed and "<model>.out" in failed, failed
+    assert all(target.startswith(k[: -len(".out")] + ".") or k in (f"{target}.out", "<model>.out")
+               for k in failed), failed
