@@ -95,10 +95,14 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
              noise: Any = None, pair: Any = None) -> DiffResult:
     a = open_side(ref, "ref")
     b = open_side(other, "other")
+    left_out: dict[str, int] = {}
     if pair is not None:
         paired = pair(a.tree, b.tree)
         if isinstance(paired, tuple):  # (ref, other): keys with no counterpart left out
+            n_ref = len(a.tree)
             a.tree, b.tree = paired
+            if len(a.tree) < n_ref:  # said in the summary: nothing is left out unsaid
+                left_out["ref"] = n_ref - len(a.tree)
         else:
             b.tree = paired
     hi = None if noise is None else open_side(noise, "noise")
@@ -153,6 +157,8 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
         options.setdefault("noise_factor", DEFAULT_NOISE_FACTOR)
     if keys:
         options["keys"] = [keys] if isinstance(keys, str) else list(keys)
+    if left_out:
+        options["left_out"] = left_out
     return DiffResult(
         results=tuple(results),
         ref_name=a.name,

@@ -301,6 +301,9 @@ class DiffResult:
         kinks = s["statuses"].get("kink", 0)
         passed = f"{s['passed']} passed" + (f" ({kinks} only across a kink crossing)" if kinks else "")
         head = f"{s['compared']} {noun} compared, {passed}, {s['failed']} failed"
+        left = (self.options.get("left_out") or {}).get("ref")
+        if left:
+            head += f" ({left} reference {'key' if left == 1 else 'keys'} with no counterpart left out)"
         if s["first_failure"] is None:
             return head + ": PASSED"
         return head + f": FAILED; first failure {s['first_failure']}: {s['first_failure_reason']}"

@@ -147,7 +147,20 @@ def test_reprod_diff_by_order_compares_captures_with_containers(tmp_path):
     ok = subprocess.run([*cmd, str(tmp_path / "port.npz"), "--by-order", "--threshold", "1e-9",
                          "--quiet"], capture_output=True, text=True, env=env, timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    table = subprocess.run([*cmd, str(tmp_path / "port.npz"), "--by-order", "--threshold", "1e-9"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    # what the pairing left out is said: the blocks' inner Sequentials and the list of blocks
+    assert table.stdout.splitlines()[-1] == ("24 keys compared, 24 passed, 0 failed (8 reference "
+                                             "keys with no counterpart left out): PASSED")
     bug = subprocess.run([*cmd, str(tmp_path / "bug.npz"), "--by-order", "--threshold", "1e-9",
                           "--first"], capture_output=True, text=True, env=env, timeout=120)
     assert bug.returncode == 1, bug.stdout + bug.stderr
     assert "blocks.1.out" in bug.stdout, bug.stdout
+
+
+def test_compare_takes_a_pairing_that_leaves_reference_keys_out():
+    r = reprod.compare(_ref(X), _port(X), pair=match_by_order, threshold=1e-9)
+    assert r.passed and len(r) == 24 and r.options["left_out"] == {"ref": 8}
+    assert r.summary_line() == ("24 keys compared, 24 passed, 0 failed (8 reference keys with no "
+                                "counterpart left out): PASSED")
+    assert "left_out" not in reprod.compare(_ref(X), _ref(X), threshold=0).options
