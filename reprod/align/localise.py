@@ -189,10 +189,10 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     The blocks whose forward code may run between those two leaves (those ending between them,
     and the innermost one holding both: a ResNet block's add before its last ReLU) are recorded
     on each side, and a port block pairs with the reference block that holds the same leaves (by
-    the leaves' pairing; where several nested blocks hold the same ones, outermost with
-    outermost). The innermost pair whose input aligns while its output differs is where the two
-    part ways, as by name. Returns that ``Divergence`` and the blocks' captures, or None (no such
-    blocks, or none diverges)."""
+    the leaves' pairing; of nested blocks holding the same ones, only the outermost). The
+    innermost pair whose input aligns while its output differs is where the two part ways, as by
+    name. Returns that ``Divergence`` and the blocks' captures, or None (no such blocks, or none
+    diverges)."""
     from ..capture.divergence import Divergence, _representative
     from ..capture.naming import _layer_calls, _pair_containers, _renamed, parse_key
     from ..diff.engine import compare

@@ -287,9 +287,9 @@ def rename_by_order(
     (``difflib``), and the layers left over keep their names (they show up as missing / extra;
     one whose name a paired layer now carries is renamed ``unpaired:<key>``).
     In captures with containers (``record``'s default), the leaf layers pair so, and each
-    container with the one holding the same leaves (nested ones holding the same leaves, such as
-    a block and the ``Sequential`` inside it, outermost with outermost); a container that pairs
-    with nothing keeps its name (``match_by_order`` leaves those out of both sides).
+    container with the one holding the same leaves (of nested ones holding the same leaves, such
+    as a block and the ``Sequential`` inside it, only the outermost); a container that pairs with
+    nothing keeps its name (``match_by_order`` leaves those out of both sides).
     A parameter gradient follows its layer (``param.blocks.0.weight.grad`` becomes
     ``param.features.1.weight.grad`` when layer ``blocks.0`` pairs with ``features.1``). Keys
     outside the capture scheme are kept as they are. Layers whose shapes agree by chance pair
@@ -354,9 +354,12 @@ def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
                      other_calls: list[tuple[str, dict[str, Any]]], ref_boxes: set[str],
                      other_boxes: set[str], leaf_map: Mapping[str, str]) -> dict[str, str]:
     """Container calls paired by the leaf layers they hold: a port container with the reference
-    container holding the leaves its own leaves pair with (``leaf_map``); where nested
-    containers hold the same leaves (a block and the ``Sequential`` inside it), outermost with
-    outermost. Calls pair in order where both have as many; the model with the model."""
+    container holding the leaves its own leaves pair with (``leaf_map``). Where nested
+    containers hold the same leaves (a block and the ``Sequential`` inside it), the outermost of
+    each side pair and the inner ones pair with nothing: a port may nest the other way round (a
+    one-block stage around a block without an inner ``Sequential``), and an inner pair would then
+    set a block's output against a ``Sequential``'s, before the block's own add. Calls pair in
+    order where both have as many; the model with the model."""
     leaves = {_base(o): _base(r) for o, r in leaf_map.items()}
 
     def held(calls: list[tuple[str, dict[str, Any]]], boxes: set[str],
@@ -380,7 +383,7 @@ def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
         key = frozenset(inside)
         if None not in key and key in groups:  # every leaf it holds paired
             groups[key][1].append(box)
-    pairs = [pair for r_side, o_side in groups.values() for pair in zip(r_side, o_side)]
+    pairs = [(r_side[0], o_side[0]) for r_side, o_side in groups.values() if r_side and o_side]
     if ROOT in ref_boxes and ROOT in other_boxes:
         pairs.append((ROOT, ROOT))
     ref_by, other_by = _calls_by_layer(ref_calls), _calls_by_layer(other_calls)

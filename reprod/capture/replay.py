@@ -289,7 +289,7 @@ def replay(
     recorded, which finds a bug in a container's own code between its sublayers, but a container
     also fails whenever one of its sublayers does (read it after its sublayers). By order, a
     container pairs with the reference's that holds the same leaf layers (as
-    ``match_by_order`` pairs them; outermost with outermost where nested ones hold the same).
+    ``match_by_order`` pairs them; of nested ones holding the same, only the outermost).
 
     Other keyword arguments go to ``reprod.compare`` (``method``, ``threshold``, ``atol``,
     ``rtol``, ``per_key``, ``noise``, ``noise_factor``, ``criteria``). The result has one key per

@@ -83,7 +83,7 @@ def test_containers_pair_by_the_leaves_they_hold():
     assert pairs == {
         "conv_in": "stem", "proj": "head", "<model>": "<model>",
         **{f"stages.{i}.fc{j + 1}": f"blocks.{i}.body.{j}" for i in range(3) for j in range(2)},
-        # a block and the Sequential inside it hold the same leaves: outermost with outermost
+        # a block and the Sequential inside it hold the same leaves: the outermost pair
         **{f"stages.{i}": f"blocks.{i}" for i in range(3)},
     }
 
@@ -164,3 +164,36 @@ def test_compare_takes_a_pairing_that_leaves_reference_keys_out():
     assert r.summary_line() == ("24 keys compared, 24 passed, 0 failed (8 reference keys with no "
                                 "counterpart left out): PASSED")
     assert "left_out" not in reprod.compare(_ref(X), _ref(X), threshold=0).options
+
+
+def _port_wrapped(x: np.ndarray, residual: bool = True) -> dict[str, np.ndarray]:
+    """The port nesting the other way round: each block alone in a one-block stage
+    (``stages.i`` around ``stages.i.0``), no Sequential inside the block."""
+    log: dict[str, np.ndarray] = {"<model>.in": x}
+
+    def leaf(name: str, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+        log[f"{name}.in"] = v
+        log[f"{name}.out"] = out = v @ w
+        return out
+
+    h = leaf("conv_in", W[0], x)
+    for i in range(3):
+        log[f"stages.{i}.in"] = log[f"stages.{i}.0.in"] = h
+        y = leaf(f"stages.{i}.0.fc1", W[1 + 2 * i], h)
+        y = leaf(f"stages.{i}.0.fc2", W[2 + 2 * i], y)
+        h = h + np.maximum(y, 0) if residual or i != 1 else np.maximum(y, 0)
+        log[f"stages.{i}.0.out"] = log[f"stages.{i}.out"] = h
+    log["<model>.out"] = leaf("proj", W[0].T, h)
+    return log
+
+
+def test_nested_the_other_way_round_only_the_outermost_pair():
+    # pairing the inner ones too would set the port's block (after its add) against the
+    # reference's Sequential (before it): a correct port would fail
+    pairs = pair_layer_calls(_ref(X), _port_wrapped(X))
+    assert {o: r for o, r in pairs.items() if o.startswith("stages.") and ".fc" not in o} == {
+        f"stages.{i}": f"blocks.{i}" for i in range(3)}
+    r = reprod.compare(*match_by_order(_ref(X), _port_wrapped(X)), threshold=1e-9)
+    assert r.passed, r.to_table(failed_only=True)
+    r = reprod.compare(*match_by_order(_ref(X), _port_wrapped(X, residual=False)), threshold=1e-9)
+    assert first_divergence(r).layer == "blocks.1"
