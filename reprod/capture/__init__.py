@@ -99,8 +99,8 @@ def record(
     recorded, containers and the model itself (``<model>``) included, so that
     ``first_divergence`` can name a container whose own ``forward`` code (a residual add, a
     reshape, a concatenation) differs; ``containers=False`` records leaf layers only (layers
-    without sublayers, or with parameters of their own), about a third fewer values and what
-    ``rename_by_order`` pairs best. ``include``/``exclude`` are glob patterns (one or
+    without sublayers, or with parameters of their own), about a third fewer values.
+    ``include``/``exclude`` are glob patterns (one or
     a list) on layer names (``"features.*"``); parameters follow their layer. Values are copied
     to numpy at once, so a step's graph is not kept alive; with
     ``ReprodLogger(stream_to="run.npz")`` they go to disk as they come. Every hook is removed

@@ -277,7 +277,7 @@ def first_divergence(
 
     Keys on one side only are skipped, but when most of the reference's layer calls did not pair
     by name the answer is a divergence of kind ``"unpaired"`` (pair them with
-    ``reprod.capture.rename_by_order``). ``None`` when every paired layer aligns.
+    ``reprod.capture.match_by_order``). ``None`` when every paired layer aligns.
 
     >>> result = reprod.compare(torch_log.data, paddle_log.data, method="max", threshold=1e-5)
     >>> div = first_divergence(result, layer_types=reprod.capture.layer_types(model))
