@@ -26,15 +26,21 @@ RNG = np.random.default_rng(0)
 W = [RNG.standard_normal((6, 6)).astype(np.float64) * 0.3 for _ in range(7)]
 
 
+def _leaf(log: dict[str, np.ndarray], name: str, w: np.ndarray, v: np.ndarray,
+          scale: float = 1.0) -> np.ndarray:
+    """A linear leaf layer's call, recorded as ``record`` names it."""
+    log[f"{name}.in"] = v
+    log[f"{name}.out"] = out = (v @ w) * scale
+    return out
+
+
 def _ref(x: np.ndarray) -> dict[str, np.ndarray]:
     """stem -> blocks (Sequential of 3 blocks: x + relu(body(x)), body a Sequential of two
     linear layers) -> head, recorded with containers."""
     log: dict[str, np.ndarray] = {"<model>.in": x}
 
     def leaf(name: str, w: np.ndarray, v: np.ndarray) -> np.ndarray:
-        log[f"{name}.in"] = v
-        log[f"{name}.out"] = out = v @ w
-        return out
+        return _leaf(log, name, w, v)
 
     h = leaf("stem", W[0], x)
     log["blocks.in"] = h
@@ -59,9 +65,7 @@ def _port(x: np.ndarray, residual: tuple[bool, ...] = (True, True, True),
     log: dict[str, np.ndarray] = {"<model>.in": x}
 
     def leaf(name: str, w: np.ndarray, v: np.ndarray) -> np.ndarray:
-        log[f"{name}.in"] = v
-        log[f"{name}.out"] = out = (v @ w) * (1 + noise)
-        return out
+        return _leaf(log, name, w, v, 1 + noise)
 
     h = leaf("conv_in", W[0], x)
     for i in range(3):
@@ -172,9 +176,7 @@ def _port_wrapped(x: np.ndarray, residual: bool = True) -> dict[str, np.ndarray]
     log: dict[str, np.ndarray] = {"<model>.in": x}
 
     def leaf(name: str, w: np.ndarray, v: np.ndarray) -> np.ndarray:
-        log[f"{name}.in"] = v
-        log[f"{name}.out"] = out = v @ w
-        return out
+        return _leaf(log, name, w, v)
 
     h = leaf("conv_in", W[0], x)
     for i in range(3):
