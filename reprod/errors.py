@@ -6,6 +6,7 @@ import builtins
 import os
 import sys
 from collections.abc import Sequence
+from errno import EISDIR as _EISDIR
 from errno import ENAMETOOLONG as _ENAMETOOLONG
 from errno import ENOENT as _ENOENT
 from typing import Optional
@@ -141,7 +142,7 @@ def write_error(exc: BaseException, path: str, key: Optional[str] = None, *,
     else:
         problem = " ".join(str(exc).split()) or type(exc).__name__
     where = f"{path}: key {key!r}" if key is not None else path
-    if creating and exc.errno == _ENAMETOOLONG:  # the user's name: no folder to blame
+    if creating and exc.errno in (_ENAMETOOLONG, _EISDIR):  # the path itself: no folder to blame
         message = f"{where}: cannot create the file: {problem}"
     elif creating:
         folder = os.fsdecode(name) if name is not None and \

@@ -80,8 +80,6 @@ class AtomicFile:
         self._given = path  # what errors name: the path as the caller gave it
         try:
             self._open(target)
-        except IsADirectoryError:
-            raise  # says it all, and naming the path
         except OSError as exc:  # a folder that cannot be written to, a path through a file, ...
             raise write_error(exc, path, creating=True)  # noqa: B904 - write_error chains it
 

@@ -264,3 +264,17 @@ def test_a_stream_failing_at_close_raises_a_stream_write_error(tmp_path, monkeyp
                                f"(errno {errno.ENOSPC}); nothing was replaced")
     assert isinstance(info.value.__cause__, OSError) and info.value.errno == errno.ENOSPC
     assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_at_the_path_is_one_line_and_stays_as_it_was(tmp_path):
+    folder = tmp_path / "out.npz"
+    folder.mkdir()
+    (folder / "inside").write_bytes(b"kept")
+    for save in (lambda p: reprod.save(p, {"a": np.ones(3)}), lambda p: ReprodLogger().save(p)):
+        with pytest.raises(WriteError) as info:
+            save(folder)
+        assert isinstance(info.value, IsADirectoryError) and info.value.errno == errno.EISDIR
+        assert str(info.value) == (f"{folder}: cannot create the file: "
+                                   f"{os.strerror(errno.EISDIR)} (errno {errno.EISDIR})")
+    assert [p.name for p in folder.iterdir()] == ["inside"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
