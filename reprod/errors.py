@@ -119,18 +119,15 @@ def write_error(exc: BaseException, path: str, key: Optional[str] = None, *,
     written in place (a FIFO, a device), so what was written may have arrived."""
     if isinstance(exc, ReprodError) or not isinstance(exc, Exception):
         return exc
+    where = f"{path}: key {key!r}" if key is not None else path
     if not isinstance(exc, OSError):
         if type(exc).__module__ != "sqlite3":
             return exc
         # the key index of a stream past 20,000 keys (npz_keylog), in a temporary database: a
         # full disk there is this write's too ("database or disk is full")
-        where = f"{path}: key {key!r}" if key is not None else path
-        err = (cls or WriteError)(f"{where}: writing failed: the key index: "
-                                  f"{' '.join(str(exc).split())}; nothing was replaced",
-                                  None, None, os.fspath(path))
-        err.__cause__ = exc
-        err.__suppress_context__ = True
-        return err
+        return _chained((cls or WriteError)(
+            f"{where}: writing failed: the key index: {' '.join(str(exc).split())}; nothing was "
+            "replaced", None, None, os.fspath(path)), exc)
     native = sys.modules.get("reprod._native")  # not loaded: nothing raised its read faults
     if native is not None and isinstance(exc, native.MappedReadError):
         return exc  # a source array's file truncated while it was read: not the write's fault
@@ -141,7 +138,6 @@ def write_error(exc: BaseException, path: str, key: Optional[str] = None, *,
         problem = f"{exc.strerror} (errno {exc.errno})" if exc.errno is not None else exc.strerror
     else:
         problem = " ".join(str(exc).split()) or type(exc).__name__
-    where = f"{path}: key {key!r}" if key is not None else path
     if creating and exc.errno in (_ENAMETOOLONG, _EISDIR):  # the path itself: no folder to blame
         message = f"{where}: cannot create the file: {problem}"
     elif creating:
@@ -150,8 +146,11 @@ def write_error(exc: BaseException, path: str, key: Optional[str] = None, *,
         message = f"{where}: cannot create the file ({folder}: {problem})"
     else:
         message = f"{where}: writing failed: {problem}" + ("" if direct else "; nothing was replaced")
-    err = _write_error_class(type(exc), cls or WriteError)(message, exc.errno, exc.strerror,
-                                                           os.fspath(path))
+    return _chained(_write_error_class(type(exc), cls or WriteError)(
+        message, exc.errno, exc.strerror, os.fspath(path)), exc)
+
+
+def _chained(err: WriteError, exc: BaseException) -> WriteError:
     err.__cause__ = exc  # and __suppress_context__, as "raise err from exc" sets them
     err.__suppress_context__ = True
     return err

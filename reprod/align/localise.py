@@ -222,8 +222,8 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], sorted(paired))
     result = compare(ref, port, criteria=criteria, noise=noise)
     ref_types, port_types = dict(_named(torch_model)), dict(_named(paddle_model))
+    keys = [(kr, parse_key(kr.key)) for kr in result]
     for r, p in pairs:
-        keys = [(kr, parse_key(kr.key)) for kr in result]
         ins = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "in")
         outs = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "out")
         if not ins or not outs or not all(kr.passed for kr in ins) or all(kr.passed for kr in outs):

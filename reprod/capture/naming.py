@@ -339,15 +339,19 @@ def _containers_of(calls: list[tuple[str, dict[str, Any]]]) -> set[str]:
     """The recorded layers holding other recorded layers (``blocks.0`` where ``blocks.0.conv``
     is recorded), and the model itself: what a capture with containers (``record``'s default)
     holds beside its leaf layers."""
-    names = {_base(s) for s, _ in calls}
-    boxes = {ROOT} & names
+    return holders({_base(s) for s, _ in calls})
+
+
+def holders(names: Any) -> set[str]:
+    """Of layer ``names``, those holding another of them (``se`` of ``se.fc1``), and the model."""
+    found = {ROOT} & set(names)
     for name in names:
         cut = name.rfind(".")
         while cut > 0:
             if name[:cut] in names:
-                boxes.add(name[:cut])
+                found.add(name[:cut])
             cut = name.rfind(".", 0, cut)
-    return boxes
+    return found
 
 
 def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],

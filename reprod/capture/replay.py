@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..diff.result import DiffResult
-from .naming import ROOT, Rules, _compile_rules, layer_key, parse_key
+from .naming import ROOT, Rules, _compile_rules, holders, layer_key, parse_key
 from .recorder import Patterns, _patterns, _selected, flatten
 
 __all__ = ["replay"]
@@ -405,14 +405,7 @@ def _has_forward(layer: Any) -> bool:
 
 def _containers(calls: Mapping[str, Any]) -> set[str]:
     """Reference layers that hold other recorded layers (the model, ``se`` of ``se.fc1``)."""
-    found = {ROOT} & set(calls)
-    for name in calls:
-        head, dot, _ = name.rpartition(".")
-        while dot:
-            if head in calls:
-                found.add(head)
-            head, dot, _ = head.rpartition(".")
-    return found
+    return holders(calls)
 
 
 def _in_call_order(

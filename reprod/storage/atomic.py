@@ -210,12 +210,14 @@ class AtomicFile:
             if err is not exc:
                 raise err
 
-    def _error(self, exc: BaseException) -> BaseException:
-        """``exc`` as ``write_error`` names it, where it is about this write (no file, or ours)."""
+    def _error(self, exc: BaseException, key: Optional[str] = None,
+               cls: Optional[type] = None) -> BaseException:
+        """``exc`` as ``write_error`` names it, where it is about this write (no file, or ours):
+        with ``key`` where one was being written, as ``cls`` (a ``WriteError`` class)."""
         name = getattr(exc, "filename", None)
         ours = name is not None and os.fsdecode(name) in (self.tmp_path, self.path,
                                                           getattr(self, "_target", None))
-        return write_error(exc, self._given, ours=ours, direct=self.direct)
+        return write_error(exc, self._given, key, cls=cls, ours=ours, direct=self.direct)
 
 
 # --- SIGTERM while a temporary file exists ---------------------------------------------------------

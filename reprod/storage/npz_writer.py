@@ -17,7 +17,7 @@ import numpy as np
 from .. import _native
 from .._native import crc32  # zlib's CRC-32, by the kernel where it is on
 from ..adapters import BFLOAT16, float32_to_bf16_bits
-from ..errors import ReprodError, StreamWriteError, UnsupportedValueError, WriteError, write_error
+from ..errors import ReprodError, StreamWriteError, UnsupportedValueError, WriteError
 from . import npz_members
 from ._pipe import (  # noqa: F401 - _HELPERS, _Helper, _Job: importable from here as before
     _HELPERS,
@@ -655,10 +655,7 @@ class NpzWriter:
         if self._stream and isinstance(exc, WriteError) and not isinstance(exc, StreamWriteError) \
                 and isinstance(exc.__cause__, OSError):
             exc = exc.__cause__  # the AtomicFile's (its last flush at close): named as a stream's
-        return write_error(exc, self.path, key, cls=StreamWriteError if self._stream else None,
-                           ours=self._af.tmp_path is not None
-                           and getattr(exc, "filename", None) == self._af.tmp_path,
-                           direct=self._af.direct)
+        return self._af._error(exc, key, StreamWriteError if self._stream else None)
 
     def abort(self) -> None:
         """Give the dump up: the temporary file goes, any earlier file at ``path`` stays."""
