@@ -121,6 +121,22 @@ def note_uncalibrated(why: str) -> str:
     return f"no noise calibration ({why}): judged by the plain threshold"
 
 
+def why_coarser_port(other: str, ref: str) -> str:
+    return (f"other is {other}, ref {ref}: this noise measures {ref} rounding, not {other}'s; "
+            f"compare the reference run in {other} against other, with the {ref} run as the noise")
+
+
+def note_half_values(sides: list[tuple[str, str, str]]) -> str:
+    """``sides``: (side, precision, dtype) of each side holding half-precision values."""
+    if len(sides) == 2 and sides[0][1:] == sides[1][1:]:
+        return f"both hold {sides[0][1]} values in {sides[0][2]}"
+    return "; ".join(f"{side} holds {p} values in {dt}" for side, p, dt in sides)
+
+
+def summary_uncalibrated(n: int, why: str) -> str:
+    return f"{n} {'key' if n == 1 else 'keys'} not calibrated: {why}"
+
+
 # the same few thresholds are printed in every key's reason
 _THRESHOLD_TEXT: dict[float, str] = {}
 

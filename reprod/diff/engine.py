@@ -16,7 +16,7 @@ from ..storage.lazy import Dump, NonNumericValue
 from .batch import compare_batch, unravel
 from .columns_batch import ColumnPairs, column_pairs, compare_columns, sides_of
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
-from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats
+from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats, judge_precision
 from .pairing import Pair, Side, leaf_array, open_side, walk_pairs
 from .progress import Progress, progress_enabled
 from .result import DiffResult, KeyResult
@@ -118,6 +118,7 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
         bar = _progress_bar(pairs)
         walk = iter(pairs)
     results: list[KeyResult] = []
+    coarse: list[str] = []
     windows = 0
     cp = column_pairs(a.tree, b.tree) if hi is None and pair is None and not keys and bar is None \
         else None
@@ -135,7 +136,8 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
             for p, kr in zip(window, batched):
                 if kr is None:
                     try:
-                        kr = _compare_pair(p, policy, bar=bar, noise=None if hi is None else hi.tree)
+                        kr = _compare_pair(p, policy, bar=bar, noise=None if hi is None else hi.tree,
+                                           coarse=coarse)
                     except _native.MappedReadError as exc:  # SIGBUS in the kernel: one line, not a crash
                         files = (a.name, b.name, None if hi is None else hi.name)
                         raise DumpChangedError.sigbus(p.key, files, getattr(exc, "argument", -1)) from None
@@ -159,6 +161,8 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
         options["keys"] = [keys] if isinstance(keys, str) else list(keys)
     if left_out:
         options["left_out"] = left_out
+    if coarse:  # said in the summary: a verdict the noise could not give is never silent
+        options["not_calibrated"] = {"keys": len(coarse), "why": coarse[0]}
     return DiffResult(
         results=tuple(results),
         ref_name=a.name,
@@ -281,7 +285,10 @@ _DROP_EVERY = 16  # windows between two drop_pages of the dumps opened here (64k
 
 
 def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
-                  noise: Optional[Mapping[str, Any]] = None) -> KeyResult:
+                  noise: Optional[Mapping[str, Any]] = None,
+                  coarse: Optional[list[str]] = None) -> KeyResult:
+    """One key's result; ``coarse`` collects why each key that a noise cannot speak for (a port
+    rounding coarser than the reference) was left uncalibrated, for the summary."""
     key = p.key
     leaf = p.path[-1]
     equal_nan = policy.equal_nan
@@ -348,10 +355,14 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
         "rel_l2": st.rel_l2, "max_scaled": st.max_scaled,
     }
     if cal is not None:
+        cal, factor, note = judge_precision(cal, st, ra, oa, rdt, odt, policy.noise_factor)
+        if note:
+            notes.append(note)
         if cal.multiple is None:
             notes.append(msg.note_uncalibrated(cal.why or "unknown"))
+            if cal.coarser_port and coarse is not None:
+                coarse.append(cal.why or "")
         else:
-            factor = DEFAULT_NOISE_FACTOR if policy.noise_factor is None else policy.noise_factor
             thresholds = {"noise": factor}
             base.update(methods=("noise",), thresholds=thresholds)
             values.update(noise_multiple=cal.multiple, noise_l2=cal.l2, noise_max=cal.max)

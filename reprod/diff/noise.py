@@ -11,6 +11,15 @@ multiple of a key is
 each noise is taken no lower than one machine epsilon of the coarser dtype at the reference's scale
 (``eps * ||ref||_2`` and ``eps * max|ref|``): a key computed exactly (noise 0) still allows the
 last-bit differences two correct implementations make.
+
+The noise speaks for the precision it was measured at. A port run in float16 or bfloat16 rounds
+every activation ~2^13-2^16 times coarser than the float32 reference whose float64 distance is the
+noise, so that noise cannot judge it (measured on torchvision models with every BatchNorm folded
+into its conv, a correct half-precision port: 20-514x a float32 noise at the floor of one half
+epsilon, 10^3-10^5x where it was saved as float32). Such a key is left uncalibrated, saying what
+to run instead: the reference in the port's precision as ``ref``, its float32 run as the noise.
+Compared that way two correct half-precision runs are independent draws of the same rounding, and
+their multiple stays near sqrt(2) (``LOW_PRECISION_NOISE_FACTOR``).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .. import _native
+from .. import messages as msg
 from . import metrics
 from . import second_pass as sp
 from .metrics import Stats, compute_stats
@@ -30,7 +40,8 @@ from .pairing import leaf_array
 from .partial import FIELDS, Partial
 from .second_pass import ratio
 
-__all__ = ["DEFAULT_NOISE_FACTOR", "Calibration", "calibrate", "calibrated_stats"]
+__all__ = ["DEFAULT_NOISE_FACTOR", "Calibration", "calibrate", "calibrated_stats", "carried_precision",
+           "judge_precision", "LOW_PRECISION_NOISE_FACTOR"]
 
 # A key passes when its difference is within this many times the reference's own noise. Measured
 # on torchvision resnet50 / mobilenet_v3 against paddle.vision's own ports (3 seeds; forward, every
@@ -38,6 +49,13 @@ __all__ = ["DEFAULT_NOISE_FACTOR", "Calibration", "calibrate", "calibrated_stats
 # most (paddle's float32 average pooling), the weakest injected bug 48 (one BN epsilon, logits):
 # 20 leaves about 2x on each side.
 DEFAULT_NOISE_FACTOR = 20.0
+
+# The factor where the noise is the reference's own half-precision rounding (the reference run in
+# float16 or bfloat16, its float32 run as the noise). Measured on torchvision mobilenet_v3_small,
+# mobilenet_v3_large and resnet50 (3 seeds, float16 and bfloat16, every activation and block
+# output): a correct port (every BatchNorm folded into its conv) reached 3.0 at most; a dropped
+# residual read 18-50 at its block, which the float32 factor let through to the next block.
+LOW_PRECISION_NOISE_FACTOR = 8.0
 
 # machine epsilon (one unit in the last place at 1.0) of the dtypes a port is compared in; two
 # correctly rounded implementations may differ by that much per element. Anything else: float32.
@@ -53,20 +71,121 @@ class Calibration:
     max: Optional[float] = None
     multiple: Optional[float] = None
     why: Optional[str] = None
+    noise_dtype: Optional[str] = None  # the dtype the noise reference holds
+    coarser_port: bool = False  # uncalibrated because other rounds coarser than ref
 
 
 def _eps(*dtypes: Optional[str]) -> float:
     return max(_EPS.get(str(d), _EPS["float32"]) for d in dtypes if d is not None)
 
 
+_HALF = ("bfloat16", "float16")
+# a precision scan reads 1,024 elements, then 8 times more each time up to 65,536: an array computed
+# in float32 gives itself away in its first elements
+_SCAN_FIRST, _SCAN = 1 << 10, 1 << 16
+# the float32 bit of each half precision's last fraction bit (of its normal numbers)
+_LAST_BIT = {"bfloat16": np.uint32(1 << 16), "float16": np.uint32(1 << 13)}
+_EVIDENCE = 8  # fractional values that use that last bit: fewer are no evidence of a half run
+
+
+def carried_precision(a: np.ndarray) -> Optional[str]:
+    """``"bfloat16"`` or ``"float16"`` where a float32 or float64 array holds the values of a
+    half-precision run (numpy has no bfloat16, so ``tensor.float()`` is how such a run reaches a
+    dump), else ``None``.
+
+    Every finite value must be one of that dtype's, and at least 8 fractional values must use its
+    last fraction bit. A value with few significant bits is a value of every dtype: whole numbers
+    (counts, labels) and the residues of a cancelling float32 sum (k * 2^-29, as a bias gradient
+    near zero is) say nothing. A float32 value is a bfloat16 one when its low 16 bits are zero, a
+    float16 one when it survives the round trip; an array computed in float32 fails both within its
+    first elements, where the scan stops."""
+    if a.dtype not in (np.float32, np.float64) or a.size < _EVIDENCE:
+        return None
+    flat = a.reshape(-1)
+    evidence = {"bfloat16": 0, "float16": 0}
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, step = 0, _SCAN_FIRST
+        while lo < flat.size:
+            c = flat[lo:lo + step]
+            lo, step = lo + step, min(step * 8, _SCAN)
+            c = c[np.isfinite(c)]
+            if c.dtype == np.float64:
+                c32 = c.astype(np.float32)
+                if not np.array_equal(c32, c):
+                    return None
+                c = c32
+            c = np.ascontiguousarray(c)
+            bits = c.view(np.uint32)
+            if "bfloat16" in evidence and np.any(bits & np.uint32(0xFFFF)):
+                del evidence["bfloat16"]
+            if "float16" in evidence and not np.array_equal(c.astype(np.float16).astype(np.float32), c):
+                del evidence["float16"]
+            if not evidence:
+                return None
+            fractional = c != np.floor(c)
+            for p in evidence:
+                evidence[p] += int(np.count_nonzero((bits & _LAST_BIT[p]).astype(bool) & fractional))
+    for p in _HALF:  # bfloat16 first: its values within float16's range are float16 ones too
+        if evidence.get(p, 0) >= _EVIDENCE:
+            return p
+    return None
+
+
+def _precision(a: np.ndarray, declared: Optional[str]) -> tuple[Optional[str], bool]:
+    """The precision ``a``'s values were computed in, and whether it differs from ``declared``."""
+    if declared in _HALF:
+        return declared, False
+    carried = carried_precision(a)
+    return (carried, True) if carried is not None else (declared, False)
+
+
+def _coarser(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether precision ``a`` rounds coarser than ``b``."""
+    return _EPS.get(str(a), _EPS["float32"]) > _EPS.get(str(b), _EPS["float32"])
+
+
+def judge_precision(cal: Calibration, st: Stats, ref: np.ndarray, other: np.ndarray,
+                    ref_dtype: Optional[str], other_dtype: Optional[str], factor: Optional[float]
+                    ) -> tuple[Calibration, float, Optional[str]]:
+    """``cal`` judged at the precision each side was computed in: the calibration, the factor the
+    key passes within, and a note where a side holds half-precision values in a wider dtype.
+
+    - other coarser than ref (a float16 port against a float32 reference): the noise cannot speak
+      for it, the key is left uncalibrated with what to run instead;
+    - ref coarser than the noise reference (the reference run in the port's half precision, its
+      float32 run as the noise): judged within ``LOW_PRECISION_NOISE_FACTOR`` unless ``factor``
+      is given;
+    - half-precision values saved in a wider dtype floor the noise at their own rounding unit."""
+    default = DEFAULT_NOISE_FACTOR if factor is None else factor
+    if cal.multiple is None:
+        return cal, default, None
+    rp, r_carried = _precision(ref, ref_dtype)
+    op, o_carried = _precision(other, other_dtype)
+    half = [(side, str(p), str(dt)) for side, p, dt, carried in
+            (("ref", rp, ref_dtype, r_carried), ("other", op, other_dtype, o_carried)) if carried]
+    note = msg.note_half_values(half) if half else None
+    if _coarser(op, rp):
+        why = msg.why_coarser_port(str(op), str(rp))
+        return Calibration(why=why, noise_dtype=cal.noise_dtype, coarser_port=True), default, note
+    if _coarser(rp, cal.noise_dtype) and rp in _HALF:
+        default = LOW_PRECISION_NOISE_FACTOR if factor is None else factor
+    if r_carried or o_carried:  # no lower than one rounding unit of the precision computed in
+        eps = _eps(rp, op)
+        l2 = max(cal.l2 or 0.0, eps * (st.ref_l2 or 0.0))
+        mx = max(cal.max or 0.0, eps * (st.ref_max or 0.0))
+        multiple = max(ratio(st.diff_l2 or 0.0, l2), ratio(st.max_abs or 0.0, mx))
+        cal = Calibration(l2=l2, max=mx, multiple=multiple, noise_dtype=cal.noise_dtype)
+    return cal, default, note
+
+
 def calibrate(diff: Stats, ref: np.ndarray, hi_tree: Mapping[str, Any], path: tuple[str, ...],
               ref_dtype: Optional[str], other_dtype: Optional[str]) -> Calibration:
     """The noise of ``ref`` against its high-precision value at ``path`` in ``hi_tree``, and the
     multiple of it that ``diff`` (the statistics of other against ref) is."""
-    hi, why = _noise_array(hi_tree, path, ref)
+    hi, why, hi_dtype = _noise_array(hi_tree, path, ref)
     if hi is None:
         return Calibration(why=why)
-    return _judge(diff, _noise_stats(hi, ref), ref_dtype, other_dtype)
+    return _judge(diff, _noise_stats(hi, ref), ref_dtype, other_dtype, hi_dtype)
 
 
 def calibrated_stats(ref: np.ndarray, other: np.ndarray, hi_tree: Optional[Mapping[str, Any]],
@@ -87,7 +206,7 @@ def calibrated_stats(ref: np.ndarray, other: np.ndarray, hi_tree: Optional[Mappi
     if hi_tree is None:
         return compute_stats(ref, other, atol=atol, rtol=rtol, equal_nan=equal_nan,
                              on_progress=on_progress), None
-    hi, why = _noise_array(hi_tree, path, ref)
+    hi, why, hi_dtype = _noise_array(hi_tree, path, ref)
     both = None if hi is None else _one_pass(ref, other, hi, atol, rtol, equal_nan, on_progress)
     if both is None:
         st = compute_stats(ref, other, atol=atol, rtol=rtol, equal_nan=equal_nan,
@@ -96,27 +215,28 @@ def calibrated_stats(ref: np.ndarray, other: np.ndarray, hi_tree: Optional[Mappi
             return st, None
         if hi is None:
             return st, Calibration(why=why)
-        return st, _judge(st, _noise_stats(hi, ref), ref_dtype, other_dtype)
+        return st, _judge(st, _noise_stats(hi, ref), ref_dtype, other_dtype, hi_dtype)
     st, ns = both
     if st.nan_unmatched or st.inf_unmatched:
         return st, None
-    return st, _judge(st, ns, ref_dtype, other_dtype)
+    return st, _judge(st, ns, ref_dtype, other_dtype, hi_dtype)
 
 
 def _noise_array(hi_tree: Mapping[str, Any], path: tuple[str, ...], ref: np.ndarray
-                 ) -> tuple[Optional[np.ndarray], Optional[str]]:
-    """The high-precision array at ``path`` in ``ref``'s shape, or ``None`` and why not."""
+                 ) -> tuple[Optional[np.ndarray], Optional[str], Optional[str]]:
+    """The high-precision array at ``path`` in ``ref``'s shape and its dtype, or ``None`` and why
+    not."""
     parent = hi_tree
     for part in path[:-1]:
         parent = parent.get(part) if isinstance(parent, Mapping) else None  # type: ignore[assignment]
     if not isinstance(parent, Mapping) or path[-1] not in parent:
-        return None, "not in the noise reference"
-    hi, _ = leaf_array(parent, path[-1])
+        return None, "not in the noise reference", None
+    hi, hi_dtype = leaf_array(parent, path[-1])
     if hi.size != ref.size or tuple(s for s in hi.shape if s != 1) != tuple(s for s in ref.shape if s != 1):
-        return None, f"noise reference has shape {tuple(hi.shape)}, ref {tuple(ref.shape)}"
+        return None, f"noise reference has shape {tuple(hi.shape)}, ref {tuple(ref.shape)}", None
     if hi.shape != ref.shape:
         hi = hi.reshape(ref.shape)
-    return hi, None
+    return hi, None, hi_dtype
 
 
 def _noise_stats(hi: np.ndarray, ref: np.ndarray) -> Stats:
@@ -129,16 +249,18 @@ def _noise_stats(hi: np.ndarray, ref: np.ndarray) -> Stats:
         raise
 
 
-def _judge(diff: Stats, ns: Stats, ref_dtype: Optional[str], other_dtype: Optional[str]) -> Calibration:
+def _judge(diff: Stats, ns: Stats, ref_dtype: Optional[str], other_dtype: Optional[str],
+           noise_dtype: Optional[str]) -> Calibration:
     """The calibration of ``diff`` against the noise statistics ``ns`` (hi against ref)."""
     if ns.nan_unmatched or ns.inf_unmatched or ns.counted == 0:
-        return Calibration(why="noise reference and ref disagree on NaN/Inf positions")
+        return Calibration(why="noise reference and ref disagree on NaN/Inf positions",
+                           noise_dtype=noise_dtype)
     eps = _eps(ref_dtype, other_dtype)
     ref_l2, ref_max = diff.ref_l2 or 0.0, diff.ref_max or 0.0
     noise_l2 = max(ns.diff_l2 or 0.0, eps * ref_l2)
     noise_max = max(ns.max_abs or 0.0, eps * ref_max)
     multiple = max(ratio(diff.diff_l2 or 0.0, noise_l2), ratio(diff.max_abs or 0.0, noise_max))
-    return Calibration(l2=noise_l2, max=noise_max, multiple=multiple)
+    return Calibration(l2=noise_l2, max=noise_max, multiple=multiple, noise_dtype=noise_dtype)
 
 
 def _one_pass(ref: np.ndarray, other: np.ndarray, hi: np.ndarray, atol: Optional[float],

@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Protocol
 
+from .. import messages as msg
+
 __all__ = ["KeyResult", "DiffResult", "STAT_OF_METHOD", "ALL_METHODS", "STATUSES"]
 
 # reprod_log's diff_method names -> the statistic each one judges
@@ -304,6 +306,9 @@ class DiffResult:
         left = (self.options.get("left_out") or {}).get("ref")
         if left:
             head += f" ({left} reference {'key' if left == 1 else 'keys'} with no counterpart left out)"
+        unc = self.options.get("not_calibrated")
+        if unc:
+            head += f" ({msg.summary_uncalibrated(unc['keys'], unc['why'])})"
         if s["first_failure"] is None:
             return head + ": PASSED"
         return head + f": FAILED; first failure {s['first_failure']}: {s['first_failure_reason']}"
