@@ -85,7 +85,9 @@ _HALF = ("bfloat16", "float16")
 _SCAN_FIRST, _SCAN = 1 << 10, 1 << 16
 # the float32 bit of each half precision's last fraction bit (of its normal numbers)
 _LAST_BIT = {"bfloat16": np.uint32(1 << 16), "float16": np.uint32(1 << 13)}
-_EVIDENCE = 8  # fractional values that use that last bit: fewer are no evidence of a half run
+# fractional values that must use that last bit, at least 2 and a quarter of them (a half run's
+# values use it one time in two; residues of a cancelling sum, with few bits, seldom do)
+_EVIDENCE, _EVIDENCE_SHARE = 2, 4
 
 
 def carried_precision(a: np.ndarray) -> Optional[str]:
@@ -93,8 +95,8 @@ def carried_precision(a: np.ndarray) -> Optional[str]:
     half-precision run (numpy has no bfloat16, so ``tensor.float()`` is how such a run reaches a
     dump), else ``None``.
 
-    Every finite value must be one of that dtype's, and at least 8 fractional values must use its
-    last fraction bit. A value with few significant bits is a value of every dtype: whole numbers
+    Every finite value must be one of that dtype's, and at least 2 of its fractional values, and a
+    quarter of them, must use its last fraction bit. A value with few significant bits is a value of every dtype: whole numbers
     (counts, labels) and the residues of a cancelling float32 sum (k * 2^-29, as a bias gradient
     near zero is) say nothing. A float32 value is a bfloat16 one when its low 16 bits are zero, a
     float16 one when it survives the round trip; an array computed in float32 fails both within its
@@ -103,6 +105,7 @@ def carried_precision(a: np.ndarray) -> Optional[str]:
         return None
     flat = a.reshape(-1)
     evidence = {"bfloat16": 0, "float16": 0}
+    n_fractional = 0
     with np.errstate(over="ignore", invalid="ignore"):
         lo, step = 0, _SCAN_FIRST
         while lo < flat.size:
@@ -123,10 +126,12 @@ def carried_precision(a: np.ndarray) -> Optional[str]:
             if not evidence:
                 return None
             fractional = c != np.floor(c)
+            n_fractional += int(np.count_nonzero(fractional))
             for p in evidence:
                 evidence[p] += int(np.count_nonzero((bits & _LAST_BIT[p]).astype(bool) & fractional))
     for p in _HALF:  # bfloat16 first: its values within float16's range are float16 ones too
-        if evidence.get(p, 0) >= _EVIDENCE:
+        n = evidence.get(p, 0)
+        if n >= _EVIDENCE and n * _EVIDENCE_SHARE >= n_fractional:
             return p
     return None
 

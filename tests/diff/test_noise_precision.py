@@ -86,15 +86,18 @@ def test_carried_precision_recognises_half_values_saved_wider() -> None:
     assert carried_precision(np.full(1000, 0.5, np.float32)) is None
     residues = np.array([-16, 17, -1.5, -6, -5, 10, 12, -14], np.float32) * np.float32(2.0**-29)
     assert carried_precision(residues) is None
-    # it takes 8 fractional values that use the half's last fraction bit
+    # it takes 2 fractional values that use the half's last fraction bit, and a quarter of them
     few = np.zeros(1000, np.float32)
-    few[:7] = 1.0 + 2.0**-7  # bfloat16's last fraction bit
+    few[0] = 1.0 + 2.0**-7  # bfloat16's last fraction bit
     assert carried_precision(few) is None
-    few[7] = 3.0 + 2.0**-6
+    few[1] = 3.0 + 2.0**-6
     assert carried_precision(few) == "bfloat16"
-    few[:8] = 1.0 + 2.0**-10  # float16's last fraction bit, not a bfloat16 value
+    few[2:9] = 0.5  # 9 fractional values, 2 of them using the last bit: more than a quarter
+    assert carried_precision(few) is None
+    few[:2] = 1.0 + 2.0**-10  # float16's last fraction bit, not a bfloat16 value
+    few[2:9] = 0.0
     assert carried_precision(few) == "float16"
-    assert carried_precision(_bf16(a[:7])) is None
+    assert carried_precision(_bf16(a[:6])) == "bfloat16"  # a small key of a bfloat16 run
     # NaN and Inf say nothing; a single full-precision value late in a long array does
     h = _bf16(a)
     h[[3, 5]] = np.nan, np.inf
