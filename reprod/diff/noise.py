@@ -25,6 +25,7 @@ their multiple stays near sqrt(2) (``LOW_PRECISION_NOISE_FACTOR``).
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -104,6 +105,8 @@ def carried_precision(a: np.ndarray) -> Optional[str]:
     if a.dtype not in (np.float32, np.float64) or a.size < _EVIDENCE:
         return None
     flat = a.reshape(-1)
+    if _full_precision(flat[:4].tolist()):
+        return None
     evidence = {"bfloat16": 0, "float16": 0}
     n_fractional = 0
     with np.errstate(over="ignore", invalid="ignore"):
@@ -134,6 +137,27 @@ def carried_precision(a: np.ndarray) -> Optional[str]:
         if n >= _EVIDENCE and n * _EVIDENCE_SHARE >= n_fractional:
             return p
     return None
+
+
+def _full_precision(values: list[float]) -> bool:
+    """Whether one of ``values`` is a value of neither half precision: the check most float32
+    arrays end at, in Python scalars (numpy's per-call cost is several times this)."""
+    for v in values:
+        if not math.isfinite(v):
+            continue
+        f32 = _F32.pack(v)
+        if _F32.unpack(f32)[0] != v:
+            return True  # not even a float32 value
+        if _U32.unpack(f32)[0] & 0xFFFF:  # not bfloat16: float16?
+            try:
+                if _F16.unpack(_F16.pack(v))[0] != v:
+                    return True
+            except OverflowError:
+                return True
+    return False
+
+
+_F32, _U32, _F16 = struct.Struct("<f"), struct.Struct("<I"), struct.Struct("<e")
 
 
 def _precision(a: np.ndarray, declared: Optional[str]) -> tuple[Optional[str], bool]:
