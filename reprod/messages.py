@@ -133,6 +133,13 @@ def note_half_values(sides: list[tuple[str, str, str]]) -> str:
     return "; ".join(f"{side} holds {p} values in {dt}" for side, p, dt in sides)
 
 
+def summary_left_out(ref: int, other: int) -> str:
+    """What a pairing left out of each side (``compare(pair=...)``), for the summary line."""
+    parts = [f"{n} {side} {'key' if n == 1 else 'keys'}" for n, side in
+             ((ref, "reference"), (other, "other")) if n]
+    return " and ".join(parts) + " with no counterpart left out"
+
+
 def summary_uncalibrated(n: int, why: str) -> str:
     return f"{n} {'key' if n == 1 else 'keys'} not calibrated: {why}"
 

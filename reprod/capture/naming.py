@@ -20,11 +20,14 @@ keys are called (a layer attribute named ``out`` gives ``head.out.out``).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
+
+import numpy as np
 
 from ..errors import KeyMismatchError, UnsupportedValueError
 
@@ -320,11 +323,12 @@ def pair_layer_calls(
     other_calls = _layer_calls(other_map)
     ref_boxes, other_boxes = _containers_of(ref_calls), _containers_of(other_calls)
     if not ref_boxes and not other_boxes:  # leaf-layer captures
-        return _pair_calls(ref_calls, other_calls, anchors)
+        return _pair_calls(ref_calls, other_calls, anchors, ref_map, other_map)
     # with containers, shapes alone pair a block with a leaf or a wrapper with its block: the
     # leaf layers pair by call order, then each container with the one holding the same leaves
     subject_map = _pair_calls([c for c in ref_calls if _base(c[0]) not in ref_boxes],
-                              [c for c in other_calls if _base(c[0]) not in other_boxes], anchors)
+                              [c for c in other_calls if _base(c[0]) not in other_boxes], anchors,
+                              ref_map, other_map)
     subject_map.update(_pair_containers(ref_calls, other_calls, ref_boxes, other_boxes,
                                         subject_map))
     return subject_map
@@ -408,26 +412,118 @@ def _calls_by_layer(calls: list[tuple[str, dict[str, Any]]]) -> dict[str, list[s
 
 def _pair_calls(ref_calls: list[tuple[str, dict[str, Any]]],
                 other_calls: list[tuple[str, dict[str, Any]]],
-                anchors: Optional[Mapping[str, str]]) -> dict[str, str]:
-    """Layer calls paired by call order: the anchored ones, and between them the longest runs of
-    matching shapes."""
+                anchors: Optional[Mapping[str, str]],
+                ref_map: Optional[Mapping[str, Any]] = None,
+                other_map: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
+    """Layer calls paired by call order: the anchored ones, and between them the most calls whose
+    shapes match, in order. Where shapes allow several such pairings (a port with a layer the
+    reference calls as a function: a ``ReLU`` after a ``BatchNorm`` keeps its shape), the one
+    whose paired calls also see the same values (``_fingerprint``) wins."""
     subject_map: dict[str, str] = {}
     fixed = _anchored_pairs(ref_calls, other_calls, anchors)
     bounds = [(-1, -1), *fixed, (len(other_calls), len(ref_calls))]
+    prints: dict[tuple[int, str], Any] = {}
+
+    def fp(side: int, subject: str) -> Any:
+        if (side, subject) not in prints:
+            m = ref_map if side == 0 else other_map
+            prints[side, subject] = None if m is None else _fingerprint(m, subject)
+        return prints[side, subject]
+
     for (i0, j0), (i1, j1) in zip(bounds, bounds[1:]):
         if i1 < len(other_calls):
             subject_map[other_calls[i1][0]] = ref_calls[j1][0]
         ref_seg, other_seg = ref_calls[j0 + 1 : j1], other_calls[i0 + 1 : i1]
-        matcher = difflib.SequenceMatcher(
-            None,
-            [_signature(p) for _, p in ref_seg],
-            [_signature(p) for _, p in other_seg],
-            autojunk=False,
-        )
-        for block in matcher.get_matching_blocks():
-            for k in range(block.size):
-                subject_map[other_seg[block.b + k][0]] = ref_seg[block.a + k][0]
+        ref_subj, other_subj = [c[0] for c in ref_seg], [c[0] for c in other_seg]
+
+        def like(a: int, b: int, r: list[str] = ref_subj, o: list[str] = other_subj) -> int:
+            return _likeness(fp(0, r[a]), fp(1, o[b]))
+
+        for a, b in _align([_signature(p) for _, p in ref_seg],
+                           [_signature(p) for _, p in other_seg], like):
+            subject_map[other_subj[b]] = ref_subj[a]
     return subject_map
+
+
+# an alignment of more calls than this (reference x port, between two anchors) takes difflib's
+# longest runs of matching shapes instead of the value-aware alignment, whose table is that size
+_ALIGN_CELLS = 1 << 22
+_LIKE_RTOL = 1e-2  # values agreeing this closely are the same values (float32 or half ports)
+
+
+def _align(ref_sigs: list[Any], other_sigs: list[Any], likeness: Callable[[int, int], int]
+           ) -> list[tuple[int, int]]:
+    """(ref index, other index) pairs, increasing on both sides, of equal signatures: as many as
+    there can be, and of those the pairing whose pairs are most alike (``likeness`` 0-3 a pair)."""
+    n, m = len(ref_sigs), len(other_sigs)
+    if n == 0 or m == 0:
+        return []
+    if n * m > _ALIGN_CELLS:
+        matcher = difflib.SequenceMatcher(None, ref_sigs, other_sigs, autojunk=False)
+        return [(blk.a + k, blk.b + k) for blk in matcher.get_matching_blocks()
+                for k in range(blk.size)]
+    # the score of a pairing: its number of pairs first, then their likeness (4 * pairs > any sum)
+    weight = 4 * (min(n, m) + 1)
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    for a in range(n - 1, -1, -1):
+        row, below, sig = score[a], score[a + 1], ref_sigs[a]
+        for b in range(m - 1, -1, -1):
+            best = below[b] if below[b] >= row[b + 1] else row[b + 1]
+            if sig == other_sigs[b]:
+                take = below[b + 1] + weight + likeness(a, b)
+                if take > best:
+                    best = take
+            row[b] = best
+    pairs: list[tuple[int, int]] = []
+    a = b = 0
+    while a < n and b < m:
+        if ref_sigs[a] == other_sigs[b] and \
+                score[a][b] == score[a + 1][b + 1] + weight + likeness(a, b):
+            pairs.append((a, b))
+            a, b = a + 1, b + 1
+        elif score[a][b] == score[a + 1][b]:
+            a += 1
+        else:
+            b += 1
+    return pairs
+
+
+def _fingerprint(mapping: Mapping[str, Any], subject: str) -> Optional[tuple[Any, Any]]:
+    """(mean, mean |x|, max |x|) of a layer call's first input and first output, or ``None``
+    for a part that is not a float array."""
+    def stats(part: str) -> Any:
+        for suffix in ("", ".0"):
+            value = mapping.get(f"{subject}.{part}{suffix}")
+            if value is not None:
+                break
+        else:
+            return None
+        try:
+            a = np.asarray(value)
+        except Exception:  # noqa: BLE001 - a value without an array view: no fingerprint
+            return None
+        if a.dtype.kind != "f" or a.size == 0:
+            return None
+        a = a.astype(np.float64, copy=False)
+        with np.errstate(all="ignore"):
+            return float(a.mean()), float(np.abs(a).mean()), float(np.abs(a).max())
+    return stats("in"), stats("out")
+
+
+def _close(x: Any, y: Any) -> bool:
+    if x is None or y is None or not all(map(math.isfinite, (*x, *y))):
+        return False
+    scale = max(x[1], y[1])
+    return (abs(x[0] - y[0]) <= _LIKE_RTOL * scale and abs(x[1] - y[1]) <= _LIKE_RTOL * scale
+            and abs(x[2] - y[2]) <= _LIKE_RTOL * max(x[2], y[2]))
+
+
+def _likeness(ref_fp: Any, other_fp: Any) -> int:
+    """2 where the inputs agree, plus 1 where the outputs do: a correct port's paired calls see
+    the same input (a layer and the one after it, same-shaped, do not)."""
+    if ref_fp is None or other_fp is None:
+        return 0
+    return 2 * _close(ref_fp[0], other_fp[0]) + _close(ref_fp[1], other_fp[1])
 
 
 def match_by_order(
@@ -437,29 +533,57 @@ def match_by_order(
     anchors: Optional[Mapping[str, str]] = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(ref, other)`` ready to compare: ``other_map`` renamed as ``rename_by_order`` renames it,
-    and, in captures with containers (``record``'s default), the container calls that pair with
-    nothing left out on both sides. A ``Sequential`` the port does without, or a ``ModuleList``
-    on one side, cannot be compared with anything; every leaf layer and the model's own input
-    and output still are, so a difference in its code still fails the layers after it.
-    ``reprod-diff --by-order`` compares layer captures this way.
+    and the layer calls only one side has left out of both. That is, in captures with
+    containers (``record``'s default), the container calls that pair with nothing (a
+    ``Sequential`` the port does without, a ``ModuleList`` on one side), and the leaf layer calls
+    one side makes where the other makes none between the same two paired calls (a ``ReLU``
+    layer the other side calls as a function, a pooling layer against a functional pooling).
+    Unpaired calls on both sides between the same two paired calls are a difference in the
+    layers themselves and stay, as keys one side lacks. Every paired layer and the model's own
+    input and output are compared, so a difference in the left-out code still fails the layers
+    after it. ``reprod-diff --by-order`` compares layer captures this way.
 
     >>> reprod.compare(*match_by_order(torch_capture, paddle_capture), threshold=1e-5)
     """
     ref_calls, other_calls = _layer_calls(ref_map), _layer_calls(other_map)
     ref_boxes, other_boxes = _containers_of(ref_calls), _containers_of(other_calls)
     subject_map = pair_layer_calls(ref_map, other_map, anchors=anchors)
-    if not ref_boxes and not other_boxes:
-        return dict(ref_map), _renamed(other_map, subject_map)
     paired = set(subject_map.values())
+    ref_only, other_only = _one_sided([s for s, _ in ref_calls if _base(s) not in ref_boxes],
+                                      [s for s, _ in other_calls if _base(s) not in other_boxes],
+                                      subject_map)
 
-    def unpaired(key: str, boxes: set[str], known: Any) -> bool:
+    def left_out(key: str, boxes: set[str], known: Any, one_sided: set[str]) -> bool:
         k = parse_key(key)
-        return k is not None and not k.is_param and _base(k.subject) in boxes \
-            and k.subject not in known
+        if k is None or k.is_param:
+            return False
+        return k.subject in one_sided or (_base(k.subject) in boxes and k.subject not in known)
 
-    ref = {k: v for k, v in ref_map.items() if not unpaired(k, ref_boxes, paired)}
-    other = {k: v for k, v in other_map.items() if not unpaired(k, other_boxes, subject_map)}
+    ref = {k: v for k, v in ref_map.items() if not left_out(k, ref_boxes, paired, ref_only)}
+    other = {k: v for k, v in other_map.items()
+             if not left_out(k, other_boxes, subject_map, other_only)}
     return ref, _renamed(other, subject_map)
+
+
+def _one_sided(ref_leaves: list[str], other_leaves: list[str], subject_map: Mapping[str, str]
+               ) -> tuple[set[str], set[str]]:
+    """The unpaired leaf calls of each side that lie between two consecutive paired calls (or
+    before the first, after the last) where the other side has none unpaired."""
+    ref_at = {s: j for j, s in enumerate(ref_leaves)}
+    pairs = sorted((ref_at[r], i) for i, o in enumerate(other_leaves)
+                   if (r := subject_map.get(o)) is not None and r in ref_at)
+    ref_only: set[str] = set()
+    other_only: set[str] = set()
+    bounds = [(-1, -1), *pairs, (len(ref_leaves), len(other_leaves))]
+    for (j0, i0), (j1, i1) in zip(bounds, bounds[1:]):
+        if j1 <= j0 or i1 <= i0:  # pairs out of order (cannot happen in order): say nothing
+            continue
+        r_gap, o_gap = ref_leaves[j0 + 1 : j1], other_leaves[i0 + 1 : i1]
+        if r_gap and not o_gap:
+            ref_only.update(r_gap)
+        elif o_gap and not r_gap:
+            other_only.update(o_gap)
+    return ref_only, other_only
 
 
 def _renamed(other_map: Mapping[str, Any], subject_map: Mapping[str, str]) -> dict[str, Any]:

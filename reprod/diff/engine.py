@@ -99,10 +99,13 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
     if pair is not None:
         paired = pair(a.tree, b.tree)
         if isinstance(paired, tuple):  # (ref, other): keys with no counterpart left out
-            n_ref = len(a.tree)
+            n_ref, n_other = len(a.tree), len(b.tree)
             a.tree, b.tree = paired
-            if len(a.tree) < n_ref:  # said in the summary: nothing is left out unsaid
+            # said in the summary: nothing is left out unsaid
+            if len(a.tree) < n_ref:
                 left_out["ref"] = n_ref - len(a.tree)
+            if len(b.tree) < n_other:
+                left_out["other"] = n_other - len(b.tree)
         else:
             b.tree = paired
     hi = None if noise is None else open_side(noise, "noise")

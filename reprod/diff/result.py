@@ -303,9 +303,9 @@ class DiffResult:
         kinks = s["statuses"].get("kink", 0)
         passed = f"{s['passed']} passed" + (f" ({kinks} only across a kink crossing)" if kinks else "")
         head = f"{s['compared']} {noun} compared, {passed}, {s['failed']} failed"
-        left = (self.options.get("left_out") or {}).get("ref")
-        if left:
-            head += f" ({left} reference {'key' if left == 1 else 'keys'} with no counterpart left out)"
+        left = self.options.get("left_out") or {}
+        if left.get("ref") or left.get("other"):
+            head += f" ({msg.summary_left_out(left.get('ref', 0), left.get('other', 0))})"
         unc = self.options.get("not_calibrated")
         if unc:
             head += f" ({msg.summary_uncalibrated(unc['keys'], unc['why'])})"

@@ -208,8 +208,8 @@ def test_importing_capture_loads_no_framework():
 
 def test_rename_by_order_never_lets_an_unpaired_key_take_a_paired_name():
     ref = {"a.out": _arr(2), "b.out": _arr(3)}
-    other = {"a.out": _arr(3), "x.out": _arr(2)}  # "a" is "b" now, and "x" is "a"
+    other = {"a.out": _arr(4), "x.out": _arr(2)}  # "x" is "a", and "a" is new
     paired = rename_by_order(ref, other)
-    # only one of the two can pair in order: x with a; the other side's "a" is left over
+    # x pairs with a; the other side's "a" pairs with nothing and must not keep the name "a"
     assert list(paired) == ["unpaired:a.out", "a.out"]
     assert paired["a.out"] is other["x.out"] and paired["unpaired:a.out"] is other["a.out"]

@@ -22,10 +22,28 @@ PORT = _calls(("stem.conv", 3, 8), ("stem.bn", 8, 8), ("body.conv", 8, 16), ("bo
 
 
 def test_shapes_alone_can_pair_a_batchnorm_with_a_relu() -> None:
-    # what the anchors are for: without them the port's BN takes the ReLU's name (difflib's
-    # longest run is conv-(8->8)-conv, which pairs the 8 -> 8 layer right before f.3)
+    # what the anchors are for: the values here say nothing (zeros everywhere), and shapes alone
+    # pair the port's BN with either 8 -> 8 layer; a ReLU is not a BatchNorm
     got = rename_by_order(REF, PORT)
-    assert got["f.2.out"] is PORT["stem.bn.out"] and "f.1.out" not in got
+    assert sum(got.get(k) is PORT["stem.bn.out"] for k in ("f.1.out", "f.2.out")) == 1
+
+
+def test_values_pair_a_batchnorm_with_the_batchnorm_not_the_relu_after_it() -> None:
+    # a correct port sees the same values: the port BN's input is the reference BN's, not the
+    # ReLU's (which is the BN's output); found without anchors
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3)).astype(np.float32)
+    conv = rng.standard_normal((1, 8)).astype(np.float32)
+    bn = (conv - conv.mean()) / conv.std() * 0.5 + 0.1
+    relu = np.maximum(bn, 0)
+    conv2 = rng.standard_normal((1, 16)).astype(np.float32)
+    ref = {"f.0.in": x, "f.0.out": conv, "f.1.in": conv, "f.1.out": bn, "f.2.in": bn,
+           "f.2.out": relu, "f.3.in": relu, "f.3.out": conv2, "f.4.in": conv2, "f.4.out": conv2}
+    port = {"stem.conv.in": x, "stem.conv.out": conv, "stem.bn.in": conv, "stem.bn.out": bn,
+            "body.conv.in": relu, "body.conv.out": conv2, "body.bn.in": conv2, "body.bn.out": conv2}
+    got = rename_by_order(ref, port)
+    assert got["f.1.out"] is port["stem.bn.out"] and got["f.1.in"] is port["stem.bn.in"]
+    assert "f.2.out" not in got and got["f.4.out"] is port["body.bn.out"]
 
 
 def test_anchors_fix_the_layers_their_weights_pair() -> None:

@@ -1,0 +1,119 @@
+"""Layers only one side records, compared by call order (``match_by_order``).
+
+A port often records a layer the reference calls as a function (paddle.vision's ``nn.ReLU`` and
+``AdaptiveAvgPool2D`` layers against torchvision's ``F.relu`` and ``adaptive_avg_pool2d``), or the
+other way round. Such a layer keeps its input's shape, so shapes alone paired a ``BatchNorm`` with
+the ``ReLU`` after it, and the layer itself stayed as keys one side lacks: a correct
+inception_v3 port failed 419 of 604 keys, alexnet 16, mobilenet_v2 2. Now the pairing prefers
+calls that see the same values, and a call one side makes where the other makes none between
+the same two paired calls is left out, said in the summary. The captures are numpy-built, named
+as ``record`` names its keys.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import reprod
+from reprod.capture import first_divergence, match_by_order
+from reprod.capture.naming import pair_layer_calls
+
+ROOT = Path(__file__).resolve().parents[2]
+RNG = np.random.default_rng(1)
+W = [RNG.standard_normal((6, 6)) * 0.4 for _ in range(4)]
+
+
+def _ref(x: np.ndarray) -> dict[str, np.ndarray]:
+    """lin0 -> bn0 -> relu (as a function) -> lin1 -> bn1 -> relu -> pool (a function) -> head."""
+    log: dict[str, np.ndarray] = {"<model>.in": x}
+    h = x
+    for i in range(2):
+        log[f"lin{i}.in"] = h
+        log[f"lin{i}.out"] = h = h @ W[i]
+        log[f"bn{i}.in"] = h
+        log[f"bn{i}.out"] = h = (h - h.mean(0)) / h.std(0) * 0.8 + 0.1
+        h = np.maximum(h, 0)
+    h = h.mean(1, keepdims=True) * np.ones((1, 6))
+    log["head.in"] = h
+    log["head.out"] = h = h @ W[3]
+    log["<model>.out"] = h
+    return log
+
+
+def _port(x: np.ndarray, *, eps: float = 0.0, wide: bool = False) -> dict[str, np.ndarray]:
+    """The same with the ReLUs and the pooling as layers of their own; ``eps`` changes bn1 (a
+    bug); ``wide`` gives lin1 another output size (a bug the pairing cannot bridge)."""
+    log: dict[str, np.ndarray] = {"<model>.in": x}
+    h = x
+    for i in range(2):
+        w = np.hstack([W[i], W[2][:, :1]]) if wide and i == 1 else W[i]
+        log[f"blocks.{i}.fc.in"] = h
+        log[f"blocks.{i}.fc.out"] = h = h @ w
+        log[f"blocks.{i}.norm.in"] = h
+        e = eps if i == 1 else 0.0
+        log[f"blocks.{i}.norm.out"] = h = (h - h.mean(0)) / np.sqrt(h.var(0) + e) * 0.8 + 0.1
+        log[f"blocks.{i}.act.in"] = h
+        log[f"blocks.{i}.act.out"] = h = np.maximum(h, 0)
+        if wide and i == 1:
+            h = h[:, :6]
+    log["pool.in"] = h
+    log["pool.out"] = h = h.mean(1, keepdims=True) * np.ones((1, 6))
+    log["fc_out.in"] = h
+    log["fc_out.out"] = h = h @ W[3]
+    log["<model>.out"] = h
+    return log
+
+
+X = RNG.standard_normal((4, 6))
+
+
+def test_a_batchnorm_pairs_with_the_batchnorm_by_its_values() -> None:
+    pairs = pair_layer_calls(_ref(X), _port(X))
+    assert pairs["blocks.0.norm"] == "bn0" and pairs["blocks.1.norm"] == "bn1"
+    assert "blocks.0.act" not in pairs and "pool" not in pairs
+
+
+def test_layers_only_the_port_records_are_left_out_and_a_correct_port_passes() -> None:
+    ref, other = match_by_order(_ref(X), _port(X))
+    assert set(ref) == set(other)
+    assert not any(k.startswith(("blocks.0.act", "blocks.1.act", "pool.")) for k in other)
+    assert reprod.compare(ref, other, threshold=1e-12).passed
+    # compare(pair=...) says what was left out
+    r = reprod.compare(_ref(X), _port(X), pair=match_by_order, threshold=1e-12)
+    assert r.passed and r.options["left_out"] == {"other": 6}
+    assert "(6 other keys with no counterpart left out): PASSED" in r.summary_line()
+    # the other way round: layers only the reference records
+    r = reprod.compare(_port(X), _ref(X), pair=match_by_order, threshold=1e-12)
+    assert r.passed and r.options["left_out"] == {"ref": 6}
+
+
+def test_a_bug_is_still_found_at_its_layer() -> None:
+    r = reprod.compare(_ref(X), _port(X, eps=0.5), pair=match_by_order, threshold=1e-9)
+    assert not r.passed and r.first_failure.key == "bn1.out"
+    assert r["bn0.out"].passed and r["lin1.out"].passed
+    d = first_divergence(r)
+    assert d is not None and d.layer == "bn1"
+
+
+def test_a_layer_of_another_size_still_fails_where_it_starts() -> None:
+    # lin1 gives 7 outputs in the port: neither its fc nor its norm pairs; the calls around
+    # them pair by shape as they can (shapes that agree by chance pair wrongly), and the first
+    # failure is the first call after bn0, which aligns
+    r = reprod.compare(_ref(X), _port(X, wide=True), pair=match_by_order, threshold=1e-9)
+    assert not r.passed
+    assert r["bn0.out"].passed
+    assert r.first_failure.key.startswith(("lin1", "bn1")), r.first_failure.key
+
+
+def test_cli_by_order_passes_the_correct_port_and_says_what_it_left_out(tmp_path: Path) -> None:
+    reprod.save(str(tmp_path / "ref.npz"), _ref(X))
+    reprod.save(str(tmp_path / "port.npz"), _port(X))
+    run = subprocess.run([sys.executable, "-m", "reprod", str(tmp_path / "ref.npz"),
+                          str(tmp_path / "port.npz"), "--by-order", "--threshold", "1e-9",
+                          ], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "6 other keys with no counterpart left out" in run.stdout + run.stderr
