@@ -23,6 +23,9 @@ __all__ = ["replay"]
 
 # how many reference layers ``by_order`` looks past the next unpaired one for a layer that fits
 _LOOKAHEAD = 8
+# how many reference layers before the last pair a search starts (siblings called the other way
+# round)
+_LOOKBACK = 2
 
 
 class _Call:
@@ -454,53 +457,74 @@ def _closeness(outs: Mapping[str, Any], call: _Call, tree: Mapping[str, Any]) ->
     return worst
 
 
-# a trial replay this close to a reference layer's output is that layer (a bug in the layer moves
-# it further, but never to another layer's output of the same shape more than its own)
-_CLOSE = 0.5
+# a trial replay this close to a reference layer's output is that layer: a correct port's layer
+# replays to within float32 rounding (1e-6), a half-precision one to ~1e-2; a layer and the one
+# after it (a BatchNorm, a ReLU) are often within 0.5 of each other, and a broken layer is not
+# close to its own, so those pair by shapes between the close pairs, the closest first
+_CLOSE = 0.05
 
 
 def _pair_by_order(
     fw: Any, backend: Any, model: Any, layers: list[tuple[str, Any]],
     calls: dict[str, list[_Call]], order: Mapping[str, int], tree: Mapping[str, Any],
 ) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """Port leaf layers in call order, reference layers in call order; a port layer pairs with
-    the first unpaired reference layer (within a look-ahead) whose first call it replays to
-    outputs of the same structure and shapes and close in value, else with the first whose
-    shapes fit: shapes alone pair a BatchNorm with the ReLU after it."""
+    """Port leaf layers in call order, reference layers in call order, paired in two passes.
+
+    First, a port layer pairs with the first unpaired reference layer (within a look-ahead,
+    starting a little before the last pair, as a port may call two siblings the other way round)
+    whose first call it replays to outputs of the same structure and shapes and close in value.
+    Then each port layer left between two such pairs takes the first unpaired reference layer
+    between the same two pairs whose shapes fit (a broken layer is not close to its own), and
+    where the reference has none there it pairs with nothing: a layer the reference calls as a
+    function (a ``ReLU``), which shapes alone would pair with the next ``BatchNorm``."""
     inner = _containers(calls)
     ref_names = [n for n in sorted(calls, key=lambda n: order.get(n, 0)) if n not in inner]
-    taken: set[str] = set()
+    leaves = [(n, layer) for n, layer in layers if n != ROOT and backend.is_leaf(layer)]
+    trials: dict[tuple[int, int], Optional[float]] = {}
+
+    def distance(p: int, k: int) -> Optional[float]:
+        if (p, k) not in trials:
+            call = calls[ref_names[k]][0]
+            try:
+                outs = _run(fw, backend, model, leaves[p][1], call)
+            except _Skip:
+                outs = None
+            trials[p, k] = None if outs is None else _closeness(outs, call, tree)
+        return trials[p, k]
+
+    taken: set[int] = set()
+    paired: dict[int, int] = {}
+    last = -1
+    for p in range(len(leaves)):
+        k, looked = max(0, last + 1 - _LOOKBACK), 0
+        while k < len(ref_names) and looked <= _LOOKAHEAD:
+            if k not in taken:
+                looked += 1
+                dist = distance(p, k)
+                if dist is not None and dist <= _CLOSE:
+                    paired[p], last = k, k
+                    taken.add(k)
+                    break
+            k += 1
+    # the layers between two close pairs: by shapes, the closest, among the reference layers
+    # from the last pairs before (a few back: siblings called the other way round) to the next
+    bounds = [(-1, -1), *sorted(paired.items()), (len(leaves), len(ref_names))]
+    for at, ((p0, _), (p1, k1)) in enumerate(zip(bounds, bounds[1:])):
+        lo = min(k for _, k in bounds[max(0, at - _LOOKBACK + 1): at + 1])
+        for p in range(p0 + 1, p1):
+            fits = [(d, k) for k in range(lo + 1, k1)
+                    if k not in taken and (d := distance(p, k)) is not None]
+            if fits:
+                k = min(fits)[1]
+                paired[p] = k
+                taken.add(k)
     mapping: dict[str, str] = {}
     skipped: list[dict[str, Any]] = []
-    j = 0
-    for name, layer in layers:
-        if name == ROOT or not backend.is_leaf(layer):
-            continue
-        found = None
-        k, looked = j, 0
-        while k < len(ref_names) and looked <= _LOOKAHEAD:
-            ref = ref_names[k]
-            if ref not in taken:
-                looked += 1
-                call = calls[ref][0]
-                try:
-                    outs = _run(fw, backend, model, layer, call)
-                except _Skip:
-                    outs = None
-                dist = None if outs is None else _closeness(outs, call, tree)
-                if dist is not None:
-                    if found is None:
-                        found = k
-                    if dist <= _CLOSE:
-                        found = k
-                        break
-            k += 1
-        if found is None:
+    for p, (name, _) in enumerate(leaves):
+        if p in paired:
+            mapping[name] = ref_names[paired[p]]
+        else:
             skipped.append({"layer": name, "reference": None,
                             "reason": "no reference layer pairs with it by call order"})
-            continue
-        mapping[name] = ref_names[found]
-        taken.add(ref_names[found])
-        j = found + 1
     return mapping, skipped
 
