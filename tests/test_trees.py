@@ -448,3 +448,30 @@ def test_unreachable_scheduler_is_a_quick_one_line_error(tmp_path) -> None:
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith(f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}")
     assert isinstance(info.value, ReprodError)
+
+
+def test_a_failed_scheduler_handshake_is_tried_once_more_then_one_line(monkeypatch) -> None:
+    """distributed's Client asserts its handshake reads one message; under load it read more once
+    (a CI run beside a real-model run): reprod tries once more, then says so in one line."""
+    distributed = pytest.importorskip("distributed", reason="dask distributed is not installed")
+    from reprod.trees import executors
+
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise AssertionError
+        return "client"
+
+    monkeypatch.setattr(distributed, "Client", flaky)
+    assert executors._connect("tcp://127.0.0.1:1", 1.0) == "client" and len(calls) == 2
+
+    def broken(*args, **kwargs):
+        raise AssertionError
+
+    monkeypatch.setattr(distributed, "Client", broken)
+    with pytest.raises(trees.ClusterError) as info:
+        executors._connect("tcp://127.0.0.1:1", 1.0)
+    assert str(info.value) == ("cannot connect to the Dask scheduler at tcp://127.0.0.1:1: its "
+                               "handshake failed twice (AssertionError)")

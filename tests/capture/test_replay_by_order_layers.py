@@ -12,8 +12,6 @@ pairs with nothing.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from reprod.capture import record, replay
