@@ -109,7 +109,7 @@ def localise_forward(
     in the right mode), pair, judge and diagnose them. ``run_twin`` runs the float64 twin, whose
     capture becomes the noise reference."""
     from ..capture import first_divergence, layer_types
-    from ..capture.naming import _renamed, pair_layer_calls
+    from ..capture.naming import _fused, _layer_calls, _renamed, pair_layer_calls
     from ..diagnose import diagnose
     from ..diff.engine import compare
 
@@ -120,12 +120,15 @@ def localise_forward(
     raw = _capture(paddle_model, run_paddle, containers)
     names: dict[str, str] = {}  # port layer -> reference layer
     port = raw
+    superseded: set[str] = set()  # reference keys a fused port layer computes nothing for
     if by_order:
         calls = pair_layer_calls(ref, raw, anchors=_weight_anchors(torch_model, paddle_model))
-        port = _renamed(raw, calls)
+        parts, superseded = _fused(ref, raw, calls, [s for s, _ in _layer_calls(ref)])
+        port = _renamed(raw, calls, parts)
         names = {o.partition("#")[0]: r.partition("#")[0] for o, r in calls.items()}
     noise = None if run_twin is None else _capture(run_twin[0], run_twin[1], containers)
-    plain = compare(ref, port, criteria=criteria, noise=noise)
+    plain = compare({k: v for k, v in ref.items() if k not in superseded}, port,
+                    criteria=criteria, noise=noise)
     ptypes = layer_types(paddle_model)
     types: dict[str, tuple[str, Optional[str]]] = {
         name: (cls, None) for name, cls in layer_types(torch_model).items()

@@ -491,23 +491,25 @@ def _align(ref_sigs: list[Any], other_sigs: list[Any], likeness: Callable[[int, 
 def _fingerprint(mapping: Mapping[str, Any], subject: str) -> Optional[tuple[Any, Any]]:
     """(mean, mean |x|, max |x|) of a layer call's first input and first output, or ``None``
     for a part that is not a float array."""
-    def stats(part: str) -> Any:
+    def part(name: str) -> Any:
         for suffix in ("", ".0"):
-            value = mapping.get(f"{subject}.{part}{suffix}")
+            value = mapping.get(f"{subject}.{name}{suffix}")
             if value is not None:
-                break
-        else:
-            return None
-        try:
-            a = np.asarray(value)
-        except Exception:  # noqa: BLE001 - a value without an array view: no fingerprint
-            return None
-        if a.dtype.kind != "f" or a.size == 0:
-            return None
-        a = a.astype(np.float64, copy=False)
-        with np.errstate(all="ignore"):
-            return float(a.mean()), float(np.abs(a).mean()), float(np.abs(a).max())
-    return stats("in"), stats("out")
+                return _stats(value)
+        return None
+    return part("in"), part("out")
+
+
+def _stats(value: Any) -> Optional[tuple[float, float, float]]:
+    try:
+        a = np.asarray(value)
+    except Exception:  # noqa: BLE001 - a value without an array view: no fingerprint
+        return None
+    if a.dtype.kind != "f" or a.size == 0:
+        return None
+    a = a.astype(np.float64, copy=False)
+    with np.errstate(all="ignore"):
+        return float(a.mean()), float(np.abs(a).mean()), float(np.abs(a).max())
 
 
 def _close(x: Any, y: Any) -> bool:
@@ -524,6 +526,43 @@ def _likeness(ref_fp: Any, other_fp: Any) -> int:
     if ref_fp is None or other_fp is None:
         return 0
     return 2 * _close(ref_fp[0], other_fp[0]) + _close(ref_fp[1], other_fp[1])
+
+
+def _fused(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
+           subject_map: Mapping[str, str], ref_leaves: list[str]
+           ) -> tuple[dict[str, str], set[str]]:
+    """Port layers computing what two reference layers compute in a row: paddle's
+    ``BatchNorm(act="relu")`` against torch's ``BatchNorm2d`` and the ``ReLU`` layer after it.
+    Such a port layer pairs with the first (their inputs agree), but its output is the second's.
+    Returned: ``{other "<layer>.out": reference "<next>.out"}``, and the reference keys nothing
+    in the port computes (the first's output, the second's input: one tensor).
+
+    Found by values: the reference's next layer is unpaired and takes the paired layer's output
+    as its input, and the port layer's output agrees with the next layer's output, not with the
+    paired layer's. After a bug values agree with neither, and the port layer's output is set
+    against the paired layer's, as before."""
+    paired = set(subject_map.values())
+    following = dict(zip(ref_leaves, ref_leaves[1:]))
+    parts: dict[str, str] = {}
+    superseded: set[str] = set()
+    for o, r in subject_map.items():
+        r2 = following.get(r)
+        if r2 is None or r2 in paired:
+            continue
+        r_out, r2_in, r2_out, o_out = f"{r}.out", f"{r2}.in", f"{r2}.out", f"{o}.out"
+        if r_out not in ref_map or r2_in not in ref_map or r2_out not in ref_map \
+                or o_out not in other_map:
+            continue
+        if _shape(ref_map[r2_out]) != _shape(other_map[o_out]):
+            continue
+        a, b = ref_map[r_out], ref_map[r2_in]
+        if a is not b and not np.array_equal(np.asarray(a), np.asarray(b)):
+            continue
+        got = _stats(other_map[o_out])
+        if _close(got, _stats(ref_map[r2_out])) and not _close(got, _stats(a)):
+            parts[o_out] = r2_out
+            superseded.update((r_out, r2_in))
+    return parts, superseded
 
 
 def match_by_order(
@@ -559,10 +598,14 @@ def match_by_order(
             return False
         return k.subject in one_sided or (_base(k.subject) in boxes and k.subject not in known)
 
-    ref = {k: v for k, v in ref_map.items() if not left_out(k, ref_boxes, paired, ref_only)}
+    parts, superseded = _fused(ref_map, other_map, subject_map,
+                               [s for s, _ in ref_calls if _base(s) not in ref_boxes])
+    kept = set(parts.values())
+    ref = {k: v for k, v in ref_map.items()
+           if k in kept or (k not in superseded and not left_out(k, ref_boxes, paired, ref_only))}
     other = {k: v for k, v in other_map.items()
              if not left_out(k, other_boxes, subject_map, other_only)}
-    return ref, _renamed(other, subject_map)
+    return ref, _renamed(other, subject_map, parts)
 
 
 def _one_sided(ref_leaves: list[str], other_leaves: list[str], subject_map: Mapping[str, str]
@@ -586,7 +629,8 @@ def _one_sided(ref_leaves: list[str], other_leaves: list[str], subject_map: Mapp
     return ref_only, other_only
 
 
-def _renamed(other_map: Mapping[str, Any], subject_map: Mapping[str, str]) -> dict[str, Any]:
+def _renamed(other_map: Mapping[str, Any], subject_map: Mapping[str, str],
+             parts: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
     # a layer's parameters follow the layer's first call
     owner_map: dict[str, str] = {}
     for other_subject, ref_subject in subject_map.items():
@@ -598,7 +642,9 @@ def _renamed(other_map: Mapping[str, Any], subject_map: Mapping[str, str]) -> di
     for key in other_map:
         parsed = parse_key(key)
         paired: Optional[str] = None
-        if parsed is not None and not parsed.is_param and parsed.subject in subject_map:
+        if parts and key in parts:  # a fused layer's output: the next reference layer's
+            paired = parts[key]
+        elif parsed is not None and not parsed.is_param and parsed.subject in subject_map:
             paired = f"{subject_map[parsed.subject]}.{parsed.part}"
         elif parsed is not None and parsed.is_param:
             owner, _, local = parsed.name.rpartition(".")

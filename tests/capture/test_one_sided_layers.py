@@ -117,3 +117,48 @@ def test_cli_by_order_passes_the_correct_port_and_says_what_it_left_out(tmp_path
                           ], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "6 other keys with no counterpart left out" in run.stdout + run.stderr
+
+
+# --- a port layer computing two reference layers in a row ---------------------------------------
+
+def _ref_layers(x: np.ndarray) -> dict[str, np.ndarray]:
+    """lin -> bn -> relu (a layer) -> head: torch's BatchNorm2d and ReLU."""
+    log: dict[str, np.ndarray] = {"<model>.in": x}
+    log["lin.in"] = x
+    log["lin.out"] = h = x @ W[0]
+    log["bn.in"] = h
+    log["bn.out"] = h = (h - h.mean(0)) / h.std(0) * 0.8 + 0.1
+    log["relu.in"] = h
+    log["relu.out"] = h = np.maximum(h, 0)
+    log["head.in"] = h
+    log["head.out"] = h = h @ W[3]
+    log["<model>.out"] = h
+    return log
+
+
+def _port_fused(x: np.ndarray, eps: float = 0.0) -> dict[str, np.ndarray]:
+    """paddle's BatchNorm(act="relu"): one layer computing both; ``eps`` a bug in it."""
+    log: dict[str, np.ndarray] = {"<model>.in": x}
+    log["fc.in"] = x
+    log["fc.out"] = h = x @ W[0]
+    log["norm.in"] = h
+    log["norm.out"] = h = np.maximum((h - h.mean(0)) / np.sqrt(h.var(0) + eps) * 0.8 + 0.1, 0)
+    log["out.in"] = h
+    log["out.out"] = h = h @ W[3]
+    log["<model>.out"] = h
+    return log
+
+
+def test_a_fused_batchnorm_and_relu_is_set_against_the_relu_output() -> None:
+    ref, other = match_by_order(_ref_layers(X), _port_fused(X))
+    # the port's norm pairs with bn (their inputs agree), its output is relu's
+    assert other["relu.out"] is _port_fused(X)["norm.out"] or np.array_equal(
+        other["relu.out"], _port_fused(X)["norm.out"])
+    assert "bn.in" in other and "bn.out" not in other
+    assert "bn.out" not in ref and "relu.in" not in ref and "relu.out" in ref
+    assert reprod.compare(ref, other, threshold=1e-12).passed
+    # a bug in the fused layer: its values agree with neither reference layer, so nothing is
+    # read as fused, and its output is set against the layer it pairs with, which fails first
+    r = reprod.compare(_ref_layers(X), _port_fused(X, eps=0.5), pair=match_by_order, threshold=1e-9)
+    assert not r.passed and r.first_failure.key == "bn.out"
+    assert r["bn.in"].passed

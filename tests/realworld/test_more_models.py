@@ -95,3 +95,20 @@ def test_a_batchnorm_epsilon_bug_is_named_at_its_layer(model) -> None:
     div = first_divergence(r)
     assert not r.passed and div is not None and div.layer == target, div and div.message
     assert div.input_aligned
+
+
+def test_densenet_fused_batchnorm_relu_names_the_bug_in_its_dense_layer() -> None:
+    """paddle.vision's densenet121 uses ``BatchNorm(act="relu")``: one layer for torchvision's
+    ``norm`` and ``relu``. Paired by weights with ``norm``, its output was set against the
+    pre-activation and every bug was named at the first BatchNorm, ``features.norm0``; it is now
+    set against the ReLU's output where the values say the port fused the two."""
+    from reprod.align import align_forward
+
+    pair = pair_of("densenet121")
+    target = "features.denseblock2.denselayer3.norm2"
+    m = port(pair, bn_eps=target)
+    r = align_forward(pair.torch32, m, make_inputs(0, 2), calibrate=True, by_order=True)
+    found = r.options["findings"]
+    assert not r.passed and found
+    assert found[0].startswith("diverges at features.denseblock2.denselayer3.norm2") or \
+        found[0].startswith("diverges at features.denseblock2.denselayer3.relu2"), found[0]
