@@ -326,12 +326,26 @@ def pair_layer_calls(
         return _pair_calls(ref_calls, other_calls, anchors, ref_map, other_map)
     # with containers, shapes alone pair a block with a leaf or a wrapper with its block: the
     # leaf layers pair by call order, then each container with the one holding the same leaves
-    subject_map = _pair_calls([c for c in ref_calls if _base(c[0]) not in ref_boxes],
-                              [c for c in other_calls if _base(c[0]) not in other_boxes], anchors,
-                              ref_map, other_map)
+    ref_leaves = [c for c in ref_calls if _base(c[0]) not in ref_boxes]
+    other_leaves = [c for c in other_calls if _base(c[0]) not in other_boxes]
+    subject_map = _pair_calls(ref_leaves, other_leaves, anchors, ref_map, other_map)
+    # a layer only one side has (a ReLU the other calls as a function) says nothing about which
+    # container is which: a Fire block with ReLU layers holds the same as one without
+    ref_only, other_only = _one_sided([s for s, _ in ref_leaves], [s for s, _ in other_leaves],
+                                      subject_map)
     subject_map.update(_pair_containers(ref_calls, other_calls, ref_boxes, other_boxes,
-                                        subject_map))
+                                        subject_map, _whole(ref_leaves, ref_only),
+                                        _whole(other_leaves, other_only)))
     return subject_map
+
+
+def _whole(leaves: list[tuple[str, dict[str, Any]]], calls: set[str]) -> set[str]:
+    """The layers all of whose calls are in ``calls``."""
+    out: dict[str, bool] = {}
+    for subject, _ in leaves:
+        base = _base(subject)
+        out[base] = out.get(base, True) and subject in calls
+    return {name for name, every in out.items() if every}
 
 
 def _base(subject: str) -> str:
@@ -360,7 +374,9 @@ def holders(names: Any) -> set[str]:
 
 def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
                      other_calls: list[tuple[str, dict[str, Any]]], ref_boxes: set[str],
-                     other_boxes: set[str], leaf_map: Mapping[str, str]) -> dict[str, str]:
+                     other_boxes: set[str], leaf_map: Mapping[str, str],
+                     ref_skip: frozenset[str] | set[str] = frozenset(),
+                     other_skip: frozenset[str] | set[str] = frozenset()) -> dict[str, str]:
     """Container calls paired by the leaf layers they hold: a port container with the reference
     container holding the leaves its own leaves pair with (``leaf_map``). Where nested
     containers hold the same leaves (a block and the ``Sequential`` inside it), the outermost of
@@ -371,9 +387,9 @@ def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
     leaves = {_base(o): _base(r) for o, r in leaf_map.items()}
 
     def held(calls: list[tuple[str, dict[str, Any]]], boxes: set[str],
-             rename: Optional[Mapping[str, str]]) -> dict[str, set[Optional[str]]]:
+             rename: Optional[Mapping[str, str]], skip: Any) -> dict[str, set[Optional[str]]]:
         out: dict[str, set[Optional[str]]] = {}
-        for name in {_base(s) for s, _ in calls} - boxes:
+        for name in {_base(s) for s, _ in calls} - boxes - set(skip):
             leaf = name if rename is None else rename.get(name)
             cut = name.rfind(".")
             while cut > 0:
@@ -383,10 +399,10 @@ def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
         return out
 
     groups: dict[frozenset[Optional[str]], tuple[list[str], list[str]]] = {}
-    for box, inside in sorted(held(ref_calls, ref_boxes, None).items(),
+    for box, inside in sorted(held(ref_calls, ref_boxes, None, ref_skip).items(),
                               key=lambda item: item[0].count(".")):
         groups.setdefault(frozenset(inside), ([], []))[0].append(box)
-    for box, inside in sorted(held(other_calls, other_boxes, leaves).items(),
+    for box, inside in sorted(held(other_calls, other_boxes, leaves, other_skip).items(),
                               key=lambda item: item[0].count(".")):
         key = frozenset(inside)
         if None not in key and key in groups:  # every leaf it holds paired

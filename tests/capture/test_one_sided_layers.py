@@ -162,3 +162,39 @@ def test_a_fused_batchnorm_and_relu_is_set_against_the_relu_output() -> None:
     r = reprod.compare(_ref_layers(X), _port_fused(X, eps=0.5), pair=match_by_order, threshold=1e-9)
     assert not r.passed and r.first_failure.key == "bn.out"
     assert r["bn.in"].passed
+
+
+# --- blocks whose activations only one side records -------------------------------------------
+
+def _blocks(x: np.ndarray, *, port: bool, residual: tuple[bool, ...] = (True, True)
+            ) -> dict[str, np.ndarray]:
+    """Two residual blocks x + relu(x @ w); the reference records its ReLU as a layer
+    (``blocks.i.act``), the port calls it as a function, under other names."""
+    log: dict[str, np.ndarray] = {"<model>.in": x}
+    h = x
+    for i in range(2):
+        box = f"stages.{i}" if port else f"blocks.{i}"
+        lin = f"{box}.lin" if port else f"{box}.fc"
+        log[f"{box}.in"] = h
+        log[f"{lin}.in"] = h
+        log[f"{lin}.out"] = y = h @ W[i]
+        if not port:
+            log[f"{box}.act.in"] = y
+            log[f"{box}.act.out"] = np.maximum(y, 0)
+        y = np.maximum(y, 0)
+        h = h + y if residual[i] else y
+        log[f"{box}.out"] = h
+    log["<model>.out"] = h
+    return log
+
+
+def test_blocks_pair_although_only_one_side_records_their_activations() -> None:
+    pairs = pair_layer_calls(_blocks(X, port=False), _blocks(X, port=True))
+    assert pairs["stages.0"] == "blocks.0" and pairs["stages.1"] == "blocks.1"
+    r = reprod.compare(_blocks(X, port=False), _blocks(X, port=True), pair=match_by_order,
+                       threshold=1e-12)
+    assert r.passed and "blocks.1.out" in r.keys()
+    bug = reprod.compare(_blocks(X, port=False), _blocks(X, port=True, residual=(True, False)),
+                         pair=match_by_order, threshold=1e-9)
+    d = first_divergence(bug)
+    assert d is not None and d.layer == "blocks.1" and "own forward code" in d.message
