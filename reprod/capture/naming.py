@@ -401,11 +401,12 @@ def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
     groups: dict[frozenset[Optional[str]], tuple[list[str], list[str]]] = {}
     for box, inside in sorted(held(ref_calls, ref_boxes, None, ref_skip).items(),
                               key=lambda item: item[0].count(".")):
-        groups.setdefault(frozenset(inside), ([], []))[0].append(box)
+        if inside:  # a container holding no paired leaf says nothing of which it is
+            groups.setdefault(frozenset(inside), ([], []))[0].append(box)
     for box, inside in sorted(held(other_calls, other_boxes, leaves, other_skip).items(),
                               key=lambda item: item[0].count(".")):
         key = frozenset(inside)
-        if None not in key and key in groups:  # every leaf it holds paired
+        if key and None not in key and key in groups:  # every leaf it holds paired
             groups[key][1].append(box)
     pairs = [(r_side[0], o_side[0]) for r_side, o_side in groups.values() if r_side and o_side]
     if ROOT in ref_boxes and ROOT in other_boxes:

@@ -387,7 +387,7 @@ def _containers_by_leaves(backend: Any, layers: list[tuple[str, Any]],
                           leaves: Mapping[str, str]) -> dict[str, str]:
     """Port containers paired with the reference's by the leaf layers they hold (``leaves``: the
     leaf pairing), as ``match_by_order`` pairs them; the model with the model."""
-    from .naming import _one_sided, _pair_containers
+    from .naming import _pair_containers
 
     ref_calls = [(n, {}) for n in sorted(calls, key=lambda n: order.get(n, 0))]
     # a list of layers (ModuleList, LayerList) holds leaves but is never called: no pair
@@ -395,10 +395,11 @@ def _containers_by_leaves(backend: Any, layers: list[tuple[str, Any]],
                                                     if _has_forward(layer)]
     port_boxes = {n for n, layer in layers if n == ROOT or not backend.is_leaf(layer)}
     # leaf layers only one side has (a ReLU the other calls as a function) say nothing of which
-    # container is which
+    # container is which (the leaf pairing has left them unpaired)
     ref_boxes = _containers(calls)
-    ref_only, port_only = _one_sided([n for n, _ in ref_calls if n not in ref_boxes],
-                                     [n for n, _ in layers if n not in port_boxes], leaves)
+    paired = set(leaves.values())
+    ref_only = {n for n, _ in ref_calls if n not in ref_boxes and n not in paired}
+    port_only = {n for n, _ in layers if n not in port_boxes and n not in leaves}
     return _pair_containers(ref_calls, port_calls, ref_boxes, port_boxes, leaves,
                             ref_only, port_only)
 
