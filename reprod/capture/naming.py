@@ -412,11 +412,16 @@ def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
     if ROOT in ref_boxes and ROOT in other_boxes:
         pairs.append((ROOT, ROOT))
     ref_by, other_by = _calls_by_layer(ref_calls), _calls_by_layer(other_calls)
+    ref_parts, other_parts = dict(ref_calls), dict(other_calls)
     out: dict[str, str] = {}
     for r, o in pairs:
         r_calls, o_calls = ref_by.get(r, []), other_by.get(o, [])
         if len(r_calls) == len(o_calls):
-            out.update(zip(o_calls, r_calls))
+            # the same leaves in blocks that take or give other things (torchvision's dense
+            # layer returns its new features, paddle.vision's them concatenated to its input)
+            # are blocks cut differently, not a pair
+            out.update((oc, rc) for oc, rc in zip(o_calls, r_calls)
+                       if _signature(other_parts[oc]) == _signature(ref_parts[rc]))
     return out
 
 

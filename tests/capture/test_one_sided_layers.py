@@ -198,3 +198,14 @@ def test_blocks_pair_although_only_one_side_records_their_activations() -> None:
                          pair=match_by_order, threshold=1e-9)
     d = first_divergence(bug)
     assert d is not None and d.layer == "blocks.1" and "own forward code" in d.message
+
+
+def test_blocks_holding_the_same_leaves_but_giving_other_shapes_do_not_pair() -> None:
+    # paddle.vision's dense layer returns its input and new features concatenated, torchvision's
+    # the new features alone: the same leaves, blocks cut differently
+    port = _blocks(X, port=True)
+    port["stages.0.out"] = np.concatenate([port["stages.0.in"], port["stages.0.out"]], 1)
+    pairs = pair_layer_calls(_blocks(X, port=False), port)
+    assert "stages.0" not in pairs and pairs["stages.1"] == "blocks.1"
+    r = reprod.compare(_blocks(X, port=False), port, pair=match_by_order, threshold=1e-12)
+    assert r.passed and "blocks.0.out" not in r.keys()
