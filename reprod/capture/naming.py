@@ -319,24 +319,40 @@ def pair_layer_calls(
     """The layer calls ``rename_by_order`` pairs: other subject (``blocks.0``, ``act#2``) ->
     reference subject, for callers that need the pairing itself (a layer's class, its
     configuration) rather than the renamed keys."""
+    return _pair_all(ref_map, other_map, anchors).calls
+
+
+@dataclass(frozen=True)
+class _Pairing:
+    calls: dict[str, str]  # other layer call -> reference layer call
+    ref_leaves: list[str]  # leaf layer calls in call order
+    other_leaves: list[str]
+    ref_boxes: set[str]  # containers (layer names)
+    other_boxes: set[str]
+    ref_only: set[str]  # leaf calls only that side makes between two paired calls
+    other_only: set[str]
+
+
+def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
+              anchors: Optional[Mapping[str, str]]) -> _Pairing:
     ref_calls = _layer_calls(ref_map)
     other_calls = _layer_calls(other_map)
     ref_boxes, other_boxes = _containers_of(ref_calls), _containers_of(other_calls)
-    if not ref_boxes and not other_boxes:  # leaf-layer captures
-        return _pair_calls(ref_calls, other_calls, anchors, ref_map, other_map)
     # with containers, shapes alone pair a block with a leaf or a wrapper with its block: the
     # leaf layers pair by call order, then each container with the one holding the same leaves
     ref_leaves = [c for c in ref_calls if _base(c[0]) not in ref_boxes]
     other_leaves = [c for c in other_calls if _base(c[0]) not in other_boxes]
     subject_map = _pair_calls(ref_leaves, other_leaves, anchors, ref_map, other_map)
-    # a layer only one side has (a ReLU the other calls as a function) says nothing about which
-    # container is which: a Fire block with ReLU layers holds the same as one without
     ref_only, other_only = _one_sided([s for s, _ in ref_leaves], [s for s, _ in other_leaves],
                                       subject_map)
-    subject_map.update(_pair_containers(ref_calls, other_calls, ref_boxes, other_boxes,
-                                        subject_map, _whole(ref_leaves, ref_only),
-                                        _whole(other_leaves, other_only)))
-    return subject_map
+    if ref_boxes or other_boxes:
+        # a layer only one side has (a ReLU the other calls as a function) says nothing about
+        # which container is which: a Fire block with ReLU layers holds the same as one without
+        subject_map.update(_pair_containers(ref_calls, other_calls, ref_boxes, other_boxes,
+                                            subject_map, _whole(ref_leaves, ref_only),
+                                            _whole(other_leaves, other_only)))
+    return _Pairing(subject_map, [s for s, _ in ref_leaves], [s for s, _ in other_leaves],
+                    ref_boxes, other_boxes, ref_only, other_only)
 
 
 def _whole(leaves: list[tuple[str, dict[str, Any]]], calls: set[str]) -> set[str]:
@@ -606,13 +622,11 @@ def match_by_order(
 
     >>> reprod.compare(*match_by_order(torch_capture, paddle_capture), threshold=1e-5)
     """
-    ref_calls, other_calls = _layer_calls(ref_map), _layer_calls(other_map)
-    ref_boxes, other_boxes = _containers_of(ref_calls), _containers_of(other_calls)
-    subject_map = pair_layer_calls(ref_map, other_map, anchors=anchors)
+    pairing = _pair_all(ref_map, other_map, anchors)
+    subject_map = pairing.calls
     paired = set(subject_map.values())
-    ref_only, other_only = _one_sided([s for s, _ in ref_calls if _base(s) not in ref_boxes],
-                                      [s for s, _ in other_calls if _base(s) not in other_boxes],
-                                      subject_map)
+    ref_boxes, other_boxes = pairing.ref_boxes, pairing.other_boxes
+    ref_only, other_only = pairing.ref_only, pairing.other_only
 
     def left_out(key: str, boxes: set[str], known: Any, one_sided: set[str]) -> bool:
         k = parse_key(key)
@@ -620,8 +634,7 @@ def match_by_order(
             return False
         return k.subject in one_sided or (_base(k.subject) in boxes and k.subject not in known)
 
-    parts, superseded = _fused(ref_map, other_map, subject_map,
-                               [s for s, _ in ref_calls if _base(s) not in ref_boxes])
+    parts, superseded = _fused(ref_map, other_map, subject_map, pairing.ref_leaves)
     kept = set(parts.values())
     ref = {k: v for k, v in ref_map.items()
            if k in kept or (k not in superseded and not left_out(k, ref_boxes, paired, ref_only))}
