@@ -109,7 +109,7 @@ def localise_forward(
     in the right mode), pair, judge and diagnose them. ``run_twin`` runs the float64 twin, whose
     capture becomes the noise reference."""
     from ..capture import first_divergence, layer_types
-    from ..capture.naming import _fused, _layer_calls, _renamed, pair_layer_calls
+    from ..capture.naming import _fused, _pair_all, _renamed
     from ..diagnose import diagnose
     from ..diff.engine import compare
 
@@ -121,12 +121,12 @@ def localise_forward(
     names: dict[str, str] = {}  # port layer -> reference layer
     port = raw
     superseded: set[str] = set()  # reference keys a fused port layer computes nothing for
-    calls: dict[str, str] = {}  # port layer call -> reference layer call
+    pairing = None
     if by_order:
-        calls = pair_layer_calls(ref, raw, anchors=_weight_anchors(torch_model, paddle_model))
-        parts, superseded = _fused(ref, raw, calls, [s for s, _ in _layer_calls(ref)])
-        port = _renamed(raw, calls, parts)
-        names = {o.partition("#")[0]: r.partition("#")[0] for o, r in calls.items()}
+        pairing = _pair_all(ref, raw, _weight_anchors(torch_model, paddle_model))
+        parts, superseded = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
+        port = _renamed(raw, pairing.calls, parts)
+        names = {o.partition("#")[0]: r.partition("#")[0] for o, r in pairing.calls.items()}
     noise = None if run_twin is None else _capture(run_twin[0], run_twin[1], containers)
     plain = compare({k: v for k, v in ref.items() if k not in superseded}, port,
                     criteria=criteria, noise=noise)
@@ -151,10 +151,11 @@ def localise_forward(
     )
     div = first_divergence(result, layer_types={k: _type_label(v) for k, v in types.items()})
     hint = _hint_of(div, plain)
-    if by_order and div is not None and div.kind == "layer" and div.direction == "forward" \
+    if pairing is not None and div is not None and div.kind == "layer" \
+            and div.direction == "forward" \
             and div.input_aligned is False and div.previous is not None:
         found = _block_between(div, torch_model, paddle_model, run_torch, run_paddle, ref, raw,
-                               names, criteria, run_twin, calls)
+                               names, criteria, run_twin, pairing)
         if found is not None:
             div, hint = found[0], None
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
@@ -187,7 +188,7 @@ def _around(containers: list[str], previous: str, following: str) -> list[str]:
 def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any, run_paddle: Any,
                    ref_leaves: Mapping[str, Any], port_leaves: Mapping[str, Any],
                    names: Mapping[str, str], criteria: Any, run_twin: Any,
-                   calls: Mapping[str, str]) -> Optional[tuple[Any, dict[str, Any], dict[str, Any]]]:
+                   pairing: Any) -> Optional[tuple[Any, dict[str, Any], dict[str, Any]]]:
     """By call order only leaf layers are recorded, so a block's own forward code (a dropped
     residual add) shows as a leaf whose input already differs although the leaf before it aligns.
     The blocks whose forward code may run between those two leaves (those ending between them,
@@ -198,14 +199,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     name. Returns that ``Divergence`` and the blocks' captures, or None (no such blocks, or none
     diverges)."""
     from ..capture.divergence import Divergence, _representative
-    from ..capture.naming import (
-        _layer_calls,
-        _one_sided,
-        _pair_containers,
-        _renamed,
-        _whole,
-        parse_key,
-    )
+    from ..capture.naming import _layer_calls, _pair_containers, _renamed, parse_key
     from ..diff.engine import compare
 
     previous, following = div.previous.partition("#")[0], div.layer.partition("#")[0]
@@ -221,12 +215,8 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     # paired as match_by_order pairs containers: by the leaves they hold (a block never called,
     # a ModuleList, has no keys and pairs with nothing); its first call only
     ref_calls, port_calls = _layer_calls({**ref_leaves, **ref}), _layer_calls({**port_leaves, **raw})
-    # layers only one side has (a ReLU the other calls as a function) say nothing of which
-    # block is which
-    ref_order, port_order = _layer_calls(ref_leaves), _layer_calls(port_leaves)
-    ref_only, port_only = _one_sided([c for c, _ in ref_order], [c for c, _ in port_order], calls)
     boxes = _pair_containers(ref_calls, port_calls, set(ref_blocks), set(port_blocks), names,
-                             _whole(ref_order, ref_only), _whole(port_order, port_only))
+                             *pairing.one_sided_layers())
     pairs = sorted(((r, p) for p, r in boxes.items() if "#" not in p and "#" not in r),
                    key=lambda pair: -pair[0].count("."))  # the innermost first
     if not pairs:

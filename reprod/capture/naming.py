@@ -332,6 +332,13 @@ class _Pairing:
     ref_only: set[str]  # leaf calls only that side makes between two paired calls
     other_only: set[str]
 
+    def one_sided_layers(self) -> tuple[set[str], set[str]]:
+        """The leaf layers of each side all of whose calls only that side makes: a layer only
+        one side has (a ReLU the other calls as a function) says nothing about which container
+        is which (a Fire block with ReLU layers holds the same as one without)."""
+        return (_whole(self.ref_leaves, self.ref_only),
+                _whole(self.other_leaves, self.other_only))
+
 
 def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
               anchors: Optional[Mapping[str, str]]) -> _Pairing:
@@ -343,22 +350,20 @@ def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
     ref_leaves = [c for c in ref_calls if _base(c[0]) not in ref_boxes]
     other_leaves = [c for c in other_calls if _base(c[0]) not in other_boxes]
     subject_map = _pair_calls(ref_leaves, other_leaves, anchors, ref_map, other_map)
-    ref_only, other_only = _one_sided([s for s, _ in ref_leaves], [s for s, _ in other_leaves],
-                                      subject_map)
+    pairing = _Pairing(subject_map, [s for s, _ in ref_leaves], [s for s, _ in other_leaves],
+                       ref_boxes, other_boxes, *_one_sided([s for s, _ in ref_leaves],
+                                                           [s for s, _ in other_leaves],
+                                                           subject_map))
     if ref_boxes or other_boxes:
-        # a layer only one side has (a ReLU the other calls as a function) says nothing about
-        # which container is which: a Fire block with ReLU layers holds the same as one without
         subject_map.update(_pair_containers(ref_calls, other_calls, ref_boxes, other_boxes,
-                                            subject_map, _whole(ref_leaves, ref_only),
-                                            _whole(other_leaves, other_only)))
-    return _Pairing(subject_map, [s for s, _ in ref_leaves], [s for s, _ in other_leaves],
-                    ref_boxes, other_boxes, ref_only, other_only)
+                                            subject_map, *pairing.one_sided_layers()))
+    return pairing
 
 
-def _whole(leaves: list[tuple[str, dict[str, Any]]], calls: set[str]) -> set[str]:
-    """The layers all of whose calls are in ``calls``."""
+def _whole(leaves: list[str], calls: set[str]) -> set[str]:
+    """Of the layer calls ``leaves``, the layers all of whose calls are in ``calls``."""
     out: dict[str, bool] = {}
-    for subject, _ in leaves:
+    for subject in leaves:
         base = _base(subject)
         out[base] = out.get(base, True) and subject in calls
     return {name for name, every in out.items() if every}

@@ -480,8 +480,9 @@ def _pair_by_order(
     First, a port layer pairs with the first unpaired reference layer (within a look-ahead,
     starting a little before the last pair, as a port may call two siblings the other way round)
     whose first call it replays to outputs of the same structure and shapes and close in value.
-    Then each port layer left between two such pairs takes the first unpaired reference layer
-    between the same two pairs whose shapes fit (a broken layer is not close to its own), and
+    Then each port layer left between two such pairs takes, of the unpaired reference layers
+    between the same two pairs (a few back) whose shapes fit, the closest (a broken layer is not
+    close to its own), and
     where the reference has none there it pairs with nothing: a layer the reference calls as a
     function (a ``ReLU``), which shapes alone would pair with the next ``BatchNorm``."""
     inner = _containers(calls)
