@@ -140,6 +140,24 @@ def summary_left_out(ref: int, other: int) -> str:
     return " and ".join(parts) + " with no counterpart left out"
 
 
+def reason_replay_raised(layer: str, why: str) -> str:
+    return f"not replayed: port layer {layer} cannot run on the reference's input ({why})"
+
+
+def reason_replay_unpaired(layer: str, cls: str, tensors: int, why: str) -> str:
+    held = f"{tensors} parameter or buffer tensor{'' if tensors == 1 else 's'}"
+    return (f"port layer {layer} ({cls}, {held}) was not replayed: {why}; its weights are checked "
+            "nowhere (a layer the reference lacks, or one too broken to pair: rename= pairs it)")
+
+
+def summary_not_replayed(port: int, ref: int) -> str:
+    """Layers ``replay`` ran on neither side, for the summary line: never a silent gap."""
+    parts = [f"{n} {side} {'layer' if n == 1 else 'layers'}" for n, side in
+             ((port, "port"), (ref, "reference")) if n]
+    return (" and ".join(parts) + " not replayed: options['replay_skipped'] and "
+            "['replay_unpaired'] say which")
+
+
 def summary_uncalibrated(n: int, why: str) -> str:
     return f"{n} {'key' if n == 1 else 'keys'} not calibrated: {why}"
 

@@ -9,13 +9,15 @@ for the port's own framework, inside the functions that need them.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import numpy as np
 
-from ..diff.result import DiffResult
+from .. import messages as msg
+from ..diff.result import DiffResult, KeyResult
 from .naming import ROOT, Rules, _compile_rules, holders, layer_key, parse_key
 from .recorder import Patterns, _patterns, _selected, flatten
 
@@ -111,6 +113,10 @@ class _Torch:
     def has_state(self, layer: Any) -> bool:
         return next(iter(layer.buffers()), None) is not None
 
+    def own_tensors(self, layer: Any) -> int:
+        return sum(1 for _ in layer.parameters(recurse=False)) + sum(
+            1 for _ in layer.buffers(recurse=False))
+
 
 class _Paddle:
     def __init__(self) -> None:
@@ -149,6 +155,10 @@ class _Paddle:
             p.stop_gradient for p in layer.parameters(include_sublayers=True)
         )
 
+    def own_tensors(self, layer: Any) -> int:
+        return len(layer.parameters(include_sublayers=False)) + len(
+            layer.buffers(include_sublayers=False))
+
 
 def _framework(model: Any) -> tuple[Any, Any]:
     from . import _backend
@@ -162,6 +172,11 @@ def _framework(model: Any) -> tuple[Any, Any]:
 
 class _Skip(Exception):
     pass
+
+
+class _Raised(_Skip):
+    """The port layer raised on the reference's input: a verdict on the port (a wrong channel
+    count, a missing method), not a limit of the capture."""
 
 
 def _arguments(layer: Any, call: _Call) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -239,7 +254,7 @@ def _run(fw: Any, backend: Any, model: Any, layer: Any, call: _Call) -> dict[tup
         raise
     except Exception as exc:  # a port layer that cannot take the reference's input: say so
         first = (str(exc).splitlines() or [""])[0][:200]  # NotImplementedError() says nothing
-        raise _Skip(f"replay raised {type(exc).__name__}" + (f": {first}" if first else "")) from None
+        raise _Raised(f"replay raised {type(exc).__name__}" + (f": {first}" if first else "")) from None
     finally:
         if state is not None:  # BatchNorm in training mode updates its running statistics
             fw.restore(layer, state)
@@ -327,11 +342,10 @@ def replay(
     ]
 
     skipped: list[dict[str, Any]] = []
+    ordered = layers
     if by_order:
-        mapping, skipped = _pair_by_order(
-            fw, backend, model, _in_call_order(fw, backend, model, layers, calls), calls, order,
-            tree,
-        )
+        ordered = _in_call_order(fw, backend, model, layers, calls)
+        mapping, skipped = _pair_by_order(fw, backend, model, ordered, calls, order, tree)
         if containers:
             mapping.update(_containers_by_leaves(backend, layers, calls, order, mapping))
     else:
@@ -346,9 +360,17 @@ def replay(
                 skipped.append({"layer": name, "reference": ref,
                                 "reason": "the reference capture holds no output of " + ref})
 
+    position = {key: i for i, key in enumerate(tree)}
+    # verdicts replay gives itself, each at a position in the reference's key order
+    failures: list[tuple[float, KeyResult]] = []
+    layer_of = dict(layers)
+    if not by_order and any(fw.own_tensors(layer_of[s["layer"]]) for s in skipped):
+        # the port's call order places a layer checked nowhere among the keys (one more run)
+        ordered = _in_call_order(fw, backend, model, layers, calls)
+    failures += _unpaired_with_weights(fw, ordered, mapping, skipped, order, position,
+                                       layer_of)
     ref_out: dict[str, Any] = {}
     port_out: dict[str, Any] = {}
-    layer_of = dict(layers)
     paired_refs = set(mapping.values())
     # replay in the reference's call order, so the result reads like the capture
     for name, ref in sorted(mapping.items(), key=lambda nr: order.get(nr[1], 0)):
@@ -363,6 +385,9 @@ def replay(
                 outs = _run(fw, backend, model, layer, call)
             except _Skip as s:
                 skipped.append({"layer": name, "reference": subject, "reason": str(s)})
+                if isinstance(s, _Raised):
+                    failures += [(position[key], _raised(key, tree[key], name, str(s)))
+                                 for key, _ in call.outs]
                 continue
             got = {tuple(str(i) for i in items): t for items, t in outs.items()}
             for key, items in call.outs:
@@ -374,12 +399,62 @@ def replay(
                 port_out[key] = to_numpy(t, key=key).array
 
     result = compare(ref_out, port_out, **compare_kw)
+    if failures:
+        result = _with_failures(result, failures, position, order)
     inner = _containers(calls)
     unpaired = [n for n in sorted(calls, key=lambda n: order.get(n, 0))
                 if n not in paired_refs and (containers or n not in inner)]
     result.options["replay_skipped"] = skipped
     result.options["replay_unpaired"] = unpaired
     return result
+
+
+def _raised(key: str, ref: Any, layer: str, why: str) -> KeyResult:
+    arr = np.asarray(ref)
+    return KeyResult(key=key, passed=False, status="error", size=int(arr.size),
+                     ref_shape=tuple(arr.shape), ref_dtype=str(arr.dtype),
+                     reason=msg.reason_replay_raised(layer, why))
+
+
+def _unpaired_with_weights(fw: Any, ordered: list[tuple[str, Any]], mapping: Mapping[str, str],
+                           skipped: list[dict[str, Any]], order: Mapping[str, int],
+                           position: Mapping[str, int], layer_of: Mapping[str, Any]) -> list[tuple[float, KeyResult]]:
+    """A port layer holding parameters or buffers that pairs with no reference layer fails: its
+    weights are checked nowhere (an extra layer, or one too broken to pair), which a pass would
+    hide. One without (a ReLU the reference calls as a function) is only listed as skipped."""
+    unpaired = {s["layer"]: s["reason"] for s in skipped}
+    out: list[tuple[float, KeyResult]] = []
+    at = -1.0
+    for name, _ in ordered:
+        if name in mapping:
+            at = float(order.get(mapping[name], at))
+        elif name in unpaired:
+            layer = layer_of[name]
+            n = fw.own_tensors(layer)
+            if n:
+                key = layer_key(name, 1, "out")
+                if key in position:  # the reference's layer of this name pairs with another
+                    key += " (port layer)"
+                out.append((at + 0.5, KeyResult(
+                    key=key, passed=False, status="extra",
+                    reason=msg.reason_replay_unpaired(name, type(layer).__name__, n,
+                                                      unpaired[name]))))
+    return out
+
+
+def _with_failures(result: DiffResult, failures: list[tuple[float, KeyResult]],
+                   position: Mapping[str, int], order: Mapping[str, int]) -> DiffResult:
+    """``result`` with replay's own verdicts among its keys, all in the reference's order (a
+    port-only output sits at its layer); a "nothing compared" placeholder goes."""
+    def at(kr: KeyResult) -> float:
+        if kr.key in position:
+            return float(position[kr.key])
+        parsed = parse_key(kr.key)
+        return float(order.get(parsed.name, len(position)) if parsed else len(position))
+
+    kept = [(at(kr), kr) for kr in result.results if kr.status != "nothing"]
+    merged = sorted(kept + failures, key=lambda ak: ak[0])  # stable: the compare order holds
+    return dataclasses.replace(result, results=tuple(kr for _, kr in merged))
 
 
 def _containers_by_leaves(backend: Any, layers: list[tuple[str, Any]],
@@ -517,15 +592,19 @@ def _pair_by_order(
     # the layers between two close pairs: by shapes, the closest, among the reference layers
     # from the last pairs before (a few back: siblings called the other way round) to the next
     bounds = [(-1, -1), *sorted(paired.items()), (len(leaves), len(ref_names))]
+    weightless = [not fw.own_tensors(layer) for _, layer in leaves]
+    fits: list[tuple[bool, float, int, int]] = []
     for at, ((p0, _), (p1, k1)) in enumerate(zip(bounds, bounds[1:])):
         lo = min(k for _, k in bounds[max(0, at - _LOOKBACK + 1): at + 1])
-        for p in range(p0 + 1, p1):
-            fits = [(d, k) for k in range(lo + 1, k1)
-                    if k not in taken and (d := distance(p, k)) is not None]
-            if fits:
-                k = min(fits)[1]
-                paired[p] = k
-                taken.add(k)
+        fits += [(weightless[p], d, p, k) for p in range(p0 + 1, p1) for k in range(lo + 1, k1)
+                 if k not in taken and (d := distance(p, k)) is not None]
+    # the windows overlap (siblings the other way round put a broken one past the close pair of
+    # its sibling), so they are filled together: a layer with weights first (a ReLU the reference
+    # calls as a function would take a broken conv's place), then the closest
+    for _, _, p, k in sorted(fits):
+        if p not in paired and k not in taken:
+            paired[p] = k
+            taken.add(k)
     mapping: dict[str, str] = {}
     skipped: list[dict[str, Any]] = []
     for p, (name, _) in enumerate(leaves):

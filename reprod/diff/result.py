@@ -306,6 +306,10 @@ class DiffResult:
         left = self.options.get("left_out") or {}
         if left.get("ref") or left.get("other"):
             head += f" ({msg.summary_left_out(left.get('ref', 0), left.get('other', 0))})"
+        skipped, unpaired = self.options.get("replay_skipped"), self.options.get("replay_unpaired")
+        if skipped or unpaired:
+            port = len({s.get("layer") for s in skipped or ()})
+            head += f" ({msg.summary_not_replayed(port, len(unpaired or ()))})"
         unc = self.options.get("not_calibrated")
         if unc:
             head += f" ({msg.summary_uncalibrated(unc['keys'], unc['why'])})"

@@ -140,11 +140,16 @@ def test_rename_and_by_order_pairing(reference):
     by_order = replay(port, ref, by_order=True, **TIGHT)
     assert _failed(by_order) == expected
     assert by_order.keys() == by_rules.keys()
-    # without a map nothing pairs: every port layer is skipped with the reason
+    # without a map nothing pairs: every port layer is skipped with the reason, and each one
+    # holding weights fails (they are checked nowhere), in the port's call order
     none = replay(port, ref, **TIGHT)
-    assert none.results[0].status == "nothing"
     reasons = {s["layer"]: s["reason"] for s in none.options["replay_skipped"]}
     assert "no output of stem" in reasons["stem"]
+    weighted = [n for n, m in port.named_modules()
+                if n and not list(m.children()) and list(m.parameters(recurse=False))]
+    assert none.keys() == [f"{n}.out" for n in weighted] and len(weighted) >= 4
+    assert {k.status for k in none} == {"extra"} and not none.passed
+    assert "stem (Conv2d, " in none["stem.out"].reason
 
 
 def test_include_exclude_and_repeated_calls():
