@@ -32,12 +32,19 @@ class Localisation:
     result: Any
     ref: Mapping[str, Any]
     port: Mapping[str, Any]
+    by_order: bool = False
 
     @property
     def findings(self) -> list[str]:
         """One-line sentences for a report: where, then why (when a diagnosis fits)."""
         if self.divergence is not None and self.divergence.kind == "unpaired":
-            return [f"{self.divergence.message} (align_forward: by_order=True)"]
+            if not self.by_order:
+                return [f"{self.divergence.message} (align_forward: by_order=True)"]
+            d = self.divergence
+            return [f"layer calls do not pair even by call order: only {d.paired} of {d.calls} "
+                    f"pair ({d.one_sided} capture keys on one side only), so nothing is shown to "
+                    "align; the two models' layers differ beyond what call order pairs: name the "
+                    "pairs with rename rules (reprod.capture.rename) and compare the captures"]
         if self.divergence is None:
             return [
                 "the layer captures align although the outputs differ: the difference arises "
@@ -159,7 +166,7 @@ def localise_forward(
         if found is not None:
             div, hint = found[0], None
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
-    return Localisation(div, hint, result, ref, port)
+    return Localisation(div, hint, result, ref, port, by_order)
 
 
 def _containers(named: Any) -> list[str]:

@@ -254,14 +254,17 @@ def _anchored_pairs(
     ref_calls: list[tuple[str, dict[str, Any]]],
     other_calls: list[tuple[str, dict[str, Any]]],
     anchors: Optional[Mapping[str, str]],
-) -> list[tuple[int, int]]:
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(other index, ref index) of the layer calls ``anchors`` pair (other layer name -> ref layer
-    name; the n-th call of one with the n-th of the other), increasing on both sides: an anchor
-    that would cross an earlier one is dropped."""
+    name; the n-th call of one with the n-th of the other): those increasing on both sides, which
+    bound the stretches paired by shape, and those that would cross an earlier one (siblings the
+    port calls the other way round), which pair all the same."""
     if not anchors:
-        return []
+        return [], []
     ref_at = {subject: j for j, (subject, _) in enumerate(ref_calls)}
     pairs: list[tuple[int, int]] = []
+    crossing: list[tuple[int, int]] = []
+    used: set[int] = set()
     last = -1
     for i, (subject, _) in enumerate(other_calls):
         name, _, call = subject.partition("#")
@@ -269,10 +272,15 @@ def _anchored_pairs(
         if target is None:
             continue
         j = ref_at.get(f"{target}#{call}" if call else target)
-        if j is not None and j > last:
+        if j is None or j in used:  # one reference call per port call: the first anchor wins
+            continue
+        used.add(j)
+        if j > last:
             pairs.append((i, j))
             last = j
-    return pairs
+        else:
+            crossing.append((i, j))
+    return pairs, crossing
 
 
 def rename_by_order(
@@ -463,7 +471,10 @@ def _pair_calls(ref_calls: list[tuple[str, dict[str, Any]]],
     reference calls as a function: a ``ReLU`` after a ``BatchNorm`` keeps its shape), the one
     whose paired calls also see the same values (``_fingerprint``) wins."""
     subject_map: dict[str, str] = {}
-    fixed = _anchored_pairs(ref_calls, other_calls, anchors)
+    fixed, crossing = _anchored_pairs(ref_calls, other_calls, anchors)
+    for i, j in crossing:
+        subject_map[other_calls[i][0]] = ref_calls[j][0]
+    other_fixed, ref_fixed = {i for i, _ in crossing}, {j for _, j in crossing}
     bounds = [(-1, -1), *fixed, (len(other_calls), len(ref_calls))]
     prints: dict[tuple[int, str], Any] = {}
 
@@ -476,16 +487,40 @@ def _pair_calls(ref_calls: list[tuple[str, dict[str, Any]]],
     for (i0, j0), (i1, j1) in zip(bounds, bounds[1:]):
         if i1 < len(other_calls):
             subject_map[other_calls[i1][0]] = ref_calls[j1][0]
-        ref_seg, other_seg = ref_calls[j0 + 1 : j1], other_calls[i0 + 1 : i1]
+        ref_seg = [c for j, c in enumerate(ref_calls[j0 + 1 : j1], j0 + 1) if j not in ref_fixed]
+        other_seg = [c for i, c in enumerate(other_calls[i0 + 1 : i1], i0 + 1)
+                     if i not in other_fixed]
         ref_subj, other_subj = [c[0] for c in ref_seg], [c[0] for c in other_seg]
 
         def like(a: int, b: int, r: list[str] = ref_subj, o: list[str] = other_subj) -> int:
             return _likeness(fp(0, r[a]), fp(1, o[b]))
 
-        for a, b in _align([_signature(p) for _, p in ref_seg],
-                           [_signature(p) for _, p in other_seg], like):
+        ref_sigs, other_sigs = [_signature(p) for _, p in ref_seg], [_signature(p) for _, p in other_seg]
+        pairs = _uncrossed(_align(ref_sigs, other_sigs, like), ref_sigs, other_sigs, like)
+        for a, b in pairs:
             subject_map[other_subj[b]] = ref_subj[a]
     return subject_map
+
+
+# how many pairs apart two paired calls may be swapped (siblings called the other way round)
+_SWAP_WINDOW = 3
+
+
+def _uncrossed(pairs: list[tuple[int, int]], ref_sigs: list[Any], other_sigs: list[Any],
+               likeness: Callable[[int, int], int]) -> list[tuple[int, int]]:
+    """``pairs`` where a port calls two same-shaped siblings the other way round (a Fire block's
+    expand3x3 before its expand1x1): an alignment in order pairs each with the other's
+    reference, and their values say so. Two pairs a few apart swap partners where both swapped
+    pairs match in shapes and are more alike than the two in order."""
+    pairs = list(pairs)
+    for t in range(len(pairs)):
+        for u in range(t + 1, min(t + 1 + _SWAP_WINDOW, len(pairs))):
+            (a1, b1), (a2, b2) = pairs[t], pairs[u]
+            if ref_sigs[a1] != other_sigs[b2] or ref_sigs[a2] != other_sigs[b1]:
+                continue
+            if likeness(a1, b2) + likeness(a2, b1) > likeness(a1, b1) + likeness(a2, b2):
+                pairs[t], pairs[u] = (a1, b2), (a2, b1)
+    return pairs
 
 
 # an alignment of more calls than this (reference x port, between two anchors) takes difflib's
@@ -651,21 +686,32 @@ def match_by_order(
 def _one_sided(ref_leaves: list[str], other_leaves: list[str], subject_map: Mapping[str, str]
                ) -> tuple[set[str], set[str]]:
     """The unpaired leaf calls of each side that lie between two consecutive paired calls (or
-    before the first, after the last) where the other side has none unpaired."""
+    before the first, after the last) where the other side makes no unpaired call between the
+    same two pairs (siblings called the other way round pair crosswise: the span between their
+    positions on the other side is taken, whichever way round)."""
     ref_at = {s: j for j, s in enumerate(ref_leaves)}
     pairs = sorted((ref_at[r], i) for i, o in enumerate(other_leaves)
                    if (r := subject_map.get(o)) is not None and r in ref_at)
-    ref_only: set[str] = set()
-    other_only: set[str] = set()
-    bounds = [(-1, -1), *pairs, (len(ref_leaves), len(other_leaves))]
-    for (j0, i0), (j1, i1) in zip(bounds, bounds[1:]):
-        if j1 <= j0 or i1 <= i0:  # pairs out of order (cannot happen in order): say nothing
-            continue
-        r_gap, o_gap = ref_leaves[j0 + 1 : j1], other_leaves[i0 + 1 : i1]
-        if r_gap and not o_gap:
-            ref_only.update(r_gap)
-        elif o_gap and not r_gap:
-            other_only.update(o_gap)
+    ref_paired = {j for j, _ in pairs}
+    other_paired = {i for _, i in pairs}
+    ref_free = [j not in ref_paired for j in range(len(ref_leaves))]
+    other_free = [i not in other_paired for i in range(len(other_leaves))]
+
+    def gaps(bounds: list[tuple[int, int]], free: list[bool], across: list[bool],
+             leaves: list[str]) -> set[str]:
+        out: set[str] = set()
+        for (x0, y0), (x1, y1) in zip(bounds, bounds[1:]):
+            gap = [leaves[x] for x in range(x0 + 1, x1) if free[x]]
+            lo, hi = min(y0, y1), max(y0, y1)
+            if gap and not any(across[lo + 1: hi]):
+                out.update(gap)
+        return out
+
+    ref_only = gaps([(-1, -1), *pairs, (len(ref_leaves), len(other_leaves))], ref_free,
+                    other_free, ref_leaves)
+    flipped = sorted((i, j) for j, i in pairs)
+    other_only = gaps([(-1, -1), *flipped, (len(other_leaves), len(ref_leaves))], other_free,
+                      ref_free, other_leaves)
     return ref_only, other_only
 
 

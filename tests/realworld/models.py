@@ -95,10 +95,15 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         bn.running_var.mul_(torch.rand(bn.running_var.shape, generator=gen) + 0.5)
         bn.num_batches_tracked.zero_()
     # the head: logits of std ~3, so that softmax and cross-entropy are not saturated
-    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    # (squeezenet's is a 1x1 conv: there are no Linear layers)
+    head = ([m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+            or [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)])[-1]
     model.eval()
     logits = model(torch.randn(2, 3, 224, 224, generator=gen))
-    head.weight.mul_(3.0 / float(logits.std()))
+    scale = 3.0 / float(logits.std())
+    head.weight.mul_(scale)
+    if isinstance(head, torch.nn.Conv2d) and head.bias is not None:  # a ReLU follows it
+        head.bias.mul_(scale)
     model.train(was_training)
     return model
 

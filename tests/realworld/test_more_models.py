@@ -10,6 +10,10 @@ torchvision and paddle import, see conftest.py):
   convention here, as it is a deliberate difference of that port, which reprod finds at
   ``classifier.0``).
 
+- squeezenet1_1: torchvision records its ReLUs as layers, paddle.vision calls them as
+  functions (and its first conv pads by 1 where torchvision's does not, which reprod finds at
+  ``features.0`` as a shape; set to torchvision's here).
+
 Measured before: a correct port failed 2 keys (mobilenet_v2), 2 (shufflenet_v2) and 16
 (alexnet, values: a ReLU layer paired with the conv after the missing one).
 """
@@ -36,6 +40,7 @@ CASES = {
     "mobilenet_v2": ("features.7.conv.1.1", {"other": ["pool2d_avg"]}),
     "shufflenet_v2_x1_0": ("stage3.2.branch2.4", {"other": ["_pool2d_avg"]}),
     "alexnet": (None, {"ref": ["features.7", "features.9"]}),
+    "squeezenet1_1": (None, {"ref": ["features.1", "features.3.expand1x1_activation"]}),
 }
 
 _PAIRS: dict = {}
@@ -53,6 +58,8 @@ def port(pair, bn_eps: str | None = None) -> paddle.nn.Layer:
     for _, layer in m.named_sublayers():
         if isinstance(layer, paddle.nn.Dropout) and layer.mode == "downscale_in_infer":
             layer.mode = "upscale_in_train"  # torch's convention (see the docstring)
+    if pair.name == "squeezenet1_1":  # torchvision's first conv has no padding
+        m._conv._padding, m._conv._updated_padding = 0, [0, 0]
     if bn_eps is not None:
         pair.paddle_layer(m, bn_eps)._epsilon = 1e-3
     return m
@@ -126,3 +133,48 @@ def test_densenet_correct_port_by_order_fails_only_where_torch_calls_the_relu_as
     r = reprod.compare(ref, captured(port(pair), "paddle", x), pair=match_by_order, noise=hi)
     assert [kr.key for kr in r.failed] == ["features.norm5.out"], r.to_table(failed_only=True)
     assert r["features.denseblock2.denselayer3.relu2.out"].passed
+
+
+def _fires_reordered(m: paddle.nn.Layer) -> paddle.nn.Layer:
+    """paddle.vision's squeezenet with each Fire block calling its 3x3 path before its 1x1 path
+    (concatenated as before): the same numbers."""
+    import types
+
+    def forward(self, inputs):
+        s = self._conv(inputs)
+        x2 = self._conv_path2(s)
+        x1 = self._conv_path1(s)
+        return paddle.concat([x1, x2], axis=1)
+
+    for _, layer in m.named_sublayers():
+        if type(layer).__name__ == "MakeFire":
+            layer.forward = types.MethodType(forward, layer)
+    return m
+
+
+def test_squeezenet_siblings_called_the_other_way_round() -> None:
+    """A correct port whose Fire blocks call expand3x3 first failed 16 keys by call order (each
+    sibling paired with the other's reference); with a bias bug in one, ``align_forward``'s
+    weight anchors crossed and it read "layer names do not pair". Both now pair, and the bug is
+    named at its layer by every path."""
+    from reprod.align import align_forward
+    from reprod.capture import replay
+
+    pair = pair_of("squeezenet1_1")
+    x = make_inputs(0, 2)
+    ref, hi = captured(pair.torch32, "torch", x), captured(pair.torch64, "torch", x, True)
+    m = _fires_reordered(port(pair))
+    r = reprod.compare(ref, captured(m, "paddle", x), pair=match_by_order, noise=hi)
+    assert r.passed, r.to_table(failed_only=True)
+    assert align_forward(pair.torch32, m, x, calibrate=True, by_order=True).passed
+
+    target = "features.10.expand1x1"
+    conv = pair.paddle_layer(m, target)
+    conv.bias.set_value(conv.bias.numpy() + 0.5)
+    r = reprod.compare(ref, captured(m, "paddle", x), pair=match_by_order, noise=hi)
+    div = first_divergence(r)
+    assert div is not None and div.layer == target and div.input_aligned, div and div.message
+    found = align_forward(pair.torch32, m, x, calibrate=True, by_order=True).options["findings"]
+    assert found[0].startswith(f"diverges at {target} (Conv2d): input aligned"), found
+    r = replay(m, ref, by_order=True, noise=hi)
+    assert [k.key for k in r.failed] == [f"{target}.out"], r.to_table(failed_only=True)
