@@ -198,15 +198,9 @@ class ReprodLogger:
             # what storage.save does for this suffix (storage.legacy.write_legacy), minus its
             # re-check of every value (add() has converted them all already) and without importing
             # the reader of the format (~2.5 ms)
-            from .storage import _npy_writer
-            from .storage.atomic import AtomicFile
+            from .storage._npy_writer import save_npy_dict
 
-            p = p if p.endswith(".npy") else p + ".npy"
-            with AtomicFile(p) as af:
-                fd = None if af.direct else af.file.fileno()
-                if not _npy_writer.write_npy_dict(af.file, self._data, fd):
-                    np.save(af.file, self._data, allow_pickle=True)  # type: ignore[arg-type]
-            return p
+            return save_npy_dict(p if p.endswith(".npy") else p + ".npy", self._data)
         # what storage.save does for this suffix (storage.npz_writer.write_npz), minus its re-check
         # of every value, as above (~0.4 us a key)
         from .storage.npz_writer import write_npz

@@ -512,6 +512,80 @@ def write_npy_dict(f: BinaryIO, tree: dict[str, Any], fd: Optional[int] = None) 
     return True
 
 
+class _Count:
+    """A sink that counts the bytes written to it."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, b: Any) -> None:
+        self.n += memoryview(b).nbytes
+
+
+class _Keys:
+    """A dict's view for ``_Writer.mapping`` that notes where each top-level key starts."""
+
+    def __init__(self, tree: dict[str, Any], w: _Writer, sink: _Count) -> None:
+        self.tree, self.w, self.sink = tree, w, sink
+        self.starts: list[tuple[int, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.tree)
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        for k, v in self.tree.items():
+            # the next byte goes into the frame being packed, which is written after its header
+            self.starts.append((self.sink.n + len(self.w.out) + 9, k))
+            yield k, v
+
+
+def save_npy_dict(path: str, tree: dict[str, Any]) -> str:
+    """``np.save(path, tree)`` as reprod_log does, atomically (``write_npy_dict``, ``np.save``
+    for what it does not write); a failed write names the key it stopped at."""
+    import os
+
+    from .atomic import AtomicFile
+
+    with AtomicFile(path) as af:
+        fd = None if af.direct else af.file.fileno()
+        try:
+            written = write_npy_dict(af.file, tree, fd)
+        except OSError as exc:
+            from ..errors import WriteError
+
+            # a full disk or a size limit: the key whose bytes it stopped at, named (packing
+            # again reads every array: not after a source array's own read error)
+            if fd is None or not isinstance(af._error(exc), WriteError):
+                raise
+            raise af._error(exc, key_at(tree, os.lseek(fd, 0, os.SEEK_CUR)))  # noqa: B904 - chained
+        if not written:
+            np.save(af.file, tree, allow_pickle=True)  # type: ignore[arg-type]
+    return path
+
+
+def key_at(tree: dict[str, Any], offset: int) -> Optional[str]:
+    """The top-level key of ``tree`` whose bytes lie at byte ``offset`` of the file
+    ``write_npy_dict`` writes: for a failed write, the key it was writing. Writes nothing: the pickle is packed again, without the kernel, into a counter."""
+    pre = _get_prefix()
+    if not pre or type(tree) is not dict or not tree:
+        return None
+    sink = _Count()
+    w = _Writer(sink, pre, None)
+    view = _Keys(tree, w, sink)
+    try:
+        _write(w, view)  # type: ignore[arg-type] - mapping() takes any sized .items()
+    except Exception:  # noqa: BLE001 - the tree changed meanwhile: no key to name
+        return None
+    found = None
+    for start, key in view.starts:
+        if start > offset:
+            break
+        found = key
+    return found
+
+
 def _write(w: _Writer, tree: dict[str, Any]) -> None:
     pre = w.pre
     w.f.write(pre.npy_header)

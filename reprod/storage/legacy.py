@@ -15,7 +15,6 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import DumpFormatError
-from .atomic import AtomicFile
 from .columns import ColumnBuilder, ColumnTree, columns_of
 from .lazy import ArraySpec, Dump, MappedFile, NonNumericValue
 from .npy_header import (
@@ -423,9 +422,6 @@ def write_legacy(path: str, tree: dict[str, Any]) -> str:
     The pickle is written from the arrays' memory (``_npy_writer``: same bytes as ``np.save``,
     without its copy of every array into a ``bytes``); ``np.save`` itself for anything else.
     """
-    from ._npy_writer import write_npy_dict
+    from ._npy_writer import save_npy_dict
 
-    with AtomicFile(path) as af:
-        if not write_npy_dict(af.file, tree, None if af.direct else af.file.fileno()):
-            np.save(af.file, tree, allow_pickle=True)  # type: ignore[arg-type]
-    return path
+    return save_npy_dict(path, tree)

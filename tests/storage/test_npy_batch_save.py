@@ -29,7 +29,7 @@ from faulty_files import assert_the_earlier_file_is_kept, fail_atomic_writes
 
 import reprod
 from reprod import ReprodLogger, _native
-from reprod.storage import _npy_writer, legacy
+from reprod.storage import _npy_writer
 
 KERNEL = _native.built()
 needs_kernel = pytest.mark.skipif(KERNEL is None or not hasattr(KERNEL, "npy_pack"),
@@ -530,7 +530,7 @@ def test_a_write_error_leaves_the_earlier_file(tmp_path, monkeypatch, budget, ke
     path.write_bytes(b"the earlier dump")
     from reprod.storage import atomic
 
-    fail_atomic_writes(monkeypatch, (legacy, atomic), budget)
+    fail_atomic_writes(monkeypatch, (atomic,), budget)
     rng = np.random.default_rng(6)
     tree = {f"k{i}": rng.standard_normal(int(rng.integers(64, 2048))).astype(np.float32) for i in range(300)}
     if budget > 10**8:  # the last frame's write fails

@@ -19,7 +19,7 @@ from faulty_files import assert_the_earlier_file_is_kept
 
 import reprod
 from reprod import ReprodLogger, _native
-from reprod.storage import _npy_writer, _pipe, legacy
+from reprod.storage import _npy_writer, _pipe, atomic
 
 
 def _tree(seed: int = 3) -> dict[str, Any]:
@@ -171,13 +171,13 @@ def test_a_failed_write_keeps_the_earlier_file_and_ends_before_the_close(tmp_pat
     monkeypatch.setattr(_pipe, "cores", lambda: cores)
     ended = _writev_failing_at(monkeypatch, fail_at, slow=0.01)
     closed: list[float] = []
-    real_abort = legacy.AtomicFile.abort
+    real_abort = atomic.AtomicFile.abort
 
     def abort(self) -> None:
         closed.append(time.monotonic())
         real_abort(self)
 
-    monkeypatch.setattr(legacy.AtomicFile, "abort", abort)
+    monkeypatch.setattr(atomic.AtomicFile, "abort", abort)
     with pytest.raises(OSError) as info:
         reprod.save(path, _tree())
     assert_the_earlier_file_is_kept(info.value, path, b"the earlier dump")

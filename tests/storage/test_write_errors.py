@@ -278,3 +278,62 @@ def test_a_folder_at_the_path_is_one_line_and_stays_as_it_was(tmp_path):
                                    f"{os.strerror(errno.EISDIR)} (errno {errno.EISDIR})")
     assert [p.name for p in folder.iterdir()] == ["inside"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
+
+
+def test_key_at_finds_each_key_where_numpy_writes_it():
+    """``key_at`` against numpy's own pickle: each key's payload (distinct bytes) found in
+    ``np.save``'s output lies inside that key's span, a nested dict's under its top-level key."""
+    import io
+
+    from reprod.storage._npy_writer import key_at
+
+    tree = {f"k{i}": np.full(5000 + 300 * i, i + 1, np.float32) for i in range(6)}
+    tree["nested"] = {"a": np.full(7000, 99, np.float64), "b": np.arange(3.0)}
+    tree["small"] = np.full(3, 77, np.int16)
+    buf = io.BytesIO()
+    np.save(buf, tree, allow_pickle=True)
+    raw = buf.getvalue()
+    for key, value in (*((k, tree[k]) for k in tree if k != "nested"),
+                       ("nested", tree["nested"]["a"])):
+        at = raw.find(value.tobytes())
+        assert at > 0, key
+        assert key_at(tree, at) == key
+        assert key_at(tree, at + value.nbytes - 1) == key
+    assert key_at(tree, 0) is None  # the file's header: before any key
+    assert key_at(tree, len(raw) + 10) == "small"  # past the end: the last key
+    assert key_at({}, 100) is None
+
+
+@pytest.mark.parametrize("how", ["save", "logger"])
+def test_a_npy_dump_past_a_file_size_limit_names_the_key(tmp_path, how):
+    import resource
+    import signal
+
+    path = tmp_path / "run.npy"
+    path.write_bytes(b"the earlier dump")
+    # eight keys of 400,000 bytes: a 1 MiB limit falls inside the third
+    script = (
+        "import sys, numpy as np, reprod\n"
+        "d = {f'k{i}': np.ones(100_000, np.float32) for i in range(8)}\n"
+        f"if {how!r} == 'save':\n"
+        "    reprod.save(sys.argv[1], d)\n"
+        "else:\n"
+        "    log = reprod.ReprodLogger()\n"
+        "    [log.add(k, v) for k, v in d.items()]\n"
+        "    log.save(sys.argv[1])\n"
+    )
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True,
+                       text=True, timeout=120, preexec_fn=limited)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == (f"reprod.errors.WriteError: {path}: key 'k2': writing failed: "
+                    f"{os.strerror(errno.EFBIG)} (errno {errno.EFBIG}); nothing was replaced"), \
+        r.stderr
+    assert path.read_bytes() == b"the earlier dump"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.npy"]
