@@ -150,6 +150,11 @@ def reason_replay_unpaired(layer: str, cls: str, tensors: int, why: str) -> str:
             "nowhere (a layer the reference lacks, or one too broken to pair: rename= pairs it)")
 
 
+def note_derived(op: str) -> str:
+    return (f"set against the {op} of the reference's output: the port's layer applies the "
+            f"{op} the reference calls as a function after it, which no reference layer records")
+
+
 def summary_not_replayed(port: int, ref: int) -> str:
     """Layers ``replay`` ran on neither side, for the summary line: never a silent gap."""
     parts = [f"{n} {side} {'layer' if n == 1 else 'layers'}" for n, side in

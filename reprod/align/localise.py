@@ -116,7 +116,7 @@ def localise_forward(
     in the right mode), pair, judge and diagnose them. ``run_twin`` runs the float64 twin, whose
     capture becomes the noise reference."""
     from ..capture import first_divergence, layer_types
-    from ..capture.naming import _fused, _pair_all, _renamed
+    from ..capture.naming import _derive, _fused, _pair_all, _renamed
     from ..diagnose import diagnose
     from ..diff.engine import compare
 
@@ -128,15 +128,16 @@ def localise_forward(
     names: dict[str, str] = {}  # port layer -> reference layer
     port = raw
     superseded: set[str] = set()  # reference keys a fused port layer computes nothing for
+    derived: dict[str, str] = {}  # reference keys set against a function of their value
     pairing = None
     if by_order:
         pairing = _pair_all(ref, raw, _weight_anchors(torch_model, paddle_model))
-        parts, superseded = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
+        parts, superseded, derived = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
         port = _renamed(raw, pairing.calls, parts)
         names = {o.partition("#")[0]: r.partition("#")[0] for o, r in pairing.calls.items()}
     noise = None if run_twin is None else _capture(run_twin[0], run_twin[1], containers)
-    plain = compare({k: v for k, v in ref.items() if k not in superseded}, port,
-                    criteria=criteria, noise=noise)
+    judged = _derive({k: v for k, v in ref.items() if k not in superseded}, derived)
+    plain = compare(judged, port, criteria=criteria, noise=noise)
     ptypes = layer_types(paddle_model)
     types: dict[str, tuple[str, Optional[str]]] = {
         name: (cls, None) for name, cls in layer_types(torch_model).items()
@@ -151,7 +152,7 @@ def localise_forward(
     }
     result = diagnose(
         plain,
-        ref,
+        {**ref, **{k: judged[k] for k in derived if k in judged}},  # what each key was set against
         port,
         layer_types={k: tuple(t for t in v if t) for k, v in types.items()},
         context=_torch_context(torch_model),

@@ -608,39 +608,87 @@ def _likeness(ref_fp: Any, other_fp: Any) -> int:
 
 def _fused(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
            subject_map: Mapping[str, str], ref_leaves: list[str]
-           ) -> tuple[dict[str, str], set[str]]:
+           ) -> tuple[dict[str, str], set[str], dict[str, str]]:
     """Port layers computing what two reference layers compute in a row: paddle's
     ``BatchNorm(act="relu")`` against torch's ``BatchNorm2d`` and the ``ReLU`` layer after it.
     Such a port layer pairs with the first (their inputs agree), but its output is the second's.
-    Returned: ``{other "<layer>.out": reference "<next>.out"}``, and the reference keys nothing
-    in the port computes (the first's output, the second's input: one tensor).
+    Returned: ``{other "<layer>.out": reference "<next>.out"}``, the reference keys nothing in
+    the port computes (the first's output, the second's input: one tensor), and the reference
+    keys to derive (below).
 
     Found by values: the reference's next layer is unpaired and takes the paired layer's output
     as its input, and the port layer's output agrees with the next layer's output, not with the
     paired layer's. After a bug values agree with neither, and the port layer's output is set
-    against the paired layer's, as before."""
+    against the paired layer's, as before.
+
+    Where the reference applies the ReLU as a function (densenet's last ``F.relu``), no reference
+    layer records what the fused port layer gives: its output agrees with the ReLU of the paired
+    layer's, not with that output itself, and the next paired layers' inputs agree (so the
+    reference does apply it: a port applying a ReLU the reference does not differs there). The
+    paired layer's output is then set against the ReLU of the reference's (``derived``: reference
+    key -> "relu"; a noise reference is derived alike, so a bug in the layer still fails there)."""
     paired = set(subject_map.values())
+    port_of = {r: o for o, r in subject_map.items()}
     following = dict(zip(ref_leaves, ref_leaves[1:]))
     parts: dict[str, str] = {}
     superseded: set[str] = set()
+    derived: dict[str, str] = {}
     for o, r in subject_map.items():
         r2 = following.get(r)
-        if r2 is None or r2 in paired:
+        if r2 is None:
             continue
         r_out, r2_in, r2_out, o_out = f"{r}.out", f"{r2}.in", f"{r2}.out", f"{o}.out"
-        if r_out not in ref_map or r2_in not in ref_map or r2_out not in ref_map \
-                or o_out not in other_map:
-            continue
-        if _shape(ref_map[r2_out]) != _shape(other_map[o_out]):
+        if r_out not in ref_map or r2_in not in ref_map or o_out not in other_map:
             continue
         a, b = ref_map[r_out], ref_map[r2_in]
+        if r2 in paired:
+            o2_in = f"{port_of[r2]}.in"
+            if o2_in in other_map and not _feeds(a, b) and \
+                    _shape(a) == _shape(other_map[o_out]) and _applied_relu(a, other_map[o_out]) \
+                    and _close(_stats(b), _stats(other_map[o2_in])):
+                derived[r_out] = "relu"
+            continue
+        if r2_out not in ref_map or _shape(ref_map[r2_out]) != _shape(other_map[o_out]):
+            continue
         if a is not b and not np.array_equal(np.asarray(a), np.asarray(b)):
             continue
         got = _stats(other_map[o_out])
         if _close(got, _stats(ref_map[r2_out])) and not _close(got, _stats(a)):
             parts[o_out] = r2_out
             superseded.update((r_out, r2_in))
-    return parts, superseded
+    return parts, superseded, derived
+
+
+def _derive(ref: dict[str, Any], derived: Mapping[str, str]) -> dict[str, Any]:
+    """``ref`` with the values ``_fused`` derives, as a ``Derived`` tree (``compare`` derives a
+    noise reference's values alike); ``ref`` itself where there are none."""
+    if not derived:
+        return ref
+    from ..diff.pairing import DERIVED_OPS, Derived
+
+    return Derived({k: DERIVED_OPS[derived[k]](v) if k in derived else v for k, v in ref.items()},
+                   derived)
+
+
+def _feeds(out: Any, nxt: Any) -> bool:
+    """Whether a layer's output is the next layer's input (the same tensor, recorded once, or
+    equal values), read from their first elements: a function between them changes those."""
+    if out is nxt:
+        return True
+    a, b = np.asarray(out), np.asarray(nxt)
+    if a.shape != b.shape:
+        return False
+    n = min(a.size, 256)
+    return bool(np.array_equal(a.reshape(-1)[:n], b.reshape(-1)[:n]))
+
+
+def _applied_relu(ref_out: Any, port_out: Any) -> bool:
+    """The port's output agrees with the ReLU of the reference's, and not with it."""
+    a = np.asarray(ref_out)
+    if a.dtype.kind != "f" or not (a < 0).any():
+        return False
+    got = _stats(port_out)
+    return _close(got, _stats(np.maximum(a, 0))) and not _close(got, _stats(a))
 
 
 def match_by_order(
@@ -674,13 +722,13 @@ def match_by_order(
             return False
         return k.subject in one_sided or (_base(k.subject) in boxes and k.subject not in known)
 
-    parts, superseded = _fused(ref_map, other_map, subject_map, pairing.ref_leaves)
+    parts, superseded, derived = _fused(ref_map, other_map, subject_map, pairing.ref_leaves)
     kept = set(parts.values())
     ref = {k: v for k, v in ref_map.items()
            if k in kept or (k not in superseded and not left_out(k, ref_boxes, paired, ref_only))}
     other = {k: v for k, v in other_map.items()
              if not left_out(k, other_boxes, subject_map, other_only)}
-    return ref, _renamed(other, subject_map, parts)
+    return _derive(ref, derived), _renamed(other, subject_map, parts)
 
 
 def _one_sided(ref_leaves: list[str], other_leaves: list[str], subject_map: Mapping[str, str]

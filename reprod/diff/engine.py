@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import itertools
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ from .batch import compare_batch, unravel
 from .columns_batch import ColumnPairs, column_pairs, compare_columns, sides_of
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
 from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats, judge_precision
-from .pairing import Pair, Side, leaf_array, open_side, walk_pairs
+from .pairing import DerivedNoise, Pair, Side, leaf_array, open_side, walk_pairs
 from .progress import Progress, progress_enabled
 from .result import DiffResult, KeyResult
 from .verdict import judged
@@ -110,8 +111,11 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
             b.tree = paired
     hi = None if noise is None else open_side(noise, "noise")
     b.tree = _as_ref_key(a.tree, b.tree)
+    derived = getattr(a.tree, "derived", None)  # reference values derived by the pairing
     if hi is not None:
         hi.tree = _as_ref_key(a.tree, hi.tree)
+        if derived:
+            hi.tree = DerivedNoise(hi.tree, derived)
     walk = walk_pairs(a.tree, b.tree, keys=keys)
     # the mapped files of the dumps opened here: their specs go once a window is compared
     owned = _owned_files((a, b)) if pair is None else ()
@@ -124,7 +128,7 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
     coarse: list[str] = []
     windows = 0
     cp = column_pairs(a.tree, b.tree) if hi is None and pair is None and not keys and bar is None \
-        else None
+        and not derived else None
     if cp is not None:  # two flat column dumps with the same keys: no Pair per key
         _compare_columns(cp, policy, owned, results, (a.name, b.name))
         walk = iter(())
@@ -153,6 +157,9 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
                 if windows % _DROP_EVERY == 0:  # a large dump's pages, read through, go
                     for mf in owned:
                         mf.drop_pages()
+    if derived:  # a derived reference value is said, on its key
+        results = [_derived_note(kr, derived[kr.key]) if kr.key in derived else kr
+                   for kr in results]
     if not results:  # comparing nothing proves nothing: never an all-clear
         results.append(KeyResult(key="(nothing compared)", passed=False, status="nothing",
                                  reason=msg.reason_nothing(a.name, b.name, bool(keys))))
@@ -243,6 +250,11 @@ def _plain_array_key(tree: Any) -> Optional[str]:
     if getattr(tree, "format", None) == "npy-array" and len(tree) == 1:
         return next(iter(tree))
     return None
+
+
+def _derived_note(kr: KeyResult, op: str) -> KeyResult:
+    note = msg.note_derived(op)
+    return dataclasses.replace(kr, note=note if not kr.note else f"{kr.note}; {note}")
 
 
 def _as_ref_key(ref_tree: Any, tree: Any) -> Any:

@@ -25,6 +25,49 @@ class Named(dict):  # type: ignore[type-arg]
         self.path = path
 
 
+def _relu(a: Any) -> np.ndarray:
+    return np.maximum(np.asarray(a), 0)
+
+
+# what a reference key may be derived by, where no reference layer records the value a port's
+# layer gives (a ReLU the reference calls as a function, fused into the port's BatchNorm)
+DERIVED_OPS = {"relu": _relu}
+
+
+class Derived(dict):  # type: ignore[type-arg]
+    """A reference tree some of whose values are derived from what the reference recorded
+    (``derived``: key -> the name of the ``DERIVED_OPS`` applied): a comparison with a noise
+    reference derives that key's noise value alike."""
+
+    def __init__(self, data: Mapping[str, Any], derived: Mapping[str, str]) -> None:
+        super().__init__(data)
+        self.derived = dict(derived)
+
+
+class DerivedNoise(Mapping):  # type: ignore[type-arg]
+    """A noise tree seen through a ``Derived`` reference's derivations."""
+
+    def __init__(self, tree: Mapping[str, Any], derived: Mapping[str, str]) -> None:
+        self.tree, self.derived = tree, derived
+        src = getattr(tree, "source_dtype", None)
+        if src is not None:
+            self.source_dtype = src
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.tree[key]
+        op = self.derived.get(key)
+        return value if op is None else DERIVED_OPS[op](value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tree)
+
+    def __len__(self) -> int:
+        return len(self.tree)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tree
+
+
 @dataclass
 class Side:
     """One side of a comparison: a mapping plus where it came from. ``owned``: the engine opened

@@ -164,6 +164,50 @@ def test_a_fused_batchnorm_and_relu_is_set_against_the_relu_output() -> None:
     assert r["bn.in"].passed
 
 
+def _ref_functional_relu(x: np.ndarray, relu: bool = True) -> dict[str, np.ndarray]:
+    """lin -> bn -> F.relu (a function: not recorded) -> head, as torchvision's densenet ends."""
+    log = {k: v for k, v in _ref_layers(x).items() if not k.startswith(("relu.", "head."))}
+    h = log["bn.out"]
+    log["head.in"] = h = np.maximum(h, 0) if relu else h
+    log["head.out"] = log["<model>.out"] = h @ W[3]
+    return log
+
+
+def test_a_fused_relu_the_reference_calls_as_a_function_is_set_against_its_relu() -> None:
+    """paddle's BatchNorm(act="relu") against a BatchNorm2d followed by F.relu: no reference
+    layer records what the port's layer gives. A correct densenet121 port failed
+    ``features.norm5`` so; the layer's output is set against the ReLU of the reference's now, and
+    a noise reference's value is derived alike."""
+    ref_map, port_map = _ref_functional_relu(X), _port_fused(X)
+    ref, other = match_by_order(ref_map, port_map)
+    assert np.array_equal(ref["bn.out"], np.maximum(ref_map["bn.out"], 0))
+    assert ref.derived == {"bn.out": "relu"}
+    r = reprod.compare(ref_map, port_map, pair=match_by_order, threshold=1e-12)
+    assert r.passed and "relu of the reference's output" in r["bn.out"].note, r.summary_line()
+    # the noise: a float32 run of the same reference, derived alike (an underived one, the
+    # pre-activation, would read the ReLU's zeros as noise and pass anything)
+    hi = _ref_functional_relu(X.astype(np.float64))
+    lo = {k: v.astype(np.float32) for k, v in ref_map.items()}
+    r = reprod.compare(lo, {k: v.astype(np.float32) for k, v in port_map.items()},
+                       pair=match_by_order, noise=hi)
+    assert r.passed and r["bn.out"].noise_multiple is not None, r.to_table()
+    # a small bug in the fused layer: its statistics still look like the ReLU's, and the noise
+    # finds it at the layer
+    bug = {k: v.astype(np.float32) for k, v in _port_fused(X, eps=1e-3).items()}
+    r = reprod.compare(lo, bug, pair=match_by_order, noise=hi)
+    assert r.first_failure.key == "bn.out" and r["bn.in"].passed, r.to_table()
+    # a large one: its output agrees with neither, and fails at the layer
+    r = reprod.compare(ref_map, _port_fused(X, eps=0.5), pair=match_by_order, threshold=1e-9)
+    assert r.first_failure.key == "bn.out" and r["bn.in"].passed
+    # a port applying a ReLU the reference does not: the next layer's inputs differ, so the
+    # layer's output is set against the reference's own, and fails there
+    r = reprod.compare(_ref_functional_relu(X, relu=False), port_map, pair=match_by_order,
+                       threshold=1e-9)
+    assert r.first_failure.key == "bn.out" and r["bn.in"].passed
+    assert not getattr(match_by_order(_ref_functional_relu(X, relu=False), port_map)[0],
+                       "derived", None)
+
+
 # --- blocks whose activations only one side records -------------------------------------------
 
 def _blocks(x: np.ndarray, *, port: bool, residual: tuple[bool, ...] = (True, True)

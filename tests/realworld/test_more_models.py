@@ -121,18 +121,36 @@ def test_densenet_fused_batchnorm_relu_names_the_bug_in_its_dense_layer() -> Non
         found[0].startswith("diverges at features.denseblock2.denselayer3.relu2"), found[0]
 
 
-def test_densenet_correct_port_by_order_fails_only_where_torch_calls_the_relu_as_a_function(
-) -> None:
+def test_densenet_correct_port_by_order_passes() -> None:
     """A correct densenet121 port compared by call order failed 369 of 736 keys (the fused
     BatchNorm+ReLU against the pre-activation, dense layers that return other things paired as
-    blocks). One key is left: ``features.norm5``, whose ReLU torchvision calls as a function, so
-    no reference layer records the value paddle's fused layer gives (its own work)."""
+    blocks), then one: ``features.norm5``, whose ReLU torchvision calls as a function, so no
+    reference layer records the value paddle's fused layer gives. It is set against the ReLU of
+    the reference's output now (the noise derived alike), and a bug in norm5 fails there."""
     pair = pair_of("densenet121")
     x = make_inputs(0, 2)
     ref, hi = captured(pair.torch32, "torch", x), captured(pair.torch64, "torch", x, True)
     r = reprod.compare(ref, captured(port(pair), "paddle", x), pair=match_by_order, noise=hi)
-    assert [kr.key for kr in r.failed] == ["features.norm5.out"], r.to_table(failed_only=True)
+    assert r.passed, r.to_table(failed_only=True)
+    assert "relu of the reference's output" in r["features.norm5.out"].note
     assert r["features.denseblock2.denselayer3.relu2.out"].passed
+    r = reprod.compare(ref, captured(port(pair, bn_eps="features.norm5"), "paddle", x),
+                       pair=match_by_order, noise=hi)
+    div = first_divergence(r)
+    assert div is not None and div.layer == "features.norm5" and div.input_aligned, \
+        div and div.message
+
+
+def test_densenet_norm5_bug_is_named_and_diagnosed_by_align_forward() -> None:
+    from reprod.align import align_forward
+
+    pair = pair_of("densenet121")
+    r = align_forward(pair.torch32, port(pair, bn_eps="features.norm5"), make_inputs(0, 2),
+                      calibrate=True, by_order=True)
+    found = r.options["findings"]
+    assert found[0].startswith("diverges at features.norm5 (BatchNorm2d vs BatchNorm): input "
+                               "aligned"), found
+    assert found[1] == "likely cause at features.norm5: BN epsilon: port uses ~1e-3, reference 1e-5"
 
 
 def _fires_reordered(m: paddle.nn.Layer) -> paddle.nn.Layer:
