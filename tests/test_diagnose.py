@@ -152,6 +152,39 @@ def test_hardsigmoid_slope_and_gelu_tanh_are_recognised_from_the_recorded_input(
     assert activation_mismatch(x.numpy(), g, g) is None
 
 
+def test_erf_in_numpy_agrees_with_math_erf() -> None:
+    import math
+
+    from reprod.diagnose.activations import _erf
+
+    x = np.concatenate([np.linspace(-8, 8, 20001), [0.0, -0.0, 1e-12, -1e-300, 30.0, -30.0]])
+    want = np.array([math.erf(v) for v in x])
+    assert np.max(np.abs(_erf(x) - want)) < 1.5e-7
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "hardswish", "leaky"])
+def test_activations_of_large_outputs_are_recognised_on_every_element(act) -> None:
+    """A layer output of a million elements is first tried on a sample: a candidate fitting the
+    sample must still fit every element (one wrong element outside the sample: no match)."""
+    x = torch.randn(4, 64, 64, 64, generator=torch.Generator().manual_seed(0)) * 3
+    f = {"gelu": torch.nn.functional.gelu,
+         "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+         "hardswish": torch.nn.functional.hardswish,
+         "leaky": lambda t: torch.nn.functional.leaky_relu(t, 0.1)}[act]
+    ref = torch.relu(x).numpy()
+    port = f(x).numpy()
+    hint = activation_mismatch(x.numpy(), ref, port)
+    name = {"gelu": "GELU (exact, erf)", "gelu_tanh": "GELU (tanh approximation)",
+            "hardswish": "Hardswish (slope 1/6)", "leaky": "LeakyReLU (slope 0.1)"}[act]
+    assert hint == f"activation: reference ReLU, port {name}"
+    odd = port.copy()
+    odd.reshape(-1)[1] += 0.5  # index 1 lies between the sample's first two elements
+    assert activation_mismatch(x.numpy(), ref, odd) is None
+    odd_ref = ref.copy()
+    odd_ref.reshape(-1)[1] += 0.5
+    assert activation_mismatch(x.numpy(), odd_ref, port) is None
+
+
 def test_untransposed_linear() -> None:
     lin = torch.nn.Linear(3, 5)
     w = lin.weight.detach().numpy()
