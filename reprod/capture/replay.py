@@ -435,8 +435,9 @@ def _unpaired_with_weights(fw: Any, ordered: list[tuple[str, Any]], mapping: Map
                 key = layer_key(name, 1, "out")
                 if key in position:  # the reference's layer of this name pairs with another
                     key += " (port layer)"
+                # "error", not "extra": first_divergence reads it (it skips one-sided keys)
                 out.append((at + 0.5, KeyResult(
-                    key=key, passed=False, status="extra",
+                    key=key, passed=False, status="error",
                     reason=msg.reason_replay_unpaired(name, type(layer).__name__, n,
                                                       unpaired[name]))))
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from reprod.capture import record, replay
+from reprod.capture import first_divergence, record, replay
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -98,7 +98,9 @@ def test_an_extra_layer_with_weights_fails_by_order_and_by_name(reference) -> No
         r = replay(_port(Extra, ref), capture, **kw, **TIGHT)
         assert [k.key for k in r.failed] == ["extra.out"], kw
         bad = r["extra.out"]
-        assert bad.status == "extra" and "port layer extra (Conv2d, 2 parameter" in bad.reason
+        assert bad.status == "error" and "port layer extra (Conv2d, 2 parameter" in bad.reason
+        div = first_divergence(r)  # named as the first thing wrong
+        assert div is not None and div.layer == "extra", div
         # placed after the layer the port calls before it (the BatchNorm), before c2
         keys = r.keys()
         assert keys.index("bn.out") < keys.index("extra.out") < keys.index("c2.out"), kw
