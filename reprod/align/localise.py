@@ -33,6 +33,7 @@ class Localisation:
     ref: Mapping[str, Any]
     port: Mapping[str, Any]
     by_order: bool = False
+    backward: bool = False
 
     @property
     def findings(self) -> list[str]:
@@ -45,6 +46,12 @@ class Localisation:
                     f"pair ({d.one_sided} capture keys on one side only), so nothing is shown to "
                     "align; the two models' layers differ beyond what call order pairs: name the "
                     "pairs with rename rules (reprod.capture.rename) and compare the captures"]
+        if self.divergence is None and self.backward:
+            return [
+                "the layer captures align, gradients included, although the parameters' "
+                "gradients differ: the difference arises outside the recorded layers (the loss, "
+                "or a parameter used outside any layer's forward)"
+            ]
         if self.divergence is None:
             return [
                 "the layer captures align although the outputs differ: the difference arises "
@@ -58,10 +65,11 @@ class Localisation:
         return lines
 
 
-def _capture(model: Any, call: Any, containers: bool = True) -> dict[str, Any]:
+def _capture(model: Any, call: Any, containers: bool = True, backward: bool = False
+             ) -> dict[str, Any]:
     from ..capture import record
 
-    with record(model, containers=containers) as log:
+    with record(model, containers=containers, backward=backward) as log:
         call()
     return dict(log.data)
 
@@ -111,10 +119,16 @@ def localise_forward(
     by_order: bool,
     criteria: Any,
     run_twin: Any = None,
+    backward: bool = False,
+    ref_layout: Any = None,
 ) -> Localisation:
     """Capture both models' layers (``run_*``: no-argument callables running one forward pass
     in the right mode), pair, judge and diagnose them. ``run_twin`` runs the float64 twin, whose
-    capture becomes the noise reference."""
+    capture becomes the noise reference. ``backward=True``: the callables run a training step's
+    forward, loss and backward, the gradients are captured too, and where the forward aligns the
+    first layer whose gradients differ is named (``align_train``); ``ref_layout`` maps the
+    reference's (and the twin's) captures to the port's layout (torch Linear weights' gradients
+    transposed)."""
     from ..capture import first_divergence, layer_types
     from ..capture.naming import _derive, _fused, _pair_all, _renamed
     from ..diagnose import diagnose
@@ -123,8 +137,10 @@ def localise_forward(
     # between the layers the weights pair, pairing by call order reads only shapes, and a
     # container and a leaf with the same in/out shapes would pair: by order, leaf layers only
     containers = not by_order
-    ref = _capture(torch_model, run_torch, containers)
-    raw = _capture(paddle_model, run_paddle, containers)
+    ref = _capture(torch_model, run_torch, containers, backward)
+    raw = _capture(paddle_model, run_paddle, containers, backward)
+    if ref_layout is not None:
+        ref = ref_layout(ref)
     names: dict[str, str] = {}  # port layer -> reference layer
     port = raw
     superseded: set[str] = set()  # reference keys a fused port layer computes nothing for
@@ -135,7 +151,9 @@ def localise_forward(
         parts, superseded, derived = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
         port = _renamed(raw, pairing.calls, parts)
         names = {o.partition("#")[0]: r.partition("#")[0] for o, r in pairing.calls.items()}
-    noise = None if run_twin is None else _capture(run_twin[0], run_twin[1], containers)
+    noise = None if run_twin is None else _capture(run_twin[0], run_twin[1], containers, backward)
+    if noise is not None and ref_layout is not None:
+        noise = ref_layout(noise)
     judged = _derive({k: v for k, v in ref.items() if k not in superseded}, derived)
     plain = compare(judged, port, criteria=criteria, noise=noise)
     ptypes = layer_types(paddle_model)
@@ -167,7 +185,7 @@ def localise_forward(
         if found is not None:
             div, hint = found[0], None
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
-    return Localisation(div, hint, result, ref, port, by_order)
+    return Localisation(div, hint, result, ref, port, by_order, backward)
 
 
 def _containers(named: Any) -> list[str]:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import os
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -43,8 +46,18 @@ from .framework import (
     _torch_params_plan,
 )
 from .kinks import KinkCapture
-from .results import KNOWN_DIFFERENCES, PathLike, _finish, noise_multiples
+from .localise import localise_forward
+from .results import KNOWN_DIFFERENCES, PathLike, _finish, _write_diff_log, noise_multiples
 from .rules import ConversionRules, KeyPlan
+from .train_localise import (
+    Snapshot,
+    backward_step,
+    batch_size_of,
+    first_failing_step,
+    gradient_not_reaching,
+    loss_finding,
+    update_finding,
+)
 
 __all__ = ["align_forward", "align_train", "noise_multiples", "KNOWN_DIFFERENCES"]
 
@@ -214,6 +227,7 @@ def align_train(
     criteria: Optional[Criteria] = None,
     by_order: bool = False,
     kinks: Optional[bool] = None,
+    localise: bool = True,
 ) -> Any:
     """Train both models for ``steps`` steps on the same batches and compare, per step, the logits,
     the loss, the learning rate, every parameter's gradient and every updated parameter.
@@ -269,6 +283,19 @@ def align_train(
     ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
     rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
 
+    ``localise=True`` (the default) says where a failing run first goes wrong, and why, in
+    ``result.options["findings"]`` (also in ``train_diff.log`` and printed with ``verbose``),
+    from a copy of both models' state taken before training (see
+    ``reprod.align.train_localise``): step 0's outputs differing are localised layer by layer as
+    ``align_forward`` does (``options["divergence"]``); its loss alone differing names the loss
+    functions (a sum against a mean by the batch size); its gradients differing, with the outputs
+    and loss aligned, are localised in the backward pass (the first layer, in backward order,
+    whose gradients differ while the gradient it received aligns); its updated parameters
+    differing, with the gradients aligned, sets the two updates against each other (a constant
+    ratio: a learning rate; a difference proportional to the weights: a weight decay); a later
+    first failing step is named with what fails in it. The models keep the state training gave
+    them (their gradients excepted).
+
     >>> r = align_train(tm, pm, [(x, y)], steps=3,
     ...                 torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
     ...                 torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9),
@@ -294,6 +321,7 @@ def align_train(
     if torch_model.training:
         _check_no_dropout(torch_model, paddle_model)
     plan = _torch_params_plan(torch_model, rules)
+    before = Snapshot.take(torch_model, paddle_model) if localise else None
     explain = calibrate if kinks is None else kinks
     kink = KinkCapture(torch_model, paddle_model) if explain else None
     if check_determinism and torch_model.training:
@@ -349,7 +377,7 @@ def align_train(
             stats=stats,
             log=paddle_log,
         )
-    return _finish(
+    result = _finish(
         torch_log,
         paddle_log,
         out_dir=out_dir,
@@ -357,9 +385,169 @@ def align_train(
         criteria=crit,
         verbose=verbose,
         noise_log=noise_log,
+        write_log=before is None,
         kinks=kink,
         paddle_to_torch={kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name},
     )
+    if before is None:
+        return result
+    if not result.passed:
+        after = Snapshot.take(torch_model, paddle_model)
+        try:
+            result = _train_localised(
+                result, torch_model, paddle_model, before, batches, torch_log.data,
+                paddle_log.data, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
+                seed=seed, by_order=by_order, calibrate=calibrate, criteria=crit,
+                lr=_first_lr(paddle_optimizer), plan=plan,
+            )
+        finally:
+            after.restore(torch_model, paddle_model)
+        if verbose:
+            for line in result.options.get("findings", ()):
+                print(line, flush=True)
+    if out_dir is not None:
+        _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"), verbose=verbose)
+    return result
+
+
+def _first_lr(paddle_optimizer: Any) -> Optional[float]:
+    try:
+        return float(paddle_optimizer.get_lr())
+    except Exception:  # noqa: BLE001 - only for a finding's wording
+        return None
+
+
+def _train_localised(
+    result: Any,
+    torch_model: Any,
+    paddle_model: Any,
+    before: Snapshot,
+    batches: Sequence[Any],
+    torch_data: Mapping[str, Any],
+    paddle_data: Mapping[str, Any],
+    *,
+    torch_loss_fn: Callable[..., Any],
+    paddle_loss_fn: Callable[..., Any],
+    seed: int,
+    by_order: bool,
+    calibrate: bool,
+    criteria: Criteria,
+    lr: Optional[float],
+    plan: Mapping[str, KeyPlan],
+) -> Any:
+    """``result`` with where the first failing step goes wrong in ``options["findings"]`` (and
+    ``["divergence"]`` where a layer is named)."""
+    found = first_failing_step(result)
+    if found is None:
+        return result
+    step, kinds, first = found
+    findings: list[str] = []
+    options = dict(result.options)
+    if step > 0:
+        findings.append(f"step {step} is the first whose outputs, gradients or weights differ "
+                        f"({', '.join(kinds)}), first at {first.key}: {first.reason}")
+        if kinds[0] == "lr":
+            findings.append("the learning rate differs first: the schedulers differ (their "
+                            "kind, step size, decay, or how often each is stepped)")
+        elif kinds[0] == "param":
+            findings.append(f"step {step}'s gradients align and its updated weights do not, "
+                            "while the first update aligned: the optimizers' state differs "
+                            "(momentum, Adam's betas or epsilon: the first update does not "
+                            "show them)")
+    elif kinds[0] == "loss":
+        findings.append(loss_finding(result, batch_size_of(batches)))
+    elif kinds[0] == "lr":
+        findings.append("the learning rate differs before the first update: the optimizers' "
+                        "initial learning rates (or their schedulers) differ")
+    elif kinds[0] == "param":
+        weights = {k: np.asarray(v.numpy()) for k, v in before.paddle_state.items()}
+        line = update_finding(result, torch_data, paddle_data, weights, lr)
+        if line:
+            findings.append(line)
+    elif kinds[0] == "stat":
+        findings.append("only BatchNorm statistics differ first (step0/stat): see their notes "
+                        "(the momentum convention, the biased running variance)")
+    else:  # logits or grad: run step 0 again from the state before training, layer by layer
+        before.restore(torch_model, paddle_model)
+        loc = _localise_step0(torch_model, paddle_model, batches[0], backward=kinds[0] == "grad",
+                              torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
+                              seed=seed, by_order=by_order, calibrate=calibrate,
+                              criteria=criteria, plan=plan)
+        from ..capture import layer_types
+
+        cut = gradient_not_reaching(loc.result, layer_types(torch_model)) \
+            if kinds[0] == "grad" else None
+        findings += [cut] if cut is not None and loc.divergence is None else loc.findings
+        div = loc.divergence
+        if div is not None:
+            options["divergence"] = {"layer": div.layer, "kind": div.kind, "message": div.message,
+                                     "hint": loc.hint, "direction": div.direction}
+    options["findings"] = findings
+    return dataclasses.replace(result, options=options)
+
+
+def _localise_step0(torch_model: Any, paddle_model: Any, batch: Any, *, backward: bool,
+                    torch_loss_fn: Callable[..., Any], paddle_loss_fn: Callable[..., Any],
+                    seed: int, by_order: bool, calibrate: bool, criteria: Criteria,
+                    plan: Mapping[str, KeyPlan]) -> Any:
+    """Step 0's forward (and with ``backward``, loss and backward) captured layer by layer on
+    both sides, in the models' own mode, paired and judged (``localise_forward``)."""
+    import paddle
+    import torch
+
+    inputs, labels = _split_batch(batch, 0)
+    args, kwargs = _split_inputs(inputs)
+    dev, place = _torch_device(torch_model), _paddle_place(paddle_model)
+    targs, tkw, tlab = _to_torch(args, dev), _to_torch(kwargs, dev), _to_torch(labels, dev)
+    pargs, pkw, plab = _to_paddle(args, place), _to_paddle(kwargs, place), _to_paddle(labels, place)
+
+    def zero_torch(model: Any) -> Callable[[], None]:
+        def zero() -> None:
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)
+        return zero
+
+    def run(model: Any, fwd_args: Any, fwd_kw: Any, labels_: Any, loss_fn: Any,
+            zero: Callable[[], None], no_grad: Any) -> Callable[[], None]:
+        if backward:
+            return backward_step(model, fwd_args, fwd_kw, labels_, loss_fn, _call_loss, zero)
+
+        def forward() -> None:
+            zero()
+            with no_grad():
+                model(*fwd_args, **fwd_kw)
+        return forward
+
+    with _deterministic(seed):
+        run_torch = run(torch_model, targs, tkw, tlab, torch_loss_fn, zero_torch(torch_model),
+                        torch.no_grad)
+        run_paddle = run(paddle_model, pargs, pkw, plab, paddle_loss_fn,
+                         paddle_model.clear_gradients, paddle.no_grad)
+        twin = None
+        if calibrate:
+            model64 = _float64_twin(torch_model)
+            a64, k64 = _to_torch(args, dev, float64=True), _to_torch(kwargs, dev, float64=True)
+            l64 = _to_torch(labels, dev, float64=True)
+            twin = (model64, run(model64, a64, k64, l64, _float64_loss(torch_loss_fn),
+                                 zero_torch(model64), torch.no_grad))
+        return localise_forward(torch_model, paddle_model, run_torch, run_paddle,
+                                by_order=by_order, criteria=criteria, run_twin=twin,
+                                backward=backward, ref_layout=partial(_paddle_layout, plan))
+
+
+def _paddle_layout(plan: Mapping[str, KeyPlan], capture: dict[str, Any]) -> dict[str, Any]:
+    """A torch capture's parameter gradients in Paddle's layout (Linear weights transposed), as
+    ``align_train`` records its own ``grad/`` keys."""
+    from ..capture.naming import parse_key
+
+    out = dict(capture)
+    for key, value in capture.items():
+        parsed = parse_key(key)
+        if parsed is not None and parsed.is_param:
+            kp = plan.get(parsed.name)
+            if kp is not None and kp.action == "transpose":
+                out[key] = _torch_array(value, kp)
+    return out
 
 
 def _recording(kink: Optional[KinkCapture], model: Any, log: ReprodLogger, side: str) -> Any:

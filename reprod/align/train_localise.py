@@ -1,0 +1,186 @@
+"""Where a failing training run first goes wrong, and why: ``align_train``'s localisation.
+
+The first failing step and what fails in it decide what is run again, from the state both
+models had before training (a copy taken then):
+
+- the outputs of step 0 differ: both forwards are captured layer by layer, as ``align_forward``
+  does, in the models' own mode;
+- the outputs align and the loss differs: the loss functions differ, and the two losses' ratio
+  says how where it is a known one (a sum against a mean: the batch size);
+- the loss aligns and the gradients differ: the forward, loss and backward of step 0 are
+  captured with every layer's gradients, and ``first_divergence`` names the first layer, in
+  backward order, whose gradients differ while the gradient it received aligns;
+- the gradients align and the updated parameters differ: the two updates are set against each
+  other (from the copy of the weights before the step): a constant ratio is a learning rate or
+  an update scaled otherwise, a difference proportional to the weights a weight decay;
+- a later step is the first to fail: it is named, with what fails in it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+_KEY = re.compile(r"step(\d+)/(logits|loss|lr|grad|param|stat)\b")
+
+# what a step's keys are, in the order a training step makes them
+_KINDS = ("logits", "loss", "lr", "grad", "param", "stat")
+
+
+@dataclass
+class Snapshot:
+    """Both models' state before training: what localisation runs again from."""
+
+    torch_state: dict[str, Any]
+    paddle_state: dict[str, Any]
+
+    @classmethod
+    def take(cls, torch_model: Any, paddle_model: Any) -> Snapshot:
+        return cls(copy.deepcopy(torch_model.state_dict()),
+                   {k: v.detach().clone() for k, v in paddle_model.state_dict().items()})
+
+    def restore(self, torch_model: Any, paddle_model: Any) -> None:
+        torch_model.load_state_dict(self.torch_state)
+        paddle_model.set_state_dict(self.paddle_state)
+
+
+def first_failing_step(result: Any) -> Optional[tuple[int, list[str], Any]]:
+    """(step, the kinds of key failing in it in step order, its first failing key)."""
+    first: dict[int, dict[str, Any]] = {}
+    for kr in result:
+        if kr.passed:
+            continue
+        m = _KEY.match(kr.key)
+        if m is None:
+            continue
+        first.setdefault(int(m.group(1)), {}).setdefault(m.group(2), kr)
+    if not first:
+        return None
+    # BatchNorm statistics alone (their known differences: the biased running variance) do not
+    # hide a later step whose gradients or weights differ
+    steps = sorted(first)
+    step = next((s for s in steps if set(first[s]) - {"stat"}), steps[0])
+    kinds = [k for k in _KINDS if k in first[step]]
+    return step, kinds, first[step][kinds[0]]
+
+
+def gradient_not_reaching(result: Any, layer_types: Optional[Mapping[str, str]] = None
+                          ) -> Optional[str]:
+    """A backward capture where the reference's gradient reaches a layer and the port's does not
+    (its keys are missing on the port's side although the layer's forward pairs): the port
+    detaches its output or freezes its parameters. ``first_divergence`` skips keys one side
+    lacks; this names the first such layer in backward order (the last called)."""
+    from ..capture.naming import parse_key
+
+    paired_forward: set[str] = set()
+    missing: dict[str, int] = {}
+    for pos, kr in enumerate(result):
+        parsed = parse_key(kr.key)
+        if parsed is None:
+            continue
+        if parsed.what in ("in", "out") and kr.status not in ("missing", "extra"):
+            paired_forward.add(parsed.subject)
+        elif kr.status == "missing" and parsed.what in ("grad_out", "grad"):
+            subject = parsed.name.rpartition(".")[0] or parsed.name if parsed.is_param \
+                else parsed.subject
+            missing.setdefault(subject, pos)
+    found = [(pos, s) for s, pos in missing.items() if s in paired_forward]
+    if not found:
+        return None
+    layer = max(found)[1]
+    kind = (layer_types or {}).get(layer)
+    where = f"{layer} ({kind})" if kind else layer
+    return (f"backward diverges at {where}: the reference's gradient reaches it and the port's "
+            "does not (its output is detached, stop_gradient, on the port's side, or its "
+            "parameters are frozen)")
+
+
+def loss_finding(result: Any, batch_size: Optional[int]) -> str:
+    """The outputs align and the loss does not: the loss functions differ."""
+    ref = result["step0/loss"]
+    line = "the loss differs although the outputs align (step0/logits): the loss functions differ"
+    a, b = ref.worst_ref, ref.worst_other
+    if a is None or b is None or not a or not np.isfinite(b / a):
+        return line
+    ratio = b / a
+    if batch_size and batch_size > 1 and abs(ratio - batch_size) <= 1e-3 * batch_size:
+        return line + (f" (the port's loss is {batch_size}x the reference's, the batch size: a "
+                       "sum against a mean, reduction)")
+    if batch_size and batch_size > 1 and abs(ratio * batch_size - 1) <= 1e-3:
+        return line + (f" (the port's loss is 1/{batch_size} of the reference's, the batch "
+                       "size: a mean against a sum, reduction)")
+    return line + f" (the port's loss is {ratio:.6g}x the reference's: reduction, label " \
+                  "smoothing, class weights, ignore_index)"
+
+
+def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[str, Any],
+                   before: Mapping[str, Any], lr: Optional[float]) -> Optional[str]:
+    """The gradients align and the parameters after the step do not: the optimizers differ.
+    ``before``: each parameter (Paddle name and layout) before the step."""
+    keys = [kr.key for kr in result
+            if kr.key.startswith("step0/param/") and not kr.passed]
+    if not keys:
+        return None
+    d_ref, d_port, p0 = [], [], []
+    for key in keys:
+        name = key[len("step0/param/"):]
+        if name not in before or key not in ref_log or key not in port_log:
+            continue
+        w = np.asarray(before[name], dtype=np.float64).reshape(-1)
+        d_ref.append(np.asarray(ref_log[key], dtype=np.float64).reshape(-1) - w)
+        d_port.append(np.asarray(port_log[key], dtype=np.float64).reshape(-1) - w)
+        p0.append(w)
+    if not d_ref:
+        return None
+    r, o, w = np.concatenate(d_ref), np.concatenate(d_port), np.concatenate(p0)
+    head = (f"the gradients align (step0/grad) and the updated parameters do not ({len(keys)} "
+            "of them): the optimizers differ")
+    rr = float(r @ r)
+    if rr == 0.0:
+        return head + " (the reference's step left the parameters as they were)"
+    scale = float(o @ r) / rr
+    rest = o - scale * r
+    if float(np.linalg.norm(rest)) <= 1e-3 * float(np.linalg.norm(o)):
+        return head + (f": the port's update is {scale:.4g}x the reference's (a learning rate, "
+                       "or an update scaled otherwise)")
+    # the port's update less the reference's, against the weights: a weight decay term
+    extra = o - r
+    ww = float(w @ w)
+    if ww > 0:
+        k = float(extra @ w) / ww
+        if float(np.linalg.norm(extra - k * w)) <= 1e-2 * float(np.linalg.norm(extra)):
+            what = f"{-k:.4g} x the weights" if lr is None or not lr else \
+                f"{-k / lr:.4g} x the learning rate x the weights"
+            return head + (f": the port's update is the reference's less {what} (a weight "
+                           "decay one side applies and the other does not, or applies "
+                           "otherwise)")
+    return head + (f": the updates are neither proportional (best fit {scale:.4g}x) nor apart by "
+                   "a weight decay: compare the optimizers' hyperparameters")
+
+
+def backward_step(model: Any, args: Any, kwargs: Any, labels: Any, loss_fn: Callable[..., Any],
+                  call_loss: Callable[..., Any], zero: Callable[[], None]) -> Callable[[], None]:
+    """A callable running one forward, loss and backward of ``model`` on the given inputs."""
+
+    def run() -> None:
+        zero()
+        out = model(*args, **kwargs)
+        call_loss(loss_fn, out, labels).backward()
+
+    return run
+
+
+def batch_size_of(batches: Sequence[Any]) -> Optional[int]:
+    try:
+        inputs = batches[0][0]
+        first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        if isinstance(first, Mapping):
+            first = next(iter(first.values()))
+        return int(np.shape(first)[0])
+    except (TypeError, IndexError, KeyError, StopIteration):
+        return None

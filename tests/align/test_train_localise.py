@@ -1,0 +1,183 @@
+"""``align_train`` says where a failing run first goes wrong, and why (``options["findings"]``).
+
+Each test injects one porting mistake into the Paddle twin of a small network and checks the
+finding against what was injected: a LayerNorm epsilon (the forward, localised layer by layer),
+an activation whose backward is wrong and a detached branch (the backward, localised layer by
+layer), a summed loss, a weight decay, another learning rate for one parameter group, another
+momentum. Before, a failing run named its first failing key only, and for a backward bug that
+was the first parameter in definition order, whatever was wrong.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+
+from align_twins import make_batch, twins  # noqa: E402
+
+from reprod.align import align_train  # noqa: E402
+
+LR, MU = 0.1, 0.9
+
+
+def _train(tm, pm, *, steps=2, popt=None, ploss=None, topt=None, **kw):
+    tm.train()
+    pm.train()
+    topt = topt or torch.optim.SGD(tm.parameters(), lr=LR, momentum=MU)
+    popt = popt or paddle.optimizer.Momentum(learning_rate=LR, momentum=MU,
+                                             parameters=pm.parameters())
+    return align_train(tm, pm, [make_batch(i) for i in range(steps)],
+                       torch_loss_fn=torch.nn.CrossEntropyLoss(),
+                       paddle_loss_fn=ploss or paddle.nn.CrossEntropyLoss(),
+                       torch_optimizer=topt, paddle_optimizer=popt, steps=steps, **kw)
+
+
+def _forward(pm, act=None, detach=False):
+    """The Paddle twin's forward with its ReLU after fc1 replaced, or its embedding detached."""
+    act = act or paddle.nn.functional.relu
+
+    def forward(self, x, ids):
+        h = paddle.nn.functional.relu(self.bn(self.conv(x))).mean(axis=(2, 3))
+        e = self.emb(ids).mean(axis=1)
+        h = h + (e.detach() if detach else e)
+        h = self.norm(act(self.fc1(h)))
+        return self.head(self.drop(h))
+
+    pm.forward = types.MethodType(forward, pm)
+
+
+def test_a_correct_port_has_only_the_known_batchnorm_difference() -> None:
+    r = _train(*twins(0))
+    assert {k.key.split("/")[1] for k in r.failed} == {"stat"}
+    assert r.options["findings"] == [
+        "only BatchNorm statistics differ first (step0/stat): see their notes (the momentum "
+        "convention, the biased running variance)"]
+
+
+def test_a_forward_bug_is_localised_at_its_layer_with_its_cause() -> None:
+    tm, pm = twins(0)
+    pm.norm._epsilon = 1e-3
+    r = _train(tm, pm)
+    assert r.first_failure.key == "step0/logits"
+    found = r.options["findings"]
+    assert found[0].startswith("diverges at norm (LayerNorm): input aligned"), found
+    assert found[1] == "likely cause at norm: LayerNorm epsilon: port uses ~1e-3, reference 1e-5"
+    assert r.options["divergence"]["layer"] == "norm"
+
+
+class _HalfGradReLU(paddle.autograd.PyLayer):
+    """ReLU whose backward passes half the gradient: a custom op ported wrongly."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return paddle.nn.functional.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensor()
+        return grad * (x > 0).astype(grad.dtype) * 0.5
+
+
+class _Act(paddle.nn.Layer):
+    def forward(self, x):
+        return _HalfGradReLU.apply(x)
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_a_backward_bug_is_localised_at_its_layer(calibrate) -> None:
+    tm, pm = twins(0)
+    tm.act = torch.nn.ReLU()  # the same ReLU as a layer on both sides: the bug is in its backward
+
+    def torch_forward(self, x, ids):
+        h = torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+        h = h + self.emb(ids).mean(dim=1)
+        return self.head(self.drop(self.norm(self.act(self.fc1(h)))))
+
+    tm.forward = types.MethodType(torch_forward, tm)
+    pm.act = _Act()
+    _forward(pm, act=pm.act)
+    r = _train(tm, pm, calibrate=calibrate)
+    # the outputs and the loss align; the gradients of everything before the ReLU do not
+    assert r["step0/logits"].passed and r["step0/loss"].passed
+    assert not r["step0/grad/fc1.weight"].passed and r["step0/grad/head.weight"].passed
+    found = r.options["findings"]
+    assert found[0].startswith("backward diverges at act (ReLU vs _Act): incoming gradient "
+                               "aligned"), found
+    assert r.options["divergence"] == {**r.options["divergence"], "layer": "act",
+                                       "direction": "backward"}
+
+
+def test_a_detached_branch_is_named_where_the_gradient_stops() -> None:
+    tm, pm = twins(0)
+    _forward(pm, detach=True)
+    r = _train(tm, pm)
+    assert r.first_failure.key == "step0/grad/emb.weight"
+    assert r.options["findings"] == [
+        "backward diverges at emb (Embedding): the reference's gradient reaches it and the "
+        "port's does not (its output is detached, stop_gradient, on the port's side, or its "
+        "parameters are frozen)"]
+
+
+def test_a_summed_loss_is_named_by_the_batch_size() -> None:
+    r = _train(*twins(0), ploss=paddle.nn.CrossEntropyLoss(reduction="sum"))
+    assert r.first_failure.key == "step0/loss"
+    assert r.options["findings"] == [
+        "the loss differs although the outputs align (step0/logits): the loss functions differ "
+        "(the port's loss is 4x the reference's, the batch size: a sum against a mean, "
+        "reduction)"]
+
+
+def test_a_weight_decay_on_one_side_is_named_with_its_coefficient() -> None:
+    tm, pm = twins(0)
+    popt = paddle.optimizer.Momentum(learning_rate=LR, momentum=MU, parameters=pm.parameters(),
+                                     weight_decay=0.01)
+    r = _train(tm, pm, popt=popt)
+    assert r["step0/grad/conv.weight"].passed and not r["step0/param/conv.weight"].passed
+    (line,) = r.options["findings"]
+    assert line.endswith("the optimizers differ: the port's update is the reference's less 0.01 "
+                         "x the learning rate x the weights (a weight decay one side applies and "
+                         "the other does not, or applies otherwise)"), line
+
+
+def test_a_parameter_group_with_another_learning_rate_is_named_by_the_ratio() -> None:
+    tm, pm = twins(0)
+    head = [p for n, p in tm.named_parameters() if n.startswith("head.")]
+    rest = [p for n, p in tm.named_parameters() if not n.startswith("head.")]
+    topt = torch.optim.SGD([{"params": rest}, {"params": head, "lr": 2 * LR}], lr=LR,
+                           momentum=MU)
+    r = _train(tm, pm, topt=topt)
+    (line,) = r.options["findings"]
+    assert "updated parameters do not (2 of them)" in line
+    assert line.endswith("the port's update is 0.5x the reference's (a learning rate, or an "
+                         "update scaled otherwise)"), line
+
+
+def test_another_momentum_is_named_at_the_second_step() -> None:
+    tm, pm = twins(0)
+    popt = paddle.optimizer.Momentum(learning_rate=LR, momentum=0.8, parameters=pm.parameters())
+    r = _train(tm, pm, popt=popt)
+    found = r.options["findings"]
+    assert found[0].startswith("step 1 is the first whose outputs, gradients or weights differ "
+                               "(param, stat), first at step1/param/"), found
+    assert "the optimizers' state differs (momentum" in found[1]
+
+
+def test_localising_leaves_the_models_as_training_left_them() -> None:
+    states = []
+    for localise in (False, True):
+        tm, pm = twins(0)
+        pm.norm._epsilon = 1e-3
+        r = _train(tm, pm, localise=localise)
+        assert ("findings" in r.options) is localise
+        states.append(({k: v.detach().numpy().copy() for k, v in tm.state_dict().items()},
+                       {k: v.numpy().copy() for k, v in pm.state_dict().items()}))
+    for a, b in zip(states[0], states[1]):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
