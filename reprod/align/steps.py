@@ -293,8 +293,9 @@ def align_train(
     whose gradients differ while the gradient it received aligns); its updated parameters
     differing, with the gradients aligned, sets the two updates against each other (a constant
     ratio: a learning rate; a difference proportional to the weights: a weight decay); a later
-    first failing step is named with what fails in it. The models keep the state training gave
-    them (their gradients excepted).
+    first failing step is named with what fails in it, and where its outputs or gradients
+    differ it is localised the same way from the weights each side recorded at the step before.
+    The models keep the state training gave them (their gradients excepted).
 
     >>> r = align_train(tm, pm, [(x, y)], steps=3,
     ...                 torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
@@ -467,30 +468,35 @@ def _train_localised(
     elif kinds[0] == "stat":
         findings.append("only BatchNorm statistics differ first (step0/stat): see their notes "
                         "(the momentum convention, the biased running variance)")
-    else:  # logits or grad: run step 0 again from the state before training, layer by layer
+    if kinds[0] in ("logits", "grad"):
+        # the step again, layer by layer, from the state each side had before it: the copy taken
+        # before training, or the weights and statistics each side recorded at the step before
         before.restore(torch_model, paddle_model)
-        loc = _localise_step0(torch_model, paddle_model, batches[0], backward=kinds[0] == "grad",
-                              torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
-                              seed=seed, by_order=by_order, calibrate=calibrate,
-                              criteria=criteria, plan=plan)
-        from ..capture import layer_types
+        if step == 0 or _restore_step(step - 1, torch_model, paddle_model, torch_data,
+                                      paddle_data, plan):
+            loc = _localise_step(torch_model, paddle_model, batches[step % len(batches)],
+                                 backward=kinds[0] == "grad", torch_loss_fn=torch_loss_fn,
+                                 paddle_loss_fn=paddle_loss_fn, seed=seed, by_order=by_order,
+                                 calibrate=calibrate, criteria=criteria, plan=plan)
+            from ..capture import layer_types
 
-        cut = gradient_not_reaching(loc.result, layer_types(torch_model)) \
-            if kinds[0] == "grad" else None
-        findings += [cut] if cut is not None and loc.divergence is None else loc.findings
-        div = loc.divergence
-        if div is not None:
-            options["divergence"] = {"layer": div.layer, "kind": div.kind, "message": div.message,
-                                     "hint": loc.hint, "direction": div.direction}
+            cut = gradient_not_reaching(loc.result, layer_types(torch_model)) \
+                if kinds[0] == "grad" else None
+            findings += [cut] if cut is not None and loc.divergence is None else loc.findings
+            div = loc.divergence
+            if div is not None:
+                options["divergence"] = {"layer": div.layer, "kind": div.kind,
+                                         "message": div.message, "hint": loc.hint,
+                                         "direction": div.direction, "step": step}
     options["findings"] = findings
     return dataclasses.replace(result, options=options)
 
 
-def _localise_step0(torch_model: Any, paddle_model: Any, batch: Any, *, backward: bool,
+def _localise_step(torch_model: Any, paddle_model: Any, batch: Any, *, backward: bool,
                     torch_loss_fn: Callable[..., Any], paddle_loss_fn: Callable[..., Any],
                     seed: int, by_order: bool, calibrate: bool, criteria: Criteria,
                     plan: Mapping[str, KeyPlan]) -> Any:
-    """Step 0's forward (and with ``backward``, loss and backward) captured layer by layer on
+    """A step's forward (and with ``backward``, loss and backward) captured layer by layer on
     both sides, in the models' own mode, paired and judged (``localise_forward``)."""
     import paddle
     import torch
@@ -533,6 +539,42 @@ def _localise_step0(torch_model: Any, paddle_model: Any, batch: Any, *, backward
         return localise_forward(torch_model, paddle_model, run_torch, run_paddle,
                                 by_order=by_order, criteria=criteria, run_twin=twin,
                                 backward=backward, ref_layout=partial(_paddle_layout, plan))
+
+
+def _restore_step(step: int, torch_model: Any, paddle_model: Any, torch_data: Mapping[str, Any],
+                  paddle_data: Mapping[str, Any], plan: Mapping[str, KeyPlan]) -> bool:
+    """Each model's weights and statistics as it recorded them after ``step`` (the torch side's
+    from Paddle's layout back to its own); False where a value was not recorded (``stats=False``),
+    the models then left as they were."""
+    import torch
+
+    def recorded(data: Mapping[str, Any], name: str) -> Any:
+        for kind in ("param", "stat"):
+            value = data.get(f"step{step}/{kind}/{name}")
+            if value is not None:
+                return np.asarray(value)
+        return None
+
+    torch_values: dict[str, np.ndarray] = {}
+    for tname, kp in plan.items():
+        if kp.paddle_name is None:
+            continue
+        value = recorded(torch_data, kp.paddle_name)
+        if value is None:
+            return False
+        torch_values[tname] = np.ascontiguousarray(value.T) if kp.action == "transpose" else value
+    paddle_values = {}
+    for name in paddle_model.state_dict():
+        value = recorded(paddle_data, name)
+        if value is None:
+            return False
+        paddle_values[name] = value
+    state = torch_model.state_dict()
+    with torch.no_grad():
+        for tname, value in torch_values.items():
+            state[tname].copy_(torch.from_numpy(value))
+    paddle_model.set_state_dict(paddle_values)
+    return True
 
 
 def _paddle_layout(plan: Mapping[str, KeyPlan], capture: dict[str, Any]) -> dict[str, Any]:
