@@ -140,27 +140,32 @@ def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[st
     r, o, w = np.concatenate(d_ref), np.concatenate(d_port), np.concatenate(p0)
     head = (f"the gradients align (step0/grad) and the updated parameters do not ({len(keys)} "
             "of them): the optimizers differ")
-    rr = float(r @ r)
-    if rr == 0.0:
+    if float(r @ r) == 0.0:
         return head + " (the reference's step left the parameters as they were)"
-    scale = float(o @ r) / rr
-    rest = o - scale * r
-    if float(np.linalg.norm(rest)) <= 1e-3 * float(np.linalg.norm(o)):
-        return head + (f": the port's update is {scale:.4g}x the reference's (a learning rate, "
-                       "or an update scaled otherwise)")
-    # the port's update less the reference's, against the weights: a weight decay term
-    extra = o - r
-    ww = float(w @ w)
-    if ww > 0:
-        k = float(extra @ w) / ww
-        if float(np.linalg.norm(extra - k * w)) <= 1e-2 * float(np.linalg.norm(extra)):
-            what = f"{-k:.4g} x the weights" if lr is None or not lr else \
-                f"{-k / lr:.4g} x the learning rate x the weights"
-            return head + (f": the port's update is the reference's less {what} (a weight "
-                           "decay one side applies and the other does not, or applies "
-                           "otherwise)")
-    return head + (f": the updates are neither proportional (best fit {scale:.4g}x) nor apart by "
-                   "a weight decay: compare the optimizers' hyperparameters")
+    # the difference of the updates, fitted by a scaled update (a learning rate) and a term in
+    # the weights (a weight decay) together: each is named where it explains a tenth of it
+    d = o - r
+    dd = float(np.linalg.norm(d))
+    if dd == 0.0:
+        return head
+    basis = np.stack([r, w], axis=1)
+    (a, k), *_ = np.linalg.lstsq(basis, d, rcond=None)
+    left = float(np.linalg.norm(d - a * r - k * w)) / dd
+    parts = []
+    if float(np.linalg.norm(a * r)) >= 0.1 * dd:
+        parts.append(f"the port's update is {1 + a:.4g}x the reference's (a learning rate, or an "
+                     "update scaled otherwise)")
+    if float(np.linalg.norm(k * w)) >= 0.1 * dd:
+        coef = abs(k) if lr is None or not lr else abs(k) / lr
+        unit = "the weights" if lr is None or not lr else "the learning rate x the weights"
+        side = "port" if k < 0 else "reference"
+        parts.append(f"the {side}'s update takes {coef:.3g} x {unit} more off (a weight decay one "
+                     "side applies and the other does not, or applies otherwise)")
+    if not parts or left > 0.5:
+        return head + (": the updates are neither proportional nor apart by a weight decay "
+                       f"(together they explain {max(0.0, 1 - left):.0%} of the difference): "
+                       "compare the optimizers' hyperparameters (an epsilon, gradient clipping)")
+    return head + ": " + "; ".join(parts)
 
 
 def backward_step(model: Any, args: Any, kwargs: Any, labels: Any, loss_fn: Callable[..., Any],
