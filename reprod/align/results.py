@@ -28,6 +28,37 @@ KNOWN_DIFFERENCES: tuple[tuple[str, str], ...] = (
     ),
 )
 _STAT_PATTERNS = ("*/stat/*_variance", "*/stat/*_mean")
+
+# Paddle's softmax cross entropy clips each log-probability at -64 (its CPU and GPU kernels, Paddle
+# 3.x); torch's does not: a sample whose loss exceeds 64 counts 64 on Paddle's side
+CE_CLIP = 64.0
+CE_CLIP_HINT = (
+    "Paddle's cross entropy clips each sample's log-probability at -64 (a loss of at most 64 a "
+    "sample) and torch's does not: the reference's logits here give log-probabilities below -64, "
+    "so such samples count less on the port's side (the gradients are unaffected); outputs this "
+    "large mean the model is diverging"
+)
+
+
+def _loss_note(key: str, ref: Mapping[str, Any], other: Mapping[str, Any]) -> Optional[str]:
+    """The cross-entropy clip, where the numbers fit: the port's loss is the lower one and the
+    reference's logits of that step hold a log-probability below -64."""
+    import numpy as np
+
+    step = key.rsplit("/", 1)[0]
+    logits = ref.get(f"{step}/logits")
+    if logits is None or key not in ref or key not in other:
+        return None
+    try:
+        a = np.asarray(logits, dtype=np.float64)
+        lo, lp = float(np.asarray(ref[key])), float(np.asarray(other[key]))
+    except (TypeError, ValueError):
+        return None
+    if a.ndim < 1 or a.size == 0 or not lp < lo:
+        return None
+    shifted = a - a.max(axis=-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return CE_CLIP_HINT if float(logp.min()) < -CE_CLIP else None
 _NOT_CHECKED = "not checked: the statistics before this step are not recorded"
 
 
@@ -60,6 +91,8 @@ def _with_notes(
                 else:
                     why = text
                 break
+            if why is None and fnmatch.fnmatchcase(r.key, "*/loss"):
+                why = _loss_note(r.key, ref, other)
             if why:
                 r = dataclasses.replace(r, note=f"{r.note}; {why}" if r.note else why)
                 changed = True

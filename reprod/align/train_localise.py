@@ -102,7 +102,11 @@ def gradient_not_reaching(result: Any, layer_types: Optional[Mapping[str, str]] 
 
 def loss_finding(result: Any, batch_size: Optional[int]) -> str:
     """The outputs align and the loss does not: the loss functions differ."""
+    from .results import CE_CLIP_HINT
+
     ref = result["step0/loss"]
+    if CE_CLIP_HINT in (ref.note or ""):
+        return f"the loss differs although the outputs align (step0/logits): {CE_CLIP_HINT}"
     line = "the loss differs although the outputs align (step0/logits): the loss functions differ"
     a, b = ref.worst_ref, ref.worst_other
     if a is None or b is None or not a or not np.isfinite(b / a):

@@ -230,3 +230,29 @@ def test_a_later_step_is_named_without_a_layer_where_its_state_was_not_recorded(
     (line,) = r.options["findings"]
     assert line.startswith("step 1 is the first whose outputs, gradients or weights differ")
     assert "divergence" not in r.options
+
+
+def test_paddles_cross_entropy_clip_at_64_is_noted_where_the_logits_reach_it() -> None:
+    """Paddle clips each log-probability at -64, torch does not (checked here on both): a model
+    whose logits blow up fails its loss with no bug in the port; the note says why, and only
+    where the reference's logits give a log-probability below -64."""
+    logits = np.array([[100.0, 0.0, 0.0], [50.0, 0.0, 0.0]], np.float32)
+    y = np.array([1, 1])
+    t = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y),
+                                          reduction="none").numpy()
+    p = paddle.nn.functional.cross_entropy(paddle.to_tensor(logits), paddle.to_tensor(y),
+                                           reduction="none").numpy().ravel()
+    np.testing.assert_allclose(t, [100, 50])
+    np.testing.assert_allclose(p, [64, 50])  # the clip this note stands on
+    tm, pm = twins(0)
+    with torch.no_grad():
+        tm.head.weight.mul_(400.0)
+    pm.head.weight.set_value(tm.head.weight.detach().numpy().T)
+    r = _train(tm, pm, steps=1, calibrate=True)  # logits this large pass by their own noise
+    loss = r["step0/loss"]
+    assert not loss.passed and "clips each sample's log-probability at -64" in loss.note
+    assert r.options["findings"][0].startswith("the loss differs although the outputs align "
+                                               "(step0/logits): Paddle's cross entropy clips")
+    tm, pm = twins(0)
+    r = _train(tm, pm, steps=1, ploss=paddle.nn.CrossEntropyLoss(label_smoothing=0.1))
+    assert not r["step0/loss"].passed and "-64" not in (r["step0/loss"].note or "")
