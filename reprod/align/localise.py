@@ -177,6 +177,8 @@ def localise_forward(
     )
     div = first_divergence(result, layer_types={k: _type_label(v) for k, v in types.items()})
     hint = _hint_of(div, plain)
+    if hint is None and div is not None and div.kind == "layer" and div.input_aligned:
+        hint = _untransposed(div.layer.partition("#")[0], torch_model, paddle_model, names)
     if pairing is not None and div is not None and div.kind == "layer" \
             and div.direction == "forward" \
             and div.input_aligned is False and div.previous is not None:
@@ -186,6 +188,30 @@ def localise_forward(
             div, hint = found[0], None
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
     return Localisation(div, hint, result, ref, port, by_order, backward)
+
+
+def _untransposed(layer: str, torch_model: Any, paddle_model: Any, names: Mapping[str, str]
+                  ) -> Optional[str]:
+    """The hint for a Linear layer whose port weight holds the reference's values in the
+    reference's order (copied, or reshaped, without the transpose Paddle's layout needs), or
+    None. ``names``: port layer -> reference layer (by order; by name they are the same)."""
+    import numpy as np
+
+    port_name = next((p for p, r in names.items() if r == layer), layer)
+    ref_layer = dict(_named(torch_model)).get(layer)
+    port_layer = dict(_named(paddle_model)).get(port_name)
+    rw, pw = getattr(ref_layer, "weight", None), getattr(port_layer, "weight", None)
+    if rw is None or pw is None or type(ref_layer).__name__ != "Linear":
+        return None
+    r, p = to_numpy(rw.detach()).array, to_numpy(pw).array
+    if r.ndim != 2 or p.ndim != 2 or r.size != p.size:
+        return None
+    if np.array_equal(p, r.T) or not np.array_equal(p.reshape(-1), r.reshape(-1)):
+        return None
+    how = "as it is" if p.shape == r.shape else f"reshaped to {list(p.shape)}"
+    return (f"Linear weight not transposed: the port's weight holds the reference's values in the "
+            f"reference's order, {how}; torch stores (out_features, in_features), Paddle "
+            "(in_features, out_features): transpose it when converting")
 
 
 def _containers(named: Any) -> list[str]:

@@ -256,3 +256,28 @@ def test_paddles_cross_entropy_clip_at_64_is_noted_where_the_logits_reach_it() -
     tm, pm = twins(0)
     r = _train(tm, pm, steps=1, ploss=paddle.nn.CrossEntropyLoss(label_smoothing=0.1))
     assert not r["step0/loss"].passed and "-64" not in (r["step0/loss"].note or "")
+
+
+def test_a_linear_weight_copied_without_its_transpose_is_named_with_the_cause() -> None:
+    """The weight holds the reference's values in torch's order, reshaped to Paddle's shape:
+    ``diagnose`` reads layer outputs and had no hint; the models' own weights say it."""
+    from reprod.align import align_forward
+
+    for train in (False, True):
+        tm, pm = twins(0)
+        w = tm.fc1.weight.detach().numpy()  # (16, 8)
+        pm.fc1.weight.set_value(w.reshape(8, 16))
+        if train:
+            found = _train(tm, pm, steps=1).options["findings"]
+        else:
+            found = align_forward(tm.eval(), pm.eval(), make_batch(0)[0]).options["findings"]
+        assert found[0].startswith("diverges at fc1 (Linear): input aligned"), found
+        assert found[1] == (
+            "likely cause at fc1: Linear weight not transposed: the port's weight holds the "
+            "reference's values in the reference's order, reshaped to [8, 16]; torch stores "
+            "(out_features, in_features), Paddle (in_features, out_features): transpose it when "
+            "converting")
+    tm, pm = twins(0)
+    pm.fc1.weight.set_value(pm.fc1.weight.numpy() * 1.5)  # another bug in the same layer
+    found = align_forward(tm.eval(), pm.eval(), make_batch(0)[0]).options["findings"]
+    assert found[0].startswith("diverges at fc1") and len(found) == 1, found
