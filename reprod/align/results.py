@@ -66,6 +66,7 @@ def _with_notes(
     result: Any,
     ref: Optional[Mapping[str, Any]] = None,
     other: Optional[Mapping[str, Any]] = None,
+    initial: Optional[tuple[Mapping[str, Any], Mapping[str, Any]]] = None,
 ) -> Any:
     """Offer known framework differences as the note of the failing keys they explain.
 
@@ -73,11 +74,12 @@ def _with_notes(
     step's: the momentum swap, then the biased running variance. A layer's statistics checked at
     some step give their verdict to its other steps (step 0 has no previous statistics); where no
     step of the layer can be checked the hint is offered as "possible: ... (not checked)".
-    Other known differences (the learning rate) are offered by key.
+    Other known differences (the learning rate) are offered by key. ``initial``: each side's
+    statistics before training, under their step-0 keys, which make step 0 checkable too.
     """
     ref = ref or {}
     other = other or {}
-    verdicts = _stat_verdicts(result, ref, other)
+    verdicts = _stat_verdicts(result, ref, other, initial)
     results = []
     changed = False
     for r in result.results:
@@ -108,7 +110,9 @@ def _layer_of(key: str) -> tuple[str, str]:
     return tail[: -len("_mean")], "mean"
 
 
-def _stat_verdicts(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any]) -> dict[Any, Any]:
+def _stat_verdicts(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
+                   initial: Optional[tuple[Mapping[str, Any], Mapping[str, Any]]] = None
+                   ) -> dict[Any, Any]:
     """Each failing checkable statistic key (its previous step recorded on both sides) -> its hint or
     None; (layer, "var"|"mean") -> (hint, step) of the first checked step whose numbers fit, or
     None where steps were checked and none fit; absent where no step could be checked."""
@@ -117,9 +121,14 @@ def _stat_verdicts(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any]
         if r.passed or not any(fnmatch.fnmatchcase(r.key, p) for p in _STAT_PATTERNS):
             continue
         prev = _prev_key(r.key)
-        if prev is None or prev not in ref or prev not in other or r.key not in ref or r.key not in other:
+        if r.key not in ref or r.key not in other:
             continue
-        hint = _stat_hint(r.key, ref, other, {})
+        ctx: dict[str, Any] = {}
+        if prev is None and initial is not None and r.key in initial[0] and r.key in initial[1]:
+            ctx = {"prev_ref": initial[0], "prev_other": initial[1]}  # step 0, from the start
+        elif prev is None or prev not in ref or prev not in other:
+            continue
+        hint = _stat_hint(r.key, ref, other, ctx)
         verdicts[r.key] = hint
         layer = _layer_of(r.key)
         if verdicts.get(layer) is None:
@@ -152,6 +161,7 @@ def _finish(
     write_log: bool = True,
     kinks: Any = None,
     paddle_to_torch: Optional[Mapping[str, str]] = None,
+    initial: Optional[tuple[Mapping[str, Any], Mapping[str, Any]]] = None,
 ) -> Any:
     """Compare, annotate and write the dumps (and, with ``write_log``, the diff log: a caller
     that adds findings first writes it itself), judged by ``criteria`` (a ``reprod.Criteria``,
@@ -164,7 +174,7 @@ def _finish(
     noise = None if noise_log is None else noise_log.data
     if kinks is not None:  # the Paddle side's captures under the torch layer calls they pair with
         ref, other, noise = kinks.sides(ref, other, noise)
-    result = _with_notes(compare(ref, other, criteria=criteria, noise=noise), ref, other)
+    result = _with_notes(compare(ref, other, criteria=criteria, noise=noise), ref, other, initial)
     if kinks is not None:
         result = kinks.explain(result, ref, other, noise, paddle_to_torch or {})
         del ref, other, noise  # the capture arrays go with the loggers' keys below

@@ -323,6 +323,7 @@ def align_train(
         _check_no_dropout(torch_model, paddle_model)
     plan = _torch_params_plan(torch_model, rules)
     before = Snapshot.take(torch_model, paddle_model) if localise else None
+    initial = _initial_stats(torch_model, paddle_model, plan) if stats else None
     explain = calibrate if kinks is None else kinks
     kink = KinkCapture(torch_model, paddle_model) if explain else None
     if check_determinism and torch_model.training:
@@ -389,6 +390,7 @@ def align_train(
         write_log=before is None,
         kinks=kink,
         paddle_to_torch={kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name},
+        initial=initial,
     )
     if before is None:
         return result
@@ -409,6 +411,20 @@ def align_train(
     if out_dir is not None:
         _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"), verbose=verbose)
     return result
+
+
+def _initial_stats(torch_model: Any, paddle_model: Any, plan: Mapping[str, KeyPlan]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each side's BatchNorm statistics before training, under their ``step0/stat/`` keys: the
+    known-difference checks of step 0 read them (the momentum convention, the biased variance)."""
+    buffers = {name for name, _ in torch_model.named_buffers()}
+    ref = {f"step0/stat/{kp.paddle_name}": np.array(_torch_array(value, kp))  # copies
+           for name, value in torch_model.state_dict().items()
+           if name in buffers and (kp := plan.get(name)) is not None and kp.paddle_name}
+    other = {f"step0/stat/{name}": np.array(value.numpy())
+             for name, value in paddle_model.state_dict().items()
+             if getattr(value, "stop_gradient", True)}
+    return ref, other
 
 
 def _first_lr(paddle_optimizer: Any) -> Optional[float]:
@@ -466,8 +482,7 @@ def _train_localised(
         if line:
             findings.append(line)
     elif kinds[0] == "stat":
-        findings.append("only BatchNorm statistics differ first (step0/stat): see their notes "
-                        "(the momentum convention, the biased running variance)")
+        findings.append(_stat_finding(result))
     if kinds[0] in ("logits", "grad"):
         # the step again, layer by layer, from the state each side had before it: the copy taken
         # before training, or the weights and statistics each side recorded at the step before
@@ -490,6 +505,27 @@ def _train_localised(
                                          "direction": div.direction, "step": step}
     options["findings"] = findings
     return dataclasses.replace(result, options=options)
+
+
+def _stat_finding(result: Any) -> str:
+    """Step 0 differs in BatchNorm statistics only: which layers' numbers fit the momentum
+    convention swap (a porting bug), and whether the rest fit the biased variance (a known
+    difference)."""
+    from ..diagnose import MOMENTUM_HINT, VAR_BIAS_HINT
+
+    failed = [k for k in result.failed if k.key.startswith("step0/stat/")]
+    swapped = sorted({k.key[len("step0/stat/"):].rpartition(".")[0] for k in failed
+                      if (k.note or "").startswith(MOMENTUM_HINT)})
+    biased = sum((k.note or "").startswith(VAR_BIAS_HINT) for k in failed)
+    head = "only BatchNorm statistics differ first (step0/stat)"
+    if swapped:
+        return (f"{head}: {', '.join(swapped)} fit{'s' if len(swapped) == 1 else ''} a momentum "
+                f"in the other framework's convention ({MOMENTUM_HINT}); {biased} of the "
+                f"{len(failed)} keys fit the biased running variance, a known difference")
+    if biased == len(failed):
+        return f"{head}: each fits the biased running variance, a known difference"
+    return (f"{head}: {biased} of the {len(failed)} keys fit the biased running variance, a known "
+            "difference; see the others' notes")
 
 
 def _localise_step(torch_model: Any, paddle_model: Any, batch: Any, *, backward: bool,

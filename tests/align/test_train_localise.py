@@ -55,8 +55,8 @@ def test_a_correct_port_has_only_the_known_batchnorm_difference() -> None:
     r = _train(*twins(0))
     assert {k.key.split("/")[1] for k in r.failed} == {"stat"}
     assert r.options["findings"] == [
-        "only BatchNorm statistics differ first (step0/stat): see their notes (the momentum "
-        "convention, the biased running variance)"]
+        "only BatchNorm statistics differ first (step0/stat): each fits the biased running "
+        "variance, a known difference"]
 
 
 def test_a_forward_bug_is_localised_at_its_layer_with_its_cause() -> None:
@@ -281,3 +281,24 @@ def test_a_linear_weight_copied_without_its_transpose_is_named_with_the_cause() 
     pm.fc1.weight.set_value(pm.fc1.weight.numpy() * 1.5)  # another bug in the same layer
     found = align_forward(tm.eval(), pm.eval(), make_batch(0)[0]).options["findings"]
     assert found[0].startswith("diverges at fc1") and len(found) == 1, found
+
+
+def test_step0_batchnorm_notes_are_checked_from_the_statistics_before_training() -> None:
+    """Step 0's statistics had no previous step, so their notes read "possible: ... (not
+    checked)"; the statistics before training make them checkable: the biased variance is said
+    where it fits, and a momentum given in torch's convention is named at step 0."""
+    from reprod.diagnose import VAR_BIAS_HINT
+
+    r = _train(*twins(4), steps=1)
+    (bad,) = r.failed
+    # checked: the fit reads n = 4 samples x 6 x 6 positions, the batch behind the update
+    assert bad.key == "step0/stat/bn._variance" and bad.note.startswith(VAR_BIAS_HINT)
+    assert bad.note.endswith("[fits: n ≈ 144, momentum 0.1]"), bad.note
+    tm, pm = twins(4)
+    pm.bn._momentum = 0.1  # torch's value in Paddle's convention (it should be 0.9)
+    r = _train(tm, pm, steps=1)
+    mean = r["step0/stat/bn._mean"]
+    assert not mean.passed and "momentum" in mean.note and "possible" not in mean.note, mean.note
+    assert r.options["findings"][0].startswith(
+        "only BatchNorm statistics differ first (step0/stat): bn fits a momentum in the other "
+        "framework's convention (check BatchNorm momentum"), r.options["findings"]
