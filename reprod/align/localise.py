@@ -87,16 +87,24 @@ def _weight_anchors(torch_model: Any, paddle_model: Any) -> dict[str, str]:
     return {p.rpartition(".")[0]: t.rpartition(".")[0] for t, p in pairs.items()}
 
 
-def _torch_context(torch_model: Any) -> dict[str, dict[str, Any]]:
+def _torch_context(torch_model: Any, capture: Optional[Mapping[str, Any]] = None
+                   ) -> dict[str, dict[str, Any]]:
     """Per normalisation layer of the reference, what ``reprod.diagnose`` needs to test an
-    epsilon: BatchNorm's running variance, epsilon and shift; LayerNorm's epsilon and affine."""
+    epsilon: the variance BatchNorm normalised with (its running variance; in training mode the
+    batch's, from its input in ``capture``), epsilon and shift; LayerNorm's epsilon and affine."""
+    import numpy as np
     import torch
 
     ctx: dict[str, dict[str, Any]] = {}
     for name, m in torch_model.named_modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+            var = to_numpy(m.running_var).array
+            x = None if capture is None or not m.training else capture.get(f"{name}.in")
+            if x is not None and np.ndim(x) >= 2:
+                a = np.asarray(x, dtype=np.float64)
+                var = a.var(axis=tuple(i for i in range(a.ndim) if i != 1))  # biased, as it uses
             ctx[name] = {
-                "var": to_numpy(m.running_var).array,
+                "var": var,
                 "eps": float(m.eps),
                 "beta": None if m.bias is None else to_numpy(m.bias.detach()).array,
             }
@@ -173,7 +181,7 @@ def localise_forward(
         {**ref, **{k: judged[k] for k in derived if k in judged}},  # what each key was set against
         port,
         layer_types={k: tuple(t for t in v if t) for k, v in types.items()},
-        context=_torch_context(torch_model),
+        context=_torch_context(torch_model, ref),
     )
     div = first_divergence(result, layer_types={k: _type_label(v) for k, v in types.items()})
     hint = _hint_of(div, plain)

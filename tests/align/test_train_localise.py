@@ -302,3 +302,13 @@ def test_step0_batchnorm_notes_are_checked_from_the_statistics_before_training()
     assert r.options["findings"][0].startswith(
         "only BatchNorm statistics differ first (step0/stat): bn fits a momentum in the other "
         "framework's convention (check BatchNorm momentum"), r.options["findings"]
+
+
+def test_a_batchnorm_epsilon_in_training_mode_is_diagnosed_from_the_batch_variance() -> None:
+    """In training mode BatchNorm normalises with the batch's variance, not its running one:
+    the epsilon fit reads it from the layer's recorded input."""
+    tm, pm = twins(0)
+    pm.bn._epsilon = 0.1
+    found = _train(tm, pm, steps=1).options["findings"]
+    assert found[0].startswith("diverges at bn (BatchNorm2d): input aligned"), found
+    assert found[1].startswith("likely cause at bn: BN epsilon: port uses ~0.1"), found
