@@ -189,21 +189,25 @@ def test_localising_leaves_the_models_as_training_left_them() -> None:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def _keep_first_weight(linear) -> None:
+    """A Paddle Linear computing with the weight it saw first (a cache never refreshed), the
+    gradient still reaching its weight: step 0 is exact, later steps are not."""
+
+    def stale(self, x):
+        if not hasattr(self, "_first"):
+            self._first = self.weight.detach().clone()
+        w = self.weight + (self._first - self.weight).detach()
+        return paddle.matmul(x, w) + self.bias
+
+    linear.forward = types.MethodType(stale, linear)
+
+
 def test_a_bug_showing_from_the_second_step_is_localised_there() -> None:
     """A port layer that keeps the weight it saw first (a cache never refreshed): step 0 aligns
     in full, step 1's outputs differ. Step 1 is run again from the weights each side recorded
     after step 0, and the layer is named."""
     tm, pm = twins(0)
-    fc1 = pm.fc1
-
-    def stale(self, x):
-        if not hasattr(self, "_first"):
-            self._first = self.weight.detach().clone()
-        # the first weight's values, the gradient still reaching the weight
-        w = self.weight + (self._first - self.weight).detach()
-        return paddle.matmul(x, w) + self.bias
-
-    fc1.forward = types.MethodType(stale, fc1)
+    _keep_first_weight(pm.fc1)
     r = _train(tm, pm, steps=3)
     assert all(k.passed for k in r if k.key.startswith("step0/") and "/stat/" not in k.key)
     assert r.first_failure.key.startswith(("step0/stat/", "step1/"))
@@ -216,16 +220,7 @@ def test_a_bug_showing_from_the_second_step_is_localised_there() -> None:
 
 def test_a_later_step_is_named_without_a_layer_where_its_state_was_not_recorded() -> None:
     tm, pm = twins(0)
-    fc1 = pm.fc1
-
-    def stale(self, x):
-        if not hasattr(self, "_first"):
-            self._first = self.weight.detach().clone()
-        # the first weight's values, the gradient still reaching the weight
-        w = self.weight + (self._first - self.weight).detach()
-        return paddle.matmul(x, w) + self.bias
-
-    fc1.forward = types.MethodType(stale, fc1)
+    _keep_first_weight(pm.fc1)
     r = _train(tm, pm, steps=2, stats=False)  # the BatchNorm statistics are not recorded
     (line,) = r.options["findings"]
     assert line.startswith("step 1 is the first whose outputs, gradients or weights differ")
