@@ -307,3 +307,38 @@ def test_a_batchnorm_epsilon_in_training_mode_is_diagnosed_from_the_batch_varian
     found = _train(tm, pm, steps=1).options["findings"]
     assert found[0].startswith("diverges at bn (BatchNorm2d): input aligned"), found
     assert found[1].startswith("likely cause at bn: BN epsilon: port uses ~0.1"), found
+
+
+def _adam_first_step(g: np.ndarray, lr: float = 1e-3, eps: float = 1e-8) -> np.ndarray:
+    """Adam's first update with bias correction: m/(sqrt(v)+eps) = g/(|g|+eps)."""
+    return -lr * g / (np.abs(g) + eps)
+
+
+def test_an_adam_step_apart_only_where_the_gradients_signs_differ_is_not_called_an_optimizer_bug(
+) -> None:
+    """Found on correct Adam ports of torchvision models: a gradient element within float32 noise
+    of 0 takes the other sign in the port, and Adam's first step (lr * sign(g)) moves it the other
+    way; the finding says so instead of "the optimizers differ". The reference is numpy's own
+    Adam step; another epsilon, which changes every small element's step, is still an optimizer
+    difference."""
+    import reprod
+    from reprod.align.train_localise import update_finding
+
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal(1000)
+    g = rng.standard_normal(1000) * 1e-3
+    g[:3] = [3e-6, -2e-6, 1e-6]  # small: within float32 noise of 0 in a deep model
+    g_port = g * (1 + 1e-7)
+    g_port[:3] = -g[:3]  # float32 noise took the other sign
+    ref = {"step0/grad/w": g, "step0/param/w": w0 + _adam_first_step(g)}
+    port = {"step0/grad/w": g_port, "step0/param/w": w0 + _adam_first_step(g_port)}
+    r = reprod.compare(ref, port, method="max", threshold=1e-5)
+    assert [k.key for k in r.failed] == ["step0/param/w"]
+    line = update_finding(r, ref, port, {"w": w0}, 1e-3)
+    assert "apart only at the 3 elements whose two gradients have opposite signs" in line, line
+    assert "by up to 0.002 " in line or "by up to 0.00199" in line, line  # 2 * lr, near enough
+    assert "not an optimizer difference" in line
+    port = {"step0/grad/w": g_port, "step0/param/w": w0 + _adam_first_step(g_port, eps=1e-3)}
+    r = reprod.compare(ref, port, method="max", threshold=1e-5)
+    line = update_finding(r, ref, port, {"w": w0}, 1e-3)
+    assert "the optimizers differ" in line and "opposite signs" not in line, line
