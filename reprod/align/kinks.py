@@ -202,6 +202,16 @@ class KinkCapture:
                                   noise, layer_types=self.torch_layers, order=self.order)
         relabelled = {original[r.key]: dataclasses.replace(r, key=original[r.key])
                       for r in explained.results if r.status == "kink"}
+        # a loss or outputs differing where no crossing explains them is a difference no crossing
+        # makes (a summed loss doubles every gradient): from that step on, nothing is put down
+        # to a crossing
+        unexplained = [int(m.group("step")) for r in main
+                       if not r.passed and r.key not in relabelled
+                       and (m := _STEP_KEY.fullmatch(r.key)) and m.group("kind") in ("loss", "logits")]
+        if unexplained:
+            first = min(unexplained)
+            relabelled = {k: v for k, v in relabelled.items()
+                          if (m := _STEP_KEY.fullmatch(k)) is None or int(m.group("step")) < first}
         out = []
         for r in main:
             new = relabelled.get(r.key)

@@ -102,3 +102,26 @@ def test_the_labels_name_the_crossing_and_reach_only_its_upstream():
             assert p.torch_key(name).startswith(UPSTREAM), (k.key, p.torch_key(name))
         else:  # step 2 starts from the weights that carry the difference
             assert k.reason.startswith(f"after the {message}, in an earlier step"), k.reason
+
+
+def test_no_key_of_a_step_whose_loss_differs_is_put_down_to_a_crossing():
+    """A summed loss on the port's side doubles the loss and every gradient of every step; the
+    crossing of step 1 made its gradients upstream read "kink" although the loss itself, which
+    no crossing changes, differs. Found by a survey of real model pairs (184-389 gradients so
+    labelled on resnet18, mobilenet_v2, shufflenet, squeezenet)."""
+    p = pair()
+    tm, pm = copy.deepcopy(p.torch32), p.paddle()
+    for m in (tm, pm):
+        C._no_dropout(m)
+        m.train()
+    batch = (make_inputs(SEED, BATCH), make_labels(SEED, BATCH))
+    r = align_train(
+        tm, pm, [batch], steps=2, by_order=True, calibrate=True,
+        torch_loss_fn=torch.nn.CrossEntropyLoss(),
+        paddle_loss_fn=paddle.nn.CrossEntropyLoss(reduction="sum"),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.01, momentum=0.9),
+        paddle_optimizer=paddle.optimizer.Momentum(0.01, 0.9, parameters=pm.parameters()),
+    )
+    assert not r["step0/loss"].passed and not r["step1/loss"].passed
+    assert [k.key for k in r if k.status == "kink"] == []
+    assert r.options["findings"][0].startswith("the loss differs although the outputs align")
