@@ -56,6 +56,7 @@ from .train_localise import (
     first_failing_step,
     gradient_not_reaching,
     loss_finding,
+    stat_finding,
     update_finding,
 )
 
@@ -482,7 +483,7 @@ def _train_localised(
         if line:
             findings.append(line)
     elif kinds[0] == "stat":
-        findings.append(_stat_finding(result))
+        findings.append(stat_finding(result))
     if kinds[0] in ("logits", "grad"):
         # the step again, layer by layer, from the state each side had before it: the copy taken
         # before training, or the weights and statistics each side recorded at the step before
@@ -505,27 +506,6 @@ def _train_localised(
                                          "direction": div.direction, "step": step}
     options["findings"] = findings
     return dataclasses.replace(result, options=options)
-
-
-def _stat_finding(result: Any) -> str:
-    """Step 0 differs in BatchNorm statistics only: which layers' numbers fit the momentum
-    convention swap (a porting bug), and whether the rest fit the biased variance (a known
-    difference)."""
-    from ..diagnose import MOMENTUM_HINT, VAR_BIAS_HINT
-
-    failed = [k for k in result.failed if k.key.startswith("step0/stat/")]
-    swapped = sorted({k.key[len("step0/stat/"):].rpartition(".")[0] for k in failed
-                      if (k.note or "").startswith(MOMENTUM_HINT)})
-    biased = sum((k.note or "").startswith(VAR_BIAS_HINT) for k in failed)
-    head = "only BatchNorm statistics differ first (step0/stat)"
-    if swapped:
-        return (f"{head}: {', '.join(swapped)} fit{'s' if len(swapped) == 1 else ''} a momentum "
-                f"in the other framework's convention ({MOMENTUM_HINT}); {biased} of the "
-                f"{len(failed)} keys fit the biased running variance, a known difference")
-    if biased == len(failed):
-        return f"{head}: each fits the biased running variance, a known difference"
-    return (f"{head}: {biased} of the {len(failed)} keys fit the biased running variance, a known "
-            "difference; see the others' notes")
 
 
 def _localise_step(torch_model: Any, paddle_model: Any, batch: Any, *, backward: bool,

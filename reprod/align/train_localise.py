@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..diagnose import MOMENTUM_HINT, VAR_BIAS_HINT
+
 _KEY = re.compile(r"step(\d+)/(logits|loss|lr|grad|param|stat)\b")
 
 # what a step's keys are, in the order a training step makes them
@@ -120,6 +122,25 @@ def loss_finding(result: Any, batch_size: Optional[int]) -> str:
                        "size: a mean against a sum, reduction)")
     return line + f" (the port's loss is {ratio:.6g}x the reference's: reduction, label " \
                   "smoothing, class weights, ignore_index)"
+
+
+def stat_finding(result: Any) -> str:
+    """Step 0 differs in BatchNorm statistics only: which layers' numbers fit the momentum
+    convention swap (a porting bug), and whether the rest fit the biased variance (a known
+    difference)."""
+    failed = [k for k in result.failed if k.key.startswith("step0/stat/")]
+    swapped = sorted({k.key[len("step0/stat/"):].rpartition(".")[0] for k in failed
+                      if (k.note or "").startswith(MOMENTUM_HINT)})
+    biased = sum((k.note or "").startswith(VAR_BIAS_HINT) for k in failed)
+    head = "only BatchNorm statistics differ first (step0/stat)"
+    if swapped:
+        return (f"{head}: {', '.join(swapped)} fit{'s' if len(swapped) == 1 else ''} a momentum "
+                f"in the other framework's convention ({MOMENTUM_HINT}); {biased} of the "
+                f"{len(failed)} keys fit the biased running variance, a known difference")
+    if biased == len(failed):
+        return f"{head}: each fits the biased running variance, a known difference"
+    return (f"{head}: {biased} of the {len(failed)} keys fit the biased running variance, a known "
+            "difference; see the others' notes")
 
 
 def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[str, Any],

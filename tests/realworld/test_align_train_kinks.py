@@ -45,21 +45,27 @@ def pair():
     return _RUNS["pair"]
 
 
+def _align(kinks: bool = True, paddle_loss_fn=None):
+    """align_train on fresh train-mode copies."""
+    p = pair()
+    tm, pm = copy.deepcopy(p.torch32), p.paddle()
+    for m in (tm, pm):
+        C._no_dropout(m)
+        m.train()
+    batch = (make_inputs(SEED, BATCH), make_labels(SEED, BATCH))
+    return align_train(
+        tm, pm, [batch], steps=2, by_order=True, calibrate=True, kinks=kinks,
+        torch_loss_fn=torch.nn.CrossEntropyLoss(),
+        paddle_loss_fn=paddle_loss_fn or paddle.nn.CrossEntropyLoss(),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.01, momentum=0.9),
+        paddle_optimizer=paddle.optimizer.Momentum(0.01, 0.9, parameters=pm.parameters()),
+    )
+
+
 def trained(kinks: bool):
-    """align_train on fresh train-mode copies, run once per setting."""
+    """``_align`` run once per setting."""
     if kinks not in _RUNS:
-        p = pair()
-        tm, pm = copy.deepcopy(p.torch32), p.paddle()
-        for m in (tm, pm):
-            C._no_dropout(m)
-            m.train()
-        batch = (make_inputs(SEED, BATCH), make_labels(SEED, BATCH))
-        _RUNS[kinks] = align_train(
-            tm, pm, [batch], steps=2, by_order=True, calibrate=True, kinks=kinks,
-            torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
-            torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.01, momentum=0.9),
-            paddle_optimizer=paddle.optimizer.Momentum(0.01, 0.9, parameters=pm.parameters()),
-        )
+        _RUNS[kinks] = _align(kinks)
     return _RUNS[kinks]
 
 
@@ -109,19 +115,7 @@ def test_no_key_of_a_step_whose_loss_differs_is_put_down_to_a_crossing():
     crossing of step 1 made its gradients upstream read "kink" although the loss itself, which
     no crossing changes, differs. Found by a survey of real model pairs (184-389 gradients so
     labelled on resnet18, mobilenet_v2, shufflenet, squeezenet)."""
-    p = pair()
-    tm, pm = copy.deepcopy(p.torch32), p.paddle()
-    for m in (tm, pm):
-        C._no_dropout(m)
-        m.train()
-    batch = (make_inputs(SEED, BATCH), make_labels(SEED, BATCH))
-    r = align_train(
-        tm, pm, [batch], steps=2, by_order=True, calibrate=True,
-        torch_loss_fn=torch.nn.CrossEntropyLoss(),
-        paddle_loss_fn=paddle.nn.CrossEntropyLoss(reduction="sum"),
-        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.01, momentum=0.9),
-        paddle_optimizer=paddle.optimizer.Momentum(0.01, 0.9, parameters=pm.parameters()),
-    )
+    r = _align(paddle_loss_fn=paddle.nn.CrossEntropyLoss(reduction="sum"))
     assert not r["step0/loss"].passed and not r["step1/loss"].passed
     assert [k.key for k in r if k.status == "kink"] == []
     assert r.options["findings"][0].startswith("the loss differs although the outputs align")
