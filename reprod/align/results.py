@@ -76,6 +76,10 @@ def _with_notes(
     step of the layer can be checked the hint is offered as "possible: ... (not checked)".
     Other known differences (the learning rate) are offered by key. ``initial``: each side's
     statistics before training, under their step-0 keys, which make step 0 checkable too.
+
+    A running variance whose numbers fit Paddle's biased update at its own step passes with
+    status ``"known"`` (the hint stays its note): no port can remove that difference. The other
+    notes leave the verdict as it is: a swapped momentum is the port's to fix.
     """
     ref = ref or {}
     other = other or {}
@@ -96,10 +100,30 @@ def _with_notes(
             if why is None and fnmatch.fnmatchcase(r.key, "*/loss"):
                 why = _loss_note(r.key, ref, other)
             if why:
-                r = dataclasses.replace(r, note=f"{r.note}; {why}" if r.note else why)
+                note = f"{r.note}; {why}" if r.note else why
+                if r.status in ("failed", "mismatch") and _known(r.key, verdicts):
+                    r = dataclasses.replace(r, passed=True, status="known", note=note,
+                                            reason=f"{KNOWN_VAR_BIAS}; {r.reason}")
+                else:
+                    r = dataclasses.replace(r, note=note)
                 changed = True
         results.append(r)
     return dataclasses.replace(result, results=tuple(results)) if changed else result
+
+
+# the reason of a running variance whose numbers fit Paddle's biased update at its own step: a
+# framework difference no port can remove (the running variance is not used in training's
+# forward pass), so it passes, status "known", and does not hide a real failure behind it
+KNOWN_VAR_BIAS = ("a known framework difference: Paddle's BatchNorm updates the running variance "
+                  "with the biased batch variance (its numbers fit it at this step)")
+
+
+def _known(key: str, verdicts: Mapping[Any, Any]) -> bool:
+    """A failing running variance fitted by the biased update at its own step (not only at
+    another step of its layer, nor "possible")."""
+    hint = verdicts.get(key)
+    return (fnmatch.fnmatchcase(key, "*/stat/*_variance") and isinstance(hint, str)
+            and hint.startswith(VAR_BIAS_HINT))
 
 
 def _layer_of(key: str) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..diagnose import MOMENTUM_HINT, VAR_BIAS_HINT
+from ..diagnose import MOMENTUM_HINT
 
 _KEY = re.compile(r"step(\d+)/(logits|loss|lr|grad|param|stat)\b")
 
@@ -126,21 +126,20 @@ def loss_finding(result: Any, batch_size: Optional[int]) -> str:
 
 def stat_finding(result: Any) -> str:
     """Step 0 differs in BatchNorm statistics only: which layers' numbers fit the momentum
-    convention swap (a porting bug), and whether the rest fit the biased variance (a known
-    difference)."""
+    convention swap (a porting bug); the biased running variance, a known difference, passes
+    (status ``"known"``) and is only counted."""
     failed = [k for k in result.failed if k.key.startswith("step0/stat/")]
+    known = sum(k.status == "known" and k.key.startswith("step0/stat/") for k in result)
     swapped = sorted({k.key[len("step0/stat/"):].rpartition(".")[0] for k in failed
                       if (k.note or "").startswith(MOMENTUM_HINT)})
-    biased = sum((k.note or "").startswith(VAR_BIAS_HINT) for k in failed)
-    head = "only BatchNorm statistics differ first (step0/stat)"
+    head = (f"only BatchNorm statistics differ first (step0/stat, {len(failed)} "
+            f"key{'' if len(failed) == 1 else 's'}")
+    head += f"; {known} more fit the biased running variance, a known difference)" if known \
+        else ")"
     if swapped:
         return (f"{head}: {', '.join(swapped)} fit{'s' if len(swapped) == 1 else ''} a momentum "
-                f"in the other framework's convention ({MOMENTUM_HINT}); {biased} of the "
-                f"{len(failed)} keys fit the biased running variance, a known difference")
-    if biased == len(failed):
-        return f"{head}: each fits the biased running variance, a known difference"
-    return (f"{head}: {biased} of the {len(failed)} keys fit the biased running variance, a known "
-            "difference; see the others' notes")
+                f"in the other framework's convention ({MOMENTUM_HINT})")
+    return f"{head}: they fit no known difference; see their notes"
 
 
 def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[str, Any],

@@ -29,7 +29,7 @@ STAT_OF_METHOD: dict[str, str] = {
 ALL_METHODS = ("min", "max", "mean")
 
 # status words, in the order a report lists them
-STATUSES = ("passed", "kink", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type",
+STATUSES = ("passed", "kink", "known", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type",
             "nothing", "error")
 
 
@@ -54,7 +54,9 @@ class KeyResult:
     ``status`` is one word: passed, failed (a statistic over its threshold), mismatch (elements outside
     atol + rtol*|ref|), nan, inf (non-finite values not matched on the other side), shape, missing (in
     ref only), extra (in other only), empty (an empty array against a non-empty one), type (a nested
-    mapping against an array).
+    mapping against an array); and, relabelled after the comparison, kink (passed: over its
+    threshold only downstream of a kink crossing, ``explain_kinks``) and known (passed: a known
+    framework difference its numbers fit, ``align_train``'s running variances).
     """
 
     key: str
@@ -300,8 +302,10 @@ class DiffResult:
     def summary_line(self) -> str:
         s = self.summary()
         noun = "key" if s["compared"] == 1 else "keys"
-        kinks = s["statuses"].get("kink", 0)
-        passed = f"{s['passed']} passed" + (f" ({kinks} only across a kink crossing)" if kinks else "")
+        kinks, known = s["statuses"].get("kink", 0), s["statuses"].get("known", 0)
+        why = ([f"{kinks} only across a kink crossing"] if kinks else []) + \
+            ([f"{known} by a known framework difference"] if known else [])
+        passed = f"{s['passed']} passed" + (f" ({', '.join(why)})" if why else "")
         head = f"{s['compared']} {noun} compared, {passed}, {s['failed']} failed"
         left = self.options.get("left_out") or {}
         if left.get("ref") or left.get("other"):

@@ -103,6 +103,8 @@ def iter_log_text(result: DiffResult, *, indent: str = "\t") -> Iterator[str]:
 _KEYS_PER_BATCH = 2048
 # the statuses whose method lines carry the statistic and the method's own check
 _JUDGED = frozenset(["passed", "failed", "mismatch"])
+# statuses of keys that pass while a statistic is over its threshold: the difference is explained
+_EXPLAINED = frozenset(["kink", "known"])
 # the statuses whose lines say why there is no value, and those whose value is the status word
 _NO_VALUE = frozenset(["missing", "extra", "shape", "type", "empty"])
 _NON_FINITE = frozenset(["nan", "inf"])
@@ -155,7 +157,7 @@ def _key_lines(kr: KeyResult, indent: str, state: list[Any]) -> list[str]:
     out.append(f"{indent * level}{path[-1]}: ")
     methods = kr.methods or tuple(kr.thresholds) or ("mean",)
     for m in methods:
-        if kr.status == "kink":  # beyond noise only downstream of a kink crossing: passes
+        if kr.status in _EXPLAINED:  # beyond noise only across a kink or a known difference
             ok = True
         elif kr.status not in ("passed", "failed", "mismatch"):
             ok = kr.checks.get(m, kr.passed) and kr.passed
@@ -208,7 +210,7 @@ def _batch_lines(batch: Sequence[KeyResult], indent: str, state: list[Any]) -> O
     for m, stat in stats.items():
         got = list(map(dict.get, checks, repeat(m), passed))
         if not judged:
-            got = [True if s == "kink" else g if s in _JUDGED else g and p
+            got = [True if s in _EXPLAINED else g if s in _JUDGED else g and p
                    for g, s, p in zip(got, status, passed)]
         ok_text[m] = list(map(format, got))
         values = col[stat]

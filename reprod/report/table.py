@@ -115,9 +115,10 @@ def _threshold_cell(r: KeyResult) -> str:
 
 def verdict(r: KeyResult) -> str:
     """``ok`` for a passing key, else its status upper-cased (``FAILED``, ``NAN``, ``SHAPE``);
-    ``KINK`` for a key that passes only as downstream of a kink crossing (``explain_kinks``)."""
-    if r.status == "kink":
-        return "KINK"
+    ``KINK`` for a key that passes only as downstream of a kink crossing (``explain_kinks``),
+    ``KNOWN`` for one whose difference a known framework difference explains."""
+    if r.status in ("kink", "known"):
+        return r.status.upper()
     return "ok" if r.passed else r.status.upper()
 
 

@@ -180,8 +180,10 @@ def test_train_calibrated_catches_a_bug_from_the_first_step() -> None:
 def test_batchnorm_variance_keeps_its_known_difference_and_note() -> None:
     tm, pm = twins(seed=4)
     r = _train(tm, pm, steps=1, calibrate=True)
-    assert [k.key for k in r.failed] == ["step0/stat/bn._variance"]
-    assert "biased batch variance" in r.failed[0].note
+    var = r["step0/stat/bn._variance"]
+    # over its noise by far, and passing as the known difference it is
+    assert r.passed and var.status == "known" and var.noise_multiple > 20
+    assert "biased batch variance" in var.note
     assert r["step0/stat/bn._mean"].noise_multiple is not None and r["step0/stat/bn._mean"].passed
 
 
