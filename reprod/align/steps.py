@@ -25,6 +25,7 @@ import numpy as np
 from ..diff.criteria import Criteria
 from ..errors import ReprodError
 from ..logger import ReprodLogger
+from . import forcing
 from .by_order import by_order_rules
 from .calibration import _float64_loss, _float64_optimizer, _float64_twin
 from .forward import align_forward
@@ -110,11 +111,13 @@ def _torch_steps(
     reseed: Optional[int] = None,
     hyper_out: Optional[list[list[dict[str, Any]]]] = None,
     hyper_in: Optional[Sequence[Sequence[Mapping[str, Any]]]] = None,
+    state_out: Optional[dict[int, Any]] = None,
 ) -> None:
     """``float64``: cast floating inputs and labels to float64. ``reseed``: seed torch with
     ``reseed + i`` before step i's forward pass. ``hyper_out`` receives each step's param-group
     hyperparameters (lr, momentum, betas...) as the step starts; ``hyper_in`` sets them (the
-    float64 run follows the float32 run's scheduler, whatever its class)."""
+    float64 run follows the float32 run's scheduler, whatever its class). ``state_out``
+    receives a copy of the optimizer's state as each step after the first starts (forcing)."""
     import torch
 
     dev = _torch_device(model)
@@ -128,6 +131,8 @@ def _torch_steps(
         if hyper_out is not None:
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             hyper_out.append(copy.deepcopy(hyper))
+        if state_out is not None and i > 0:
+            state_out[i] = copy.deepcopy(optimizer.state_dict())
         optimizer.zero_grad()
         if reseed is not None:
             torch.manual_seed(reseed + i)
@@ -332,6 +337,10 @@ def align_train(
 
     torch_log, paddle_log = ReprodLogger(), ReprodLogger()
     noise_log = ReprodLogger() if calibrate else None
+    # the torch optimizer's state as each later step starts: what forcing gives the port
+    adam = forcing.adam_betas(paddle_optimizer)
+    per_step = kink is not None or adam is not None
+    opt_states: Optional[dict[int, Any]] = {} if per_step and n > 1 else None
     hyper: Optional[list[list[dict[str, Any]]]] = None
     if calibrate:  # copied before the float32 run changes weights, statistics and optimizer state
         twin = _float64_twin(torch_model)
@@ -350,6 +359,7 @@ def align_train(
             log=torch_log,
             reseed=seed if calibrate else None,
             hyper_out=hyper,
+            state_out=opt_states,
         )
     if calibrate:
         assert noise_log is not None and hyper is not None
@@ -388,11 +398,21 @@ def align_train(
         criteria=crit,
         verbose=verbose,
         noise_log=noise_log,
-        write_log=before is None,
+        write_log=before is None and not per_step,
         kinks=kink,
         paddle_to_torch={kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name},
         initial=initial,
     )
+    if per_step:
+        result = _judged_per_step(
+            result, torch_model, paddle_model, batches, torch_log.data, paddle_log.data,
+            None if noise_log is None else noise_log.data, torch_optimizer=torch_optimizer,
+            paddle_optimizer=paddle_optimizer, opt_states=opt_states or {}, adam=adam,
+            kinks=kink is not None, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
+            plan=plan, stats=stats, seed=seed, calibrate=calibrate, criteria=crit)
+        if before is None and out_dir is not None:
+            _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"),
+                            verbose=verbose)
     if before is None:
         return result
     if not result.passed:
@@ -412,6 +432,91 @@ def align_train(
     if out_dir is not None:
         _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"), verbose=verbose)
     return result
+
+
+def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: Sequence[Any],
+                     torch_data: Mapping[str, Any], paddle_data: Mapping[str, Any],
+                     noise_data: Optional[Mapping[str, Any]], *, torch_optimizer: Any,
+                     paddle_optimizer: Any, opt_states: Mapping[int, Any],
+                     adam: Optional[tuple[float, float, int]], kinks: bool,
+                     torch_loss_fn: Callable[..., Any], paddle_loss_fn: Callable[..., Any],
+                     plan: Mapping[str, KeyPlan], stats: bool, seed: int, calibrate: bool,
+                     criteria: Criteria) -> Any:
+    """Step 0's updates that took the other sign of a gradient within noise of 0 relabelled
+    ``"kink"`` (with ``kinks``), weights that Paddle's float32 Adam bias corrections explain
+    ``"known"``; then each later step whose free-running verdict rests on such an earlier
+    difference judged again from the reference's state (``reprod.align.forcing``), the models
+    and optimizers put back as training left them."""
+    if kinks:
+        result = forcing.sign_flip_kinks(result, torch_data, paddle_data, 0)
+    if adam is not None:
+        result = forcing.adam_known(result, torch_data, paddle_data, noise_data, criteria, adam)
+    todo = forcing.steps_to_force(result)
+    if not todo:
+        return result
+    lrs = {s: float(np.asarray(paddle_data[f"step{s}/lr"])) for s in todo
+           if f"step{s}/lr" in paddle_data}
+    saved = forcing._Saved.take(torch_model, torch_optimizer, paddle_model, paddle_optimizer)
+    to_torch = {kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name}
+    found: dict[int, Any] = {}
+    try:
+        for s in todo:
+            if s not in opt_states or s not in lrs:
+                raise forcing.Unsupported(f"step {s}'s optimizer state was not recorded")
+            kink = KinkCapture(torch_model, paddle_model) if kinks else None
+
+            def run_torch(batch: Any, log: ReprodLogger, s: int = s,
+                          kink: Optional[KinkCapture] = kink) -> None:
+                with _deterministic(seed), _recording(kink, torch_model, log, "torch"):
+                    _torch_steps(torch_model, [batch], 1, loss_fn=torch_loss_fn,
+                                 optimizer=torch_optimizer, scheduler=None, plan=plan,
+                                 stats=stats, log=log, reseed=seed + s if calibrate else None)
+
+            def run_twin(batch: Any, s: int = s,
+                         kink: Optional[KinkCapture] = kink) -> ReprodLogger:
+                twin = _float64_twin(torch_model)
+                twin_opt = _float64_optimizer(torch_optimizer, torch_model, twin)
+                log = ReprodLogger()
+                with _deterministic(seed), _recording(kink, twin, log, "torch64"):
+                    _torch_steps(twin, [batch], 1, loss_fn=_float64_loss(torch_loss_fn),
+                                 optimizer=twin_opt, scheduler=None, plan=plan, stats=stats,
+                                 log=log, float64=True, reseed=seed + s)
+                return log
+
+            def run_paddle(batch: Any, log: ReprodLogger,
+                           kink: Optional[KinkCapture] = kink) -> None:
+                with _deterministic(seed), _recording(kink, paddle_model, log, "paddle"):
+                    _paddle_steps(paddle_model, [batch], 1, loss_fn=paddle_loss_fn,
+                                  optimizer=paddle_optimizer, scheduler=None, stats=stats,
+                                  log=log)
+
+            def finish(t_log: ReprodLogger, p_log: ReprodLogger, n_log: Optional[ReprodLogger],
+                       initial: Any, s: int = s, kink: Optional[KinkCapture] = kink) -> Any:
+                r = _finish(t_log, p_log, out_dir=None, name="train", criteria=criteria,
+                            verbose=False, noise_log=n_log, write_log=False, kinks=kink,
+                            paddle_to_torch=to_torch, initial=initial if stats else None)
+                if kinks:
+                    r = forcing.sign_flip_kinks(r, t_log.data, p_log.data, 0)
+                if adam is not None:  # this step's update alone, from the reference's weights
+                    before = {k.split("/param/", 1)[1]: v for k, v in torch_data.items()
+                              if k.startswith(f"step{s - 1}/param/")}
+                    r = forcing.adam_known(r, t_log.data, p_log.data,
+                                           None if n_log is None else n_log.data, criteria,
+                                           adam, first=s, before=before)
+                return r
+
+            found[s] = forcing.run_forced(
+                s, batches=batches, torch_model=torch_model, paddle_model=paddle_model,
+                torch_opt=torch_optimizer, paddle_opt=paddle_optimizer,
+                torch_opt_state=opt_states[s], torch_data=torch_data, paddle_lr_value=lrs[s],
+                plan=plan, run_torch=run_torch, run_twin=run_twin if calibrate else None,
+                run_paddle=run_paddle, finish=finish)
+    except forcing.Unsupported as e:
+        options = dict(result.options, forcing={"steps": [], "skipped": str(e)})
+        return dataclasses.replace(result, options=options)
+    finally:
+        saved.restore(torch_model, torch_optimizer, paddle_model, paddle_optimizer)
+    return forcing.merged(result, found)
 
 
 def _initial_stats(torch_model: Any, paddle_model: Any, plan: Mapping[str, KeyPlan]
@@ -459,6 +564,8 @@ def _train_localised(
     if found is None:
         return result
     step, kinds, first = found
+    # judged from the reference's state (forcing): localised from it on both sides too
+    forced = step in result.options.get("forcing", {}).get("steps", ())
     findings: list[str] = []
     options = dict(result.options)
     if step > 0:
@@ -467,6 +574,12 @@ def _train_localised(
         if kinds[0] == "lr":
             findings.append("the learning rate differs first: the schedulers differ (their "
                             "kind, step size, decay, or how often each is stepped)")
+        elif kinds[0] == "param" and forced:
+            findings.append(f"step {step}, run on both sides from the reference's weights, "
+                            "statistics and optimizer state, computes aligned gradients and "
+                            "other updated weights: the optimizers' hyperparameters differ "
+                            "(momentum, Adam's betas or epsilon, a weight decay: the first "
+                            "update does not show them)")
         elif kinds[0] == "param":
             findings.append(f"step {step}'s gradients align and its updated weights do not, "
                             "while the first update aligned: the optimizers' state differs "
@@ -489,7 +602,7 @@ def _train_localised(
         # before training, or the weights and statistics each side recorded at the step before
         before.restore(torch_model, paddle_model)
         if step == 0 or _restore_step(step - 1, torch_model, paddle_model, torch_data,
-                                      paddle_data, plan):
+                                      torch_data if forced else paddle_data, plan):
             loc = _localise_step(torch_model, paddle_model, batches[step % len(batches)],
                                  backward=kinds[0] == "grad", torch_loss_fn=torch_loss_fn,
                                  paddle_loss_fn=paddle_loss_fn, seed=seed, by_order=by_order,

@@ -104,7 +104,22 @@ def _paddle_loss(out):
     return (out * paddle.to_tensor(LOSS_W)).sum()
 
 
-def _train(*, steps: int = 1, bug: str | None = None, functional_relu: bool = False, **kw):
+def _optimizers(tm, pm, opt: str, **paddle_kw):
+    """The two optimizers of a run: SGD, SGD with momentum, Adam; ``paddle_kw`` sets the port's
+    hyperparameters apart from the reference's (an injected optimizer bug)."""
+    if opt == "sgd":
+        return (torch.optim.SGD(tm.parameters(), lr=LR),
+                paddle.optimizer.SGD(learning_rate=LR, parameters=pm.parameters()))
+    if opt == "momentum":
+        return (torch.optim.SGD(tm.parameters(), lr=LR, momentum=0.9),
+                paddle.optimizer.Momentum(learning_rate=LR, parameters=pm.parameters(),
+                                          **{"momentum": 0.9, **paddle_kw}))
+    return (torch.optim.Adam(tm.parameters(), lr=0.05),
+            paddle.optimizer.Adam(learning_rate=0.05, parameters=pm.parameters(), **paddle_kw))
+
+
+def _train(*, steps: int = 1, bug: str | None = None, functional_relu: bool = False,
+           opt: str = "sgd", paddle_opt_kw=None, **kw):
     torch.manual_seed(0)
     paddle.seed(0)
     tm, pm = TorchNet(), PaddleNet(functional_relu=functional_relu)
@@ -116,8 +131,8 @@ def _train(*, steps: int = 1, bug: str | None = None, functional_relu: bool = Fa
     return align_train(
         tm, pm, [(X, None)], steps=steps,
         torch_loss_fn=_torch_loss, paddle_loss_fn=_paddle_loss,
-        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=LR),
-        paddle_optimizer=paddle.optimizer.SGD(learning_rate=LR, parameters=pm.parameters()),
+        **dict(zip(("torch_optimizer", "paddle_optimizer"),
+                   _optimizers(tm, pm, opt, **(paddle_opt_kw or {})))),
         **{"calibrate": True, "stats": False, **kw},
     )
 
@@ -166,10 +181,45 @@ def test_a_second_step_after_the_crossing_is_explained_as_later(tmp_path) -> Non
     for key in later:
         assert r[key].status == "kink", key
         assert r[key].reason.startswith("after the kink crossing at act (ReLU)"), r[key].reason
+        # confirmed: step 1 run again on both sides from the reference's state aligns
+        assert "; from the reference's state after step 0 the step aligns (" in r[key].reason
+    assert r.options["forcing"] == {"steps": [1], "failed": 0}
     # the dumps keep the documented keys only: the layer captures are gone
     for name in ("train_torch.npy", "train_paddle.npy", "train_torch64.npy"):
         keys = list(load(str(tmp_path / name)).keys())
         assert keys and all(k.startswith(("step0/", "step1/")) for k in keys), (name, keys)
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adam"])
+def test_a_correct_optimizer_after_the_crossing_passes_step_by_step(opt) -> None:
+    """The momentum buffer and Adam's moments and step count reach the port: a correct port's
+    later steps, each from the reference's state, align."""
+    r = _train(steps=3, opt=opt)
+    assert r.passed, r.to_table(failed_only=True)
+    assert r.options["forcing"] == {"steps": [1, 2], "failed": 0}
+
+
+@pytest.mark.parametrize("opt, paddle_kw, bad", [
+    ("momentum", {"momentum": 0.5}, "momentum"),
+    ("adam", {"beta1": 0.5}, "beta1"),
+])
+def test_an_optimizer_bug_after_the_crossing_is_not_put_down_to_it(opt, paddle_kw, bad) -> None:
+    """The first update of SGD with momentum and of Adam does not show the momentum or beta1;
+    free-running, every key of step 1 differs after step 0's crossing and was put down to it
+    (the run passed). Each step judged from the reference's state fails the port's weights."""
+    ok = _train(steps=2, opt=opt)
+    r = _train(steps=2, opt=opt, paddle_opt_kw=paddle_kw)
+    assert ok.passed and not r.passed
+    assert r.first_failure.key.startswith("step1/param/"), r.to_table(failed_only=True)
+    first = r.first_failure
+    assert first.reason.startswith("from the reference's state after step 0 (weights, "
+                                   "statistics, optimizer state): "), first.reason
+    assert "free-running: after the kink crossing at act (ReLU)" in first.note, first.note
+    assert r.options["forcing"] == {"steps": [1], "failed": 1}
+    # step 1's gradients, computed from the same weights, align: the update rule differs
+    assert all(k.passed for k in r if k.key.startswith("step1/grad/"))
+    assert "the optimizers' state differs" not in " ".join(r.options["findings"])
+    assert "hyperparameters differ" in " ".join(r.options["findings"]), r.options["findings"]
 
 
 @pytest.mark.parametrize("bug", ["fc0", "fc2"])

@@ -1,0 +1,426 @@
+"""Later training steps judged on their own: each side's step s run again from the reference's
+state after step s - 1 (its weights, BatchNorm statistics and optimizer state), so that a
+difference an earlier step explained (a kink crossing, an update that took the other sign of a
+gradient within noise of 0) does not decide the verdict of the steps after it.
+
+Free-running, a port that crosses a kink at step 0 differs at every later step by far more than
+noise, and ``explain_kinks`` can only put all of that down to the crossing: a wrong momentum or
+Adam beta from step 1 on then passes with it (measured on torchvision's shufflenet and
+mobilenet_v3_small against paddle.vision's). Forced, step s of both sides starts from the same
+state, and the float64 twin's step s from that state too, so step s is judged against one step's
+noise.
+
+Optimizer state is carried from torch to Paddle for SGD (momentum buffer -> velocity) and
+Adam/AdamW (moments; Paddle's beta powers from the step count and the port's own betas); other
+optimizers, AMSGrad and ``stats=False`` leave the later steps as the free run judged them, and
+``result.options["forcing"]`` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..logger import ReprodLogger
+from .rules import KeyPlan
+
+# torch optimizer state -> the Paddle accumulator holding the same quantity
+_STATE_TO_ACC = {"momentum_buffer": "velocity", "exp_avg": "moment1", "exp_avg_sq": "moment2"}
+_BETA_POWS = ("beta1_pow_acc", "beta2_pow_acc")
+
+
+class Unsupported(Exception):
+    """Forcing cannot mirror this run (its message says why)."""
+
+
+def _torch_params_by_index(torch_opt: Any) -> list[Any]:
+    """The parameters in the order ``state_dict()["state"]`` numbers them."""
+    return [p for g in torch_opt.param_groups for p in g["params"]]
+
+
+def paddle_accumulators(paddle_opt: Any) -> dict[str, dict[str, Any]]:
+    return getattr(paddle_opt, "_accumulators", None) or {}
+
+
+def _beta(paddle_opt: Any, name: str) -> float:
+    value = getattr(paddle_opt, f"_{name}", None)
+    if value is None:
+        raise Unsupported(f"the Paddle optimizer {type(paddle_opt).__name__} has no {name}")
+    return float(np.asarray(value.numpy() if hasattr(value, "numpy") else value).reshape(-1)[0])
+
+
+# Adam's moments and the beta whose 1 - beta weighs each gradient into them
+_MOMENT_BETA = {"exp_avg": "beta1", "exp_avg_sq": "beta2"}
+
+
+def _paddle_weight(beta: float) -> float:
+    """How much Paddle's ``1 - beta``, made in float32, is off the exact one: Paddle's moments
+    are all that factor off torch's (1 - 0.999 is 1.3e-5 low in float32), and its bias
+    correction cancels it; torch's moments loaded as they are would move its update by half
+    that (measured: 40x Adam's float32 noise on a step that is otherwise exact)."""
+    return float(np.float32(1.0) - np.float32(beta)) / (1.0 - beta)
+
+
+def _beta_pow(beta: float, steps: int) -> np.float32:
+    """Paddle's power of ``beta`` before update ``steps + 1``, as it makes it: ``beta`` in
+    float32 multiplied by itself once an update, in float32. ``1 - beta2^t`` cancels: the float64
+    power rounded once is another float32 (0.999^2: one unit apart), and the update moves by
+    1e-5 relatively (measured, Adam lr 0.05)."""
+    b = np.float32(beta)
+    p = b
+    for _ in range(steps):
+        p = np.float32(p * b)
+    return p
+
+
+def load_paddle_optimizer(paddle_opt: Any, torch_state: Mapping[str, Any], torch_opt: Any,
+                          torch_model: Any, paddle_model: Any,
+                          plan: Mapping[str, KeyPlan]) -> None:
+    """Set the Paddle optimizer's accumulators to the torch optimizer state ``torch_state`` (a
+    ``state_dict()``), parameter by parameter through ``plan`` (Linear weights transposed).
+    Raises ``Unsupported`` where a quantity has no counterpart on the other side: a Paddle
+    accumulator left as it was would carry the port's own history into the step."""
+    accs = paddle_accumulators(paddle_opt)
+    unknown = set(accs) - set(_STATE_TO_ACC.values()) - set(_BETA_POWS)
+    if unknown:
+        raise Unsupported(f"the Paddle optimizer's state {sorted(unknown)} has no torch "
+                          "counterpart reprod maps")
+    torch_name = {id(p): n for n, p in torch_model.named_parameters()}
+    paddle_params = dict(paddle_model.named_parameters())
+    states = torch_state.get("state", {})
+    by_index = _torch_params_by_index(torch_opt)
+    covered: set[tuple[str, str]] = set()
+    for index, state in states.items():
+        p = by_index[int(index)]
+        kp = plan.get(torch_name.get(id(p), ""))
+        if kp is None or kp.paddle_name is None or kp.paddle_name not in paddle_params:
+            continue
+        pname = paddle_params[kp.paddle_name].name
+        for key, value in state.items():
+            if key == "step":
+                for pow_name, beta in zip(_BETA_POWS, ("beta1", "beta2")):
+                    acc = accs.get(pow_name, {}).get(pname)
+                    if acc is not None:
+                        t = int(float(np.asarray(value.cpu() if hasattr(value, "cpu") else value)))
+                        acc.set_value(np.full(acc.shape, _beta_pow(_beta(paddle_opt, beta), t),
+                                              dtype=np.float32))
+                        covered.add((pow_name, pname))
+                continue
+            acc_name = _STATE_TO_ACC.get(key)
+            if acc_name is None:
+                raise Unsupported(f"the torch optimizer's state {key!r} has no Paddle "
+                                  "counterpart reprod maps")
+            if value is None:
+                continue
+            acc = accs.get(acc_name, {}).get(pname)
+            if acc is None:
+                raise Unsupported(f"the torch optimizer keeps {key!r} and the Paddle optimizer "
+                                  f"{type(paddle_opt).__name__} no {acc_name!r}")
+            arr = value.detach().cpu().numpy()
+            if kp.action == "transpose":
+                arr = arr.T
+            if key in _MOMENT_BETA:
+                arr = arr * _paddle_weight(_beta(paddle_opt, _MOMENT_BETA[key]))
+            acc.set_value(np.ascontiguousarray(arr, dtype=np.dtype(str(acc.numpy().dtype))))
+            covered.add((acc_name, pname))
+    for acc_name, per_param in accs.items():
+        for pname in per_param:
+            if (acc_name, pname) not in covered:
+                raise Unsupported(f"the Paddle optimizer's {acc_name!r} of {pname} has no "
+                                  "counterpart in the torch optimizer's state")
+
+
+@contextlib.contextmanager
+def paddle_lr(paddle_opt: Any, lr: float) -> Iterator[None]:
+    """The Paddle optimizer's learning rate set to ``lr`` for the block (its scheduler's, where
+    it has one), restored after."""
+    import paddle
+
+    sched = paddle_opt._learning_rate
+    if isinstance(sched, paddle.optimizer.lr.LRScheduler):
+        saved = sched.last_lr
+        sched.last_lr = lr
+        try:
+            yield
+        finally:
+            sched.last_lr = saved
+    else:
+        saved_lr = paddle_opt.get_lr()
+        paddle_opt.set_lr(lr)
+        try:
+            yield
+        finally:
+            paddle_opt.set_lr(saved_lr)
+
+
+@dataclasses.dataclass
+class _Saved:
+    """The state forcing overwrites, put back afterwards: both models', the torch optimizer's and
+    the Paddle optimizer's accumulators."""
+
+    torch_model: dict[str, Any]
+    torch_opt: dict[str, Any]
+    paddle_model: dict[str, Any]
+    paddle_accs: dict[tuple[str, str], np.ndarray]
+
+    @classmethod
+    def take(cls, torch_model: Any, torch_opt: Any, paddle_model: Any, paddle_opt: Any) -> _Saved:
+        return cls(copy.deepcopy(torch_model.state_dict()), copy.deepcopy(torch_opt.state_dict()),
+                   {k: v.detach().clone() for k, v in paddle_model.state_dict().items()},
+                   {(a, p): np.array(t.numpy()) for a, d in paddle_accumulators(paddle_opt).items()
+                    for p, t in d.items()})
+
+    def restore(self, torch_model: Any, torch_opt: Any, paddle_model: Any, paddle_opt: Any) -> None:
+        torch_model.load_state_dict(self.torch_model)
+        torch_opt.load_state_dict(self.torch_opt)
+        paddle_model.set_state_dict(self.paddle_model)
+        for (a, p), value in self.paddle_accs.items():
+            paddle_accumulators(paddle_opt)[a][p].set_value(value)
+
+
+def load_reference_state(step: int, torch_data: Mapping[str, Any], torch_model: Any,
+                         paddle_model: Any, plan: Mapping[str, KeyPlan]) -> None:
+    """Both models set to the weights and statistics the reference recorded after ``step``
+    (Paddle names and layout in the dump; the torch model's own layout restored). Raises
+    ``Unsupported`` where a value was not recorded (``stats=False``)."""
+    import torch
+
+    def recorded(name: str) -> Any:
+        for kind in ("param", "stat"):
+            value = torch_data.get(f"step{step}/{kind}/{name}")
+            if value is not None:
+                return np.asarray(value)
+        raise Unsupported(f"the reference's {name} after step {step} was not recorded "
+                          "(stats=False leaves BatchNorm statistics out)")
+
+    state = torch_model.state_dict()
+    with torch.no_grad():
+        for tname, kp in plan.items():
+            if kp.paddle_name is None or tname not in state:
+                continue
+            value = recorded(kp.paddle_name)
+            value = np.ascontiguousarray(value.T) if kp.action == "transpose" else value
+            state[tname].copy_(torch.from_numpy(value))
+    paddle_model.set_state_dict({name: recorded(name) for name in paddle_model.state_dict()})
+
+
+def renamed(result: Any, step: int) -> Any:
+    """A one-step result's ``step0/`` keys as ``step<step>/``."""
+    out = []
+    for kr in result.results:
+        key = f"step{step}/" + kr.key.split("/", 1)[1] if kr.key.startswith("step0/") else kr.key
+        path = tuple(key if p == kr.key else p for p in kr.path)
+        out.append(dataclasses.replace(kr, key=key, path=path))
+    return dataclasses.replace(result, results=tuple(out))
+
+
+def _step_of(key: str) -> Optional[int]:
+    head = key.split("/", 1)[0]
+    return int(head[4:]) if head.startswith("step") and head[4:].isdigit() else None
+
+
+def steps_to_force(result: Any) -> list[int]:
+    """The steps after the first with a difference put down to an explanation (status
+    ``"kink"``, or ``"known"`` weights: Paddle's Adam) that hold a key not passing plainly:
+    their free-running verdict rests on it."""
+    explained = [s for kr in result if (kr.status == "kink" or (
+        kr.status == "known" and "/param/" in kr.key)) and (s := _step_of(kr.key)) is not None]
+    if not explained:
+        return []
+    first = min(explained)
+    return sorted({s for kr in result if kr.status not in ("passed", "known")
+                   and (s := _step_of(kr.key)) is not None and s > first})
+
+
+def merged(result: Any, forced: Mapping[int, Any]) -> Any:
+    """The free run's result with each forced step's verdicts: a key that fails forced fails
+    (its forced statistics, the reason saying so); a key whose free verdict rested on an earlier
+    explanation (or failed) and that passes forced passes as ``"kink"``, saying so."""
+    by_key = {kr.key: kr for f in forced.values() for kr in f.results}
+    out = []
+    for kr in result.results:
+        step = _step_of(kr.key)
+        f = by_key.get(kr.key) if step in forced else None
+        if f is None:
+            out.append(kr)
+            continue
+        where = f"from the reference's state after step {step - 1}"
+        if not f.passed:
+            note = f"free-running: {kr.reason}"
+            out.append(dataclasses.replace(
+                f, reason=f"{where} (weights, statistics, optimizer state): {f.reason}",
+                note=f"{f.note}; {note}" if f.note else note))
+        elif kr.status in ("passed", "known"):
+            out.append(kr)
+        else:
+            # the free reason first: it names the earlier difference (the crossing)
+            out.append(dataclasses.replace(
+                kr, passed=True, status="kink",
+                reason=f"{kr.reason}; {where} the step aligns ({f.reason})"))
+    options = dict(result.options)
+    options["forcing"] = {"steps": sorted(forced),
+                          "failed": sum(not f.passed for f in forced.values())}
+    return dataclasses.replace(result, results=tuple(out), options=options)
+
+
+def sign_flip_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
+                    step: int) -> Any:
+    """Step ``step``'s failing updated parameters whose difference lies (99% of it) at the
+    elements where the two gradients, aligned, have opposite signs: relabelled ``"kink"``. An
+    update that takes the gradient's sign (Adam's first steps: lr * g / (|g| + eps)) steps the
+    other way where float32 noise puts g on the other side of 0, by up to twice the learning
+    rate, on a correct port; both sides' weights before the step are the same (step 0: the
+    ported weights; a forced step: the reference's)."""
+    head = f"step{step}/param/"
+    grads = {kr.key: kr for kr in result if kr.key.startswith(f"step{step}/grad/")}
+    out, changed = [], False
+    for kr in result.results:
+        if kr.passed or kr.status not in ("failed", "mismatch") or not kr.key.startswith(head):
+            out.append(kr)
+            continue
+        name = kr.key[len(head):]
+        gkey = f"step{step}/grad/{name}"
+        g = grads.get(gkey)
+        why = None
+        if g is not None and g.passed and all(k in d for k in (gkey, kr.key) for d in (ref, other)):
+            why = _flipped(np.asarray(ref[kr.key]), np.asarray(other[kr.key]),
+                           np.asarray(ref[gkey]), np.asarray(other[gkey]))
+        if why is None:
+            out.append(kr)
+            continue
+        changed = True
+        out.append(dataclasses.replace(kr, passed=True, status="kink",
+                                       reason=f"{why}; {kr.reason}"))
+    return dataclasses.replace(result, results=tuple(out)) if changed else result
+
+
+def _flipped(p_ref: np.ndarray, p_other: np.ndarray, g_ref: np.ndarray,
+             g_other: np.ndarray) -> Optional[str]:
+    if p_ref.shape != p_other.shape or g_ref.shape != p_ref.shape or g_other.shape != p_ref.shape:
+        return None
+    d = (p_other.astype(np.float64) - p_ref.astype(np.float64)).reshape(-1)
+    flip = (np.sign(g_ref) != np.sign(g_other)).reshape(-1)
+    dd = float(np.linalg.norm(d))
+    if not flip.any() or dd == 0.0 or float(np.linalg.norm(d[flip])) < 0.99 * dd:
+        return None
+    n = int(flip.sum())
+    return (f"an update that takes the gradient's sign (Adam's first steps) stepped the other way "
+            f"at the {n} element{'' if n == 1 else 's'} whose aligned gradients lie on opposite "
+            f"sides of 0 (by up to {float(np.abs(d[flip]).max()):.3g})")
+
+
+def run_forced(step: int, *, batches: Sequence[Any], torch_model: Any, paddle_model: Any,
+               torch_opt: Any, paddle_opt: Any, torch_opt_state: Mapping[str, Any],
+               torch_data: Mapping[str, Any], paddle_lr_value: float,
+               plan: Mapping[str, KeyPlan], run_torch: Callable[..., None],
+               run_twin: Optional[Callable[..., Any]], run_paddle: Callable[..., None],
+               finish: Callable[..., Any]) -> Any:
+    """Step ``step`` of each side from the reference's state after the step before; the result
+    under ``step<step>/`` keys. ``run_*`` run one step on a batch into a logger (``run_twin``
+    builds the float64 twin from the torch model and optimizer as they are then, and returns
+    its logger); ``finish`` compares (torch log, paddle log, noise log or None, initial)."""
+    batch = batches[step % len(batches)]
+    load_reference_state(step - 1, torch_data, torch_model, paddle_model, plan)
+    torch_opt.load_state_dict(copy.deepcopy(dict(torch_opt_state)))
+    load_paddle_optimizer(paddle_opt, torch_opt_state, torch_opt, torch_model, paddle_model, plan)
+    stats = {f"step0/stat/{k.split('/stat/', 1)[1]}": np.array(v)
+             for k, v in torch_data.items() if k.startswith(f"step{step - 1}/stat/")}
+    noise_log = run_twin(batch) if run_twin is not None else None
+    torch_log, paddle_log = ReprodLogger(), ReprodLogger()
+    run_torch(batch, torch_log)
+    with paddle_lr(paddle_opt, paddle_lr_value):
+        run_paddle(batch, paddle_log)
+    return renamed(finish(torch_log, paddle_log, noise_log, (stats, dict(stats))), step)
+
+
+# --- Paddle's Adam: bias corrections in float32 ------------------------------------------------
+
+ADAM_HINT = ("Paddle's Adam computes its bias corrections (1 - beta^t) in float32, torch in "
+             "float64: its update is R x torch's")
+
+
+def _float32_rate(beta1: float, beta2: float, t: int) -> float:
+    """R: Paddle's Adam update over torch's at update ``t`` (1-based) from the same moments, as
+    Paddle's kernel makes it: the powers multiplied up in float32, ``1 - power`` in float32,
+    and its moments weighted by its float32 ``1 - beta`` (``_paddle_weight``). Exactly 1 at the
+    first update, -3.4e-6 off at the second with torch's default betas (measured: the port's
+    step-1 update is off by that ratio to 3 digits)."""
+    p1, p2 = _beta_pow(beta1, t - 1), _beta_pow(beta2, t - 1)
+    port = np.sqrt(float(np.float32(1.0) - p2)) / float(np.float32(1.0) - p1)
+    ref = np.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+    return float(port / ref * _paddle_weight(beta1) / np.sqrt(_paddle_weight(beta2)))
+
+
+def adam_betas(paddle_opt: Any) -> Optional[tuple[float, float, int]]:
+    """(beta1, beta2, updates already made) of a Paddle Adam/AdamW, else None."""
+    import paddle
+
+    if not isinstance(paddle_opt, (paddle.optimizer.Adam, paddle.optimizer.AdamW)):
+        return None
+    try:
+        b1, b2 = _beta(paddle_opt, "beta1"), _beta(paddle_opt, "beta2")
+    except Unsupported:
+        return None
+    pows = paddle_accumulators(paddle_opt).get("beta1_pow_acc") or {}
+    made = 0
+    if pows and 0.0 < b1 < 1.0:  # trained before: its power says how often
+        p = float(np.asarray(next(iter(pows.values())).numpy()).reshape(-1)[0])
+        made = max(0, round(np.log(p) / np.log(b1)) - 1)
+    return b1, b2, made
+
+
+def adam_known(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
+               noise: Optional[Mapping[str, Any]], criteria: Any, betas: tuple[float, float, int],
+               *, first: int = 0, before: Optional[Mapping[str, Any]] = None) -> Any:
+    """Failing updated parameters that pass once the reference's updates are scaled as Paddle's
+    Adam scales them (``_float32_rate``): status ``"known"``. Free-running (``first=0``), step
+    s's difference is the sum of every update's so far; one step forced (``first`` its update
+    count less one, ``before`` the weights both started from), that step's alone."""
+    from ..diff.engine import compare
+
+    b1, b2, made = betas
+    out, changed = [], False
+    for kr in result.results:
+        step = _step_of(kr.key)
+        if (kr.passed or kr.status not in ("failed", "mismatch") or step is None
+                or "/param/" not in kr.key or kr.key not in ref or kr.key not in other):
+            out.append(kr)
+            continue
+        name = kr.key.split("/param/", 1)[1]
+        value = np.asarray(ref[kr.key], dtype=np.float64)
+        shift = np.zeros_like(value)
+        rates = []
+        for k in range(step + 1):  # every update the key's value holds
+            t = made + first + k + 1
+            prev = (before or {}).get(name) if k == 0 else ref.get(f"step{k - 1}/param/{name}")
+            r = _float32_rate(b1, b2, t)
+            if prev is None:
+                if r != 1.0:
+                    break
+                continue
+            after = ref.get(f"step{k}/param/{name}") if k < step else ref[kr.key]
+            if after is None:
+                break
+            shift += (r - 1.0) * (np.asarray(after, np.float64) - np.asarray(prev, np.float64))
+            rates.append(r)
+        else:
+            corrected = (value + shift).astype(np.asarray(ref[kr.key]).dtype)
+            check = compare({kr.key: corrected}, {kr.key: other[kr.key]}, criteria=criteria,
+                            noise=None if noise is None or kr.key not in noise
+                            else {kr.key: noise[kr.key]})
+            (c,) = check.results
+            if c.passed and rates:
+                changed = True
+                worst = max(rates, key=lambda x: abs(x - 1.0))
+                kr = dataclasses.replace(
+                    kr, passed=True, status="known",
+                    reason=f"a known framework difference: {ADAM_HINT} (R - 1 = {worst - 1:.2g}"
+                           f"); with torch's updates scaled so, it passes ({c.reason}); "
+                           f"{kr.reason}")
+        out.append(kr)
+    return dataclasses.replace(result, results=tuple(out)) if changed else result
