@@ -271,11 +271,11 @@ def merged(result: Any, forced: Mapping[int, Any]) -> Any:
 def sign_flip_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
                     step: int) -> Any:
     """Step ``step``'s failing updated parameters whose difference lies (99% of it) at the
-    elements where the two gradients, aligned, have opposite signs: relabelled ``"kink"``. An
-    update that takes the gradient's sign (Adam's first steps: lr * g / (|g| + eps)) steps the
-    other way where float32 noise puts g on the other side of 0, by up to twice the learning
-    rate, on a correct port; both sides' weights before the step are the same (step 0: the
-    ported weights; a forced step: the reference's)."""
+    elements where the two gradients, aligned, are within noise of 0 (``_flipped``):
+    relabelled ``"kink"``. An update that takes the gradient's sign (Adam's first steps: lr * g
+    / (|g| + eps)) steps the other way where float32 noise puts g on the other side of 0, by up
+    to twice the learning rate, on a correct port; both sides' weights before the step are the
+    same (step 0: the ported weights; a forced step: the reference's)."""
     head = f"step{step}/param/"
     grads = {kr.key: kr for kr in result if kr.key.startswith(f"step{step}/grad/")}
     out, changed = [], False
@@ -301,17 +301,24 @@ def sign_flip_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any
 
 def _flipped(p_ref: np.ndarray, p_other: np.ndarray, g_ref: np.ndarray,
              g_other: np.ndarray) -> Optional[str]:
+    """Where the updates differ (99% of it) only at elements whose two gradients have opposite
+    signs or are a tenth or more apart: in a gradient key that aligns, elements within its
+    noise of 0. An update that normalises the gradient (Adam: lr * m / (sqrt(v) + eps); its
+    first takes the sign) turns that noise into steps apart by up to twice the learning rate.
+    A wrong beta or epsilon moves every element, or those with small and exact gradients."""
     if p_ref.shape != p_other.shape or g_ref.shape != p_ref.shape or g_other.shape != p_ref.shape:
         return None
     d = (p_other.astype(np.float64) - p_ref.astype(np.float64)).reshape(-1)
-    flip = (np.sign(g_ref) != np.sign(g_other)).reshape(-1)
+    a = np.asarray(g_ref, np.float64).reshape(-1)
+    b = np.asarray(g_other, np.float64).reshape(-1)
+    noisy = (np.sign(a) != np.sign(b)) | (np.abs(a - b) >= 0.1 * np.maximum(np.abs(a), np.abs(b)))
     dd = float(np.linalg.norm(d))
-    if not flip.any() or dd == 0.0 or float(np.linalg.norm(d[flip])) < 0.99 * dd:
+    if not noisy.any() or dd == 0.0 or float(np.linalg.norm(d[noisy])) < 0.99 * dd:
         return None
-    n = int(flip.sum())
-    return (f"an update that takes the gradient's sign (Adam's first steps) stepped the other way "
-            f"at the {n} element{'' if n == 1 else 's'} whose aligned gradients lie on opposite "
-            f"sides of 0 (by up to {float(np.abs(d[flip]).max()):.3g})")
+    n = int(noisy.sum())
+    return (f"an update that normalises the gradient (Adam) stepped apart at the {n} "
+            f"element{'' if n == 1 else 's'} whose aligned gradients are within their noise of "
+            f"0 (opposite signs, or a tenth apart), by up to {float(np.abs(d[noisy]).max()):.3g}")
 
 
 def run_forced(step: int, *, batches: Sequence[Any], torch_model: Any, paddle_model: Any,
