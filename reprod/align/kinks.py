@@ -11,6 +11,17 @@ layers are named differently in ports paired by order: the kink layers are calle
 order on both sides, so the n-th call of one side is paired with the n-th call of the other, and
 where the numbers of calls or their classes differ nothing is relabelled (fail closed).
 
+A Paddle layer with a built-in kink activation (``paddle.nn.BatchNorm(c, act="relu")``, where
+torch has ``BatchNorm2d`` then ``ReLU``, or ``F.relu``) is a kink layer too: its activation is a
+*site* (``reprod.capture.kinks.fused``) whose input, the normalised value, is recorded on the
+Paddle side from inside the layer and on the torch side as the output of the torch BatchNorm
+that pairs with it (the n-th batch-norm layer of one model with the n-th of the other, in
+definition order, as ``by_order`` pairs their weights; checked against the parameter pairing).
+Where a torch kink layer called next takes exactly that output (the ``ReLU`` after the norm), the
+site is that layer's call; where none does (``F.relu``), the site is a layer of its own,
+``features.norm5+relu``, placed right after the norm in the call order. The other kink layers
+pair by call order as above.
+
 ``explain_kinks`` reads capture keys: the step keys are shown to it in that scheme
 (``step0/grad/<paddle name>`` as ``param.<torch name>.grad``, the torch model's call order of
 every layer given as ``order``), and the verdicts it gives are carried back to the step keys.
@@ -27,7 +38,10 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
+import numpy as np
+
 from ..capture import KINK_POINTS, explain_kinks, layer_types, record
+from ..capture.kinks.fused import NORM_LAYERS, fused_activations, record_sites, site_name
 from ..capture.naming import ROOT, layer_key, param_key, parse_key
 from ..logger import ReprodLogger
 
@@ -97,6 +111,18 @@ def _calls(data: Mapping[str, Any], layers: Mapping[str, str]) -> list[tuple[str
     return list(seen)
 
 
+def _norm_layers(model: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, weight shape) of the model's batch-norm layers, in definition order."""
+    named = model.named_modules() if hasattr(model, "named_modules") else (
+        model.named_sublayers(include_self=True))
+    out = []
+    for name, layer in named:
+        if type(layer).__name__.lower() in NORM_LAYERS:
+            shape = getattr(getattr(layer, "weight", None), "shape", ())
+            out.append((name or ROOT, tuple(int(s) for s in shape)))
+    return out
+
+
 def _is_capture(key: str, layers: Mapping[str, str]) -> bool:
     p = parse_key(key)
     return p is not None and p.what in _FORWARD and p.name in layers
@@ -113,24 +139,70 @@ class KinkCapture:
         self.skipped: Optional[str] = None  # why nothing is relabelled (fail closed)
         self.capture_keys: set[str] = set()  # ref-side (torch-named) capture keys
         self.paddle_of: dict[str, str] = {}  # torch layer call -> paired paddle layer call
-        if not self.torch_layers and not self.paddle_layers:
+        # built-in activations (reprod.capture.kinks.fused): torch norm layer -> its site,
+        # Paddle fused layer -> its site, torch site -> activation class, Paddle site -> torch
+        # site, Paddle site -> Paddle layer, and the (torch, Paddle) layer pairs behind them
+        self.torch_sites: dict[str, str] = {}
+        self.paddle_sites: dict[str, str] = {}
+        self.site_types: dict[str, str] = {}
+        self.site_of: dict[str, str] = {}
+        self.layer_of_site: dict[str, str] = {}
+        self.fused_pairs: list[tuple[str, str]] = []
+        fused = fused_activations(paddle_model)
+        if fused:
+            self.skipped = self._pair_fused(torch_model, paddle_model, fused)
+        if not self.torch_layers and not self.paddle_layers and not fused:
             self.skipped = "no layer of a class with kinks (ReLU, Hardswish, max-pool, ...)"
+
+    def _pair_fused(self, torch_model: Any, paddle_model: Any,
+                    fused: Mapping[str, str]) -> Optional[str]:
+        """Pair each Paddle layer with a built-in activation with the torch batch norm of the
+        same rank in definition order (None), or say why they do not pair."""
+        t_norms, p_norms = _norm_layers(torch_model), _norm_layers(paddle_model)
+        if len(t_norms) != len(p_norms):
+            return (f"the Paddle model's {len(fused)} BatchNorm layers with a built-in activation "
+                    f"do not pair with the torch model's: {len(t_norms)} batch-norm layers in "
+                    f"torch, {len(p_norms)} in Paddle")
+        for (tn, t_shape), (pn, p_shape) in zip(t_norms, p_norms):
+            if pn not in fused:
+                continue
+            if t_shape != p_shape:
+                return (f"{pn} (a BatchNorm with a built-in activation) pairs by order with "
+                        f"{tn}, whose weight's shape differs: {p_shape} against {t_shape}")
+            tsite, psite = site_name(tn, fused[pn]), site_name(pn, fused[pn])
+            self.torch_sites[tn], self.paddle_sites[pn] = tsite, psite
+            self.site_types[tsite] = fused[pn]
+            self.site_of[psite], self.layer_of_site[psite] = tsite, pn
+            self.fused_pairs.append((tn, pn))
+        return None
+
+    def _names(self, side: str) -> dict[str, str]:
+        """The layers and sites whose calls are captured on ``side``: name -> class."""
+        if side == "paddle":
+            sites = {s: self.site_types[t] for s, t in self.site_of.items()}
+            return {**self.paddle_layers, **sites}
+        return {**self.torch_layers, **self.site_types}
 
     # --- recording -------------------------------------------------------------------------------
     def recording(self, model: Any, log: ReprodLogger, side: str) -> Any:
         """A context recording the kink layers' inputs (and outputs: a max-pool's tie is read from
-        them) of ``model`` into ``log``; ``side`` is "torch" (the call order is taken from its
-        first forward pass too), "torch64" or "paddle"."""
+        them) of ``model`` into ``log``, and the inputs of the activation sites; ``side`` is
+        "torch" (the call order is taken from its first forward pass too), "torch64" or
+        "paddle"."""
         if self.skipped is not None:
             return contextlib.nullcontext()
         layers = self.paddle_layers if side == "paddle" else self.torch_layers
-        if not layers:
+        sites = self.paddle_sites if side == "paddle" else self.torch_sites
+        if not layers and not sites:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        # reuse=False: record's arrays kept for reuse would stay alive on the model after
-        # align_train returns
-        stack.enter_context(record(model, log, include=[_exact(n) for n in layers], forward=True,
-                                   inputs=True, containers=False, reuse=False))
+        if layers:
+            # reuse=False: record's arrays kept for reuse would stay alive on the model after
+            # align_train returns
+            stack.enter_context(record(model, log, include=[_exact(n) for n in layers],
+                                       forward=True, inputs=True, containers=False, reuse=False))
+        if sites:
+            stack.enter_context(record_sites(model, log, sites))
         if side == "torch":
             stack.enter_context(_call_order(model, self.order))
         return stack
@@ -140,46 +212,111 @@ class KinkCapture:
               noise: Optional[Mapping[str, Any]]
               ) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, Any]]]:
         """The three dumps to compare: the Paddle side's capture keys under the torch calls they
-        pair with (the n-th kink layer call with the n-th), or, where the calls do not pair, no
-        capture keys on any side. Arrays are shared, not copied."""
-        t_calls = _calls(ref, self.torch_layers)
-        p_calls = _calls(other, self.paddle_layers)
+        pair with (the n-th kink layer call with the n-th; a built-in activation's call with its
+        torch site's), or, where the calls do not pair, no capture keys on any side. Arrays are
+        shared, not copied."""
+        t_names, p_names = self._names("torch"), self._names("paddle")
+        t_calls = _calls(ref, t_names)
+        p_calls = _calls(other, p_names)
         why = self.skipped
+        absorbed: dict[tuple[str, int], tuple[str, int]] = {}
         if why is None:
-            why = self._check(t_calls, p_calls, noise)
+            absorbed = self._absorbed(ref, t_calls)
+            why = self._check(t_calls, p_calls, noise, absorbed)
         if why is not None:
             self.skipped = why
             keep = lambda d, layers: {k: v for k, v in d.items()  # noqa: E731
                                       if not _is_capture(k, layers)}
-            return (keep(ref, self.torch_layers), keep(other, self.paddle_layers),
-                    None if noise is None else keep(noise, self.torch_layers))
-        to_torch = dict(zip(p_calls, t_calls))
-        self.paddle_of = {_subject(*t): _subject(*p) for p, t in to_torch.items()}
+            return (keep(ref, t_names), keep(other, p_names),
+                    None if noise is None else keep(noise, t_names))
+        t_plain, p_plain = self._plain(t_calls, absorbed), self._plain(p_calls, {})
+        to_torch = dict(zip(p_plain, t_plain))
+        for name, call in p_calls:
+            if name in self.site_of:
+                site = (self.site_of[name], call)
+                to_torch[(name, call)] = absorbed.get(site, site)
+        self.paddle_of = {
+            _subject(*t): _subject(self.layer_of_site.get(p[0], p[0]), p[1])
+            for p, t in to_torch.items()
+        }
         renamed: dict[str, Any] = {}
         for key, value in other.items():
             p = parse_key(key)
-            if p is not None and p.what in _FORWARD and p.name in self.paddle_layers:
+            if p is not None and p.what in _FORWARD and p.name in p_names:
                 name, call = to_torch[(p.name, p.call)]
                 key = layer_key(name, call, p.what, p.items)
             renamed[key] = value
-        self.capture_keys = {k for k in ref if _is_capture(k, self.torch_layers)}
-        return dict(ref), renamed, None if noise is None else dict(noise)
+        ref = _without_absorbed(ref, absorbed)
+        self.capture_keys = {k for k in ref if _is_capture(k, t_names)}
+        return ref, renamed, None if noise is None else _without_absorbed(noise, absorbed)
+
+    def _plain(self, calls: list[tuple[str, int]],
+               absorbed: Mapping[tuple[str, int], tuple[str, int]]) -> list[tuple[str, int]]:
+        """The calls that pair by order: neither a site nor a layer call that stands for one."""
+        taken = set(absorbed.values())
+        return [c for c in calls
+                if c[0] not in self.site_types and c[0] not in self.site_of and c not in taken]
+
+    def _absorbed(self, data: Mapping[str, Any],
+                  calls: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[str, int]]:
+        """Torch site call -> the kink layer call that stands for it: the next kink layer call,
+        of the site's class, whose input is exactly the site's (the ReLU after the norm)."""
+        out = {}
+        for (name, call), nxt in zip(calls, calls[1:]):
+            kind = self.site_types.get(name)
+            if kind is None or self.torch_layers.get(nxt[0], "").lower() != kind.lower():
+                continue
+            a, b = data.get(layer_key(name, call, "in")), data.get(layer_key(*nxt, "in"))
+            if a is None or b is None or np.shape(a) != np.shape(b):
+                continue
+            if np.array_equal(np.asarray(a), np.asarray(b)):
+                out[(name, call)] = nxt
+        return out
 
     def _check(self, t_calls: list[tuple[str, int]], p_calls: list[tuple[str, int]],
-               noise: Optional[Mapping[str, Any]]) -> Optional[str]:
+               noise: Optional[Mapping[str, Any]],
+               absorbed: Mapping[tuple[str, int], tuple[str, int]]) -> Optional[str]:
         """Why the two sides' kink layer calls do not pair one to one (None: they do)."""
-        if len(t_calls) != len(p_calls):
-            return (f"the torch model's kink layers were called {len(t_calls)} times and the "
-                    f"Paddle model's {len(p_calls)} times: their calls do not pair by order")
-        for i, ((tn, _), (pn, _)) in enumerate(zip(t_calls, p_calls)):
+        t_plain, p_plain = self._plain(t_calls, absorbed), self._plain(p_calls, {})
+        if len(t_plain) != len(p_plain):
+            return (f"the torch model's kink layers were called {len(t_plain)} times and the "
+                    f"Paddle model's {len(p_plain)} times: their calls do not pair by order")
+        for i, ((tn, _), (pn, _)) in enumerate(zip(t_plain, p_plain)):
             tt, pt = self.torch_layers[tn], self.paddle_layers[pn]
             if tt.lower() != pt.lower():
                 return (f"kink layer call {i + 1} is {tn} ({tt}) in torch and {pn} ({pt}) in "
                         "Paddle: their calls do not pair by order")
-        if noise is not None and _calls(noise, self.torch_layers) != t_calls:
+        t_sites = {c for c in t_calls if c[0] in self.site_types}
+        p_sites = [(self.site_of[n], k) for n, k in p_calls if n in self.site_of]
+        if set(p_sites) != t_sites or len(p_sites) != len(t_sites):
+            return (f"the Paddle model's BatchNorm layers with a built-in activation were called "
+                    f"{len(p_sites)} times and the torch batch norms they pair with "
+                    f"{len(t_sites)} times, or in other calls")
+        if noise is not None and (_calls(noise, self._names("torch")) != t_calls
+                                  or self._absorbed(noise, t_calls) != absorbed):
             return "the float64 twin called its kink layers differently from the torch model"
         if not self.order:
             return "the torch model's call order was not recorded"
+        return None
+
+    def _order(self) -> list[str]:
+        """The torch call order with each site right after its norm layer's call."""
+        out = []
+        for entry in self.order:
+            out.append(entry)
+            name, sep, call = entry.partition("#")
+            if name in self.torch_sites:
+                out.append(self.torch_sites[name] + sep + call)
+        return out
+
+    def _fused_mismatch(self, paddle_to_torch: Mapping[str, str]) -> Optional[str]:
+        """Why the norm layers paired by definition order are not those whose weights
+        ``align_train`` paired (None: they are, or there is nothing to check them by)."""
+        for tn, pn in self.fused_pairs:
+            got = paddle_to_torch.get(f"{pn}.weight")
+            if got is not None and got != f"{tn}.weight":
+                return (f"{pn} (a BatchNorm with a built-in activation) pairs by order with {tn}, "
+                        f"but its weight with {got}")
         return None
 
     # --- the verdicts ---------------------------------------------------------------------------
@@ -188,6 +325,8 @@ class KinkCapture:
         """``result`` without the capture keys, its failing step keys that a kink crossing
         explains relabelled ``"kink"`` (``explain_kinks``), and ``options["kinks"]``."""
         main = [r for r in result.results if r.key not in self.capture_keys]
+        if self.skipped is None:
+            self.skipped = self._fused_mismatch(paddle_to_torch)
         if self.skipped is not None:
             options = dict(result.options, kinks={"explained": 0, "skipped": self.skipped})
             return dataclasses.replace(result, results=tuple(main), options=options)
@@ -199,15 +338,18 @@ class KinkCapture:
             shadow.append(r if key == r.key else dataclasses.replace(r, key=key))
             original[key] = r.key
         explained = explain_kinks(dataclasses.replace(result, results=tuple(shadow)), ref, other,
-                                  noise, layer_types=self.torch_layers, order=self.order)
+                                  noise, layer_types=self._names("torch"), order=self._order())
         relabelled = {original[r.key]: dataclasses.replace(r, key=original[r.key])
                       for r in explained.results if r.status == "kink"}
         # a loss or outputs differing where no crossing explains them is a difference no crossing
         # makes (a summed loss doubles every gradient): from that step on, nothing is put down
-        # to a crossing
+        # to a crossing. So does a BatchNorm statistic of that step that no known difference
+        # explains (no note): statistics are taken in the forward pass, which a crossing leaves
+        # within noise (a wrong epsilon moves the batch means after it, while the logits of a
+        # deep network may still align: densenet121)
         unexplained = [int(m.group("step")) for r in main
                        if not r.passed and r.key not in relabelled
-                       and (m := _STEP_KEY.fullmatch(r.key)) and m.group("kind") in ("loss", "logits")]
+                       and (m := _STEP_KEY.fullmatch(r.key)) and _forward_difference(m, r)]
         if unexplained:
             first = min(unexplained)
             relabelled = {k: v for k, v in relabelled.items()
@@ -227,16 +369,32 @@ class KinkCapture:
         n = sum(r.status == "kink" for r in out)
         options = dict(result.options, kink_crossings=crossings,
                        kinks={"explained": n, "crossings": len(crossings),
-                              "layer_calls": len(_calls(ref, self.torch_layers))})
+                              "layer_calls": len(_calls(ref, self._names("torch")))})
         return dataclasses.replace(result, results=tuple(out), options=options)
 
     def strip(self, log: Optional[ReprodLogger], side: str) -> None:
         """Take the capture keys out of a run's logger (the dumps keep the documented keys)."""
         if log is None:
             return
-        layers = self.paddle_layers if side == "paddle" else self.torch_layers
+        layers = self._names("paddle" if side == "paddle" else "torch")
         for key in [k for k in log.data if _is_capture(k, layers)]:
             log.remove(key)
+
+
+def _without_absorbed(data: Mapping[str, Any],
+                      absorbed: Mapping[tuple[str, int], tuple[str, int]]) -> dict[str, Any]:
+    """``data`` without the keys of the sites a layer call stands for, nor that call's output:
+    the layer's input is the site's, and the Paddle side has no output key to pair with."""
+    out = {}
+    stand_ins = set(absorbed.values())
+    for key, value in data.items():
+        p = parse_key(key)
+        if p is not None and p.what in _FORWARD and (
+            (p.name, p.call) in absorbed or (p.what == "out" and (p.name, p.call) in stand_ins)
+        ):
+            continue
+        out[key] = value
+    return out
 
 
 def _subject(name: str, call: int) -> str:
@@ -258,6 +416,11 @@ def _shadow_key(r: Any, paddle_to_torch: Mapping[str, str]) -> Optional[str]:
     if kind == "lr" or (kind == "stat" and r.note):
         return None
     return r.key
+
+
+def _forward_difference(m: re.Match[str], r: Any) -> bool:
+    """Whether a failing step key is a forward value no crossing of its step can move."""
+    return m.group("kind") in ("loss", "logits") or (m.group("kind") == "stat" and not r.note)
 
 
 def _updated(r: Any, relabelled: Mapping[str, Any]) -> Optional[Any]:

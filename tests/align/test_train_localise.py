@@ -13,9 +13,9 @@ from __future__ import annotations
 import types
 
 import numpy as np
+import pytest
 
 import reprod
-import pytest
 
 torch = pytest.importorskip("torch")
 paddle = pytest.importorskip("paddle")

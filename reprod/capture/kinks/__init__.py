@@ -38,7 +38,9 @@ keep their verdicts.
 
 Where each part lives: ``points`` (which layer classes have kinks, and where; recognising a
 layer's function from its recorded input and output), ``passes`` (the keys in time order),
-``crossings`` (``KinkCrossing`` and finding them); this module relabels the keys they explain.
+``crossings`` (``KinkCrossing`` and finding them), ``fused`` (a kink activation built into another
+layer, Paddle's ``BatchNorm(c, act="relu")``: its input recorded from inside the layer, for
+``align_train``); this module relabels the keys they explain.
 """
 
 from __future__ import annotations
