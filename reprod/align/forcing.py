@@ -1,7 +1,9 @@
 """Later training steps judged on their own: each side's step s run again from the reference's
 state after step s - 1 (its weights, BatchNorm statistics and optimizer state), so that a
-difference an earlier step explained (a kink crossing, an update that took the other sign of a
-gradient within noise of 0) does not decide the verdict of the steps after it.
+difference an earlier step explained (a kink crossing, an Adam update of a gradient element
+within noise of 0, Paddle's float32 Adam bias corrections) does not decide the verdict of the
+steps after it. Within a step, an updated weight is explained where the reference's optimizer,
+given the port's own (aligned) gradient, makes the port's update (``replay_kinks``).
 
 Free-running, a port that crosses a kink at step 0 differs at every later step by far more than
 noise, and ``explain_kinks`` can only put all of that down to the crossing: a wrong momentum or
@@ -268,59 +270,6 @@ def merged(result: Any, forced: Mapping[int, Any]) -> Any:
     return dataclasses.replace(result, results=tuple(out), options=options)
 
 
-def sign_flip_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
-                    step: int) -> Any:
-    """Step ``step``'s failing updated parameters whose difference lies (99% of it) at the
-    elements where the two gradients, aligned, are within noise of 0 (``_flipped``):
-    relabelled ``"kink"``. An update that takes the gradient's sign (Adam's first steps: lr * g
-    / (|g| + eps)) steps the other way where float32 noise puts g on the other side of 0, by up
-    to twice the learning rate, on a correct port; both sides' weights before the step are the
-    same (step 0: the ported weights; a forced step: the reference's)."""
-    head = f"step{step}/param/"
-    grads = {kr.key: kr for kr in result if kr.key.startswith(f"step{step}/grad/")}
-    out, changed = [], False
-    for kr in result.results:
-        if kr.passed or kr.status not in ("failed", "mismatch") or not kr.key.startswith(head):
-            out.append(kr)
-            continue
-        name = kr.key[len(head):]
-        gkey = f"step{step}/grad/{name}"
-        g = grads.get(gkey)
-        why = None
-        if g is not None and g.passed and all(k in d for k in (gkey, kr.key) for d in (ref, other)):
-            why = _flipped(np.asarray(ref[kr.key]), np.asarray(other[kr.key]),
-                           np.asarray(ref[gkey]), np.asarray(other[gkey]))
-        if why is None:
-            out.append(kr)
-            continue
-        changed = True
-        out.append(dataclasses.replace(kr, passed=True, status="kink",
-                                       reason=f"{why}; {kr.reason}"))
-    return dataclasses.replace(result, results=tuple(out)) if changed else result
-
-
-def _flipped(p_ref: np.ndarray, p_other: np.ndarray, g_ref: np.ndarray,
-             g_other: np.ndarray) -> Optional[str]:
-    """Where the updates differ (99% of it) only at elements whose two gradients have opposite
-    signs or are a tenth or more apart: in a gradient key that aligns, elements within its
-    noise of 0. An update that normalises the gradient (Adam: lr * m / (sqrt(v) + eps); its
-    first takes the sign) turns that noise into steps apart by up to twice the learning rate.
-    A wrong beta or epsilon moves every element, or those with small and exact gradients."""
-    if p_ref.shape != p_other.shape or g_ref.shape != p_ref.shape or g_other.shape != p_ref.shape:
-        return None
-    d = (p_other.astype(np.float64) - p_ref.astype(np.float64)).reshape(-1)
-    a = np.asarray(g_ref, np.float64).reshape(-1)
-    b = np.asarray(g_other, np.float64).reshape(-1)
-    noisy = (np.sign(a) != np.sign(b)) | (np.abs(a - b) >= 0.1 * np.maximum(np.abs(a), np.abs(b)))
-    dd = float(np.linalg.norm(d))
-    if not noisy.any() or dd == 0.0 or float(np.linalg.norm(d[noisy])) < 0.99 * dd:
-        return None
-    n = int(noisy.sum())
-    return (f"an update that normalises the gradient (Adam) stepped apart at the {n} "
-            f"element{'' if n == 1 else 's'} whose aligned gradients are within their noise of "
-            f"0 (opposite signs, or a tenth apart), by up to {float(np.abs(d[noisy]).max()):.3g}")
-
-
 def run_forced(step: int, *, batches: Sequence[Any], torch_model: Any, paddle_model: Any,
                torch_opt: Any, paddle_opt: Any, torch_opt_state: Mapping[str, Any],
                torch_data: Mapping[str, Any], paddle_lr_value: float,
@@ -430,4 +379,99 @@ def adam_known(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
                            f"); with torch's updates scaled so, it passes ({c.reason}); "
                            f"{kr.reason}")
         out.append(kr)
+    return dataclasses.replace(result, results=tuple(out)) if changed else result
+
+
+# --- the reference's optimizer given the port's gradient ---------------------------------------
+
+
+def replayed(torch_opt: Any, torch_state: Mapping[str, Any], torch_model: Any,
+             kp: KeyPlan, before: np.ndarray, grad: np.ndarray) -> Optional[np.ndarray]:
+    """The weights the reference's optimizer makes of ``before`` and ``grad`` (Paddle layout)
+    from its state ``torch_state`` (a ``state_dict()``): one step of a copy of it over that one
+    parameter. None where the parameter is not the optimizer's."""
+    import torch
+
+    from .calibration import _constructor_kwargs
+
+    target = dict(torch_model.named_parameters()).get(kp.torch_name)
+    if target is None:
+        return None
+    index, group = None, None
+    for i, p in enumerate(_torch_params_by_index(torch_opt)):
+        if p is target:
+            index = i
+    if index is None:
+        return None
+    for g, saved in zip(torch_opt.param_groups, torch_state.get("param_groups", ())):
+        if any(p is target for p in g["params"]):
+            group = {k: v for k, v in saved.items() if k != "params"}
+    if group is None:
+        return None
+
+    def torch_layout(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.T) if kp.action == "transpose" else np.array(a)
+
+    p = torch.nn.Parameter(torch.from_numpy(torch_layout(before)).to(target.dtype))
+    p.grad = torch.from_numpy(torch_layout(grad)).to(target.dtype)
+    cls = type(torch_opt)
+    opt = cls([{**group, "params": [p]}], **_constructor_kwargs(cls, torch_opt.defaults))
+    state = torch_state.get("state", {}).get(index)
+    if state:
+        opt.state[p] = {k: v.clone() if hasattr(v, "clone") else copy.deepcopy(v)
+                        for k, v in state.items()}
+    opt.step()
+    out = p.detach().numpy()
+    return np.ascontiguousarray(out.T) if kp.action == "transpose" else out
+
+
+def replay_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
+                 noise: Optional[Mapping[str, Any]], criteria: Any, step: int, *,
+                 torch_opt: Any, torch_state: Mapping[str, Any], torch_model: Any,
+                 plan: Mapping[str, KeyPlan], before: Mapping[str, Any],
+                 adam: Optional[tuple[float, float, int]], updates: int) -> Any:
+    """Step ``step``'s failing updated weights, both sides started from ``before`` (Paddle names
+    and layout), whose gradient key aligns and whose port value is what the reference's
+    optimizer (state ``torch_state``) makes of the port's own gradient, within the key's noise
+    (Paddle's Adam rate applied, ``updates`` the update count before this one): relabelled
+    ``"kink"``. An optimizer that normalises the gradient per element (Adam) turns the float32
+    noise of elements near 0, within the aligned gradient's noise, into steps apart by up to
+    twice the learning rate; a wrong beta, epsilon or momentum makes another update of the same
+    gradient, and fails."""
+    from ..diff.engine import compare
+
+    by_paddle = {kp.paddle_name: kp for kp in plan.values() if kp.paddle_name}
+    head = f"step{step}/param/"
+    out, changed = [], False
+    for kr in result.results:
+        name = kr.key[len(head):] if kr.key.startswith(head) else None
+        gkey = f"step{step}/grad/{name}"
+        if (name is None or kr.passed or kr.status not in ("failed", "mismatch")
+                or name not in by_paddle or name not in before or gkey not in other
+                or kr.key not in other or not result[gkey].passed):
+            out.append(kr)
+            continue
+        w0 = np.asarray(before[name])
+        made = replayed(torch_opt, torch_state, torch_model, by_paddle[name], w0,
+                        np.asarray(other[gkey]))
+        if made is None:
+            out.append(kr)
+            continue
+        if adam is not None:
+            rate = _float32_rate(adam[0], adam[1], adam[2] + updates + 1)
+            made = (w0 + rate * (made.astype(np.float64) - w0)).astype(made.dtype)
+        check = compare({kr.key: made}, {kr.key: other[kr.key]}, criteria=criteria,
+                        noise=None if noise is None or kr.key not in noise
+                        else {kr.key: noise[kr.key]})
+        (c,) = check.results
+        if not c.passed:
+            out.append(kr)
+            continue
+        changed = True
+        out.append(dataclasses.replace(
+            kr, passed=True, status="kink",
+            reason=f"the reference's optimizer makes this update of the port's own gradient "
+                   f"({gkey}, aligned) to within noise ({c.reason}): a per-element normalised "
+                   f"update (Adam) turns the gradients' float32 noise near 0 into steps apart; "
+                   f"{kr.reason}"))
     return dataclasses.replace(result, results=tuple(out)) if changed else result

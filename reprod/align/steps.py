@@ -117,7 +117,7 @@ def _torch_steps(
     ``reseed + i`` before step i's forward pass. ``hyper_out`` receives each step's param-group
     hyperparameters (lr, momentum, betas...) as the step starts; ``hyper_in`` sets them (the
     float64 run follows the float32 run's scheduler, whatever its class). ``state_out``
-    receives a copy of the optimizer's state as each step after the first starts (forcing)."""
+    receives a copy of the optimizer's state as each step starts (per-step judging)."""
     import torch
 
     dev = _torch_device(model)
@@ -131,7 +131,7 @@ def _torch_steps(
         if hyper_out is not None:
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             hyper_out.append(copy.deepcopy(hyper))
-        if state_out is not None and i > 0:
+        if state_out is not None:
             state_out[i] = copy.deepcopy(optimizer.state_dict())
         optimizer.zero_grad()
         if reseed is not None:
@@ -340,7 +340,11 @@ def align_train(
     # the torch optimizer's state as each later step starts: what forcing gives the port
     adam = forcing.adam_betas(paddle_optimizer)
     per_step = kink is not None or adam is not None
-    opt_states: Optional[dict[int, Any]] = {} if per_step and n > 1 else None
+    opt_states: Optional[dict[int, Any]] = {} if per_step else None
+    # the weights before training (Paddle names and layout): step 0's updates start from them
+    weights0 = {kp.paddle_name: np.array(_torch_array(p, kp)) for name, p in
+                torch_model.named_parameters()
+                if (kp := plan.get(name)) is not None and kp.paddle_name} if per_step else {}
     hyper: Optional[list[list[dict[str, Any]]]] = None
     if calibrate:  # copied before the float32 run changes weights, statistics and optimizer state
         twin = _float64_twin(torch_model)
@@ -408,6 +412,7 @@ def align_train(
             result, torch_model, paddle_model, batches, torch_log.data, paddle_log.data,
             None if noise_log is None else noise_log.data, torch_optimizer=torch_optimizer,
             paddle_optimizer=paddle_optimizer, opt_states=opt_states or {}, adam=adam,
+            weights0=weights0,
             kinks=kink is not None, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
             plan=plan, stats=stats, seed=seed, calibrate=calibrate, criteria=crit)
         if before is None and out_dir is not None:
@@ -438,17 +443,22 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                      torch_data: Mapping[str, Any], paddle_data: Mapping[str, Any],
                      noise_data: Optional[Mapping[str, Any]], *, torch_optimizer: Any,
                      paddle_optimizer: Any, opt_states: Mapping[int, Any],
-                     adam: Optional[tuple[float, float, int]], kinks: bool,
+                     adam: Optional[tuple[float, float, int]], weights0: Mapping[str, Any],
+                     kinks: bool,
                      torch_loss_fn: Callable[..., Any], paddle_loss_fn: Callable[..., Any],
                      plan: Mapping[str, KeyPlan], stats: bool, seed: int, calibrate: bool,
                      criteria: Criteria) -> Any:
-    """Step 0's updates that took the other sign of a gradient within noise of 0 relabelled
-    ``"kink"`` (with ``kinks``), weights that Paddle's float32 Adam bias corrections explain
-    ``"known"``; then each later step whose free-running verdict rests on such an earlier
-    difference judged again from the reference's state (``reprod.align.forcing``), the models
-    and optimizers put back as training left them."""
-    if kinks:
-        result = forcing.sign_flip_kinks(result, torch_data, paddle_data, 0)
+    """Step 0's updated weights that the reference's optimizer makes of the port's aligned
+    gradient relabelled ``"kink"`` (with ``kinks``: Adam's normalised update near g = 0), weights
+    that Paddle's float32 Adam bias corrections explain ``"known"``; then each later step whose
+    free-running verdict rests on such an earlier difference judged again from the reference's
+    state (``reprod.align.forcing``), the models and optimizers put back as training left
+    them."""
+    if kinks and 0 in opt_states:
+        result = forcing.replay_kinks(
+            result, torch_data, paddle_data, noise_data, criteria, 0, torch_opt=torch_optimizer,
+            torch_state=opt_states[0], torch_model=torch_model, plan=plan, before=weights0,
+            adam=adam, updates=0)
     if adam is not None:
         result = forcing.adam_known(result, torch_data, paddle_data, noise_data, criteria, adam)
     todo = forcing.steps_to_force(result)
@@ -495,11 +505,15 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 r = _finish(t_log, p_log, out_dir=None, name="train", criteria=criteria,
                             verbose=False, noise_log=n_log, write_log=False, kinks=kink,
                             paddle_to_torch=to_torch, initial=initial if stats else None)
+                before = {k.split("/param/", 1)[1]: v for k, v in torch_data.items()
+                          if k.startswith(f"step{s - 1}/param/")}
+                n_data = None if n_log is None else n_log.data
                 if kinks:
-                    r = forcing.sign_flip_kinks(r, t_log.data, p_log.data, 0)
+                    r = forcing.replay_kinks(
+                        r, t_log.data, p_log.data, n_data, criteria, 0,
+                        torch_opt=torch_optimizer, torch_state=opt_states[s],
+                        torch_model=torch_model, plan=plan, before=before, adam=adam, updates=s)
                 if adam is not None:  # this step's update alone, from the reference's weights
-                    before = {k.split("/param/", 1)[1]: v for k, v in torch_data.items()
-                              if k.startswith(f"step{s - 1}/param/")}
                     r = forcing.adam_known(r, t_log.data, p_log.data,
                                            None if n_log is None else n_log.data, criteria,
                                            adam, first=s, before=before)
