@@ -14,6 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from ordered_linear import TorchOrderedLinear  # noqa: E402
+
 import reprod  # noqa: E402
 from reprod.capture import (  # noqa: E402
     explain_kinks,
@@ -28,22 +30,6 @@ X = np.array([[1.0, 3e-8, -1.0], [0.3, -0.7, 0.9]], dtype=np.float32)
 W1 = np.array([[1.0, 1.0, 1.0], [0.5, -1.2, 0.8], [-0.9, 0.4, 0.3], [0.7, 0.2, -1.1]], np.float32)
 W2 = np.array([[0.6, -0.3, 0.9, 0.2], [-0.4, 0.8, 0.1, 0.5]], np.float32)
 LOSS_W = np.array([[1.0, -2.0], [0.5, 1.5]], np.float32)
-
-
-class OrderedLinear(torch.nn.Module):
-    """A bias-free linear layer that adds its products in a fixed order."""
-
-    def __init__(self, weight: np.ndarray, order: tuple[int, ...]) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.from_numpy(weight.copy()))
-        self.order = order
-
-    def forward(self, x):
-        terms = [x[:, j : j + 1] * self.weight[:, j] for j in range(x.shape[1])]
-        out = terms[self.order[0]]
-        for j in self.order[1:]:
-            out = out + terms[j]
-        return out
 
 
 class DoubledReLUGrad(torch.autograd.Function):
@@ -67,7 +53,7 @@ class Net(torch.nn.Module):
     def __init__(self, order: tuple[int, ...], *, fc0_scale: float = 1.0, bad_relu: bool = False):
         super().__init__()
         self.fc0 = torch.nn.Linear(3, 3, bias=False)
-        self.fc1 = OrderedLinear(W1, order)
+        self.fc1 = TorchOrderedLinear(W1, order)
         self.act = BadReLU() if bad_relu else torch.nn.ReLU()
         self.fc2 = torch.nn.Linear(4, 2)
         with torch.no_grad():

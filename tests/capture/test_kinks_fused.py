@@ -21,6 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 paddle = pytest.importorskip("paddle")
 
+from ordered_linear import PaddleOrderedLinear, TorchOrderedLinear  # noqa: E402
+
 from reprod.align import align_train, load_into_paddle  # noqa: E402
 from reprod.capture.kinks.fused import fused_activations, record_sites  # noqa: E402
 from reprod.logger import ReprodLogger  # noqa: E402
@@ -37,38 +39,6 @@ LR = 0.5
 # parameters after the update
 UPSTREAM = {"step0/grad/fc0.weight", "step0/grad/fc1.weight", "step0/grad/bn.bias",
             "step0/param/fc0.weight", "step0/param/fc1.weight", "step0/param/bn.bias"}
-
-
-class TorchOrderedLinear(torch.nn.Module):
-    """A bias-free linear layer that adds its products in a fixed order."""
-
-    def __init__(self, weight: np.ndarray, order: tuple[int, ...]) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.from_numpy(weight.copy()))
-        self.order = order
-
-    def forward(self, x):
-        terms = [x[:, j : j + 1] * self.weight[:, j] for j in range(x.shape[1])]
-        out = terms[self.order[0]]
-        for j in self.order[1:]:
-            out = out + terms[j]
-        return out
-
-
-class PaddleOrderedLinear(paddle.nn.Layer):
-    def __init__(self, weight: np.ndarray, order: tuple[int, ...]) -> None:
-        super().__init__()
-        self.weight = self.create_parameter(
-            list(weight.shape), default_initializer=paddle.nn.initializer.Assign(weight)
-        )
-        self.order = order
-
-    def forward(self, x):
-        terms = [x[:, j : j + 1] * self.weight[:, j] for j in range(x.shape[1])]
-        out = terms[self.order[0]]
-        for j in self.order[1:]:
-            out = out + terms[j]
-        return out
 
 
 class TorchNet(torch.nn.Module):
