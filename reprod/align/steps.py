@@ -37,7 +37,9 @@ from .framework import (
     _criteria,
     _deterministic,
     _flatten,
+    _log_torch,
     _paddle_place,
+    _paddle_view,
     _split_batch,
     _split_inputs,
     _to_paddle,
@@ -45,6 +47,7 @@ from .framework import (
     _torch_array,
     _torch_device,
     _torch_params_plan,
+    _torch_view,
 )
 from .kinks import KinkCapture
 from .localise import localise_forward
@@ -112,12 +115,15 @@ def _torch_steps(
     hyper_out: Optional[list[list[dict[str, Any]]]] = None,
     hyper_in: Optional[Sequence[Sequence[Mapping[str, Any]]]] = None,
     state_out: Optional[dict[int, Any]] = None,
+    drop_grads: bool = False,
 ) -> None:
     """``float64``: cast floating inputs and labels to float64. ``reseed``: seed torch with
     ``reseed + i`` before step i's forward pass. ``hyper_out`` receives each step's param-group
     hyperparameters (lr, momentum, betas...) as the step starts; ``hyper_in`` sets them (the
     float64 run follows the float32 run's scheduler, whatever its class). ``state_out``
-    receives a copy of the optimizer's state as each step starts (per-step judging)."""
+    receives a copy of the optimizer's state as each step starts (per-step judging).
+    ``drop_grads``: set the gradients to None once the optimizer has used them (a model nobody
+    reads them from after)."""
     import torch
 
     dev = _torch_device(model)
@@ -150,17 +156,19 @@ def _torch_steps(
         for name, p in model.named_parameters():
             kp = plan.get(name)
             if p.grad is not None and kp is not None and kp.paddle_name is not None:
-                log.add(f"step{i}/grad/{kp.paddle_name}", _torch_array(p.grad, kp))
+                _log_torch(log, f"step{i}/grad/{kp.paddle_name}", p.grad, kp)
         optimizer.step()
+        if drop_grads:  # not kept beside the weights recorded next: the float64 twin's peak
+            model.zero_grad(set_to_none=True)
         for name, value in model.state_dict().items():
             kp = plan.get(name)
             if kp is None or kp.paddle_name is None:
                 continue
             if name in buffers:
                 if stats:
-                    log.add(f"step{i}/stat/{kp.paddle_name}", _torch_array(value, kp))
+                    _log_torch(log, f"step{i}/stat/{kp.paddle_name}", value, kp)
             else:
-                log.add(f"step{i}/param/{kp.paddle_name}", _torch_array(value, kp))
+                _log_torch(log, f"step{i}/param/{kp.paddle_name}", value, kp)
         if scheduler is not None:
             scheduler.step()
 
@@ -192,15 +200,15 @@ def _paddle_steps(
         log.add(f"step{i}/lr", np.float64(optimizer.get_lr()))
         for name, p in model.named_parameters():
             if not p.stop_gradient and p.grad is not None:
-                log.add(f"step{i}/grad/{name}", p.grad)
+                log.add(f"step{i}/grad/{name}", _paddle_view(p.grad))
         optimizer.step()
         # Paddle keeps BatchNorm statistics as stop_gradient parameters: they are torch's buffers
         for name, value in model.state_dict().items():
             if getattr(value, "stop_gradient", True):
                 if stats:
-                    log.add(f"step{i}/stat/{name}", value)
+                    log.add(f"step{i}/stat/{name}", _paddle_view(value))
             else:
-                log.add(f"step{i}/param/{name}", value)
+                log.add(f"step{i}/param/{name}", _paddle_view(value))
         if scheduler is not None:
             scheduler.step()
 
@@ -341,8 +349,11 @@ def align_train(
     adam = forcing.adam_betas(paddle_optimizer)
     per_step = kink is not None or adam is not None
     opt_states: Optional[dict[int, Any]] = {} if per_step else None
-    # the weights before training (Paddle names and layout): step 0's updates start from them
-    weights0 = {kp.paddle_name: np.array(_torch_array(p, kp)) for name, p in
+    # the weights before training (Paddle names and layout): step 0's updates start from them;
+    # views of the copy localisation keeps, where it keeps one (not a second copy of the model)
+    state0 = None if before is None else before.torch_state
+    weights0 = {kp.paddle_name: np.array(_torch_array(p, kp)) if state0 is None
+                else _torch_view(state0[name], kp) for name, p in
                 torch_model.named_parameters()
                 if (kp := plan.get(name)) is not None and kp.paddle_name} if per_step else {}
     hyper: Optional[list[list[dict[str, Any]]]] = None
@@ -381,6 +392,7 @@ def align_train(
                 float64=True,
                 reseed=seed,
                 hyper_in=hyper,
+                drop_grads=True,
             )
         del twin, twin_opt
     with _deterministic(seed), _recording(kink, paddle_model, paddle_log, "paddle"):
@@ -418,6 +430,9 @@ def align_train(
         if before is None and out_dir is not None:
             _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"),
                             verbose=verbose)
+    # the float64 records are judged (and in the dump) now; localisation copies both models'
+    # state again and may run a second float64 twin: not beside these
+    noise_log = None
     if before is None:
         return result
     if not result.passed:
@@ -490,7 +505,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 with _deterministic(seed), _recording(kink, twin, log, "torch64"):
                     _torch_steps(twin, [batch], 1, loss_fn=_float64_loss(torch_loss_fn),
                                  optimizer=twin_opt, scheduler=None, plan=plan, stats=stats,
-                                 log=log, float64=True, reseed=seed + s)
+                                 log=log, float64=True, reseed=seed + s, drop_grads=True)
                 return log
 
             def run_paddle(batch: Any, log: ReprodLogger,
