@@ -161,7 +161,7 @@ def paddle_lr(paddle_opt: Any, lr: float) -> Iterator[None]:
 
 
 @dataclasses.dataclass
-class _Saved:
+class Saved:
     """The state forcing overwrites, put back afterwards: both models', the torch optimizer's and
     the Paddle optimizer's accumulators."""
 
@@ -171,7 +171,7 @@ class _Saved:
     paddle_accs: dict[tuple[str, str], np.ndarray]
 
     @classmethod
-    def take(cls, torch_model: Any, torch_opt: Any, paddle_model: Any, paddle_opt: Any) -> _Saved:
+    def take(cls, torch_model: Any, torch_opt: Any, paddle_model: Any, paddle_opt: Any) -> Saved:
         return cls(copy.deepcopy(torch_model.state_dict()), copy.deepcopy(torch_opt.state_dict()),
                    {k: v.detach().clone() for k, v in paddle_model.state_dict().items()},
                    {(a, p): np.array(t.numpy()) for a, d in paddle_accumulators(paddle_opt).items()

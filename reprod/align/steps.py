@@ -345,9 +345,10 @@ def align_train(
 
     torch_log, paddle_log = ReprodLogger(), ReprodLogger()
     noise_log = ReprodLogger() if calibrate else None
-    # the torch optimizer's state as each later step starts: what forcing gives the port
     adam = forcing.adam_betas(paddle_optimizer)
     per_step = kink is not None or adam is not None
+    # the torch optimizer's state as each step starts: what a replayed update starts from, and
+    # what a step judged from the reference's state gives the port
     opt_states: Optional[dict[int, Any]] = {} if per_step else None
     # the weights before training (Paddle names and layout): step 0's updates start from them;
     # views of the copy localisation keeps, where it keeps one (not a second copy of the model)
@@ -481,7 +482,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
         return result
     lrs = {s: float(np.asarray(paddle_data[f"step{s}/lr"])) for s in todo
            if f"step{s}/lr" in paddle_data}
-    saved = forcing._Saved.take(torch_model, torch_optimizer, paddle_model, paddle_optimizer)
+    saved = forcing.Saved.take(torch_model, torch_optimizer, paddle_model, paddle_optimizer)
     to_torch = {kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name}
     found: dict[int, Any] = {}
     try:
@@ -529,9 +530,8 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                         torch_opt=torch_optimizer, torch_state=opt_states[s],
                         torch_model=torch_model, plan=plan, before=before, adam=adam, updates=s)
                 if adam is not None:  # this step's update alone, from the reference's weights
-                    r = forcing.adam_known(r, t_log.data, p_log.data,
-                                           None if n_log is None else n_log.data, criteria,
-                                           adam, first=s, before=before)
+                    r = forcing.adam_known(r, t_log.data, p_log.data, n_data, criteria, adam,
+                                           first=s, before=before)
                 return r
 
             found[s] = forcing.run_forced(

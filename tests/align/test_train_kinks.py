@@ -12,6 +12,9 @@ far more than float32 noise, while fc2's gradients and every forward key align.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -20,6 +23,9 @@ paddle = pytest.importorskip("paddle")
 
 from reprod.align import align_train, load_into_paddle  # noqa: E402
 from reprod.storage import load  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "capture"))
+from ordered_linear import PaddleOrderedLinear, TorchOrderedLinear  # noqa: E402
 
 X = np.array([[1.0, 3e-8, -1.0], [0.3, -0.7, 0.9]], dtype=np.float32)
 W1 = np.array([[1.0, 1.0, 1.0], [0.5, -1.2, 0.8], [-0.9, 0.4, 0.3], [0.7, 0.2, -1.1]], np.float32)
@@ -32,38 +38,6 @@ LR = 0.5
 # and those parameters after the update
 UPSTREAM = {"step0/grad/fc0.weight", "step0/grad/fc1.weight",
             "step0/param/fc0.weight", "step0/param/fc1.weight"}
-
-
-class TorchOrderedLinear(torch.nn.Module):
-    """A bias-free linear layer that adds its products in a fixed order."""
-
-    def __init__(self, weight: np.ndarray, order: tuple[int, ...]) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.from_numpy(weight.copy()))
-        self.order = order
-
-    def forward(self, x):
-        terms = [x[:, j : j + 1] * self.weight[:, j] for j in range(x.shape[1])]
-        out = terms[self.order[0]]
-        for j in self.order[1:]:
-            out = out + terms[j]
-        return out
-
-
-class PaddleOrderedLinear(paddle.nn.Layer):
-    def __init__(self, weight: np.ndarray, order: tuple[int, ...]) -> None:
-        super().__init__()
-        self.weight = self.create_parameter(
-            list(weight.shape), default_initializer=paddle.nn.initializer.Assign(weight)
-        )
-        self.order = order
-
-    def forward(self, x):
-        terms = [x[:, j : j + 1] * self.weight[:, j] for j in range(x.shape[1])]
-        out = terms[self.order[0]]
-        for j in self.order[1:]:
-            out = out + terms[j]
-        return out
 
 
 class TorchNet(torch.nn.Module):
