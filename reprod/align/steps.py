@@ -23,9 +23,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..diff.criteria import Criteria
+from ..diff.noise import DEFAULT_NOISE_FACTOR
 from ..errors import ReprodError
 from ..logger import ReprodLogger
-from . import forcing
+from . import counterfactual, forcing
 from .by_order import by_order_rules
 from .calibration import _float64_loss, _float64_optimizer, _float64_twin
 from .forward import align_forward
@@ -357,6 +358,11 @@ def align_train(
                 else _torch_view(state0[name], kp) for name, p in
                 torch_model.named_parameters()
                 if (kp := plan.get(name)) is not None and kp.paddle_name} if per_step else {}
+    # the torch model's state before training: step 0's crossings are checked from it
+    # (counterfactual); the copy localisation keeps, where it keeps one
+    torch_start = None
+    if calibrate and kink is not None:
+        torch_start = state0 if state0 is not None else copy.deepcopy(torch_model.state_dict())
     hyper: Optional[list[list[dict[str, Any]]]] = None
     if calibrate:  # copied before the float32 run changes weights, statistics and optimizer state
         twin = _float64_twin(torch_model)
@@ -420,6 +426,14 @@ def align_train(
         paddle_to_torch={kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name},
         initial=initial,
     )
+    if torch_start is not None and kink is not None:
+        for s in sorted(kink.flips):
+            start = partial(lambda s, t: t if s == 0 else
+                            forcing.reference_state(s - 1, torch_log.data, plan), s, torch_start)
+            result = _checked_kinks(result, kink, torch_model, s, start,
+                                    batches[s % len(batches)], paddle_data=paddle_log.data,
+                                    loss_fn=torch_loss_fn, seed=seed + s, plan=plan)
+    torch_start = None
     if per_step:
         result = _judged_per_step(
             result, torch_model, paddle_model, batches, torch_log.data, paddle_log.data,
@@ -521,6 +535,11 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 r = _finish(t_log, p_log, out_dir=None, name="train", criteria=criteria,
                             verbose=False, noise_log=n_log, write_log=False, kinks=kink,
                             paddle_to_torch=to_torch, initial=initial if stats else None)
+                if kink is not None and n_log is not None:
+                    r = _checked_kinks(r, kink, torch_model, 0,
+                                       partial(forcing.reference_state, s - 1, torch_data, plan),
+                                       batches[s % len(batches)], paddle_data=p_log.data,
+                                       loss_fn=torch_loss_fn, seed=seed + s, plan=plan)
                 before = {k.split("/param/", 1)[1]: v for k, v in torch_data.items()
                           if k.startswith(f"step{s - 1}/param/")}
                 n_data = None if n_log is None else n_log.data
@@ -545,7 +564,56 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
         return dataclasses.replace(result, options=options)
     finally:
         saved.restore(torch_model, torch_optimizer, paddle_model, paddle_optimizer)
-    return forcing.merged(result, found)
+    result = forcing.merged(result, found)
+    checks = dict(result.options.get("counterfactual", {}))
+    for s, f in found.items():
+        info = f.options.get("counterfactual", {}).get("step0")
+        if info is not None:
+            checks[f"step{s}"] = info
+    if checks:
+        result = dataclasses.replace(result, options=dict(result.options, counterfactual=checks))
+    return result
+
+
+def _checked_kinks(result: Any, kink: KinkCapture, torch_model: Any, step: int,
+                   state: Callable[[], Mapping[str, Any]], batch: Any, *,
+                   paddle_data: Mapping[str, Any], loss_fn: Callable[..., Any], seed: int,
+                   plan: Mapping[str, KeyPlan]) -> Any:
+    """``result`` with the gradients of ``step`` that a crossing of that step explains checked
+    against the float64 twin's backward with the port's side of each crossing
+    (``counterfactual``), run from ``state()`` (the torch model's state dict as the step
+    started) on ``batch``; ``options["counterfactual"]["step<step>"]`` says how many aligned and
+    failed (and the first failing in backward order), or why none was checked."""
+    flips = kink.flips.get(step)
+    names = counterfactual.labelled_grads(result, step)
+    if not names or not flips:
+        return result
+    try:
+        grads, why = counterfactual.counterfactual_grads(
+            torch_model, state(), batch, loss_fn=loss_fn, seed=seed, plan=plan, flips=flips,
+            sites=kink.torch_sites, names=names)
+    except forcing.Unsupported as e:  # the state before the step was not recorded
+        grads, why = {}, str(e)
+    info: dict[str, Any]
+    if why is not None:
+        info = {"skipped": why}
+    else:
+        factor = result.options.get("noise_factor")
+        result, info = counterfactual.checked(
+            result, grads, paddle_data, step=step,
+            factor=DEFAULT_NOISE_FACTOR if factor is None else float(factor))
+        to_torch = {kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name}
+        first = counterfactual.first_in_backward(list(info["failed_params"]), kink.order,
+                                                 to_torch)
+        if first is not None:
+            module = dict(torch_model.named_modules()).get(first[1])
+            info["first"] = {"param": first[0], "layer": first[1],
+                             "type": None if module is None else type(module).__name__}
+    kinks = dict(result.options.get("kinks", {}))
+    kinks["explained"] = sum(kr.status == "kink" for kr in result.results)
+    checks = dict(result.options.get("counterfactual", {}), **{f"step{step}": info})
+    return dataclasses.replace(result, options=dict(result.options, kinks=kinks,
+                                                    counterfactual=checks))
 
 
 def _initial_stats(torch_model: Any, paddle_model: Any, plan: Mapping[str, KeyPlan]
@@ -626,7 +694,16 @@ def _train_localised(
             findings.append(line)
     elif kinds[0] == "stat":
         findings.append(stat_finding(result))
-    if kinds[0] in ("logits", "grad"):
+    # gradients a kink crossing was said to explain and the counterfactual did not: the
+    # layer-by-layer backward would stop at the crossing itself, the gradients say more
+    check = result.options.get("counterfactual", {}).get(f"step{step}") or {}
+    line = counterfactual.finding(step, check) if kinds[0] == "grad" else None
+    if line is not None:
+        findings.append(line)
+        options["divergence"] = {"layer": check["first"]["layer"], "kind": "layer",
+                                 "message": line, "hint": None, "direction": "backward",
+                                 "step": step}
+    elif kinds[0] in ("logits", "grad"):
         # the step again, layer by layer, from the state each side had before it: the copy taken
         # before training, or the weights and statistics each side recorded at the step before
         before.restore(torch_model, paddle_model)

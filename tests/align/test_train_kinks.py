@@ -102,6 +102,8 @@ def _train(*, steps: int = 1, bug: str | None = None, functional_relu: bool = Fa
         pm.fc0.weight.set_value(pm.fc0.weight.numpy() * 1.001)
     elif bug == "fc2":  # after it: the crossing is still there, the logits differ
         pm.fc2.weight.set_value(pm.fc2.weight.numpy() * 1.001)
+    elif bug == "grad_fc0":  # before it, in the backward pass only
+        pm.fc0.weight.register_hook(lambda g: g * 1.5)
     return align_train(
         tm, pm, [(X, None)], steps=steps,
         torch_loss_fn=_torch_loss, paddle_loss_fn=_paddle_loss,
@@ -248,3 +250,95 @@ def test_a_model_without_kink_layers_records_nothing_and_says_so() -> None:
     assert r.options["kinks"]["explained"] == 0
     assert "no layer of a class with kinks" in r.options["kinks"]["skipped"]
     assert all(k.key.startswith("step0/") for k in r)
+
+
+# --- the crossing's claim checked: the reference's backward with the port's side of the kink ---
+
+
+def test_the_counterfactual_is_the_float64_backward_with_the_ports_side_of_the_kink() -> None:
+    """Against numpy in float64: the twin's gradients with the crossing element set to the
+    port's value (0.0, where torch has 3e-8), so that the ReLU stops its gradient as the port's
+    does; every other element as float64 has it."""
+    from reprod.align.counterfactual import Flip, counterfactual_grads
+    from reprod.align.framework import _torch_params_plan
+
+    tm = TorchNet()
+    plan = _torch_params_plan(tm, None)
+    names = {kp.paddle_name for kp in plan.values()}
+    mask = np.zeros((2, 4), bool)
+    mask[0, 0] = True
+    grads, why = counterfactual_grads(
+        tm, tm.state_dict(), (X, None), loss_fn=_torch_loss, seed=0, plan=plan,
+        flips={"act": Flip(mask, np.array([0.0]))}, sites={}, names=names)
+    assert why is None and set(grads) == names
+
+    x, w1 = X.astype(np.float64), W1.astype(np.float64)
+    w2, lw = W2.astype(np.float64), LOSS_W.astype(np.float64)
+    h1 = x @ w1.T  # fc0 is the identity
+    assert h1[0, 0] > 0  # float64 has the element above the kink, as torch's float32
+    h1[0, 0] = 0.0  # the port's value
+    a = np.maximum(h1, 0.0)
+    d_h1 = (lw @ w2) * (h1 > 0)
+    expected = {"fc0.weight": (d_h1 @ w1).T @ x, "fc1.weight": d_h1.T @ x,
+                "fc2.weight": lw.T @ a, "fc2.bias": lw.sum(0)}
+    for tname, kp in plan.items():
+        want = expected[tname].T if kp.action == "transpose" else expected[tname]
+        np.testing.assert_allclose(grads[kp.paddle_name], want, rtol=1e-12, atol=1e-15)
+    # the flip changed what a plain float64 backward computes: fc1's first row
+    assert not np.allclose(expected["fc1.weight"][0], ((lw @ w2) * (x @ w1.T > 0)).T[0] @ x)
+
+
+def test_a_counterfactual_that_cannot_be_built_says_why() -> None:
+    from reprod.align.counterfactual import Flip, counterfactual_grads
+    from reprod.align.framework import _torch_params_plan
+
+    tm = TorchNet()
+    plan = _torch_params_plan(tm, None)
+    kw = dict(loss_fn=_torch_loss, seed=0, plan=plan, sites={}, names={"fc1.weight"})
+    flip = Flip(np.ones((2, 4), bool), np.zeros(8))
+    for flips, why in (({"act#2": flip}, "the float64 twin did not call act#2"),
+                       ({"act": Flip(np.ones((3,), bool), np.zeros(3))}, "not of the recorded"),
+                       ({"nowhere": flip}, "no layer nowhere in the float64 twin")):
+        grads, got = counterfactual_grads(tm, tm.state_dict(), (X, None), flips=flips, **kw)
+        assert grads == {} and why in got, got
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_backward_bug_before_the_crossing_is_not_put_down_to_it(steps) -> None:
+    """A port whose fc0 weight gradient is 1.5x the true one (a gradient hook; the forward pass
+    is untouched): fc0 is called before the ReLU whose crossing explains the gradients of the
+    layers before it, and the run used to pass. With the port's side of the crossing the
+    reference computes fc1's gradient as the port does, and not fc0's."""
+    ok = _train(steps=steps)
+    r = _train(steps=steps, bug="grad_fc0")
+    assert ok.passed and not r.passed
+    first = r.first_failure
+    assert first.key == "step0/grad/fc0.weight", r.to_table(failed_only=True)
+    assert first.reason.startswith("not explained by the kink crossing at act (ReLU): 1 element "
+                                   "within noise of 0 on opposite sides: with the port's side of "
+                                   "each crossing of step 0, the reference's float64 gradient "
+                                   "is still "), first.reason
+    assert r["step0/param/fc0.weight"].reason.startswith(
+        "updated with step0/grad/fc0.weight, which no kink crossing explains")
+    fc1 = r["step0/grad/fc1.weight"]
+    assert fc1.status == "kink" and "the reference's float64 gradient aligns (" in fc1.reason
+    for run, failed in ((ok, 0), (r, 1)):
+        check = run.options["counterfactual"]["step0"]
+        assert (check["aligned"], check["failed"]) == (2 - failed, failed), check
+    assert ok.options["counterfactual"]["step0"]["worst"] < 20
+    assert r.options["counterfactual"]["step0"]["first"] == {
+        "param": "fc0.weight", "layer": "fc0", "type": "Linear"}
+    assert r.options["findings"][-1].startswith(
+        "backward diverges at fc0 (Linear): the port's gradient of fc0.weight is "), \
+        r.options["findings"]
+    assert r.options["divergence"]["layer"] == "fc0"
+    if steps == 2:  # step 1 is no longer "after the crossing": its difference starts at the bug
+        assert not any(k.reason.startswith("after the kink crossing") for k in r), \
+            r.to_table(failed_only=True)
+        # run from the reference's state, step 1 computes fc1's gradient as the reference
+        # does; free-running it differs, carrying step 0's bug, and fails saying so
+        fc1 = r["step1/grad/fc1.weight"]
+        assert not fc1.passed and fc1.reason.startswith(
+            "after step0/grad/fc0.weight, which no kink crossing explains; "), fc1.reason
+        assert "the step aligns: its difference is step 0's, carried" in fc1.reason
+        assert {k.status for k in ok if k.key.startswith("step1/")} <= {"passed", "kink"}

@@ -1,0 +1,323 @@
+"""Kink labels checked by a counterfactual: the reference's float64 backward with the port's side
+of each crossing.
+
+``explain_kinks`` puts every failing gradient of a layer called before a crossing down to it.
+That is an over-approximation (a layer called earlier need not feed the crossing layer, and a
+crossing that moves a gradient a little does not license it to move 50%), so a bug whose only
+effect is in a backward pass upstream of a crossing hid behind the label: a port that scales
+shufflenet_v2's first conv gradient by 1.5 passed, its gradient 360,000x noise away "downstream
+of the kink crossing at maxpool".
+
+The crossing is a claim that can be checked: had the reference put those elements where the port
+put them, it would have computed the port's gradients. So the float64 twin runs the step again
+from the same state with each crossing element of each crossing layer's input set to the port's
+value there (a change within the input's noise, which is what made it a crossing: the forward
+pass is unchanged to rounding, and the backward takes the port's branch of every kink). A
+labelled gradient passes when it is within ``noise_factor`` times its own noise of that
+counterfactual gradient, as any calibrated key, and fails otherwise, taking with it the weights
+updated from it and the labels of every later step (their difference starts at a bug).
+
+Each step is run again from the reference's state before it (the free run's step 0 from the
+state before training, a later step from the weights and statistics the reference recorded after
+the step before; each step judged from the reference's state from that state), and only with
+``calibrate=True``: the noise the check is judged by is the float64 twin's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..capture.kinks.crossings import _crossing_mask
+from ..capture.kinks.points import MAX
+from ..capture.naming import CaptureKey, parse_key
+from .calibration import _float64_loss, _float64_twin
+from .framework import (
+    _call_loss,
+    _deterministic,
+    _split_batch,
+    _split_inputs,
+    _to_torch,
+    _torch_array,
+    _torch_device,
+)
+from .rules import KeyPlan
+
+__all__ = ["Flip", "checked", "counterfactual_grads", "finding", "first_in_backward", "flips_of",
+           "labelled_grads"]
+
+_STEP_KEY = re.compile(r"step(?P<step>\d+)/(?P<kind>[^/]+)(?:/(?P<name>.+))?")
+DOWNSTREAM = "downstream of the "
+AFTER = "after the "
+UPDATED = "updated with "
+
+
+@dataclasses.dataclass(frozen=True)
+class Flip:
+    """One kink layer call's crossing elements and the port's values of its input there."""
+
+    mask: np.ndarray  # bool, the input's shape
+    values: np.ndarray  # the port's input at mask (float64, mask's count)
+
+
+def flips_of(crossings: Sequence[Mapping[str, Any]], ref: Mapping[str, Any],
+             other: Mapping[str, Any], per_pass: Mapping[str, int]) -> dict[int, dict[str, Flip]]:
+    """The crossings (``explain_kinks``'s ``kink_crossings``) of each pass, each as the elements
+    ref and other put on opposite sides of its kinks: pass -> layer call within that pass's
+    forward (``relu``, ``relu#2``) -> ``Flip``. ``per_pass``: each layer's calls in one forward
+    pass (a layer's n-th call overall is call n - k * calls of pass k). ``ref``/``other`` hold
+    the crossing layers' input (and, for a max-pool, output) keys under the same names."""
+    out: dict[int, dict[str, Flip]] = {}
+    for c in crossings:
+        p = parse_key(str(c.get("key")))
+        at = c.get("pass")
+        if p is None or not isinstance(at, int):
+            continue
+        layer, _, n = str(c["layer"]).partition("#")
+        call = int(n or 1) - at * per_pass.get(layer, 0)
+        if call < 1 or (at > 0 and not per_pass.get(layer)):
+            continue
+        xr, xo = ref.get(c["key"]), other.get(c["key"])
+        if xr is None or xo is None:
+            continue
+        xr, xo = np.asarray(xr, dtype=np.float64), np.asarray(xo, dtype=np.float64)
+        spec = MAX if c.get("kinks") == MAX else tuple(float(k) for k in c.get("kinks") or ())
+        yr = yo = None
+        if spec == MAX:
+            out_key = str(CaptureKey(p.name, p.call, "out", p.items))
+            yr, yo = ref.get(out_key), other.get(out_key)
+            if yr is None or yo is None:
+                continue
+            yr, yo = np.asarray(yr, dtype=np.float64), np.asarray(yo, dtype=np.float64)
+        got = _crossing_mask(spec, xr, xo, float(c["tolerance"]), yr, yo)
+        if got is not None and got[0].any():
+            subject = layer if call == 1 else f"{layer}#{call}"
+            out.setdefault(at, {})[subject] = Flip(got[0], xo[got[0]])
+    return out
+
+
+def labelled_grads(result: Any, step: int) -> set[str]:
+    """The Paddle parameter names whose ``step<step>/grad/`` key a crossing of that step
+    explains (status ``"kink"``, "downstream of the ...")."""
+    out = set()
+    for kr in result.results:
+        m = _STEP_KEY.fullmatch(kr.key)
+        if (m is not None and int(m.group("step")) == step and m.group("kind") == "grad"
+                and kr.status == "kink" and (kr.reason or "").startswith(DOWNSTREAM)):
+            out.add(m.group("name"))
+    return out
+
+
+class _Unusable(Exception):
+    """The counterfactual cannot be built (a flipped layer not called, another shape)."""
+
+
+def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any, *,
+                         loss_fn: Callable[..., Any], seed: int, plan: Mapping[str, KeyPlan], flips: Mapping[str, Flip],
+                         sites: Mapping[str, str], names: set[str]
+                         ) -> tuple[dict[str, np.ndarray], Optional[str]]:
+    """The float64 twin's gradients of ``names`` (Paddle names and layout) after one forward and
+    backward on ``batch`` from ``state`` (the torch model's own state dict, its values as
+    arrays or tensors), with each flip applied to its layer call's input: ``(grads, None)``, or
+    ``({}, why)`` where it cannot be built. torch is seeded with ``seed`` before the forward
+    pass, as the twin's own step was. ``sites``: torch norm layer -> the activation site
+    whose input is its output (``KinkCapture.torch_sites``). The torch model is not changed."""
+    import torch
+
+    twin = _float64_twin(torch_model)
+    own = twin.state_dict()
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in own:
+                v = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+                own[name].copy_(v.to(own[name].device))
+    norm_of = {site: norm for norm, site in sites.items()}
+    modules = dict(twin.named_modules())
+    wanted: dict[str, list[str]] = {}  # module name -> the flipped subjects it answers for
+    for subject in flips:
+        layer = subject.partition("#")[0]
+        module = norm_of.get(layer, layer)
+        if module not in modules:
+            return {}, f"no layer {module} in the float64 twin"
+        wanted.setdefault(module, []).append(subject)
+    counts: dict[str, int] = {}
+    applied: set[str] = set()
+
+    def flipped(subject: str, x: Any) -> Any:
+        f = flips.get(subject)
+        if f is None:
+            return None
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != f.mask.shape:
+            raise _Unusable(f"{subject}'s input in the float64 twin is not of the recorded shape "
+                            f"{f.mask.shape}")
+        mask = torch.from_numpy(f.mask).to(x.device)
+        delta = torch.zeros_like(x)
+        delta[mask] = torch.from_numpy(f.values).to(x) - x.detach()[mask]
+        applied.add(subject)
+        return x + delta  # the port's values there, with the identity's gradient
+
+    def subject_of(name: str, label: str) -> str:
+        counts[name] = counts.get(name, 0) + 1
+        return label if counts[name] == 1 else f"{label}#{counts[name]}"
+
+    def pre(name: str) -> Any:
+        def hook(module: Any, args: Any) -> Any:
+            new = flipped(subject_of(name, name), args[0]) if args else None
+            return None if new is None else (new, *args[1:])
+        return hook
+
+    def post(name: str, site: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            return flipped(subject_of(name, site), output)
+        return hook
+
+    handles = []
+    for module in wanted:
+        site = sites.get(module)
+        handles.append(modules[module].register_forward_hook(post(module, site)) if site
+                       else modules[module].register_forward_pre_hook(pre(module)))
+    inputs, labels = _split_batch(batch, 0)
+    args, kwargs = _split_inputs(inputs)
+    dev = _torch_device(twin)
+    try:
+        with _deterministic(seed):
+            torch.manual_seed(seed)
+            out = twin(*_to_torch(args, dev, float64=True), **_to_torch(kwargs, dev, float64=True))
+            loss = _call_loss(_float64_loss(loss_fn), out, _to_torch(labels, dev, float64=True))
+            loss.backward()
+    except _Unusable as e:
+        return {}, str(e)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(flips) - applied)
+    if missing:
+        return {}, f"the float64 twin did not call {', '.join(missing[:3])}"
+    grads = {}
+    for name, p in twin.named_parameters():
+        kp = plan.get(name)
+        if kp is not None and kp.paddle_name in names and p.grad is not None:
+            grads[kp.paddle_name] = _torch_array(p.grad, kp)
+    return grads, None
+
+
+def _ratio(a: float, b: float) -> float:
+    if a == 0.0:
+        return 0.0
+    return math.inf if b == 0.0 else a / b
+
+
+def _plain(reason: str) -> str:
+    """A relabelled key's reason as the comparison gave it (the label's clause dropped)."""
+    return reason.split("; ", 1)[1] if "; " in reason else reason
+
+
+def checked(result: Any, grads: Mapping[str, np.ndarray], port: Mapping[str, Any], *,
+            step: int, factor: float) -> tuple[Any, dict[str, int]]:
+    """``result`` with each gradient of ``step`` labelled by a crossing of that step judged
+    against the counterfactual gradient (``grads``, Paddle names): within ``factor`` times its
+    noise, the label stays and says so; beyond it, the key fails, and so do the weights updated
+    from it and every key of a later step labelled "after" a crossing. Also the counts
+    ``{"aligned": n, "failed": m, "worst": the largest multiple, "failed_params": {Paddle name:
+    its multiple, worded}}``."""
+    failed: dict[str, str] = {}  # Paddle name -> the multiple, worded
+    aligned: dict[str, str] = {}
+    worst = 0.0
+    for kr in result.results:
+        m = _STEP_KEY.fullmatch(kr.key)
+        if (m is None or int(m.group("step")) != step or m.group("kind") != "grad"
+                or kr.status != "kink" or not (kr.reason or "").startswith(DOWNSTREAM)):
+            continue
+        g, o = grads.get(m.group("name")), port.get(kr.key)
+        if g is None or o is None or kr.noise_l2 is None or kr.noise_max is None:
+            continue
+        o = np.asarray(o, dtype=np.float64)
+        if o.shape != g.shape:
+            continue
+        d = o - g
+        multiple = max(_ratio(float(np.sqrt(np.sum(d * d))), kr.noise_l2),
+                       _ratio(float(np.max(np.abs(d))) if d.size else 0.0, kr.noise_max))
+        (failed if not multiple <= factor else aligned)[m.group("name")] = f"{multiple:,.3g}x"
+        worst = max(worst, multiple)
+    counts: dict[str, Any] = {"aligned": len(aligned), "failed": len(failed), "worst": worst,
+                              "failed_params": {n: failed[n] for n in failed}}
+    if not failed and not aligned:
+        return result, counts
+    first = next((kr.key for kr in result.results
+                  if (m := _STEP_KEY.fullmatch(kr.key)) is not None and m.group("kind") == "grad"
+                  and int(m.group("step")) == step and m.group("name") in failed), None)
+    out = []
+    for kr in result.results:
+        m = _STEP_KEY.fullmatch(kr.key)
+        s = None if m is None else int(m.group("step"))
+        name = None if m is None else m.group("name")
+        reason = kr.reason or ""
+        if kr.status != "kink" or s is None:
+            out.append(kr)
+        elif s == step and m.group("kind") == "grad" and name in failed:
+            crossing = reason[len(DOWNSTREAM):].split("; ", 1)[0]
+            out.append(dataclasses.replace(
+                kr, passed=False, status="failed",
+                reason=f"not explained by the {crossing}: with the port's side of each crossing "
+                       f"of step {step}, the reference's float64 gradient is still "
+                       f"{failed[name]} noise away (> {factor:g}x); {_plain(reason)}"))
+        elif s == step and m.group("kind") == "grad" and name in aligned:
+            out.append(dataclasses.replace(
+                kr, reason=f"{reason}; with the port's side of each crossing of step {step}, the "
+                           f"reference's float64 gradient aligns ({aligned[name]} noise)"))
+        elif (s == step and m.group("kind") == "param" and name in failed
+              and reason.startswith(UPDATED)):
+            out.append(dataclasses.replace(
+                kr, passed=False, status="failed",
+                reason=f"updated with step{step}/grad/{name}, which no kink crossing explains; "
+                       f"{_plain(reason)}"))
+        elif failed and s > step and reason.startswith(AFTER):
+            out.append(dataclasses.replace(
+                kr, passed=False, status="failed",
+                reason=f"after {first}, which no kink crossing explains; {_plain(reason)}"))
+        else:
+            out.append(kr)
+    return dataclasses.replace(result, results=tuple(out)), counts
+
+
+def first_in_backward(failed: Sequence[str], order: Sequence[str],
+                      to_torch: Mapping[str, str]) -> Optional[tuple[str, str]]:
+    """(Paddle parameter name, torch layer) of the failing gradient whose layer is called last
+    in the forward pass (``order``: the torch model's layer calls), the first the backward
+    reaches; None where no failing parameter's layer is in ``order``."""
+    position = {}
+    for i, entry in enumerate(order):
+        position.setdefault(entry.partition("#")[0], i)
+    best: Optional[tuple[int, str, str]] = None
+    for name in failed:
+        tname = to_torch.get(name)
+        if tname is None:
+            continue
+        layer = tname.rpartition(".")[0]
+        at = position.get(layer)
+        if at is not None and (best is None or at > best[0]):
+            best = (at, name, layer)
+    return None if best is None else (best[1], best[2])
+
+
+def finding(step: int, info: Mapping[str, Any]) -> Optional[str]:
+    """The finding of a step whose crossing-labelled gradients the counterfactual failed:
+    where the port's backward goes wrong."""
+    first = info.get("first")
+    failed = info.get("failed_params") or {}
+    if not first or first.get("param") not in failed:
+        return None
+    n = len(failed)
+    others = "" if n == 1 else f"; {n - 1} more differ so, all of layers called before it"
+    layer = first["layer"] + (f" ({first['type']})" if first.get("type") else "")
+    return (f"backward diverges at {layer}: the port's gradient of {first['param']} is "
+            f"{failed[first['param']]} noise from the reference's float64 gradient with the "
+            f"port's side of each kink crossing of step {step}, while the gradients of the "
+            f"layers called after it align{others}: the port's backward differs in "
+            f"{first['layer']} (a gradient hook, a custom backward, a rescaled or frozen "
+            "gradient) or in a layer without parameters between it and the next")
