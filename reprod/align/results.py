@@ -203,12 +203,14 @@ def _finish(
     kinks: Any = None,
     paddle_to_torch: Optional[Mapping[str, str]] = None,
     initial: Optional[tuple[Mapping[str, Any], Mapping[str, Any]]] = None,
+    kink_line: bool = True,
 ) -> Any:
     """Compare, annotate and write the dumps (and, with ``write_log``, the diff log: a caller
     that adds findings first writes it itself), judged by ``criteria`` (a ``reprod.Criteria``,
 ``framework._criteria``). ``kinks``: the ``align.kinks.KinkCapture`` whose
     layer captures the loggers also hold (compared, used to explain kink crossings, then taken
-    out of the result and the dumps); ``paddle_to_torch`` maps the gradients' parameter names."""
+    out of the result and the dumps); ``paddle_to_torch`` maps the gradients' parameter names.
+    ``kink_line=False``: a caller that checks the kink labels further prints their line itself."""
     from ..diff.engine import compare
 
     ref, other = torch_log.data, paddle_log.data
@@ -236,7 +238,7 @@ def _finish(
             _write_diff_log(result, os.path.join(out, f"{name}_diff.log"), verbose=verbose)
     if verbose and noise_log is not None:
         print(_noise_summary(result), flush=True)
-    if verbose and kinks is not None:
+    if verbose and kinks is not None and kink_line:
         print(_kink_summary(result), flush=True)
     return result
 
@@ -249,7 +251,14 @@ def _kink_summary(result: Any) -> str:
     where = "; ".join(c["message"] for c in result.options.get("kink_crossings", [])
                       if c.get("explained"))
     head = f"kink crossings: {info.get('explained', 0)} keys explained"
-    return f"{head} ({where})" if where else head
+    line = f"{head} ({where})" if where else head
+    checks = result.options.get("counterfactual") or {}
+    aligned = sum(c.get("aligned", 0) for c in checks.values())
+    failed = sum(c.get("failed", 0) for c in checks.values())
+    if aligned or failed:
+        line += (f"; checked against the reference with the port's side of each crossing: "
+                 f"{aligned} gradients align, {failed} do not")
+    return line
 
 
 _STEP = re.compile(r"step_?\d+")

@@ -52,7 +52,14 @@ from .framework import (
 )
 from .kinks import KinkCapture
 from .localise import localise_forward
-from .results import KNOWN_DIFFERENCES, PathLike, _finish, _write_diff_log, noise_multiples
+from .results import (
+    KNOWN_DIFFERENCES,
+    PathLike,
+    _finish,
+    _kink_summary,
+    _write_diff_log,
+    noise_multiples,
+)
 from .rules import ConversionRules, KeyPlan
 from .train_localise import (
     Snapshot,
@@ -294,6 +301,12 @@ def align_train(
     classes) nothing is relabelled. The captures are left out of the result and of the dumps;
     ``result.options["kinks"]`` says how many keys were explained (or why none could be) and
     ``result.options["kink_crossings"]`` lists the crossings (torch and Paddle layer names).
+    Calibrated, each gradient a crossing of its step explains is checked: the float64 twin runs
+    that step again from the reference's state before it with every crossing element set to the
+    port's value, and a gradient beyond ``noise_factor`` times its noise of that counterfactual
+    fails (a bug in the backward pass of a layer called before the crossing), with the weights
+    updated from it and the later keys labelled after it (``reprod.align.counterfactual``;
+    ``result.options["counterfactual"]`` counts them per step).
 
     ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
     rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
@@ -425,6 +438,7 @@ def align_train(
         kinks=kink,
         paddle_to_torch={kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name},
         initial=initial,
+        kink_line=torch_start is None,
     )
     if torch_start is not None and kink is not None:
         for s in sorted(kink.flips):
@@ -433,6 +447,8 @@ def align_train(
             result = _checked_kinks(result, kink, torch_model, s, start,
                                     batches[s % len(batches)], paddle_data=paddle_log.data,
                                     loss_fn=torch_loss_fn, seed=seed + s, plan=plan)
+        if verbose:
+            print(_kink_summary(result), flush=True)
     torch_start = None
     if per_step:
         result = _judged_per_step(

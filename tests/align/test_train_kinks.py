@@ -229,7 +229,12 @@ def test_kink_layers_that_do_not_pair_are_not_explained() -> None:
 
 def test_verbose_prints_the_kink_line(capsys) -> None:
     _train(verbose=True)
-    assert "kink crossings: 4 keys explained (kink crossing at act (ReLU)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kink crossings: 4 keys explained (kink crossing at act (ReLU)" in out
+    # printed once, after the labels were checked against the counterfactual
+    assert out.count("kink crossings:") == 1
+    assert ("; checked against the reference with the port's side of each crossing: 2 gradients "
+            "align, 0 do not") in out, out
 
 
 def test_a_model_without_kink_layers_records_nothing_and_says_so() -> None:
