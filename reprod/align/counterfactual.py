@@ -270,11 +270,12 @@ def checked(result: Any, grads: Mapping[str, np.ndarray], port: Mapping[str, Any
             out.append(dataclasses.replace(
                 kr, reason=f"{reason}; with the port's side of each crossing of step {step}, the "
                            f"reference's float64 gradient aligns ({aligned[name]} noise)"))
-        elif (s == step and m.group("kind") == "param" and name in failed
-              and reason.startswith(UPDATED)):
+        elif (s == step and m.group("kind") in ("param", "opt") and reason.startswith(UPDATED)
+              and (name if m.group("kind") == "param" else name.rpartition(".")[0]) in failed):
             out.append(dataclasses.replace(
                 kr, passed=False, status="failed",
-                reason=f"updated with step{step}/grad/{name}, which no kink crossing explains; "
+                reason=f"updated with {reason[len(UPDATED):].split(', ', 1)[0]}, which no kink "
+                       "crossing explains; "
                        f"{_plain(reason)}"))
         elif failed and s > step and reason.startswith(AFTER):
             out.append(dataclasses.replace(

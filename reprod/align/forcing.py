@@ -36,6 +36,47 @@ _STATE_TO_ACC = {"momentum_buffer": "velocity", "exp_avg": "moment1", "exp_avg_s
 _BETA_POWS = ("beta1_pow_acc", "beta2_pow_acc")
 
 
+# the accumulators recorded after each step as ``step<i>/opt/<name>.<accumulator>``
+STATE_RECORDS = ("velocity", "moment1", "moment2")
+
+
+def torch_state_records(torch_opt: Any, torch_model: Any, plan: Mapping[str, KeyPlan]
+                        ) -> Iterator[tuple[str, Any, KeyPlan]]:
+    """(``<Paddle name>.<accumulator>``, value, plan) of each parameter's momentum buffer and
+    Adam moments in the torch optimizer's state, under the Paddle accumulator's name; the
+    moments weighted as Paddle's float32 ``1 - beta`` weighs each gradient into them
+    (``_paddle_weight``: 1.3e-5 apart for beta2 = 0.999, far over a moment's noise)."""
+    names = {id(p): n for n, p in torch_model.named_parameters()}
+    for group in torch_opt.param_groups:
+        betas = group.get("betas")
+        for p in group["params"]:
+            kp = plan.get(names.get(id(p), ""))
+            state = torch_opt.state.get(p)
+            if kp is None or kp.paddle_name is None or not state:
+                continue
+            for key, acc in _STATE_TO_ACC.items():
+                value = state.get(key)
+                if value is None or not hasattr(value, "detach"):
+                    continue
+                if key in _MOMENT_BETA and betas is not None:
+                    beta = float(betas[0] if _MOMENT_BETA[key] == "beta1" else betas[1])
+                    value = value.detach() * _paddle_weight(beta)
+                yield f"{kp.paddle_name}.{acc}", value, kp
+
+
+def paddle_state_records(paddle_opt: Any, paddle_model: Any) -> Iterator[tuple[str, Any]]:
+    """(``<name>.<accumulator>``, value) of each parameter's velocity and Adam moments in the
+    Paddle optimizer's accumulators (``STATE_RECORDS``)."""
+    accs = paddle_accumulators(paddle_opt)
+    if not accs:
+        return
+    for name, p in paddle_model.named_parameters():
+        for acc in STATE_RECORDS:
+            value = accs.get(acc, {}).get(p.name)
+            if value is not None:
+                yield f"{name}.{acc}", value
+
+
 class Unsupported(Exception):
     """Forcing cannot mirror this run (its message says why)."""
 

@@ -432,13 +432,17 @@ def _forward_difference(m: re.Match[str], r: Any) -> bool:
 
 
 def _updated(r: Any, relabelled: Mapping[str, Any]) -> Optional[Any]:
-    """A failing ``step<i>/param/<name>`` whose own gradient of step i a crossing of that step
-    explains: the update carries the gradient's difference. (A parameter whose gradient aligns
-    keeps its verdict: an optimizer difference is no kink's.)"""
+    """A failing ``step<i>/param/<name>`` (or optimizer state, ``step<i>/opt/<name>.velocity``)
+    whose own gradient of step i a crossing of that step explains: the update carries the
+    gradient's difference. (A parameter whose gradient aligns keeps its verdict: an optimizer
+    difference is no kink's.)"""
     m = _STEP_KEY.fullmatch(r.key)
-    if m is None or m.group("kind") != "param":
+    if m is None or m.group("kind") not in ("param", "opt") or not m.group("name"):
         return None
-    grad = relabelled.get(f"step{m.group('step')}/grad/{m.group('name')}")
+    name = m.group("name")
+    if m.group("kind") == "opt":
+        name = name.rpartition(".")[0]
+    grad = relabelled.get(f"step{m.group('step')}/grad/{name}")
     if grad is None:
         return None
     head = grad.reason.split("; ", 1)[0]  # "downstream of the kink crossing at ..."

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, Callable, Optional
@@ -69,6 +70,7 @@ from .train_localise import (
     gradient_not_reaching,
     loss_finding,
     stat_finding,
+    state_finding,
     update_finding,
 )
 
@@ -124,6 +126,7 @@ def _torch_steps(
     hyper_in: Optional[Sequence[Sequence[Mapping[str, Any]]]] = None,
     state_out: Optional[dict[int, Any]] = None,
     drop_grads: bool = False,
+    opt_state: bool = False,
 ) -> None:
     """``float64``: cast floating inputs and labels to float64. ``reseed``: seed torch with
     ``reseed + i`` before step i's forward pass. ``hyper_out`` receives each step's param-group
@@ -131,7 +134,8 @@ def _torch_steps(
     float64 run follows the float32 run's scheduler, whatever its class). ``state_out``
     receives a copy of the optimizer's state as each step starts (per-step judging).
     ``drop_grads``: set the gradients to None once the optimizer has used them (a model nobody
-    reads them from after)."""
+    reads them from after). ``opt_state``: record each parameter's momentum buffer and Adam
+    moments after the step (``step<i>/opt/<name>.<accumulator>``)."""
     import torch
 
     dev = _torch_device(model)
@@ -177,6 +181,9 @@ def _torch_steps(
                     _log_torch(log, f"step{i}/stat/{kp.paddle_name}", value, kp)
             else:
                 _log_torch(log, f"step{i}/param/{kp.paddle_name}", value, kp)
+        if opt_state:
+            for key, value, kp in forcing.torch_state_records(optimizer, model, plan):
+                _log_torch(log, f"step{i}/opt/{key}", value, kp)
         if scheduler is not None:
             scheduler.step()
 
@@ -191,6 +198,7 @@ def _paddle_steps(
     scheduler: Any,
     stats: bool,
     log: ReprodLogger,
+    opt_state: bool = False,
 ) -> None:
     place = _paddle_place(model)
     for i in range(n):
@@ -217,6 +225,9 @@ def _paddle_steps(
                     log.add(f"step{i}/stat/{name}", _paddle_view(value))
             else:
                 log.add(f"step{i}/param/{name}", _paddle_view(value))
+        if opt_state:
+            for key, value in forcing.paddle_state_records(optimizer, model):
+                log.add(f"step{i}/opt/{key}", _paddle_view(value))
         if scheduler is not None:
             scheduler.step()
 
@@ -250,6 +261,7 @@ def align_train(
     by_order: bool = False,
     kinks: Optional[bool] = None,
     localise: bool = True,
+    optimizer_state: bool = True,
 ) -> Any:
     """Train both models for ``steps`` steps on the same batches and compare, per step, the logits,
     the loss, the learning rate, every parameter's gradient and every updated parameter.
@@ -395,6 +407,7 @@ def align_train(
             reseed=seed if calibrate else None,
             hyper_out=hyper,
             state_out=opt_states,
+            opt_state=optimizer_state,
         )
     if calibrate:
         assert noise_log is not None and hyper is not None
@@ -413,6 +426,7 @@ def align_train(
                 reseed=seed,
                 hyper_in=hyper,
                 drop_grads=True,
+                opt_state=optimizer_state,
             )
         del twin, twin_opt
     with _deterministic(seed), _recording(kink, paddle_model, paddle_log, "paddle"):
@@ -425,7 +439,9 @@ def align_train(
             scheduler=paddle_scheduler,
             stats=stats,
             log=paddle_log,
+            opt_state=optimizer_state,
         )
+    _common_state(torch_log, paddle_log, noise_log)
     result = _finish(
         torch_log,
         paddle_log,
@@ -457,7 +473,8 @@ def align_train(
             paddle_optimizer=paddle_optimizer, opt_states=opt_states or {}, adam=adam,
             weights0=weights0,
             kinks=kink is not None, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
-            plan=plan, stats=stats, seed=seed, calibrate=calibrate, criteria=crit)
+            plan=plan, stats=stats, seed=seed, calibrate=calibrate, criteria=crit,
+            optimizer_state=optimizer_state)
         if before is None and out_dir is not None:
             _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"),
                             verbose=verbose)
@@ -493,7 +510,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                      kinks: bool,
                      torch_loss_fn: Callable[..., Any], paddle_loss_fn: Callable[..., Any],
                      plan: Mapping[str, KeyPlan], stats: bool, seed: int, calibrate: bool,
-                     criteria: Criteria) -> Any:
+                     criteria: Criteria, optimizer_state: bool) -> Any:
     """Step 0's updated weights that the reference's optimizer makes of the port's aligned
     gradient relabelled ``"kink"`` (with ``kinks``: Adam's normalised update near g = 0), weights
     that Paddle's float32 Adam bias corrections explain ``"known"``; then each later step whose
@@ -526,7 +543,8 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 with _deterministic(seed), _recording(kink, torch_model, log, "torch"):
                     _torch_steps(torch_model, [batch], 1, loss_fn=torch_loss_fn,
                                  optimizer=torch_optimizer, scheduler=None, plan=plan,
-                                 stats=stats, log=log, reseed=seed + s if calibrate else None)
+                                 stats=stats, log=log, reseed=seed + s if calibrate else None,
+                                 opt_state=optimizer_state)
 
             def run_twin(batch: Any, s: int = s,
                          kink: Optional[KinkCapture] = kink) -> ReprodLogger:
@@ -536,7 +554,8 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 with _deterministic(seed), _recording(kink, twin, log, "torch64"):
                     _torch_steps(twin, [batch], 1, loss_fn=_float64_loss(torch_loss_fn),
                                  optimizer=twin_opt, scheduler=None, plan=plan, stats=stats,
-                                 log=log, float64=True, reseed=seed + s, drop_grads=True)
+                                 log=log, float64=True, reseed=seed + s, drop_grads=True,
+                                 opt_state=optimizer_state)
                 return log
 
             def run_paddle(batch: Any, log: ReprodLogger,
@@ -544,10 +563,11 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 with _deterministic(seed), _recording(kink, paddle_model, log, "paddle"):
                     _paddle_steps(paddle_model, [batch], 1, loss_fn=paddle_loss_fn,
                                   optimizer=paddle_optimizer, scheduler=None, stats=stats,
-                                  log=log)
+                                  log=log, opt_state=optimizer_state)
 
             def finish(t_log: ReprodLogger, p_log: ReprodLogger, n_log: Optional[ReprodLogger],
                        initial: Any, s: int = s, kink: Optional[KinkCapture] = kink) -> Any:
+                _common_state(t_log, p_log, n_log)
                 r = _finish(t_log, p_log, out_dir=None, name="train", criteria=criteria,
                             verbose=False, noise_log=n_log, write_log=False, kinks=kink,
                             paddle_to_torch=to_torch, initial=initial if stats else None)
@@ -589,6 +609,22 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
     if checks:
         result = dataclasses.replace(result, options=dict(result.options, counterfactual=checks))
     return result
+
+
+_STATE_KEY = re.compile(r"step\d+/opt/.+")
+
+
+def _common_state(torch_log: ReprodLogger, paddle_log: ReprodLogger,
+                  noise_log: Optional[ReprodLogger]) -> None:
+    """The optimizer-state records that only one side has taken out of every log: torch's SGD
+    keeps no buffer at momentum 0 where Paddle's Momentum keeps a velocity, and a pair with no
+    counterpart says nothing about the port."""
+    t = {k for k in torch_log.data if _STATE_KEY.fullmatch(k)}
+    p = {k for k in paddle_log.data if _STATE_KEY.fullmatch(k)}
+    for log in (torch_log, paddle_log, noise_log):
+        if log is not None:
+            for key in (t ^ p) & set(log.data):
+                log.remove(key)
 
 
 def _checked_kinks(result: Any, kink: KinkCapture, torch_model: Any, step: int,
@@ -710,6 +746,12 @@ def _train_localised(
             findings.append(line)
     elif kinds[0] == "stat":
         findings.append(stat_finding(result))
+    if kinds[0] == "opt":
+        weights = ({k: np.asarray(v.numpy()) for k, v in before.paddle_state.items()}
+                   if step == 0 else
+                   {k.split("/param/", 1)[1]: v for k, v in torch_data.items()
+                    if k.startswith(f"step{step - 1}/param/")})
+        findings.append(state_finding(result, step, torch_data, paddle_data, weights))
     # gradients a kink crossing was said to explain and the counterfactual did not: the
     # layer-by-layer backward would stop at the crossing itself, the gradients say more
     check = result.options.get("counterfactual", {}).get(f"step{step}") or {}

@@ -28,10 +28,10 @@ import numpy as np
 
 from ..diagnose import MOMENTUM_HINT
 
-_KEY = re.compile(r"step(\d+)/(logits|loss|lr|grad|param|stat)\b")
+_KEY = re.compile(r"step(\d+)/(logits|loss|lr|grad|param|opt|stat)\b")
 
 # what a step's keys are, in the order a training step makes them
-_KINDS = ("logits", "loss", "lr", "grad", "param", "stat")
+_KINDS = ("logits", "loss", "lr", "grad", "param", "opt", "stat")
 
 
 @dataclass
@@ -198,6 +198,44 @@ def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[st
                        f"(together they explain {max(0.0, 1 - left):.0%} of the difference): "
                        "compare the optimizers' hyperparameters (an epsilon, gradient clipping)")
     return head + ": " + "; ".join(parts)
+
+
+def state_finding(result: Any, step: int, ref_log: Mapping[str, Any],
+                  port_log: Mapping[str, Any], before: Mapping[str, Any]) -> str:
+    """The gradients and updated weights of ``step`` align and the optimizers' state after it
+    (``step<i>/opt/<name>.velocity``, ``.moment1``, ``.moment2``) does not: a difference in
+    the momentum buffers proportional to the weights is a weight decay (added to the gradient
+    before the momentum: one step moves the weights by lr x that, below their float32
+    resolution at a small learning rate and decay). ``before``: each parameter (Paddle name and
+    layout) before the step."""
+    head = f"step{step}/opt/"
+    keys = [kr.key for kr in result if kr.key.startswith(head) and not kr.passed]
+    accs = sorted({k.rpartition(".")[2] for k in keys})
+    line = (f"the gradients and updated weights of step {step} align and the optimizers' state "
+            f"after the update does not ({len(keys)} keys: {', '.join(accs)}): the optimizers "
+            "differ in what the weights do not show yet")
+    d, w = [], []
+    for key in keys:
+        name, _, acc = key[len(head):].rpartition(".")
+        if acc != "velocity" or name not in before or key not in ref_log or key not in port_log:
+            continue
+        d.append(np.asarray(port_log[key], dtype=np.float64).reshape(-1)
+                 - np.asarray(ref_log[key], dtype=np.float64).reshape(-1))
+        w.append(np.asarray(before[name], dtype=np.float64).reshape(-1))
+    if d:
+        dv, wv = np.concatenate(d), np.concatenate(w)
+        ww, dd = float(wv @ wv), float(np.linalg.norm(dv))
+        if ww > 0.0 and dd > 0.0:
+            k = float(dv @ wv) / ww
+            if float(np.linalg.norm(dv - k * wv)) <= 0.1 * dd:
+                side = "port" if k > 0 else "reference"
+                return (f"{line}: the momentum buffers are apart by {abs(k):.3g} x the weights, "
+                        f"the {side}'s the larger: a weight decay (L2, added to the gradient) "
+                        f"one side applies and the other does not, or with coefficients "
+                        f"{abs(k):.3g} apart (one step moves the weights by the learning rate "
+                        "times that only, within their float32 resolution)")
+    return (f"{line}: compare the optimizers' hyperparameters (a weight decay, momentum, "
+            "dampening, Nesterov, Adam's betas, gradient clipping)")
 
 
 def _sign_flips(d: np.ndarray, flip: np.ndarray, keys: int) -> Optional[str]:

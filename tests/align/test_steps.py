@@ -104,7 +104,7 @@ def test_three_momentum_steps_align_in_loss_grads_and_weights(tmp_path) -> None:
     for k in r:
         step, kind = k.key.split("/")[:2]
         groups.setdefault(kind, set()).add(step)
-    assert set(groups) == {"logits", "loss", "lr", "grad", "param", "stat"}
+    assert set(groups) == {"logits", "loss", "lr", "grad", "param", "opt", "stat"}
     assert all(v == {"step0", "step1", "step2"} for v in groups.values())
     params = {n for n, _ in pm.named_parameters() if not _.stop_gradient}
     assert {k.key.split("/", 2)[2] for k in r if "/grad/" in k.key} == params
@@ -119,6 +119,10 @@ def test_three_momentum_steps_align_in_loss_grads_and_weights(tmp_path) -> None:
             p0, p1, p2 = (d[f"step{i}/param/{name}"].astype(np.float64) for i in range(3))
             v1 = MU * g0 + g1
             np.testing.assert_allclose(p1, p0 - LR * v1, atol=2e-6, err_msg=f"{side} {name}")
+            # the momentum buffer (torch) and velocity (Paddle) after each step, as one key
+            for i, v in enumerate((g0, v1, MU * v1 + g2)):
+                np.testing.assert_allclose(d[f"step{i}/opt/{name}.velocity"], v, rtol=1e-5,
+                                           atol=1e-6, err_msg=f"{side} {name} step {i}")
             np.testing.assert_allclose(
                 p2, p1 - LR * (MU * v1 + g2), atol=2e-6, err_msg=f"{side} {name}"
             )
@@ -330,3 +334,72 @@ def test_malformed_batches_are_refused(batches) -> None:
     tm, pm = twins()
     with pytest.raises(reprod.ReprodError):
         _train(tm, pm, steps=1, batches=batches)
+
+
+# --- the optimizers' state after each step --------------------------------------------------------
+
+
+def _wd_run(*, torch_wd=1e-4, paddle_wd=None, momentum=MU, **kw):
+    tm, pm = twins(seed=0)
+    tm.train()
+    pm.train()
+    return align_train(
+        tm, pm, [make_batch(0)], steps=1, calibrate=True,
+        torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.01, momentum=momentum,
+                                        weight_decay=torch_wd),
+        paddle_optimizer=paddle.optimizer.Momentum(learning_rate=0.01, momentum=momentum,
+                                                   parameters=pm.parameters(),
+                                                   weight_decay=paddle_wd),
+        **kw)
+
+
+def test_a_weight_decay_below_the_weights_resolution_shows_in_the_momentum_buffers() -> None:
+    """torch's SGD with weight decay 1e-4 at lr 0.01 against a port that leaves the decay out:
+    one step moves the weights by 1e-6 x themselves, within their calibrated noise, and the
+    weights pass; the momentum buffer holds g + 1e-4 w against the port's g, and fails."""
+    blind = _wd_run(optimizer_state=False)
+    assert blind.passed  # what the weights alone say
+    r = _wd_run()
+    assert not r.passed
+    assert all(k.passed for k in r if "/opt/" not in k.key), r.to_table(failed_only=True)
+    failed = [k.key for k in r.failed]
+    assert failed and all(k.startswith("step0/opt/") and k.endswith(".velocity") for k in failed)
+    (finding,) = r.options["findings"]
+    assert "the momentum buffers are apart by 0.0001 x the weights, the reference's the larger: " \
+           "a weight decay" in finding, finding
+    assert _wd_run(paddle_wd=1e-4).passed  # the same decay on both sides
+
+
+def test_state_only_one_side_keeps_is_left_out() -> None:
+    """torch's SGD keeps no momentum buffer at momentum 0; Paddle's Momentum keeps a velocity
+    (of the same update): nothing to pair, no key, and the run passes."""
+    r = _wd_run(torch_wd=0.0, momentum=0.0)
+    assert r.passed and not any("/opt/" in k.key for k in r), r.keys()
+
+
+def test_adam_moments_are_recorded_as_paddle_weighs_them(tmp_path) -> None:
+    """Paddle's Adam weighs each gradient into its moments by 1 - beta made in float32 (1.3e-5
+    low for beta2 = 0.999); torch's moments are recorded with that weight, so a correct port's
+    moments align, and both dumps hold Paddle's formula (numpy, float32 weights)."""
+    tm, pm = twins(seed=0)
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [make_batch(0)], steps=1, calibrate=True, out_dir=tmp_path,
+        torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+        torch_optimizer=torch.optim.Adam(tm.parameters(), lr=1e-3),
+        paddle_optimizer=paddle.optimizer.Adam(1e-3, parameters=pm.parameters()))
+    assert r.passed, r.to_table(failed_only=True)
+    names = {k.split("/", 2)[2] for k in r.keys() if k.startswith("step0/grad/")}
+    assert {k.split("/", 2)[2] for k in r.keys() if k.startswith("step0/opt/")} == {
+        f"{n}.{m}" for n in names for m in ("moment1", "moment2")}
+    w1 = float(np.float32(1.0) - np.float32(0.9))
+    w2 = float(np.float32(1.0) - np.float32(0.999))
+    for side in ("torch", "paddle"):
+        d = reprod.load(tmp_path / f"train_{side}.npy")
+        for n in names:
+            g = d[f"step0/grad/{n}"].astype(np.float64)
+            np.testing.assert_allclose(d[f"step0/opt/{n}.moment1"], w1 * g, rtol=1e-6, atol=1e-12)
+            np.testing.assert_allclose(d[f"step0/opt/{n}.moment2"], w2 * g * g, rtol=1e-5,
+                                       atol=1e-15)

@@ -171,7 +171,7 @@ def test_another_momentum_is_named_at_the_second_step() -> None:
     r = _train(tm, pm, popt=popt)
     found = r.options["findings"]
     assert found[0].startswith("step 1 is the first whose outputs, gradients or weights differ "
-                               "(param), first at step1/param/"), found
+                               "(param, opt), first at step1/param/"), found
     assert "the optimizers' state differs (momentum" in found[1]
 
 
