@@ -271,8 +271,12 @@ def align_train(
     are reused in order (``[batch] * 1`` trains three times on one batch with ``steps=3``). Each step
     calls ``loss_fn(outputs, labels)``, which must return a scalar, then backward, optimizer step,
     scheduler step. Keys: ``step0/logits``, ``step0/loss``, ``step0/lr`` (param group 0, before the
-    step), ``step0/grad/<name>``, ``step0/param/<name>`` and, with ``stats``, ``step0/stat/<name>``
-    (BatchNorm statistics), all with Paddle names and Paddle layout. Failing keys that a known
+    step), ``step0/grad/<name>``, ``step0/param/<name>``, with ``stats`` ``step0/stat/<name>``
+    (BatchNorm statistics) and, with ``optimizer_state``, ``step0/opt/<name>.velocity`` (SGD's
+    momentum buffer) or ``.moment1`` / ``.moment2`` (Adam's moments, weighted as Paddle's
+    float32 ``1 - beta`` weighs them), where both optimizers keep them; all with Paddle names and
+    Paddle layout. The state shows what one update cannot: a small weight decay missing moves the
+    weights by less than their float32 resolution, and their momentum buffers by the decay. Failing keys that a known
     framework difference may explain carry it as their ``note``.
 
     The models stay in the mode they are in (train mode uses batch statistics in BatchNorm); active
