@@ -234,8 +234,35 @@ def state_finding(result: Any, step: int, ref_log: Mapping[str, Any],
                         f"one side applies and the other does not, or with coefficients "
                         f"{abs(k):.3g} apart (one step moves the weights by the learning rate "
                         "times that only, within their float32 resolution)")
+    for acc, beta in (("moment1", "beta1"), ("moment2", "beta2")):
+        a = _ratio_fit(keys, head, acc, ref_log, port_log)
+        if a is not None:
+            what = ("the first moment is (1 - beta1) x the gradient after the first update: "
+                    "Adam's beta1 differs" if acc == "moment1" else
+                    "the second moment is (1 - beta2) x the squared gradient after the first "
+                    "update: Adam's beta2 differs") if step == 0 else f"Adam's {beta} differs"
+            return f"{line}: the port's {acc} is {a:.4g}x the reference's: {what}"
     return (f"{line}: compare the optimizers' hyperparameters (a weight decay, momentum, "
             "dampening, Nesterov, Adam's betas, gradient clipping)")
+
+
+def _ratio_fit(keys: Sequence[str], head: str, acc: str, ref_log: Mapping[str, Any],
+               port_log: Mapping[str, Any]) -> Optional[float]:
+    """a where every failing ``acc`` key of the port is a x the reference's (to a tenth of
+    their difference), else None."""
+    r, o = [], []
+    for key in keys:
+        if key.rpartition(".")[2] == acc and key in ref_log and key in port_log:
+            r.append(np.asarray(ref_log[key], dtype=np.float64).reshape(-1))
+            o.append(np.asarray(port_log[key], dtype=np.float64).reshape(-1))
+    if not r:
+        return None
+    rv, ov = np.concatenate(r), np.concatenate(o)
+    rr, dd = float(rv @ rv), float(np.linalg.norm(ov - rv))
+    if rr == 0.0 or dd == 0.0:
+        return None
+    a = float(ov @ rv) / rr
+    return a if float(np.linalg.norm(ov - a * rv)) <= 0.1 * dd else None
 
 
 def _sign_flips(d: np.ndarray, flip: np.ndarray, keys: int) -> Optional[str]:

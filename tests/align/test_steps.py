@@ -403,3 +403,21 @@ def test_adam_moments_are_recorded_as_paddle_weighs_them(tmp_path) -> None:
             np.testing.assert_allclose(d[f"step0/opt/{n}.moment1"], w1 * g, rtol=1e-6, atol=1e-12)
             np.testing.assert_allclose(d[f"step0/opt/{n}.moment2"], w2 * g * g, rtol=1e-5,
                                        atol=1e-15)
+
+
+def test_a_wrong_adam_beta1_is_named_from_the_first_moments() -> None:
+    """beta1 0.8 against 0.9: the first update is lr * sign(g)-like on both sides (the weights
+    align), the first moments are 0.2 g against 0.1 g: 2x, and the finding says beta1."""
+    tm, pm = twins(seed=0)
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [make_batch(0)], steps=1, calibrate=True,
+        torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+        torch_optimizer=torch.optim.Adam(tm.parameters(), lr=1e-3),
+        paddle_optimizer=paddle.optimizer.Adam(1e-3, beta1=0.8, parameters=pm.parameters()))
+    assert not r.passed
+    assert {k.key.rpartition(".")[2] for k in r.failed} == {"moment1"}, r.to_table(failed_only=True)
+    (finding,) = r.options["findings"]
+    assert "the port's moment1 is 2x the reference's: the first moment is (1 - beta1) x the " \
+           "gradient after the first update: Adam's beta1 differs" in finding, finding
