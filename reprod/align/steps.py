@@ -748,6 +748,9 @@ def _train_localised(
         line = update_finding(result, torch_data, paddle_data, weights, lr)
         if line:
             findings.append(line)
+        if "opt" in kinds and (not line or "neither proportional" in line):
+            # a normalised update (Adam) hides a weight decay that its moments show
+            findings.append(state_finding(result, 0, torch_data, paddle_data, weights))
     elif kinds[0] == "stat":
         findings.append(stat_finding(result))
     if kinds[0] == "opt":

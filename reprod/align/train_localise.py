@@ -214,26 +214,30 @@ def state_finding(result: Any, step: int, ref_log: Mapping[str, Any],
     line = (f"the gradients and updated weights of step {step} align and the optimizers' state "
             f"after the update does not ({len(keys)} keys: {', '.join(accs)}): the optimizers "
             "differ in what the weights do not show yet")
-    d, w = [], []
-    for key in keys:
-        name, _, acc = key[len(head):].rpartition(".")
-        if acc != "velocity" or name not in before or key not in ref_log or key not in port_log:
+    for acc, what in (("velocity", "the momentum buffers"), ("moment1", "Adam's first moments")):
+        d, w = [], []
+        for key in keys:
+            name, _, kind = key[len(head):].rpartition(".")
+            if kind != acc or name not in before or key not in ref_log or key not in port_log:
+                continue
+            d.append(np.asarray(port_log[key], dtype=np.float64).reshape(-1)
+                     - np.asarray(ref_log[key], dtype=np.float64).reshape(-1))
+            w.append(np.asarray(before[name], dtype=np.float64).reshape(-1))
+        if not d:
             continue
-        d.append(np.asarray(port_log[key], dtype=np.float64).reshape(-1)
-                 - np.asarray(ref_log[key], dtype=np.float64).reshape(-1))
-        w.append(np.asarray(before[name], dtype=np.float64).reshape(-1))
-    if d:
         dv, wv = np.concatenate(d), np.concatenate(w)
         ww, dd = float(wv @ wv), float(np.linalg.norm(dv))
-        if ww > 0.0 and dd > 0.0:
-            k = float(dv @ wv) / ww
-            if float(np.linalg.norm(dv - k * wv)) <= 0.1 * dd:
-                side = "port" if k > 0 else "reference"
-                return (f"{line}: the momentum buffers are apart by {abs(k):.3g} x the weights, "
-                        f"the {side}'s the larger: a weight decay (L2, added to the gradient) "
-                        f"one side applies and the other does not, or with coefficients "
-                        f"{abs(k):.3g} apart (one step moves the weights by the learning rate "
-                        "times that only, within their float32 resolution)")
+        if ww == 0.0 or dd == 0.0:
+            continue
+        k = float(dv @ wv) / ww
+        if float(np.linalg.norm(dv - k * wv)) <= 0.1 * dd:
+            side = "port" if k > 0 else "reference"
+            scale = "" if acc == "velocity" else " (times 1 - beta1)"
+            return (f"{line}: {what} are apart by {abs(k):.3g} x the weights, the {side}'s the "
+                    f"larger: a weight decay (L2, added to the gradient) one side applies and "
+                    f"the other does not, or with coefficients {abs(k):.3g}{scale} apart (one "
+                    "step moves the weights by the learning rate times that only, within their "
+                    "float32 resolution)")
     for acc, beta in (("moment1", "beta1"), ("moment2", "beta2")):
         a = _ratio_fit(keys, head, acc, ref_log, port_log)
         if a is not None:

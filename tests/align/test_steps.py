@@ -421,3 +421,21 @@ def test_a_wrong_adam_beta1_is_named_from_the_first_moments() -> None:
     (finding,) = r.options["findings"]
     assert "the port's moment1 is 2x the reference's: the first moment is (1 - beta1) x the " \
            "gradient after the first update: Adam's beta1 differs" in finding, finding
+
+
+def test_an_adam_weight_decay_the_port_leaves_out_is_named_from_the_first_moments() -> None:
+    """torch's Adam adds 0.01 w to the gradient; the port adds nothing. Adam's normalised update
+    hides it in the weights (no learning rate or decay fits their difference); the first
+    moments are apart by (1 - beta1) 0.01 w."""
+    tm, pm = twins(seed=0)
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [make_batch(0)], steps=1, calibrate=True,
+        torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+        torch_optimizer=torch.optim.Adam(tm.parameters(), lr=1e-3, weight_decay=0.01),
+        paddle_optimizer=paddle.optimizer.Adam(1e-3, parameters=pm.parameters()))
+    assert not r.passed
+    found = " ".join(r.options["findings"])
+    assert "Adam's first moments are apart by 0.001 x the weights, the reference's the larger: " \
+           "a weight decay" in found, r.options["findings"]
