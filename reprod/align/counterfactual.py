@@ -10,16 +10,19 @@ of the kink crossing at maxpool".
 
 The crossing is a claim that can be checked: had the reference put those elements where the port
 put them, it would have computed the port's gradients. So the float64 twin runs the step again
-from the same state with each crossing element of each crossing layer's input set to the port's
-value there (a change within the input's noise, which is what made it a crossing: the forward
-pass is unchanged to rounding, and the backward takes the port's branch of every kink). A
-labelled gradient passes when it is within ``noise_factor`` times its own noise of that
-counterfactual gradient, as any calibrated key, and fails otherwise, taking with it the weights
-updated from it and the labels of every later step (their difference starts at a bug).
+from the same state with each kink layer's input (an activation's, a max-pool's, the input of a
+Paddle BatchNorm's built-in activation) replaced by the port's value, with the identity's
+gradient: every kink is then taken on the port's side (the crossings found, and any other element
+where the twin's own rounding falls on the other side from the port's), while the forward pass
+moves by no more than those inputs' noise (only inputs whose key aligns are replaced; where one
+does not, a forward difference, the twin keeps its own). A labelled gradient passes when it is
+within ``noise_factor`` times its own noise of that counterfactual gradient, as any calibrated
+key, and fails otherwise, taking with it the weights and optimizer state updated from it and the
+labels of every later step (their difference starts at a bug).
 
-Each step is run again from the reference's state before it (the free run's step 0 from the
-state before training, a later step from the weights and statistics the reference recorded after
-the step before; each step judged from the reference's state from that state), and only with
+Each step is run again from the state the port's step started from (the free run's step 0 from
+the state before training, a later step from the weights and statistics the port recorded after
+the step before, a step judged from the reference's state from that state), and only with
 ``calibrate=True``: the noise the check is judged by is the float64 twin's.
 """
 
@@ -33,9 +36,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..capture.kinks.crossings import _crossing_mask
-from ..capture.kinks.points import MAX
-from ..capture.naming import CaptureKey, parse_key
+from ..capture.naming import parse_key
 from .calibration import _float64_loss, _float64_twin
 from .framework import (
     _call_loss,
@@ -48,8 +49,8 @@ from .framework import (
 )
 from .rules import KeyPlan
 
-__all__ = ["Flip", "checked", "counterfactual_grads", "finding", "first_in_backward", "flips_of",
-           "labelled_grads"]
+__all__ = ["checked", "counterfactual_grads", "finding", "first_in_backward", "labelled_grads",
+           "port_inputs"]
 
 _STEP_KEY = re.compile(r"step(?P<step>\d+)/(?P<kind>[^/]+)(?:/(?P<name>.+))?")
 DOWNSTREAM = "downstream of the "
@@ -57,47 +58,27 @@ AFTER = "after the "
 UPDATED = "updated with "
 
 
-@dataclasses.dataclass(frozen=True)
-class Flip:
-    """One kink layer call's crossing elements and the port's values of its input there."""
-
-    mask: np.ndarray  # bool, the input's shape
-    values: np.ndarray  # the port's input at mask (float64, mask's count)
-
-
-def flips_of(crossings: Sequence[Mapping[str, Any]], ref: Mapping[str, Any],
-             other: Mapping[str, Any], per_pass: Mapping[str, int]) -> dict[int, dict[str, Flip]]:
-    """The crossings (``explain_kinks``'s ``kink_crossings``) of each pass, each as the elements
-    ref and other put on opposite sides of its kinks: pass -> layer call within that pass's
-    forward (``relu``, ``relu#2``) -> ``Flip``. ``per_pass``: each layer's calls in one forward
-    pass (a layer's n-th call overall is call n - k * calls of pass k). ``ref``/``other`` hold
-    the crossing layers' input (and, for a max-pool, output) keys under the same names."""
-    out: dict[int, dict[str, Flip]] = {}
-    for c in crossings:
-        p = parse_key(str(c.get("key")))
-        at = c.get("pass")
-        if p is None or not isinstance(at, int):
+def port_inputs(results: Sequence[Any], other: Mapping[str, Any], per_pass: Mapping[str, int],
+                passes: set[int]) -> dict[int, dict[str, np.ndarray]]:
+    """The port's input of each kink layer call of ``passes`` whose input key aligns (a
+    ``passed`` capture key among ``results``): pass -> layer call within that pass's forward
+    (``relu``, ``relu#2``) -> the array (``other``'s own, not copied). ``per_pass``: each kink
+    layer's (and activation site's) calls in one forward pass: its n-th call overall is call
+    n - k * per_pass of pass k. An input that does not align is left out: the reference keeps
+    its own value there (a forward difference is no kink's to explain)."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for kr in results:
+        p = parse_key(kr.key)
+        if p is None or p.what != "in" or p.items not in ((), ("0",)) or not kr.passed:
             continue
-        layer, _, n = str(c["layer"]).partition("#")
-        call = int(n or 1) - at * per_pass.get(layer, 0)
-        if call < 1 or (at > 0 and not per_pass.get(layer)):
+        calls = per_pass.get(p.name, 0)
+        if calls < 1:
             continue
-        xr, xo = ref.get(c["key"]), other.get(c["key"])
-        if xr is None or xo is None:
-            continue
-        xr, xo = np.asarray(xr, dtype=np.float64), np.asarray(xo, dtype=np.float64)
-        spec = MAX if c.get("kinks") == MAX else tuple(float(k) for k in c.get("kinks") or ())
-        yr = yo = None
-        if spec == MAX:
-            out_key = str(CaptureKey(p.name, p.call, "out", p.items))
-            yr, yo = ref.get(out_key), other.get(out_key)
-            if yr is None or yo is None:
-                continue
-            yr, yo = np.asarray(yr, dtype=np.float64), np.asarray(yo, dtype=np.float64)
-        got = _crossing_mask(spec, xr, xo, float(c["tolerance"]), yr, yo)
-        if got is not None and got[0].any():
-            subject = layer if call == 1 else f"{layer}#{call}"
-            out.setdefault(at, {})[subject] = Flip(got[0], xo[got[0]])
+        at, call = divmod(p.call - 1, calls)
+        value = other.get(kr.key)
+        if at in passes and value is not None:
+            subject = p.name if call == 0 else f"{p.name}#{call + 1}"
+            out.setdefault(at, {})[subject] = np.asarray(value)
     return out
 
 
@@ -118,15 +99,16 @@ class _Unusable(Exception):
 
 
 def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any, *,
-                         loss_fn: Callable[..., Any], seed: int, plan: Mapping[str, KeyPlan], flips: Mapping[str, Flip],
-                         sites: Mapping[str, str], names: set[str]
-                         ) -> tuple[dict[str, np.ndarray], Optional[str]]:
+                         loss_fn: Callable[..., Any], seed: int, plan: Mapping[str, KeyPlan],
+                         inputs: Mapping[str, np.ndarray], sites: Mapping[str, str],
+                         names: set[str]) -> tuple[dict[str, np.ndarray], Optional[str]]:
     """The float64 twin's gradients of ``names`` (Paddle names and layout) after one forward and
-    backward on ``batch`` from ``state`` (the torch model's own state dict, its values as
-    arrays or tensors), with each flip applied to its layer call's input: ``(grads, None)``, or
-    ``({}, why)`` where it cannot be built. torch is seeded with ``seed`` before the forward
-    pass, as the twin's own step was. ``sites``: torch norm layer -> the activation site
-    whose input is its output (``KinkCapture.torch_sites``). The torch model is not changed."""
+    backward on ``batch`` from ``state`` (the torch model's own state dict, its values as arrays
+    or tensors), each kink layer call of ``inputs`` (``port_inputs``) taking the port's input
+    value with the identity's gradient: ``(grads, None)``, or ``({}, why)`` where it cannot be
+    built. torch is seeded with ``seed`` before the forward pass, as the twin's own step was.
+    ``sites``: torch norm layer -> the activation site whose input is its output
+    (``KinkCapture.torch_sites``). The torch model is not changed."""
     import torch
 
     twin = _float64_twin(torch_model)
@@ -138,28 +120,28 @@ def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any,
                 own[name].copy_(v.to(own[name].device))
     norm_of = {site: norm for norm, site in sites.items()}
     modules = dict(twin.named_modules())
-    wanted: dict[str, list[str]] = {}  # module name -> the flipped subjects it answers for
-    for subject in flips:
+    wanted: set[str] = set()  # the modules whose calls take the port's input
+    for subject in inputs:
         layer = subject.partition("#")[0]
         module = norm_of.get(layer, layer)
         if module not in modules:
             return {}, f"no layer {module} in the float64 twin"
-        wanted.setdefault(module, []).append(subject)
+        wanted.add(module)
     counts: dict[str, int] = {}
     applied: set[str] = set()
 
-    def flipped(subject: str, x: Any) -> Any:
-        f = flips.get(subject)
-        if f is None:
+    def ported(subject: str, x: Any) -> Any:
+        value = inputs.get(subject)
+        if value is None:
             return None
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != f.mask.shape:
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != value.shape:
             raise _Unusable(f"{subject}'s input in the float64 twin is not of the recorded shape "
-                            f"{f.mask.shape}")
-        mask = torch.from_numpy(f.mask).to(x.device)
-        delta = torch.zeros_like(x)
-        delta[mask] = torch.from_numpy(f.values).to(x) - x.detach()[mask]
+                            f"{value.shape}")
         applied.add(subject)
-        return x + delta  # the port's values there, with the identity's gradient
+        # the port's value, within the input's noise of the twin's (the key aligns), with the
+        # identity's gradient: every kink of the layer is taken on the port's side
+        port = torch.from_numpy(np.asarray(value)).to(device=x.device, dtype=x.dtype)
+        return x + (port - x.detach())
 
     def subject_of(name: str, label: str) -> str:
         counts[name] = counts.get(name, 0) + 1
@@ -167,13 +149,13 @@ def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any,
 
     def pre(name: str) -> Any:
         def hook(module: Any, args: Any) -> Any:
-            new = flipped(subject_of(name, name), args[0]) if args else None
+            new = ported(subject_of(name, name), args[0]) if args else None
             return None if new is None else (new, *args[1:])
         return hook
 
     def post(name: str, site: str) -> Any:
         def hook(module: Any, args: Any, output: Any) -> Any:
-            return flipped(subject_of(name, site), output)
+            return ported(subject_of(name, site), output)
         return hook
 
     handles = []
@@ -181,8 +163,8 @@ def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any,
         site = sites.get(module)
         handles.append(modules[module].register_forward_hook(post(module, site)) if site
                        else modules[module].register_forward_pre_hook(pre(module)))
-    inputs, labels = _split_batch(batch, 0)
-    args, kwargs = _split_inputs(inputs)
+    batch_in, labels = _split_batch(batch, 0)
+    args, kwargs = _split_inputs(batch_in)
     dev = _torch_device(twin)
     try:
         with _deterministic(seed):
@@ -195,7 +177,7 @@ def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any,
     finally:
         for h in handles:
             h.remove()
-    missing = sorted(set(flips) - applied)
+    missing = sorted(set(inputs) - applied)
     if missing:
         return {}, f"the float64 twin did not call {', '.join(missing[:3])}"
     grads = {}

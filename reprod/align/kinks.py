@@ -44,7 +44,7 @@ from ..capture import KINK_POINTS, explain_kinks, layer_types, record
 from ..capture.kinks.fused import NORM_LAYERS, fused_activations, record_sites, site_name
 from ..capture.naming import ROOT, layer_key, param_key, parse_key
 from ..logger import ReprodLogger
-from .counterfactual import Flip, flips_of
+from .counterfactual import DOWNSTREAM, port_inputs
 
 __all__ = ["KinkCapture"]
 
@@ -149,9 +149,9 @@ class KinkCapture:
         self.site_of: dict[str, str] = {}
         self.layer_of_site: dict[str, str] = {}
         self.fused_pairs: list[tuple[str, str]] = []
-        # each step's crossings as the port put them (counterfactual.Flip), by layer call within
-        # the step's forward pass
-        self.flips: dict[int, dict[str, Flip]] = {}
+        # the port's kink layer inputs of each step with gradients a crossing of that step
+        # explains (counterfactual.port_inputs), by layer call within the step's forward pass
+        self.port_inputs: dict[int, dict[str, np.ndarray]] = {}
         fused = fused_activations(paddle_model)
         if fused:
             self.skipped = self._pair_fused(torch_model, paddle_model, fused)
@@ -348,7 +348,10 @@ class KinkCapture:
         per_pass: dict[str, int] = {}  # each layer's (and site's) calls in one forward pass
         for entry in self._order():
             per_pass[entry.partition("#")[0]] = per_pass.get(entry.partition("#")[0], 0) + 1
-        self.flips = flips_of(explained.options.get("kink_crossings", []), ref, other, per_pass)
+        passes = {int(m.group("step")) for k, r in relabelled.items()
+                  if (r.reason or "").startswith(DOWNSTREAM) and (m := _STEP_KEY.fullmatch(k))}
+        captures = [r for r in result.results if r.key in self.capture_keys]
+        self.port_inputs = port_inputs(captures, other, per_pass, passes)
         # a loss or outputs differing where no crossing explains them is a difference no crossing
         # makes (a summed loss doubles every gradient): from that step on, nothing is put down
         # to a crossing. So does a BatchNorm statistic of that step that no known difference

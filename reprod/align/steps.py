@@ -318,8 +318,9 @@ def align_train(
     ``result.options["kinks"]`` says how many keys were explained (or why none could be) and
     ``result.options["kink_crossings"]`` lists the crossings (torch and Paddle layer names).
     Calibrated, each gradient a crossing of its step explains is checked: the float64 twin runs
-    that step again from the reference's state before it with every crossing element set to the
-    port's value, and a gradient beyond ``noise_factor`` times its noise of that counterfactual
+    that step again from the state the port's step started from, each kink layer's aligned input
+    replaced by the port's, and a gradient beyond ``noise_factor`` times its noise of that
+    counterfactual
     fails (a bug in the backward pass of a layer called before the crossing), with the weights
     updated from it and the later keys labelled after it (``reprod.align.counterfactual``;
     ``result.options["counterfactual"]`` counts them per step).
@@ -461,9 +462,11 @@ def align_train(
         kink_line=torch_start is None,
     )
     if torch_start is not None and kink is not None:
-        for s in sorted(kink.flips):
+        for s in sorted(kink.port_inputs):
+            # a later step from the port's own weights and statistics after the step before:
+            # its gradients are what the reference computes from them, rounding apart
             start = partial(lambda s, t: t if s == 0 else
-                            forcing.reference_state(s - 1, torch_log.data, plan), s, torch_start)
+                            forcing.reference_state(s - 1, paddle_log.data, plan), s, torch_start)
             result = _checked_kinks(result, kink, torch_model, s, start,
                                     batches[s % len(batches)], paddle_data=paddle_log.data,
                                     loss_fn=torch_loss_fn, seed=seed + s, plan=plan)
@@ -640,13 +643,13 @@ def _checked_kinks(result: Any, kink: KinkCapture, torch_model: Any, step: int,
     (``counterfactual``), run from ``state()`` (the torch model's state dict as the step
     started) on ``batch``; ``options["counterfactual"]["step<step>"]`` says how many aligned and
     failed (and the first failing in backward order), or why none was checked."""
-    flips = kink.flips.get(step)
+    inputs = kink.port_inputs.get(step)
     names = counterfactual.labelled_grads(result, step)
-    if not names or not flips:
+    if not names or not inputs:
         return result
     try:
         grads, why = counterfactual.counterfactual_grads(
-            torch_model, state(), batch, loss_fn=loss_fn, seed=seed, plan=plan, flips=flips,
+            torch_model, state(), batch, loss_fn=loss_fn, seed=seed, plan=plan, inputs=inputs,
             sites=kink.torch_sites, names=names)
     except forcing.Unsupported as e:  # the state before the step was not recorded
         grads, why = {}, str(e)
@@ -665,6 +668,7 @@ def _checked_kinks(result: Any, kink: KinkCapture, torch_model: Any, step: int,
             module = dict(torch_model.named_modules()).get(first[1])
             info["first"] = {"param": first[0], "layer": first[1],
                              "type": None if module is None else type(module).__name__}
+    kink.port_inputs.pop(step, None)  # the port's activations are not needed any more
     kinks = dict(result.options.get("kinks", {}))
     kinks["explained"] = sum(kr.status == "kink" for kr in result.results)
     checks = dict(result.options.get("counterfactual", {}), **{f"step{step}": info})

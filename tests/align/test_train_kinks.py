@@ -269,50 +269,50 @@ def test_a_model_without_kink_layers_records_nothing_and_says_so() -> None:
 
 
 def test_the_counterfactual_is_the_float64_backward_with_the_ports_side_of_the_kink() -> None:
-    """Against numpy in float64: the twin's gradients with the crossing element set to the
-    port's value (0.0, where torch has 3e-8), so that the ReLU stops its gradient as the port's
-    does; every other element as float64 has it."""
-    from reprod.align.counterfactual import Flip, counterfactual_grads
+    """Against numpy in float64: the twin's gradients with the ReLU's input replaced by the
+    port's (the crossing element 0.0 where torch has 3e-8, every other element as the port
+    rounded it), so that the ReLU stops that element's gradient as the port's does."""
+    from reprod.align.counterfactual import counterfactual_grads
     from reprod.align.framework import _torch_params_plan
 
     tm = TorchNet()
     plan = _torch_params_plan(tm, None)
     names = {kp.paddle_name for kp in plan.values()}
-    mask = np.zeros((2, 4), bool)
-    mask[0, 0] = True
-    grads, why = counterfactual_grads(
-        tm, tm.state_dict(), (X, None), loss_fn=_torch_loss, seed=0, plan=plan,
-        flips={"act": Flip(mask, np.array([0.0]))}, sites={}, names=names)
-    assert why is None and set(grads) == names
-
     x, w1 = X.astype(np.float64), W1.astype(np.float64)
     w2, lw = W2.astype(np.float64), LOSS_W.astype(np.float64)
     h1 = x @ w1.T  # fc0 is the identity
     assert h1[0, 0] > 0  # float64 has the element above the kink, as torch's float32
-    h1[0, 0] = 0.0  # the port's value
-    a = np.maximum(h1, 0.0)
-    d_h1 = (lw @ w2) * (h1 > 0)
+    port = h1.astype(np.float32)
+    port[0, 0] = 0.0  # the port's value
+    grads, why = counterfactual_grads(
+        tm, tm.state_dict(), (X, None), loss_fn=_torch_loss, seed=0, plan=plan,
+        inputs={"act": port}, sites={}, names=names)
+    assert why is None and set(grads) == names
+
+    p = port.astype(np.float64)
+    a = np.maximum(p, 0.0)
+    d_h1 = (lw @ w2) * (p > 0)
     expected = {"fc0.weight": (d_h1 @ w1).T @ x, "fc1.weight": d_h1.T @ x,
                 "fc2.weight": lw.T @ a, "fc2.bias": lw.sum(0)}
     for tname, kp in plan.items():
         want = expected[tname].T if kp.action == "transpose" else expected[tname]
         np.testing.assert_allclose(grads[kp.paddle_name], want, rtol=1e-12, atol=1e-15)
-    # the flip changed what a plain float64 backward computes: fc1's first row
-    assert not np.allclose(expected["fc1.weight"][0], ((lw @ w2) * (x @ w1.T > 0)).T[0] @ x)
+    # the port's side changed what a plain float64 backward computes: fc1's first row
+    assert not np.allclose(expected["fc1.weight"][0], ((lw @ w2) * (h1 > 0)).T[0] @ x)
 
 
 def test_a_counterfactual_that_cannot_be_built_says_why() -> None:
-    from reprod.align.counterfactual import Flip, counterfactual_grads
+    from reprod.align.counterfactual import counterfactual_grads
     from reprod.align.framework import _torch_params_plan
 
     tm = TorchNet()
     plan = _torch_params_plan(tm, None)
     kw = dict(loss_fn=_torch_loss, seed=0, plan=plan, sites={}, names={"fc1.weight"})
-    flip = Flip(np.ones((2, 4), bool), np.zeros(8))
-    for flips, why in (({"act#2": flip}, "the float64 twin did not call act#2"),
-                       ({"act": Flip(np.ones((3,), bool), np.zeros(3))}, "not of the recorded"),
-                       ({"nowhere": flip}, "no layer nowhere in the float64 twin")):
-        grads, got = counterfactual_grads(tm, tm.state_dict(), (X, None), flips=flips, **kw)
+    value = np.zeros((2, 4), np.float32)
+    for inputs, why in (({"act#2": value}, "the float64 twin did not call act#2"),
+                        ({"act": np.zeros(3, np.float32)}, "not of the recorded"),
+                        ({"nowhere": value}, "no layer nowhere in the float64 twin")):
+        grads, got = counterfactual_grads(tm, tm.state_dict(), (X, None), inputs=inputs, **kw)
         assert grads == {} and why in got, got
 
 
