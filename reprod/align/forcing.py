@@ -226,25 +226,25 @@ class Saved:
             paddle_accumulators(paddle_opt)[a][p].set_value(value)
 
 
-def _recorded(step: int, torch_data: Mapping[str, Any], name: str) -> np.ndarray:
+def _recorded(step: int, data: Mapping[str, Any], name: str) -> np.ndarray:
     for kind in ("param", "stat"):
-        value = torch_data.get(f"step{step}/{kind}/{name}")
+        value = data.get(f"step{step}/{kind}/{name}")
         if value is not None:
             return np.asarray(value)
-    raise Unsupported(f"the reference's {name} after step {step} was not recorded "
-                      "(stats=False leaves BatchNorm statistics out)")
+    raise Unsupported(f"{name} after step {step} was not recorded (stats=False leaves BatchNorm "
+                      "statistics out)")
 
 
-def reference_state(step: int, torch_data: Mapping[str, Any],
+def reference_state(step: int, data: Mapping[str, Any],
                     plan: Mapping[str, KeyPlan]) -> dict[str, np.ndarray]:
-    """The weights and statistics the reference recorded after ``step``, under the torch model's
-    own names and in its own layout (a Linear weight transposed back). Raises ``Unsupported``
-    where a value was not recorded (``stats=False``)."""
+    """The weights and statistics one side recorded after ``step`` (``data``: its dump, Paddle
+    names and layout), under the torch model's own names and in its own layout (a Linear weight
+    transposed back). Raises ``Unsupported`` where a value was not recorded (``stats=False``)."""
     out = {}
     for tname, kp in plan.items():
         if kp.paddle_name is None:
             continue
-        value = _recorded(step, torch_data, kp.paddle_name)
+        value = _recorded(step, data, kp.paddle_name)
         out[tname] = np.ascontiguousarray(value.T) if kp.action == "transpose" else value
     return out
 

@@ -276,8 +276,8 @@ def align_train(
     momentum buffer) or ``.moment1`` / ``.moment2`` (Adam's moments, weighted as Paddle's
     float32 ``1 - beta`` weighs them), where both optimizers keep them; all with Paddle names and
     Paddle layout. The state shows what one update cannot: a small weight decay missing moves the
-    weights by less than their float32 resolution, and their momentum buffers by the decay. Failing keys that a known
-    framework difference may explain carry it as their ``note``.
+    weights by less than their float32 resolution, and their momentum buffers by the decay.
+    Failing keys that a known framework difference may explain carry it as their ``note``.
 
     The models stay in the mode they are in (train mode uses batch statistics in BatchNorm); active
     dropout, and with ``check_determinism`` any other randomness in the forward pass, raises
@@ -639,9 +639,9 @@ def _checked_kinks(result: Any, kink: KinkCapture, torch_model: Any, step: int,
                    paddle_data: Mapping[str, Any], loss_fn: Callable[..., Any], seed: int,
                    plan: Mapping[str, KeyPlan]) -> Any:
     """``result`` with the gradients of ``step`` that a crossing of that step explains checked
-    against the float64 twin's backward with the port's side of each crossing
-    (``counterfactual``), run from ``state()`` (the torch model's state dict as the step
-    started) on ``batch``; ``options["counterfactual"]["step<step>"]`` says how many aligned and
+    against the float64 twin's backward with the port's side of every kink (``counterfactual``),
+    run from ``state()`` (a state dict of the torch model: what the port's step started from) on
+    ``batch``; ``options["counterfactual"]["step<step>"]`` says how many aligned and
     failed (and the first failing in backward order), or why none was checked."""
     inputs = kink.port_inputs.get(step)
     names = counterfactual.labelled_grads(result, step)
