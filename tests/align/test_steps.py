@@ -339,19 +339,24 @@ def test_malformed_batches_are_refused(batches) -> None:
 # --- the optimizers' state after each step --------------------------------------------------------
 
 
-def _wd_run(*, torch_wd=1e-4, paddle_wd=None, momentum=MU, **kw):
+def _one_step(make_optimizers, **kw):
+    """One calibrated training step of the twins; ``make_optimizers(tm, pm)`` gives the two
+    optimizers."""
     tm, pm = twins(seed=0)
     tm.train()
     pm.train()
+    topt, popt = make_optimizers(tm, pm)
     return align_train(
         tm, pm, [make_batch(0)], steps=1, calibrate=True,
         torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
-        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.01, momentum=momentum,
-                                        weight_decay=torch_wd),
-        paddle_optimizer=paddle.optimizer.Momentum(learning_rate=0.01, momentum=momentum,
-                                                   parameters=pm.parameters(),
-                                                   weight_decay=paddle_wd),
-        **kw)
+        torch_optimizer=topt, paddle_optimizer=popt, **kw)
+
+
+def _wd_run(*, torch_wd=1e-4, paddle_wd=None, momentum=MU, **kw):
+    return _one_step(lambda tm, pm: (
+        torch.optim.SGD(tm.parameters(), lr=0.01, momentum=momentum, weight_decay=torch_wd),
+        paddle.optimizer.Momentum(learning_rate=0.01, momentum=momentum,
+                                  parameters=pm.parameters(), weight_decay=paddle_wd)), **kw)
 
 
 def test_a_weight_decay_below_the_weights_resolution_shows_in_the_momentum_buffers() -> None:
@@ -378,18 +383,18 @@ def test_state_only_one_side_keeps_is_left_out() -> None:
     assert r.passed and not any("/opt/" in k.key for k in r), r.keys()
 
 
+def _adam_run(*, torch_kw=None, paddle_kw=None, **kw):
+    """One Adam step, lr 1e-3; ``*_kw`` set one side's optimizer."""
+    return _one_step(lambda tm, pm: (
+        torch.optim.Adam(tm.parameters(), lr=1e-3, **(torch_kw or {})),
+        paddle.optimizer.Adam(1e-3, parameters=pm.parameters(), **(paddle_kw or {}))), **kw)
+
+
 def test_adam_moments_are_recorded_as_paddle_weighs_them(tmp_path) -> None:
     """Paddle's Adam weighs each gradient into its moments by 1 - beta made in float32 (1.3e-5
     low for beta2 = 0.999); torch's moments are recorded with that weight, so a correct port's
     moments align, and both dumps hold Paddle's formula (numpy, float32 weights)."""
-    tm, pm = twins(seed=0)
-    tm.train()
-    pm.train()
-    r = align_train(
-        tm, pm, [make_batch(0)], steps=1, calibrate=True, out_dir=tmp_path,
-        torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
-        torch_optimizer=torch.optim.Adam(tm.parameters(), lr=1e-3),
-        paddle_optimizer=paddle.optimizer.Adam(1e-3, parameters=pm.parameters()))
+    r = _adam_run(out_dir=tmp_path)
     assert r.passed, r.to_table(failed_only=True)
     names = {k.split("/", 2)[2] for k in r.keys() if k.startswith("step0/grad/")}
     assert {k.split("/", 2)[2] for k in r.keys() if k.startswith("step0/opt/")} == {
@@ -408,14 +413,7 @@ def test_adam_moments_are_recorded_as_paddle_weighs_them(tmp_path) -> None:
 def test_a_wrong_adam_beta1_is_named_from_the_first_moments() -> None:
     """beta1 0.8 against 0.9: the first update is lr * sign(g)-like on both sides (the weights
     align), the first moments are 0.2 g against 0.1 g: 2x, and the finding says beta1."""
-    tm, pm = twins(seed=0)
-    tm.train()
-    pm.train()
-    r = align_train(
-        tm, pm, [make_batch(0)], steps=1, calibrate=True,
-        torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
-        torch_optimizer=torch.optim.Adam(tm.parameters(), lr=1e-3),
-        paddle_optimizer=paddle.optimizer.Adam(1e-3, beta1=0.8, parameters=pm.parameters()))
+    r = _adam_run(paddle_kw={"beta1": 0.8})
     assert not r.passed
     assert {k.key.rpartition(".")[2] for k in r.failed} == {"moment1"}, r.to_table(failed_only=True)
     (finding,) = r.options["findings"]
@@ -427,14 +425,7 @@ def test_an_adam_weight_decay_the_port_leaves_out_is_named_from_the_first_moment
     """torch's Adam adds 0.01 w to the gradient; the port adds nothing. Adam's normalised update
     hides it in the weights (no learning rate or decay fits their difference); the first
     moments are apart by (1 - beta1) 0.01 w."""
-    tm, pm = twins(seed=0)
-    tm.train()
-    pm.train()
-    r = align_train(
-        tm, pm, [make_batch(0)], steps=1, calibrate=True,
-        torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
-        torch_optimizer=torch.optim.Adam(tm.parameters(), lr=1e-3, weight_decay=0.01),
-        paddle_optimizer=paddle.optimizer.Adam(1e-3, parameters=pm.parameters()))
+    r = _adam_run(torch_kw={"weight_decay": 0.01})
     assert not r.passed
     found = " ".join(r.options["findings"])
     assert "Adam's first moments are apart by 0.001 x the weights, the reference's the larger: " \
