@@ -29,13 +29,13 @@ the step before, a step judged from the reference's state from that state), and 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..capture.kinks.crossings import _ratio
 from ..capture.naming import parse_key
 from .calibration import _float64_loss, _float64_twin
 from .framework import (
@@ -82,20 +82,24 @@ def port_inputs(results: Sequence[Any], other: Mapping[str, Any], per_pass: Mapp
     return out
 
 
+def _labelled(kr: Any, step: int) -> Optional[str]:
+    """The Paddle parameter name of ``kr`` where it is a ``step<step>/grad/`` key that a
+    crossing of that step explains (status ``"kink"``, "downstream of the ..."), else None."""
+    m = _STEP_KEY.fullmatch(kr.key)
+    if (m is None or int(m.group("step")) != step or m.group("kind") != "grad"
+            or kr.status != "kink" or not (kr.reason or "").startswith(DOWNSTREAM)):
+        return None
+    return m.group("name")
+
+
 def labelled_grads(result: Any, step: int) -> set[str]:
     """The Paddle parameter names whose ``step<step>/grad/`` key a crossing of that step
-    explains (status ``"kink"``, "downstream of the ...")."""
-    out = set()
-    for kr in result.results:
-        m = _STEP_KEY.fullmatch(kr.key)
-        if (m is not None and int(m.group("step")) == step and m.group("kind") == "grad"
-                and kr.status == "kink" and (kr.reason or "").startswith(DOWNSTREAM)):
-            out.add(m.group("name"))
-    return out
+    explains."""
+    return {name for kr in result.results if (name := _labelled(kr, step)) is not None}
 
 
 class _Unusable(Exception):
-    """The counterfactual cannot be built (a flipped layer not called, another shape)."""
+    """The counterfactual cannot be built (a kink layer input of another shape)."""
 
 
 def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any, *,
@@ -188,12 +192,6 @@ def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any,
     return grads, None
 
 
-def _ratio(a: float, b: float) -> float:
-    if a == 0.0:
-        return 0.0
-    return math.inf if b == 0.0 else a / b
-
-
 def _plain(reason: str) -> str:
     """A relabelled key's reason as the comparison gave it (the label's clause dropped)."""
     return reason.split("; ", 1)[1] if "; " in reason else reason
@@ -211,11 +209,10 @@ def checked(result: Any, grads: Mapping[str, np.ndarray], port: Mapping[str, Any
     aligned: dict[str, str] = {}
     worst = 0.0
     for kr in result.results:
-        m = _STEP_KEY.fullmatch(kr.key)
-        if (m is None or int(m.group("step")) != step or m.group("kind") != "grad"
-                or kr.status != "kink" or not (kr.reason or "").startswith(DOWNSTREAM)):
+        name = _labelled(kr, step)
+        if name is None:
             continue
-        g, o = grads.get(m.group("name")), port.get(kr.key)
+        g, o = grads.get(name), port.get(kr.key)
         if g is None or o is None or kr.noise_l2 is None or kr.noise_max is None:
             continue
         o = np.asarray(o, dtype=np.float64)
@@ -224,10 +221,10 @@ def checked(result: Any, grads: Mapping[str, np.ndarray], port: Mapping[str, Any
         d = o - g
         multiple = max(_ratio(float(np.sqrt(np.sum(d * d))), kr.noise_l2),
                        _ratio(float(np.max(np.abs(d))) if d.size else 0.0, kr.noise_max))
-        (failed if not multiple <= factor else aligned)[m.group("name")] = f"{multiple:,.3g}x"
+        (failed if not multiple <= factor else aligned)[name] = f"{multiple:,.3g}x"
         worst = max(worst, multiple)
     counts: dict[str, Any] = {"aligned": len(aligned), "failed": len(failed), "worst": worst,
-                              "failed_params": {n: failed[n] for n in failed}}
+                              "failed_params": dict(failed)}
     if not failed and not aligned:
         return result, counts
     first = next((kr.key for kr in result.results

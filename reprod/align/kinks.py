@@ -44,11 +44,10 @@ from ..capture import KINK_POINTS, explain_kinks, layer_types, record
 from ..capture.kinks.fused import NORM_LAYERS, fused_activations, record_sites, site_name
 from ..capture.naming import ROOT, layer_key, param_key, parse_key
 from ..logger import ReprodLogger
-from .counterfactual import DOWNSTREAM, port_inputs
+from .counterfactual import _STEP_KEY, DOWNSTREAM, port_inputs
 
 __all__ = ["KinkCapture"]
 
-_STEP_KEY = re.compile(r"step(?P<step>\d+)/(?P<kind>[^/]+)(?:/(?P<name>.+))?")
 _FORWARD = ("in", "out")
 
 
