@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..capture.kinks.crossings import _ratio
+from ..capture.kinks.points import KINK_POINTS, onto_side
 from ..capture.naming import parse_key
 from .calibration import _float64_loss, _float64_twin
 from .framework import (
@@ -105,14 +106,18 @@ class _Unusable(Exception):
 def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any, *,
                          loss_fn: Callable[..., Any], seed: int, plan: Mapping[str, KeyPlan],
                          inputs: Mapping[str, np.ndarray], sites: Mapping[str, str],
-                         names: set[str]) -> tuple[dict[str, np.ndarray], Optional[str]]:
+                         names: set[str], types: Optional[Mapping[str, str]] = None,
+                         ) -> tuple[dict[str, np.ndarray], Optional[str]]:
     """The float64 twin's gradients of ``names`` (Paddle names and layout) after one forward and
     backward on ``batch`` from ``state`` (the torch model's own state dict, its values as arrays
     or tensors), each kink layer call of ``inputs`` (``port_inputs``) taking the port's input
     value with the identity's gradient: ``(grads, None)``, or ``({}, why)`` where it cannot be
     built. torch is seeded with ``seed`` before the forward pass, as the twin's own step was.
     ``sites``: torch norm layer -> the activation site whose input is its output
-    (``KinkCapture.torch_sites``). The torch model is not changed."""
+    (``KinkCapture.torch_sites``). ``types``: layer (or site) -> class, for the elements that
+    Paddle's kernel takes to another side of a kink than torch's float64 one at the same value
+    (Hardswish at 3 - 1 ulp): those are moved onto Paddle's side (``points.onto_side``). The
+    torch model is not changed."""
     import torch
 
     twin = _float64_twin(torch_model)
@@ -144,6 +149,11 @@ def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any,
         applied.add(subject)
         # the port's value, within the input's noise of the twin's (the key aligns), with the
         # identity's gradient: every kink of the layer is taken on the port's side
+        layer_type = (types or {}).get(subject.partition("#")[0])
+        spec = KINK_POINTS.get(str(layer_type).lower())
+        if isinstance(spec, tuple):
+            value = onto_side(np.asarray(value), spec, layer_type, "paddle", str(value.dtype),
+                              "torch")
         port = torch.from_numpy(np.asarray(value)).to(device=x.device, dtype=x.dtype)
         return x + (port - x.detach())
 

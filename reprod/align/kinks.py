@@ -341,7 +341,8 @@ class KinkCapture:
             shadow.append(r if key == r.key else dataclasses.replace(r, key=key))
             original[key] = r.key
         explained = explain_kinks(dataclasses.replace(result, results=tuple(shadow)), ref, other,
-                                  noise, layer_types=self._names("torch"), order=self._order())
+                                  noise, layer_types=self._names("torch"), order=self._order(),
+                                  frameworks=("torch", "paddle"))
         relabelled = {original[r.key]: dataclasses.replace(r, key=original[r.key])
                       for r in explained.results if r.status == "kink"}
         per_pass: dict[str, int] = {}  # each layer's (and site's) calls in one forward pass

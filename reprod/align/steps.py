@@ -650,7 +650,7 @@ def _checked_kinks(result: Any, kink: KinkCapture, torch_model: Any, step: int,
     try:
         grads, why = counterfactual.counterfactual_grads(
             torch_model, state(), batch, loss_fn=loss_fn, seed=seed, plan=plan, inputs=inputs,
-            sites=kink.torch_sites, names=names)
+            sites=kink.torch_sites, names=names, types=kink._names("torch"))
     except forcing.Unsupported as e:  # the state before the step was not recorded
         grads, why = {}, str(e)
     info: dict[str, Any]

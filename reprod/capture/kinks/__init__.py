@@ -54,9 +54,9 @@ from ...diff.result import DiffResult
 from ..naming import ROOT, parse_key
 from .crossings import _FAILING, KinkCrossing, _Finder
 from .passes import _Entry, _Pass
-from .points import KINK_POINTS
+from .points import FRAMEWORKS, KINK_POINTS, SIDES
 
-__all__ = ["KINK_POINTS", "KinkCrossing", "explain_kinks", "find_kink_crossings"]
+__all__ = ["KINK_POINTS", "SIDES", "KinkCrossing", "explain_kinks", "find_kink_crossings"]
 
 # --- the API ---------------------------------------------------------------------------------------
 
@@ -70,10 +70,13 @@ def find_kink_crossings(
     layer_types: Optional[Mapping[str, str]] = None,
     kinks: Optional[Mapping[str, Any]] = None,
     ulps: float = 16.0,
+    frameworks: tuple[Optional[str], Optional[str]] = (None, None),
 ) -> list[KinkCrossing]:
     """Every kink crossing in two captures, in time order (``explain_kinks`` without relabelling:
     ``explained`` is 0). Arguments as for ``explain_kinks``."""
-    return _Finder(result, ref, other, noise, layer_types, kinks, ulps, None).crossings()
+    _check_frameworks(frameworks)
+    return _Finder(result, ref, other, noise, layer_types, kinks, ulps, None,
+                   frameworks).crossings()
 
 
 def explain_kinks(
@@ -87,6 +90,7 @@ def explain_kinks(
     order: Optional[Sequence[str]] = None,
     updates: Union[str, Sequence[str], None] = None,
     ulps: float = 16.0,
+    frameworks: tuple[Optional[str], Optional[str]] = (None, None),
 ) -> DiffResult:
     """``result`` with the failing keys that a kink crossing explains relabelled ``"kink"``.
 
@@ -105,13 +109,18 @@ def explain_kinks(
     (``["conv", "relu", "conv2", "relu#2"]``), for captures that leave layers out (with
     ``include=``) whose parameter gradients were added by hand. ``updates``: globs of keys
     outside the capture scheme that are computed from the gradients of their pass (weights after
-    an optimizer step, ``"step*/weight/*"``).
+    an optimizer step, ``"step*/weight/*"``). ``frameworks``: the frameworks that computed
+    ``ref`` and ``other`` (``("torch", "paddle")``), so that each side's element is placed by the
+    test its own kernel makes (``SIDES``): Paddle's Hardswish takes an input 1 ulp below 3 to the
+    upper side, torch's to the lower, and the gradients differ at an element both hold alike.
+    ``None``: the test is ``x > k``.
 
     Relabelled keys keep their statistics and get ``passed=True``, ``status="kink"`` and a
     reason naming the crossing; the crossing layer's input key gets a note; every crossing found
     is listed in ``result.options["kink_crossings"]`` (``KinkCrossing.to_dict()``).
     """
-    finder = _Finder(result, ref, other, noise, layer_types, kinks, ulps, order)
+    _check_frameworks(frameworks)
+    finder = _Finder(result, ref, other, noise, layer_types, kinks, ulps, order, frameworks)
     crossings = [c for c in finder.crossings() if finder.grad_in_explained(c)]
     by_pass: dict[int, list[KinkCrossing]] = {}
     for c in crossings:
@@ -164,6 +173,13 @@ def explain_kinks(
         out.append(kr)
     options = dict(result.options, kink_crossings=[c.to_dict() for c in crossings])
     return replace(result, results=tuple(out), options=options)
+
+
+def _check_frameworks(frameworks: Any) -> None:
+    if (not isinstance(frameworks, tuple) or len(frameworks) != 2
+            or any(f is not None and f not in FRAMEWORKS for f in frameworks)):
+        raise ValueError(f"frameworks={frameworks!r}: want a pair of None or one of "
+                         f"{', '.join(map(repr, FRAMEWORKS))} (ref's, other's)")
 
 
 def _explaining(e: _Entry, crossings: list[KinkCrossing], here: _Pass) -> Optional[KinkCrossing]:

@@ -16,7 +16,7 @@ from ...diff.pairing import leaf_array, open_side
 from ...diff.result import DiffResult, KeyResult
 from ..naming import CaptureKey, layer_key, parse_key
 from .passes import _entries, _Pass
-from .points import MAX, KinkSpec, _eps, _infer_type, _looks_like_max_pool, _planes, _spec
+from .points import MAX, KinkSpec, _eps, _infer_type, _looks_like_max_pool, _planes, _spec, sides
 
 _FAILING = ("failed", "mismatch")  # the statuses a crossing may explain
 
@@ -75,7 +75,10 @@ def _array(tree: Optional[Mapping[str, Any]], path: tuple[str, ...]) -> Optional
     return np.asarray(arr, dtype=np.float64)
 
 def _crossing_mask(spec: KinkSpec, xr: np.ndarray, xo: np.ndarray, tol: float,
-                   yr: Optional[np.ndarray], yo: Optional[np.ndarray]
+                   yr: Optional[np.ndarray], yo: Optional[np.ndarray],
+                   layer_type: Optional[str] = None,
+                   frameworks: tuple[Optional[str], Optional[str]] = (None, None),
+                   dtypes: tuple[Optional[str], Optional[str]] = (None, None),
                    ) -> Optional[tuple[np.ndarray, KinkSpec]]:
     close = np.abs(xr - xo) <= tol
     if spec == MAX:
@@ -91,8 +94,12 @@ def _crossing_mask(spec: KinkSpec, xr: np.ndarray, xo: np.ndarray, tol: float,
     assert not isinstance(spec, str)
     mask = np.zeros(xr.shape, dtype=bool)
     crossed = []
-    for k in spec:
-        m = ((xr > k) != (xo > k)) & close
+    # each side's own test (points.SIDES): an element both hold at 3 - 1 ulp is on opposite
+    # sides of Paddle's Hardswish kink and torch's
+    upper_r = sides(spec, layer_type, frameworks[0], xr, dtypes[0])
+    upper_o = sides(spec, layer_type, frameworks[1], xo, dtypes[1])
+    for k, ur, uo in zip(spec, upper_r, upper_o):
+        m = (ur != uo) & close
         if m.any():
             crossed.append(k)
             mask |= m
@@ -117,7 +124,8 @@ def _tolerance(kr: KeyResult, xr: np.ndarray, noise: Optional[np.ndarray], facto
 class _Finder:
     def __init__(self, result: DiffResult, ref: Any, other: Any, noise: Any,
                  layer_types: Optional[Mapping[str, str]], kinks: Optional[Mapping[str, Any]],
-                 ulps: float, order: Optional[Sequence[str]]) -> None:
+                 ulps: float, order: Optional[Sequence[str]],
+                 frameworks: tuple[Optional[str], Optional[str]] = (None, None)) -> None:
         self.result = result
         self.ref = open_side(ref, "ref").tree
         self.other = open_side(other, "other").tree
@@ -125,6 +133,7 @@ class _Finder:
         self.layer_types = layer_types
         self.kinks = kinks
         self.ulps = ulps
+        self.frameworks = frameworks
         factor = result.options.get("noise_factor")
         self.factor = float(factor) if factor is not None else DEFAULT_NOISE_FACTOR
         self.entries = _entries(result)
@@ -179,7 +188,8 @@ class _Finder:
                 out_key = self.by_key.get(str(CaptureKey(p.name, p.call, "out", p.items)))
                 if out_key is not None:
                     yr, yo = _array(self.ref, out_key.kr.path), _array(self.other, out_key.kr.path)
-            got = _crossing_mask(spec, xr, xo, tol, yr, yo)
+            got = _crossing_mask(spec, xr, xo, tol, yr, yo, layer_type, self.frameworks,
+                                 (e.kr.ref_dtype, e.kr.other_dtype))
             if got is None:
                 continue
             mask, crossed = got

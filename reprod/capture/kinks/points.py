@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -35,6 +35,99 @@ KINK_POINTS: dict[str, KinkSpec] = {
     "adaptivemaxpool2d": MAX,
     "adaptivemaxpool3d": MAX,
 }
+
+# Which side of each kink an implementation takes an element to, where that is not ``x > k``:
+# the test its backward kernel makes, in its own arithmetic. Two correct implementations can
+# disagree on an input they hold identically: Paddle's Hardswish tests ``fl32(x + 3) >= 6``, so
+# an input 1 ulp below 3 gets the gradient 1.0 there and 1.5 (``x < 3``) in torch; Paddle's
+# Hardsigmoid bends at ``x * 0.1666667 + 0.5`` = 0 and 1, 2-3 ulps inside torch's -3 and 3. Each
+# entry is one test per kink point of ``KINK_POINTS`` (True: the upper side), on the values in
+# the capture's dtype. Measured on torch 2.14 and Paddle 3.3 CPU kernels over every float32
+# within 300 ulps of each kink (tests/realworld/test_kink_sides.py).
+Side = Callable[[np.ndarray], np.ndarray]
+
+
+def _gt(k: float) -> Side:
+    return lambda x: x > x.dtype.type(k)
+
+
+def _ge(k: float) -> Side:
+    return lambda x: x >= x.dtype.type(k)
+
+
+def _shifted(scale: float, offset: float, k: float, inclusive: bool) -> Side:
+    def side(x: np.ndarray) -> np.ndarray:
+        t = x.dtype.type
+        y = (x * t(scale) if scale != 1.0 else x) + t(offset)  # rounded as the kernel rounds
+        return y >= t(k) if inclusive else y > t(k)
+    return side
+
+
+SIDES: dict[str, dict[str, tuple[Side, ...]]] = {
+    "torch": {
+        "relu6": (_gt(0.0), _ge(6.0)),
+        "hardswish": (_gt(-3.0), _ge(3.0)),
+        "hardsigmoid": (_gt(-3.0), _ge(3.0)),
+        "hardtanh": (_gt(-1.0), _ge(1.0)),
+    },
+    "paddle": {
+        "relu6": (_gt(0.0), _ge(6.0)),
+        "leakyrelu": (_ge(0.0),),
+        "hardswish": (_shifted(1.0, 3.0, 0.0, False), _shifted(1.0, 3.0, 6.0, True)),
+        "hardsigmoid": (_shifted(0.1666667, 0.5, 0.0, False), _shifted(0.1666667, 0.5, 1.0, True)),
+        "hardtanh": (_gt(-1.0), _ge(1.0)),
+    },
+}
+FRAMEWORKS = tuple(SIDES)
+
+
+def _native(x: np.ndarray, dtype: Optional[str]) -> np.ndarray:
+    """``x`` (float64 holding a capture's values) in the arithmetic its kernels test it in:
+    float32 for float32 and the half types (computed in float32 by both frameworks' CPU
+    kernels), float64 otherwise."""
+    if str(dtype) in ("float32", "float16", "bfloat16"):
+        return x.astype(np.float32)
+    return x.astype(np.float64, copy=False)
+
+
+def sides(spec: tuple[float, ...], layer_type: Optional[str], framework: Optional[str],
+          x: np.ndarray, dtype: Optional[str]) -> list[np.ndarray]:
+    """For each kink point of ``spec``, where ``framework``'s kernel for ``layer_type`` takes
+    the elements of ``x`` (a capture's values, as float64; ``dtype`` the capture's) to the upper
+    side. A framework or class without a measured test, or kink points other than the class's
+    own (a caller's override), test ``x > k``."""
+    rules = SIDES.get(str(framework), {}).get(str(layer_type).lower())
+    if rules is None or KINK_POINTS.get(str(layer_type).lower()) != spec:
+        return [x > k for k in spec]
+    native = _native(x, dtype)
+    return [np.asarray(rule(native), dtype=bool) for rule in rules]
+
+
+def onto_side(x: np.ndarray, spec: tuple[float, ...], layer_type: Optional[str],
+              framework: Optional[str], dtype: Optional[str], twin: Optional[str]) -> np.ndarray:
+    """``x`` (values ``framework`` computed, in ``dtype``) as float64 with each element that
+    ``twin``'s float64 kernel would take to the other side of a kink moved onto ``framework``'s
+    side, by the least it takes (to the kink point or the float64 next to it): what a float64
+    rerun needs to take every kink as the port took it. ``x`` itself where nothing moves."""
+    want = sides(spec, layer_type, framework, x, dtype)
+    have = sides(spec, layer_type, twin, x.astype(np.float64, copy=False), "float64")
+    out: Optional[np.ndarray] = None
+    for i, k in enumerate(spec):
+        differ = want[i] != have[i]
+        if not differ.any():
+            continue
+        out = np.array(x, dtype=np.float64) if out is None else out
+        for up in (True, False):
+            at = differ & (want[i] == up)
+            if at.any():
+                # the kink point itself where twin's test puts it on the wanted side, else the
+                # float64 next to it on that side
+                point = np.array([k], dtype=np.float64)
+                if sides(spec, layer_type, twin, point, "float64")[i][0] != up:
+                    point = np.nextafter(point, np.inf if up else -np.inf)
+                out[at] = point[0]
+    return x if out is None else out
+
 
 _EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 
