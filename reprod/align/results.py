@@ -169,6 +169,8 @@ def _stat_verdicts(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any]
             ctx = {"prev_ref": initial[0], "prev_other": initial[1]}  # step 0, from the start
         elif prev is None or prev not in ref or prev not in other:
             continue
+        if r.noise_max is not None:  # the fit is judged against the variance's own rounding too
+            ctx = dict(ctx, noise=r.noise_max, noise_factor=result.options.get("noise_factor"))
         hint = _stat_hint(r.key, ref, other, ctx)
         verdicts[r.key] = hint
         layer = _layer_of(r.key)

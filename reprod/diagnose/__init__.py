@@ -94,12 +94,22 @@ def diagnose(
         if not r.passed:
             t, q = ref.get(r.key), other.get(r.key)
             if t is not None and q is not None:
-                hint = _hint(r.key, t, q, ref, other, ctx, layer_types, parse_key)
+                hint = _hint(r.key, t, q, ref, other, _with_noise(ctx, r, result), layer_types,
+                             parse_key)
         if hint is not None:
             r = dataclasses.replace(r, note=f"{r.note}; {hint}" if r.note else hint)
             changed = True
         rows.append(r)
     return dataclasses.replace(result, results=tuple(rows)) if changed else result
+
+
+def _with_noise(ctx: dict[str, Any], r: Any, result: Any) -> dict[str, Any]:
+    """``ctx`` with the key's calibrated noise and the comparison's noise factor, which let a
+    fit be judged against rounding rather than by a relative residual alone."""
+    noise = getattr(r, "noise_max", None)
+    if noise is None or "noise" in ctx:
+        return ctx
+    return dict(ctx, noise=noise, noise_factor=getattr(result, "options", {}).get("noise_factor"))
 
 
 @_no_hint_on_error
