@@ -42,6 +42,7 @@ import numpy as np
 
 from ..capture import KINK_POINTS, explain_kinks, layer_types, record
 from ..capture.kinks.fused import NORM_LAYERS, fused_activations, record_sites, site_name
+from ..capture.kinks.points import MAX
 from ..capture.naming import ROOT, layer_key, param_key, parse_key
 from ..logger import ReprodLogger
 from .counterfactual import _STEP_KEY, DOWNSTREAM, port_inputs
@@ -63,13 +64,17 @@ def _kink_layers(model: Any) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _call_order(model: Any, order: list[str]) -> Iterator[None]:
+def _call_order(model: Any, order: list[str],
+                fed: Optional[dict[str, Optional[str]]] = None,
+                kink_layers: frozenset[str] = frozenset()) -> Iterator[None]:
     """Fill ``order`` with every torch module call of the model's first forward pass, in call
     order, as ``explain_kinks(order=)`` reads them (``relu``, ``relu#2`` for a second call):
     parameter gradients are placed by their layer's position there, and the capture holds the
-    kink layers only."""
+    kink layers only. ``fed``: each call of a layer of ``kink_layers`` -> the layer with
+    parameters whose output, returned just before, is that call's input (the very tensor), or
+    None."""
     counts: dict[str, int] = {}
-    state = {"started": False, "done": False}
+    state: dict[str, Any] = {"started": False, "done": False, "last": None}
 
     def pre(name: str) -> Any:
         def hook(module: Any, args: Any) -> None:
@@ -77,16 +82,38 @@ def _call_order(model: Any, order: list[str]) -> Iterator[None]:
                 state["started"] = True
             if state["started"] and not state["done"]:
                 counts[name] = counts.get(name, 0) + 1
-                order.append(name if counts[name] == 1 else f"{name}#{counts[name]}")
+                subject = name if counts[name] == 1 else f"{name}#{counts[name]}"
+                order.append(subject)
+                if fed is not None and name in kink_layers:
+                    last = state["last"]
+                    fed[subject] = (last[0] if last is not None and args and args[0] is last[1]
+                                    else None)
+        return hook
+
+    def post(name: str, owns: bool, leaf: bool) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if state["started"] and not state["done"]:
+                # the last output returned, held only until the next: a container that returns
+                # its last child's output leaves it that child's; a leaf without parameters
+                # (an in-place ReLU returns the tensor it changed) makes it no one's
+                if owns:
+                    state["last"] = (name, output)
+                elif leaf or state["last"] is None or output is not state["last"][1]:
+                    state["last"] = None
         return hook
 
     def done(module: Any, args: Any, output: Any) -> None:
         state["done"] = True
+        state["last"] = None
 
     handles = []
     try:
         for name, module in model.named_modules():
             handles.append(module.register_forward_pre_hook(pre(name or ROOT)))
+            if fed is not None and name:
+                owns = any(True for _ in module.parameters(recurse=False))
+                leaf = not any(True for _ in module.children())
+                handles.append(module.register_forward_hook(post(name, owns, leaf)))
         handles.append(model.register_forward_hook(done))
     except Exception:  # a module that takes no hooks (scripted): no order, nothing relabelled
         for h in handles:
@@ -132,7 +159,8 @@ class KinkCapture:
     """The kink layers of both models, their captures during ``align_train``, the pairing of the
     Paddle side's calls with the torch side's, and the relabelling of the step keys."""
 
-    def __init__(self, torch_model: Any, paddle_model: Any) -> None:
+    def __init__(self, torch_model: Any, paddle_model: Any,
+                 torch_to_paddle: Optional[Mapping[str, str]] = None) -> None:
         self.torch_layers = _kink_layers(torch_model)
         self.paddle_layers = _kink_layers(paddle_model)
         self.order: list[str] = []  # the torch model's layer calls of one forward pass
@@ -148,6 +176,17 @@ class KinkCapture:
         self.site_of: dict[str, str] = {}
         self.layer_of_site: dict[str, str] = {}
         self.fused_pairs: list[tuple[str, str]] = []
+        # activations the Paddle model applies as functions (paddle.vision's SqueezeNet calls
+        # F.relu on each conv's output): Paddle layer -> the site of its output, that site ->
+        # the torch kink layer it pairs with, and those torch layers; from the torch parameter
+        # -> Paddle parameter pairing and, per torch kink layer call, the layer whose output it
+        # takes (``fed``, from the torch model's first forward pass)
+        self.torch_to_paddle = dict(torch_to_paddle or {})
+        self.fed: dict[str, Optional[str]] = {}
+        self.out_sites: dict[str, str] = {}
+        self.site_layer: dict[str, str] = {}
+        self.functional: set[str] = set()
+        self._functional_done = False
         # the port's kink layer inputs of each step with gradients a crossing of that step
         # explains (counterfactual.port_inputs), by layer call within the step's forward pass
         self.port_inputs: dict[int, dict[str, np.ndarray]] = {}
@@ -183,7 +222,8 @@ class KinkCapture:
         """The layers and sites whose calls are captured on ``side``: name -> class."""
         if side == "paddle":
             sites = {s: self.site_types[t] for s, t in self.site_of.items()}
-            return {**self.paddle_layers, **sites}
+            functional = {s: self.torch_layers[t] for s, t in self.site_layer.items()}
+            return {**self.paddle_layers, **sites, **functional}
         return {**self.torch_layers, **self.site_types}
 
     # --- recording -------------------------------------------------------------------------------
@@ -194,8 +234,10 @@ class KinkCapture:
         "paddle"."""
         if self.skipped is not None:
             return contextlib.nullcontext()
+        if side == "paddle":
+            self._pair_functional()
         layers = self.paddle_layers if side == "paddle" else self.torch_layers
-        sites = self.paddle_sites if side == "paddle" else self.torch_sites
+        sites = {**self.paddle_sites, **self.out_sites} if side == "paddle" else self.torch_sites
         if not layers and not sites:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
@@ -207,8 +249,42 @@ class KinkCapture:
         if sites:
             stack.enter_context(record_sites(model, log, sites))
         if side == "torch":
-            stack.enter_context(_call_order(model, self.order))
+            stack.enter_context(_call_order(model, self.order, self.fed,
+                                            frozenset(self.torch_layers)))
         return stack
+
+    def _pair_functional(self) -> None:
+        """Pair the torch kink layers of a class the Paddle model has no layer of (its
+        activations are functions: ``F.relu(self._conv(x))``) with the output of the Paddle
+        layer that pairs with the torch layer feeding them: each such torch layer called once in
+        a forward pass, on the very output of a layer with parameters that pairs with a Paddle
+        layer. All of them or none (the calls then do not pair, and nothing is relabelled). The
+        claim that the Paddle model applies the activation there is checked by the values: the
+        site's key must align with the torch layer's input for a crossing to count."""
+        if self._functional_done:
+            return
+        self._functional_done = True
+        have = {t.lower() for t in self.paddle_layers.values()}
+        missing = {n: t for n, t in self.torch_layers.items()
+                   if t.lower() not in have and KINK_POINTS.get(t.lower()) != MAX}
+        if not missing or not self.torch_to_paddle or not self.order:
+            return
+        paddle_layer = {name.rpartition(".")[0]: pname.rpartition(".")[0]
+                        for name, pname in self.torch_to_paddle.items()}
+        found: dict[str, str] = {}
+        for layer in missing:
+            calls = [e for e in self.order if e.partition("#")[0] == layer]
+            producer = self.fed.get(calls[0]) if len(calls) == 1 else None
+            player = None if producer is None else paddle_layer.get(producer)
+            if player is None or player in found or player in self.paddle_sites:
+                return
+            found[player] = layer
+        for player, layer in found.items():
+            site = site_name(player, missing[layer])
+            self.out_sites[player] = site
+            self.site_layer[site] = layer
+            self.layer_of_site[site] = player
+            self.functional.add(layer)
 
     # --- pairing ---------------------------------------------------------------------------------
     def sides(self, ref: Mapping[str, Any], other: Mapping[str, Any],
@@ -238,6 +314,8 @@ class KinkCapture:
             if name in self.site_of:
                 site = (self.site_of[name], call)
                 to_torch[(name, call)] = absorbed.get(site, site)
+            elif name in self.site_layer:
+                to_torch[(name, call)] = (self.site_layer[name], call)
         self.paddle_of = {
             _subject(*t): _subject(self.layer_of_site.get(p[0], p[0]), p[1])
             for p, t in to_torch.items()
@@ -258,7 +336,8 @@ class KinkCapture:
         """The calls that pair by order: neither a site nor a layer call that stands for one."""
         taken = set(absorbed.values())
         return [c for c in calls
-                if c[0] not in self.site_types and c[0] not in self.site_of and c not in taken]
+                if c[0] not in self.site_types and c[0] not in self.site_of and c not in taken
+                and c[0] not in self.functional and c[0] not in self.site_layer]
 
     def _absorbed(self, data: Mapping[str, Any],
                   calls: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[str, int]]:
@@ -295,6 +374,12 @@ class KinkCapture:
             return (f"the Paddle model's BatchNorm layers with a built-in activation were called "
                     f"{len(p_sites)} times and the torch batch norms they pair with "
                     f"{len(t_sites)} times, or in other calls")
+        t_fun = sorted(c for c in t_calls if c[0] in self.functional)
+        p_fun = sorted((self.site_layer[n], k) for n, k in p_calls if n in self.site_layer)
+        if t_fun != p_fun:
+            return (f"the Paddle layers whose outputs take a functional activation were called "
+                    f"{len(p_fun)} times and the torch kink layers they pair with "
+                    f"{len(t_fun)} times, or in other calls")
         if noise is not None and (_calls(noise, self._names("torch")) != t_calls
                                   or self._absorbed(noise, t_calls) != absorbed):
             return "the float64 twin called its kink layers differently from the torch model"

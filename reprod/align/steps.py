@@ -370,7 +370,7 @@ def align_train(
     before = Snapshot.take(torch_model, paddle_model) if localise else None
     initial = _initial_stats(torch_model, paddle_model, plan) if stats else None
     explain = calibrate if kinks is None else kinks
-    kink = KinkCapture(torch_model, paddle_model) if explain else None
+    kink = KinkCapture(torch_model, paddle_model, _torch_to_paddle(plan)) if explain else None
     if check_determinism and torch_model.training:
         _check_determinism(torch_model, paddle_model, batches[0], seed)
 
@@ -543,7 +543,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
         for s in todo:
             if s not in opt_states or s not in lrs:
                 raise forcing.Unsupported(f"step {s}'s optimizer state was not recorded")
-            kink = KinkCapture(torch_model, paddle_model) if kinks else None
+            kink = KinkCapture(torch_model, paddle_model, _torch_to_paddle(plan)) if kinks else None
 
             def run_torch(batch: Any, log: ReprodLogger, s: int = s,
                           kink: Optional[KinkCapture] = kink) -> None:
@@ -894,6 +894,10 @@ def _paddle_layout(plan: Mapping[str, KeyPlan], capture: dict[str, Any]) -> dict
             if kp is not None and kp.action == "transpose":
                 out[key] = _torch_array(value, kp)
     return out
+
+
+def _torch_to_paddle(plan: Mapping[str, KeyPlan]) -> dict[str, str]:
+    return {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name}
 
 
 def _recording(kink: Optional[KinkCapture], model: Any, log: ReprodLogger, side: str) -> Any:

@@ -227,12 +227,70 @@ def test_uncalibrated_kinks_use_a_few_rounding_units_of_the_input() -> None:
     assert r.passed and {k.key for k in r if k.status == "kink"} == UPSTREAM
 
 
-def test_kink_layers_that_do_not_pair_are_not_explained() -> None:
-    # the port calls relu as a function: torch has one kink layer call, Paddle none
+def test_a_functional_activation_in_the_port_pairs_with_its_layers_output() -> None:
+    # the port calls relu as a function on fc1's output: torch's act (fed fc1's very output) pairs
+    # with the output of the Paddle layer fc1.weight pairs with
     r = _train(functional_relu=True)
-    assert {k.key for k in r.failed} == UPSTREAM
-    assert r.options["kinks"]["explained"] == 0
-    assert "called 1 times" in r.options["kinks"]["skipped"], r.options["kinks"]
+    assert r.passed, r.to_table(failed_only=True)
+    assert {k.key for k in r if k.status == "kink"} >= UPSTREAM
+    (crossing,) = r.options["kink_crossings"]
+    assert crossing["layer"] == "act" and crossing["paddle_layer"] == "fc1", crossing
+    assert r.options["counterfactual"]["step0"]["failed"] == 0
+    # a backward bug before it is still not put down to it
+    bad = _train(functional_relu=True, bug="grad_fc0")
+    assert not bad.passed and bad["step0/grad/fc0.weight"].status == "failed"
+
+
+def test_kink_layers_that_do_not_pair_are_not_explained() -> None:
+    from reprod.align.kinks import KinkCapture
+
+    # torch's act is fed by a layer no Paddle parameter pairs with: nothing to record in Paddle
+    tm, pm = TorchNet(), PaddleNet(functional_relu=True)
+    kink = KinkCapture(tm, pm, {"fc0.weight": "fc0.weight"})
+    kink.order, kink.fed = ["<model>", "fc0", "fc1", "act", "fc2"], {"act": "fc1"}
+    kink._pair_functional()
+    assert kink.out_sites == {} and kink.functional == set()
+    why = kink._check([("act", 1)], [], None, {})
+    assert why is not None and "called 1 times" in why
+    # fed by fc1, which pairs: fc1's output is recorded as the site act pairs with
+    kink = KinkCapture(tm, pm, {"fc1.weight": "fc1.weight"})
+    kink.order, kink.fed = ["<model>", "fc0", "fc1", "act", "fc2"], {"act": "fc1"}
+    kink._pair_functional()
+    assert kink.out_sites == {"fc1": "fc1+relu"} and kink.site_layer == {"fc1+relu": "act"}
+    assert kink._check([("act", 1)], [("fc1+relu", 1)], None, {}) is None
+    assert "called 0 times" in kink._check([("act", 1)], [], None, {})
+    # an input that is not the layer's very output (fed: None) pairs nothing
+    kink = KinkCapture(tm, pm, {"fc1.weight": "fc1.weight"})
+    kink.order, kink.fed = ["<model>", "fc0", "fc1", "act", "fc2"], {"act": None}
+    kink._pair_functional()
+    assert kink.out_sites == {}
+
+
+def test_the_call_order_records_which_layer_feeds_each_kink_call() -> None:
+    from reprod.align.kinks import _call_order
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv1d(2, 2, 1)
+            self.relu = torch.nn.ReLU(inplace=True)
+            self.pool = torch.nn.MaxPool1d(2)
+            self.lin = torch.nn.Linear(2, 2)
+            self.act = torch.nn.ReLU()
+            self.act2 = torch.nn.ReLU()
+
+        def forward(self, x):
+            h = self.pool(self.relu(self.conv(x)))  # pool takes relu's (in-place) output
+            y = self.act(self.lin(h.mean(-1)))
+            return self.act2(y * 2)  # a product, no layer's output
+
+    order: list[str] = []
+    fed: dict = {}
+    net = Net()
+    with _call_order(net, order, fed, frozenset({"relu", "pool", "act", "act2"})):
+        net(torch.ones(1, 2, 4))
+    assert fed == {"relu": "conv", "pool": None, "act": "lin", "act2": None}
+    assert order == ["<model>", "conv", "relu", "pool", "lin", "act", "act2"]
 
 
 def test_verbose_prints_the_kink_line(capsys) -> None:

@@ -76,3 +76,33 @@ def test_the_counterfactual_needs_the_element_moved_onto_paddles_side(monkeypatc
     r = _run()
     check = r.options["counterfactual"]["step1"]
     assert check["failed"] > 0 and not r.passed, check
+
+
+def test_a_functional_relu_in_the_port_pairs_with_its_convs_output():
+    """paddle.vision's squeezenet1_1 applies ``F.relu`` to each conv's output where torchvision
+    has ReLU modules: 6 kink layer calls against 58 in two steps, so nothing paired and a correct
+    port failed (eval, seed 2: 275 keys, the first conv's gradient at 2,120x noise, from a ReLU
+    crossing in features.11's squeeze activation). Each torch ReLU fed a conv's very output now
+    pairs with the output of the Paddle conv that conv's weight pairs with."""
+    p = build_pair("squeezenet1_1", 2)
+    tm, pm = copy.deepcopy(p.torch32), p.paddle()
+    # paddle.vision's squeezenet1_1 pads its first conv by 1 where torchvision's does not
+    pm._conv._padding, pm._conv._updated_padding = 0, [0, 0]
+    for m in pm.sublayers():  # and scales by 1 - p in inference where torch's Dropout does not
+        if isinstance(m, paddle.nn.Dropout):
+            m.mode = "upscale_in_train"
+    tm.eval()
+    pm.eval()
+    r = align_train(
+        tm, pm, [(make_inputs(2, 2), make_labels(2, 2))], steps=1, by_order=True, calibrate=True,
+        torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.01, momentum=0.9),
+        paddle_optimizer=paddle.optimizer.Momentum(0.01, 0.9, parameters=pm.parameters()),
+    )
+    assert r.passed, r.to_table(failed_only=True)
+    assert "skipped" not in r.options["kinks"] and r.options["kinks"]["layer_calls"] == 29
+    relu = {c["layer"]: c["paddle_layer"] for c in r.options["kink_crossings"]
+            if c["layer_type"] == "ReLU"}
+    assert relu == {"features.11.squeeze_activation": "_conv7._conv._conv"}, relu
+    check = r.options["counterfactual"]["step0"]
+    assert check["failed"] == 0 and check["aligned"] > 30, check
