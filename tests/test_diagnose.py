@@ -116,6 +116,10 @@ def test_a_large_batchs_bias_is_fitted_within_the_variances_noise() -> None:
     # the wrong n is not fitted within noise
     assert running_var_bias(tv, qv, 1568 * 4, momentum=0.1, prev_var=tv0, other_prev_var=qv0,
                             noise=noise) is None
+    from reprod.diagnose.batchnorm import NOISE_FACTOR
+    from reprod.diff.noise import DEFAULT_NOISE_FACTOR
+
+    assert NOISE_FACTOR == DEFAULT_NOISE_FACTOR  # the default the comparison judges by
     # nor a difference the bias does not make: the port's inputs 1e-3 apart
     tv, qv, tv0, qv0, twin = _later_step(1e-3, 0, 1e-5)
     noise = float(np.max(np.abs(tv.astype(np.float64) - twin)))
