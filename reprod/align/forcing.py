@@ -280,17 +280,45 @@ def _step_of(key: str) -> Optional[int]:
     return int(head[4:]) if head.startswith("step") and head[4:].isdigit() else None
 
 
-def steps_to_force(result: Any) -> list[int]:
+def steps_to_force(result: Any, normalised: bool = False) -> list[int]:
     """The steps after the first with a difference put down to an explanation (status
     ``"kink"``, or ``"known"`` weights: Paddle's Adam) that hold a key not passing plainly:
-    their free-running verdict rests on it."""
+    their free-running verdict rests on it. With ``normalised`` (an optimizer that normalises
+    each element's update: Adam), also the first failing step and those after it where that
+    step fails only in updated weights and optimizer state whose own gradients align: Adam
+    turns an element's gradient at its float32 noise into an update of up to the learning rate
+    (an input channel a ReLU silenced in step 0, a gradient of 1e-8 in step 1), which the
+    forced step's replay tells from a wrong beta or epsilon."""
+    failing = {s for kr in result if kr.status not in ("passed", "known")
+               and (s := _step_of(kr.key)) is not None}
     explained = [s for kr in result if (kr.status == "kink" or (
         kr.status == "known" and "/param/" in kr.key)) and (s := _step_of(kr.key)) is not None]
-    if not explained:
+    starts = [min(explained) + 1] if explained else []
+    first_failed = min((s for kr in result if kr.status in ("failed", "mismatch")
+                        and (s := _step_of(kr.key)) is not None), default=None)
+    # step 0 starts from the same state on both sides: nothing to judge it again from
+    if normalised and first_failed and _update_only(result, first_failed):
+        starts.append(first_failed)
+    if not starts:
         return []
-    first = min(explained)
-    return sorted({s for kr in result if kr.status not in ("passed", "known")
-                   and (s := _step_of(kr.key)) is not None and s > first})
+    return sorted(s for s in failing if s >= min(starts))
+
+
+def _update_only(result: Any, step: int) -> bool:
+    """Whether every key of ``step`` not passing plainly is an updated weight or optimizer
+    state (``step<i>/param/<name>``, ``step<i>/opt/<name>.<state>``) whose own gradient key
+    passes."""
+    statuses = {kr.key: kr.status for kr in result}
+    head = f"step{step}/"
+    for kr in result:
+        if not kr.key.startswith(head) or kr.status in ("passed", "known"):
+            continue
+        kind, _, name = kr.key[len(head):].partition("/")
+        if kind == "opt":
+            name = name.rpartition(".")[0]
+        if kind not in ("param", "opt") or statuses.get(f"{head}grad/{name}") != "passed":
+            return False
+    return True
 
 
 def merged(result: Any, forced: Mapping[int, Any]) -> Any:

@@ -531,7 +531,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
             adam=adam, updates=0)
     if adam is not None:
         result = forcing.adam_known(result, torch_data, paddle_data, noise_data, criteria, adam)
-    todo = forcing.steps_to_force(result)
+    todo = forcing.steps_to_force(result, normalised=adam is not None)
     if not todo:
         return result
     lrs = {s: float(np.asarray(paddle_data[f"step{s}/lr"])) for s in todo

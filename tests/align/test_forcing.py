@@ -166,3 +166,33 @@ def test_replayed_is_the_reference_optimizers_own_step(kind) -> None:
         got = replayed(topt, state, tm, kp, t(before[name]), t(grads[name]))
         np.testing.assert_array_equal(got, t(p.detach().numpy()), err_msg=name)
     assert plan["fc.weight"].action == "transpose"
+
+
+def _result(statuses: dict):
+    from reprod.diff.result import DiffResult, KeyResult
+
+    return DiffResult(results=tuple(
+        KeyResult(key=k, passed=s in ("passed", "known", "kink"), status=s, reason="")
+        for k, s in statuses.items()))
+
+
+def test_the_first_step_failing_only_in_its_updates_is_forced_under_adam() -> None:
+    from reprod.align.forcing import steps_to_force
+
+    base = {"step0/grad/w": "passed", "step0/param/w": "passed", "step1/grad/w": "passed",
+            "step1/param/w": "failed", "step1/opt/w.moment2": "failed",
+            "step2/grad/w": "failed", "step2/param/w": "failed"}
+    r = _result(base)
+    assert steps_to_force(r) == []  # nothing explained earlier: the free run's verdicts stand
+    assert steps_to_force(r, normalised=True) == [1, 2]
+    # a failing gradient in that step is no update of an aligned gradient: nothing forced
+    assert steps_to_force(_result(dict(base, **{"step1/grad/w": "failed"})), normalised=True) == []
+    # nor a failing loss
+    assert steps_to_force(_result(dict(base, **{"step1/loss": "failed"})), normalised=True) == []
+    # an explanation in step 0 forces the steps after it, as before
+    explained = dict(base, **{"step0/param/w": "kink"})
+    assert steps_to_force(_result(explained)) == [1, 2]
+    assert steps_to_force(_result(explained), normalised=True) == [1, 2]
+    # step 0 started from one state on both sides: there is nothing to judge it again from
+    assert steps_to_force(_result({"step0/grad/w": "passed", "step0/param/w": "failed"}),
+                          normalised=True) == []
