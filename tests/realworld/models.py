@@ -108,6 +108,26 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
+def without_dropout(*models: object) -> None:
+    """Dropout off (p = 0) in torch and Paddle models: train-mode runs compare without the two
+    frameworks' random masks."""
+    for model in models:
+        for m in (model.modules() if hasattr(model, "modules") else model.sublayers()):
+            if isinstance(m, (torch.nn.Dropout, paddle.nn.Dropout)):
+                m.p = 0.0
+
+
+def squeezenet_as_torchvision(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    """paddle.vision's squeezenet1_1 made to compute torchvision's: its first conv unpadded (it
+    pads by 1 where torchvision's does not), its Dropout scaling in training as torch's does
+    (not by 1 - p in inference)."""
+    model._conv._padding, model._conv._updated_padding = 0, [0, 0]
+    for m in model.sublayers():
+        if isinstance(m, paddle.nn.Dropout):
+            m.mode = "upscale_in_train"
+    return model
+
+
 def to_float64(model: torch.nn.Module) -> torch.nn.Module:
     """A float64 copy of a torch model (same weights, exactly: float32 -> float64 is exact)."""
     return copy.deepcopy(model).double()

@@ -23,7 +23,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import paddle  # noqa: E402
 import torch  # noqa: E402
-from models import build_pair, make_inputs, make_labels  # noqa: E402
+from models import (  # noqa: E402
+    build_pair,
+    make_inputs,
+    make_labels,
+    squeezenet_as_torchvision,
+    without_dropout,
+)
 
 from reprod.align import align_train  # noqa: E402
 
@@ -35,14 +41,8 @@ def _run(beta1: float = 0.9):
         _PAIR.append(build_pair("squeezenet1_1", 1))
     p = _PAIR[0]
     tm, pm = copy.deepcopy(p.torch32), p.paddle()
-    # paddle.vision's squeezenet1_1 pads its first conv by 1 where torchvision's does not
-    pm._conv._padding, pm._conv._updated_padding = 0, [0, 0]
-    for m in tm.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    for m in pm.sublayers():
-        if isinstance(m, paddle.nn.Dropout):
-            m.p = 0.0
+    squeezenet_as_torchvision(pm)
+    without_dropout(tm, pm)
     tm.train()
     pm.train()
     batches = [(make_inputs(1 + i, 2), make_labels(1 + i, 2)) for i in range(2)]

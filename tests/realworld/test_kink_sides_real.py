@@ -20,7 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import paddle  # noqa: E402
 import torch  # noqa: E402
-from models import build_pair, make_inputs, make_labels  # noqa: E402
+from models import (  # noqa: E402
+    build_pair,
+    make_inputs,
+    make_labels,
+    squeezenet_as_torchvision,
+    without_dropout,
+)
 
 from reprod.align import align_train  # noqa: E402
 from reprod.capture.kinks import SIDES  # noqa: E402
@@ -33,12 +39,7 @@ def _run():
         _PAIR.append(build_pair("mobilenet_v3_small", 0))
     p = _PAIR[0]
     tm, pm = copy.deepcopy(p.torch32), p.paddle()
-    for m in tm.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    for m in pm.sublayers():
-        if isinstance(m, paddle.nn.Dropout):
-            m.p = 0.0
+    without_dropout(tm, pm)
     tm.train()
     pm.train()
     batches = [(make_inputs(i, 2), make_labels(i, 2)) for i in range(2)]
@@ -86,11 +87,7 @@ def test_a_functional_relu_in_the_port_pairs_with_its_convs_output():
     pairs with the output of the Paddle conv that conv's weight pairs with."""
     p = build_pair("squeezenet1_1", 2)
     tm, pm = copy.deepcopy(p.torch32), p.paddle()
-    # paddle.vision's squeezenet1_1 pads its first conv by 1 where torchvision's does not
-    pm._conv._padding, pm._conv._updated_padding = 0, [0, 0]
-    for m in pm.sublayers():  # and scales by 1 - p in inference where torch's Dropout does not
-        if isinstance(m, paddle.nn.Dropout):
-            m.mode = "upscale_in_train"
+    squeezenet_as_torchvision(pm)
     tm.eval()
     pm.eval()
     r = align_train(

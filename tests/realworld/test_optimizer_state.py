@@ -18,7 +18,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import paddle  # noqa: E402
 import torch  # noqa: E402
-from models import build_pair, make_inputs, make_labels  # noqa: E402
+from models import (  # noqa: E402
+    build_pair,
+    make_inputs,
+    make_labels,
+    squeezenet_as_torchvision,
+)
 
 from reprod.align import align_train  # noqa: E402
 
@@ -31,12 +36,7 @@ def _run(paddle_wd, optimizer_state=True):
     p = _PAIRS["pair"]
     tm, pm = copy.deepcopy(p.torch32).eval(), p.paddle()
     pm.eval()
-    # paddle.vision's squeezenet1_1 pads its first conv by 1 where torchvision's does not
-    pm._conv._padding, pm._conv._updated_padding = 0, [0, 0]
-    # and its dropout scales the outputs in eval mode (downscale_in_infer), torch's does not
-    for layer in pm.sublayers():
-        if isinstance(layer, paddle.nn.Dropout):
-            layer.mode = "upscale_in_train"
+    squeezenet_as_torchvision(pm)
     return align_train(
         tm, pm, [(make_inputs(0, 2), make_labels(0, 2))], steps=1, by_order=True,
         calibrate=True, optimizer_state=optimizer_state,
