@@ -22,6 +22,15 @@ site is that layer's call; where none does (``F.relu``), the site is a layer of 
 ``features.norm5+relu``, placed right after the norm in the call order. The other kink layers
 pair by call order as above.
 
+A Paddle model that applies a kink activation as a function (``F.relu(self._conv(x))``, as
+paddle.vision's SqueezeNet does where torchvision has ``nn.ReLU`` modules) has no layer to
+capture. Where the Paddle model has no layer of a kink class at all, each torch layer of that
+class, called once per forward pass on the very output of a layer with parameters (seen during
+the torch run), pairs with the output of the Paddle layer that layer's parameters pair with:
+recorded as a site (``_conv7._conv._conv+relu``) during the Paddle run. Whether the port applies
+the activation there is left to the values: the site's key must align with the torch layer's
+input for any crossing to be found in it.
+
 ``explain_kinks`` reads capture keys: the step keys are shown to it in that scheme
 (``step0/grad/<paddle name>`` as ``param.<torch name>.grad``, the torch model's call order of
 every layer given as ``order``), and the verdicts it gives are carried back to the step keys.
