@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
-from ..diagnose import MOMENTUM_HINT, VAR_BIAS_HINT, _prev_key, _stat_hint
+from ..diagnose import MOMENTUM_HINT, VAR_BIAS_HINT, _prev_key, _stat_hint, _with_noise
 from ..logger import ReprodLogger
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -169,9 +169,8 @@ def _stat_verdicts(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any]
             ctx = {"prev_ref": initial[0], "prev_other": initial[1]}  # step 0, from the start
         elif prev is None or prev not in ref or prev not in other:
             continue
-        if r.noise_max is not None:  # the fit is judged against the variance's own rounding too
-            ctx = dict(ctx, noise=r.noise_max, noise_factor=result.options.get("noise_factor"))
-        hint = _stat_hint(r.key, ref, other, ctx)
+        # the fit is judged against the variance's own rounding too
+        hint = _stat_hint(r.key, ref, other, _with_noise(ctx, r, result))
         verdicts[r.key] = hint
         layer = _layer_of(r.key)
         if verdicts.get(layer) is None:

@@ -42,8 +42,8 @@ KINK_POINTS: dict[str, KinkSpec] = {
 # an input 1 ulp below 3 gets the gradient 1.0 there and 1.5 (``x < 3``) in torch; Paddle's
 # Hardsigmoid bends at ``x * 0.1666667 + 0.5`` = 0 and 1, 2-3 ulps inside torch's -3 and 3. Each
 # entry is one test per kink point of ``KINK_POINTS`` (True: the upper side), on the values in
-# the capture's dtype. Measured on torch 2.14 and Paddle 3.3 CPU kernels over every float32
-# within 300 ulps of each kink (tests/realworld/test_kink_sides.py).
+# the capture's dtype. Measured on torch 2.13 / 2.14 and Paddle 3.3 CPU kernels over every
+# float32 within 300 ulps of each kink (tests/capture/test_kink_sides.py).
 Side = Callable[[np.ndarray], np.ndarray]
 
 
