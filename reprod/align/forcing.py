@@ -481,6 +481,16 @@ def replayed(torch_opt: Any, torch_state: Mapping[str, Any], torch_model: Any,
     """The weights the reference's optimizer makes of ``before`` and ``grad`` (Paddle layout)
     from its state ``torch_state`` (a ``state_dict()``): one step of a copy of it over that one
     parameter. None where the parameter is not the optimizer's."""
+    made = replayed_state(torch_opt, torch_state, torch_model, kp, before, grad)
+    return None if made is None else made[0]
+
+
+def replayed_state(torch_opt: Any, torch_state: Mapping[str, Any], torch_model: Any,
+                   kp: KeyPlan, before: np.ndarray, grad: np.ndarray
+                   ) -> Optional[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """``replayed``'s weights and the optimizer state that step leaves, under the Paddle
+    accumulators' names (``velocity``, ``moment1``, ``moment2``; the moments weighted as
+    ``torch_state_records`` weighs them), Paddle layout."""
     import torch
 
     from .calibration import _constructor_kwargs
@@ -512,8 +522,37 @@ def replayed(torch_opt: Any, torch_state: Mapping[str, Any], torch_model: Any,
         opt.state[p] = {k: v.clone() if hasattr(v, "clone") else copy.deepcopy(v)
                         for k, v in state.items()}
     opt.step()
-    out = p.detach().numpy()
-    return np.ascontiguousarray(out.T) if kp.action == "transpose" else out
+
+    def paddle_layout(t: Any) -> np.ndarray:
+        a = t.detach().numpy()
+        return np.ascontiguousarray(a.T) if kp.action == "transpose" else a
+
+    accs = {}
+    betas = group.get("betas")
+    for key, value in opt.state[p].items():
+        acc = _STATE_TO_ACC.get(key)
+        if acc is None or not hasattr(value, "detach"):
+            continue
+        if key in _MOMENT_BETA and betas is not None:
+            value = value.detach() * _paddle_weight(float(betas[0 if _MOMENT_BETA[key] == "beta1"
+                                                                 else 1]))
+        accs[acc] = paddle_layout(value)
+    return paddle_layout(p), accs
+
+
+def _replayed_key(key: str, step: int) -> Optional[tuple[str, Optional[str]]]:
+    """(parameter name, accumulator or None) of ``step<step>/param/<name>`` and
+    ``step<step>/opt/<name>.<accumulator>``; None for any other key."""
+    head = f"step{step}/"
+    if not key.startswith(head):
+        return None
+    kind, _, rest = key[len(head):].partition("/")
+    if kind == "param":
+        return rest, None
+    if kind == "opt":
+        name, _, acc = rest.rpartition(".")
+        return (name, acc) if acc in STATE_RECORDS else None
+    return None
 
 
 def replay_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
@@ -521,21 +560,25 @@ def replay_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
                  torch_opt: Any, torch_state: Mapping[str, Any], torch_model: Any,
                  plan: Mapping[str, KeyPlan], before: Mapping[str, Any],
                  adam: Optional[tuple[float, float, int]], updates: int) -> Any:
-    """Step ``step``'s failing updated weights, both sides started from ``before`` (Paddle names
-    and layout), whose gradient key aligns and whose port value is what the reference's
-    optimizer (state ``torch_state``) makes of the port's own gradient, within the key's noise
-    (Paddle's Adam rate applied, ``updates`` the update count before this one): relabelled
-    ``"kink"``. An optimizer that normalises the gradient per element (Adam) turns the float32
-    noise of elements near 0, within the aligned gradient's noise, into steps apart by up to
-    twice the learning rate; a wrong beta, epsilon or momentum makes another update of the same
-    gradient, and fails."""
+    """Step ``step``'s failing updated weights and optimizer state (velocity, Adam moments),
+    both sides started from ``before`` (Paddle names and layout), whose gradient key aligns and
+    whose port value is what the reference's optimizer (state ``torch_state``) makes of the
+    port's own gradient, within the key's noise (Paddle's Adam rate applied to the weights,
+    ``updates`` the update count before this one). Adam's weights are relabelled ``"kink"``: an
+    optimizer that normalises the gradient per element (Adam) turns the float32 noise of
+    elements near 0, within the aligned gradient's noise, into steps apart by up to twice the
+    learning rate. Other weights (SGD), and optimizer state, are relabelled ``"known"``: the
+    aligned gradient's own rounding (Paddle's, which the reference's noise does not hold)
+    carried into the update, a momentum buffer or a second moment (2|g| times it). A wrong
+    beta, epsilon, momentum or weight decay makes another update of the same gradient, and
+    fails."""
     from ..diff.engine import compare
 
     by_paddle = {kp.paddle_name: kp for kp in plan.values() if kp.paddle_name}
-    head = f"step{step}/param/"
     out, changed = [], False
     for kr in result.results:
-        name = kr.key[len(head):] if kr.key.startswith(head) else None
+        which = _replayed_key(kr.key, step)
+        name, acc = which if which is not None else (None, None)
         gkey = f"step{step}/grad/{name}"
         if (name is None or kr.passed or kr.status not in ("failed", "mismatch")
                 or name not in by_paddle or name not in before or gkey not in other
@@ -543,12 +586,15 @@ def replay_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
             out.append(kr)
             continue
         w0 = np.asarray(before[name])
-        made = replayed(torch_opt, torch_state, torch_model, by_paddle[name], w0,
-                        np.asarray(other[gkey]))
-        if made is None:
+        step_made = replayed_state(torch_opt, torch_state, torch_model, by_paddle[name], w0,
+                                   np.asarray(other[gkey]))
+        made = None
+        if step_made is not None:
+            made = step_made[0] if acc is None else step_made[1].get(acc)
+        if made is None or made.shape != np.shape(other[kr.key]):
             out.append(kr)
             continue
-        if adam is not None:
+        if adam is not None and acc is None:
             rate = _float32_rate(adam[0], adam[1], adam[2] + updates + 1)
             made = (w0 + rate * (made.astype(np.float64) - w0)).astype(made.dtype)
         check = compare({kr.key: made}, {kr.key: other[kr.key]}, criteria=criteria,
@@ -559,10 +605,18 @@ def replay_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
             out.append(kr)
             continue
         changed = True
-        out.append(dataclasses.replace(
-            kr, passed=True, status="kink",
-            reason=f"the reference's optimizer makes this update of the port's own gradient "
-                   f"({gkey}, aligned) to within noise ({c.reason}): a per-element normalised "
-                   f"update (Adam) turns the gradients' float32 noise near 0 into steps apart; "
-                   f"{kr.reason}"))
+        if acc is None and adam is not None:
+            out.append(dataclasses.replace(
+                kr, passed=True, status="kink",
+                reason=f"the reference's optimizer makes this update of the port's own "
+                       f"gradient ({gkey}, aligned) to within noise ({c.reason}): a per-element "
+                       f"normalised update (Adam) turns the gradients' float32 noise near 0 into "
+                       f"steps apart; {kr.reason}"))
+        else:
+            what = "update" if acc is None else acc
+            out.append(dataclasses.replace(
+                kr, passed=True, status="known",
+                reason=f"a known framework difference: the reference's optimizer makes this "
+                       f"{what} of the port's own gradient ({gkey}, aligned) to within noise "
+                       f"({c.reason}): the gradient's float32 rounding, carried; {kr.reason}"))
     return dataclasses.replace(result, results=tuple(out)) if changed else result

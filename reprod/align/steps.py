@@ -27,7 +27,7 @@ from ..diff.criteria import Criteria
 from ..diff.noise import DEFAULT_NOISE_FACTOR
 from ..errors import ReprodError
 from ..logger import ReprodLogger
-from . import counterfactual, forcing
+from . import counterfactual, forcing, port_rounding
 from .by_order import by_order_rules
 from .calibration import _float64_loss, _float64_optimizer, _float64_twin
 from .forward import align_forward
@@ -325,6 +325,17 @@ def align_train(
     updated from it and the later keys labelled after it (``reprod.align.counterfactual``;
     ``result.options["counterfactual"]`` counts them per step).
 
+    Calibrated with ``kinks``, a failing key of a step both sides ran from one state (step 0, or
+    a step judged from the reference's state) passes as ``"known"`` where the port's own float32
+    rounding makes it: the Paddle model runs that step's forward and backward again in float64
+    (cast in place and back, its hooks kept), and a logit, loss, gradient or statistic whose
+    float64 value agrees with the twin's within the reference's float32 noise differs by both
+    sides' rounding only (Paddle's CPU kernels sum a long bias gradient hundreds of times less
+    exactly than torch's), while a bug is another function in float64 too. The weights and
+    optimizer state updated from an aligned gradient pass where the reference's optimizer makes
+    them of the port's own gradient (``reprod.align.port_rounding``,
+    ``result.options["port_rounding"]`` counts them per step, or says why none was checked).
+
     ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
     rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
 
@@ -393,6 +404,12 @@ def align_train(
     torch_start = None
     if calibrate and kink is not None:
         torch_start = state0 if state0 is not None else copy.deepcopy(torch_model.state_dict())
+    # the Paddle model's state before training: step 0's keys its own float32 rounding may
+    # explain are checked from it (port_rounding); the copy localisation keeps, where it keeps one
+    paddle_start = None
+    if calibrate and explain:
+        paddle_start = (before.paddle_state if before is not None else
+                        {k: v.detach().clone() for k, v in paddle_model.state_dict().items()})
     hyper: Optional[list[list[dict[str, Any]]]] = None
     if calibrate:  # copied before the float32 run changes weights, statistics and optimizer state
         twin = _float64_twin(torch_model)
@@ -473,6 +490,11 @@ def align_train(
         if verbose:
             print(_kink_summary(result), flush=True)
     torch_start = None
+    if paddle_start is not None and noise_log is not None:
+        result = _rounding_checked(
+            result, paddle_model, lambda: paddle_start, batches[0], loss_fn=paddle_loss_fn,
+            stats=stats, ref=torch_log.data, other=paddle_log.data, noise=noise_log.data)
+    paddle_start = None
     if per_step:
         result = _judged_per_step(
             result, torch_model, paddle_model, batches, torch_log.data, paddle_log.data,
@@ -583,6 +605,11 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                                        partial(forcing.reference_state, s - 1, torch_data, plan),
                                        batches[s % len(batches)], paddle_data=p_log.data,
                                        loss_fn=torch_loss_fn, seed=seed + s, plan=plan)
+                if n_log is not None and kink is not None:
+                    r = _rounding_checked(
+                        r, paddle_model, partial(_paddle_state, s - 1, torch_data, paddle_model),
+                        batches[s % len(batches)], loss_fn=paddle_loss_fn, stats=stats,
+                        ref=t_log.data, other=p_log.data, noise=n_log.data)
                 before = {k.split("/param/", 1)[1]: v for k, v in torch_data.items()
                           if k.startswith(f"step{s - 1}/param/")}
                 n_data = None if n_log is None else n_log.data
@@ -608,14 +635,22 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
     finally:
         saved.restore(torch_model, torch_optimizer, paddle_model, paddle_optimizer)
     result = forcing.merged(result, found)
-    checks = dict(result.options.get("counterfactual", {}))
-    for s, f in found.items():
-        info = f.options.get("counterfactual", {}).get("step0")
-        if info is not None:
-            checks[f"step{s}"] = info
-    if checks:
-        result = dataclasses.replace(result, options=dict(result.options, counterfactual=checks))
+    for option in ("counterfactual", "port_rounding"):
+        checks = dict(result.options.get(option, {}))
+        for s, f in found.items():
+            info = f.options.get(option, {}).get("step0")
+            if info is not None:
+                checks[f"step{s}"] = info
+        if checks:
+            result = dataclasses.replace(result, options=dict(result.options, **{option: checks}))
     return result
+
+
+def _paddle_state(step: int, torch_data: Mapping[str, Any], paddle_model: Any
+                  ) -> dict[str, np.ndarray]:
+    """The Paddle model's state dict as the reference recorded it after ``step`` (what a forced
+    step loads into it)."""
+    return {name: forcing._recorded(step, torch_data, name) for name in paddle_model.state_dict()}
 
 
 _STATE_KEY = re.compile(r"step\d+/opt/.+")
@@ -674,6 +709,31 @@ def _checked_kinks(result: Any, kink: KinkCapture, torch_model: Any, step: int,
     checks = dict(result.options.get("counterfactual", {}), **{f"step{step}": info})
     return dataclasses.replace(result, options=dict(result.options, kinks=kinks,
                                                     counterfactual=checks))
+
+
+def _rounding_checked(result: Any, paddle_model: Any, state: Callable[[], Any], batch: Any, *,
+                      loss_fn: Callable[..., Any], stats: bool, ref: Mapping[str, Any],
+                      other: Mapping[str, Any], noise: Mapping[str, Any]) -> Any:
+    """``result`` (a step's, under ``step0/`` keys, both sides run from one state) with the keys
+    the port's own float32 rounding makes passed (``reprod.align.port_rounding``): the Paddle
+    model run again in float64 from ``state()``; ``options["port_rounding"]["step0"]`` says how
+    many, or why none could be checked."""
+    if not port_rounding.needed(result):
+        return result
+    try:
+        port64 = port_rounding.paddle_float64(paddle_model, state(), batch, loss_fn, stats=stats)
+    except forcing.Unsupported as e:
+        info: dict[str, Any] = {"skipped": str(e)}
+    except Exception as e:  # noqa: BLE001 - a layer without a float64 kernel: nothing rescued
+        info = {"skipped": f"the Paddle model does not run in float64 ({type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"}
+    else:
+        before = {kr.key: kr.status for kr in result.results}
+        result = port_rounding.rescued(result, ref, other, noise, port64)
+        info = {"known": sum(kr.status == "known" and before[kr.key] != "known"
+                             for kr in result.results)}
+    checks = dict(result.options.get("port_rounding", {}), step0=info)
+    return dataclasses.replace(result, options=dict(result.options, port_rounding=checks))
 
 
 def _initial_stats(torch_model: Any, paddle_model: Any, plan: Mapping[str, KeyPlan]

@@ -1,0 +1,163 @@
+"""The port's own float32 rounding: a key that fails only because Paddle rounds more than torch.
+
+The calibrated check judges ``port - reference`` against the reference's distance from its
+float64 twin: torch's rounding. Paddle's kernels sum in other orders, and a long reduction (a bias
+gradient over batch and space, a BatchNorm statistic) can round 20-30x more than torch's
+(measured: squeezenet1_1 against paddle.vision's, seed 2, a final-Fire bias gradient at 29x
+torch's noise on a correct port). Where a step started from the same state on both sides (step 0,
+or a step forced from the reference's state), the port's step is run again in float64 from that
+state. With ``t32, t64, p32, p64`` the two sides' float32 and float64 values,
+
+    p32 - t32 = (p32 - p64) - (t32 - t64) + (p64 - t64)
+
+and a porting bug (another function) stays in ``p64 - t64`` at full size, while rounding leaves
+it at float64's. A failing key whose float64 values agree within the reference's float32 noise
+(both norms, L2 and max) is both sides' float32 rounding: it passes as ``"known"``, saying how
+much Paddle's rounding is torch's. There is no cap on that multiple: Paddle's CPU Linear sums its
+bias gradient over 32,768 rows 3,000x less exactly than torch (3.6e-4 of its largest element,
+measured), as far off as a float16 intermediate would be, and the function is the port's all the
+same. A precision the port's own code lowers (a cast to float16) stays in its float64 run, and
+fails there.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .framework import (
+    _as_array,
+    _call_loss,
+    _flatten,
+    _map_tree,
+    _paddle_place,
+    _split_batch,
+    _split_inputs,
+)
+
+__all__ = ["needed", "paddle_float64", "rescued"]
+
+_EPS32 = 2.0**-23
+# the keys a forward and backward pass from a state make (an update's need the optimizer)
+_KINDS = ("logits", "loss", "grad", "stat")
+
+
+def _to_paddle64(value: Any, place: Any) -> Any:
+    """``_to_paddle`` with floating arrays in float64."""
+    import paddle
+
+    def one(v: Any) -> Any:
+        a = _as_array(v)
+        return paddle.to_tensor(a.astype(np.float64) if np.issubdtype(a.dtype, np.floating)
+                                else a, place=place)
+
+    return _map_tree(value, one)
+
+
+def paddle_float64(paddle_model: Any, state: Optional[Mapping[str, Any]], batch: Any,
+                   loss_fn: Callable[..., Any], *, stats: bool) -> dict[str, np.ndarray]:
+    """One float64 forward and backward of the Paddle model set to ``state`` (its own state
+    where None) on ``batch``: ``step0/logits...``, ``step0/loss``, ``step0/grad/<name>`` and,
+    with ``stats``, ``step0/stat/<name>`` (BatchNorm statistics the forward pass updated), as
+    ``align_train`` records them. The model is cast in place, not copied: a copy would lose the
+    hooks registered on its tensors (``copy.deepcopy`` drops a gradient hook), which are the
+    port's code; its state, dtype and hooks are put back (its gradients are cleared). Raises
+    ``Unsupported`` where it holds floating tensors other than float32."""
+    import paddle
+
+    from .forcing import Unsupported
+
+    tensors = paddle_model.state_dict()
+    odd = sorted({str(v.dtype).replace("paddle.", "") for v in tensors.values()
+                  if v.dtype in (paddle.float16, paddle.bfloat16, paddle.float64)})
+    if odd:
+        raise Unsupported(f"the Paddle model holds {', '.join(odd)} tensors: it is cast to "
+                          "float64 and back to float32 in place")
+    saved = {k: v.detach().clone() for k, v in tensors.items()}
+    loss64 = loss_fn
+    if isinstance(loss_fn, paddle.nn.Layer) and loss_fn.state_dict():
+        loss64 = copy.deepcopy(loss_fn)
+        loss64.to(dtype="float64")
+    place = _paddle_place(paddle_model)
+    inputs, labels = _split_batch(batch, 0)
+    args, kwargs = _split_inputs(inputs)
+    got: dict[str, np.ndarray] = {}
+    try:
+        if state is not None:
+            paddle_model.set_state_dict({k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)
+                                         for k, v in state.items()})
+        paddle_model.clear_gradients()
+        paddle_model.to(dtype="float64")
+        out = paddle_model(*_to_paddle64(args, place), **_to_paddle64(kwargs, place))
+        loss = _call_loss(loss64, out, _to_paddle64(labels, place))
+        loss.backward()
+        _flatten(out, "step0/logits", got)
+        got["step0/loss"] = np.asarray(loss.numpy()).reshape(())
+        for name, p in paddle_model.named_parameters():
+            if not p.stop_gradient and p.grad is not None:
+                got[f"step0/grad/{name}"] = np.array(p.grad.numpy())
+        if stats:
+            for name, value in paddle_model.state_dict().items():
+                if getattr(value, "stop_gradient", True):
+                    got[f"step0/stat/{name}"] = np.array(value.numpy())
+    finally:
+        paddle_model.clear_gradients()
+        paddle_model.to(dtype="float32")
+        paddle_model.set_state_dict(saved)
+    return got
+
+
+def _norms(a: np.ndarray) -> tuple[float, float]:
+    return float(np.sqrt(np.sum(a * a))), float(np.max(np.abs(a))) if a.size else 0.0
+
+
+def _candidate(kr: Any) -> bool:
+    kind = kr.key.split("/", 2)[1] if kr.key.count("/") else ""
+    return (not kr.passed and kr.status in ("failed", "mismatch") and kind in _KINDS
+            and kr.noise_multiple is not None)
+
+
+def needed(result: Any) -> bool:
+    """Whether ``result`` (a one-step result under ``step0/`` keys) holds a key a float64 run of
+    the port could put down to its rounding."""
+    return any(_candidate(kr) for kr in result.results if kr.key.startswith("step0/"))
+
+
+def rescued(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
+            noise: Mapping[str, Any], port64: Mapping[str, Any]) -> Any:
+    """``result`` with each failing calibrated key of ``port64`` (``paddle_float64``'s) that
+    both sides' float32 rounding makes relabelled ``"known"``."""
+    out, changed = [], False
+    for kr in result.results:
+        key = kr.key
+        if not _candidate(kr) or key not in port64 or not all(key in d for d in (ref, other, noise)):
+            out.append(kr)
+            continue
+        t32, p32 = np.asarray(ref[key], np.float64), np.asarray(other[key], np.float64)
+        t64, p64 = np.asarray(noise[key], np.float64), np.asarray(port64[key], np.float64)
+        if not (t32.shape == p32.shape == t64.shape == p64.shape) or not (
+                np.isfinite(t32).all() and np.isfinite(p32).all() and np.isfinite(p64).all()):
+            out.append(kr)
+            continue
+        r_l2, r_max = _norms(t32)
+        n_l2, n_max = _norms(t32 - t64)
+        n_l2, n_max = max(n_l2, _EPS32 * r_l2, 1e-300), max(n_max, _EPS32 * r_max, 1e-300)
+        d_l2, d_max = _norms(p64 - t64)
+        if d_l2 > n_l2 or d_max > n_max:
+            out.append(kr)  # the float64 runs differ too: another function, not rounding
+            continue
+        p_l2, p_max = _norms(p32 - p64)
+        times = max(p_l2 / n_l2, p_max / n_max)
+        changed = True
+        out.append(dataclasses.replace(
+            kr, passed=True, status="known",
+            reason=f"a known framework difference: the port's float32 rounding, {times:.3g}x "
+                   f"the reference's (another summation order or kernel): run again in float64 "
+                   f"from the same state, it agrees with the reference's float64 twin to "
+                   f"{d_max:.3g} (max), within the reference's float32 noise ({n_max:.3g}); "
+                   f"{kr.reason}"))
+    return dataclasses.replace(result, results=tuple(out)) if changed else result
