@@ -229,9 +229,9 @@ def test_a_later_step_is_named_without_a_layer_where_its_state_was_not_recorded(
 
 
 def test_paddles_cross_entropy_clip_at_64_is_noted_where_the_logits_reach_it() -> None:
-    """Paddle clips each log-probability at -64, torch does not (checked here on both): a model
+    """Paddle clips each shifted logit at -64, torch does not (checked here on both): a model
     whose logits blow up fails its loss with no bug in the port; the note says why, and only
-    where the reference's logits give a log-probability below -64."""
+    where the reference's logits reach below -64."""
     logits = np.array([[100.0, 0.0, 0.0], [50.0, 0.0, 0.0]], np.float32)
     y = np.array([1, 1])
     t = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y),
@@ -248,7 +248,8 @@ def test_paddles_cross_entropy_clip_at_64_is_noted_where_the_logits_reach_it() -
     loss = r["step0/loss"]
     # over its noise, and passing as the known difference it is (the port's loss is at most 64)
     assert loss.status == "known" and loss.noise_multiple > 20 and loss.worst_other <= 64
-    assert "clips each sample's log-probability at -64" in loss.note
+    assert "clips each sample's shifted logit (the logit less the sample's largest) at -64" in \
+        loss.note
     assert r.first_failure is None or r.first_failure.key != "step0/loss"
     # a loss the clip cannot make (a sum over the batch: above 64) keeps failing, with the note
     from reprod.align.results import _with_notes
@@ -261,6 +262,29 @@ def test_paddles_cross_entropy_clip_at_64_is_noted_where_the_logits_reach_it() -
     tm, pm = twins(0)
     r = _train(tm, pm, steps=1, ploss=paddle.nn.CrossEntropyLoss(label_smoothing=0.1))
     assert not r["step0/loss"].passed and "-64" not in (r["step0/loss"].note or "")
+
+
+def test_the_clip_is_on_the_shifted_logit_so_a_many_class_loss_passes_64() -> None:
+    """A 1,000-class sample whose label sits 100 below its largest logit: Paddle's loss is
+    64 + log(sum(exp(shifted logits))), over 64 (a diverging mobilenet_v3_small's correct mean
+    loss was 64.04, and failed while the clip was taken to cap the loss at 64)."""
+    from reprod.align.results import _with_notes
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((2, 1000)) * 3).astype(np.float32)
+    logits[:, 0] = logits[:, 1:].max(axis=1) - 100.0
+    y = np.array([0, 0])
+    t = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
+    p = float(paddle.nn.functional.cross_entropy(paddle.to_tensor(logits), paddle.to_tensor(y)))
+    assert t > 100 and 64.5 < p < 70
+    ref = {"step0/loss": np.float32(t), "step0/logits": logits}
+    other = {"step0/loss": np.float32(p)}
+    loss = _with_notes(reprod.compare(ref, other), ref, other)["step0/loss"]
+    assert loss.status == "known" and "shifted logit at -64" in loss.reason, loss.reason
+    # a port's loss over what the clip can make keeps failing, with the note
+    over = {"step0/loss": np.float32(p + 0.01)}
+    loss = _with_notes(reprod.compare(ref, over), ref, over)["step0/loss"]
+    assert not loss.passed and "-64" in loss.note
 
 
 def test_a_linear_weight_copied_without_its_transpose_is_named_with_the_cause() -> None:
