@@ -282,7 +282,8 @@ def _step_of(key: str) -> Optional[int]:
 
 def steps_to_force(result: Any, normalised: bool = False) -> list[int]:
     """The steps after the first with a difference put down to an explanation (status
-    ``"kink"``, or ``"known"`` weights: Paddle's Adam) that hold a key not passing plainly:
+    ``"kink"``, or ``"known"`` gradients, weights or optimizer state: the port's own rounding,
+    Paddle's Adam) that hold a key not passing plainly:
     their free-running verdict rests on it. With ``normalised`` (an optimizer that normalises
     each element's update: Adam), also the first failing step and those after it where that
     step fails only in updated weights and optimizer state whose own gradients align: Adam
@@ -292,7 +293,7 @@ def steps_to_force(result: Any, normalised: bool = False) -> list[int]:
     failing = {s for kr in result if kr.status not in ("passed", "known")
                and (s := _step_of(kr.key)) is not None}
     explained = [s for kr in result if (kr.status == "kink" or (
-        kr.status == "known" and "/param/" in kr.key)) and (s := _step_of(kr.key)) is not None]
+        kr.status == "known" and _carried(kr.key))) and (s := _step_of(kr.key)) is not None]
     starts = [min(explained) + 1] if explained else []
     first_failed = min((s for kr in result if kr.status in ("failed", "mismatch")
                         and (s := _step_of(kr.key)) is not None), default=None)
@@ -302,6 +303,13 @@ def steps_to_force(result: Any, normalised: bool = False) -> list[int]:
     if not starts:
         return []
     return sorted(s for s in failing if s >= min(starts))
+
+
+def _carried(key: str) -> bool:
+    """Whether a key's difference is carried into the next step's state: a gradient, an updated
+    weight, an optimizer state (not a loss, a logit, or a BatchNorm statistic: Paddle's biased
+    running variance differs at every step, and training's forward pass does not read it)."""
+    return any(f"/{kind}/" in key for kind in ("grad", "param", "opt"))
 
 
 def _update_only(result: Any, step: int) -> bool:
@@ -353,7 +361,7 @@ def merged(result: Any, forced: Mapping[int, Any]) -> Any:
         else:
             # the free reason first: it names the earlier difference (the crossing)
             out.append(dataclasses.replace(
-                kr, passed=True, status="kink",
+                kr, passed=True, status="known" if f.status == "known" else "kink",
                 reason=f"{kr.reason}; {where} the step aligns ({f.reason})"))
     options = dict(result.options)
     options["forcing"] = {"steps": sorted(forced),
@@ -597,9 +605,14 @@ def replay_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
         if adam is not None and acc is None:
             rate = _float32_rate(adam[0], adam[1], adam[2] + updates + 1)
             made = (w0 + rate * (made.astype(np.float64) - w0)).astype(made.dtype)
+        hi = None if noise is None or kr.key not in noise else np.asarray(noise[kr.key])
+        if hi is not None and not (acc is None and adam is not None) and kr.key in ref:
+            # the key's own noise, not the replay's distance from the twin: that holds the
+            # port's gradient rounding, as large as a small weight decay's share of the update
+            own = np.asarray(ref[kr.key], np.float64) - hi
+            hi = made.astype(np.float64) - own if own.shape == made.shape else None
         check = compare({kr.key: made}, {kr.key: other[kr.key]}, criteria=criteria,
-                        noise=None if noise is None or kr.key not in noise
-                        else {kr.key: noise[kr.key]})
+                        noise=None if hi is None else {kr.key: hi})
         (c,) = check.results
         if not c.passed:
             out.append(kr)

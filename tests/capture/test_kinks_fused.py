@@ -217,7 +217,11 @@ def test_a_wrong_epsilon_in_the_fused_layer_is_not_explained_away() -> None:
     assert not r.passed
     assert [k.key for k in r if k.status == "kink"] == []
     assert r.options["kink_crossings"] == []  # its normalised values differ: no crossing
-    assert UPSTREAM <= {k.key for k in r.failed}
+    # bn.bias's gradient does not depend on the epsilon: run in float64 the port's is the
+    # reference's, and its float32 difference is the port's rounding across the ReLU
+    assert r["step0/grad/bn.bias"].status == "known"
+    assert "the port's float32 rounding" in r["step0/grad/bn.bias"].reason
+    assert UPSTREAM - {"step0/grad/bn.bias", "step0/param/bn.bias"} <= {k.key for k in r.failed}
     assert not r["step0/logits"].passed
 
 
@@ -228,8 +232,15 @@ def test_a_wrong_gradient_after_the_fused_layer_keeps_failing() -> None:
     assert {k.key for k in r if k.status == "kink"} == UPSTREAM
 
 
-def test_norm_layers_that_do_not_pair_by_order_fail_closed() -> None:
+def test_norm_layers_that_do_not_pair_by_order_fail_closed(monkeypatch) -> None:
     r = _train(torch_kw={"extra_bn": True})
     assert r.options["kinks"]["explained"] == 0
     assert "batch-norm layers in torch" in r.options["kinks"]["skipped"]
+    # the crossing is rounding all the same: the port run in float64 is the reference's (the
+    # extra norm adds 0 x its output), which the kink pairing does not need
+    assert r.passed and all(r[k].status == "known" for k in UPSTREAM), r.to_table()
+    from reprod.align import steps
+
+    monkeypatch.setattr(steps.port_rounding, "needed", lambda result: False)
+    r = _train(torch_kw={"extra_bn": True})
     assert UPSTREAM <= {k.key for k in r.failed}
