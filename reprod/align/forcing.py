@@ -338,7 +338,9 @@ def merged(result: Any, forced: Mapping[int, Any]) -> Any:
     # the first step with a key nothing explains: a later key whose difference it carries
     # passes forced and still fails (a port's bug of that step, not an explanation)
     broken = min((s for kr in result.results
-                  if not kr.passed and (s := _step_of(kr.key)) is not None), default=None)
+                  if not kr.passed and (s := _step_of(kr.key)) is not None
+                  and (s not in forced or not getattr(by_key.get(kr.key), "passed", False))),
+                 default=None)
     out = []
     for kr in result.results:
         step = _step_of(kr.key)

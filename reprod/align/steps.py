@@ -27,7 +27,7 @@ from ..diff.criteria import Criteria
 from ..diff.noise import DEFAULT_NOISE_FACTOR
 from ..errors import ReprodError
 from ..logger import ReprodLogger
-from . import counterfactual, forcing, port_rounding
+from . import counterfactual, decay, forcing, port_rounding
 from .by_order import by_order_rules
 from .calibration import _float64_loss, _float64_optimizer, _float64_twin
 from .forward import align_forward
@@ -336,6 +336,13 @@ def align_train(
     them of the port's own gradient (``reprod.align.port_rounding``,
     ``result.options["port_rounding"]`` counts them per step, or says why none was checked).
 
+    Where neither side keeps optimizer state for a parameter (plain SGD), each side's weight
+    decay is fitted from its own updates (the slope of (w_before - w_after) / lr - grad against
+    w_before over the parameter's elements and steps, ``reprod.align.decay``): a decay of 1e-5
+    at lr 0.01 moves a weight by one rounding unit, within every key's noise, and the fit sees
+    it at 300 standard errors. Decays more than 20 standard errors apart fail that parameter's
+    updated weights, saying both (``result.options["decay"]``).
+
     ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
     rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
 
@@ -398,7 +405,8 @@ def align_train(
     weights0 = {kp.paddle_name: np.array(_torch_array(p, kp)) if state0 is None
                 else _torch_view(state0[name], kp) for name, p in
                 torch_model.named_parameters()
-                if (kp := plan.get(name)) is not None and kp.paddle_name} if per_step else {}
+                if (kp := plan.get(name)) is not None and kp.paddle_name} \
+        if per_step or state0 is not None else {}
     # the torch model's state before training: step 0's crossings are checked from it
     # (counterfactual); the copy localisation keeps, where it keeps one
     torch_start = None
@@ -507,6 +515,9 @@ def align_train(
         if before is None and out_dir is not None:
             _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"),
                             verbose=verbose)
+    if weights0:  # plain SGD's weight decay, which no key of one step resolves
+        result = decay.decay_checked(result, torch_log.data, paddle_log.data, weights0)
+    weights0 = {}
     # the float64 records are judged (and in the dump) now; localisation copies both models'
     # state again and may run a second float64 twin: not beside these
     noise_log = None
