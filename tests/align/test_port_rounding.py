@@ -70,6 +70,9 @@ def _train(tm, pm, *, steps: int = 1, opt: str = "momentum", paddle_kw=None, **k
         topt = torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9,
                                weight_decay=kw.pop("weight_decay", 0.0))
         popt = paddle.optimizer.Momentum(0.1, 0.9, parameters=pm.parameters(), **paddle_kw)
+    elif opt == "sgd":
+        topt = torch.optim.SGD(tm.parameters(), lr=0.01)
+        popt = paddle.optimizer.SGD(0.01, parameters=pm.parameters())
     else:
         topt = torch.optim.Adam(tm.parameters(), lr=1e-3)
         popt = paddle.optimizer.Adam(1e-3, parameters=pm.parameters(), **paddle_kw)
@@ -94,6 +97,19 @@ def test_a_correct_ports_long_bias_reduction_passes_as_its_own_rounding() -> Non
     assert r.options["forcing"]["steps"] == [1]
     assert r.options["port_rounding"]["step1"]["known"] >= 1
     assert r["step1/grad/fc.bias"].passed
+
+
+def test_each_later_step_is_judged_from_the_references_state_and_passes() -> None:
+    # plain SGD: step 0's weights pass plainly, its gradient by the port's rounding; steps 1 and
+    # 2 carry that rounding, are judged from the reference's state, and pass there (step 2 used
+    # to keep failing as "step 1's difference, carried" though step 1 passed forced)
+    r = _train(*_pair(), steps=3, opt="sgd")
+    assert r.passed, r.to_table(failed_only=True)
+    assert r.options["forcing"] == {"steps": [1, 2], "failed": 0}
+    for s in (1, 2):
+        g = r[f"step{s}/grad/fc.bias"]
+        assert g.status == "known" and g.noise_multiple > 200, (g.status, g.reason)
+        assert "the port's float32 rounding" in g.reason
 
 
 def test_without_the_float64_rerun_the_correct_port_fails(monkeypatch) -> None:
