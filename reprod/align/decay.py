@@ -74,7 +74,9 @@ def fitted_decay(data: Mapping[str, Any], name: str, steps: list[int],
 def decay_checked(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
                   weights0: Mapping[str, Any]) -> Any:
     """``result`` with the updated weights of each parameter whose two fitted decays differ
-    failed (``fitted_decay``), for parameters neither side keeps optimizer state of;
+    failed (``fitted_decay``), for parameters whose optimizer state neither side recorded
+    (plain SGD; any optimizer with ``optimizer_state=False``: the fit is each side's own, so a
+    correct port's two fits agree whatever the update rule);
     ``result.options["decay"]`` lists them (``{name: {"reference": wd, "port": wd, "z": z}}``)."""
     names: dict[str, list[int]] = {}
     for kr in result.results:

@@ -3,7 +3,8 @@ less than its float32 resolution (session 16's P3): torchvision's squeezenet1_1 
 paddle.vision's, eval mode, by call order, calibrated, one SGD step (lr 0.01, momentum 0.9,
 torch's weight_decay 1e-4, the port's none), batch 2 at 224 px.
 
-The weights alone pass: 1e-6 of each weight is within their noise. The momentum buffers,
+The weights pass key by key: 1e-6 of each weight is within their noise; the decay each side's
+update fits over a parameter's elements (``reprod.align.decay``) tells. The momentum buffers,
 recorded after the step as ``step0/opt/<name>.velocity``, hold g + 1e-4 w against the port's g,
 and fail; the finding names the decay. The same decay on both sides passes. About 4 s.
 """
@@ -48,7 +49,17 @@ def _run(paddle_wd, optimizer_state=True):
     )
 
 
-def test_the_weights_alone_do_not_show_the_missing_decay():
+def test_the_weights_alone_show_the_missing_decay_only_by_its_fit(monkeypatch):
+    # each key of the weights is within its noise; the decay each side's update fits is not
+    from reprod.align import steps
+
+    r = _run(None, optimizer_state=False)
+    assert not r.passed
+    assert all(k.key.startswith("step0/param/") and k.reason.startswith("the weight decays differ")
+               for k in r.failed), r.to_table(failed_only=True)
+    fit = r.options["decay"]["_conv.weight"]
+    assert abs(fit["reference"] - 1e-4) < 1e-6 and abs(fit["port"]) < 1e-6
+    monkeypatch.setattr(steps.decay, "decay_checked", lambda result, *args: result)
     assert _run(None, optimizer_state=False).passed
 
 
