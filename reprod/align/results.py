@@ -277,6 +277,24 @@ def _kink_summary(result: Any) -> str:
     return line
 
 
+def _rounding_summary(result: Any) -> list[str]:
+    """Lines for ``verbose``: the keys put down to the port's own float32 rounding, and the
+    parameters whose fitted weight decays differ."""
+    lines = []
+    checks = result.options.get("port_rounding") or {}
+    known = sum(c.get("known", 0) for c in checks.values())
+    skipped = sorted({c["skipped"] for c in checks.values() if c.get("skipped")})
+    if known or skipped:
+        line = (f"the port's own float32 rounding (run again in float64 from the same state): "
+                f"{known} keys")
+        lines.append(line + (f"; not checked: {'; '.join(skipped)}" if skipped else ""))
+    fits = result.options.get("decay") or {}
+    if fits:
+        lines.append("weight decays differ (fitted from each side's updates): " + ", ".join(
+            f"{name} {f['reference']:.3g} against {f['port']:.3g}" for name, f in fits.items()))
+    return lines
+
+
 _STEP = re.compile(r"step_?\d+")
 
 

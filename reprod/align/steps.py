@@ -58,6 +58,7 @@ from .results import (
     PathLike,
     _finish,
     _kink_summary,
+    _rounding_summary,
     _write_diff_log,
     noise_multiples,
 )
@@ -512,12 +513,15 @@ def align_train(
             kinks=kink is not None, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
             plan=plan, stats=stats, seed=seed, calibrate=calibrate, criteria=crit,
             optimizer_state=optimizer_state)
-        if before is None and out_dir is not None:
-            _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"),
-                            verbose=verbose)
     if weights0:  # plain SGD's weight decay, which no key of one step resolves
         result = decay.decay_checked(result, torch_log.data, paddle_log.data, weights0)
     weights0 = {}
+    if verbose:
+        for line in _rounding_summary(result):
+            print(line, flush=True)
+    if per_step and before is None and out_dir is not None:
+        _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"),
+                        verbose=verbose)
     # the float64 records are judged (and in the dump) now; localisation copies both models'
     # state again and may run a second float64 twin: not beside these
     noise_log = None

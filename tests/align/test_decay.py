@@ -108,6 +108,15 @@ def test_a_missing_decay_under_every_keys_resolution_fails() -> None:
     assert r.first_failure.key.startswith("step0/param/")
 
 
+def test_verbose_says_which_decays_differ_and_what_the_ports_rounding_explained(capsys) -> None:
+    r = _train(1e-5, None, verbose=True)
+    out = capsys.readouterr().out
+    assert "weight decays differ (fitted from each side's updates): fc.weight 9.98e-06 against" in out
+    # the finding the failing weights lead to names the decay, at its fitted size
+    (finding,) = r.options["findings"]
+    assert "1.01e-05 x the learning rate x the weights" in finding and "weight decay" in finding
+
+
 def test_optimizers_with_state_are_left_to_it() -> None:
     r = _train(1e-5, None, momentum=0.9)
     assert not r.passed and "decay" not in r.options

@@ -93,6 +93,11 @@ def test_a_correct_ports_long_bias_reduction_passes_as_its_own_rounding() -> Non
     for key in ("step0/param/fc.bias", "step0/opt/fc.bias.velocity"):
         assert r[key].status == "known" and "of the port's own gradient" in r[key].reason, key
     assert r.options["port_rounding"]["step0"]["known"] >= 1
+    from reprod.align.results import _rounding_summary
+
+    (line,) = _rounding_summary(r)
+    assert line.startswith("the port's own float32 rounding (run again in float64 from the same "
+                           "state): 2 keys"), line
     # step 1 is judged from the reference's state, its rounding checked from that state too
     assert r.options["forcing"]["steps"] == [1]
     assert r.options["port_rounding"]["step1"]["known"] >= 1
