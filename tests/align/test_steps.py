@@ -362,9 +362,12 @@ def _wd_run(*, torch_wd=1e-4, paddle_wd=None, momentum=MU, **kw):
 def test_a_weight_decay_below_the_weights_resolution_shows_in_the_momentum_buffers() -> None:
     """torch's SGD with weight decay 1e-4 at lr 0.01 against a port that leaves the decay out:
     one step moves the weights by 1e-6 x themselves, within their calibrated noise, and the
-    weights pass; the momentum buffer holds g + 1e-4 w against the port's g, and fails."""
+    weights pass key by key; the momentum buffer holds g + 1e-4 w against the port's g, and
+    fails. Without the buffers, the decay each side's update fits (``reprod.align.decay``)
+    tells."""
     blind = _wd_run(optimizer_state=False)
-    assert blind.passed  # what the weights alone say
+    assert not blind.passed and blind.options["decay"]
+    assert all(k.key.startswith("step0/param/") and k.noise_multiple < 20 for k in blind.failed)
     r = _wd_run()
     assert not r.passed
     assert all(k.passed for k in r if "/opt/" not in k.key), r.to_table(failed_only=True)
