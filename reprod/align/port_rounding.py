@@ -112,7 +112,10 @@ def paddle_float64(paddle_model: Any, state: Optional[Mapping[str, Any]], batch:
 
 
 def _norms(a: np.ndarray) -> tuple[float, float]:
-    return float(np.sqrt(np.sum(a * a))), float(np.max(np.abs(a))) if a.size else 0.0
+    """(L2, max) of ``a``; (0, 0) where it is empty."""
+    if a.size == 0:
+        return 0.0, 0.0
+    return float(np.sqrt(np.sum(a * a))), float(np.max(np.abs(a)))
 
 
 def _candidate(kr: Any) -> bool:

@@ -228,3 +228,5 @@ def test_rescued_needs_both_float64_runs_to_agree_within_the_references_noise() 
     nan[0] = np.nan
     assert pr.rescued(r, ref, {key: nan}, noise, {key: t64}) is r
     assert pr.needed(r) and not pr.needed(same)
+    assert pr._norms(np.zeros(0)) == (0.0, 0.0)
+    assert pr._norms(np.array([3.0, -4.0])) == (5.0, 4.0)
