@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --noise: how many times its noise a key may differ (default 20)",
     )
     p.add_argument(
+        "--other-noise",
+        metavar="OTHER_HI",
+        help="with --noise: the port computed in float64 (same keys; files only): a calibrated key "
+        "that fails passes as the port's own rounding where the two float64 runs agree within "
+        "the reference's float32 noise (a bug differs in float64 too)",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         metavar="N",
@@ -241,7 +248,8 @@ _FAST_VALUES = {"--format": "format", "--output": "output", "--html": "html",
                 "--threshold": "threshold"}
 _DEFAULTS: dict[str, Any] = {
     "threshold": 1e-6, "method": None, "atol": None, "rtol": None, "key_threshold": [],
-    "keys": None, "equal_nan": False, "noise": None, "noise_factor": None, "jobs": None,
+    "keys": None, "equal_nan": False, "noise": None, "noise_factor": None, "other_noise": None,
+    "jobs": None,
     "scheduler": None, "by_order": False, "rename": None, "strict_shape": False,
     "format": "table", "output": None, "first": False, "failed_only": False, "max_rows": None,
     "html": None, "verify": False, "quiet": False,
@@ -377,6 +385,8 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
                         strict_shape=args.strict_shape, noise_factor=args.noise_factor)
     if args.noise_factor is not None and args.noise is None:
         raise UsageError("--noise-factor needs --noise REF_HI (the reference run in float64)")
+    if args.other_noise is not None and args.noise is None:
+        raise UsageError("--other-noise needs --noise REF_HI (the reference run in float64)")
     options: dict[str, Any] = {
         "criteria": criteria,
         "keys": args.keys,
@@ -385,7 +395,7 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
     pair = _pairing(args)
     if pair is not None:
         options["pair"] = pair
-    for path in (args.ref, args.other) + ((args.noise,) if args.noise else ()):
+    for path in (args.ref, args.other) + tuple(p for p in (args.noise, args.other_noise) if p):
         if not os.path.exists(path):
             raise UsageError(f"{path}: no such file or directory")
     ref_dir, other_dir = os.path.isdir(args.ref), os.path.isdir(args.other)
@@ -395,6 +405,9 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
     sides: Optional[tuple[Any, Any]] = None
     if args.noise and os.path.isdir(args.noise) != ref_dir:
         raise UsageError(f"--noise {args.noise} must be a folder exactly when {args.ref} is one")
+    if args.other_noise and (ref_dir or pair is not None):
+        raise UsageError("--other-noise works on two files under the same keys: leave out "
+                         "folders and --by-order/--rename")
     if ref_dir:
         # folders: every file pair through compare_trees (serially, on a local process pool with
         # --jobs, on a Dask cluster with --scheduler / REPROD_SCHEDULER); --by-order/--rename run
@@ -412,6 +425,8 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
         sides = (_open(args.ref, args.verify), _open(args.other, args.verify))
         if args.noise:
             options["noise"] = _open(args.noise, args.verify)
+        if args.other_noise:
+            options["other_noise"] = _open(args.other_noise, args.verify)
         compared = [(None, compare(*sides, **options))]
     if args.keys and all(kr.status == "nothing" for _, result in compared for kr in result):
         globs = ", ".join(repr(k) for k in args.keys)

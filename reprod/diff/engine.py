@@ -9,15 +9,17 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
+import numpy as np
+
 from .. import _native
 from .. import messages as msg
 from .._gc import gc_paused
-from ..errors import DumpChangedError
+from ..errors import DumpChangedError, ReprodError
 from ..storage.lazy import Dump, NonNumericValue
 from .batch import compare_batch, unravel
 from .columns_batch import ColumnPairs, column_pairs, compare_columns, sides_of
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
-from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats, judge_precision
+from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats, judge_precision, port_rounding
 from .pairing import DerivedNoise, Pair, Side, leaf_array, open_side, walk_pairs
 from .progress import Progress, progress_enabled
 from .result import DiffResult, KeyResult
@@ -40,6 +42,7 @@ def compare(
     strict_shape: bool = False,
     noise: Any = None,
     noise_factor: Optional[float] = None,
+    other_noise: Any = None,
     pair: Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], Mapping[str, Any]]] = None,
     criteria: Optional[Criteria] = None,
     progress: Optional[bool] = None,
@@ -63,6 +66,13 @@ def compare(
     carries ``noise_multiple``, ``noise_l2`` and ``noise_max``. Keys not found there are judged by
     the plain thresholds, with a note.
 
+    ``other_noise`` (with ``noise``): the port's same computation at higher precision (the Paddle
+    side in float64). A calibrated key that fails passes as ``"known"`` where it is both sides'
+    rounding: the two higher-precision runs agree within the reference's own noise
+    (``reprod.diff.noise.port_rounding``: a porting bug is another function in float64 too, while
+    Paddle's kernels may round hundreds of times more than torch's in float32).
+    ``result.options["port_rounding"]`` counts the keys so explained.
+
     ``pair``: a function ``(ref_tree, other_tree) -> other_tree`` that renames the other side's keys
     to the reference's before pairing (``reprod.capture.rename_by_order`` for captures whose layer
     names differ, ``functools.partial(reprod.capture.rename, rules=...)``, or
@@ -82,8 +92,55 @@ def compare(
     if criteria is not None:  # the shortcuts left at their defaults do not override criteria
         given = {k: v for k, v in given.items() if v != _DEFAULTS[k]}
     crit = build_criteria(criteria, **given)
+    if other_noise is not None and noise is None:
+        raise ReprodError("other_noise= (the port run in float64) needs noise= (the reference run "
+                          "in float64): a port's rounding is judged against the reference's")
+    if other_noise is not None and pair is not None:
+        raise ReprodError("other_noise= does not work with pair=: give dumps under the same keys")
     with gc_paused():
-        return _compare(ref, other, crit, keys=keys, progress=progress, noise=noise, pair=pair)
+        result = _compare(ref, other, crit, keys=keys, progress=progress, noise=noise, pair=pair)
+        if other_noise is not None:
+            result = _rounding_explained(result, ref, other, noise, other_noise)
+    return result
+
+
+def _leaf(tree: Any, path: tuple[str, ...], shape: Optional[tuple[int, ...]]) -> Optional[np.ndarray]:
+    """The array at ``path`` in ``tree``, in ``shape`` where it holds the same elements; None
+    where it is not there."""
+    parent = tree
+    for part in path[:-1]:
+        parent = parent.get(part) if isinstance(parent, Mapping) else None
+    if not isinstance(parent, Mapping) or not path or path[-1] not in parent:
+        return None
+    a, _ = leaf_array(parent, path[-1])
+    if shape is not None and a.shape != shape and a.size == int(np.prod(shape)):
+        a = a.reshape(shape)
+    return a
+
+
+def _rounding_explained(result: DiffResult, ref: Any, other: Any, noise: Any,
+                        other_noise: Any) -> DiffResult:
+    """``compare``'s ``other_noise``: its failing calibrated keys that both sides' rounding
+    makes, relabelled ``"known"`` (read again from the four dumps, those keys only)."""
+    a, b = open_side(ref, "ref"), open_side(other, "other")
+    hi, ohi = open_side(noise, "noise"), open_side(other_noise, "other_noise")
+    trees = [a.tree] + [_as_ref_key(a.tree, s.tree) for s in (b, hi, ohi)]
+    out, known = [], 0
+    for kr in result.results:
+        if kr.passed or kr.status not in ("failed", "mismatch") or kr.noise_multiple is None:
+            out.append(kr)
+            continue
+        arrays = [_leaf(t, kr.path or (kr.key,), kr.ref_shape) for t in trees]
+        found = None if any(x is None for x in arrays) else port_rounding(
+            *arrays, dtypes=(kr.ref_dtype, kr.other_dtype))
+        if found is None:
+            out.append(kr)
+            continue
+        known += 1
+        out.append(dataclasses.replace(kr, passed=True, status="known",
+                                       reason=f"{found.reason()}; {kr.reason}"))
+    options = dict(result.options, port_rounding={"known": known, "other_noise": ohi.name})
+    return dataclasses.replace(result, results=tuple(out), options=options)
 
 
 _DEFAULTS: dict[str, Any] = {"methods": "mean", "threshold": 1e-6, "atol": None, "rtol": None,

@@ -42,7 +42,7 @@ from .partial import FIELDS, Partial
 from .second_pass import ratio
 
 __all__ = ["DEFAULT_NOISE_FACTOR", "Calibration", "calibrate", "calibrated_stats", "carried_precision",
-           "judge_precision", "LOW_PRECISION_NOISE_FACTOR"]
+           "judge_precision", "LOW_PRECISION_NOISE_FACTOR", "Rounding", "port_rounding"]
 
 # A key passes when its difference is within this many times the reference's own noise. Measured
 # on torchvision resnet50 / mobilenet_v3 against paddle.vision's own ports (3 seeds; forward, every
@@ -75,6 +75,58 @@ class Calibration:
     why: Optional[str] = None
     noise_dtype: Optional[str] = None  # the dtype the noise reference holds
     coarser_port: bool = False  # uncalibrated because other rounds coarser than ref
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """A difference both sides' float32 rounding makes (``port_rounding``)."""
+
+    times: float  # the port's distance from its float64 run, in the reference's noise
+    agree: float  # max |port_hi - ref_hi|
+    noise: float  # the reference's float32 noise (max, floored)
+
+    def reason(self) -> str:
+        return (f"a known framework difference: the port's float32 rounding, {self.times:.3g}x "
+                f"the reference's (another summation order or kernel): run in float64, it agrees "
+                f"with the reference's float64 run to {self.agree:.3g} (max), within the "
+                f"reference's float32 noise ({self.noise:.3g})")
+
+
+def _norms(a: np.ndarray) -> tuple[float, float]:
+    """(L2, max) of ``a``; (0, 0) where it is empty."""
+    if a.size == 0:
+        return 0.0, 0.0
+    return float(np.sqrt(np.sum(a * a))), float(np.max(np.abs(a)))
+
+
+def port_rounding(ref: Any, other: Any, ref_hi: Any, other_hi: Any,
+                  dtypes: tuple[Optional[str], ...] = ()) -> Optional[Rounding]:
+    """Whether ``other - ref`` is both sides' rounding: with each side's same computation at
+    higher precision (``ref_hi``, ``other_hi``),
+
+        other - ref = (other - other_hi) - (ref - ref_hi) + (other_hi - ref_hi)
+
+    and rounding leaves the last term at the higher precision's size, while a bug (another
+    function) keeps it at full size. A ``Rounding`` where ``other_hi`` agrees with ``ref_hi``
+    within the reference's own noise, in L2 and in max (each floored at one rounding unit of the
+    coarsest of ``dtypes``, float32 where none is given, at the reference's scale); None otherwise, and where a shape
+    differs or a value is not finite. The port's own noise is not bounded: Paddle's CPU Linear
+    sums a bias gradient over 32,768 rows 3,000x less exactly than torch (measured)."""
+    arrays = [np.asarray(x, dtype=np.float64) for x in (ref, other, ref_hi, other_hi)]
+    t32, p32, t64, p64 = arrays
+    if not (t32.shape == p32.shape == t64.shape == p64.shape):
+        return None
+    if not all(np.isfinite(a).all() for a in arrays):
+        return None
+    eps = _eps(*dtypes, "float64")
+    r_l2, r_max = _norms(t32)
+    n_l2, n_max = _norms(t32 - t64)
+    n_l2, n_max = max(n_l2, eps * r_l2, 1e-300), max(n_max, eps * r_max, 1e-300)
+    d_l2, d_max = _norms(p64 - t64)
+    if d_l2 > n_l2 or d_max > n_max:
+        return None
+    p_l2, p_max = _norms(p32 - p64)
+    return Rounding(max(p_l2 / n_l2, p_max / n_max), d_max, n_max)
 
 
 def _eps(*dtypes: Optional[str]) -> float:
