@@ -73,12 +73,13 @@ def criteria_for(*, method: Any = None, threshold: Optional[float] = None,
 
 def _check(ref: Any, other: Any, *, kind: str, reference: Optional[str], criteria: Criteria,
            keys: Any = None, noise: Any = None, msg: Optional[str] = None,
-           other_name: Optional[str] = None) -> DiffResult:
+           other_name: Optional[str] = None, other_noise: Any = None) -> DiffResult:
     __tracebackhide__ = True
     from .diff.engine import compare
 
     result = compare(_as_mapping(ref), _as_mapping(other), keys=keys, criteria=criteria,
-                     noise=None if noise is None else _as_mapping(noise))
+                     noise=None if noise is None else _as_mapping(noise),
+                     other_noise=None if other_noise is None else _as_mapping(other_noise))
     if other_name is not None:
         result = replace(result, other_name=other_name)
     if _listeners:
@@ -102,6 +103,7 @@ def assert_aligned(
     equal_nan: bool = False,
     noise: Any = None,
     noise_factor: Optional[float] = None,
+    other_noise: Any = None,
     msg: Optional[str] = None,
 ) -> DiffResult:
     """Pass silently (returning the ``DiffResult``) or raise ``AssertionError`` listing every
@@ -124,7 +126,9 @@ def assert_aligned(
 
     ``noise``: the reference computed in float64 (same keys): each key found there passes when
     its difference is within ``noise_factor`` (default 20) times the reference's own noise,
-    whatever the tolerances above say (see ``reprod.compare``).
+    whatever the tolerances above say (see ``reprod.compare``). ``other_noise``: the port
+    computed in float64 too: a calibrated key that fails passes where the two float64 runs agree
+    (the port's own rounding, ``reprod.compare``'s ``other_noise``).
 
     >>> assert_aligned(torch_out, paddle_out)                    # float32: rtol 1.3e-6, atol 1e-5
     >>> assert_aligned("fwd_torch.npy", "fwd_paddle.npy", threshold=1e-5)
@@ -133,4 +137,4 @@ def assert_aligned(
     criteria = criteria_for(method=method, threshold=threshold, atol=atol, rtol=rtol,
                             per_key=per_key, equal_nan=equal_nan, noise_factor=noise_factor)
     return _check(ref, other, kind="assert_aligned", reference=None, criteria=criteria, keys=keys,
-                  noise=noise, msg=msg)
+                  noise=noise, msg=msg, other_noise=other_noise)

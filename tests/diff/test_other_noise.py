@@ -90,6 +90,12 @@ def test_a_correct_ports_gradient_passes_with_its_float64_dump_and_a_bug_does_no
     assert r["grad/fc.bias"].reason.startswith("a known framework difference: the port's float32 "
                                                "rounding, ")
     assert r.options["port_rounding"]["known"] == 1
+    from reprod.testing import assert_aligned
+
+    with pytest.raises(AssertionError, match="grad/fc.bias"):
+        assert_aligned(d["torch_float32"], d["paddle_float32"], noise=d["torch_float64"])
+    assert_aligned(d["torch_float32"], d["paddle_float32"], noise=d["torch_float64"],
+                   other_noise=d["paddle_float64"])
     # a backward bug 1e-5 of the gradient (~30x under the port's own rounding): float64 keeps it
     bug = dict(d["paddle_float32"], **{"grad/fc.bias": d["paddle_float32"]["grad/fc.bias"]
                                        * np.float32(1 + 1e-5)})
