@@ -39,6 +39,7 @@ class ReprodDiffHelper:
 
     def __init__(self) -> None:
         self._base: Any = None
+        self._calibrated: Optional[tuple[Any, Any, Any, Any]] = None
         self._diff_dict: Optional[dict[str, Any]] = None
         self._own_diff_dict = True  # False once the caller assigns diff_dict (report then uses it)
         self.result: Any = None
@@ -53,7 +54,13 @@ class ReprodDiffHelper:
         finally:
             dump.close()  # the arrays keep their own (copy-on-write) mapping
 
-    def compare_info(self, info1: Mapping[str, Any], info2: Mapping[str, Any]) -> None:
+    def compare_info(self, info1: Mapping[str, Any], info2: Mapping[str, Any], *,
+                     noise: Any = None, other_noise: Any = None) -> None:
+        """reprod_log's ``compare_info``. Beyond it: ``noise``, the reference run in float64
+        (a dict from ``load_info`` or a path), makes ``report`` judge each key found there by
+        the reference's own noise (``reprod.compare``'s ``noise``), whatever ``diff_threshold``
+        says; ``other_noise``, the port run in float64 too, passes a key both sides' rounding
+        makes (``reprod.compare``'s ``other_noise``)."""
         if not isinstance(info1, Mapping) or not isinstance(info2, Mapping):
             raise ReprodError(
                 f"compare_info needs two dicts (what load_info returns), got "
@@ -63,7 +70,13 @@ class ReprodDiffHelper:
         from .diff.engine import compare
 
         # every statistic is computed once here; report() only judges them
-        self._base = compare(str_keys(info1), str_keys(info2), method="all", threshold=None)
+        if other_noise is not None and noise is None:
+            raise ReprodError("compare_info(other_noise=...) needs noise= (the reference run in "
+                              "float64)")
+        a, b = str_keys(info1), str_keys(info2)
+        self._base = compare(a, b, method="all", threshold=None)
+        self._calibrated = None if noise is None else (
+            a, b, *(str_keys(x) if isinstance(x, Mapping) else x for x in (noise, other_noise)))
         self._diff_dict = None
         self._own_diff_dict = True
 
@@ -103,6 +116,13 @@ class ReprodDiffHelper:
         from .diff.verdict import rejudge
         from .report.log import render_log
 
-        self.result = rejudge(self._base, method=diff_method, threshold=diff_threshold)
+        if self._calibrated is not None:  # the noise judges each key: the data is read again
+            from .diff.engine import compare
+
+            a, b, noise, other_noise = self._calibrated
+            self.result = compare(a, b, method=diff_method, threshold=diff_threshold,
+                                  noise=noise, other_noise=other_noise)
+        else:
+            self.result = rejudge(self._base, method=diff_method, threshold=diff_threshold)
         emit_log_lines(render_log(self.result), path)
         return bool(self.result.passed)

@@ -131,3 +131,21 @@ def test_other_noise_needs_noise_and_same_keys() -> None:
         reprod.compare(a, a, other_noise=a)
     with pytest.raises(reprod.ReprodError, match="pair="):
         reprod.compare(a, a, noise=a, other_noise=a, pair=lambda r, o: o)
+
+
+def test_the_drop_in_helper_takes_both_noises(tmp_path) -> None:
+    d = _dumps()
+    helper = reprod.ReprodDiffHelper()
+    helper.compare_info(d["torch_float32"], d["paddle_float32"], noise=d["torch_float64"])
+    assert set(helper.diff_dict["grad/fc.bias"]) == {"mean", "max", "min"}  # as reprod_log
+    assert not helper.report(diff_threshold=1e-3, path=str(tmp_path / "a.log"))
+    assert helper.result["grad/fc.bias"].noise_multiple > 200
+    helper.compare_info(d["torch_float32"], d["paddle_float32"], noise=d["torch_float64"],
+                        other_noise=d["paddle_float64"])
+    assert helper.report(diff_threshold=1e-12, path=str(tmp_path / "b.log"))  # noise judges
+    assert "diff check passed" in (tmp_path / "b.log").read_text()
+    helper.compare_info(d["torch_float32"], d["paddle_float32"])  # plain again
+    assert not helper.report(diff_threshold=1e-12, path=str(tmp_path / "c.log"))
+    with pytest.raises(reprod.ReprodError, match="needs noise="):
+        helper.compare_info(d["torch_float32"], d["paddle_float32"],
+                            other_noise=d["paddle_float64"])
