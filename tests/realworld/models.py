@@ -128,6 +128,21 @@ def squeezenet_as_torchvision(model: paddle.nn.Layer) -> paddle.nn.Layer:
     return model
 
 
+def train_copies(pair: Any, seed: int, *, steps: int = 2, batch: int = 2
+                 ) -> tuple[torch.nn.Module, paddle.nn.Layer, list[tuple[np.ndarray, np.ndarray]]]:
+    """Fresh copies of a pair's two models in train mode with dropout off (squeezenet's first
+    conv as torchvision's), and ``steps`` batches of seeds ``seed``, ``seed + 1``, ...: what an
+    ``align_train`` survey run of the pair starts from."""
+    tm, pm = copy.deepcopy(pair.torch32), pair.paddle()
+    if pair.name == "squeezenet1_1":
+        squeezenet_as_torchvision(pm)
+    without_dropout(tm, pm)
+    tm.train()
+    pm.train()
+    return tm, pm, [(make_inputs(seed + i, batch), make_labels(seed + i, batch))
+                    for i in range(steps)]
+
+
 def to_float64(model: torch.nn.Module) -> torch.nn.Module:
     """A float64 copy of a torch model (same weights, exactly: float32 -> float64 is exact)."""
     return copy.deepcopy(model).double()

@@ -15,7 +15,6 @@ epsilon still fails at step 0.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
@@ -23,13 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import paddle  # noqa: E402
 import torch  # noqa: E402
-from models import (  # noqa: E402
-    build_pair,
-    make_inputs,
-    make_labels,
-    squeezenet_as_torchvision,
-    without_dropout,
-)
+from models import build_pair, train_copies  # noqa: E402
 
 from reprod.align import align_train  # noqa: E402
 
@@ -39,13 +32,7 @@ _PAIR: list = []
 def _run(beta1: float = 0.9):
     if not _PAIR:
         _PAIR.append(build_pair("squeezenet1_1", 1))
-    p = _PAIR[0]
-    tm, pm = copy.deepcopy(p.torch32), p.paddle()
-    squeezenet_as_torchvision(pm)
-    without_dropout(tm, pm)
-    tm.train()
-    pm.train()
-    batches = [(make_inputs(1 + i, 2), make_labels(1 + i, 2)) for i in range(2)]
+    tm, pm, batches = train_copies(_PAIR[0], 1)
     return align_train(
         tm, pm, batches, steps=2, by_order=True, calibrate=True,
         torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),

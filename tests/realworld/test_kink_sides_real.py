@@ -25,7 +25,7 @@ from models import (  # noqa: E402
     make_inputs,
     make_labels,
     squeezenet_as_torchvision,
-    without_dropout,
+    train_copies,
 )
 
 from reprod.align import align_train  # noqa: E402
@@ -37,12 +37,7 @@ _PAIR: list = []
 def _run():
     if not _PAIR:
         _PAIR.append(build_pair("mobilenet_v3_small", 0))
-    p = _PAIR[0]
-    tm, pm = copy.deepcopy(p.torch32), p.paddle()
-    without_dropout(tm, pm)
-    tm.train()
-    pm.train()
-    batches = [(make_inputs(i, 2), make_labels(i, 2)) for i in range(2)]
+    tm, pm, batches = train_copies(_PAIR[0], 0)
     return align_train(
         tm, pm, batches, steps=2, by_order=True, calibrate=True,
         torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),

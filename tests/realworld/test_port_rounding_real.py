@@ -12,7 +12,6 @@ A scaled gradient still fails. About 8 s.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
@@ -20,13 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import paddle  # noqa: E402
 import torch  # noqa: E402
-from models import (  # noqa: E402
-    build_pair,
-    make_inputs,
-    make_labels,
-    squeezenet_as_torchvision,
-    without_dropout,
-)
+from models import build_pair, train_copies  # noqa: E402
 
 from reprod.align import align_train  # noqa: E402
 from reprod.align import steps as steps_module  # noqa: E402
@@ -37,15 +30,9 @@ _PAIR: list = []
 def _run(opt: str = "sgd", grad_scale: float = 1.0):
     if not _PAIR:
         _PAIR.append(build_pair("squeezenet1_1", 2))
-    p = _PAIR[0]
-    tm, pm = copy.deepcopy(p.torch32), p.paddle()
-    squeezenet_as_torchvision(pm)
-    without_dropout(tm, pm)
-    tm.train()
-    pm.train()
+    tm, pm, batches = train_copies(_PAIR[0], 2)
     if grad_scale != 1.0:  # a backward-only bug in the port's last Fire block
         pm._conv8._conv_path1._conv.bias.register_hook(lambda g: g * grad_scale)
-    batches = [(make_inputs(2 + i, 2, 224), make_labels(2 + i, 2)) for i in range(2)]
     if opt == "sgd":
         topt = torch.optim.SGD(tm.parameters(), lr=0.01, momentum=0.9)
         popt = paddle.optimizer.Momentum(0.01, 0.9, parameters=pm.parameters())
