@@ -419,3 +419,40 @@ def test_a_backward_bug_before_the_crossing_is_not_put_down_to_it(steps) -> None
             "after step0/grad/fc0.weight, which no kink crossing explains; "), fc1.reason
         assert "the step aligns: its difference is step 0's, carried" in fc1.reason
         assert {k.status for k in ok if k.key.startswith("step1/")} <= {"passed", "kink"}
+
+
+class _TorchTwoReLUs(TorchNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.act2 = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.act2(super().forward(x))
+
+
+class _PaddleModuleAndFunctional(PaddleNet):
+    def forward(self, x):  # the port's second ReLU is a function call
+        return paddle.nn.functional.relu(super().forward(x))
+
+
+def test_mixed_module_and_functional_relus_pass_by_the_ports_float64_run(monkeypatch) -> None:
+    """Two ReLU modules against one module and one ``F.relu``: the calls do not pair (the kink
+    explanation is all or nothing per class, and fails closed), yet the crossing is the port's
+    rounding: run in float64 from the same state, its gradients are the reference's."""
+    from reprod.align import steps
+
+    def run():
+        torch.manual_seed(0)
+        paddle.seed(0)
+        tm, pm = _TorchTwoReLUs(), _PaddleModuleAndFunctional()
+        load_into_paddle(pm, tm)
+        topt, popt = _optimizers(tm, pm, "sgd")
+        return align_train(tm, pm, [(X, None)], steps=1, torch_loss_fn=_torch_loss,
+                           paddle_loss_fn=_paddle_loss, torch_optimizer=topt,
+                           paddle_optimizer=popt, calibrate=True, stats=False)
+
+    r = run()
+    assert "do not pair by order" in r.options["kinks"]["skipped"]
+    assert r.passed and {k.key for k in r if k.status == "known"} == UPSTREAM, r.to_table()
+    monkeypatch.setattr(steps.port_rounding, "needed", lambda result: False)
+    assert {k.key for k in run().failed} == UPSTREAM
