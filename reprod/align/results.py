@@ -48,7 +48,8 @@ def _shifted(logits: Any) -> Any:
     import numpy as np
 
     a = np.asarray(logits, dtype=np.float64)
-    return a - a.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # inf logits (a diverged run): NaN, which fits no clip
+        return a - a.max(axis=-1, keepdims=True)
 
 
 def _loss_note(key: str, ref: Mapping[str, Any], other: Mapping[str, Any]) -> Optional[str]:

@@ -70,6 +70,7 @@ from .train_localise import (
     first_failing_step,
     gradient_not_reaching,
     loss_finding,
+    reference_diverged,
     stat_finding,
     state_finding,
     update_finding,
@@ -796,6 +797,9 @@ def _train_localised(
     if found is None:
         return result
     step, kinds, first = found
+    diverged = reference_diverged(step, first)
+    if diverged is not None:  # no layer of a diverged computation is worth localising
+        return dataclasses.replace(result, options=dict(result.options, findings=[diverged]))
     # judged from the reference's state (forcing): localised from it on both sides too
     forced = step in result.options.get("forcing", {}).get("steps", ())
     findings: list[str] = []

@@ -71,6 +71,22 @@ def first_failing_step(result: Any) -> Optional[tuple[int, list[str], Any]]:
     return step, kinds, first[step][kinds[0]]
 
 
+def reference_diverged(step: int, kr: Any) -> Optional[str]:
+    """The finding where the first failing key holds NaN or Inf in the reference itself: the
+    training diverges there whatever the port does, and nothing from that step on is evidence
+    about the port (both sides NaN at the same places still fails: NaN never passes)."""
+    if kr.status not in ("nan", "inf") or not (kr.ref_nan or kr.ref_inf):
+        return None
+    what, n, port = (("NaN", kr.ref_nan, kr.other_nan) if kr.ref_nan else
+                     ("Inf", kr.ref_inf, kr.other_inf))
+    advice = (f"compare the steps before it (steps={step}), or train with a lower learning rate"
+              if step > 0 else "its weights or inputs already give it: check the model's "
+              "initialisation and the batch")
+    return (f"the reference itself holds {what} at step {step} ({kr.key}: {n} of its values, "
+            f"the port {port}): training diverges in the reference too, so this step and those "
+            f"after it say nothing about the port; {advice}")
+
+
 def gradient_not_reaching(result: Any, layer_types: Optional[Mapping[str, str]] = None
                           ) -> Optional[str]:
     """A backward capture where the reference's gradient reaches a layer and the port's does not

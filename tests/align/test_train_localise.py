@@ -379,3 +379,28 @@ def test_an_adam_step_apart_only_where_the_gradients_signs_differ_is_not_called_
     r = reprod.compare(ref, port, method="max", threshold=1e-5)
     line = update_finding(r, ref, port, {"w": w0}, 1e-3)
     assert "the optimizers differ" in line and "opposite signs" not in line, line
+
+
+def test_a_reference_that_diverges_to_nan_is_said_to_and_not_localised() -> None:
+    """A learning rate of 1e25: both sides' loss is NaN from step 1, at the same places. That
+    still fails (NaN never passes), but the finding no longer says the port differs there, nor
+    localises a layer of the diverged step: the reference diverges too."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 8)).astype(np.float32), rng.integers(0, 3, 16)
+    torch.manual_seed(0)
+    tm = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    pm = paddle.nn.Sequential(paddle.nn.Linear(8, 16), paddle.nn.ReLU(), paddle.nn.Linear(16, 3))
+    pm.set_state_dict({k: v.detach().numpy().T if v.ndim == 2 else v.detach().numpy()
+                       for k, v in tm.state_dict().items()})
+    r = align_train(tm, pm, [(x, y)], steps=3, torch_loss_fn=torch.nn.CrossEntropyLoss(),
+                    paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+                    torch_optimizer=torch.optim.SGD(tm.parameters(), lr=1e25),
+                    paddle_optimizer=paddle.optimizer.SGD(1e25, parameters=pm.parameters()),
+                    calibrate=True)
+    assert not r.passed and r.first_failure.key == "step1/loss"
+    assert r.first_failure.status == "nan" and r.first_failure.ref_nan == 1
+    (line,) = r.options["findings"]
+    assert line.startswith("the reference itself holds NaN at step 1 (step1/loss: 1 of its "
+                           "values, the port 1): training diverges in the reference too"), line
+    assert "steps=1" in line and "divergence" not in r.options
+    assert all(k.passed for k in r if k.key.startswith("step0/"))
