@@ -140,6 +140,5 @@ def rescued(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
         changed = True
         out.append(dataclasses.replace(
             kr, passed=True, status="known",
-            reason=found.reason().replace("run in float64", "run again in float64 from the same "
-                                          "state", 1) + f"; {kr.reason}"))
+            reason=f"{found.reason('run again in float64 from the same state')}; {kr.reason}"))
     return dataclasses.replace(result, results=tuple(out)) if changed else result

@@ -19,7 +19,7 @@ from ..storage.lazy import Dump, NonNumericValue
 from .batch import compare_batch, unravel
 from .columns_batch import ColumnPairs, column_pairs, compare_columns, sides_of
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
-from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats, judge_precision, port_rounding
+from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats, judge_precision, leaf_at, port_rounding
 from .pairing import DerivedNoise, Pair, Side, leaf_array, open_side, walk_pairs
 from .progress import Progress, progress_enabled
 from .result import DiffResult, KeyResult
@@ -107,12 +107,10 @@ def compare(
 def _leaf(tree: Any, path: tuple[str, ...], shape: Optional[tuple[int, ...]]) -> Optional[np.ndarray]:
     """The array at ``path`` in ``tree``, in ``shape`` where it holds the same elements; None
     where it is not there."""
-    parent = tree
-    for part in path[:-1]:
-        parent = parent.get(part) if isinstance(parent, Mapping) else None
-    if not isinstance(parent, Mapping) or not path or path[-1] not in parent:
+    found = leaf_at(tree, path)
+    if found is None:
         return None
-    a, _ = leaf_array(parent, path[-1])
+    a = found[0]
     if shape is not None and a.shape != shape and a.size == int(np.prod(shape)):
         a = a.reshape(shape)
     return a

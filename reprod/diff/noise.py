@@ -85,9 +85,9 @@ class Rounding:
     agree: float  # max |port_hi - ref_hi|
     noise: float  # the reference's float32 noise (max, floored)
 
-    def reason(self) -> str:
+    def reason(self, run: str = "run in float64") -> str:
         return (f"a known framework difference: the port's float32 rounding, {self.times:.3g}x "
-                f"the reference's (another summation order or kernel): run in float64, it agrees "
+                f"the reference's (another summation order or kernel): {run}, it agrees "
                 f"with the reference's float64 run to {self.agree:.3g} (max), within the "
                 f"reference's float32 noise ({self.noise:.3g})")
 
@@ -304,16 +304,25 @@ def calibrated_stats(ref: np.ndarray, other: np.ndarray, hi_tree: Optional[Mappi
     return st, _judge(st, ns, ref_dtype, other_dtype, hi_dtype)
 
 
+def leaf_at(tree: Mapping[str, Any], path: tuple[str, ...]) -> Optional[tuple[np.ndarray, str]]:
+    """The array at ``path`` in a (nested) dump and the dtype to show; None where it is not
+    there."""
+    parent: Any = tree
+    for part in path[:-1]:
+        parent = parent.get(part) if isinstance(parent, Mapping) else None
+    if not isinstance(parent, Mapping) or not path or path[-1] not in parent:
+        return None
+    return leaf_array(parent, path[-1])
+
+
 def _noise_array(hi_tree: Mapping[str, Any], path: tuple[str, ...], ref: np.ndarray
                  ) -> tuple[Optional[np.ndarray], Optional[str], Optional[str]]:
     """The high-precision array at ``path`` in ``ref``'s shape and its dtype, or ``None`` and why
     not."""
-    parent = hi_tree
-    for part in path[:-1]:
-        parent = parent.get(part) if isinstance(parent, Mapping) else None  # type: ignore[assignment]
-    if not isinstance(parent, Mapping) or path[-1] not in parent:
+    found = leaf_at(hi_tree, path)
+    if found is None:
         return None, "not in the noise reference", None
-    hi, hi_dtype = leaf_array(parent, path[-1])
+    hi, hi_dtype = found
     if hi.size != ref.size or tuple(s for s in hi.shape if s != 1) != tuple(s for s in ref.shape if s != 1):
         return None, f"noise reference has shape {tuple(hi.shape)}, ref {tuple(ref.shape)}", None
     if hi.shape != ref.shape:
