@@ -27,7 +27,7 @@ from ..diff.criteria import Criteria
 from ..diff.noise import DEFAULT_NOISE_FACTOR
 from ..errors import ReprodError
 from ..logger import ReprodLogger
-from . import counterfactual, decay, forcing, port_rounding
+from . import counterfactual, decay, forcing, port_rounding, spill
 from .by_order import by_order_rules
 from .calibration import _float64_loss, _float64_optimizer, _float64_twin
 from .forward import align_forward
@@ -129,6 +129,7 @@ def _torch_steps(
     state_out: Optional[dict[int, Any]] = None,
     drop_grads: bool = False,
     opt_state: bool = False,
+    arena: Optional[spill.SpillArena] = None,
 ) -> None:
     """``float64``: cast floating inputs and labels to float64. ``reseed``: seed torch with
     ``reseed + i`` before step i's forward pass. ``hyper_out`` receives each step's param-group
@@ -137,7 +138,8 @@ def _torch_steps(
     receives a copy of the optimizer's state as each step starts (per-step judging).
     ``drop_grads``: set the gradients to None once the optimizer has used them (a model nobody
     reads them from after). ``opt_state``: record each parameter's momentum buffer and Adam
-    moments after the step (``step<i>/opt/<name>.<accumulator>``)."""
+    moments after the step (``step<i>/opt/<name>.<accumulator>``). ``arena``: where the
+    copies of ``state_out`` are kept."""
     import torch
 
     dev = _torch_device(model)
@@ -152,7 +154,8 @@ def _torch_steps(
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             hyper_out.append(copy.deepcopy(hyper))
         if state_out is not None:
-            state_out[i] = copy.deepcopy(optimizer.state_dict())
+            state_out[i] = (copy.deepcopy(optimizer.state_dict()) if arena is None else
+                            spill.spilled_state(optimizer.state_dict(), arena))
         optimizer.zero_grad()
         if reseed is not None:
             torch.manual_seed(reseed + i)
@@ -264,6 +267,8 @@ def align_train(
     kinks: Optional[bool] = None,
     localise: bool = True,
     optimizer_state: bool = True,
+    memory_budget: Any = "auto",
+    spill_dir: Optional[PathLike] = None,
 ) -> Any:
     """Train both models for ``steps`` steps on the same batches and compare, per step, the logits,
     the loss, the learning rate, every parameter's gradient and every updated parameter.
@@ -394,8 +399,10 @@ def align_train(
     if check_determinism and torch_model.training:
         _check_determinism(torch_model, paddle_model, batches[0], seed)
 
-    torch_log, paddle_log = ReprodLogger(), ReprodLogger()
-    noise_log = ReprodLogger() if calibrate else None
+    arena = spill.SpillArena(spill.budget_of(memory_budget),
+                             out_dir if spill_dir is None else spill_dir)
+    torch_log, paddle_log = spill.SpillingLogger(arena), spill.SpillingLogger(arena)
+    noise_log = spill.SpillingLogger(arena) if calibrate else None
     adam = forcing.adam_betas(paddle_optimizer)
     per_step = kink is not None or adam is not None
     # the torch optimizer's state as each step starts: what a replayed update starts from, and
@@ -440,6 +447,7 @@ def align_train(
             hyper_out=hyper,
             state_out=opt_states,
             opt_state=optimizer_state,
+            arena=arena,
         )
     if calibrate:
         assert noise_log is not None and hyper is not None
@@ -517,6 +525,10 @@ def align_train(
     if weights0:  # plain SGD's weight decay, which no key of one step resolves
         result = decay.decay_checked(result, torch_log.data, paddle_log.data, weights0)
     weights0 = {}
+    arena.close()
+    if arena.spilled or arena.reason is not None:
+        result = dataclasses.replace(result, options=dict(result.options,
+                                                          memory=arena.summary()))
     if verbose:
         for line in _rounding_summary(result):
             print(line, flush=True)

@@ -135,6 +135,13 @@ class Buffers:
     def keep(self, arr: np.ndarray, pinned: bool = False) -> None:
         self._made.append(((arr.shape, arr.dtype.str, pinned), arr))
 
+    def release(self, arr: np.ndarray) -> None:
+        """Hand the array ``keep`` registered last back for reuse within this block (the
+        logger took a copy of it): a no-op for any other array."""
+        if self._made and self._made[-1][1] is arr:
+            spec, _ = self._made.pop()
+            self._free.setdefault(spec, []).append((self._block - 1, arr))
+
     def end_block(self) -> None:
         block = self._block
         free: dict[tuple[Any, ...], list[tuple[int, np.ndarray]]] = {}
@@ -454,8 +461,17 @@ class Recorder:
             return
         assert self._buffers is not None
         conv, pending = self.backend.host_copy(t, key, self._buffers)
+        if pending and getattr(self.logger, "copies_on_put", False):
+            self.backend.synchronize()  # it copies the array at once: the device's copy first
+            pending = False
         self._pending |= pending
         self._put(key, conv.array, conv.source_dtype)
+        kept = self.logger.data.get(key)
+        if kept is not conv.array and isinstance(kept, np.ndarray):
+            # the logger keeps a copy of its own (align's records past their memory budget, in
+            # a file): later keys share that one, and this array is free for the next copy
+            self._buffers.release(conv.array)
+            conv = Converted(kept, conv.source_dtype)
         if version is not None:
             try:
                 ref = weakref.ref(t)
