@@ -54,20 +54,20 @@ def available_memory() -> Optional[int]:
     return free if limit is None else min(free, limit)
 
 
-def _cgroup_room() -> Optional[int]:
+def _cgroup_room(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[int]:
     """The room left under this process's cgroup memory limit (v2 ``memory.max`` less
     ``memory.current``; v1 ``memory.limit_in_bytes`` less ``memory.usage_in_bytes``), or None
     where there is no limit or nothing says."""
     try:
-        with open("/proc/self/cgroup") as f:
+        with open(proc) as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return None
     for hierarchy, controllers, path in (p for p in lines if len(p) == 3):
         if hierarchy == "0" and controllers == "":
-            base, files = "/sys/fs/cgroup", ("memory.max", "memory.current")
+            base, files = root, ("memory.max", "memory.current")
         elif "memory" in controllers.split(","):
-            base, files = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes",
+            base, files = os.path.join(root, "memory"), ("memory.limit_in_bytes",
                                                     "memory.usage_in_bytes")
         else:
             continue
@@ -110,8 +110,8 @@ def budget_of(memory_budget: Any) -> Optional[int]:
 
 class SpillArena:
     """Copies of arrays, in memory up to ``budget`` bytes, then in a file under ``directory``
-    (the system's temporary directory by default) that is unlinked at once: it vanishes with
-    the last array mapped from it, or with the process however it ends.
+    (the system's temporary directory by default; made if ``create``) that is unlinked at once:
+    it vanishes with the last array mapped from it, or with the process however it ends.
 
     ``budget=None``: everything in memory (``keep`` returns its argument). ``budget=0``: every
     array of at least ``min_bytes`` in the file. ``reason`` says why nothing more is spilled
@@ -119,9 +119,10 @@ class SpillArena:
     """
 
     def __init__(self, budget: Optional[int], directory: Optional[PathLike] = None,
-                 min_bytes: int = 1 << 16) -> None:
+                 min_bytes: int = 1 << 16, *, create: bool = False) -> None:
         self.budget = budget
         self.directory = None if directory is None else os.fspath(directory)
+        self.create = create  # make ``directory`` when the file is first needed
         self.min_bytes = int(min_bytes)
         self.in_memory = 0  # bytes kept in memory through keep()
         self.spilled = 0  # bytes copied into the file
@@ -195,6 +196,8 @@ class SpillArena:
         try:
             if self._fd is None:
                 directory = self.directory or tempfile.gettempdir()
+                if self.create:
+                    os.makedirs(directory, exist_ok=True)
                 fd, path = tempfile.mkstemp(prefix="reprod-spill-", dir=directory)
                 os.unlink(path)  # nothing left behind, however the process ends
                 self._fd = fd
@@ -256,9 +259,14 @@ class SpillingLogger(ReprodLogger):
                 return
         super().add(key, val)
         name = key if type(key) is str else _key(key)
-        value = self._data.get(name)
+        self._data[name] = self._kept(self._data.get(name))
+
+    def _kept(self, value: Any) -> Any:
         if type(value) is np.ndarray:
-            self._data[name] = self._arena.keep(value)
+            return self._arena.keep(value)
+        if type(value) is dict:  # a nested value: its leaves
+            return {k: self._kept(v) for k, v in value.items()}
+        return value
 
     def _put(self, key: str, array: np.ndarray, source_dtype: Optional[str] = None,
              crcs: Optional[dict[bytes, int]] = None) -> None:

@@ -350,6 +350,19 @@ def align_train(
     it at 300 standard errors. Decays more than 20 standard errors apart fail that parameter's
     updated weights, saying both (``result.options["decay"]``).
 
+    ``memory_budget``: the bytes the runs' records (every step's logits, gradients, weights,
+    statistics and optimizer state of the float32, float64 and Paddle runs, the kink layers'
+    activations, the reference's optimizer state per step: on resnet18 about 16 times the
+    parameters a step) may hold in memory; past it, each record of 64 KiB or more is kept in an
+    unlinked file under ``spill_dir`` (default ``out_dir``, else the system's temporary
+    directory), mapped into memory, which the kernel pages out when memory is wanted
+    (``reprod.align.spill``). ``"auto"`` (the default): half the memory available at the call
+    (within a cgroup's limit); None: no limit; 0: every such record to the file. Records in the
+    file read back as plain arrays: the verdicts and dumps are the same, the run about 1.5x as
+    long where everything goes there. ``result.options["memory"]`` says how many bytes went
+    where (only when some did, or when the file could not take them: a full disk leaves them in
+    memory, and says why).
+
     ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
     rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
 
@@ -400,7 +413,8 @@ def align_train(
         _check_determinism(torch_model, paddle_model, batches[0], seed)
 
     arena = spill.SpillArena(spill.budget_of(memory_budget),
-                             out_dir if spill_dir is None else spill_dir)
+                             out_dir if spill_dir is None else spill_dir,
+                             create=spill_dir is None)  # out_dir is made anyway
     torch_log, paddle_log = spill.SpillingLogger(arena), spill.SpillingLogger(arena)
     noise_log = spill.SpillingLogger(arena) if calibrate else None
     adam = forcing.adam_betas(paddle_optimizer)
