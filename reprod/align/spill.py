@@ -84,6 +84,27 @@ def _cgroup_room(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") 
     return None
 
 
+def in_memory_filesystem(directory: PathLike, mounts: str = "/proc/mounts") -> Optional[str]:
+    """The type of the filesystem ``directory`` is on where that lives in memory (``tmpfs``,
+    ``ramfs``): a file there takes memory as the arrays would. None otherwise, or where the
+    mount table cannot be read."""
+    path = os.path.realpath(os.fspath(directory))
+    best, kind = "", None
+    try:
+        with open(mounts) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        return None
+    return kind if kind in ("tmpfs", "ramfs") else None
+
+
 def default_budget() -> Optional[int]:
     """Half the memory available now: the rest is for the models, their copies and the
     comparison's passes. None (no limit) where the system does not say."""
@@ -127,6 +148,7 @@ class SpillArena:
         self.in_memory = 0  # bytes kept in memory through keep()
         self.spilled = 0  # bytes copied into the file
         self.reason: Optional[str] = None
+        self.note: Optional[str] = None  # the file is in memory too (a tmpfs)
         self._fd: Optional[int] = None
         self._size = 0  # bytes of the file reserved so far
         self._map: Optional[mmap.mmap] = None
@@ -201,6 +223,10 @@ class SpillArena:
                 fd, path = tempfile.mkstemp(prefix="reprod-spill-", dir=directory)
                 os.unlink(path)  # nothing left behind, however the process ends
                 self._fd = fd
+                kind = in_memory_filesystem(directory)
+                if kind is not None:
+                    self.note = (f"{directory} is a {kind}: the records there take memory as "
+                                 "well (give spill_dir on a disk)")
             os.posix_fallocate(self._fd, self._size, size)
             m = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED,
                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=self._size)
@@ -235,6 +261,8 @@ class SpillArena:
                                "budget": self.budget}
         if self.reason is not None:
             out["reason"] = self.reason
+        if self.note is not None:
+            out["note"] = self.note
         return out
 
 

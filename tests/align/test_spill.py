@@ -337,3 +337,23 @@ def test_align_train_says_where_records_could_not_go(tmp_path):
 def test_align_train_refuses_a_bad_budget():
     with pytest.raises(ReprodError, match="memory_budget"):
         _align(-5, None)
+
+
+def test_a_file_in_memory_is_said(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\ntmpfs {tmp_path} tmpfs rw 0 0\n"
+                      f"/dev/vdb {tmp_path}/disk ext4 rw 0 0\n")
+    assert spill.in_memory_filesystem(tmp_path / "a" / "b", str(mounts)) == "tmpfs"
+    assert spill.in_memory_filesystem(tmp_path / "disk" / "x", str(mounts)) is None
+    assert spill.in_memory_filesystem("/elsewhere", str(mounts)) is None
+    assert spill.in_memory_filesystem("/x", str(tmp_path / "none")) is None
+
+
+def test_an_arena_on_a_tmpfs_says_its_records_take_memory(monkeypatch):
+    if spill.in_memory_filesystem("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm here")
+    monkeypatch.setattr(spill, "CHUNK", 1 << 20)
+    arena = SpillArena(0, "/dev/shm", min_bytes=0)
+    a = RNG.standard_normal(1000)
+    np.testing.assert_array_equal(arena.keep(a), a)
+    assert "tmpfs" in arena.summary()["note"]
