@@ -12,6 +12,8 @@ import numpy as np
 from ..diff.criteria import Criteria
 from ..logger import ReprodLogger
 from ..storage import save
+from . import settings
+from .by_order import by_order_rules
 from .calibration import _float64_twin
 from .framework import (
     _criteria,
@@ -23,6 +25,7 @@ from .framework import (
     _to_paddle,
     _to_torch,
     _torch_device,
+    _torch_params_plan,
 )
 from .localise import localise_forward
 from .results import PathLike, _finish, _write_diff_log
@@ -50,6 +53,7 @@ def align_forward(
     criteria: Optional[Criteria] = None,
     by_order: bool = False,
     localise: bool = True,
+    check_settings: bool = True,
 ) -> Any:
     """Run both models in eval mode on the same inputs and compare their outputs.
 
@@ -59,6 +63,15 @@ def align_forward(
     reprod_log-style ``forward_diff.log`` (also printed with ``verbose``). The models' train/eval
     modes are restored afterwards.
     Returns ``reprod.compare``'s ``DiffResult`` (torch is the reference).
+
+    ``check_settings=True`` (the default) also compares what each paired layer computes beyond
+    its weights (``reprod.align.settings``: a BatchNorm's epsilon and momentum, a convolution's
+    stride, padding, dilation and groups, a pool's kernel, stride, padding and ``ceil_mode``, a
+    dropout's rate and scaling mode, GELU's approximation...): each that differs is a failing key
+    ``settings/<Paddle layer>/<setting>`` (status ``"setting"``) and a finding, whatever
+    the values say (a BatchNorm epsilon of 1e-6 for 1e-5 moves resnet18's outputs by less than
+    float32 rounding). ``options["settings"]`` lists them, and the kinds of layer without
+    parameters that could not be paired by order.
 
     ``calibrate=True``: a deep copy of the torch model cast to float64 (``.double()``: weights and
     BatchNorm statistics) runs on the same inputs (floating ones cast to float64), and its outputs
@@ -115,15 +128,23 @@ def align_forward(
         criteria=crit,
         verbose=verbose,
         noise_log=noise_log,
-        write_log=not localise,
+        write_log=False,  # below, with the findings
     )
-    if localise and not result.passed:
+    if check_settings:
+        rules = by_order_rules(torch_model, paddle_model) if by_order else None
+        plan = _torch_params_plan(torch_model, rules)
+        result = settings.settings_checked(
+            result, torch_model, paddle_model,
+            {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name})
+    if localise and settings.values_failed(result):
         result = _localised(
             result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,
             calibrate=calibrate, criteria=crit, out_dir=out_dir, verbose=verbose,
         )
-    elif out_dir is not None:
-        _write_diff_log(result, os.path.join(os.fspath(out_dir), "forward_diff.log"), verbose=verbose)
+    result = settings.with_finding(result, verbose=verbose)
+    if out_dir is not None:
+        _write_diff_log(result, os.path.join(os.fspath(out_dir), "forward_diff.log"),
+                        verbose=verbose)
     return result
 
 
@@ -141,8 +162,8 @@ def _localised(
     out_dir: Optional[PathLike],
     verbose: bool,
 ) -> Any:
-    """``result`` with ``align_forward``'s localisation in its options, the findings written to
-    the diff log and, with ``verbose``, printed."""
+    """``result`` with ``align_forward``'s localisation in its options, the layers' dumps
+    written and, with ``verbose``, the findings printed."""
     import paddle
     import torch
 
@@ -183,7 +204,6 @@ def _localised(
         out = os.fspath(out_dir)
         save(os.path.join(out, "forward_layers_torch.npy"), found.ref)
         save(os.path.join(out, "forward_layers_paddle.npy"), found.port)
-        _write_diff_log(result, os.path.join(out, "forward_diff.log"), verbose=verbose)
     if verbose:
         for line in found.findings:
             print(line, flush=True)

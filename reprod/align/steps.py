@@ -27,7 +27,7 @@ from ..diff.criteria import Criteria
 from ..diff.noise import DEFAULT_NOISE_FACTOR
 from ..errors import ReprodError
 from ..logger import ReprodLogger
-from . import counterfactual, decay, forcing, port_rounding, spill
+from . import counterfactual, decay, forcing, port_rounding, settings, spill
 from .by_order import by_order_rules
 from .calibration import _float64_loss, _float64_optimizer, _float64_twin
 from .forward import align_forward
@@ -269,6 +269,7 @@ def align_train(
     optimizer_state: bool = True,
     memory_budget: Any = "auto",
     spill_dir: Optional[PathLike] = None,
+    check_settings: bool = True,
 ) -> Any:
     """Train both models for ``steps`` steps on the same batches and compare, per step, the logits,
     the loss, the learning rate, every parameter's gradient and every updated parameter.
@@ -362,6 +363,12 @@ def align_train(
     long where everything goes there. ``result.options["memory"]`` says how many bytes went
     where (only when some did, or when the file could not take them: a full disk leaves them in
     memory, and says why).
+
+    ``check_settings=True`` (the default) compares the paired layers' settings, as
+    ``align_forward`` does: a BatchNorm momentum that differs changes nothing in step 0's
+    outputs and gradients, and a BatchNorm epsilon of 1e-6 for 1e-5 passed every key of
+    resnet18's steps; each that differs is a failing key ``settings/<Paddle layer>/<setting>``
+    and a finding.
 
     ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
     rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
@@ -504,7 +511,7 @@ def align_train(
         criteria=crit,
         verbose=verbose,
         noise_log=noise_log,
-        write_log=before is None and not per_step,
+        write_log=False,  # at the end, with the settings and the findings
         kinks=kink,
         paddle_to_torch={kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name},
         initial=initial,
@@ -543,18 +550,23 @@ def align_train(
     if arena.spilled or arena.reason is not None:
         result = dataclasses.replace(result, options=dict(result.options,
                                                           memory=arena.summary()))
+    if check_settings:
+        result = settings.settings_checked(
+            result, torch_model, paddle_model,
+            {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name})
     if verbose:
         for line in _rounding_summary(result):
             print(line, flush=True)
-    if per_step and before is None and out_dir is not None:
-        _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"),
-                        verbose=verbose)
     # the float64 records are judged (and in the dump) now; localisation copies both models'
     # state again and may run a second float64 twin: not beside these
     noise_log = None
     if before is None:
+        result = settings.with_finding(result, verbose=verbose)
+        if out_dir is not None:
+            _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"),
+                            verbose=verbose)
         return result
-    if not result.passed:
+    if settings.values_failed(result):
         after = Snapshot.take(torch_model, paddle_model)
         try:
             result = _train_localised(
@@ -568,6 +580,7 @@ def align_train(
         if verbose:
             for line in result.options.get("findings", ()):
                 print(line, flush=True)
+    result = settings.with_finding(result, verbose=verbose)
     if out_dir is not None:
         _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"), verbose=verbose)
     return result

@@ -30,7 +30,7 @@ ALL_METHODS = ("min", "max", "mean")
 
 # status words, in the order a report lists them
 STATUSES = ("passed", "kink", "known", "failed", "mismatch", "nan", "inf", "shape", "missing", "extra", "empty", "type",
-            "nothing", "error")
+            "setting", "nothing", "error")
 
 
 _NONFINITE = ("inf", "-inf", "nan")
@@ -56,7 +56,9 @@ class KeyResult:
     ref only), extra (in other only), empty (an empty array against a non-empty one), type (a nested
     mapping against an array); and, relabelled after the comparison, kink (passed: over its
     threshold only downstream of a kink crossing, ``explain_kinks``) and known (passed: a known
-    framework difference its numbers fit, ``align_train``'s running variances).
+    framework difference its numbers fit, ``align_train``'s running variances); and setting (a
+    layer setting that differs between the two models, ``reprod.align.settings``: a key of its
+    own, ``settings/<layer>/<setting>``, without values).
     """
 
     key: str

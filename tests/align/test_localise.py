@@ -53,11 +53,16 @@ def test_a_bn_epsilon_bug_is_named_and_diagnosed(tmp_path) -> None:
     assert (div["layer"], div["kind"]) == ("bn", "layer")
     assert div["message"].startswith("diverges at bn (BatchNorm2d): input aligned")
     assert div["hint"] is not None and "BN epsilon: port uses ~1e-2, reference 1e-5" in div["hint"]
-    assert r.options["findings"] == [div["message"], "likely cause at bn: BN epsilon: port uses ~1e-2, reference 1e-5"]
+    setting = ("1 layer setting of the port differs from the reference's, whatever the values "
+               "say: bn: epsilon 1e-05 in torch, 0.01 in Paddle")
+    assert r.options["findings"] == [
+        div["message"], "likely cause at bn: BN epsilon: port uses ~1e-2, reference 1e-5", setting]
+    assert r["settings/bn/epsilon"].status == "setting"
     # the diff log keeps reprod_log's lines, then the findings
     log = (tmp_path / "forward_diff.log").read_text().splitlines()
-    assert log[-3].endswith("diff check failed")
-    assert log[-2].endswith(f"finding: {div['message']}")
+    assert log[-4].endswith("diff check failed")
+    assert log[-3].endswith(f"finding: {div['message']}")
+    assert log[-1].endswith(f"finding: {setting}")
     # the layer captures are written, and reproduce the divergence on their own
     ref = reprod.load(tmp_path / "forward_layers_torch.npy")
     port = reprod.load(tmp_path / "forward_layers_paddle.npy")
@@ -185,6 +190,7 @@ def test_one_criteria_object_judges_the_outputs_and_the_layers() -> None:
     assert by_criteria.results == by_keywords.results
     assert by_criteria.options["findings"] == by_keywords.options["findings"]
     # a shortcut given beside it overrides its field: nothing fails at a threshold of 1
-    assert align_forward(tm, pm, inputs, criteria=crit, threshold=1.0).passed
+    # the values within a threshold of 1; the epsilon injected is a setting that differs
+    assert align_forward(tm, pm, inputs, criteria=crit, threshold=1.0, check_settings=False).passed
     with pytest.raises(reprod.ReprodError, match="noise_factor needs calibrate"):
         align_forward(tm, pm, inputs, criteria=crit, noise_factor=5)

@@ -8,7 +8,8 @@ layer names do not map (``features.7.block.0.1`` against ``blocks.6.expand_conv.
 - on each injected bug (models.BUGS) it fails, names the bug's layer and, where the numbers fit,
   says why (BN epsilon, Hardsigmoid slope); a dropped residual add, which lies in a container's
   own code (by order only leaf layers are recorded, then the blocks around the first leaf whose
-  input differs), is named at its block; BN momentum does not act in eval mode and passes;
+  input differs), is named at its block; BN momentum does not act in eval mode: every value passes,
+  and the layer's setting fails (``reprod.align.settings``);
 - without ``by_order`` the names do not pair and the localisation fails closed ("unpaired");
 - ``align_train(by_order=True, calibrate=True)`` records Paddle names, and a correct port passes:
   only the BN running variances (biased against unbiased) are over their noise, each passing as
@@ -129,9 +130,13 @@ def test_a_bug_is_found_in_its_layer_and_explained(model, bug):
     pair = pair_of(model)
     result, changed = localised(model, bug)
     target = TARGETS[model][bug]
-    if bug == "bn_momentum":  # running statistics are not updated in eval mode
-        assert result.passed, result.to_table(failed_only=True)
-        assert "findings" not in result.options
+    if bug == "bn_momentum":
+        # running statistics are not updated in eval mode: every value aligns, and the layer's
+        # setting says what training would show
+        key = f"settings/{pair.paddle_name(target)}/momentum"
+        assert [k.key for k in result.failed] == [key], result.to_table(failed_only=True)
+        assert "divergence" not in result.options
+        assert result.options["findings"][-1].endswith(result[key].reason.split(": the ")[0])
         return
     assert not result.passed, f"{bug} not caught"
     div, findings = result.options["divergence"], result.options["findings"]

@@ -1,0 +1,223 @@
+"""The settings of paired layers (``reprod.align.settings``): what a layer computes beyond its
+weights, read from both frameworks' own attributes.
+
+Each setting is checked both ways: the same setting spelled the two frameworks' ways is no
+difference (Paddle's momentum is 1 - torch's, ``exclusive`` is ``not count_include_pad``, a pool
+stride of None is the kernel), and a changed one is exactly one difference, with both values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+
+from reprod.align import align_forward, align_train, load_into_paddle  # noqa: E402
+from reprod.align.settings import compare_settings  # noqa: E402
+
+tnn, pnn = torch.nn, paddle.nn
+
+
+def _diffs(t_layer, p_layer):
+    tm, pm = tnn.Sequential(t_layer), pnn.Sequential(p_layer)
+    mapping = {f"0.{n}": f"0.{n}" for n, _ in t_layer.named_parameters()}
+    diffs, unpaired = compare_settings(tm, pm, mapping)
+    assert unpaired == []
+    return [(d.setting, d.torch_value, d.paddle_value) for d in diffs]
+
+
+SAME = [
+    ("conv", lambda: tnn.Conv2d(3, 8, 3, stride=2, padding=1),
+     lambda: pnn.Conv2D(3, 8, 3, stride=2, padding=1)),
+    ("conv spelled otherwise", lambda: tnn.Conv2d(3, 8, 3, stride=(2, 2), padding=(1, 1)),
+     lambda: pnn.Conv2D(3, 8, 3, stride=[2, 2], padding=[1, 1])),
+    ("conv explicit pairs", lambda: tnn.Conv2d(3, 8, 3, padding=(1, 2)),
+     lambda: pnn.Conv2D(3, 8, 3, padding=[1, 1, 2, 2])),
+    ("conv same", lambda: tnn.Conv2d(3, 8, 3, padding="same"),
+     lambda: pnn.Conv2D(3, 8, 3, padding="SAME")),
+    ("conv without padding, another padding mode",
+     lambda: tnn.Conv2d(3, 8, 3, padding_mode="reflect"), lambda: pnn.Conv2D(3, 8, 3)),
+    ("conv1d", lambda: tnn.Conv1d(3, 4, 3, dilation=2), lambda: pnn.Conv1D(3, 4, 3, dilation=2)),
+    ("grouped", lambda: tnn.Conv2d(8, 8, 3, groups=4), lambda: pnn.Conv2D(8, 8, 3, groups=4)),
+    ("transposed", lambda: tnn.ConvTranspose2d(3, 8, 3, stride=2, output_padding=1),
+     lambda: pnn.Conv2DTranspose(3, 8, 3, stride=2, output_padding=1)),
+    ("batchnorm", lambda: tnn.BatchNorm2d(8), lambda: pnn.BatchNorm2D(8)),
+    ("batchnorm momentum", lambda: tnn.BatchNorm2d(8, momentum=0.01),
+     lambda: pnn.BatchNorm2D(8, momentum=0.99)),
+    ("legacy batchnorm", lambda: tnn.BatchNorm2d(8), lambda: pnn.BatchNorm(8)),
+    ("batchnorm without running statistics", lambda: tnn.BatchNorm2d(8, track_running_stats=False),
+     lambda: pnn.BatchNorm2D(8, use_global_stats=False)),
+    ("layernorm", lambda: tnn.LayerNorm(8, eps=1e-6), lambda: pnn.LayerNorm(8, epsilon=1e-6)),
+    ("groupnorm", lambda: tnn.GroupNorm(2, 8), lambda: pnn.GroupNorm(2, 8)),
+    ("embedding", lambda: tnn.Embedding(10, 4, padding_idx=0),
+     lambda: pnn.Embedding(10, 4, padding_idx=0)),
+    ("embedding without padding", lambda: tnn.Embedding(10, 4), lambda: pnn.Embedding(10, 4)),
+    ("maxpool", lambda: tnn.MaxPool2d(3, 2, 1), lambda: pnn.MaxPool2D(3, 2, 1)),
+    ("maxpool stride None", lambda: tnn.MaxPool2d(2), lambda: pnn.MaxPool2D(2, stride=2)),
+    ("avgpool", lambda: tnn.AvgPool2d(3, 2, 1), lambda: pnn.AvgPool2D(3, 2, 1, exclusive=False)),
+    ("avgpool unpadded, another count", lambda: tnn.AvgPool2d(2),
+     lambda: pnn.AvgPool2D(2, exclusive=True)),
+    ("adaptive", lambda: tnn.AdaptiveAvgPool2d(1), lambda: pnn.AdaptiveAvgPool2D(1)),
+    ("dropout", lambda: tnn.Dropout(0.2), lambda: pnn.Dropout(0.2)),
+    ("dropout off, another mode", lambda: tnn.Dropout(0.0),
+     lambda: pnn.Dropout(0.0, mode="downscale_in_infer")),
+    ("leaky", lambda: tnn.LeakyReLU(0.2), lambda: pnn.LeakyReLU(0.2)),
+    ("gelu", lambda: tnn.GELU(approximate="tanh"), lambda: pnn.GELU(approximate=True)),
+    ("hardtanh", lambda: tnn.Hardtanh(-2.0, 2.0), lambda: pnn.Hardtanh(-2.0, 2.0)),
+    ("elu", lambda: tnn.ELU(0.5), lambda: pnn.ELU(0.5)),
+    ("softplus", lambda: tnn.Softplus(2, 10), lambda: pnn.Softplus(2, 10)),
+    ("softmax", lambda: tnn.Softmax(dim=1), lambda: pnn.Softmax(axis=1)),
+    ("upsample", lambda: tnn.Upsample(scale_factor=2, mode="bilinear"),
+     lambda: pnn.Upsample(scale_factor=2, mode="bilinear")),
+]
+
+
+@pytest.mark.parametrize("name,t,p", SAME, ids=[s[0] for s in SAME])
+def test_the_same_setting_spelled_each_framework_s_way_is_no_difference(name, t, p):
+    assert _diffs(t(), p()) == []
+
+
+DIFFER = [
+    (lambda: tnn.Conv2d(3, 8, 3, stride=2), lambda: pnn.Conv2D(3, 8, 3, stride=1),
+     ("stride", (2, 2), (1, 1))),
+    (lambda: tnn.Conv2d(3, 8, 3, padding=1), lambda: pnn.Conv2D(3, 8, 3, padding=0),
+     ("padding", (1, 1), (0, 0))),
+    (lambda: tnn.Conv2d(3, 8, 3, dilation=2), lambda: pnn.Conv2D(3, 8, 3, dilation=1),
+     ("dilation", (2, 2), (1, 1))),
+    (lambda: tnn.Conv2d(8, 8, 3, groups=8, bias=False),
+     lambda: pnn.Conv2D(8, 8, 3, groups=4, bias_attr=False), ("groups", 8, 4)),
+    (lambda: tnn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
+     lambda: pnn.Conv2D(3, 8, 3, padding=1), ("padding_mode", "reflect", "zeros")),
+    (lambda: tnn.ConvTranspose2d(3, 8, 3, stride=2, output_padding=1),
+     lambda: pnn.Conv2DTranspose(3, 8, 3, stride=2), ("output_padding", (1, 1), (0, 0))),
+    (lambda: tnn.BatchNorm2d(8), lambda: pnn.BatchNorm2D(8, epsilon=1e-6),
+     ("epsilon", 1e-5, 1e-6)),
+    (lambda: tnn.BatchNorm2d(8), lambda: pnn.BatchNorm2D(8, momentum=0.1),
+     ("momentum", 0.1, 0.9)),
+    (lambda: tnn.BatchNorm2d(8), lambda: pnn.BatchNorm2D(8, use_global_stats=True),
+     ("statistics", "batch in training, running in eval", "always the running ones")),
+    (lambda: tnn.LayerNorm(8), lambda: pnn.LayerNorm(8, epsilon=1e-6), ("epsilon", 1e-5, 1e-6)),
+    (lambda: tnn.GroupNorm(2, 8), lambda: pnn.GroupNorm(4, 8), ("num_groups", 2, 4)),
+    (lambda: tnn.Embedding(10, 4, padding_idx=0), lambda: pnn.Embedding(10, 4),
+     ("padding_idx", 0, None)),
+    (lambda: tnn.MaxPool2d(3, 2, 1, ceil_mode=True), lambda: pnn.MaxPool2D(3, 2, 1),
+     ("ceil_mode", True, False)),
+    (lambda: tnn.MaxPool2d(3, 2), lambda: pnn.MaxPool2D(3, 1), ("stride", (2, 2), (1, 1))),
+    (lambda: tnn.MaxPool2d(2, 2), lambda: pnn.MaxPool2D(3, 2), ("kernel_size", (2, 2), (3, 3))),
+    (lambda: tnn.AvgPool2d(3, 2, 1), lambda: pnn.AvgPool2D(3, 2, 1),
+     ("count_include_pad", True, False)),
+    (lambda: tnn.AdaptiveAvgPool2d(2), lambda: pnn.AdaptiveAvgPool2D(1),
+     ("output_size", (2, 2), (1, 1))),
+    (lambda: tnn.Dropout(0.5), lambda: pnn.Dropout(0.5, mode="downscale_in_infer"),
+     ("mode", "upscale_in_train", "downscale_in_infer")),
+    (lambda: tnn.Dropout(0.5), lambda: pnn.Dropout(0.1), ("p", 0.5, 0.1)),
+    (lambda: tnn.LeakyReLU(0.01), lambda: pnn.LeakyReLU(0.2), ("negative_slope", 0.01, 0.2)),
+    (lambda: tnn.GELU(), lambda: pnn.GELU(approximate=True), ("approximate", "none", "tanh")),
+    (lambda: tnn.ELU(1.0), lambda: pnn.ELU(0.5), ("alpha", 1.0, 0.5)),
+    (lambda: tnn.Softmax(dim=1), lambda: pnn.Softmax(axis=-1), ("axis", 1, -1)),
+    (lambda: tnn.Upsample(scale_factor=2, mode="bilinear"),
+     lambda: pnn.Upsample(scale_factor=2, mode="bilinear", align_mode=1), ("align_mode", 0, 1)),
+    (lambda: tnn.Upsample(scale_factor=2, mode="nearest"),
+     lambda: pnn.Upsample(scale_factor=2, mode="bilinear"), ("mode", "nearest", "bilinear")),
+]
+
+
+@pytest.mark.parametrize("t,p,expected", DIFFER, ids=[f"{d[2][0]}-{i}" for i, d in enumerate(DIFFER)])
+def test_a_changed_setting_is_one_difference_with_both_values(t, p, expected):
+    got = _diffs(t(), p())
+    assert len(got) == 1, got
+    setting, tv, pv = got[0]
+    assert setting == expected[0]
+    for a, b in ((tv, expected[1]), (pv, expected[2])):
+        if isinstance(b, float):
+            assert a == pytest.approx(b, rel=1e-6)
+        else:
+            assert a == b
+
+
+def test_layers_without_parameters_pair_by_order_only_where_the_counts_agree():
+    tm = tnn.Sequential(tnn.Conv2d(3, 4, 3), tnn.MaxPool2d(2), tnn.ReLU(), tnn.MaxPool2d(2))
+    pm = pnn.Sequential(pnn.Conv2D(3, 4, 3), pnn.MaxPool2D(2), pnn.ReLU(), pnn.MaxPool2D(3))
+    diffs, unpaired = compare_settings(tm, pm, {"0.weight": "0.weight", "0.bias": "0.bias"})
+    assert [(d.torch_layer, d.paddle_layer, d.setting) for d in diffs] == [
+        ("3", "3", "kernel_size"), ("3", "3", "stride")]
+    pm = pnn.Sequential(pnn.Conv2D(3, 4, 3), pnn.MaxPool2D(2), pnn.ReLU())
+    diffs, unpaired = compare_settings(tm, pm, {"0.weight": "0.weight", "0.bias": "0.bias"})
+    assert diffs == [] and unpaired == ["maxpool: 2 in torch, 1 in Paddle"]
+
+
+# --- in align_forward and align_train ----------------------------------------------------------
+
+
+class TNet(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = tnn.Conv2d(3, 8, 3, padding=1)
+        self.bn = tnn.BatchNorm2d(8)
+        self.head = tnn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+class PNet(pnn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.conv = pnn.Conv2D(3, 8, 3, padding=1)
+        self.bn = pnn.BatchNorm2D(8)
+        self.head = pnn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(paddle.nn.functional.relu(self.bn(self.conv(x))).mean(axis=(2, 3)))
+
+
+def _pair():
+    torch.manual_seed(0)
+    tm, pm = TNet(), PNet()
+    with torch.no_grad():  # a variance of about 1: an epsilon 10x smaller moves little
+        tm.bn.running_var.uniform_(0.8, 1.2)
+    load_into_paddle(pm, tm)
+    return tm, pm
+
+
+X = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+Y = np.array([0, 1, 2, 3])
+
+
+def test_a_sub_noise_epsilon_passes_the_values_and_fails_as_a_setting(tmp_path):
+    tm, pm = _pair()
+    pm.bn._epsilon = 1e-6
+    values_only = align_forward(tm, pm, X, calibrate=True, check_settings=False)
+    assert values_only.passed  # within float32 rounding of the reference: the values cannot tell
+    r = align_forward(tm, pm, X, calibrate=True, out_dir=tmp_path)
+    assert not r.passed and [k.key for k in r.failed] == ["settings/bn/epsilon"]
+    assert r["settings/bn/epsilon"].status == "setting"
+    assert r.options["settings"]["differ"] == ["bn: epsilon 1e-05 in torch, 1e-06 in Paddle"]
+    assert "divergence" not in r.options  # no value differs: nothing to localise
+    assert r.options["findings"][-1].endswith("bn: epsilon 1e-05 in torch, 1e-06 in Paddle")
+    log = (tmp_path / "forward_diff.log").read_text()
+    assert "settings/bn/epsilon" in log and "finding: 1 layer setting" in log
+
+
+def test_a_momentum_that_step_0_cannot_show_fails_as_a_setting():
+    tm, pm = _pair()
+    pm.bn._momentum = 0.1  # torch's value, in Paddle's convention
+    tm.eval()
+    pm.eval()  # evaluation mode: the statistics are not updated, the momentum shows nowhere
+    r = align_train(tm, pm, [(X, Y)], steps=1,
+                    torch_loss_fn=tnn.CrossEntropyLoss(), paddle_loss_fn=pnn.CrossEntropyLoss(),
+                    torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
+                    paddle_optimizer=paddle.optimizer.SGD(0.1, parameters=pm.parameters()))
+    assert [k.key for k in r.failed] == ["settings/bn/momentum"]
+    assert r.options["findings"] == [
+        "1 layer setting of the port differs from the reference's, whatever the values say: "
+        "bn: momentum 0.1 in torch, 0.9 in Paddle"]
+
+
+def test_matching_settings_add_no_key():
+    tm, pm = _pair()
+    r = align_forward(tm, pm, X)
+    assert r.passed and not any(k.key.startswith("settings/") for k in r.results)
+    assert r.options["settings"] == {"differ": []}
