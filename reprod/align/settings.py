@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-__all__ = ["SettingDiff", "compare_settings", "settings_checked", "with_finding"]
+__all__ = ["SettingDiff", "SettingsReport", "compare_settings", "settings_checked", "with_finding"]
 
 
 @dataclass(frozen=True)
@@ -300,13 +300,46 @@ def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, st
     return pairs, unpaired
 
 
-def compare_settings(torch_model: Any, paddle_model: Any,
-                     torch_to_paddle: Mapping[str, str]) -> tuple[list[SettingDiff], list[str]]:
-    """The settings that differ between paired layers of the two models, and the kinds of layer
-    without parameters that could not be paired by order (other counts: a model that applies
-    them as functions). ``torch_to_paddle``: torch parameter name -> Paddle parameter name (the
-    conversion plan's). A setting neither side can be read for (an attribute another version
-    names otherwise) is left out."""
+@dataclass(frozen=True)
+class SettingsReport:
+    """``compare_settings``'s answer: the settings that differ, and the kinds of layer without
+    parameters that could not be paired by order (other counts: a model that applies them as
+    functions, whose settings then go unchecked)."""
+
+    differ: tuple[SettingDiff, ...]
+    unpaired: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.differ
+
+    def __str__(self) -> str:
+        lines = [d.line() for d in self.differ] or ["every paired layer's settings agree"]
+        lines += [f"not paired by order: {u}" for u in self.unpaired]
+        return "\n".join(lines)
+
+
+def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
+                     by_order: bool = False,
+                     torch_to_paddle: Optional[Mapping[str, str]] = None) -> SettingsReport:
+    """The settings that differ between the paired layers of a torch model and its Paddle port.
+
+    Layers with parameters pair through them: under the conversion ``rules`` (the default
+    ones where None), by definition order with ``by_order``, or through ``torch_to_paddle``
+    (torch parameter name -> Paddle parameter name) where given. A setting one side cannot be
+    read for (an attribute another version names otherwise) is left out.
+
+    >>> print(compare_settings(torch_model, paddle_model, by_order=True))
+    layer3.0.bn1: epsilon 1e-05 in torch, 1e-06 in Paddle
+    """
+    if torch_to_paddle is None:
+        from .by_order import by_order_rules
+        from .framework import _torch_params_plan
+
+        if by_order:
+            rules = by_order_rules(torch_model, paddle_model, rules=rules)
+        plan = _torch_params_plan(torch_model, rules)
+        torch_to_paddle = {n: kp.paddle_name for n, kp in plan.items() if kp.paddle_name}
     pairs, unpaired = _pairs(torch_model, paddle_model, torch_to_paddle)
     diffs: list[SettingDiff] = []
     for tname, tmod, pname, pmod in pairs:
@@ -324,7 +357,7 @@ def compare_settings(torch_model: Any, paddle_model: Any,
                 continue
             if not _same(tv, pv):
                 diffs.append(SettingDiff(tname, pname, setting, tv, pv, kind))
-    return diffs, unpaired
+    return SettingsReport(tuple(diffs), tuple(unpaired))
 
 
 def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
@@ -336,10 +369,11 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
 
     from ..diff.result import KeyResult
 
-    diffs, unpaired = compare_settings(torch_model, paddle_model, torch_to_paddle)
+    report = compare_settings(torch_model, paddle_model, torch_to_paddle=torch_to_paddle)
+    diffs = report.differ
     info: dict[str, Any] = {"differ": [d.line() for d in diffs]}
-    if unpaired:
-        info["unpaired"] = unpaired
+    if report.unpaired:
+        info["unpaired"] = list(report.unpaired)
     extra = tuple(KeyResult(key=d.key, passed=False, status="setting",
                             reason=f"{d.line()}: the layers compute other functions")
                   for d in diffs)

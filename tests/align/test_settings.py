@@ -23,8 +23,9 @@ tnn, pnn = torch.nn, paddle.nn
 def _diffs(t_layer, p_layer):
     tm, pm = tnn.Sequential(t_layer), pnn.Sequential(p_layer)
     mapping = {f"0.{n}": f"0.{n}" for n, _ in t_layer.named_parameters()}
-    diffs, unpaired = compare_settings(tm, pm, mapping)
-    assert unpaired == []
+    report = compare_settings(tm, pm, torch_to_paddle=mapping)
+    diffs = report.differ
+    assert report.unpaired == () and report.passed is (not diffs)
     return [(d.setting, d.torch_value, d.paddle_value) for d in diffs]
 
 
@@ -140,12 +141,16 @@ def test_a_changed_setting_is_one_difference_with_both_values(t, p, expected):
 def test_layers_without_parameters_pair_by_order_only_where_the_counts_agree():
     tm = tnn.Sequential(tnn.Conv2d(3, 4, 3), tnn.MaxPool2d(2), tnn.ReLU(), tnn.MaxPool2d(2))
     pm = pnn.Sequential(pnn.Conv2D(3, 4, 3), pnn.MaxPool2D(2), pnn.ReLU(), pnn.MaxPool2D(3))
-    diffs, unpaired = compare_settings(tm, pm, {"0.weight": "0.weight", "0.bias": "0.bias"})
-    assert [(d.torch_layer, d.paddle_layer, d.setting) for d in diffs] == [
+    report = compare_settings(tm, pm)  # the default rules pair 0.weight with 0.weight
+    assert [(d.torch_layer, d.paddle_layer, d.setting) for d in report.differ] == [
         ("3", "3", "kernel_size"), ("3", "3", "stride")]
+    assert str(report).splitlines() == ["3: kernel_size (2, 2) in torch, (3, 3) in Paddle",
+                                        "3: stride (2, 2) in torch, (3, 3) in Paddle"]
     pm = pnn.Sequential(pnn.Conv2D(3, 4, 3), pnn.MaxPool2D(2), pnn.ReLU())
-    diffs, unpaired = compare_settings(tm, pm, {"0.weight": "0.weight", "0.bias": "0.bias"})
-    assert diffs == [] and unpaired == ["maxpool: 2 in torch, 1 in Paddle"]
+    report = compare_settings(tm, pm)
+    assert report.passed and report.unpaired == ("maxpool: 2 in torch, 1 in Paddle",)
+    assert str(report).splitlines() == ["every paired layer's settings agree",
+                                        "not paired by order: maxpool: 2 in torch, 1 in Paddle"]
 
 
 # --- in align_forward and align_train ----------------------------------------------------------

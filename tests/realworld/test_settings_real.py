@@ -31,14 +31,13 @@ from models import (  # noqa: E402
     train_copies,
 )
 
-from reprod.align import align_train, by_order_rules  # noqa: E402
-from reprod.align.framework import _torch_params_plan  # noqa: E402
+from reprod.align import align_train  # noqa: E402
 from reprod.align.settings import compare_settings  # noqa: E402
 
 
 def _settings(tm, pm):
-    plan = _torch_params_plan(tm, by_order_rules(tm, pm))
-    return compare_settings(tm, pm, {k: p.paddle_name for k, p in plan.items() if p.paddle_name})
+    report = compare_settings(tm, pm, by_order=True)
+    return list(report.differ), report.unpaired
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0",
