@@ -78,7 +78,7 @@ def str_keys(tree: Any) -> Any:
     return {k if type(k) is str else str(k): str_keys(v) for k, v in tree.items()}
 
 
-_NO_STATS = frozenset({"nan", "shape", "missing", "extra", "type", "empty"})
+_NO_STATS = frozenset({"nan", "shape", "missing", "extra", "type", "empty", "setting"})
 
 
 def diff_tree(result: Any, *, warn: bool = False) -> dict[str, Any]:

@@ -293,6 +293,8 @@ def format_failure(kr: KeyResult) -> str:
     clauses: list[str] = []
     if kr.status in ("shape", "missing", "extra", "empty", "type"):
         clauses.append(_structural(kr))
+    elif kr.status == "setting":  # a layer setting, no values: its reason says both sides
+        return f"{kr.key}: {kr.reason}"
     else:
         if kr.status in ("nan", "inf"):
             if kr.ref_nan or kr.other_nan:

@@ -106,7 +106,7 @@ _JUDGED = frozenset(["passed", "failed", "mismatch"])
 # statuses of keys that pass while a statistic is over its threshold: the difference is explained
 _EXPLAINED = frozenset(["kink", "known"])
 # the statuses whose lines say why there is no value, and those whose value is the status word
-_NO_VALUE = frozenset(["missing", "extra", "shape", "type", "empty"])
+_NO_VALUE = frozenset(["missing", "extra", "shape", "type", "empty", "setting"])
 _NON_FINITE = frozenset(["nan", "inf"])
 _PLAIN_TYPES = frozenset([KeyResult, RowKeyResult])
 _STAT_FIELDS = frozenset(_FIELD_NAMES)
@@ -165,7 +165,7 @@ def _key_lines(kr: KeyResult, indent: str, state: list[Any]) -> list[str]:
             ok = kr.checks.get(m, kr.passed)
         if kr.status in ("nan", "inf"):
             value = kr.status
-        elif kr.status in ("missing", "extra", "shape", "type", "empty"):
+        elif kr.status in _NO_VALUE:
             value = f"None ({kr.status}: {kr.reason})"
         else:
             value = format_value(kr, m)
