@@ -54,6 +54,8 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+from _realmodels import check_env, mib, revision, status
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 REALWORLD = os.path.join(ROOT, "tests", "realworld")
@@ -65,13 +67,6 @@ STEPS, BATCH, LR, MOMENTUM = 2, 2, 0.01, 0.9
 # --- the child ------------------------------------------------------------------------------------
 
 
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` figure in bytes (``VmRSS``, ``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _reset_peak() -> None:
@@ -88,11 +83,11 @@ class _Peak:
 
         gc.collect()
         _reset_peak()
-        self.before = _status("VmRSS")
+        self.before = status("VmRSS")
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.peak = _status("VmHWM")
+        self.peak = status("VmHWM")
         self.added = self.peak - self.before
 
 
@@ -292,8 +287,8 @@ class _Timers:
                 entry[1] += 1
                 self.stack.pop()
                 if top:
-                    entry[2] = max(entry[2], _status("VmHWM") - self.base)
-                    entry[3] = _status("VmRSS") - self.base
+                    entry[2] = max(entry[2], status("VmHWM") - self.base)
+                    entry[3] = status("VmRSS") - self.base
 
         return timed
 
@@ -343,31 +338,10 @@ def _spawn(config: str, variant: str, reps: int, reprod_root: str,
     return res
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
-def _check_env() -> None:
-    import importlib.util
-
-    missing = [m for m in ("torch", "torchvision", "paddle") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SystemExit(
-            f"align_train_cost.py needs torch, torchvision and paddle ({', '.join(missing)} "
-            "missing): run it with the real-model environment, "
-            "OMP_NUM_THREADS=1 .venv-real/bin/python benchmarks/align_train_cost.py")
 
 
-def _revision(root: str) -> str:
-    """The commit of ``root`` and whether its reprod/ differs from it, where it is a checkout."""
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "reprod"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
-    return f"commit {head}" + (", reprod/ modified" if dirty else "")
 
 
 def _print_breakdown(config: str, runs: dict[str, dict[str, Any]]) -> None:
@@ -387,7 +361,7 @@ def _print_breakdown(config: str, runs: dict[str, dict[str, Any]]) -> None:
         if p not in books[v]:
             return "- | -"
         t, n, peak, _ = books[v][p]
-        return f"{t:.2f}" + (f" ({n})" if n > 1 else "") + f" | {_mib(peak)}"
+        return f"{t:.2f}" + (f" ({n})" if n > 1 else "") + f" | {mib(peak)}"
 
     small = [p for p in top if all(books[v].get(p, (0.0,))[0] < 0.005 for v in runs)]
     for p in top:
@@ -428,9 +402,9 @@ def main() -> None:
         assert os.path.dirname(os.path.dirname(os.path.abspath(reprod.__file__))) == \
             os.path.abspath(args.reprod), reprod.__file__
         raise SystemExit(child(name, mode, variant, int(reps), args.breakdown))
-    _check_env()
+    check_env("align_train_cost.py")
     root = os.path.abspath(args.reprod)
-    print(f"reprod from {root} ({_revision(root)}); children: OMP_NUM_THREADS=1, "
+    print(f"reprod from {root} ({revision(root)}); children: OMP_NUM_THREADS=1, "
           f"torch.set_num_threads(1); {STEPS} steps, batch {BATCH} at 224 px, "
           f"SGD momentum {MOMENTUM} lr {LR}; time: median of {args.reps}")
     results: dict[str, dict[str, Any]] = {}
@@ -451,8 +425,8 @@ def main() -> None:
         floors[config] = (t32 + p32, t32 + p32 + t64, state)
         s = fl["state"]
         print(f"| {config} | {t32:.3f} s | {p32:.3f} s | {t64:.3f} s | {t32 + p32:.3f} s | "
-              f"{t32 + p32 + t64:.3f} s | {_mib(state)} ({_mib(s['params'])} + "
-              f"{_mib(s['buffers'])} + {_mib(s['optimizer'])}) |")
+              f"{t32 + p32 + t64:.3f} s | {mib(state)} ({mib(s['params'])} + "
+              f"{mib(s['buffers'])} + {mib(s['optimizer'])}) |")
     print("\n| model, mode | run | n | wall (median) | runs | vs floor | peak RSS added | "
           "vs state | what ran |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -460,7 +434,7 @@ def main() -> None:
         plain_floor, cal_floor, state = floors[config]
         fl = res["floor"]
         f_added = max(fl["added"].values())
-        print(f"| {config} | floor (largest of its parts) |  |  |  |  | {_mib(f_added)} | "
+        print(f"| {config} | floor (largest of its parts) |  |  |  |  | {mib(f_added)} | "
               f"{f_added / state:.1f}x |  |")
         for v, floor in (("plain", plain_floor), ("full", cal_floor)):
             r = res[v]
@@ -475,7 +449,7 @@ def main() -> None:
                         f"forced steps {i['forced_steps']}, counterfactual {cf}")
             runs = ", ".join(f"{x:.2f}" for x in r["times"])
             print(f"| {config} | {v} | {len(r['times'])} | {t:.2f} s | {runs} | "
-                  f"{t / floor:.1f}x | {_mib(r['added'])} | {r['added'] / state:.1f}x | {ran} |")
+                  f"{t / floor:.1f}x | {mib(r['added'])} | {r['added'] / state:.1f}x | {ran} |")
     if args.breakdown:
         for config, res in results.items():
             _print_breakdown(config, res["breakdown"])

@@ -49,6 +49,8 @@ import threading
 import time
 from typing import Any, Optional
 
+from _realmodels import check_env, mib, revision, status
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 REALWORLD = os.path.join(ROOT, "tests", "realworld")
@@ -59,13 +61,6 @@ BATCH, LR, MOMENTUM = 2, 0.01, 0.9
 # --- the child ------------------------------------------------------------------------------------
 
 
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` figure in bytes (``VmRSS``, ``VmHWM``, ``RssAnon``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 class _AnonPeak:
@@ -79,11 +74,11 @@ class _AnonPeak:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _status("RssAnon"))
+            self.peak = max(self.peak, status("RssAnon"))
             time.sleep(self.interval)
 
     def __enter__(self) -> _AnonPeak:
-        self.before = _status("RssAnon")
+        self.before = status("RssAnon")
         self.peak = self.before
         self._thread.start()
         return self
@@ -91,7 +86,7 @@ class _AnonPeak:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status("RssAnon"))
+        self.peak = max(self.peak, status("RssAnon"))
         self.added = self.peak - self.before
 
 
@@ -125,7 +120,7 @@ def child(name: str, mode: str, steps: int, budget: Any) -> int:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:  # VmHWM back to VmRSS (Linux >= 4.0)
         f.write("5")
-    rss_before = _status("VmRSS")
+    rss_before = status("VmRSS")
     with _AnonPeak() as anon:
         t0 = time.perf_counter()
         r = align_train(
@@ -134,8 +129,8 @@ def child(name: str, mode: str, steps: int, budget: Any) -> int:
             paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
             torch_optimizer=topt, paddle_optimizer=popt, memory_budget=budget)
         secs = time.perf_counter() - t0
-    rss_peak = _status("VmHWM") - rss_before
-    anon_after = _status("RssAnon") - anon.before
+    rss_peak = status("VmHWM") - rss_before
+    anon_after = status("RssAnon") - anon.before
     memory = r.options.get("memory") or {}
     out = {
         "steps": steps, "budget": budget, "secs": secs, "anon_peak": anon.added,
@@ -205,31 +200,10 @@ def _memory_cgroup(limit: int) -> str:
                      "cgroup v2 with the memory controller)")
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.0f} MiB" if abs(n) < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
-def _check_env() -> None:
-    import importlib.util
-
-    missing = [m for m in ("torch", "torchvision", "paddle") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SystemExit(
-            f"align_train_memory.py needs torch, torchvision and paddle ({', '.join(missing)} "
-            "missing): run it with the real-model environment, "
-            "OMP_NUM_THREADS=1 .venv-real/bin/python benchmarks/align_train_memory.py")
 
 
-def _revision(root: str) -> str:
-    """The commit of ``root`` and whether its reprod/ differs from it, where it is a checkout."""
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "reprod"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
-    return f"commit {head}" + (", reprod/ modified" if dirty else "")
 
 
 def main() -> None:
@@ -253,10 +227,10 @@ def main() -> None:
             os.path.abspath(args.reprod), reprod.__file__
         raise SystemExit(child(name, mode, int(steps), None if budget == "none" else
                                budget if budget == "auto" else int(budget)))
-    _check_env()
+    check_env("align_train_memory.py")
     root = os.path.abspath(args.reprod)
     steps_list = sorted(set(args.steps))
-    print(f"reprod from {root} ({_revision(root)}); {args.model}; children: OMP_NUM_THREADS=1, "
+    print(f"reprod from {root} ({revision(root)}); {args.model}; children: OMP_NUM_THREADS=1, "
           f"torch.set_num_threads(1); align_train(by_order=True, calibrate=True), batch {BATCH} "
           f"at 224 px, SGD momentum {MOMENTUM} lr {LR}; one cold call per child")
     t_start = time.perf_counter()
@@ -269,26 +243,26 @@ def main() -> None:
             res = _spawn(args.model, steps, budget, root)
             runs.append(res)
             print(f"  steps {steps}, memory_budget={budget}: {res['secs']:.1f} s, anon peak "
-                  f"{_mib(res['anon_peak'])}", flush=True)
+                  f"{mib(res['anon_peak'])}", flush=True)
     at = {(r["steps"], r["budget"]): r for r in runs}
 
     print("\n| steps | memory_budget | wall | anon peak | anon after | RSS peak | spilled | "
           "kept | verdict |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        kept = "" if r["kept"] is None else _mib(r["kept"])
+        kept = "" if r["kept"] is None else mib(r["kept"])
         verdict = ("passed" if r["passed"] else "FAILED") + f", {r['keys']} keys"
         if r["reason"]:
             verdict += f" ({r['reason']})"
-        print(f"| {r['steps']} | {r['budget']} | {r['secs']:.1f} s | {_mib(r['anon_peak'])} | "
-              f"{_mib(r['anon_after'])} | {_mib(r['rss_peak'])} | {_mib(r['spilled'])} | "
+        print(f"| {r['steps']} | {r['budget']} | {r['secs']:.1f} s | {mib(r['anon_peak'])} | "
+              f"{mib(r['anon_after'])} | {mib(r['rss_peak'])} | {mib(r['spilled'])} | "
               f"{kept} | {verdict} |")
 
     params = runs[0]["params"]
     lo, hi = steps_list[0], steps_list[-1]
     if hi > lo:
         print(f"\nper step, from {lo} and {hi} steps (the torch model's parameters: "
-              f"{_mib(params)})")
+              f"{mib(params)})")
         print("| memory_budget | anon peak / step | x params | RSS peak / step | spilled / step "
               "| wall / step |")
         print("|---|---|---|---|---|---|")
@@ -296,16 +270,16 @@ def main() -> None:
             a, b = at[(lo, budget)], at[(hi, budget)]
             n = hi - lo
             anon = (b["anon_peak"] - a["anon_peak"]) / n
-            print(f"| {budget} | {_mib(anon)} | {anon / params:.1f}x | "
-                  f"{_mib((b['rss_peak'] - a['rss_peak']) / n)} | "
-                  f"{_mib((b['spilled'] - a['spilled']) / n)} | "
+            print(f"| {budget} | {mib(anon)} | {anon / params:.1f}x | "
+                  f"{mib((b['rss_peak'] - a['rss_peak']) / n)} | "
+                  f"{mib((b['spilled'] - a['spilled']) / n)} | "
                   f"{(b['secs'] - a['secs']) / n:.2f} s |")
     print("\ntime spilled / time in memory: " + ", ".join(
         f"{s} steps {at[(s, 0)]['secs'] / at[(s, None)]['secs']:.2f}x" for s in steps_list))
     print(f"\n(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "revision": _revision(root), "runs": runs}, f,
+            json.dump({"model": args.model, "revision": revision(root), "runs": runs}, f,
                       indent=1)
 
 
@@ -324,7 +298,7 @@ def _limited(args: Any, root: str, steps_list: list[int]) -> None:
             runs.append(res)
             print(f"  steps {steps}, memory_budget={budget}: "
                   + ("killed by the OOM killer" if res.get("killed") else
-                     f"{res['secs']:.1f} s, anon peak {_mib(res['anon_peak'])}"), flush=True)
+                     f"{res['secs']:.1f} s, anon peak {mib(res['anon_peak'])}"), flush=True)
     print(f"\n| steps | memory_budget | in a cgroup of {args.limit:g} GiB | wall | anon peak | "
           "spilled | kept (the budget) |")
     print("|---|---|---|---|---|---|---|")
@@ -334,12 +308,12 @@ def _limited(args: Any, root: str, steps_list: list[int]) -> None:
                   f"{r['secs']:.1f} s | | | |")
             continue
         verdict = ("passed" if r["passed"] else "FAILED") + f", {r['keys']} keys"
-        kept = "" if r["kept"] is None else _mib(r["kept"])
+        kept = "" if r["kept"] is None else mib(r["kept"])
         print(f"| {r['steps']} | {r['budget']} | {verdict} | {r['secs']:.1f} s | "
-              f"{_mib(r['anon_peak'])} | {_mib(r['spilled'])} | {kept} |")
+              f"{mib(r['anon_peak'])} | {mib(r['spilled'])} | {kept} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "revision": _revision(root), "limit": limit,
+            json.dump({"model": args.model, "revision": revision(root), "limit": limit,
                        "runs": runs}, f, indent=1)
 
 

@@ -219,10 +219,6 @@ _SETTINGS: dict[str, list[tuple[Any, ...]]] = {
         ("output_size", lambda t, r: _tuple(t.output_size, r),
          lambda p, r: _tuple(p._output_size, r)),
     ],
-    "adaptivemaxpool": [
-        ("output_size", lambda t, r: _tuple(t.output_size, r),
-         lambda p, r: _tuple(p._output_size, r)),
-    ],
     "dropout": [
         ("p", lambda t, r: float(t.p), lambda p, r: float(p.p)),
         # torch scales the kept values by 1 / (1 - p) in training and nothing in evaluation
@@ -253,6 +249,7 @@ _SETTINGS: dict[str, list[tuple[Any, ...]]] = {
         ("size", lambda t, r: t.size, lambda p, r: p.size),
     ],
 }
+_SETTINGS["adaptivemaxpool"] = _SETTINGS["adaptiveavgpool"]
 _SETTINGS["convtranspose"] = _SETTINGS["conv"] + [
     ("output_padding", lambda t, r: _tuple(t.output_padding, r),
      lambda p, r: _tuple(p.output_padding, r)),
