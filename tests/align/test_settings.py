@@ -112,6 +112,8 @@ DIFFER = [
      ("count_include_pad", True, False)),
     (lambda: tnn.AdaptiveAvgPool2d(2), lambda: pnn.AdaptiveAvgPool2D(1),
      ("output_size", (2, 2), (1, 1))),
+    (lambda: tnn.AdaptiveMaxPool2d(2), lambda: pnn.AdaptiveMaxPool2D(1),
+     ("output_size", (2, 2), (1, 1))),
     (lambda: tnn.Dropout(0.5), lambda: pnn.Dropout(0.5, mode="downscale_in_infer"),
      ("mode", "upscale_in_train", "downscale_in_infer")),
     (lambda: tnn.Dropout(0.5), lambda: pnn.Dropout(0.1), ("p", 0.5, 0.1)),
