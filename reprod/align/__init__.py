@@ -34,13 +34,15 @@ from .conversion import (
     torch_to_paddle,
 )
 from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
-from .settings import SettingDiff, SettingsReport, compare_settings
+from .settings import SettingDiff, SettingsReport, compare_settings, layer_settings, save_settings
 from .steps import KNOWN_DIFFERENCES, align_forward, align_train, noise_multiples
 from .structure import LayerCount, StructureReport, StructureRow, compare_structure
 
 __all__ = [
     "compare_structure",
     "compare_settings",
+    "layer_settings",
+    "save_settings",
     "SettingsReport",
     "SettingDiff",
     "StructureReport",

@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-__all__ = ["SettingDiff", "SettingsReport", "compare_settings", "settings_checked", "with_finding"]
+__all__ = ["SettingDiff", "SettingsReport", "compare_settings", "layer_settings", "read_settings",
+           "save_settings", "settings_checked", "with_finding"]
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,18 @@ class SettingDiff:
     torch_value: Any
     paddle_value: Any
     kind: str  # the layers' kind: "batchnorm", "conv", "maxpool", ...
+    sides: tuple[str, str] = ("torch", "Paddle")  # what the two are, as the line names them
 
     @property
     def key(self) -> str:
         return f"settings/{self.paddle_layer}/{self.setting}"
 
     def line(self) -> str:
+        ref, other = self.sides
         where = (self.paddle_layer if self.paddle_layer == self.torch_layer else
-                 f"{self.paddle_layer} (torch {self.torch_layer})")
-        return (f"{where}: {self.setting} {_show(self.torch_value)} in torch, "
-                f"{_show(self.paddle_value)} in Paddle")
+                 f"{self.paddle_layer} ({ref} {self.torch_layer})")
+        return (f"{where}: {self.setting} {_show(self.torch_value)} in {ref}, "
+                f"{_show(self.paddle_value)} in {other}")
 
 
 def _show(value: Any) -> str:
@@ -158,17 +161,14 @@ def _padded(pad: Any) -> bool:
 
 
 _Getter = Callable[[Any, int], Any]
-# kind -> [(setting, torch getter, Paddle getter[, whether it matters for the pair])], each
-# getter given the layer and its rank: a setting that changes nothing here (the padding mode of
-# a convolution without padding) is not compared
-_SETTINGS: dict[str, list[tuple[Any, ...]]] = {
+# kind -> [(setting, torch getter, Paddle getter)], each getter given the layer and its rank
+_SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
     "conv": [
         ("stride", lambda t, r: _tuple(t.stride, r), lambda p, r: _tuple(p._stride, r)),
         ("padding", _torch_padding, _paddle_padding),
         ("dilation", lambda t, r: _tuple(t.dilation, r), lambda p, r: _tuple(p._dilation, r)),
         ("groups", lambda t, r: int(t.groups), lambda p, r: int(p._groups)),
-        ("padding_mode", lambda t, r: t.padding_mode, lambda p, r: p._padding_mode,
-         lambda t, p, r: _padded(_torch_padding(t, r)) or _padded(_paddle_padding(p, r))),
+        ("padding_mode", lambda t, r: t.padding_mode, lambda p, r: p._padding_mode),
     ],
     "batchnorm": [
         ("epsilon", lambda t, r: float(t.eps), lambda p, r: float(p._epsilon)),
@@ -208,10 +208,7 @@ _SETTINGS: dict[str, list[tuple[Any, ...]]] = {
         ("padding", lambda t, r: _tuple(t.padding, r), lambda p, r: _tuple(p.padding, r)),
         ("ceil_mode", lambda t, r: bool(t.ceil_mode), lambda p, r: bool(p.ceil_mode)),
         ("count_include_pad", lambda t, r: bool(getattr(t, "count_include_pad", True)),
-         lambda p, r: not bool(getattr(p, "exclusive", True)),
-         # windows over padding only: explicit, or past the edge with ceil_mode
-         lambda t, p, r: _padded(_tuple(t.padding, r)) or _padded(_tuple(p.padding, r))
-         or bool(t.ceil_mode) or bool(p.ceil_mode)),
+         lambda p, r: not bool(getattr(p, "exclusive", True))),
         ("divisor_override", lambda t, r: getattr(t, "divisor_override", None),
          lambda p, r: getattr(p, "divisor", None)),
     ],
@@ -222,8 +219,7 @@ _SETTINGS: dict[str, list[tuple[Any, ...]]] = {
     "dropout": [
         ("p", lambda t, r: float(t.p), lambda p, r: float(p.p)),
         # torch scales the kept values by 1 / (1 - p) in training and nothing in evaluation
-        ("mode", lambda t, r: "upscale_in_train", lambda p, r: str(p.mode),
-         lambda t, p, r: float(t.p) > 0 or float(p.p) > 0),
+        ("mode", lambda t, r: "upscale_in_train", lambda p, r: str(p.mode)),
     ],
     "dropout2d": [("p", lambda t, r: float(t.p), lambda p, r: float(p.p))],
     "dropout3d": [("p", lambda t, r: float(t.p), lambda p, r: float(p.p))],
@@ -254,6 +250,64 @@ _SETTINGS["convtranspose"] = _SETTINGS["conv"] + [
     ("output_padding", lambda t, r: _tuple(t.output_padding, r),
      lambda p, r: _tuple(p.output_padding, r)),
 ]
+
+
+def _either_padded(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return _padded(a.get("padding")) or _padded(b.get("padding"))
+
+
+# (kind, setting) -> whether the setting changes anything for a pair, from both layers' settings:
+# the padding mode of a convolution without padding is not compared
+_RELEVANT: dict[tuple[str, str], Callable[[Mapping[str, Any], Mapping[str, Any]], bool]] = {
+    ("conv", "padding_mode"): _either_padded,
+    ("convtranspose", "padding_mode"): _either_padded,
+    # windows reach padding only where there is some, or past the edge with ceil_mode
+    ("avgpool", "count_include_pad"): lambda a, b: _either_padded(a, b)
+    or bool(a.get("ceil_mode")) or bool(b.get("ceil_mode")),
+    ("dropout", "mode"): lambda a, b: bool(a.get("p")) or bool(b.get("p")),
+}
+
+
+def _framework(layer: Any) -> str:
+    top = type(layer).__module__.split(".", 1)[0]
+    if top not in ("torch", "paddle"):  # a subclass defined elsewhere: what it derives from
+        for base in type(layer).__mro__:
+            top = base.__module__.split(".", 1)[0]
+            if top in ("torch", "paddle"):
+                break
+    return top
+
+
+def read_settings(layer: Any) -> Optional[tuple[str, dict[str, Any]]]:
+    """A torch module's or Paddle layer's kind and settings, in one spelling for both (the
+    torch one: Paddle's momentum as 1 - its own, ``exclusive`` as ``count_include_pad``...);
+    None for a layer of no kind this module knows. A setting its framework version does not
+    hold is left out."""
+    kind, rank = _kind(type(layer).__name__)
+    if kind is None or kind not in _SETTINGS:
+        return None
+    side = 1 if _framework(layer) == "torch" else 2
+    out: dict[str, Any] = {}
+    for entry in _SETTINGS[kind]:
+        try:
+            out[entry[0]] = entry[side](layer, rank)
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return kind, out
+
+
+def _differences(kind: str, a: Mapping[str, Any], b: Mapping[str, Any]
+                 ) -> list[tuple[str, Any, Any]]:
+    out = []
+    for setting, *_ in _SETTINGS.get(kind, ()):
+        if setting not in a or setting not in b:
+            continue
+        relevant = _RELEVANT.get((kind, setting))
+        if relevant is not None and not relevant(a, b):
+            continue
+        if not _same(a[setting], b[setting]):
+            out.append((setting, a[setting], b[setting]))
+    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -326,9 +380,16 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
     (torch parameter name -> Paddle parameter name) where given. A setting one side cannot be
     read for (an attribute another version names otherwise) is left out.
 
+    Either side may also be a file ``save_settings`` wrote (the reference's script and the
+    port's each save theirs): then every kind of layer pairs by definition order, where both
+    sides have as many.
+
     >>> print(compare_settings(torch_model, paddle_model, by_order=True))
     layer3.0.bn1: epsilon 1e-05 in torch, 1e-06 in Paddle
+    >>> print(compare_settings("result/settings_torch.json", "result/settings_paddle.json"))
     """
+    if _is_saved(torch_model) or _is_saved(paddle_model):
+        return _compare_saved(_as_saved(torch_model), _as_saved(paddle_model))
     if torch_to_paddle is None:
         from .by_order import by_order_rules
         from .framework import _torch_params_plan
@@ -340,20 +401,11 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
     pairs, unpaired = _pairs(torch_model, paddle_model, torch_to_paddle)
     diffs: list[SettingDiff] = []
     for tname, tmod, pname, pmod in pairs:
-        kind, rank = _kind(type(tmod).__name__)
-        pkind, prank = _kind(type(pmod).__name__)
-        if kind is None or kind != pkind:
+        t_read, p_read = read_settings(tmod), read_settings(pmod)
+        if t_read is None or p_read is None or t_read[0] != p_read[0]:
             continue
-        rank = rank or prank
-        for setting, from_torch, from_paddle, *relevant in _SETTINGS.get(kind, ()):
-            try:
-                if relevant and not relevant[0](tmod, pmod, rank):
-                    continue
-                tv, pv = from_torch(tmod, rank), from_paddle(pmod, rank)
-            except (AttributeError, TypeError, ValueError):
-                continue
-            if not _same(tv, pv):
-                diffs.append(SettingDiff(tname, pname, setting, tv, pv, kind))
+        for setting, tv, pv in _differences(t_read[0], t_read[1], p_read[1]):
+            diffs.append(SettingDiff(tname, pname, setting, tv, pv, t_read[0]))
     return SettingsReport(tuple(diffs), tuple(unpaired))
 
 
@@ -400,3 +452,128 @@ def with_finding(result: Any, verbose: bool = False) -> Any:
     # after where the values first differ (localisation's findings), which a setting may cause
     findings = [f for f in result.options.get("findings", ()) if f != line] + [line]
     return dataclasses.replace(result, options=dict(result.options, findings=findings))
+
+
+# --- settings saved by each script -------------------------------------------------------------
+
+FORMAT = "reprod-settings"
+
+
+def _leaves_of(model: Any) -> list[tuple[str, Any]]:
+    named = model.named_modules() if _framework(model) == "torch" else model.named_sublayers()
+    return _leaves(named, lambda m: m.children())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    return tuple(_from_json(v) for v in value) if isinstance(value, list) else value
+
+
+def layer_settings(model: Any) -> list[dict[str, Any]]:
+    """Every layer of a known kind of a torch or Paddle model, in definition order, with its
+    settings in the spelling both share: ``[{"name": "layer1.0.bn1", "kind": "batchnorm",
+    "settings": {"epsilon": 1e-05, "momentum": 0.1, ...}}, ...]`` (JSON values)."""
+    out = []
+    for name, layer in _leaves_of(model):
+        read = read_settings(layer)
+        if read is not None:
+            out.append({"name": name, "kind": read[0],
+                        "settings": {k: _jsonable(v) for k, v in read[1].items()}})
+    return out
+
+
+def save_settings(model: Any, path: Any) -> str:
+    """Write ``layer_settings(model)`` to ``path`` (JSON, atomically) and return the path: what
+    a script that cannot hold the other framework's model saves beside its dump, for
+    ``compare_settings(reference_file, port_file)``."""
+    import json
+    import os
+    import tempfile
+
+    from ..errors import WriteError
+
+    path = os.fspath(path)
+    doc = {"format": FORMAT, "version": 1, "framework": _framework(model),
+           "layers": layer_settings(model)}
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".settings-", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write the layer settings ({e.strerror or e})") from e
+    return path
+
+
+def _is_saved(x: Any) -> bool:
+    import os
+
+    return isinstance(x, (str, os.PathLike))
+
+
+def _as_saved(x: Any) -> tuple[str, str, list[dict[str, Any]]]:
+    """(where from, framework, layers) of a settings file or a model."""
+    import json
+    import os
+
+    from ..errors import ReprodError
+
+    if not _is_saved(x):  # as a file would read back
+        return type(x).__name__, _framework(x), [
+            dict(e, settings={k: _from_json(v) for k, v in e["settings"].items()})
+            for e in layer_settings(x)]
+    path = os.fspath(x)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReprodError(f"{path}: not a layer settings file ({type(e).__name__}: {e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or \
+            not isinstance(doc.get("layers"), list):
+        raise ReprodError(f"{path}: not a layer settings file (save_settings writes them)")
+    layers = []
+    for i, entry in enumerate(doc["layers"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("kind"), str)
+                and isinstance(entry.get("settings"), dict)):
+            raise ReprodError(f"{path}: layer #{i} is not {{name, kind, settings}}")
+        layers.append({"name": entry["name"], "kind": entry["kind"],
+                       "settings": {k: _from_json(v) for k, v in entry["settings"].items()}})
+    return path, str(doc.get("framework", "?")), layers
+
+
+_SIDE = {"torch": "torch", "paddle": "Paddle"}
+
+
+def _compare_saved(a: tuple[str, str, list[dict[str, Any]]],
+                   b: tuple[str, str, list[dict[str, Any]]]) -> SettingsReport:
+    """Each kind's layers paired by order where both sides have as many."""
+    sides = (_SIDE.get(a[1], a[1]), _SIDE.get(b[1], b[1]))
+    if sides[0] == sides[1]:
+        sides = (f"{sides[0]} (reference)", f"{sides[1]} (port)")
+    kinds: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+    for side, layers in ((0, a[2]), (1, b[2])):
+        for entry in layers:
+            kinds.setdefault(entry["kind"], ([], []))[side].append(entry)
+    diffs, unpaired = [], []
+    for kind, (ours, theirs) in kinds.items():
+        if len(ours) != len(theirs):
+            unpaired.append(f"{kind}: {len(ours)} in {sides[0]}, {len(theirs)} in {sides[1]}")
+            continue
+        for x, y in zip(ours, theirs):
+            for setting, xv, yv in _differences(kind, x["settings"], y["settings"]):
+                diffs.append(SettingDiff(x["name"], y["name"], setting, xv, yv, kind, sides))
+    return SettingsReport(tuple(diffs), tuple(unpaired))

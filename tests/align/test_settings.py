@@ -235,3 +235,75 @@ def test_matching_settings_add_no_key():
     r = align_forward(tm, pm, X)
     assert r.passed and not any(k.key.startswith("settings/") for k in r.results)
     assert r.options["settings"] == {"differ": []}
+
+
+# --- each script saves its own --------------------------------------------------------------------
+
+
+def test_settings_saved_by_each_script_compare_as_the_models_do(tmp_path):
+    from reprod.align import save_settings
+
+    tm, pm = _pair()
+    pm.bn._epsilon = 1e-6
+    a = save_settings(tm, tmp_path / "settings_torch.json")
+    b = save_settings(pm, tmp_path / "settings_paddle.json")
+    in_process = [d.line() for d in compare_settings(tm, pm).differ]
+    assert in_process == ["bn: epsilon 1e-05 in torch, 1e-06 in Paddle"]
+    assert [d.line() for d in compare_settings(a, b).differ] == in_process
+    assert [d.line() for d in compare_settings(tm, b).differ] == in_process  # a model and a file
+    assert compare_settings(a, a).passed
+    # two files of one framework: the reference and the port
+    tm2, _ = _pair()
+    tm2.bn.eps = 1e-3
+    c = save_settings(tm2, tmp_path / "port_torch.json")
+    assert [d.line() for d in compare_settings(a, c).differ] == [
+        "bn: epsilon 1e-05 in torch (reference), 0.001 in torch (port)"]
+
+
+def test_kinds_of_other_counts_in_saved_settings_are_said(tmp_path):
+    from reprod.align import save_settings
+
+    a = save_settings(tnn.Sequential(tnn.Conv2d(3, 4, 3), tnn.MaxPool2d(2), tnn.MaxPool2d(2)),
+                      tmp_path / "a.json")
+    b = save_settings(pnn.Sequential(pnn.Conv2D(3, 4, 3, stride=2), pnn.MaxPool2D(2)),
+                      tmp_path / "b.json")
+    report = compare_settings(a, b)
+    assert [d.line() for d in report.differ] == ["0: stride (1, 1) in torch, (2, 2) in Paddle"]
+    assert report.unpaired == ("maxpool: 2 in torch, 1 in Paddle",)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("{not json", "not a layer settings file (JSONDecodeError"),
+    ('{"format": "other", "layers": []}', "not a layer settings file (save_settings writes them)"),
+    ('{"format": "reprod-settings", "layers": [{"name": "x"}]}',
+     "layer #0 is not {name, kind, settings}"),
+])
+def test_a_bad_settings_file_is_one_line_naming_it(tmp_path, text, problem):
+    from reprod.errors import ReprodError
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    tm, _ = _pair()
+    with pytest.raises(ReprodError) as e:
+        compare_settings(tm, bad)
+    assert str(e.value).startswith(f"{bad}: {problem}") and "\n" not in str(e.value)
+    with pytest.raises(ReprodError, match="missing.json: not a layer settings file"):
+        compare_settings(tm, tmp_path / "missing.json")
+
+
+def test_saving_where_it_cannot_says_so_and_leaves_nothing(tmp_path):
+    from reprod.align import save_settings
+    from reprod.errors import WriteError
+
+    tm, _ = _pair()
+    target = tmp_path / "settings.json"
+    target.mkdir()  # a directory where the file should go: the final rename fails
+    (target / "kept").write_text("earlier")
+    with pytest.raises(WriteError, match="settings.json: cannot write the layer settings"):
+        save_settings(tm, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["settings.json"]  # no temporary left
+    assert (target / "kept").read_text() == "earlier"
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(WriteError, match="cannot write the layer settings"):
+        save_settings(tm, blocked / "settings.json")  # under a file
