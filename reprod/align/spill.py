@@ -35,7 +35,7 @@ _ALIGN = 64  # each array's start: what numpy and the C kernel's vector loads li
 
 def available_memory() -> Optional[int]:
     """The memory the kernel can give without swapping (``MemAvailable``), less where a cgroup
-    (v2) limits this process to less (a container), or None where the system does not say."""
+    (v1 or v2) limits this process to less (a container), or None where the system does not say."""
     free: Optional[int] = None
     try:
         with open("/proc/meminfo") as f:
@@ -152,7 +152,6 @@ class SpillArena:
         self._fd: Optional[int] = None
         self._size = 0  # bytes of the file reserved so far
         self._map: Optional[mmap.mmap] = None
-        self._map_offset = 0  # where the current mapping starts in the file
         self._used = 0  # bytes of the current mapping given out
         self._maps: list[mmap.mmap] = []  # every mapping made, the current one last
 
@@ -235,7 +234,7 @@ class SpillArena:
             self.reason = (f"{where}: cannot reserve {size >> 20} MiB more for records past the "
                            f"memory budget ({e.strerror or e}); they stay in memory")
             return False
-        self._map, self._map_offset, self._used = m, self._size, 0
+        self._map, self._used = m, 0
         self._maps.append(m)
         self._size += size
         return True
