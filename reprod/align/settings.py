@@ -265,6 +265,9 @@ _RELEVANT: dict[tuple[str, str], Callable[[Mapping[str, Any], Mapping[str, Any]]
     ("avgpool", "count_include_pad"): lambda a, b: _either_padded(a, b)
     or bool(a.get("ceil_mode")) or bool(b.get("ceil_mode")),
     ("dropout", "mode"): lambda a, b: bool(a.get("p")) or bool(b.get("p")),
+    # torch's Softmax() without a dim picks one from the input's rank: nothing to compare
+    ("softmax", "axis"): lambda a, b: a.get("axis") is not None and b.get("axis") is not None,
+    ("logsoftmax", "axis"): lambda a, b: a.get("axis") is not None and b.get("axis") is not None,
 }
 
 
@@ -313,6 +316,10 @@ def _differences(kind: str, a: Mapping[str, Any], b: Mapping[str, Any]
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (list, tuple)) != isinstance(b, (list, tuple)):
+        # one value for every dimension against the same value per dimension: (2.0, 2.0) is 2
+        seq, one = (a, b) if isinstance(a, (list, tuple)) else (b, a)
+        return len(seq) > 0 and all(_same(x, one) for x in seq)
     if isinstance(a, bool) or isinstance(b, bool):
         return a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):

@@ -71,6 +71,9 @@ SAME = [
     ("elu", lambda: tnn.ELU(0.5), lambda: pnn.ELU(0.5)),
     ("softplus", lambda: tnn.Softplus(2, 10), lambda: pnn.Softplus(2, 10)),
     ("softmax", lambda: tnn.Softmax(dim=1), lambda: pnn.Softmax(axis=1)),
+    ("softmax without a dim", lambda: tnn.Softmax(), lambda: pnn.Softmax()),
+    ("upsample per dimension", lambda: tnn.Upsample(scale_factor=(2.0, 2.0), mode="nearest"),
+     lambda: pnn.Upsample(scale_factor=2, mode="nearest")),
     ("upsample", lambda: tnn.Upsample(scale_factor=2, mode="bilinear"),
      lambda: pnn.Upsample(scale_factor=2, mode="bilinear")),
 ]
