@@ -53,7 +53,7 @@ def align_forward(
     criteria: Optional[Criteria] = None,
     by_order: bool = False,
     localise: bool = True,
-    check_settings: bool = True,
+    check_settings: Any = True,
 ) -> Any:
     """Run both models in eval mode on the same inputs and compare their outputs.
 
@@ -71,7 +71,9 @@ def align_forward(
     ``settings/<Paddle layer>/<setting>`` (status ``"setting"``) and a finding, whatever
     the values say (a BatchNorm epsilon of 1e-6 for 1e-5 moves resnet18's outputs by less than
     float32 rounding). ``options["settings"]`` lists them, and the kinds of layer without
-    parameters that could not be paired by order.
+    parameters that could not be paired by order. A list of ``"<Paddle layer>/<setting>"``
+    glob patterns (``["*/momentum"]``) waives those settings: listed under ``"waived"``, not
+    failed. ``False`` turns the check off.
 
     ``calibrate=True``: a deep copy of the torch model cast to float64 (``.double()``: weights and
     BatchNorm statistics) runs on the same inputs (floating ones cast to float64), and its outputs
@@ -96,6 +98,7 @@ def align_forward(
 
     crit = _criteria(criteria, calibrate, methods=method, threshold=threshold, atol=atol,
                      rtol=rtol, per_key=per_key, noise_factor=noise_factor)
+    waive = settings.waivers(check_settings)
     torch_log, paddle_log = ReprodLogger(), ReprodLogger()
     noise_log = ReprodLogger() if calibrate else None
     args, kwargs = _split_inputs(inputs)
@@ -130,12 +133,12 @@ def align_forward(
         noise_log=noise_log,
         write_log=False,  # below, with the findings
     )
-    if check_settings:
+    if waive is not None:
         rules = by_order_rules(torch_model, paddle_model) if by_order else None
         plan = _torch_params_plan(torch_model, rules)
         result = settings.settings_checked(
             result, torch_model, paddle_model,
-            {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name})
+            {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name}, waive)
     if localise and settings.values_failed(result):
         result = _localised(
             result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -416,18 +416,40 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
     return SettingsReport(tuple(diffs), tuple(unpaired))
 
 
+def waivers(check_settings: Any) -> Optional[tuple[str, ...]]:
+    """``align_forward``/``align_train``'s ``check_settings``: None (no check) for False, else
+    the glob patterns of the settings waived (``"layer3.0.bn1/epsilon"``, ``"*/momentum"``)."""
+    from ..errors import ReprodError
+
+    if check_settings is True:
+        return ()
+    if check_settings is False or check_settings is None:
+        return None
+    if isinstance(check_settings, str) or not all(isinstance(p, str) for p in check_settings):
+        raise ReprodError(f"check_settings={check_settings!r}: give True, False or a list of "
+                          "\"<Paddle layer>/<setting>\" patterns to waive (\"*/momentum\")")
+    return tuple(check_settings)
+
+
 def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
-                     torch_to_paddle: Mapping[str, str]) -> Any:
+                     torch_to_paddle: Mapping[str, str], waive: Sequence[str] = ()) -> Any:
     """``result`` with a failing key ``settings/<Paddle layer>/<setting>`` (status
-    ``"setting"``) for each setting that differs, after the value keys, and
-    ``options["settings"]``: the differences' lines, and the kinds that could not be paired."""
+    ``"setting"``) for each setting that differs and no ``waive`` pattern matches
+    (``<Paddle layer>/<setting>``, glob), after the value keys, and ``options["settings"]``:
+    the differences' lines, those waived, and the kinds that could not be paired."""
     import dataclasses
+    from fnmatch import fnmatchcase
 
     from ..diff.result import KeyResult
 
     report = compare_settings(torch_model, paddle_model, torch_to_paddle=torch_to_paddle)
-    diffs = report.differ
+    diffs, waived = [], []
+    for d in report.differ:
+        name = f"{d.paddle_layer}/{d.setting}"
+        (waived if any(fnmatchcase(name, p) for p in waive) else diffs).append(d)
     info: dict[str, Any] = {"differ": [d.line() for d in diffs]}
+    if waived:
+        info["waived"] = [d.line() for d in waived]
     if report.unpaired:
         info["unpaired"] = list(report.unpaired)
     extra = tuple(KeyResult(key=d.key, passed=False, status="setting",

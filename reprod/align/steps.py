@@ -269,7 +269,7 @@ def align_train(
     optimizer_state: bool = True,
     memory_budget: Any = "auto",
     spill_dir: Optional[PathLike] = None,
-    check_settings: bool = True,
+    check_settings: Any = True,
 ) -> Any:
     """Train both models for ``steps`` steps on the same batches and compare, per step, the logits,
     the loss, the learning rate, every parameter's gradient and every updated parameter.
@@ -368,7 +368,7 @@ def align_train(
     ``align_forward`` does: a BatchNorm momentum that differs changes nothing in step 0's
     outputs and gradients, and a BatchNorm epsilon of 1e-6 for 1e-5 passed every key of
     resnet18's steps; each that differs is a failing key ``settings/<Paddle layer>/<setting>``
-    and a finding.
+    and a finding. A list of ``"<Paddle layer>/<setting>"`` glob patterns waives those.
 
     ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
     rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
@@ -400,6 +400,7 @@ def align_train(
         raise ReprodError(f"steps must be at least 1, got {steps}")
     crit = _criteria(criteria, calibrate, methods=method, threshold=threshold, atol=atol,
                      rtol=rtol, per_key=per_key, noise_factor=noise_factor)
+    waive = settings.waivers(check_settings)
     if bool(torch_model.training) != bool(paddle_model.training):
         modes = {True: "train", False: "eval"}
         raise ReprodError(
@@ -550,10 +551,10 @@ def align_train(
     if arena.spilled or arena.reason is not None:
         result = dataclasses.replace(result, options=dict(result.options,
                                                           memory=arena.summary()))
-    if check_settings:
+    if waive is not None:
         result = settings.settings_checked(
             result, torch_model, paddle_model,
-            {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name})
+            {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name}, waive)
     if verbose:
         for line in _rounding_summary(result):
             print(line, flush=True)

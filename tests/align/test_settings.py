@@ -310,3 +310,20 @@ def test_saving_where_it_cannot_says_so_and_leaves_nothing(tmp_path):
     blocked.write_text("x")
     with pytest.raises(WriteError, match="cannot write the layer settings"):
         save_settings(tm, blocked / "settings.json")  # under a file
+
+
+def test_a_setting_differing_on_purpose_can_be_waived():
+    from reprod.errors import ReprodError
+
+    tm, pm = _pair()
+    pm.bn._epsilon = 1e-6
+    r = align_forward(tm, pm, X, check_settings=["*/epsilon"])
+    assert r.passed and not any(k.key.startswith("settings/") for k in r.results)
+    assert r.options["settings"] == {
+        "differ": [], "waived": ["bn: epsilon 1e-05 in torch, 1e-06 in Paddle"]}
+    assert "findings" not in r.options
+    assert not align_forward(tm, pm, X, check_settings=["*/momentum"]).passed
+    assert "settings" not in align_forward(tm, pm, X, check_settings=False).options
+    for bad in ("*/epsilon", [3]):
+        with pytest.raises(ReprodError, match="check_settings="):
+            align_forward(tm, pm, X, check_settings=bad)
