@@ -434,6 +434,39 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
     return compared, sides
 
 
+def _settings_files(ref: str, other: str) -> bool:
+    """Whether both inputs are layer settings files (``reprod.align.save_settings``'s JSON)."""
+    for path in (ref, other):
+        if not path.endswith(".json"):
+            return False
+        try:
+            with open(path, "rb") as f:
+                head = f.read(256)
+        except OSError:
+            return False
+        if b'"reprod-settings"' not in head:
+            return False
+    return True
+
+
+def _compare_settings(args: argparse.Namespace) -> int:
+    """``reprod-diff settings_torch.json settings_paddle.json``: the layer settings that differ
+    (``reprod.align.compare_settings``), 1 where any does."""
+    from .align.settings import compare_settings
+
+    try:
+        report = compare_settings(args.ref, args.other)
+    except ReprodError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(str(report))
+        print(f"{len(report.differ)} layer setting{'s' if len(report.differ) != 1 else ''} "
+              f"differ{'s' if len(report.differ) == 1 else ''}: "
+              + ("PASSED" if report.passed else "FAILED"))
+    return 0 if report.passed else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``reprod-diff`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
@@ -451,6 +484,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help (0) and usage errors (2): return rather than exit
             return exc.code if isinstance(exc.code, int) else 2
+    if _settings_files(args.ref, args.other):
+        return _compare_settings(args)
     try:
         from ._gc import gc_paused
 

@@ -327,3 +327,26 @@ def test_a_setting_differing_on_purpose_can_be_waived():
     for bad in ("*/epsilon", [3]):
         with pytest.raises(ReprodError, match="check_settings="):
             align_forward(tm, pm, X, check_settings=bad)
+
+
+def test_reprod_diff_compares_two_settings_files(tmp_path, capsys):
+    from reprod.align import save_settings
+    from reprod.cli import main
+
+    tm, pm = _pair()
+    a = save_settings(tm, tmp_path / "settings_torch.json")
+    assert main([a, save_settings(pm, tmp_path / "settings_paddle.json")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "every paired layer's settings agree", "0 layer settings differ: PASSED"]
+    pm.bn._epsilon = 1e-6
+    b = save_settings(pm, tmp_path / "settings_paddle.json")
+    assert main([a, b]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "bn: epsilon 1e-05 in torch, 1e-06 in Paddle", "1 layer setting differs: FAILED"]
+    assert main([a, b, "--quiet"]) == 1 and capsys.readouterr().out == ""
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"format": "reprod-settings", "layers": 3}')
+    assert main([a, str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"reprod-diff: error: {broken}: not a layer settings file") and \
+        err.count("\n") == 1
