@@ -344,5 +344,18 @@ def _write_diff_log(result: Any, log_path: str, *, verbose: bool) -> None:
     # after reprod_log's verdict line, so that tools reading the log as reprod_log's still can
     lines += [f"finding: {f}" for f in result.options.get("findings", ())]
     # The records would also reach the root logger, where importing paddle installs a stderr
-    # handler: unless asked to be verbose, a training run's hundreds of keys go to the file only.
-    emit_log_lines(lines, log_path, console=verbose, propagate=verbose)
+    # handler: unless asked to be verbose, a training run's hundreds of keys go to the file only,
+    # and verbose, they are printed once (not again by a root handler on the terminal).
+    emit_log_lines(lines, log_path, console=verbose,
+                   propagate=verbose and not _root_prints())
+
+
+def _root_prints() -> bool:
+    """Whether a handler of the root logger writes to the terminal (paddle installs one)."""
+    import logging
+    import sys
+
+    terminal = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+                if s is not None}
+    return any(isinstance(h, logging.StreamHandler) and id(getattr(h, "stream", None)) in terminal
+               for h in logging.getLogger().handlers)

@@ -350,3 +350,23 @@ def test_reprod_diff_compares_two_settings_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"reprod-diff: error: {broken}: not a layer settings file") and \
         err.count("\n") == 1
+
+
+def test_verbose_prints_each_log_line_once(tmp_path, capfd):
+    """paddle's import puts a handler on the root logger's stderr: the log's records reached it
+    too, and every line of a verbose run was printed twice."""
+    import logging
+    import sys
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.__stderr__)  # as paddle's, whatever pytest did to it
+    root.addHandler(handler)
+    try:
+        tm, pm = _pair()
+        pm.bn._momentum = 0.1
+        align_forward(tm, pm, X, out_dir=tmp_path, verbose=True)
+    finally:
+        root.removeHandler(handler)
+    out, err = capfd.readouterr()
+    assert (out + err).count("diff check failed") == 1, out + err
+    assert (out + err).count("finding: 1 layer setting") == 1
