@@ -23,7 +23,7 @@ import paddle_model
 import torch_model
 from config import BUGS, DROPOUT, NUM_CLASSES
 
-from reprod.align import compare_structure, convert, write_pdparams
+from reprod.align import compare_settings, compare_structure, convert, write_pdparams
 
 
 def main() -> int:
@@ -41,9 +41,15 @@ def main() -> int:
     os.makedirs(os.path.join(args.out, "tables"), exist_ok=True)
     with open(os.path.join(args.out, "tables", "structure.txt"), "w", encoding="utf-8") as f:
         f.write(report.to_table(layers=True) + "\n")
+    # what each layer computes beyond its weights: an epsilon, a stride, a pool's ceil_mode
+    settings = compare_settings(t_model, p_model)
+    with open(os.path.join(args.out, "tables", "settings.txt"), "w", encoding="utf-8") as f:
+        f.write(str(settings) + "\n")
     with open(os.path.join(args.out, "tables", "structure.json"), "w", encoding="utf-8") as f:
         tensors = sum(r.status in ("ok", "transposed") for r in report.rows)
-        json.dump({"ok": report.ok, "tensors": tensors, "summary": report.summary_line()}, f)
+        json.dump({"ok": report.ok, "tensors": tensors, "summary": report.summary_line(),
+                   "settings": {"passed": settings.passed, "layers": settings.compared,
+                                "differ": [d.line() for d in settings.differ]}}, f)
 
     conversion = convert(os.path.join(args.out, "model.pth"), model=t_model)
     converted = conversion.weights
@@ -54,6 +60,9 @@ def main() -> int:
     write_pdparams(os.path.join(args.out, "model.pdparams"), converted)
     print(f"  convert: {conversion.summary_line()}", flush=True)
     print(f"  structure: {report.summary_line()}", flush=True)
+    print(f"  settings: {str(settings).splitlines()[0]}"
+          + (f" (and {len(settings.differ) - 1} more)" if len(settings.differ) > 1 else ""),
+          flush=True)
     return 0 if report.ok else 1
 
 

@@ -163,6 +163,19 @@ def structure_outcome(out: Path) -> Outcome:
     )
 
 
+def settings_outcome(out: Path) -> Outcome:
+    facts = json.loads((out / "tables" / "structure.json").read_text(encoding="utf-8"))["settings"]
+    return Outcome(
+        "1. settings",
+        "layer settings (epsilon, stride, pooling)",
+        facts["passed"],
+        facts["layers"],
+        "same settings",
+        "; ".join(facts["differ"]) or f"the settings of {facts['layers']} paired layers agree",
+        "tables/settings.txt",
+    )
+
+
 def compare_step(check: Check, out: Path, suffix: str = "") -> Outcome:
     """The reprod_log procedure, through reprod: load both dumps, compare, write the log.
     ``suffix="64"``: the float64 dumps ``<name>_torch64.npy`` and ``<name>_paddle64.npy``."""
@@ -339,12 +352,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if run_side("torch_side.py", out, "--steps", str(args.steps)):
         say("the torch side failed (see above)")
         return 2
-    say("[align]   align_weights.py: structure check, model.pth -> model.pdparams")
+    say("[align]   align_weights.py: structure and settings checks, model.pth -> model.pdparams")
     rc = run_side("align_weights.py", out, *bug_args)
     if rc not in (0, 1):
         say("the structure check or the weight conversion failed (see above)")
         return 2
-    outcomes = [structure_outcome(out)]
+    outcomes = [structure_outcome(out), settings_outcome(out)]
     divergence = None
     if outcomes[0].passed:
         say("[paddle]  paddle_side.py: the port's dumps")

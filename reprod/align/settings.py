@@ -366,13 +366,16 @@ class SettingsReport:
 
     differ: tuple[SettingDiff, ...]
     unpaired: tuple[str, ...]
+    compared: int = 0  # the layer pairs whose settings were compared
 
     @property
     def passed(self) -> bool:
         return not self.differ
 
     def __str__(self) -> str:
-        lines = [d.line() for d in self.differ] or ["every paired layer's settings agree"]
+        n = self.compared
+        lines = [d.line() for d in self.differ] or [
+            f"the settings of {n} paired layer{'s' if n != 1 else ''} agree"]
         lines += [f"not paired by order: {u}" for u in self.unpaired]
         return "\n".join(lines)
 
@@ -407,13 +410,15 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
         torch_to_paddle = {n: kp.paddle_name for n, kp in plan.items() if kp.paddle_name}
     pairs, unpaired = _pairs(torch_model, paddle_model, torch_to_paddle)
     diffs: list[SettingDiff] = []
+    compared = 0
     for tname, tmod, pname, pmod in pairs:
         t_read, p_read = read_settings(tmod), read_settings(pmod)
         if t_read is None or p_read is None or t_read[0] != p_read[0]:
             continue
+        compared += 1
         for setting, tv, pv in _differences(t_read[0], t_read[1], p_read[1]):
             diffs.append(SettingDiff(tname, pname, setting, tv, pv, t_read[0]))
-    return SettingsReport(tuple(diffs), tuple(unpaired))
+    return SettingsReport(tuple(diffs), tuple(unpaired), compared)
 
 
 def waivers(check_settings: Any) -> Optional[tuple[str, ...]]:
@@ -598,11 +603,13 @@ def _compare_saved(a: tuple[str, str, list[dict[str, Any]]],
         for entry in layers:
             kinds.setdefault(entry["kind"], ([], []))[side].append(entry)
     diffs, unpaired = [], []
+    compared = 0
     for kind, (ours, theirs) in kinds.items():
         if len(ours) != len(theirs):
             unpaired.append(f"{kind}: {len(ours)} in {sides[0]}, {len(theirs)} in {sides[1]}")
             continue
+        compared += len(ours)
         for x, y in zip(ours, theirs):
             for setting, xv, yv in _differences(kind, x["settings"], y["settings"]):
                 diffs.append(SettingDiff(x["name"], y["name"], setting, xv, yv, kind, sides))
-    return SettingsReport(tuple(diffs), tuple(unpaired))
+    return SettingsReport(tuple(diffs), tuple(unpaired), compared)

@@ -155,7 +155,7 @@ def test_layers_without_parameters_pair_by_order_only_where_the_counts_agree():
     pm = pnn.Sequential(pnn.Conv2D(3, 4, 3), pnn.MaxPool2D(2), pnn.ReLU())
     report = compare_settings(tm, pm)
     assert report.passed and report.unpaired == ("maxpool: 2 in torch, 1 in Paddle",)
-    assert str(report).splitlines() == ["every paired layer's settings agree",
+    assert str(report).splitlines() == ["the settings of 1 paired layer agree",
                                         "not paired by order: maxpool: 2 in torch, 1 in Paddle"]
 
 
@@ -337,7 +337,7 @@ def test_reprod_diff_compares_two_settings_files(tmp_path, capsys):
     a = save_settings(tm, tmp_path / "settings_torch.json")
     assert main([a, save_settings(pm, tmp_path / "settings_paddle.json")]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "every paired layer's settings agree", "0 layer settings differ: PASSED"]
+        "the settings of 2 paired layers agree", "0 layer settings differ: PASSED"]
     pm.bn._epsilon = 1e-6
     b = save_settings(pm, tmp_path / "settings_paddle.json")
     assert main([a, b]) == 1

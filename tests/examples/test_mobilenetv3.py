@@ -33,6 +33,7 @@ RUN = EXAMPLE / "run.py"
 STEP_FILES = ["weights", "forward", "loss", "backward", "train", "bn_variance", "layers"]
 STEP_TITLES = [
     "1. structure",
+    "1. settings",
     "2. weights",
     "3. forward",
     "4. loss",
@@ -111,7 +112,8 @@ def test_aligned_port_passes_every_step(aligned: Run) -> None:
 def test_aligned_run_writes_every_file(aligned: Run) -> None:
     out = aligned.out
     expected = ["fake_data.npy", "fake_label.npy", "model.pth", "model.pdparams"]
-    expected += ["summary.txt", "summary.json", "report.html", "tables/structure.txt"]
+    expected += ["summary.txt", "summary.json", "report.html", "tables/structure.txt",
+                 "tables/settings.txt"]
     for name in STEP_FILES:
         expected += [f"{name}_torch.npy", f"{name}_paddle.npy", f"log/{name}_diff.log"]
         expected += [f"tables/{name}.txt"]
@@ -323,6 +325,15 @@ def test_injected_bug_fails_and_names_its_layer(broken: Run) -> None:
 def test_injected_bug_is_only_where_it_was_put(broken: Run) -> None:
     # everything before the broken layer still agrees, and the structure check cannot see it
     assert broken.step("1. structure")["passed"] is True
+    # an epsilon is a layer setting, named before any number is compared; an activation
+    # rewritten as another class, or a conversion bug, is not
+    settings = broken.step("1. settings")
+    bug = broken.summary["inject_bug"]
+    assert settings["passed"] is (bug != "bn-eps")
+    if bug == "bn-eps":
+        assert settings["detail"] == (
+            f"{broken.summary['bug_layer']}: epsilon 0.001 in torch, 1e-05 in Paddle")
+        assert "settings: features.9.block.1.1: epsilon 0.001 in torch" in broken.proc.stdout
     weights_ok = broken.step("2. weights")["passed"]
     # a conversion bug shows in the weights; a bug in the port's code does not
     assert weights_ok is (broken.summary["inject_bug"] != "no-transpose")
