@@ -4,7 +4,9 @@ the process's memory figures, the environment check, the revision measured."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
+import sys
 
 
 def status(field: str) -> int:
@@ -40,3 +42,12 @@ def revision(root: str) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "not a git checkout"
     return f"commit {head}" + (", reprod/ modified" if dirty else "")
+
+
+def use_checkout(root: str) -> None:
+    """Import reprod from ``root`` in a child (the checkout measured), and make sure it did."""
+    sys.path.insert(0, os.path.abspath(root))
+    import reprod
+
+    assert os.path.dirname(os.path.dirname(os.path.abspath(reprod.__file__))) == \
+        os.path.abspath(root), reprod.__file__

@@ -54,7 +54,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from _realmodels import check_env, mib, revision, status
+from _realmodels import check_env, mib, revision, status, use_checkout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -396,11 +396,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         name, mode, variant, reps = args.child
-        sys.path.insert(0, os.path.abspath(args.reprod))
-        import reprod
-
-        assert os.path.dirname(os.path.dirname(os.path.abspath(reprod.__file__))) == \
-            os.path.abspath(args.reprod), reprod.__file__
+        use_checkout(args.reprod)
         raise SystemExit(child(name, mode, variant, int(reps), args.breakdown))
     check_env("align_train_cost.py")
     root = os.path.abspath(args.reprod)

@@ -49,7 +49,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from _realmodels import check_env, mib, revision, status
+from _realmodels import check_env, mib, revision, status, use_checkout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -220,11 +220,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         name, mode, steps, budget = args.child
-        sys.path.insert(0, os.path.abspath(args.reprod))
-        import reprod
-
-        assert os.path.dirname(os.path.dirname(os.path.abspath(reprod.__file__))) == \
-            os.path.abspath(args.reprod), reprod.__file__
+        use_checkout(args.reprod)
         raise SystemExit(child(name, mode, int(steps), None if budget == "none" else
                                budget if budget == "auto" else int(budget)))
     check_env("align_train_memory.py")

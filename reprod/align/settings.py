@@ -161,6 +161,15 @@ def _padded(pad: Any) -> bool:
 
 
 _Getter = Callable[[Any, int], Any]
+# what both pools have
+_POOL: list[tuple[str, _Getter, _Getter]] = [
+    ("kernel_size", lambda t, r: _tuple(t.kernel_size, r),
+     lambda p, r: _tuple(_pool_kernel_paddle(p), r)),
+    ("stride", lambda t, r: _tuple(_pool_stride(t.kernel_size, t.stride), r),
+     lambda p, r: _tuple(_pool_stride(_pool_kernel_paddle(p), p.stride), r)),
+    ("padding", lambda t, r: _tuple(t.padding, r), lambda p, r: _tuple(p.padding, r)),
+    ("ceil_mode", lambda t, r: bool(t.ceil_mode), lambda p, r: bool(p.ceil_mode)),
+]
 # kind -> [(setting, torch getter, Paddle getter)], each getter given the layer and its rank
 _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
     "conv": [
@@ -191,22 +200,10 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
         ("padding_idx", lambda t, r: t.padding_idx,
          lambda p, r: None if p._padding_idx in (None, -1) else int(p._padding_idx)),
     ],
-    "maxpool": [
-        ("kernel_size", lambda t, r: _tuple(t.kernel_size, r),
-         lambda p, r: _tuple(_pool_kernel_paddle(p), r)),
-        ("stride", lambda t, r: _tuple(_pool_stride(t.kernel_size, t.stride), r),
-         lambda p, r: _tuple(_pool_stride(_pool_kernel_paddle(p), p.stride), r)),
-        ("padding", lambda t, r: _tuple(t.padding, r), lambda p, r: _tuple(p.padding, r)),
+    "maxpool": _POOL + [
         ("dilation", lambda t, r: _tuple(t.dilation, r), lambda p, r: _tuple(1, r)),
-        ("ceil_mode", lambda t, r: bool(t.ceil_mode), lambda p, r: bool(p.ceil_mode)),
     ],
-    "avgpool": [
-        ("kernel_size", lambda t, r: _tuple(t.kernel_size, r),
-         lambda p, r: _tuple(_pool_kernel_paddle(p), r)),
-        ("stride", lambda t, r: _tuple(_pool_stride(t.kernel_size, t.stride), r),
-         lambda p, r: _tuple(_pool_stride(_pool_kernel_paddle(p), p.stride), r)),
-        ("padding", lambda t, r: _tuple(t.padding, r), lambda p, r: _tuple(p.padding, r)),
-        ("ceil_mode", lambda t, r: bool(t.ceil_mode), lambda p, r: bool(p.ceil_mode)),
+    "avgpool": _POOL + [
         ("count_include_pad", lambda t, r: bool(getattr(t, "count_include_pad", True)),
          lambda p, r: not bool(getattr(p, "exclusive", True))),
         ("divisor_override", lambda t, r: getattr(t, "divisor_override", None),
