@@ -401,6 +401,7 @@ def align_train(
     crit = _criteria(criteria, calibrate, methods=method, threshold=threshold, atol=atol,
                      rtol=rtol, per_key=per_key, noise_factor=noise_factor)
     waive = settings.waivers(check_settings)
+    budget = spill.budget_of(memory_budget)  # a bad one refused before any model runs
     if bool(torch_model.training) != bool(paddle_model.training):
         modes = {True: "train", False: "eval"}
         raise ReprodError(
@@ -420,8 +421,7 @@ def align_train(
     if check_determinism and torch_model.training:
         _check_determinism(torch_model, paddle_model, batches[0], seed)
 
-    arena = spill.SpillArena(spill.budget_of(memory_budget),
-                             out_dir if spill_dir is None else spill_dir,
+    arena = spill.SpillArena(budget, out_dir if spill_dir is None else spill_dir,
                              create=spill_dir is None)  # out_dir is made anyway
     torch_log, paddle_log = spill.SpillingLogger(arena), spill.SpillingLogger(arena)
     noise_log = spill.SpillingLogger(arena) if calibrate else None
