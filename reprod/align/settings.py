@@ -76,9 +76,12 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
         return "batchnorm", rank
     if base in ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool", "instancenorm"):
         return base, rank
+    if base in _PAD_MODES or base == "pad":
+        return "pad", rank
     if n in ("layernorm", "groupnorm", "embedding", "leakyrelu", "gelu", "hardtanh", "elu",
              "softplus", "softmax", "logsoftmax", "upsample", "upsamplingbilinear2d",
-             "upsamplingnearest2d"):
+             "upsamplingnearest2d", "pixelshuffle", "pixelunshuffle", "channelshuffle", "flatten",
+             "celu", "hardshrink", "softshrink"):
         return n, 0
     if n in ("dropout", "dropout2d", "dropout3d", "alphadropout"):
         return n, 0
@@ -88,7 +91,11 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
 # kinds paired by order (no parameters to pair them by)
 _BY_ORDER = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool", "dropout", "dropout2d",
              "dropout3d", "leakyrelu", "gelu", "hardtanh", "elu", "softplus", "softmax",
-             "logsoftmax", "upsample")
+             "logsoftmax", "upsample", "pixelshuffle", "pixelunshuffle", "channelshuffle",
+             "flatten", "celu", "hardshrink", "softshrink", "pad")
+# torch's padding layers by class (ZeroPad2d, ReflectionPad2d...): Paddle's Pad2D says its mode
+_PAD_MODES = {"zeropad": "constant", "constantpad": "constant", "reflectionpad": "reflect",
+              "replicationpad": "replicate", "circularpad": "circular"}
 
 
 def _tuple(value: Any, rank: int) -> Any:
@@ -243,6 +250,25 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
     ],
 }
 _SETTINGS["adaptivemaxpool"] = _SETTINGS["adaptiveavgpool"]
+_SETTINGS.update({
+    "pixelshuffle": [("upscale_factor", lambda t, r: int(t.upscale_factor),
+                      lambda p, r: int(p._upscale_factor))],
+    "pixelunshuffle": [("downscale_factor", lambda t, r: int(t.downscale_factor),
+                        lambda p, r: int(p._downscale_factor))],
+    "channelshuffle": [("groups", lambda t, r: int(t.groups), lambda p, r: int(p._groups))],
+    "flatten": [("start", lambda t, r: int(t.start_dim), lambda p, r: int(p.start_axis)),
+                ("end", lambda t, r: int(t.end_dim), lambda p, r: int(p.stop_axis))],
+    "celu": [("alpha", lambda t, r: float(t.alpha), lambda p, r: float(p._alpha))],
+    "hardshrink": [("threshold", lambda t, r: float(t.lambd), lambda p, r: float(p._threshold))],
+    "softshrink": [("threshold", lambda t, r: float(t.lambd), lambda p, r: float(p._threshold))],
+    # (left, right, top, bottom, ...) in both
+    "pad": [
+        ("padding", lambda t, r: _tuple(t.padding, 2 * r), lambda p, r: _tuple(p.padding, 2 * r)),
+        ("mode", lambda t, r: _PAD_MODES[_DIMS.sub("", type(t).__name__.lower())],
+         lambda p, r: str(p._mode)),
+        ("value", lambda t, r: float(getattr(t, "value", 0.0)), lambda p, r: float(p.value)),
+    ],
+})
 _SETTINGS["convtranspose"] = _SETTINGS["conv"] + [
     ("output_padding", lambda t, r: _tuple(t.output_padding, r),
      lambda p, r: _tuple(p.output_padding, r)),
@@ -265,6 +291,7 @@ _RELEVANT: dict[tuple[str, str], Callable[[Mapping[str, Any], Mapping[str, Any]]
     # torch's Softmax() without a dim picks one from the input's rank: nothing to compare
     ("softmax", "axis"): lambda a, b: a.get("axis") is not None and b.get("axis") is not None,
     ("logsoftmax", "axis"): lambda a, b: a.get("axis") is not None and b.get("axis") is not None,
+    ("pad", "value"): lambda a, b: a.get("mode") == "constant" and b.get("mode") == "constant",
 }
 
 
