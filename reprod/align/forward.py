@@ -13,7 +13,6 @@ from ..diff.criteria import Criteria
 from ..logger import ReprodLogger
 from ..storage import save
 from . import settings
-from .by_order import by_order_rules
 from .calibration import _float64_twin
 from .framework import (
     _criteria,
@@ -25,7 +24,6 @@ from .framework import (
     _to_paddle,
     _to_torch,
     _torch_device,
-    _torch_params_plan,
 )
 from .localise import localise_forward
 from .results import PathLike, _finish, _write_diff_log
@@ -134,11 +132,8 @@ def align_forward(
         write_log=False,  # below, with the findings
     )
     if waive is not None:
-        rules = by_order_rules(torch_model, paddle_model) if by_order else None
-        plan = _torch_params_plan(torch_model, rules)
-        result = settings.settings_checked(
-            result, torch_model, paddle_model,
-            {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name}, waive)
+        result = settings.settings_checked(result, torch_model, paddle_model, waive=waive,
+                                           by_order=by_order)
     if localise and settings.values_failed(result):
         result = _localised(
             result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,

@@ -461,7 +461,8 @@ def waivers(check_settings: Any) -> Optional[tuple[str, ...]]:
 
 
 def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
-                     torch_to_paddle: Mapping[str, str], waive: Sequence[str] = ()) -> Any:
+                     torch_to_paddle: Optional[Mapping[str, str]] = None,
+                     waive: Sequence[str] = (), *, by_order: bool = False) -> Any:
     """``result`` with a failing key ``settings/<Paddle layer>/<setting>`` (status
     ``"setting"``) for each setting that differs and no ``waive`` pattern matches
     (``<Paddle layer>/<setting>``, glob), after the value keys, and ``options["settings"]``:
@@ -471,7 +472,8 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
 
     from ..diff.result import KeyResult
 
-    report = compare_settings(torch_model, paddle_model, torch_to_paddle=torch_to_paddle)
+    report = compare_settings(torch_model, paddle_model, by_order=by_order,
+                              torch_to_paddle=torch_to_paddle)
     diffs, waived = [], []
     for d in report.differ:
         name = f"{d.paddle_layer}/{d.setting}"

@@ -358,6 +358,7 @@ class Recorder:
         # id(tensor) -> (weak reference, version, its copy, the first key that took it)
         self._seen: dict[int, tuple[Any, int, Converted, str]] = {}
         self._pending = False  # copies enqueued on a device, to wait for at the end
+        self._copies = False  # the logger copies at _put (set by start)
         # streaming: the pool of the copies handed to the logger's writer thread (None: written
         # in the hook), and the last tensors written, id(tensor) -> (weak reference, version,
         # the copy handed over or None, source dtype, its CRC cache)
@@ -381,6 +382,9 @@ class Recorder:
         self.active = True
         self._streaming = getattr(self.logger, "_writer", None) is not None
         self._put = getattr(self.logger, "_put", None)
+        # a logger that keeps copies of its own at _put (align's records past their memory
+        # budget): read once here, not per capture
+        self._copies = bool(getattr(self.logger, "copies_on_put", False))
         if not self._streaming and self._put is not None:
             self._buffers = _buffers_for(self.model, self._reuse)
         elif self._put is not None:
@@ -461,17 +465,18 @@ class Recorder:
             return
         assert self._buffers is not None
         conv, pending = self.backend.host_copy(t, key, self._buffers)
-        if pending and getattr(self.logger, "copies_on_put", False):
+        if pending and self._copies:
             self.backend.synchronize()  # it copies the array at once: the device's copy first
             pending = False
         self._pending |= pending
         self._put(key, conv.array, conv.source_dtype)
-        kept = self.logger.data.get(key)
-        if kept is not conv.array and isinstance(kept, np.ndarray):
-            # the logger keeps a copy of its own (align's records past their memory budget, in
-            # a file): later keys share that one, and this array is free for the next copy
-            self._buffers.release(conv.array)
-            conv = Converted(kept, conv.source_dtype)
+        if self._copies:
+            kept = self.logger.data.get(key)
+            if kept is not conv.array and isinstance(kept, np.ndarray):
+                # the logger kept a copy of its own (in a file): later keys share that one, and
+                # this array is free for the next copy
+                self._buffers.release(conv.array)
+                conv = Converted(kept, conv.source_dtype)
         if version is not None:
             try:
                 ref = weakref.ref(t)
