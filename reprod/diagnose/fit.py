@@ -34,7 +34,9 @@ def _fmt(x: float) -> str:
     """``1e-3``, ``2.5e-4``, ``0.1``: a value as a porter writes it."""
     if x == 0 or not math.isfinite(x):
         return repr(x)
-    if 1e-2 <= abs(x) < 1e3:
+    # the boundary on the value as shown: a fitted 0.00999999 and 0.0100001 (two CPUs' roundings
+    # of one epsilon) both read 1e-2
+    if 1e-2 < abs(float(f"{x:.3g}")) < 1e3:
         return f"{x:.3g}"
     mant, exp = f"{x:.1e}".split("e")
     mant = mant.rstrip("0").rstrip(".")

@@ -400,10 +400,14 @@ def test_a_reference_that_diverges_to_nan_is_said_to_and_not_localised() -> None
                     torch_optimizer=torch.optim.SGD(tm.parameters(), lr=1e25),
                     paddle_optimizer=paddle.optimizer.SGD(1e25, parameters=pm.parameters()),
                     calibrate=True)
-    assert not r.passed and r.first_failure.key == "step1/loss"
-    assert r.first_failure.status == "nan" and r.first_failure.ref_nan == 1
+    # which of step 1's keys holds NaN first depends on the CPU (an Inf logit or a NaN one):
+    # the logits on one machine, only the loss on another
+    first = r.first_failure
+    assert not r.passed and first.key in ("step1/logits", "step1/loss"), first.key
+    assert first.status == "nan" and first.ref_nan >= 1
     (line,) = r.options["findings"]
-    assert line.startswith("the reference itself holds NaN at step 1 (step1/loss: 1 of its "
-                           "values, the port 1): training diverges in the reference too"), line
+    assert line.startswith(f"the reference itself holds NaN at step 1 ({first.key}: "
+                           f"{first.ref_nan} of its values, the port "), line
+    assert "training diverges in the reference too" in line
     assert "steps=1" in line and "divergence" not in r.options
     assert all(k.passed for k in r if k.key.startswith("step0/"))
