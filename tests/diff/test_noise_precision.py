@@ -117,9 +117,12 @@ def test_carried_precision_recognises_half_values_saved_wider() -> None:
 def test_a_correct_half_precision_port_passes_against_the_reference_in_its_precision(runs, prec) -> None:
     r = reprod.compare(runs[prec], runs[f"port_{prec}"], noise=runs["float32"])
     assert r.passed, r.to_table()
+    # the port differs (its sums run in another order), though a key can round to the same
+    # half-precision values on one CPU's BLAS (bfloat16's layer0 on an AVX2 one)
+    assert any(kr.noise_multiple > 0 for kr in r)
     for kr in r:
         assert kr.thresholds == {"noise": LOW_PRECISION_NOISE_FACTOR}
-        assert 0 < kr.noise_multiple <= 3.0
+        assert 0 <= kr.noise_multiple <= 3.0
         # the noise is the reference's own half-precision rounding, measured independently, no
         # lower than one rounding unit of that precision at the key's scale
         ref, hi = runs[prec][kr.key].astype(np.float64), runs["float32"][kr.key].astype(np.float64)
