@@ -25,6 +25,7 @@ from ..storage.framework_files import (
     write_pdparams,
 )
 from .by_order import by_order_rules, pair_by_order, pair_weights_by_order
+from .calls import OpEvent, SettingsTrace, trace_settings
 from .conversion import (
     Conversion,
     HeuristicLinearWarning,
@@ -43,6 +44,9 @@ __all__ = [
     "compare_settings",
     "layer_settings",
     "save_settings",
+    "trace_settings",
+    "SettingsTrace",
+    "OpEvent",
     "SettingsReport",
     "SettingDiff",
     "StructureReport",

@@ -3,6 +3,7 @@ where they differ, the first layer that makes them differ (``localise``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Optional
@@ -14,6 +15,7 @@ from ..logger import ReprodLogger
 from ..storage import save
 from . import settings
 from .calibration import _float64_twin
+from .calls import trace_settings
 from .framework import (
     _criteria,
     _deterministic,
@@ -101,11 +103,16 @@ def align_forward(
     noise_log = ReprodLogger() if calibrate else None
     args, kwargs = _split_inputs(inputs)
     outs: list[tuple[ReprodLogger, Any]] = []
+    # the settings of the operations each model applies as functions, from its first pass
+    traces = None if waive is None else (trace_settings(torch_model),
+                                         trace_settings(paddle_model))
     with _modes(torch_model, paddle_model, train=False), _deterministic(seed):
         dev = _torch_device(torch_model)
         with torch.no_grad():
             torch.manual_seed(seed)
-            outs.append((torch_log, torch_model(*_to_torch(args, dev), **_to_torch(kwargs, dev))))
+            targs, tkw = _to_torch(args, dev), _to_torch(kwargs, dev)
+            with traces[0] if traces else contextlib.nullcontext():
+                outs.append((torch_log, torch_model(*targs, **tkw)))
             if noise_log is not None:
                 twin = _float64_twin(torch_model)  # in eval mode, as the original is now
                 torch.manual_seed(seed)
@@ -114,7 +121,9 @@ def align_forward(
                 del twin
         place = _paddle_place(paddle_model)
         with paddle.no_grad():
-            out_p = paddle_model(*_to_paddle(args, place), **_to_paddle(kwargs, place))
+            pargs, pkw = _to_paddle(args, place), _to_paddle(kwargs, place)
+            with traces[1] if traces else contextlib.nullcontext():
+                out_p = paddle_model(*pargs, **pkw)
             outs.append((paddle_log, out_p))
     for log, out in outs:
         flat: dict[str, np.ndarray] = {}
@@ -133,7 +142,7 @@ def align_forward(
     )
     if waive is not None:
         result = settings.settings_checked(result, torch_model, paddle_model, waive=waive,
-                                           by_order=by_order)
+                                           by_order=by_order, traces=traces)
     if localise and settings.values_failed(result):
         result = _localised(
             result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,

@@ -391,22 +391,26 @@ class SettingsReport:
     differ: tuple[SettingDiff, ...]
     unpaired: tuple[str, ...]
     compared: int = 0  # the layer pairs whose settings were compared
+    calls: int = 0  # the traced pairs with a functional call on a side (calls.compare_events)
 
     @property
     def passed(self) -> bool:
         return not self.differ
 
     def __str__(self) -> str:
-        n = self.compared
-        lines = [d.line() for d in self.differ] or [
-            f"the settings of {n} paired layer{'s' if n != 1 else ''} agree"]
+        n, c = self.compared, self.calls
+        agree = f"the settings of {n} paired layer{'s' if n != 1 else ''}"
+        if c:
+            agree += f" and {c} paired call{'s' if c != 1 else ''}"
+        lines = [d.line() for d in self.differ] or [f"{agree} agree"]
         lines += [f"not paired by order: {u}" for u in self.unpaired]
         return "\n".join(lines)
 
 
 def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
                      by_order: bool = False,
-                     torch_to_paddle: Optional[Mapping[str, str]] = None) -> SettingsReport:
+                     torch_to_paddle: Optional[Mapping[str, str]] = None,
+                     traces: Optional[tuple[Any, Any]] = None) -> SettingsReport:
     """The settings that differ between the paired layers of a torch model and its Paddle port.
 
     Layers with parameters pair through them: under the conversion ``rules`` (the default
@@ -414,9 +418,13 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
     (torch parameter name -> Paddle parameter name) where given. A setting one side cannot be
     read for (an attribute another version names otherwise) is left out.
 
+    ``traces``: the two ``trace_settings`` of one forward pass each (torch's, Paddle's), whose
+    functional calls (``F.avg_pool2d(...)``, ``F.interpolate(...)``) are compared too, each kind
+    paired by order with the other side's calls and layers of that kind.
+
     Either side may also be a file ``save_settings`` wrote (the reference's script and the
     port's each save theirs): then every kind of layer pairs by definition order, where both
-    sides have as many.
+    sides have as many, and the calls where both files hold a trace.
 
     >>> print(compare_settings(torch_model, paddle_model, by_order=True))
     layer3.0.bn1: epsilon 1e-05 in torch, 1e-06 in Paddle
@@ -442,7 +450,16 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
         compared += 1
         for setting, tv, pv in _differences(t_read[0], t_read[1], p_read[1]):
             diffs.append(SettingDiff(tname, pname, setting, tv, pv, t_read[0]))
-    return SettingsReport(tuple(diffs), tuple(unpaired), compared)
+    calls = 0
+    if traces is not None:
+        from .calls import compare_events
+
+        call_diffs, call_unpaired, calls, paired = compare_events(traces[0].events,
+                                                                  traces[1].events)
+        diffs += call_diffs
+        # a kind of layer one side applies as a function: paired there
+        unpaired = [u for u in unpaired if u.split(":", 1)[0] not in paired] + call_unpaired
+    return SettingsReport(tuple(diffs), tuple(unpaired), compared, calls)
 
 
 def waivers(check_settings: Any) -> Optional[tuple[str, ...]]:
@@ -462,7 +479,8 @@ def waivers(check_settings: Any) -> Optional[tuple[str, ...]]:
 
 def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
                      torch_to_paddle: Optional[Mapping[str, str]] = None,
-                     waive: Sequence[str] = (), *, by_order: bool = False) -> Any:
+                     waive: Sequence[str] = (), *, by_order: bool = False,
+                     traces: Optional[tuple[Any, Any]] = None) -> Any:
     """``result`` with a failing key ``settings/<Paddle layer>/<setting>`` (status
     ``"setting"``) for each setting that differs and no ``waive`` pattern matches
     (``<Paddle layer>/<setting>``, glob), after the value keys, and ``options["settings"]``:
@@ -473,7 +491,7 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
     from ..diff.result import KeyResult
 
     report = compare_settings(torch_model, paddle_model, by_order=by_order,
-                              torch_to_paddle=torch_to_paddle)
+                              torch_to_paddle=torch_to_paddle, traces=traces)
     diffs, waived = [], []
     for d in report.differ:
         name = f"{d.paddle_layer}/{d.setting}"
@@ -483,8 +501,15 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
         info["waived"] = [d.line() for d in waived]
     if report.unpaired:
         info["unpaired"] = list(report.unpaired)
+    if traces is not None:
+        info["calls"] = {"compared": report.calls, "torch": len(traces[0].events),
+                         "paddle": len(traces[1].events)}
+        unread = [f"{side}: {line}" for side, t in zip(("torch", "Paddle"), traces)
+                  for line in t.unread]
+        if unread:
+            info["unread"] = unread
     extra = tuple(KeyResult(key=d.key, passed=False, status="setting",
-                            reason=f"{d.line()}: the layers compute other functions")
+                            reason=f"{d.line()}: the {'calls' if ':' in d.paddle_layer + d.torch_layer else 'layers'} compute other functions")
                   for d in diffs)
     return dataclasses.replace(result, results=tuple(result.results) + extra,
                                options=dict(result.options, settings=info))
@@ -504,7 +529,9 @@ def with_finding(result: Any, verbose: bool = False) -> Any:
     if not lines:
         return result
     shown = "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
-    line = (f"{len(lines)} layer setting{'s' if len(lines) > 1 else ''} of the port differ"
+    # a call's name holds a colon ("Mixed_5b:avg_pool2d"), a layer's never does
+    what = "setting" if any(":" in x.split(": ", 1)[0] for x in lines) else "layer setting"
+    line = (f"{len(lines)} {what}{'s' if len(lines) > 1 else ''} of the port differ"
             f"{'s' if len(lines) == 1 else ''} from the reference's, whatever the values say: "
             f"{shown}")
     if verbose:
@@ -549,10 +576,12 @@ def layer_settings(model: Any) -> list[dict[str, Any]]:
     return out
 
 
-def save_settings(model: Any, path: Any) -> str:
+def save_settings(model: Any, path: Any, trace: Any = None) -> str:
     """Write ``layer_settings(model)`` to ``path`` (JSON, atomically) and return the path: what
     a script that cannot hold the other framework's model saves beside its dump, for
-    ``compare_settings(reference_file, port_file)``."""
+    ``compare_settings(reference_file, port_file)``. ``trace``: a ``trace_settings`` of one
+    forward pass of ``model``, whose calls are saved too and compared where both files hold
+    one."""
     import json
     import os
     import tempfile
@@ -560,8 +589,10 @@ def save_settings(model: Any, path: Any) -> str:
     from ..errors import WriteError
 
     path = os.fspath(path)
-    doc = {"format": FORMAT, "version": 1, "framework": _framework(model),
-           "layers": layer_settings(model)}
+    doc: dict[str, Any] = {"format": FORMAT, "version": 1, "framework": _framework(model),
+                           "layers": layer_settings(model)}
+    if trace is not None:
+        doc["calls"] = [e.to_json() for e in trace.events]
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -584,8 +615,11 @@ def _is_saved(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
-def _as_saved(x: Any) -> tuple[str, str, list[dict[str, Any]]]:
-    """(where from, framework, layers) of a settings file or a model."""
+_Saved = tuple[str, str, list[dict[str, Any]], Optional[list[Any]]]
+
+
+def _as_saved(x: Any) -> _Saved:
+    """(where from, framework, layers, traced calls or None) of a settings file or a model."""
     import json
     import os
 
@@ -594,7 +628,7 @@ def _as_saved(x: Any) -> tuple[str, str, list[dict[str, Any]]]:
     if not _is_saved(x):  # as a file would read back
         return type(x).__name__, _framework(x), [
             dict(e, settings={k: _from_json(v) for k, v in e["settings"].items()})
-            for e in layer_settings(x)]
+            for e in layer_settings(x)], None
     path = os.fspath(x)
     try:
         with open(path, encoding="utf-8") as f:
@@ -612,15 +646,28 @@ def _as_saved(x: Any) -> tuple[str, str, list[dict[str, Any]]]:
             raise ReprodError(f"{path}: layer #{i} is not {{name, kind, settings}}")
         layers.append({"name": entry["name"], "kind": entry["kind"],
                        "settings": {k: _from_json(v) for k, v in entry["settings"].items()}})
-    return path, str(doc.get("framework", "?")), layers
+    calls = None
+    if doc.get("calls") is not None:
+        from .calls import OpEvent
+
+        if not isinstance(doc["calls"], list):
+            raise ReprodError(f"{path}: its calls are not a list")
+        calls = []
+        for i, entry in enumerate(doc["calls"]):
+            try:
+                calls.append(OpEvent.from_json(entry))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ReprodError(f"{path}: call #{i} is not {{kind, op, name, layer, settings}}"
+                                  f" ({type(e).__name__}: {e})") from e
+    return path, str(doc.get("framework", "?")), layers, calls
 
 
 _SIDE = {"torch": "torch", "paddle": "Paddle"}
 
 
-def _compare_saved(a: tuple[str, str, list[dict[str, Any]]],
-                   b: tuple[str, str, list[dict[str, Any]]]) -> SettingsReport:
-    """Each kind's layers paired by order where both sides have as many."""
+def _compare_saved(a: _Saved, b: _Saved) -> SettingsReport:
+    """Each kind's layers paired by order where both sides have as many; the calls too where
+    both sides hold them."""
     sides = (_SIDE.get(a[1], a[1]), _SIDE.get(b[1], b[1]))
     if sides[0] == sides[1]:
         sides = (f"{sides[0]} (reference)", f"{sides[1]} (port)")
@@ -638,4 +685,11 @@ def _compare_saved(a: tuple[str, str, list[dict[str, Any]]],
         for x, y in zip(ours, theirs):
             for setting, xv, yv in _differences(kind, x["settings"], y["settings"]):
                 diffs.append(SettingDiff(x["name"], y["name"], setting, xv, yv, kind, sides))
-    return SettingsReport(tuple(diffs), tuple(unpaired), compared)
+    calls = 0
+    if a[3] is not None and b[3] is not None:
+        from .calls import compare_events
+
+        call_diffs, call_unpaired, calls, paired = compare_events(a[3], b[3], sides)
+        diffs += call_diffs
+        unpaired = [u for u in unpaired if u.split(":", 1)[0] not in paired] + call_unpaired
+    return SettingsReport(tuple(diffs), tuple(unpaired), compared, calls)

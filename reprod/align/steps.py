@@ -30,6 +30,7 @@ from ..logger import ReprodLogger
 from . import counterfactual, decay, forcing, port_rounding, settings, spill
 from .by_order import by_order_rules
 from .calibration import _float64_loss, _float64_optimizer, _float64_twin
+from .calls import trace_settings
 from .forward import align_forward
 from .framework import (
     _call_loss,
@@ -130,6 +131,7 @@ def _torch_steps(
     drop_grads: bool = False,
     opt_state: bool = False,
     arena: Optional[spill.SpillArena] = None,
+    trace: Any = None,
 ) -> None:
     """``float64``: cast floating inputs and labels to float64. ``reseed``: seed torch with
     ``reseed + i`` before step i's forward pass. ``hyper_out`` receives each step's param-group
@@ -160,9 +162,12 @@ def _torch_steps(
         if reseed is not None:
             torch.manual_seed(reseed + i)
         args_t = _to_torch(args, dev, float64=float64)
-        out = model(*args_t, **_to_torch(kwargs, dev, float64=float64))
+        kwargs_t = _to_torch(kwargs, dev, float64=float64)
         labels_t = _to_torch(labels, dev, float64=float64)
-        loss = _check_scalar_loss(_call_loss(loss_fn, out, labels_t), "torch", i)
+        # the first step's forward pass and loss: the settings of what they apply as functions
+        with trace if trace is not None and i == 0 else contextlib.nullcontext():
+            out = model(*args_t, **kwargs_t)
+            loss = _check_scalar_loss(_call_loss(loss_fn, out, labels_t), "torch", i)
         loss.backward()
         flat: dict[str, np.ndarray] = {}
         _flatten(out, f"step{i}/logits", flat)
@@ -204,14 +209,18 @@ def _paddle_steps(
     stats: bool,
     log: ReprodLogger,
     opt_state: bool = False,
+    trace: Any = None,
 ) -> None:
     place = _paddle_place(model)
     for i in range(n):
         inputs, labels = _split_batch(batches[i % len(batches)], i)
         args, kwargs = _split_inputs(inputs)
         optimizer.clear_grad()
-        out = model(*_to_paddle(args, place), **_to_paddle(kwargs, place))
-        loss = _check_scalar_loss(_call_loss(loss_fn, out, _to_paddle(labels, place)), "paddle", i)
+        pargs, pkw, plabels = (_to_paddle(args, place), _to_paddle(kwargs, place),
+                               _to_paddle(labels, place))
+        with trace if trace is not None and i == 0 else contextlib.nullcontext():
+            out = model(*pargs, **pkw)
+            loss = _check_scalar_loss(_call_loss(loss_fn, out, plabels), "paddle", i)
         loss.backward()
         flat: dict[str, np.ndarray] = {}
         _flatten(out, f"step{i}/logits", flat)
@@ -401,6 +410,9 @@ def align_train(
     crit = _criteria(criteria, calibrate, methods=method, threshold=threshold, atol=atol,
                      rtol=rtol, per_key=per_key, noise_factor=noise_factor)
     waive = settings.waivers(check_settings)
+    # the settings of the operations each side applies as functions, from its first step
+    traces = None if waive is None else (trace_settings(torch_model),
+                                         trace_settings(paddle_model))
     budget = spill.budget_of(memory_budget)  # a bad one refused before any model runs
     if bool(torch_model.training) != bool(paddle_model.training):
         modes = {True: "train", False: "eval"}
@@ -470,6 +482,7 @@ def align_train(
             state_out=opt_states,
             opt_state=optimizer_state,
             arena=arena,
+            trace=None if traces is None else traces[0],
         )
     if calibrate:
         assert noise_log is not None and hyper is not None
@@ -502,6 +515,7 @@ def align_train(
             stats=stats,
             log=paddle_log,
             opt_state=optimizer_state,
+            trace=None if traces is None else traces[1],
         )
     _common_state(torch_log, paddle_log, noise_log)
     result = _finish(
@@ -554,7 +568,8 @@ def align_train(
     if waive is not None:
         result = settings.settings_checked(
             result, torch_model, paddle_model,
-            {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name}, waive)
+            {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name}, waive,
+            traces=traces)
     if verbose:
         for line in _rounding_summary(result):
             print(line, flush=True)

@@ -255,7 +255,9 @@ def test_matching_settings_add_no_key():
     tm, pm = _pair()
     r = align_forward(tm, pm, X)
     assert r.passed and not any(k.key.startswith("settings/") for k in r.results)
-    assert r.options["settings"] == {"differ": []}
+    # its two layers were traced too; no call to compare beside them
+    assert r.options["settings"] == {"differ": [],
+                                     "calls": {"compared": 0, "torch": 2, "paddle": 2}}
 
 
 # --- each script saves its own --------------------------------------------------------------------
@@ -338,7 +340,8 @@ def test_a_setting_differing_on_purpose_can_be_waived():
     r = align_forward(tm, pm, X, check_settings=["*/epsilon"])
     assert r.passed and not any(k.key.startswith("settings/") for k in r.results)
     assert r.options["settings"] == {
-        "differ": [], "waived": ["bn: epsilon 1e-05 in torch, 1e-06 in Paddle"]}
+        "differ": [], "waived": ["bn: epsilon 1e-05 in torch, 1e-06 in Paddle"],
+        "calls": {"compared": 0, "torch": 2, "paddle": 2}}
     assert "findings" not in r.options
     assert not align_forward(tm, pm, X, check_settings=["*/momentum"]).passed
     assert "settings" not in align_forward(tm, pm, X, check_settings=False).options

@@ -131,7 +131,11 @@ def test_a_summed_loss_is_named_by_the_batch_size() -> None:
     assert r.options["findings"] == [
         "the loss differs although the outputs align (step0/logits): the loss functions differ "
         "(the port's loss is 4x the reference's, the batch size: a sum against a mean, "
-        "reduction)"]
+        "reduction)",
+        # the loss functions' calls, traced in step 0, say which setting
+        "1 setting of the port differs from the reference's, whatever the values say: "
+        "CrossEntropyLoss:cross_entropy: reduction 'mean' in torch, 'sum' in Paddle"]
+    assert r.failed[-1].key == "settings/CrossEntropyLoss:cross_entropy/reduction"
 
 
 @pytest.mark.parametrize("decay", [0.01, 1e-4])

@@ -1,0 +1,708 @@
+"""The settings of operations a model applies as functions, traced through one forward pass.
+
+Layer settings (``settings``) are read from layer attributes, so a pool, an upsampling, a GELU or
+a dropout that a model's code applies as a function goes unchecked there, and a model that applies
+as a function what its port holds as a layer leaves that kind unpaired. torchvision's
+inception_v3 applies its branch pools as ``F.avg_pool2d(x, 3, stride=1, padding=1)``, which counts
+the padding; the same call in Paddle's ``F.avg_pool2d`` defaults to ``exclusive=True``, which
+does not: the classic port of it computes another border and no layer setting says so.
+
+``trace_settings(model)`` wraps the functions of ``torch.nn.functional`` or
+``paddle.nn.functional`` that have settings, for the time of a forward pass, and registers a
+pre-hook on each layer of a kind ``settings`` reads. Each call from a model's code (not from
+inside such a layer, and not from inside another traced function) and each such layer becomes an
+``OpEvent``: its kind, where it ran and its settings, in the spelling both frameworks share (the
+same as the layers': Paddle's ``exclusive`` as ``count_include_pad``, its momentum as ``1 -
+torch's``). Events of one kind pair by order, where both passes made as many; a pair of two layers
+is left to the layer settings, which compared them already.
+
+Only calls through the functional module's attribute are seen (``F.avg_pool2d(...)``, as both
+frameworks' own layers call them); a function imported by name before the trace began is not.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from . import settings as _settings
+
+__all__ = ["OpEvent", "SettingsTrace", "compare_events", "trace_settings"]
+
+
+@dataclass(frozen=True)
+class OpEvent:
+    """One operation of a traced forward pass: a function call or a layer of a known kind."""
+
+    kind: str  # the kind, as the layer settings name it: "avgpool", "upsample", "dropout"...
+    op: str  # the function called ("avg_pool2d") or the layer's class ("AvgPool2D")
+    name: str  # a layer's own name; for a call, where it ran and the op: "Mixed_5b:avg_pool2d#2"
+    layer: bool  # a layer of a kind the layer settings compare
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "op": self.op, "name": self.name, "layer": self.layer,
+                "settings": {k: _settings._jsonable(v) for k, v in self.settings.items()}}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> OpEvent:
+        return cls(str(doc["kind"]), str(doc["op"]), str(doc["name"]), bool(doc["layer"]),
+                   {k: _settings._from_json(v) for k, v in dict(doc["settings"]).items()})
+
+
+# --- normalising each framework's arguments ---------------------------------------------------
+
+
+def _ndim(x: Any) -> int:
+    try:
+        return len(x.shape)
+    except (AttributeError, TypeError):
+        return 0
+
+
+def _axis(axis: Any, ndim: int) -> Any:
+    if isinstance(axis, int) and not isinstance(axis, bool) and axis < 0 and ndim:
+        return axis + ndim
+    return axis
+
+
+def _torch_implicit_dim(ndim: int) -> int:
+    # torch's softmax without a dim (deprecated): what torch.nn.functional._get_softmax_dim picks
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _paddle_pad_raw(pad: Any, rank: int) -> Any:
+    """A functional Paddle padding (int, per-dimension, [before, after] per dimension, or the
+    NCHW list of pairs) as ``settings`` spells a layer's."""
+    if isinstance(pad, str):
+        return pad.lower()
+    if isinstance(pad, (list, tuple)) and pad and all(isinstance(p, (list, tuple)) for p in pad):
+        pairs = [tuple(int(v) for v in p) for p in pad][-rank:] if rank else []
+        if all(a == b for a, b in pairs):
+            return tuple(a for a, _ in pairs)
+        return tuple(v for p in pairs for v in p)
+    if isinstance(pad, (list, tuple)) and len(pad) == 2 * rank and rank:
+        pairs = [tuple(pad[2 * i:2 * i + 2]) for i in range(rank)]
+        if all(a == b for a, b in pairs):
+            return tuple(int(a) for a, _ in pairs)
+        return tuple(int(v) for v in pad)
+    return _settings._tuple(pad, rank)
+
+
+def _torch_pad_raw(pad: Any, rank: int) -> Any:
+    return pad.lower() if isinstance(pad, str) else _settings._tuple(pad, rank)
+
+
+def _trimmed_pad(pad: Sequence[Any]) -> tuple[int, ...]:
+    """(left, right, top, bottom, ...) from the last dimension, without trailing zero pairs."""
+    out = [int(v) for v in pad]
+    while len(out) >= 2 and out[-1] == 0 and out[-2] == 0:
+        del out[-2:]
+    return tuple(out)
+
+
+def _paddle_pad_torch_order(pad: Any, ndim: int, from_left: bool) -> Any:
+    """Paddle's ``F.pad`` list in torch's order: a list of ``2 * ndim`` runs from the first
+    axis (``pad_from_left_axis``), a shorter one from the last, as torch's does."""
+    if not isinstance(pad, (list, tuple)):
+        return pad
+    vals = [int(v) for v in pad]
+    if len(vals) == 2 * ndim and from_left:
+        pairs = [vals[2 * i:2 * i + 2] for i in range(ndim)]
+        vals = [v for p in reversed(pairs) for v in p]
+    return _trimmed_pad(vals)
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON holds it: a tensor given for a size, a dtype object, as its text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    try:  # numpy and framework scalars, and short vectors (a size given as a tensor)
+        shape = tuple(getattr(value, "shape", None) or ())
+        if hasattr(value, "tolist") and len(shape) <= 1 and (not shape or shape[0] <= 16):
+            listed = value.tolist()
+            return _plain(tuple(listed) if isinstance(listed, list) else listed)
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        pass
+    return repr(value)
+
+
+def _stats_torch(training: Any) -> str:
+    return "the batch's" if training else "the running ones"
+
+
+def _stats_paddle(training: Any, use_global_stats: Any) -> str:
+    if use_global_stats is None:
+        return "the batch's" if training else "the running ones"
+    return "the running ones" if use_global_stats else "the batch's"
+
+
+def _loss_common(a: Mapping[str, Any]) -> dict[str, Any]:
+    return {"reduction": str(a.get("reduction", "mean"))}
+
+
+def _shape(x: Any) -> Optional[tuple[int, ...]]:
+    try:
+        return tuple(int(d) for d in x.shape)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _ce_torch(a: Mapping[str, Any], x: Any) -> dict[str, Any]:
+    target = a.get("target")
+    soft = bool(getattr(getattr(target, "dtype", None), "is_floating_point", False))
+    return dict(_loss_common(a), class_axis=1 if _ndim(x) >= 2 else 0, soft_label=soft,
+                use_softmax=True, ignore_index=int(a["ignore_index"]),
+                label_smoothing=float(a.get("label_smoothing", 0.0) or 0.0),
+                weighted=a.get("weight") is not None)
+
+
+def _ce_paddle(a: Mapping[str, Any], x: Any) -> dict[str, Any]:
+    return dict(_loss_common(a), class_axis=_axis(a.get("axis", -1), _ndim(x)),
+                soft_label=bool(a.get("soft_label")), use_softmax=bool(a.get("use_softmax", True)),
+                ignore_index=int(a["ignore_index"]),
+                label_smoothing=float(a.get("label_smoothing", 0.0) or 0.0),
+                weighted=a.get("weight") is not None)
+
+
+def _smooth_l1_paddle(a: Mapping[str, Any]) -> str:
+    delta = float(a.get("delta", 1.0))
+    if a.get("is_huber", True) and delta != 1.0:
+        return f"Huber, delta {delta:g}"
+    return f"smooth L1, beta {delta:g}"
+
+
+def _upsample(mode: Any, align_corners: Any, align_mode: Any = 0, antialias: Any = False
+              ) -> dict[str, Any]:
+    mode = str(mode).lower()
+    linear = mode in ("linear", "bilinear", "trilinear")
+    return {"mode": mode, "align_corners": bool(align_corners),
+            # Paddle's align_mode 1 samples (0, 1, ...) where torch samples pixel centres
+            "align_mode": int(align_mode or 0) if linear and not align_corners else 0,
+            "antialias": bool(antialias)}
+
+
+# Torch's builtins have no signature inspect can read: their parameters, with defaults. A
+# parameter without ``=`` is required.
+_TORCH_PARAMS = {
+    "conv": "input weight bias=None stride=1 padding=0 dilation=1 groups=1",
+    "conv_transpose": "input weight bias=None stride=1 padding=0 output_padding=0 groups=1 "
+                      "dilation=1",
+    "avg_pool1d": "input kernel_size stride=None padding=0 ceil_mode=False count_include_pad=True",
+    "avg_pool": "input kernel_size stride=None padding=0 ceil_mode=False count_include_pad=True "
+                "divisor_override=None",
+    "max_pool": "input kernel_size stride=None padding=0 dilation=1 ceil_mode=False "
+                "return_indices=False",
+    "adaptive_pool": "input output_size return_indices=False",
+    "gelu": "input approximate='none'",
+    "softplus": "input beta=1.0 threshold=20.0",
+    "pixel_shuffle": "input upscale_factor",
+    "pixel_unshuffle": "input downscale_factor",
+    "cosine_similarity": "x1 x2 dim=1 eps=1e-08",
+}
+
+
+def _parse_params(text: str) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for item in text.split():
+        name, eq, default = item.partition("=")
+        out.append((name, ast.literal_eval(default) if eq else inspect.Parameter.empty))
+    return out
+
+
+_Norm = Callable[[Mapping[str, Any], Any], dict[str, Any]]
+
+
+def _spatial(op: str) -> int:
+    return int(op[-2]) if op[-1] == "d" and op[-2] in "123" else 0
+
+
+def _pool_common(a: Mapping[str, Any], r: int, pad: Callable[[Any, int], Any]) -> dict[str, Any]:
+    k = a["kernel_size"]
+    return {"kernel_size": _settings._tuple(k, r),
+            "stride": _settings._tuple(_settings._pool_stride(k, a.get("stride")), r),
+            "padding": pad(a.get("padding", 0), r), "ceil_mode": bool(a.get("ceil_mode"))}
+
+
+# op -> (kind, torch normaliser, Paddle normaliser, torch builtin parameters); a normaliser takes
+# the bound arguments (defaults applied) and the first tensor argument
+_OPS: dict[str, tuple[str, Optional[_Norm], Optional[_Norm], Optional[str]]] = {}
+
+
+def _op(names: Sequence[str], kind: str, torch_norm: Optional[_Norm],
+        paddle_norm: Optional[_Norm], torch_params: Optional[str] = None) -> None:
+    for n in names:
+        _OPS[n] = (kind, torch_norm, paddle_norm, torch_params)
+
+
+for _r in (1, 2, 3):
+    _op([f"avg_pool{_r}d"], "avgpool",
+        lambda a, x, r=_r: dict(_pool_common(a, r, _torch_pad_raw),
+                                count_include_pad=bool(a.get("count_include_pad", True)),
+                                divisor_override=a.get("divisor_override")),
+        lambda a, x, r=_r: dict(_pool_common(a, r, _paddle_pad_raw),
+                                count_include_pad=not bool(a.get("exclusive", True)),
+                                divisor_override=a.get("divisor_override")),
+        _TORCH_PARAMS["avg_pool1d" if _r == 1 else "avg_pool"])
+    _op([f"max_pool{_r}d"], "maxpool",
+        lambda a, x, r=_r: dict(_pool_common(a, r, _torch_pad_raw),
+                                dilation=_settings._tuple(a.get("dilation", 1), r)),
+        lambda a, x, r=_r: dict(_pool_common(a, r, _paddle_pad_raw),
+                                dilation=_settings._tuple(1, r)),
+        _TORCH_PARAMS["max_pool"])
+    for _kind in ("avg", "max"):
+        _op([f"adaptive_{_kind}_pool{_r}d"], f"adaptive{_kind}pool",
+            lambda a, x, r=_r: {"output_size": _settings._tuple(a["output_size"], r)},
+            lambda a, x, r=_r: {"output_size": _settings._tuple(a["output_size"], r)},
+            _TORCH_PARAMS["adaptive_pool"])
+    _op([f"conv{_r}d"], "conv",
+        lambda a, x, r=_r: {"stride": _settings._tuple(a["stride"], r),
+                            "padding": _torch_pad_raw(a["padding"], r),
+                            "dilation": _settings._tuple(a["dilation"], r),
+                            "groups": int(a["groups"])},
+        lambda a, x, r=_r: {"stride": _settings._tuple(a["stride"], r),
+                            "padding": _paddle_pad_raw(a["padding"], r),
+                            "dilation": _settings._tuple(a["dilation"], r),
+                            "groups": int(a["groups"])},
+        _TORCH_PARAMS["conv"])
+    _op([f"conv_transpose{_r}d", f"conv{_r}d_transpose"], "convtranspose",
+        lambda a, x, r=_r: {"stride": _settings._tuple(a["stride"], r),
+                            "padding": _torch_pad_raw(a["padding"], r),
+                            "dilation": _settings._tuple(a["dilation"], r),
+                            "groups": int(a["groups"]),
+                            "output_padding": _settings._tuple(a["output_padding"], r)},
+        lambda a, x, r=_r: {"stride": _settings._tuple(a["stride"], r),
+                            "padding": _paddle_pad_raw(a["padding"], r),
+                            "dilation": _settings._tuple(a["dilation"], r),
+                            "groups": int(a["groups"]),
+                            "output_padding": _settings._tuple(a["output_padding"], r)},
+        _TORCH_PARAMS["conv_transpose"])
+
+_op(["interpolate", "upsample"], "upsample",
+    lambda a, x: _upsample(a["mode"], a.get("align_corners"), 0, a.get("antialias", False)),
+    lambda a, x: _upsample(a["mode"], a.get("align_corners"), a.get("align_mode", 0)))
+_op(["upsample_bilinear"], "upsample", lambda a, x: _upsample("bilinear", True), None)
+_op(["upsample_nearest"], "upsample", lambda a, x: _upsample("nearest", False), None)
+_op(["gelu"], "gelu",
+    lambda a, x: {"approximate": str(a.get("approximate", "none"))},
+    lambda a, x: {"approximate": "tanh" if a.get("approximate") in (True, "tanh") else "none"},
+    _TORCH_PARAMS["gelu"])
+_op(["layer_norm"], "layernorm",
+    lambda a, x: {"epsilon": float(a["eps"]),
+                  "normalized_shape": _settings._tuple(a["normalized_shape"], 1)},
+    lambda a, x: {"epsilon": float(a["epsilon"]),
+                  "normalized_shape": _settings._tuple(a["normalized_shape"], 1)})
+_op(["group_norm"], "groupnorm",
+    lambda a, x: {"epsilon": float(a["eps"]), "num_groups": int(a["num_groups"])},
+    lambda a, x: {"epsilon": float(a["epsilon"]), "num_groups": int(a["num_groups"])})
+_op(["batch_norm"], "batchnorm",
+    lambda a, x: {"epsilon": float(a["eps"]), "momentum": float(a["momentum"]),
+                  "statistics": _stats_torch(a["training"])},
+    lambda a, x: {"epsilon": float(a["epsilon"]), "momentum": 1.0 - float(a["momentum"]),
+                  "statistics": _stats_paddle(a["training"], a.get("use_global_stats"))})
+_op(["instance_norm"], "instancenorm",
+    lambda a, x: {"epsilon": float(a["eps"])}, lambda a, x: {"epsilon": float(a["eps"])})
+_op(["normalize"], "normalize",
+    lambda a, x: {"p": float(a["p"]), "axis": _axis(a["dim"], _ndim(x)),
+                  "epsilon": float(a["eps"])},
+    lambda a, x: {"p": float(a["p"]), "axis": _axis(a["axis"], _ndim(x)),
+                  "epsilon": float(a["epsilon"])})
+for _n, _k in (("softmax", "softmax"), ("log_softmax", "logsoftmax")):
+    _op([_n], _k,
+        lambda a, x: {"axis": _axis(_torch_implicit_dim(_ndim(x)) if a["dim"] is None
+                                    else a["dim"], _ndim(x))},
+        lambda a, x: {"axis": _axis(a["axis"], _ndim(x))})
+_op(["dropout"], "dropout",
+    lambda a, x: {"p": float(a["p"]), "mode": "upscale_in_train", "training": bool(a["training"])},
+    lambda a, x: {"p": float(a["p"]), "mode": str(a["mode"]), "training": bool(a["training"])})
+for _n in ("dropout1d", "dropout2d", "dropout3d", "alpha_dropout"):
+    _op([_n], _n.replace("_", ""),
+        lambda a, x: {"p": float(a["p"]), "training": bool(a["training"])},
+        lambda a, x: {"p": float(a["p"]), "training": bool(a["training"])})
+_op(["leaky_relu"], "leakyrelu",
+    lambda a, x: {"negative_slope": float(a["negative_slope"])},
+    lambda a, x: {"negative_slope": float(a["negative_slope"])})
+_op(["hardsigmoid"], "hardsigmoid",
+    lambda a, x: {"slope": 1.0 / 6.0, "offset": 0.5},
+    lambda a, x: {"slope": float(a["slope"]), "offset": float(a["offset"])})
+_op(["hardtanh"], "hardtanh",
+    lambda a, x: {"min": float(a["min_val"]), "max": float(a["max_val"])},
+    lambda a, x: {"min": float(a["min"]), "max": float(a["max"])})
+# torch's ReLU6 layer is a Hardtanh (F.hardtanh), Paddle's calls F.relu6: one kind for both
+_op(["relu6"], "hardtanh", lambda a, x: {"min": 0.0, "max": 6.0},
+    lambda a, x: {"min": 0.0, "max": 6.0})
+for _n in ("elu", "celu"):
+    _op([_n], _n, lambda a, x: {"alpha": float(a["alpha"])},
+        lambda a, x: {"alpha": float(a["alpha"])})
+_op(["softplus"], "softplus",
+    lambda a, x: {"beta": float(a["beta"]), "threshold": float(a["threshold"])},
+    lambda a, x: {"beta": float(a["beta"]), "threshold": float(a["threshold"])},
+    _TORCH_PARAMS["softplus"])
+_op(["pad"], "pad",
+    lambda a, x: {"padding": _trimmed_pad(a["pad"]), "mode": str(a["mode"]),
+                  "value": float(a.get("value") or 0.0)},
+    lambda a, x: {"padding": _paddle_pad_torch_order(a["pad"], _ndim(x),
+                                                     bool(a.get("pad_from_left_axis", True))),
+                  "mode": str(a["mode"]), "value": float(a.get("value") or 0.0)})
+_op(["cross_entropy"], "crossentropy", lambda a, x: _ce_torch(a, x),
+    lambda a, x: _ce_paddle(a, x))
+_op(["nll_loss"], "nllloss",
+    lambda a, x: dict(_loss_common(a), ignore_index=int(a["ignore_index"]),
+                      weighted=a.get("weight") is not None),
+    lambda a, x: dict(_loss_common(a), ignore_index=int(a["ignore_index"]),
+                      weighted=a.get("weight") is not None))
+for _n in ("mse_loss", "l1_loss"):
+    _op([_n], _n.replace("_", ""), lambda a, x: _loss_common(a), lambda a, x: _loss_common(a))
+for _n in ("binary_cross_entropy", "binary_cross_entropy_with_logits"):
+    _op([_n], _n.replace("_", ""),
+        lambda a, x: dict(_loss_common(a), weighted=a.get("weight") is not None,
+                          pos_weighted=a.get("pos_weight") is not None),
+        lambda a, x: dict(_loss_common(a), weighted=a.get("weight") is not None,
+                          pos_weighted=a.get("pos_weight") is not None))
+_op(["smooth_l1_loss"], "smoothl1loss",
+    lambda a, x: dict(_loss_common(a), loss=f"smooth L1, beta {float(a.get('beta', 1.0)):g}"),
+    lambda a, x: dict(_loss_common(a), loss=_smooth_l1_paddle(a)))
+_op(["pixel_shuffle"], "pixelshuffle",
+    lambda a, x: {"upscale_factor": int(a["upscale_factor"])},
+    lambda a, x: {"upscale_factor": int(a["upscale_factor"])}, _TORCH_PARAMS["pixel_shuffle"])
+_op(["pixel_unshuffle"], "pixelunshuffle",
+    lambda a, x: {"downscale_factor": int(a["downscale_factor"])},
+    lambda a, x: {"downscale_factor": int(a["downscale_factor"])},
+    _TORCH_PARAMS["pixel_unshuffle"])
+_op(["grid_sample"], "gridsample",
+    lambda a, x: {"mode": str(a["mode"]), "padding_mode": str(a["padding_mode"]),
+                  "align_corners": bool(a["align_corners"])},
+    lambda a, x: {"mode": str(a["mode"]), "padding_mode": str(a["padding_mode"]),
+                  "align_corners": bool(a["align_corners"])})
+_op(["affine_grid"], "affinegrid",
+    lambda a, x: {"align_corners": bool(a["align_corners"])},
+    lambda a, x: {"align_corners": bool(a["align_corners"])})
+_op(["cosine_similarity"], "cosinesimilarity",
+    lambda a, x: {"axis": _axis(a["dim"], _ndim(x)), "eps": float(a["eps"])},
+    lambda a, x: {"axis": _axis(a["axis"], _ndim(x)), "eps": float(a["eps"])},
+    _TORCH_PARAMS["cosine_similarity"])
+_op(["embedding"], "embedding",
+    lambda a, x: {"padding_idx": a["padding_idx"], "max_norm": a.get("max_norm")},
+    lambda a, x: {"padding_idx": a["padding_idx"], "max_norm": a.get("max_norm")})
+
+# kinds whose axis names a dimension of their input: the same only on inputs of one shape (a port
+# that moved the classes last, and says so, computes the same loss)
+_AXES = {"softmax": "axis", "logsoftmax": "axis", "normalize": "axis",
+         "cosinesimilarity": "axis", "crossentropy": "class_axis"}
+
+
+def _same_input(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a.get("_shape") is None or b.get("_shape") is None or \
+        tuple(a["_shape"]) == tuple(b["_shape"])
+
+
+# (kind, setting) -> whether it changes anything for a pair of calls, from both calls' settings
+_RELEVANT: dict[tuple[str, str], Callable[[Mapping[str, Any], Mapping[str, Any]], bool]] = {
+    ("avgpool", "count_include_pad"): _settings._RELEVANT[("avgpool", "count_include_pad")],
+    ("conv", "padding_mode"): _settings._RELEVANT[("conv", "padding_mode")],
+    ("softmax", "axis"): lambda a, b: _settings._RELEVANT[("softmax", "axis")](a, b)
+    and _same_input(a, b),
+    ("logsoftmax", "axis"): lambda a, b: _settings._RELEVANT[("logsoftmax", "axis")](a, b)
+    and _same_input(a, b),
+    ("normalize", "axis"): _same_input,
+    ("cosinesimilarity", "axis"): _same_input,
+    ("crossentropy", "class_axis"): _same_input,
+    ("pad", "value"): _settings._RELEVANT[("pad", "value")],
+    # a dropout of p 0 drops nothing, whatever its mode or whether it is on
+    ("dropout", "mode"): lambda a, b: bool(a.get("p")) or bool(b.get("p")),
+    ("dropout", "training"): lambda a, b: bool(a.get("p")) or bool(b.get("p")),
+    # running statistics are updated by their momentum only where a side uses the batch's
+    ("batchnorm", "momentum"): lambda a, b: "the batch's" in (a.get("statistics"),
+                                                               b.get("statistics")),
+    ("crossentropy", "ignore_index"): lambda a, b: not a.get("soft_label")
+    and not b.get("soft_label"),
+    ("upsample", "align_mode"): lambda a, b: not a.get("align_corners")
+    and not b.get("align_corners"),
+}
+for _k in ("dropout1d", "dropout2d", "dropout3d", "alphadropout"):
+    _RELEVANT[(_k, "training")] = _RELEVANT[("dropout", "training")]
+
+
+# --- tracing -------------------------------------------------------------------------------------
+
+_ACTIVE: set[str] = set()  # the frameworks being traced now: one trace each at a time
+
+
+def _framework_of(model: Any) -> str:
+    return _settings._framework(model)
+
+
+def _layer_event_settings(layer: Any, read: tuple[str, dict[str, Any]], x: Any) -> dict[str, Any]:
+    """A layer's settings as its call this time computes: the statistics it uses now, whether
+    its dropout is on, its softmax axis for this input, its padding as a call's."""
+    kind, out = read[0], dict(read[1])
+    torch_side = _framework_of(layer) == "torch"
+    if kind == "batchnorm":
+        if torch_side:
+            uses_batch = layer.training or not layer.track_running_stats
+            out["statistics"] = "the batch's" if uses_batch else "the running ones"
+        else:
+            g = getattr(layer, "_use_global_stats", None)
+            if g is False and type(layer).__name__ == "BatchNorm":
+                g = None  # the legacy layer's False is BatchNorm2D's None
+            out["statistics"] = _stats_paddle(layer.training, g)
+    elif kind.startswith("dropout") or kind == "alphadropout":
+        out["training"] = bool(layer.training)
+    elif kind in ("softmax", "logsoftmax"):
+        axis = out.get("axis")
+        if axis is None and torch_side:
+            axis = _torch_implicit_dim(_ndim(x))
+        out["axis"] = _axis(axis, _ndim(x))
+        out["_shape"] = _shape(x)
+    elif kind == "pad" and isinstance(out.get("padding"), tuple):
+        out["padding"] = _trimmed_pad(out["padding"])
+    elif kind == "upsample":
+        up = _upsample(out.get("mode"), out.get("align_corners"), out.get("align_mode", 0))
+        out.update(up)
+        out.pop("antialias", None)  # neither framework's layer has one
+    return out
+
+
+class SettingsTrace:
+    """What ``trace_settings`` saw: ``events`` in the order they ran, and the calls it could not
+    read (``unread``: one line each, the call itself went on unchanged)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.framework = _framework_of(model)
+        if self.framework not in ("torch", "paddle"):
+            from ..errors import ReprodError
+
+            raise ReprodError(f"trace_settings: {type(model).__name__} is neither a torch module "
+                              "nor a Paddle layer")
+        self.events: list[OpEvent] = []
+        self.unread: list[str] = []
+        self._names: dict[int, str] = {}
+        self._counts: dict[tuple[str, str], int] = {}
+        self._depth = 0
+        self._saved: dict[str, Any] = {}
+        self._hooks: list[Any] = []
+        self._base: Any = None
+        self._sigs: dict[str, list[tuple[str, Any]]] = {}
+
+    # the functional module and the layer base class of the framework
+    def _modules(self) -> tuple[Any, Any]:
+        if self.framework == "torch":
+            import torch
+
+            return torch.nn.functional, torch.nn.Module
+        import paddle
+
+        return paddle.nn.functional, paddle.nn.Layer
+
+    def __enter__(self) -> SettingsTrace:
+        from ..errors import ReprodError
+
+        if self.framework in _ACTIVE:
+            raise ReprodError(f"trace_settings: a {self.framework} trace is already running")
+        functional, self._base = self._modules()
+        named = self._named()
+        self._names = {id(m): n for n, m in named}
+        _ACTIVE.add(self.framework)
+        try:
+            for name, entry in _OPS.items():
+                norm = entry[1] if self.framework == "torch" else entry[2]
+                original = getattr(functional, name, None)
+                if norm is None or original is None or not callable(original):
+                    continue
+                self._saved[name] = original
+                setattr(functional, name, self._wrapped(name, original))
+            for name, layer in named:
+                read = _settings.read_settings(layer)
+                if read is None:
+                    continue
+                self._hooks.append(layer.register_forward_pre_hook(self._pre_hook(name,
+                                                                                  read[0])))
+        except BaseException:  # nothing left wrapped or hooked
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _named(self) -> list[tuple[str, Any]]:
+        named = (self.model.named_modules() if self.framework == "torch"
+                 else self.model.named_sublayers(include_self=True))
+        return list(named)
+
+    def __exit__(self, *exc: Any) -> None:
+        functional, _ = self._modules()
+        for name, original in self._saved.items():
+            setattr(functional, name, original)
+        self._saved.clear()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        _ACTIVE.discard(self.framework)
+
+    def _pre_hook(self, name: str, kind: str) -> Callable[..., None]:
+        def hook(layer: Any, inputs: Any) -> None:
+            if self._depth:
+                return
+            try:
+                read = _settings.read_settings(layer)
+                if read is None:
+                    return
+                x = inputs[0] if isinstance(inputs, tuple) and inputs else None
+                found = _layer_event_settings(layer, read, x)
+                self.events.append(OpEvent(kind, type(layer).__name__, name or "(model)", True,
+                                           {k: _plain(v) for k, v in found.items()}))
+            except Exception as e:  # never the model's failure: the layer runs as it would
+                self.unread.append(f"{name} ({type(layer).__name__}): {type(e).__name__}: {e}")
+        return hook
+
+    def _params(self, name: str, original: Any) -> Optional[list[tuple[str, Any]]]:
+        if name not in self._sigs:
+            try:
+                sig = inspect.signature(original)
+                params = [(p.name, p.default) for p in sig.parameters.values()
+                          if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+                if not params and self.framework == "torch":
+                    raise ValueError("no named parameters")  # max_pool2d(*args, **kwargs)
+            except (TypeError, ValueError):
+                text = _OPS[name][3]
+                params = _parse_params(text) if text else None
+            self._sigs[name] = params  # type: ignore[assignment]
+        return self._sigs[name]
+
+    def _bound(self, name: str, original: Any, args: tuple[Any, ...],
+               kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        params = self._params(name, original)
+        if params is None:
+            raise TypeError("its parameters cannot be read")
+        names = [p for p, _ in params]
+        if len(args) > len(names):
+            raise TypeError(f"{len(args)} positional arguments for {len(names)} parameters")
+        out = dict(zip(names, args))
+        for k, v in kwargs.items():
+            out[k] = v
+        for p, default in params:
+            if p not in out:
+                if default is inspect.Parameter.empty:
+                    raise TypeError(f"no {p!r}")
+                out[p] = default
+        return out
+
+    def _where(self) -> tuple[str, bool]:
+        """The name of the module whose code made the call, and whether it is a layer of a kind
+        the layer settings read (whose own calls are not events)."""
+        f = sys._getframe(3)
+        for _ in range(12):
+            if f is None:
+                break
+            s = f.f_locals.get("self")
+            if s is not None and isinstance(s, self._base):
+                name = self._names.get(id(s))
+                inside = _settings.read_settings(s) is not None
+                if name is None:
+                    return type(s).__name__, inside
+                return name or "(model)", inside
+            f = f.f_back
+        return "(model)", False
+
+    def _wrapped(self, name: str, original: Any) -> Callable[..., Any]:
+        kind = _OPS[name][0]
+        norm = _OPS[name][1] if self.framework == "torch" else _OPS[name][2]
+
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            if self._depth == 0:
+                self._record(name, kind, norm, original, args, kwargs)
+            self._depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        traced.__wrapped__ = original  # type: ignore[attr-defined]
+        traced.__name__ = getattr(original, "__name__", name)
+        traced.__doc__ = getattr(original, "__doc__", None)
+        return traced
+
+    def _record(self, name: str, kind: str, norm: Any, original: Any, args: tuple[Any, ...],
+                kwargs: Mapping[str, Any]) -> None:
+        try:
+            where, inside = self._where()
+            if inside:
+                return
+            bound = self._bound(name, original, args, kwargs)
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            found = norm(bound, first)
+            if kind in _AXES:
+                found["_shape"] = _shape(first)
+        except Exception as e:  # a call this cannot read runs as it would, and is said
+            self.unread.append(f"{name}: {type(e).__name__}: {e}")
+            return
+        n = self._counts.get((where, name), 0) + 1
+        self._counts[(where, name)] = n
+        label = f"{where}:{name}" + (f"#{n}" if n > 1 else "")
+        self.events.append(OpEvent(kind, name, label, False,
+                                   {k: _plain(v) for k, v in found.items()}))
+
+
+def trace_settings(model: Any) -> SettingsTrace:
+    """A context manager that traces, while it is open, the settings of each operation ``model``
+    applies (its functional calls and its layers of a known kind), for ``compare_settings(...,
+    traces=(torch_trace, paddle_trace))`` or ``save_settings(model, path, trace=trace)``.
+
+    >>> with trace_settings(paddle_model) as trace:
+    ...     paddle_model(x)
+    >>> save_settings(paddle_model, "result/settings_paddle.json", trace=trace)
+    """
+    return SettingsTrace(model)
+
+
+# --- comparing -----------------------------------------------------------------------------------
+
+
+def _call_differences(kind: str, a: Mapping[str, Any], b: Mapping[str, Any]
+                      ) -> list[tuple[str, Any, Any]]:
+    out = []
+    for setting in list(a) + [k for k in b if k not in a]:
+        if setting not in a or setting not in b or setting.startswith("_"):
+            continue  # "_shape": what a setting is read against, not one
+        relevant = _RELEVANT.get((kind, setting))
+        if relevant is not None and not relevant(a, b):
+            continue
+        if not _settings._same(a[setting], b[setting]):
+            out.append((setting, a[setting], b[setting]))
+    return out
+
+
+def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
+                   sides: tuple[str, str] = ("torch", "Paddle")
+                   ) -> tuple[list[_settings.SettingDiff], list[str], int, set[str]]:
+    """The differing settings of the paired events (each kind by order, where both sides have as
+    many) that are not two layers, the kinds that could not be paired, the pairs compared, and
+    the kinds paired with a call on a side."""
+    kinds: dict[str, tuple[list[OpEvent], list[OpEvent]]] = {}
+    for side, events in ((0, ours), (1, theirs)):
+        for e in events:
+            kinds.setdefault(e.kind, ([], []))[side].append(e)
+    diffs: list[_settings.SettingDiff] = []
+    unpaired: list[str] = []
+    compared = 0
+    paired: set[str] = set()
+    for kind, (xs, ys) in kinds.items():
+        if not any(not e.layer for e in xs + ys):
+            continue  # layers only: the layer settings' pairs
+        if len(xs) != len(ys):
+            unpaired.append(f"{kind} (calls and layers): {len(xs)} in {sides[0]}, "
+                            f"{len(ys)} in {sides[1]}")
+            continue
+        paired.add(kind)
+        for x, y in zip(xs, ys):
+            if x.layer and y.layer:
+                continue
+            compared += 1
+            for setting, xv, yv in _call_differences(kind, x.settings, y.settings):
+                diffs.append(_settings.SettingDiff(x.name, y.name, setting, xv, yv, kind, sides))
+    return diffs, unpaired, compared, paired
