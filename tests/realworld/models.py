@@ -37,6 +37,8 @@ NUM_CLASSES = 1000
 
 def build_torch(name: str) -> torch.nn.Module:
     ctor = getattr(torchvision.models, name)
+    if name == "inception_v3":  # paddle.vision's has no auxiliary head
+        return ctor(weights=None, num_classes=NUM_CLASSES, aux_logits=False, init_weights=False)
     return ctor(weights=None, num_classes=NUM_CLASSES)
 
 
