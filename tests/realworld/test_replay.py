@@ -19,8 +19,11 @@ from models import TARGETS, build_pair, make_inputs, torch_input  # noqa: E402
 from reprod.capture import first_divergence, record, replay  # noqa: E402
 
 # one layer replayed alone on the reference's input: the two frameworks' kernels round
-# differently, by a few float32 ulps of the output (measured: rel L2 <= 5e-7 on all three models)
-CHECK = {"method": "max", "threshold": 1e-4}
+# differently, by a few float32 ulps of the output (measured: rel L2 <= 5e-7 on all three models).
+# resnet50's randomised BatchNorms give its convolutions outputs near 100, whose rounding reached
+# 1.3e-4 on an AVX-512 CPU and 2.6e-4 on an AVX2 one (near-cancelling sums: not relative to the
+# element); the injected bugs move their layers by 2e-2 and more
+CHECK = {"method": "max", "threshold": 1e-3}
 MODELS = ("resnet50", "mobilenet_v3_small")
 SEEDS = {"resnet50": 0, "mobilenet_v3_small": 2}  # as test_calibrated.py: its pair is reused
 # test_calibrated.py's groups: under pytest-xdist one worker holds one model at a time
