@@ -69,7 +69,14 @@ def trained(kinks: bool):
     return _RUNS[kinks]
 
 
+def _crossing_or_skip():
+    if not trained(kinks=True).options.get("kink_crossings"):
+        pytest.skip(f"no kink crossing at seed {SEED} on this CPU: its kernels put {CROSSING}'s "
+                    "element on one side in both frameworks (it crossed on an AVX-512 CPU)")
+
+
 def test_without_the_explanation_gradients_upstream_of_the_crossing_fail():
+    _crossing_or_skip()
     r = trained(kinks=False)
     others = [k for k in r.failed if not VARIANCE.fullmatch(k.key)]
     assert any(k.key.startswith("step0/grad/") for k in others), r.to_table(failed_only=True)
@@ -94,6 +101,7 @@ def test_with_it_the_run_passes_with_the_running_variance_known():
 
 
 def test_the_labels_name_the_crossing_and_reach_only_its_upstream():
+    _crossing_or_skip()
     r, p = trained(kinks=True), pair()
     first = r.options["kink_crossings"][0]
     assert (first["layer"], first["pass"], first["elements"]) == (CROSSING, 0, 1), first

@@ -106,8 +106,15 @@ def test_the_fused_batch_norms_pair_with_torch_relus_and_explain_the_failures():
     # 121 activation sites (120 ReLU modules, F.relu after norm5) and 1 max-pool, per step
     assert r.options["kinks"]["layer_calls"] == 2 * 122
     first = r.options["kink_crossings"][0]
-    assert (first["layer"], first["paddle_layer"], first["pass"]) == (CROSSING, FUSED, 0), first
-    assert first["explained"] == len(kink)
+    # which element crosses is the CPU's rounding: CROSSING in FUSED on an AVX-512 CPU,
+    # features.denseblock2.denselayer4.relu1 on an AVX2 one; each a ReLU of step 1 paired with
+    # its fused BatchNorm (below)
+    assert (first["layer_type"], first["pass"], first["elements"]) == ("ReLU", 0, 1), first
+    assert first["paddle_layer"].endswith("._batch_norm"), first
+    # every label on an AVX-512 CPU; most (707 of 712) on an AVX2 one, where a later crossing
+    # of the step labels the rest
+    assert 0 < first["explained"] <= len(kink)
+    assert sum(c["explained"] for c in r.options["kink_crossings"]) >= len(kink)
     for c in r.options["kink_crossings"]:  # each ReLU call paired with its fused BatchNorm
         paddle_layer = c["paddle_layer"].split("#")[0]
         if c["layer"].startswith("features.pool0"):

@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import paddle  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from models import (  # noqa: E402
     build_pair,
@@ -57,9 +58,33 @@ def test_a_hardswish_input_held_alike_at_3_minus_1_ulp_is_a_crossing():
     assert check["failed"] == 0 and check["aligned"] > 50 and check["worst"] < 20, check
 
 
-def test_without_paddles_own_test_the_same_port_fails(monkeypatch):
-    monkeypatch.delitem(SIDES["paddle"], "hardswish")
-    r = _run()
+_PLAIN: list = []
+
+
+def _without_paddles_test():
+    """The run with ``x > k`` on Paddle's side too, once."""
+    if not _PLAIN:
+        saved = SIDES["paddle"].pop("hardswish")
+        try:
+            _PLAIN.append(_run())
+        finally:
+            SIDES["paddle"]["hardswish"] = saved
+    return _PLAIN[0]
+
+
+def _held_alike_or_skip():
+    """Where this CPU's kernels leave the two ports' element on either side of 3, ``x > k``
+    finds the crossing by itself and neither check below has anything to show (measured on an
+    AVX2 CPU; the element was held alike at 3 - 1 ulp on an AVX-512 one)."""
+    crossings = _without_paddles_test().options.get("kink_crossings", [])
+    if any(c["layer_type"] == "Hardswish" for c in crossings):
+        pytest.skip("the two ports hold the Hardswish input on either side of 3 on this CPU: "
+                    "x > k finds the crossing without Paddle's own test")
+
+
+def test_without_paddles_own_test_the_same_port_fails():
+    _held_alike_or_skip()
+    r = _without_paddles_test()
     assert not r.passed
     assert r.first_failure.key.startswith("step1/grad/")
     assert not any(c["layer_type"] == "Hardswish" for c in r.options.get("kink_crossings", []))
@@ -68,6 +93,7 @@ def test_without_paddles_own_test_the_same_port_fails(monkeypatch):
 def test_the_counterfactual_needs_the_element_moved_onto_paddles_side(monkeypatch):
     import reprod.align.counterfactual as cf
 
+    _held_alike_or_skip()
     monkeypatch.setattr(cf, "onto_side", lambda x, *args: x)
     r = _run()
     check = r.options["counterfactual"]["step1"]

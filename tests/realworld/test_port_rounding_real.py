@@ -73,4 +73,8 @@ def test_adams_second_moment_of_the_ports_gradient_passes():
     r = _run("adam")
     assert r.passed, r.to_table(failed_only=True)
     m2 = r["step0/opt/_conv9.bias.moment2"]
-    assert m2.status == "known" and "of the port's own gradient" in m2.reason, m2.reason
+    # 20.003x its noise on an AVX-512 CPU, made by the reference's Adam given the port's own
+    # gradient; within the noise on an AVX2 one
+    assert m2.status in ("known", "passed"), m2
+    if m2.status == "known":
+        assert "of the port's own gradient" in m2.reason, m2.reason

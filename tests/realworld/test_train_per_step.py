@@ -64,10 +64,13 @@ def test_a_wrong_beta1_is_caught_at_the_step_that_shows_it(beta1):
     # the weights show it at step 1 (the first update is lr * sign(g) whatever beta1 is); the
     # optimizer state at step 0 (test_a_wrong_beta1_shows_in_the_first_moments): left out here
     r = _run("shufflenet_v2_x1_0", beta1, optimizer_state=False)
-    assert r.options["forcing"]["steps"] == [1]
     if beta1 == 0.9:
         assert r.passed, r.to_table(failed_only=True)
+        # step 1 judged from the reference's state where it fails free-running (as it did on an
+        # AVX-512 CPU; on an AVX2 one it aligned free-running, and nothing was forced)
+        assert r.options.get("forcing", {"steps": [1]})["steps"] == [1]
         return
+    assert r.options["forcing"]["steps"] == [1]
     assert not r.passed and r.first_failure.key.startswith("step1/param/")
     assert all(k.passed for k in r if k.key.startswith("step0/"))
     assert r.first_failure.reason.startswith("from the reference's state after step 0")
