@@ -25,7 +25,7 @@ from __future__ import annotations
 import ast
 import inspect
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -554,7 +554,11 @@ class SettingsTrace:
                     return
                 x = inputs[0] if isinstance(inputs, tuple) and inputs else None
                 found = _layer_event_settings(layer, read, x)
-                self.events.append(OpEvent(kind, type(layer).__name__, name or "(model)", True,
+                label = name or "(model)"
+                n = self._counts.get((label, ""), 0) + 1  # a layer called again: "pool#2"
+                self._counts[(label, "")] = n
+                self.events.append(OpEvent(kind, type(layer).__name__,
+                                           label + (f"#{n}" if n > 1 else ""), True,
                                            {k: _plain(v) for k, v in found.items()}))
             except Exception as e:  # never the model's failure: the layer runs as it would
                 self.unread.append(f"{name} ({type(layer).__name__}): {type(e).__name__}: {e}")
@@ -678,11 +682,13 @@ def _call_differences(kind: str, a: Mapping[str, Any], b: Mapping[str, Any]
 
 
 def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
-                   sides: tuple[str, str] = ("torch", "Paddle")
+                   sides: tuple[str, str] = ("torch", "Paddle"),
+                   layer_kinds: Collection[str] = ()
                    ) -> tuple[list[_settings.SettingDiff], list[str], int, set[str]]:
     """The differing settings of the paired events (each kind by order, where both sides have as
     many) that are not two layers, the kinds that could not be paired, the pairs compared, and
-    the kinds paired with a call on a side."""
+    the kinds paired here. ``layer_kinds``: kinds the layer settings could not pair (a layer
+    called three times against three layers), whose pairs of two layers are compared here."""
     kinds: dict[str, tuple[list[OpEvent], list[OpEvent]]] = {}
     for side, events in ((0, ours), (1, theirs)):
         for e in events:
@@ -692,7 +698,7 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
     compared = 0
     paired: set[str] = set()
     for kind, (xs, ys) in kinds.items():
-        if not any(not e.layer for e in xs + ys):
+        if kind not in layer_kinds and not any(not e.layer for e in xs + ys):
             continue  # layers only: the layer settings' pairs
         if len(xs) != len(ys):
             unpaired.append(f"{kind} (calls and layers): {len(xs)} in {sides[0]}, "
@@ -700,7 +706,7 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
             continue
         paired.add(kind)
         for x, y in zip(xs, ys):
-            if x.layer and y.layer:
+            if x.layer and y.layer and kind not in layer_kinds:
                 continue
             compared += 1
             for setting, xv, yv in _call_differences(kind, x.settings, y.settings):

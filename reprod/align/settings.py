@@ -454,12 +454,17 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
     if traces is not None:
         from .calls import compare_events
 
-        call_diffs, call_unpaired, calls, paired = compare_events(traces[0].events,
-                                                                  traces[1].events)
+        call_diffs, call_unpaired, calls, paired = compare_events(
+            traces[0].events, traces[1].events, layer_kinds=_kinds_of(unpaired))
         diffs += call_diffs
         # a kind of layer one side applies as a function: paired there
         unpaired = [u for u in unpaired if u.split(":", 1)[0] not in paired] + call_unpaired
     return SettingsReport(tuple(diffs), tuple(unpaired), compared, calls)
+
+
+def _kinds_of(unpaired: Sequence[str]) -> set[str]:
+    """The kinds of ``unpaired``'s lines ("maxpool: 3 in torch, 1 in Paddle")."""
+    return {u.split(":", 1)[0] for u in unpaired}
 
 
 def waivers(check_settings: Any) -> Optional[tuple[str, ...]]:
@@ -689,7 +694,8 @@ def _compare_saved(a: _Saved, b: _Saved) -> SettingsReport:
     if a[3] is not None and b[3] is not None:
         from .calls import compare_events
 
-        call_diffs, call_unpaired, calls, paired = compare_events(a[3], b[3], sides)
+        call_diffs, call_unpaired, calls, paired = compare_events(
+            a[3], b[3], sides, layer_kinds=_kinds_of(unpaired))
         diffs += call_diffs
         unpaired = [u for u in unpaired if u.split(":", 1)[0] not in paired] + call_unpaired
     return SettingsReport(tuple(diffs), tuple(unpaired), compared, calls)

@@ -456,3 +456,29 @@ def test_a_setting_given_as_a_tensor_is_saved_as_its_value(tmp_path):
         assert json.loads(open(path).read())["calls"][0]["settings"] == trace.events[0].to_json(
         )["settings"]
     assert trace.events[0].settings["output_size"] == (2, 2)
+
+
+def test_one_layer_called_twice_pairs_by_call_with_two_layers():
+    """Layers the layer settings cannot pair (two torch pools, one Paddle pool called twice) pair
+    by call, and their settings are compared there."""
+    tm = tnn.Sequential(tnn.MaxPool2d(2, ceil_mode=True), tnn.MaxPool2d(2, ceil_mode=True))
+
+    class Twice(pnn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.pool = pnn.MaxPool2D(2)
+
+        def forward(self, x):
+            return self.pool(self.pool(x))
+
+    pm = Twice()
+    assert compare_settings(tm, pm, by_order=True).unpaired == ("maxpool: 2 in torch, 1 in Paddle",)
+    with trace_settings(tm) as tt:
+        tm(torch.tensor(X4))
+    with trace_settings(pm) as pt:
+        pm(paddle.to_tensor(X4))
+    report = compare_settings(tm, pm, by_order=True, traces=(tt, pt))
+    assert report.unpaired == () and report.calls == 2
+    assert [d.line() for d in report.differ] == [
+        "pool (torch 0): ceil_mode True in torch, False in Paddle",
+        "pool#2 (torch 1): ceil_mode True in torch, False in Paddle"]

@@ -122,8 +122,10 @@ def without_dropout(*models: object) -> None:
 def squeezenet_as_torchvision(model: paddle.nn.Layer) -> paddle.nn.Layer:
     """paddle.vision's squeezenet1_1 made to compute torchvision's: its first conv unpadded (it
     pads by 1 where torchvision's does not), its Dropout scaling in training as torch's does
-    (not by 1 - p in inference)."""
+    (not by 1 - p in inference), its max-pool (one layer called three times) rounding its output
+    size up as torchvision's three do (at 224 px no size changes)."""
     model._conv._padding, model._conv._updated_padding = 0, [0, 0]
+    model._pool.ceil_mode = True
     for m in model.sublayers():
         if isinstance(m, paddle.nn.Dropout):
             m.mode = "upscale_in_train"

@@ -13,6 +13,8 @@ against paddle.vision's ports, traced through one forward pass each.
 - The classic inception port: its pools written as Paddle's ``F.avg_pool2d(x, 3, 1, 1)``, whose
   ``exclusive=True`` does not count the padding where torch's does. Injected in one block
   (``exclusive=True`` on its pool layer): named at that block.
+- paddle.vision's squeezenet1_1 calls one max-pool layer three times, which the layer settings
+  cannot pair with torchvision's three: by call they pair, and its ceil_mode differs.
 - The fluid-era hardsigmoid slope of 0.2 in one squeeze-excitation of mobilenet_v3_small (called
   as a function in the port, ``models._bug_hardsigmoid_slope``): named there, with its value.
 """
@@ -68,7 +70,8 @@ def test_paddle_vision_s_inception_keeps_another_epsilon_and_dropout():
     assert compare_settings(tm, _inception_as_torchvision(pm), by_order=True).passed
 
 
-@pytest.mark.parametrize("name,calls", [("inception_v3", 11), ("mobilenet_v2", 36),
+# inception_v3: its 11 pool calls, and the stem's two max-pools (one Paddle layer called twice)
+@pytest.mark.parametrize("name,calls", [("inception_v3", 13), ("mobilenet_v2", 36),
                                         ("mobilenet_v3_small", 9), ("densenet121", 1)])
 def test_correct_ports_differ_in_no_call(name, calls):
     tm, pm = build_torch(name).eval(), build_paddle(name)
@@ -111,3 +114,24 @@ def test_mobilenet_v3_s_fluid_hardsigmoid_slope_is_named_with_its_value():
     assert d.torch_layer == f"{target}.scale_activation:hardsigmoid"
     assert d.paddle_layer.startswith(pair.paddle_name(target) + ".")
     assert np.isfinite(d.torch_value)
+
+
+def test_squeezenet_s_one_pool_layer_called_three_times_pairs_by_call():
+    """paddle.vision's squeezenet1_1 calls one MaxPool2D three times where torchvision has three
+    MaxPool2d: by layer they cannot pair (the report says so); by call they do, and its
+    ``ceil_mode`` (False) differs from torchvision's (True) at each. At 224 px no size changes,
+    so no value shows it."""
+    from models import squeezenet_as_torchvision
+
+    tm, pm = build_torch("squeezenet1_1").eval(), build_paddle("squeezenet1_1")
+    pm.eval()
+    assert compare_settings(tm, pm, by_order=True).unpaired == ("maxpool: 3 in torch, 1 in Paddle",)
+    tt, pt = _traced(tm, pm)
+    report = compare_settings(tm, pm, by_order=True, traces=(tt, pt))
+    assert report.unpaired == ()
+    assert [d.line() for d in report.differ if d.kind == "maxpool"] == [
+        f"_pool{call} (torch features.{i}): ceil_mode True in torch, False in Paddle"
+        for call, i in (("", 2), ("#2", 5), ("#3", 8))]
+    squeezenet_as_torchvision(pm)
+    tt, pt = _traced(tm, pm)
+    assert compare_settings(tm, pm, by_order=True, traces=(tt, pt)).passed
