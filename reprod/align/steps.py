@@ -27,7 +27,7 @@ from ..diff.criteria import Criteria
 from ..diff.noise import DEFAULT_NOISE_FACTOR
 from ..errors import ReprodError
 from ..logger import ReprodLogger
-from . import counterfactual, decay, forcing, port_rounding, settings, spill
+from . import counterfactual, decay, forcing, port_rounding, settings, spill, twin_sides
 from .by_order import by_order_rules
 from .calibration import _float64_loss, _float64_optimizer, _float64_twin
 from .calls import trace_settings
@@ -110,6 +110,37 @@ def _same(a: Any, b: Any) -> bool:
     return fa.keys() == fb.keys() and all(
         np.allclose(fa[k], fb[k], rtol=1e-6, atol=1e-7, equal_nan=True) for k in fa
     )
+
+
+def _twin_on_reference_sides(kink: KinkCapture, torch_model: Any, state: Mapping[str, Any],
+                             batch: Any, ref: Mapping[str, Any], noise: dict[str, Any], *,
+                             loss_fn: Callable[..., Any], seed: int,
+                             plan: dict[str, KeyPlan]) -> Optional[dict[str, Any]]:
+    """Where the float64 twin took an activation input of step 0 to the other side of a kink
+    from the reference, its step-0 gradients (in ``noise``, replaced) from the twin run again
+    with those elements on the reference's side (``twin_sides``); what moved, or why nothing
+    could, for ``options["twin_sides"]``. None where the twin kept every side."""
+    if kink.skipped is not None:
+        return None
+    per_pass: dict[str, int] = {}
+    for entry in kink._order():
+        name = entry.partition("#")[0]
+        per_pass[name] = per_pass.get(name, 0) + 1
+    inputs, moved = twin_sides.moved_inputs(ref, noise, kink._names("torch"), per_pass, 0)
+    if not inputs:
+        return None
+    info: dict[str, Any] = {"step": 0, "layers": sorted(inputs), "elements": moved}
+    names = {k.split("/", 2)[2] for k in noise if k.startswith("step0/grad/")}
+    grads, why = counterfactual.counterfactual_grads(
+        torch_model, state, batch, loss_fn=loss_fn, seed=seed, plan=plan, inputs=inputs,
+        sites=kink.torch_sites, names=names)
+    if why is not None:
+        info["skipped"] = why
+        return info
+    for name, grad in grads.items():
+        noise[f"step0/grad/{name}"] = grad
+    info["gradients"] = len(grads)
+    return info
 
 
 def _torch_steps(
@@ -518,6 +549,12 @@ def align_train(
             trace=None if traces is None else traces[1],
         )
     _common_state(torch_log, paddle_log, noise_log)
+    twin_info = None
+    if torch_start is not None and kink is not None and noise_log is not None:
+        # the noise of step 0's gradients from the twin on the reference's side of each kink
+        twin_info = _twin_on_reference_sides(kink, torch_model, torch_start, batches[0],
+                                             torch_log.data, noise_log.data,
+                                             loss_fn=torch_loss_fn, seed=seed, plan=plan)
     result = _finish(
         torch_log,
         paddle_log,
@@ -532,6 +569,15 @@ def align_train(
         initial=initial,
         kink_line=torch_start is None,
     )
+    if twin_info is not None:
+        result = dataclasses.replace(result, options=dict(result.options, twin_sides=twin_info))
+        if verbose:
+            n = twin_info["elements"]
+            print(f"the float64 twin took {n} element{'s' if n != 1 else ''} of "
+                  f"{', '.join(twin_info['layers'])} to the other side of a kink at step 0: "
+                  + (f"not corrected ({twin_info['skipped']})" if "skipped" in twin_info else
+                     "step 0's gradients are judged by the twin run again on the reference's "
+                     "side"), flush=True)
     if torch_start is not None and kink is not None:
         for s in sorted(kink.port_inputs):
             # a later step from the port's own weights and statistics after the step before:

@@ -12,6 +12,11 @@ backward with the port's side of every crossing of its step: the correct ports' 
 with it (107 on shufflenet, at most 2x noise in the survey of session 17) and the bug's does not,
 and the finding names the layer.
 
+On an AVX2 CPU the reference's own float64 twin takes one ReLU input of shufflenet's
+``stage3.4.branch2.2`` to the other side of 0: its noise then held that element's gradient (3.3%
+of the first conv's) and the 1.5 scale passed at 15x, until the twin was run on the reference's
+side there (``reprod.align.twin_sides``): 331,000x.
+
 About 15 s single-threaded.
 """
 
@@ -62,15 +67,13 @@ def test_correct_ports_keep_their_crossings_and_pass(name):
     r = _run(name, bug=False)
     assert r.passed, r.to_table(failed_only=True)
     checks = r.options.get("counterfactual", {})
-    # resnet18's crossings move no gradient past its noise: nothing to check; nor do
-    # shufflenet's on an AVX2 CPU, where torch's own float32 gradients are further from its
-    # float64 twin's (the first conv's 3.3% in L2)
-    if name == "resnet18" or not any(k.status == "kink" for k in r):
+    if name == "resnet18":  # its crossings move no gradient past its noise: nothing to check
         assert checks == {} and not any(k.status == "kink" for k in r)
         return
-    # shufflenet's step-0 crossings explained gradients: each was checked, and aligns
+    # shufflenet's step-0 crossings explained gradients: each was checked, and aligns (107 on
+    # an AVX-512 CPU, 90 on an AVX2 one)
     check = checks["step0"]
-    assert check["failed"] == 0 and check["aligned"] > 100 and check["worst"] < 20, check
+    assert check["failed"] == 0 and check["aligned"] > 50 and check["worst"] < 20, check
     assert check["aligned"] == sum(k.status == "kink" and k.key.startswith("step0/grad/")
                                    for k in r)
 
@@ -79,13 +82,6 @@ def test_correct_ports_keep_their_crossings_and_pass(name):
 def test_a_scaled_first_gradient_fails_and_is_found(name):
     _, layer, param = CASES[name]
     r = _run(name, bug=True)
-    scaled = r[f"step0/grad/{param}"]
-    if scaled.passed and scaled.noise_multiple > 5:
-        # a real miss, not this test's premise: on an AVX2 CPU torch's float32 gradient of
-        # shufflenet's first conv is 3.3% (L2) from its float64 twin's, so the 1.5 scale reads
-        # 15x that noise, under the factor 20 (on an AVX-512 CPU: 364,000x)
-        pytest.xfail(f"{scaled.key} scaled by 1.5 is {scaled.noise_multiple:.0f}x the "
-                     "reference's own float32 noise on this CPU, within the factor")
     assert not r.passed
     first = r.first_failure
     assert first.key == f"step0/grad/{param}", r.to_table(failed_only=True)
