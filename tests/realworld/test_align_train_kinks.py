@@ -1,5 +1,6 @@
 """``align_train(calibrate=True, by_order=True)`` on a real model with a kink crossing: torchvision's
-mobilenet_v3_small against paddle.vision's port, seed 2, 2 SGD steps (training mode, dropout p=0,
+mobilenet_v3_small against paddle.vision's port, seed 2 (or the first of ``SEEDS`` that crosses on
+this CPU), 2 SGD steps (training mode, dropout p=0,
 batch 2, as test_align_by_order.py's training test, which uses seed 0: no crossing there).
 
 In step 1 one element of the input of ``features.3.block.1.2`` (a ReLU; ``blocks.2.
@@ -28,8 +29,12 @@ from models import build_pair, make_inputs, make_labels  # noqa: E402
 
 from reprod.align import align_train  # noqa: E402
 
-MODEL, SEED, BATCH = "mobilenet_v3_small", 2, 2
-CROSSING = "features.3.block.1.2"  # the ReLU whose input crosses 0 (MEASUREMENTS.md)
+MODEL, BATCH = "mobilenet_v3_small", 2
+# which seed crosses is the CPU's rounding: seed 2 (at CROSSING, step 1) on an AVX-512 CPU, seed 1
+# (a Hardswish input, step 2) on an AVX2 one, where seed 2 crossed nothing; the first of these
+# whose run fails without the explanation is taken
+SEEDS = (2, 1, 0, 3)
+CROSSING = "features.3.block.1.2"  # seed 2's ReLU whose input crosses 0 (MEASUREMENTS.md)
 # the torch modules called before it: the gradients its crossing reaches in step 1
 UPSTREAM = ("features.0.", "features.1.", "features.2.", "features.3.block.0.",
             "features.3.block.1.0.", "features.3.block.1.1.")
@@ -39,20 +44,20 @@ pytestmark = pytest.mark.xdist_group("realworld-mobilenet")
 _RUNS: dict = {}
 
 
-def pair():
-    if "pair" not in _RUNS:
-        _RUNS["pair"] = build_pair(MODEL, SEED)
-    return _RUNS["pair"]
+def pair(seed: int):
+    if ("pair", seed) not in _RUNS:
+        _RUNS[("pair", seed)] = build_pair(MODEL, seed)
+    return _RUNS[("pair", seed)]
 
 
-def _align(kinks: bool = True, paddle_loss_fn=None):
+def _align(seed: int, kinks: bool = True, paddle_loss_fn=None):
     """align_train on fresh train-mode copies."""
-    p = pair()
+    p = pair(seed)
     tm, pm = copy.deepcopy(p.torch32), p.paddle()
     for m in (tm, pm):
         C._no_dropout(m)
         m.train()
-    batch = (make_inputs(SEED, BATCH), make_labels(SEED, BATCH))
+    batch = (make_inputs(seed, BATCH), make_labels(seed, BATCH))
     return align_train(
         tm, pm, [batch], steps=2, by_order=True, calibrate=True, kinks=kinks,
         torch_loss_fn=torch.nn.CrossEntropyLoss(),
@@ -62,24 +67,38 @@ def _align(kinks: bool = True, paddle_loss_fn=None):
     )
 
 
+def _plain_failures(r) -> list:
+    return [k for k in r.failed if not VARIANCE.fullmatch(k.key)]
+
+
+def crossing_seed() -> int:
+    """The first of SEEDS whose run fails without the kink explanation (a crossing there)."""
+    if "seed" not in _RUNS:
+        for seed in SEEDS:
+            plain = _align(seed, kinks=False)
+            if _plain_failures(plain):
+                _RUNS["seed"], _RUNS[(False, seed)] = seed, plain
+                break
+            _RUNS.clear()
+        else:
+            pytest.fail(f"no seed of {SEEDS} crosses a kink on this CPU")
+    return _RUNS["seed"]
+
+
 def trained(kinks: bool):
-    """``_align`` run once per setting."""
-    if kinks not in _RUNS:
-        _RUNS[kinks] = _align(kinks)
-    return _RUNS[kinks]
-
-
-def _crossing_or_skip():
-    if not trained(kinks=True).options.get("kink_crossings"):
-        pytest.skip(f"no kink crossing at seed {SEED} on this CPU: its kernels put {CROSSING}'s "
-                    "element on one side in both frameworks (it crossed on an AVX-512 CPU)")
+    """``_align`` of the crossing seed, run once per setting."""
+    seed = crossing_seed()
+    if (kinks, seed) not in _RUNS:
+        _RUNS[(kinks, seed)] = _align(seed, kinks)
+    return _RUNS[(kinks, seed)]
 
 
 def test_without_the_explanation_gradients_upstream_of_the_crossing_fail():
-    _crossing_or_skip()
     r = trained(kinks=False)
-    others = [k for k in r.failed if not VARIANCE.fullmatch(k.key)]
-    assert any(k.key.startswith("step0/grad/") for k in others), r.to_table(failed_only=True)
+    step = trained(kinks=True).options["kink_crossings"][0]["pass"]
+    others = _plain_failures(r)
+    assert any(k.key.startswith(f"step{step}/grad/") for k in others), \
+        r.to_table(failed_only=True)
     assert "kinks" not in r.options
 
 
@@ -101,25 +120,30 @@ def test_with_it_the_run_passes_with_the_running_variance_known():
 
 
 def test_the_labels_name_the_crossing_and_reach_only_its_upstream():
-    _crossing_or_skip()
-    r, p = trained(kinks=True), pair()
+    r, seed = trained(kinks=True), crossing_seed()
     first = r.options["kink_crossings"][0]
-    assert (first["layer"], first["pass"], first["elements"]) == (CROSSING, 0, 1), first
-    assert first["paddle_layer"] == p.paddle_name("features.3.block.1") + ".2"
+    step, layer = first["pass"], first["layer"]
+    assert first["elements"] >= 1 and first["paddle_layer"], first
     message = first["message"]
-    assert message.startswith(f"kink crossing at {CROSSING} (ReLU): 1 element")
+    assert message.startswith(f"kink crossing at {layer} ({first['layer_type']}): "), message
+    measured = (seed, layer) == (2, CROSSING)  # the crossing of MEASUREMENTS.md
+    if measured:
+        assert (first["pass"], first["elements"]) == (0, 1), first
+        assert first["paddle_layer"] == pair(seed).paddle_name("features.3.block.1") + ".2"
     for k in r:
         if k.status != "kink":
             continue
         assert message in k.reason, (k.key, k.reason)
-        step, kind, name = k.key.split("/", 2)
-        if step == "step0":  # step 1: gradients of layers called before the ReLU, and updates
+        s, kind, name = k.key.split("/", 2)
+        if int(s[4:]) == step:  # gradients of layers called before the crossing, and updates
             # gradients, and the weights and momentum buffers updated with them
             assert kind in ("grad", "param", "opt"), k.key
-            if kind == "opt":
-                name = name.rpartition(".")[0]
-            assert p.torch_key(name).startswith(UPSTREAM), (k.key, p.torch_key(name))
-        else:  # step 2 starts from the weights that carry the difference
+            if measured:
+                if kind == "opt":
+                    name = name.rpartition(".")[0]
+                assert pair(seed).torch_key(name).startswith(UPSTREAM), k.key
+        else:  # a later step starts from the weights that carry the difference
+            assert int(s[4:]) > step, k.key
             assert k.reason.startswith(f"after the {message}, in an earlier step"), k.reason
 
 
@@ -128,7 +152,7 @@ def test_no_key_of_a_step_whose_loss_differs_is_put_down_to_a_crossing():
     crossing of step 1 made its gradients upstream read "kink" although the loss itself, which
     no crossing changes, differs. Found by a survey of real model pairs (184-389 gradients so
     labelled on resnet18, mobilenet_v2, shufflenet, squeezenet)."""
-    r = _align(paddle_loss_fn=paddle.nn.CrossEntropyLoss(reduction="sum"))
+    r = _align(crossing_seed(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(reduction="sum"))
     assert not r["step0/loss"].passed and not r["step1/loss"].passed
     assert [k.key for k in r if k.status == "kink"] == []
     assert r.options["findings"][0].startswith("the loss differs although the outputs align")

@@ -99,7 +99,15 @@ def test_the_fused_batch_norms_pair_with_torch_relus_and_explain_the_failures():
     r, plain = trained(kinks=True), trained(kinks=False)
     assert _failed(r) == [], r.to_table(failed_only=True)
     kink = {k.key for k in r if k.status == "kink"}
-    assert kink == {k.key for k in _failed(plain)}
+    plain_failed = {k.key for k in _failed(plain)}
+    if "twin_sides" in r.options:
+        # the float64 twin crossed a kink the reference did not (on an AVX2 CPU): step 0's
+        # gradients are judged by the twin on the reference's side, a tighter noise than the
+        # plain run's, so more of them fail and are labelled
+        assert kink >= plain_failed and kink - plain_failed, r.options["twin_sides"]
+        assert all(k.startswith(("step0/", "step1/")) for k in kink - plain_failed)
+    else:
+        assert kink == plain_failed
     for k in r:  # nothing else moved
         if k.key not in kink:
             assert (k.status, k.passed) == (plain[k.key].status, plain[k.key].passed), k.key

@@ -67,8 +67,12 @@ def test_correct_ports_keep_their_crossings_and_pass(name):
     r = _run(name, bug=False)
     assert r.passed, r.to_table(failed_only=True)
     checks = r.options.get("counterfactual", {})
-    if name == "resnet18":  # its crossings move no gradient past its noise: nothing to check
+    if name == "resnet18" and "twin_sides" not in r.options:
+        # its crossings move no gradient past its noise: nothing to check
         assert checks == {} and not any(k.status == "kink" for k in r)
+        return
+    if name == "resnet18":  # an AVX2 CPU: its twin crossed, and the tighter noise labels some
+        assert set(checks) == {"step0"} and checks["step0"]["failed"] == 0, checks
         return
     # shufflenet's step-0 crossings explained gradients: each was checked, and aligns (107 on
     # an AVX-512 CPU, 90 on an AVX2 one)

@@ -60,6 +60,7 @@ def port(pair, bn_eps: str | None = None) -> paddle.nn.Layer:
             layer.mode = "upscale_in_train"  # torch's convention (see the docstring)
     if pair.name == "squeezenet1_1":  # torchvision's first conv has no padding
         m._conv._padding, m._conv._updated_padding = 0, [0, 0]
+        m._pool.ceil_mode = True  # and its max-pools round up (no size changes at 224 px)
     if bn_eps is not None:
         pair.paddle_layer(m, bn_eps)._epsilon = 1e-3
     return m

@@ -52,8 +52,13 @@ def test_a_correct_adam_port_passes_its_sign_flips_as_kinks():
     r = _run("mobilenet_v2")
     assert r.passed, r.to_table(failed_only=True)
     flips = [k for k in r if k.status == "kink" and k.key.startswith("step0/param/")]
-    assert flips and all(k.reason.startswith("the reference's optimizer makes this update of "
-                                             "the port's own gradient") for k in flips)
+    replayed = [k for k in flips if k.reason.startswith(
+        "the reference's optimizer makes this update of the port's own gradient")]
+    # the others (on an AVX2 CPU, whose float64 twin crossed a kink at step 0: twin_sides) are
+    # weights updated with a gradient a crossing explains
+    assert replayed and all(k in replayed or k.reason.startswith("updated with step0/grad/")
+                            for k in flips), [k.reason for k in flips if k not in replayed]
+    flips = replayed
     assert max(k.noise_multiple for k in flips) > 1000  # what the verdict used to fail
     # step 1 aligns free-running: nothing of it needed judging again
     assert all(k.status == "passed" for k in r if k.key.startswith("step1/"))
