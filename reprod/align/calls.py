@@ -522,8 +522,13 @@ class SettingsTrace:
                 read = _settings.read_settings(layer)
                 if read is None:
                     continue
-                self._hooks.append(layer.register_forward_pre_hook(self._pre_hook(name,
-                                                                                  read[0])))
+                try:
+                    hook = layer.register_forward_pre_hook(self._pre_hook(name, read[0]))
+                except Exception as e:  # a compiled layer that takes no hook: said, not fatal
+                    self.unread.append(f"{name or '(model)'} ({type(layer).__name__}): no "
+                                       f"forward hook ({type(e).__name__}: {e})")
+                    continue
+                self._hooks.append(hook)
         except BaseException:  # nothing left wrapped or hooked
             self.__exit__(None, None, None)
             raise
