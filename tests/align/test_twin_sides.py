@@ -60,12 +60,13 @@ class PaddleNet(paddle.nn.Layer):
         return self.head(self.act(h))
 
 
-def _train(grad_scale: float = 1.0):
+def _train(grad_scale: float = 1.0, **kw):
     torch.manual_seed(0)
     tm, pm = TorchNet(), PaddleNet(grad_scale)
     pm.set_state_dict({k: v.detach().numpy().T if v.ndim == 2 else v.detach().numpy()
                        for k, v in tm.state_dict().items()})
-    return align_train(tm, pm, [(X, Y)], steps=1, calibrate=True,
+    kw.setdefault("steps", 1)
+    return align_train(tm, pm, [(X, Y)], calibrate=True, **kw,
                        torch_loss_fn=torch.nn.CrossEntropyLoss(),
                        paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
                        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
@@ -110,3 +111,13 @@ def test_moved_inputs_moves_only_the_elements_on_the_other_side():
     assert twin_sides.moved_inputs(ref, twin, {"act": "ReLU"}, {"act": 2}, 1) == ({}, 0)
     assert twin_sides.moved_inputs(ref, {"act.in": x32.astype(np.float64)}, {"act": "ReLU"},
                                    {"act": 2}, 0) == ({}, 0)
+
+
+def test_verbose_says_what_moved_and_every_step_is_judged(capfd):
+    """Three steps: only step 0's twin is moved (a later step's starts from its own weights)."""
+    r = _train(steps=3, verbose=True)
+    out = capfd.readouterr().out
+    assert ("the float64 twin took 1 element of act to the other side of a kink at step 0: "
+            "step 0's gradients are judged by the twin run again on the reference's side") in out
+    assert {k.key.split("/")[0] for k in r} == {"step0", "step1", "step2"}
+    assert r.options["twin_sides"]["step"] == 0
