@@ -439,9 +439,7 @@ class KinkCapture:
                                   frameworks=("torch", "paddle"))
         relabelled = {original[r.key]: dataclasses.replace(r, key=original[r.key])
                       for r in explained.results if r.status == "kink"}
-        per_pass: dict[str, int] = {}  # each layer's (and site's) calls in one forward pass
-        for entry in self._order():
-            per_pass[entry.partition("#")[0]] = per_pass.get(entry.partition("#")[0], 0) + 1
+        per_pass = self.calls_per_pass()
         passes = {int(m.group("step")) for k, r in relabelled.items()
                   if (r.reason or "").startswith(DOWNSTREAM) and (m := _STEP_KEY.fullmatch(k))}
         captures = [r for r in result.results if r.key in self.capture_keys]
@@ -476,6 +474,14 @@ class KinkCapture:
                        kinks={"explained": n, "crossings": len(crossings),
                               "layer_calls": len(_calls(ref, self._names("torch")))})
         return dataclasses.replace(result, results=tuple(out), options=options)
+
+    def calls_per_pass(self) -> dict[str, int]:
+        """Each kink layer's (and activation site's) calls in one forward pass."""
+        per_pass: dict[str, int] = {}
+        for entry in self._order():
+            name = entry.partition("#")[0]
+            per_pass[name] = per_pass.get(name, 0) + 1
+        return per_pass
 
     def strip(self, log: Optional[ReprodLogger], side: str) -> None:
         """Take the capture keys out of a run's logger (the dumps keep the documented keys)."""

@@ -450,21 +450,23 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
         compared += 1
         for setting, tv, pv in _differences(t_read[0], t_read[1], p_read[1]):
             diffs.append(SettingDiff(tname, pname, setting, tv, pv, t_read[0]))
-    calls = 0
-    if traces is not None:
-        from .calls import compare_events
-
-        call_diffs, call_unpaired, calls, paired = compare_events(
-            traces[0].events, traces[1].events, layer_kinds=_kinds_of(unpaired))
-        diffs += call_diffs
-        # a kind of layer one side applies as a function: paired there
-        unpaired = [u for u in unpaired if u.split(":", 1)[0] not in paired] + call_unpaired
-    return SettingsReport(tuple(diffs), tuple(unpaired), compared, calls)
+    if traces is None:
+        return SettingsReport(tuple(diffs), tuple(unpaired), compared)
+    return _with_calls(diffs, unpaired, compared, traces[0].events, traces[1].events)
 
 
-def _kinds_of(unpaired: Sequence[str]) -> set[str]:
-    """The kinds of ``unpaired``'s lines ("maxpool: 3 in torch, 1 in Paddle")."""
-    return {u.split(":", 1)[0] for u in unpaired}
+def _with_calls(diffs: list[SettingDiff], unpaired: Sequence[str], compared: int,
+                ours: Sequence[Any], theirs: Sequence[Any],
+                sides: tuple[str, str] = ("torch", "Paddle")) -> SettingsReport:
+    """The layers' report with the traced events compared too (``calls.compare_events``): a
+    kind the layers could not pair is paired by call there, and no longer said unpaired."""
+    from .calls import compare_events
+
+    kind_of = {u: u.split(":", 1)[0] for u in unpaired}  # "maxpool: 3 in torch, 1 in Paddle"
+    call_diffs, call_unpaired, calls, paired = compare_events(
+        ours, theirs, sides, layer_kinds=set(kind_of.values()))
+    left = [u for u in unpaired if kind_of[u] not in paired]
+    return SettingsReport(tuple(diffs + call_diffs), tuple(left + call_unpaired), compared, calls)
 
 
 def waivers(check_settings: Any) -> Optional[tuple[str, ...]]:
@@ -690,12 +692,6 @@ def _compare_saved(a: _Saved, b: _Saved) -> SettingsReport:
         for x, y in zip(ours, theirs):
             for setting, xv, yv in _differences(kind, x["settings"], y["settings"]):
                 diffs.append(SettingDiff(x["name"], y["name"], setting, xv, yv, kind, sides))
-    calls = 0
-    if a[3] is not None and b[3] is not None:
-        from .calls import compare_events
-
-        call_diffs, call_unpaired, calls, paired = compare_events(
-            a[3], b[3], sides, layer_kinds=_kinds_of(unpaired))
-        diffs += call_diffs
-        unpaired = [u for u in unpaired if u.split(":", 1)[0] not in paired] + call_unpaired
-    return SettingsReport(tuple(diffs), tuple(unpaired), compared, calls)
+    if a[3] is None or b[3] is None:
+        return SettingsReport(tuple(diffs), tuple(unpaired), compared)
+    return _with_calls(diffs, unpaired, compared, a[3], b[3], sides)

@@ -128,11 +128,8 @@ def _twin_on_reference_sides(kink: KinkCapture, torch_model: Any, state: Mapping
     would judge the step by a hybrid, not by rounding."""
     if kink.skipped is not None:
         return None
-    per_pass: dict[str, int] = {}
-    for entry in kink._order():
-        name = entry.partition("#")[0]
-        per_pass[name] = per_pass.get(name, 0) + 1
-    inputs, moved = twin_sides.moved_inputs(ref, noise, kink._names("torch"), per_pass, 0)
+    inputs, moved = twin_sides.moved_inputs(ref, noise, kink._names("torch"),
+                                            kink.calls_per_pass(), 0)
     if not inputs:
         return None
     info: dict[str, Any] = {"step": 0, "layers": sorted(inputs), "elements": moved}
