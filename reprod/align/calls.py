@@ -75,24 +75,6 @@ def _torch_implicit_dim(ndim: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
-def _paddle_pad_raw(pad: Any, rank: int) -> Any:
-    """A functional Paddle padding (int, per-dimension, [before, after] per dimension, or the
-    NCHW list of pairs) as ``settings`` spells a layer's."""
-    if isinstance(pad, str):
-        return pad.lower()
-    if isinstance(pad, (list, tuple)) and pad and all(isinstance(p, (list, tuple)) for p in pad):
-        pairs = [tuple(int(v) for v in p) for p in pad][-rank:] if rank else []
-        if all(a == b for a, b in pairs):
-            return tuple(a for a, _ in pairs)
-        return tuple(v for p in pairs for v in p)
-    if isinstance(pad, (list, tuple)) and len(pad) == 2 * rank and rank:
-        pairs = [tuple(pad[2 * i:2 * i + 2]) for i in range(rank)]
-        if all(a == b for a, b in pairs):
-            return tuple(int(a) for a, _ in pairs)
-        return tuple(int(v) for v in pad)
-    return _settings._tuple(pad, rank)
-
-
 def _torch_pad_raw(pad: Any, rank: int) -> Any:
     return pad.lower() if isinstance(pad, str) else _settings._tuple(pad, rank)
 
@@ -219,10 +201,6 @@ def _parse_params(text: str) -> list[tuple[str, Any]]:
 _Norm = Callable[[Mapping[str, Any], Any], dict[str, Any]]
 
 
-def _spatial(op: str) -> int:
-    return int(op[-2]) if op[-1] == "d" and op[-2] in "123" else 0
-
-
 def _pool_common(a: Mapping[str, Any], r: int, pad: Callable[[Any, int], Any]) -> dict[str, Any]:
     k = a["kernel_size"]
     return {"kernel_size": _settings._tuple(k, r),
@@ -246,14 +224,14 @@ for _r in (1, 2, 3):
         lambda a, x, r=_r: dict(_pool_common(a, r, _torch_pad_raw),
                                 count_include_pad=bool(a.get("count_include_pad", True)),
                                 divisor_override=a.get("divisor_override")),
-        lambda a, x, r=_r: dict(_pool_common(a, r, _paddle_pad_raw),
+        lambda a, x, r=_r: dict(_pool_common(a, r, _settings._paddle_pad_value),
                                 count_include_pad=not bool(a.get("exclusive", True)),
                                 divisor_override=a.get("divisor_override")),
         _TORCH_PARAMS["avg_pool1d" if _r == 1 else "avg_pool"])
     _op([f"max_pool{_r}d"], "maxpool",
         lambda a, x, r=_r: dict(_pool_common(a, r, _torch_pad_raw),
                                 dilation=_settings._tuple(a.get("dilation", 1), r)),
-        lambda a, x, r=_r: dict(_pool_common(a, r, _paddle_pad_raw),
+        lambda a, x, r=_r: dict(_pool_common(a, r, _settings._paddle_pad_value),
                                 dilation=_settings._tuple(1, r)),
         _TORCH_PARAMS["max_pool"])
     for _kind in ("avg", "max"):
@@ -267,7 +245,7 @@ for _r in (1, 2, 3):
                             "dilation": _settings._tuple(a["dilation"], r),
                             "groups": int(a["groups"])},
         lambda a, x, r=_r: {"stride": _settings._tuple(a["stride"], r),
-                            "padding": _paddle_pad_raw(a["padding"], r),
+                            "padding": _settings._paddle_pad_value(a["padding"], r),
                             "dilation": _settings._tuple(a["dilation"], r),
                             "groups": int(a["groups"])},
         _TORCH_PARAMS["conv"])
@@ -278,7 +256,7 @@ for _r in (1, 2, 3):
                             "groups": int(a["groups"]),
                             "output_padding": _settings._tuple(a["output_padding"], r)},
         lambda a, x, r=_r: {"stride": _settings._tuple(a["stride"], r),
-                            "padding": _paddle_pad_raw(a["padding"], r),
+                            "padding": _settings._paddle_pad_value(a["padding"], r),
                             "dilation": _settings._tuple(a["dilation"], r),
                             "groups": int(a["groups"]),
                             "output_padding": _settings._tuple(a["output_padding"], r)},
@@ -434,15 +412,11 @@ for _k in ("dropout1d", "dropout2d", "dropout3d", "alphadropout"):
 _ACTIVE: set[str] = set()  # the frameworks being traced now: one trace each at a time
 
 
-def _framework_of(model: Any) -> str:
-    return _settings._framework(model)
-
-
 def _layer_event_settings(layer: Any, read: tuple[str, dict[str, Any]], x: Any) -> dict[str, Any]:
     """A layer's settings as its call this time computes: the statistics it uses now, whether
     its dropout is on, its softmax axis for this input, its padding as a call's."""
     kind, out = read[0], dict(read[1])
-    torch_side = _framework_of(layer) == "torch"
+    torch_side = _settings._framework(layer) == "torch"
     if kind == "batchnorm":
         if torch_side:
             uses_batch = layer.training or not layer.track_running_stats
@@ -475,7 +449,7 @@ class SettingsTrace:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.framework = _framework_of(model)
+        self.framework = _settings._framework(model)
         if self.framework not in ("torch", "paddle"):
             from ..errors import ReprodError
 

@@ -116,10 +116,16 @@ def _paddle_padding(p: Any, rank: int) -> Any:
     if algorithm in ("SAME", "VALID"):
         return algorithm.lower()
     pad = getattr(p, "_updated_padding", None)
-    if pad is None:
-        pad = p._padding
+    return _paddle_pad_value(p._padding if pad is None else pad, rank)
+
+
+def _paddle_pad_value(pad: Any, rank: int) -> Any:
+    """A Paddle padding (int, per dimension, [before, after] per dimension, or the NCHW list of
+    pairs a functional call takes) in the spelling both share: per dimension where symmetric."""
     if isinstance(pad, str):
         return pad.lower()
+    if isinstance(pad, (list, tuple)) and pad and all(isinstance(v, (list, tuple)) for v in pad):
+        pad = [int(v) for pair in list(pad)[-rank:] for v in pair] if rank else []
     if isinstance(pad, (list, tuple)) and len(pad) == 2 * rank and rank:
         pairs = [tuple(pad[2 * i:2 * i + 2]) for i in range(rank)]
         if all(a == b for a, b in pairs):  # [top, bottom, left, right], symmetric
