@@ -93,8 +93,19 @@ class _OrderPlan:
 
     def raise_problems(self) -> None:
         if self.problems:
-            listed = "; ".join(text for _, text in self.problems)
+            # two different architectures disagree at hundreds of positions: the first few say
+            # where the orders part, and a line of them all would bury it
+            shown = self.problems[:_LISTED]
+            listed = "; ".join(text for _, text in shown)
+            more = len(self.problems) - len(shown)
+            if more:
+                listed += (f"; ... and {more} more position{'s' if more != 1 else ''} (all of "
+                           "them: print(compare_structure(torch_model, paddle_model, "
+                           "by_order=True).to_table()))")
             raise KeyMismatchError(f"pairing by order failed: {self.header}: {listed}")
+
+
+_LISTED = 8  # the positions a pairing error lists
 
 
 def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules]) -> _OrderPlan:
@@ -148,7 +159,7 @@ def pair_weights_by_order(
     Each pair is checked: the shapes must be equal, or a 2-D weight the transpose (a Linear); a
     BatchNorm statistic pairs only with a statistic of the same kind. ``num_batches_tracked`` and
     keys that ``rules`` skip are left out. Any disagreement raises one ``KeyMismatchError`` listing
-    every position with both names and shapes.
+    the first positions that disagree (eight), with both names and shapes.
 
     ``torch_side``: a torch model, state dict or ``.pth`` path; ``paddle_side``: a Paddle model,
     state dict or ``.pdparams`` path. Returns torch key -> Paddle key, in order.

@@ -306,3 +306,20 @@ def test_cli_by_order_errors(models, tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "head.out.weight [16, 6]" in err
     assert not os.path.exists(dst)
+
+
+def test_a_port_of_another_architecture_lists_the_first_positions_and_counts_the_rest() -> None:
+    """torchvision's googlenet against paddle.vision's (305 tensors against 69) disagreed at
+    every position: one line of 300 of them buried where the orders part."""
+    torch = pytest.importorskip("torch")
+    tm = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)])  # 20 tensors
+    sd = OrderedDict((f"l{i}.weight", np.zeros((3, 3), np.float32)) for i in range(12))
+    with pytest.raises(KeyMismatchError) as info:
+        pair_weights_by_order(tm, sd)
+    text = str(info.value)
+    assert text.startswith("pairing by order failed: torch Sequential (20 tensors) vs paddle "
+                           "state dict (12 tensors): #0 0.weight [4, 4] vs l0.weight [3, 3]; ")
+    assert text.count(" vs ") == 1 + 8  # the header's and the eight positions listed
+    assert "#7 " in text and "#8 " not in text
+    assert text.endswith("; ... and 12 more positions (all of them: print(compare_structure("
+                         "torch_model, paddle_model, by_order=True).to_table()))")
