@@ -16,8 +16,11 @@ same as the layers': Paddle's ``exclusive`` as ``count_include_pad``, its moment
 torch's``). Events of one kind pair by order, where both passes made as many; a pair of two layers
 is left to the layer settings, which compared them already.
 
-Only calls through the functional module's attribute are seen (``F.avg_pool2d(...)``, as both
-frameworks' own layers call them); a function imported by name before the trace began is not.
+Beyond the functional modules, the top-level functions and tensor methods model code calls as
+often are wrapped too (``attn.softmax(dim=-1)``, ``x.var(-1, unbiased=False)``: ``_SITES``), and a
+wrapped function the model's own modules imported by name is replaced in their globals for the
+time of the trace. A function imported into a helper module that defines none of the model's
+layers is not seen.
 """
 
 from __future__ import annotations
@@ -407,6 +410,75 @@ for _k in ("dropout1d", "dropout2d", "dropout3d", "alphadropout"):
     _RELEVANT[(_k, "training")] = _RELEVANT[("dropout", "training")]
 
 
+def _axes(dim: Any, ndim: int) -> Any:
+    """A reduction's axes as sorted non-negative ints, or "all" (None, or every axis named)."""
+    if dim is None:
+        return "all"
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return _plain(dim)
+    out = tuple(sorted({d + ndim if d < 0 and ndim else d for d in dims}))
+    return "all" if ndim and out == tuple(range(ndim)) else out
+
+
+def _var_torch(a: Mapping[str, Any], x: Any) -> dict[str, Any]:
+    dim, unbiased, correction = a.get("dim"), a.get("unbiased"), a.get("correction")
+    if isinstance(dim, bool):  # the overload var(input, unbiased)
+        dim, unbiased = None, dim
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    return {"correction": float(correction), "axis": _axes(dim, _ndim(x))}
+
+
+def _var_paddle(a: Mapping[str, Any], x: Any) -> dict[str, Any]:
+    unbiased, correction = a.get("unbiased"), a.get("correction", 1)
+    if unbiased is not None:  # paddle.var: unbiased, where given, over correction
+        correction = 1 if unbiased else 0
+    return {"correction": float(correction), "axis": _axes(a.get("axis"), _ndim(x))}
+
+
+def _softmax_dim(a: Mapping[str, Any], x: Any) -> dict[str, Any]:
+    # torch's rule for a missing dim, which paddle.softmax (the torch-compatible one) follows too
+    nd = _ndim(x)
+    dim = a.get("dim")
+    return {"axis": _axis(_torch_implicit_dim(nd) if dim is None else dim, nd)}
+
+
+_AXES.update({"var": "axis", "std": "axis"})
+_RELEVANT.update({("var", "axis"): _same_input, ("std", "axis"): _same_input})
+
+_LN_TORCH = "input normalized_shape weight=None bias=None eps=1e-05 cudnn_enable=True"
+_VAR_TORCH = "input dim=None unbiased=None keepdim=False correction=None"
+_SOFTMAX_TORCH = "input dim=None dtype=None"
+
+# What model code calls as often outside the functional module: top-level functions and tensor
+# methods (``attn.softmax(dim=-1)``, ``x.var(-1, unbiased=False)`` in a hand-written layer norm).
+# (framework, owner, attribute, op, kind, normaliser, torch builtin parameters)
+_SITES: list[tuple[str, str, str, str, str, _Norm, Optional[str]]] = [
+    ("torch", "torch", "softmax", "softmax", "softmax", _softmax_dim, _SOFTMAX_TORCH),
+    ("torch", "torch.Tensor", "softmax", "softmax", "softmax", _softmax_dim, _SOFTMAX_TORCH),
+    ("torch", "torch", "log_softmax", "log_softmax", "logsoftmax", _softmax_dim, _SOFTMAX_TORCH),
+    ("torch", "torch.Tensor", "log_softmax", "log_softmax", "logsoftmax", _softmax_dim,
+     _SOFTMAX_TORCH),
+    ("torch", "torch", "layer_norm", "layer_norm", "layernorm", _OPS["layer_norm"][1], _LN_TORCH),
+    ("torch", "torch", "group_norm", "group_norm", "groupnorm", _OPS["group_norm"][1],
+     "input num_groups weight=None bias=None eps=1e-05 cudnn_enabled=True"),
+    ("paddle", "paddle", "softmax", "softmax", "softmax", _softmax_dim, None),
+    ("paddle", "paddle.Tensor", "softmax", "softmax", "softmax", _softmax_dim, None),
+    ("paddle", "paddle", "layer_norm", "layer_norm", "layernorm", _OPS["layer_norm"][2], None),
+]
+for _n in ("var", "std"):
+    for _fw, _owners, _norm in (("torch", ("torch", "torch.Tensor"), _var_torch),
+                                ("paddle", ("paddle", "paddle.Tensor"), _var_paddle)):
+        for _owner in _owners:
+            _SITES.append((_fw, _owner, _n, _n, _n, _norm, _VAR_TORCH))
+    # torch's var_mean / std_mean against a port's var (or std) and mean
+    _SITES.append(("torch", "torch", f"{_n}_mean", f"{_n}_mean", _n, _var_torch, _VAR_TORCH))
+
+# a parameter's other name in Paddle's torch-compatible spellings (paddle.var(input=, dim=))
+_ALIASES = {"input": "x", "x": "input", "dim": "axis", "axis": "dim"}
+
+
 # --- tracing -------------------------------------------------------------------------------------
 
 _ACTIVE: set[str] = set()  # the frameworks being traced now: one trace each at a time
@@ -460,10 +532,11 @@ class SettingsTrace:
         self._names: dict[int, str] = {}
         self._counts: dict[tuple[str, str], int] = {}
         self._depth = 0
-        self._saved: dict[str, Any] = {}
+        # (owner, attribute, what it held, whether the owner held it itself, not by inheritance)
+        self._saved: list[tuple[Any, str, Any, bool]] = []
         self._hooks: list[Any] = []
         self._base: Any = None
-        self._sigs: dict[str, list[tuple[str, Any]]] = {}
+        self._sigs: dict[str, Optional[list[tuple[str, Any]]]] = {}
 
     # the functional module and the layer base class of the framework
     def _modules(self) -> tuple[Any, Any]:
@@ -475,6 +548,23 @@ class SettingsTrace:
 
         return paddle.nn.functional, paddle.nn.Layer
 
+    def _sites(self, functional: Any) -> list[tuple[Any, str, str, str, _Norm, Optional[str]]]:
+        """Where to wrap: (owner, attribute, op, kind, normaliser, torch builtin parameters)."""
+        side = 1 if self.framework == "torch" else 2
+        out = [(functional, name, name, entry[0], entry[side], entry[3])
+               for name, entry in _OPS.items() if entry[side] is not None]
+        top = sys.modules[self.framework]
+        owners = {self.framework: top, f"{self.framework}.Tensor": getattr(top, "Tensor", None)}
+        for fw, owner, attr, op, kind, norm, params in _SITES:
+            if fw == self.framework and owners.get(owner) is not None:
+                out.append((owners[owner], attr, op, kind, norm, params))
+        return out
+
+    def _wrap(self, owner: Any, attr: str, wrapper: Any) -> None:
+        own = attr in vars(owner)
+        self._saved.append((owner, attr, getattr(owner, attr), own))
+        setattr(owner, attr, wrapper)
+
     def __enter__(self) -> SettingsTrace:
         from ..errors import ReprodError
 
@@ -485,13 +575,22 @@ class SettingsTrace:
         self._names = {id(m): n for n, m in named}
         _ACTIVE.add(self.framework)
         try:
-            for name, entry in _OPS.items():
-                norm = entry[1] if self.framework == "torch" else entry[2]
-                original = getattr(functional, name, None)
-                if norm is None or original is None or not callable(original):
+            wrappers: dict[int, Any] = {}  # each original's first wrapper, by identity
+            for owner, attr, op, kind, norm, params in self._sites(functional):
+                original = getattr(owner, attr, None)
+                if original is None or not callable(original):
                     continue
-                self._saved[name] = original
-                setattr(functional, name, self._wrapped(name, original))
+                wrapper = self._wrapped(f"{getattr(owner, '__name__', owner)}.{attr}", op, kind,
+                                        norm, params, original)
+                wrappers.setdefault(id(original), (original, wrapper))
+                self._wrap(owner, attr, wrapper)
+            # a function the model's own modules imported by name (``from torch.nn.functional
+            # import gelu``) is the original in their globals: the same wrapper there
+            for mod in self._model_modules(named):
+                for attr, value in list(vars(mod).items()):
+                    hit = wrappers.get(id(value))
+                    if hit is not None and hit[0] is value:
+                        self._wrap(mod, attr, hit[1])
             for name, layer in named:
                 read = _settings.read_settings(layer)
                 if read is None:
@@ -508,15 +607,31 @@ class SettingsTrace:
             raise
         return self
 
+    def _model_modules(self, named: Sequence[tuple[str, Any]]) -> list[Any]:
+        """The Python modules defining the model's layer classes, the frameworks' own aside
+        (their layers' calls are not events; paddle.vision's models are model code)."""
+        out: dict[str, Any] = {}
+        for _, layer in named:
+            mod = type(layer).__module__
+            if mod in out or mod in ("torch", "paddle") or (
+                    mod.startswith(("torch.", "paddle.")) and not mod.startswith("paddle.vision.")):
+                continue
+            module = sys.modules.get(mod)
+            if module is not None:
+                out[mod] = module
+        return list(out.values())
+
     def _named(self) -> list[tuple[str, Any]]:
         named = (self.model.named_modules() if self.framework == "torch"
                  else self.model.named_sublayers(include_self=True))
         return list(named)
 
     def __exit__(self, *exc: Any) -> None:
-        functional, _ = self._modules()
-        for name, original in self._saved.items():
-            setattr(functional, name, original)
+        for owner, attr, original, own in reversed(self._saved):
+            if own:
+                setattr(owner, attr, original)
+            else:  # inherited (torch.Tensor's methods live on its C base): inherited again
+                delattr(owner, attr)
         self._saved.clear()
         for h in self._hooks:
             h.remove()
@@ -543,8 +658,10 @@ class SettingsTrace:
                 self.unread.append(f"{name} ({type(layer).__name__}): {type(e).__name__}: {e}")
         return hook
 
-    def _params(self, name: str, original: Any) -> Optional[list[tuple[str, Any]]]:
-        if name not in self._sigs:
+    def _params(self, key: str, original: Any, text: Optional[str]
+                ) -> Optional[list[tuple[str, Any]]]:
+        if key not in self._sigs:
+            params: Optional[list[tuple[str, Any]]]
             try:
                 sig = inspect.signature(original)
                 params = [(p.name, p.default) for p in sig.parameters.values()
@@ -552,14 +669,13 @@ class SettingsTrace:
                 if not params and self.framework == "torch":
                     raise ValueError("no named parameters")  # max_pool2d(*args, **kwargs)
             except (TypeError, ValueError):
-                text = _OPS[name][3]
                 params = _parse_params(text) if text else None
-            self._sigs[name] = params  # type: ignore[assignment]
-        return self._sigs[name]
+            self._sigs[key] = params
+        return self._sigs[key]
 
-    def _bound(self, name: str, original: Any, args: tuple[Any, ...],
+    def _bound(self, key: str, original: Any, text: Optional[str], args: tuple[Any, ...],
                kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        params = self._params(name, original)
+        params = self._params(key, original, text)
         if params is None:
             raise TypeError("its parameters cannot be read")
         names = [p for p, _ in params]
@@ -567,6 +683,8 @@ class SettingsTrace:
             raise TypeError(f"{len(args)} positional arguments for {len(names)} parameters")
         out = dict(zip(names, args))
         for k, v in kwargs.items():
+            if k not in names and _ALIASES.get(k) in names:
+                k = _ALIASES[k]
             out[k] = v
         for p, default in params:
             if p not in out:
@@ -592,13 +710,11 @@ class SettingsTrace:
             f = f.f_back
         return "(model)", False
 
-    def _wrapped(self, name: str, original: Any) -> Callable[..., Any]:
-        kind = _OPS[name][0]
-        norm = _OPS[name][1] if self.framework == "torch" else _OPS[name][2]
-
+    def _wrapped(self, key: str, op: str, kind: str, norm: _Norm, text: Optional[str],
+                 original: Any) -> Callable[..., Any]:
         def traced(*args: Any, **kwargs: Any) -> Any:
             if self._depth == 0:
-                self._record(name, kind, norm, original, args, kwargs)
+                self._record(key, op, kind, norm, text, original, args, kwargs)
             self._depth += 1
             try:
                 return original(*args, **kwargs)
@@ -606,28 +722,28 @@ class SettingsTrace:
                 self._depth -= 1
 
         traced.__wrapped__ = original  # type: ignore[attr-defined]
-        traced.__name__ = getattr(original, "__name__", name)
+        traced.__name__ = getattr(original, "__name__", op)
         traced.__doc__ = getattr(original, "__doc__", None)
         return traced
 
-    def _record(self, name: str, kind: str, norm: Any, original: Any, args: tuple[Any, ...],
-                kwargs: Mapping[str, Any]) -> None:
+    def _record(self, key: str, op: str, kind: str, norm: _Norm, text: Optional[str],
+                original: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         try:
             where, inside = self._where()
             if inside:
                 return
-            bound = self._bound(name, original, args, kwargs)
+            bound = self._bound(key, original, text, args, kwargs)
             first = args[0] if args else next(iter(kwargs.values()), None)
             found = norm(bound, first)
             if kind in _AXES:
                 found["_shape"] = _shape(first)
         except Exception as e:  # a call this cannot read runs as it would, and is said
-            self.unread.append(f"{name}: {type(e).__name__}: {e}")
+            self.unread.append(f"{op}: {type(e).__name__}: {e}")
             return
-        n = self._counts.get((where, name), 0) + 1
-        self._counts[(where, name)] = n
-        label = f"{where}:{name}" + (f"#{n}" if n > 1 else "")
-        self.events.append(OpEvent(kind, name, label, False,
+        n = self._counts.get((where, op), 0) + 1
+        self._counts[(where, op)] = n
+        label = f"{where}:{op}" + (f"#{n}" if n > 1 else "")
+        self.events.append(OpEvent(kind, op, label, False,
                                    {k: _plain(v) for k, v in found.items()}))
 
 
@@ -660,12 +776,29 @@ def _call_differences(kind: str, a: Mapping[str, Any], b: Mapping[str, Any]
     return out
 
 
+def _by_name(xs: Sequence[OpEvent], ys: Sequence[OpEvent], sides: tuple[str, str]
+             ) -> tuple[list[tuple[OpEvent, OpEvent]], str]:
+    """Where the counts differ, the events of one name on both sides (a port that kept the
+    reference's layer names), and the rest named: where the extra call is."""
+    by = {e.name: e for e in ys}
+    names = {e.name for e in xs}
+    pairs = [(x, by[x.name]) for x in xs if x.name in by]
+    if not pairs:
+        return [], ""
+    only = [(sides[0], [e.name for e in xs if e.name not in by]),
+            (sides[1], [e.name for e in ys if e.name not in names])]
+    said = [f"{', '.join(ns[:3])}{f' and {len(ns) - 3} more' if len(ns) > 3 else ''} in "
+            f"{side} only" for side, ns in only if ns]
+    return pairs, f"; {len(pairs)} paired by name, " + "; ".join(said)
+
+
 def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
                    sides: tuple[str, str] = ("torch", "Paddle"),
                    layer_kinds: Collection[str] = ()
                    ) -> tuple[list[_settings.SettingDiff], list[str], int, set[str]]:
     """The differing settings of the paired events (each kind by order, where both sides have as
-    many) that are not two layers, the kinds that could not be paired, the pairs compared, and
+    many; else the events of one name on both sides, and the others said) that are not two
+    layers, the kinds that could not be paired, the pairs compared, and
     the kinds paired here. ``layer_kinds``: kinds the layer settings could not pair (a layer
     called three times against three layers), whose pairs of two layers are compared here."""
     kinds: dict[str, tuple[list[OpEvent], list[OpEvent]]] = {}
@@ -679,12 +812,16 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
     for kind, (xs, ys) in kinds.items():
         if kind not in layer_kinds and not any(not e.layer for e in xs + ys):
             continue  # layers only: the layer settings' pairs
+        pairs = list(zip(xs, ys))
         if len(xs) != len(ys):
+            pairs, left = _by_name(xs, ys, sides)
             unpaired.append(f"{kind} (calls and layers): {len(xs)} in {sides[0]}, "
-                            f"{len(ys)} in {sides[1]}")
-            continue
-        paired.add(kind)
-        for x, y in zip(xs, ys):
+                            f"{len(ys)} in {sides[1]}" + left)
+            if not pairs:
+                continue
+        else:
+            paired.add(kind)
+        for x, y in pairs:
             if x.layer and y.layer and kind not in layer_kinds:
                 continue
             compared += 1

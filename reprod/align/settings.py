@@ -48,7 +48,11 @@ class SettingDiff:
         where = (self.paddle_layer if self.paddle_layer == self.torch_layer else
                  f"{self.paddle_layer} ({ref} {self.torch_layer})")
         return (f"{where}: {self.setting} {_show(self.torch_value)} in {ref}, "
-                f"{_show(self.paddle_value)} in {other}")
+                f"{_show(self.paddle_value)} in {other}" + _MEANING.get(self.setting, ""))
+
+
+# what a setting whose name does not say it means
+_MEANING = {"correction": " (the variance divides by n - correction: unbiased is 1)"}
 
 
 def _show(value: Any) -> str:

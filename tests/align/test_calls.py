@@ -24,6 +24,10 @@ from reprod.align.calls import OpEvent, compare_events, trace_settings  # noqa: 
 from reprod.errors import ReprodError  # noqa: E402
 
 TF, PF = torch.nn.functional, paddle.nn.functional
+# imported by name, as some model code does: traced through the model module's own globals
+from paddle.nn.functional import gelu as _pgelu  # noqa: E402
+from torch.nn.functional import gelu as _tgelu  # noqa: E402
+
 tnn, pnn = torch.nn, paddle.nn
 
 RNG = np.random.default_rng(0)
@@ -115,6 +119,22 @@ SAME = [
     ("conv2d padding pairs", lambda x: TF.conv2d(x, torch.ones(4, 4, 3, 3), padding=(1, 2)),
      lambda x: PF.conv2d(x, paddle.ones([4, 4, 3, 3]), padding=[[0, 0], [0, 0], [1, 1], [2, 2]])),
     ("pixel_shuffle", lambda x: TF.pixel_shuffle(x, 2), lambda x: PF.pixel_shuffle(x, 2)),
+    # top-level functions and tensor methods
+    ("softmax as a tensor method", lambda x: x.softmax(-1), lambda x: PF.softmax(x)),
+    ("torch.softmax and paddle.softmax's implicit dim", lambda x: torch.softmax(x, 1),
+     lambda x: paddle.softmax(x)),
+    ("log_softmax as a tensor method", lambda x: x.log_softmax(dim=1),
+     lambda x: PF.log_softmax(x, axis=1)),
+    ("top-level layer_norm", lambda x: torch.layer_norm(x, (8,), None, None, 1e-6),
+     lambda x: paddle.layer_norm(x, 8, epsilon=1e-6)),
+    ("var as methods, population", lambda x: x.var(-1, unbiased=False),
+     lambda x: x.var(-1, unbiased=False)),
+    ("var over two axes, correction", lambda x: torch.var(x, dim=(2, 3), correction=0),
+     lambda x: paddle.var(x, axis=[-2, -1], unbiased=False)),
+    ("var_mean against var", lambda x: torch.var_mean(x, 1)[0], lambda x: paddle.var(x, 1)),
+    ("var with Paddle's torch spellings", lambda x: torch.var(x, 1, True),
+     lambda x: paddle.var(input=x, dim=1)),
+    ("std over everything", lambda x: torch.std(x), lambda x: paddle.std(x, axis=[0, 1, 2, 3])),
 ]
 
 
@@ -156,6 +176,14 @@ DIFFERENT = [
     ("conv2d dilation", lambda x: TF.conv2d(x, torch.ones(4, 4, 3, 3), padding=2, dilation=2),
      lambda x: PF.conv2d(x, paddle.ones([4, 4, 3, 3]), padding=2),
      ("dilation", (2, 2), (1, 1))),
+    # a hand-written layer norm: torch's population variance, Paddle's var unbiased by default
+    ("var's correction", lambda x: x.var(-1, keepdim=True, unbiased=False),
+     lambda x: x.var(-1, keepdim=True), ("correction", 0.0, 1.0)),
+    ("std_mean's correction", lambda x: torch.std_mean(x, 1, correction=0)[0],
+     lambda x: paddle.std(x, 1), ("correction", 0.0, 1.0)),
+    # attention's softmax as a method, against paddle.softmax's torch-like implicit dim
+    ("softmax method axis", lambda x: x.softmax(dim=-1), lambda x: paddle.softmax(x),
+     ("axis", 3, 1)),
 ]
 
 
@@ -346,6 +374,23 @@ def test_the_trace_changes_no_value_and_puts_every_function_back():
     assert not any(h for h in pm.pool._forward_pre_hooks.values())
 
 
+def test_methods_top_level_functions_and_names_imported_are_put_back():
+    t_saved = (torch.Tensor.__dict__.get("softmax"), torch.softmax, torch.var, _tgelu)
+    p_saved = (paddle.Tensor.var, paddle.var, paddle.softmax, _pgelu)
+    tm = _Fn(lambda x: _tgelu(torch.softmax(x.var(-1), 0)))
+    pm = _PFn(lambda x: _pgelu(paddle.softmax(x.var(-1), 0)))
+    with trace_settings(tm) as tt, trace_settings(pm) as pt:
+        assert _tgelu is not t_saved[3] and _pgelu is not p_saved[3]
+        tm(torch.tensor(X2))
+        pm(paddle.to_tensor(X2))
+    # a gelu imported by name into the model's module is traced through that name
+    assert [e.op for e in tt.events] == [e.op for e in pt.events] == ["var", "softmax", "gelu"]
+    assert compare_events(tt.events, pt.events)[0] == []
+    assert (torch.Tensor.__dict__.get("softmax"), torch.softmax, torch.var, _tgelu) == t_saved
+    assert t_saved[0] is None  # inherited from torch's C base, as before
+    assert (paddle.Tensor.var, paddle.var, paddle.softmax, _pgelu) == p_saved
+
+
 def test_a_call_that_cannot_be_read_runs_as_it_would_and_is_said(monkeypatch):
     from reprod.align import calls
 
@@ -393,8 +438,52 @@ def test_one_trace_per_framework_at_a_time_and_only_of_models():
 def test_kinds_of_other_counts_are_said():
     te, pe, _, _ = _run(lambda x: TF.gelu(TF.gelu(x)), lambda x: PF.gelu(x), (X2,))
     diffs, unpaired, compared, _ = compare_events(te, pe)
+    # the first call of each has one name: paired by it, and the extra one named
+    assert diffs == [] and compared == 1
+    assert unpaired == ["gelu (calls and layers): 2 in torch, 1 in Paddle; 1 paired by name, "
+                        "(model):gelu#2 in torch only"]
+    # no name in common: said, nothing compared
+    renamed = [OpEvent(e.kind, e.op, "block:" + e.op, e.layer, e.settings) for e in pe]
+    diffs, unpaired, compared, _ = compare_events(te, renamed)
     assert diffs == [] and compared == 0
     assert unpaired == ["gelu (calls and layers): 2 in torch, 1 in Paddle"]
+
+
+def test_a_port_that_kept_the_names_is_paired_by_them_where_a_call_is_extra():
+    """The example's hardswish bug: a Hardswish (no settings) rewritten as x * F.hardsigmoid(x,
+    slope=0.2) adds a hardsigmoid call: the kind's counts differ, its calls pair by name, and the
+    extra one is named; a slope changed in a name-paired call is still a difference."""
+
+    class TSE(tnn.Module):
+        def forward(self, x):
+            return x * TF.hardsigmoid(x)
+
+    class PSE(pnn.Layer):
+        def __init__(self, slope=1 / 6):
+            super().__init__()
+            self.slope = slope
+
+        def forward(self, x):
+            return x * PF.hardsigmoid(x, slope=self.slope)
+
+    class PSwish(pnn.Layer):
+        def forward(self, x):
+            return x * PF.hardsigmoid(x, slope=0.2, offset=0.5)
+
+    tm = tnn.Sequential(TSE(), tnn.Hardswish(), TSE())
+    for pm, expected in ((pnn.Sequential(PSE(), PSwish(), PSE()), []),
+                         (pnn.Sequential(PSE(), PSwish(), PSE(0.2)),
+                          [("2:hardsigmoid", "slope", 1 / 6, 0.2)])):
+        with trace_settings(tm) as tt:
+            tm(torch.tensor(X2))
+        with trace_settings(pm) as pt:
+            pm(paddle.to_tensor(X2))
+        diffs, unpaired, compared, _ = compare_events(tt.events, pt.events)
+        assert compared == 2
+        assert [(d.paddle_layer, d.setting, pytest.approx(d.torch_value), d.paddle_value)
+                for d in diffs] == expected
+        assert unpaired == ["hardsigmoid (calls and layers): 2 in torch, 3 in Paddle; 2 paired "
+                            "by name, 1:hardsigmoid in Paddle only"]
 
 
 # --- saved by each script -------------------------------------------------------------------------
