@@ -20,10 +20,17 @@ with warnings.catch_warnings():
     import paddle
 
 import paddle_model
+import torch
 import torch_model
-from config import BUGS, DROPOUT, NUM_CLASSES
+from config import BUGS, DROPOUT, IMAGE_SIZE, NUM_CLASSES
 
-from reprod.align import compare_settings, compare_structure, convert, write_pdparams
+from reprod.align import (
+    compare_settings,
+    compare_structure,
+    convert,
+    trace_settings,
+    write_pdparams,
+)
 
 
 def main() -> int:
@@ -41,15 +48,26 @@ def main() -> int:
     os.makedirs(os.path.join(args.out, "tables"), exist_ok=True)
     with open(os.path.join(args.out, "tables", "structure.txt"), "w", encoding="utf-8") as f:
         f.write(report.to_table(layers=True) + "\n")
-    # what each layer computes beyond its weights: an epsilon, a stride, a pool's ceil_mode
-    settings = compare_settings(t_model, p_model)
+    # what each layer computes beyond its weights: an epsilon, a stride, a pool's ceil_mode; and
+    # what either model's code applies as a function (F.hardsigmoid(x, slope=...)), traced through
+    # one forward pass of each on any input of the right shape
+    x = np.random.default_rng(0).standard_normal((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    t_model.eval()
+    p_model.eval()
+    with torch.no_grad(), trace_settings(t_model) as t_trace:
+        t_model(torch.from_numpy(x))
+    with paddle.no_grad(), trace_settings(p_model) as p_trace:
+        p_model(paddle.to_tensor(x))
+    settings = compare_settings(t_model, p_model, traces=(t_trace, p_trace))
     with open(os.path.join(args.out, "tables", "settings.txt"), "w", encoding="utf-8") as f:
         f.write(str(settings) + "\n")
     with open(os.path.join(args.out, "tables", "structure.json"), "w", encoding="utf-8") as f:
         tensors = sum(r.status in ("ok", "transposed") for r in report.rows)
         json.dump({"ok": report.ok, "tensors": tensors, "summary": report.summary_line(),
                    "settings": {"passed": settings.passed, "layers": settings.compared,
-                                "differ": [d.line() for d in settings.differ]}}, f)
+                                "calls": settings.calls,
+                                "differ": [d.line() for d in settings.differ],
+                                "unpaired": list(settings.unpaired)}}, f)
 
     conversion = convert(os.path.join(args.out, "model.pth"), model=t_model)
     converted = conversion.weights
@@ -63,6 +81,8 @@ def main() -> int:
     print(f"  settings: {str(settings).splitlines()[0]}"
           + (f" (and {len(settings.differ) - 1} more)" if len(settings.differ) > 1 else ""),
           flush=True)
+    for line in settings.unpaired:  # a kind the two models apply a different number of times
+        print(f"  settings: not paired by order: {line}", flush=True)
     return 0 if report.ok else 1
 
 

@@ -167,11 +167,13 @@ def settings_outcome(out: Path) -> Outcome:
     facts = json.loads((out / "tables" / "structure.json").read_text(encoding="utf-8"))["settings"]
     return Outcome(
         "1. settings",
-        "layer settings (epsilon, stride, pooling)",
+        "layer and call settings (epsilon, stride, slope)",
         facts["passed"],
         facts["layers"],
         "same settings",
-        "; ".join(facts["differ"]) or f"the settings of {facts['layers']} paired layers agree",
+        "; ".join(facts["differ"]) or "; ".join(
+            [f"the settings of {facts['layers']} paired layers and {facts['calls']} paired calls "
+             "agree"] + [f"not paired: {u}" for u in facts["unpaired"]]),
         "tables/settings.txt",
     )
 

@@ -107,6 +107,9 @@ def test_aligned_port_passes_every_step(aligned: Run) -> None:
     assert all(s["passed"] for s in aligned.summary["steps"])
     assert aligned.summary["first_divergent_layer"] is None
     assert "ALIGNED" in aligned.proc.stdout and "NOT ALIGNED" not in aligned.proc.stdout
+    # the squeeze-excitations' hardsigmoids are functional calls in both models, compared too
+    assert aligned.step("1. settings")["detail"] == (
+        "the settings of 97 paired layers and 9 paired calls agree")
 
 
 def test_aligned_run_writes_every_file(aligned: Run) -> None:
@@ -334,6 +337,13 @@ def test_injected_bug_is_only_where_it_was_put(broken: Run) -> None:
         assert settings["detail"] == (
             f"{broken.summary['bug_layer']}: epsilon 0.001 in torch, 1e-05 in Paddle")
         assert "settings: features.9.block.1.1: epsilon 0.001 in torch" in broken.proc.stdout
+    if bug == "hardswish":
+        # a Hardswish has no setting, but rewritten as x * F.hardsigmoid(x, slope=0.2) it adds a
+        # call the torch model does not make: the trace names where
+        assert settings["detail"].endswith(
+            "not paired: hardsigmoid (calls and layers): 9 in torch, 10 in Paddle; 9 paired by "
+            f"name, {broken.summary['bug_layer']}:hardsigmoid in Paddle only")
+        assert f"{broken.summary['bug_layer']}:hardsigmoid in Paddle only" in broken.proc.stdout
     weights_ok = broken.step("2. weights")["passed"]
     # a conversion bug shows in the weights; a bug in the port's code does not
     assert weights_ok is (broken.summary["inject_bug"] != "no-transpose")
