@@ -514,6 +514,8 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
         name = f"{d.paddle_layer}/{d.setting}"
         (waived if any(fnmatchcase(name, p) for p in waive) else diffs).append(d)
     info: dict[str, Any] = {"differ": [d.line() for d in diffs]}
+    if diffs:  # both sides' names, for the finding to say which is where the values differ
+        info["where"] = [[d.torch_layer, d.paddle_layer] for d in diffs]
     if waived:
         info["waived"] = [d.line() for d in waived]
     if report.unpaired:
@@ -537,6 +539,21 @@ def values_failed(result: Any) -> bool:
     return any(not kr.passed and not kr.key.startswith("settings/") for kr in result.results)
 
 
+def _inside_divergence(result: Any) -> Optional[tuple[str, str]]:
+    """The first differing setting of the layer where localisation found the values first
+    differ (or of a layer or call inside it): (its name, that layer)."""
+    info = result.options.get("settings") or {}
+    layer = str((result.options.get("divergence") or {}).get("layer") or "").split("#")[0]
+    if not layer:
+        return None
+    for names in info.get("where") or ():
+        for name in names:
+            base = str(name).split("#")[0]
+            if base == layer or base.startswith((layer + ".", layer + ":")):
+                return str(name), layer
+    return None
+
+
 def with_finding(result: Any, verbose: bool = False) -> Any:
     """``result`` with the settings that differ as its last finding (``options["findings"]``),
     printed with ``verbose``."""
@@ -551,6 +568,12 @@ def with_finding(result: Any, verbose: bool = False) -> Any:
     line = (f"{len(lines)} {what}{'s' if len(lines) > 1 else ''} of the port differ"
             f"{'s' if len(lines) == 1 else ''} from the reference's, whatever the values say: "
             f"{shown}")
+    inside = _inside_divergence(result)
+    if inside is not None:
+        name, layer = inside
+        line += (f"; {name} is the layer where the values first differ: the likely cause"
+                 if name.split("#")[0] == layer else
+                 f"; {name} is inside {layer}, where the values first differ: the likely cause")
     if verbose:
         print(line, flush=True)
     # after where the values first differ (localisation's findings), which a setting may cause

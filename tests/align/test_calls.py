@@ -335,6 +335,53 @@ def test_a_functional_epsilon_below_the_noise_fails_as_its_setting_alone():
     assert align_forward(tm, pm, {"x": x}, calibrate=True, by_order=True).passed
 
 
+class _TAttn(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qk = tnn.Linear(6, 12)
+        self.proj = tnn.Linear(6, 6)
+
+    def forward(self, x):  # x: (batch, tokens, 6)
+        q, k = self.qk(x).chunk(2, dim=-1)
+        a = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # a tensor method, as timm's attention
+        return self.proj(a @ x)
+
+
+class _PAttn(pnn.Layer):
+    def __init__(self, axis):
+        super().__init__()
+        self.qk = pnn.Linear(6, 12)
+        self.proj = pnn.Linear(6, 6)
+        self.axis = axis
+
+    def forward(self, x):
+        q, k = self.qk(x).chunk(2, axis=-1)
+        a = PF.softmax(q @ k.transpose([0, 2, 1]), axis=self.axis)
+        return self.proj(a @ x)
+
+
+def test_a_setting_inside_the_layer_where_values_first_differ_is_named_the_likely_cause():
+    """A port's attention normalising over the queries (axis -2) where the reference's tensor
+    method normalises over the keys: localisation stops at the attention layer, and the settings
+    finding says the softmax call inside it is the likely cause."""
+    torch.manual_seed(0)
+    tm = tnn.Sequential(tnn.Linear(6, 6), _TAttn(), tnn.Linear(6, 3))
+    x = RNG.standard_normal((2, 5, 6)).astype(np.float32)
+    for axis, expected in ((-1, None), (-2, "1:softmax")):
+        pm = pnn.Sequential(pnn.Linear(6, 6), _PAttn(axis), pnn.Linear(6, 3))
+        for (_, tp), (_, pp) in zip(tm.named_parameters(), pm.named_parameters()):
+            pp.set_value(tp.detach().numpy().T if tp.ndim == 2 else tp.detach().numpy())
+        r = align_forward(tm, pm, {"input": x}, calibrate=True, by_order=True)
+        if expected is None:
+            assert r.passed, r.to_table(failed_only=True)
+            continue
+        assert r.options["divergence"]["layer"] == "1"
+        assert [k.key for k in r.failed if k.status == "setting"] == ["settings/1:softmax/axis"]
+        assert r.options["findings"][-1].endswith(
+            "1:softmax: axis 2 in torch, 1 in Paddle; 1:softmax is inside 1, where the values "
+            "first differ: the likely cause")
+
+
 def test_align_train_traces_the_first_step_s_forward_and_loss():
     torch.manual_seed(0)
     tm = tnn.Sequential(tnn.Linear(6, 6))

@@ -54,7 +54,8 @@ def test_a_bn_epsilon_bug_is_named_and_diagnosed(tmp_path) -> None:
     assert div["message"].startswith("diverges at bn (BatchNorm2d): input aligned")
     assert div["hint"] is not None and "BN epsilon: port uses ~1e-2, reference 1e-5" in div["hint"]
     setting = ("1 layer setting of the port differs from the reference's, whatever the values "
-               "say: bn: epsilon 1e-05 in torch, 0.01 in Paddle")
+               "say: bn: epsilon 1e-05 in torch, 0.01 in Paddle; bn is the layer where the "
+               "values first differ: the likely cause")
     assert r.options["findings"] == [
         div["message"], "likely cause at bn: BN epsilon: port uses ~1e-2, reference 1e-5", setting]
     assert r["settings/bn/epsilon"].status == "setting"
