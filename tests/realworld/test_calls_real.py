@@ -135,3 +135,30 @@ def test_squeezenet_s_one_pool_layer_called_three_times_pairs_by_call():
     squeezenet_as_torchvision(pm)
     tt, pt = _traced(tm, pm)
     assert compare_settings(tm, pm, by_order=True, traces=(tt, pt)).passed
+
+
+# torchvision's transformers, which paddle.vision has no port of: the trace reads what they apply
+# as functions and tensor methods (swin's F.pad, F.softmax and F.dropout in each window attention,
+# convnext's F.layer_norm in its LayerNorm2d, maxvit's attention softmax) and changes no value
+@pytest.mark.parametrize("name,kinds", [
+    ("swin_t", {"pad": 15, "softmax": 12, "dropout": 24}),
+    ("convnext_tiny", {"layernorm": 5}),
+    ("maxvit_t", {"softmax": 22}),
+])
+def test_the_trace_reads_torchvision_s_transformers_and_changes_no_value(name, kinds):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    x = torch.from_numpy(make_inputs(0, 1))
+    with torch.no_grad():
+        plain = model(x)
+        with trace_settings(model) as trace:
+            traced = model(x)
+    assert torch.equal(plain, traced)
+    assert trace.unread == []
+    calls = [e for e in trace.events if not e.layer]
+    assert {k: sum(e.kind == k for e in calls) for k in kinds} == kinds
+    assert {e.kind for e in calls} == set(kinds)
+    if name == "swin_t":  # every window attention normalises over its keys, the last axis
+        assert {e.settings["axis"] for e in calls if e.kind == "softmax"} == {3}
