@@ -497,11 +497,14 @@ def waivers(check_settings: Any) -> Optional[tuple[str, ...]]:
 def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
                      torch_to_paddle: Optional[Mapping[str, str]] = None,
                      waive: Sequence[str] = (), *, by_order: bool = False,
-                     traces: Optional[tuple[Any, Any]] = None) -> Any:
+                     traces: Optional[tuple[Any, Any]] = None,
+                     optimizers: Optional[tuple[Any, Any]] = None) -> Any:
     """``result`` with a failing key ``settings/<Paddle layer>/<setting>`` (status
     ``"setting"``) for each setting that differs and no ``waive`` pattern matches
     (``<Paddle layer>/<setting>``, glob), after the value keys, and ``options["settings"]``:
-    the differences' lines, those waived, and the kinds that could not be paired."""
+    the differences' lines, those waived, and the kinds that could not be paired.
+    ``optimizers``: (torch's, Paddle's), whose hyperparameters are compared too
+    (``optim_settings``; needs ``torch_to_paddle``)."""
     import dataclasses
     from fnmatch import fnmatchcase
 
@@ -509,8 +512,16 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
 
     report = compare_settings(torch_model, paddle_model, by_order=by_order,
                               torch_to_paddle=torch_to_paddle, traces=traces)
+    found = list(report.differ)
+    optimizer_info = None
+    if optimizers is not None and torch_to_paddle is not None:
+        from .optim_settings import compare_optimizers
+
+        extra, optimizer_info = compare_optimizers(optimizers[0], optimizers[1], torch_model,
+                                                   paddle_model, torch_to_paddle)
+        found += extra
     diffs, waived = [], []
-    for d in report.differ:
+    for d in found:
         name = f"{d.paddle_layer}/{d.setting}"
         (waived if any(fnmatchcase(name, p) for p in waive) else diffs).append(d)
     info: dict[str, Any] = {"differ": [d.line() for d in diffs]}
@@ -520,6 +531,8 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
         info["waived"] = [d.line() for d in waived]
     if report.unpaired:
         info["unpaired"] = list(report.unpaired)
+    if optimizer_info is not None:
+        info["optimizer"] = optimizer_info
     if traces is not None:
         info["calls"] = {"compared": report.calls, "torch": len(traces[0].events),
                          "paddle": len(traces[1].events)}
@@ -528,7 +541,7 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
         if unread:
             info["unread"] = unread
     extra = tuple(KeyResult(key=d.key, passed=False, status="setting",
-                            reason=f"{d.line()}: the {'calls' if ':' in d.paddle_layer + d.torch_layer else 'layers'} compute other functions")
+                            reason=f"{d.line()}: {_WHAT_DIFFERS[_origin(d.torch_layer, d.paddle_layer)]}")
                   for d in diffs)
     return dataclasses.replace(result, results=tuple(result.results) + extra,
                                options=dict(result.options, settings=info))
@@ -537,6 +550,21 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
 def values_failed(result: Any) -> bool:
     """Whether a key other than a setting fails: what localisation has to look for."""
     return any(not kr.passed and not kr.key.startswith("settings/") for kr in result.results)
+
+
+def _origin(torch_name: str, paddle_name: str) -> str:
+    """What a difference is of: "call" (its name holds the op: "Mixed_5b:avg_pool2d"),
+    "optimizer" or "layer"."""
+    if ":" in torch_name + paddle_name:
+        return "call"
+    if "optimizer" in (torch_name.split("/")[0], paddle_name.split("/")[0]):
+        return "optimizer"
+    return "layer"
+
+
+_WHAT_DIFFERS = {"call": "the calls compute other functions",
+                 "layer": "the layers compute other functions",
+                 "optimizer": "the optimizers make other updates"}
 
 
 def _inside_divergence(result: Any) -> Optional[tuple[str, str]]:
@@ -563,12 +591,16 @@ def with_finding(result: Any, verbose: bool = False) -> Any:
     if not lines:
         return result
     shown = "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
-    # a call's name holds a colon ("Mixed_5b:avg_pool2d"), a layer's never does
-    what = "setting" if any(":" in x.split(": ", 1)[0] for x in lines) else "layer setting"
+    where = (result.options.get("settings") or {}).get("where") or []
+    what = ("layer setting" if where and all(_origin(*w) == "layer" for w in where)
+            else "setting")
     line = (f"{len(lines)} {what}{'s' if len(lines) > 1 else ''} of the port differ"
             f"{'s' if len(lines) == 1 else ''} from the reference's, whatever the values say: "
             f"{shown}")
     inside = _inside_divergence(result)
+    if inside is None and any(_origin(*w) == "optimizer" for w in where) and any(
+            "optimizer" in f for f in result.options.get("findings", ())):
+        line += "; the optimizers' settings that differ are the likely cause"
     if inside is not None:
         name, layer = inside
         line += (f"; {name} is the layer where the values first differ: the likely cause"

@@ -411,7 +411,10 @@ def align_train(
     ``align_forward`` does: a BatchNorm momentum that differs changes nothing in step 0's
     outputs and gradients, and a BatchNorm epsilon of 1e-6 for 1e-5 passed every key of
     resnet18's steps; each that differs is a failing key ``settings/<Paddle layer>/<setting>``
-    and a finding. A list of ``"<Paddle layer>/<setting>"`` glob patterns waives those.
+    and a finding. A list of ``"<Paddle layer>/<setting>"`` glob patterns waives those. The two
+    optimizers' hyperparameters are compared too (``reprod.align.optim_settings``: an Adam
+    epsilon, betas, momentum, nesterov, Paddle's grad_clip, which parameters decay and how),
+    each that differs ``settings/optimizer/<setting>``.
 
     ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
     rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
@@ -618,7 +621,7 @@ def align_train(
         result = settings.settings_checked(
             result, torch_model, paddle_model,
             {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name}, waive,
-            traces=traces)
+            traces=traces, optimizers=(torch_optimizer, paddle_optimizer))
     if verbose:
         for line in _rounding_summary(result):
             print(line, flush=True)

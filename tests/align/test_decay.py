@@ -113,8 +113,9 @@ def test_verbose_says_which_decays_differ_and_what_the_ports_rounding_explained(
     out = capsys.readouterr().out
     assert "weight decays differ (fitted from each side's updates): fc.weight 9.98e-06 against" in out
     # the finding the failing weights lead to names the decay, at its fitted size
-    (finding,) = r.options["findings"]
+    finding, setting = r.options["findings"]
     assert "1.01e-05 x the learning rate x the weights" in finding and "weight decay" in finding
+    assert "optimizer: weight_decay 'L2 1e-05' in torch, 'none' in Paddle" in setting
 
 
 def test_optimizers_with_state_are_left_to_it() -> None:

@@ -149,11 +149,14 @@ def test_a_weight_decay_on_one_side_is_named_with_its_coefficient(decay) -> None
     r = _train(tm, pm, popt=popt)
     assert all(k.passed for k in r if k.key.startswith("step0/grad/"))
     assert any(k.key.startswith("step0/param/") for k in r.failed)
-    (line,) = r.options["findings"]
+    line, setting = r.options["findings"]
     assert line.endswith(f"the optimizers differ: the port's update takes {decay:g} x the "
                          "learning rate x the weights more off (a weight decay one side applies "
                          "and the other does not, or applies otherwise)"), line
     assert "x the reference's" not in line
+    # the hyperparameters, read: the same decay, named as the likely cause
+    assert setting.endswith(f"optimizer: weight_decay 'none' in torch, 'L2 {decay:g}' in "
+                            "Paddle; the optimizers' settings that differ are the likely cause")
 
 
 def test_a_parameter_group_with_another_learning_rate_is_named_by_the_ratio() -> None:
