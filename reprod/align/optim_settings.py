@@ -27,7 +27,8 @@ import numpy as np
 
 from .settings import SettingDiff, _same
 
-__all__ = ["compare_optimizers", "read_paddle_optimizer", "read_torch_optimizer"]
+__all__ = ["compare_optimizers", "compare_records", "optimizer_record",
+           "read_paddle_optimizer", "read_torch_optimizer"]
 
 _SIDES = ("torch", "Paddle")
 
@@ -171,24 +172,44 @@ def read_paddle_optimizer(opt: Any) -> Optional[tuple[dict[str, Any], dict[int, 
     return s, decay
 
 
-def compare_optimizers(torch_opt: Any, paddle_opt: Any, torch_model: Any, paddle_model: Any,
-                       torch_to_paddle: Mapping[str, str]
-                       ) -> tuple[list[SettingDiff], dict[str, Any]]:
-    """The hyperparameters that differ between the two optimizers, as ``SettingDiff`` of
-    ``"optimizer"`` (``settings/optimizer/<setting>``; a weight decay that differs on some
-    parameters only, ``settings/optimizer/<Paddle parameter>/weight_decay``), and what was read
-    (``{"torch": ..., "paddle": ...}``, or ``{"skipped": why}`` for an optimizer of another
-    class). ``torch_to_paddle``: torch parameter name -> Paddle parameter name."""
-    t = read_torch_optimizer(torch_opt)
-    p = read_paddle_optimizer(paddle_opt)
-    if t is None or p is None:
-        other = type(torch_opt if t is None else paddle_opt).__name__
-        return [], {"skipped": f"{other} is not an optimizer whose hyperparameters reprod reads "
-                               "(SGD, momentum, Adam, AdamW, RMSProp)"}
-    (ts, t_decay, varies), (ps, p_decay) = t, p
-    info: dict[str, Any] = {"torch": ts, "paddle": ps}
+def optimizer_record(opt: Any, model: Any) -> dict[str, Any]:
+    """What ``save_settings(..., optimizer=)`` writes: the framework, the settings, those that
+    differ between torch's param groups, and each parameter's weight decay in the model's
+    definition order (``[[name, decay], ...]``; the parameters the optimizer holds), or
+    ``{"skipped": why}`` for an optimizer of another class."""
+    from .settings import _framework
+
+    framework = _framework(model)
+    read = (read_torch_optimizer(opt) if framework == "torch" else
+            None if (p := read_paddle_optimizer(opt)) is None else (*p, []))
+    if read is None:
+        return {"framework": framework, "skipped": _skipped(opt)}
+    settings, decay, varies = read
+    out: dict[str, Any] = {"framework": framework, "settings": settings,
+                           "decay": [[n, decay[id(q)]] for n, q in model.named_parameters()
+                                     if id(q) in decay]}
     if varies:
-        info["per_group"] = varies
+        out["per_group"] = varies
+    return out
+
+
+def _skipped(opt: Any) -> str:
+    return (f"{type(opt).__name__} is not an optimizer whose hyperparameters reprod reads (SGD, "
+            "momentum, Adam, AdamW, RMSProp)")
+
+
+def compare_records(ours: Mapping[str, Any], theirs: Mapping[str, Any],
+                    pairs: Optional[Mapping[str, str]] = None,
+                    sides: tuple[str, str] = _SIDES) -> tuple[list[SettingDiff], dict[str, Any]]:
+    """The hyperparameters that differ between two ``optimizer_record``s, and what was read.
+    ``pairs``: the reference's parameter name -> the port's; None pairs them by order (where
+    both hold as many)."""
+    if "skipped" in ours or "skipped" in theirs:
+        return [], {"skipped": ours.get("skipped") or theirs.get("skipped")}
+    ts, ps = dict(ours["settings"]), dict(theirs["settings"])
+    info: dict[str, Any] = {"torch": ts, "paddle": ps}
+    if ours.get("per_group"):
+        info["per_group"] = list(ours["per_group"])
     diffs = []
     for k in ts:
         if k == "epsilon" and ts.get("algorithm") == ps.get("algorithm") == "RMSProp":
@@ -199,26 +220,43 @@ def compare_optimizers(torch_opt: Any, paddle_opt: Any, torch_model: Any, paddle
             continue
         if k in ps and not _same(ts[k], ps[k]):
             diffs.append(SettingDiff("optimizer", "optimizer", k, ts[k], ps[k], "optimizer",
-                                     _SIDES))
+                                     sides))
     # weight decay, parameter by parameter (torch's param groups against Paddle's
     # apply_decay_param_fun or regularizers)
-    p_params = dict(paddle_model.named_parameters())
-    pairs = []
-    for tname, tp in torch_model.named_parameters():
-        pname = torch_to_paddle.get(tname)
-        pp = p_params.get(pname) if pname else None
-        if pp is None or id(tp) not in t_decay or id(pp) not in p_decay:
-            continue
-        pairs.append((tname, pname, t_decay[id(tp)], p_decay[id(pp)]))
-    differing = [x for x in pairs if x[2] != x[3]]
-    if differing and len(differing) == len(pairs) and len({(a, b) for _, _, a, b in differing}) == 1:
+    t_decay, p_decay = list(ours["decay"]), list(theirs["decay"])
+    if pairs is None:
+        if len(t_decay) != len(p_decay):
+            info["weight_decay"] = {"unpaired": f"{len(t_decay)} parameters in {sides[0]}, "
+                                                f"{len(p_decay)} in {sides[1]}"}
+            return diffs, info
+        matched = [(tn, pn, a, b) for (tn, a), (pn, b) in zip(t_decay, p_decay)]
+    else:
+        by_name = dict((n, d) for n, d in p_decay)
+        matched = [(tn, pairs[tn], a, by_name[pairs[tn]]) for tn, a in t_decay
+                   if pairs.get(tn) in by_name]
+    differing = [x for x in matched if x[2] != x[3]]
+    if differing and len(differing) == len(matched) and \
+            len({(a, b) for _, _, a, b in differing}) == 1:
         diffs.append(SettingDiff("optimizer", "optimizer", "weight_decay", differing[0][2],
-                                 differing[0][3], "optimizer", _SIDES))
+                                 differing[0][3], "optimizer", sides))
     else:
         diffs.extend(SettingDiff(f"optimizer/{tn}", f"optimizer/{pn}", "weight_decay", a, b,
-                                 "optimizer", _SIDES) for tn, pn, a, b in differing)
-    decays = {(a, b) for _, _, a, b in pairs}
-    info["weight_decay"] = {"parameters": len(pairs), "differ": len(differing)}
+                                 "optimizer", sides) for tn, pn, a, b in differing)
+    decays = {(a, b) for _, _, a, b in matched}
+    info["weight_decay"] = {"parameters": len(matched), "differ": len(differing)}
     if len(decays) == 1:
         info["weight_decay"]["torch"], info["weight_decay"]["paddle"] = next(iter(decays))
     return diffs, info
+
+
+def compare_optimizers(torch_opt: Any, paddle_opt: Any, torch_model: Any, paddle_model: Any,
+                       torch_to_paddle: Optional[Mapping[str, str]] = None
+                       ) -> tuple[list[SettingDiff], dict[str, Any]]:
+    """The hyperparameters that differ between the two optimizers, as ``SettingDiff`` of
+    ``"optimizer"`` (``settings/optimizer/<setting>``; a weight decay that differs on some
+    parameters only, ``settings/optimizer/<Paddle parameter>/weight_decay``), and what was read
+    (``{"torch": ..., "paddle": ...}``, or ``{"skipped": why}`` for an optimizer of another
+    class). ``torch_to_paddle``: torch parameter name -> Paddle parameter name (None: by
+    definition order)."""
+    return compare_records(optimizer_record(torch_opt, torch_model),
+                           optimizer_record(paddle_opt, paddle_model), torch_to_paddle)

@@ -648,12 +648,14 @@ def layer_settings(model: Any) -> list[dict[str, Any]]:
     return out
 
 
-def save_settings(model: Any, path: Any, trace: Any = None) -> str:
+def save_settings(model: Any, path: Any, trace: Any = None, optimizer: Any = None) -> str:
     """Write ``layer_settings(model)`` to ``path`` (JSON, atomically) and return the path: what
     a script that cannot hold the other framework's model saves beside its dump, for
     ``compare_settings(reference_file, port_file)``. ``trace``: a ``trace_settings`` of one
     forward pass of ``model``, whose calls are saved too and compared where both files hold
-    one."""
+    one. ``optimizer``: the script's optimizer over ``model``'s parameters, whose
+    hyperparameters are saved too (``optim_settings.optimizer_record``) and compared where both
+    files hold them, each parameter's weight decay paired by definition order."""
     import json
     import os
     import tempfile
@@ -665,6 +667,13 @@ def save_settings(model: Any, path: Any, trace: Any = None) -> str:
                            "layers": layer_settings(model)}
     if trace is not None:
         doc["calls"] = [e.to_json() for e in trace.events]
+    if optimizer is not None:
+        from .optim_settings import optimizer_record
+
+        record = optimizer_record(optimizer, model)
+        if "settings" in record:
+            record["settings"] = {k: _jsonable(v) for k, v in record["settings"].items()}
+        doc["optimizer"] = record
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -687,11 +696,13 @@ def _is_saved(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
-_Saved = tuple[str, str, list[dict[str, Any]], Optional[list[Any]]]
+# (where from, framework, layers, traced calls or None, optimizer record or None)
+_Saved = tuple[str, str, list[dict[str, Any]], Optional[list[Any]], Optional[dict[str, Any]]]
 
 
 def _as_saved(x: Any) -> _Saved:
-    """(where from, framework, layers, traced calls or None) of a settings file or a model."""
+    """(where from, framework, layers, traced calls or None, optimizer or None) of a settings
+    file or a model."""
     import json
     import os
 
@@ -700,7 +711,7 @@ def _as_saved(x: Any) -> _Saved:
     if not _is_saved(x):  # as a file would read back
         return type(x).__name__, _framework(x), [
             dict(e, settings={k: _from_json(v) for k, v in e["settings"].items()})
-            for e in layer_settings(x)], None
+            for e in layer_settings(x)], None, None
     path = os.fspath(x)
     try:
         with open(path, encoding="utf-8") as f:
@@ -731,7 +742,25 @@ def _as_saved(x: Any) -> _Saved:
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise ReprodError(f"{path}: call #{i} is not {{kind, op, name, layer, settings}}"
                                   f" ({type(e).__name__}: {e})") from e
-    return path, str(doc.get("framework", "?")), layers, calls
+    return path, str(doc.get("framework", "?")), layers, calls, _saved_optimizer(path, doc)
+
+
+def _saved_optimizer(path: str, doc: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    from ..errors import ReprodError
+
+    rec = doc.get("optimizer")
+    if rec is None:
+        return None
+    if isinstance(rec, dict) and isinstance(rec.get("skipped"), str):
+        return dict(rec)
+    ok = isinstance(rec, dict) and isinstance(rec.get("settings"), dict) and \
+        isinstance(rec.get("decay"), list) and all(
+            isinstance(d, list) and len(d) == 2 and all(isinstance(v, str) for v in d)
+            for d in rec["decay"])
+    if not ok:
+        raise ReprodError(f"{path}: its optimizer is not {{settings, decay: [[parameter, "
+                          "decay], ...]}}")
+    return dict(rec, settings={k: _from_json(v) for k, v in rec["settings"].items()})
 
 
 _SIDE = {"torch": "torch", "paddle": "Paddle"}
@@ -757,6 +786,15 @@ def _compare_saved(a: _Saved, b: _Saved) -> SettingsReport:
         for x, y in zip(ours, theirs):
             for setting, xv, yv in _differences(kind, x["settings"], y["settings"]):
                 diffs.append(SettingDiff(x["name"], y["name"], setting, xv, yv, kind, sides))
+    if a[4] is not None and b[4] is not None:
+        from .optim_settings import compare_records
+
+        found, info = compare_records(a[4], b[4], None, sides)
+        diffs += found
+        if "unpaired" in info.get("weight_decay", {}):
+            unpaired.append(f"optimizer parameters: {info['weight_decay']['unpaired']}")
+        if "skipped" in info:
+            unpaired.append(f"optimizer: {info['skipped']}")
     if a[3] is None or b[3] is None:
         return SettingsReport(tuple(diffs), tuple(unpaired), compared)
     return _with_calls(diffs, unpaired, compared, a[3], b[3], sides)

@@ -225,3 +225,52 @@ def test_align_train_fails_an_epsilon_the_updates_cannot_name():
         "optimizer: epsilon 1e-08 in torch, 1e-06 in Paddle"]
     fine = run(1e-8)
     assert fine.passed, fine.to_table(failed_only=True)
+
+
+def test_each_script_saves_its_optimizer_and_the_files_compare(tmp_path, capsys):
+    """The two-script workflow: the reference's and the port's script each save their model's
+    settings with their optimizer; the files compare as the optimizers do, each parameter's
+    weight decay paired by definition order (the names differ)."""
+    import json
+
+    from reprod.align import compare_settings, save_settings
+    from reprod.cli import main
+
+    tm = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    pm = paddle.nn.Sequential(paddle.nn.Linear(4, 3))
+    topt = TO.AdamW([{"params": [tm[0].weight]}, {"params": [tm[0].bias], "weight_decay": 0.0}],
+                    lr=0.01, weight_decay=0.05)
+    a = save_settings(tm, tmp_path / "torch.json", optimizer=topt)
+    same = PO.AdamW(0.01, parameters=pm.parameters(), weight_decay=0.05,
+                    apply_decay_param_fun=lambda n: n == pm[0].weight.name)
+    b = save_settings(pm, tmp_path / "paddle.json", optimizer=same)
+    assert compare_settings(a, b).passed
+    assert json.loads(open(a).read())["optimizer"]["decay"] == [
+        ["0.weight", "decoupled 0.05"], ["0.bias", "none"]]
+    other = PO.AdamW(0.01, parameters=pm.parameters(), weight_decay=0.05, epsilon=1e-6)
+    c = save_settings(pm, tmp_path / "paddle_eps.json", optimizer=other)
+    report = compare_settings(a, c)
+    assert [d.line() for d in report.differ] == [
+        "optimizer: epsilon 1e-08 in torch, 1e-06 in Paddle",
+        "optimizer/0.bias: weight_decay 'none' in torch, 'decoupled 0.05' in Paddle"]
+    assert main([a, c]) == 1
+    assert "optimizer: epsilon 1e-08 in torch, 1e-06 in Paddle" in capsys.readouterr().out
+    # a file without one: its optimizer is not compared
+    d = save_settings(pm, tmp_path / "paddle_plain.json")
+    assert compare_settings(a, d).passed
+
+
+def test_a_bad_optimizer_in_a_settings_file_is_one_line_naming_it(tmp_path):
+    import json
+
+    from reprod.align import compare_settings, save_settings
+    from reprod.errors import ReprodError
+
+    tm = torch.nn.Linear(4, 3)
+    path = save_settings(tm, tmp_path / "t.json", optimizer=TO.SGD(tm.parameters(), lr=0.1))
+    doc = json.loads(open(path).read())
+    doc["optimizer"]["decay"] = [["weight", 0.1]]
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    with pytest.raises(ReprodError, match=r"t\.json: its optimizer is not \{settings, decay: "
+                                          r"\[\[parameter, decay\], \.\.\.\]\}"):
+        compare_settings(path, path)
