@@ -36,7 +36,7 @@ from config import (  # noqa: E402
 from paddle_model import inject_bug, mobilenet_v3_small  # noqa: E402
 
 from reprod import ReprodLogger  # noqa: E402
-from reprod.align import load_into_paddle  # noqa: E402
+from reprod.align import load_into_paddle, save_settings  # noqa: E402
 from reprod.capture import layer_types, record  # noqa: E402
 
 
@@ -70,9 +70,11 @@ def backward(model: nn.Layer, x: Any, y: Any) -> dict[str, Any]:
     return grads_of(model)
 
 
-def train(model: nn.Layer, x: Any, y: Any, steps: int) -> tuple[ReprodLogger, dict[str, Any]]:
+def train(model: nn.Layer, x: Any, y: Any, steps: int, settings: str | None = None
+          ) -> tuple[ReprodLogger, dict[str, Any]]:
     """6. Momentum with L2 weight decay under a cosine schedule: each step's loss, lr, gradients
-    and updated weights, and the running variances after the last step."""
+    and updated weights, and the running variances after the last step. ``settings``: where to
+    save the optimizer's hyperparameters, for run.py to compare with the reference's."""
     model.train()
     criterion = nn.CrossEntropyLoss()
     sched = paddle.optimizer.lr.CosineAnnealingDecay(learning_rate=LR, T_max=steps)
@@ -82,6 +84,8 @@ def train(model: nn.Layer, x: Any, y: Any, steps: int) -> tuple[ReprodLogger, di
         parameters=model.parameters(),
         weight_decay=WEIGHT_DECAY,  # a float is L2Decay, torch SGD's weight_decay
     )
+    if settings is not None:
+        save_settings(model, settings, optimizer=opt)
     log = ReprodLogger()
     variances: dict[str, Any] = {}
     for step in range(1, steps + 1):
@@ -153,7 +157,8 @@ def main() -> int:
     # calibrates the verdicts
     dump(os.path.join(out, "backward_paddle.npy"), backward(build(args.inject_bug, pdparams), x, y))
     print("  paddle: forward, layers, loss, backward dumped", flush=True)
-    log, variances = train(build(args.inject_bug, pdparams), x, y, args.steps)
+    log, variances = train(build(args.inject_bug, pdparams), x, y, args.steps,
+                           os.path.join(out, "optimizer_paddle.json"))
     log.save(os.path.join(out, "train_paddle.npy"))
     dump(os.path.join(out, "bn_variance_paddle.npy"), variances)
     print(f"  paddle: {args.steps} training steps dumped", flush=True)

@@ -57,7 +57,7 @@ from config import (  # noqa: E402
 
 import reprod  # noqa: E402
 from reprod import ReprodDiffHelper  # noqa: E402
-from reprod.align import noise_multiples  # noqa: E402
+from reprod.align import compare_settings, noise_multiples  # noqa: E402
 from reprod.diff.result import DiffResult  # noqa: E402
 from reprod.messages import fmt_multiple, fmt_num  # noqa: E402
 from reprod.report.log import emit_log_lines, render_log  # noqa: E402
@@ -163,17 +163,28 @@ def structure_outcome(out: Path) -> Outcome:
     )
 
 
-def settings_outcome(out: Path) -> Outcome:
+def optimizer_differ(out: Path) -> list[str] | None:
+    """The optimizers' hyperparameters that differ, from what each side's training saved
+    (``save_settings(..., optimizer=)``); None before the port's side has run."""
+    ours, theirs = out / "optimizer_torch.json", out / "optimizer_paddle.json"
+    if not (ours.is_file() and theirs.is_file()):
+        return None
+    report = compare_settings(str(ours), str(theirs))
+    return [d.line() for d in report.differ if d.kind == "optimizer"]
+
+
+def settings_outcome(out: Path, optimizer: list[str] | None = None) -> Outcome:
     facts = json.loads((out / "tables" / "structure.json").read_text(encoding="utf-8"))["settings"]
+    agree = f"the settings of {facts['layers']} paired layers, {facts['calls']} paired calls"
+    agree += " and the optimizers agree" if optimizer is not None else " agree"
     return Outcome(
         "1. settings",
-        "layer and call settings (epsilon, stride, slope)",
-        facts["passed"],
+        "settings: layers, calls, optimizer",
+        facts["passed"] and not optimizer,
         facts["layers"],
         "same settings",
-        "; ".join(facts["differ"]) or "; ".join(
-            [f"the settings of {facts['layers']} paired layers and {facts['calls']} paired calls "
-             "agree"] + [f"not paired: {u}" for u in facts["unpaired"]]),
+        "; ".join(facts["differ"] + (optimizer or []))
+        or "; ".join([agree] + [f"not paired: {u}" for u in facts["unpaired"]]),
         "tables/settings.txt",
     )
 
@@ -367,6 +378,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             say("the paddle side failed (see above)")
             return 2
         say("[compare] reprod, each step against the torch reference")
+        # the optimizers each side's training built, saved there, join the settings
+        outcomes[1] = settings_outcome(out, optimizer_differ(out))
+        verdict = "passed" if outcomes[1].passed else "FAILED"
+        say(f"  {outcomes[1].title:<15} {verdict:<7} {outcomes[1].detail}")
         have64 = False
         for check in checks(args.steps):
             outcome = compare_step(check, out)

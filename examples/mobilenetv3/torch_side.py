@@ -29,7 +29,7 @@ from torch import nn
 from torch_model import mobilenet_v3_small
 
 from reprod import ReprodLogger
-from reprod.align import linear_weight_names, plan_conversion, torch_to_paddle
+from reprod.align import linear_weight_names, plan_conversion, save_settings, torch_to_paddle
 from reprod.capture import record
 
 
@@ -97,14 +97,17 @@ def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, np
 
 
 def train(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, settings: str | None = None
 ) -> tuple[ReprodLogger, dict[str, np.ndarray]]:
     """6. SGD with momentum and weight decay under a cosine schedule: each step's loss, lr,
-    gradients and updated weights, and the running variances after the last step."""
+    gradients and updated weights, and the running variances after the last step. ``settings``:
+    where to save the optimizer's hyperparameters, for run.py to compare with the port's."""
     model.zero_grad(set_to_none=True)
     model.train()
     criterion = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    if settings is not None:
+        save_settings(model, settings, optimizer=opt)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     log = ReprodLogger()
     variances: dict[str, np.ndarray] = {}
@@ -173,7 +176,7 @@ def main() -> int:
     dump(os.path.join(out, "backward_torch.npy"), backward(model, x, y))
     print("  torch: forward, layers, loss, backward dumped", flush=True)
     model.load_state_dict(torch.load(pth, weights_only=True))
-    log, variances = train(model, x, y, args.steps)
+    log, variances = train(model, x, y, args.steps, os.path.join(out, "optimizer_torch.json"))
     log.save(os.path.join(out, "train_torch.npy"))
     dump(os.path.join(out, "bn_variance_torch.npy"), variances)
     print(f"  torch: {args.steps} training steps dumped", flush=True)

@@ -185,12 +185,19 @@ def optimizer_record(opt: Any, model: Any) -> dict[str, Any]:
     if read is None:
         return {"framework": framework, "skipped": _skipped(opt)}
     settings, decay, varies = read
+    # what the optimizer trains: Paddle's BatchNorm statistics are parameters it holds too, with
+    # stop_gradient, and torch's frozen parameters take no step either
     out: dict[str, Any] = {"framework": framework, "settings": settings,
                            "decay": [[n, decay[id(q)]] for n, q in model.named_parameters()
-                                     if id(q) in decay]}
+                                     if id(q) in decay and _trained(q)]}
     if varies:
         out["per_group"] = varies
     return out
+
+
+def _trained(param: Any) -> bool:
+    return bool(getattr(param, "requires_grad", True)) and not bool(
+        getattr(param, "stop_gradient", False))
 
 
 def _skipped(opt: Any) -> str:

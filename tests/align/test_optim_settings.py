@@ -274,3 +274,18 @@ def test_a_bad_optimizer_in_a_settings_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(ReprodError, match=r"t\.json: its optimizer is not \{settings, decay: "
                                           r"\[\[parameter, decay\], \.\.\.\]\}"):
         compare_settings(path, path)
+
+
+def test_paddle_s_batchnorm_statistics_are_not_trained_parameters(tmp_path):
+    """Paddle's BatchNorm keeps its statistics as parameters (stop_gradient) that
+    ``model.parameters()`` hands the optimizer: left out, the decays still pair by order."""
+    from reprod.align import compare_settings, save_settings
+
+    tm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    pm = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4))
+    assert len(list(pm.parameters())) == 6
+    a = save_settings(tm, tmp_path / "t.json", optimizer=TO.SGD(tm.parameters(), lr=0.1,
+                                                                 weight_decay=1e-4))
+    b = save_settings(pm, tmp_path / "p.json", optimizer=PO.SGD(0.1, parameters=pm.parameters()))
+    assert [d.line() for d in compare_settings(a, b).differ] == [
+        "optimizer: weight_decay 'L2 0.0001' in torch, 'none' in Paddle"]

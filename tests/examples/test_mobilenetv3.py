@@ -109,14 +109,14 @@ def test_aligned_port_passes_every_step(aligned: Run) -> None:
     assert "ALIGNED" in aligned.proc.stdout and "NOT ALIGNED" not in aligned.proc.stdout
     # the squeeze-excitations' hardsigmoids are functional calls in both models, compared too
     assert aligned.step("1. settings")["detail"] == (
-        "the settings of 97 paired layers and 9 paired calls agree")
+        "the settings of 97 paired layers, 9 paired calls and the optimizers agree")
 
 
 def test_aligned_run_writes_every_file(aligned: Run) -> None:
     out = aligned.out
     expected = ["fake_data.npy", "fake_label.npy", "model.pth", "model.pdparams"]
     expected += ["summary.txt", "summary.json", "report.html", "tables/structure.txt",
-                 "tables/settings.txt"]
+                 "tables/settings.txt", "optimizer_torch.json", "optimizer_paddle.json"]
     for name in STEP_FILES:
         expected += [f"{name}_torch.npy", f"{name}_paddle.npy", f"log/{name}_diff.log"]
         expected += [f"tables/{name}.txt"]
@@ -124,6 +124,32 @@ def test_aligned_run_writes_every_file(aligned: Run) -> None:
     missing = [name for name in expected if not (out / name).is_file()]
     assert not missing
     assert (out / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_the_optimizers_each_side_saved_join_the_settings_step(aligned: Run,
+                                                             tmp_path: Path) -> None:
+    """Each side's training saves its optimizer; a port whose Momentum lost its nesterov flag
+    or its weight decay fails the settings step, naming them."""
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    torch_file = json.loads((aligned.out / "optimizer_torch.json").read_text(encoding="utf-8"))
+    assert torch_file["optimizer"]["settings"]["algorithm"] == "SGD with momentum"
+    assert {d for _, d in torch_file["optimizer"]["decay"]} == {"L2 4e-05"}
+    out = tmp_path / "out"
+    (out / "tables").mkdir(parents=True)
+    for name in ("optimizer_torch.json", "tables/structure.json"):
+        shutil.copy(aligned.out / name, out / name)
+    port = json.loads((aligned.out / "optimizer_paddle.json").read_text(encoding="utf-8"))
+    port["optimizer"]["settings"]["nesterov"] = True
+    port["optimizer"]["decay"] = [[n, "none"] for n, _ in port["optimizer"]["decay"]]
+    (out / "optimizer_paddle.json").write_text(json.dumps(port), encoding="utf-8")
+    outcome = run.settings_outcome(out, run.optimizer_differ(out))
+    assert not outcome.passed
+    assert outcome.detail == ("optimizer: nesterov False in torch, True in Paddle; optimizer: "
+                              "weight_decay 'L2 4e-05' in torch, 'none' in Paddle")
 
 
 def test_fake_data_is_the_documented_seeded_batch(aligned: Run) -> None:
