@@ -498,13 +498,16 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
                      torch_to_paddle: Optional[Mapping[str, str]] = None,
                      waive: Sequence[str] = (), *, by_order: bool = False,
                      traces: Optional[tuple[Any, Any]] = None,
-                     optimizers: Optional[tuple[Any, Any]] = None) -> Any:
+                     optimizers: Optional[tuple[Any, Any]] = None,
+                     schedulers: Optional[tuple[Any, Any, int]] = None) -> Any:
     """``result`` with a failing key ``settings/<Paddle layer>/<setting>`` (status
     ``"setting"``) for each setting that differs and no ``waive`` pattern matches
     (``<Paddle layer>/<setting>``, glob), after the value keys, and ``options["settings"]``:
     the differences' lines, those waived, and the kinds that could not be paired.
     ``optimizers``: (torch's, Paddle's), whose hyperparameters are compared too
-    (``optim_settings``; needs ``torch_to_paddle``)."""
+    (``optim_settings``; needs ``torch_to_paddle``). ``schedulers``: (torch's, Paddle's, the
+    steps both took), whose learning rates are compared far past those steps
+    (``lr_schedule``; needs ``optimizers``)."""
     import dataclasses
     from fnmatch import fnmatchcase
 
@@ -520,6 +523,12 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
         extra, optimizer_info = compare_optimizers(optimizers[0], optimizers[1], torch_model,
                                                    paddle_model, torch_to_paddle)
         found += extra
+        if schedulers is not None:
+            from .lr_schedule import compare_schedules
+
+            extra, optimizer_info["lr_schedule"] = compare_schedules(
+                schedulers[0], optimizers[0], schedulers[1], optimizers[1], done=schedulers[2])
+            found += extra
     diffs, waived = [], []
     for d in found:
         name = f"{d.paddle_layer}/{d.setting}"

@@ -414,7 +414,10 @@ def align_train(
     and a finding. A list of ``"<Paddle layer>/<setting>"`` glob patterns waives those. The two
     optimizers' hyperparameters are compared too (``reprod.align.optim_settings``: an Adam
     epsilon, betas, momentum, nesterov, Paddle's grad_clip, which parameters decay and how),
-    each that differs ``settings/optimizer/<setting>``.
+    each that differs ``settings/optimizer/<setting>``; and the two learning-rate schedules,
+    stepped on alone far past the steps trained (``reprod.align.lr_schedule``: a cosine's
+    ``T_max``, a warmup's length), the first step where they part failing as
+    ``settings/optimizer/lr_at_step_<k>``.
 
     ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
     rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
@@ -621,7 +624,8 @@ def align_train(
         result = settings.settings_checked(
             result, torch_model, paddle_model,
             {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name}, waive,
-            traces=traces, optimizers=(torch_optimizer, paddle_optimizer))
+            traces=traces, optimizers=(torch_optimizer, paddle_optimizer),
+            schedulers=(torch_scheduler, paddle_scheduler, n))
     if verbose:
         for line in _rounding_summary(result):
             print(line, flush=True)

@@ -1,0 +1,133 @@
+"""The learning-rate schedules, compared far past the steps a check trains.
+
+``align_train`` compares each step's learning rate, but it trains a few steps of a schedule made
+for thousands: a cosine's ``T_max`` of the epochs against the iterations, a warmup one step
+longer, a step decay's milestones, a polynomial decay's end value all agree at step 3. Here each
+side's scheduler is copied, detached from its optimizer (torch's writes the rate into a stand-in
+holding a copy of the param groups, without the parameters; Paddle's holds no parameters), and
+stepped on to a horizon of twice the longest period either schedule names (``T_max``,
+``total_iters``, milestones, warmup and decay steps...: at least 1,000 steps, at most 100,000),
+and the two sequences are compared. The first step where they part fails, with both rates.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from .settings import SettingDiff
+
+__all__ = ["compare_schedules", "simulate_torch", "simulate_paddle"]
+
+_PERIODS = ("T_max", "total_iters", "T_0", "step_size", "milestones", "warmup_steps",
+            "decay_steps", "total_steps", "boundaries", "_step_size", "T_i")
+MIN_HORIZON, MAX_HORIZON = 1_000, 100_000
+
+
+class _Groups:
+    """What a torch scheduler reads and writes of its optimizer: the param groups' values."""
+
+    def __init__(self, groups: Sequence[dict[str, Any]]) -> None:
+        self.param_groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                             for g in groups]
+        self._opt_called = True  # torch warns at a scheduler's first step otherwise
+
+    def step(self) -> None:  # pragma: no cover - never called: the wrapper schedulers check
+        pass
+
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+
+def _periods(sched: Any, seen: Optional[set[int]] = None) -> list[int]:
+    """The integers a schedule names as its lengths, its inner schedules' included."""
+    seen = set() if seen is None else seen
+    if sched is None or id(sched) in seen:
+        return []
+    seen.add(id(sched))
+    out: list[int] = []
+    for name in _PERIODS:
+        v = getattr(sched, name, None)
+        values = list(v) if isinstance(v, (list, tuple, set)) or type(v).__name__ == "Counter" \
+            else [v]
+        out += [int(x) for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)
+                and math.isfinite(x) and x > 0]
+    for inner in list(getattr(sched, "_schedulers", None) or ()) + [
+            getattr(sched, "learning_rate", None)]:
+        if inner is not None and hasattr(inner, "step"):
+            out += _periods(inner, seen)
+    return out
+
+
+def horizon_of(torch_sched: Any, paddle_sched: Any) -> int:
+    periods = _periods(torch_sched) + _periods(paddle_sched)
+    return max(MIN_HORIZON, min(MAX_HORIZON, 2 * max(periods, default=0) + 10))
+
+
+def simulate_torch(sched: Any, optimizer: Any, steps: int) -> list[float]:
+    """Param group 0's learning rate after each of ``steps`` more steps of a copy of ``sched``
+    (the constant rate without one). The scheduler and optimizer are left as they are."""
+    if sched is None:
+        return [float(optimizer.param_groups[0]["lr"])] * steps
+    stand_in = _Groups(optimizer.param_groups)
+    twin = copy.deepcopy(sched, {id(optimizer): stand_in})
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            twin.step()
+            out.append(float(stand_in.param_groups[0]["lr"]))
+    return out
+
+
+def _paddle_scheduler(sched: Any, optimizer: Any) -> Any:
+    if sched is not None:
+        return sched
+    lr = getattr(optimizer, "_learning_rate", None)
+    return lr if hasattr(lr, "step") and hasattr(lr, "last_lr") else None
+
+
+def simulate_paddle(sched: Any, optimizer: Any, steps: int) -> list[float]:
+    """The learning rate after each of ``steps`` more steps of a copy of the Paddle scheduler
+    (``sched``, else the optimizer's own; the constant rate without one)."""
+    sched = _paddle_scheduler(sched, optimizer)
+    if sched is None:
+        return [float(optimizer.get_lr())] * steps
+    twin = copy.deepcopy(sched)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            twin.step()
+            out.append(float(twin.last_lr))
+    return out
+
+
+def compare_schedules(torch_sched: Any, torch_opt: Any, paddle_sched: Any, paddle_opt: Any,
+                      *, done: int = 0, horizon: Optional[int] = None
+                      ) -> tuple[list[SettingDiff], dict[str, Any]]:
+    """The first step at which the two schedules' rates part (one ``SettingDiff``, setting
+    ``lr_at_step_<k>``, k counted as ``align_train`` counts its steps, from 0), within the
+    horizon; and what was simulated. ``done``: the steps both schedulers have taken."""
+    p_sched = _paddle_scheduler(paddle_sched, paddle_opt)
+    if type(torch_sched).__name__ == "ReduceLROnPlateau" or \
+            type(p_sched).__name__ == "ReduceOnPlateau":
+        return [], {"skipped": "a schedule on a metric (ReduceLROnPlateau) steps on what training "
+                               "measures, not on the step"}
+    h = horizon_of(torch_sched, p_sched) if horizon is None else int(horizon)
+    try:
+        ts = simulate_torch(torch_sched, torch_opt, h)
+        ps = simulate_paddle(p_sched, paddle_opt, h)
+    except Exception as e:  # a scheduler that cannot be copied or stepped alone: said
+        return [], {"skipped": f"the schedules could not be stepped on alone "
+                               f"({type(e).__name__}: {e})"}
+    info: dict[str, Any] = {"horizon": h, "from_step": done + 1}
+    for i, (a, b) in enumerate(zip(ts, ps)):
+        if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12):
+            k = done + 1 + i
+            info["part_at"] = k
+            return [SettingDiff("optimizer", "optimizer", f"lr_at_step_{k}", a, b,
+                                "optimizer")], info
+    return [], info

@@ -1,0 +1,137 @@
+"""Learning-rate schedules compared far past the steps trained (``reprod.align.lr_schedule``).
+
+Each schedule pair is stepped on alone from where training left it. A pair that computes the same
+rates is no difference; one that differs at step k (a cosine's ``T_max``, a warmup's length,
+a milestone) is one difference at the first step where the rates part, its values checked
+against the schedule's closed form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+
+from reprod.align import align_train  # noqa: E402
+from reprod.align.lr_schedule import compare_schedules  # noqa: E402
+
+TS, PS = torch.optim.lr_scheduler, paddle.optimizer.lr
+
+
+def _pair(make_torch, make_paddle, lr=0.1, done=3):
+    """Both schedules, each stepped ``done`` times as training would have."""
+    tm, pm = torch.nn.Linear(2, 2), paddle.nn.Linear(2, 2)
+    topt = torch.optim.SGD(tm.parameters(), lr=lr)
+    tsched = make_torch(topt)
+    psched = make_paddle(lr)
+    popt = paddle.optimizer.SGD(psched if psched is not None else lr, parameters=pm.parameters())
+    for _ in range(done):
+        topt.step()
+        if tsched is not None:
+            tsched.step()
+        if psched is not None:
+            psched.step()
+    return tsched, topt, psched, popt
+
+
+def _cosine(k, lr, t_max, eta_min=0.0):
+    return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * k / t_max)) / 2
+
+
+def test_the_same_cosine_is_no_difference_and_nothing_is_stepped():
+    ts, to, ps, po = _pair(lambda o: TS.CosineAnnealingLR(o, T_max=2000),
+                           lambda lr: PS.CosineAnnealingDecay(lr, T_max=2000))
+    before = (ts.last_epoch, to.param_groups[0]["lr"], ps.last_epoch, ps.last_lr)
+    diffs, info = compare_schedules(ts, to, ps, po, done=3)
+    assert diffs == [] and info == {"horizon": 4010, "from_step": 4}
+    # the schedulers and the optimizer are where they were
+    assert (ts.last_epoch, to.param_groups[0]["lr"], ps.last_epoch, ps.last_lr) == before
+
+
+@pytest.mark.parametrize("t_port", [1999, 20000])
+def test_a_cosine_of_another_length_parts_where_its_rates_do(t_port):
+    ts, to, ps, po = _pair(lambda o: TS.CosineAnnealingLR(o, T_max=2000),
+                           lambda lr: PS.CosineAnnealingDecay(lr, T_max=t_port))
+    (d,), info = compare_schedules(ts, to, ps, po, done=3)
+    k = info["part_at"]
+    assert d.setting == f"lr_at_step_{k}" and d.key == f"settings/optimizer/lr_at_step_{k}"
+    # the values are each cosine's closed form at step k, and they part there first
+    assert d.torch_value == pytest.approx(_cosine(k, 0.1, 2000), rel=1e-9)
+    assert d.paddle_value == pytest.approx(_cosine(k, 0.1, t_port), rel=1e-9)
+    assert not math.isclose(d.torch_value, d.paddle_value, rel_tol=1e-6)
+    if k > 4:  # the step before, where simulated, agrees
+        assert math.isclose(_cosine(k - 1, 0.1, 2000), _cosine(k - 1, 0.1, t_port),
+                            rel_tol=1e-6)
+    # where the closed forms first part beyond the tolerance, from the first step simulated
+    assert k == next(j for j in range(4, 10_000) if not math.isclose(
+        _cosine(j, 0.1, 2000), _cosine(j, 0.1, t_port), rel_tol=1e-6))
+
+
+def test_a_warmup_is_compared_with_its_length():
+    """torch's LinearLR warmup against Paddle's LinearWarmup around a constant rate."""
+    def torch_warmup(o):
+        return TS.LinearLR(o, start_factor=0.1, total_iters=100)
+
+    same = _pair(torch_warmup, lambda lr: PS.LinearWarmup(lr, warmup_steps=100, start_lr=0.01,
+                                                          end_lr=lr))
+    assert compare_schedules(*same, done=3)[0] == []
+    shorter = _pair(torch_warmup, lambda lr: PS.LinearWarmup(lr, warmup_steps=90,
+                                                             start_lr=0.01, end_lr=lr))
+    (d,), info = compare_schedules(*shorter, done=3)
+    assert info["part_at"] == 4  # the slopes differ from the first step on
+    assert d.torch_value == pytest.approx(0.1 * (0.1 + 0.9 * 4 / 100))
+    assert d.paddle_value == pytest.approx(0.01 + 0.09 * 4 / 90)
+
+
+def test_a_milestone_past_the_steps_trained_is_found():
+    ts, to, ps, po = _pair(lambda o: TS.MultiStepLR(o, milestones=[3000, 6000], gamma=0.1),
+                           lambda lr: PS.MultiStepDecay(lr, milestones=[3000, 6500], gamma=0.1))
+    (d,), info = compare_schedules(ts, to, ps, po, done=3)
+    assert info["part_at"] == 6000 and info["horizon"] == 13010
+    assert (d.torch_value, d.paddle_value) == (pytest.approx(1e-3), pytest.approx(1e-2))
+
+
+def test_no_schedule_on_either_side_is_the_constant_rate():
+    assert compare_schedules(*_pair(lambda o: None, lambda lr: None), done=3) == (
+        [], {"horizon": 1000, "from_step": 4})
+
+
+def test_a_schedule_on_a_metric_is_skipped_and_said():
+    ts, to, ps, po = _pair(lambda o: TS.ReduceLROnPlateau(o), lambda lr: None, done=0)
+    assert compare_schedules(ts, to, ps, po) == ([], {
+        "skipped": "a schedule on a metric (ReduceLROnPlateau) steps on what training "
+                   "measures, not on the step"})
+
+
+def test_align_train_fails_a_schedule_its_steps_cannot_show():
+    """Three steps of a cosine over 5,000 against one over 500 (the epochs for the
+    iterations): every rate of the three steps passes within its noise; the schedules part."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    y = rng.integers(0, 6, 4)
+
+    def run(t_port):
+        tm = torch.nn.Sequential(torch.nn.Linear(6, 6))
+        pm = paddle.nn.Sequential(paddle.nn.Linear(6, 6))
+        pm[0].weight.set_value(tm[0].weight.detach().numpy().T)
+        pm[0].bias.set_value(tm[0].bias.detach().numpy())
+        topt = torch.optim.SGD(tm.parameters(), lr=0.01)
+        psched = PS.CosineAnnealingDecay(0.01, T_max=t_port)
+        return align_train(
+            tm, pm, [(x, y)], steps=3, torch_loss_fn=torch.nn.CrossEntropyLoss(),
+            paddle_loss_fn=paddle.nn.CrossEntropyLoss(), torch_optimizer=topt,
+            paddle_optimizer=paddle.optimizer.SGD(psched, parameters=pm.parameters()),
+            torch_scheduler=TS.CosineAnnealingLR(topt, T_max=5000), paddle_scheduler=psched)
+
+    r = run(500)
+    (failed,) = [k for k in r.failed]
+    assert failed.key.startswith("settings/optimizer/lr_at_step_") and failed.status == "setting"
+    assert all(k.passed for k in r.results if k.key.endswith("/lr"))
+    assert r.options["settings"]["optimizer"]["lr_schedule"]["part_at"] == int(
+        failed.key.rpartition("_")[2])
+    assert run(5000).passed
