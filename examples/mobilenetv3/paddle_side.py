@@ -74,7 +74,8 @@ def train(model: nn.Layer, x: Any, y: Any, steps: int, settings: str | None = No
           ) -> tuple[ReprodLogger, dict[str, Any]]:
     """6. Momentum with L2 weight decay under a cosine schedule: each step's loss, lr, gradients
     and updated weights, and the running variances after the last step. ``settings``: where to
-    save the optimizer's hyperparameters, for run.py to compare with the reference's."""
+    save the optimizer's hyperparameters and schedule, for run.py to compare with the
+    reference's."""
     model.train()
     criterion = nn.CrossEntropyLoss()
     sched = paddle.optimizer.lr.CosineAnnealingDecay(learning_rate=LR, T_max=steps)
@@ -85,7 +86,7 @@ def train(model: nn.Layer, x: Any, y: Any, steps: int, settings: str | None = No
         weight_decay=WEIGHT_DECAY,  # a float is L2Decay, torch SGD's weight_decay
     )
     if settings is not None:
-        save_settings(model, settings, optimizer=opt)
+        save_settings(model, settings, optimizer=opt, scheduler=sched)
     log = ReprodLogger()
     variances: dict[str, Any] = {}
     for step in range(1, steps + 1):

@@ -101,14 +101,15 @@ def train(
 ) -> tuple[ReprodLogger, dict[str, np.ndarray]]:
     """6. SGD with momentum and weight decay under a cosine schedule: each step's loss, lr,
     gradients and updated weights, and the running variances after the last step. ``settings``:
-    where to save the optimizer's hyperparameters, for run.py to compare with the port's."""
+    where to save the optimizer's hyperparameters and schedule, for run.py to compare with the
+    port's."""
     model.zero_grad(set_to_none=True)
     model.train()
     criterion = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    if settings is not None:
-        save_settings(model, settings, optimizer=opt)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    if settings is not None:
+        save_settings(model, settings, optimizer=opt, scheduler=sched)
     log = ReprodLogger()
     variances: dict[str, np.ndarray] = {}
     for step in range(1, steps + 1):

@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 from .settings import SettingDiff
 
-__all__ = ["compare_schedules", "simulate_torch", "simulate_paddle"]
+__all__ = ["compare_schedules", "first_parting", "schedule_record", "simulate_paddle",
+           "simulate_torch"]
 
 _PERIODS = ("T_max", "total_iters", "T_0", "step_size", "milestones", "warmup_steps",
             "decay_steps", "total_steps", "boundaries", "_step_size", "T_i")
@@ -124,10 +125,34 @@ def compare_schedules(torch_sched: Any, torch_opt: Any, paddle_sched: Any, paddl
         return [], {"skipped": f"the schedules could not be stepped on alone "
                                f"({type(e).__name__}: {e})"}
     info: dict[str, Any] = {"horizon": h, "from_step": done + 1}
-    for i, (a, b) in enumerate(zip(ts, ps)):
+    found = first_parting(ts, ps, done=done)
+    if found is None:
+        return [], info
+    info["part_at"] = int(found.setting.rpartition("_")[2])
+    return [found], info
+
+
+def first_parting(ours: Sequence[float], theirs: Sequence[float], *, done: int = 0,
+                  sides: tuple[str, str] = ("torch", "Paddle")) -> Optional[SettingDiff]:
+    """The first step at which two sequences of rates (each the rate after one more step,
+    from step ``done + 1``) part by more than 1e-6 of them, as a ``SettingDiff``; None where
+    they agree as far as both go."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
         if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12):
             k = done + 1 + i
-            info["part_at"] = k
-            return [SettingDiff("optimizer", "optimizer", f"lr_at_step_{k}", a, b,
-                                "optimizer")], info
-    return [], info
+            return SettingDiff("optimizer", "optimizer", f"lr_at_step_{k}", float(a), float(b),
+                               "optimizer", sides)
+    return None
+
+
+def schedule_record(sched: Any, optimizer: Any, framework: str) -> Optional[dict[str, Any]]:
+    """What ``save_settings(..., scheduler=)`` writes: the rates after each of the next steps,
+    to a horizon from this schedule's own periods; None without a scheduler (a script that
+    gives none says nothing of its schedule: a torch optimizer does not know its scheduler)."""
+    if sched is None:
+        return None
+    h = horizon_of(sched, None)
+    if framework == "torch":
+        opt = optimizer if optimizer is not None else sched.optimizer
+        return {"horizon": h, "lrs": simulate_torch(sched, opt, h)}
+    return {"horizon": h, "lrs": simulate_paddle(sched, optimizer, h)}

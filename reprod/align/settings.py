@@ -657,14 +657,18 @@ def layer_settings(model: Any) -> list[dict[str, Any]]:
     return out
 
 
-def save_settings(model: Any, path: Any, trace: Any = None, optimizer: Any = None) -> str:
+def save_settings(model: Any, path: Any, trace: Any = None, optimizer: Any = None,
+                  scheduler: Any = None) -> str:
     """Write ``layer_settings(model)`` to ``path`` (JSON, atomically) and return the path: what
     a script that cannot hold the other framework's model saves beside its dump, for
     ``compare_settings(reference_file, port_file)``. ``trace``: a ``trace_settings`` of one
     forward pass of ``model``, whose calls are saved too and compared where both files hold
     one. ``optimizer``: the script's optimizer over ``model``'s parameters, whose
     hyperparameters are saved too (``optim_settings.optimizer_record``) and compared where both
-    files hold them, each parameter's weight decay paired by definition order."""
+    files hold them, each parameter's weight decay paired by definition order. ``scheduler``:
+    its learning-rate schedule (torch's over ``optimizer``), stepped on alone from where it is
+    (``lr_schedule``), saved as its rates and compared where both files hold one: save both
+    before training, or after as many steps."""
     import json
     import os
     import tempfile
@@ -683,6 +687,12 @@ def save_settings(model: Any, path: Any, trace: Any = None, optimizer: Any = Non
         if "settings" in record:
             record["settings"] = {k: _jsonable(v) for k, v in record["settings"].items()}
         doc["optimizer"] = record
+    if scheduler is not None:
+        from .lr_schedule import schedule_record
+
+        schedule = schedule_record(scheduler, optimizer, _framework(model))
+        if schedule is not None:
+            doc["lr_schedule"] = schedule
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -705,8 +715,10 @@ def _is_saved(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
-# (where from, framework, layers, traced calls or None, optimizer record or None)
-_Saved = tuple[str, str, list[dict[str, Any]], Optional[list[Any]], Optional[dict[str, Any]]]
+# (where from, framework, layers, traced calls or None, optimizer record or None, learning
+# rates or None)
+_Saved = tuple[str, str, list[dict[str, Any]], Optional[list[Any]], Optional[dict[str, Any]],
+               Optional[list[float]]]
 
 
 def _as_saved(x: Any) -> _Saved:
@@ -720,7 +732,7 @@ def _as_saved(x: Any) -> _Saved:
     if not _is_saved(x):  # as a file would read back
         return type(x).__name__, _framework(x), [
             dict(e, settings={k: _from_json(v) for k, v in e["settings"].items()})
-            for e in layer_settings(x)], None, None
+            for e in layer_settings(x)], None, None, None
     path = os.fspath(x)
     try:
         with open(path, encoding="utf-8") as f:
@@ -751,7 +763,14 @@ def _as_saved(x: Any) -> _Saved:
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise ReprodError(f"{path}: call #{i} is not {{kind, op, name, layer, settings}}"
                                   f" ({type(e).__name__}: {e})") from e
-    return path, str(doc.get("framework", "?")), layers, calls, _saved_optimizer(path, doc)
+    rates = doc.get("lr_schedule")
+    if rates is not None:
+        rates = rates.get("lrs") if isinstance(rates, dict) else None
+        if not (isinstance(rates, list) and all(isinstance(v, (int, float)) and
+                                                not isinstance(v, bool) for v in rates)):
+            raise ReprodError(f"{path}: its lr_schedule is not {{lrs: [rate, ...]}}")
+    return (path, str(doc.get("framework", "?")), layers, calls, _saved_optimizer(path, doc),
+            rates)
 
 
 def _saved_optimizer(path: str, doc: Mapping[str, Any]) -> Optional[dict[str, Any]]:
@@ -804,6 +823,12 @@ def _compare_saved(a: _Saved, b: _Saved) -> SettingsReport:
             unpaired.append(f"optimizer parameters: {info['weight_decay']['unpaired']}")
         if "skipped" in info:
             unpaired.append(f"optimizer: {info['skipped']}")
+    if a[5] is not None and b[5] is not None:
+        from .lr_schedule import first_parting
+
+        found_at = first_parting(a[5], b[5], done=0, sides=sides)
+        if found_at is not None:
+            diffs.append(found_at)
     if a[3] is None or b[3] is None:
         return SettingsReport(tuple(diffs), tuple(unpaired), compared)
     return _with_calls(diffs, unpaired, compared, a[3], b[3], sides)

@@ -135,3 +135,35 @@ def test_align_train_fails_a_schedule_its_steps_cannot_show():
     assert r.options["settings"]["optimizer"]["lr_schedule"]["part_at"] == int(
         failed.key.rpartition("_")[2])
     assert run(5000).passed
+
+
+def test_each_script_saves_its_schedule_and_the_files_compare(tmp_path):
+    from reprod.align import compare_settings, save_settings
+    from reprod.errors import ReprodError
+
+    tm, pm = torch.nn.Linear(2, 2), paddle.nn.Linear(2, 2)
+    topt = torch.optim.SGD(tm.parameters(), lr=0.1)
+    a = save_settings(tm, tmp_path / "t.json", optimizer=topt,
+                      scheduler=TS.CosineAnnealingLR(topt, T_max=2000))
+    files = {}
+    for t_max in (2000, 1999):
+        sched = PS.CosineAnnealingDecay(0.1, T_max=t_max)
+        files[t_max] = save_settings(pm, tmp_path / f"p{t_max}.json", scheduler=sched,
+                                     optimizer=paddle.optimizer.SGD(sched,
+                                                                    parameters=pm.parameters()))
+    assert compare_settings(a, files[2000]).passed
+    (d,) = compare_settings(a, files[1999]).differ
+    # saved before training: the first rate saved is step 1's
+    k = next(j for j in range(1, 10_000) if not math.isclose(
+        _cosine(j, 0.1, 2000), _cosine(j, 0.1, 1999), rel_tol=1e-6))
+    assert d.line() == (f"optimizer: lr_at_step_{k} {_cosine(k, 0.1, 2000):g} in torch, "
+                        f"{_cosine(k, 0.1, 1999):g} in Paddle")
+    # a script that names no scheduler says nothing of its schedule: not compared
+    b = save_settings(pm, tmp_path / "plain.json",
+                      optimizer=paddle.optimizer.SGD(0.5, parameters=pm.parameters()))
+    assert compare_settings(a, b).passed
+    bad = tmp_path / "bad.json"
+    bad.write_text(open(files[2000]).read().replace('"lrs": [', '"lrs": ["x", '))
+    with pytest.raises(ReprodError, match=r"bad\.json: its lr_schedule is not \{lrs: \[rate, "
+                                          r"\.\.\.\]\}"):
+        compare_settings(a, str(bad))

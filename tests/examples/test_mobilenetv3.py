@@ -145,11 +145,16 @@ def test_the_optimizers_each_side_saved_join_the_settings_step(aligned: Run,
     port = json.loads((aligned.out / "optimizer_paddle.json").read_text(encoding="utf-8"))
     port["optimizer"]["settings"]["nesterov"] = True
     port["optimizer"]["decay"] = [[n, "none"] for n, _ in port["optimizer"]["decay"]]
+    # the schedules, stepped on past the 3 steps trained: a rate of step 11 off by 1 %
+    assert len(port["lr_schedule"]["lrs"]) == 1000
+    lr11 = port["lr_schedule"]["lrs"][10]
+    port["lr_schedule"]["lrs"][10] = lr11 * 1.01
     (out / "optimizer_paddle.json").write_text(json.dumps(port), encoding="utf-8")
     outcome = run.settings_outcome(out, run.optimizer_differ(out))
     assert not outcome.passed
     assert outcome.detail == ("optimizer: nesterov False in torch, True in Paddle; optimizer: "
-                              "weight_decay 'L2 4e-05' in torch, 'none' in Paddle")
+                              "weight_decay 'L2 4e-05' in torch, 'none' in Paddle; optimizer: "
+                              f"lr_at_step_11 {lr11:g} in torch, {lr11 * 1.01:g} in Paddle")
 
 
 def test_fake_data_is_the_documented_seeded_batch(aligned: Run) -> None:
