@@ -23,6 +23,7 @@ from .rules import (
     _is_torch_module,
     guess_linear_weight,
     linear_weight_names,
+    unaliased,
 )
 
 __all__ = ["pair_weights_by_order", "by_order_rules", "pair_by_order"]
@@ -68,7 +69,7 @@ def _paddle_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], str]:
     elif isinstance(obj, Mapping):
         sd, label = obj, "paddle state dict"
     elif hasattr(obj, "state_dict"):
-        sd, label = obj.state_dict(), f"paddle {type(obj).__name__}"
+        sd, label = unaliased(obj.state_dict())[0], f"paddle {type(obj).__name__}"
     else:
         raise ReprodError(
             f"cannot pair a {type(obj).__name__}: expected a Paddle model, state dict or "

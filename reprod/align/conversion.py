@@ -25,7 +25,15 @@ from ..storage.framework_files import (
     weight_file_suffix,
 )
 from .by_order import by_order_rules
-from .rules import ConversionRules, KeyPlan, _is_torch_module, linear_weight_names, plan_conversion
+from .rules import (
+    ConversionRules,
+    KeyPlan,
+    _is_torch_module,
+    linear_weight_names,
+    plan_conversion,
+    unaliased,
+    with_aliases,
+)
 
 __all__ = [
     "Conversion",
@@ -230,11 +238,14 @@ def check_fits(
 
     >>> check_fits(paddle_model, torch_to_paddle("model.pth", model=torch_model))
     """
-    expected = paddle_model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
+    expected, aliases = unaliased(paddle_model.state_dict())
+    missing = [k for k in expected if k not in weights and
+               not any(a in weights for a, kept in aliases.items() if kept == k)]
+    unexpected = [k for k in weights if k not in expected and k not in aliases]
     wrong, dtypes = [], []
     for k, v in weights.items():
+        if k in aliases:  # a file Paddle saved holds both names of an RNN's weight
+            k = aliases[k]
         if k not in expected:
             continue
         want = tuple(expected[k].shape)
@@ -309,4 +320,4 @@ def load_into_paddle(
     else:
         raise ReprodError(f"cannot load a {type(weights).__name__} into a Paddle model")
     check_fits(paddle_model, arrays, source=source)
-    paddle_model.set_state_dict(dict(arrays))
+    paddle_model.set_state_dict(with_aliases(paddle_model, arrays))

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..logger import ReprodLogger
-from .rules import KeyPlan
+from .rules import KeyPlan, unaliased, with_aliases
 
 # torch optimizer state -> the Paddle accumulator holding the same quantity
 _STATE_TO_ACC = {"momentum_buffer": "velocity", "exp_avg": "moment1", "exp_avg_sq": "moment2"}
@@ -261,8 +261,9 @@ def load_reference_state(step: int, torch_data: Mapping[str, Any], torch_model: 
         for tname, value in reference_state(step, torch_data, plan).items():
             if tname in state:
                 state[tname].copy_(torch.from_numpy(value))
-    paddle_model.set_state_dict({name: _recorded(step, torch_data, name)
-                                 for name in paddle_model.state_dict()})
+    paddle_model.set_state_dict(with_aliases(paddle_model, {
+        name: _recorded(step, torch_data, name)
+        for name in unaliased(paddle_model.state_dict())[0]}))
 
 
 def renamed(result: Any, step: int) -> Any:

@@ -27,6 +27,8 @@ from typing import Any, Optional
 from ..errors import ReprodError
 
 __all__ = [
+    "unaliased",
+    "with_aliases",
     "ConversionRules",
     "KeyPlan",
     "plan_conversion",
@@ -42,6 +44,37 @@ _BUILTIN_RENAMES = (
 _DROPPED = re.compile(r"(^|\.)num_batches_tracked$")
 # a module-path segment naming a layer whose 2-D weight is NOT stored transposed in Paddle
 _NOT_LINEAR_SEGMENT = re.compile(r"(?i)conv|emb|^wte$|^wpe$")
+
+
+def unaliased(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A state dict without its aliases, and each alias -> the key kept for it. Paddle's RNN
+    layers (LSTM, GRU, SimpleRNN) list each weight twice, as torch names it (``weight_ih_l0``)
+    and as their cell's (``0.cell_fw.weight_ih``): one tensor under two keys, which a torch
+    model has once. The first key of each tensor is kept."""
+    out: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for key, value in state.items():
+        if isinstance(value, (int, float, str, bytes)) or value is None:
+            out[key] = value  # a scalar is its own, whatever shares its identity
+            continue
+        kept = first.get(id(value))
+        if kept is not None:
+            aliases[key] = kept
+            continue
+        first[id(value)] = key
+        out[key] = value
+    return out, aliases
+
+
+def with_aliases(model: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (a Paddle state dict without aliases) with each alias of ``model``'s state dict
+    named too, as ``set_state_dict`` wants every key (it warns of each it misses)."""
+    out = dict(values)
+    for alias, kept in unaliased(model.state_dict())[1].items():
+        if alias not in out and kept in out:
+            out[alias] = out[kept]
+    return out
 
 
 def _compile(pattern: str, what: str) -> re.Pattern[str]:

@@ -89,7 +89,14 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
         return n, 0
     if n in ("dropout", "dropout2d", "dropout3d", "alphadropout"):
         return n, 0
+    if n in _RNN:
+        return _RNN[n], 0
     return None, rank
+
+
+# recurrent layers: torch's are leaves, Paddle's hold a layer per direction and layer, and their
+# cells: read as one layer each, as torch's
+_RNN = {"lstm": "lstm", "gru": "gru", "rnn": "rnn", "simplernn": "rnn"}
 
 
 # kinds paired by order (no parameters to pair them by)
@@ -260,6 +267,20 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
     ],
 }
 _SETTINGS["adaptivemaxpool"] = _SETTINGS["adaptiveavgpool"]
+# torch's batch_first defaults to False (time first), Paddle's time_major to False (batch first)
+_SETTINGS["lstm"] = [
+    ("hidden_size", lambda t, r: int(t.hidden_size), lambda p, r: int(p.hidden_size)),
+    ("num_layers", lambda t, r: int(t.num_layers), lambda p, r: int(p.num_layers)),
+    ("bidirectional", lambda t, r: bool(t.bidirectional), lambda p, r: int(p.num_directions) == 2),
+    ("batch_first", lambda t, r: bool(t.batch_first), lambda p, r: not bool(p.time_major)),
+    ("dropout", lambda t, r: float(t.dropout), lambda p, r: float(p.dropout)),
+    ("proj_size", lambda t, r: int(getattr(t, "proj_size", 0)),
+     lambda p, r: int(getattr(p, "proj_size", 0))),
+]
+_SETTINGS["gru"] = _SETTINGS["lstm"][:5]
+_SETTINGS["rnn"] = _SETTINGS["lstm"][:5] + [
+    ("nonlinearity", lambda t, r: str(t.nonlinearity), lambda p, r: str(p.activation)),
+]
 _SETTINGS.update({
     "pixelshuffle": [("upscale_factor", lambda t, r: int(t.upscale_factor),
                       lambda p, r: int(p._upscale_factor))],
@@ -303,6 +324,9 @@ _RELEVANT: dict[tuple[str, str], Callable[[Mapping[str, Any], Mapping[str, Any]]
     ("logsoftmax", "axis"): lambda a, b: a.get("axis") is not None and b.get("axis") is not None,
     ("pad", "value"): lambda a, b: a.get("mode") == "constant" and b.get("mode") == "constant",
 }
+for _k in ("lstm", "gru", "rnn"):  # dropout acts between stacked layers only
+    _RELEVANT[(_k, "dropout")] = lambda a, b: max(a.get("num_layers", 1),
+                                                  b.get("num_layers", 1)) > 1
 
 
 def _framework(layer: Any) -> str:
@@ -363,7 +387,17 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _leaves(model: Any, children: Callable[[Any], Any]) -> list[tuple[str, Any]]:
-    return [(name, m) for name, m in model if name and not any(True for _ in children(m))]
+    out: list[tuple[str, Any]] = []
+    inside: Optional[str] = None  # a recurrent layer's name, whose sublayers are its own
+    for name, m in model:
+        if inside is not None and name.startswith(inside):
+            continue
+        if type(m).__name__.lower() in _RNN:
+            inside = name + "."
+            out.append((name, m))
+        elif name and not any(True for _ in children(m)):
+            out.append((name, m))
+    return out
 
 
 def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, str]

@@ -63,7 +63,7 @@ from .results import (
     _write_diff_log,
     noise_multiples,
 )
-from .rules import ConversionRules, KeyPlan
+from .rules import ConversionRules, KeyPlan, unaliased, with_aliases
 from .train_localise import (
     Snapshot,
     backward_step,
@@ -267,7 +267,7 @@ def _paddle_steps(
                 log.add(f"step{i}/grad/{name}", _paddle_view(p.grad))
         optimizer.step()
         # Paddle keeps BatchNorm statistics as stop_gradient parameters: they are torch's buffers
-        for name, value in model.state_dict().items():
+        for name, value in unaliased(model.state_dict())[0].items():  # an RNN's weights once
             if getattr(value, "stop_gradient", True):
                 if stats:
                     log.add(f"step{i}/stat/{name}", _paddle_view(value))
@@ -777,7 +777,8 @@ def _paddle_state(step: int, torch_data: Mapping[str, Any], paddle_model: Any
                   ) -> dict[str, np.ndarray]:
     """The Paddle model's state dict as the reference recorded it after ``step`` (what a forced
     step loads into it)."""
-    return {name: forcing._recorded(step, torch_data, name) for name in paddle_model.state_dict()}
+    return {name: forcing._recorded(step, torch_data, name)
+            for name in unaliased(paddle_model.state_dict())[0]}
 
 
 _STATE_KEY = re.compile(r"step\d+/opt/.+")
@@ -1058,7 +1059,7 @@ def _restore_step(step: int, torch_model: Any, paddle_model: Any, torch_data: Ma
             return False
         torch_values[tname] = np.ascontiguousarray(value.T) if kp.action == "transpose" else value
     paddle_values = {}
-    for name in paddle_model.state_dict():
+    for name in unaliased(paddle_model.state_dict())[0]:
         value = recorded(paddle_data, name)
         if value is None:
             return False
@@ -1067,7 +1068,7 @@ def _restore_step(step: int, torch_model: Any, paddle_model: Any, torch_data: Ma
     with torch.no_grad():
         for tname, value in torch_values.items():
             state[tname].copy_(torch.from_numpy(value))
-    paddle_model.set_state_dict(paddle_values)
+    paddle_model.set_state_dict(with_aliases(paddle_model, paddle_values))
     return True
 
 

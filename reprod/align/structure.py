@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ..messages import fmt_shape
 from .by_order import _order_plan, _rules_from_order
-from .rules import ConversionRules, linear_weight_names, plan_conversion
+from .rules import ConversionRules, linear_weight_names, plan_conversion, unaliased
 
 __all__ = ["StructureRow", "LayerCount", "StructureReport", "compare_structure"]
 
@@ -179,7 +179,7 @@ def compare_structure(
         linear_weights=linear_weight_names(torch_model),
         rules=rules,
     )
-    paddle_sd = paddle_model.state_dict()
+    paddle_sd = unaliased(paddle_model.state_dict())[0]  # an RNN's weights, once each
     paddle_shapes = {k: tuple(int(s) for s in v.shape) for k, v in paddle_sd.items()}
     paddle_trainable = {k for k, v in paddle_sd.items() if not getattr(v, "stop_gradient", True)}
 
