@@ -23,6 +23,7 @@ from .rules import (
     _is_torch_module,
     guess_linear_weight,
     linear_weight_names,
+    split_attention,
     unaliased,
 )
 
@@ -59,6 +60,9 @@ def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], Optional[set[st
         raise ReprodError(
             f"cannot pair a {type(obj).__name__}: expected a torch model, state dict or .pth path"
         )
+    sd, packed = split_attention(sd)  # as Paddle's MultiHeadAttention lists them
+    if linear is not None:
+        linear = linear | {k for k in packed if k.endswith("weight")}
     return {k: tuple(int(s) for s in np.shape(v)) for k, v in sd.items()}, linear, label
 
 

@@ -7,6 +7,7 @@ Weight files are read and written by ``reprod.storage.framework_files`` (``.pth`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from .rules import (
     _is_torch_module,
     linear_weight_names,
     plan_conversion,
+    split_attention,
     unaliased,
     with_aliases,
 )
@@ -172,6 +174,9 @@ def convert(
         linear: Optional[set[str]] = linear_weight_names(model)
     else:
         linear = None
+    sd, packed = split_attention(sd)  # nn.MultiheadAttention's q, k, v as Paddle's q/k/v_proj
+    if linear is not None:
+        linear |= {k for k in packed if k.endswith("weight")}
     if by_order:
         if paddle_model is None:
             raise ReprodError(f"{source}: by_order needs paddle_model= to take the order from")
@@ -181,6 +186,9 @@ def convert(
     plan = plan_conversion(
         {k: tuple(np.shape(v)) for k, v in sd.items()}, linear_weights=linear, rules=rules
     )
+    plan = tuple(dataclasses.replace(p, why=f"{p.why}; rows of {packed[p.torch_name]} (torch's "
+                                     "MultiheadAttention packs q, k, v)")
+                 if p.torch_name in packed else p for p in plan)
     weights: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     for p in plan:

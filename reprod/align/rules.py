@@ -27,6 +27,7 @@ from typing import Any, Optional
 from ..errors import ReprodError
 
 __all__ = [
+    "split_attention",
     "unaliased",
     "with_aliases",
     "ConversionRules",
@@ -65,6 +66,52 @@ def unaliased(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]
         first[id(value)] = key
         out[key] = value
     return out, aliases
+
+
+_IN_PROJ = re.compile(r"(.*\.)?in_proj_(weight|bias)")
+
+
+def split_attention(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A torch state dict with each ``nn.MultiheadAttention``'s packed projection split as
+    Paddle's ``MultiHeadAttention`` holds it, and each new key -> the torch key it is a slice of.
+
+    torch packs the query, key and value projections in one ``in_proj_weight`` [3E, E] and
+    ``in_proj_bias`` [3E]; Paddle holds ``q_proj``, ``k_proj`` and ``v_proj``, each a Linear
+    ([E, E], transposed as any Linear weight is, and [E]). The slices come in Paddle's order
+    (``q_proj.weight``, ``q_proj.bias``, ``k_proj.weight``...), so that pairing by definition
+    order sees them as Paddle lists them. A packed key is split where its layer has an
+    ``out_proj.weight`` beside it and its shape is three E-wide blocks; any other is kept."""
+    def packed(key: str) -> Optional[tuple[str, str]]:
+        m = _IN_PROJ.fullmatch(key)
+        if m is None:
+            return None
+        prefix, what = m.group(1) or "", m.group(2)
+        shape = tuple(getattr(state[key], "shape", ()))
+        out_w = state.get(prefix + "out_proj.weight")
+        e = int(getattr(out_w, "shape", (0,))[0]) if out_w is not None else 0
+        want = (3 * e, e) if what == "weight" else (3 * e,)
+        return (prefix, what) if e and tuple(int(d) for d in shape) == want else None
+
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for key, value in state.items():
+        found = packed(key)
+        if found is None:
+            out[key] = value
+            continue
+        prefix, what = found
+        if what == "bias" and packed(prefix + "in_proj_weight") is not None:
+            continue  # split beside its weight, as Paddle lists them
+        e = int(value.shape[0]) // 3
+        parts = [(what, value, key)]
+        if what == "weight" and packed(prefix + "in_proj_bias") is not None:
+            parts.append(("bias", state[prefix + "in_proj_bias"], prefix + "in_proj_bias"))
+        for i, q in enumerate("qkv"):
+            for part, tensor, src in parts:
+                name = f"{prefix}{q}_proj.{part}"
+                out[name] = tensor[i * e:(i + 1) * e]
+                origin[name] = src
+    return out, origin
 
 
 def with_aliases(model: Any, values: Mapping[str, Any]) -> dict[str, Any]:

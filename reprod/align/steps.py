@@ -63,7 +63,7 @@ from .results import (
     _write_diff_log,
     noise_multiples,
 )
-from .rules import ConversionRules, KeyPlan, unaliased, with_aliases
+from .rules import ConversionRules, KeyPlan, split_attention, unaliased, with_aliases
 from .train_localise import (
     Snapshot,
     backward_step,
@@ -463,6 +463,13 @@ def align_train(
     if by_order:  # names no rule maps (torchvision against paddle.vision): pair by position
         rules = by_order_rules(torch_model, paddle_model, rules=rules)
     _check_structure(torch_model, paddle_model, rules)
+    packed = sorted({src.rpartition(".")[0] or "(model)"
+                     for src in split_attention(torch_model.state_dict())[1].values()})
+    if packed:  # its records are per torch parameter: one packed tensor, three Paddle ones
+        raise ReprodError(
+            f"align_train: {', '.join(packed[:3])}{' and more' if len(packed) > 3 else ''}: "
+            "torch's MultiheadAttention packs q, k and v in in_proj_weight, which align_train "
+            "does not follow yet (align_forward, compare_structure and load_into_paddle do)")
     if torch_model.training:
         _check_no_dropout(torch_model, paddle_model)
     plan = _torch_params_plan(torch_model, rules)

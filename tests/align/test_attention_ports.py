@@ -1,0 +1,141 @@
+"""torch's ``nn.MultiheadAttention`` ported to Paddle's ``nn.MultiHeadAttention``.
+
+torch packs the query, key and value projections in one ``in_proj_weight`` [3E, E] and
+``in_proj_bias`` [3E]; Paddle holds ``q_proj``, ``k_proj`` and ``v_proj`` as Linear layers
+([E, E], transposed, and [E]). The conversion splits the packed tensors in Paddle's order, so
+that a transformer port loads by name or by order, its structure checks, and ``align_forward``
+compares it. ``align_train``, whose records are per torch parameter, refuses it in one line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+
+from reprod.align import (  # noqa: E402
+    align_forward,
+    align_train,
+    compare_structure,
+    convert,
+    load_into_paddle,
+    pair_weights_by_order,
+)
+from reprod.align.rules import split_attention  # noqa: E402
+from reprod.errors import ReprodError  # noqa: E402
+
+X = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
+
+
+class _T(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x)[:, 0])
+
+
+class _P(paddle.nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.enc = paddle.nn.TransformerEncoder(
+            paddle.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 2)
+        self.head = paddle.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x)[:, 0])
+
+
+class _Renamed(paddle.nn.Layer):
+    """The port with its own names: only the order pairs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = paddle.nn.TransformerEncoder(
+            paddle.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 2)
+        self.out = paddle.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.body(x)[:, 0])
+
+
+def _models():
+    torch.manual_seed(0)
+    tm, pm = _T().eval(), _P()
+    pm.eval()
+    return tm, pm
+
+
+def test_the_packed_projection_splits_into_paddle_s_three_in_its_order():
+    m = torch.nn.MultiheadAttention(8, 2)
+    sd = m.state_dict()
+    split, origin = split_attention(sd)
+    assert list(split) == ["q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias",
+                           "v_proj.weight", "v_proj.bias", "out_proj.weight", "out_proj.bias"]
+    w, b = sd["in_proj_weight"].numpy(), sd["in_proj_bias"].numpy()
+    for i, q in enumerate("qkv"):
+        np.testing.assert_array_equal(split[f"{q}_proj.weight"].numpy(), w[8 * i:8 * (i + 1)])
+        np.testing.assert_array_equal(split[f"{q}_proj.bias"].numpy(), b[8 * i:8 * (i + 1)])
+    assert origin["k_proj.weight"] == "in_proj_weight"
+    # a tensor of another shape that happens to be named so is kept as it is
+    odd = {"in_proj_weight": np.zeros((5, 8)), "out_proj.weight": np.zeros((8, 8))}
+    assert list(split_attention(odd)[0]) == ["in_proj_weight", "out_proj.weight"]
+
+
+def test_a_transformer_port_loads_checks_and_computes_the_same():
+    tm, pm = _models()
+    report = compare_structure(tm, pm)
+    assert report.ok, report.to_table()
+    conv = convert(tm)
+    q = next(p for p in conv.plan if p.torch_name == "enc.layers.0.self_attn.q_proj.weight")
+    assert q.action == "transpose" and "rows of enc.layers.0.self_attn.in_proj_weight" in q.why
+    load_into_paddle(pm, tm)
+    # an independent reference: torch's own output, and Paddle's q projection is torch's rows
+    w = tm.enc.layers[0].self_attn.in_proj_weight.detach().numpy()
+    np.testing.assert_array_equal(pm.enc.layers[0].self_attn.q_proj.weight.numpy(), w[:16].T)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(pm(paddle.to_tensor(X)).numpy(), ref, rtol=1e-5, atol=1e-6)
+    r = align_forward(tm, pm, {"x": X}, calibrate=True)
+    assert r.passed, r.to_table(failed_only=True)
+
+
+def test_a_renamed_transformer_port_pairs_by_order():
+    tm, _ = _models()
+    pm = _Renamed()
+    pm.eval()
+    pairs = pair_weights_by_order(tm, pm)
+    assert pairs["enc.layers.1.self_attn.v_proj.bias"] == "body.layers.1.self_attn.v_proj.bias"
+    load_into_paddle(pm, tm, by_order=True)
+    r = align_forward(tm, pm, {"x": X}, by_order=True, calibrate=True)
+    assert r.passed, r.to_table(failed_only=True)
+
+
+def test_a_swapped_k_and_v_is_found_where_it_is():
+    tm, pm = _models()
+    load_into_paddle(pm, tm)
+    attn = pm.enc.layers[1].self_attn
+    k, v = attn.k_proj.weight.numpy(), attn.v_proj.weight.numpy()
+    attn.k_proj.weight.set_value(v)
+    attn.v_proj.weight.set_value(k)
+    r = align_forward(tm, pm, {"x": X}, calibrate=True)
+    assert not r.passed
+    assert r.options["divergence"]["layer"].startswith("enc.layers.1")
+
+
+def test_align_train_refuses_a_packed_projection_in_one_line():
+    tm, pm = _models()
+    load_into_paddle(pm, tm)
+    with pytest.raises(ReprodError, match=r"^align_train: enc\.layers\.0\.self_attn, "
+                                          r"enc\.layers\.1\.self_attn: torch's "
+                                          r"MultiheadAttention packs q, k and v in "
+                                          r"in_proj_weight"):
+        align_train(tm, pm, [(X, np.array([0, 1]))], torch_loss_fn=torch.nn.CrossEntropyLoss(),
+                    paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+                    torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
+                    paddle_optimizer=paddle.optimizer.SGD(0.1, parameters=pm.parameters()))
