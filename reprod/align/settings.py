@@ -91,6 +91,10 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
         return n, 0
     if n in _RNN:
         return _RNN[n], 0
+    if n == "multiheadattention":
+        return "attention", 0
+    if n in ("transformerencoderlayer", "transformerdecoderlayer"):
+        return "transformerlayer", 0
     return None, rank
 
 
@@ -103,7 +107,9 @@ _RNN = {"lstm": "lstm", "gru": "gru", "rnn": "rnn", "simplernn": "rnn"}
 _BY_ORDER = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool", "dropout", "dropout2d",
              "dropout3d", "leakyrelu", "gelu", "hardtanh", "elu", "softplus", "softmax",
              "logsoftmax", "upsample", "pixelshuffle", "pixelunshuffle", "channelshuffle",
-             "flatten", "celu", "hardshrink", "softshrink", "pad")
+             "flatten", "celu", "hardshrink", "softshrink", "pad",
+             # whose parameters are their sublayers' (or packed otherwise than the port's)
+             "attention", "transformerlayer")
 # torch's padding layers by class (ZeroPad2d, ReflectionPad2d...): Paddle's Pad2D says its mode
 _PAD_MODES = {"zeropad": "constant", "constantpad": "constant", "reflectionpad": "reflect",
               "replicationpad": "replicate", "circularpad": "circular"}
@@ -278,6 +284,21 @@ _SETTINGS["lstm"] = [
      lambda p, r: int(getattr(p, "proj_size", 0))),
 ]
 _SETTINGS["gru"] = _SETTINGS["lstm"][:5]
+# Paddle's MultiHeadAttention takes [batch, sequence, features] always; torch's without
+# batch_first, [sequence, batch, features]
+_SETTINGS["attention"] = [
+    ("embed_dim", lambda t, r: int(t.embed_dim), lambda p, r: int(p.embed_dim)),
+    ("num_heads", lambda t, r: int(t.num_heads), lambda p, r: int(p.num_heads)),
+    ("dropout", lambda t, r: float(t.dropout), lambda p, r: float(p.dropout)),
+    ("batch_first", lambda t, r: bool(t.batch_first), lambda p, r: True),
+    ("kdim", lambda t, r: int(t.kdim), lambda p, r: int(p.kdim)),
+    ("vdim", lambda t, r: int(t.vdim), lambda p, r: int(p.vdim)),
+]
+_SETTINGS["transformerlayer"] = [
+    ("norm_first", lambda t, r: bool(t.norm_first), lambda p, r: bool(p.normalize_before)),
+    ("activation", lambda t, r: _activation_name(t.activation),
+     lambda p, r: _activation_name(p.activation)),
+]
 _SETTINGS["rnn"] = _SETTINGS["lstm"][:5] + [
     ("nonlinearity", lambda t, r: str(t.nonlinearity), lambda p, r: str(p.activation)),
 ]
@@ -304,6 +325,13 @@ _SETTINGS["convtranspose"] = _SETTINGS["conv"] + [
     ("output_padding", lambda t, r: _tuple(t.output_padding, r),
      lambda p, r: _tuple(p.output_padding, r)),
 ]
+
+
+def _activation_name(fn: Any) -> str:
+    """A transformer layer's activation, a function (``F.relu``, Paddle's ``_gelu``) or a
+    layer (``nn.GELU()``), by its name."""
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return str(name).lstrip("_").lower()
 
 
 def _either_padded(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -392,11 +420,13 @@ def _leaves(model: Any, children: Callable[[Any], Any]) -> list[tuple[str, Any]]
     for name, m in model:
         if inside is not None and name.startswith(inside):
             continue
-        if type(m).__name__.lower() in _RNN:
+        cls = type(m).__name__.lower()
+        if cls in _RNN or cls == "multiheadattention":  # its projections have no settings
             inside = name + "."
             out.append((name, m))
-        elif name and not any(True for _ in children(m)):
-            out.append((name, m))
+        elif name and (cls in ("transformerencoderlayer", "transformerdecoderlayer")
+                       or not any(True for _ in children(m))):
+            out.append((name, m))  # a transformer layer's own settings; its sublayers follow
     return out
 
 

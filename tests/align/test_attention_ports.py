@@ -139,3 +139,43 @@ def test_align_train_refuses_a_packed_projection_in_one_line():
                     paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
                     torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
                     paddle_optimizer=paddle.optimizer.SGD(0.1, parameters=pm.parameters()))
+
+
+def test_a_head_count_that_differs_is_a_setting_the_weights_cannot_show():
+    """4 heads against 2: every weight has the same shape and loads; the attention computes
+    another function, and its setting says so, as the likely cause where the values part."""
+    tm, _ = _models()
+    pm = _P()
+    pm.enc = paddle.nn.TransformerEncoder(
+        paddle.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0), 2)
+    pm.eval()
+    assert compare_structure(tm, pm).ok
+    load_into_paddle(pm, tm)
+    r = align_forward(tm, pm, {"x": X}, calibrate=True)
+    assert not r.passed
+    assert [k.key for k in r.failed if k.status == "setting"] == [
+        "settings/enc.layers.0.self_attn/num_heads", "settings/enc.layers.1.self_attn/num_heads"]
+    assert r.options["divergence"]["layer"].startswith("enc.layers.0")
+    assert r.options["findings"][-1].endswith("where the values first differ: the likely cause")
+
+
+def test_transformer_settings_each_framework_spells_its_way():
+    from reprod.align import compare_settings
+
+    def torch_layer(**kw):
+        return torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, 32, **kw), 1,
+                                           enable_nested_tensor=False)
+
+    def paddle_layer(**kw):
+        return paddle.nn.TransformerEncoder(paddle.nn.TransformerEncoderLayer(16, 4, 32, **kw), 1)
+
+    assert compare_settings(torch_layer(batch_first=True, norm_first=True, activation="gelu"),
+                            paddle_layer(normalize_before=True, activation="gelu")).passed
+    assert [d.line() for d in compare_settings(
+        torch_layer(batch_first=True, norm_first=True, activation="gelu"),
+        paddle_layer(activation="relu")).differ] == [
+        "layers.0: norm_first True in torch, False in Paddle",
+        "layers.0: activation 'gelu' in torch, 'relu' in Paddle"]
+    # torch's attention takes the sequence first unless told; Paddle's the batch, always
+    assert [d.line() for d in compare_settings(torch_layer(), paddle_layer()).differ] == [
+        "layers.0.self_attn: batch_first False in torch, True in Paddle"]
