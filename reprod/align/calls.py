@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import inspect
 import sys
+import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -532,6 +533,7 @@ class SettingsTrace:
         self._names: dict[int, str] = {}
         self._counts: dict[tuple[str, str], int] = {}
         self._depth = 0
+        self._thread = threading.get_ident()  # the thread that opened the trace
         # (owner, attribute, what it held, whether the owner held it itself, not by inheritance)
         self._saved: list[tuple[Any, str, Any, bool]] = []
         self._hooks: list[Any] = []
@@ -567,6 +569,8 @@ class SettingsTrace:
 
     def __enter__(self) -> SettingsTrace:
         from ..errors import ReprodError
+
+        self._thread = threading.get_ident()
 
         if self.framework in _ACTIVE:
             raise ReprodError(f"trace_settings: a {self.framework} trace is already running")
@@ -713,6 +717,9 @@ class SettingsTrace:
     def _wrapped(self, key: str, op: str, kind: str, norm: _Norm, text: Optional[str],
                  original: Any) -> Callable[..., Any]:
         def traced(*args: Any, **kwargs: Any) -> Any:
+            # the wrappers are global for the pass: another thread's calls are not the model's
+            if threading.get_ident() != self._thread:
+                return original(*args, **kwargs)
             if self._depth == 0:
                 self._record(key, op, kind, norm, text, original, args, kwargs)
             self._depth += 1

@@ -438,6 +438,28 @@ def test_methods_top_level_functions_and_names_imported_are_put_back():
     assert (paddle.Tensor.var, paddle.var, paddle.softmax, _pgelu) == p_saved
 
 
+def test_another_thread_s_calls_are_not_the_model_s():
+    """The wrappers are global while the pass runs: a softmax another thread computes then
+    (a data loader's, a second model's) runs as it would and is not an event."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    seen = []
+
+    def other():
+        started.set()
+        release.wait(5)
+        seen.append(torch.softmax(torch.tensor(X2), 1))
+
+    tm = _Fn(lambda x: (release.set(), thread.join(5), TF.gelu(x))[-1])
+    thread = threading.Thread(target=other)
+    thread.start()
+    started.wait(5)
+    with trace_settings(tm) as tt:
+        tm(torch.tensor(X2))
+    assert [e.op for e in tt.events] == ["gelu"] and len(seen) == 1
+
+
 def test_a_call_that_cannot_be_read_runs_as_it_would_and_is_said(monkeypatch):
     from reprod.align import calls
 
