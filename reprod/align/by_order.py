@@ -167,7 +167,10 @@ def pair_weights_by_order(
     the first positions that disagree (eight), with both names and shapes.
 
     ``torch_side``: a torch model, state dict or ``.pth`` path; ``paddle_side``: a Paddle model,
-    state dict or ``.pdparams`` path. Returns torch key -> Paddle key, in order.
+    state dict or ``.pdparams`` path. Returns torch key -> Paddle key, in order. A torch
+    ``MultiheadAttention``'s packed ``in_proj_weight``/``in_proj_bias`` appear as the three
+    slices Paddle holds (``<layer>.q_proj.weight``, ... : ``rules.split_attention``); a Paddle
+    RNN's weight listed twice, once.
 
     >>> pair_weights_by_order(torch_model, paddle_model)
     {'features.0.weight': 'stem.conv.weight', ..., 'classifier.weight': 'head.weight', ...}
