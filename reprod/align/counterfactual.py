@@ -48,7 +48,7 @@ from .framework import (
     _torch_array,
     _torch_device,
 )
-from .rules import KeyPlan
+from .rules import KeyPlan, packed_slices, torch_views
 
 __all__ = ["checked", "counterfactual_grads", "finding", "first_in_backward", "labelled_grads",
            "port_inputs"]
@@ -121,7 +121,8 @@ def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any,
     import torch
 
     twin = _float64_twin(torch_model)
-    own = twin.state_dict()
+    sd = twin.state_dict()  # a packed attention tensor by its own name and its slices' names
+    own = {**sd, **dict(torch_views(sd.items(), packed_slices(sd)))}
     with torch.no_grad():
         for name, value in state.items():
             if name in own:
@@ -195,10 +196,11 @@ def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any,
     if missing:
         return {}, f"the float64 twin did not call {', '.join(missing[:3])}"
     grads = {}
-    for name, p in twin.named_parameters():
+    for name, grad in torch_views(((n, p.grad) for n, p in twin.named_parameters()),
+                                  packed_slices(twin.state_dict())):
         kp = plan.get(name)
-        if kp is not None and kp.paddle_name in names and p.grad is not None:
-            grads[kp.paddle_name] = _torch_array(p.grad, kp)
+        if kp is not None and kp.paddle_name in names and grad is not None:
+            grads[kp.paddle_name] = _torch_array(grad, kp)
     return grads, None
 
 

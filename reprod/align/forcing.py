@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..logger import ReprodLogger
-from .rules import KeyPlan, unaliased, with_aliases
+from .rules import KeyPlan, packed_slices, torch_views, unaliased, with_aliases
 
 # torch optimizer state -> the Paddle accumulator holding the same quantity
 _STATE_TO_ACC = {"momentum_buffer": "velocity", "exp_avg": "moment1", "exp_avg_sq": "moment2"}
@@ -47,21 +47,26 @@ def torch_state_records(torch_opt: Any, torch_model: Any, plan: Mapping[str, Key
     moments weighted as Paddle's float32 ``1 - beta`` weighs each gradient into them
     (``_paddle_weight``: 1.3e-5 apart for beta2 = 0.999, far over a moment's noise)."""
     names = {id(p): n for n, p in torch_model.named_parameters()}
+    slices = packed_slices(torch_model.state_dict())
     for group in torch_opt.param_groups:
         betas = group.get("betas")
         for p in group["params"]:
-            kp = plan.get(names.get(id(p), ""))
             state = torch_opt.state.get(p)
-            if kp is None or kp.paddle_name is None or not state:
+            if not state:
                 continue
             for key, acc in _STATE_TO_ACC.items():
-                value = state.get(key)
-                if value is None or not hasattr(value, "detach"):
+                whole = state.get(key)
+                if whole is None or not hasattr(whole, "detach"):
                     continue
-                if key in _MOMENT_BETA and betas is not None:
-                    beta = float(betas[0] if _MOMENT_BETA[key] == "beta1" else betas[1])
-                    value = value.detach() * _paddle_weight(beta)
-                yield f"{kp.paddle_name}.{acc}", value, kp
+                # a packed attention tensor's state, as Paddle's three parameters keep it
+                for name, value in torch_views([(names.get(id(p), ""), whole)], slices):
+                    kp = plan.get(name)
+                    if kp is None or kp.paddle_name is None:
+                        continue
+                    if key in _MOMENT_BETA and betas is not None:
+                        beta = float(betas[0] if _MOMENT_BETA[key] == "beta1" else betas[1])
+                        value = value.detach() * _paddle_weight(beta)
+                    yield f"{kp.paddle_name}.{acc}", value, kp
 
 
 def paddle_state_records(paddle_opt: Any, paddle_model: Any) -> Iterator[tuple[str, Any]]:
@@ -138,44 +143,57 @@ def load_paddle_optimizer(paddle_opt: Any, torch_state: Mapping[str, Any], torch
     states = torch_state.get("state", {})
     by_index = _torch_params_by_index(torch_opt)
     covered: set[tuple[str, str]] = set()
-    for index, state in states.items():
+    slices = packed_slices(torch_model.state_dict())
+    for index, whole_state in states.items():
         p = by_index[int(index)]
-        kp = plan.get(torch_name.get(id(p), ""))
-        if kp is None or kp.paddle_name is None or kp.paddle_name not in paddle_params:
-            continue
-        pname = paddle_params[kp.paddle_name].name
-        for key, value in state.items():
-            if key == "step":
-                for pow_name, beta in zip(_BETA_POWS, ("beta1", "beta2")):
-                    acc = accs.get(pow_name, {}).get(pname)
-                    if acc is not None:
-                        t = int(float(np.asarray(value.cpu() if hasattr(value, "cpu") else value)))
-                        acc.set_value(np.full(acc.shape, _beta_pow(_beta(paddle_opt, beta), t),
-                                              dtype=np.float32))
-                        covered.add((pow_name, pname))
-                continue
-            acc_name = _STATE_TO_ACC.get(key)
-            if acc_name is None:
-                raise Unsupported(f"the torch optimizer's state {key!r} has no Paddle "
-                                  "counterpart reprod maps")
-            if value is None:
-                continue
-            acc = accs.get(acc_name, {}).get(pname)
-            if acc is None:
-                raise Unsupported(f"the torch optimizer keeps {key!r} and the Paddle optimizer "
-                                  f"{type(paddle_opt).__name__} no {acc_name!r}")
-            arr = value.detach().cpu().numpy()
-            if kp.action == "transpose":
-                arr = arr.T
-            if key in _MOMENT_BETA:
-                arr = arr * _paddle_weight(_beta(paddle_opt, _MOMENT_BETA[key]))
-            acc.set_value(np.ascontiguousarray(arr, dtype=np.dtype(str(acc.numpy().dtype))))
-            covered.add((acc_name, pname))
+        name = torch_name.get(id(p), "")
+        # a packed attention tensor's state, sliced as Paddle's three parameters keep it
+        for vname, rows in [(v, (a, b)) for v, a, b in slices.get(name, ())] or [(name, None)]:
+            state = whole_state if rows is None else {
+                k: v[rows[0]:rows[1]] if hasattr(v, "dim") and v.dim() > 0 else v
+                for k, v in whole_state.items()}
+            _load_one(paddle_opt, accs, plan.get(vname), paddle_params, state, covered)
     for acc_name, per_param in accs.items():
         for pname in per_param:
             if (acc_name, pname) not in covered:
                 raise Unsupported(f"the Paddle optimizer's {acc_name!r} of {pname} has no "
                                   "counterpart in the torch optimizer's state")
+
+
+def _load_one(paddle_opt: Any, accs: Mapping[str, Any], kp: Optional[KeyPlan],
+              paddle_params: Mapping[str, Any], state: Mapping[str, Any],
+              covered: set[tuple[str, str]]) -> None:
+    """One torch parameter's optimizer ``state`` into the accumulators of its Paddle one."""
+    if kp is None or kp.paddle_name is None or kp.paddle_name not in paddle_params:
+        return
+    pname = paddle_params[kp.paddle_name].name
+    for key, value in state.items():
+        if key == "step":
+            for pow_name, beta in zip(_BETA_POWS, ("beta1", "beta2")):
+                acc = accs.get(pow_name, {}).get(pname)
+                if acc is not None:
+                    t = int(float(np.asarray(value.cpu() if hasattr(value, "cpu") else value)))
+                    acc.set_value(np.full(acc.shape, _beta_pow(_beta(paddle_opt, beta), t),
+                                          dtype=np.float32))
+                    covered.add((pow_name, pname))
+            continue
+        acc_name = _STATE_TO_ACC.get(key)
+        if acc_name is None:
+            raise Unsupported(f"the torch optimizer's state {key!r} has no Paddle "
+                              "counterpart reprod maps")
+        if value is None:
+            continue
+        acc = accs.get(acc_name, {}).get(pname)
+        if acc is None:
+            raise Unsupported(f"the torch optimizer keeps {key!r} and the Paddle optimizer "
+                              f"{type(paddle_opt).__name__} no {acc_name!r}")
+        arr = value.detach().cpu().numpy()
+        if kp.action == "transpose":
+            arr = arr.T
+        if key in _MOMENT_BETA:
+            arr = arr * _paddle_weight(_beta(paddle_opt, _MOMENT_BETA[key]))
+        acc.set_value(np.ascontiguousarray(arr, dtype=np.dtype(str(acc.numpy().dtype))))
+        covered.add((acc_name, pname))
 
 
 @contextlib.contextmanager
@@ -256,7 +274,8 @@ def load_reference_state(step: int, torch_data: Mapping[str, Any], torch_model: 
     ``Unsupported`` where a value was not recorded (``stats=False``)."""
     import torch
 
-    state = torch_model.state_dict()
+    sd = torch_model.state_dict()  # a packed attention tensor also under its slices' names
+    state = {**sd, **dict(torch_views(sd.items(), packed_slices(sd)))}
     with torch.no_grad():
         for tname, value in reference_state(step, torch_data, plan).items():
             if tname in state:

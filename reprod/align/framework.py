@@ -13,7 +13,7 @@ from ..diff.criteria import Criteria, build_criteria
 from ..errors import KeyMismatchError, ReprodError
 from ..logger import ReprodLogger
 from .conversion import _few
-from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
+from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion, split_attention
 from .structure import compare_structure
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -126,10 +126,13 @@ def _deterministic(seed: int) -> Iterator[None]:
 
 
 def _torch_params_plan(torch_model: Any, rules: Optional[ConversionRules]) -> dict[str, KeyPlan]:
-    sd = torch_model.state_dict()
+    """Each torch key's plan; a packed attention tensor's under its slices' names
+    (``rules.split_attention``: ``torch_views`` gives the tensors under those names)."""
+    sd, packed = split_attention(torch_model.state_dict())
     plan = plan_conversion(
         {k: tuple(v.shape) for k, v in sd.items()},
-        linear_weights=linear_weight_names(torch_model),
+        linear_weights=linear_weight_names(torch_model) | {k for k in packed
+                                                           if k.endswith("weight")},
         rules=rules,
     )
     return {p.torch_name: p for p in plan}

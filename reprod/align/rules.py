@@ -27,7 +27,9 @@ from typing import Any, Optional
 from ..errors import ReprodError
 
 __all__ = [
+    "packed_slices",
     "split_attention",
+    "torch_views",
     "unaliased",
     "with_aliases",
     "ConversionRules",
@@ -112,6 +114,31 @@ def split_attention(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
                 out[name] = tensor[i * e:(i + 1) * e]
                 origin[name] = src
     return out, origin
+
+
+def packed_slices(state: Mapping[str, Any]) -> dict[str, list[tuple[str, int, int]]]:
+    """Each packed attention tensor of a torch state dict -> [(the Paddle-ordered name of a
+    slice, first row, end row)] (``split_attention``'s slices, as rows of the tensor)."""
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for name, src in split_attention(state)[1].items():
+        e = int(state[src].shape[0]) // 3
+        i = "qkv".index(name.rsplit(".", 2)[-2][0])
+        out.setdefault(src, []).append((name, i * e, (i + 1) * e))
+    return out
+
+
+def torch_views(items: Any, slices: Mapping[str, list[tuple[str, int, int]]]
+                ) -> list[tuple[str, Any]]:
+    """``(name, tensor)`` pairs with each packed attention tensor replaced by its slices (views:
+    a write into one writes into the packed tensor); a None (a missing gradient) stays None."""
+    out: list[tuple[str, Any]] = []
+    for name, value in items:
+        parts = slices.get(name)
+        if parts is None:
+            out.append((name, value))
+        else:
+            out.extend((v, None if value is None else value[a:b]) for v, a, b in parts)
+    return out
 
 
 def with_aliases(model: Any, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -63,7 +63,15 @@ from .results import (
     _write_diff_log,
     noise_multiples,
 )
-from .rules import ConversionRules, KeyPlan, split_attention, unaliased, with_aliases
+from .rules import (
+    ConversionRules,
+    KeyPlan,
+    packed_slices,
+    split_attention,
+    torch_views,
+    unaliased,
+    with_aliases,
+)
 from .train_localise import (
     Snapshot,
     backward_step,
@@ -180,6 +188,7 @@ def _torch_steps(
 
     dev = _torch_device(model)
     buffers = {name for name, _ in model.named_buffers()}
+    slices = packed_slices(model.state_dict())  # attention's packed q, k, v: Paddle's three
     for i in range(n):
         inputs, labels = _split_batch(batches[i % len(batches)], i)
         args, kwargs = _split_inputs(inputs)
@@ -209,14 +218,15 @@ def _torch_steps(
             log.add(k, v)
         log.add(f"step{i}/loss", loss.reshape(()))
         log.add(f"step{i}/lr", np.float64(optimizer.param_groups[0]["lr"]))
-        for name, p in model.named_parameters():
+        for name, grad in torch_views(((n, p.grad) for n, p in model.named_parameters()),
+                                      slices):
             kp = plan.get(name)
-            if p.grad is not None and kp is not None and kp.paddle_name is not None:
-                _log_torch(log, f"step{i}/grad/{kp.paddle_name}", p.grad, kp)
+            if grad is not None and kp is not None and kp.paddle_name is not None:
+                _log_torch(log, f"step{i}/grad/{kp.paddle_name}", grad, kp)
         optimizer.step()
         if drop_grads:  # not kept beside the weights recorded next: the float64 twin's peak
             model.zero_grad(set_to_none=True)
-        for name, value in model.state_dict().items():
+        for name, value in torch_views(model.state_dict().items(), slices):
             kp = plan.get(name)
             if kp is None or kp.paddle_name is None:
                 continue
@@ -463,13 +473,6 @@ def align_train(
     if by_order:  # names no rule maps (torchvision against paddle.vision): pair by position
         rules = by_order_rules(torch_model, paddle_model, rules=rules)
     _check_structure(torch_model, paddle_model, rules)
-    packed = sorted({src.rpartition(".")[0] or "(model)"
-                     for src in split_attention(torch_model.state_dict())[1].values()})
-    if packed:  # its records are per torch parameter: one packed tensor, three Paddle ones
-        raise ReprodError(
-            f"align_train: {', '.join(packed[:3])}{' and more' if len(packed) > 3 else ''}: "
-            "torch's MultiheadAttention packs q, k and v in in_proj_weight, which align_train "
-            "does not follow yet (align_forward, compare_structure and load_into_paddle do)")
     if torch_model.training:
         _check_no_dropout(torch_model, paddle_model)
     plan = _torch_params_plan(torch_model, rules)
@@ -492,9 +495,11 @@ def align_train(
     # the weights before training (Paddle names and layout): step 0's updates start from them;
     # views of the copy localisation keeps, where it keeps one (not a second copy of the model)
     state0 = None if before is None else before.torch_state
-    weights0 = {kp.paddle_name: np.array(_torch_array(p, kp)) if state0 is None
-                else _torch_view(state0[name], kp) for name, p in
-                torch_model.named_parameters()
+    slices = packed_slices(torch_model.state_dict())
+    views0 = None if state0 is None else dict(torch_views(state0.items(), slices))
+    weights0 = {kp.paddle_name: np.array(_torch_array(p, kp)) if views0 is None
+                else _torch_view(views0[name], kp) for name, p in
+                torch_views(torch_model.named_parameters(), slices)
                 if (kp := plan.get(name)) is not None and kp.paddle_name} \
         if per_step or state0 is not None else {}
     # the torch model's state before training: step 0's crossings are checked from it
@@ -581,7 +586,7 @@ def align_train(
         noise_log=noise_log,
         write_log=False,  # at the end, with the settings and the findings
         kinks=kink,
-        paddle_to_torch={kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name},
+        paddle_to_torch=_paddle_to_torch(plan, torch_model),
         initial=initial,
         kink_line=torch_start is None,
     )
@@ -693,7 +698,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
     lrs = {s: float(np.asarray(paddle_data[f"step{s}/lr"])) for s in todo
            if f"step{s}/lr" in paddle_data}
     saved = forcing.Saved.take(torch_model, torch_optimizer, paddle_model, paddle_optimizer)
-    to_torch = {kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name}
+    to_torch = _paddle_to_torch(plan, torch_model)
     found: dict[int, Any] = {}
     try:
         for s in todo:
@@ -831,7 +836,7 @@ def _checked_kinks(result: Any, kink: KinkCapture, torch_model: Any, step: int,
         result, info = counterfactual.checked(
             result, grads, paddle_data, step=step,
             factor=DEFAULT_NOISE_FACTOR if factor is None else float(factor))
-        to_torch = {kp.paddle_name: name for name, kp in plan.items() if kp.paddle_name}
+        to_torch = _paddle_to_torch(plan, torch_model)
         first = counterfactual.first_in_backward(list(info["failed_params"]), kink.order,
                                                  to_torch)
         if first is not None:
@@ -1071,7 +1076,8 @@ def _restore_step(step: int, torch_model: Any, paddle_model: Any, torch_data: Ma
         if value is None:
             return False
         paddle_values[name] = value
-    state = torch_model.state_dict()
+    sd = torch_model.state_dict()  # a packed attention tensor also under its slices' names
+    state = {**sd, **dict(torch_views(sd.items(), packed_slices(sd)))}
     with torch.no_grad():
         for tname, value in torch_values.items():
             state[tname].copy_(torch.from_numpy(value))
@@ -1092,6 +1098,13 @@ def _paddle_layout(plan: Mapping[str, KeyPlan], capture: dict[str, Any]) -> dict
             if kp is not None and kp.action == "transpose":
                 out[key] = _torch_array(value, kp)
     return out
+
+
+def _paddle_to_torch(plan: Mapping[str, KeyPlan], torch_model: Any) -> dict[str, str]:
+    """Paddle parameter name -> the torch parameter it comes from: a packed attention tensor's
+    own name for each of its slices (its layer is the torch model's)."""
+    origin = split_attention(torch_model.state_dict())[1]
+    return {kp.paddle_name: origin.get(name, name) for name, kp in plan.items() if kp.paddle_name}
 
 
 def _torch_to_paddle(plan: Mapping[str, KeyPlan]) -> dict[str, str]:

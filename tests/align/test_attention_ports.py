@@ -4,7 +4,8 @@ torch packs the query, key and value projections in one ``in_proj_weight`` [3E, 
 ``in_proj_bias`` [3E]; Paddle holds ``q_proj``, ``k_proj`` and ``v_proj`` as Linear layers
 ([E, E], transposed, and [E]). The conversion splits the packed tensors in Paddle's order, so
 that a transformer port loads by name or by order, its structure checks, and ``align_forward``
-compares it. ``align_train``, whose records are per torch parameter, refuses it in one line.
+compares it, and ``align_train`` records each slice's gradient, weight and optimizer state under
+Paddle's name (views of the packed tensor: what is loaded into a slice is written into it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from reprod.align import (  # noqa: E402
     pair_weights_by_order,
 )
 from reprod.align.rules import split_attention  # noqa: E402
-from reprod.errors import ReprodError  # noqa: E402
 
 X = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
 
@@ -128,17 +128,52 @@ def test_a_swapped_k_and_v_is_found_where_it_is():
     assert r.options["divergence"]["layer"].startswith("enc.layers.1")
 
 
-def test_align_train_refuses_a_packed_projection_in_one_line():
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_align_train_follows_the_packed_projection(optimizer):
+    """Gradients, weights and optimizer state of in_proj_weight are recorded as Paddle's three
+    projections hold them; a correct port passes, calibrated, step after step."""
     tm, pm = _models()
     load_into_paddle(pm, tm)
-    with pytest.raises(ReprodError, match=r"^align_train: enc\.layers\.0\.self_attn, "
-                                          r"enc\.layers\.1\.self_attn: torch's "
-                                          r"MultiheadAttention packs q, k and v in "
-                                          r"in_proj_weight"):
-        align_train(tm, pm, [(X, np.array([0, 1]))], torch_loss_fn=torch.nn.CrossEntropyLoss(),
+    tm.train()
+    pm.train()
+    if optimizer == "momentum":
+        topt = torch.optim.SGD(tm.parameters(), lr=0.05, momentum=0.9)
+        popt = paddle.optimizer.Momentum(0.05, 0.9, parameters=pm.parameters())
+    else:
+        topt = torch.optim.Adam(tm.parameters(), lr=1e-3)
+        popt = paddle.optimizer.Adam(1e-3, parameters=pm.parameters())
+    r = align_train(tm, pm, [(X, np.array([0, 1]))], steps=3, calibrate=True,
+                    torch_loss_fn=torch.nn.CrossEntropyLoss(),
+                    paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+                    torch_optimizer=topt, paddle_optimizer=popt)
+    assert r.passed, r.to_table(failed_only=True)
+    keys = set(r.keys())
+    for q in "qkv":
+        assert f"step2/grad/enc.layers.0.self_attn.{q}_proj.weight" in keys
+        assert f"step2/param/enc.layers.1.self_attn.{q}_proj.bias" in keys
+    accumulator = "velocity" if optimizer == "momentum" else "moment1"
+    assert f"step2/opt/enc.layers.0.self_attn.k_proj.weight.{accumulator}" in keys
+    assert not any("in_proj" in k for k in keys)
+    # the slices recorded are torch's rows, in Paddle's layout: an independent check
+    w = tm.enc.layers[0].self_attn.in_proj_weight.detach().numpy()
+    np.testing.assert_allclose(pm.enc.layers[0].self_attn.v_proj.weight.numpy(), w[32:].T,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_align_train_names_a_swapped_key_and_value_projection():
+    tm, pm = _models()
+    load_into_paddle(pm, tm)
+    attn = pm.enc.layers[1].self_attn
+    k, v = attn.k_proj.weight.numpy(), attn.v_proj.weight.numpy()
+    attn.k_proj.weight.set_value(v)
+    attn.v_proj.weight.set_value(k)
+    r = align_train(tm, pm, [(X, np.array([0, 1]))], steps=1, calibrate=True,
+                    torch_loss_fn=torch.nn.CrossEntropyLoss(),
                     paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
                     torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
                     paddle_optimizer=paddle.optimizer.SGD(0.1, parameters=pm.parameters()))
+    assert not r.passed and r.first_failure.key == "step0/logits"
+    assert r.options["divergence"]["layer"].startswith("enc.layers.1")
 
 
 def test_a_head_count_that_differs_is_a_setting_the_weights_cannot_show():
@@ -179,3 +214,37 @@ def test_transformer_settings_each_framework_spells_its_way():
     # torch's attention takes the sequence first unless told; Paddle's the batch, always
     assert [d.line() for d in compare_settings(torch_layer(), paddle_layer()).differ] == [
         "layers.0.self_attn: batch_first False in torch, True in Paddle"]
+
+
+def test_a_forced_step_loads_the_reference_s_state_into_the_packed_tensor():
+    """What a step judged from the reference's state loads: the recorded slices are written
+    into torch's packed tensor (its rows), and torch's Adam moments of it into the accumulators
+    of Paddle's three projections."""
+    from reprod.align import forcing
+    from reprod.align.framework import _torch_params_plan
+    from reprod.align.rules import unaliased
+
+    tm, pm = _models()
+    load_into_paddle(pm, tm)
+    plan = _torch_params_plan(tm, None)
+    data = {f"step0/param/{k}": v.numpy() * 1.5 for k, v in unaliased(pm.state_dict())[0].items()}
+    forcing.load_reference_state(0, data, tm, pm, plan)
+    packed = tm.enc.layers[0].self_attn.in_proj_weight.detach().numpy()
+    np.testing.assert_array_equal(
+        packed[16:32], data["step0/param/enc.layers.0.self_attn.k_proj.weight"].T)
+    np.testing.assert_array_equal(
+        tm.enc.layers[1].self_attn.in_proj_bias.detach().numpy()[32:],
+        data["step0/param/enc.layers.1.self_attn.v_proj.bias"])
+
+    topt = torch.optim.Adam(tm.parameters(), lr=1e-3)
+    popt = paddle.optimizer.Adam(1e-3, parameters=pm.parameters())
+    for model, opt in ((tm, topt), (pm, popt)):  # one step each: the accumulators exist
+        out = model(torch.from_numpy(X) if model is tm else paddle.to_tensor(X))
+        out.sum().backward()
+        opt.step()
+    forcing.load_paddle_optimizer(popt, topt.state_dict(), topt, tm, pm, plan)
+    exp_avg = topt.state[tm.enc.layers[0].self_attn.in_proj_weight]["exp_avg"].numpy()
+    moment1 = forcing.paddle_accumulators(popt)["moment1"][
+        pm.enc.layers[0].self_attn.k_proj.weight.name].numpy()
+    np.testing.assert_allclose(moment1, exp_avg[16:32].T * forcing._paddle_weight(0.9),
+                               rtol=1e-6)
