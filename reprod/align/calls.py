@@ -480,6 +480,41 @@ for _n in ("var", "std"):
 _ALIASES = {"input": "x", "x": "input", "dim": "axis", "axis": "dim"}
 
 
+# what a layer's call says and its attributes do not: compared for pairs of two layers too
+_DYNAMIC: dict[str, tuple[str, ...]] = {"attention": ("masked",)}
+_RELEVANT[("attention", "masked")] = lambda a, b: a.get("masked") != "none" or \
+    b.get("masked") != "none"
+
+
+def _masked_share(layer: Any, args: Any, kwargs: Mapping[str, Any], torch_side: bool) -> Any:
+    """The share of attention positions an attention call's mask takes out, as each framework
+    reads its mask: torch's boolean mask is True where a position is masked, Paddle's True where
+    it is kept (the classic port bug passes the same array to both); an additive float mask
+    masks where it is -inf (or below -1e4, as Paddle's ports write -1e9). "none" without one
+    (torch's ``is_causal`` reads as the causal mask's share)."""
+    import numpy as np
+
+    names = (["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+              "average_attn_weights", "is_causal"] if torch_side
+             else ["query", "key", "value", "attn_mask", "cache"])
+    bound = dict(zip(names, tuple(args or ())))
+    bound.update(kwargs)
+    mask = bound.get("attn_mask")
+    if mask is None:
+        if torch_side and bound.get("is_causal"):
+            q = bound.get("query")
+            n = int(q.shape[1 if getattr(layer, "batch_first", False) else 0])
+            return round((n - 1) / (2 * n), 6) if n else "none"
+        return "none"
+    a = np.asarray(mask.detach().cpu().numpy() if hasattr(mask, "detach") and torch_side
+                   else mask.numpy() if hasattr(mask, "numpy") else mask)
+    if a.dtype == np.bool_:
+        masked = a if torch_side else ~a
+    else:
+        masked = a.astype(np.float64) <= -1e4
+    return round(float(masked.mean()), 6) if masked.size else "none"
+
+
 # --- tracing -------------------------------------------------------------------------------------
 
 _ACTIVE: set[str] = set()  # the frameworks being traced now: one trace each at a time
@@ -600,7 +635,10 @@ class SettingsTrace:
                 if read is None:
                     continue
                 try:
-                    hook = layer.register_forward_pre_hook(self._pre_hook(name, read[0]))
+                    # an attention's mask comes as a keyword as often as not
+                    hook = layer.register_forward_pre_hook(
+                        self._pre_hook(name, read[0]),
+                        **({"with_kwargs": True} if read[0] in _DYNAMIC else {}))
                 except Exception as e:  # a compiled layer that takes no hook: said, not fatal
                     self.unread.append(f"{name or '(model)'} ({type(layer).__name__}): no "
                                        f"forward hook ({type(e).__name__}: {e})")
@@ -643,7 +681,7 @@ class SettingsTrace:
         _ACTIVE.discard(self.framework)
 
     def _pre_hook(self, name: str, kind: str) -> Callable[..., None]:
-        def hook(layer: Any, inputs: Any) -> None:
+        def hook(layer: Any, inputs: Any, kwargs: Optional[Mapping[str, Any]] = None) -> None:
             if self._depth:
                 return
             try:
@@ -652,6 +690,9 @@ class SettingsTrace:
                     return
                 x = inputs[0] if isinstance(inputs, tuple) and inputs else None
                 found = _layer_event_settings(layer, read, x)
+                if kind == "attention":
+                    found["masked"] = _masked_share(layer, inputs, kwargs or {},
+                                                    self.framework == "torch")
                 label = name or "(model)"
                 n = self._counts.get((label, ""), 0) + 1  # a layer called again: "pool#2"
                 self._counts[(label, "")] = n
@@ -817,7 +858,8 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
     compared = 0
     paired: set[str] = set()
     for kind, (xs, ys) in kinds.items():
-        if kind not in layer_kinds and not any(not e.layer for e in xs + ys):
+        if kind not in layer_kinds and kind not in _DYNAMIC and not any(
+                not e.layer for e in xs + ys):
             continue  # layers only: the layer settings' pairs
         pairs = list(zip(xs, ys))
         if len(xs) != len(ys):
@@ -829,9 +871,12 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
         else:
             paired.add(kind)
         for x, y in pairs:
-            if x.layer and y.layer and kind not in layer_kinds:
+            dynamic = _DYNAMIC.get(kind, ())
+            if x.layer and y.layer and kind not in layer_kinds and not dynamic:
                 continue
             compared += 1
             for setting, xv, yv in _call_differences(kind, x.settings, y.settings):
+                if x.layer and y.layer and kind not in layer_kinds and setting not in dynamic:
+                    continue  # the layer settings compared it
                 diffs.append(_settings.SettingDiff(x.name, y.name, setting, xv, yv, kind, sides))
     return diffs, unpaired, compared, paired

@@ -52,7 +52,9 @@ class SettingDiff:
 
 
 # what a setting whose name does not say it means
-_MEANING = {"correction": " (the variance divides by n - correction: unbiased is 1)"}
+_MEANING = {"correction": " (the variance divides by n - correction: unbiased is 1)",
+            "masked": (" (the share of attention positions the mask takes out: torch's boolean "
+                       "mask is True where masked, Paddle's True where kept)")}
 
 
 def _show(value: Any) -> str:

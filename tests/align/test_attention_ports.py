@@ -248,3 +248,62 @@ def test_a_forced_step_loads_the_reference_s_state_into_the_packed_tensor():
         pm.enc.layers[0].self_attn.k_proj.weight.name].numpy()
     np.testing.assert_allclose(moment1, exp_avg[16:32].T * forcing._paddle_weight(0.9),
                                rtol=1e-6)
+
+
+L = 5
+
+
+class _TMasked(torch.nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mask = mask
+
+    def forward(self, x):
+        if self.mask == "causal":
+            mask = torch.nn.Transformer.generate_square_subsequent_mask(L, dtype=x.dtype)
+            return self.attn(x, x, x, attn_mask=mask, is_causal=True)[0]
+        if self.mask == "is_causal":
+            return self.attn(x, x, x, is_causal=True,
+                             attn_mask=torch.triu(torch.ones(L, L, dtype=torch.bool), 1))[0]
+        return self.attn(x, x, x, attn_mask=torch.triu(torch.ones(L, L, dtype=torch.bool), 1))[0]
+
+
+class _PMasked(paddle.nn.Layer):
+    def __init__(self, mask):
+        super().__init__()
+        self.attn = paddle.nn.MultiHeadAttention(16, 2)
+        self.mask = mask
+
+    def forward(self, x):
+        upper = np.triu(np.ones((L, L), bool), 1)
+        if self.mask == "float":
+            return self.attn(x, x, x, paddle.to_tensor(np.where(upper, -1e9, 0.0).astype("float32")))
+        return self.attn(x, x, x, paddle.to_tensor(upper if self.mask == "same array" else ~upper))
+
+
+@pytest.mark.parametrize("torch_mask,paddle_mask,expected", [
+    ("bool", "kept", None),                # Paddle's True keeps: the complement is the port
+    ("causal", "float", None),             # torch's -inf against a port's -1e9
+    ("is_causal", "kept", None),
+    ("bool", "same array", (0.4, 0.6)),    # the same boolean array means the opposite
+])
+def test_an_attention_mask_is_compared_as_each_framework_reads_it(torch_mask, paddle_mask,
+                                                                   expected):
+    torch.manual_seed(0)
+    tm, pm = _TMasked(torch_mask), _PMasked(paddle_mask)
+    load_into_paddle(pm, tm)
+    x = np.random.default_rng(1).standard_normal((2, L, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(x)).numpy()
+    out = pm(paddle.to_tensor(x)).numpy()
+    r = align_forward(tm, pm, {"x": x}, calibrate=True)
+    if expected is None:
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)  # the same function
+        assert r.passed, r.to_table(failed_only=True)
+        return
+    assert not np.allclose(out, ref, atol=1e-3)
+    assert r["settings/attn/masked"].reason.startswith(
+        f"attn: masked {expected[0]:g} in torch, {expected[1]:g} in Paddle (the share of "
+        "attention positions the mask takes out: torch's boolean mask is True where masked, "
+        "Paddle's True where kept)")
