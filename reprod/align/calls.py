@@ -499,19 +499,33 @@ def _masked_share(layer: Any, args: Any, kwargs: Mapping[str, Any], torch_side: 
              else ["query", "key", "value", "attn_mask", "cache"])
     bound = dict(zip(names, tuple(args or ())))
     bound.update(kwargs)
-    mask = bound.get("attn_mask")
-    if mask is None:
+
+    def taken_out(mask: Any, true_masks: bool) -> Any:
+        a = np.asarray(mask.detach().cpu().numpy() if hasattr(mask, "detach")
+                       else mask.numpy() if hasattr(mask, "numpy") else mask)
+        if a.dtype == np.bool_:
+            return a if true_masks else ~a
+        return a.astype(np.float64) <= -1e4
+
+    mask, padding = bound.get("attn_mask"), bound.get("key_padding_mask") if torch_side else None
+    if mask is None and padding is None:
         if torch_side and bound.get("is_causal"):
             q = bound.get("query")
             n = int(q.shape[1 if getattr(layer, "batch_first", False) else 0])
             return round((n - 1) / (2 * n), 6) if n else "none"
         return "none"
-    a = np.asarray(mask.detach().cpu().numpy() if hasattr(mask, "detach") and torch_side
-                   else mask.numpy() if hasattr(mask, "numpy") else mask)
-    if a.dtype == np.bool_:
-        masked = a if torch_side else ~a
-    else:
-        masked = a.astype(np.float64) <= -1e4
+    masked = None if mask is None else taken_out(mask, torch_side)
+    if padding is not None:
+        # torch's key_padding_mask (batch, keys) is True where a key is padding; a port folds it
+        # into its one mask: the share is of the two together, per batch row
+        pad = taken_out(padding, True)
+        if masked is None:
+            masked = pad
+        elif masked.ndim == 2:
+            masked = masked[None, :, :] | pad[:, None, :]
+        else:  # (batch x heads, queries, keys)
+            b = pad.shape[0]
+            masked = masked.reshape(b, -1, *masked.shape[1:]) | pad[:, None, None, :]
     return round(float(masked.mean()), 6) if masked.size else "none"
 
 

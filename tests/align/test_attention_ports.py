@@ -263,6 +263,11 @@ class _TMasked(torch.nn.Module):
         if self.mask == "causal":
             mask = torch.nn.Transformer.generate_square_subsequent_mask(L, dtype=x.dtype)
             return self.attn(x, x, x, attn_mask=mask, is_causal=True)[0]
+        if self.mask == "padding":  # the last key of the second sequence is padding
+            pad = torch.zeros(2, L, dtype=torch.bool)
+            pad[1, -1] = True
+            return self.attn(x, x, x, key_padding_mask=pad,
+                             attn_mask=torch.triu(torch.ones(L, L, dtype=torch.bool), 1))[0]
         if self.mask == "is_causal":
             return self.attn(x, x, x, is_causal=True,
                              attn_mask=torch.triu(torch.ones(L, L, dtype=torch.bool), 1))[0]
@@ -277,6 +282,10 @@ class _PMasked(paddle.nn.Layer):
 
     def forward(self, x):
         upper = np.triu(np.ones((L, L), bool), 1)
+        if self.mask == "folded":  # the padding folded into the one mask, [batch, 1, L, L]
+            keep = np.broadcast_to(~upper, (2, 1, L, L)).copy()
+            keep[1, :, :, -1] = False
+            return self.attn(x, x, x, paddle.to_tensor(keep))
         if self.mask == "float":
             return self.attn(x, x, x, paddle.to_tensor(np.where(upper, -1e9, 0.0).astype("float32")))
         return self.attn(x, x, x, paddle.to_tensor(upper if self.mask == "same array" else ~upper))
@@ -286,6 +295,8 @@ class _PMasked(paddle.nn.Layer):
     ("bool", "kept", None),                # Paddle's True keeps: the complement is the port
     ("causal", "float", None),             # torch's -inf against a port's -1e9
     ("is_causal", "kept", None),
+    ("padding", "folded", None),           # torch's key_padding_mask, folded into Paddle's mask
+    ("padding", "kept", (0.42, 0.4)),      # the padding left out: 21 of 50 against 20
     ("bool", "same array", (0.4, 0.6)),    # the same boolean array means the opposite
 ])
 def test_an_attention_mask_is_compared_as_each_framework_reads_it(torch_mask, paddle_mask,
