@@ -526,6 +526,12 @@ def replayed_state(torch_opt: Any, torch_state: Mapping[str, Any], torch_model: 
     from .calibration import _constructor_kwargs
 
     target = dict(torch_model.named_parameters()).get(kp.torch_name)
+    rows = None
+    if target is None:  # a slice of a packed attention tensor: element-wise, so its rows alone
+        for src, parts in packed_slices(torch_model.state_dict()).items():
+            for name, a, b in parts:
+                if name == kp.torch_name:
+                    target, rows = dict(torch_model.named_parameters()).get(src), (a, b)
     if target is None:
         return None
     index, group = None, None
@@ -549,8 +555,8 @@ def replayed_state(torch_opt: Any, torch_state: Mapping[str, Any], torch_model: 
     opt = cls([{**group, "params": [p]}], **_constructor_kwargs(cls, torch_opt.defaults))
     state = torch_state.get("state", {}).get(index)
     if state:
-        opt.state[p] = {k: v.clone() if hasattr(v, "clone") else copy.deepcopy(v)
-                        for k, v in state.items()}
+        opt.state[p] = {k: (v[rows[0]:rows[1]] if rows is not None and v.dim() > 0 else v).clone()
+                        if hasattr(v, "clone") else copy.deepcopy(v) for k, v in state.items()}
     opt.step()
 
     def paddle_layout(t: Any) -> np.ndarray:

@@ -318,3 +318,32 @@ def test_an_attention_mask_is_compared_as_each_framework_reads_it(torch_mask, pa
         f"attn: masked {expected[0]:g} in torch, {expected[1]:g} in Paddle (the share of "
         "attention positions the mask takes out: torch's boolean mask is True where masked, "
         "Paddle's True where kept)")
+
+
+def test_the_reference_s_update_of_a_slice_replays_as_its_rows():
+    """An optimizer's update is element-wise: the replay of one slice of a packed tensor (used
+    to judge an update made of the port's own gradient) is those rows of the whole update."""
+    from reprod.align import forcing
+    from reprod.align.framework import _torch_params_plan
+
+    tm, _ = _models()
+    plan = _torch_params_plan(tm, None)
+    packed = tm.enc.layers[0].self_attn.in_proj_weight
+    opt = torch.optim.Adam(tm.parameters(), lr=1e-2, weight_decay=0.01)
+    tm(torch.from_numpy(X)).sum().backward()
+    opt.step()  # a state to replay from: moments and a step count
+    state = opt.state_dict()
+    w0 = packed.detach().numpy().copy()
+    g = np.random.default_rng(2).standard_normal(w0.shape).astype(np.float32)
+    kp = plan["enc.layers.0.self_attn.v_proj.weight"]
+    made, accs = forcing.replayed_state(opt, state, tm, kp, w0[32:].T.copy(), g[32:].T.copy())
+    # the whole tensor's replay, by hand: the same optimizer over a copy of it
+    whole = torch.nn.Parameter(torch.from_numpy(w0))
+    whole.grad = torch.from_numpy(g)
+    ref = torch.optim.Adam([whole], lr=1e-2, weight_decay=0.01)
+    ref.state[whole] = {k: v.clone() for k, v in opt.state[packed].items()}
+    ref.step()
+    np.testing.assert_allclose(made, whole.detach().numpy()[32:].T, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(accs["moment1"],
+                               ref.state[whole]["exp_avg"].numpy()[32:].T * forcing._paddle_weight(0.9),
+                               rtol=1e-6, atol=1e-12)
