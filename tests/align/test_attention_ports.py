@@ -41,27 +41,18 @@ class _T(torch.nn.Module):
 
 
 class _P(paddle.nn.Layer):
-    def __init__(self):
+    """The port; ``names``: its encoder's and head's attribute names (others than torch's pair
+    by order only)."""
+
+    def __init__(self, names=("enc", "head")):
         super().__init__()
-        self.enc = paddle.nn.TransformerEncoder(
-            paddle.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 2)
-        self.head = paddle.nn.Linear(16, 3)
+        self.names = names
+        setattr(self, names[0], paddle.nn.TransformerEncoder(
+            paddle.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 2))
+        setattr(self, names[1], paddle.nn.Linear(16, 3))
 
     def forward(self, x):
-        return self.head(self.enc(x)[:, 0])
-
-
-class _Renamed(paddle.nn.Layer):
-    """The port with its own names: only the order pairs it."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = paddle.nn.TransformerEncoder(
-            paddle.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 2)
-        self.out = paddle.nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.out(self.body(x)[:, 0])
+        return getattr(self, self.names[1])(getattr(self, self.names[0])(x)[:, 0])
 
 
 def _models():
@@ -107,7 +98,7 @@ def test_a_transformer_port_loads_checks_and_computes_the_same():
 
 def test_a_renamed_transformer_port_pairs_by_order():
     tm, _ = _models()
-    pm = _Renamed()
+    pm = _P(("body", "out"))
     pm.eval()
     pairs = pair_weights_by_order(tm, pm)
     assert pairs["enc.layers.1.self_attn.v_proj.bias"] == "body.layers.1.self_attn.v_proj.bias"
