@@ -103,6 +103,8 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
 # recurrent layers: torch's are leaves, Paddle's hold a layer per direction and layer, and their
 # cells: read as one layer each, as torch's
 _RNN = {"lstm": "lstm", "gru": "gru", "rnn": "rnn", "simplernn": "rnn"}
+# kinds read as one layer whose sublayers are its own (an attention's projections too)
+_WHOLE = frozenset(_RNN.values()) | {"attention"}
 
 
 # kinds paired by order (no parameters to pair them by)
@@ -422,12 +424,11 @@ def _leaves(model: Any, children: Callable[[Any], Any]) -> list[tuple[str, Any]]
     for name, m in model:
         if inside is not None and name.startswith(inside):
             continue
-        cls = type(m).__name__.lower()
-        if cls in _RNN or cls == "multiheadattention":  # its projections have no settings
+        kind = _kind(type(m).__name__)[0]
+        if kind in _WHOLE:  # read as one layer: its sublayers have no settings of their own
             inside = name + "."
             out.append((name, m))
-        elif name and (cls in ("transformerencoderlayer", "transformerdecoderlayer")
-                       or not any(True for _ in children(m))):
+        elif name and (kind == "transformerlayer" or not any(True for _ in children(m))):
             out.append((name, m))  # a transformer layer's own settings; its sublayers follow
     return out
 

@@ -107,13 +107,19 @@ def test_a_renamed_transformer_port_pairs_by_order():
     assert r.passed, r.to_table(failed_only=True)
 
 
-def test_a_swapped_k_and_v_is_found_where_it_is():
+def _swapped_k_and_v():
+    """The port with its second layer's key and value projections swapped."""
     tm, pm = _models()
     load_into_paddle(pm, tm)
     attn = pm.enc.layers[1].self_attn
     k, v = attn.k_proj.weight.numpy(), attn.v_proj.weight.numpy()
     attn.k_proj.weight.set_value(v)
     attn.v_proj.weight.set_value(k)
+    return tm, pm
+
+
+def test_a_swapped_k_and_v_is_found_where_it_is():
+    tm, pm = _swapped_k_and_v()
     r = align_forward(tm, pm, {"x": X}, calibrate=True)
     assert not r.passed
     assert r.options["divergence"]["layer"].startswith("enc.layers.1")
@@ -152,12 +158,7 @@ def test_align_train_follows_the_packed_projection(optimizer):
 
 
 def test_align_train_names_a_swapped_key_and_value_projection():
-    tm, pm = _models()
-    load_into_paddle(pm, tm)
-    attn = pm.enc.layers[1].self_attn
-    k, v = attn.k_proj.weight.numpy(), attn.v_proj.weight.numpy()
-    attn.k_proj.weight.set_value(v)
-    attn.v_proj.weight.set_value(k)
+    tm, pm = _swapped_k_and_v()
     r = align_train(tm, pm, [(X, np.array([0, 1]))], steps=1, calibrate=True,
                     torch_loss_fn=torch.nn.CrossEntropyLoss(),
                     paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
