@@ -45,6 +45,53 @@ def _stat_kind(name: str, table: tuple[tuple[re.Pattern[str], str], ...]) -> Opt
     return None
 
 
+# the kinds of layer that hold parameters, as both frameworks spell them once lowercased and
+# without their rank (Conv2d / Conv2D, BatchNorm1d / BatchNorm1D); any other holder is "other"
+_HOLDERS = {
+    "linear": "linear", "nondynamicallyquantizablelinear": "linear", "bilinear": "bilinear",
+    "conv": "conv", "convtranspose": "convtranspose", "conv_transpose": "convtranspose",
+    "batchnorm": "batchnorm", "syncbatchnorm": "batchnorm", "layernorm": "layernorm",
+    "groupnorm": "groupnorm", "instancenorm": "instancenorm", "rmsnorm": "rmsnorm",
+    "embedding": "embedding", "prelu": "prelu", "lstm": "lstm", "gru": "gru", "rnn": "rnn",
+    "simplernn": "rnn", "multiheadattention": "attention",
+}
+# holders read whole: their sublayers' tensors are theirs (an attention's projections, an RNN's
+# cells), as torch's leaves hold them
+_WHOLE_HOLDERS = frozenset({"lstm", "gru", "rnn", "attention"})
+_RANK = re.compile(r"[123]d")
+
+
+def _holder_kind(cls_name: str) -> str:
+    return _HOLDERS.get(_RANK.sub("", cls_name.lower()), "other")
+
+
+def _owners(layers: Mapping[str, Any], keys: Any, whole: frozenset[str]
+            ) -> dict[str, tuple[str, str]]:
+    """key -> (the layer holding it, that layer's kind): the outermost layer of a kind in
+    ``whole`` above the key, else the nearest layer above it. Where attention is not read whole,
+    a slice of torch's packed projection (``attn.q_proj.weight``) is a Linear of its own, as
+    Paddle's are."""
+    out: dict[str, tuple[str, str]] = {}
+    for key in keys:
+        prefix = key.rpartition(".")[0]
+        parts = prefix.split(".") if prefix else []
+        nearest: Optional[tuple[str, str]] = None
+        outer: Optional[tuple[str, str]] = None
+        for i in range(len(parts), -1, -1):
+            name = ".".join(parts[:i])
+            layer = layers.get(name)
+            if layer is None:
+                continue  # a split attention slice (q_proj) has no torch layer of its own
+            kind = _holder_kind(type(layer).__name__)
+            if nearest is None:
+                nearest = (prefix, "linear") if kind == "attention" and name != prefix \
+                    and "attention" not in whole else (name, kind)
+            if kind in whole:
+                outer = (name, kind)
+        out[key] = outer or nearest or ("", "other")
+    return out
+
+
 def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], Optional[set[str]], str]:
     """(name -> shape in state-dict order, Linear weight names or None, a label for messages)."""
     if _is_torch_module(obj):
@@ -89,12 +136,15 @@ def _paddle_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], str]:
 class _OrderPlan:
     """Positional pairs ``(torch key, paddle key, transpose)`` for every position both sides have,
     and the problems found: ``(torch key or None, text)``, one per position; ``wrong_kind`` holds
-    the torch keys paired with a tensor of another kind (a BatchNorm statistic with a weight)."""
+    the torch keys paired with a tensor of another kind (a BatchNorm statistic with a weight);
+    ``moved`` those paired by layer kind with a tensor at another position."""
 
     pairs: tuple[tuple[str, str, bool], ...]
     problems: tuple[tuple[Optional[str], str], ...]
     header: str
     wrong_kind: frozenset[str] = frozenset()
+    # the torch keys paired with a tensor at another position: the layers were paired kind by kind
+    moved: frozenset[str] = frozenset()
 
     def raise_problems(self) -> None:
         if self.problems:
@@ -113,16 +163,18 @@ class _OrderPlan:
 _LISTED = 8  # the positions a pairing error lists
 
 
-def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules]) -> _OrderPlan:
-    rules = rules or _DEFAULT_RULES
-    tshapes, linear, tlabel = _torch_shapes(torch_side)
-    pshapes, plabel = _paddle_shapes(paddle_side)
-    torch_keys = [k for k in tshapes if not _DROPPED.search(k) and rules.skip_pattern(k) is None]
-    paddle_keys = list(pshapes)
+def _check(
+    positions: list[tuple[int, str, str]],
+    tshapes: Mapping[str, tuple[int, ...]],
+    pshapes: Mapping[str, tuple[int, ...]],
+    linear: Optional[set[str]],
+) -> tuple[list[tuple[str, str, bool]], list[tuple[Optional[str], str]], set[str]]:
+    """Each (position, torch key, Paddle key) checked by shape and kind: the pairs with their
+    transposes, the problems, the torch keys paired with a tensor of another kind."""
     pairs: list[tuple[str, str, bool]] = []
     problems: list[tuple[Optional[str], str]] = []
     wrong_kind: set[str] = set()
-    for i, (tk, pk) in enumerate(zip(torch_keys, paddle_keys)):
+    for i, tk, pk in positions:
         ts, ps = tshapes[tk], pshapes[pk]
         if ts == ps and len(ts) == 2 and ts[0] == ts[1]:
             # a square weight's layout cannot be read from shapes: ask the model, else the heuristic
@@ -141,6 +193,69 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
                 (tk, f"#{i} {tk} vs {pk}: a BatchNorm statistic paired with another kind of tensor")
             )
         pairs.append((tk, pk, transpose))
+    return pairs, problems, wrong_kind
+
+
+def _by_kind(torch_keys: list[str], paddle_keys: list[str], torch_side: Any,
+             paddle_side: Any) -> list[list[tuple[int, str, str]]]:
+    """The keys paired layer by layer, the n-th layer of a kind with the n-th of that kind, for
+    ports that define the same layers in another order (Hugging Face's BERT defines a block's
+    attention LayerNorm before its feed-forward Linears, PaddleNLP's after them): a candidate
+    for each way of reading attention layers under which each kind pairs one for one (none
+    where the models are not at hand)."""
+    if not _is_torch_module(torch_side) or not hasattr(paddle_side, "named_sublayers"):
+        return []
+    tlayers = dict(torch_side.named_modules())
+    players = dict(paddle_side.named_sublayers(include_self=True))
+    # an attention read whole pairs torch's MultiheadAttention with Paddle's; read as its
+    # projections, a hand-written attention's Linears (Hugging Face's query/key/value/dense)
+    found = []
+    for whole in (_WHOLE_HOLDERS, _WHOLE_HOLDERS - {"attention"}):
+        pairs = _paired_by_kind(torch_keys, paddle_keys, _owners(tlayers, torch_keys, whole),
+                                _owners(players, paddle_keys, whole))
+        if pairs is not None and pairs not in found:
+            found.append(pairs)
+    return found
+
+
+def _paired_by_kind(torch_keys: list[str], paddle_keys: list[str],
+                    towner: dict[str, tuple[str, str]], powner: dict[str, tuple[str, str]]
+                    ) -> Optional[list[tuple[int, str, str]]]:
+
+    def layers(keys: list[str], owner: dict[str, tuple[str, str]]
+               ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        held: dict[str, list[str]] = {}
+        of_kind: dict[str, list[str]] = {}
+        for k in keys:
+            name, kind = owner[k]
+            if name not in held:
+                held[name] = []
+                of_kind.setdefault(kind, []).append(name)
+            held[name].append(k)
+        return held, of_kind
+
+    theld, tkinds = layers(torch_keys, towner)
+    pheld, pkinds = layers(paddle_keys, powner)
+    if {k: len(v) for k, v in tkinds.items()} != {k: len(v) for k, v in pkinds.items()}:
+        return None
+    position = {k: i for i, k in enumerate(torch_keys)}
+    out: list[tuple[int, str, str]] = []
+    for kind, names in tkinds.items():
+        for tname, pname in zip(names, pkinds[kind]):
+            if len(theld[tname]) != len(pheld[pname]):
+                return None
+            out += [(position[tk], tk, pk) for tk, pk in zip(theld[tname], pheld[pname])]
+    return sorted(out)
+
+
+def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules]) -> _OrderPlan:
+    rules = rules or _DEFAULT_RULES
+    tshapes, linear, tlabel = _torch_shapes(torch_side)
+    pshapes, plabel = _paddle_shapes(paddle_side)
+    torch_keys = [k for k in tshapes if not _DROPPED.search(k) and rules.skip_pattern(k) is None]
+    paddle_keys = list(pshapes)
+    flat = [(i, tk, pk) for i, (tk, pk) in enumerate(zip(torch_keys, paddle_keys))]
+    pairs, problems, wrong_kind = _check(flat, tshapes, pshapes, linear)
     n = len(pairs)
     problems += [
         (k, f"#{n + j} {k} {list(tshapes[k])} vs nothing") for j, k in enumerate(torch_keys[n:])
@@ -149,6 +264,14 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
         (None, f"#{n + j} nothing vs {k} {list(pshapes[k])}") for j, k in enumerate(paddle_keys[n:])
     ]
     header = f"{tlabel} ({len(torch_keys)} tensors) vs {plabel} ({len(paddle_keys)} tensors)"
+    if problems and len(torch_keys) == len(paddle_keys):
+        for kinds in _by_kind(torch_keys, paddle_keys, torch_side, paddle_side):
+            kpairs, kproblems, kwrong = _check(kinds, tshapes, pshapes, linear)
+            if not kproblems:
+                by_position = dict(zip(torch_keys, paddle_keys))
+                moved = frozenset(tk for tk, pk, _ in kpairs if by_position[tk] != pk)
+                return _OrderPlan(tuple(kpairs), (), header, frozenset(kwrong), moved)
+    # the same layers in the same order, or none that pair kind by kind: the positions decide
     return _OrderPlan(tuple(pairs), tuple(problems), header, frozenset(wrong_kind))
 
 

@@ -854,14 +854,18 @@ def _by_name(xs: Sequence[OpEvent], ys: Sequence[OpEvent], sides: tuple[str, str
     return pairs, f"; {len(pairs)} paired by name, " + "; ".join(said)
 
 
+def _identity(e: OpEvent) -> bool:
+    return e.kind.replace("alpha", "").startswith("dropout") and not e.settings.get("p")
+
+
 def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
                    sides: tuple[str, str] = ("torch", "Paddle"),
                    layer_kinds: Collection[str] = ()
-                   ) -> tuple[list[_settings.SettingDiff], list[str], int, set[str]]:
+                   ) -> tuple[list[_settings.SettingDiff], list[str], int, set[str], int]:
     """The differing settings of the paired events (each kind by order, where both sides have as
     many; else the events of one name on both sides, and the others said) that are not two
-    layers, the kinds that could not be paired, the pairs compared, and
-    the kinds paired here. ``layer_kinds``: kinds the layer settings could not pair (a layer
+    layers, the kinds that could not be paired, the pairs with a call compared, the kinds
+    paired here, and the pairs of two layers compared here. ``layer_kinds``: kinds the layer settings could not pair (a layer
     called three times against three layers), whose pairs of two layers are compared here."""
     kinds: dict[str, tuple[list[OpEvent], list[OpEvent]]] = {}
     for side, events in ((0, ours), (1, theirs)):
@@ -869,12 +873,18 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
             kinds.setdefault(e.kind, ([], []))[side].append(e)
     diffs: list[_settings.SettingDiff] = []
     unpaired: list[str] = []
-    compared = 0
+    compared = layers = 0
     paired: set[str] = set()
     for kind, (xs, ys) in kinds.items():
         if kind not in layer_kinds and kind not in _DYNAMIC and not any(
                 not e.layer for e in xs + ys):
             continue  # layers only: the layer settings' pairs
+        if len(xs) != len(ys):
+            # a dropout of p 0 is the identity: a port may hold one where the reference has none
+            # (PaddleNLP's activation dropout), and pairing goes on without them
+            kept = [e for e in xs if not _identity(e)], [e for e in ys if not _identity(e)]
+            if len(kept[0]) == len(kept[1]) and kept[0]:
+                xs, ys = kept
         pairs = list(zip(xs, ys))
         if len(xs) != len(ys):
             pairs, left = _by_name(xs, ys, sides)
@@ -888,9 +898,12 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
             dynamic = _DYNAMIC.get(kind, ())
             if x.layer and y.layer and kind not in layer_kinds and not dynamic:
                 continue
-            compared += 1
+            if x.layer and y.layer:
+                layers += kind in layer_kinds  # else the layer settings counted them
+            else:
+                compared += 1
             for setting, xv, yv in _call_differences(kind, x.settings, y.settings):
                 if x.layer and y.layer and kind not in layer_kinds and setting not in dynamic:
                     continue  # the layer settings compared it
                 diffs.append(_settings.SettingDiff(x.name, y.name, setting, xv, yv, kind, sides))
-    return diffs, unpaired, compared, paired
+    return diffs, unpaired, compared, paired, layers

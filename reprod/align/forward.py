@@ -21,6 +21,7 @@ from .framework import (
     _deterministic,
     _flatten,
     _modes,
+    pair_outputs,
     _paddle_place,
     _split_inputs,
     _to_paddle,
@@ -59,7 +60,9 @@ def align_forward(
 
     ``inputs``: numpy arrays (or tensors): one array, a tuple/list (positional arguments) or a dict
     (keyword arguments). Outputs are recorded as ``logits`` (``logits/0``, ``logits/<name>`` for
-    tuples and dicts). With ``out_dir``, writes ``forward_torch.npy``, ``forward_paddle.npy`` and the
+    tuples and dicts); where one side returns a tuple and the other names the same outputs (a
+    Hugging Face ``ModelOutput``), they pair by position under the reference's names, listed in
+    ``options["outputs_paired"]`` (Paddle key -> torch key). With ``out_dir``, writes ``forward_torch.npy``, ``forward_paddle.npy`` and the
     reprod_log-style ``forward_diff.log`` (also printed with ``verbose``). The models' train/eval
     modes are restored afterwards.
     Returns ``reprod.compare``'s ``DiffResult`` (torch is the reference).
@@ -125,9 +128,12 @@ def align_forward(
             with traces[1] if traces else contextlib.nullcontext():
                 out_p = paddle_model(*pargs, **pkw)
             outs.append((paddle_log, out_p))
-    for log, out in outs:
-        flat: dict[str, np.ndarray] = {}
-        _flatten(out, "logits", flat)
+    flats: list[dict[str, np.ndarray]] = []
+    for _, out in outs:
+        flats.append({})
+        _flatten(out, "logits", flats[-1])
+    flats[-1], paired_outputs = pair_outputs(flats[0], flats[-1])
+    for (log, _), flat in zip(outs, flats):
         for k, v in flat.items():
             log.add(k, v)
     result = _finish(
@@ -140,6 +146,9 @@ def align_forward(
         noise_log=noise_log,
         write_log=False,  # below, with the findings
     )
+    if paired_outputs:
+        result = dataclasses.replace(result, options=dict(result.options,
+                                                          outputs_paired=paired_outputs))
     if waive is not None:
         result = settings.settings_checked(result, torch_model, paddle_model, waive=waive,
                                            by_order=by_order, traces=traces)

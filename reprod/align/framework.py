@@ -31,6 +31,28 @@ def _flatten(value: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
         out[prefix] = to_numpy(value, key=prefix).array
 
 
+def _positional(key: str) -> bool:
+    return key.rpartition("/")[2].isdigit()
+
+
+def pair_outputs(ref: Mapping[str, np.ndarray], port: dict[str, np.ndarray]
+                 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The port's flattened outputs under the reference's keys where one side returns a tuple and
+    the other names the same outputs (a Hugging Face ``ModelOutput`` against PaddleNLP's tuple):
+    the keys each side alone has pair by position when one side's are all positions, as many,
+    with the same shapes in order. Returns the outputs and port key -> reference key."""
+    only_ref = [k for k in ref if k not in port]
+    only_port = [k for k in port if k not in ref]
+    if not only_ref or len(only_ref) != len(only_port):
+        return port, {}
+    if not (all(map(_positional, only_ref)) or all(map(_positional, only_port))):
+        return port, {}  # both name theirs: names that differ are not the same outputs
+    if any(np.shape(ref[a]) != np.shape(port[b]) for a, b in zip(only_ref, only_port)):
+        return port, {}
+    renamed = dict(zip(only_port, only_ref))
+    return {renamed.get(k, k): v for k, v in port.items()}, renamed
+
+
 def _split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """How inputs are passed to a model: a mapping as keyword arguments, a tuple/list as positional
     arguments, anything else as the one positional argument."""

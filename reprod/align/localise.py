@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
+
 from ..adapters import to_numpy
 
 __all__ = ["Localisation", "localise_forward"]
@@ -118,6 +120,27 @@ def _torch_context(torch_model: Any, capture: Optional[Mapping[str, Any]] = None
     return ctx
 
 
+def _broadcast(ref: dict[str, Any], port: dict[str, Any], noise: Optional[dict[str, Any]]
+               ) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, Any]]]:
+    """Captures whose shapes differ where one side holds a size-1 axis the other repeats (Hugging
+    Face's BERT embeds position ids of shape [1, L], PaddleNLP's of [B, L]), each side as the
+    larger shape: the values then judge them, as the model broadcasts them, not the shapes."""
+    ref, port = dict(ref), dict(port)
+    noise = None if noise is None else dict(noise)
+    for key in ref.keys() & port.keys():
+        a, b = ref[key], port[key]
+        sa, sb = np.shape(a), np.shape(b)
+        if sa == sb or len(sa) != len(sb) or not all(x == y or 1 in (x, y) for x, y in zip(sa, sb)):
+            continue
+        shape = tuple(max(x, y) for x, y in zip(sa, sb))
+        if 0 in shape or not (shape == sa or shape == sb):
+            continue  # each side short of the other somewhere: a different tensor
+        ref[key], port[key] = np.broadcast_to(a, shape), np.broadcast_to(b, shape)
+        if noise is not None and np.shape(noise.get(key)) == sa:
+            noise[key] = np.broadcast_to(noise[key], shape)
+    return ref, port, noise
+
+
 def localise_forward(
     torch_model: Any,
     paddle_model: Any,
@@ -163,6 +186,7 @@ def localise_forward(
     if noise is not None and ref_layout is not None:
         noise = ref_layout(noise)
     judged = _derive({k: v for k, v in ref.items() if k not in superseded}, derived)
+    judged, port, noise = _broadcast(judged, port, noise)
     plain = compare(judged, port, criteria=criteria, noise=noise)
     ptypes = layer_types(paddle_model)
     types: dict[str, tuple[str, Optional[str]]] = {

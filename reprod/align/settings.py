@@ -53,6 +53,8 @@ class SettingDiff:
 
 # what a setting whose name does not say it means
 _MEANING = {"correction": " (the variance divides by n - correction: unbiased is 1)",
+            "padding_idx": (" (the row that gets no gradient; Paddle's also reads as zeros "
+                            "whatever the row holds, torch's as the row)"),
             "masked": (" (the share of attention positions the mask takes out: torch's boolean "
                        "mask is True where masked, Paddle's True where kept)")}
 
@@ -160,6 +162,16 @@ def _torch_padding(t: Any, rank: int) -> Any:
     return pad.lower() if isinstance(pad, str) else _tuple(pad, rank)
 
 
+def _torch_padding_idx(t: Any) -> Any:
+    """torch's padding row reads as what it holds, Paddle's as zeros: the same only where
+    torch's row is zero, and one that is not says so."""
+    p = t.padding_idx
+    if p is None:
+        return None
+    row = t.weight.detach()[p]
+    return int(p) if not bool(row.any()) else f"{int(p)} (its row is not zero)"
+
+
 def _statistics_torch(t: Any) -> str:
     return "batch in training, running in eval" if t.track_running_stats else "always the batch's"
 
@@ -231,7 +243,7 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
         ("epsilon", lambda t, r: float(t.eps), lambda p, r: float(p._epsilon)),
     ],
     "embedding": [
-        ("padding_idx", lambda t, r: t.padding_idx,
+        ("padding_idx", lambda t, r: _torch_padding_idx(t),
          lambda p, r: None if p._padding_idx in (None, -1) else int(p._padding_idx)),
     ],
     "maxpool": _POOL + [
@@ -433,9 +445,10 @@ def _leaves(model: Any, children: Callable[[Any], Any]) -> list[tuple[str, Any]]
     return out
 
 
-def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, str]
-           ) -> tuple[list[tuple[str, Any, str, Any]], list[str]]:
-    """(torch name, module, Paddle name, layer) for each pair, and the kinds left unpaired."""
+def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, str],
+           order_kinds: bool = True) -> tuple[list[tuple[str, Any, str, Any]], list[str]]:
+    """(torch name, module, Paddle name, layer) for each pair, and the kinds left unpaired.
+    ``order_kinds=False`` leaves the layers without parameters to the traces' call order."""
     t_leaves = _leaves(torch_model.named_modules(), lambda m: m.children())
     p_leaves = _leaves(paddle_model.named_sublayers(), lambda m: m.children())
     p_by_name = dict(p_leaves)
@@ -449,7 +462,7 @@ def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, st
         if pname is not None and pname in p_by_name:
             pairs.append((name, module, pname, p_by_name[pname]))
     unpaired: list[str] = []
-    for kind in _BY_ORDER:
+    for kind in _BY_ORDER if order_kinds else ():
         ts = [(n, m) for n, m in t_leaves if _kind(type(m).__name__)[0] == kind]
         ps = [(n, m) for n, m in p_leaves if _kind(type(m).__name__)[0] == kind]
         if len(ts) != len(ps):
@@ -517,7 +530,11 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
             rules = by_order_rules(torch_model, paddle_model, rules=rules)
         plan = _torch_params_plan(torch_model, rules)
         torch_to_paddle = {n: kp.paddle_name for n, kp in plan.items() if kp.paddle_name}
-    pairs, unpaired = _pairs(torch_model, paddle_model, torch_to_paddle)
+    # with traces, the layers without parameters pair in the order the data goes through them,
+    # beside the calls of their kind: definition order pairs a port's activation dropout
+    # (defined first) with the reference's attention dropout (called first)
+    pairs, unpaired = _pairs(torch_model, paddle_model, torch_to_paddle,
+                             order_kinds=traces is None)
     diffs: list[SettingDiff] = []
     compared = 0
     for tname, tmod, pname, pmod in pairs:
@@ -529,21 +546,25 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
             diffs.append(SettingDiff(tname, pname, setting, tv, pv, t_read[0]))
     if traces is None:
         return SettingsReport(tuple(diffs), tuple(unpaired), compared)
-    return _with_calls(diffs, unpaired, compared, traces[0].events, traces[1].events)
+    return _with_calls(diffs, unpaired, compared, traces[0].events, traces[1].events,
+                       by_call=_BY_ORDER)
 
 
 def _with_calls(diffs: list[SettingDiff], unpaired: Sequence[str], compared: int,
                 ours: Sequence[Any], theirs: Sequence[Any],
-                sides: tuple[str, str] = ("torch", "Paddle")) -> SettingsReport:
+                sides: tuple[str, str] = ("torch", "Paddle"),
+                by_call: Sequence[str] = ()) -> SettingsReport:
     """The layers' report with the traced events compared too (``calls.compare_events``): a
-    kind the layers could not pair is paired by call there, and no longer said unpaired."""
+    kind the layers could not pair is paired by call there, and no longer said unpaired; so is
+    each kind of ``by_call``, whose layers the layer settings left to the calls."""
     from .calls import compare_events
 
     kind_of = {u: u.split(":", 1)[0] for u in unpaired}  # "maxpool: 3 in torch, 1 in Paddle"
-    call_diffs, call_unpaired, calls, paired = compare_events(
-        ours, theirs, sides, layer_kinds=set(kind_of.values()))
+    call_diffs, call_unpaired, calls, paired, layers = compare_events(
+        ours, theirs, sides, layer_kinds=set(kind_of.values()) | set(by_call))
     left = [u for u in unpaired if kind_of[u] not in paired]
-    return SettingsReport(tuple(diffs + call_diffs), tuple(left + call_unpaired), compared, calls)
+    return SettingsReport(tuple(diffs + call_diffs), tuple(left + call_unpaired),
+                          compared + layers, calls)
 
 
 def waivers(check_settings: Any) -> Optional[tuple[str, ...]]:
@@ -873,7 +894,10 @@ def _compare_saved(a: _Saved, b: _Saved) -> SettingsReport:
             kinds.setdefault(entry["kind"], ([], []))[side].append(entry)
     diffs, unpaired = [], []
     compared = 0
+    traced = a[3] is not None and b[3] is not None
     for kind, (ours, theirs) in kinds.items():
+        if traced and kind in _BY_ORDER:
+            continue  # paired in call order with the calls (compare_settings says why)
         if len(ours) != len(theirs):
             unpaired.append(f"{kind}: {len(ours)} in {sides[0]}, {len(theirs)} in {sides[1]}")
             continue
@@ -896,6 +920,6 @@ def _compare_saved(a: _Saved, b: _Saved) -> SettingsReport:
         found_at = first_parting(a[5], b[5], done=0, sides=sides)
         if found_at is not None:
             diffs.append(found_at)
-    if a[3] is None or b[3] is None:
+    if not traced:
         return SettingsReport(tuple(diffs), tuple(unpaired), compared)
-    return _with_calls(diffs, unpaired, compared, a[3], b[3], sides)
+    return _with_calls(diffs, unpaired, compared, a[3], b[3], sides, by_call=_BY_ORDER)
