@@ -854,6 +854,23 @@ def _by_name(xs: Sequence[OpEvent], ys: Sequence[OpEvent], sides: tuple[str, str
     return pairs, f"; {len(pairs)} paired by name, " + "; ".join(said)
 
 
+_INSIDE_ATTENTION = "(attention)"  # the op of an attention's own dropout
+
+
+def _with_attention_dropouts(events: Sequence[OpEvent]) -> list[OpEvent]:
+    """The events, each attention's dropout of its weights after it as a dropout of its own: a
+    hand-written attention applies that one as a Dropout layer (Hugging Face's BERT), which would
+    otherwise pair with the port's next dropout."""
+    out: list[OpEvent] = []
+    for e in events:
+        out.append(e)
+        p = e.settings.get("dropout") if e.kind == "attention" else None
+        if isinstance(p, (int, float)) and p:
+            out.append(OpEvent("dropout", _INSIDE_ATTENTION, f"{e.name}:dropout", False,
+                               {"p": float(p)}))
+    return out
+
+
 def _identity(e: OpEvent) -> bool:
     return e.kind.replace("alpha", "").startswith("dropout") and not e.settings.get("p")
 
@@ -869,7 +886,7 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
     called three times against three layers), whose pairs of two layers are compared here."""
     kinds: dict[str, tuple[list[OpEvent], list[OpEvent]]] = {}
     for side, events in ((0, ours), (1, theirs)):
-        for e in events:
+        for e in _with_attention_dropouts(events):
             kinds.setdefault(e.kind, ([], []))[side].append(e)
     diffs: list[_settings.SettingDiff] = []
     unpaired: list[str] = []
@@ -898,6 +915,8 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
             dynamic = _DYNAMIC.get(kind, ())
             if x.layer and y.layer and kind not in layer_kinds and not dynamic:
                 continue
+            if x.op == y.op == _INSIDE_ATTENTION:
+                continue  # the attentions' own settings compare their rates
             if x.layer and y.layer:
                 layers += kind in layer_kinds  # else the layer settings counted them
             else:

@@ -21,12 +21,12 @@ from .framework import (
     _deterministic,
     _flatten,
     _modes,
-    pair_outputs,
     _paddle_place,
     _split_inputs,
     _to_paddle,
     _to_torch,
     _torch_device,
+    pair_outputs,
 )
 from .localise import localise_forward
 from .results import PathLike, _finish, _write_diff_log

@@ -1,0 +1,378 @@
+"""Ports that hold the reference's layers in another arrangement: a BERT block as Hugging Face writes
+it (attention LayerNorm defined before the feed-forward Linears, attention as hand-written Linears,
+three Dropout layers) against Paddle's own ``nn.TransformerEncoderLayer`` (norms after the
+Linears, a ``MultiHeadAttention`` applying its dropout as a function, an activation dropout of
+p 0); outputs returned as a tuple against named ones; position ids embedded at [1, L] against
+[B, L]; an embedding's padding row. tests/realworld/test_bert_real.py runs the real pair
+(transformers' BertModel against PaddleNLP's)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+tnn = torch.nn
+pnn = paddle.nn
+
+from reprod.align import (  # noqa: E402
+    align_forward,
+    compare_settings,
+    compare_structure,
+    load_into_paddle,
+    pair_weights_by_order,
+    trace_settings,
+)
+from reprod.align.by_order import _order_plan  # noqa: E402
+from reprod.align.framework import pair_outputs  # noqa: E402
+from reprod.errors import KeyMismatchError  # noqa: E402
+
+H, HEADS, B, L = 16, 4, 2, 6
+
+
+class HFSelfAttention(tnn.Module):
+    """Hugging Face's BertSelfAttention: query/key/value Linears, dropout on the probabilities."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.query, self.key, self.value = tnn.Linear(H, H), tnn.Linear(H, H), tnn.Linear(H, H)
+        self.dropout = tnn.Dropout(p)
+
+    def forward(self, x):
+        d = H // HEADS
+
+        def heads(t):
+            return t.view(B, L, HEADS, d).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        probs = self.dropout(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1))
+        return (probs @ v).transpose(1, 2).reshape(B, L, H)
+
+
+class HFOutput(tnn.Module):
+    def __init__(self, n_in: int, p: float) -> None:
+        super().__init__()
+        self.dense = tnn.Linear(n_in, H)
+        self.LayerNorm = tnn.LayerNorm(H)
+        self.dropout = tnn.Dropout(p)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class HFAttention(tnn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.self = HFSelfAttention(p)
+        self.output = HFOutput(H, p)
+
+    def forward(self, x):
+        return self.output(self.self(x), x)
+
+
+class HFIntermediate(tnn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = tnn.Linear(H, 4 * H)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.dense(x))
+
+
+class HFLayer(tnn.Module):
+    """A post-norm BERT layer defined as Hugging Face defines it."""
+
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        self.attention = HFAttention(p)
+        self.intermediate = HFIntermediate()
+        self.output = HFOutput(4 * H, p)
+
+    def forward(self, x):
+        a = self.attention(x)
+        return self.output(self.intermediate(a), a)
+
+
+class HFEncoder(tnn.Module):
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        self.layer = tnn.ModuleList([HFLayer(p), HFLayer(p)])
+
+    def forward(self, x):
+        for layer in self.layer:
+            x = layer(x)
+        return x
+
+
+class PaddleEncoder(pnn.Layer):
+    """The port: Paddle's own TransformerEncoderLayer, as PaddleNLP's BERT builds its encoder."""
+
+    def __init__(self, attn_dropout: float = 0.1, ffn: int = 4 * H) -> None:
+        super().__init__()
+        self.layers = pnn.LayerList([
+            pnn.TransformerEncoderLayer(H, HEADS, ffn, dropout=0.1, activation="gelu",
+                                        attn_dropout=attn_dropout, act_dropout=0)
+            for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _randomised(model):
+    """Every LayerNorm and bias away from its initial value, so that every pairing shows."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.fixture()
+def pair():
+    torch.manual_seed(0)
+    paddle.seed(0)
+    return _randomised(HFEncoder().eval()), PaddleEncoder()
+
+
+X = np.random.default_rng(0).standard_normal((B, L, H)).astype(np.float32)
+
+
+def test_layers_pair_kind_by_kind_where_the_block_defines_them_in_another_order(pair) -> None:
+    tm, pm = pair
+    pairs = pair_weights_by_order(tm, pm)
+    assert len(pairs) == 32
+    for i in (0, 1):
+        t, p = f"layer.{i}.", f"layers.{i}."
+        assert pairs[t + "attention.self.query.weight"] == p + "self_attn.q_proj.weight"
+        assert pairs[t + "attention.output.dense.bias"] == p + "self_attn.out_proj.bias"
+        assert pairs[t + "attention.output.LayerNorm.weight"] == p + "norm1.weight"
+        assert pairs[t + "intermediate.dense.weight"] == p + "linear1.weight"
+        assert pairs[t + "output.dense.weight"] == p + "linear2.weight"
+        assert pairs[t + "output.LayerNorm.bias"] == p + "norm2.bias"
+    moved = _order_plan(tm, pm, None).moved
+    # the attention's Linears and the last norm kept their positions; the others moved
+    assert not {"layer.0.attention.self.query.weight", "layer.1.output.LayerNorm.bias"} & moved
+    assert {"layer.0.attention.output.LayerNorm.weight", "layer.0.intermediate.dense.weight",
+            "layer.1.output.dense.weight"} <= moved
+    assert compare_structure(tm, pm, by_order=True).ok
+
+
+def test_the_port_loaded_by_kind_computes_the_reference(pair) -> None:
+    tm, pm = pair
+    load_into_paddle(pm, tm, by_order=True)
+    np.testing.assert_array_equal(pm.layers[0].linear1.weight.numpy(),
+                                  tm.layer[0].intermediate.dense.weight.detach().numpy().T)
+    pm.eval()
+    with torch.no_grad():
+        want = tm(torch.tensor(X)).numpy()
+    with paddle.no_grad():
+        got = pm(paddle.to_tensor(X)).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-5)  # independent of reprod's judging
+    r = align_forward(tm, pm, {"x": X}, by_order=True)
+    assert r.passed, r.to_table()
+    # the dropouts pair in the order the data meets them: torch's attention dropout with
+    # Paddle's functional one, p 0 activation dropouts aside; no setting differs
+    assert not [k for k in r.keys() if k.startswith("settings/")]
+
+
+def test_kinds_that_do_not_pair_one_for_one_still_fail_with_positions(pair) -> None:
+    tm, _ = pair
+    paddle.seed(0)
+    narrow = PaddleEncoder(ffn=3 * H)  # the same layers, a feed-forward of another width
+    with pytest.raises(KeyMismatchError, match=r"pairing by order failed: .*#10 "):
+        pair_weights_by_order(tm, narrow)
+
+    class Extra(PaddleEncoder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.final_norm = pnn.LayerNorm(H)
+
+    with pytest.raises(KeyMismatchError, match=r"\(32 tensors\) vs paddle Extra \(34 tensors\)"):
+        pair_weights_by_order(tm, Extra())
+
+
+def _traced_report(tm, pm):
+    x = torch.tensor(X)
+    with trace_settings(tm) as tt, torch.no_grad():
+        tm(x)
+    with trace_settings(pm) as pt, paddle.no_grad():
+        pm(paddle.to_tensor(X))
+    return compare_settings(tm, pm, by_order=True, traces=(tt, pt))
+
+
+def test_dropouts_pair_in_call_order_and_a_changed_rate_is_named(pair) -> None:
+    tm, pm = pair
+    pm.eval()
+    report = _traced_report(tm, pm)
+    assert report.differ == () and not [u for u in report.unpaired if "dropout" in u]
+    paddle.seed(0)
+    other = PaddleEncoder(attn_dropout=0.2)
+    other.eval()
+    lines = [d.line() for d in _traced_report(tm, other).differ]
+    assert lines == [
+        f"layers.{i}.self_attn:dropout (torch layer.{i}.attention.self.dropout): "
+        "p 0.1 in torch, 0.2 in Paddle" for i in (0, 1)]
+
+
+def test_a_dropout_of_p_0_is_not_mistaken_for_a_missing_one() -> None:
+    """Definition order would pair torch's attention dropout with Paddle's activation dropout
+    (defined first, p 0), and say the rates differ: the trace's call order does not."""
+    torch.manual_seed(0)
+    paddle.seed(0)
+    tm, pm = HFEncoder().eval(), PaddleEncoder()
+    pm.eval()
+    assert [type(m).__name__ for _, m in pm.layers[0].named_children()][2] == "Dropout"
+    assert pm.layers[0].dropout.p == 0
+    assert _traced_report(tm, pm).differ == ()
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+
+def test_pair_outputs_by_position_only_where_one_side_is_positional() -> None:
+    a, b = np.zeros((2, 3)), np.ones(4)
+    ref = {"logits/last_hidden_state": a, "logits/pooler_output": b}
+    got, renamed = pair_outputs(ref, {"logits/0": a, "logits/1": b})
+    assert renamed == {"logits/0": "logits/last_hidden_state", "logits/1": "logits/pooler_output"}
+    assert list(got) == list(ref)
+    # two named sides: other names are other outputs
+    assert pair_outputs(ref, {"logits/seq": a, "logits/pooled": b})[1] == {}
+    # the shapes in order must agree
+    assert pair_outputs(ref, {"logits/0": b, "logits/1": a})[1] == {}
+    # as many on each side
+    assert pair_outputs(ref, {"logits/0": a})[1] == {}
+
+
+def test_align_forward_pairs_a_tuple_with_named_outputs() -> None:
+    class Named(tnn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = tnn.Linear(H, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"logits": y, "pooled": y.mean(1)}
+
+    class Positional(pnn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = pnn.Linear(H, 3)
+            self.scale = 1.0
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y, y.mean(1) * self.scale
+
+    torch.manual_seed(0)
+    tm, pm = Named(), Positional()
+    load_into_paddle(pm, tm)
+    r = align_forward(tm, pm, {"x": X})
+    assert r.passed, r.to_table()
+    assert r.options["outputs_paired"] == {"logits/0": "logits/logits", "logits/1": "logits/pooled"}
+    # a port whose second output is wrong fails under the reference's name
+    pm.scale = 1.5
+    failed = align_forward(tm, pm, {"x": X}, localise=False)
+    assert [k.key for k in failed.failed] == ["logits/pooled"]
+
+
+# --- broadcast captures -------------------------------------------------------------------------
+
+
+class TorchPositions(tnn.Module):
+    """Position ids embedded at [1, L], broadcast over the batch (Hugging Face's BERT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = tnn.Embedding(L, H)
+        self.fc = tnn.Linear(H, H)
+        self.head = tnn.Linear(H, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x + self.pos(torch.arange(L)[None]))))
+
+
+class PaddlePositions(pnn.Layer):
+    """Position ids embedded at [B, L] (PaddleNLP's BERT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = pnn.Embedding(L, H)
+        self.fc = pnn.Linear(H, H)
+        self.head = pnn.Linear(H, 2)
+
+    def forward(self, x):
+        ids = paddle.arange(L).unsqueeze(0).expand([x.shape[0], L])
+        return self.head(paddle.nn.functional.relu(self.fc(x + self.pos(ids))))
+
+
+def test_captures_that_broadcast_are_judged_by_value() -> None:
+    torch.manual_seed(0)
+    tm, pm = TorchPositions(), PaddlePositions()
+    load_into_paddle(pm, tm)
+    assert align_forward(tm, pm, {"x": X}).passed
+    pm.fc.weight.set_value(pm.fc.weight * 1.05)  # the bug, after the embedding
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = align_forward(tm, pm, {"x": X})
+    assert not r.passed
+    # not the embedding, whose [1, L] and [B, L] captures hold the same rows
+    assert r.options["divergence"]["layer"] == "fc"
+    assert "input aligned" in r.options["divergence"]["message"]
+
+
+# --- an embedding's padding row -----------------------------------------------------------------
+
+
+def _embeddings(torch_pad, paddle_pad, row_zero: bool):
+    torch.manual_seed(0)
+    t = tnn.Embedding(10, 4, padding_idx=torch_pad)
+    with torch.no_grad():
+        t.weight.normal_()
+        if row_zero and torch_pad is not None:
+            t.weight[torch_pad] = 0
+    p = pnn.Embedding(10, 4, padding_idx=paddle_pad)
+    p.weight.set_value(t.weight.detach().numpy())
+    return t, p
+
+
+def _settings_lines(t, p) -> list[str]:
+    # the layer settings read the layers of a model: each embedding as layer "0" of one
+    return [d.line() for d in compare_settings(tnn.Sequential(t), pnn.Sequential(p)).differ]
+
+
+def test_torch_padding_row_that_is_not_zero_is_a_setting_paddle_reads_as_zeros() -> None:
+    ids = np.array([[0, 3, 5]])
+    t, p = _embeddings(0, 0, row_zero=False)
+    # the claim, independently: Paddle's padding row reads as zeros, torch's as what it holds
+    tout = t(torch.tensor(ids)).detach().numpy()
+    pout = p(paddle.to_tensor(ids)).numpy()
+    assert np.abs(tout[0, 0]).sum() > 0 and np.abs(pout[0, 0]).sum() == 0
+    np.testing.assert_array_equal(tout[0, 1:], pout[0, 1:])
+    assert _settings_lines(t, p) == [
+        "0: padding_idx '0 (its row is not zero)' in torch, 0 in Paddle (the row that gets "
+        "no gradient; Paddle's also reads as zeros whatever the row holds, torch's as the row)"]
+    t, p = _embeddings(0, 0, row_zero=True)
+    np.testing.assert_array_equal(t(torch.tensor(ids)).detach().numpy(),
+                                  p(paddle.to_tensor(ids)).numpy())
+    assert _settings_lines(t, p) == []
+
+
+def test_a_padding_row_only_torch_leaves_untrained_is_a_setting() -> None:
+    t, p = _embeddings(0, None, row_zero=True)
+    ids = np.array([[0, 3, 0]])
+    t(torch.tensor(ids)).sum().backward()
+    out = p(paddle.to_tensor(ids))
+    out.sum().backward()
+    # the same forward, other gradients: torch's row 0 gets none, Paddle's gets two
+    assert float(t.weight.grad[0].abs().sum()) == 0
+    np.testing.assert_array_equal(p.weight.grad.numpy()[0], np.full(4, 2.0, np.float32))
+    assert _settings_lines(t, p) == [
+        "0: padding_idx 0 in torch, None in Paddle (the row that gets no gradient; Paddle's also "
+        "reads as zeros whatever the row holds, torch's as the row)"]
