@@ -411,7 +411,7 @@ def run_forced(step: int, *, batches: Sequence[Any], torch_model: Any, paddle_mo
     torch_log, paddle_log = ReprodLogger(), ReprodLogger()
     run_torch(batch, torch_log)
     with paddle_lr(paddle_opt, paddle_lr_value):
-        run_paddle(batch, paddle_log)
+        run_paddle(batch, paddle_log, torch_log.data)  # the reference's names for its outputs
     return renamed(finish(torch_log, paddle_log, noise_log, (stats, dict(stats))), step)
 
 

@@ -31,11 +31,17 @@ def _flatten(value: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
         out[prefix] = to_numpy(value, key=prefix).array
 
 
+def _shape_of(value: Any) -> tuple[int, ...]:
+    # a record kept out of memory says its shape without being read
+    shape = getattr(value, "shape", None)
+    return tuple(int(d) for d in shape) if shape is not None else np.shape(value)
+
+
 def _positional(key: str) -> bool:
     return key.rpartition("/")[2].isdigit()
 
 
-def pair_outputs(ref: Mapping[str, np.ndarray], port: dict[str, np.ndarray]
+def pair_outputs(ref: Mapping[str, Any], port: dict[str, np.ndarray]
                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The port's flattened outputs under the reference's keys where one side returns a tuple and
     the other names the same outputs (a Hugging Face ``ModelOutput`` against PaddleNLP's tuple):
@@ -47,7 +53,7 @@ def pair_outputs(ref: Mapping[str, np.ndarray], port: dict[str, np.ndarray]
         return port, {}
     if not (all(map(_positional, only_ref)) or all(map(_positional, only_port))):
         return port, {}  # both name theirs: names that differ are not the same outputs
-    if any(np.shape(ref[a]) != np.shape(port[b]) for a, b in zip(only_ref, only_port)):
+    if any(_shape_of(ref[a]) != _shape_of(port[b]) for a, b in zip(only_ref, only_port)):
         return port, {}
     renamed = dict(zip(only_port, only_ref))
     return {renamed.get(k, k): v for k, v in port.items()}, renamed

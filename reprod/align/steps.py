@@ -51,6 +51,7 @@ from .framework import (
     _torch_device,
     _torch_params_plan,
     _torch_view,
+    pair_outputs,
 )
 from .kinks import KinkCapture
 from .localise import localise_forward
@@ -254,7 +255,10 @@ def _paddle_steps(
     log: ReprodLogger,
     opt_state: bool = False,
     trace: Any = None,
+    outputs_like: Optional[Mapping[str, Any]] = None,
 ) -> None:
+    """``outputs_like``: the reference's records, whose named outputs a tuple pairs with
+    (``pair_outputs``)."""
     place = _paddle_place(model)
     for i in range(n):
         inputs, labels = _split_batch(batches[i % len(batches)], i)
@@ -268,6 +272,10 @@ def _paddle_steps(
         loss.backward()
         flat: dict[str, np.ndarray] = {}
         _flatten(out, f"step{i}/logits", flat)
+        if outputs_like is not None:
+            head = f"step{i}/logits"
+            flat = pair_outputs({k: v for k, v in outputs_like.items()
+                                 if k == head or k.startswith(head + "/")}, flat)[0]
         for k, v in flat.items():
             log.add(k, v)
         log.add(f"step{i}/loss", loss.reshape([]))
@@ -568,6 +576,7 @@ def align_train(
             log=paddle_log,
             opt_state=optimizer_state,
             trace=None if traces is None else traces[1],
+            outputs_like=torch_log.data,
         )
     _common_state(torch_log, paddle_log, noise_log)
     twin_info = None
@@ -727,11 +736,12 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 return log
 
             def run_paddle(batch: Any, log: ReprodLogger,
+                           like: Optional[Mapping[str, Any]] = None,
                            kink: Optional[KinkCapture] = kink) -> None:
                 with _deterministic(seed), _recording(kink, paddle_model, log, "paddle"):
                     _paddle_steps(paddle_model, [batch], 1, loss_fn=paddle_loss_fn,
                                   optimizer=paddle_optimizer, scheduler=None, stats=stats,
-                                  log=log, opt_state=optimizer_state)
+                                  log=log, opt_state=optimizer_state, outputs_like=like)
 
             def finish(t_log: ReprodLogger, p_log: ReprodLogger, n_log: Optional[ReprodLogger],
                        initial: Any, s: int = s, kink: Optional[KinkCapture] = kink) -> Any:

@@ -376,3 +376,39 @@ def test_a_padding_row_only_torch_leaves_untrained_is_a_setting() -> None:
     assert _settings_lines(t, p) == [
         "0: padding_idx 0 in torch, None in Paddle (the row that gets no gradient; Paddle's also "
         "reads as zeros whatever the row holds, torch's as the row)"]
+
+
+def test_align_train_pairs_a_tuple_with_named_outputs_at_every_step() -> None:
+    class Named(tnn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = tnn.Linear(H, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"logits": y, "pooled": y.mean(1)}
+
+    class Positional(pnn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = pnn.Linear(H, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y, y.mean(1)
+
+    from reprod.align import align_train
+
+    torch.manual_seed(0)
+    tm, pm = Named(), Positional()
+    load_into_paddle(pm, tm)
+    r = align_train(
+        tm, pm, [({"x": X}, None)], steps=2,
+        torch_loss_fn=lambda out, *_: out["pooled"].square().mean(),
+        paddle_loss_fn=lambda out, *_: out[1].square().mean(),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
+        paddle_optimizer=paddle.optimizer.SGD(learning_rate=0.1, parameters=pm.parameters()))
+    assert r.passed, r.to_table(failed_only=True)
+    keys = r.keys()
+    assert {"step0/logits/logits", "step1/logits/pooled"} <= set(keys)
+    assert not [k for k in keys if k.rpartition("/")[2].isdigit()]
