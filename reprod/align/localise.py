@@ -120,6 +120,53 @@ def _torch_context(torch_model: Any, capture: Optional[Mapping[str, Any]] = None
     return ctx
 
 
+def _applied_as_functions(ref: Mapping[str, Any], port: Mapping[str, Any], pairing: Any
+                          ) -> dict[str, Any]:
+    """The port's input and output of each reference layer it applies as a function (Hugging
+    Face's ``GELUActivation`` layer, Paddle's ``F.gelu`` inside ``TransformerEncoderLayer``),
+    under the layer's keys: where a layer call only the reference records sits between two paired
+    calls, and the reference's data runs through it (its input is the output of the call before,
+    its output the input of the call after), the port's output of the call before and input of
+    the call after are what it computed there. The layer is then judged, and diagnosed, as any
+    paired one."""
+    from ..capture.naming import parse_key
+
+    parts: dict[str, dict[str, str]] = {}
+    for key in ref:
+        k = parse_key(key)
+        if k is not None and not k.is_param:
+            parts.setdefault(k.subject, {})[k.part] = key
+
+    def part(subject: str, what: str) -> Optional[str]:
+        got = parts.get(subject, {})
+        return got.get(what) or got.get(f"{what}.0")
+
+    paired = set(pairing.calls.values())
+    order = pairing.ref_leaves
+    out: dict[str, Any] = {}
+    for i in range(1, len(order) - 1):
+        prev, x, nxt = order[i - 1], order[i], order[i + 1]
+        if x not in pairing.ref_only or prev not in paired or nxt not in paired:
+            continue
+        keys = part(prev, "out"), part(x, "in"), part(x, "out"), part(nxt, "in")
+        if any(k is None for k in keys):
+            continue
+        before, x_in, x_out, after = keys
+        if before not in port or after not in port or not (
+                _same_array(ref[before], ref[x_in]) and _same_array(ref[x_out], ref[after])):
+            continue
+        out[x_in], out[x_out] = port[before], port[after]
+    return out
+
+
+def _same_array(a: Any, b: Any) -> bool:
+    try:
+        x, y = np.asarray(a), np.asarray(b)
+    except Exception:  # noqa: BLE001 - a value without an array view
+        return False
+    return x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(x, y))
+
+
 def _broadcast(ref: dict[str, Any], port: dict[str, Any], noise: Optional[dict[str, Any]]
                ) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, Any]]]:
     """Captures whose shapes differ where one side holds a size-1 axis the other repeats (Hugging
@@ -176,11 +223,15 @@ def localise_forward(
     port = raw
     superseded: set[str] = set()  # reference keys a fused port layer computes nothing for
     derived: dict[str, str] = {}  # reference keys set against a function of their value
+    functions: dict[str, Any] = {}  # the port's side of reference layers it applies as functions
     pairing = None
     if by_order:
-        pairing = _pair_all(ref, raw, _weight_anchors(torch_model, paddle_model))
+        pairing = _pair_all(ref, raw, _weight_anchors(torch_model, paddle_model),
+                            inert=(_inert(torch_model), _inert(paddle_model)))
         parts, superseded, derived = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
         port = _renamed(raw, pairing.calls, parts)
+        functions = _applied_as_functions(ref, port, pairing)
+        port.update(functions)
         names = {o.partition("#")[0]: r.partition("#")[0] for o, r in pairing.calls.items()}
     noise = None if run_twin is None else _capture(run_twin[0], run_twin[1], containers, backward)
     if noise is not None and ref_layout is not None:
@@ -207,7 +258,13 @@ def localise_forward(
         layer_types={k: tuple(t for t in v if t) for k, v in types.items()},
         context=_torch_context(torch_model, ref),
     )
-    div = first_divergence(result, layer_types={k: _type_label(v) for k, v in types.items()})
+    labels = {k: _type_label(v) for k, v in types.items()}
+    for key in functions:
+        subject = _subject(key)
+        layer = None if subject is None else subject.partition("#")[0]
+        if layer in labels:
+            labels[layer] = f"{types[layer][0]} vs a function in the port"
+    div = first_divergence(result, layer_types=labels)
     hint = _hint_of(div, plain)
     if hint is None and div is not None and div.kind == "layer" and div.input_aligned:
         hint = _untransposed(div.layer.partition("#")[0], torch_model, paddle_model, names)
@@ -330,6 +387,15 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
                            inner=div if holds else None, own_code=not holds)
         return found, ref, port
     return None
+
+
+# layers that may compute their input unchanged (a dropout in eval mode)
+_INERT = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alphadropout",
+                    "featurealphadropout", "identity"})
+
+
+def _inert(model: Any) -> set[str]:
+    return {name for name, layer in _named(model) if type(layer).__name__.lower() in _INERT}
 
 
 def _named(model: Any) -> list[tuple[str, Any]]:

@@ -23,7 +23,7 @@ import difflib
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -349,14 +349,21 @@ class _Pairing:
 
 
 def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
-              anchors: Optional[Mapping[str, str]]) -> _Pairing:
+              anchors: Optional[Mapping[str, str]],
+              inert: tuple[Collection[str], Collection[str]] = ((), ())) -> _Pairing:
+    """``inert``: each side's layers (a dropout, ``Identity``) whose calls, where their output
+    is their input, are left out of the pairing: they compute nothing to localise, and paired by
+    order they would take the place of a layer that does (a port's p-0 activation dropout against
+    the reference's activation layer)."""
     ref_calls = _layer_calls(ref_map)
     other_calls = _layer_calls(other_map)
     ref_boxes, other_boxes = _containers_of(ref_calls), _containers_of(other_calls)
     # with containers, shapes alone pair a block with a leaf or a wrapper with its block: the
     # leaf layers pair by call order, then each container with the one holding the same leaves
-    ref_leaves = [c for c in ref_calls if _base(c[0]) not in ref_boxes]
-    other_leaves = [c for c in other_calls if _base(c[0]) not in other_boxes]
+    ref_leaves = [c for c in ref_calls if _base(c[0]) not in ref_boxes
+                  and not (_base(c[0]) in inert[0] and _identity_call(ref_map, c[0]))]
+    other_leaves = [c for c in other_calls if _base(c[0]) not in other_boxes
+                    and not (_base(c[0]) in inert[1] and _identity_call(other_map, c[0]))]
     subject_map = _pair_calls(ref_leaves, other_leaves, anchors, ref_map, other_map)
     pairing = _Pairing(subject_map, [s for s, _ in ref_leaves], [s for s, _ in other_leaves],
                        ref_boxes, other_boxes, *_one_sided([s for s, _ in ref_leaves],
@@ -366,6 +373,22 @@ def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
         subject_map.update(_pair_containers(ref_calls, other_calls, ref_boxes, other_boxes,
                                             subject_map, *pairing.one_sided_layers()))
     return pairing
+
+
+def _identity_call(mapping: Mapping[str, Any], subject: str) -> bool:
+    """A layer call whose output is its input."""
+    for suffix in ("", ".0"):
+        x, y = mapping.get(f"{subject}.in{suffix}"), mapping.get(f"{subject}.out{suffix}")
+        if x is not None or y is not None:
+            break
+    if x is None or y is None:
+        return False
+    try:
+        a, b = np.asarray(x), np.asarray(y)
+    except Exception:  # noqa: BLE001 - a value without an array view
+        return False
+    return a.dtype.kind == "f" and a.shape == b.shape and a.dtype == b.dtype \
+        and a.size > 0 and bool(np.array_equal(a, b))
 
 
 def _whole(leaves: list[str], calls: set[str]) -> set[str]:

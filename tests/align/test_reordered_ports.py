@@ -75,12 +75,16 @@ class HFAttention(tnn.Module):
 
 
 class HFIntermediate(tnn.Module):
+    """Its activation a layer (Hugging Face's ``GELUActivation``), where Paddle's
+    TransformerEncoderLayer applies ``F.gelu``."""
+
     def __init__(self) -> None:
         super().__init__()
         self.dense = tnn.Linear(H, 4 * H)
+        self.intermediate_act_fn = tnn.GELU()
 
     def forward(self, x):
-        return torch.nn.functional.gelu(self.dense(x))
+        return self.intermediate_act_fn(self.dense(x))
 
 
 class HFLayer(tnn.Module):
@@ -231,6 +235,28 @@ def test_a_dropout_of_p_0_is_not_mistaken_for_a_missing_one() -> None:
     assert [type(m).__name__ for _, m in pm.layers[0].named_children()][2] == "Dropout"
     assert pm.layers[0].dropout.p == 0
     assert _traced_report(tm, pm).differ == ()
+
+
+def test_a_layer_the_port_applies_as_a_function_is_judged_and_diagnosed(pair) -> None:
+    """Paddle's encoder layer applies its activation as a function and holds a p-0 dropout after
+    it: by call order that dropout, computing nothing, would take the reference's activation
+    layer's place. Left out, the activation layer is judged on what the port computed between the
+    Linears around it, and a tanh-approximate GELU is named there."""
+    import functools
+
+    tm, pm = pair
+    load_into_paddle(pm, tm, by_order=True)
+    pm.eval()
+    assert align_forward(tm, pm, {"x": X}, by_order=True, calibrate=True).passed
+    pm.layers[0].activation = functools.partial(paddle.nn.functional.gelu, approximate=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = align_forward(tm, pm, {"x": X}, by_order=True, calibrate=True)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert div["layer"] == "layer.0.intermediate.intermediate_act_fn"
+    assert "(GELU vs a function in the port): input aligned" in div["message"]
+    assert any("port GELU (tanh approximation)" in f for f in r.options["findings"])
 
 
 # --- outputs --------------------------------------------------------------------------------------
