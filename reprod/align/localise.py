@@ -120,72 +120,38 @@ def _torch_context(torch_model: Any, capture: Optional[Mapping[str, Any]] = None
     return ctx
 
 
-def _applied_as_functions(ref: Mapping[str, Any], port: Mapping[str, Any], pairing: Any
-                          ) -> dict[str, Any]:
-    """The port's input and output of each reference layer it applies as a function (Hugging
-    Face's ``GELUActivation`` layer, Paddle's ``F.gelu`` inside ``TransformerEncoderLayer``),
-    under the layer's keys: where a layer call only the reference records sits between two paired
-    calls, and the reference's data runs through it (its input is the output of the call before,
-    its output the input of the call after), the port's output of the call before and input of
-    the call after are what it computed there. The layer is then judged, and diagnosed, as any
-    paired one."""
-    from ..capture.naming import parse_key
-
-    parts: dict[str, dict[str, str]] = {}
-    for key in ref:
-        k = parse_key(key)
-        if k is not None and not k.is_param:
-            parts.setdefault(k.subject, {})[k.part] = key
-
-    def part(subject: str, what: str) -> Optional[str]:
-        got = parts.get(subject, {})
-        return got.get(what) or got.get(f"{what}.0")
-
-    paired = set(pairing.calls.values())
-    order = pairing.ref_leaves
-    out: dict[str, Any] = {}
-    for i in range(1, len(order) - 1):
-        prev, x, nxt = order[i - 1], order[i], order[i + 1]
-        if x not in pairing.ref_only or prev not in paired or nxt not in paired:
-            continue
-        keys = part(prev, "out"), part(x, "in"), part(x, "out"), part(nxt, "in")
-        if any(k is None for k in keys):
-            continue
-        before, x_in, x_out, after = keys
-        if before not in port or after not in port or not (
-                _same_array(ref[before], ref[x_in]) and _same_array(ref[x_out], ref[after])):
-            continue
-        out[x_in], out[x_out] = port[before], port[after]
-    return out
-
-
-def _same_array(a: Any, b: Any) -> bool:
-    try:
-        x, y = np.asarray(a), np.asarray(b)
-    except Exception:  # noqa: BLE001 - a value without an array view
-        return False
-    return x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(x, y))
-
-
 def _broadcast(ref: dict[str, Any], port: dict[str, Any], noise: Optional[dict[str, Any]]
                ) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, Any]]]:
     """Captures whose shapes differ where one side holds a size-1 axis the other repeats (Hugging
     Face's BERT embeds position ids of shape [1, L], PaddleNLP's of [B, L]), each side as the
-    larger shape: the values then judge them, as the model broadcasts them, not the shapes."""
-    ref, port = dict(ref), dict(port)
-    noise = None if noise is None else dict(noise)
+    larger shape: the values then judge them, as the model broadcasts them, not the shapes. The
+    trees are returned as they came where nothing broadcasts, and otherwise as copies of their
+    own type (a ``Derived`` reference keeps what it derives)."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for key in ref.keys() & port.keys():
-        a, b = ref[key], port[key]
-        sa, sb = np.shape(a), np.shape(b)
+        sa, sb = np.shape(ref[key]), np.shape(port[key])
         if sa == sb or len(sa) != len(sb) or not all(x == y or 1 in (x, y) for x, y in zip(sa, sb)):
             continue
         shape = tuple(max(x, y) for x, y in zip(sa, sb))
-        if 0 in shape or not (shape == sa or shape == sb):
-            continue  # each side short of the other somewhere: a different tensor
-        ref[key], port[key] = np.broadcast_to(a, shape), np.broadcast_to(b, shape)
-        if noise is not None and np.shape(noise.get(key)) == sa:
-            noise[key] = np.broadcast_to(noise[key], shape)
-    return ref, port, noise
+        if 0 not in shape and (shape == sa or shape == sb):
+            shapes[key] = shape  # else each side short of the other somewhere: other tensors
+    if not shapes:
+        return ref, port, noise
+
+    def wide(value: Any, shape: tuple[int, ...]) -> Any:
+        try:
+            return np.broadcast_to(value, shape)
+        except ValueError:  # a noise value of another shape: left to fail as it would
+            return value
+
+    def widened(tree: Any) -> Any:
+        data = {k: wide(v, shapes[k]) if k in shapes and np.shape(v) != shapes[k] else v
+                for k, v in tree.items()}
+        return Derived(data, tree.derived) if isinstance(tree, Derived) else data
+
+    from ..diff.pairing import Derived
+
+    return widened(ref), widened(port), None if noise is None else widened(noise)
 
 
 def localise_forward(
@@ -208,7 +174,7 @@ def localise_forward(
     reference's (and the twin's) captures to the port's layout (torch Linear weights' gradients
     transposed)."""
     from ..capture import first_divergence, layer_types
-    from ..capture.naming import _derive, _fused, _pair_all, _renamed
+    from ..capture.naming import _applied_as_functions, _derive, _fused, _pair_all, _renamed
     from ..diagnose import diagnose
     from ..diff.engine import compare
 

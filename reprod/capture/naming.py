@@ -24,7 +24,7 @@ import math
 import re
 import warnings
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -339,6 +339,8 @@ class _Pairing:
     other_boxes: set[str]
     ref_only: set[str]  # leaf calls only that side makes between two paired calls
     other_only: set[str]
+    ref_inert: set[str] = field(default_factory=set)  # leaf calls left out: output = input
+    other_inert: set[str] = field(default_factory=set)
 
     def one_sided_layers(self) -> tuple[set[str], set[str]]:
         """The leaf layers of each side all of whose calls only that side makes: a layer only
@@ -360,23 +362,38 @@ def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
     ref_boxes, other_boxes = _containers_of(ref_calls), _containers_of(other_calls)
     # with containers, shapes alone pair a block with a leaf or a wrapper with its block: the
     # leaf layers pair by call order, then each container with the one holding the same leaves
-    ref_leaves = [c for c in ref_calls if _base(c[0]) not in ref_boxes
-                  and not (_base(c[0]) in inert[0] and _identity_call(ref_map, c[0]))]
-    other_leaves = [c for c in other_calls if _base(c[0]) not in other_boxes
-                    and not (_base(c[0]) in inert[1] and _identity_call(other_map, c[0]))]
+    ref_inert = {c[0] for c in ref_calls if _base(c[0]) not in ref_boxes
+                 and _base(c[0]) in inert[0] and _identity_call(ref_map, c[0])}
+    other_inert = {c[0] for c in other_calls if _base(c[0]) not in other_boxes
+                   and _base(c[0]) in inert[1] and _identity_call(other_map, c[0])}
+    ref_leaves = [c for c in ref_calls if _base(c[0]) not in ref_boxes and c[0] not in ref_inert]
+    other_leaves = [c for c in other_calls
+                    if _base(c[0]) not in other_boxes and c[0] not in other_inert]
     subject_map = _pair_calls(ref_leaves, other_leaves, anchors, ref_map, other_map)
     pairing = _Pairing(subject_map, [s for s, _ in ref_leaves], [s for s, _ in other_leaves],
                        ref_boxes, other_boxes, *_one_sided([s for s, _ in ref_leaves],
                                                            [s for s, _ in other_leaves],
-                                                           subject_map))
+                                                           subject_map),
+                       ref_inert, other_inert)
     if ref_boxes or other_boxes:
         subject_map.update(_pair_containers(ref_calls, other_calls, ref_boxes, other_boxes,
                                             subject_map, *pairing.one_sided_layers()))
     return pairing
 
 
+class _AnyLayer:
+    """Every layer may be inert: captures read from files say no layer's class."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+_ANY_LAYER = _AnyLayer()
+
+
 def _identity_call(mapping: Mapping[str, Any], subject: str) -> bool:
-    """A layer call whose output is its input."""
+    """A layer call whose output is its input, and holds more than one value (a layer seeing
+    zeros or a constant says nothing of what it computes)."""
     for suffix in ("", ".0"):
         x, y = mapping.get(f"{subject}.in{suffix}"), mapping.get(f"{subject}.out{suffix}")
         if x is not None or y is not None:
@@ -388,7 +405,52 @@ def _identity_call(mapping: Mapping[str, Any], subject: str) -> bool:
     except Exception:  # noqa: BLE001 - a value without an array view
         return False
     return a.dtype.kind == "f" and a.shape == b.shape and a.dtype == b.dtype \
-        and a.size > 0 and bool(np.array_equal(a, b))
+        and a.size > 1 and bool(np.array_equal(a, b)) and not bool((a == a.flat[0]).all())
+
+
+def _applied_as_functions(ref: Mapping[str, Any], port: Mapping[str, Any], pairing: Any
+                          ) -> dict[str, Any]:
+    """The port's input and output of each reference layer it applies as a function (Hugging
+    Face's ``GELUActivation`` layer, Paddle's ``F.gelu`` inside ``TransformerEncoderLayer``),
+    under the layer's keys: where a layer call only the reference records sits between two paired
+    calls, and the reference's data runs through it (its input is the output of the call before,
+    its output the input of the call after), the port's output of the call before and input of
+    the call after are what it computed there. The layer is then judged, and diagnosed, as any
+    paired one."""
+    parts: dict[str, dict[str, str]] = {}
+    for key in ref:
+        k = parse_key(key)
+        if k is not None and not k.is_param:
+            parts.setdefault(k.subject, {})[k.part] = key
+
+    def part(subject: str, what: str) -> Optional[str]:
+        got = parts.get(subject, {})
+        return got.get(what) or got.get(f"{what}.0")
+
+    paired = set(pairing.calls.values())
+    order = pairing.ref_leaves
+    out: dict[str, Any] = {}
+    for i in range(1, len(order) - 1):
+        prev, x, nxt = order[i - 1], order[i], order[i + 1]
+        if x not in pairing.ref_only or prev not in paired or nxt not in paired:
+            continue
+        keys = part(prev, "out"), part(x, "in"), part(x, "out"), part(nxt, "in")
+        if any(k is None for k in keys):
+            continue
+        before, x_in, x_out, after = keys
+        if before not in port or after not in port or not (
+                _same_array(ref[before], ref[x_in]) and _same_array(ref[x_out], ref[after])):
+            continue
+        out[x_in], out[x_out] = port[before], port[after]
+    return out
+
+
+def _same_array(a: Any, b: Any) -> bool:
+    try:
+        x, y = np.asarray(a), np.asarray(b)
+    except Exception:  # noqa: BLE001 - a value without an array view
+        return False
+    return x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(x, y))
 
 
 def _whole(leaves: list[str], calls: set[str]) -> set[str]:
@@ -733,11 +795,13 @@ def match_by_order(
 
     >>> reprod.compare(*match_by_order(torch_capture, paddle_capture), threshold=1e-5)
     """
-    pairing = _pair_all(ref_map, other_map, anchors)
+    pairing = _pair_all(ref_map, other_map, anchors, inert=(_ANY_LAYER, _ANY_LAYER))
     subject_map = pairing.calls
     paired = set(subject_map.values())
     ref_boxes, other_boxes = pairing.ref_boxes, pairing.other_boxes
-    ref_only, other_only = pairing.ref_only, pairing.other_only
+    # an inert call (a dropout in eval mode) computes nothing: left out as a one-sided call is
+    ref_only = pairing.ref_only | pairing.ref_inert
+    other_only = pairing.other_only | pairing.other_inert
 
     def left_out(key: str, boxes: set[str], known: Any, one_sided: set[str]) -> bool:
         k = parse_key(key)
@@ -747,11 +811,16 @@ def match_by_order(
 
     parts, superseded, derived = _fused(ref_map, other_map, subject_map, pairing.ref_leaves)
     kept = set(parts.values())
+    other = _renamed({k: v for k, v in other_map.items()
+                      if not left_out(k, other_boxes, subject_map, other_only)},
+                     subject_map, parts)
+    # a reference layer the port applies as a function: judged on what the port computed there
+    functions = _applied_as_functions(ref_map, other, pairing)
+    other.update(functions)
     ref = {k: v for k, v in ref_map.items()
-           if k in kept or (k not in superseded and not left_out(k, ref_boxes, paired, ref_only))}
-    other = {k: v for k, v in other_map.items()
-             if not left_out(k, other_boxes, subject_map, other_only)}
-    return _derive(ref, derived), _renamed(other, subject_map, parts)
+           if k in kept or k in functions
+           or (k not in superseded and not left_out(k, ref_boxes, paired, ref_only))}
+    return _derive(ref, derived), other
 
 
 def _one_sided(ref_leaves: list[str], other_leaves: list[str], subject_map: Mapping[str, str]

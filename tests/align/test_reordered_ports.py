@@ -259,6 +259,39 @@ def test_a_layer_the_port_applies_as_a_function_is_judged_and_diagnosed(pair) ->
     assert any("port GELU (tanh approximation)" in f for f in r.options["findings"])
 
 
+def test_captures_compared_by_order_from_files_judge_the_function_too(pair, tmp_path) -> None:
+    """The two-script workflow: each side records its layers, ``reprod-diff --by-order``
+    compares the files (``match_by_order``), where no layer's class is known. The inert
+    dropouts are left out and the activation layer is judged on the port's values around it."""
+    import functools
+
+    from reprod import ReprodLogger, compare
+    from reprod.capture import match_by_order, record
+
+    tm, pm = pair
+    load_into_paddle(pm, tm, by_order=True)
+    pm.eval()
+
+    def captures():
+        t_log, p_log = ReprodLogger(), ReprodLogger()
+        with torch.no_grad(), record(tm, t_log):
+            tm(torch.tensor(X))
+        with paddle.no_grad(), record(pm, p_log):
+            pm(paddle.to_tensor(X))
+        return match_by_order(t_log.data, p_log.data)
+
+    ref, port = captures()
+    assert compare(ref, port, threshold=1e-6).passed
+    assert "layer.0.intermediate.intermediate_act_fn.out" in port
+    # the dropouts compute nothing in eval mode: left out on both sides
+    assert not [k for k in ref if "dropout" in k] and not [k for k in port if "dropout" in k]
+    pm.layers[0].activation = functools.partial(paddle.nn.functional.gelu, approximate=True)
+    r = compare(*captures(), threshold=1e-6)
+    assert r.first_failure.key == "layer.0.intermediate.intermediate_act_fn.out"
+    passed = {k.key: k.passed for k in r.results}
+    assert passed["layer.0.intermediate.intermediate_act_fn.in"]  # its input aligned
+
+
 # --- outputs --------------------------------------------------------------------------------------
 
 

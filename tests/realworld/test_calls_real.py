@@ -70,8 +70,9 @@ def test_paddle_vision_s_inception_keeps_another_epsilon_and_dropout():
     assert compare_settings(tm, _inception_as_torchvision(pm), by_order=True).passed
 
 
-# inception_v3: its 11 pool calls, and the stem's two max-pools (one Paddle layer called twice)
-@pytest.mark.parametrize("name,calls", [("inception_v3", 13), ("mobilenet_v2", 36),
+# inception_v3: its 11 pool calls (the stem's two max-pools, two torch layers against one Paddle
+# layer called twice, pair by call as layers and count as layers)
+@pytest.mark.parametrize("name,calls", [("inception_v3", 11), ("mobilenet_v2", 36),
                                         ("mobilenet_v3_small", 9), ("densenet121", 1)])
 def test_correct_ports_differ_in_no_call(name, calls):
     tm, pm = build_torch(name).eval(), build_paddle(name)
