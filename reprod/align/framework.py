@@ -240,11 +240,35 @@ def _check_no_dropout(torch_model: Any, paddle_model: Any) -> None:
             if "Dropout" in type(m).__name__ and m.training and float(getattr(m, "p", 0) or 0) > 0:
                 found.append(f"{side} {name or type(m).__name__} (p={float(m.p):g})")
     if found:
+        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
         raise ReprodError(
             f"dropout is active in train mode and draws different random masks in each framework: "
-            f"{', '.join(found)}; build the models with dropout 0 for alignment, or call .eval() on "
-            "those layers"
+            f"{shown}; pass dropout=\"off\" (dropout and attention layers run in eval mode), or "
+            "build the models with dropout 0"
         )
+
+
+def _switched_off(layer: Any) -> bool:
+    name = type(layer).__name__.lower()
+    return "dropout" in name or "attention" in name
+
+
+@contextlib.contextmanager
+def _dropouts_off(torch_model: Any, paddle_model: Any) -> Iterator[None]:
+    """Each dropout layer, and each attention layer (which drops its weights as a function:
+    torch's and Paddle's ``MultiheadAttention``, Hugging Face's ``BertSdpaSelfAttention``), in
+    eval mode while the block runs; only those layers' own flags, each restored after."""
+    changed = []
+    for layers in (torch_model.named_modules(), paddle_model.named_sublayers()):
+        for _, layer in layers:
+            if _switched_off(layer) and layer.training:
+                layer.training = False
+                changed.append(layer)
+    try:
+        yield
+    finally:
+        for layer in changed:
+            layer.training = True
 
 
 # align's own defaults for the keyword shortcuts (threshold 1e-5: float32 ports, not compare's 1e-6)

@@ -39,6 +39,7 @@ from .framework import (
     _check_structure,
     _criteria,
     _deterministic,
+    _dropouts_off,
     _flatten,
     _log_torch,
     _paddle_place,
@@ -331,6 +332,7 @@ def align_train(
     memory_budget: Any = "auto",
     spill_dir: Optional[PathLike] = None,
     check_settings: Any = True,
+    dropout: str = "check",
 ) -> Any:
     """Train both models for ``steps`` steps on the same batches and compare, per step, the logits,
     the loss, the learning rate, every parameter's gradient and every updated parameter.
@@ -350,7 +352,10 @@ def align_train(
 
     The models stay in the mode they are in (train mode uses batch statistics in BatchNorm); active
     dropout, and with ``check_determinism`` any other randomness in the forward pass, raises
-    ``ReprodError``. With ``out_dir``, writes ``train_torch.npy``, ``train_paddle.npy`` and
+    ``ReprodError``. ``dropout="off"`` switches dropout off for the run instead: each dropout
+    layer, and each attention layer (which drops its weights as a function: torch's and Paddle's
+    ``MultiheadAttention``, Hugging Face's attention modules), runs in eval mode, and gets its
+    mode back after; the rates are still compared as settings. With ``out_dir``, writes ``train_torch.npy``, ``train_paddle.npy`` and
     ``train_diff.log`` (also printed with ``verbose``).
 
     ``calibrate=True`` judges every key against the torch model's own float32 noise: before
@@ -460,6 +465,13 @@ def align_train(
     ...                 paddle_optimizer=paddle.optimizer.Momentum(0.1, 0.9, parameters=pm.parameters()))
     >>> r.passed, r.first_failure
     """
+    if dropout not in ("check", "off"):
+        raise ReprodError(f"dropout={dropout!r}: give \"check\" (active dropout raises) or "
+                          "\"off\" (dropout and attention layers run in eval mode)")
+    if dropout == "off":
+        arguments = {k: v for k, v in locals().items() if k != "dropout"}
+        with _dropouts_off(torch_model, paddle_model):
+            return align_train(**arguments)
     if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)) or len(batches) == 0:
         raise ReprodError("batches must be a non-empty list of (inputs, labels) pairs")
     n = len(batches) if steps is None else int(steps)

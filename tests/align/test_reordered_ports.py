@@ -471,3 +471,45 @@ def test_align_train_pairs_a_tuple_with_named_outputs_at_every_step() -> None:
     keys = r.keys()
     assert {"step0/logits/logits", "step1/logits/pooled"} <= set(keys)
     assert not [k for k in keys if k.rpartition("/")[2].isdigit()]
+
+
+# --- dropout in train mode ----------------------------------------------------------------------
+
+
+def _train(tm, pm, **kw):
+    from reprod.align import align_train
+
+    y = np.zeros((B, L, H), np.float32)
+    return align_train(
+        tm, pm, [({"x": X}, y)], steps=2, by_order=True,
+        torch_loss_fn=lambda out, t: torch.nn.functional.mse_loss(out, t),
+        paddle_loss_fn=lambda out, t: paddle.nn.functional.mse_loss(out, t),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
+        paddle_optimizer=paddle.optimizer.SGD(learning_rate=0.1, parameters=pm.parameters()),
+        **kw)
+
+
+def test_dropout_off_trains_a_model_in_train_mode_and_gives_the_modes_back(pair) -> None:
+    from reprod.errors import ReprodError
+
+    tm, pm = pair
+    load_into_paddle(pm, tm, by_order=True)
+    tm.train()
+    pm.train()
+    with pytest.raises(ReprodError, match=r'dropout is active .* pass dropout="off"'):
+        _train(tm, pm)
+    # the Dropout layers alone in eval mode: Paddle's attention still drops its weights as a
+    # function, and the two passes of one batch differ
+    for layer in [*pm.sublayers(), *tm.modules()]:
+        if "Dropout" in type(layer).__name__:
+            layer.training = False
+    with pytest.raises(ReprodError, match="forward pass is random"):
+        _train(tm, pm)
+    tm.train()
+    pm.train()
+    r = _train(tm, pm, dropout="off")
+    assert r.passed, r.to_table(failed_only=True)
+    assert tm.training and pm.training
+    assert all(m.training for m in tm.modules()) and all(m.training for m in pm.sublayers())
+    with pytest.raises(ReprodError, match="dropout='of'"):
+        _train(tm, pm, dropout="of")

@@ -276,3 +276,28 @@ def test_adamw_training_steps_align_with_the_outputs_paired_at_every_step() -> N
     assert {f"step{s}/logits/{name}" for s in range(3)
             for name in ("last_hidden_state", "pooler_output")} <= keys
     assert len([k for k in keys if k.startswith("step2/param/")]) == 39
+
+
+def test_training_in_train_mode_with_dropout_off() -> None:
+    """Both models in train mode, as fine-tuning runs them: HF's attention drops its weights in
+    ``scaled_dot_product_attention`` and Paddle's in ``F.dropout``, neither a ``Dropout`` layer;
+    ``dropout="off"`` switches both off with the Dropout layers, the steps align, and every
+    layer is in train mode again after."""
+    import paddle
+    import torch
+
+    from reprod.align import align_train
+
+    tm, pm = _loaded()
+    tm.train()
+    pm.train()
+    labels = np.array([1, 0], np.int64)
+    r = align_train(
+        tm, pm, [(_feed(), labels)], steps=2, by_order=True, dropout="off",
+        torch_loss_fn=lambda out, y: torch.nn.functional.cross_entropy(out.pooler_output[:, :2], y),
+        paddle_loss_fn=lambda out, y: paddle.nn.functional.cross_entropy(out[1][:, :2], y),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
+        paddle_optimizer=paddle.optimizer.SGD(learning_rate=0.1, parameters=pm.parameters()),
+        check_settings=["*/padding_idx"])
+    assert r.passed, r.to_table(failed_only=True)
+    assert all(m.training for m in tm.modules()) and all(m.training for m in pm.sublayers())
