@@ -670,9 +670,13 @@ def _stats(value: Any) -> Optional[tuple[float, float, float]]:
         return None
     if a.dtype.kind != "f" or a.size == 0:
         return None
-    a = a.astype(np.float64, copy=False)
+    # over the array as it is (half precision summed in float32): numpy's pairwise sums are far
+    # within the 1e-2 that likeness reads them to, and a float64 copy and a second |x| cost 3x
+    # the reads (ResNet-50's captures: pairing took 1.0 s against 0.13 s for comparing them)
+    acc = np.float32 if a.itemsize < 4 else None
     with np.errstate(all="ignore"):
-        return float(a.mean()), float(np.abs(a).mean()), float(np.abs(a).max())
+        size = np.abs(a)
+        return float(a.mean(dtype=acc)), float(size.mean(dtype=acc)), float(size.max())
 
 
 def _close(x: Any, y: Any) -> bool:
