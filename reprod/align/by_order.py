@@ -196,15 +196,47 @@ def _check(
     return pairs, problems, wrong_kind
 
 
+_STATS = re.compile(r"(^|\.)(running_mean|running_var|_mean|_variance)$")
+
+
+def _shape_owners(keys: list[str], shapes: Mapping[str, tuple[int, ...]]
+                  ) -> dict[str, tuple[str, str]]:
+    """key -> (its layer, a kind read from the layer's tensors), for state dicts read from files,
+    which name no layer's class: a ``weight`` of rank 1 is a norm's (LayerNorm, GroupNorm; with
+    statistics a BatchNorm), of rank 2 a matrix's (Linear, Embedding), of rank 3 to 5 a
+    convolution's; a layer holding other names is "other"."""
+    held: dict[str, list[str]] = {}
+    for k in keys:
+        held.setdefault(k.rpartition(".")[0], []).append(k)
+    out: dict[str, tuple[str, str]] = {}
+    for layer, ks in held.items():
+        leaves = {k.rpartition(".")[2] for k in ks}
+        weight = next((k for k in ks if k.rpartition(".")[2] == "weight"), None)
+        if weight is None or not leaves <= {"weight", "bias", "running_mean", "running_var",
+                                             "_mean", "_variance"}:
+            kind = "other"
+        elif any(_STATS.search(k) for k in ks):
+            kind = "batchnorm"
+        else:
+            kind = {1: "norm", 2: "matrix"}.get(len(shapes[weight]), "conv")
+        out.update((k, (layer, kind)) for k in ks)
+    return out
+
+
 def _by_kind(torch_keys: list[str], paddle_keys: list[str], torch_side: Any,
-             paddle_side: Any) -> list[list[tuple[int, str, str]]]:
+             paddle_side: Any, shapes: tuple[Mapping[str, tuple[int, ...]],
+                                          Mapping[str, tuple[int, ...]]]
+             ) -> list[list[tuple[int, str, str]]]:
     """The keys paired layer by layer, the n-th layer of a kind with the n-th of that kind, for
     ports that define the same layers in another order (Hugging Face's BERT defines a block's
     attention LayerNorm before its feed-forward Linears, PaddleNLP's after them): a candidate
-    for each way of reading attention layers under which each kind pairs one for one (none
-    where the models are not at hand)."""
+    for each way of reading attention layers under which each kind pairs one for one. Where
+    either side is not a model (a state dict, a file), the kinds are read from the layers'
+    tensors (``_shape_owners``)."""
     if not _is_torch_module(torch_side) or not hasattr(paddle_side, "named_sublayers"):
-        return []
+        pairs = _paired_by_kind(torch_keys, paddle_keys, _shape_owners(torch_keys, shapes[0]),
+                                _shape_owners(paddle_keys, shapes[1]))
+        return [] if pairs is None else [pairs]
     tlayers = dict(torch_side.named_modules())
     players = dict(paddle_side.named_sublayers(include_self=True))
     # an attention read whole pairs torch's MultiheadAttention with Paddle's; read as its
@@ -265,7 +297,8 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
     ]
     header = f"{tlabel} ({len(torch_keys)} tensors) vs {plabel} ({len(paddle_keys)} tensors)"
     if problems and len(torch_keys) == len(paddle_keys):
-        for kinds in _by_kind(torch_keys, paddle_keys, torch_side, paddle_side):
+        for kinds in _by_kind(torch_keys, paddle_keys, torch_side, paddle_side,
+                              (tshapes, pshapes)):
             kpairs, kproblems, kwrong = _check(kinds, tshapes, pshapes, linear)
             if not kproblems:
                 by_position = dict(zip(torch_keys, paddle_keys))

@@ -186,6 +186,29 @@ def test_the_port_loaded_by_kind_computes_the_reference(pair) -> None:
     assert not [k for k in r.keys() if k.startswith("settings/")]
 
 
+def test_files_pair_by_the_kinds_their_tensors_show(pair, tmp_path) -> None:
+    """From files no layer's class is known: a layer whose weight has rank 1 is a norm's, rank 2
+    a matrix's (Linear, Embedding), and the same pairs come out as from the models."""
+    from reprod.align import convert
+    from reprod.align.by_order import _shape_owners
+
+    tm, pm = pair
+    torch.save(tm.state_dict(), tmp_path / "ref.pth")
+    paddle.save(pm.state_dict(), str(tmp_path / "port.pdparams"))
+    from_files = pair_weights_by_order(tmp_path / "ref.pth", tmp_path / "port.pdparams")
+    assert from_files == pair_weights_by_order(tm, pm)
+    shapes = {k: tuple(v.shape) for k, v in pm.state_dict().items()}
+    kinds = _shape_owners(list(shapes), shapes)
+    assert kinds["layers.0.norm1.bias"] == ("layers.0.norm1", "norm")
+    assert kinds["layers.0.linear1.weight"] == ("layers.0.linear1", "matrix")
+    # converted from the files alone, the port computes the reference
+    weights = convert(tmp_path / "ref.pth", by_order=True,
+                      paddle_model=tmp_path / "port.pdparams").weights
+    pm.set_state_dict({k: paddle.to_tensor(np.asarray(v)) for k, v in weights.items()})
+    pm.eval()
+    assert align_forward(tm, pm, {"x": X}, by_order=True).passed
+
+
 def test_kinds_that_do_not_pair_one_for_one_still_fail_with_positions(pair) -> None:
     tm, _ = pair
     paddle.seed(0)
