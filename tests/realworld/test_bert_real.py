@@ -301,3 +301,19 @@ def test_training_in_train_mode_with_dropout_off() -> None:
         check_settings=["*/padding_idx"])
     assert r.passed, r.to_table(failed_only=True)
     assert all(m.training for m in tm.modules()) and all(m.training for m in pm.sublayers())
+
+
+def test_the_checkpoint_files_pair_as_the_models_do(tmp_path: Any) -> None:
+    """The two-script workflow starts from files: HF's state dict saved by torch against
+    PaddleNLP's saved by paddle. No layer's class is in them; the kinds read from the tensors
+    pair all 39 as the models do."""
+    import paddle
+    import torch
+
+    from reprod.align import pair_weights_by_order
+
+    tm, pm = _build()
+    torch.save(tm.state_dict(), tmp_path / "pytorch_model.bin")
+    paddle.save(pm.state_dict(), str(tmp_path / "model_state.pdparams"))
+    pairs = pair_weights_by_order(tmp_path / "pytorch_model.bin", tmp_path / "model_state.pdparams")
+    assert pairs == pair_weights_by_order(tm, pm) and len(pairs) == 39
