@@ -260,8 +260,9 @@ def _dropouts_off(torch_model: Any, paddle_model: Any) -> Iterator[None]:
     eval mode while the block runs; only those layers' own flags, each restored after."""
     changed = []
     for layers in (torch_model.named_modules(), paddle_model.named_sublayers()):
-        for _, layer in layers:
-            if _switched_off(layer) and layer.training:
+        for name, layer in layers:
+            # the model itself keeps its mode, whatever its class is called ("AttentionNet")
+            if name and _switched_off(layer) and layer.training:
                 layer.training = False
                 changed.append(layer)
     try:

@@ -536,3 +536,25 @@ def test_dropout_off_trains_a_model_in_train_mode_and_gives_the_modes_back(pair)
     assert all(m.training for m in tm.modules()) and all(m.training for m in pm.sublayers())
     with pytest.raises(ReprodError, match="dropout='of'"):
         _train(tm, pm, dropout="of")
+
+
+def test_dropout_off_leaves_a_model_named_like_an_attention_in_train_mode() -> None:
+    from reprod.align.framework import _dropouts_off
+
+    class SelfAttentionNet(tnn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = tnn.Dropout(0.5)
+            self.bn = tnn.BatchNorm1d(4)
+
+    class PaddleSelfAttentionNet(pnn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = pnn.Dropout(0.5)
+
+    tm, pm = SelfAttentionNet().train(), PaddleSelfAttentionNet()
+    pm.train()
+    with _dropouts_off(tm, pm):
+        assert tm.training and pm.training and tm.bn.training
+        assert not tm.drop.training and not pm.drop.training
+    assert tm.drop.training and pm.drop.training
