@@ -26,6 +26,7 @@ from .framework import (
     _to_paddle,
     _to_torch,
     _torch_device,
+    one_sided_outputs,
     pair_outputs,
 )
 from .localise import localise_forward
@@ -152,12 +153,20 @@ def align_forward(
     if waive is not None:
         result = settings.settings_checked(result, torch_model, paddle_model, waive=waive,
                                            by_order=by_order, traces=traces)
-    if localise and settings.values_failed(result):
+    # an output one side does not return has no layer to find: said below, not localised
+    if localise and any(not kr.passed and not kr.key.startswith("settings/")
+                        and kr.status not in ("missing", "extra") for kr in result.results):
         result = _localised(
             result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,
             calibrate=calibrate, criteria=crit, out_dir=out_dir, verbose=verbose,
         )
     result = settings.with_finding(result, verbose=verbose)
+    one_sided = one_sided_outputs(flats[0], flats[-1], "logits")
+    if one_sided is not None:  # what both return is judged; what one does not is said first
+        result = dataclasses.replace(result, options=dict(
+            result.options, findings=[one_sided, *result.options.get("findings", ())]))
+        if verbose:
+            print(one_sided, flush=True)
     if out_dir is not None:
         _write_diff_log(result, os.path.join(os.fspath(out_dir), "forward_diff.log"),
                         verbose=verbose)

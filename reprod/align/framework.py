@@ -49,14 +49,37 @@ def pair_outputs(ref: Mapping[str, Any], port: dict[str, np.ndarray]
     with the same shapes in order. Returns the outputs and port key -> reference key."""
     only_ref = [k for k in ref if k not in port]
     only_port = [k for k in port if k not in ref]
-    if not only_ref or len(only_ref) != len(only_port):
+    if not only_ref or not only_port:
         return port, {}
-    if not (all(map(_positional, only_ref)) or all(map(_positional, only_port))):
-        return port, {}  # both name theirs: names that differ are not the same outputs
+    if len(only_ref) == len(only_port):
+        if not (all(map(_positional, only_ref)) or all(map(_positional, only_port))):
+            return port, {}  # both name theirs: names that differ are not the same outputs
+    elif len(only_port) > len(only_ref) or not all(map(_positional, only_port)):
+        return port, {}
+    # a port returning fewer, by position, returns the reference's first ones (a model without
+    # the cache a Hugging Face model returns after its hidden states)
     if any(_shape_of(ref[a]) != _shape_of(port[b]) for a, b in zip(only_ref, only_port)):
         return port, {}
     renamed = dict(zip(only_port, only_ref))
     return {renamed.get(k, k): v for k, v in port.items()}, renamed
+
+
+def one_sided_outputs(ref: Mapping[str, Any], port: Mapping[str, Any], head: str
+                      ) -> Optional[str]:
+    """A finding for the outputs only one side returns (``head``: their keys' prefix), or None."""
+    lines = []
+    for side, mine, theirs in (("torch", ref, port), ("Paddle", port, ref)):
+        only = [k for k in mine if k.startswith(head) and k not in theirs]
+        if only:
+            more = f" and {len(only) - 2} more" if len(only) > 2 else ""
+            lines.append(f"outputs only {side} returns: {', '.join(only[:2])}{more}")
+    if not lines:
+        return None
+    line = "; ".join(lines)
+    if any("past_key_values" in k for k in ref if k not in port):
+        line += (" (a Hugging Face model's key/value cache: set model.config.use_cache = False "
+                 "on the reference, or pass use_cache=False)")
+    return line
 
 
 def _split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -328,8 +328,11 @@ def test_pair_outputs_by_position_only_where_one_side_is_positional() -> None:
     assert pair_outputs(ref, {"logits/seq": a, "logits/pooled": b})[1] == {}
     # the shapes in order must agree
     assert pair_outputs(ref, {"logits/0": b, "logits/1": a})[1] == {}
-    # as many on each side
-    assert pair_outputs(ref, {"logits/0": a})[1] == {}
+    # fewer on the port, by position: the reference's first ones, where the shapes agree
+    assert pair_outputs(ref, {"logits/0": a})[1] == {"logits/0": "logits/last_hidden_state"}
+    assert pair_outputs(ref, {"logits/0": b})[1] == {}
+    # fewer, but named: not the reference's outputs by position
+    assert pair_outputs(ref, {"logits/seq": a})[1] == {}
 
 
 def test_align_forward_pairs_a_tuple_with_named_outputs() -> None:
@@ -558,3 +561,40 @@ def test_dropout_off_leaves_a_model_named_like_an_attention_in_train_mode() -> N
         assert tm.training and pm.training and tm.bn.training
         assert not tm.drop.training and not pm.drop.training
     assert tm.drop.training and pm.drop.training
+
+
+def test_a_port_returning_fewer_outputs_pairs_the_first_and_names_the_rest() -> None:
+    """Hugging Face's Llama returns its hidden states and its key/value cache, PaddleNLP's the
+    hidden states: the first pair by position, and the cache is said (with the switch that
+    turns it off), not localised."""
+    class WithCache(tnn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = tnn.Linear(H, H)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"last_hidden_state": y, "past_key_values": ((y * 2, y * 3),)}
+
+    class Hidden(pnn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = pnn.Linear(H, H)
+
+        def forward(self, x):
+            return (self.fc(x),)
+
+    torch.manual_seed(0)
+    tm, pm = WithCache(), Hidden()
+    load_into_paddle(pm, tm)
+    r = align_forward(tm, pm, {"x": X})
+    assert r.options["outputs_paired"] == {"logits/0": "logits/last_hidden_state"}
+    verdicts = {k.key: k.status for k in r.results}
+    assert verdicts["logits/last_hidden_state"] == "passed"
+    assert verdicts["logits/past_key_values/0/0"] == "missing"
+    assert r.options["findings"] == [
+        "outputs only torch returns: logits/past_key_values/0/0, logits/past_key_values/0/1 (a "
+        "Hugging Face model's key/value cache: set model.config.use_cache = False on the "
+        "reference, or pass use_cache=False)"]
+    # more outputs on the port than the reference: nothing to pair by position
+    assert pair_outputs({"logits/a": X}, {"logits/0": X, "logits/1": X})[1] == {}
