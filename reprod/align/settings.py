@@ -86,6 +86,8 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
         return base, rank
     if base in _PAD_MODES or base == "pad":
         return "pad", rank
+    if n.endswith("rmsnorm"):  # torch's RMSNorm, Hugging Face's and PaddleNLP's LlamaRMSNorm
+        return "rmsnorm", 0
     if n in ("layernorm", "groupnorm", "embedding", "leakyrelu", "gelu", "hardtanh", "elu",
              "softplus", "softmax", "logsoftmax", "upsample", "upsamplingbilinear2d",
              "upsamplingnearest2d", "pixelshuffle", "pixelunshuffle", "channelshuffle", "flatten",
@@ -162,6 +164,17 @@ def _torch_padding(t: Any, rank: int) -> Any:
     return pad.lower() if isinstance(pad, str) else _tuple(pad, rank)
 
 
+def _rms_epsilon(layer: Any) -> Any:
+    """An RMSNorm's epsilon, as the frameworks' own (``eps``, ``_epsilon``) and the model
+    libraries' (Hugging Face's and PaddleNLP's ``LlamaRMSNorm``: ``variance_epsilon``) hold it;
+    torch's ``eps=None`` is its dtype's machine epsilon."""
+    for name in ("variance_epsilon", "eps", "_epsilon", "epsilon"):
+        if hasattr(layer, name):
+            value = getattr(layer, name)
+            return "machine epsilon" if value is None else float(value)
+    raise AttributeError("no epsilon")
+
+
 def _torch_padding_idx(t: Any) -> Any:
     """torch's padding row reads as what it holds, Paddle's as zeros: the same only where
     torch's row is zero, and one that is not says so."""
@@ -229,6 +242,9 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
         ("epsilon", lambda t, r: float(t.eps), lambda p, r: float(p._epsilon)),
         ("momentum", lambda t, r: _momentum_torch(t), lambda p, r: 1.0 - float(p._momentum)),
         ("statistics", lambda t, r: _statistics_torch(t), lambda p, r: _statistics_paddle(p)),
+    ],
+    "rmsnorm": [
+        ("epsilon", lambda t, r: _rms_epsilon(t), lambda p, r: _rms_epsilon(p)),
     ],
     "layernorm": [
         ("epsilon", lambda t, r: float(t.eps), lambda p, r: float(p._epsilon)),

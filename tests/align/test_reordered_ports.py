@@ -598,3 +598,36 @@ def test_a_port_returning_fewer_outputs_pairs_the_first_and_names_the_rest() -> 
         "reference, or pass use_cache=False)"]
     # more outputs on the port than the reference: nothing to pair by position
     assert pair_outputs({"logits/a": X}, {"logits/0": X, "logits/1": X})[1] == {}
+
+
+# --- RMSNorm ------------------------------------------------------------------------------------
+
+
+class PaddleRMSNorm(pnn.Layer):
+    """RMSNorm as PaddleNLP's Llama writes it (Paddle 3.3 has no RMSNorm layer)."""
+
+    def __init__(self, n: int, eps: float) -> None:
+        super().__init__()
+        self.weight = self.create_parameter([n], default_initializer=pnn.initializer.Constant(1.0))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        scale = paddle.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return x * scale * self.weight
+
+
+def test_an_rmsnorm_epsilon_is_a_setting() -> None:
+    x = np.random.default_rng(1).standard_normal((2, H)).astype(np.float32) * 1e-2
+    t = tnn.Sequential(tnn.RMSNorm(H, eps=1e-6))
+    for eps, want in ((1e-6, []), (1e-5, ["0: epsilon 1e-06 in torch, 1e-05 in Paddle"])):
+        p = pnn.Sequential(PaddleRMSNorm(H, eps))
+        got = p(paddle.to_tensor(x)).numpy()
+        ref = t(torch.tensor(x)).detach().numpy()
+        # the claim, independently: the same epsilon computes the same numbers, another not
+        assert np.allclose(got, ref, atol=1e-6) == (eps == 1e-6)
+        assert [d.line() for d in compare_settings(t, p).differ] == want
+    # torch's default epsilon is its dtype's machine epsilon, not PaddleNLP's 1e-6
+    default = tnn.Sequential(tnn.RMSNorm(H))
+    assert [d.line() for d in compare_settings(default, pnn.Sequential(PaddleRMSNorm(H, 1e-6))
+                                               ).differ] == [
+        "0: epsilon 'machine epsilon' in torch, 1e-06 in Paddle"]

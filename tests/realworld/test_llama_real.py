@@ -1,0 +1,111 @@
+"""A decoder port nobody here wrote: Hugging Face's ``transformers.LlamaModel`` (torch, the
+reference) against PaddleNLP's ``paddlenlp.transformers.LlamaModel``, on a small config (2 layers,
+hidden 64, 4 heads) whose RMSNorm weights are perturbed so every tensor counts.
+
+- Both name every tensor alike; the weights load by name, the Linear ones transposed.
+- HF returns its hidden states and its key/value cache, PaddleNLP its hidden states (a tuple of
+  one): the hidden states pair by position, the cache fails as missing and the first finding says
+  how to turn it off, with no localisation; with the cache off the port passes against float32
+  noise.
+- An RMSNorm epsilon of 1e-2 for 1e-6 is localised at that layer and named as its setting
+  (``LlamaRMSNorm.variance_epsilon`` on both sides).
+
+transformers, paddlenlp, torch and paddle are imported inside the tests only (see
+test_bert_real.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CONFIG: dict[str, Any] = dict(
+    vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6)
+
+
+def _loaded(use_cache: bool = False) -> tuple[Any, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import paddle
+        import torch
+        from paddlenlp.transformers import LlamaConfig as PaddleLlamaConfig
+        from paddlenlp.transformers import LlamaModel as PaddleLlama
+        from transformers import LlamaConfig, LlamaModel
+
+        from reprod.align import load_into_paddle
+
+        torch.manual_seed(0)
+        tm = LlamaModel(LlamaConfig(**CONFIG, attn_implementation="eager")).eval()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # HF initialises every RMSNorm weight to 1
+            for name, p in tm.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        tm.config.use_cache = use_cache
+        paddle.seed(0)
+        pm = PaddleLlama(PaddleLlamaConfig(**CONFIG))
+        pm.eval()
+        load_into_paddle(pm, tm)
+    return tm, pm
+
+
+def _ids() -> dict[str, np.ndarray]:
+    return {"input_ids": np.random.default_rng(0).integers(1, 1000, (2, 12)).astype(np.int64)}
+
+
+def test_the_weights_load_by_name_with_the_linears_transposed() -> None:
+    tm, pm = _loaded()
+    t, p = tm.state_dict(), pm.state_dict()
+    assert sorted(t) == sorted(p)
+    np.testing.assert_array_equal(p["layers.0.mlp.gate_proj.weight"].numpy(),
+                                  t["layers.0.mlp.gate_proj.weight"].numpy().T)
+    np.testing.assert_array_equal(p["layers.1.input_layernorm.weight"].numpy(),
+                                  t["layers.1.input_layernorm.weight"].numpy())
+
+
+def test_with_the_cache_off_the_port_passes_against_float32_noise() -> None:
+    from reprod.align import align_forward
+
+    tm, pm = _loaded()
+    r = align_forward(tm, pm, _ids(), calibrate=True)
+    assert r.passed, r.to_table()
+    assert r.options["outputs_paired"] == {"logits/0": "logits/last_hidden_state"}
+    assert [k.key for k in r.results] == ["logits/last_hidden_state"]
+
+
+def test_the_reference_s_cache_is_named_not_localised() -> None:
+    from reprod.align import align_forward
+
+    tm, pm = _loaded(use_cache=True)
+    r = align_forward(tm, pm, _ids())
+    status = {k.key: k.status for k in r.results}
+    assert status.pop("logits/last_hidden_state") == "passed"
+    # two layers, a key and a value each
+    assert sorted(status) == [f"logits/past_key_values/{i}/{j}" for i in (0, 1) for j in (0, 1)]
+    assert set(status.values()) == {"missing"}
+    assert len(r.options["findings"]) == 1 and "divergence" not in r.options
+    assert r.options["findings"][0].startswith("outputs only torch returns: ")
+    assert r.options["findings"][0].endswith("set model.config.use_cache = False on the "
+                                             "reference, or pass use_cache=False)")
+
+
+def test_an_rmsnorm_epsilon_is_localised_and_named_as_its_setting() -> None:
+    from reprod.align import align_forward
+
+    tm, pm = _loaded()
+    pm.layers[1].post_attention_layernorm.variance_epsilon = 1e-2
+    r = align_forward(tm, pm, _ids(), calibrate=True)
+    assert not r.passed
+    assert r.options["divergence"]["layer"] == "layers.1.post_attention_layernorm"
+    assert [k.key for k in r.failed if k.status == "setting"] == [
+        "settings/layers.1.post_attention_layernorm/epsilon"]
+    assert r.options["findings"][-1].endswith(
+        "layers.1.post_attention_layernorm: epsilon 1e-06 in torch, 0.01 in Paddle; "
+        "layers.1.post_attention_layernorm is the layer where the values first differ: the "
+        "likely cause")
