@@ -109,3 +109,26 @@ def test_an_rmsnorm_epsilon_is_localised_and_named_as_its_setting() -> None:
         "layers.1.post_attention_layernorm: epsilon 1e-06 in torch, 0.01 in Paddle; "
         "layers.1.post_attention_layernorm is the layer where the values first differ: the "
         "likely cause")
+
+
+def test_adamw_steps_in_train_mode_align_against_float32_noise() -> None:
+    """Three AdamW steps of both models in train mode (dropout off), judged against the float64
+    twin's noise: every loss, gradient, weight and Adam moment of the 20 tensors agrees."""
+    import paddle
+    import torch
+
+    from reprod.align import align_train
+
+    tm, pm = _loaded()
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [(_ids(), None)], steps=3, dropout="off", calibrate=True,
+        torch_loss_fn=lambda out, *_: out.last_hidden_state.square().mean(),
+        paddle_loss_fn=lambda out, *_: out[0].square().mean(),
+        torch_optimizer=torch.optim.AdamW(tm.parameters(), lr=1e-3),
+        paddle_optimizer=paddle.optimizer.AdamW(learning_rate=1e-3, parameters=pm.parameters()))
+    assert r.passed, r.to_table(failed_only=True)
+    keys = [k.key for k in r.results]
+    assert len([k for k in keys if k.startswith("step2/param/")]) == 20
+    assert any(k.startswith("step2/opt/") and k.endswith(".moment2") for k in keys)
