@@ -1,12 +1,16 @@
-"""What the real-model benchmarks (``align_train_cost.py``, ``align_train_memory.py``) share:
-the process's memory figures, the environment check, the revision measured."""
+"""What the real-model benchmarks (``align_train_cost.py``, ``align_train_memory.py``,
+``pairing.py``) share: the process's memory figures, the environment check, the revision
+measured, a median timer."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
 import subprocess
 import sys
+import time
+from typing import Any, Callable
 
 
 def status(field: str) -> int:
@@ -51,3 +55,13 @@ def use_checkout(root: str) -> None:
 
     assert os.path.dirname(os.path.dirname(os.path.abspath(reprod.__file__))) == \
         os.path.abspath(root), reprod.__file__
+
+
+def median_seconds(fn: Callable[[], Any], rounds: int) -> float:
+    """The median wall time of ``rounds`` calls of ``fn``."""
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

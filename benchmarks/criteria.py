@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from typing import Any, Callable
+
+from _realmodels import median_seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -37,15 +36,6 @@ def _dumps(n: int, path: str) -> tuple[str, str]:
     return a, b
 
 
-def _median(fn: Callable[[], Any], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--keys", type=int, action="append")
@@ -59,10 +49,10 @@ def main() -> None:
         for n in args.keys or [4000, 100000]:
             a, b = _dumps(n, tmp)
             rules = {f"layer{i}.weight": {"atol": 1e-5, "rtol": 1.3e-6} for i in range(n)}
-            t_cmp = _median(lambda: reprod.compare(a, b, method=None, threshold=None,  # noqa: B023
+            t_cmp = median_seconds(lambda: reprod.compare(a, b, method=None, threshold=None,  # noqa: B023
                                                    atol=1e-5, rtol=1.3e-6), args.rounds)
-            t_assert = _median(lambda: assert_aligned(a, b), args.rounds)  # noqa: B023
-            t_rules = _median(lambda: reprod.compare(a, b, method=None, threshold=None,  # noqa: B023
+            t_assert = median_seconds(lambda: assert_aligned(a, b), args.rounds)  # noqa: B023
+            t_rules = median_seconds(lambda: reprod.compare(a, b, method=None, threshold=None,  # noqa: B023
                                                      per_key=rules), args.rounds)  # noqa: B023
             print(f"| {n:,} | {t_cmp:.3f} s | {t_assert:.3f} s | {t_assert / t_cmp:.2f}x "
                   f"| {t_rules:.3f} s | {t_rules / t_cmp:.2f}x |")

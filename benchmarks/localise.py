@@ -16,22 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
+
+from _realmodels import median_seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def _median(fn: Callable[[], Any], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -67,10 +58,10 @@ def _row(name: str, rounds: int, align_forward: Any) -> str:
     x = make_inputs(0, 2)
     tx, tx64, px = torch.from_numpy(x), torch.from_numpy(x.astype("float64")), paddle.to_tensor(x)
     with torch.no_grad():
-        t32 = _median(lambda: pair.torch32(tx), rounds)
-        t64 = _median(lambda: pair.torch64(tx64), rounds)
+        t32 = median_seconds(lambda: pair.torch32(tx), rounds)
+        t64 = median_seconds(lambda: pair.torch64(tx64), rounds)
     with paddle.no_grad():
-        p32 = _median(lambda: port(px), rounds)
+        p32 = median_seconds(lambda: port(px), rounds)
     floor = 2 * (t32 + t64 + p32)
     found: list[str] = []
 
@@ -78,7 +69,7 @@ def _row(name: str, rounds: int, align_forward: Any) -> str:
         r = align_forward(pair.torch32, port, x, calibrate=True, by_order=True)
         found[:] = r.options.get("findings") or []
 
-    t = _median(run, rounds)
+    t = median_seconds(run, rounds)
     where = found[0].split(":")[0] if found else "-"
     return (f"| {name} | {t32:.3f} s | {t64:.3f} s | {p32:.3f} s | {floor:.3f} s | {t:.3f} s "
             f"| {t / floor:.1f}x | {where} |")

@@ -15,22 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
+
+from _realmodels import check_env, median_seconds, revision, use_checkout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def _median(fn: Callable[[], Any], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _row(name: str, rounds: int) -> str:
@@ -52,10 +43,10 @@ def _row(name: str, rounds: int) -> str:
     ref, other = dict(t_log.data), dict(p_log.data)
     arrays = [np.asarray(v) for v in [*ref.values(), *other.values()]]
     size = sum(a.nbytes for a in arrays)
-    one_pass = _median(lambda: [a.sum() for a in arrays if a.dtype.kind == "f"], rounds)
+    one_pass = median_seconds(lambda: [a.sum() for a in arrays if a.dtype.kind == "f"], rounds)
     paired: list[Any] = []
-    pairing = _median(lambda: paired.__setitem__(slice(None), match_by_order(ref, other)), rounds)
-    comparing = _median(lambda: reprod.compare(*paired, threshold=1e-5), rounds)
+    pairing = median_seconds(lambda: paired.__setitem__(slice(None), match_by_order(ref, other)), rounds)
+    comparing = median_seconds(lambda: reprod.compare(*paired, threshold=1e-5), rounds)
     return (f"| {name} | {size / 1e6:,.0f} MB | {len(paired[0])} | {one_pass:.3f} s | "
             f"{comparing:.3f} s | {pairing:.3f} s | {pairing / comparing:.1f}x |")
 
@@ -66,15 +57,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reprod", default=ROOT, help="the checkout whose reprod is measured")
     args = ap.parse_args()
-    sys.path.insert(0, os.path.abspath(args.reprod))
+    check_env("pairing.py")
+    use_checkout(args.reprod)
     sys.path.insert(1, os.path.join(ROOT, "tests", "realworld"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    import reprod
-
     torch.set_num_threads(1)
-    print(f"reprod from {os.path.dirname(os.path.dirname(reprod.__file__))}")
+    print(f"reprod from {os.path.abspath(args.reprod)} ({revision(args.reprod)})")
     print("| model | captures (both) | paired keys | one sum pass | compare | match_by_order | "
           "pairing / compare |")
     print("|---|---|---|---|---|---|---|")

@@ -335,26 +335,32 @@ def test_pair_outputs_by_position_only_where_one_side_is_positional() -> None:
     assert pair_outputs(ref, {"logits/seq": a})[1] == {}
 
 
+class Named(tnn.Module):
+    """Its outputs named (a Hugging Face ``ModelOutput``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = tnn.Linear(H, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"logits": y, "pooled": y.mean(1)}
+
+
+class Positional(pnn.Layer):
+    """The same outputs as a tuple (PaddleNLP's); ``scale`` != 1 is a bug in the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = pnn.Linear(H, 3)
+        self.scale = 1.0
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y, y.mean(1) * self.scale
+
+
 def test_align_forward_pairs_a_tuple_with_named_outputs() -> None:
-    class Named(tnn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = tnn.Linear(H, 3)
-
-        def forward(self, x):
-            y = self.fc(x)
-            return {"logits": y, "pooled": y.mean(1)}
-
-    class Positional(pnn.Layer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = pnn.Linear(H, 3)
-            self.scale = 1.0
-
-        def forward(self, x):
-            y = self.fc(x)
-            return y, y.mean(1) * self.scale
-
     torch.manual_seed(0)
     tm, pm = Named(), Positional()
     load_into_paddle(pm, tm)
@@ -464,24 +470,6 @@ def test_a_padding_row_only_torch_leaves_untrained_is_a_setting() -> None:
 
 
 def test_align_train_pairs_a_tuple_with_named_outputs_at_every_step() -> None:
-    class Named(tnn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = tnn.Linear(H, 3)
-
-        def forward(self, x):
-            y = self.fc(x)
-            return {"logits": y, "pooled": y.mean(1)}
-
-    class Positional(pnn.Layer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = pnn.Linear(H, 3)
-
-        def forward(self, x):
-            y = self.fc(x)
-            return y, y.mean(1)
-
     from reprod.align import align_train
 
     torch.manual_seed(0)
