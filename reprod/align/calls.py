@@ -882,8 +882,9 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
     """The differing settings of the paired events (each kind by order, where both sides have as
     many; else the events of one name on both sides, and the others said) that are not two
     layers, the kinds that could not be paired, the pairs with a call compared, the kinds
-    paired here, and the pairs of two layers compared here. ``layer_kinds``: kinds the layer settings could not pair (a layer
-    called three times against three layers), whose pairs of two layers are compared here."""
+    paired here, and the pairs of two layers compared here. ``layer_kinds``: kinds the layer
+    settings left to the calls (a layer called three times against three layers; those without
+    parameters, in call order), whose pairs of two layers are compared here."""
     kinds: dict[str, tuple[list[OpEvent], list[OpEvent]]] = {}
     for side, events in ((0, ours), (1, theirs)):
         for e in _with_attention_dropouts(events):
