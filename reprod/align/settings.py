@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -461,13 +461,12 @@ def _leaves(model: Any, children: Callable[[Any], Any]) -> list[tuple[str, Any]]
     return out
 
 
-def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, str],
-           order_kinds: bool = True) -> tuple[list[tuple[str, Any, str, Any]], list[str]]:
-    """(torch name, module, Paddle name, layer) for each pair, and the kinds left unpaired.
-    ``order_kinds=False`` leaves the layers without parameters to the traces' call order."""
+def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, str]
+           ) -> list[tuple[str, Any, str, Any]]:
+    """(torch name, module, Paddle name, layer) of each pair of layers with parameters (paired
+    through them); those without are ``_by_definition``'s or the traces'."""
     t_leaves = _leaves(torch_model.named_modules(), lambda m: m.children())
-    p_leaves = _leaves(paddle_model.named_sublayers(), lambda m: m.children())
-    p_by_name = dict(p_leaves)
+    p_by_name = dict(_leaves(paddle_model.named_sublayers(), lambda m: m.children()))
     pairs: list[tuple[str, Any, str, Any]] = []
     layer_of = {t.rpartition(".")[0]: p.rpartition(".")[0] for t, p in torch_to_paddle.items()}
     for name, module in t_leaves:
@@ -477,15 +476,90 @@ def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, st
         pname = layer_of.get(name)
         if pname is not None and pname in p_by_name:
             pairs.append((name, module, pname, p_by_name[pname]))
+    return pairs
+
+
+_ATTENTION_DROPOUT = ":dropout"  # the name suffix of an attention's own dropout, as a layer
+
+
+def _with_attention_dropout(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """``layer_settings`` entries with each attention's dropout of its weights after it as a
+    dropout layer of its own, as a hand-written attention holds it (Hugging Face's BERT: its
+    ``attention.self.dropout``), where PaddleNLP's ``MultiHeadAttention`` keeps a rate."""
+    out: list[Mapping[str, Any]] = []
+    for e in entries:
+        out.append(e)
+        p = e["settings"].get("dropout") if e["kind"] == "attention" else None
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and p:
+            out.append({"name": e["name"] + _ATTENTION_DROPOUT, "kind": "dropout",
+                        "settings": {"p": float(p)}})
+    return out
+
+
+def _by_definition(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[str, Any]],
+                   sides: tuple[str, str], kinds: Collection[str]
+                   ) -> tuple[list[SettingDiff], list[str], int]:
+    """The differing settings of each kind of ``kinds`` paired by definition order, where both
+    sides hold as many (``layer_settings`` entries), the kinds that could not be paired, and the
+    pairs compared.
+
+    Without a trace nothing else pairs them, so the counts are made comparable as a trace's
+    are (``calls.compare_events``): an attention's rate is a dropout of its own, and where a
+    kind's counts still differ, dropouts of p 0 (identities: PaddleNLP's activation dropout)
+    are left out. A kind whose differences would all go were its layers paired otherwise (the
+    same settings on both sides, defined in another order) still fails, and says so."""
+    by_kind: dict[str, tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]] = {}
+    for side, entries in ((0, ours), (1, theirs)):
+        for e in _with_attention_dropout(entries):
+            if e["kind"] in kinds:
+                by_kind.setdefault(e["kind"], ([], []))[side].append(e)
+    diffs: list[SettingDiff] = []
     unpaired: list[str] = []
-    for kind in _BY_ORDER if order_kinds else ():
-        ts = [(n, m) for n, m in t_leaves if _kind(type(m).__name__)[0] == kind]
-        ps = [(n, m) for n, m in p_leaves if _kind(type(m).__name__)[0] == kind]
-        if len(ts) != len(ps):
-            unpaired.append(f"{kind}: {len(ts)} in torch, {len(ps)} in Paddle")
+    compared = 0
+    for kind, (xs, ys) in by_kind.items():
+        if len(xs) != len(ys) and kind.startswith("dropout"):
+            kept = ([e for e in xs if e["settings"].get("p")],
+                    [e for e in ys if e["settings"].get("p")])
+            if len(kept[0]) == len(kept[1]) and kept[0]:
+                xs, ys = kept
+        if len(xs) != len(ys):
+            unpaired.append(f"{kind}: {len(xs)} in {sides[0]}, {len(ys)} in {sides[1]}")
             continue
-        pairs.extend((tn, tm, pn, pm) for (tn, tm), (pn, pm) in zip(ts, ps))
-    return pairs, unpaired
+        found = []
+        for x, y in zip(xs, ys):
+            if x["name"].endswith(_ATTENTION_DROPOUT) and y["name"].endswith(_ATTENTION_DROPOUT):
+                continue  # the attentions' own settings compare their rates
+            compared += 1
+            for setting, xv, yv in _differences(kind, x["settings"], y["settings"]):
+                found.append(SettingDiff(x["name"], y["name"], setting, xv, yv, kind, sides))
+        if found and _reordered(kind, xs, ys):
+            unpaired.append(f"{kind}: the same settings on both sides in another definition "
+                            "order; give traces= to pair them in the order they are called")
+        diffs += found
+    return diffs, unpaired, compared
+
+
+def _reordered(kind: str, xs: Sequence[Mapping[str, Any]], ys: Sequence[Mapping[str, Any]]
+               ) -> bool:
+    """Whether each of ``xs`` has a layer of the same settings in ``ys`` (one each)."""
+    left = list(ys)
+    for x in xs:
+        same = next((i for i, y in enumerate(left)
+                     if not _differences(kind, x["settings"], y["settings"])), None)
+        if same is None:
+            return False
+        left.pop(same)
+    return True
+
+
+def _entries(model: Any) -> list[dict[str, Any]]:
+    """``layer_settings`` entries of the kinds without parameters, their values as read."""
+    out = []
+    for name, layer in _leaves_of(model):
+        read = read_settings(layer)
+        if read is not None and read[0] in _BY_ORDER:
+            out.append({"name": name, "kind": read[0], "settings": read[1]})
+    return out
 
 
 @dataclass(frozen=True)
@@ -546,14 +620,9 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
             rules = by_order_rules(torch_model, paddle_model, rules=rules)
         plan = _torch_params_plan(torch_model, rules)
         torch_to_paddle = {n: kp.paddle_name for n, kp in plan.items() if kp.paddle_name}
-    # with traces, the layers without parameters pair in the order the data goes through them,
-    # beside the calls of their kind: definition order pairs a port's activation dropout
-    # (defined first) with the reference's attention dropout (called first)
-    pairs, unpaired = _pairs(torch_model, paddle_model, torch_to_paddle,
-                             order_kinds=traces is None)
     diffs: list[SettingDiff] = []
     compared = 0
-    for tname, tmod, pname, pmod in pairs:
+    for tname, tmod, pname, pmod in _pairs(torch_model, paddle_model, torch_to_paddle):
         t_read, p_read = read_settings(tmod), read_settings(pmod)
         if t_read is None or p_read is None or t_read[0] != p_read[0]:
             continue
@@ -561,8 +630,13 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
         for setting, tv, pv in _differences(t_read[0], t_read[1], p_read[1]):
             diffs.append(SettingDiff(tname, pname, setting, tv, pv, t_read[0]))
     if traces is None:
-        return SettingsReport(tuple(diffs), tuple(unpaired), compared)
-    return _with_calls(diffs, unpaired, compared, traces[0].events, traces[1].events,
+        found, unpaired, more = _by_definition(_entries(torch_model), _entries(paddle_model),
+                                               ("torch", "Paddle"), _BY_ORDER)
+        return SettingsReport(tuple(diffs + found), tuple(unpaired), compared + more)
+    # with traces, the layers without parameters pair in the order the data goes through them,
+    # beside the calls of their kind: definition order pairs a port's activation dropout
+    # (defined first) with the reference's attention dropout (called first)
+    return _with_calls(diffs, [], compared, traces[0].events, traces[1].events,
                        by_call=_BY_ORDER)
 
 
@@ -912,8 +986,8 @@ def _compare_saved(a: _Saved, b: _Saved) -> SettingsReport:
     compared = 0
     traced = a[3] is not None and b[3] is not None
     for kind, (ours, theirs) in kinds.items():
-        if traced and kind in _BY_ORDER:
-            continue  # paired in call order with the calls (compare_settings says why)
+        if kind in _BY_ORDER:
+            continue  # paired in call order with the calls (compare_settings says why), or below
         if len(ours) != len(theirs):
             unpaired.append(f"{kind}: {len(ours)} in {sides[0]}, {len(theirs)} in {sides[1]}")
             continue
@@ -921,6 +995,11 @@ def _compare_saved(a: _Saved, b: _Saved) -> SettingsReport:
         for x, y in zip(ours, theirs):
             for setting, xv, yv in _differences(kind, x["settings"], y["settings"]):
                 diffs.append(SettingDiff(x["name"], y["name"], setting, xv, yv, kind, sides))
+    if not traced:
+        found, left, more = _by_definition(a[2], b[2], sides, _BY_ORDER)
+        diffs += found
+        unpaired += left
+        compared += more
     if a[4] is not None and b[4] is not None:
         from .optim_settings import compare_records
 

@@ -260,6 +260,64 @@ def test_a_dropout_of_p_0_is_not_mistaken_for_a_missing_one() -> None:
     assert _traced_report(tm, pm).differ == ()
 
 
+def test_without_a_trace_dropouts_are_counted_as_a_trace_counts_them(pair, tmp_path) -> None:
+    """No trace to pair them by call: the port's attention rate counts as a dropout after its
+    attention and its p-0 activation dropouts are left out, so the reference's three dropouts a
+    block pair with the port's three, from the models and from files saved without a trace."""
+    from reprod.align import save_settings
+
+    tm, pm = pair
+    pm.eval()
+    report = compare_settings(tm, pm, by_order=True)
+    assert report.differ == () and not [u for u in report.unpaired if "dropout" in u]
+    saved = compare_settings(save_settings(tm, tmp_path / "t.json"),
+                             save_settings(pm, tmp_path / "p.json"))
+    assert saved.differ == () and not [u for u in saved.unpaired if "dropout" in u]
+    paddle.seed(0)
+    other = PaddleEncoder(attn_dropout=0.2)
+    other.eval()
+    assert [d.line() for d in compare_settings(tm, other, by_order=True).differ] == [
+        f"layers.{i}.self_attn:dropout (torch layer.{i}.attention.self.dropout): "
+        "p 0.1 in torch, 0.2 in Paddle" for i in (0, 1)]
+
+
+class TwoDropouts(tnn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = tnn.Dropout(0.1), tnn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class TwoDropoutsDefinedOtherwise(pnn.Layer):
+    def __init__(self, second: float = 0.3) -> None:
+        super().__init__()
+        self.b, self.a = pnn.Dropout(second), pnn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_settings_a_reordering_would_explain_still_fail_and_say_so() -> None:
+    """Without a trace, layers the port defines in another order may be a faithful port or
+    swapped rates: the verdict stays a failure, and says that a trace would tell."""
+    tm, pm = TwoDropouts(), TwoDropoutsDefinedOtherwise()
+    report = compare_settings(tm, pm, torch_to_paddle={})
+    assert [(d.torch_layer, d.paddle_layer) for d in report.differ] == [("a", "b"), ("b", "a")]
+    assert report.unpaired == ("dropout: the same settings on both sides in another definition "
+                               "order; give traces= to pair them in the order they are called",)
+    x = torch.zeros(2, 3)
+    with trace_settings(tm) as tt:
+        tm(x)
+    with trace_settings(pm) as pt:
+        pm(paddle.zeros([2, 3]))
+    assert compare_settings(tm, pm, torch_to_paddle={}, traces=(tt, pt)).differ == ()
+    # a rate no reordering explains: no such hint
+    other = compare_settings(tm, TwoDropoutsDefinedOtherwise(second=0.5), torch_to_paddle={})
+    assert other.differ and other.unpaired == ()
+
+
 def test_a_layer_the_port_applies_as_a_function_is_judged_and_diagnosed(pair) -> None:
     """Paddle's encoder layer applies its activation as a function and holds a p-0 dropout after
     it: by call order that dropout, computing nothing, would take the reference's activation

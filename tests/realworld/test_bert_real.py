@@ -220,6 +220,21 @@ def test_waiving_the_padding_idx_passes_the_correct_port(bert: tuple[Any, Any]) 
     assert r.passed, r.to_table(failed_only=True)
 
 
+def test_settings_compared_without_a_trace_find_the_padding_row_only(
+        bert: tuple[Any, Any], tmp_path: Any) -> None:
+    """Without a trace, dropouts pair by definition order: PaddleNLP's attention rate counted as
+    a dropout after its attention, its p-0 activation dropouts left out (they had paired with
+    HF's attention dropouts: "p 0.1 in torch, 0 in Paddle"), from the models and from files."""
+    from reprod.align import compare_settings, save_settings
+
+    tm, pm = bert
+    lines = [d.line().split(":")[0] for d in compare_settings(tm, pm, by_order=True).differ]
+    assert lines == ["embeddings.word_embeddings"]
+    saved = compare_settings(save_settings(tm, tmp_path / "t.json"),
+                             save_settings(pm, tmp_path / "p.json"))
+    assert [d.setting for d in saved.differ] == ["padding_idx"], str(saved)
+
+
 def test_a_scaled_query_weight_is_named_at_hf_s_query_layer() -> None:
     """Before judging broadcast-equal captures by value, the localisation blamed
     embeddings.position_embeddings: HF embeds position ids of shape [1, L], PaddleNLP [B, L]."""
