@@ -22,7 +22,10 @@ from .rules import (
     ConversionRules,
     _is_torch_module,
     guess_linear_weight,
+    is_hf_conv1d,
+    known_layouts,
     linear_weight_names,
+    packed_linear_weights,
     split_attention,
     unaliased,
 )
@@ -61,39 +64,48 @@ _WHOLE_HOLDERS = frozenset({"lstm", "gru", "rnn", "attention"})
 _RANK = re.compile(r"[123]d")
 
 
-def _holder_kind(cls_name: str) -> str:
-    return _HOLDERS.get(_RANK.sub("", cls_name.lower()), "other")
+def _holder_kind(layer: Any) -> str:
+    if is_hf_conv1d(layer):
+        return "linear"
+    for base in type(layer).__mro__:  # PaddleNLP's GPTLayerNorm is a LayerNorm
+        kind = _HOLDERS.get(_RANK.sub("", base.__name__.lower()))
+        if kind is not None:
+            return kind
+        if base.__module__.split(".", 1)[0] in ("torch", "paddle"):
+            break
+    return "other"
 
 
-def _owners(layers: Mapping[str, Any], keys: Any, whole: frozenset[str]
-            ) -> dict[str, tuple[str, str]]:
+def _owners(layers: Mapping[str, Any], keys: Any, whole: frozenset[str],
+            sliced: frozenset[str] = frozenset()) -> dict[str, tuple[str, str]]:
     """key -> (the layer holding it, that layer's kind): the outermost layer of a kind in
     ``whole`` above the key, else the nearest layer above it. Where attention is not read whole,
-    a slice of torch's packed projection (``attn.q_proj.weight``) is a Linear of its own, as
-    Paddle's are."""
+    a slice of a packed projection (``sliced``: torch's ``attn.q_proj.weight``, from its
+    ``in_proj_weight`` or GPT-2's ``c_attn``) is a Linear of its own, as Paddle's are."""
     out: dict[str, tuple[str, str]] = {}
     for key in keys:
         prefix = key.rpartition(".")[0]
         parts = prefix.split(".") if prefix else []
-        nearest: Optional[tuple[str, str]] = None
+        nearest: Optional[tuple[str, str]] = (prefix, "linear") if key in sliced else None
         outer: Optional[tuple[str, str]] = None
         for i in range(len(parts), -1, -1):
             name = ".".join(parts[:i])
             layer = layers.get(name)
             if layer is None:
                 continue  # a split attention slice (q_proj) has no torch layer of its own
-            kind = _holder_kind(type(layer).__name__)
+            kind = _holder_kind(layer)
             if nearest is None:
-                nearest = (prefix, "linear") if kind == "attention" and name != prefix \
-                    and "attention" not in whole else (name, kind)
+                nearest = (name, kind)
             if kind in whole:
                 outer = (name, kind)
         out[key] = outer or nearest or ("", "other")
     return out
 
 
-def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], Optional[set[str]], str]:
-    """(name -> shape in state-dict order, Linear weight names or None, a label for messages)."""
+def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], set[str], str]:
+    """(name -> shape in state-dict order, the weights in Linear layout, a label for messages):
+    a model's Linear weights, else what the state dict tells (``known_layouts``) and the
+    heuristic (``guess_linear_weight``)."""
     if _is_torch_module(obj):
         sd: Mapping[str, Any] = obj.state_dict()
         linear: Optional[set[str]] = linear_weight_names(obj)
@@ -107,9 +119,14 @@ def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], Optional[set[st
         raise ReprodError(
             f"cannot pair a {type(obj).__name__}: expected a torch model, state dict or .pth path"
         )
-    sd, packed = split_attention(sd)  # as Paddle's MultiHeadAttention lists them
     if linear is not None:
-        linear = linear | {k for k in packed if k.endswith("weight")}
+        linear = linear | packed_linear_weights(sd)
+        sd = split_attention(sd)[0]  # as Paddle's MultiHeadAttention lists them
+    else:  # from a file: GPT-2's Conv1D weights and packed slices say their layout
+        known = known_layouts(sd)
+        sd = split_attention(sd)[0]
+        linear = {k for k, v in sd.items()
+                  if known.get(k, guess_linear_weight(k, tuple(np.shape(v))))}
     return {k: tuple(int(s) for s in np.shape(v)) for k, v in sd.items()}, linear, label
 
 
@@ -167,7 +184,7 @@ def _check(
     positions: list[tuple[int, str, str]],
     tshapes: Mapping[str, tuple[int, ...]],
     pshapes: Mapping[str, tuple[int, ...]],
-    linear: Optional[set[str]],
+    linear: set[str],
 ) -> tuple[list[tuple[str, str, bool]], list[tuple[Optional[str], str]], set[str]]:
     """Each (position, torch key, Paddle key) checked by shape and kind: the pairs with their
     transposes, the problems, the torch keys paired with a tensor of another kind."""
@@ -177,8 +194,8 @@ def _check(
     for i, tk, pk in positions:
         ts, ps = tshapes[tk], pshapes[pk]
         if ts == ps and len(ts) == 2 and ts[0] == ts[1]:
-            # a square weight's layout cannot be read from shapes: ask the model, else the heuristic
-            transpose = tk in linear if linear is not None else guess_linear_weight(tk, ts)
+            # a square weight's layout cannot be read from shapes: the model's, else the file's
+            transpose = tk in linear
         elif ts == ps:
             transpose = False
         elif len(ts) == 2 and ts[::-1] == ps:
@@ -242,8 +259,10 @@ def _by_kind(torch_keys: list[str], paddle_keys: list[str], torch_side: Any,
     # an attention read whole pairs torch's MultiheadAttention with Paddle's; read as its
     # projections, a hand-written attention's Linears (Hugging Face's query/key/value/dense)
     found = []
+    sliced = frozenset(split_attention(torch_side.state_dict())[1])
     for whole in (_WHOLE_HOLDERS, _WHOLE_HOLDERS - {"attention"}):
-        pairs = _paired_by_kind(torch_keys, paddle_keys, _owners(tlayers, torch_keys, whole),
+        pairs = _paired_by_kind(torch_keys, paddle_keys,
+                                _owners(tlayers, torch_keys, whole, sliced),
                                 _owners(players, paddle_keys, whole))
         if pairs is not None and pairs not in found:
             found.append(pairs)

@@ -30,7 +30,10 @@ from .rules import (
     ConversionRules,
     KeyPlan,
     _is_torch_module,
+    known_layouts,
     linear_weight_names,
+    packed_linear_weights,
+    packed_why,
     plan_conversion,
     split_attention,
     unaliased,
@@ -174,21 +177,22 @@ def convert(
         linear: Optional[set[str]] = linear_weight_names(model)
     else:
         linear = None
-    sd, packed = split_attention(sd)  # nn.MultiheadAttention's q, k, v as Paddle's q/k/v_proj
     if linear is not None:
-        linear |= {k for k in packed if k.endswith("weight")}
+        linear |= packed_linear_weights(sd)
+    known = known_layouts(sd)
+    why = packed_why(sd)
     if by_order:
         if paddle_model is None:
             raise ReprodError(f"{source}: by_order needs paddle_model= to take the order from")
+        # paired before the split: a packed tensor tells its slices' layout (GPT-2's c_attn)
         rules = by_order_rules(model if model is not None else sd, paddle_model, rules=rules)
     elif paddle_model is not None:
         raise ReprodError(f"{source}: paddle_model= is only used with by_order=True")
-    plan = plan_conversion(
-        {k: tuple(np.shape(v)) for k, v in sd.items()}, linear_weights=linear, rules=rules
-    )
-    plan = tuple(dataclasses.replace(p, why=f"{p.why}; rows of {packed[p.torch_name]} (torch's "
-                                     "MultiheadAttention packs q, k, v)")
-                 if p.torch_name in packed else p for p in plan)
+    sd = split_attention(sd)[0]  # a packed attention's q, k, v as Paddle's q/k/v_proj
+    plan = plan_conversion({k: tuple(np.shape(v)) for k, v in sd.items()}, linear_weights=linear,
+                           rules=rules, known=known)
+    plan = tuple(dataclasses.replace(p, why=f"{p.why}; {why[p.torch_name]}")
+                 if p.torch_name in why else p for p in plan)
     weights: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     for p in plan:

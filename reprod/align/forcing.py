@@ -148,9 +148,9 @@ def load_paddle_optimizer(paddle_opt: Any, torch_state: Mapping[str, Any], torch
         p = by_index[int(index)]
         name = torch_name.get(id(p), "")
         # a packed attention tensor's state, sliced as Paddle's three parameters keep it
-        for vname, rows in [(v, (a, b)) for v, a, b in slices.get(name, ())] or [(name, None)]:
-            state = whole_state if rows is None else {
-                k: v[rows[0]:rows[1]] if hasattr(v, "dim") and v.dim() > 0 else v
+        for vname, index in list(slices.get(name, ())) or [(name, None)]:
+            state = whole_state if index is None else {
+                k: v[index] if hasattr(v, "dim") and v.dim() > 0 else v
                 for k, v in whole_state.items()}
             _load_one(paddle_opt, accs, plan.get(vname), paddle_params, state, covered)
     for acc_name, per_param in accs.items():
@@ -526,12 +526,12 @@ def replayed_state(torch_opt: Any, torch_state: Mapping[str, Any], torch_model: 
     from .calibration import _constructor_kwargs
 
     target = dict(torch_model.named_parameters()).get(kp.torch_name)
-    rows = None
-    if target is None:  # a slice of a packed attention tensor: element-wise, so its rows alone
+    rows = None  # the slice's index into its packed tensor
+    if target is None:  # a slice of a packed attention tensor: element-wise, so that slice alone
         for src, parts in packed_slices(torch_model.state_dict()).items():
-            for name, a, b in parts:
+            for name, index in parts:
                 if name == kp.torch_name:
-                    target, rows = dict(torch_model.named_parameters()).get(src), (a, b)
+                    target, rows = dict(torch_model.named_parameters()).get(src), index
     if target is None:
         return None
     index, group = None, None
@@ -555,7 +555,7 @@ def replayed_state(torch_opt: Any, torch_state: Mapping[str, Any], torch_model: 
     opt = cls([{**group, "params": [p]}], **_constructor_kwargs(cls, torch_opt.defaults))
     state = torch_state.get("state", {}).get(index)
     if state:
-        opt.state[p] = {k: (v[rows[0]:rows[1]] if rows is not None and v.dim() > 0 else v).clone()
+        opt.state[p] = {k: (v[rows] if rows is not None and v.dim() > 0 else v).clone()
                         if hasattr(v, "clone") else copy.deepcopy(v) for k, v in state.items()}
     opt.step()
 

@@ -13,7 +13,14 @@ from ..diff.criteria import Criteria, build_criteria
 from ..errors import KeyMismatchError, ReprodError
 from ..logger import ReprodLogger
 from .conversion import _few
-from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion, split_attention
+from .rules import (
+    ConversionRules,
+    KeyPlan,
+    linear_weight_names,
+    packed_linear_weights,
+    plan_conversion,
+    split_attention,
+)
 from .structure import compare_structure
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -37,16 +44,17 @@ def _shape_of(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape) if shape is not None else np.shape(value)
 
 
-def _positional(key: str) -> bool:
-    return key.rpartition("/")[2].isdigit()
-
-
-def pair_outputs(ref: Mapping[str, Any], port: dict[str, np.ndarray]
+def pair_outputs(ref: Mapping[str, Any], port: dict[str, np.ndarray], head: str = "logits"
                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The port's flattened outputs under the reference's keys where one side returns a tuple and
-    the other names the same outputs (a Hugging Face ``ModelOutput`` against PaddleNLP's tuple):
-    the keys each side alone has pair by position when one side's are all positions, as many,
-    with the same shapes in order. Returns the outputs and port key -> reference key."""
+    the other names the same outputs (a Hugging Face ``ModelOutput`` against PaddleNLP's tuple or
+    lone tensor): the keys each side alone has pair by position when one side's are all
+    positions, as many, with the same shapes in order. ``head``: the outputs' key prefix, a lone
+    tensor's whole key. Returns the outputs and port key -> reference key."""
+    def _positional(key: str) -> bool:
+        # a lone tensor is the first and only position
+        return key == head or key.rpartition("/")[2].isdigit()
+
     only_ref = [k for k in ref if k not in port]
     only_port = [k for k in port if k not in ref]
     if not only_ref or not only_port:
@@ -179,11 +187,10 @@ def _deterministic(seed: int) -> Iterator[None]:
 def _torch_params_plan(torch_model: Any, rules: Optional[ConversionRules]) -> dict[str, KeyPlan]:
     """Each torch key's plan; a packed attention tensor's under its slices' names
     (``rules.split_attention``: ``torch_views`` gives the tensors under those names)."""
-    sd, packed = split_attention(torch_model.state_dict())
+    state = torch_model.state_dict()
     plan = plan_conversion(
-        {k: tuple(v.shape) for k, v in sd.items()},
-        linear_weights=linear_weight_names(torch_model) | {k for k in packed
-                                                           if k.endswith("weight")},
+        {k: tuple(v.shape) for k, v in split_attention(state)[0].items()},
+        linear_weights=linear_weight_names(torch_model) | packed_linear_weights(state),
         rules=rules,
     )
     return {p.torch_name: p for p in plan}

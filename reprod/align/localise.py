@@ -120,6 +120,48 @@ def _torch_context(torch_model: Any, capture: Optional[Mapping[str, Any]] = None
     return ctx
 
 
+def _column_packed(torch_model: Any) -> dict[str, tuple[str, int]]:
+    """Each layer computing q, k and v side by side in one output (Hugging Face GPT-2's Conv1D
+    ``c_attn``) -> (the prefix its slices' layers are named under, E)."""
+    from .rules import _packings
+
+    return {src[: -len(".weight")]: (prefix, e)
+            for src, (prefix, what, e, axis, _) in _packings(torch_model.state_dict()).items()
+            if what == "weight" and axis == 1}
+
+
+def _split_packed(capture: dict[str, Any], packed: Mapping[str, tuple[str, int]]
+                  ) -> dict[str, Any]:
+    """A torch capture with each packed ``c_attn`` call as three layer calls, ``q_proj``,
+    ``k_proj`` and ``v_proj`` under its attention's prefix, as a port holding three Linears
+    calls them and as ``split_attention`` names their weights (whose pairing anchors them):
+    each takes the call's input and its E columns of the output (and of its output's and its
+    weight's gradients). The input's gradient, a sum over the three, is left out."""
+    if not packed:
+        return capture
+    from ..capture.naming import parse_key
+
+    out: dict[str, Any] = {}
+    for key, value in capture.items():
+        parsed = parse_key(key)
+        layer = None if parsed is None else (
+            parsed.name.rpartition(".")[0] if parsed.is_param else parsed.name)
+        if layer not in packed or (parsed.is_param and not parsed.name.endswith((".weight",
+                                                                                ".bias"))):
+            out[key] = value
+            continue
+        prefix, e = packed[layer]
+        if parsed.what == "grad_in" or (parsed.what != "in" and np.shape(value)[-1:] != (3 * e,)):
+            continue
+        for i, q in enumerate("qkv"):
+            part = value if parsed.what == "in" else value[..., i * e:(i + 1) * e]
+            name = f"{prefix}{q}_proj"
+            if parsed.is_param:
+                name += "." + parsed.name.rpartition(".")[2]
+            out[str(parsed.with_name(name))] = part
+    return out
+
+
 def _broadcast(ref: dict[str, Any], port: dict[str, Any], noise: Optional[dict[str, Any]]
                ) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, Any]]]:
     """Captures whose shapes differ where one side holds a size-1 axis the other repeats (Hugging
@@ -181,7 +223,8 @@ def localise_forward(
     # between the layers the weights pair, pairing by call order reads only shapes, and a
     # container and a leaf with the same in/out shapes would pair: by order, leaf layers only
     containers = not by_order
-    ref = _capture(torch_model, run_torch, containers, backward)
+    packed = _column_packed(torch_model) if by_order else {}
+    ref = _split_packed(_capture(torch_model, run_torch, containers, backward), packed)
     raw = _capture(paddle_model, run_paddle, containers, backward)
     if ref_layout is not None:
         ref = ref_layout(ref)
@@ -199,7 +242,8 @@ def localise_forward(
         functions = _applied_as_functions(ref, port, pairing)
         port.update(functions)
         names = {o.partition("#")[0]: r.partition("#")[0] for o, r in pairing.calls.items()}
-    noise = None if run_twin is None else _capture(run_twin[0], run_twin[1], containers, backward)
+    noise = None if run_twin is None else _split_packed(
+        _capture(run_twin[0], run_twin[1], containers, backward), packed)
     if noise is not None and ref_layout is not None:
         noise = ref_layout(noise)
     judged = _derive({k: v for k, v in ref.items() if k not in superseded}, derived)
@@ -209,6 +253,10 @@ def localise_forward(
     types: dict[str, tuple[str, Optional[str]]] = {
         name: (cls, None) for name, cls in layer_types(torch_model).items()
     }
+    for layer, (prefix, e) in packed.items():
+        for i, q in enumerate("qkv"):
+            types[f"{prefix}{q}_proj"] = (f"{layer.rpartition('.')[2]}[..., {i * e}:{(i + 1) * e}]",
+                                          None)
     for pname, cls in ptypes.items():
         rname = names.get(pname, pname)
         if rname in types:

@@ -27,7 +27,10 @@ from typing import Any, Optional
 from ..errors import ReprodError
 
 __all__ = [
+    "known_layouts",
+    "packed_linear_weights",
     "packed_slices",
+    "packed_why",
     "split_attention",
     "torch_views",
     "unaliased",
@@ -71,63 +74,137 @@ def unaliased(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]
 
 
 _IN_PROJ = re.compile(r"(.*\.)?in_proj_(weight|bias)")
+# Hugging Face's GPT-2 attention: one Conv1D ``c_attn`` ([E, 3E], [in, out] as Paddle's Linear
+# holds a weight) beside its output projection ``c_proj``
+_C_ATTN = re.compile(r"(.*\.)?c_attn\.(weight|bias)")
+
+# a packed tensor -> (the layer prefix its slices go under, "weight" or "bias", its E, the axis
+# q, k and v lie along, whether its weight slices are in torch's Linear layout [out, in])
+_Packing = tuple[str, str, int, int, bool]
+
+
+def _packings(state: Mapping[str, Any]) -> dict[str, _Packing]:
+    """Each packed attention tensor of a torch state dict: torch's ``nn.MultiheadAttention``
+    ``in_proj_weight`` [3E, E] and ``in_proj_bias`` [3E] (rows), and a Hugging Face GPT-2
+    attention's Conv1D ``c_attn.weight`` [E, 3E] and ``c_attn.bias`` [3E] (columns), each where
+    its layer holds an output projection of [E, E] beside it (``out_proj``, ``c_proj``)."""
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in getattr(state.get(key), "shape", ()))
+
+    out: dict[str, _Packing] = {}
+    for key in state:
+        for pattern, out_proj in ((_IN_PROJ, "out_proj.weight"), (_C_ATTN, "c_proj.weight")):
+            m = pattern.fullmatch(key)
+            if m is None:
+                continue
+            prefix, what = m.group(1) or "", m.group(2)
+            out_w = shape(prefix + out_proj)
+            e = out_w[0] if len(out_w) == 2 and out_w[0] == out_w[1] else 0
+            if not e:
+                continue
+            if what == "bias" and shape(key) == (3 * e,):
+                out[key] = (prefix, what, e, 0, True)
+            elif shape(key) == (3 * e, e):  # a Linear's rows
+                out[key] = (prefix, what, e, 0, True)
+            elif pattern is _C_ATTN and shape(key) == (e, 3 * e):
+                out[key] = (prefix, what, e, 1, False)
+    return out
 
 
 def split_attention(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """A torch state dict with each ``nn.MultiheadAttention``'s packed projection split as
-    Paddle's ``MultiHeadAttention`` holds it, and each new key -> the torch key it is a slice of.
+    """A torch state dict with each packed attention projection split as Paddle's
+    ``MultiHeadAttention`` holds it, and each new key -> the torch key it is a slice of.
 
-    torch packs the query, key and value projections in one ``in_proj_weight`` [3E, E] and
-    ``in_proj_bias`` [3E]; Paddle holds ``q_proj``, ``k_proj`` and ``v_proj``, each a Linear
-    ([E, E], transposed as any Linear weight is, and [E]). The slices come in Paddle's order
-    (``q_proj.weight``, ``q_proj.bias``, ``k_proj.weight``...), so that pairing by definition
-    order sees them as Paddle lists them. A packed key is split where its layer has an
-    ``out_proj.weight`` beside it and its shape is three E-wide blocks; any other is kept."""
-    def packed(key: str) -> Optional[tuple[str, str]]:
-        m = _IN_PROJ.fullmatch(key)
-        if m is None:
-            return None
-        prefix, what = m.group(1) or "", m.group(2)
-        shape = tuple(getattr(state[key], "shape", ()))
-        out_w = state.get(prefix + "out_proj.weight")
-        e = int(getattr(out_w, "shape", (0,))[0]) if out_w is not None else 0
-        want = (3 * e, e) if what == "weight" else (3 * e,)
-        return (prefix, what) if e and tuple(int(d) for d in shape) == want else None
-
+    torch's ``nn.MultiheadAttention`` packs the query, key and value projections in one
+    ``in_proj_weight`` [3E, E] and ``in_proj_bias`` [3E]; Hugging Face's GPT-2 in one Conv1D
+    ``c_attn`` ([E, 3E]: the three side by side, each already in Paddle's [in, out]). Paddle
+    holds ``q_proj``, ``k_proj`` and ``v_proj``, each a Linear ([E, E] and [E]). The slices come
+    in Paddle's order (``q_proj.weight``, ``q_proj.bias``, ``k_proj.weight``...) under the
+    attention layer's prefix, so that pairing by definition order sees them as Paddle lists
+    them. A packed key is split where its layer has an output projection of [E, E] beside it and
+    its shape is three E-wide blocks; any other is kept (``_packings``)."""
+    packings = _packings(state)
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for key, value in state.items():
-        found = packed(key)
-        if found is None:
+        packing = packings.get(key)
+        if packing is None:
             out[key] = value
             continue
-        prefix, what = found
-        if what == "bias" and packed(prefix + "in_proj_weight") is not None:
+        prefix, what, _, _, _ = packing
+        weight = _packed_pair(key, what, "weight")
+        if what == "bias" and weight in packings:
             continue  # split beside its weight, as Paddle lists them
-        e = int(value.shape[0]) // 3
-        parts = [(what, value, key)]
-        if what == "weight" and packed(prefix + "in_proj_bias") is not None:
-            parts.append(("bias", state[prefix + "in_proj_bias"], prefix + "in_proj_bias"))
+        parts = [(key, value, packing)]
+        bias = _packed_pair(key, what, "bias")
+        if what == "weight" and bias in packings:
+            parts.append((bias, state[bias], packings[bias]))
         for i, q in enumerate("qkv"):
-            for part, tensor, src in parts:
+            for src, tensor, (_, part, e, axis, _) in parts:
                 name = f"{prefix}{q}_proj.{part}"
-                out[name] = tensor[i * e:(i + 1) * e]
+                index = (slice(None),) * axis + (slice(i * e, (i + 1) * e),)
+                out[name] = tensor[index]
                 origin[name] = src
     return out, origin
 
 
-def packed_slices(state: Mapping[str, Any]) -> dict[str, list[tuple[str, int, int]]]:
+def _packed_pair(key: str, what: str, want: str) -> str:
+    """The packed weight or bias beside ``key``: ``in_proj_weight``'s ``in_proj_bias``,
+    ``c_attn.weight``'s ``c_attn.bias``."""
+    return key[: len(key) - len(what)] + want
+
+
+def packed_slices(state: Mapping[str, Any]) -> dict[str, list[tuple[str, tuple[slice, ...]]]]:
     """Each packed attention tensor of a torch state dict -> [(the Paddle-ordered name of a
-    slice, first row, end row)] (``split_attention``'s slices, as rows of the tensor)."""
-    out: dict[str, list[tuple[str, int, int]]] = {}
+    slice, its index into the tensor)] (``split_attention``'s slices: rows of torch's
+    ``in_proj_weight``, columns of GPT-2's ``c_attn.weight``)."""
+    packings = _packings(state)
+    out: dict[str, list[tuple[str, tuple[slice, ...]]]] = {}
     for name, src in split_attention(state)[1].items():
-        e = int(state[src].shape[0]) // 3
+        _, _, e, axis, _ = packings[src]
         i = "qkv".index(name.rsplit(".", 2)[-2][0])
-        out.setdefault(src, []).append((name, i * e, (i + 1) * e))
+        out.setdefault(src, []).append(
+            (name, (slice(None),) * axis + (slice(i * e, (i + 1) * e),)))
     return out
 
 
-def torch_views(items: Any, slices: Mapping[str, list[tuple[str, int, int]]]
+def packed_linear_weights(state: Mapping[str, Any]) -> set[str]:
+    """The slices' weight names (``split_attention``) in torch's Linear layout [out, in], which
+    Paddle holds transposed: ``in_proj_weight``'s rows; GPT-2's Conv1D columns are not."""
+    packings = _packings(state)
+    return {name for name, src in split_attention(state)[1].items()
+            if name.endswith("weight") and packings[src][4]}
+
+
+_CONV1D_WEIGHT = re.compile(r"(^|\.)(c_attn|c_proj|c_fc)\.weight$")
+
+
+def known_layouts(state: Mapping[str, Any]) -> dict[str, bool]:
+    """Torch keys (``split_attention``'s) whose layout the state dict itself tells, for files
+    read without their model, where a square weight's layout cannot be read from its shape:
+    True where Paddle holds it transposed. The slices of a packed attention (rows of
+    ``in_proj_weight``: True; columns of GPT-2's Conv1D ``c_attn``: False), and, where a
+    ``c_attn`` is packed by columns (Hugging Face's GPT-2), the weights of its Conv1D layers
+    (``c_attn``, ``c_proj``, ``c_fc``: [in, out], as Paddle's Linear)."""
+    packings = _packings(state)
+    out = {name: packings[src][4] for name, src in split_attention(state)[1].items()
+           if name.endswith("weight")}
+    if any(not linear for _, what, _, _, linear in packings.values() if what == "weight"):
+        out.update((k, False) for k in state if _CONV1D_WEIGHT.search(k))
+    return out
+
+
+def packed_why(state: Mapping[str, Any]) -> dict[str, str]:
+    """Each slice's name -> where it comes from, for the conversion's reasons."""
+    packings = _packings(state)
+    return {name: (f"rows of {src} (torch's MultiheadAttention packs q, k, v)"
+                   if packings[src][3] == 0 and "in_proj_" in src else
+                   f"{'columns' if packings[src][3] else 'rows'} of {src} (Hugging Face's GPT-2 "
+                   "attention packs q, k, v)")
+            for name, src in split_attention(state)[1].items()}
+
+
+def torch_views(items: Any, slices: Mapping[str, list[tuple[str, tuple[slice, ...]]]]
                 ) -> list[tuple[str, Any]]:
     """``(name, tensor)`` pairs with each packed attention tensor replaced by its slices (views:
     a write into one writes into the packed tensor); a None (a missing gradient) stays None."""
@@ -137,7 +214,7 @@ def torch_views(items: Any, slices: Mapping[str, list[tuple[str, int, int]]]
         if parts is None:
             out.append((name, value))
         else:
-            out.extend((v, None if value is None else value[a:b]) for v, a, b in parts)
+            out.extend((v, None if value is None else value[index]) for v, index in parts)
     return out
 
 
@@ -358,6 +435,12 @@ def _is_torch_module(obj: Any) -> bool:
     )
 
 
+def is_hf_conv1d(layer: Any) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's Linear: ``nf`` outputs, its weight [in, out] as
+    Paddle's Linear holds one), not Paddle's own ``nn.Conv1D``."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+
+
 def linear_weight_names(torch_model: Any) -> set[str]:
     """Keys of every ``nn.Linear`` (and subclass) weight in a torch model's state dict."""
     import torch
@@ -381,11 +464,13 @@ def plan_conversion(
     *,
     linear_weights: Optional[Collection[str]] = None,
     rules: Optional[ConversionRules] = None,
+    known: Optional[Mapping[str, bool]] = None,
 ) -> tuple[KeyPlan, ...]:
     """Decide, for each torch key, its Paddle name and whether it is transposed, skipped or dropped.
 
     ``linear_weights`` are the torch keys known to be ``nn.Linear`` weights; ``None`` means unknown,
-    and ``guess_linear_weight`` decides. Raises ``ReprodError`` when two keys land on one Paddle name
+    and ``guess_linear_weight`` decides, but for the keys ``known`` (``known_layouts``) says.
+    Raises ``ReprodError`` when two keys land on one Paddle name
     or a transpose rule matches a tensor that is not 2-D.
 
     >>> [p.action for p in plan_conversion({"fc.weight": (2, 3), "bn.num_batches_tracked": ()},
@@ -417,6 +502,9 @@ def plan_conversion(
                 not_2d.append(f"{name} {list(shape)}")
         elif linear_weights is not None and name in linear_weights:
             action, why = "transpose", "nn.Linear weight"
+        elif linear_weights is None and known and name in known:
+            action, why = ("transpose", "Linear layout, from its packed tensor") if known[name] \
+                else ("copy", "Hugging Face Conv1D weight: [in, out], as Paddle's")
         elif linear_weights is None and guess_linear_weight(name, shape):
             action, why = "transpose", "heuristic: 2-D weight outside conv/embedding"
         else:

@@ -23,6 +23,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .rules import is_hf_conv1d
+
 __all__ = ["SettingDiff", "SettingsReport", "compare_settings", "layer_settings", "read_settings",
            "save_settings", "settings_checked", "with_finding"]
 
@@ -102,6 +104,20 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
     if n in ("transformerencoderlayer", "transformerdecoderlayer"):
         return "transformerlayer", 0
     return None, rank
+
+
+def _layer_kind(layer: Any) -> tuple[Optional[str], int]:
+    """``_kind`` of a layer's class, else of the nearest torch or Paddle class it derives from
+    (PaddleNLP's GPTLayerNorm is a LayerNorm, with its settings)."""
+    if is_hf_conv1d(layer):
+        return None, 0  # Hugging Face's GPT-2 Linear: no settings, and no convolution's
+    for base in type(layer).__mro__:
+        kind, rank = _kind(base.__name__)
+        if kind is not None:
+            return kind, rank
+        if base.__module__.split(".", 1)[0] in ("torch", "paddle"):
+            break
+    return None, 0
 
 
 # recurrent layers: torch's are leaves, Paddle's hold a layer per direction and layer, and their
@@ -404,7 +420,7 @@ def read_settings(layer: Any) -> Optional[tuple[str, dict[str, Any]]]:
     torch one: Paddle's momentum as 1 - its own, ``exclusive`` as ``count_include_pad``...);
     None for a layer of no kind this module knows. A setting its framework version does not
     hold is left out."""
-    kind, rank = _kind(type(layer).__name__)
+    kind, rank = _layer_kind(layer)
     if kind is None or kind not in _SETTINGS:
         return None
     side = 1 if _framework(layer) == "torch" else 2
@@ -452,7 +468,7 @@ def _leaves(model: Any, children: Callable[[Any], Any]) -> list[tuple[str, Any]]
     for name, m in model:
         if inside is not None and name.startswith(inside):
             continue
-        kind = _kind(type(m).__name__)[0]
+        kind = _layer_kind(m)[0]
         if kind in _WHOLE:  # read as one layer: its sublayers have no settings of their own
             inside = name + "."
             out.append((name, m))
@@ -470,7 +486,7 @@ def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, st
     pairs: list[tuple[str, Any, str, Any]] = []
     layer_of = {t.rpartition(".")[0]: p.rpartition(".")[0] for t, p in torch_to_paddle.items()}
     for name, module in t_leaves:
-        kind, _ = _kind(type(module).__name__)
+        kind, _ = _layer_kind(module)
         if kind is None or kind in _BY_ORDER:
             continue
         pname = layer_of.get(name)

@@ -277,7 +277,7 @@ def _paddle_steps(
         if outputs_like is not None and any(k not in outputs_like for k in flat):
             head = f"step{i}/logits"
             flat = pair_outputs({k: v for k, v in outputs_like.items()
-                                 if k == head or k.startswith(head + "/")}, flat)[0]
+                                 if k == head or k.startswith(head + "/")}, flat, head)[0]
         for k, v in flat.items():
             log.add(k, v)
         log.add(f"step{i}/loss", loss.reshape([]))

@@ -10,6 +10,7 @@ from .by_order import _order_plan, _rules_from_order
 from .rules import (
     ConversionRules,
     linear_weight_names,
+    packed_linear_weights,
     plan_conversion,
     split_attention,
     unaliased,
@@ -178,13 +179,13 @@ def compare_structure(
         order = _order_plan(torch_model, paddle_model, rules)
         wrong_kind = set(order.wrong_kind)
         rules = _rules_from_order(order, rules)
-    torch_sd, packed = split_attention(torch_model.state_dict())
+    whole_sd = torch_model.state_dict()
+    torch_sd, packed = split_attention(whole_sd)
     trainable_torch = {n for n, p in torch_model.named_parameters() if p.requires_grad}
     trainable_torch |= {k for k, src in packed.items() if src in trainable_torch}
     plan = plan_conversion(
         {k: tuple(v.shape) for k, v in torch_sd.items()},
-        linear_weights=linear_weight_names(torch_model) | {k for k in packed
-                                                            if k.endswith("weight")},
+        linear_weights=linear_weight_names(torch_model) | packed_linear_weights(whole_sd),
         rules=rules,
     )
     paddle_sd = unaliased(paddle_model.state_dict())[0]  # an RNN's weights, once each
