@@ -22,11 +22,13 @@ from .rules import (
     ConversionRules,
     _is_torch_module,
     guess_linear_weight,
+    integer_keys,
     is_hf_conv1d,
     known_layouts,
     linear_weight_names,
     packed_linear_weights,
     split_attention,
+    torch_aliases,
     unaliased,
 )
 
@@ -102,10 +104,11 @@ def _owners(layers: Mapping[str, Any], keys: Any, whole: frozenset[str],
     return out
 
 
-def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], set[str], str]:
-    """(name -> shape in state-dict order, the weights in Linear layout, a label for messages):
-    a model's Linear weights, else what the state dict tells (``known_layouts``) and the
-    heuristic (``guess_linear_weight``)."""
+def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], set[str], str, set[str]]:
+    """(name -> shape in state-dict order, the weights in Linear layout, a label for messages,
+    the integer tensors' names): a model's Linear weights, else what the state dict tells
+    (``known_layouts``) and the heuristic (``guess_linear_weight``). A tied weight's second
+    name is left out, as Paddle's state dict is read (``unaliased``)."""
     if _is_torch_module(obj):
         sd: Mapping[str, Any] = obj.state_dict()
         linear: Optional[set[str]] = linear_weight_names(obj)
@@ -119,6 +122,10 @@ def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], set[str], str]:
         raise ReprodError(
             f"cannot pair a {type(obj).__name__}: expected a torch model, state dict or .pth path"
         )
+    aliases = torch_aliases(sd)
+    if aliases:
+        sd = {k: v for k, v in sd.items() if k not in aliases}
+    ints = integer_keys(sd)
     if linear is not None:
         linear = linear | packed_linear_weights(sd)
         sd = split_attention(sd)[0]  # as Paddle's MultiHeadAttention lists them
@@ -127,10 +134,10 @@ def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], set[str], str]:
         sd = split_attention(sd)[0]
         linear = {k for k, v in sd.items()
                   if known.get(k, guess_linear_weight(k, tuple(np.shape(v))))}
-    return {k: tuple(int(s) for s in np.shape(v)) for k, v in sd.items()}, linear, label
+    return {k: tuple(int(s) for s in np.shape(v)) for k, v in sd.items()}, linear, label, ints
 
 
-def _paddle_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], str]:
+def _paddle_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], str, set[str]]:
     if isinstance(obj, (str, os.PathLike)):
         label = os.fspath(obj)
         sd: Mapping[str, Any] = read_pdparams(label)
@@ -146,7 +153,7 @@ def _paddle_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], str]:
     # paddle tensors report their shape as a list; numpy's np.shape would copy them
     return {
         k: tuple(int(s) for s in getattr(v, "shape", np.shape(v))) for k, v in sd.items()
-    }, label
+    }, label, integer_keys(sd)
 
 
 @dataclass(frozen=True)
@@ -301,10 +308,16 @@ def _paired_by_kind(torch_keys: list[str], paddle_keys: list[str],
 
 def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules]) -> _OrderPlan:
     rules = rules or _DEFAULT_RULES
-    tshapes, linear, tlabel = _torch_shapes(torch_side)
-    pshapes, plabel = _paddle_shapes(paddle_side)
+    tshapes, linear, tlabel, tints = _torch_shapes(torch_side)
+    pshapes, plabel, pints = _paddle_shapes(paddle_side)
     torch_keys = [k for k in tshapes if not _DROPPED.search(k) and rules.skip_pattern(k) is None]
     paddle_keys = list(pshapes)
+    tints &= set(torch_keys)
+    if len(tints) != len(pints):
+        # integer constants one side keeps in its state dict and the other not (PaddleNLP's
+        # persistable position_ids): no weights, each model keeps its own
+        torch_keys = [k for k in torch_keys if k not in tints]
+        paddle_keys = [k for k in paddle_keys if k not in pints]
     flat = [(i, tk, pk) for i, (tk, pk) in enumerate(zip(torch_keys, paddle_keys))]
     pairs, problems, wrong_kind = _check(flat, tshapes, pshapes, linear)
     n = len(pairs)

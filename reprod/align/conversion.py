@@ -30,12 +30,14 @@ from .rules import (
     ConversionRules,
     KeyPlan,
     _is_torch_module,
+    integer_keys,
     known_layouts,
     linear_weight_names,
     packed_linear_weights,
     packed_why,
     plan_conversion,
     split_attention,
+    torch_aliases,
     unaliased,
     with_aliases,
 )
@@ -191,6 +193,13 @@ def convert(
     sd = split_attention(sd)[0]  # a packed attention's q, k, v as Paddle's q/k/v_proj
     plan = plan_conversion({k: tuple(np.shape(v)) for k, v in sd.items()}, linear_weights=linear,
                            rules=rules, known=known)
+    if by_order:
+        # a tied weight pairs by its first name (by_order leaves the second out, as Paddle's
+        # aliases): Paddle's tied names take it through with_aliases
+        tied = torch_aliases(sd)
+        plan = tuple(KeyPlan(p.torch_name, None, "drop", f"tied to {tied[p.torch_name]}: loaded "
+                             "under its name", p.torch_shape) if p.torch_name in tied else p
+                     for p in plan)
     plan = tuple(dataclasses.replace(p, why=f"{p.why}; {why[p.torch_name]}")
                  if p.torch_name in why else p for p in plan)
     weights: dict[str, np.ndarray] = {}
@@ -241,17 +250,28 @@ def _paddle_dtype_name(t: Any) -> str:
     return str(t.dtype).replace("paddle.", "")
 
 
+def _own_constants(paddle_model: Any, weights: Mapping[str, Any]) -> dict[str, Any]:
+    """The Paddle model's integer buffers ``weights`` leaves out (PaddleNLP's persistable
+    ``position_ids``, which Hugging Face keeps out of its state dict): constants the model
+    keeps, not weights to load."""
+    state = unaliased(paddle_model.state_dict())[0]
+    trainable = {k for k, v in state.items() if not getattr(v, "stop_gradient", True)}
+    return {k: state[k] for k in integer_keys(state) - trainable if k not in weights}
+
+
 def check_fits(
     paddle_model: Any, weights: Mapping[str, Any], *, source: str = "converted weights"
 ) -> None:
     """Raise one ``KeyMismatchError`` listing every key that keeps ``weights`` from loading into
     ``paddle_model``: missing, unexpected, wrong shape (with a hint when it is the transpose), wrong
-    dtype. Paddle's own ``set_state_dict`` only warns about missing keys.
+    dtype. Paddle's own ``set_state_dict`` only warns about missing keys. The model's integer
+    buffers may be left out: it keeps its own (``position_ids``).
 
     >>> check_fits(paddle_model, torch_to_paddle("model.pth", model=torch_model))
     """
     expected, aliases = unaliased(paddle_model.state_dict())
-    missing = [k for k in expected if k not in weights and
+    constants = _own_constants(paddle_model, weights)
+    missing = [k for k in expected if k not in weights and k not in constants and
                not any(a in weights for a, kept in aliases.items() if kept == k)]
     unexpected = [k for k in weights if k not in expected and k not in aliases]
     wrong, dtypes = [], []
@@ -332,4 +352,5 @@ def load_into_paddle(
     else:
         raise ReprodError(f"cannot load a {type(weights).__name__} into a Paddle model")
     check_fits(paddle_model, arrays, source=source)
+    arrays = {**_own_constants(paddle_model, arrays), **arrays}  # set_state_dict wants them all
     paddle_model.set_state_dict(with_aliases(paddle_model, arrays))

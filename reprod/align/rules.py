@@ -27,11 +27,13 @@ from typing import Any, Optional
 from ..errors import ReprodError
 
 __all__ = [
+    "integer_keys",
     "known_layouts",
     "packed_linear_weights",
     "packed_slices",
     "packed_why",
     "split_attention",
+    "torch_aliases",
     "torch_views",
     "unaliased",
     "with_aliases",
@@ -71,6 +73,35 @@ def unaliased(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]
         first[id(value)] = key
         out[key] = value
     return out, aliases
+
+
+def torch_aliases(state: Mapping[str, Any]) -> dict[str, str]:
+    """Each key of a torch state dict that names a tensor an earlier key names too -> that
+    earlier key: tied weights (T5's ``shared.weight`` and ``encoder.embed_tokens.weight``), which
+    ``state_dict()`` lists under each name as tensors of their own over one memory."""
+    first: dict[tuple[Any, ...], str] = {}
+    out: dict[str, str] = {}
+    for key, value in state.items():
+        ptr = getattr(value, "data_ptr", None)
+        if ptr is None or not getattr(value, "numel", lambda: 0)():
+            continue
+        ident = (ptr(), tuple(value.shape), tuple(value.stride()), str(value.dtype))
+        if ident in first:
+            out[key] = first[ident]
+        else:
+            first[ident] = key
+    return out
+
+
+def integer_keys(state: Mapping[str, Any]) -> set[str]:
+    """The keys of integer tensors: constants a model computes with (PaddleNLP's persistable
+    ``position_ids``, which Hugging Face keeps out of its state dict), not weights."""
+    out = set()
+    for key, value in state.items():
+        dtype = str(getattr(value, "dtype", "")).replace("paddle.", "").replace("torch.", "")
+        if dtype.startswith(("int", "uint")):
+            out.add(key)
+    return out
 
 
 _IN_PROJ = re.compile(r"(.*\.)?in_proj_(weight|bias)")

@@ -706,9 +706,17 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
     from fnmatch import fnmatchcase
 
     from ..diff.result import KeyResult
+    from ..errors import KeyMismatchError
 
-    report = compare_settings(torch_model, paddle_model, by_order=by_order,
-                              torch_to_paddle=torch_to_paddle, traces=traces)
+    unpaired_layers = []
+    try:
+        report = compare_settings(torch_model, paddle_model, by_order=by_order,
+                                  torch_to_paddle=torch_to_paddle, traces=traces)
+    except KeyMismatchError as e:
+        # weights the user loaded otherwise, that do not pair by order: the values still judge
+        # the port, and the layers without parameters and the calls are still compared
+        report = compare_settings(torch_model, paddle_model, torch_to_paddle={}, traces=traces)
+        unpaired_layers.append(f"layers with parameters: not compared ({str(e)[:300]})")
     found = list(report.differ)
     optimizer_info = None
     if optimizers is not None and torch_to_paddle is not None:
@@ -732,8 +740,8 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
         info["where"] = [[d.torch_layer, d.paddle_layer] for d in diffs]
     if waived:
         info["waived"] = [d.line() for d in waived]
-    if report.unpaired:
-        info["unpaired"] = list(report.unpaired)
+    if report.unpaired or unpaired_layers:
+        info["unpaired"] = unpaired_layers + list(report.unpaired)
     if optimizer_info is not None:
         info["optimizer"] = optimizer_info
     if traces is not None:
