@@ -97,6 +97,8 @@ def _torch_context(torch_model: Any, capture: Optional[Mapping[str, Any]] = None
     import numpy as np
     import torch
 
+    from .settings import _layer_kind, _rms_epsilon
+
     ctx: dict[str, dict[str, Any]] = {}
     for name, m in torch_model.named_modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
@@ -109,6 +111,14 @@ def _torch_context(torch_model: Any, capture: Optional[Mapping[str, Any]] = None
                 "var": var,
                 "eps": float(m.eps),
                 "beta": None if m.bias is None else to_numpy(m.bias.detach()).array,
+            }
+        elif _layer_kind(m)[0] == "rmsnorm":  # torch's, Hugging Face's (Llama's, T5's)
+            eps = _rms_epsilon(m)
+            ctx[name] = {
+                "eps": float(np.finfo(np.float32).eps) if not isinstance(eps, float) else eps,
+                "weight": None if getattr(m, "weight", None) is None
+                else to_numpy(m.weight.detach()).array,
+                "rms": True,
             }
         elif isinstance(m, torch.nn.LayerNorm):
             ctx[name] = {
@@ -196,6 +206,32 @@ def _broadcast(ref: dict[str, Any], port: dict[str, Any], noise: Optional[dict[s
     return widened(ref), widened(port), None if noise is None else widened(noise)
 
 
+# an additive attention mask's value at or below which softmax gives exactly 0 (exp underflows
+# below -745 even in float64); PaddleNLP's -1e4 plus a position bias of either sign is above -1e4
+MASKED = -1e3
+
+
+def _masked_alike(ref: Any, port: dict[str, Any]) -> dict[str, Any]:
+    """``port`` with each capture's masked entries, where both sides hold an additive attention
+    mask (at or below ``MASKED``), set to the reference's: Hugging Face masks with float32's
+    lowest value, PaddleNLP with -1e4, and softmax gives 0 for both (T5 adds its mask to the
+    position bias it passes on from block to block). A mask on one side alone still differs."""
+    out = port
+    for key in ref.keys() & port.keys():
+        a, b = ref[key], port[key]
+        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.shape != b.shape \
+                or a.dtype.kind != "f" or b.dtype.kind != "f" or not a.size:
+            continue
+        if a.min() > MASKED or b.min() > MASKED:
+            continue
+        both = (a <= MASKED) & (b <= MASKED)
+        if both.any() and not np.array_equal(a[both], b[both]):
+            if out is port:
+                out = dict(port)
+            out[key] = np.where(both, a, b)
+    return out
+
+
 def localise_forward(
     torch_model: Any,
     paddle_model: Any,
@@ -248,6 +284,7 @@ def localise_forward(
         noise = ref_layout(noise)
     judged = _derive({k: v for k, v in ref.items() if k not in superseded}, derived)
     judged, port, noise = _broadcast(judged, port, noise)
+    port = _masked_alike(judged, port)
     plain = compare(judged, port, criteria=criteria, noise=noise)
     ptypes = layer_types(paddle_model)
     types: dict[str, tuple[str, Optional[str]]] = {

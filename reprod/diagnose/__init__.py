@@ -142,11 +142,13 @@ def _hint(
         hint = None
         if x is not None:
             hint = activation_mismatch(x, t, q)
-            if hint is None and "LayerNorm" in types:
+            rms = bool(lctx.get("rms")) or "RMSNorm" in types
+            if hint is None and ("LayerNorm" in types or rms) and (lctx or not rms):
+                # an RMSNorm's epsilon has no usual default to assume: only with its context
                 hint = layernorm_epsilon(
                     x, t, q, lctx.get("eps", 1e-5),
                     normalized_ndim=lctx.get("normalized_ndim", 1),
-                    weight=lctx.get("weight"), bias=lctx.get("bias"),
+                    weight=lctx.get("weight"), bias=lctx.get("bias"), rms=rms,
                 )
         if hint is None and "BatchNorm" in types and lctx.get("var") is not None:
             hint = bn_epsilon(t, q, lctx["var"], lctx.get("eps", 1e-5), beta=lctx.get("beta"))

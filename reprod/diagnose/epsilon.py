@@ -78,14 +78,16 @@ def layernorm_epsilon(
     normalized_ndim: int = 1,
     weight: Any = None,
     bias: Any = None,
+    rms: bool = False,
 ) -> Optional[str]:
     """Does the port's LayerNorm use another epsilon? The input ``x`` gives each row's variance;
-    ``other/ref = sqrt((var+eps)/(var+eps'))`` per row, one ``eps'`` for all rows."""
+    ``other/ref = sqrt((var+eps)/(var+eps'))`` per row, one ``eps'`` for all rows. ``rms``: an
+    RMSNorm (T5's, Llama's), which divides by the root of the mean square instead."""
     xx, r, o = _f64(x), _f64(ref_out), _f64(other_out)
     if not (xx.shape == r.shape == o.shape) or xx.ndim < normalized_ndim:
         return None
     axes = tuple(range(xx.ndim - normalized_ndim, xx.ndim))
-    var = xx.var(axis=axes).ravel()
+    var = (np.square(xx).mean(axis=axes) if rms else xx.var(axis=axes)).ravel()
     if bias is not None:
         r, o = r - _f64(bias), o - _f64(bias)
     if weight is not None:  # a zero weight leaves nothing to see; divide where it is not
@@ -96,4 +98,5 @@ def layernorm_epsilon(
     eps = _eps_fit(r.reshape(rows, -1), o.reshape(rows, -1), var, float(eps_ref))
     if eps is None:
         return None
-    return f"LayerNorm epsilon: port uses ~{_fmt(eps)}, reference {_fmt(float(eps_ref))}"
+    kind = "RMSNorm" if rms else "LayerNorm"
+    return f"{kind} epsilon: port uses ~{_fmt(eps)}, reference {_fmt(float(eps_ref))}"
