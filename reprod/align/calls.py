@@ -644,6 +644,8 @@ class SettingsTrace:
                     hit = wrappers.get(id(value))
                     if hit is not None and hit[0] is value:
                         self._wrap(mod, attr, hit[1])
+            for _, layer in named:
+                self._wrap_held(layer, wrappers)
             for name, layer in named:
                 read = _settings.read_settings(layer)
                 if read is None:
@@ -662,6 +664,25 @@ class SettingsTrace:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _wrap_held(self, layer: Any, wrappers: Mapping[int, Any]) -> None:
+        """A layer's own reference to a traced function, taken when it was built (Paddle's
+        ``TransformerEncoderLayer.activation = getattr(F, "gelu")``, PaddleNLP GPT's
+        ``self.activation = F.gelu``, Hugging Face's ``GELUActivation.act``), or a
+        ``functools.partial`` of one: the wrapper there too, for the pass."""
+        import functools
+
+        for attr, value in list(vars(layer).items()):
+            if attr.startswith("__"):
+                continue
+            hit = wrappers.get(id(value))
+            if hit is not None and hit[0] is value:
+                self._wrap(layer, attr, hit[1])
+            elif isinstance(value, functools.partial):
+                hit = wrappers.get(id(value.func))
+                if hit is not None and hit[0] is value.func:
+                    self._wrap(layer, attr, functools.partial(hit[1], *value.args,
+                                                              **value.keywords))
 
     def _model_modules(self, named: Sequence[tuple[str, Any]]) -> list[Any]:
         """The Python modules defining the model's layer classes, the frameworks' own aside
@@ -762,7 +783,9 @@ class SettingsTrace:
             s = f.f_locals.get("self")
             if s is not None and isinstance(s, self._base):
                 name = self._names.get(id(s))
-                inside = _settings.read_settings(s) is not None
+                # a transformer layer's settings name its activation, not how it computes it
+                read = _settings.read_settings(s)
+                inside = read is not None and read[0] != "transformerlayer"
                 if name is None:
                     return type(s).__name__, inside
                 return name or "(model)", inside

@@ -99,6 +99,8 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
         return n, 0
     if n in ("dropout", "dropout2d", "dropout3d", "alphadropout"):
         return n, 0
+    if n in _HF_GELU:
+        return "gelu", 0
     if n in _RNN:
         return _RNN[n], 0
     if n == "multiheadattention":
@@ -120,6 +122,15 @@ def _layer_kind(layer: Any) -> tuple[Optional[str], int]:
         if base.__module__.split(".", 1)[0] in ("torch", "paddle"):
             break
     return None, 0
+
+
+# Hugging Face's activation layers (transformers.activations) that compute a GELU, and how
+_HF_GELU = {"geluactivation": "none", "newgeluactivation": "tanh", "fastgeluactivation": "tanh",
+            "accurategeluactivation": "tanh", "pytorchgelutanh": "tanh"}
+
+
+def _gelu_approximate(t: Any) -> str:
+    return _HF_GELU.get(type(t).__name__.lower()) or str(getattr(t, "approximate", "none"))
 
 
 # recurrent layers: torch's are leaves, Paddle's hold a layer per direction and layer, and their
@@ -302,7 +313,7 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
     "dropout3d": [("p", lambda t, r: float(t.p), lambda p, r: float(p.p))],
     "leakyrelu": [("negative_slope", lambda t, r: float(t.negative_slope),
                    lambda p, r: float(p._negative_slope))],
-    "gelu": [("approximate", lambda t, r: str(getattr(t, "approximate", "none")),
+    "gelu": [("approximate", lambda t, r: _gelu_approximate(t),
               lambda p, r: "tanh" if p._approximate else "none")],
     "hardtanh": [("min", lambda t, r: float(t.min_val), lambda p, r: float(p._min)),
                  ("max", lambda t, r: float(t.max_val), lambda p, r: float(p._max))],
