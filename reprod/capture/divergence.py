@@ -6,7 +6,7 @@ mostly did not pair by name gives a divergence of kind ``"unpaired"``, never ``N
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -39,7 +39,9 @@ class Divergence:
     first one-sided key and ``paired`` / ``calls`` count the layer calls that paired / all of
     the reference's. ``inner`` is set when ``layer`` is a container named for its own code: the
     divergence first seen inside it (a sublayer whose input already differs).
-    ``own_code`` is True when ``layer`` has recorded sublayers that all align.
+    ``own_code`` is True when ``layer`` has recorded sublayers that all align;
+    ``unpaired_inside`` names those of its sublayers the reference alone recorded (names that
+    did not pair), which may hold the cause instead.
     """
 
     layer: str
@@ -56,6 +58,7 @@ class Divergence:
     paired: Optional[int] = None
     calls: Optional[int] = None
     one_sided: Optional[int] = None
+    unpaired_inside: tuple[str, ...] = ()
 
     @property
     def input_aligned(self) -> Optional[bool]:
@@ -94,6 +97,13 @@ class Divergence:
                     f"({_describe(self.inner.input)}) while its recorded sublayers before that "
                     f"align, so the cause is {self.layer}'s own forward code"
                 )
+            elif self.own_code and self.unpaired_inside:
+                names = ", ".join(self.unpaired_inside[:3]) + (
+                    f" and {len(self.unpaired_inside) - 3} more"
+                    if len(self.unpaired_inside) > 3 else "")
+                text += (f"; its sublayers that paired align, but {names} paired with nothing "
+                         "in the port (their names differ: pair them by call order), so the "
+                         "cause is there or in its own forward code")
             elif self.own_code:
                 text += "; its recorded sublayers align, so the cause is its own forward code"
             return text
@@ -198,7 +208,8 @@ def _divergence(
 
 
 def _walk(
-    units: list[_Unit], direction: str, layer_types: Optional[Mapping[str, str]], spans: Spans
+    units: list[_Unit], direction: str, layer_types: Optional[Mapping[str, str]], spans: Spans,
+    ref_only: Sequence[tuple[int, str]] = (),
 ) -> Optional[Divergence]:
     previous: Optional[str] = None
     for unit in units:
@@ -219,7 +230,11 @@ def _walk(
                             )
                         break
             elif inside and found.input_aligned:
-                return _divergence(unit, direction, layer_types, previous, own_code=True)
+                span = spans.get(unit.subject)
+                within = () if span is None else tuple(dict.fromkeys(
+                    s for p, s in ref_only if span[0] <= p <= span[1] and s != unit.subject))
+                return _divergence(unit, direction, layer_types, previous, own_code=True,
+                                   unpaired_inside=within)
             return found
         previous = unit.subject
     return None
@@ -289,8 +304,11 @@ def first_divergence(
     forward: dict[str, _Unit] = {}
     backward: dict[str, _Unit] = {}
     params: list[tuple[CaptureKey, KeyResult]] = []
+    ref_only: list[tuple[int, str]] = []  # (position, layer call) of the reference's alone
     for pos, r in enumerate(result.results):
         parsed = parse_key(r.key)
+        if parsed is not None and r.status == "missing" and not parsed.is_param:
+            ref_only.append((pos, parsed.subject))
         if parsed is None or r.status in _ONE_SIDED:
             continue
         if r.status == "kink" and parsed.what not in ("in", "grad_out"):
@@ -319,7 +337,7 @@ def first_divergence(
     # forward call order is the order in which layers finished: the order of their outputs
     end = len(result.results)
     order = sorted(forward.values(), key=lambda u: end if u.pos is None else u.pos)
-    found = _walk(order, "forward", layer_types, spans)
+    found = _walk(order, "forward", layer_types, spans, ref_only)
     if found is not None:
         return found
 

@@ -126,3 +126,21 @@ def test_names_that_do_not_pair_are_no_all_clear(torch_model, torch_data):
     # paired by call order, the bug is found again
     by_order = first_divergence(compare(torch_data, rename_by_order(torch_data, ported)))
     assert by_order is not None and by_order.kind == "layer" and by_order.layer == "block2"
+
+
+def test_a_sublayer_that_paired_with_nothing_is_not_cleared_as_the_container_s_own_code(
+        torch_model, torch_data):
+    """The port names block2's norm otherwise (``layer_norm``) and computes it wrong: compared
+    by name, the norm's keys are on one side each, block2's other sublayers align and its
+    output differs. Before, the message put the cause in block2's own forward code."""
+    _, other = paddle_data(torch_model, "no_residual_add")
+    renamed = {k.replace("block2.norm.", "block2.layer_norm."): v for k, v in other.items()}
+    div = first_divergence(compare(torch_data, renamed), layer_types=layer_types(torch_model))
+    assert div is not None and div.layer == "block2" and div.own_code
+    assert div.unpaired_inside == ("block2.norm",)
+    assert div.message.endswith(
+        "its sublayers that paired align, but block2.norm paired with nothing in the port (their "
+        "names differ: pair them by call order), so the cause is there or in its own forward code")
+    # every sublayer paired: its own code, as before
+    div = first_divergence(compare(torch_data, other))
+    assert div.own_code and div.unpaired_inside == ()
