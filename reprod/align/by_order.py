@@ -21,6 +21,7 @@ from .rules import (
     _DROPPED,
     ConversionRules,
     _is_torch_module,
+    class_names,
     guess_linear_weight,
     integer_keys,
     is_hf_conv1d,
@@ -69,12 +70,10 @@ _RANK = re.compile(r"[123]d")
 def _holder_kind(layer: Any) -> str:
     if is_hf_conv1d(layer):
         return "linear"
-    for base in type(layer).__mro__:  # PaddleNLP's GPTLayerNorm is a LayerNorm
-        kind = _HOLDERS.get(_RANK.sub("", base.__name__.lower()))
+    for name in class_names(layer):
+        kind = _HOLDERS.get(_RANK.sub("", name.lower()))
         if kind is not None:
             return kind
-        if base.__module__.split(".", 1)[0] in ("torch", "paddle"):
-            break
     return "other"
 
 

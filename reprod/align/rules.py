@@ -472,6 +472,18 @@ def is_hf_conv1d(layer: Any) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
+def class_names(layer: Any) -> list[str]:
+    """The names of a layer's class and of its bases down to the first torch or Paddle class,
+    by which a kind is read: a model library's subclass is of its framework base's kind
+    (PaddleNLP's ``GPTLayerNorm`` is a LayerNorm)."""
+    out = []
+    for base in type(layer).__mro__:
+        out.append(base.__name__)
+        if base.__module__.split(".", 1)[0] in ("torch", "paddle"):
+            break
+    return out
+
+
 def linear_weight_names(torch_model: Any) -> set[str]:
     """Keys of every ``nn.Linear`` (and subclass) weight in a torch model's state dict."""
     import torch

@@ -23,7 +23,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .rules import is_hf_conv1d
+from .rules import class_names, is_hf_conv1d
 
 __all__ = ["SettingDiff", "SettingsReport", "compare_settings", "layer_settings", "read_settings",
            "save_settings", "settings_checked", "with_finding"]
@@ -115,12 +115,10 @@ def _layer_kind(layer: Any) -> tuple[Optional[str], int]:
     (PaddleNLP's GPTLayerNorm is a LayerNorm, with its settings)."""
     if is_hf_conv1d(layer):
         return None, 0  # Hugging Face's GPT-2 Linear: no settings, and no convolution's
-    for base in type(layer).__mro__:
-        kind, rank = _kind(base.__name__)
+    for name in class_names(layer):
+        kind, rank = _kind(name)
         if kind is not None:
             return kind, rank
-        if base.__module__.split(".", 1)[0] in ("torch", "paddle"):
-            break
     return None, 0
 
 

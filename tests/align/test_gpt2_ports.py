@@ -93,6 +93,10 @@ class HFModel(tnn.Module):
         return {"last_hidden_state": self.ln_f(x)}
 
 
+class GPTLayerNorm(pnn.LayerNorm):
+    """PaddleNLP's: a LayerNorm by its base class, not its name."""
+
+
 class PaddleBlock(pnn.Layer):
     """As PaddleNLP's GPTDecoderLayer: attention first, then the Linears, the norms last."""
 
@@ -100,7 +104,7 @@ class PaddleBlock(pnn.Layer):
         super().__init__()
         self.self_attn = pnn.MultiHeadAttention(E, HEADS)
         self.linear1, self.linear2 = pnn.Linear(E, 4 * E), pnn.Linear(4 * E, E)
-        self.norm1, self.norm2 = pnn.LayerNorm(E), pnn.LayerNorm(E)
+        self.norm1, self.norm2 = GPTLayerNorm(E), GPTLayerNorm(E)
 
     def forward(self, x):
         h = self.norm1(x)
@@ -112,7 +116,7 @@ class PaddleModel(pnn.Layer):
     def __init__(self) -> None:
         super().__init__()
         self.layers = pnn.LayerList([PaddleBlock(), PaddleBlock()])
-        self.norm = pnn.LayerNorm(E)
+        self.norm = GPTLayerNorm(E)
 
     def forward(self, x):
         for layer in self.layers:
@@ -236,6 +240,15 @@ def test_align_forward_passes_the_port_and_names_a_bug_in_a_packed_slice(pair) -
     w.set_value(w * 1.05)
     r = align_forward(tm, pm, {"x": X}, by_order=True)
     assert r.options["divergence"]["layer"] == "h.1.mlp.c_proj", r.options["divergence"]
+
+
+def test_a_layernorm_subclass_has_its_epsilon_compared(pair) -> None:
+    from reprod.align import compare_settings
+
+    tm, pm = pair
+    pm.layers[0].norm2._epsilon = 1e-3
+    assert [d.line() for d in compare_settings(tm, pm, by_order=True).differ] == [
+        "layers.0.norm2 (torch h.0.ln_2): epsilon 1e-05 in torch, 0.001 in Paddle"]
 
 
 @pytest.mark.parametrize("q, columns", [("k", "16:32"), ("v", "32:48")])
