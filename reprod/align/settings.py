@@ -387,10 +387,19 @@ _SETTINGS["convtranspose"] = _SETTINGS["conv"] + [
 
 
 def _activation_name(fn: Any) -> str:
-    """A transformer layer's activation, a function (``F.relu``, Paddle's ``_gelu``) or a
-    layer (``nn.GELU()``), by its name."""
-    name = getattr(fn, "__name__", None) or type(fn).__name__
-    return str(name).lstrip("_").lower()
+    """A transformer layer's activation, a function (``F.relu``, Paddle's ``_gelu``), a
+    ``functools.partial`` of one or a layer (``nn.GELU()``), by its name; a GELU's tanh
+    approximation said: ``"gelu (tanh)"``."""
+    import functools
+
+    tanh = False
+    if isinstance(fn, functools.partial):
+        tanh = fn.keywords.get("approximate") in (True, "tanh")
+        fn = fn.func
+    name = str(getattr(fn, "__name__", None) or type(fn).__name__).lstrip("_").lower()
+    tanh = tanh or getattr(fn, "approximate", None) in (True, "tanh") or \
+        bool(getattr(fn, "_approximate", False))
+    return f"{name} (tanh)" if name == "gelu" and tanh else name
 
 
 def _either_padded(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -506,20 +515,26 @@ def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, st
     return pairs
 
 
-_ATTENTION_DROPOUT = ":dropout"  # the name suffix of an attention's own dropout, as a layer
+_VIRTUAL = (":dropout", ":activation")  # the name suffixes of what a layer holds, as a layer
 
 
-def _with_attention_dropout(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """``layer_settings`` entries with each attention's dropout of its weights after it as a
-    dropout layer of its own, as a hand-written attention holds it (Hugging Face's BERT: its
-    ``attention.self.dropout``), where PaddleNLP's ``MultiHeadAttention`` keeps a rate."""
+def _with_held(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """``layer_settings`` entries with what a layer holds as a setting, where a hand-written
+    model holds a layer, after it as a layer of its own: an attention's dropout of its weights
+    (Hugging Face's BERT: its ``attention.self.dropout``; PaddleNLP's ``MultiHeadAttention``
+    keeps a rate) and a transformer layer's GELU (HF's ``GELUActivation`` layer; Paddle's
+    ``TransformerEncoderLayer`` holds ``F.gelu``)."""
     out: list[Mapping[str, Any]] = []
     for e in entries:
         out.append(e)
         p = e["settings"].get("dropout") if e["kind"] == "attention" else None
         if isinstance(p, (int, float)) and not isinstance(p, bool) and p:
-            out.append({"name": e["name"] + _ATTENTION_DROPOUT, "kind": "dropout",
+            out.append({"name": e["name"] + _VIRTUAL[0], "kind": "dropout",
                         "settings": {"p": float(p)}})
+        act = e["settings"].get("activation") if e["kind"] == "transformerlayer" else None
+        if isinstance(act, str) and act.startswith("gelu"):
+            out.append({"name": e["name"] + _VIRTUAL[1], "kind": "gelu",
+                        "settings": {"approximate": "tanh" if "tanh" in act else "none"}})
     return out
 
 
@@ -531,13 +546,14 @@ def _by_definition(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[s
     pairs compared.
 
     Without a trace nothing else pairs them, so the counts are made comparable as a trace's
-    are (``calls.compare_events``): an attention's rate is a dropout of its own, and where a
+    are (``calls.compare_events``): an attention's rate is a dropout of its own, a transformer
+    layer's GELU a GELU of its own (``_with_held``), and where a
     kind's counts still differ, dropouts of p 0 (identities: PaddleNLP's activation dropout)
     are left out. A kind whose differences would all go were its layers paired otherwise (the
     same settings on both sides, defined in another order) still fails, and says so."""
     by_kind: dict[str, tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]] = {}
     for side, entries in ((0, ours), (1, theirs)):
-        for e in _with_attention_dropout(entries):
+        for e in _with_held(entries):
             if e["kind"] in kinds:
                 by_kind.setdefault(e["kind"], ([], []))[side].append(e)
     diffs: list[SettingDiff] = []
@@ -554,8 +570,8 @@ def _by_definition(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[s
             continue
         found = []
         for x, y in zip(xs, ys):
-            if x["name"].endswith(_ATTENTION_DROPOUT) and y["name"].endswith(_ATTENTION_DROPOUT):
-                continue  # the attentions' own settings compare their rates
+            if x["name"].endswith(_VIRTUAL) and y["name"].endswith(_VIRTUAL):
+                continue  # the two layers holding them compare them
             compared += 1
             for setting, xv, yv in _differences(kind, x["settings"], y["settings"]):
                 found.append(SettingDiff(x["name"], y["name"], setting, xv, yv, kind, sides))

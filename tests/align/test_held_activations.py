@@ -119,3 +119,30 @@ def test_align_forward_fails_a_tanh_port_of_an_exact_gelu_on_its_setting() -> No
     r = align_forward(tm, pm, {"x": X})
     assert [k.key for k in r.failed] == ["settings/(model):gelu/approximate"], \
         r.to_table(failed_only=True)
+
+
+class HFLayer(tnn.Module):
+    """A BERT layer as Hugging Face writes it: its GELU a layer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.act, self.out = tnn.Linear(H, 4 * H), GELUActivation(), tnn.Linear(4 * H, H)
+
+    def forward(self, x):
+        return self.out(self.act(self.dense(x)))
+
+
+def test_without_a_trace_a_transformer_layer_s_gelu_pairs_with_the_reference_s_layer() -> None:
+    """compare_settings without traces: the port's TransformerEncoderLayer holds its GELU, the
+    reference's layer holds one as a layer; before, "gelu: 1 in torch, 0 in Paddle" went
+    unpaired, and a tanh port passed."""
+    torch.manual_seed(0)
+    tm = HFLayer().eval()
+    for approximate, lines in ((False, []), (True, [
+            "0:activation (torch act): approximate 'none' in torch, 'tanh' in Paddle"])):
+        pm = pnn.LayerList([pnn.TransformerEncoderLayer(H, 2, 4 * H, activation="gelu")])
+        if approximate:
+            pm[0].activation = functools.partial(F.gelu, approximate=True)
+        report = compare_settings(tm, pm, torch_to_paddle={})
+        assert [d.line() for d in report.differ] == lines
+        assert not [u for u in report.unpaired if u.startswith("gelu")], report.unpaired
