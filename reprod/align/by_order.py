@@ -295,14 +295,109 @@ def _paired_by_kind(torch_keys: list[str], paddle_keys: list[str],
     pheld, pkinds = layers(paddle_keys, powner)
     if {k: len(v) for k, v in tkinds.items()} != {k: len(v) for k, v in pkinds.items()}:
         return None
+    tlist = [(name, towner[keys[0]][1]) for name, keys in theld.items()]
+    plist = [(name, powner[keys[0]][1]) for name, keys in pheld.items()]
     position = {k: i for i, k in enumerate(torch_keys)}
     out: list[tuple[int, str, str]] = []
-    for kind, names in tkinds.items():
-        for tname, pname in zip(names, pkinds[kind]):
-            if len(theld[tname]) != len(pheld[pname]):
-                return None
-            out += [(position[tk], tk, pk) for tk, pk in zip(theld[tname], pheld[pname])]
+    for tname, pname in _in_blocks(tlist, plist) or _kind_pairs(tlist, plist):
+        if len(theld[tname]) != len(pheld[pname]):
+            return None
+        out += [(position[tk], tk, pk) for tk, pk in zip(theld[tname], pheld[pname])]
     return sorted(out)
+
+
+def _block(layer: str) -> str:
+    """The innermost numbered layer holding ``layer`` (``encoder.layers.0`` for
+    ``encoder.layers.0.self_attn.k_proj``), "" for one outside any."""
+    parts = layer.split(".")[:-1]
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[: i + 1])
+    return ""
+
+
+def _leaf(layer: str) -> str:
+    """A layer's own name as both libraries may spell it (``LayerNorm``/``layer_norm``); "" for
+    a position in a list, which names nothing."""
+    leaf = layer.rpartition(".")[2].lower().replace("_", "")
+    return "" if leaf.isdigit() else leaf
+
+
+def _names(layers: list[str], block: str) -> list[tuple[int, str]]:
+    """Each layer's name within its block, as both libraries may spell it: (which of the block's
+    sublayers holds it, in definition order, -1 for the block itself; its own name): a BART
+    decoder layer's ``self_attn.k_proj`` is (0, "kproj") on both sides, its cross attention's
+    (1, "kproj"), whether it is named ``encoder_attn`` or ``cross_attn``."""
+    parents: dict[str, int] = {}
+    out = []
+    for name in layers:
+        rel = name[len(block) + 1:] if block else name
+        parent = rel.rpartition(".")[0]
+        index = -1 if not parent else parents.setdefault(parent, len(parents))
+        out.append((index, _leaf(name)))
+    return out
+
+
+def _kind_pairs(ts: list[tuple[str, str]], ps: list[tuple[str, str]],
+                blocks: tuple[str, str] = ("", "")) -> list[tuple[str, str]]:
+    """Each kind's layers paired, those of one name on both sides (``_names``, the only one so
+    named on each side: Hugging Face's BART defines an attention's ``k_proj``, ``v_proj``,
+    ``q_proj`` in that order, PaddleNLP's ``q_proj``, ``k_proj``, ``v_proj``) by it, the others
+    in order. The kinds' counts agree; ``blocks``: the block each side's layers are in."""
+    out: list[tuple[str, str]] = []
+    tnames = dict(zip((n for n, _ in ts), _names([n for n, _ in ts], blocks[0])))
+    pnames = dict(zip((n for n, _ in ps), _names([n for n, _ in ps], blocks[1])))
+    for kind in dict.fromkeys(k for _, k in ts):
+        tn = [n for n, k in ts if k == kind]
+        pn = [n for n, k in ps if k == kind]
+        tleaf, pleaf = [tnames[n] for n in tn], [pnames[n] for n in pn]
+        named = {leaf for leaf in set(tleaf) & set(pleaf)
+                 if leaf[1] and tleaf.count(leaf) == 1 and pleaf.count(leaf) == 1}
+        by_name = {pleaf.index(leaf): tleaf.index(leaf) for leaf in named}
+        rest = iter(n for i, n in enumerate(pn) if i not in by_name)
+        taken = {t: pn[p] for p, t in by_name.items()}
+        out += [(n, taken[i] if i in taken else next(rest)) for i, n in enumerate(tn)]
+    return out
+
+
+def _in_blocks(ts: list[tuple[str, str]], ps: list[tuple[str, str]]
+               ) -> Optional[list[tuple[str, str]]]:
+    """The layers paired block by block (``_block``: the i-th numbered block of the reference
+    with the port's i-th, those outside any with those outside any), each block's kinds as
+    ``_kind_pairs`` pairs them: the n-th LayerNorm of a BART encoder is not the n-th of the
+    port, whose encoder defines its embedding's LayerNorm before its layers, HF's after them.
+    None where the two do not hold the same blocks with the same kinds."""
+    def blocks(layers: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+        out: dict[str, list[tuple[str, str]]] = {"": []}
+        for name, kind in layers:
+            out.setdefault(_block(name), []).append((name, kind))
+        return out
+
+    tb, pb = blocks(ts), blocks(ps)
+    if len(tb) != len(pb) or len(tb) == 1:
+        return None
+    out: list[tuple[str, str]] = []
+    for (tblock, tlayers), (pblock, players) in zip(tb.items(), pb.items()):
+        if sorted(k for _, k in tlayers) != sorted(k for _, k in players):
+            return None
+        out += _kind_pairs(tlayers, players, (tblock, pblock))
+    return out
+
+
+def _contradicted(pairs: list[tuple[str, str, bool]]) -> bool:
+    """Whether names say the positions mispair: a layer paired with one of another name, where
+    the port's block holds a layer of its name and its block one of the port's (HF's OPT and
+    BART define k, v, q; PaddleNLP q, k, v: the shapes agree, the names do not)."""
+    layer_pairs = dict.fromkeys((tk.rpartition(".")[0], pk.rpartition(".")[0])
+                                for tk, pk, _ in pairs)
+    tleaves: dict[str, set[str]] = {}
+    pleaves: dict[str, set[str]] = {}
+    for t, p in layer_pairs:
+        tleaves.setdefault(_block(t), set()).add(_leaf(t))
+        pleaves.setdefault(_block(p), set()).add(_leaf(p))
+    return any(_leaf(t) and _leaf(p) and _leaf(t) != _leaf(p)
+               and _leaf(t) in pleaves[_block(p)] and _leaf(p) in tleaves[_block(t)]
+               for t, p in layer_pairs)
 
 
 def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules]) -> _OrderPlan:
@@ -327,7 +422,7 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
         (None, f"#{n + j} nothing vs {k} {list(pshapes[k])}") for j, k in enumerate(paddle_keys[n:])
     ]
     header = f"{tlabel} ({len(torch_keys)} tensors) vs {plabel} ({len(paddle_keys)} tensors)"
-    if problems and len(torch_keys) == len(paddle_keys):
+    if (problems or _contradicted(pairs)) and len(torch_keys) == len(paddle_keys):
         for kinds in _by_kind(torch_keys, paddle_keys, torch_side, paddle_side,
                               (tshapes, pshapes)):
             kpairs, kproblems, kwrong = _check(kinds, tshapes, pshapes, linear)

@@ -20,6 +20,7 @@ from .rules import (
     packed_linear_weights,
     plan_conversion,
     split_attention,
+    torch_aliases,
 )
 from .structure import compare_structure
 
@@ -193,7 +194,10 @@ def _torch_params_plan(torch_model: Any, rules: Optional[ConversionRules]) -> di
         linear_weights=linear_weight_names(torch_model) | packed_linear_weights(state),
         rules=rules,
     )
-    return {p.torch_name: p for p in plan}
+    # a tied weight's second name has no Paddle key of its own (Paddle's alias is read once)
+    tied = torch_aliases(state)
+    return {p.torch_name: KeyPlan(p.torch_name, None, "drop", f"tied to {tied[p.torch_name]}",
+                                  p.torch_shape) if p.torch_name in tied else p for p in plan}
 
 
 def _torch_array(value: Any, plan: KeyPlan) -> np.ndarray:

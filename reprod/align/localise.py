@@ -174,15 +174,19 @@ def _split_packed(capture: dict[str, Any], packed: Mapping[str, tuple[str, int]]
 
 def _broadcast(ref: dict[str, Any], port: dict[str, Any], noise: Optional[dict[str, Any]]
                ) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, Any]]]:
-    """Captures whose shapes differ where one side holds a size-1 axis the other repeats (Hugging
-    Face's BERT embeds position ids of shape [1, L], PaddleNLP's of [B, L]), each side as the
-    larger shape: the values then judge them, as the model broadcasts them, not the shapes. The
-    trees are returned as they came where nothing broadcasts, and otherwise as copies of their
-    own type (a ``Derived`` reference keeps what it derives)."""
+    """Captures whose shapes differ where one side holds a size-1 axis the other repeats, or
+    lacks leading axes the other has (Hugging Face's BERT embeds position ids of shape [1, L],
+    PaddleNLP's of [B, L]; PaddleNLP's BART position embedding gives [L, E], HF's [B, L, E]),
+    each side as the larger shape: the values then judge them, as the model broadcasts them, not
+    the shapes. The trees are returned as they came where nothing broadcasts, and otherwise as
+    copies of their own type (a ``Derived`` reference keeps what it derives)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for key in ref.keys() & port.keys():
         sa, sb = np.shape(ref[key]), np.shape(port[key])
-        if sa == sb or len(sa) != len(sb) or not all(x == y or 1 in (x, y) for x, y in zip(sa, sb)):
+        if sa == sb or not sa or not sb:
+            continue
+        sa, sb = (1,) * (len(sb) - len(sa)) + sa, (1,) * (len(sa) - len(sb)) + sb
+        if not all(x == y or 1 in (x, y) for x, y in zip(sa, sb)):
             continue
         shape = tuple(max(x, y) for x, y in zip(sa, sb))
         if 0 not in shape and (shape == sa or shape == sb):
@@ -204,6 +208,24 @@ def _broadcast(ref: dict[str, Any], port: dict[str, Any], noise: Optional[dict[s
     from ..diff.pairing import Derived
 
     return widened(ref), widened(port), None if noise is None else widened(noise)
+
+
+def _merged(ref: Any, port: dict[str, Any]) -> dict[str, Any]:
+    """``port`` with each capture that holds the reference's values with its leading axes
+    merged or split otherwise (Hugging Face's OPT flattens a layer's hidden states to [B*L, E]
+    before its feed-forward part, PaddleNLP's keeps [B, L, E]) in the reference's shape: the
+    values then judge them. Only where the last axis agrees and the sizes do: a tensor laid out
+    otherwise still differs, by its values."""
+    out = port
+    for key in ref.keys() & port.keys():
+        sa, sb = np.shape(ref[key]), np.shape(port[key])
+        if sa == sb or len(sa) == len(sb) or not sa or not sb or sa[-1] != sb[-1] or \
+                int(np.prod(sa)) != int(np.prod(sb)):
+            continue
+        if out is port:
+            out = dict(port)
+        out[key] = np.reshape(port[key], sa)
+    return out
 
 
 # an additive attention mask's value at or below which softmax gives exactly 0 (exp underflows
@@ -283,7 +305,7 @@ def localise_forward(
     if noise is not None and ref_layout is not None:
         noise = ref_layout(noise)
     judged = _derive({k: v for k, v in ref.items() if k not in superseded}, derived)
-    judged, port, noise = _broadcast(judged, port, noise)
+    judged, port, noise = _broadcast(judged, _merged(judged, port), noise)
     port = _masked_alike(judged, port)
     plain = compare(judged, port, criteria=criteria, noise=noise)
     ptypes = layer_types(paddle_model)

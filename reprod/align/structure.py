@@ -9,10 +9,12 @@ from ..messages import fmt_shape
 from .by_order import _order_plan, _rules_from_order
 from .rules import (
     ConversionRules,
+    KeyPlan,
     linear_weight_names,
     packed_linear_weights,
     plan_conversion,
     split_attention,
+    torch_aliases,
     unaliased,
 )
 
@@ -188,6 +190,11 @@ def compare_structure(
         linear_weights=linear_weight_names(torch_model) | packed_linear_weights(whole_sd),
         rules=rules,
     )
+    # a tied weight's second name (T5's encoder.embed_tokens.weight): Paddle's state dict is
+    # read once per tensor too, and its alias loads through the first name
+    tied = torch_aliases(whole_sd)
+    plan = tuple(KeyPlan(p.torch_name, None, "drop", f"tied to {tied[p.torch_name]}",
+                         p.torch_shape) if p.torch_name in tied else p for p in plan)
     paddle_sd = unaliased(paddle_model.state_dict())[0]  # an RNN's weights, once each
     paddle_shapes = {k: tuple(int(s) for s in v.shape) for k, v in paddle_sd.items()}
     paddle_trainable = {k for k, v in paddle_sd.items() if not getattr(v, "stop_gradient", True)}

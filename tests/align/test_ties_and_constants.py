@@ -124,16 +124,20 @@ class TorchTwo(tnn.Module):
 
 
 class PaddleTwoOtherOrder(pnn.Layer):
+    """Its Linears defined in the other order and named otherwise: no name tells them apart."""
+
     def __init__(self, p: float = 0.1) -> None:
         super().__init__()
-        self.fc2, self.fc1 = pnn.Linear(6, 4), pnn.Linear(4, 6)
+        self.up, self.down = pnn.Linear(6, 4), pnn.Linear(4, 6)
         self.drop = pnn.Dropout(p)
 
     def forward(self, x):
-        return self.fc2(self.drop(self.fc1(x)))
+        return self.up(self.drop(self.down(x)))
 
 
 def test_settings_check_of_weights_that_do_not_pair_by_order_does_not_crash() -> None:
+    from reprod.align import ConversionRules
+
     """The port loaded by name (its Linears defined in another order, which no pairing by order
     or by kind reads): align_forward(by_order=True) raised the pairing error from its settings
     check; the values judge the port, the dropouts are still compared, and the settings say
@@ -144,7 +148,9 @@ def test_settings_check_of_weights_that_do_not_pair_by_order_does_not_crash() ->
     for p, passed in ((0.1, True), (0.3, False)):
         pm = PaddleTwoOtherOrder(p)
         pm.eval()
-        load_into_paddle(pm, tm)
+        load_into_paddle(pm, tm, rules=ConversionRules(pairs={
+            "fc1.weight": "down.weight", "fc1.bias": "down.bias",
+            "fc2.weight": "up.weight", "fc2.bias": "up.bias"}))
         with pytest.raises(KeyMismatchError):
             pair_weights_by_order(tm, pm)
         r = align_forward(tm, pm, x, by_order=True)
