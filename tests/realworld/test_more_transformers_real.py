@@ -1,28 +1,39 @@
 """More transformer ports nobody here wrote, through ``reprod.align`` paired by order (collected
 only where torchvision and paddle import, see conftest.py): Hugging Face's RoBERTa, ALBERT, T5
-encoder and ELECTRA (torch, the references) against PaddleNLP's own ports. Each was first tried
-as a porter would (session 24), and reprod got each wrong somewhere:
+(encoder, and encoder-decoder), BART, OPT and ELECTRA (torch, the references) against
+PaddleNLP's own ports. Each was first tried as a porter would (session 24), and reprod got each
+wrong somewhere:
 
 - ALBERT: PaddleNLP keeps ``embeddings.position_ids`` (int64) in its state dict, HF does not:
   pairing by order set it against HF's first weight and refused the port, and loading by name
   wanted it from torch. Integer buffers one side alone keeps now stay out, each model keeping
   its own.
 - T5: ``shared.weight`` and ``encoder.embed_tokens.weight`` are one tied tensor on both sides;
-  Paddle's state dict was read once per tensor, torch's once per name (20 against 19): refused.
-  And HF masks attention with float32's lowest value, PaddleNLP with -1e4: T5 passes the mask,
-  added to its position bias, from block to block, so localisation put every bug at block 0's
-  attention ("max diff 3.403e+38"). Masks both sides apply are now judged alike. Its
-  ``T5LayerNorm`` is an RMS norm, its epsilon now a setting, fitted as an RMS norm's.
+  Paddle's state dict was read once per tensor, torch's once per name (20 against 19): refused,
+  and align_train's structure check refused it by name too. HF masks attention with float32's
+  lowest value, PaddleNLP with -1e4: T5 passes the mask, added to its position bias, from block
+  to block, so localisation put every bug at block 0's attention ("max diff 3.403e+38"). Masks
+  both sides apply are now judged alike. Its ``T5LayerNorm`` is an RMS norm, its epsilon now a
+  setting, fitted as an RMS norm's.
+- BART and OPT: HF defines an attention's k, v, q projections in that order, PaddleNLP q, k, v;
+  HF's BART encoder its embedding LayerNorm after its layers, PaddleNLP's before. Every shape
+  agrees: pairing by order loaded both wrong, silently (outputs 1.4 and 3.0 apart). Layers of
+  one kind now pair by their names within each block. PaddleNLP's BART position embedding gives
+  [L, E], HF's [B, L, E]; HF's OPT flattens its hidden states to [B*L, E]: every bug was put
+  there, until captures that broadcast or merge axes were judged by value.
 - RoBERTa: a tanh-approximate GELU in the port passed (1.4e-5 apart): Paddle's
   TransformerEncoderLayer holds ``getattr(F, "gelu")`` and HF's GELUActivation ``F.gelu``, each
   taken when built, which a trace patching ``F`` never saw. Now the trace wraps them there too.
 - ELECTRA: PaddleNLP returns a lone tensor, HF a one-field ModelOutput: nothing was compared.
 
-The real library differences stay failures: RoBERTa's position-embedding ``padding_idx`` (1 in
-HF, none in PaddleNLP) and ELECTRA's word-embedding one (0 in HF).
+The real library differences stay failures: the embeddings' ``padding_idx`` (RoBERTa's
+positions, ELECTRA's, BART's and OPT's tokens: set in HF, none in PaddleNLP) and OPT's padded
+positions (HF numbers them otherwise).
 
 Configs are small (2 layers, hidden 64-128) with every LayerNorm (T5: its norms' weights) and
-bias perturbed. About 10 s single-threaded, most of it importing transformers and paddlenlp.
+bias perturbed; BART's and OPT's query and key weights are scaled up tenfold, as HF's
+initialisation leaves attention near uniform. About 20 s single-threaded, most of it importing
+transformers and paddlenlp.
 """
 
 from __future__ import annotations
@@ -109,6 +120,55 @@ def _electra() -> tuple[Any, Any]:
     return ElectraModel(ElectraConfig(**cfg)), PM(PC(**cfg))
 
 
+def _bart() -> tuple[Any, Any]:
+    from paddlenlp.transformers import BartConfig as PC
+    from paddlenlp.transformers import BartModel as PM
+    from transformers import BartConfig, BartModel
+
+    cfg = dict(vocab_size=1000, d_model=64, encoder_layers=2, decoder_layers=2,
+               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256,
+               decoder_ffn_dim=256, max_position_embeddings=64, activation_function="gelu",
+               pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+               use_cache=False, scale_embedding=False)
+    return BartModel(BartConfig(**cfg)), PM(PC(**cfg))
+
+
+def _opt() -> tuple[Any, Any]:
+    from paddlenlp.transformers import OPTConfig as PC
+    from paddlenlp.transformers import OPTModel as PM
+    from transformers import OPTConfig, OPTModel
+
+    cfg = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
+               num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+               do_layer_norm_before=True, activation_function="relu", pad_token_id=1,
+               bos_token_id=2, eos_token_id=2, use_cache=False, enable_bias=True)
+    # PaddleNLP's OPTConfig reads intermediate_size, not HF's ffn_dim (else 8192 wide)
+    return OPTModel(OPTConfig(**cfg)), PM(PC(**cfg, intermediate_size=256, hidden_act="relu"))
+
+
+def _t5_model() -> tuple[Any, Any]:
+    from paddlenlp.transformers import T5Config as PC
+    from paddlenlp.transformers import T5Model as PM
+    from transformers import T5Config, T5Model
+
+    cfg = dict(vocab_size=1000, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4,
+               relative_attention_num_buckets=32, layer_norm_epsilon=1e-6,
+               feed_forward_proj="relu", pad_token_id=0, decoder_start_token_id=0)
+    return T5Model(T5Config(**cfg)), PM(PC(**cfg))
+
+
+def _with_decoder(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    dec = np.random.default_rng(SEED + 2).integers(3, 1000, (2, 8)).astype(np.int64)
+    dec[:, 0] = 2
+    return {**feed, "decoder_input_ids": dec}
+
+
+def _unpadded(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """OPT's padded positions differ for real: HF numbers them cumsum(mask) * mask - 1,
+    PaddleNLP cumsum(mask) - 1 (test_opt_s_padded_positions_differ_for_real)."""
+    return {**feed, "attention_mask": np.ones_like(feed["attention_mask"])}
+
+
 def _scaled(path: str) -> Callable[[Any], None]:
     def bug(pm: Any) -> None:
         layer = pm
@@ -151,6 +211,28 @@ MODELS: dict[str, dict[str, Any]] = {
                "encoder.block.0.layer.1.DenseReluDense.wo"),
               (_t5_epsilon, {"settings/encoder.block.1.layer.1.layer_norm/epsilon"},
                "encoder.block.1.layer.1.layer_norm")]),
+    "bart": dict(
+        build=_bart, norms=lambda n: "layer_norm" in n or "layernorm" in n, sharpen=True,
+        feed=lambda: _with_decoder(_ids(3, 1, False)), faithful={"settings/shared/padding_idx"},
+        bugs=[(_scaled("encoder.encoder.layers.1.self_attn.q_proj"), None,
+               "encoder.layers.1.self_attn.q_proj"),
+              (_scaled("decoder.decoder.layers.1.cross_attn.q_proj"), None,
+               "decoder.layers.1.encoder_attn.q_proj"),
+              (_scaled("decoder.decoder.layers.1.linear2"), None, "decoder.layers.1.fc2")]),
+    "opt": dict(
+        build=_opt, norms=lambda n: "layer_norm" in n, sharpen=True,
+        feed=lambda: _unpadded(_ids(3, 1, False)),
+        faithful={"settings/embeddings.word_embeddings/padding_idx"},
+        bugs=[(_scaled("decoder.layers.1.self_attn.k_proj"), None,
+               "decoder.layers.1.self_attn.k_proj"),
+              (_scaled("decoder.layers.1.linear1"), None, "decoder.layers.1.fc1")]),
+    "t5_model": dict(
+        build=_t5_model, norms=lambda n: "layer_norm" in n, feed=lambda: _with_decoder(
+            _ids(2, 0, False)), faithful=set(),
+        bugs=[(_scaled("decoder.block.1.layer.1.EncDecAttention.q"), None,
+               "decoder.block.1.layer.1.EncDecAttention.q"),
+              (_scaled("decoder.block.1.layer.2.DenseReluDense.wo"), None,
+               "decoder.block.1.layer.2.DenseReluDense.wo")]),
     "electra": dict(
         build=_electra, norms=lambda n: "LayerNorm" in n, feed=lambda: _ids(1, 0, True),
         faithful={"settings/embeddings.word_embeddings/padding_idx"},
@@ -174,6 +256,13 @@ def _loaded(name: str) -> tuple[Any, Any]:
         tm.eval()
         pm.eval()
         _perturb(tm, MODELS[name]["norms"])
+        if MODELS[name].get("sharpen"):
+            # HF's initialisation (std 0.02) leaves attention near uniform, where a 5 % bug in a
+            # query or key moves the outputs by 1e-6
+            with torch.no_grad():
+                for n, p in tm.named_parameters():
+                    if n.endswith(("q_proj.weight", "k_proj.weight")):
+                        p.mul_(10)
         load_into_paddle(pm, tm, by_order=True)
     return tm, pm
 
@@ -237,3 +326,37 @@ def test_a_bug_is_named_where_it_is(name: str, index: int) -> None:
     if layer is not None:
         div = r.options["divergence"]
         assert div["layer"] == layer and "input aligned" in div["message"], div
+
+
+def test_opt_s_padded_positions_differ_for_real() -> None:
+    """HF's OPT numbers the positions cumsum(mask) * mask - 1 (padded ones -1, then offset 2),
+    PaddleNLP's cumsum(mask) - 1: the padded rows' outputs part, and the position embedding is
+    named, its input aligned (the mask) and its output not."""
+    from reprod.align import align_forward
+
+    tm, pm = _loaded("opt")
+    padded = _ids(3, 1, False)
+    r = align_forward(tm, pm, padded, by_order=True, check_settings=["*/padding_idx"])
+    assert [k.key for k in r.failed] == ["logits/last_hidden_state"]
+    assert r.options["divergence"]["layer"] == "decoder.embed_positions", r.options["divergence"]
+
+
+def test_t5_trains_with_its_tied_embedding() -> None:
+    """align_train refused the T5 port: its structure check took torch's tied second name
+    (encoder.embed_tokens.weight) for a weight Paddle lacks."""
+    import paddle
+    import torch
+
+    from reprod.align import align_train
+
+    tm, pm = _loaded("t5")
+    labels = np.array([0, 1])
+    r = align_train(
+        tm, pm, [(_feed("t5"), labels)], steps=2, by_order=True,
+        torch_loss_fn=lambda o, y: torch.nn.functional.cross_entropy(
+            o.last_hidden_state[:, 0, :4], y),
+        paddle_loss_fn=lambda o, y: paddle.nn.functional.cross_entropy(o[0][:, 0, :4], y),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
+        paddle_optimizer=paddle.optimizer.SGD(learning_rate=0.1, parameters=pm.parameters()))
+    assert r.passed, r.to_table(failed_only=True)
+    assert "step1/param/shared.weight" in {k.key for k in r.results}
