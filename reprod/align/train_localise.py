@@ -167,6 +167,7 @@ def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[st
     if not keys:
         return None
     d_ref, d_port, p0, flips = [], [], [], []
+    noise: list[float] = []  # the largest gradient of each key whose two gradients are noise
     for key in keys:
         name = key[len("step0/param/"):]
         if name not in before or key not in ref_log or key not in port_log:
@@ -178,6 +179,11 @@ def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[st
         g_ref, g_port = ref_log.get(f"step0/grad/{name}"), port_log.get(f"step0/grad/{name}")
         flips.append(np.zeros(w.size, bool) if g_ref is None or g_port is None else
                      np.sign(np.asarray(g_ref).reshape(-1)) != np.sign(np.asarray(g_port).reshape(-1)))
+        if g_ref is not None and g_port is not None:
+            gr, gp = np.asarray(g_ref, np.float64), np.asarray(g_port, np.float64)
+            top = float(np.abs(gr).max(initial=0.0))
+            if float(np.abs(gr - gp).max(initial=0.0)) >= 0.5 * top:
+                noise.append(max(top, float(np.abs(gp).max(initial=0.0))))
     if not d_ref:
         return None
     r, o, w = np.concatenate(d_ref), np.concatenate(d_port), np.concatenate(p0)
@@ -185,6 +191,15 @@ def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[st
     if float(r @ r) == 0.0:
         return (f"the gradients align (step0/grad) and the updated parameters do not "
                 f"({len(keys)} of them): the reference's step left the parameters as they were")
+    if len(noise) == len(d_ref):
+        return (f"the gradients align (step0/grad) and the updated parameters do not "
+                f"({len(keys)} of them): each one's gradient is noise on both sides (at most "
+                f"{max(noise):.3g}, the two as far apart as they are large: a parameter the loss "
+                "does not depend on, as a key projection's bias under softmax), which an update "
+                "that normalises the gradient (Adam: lr * m / (sqrt(v) + eps)) turns into steps "
+                f"of up to {float(np.abs(o - r).max()):.3g}, each side its own; not an "
+                "optimizer difference, though the verdict cannot tell it from one (kinks=True "
+                "or calibrate=True judges them)")
     line = _sign_flips(o - r, flip, len(keys))
     if line is not None:
         return line
