@@ -14,7 +14,9 @@ the attention nearly uniform, where a 5 % bug in a key projection moves the outp
 - ``align_forward`` pairs HF's one-field output with PaddleNLP's lone tensor and passes;
 - a 5 % bug in one of block 1's key or value projections is named at its columns of HF's
   ``c_attn``, a bug in the feed-forward output at ``mlp.c_proj``; a LayerNorm epsilon as its
-  setting (PaddleNLP's ``GPTLayerNorm`` derives from LayerNorm).
+  setting (PaddleNLP's ``GPTLayerNorm`` derives from LayerNorm);
+- two AdamW steps align but the key projections' biases, whose gradient is rounding noise that
+  Adam scales to full steps: said so, and passed with ``kinks=True``.
 
 About 4 s single-threaded, most of it importing transformers and paddlenlp.
 """
@@ -156,3 +158,36 @@ def test_a_layernorm_epsilon_is_named_as_its_setting() -> None:
     r = align_forward(tm, pm, {"input_ids": IDS}, by_order=True)
     assert "settings/decoder.layers.0.norm2/epsilon" in {k.key for k in r.failed}
     assert r.options["divergence"]["layer"] == "h.0.ln_2", r.options["divergence"]
+
+
+def _train(**kw: Any) -> Any:
+    import paddle
+    import torch
+
+    from reprod.align import align_train
+
+    tm, pm = _loaded()
+    tm.train()
+    pm.train()
+    labels = np.array([0, 1], np.int64)
+    return align_train(
+        tm, pm, [({"input_ids": IDS}, labels)], steps=2, by_order=True, dropout="off",
+        torch_loss_fn=lambda o, y: torch.nn.functional.cross_entropy(
+            o.last_hidden_state[:, -1, :4], y),
+        paddle_loss_fn=lambda o, y: paddle.nn.functional.cross_entropy(o[:, -1, :4], y),
+        torch_optimizer=torch.optim.AdamW(tm.parameters(), lr=1e-3, weight_decay=0.01),
+        paddle_optimizer=paddle.optimizer.AdamW(learning_rate=1e-3, parameters=pm.parameters(),
+                                                weight_decay=0.01), **kw)
+
+
+def test_adamw_steps_part_only_where_a_key_bias_gets_noise() -> None:
+    """Every output, gradient and parameter of two AdamW steps aligns but the key projections'
+    biases: their gradient is rounding noise on both sides (softmax ignores a shift of every
+    key, 4e-8 here), which Adam scales to steps of up to lr. The finding says so; a judge that
+    knows kinks passes the port."""
+    r = _train()
+    failed = {k.key for k in r.failed}
+    assert failed == {f"step{s}/param/decoder.layers.{i}.self_attn.k_proj.bias"
+                      for s in (0, 1) for i in (0, 1)}, r.to_table(failed_only=True)
+    assert "each one's gradient is noise on both sides" in r.options["findings"][0]
+    assert _train(kinks=True).passed
