@@ -50,7 +50,7 @@ def pair_outputs(ref: Mapping[str, Any], port: dict[str, np.ndarray], head: str 
     """The port's flattened outputs under the reference's keys where one side returns a tuple and
     the other names the same outputs (a Hugging Face ``ModelOutput`` against PaddleNLP's tuple or
     lone tensor): the keys each side alone has pair by position when one side's are all
-    positions, as many, with the same shapes in order. ``head``: the outputs' key prefix, a lone
+    positions, the leading ones whose shapes agree (a port may return fewer). ``head``: the outputs' key prefix, a lone
     tensor's whole key. Returns the outputs and port key -> reference key."""
     def _positional(key: str) -> bool:
         # a lone tensor is the first and only position
@@ -66,10 +66,17 @@ def pair_outputs(ref: Mapping[str, Any], port: dict[str, np.ndarray], head: str 
     elif len(only_port) > len(only_ref) or not all(map(_positional, only_port)):
         return port, {}
     # a port returning fewer, by position, returns the reference's first ones (a model without
-    # the cache a Hugging Face model returns after its hidden states)
-    if any(_shape_of(ref[a]) != _shape_of(port[b]) for a, b in zip(only_ref, only_port)):
+    # the cache a Hugging Face model returns after its hidden states); the leading positions
+    # whose shapes agree pair, the rest stay each side's own (Bloom's key/value cache: HF's
+    # [B, H, L, D] against PaddleNLP's [B, L, H, D])
+    agree = 0
+    for a, b in zip(only_ref, only_port):
+        if _shape_of(ref[a]) != _shape_of(port[b]):
+            break
+        agree += 1
+    if not agree:
         return port, {}
-    renamed = dict(zip(only_port, only_ref))
+    renamed = dict(zip(only_port[:agree], only_ref[:agree]))
     return {renamed.get(k, k): v for k, v in port.items()}, renamed
 
 

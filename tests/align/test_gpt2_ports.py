@@ -230,6 +230,17 @@ def test_a_lone_tensor_pairs_with_a_one_field_model_output() -> None:
     assert pair_outputs({"logits/last_hidden_state": x}, {"logits": x.T})[1] == {}
 
 
+def test_the_leading_outputs_that_agree_pair_and_the_rest_stay_their_own() -> None:
+    """Bloom's key/value cache: HF's [B, H, L, D] against PaddleNLP's [B, L, H, D]. Before, one
+    shape that differed left every output unpaired, the hidden states "missing" too."""
+    h, k = np.zeros((2, 6, 8), np.float32), np.zeros((2, 4, 6, 2), np.float32)
+    ref = {"logits/last_hidden_state": h, "logits/past_key_values/0/0": k}
+    port = {"logits/0": h, "logits/1/0/0": k.transpose(0, 2, 1, 3).copy()}
+    out, renamed = pair_outputs(ref, port)
+    assert renamed == {"logits/0": "logits/last_hidden_state"}
+    assert list(out) == ["logits/last_hidden_state", "logits/1/0/0"]
+
+
 def test_align_forward_passes_the_port_and_names_a_bug_in_a_packed_slice(pair) -> None:
     tm, pm = pair
     load_into_paddle(pm, tm, by_order=True)

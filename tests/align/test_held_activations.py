@@ -146,3 +146,80 @@ def test_without_a_trace_a_transformer_layer_s_gelu_pairs_with_the_reference_s_l
         report = compare_settings(tm, pm, torch_to_paddle={})
         assert [d.line() for d in report.differ] == lines
         assert not [u for u in report.unpaired if u.startswith("gelu")], report.unpaired
+
+
+class BloomGelu(tnn.Module):
+    """Hugging Face's Bloom: the tanh formula written out, no call of F.gelu."""
+
+    def forward(self, x):
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+class PaddleBloomGelu(pnn.Layer):
+    def forward(self, x):
+        return x * 0.5 * (1.0 + paddle.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+PaddleBloomGelu.__name__ = "BloomGelu"
+
+
+class SigmoidGelu(tnn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class PaddleGeluLayerMLP(pnn.Layer):
+    def __init__(self, act: pnn.Layer) -> None:
+        super().__init__()
+        self.fc, self.act, self.proj = pnn.Linear(H, 4 * H), act, pnn.Linear(4 * H, H)
+
+    def forward(self, x):
+        return self.proj(self.act(self.fc(x)))
+
+
+@pytest.mark.parametrize("port_act, differs", [(PaddleBloomGelu, False), (pnn.GELU, True)])
+def test_a_gelu_written_out_by_hand_has_its_approximation_measured(port_act, differs) -> None:
+    """Bloom's GELU calls nothing a trace reads: a port applying nn.GELU() (exact) there passed,
+    5e-6 apart. Its class names a GELU: its values at a few points say which it computes."""
+    from reprod.align.settings import read_settings
+
+    assert read_settings(BloomGelu()) == ("gelu", {"approximate": "tanh"})
+    assert read_settings(PaddleBloomGelu()) == ("gelu", {"approximate": "tanh"})
+    assert read_settings(SigmoidGelu()) == ("gelu", {"approximate": "other"})
+    torch.manual_seed(0)
+    tm = TorchMLP(BloomGelu()).eval()
+    pm = PaddleGeluLayerMLP(port_act())
+    pm.eval()
+    load_into_paddle(pm, tm)
+    r = align_forward(tm, pm, {"x": X})
+    failed = [k.key for k in r.failed]
+    assert ("settings/act/approximate" in failed) is differs and bool(failed) is differs, \
+        r.to_table(failed_only=True)
+
+
+class InlineTanhMLP(tnn.Module):
+    """Its GELU in its own forward code: nothing a trace reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.proj = tnn.Linear(H, 4 * H), tnn.Linear(4 * H, H)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.proj(h * 0.5 * (1.0 + torch.tanh(0.79788456 * h * (1 + 0.044715 * h * h))))
+
+
+def test_gelus_that_do_not_pair_are_a_finding() -> None:
+    torch.manual_seed(0)
+    tm = InlineTanhMLP().eval()
+    with torch.no_grad():
+        tm.fc.weight.mul_(0.05)  # inputs near 0: the two GELUs agree to under the threshold
+    pm = PaddleMLP(approximate=False)
+    pm.eval()
+    load_into_paddle(pm, tm)
+    r = align_forward(tm, pm, {"x": X})
+    assert r.passed, r.to_table(failed_only=True)
+    assert r.options["findings"] == [
+        "GELUs not paired, so their approximations went unchecked: gelu (calls and layers): 0 "
+        "in torch, 1 in Paddle (a GELU computed in a model's own forward code is not read: "
+        "check that both sides approximate it alike)"]
