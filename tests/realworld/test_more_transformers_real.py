@@ -1,7 +1,7 @@
 """More transformer ports nobody here wrote, through ``reprod.align`` paired by order (collected
 only where torchvision and paddle import, see conftest.py): Hugging Face's RoBERTa, ALBERT, T5
-(encoder, and encoder-decoder), BART, OPT and ELECTRA (torch, the references) against
-PaddleNLP's own ports. Each was first tried as a porter would (session 24), and reprod got each
+(encoder, and encoder-decoder), BART, OPT, ELECTRA, ERNIE, Bloom and DistilBERT (torch, the
+references) against PaddleNLP's own ports. Each was first tried as a porter would (session 24), and reprod got each
 wrong somewhere:
 
 - ALBERT: PaddleNLP keeps ``embeddings.position_ids`` (int64) in its state dict, HF does not:
@@ -25,6 +25,9 @@ wrong somewhere:
   TransformerEncoderLayer holds ``getattr(F, "gelu")`` and HF's GELUActivation ``F.gelu``, each
   taken when built, which a trace patching ``F`` never saw. Now the trace wraps them there too.
 - ELECTRA: PaddleNLP returns a lone tensor, HF a one-field ModelOutput: nothing was compared.
+- Bloom: its GELU is the tanh formula written out (``BloomGelu``), which no trace reads: a port
+  applying ``nn.GELU()`` (exact) there passed, 5e-6 apart. A layer named for a GELU now has its
+  approximation measured from its values.
 
 The real library differences stay failures: the embeddings' ``padding_idx`` (RoBERTa's
 positions, ELECTRA's, BART's and OPT's tokens: set in HF, none in PaddleNLP) and OPT's padded
@@ -157,6 +160,48 @@ def _t5_model() -> tuple[Any, Any]:
     return T5Model(T5Config(**cfg)), PM(PC(**cfg))
 
 
+def _ernie() -> tuple[Any, Any]:
+    from paddlenlp.transformers import ErnieConfig as PC
+    from paddlenlp.transformers import ErnieModel as PM
+    from transformers import ErnieConfig, ErnieModel
+
+    cfg = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=256, max_position_embeddings=64, type_vocab_size=2,
+               pad_token_id=0, layer_norm_eps=1e-12, hidden_act="gelu")
+    return ErnieModel(ErnieConfig(**cfg, task_type_vocab_size=3, use_task_id=False)), \
+        PM(PC(**cfg))
+
+
+def _bloom() -> tuple[Any, Any]:
+    from paddlenlp.transformers import BloomConfig as PC
+    from paddlenlp.transformers import BloomModel as PM
+    from transformers import BloomConfig, BloomModel
+
+    cfg = dict(vocab_size=1000, hidden_size=64, n_layer=2, n_head=4, layer_norm_epsilon=1e-5,
+               use_cache=False, pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    return BloomModel(BloomConfig(**cfg, attn_implementation="eager")), PM(PC(**cfg))
+
+
+def _distilbert() -> tuple[Any, Any]:
+    from paddlenlp.transformers import DistilBertConfig as PC
+    from paddlenlp.transformers import DistilBertModel as PM
+    from transformers import DistilBertConfig, DistilBertModel
+
+    return DistilBertModel(DistilBertConfig(
+        vocab_size=1000, dim=64, n_layers=2, n_heads=4, hidden_dim=256,
+        max_position_embeddings=64, activation="gelu", pad_token_id=0)), PM(PC(
+            vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=256, max_position_embeddings=64, hidden_act="gelu", pad_token_id=0))
+
+
+def _exact_gelu(pm: Any) -> None:
+    """Bloom's GELU is the tanh formula written out (BloomGelu, on both sides): nn.GELU() in
+    its place moves the outputs by 5e-6, 9x float32's noise; it passed."""
+    import paddle
+
+    pm.h[1].mlp.gelu_impl = paddle.nn.GELU()
+
+
 def _with_decoder(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     dec = np.random.default_rng(SEED + 2).integers(3, 1000, (2, 8)).astype(np.int64)
     dec[:, 0] = 2
@@ -212,7 +257,7 @@ MODELS: dict[str, dict[str, Any]] = {
               (_t5_epsilon, {"settings/encoder.block.1.layer.1.layer_norm/epsilon"},
                "encoder.block.1.layer.1.layer_norm")]),
     "bart": dict(
-        build=_bart, norms=lambda n: "layer_norm" in n or "layernorm" in n, sharpen=True,
+        build=_bart, norms=lambda n: "layer_norm" in n or "layernorm" in n, sharpen=("q_proj.weight", "k_proj.weight"),
         feed=lambda: _with_decoder(_ids(3, 1, False)), faithful={"settings/shared/padding_idx"},
         bugs=[(_scaled("encoder.encoder.layers.1.self_attn.q_proj"), None,
                "encoder.layers.1.self_attn.q_proj"),
@@ -220,7 +265,7 @@ MODELS: dict[str, dict[str, Any]] = {
                "decoder.layers.1.encoder_attn.q_proj"),
               (_scaled("decoder.decoder.layers.1.linear2"), None, "decoder.layers.1.fc2")]),
     "opt": dict(
-        build=_opt, norms=lambda n: "layer_norm" in n, sharpen=True,
+        build=_opt, norms=lambda n: "layer_norm" in n, sharpen=("q_proj.weight", "k_proj.weight"),
         feed=lambda: _unpadded(_ids(3, 1, False)),
         faithful={"settings/embeddings.word_embeddings/padding_idx"},
         bugs=[(_scaled("decoder.layers.1.self_attn.k_proj"), None,
@@ -233,6 +278,25 @@ MODELS: dict[str, dict[str, Any]] = {
                "decoder.block.1.layer.1.EncDecAttention.q"),
               (_scaled("decoder.block.1.layer.2.DenseReluDense.wo"), None,
                "decoder.block.1.layer.2.DenseReluDense.wo")]),
+    "ernie": dict(
+        build=_ernie, norms=lambda n: "LayerNorm" in n, sharpen=("query.weight", "key.weight"),
+        feed=lambda: _ids(1, 0, True), faithful=set(),
+        bugs=[(_scaled("encoder.layers.1.self_attn.q_proj"), None,
+               "encoder.layer.1.attention.self.query"),
+              (_tanh_gelu, {"settings/encoder.layers.1:gelu/approximate"}, None)]),
+    "bloom": dict(
+        build=_bloom, norms=lambda n: "layernorm" in n or "ln_f" in n,
+        sharpen=("query_key_value.weight",), feed=lambda: _ids(4, 3, False), faithful=set(),
+        bugs=[(_scaled("h.1.self_attention.query_key_value"), None,
+               "h.1.self_attention.query_key_value"),
+              (_exact_gelu, {"settings/h.1.mlp.gelu_impl/approximate"}, None)]),
+    "distilbert": dict(
+        build=_distilbert, norms=lambda n: "layer_norm" in n, sharpen=("q_lin.weight",
+                                                                         "k_lin.weight"),
+        feed=lambda: _ids(1, 0, False),
+        faithful={"settings/embeddings.word_embeddings/padding_idx"},
+        bugs=[(_scaled("encoder.layers.1.self_attn.k_proj"), None,
+               "transformer.layer.1.attention.k_lin")]),
     "electra": dict(
         build=_electra, norms=lambda n: "LayerNorm" in n, feed=lambda: _ids(1, 0, True),
         faithful={"settings/embeddings.word_embeddings/padding_idx"},
@@ -261,7 +325,7 @@ def _loaded(name: str) -> tuple[Any, Any]:
             # query or key moves the outputs by 1e-6
             with torch.no_grad():
                 for n, p in tm.named_parameters():
-                    if n.endswith(("q_proj.weight", "k_proj.weight")):
+                    if n.endswith(MODELS[name]["sharpen"]):
                         p.mul_(10)
         load_into_paddle(pm, tm, by_order=True)
     return tm, pm
