@@ -482,6 +482,9 @@ _ALIASES = {"input": "x", "x": "input", "dim": "axis", "axis": "dim"}
 
 # what a layer's call says and its attributes do not: compared for pairs of two layers too
 _DYNAMIC: dict[str, tuple[str, ...]] = {"attention": ("masked",)}
+# kinds a model may hold once for all its blocks where the other holds one a block (Hugging
+# Face's Llama computes its rotary embedding once in the model, PaddleNLP's in each attention)
+_SHARED = frozenset({"rotary"})
 _RELEVANT[("attention", "masked")] = lambda a, b: a.get("masked") != "none" or \
     b.get("masked") != "none"
 
@@ -927,7 +930,10 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
             if len(kept[0]) == len(kept[1]) and kept[0]:
                 xs, ys = kept
         pairs = list(zip(xs, ys))
-        if len(xs) != len(ys):
+        if len(xs) != len(ys) and kind in _SHARED and 1 in (len(xs), len(ys)):
+            # one layer serving every block against one a block: each is set against it
+            pairs = [(x, y) for x in xs for y in ys]
+        elif len(xs) != len(ys):
             pairs, left = _by_name(xs, ys, sides)
             unpaired.append(f"{kind} (calls and layers): {len(xs)} in {sides[0]}, "
                             f"{len(ys)} in {sides[1]}" + left)

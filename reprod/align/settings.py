@@ -101,6 +101,8 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
         return n, 0
     if n in _HF_GELU:
         return "gelu", 0
+    if n.endswith("rotaryembedding"):  # Llama's, and the models' that copy it
+        return "rotary", 0
     if n in _RNN:
         return _RNN[n], 0
     if n == "multiheadattention":
@@ -143,6 +145,26 @@ def _gelu_approximate(t: Any) -> str:
     return _measured_gelu(t)
 
 
+def _rope(layer: Any) -> tuple[float, int]:
+    """A rotary embedding's base (``rope_theta``) and dimension, as PaddleNLP's holds them
+    (``base``, ``dim``), else read from its frequencies (Hugging Face's ``inv_freq``, the k-th
+    ``base ** (-2k / dim)``: from the last, where float32's rounding is least amplified)."""
+    import numpy as np
+
+    base, dim = getattr(layer, "base", None), getattr(layer, "dim", None)
+    if isinstance(base, (int, float)) and isinstance(dim, int):
+        return float(base), dim
+    inv = getattr(layer, "inv_freq", None)
+    if inv is None:
+        raise AttributeError("no base")
+    f = np.asarray(inv.detach().cpu().numpy() if hasattr(inv, "detach") else inv.numpy(),
+                   dtype=np.float64).reshape(-1)
+    dim, k = 2 * f.size, f.size - 1
+    if k < 1 or not f[-1] > 0:
+        raise ValueError("too few frequencies")
+    return float(f"{f[-1] ** (-dim / (2 * k)):.5g}"), dim
+
+
 def _measured_gelu(layer: Any) -> str:
     """The approximation a GELU written out by hand computes (Hugging Face's and PaddleNLP's
     BloomGelu: the tanh formula), read from its values at a few points, where the two differ
@@ -182,7 +204,7 @@ _WHOLE = frozenset(_RNN.values()) | {"attention"}
 _BY_ORDER = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool", "dropout", "dropout2d",
              "dropout3d", "leakyrelu", "gelu", "hardtanh", "elu", "softplus", "softmax",
              "logsoftmax", "upsample", "pixelshuffle", "pixelunshuffle", "channelshuffle",
-             "flatten", "celu", "hardshrink", "softshrink", "pad",
+             "flatten", "celu", "hardshrink", "softshrink", "pad", "rotary",
              # whose parameters are their sublayers' (or packed otherwise than the port's)
              "attention", "transformerlayer")
 # torch's padding layers by class (ZeroPad2d, ReflectionPad2d...): Paddle's Pad2D says its mode
@@ -413,6 +435,8 @@ _SETTINGS.update({
     "hardshrink": [("threshold", lambda t, r: float(t.lambd), lambda p, r: float(p._threshold))],
     "softshrink": [("threshold", lambda t, r: float(t.lambd), lambda p, r: float(p._threshold))],
     # (left, right, top, bottom, ...) in both
+    "rotary": [("base", lambda t, r: _rope(t)[0], lambda p, r: _rope(p)[0]),
+               ("dim", lambda t, r: _rope(t)[1], lambda p, r: _rope(p)[1])],
     "pad": [
         ("padding", lambda t, r: _tuple(t.padding, 2 * r), lambda p, r: _tuple(p.padding, 2 * r)),
         ("mode", lambda t, r: _PAD_MODES[_DIMS.sub("", type(t).__name__.lower())],

@@ -132,3 +132,24 @@ def test_adamw_steps_in_train_mode_align_against_float32_noise() -> None:
     keys = [k.key for k in r.results]
     assert len([k for k in keys if k.startswith("step2/param/")]) == 20
     assert any(k.startswith("step2/opt/") and k.endswith(".moment2") for k in keys)
+
+
+def test_a_rotary_base_is_a_setting_of_each_block() -> None:
+    """HF computes the rotary embedding once in the model (its base only in inv_freq),
+    PaddleNLP in each attention (``base``): each of the port's is set against HF's one. A block
+    rebuilt with base 500 (HF's rope_theta: 10000) was localised between v_proj and o_proj, and
+    named by no setting."""
+    from paddlenlp.transformers.llama.modeling import LlamaRotaryEmbedding
+
+    from reprod.align import align_forward
+
+    tm, pm = _loaded()
+    r = align_forward(tm, pm, _ids())
+    assert r.passed, r.to_table(failed_only=True)
+    rotary = pm.layers[1].self_attn.rotary_emb
+    pm.layers[1].self_attn.rotary_emb = LlamaRotaryEmbedding(
+        rotary.dim, rotary.max_position_embeddings, base=500)
+    r = align_forward(tm, pm, _ids())
+    assert [k.key for k in r.failed if k.status == "setting"] == [
+        "settings/layers.1.self_attn.rotary_emb/base"]
+    assert "base 10000 in torch, 500 in Paddle" in r.options["findings"][-1]
