@@ -173,10 +173,14 @@ def split_attention(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
         for i, q in enumerate("qkv"):
             for src, tensor, (_, part, e, axis, _) in parts:
                 name = f"{prefix}{q}_proj.{part}"
-                index = (slice(None),) * axis + (slice(i * e, (i + 1) * e),)
-                out[name] = tensor[index]
+                out[name] = tensor[_third(i, e, axis)]
                 origin[name] = src
     return out, origin
+
+
+def _third(i: int, e: int, axis: int) -> tuple[slice, ...]:
+    """The index of q (0), k (1) or v (2) in a tensor packing them along ``axis``, E each."""
+    return (slice(None),) * axis + (slice(i * e, (i + 1) * e),)
 
 
 def _packed_pair(key: str, what: str, want: str) -> str:
@@ -194,8 +198,7 @@ def packed_slices(state: Mapping[str, Any]) -> dict[str, list[tuple[str, tuple[s
     for name, src in split_attention(state)[1].items():
         _, _, e, axis, _ = packings[src]
         i = "qkv".index(name.rsplit(".", 2)[-2][0])
-        out.setdefault(src, []).append(
-            (name, (slice(None),) * axis + (slice(i * e, (i + 1) * e),)))
+        out.setdefault(src, []).append((name, _third(i, e, axis)))
     return out
 
 

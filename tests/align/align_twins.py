@@ -10,6 +10,18 @@ NUM_CLASSES = 5
 VOCAB = 11
 
 
+def perturbed(model: torch.nn.Module, norm: str) -> torch.nn.Module:
+    """``model`` with every tensor of its norms (whose names hold ``norm``) and every bias moved
+    off its initial value (1 and 0), so that a weight loaded into the wrong one of two such
+    tensors shows (seeded)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if norm in name or name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
 class TorchNet(torch.nn.Module):
     def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()

@@ -15,6 +15,8 @@ paddle = pytest.importorskip("paddle")
 tnn = torch.nn
 pnn = paddle.nn
 
+from align_twins import perturbed  # noqa: E402
+
 from reprod.align import (  # noqa: E402
     align_forward,
     align_train,
@@ -124,20 +126,11 @@ class PaddleModel(pnn.Layer):
         return self.norm(x)  # a lone tensor where HF returns a one-field ModelOutput
 
 
-def _randomised(model):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" in name or name.endswith("bias"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
-
-
 @pytest.fixture()
 def pair():
     torch.manual_seed(0)
     paddle.seed(0)
-    tm = _randomised(HFModel().eval())
+    tm = perturbed(HFModel().eval(), "ln")
     pm = PaddleModel()
     pm.eval()
     return tm, pm

@@ -18,6 +18,8 @@ paddle = pytest.importorskip("paddle")
 tnn = torch.nn
 pnn = paddle.nn
 
+from align_twins import perturbed  # noqa: E402
+
 from reprod.align import align_forward, load_into_paddle, pair_weights_by_order  # noqa: E402
 from reprod.align.by_order import _order_plan  # noqa: E402
 
@@ -123,22 +125,13 @@ class PaddleModel(pnn.Layer):
         return x
 
 
-def _randomised(model):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
-
-
 @pytest.fixture()
 def pair():
     torch.manual_seed(0)
     paddle.seed(0)
     pm = PaddleModel()
     pm.eval()
-    return _randomised(TorchModel().eval()), pm
+    return perturbed(TorchModel().eval(), "norm"), pm
 
 
 def test_layers_of_one_kind_and_shape_pair_by_their_names_within_each_block(pair) -> None:
