@@ -269,20 +269,25 @@ def test_a_bug_in_one_of_the_three_is_named_at_its_columns_of_c_attn(pair, q, co
     assert f"(c_attn[..., {columns}] vs Linear): input aligned" in div["message"], div
 
 
+def _trained(tm, pm, steps, torch_optimizer, paddle_optimizer):
+    """``steps`` of an MSE to zeros, the port loaded by order first."""
+    load_into_paddle(pm, tm, by_order=True)
+    y = np.zeros((B, L, E), np.float32)
+    return align_train(
+        tm, pm, [({"x": X}, y)], steps=steps, by_order=True,
+        torch_loss_fn=lambda out, t: torch.nn.functional.mse_loss(out["last_hidden_state"], t),
+        paddle_loss_fn=lambda out, t: paddle.nn.functional.mse_loss(out, t),
+        torch_optimizer=torch_optimizer, paddle_optimizer=paddle_optimizer)
+
+
 def test_align_train_steps_the_packed_columns_with_momentum(pair) -> None:
     """The momentum of c_attn, sliced by columns as Paddle's three parameters keep it. (Not
     Adam: a key projection's bias gets no gradient but rounding noise, which Adam scales up to
     full steps on both sides, each its own.)"""
     tm, pm = pair
-    load_into_paddle(pm, tm, by_order=True)
-    y = np.zeros((B, L, E), np.float32)
-    r = align_train(
-        tm, pm, [({"x": X}, y)], steps=3, by_order=True,
-        torch_loss_fn=lambda out, t: torch.nn.functional.mse_loss(out["last_hidden_state"], t),
-        paddle_loss_fn=lambda out, t: paddle.nn.functional.mse_loss(out, t),
-        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9),
-        paddle_optimizer=paddle.optimizer.Momentum(learning_rate=0.1, momentum=0.9,
-                                                   parameters=pm.parameters()))
+    r = _trained(tm, pm, 3, torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9),
+                 paddle.optimizer.Momentum(learning_rate=0.1, momentum=0.9,
+                                           parameters=pm.parameters()))
     assert r.passed, r.to_table(failed_only=True)
     keys = {k.key for k in r.results}
     assert {"step2/param/layers.1.self_attn.k_proj.weight",
@@ -298,14 +303,8 @@ def test_adam_on_a_key_bias_is_said_to_turn_noise_into_steps(pair) -> None:
     every key); Adam scales it to steps of up to lr, each side its own. Before, the finding read
     "the optimizers differ: the port's update is -0.17x the reference's"."""
     tm, pm = pair
-    load_into_paddle(pm, tm, by_order=True)
-    y = np.zeros((B, L, E), np.float32)
-    r = align_train(
-        tm, pm, [({"x": X}, y)], steps=1, by_order=True,
-        torch_loss_fn=lambda out, t: torch.nn.functional.mse_loss(out["last_hidden_state"], t),
-        paddle_loss_fn=lambda out, t: paddle.nn.functional.mse_loss(out, t),
-        torch_optimizer=torch.optim.Adam(tm.parameters(), lr=1e-2),
-        paddle_optimizer=paddle.optimizer.Adam(learning_rate=1e-2, parameters=pm.parameters()))
+    r = _trained(tm, pm, 1, torch.optim.Adam(tm.parameters(), lr=1e-2),
+                 paddle.optimizer.Adam(learning_rate=1e-2, parameters=pm.parameters()))
     failed = {k.key for k in r.failed}
     assert failed and all(k.endswith("self_attn.k_proj.bias") for k in failed), failed
     # the gradients themselves are noise: far under any threshold, as far apart as they are large
