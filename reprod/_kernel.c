@@ -1434,14 +1434,24 @@ static PyObject *pack_chunks[PACK_CHUNKS];
 
 static PyObject *pack_chunk(Py_ssize_t n) {
 #ifndef Py_GIL_DISABLED
-    int slot = -1;  /* where a new chunk is kept: an empty slot, else a free smaller chunk's */
+    /* where a new chunk is kept: an empty slot, else a free smaller chunk's, else, where every
+       slot is busy, a busy one's.
+       A chunk held elsewhere for good (a write that keeps it, a failed write's traceback waiting
+       for the cycle collector) would otherwise pin its slot, and with all of them pinned every
+       later chunk was fresh pages; the holder keeps the one given up alive. */
+    int slot = -1, busy = -1, all_busy = 1;
+    static int next_busy = 0;
     for (int i = 0; i < PACK_CHUNKS; i++) {
         PyObject *c = pack_chunks[i];
         if (c == NULL) {
             slot = i;
             continue;
         }
-        if (Py_REFCNT(c) != 1) continue;  /* still being written */
+        if (Py_REFCNT(c) != 1) {  /* still being written */
+            if (busy < 0 || i == next_busy) busy = i;
+            continue;
+        }
+        all_busy = 0;
         PyByteArrayObject *b = (PyByteArrayObject *)c;
         /* bytearray's resize only sets the size for one of at least half of what it holds */
         if (n + 1 <= b->ob_alloc && n >= b->ob_alloc / 2 && b->ob_start == b->ob_bytes) {
@@ -1456,6 +1466,10 @@ static PyObject *pack_chunk(Py_ssize_t n) {
     if (c == NULL || PyByteArray_Resize(c, n) < 0) {
         Py_XDECREF(c);
         return NULL;
+    }
+    if (slot < 0 && busy >= 0 && all_busy) {
+        slot = busy;  /* round the busy slots, so that one just taken is not the next given up */
+        next_busy = (busy + 1) % PACK_CHUNKS;
     }
     if (slot >= 0) {
         Py_XSETREF(pack_chunks[slot], c);
