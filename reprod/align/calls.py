@@ -217,6 +217,53 @@ def _pool_common(a: Mapping[str, Any], r: int, pad: Callable[[Any, int], Any]) -
 _OPS: dict[str, tuple[str, Optional[_Norm], Optional[_Norm], Optional[str]]] = {}
 
 
+# a fused attention call: the softmax over its keys and the dropout of its weights that a
+# hand-written attention applies as two calls or layers, each an event of its own kind
+_SDPA = "sdpa"
+_CALLER = "__caller__"  # what ``_record`` adds: the layer whose code made the call
+# where an attention that calls the fused op holds its rate as a number (Hugging Face's BERT and
+# ALBERT ``dropout_prob``, Llama's ``attention_dropout``)
+_HELD_RATES = ("dropout_prob", "attention_dropout", "attn_dropout", "dropout_p", "dropout")
+
+
+def _held_rate(layer: Any) -> Optional[float]:
+    for attr in _HELD_RATES:
+        v = getattr(layer, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def _sdpa_events(a: Mapping[str, Any], scores: Optional[tuple[int, ...]], on: bool
+                 ) -> dict[str, dict[str, Any]]:
+    p = float(a.get("dropout_p") or 0.0)
+    dropout: dict[str, Any] = {"p": p, "mode": "upscale_in_train", "training": bool(on and p)}
+    caller = a.get(_CALLER)
+    if not p and caller is not None and getattr(caller, "training", None) is False:
+        # Hugging Face passes ``dropout_p=self.dropout_prob if self.training else 0.0``: out of
+        # training the call says nothing of the rate, the layer may
+        held = _held_rate(caller)
+        if held is None:
+            dropout["_rate_unread"] = True
+        else:
+            dropout["p"] = held
+    softmax = {"axis": len(scores) - 1 if scores else -1, "_shape": scores}
+    return {"softmax": softmax, "dropout": dropout}
+
+
+def _sdpa_torch(a: Mapping[str, Any], x: Any) -> dict[str, Any]:
+    q, k = _shape(a.get("query")), _shape(a.get("key"))
+    scores = q[:-1] + k[-2:-1] if q and k else None  # (..., L, E) @ (..., S, E)^T
+    return _sdpa_events(a, scores, True)  # torch's call drops wherever its p is not 0
+
+
+def _sdpa_paddle(a: Mapping[str, Any], x: Any) -> dict[str, Any]:
+    q, k = _shape(a.get("query")), _shape(a.get("key"))
+    # Paddle's layout is (batch, length, heads, dim)
+    scores = (q[0], q[2], q[1], k[1]) if q and k and len(q) == 4 and len(k) == 4 else None
+    return _sdpa_events(a, scores, bool(a.get("training", True)))
+
+
 def _op(names: Sequence[str], kind: str, torch_norm: Optional[_Norm],
         paddle_norm: Optional[_Norm], torch_params: Optional[str] = None) -> None:
     for n in names:
@@ -369,6 +416,8 @@ _op(["cosine_similarity"], "cosinesimilarity",
     lambda a, x: {"axis": _axis(a["dim"], _ndim(x)), "eps": float(a["eps"])},
     lambda a, x: {"axis": _axis(a["axis"], _ndim(x)), "eps": float(a["eps"])},
     _TORCH_PARAMS["cosine_similarity"])
+_op(["scaled_dot_product_attention"], _SDPA, _sdpa_torch, _sdpa_paddle,
+    "query key value attn_mask=None dropout_p=0.0 is_causal=False scale=None enable_gqa=False")
 _op(["embedding"], "embedding",
     lambda a, x: {"padding_idx": a["padding_idx"], "max_norm": a.get("max_norm")},
     lambda a, x: {"padding_idx": a["padding_idx"], "max_norm": a.get("max_norm")})
@@ -396,6 +445,8 @@ _RELEVANT: dict[tuple[str, str], Callable[[Mapping[str, Any], Mapping[str, Any]]
     ("cosinesimilarity", "axis"): _same_input,
     ("crossentropy", "class_axis"): _same_input,
     ("pad", "value"): _settings._RELEVANT[("pad", "value")],
+    # a fused attention's call out of training may not say its rate (``_sdpa_events``)
+    ("dropout", "p"): lambda a, b: not a.get("_rate_unread") and not b.get("_rate_unread"),
     # a dropout of p 0 drops nothing, whatever its mode or whether it is on
     ("dropout", "mode"): lambda a, b: bool(a.get("p")) or bool(b.get("p")),
     ("dropout", "training"): lambda a, b: bool(a.get("p")) or bool(b.get("p")),
@@ -776,9 +827,9 @@ class SettingsTrace:
                 out[p] = default
         return out
 
-    def _where(self) -> tuple[str, bool]:
-        """The name of the module whose code made the call, and whether it is a layer of a kind
-        the layer settings read (whose own calls are not events)."""
+    def _where(self) -> tuple[str, bool, Any]:
+        """The name of the module whose code made the call, whether it is a layer of a kind the
+        layer settings read (whose own calls are not events), and the module."""
         f = sys._getframe(3)
         for _ in range(12):
             if f is None:
@@ -790,10 +841,10 @@ class SettingsTrace:
                 read = _settings.read_settings(s)
                 inside = read is not None and read[0] != "transformerlayer"
                 if name is None:
-                    return type(s).__name__, inside
-                return name or "(model)", inside
+                    return type(s).__name__, inside, s
+                return name or "(model)", inside, s
             f = f.f_back
-        return "(model)", False
+        return "(model)", False, None
 
     def _wrapped(self, key: str, op: str, kind: str, norm: _Norm, text: Optional[str],
                  original: Any) -> Callable[..., Any]:
@@ -817,10 +868,11 @@ class SettingsTrace:
     def _record(self, key: str, op: str, kind: str, norm: _Norm, text: Optional[str],
                 original: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         try:
-            where, inside = self._where()
+            where, inside, caller = self._where()
             if inside:
                 return
             bound = self._bound(key, original, text, args, kwargs)
+            bound[_CALLER] = caller
             first = args[0] if args else next(iter(kwargs.values()), None)
             found = norm(bound, first)
             if kind in _AXES:
@@ -831,8 +883,10 @@ class SettingsTrace:
         n = self._counts.get((where, op), 0) + 1
         self._counts[(where, op)] = n
         label = f"{where}:{op}" + (f"#{n}" if n > 1 else "")
-        self.events.append(OpEvent(kind, op, label, False,
-                                   {k: _plain(v) for k, v in found.items()}))
+        parts = found.items() if kind == _SDPA else ((kind, found),)
+        for part, settings in parts:
+            self.events.append(OpEvent(part, op, label if kind != _SDPA else f"{label}:{part}",
+                                       False, {k: _plain(v) for k, v in settings.items()}))
 
 
 def trace_settings(model: Any) -> SettingsTrace:
@@ -898,7 +952,8 @@ def _with_attention_dropouts(events: Sequence[OpEvent]) -> list[OpEvent]:
 
 
 def _identity(e: OpEvent) -> bool:
-    return e.kind.replace("alpha", "").startswith("dropout") and not e.settings.get("p")
+    return e.kind.replace("alpha", "").startswith("dropout") and not e.settings.get("p") \
+        and not e.settings.get("_rate_unread")
 
 
 def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],

@@ -123,12 +123,21 @@ def _electra() -> tuple[Any, Any]:
     return ElectraModel(ElectraConfig(**cfg)), PM(PC(**cfg))
 
 
-def _bart() -> tuple[Any, Any]:
+# HF's BartConfig defaults attention_dropout and activation_dropout to 0.0, PaddleNLP's to 0.1:
+# a port built from one config dict drops where the reference does not (said from the traced
+# fused attention's rate, test_bart_s_dropout_defaults_differ_and_only_they_are_said)
+_BART_DROPOUTS = {f"settings/{part}.{part}.layers.{i}.{which}/p"
+                  for part, attentions in (("encoder", ("self_attn:dropout",)),
+                                           ("decoder", ("self_attn:dropout", "cross_attn:dropout")))
+                  for i in range(2) for which in attentions + ("dropout",)}
+
+
+def _bart(**same: float) -> tuple[Any, Any]:
     from paddlenlp.transformers import BartConfig as PC
     from paddlenlp.transformers import BartModel as PM
     from transformers import BartConfig, BartModel
 
-    cfg = dict(vocab_size=1000, d_model=64, encoder_layers=2, decoder_layers=2,
+    cfg = dict(**same,vocab_size=1000, d_model=64, encoder_layers=2, decoder_layers=2,
                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256,
                decoder_ffn_dim=256, max_position_embeddings=64, activation_function="gelu",
                pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
@@ -258,7 +267,8 @@ MODELS: dict[str, dict[str, Any]] = {
                "encoder.block.1.layer.1.layer_norm")]),
     "bart": dict(
         build=_bart, norms=lambda n: "layer_norm" in n or "layernorm" in n, sharpen=("q_proj.weight", "k_proj.weight"),
-        feed=lambda: _with_decoder(_ids(3, 1, False)), faithful={"settings/shared/padding_idx"},
+        feed=lambda: _with_decoder(_ids(3, 1, False)),
+        faithful={"settings/shared/padding_idx"} | _BART_DROPOUTS,
         bugs=[(_scaled("encoder.encoder.layers.1.self_attn.q_proj"), None,
                "encoder.layers.1.self_attn.q_proj"),
               (_scaled("decoder.decoder.layers.1.cross_attn.q_proj"), None,
@@ -390,6 +400,34 @@ def test_a_bug_is_named_where_it_is(name: str, index: int) -> None:
     if layer is not None:
         div = r.options["divergence"]
         assert div["layer"] == layer and "input aligned" in div["message"], div
+
+
+def test_bart_s_dropout_defaults_differ_and_only_they_are_said() -> None:
+    from paddlenlp.transformers import BartConfig as PC
+    from transformers import BartConfig
+
+    from reprod.align import align_forward
+
+    for rate in ("attention_dropout", "activation_dropout"):
+        assert (getattr(BartConfig(), rate), getattr(PC(), rate)) == (0.0, 0.1)
+    r = align_forward(*_loaded("bart"), _feed("bart"), by_order=True)
+    said = {k.key: k for k in r.failed if k.key in _BART_DROPOUTS}
+    assert set(said) == _BART_DROPOUTS
+    # each attention's rate, read from HF's sdpa attention (its ``dropout``, passed only in
+    # training) against PaddleNLP's MultiHeadAttention
+    assert "p 0 in torch, 0.1 in Paddle" in said[
+        "settings/decoder.decoder.layers.1.cross_attn:dropout/p"].reason
+    # the same rates given to both: only the real padding_idx difference is left
+    build = MODELS["bart"]["build"]
+    try:
+        MODELS["bart"]["build"] = lambda: _bart(attention_dropout=0.1, activation_dropout=0.1)
+        tm, pm = _loaded("bart")
+    finally:
+        MODELS["bart"]["build"] = build
+    r = align_forward(tm, pm, _feed("bart"), by_order=True)
+    assert {k.key for k in r.failed} == {"settings/shared/padding_idx"}, r.to_table()
+    assert not r.options["settings"].get("unpaired") or not any(
+        u.startswith("dropout") for u in r.options["settings"]["unpaired"])
 
 
 def test_opt_s_padded_positions_differ_for_real() -> None:
