@@ -139,6 +139,7 @@ def convert(
     rules: Optional[ConversionRules] = None,
     by_order: bool = False,
     paddle_model: Any = None,
+    copy: bool = True,
 ) -> Conversion:
     """Convert a PyTorch state dict (a mapping, a file, or a torch model) into a Paddle one, and say
     what was done to every key.
@@ -150,6 +151,10 @@ def convert(
     ``by_order=True`` names each key after the Paddle key at the same position of ``paddle_model``
     (a Paddle model, state dict or ``.pdparams`` path), see ``pair_weights_by_order``; Linear weights are
     then recognised by shape. ``rules`` still skip keys.
+
+    ``copy=False``: a weight kept as it is may share memory with its torch tensor, for a caller
+    done with the arrays before the tensors can change (``load_into_paddle`` hands them to
+    ``set_state_dict``, which copies them): one copy of the model fewer, in time and memory.
 
     >>> conv = convert(torch_model.state_dict(), model=torch_model)
     >>> paddle_model.set_state_dict(conv.weights); print(conv.summary_line())
@@ -207,7 +212,9 @@ def convert(
     for p in plan:
         if p.paddle_name is None:
             continue
-        conv = to_numpy(sd[p.torch_name], key=p.torch_name)
+        # a weight transposed is copied by the transpose: its tensor's view is enough
+        conv = to_numpy(sd[p.torch_name], key=p.torch_name,
+                        copy=copy and p.action != "transpose")
         arr = conv.array
         if p.action == "transpose":
             arr = np.ascontiguousarray(arr.T)
@@ -329,7 +336,7 @@ def load_into_paddle(
         if weight_file_suffix(source) in PADDLE_SUFFIXES:
             raise ReprodError(f"{source}: by_order converts PyTorch files, not a .pdparams")
         arrays: Mapping[str, Any] = convert(
-            source, model=model, rules=rules, by_order=by_order, paddle_model=target
+            source, model=model, rules=rules, by_order=by_order, paddle_model=target, copy=False
         ).weights
     elif isinstance(weights, (str, os.PathLike)):
         source = os.fspath(weights)
@@ -337,13 +344,13 @@ def load_into_paddle(
     elif _is_torch_module(weights):
         source = f"weights of {type(weights).__name__}"
         arrays = convert(
-            weights, model=model, rules=rules, by_order=by_order, paddle_model=target
+            weights, model=model, rules=rules, by_order=by_order, paddle_model=target, copy=False
         ).weights
     elif isinstance(weights, Mapping) and any(
         type(v).__module__.startswith("torch") for v in weights.values()
     ):
         arrays = convert(
-            weights, model=model, rules=rules, by_order=by_order, paddle_model=target
+            weights, model=model, rules=rules, by_order=by_order, paddle_model=target, copy=False
         ).weights
     elif by_order:
         raise ReprodError("by_order needs PyTorch weights (a torch model, state dict or .pth)")

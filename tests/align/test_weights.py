@@ -386,3 +386,37 @@ def test_weight_files_of_both_frameworks_compare_equal(tmp_path) -> None:
     )
     assert [k.key for k in r.failed] == ["head.weight"]
     assert r["head.weight"].worst_index == (2, 1)  # Paddle layout: the transpose of torch's (1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("by_order", [False, True])
+def test_a_loaded_port_holds_its_own_weights(dtype, by_order) -> None:
+    # load_into_paddle converts without copying (set_state_dict copies): what it loaded must
+    # still be Paddle's own memory, untouched when the torch model trains on
+    tm = _torch_net().to(dtype)
+    pm = PaddleNet()
+    pm.to(dtype={torch.float32: "float32", torch.float16: "float16",
+                 torch.float64: "float64"}[dtype])
+    load_into_paddle(pm, tm, by_order=by_order)
+    loaded = {k: v.numpy().copy() for k, v in pm.state_dict().items()}
+    expected = torch_to_paddle(tm, model=tm)
+    assert set(expected) <= set(loaded)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(loaded[k], v, err_msg=k)
+    with torch.no_grad():
+        for t in tm.state_dict().values():
+            t.add_(1) if t.is_floating_point() else t.add_(3)
+    for k, v in pm.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), loaded[k], err_msg=k)
+
+
+def test_convert_s_arrays_are_their_own_unless_asked_otherwise() -> None:
+    tm = _torch_net()
+    conv, views = convert(tm, model=tm), convert(tm, model=tm, copy=False)
+    bias = tm.head.bias.detach().numpy()
+    assert not np.shares_memory(conv.weights["head.bias"], bias)
+    assert np.shares_memory(views.weights["head.bias"], bias)
+    # a transposed weight is the transpose's own either way
+    assert not np.shares_memory(views.weights["head.weight"], tm.head.weight.detach().numpy())
+    for k in conv.weights:
+        np.testing.assert_array_equal(conv.weights[k], views.weights[k], err_msg=k)
