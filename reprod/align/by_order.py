@@ -28,8 +28,10 @@ from .rules import (
     known_layouts,
     linear_weight_names,
     packed_linear_weights,
+    port_constants,
     split_attention,
     torch_aliases,
+    torch_constants,
     unaliased,
 )
 
@@ -125,6 +127,8 @@ def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], set[str], str, 
     if aliases:
         sd = {k: v for k, v in sd.items() if k not in aliases}
     ints = integer_keys(sd)
+    if _is_torch_module(obj):
+        ints |= torch_constants(obj) - set(aliases)
     if linear is not None:
         linear = linear | packed_linear_weights(sd)
         sd = split_attention(sd)[0]  # as Paddle's MultiHeadAttention lists them
@@ -137,6 +141,9 @@ def _torch_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], set[str], str, 
 
 
 def _paddle_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], str, set[str]]:
+    """The shapes, the label, and the constants (``rules.port_constants``: integer and bool
+    tensors, and where the model is at hand its registered buffers)."""
+    buffers: Optional[set[str]] = None
     if isinstance(obj, (str, os.PathLike)):
         label = os.fspath(obj)
         sd: Mapping[str, Any] = read_pdparams(label)
@@ -144,6 +151,8 @@ def _paddle_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], str, set[str]]
         sd, label = obj, "paddle state dict"
     elif hasattr(obj, "state_dict"):
         sd, label = unaliased(obj.state_dict())[0], f"paddle {type(obj).__name__}"
+        if hasattr(obj, "named_buffers"):
+            buffers = {name for name, _ in obj.named_buffers()}
     else:
         raise ReprodError(
             f"cannot pair a {type(obj).__name__}: expected a Paddle model, state dict or "
@@ -152,7 +161,7 @@ def _paddle_shapes(obj: Any) -> tuple[dict[str, tuple[int, ...]], str, set[str]]
     # paddle tensors report their shape as a list; numpy's np.shape would copy them
     return {
         k: tuple(int(s) for s in getattr(v, "shape", np.shape(v))) for k, v in sd.items()
-    }, label, integer_keys(sd)
+    }, label, port_constants(sd, buffers)
 
 
 @dataclass(frozen=True)
@@ -408,8 +417,8 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
     paddle_keys = list(pshapes)
     tints &= set(torch_keys)
     if len(tints) != len(pints):
-        # integer constants one side keeps in its state dict and the other not (PaddleNLP's
-        # persistable position_ids): no weights, each model keeps its own
+        # constants one side keeps in its state dict and the other not (PaddleNLP's persistable
+        # position_ids, its GPT-J's causal mask): no weights, each model keeps its own
         torch_keys = [k for k in torch_keys if k not in tints]
         paddle_keys = [k for k in paddle_keys if k not in pints]
     flat = [(i, tk, pk) for i, (tk, pk) in enumerate(zip(torch_keys, paddle_keys))]

@@ -30,14 +30,15 @@ from .rules import (
     ConversionRules,
     KeyPlan,
     _is_torch_module,
-    integer_keys,
     known_layouts,
     linear_weight_names,
     packed_linear_weights,
     packed_why,
     plan_conversion,
+    port_constants,
     split_attention,
     torch_aliases,
+    torch_constants,
     unaliased,
     with_aliases,
 )
@@ -258,12 +259,15 @@ def _paddle_dtype_name(t: Any) -> str:
 
 
 def _own_constants(paddle_model: Any, weights: Mapping[str, Any]) -> dict[str, Any]:
-    """The Paddle model's integer buffers ``weights`` leaves out (PaddleNLP's persistable
-    ``position_ids``, which Hugging Face keeps out of its state dict): constants the model
-    keeps, not weights to load."""
+    """The Paddle model's constants ``weights`` leaves out: its integer and bool tensors
+    (PaddleNLP's persistable ``position_ids``, which Hugging Face keeps out of its state dict)
+    and its registered buffers (PaddleNLP GPT-J's causal mask and ``masked_bias``, which Hugging
+    Face's does not hold). The model keeps them: they are not weights to load."""
     state = unaliased(paddle_model.state_dict())[0]
     trainable = {k for k, v in state.items() if not getattr(v, "stop_gradient", True)}
-    return {k: state[k] for k in integer_keys(state) - trainable if k not in weights}
+    buffers = {name for name, _ in paddle_model.named_buffers()}
+    constants = port_constants(state, buffers) - trainable
+    return {k: state[k] for k in constants if k not in weights}
 
 
 def check_fits(
@@ -272,7 +276,8 @@ def check_fits(
     """Raise one ``KeyMismatchError`` listing every key that keeps ``weights`` from loading into
     ``paddle_model``: missing, unexpected, wrong shape (with a hint when it is the transpose), wrong
     dtype. Paddle's own ``set_state_dict`` only warns about missing keys. The model's integer
-    buffers may be left out: it keeps its own (``position_ids``).
+    and bool tensors and its registered buffers may be left out: it keeps its own
+    (``position_ids``, a causal mask).
 
     >>> check_fits(paddle_model, torch_to_paddle("model.pth", model=torch_model))
     """
@@ -343,9 +348,15 @@ def load_into_paddle(
         arrays = load_weights_as_dump(source, rules=rules, model=model)
     elif _is_torch_module(weights):
         source = f"weights of {type(weights).__name__}"
-        arrays = convert(
+        conv = convert(
             weights, model=model, rules=rules, by_order=by_order, paddle_model=target, copy=False
-        ).weights
+        )
+        # the reference's constants the port does not hold (it computes them): not weights
+        constants = torch_constants(weights)
+        held = set(paddle_model.state_dict())
+        gone = {p.paddle_name for p in conv.plan
+                if p.torch_name in constants and p.paddle_name not in held}
+        arrays = {k: v for k, v in conv.weights.items() if k not in gone}
     elif isinstance(weights, Mapping) and any(
         type(v).__module__.startswith("torch") for v in weights.values()
     ):

@@ -28,6 +28,8 @@ from ..errors import ReprodError
 
 __all__ = [
     "integer_keys",
+    "port_constants",
+    "torch_constants",
     "known_layouts",
     "packed_linear_weights",
     "packed_slices",
@@ -94,14 +96,35 @@ def torch_aliases(state: Mapping[str, Any]) -> dict[str, str]:
 
 
 def integer_keys(state: Mapping[str, Any]) -> set[str]:
-    """The keys of integer tensors: constants a model computes with (PaddleNLP's persistable
-    ``position_ids``, which Hugging Face keeps out of its state dict), not weights."""
+    """The keys of integer and bool tensors: constants a model computes with (PaddleNLP's
+    persistable ``position_ids``, which Hugging Face keeps out of its state dict), not weights."""
     out = set()
     for key, value in state.items():
         dtype = str(getattr(value, "dtype", "")).replace("paddle.", "").replace("torch.", "")
-        if dtype.startswith(("int", "uint")):
+        if dtype.startswith(("int", "uint", "bool")):
             out.add(key)
     return out
+
+
+def port_constants(state: Mapping[str, Any], buffers: Optional[Collection[str]] = None
+                   ) -> set[str]:
+    """The keys of a Paddle state that are the model's constants, not weights: integer and bool
+    tensors, and the model's registered buffers (``buffers``, where the model is at hand:
+    Paddle's BatchNorm statistics are parameters, so a buffer is what a model computes with,
+    PaddleNLP GPT-J's causal mask and ``masked_bias``, which Hugging Face's does not hold)."""
+    out = integer_keys(state)
+    if buffers:
+        out |= {k for k in state if k in buffers}
+    return out
+
+
+def torch_constants(torch_model: Any) -> set[str]:
+    """The keys of a torch model's state dict that are its constants: integer and bool tensors,
+    and its buffers other than a normalisation's running statistics."""
+    state = torch_model.state_dict()
+    stats = re.compile(r"(^|\.)(running_mean|running_var|num_batches_tracked)$")
+    return integer_keys(state) | {name for name, _ in torch_model.named_buffers()
+                                  if name in state and not stats.search(name)}
 
 
 _IN_PROJ = re.compile(r"(.*\.)?in_proj_(weight|bias)")

@@ -10,11 +10,14 @@ from .by_order import _order_plan, _rules_from_order
 from .rules import (
     ConversionRules,
     KeyPlan,
+    integer_keys,
     linear_weight_names,
     packed_linear_weights,
     plan_conversion,
+    port_constants,
     split_attention,
     torch_aliases,
+    torch_constants,
     unaliased,
 )
 
@@ -22,7 +25,7 @@ __all__ = ["StructureRow", "LayerCount", "StructureReport", "compare_structure"]
 
 # statuses that do not keep the weights from loading ("order": paired by order with a tensor of
 # another kind, e.g. a BatchNorm statistic with a weight, is a problem)
-_FINE = ("ok", "transposed", "skipped", "dropped")
+_FINE = ("ok", "transposed", "skipped", "dropped", "own")
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,10 @@ class StructureRow:
     ``status``: ok, transposed (a Linear weight, converted on load), shape, missing (torch has it,
     the Paddle model does not), extra (only the Paddle model has it), skipped (a user rule),
     dropped (no Paddle counterpart, e.g. ``num_batches_tracked``), order (``by_order=True`` paired a
-    BatchNorm statistic with another kind of tensor). With ``by_order=True`` the note of a pair whose
+    BatchNorm statistic with another kind of tensor), own (one side alone has it, and it is that
+    model's constant, not a weight: an integer or bool tensor, PaddleNLP's ``position_ids``, or a
+    buffer, PaddleNLP GPT-J's causal mask; loading leaves it alone and the counts leave it out).
+    With ``by_order=True`` the note of a pair whose
     names differ starts with ``paired by order``. ``trainable`` is False for
     statistics: torch buffers and Paddle's ``stop_gradient`` parameters (BatchNorm ``_mean``/``_variance``).
     """
@@ -201,8 +207,15 @@ def compare_structure(
 
     rows: list[StructureRow] = []
     counts: dict[str, list[int]] = {}
+    # the reference's constants the port does not hold (it computes them): not weights
+    torch_own = {p.torch_name for p in plan if p.paddle_name is not None
+                 and p.paddle_name not in paddle_shapes} & torch_constants(torch_model)
     for p in plan:
         trainable = p.torch_name in trainable_torch
+        if p.torch_name in torch_own:
+            rows.append(StructureRow(None, p.torch_name, p.torch_shape, None, "own",
+                                     "own: the reference's constant, not in the port", False))
+            continue
         if p.paddle_name is None:
             status = "skipped" if p.action == "skip" else "dropped"
             rows.append(
@@ -242,7 +255,15 @@ def compare_structure(
             StructureRow(p.paddle_name, p.torch_name, p.torch_shape, want, status, note, trainable)
         )
     converted_names = {p.paddle_name for p in plan if p.paddle_name is not None}
+    own = port_constants(paddle_sd, {name for name, _ in paddle_model.named_buffers()}
+                         if hasattr(paddle_model, "named_buffers") else None)
+    own = own - paddle_trainable - converted_names
     for name, shape in paddle_shapes.items():
+        if name in own:
+            kind = "integer" if name in integer_keys(paddle_sd) else "a buffer"
+            rows.append(StructureRow(name, None, None, shape, "own",
+                                     f"own: the port's constant ({kind}), kept on load", False))
+            continue
         counts.setdefault(_layer(name), [0, 0])[1] += _numel(shape)
         if name not in converted_names:
             rows.append(
@@ -256,12 +277,13 @@ def compare_structure(
                     name in paddle_trainable,
                 )
             )
-    torch_total = sum(_numel(p.torch_shape) for p in plan if p.paddle_name is not None)
+    torch_total = sum(_numel(p.torch_shape) for p in plan
+                      if p.paddle_name is not None and p.torch_name not in torch_own)
     return StructureReport(
         rows=tuple(rows),
         layers=tuple(LayerCount(k, v[0], v[1]) for k, v in counts.items()),
         torch_total=torch_total,
-        paddle_total=sum(_numel(s) for s in paddle_shapes.values()),
+        paddle_total=sum(_numel(s) for k, s in paddle_shapes.items() if k not in own),
         torch_trainable=sum(
             _numel(p.torch_shape)
             for p in plan
