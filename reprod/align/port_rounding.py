@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..diff.noise import port_rounding
+from ..errors import ReprodError
 from .framework import (
     _as_array,
     _call_loss,
@@ -77,6 +78,9 @@ def paddle_float64(paddle_model: Any, state: Optional[Mapping[str, Any]], batch:
     if odd:
         raise Unsupported(f"the Paddle model holds {', '.join(odd)} tensors: it is cast to "
                           "float64 and back to float32 in place")
+    if not callable(getattr(paddle_model, "_apply", None)) or \
+            not callable(getattr(paddle_model, "_transform", None)):
+        raise Unsupported("this Paddle's Layer has no _apply to cast its floating tensors with")
     saved = {k: v.detach().clone() for k, v in tensors.items()}
     loss64 = loss_fn
     if isinstance(loss_fn, paddle.nn.Layer) and loss_fn.state_dict():
@@ -91,7 +95,7 @@ def paddle_float64(paddle_model: Any, state: Optional[Mapping[str, Any]], batch:
             paddle_model.set_state_dict({k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)
                                          for k, v in state.items()})
         paddle_model.clear_gradients()
-        paddle_model.to(dtype="float64")
+        _cast_floating(paddle_model, "float64")
         out = paddle_model(*_to_paddle64(args, place), **_to_paddle64(kwargs, place))
         loss = _call_loss(loss64, out, _to_paddle64(labels, place))
         loss.backward()
@@ -105,10 +109,33 @@ def paddle_float64(paddle_model: Any, state: Optional[Mapping[str, Any]], batch:
                 if getattr(value, "stop_gradient", True):
                     got[f"step0/stat/{name}"] = np.array(value.numpy())
     finally:
-        paddle_model.clear_gradients()
-        paddle_model.to(dtype="float32")
-        paddle_model.set_state_dict(saved)
+        try:
+            paddle_model.clear_gradients()
+            _cast_floating(paddle_model, "float32")
+            paddle_model.set_state_dict(saved)
+        except Exception as e:
+            raise NotRestored(f"the Paddle model could not be put back after its float64 run "
+                              f"({type(e).__name__}: {e})") from e
     return got
+
+
+class NotRestored(ReprodError):
+    """The model a float64 run cast could not be put back as it was: never passed over."""
+
+
+def _cast_floating(paddle_model: Any, dtype: str) -> None:
+    """The model's floating parameters and buffers cast in place, the others left as they are:
+    ``Layer.to(dtype=...)`` casts every tensor, so a bool causal mask (PaddleNLP's CodeGen and
+    GPT-J) or an int64 ``position_ids`` came back float32, and the port then computed otherwise
+    or failed."""
+    import paddle
+
+    floating = (paddle.float32, paddle.float64)
+
+    def cast(t: Any, device: Any, to: Any, blocking: Any) -> Any:
+        return paddle_model._transform(t, device, to, blocking) if t.dtype in floating else t
+
+    paddle_model._apply(cast, None, dtype, None)
 
 
 def _candidate(kr: Any) -> bool:

@@ -887,6 +887,8 @@ def _rounding_checked(result: Any, paddle_model: Any, state: Callable[[], Any], 
         port64 = port_rounding.paddle_float64(paddle_model, state(), batch, loss_fn, stats=stats)
     except forcing.Unsupported as e:
         info: dict[str, Any] = {"skipped": str(e)}
+    except port_rounding.NotRestored:
+        raise  # the port is no longer what it was: nothing after this could be trusted
     except Exception as e:  # noqa: BLE001 - a layer without a float64 kernel: nothing rescued
         info = {"skipped": f"the Paddle model does not run in float64 ({type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"}

@@ -232,3 +232,51 @@ def test_rescued_needs_both_float64_runs_to_agree_within_the_references_noise() 
     from reprod.diff.noise import _norms
 
     assert _norms(np.zeros(0)) == (0.0, 0.0) and _norms(np.array([3.0, -4.0])) == (5.0, 4.0)
+
+
+class PaddleWideMasked(PaddleWide):
+    """A port holding what is no float: a bool mask it selects with (PaddleNLP's CodeGen and
+    GPT-J) and an int64 buffer it indexes with (PaddleNLP's ``position_ids``), one persistable,
+    one not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("keep", paddle.ones([WIDTH], dtype="bool"), persistable=False)
+        self.register_buffer("order", paddle.arange(WIDTH, dtype="int64"))
+
+    def forward(self, x):
+        h = paddle.where(self.keep, self.fc(x), paddle.zeros_like(x))
+        return self.head(paddle.index_select(h, self.order, axis=-1).mean(1))
+
+
+def test_the_float64_run_casts_only_floating_tensors_and_a_failing_port_is_localised() -> None:
+    # Layer.to(dtype=...) cast the bool and int64 buffers too and back as float32: the port then
+    # failed in paddle.where, or its restore asserted (and the model stayed half cast)
+    tm, _ = _pair()
+    pm = PaddleWideMasked()
+    pm.set_state_dict({k: v.detach().numpy().T if v.ndim == 2 else v.detach().numpy()
+                       for k, v in tm.state_dict().items()})
+    got = pr.paddle_float64(pm, None, (X, Y), paddle.nn.CrossEntropyLoss(), stats=False)
+    assert got["step0/loss"].dtype == np.float64
+    assert (pm.keep.dtype, pm.order.dtype) == (paddle.bool, paddle.int64)
+    assert all(str(v.dtype) == "paddle.float32" for v in pm.parameters())
+    # a bug at step 0: calibrated, the float64 rerun runs, and the localisation after it too
+    pm.fc.bias.set_value(pm.fc.bias * 1.05)
+    r = _train(tm, pm)
+    assert not r.passed
+    assert (pm.keep.dtype, pm.order.dtype) == (paddle.bool, paddle.int64)
+    assert r.options["divergence"]["layer"] == "fc", r.options.get("divergence")
+
+
+def test_a_port_that_cannot_be_put_back_is_never_passed_over(monkeypatch) -> None:
+    _, pm = _pair()
+    real = pr._cast_floating
+
+    def fails_back(model, dtype):
+        if dtype == "float32":
+            raise RuntimeError("out of memory")
+        real(model, dtype)
+
+    monkeypatch.setattr(pr, "_cast_floating", fails_back)
+    with pytest.raises(pr.NotRestored, match="could not be put back.*out of memory"):
+        _train(*_pair()[:1], pm)
