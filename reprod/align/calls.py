@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import sys
 import threading
 from collections.abc import Collection, Mapping, Sequence
@@ -956,6 +957,81 @@ def _identity(e: OpEvent) -> bool:
         and not e.settings.get("_rate_unread")
 
 
+def _free(e: OpEvent) -> bool:
+    """A dropout that may go unpaired: the identity, or a fused call whose rate is unread."""
+    return _identity(e) or bool(e.settings.get("_rate_unread"))
+
+
+_BLOCK = re.compile(r"\.(\d+)(?=[.:#]|$)")
+
+
+def _place(e: OpEvent) -> tuple[tuple[int, ...], bool]:
+    """Where an event is: the numbers of the blocks it is in (``layers.1`` -> (1,)), and whether
+    it is an attention's own dropout (a fused call's, or an attention layer's rate)."""
+    return (tuple(int(d) for d in _BLOCK.findall(e.name.split(":", 1)[0])),
+            e.op in (_INSIDE_ATTENTION, "scaled_dot_product_attention"))
+
+
+def _pair_cost(kind: str, x: OpEvent, y: OpEvent) -> float:
+    """0 for two alike dropouts in the same place; a pair whose settings differ costs 1, more
+    across blocks or between an attention's own dropout and another."""
+    (xb, xa), (yb, ya) = _place(x), _place(y)
+    cost = 1.0 if _call_differences(kind, x.settings, y.settings) else 0.0
+    return cost + (0.6 if xb != yb else 0.0) + (0.3 if xa != ya else 0.0)
+
+
+def _aligned(kind: str, xs: Sequence[OpEvent], ys: Sequence[OpEvent]
+             ) -> list[tuple[Optional[OpEvent], Optional[OpEvent]]]:
+    """The dropouts of both passes aligned in call order where their counts differ: the fewest
+    differences, a dropout of p 0 left unpaired for nothing (a port may hold one where the
+    reference has none), any other left unpaired for more than a pair whose settings differ in
+    one block. So a port's dropout set to 0, or one it lacks, is one difference where it is,
+    not a kind whose counts differ and which nothing then compared (MBart's 22 dropouts against
+    16); PaddleNLP's OPT dropout after the embeddings, which Hugging Face's has not, is named
+    there, not paired with a p 0 of the next block."""
+    n, m = len(xs), len(ys)
+    skip = [0.01 if _free(e) else 1.5 for e in xs], [0.01 if _free(e) else 1.5 for e in ys]
+    inf = float("inf")
+    cost = [[inf] * (m + 1) for _ in range(n + 1)]
+    cost[0][0] = 0.0
+    for i in range(n + 1):
+        for j in range(m + 1):
+            c = cost[i][j]
+            if c == inf:
+                continue
+            if i < n and c + skip[0][i] < cost[i + 1][j]:
+                cost[i + 1][j] = c + skip[0][i]
+            if j < m and c + skip[1][j] < cost[i][j + 1]:
+                cost[i][j + 1] = c + skip[1][j]
+            if i < n and j < m:
+                d = c + _pair_cost(kind, xs[i], ys[j])
+                if d < cost[i + 1][j + 1]:
+                    cost[i + 1][j + 1] = d
+    out: list[tuple[Optional[OpEvent], Optional[OpEvent]]] = []
+    i, j = n, m
+    while i or j:
+        c = cost[i][j]
+        if i and j and c == cost[i - 1][j - 1] + _pair_cost(kind, xs[i - 1], ys[j - 1]):
+            out.append((xs[i - 1], ys[j - 1]))
+            i, j = i - 1, j - 1
+        elif i and c == cost[i - 1][j] + skip[0][i - 1]:
+            out.append((xs[i - 1], None))
+            i -= 1
+        else:
+            out.append((None, ys[j - 1]))
+            j -= 1
+    return out[::-1]
+
+
+def _lone(kind: str, e: OpEvent, side: int, sides: tuple[str, str]) -> _settings.SettingDiff:
+    """A dropout one pass applies and the other has none for, as a difference of its rate."""
+    none = f"{_settings.NONE_FOR}{sides[side]} {e.name})"
+    p, nothing = e.settings.get("p"), _settings._NOTHING
+    if side == 0:
+        return _settings.SettingDiff(e.name, none, "p", p, nothing, kind, sides)
+    return _settings.SettingDiff(none, e.name, "p", nothing, p, kind, sides)
+
+
 def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
                    sides: tuple[str, str] = ("torch", "Paddle"),
                    layer_kinds: Collection[str] = ()
@@ -988,6 +1064,14 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
         if len(xs) != len(ys) and kind in _SHARED and 1 in (len(xs), len(ys)):
             # one layer serving every block against one a block: each is set against it
             pairs = [(x, y) for x in xs for y in ys]
+        elif len(xs) != len(ys) and kind == "dropout":
+            pairs = []
+            for x, y in _aligned(kind, xs, ys):
+                if x is not None and y is not None:
+                    pairs.append((x, y))
+                elif not _free(x or y):  # type: ignore[arg-type]
+                    diffs.append(_lone(kind, x or y, 0 if y is None else 1, sides))  # type: ignore[arg-type]
+            paired.add(kind)
         elif len(xs) != len(ys):
             pairs, left = _by_name(xs, ys, sides)
             unpaired.append(f"{kind} (calls and layers): {len(xs)} in {sides[0]}, "

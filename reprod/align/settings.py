@@ -17,6 +17,7 @@ Paddle layer's and compared after normalising the two spellings (Paddle's moment
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -49,8 +50,20 @@ class SettingDiff:
         ref, other = self.sides
         where = (self.paddle_layer if self.paddle_layer == self.torch_layer else
                  f"{self.paddle_layer} ({ref} {self.torch_layer})")
-        return (f"{where}: {self.setting} {_show(self.torch_value)} in {ref}, "
-                f"{_show(self.paddle_value)} in {other}" + _MEANING.get(self.setting, ""))
+        if self.paddle_layer.startswith(NONE_FOR):  # a layer or call one side alone applies
+            where = f"{self.torch_layer} ({ref} only)"
+        elif self.torch_layer.startswith(NONE_FOR):
+            where = f"{self.paddle_layer} ({other} only)"
+        return (f"{where}: {self.setting} {_show_value(self.torch_value)} in {ref}, "
+                f"{_show_value(self.paddle_value)} in {other}" + _MEANING.get(self.setting, ""))
+
+
+NONE_FOR = "(none for "  # the name of the side a difference has no layer on: "(none for torch x)"
+_NOTHING = "no dropout"  # the value of a dropout on the side without it
+
+
+def _show_value(value: Any) -> str:
+    return value if value == _NOTHING else _show(value)
 
 
 # what a setting whose name does not say it means
@@ -630,7 +643,11 @@ def _by_definition(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[s
             if len(kept[0]) == len(kept[1]) and kept[0]:
                 xs, ys = kept
         if len(xs) != len(ys):
-            unpaired.append(f"{kind}: {len(xs)} in {sides[0]}, {len(ys)} in {sides[1]}")
+            # a side that holds none may apply them as functions (Hugging Face's dropouts):
+            # only a trace sees those
+            unpaired.append(f"{kind}: {len(xs)} in {sides[0]}, {len(ys)} in {sides[1]}" + (
+                f" (the {sides[0] if not xs else sides[1]} model may apply them as functions: "
+                "give traces=, as align_forward does)" if not xs or not ys else ""))
             continue
         found = []
         for x, y in zip(xs, ys):
@@ -659,14 +676,18 @@ def _reordered(kind: str, xs: Sequence[Mapping[str, Any]], ys: Sequence[Mapping[
     return True
 
 
-def _entries(model: Any) -> list[dict[str, Any]]:
-    """``layer_settings`` entries of the kinds without parameters, their values as read."""
+def _entries(model: Any, with_parameters: bool = False) -> list[dict[str, Any]]:
+    """``layer_settings`` entries of the kinds without parameters (of those with, where
+    ``with_parameters``), their values as read."""
     out = []
     for name, layer in _leaves_of(model):
         read = read_settings(layer)
-        if read is not None and read[0] in _BY_ORDER:
+        if read is not None and (read[0] in _BY_ORDER) != with_parameters:
             out.append({"name": name, "kind": read[0], "settings": read[1]})
     return out
+
+
+_BY_DEFINITION = "layers with parameters: paired by definition order, kind by kind"
 
 
 @dataclass(frozen=True)
@@ -679,17 +700,28 @@ class SettingsReport:
     unpaired: tuple[str, ...]
     compared: int = 0  # the layer pairs whose settings were compared
     calls: int = 0  # the traced pairs with a functional call on a side (calls.compare_events)
+    readable: int = 0  # the layers of a kind with settings the two models hold, the fewer side's
 
     @property
     def passed(self) -> bool:
-        return not self.differ
+        """No setting differs, and something was compared where there was something to: a
+        report that paired none of the models' layers is no pass."""
+        return not self.differ and not self.nothing_compared
+
+    @property
+    def nothing_compared(self) -> bool:
+        return self.readable > 0 and self.compared == 0 and self.calls == 0
 
     def __str__(self) -> str:
         n, c = self.compared, self.calls
         agree = f"the settings of {n} paired layer{'s' if n != 1 else ''}"
         if c:
             agree += f" and {c} paired call{'s' if c != 1 else ''}"
-        lines = [d.line() for d in self.differ] or [f"{agree} agree"]
+        if self.nothing_compared:
+            agree = (f"nothing compared: none of the {self.readable} layers with settings "
+                     "paired (see below)")
+        lines = [d.line() for d in self.differ] or (
+            [agree] if self.nothing_compared else [f"{agree} agree"])
         lines += [f"not paired by order: {u}" for u in self.unpaired]
         return "\n".join(lines)
 
@@ -719,14 +751,24 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
     """
     if _is_saved(torch_model) or _is_saved(paddle_model):
         return _compare_saved(_as_saved(torch_model), _as_saved(paddle_model))
+    from ..errors import KeyMismatchError
+
+    why = ""  # why the layers with parameters did not pair through their weights
     if torch_to_paddle is None:
         from .by_order import by_order_rules
         from .framework import _torch_params_plan
 
-        if by_order:
-            rules = by_order_rules(torch_model, paddle_model, rules=rules)
-        plan = _torch_params_plan(torch_model, rules)
-        torch_to_paddle = {n: kp.paddle_name for n, kp in plan.items() if kp.paddle_name}
+        try:
+            if by_order:
+                rules = by_order_rules(torch_model, paddle_model, rules=rules)
+        except KeyMismatchError as e:
+            # a port whose weights do not pair by order (a conv's groups change its weight's
+            # shape): its layers are still compared, paired otherwise
+            why = f"their weights do not pair by order: {str(e)[:300]}"
+            torch_to_paddle = {}
+        else:
+            plan = _torch_params_plan(torch_model, rules)
+            torch_to_paddle = {n: kp.paddle_name for n, kp in plan.items() if kp.paddle_name}
     diffs: list[SettingDiff] = []
     compared = 0
     for tname, tmod, pname, pmod in _pairs(torch_model, paddle_model, torch_to_paddle):
@@ -736,15 +778,30 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
         compared += 1
         for setting, tv, pv in _differences(t_read[0], t_read[1], p_read[1]):
             diffs.append(SettingDiff(tname, pname, setting, tv, pv, t_read[0]))
+    unpaired: list[str] = []
+    t_params, p_params = _entries(torch_model, True), _entries(paddle_model, True)
+    if compared == 0 and t_params and p_params:
+        # none paired through the weights (the port names them otherwise, or their order
+        # failed): kind by kind in definition order, and said so
+        found, left, more = _by_definition(t_params, p_params, ("torch", "Paddle"),
+                                           {e["kind"] for e in t_params + p_params})
+        diffs += found
+        compared += more
+        unpaired.append(f"{_BY_DEFINITION} ({why or 'none paired through their weights'})")
+        unpaired += left
+    readable = min(len(t_params) + len(_entries(torch_model)),
+                   len(p_params) + len(_entries(paddle_model)))
     if traces is None:
-        found, unpaired, more = _by_definition(_entries(torch_model), _entries(paddle_model),
-                                               ("torch", "Paddle"), _BY_ORDER)
-        return SettingsReport(tuple(diffs + found), tuple(unpaired), compared + more)
+        found, left, more = _by_definition(_entries(torch_model), _entries(paddle_model),
+                                           ("torch", "Paddle"), _BY_ORDER)
+        return SettingsReport(tuple(diffs + found), tuple(unpaired + left), compared + more,
+                              readable=readable)
     # with traces, the layers without parameters pair in the order the data goes through them,
     # beside the calls of their kind: definition order pairs a port's activation dropout
     # (defined first) with the reference's attention dropout (called first)
-    return _with_calls(diffs, [], compared, traces[0].events, traces[1].events,
-                       by_call=_BY_ORDER)
+    return dataclasses.replace(
+        _with_calls(diffs, unpaired, compared, traces[0].events, traces[1].events,
+                    by_call=_BY_ORDER), readable=readable)
 
 
 def _with_calls(diffs: list[SettingDiff], unpaired: Sequence[str], compared: int,
@@ -756,10 +813,11 @@ def _with_calls(diffs: list[SettingDiff], unpaired: Sequence[str], compared: int
     each kind of ``by_call``, whose layers the layer settings left to the calls."""
     from .calls import compare_events
 
-    kind_of = {u: u.split(":", 1)[0] for u in unpaired}  # "maxpool: 3 in torch, 1 in Paddle"
+    # "maxpool: 3 in torch, 1 in Paddle"; the note on layers with parameters stays
+    kind_of = {u: u.split(":", 1)[0] for u in unpaired if not u.startswith(_BY_DEFINITION)}
     call_diffs, call_unpaired, calls, paired, layers = compare_events(
         ours, theirs, sides, layer_kinds=set(kind_of.values()) | set(by_call))
-    left = [u for u in unpaired if kind_of[u] not in paired]
+    left = [u for u in unpaired if u not in kind_of or kind_of[u] not in paired]
     return SettingsReport(tuple(diffs + call_diffs), tuple(left + call_unpaired),
                           compared + layers, calls)
 
@@ -793,21 +851,15 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
     (``optim_settings``; needs ``torch_to_paddle``). ``schedulers``: (torch's, Paddle's, the
     steps both took), whose learning rates are compared far past those steps
     (``lr_schedule``; needs ``optimizers``)."""
-    import dataclasses
     from fnmatch import fnmatchcase
 
     from ..diff.result import KeyResult
-    from ..errors import KeyMismatchError
 
-    unpaired_layers = []
-    try:
-        report = compare_settings(torch_model, paddle_model, by_order=by_order,
-                                  torch_to_paddle=torch_to_paddle, traces=traces)
-    except KeyMismatchError as e:
-        # weights the user loaded otherwise, that do not pair by order: the values still judge
-        # the port, and the layers without parameters and the calls are still compared
-        report = compare_settings(torch_model, paddle_model, torch_to_paddle={}, traces=traces)
-        unpaired_layers.append(f"layers with parameters: not compared ({str(e)[:300]})")
+    unpaired_layers: list[str] = []
+    # weights the user loaded otherwise, that do not pair by order: the layers with parameters
+    # pair by definition order, and the note says so
+    report = compare_settings(torch_model, paddle_model, by_order=by_order,
+                              torch_to_paddle=torch_to_paddle, traces=traces)
     found = list(report.differ)
     optimizer_info = None
     if optimizers is not None and torch_to_paddle is not None:
@@ -833,6 +885,8 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
         info["waived"] = [d.line() for d in waived]
     if report.unpaired or unpaired_layers:
         info["unpaired"] = unpaired_layers + list(report.unpaired)
+    if report.nothing_compared:
+        info["nothing_compared"] = report.readable
     if optimizer_info is not None:
         info["optimizer"] = optimizer_info
     if traces is not None:
@@ -887,11 +941,15 @@ def _inside_divergence(result: Any) -> Optional[tuple[str, str]]:
 def with_finding(result: Any, verbose: bool = False) -> Any:
     """``result`` with the settings that differ as its last finding (``options["findings"]``),
     printed with ``verbose``."""
-    import dataclasses
 
     info = result.options.get("settings") or {}
     lines = info.get("differ") or []
     unread = _unpaired_activations(info.get("unpaired") or ())
+    if info.get("nothing_compared"):
+        unread = (f"no layer setting was checked: none of the {info['nothing_compared']} layers "
+                  "with settings paired with the port's (see options['settings']['unpaired']); "
+                  "a wrong epsilon, stride or dropout would go unseen" +
+                  (f"; {unread}" if unread else ""))
     if not lines and unread is None:
         return result
     if not lines:
