@@ -7,7 +7,10 @@ side's scheduler is copied, detached from its optimizer (torch's writes the rate
 holding a copy of the param groups, without the parameters; Paddle's holds no parameters), and
 stepped on to a horizon of twice the longest period either schedule names (``T_max``,
 ``total_iters``, milestones, warmup and decay steps...: at least 1,000 steps, at most 100,000),
-and the two sequences are compared. The first step where they part fails, with both rates.
+and the two sequences are compared, from the rate both hold when training ends (the step after
+the last one trained: each step's ``lr`` key compares only the steps trained). The first step
+where they part fails, with both rates; where neither side has a scheduler, both rates are the
+constants they were from step 0, so a difference is named there.
 """
 
 from __future__ import annotations
@@ -67,14 +70,17 @@ def horizon_of(torch_sched: Any, paddle_sched: Any) -> int:
     return max(MIN_HORIZON, min(MAX_HORIZON, 2 * max(periods, default=0) + 10))
 
 
-def simulate_torch(sched: Any, optimizer: Any, steps: int) -> list[float]:
+def simulate_torch(sched: Any, optimizer: Any, steps: int, *, current: bool = False
+                   ) -> list[float]:
     """Param group 0's learning rate after each of ``steps`` more steps of a copy of ``sched``
-    (the constant rate without one). The scheduler and optimizer are left as they are."""
+    (the constant rate without one); with ``current``, the rate it holds now first. The
+    scheduler and optimizer are left as they are."""
     if sched is None:
-        return [float(optimizer.param_groups[0]["lr"])] * steps
+        return [float(optimizer.param_groups[0]["lr"])] * (steps + int(current))
     stand_in = _Groups(optimizer.param_groups)
     twin = copy.deepcopy(sched, {id(optimizer): stand_in})
-    out = []
+    # the optimizer's rate, not the scheduler's last: what the next step trained would use
+    out = [float(stand_in.param_groups[0]["lr"])] if current else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(steps):
@@ -90,14 +96,16 @@ def _paddle_scheduler(sched: Any, optimizer: Any) -> Any:
     return lr if hasattr(lr, "step") and hasattr(lr, "last_lr") else None
 
 
-def simulate_paddle(sched: Any, optimizer: Any, steps: int) -> list[float]:
+def simulate_paddle(sched: Any, optimizer: Any, steps: int, *, current: bool = False
+                    ) -> list[float]:
     """The learning rate after each of ``steps`` more steps of a copy of the Paddle scheduler
-    (``sched``, else the optimizer's own; the constant rate without one)."""
+    (``sched``, else the optimizer's own; the constant rate without one); with ``current``, the
+    rate it holds now first."""
     sched = _paddle_scheduler(sched, optimizer)
     if sched is None:
-        return [float(optimizer.get_lr())] * steps
+        return [float(optimizer.get_lr())] * (steps + int(current))
     twin = copy.deepcopy(sched)
-    out = []
+    out = [float(twin.last_lr)] if current else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(steps):
@@ -111,7 +119,9 @@ def compare_schedules(torch_sched: Any, torch_opt: Any, paddle_sched: Any, paddl
                       ) -> tuple[list[SettingDiff], dict[str, Any]]:
     """The first step at which the two schedules' rates part (one ``SettingDiff``, setting
     ``lr_at_step_<k>``, k counted as ``align_train`` counts its steps, from 0), within the
-    horizon; and what was simulated. ``done``: the steps both schedulers have taken."""
+    horizon; and what was simulated (``from_step``: the first step compared). ``done``: the
+    steps both schedulers have taken; the rates compared start with those both hold now, step
+    ``done``'s, or step 0's where neither side has a scheduler (a rate that never changed)."""
     p_sched = _paddle_scheduler(paddle_sched, paddle_opt)
     if type(torch_sched).__name__ == "ReduceLROnPlateau" or \
             type(p_sched).__name__ == "ReduceOnPlateau":
@@ -119,13 +129,15 @@ def compare_schedules(torch_sched: Any, torch_opt: Any, paddle_sched: Any, paddl
                                "measures, not on the step"}
     h = horizon_of(torch_sched, p_sched) if horizon is None else int(horizon)
     try:
-        ts = simulate_torch(torch_sched, torch_opt, h)
-        ps = simulate_paddle(p_sched, paddle_opt, h)
+        ts = simulate_torch(torch_sched, torch_opt, h, current=True)
+        ps = simulate_paddle(p_sched, paddle_opt, h, current=True)
     except Exception as e:  # a scheduler that cannot be copied or stepped alone: said
         return [], {"skipped": f"the schedules could not be stepped on alone "
                                f"({type(e).__name__}: {e})"}
-    info: dict[str, Any] = {"horizon": h, "from_step": done + 1}
-    found = first_parting(ts, ps, done=done)
+    # the steps before ``done`` are no schedule's to name: each step's lr key compares them
+    start = 0 if torch_sched is None and p_sched is None else int(done)
+    info: dict[str, Any] = {"horizon": h, "from_step": start}
+    found = first_parting(ts, ps, start=start)
     if found is None:
         return [], info
     info["part_at"] = int(found.setting.rpartition("_")[2])
@@ -133,13 +145,15 @@ def compare_schedules(torch_sched: Any, torch_opt: Any, paddle_sched: Any, paddl
 
 
 def first_parting(ours: Sequence[float], theirs: Sequence[float], *, done: int = 0,
-                  sides: tuple[str, str] = ("torch", "Paddle")) -> Optional[SettingDiff]:
-    """The first step at which two sequences of rates (each the rate after one more step,
-    from step ``done + 1``) part by more than 1e-6 of them, as a ``SettingDiff``; None where
-    they agree as far as both go."""
+                  sides: tuple[str, str] = ("torch", "Paddle"),
+                  start: Optional[int] = None) -> Optional[SettingDiff]:
+    """The first step at which two sequences of rates part by more than 1e-6 of them, as a
+    ``SettingDiff``; None where they agree as far as both go. The first rates are step
+    ``start``'s, else (each the rate after one more step) step ``done + 1``'s."""
+    first = done + 1 if start is None else int(start)
     for i, (a, b) in enumerate(zip(ours, theirs)):
         if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12):
-            k = done + 1 + i
+            k = first + i
             return SettingDiff("optimizer", "optimizer", f"lr_at_step_{k}", float(a), float(b),
                                "optimizer", sides)
     return None
