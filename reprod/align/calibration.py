@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import inspect
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Optional
 
 from ..errors import ReprodError
 
@@ -23,7 +25,72 @@ def _float64_twin(torch_model: Any) -> Any:
             f"{type(torch_model).__name__} failed ({type(e).__name__}: {e}); make the model "
             "deep-copyable or compare with reprod.compare(..., noise=) on dumps of your own"
         ) from e
-    return twin.double()
+    twin = twin.double()
+    # each call of the twin itself, wherever it runs (align_forward, align_train, localisation,
+    # the counterfactual and forced steps); always_call: restored when its forward raises too
+    twin.register_forward_pre_hook(_enter_float64)
+    twin.register_forward_hook(_leave_float64, always_call=True)
+    return twin
+
+
+@contextlib.contextmanager
+def float64_default() -> Iterator[None]:
+    """torch's default dtype float64 inside, the one before restored after (an error too).
+
+    A model's forward pass makes tensors of the default dtype (``torch.tensor(x)``,
+    ``torch.full(shape, torch.finfo(h.dtype).min)`` in Hugging Face's causal masks): float32
+    beside the twin's float64, and float64's lowest value does not fit float32 ("value cannot
+    be converted to type float without overflow", MBart and Pegasus)."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+# the default dtype each call of a twin found, restored as the call ends (a stack: a twin's
+# call may run inside another's, a sub-module's localisation)
+_defaults: list[Any] = []
+
+
+def _enter_float64(module: Any, args: Any) -> None:
+    import torch
+
+    _defaults.append(torch.get_default_dtype())
+    torch.set_default_dtype(torch.float64)
+
+
+def _leave_float64(module: Any, args: Any, output: Any) -> None:
+    import torch
+
+    if _defaults:
+        torch.set_default_dtype(_defaults.pop())
+
+
+def uncalibrated(result: Any, why: Optional[str], verbose: bool = False) -> Any:
+    """``result`` with ``options["calibration"]["skipped"]`` and its first finding saying why
+    a calibrated run was judged without calibration (``why``; None: ``result`` as it is)."""
+    if why is None:
+        return result
+    line = f"calibrate=True: {why}"
+    if verbose:
+        print(line, flush=True)
+    return dataclasses.replace(result, options=dict(
+        result.options, calibration={"skipped": why},
+        findings=[line, *result.options.get("findings", ())]))
+
+
+def twin_failed(error: BaseException) -> str:
+    """Why a calibrated run is judged without calibration, in one line: its float64 twin's
+    error."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    first = first if len(first) <= 160 else first[:157] + "..."
+    return (f"the float64 copy of the torch model failed ({type(error).__name__}: {first}), "
+            "so the run is judged without calibration (a model's own code may make float32 "
+            "tensors, torch.full(..., dtype=torch.float32), or refuse float64)")
 
 
 def _float64_loss(loss_fn: Callable[..., Any]) -> Callable[..., Any]:

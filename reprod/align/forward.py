@@ -14,7 +14,7 @@ from ..diff.criteria import Criteria
 from ..logger import ReprodLogger
 from ..storage import save
 from . import settings
-from .calibration import _float64_twin
+from .calibration import _float64_twin, float64_default, twin_failed, uncalibrated
 from .calls import trace_settings
 from .framework import (
     _criteria,
@@ -26,6 +26,8 @@ from .framework import (
     _to_paddle,
     _to_torch,
     _torch_device,
+    extra_outputs_finding,
+    not_compared_outputs,
     one_sided_outputs,
     pair_outputs,
 )
@@ -63,7 +65,10 @@ def align_forward(
     (keyword arguments). Outputs are recorded as ``logits`` (``logits/0``, ``logits/<name>`` for
     tuples and dicts); where one side returns a tuple and the other names the same outputs (a
     Hugging Face ``ModelOutput``), they pair by position under the reference's names, listed in
-    ``options["outputs_paired"]`` (Paddle key -> torch key). With ``out_dir``, writes ``forward_torch.npy``, ``forward_paddle.npy`` and the
+    ``options["outputs_paired"]`` (Paddle key -> torch key). A None output is nothing to compare,
+    and the port's outputs beyond the reference's once each of the reference's has its pair
+    (PaddleNLP's hidden states with ``output_hidden_states=True``) are not compared but said in a
+    finding: both in ``options["outputs_not_compared"]`` (key -> why). With ``out_dir``, writes ``forward_torch.npy``, ``forward_paddle.npy`` and the
     reprod_log-style ``forward_diff.log`` (also printed with ``verbose``). The models' train/eval
     modes are restored afterwards.
     Returns ``reprod.compare``'s ``DiffResult`` (torch is the reference).
@@ -84,7 +89,11 @@ def align_forward(
     are the noise reference of ``reprod.compare(..., noise=)``: each key passes when the Paddle
     output differs from the torch one by at most ``noise_factor`` (default 20) times the torch
     output's own distance from float64, whatever ``threshold`` says (``KeyResult.noise_multiple``).
-    It costs one float64 forward pass and a second copy of the torch model. The worst multiple is
+    It costs one float64 forward pass and a second copy of the torch model, which runs with
+    torch's default dtype float64 (a model's own ``torch.tensor(...)`` or ``torch.full(...)``
+    are float64 there too; restored after). Where the copy still fails, the run is judged
+    without calibration, and ``options["calibration"]["skipped"]`` and the first finding say
+    why. The worst multiple is
     in ``result.options["noise_multiple"]`` (``{"forward": {"multiple": ..., "key": ...}}``);
     ``out_dir`` also gets ``forward_torch64.npy`` (``reprod-diff forward_torch.npy
     forward_paddle.npy --noise forward_torch64.npy`` reproduces the verdicts).
@@ -105,6 +114,7 @@ def align_forward(
     waive = settings.waivers(check_settings)
     torch_log, paddle_log = ReprodLogger(), ReprodLogger()
     noise_log = ReprodLogger() if calibrate else None
+    skipped: Optional[str] = None  # why a calibrated run is judged without its twin
     args, kwargs = _split_inputs(inputs)
     outs: list[tuple[ReprodLogger, Any]] = []
     # the settings of the operations each model applies as functions, from its first pass
@@ -121,7 +131,13 @@ def align_forward(
                 twin = _float64_twin(torch_model)  # in eval mode, as the original is now
                 torch.manual_seed(seed)
                 args64 = _to_torch(args, dev, float64=True)
-                outs.append((noise_log, twin(*args64, **_to_torch(kwargs, dev, float64=True))))
+                try:
+                    with float64_default():
+                        outs.append((noise_log, twin(*args64,
+                                                     **_to_torch(kwargs, dev, float64=True))))
+                except Exception as e:  # the model's own code: judged as if uncalibrated
+                    skipped = twin_failed(e)
+                    noise_log, calibrate = None, False
                 del twin
         place = _paddle_place(paddle_model)
         with paddle.no_grad():
@@ -130,10 +146,16 @@ def align_forward(
                 out_p = paddle_model(*pargs, **pkw)
             outs.append((paddle_log, out_p))
     flats: list[dict[str, np.ndarray]] = []
-    for _, out in outs:
+    nones: dict[str, list[str]] = {}
+    sides = ("torch", "torch64", "Paddle") if len(outs) == 3 else ("torch", "Paddle")
+    for side, (_, out) in zip(sides, outs):
         flats.append({})
-        _flatten(out, "logits", flats[-1])
-    flats[-1], paired_outputs = pair_outputs(flats[0], flats[-1])
+        # the twin's Nones are the reference's
+        _flatten(out, "logits", flats[-1],
+                 None if side == "torch64" else nones.setdefault(side, []))
+    extra: list[str] = []
+    flats[-1], paired_outputs = pair_outputs(flats[0], flats[-1], extra=extra)
+    not_compared = not_compared_outputs({s: k for s, k in nones.items() if k}, extra)
     for (log, _), flat in zip(outs, flats):
         for k, v in flat.items():
             log.add(k, v)
@@ -150,6 +172,9 @@ def align_forward(
     if paired_outputs:
         result = dataclasses.replace(result, options=dict(result.options,
                                                           outputs_paired=paired_outputs))
+    if not_compared:
+        result = dataclasses.replace(result, options=dict(result.options,
+                                                          outputs_not_compared=not_compared))
     if waive is not None:
         result = settings.settings_checked(result, torch_model, paddle_model, waive=waive,
                                            by_order=by_order, traces=traces)
@@ -161,12 +186,16 @@ def align_forward(
             calibrate=calibrate, criteria=crit, out_dir=out_dir, verbose=verbose,
         )
     result = settings.with_finding(result, verbose=verbose)
-    one_sided = one_sided_outputs(flats[0], flats[-1], "logits")
-    if one_sided is not None:  # what both return is judged; what one does not is said first
+    # what both return is judged; what one does not is said first
+    first = [line for line in (one_sided_outputs(flats[0], flats[-1], "logits"),
+                               extra_outputs_finding(extra, "logits")) if line is not None]
+    if first:
         result = dataclasses.replace(result, options=dict(
-            result.options, findings=[one_sided, *result.options.get("findings", ())]))
+            result.options, findings=[*first, *result.options.get("findings", ())]))
         if verbose:
-            print(one_sided, flush=True)
+            for line in first:
+                print(line, flush=True)
+    result = uncalibrated(result, skipped, verbose)  # and before them, why the noise is not the twin's
     if out_dir is not None:
         _write_diff_log(result, os.path.join(os.fspath(out_dir), "forward_diff.log"),
                         verbose=verbose)

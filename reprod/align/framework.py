@@ -27,16 +27,21 @@ from .structure import compare_structure
 # --- small helpers ----------------------------------------------------------------------------
 
 
-def _flatten(value: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
-    """Model outputs (a tensor, or tuples/lists/dicts of them) -> flat ``prefix/...`` keys."""
+def _flatten(value: Any, prefix: str, out: dict[str, np.ndarray],
+             nones: Optional[list[str]] = None) -> None:
+    """Model outputs (a tensor, or tuples/lists/dicts of them) -> flat ``prefix/...`` keys.
+    A None (PaddleNLP's cache with ``use_cache=False``) has nothing to compare: no key, its
+    key in ``nones`` where given."""
     if isinstance(value, Mapping):
         for k, v in value.items():
-            _flatten(v, f"{prefix}/{k}", out)
+            _flatten(v, f"{prefix}/{k}", out, nones)
     elif isinstance(value, (tuple, list)):
         for i, v in enumerate(value):
-            _flatten(v, f"{prefix}/{i}", out)
+            _flatten(v, f"{prefix}/{i}", out, nones)
     elif value is not None:
         out[prefix] = to_numpy(value, key=prefix).array
+    elif nones is not None:
+        nones.append(prefix)
 
 
 def _shape_of(value: Any) -> tuple[int, ...]:
@@ -45,39 +50,98 @@ def _shape_of(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape) if shape is not None else np.shape(value)
 
 
-def pair_outputs(ref: Mapping[str, Any], port: dict[str, np.ndarray], head: str = "logits"
+def pair_outputs(ref: Mapping[str, Any], port: dict[str, np.ndarray], head: str = "logits",
+                 extra: Optional[list[str]] = None
                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The port's flattened outputs under the reference's keys where one side returns a tuple and
     the other names the same outputs (a Hugging Face ``ModelOutput`` against PaddleNLP's tuple or
     lone tensor): the keys each side alone has pair by position when one side's are all
-    positions, the leading ones whose shapes agree (a port may return fewer). ``head``: the outputs' key prefix, a lone
-    tensor's whole key. Returns the outputs and port key -> reference key."""
+    positions, the leading ones whose shapes agree (a port may return fewer, or more: PaddleNLP's
+    Pegasus adds its encoder's mask, DeBERTa-v2 its hidden states). A port returning more pairs
+    only outputs as deep as the reference's (a hidden state of the port's tuple of them is not
+    the reference's output), and only where none of its other outputs as deep has the shape of
+    one paired (which would be the reference's is a guess). ``head``: the outputs' key prefix, a
+    lone tensor's whole key.
+
+    ``extra``: where given, receives the port's outputs beyond the reference's (each reference
+    output has its pair, and the port's others are positions), which then leave the outputs
+    returned: the caller says them, they are not compared. Without it they stay, the port's own.
+    Returns the outputs and port key -> reference key."""
     def _positional(key: str) -> bool:
         # a lone tensor is the first and only position
         return key == head or key.rpartition("/")[2].isdigit()
 
     only_ref = [k for k in ref if k not in port]
     only_port = [k for k in port if k not in ref]
+    renamed = _paired_by_position(ref, port, only_ref, only_port, head, _positional)
+    out = {renamed.get(k, k): v for k, v in port.items()} if renamed else port
+    rest = [k for k in only_port if k not in renamed]
+    if (extra is not None and rest and all(map(_positional, rest))
+            and all(k in out for k in ref)):
+        extra.extend(rest)
+        out = {k: v for k, v in out.items() if k not in set(rest)}
+    return out, renamed
+
+
+def _depth(key: str, head: str) -> int:
+    # a lone tensor is a first position, as deep as a tuple's
+    return max(1, key[len(head):].count("/"))
+
+
+def _paired_by_position(ref: Mapping[str, Any], port: Mapping[str, Any], only_ref: list[str],
+                        only_port: list[str], head: str, positional: Callable[[str], bool]
+                        ) -> dict[str, str]:
     if not only_ref or not only_port:
-        return port, {}
+        return {}
     if len(only_ref) == len(only_port):
-        if not (all(map(_positional, only_ref)) or all(map(_positional, only_port))):
-            return port, {}  # both name theirs: names that differ are not the same outputs
-    elif len(only_port) > len(only_ref) or not all(map(_positional, only_port)):
-        return port, {}
+        if not (all(map(positional, only_ref)) or all(map(positional, only_port))):
+            return {}  # both name theirs: names that differ are not the same outputs
+    elif not all(map(positional, only_port)):
+        return {}
     # a port returning fewer, by position, returns the reference's first ones (a model without
     # the cache a Hugging Face model returns after its hidden states); the leading positions
     # whose shapes agree pair, the rest stay each side's own (Bloom's key/value cache: HF's
     # [B, H, L, D] against PaddleNLP's [B, L, H, D])
+    more = len(only_port) > len(only_ref)
     agree = 0
     for a, b in zip(only_ref, only_port):
-        if _shape_of(ref[a]) != _shape_of(port[b]):
+        if _shape_of(ref[a]) != _shape_of(port[b]) or (
+                more and _depth(a, head) != _depth(b, head)):
             break
         agree += 1
     if not agree:
-        return port, {}
-    renamed = dict(zip(only_port[:agree], only_ref[:agree]))
-    return {renamed.get(k, k): v for k, v in port.items()}, renamed
+        return {}
+    if more:
+        # a port's later output like one paired could be the reference's as well: no guess
+        taken = {(_depth(a, head), _shape_of(ref[a])) for a in only_ref[:agree]}
+        if any((_depth(b, head), _shape_of(port[b])) in taken for b in only_port[agree:]):
+            return {}
+    return dict(zip(only_port[:agree], only_ref[:agree]))
+
+
+def not_compared_outputs(nones: Mapping[str, list[str]], extra: list[str]) -> dict[str, str]:
+    """Output key -> why it is not compared: None on a side (``nones``: side -> keys), or one
+    of the port's outputs beyond the reference's (``extra``, from ``pair_outputs``)."""
+    sides: dict[str, list[str]] = {}
+    for side, keys in nones.items():
+        for k in keys:
+            sides.setdefault(k, []).append(side)
+    why = {k: f"None in {' and '.join(s)}" for k, s in sides.items()}
+    why.update({k: "returned by the port beyond the reference's outputs" for k in extra})
+    return why
+
+
+def extra_outputs_finding(extra: list[str], head: str) -> Optional[str]:
+    """A finding for the port's outputs beyond the reference's (``head``: their keys' prefix),
+    or None: said, since a wrong switch on the port hides nothing here but costs time."""
+    if not extra:
+        return None
+    n = len({k[len(head):].split("/")[1] if k != head else "" for k in extra})  # top-level
+    more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+    return (f"the port returns {n} more output{'s' if n != 1 else ''} than the reference "
+            f"({', '.join(extra[:3])}{more}): not compared; PaddleNLP models return their "
+            "hidden states with config.output_hidden_states=True, their attention weights with "
+            "output_attentions=True, and some their cache or attention mask")
 
 
 def one_sided_outputs(ref: Mapping[str, Any], port: Mapping[str, Any], head: str
@@ -95,6 +159,12 @@ def one_sided_outputs(ref: Mapping[str, Any], port: Mapping[str, Any], head: str
     if any("past_key_values" in k for k in ref if k not in port):
         line += (" (a Hugging Face model's key/value cache: set model.config.use_cache = False "
                  "on the reference, or pass use_cache=False)")
+    elif (sum(k not in ref for k in port if k.startswith(head))
+          > sum(k not in port for k in ref if k.startswith(head))):
+        # outputs the pairing could not place (their order or shapes): a switch may drop them
+        line += (" (the port returns more: a PaddleNLP model returns its hidden states with "
+                 "config.output_hidden_states=True, its attention weights with "
+                 "output_attentions=True)")
     return line
 
 

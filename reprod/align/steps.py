@@ -29,7 +29,14 @@ from ..errors import ReprodError
 from ..logger import ReprodLogger
 from . import counterfactual, decay, forcing, port_rounding, settings, spill, twin_sides
 from .by_order import by_order_rules
-from .calibration import _float64_loss, _float64_optimizer, _float64_twin
+from .calibration import (
+    _float64_loss,
+    _float64_optimizer,
+    _float64_twin,
+    float64_default,
+    twin_failed,
+    uncalibrated,
+)
 from .calls import trace_settings
 from .forward import align_forward
 from .framework import (
@@ -52,6 +59,8 @@ from .framework import (
     _torch_device,
     _torch_params_plan,
     _torch_view,
+    extra_outputs_finding,
+    not_compared_outputs,
     pair_outputs,
 )
 from .kinks import KinkCapture
@@ -257,9 +266,10 @@ def _paddle_steps(
     opt_state: bool = False,
     trace: Any = None,
     outputs_like: Optional[Mapping[str, Any]] = None,
+    extra: Optional[list[str]] = None,
 ) -> None:
     """``outputs_like``: the reference's records, whose named outputs a tuple pairs with
-    (``pair_outputs``)."""
+    (``pair_outputs``); ``extra`` receives the port's outputs beyond them (not recorded)."""
     place = _paddle_place(model)
     for i in range(n):
         inputs, labels = _split_batch(batches[i % len(batches)], i)
@@ -277,7 +287,8 @@ def _paddle_steps(
         if outputs_like is not None and any(k not in outputs_like for k in flat):
             head = f"step{i}/logits"
             flat = pair_outputs({k: v for k, v in outputs_like.items()
-                                 if k == head or k.startswith(head + "/")}, flat, head)[0]
+                                 if k == head or k.startswith(head + "/")}, flat, head,
+                                extra=extra)[0]
         for k, v in flat.items():
             log.add(k, v)
         log.add(f"step{i}/loss", loss.reshape([]))
@@ -557,25 +568,34 @@ def align_train(
             arena=arena,
             trace=None if traces is None else traces[0],
         )
+    skipped: Optional[str] = None  # why a calibrated run is judged without its twin
+    extra_outputs: list[str] = []  # the port's outputs beyond the reference's, every step
     if calibrate:
         assert noise_log is not None and hyper is not None
-        with _deterministic(seed), _recording(kink, twin, noise_log, "torch64"):
-            _torch_steps(
-                twin,
-                batches,
-                n,
-                loss_fn=_float64_loss(torch_loss_fn),
-                optimizer=twin_opt,
-                scheduler=None,
-                plan=plan,
-                stats=stats,
-                log=noise_log,
-                float64=True,
-                reseed=seed,
-                hyper_in=hyper,
-                drop_grads=True,
-                opt_state=optimizer_state,
-            )
+        try:
+            # its loss and backward pass with the default dtype float64 too (its forward pass
+            # has it wherever it runs)
+            with _deterministic(seed), _recording(kink, twin, noise_log, "torch64"), \
+                    float64_default():
+                _torch_steps(
+                    twin,
+                    batches,
+                    n,
+                    loss_fn=_float64_loss(torch_loss_fn),
+                    optimizer=twin_opt,
+                    scheduler=None,
+                    plan=plan,
+                    stats=stats,
+                    log=noise_log,
+                    float64=True,
+                    reseed=seed,
+                    hyper_in=hyper,
+                    drop_grads=True,
+                    opt_state=optimizer_state,
+                )
+        except Exception as e:  # the model's own code: judged as if uncalibrated (kinks too)
+            skipped = twin_failed(e)
+            noise_log, calibrate, torch_start, paddle_start = None, False, None, None
         del twin, twin_opt
     with _deterministic(seed), _recording(kink, paddle_model, paddle_log, "paddle"):
         _paddle_steps(
@@ -590,6 +610,7 @@ def align_train(
             opt_state=optimizer_state,
             trace=None if traces is None else traces[1],
             outputs_like=torch_log.data,
+            extra=extra_outputs,
         )
     _common_state(torch_log, paddle_log, noise_log)
     twin_info = None
@@ -668,6 +689,8 @@ def align_train(
     noise_log = None
     if before is None:
         result = settings.with_finding(result, verbose=verbose)
+        result = _extra_outputs_said(result, extra_outputs, verbose)
+        result = uncalibrated(result, skipped, verbose)
         if out_dir is not None:
             _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"),
                             verbose=verbose)
@@ -687,9 +710,26 @@ def align_train(
             for line in result.options.get("findings", ()):
                 print(line, flush=True)
     result = settings.with_finding(result, verbose=verbose)
+    result = _extra_outputs_said(result, extra_outputs, verbose)
+    result = uncalibrated(result, skipped, verbose)
     if out_dir is not None:
         _write_diff_log(result, os.path.join(os.fspath(out_dir), "train_diff.log"), verbose=verbose)
     return result
+
+
+def _extra_outputs_said(result: Any, extra: Sequence[str], verbose: bool) -> Any:
+    """``result`` with the port's outputs beyond the reference's (PaddleNLP's Pegasus returns its
+    encoder's mask too) in ``options["outputs_not_compared"]`` and a first finding, said once for
+    step 0's: every step returns the same."""
+    first = [k for k in extra if k.startswith("step0/")]
+    line = extra_outputs_finding(first, "step0/logits")
+    if line is None:
+        return result
+    if verbose:
+        print(line, flush=True)
+    return dataclasses.replace(result, options=dict(
+        result.options, findings=[line, *result.options.get("findings", ())],
+        outputs_not_compared=not_compared_outputs({}, list(extra))))
 
 
 def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: Sequence[Any],
