@@ -121,6 +121,12 @@ def note_uncalibrated(why: str) -> str:
     return f"no noise calibration ({why}): judged by the plain threshold"
 
 
+def note_flips(rows: int, total: int) -> str:
+    return (f"{rows} of {total} rows set apart: there the reference's float64 run took another "
+            "branch than its float32 run (a router's choice, an argmax or a top-k near a tie), "
+            "and either side may; the other rows judged against their own noise")
+
+
 def why_coarser_port(other: str, ref: str) -> str:
     return (f"other is {other}, ref {ref}: this noise measures {ref} rounding, not {other}'s; "
             f"compare the reference run in {other} against other, with the {ref} run as the noise")

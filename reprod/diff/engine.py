@@ -433,6 +433,8 @@ def _compare_pair(p: Pair, policy: Criteria, *, bar: Optional[Progress] = None,
             if cal.coarser_port and coarse is not None:
                 coarse.append(cal.why or "")
         else:
+            if cal.flips:
+                notes.append(msg.note_flips(*cal.flips))
             thresholds = {"noise": factor}
             base.update(methods=("noise",), thresholds=thresholds)
             values.update(noise_multiple=cal.multiple, noise_l2=cal.l2, noise_max=cal.max)

@@ -24,6 +24,7 @@ their multiple stays small (3.0 at most measured; ``LOW_PRECISION_NOISE_FACTOR``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from collections.abc import Mapping
@@ -75,6 +76,9 @@ class Calibration:
     why: Optional[str] = None
     noise_dtype: Optional[str] = None  # the dtype the noise reference holds
     coarser_port: bool = False  # uncalibrated because other rounds coarser than ref
+    # (rows set apart, rows): rows where the reference's float64 run took another discrete
+    # branch than its float32 run (``_set_apart``); the others judged on their own noise
+    flips: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -256,8 +260,87 @@ def judge_precision(cal: Calibration, st: Stats, ref: np.ndarray, other: np.ndar
         l2 = max(cal.l2 or 0.0, eps * (st.ref_l2 or 0.0))
         mx = max(cal.max or 0.0, eps * (st.ref_max or 0.0))
         multiple = max(ratio(st.diff_l2 or 0.0, l2), ratio(st.max_abs or 0.0, mx))
-        cal = Calibration(l2=l2, max=mx, multiple=multiple, noise_dtype=cal.noise_dtype)
+        if cal.flips:  # the rows set apart's judgement stands
+            multiple = max(multiple, cal.multiple)
+        cal = Calibration(l2=l2, max=mx, multiple=multiple, noise_dtype=cal.noise_dtype,
+                          flips=cal.flips)
     return cal, default, note
+
+
+# a row's noise this many times the typical row's is no rounding: the float64 run took another
+# branch there (a router's expert, an argmax, a top-k); float32 rounding noise of a layer's rows
+# stays within a few times of each other
+_FLIP_ROWS = 100.0
+# at most this share of the rows set apart: more is no few flips, and the whole key's noise
+# stands
+_FLIP_SHARE = 0.25
+# the noise is looked at row by row only where its largest element is this many float32 units
+# of the values' scale: rounding noise is a few to a few hundred
+_FLIP_LOOK = 1e3
+_ROW_CHUNK = 1 << 20  # elements per chunk of the row pass
+
+
+def _row_norms(a: np.ndarray, b: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (the last axis's elements): ||a - b|| and max |a - b|, in float64, by chunks."""
+    a2, b2 = a.reshape(rows, -1), b.reshape(rows, -1)
+    step = max(1, _ROW_CHUNK // max(1, a2.shape[1]))
+    l2, mx = np.empty(rows), np.empty(rows)
+    for lo in range(0, rows, step):
+        d = np.abs(a2[lo:lo + step].astype(np.float64) - b2[lo:lo + step].astype(np.float64))
+        d = np.where(np.isfinite(d), d, 0.0)  # NaN/Inf rows have their own verdicts
+        l2[lo:lo + step] = np.sqrt(np.einsum("ij,ij->i", d, d))
+        mx[lo:lo + step] = d.max(axis=1) if d.shape[1] else 0.0
+    return l2, mx
+
+
+def _set_apart(cal: Calibration, st: Stats, ref: np.ndarray, other: np.ndarray, hi: np.ndarray,
+               eps: float) -> Calibration:
+    """``cal`` where a few rows' noise is far above the others': the reference's float64 run
+    took another discrete branch there than its float32 run (a Mixtral router near a tie sent
+    3 of 64 tokens to other experts, 0.15 apart where rounding is 1e-7), and that noise, taken
+    for the whole key's, passed a real bug on every row at 2.5x. The key's multiple is then
+    also that of the other rows against their own noise, and ``flips`` says how many rows were
+    set apart (both sides may take either branch there; the port's rows too where it takes the
+    other branch on rows of its own, as long as all of them stay few)."""
+    if cal.multiple is None or ref.ndim == 0 or ref.size < 2 or hi.shape != ref.shape:
+        return cal
+    if (cal.max or 0.0) <= _FLIP_LOOK * eps * (st.ref_max or 0.0):
+        return cal
+    carried = _precision(ref, None)[0]
+    if carried in _HALF and (cal.max or 0.0) <= _FLIP_LOOK * _eps(carried) * (st.ref_max or 0.0):
+        return cal  # half-precision values in a wider dtype: their own rounding is the scale
+    rows = int(np.prod(ref.shape[:-1])) if ref.ndim >= 2 else int(ref.size)
+    noise_l2, noise_mx = _row_norms(hi, ref, rows)
+    zero = np.zeros_like(ref)
+    ref_l2, ref_mx = _row_norms(ref, zero, rows)
+    # each row's noise relative to its values: rounding is about as large on every row (a row
+    # of larger values has larger noise, a channel of a half-precision run), a branch taken
+    # otherwise is as large as the values
+    # a row of values near 0 (a channel a ReLU mostly zeroed) is as large as a hundredth of
+    # the typical row: its relative noise is no sign of a branch
+    size = np.maximum(ref_l2, max(1e-2 * float(np.median(ref_l2)), np.finfo(np.float64).tiny))
+    rel = np.maximum(noise_l2 / size, eps)
+    typical = float(np.median(rel))
+    flipped = rel > _FLIP_ROWS * typical
+    k = int(flipped.sum())
+    if k == 0 or k > _FLIP_SHARE * rows:
+        return cal
+    diff_l2, diff_mx = _row_norms(other, ref, rows)
+    # the key is shown to turn on such a branch: the port's own float32 run may take the other
+    # one elsewhere (Mixtral's port flipped 9 rows, its reference's float64 run 6, 5 of them the
+    # same). A bug on every row leaves too many for this; one on a few rows of a key that never
+    # branches is judged as before
+    either = flipped | (np.maximum(diff_l2 / size, eps) > _FLIP_ROWS * typical)
+    if int(either.sum()) <= _FLIP_SHARE * rows:
+        flipped = either
+        k = int(flipped.sum())
+    quiet = ~flipped
+    q_noise_l2 = max(float(np.sqrt(np.sum(noise_l2[quiet] ** 2))),
+                     eps * float(np.sqrt(np.sum(ref_l2[quiet] ** 2))))
+    q_noise_mx = max(float(noise_mx[quiet].max()), eps * float(ref_mx[quiet].max()))
+    q_multiple = max(ratio(float(np.sqrt(np.sum(diff_l2[quiet] ** 2))), q_noise_l2),
+                     ratio(float(diff_mx[quiet].max()), q_noise_mx))
+    return dataclasses.replace(cal, multiple=max(cal.multiple, q_multiple), flips=(k, rows))
 
 
 def calibrate(diff: Stats, ref: np.ndarray, hi_tree: Mapping[str, Any], path: tuple[str, ...],
@@ -297,11 +380,13 @@ def calibrated_stats(ref: np.ndarray, other: np.ndarray, hi_tree: Optional[Mappi
             return st, None
         if hi is None:
             return st, Calibration(why=why)
-        return st, _judge(st, _noise_stats(hi, ref), ref_dtype, other_dtype, hi_dtype)
+        cal = _judge(st, _noise_stats(hi, ref), ref_dtype, other_dtype, hi_dtype)
+        return st, _set_apart(cal, st, ref, other, hi, _eps(ref_dtype, other_dtype))
     st, ns = both
     if st.nan_unmatched or st.inf_unmatched:
         return st, None
-    return st, _judge(st, ns, ref_dtype, other_dtype, hi_dtype)
+    cal = _judge(st, ns, ref_dtype, other_dtype, hi_dtype)
+    return st, _set_apart(cal, st, ref, other, hi, _eps(ref_dtype, other_dtype))
 
 
 def leaf_at(tree: Mapping[str, Any], path: tuple[str, ...]) -> Optional[tuple[np.ndarray, str]]:
