@@ -836,6 +836,12 @@ class SettingsTrace:
             if f is None:
                 break
             s = f.f_locals.get("self")
+            if s is not None and isinstance(s, self._base) and id(s) not in self._names and \
+                    _settings.read_settings(s) is not None:
+                # a layer built in the forward pass (Hugging Face CodeGen's
+                # ``nn.Softmax(dim=-1)(w)``): no layer of the model, its call is the caller's
+                f = f.f_back
+                continue
             if s is not None and isinstance(s, self._base):
                 name = self._names.get(id(s))
                 # a transformer layer's settings name its activation, not how it computes it

@@ -641,3 +641,43 @@ def test_one_layer_called_twice_pairs_by_call_with_two_layers():
     assert [d.line() for d in report.differ] == [
         "pool (torch 0): ceil_mode True in torch, False in Paddle",
         "pool#2 (torch 1): ceil_mode True in torch, False in Paddle"]
+
+
+class _InlineSoftmax(tnn.Module):
+    """Hugging Face CodeGen's attention: ``nn.Softmax(dim=-1)`` built in the forward pass, no
+    layer of the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = tnn.Linear(4, 4)
+
+    def forward(self, x):
+        return tnn.Softmax(dim=-1)(self.fc(x))
+
+
+class _PaddleSoftmax(pnn.Layer):
+    def __init__(self, axis: int = -1) -> None:
+        super().__init__()
+        self.fc, self.axis = pnn.Linear(4, 4), axis
+
+    def forward(self, x):
+        return paddle.nn.functional.softmax(self.fc(x), axis=self.axis)
+
+
+@pytest.mark.parametrize("axis, differs", [(-1, False), (1, True)])
+def test_a_layer_built_in_the_forward_pass_is_traced_as_its_caller_s_call(axis, differs) -> None:
+    # before, the trace took the temporary layer for a layer of the model, whose own calls are
+    # no events, and saw no softmax in torch: "softmax 0 in torch, 2 in Paddle", a wrong axis
+    # unsaid
+    tm, pm = _InlineSoftmax(), _PaddleSoftmax(axis)
+    x = np.ones((2, 3, 4), np.float32)
+    with trace_settings(tm) as tt:
+        tm(torch.from_numpy(x))
+    with trace_settings(pm) as tp:
+        pm(paddle.to_tensor(x))
+    assert [(e.kind, e.name, e.settings["axis"]) for e in tt.events] == [
+        ("softmax", "(model):softmax", 2)]
+    report = compare_settings(tm, pm, by_order=True, traces=(tt, tp))
+    assert [(d.setting, d.torch_value, d.paddle_value) for d in report.differ] == (
+        [("axis", 2, 1)] if differs else []), str(report)
+    assert not report.unpaired
