@@ -11,6 +11,7 @@ the torch model, so a hint appears only where the magnitudes fit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -254,6 +255,66 @@ def _masked_alike(ref: Any, port: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# axis permutations tried on a capture of rank above this are too many (6! = 720 arrangements)
+_MAX_PERMUTED_RANK = 5
+
+
+def _permuted(ref: Any, port: dict[str, Any], criteria: Any, noise: Any) -> dict[str, Any]:
+    """``port`` with each capture that holds the reference's values with its axes in another
+    order (HF's Llama-family attention hands its rotary embedding [B, H, L, D], PaddleNLP's
+    [B, L, H, D]) transposed to the reference's: of the permutations that map its shape onto the
+    reference's, those whose values then pass ``criteria`` (against ``noise`` where calibrated),
+    and of them the one whose values differ least. Where sizes repeat (B == H) several
+    permutations fit the shapes and the values decide. A capture no permutation makes agree is
+    transposed as the captures of the same two shapes that agree are (a bug before a rotary
+    embedding changes its query's values, not their layout), and otherwise stays as it was, to
+    fail on its shape. Shapes that agree are never permuted: with H == L a bug that transposes
+    the two could not be told from a layout."""
+    from itertools import permutations
+
+    from ..diff.engine import compare
+
+    derived = getattr(ref, "derived", {})
+    out = port
+    learnt: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[int, ...]] = {}
+    left: list[str] = []
+    for key in sorted(ref.keys() & port.keys()):
+        a, b = ref[key], port[key]
+        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or key in derived:
+            continue
+        if a.shape == b.shape or a.ndim != b.ndim or not 2 <= a.ndim <= _MAX_PERMUTED_RANK or \
+                sorted(a.shape) != sorted(b.shape):
+            continue
+        fits = []
+        for axes in permutations(range(b.ndim)):
+            if tuple(b.shape[i] for i in axes) == a.shape:
+                gap = np.abs(np.transpose(b, axes).astype(np.float64) - a) if a.size else \
+                    np.zeros(1)
+                worst = float(np.max(gap))
+                fits.append((worst if worst == worst else np.inf, axes))  # NaN: tried last
+        for _, axes in sorted(fits, key=lambda fit: fit[0]):
+            moved = np.transpose(b, axes)
+            judged = compare({key: a}, {key: moved}, criteria=criteria,
+                             noise=None if noise is None or key not in noise else {key: noise[key]})
+            if judged[key].passed:
+                if out is port:
+                    out = dict(port)
+                out[key] = moved
+                learnt.setdefault((b.shape, a.shape), axes)
+                break
+        else:
+            left.append(key)
+    # a capture whose values differ, laid out as others that agree (the query handed to a rotary
+    # embedding after a bug, beside the key that aligns), is judged by its values in that layout
+    for key in left:
+        axes = learnt.get((port[key].shape, ref[key].shape))
+        if axes is not None:
+            if out is port:
+                out = dict(port)
+            out[key] = np.transpose(port[key], axes)
+    return out
+
+
 def localise_forward(
     torch_model: Any,
     paddle_model: Any,
@@ -306,7 +367,7 @@ def localise_forward(
         noise = ref_layout(noise)
     judged = _derive({k: v for k, v in ref.items() if k not in superseded}, derived)
     judged, port, noise = _broadcast(judged, _merged(judged, port), noise)
-    port = _masked_alike(judged, port)
+    port = _permuted(judged, _masked_alike(judged, port), criteria, noise)
     plain = compare(judged, port, criteria=criteria, noise=noise)
     ptypes = layer_types(paddle_model)
     types: dict[str, tuple[str, Optional[str]]] = {
@@ -337,7 +398,10 @@ def localise_forward(
         layer = None if subject is None else subject.partition("#")[0]
         if layer in labels:
             labels[layer] = f"{types[layer][0]} vs a function in the port"
-    div = first_divergence(result, layer_types=labels)
+    flows = None if pairing is None else pairing.calls
+    carried = _carried(result, judged, port, paddle_model, run_paddle, raw, containers, flows)
+    div = _with_factors(first_divergence(result, layer_types=labels, carried=carried),
+                        judged, port)
     hint = _hint_of(div, plain)
     if hint is None and div is not None and div.kind == "layer" and div.input_aligned:
         hint = _untransposed(div.layer.partition("#")[0], torch_model, paddle_model, names)
@@ -347,9 +411,274 @@ def localise_forward(
         found = _block_between(div, torch_model, paddle_model, run_torch, run_paddle, ref, raw,
                                names, criteria, run_twin, pairing)
         if found is not None:
-            div, hint = found[0], None
+            div, hint = dataclasses.replace(found[0], passed_over=div.passed_over), None
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
     return Localisation(div, hint, result, ref, port, by_order, backward)
+
+
+# how far a layer's output is pushed to see which later layers read it: noise on the scale of its
+# largest value, which no later normalisation or rounding can hide
+_JOLT = 1.0
+# a recorded input counts as changed by the push above this part of its largest value; below it
+# (a rerun on a device whose kernels are not bitwise repeatable) as the same
+_CHANGED = 1e-4
+
+
+def _carried(result: Any, ref: Mapping[str, Any], port: Mapping[str, Any], paddle_model: Any,
+             run_paddle: Any, raw: Mapping[str, Any], containers: bool,
+             calls: Optional[Mapping[str, str]]) -> Any:
+    """``first_divergence``'s ``carried``: whether the difference at a layer call (whose input
+    aligns, whose output differs) is carried on. Only a difference by an exact constant factor
+    (``ref``/``port``: the judged captures) is looked into, a scale moved across the layer's
+    boundary; any other is carried (a router's logits choose its experts and weigh them, and
+    the experts reading the same tokens say nothing of the weights).
+
+    The port runs once more with that call's output pushed off (``_downstream``), and the first
+    paired layer call whose recorded input then changes reads it. Its inputs aligning says the
+    difference stops there (HF's MBart scales its word embedding inside the embedding layer,
+    PaddleNLP's after it, and the sum that comes next agrees again). Where they differ, it is
+    carried unless another layer called between the two whose output differs mends the
+    reader's input when it gives the reference's output (``_mends``): the position embedding
+    added to that sum, where its table is wrong. The layers called after it
+    that do not read it (a k_proj after the q_proj that differs) say nothing either way.
+    ``calls``: port layer call -> reference layer call (by order; by name they are the same)."""
+    from ..capture.naming import parse_key
+
+    inputs: dict[str, list[bool]] = {}  # reference layer call -> whether each input aligns
+    outputs: dict[str, str] = {}  # reference layer call -> its first failing output's key
+    start: dict[str, int] = {}  # reference layer call -> position of its first key
+    end: dict[str, int] = {}  # ... and of its first output
+    for pos, kr in enumerate(result):
+        parsed = parse_key(kr.key)
+        if parsed is None or parsed.is_param or kr.status in ("missing", "extra"):
+            continue
+        start.setdefault(parsed.subject, pos)
+        if parsed.what == "in":
+            inputs.setdefault(parsed.subject, []).append(kr.passed)
+        elif parsed.what == "out":
+            end.setdefault(parsed.subject, pos)
+            if not kr.passed:
+                outputs.setdefault(parsed.subject, kr.key)
+    to_port = None if calls is None else {r: o for o, r in calls.items()}
+
+    def port_call(layer: str) -> Optional[str]:
+        return layer if to_port is None else to_port.get(layer)
+
+    def carried(div: Any) -> bool:
+        key = div.output.key
+        call = port_call(div.layer)
+        if call is None or _factor(ref.get(key), port.get(key)) is None:
+            return True
+        read = _downstream(paddle_model, run_paddle, raw, containers, call)
+        if read is None:  # not probed: a reference layer the port applies as a function
+            return True
+        for subject in read:
+            reader = subject if calls is None else calls.get(subject)
+            if reader is None or reader == div.layer or reader not in inputs:
+                continue
+            if all(inputs[reader]):
+                return False
+            after, before = end.get(div.layer, -1), start.get(reader, -1)
+            # whatever their inputs: a position embedding's differ in kind (ids against
+            # positions), and only whether its output explains the reader's input counts
+            others = [s for s in outputs
+                      if after < start[s] < before and port_call(s) is not None]
+            return not any(_mends(paddle_model, run_paddle, raw, ref, port_call(s) or s,
+                                  outputs[s], subject, reader) for s in others)
+        return True  # read by no recorded layer: it reaches the outputs as it is
+
+    return carried
+
+
+def _rerun(model: Any, run: Any, call: str, change: Any, capture: Any) -> Optional[dict[str, Any]]:
+    """The port's capture (``capture(model, run)``) with ``change`` applied to the output of its
+    layer call ``call``; None where there is no such layer, ``change`` left the output as it was,
+    or the port cannot run so."""
+    name, _, nth = call.partition("#")
+    layer = dict(_named(model)).get(name)
+    if layer is None or not hasattr(layer, "register_forward_post_hook"):
+        return None
+    seen, changed = [0], [False]
+
+    def hook(_layer: Any, _args: Any, output: Any) -> Any:
+        seen[0] += 1
+        if seen[0] != int(nth or 1):
+            return None
+        moved = change(output)
+        changed[0] = moved is not output
+        return moved
+
+    handle = layer.register_forward_post_hook(hook)
+    try:
+        data = capture(model, run)
+    except Exception:  # noqa: BLE001 - a port that cannot run so says nothing either way
+        return None
+    finally:
+        handle.remove()
+    return data if changed[0] else None
+
+
+def _downstream(model: Any, run: Any, raw: Mapping[str, Any], containers: bool, call: str
+                ) -> Optional[list[str]]:
+    """The port's layer calls whose recorded inputs change when ``call``'s output is pushed off
+    (``raw``: the capture of the run as it is), in call order; None where that cannot be told:
+    no such layer or no floating-point output, or a rerun that does not repeat the layer calls
+    before it."""
+    from ..capture.naming import parse_key
+
+    probe = _rerun(model, run, call, _jolted,
+                   lambda m, r: _capture(m, r, containers))
+    if probe is None:
+        return None
+    read: list[str] = []
+    before = True  # keys recorded before the call's output: a repeatable run leaves them alone
+    for key, value in probe.items():
+        parsed = parse_key(key)
+        if parsed is None or parsed.is_param:
+            continue
+        if parsed.subject == call and parsed.what == "out":
+            before = False
+            continue
+        if parsed.what != "in" or key not in raw:
+            continue
+        if _changed(raw[key], value):
+            if before:
+                return None
+            if parsed.subject not in read:
+                read.append(parsed.subject)
+    return read
+
+
+def _mends(model: Any, run: Any, raw: Mapping[str, Any], ref: Mapping[str, Any], call: str,
+           out_key: str, reader: str, ref_reader: str) -> bool:
+    """Whether the port layer call ``reader``'s input comes at least halfway to the reference's
+    when the port's ``call`` outputs the reference's value (``out_key``, in the port's shape:
+    ``_in_shape``). False where that cannot be tried (an output of several tensors, or shapes
+    that differ otherwise)."""
+    import paddle
+
+    from ..capture.naming import parse_key
+
+    target = ref.get(out_key)
+    pairs = {}
+    for key in raw:
+        parsed = parse_key(key)
+        if parsed is not None and parsed.subject == reader and parsed.what == "in":
+            pairs[key] = f"{ref_reader}.{parsed.part}"
+    if not isinstance(target, np.ndarray) or target.dtype.kind != "f" or not pairs or any(
+            np.shape(ref.get(r)) != np.shape(raw[k]) for k, r in pairs.items()):
+        return False
+
+    def gap(data: Mapping[str, Any]) -> Optional[float]:
+        if any(k not in data for k in pairs):
+            return None
+        return max((float(np.max(np.abs(np.asarray(data[k], np.float64) - ref[r])))
+                    if np.size(ref[r]) else 0.0) for k, r in pairs.items())
+
+    def put(output: Any) -> Any:
+        value = None if not isinstance(output, paddle.Tensor) else \
+            _in_shape(target, tuple(output.shape))
+        if value is None:
+            return output
+        return paddle.to_tensor(value, place=output.place).astype(output.dtype)
+
+    before = gap(raw)
+    after = _rerun(model, run, call, put,
+                   lambda m, r: _capture_only(m, r, [reader.partition("#")[0]]))
+    moved = None if after is None else gap(after)
+    return before is not None and moved is not None and moved <= before / 2
+
+
+def _in_shape(value: np.ndarray, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+    """``value`` as the port holds it, of ``shape``: as it is, or where the reference repeats
+    along axes the port leaves out or holds at size 1 (``_broadcast``: HF's MBart position
+    embedding gives [B, L, E], PaddleNLP's [L, E]), one of the repeats; None otherwise."""
+    if value.shape == shape:
+        return value
+    if len(shape) > value.ndim:
+        return None
+    full = (1,) * (value.ndim - len(shape)) + shape
+    if any(s not in (1, v) for s, v in zip(full, value.shape)):
+        return None
+    one = value[tuple(slice(0, 1) if s == 1 else slice(None) for s in full)]
+    if not np.array_equal(np.broadcast_to(one, value.shape), value):
+        return None
+    return one.reshape(shape)
+
+
+def _jolted(output: Any) -> Any:
+    """``output`` with noise added to its floating-point tensors (tuples, lists and dicts gone
+    through); ``output`` itself where it holds none."""
+    import paddle
+
+    if isinstance(output, paddle.Tensor):
+        if not paddle.is_floating_point(output) or output.size == 0:
+            return output
+        scale = float(paddle.abs(output).max().astype("float32")) + _JOLT
+        noise = np.random.default_rng(0).standard_normal(output.shape).astype(np.float32)
+        return output + paddle.to_tensor(noise * scale, place=output.place).astype(output.dtype)
+    if isinstance(output, (tuple, list)):
+        items = [_jolted(o) for o in output]
+        if all(a is b for a, b in zip(items, output)):
+            return output
+        return type(output)(items) if isinstance(output, list) else tuple(items)
+    if isinstance(output, dict):
+        moved = {k: _jolted(v) for k, v in output.items()}
+        return output if all(moved[k] is output[k] for k in output) else type(output)(moved)
+    return output
+
+
+def _changed(a: Any, b: Any) -> bool:
+    if np.shape(a) != np.shape(b):
+        return True
+    x, y = np.asarray(a), np.asarray(b)
+    if x.dtype.kind not in "fc" or y.dtype.kind not in "fc":
+        return not np.array_equal(x, y)
+    if not x.size:
+        return False
+    gap = np.abs(x.astype(np.float64) - y)
+    top = float(np.nanmax(np.abs(y))) if np.isfinite(y).any() else 0.0
+    return bool(np.any(gap > _CHANGED * top) or np.any(np.isnan(x) != np.isnan(y)))
+
+
+# a constant factor holds where the outputs, the factor applied, agree to this part of their size
+_FACTOR_FIT = 1e-5
+
+
+def _with_factors(div: Any, ref: Mapping[str, Any], port: Mapping[str, Any]) -> Any:
+    """``div`` (and the layers it passed over) with ``factor`` set where, its input aligned, the
+    outputs differ by a constant factor."""
+    if div is None or div.kind != "layer" or div.direction != "forward":
+        return div
+    passed = tuple(_with_factors(d, ref, port) for d in div.passed_over)
+    # an input that already differs may carry a factor of its own: only the layer's own counts
+    factor = _factor(ref.get(div.output.key), port.get(div.output.key)) \
+        if div.input_aligned else None
+    return dataclasses.replace(div, factor=factor, passed_over=passed)
+
+
+def _fit(a: np.ndarray, b: Any) -> Optional[float]:
+    """The c for which c * b comes closest to a (least squares); None where none is finite."""
+    x, y = a.astype(np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return None
+    yy = float(y @ y)
+    return None if yy == 0.0 else float(x @ y) / yy
+
+
+def _factor(a: Any, b: Any) -> Optional[float]:
+    """The constant c with a == c * b, where one fits (not 1, which is no factor), else None."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.shape != b.shape \
+            or a.dtype.kind != "f" or b.dtype.kind != "f" or not a.size:
+        return None
+    c = _fit(a, b)
+    if c is None:
+        return None
+    x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    size = float(np.max(np.abs(x)))
+    if size == 0.0 or abs(c - 1.0) < 1e-4 or float(np.max(np.abs(x - c * y))) > _FACTOR_FIT * size:
+        return None
+    return c
 
 
 def _untransposed(layer: str, torch_model: Any, paddle_model: Any, names: Mapping[str, str]

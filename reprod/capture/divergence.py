@@ -7,8 +7,8 @@ mostly did not pair by name gives a divergence of kind ``"unpaired"``, never ``N
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 from ..diff.result import DiffResult, KeyResult
 from ..messages import fmt_num
@@ -42,6 +42,12 @@ class Divergence:
     ``own_code`` is True when ``layer`` has recorded sublayers that all align;
     ``unpaired_inside`` names those of its sublayers the reference alone recorded (names that
     did not pair), which may hold the cause instead.
+
+    ``factor`` is set where the outputs differ by a constant factor (the reference's output is
+    ``factor`` times the port's), which a scale applied inside the layer on one side and after
+    it on the other gives. ``passed_over`` holds the layers called before ``layer`` whose own
+    outputs differ while the layers reading them align again: their difference is not carried
+    on, so it is not what made the outputs differ.
     """
 
     layer: str
@@ -59,6 +65,8 @@ class Divergence:
     calls: Optional[int] = None
     one_sided: Optional[int] = None
     unpaired_inside: tuple[str, ...] = ()
+    factor: Optional[float] = None
+    passed_over: tuple[Divergence, ...] = ()
 
     @property
     def input_aligned(self) -> Optional[bool]:
@@ -74,6 +82,9 @@ class Divergence:
         >>> first_divergence(result).message
         'diverges at features.3.block.2 (SqueezeExcitation): input aligned (max 2.000e-07), output max diff 4.000e-02'
         """
+        return self._message() + _factor_note(self.factor) + _passed_note(self.passed_over)
+
+    def _message(self) -> str:
         if self.kind == "unpaired":
             return (
                 f"layer names do not pair: only {self.paired} of {self.calls} layer calls pair "
@@ -117,6 +128,26 @@ class Divergence:
                 f"lies between the two, outside the recorded layers"
             )
         return f"{head} before {where}: {cause}; {out}"
+
+
+def _factor_note(factor: Optional[float]) -> str:
+    if factor is None:
+        return ""
+    return (f"; outputs differ by a constant factor {round(factor, 6)} (the reference's output is "
+            f"{round(factor, 6)} times the port's: a scale applied inside the layer on one side "
+            "and after it on the other, or one in its weights)")
+
+
+def _passed_note(passed: tuple[Divergence, ...]) -> str:
+    if not passed:
+        return ""
+    layers = [d.layer + (f" ({d.layer_type})" if d.layer_type else "") +
+              ("" if d.factor is None else f": output off by a constant factor {round(d.factor, 6)}")
+              for d in passed]
+    names = layers[0] if len(layers) == 1 else ", ".join(layers[:-1]) + " and " + layers[-1]
+    their = "its output differs" if len(passed) == 1 else "their outputs differ"
+    return (f"; passed over before it: {names} ({their}, but the layers reading "
+            f"{'it' if len(passed) == 1 else 'them'} align again: not carried on)")
 
 
 def _max_abs(results: tuple[KeyResult, ...]) -> Optional[float]:
@@ -210,34 +241,51 @@ def _divergence(
 def _walk(
     units: list[_Unit], direction: str, layer_types: Optional[Mapping[str, str]], spans: Spans,
     ref_only: Sequence[tuple[int, str]] = (),
+    carried: Optional[Callable[[Divergence], bool]] = None,
 ) -> Optional[Divergence]:
     previous: Optional[str] = None
+    passed: list[Divergence] = []
     for unit in units:
         if not unit.outs:
             continue
         if _failing(unit.outs):
-            found = _divergence(unit, direction, layer_types, previous)
-            inside = [u for u in units if u.outs and _encloses(spans, unit.subject, u.subject)]
-            if found.input_aligned is False:
-                # the input was computed by code between recorded layers: the innermost enclosing
-                # layer whose input aligns and whose output differs ran that code
-                outer = [u for u in units if _encloses(spans, u.subject, unit.subject)]
-                for enclosing in sorted(outer, key=lambda u: -spans[u.subject][0]):
-                    if _aligned(enclosing.ins):
-                        if _failing(enclosing.outs):
-                            return _divergence(
-                                enclosing, direction, layer_types, previous, inner=found
-                            )
-                        break
-            elif inside and found.input_aligned:
-                span = spans.get(unit.subject)
-                within = () if span is None else tuple(dict.fromkeys(
-                    s for p, s in ref_only if span[0] <= p <= span[1] and s != unit.subject))
-                return _divergence(unit, direction, layer_types, previous, own_code=True,
-                                   unpaired_inside=within)
-            return found
+            found = _found(unit, units, direction, layer_types, spans, ref_only, previous)
+            if found.input_aligned and carried is not None and unit.pos is not None and any(
+                    u.start is not None and u.start > unit.pos and _aligned(u.ins)
+                    for u in units) and not carried(found):
+                # a layer whose outputs differ while the data flowing on from it aligns again (a
+                # scale inside the layer on one side, after it on the other) did not make the
+                # outputs differ: the first difference that is carried on did
+                passed.append(found)
+                continue
+            return replace(found, passed_over=tuple(passed)) if passed else found
         previous = unit.subject
-    return None
+    return passed[0] if passed else None
+
+
+def _found(
+    unit: _Unit, units: list[_Unit], direction: str, layer_types: Optional[Mapping[str, str]],
+    spans: Spans, ref_only: Sequence[tuple[int, str]], previous: Optional[str],
+) -> Divergence:
+    """The divergence ``unit``, the first failing layer call, makes known."""
+    found = _divergence(unit, direction, layer_types, previous)
+    inside = [u for u in units if u.outs and _encloses(spans, unit.subject, u.subject)]
+    if found.input_aligned is False:
+        # the input was computed by code between recorded layers: the innermost enclosing
+        # layer whose input aligns and whose output differs ran that code
+        outer = [u for u in units if _encloses(spans, u.subject, unit.subject)]
+        for enclosing in sorted(outer, key=lambda u: -spans[u.subject][0]):
+            if _aligned(enclosing.ins):
+                if _failing(enclosing.outs):
+                    return _divergence(enclosing, direction, layer_types, previous, inner=found)
+                break
+    elif inside and found.input_aligned:
+        span = spans.get(unit.subject)
+        within = () if span is None else tuple(dict.fromkeys(
+            s for p, s in ref_only if span[0] <= p <= span[1] and s != unit.subject))
+        return _divergence(unit, direction, layer_types, previous, own_code=True,
+                           unpaired_inside=within)
+    return found
 
 
 def _unpaired(result: DiffResult) -> Optional[Divergence]:
@@ -275,7 +323,8 @@ def _unpaired(result: DiffResult) -> Optional[Divergence]:
 
 
 def first_divergence(
-    result: DiffResult, *, layer_types: Optional[Mapping[str, str]] = None
+    result: DiffResult, *, layer_types: Optional[Mapping[str, str]] = None,
+    carried: Optional[Callable[[Divergence], bool]] = None,
 ) -> Optional[Divergence]:
     """The first recorded layer whose output differs, forward pass first, then backward.
 
@@ -293,6 +342,14 @@ def first_divergence(
     Keys on one side only are skipped, but when most of the reference's layer calls did not pair
     by name the answer is a divergence of kind ``"unpaired"`` (pair them with
     ``reprod.capture.match_by_order``). ``None`` when every paired layer aligns.
+
+    ``carried`` (forward only) tells whether the difference of a layer call whose input aligns
+    and whose output differs is carried on by the data flowing from it. It is asked only where
+    some layer called after it has aligned inputs; where it says no (the layers reading that
+    output align again), the layer is passed over (``passed_over`` of the divergence found after
+    it; where none is, the first one passed over is the answer). ``align_forward`` decides it by
+    running the port once more with that output pushed off (``reprod.align.localise``); without
+    it every layer whose input aligns and whose output differs is an answer.
 
     >>> result = reprod.compare(torch_log.data, paddle_log.data, method="max", threshold=1e-5)
     >>> div = first_divergence(result, layer_types=reprod.capture.layer_types(model))
@@ -337,7 +394,7 @@ def first_divergence(
     # forward call order is the order in which layers finished: the order of their outputs
     end = len(result.results)
     order = sorted(forward.values(), key=lambda u: end if u.pos is None else u.pos)
-    found = _walk(order, "forward", layer_types, spans, ref_only)
+    found = _walk(order, "forward", layer_types, spans, ref_only, carried)
     if found is not None:
         return found
 
