@@ -210,8 +210,10 @@ def test_the_findings_name_the_port_layer_classes_right(model):
 @pytest.mark.parametrize("model", [_param(m) for m in MODELS])
 def test_by_name_the_localisation_fails_closed_where_names_do_not_pair(model):
     """paddle.vision's MobileNetV3 names its layers its own way: by name nothing is shown to
-    align, and the localisation says so instead of naming a layer. Its ResNet keeps
-    torchvision's names: by name finds what by order finds."""
+    align, and the localisation says so instead of naming a layer; the settings, paired by
+    definition order where no name pairs, name the injected epsilon where it is (before, they
+    compared nothing and said nothing). Its ResNet keeps torchvision's names: by name finds what
+    by order finds."""
     pair = pair_of(model)
     result = align_forward(pair.torch32, pair.paddle("bn_eps"), inputs_of(model), calibrate=True)
     assert not result.passed
@@ -223,7 +225,11 @@ def test_by_name_the_localisation_fails_closed_where_names_do_not_pair(model):
     assert (div["kind"], div["layer"], div["hint"]) == ("unpaired", "", None), div
     assert "layer names do not pair" in div["message"], div["message"]
     assert "pair them by call order" in div["message"], div["message"]
-    assert result.options["findings"] == [f"{div['message']} (align_forward: by_order=True)"]
+    unpaired, said = result.options["findings"]
+    assert unpaired == f"{div['message']} (align_forward: by_order=True)"
+    assert said.startswith("1 layer setting of the port differs from the reference's"), said
+    assert f"(torch {TARGETS[model]['bn_eps']}): epsilon 0.001 in torch, 1e-05 in Paddle" \
+        in said, said
 
 
 # --- 5. training ------------------------------------------------------------------------------
