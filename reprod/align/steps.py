@@ -1054,8 +1054,14 @@ def _train_localised(
 
             cut = gradient_not_reaching(loc.result, layer_types(torch_model)) \
                 if kinds[0] == "grad" else None
-            findings += [cut] if cut is not None and loc.divergence is None else loc.findings
             div = loc.divergence
+            if cut is not None and div is None:
+                # the gradient cut is where the step goes wrong: named as a divergence would be
+                findings.append(cut[1])
+                options["divergence"] = {"layer": cut[0], "kind": "layer", "message": cut[1],
+                                         "hint": None, "direction": "backward", "step": step}
+            else:
+                findings += loc.findings
             if div is not None:
                 options["divergence"] = {"layer": div.layer, "kind": div.kind,
                                          "message": div.message, "hint": loc.hint,

@@ -88,11 +88,12 @@ def reference_diverged(step: int, kr: Any) -> Optional[str]:
 
 
 def gradient_not_reaching(result: Any, layer_types: Optional[Mapping[str, str]] = None
-                          ) -> Optional[str]:
+                          ) -> Optional[tuple[str, str]]:
     """A backward capture where the reference's gradient reaches a layer and the port's does not
     (its keys are missing on the port's side although the layer's forward pairs): the port
     detaches its output or freezes its parameters. ``first_divergence`` skips keys one side
-    lacks; this names the first such layer in backward order (the last called)."""
+    lacks; this names the first such layer in backward order (the last called): the layer and
+    the finding's line."""
     from ..capture.naming import parse_key
 
     paired_forward: set[str] = set()
@@ -113,9 +114,9 @@ def gradient_not_reaching(result: Any, layer_types: Optional[Mapping[str, str]] 
     layer = max(found)[1]
     kind = (layer_types or {}).get(layer)
     where = f"{layer} ({kind})" if kind else layer
-    return (f"backward diverges at {where}: the reference's gradient reaches it and the port's "
-            "does not (its output is detached, stop_gradient, on the port's side, or its "
-            "parameters are frozen)")
+    return layer, (f"backward diverges at {where}: the reference's gradient reaches it and the "
+                   "port's does not (its output is detached, stop_gradient, on the port's side, "
+                   "or its parameters are frozen)")
 
 
 def loss_finding(result: Any, batch_size: Optional[int]) -> str:

@@ -123,6 +123,10 @@ def test_a_detached_branch_is_named_where_the_gradient_stops() -> None:
         "backward diverges at emb (Embedding): the reference's gradient reaches it and the "
         "port's does not (its output is detached, stop_gradient, on the port's side, or its "
         "parameters are frozen)"]
+    # and named as any divergence is, for a script that reads it (before: no divergence)
+    assert r.options["divergence"] == {"layer": "emb", "kind": "layer",
+                                       "message": r.options["findings"][0], "hint": None,
+                                       "direction": "backward", "step": 0}
 
 
 def test_a_summed_loss_is_named_by_the_batch_size() -> None:
