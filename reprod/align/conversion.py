@@ -270,12 +270,31 @@ def _own_constants(paddle_model: Any, weights: Mapping[str, Any]) -> dict[str, A
     return {k: state[k] for k in constants if k not in weights}
 
 
+def unit_axes_apart(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether two shapes differ only by axes of size 1 (a 0-d torch parameter against Paddle's
+    [1]: CLIP's ``logit_scale``): the same values, reshaped."""
+    return a != b and tuple(d for d in a if d != 1) == tuple(d for d in b if d != 1)
+
+
+def _unit_axes_as_the_model_s(paddle_model: Any, arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """``arrays`` with those whose shape differs from the model's only by axes of size 1
+    reshaped to it: Paddle's ``set_state_dict`` refuses a 0-d array for a [1] parameter."""
+    expected, aliases = unaliased(paddle_model.state_dict())
+    out = dict(arrays)
+    for k, v in arrays.items():
+        want = expected.get(aliases.get(k, k))
+        if want is not None and unit_axes_apart(tuple(np.shape(v)), tuple(want.shape)):
+            out[k] = np.reshape(v, tuple(want.shape))
+    return out
+
+
 def check_fits(
     paddle_model: Any, weights: Mapping[str, Any], *, source: str = "converted weights"
 ) -> None:
     """Raise one ``KeyMismatchError`` listing every key that keeps ``weights`` from loading into
     ``paddle_model``: missing, unexpected, wrong shape (with a hint when it is the transpose), wrong
-    dtype. Paddle's own ``set_state_dict`` only warns about missing keys. The model's integer
+    dtype. Shapes apart only by axes of size 1 fit (they load reshaped). Paddle's own
+    ``set_state_dict`` only warns about missing keys. The model's integer
     and bool tensors and its registered buffers may be left out: it keeps its own
     (``position_ids``, a causal mask).
 
@@ -294,7 +313,7 @@ def check_fits(
             continue
         want = tuple(expected[k].shape)
         got = tuple(np.shape(v))
-        if got != want:
+        if got != want and not unit_axes_apart(got, want):
             hint = (
                 " (transposed: a Linear weight? pass the torch model or a transpose rule)"
                 if len(got) == 2 and got[::-1] == want
@@ -370,5 +389,6 @@ def load_into_paddle(
     else:
         raise ReprodError(f"cannot load a {type(weights).__name__} into a Paddle model")
     check_fits(paddle_model, arrays, source=source)
-    arrays = {**_own_constants(paddle_model, arrays), **arrays}  # set_state_dict wants them all
+    arrays = {**_own_constants(paddle_model, arrays), **_unit_axes_as_the_model_s(
+        paddle_model, arrays)}  # set_state_dict wants them all
     paddle_model.set_state_dict(with_aliases(paddle_model, arrays))

@@ -420,3 +420,35 @@ def test_convert_s_arrays_are_their_own_unless_asked_otherwise() -> None:
     assert not np.shares_memory(views.weights["head.weight"], tm.head.weight.detach().numpy())
     for k in conv.weights:
         np.testing.assert_array_equal(conv.weights[k], views.weights[k], err_msg=k)
+
+
+class _TorchScale(torch.nn.Module):
+    """CLIP's ``logit_scale``: a 0-d parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.6592))
+
+
+class _PaddleScale(paddle.nn.Layer):
+    """PaddleNLP's: ``create_parameter([1])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = paddle.nn.Linear(3, 2)
+        self.logit_scale = self.create_parameter([1])
+
+
+def test_a_parameter_apart_only_by_unit_axes_loads_reshaped() -> None:
+    # before: "wrong shape: logit_scale [] vs model [1]", and no rule could reshape it
+    torch.manual_seed(0)
+    tm, pm = _TorchScale(), _PaddleScale()
+    load_into_paddle(pm, tm)
+    np.testing.assert_allclose(pm.logit_scale.numpy(), [2.6592], rtol=1e-7)
+    np.testing.assert_array_equal(pm.fc.weight.numpy(), tm.fc.weight.detach().numpy().T)
+    # a size that differs is still refused
+    with pytest.raises(reprod.KeyMismatchError, match=r"logit_scale \[2\] vs model \[1\]"):
+        check_fits(pm, {"fc.weight": np.zeros((3, 2), np.float32),
+                        "fc.bias": np.zeros(2, np.float32),
+                        "logit_scale": np.zeros(2, np.float32)})
