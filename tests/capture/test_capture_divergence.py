@@ -128,6 +128,22 @@ def test_a_shape_verdict_is_described_by_its_reason():
     assert div.message.endswith("output " + result["b.out"].reason)
 
 
+def test_another_number_of_rows_is_said_to_be_a_selection_upstream():
+    # a Mixtral expert's input: the tokens its router sent it, 41 in the port and 39 in the
+    # reference where a near tie went the other way
+    rows = np.arange(39 * 4, dtype=np.float32).reshape(39, 4)
+    ref = {"gate.in": BASE, "gate.out": BASE, "expert.in": rows, "expert.out": rows}
+    other = dict(ref, **{"expert.in": np.zeros((41, 4), np.float32),
+                         "expert.out": np.zeros((41, 4), np.float32)})
+    div = first_divergence(compare(ref, other))
+    assert div.layer == "expert"
+    assert "shape (41, 4) does not match ref (39, 4): another number of rows, as a selection " \
+        "upstream gives that chose otherwise (a router's top-k" in div.message, div.message
+    # a shape that differs otherwise says no such thing
+    other["expert.in"] = other["expert.out"] = np.zeros((39, 5), np.float32)
+    assert "another number of rows" not in first_divergence(compare(ref, other)).message
+
+
 # --- backward ---------------------------------------------------------------------------------
 
 
