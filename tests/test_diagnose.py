@@ -204,6 +204,16 @@ def test_hardsigmoid_slope_and_gelu_tanh_are_recognised_from_the_recorded_input(
     assert activation_mismatch(x.numpy(), g, g) is None
 
 
+def test_quick_gelu_is_recognised_against_gelu() -> None:
+    # CLIP's QuickGELU (x * sigmoid(1.702 x)) ported as a GELU: named, not only placed
+    x = torch.linspace(-6, 6, 301)
+    quick = (x * torch.sigmoid(1.702 * x)).numpy()
+    g = torch.nn.functional.gelu(x).numpy()
+    assert activation_mismatch(x.numpy(), quick, g) == (
+        "activation: reference QuickGELU, port GELU (exact, erf)")
+    assert activation_mismatch(x.numpy(), quick, quick) is None
+
+
 def test_erf_in_numpy_agrees_with_math_erf() -> None:
     import math
 

@@ -39,6 +39,8 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "ReLU6": lambda x: np.clip(x, 0.0, 6.0),
     "Sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
     "SiLU": lambda x: x / (1.0 + np.exp(-x)),
+    # CLIP's and OpenAI GPT's x * sigmoid(1.702 x), which a port writes as GELU
+    "QuickGELU": lambda x: x / (1.0 + np.exp(-1.702 * x)),
     "Tanh": np.tanh,
     "Identity": lambda x: x,
 }
