@@ -204,6 +204,22 @@ def test_hardsigmoid_slope_and_gelu_tanh_are_recognised_from_the_recorded_input(
     assert activation_mismatch(x.numpy(), g, g) is None
 
 
+def test_a_channels_first_layernorm_s_epsilon_is_estimated_over_its_weight_s_axis() -> None:
+    # SqueezeBERT's LayerNorm: [N, C, W] in and out, normalised over C
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 16, 5)) * 0.02).astype(np.float32)
+    w, b = rng.uniform(0.5, 1.5, 16).astype(np.float32), rng.normal(0, 0.1, 16).astype(np.float32)
+
+    def ln(eps: float) -> np.ndarray:
+        t = torch.from_numpy(x).transpose(1, 2)
+        out = torch.nn.functional.layer_norm(t, (16,), torch.from_numpy(w), torch.from_numpy(b),
+                                             eps=eps)
+        return out.transpose(1, 2).numpy()
+
+    hint = layernorm_epsilon(x, ln(1e-5), ln(1e-3), 1e-5, weight=w, bias=b)
+    assert hint == "LayerNorm epsilon: port uses ~1e-3, reference 1e-5"
+
+
 def test_quick_gelu_is_recognised_against_gelu() -> None:
     # CLIP's QuickGELU (x * sigmoid(1.702 x)) ported as a GELU: named, not only placed
     x = torch.linspace(-6, 6, 301)

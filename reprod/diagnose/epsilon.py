@@ -86,6 +86,14 @@ def layernorm_epsilon(
     xx, r, o = _f64(x), _f64(ref_out), _f64(other_out)
     if not (xx.shape == r.shape == o.shape) or xx.ndim < normalized_ndim:
         return None
+    if normalized_ndim == 1 and weight is not None and np.ndim(weight) == 1 and \
+            xx.shape[-1] != np.size(weight):
+        # a LayerNorm over channels first (SqueezeBERT's: [N, C, W] transposed, normalised over
+        # C and transposed back): its weight's size says which axis it normalises
+        same = [i for i, d in enumerate(xx.shape) if d == np.size(weight)]
+        if len(same) != 1:
+            return None
+        xx, r, o = (np.moveaxis(a, same[0], -1) for a in (xx, r, o))
     axes = tuple(range(xx.ndim - normalized_ndim, xx.ndim))
     var = (np.square(xx).mean(axis=axes) if rms else xx.var(axis=axes)).ravel()
     if bias is not None:
