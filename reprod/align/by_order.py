@@ -33,6 +33,7 @@ from .rules import (
     torch_aliases,
     torch_constants,
     unaliased,
+    unit_axes_apart,
 )
 
 __all__ = ["pair_weights_by_order", "by_order_rules", "pair_by_order"]
@@ -80,16 +81,25 @@ def _holder_kind(layer: Any) -> str:
 
 
 def _owners(layers: Mapping[str, Any], keys: Any, whole: frozenset[str],
-            sliced: frozenset[str] = frozenset()) -> dict[str, tuple[str, str]]:
+            sliced: frozenset[str] = frozenset(),
+            bare: Optional[Mapping[str, tuple[int, ...]]] = None) -> dict[str, tuple[str, str]]:
     """key -> (the layer holding it, that layer's kind): the outermost layer of a kind in
     ``whole`` above the key, else the nearest layer above it. Where attention is not read whole,
     a slice of a packed projection (``sliced``: torch's ``attn.q_proj.weight``, from its
-    ``in_proj_weight`` or GPT-2's ``c_attn``) is a Linear of its own, as Paddle's are."""
+    ``in_proj_weight`` or GPT-2's ``c_attn``) is a Linear of its own, as Paddle's are. With
+    ``bare`` (the keys' shapes), a matrix a layer of no known kind holds itself is a Linear of
+    its own (PaddleNLP CLIP's ``vision_projection``, a ``create_parameter`` of the model where
+    Hugging Face's is a Linear)."""
     out: dict[str, tuple[str, str]] = {}
     for key in keys:
         prefix = key.rpartition(".")[0]
         parts = prefix.split(".") if prefix else []
         nearest: Optional[tuple[str, str]] = (prefix, "linear") if key in sliced else None
+        holder = layers.get(prefix)
+        if bare is not None and holder is not None and _holder_kind(holder) == "other" and \
+                len(bare.get(key, ())) == 2:
+            out[key] = (key, "linear")
+            continue
         outer: Optional[tuple[str, str]] = None
         for i in range(len(parts), -1, -1):
             name = ".".join(parts[:i])
@@ -215,6 +225,8 @@ def _check(
             transpose = False
         elif len(ts) == 2 and ts[::-1] == ps:
             transpose = True
+        elif unit_axes_apart(ts, ps):
+            transpose = False  # loaded reshaped (CLIP's 0-d logit_scale against [1])
         else:
             problems.append((tk, f"#{i} {tk} {list(ts)} vs {pk} {list(ps)}"))
             pairs.append((tk, pk, False))
@@ -275,10 +287,14 @@ def _by_kind(torch_keys: list[str], paddle_keys: list[str], torch_side: Any,
     # projections, a hand-written attention's Linears (Hugging Face's query/key/value/dense)
     found = []
     sliced = frozenset(split_attention(torch_side.state_dict())[1])
-    for whole in (_WHOLE_HOLDERS, _WHOLE_HOLDERS - {"attention"}):
+    # last, each side's bare matrices read as Linears of their own
+    for whole, bare in ((_WHOLE_HOLDERS, False), (_WHOLE_HOLDERS - {"attention"}, False),
+                        (_WHOLE_HOLDERS - {"attention"}, True)):
         pairs = _paired_by_kind(torch_keys, paddle_keys,
-                                _owners(tlayers, torch_keys, whole, sliced),
-                                _owners(players, paddle_keys, whole))
+                                _owners(tlayers, torch_keys, whole, sliced,
+                                        shapes[0] if bare else None),
+                                _owners(players, paddle_keys, whole,
+                                        bare=shapes[1] if bare else None))
         if pairs is not None and pairs not in found:
             found.append(pairs)
     return found

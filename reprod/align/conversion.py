@@ -40,6 +40,7 @@ from .rules import (
     torch_aliases,
     torch_constants,
     unaliased,
+    unit_axes_apart,
     with_aliases,
 )
 
@@ -268,12 +269,6 @@ def _own_constants(paddle_model: Any, weights: Mapping[str, Any]) -> dict[str, A
     buffers = {name for name, _ in paddle_model.named_buffers()}
     constants = port_constants(state, buffers) - trainable
     return {k: state[k] for k in constants if k not in weights}
-
-
-def unit_axes_apart(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    """Whether two shapes differ only by axes of size 1 (a 0-d torch parameter against Paddle's
-    [1]: CLIP's ``logit_scale``): the same values, reshaped."""
-    return a != b and tuple(d for d in a if d != 1) == tuple(d for d in b if d != 1)
 
 
 def _unit_axes_as_the_model_s(paddle_model: Any, arrays: Mapping[str, Any]) -> dict[str, Any]:

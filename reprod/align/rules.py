@@ -30,6 +30,7 @@ __all__ = [
     "integer_keys",
     "port_constants",
     "torch_constants",
+    "unit_axes_apart",
     "known_layouts",
     "packed_linear_weights",
     "packed_slices",
@@ -104,6 +105,12 @@ def integer_keys(state: Mapping[str, Any]) -> set[str]:
         if dtype.startswith(("int", "uint", "bool")):
             out.add(key)
     return out
+
+
+def unit_axes_apart(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether two shapes differ only by axes of size 1 (a 0-d torch parameter against Paddle's
+    [1]: CLIP's ``logit_scale``): the same values, reshaped."""
+    return a != b and tuple(d for d in a if d != 1) == tuple(d for d in b if d != 1)
 
 
 def port_constants(state: Mapping[str, Any], buffers: Optional[Collection[str]] = None

@@ -19,6 +19,7 @@ from .rules import (
     torch_aliases,
     torch_constants,
     unaliased,
+    unit_axes_apart,
 )
 
 __all__ = ["StructureRow", "LayerCount", "StructureReport", "compare_structure"]
@@ -237,6 +238,8 @@ def compare_structure(
                 if p.action == "transpose"
                 else ("ok", "")
             )
+        elif converted is not None and unit_axes_apart(converted, want):
+            status, note = "ok", f"reshaped on load: {fmt_shape(converted)} to {fmt_shape(want)}"
         elif converted is not None and len(want) == 2 and tuple(reversed(converted)) == want:
             status = "shape"
             note = (
