@@ -46,7 +46,7 @@ with warnings.catch_warnings():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from third_batch_models import built, ids, mpnet_batches, seq2seq_feed  # noqa: E402
+from third_batch_models import built, clip_feed, ids, mpnet_batches, seq2seq_feed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -362,3 +362,30 @@ def test_mpnet_s_schedule_is_compared_from_the_rate_both_hold() -> None:
     for same in ([3], [4]):  # equal milestones, at the boundary and after it: nothing said
         r = _mpnet_trained((same, same))
         assert r.passed, r.to_table(failed_only=True)
+
+
+def test_clip_loads_by_order_its_bare_heads_against_hf_s_linears() -> None:
+    """PaddleNLP's CLIP holds its projection heads as ``create_parameter`` tensors of the model
+    ([in, out], listed first) and ``logit_scale`` as [1]; HF's are bias-free Linears listed last
+    and a 0-d scale. Pairing by order failed ("#0 logit_scale [] vs vision_projection [64, 32]")
+    and by hand the 0-d scale could not load."""
+    import paddle
+    import torch
+
+    from reprod.align import align_forward, compare_structure
+
+    tm, pm = built("clip")
+    np.testing.assert_array_equal(pm.vision_projection.numpy(),
+                                  tm.visual_projection.weight.detach().numpy().T)
+    np.testing.assert_allclose(pm.logit_scale.numpy(), [1.5])
+    report = compare_structure(tm, pm, by_order=True)
+    assert report.ok, report.to_table(only_problems=True)
+    feed = clip_feed()
+    with torch.no_grad():
+        t = tm(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits_per_image.numpy()
+    with paddle.no_grad():
+        p = pm(**{k: paddle.to_tensor(v) for k, v in feed.items()})[0].numpy()
+    np.testing.assert_allclose(p, t, rtol=1e-5, atol=1e-5)
+    r = align_forward(tm, pm, feed, by_order=True)
+    assert r.passed, r.to_table(failed_only=True)
+    assert "logits/logits_per_image" in {k.key for k in r.results}

@@ -332,7 +332,51 @@ def mpnet_batches() -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
     return out
 
 
-BUILDERS: dict[str, Callable[..., tuple[Any, Any]]] = dict(
+_CLIP_TEXT = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu",
+                  layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+_CLIP_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_channels=3, image_size=32, patch_size=8,
+                    hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def clip(load: bool = True) -> tuple[Any, Any]:
+    """The whole CLIP: PaddleNLP creates its projection heads and ``logit_scale`` ([1]) as the
+    model's own parameters, listed first; HF's heads are Linears listed last, its scale 0-d."""
+    import paddle
+    import torch
+    from paddlenlp.transformers import CLIPConfig as PC
+    from paddlenlp.transformers import CLIPModel as PM
+    from transformers import CLIPConfig, CLIPModel
+
+    from reprod.align import load_into_paddle
+
+    torch.manual_seed(SEED)
+    paddle.seed(SEED)
+    tm = CLIPModel(CLIPConfig(text_config=_CLIP_TEXT, vision_config=_CLIP_VISION,
+                              projection_dim=32, attn_implementation="eager")).eval()
+    perturb(tm, lambda n: "layer_norm" in n or "layrnorm" in n or "layernorm" in n)
+    with torch.no_grad():
+        tm.logit_scale.fill_(1.5)
+    pm = PM(PC(text_config=_CLIP_TEXT, vision_config=_CLIP_VISION, projection_dim=32))
+    pm.eval()
+    if load:
+        load_into_paddle(pm, tm, by_order=True)
+    return tm, pm
+
+
+def clip_feed() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(SEED)
+    ids = rng.integers(3, 1000, (2, 10)).astype(np.int64)
+    ids[0, 7] = ids[1, 9] = 999  # both pool at the largest id (HF and PaddleNLP with eos id 2)
+    ids[0, 8:] = 1
+    mask = np.ones((2, 10), np.int64)
+    mask[0, 8:] = 0
+    return {"input_ids": ids, "pixel_values": rng.standard_normal((2, 3, 32, 32)).astype(
+        np.float32), "attention_mask": mask}
+
+
+BUILDERS: dict[str, Callable[..., tuple[Any, Any]]] = dict(clip=clip,
     gptj=gptj, codegen=codegen, mixtral=mixtral, mbart=mbart, pegasus=pegasus, deberta=deberta,
     squeezebert=squeezebert, mpnet=mpnet)
 
