@@ -405,6 +405,8 @@ def localise_forward(
     hint = _hint_of(div, plain)
     if hint is None and div is not None and div.kind == "layer" and div.input_aligned:
         hint = _untransposed(div.layer.partition("#")[0], torch_model, paddle_model, names)
+    if hint is None and div is not None and div.kind == "layer" and div.input_aligned:
+        hint = _own_parameters(div.layer.partition("#")[0], torch_model, paddle_model, names)
     if hint is None and noise is None:
         hint = _carried_rounding(div)
     if pairing is not None and div is not None and div.kind == "layer" \
@@ -705,6 +707,51 @@ def _untransposed(layer: str, torch_model: Any, paddle_model: Any, names: Mappin
     return (f"Linear weight not transposed: the port's weight holds the reference's values in the "
             f"reference's order, {how}; torch stores (out_features, in_features), Paddle "
             "(in_features, out_features): transpose it when converting")
+
+
+# a layer's own parameter counts as other than the reference's beyond this part of its largest
+# value: far above a few steps' float32 drift (align_train localises later steps too)
+_PARAM_APART = 1e-3
+
+
+def _own_parameters(layer: str, torch_model: Any, paddle_model: Any, names: Mapping[str, str]
+                    ) -> Optional[str]:
+    """The hint for a layer whose own parameters (not its sublayers') differ from the
+    reference's: the weights, not the code (XLNet's attention holds ``r_w_bias`` itself, and a
+    port's perturbed one read "its recorded sublayers align, so the cause is its own forward
+    code"). Paired by name, else by order where both hold as many; a 2-D one compared
+    transposed where only that fits (a Linear's weight). None where all agree."""
+    import numpy as np
+
+    port_name = next((p for p, r in names.items() if r == layer), layer)
+    ref_layer = dict(_named(torch_model)).get(layer)
+    port_layer = dict(_named(paddle_model)).get(port_name)
+    if ref_layer is None or port_layer is None:
+        return None
+    try:
+        ours = list(ref_layer.named_parameters(recurse=False))
+        theirs = list(port_layer.named_parameters(include_sublayers=False))
+    except (TypeError, AttributeError):
+        return None
+    by_name = dict(theirs)
+    pairs = [(n, t, by_name[n]) for n, t in ours if n in by_name]
+    if len(pairs) != len(ours):
+        pairs = ([(n, t, q) for (n, t), (_, q) in zip(ours, theirs)]
+                 if len(ours) == len(theirs) else [])
+    apart = []
+    for name, t, q in pairs:
+        r, p = to_numpy(t.detach()).array, to_numpy(q).array
+        if r.shape != p.shape and r.ndim == 2 and r.T.shape == p.shape:
+            r = r.T
+        if r.shape != p.shape or not r.size:
+            continue
+        gap = float(np.max(np.abs(r.astype(np.float64) - p)))
+        if gap > _PARAM_APART * max(float(np.max(np.abs(r))), 1e-12):
+            apart.append(f"{name} (max diff {gap:.3g})")
+    if not apart:
+        return None
+    return (f"its own parameter{'s' if len(apart) > 1 else ''} {', '.join(apart)} "
+            f"differ{'' if len(apart) > 1 else 's'} from the reference's: the weights, not the code")
 
 
 def _containers(named: Any) -> list[str]:

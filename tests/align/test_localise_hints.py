@@ -56,3 +56,58 @@ def test_no_diagnosis_where_the_input_already_differs() -> None:
     div = dataclasses.replace(div, output=out, outputs=(out,))
     assert _hint_of(div, plain) is None
     assert _hint_of(dataclasses.replace(div, inputs=()), plain) is not None  # no input: said
+
+
+def test_a_layer_s_own_parameter_that_differs_is_named_not_its_code() -> None:
+    # XLNet's relative attention holds r_w_bias itself beside its sublayers: a port's perturbed
+    # one read "its recorded sublayers align, so the cause is its own forward code"
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    paddle = pytest.importorskip("paddle")
+    from reprod.align import align_forward, load_into_paddle
+
+    class TorchAttn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.r_w_bias = torch.nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return torch.tanh(self.proj(x) + self.r_w_bias)
+
+    class PaddleAttn(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = paddle.nn.Linear(8, 8)
+            self.r_w_bias = self.create_parameter([8])
+
+        def forward(self, x):
+            return paddle.tanh(self.proj(x) + self.r_w_bias)
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.head = TorchAttn(), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.attn(x))
+
+    class PaddleNet(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.head = PaddleAttn(), paddle.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.attn(x))
+
+    torch.manual_seed(0)
+    tm, pm = TorchNet().eval(), PaddleNet()
+    load_into_paddle(pm, tm)
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    assert align_forward(tm, pm, x).passed
+    pm.attn.r_w_bias.set_value(pm.attn.r_w_bias.numpy() + 0.125)
+    div = align_forward(tm, pm, x).options["divergence"]
+    assert div["layer"] == "attn" and "own forward code" in div["message"], div
+    assert div["hint"] == ("its own parameter r_w_bias (max diff 0.125) differs from the "
+                           "reference's: the weights, not the code"), div

@@ -320,7 +320,12 @@ def test_a_linear_weight_copied_without_its_transpose_is_named_with_the_cause() 
     tm, pm = twins(0)
     pm.fc1.weight.set_value(pm.fc1.weight.numpy() * 1.5)  # another bug in the same layer
     found = align_forward(tm.eval(), pm.eval(), make_batch(0)[0]).options["findings"]
-    assert found[0].startswith("diverges at fc1") and len(found) == 1, found
+    assert found[0].startswith("diverges at fc1") and len(found) == 2, found
+    # not the transpose: the weight's own values differ, and that is said
+    w = tm.fc1.weight.detach().numpy()
+    assert found[1] == (f"likely cause at fc1: its own parameter weight (max diff "
+                        f"{float(np.max(np.abs(w * 0.5))):.3g}) differs from the reference's: "
+                        "the weights, not the code"), found
 
 
 def test_step0_batchnorm_notes_are_checked_from_the_statistics_before_training() -> None:
