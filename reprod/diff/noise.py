@@ -280,13 +280,17 @@ _FLIP_LOOK = 1e3
 _ROW_CHUNK = 1 << 20  # elements per chunk of the row pass
 
 
-def _row_norms(a: np.ndarray, b: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row (the last axis's elements): ||a - b|| and max |a - b|, in float64, by chunks."""
-    a2, b2 = a.reshape(rows, -1), b.reshape(rows, -1)
+def _row_norms(a: np.ndarray, b: Optional[np.ndarray], rows: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (the last axis's elements): ||a - b|| and max |a - b| (of ``a`` where ``b`` is
+    None), in float64, by chunks."""
+    a2 = a.reshape(rows, -1)
+    b2 = None if b is None else b.reshape(rows, -1)
     step = max(1, _ROW_CHUNK // max(1, a2.shape[1]))
     l2, mx = np.empty(rows), np.empty(rows)
     for lo in range(0, rows, step):
-        d = np.abs(a2[lo:lo + step].astype(np.float64) - b2[lo:lo + step].astype(np.float64))
+        d = a2[lo:lo + step].astype(np.float64)
+        d = np.abs(d if b2 is None else d - b2[lo:lo + step].astype(np.float64))
         d = np.where(np.isfinite(d), d, 0.0)  # NaN/Inf rows have their own verdicts
         l2[lo:lo + step] = np.sqrt(np.einsum("ij,ij->i", d, d))
         mx[lo:lo + step] = d.max(axis=1) if d.shape[1] else 0.0
@@ -311,8 +315,7 @@ def _set_apart(cal: Calibration, st: Stats, ref: np.ndarray, other: np.ndarray, 
         return cal  # half-precision values in a wider dtype: their own rounding is the scale
     rows = int(np.prod(ref.shape[:-1])) if ref.ndim >= 2 else int(ref.size)
     noise_l2, noise_mx = _row_norms(hi, ref, rows)
-    zero = np.zeros_like(ref)
-    ref_l2, ref_mx = _row_norms(ref, zero, rows)
+    ref_l2, ref_mx = _row_norms(ref, None, rows)
     # each row's noise relative to its values: rounding is about as large on every row (a row
     # of larger values has larger noise, a channel of a half-precision run), a branch taken
     # otherwise is as large as the values
