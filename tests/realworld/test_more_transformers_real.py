@@ -47,20 +47,11 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from third_batch_models import perturb  # the same seeded noise on norms and biases
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 SEED = 0
-
-
-def _perturb(tm: Any, norms: Callable[[str], bool]) -> None:
-    import torch
-
-    g = torch.Generator().manual_seed(SEED + 1)
-    with torch.no_grad():
-        for name, p in tm.named_parameters():
-            if norms(name) or name.endswith("bias"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _ids(low: int, pad: int, segments: bool) -> dict[str, np.ndarray]:
@@ -333,7 +324,7 @@ def _loaded(name: str) -> tuple[Any, Any]:
         tm, pm = MODELS[name]["build"]()
         tm.eval()
         pm.eval()
-        _perturb(tm, MODELS[name]["norms"])
+        perturb(tm, MODELS[name]["norms"])
         if MODELS[name].get("sharpen"):
             # HF's initialisation (std 0.02) leaves attention near uniform, where a 5 % bug in a
             # query or key moves the outputs by 1e-6
