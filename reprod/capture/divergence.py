@@ -122,12 +122,26 @@ class Divergence:
         diff = _describe(self.input)
         if self.previous is None:
             cause = f"the {inp} of the first recorded layer already differs ({diff})"
+        elif _calls_of_one_layer(self.previous, self.layer):
+            # the same layer called twice (XLNet's one dropout, before the word embeddings and
+            # the positional encoding): "although dropout aligns" would name it at both ends
+            base = self.layer.split("#")[0]
+            earlier = self.previous if "#" in self.previous else f"{self.previous}#1"
+            cause = (
+                f"{inp} already differs ({diff}) although its call before, {earlier}, aligns, "
+                f"so the cause lies between the two calls of {base}, in the code that calls "
+                "it, outside the recorded layers"
+            )
         else:
             cause = (
                 f"{inp} already differs ({diff}) although {self.previous} aligns, so the cause "
                 f"lies between the two, outside the recorded layers"
             )
         return f"{head} before {where}: {cause}; {out}"
+
+
+def _calls_of_one_layer(previous: str, layer: str) -> bool:
+    return previous.split("#")[0] == layer.split("#")[0]
 
 
 def _factor_note(factor: Optional[float]) -> str:

@@ -102,6 +102,20 @@ def test_a_second_call_is_named_with_its_call_index():
     assert div is not None and (div.layer, div.layer_type, div.previous) == ("a#2", "Linear", "b")
 
 
+def test_a_layer_called_twice_is_not_named_at_both_ends_of_the_gap():
+    # XLNet's one dropout runs on the word embeddings, then on the positional encoding the
+    # model's own forward builds between the two calls: the cause is between those calls
+    ref = {"drop.in": BASE, "drop.out": BASE, "drop#2.in": BASE * 2, "drop#2.out": BASE * 2}
+    other = changed(changed(ref, "drop#2.in", 0.5), "drop#2.out", 0.5)
+    div = first_divergence(compare(ref, other), layer_types={"drop": "Dropout"})
+    assert div is not None and (div.layer, div.previous) == ("drop#2", "drop")
+    assert div.message == (
+        "diverges before drop#2 (Dropout): input already differs (max diff 5.000e-01) although "
+        "its call before, drop#1, aligns, so the cause lies between the two calls of drop, in "
+        "the code that calls it, outside the recorded layers; output max diff 5.000e-01"
+    )
+
+
 def test_call_order_is_the_order_outputs_appear_in():
     # a container (recorded with containers=True) ends after its children: a failing child is
     # named, not the container whose input came first
