@@ -5,6 +5,7 @@ rule maps (``features.0`` against ``stem.conv``): the pairs, checked by shape an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -187,6 +188,10 @@ class _OrderPlan:
     wrong_kind: frozenset[str] = frozenset()
     # the torch keys paired with a tensor at another position: the layers were paired kind by kind
     moved: frozenset[str] = frozenset()
+    # which layers one side alone holds, where the shapes say (``_explain_refusal``), and the
+    # rules that say so: (skip patterns, port_only patterns)
+    explained: str = ""
+    lone: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
     def raise_problems(self) -> None:
         if self.problems:
@@ -199,6 +204,8 @@ class _OrderPlan:
                 listed += (f"; ... and {more} more position{'s' if more != 1 else ''} (all of "
                            "them: print(compare_structure(torch_model, paddle_model, "
                            "by_order=True).to_table()))")
+            if self.explained:
+                listed = f"{self.explained}; the positions: {listed}"
             raise KeyMismatchError(f"pairing by order failed: {self.header}: {listed}")
 
 
@@ -425,13 +432,15 @@ def _contradicted(pairs: list[tuple[str, str, bool]]) -> bool:
                for t, p in layer_pairs)
 
 
-def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules]) -> _OrderPlan:
+def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules],
+                explain: bool = True) -> _OrderPlan:
     rules = rules or _DEFAULT_RULES
     tshapes, linear, tlabel, tints = _torch_shapes(torch_side)
     pshapes, plabel, pints = _paddle_shapes(paddle_side)
     torch_keys = [k for k in tshapes if not _DROPPED.search(k) and rules.skip_pattern(k) is None]
-    paddle_keys = list(pshapes)
+    paddle_keys = [k for k in pshapes if rules.port_only_pattern(k) is None]
     tints &= set(torch_keys)
+    pints &= set(paddle_keys)
     if len(tints) != len(pints):
         # constants one side keeps in its state dict and the other not (PaddleNLP's persistable
         # position_ids, its GPT-J's causal mask): no weights, each model keeps its own
@@ -456,7 +465,186 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
                 moved = frozenset(tk for tk, pk, _ in kpairs if by_position[tk] != pk)
                 return _OrderPlan(tuple(kpairs), (), header, frozenset(kwrong), moved)
     # the same layers in the same order, or none that pair kind by kind: the positions decide
-    return _OrderPlan(tuple(pairs), tuple(problems), header, frozenset(wrong_kind))
+    explained, lone = _explain_refusal(torch_side, paddle_side, rules, torch_keys, paddle_keys,
+                                       tshapes, pshapes) if problems and explain else ("", ((), ()))
+    return _OrderPlan(tuple(pairs), tuple(problems), header, frozenset(wrong_kind),
+                      explained=explained, lone=lone)
+
+
+def _groups(keys: list[str]) -> list[tuple[str, list[int]]]:
+    """The keys' positions, layer by layer (consecutive keys of one layer; a tensor of the root
+    model is a layer of its own)."""
+    out: list[tuple[str, list[int]]] = []
+    for i, k in enumerate(keys):
+        layer = k.rpartition(".")[0]
+        if out and layer and out[-1][0] == layer:
+            out[-1][1].append(i)
+        else:
+            out.append((layer, [i]))
+    return out
+
+
+def _shapes_pair(ts: tuple[int, ...], ps: tuple[int, ...]) -> bool:
+    return ts == ps or (len(ts) == 2 and ts[::-1] == ps) or unit_axes_apart(ts, ps)
+
+
+_Signature = list[tuple[tuple[int, ...], Optional[str]]]
+
+
+def _align_layers(ts: list[_Signature], ps: list[_Signature]
+                  ) -> Optional[tuple[list[int], list[int]]]:
+    """The layers each side alone holds, aligning two sequences of layers (each a list of
+    (shape, statistic kind)) with the fewest left alone: a layer pairs with one of as many
+    tensors, each pair of shapes equal or transposed. None where that fewest is reached in two
+    ways (two Linears of one shape, either of which could be the extra one)."""
+    n, m = len(ts), len(ps)
+    if n * m > 250_000:
+        return None
+
+    def fits(i: int, j: int) -> bool:
+        a, b = ts[i], ps[j]
+        return len(a) == len(b) and all(x[1] == y[1] and _shapes_pair(x[0], y[0])
+                                        for x, y in zip(a, b))
+
+    # cost[i][j][after]: the fewest layers left alone aligning ts[i:] with ps[j:]; ways: how
+    # many readings reach it (at most 2). ``after`` = 1 right after leaving a Paddle layer alone,
+    # where a torch one may not be left next: a run of lone layers counts as one reading
+    big = n + m + 1
+    cost = [[[big, big] for _ in range(m + 1)] for _ in range(n + 1)]
+    ways = [[[0, 0] for _ in range(m + 1)] for _ in range(n + 1)]
+    for i in range(n, -1, -1):
+        for j in range(m, -1, -1):
+            for after in (0, 1):
+                if i == n and j == m:
+                    cost[i][j][after], ways[i][j][after] = 0, 1
+                    continue
+                options = []
+                if i < n and j < m and fits(i, j):
+                    options.append((cost[i + 1][j + 1][0], ways[i + 1][j + 1][0]))
+                if i < n and not after:
+                    options.append((cost[i + 1][j][0] + 1, ways[i + 1][j][0]))
+                if j < m:
+                    options.append((cost[i][j + 1][1] + 1, ways[i][j + 1][1]))
+                if not options:  # torch layers left after a lone Paddle one: read otherwise
+                    continue
+                best = min(c for c, _ in options)
+                cost[i][j][after] = best
+                ways[i][j][after] = min(2, sum(w for c, w in options if c == best))
+    if ways[0][0][0] != 1:
+        return None
+    t_alone: list[int] = []
+    p_alone: list[int] = []
+    i = j = after = 0
+    run: set[str] = set()  # the sides with a lone layer since the last pair
+    while i < n or j < m:
+        here = cost[i][j][after]
+        if i < n and j < m and fits(i, j) and cost[i + 1][j + 1][0] == here:
+            i, j, after = i + 1, j + 1, 0
+            run = set()
+            continue
+        if i < n and not after and cost[i + 1][j][0] + 1 == here:
+            t_alone.append(i)
+            i, after = i + 1, 0
+            run.add("torch")
+        else:
+            p_alone.append(j)
+            j, after = j + 1, 1
+            run.add("paddle")
+        if len(run) == 2:
+            # a layer on each side between the same two pairs: one layer built with other sizes
+            # (a head of 5 classes for 6), not two layers each side alone holds
+            return None
+    return t_alone, p_alone
+
+
+_MOST_LONE = 6  # layers one side alone may hold for the shapes to be said to explain a refusal
+
+
+def _lone_candidates(torch_keys: list[str], paddle_keys: list[str],
+                     tshapes: Mapping[str, tuple[int, ...]],
+                     pshapes: Mapping[str, tuple[int, ...]]
+                     ) -> list[tuple[list[list[str]], list[list[str]]]]:
+    """Readings of a refused pairing as a few layers one side alone holds (a port's pooler the
+    reference lacks; a reference's sinusoidal table the port computes): (the torch layers' keys,
+    the Paddle layers' keys) left alone, aligning the layers in order, then kind by kind (a port
+    that also defines a block's layers in another order)."""
+    tg, pg = _groups(torch_keys), _groups(paddle_keys)
+
+    def sig(keys: list[str], idx: list[int], shapes: Mapping[str, tuple[int, ...]],
+            table: Any) -> _Signature:
+        return [(shapes[keys[i]], _stat_kind(keys[i], table)) for i in idx]
+
+    tsig = [sig(torch_keys, idx, tshapes, _TORCH_STAT) for _, idx in tg]
+    psig = [sig(paddle_keys, idx, pshapes, _PADDLE_STAT) for _, idx in pg]
+    out = []
+    whole = _align_layers(tsig, psig)
+    if whole is not None:
+        out.append(([[torch_keys[i] for i in tg[g][1]] for g in whole[0]],
+                    [[paddle_keys[i] for i in pg[g][1]] for g in whole[1]]))
+    tkind, pkind = _shape_owners(torch_keys, tshapes), _shape_owners(paddle_keys, pshapes)
+    kinds = sorted({tkind[torch_keys[idx[0]]][1] for _, idx in tg} |
+                   {pkind[paddle_keys[idx[0]]][1] for _, idx in pg})
+    t_alone: list[list[str]] = []
+    p_alone: list[list[str]] = []
+    for kind in kinds:
+        ti = [g for g, (_, idx) in enumerate(tg) if tkind[torch_keys[idx[0]]][1] == kind]
+        pi = [g for g, (_, idx) in enumerate(pg) if pkind[paddle_keys[idx[0]]][1] == kind]
+        found = _align_layers([tsig[g] for g in ti], [psig[g] for g in pi])
+        if found is None:
+            return out
+        t_alone += [[torch_keys[i] for i in tg[ti[g]][1]] for g in found[0]]
+        p_alone += [[paddle_keys[i] for i in pg[pi[g]][1]] for g in found[1]]
+    if t_alone or p_alone:
+        out.append((t_alone, p_alone))
+    return [c for c in out if 0 < len(c[0]) + len(c[1]) <= _MOST_LONE]
+
+
+def _pattern(keys: list[str]) -> str:
+    """A rule pattern for one layer's tensors: by the layer's name, or a root tensor's own."""
+    layer = keys[0].rpartition(".")[0]
+    return f"^{re.escape(layer)}\\." if layer else f"^{re.escape(keys[0])}$"
+
+
+def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
+                     torch_keys: list[str], paddle_keys: list[str],
+                     tshapes: Mapping[str, tuple[int, ...]],
+                     pshapes: Mapping[str, tuple[int, ...]]
+                     ) -> tuple[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The first reading of ``_lone_candidates`` under whose rules every other tensor pairs
+    (checked by pairing again), said with those rules, and the rules' skip and port_only
+    patterns; "" and none where no reading does."""
+    for t_alone, p_alone in _lone_candidates(torch_keys, paddle_keys, tshapes, pshapes):
+        skip = [_pattern(keys) for keys in t_alone]
+        only = [_pattern(keys) for keys in p_alone]
+        tried = dataclasses.replace(rules, skip=rules.skip + tuple(skip),
+                                    port_only=rules.port_only + tuple(only))
+        if _order_plan(torch_side, paddle_side, tried, explain=False).problems:
+            continue
+        parts, said = [], []
+        for side, alone, shapes, patterns, field in (
+                ("torch", t_alone, tshapes, skip, "skip"),
+                ("Paddle", p_alone, pshapes, only, "port_only")):
+            if alone:
+                held = ", ".join(f"{k} {list(shapes[k])}" for keys in alone for k in keys)
+                parts.append(f"the {side} side alone holds {held}")
+                said.append(f"{field}=[{', '.join('r' + chr(34) + p + chr(34) for p in patterns)}]")
+        return (f"every other tensor pairs by shape, but {' and '.join(parts)}; where those "
+                "have no counterpart (a layer the other side computes or does without), say "
+                f"so: rules=ConversionRules({', '.join(said)})"), (tuple(skip), tuple(only))
+    return "", ((), ())
+
+
+def _with_lone_layers(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules]
+                      ) -> Optional[ConversionRules]:
+    """``rules`` with the skips and ``port_only`` patterns under which a refused pairing by
+    order pairs (``_explain_refusal``: a few layers one side alone holds); None where it pairs
+    as it is, or no such reading is found. For what only reads the pairing (settings,
+    localisation's anchors); loading asks the user to say so."""
+    skip, only = _order_plan(torch_side, paddle_side, rules).lone
+    if not skip and not only:
+        return None
+    base = rules or _DEFAULT_RULES
+    return dataclasses.replace(base, skip=base.skip + skip, port_only=base.port_only + only)
 
 
 def pair_weights_by_order(

@@ -118,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
         "--skip", action="append", default=[], metavar="PATTERN", help="leave these keys out"
     )
     p.add_argument(
+        "--port-only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="Paddle keys only the port has (a pooler the reference lacks): not written, kept "
+        "as the port initialises them, left out of --by-order's pairing",
+    )
+    p.add_argument(
         "--transpose",
         action="append",
         default=[],
@@ -166,7 +174,8 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
             f"(write {PADDLE_SUFFIXES[0]})"
         )
     rules = ConversionRules.from_strings(
-        rename=args.rename, skip=args.skip, transpose=args.transpose, no_transpose=args.no_transpose
+        rename=args.rename, skip=args.skip, transpose=args.transpose,
+        no_transpose=args.no_transpose, port_only=args.port_only,
     )
     if args.by_order and not args.paddle_model:
         raise ReprodError("--by-order needs --paddle-model MODULE:FACTORY to take the order from")
@@ -187,7 +196,7 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if paddle_model is not None:
-        check_fits(paddle_model, conv.weights, source=args.src)
+        check_fits(paddle_model, conv.weights, source=args.src, rules=rules)
     if args.dry_run:
         print(_plan_table(conv), file=out)
         print(conv.summary_line() + " (dry run, nothing written)", file=out)

@@ -259,15 +259,19 @@ def _paddle_dtype_name(t: Any) -> str:
     return str(t.dtype).replace("paddle.", "")
 
 
-def _own_constants(paddle_model: Any, weights: Mapping[str, Any]) -> dict[str, Any]:
+def _own_constants(paddle_model: Any, weights: Mapping[str, Any],
+                   rules: Optional[ConversionRules] = None) -> dict[str, Any]:
     """The Paddle model's constants ``weights`` leaves out: its integer and bool tensors
     (PaddleNLP's persistable ``position_ids``, which Hugging Face keeps out of its state dict)
     and its registered buffers (PaddleNLP GPT-J's causal mask and ``masked_bias``, which Hugging
-    Face's does not hold). The model keeps them: they are not weights to load."""
+    Face's does not hold). The model keeps them: they are not weights to load. So it keeps the
+    tensors ``rules.port_only`` names, which the user says only the port has."""
     state = unaliased(paddle_model.state_dict())[0]
     trainable = {k for k, v in state.items() if not getattr(v, "stop_gradient", True)}
     buffers = {name for name, _ in paddle_model.named_buffers()}
     constants = port_constants(state, buffers) - trainable
+    if rules is not None and rules.port_only:
+        constants |= {k for k in state if rules.port_only_pattern(k) is not None}
     return {k: state[k] for k in constants if k not in weights}
 
 
@@ -284,19 +288,21 @@ def _unit_axes_as_the_model_s(paddle_model: Any, arrays: Mapping[str, Any]) -> d
 
 
 def check_fits(
-    paddle_model: Any, weights: Mapping[str, Any], *, source: str = "converted weights"
+    paddle_model: Any, weights: Mapping[str, Any], *, source: str = "converted weights",
+    rules: Optional[ConversionRules] = None,
 ) -> None:
     """Raise one ``KeyMismatchError`` listing every key that keeps ``weights`` from loading into
     ``paddle_model``: missing, unexpected, wrong shape (with a hint when it is the transpose), wrong
     dtype. Shapes apart only by axes of size 1 fit (they load reshaped). Paddle's own
     ``set_state_dict`` only warns about missing keys. The model's integer
     and bool tensors and its registered buffers may be left out: it keeps its own
-    (``position_ids``, a causal mask).
+    (``position_ids``, a causal mask); so may the keys ``rules.port_only`` names (a pooler only
+    the port has).
 
     >>> check_fits(paddle_model, torch_to_paddle("model.pth", model=torch_model))
     """
     expected, aliases = unaliased(paddle_model.state_dict())
-    constants = _own_constants(paddle_model, weights)
+    constants = _own_constants(paddle_model, weights, rules)
     missing = [k for k in expected if k not in weights and k not in constants and
                not any(a in weights for a, kept in aliases.items() if kept == k)]
     unexpected = [k for k in weights if k not in expected and k not in aliases]
@@ -383,7 +389,7 @@ def load_into_paddle(
         arrays = weights
     else:
         raise ReprodError(f"cannot load a {type(weights).__name__} into a Paddle model")
-    check_fits(paddle_model, arrays, source=source)
-    arrays = {**_own_constants(paddle_model, arrays), **_unit_axes_as_the_model_s(
+    check_fits(paddle_model, arrays, source=source, rules=rules)
+    arrays = {**_own_constants(paddle_model, arrays, rules), **_unit_axes_as_the_model_s(
         paddle_model, arrays)}  # set_state_dict wants them all
     paddle_model.set_state_dict(with_aliases(paddle_model, arrays))

@@ -58,6 +58,7 @@ def align_forward(
     by_order: bool = False,
     localise: bool = True,
     check_settings: Any = True,
+    rules: Any = None,
 ) -> Any:
     """Run both models in eval mode on the same inputs and compare their outputs.
 
@@ -97,6 +98,10 @@ def align_forward(
     in ``result.options["noise_multiple"]`` (``{"forward": {"multiple": ..., "key": ...}}``);
     ``out_dir`` also gets ``forward_torch64.npy`` (``reprod-diff forward_torch.npy
     forward_paddle.npy --noise forward_torch64.npy`` reproduces the verdicts).
+
+    ``rules``: the ``ConversionRules`` the weights were loaded with (skips of the reference's
+    layers the port lacks, ``port_only`` for the port's own): the settings check and the
+    localisation pair the layers with parameters under them.
 
     ``criteria``: a ``reprod.Criteria`` holding the check at once (methods, thresholds, per-key
     rules, atol/rtol, noise factor); keyword arguments given beside it override its fields.
@@ -177,13 +182,13 @@ def align_forward(
                                                           outputs_not_compared=not_compared))
     if waive is not None:
         result = settings.settings_checked(result, torch_model, paddle_model, waive=waive,
-                                           by_order=by_order, traces=traces)
+                                           by_order=by_order, traces=traces, rules=rules)
     # an output one side does not return has no layer to find: said below, not localised
     if localise and any(not kr.passed and not kr.key.startswith("settings/")
                         and kr.status not in ("missing", "extra") for kr in result.results):
         result = _localised(
             result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,
-            calibrate=calibrate, criteria=crit, out_dir=out_dir, verbose=verbose,
+            calibrate=calibrate, criteria=crit, out_dir=out_dir, verbose=verbose, rules=rules,
         )
     result = settings.with_finding(result, verbose=verbose)
     # what both return is judged; what one does not is said first
@@ -215,6 +220,7 @@ def _localised(
     criteria: Criteria,
     out_dir: Optional[PathLike],
     verbose: bool,
+    rules: Any = None,
 ) -> Any:
     """``result`` with ``align_forward``'s localisation in its options, the layers' dumps
     written and, with ``verbose``, the findings printed."""
@@ -247,7 +253,8 @@ def _localised(
 
             twin = (model64, run_twin)
         found = localise_forward(torch_model, paddle_model, run_torch, run_paddle,
-                                 by_order=by_order, criteria=criteria, run_twin=twin)
+                                 by_order=by_order, criteria=criteria, run_twin=twin,
+                                 rules=rules)
     div = found.divergence
     options = dict(result.options, findings=found.findings)
     if div is not None:

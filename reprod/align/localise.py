@@ -77,16 +77,21 @@ def _capture(model: Any, call: Any, containers: bool = True, backward: bool = Fa
     return dict(log.data)
 
 
-def _weight_anchors(torch_model: Any, paddle_model: Any) -> dict[str, str]:
+def _weight_anchors(torch_model: Any, paddle_model: Any, rules: Any = None) -> dict[str, str]:
     """Paddle layer -> torch layer for the layers owning parameters, from the weights' pairing by
-    definition order (empty where the weights do not pair: shapes alone then decide)."""
+    definition order under ``rules``; where that is refused but the shapes say which few layers
+    one side alone holds (a pooler only the port has), without those; empty where the weights
+    do not pair: shapes alone then decide."""
     from ..errors import ReprodError
-    from .by_order import pair_weights_by_order
+    from .by_order import _with_lone_layers, pair_weights_by_order
 
     try:
-        pairs = pair_weights_by_order(torch_model, paddle_model)
+        pairs = pair_weights_by_order(torch_model, paddle_model, rules=rules)
     except ReprodError:
-        return {}
+        wider = _with_lone_layers(torch_model, paddle_model, rules)
+        if wider is None:
+            return {}
+        pairs = pair_weights_by_order(torch_model, paddle_model, rules=wider)
     return {p.rpartition(".")[0]: t.rpartition(".")[0] for t, p in pairs.items()}
 
 
@@ -326,6 +331,7 @@ def localise_forward(
     run_twin: Any = None,
     backward: bool = False,
     ref_layout: Any = None,
+    rules: Any = None,
 ) -> Localisation:
     """Capture both models' layers (``run_*``: no-argument callables running one forward pass
     in the right mode), pair, judge and diagnose them. ``run_twin`` runs the float64 twin, whose
@@ -333,7 +339,8 @@ def localise_forward(
     forward, loss and backward, the gradients are captured too, and where the forward aligns the
     first layer whose gradients differ is named (``align_train``); ``ref_layout`` maps the
     reference's (and the twin's) captures to the port's layout (torch Linear weights' gradients
-    transposed)."""
+    transposed). ``rules``: the user's conversion rules (skips, ``port_only``), under which
+    the weights pair by order."""
     from ..capture import first_divergence, layer_types
     from ..capture.naming import _applied_as_functions, _derive, _fused, _pair_all, _renamed
     from ..diagnose import diagnose
@@ -354,7 +361,7 @@ def localise_forward(
     functions: dict[str, Any] = {}  # the port's side of reference layers it applies as functions
     pairing = None
     if by_order:
-        pairing = _pair_all(ref, raw, _weight_anchors(torch_model, paddle_model),
+        pairing = _pair_all(ref, raw, _weight_anchors(torch_model, paddle_model, rules),
                             inert=(_inert(torch_model), _inert(paddle_model)))
         parts, superseded, derived = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
         port = _renamed(raw, pairing.calls, parts)

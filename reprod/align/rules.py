@@ -322,9 +322,13 @@ class ConversionRules:
     - ``no_transpose``: tensors matching these are never transposed (overrides model and heuristic).
     - ``pairs``: exact torch key -> Paddle key (or a dict); a paired key takes this name and no
       rename applies to it (see ``from_pairs`` and ``pair_weights_by_order``).
+    - ``port_only``: patterns searched in the *Paddle* keys: tensors only the port holds (a pooler
+      or head the reference lacks). They keep their values on load, are left out of pairing by
+      order, and show in ``compare_structure`` as the port's own.
 
     >>> rules = ConversionRules(rename={r"^module\\.": ""}, skip=[r"^head\\."])
     >>> weights = torch_to_paddle("model.pth", rules=rules)
+    >>> rules = ConversionRules(skip=[r"embed_positions"], port_only=[r"^pooler\\."])
     """
 
     rename: tuple[tuple[str, str], ...] = ()
@@ -332,6 +336,7 @@ class ConversionRules:
     transpose: tuple[str, ...] = ()
     no_transpose: tuple[str, ...] = ()
     pairs: tuple[tuple[str, str], ...] = ()
+    port_only: tuple[str, ...] = ()
     _compiled: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -351,7 +356,7 @@ class ConversionRules:
                 raise ReprodError(f"pair {pair!r} must be a (torch key, paddle key) pair of str")
             exact_pairs.append((pair[0], pair[1]))
         object.__setattr__(self, "pairs", tuple(exact_pairs))
-        for name in ("skip", "transpose", "no_transpose"):
+        for name in ("skip", "transpose", "no_transpose", "port_only"):
             object.__setattr__(self, name, _tuple_of_str(getattr(self, name), name))
         renames = tuple((_compile(p, "rename"), r) for p, r in self.rename)
         compiled: dict[str, Any] = {
@@ -359,6 +364,7 @@ class ConversionRules:
             "skip": tuple(_compile(p, "skip") for p in self.skip),
             "transpose": tuple(_compile(p, "transpose") for p in self.transpose),
             "no_transpose": tuple(_compile(p, "no-transpose") for p in self.no_transpose),
+            "port_only": tuple(_compile(p, "port-only") for p in self.port_only),
             "pairs": dict(self.pairs),
         }
         for pat, repl in renames:
@@ -378,6 +384,7 @@ class ConversionRules:
         skip: Collection[str] = (),
         transpose: Collection[str] = (),
         no_transpose: Collection[str] = (),
+        port_only: Collection[str] = (),
     ) -> ConversionRules:
         """Rules from command-line style strings; a rename is ``"PATTERN=REPLACEMENT"``.
 
@@ -395,6 +402,7 @@ class ConversionRules:
             skip=tuple(skip),
             transpose=tuple(transpose),
             no_transpose=tuple(no_transpose),
+            port_only=tuple(port_only),
         )
 
     @classmethod
@@ -423,7 +431,15 @@ class ConversionRules:
             transpose=base.transpose + exact,
             no_transpose=base.no_transpose + exact_no,
             pairs=base.pairs + tuple(pairs.items()),
+            port_only=base.port_only,
         )
+
+    def port_only_pattern(self, paddle_name: str) -> Optional[str]:
+        """The ``port_only`` pattern a Paddle key matches: a tensor only the port holds."""
+        for pat in self._compiled["port_only"]:
+            if pat.search(paddle_name):
+                return str(pat.pattern)
+        return None
 
     def skip_pattern(self, torch_name: str) -> Optional[str]:
         for pat in self._compiled["skip"]:

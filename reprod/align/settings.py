@@ -688,6 +688,7 @@ def _entries(model: Any, with_parameters: bool = False) -> list[dict[str, Any]]:
 
 
 _BY_DEFINITION = "layers with parameters: paired by definition order, kind by kind"
+_BY_SHAPE = "layers with parameters: paired by order"
 
 
 @dataclass(frozen=True)
@@ -701,12 +702,15 @@ class SettingsReport:
     compared: int = 0  # the layer pairs whose settings were compared
     calls: int = 0  # the traced pairs with a functional call on a side (calls.compare_events)
     readable: int = 0  # the layers of a kind with settings the two models hold, the fewer side's
+    # of ``unpaired``, the kinds with parameters both sides hold, in other numbers: unchecked
+    unchecked: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
         """No setting differs, and something was compared where there was something to: a
-        report that paired none of the models' layers is no pass."""
-        return not self.differ and not self.nothing_compared
+        report that paired none of the models' layers, or left some with parameters unpaired
+        (``unchecked``: an embedding's padding index unseen), is no pass."""
+        return not self.differ and not self.nothing_compared and not self.unchecked
 
     @property
     def nothing_compared(self) -> bool:
@@ -722,7 +726,13 @@ class SettingsReport:
                      "paired (see below)")
         lines = [d.line() for d in self.differ] or (
             [agree] if self.nothing_compared else [f"{agree} agree"])
-        lines += [f"not paired by order: {u}" for u in self.unpaired]
+        for u in self.unpaired:
+            if u.startswith(_BY_SHAPE):
+                lines.append(u)
+            elif u in self.unchecked:
+                lines.append(f"unchecked, not paired: {u}")
+            else:
+                lines.append(f"not paired by order: {u}")
         return "\n".join(lines)
 
 
@@ -754,13 +764,13 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
     from ..errors import KeyMismatchError
 
     why = ""  # why the layers with parameters did not pair through their weights
+    said = ""  # how they paired, where not plainly by order
     if torch_to_paddle is None:
-        from .by_order import by_order_rules
         from .framework import _torch_params_plan
 
         try:
             if by_order:
-                rules = by_order_rules(torch_model, paddle_model, rules=rules)
+                rules, said = _by_order_or_by_shape(torch_model, paddle_model, rules)
         except KeyMismatchError as e:
             # a port whose weights do not pair by order (a conv's groups change its weight's
             # shape): its layers are still compared, paired otherwise
@@ -779,6 +789,8 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
         for setting, tv, pv in _differences(t_read[0], t_read[1], p_read[1]):
             diffs.append(SettingDiff(tname, pname, setting, tv, pv, t_read[0]))
     unpaired: list[str] = []
+    if said:
+        unpaired.append(said)
     t_params, p_params = _entries(torch_model, True), _entries(paddle_model, True)
     if compared == 0 and t_params and p_params:
         # none paired through the weights (the port names them otherwise, or their order
@@ -791,17 +803,52 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
         unpaired += left
     readable = min(len(t_params) + len(_entries(torch_model)),
                    len(p_params) + len(_entries(paddle_model)))
+    weighted = _weighted_on_both(t_params, p_params)
     if traces is None:
         found, left, more = _by_definition(_entries(torch_model), _entries(paddle_model),
                                            ("torch", "Paddle"), _BY_ORDER)
-        return SettingsReport(tuple(diffs + found), tuple(unpaired + left), compared + more,
-                              readable=readable)
-    # with traces, the layers without parameters pair in the order the data goes through them,
-    # beside the calls of their kind: definition order pairs a port's activation dropout
-    # (defined first) with the reference's attention dropout (called first)
-    return dataclasses.replace(
-        _with_calls(diffs, unpaired, compared, traces[0].events, traces[1].events,
-                    by_call=_BY_ORDER), readable=readable)
+        report = SettingsReport(tuple(diffs + found), tuple(unpaired + left), compared + more,
+                                readable=readable)
+    else:
+        # with traces, the layers without parameters pair in the order the data goes through
+        # them, beside the calls of their kind: definition order pairs a port's activation
+        # dropout (defined first) with the reference's attention dropout (called first)
+        report = dataclasses.replace(
+            _with_calls(diffs, unpaired, compared, traces[0].events, traces[1].events,
+                        by_call=_BY_ORDER), readable=readable)
+    return dataclasses.replace(report, unchecked=tuple(
+        u for u in report.unpaired if u.split(":", 1)[0] in weighted))
+
+
+def _weighted_on_both(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[str, Any]]
+                      ) -> set[str]:
+    """The kinds of layer with parameters both sides hold some of: where their counts differ,
+    layers whose settings went unchecked (a kind one side holds none of is that side's forward
+    code, whose parts pair: Paddle's TransformerEncoderLayer against hand-written blocks)."""
+    return {e["kind"] for e in ours} & {e["kind"] for e in theirs}
+
+
+def _by_order_or_by_shape(torch_model: Any, paddle_model: Any, rules: Any) -> tuple[Any, str]:
+    """``by_order_rules`` and ""; where the weights do not pair by order but the shapes say
+    which few layers each side alone holds (a pooler only the port has:
+    ``by_order._explain_refusal``), the rules that leave those out, and a note saying so.
+    Raises where neither pairs."""
+    from ..errors import KeyMismatchError
+    from .by_order import _with_lone_layers, by_order_rules
+
+    try:
+        return by_order_rules(torch_model, paddle_model, rules=rules), ""
+    except KeyMismatchError:
+        wider = _with_lone_layers(torch_model, paddle_model, rules)
+        if wider is None:
+            raise
+    paired = by_order_rules(torch_model, paddle_model, rules=wider)
+    skip = wider.skip[len(rules.skip if rules is not None else ()):]
+    only = wider.port_only[len(rules.port_only if rules is not None else ()):]
+    note = (f"{_BY_SHAPE}, leaving alone the layers the shapes say "
+            f"one side alone holds (torch: {', '.join(skip) or 'none'}; Paddle: "
+            f"{', '.join(only) or 'none'})")
+    return paired, note
 
 
 def _with_calls(diffs: list[SettingDiff], unpaired: Sequence[str], compared: int,
@@ -842,7 +889,8 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
                      waive: Sequence[str] = (), *, by_order: bool = False,
                      traces: Optional[tuple[Any, Any]] = None,
                      optimizers: Optional[tuple[Any, Any]] = None,
-                     schedulers: Optional[tuple[Any, Any, int]] = None) -> Any:
+                     schedulers: Optional[tuple[Any, Any, int]] = None,
+                     rules: Any = None) -> Any:
     """``result`` with a failing key ``settings/<Paddle layer>/<setting>`` (status
     ``"setting"``) for each setting that differs and no ``waive`` pattern matches
     (``<Paddle layer>/<setting>``, glob), after the value keys, and ``options["settings"]``:
@@ -858,7 +906,7 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
     unpaired_layers: list[str] = []
     # weights the user loaded otherwise, that do not pair by order: the layers with parameters
     # pair by definition order, and the note says so
-    report = compare_settings(torch_model, paddle_model, by_order=by_order,
+    report = compare_settings(torch_model, paddle_model, by_order=by_order, rules=rules,
                               torch_to_paddle=torch_to_paddle, traces=traces)
     found = list(report.differ)
     optimizer_info = None
@@ -887,6 +935,8 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
         info["unpaired"] = unpaired_layers + list(report.unpaired)
     if report.nothing_compared:
         info["nothing_compared"] = report.readable
+    if report.unchecked:
+        info["unchecked"] = list(report.unchecked)
     if optimizer_info is not None:
         info["optimizer"] = optimizer_info
     if traces is not None:
@@ -945,6 +995,12 @@ def with_finding(result: Any, verbose: bool = False) -> Any:
     info = result.options.get("settings") or {}
     lines = info.get("differ") or []
     unread = _unpaired_activations(info.get("unpaired") or ())
+    if info.get("unchecked") and not info.get("nothing_compared"):
+        said = ("layers with parameters not paired, so their settings went unchecked: " +
+                "; ".join(info["unchecked"]) + " (pair the weights: by_order=True, or rules= "
+                "with skip= for the reference's layers the port lacks and port_only= for the "
+                "port's own)")
+        unread = said + (f"; {unread}" if unread else "")
     if info.get("nothing_compared"):
         unread = (f"no layer setting was checked: none of the {info['nothing_compared']} layers "
                   "with settings paired with the port's (see options['settings']['unpaired']); "

@@ -24,6 +24,8 @@ from .rules import (
 
 __all__ = ["StructureRow", "LayerCount", "StructureReport", "compare_structure"]
 
+_NO_RULES = ConversionRules()
+
 # statuses that do not keep the weights from loading ("order": paired by order with a tensor of
 # another kind, e.g. a BatchNorm statistic with a weight, is a problem)
 _FINE = ("ok", "transposed", "skipped", "dropped", "own")
@@ -261,7 +263,14 @@ def compare_structure(
     own = port_constants(paddle_sd, {name for name, _ in paddle_model.named_buffers()}
                          if hasattr(paddle_model, "named_buffers") else None)
     own = own - paddle_trainable - converted_names
+    port_only = {name: pat for name in paddle_shapes if name not in converted_names and
+                 (pat := (rules or _NO_RULES).port_only_pattern(name)) is not None}
     for name, shape in paddle_shapes.items():
+        if name in port_only:
+            rows.append(StructureRow(name, None, None, shape, "own",
+                                     f"own: only the port has it (port_only {port_only[name]!r}), "
+                                     "kept on load", name in paddle_trainable))
+            continue
         if name in own:
             kind = "integer" if name in integer_keys(paddle_sd) else "a buffer"
             rows.append(StructureRow(name, None, None, shape, "own",
@@ -286,11 +295,13 @@ def compare_structure(
         rows=tuple(rows),
         layers=tuple(LayerCount(k, v[0], v[1]) for k, v in counts.items()),
         torch_total=torch_total,
-        paddle_total=sum(_numel(s) for k, s in paddle_shapes.items() if k not in own),
+        paddle_total=sum(_numel(s) for k, s in paddle_shapes.items()
+                         if k not in own and k not in port_only),
         torch_trainable=sum(
             _numel(p.torch_shape)
             for p in plan
             if p.paddle_name is not None and p.torch_name in trainable_torch
         ),
-        paddle_trainable=sum(_numel(paddle_shapes[k]) for k in paddle_trainable),
+        paddle_trainable=sum(_numel(paddle_shapes[k]) for k in paddle_trainable
+                             if k not in port_only),
     )

@@ -376,7 +376,38 @@ def clip_feed() -> dict[str, np.ndarray]:
         np.float32), "attention_mask": mask}
 
 
-BUILDERS: dict[str, Callable[..., tuple[Any, Any]]] = dict(clip=clip,
+# --- RoFormer ----------------------------------------------------------------------------------
+
+_ROFORMER = dict(vocab_size=1000, embedding_size=64, hidden_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                 type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                 layer_norm_eps=1e-12, pad_token_id=0, initializer_range=0.2, hidden_act="gelu",
+                 rotary_value=False)
+
+
+def roformer(rules: Any = None) -> tuple[Any, Any]:
+    """HF's ``RoFormerModel`` keeps its sinusoidal table as a layer (``encoder.embed_positions``)
+    the port computes, and has no pooler, which PaddleNLP's has: loaded by order under
+    ``rules`` where given, else not loaded."""
+    import paddle
+    import paddlenlp.transformers as pt
+    import torch
+    import transformers
+
+    from reprod.align import load_into_paddle
+
+    torch.manual_seed(SEED)
+    paddle.seed(SEED)
+    tm = transformers.RoFormerModel(transformers.RoFormerConfig(**_ROFORMER)).eval()
+    perturb(tm, lambda n: "LayerNorm" in n)
+    pm = pt.RoFormerModel(pt.RoFormerConfig(**_ROFORMER))
+    pm.eval()
+    if rules is not None:
+        load_into_paddle(pm, tm, by_order=True, rules=rules)
+    return tm, pm
+
+
+BUILDERS: dict[str, Callable[..., tuple[Any, Any]]] = dict(clip=clip, roformer=roformer,
     gptj=gptj, codegen=codegen, mixtral=mixtral, mbart=mbart, pegasus=pegasus, deberta=deberta,
     squeezebert=squeezebert, mpnet=mpnet)
 
