@@ -362,7 +362,8 @@ def localise_forward(
     pairing = None
     if by_order:
         pairing = _pair_all(ref, raw, _weight_anchors(torch_model, paddle_model, rules),
-                            inert=(_inert(torch_model), _inert(paddle_model)))
+                            inert=(_inert(torch_model), _inert(paddle_model)),
+                            kinds=(layer_types(torch_model), layer_types(paddle_model)))
         parts, superseded, derived = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
         port = _renamed(raw, pairing.calls, parts)
         functions = _applied_as_functions(ref, port, pairing)
@@ -404,7 +405,9 @@ def localise_forward(
         subject = _subject(key)
         layer = None if subject is None else subject.partition("#")[0]
         if layer in labels:
-            labels[layer] = f"{types[layer][0]} vs a function in the port"
+            labels[layer] = f"{types[layer][0]} vs " + (
+                "nothing in the port: its data passes unchanged" if _passes_unchanged(
+                    functions, subject) else "a function in the port")
     flows = None if pairing is None else pairing.calls
     carried = _carried(result, judged, port, paddle_model, run_paddle, raw, containers, flows)
     div = _with_factors(first_divergence(result, layer_types=labels, carried=carried),
@@ -417,6 +420,11 @@ def localise_forward(
     if hint is None and noise is None:
         hint = _carried_rounding(div)
     if pairing is not None and div is not None and div.kind == "layer" \
+            and div.input_aligned is False and div.previous is not None:
+        between = _unpaired_between(pairing, div, labels)
+        if between:
+            div = dataclasses.replace(div, unpaired_between=between)
+    if pairing is not None and div is not None and div.kind == "layer" \
             and div.direction == "forward" \
             and div.input_aligned is False and div.previous is not None:
         found = _block_between(div, torch_model, paddle_model, run_torch, run_paddle, ref, raw,
@@ -425,6 +433,36 @@ def localise_forward(
             div, hint = dataclasses.replace(found[0], passed_over=div.passed_over), None
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
     return Localisation(div, hint, result, ref, port, by_order, backward)
+
+
+def _passes_unchanged(functions: Mapping[str, Any], subject: Optional[str]) -> bool:
+    """Whether the port's data where it applies a reference layer as a function is the same
+    before and after it: the port does without the layer (an ``Identity`` for a LayerNorm)."""
+    import numpy as np
+
+    x = next((functions[k] for k in (f"{subject}.in", f"{subject}.in.0") if k in functions), None)
+    y = next((functions[k] for k in (f"{subject}.out", f"{subject}.out.0") if k in functions),
+             None)
+    if x is None or y is None:
+        return False
+    a, b = np.asarray(x), np.asarray(y)
+    return a.shape == b.shape and a.size > 1 and bool(np.array_equal(a, b))
+
+
+def _unpaired_between(pairing: Any, div: Any, labels: Mapping[str, str]) -> tuple[str, ...]:
+    """The reference's leaf calls after ``div.previous`` and before ``div.layer`` that nothing in
+    the port pairs with, each with its class: what the port may have left out."""
+    order = pairing.ref_leaves
+    try:
+        start, end = order.index(div.previous), order.index(div.layer)
+    except ValueError:
+        return ()
+    out = []
+    for subject in order[start + 1:end]:
+        if subject in pairing.ref_only:
+            kind = labels.get(subject.partition("#")[0])
+            out.append(f"{subject} ({kind})" if kind else subject)
+    return tuple(out)
 
 
 # how far a layer's output is pushed to see which later layers read it: noise on the scale of its

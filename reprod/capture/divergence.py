@@ -47,7 +47,9 @@ class Divergence:
     ``factor`` times the port's), which a scale applied inside the layer on one side and after
     it on the other gives. ``passed_over`` holds the layers called before ``layer`` whose own
     outputs differ while the layers reading them align again: their difference is not carried
-    on, so it is not what made the outputs differ.
+    on, so it is not what made the outputs differ. ``unpaired_between``: where the input
+    already differs, the reference's layer calls after ``previous`` that nothing in the port
+    pairs with (a LayerNorm the port replaced by an ``Identity``).
     """
 
     layer: str
@@ -67,6 +69,9 @@ class Divergence:
     unpaired_inside: tuple[str, ...] = ()
     factor: Optional[float] = None
     passed_over: tuple[Divergence, ...] = ()
+    # the reference's layer calls between ``previous`` and ``layer`` that nothing in the port
+    # pairs with, with their classes ("encoder.ln (LayerNorm)"): where an input already differs
+    unpaired_between: tuple[str, ...] = ()
 
     @property
     def input_aligned(self) -> Optional[bool]:
@@ -131,6 +136,15 @@ class Divergence:
                 f"{inp} already differs ({diff}) although its call before, {earlier}, aligns, "
                 f"so the cause lies between the two calls of {base}, in the code that calls "
                 "it, outside the recorded layers"
+            )
+        elif self.unpaired_between:
+            names = ", ".join(self.unpaired_between)
+            one = len(self.unpaired_between) == 1
+            cause = (
+                f"{inp} already differs ({diff}) although {self.previous} aligns; between the "
+                f"two the reference calls {names}, which nothing in the port pairs with: "
+                f"{'a layer' if one else 'layers'} the port leaves out, or computes where "
+                "nothing records it"
             )
         else:
             cause = (

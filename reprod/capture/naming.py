@@ -352,11 +352,14 @@ class _Pairing:
 
 def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
               anchors: Optional[Mapping[str, str]],
-              inert: tuple[Collection[str], Collection[str]] = ((), ())) -> _Pairing:
+              inert: tuple[Collection[str], Collection[str]] = ((), ()),
+              kinds: Optional[tuple[Mapping[str, str], Mapping[str, str]]] = None) -> _Pairing:
     """``inert``: each side's layers (a dropout, ``Identity``) whose calls, where their output
     is their input, are left out of the pairing: they compute nothing to localise, and paired by
     order they would take the place of a layer that does (a port's p-0 activation dropout against
-    the reference's activation layer)."""
+    the reference's activation layer). ``kinds``: each side's layer name -> class name
+    (``layer_types``), where known: of pairings with as many pairs, those of layers of one kind
+    win (``_pair_calls``)."""
     ref_calls = _layer_calls(ref_map)
     other_calls = _layer_calls(other_map)
     ref_boxes, other_boxes = _containers_of(ref_calls), _containers_of(other_calls)
@@ -369,7 +372,7 @@ def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
     ref_leaves = [c for c in ref_calls if _base(c[0]) not in ref_boxes and c[0] not in ref_inert]
     other_leaves = [c for c in other_calls
                     if _base(c[0]) not in other_boxes and c[0] not in other_inert]
-    subject_map = _pair_calls(ref_leaves, other_leaves, anchors, ref_map, other_map)
+    subject_map = _pair_calls(ref_leaves, other_leaves, anchors, ref_map, other_map, kinds)
     pairing = _Pairing(subject_map, [s for s, _ in ref_leaves], [s for s, _ in other_leaves],
                        ref_boxes, other_boxes, *_one_sided([s for s, _ in ref_leaves],
                                                            [s for s, _ in other_leaves],
@@ -546,11 +549,15 @@ def _pair_calls(ref_calls: list[tuple[str, dict[str, Any]]],
                 other_calls: list[tuple[str, dict[str, Any]]],
                 anchors: Optional[Mapping[str, str]],
                 ref_map: Optional[Mapping[str, Any]] = None,
-                other_map: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
+                other_map: Optional[Mapping[str, Any]] = None,
+                kinds: Optional[tuple[Mapping[str, str], Mapping[str, str]]] = None
+                ) -> dict[str, str]:
     """Layer calls paired by call order: the anchored ones, and between them the most calls whose
     shapes match, in order. Where shapes allow several such pairings (a port with a layer the
     reference calls as a function: a ``ReLU`` after a ``BatchNorm`` keeps its shape), the one
-    whose paired calls also see the same values (``_fingerprint``) wins."""
+    whose paired calls are layers of one kind (``kinds``), then see the same values
+    (``_fingerprint``), wins: a port that drops a LayerNorm for an ``Identity`` has its next
+    Linear see the LayerNorm's input, and by values alone the two would pair."""
     subject_map: dict[str, str] = {}
     fixed, crossing = _anchored_pairs(ref_calls, other_calls, anchors)
     for i, j in crossing:
@@ -574,13 +581,29 @@ def _pair_calls(ref_calls: list[tuple[str, dict[str, Any]]],
         ref_subj, other_subj = [c[0] for c in ref_seg], [c[0] for c in other_seg]
 
         def like(a: int, b: int, r: list[str] = ref_subj, o: list[str] = other_subj) -> int:
-            return _likeness(fp(0, r[a]), fp(1, o[b]))
+            return _likeness(fp(0, r[a]), fp(1, o[b])) + _SAME_KIND * _one_kind(kinds, r[a], o[b])
 
         ref_sigs, other_sigs = [_signature(p) for _, p in ref_seg], [_signature(p) for _, p in other_seg]
         pairs = _uncrossed(_align(ref_sigs, other_sigs, like), ref_sigs, other_sigs, like)
         for a, b in pairs:
             subject_map[other_subj[b]] = ref_subj[a]
     return subject_map
+
+
+_SAME_KIND = 4  # a pair's likeness for two layers of one kind: above any values' (0-3)
+_DIMS_SUFFIX = re.compile(r"[123]d$")
+
+
+def _one_kind(kinds: Optional[tuple[Mapping[str, str], Mapping[str, str]]], ref: str,
+              other: str) -> bool:
+    """Whether two layer calls are of one class, read across the frameworks' spellings
+    (``Conv2d``/``Conv2D``); False where either is unknown."""
+    if kinds is None:
+        return False
+    a, b = kinds[0].get(_base(ref)), kinds[1].get(_base(other))
+    if a is None or b is None:
+        return False
+    return _DIMS_SUFFIX.sub("", a.lower()) == _DIMS_SUFFIX.sub("", b.lower())
 
 
 # how many pairs apart two paired calls may be swapped (siblings called the other way round)
@@ -613,7 +636,7 @@ _LIKE_RTOL = 1e-2  # values agreeing this closely are the same values (float32 o
 def _align(ref_sigs: list[Any], other_sigs: list[Any], likeness: Callable[[int, int], int]
            ) -> list[tuple[int, int]]:
     """(ref index, other index) pairs, increasing on both sides, of equal signatures: as many as
-    there can be, and of those the pairing whose pairs are most alike (``likeness`` 0-3 a pair)."""
+    there can be, and of those the pairing whose pairs are most alike (``likeness`` 0-7 a pair)."""
     n, m = len(ref_sigs), len(other_sigs)
     if n == 0 or m == 0:
         return []
@@ -621,8 +644,9 @@ def _align(ref_sigs: list[Any], other_sigs: list[Any], likeness: Callable[[int, 
         matcher = difflib.SequenceMatcher(None, ref_sigs, other_sigs, autojunk=False)
         return [(blk.a + k, blk.b + k) for blk in matcher.get_matching_blocks()
                 for k in range(blk.size)]
-    # the score of a pairing: its number of pairs first, then their likeness (4 * pairs > any sum)
-    weight = 4 * (min(n, m) + 1)
+    # the score of a pairing: its number of pairs first, then their likeness (at most 7 a pair:
+    # 8 * pairs > any sum)
+    weight = 8 * (min(n, m) + 1)
     score = [[0] * (m + 1) for _ in range(n + 1)]
     for a in range(n - 1, -1, -1):
         row, below, sig = score[a], score[a + 1], ref_sigs[a]
