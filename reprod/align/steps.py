@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from functools import partial
 from typing import Any, Callable, Optional
 
@@ -267,9 +267,13 @@ def _paddle_steps(
     trace: Any = None,
     outputs_like: Optional[Mapping[str, Any]] = None,
     extra: Optional[list[str]] = None,
+    paired: Optional[Collection[str]] = None,
 ) -> None:
     """``outputs_like``: the reference's records, whose named outputs a tuple pairs with
-    (``pair_outputs``); ``extra`` receives the port's outputs beyond them (not recorded)."""
+    (``pair_outputs``); ``extra`` receives the port's outputs beyond them (not recorded).
+    ``paired``: the port's tensors the reference's pair with (``_paired_names``); the others
+    are the port's own (a Swin's ``relative_position_index`` buffer, which timm keeps out of its
+    state dict; a pooler ``port_only`` names) and are not recorded."""
     place = _paddle_place(model)
     for i in range(n):
         inputs, labels = _split_batch(batches[i % len(batches)], i)
@@ -294,11 +298,13 @@ def _paddle_steps(
         log.add(f"step{i}/loss", loss.reshape([]))
         log.add(f"step{i}/lr", np.float64(optimizer.get_lr()))
         for name, p in model.named_parameters():
-            if not p.stop_gradient and p.grad is not None:
+            if not p.stop_gradient and p.grad is not None and (paired is None or name in paired):
                 log.add(f"step{i}/grad/{name}", _paddle_view(p.grad))
         optimizer.step()
         # Paddle keeps BatchNorm statistics as stop_gradient parameters: they are torch's buffers
         for name, value in unaliased(model.state_dict())[0].items():  # an RNN's weights once
+            if paired is not None and name not in paired:
+                continue
             if getattr(value, "stop_gradient", True):
                 if stats:
                     log.add(f"step{i}/stat/{name}", _paddle_view(value))
@@ -309,6 +315,12 @@ def _paddle_steps(
                 log.add(f"step{i}/opt/{key}", _paddle_view(value))
         if scheduler is not None:
             scheduler.step()
+
+
+def _paired_names(plan: Mapping[str, KeyPlan]) -> set[str]:
+    """The Paddle names the reference's tensors convert to (a packed attention's slices
+    included): what the port's records are set against."""
+    return {kp.paddle_name for kp in plan.values() if kp.paddle_name is not None}
 
 
 def align_train(
@@ -611,6 +623,7 @@ def align_train(
             trace=None if traces is None else traces[1],
             outputs_like=torch_log.data,
             extra=extra_outputs,
+            paired=_paired_names(plan),
         )
     _common_state(torch_log, paddle_log, noise_log)
     twin_info = None
@@ -794,7 +807,8 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 with _deterministic(seed), _recording(kink, paddle_model, log, "paddle"):
                     _paddle_steps(paddle_model, [batch], 1, loss_fn=paddle_loss_fn,
                                   optimizer=paddle_optimizer, scheduler=None, stats=stats,
-                                  log=log, opt_state=optimizer_state, outputs_like=like)
+                                  log=log, opt_state=optimizer_state, outputs_like=like,
+                                  paired=_paired_names(plan))
 
             def finish(t_log: ReprodLogger, p_log: ReprodLogger, n_log: Optional[ReprodLogger],
                        initial: Any, s: int = s, kink: Optional[KinkCapture] = kink) -> Any:

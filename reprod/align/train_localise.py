@@ -141,6 +141,9 @@ def loss_finding(result: Any, batch_size: Optional[int]) -> str:
                   "smoothing, class weights, ignore_index)"
 
 
+_BN_STATS = ("_mean", "_variance")  # Paddle's names of a BatchNorm's running statistics
+
+
 def stat_finding(result: Any) -> str:
     """Step 0 differs in BatchNorm statistics only: which layers' numbers fit the momentum
     convention swap (a porting bug); the biased running variance, a known difference, passes
@@ -149,14 +152,18 @@ def stat_finding(result: Any) -> str:
     known = sum(k.status == "known" and k.key.startswith("step0/stat/") for k in result)
     swapped = sorted({k.key[len("step0/stat/"):].rpartition(".")[0] for k in failed
                       if (k.note or "").startswith(MOMENTUM_HINT)})
-    head = (f"only BatchNorm statistics differ first (step0/stat, {len(failed)} "
+    # a buffer of another kind (a running average a layer keeps itself) is no BatchNorm's
+    what = "BatchNorm statistics" if all(k.key.endswith(_BN_STATS) for k in failed) else \
+        "statistics (buffers the training step updates)"
+    head = (f"only {what} differ first (step0/stat, {len(failed)} "
             f"key{'' if len(failed) == 1 else 's'}")
     head += f"; {known} more fit the biased running variance, a known difference)" if known \
         else ")"
     if swapped:
         return (f"{head}: {', '.join(swapped)} fit{'s' if len(swapped) == 1 else ''} a momentum "
                 f"in the other framework's convention ({MOMENTUM_HINT})")
-    return f"{head}: they fit no known difference; see their notes"
+    noted = any(k.note for k in failed)
+    return f"{head}: they fit no known difference" + ("; see their notes" if noted else "")
 
 
 def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[str, Any],

@@ -246,3 +246,37 @@ def test_align_forward_pairs_under_the_rules_the_weights_were_loaded_with():
         r = align_forward(tm, pm, ids, by_order=True, rules=rules)
         assert not r.passed
         assert r.options["divergence"]["layer"] == "encoder.layers.1.fc1", r.options
+
+
+class PaddleWithIndex(PaddleModel):
+    """PaddleClas's Swin registers its ``relative_position_index`` (int64) as a buffer, which
+    timm keeps out of its state dict (``persistent=False``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("index", paddle.arange(6, dtype="int64").reshape([2, 3]))
+
+
+def test_align_train_leaves_the_port_s_own_tensors_out_of_its_records():
+    from reprod.align import align_train
+
+    torch.manual_seed(0)
+    paddle.seed(0)
+    tm, pm = TorchModel().train(), PaddleWithIndex()
+    pm.train()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    load_into_paddle(pm, tm, by_order=True, rules=RULES)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, VOCAB, (2, 5)), rng.standard_normal((2, 5, D)).astype("float32"))
+               for _ in range(2)]
+    topt = torch.optim.SGD(tm.parameters(), lr=0.1)
+    popt = paddle.optimizer.SGD(learning_rate=0.1, parameters=pm.parameters())
+    r = align_train(tm, pm, batches, steps=2, by_order=True, rules=RULES,
+                    torch_loss_fn=torch.nn.MSELoss(), paddle_loss_fn=paddle.nn.MSELoss(),
+                    torch_optimizer=topt, paddle_optimizer=popt)
+    keys = {k.key for k in r.results}
+    assert not any("pooler" in k or k.endswith("/index") for k in keys), sorted(keys)[:5]
+    assert "step1/grad/layers.1.fc1.weight" in keys and "step1/stat/layers.1.norm1.weight" not in keys
+    assert r.passed, r.to_table(failed_only=True)
