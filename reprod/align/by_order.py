@@ -78,6 +78,8 @@ def _holder_kind(layer: Any) -> str:
         kind = _HOLDERS.get(_RANK.sub("", name.lower()))
         if kind is not None:
             return kind
+    if type(layer).__name__.lower().endswith("layernorm"):
+        return "layernorm"  # written by hand (PaddleClas's ChannelsFirstLayerNorm)
     return "other"
 
 

@@ -95,6 +95,16 @@ def _weight_anchors(torch_model: Any, paddle_model: Any, rules: Any = None) -> d
     return {p.rpartition(".")[0]: t.rpartition(".")[0] for t, p in pairs.items()}
 
 
+def _rule_anchors(torch_model: Any, rules: Any) -> dict[str, str]:
+    """Paddle layer -> torch layer for the layers owning parameters, as ``rules`` name their
+    weights; empty where the rules rename no layer (names pair as they are)."""
+    from .framework import _torch_params_plan
+
+    out = {kp.paddle_name.rpartition(".")[0]: name.rpartition(".")[0]
+           for name, kp in _torch_params_plan(torch_model, rules).items() if kp.paddle_name}
+    return out if any(p != t for p, t in out.items()) else {}
+
+
 def _torch_context(torch_model: Any, capture: Optional[Mapping[str, Any]] = None
                    ) -> dict[str, dict[str, Any]]:
     """Per normalisation layer of the reference, what ``reprod.diagnose`` needs to test an
@@ -340,7 +350,9 @@ def localise_forward(
     first layer whose gradients differ is named (``align_train``); ``ref_layout`` maps the
     reference's (and the twin's) captures to the port's layout (torch Linear weights' gradients
     transposed). ``rules``: the user's conversion rules (skips, ``port_only``), under which
-    the weights pair by order."""
+    the weights pair by order; without ``by_order``, where they rename the port's layers (a
+    porter's own pairs, ``ConversionRules.from_pairs``), the captures pair by call order
+    anchored on the layers they pair, as by order: by name they would not pair at all."""
     from ..capture import first_divergence, layer_types
     from ..capture.naming import _applied_as_functions, _derive, _fused, _pair_all, _renamed
     from ..diagnose import diagnose
@@ -348,6 +360,9 @@ def localise_forward(
 
     # between the layers the weights pair, pairing by call order reads only shapes, and a
     # container and a leaf with the same in/out shapes would pair: by order, leaf layers only
+    anchors = None if by_order or rules is None else _rule_anchors(torch_model, rules)
+    if anchors:
+        by_order = True
     containers = not by_order
     packed = _column_packed(torch_model) if by_order else {}
     ref = _split_packed(_capture(torch_model, run_torch, containers, backward), packed)
@@ -361,7 +376,9 @@ def localise_forward(
     functions: dict[str, Any] = {}  # the port's side of reference layers it applies as functions
     pairing = None
     if by_order:
-        pairing = _pair_all(ref, raw, _weight_anchors(torch_model, paddle_model, rules),
+        if not anchors:
+            anchors = _weight_anchors(torch_model, paddle_model, rules)
+        pairing = _pair_all(ref, raw, anchors,
                             inert=(_inert(torch_model), _inert(paddle_model)),
                             kinds=(layer_types(torch_model), layer_types(paddle_model)))
         parts, superseded, derived = _fused(ref, raw, pairing.calls, pairing.ref_leaves)

@@ -139,7 +139,44 @@ def _layer_kind(layer: Any) -> tuple[Optional[str], int]:
     if name.endswith("gelu") and "quick" not in name and not any(
             True for _ in layer.parameters()):
         return "gelu", 0
+    if name.endswith("layernorm") and _norm_epsilon(layer) is not None:
+        # a LayerNorm written by hand (PaddleClas's ChannelsFirstLayerNorm, Hugging Face's
+        # ConvNextLayerNorm): its epsilon is a setting like any LayerNorm's
+        return "layernorm", 0
     return None, 0
+
+
+_EPSILON_NAMES = ("eps", "epsilon", "_epsilon", "variance_epsilon")
+
+
+def _norm_epsilon(layer: Any) -> Optional[float]:
+    """A normalisation layer's epsilon, under any of the names layers keep it by."""
+    for name in _EPSILON_NAMES:
+        value = getattr(layer, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _ln_epsilon(layer: Any) -> float:
+    value = _norm_epsilon(layer)
+    if value is None:
+        raise AttributeError("no epsilon")
+    return value
+
+
+def _ln_shape(layer: Any, paddle: bool) -> tuple[Any, ...]:
+    """A LayerNorm's normalised shape; a hand-written one's where it keeps it, else its
+    weight's."""
+    for name in (("_normalized_shape", "normalized_shape") if paddle else
+                 ("normalized_shape", "_normalized_shape")):
+        value = getattr(layer, name, None)
+        if value is not None:
+            return _tuple(value, 0)
+    weight = getattr(layer, "weight", None)
+    if weight is None:
+        raise AttributeError("no normalized shape")
+    return _tuple(tuple(int(d) for d in weight.shape), 0)
 
 
 # Hugging Face's activation layers (transformers.activations) that compute a GELU, and how
@@ -349,9 +386,8 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
         ("epsilon", lambda t, r: _rms_epsilon(t), lambda p, r: _rms_epsilon(p)),
     ],
     "layernorm": [
-        ("epsilon", lambda t, r: float(t.eps), lambda p, r: float(p._epsilon)),
-        ("normalized_shape", lambda t, r: _tuple(t.normalized_shape, 0),
-         lambda p, r: _tuple(p._normalized_shape, 0)),
+        ("epsilon", lambda t, r: _ln_epsilon(t), lambda p, r: _ln_epsilon(p)),
+        ("normalized_shape", lambda t, r: _ln_shape(t, False), lambda p, r: _ln_shape(p, True)),
     ],
     "groupnorm": [
         ("epsilon", lambda t, r: float(t.eps), lambda p, r: float(p._epsilon)),
@@ -650,6 +686,7 @@ def _by_definition(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[s
                 "give traces=, as align_forward does)" if not xs or not ys else ""))
             continue
         found = []
+        ys = _by_weight(xs, ys)
         for x, y in zip(xs, ys):
             if x["name"].endswith(_VIRTUAL) and y["name"].endswith(_VIRTUAL):
                 continue  # the two layers holding them compare them
@@ -683,8 +720,48 @@ def _entries(model: Any, with_parameters: bool = False) -> list[dict[str, Any]]:
     for name, layer in _leaves_of(model):
         read = read_settings(layer)
         if read is not None and (read[0] in _BY_ORDER) != with_parameters:
-            out.append({"name": name, "kind": read[0], "settings": read[1]})
+            out.append(_with_weight({"name": name, "kind": read[0], "settings": read[1]}, layer))
     return out
+
+
+def _with_weight(entry: dict[str, Any], layer: Any) -> dict[str, Any]:
+    """``entry`` with ``"weight"``: the shape of the layer's own weight (its largest parameter
+    where none is named so), where it holds one: what pairs layers of a kind defined in another
+    order (``_by_weight``)."""
+    try:
+        own = (layer.named_parameters(recurse=False) if _framework(layer) == "torch"
+               else layer.named_parameters(include_sublayers=False))
+        params = [(n, tuple(int(d) for d in p.shape)) for n, p in own]
+    except (AttributeError, TypeError):
+        return entry
+    if not params:
+        return entry
+    shape = dict(params).get("weight") or max((sh for _, sh in params), key=math.prod)
+    return dict(entry, weight=list(shape))
+
+
+def _weight_key(entry: Mapping[str, Any]) -> Optional[tuple[int, ...]]:
+    """The weight's dimensions, sorted: a Linear's [out, in] and its port's [in, out] agree."""
+    shape = entry.get("weight")
+    return None if shape is None else tuple(sorted(int(d) for d in shape))
+
+
+def _by_weight(xs: Sequence[Mapping[str, Any]], ys: Sequence[Mapping[str, Any]]
+               ) -> Sequence[Mapping[str, Any]]:
+    """``ys`` in the order that pairs each of ``xs`` (as many, one kind) with a layer of its
+    weight's shape: definition order within each shape. A port that defines its layers in
+    another order (PaddleClas's ConvNeXt defines every downsampling convolution before the
+    stages; timm's each in its stage) pairs a depthwise convolution with a downsampling one by
+    definition order alone. ``ys`` as they are where they already agree, where a weight is
+    unknown, or where the shapes' counts differ (a port with another ``groups``: the settings
+    then say so)."""
+    xk, yk = [_weight_key(x) for x in xs], [_weight_key(y) for y in ys]
+    if xk == yk or None in xk or None in yk or sorted(xk) != sorted(yk):
+        return ys
+    left: dict[tuple[int, ...], list[Mapping[str, Any]]] = {}
+    for key, y in zip(yk, ys):
+        left.setdefault(key, []).append(y)  # type: ignore[arg-type]
+    return [left[key].pop(0) for key in xk]  # type: ignore[index]
 
 
 _BY_DEFINITION = "layers with parameters: paired by definition order, kind by kind"
@@ -1079,8 +1156,8 @@ def layer_settings(model: Any) -> list[dict[str, Any]]:
     for name, layer in _leaves_of(model):
         read = read_settings(layer)
         if read is not None:
-            out.append({"name": name, "kind": read[0],
-                        "settings": {k: _jsonable(v) for k, v in read[1].items()}})
+            out.append(_with_weight({"name": name, "kind": read[0], "settings": {
+                k: _jsonable(v) for k, v in read[1].items()}}, layer))
     return out
 
 
@@ -1177,6 +1254,9 @@ def _as_saved(x: Any) -> _Saved:
             raise ReprodError(f"{path}: layer #{i} is not {{name, kind, settings}}")
         layers.append({"name": entry["name"], "kind": entry["kind"],
                        "settings": {k: _from_json(v) for k, v in entry["settings"].items()}})
+        weight = entry.get("weight")
+        if isinstance(weight, list) and all(isinstance(d, int) for d in weight):
+            layers[-1]["weight"] = weight  # files before it hold none: pairing as before
     calls = None
     if doc.get("calls") is not None:
         from .calls import OpEvent
@@ -1241,7 +1321,7 @@ def _compare_saved(a: _Saved, b: _Saved) -> SettingsReport:
             unpaired.append(f"{kind}: {len(ours)} in {sides[0]}, {len(theirs)} in {sides[1]}")
             continue
         compared += len(ours)
-        for x, y in zip(ours, theirs):
+        for x, y in zip(ours, _by_weight(ours, theirs)):
             for setting, xv, yv in _differences(kind, x["settings"], y["settings"]):
                 diffs.append(SettingDiff(x["name"], y["name"], setting, xv, yv, kind, sides))
     if not traced:

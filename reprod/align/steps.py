@@ -1130,7 +1130,10 @@ def _localise_step(torch_model: Any, paddle_model: Any, batch: Any, *, backward:
                                  zero_torch(model64), torch.no_grad))
         return localise_forward(torch_model, paddle_model, run_torch, run_paddle,
                                 by_order=by_order, criteria=criteria, run_twin=twin,
-                                backward=backward, ref_layout=partial(_paddle_layout, plan))
+                                backward=backward, ref_layout=partial(_paddle_layout, plan),
+                                rules=ConversionRules.from_pairs(
+                                    {t: kp.paddle_name for t, kp in plan.items()
+                                     if kp.paddle_name is not None}))
 
 
 def _restore_step(step: int, torch_model: Any, paddle_model: Any, torch_data: Mapping[str, Any],
