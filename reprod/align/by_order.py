@@ -26,6 +26,7 @@ from .rules import (
     guess_linear_weight,
     integer_keys,
     is_hf_conv1d,
+    kernel_against_matrix,
     known_layouts,
     linear_weight_names,
     packed_linear_weights,
@@ -234,6 +235,10 @@ def _check(
             transpose = False
         elif len(ts) == 2 and ts[::-1] == ps:
             transpose = True
+        elif kernel_against_matrix(ts, ps):
+            # a torch Linear converted as one ([in, out]); a kernel as it is: loading then
+            # transposes either into the other (``as_target_layout``)
+            transpose = tk in linear
         elif unit_axes_apart(ts, ps):
             transpose = False  # loaded reshaped (CLIP's 0-d logit_scale against [1])
         else:
@@ -487,7 +492,8 @@ def _groups(keys: list[str]) -> list[tuple[str, list[int]]]:
 
 
 def _shapes_pair(ts: tuple[int, ...], ps: tuple[int, ...]) -> bool:
-    return ts == ps or (len(ts) == 2 and ts[::-1] == ps) or unit_axes_apart(ts, ps)
+    return ts == ps or (len(ts) == 2 and ts[::-1] == ps) or unit_axes_apart(ts, ps) or \
+        kernel_against_matrix(ts, ps)
 
 
 _Signature = list[tuple[tuple[int, ...], Optional[str]]]

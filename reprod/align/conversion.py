@@ -30,6 +30,8 @@ from .rules import (
     ConversionRules,
     KeyPlan,
     _is_torch_module,
+    as_target_layout,
+    kernel_against_matrix,
     known_layouts,
     linear_weight_names,
     packed_linear_weights,
@@ -277,13 +279,17 @@ def _own_constants(paddle_model: Any, weights: Mapping[str, Any],
 
 def _unit_axes_as_the_model_s(paddle_model: Any, arrays: Mapping[str, Any]) -> dict[str, Any]:
     """``arrays`` with those whose shape differs from the model's only by axes of size 1
-    reshaped to it: Paddle's ``set_state_dict`` refuses a 0-d array for a [1] parameter."""
+    reshaped to it: Paddle's ``set_state_dict`` refuses a 0-d array for a [1] parameter; a 1x1
+    convolution's kernel against a Linear's weight is transposed too (``as_target_layout``)."""
     expected, aliases = unaliased(paddle_model.state_dict())
     out = dict(arrays)
     for k, v in arrays.items():
         want = expected.get(aliases.get(k, k))
-        if want is not None and unit_axes_apart(tuple(np.shape(v)), tuple(want.shape)):
-            out[k] = np.reshape(v, tuple(want.shape))
+        if want is None:
+            continue
+        got, shape = tuple(np.shape(v)), tuple(int(d) for d in want.shape)
+        if unit_axes_apart(got, shape) or kernel_against_matrix(got, shape):
+            out[k] = np.ascontiguousarray(as_target_layout(v, shape))
     return out
 
 
@@ -314,7 +320,8 @@ def check_fits(
             continue
         want = tuple(expected[k].shape)
         got = tuple(np.shape(v))
-        if got != want and not unit_axes_apart(got, want):
+        if got != want and not unit_axes_apart(got, want) and \
+                not kernel_against_matrix(got, want):
             hint = (
                 " (transposed: a Linear weight? pass the torch model or a transpose rule)"
                 if len(got) == 2 and got[::-1] == want

@@ -31,6 +31,8 @@ __all__ = [
     "port_constants",
     "torch_constants",
     "unit_axes_apart",
+    "kernel_against_matrix",
+    "as_target_layout",
     "known_layouts",
     "packed_linear_weights",
     "packed_slices",
@@ -109,8 +111,36 @@ def integer_keys(state: Mapping[str, Any]) -> set[str]:
 
 def unit_axes_apart(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     """Whether two shapes differ only by axes of size 1 (a 0-d torch parameter against Paddle's
-    [1]: CLIP's ``logit_scale``): the same values, reshaped."""
-    return a != b and tuple(d for d in a if d != 1) == tuple(d for d in b if d != 1)
+    [1]: CLIP's ``logit_scale``): the same values, reshaped. Not a 1x1 convolution's kernel
+    against a matrix (``kernel_against_matrix``), which is transposed too."""
+    return a != b and tuple(d for d in a if d != 1) == tuple(d for d in b if d != 1) \
+        and not kernel_against_matrix(a, b)
+
+
+def kernel_against_matrix(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether one shape is a 1x1 convolution's kernel ([out, in, 1, 1]: every axis after the
+    first two of size 1) and the other a Linear's weight in Paddle's layout ([in, out]):
+    diffusers' ``proj_in`` as a 1x1 ``Conv2d`` against a port built with
+    ``use_linear_projection=True``. Both frameworks keep a kernel [out, in, ...], so the two
+    hold the same values transposed; read as a reshape, a square one loads silently wrong."""
+    if len(a) == 2 and len(b) >= 3:
+        a, b = b, a
+    return (len(b) == 2 and len(a) >= 3 and all(d == 1 for d in a[2:])
+            and tuple(a[:2]) == tuple(b[::-1]))
+
+
+def as_target_layout(value: Any, want: tuple[int, ...]) -> Any:
+    """``value`` (an array in the Paddle layout of the reference's layer) in the shape ``want``
+    of the port's tensor: reshaped where they differ by axes of size 1, and where one is a 1x1
+    kernel and the other a matrix, transposed too (``kernel_against_matrix``)."""
+    import numpy as np
+
+    got = tuple(np.shape(value))
+    if kernel_against_matrix(got, want):
+        if len(got) == 2:  # a Linear's [in, out] into a kernel [out, in, 1, 1]
+            return np.reshape(np.transpose(value), want)
+        return np.transpose(np.reshape(value, got[:2]))  # a kernel into a Linear's [in, out]
+    return np.reshape(value, want)
 
 
 def port_constants(state: Mapping[str, Any], buffers: Optional[Collection[str]] = None

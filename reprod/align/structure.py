@@ -11,6 +11,7 @@ from .rules import (
     ConversionRules,
     KeyPlan,
     integer_keys,
+    kernel_against_matrix,
     linear_weight_names,
     packed_linear_weights,
     plan_conversion,
@@ -240,6 +241,10 @@ def compare_structure(
                 if p.action == "transpose"
                 else ("ok", "")
             )
+        elif converted is not None and kernel_against_matrix(converted, want):
+            status, note = "ok", (f"reshaped and transposed on load: {fmt_shape(converted)} "
+                                  f"to {fmt_shape(want)} (a 1x1 convolution's kernel against a "
+                                  "Linear's weight)")
         elif converted is not None and unit_axes_apart(converted, want):
             status, note = "ok", f"reshaped on load: {fmt_shape(converted)} to {fmt_shape(want)}"
         elif converted is not None and len(want) == 2 and tuple(reversed(converted)) == want:
