@@ -348,20 +348,39 @@ def _check_no_dropout(torch_model: Any, paddle_model: Any) -> None:
         ("paddle", paddle_model.named_sublayers()),
     ):
         for name, m in layers:
-            if "Dropout" in type(m).__name__ and m.training and float(getattr(m, "p", 0) or 0) > 0:
-                found.append(f"{side} {name or type(m).__name__} (p={float(m.p):g})")
+            rate = _drop_rate(m)
+            if rate and m.training:
+                found.append(f"{side} {name or type(m).__name__} (p={rate:g})")
     if found:
         shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
         raise ReprodError(
             f"dropout is active in train mode and draws different random masks in each framework: "
-            f"{shown}; pass dropout=\"off\" (dropout and attention layers run in eval mode), or "
-            "build the models with dropout 0"
+            f"{shown}; pass dropout=\"off\" (dropout, drop-path and attention layers run in "
+            "eval mode), or build the models with dropout 0"
         )
+
+
+# layers that drop at random in training: dropout, and stochastic depth (timm's and PaddleClas's
+# DropPath, Hugging Face's ConvNextDropPath..., torchvision's StochasticDepth), which drops whole
+# samples' residual branches
+_RANDOM_DROPS = ("dropout", "droppath", "stochasticdepth")
+
+
+def _drop_rate(layer: Any) -> float:
+    """The rate a layer drops at random in training (0 for any other layer)."""
+    name = type(layer).__name__.lower()
+    if not any(k in name for k in _RANDOM_DROPS):
+        return 0.0
+    for attr in ("p", "drop_prob", "_p"):
+        value = getattr(layer, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
 
 
 def _switched_off(layer: Any) -> bool:
     name = type(layer).__name__.lower()
-    return "dropout" in name or "attention" in name
+    return any(k in name for k in _RANDOM_DROPS) or "attention" in name
 
 
 @contextlib.contextmanager

@@ -112,6 +112,10 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
         return n, 0
     if n in ("dropout", "dropout2d", "dropout3d", "alphadropout"):
         return n, 0
+    if n.endswith("droppath") or n == "stochasticdepth":
+        # stochastic depth: timm's and PaddleClas's DropPath, Hugging Face's ConvNextDropPath...,
+        # torchvision's StochasticDepth
+        return "droppath", 0
     if n in _HF_GELU:
         return "gelu", 0
     if n.endswith("rotaryembedding"):  # Llama's, and the models' that copy it
@@ -252,7 +256,7 @@ _WHOLE = frozenset(_RNN.values()) | {"attention"}
 
 # kinds paired by order (no parameters to pair them by)
 _BY_ORDER = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool", "dropout", "dropout2d",
-             "dropout3d", "leakyrelu", "gelu", "hardtanh", "elu", "softplus", "softmax",
+             "dropout3d", "droppath", "leakyrelu", "gelu", "hardtanh", "elu", "softplus", "softmax",
              "logsoftmax", "upsample", "pixelshuffle", "pixelunshuffle", "channelshuffle",
              "flatten", "celu", "hardshrink", "softshrink", "pad", "rotary",
              # whose parameters are their sublayers' (or packed otherwise than the port's)
@@ -418,6 +422,7 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
         # torch scales the kept values by 1 / (1 - p) in training and nothing in evaluation
         ("mode", lambda t, r: "upscale_in_train", lambda p, r: str(p.mode)),
     ],
+    "droppath": [("p", lambda t, r: _drop_path_rate(t), lambda p, r: _drop_path_rate(p))],
     "dropout2d": [("p", lambda t, r: float(t.p), lambda p, r: float(p.p))],
     "dropout3d": [("p", lambda t, r: float(t.p), lambda p, r: float(p.p))],
     "leakyrelu": [("negative_slope", lambda t, r: float(t.negative_slope),
@@ -497,6 +502,16 @@ _SETTINGS["convtranspose"] = _SETTINGS["conv"] + [
     ("output_padding", lambda t, r: _tuple(t.output_padding, r),
      lambda p, r: _tuple(p.output_padding, r)),
 ]
+
+
+def _drop_path_rate(layer: Any) -> float:
+    """A stochastic-depth layer's rate: ``drop_prob`` (timm's, PaddleClas's, Hugging Face's;
+    None for 0 in PaddleClas), ``p`` (torchvision's)."""
+    for name in ("drop_prob", "p"):
+        if hasattr(layer, name):
+            value = getattr(layer, name)
+            return 0.0 if value is None else float(value)
+    raise AttributeError("no rate")
 
 
 def _activation_name(fn: Any) -> str:

@@ -491,7 +491,7 @@ def align_train(
     """
     if dropout not in ("check", "off"):
         raise ReprodError(f"dropout={dropout!r}: give \"check\" (active dropout raises) or "
-                          "\"off\" (dropout and attention layers run in eval mode)")
+                          "\"off\" (dropout, drop-path and attention layers run in eval mode)")
     if dropout == "off":
         arguments = {k: v for k, v in locals().items() if k != "dropout"}
         with _dropouts_off(torch_model, paddle_model):
