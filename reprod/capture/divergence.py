@@ -283,11 +283,32 @@ def _walk(
 ) -> Optional[Divergence]:
     previous: Optional[str] = None
     passed: list[Divergence] = []
+    # backward: the first layer whose incoming gradient aligns and only whose input's gradient
+    # differs. A tensor hook sees the total over every use of a tensor: an input several layers
+    # read (a UNet's time embedding, a residual's) differs there for a bug in another reader,
+    # walked later. A later layer whose own parameters' gradients differ, its incoming gradient
+    # aligned, is that reader; where none is, this one is named.
+    shared: Optional[Divergence] = None
     for unit in units:
         if not unit.outs:
             continue
+        if shared is not None:
+            if _failing(unit.outs):
+                found = _found(unit, units, direction, layer_types, spans, ref_only, previous)
+                if not found.input_aligned:
+                    return shared
+                if _own_gradients_fail(unit):
+                    return found
+                # another reader of the shared input (the UNet's next resnet): walked past
+            previous = unit.subject
+            continue
         if _failing(unit.outs):
             found = _found(unit, units, direction, layer_types, spans, ref_only, previous)
+            if direction == "backward" and found.input_aligned and \
+                    not _own_gradients_fail(unit) and found.inner is None:
+                shared = found
+                previous = unit.subject
+                continue
             if found.input_aligned and carried is not None and unit.pos is not None and any(
                     u.start is not None and u.start > unit.pos and _aligned(u.ins)
                     for u in units) and not carried(found):
@@ -298,7 +319,18 @@ def _walk(
                 continue
             return replace(found, passed_over=tuple(passed)) if passed else found
         previous = unit.subject
+    if shared is not None:
+        return shared
     return passed[0] if passed else None
+
+
+def _own_gradients_fail(unit: _Unit) -> bool:
+    """Whether a backward unit's own parameters' gradients differ (not only its input's)."""
+    for r in unit.outs:
+        parsed = parse_key(r.key)
+        if not r.passed and parsed is not None and parsed.is_param:
+            return True
+    return False
 
 
 def _found(

@@ -201,6 +201,27 @@ def test_backward_divergence_at_a_parameter_gradient():
     assert "gradient of param b.weight max diff 1.000e-02" in div.message
 
 
+def test_a_shared_input_s_gradient_is_not_blamed_on_its_last_reader():
+    # h = stem(x); first(h) + second(h): the hooks on h see the total over both readers, so
+    # second (walked first) sees its input's gradient differ for a bug in first's backward
+    ref = {"stem.in": BASE, "stem.out": BASE * 2, "first.in": BASE * 2, "first.out": BASE * 3,
+           "second.in": BASE * 2, "second.out": BASE * 4,
+           "second.grad_out": BASE, "second.grad_in": BASE * 5, "param.second.weight.grad": BASE,
+           "first.grad_out": BASE, "first.grad_in": BASE * 5, "param.first.weight.grad": BASE,
+           "stem.grad_out": BASE * 5, "param.stem.weight.grad": BASE}
+    other = ref
+    for key in ("second.grad_in", "first.grad_in", "param.first.weight.grad", "stem.grad_out",
+                "param.stem.weight.grad"):
+        other = changed(other, key)
+    div = first_divergence(compare(ref, other))
+    assert div is not None and (div.layer, div.direction) == ("first", "backward"), div
+    assert div.input_aligned
+    # with no reader whose own gradients differ, the first whose input's gradient does is named
+    other = changed(changed(ref, "second.grad_in"), "first.grad_in")
+    div = first_divergence(compare(ref, other))
+    assert div is not None and div.layer == "second"
+
+
 def test_backward_gradient_already_different_when_it_arrives():
     ref = with_grads(chain("a", "b", "c"))
     other = changed(changed(ref, "c.grad_out"), "c.grad_in")  # e.g. the loss differs
