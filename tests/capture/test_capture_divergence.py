@@ -116,6 +116,19 @@ def test_a_layer_called_twice_is_not_named_at_both_ends_of_the_gap():
     )
 
 
+def test_calls_of_a_layer_called_more_often_on_one_side_are_not_paired_by_number():
+    # diffusers shares one SiLU ("act") across its blocks: its 2nd call is block a's; the port
+    # gives each block its own and calls its "act" once, at the end: act#2 is no counterpart
+    ref = {"act.in": BASE, "act.out": BASE, "a.in": BASE, "a.out": BASE * 2,
+           "act#2.in": BASE * 2, "act#2.out": BASE * 2, "b.in": BASE * 2, "b.out": BASE * 3,
+           "act#3.in": BASE * 3, "act#3.out": BASE * 3}
+    other = {"act.in": BASE, "act.out": BASE, "a.in": BASE, "a.out": BASE * 2,
+             "act#2.in": BASE * 3, "act#2.out": BASE * 3, "b.in": BASE * 2, "b.out": BASE * 3}
+    other = changed(other, "b.out")  # the bug: in b
+    div = first_divergence(compare(ref, other))
+    assert div is not None and div.layer == "b" and div.input_aligned, div
+
+
 def test_call_order_is_the_order_outputs_appear_in():
     # a container (recorded with containers=True) ends after its children: a failing child is
     # named, not the container whose input came first
