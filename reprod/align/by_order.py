@@ -464,8 +464,10 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
     ]
     header = f"{tlabel} ({len(torch_keys)} tensors) vs {plabel} ({len(paddle_keys)} tensors)"
     if (problems or _contradicted(pairs)) and len(torch_keys) == len(paddle_keys):
-        for kinds in _by_kind(torch_keys, paddle_keys, torch_side, paddle_side,
-                              (tshapes, pshapes)):
+        named = _same_names_first(torch_keys, paddle_keys)
+        candidates = ([named] if named is not None else []) + _by_kind(
+            torch_keys, paddle_keys, torch_side, paddle_side, (tshapes, pshapes))
+        for kinds in candidates:
             kpairs, kproblems, kwrong = _check(kinds, tshapes, pshapes, linear)
             if not kproblems:
                 by_position = dict(zip(torch_keys, paddle_keys))
@@ -476,6 +478,24 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
                                        tshapes, pshapes) if problems and explain else ("", ((), ()))
     return _OrderPlan(tuple(pairs), tuple(problems), header, frozenset(wrong_kind),
                       explained=explained, lone=lone)
+
+
+def _same_names_first(torch_keys: list[str], paddle_keys: list[str]
+                      ) -> Optional[list[tuple[int, str, str]]]:
+    """(position, torch key, Paddle key): the keys both sides name alike paired by name, the
+    rest in order; None where no name is shared or that pairs nothing otherwise. timm's ViT
+    defines ``cls_token`` before ``pos_embed``, PaddleClas's after: by position the two cross."""
+    common = set(torch_keys) & set(paddle_keys)
+    if not common:
+        return None
+    position = {k: i for i, k in enumerate(torch_keys)}
+    rest = zip([k for k in torch_keys if k not in common],
+               [k for k in paddle_keys if k not in common])
+    out = sorted([(position[k], k, k) for k in common] +
+                 [(position[t], t, p) for t, p in rest])
+    if all(p == paddle_keys[i] for i, _, p in out):
+        return None  # the positions' own pairing
+    return out
 
 
 def _groups(keys: list[str]) -> list[tuple[str, list[int]]]:

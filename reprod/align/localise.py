@@ -369,6 +369,11 @@ def localise_forward(
     raw = _capture(paddle_model, run_paddle, containers, backward)
     if ref_layout is not None:
         ref = ref_layout(ref)
+    # calls that compute nothing (an Identity, an eval-mode dropout or drop path: output is
+    # input) and have no counterpart: timm's ViT holds 18 Identity placeholders a port does
+    # without, and counted as unpaired they made "layer names do not pair" the answer
+    ref, raw = (_without_inert(ref, raw, _inert(torch_model)),
+                _without_inert(raw, ref, _inert(paddle_model)))
     names: dict[str, str] = {}  # port layer -> reference layer
     port = raw
     superseded: set[str] = set()  # reference keys a fused port layer computes nothing for
@@ -441,10 +446,14 @@ def localise_forward(
         between = _unpaired_between(pairing, div, labels)
         if between:
             div = dataclasses.replace(div, unpaired_between=between)
-    if pairing is not None and div is not None and div.kind == "layer" \
-            and div.direction == "forward" \
-            and div.input_aligned is False and div.previous is not None:
-        found = _block_between(div, torch_model, paddle_model, run_torch, run_paddle, ref, raw,
+    # by order only the leaves (and the model itself) are recorded: a leaf whose input already
+    # differs inside the model is named at the model's own forward code, where a block between
+    # the two leaves (timm's Attention, whose scale is its own code) holds that code
+    gap = div.inner if div is not None and div.layer == _ROOT and div.inner is not None else div
+    if pairing is not None and gap is not None and gap.kind == "layer" \
+            and gap.direction == "forward" \
+            and gap.input_aligned is False and gap.previous is not None:
+        found = _block_between(gap, torch_model, paddle_model, run_torch, run_paddle, ref, raw,
                                names, criteria, run_twin, pairing)
         if found is not None:
             div, hint = dataclasses.replace(found[0], passed_over=div.passed_over), None
@@ -858,6 +867,12 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
 
     previous, following = div.previous.partition("#")[0], div.layer.partition("#")[0]
     to_port = {r: o for o, r in names.items()}
+    # a call left out of the pairing (an eval-mode dropout, output = input) keeps its own name,
+    # where the port has a layer of that name
+    port_layers = {name for name, _ in _named(paddle_model)}
+    for layer in (previous, following):
+        if layer not in to_port and layer in port_layers:
+            to_port[layer] = layer
     if previous not in to_port or following not in to_port:
         return None
     ref_blocks = _around(_containers(_named(torch_model)), previous, following)
@@ -869,8 +884,13 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     # paired as match_by_order pairs containers: by the leaves they hold (a block never called,
     # a ModuleList, has no keys and pairs with nothing); its first call only
     ref_calls, port_calls = _layer_calls({**ref_leaves, **ref}), _layer_calls({**port_leaves, **raw})
+    # layers one side alone has, and calls that compute nothing (an eval-mode dropout, left out
+    # of the pairing), say nothing of which block is which
+    ref_skip, port_skip = pairing.one_sided_layers()
+    ref_skip = ref_skip | {s.partition("#")[0] for s in pairing.ref_inert}
+    port_skip = port_skip | {s.partition("#")[0] for s in pairing.other_inert}
     boxes = _pair_containers(ref_calls, port_calls, set(ref_blocks), set(port_blocks), names,
-                             *pairing.one_sided_layers())
+                             ref_skip, port_skip)
     pairs = sorted(((r, p) for p, r in boxes.items() if "#" not in p and "#" not in r),
                    key=lambda pair: -pair[0].count("."))  # the innermost first
     if not pairs:
@@ -903,8 +923,34 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
 
 
 # layers that may compute their input unchanged (a dropout in eval mode)
+_ROOT = "<model>"  # reprod.capture's name of the model itself
 _INERT = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alphadropout",
-                    "featurealphadropout", "identity"})
+                    "featurealphadropout", "identity", "droppath", "stochasticdepth"})
+
+
+def _without_inert(capture: dict[str, Any], other: Mapping[str, Any], inert: set[str]
+                   ) -> dict[str, Any]:
+    """``capture`` without the calls of ``inert`` layers whose output is their input and
+    whose layer the ``other`` capture does not name: nothing to pair or judge. By order, such
+    calls the other side also makes are left to the pairing (``_pair_all``'s inert)."""
+    from ..capture.naming import _identity_call, parse_key
+
+    if not inert:
+        return capture
+    named = {k.name for k in map(parse_key, other) if k is not None and not k.is_param}
+    drop: set[str] = set()
+    seen: set[str] = set()
+    for key in capture:
+        k = parse_key(key)
+        if k is None or k.is_param or k.subject in seen:
+            continue
+        seen.add(k.subject)
+        if k.name in inert and k.name not in named and _identity_call(capture, k.subject):
+            drop.add(k.subject)
+    if not drop:
+        return capture
+    return {key: v for key, v in capture.items()
+            if (k := parse_key(key)) is None or k.is_param or k.subject not in drop}
 
 
 def _inert(model: Any) -> set[str]:
