@@ -328,13 +328,16 @@ def _uneven_calls(result: DiffResult) -> set[str]:
     """The layers called another number of times on each side, some of whose calls paired: a
     module one side shares (diffusers hands every resnet one ``nn.SiLU``, called 26 times;
     a port gives each block its own), whose n-th calls by number are not the same calls."""
-    paired: set[str] = set()
-    alone: set[str] = set()
+    calls: dict[str, tuple[str, bool]] = {}  # call -> (its layer, whether any key paired)
     for r in result.results:
         parsed = parse_key(r.key)
         if parsed is None or parsed.is_param:
             continue
-        (alone if r.status in _ONE_SIDED else paired).add(parsed.name)
+        seen = calls.get(parsed.subject, (parsed.name, False))[1]
+        calls[parsed.subject] = (parsed.name, seen or r.status not in _ONE_SIDED)
+    # a call with some keys on one side (a second input only one side passes) is still a call
+    paired = {name for name, both in calls.values() if both}
+    alone = {name for name, both in calls.values() if not both}
     return paired & alone
 
 

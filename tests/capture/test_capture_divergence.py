@@ -129,6 +129,15 @@ def test_calls_of_a_layer_called_more_often_on_one_side_are_not_paired_by_number
     assert div is not None and div.layer == "b" and div.input_aligned, div
 
 
+def test_a_call_with_an_input_only_one_side_records_is_still_judged():
+    # OPT's position embedding takes a second input in Hugging Face's forward only
+    ref = {"pos.in.0": BASE, "pos.in.1": BASE, "pos.out": BASE * 2, "b.in": BASE * 2,
+           "b.out": BASE * 3}
+    other = {k: v for k, v in ref.items() if k != "pos.in.1"}
+    div = first_divergence(compare(ref, changed(changed(other, "pos.out"), "b.in")))
+    assert div is not None and div.layer == "pos", div
+
+
 def test_call_order_is_the_order_outputs_appear_in():
     # a container (recorded with containers=True) ends after its children: a failing child is
     # named, not the container whose input came first
