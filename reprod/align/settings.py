@@ -284,6 +284,8 @@ def _paddle_padding(p: Any, rank: int) -> Any:
     if algorithm in ("SAME", "VALID"):
         return algorithm.lower()
     pad = getattr(p, "_updated_padding", None)
+    if str(getattr(p, "_padding_mode", "zeros")) != "zeros":
+        pad = None  # reflect, replicate, circular: padded before the convolution, which pads 0
     return _paddle_pad_value(p._padding if pad is None else pad, rank)
 
 

@@ -30,6 +30,13 @@ def _diffs(t_layer, p_layer):
     return [(d.setting, d.torch_value, d.paddle_value) for d in diffs]
 
 
+def _drop_path(base: type, rate: float):
+    """timm's and PaddleClas's DropPath (``drop_prob``), for either framework."""
+    layer = type("DropPath", (base,), {"forward": lambda self, x: x})()
+    layer.drop_prob = rate
+    return layer
+
+
 SAME = [
     ("conv", lambda: tnn.Conv2d(3, 8, 3, stride=2, padding=1),
      lambda: pnn.Conv2D(3, 8, 3, stride=2, padding=1)),
@@ -41,6 +48,11 @@ SAME = [
      lambda: pnn.Conv2D(3, 8, 3, padding="SAME")),
     ("conv without padding, another padding mode",
      lambda: tnn.Conv2d(3, 8, 3, padding_mode="reflect"), lambda: pnn.Conv2D(3, 8, 3)),
+    # Paddle pads by reflection before its convolution, which then pads 0 (_updated_padding)
+    ("conv reflecting", lambda: tnn.Conv2d(4, 4, 7, padding=3, padding_mode="reflect", groups=4),
+     lambda: pnn.Conv2D(4, 4, 7, padding=3, padding_mode="reflect", groups=4)),
+    ("stochastic depth", lambda: _drop_path(torch.nn.Module, 0.1),
+     lambda: _drop_path(paddle.nn.Layer, 0.1)),
     ("conv1d", lambda: tnn.Conv1d(3, 4, 3, dilation=2), lambda: pnn.Conv1D(3, 4, 3, dilation=2)),
     ("grouped", lambda: tnn.Conv2d(8, 8, 3, groups=4), lambda: pnn.Conv2D(8, 8, 3, groups=4)),
     ("transposed", lambda: tnn.ConvTranspose2d(3, 8, 3, stride=2, output_padding=1),
@@ -104,6 +116,11 @@ DIFFER = [
      lambda: pnn.Conv2D(8, 8, 3, groups=4, bias_attr=False), ("groups", 8, 4)),
     (lambda: tnn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
      lambda: pnn.Conv2D(3, 8, 3, padding=1), ("padding_mode", "reflect", "zeros")),
+    (lambda: tnn.Conv2d(3, 8, 3, padding=1), lambda: pnn.Conv2D(3, 8, 3, padding=1,
+                                                                padding_mode="reflect"),
+     ("padding_mode", "zeros", "reflect")),  # the padding itself the same: 1, not 0
+    (lambda: _drop_path(torch.nn.Module, 0.1), lambda: _drop_path(paddle.nn.Layer, 0.2),
+     ("p", 0.1, 0.2)),
     (lambda: tnn.ConvTranspose2d(3, 8, 3, stride=2, output_padding=1),
      lambda: pnn.Conv2DTranspose(3, 8, 3, stride=2), ("output_padding", (1, 1), (0, 0))),
     (lambda: tnn.BatchNorm2d(8), lambda: pnn.BatchNorm2D(8, epsilon=1e-6),
