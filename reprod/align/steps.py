@@ -250,7 +250,7 @@ def _torch_steps(
             for key, value, kp in forcing.torch_state_records(optimizer, model, plan):
                 _log_torch(log, f"step{i}/opt/{key}", value, kp)
         if scheduler is not None:
-            scheduler.step()
+            _step_scheduler(scheduler, "torch", i)
 
 
 def _paddle_steps(
@@ -314,7 +314,23 @@ def _paddle_steps(
             for key, value in forcing.paddle_state_records(optimizer, model):
                 log.add(f"step{i}/opt/{key}", _paddle_view(value))
         if scheduler is not None:
-            scheduler.step()
+            _step_scheduler(scheduler, "paddle", i)
+
+
+def _step_scheduler(scheduler: Any, side: str, step: int) -> None:
+    """``scheduler.step()`` after a training step; a scheduler that cannot be stepped so (timm's
+    ``CosineLRScheduler`` wants the epoch or update count) is refused in one line."""
+    try:
+        scheduler.step()
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        name = type(scheduler).__name__
+        raise ReprodError(
+            f"{side}_scheduler: {name}.step() after step {step} failed ({e}); align_train "
+            "steps a scheduler once per training step with no argument: wrap one that counts "
+            f"otherwise (timm's: an object whose step() calls step_update(n) with n counted)"
+        ) from None
 
 
 def _paired_names(plan: Mapping[str, KeyPlan]) -> set[str]:

@@ -441,3 +441,24 @@ def test_an_adam_weight_decay_the_port_leaves_out_is_named_from_the_first_moment
     found = " ".join(r.options["findings"])
     assert "Adam's first moments are apart by 0.001 x the weights, the reference's the larger: " \
            "a weight decay" in found, r.options["findings"]
+
+
+class _EpochScheduler:
+    """timm's scheduler interface: ``step(epoch)`` and ``step_update(num_updates)``."""
+
+    def __init__(self, optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self, epoch: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = LR / (epoch + 1)
+
+
+def test_a_scheduler_that_cannot_be_stepped_alone_is_refused_in_one_line() -> None:
+    from reprod import ReprodError
+
+    tm, pm = twins(seed=5)
+    with pytest.raises(ReprodError, match=r"^torch_scheduler: _EpochScheduler\.step\(\) after "
+                                          r"step 0 failed \(.*epoch.*\); align_train steps a "
+                                          r"scheduler once per training step"):
+        _train(tm, pm, steps=2, stats=False, check_settings=False, torch_sched=_EpochScheduler)
