@@ -980,10 +980,14 @@ def _place(e: OpEvent) -> tuple[tuple[int, ...], bool]:
 
 def _pair_cost(kind: str, x: OpEvent, y: OpEvent) -> float:
     """0 for two alike dropouts in the same place; a pair whose settings differ costs 1, more
-    across blocks or between an attention's own dropout and another."""
+    across blocks or between an attention's own dropout and another, and more than leaving both
+    unpaired between one in a block and one outside any."""
     (xb, xa), (yb, ya) = _place(x), _place(y)
     cost = 1.0 if _call_differences(kind, x.settings, y.settings) else 0.0
-    return cost + (0.6 if xb != yb else 0.0) + (0.3 if xa != ya else 0.0)
+    # one in a block and one outside any (timm's head dropout against a block's in a port
+    # without one): dearer than leaving both alone
+    outside = 2.0 if bool(xb) != bool(yb) else 0.0
+    return cost + (0.6 if xb != yb else 0.0) + (0.3 if xa != ya else 0.0) + outside
 
 
 def _aligned(kind: str, xs: Sequence[OpEvent], ys: Sequence[OpEvent]
@@ -1029,6 +1033,22 @@ def _aligned(kind: str, xs: Sequence[OpEvent], ys: Sequence[OpEvent]
     return out[::-1]
 
 
+def _shifted(kind: str, xs: Sequence[OpEvent], ys: Sequence[OpEvent]) -> bool:
+    """Whether as many dropouts on both sides pair better aligned than in order: a port with
+    one the reference lacks at one end and none where the reference has one at the other
+    (PaddleClas's Swin drops after its patch embedding, timm's before its head), which in order
+    pairs every dropout with the next one's counterpart."""
+    if not xs:
+        return False
+    in_order = sum(_pair_cost(kind, x, y) for x, y in zip(xs, ys))
+    if in_order < 1.0:
+        return False
+    aligned = sum(_pair_cost(kind, x, y) if x is not None and y is not None else
+                  (0.01 if _free(x or y) else 1.5)  # type: ignore[arg-type]
+                  for x, y in _aligned(kind, xs, ys))
+    return aligned < in_order - 0.5
+
+
 def _lone(kind: str, e: OpEvent, side: int, sides: tuple[str, str]) -> _settings.SettingDiff:
     """A dropout one pass applies and the other has none for, as a difference of its rate."""
     none = f"{_settings.NONE_FOR}{sides[side]} {e.name})"
@@ -1070,7 +1090,7 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
         if len(xs) != len(ys) and kind in _SHARED and 1 in (len(xs), len(ys)):
             # one layer serving every block against one a block: each is set against it
             pairs = [(x, y) for x in xs for y in ys]
-        elif len(xs) != len(ys) and kind == "dropout":
+        elif kind == "dropout" and (len(xs) != len(ys) or _shifted(kind, xs, ys)):
             pairs = []
             for x, y in _aligned(kind, xs, ys):
                 if x is not None and y is not None:
