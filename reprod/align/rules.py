@@ -55,8 +55,11 @@ _BUILTIN_RENAMES = (
     (re.compile(r"running_var$"), "_variance"),
 )
 _DROPPED = re.compile(r"(^|\.)num_batches_tracked$")
-# a module-path segment naming a layer whose 2-D weight is NOT stored transposed in Paddle
-_NOT_LINEAR_SEGMENT = re.compile(r"(?i)conv|emb|^wte$|^wpe$")
+# a layer name whose 2-D weight is NOT stored transposed in Paddle: a convolution's, an
+# embedding's (embed_tokens, word_embeddings, tok_emb, wte); not a Linear whose name merely
+# holds "emb" (diffusers' time_emb_proj, the time_embedding's linear_1)
+_NOT_LINEAR_SEGMENT = re.compile(
+    r"(?i)conv|^wte$|^wpe$|^emb|embed(ding)?s?$|_emb$|^embed_|embed_(tokens|positions)$")
 
 
 def unaliased(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -525,8 +528,9 @@ class KeyPlan:
 
 def guess_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
     """The fallback when no torch model is given: a key is taken for an ``nn.Linear`` weight when it
-    is 2-D, its last segment is ``weight`` and no segment of its module path mentions ``conv`` or
-    ``emb`` (embedding) or is ``wte``/``wpe`` (GPT-style embeddings).
+    is 2-D, its last segment is ``weight`` and its layer's name (the last segment before it that
+    is not a ``Sequential`` index) names no convolution (``conv``) and no embedding (``emb...``,
+    ``...embedding(s)``, ``embed_tokens``, ``wte``/``wpe``).
 
     >>> guess_linear_weight("head.fc.weight", (10, 64)), guess_linear_weight("tok_emb.weight", (100, 64))
     (True, False)
@@ -534,7 +538,10 @@ def guess_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
     parts = name.split(".")
     if len(shape) != 2 or parts[-1] != "weight":
         return False
-    return not any(_NOT_LINEAR_SEGMENT.search(seg) for seg in parts[:-1])
+    # the layer's own name decides (a Sequential's index: its container's); a Linear inside a
+    # module named for embeddings (diffusers' time_embedding.linear_1) is a Linear
+    layers = [seg for seg in parts[:-1] if not seg.isdigit()]
+    return not (layers and _NOT_LINEAR_SEGMENT.search(layers[-1]))
 
 
 def _is_torch_module(obj: Any) -> bool:

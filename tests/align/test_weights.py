@@ -113,6 +113,15 @@ def test_without_model_the_heuristic_decides_and_says_so() -> None:
         ("head.bias", (10,), False),
         ("fc.weight_ih_l0", (16, 8), False),  # LSTM weights keep their layout
         ("conv1.weight", (8, 3, 3, 3), False),
+        ("model.embed_tokens.weight", (100, 32), False),
+        ("encoder.embed_positions.weight", (64, 32), False),
+        ("tok_emb.weight", (100, 32), False),
+        ("emb.weight", (100, 32), False),
+        ("embeddings.0.weight", (100, 32), False),  # a Sequential's index: its container's name
+        # diffusers: Linears whose names hold "emb" (left untransposed before)
+        ("time_embedding.linear_1.weight", (128, 32), True),
+        ("down_blocks.0.resnets.0.time_emb_proj.weight", (32, 128), True),
+        ("convnext.stages.0.fc1.weight", (64, 16), True),
     ],
 )
 def test_heuristic_rule(name: str, shape: tuple[int, ...], linear: bool) -> None:
