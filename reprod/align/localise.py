@@ -841,11 +841,17 @@ def _has_sublayers(layer: Any) -> bool:
 def _around(containers: list[str], previous: str, following: str) -> list[str]:
     """The containers whose own forward code may run between layers ``previous`` and
     ``following`` (outermost first): those holding ``previous`` but not ``following`` (their
-    forward ends between the two), and the innermost one holding both."""
-    ending = [c for c in containers
-              if previous.startswith(c + ".") and not (following == c or following.startswith(c + "."))]
+    forward ends between the two), those holding ``following`` but not ``previous`` (their
+    forward starts between the two: diffusers' UpBlock2D concatenates its skip connection before
+    its first resnet), and the innermost one holding both."""
+    def holds(c: str, layer: str) -> bool:
+        return layer == c or layer.startswith(c + ".")
+
+    ending = [c for c in containers if holds(c, previous) and not holds(c, following)]
+    starting = [c for c in containers if holds(c, following) and not holds(c, previous)
+                and c != following]
     both = [c for c in containers if previous.startswith(c + ".") and following.startswith(c + ".")]
-    return (both[-1:] if both else []) + ending
+    return (both[-1:] if both else []) + ending + starting
 
 
 def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any, run_paddle: Any,

@@ -44,8 +44,10 @@ class PaddleBlock(paddle.nn.Layer):
         self.norm = paddle.nn.BatchNorm2D(c)
         self.act = paddle.nn.ReLU()
         self.residual = True
+        self.scale_in = 1.0  # the block's own code before its first leaf: a bug where not 1
 
     def forward(self, x):
+        x = x * self.scale_in
         y = self.act(self.norm(self.conv(x)))
         return x + y if self.residual else y
 
@@ -227,3 +229,14 @@ def test_a_layer_raising_with_no_message_is_skipped_with_its_exception_named():
     r = replay(pm, ref, rename={"proj": "head", "conv_in": "stem"}, threshold=1e-4)
     assert {"layer": "proj", "reference": "head",
             "reason": "replay raised NotImplementedError"} in r.options["replay_skipped"]
+
+
+def test_a_block_s_own_code_before_its_first_leaf_is_named_at_the_block():
+    """diffusers' UpBlock2D concatenates its skip connection before its first resnet: a bug
+    there showed as the first resnet's input differing, "between" the last leaf of the block
+    before and it, as no block ending between the two holds that code."""
+    tm, pm = _pair()
+    pm.stages[1].scale_in = 1.5
+    div = align_forward(tm, pm, _x(), by_order=True).options["divergence"]
+    assert div["layer"] == "blocks.1", div
+    assert div["message"].endswith("so the cause is blocks.1's own forward code"), div
