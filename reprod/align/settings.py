@@ -112,6 +112,8 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
         return n, 0
     if n in ("dropout", "dropout2d", "dropout3d", "alphadropout"):
         return n, 0
+    if n == "timesteps":  # diffusers' and ppdiffusers' sinusoidal timestep embedding
+        return "timesteps", 0
     if n.endswith("droppath") or n == "stochasticdepth":
         # stochastic depth: timm's and PaddleClas's DropPath, Hugging Face's ConvNextDropPath...,
         # torchvision's StochasticDepth
@@ -256,7 +258,7 @@ _WHOLE = frozenset(_RNN.values()) | {"attention"}
 
 # kinds paired by order (no parameters to pair them by)
 _BY_ORDER = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool", "dropout", "dropout2d",
-             "dropout3d", "droppath", "leakyrelu", "gelu", "hardtanh", "elu", "softplus", "softmax",
+             "dropout3d", "droppath", "timesteps", "leakyrelu", "gelu", "hardtanh", "elu", "softplus", "softmax",
              "logsoftmax", "upsample", "pixelshuffle", "pixelunshuffle", "channelshuffle",
              "flatten", "celu", "hardshrink", "softshrink", "pad", "rotary",
              # whose parameters are their sublayers' (or packed otherwise than the port's)
@@ -425,6 +427,15 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
         ("mode", lambda t, r: "upscale_in_train", lambda p, r: str(p.mode)),
     ],
     "droppath": [("p", lambda t, r: _drop_path_rate(t), lambda p, r: _drop_path_rate(p))],
+    # a sinusoidal embedding's layout (sin then cos, or cos then sin) and frequency shift: a
+    # flip moves every output, a shift a little
+    "timesteps": [
+        ("num_channels", lambda t, r: int(t.num_channels), lambda p, r: int(p.num_channels)),
+        ("flip_sin_to_cos", lambda t, r: bool(t.flip_sin_to_cos),
+         lambda p, r: bool(p.flip_sin_to_cos)),
+        ("downscale_freq_shift", lambda t, r: float(t.downscale_freq_shift),
+         lambda p, r: float(p.downscale_freq_shift)),
+    ],
     "dropout2d": [("p", lambda t, r: float(t.p), lambda p, r: float(p.p))],
     "dropout3d": [("p", lambda t, r: float(t.p), lambda p, r: float(p.p))],
     "leakyrelu": [("negative_slope", lambda t, r: float(t.negative_slope),

@@ -37,6 +37,13 @@ def _drop_path(base: type, rate: float):
     return layer
 
 
+def _timesteps(base: type, flip: bool, shift: float):
+    """diffusers' and ppdiffusers' Timesteps, for either framework."""
+    layer = type("Timesteps", (base,), {"forward": lambda self, t: t})()
+    layer.num_channels, layer.flip_sin_to_cos, layer.downscale_freq_shift = 32, flip, shift
+    return layer
+
+
 SAME = [
     ("conv", lambda: tnn.Conv2d(3, 8, 3, stride=2, padding=1),
      lambda: pnn.Conv2D(3, 8, 3, stride=2, padding=1)),
@@ -121,6 +128,10 @@ DIFFER = [
      ("padding_mode", "zeros", "reflect")),  # the padding itself the same: 1, not 0
     (lambda: _drop_path(torch.nn.Module, 0.1), lambda: _drop_path(paddle.nn.Layer, 0.2),
      ("p", 0.1, 0.2)),
+    (lambda: _timesteps(torch.nn.Module, True, 1.0), lambda: _timesteps(paddle.nn.Layer, False, 1.0),
+     ("flip_sin_to_cos", True, False)),
+    (lambda: _timesteps(torch.nn.Module, True, 1.0), lambda: _timesteps(paddle.nn.Layer, True, 0.0),
+     ("downscale_freq_shift", 1.0, 0.0)),
     (lambda: tnn.ConvTranspose2d(3, 8, 3, stride=2, output_padding=1),
      lambda: pnn.Conv2DTranspose(3, 8, 3, stride=2), ("output_padding", (1, 1), (0, 0))),
     (lambda: tnn.BatchNorm2d(8), lambda: pnn.BatchNorm2D(8, epsilon=1e-6),
