@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -127,6 +128,11 @@ def _raise_misfit(
         if missing and unexpected and len(missing) == len(unexpected):
             # as many names missing as unexpected: the port names its layers differently
             hint = " | the names do not pair but the counts match: try by_order=True (reprod-convert --by-order)"
+        elif missing and not unexpected and len(missing) <= 6:
+            # a few tensors only the port holds (a position table it resamples, a pooler)
+            patterns = ", ".join(f'r"^{re.escape(k)}$"' for k in missing)
+            hint = (" | where only the port has them, keep its own: "
+                    f"rules=ConversionRules(port_only=[{patterns}])")
         raise KeyMismatchError(f"{source}: does not fit {target}: {' | '.join(parts)}{hint}")
 
 
