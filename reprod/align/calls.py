@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from . import settings as _settings
+from .rules import number_attr
 
 __all__ = ["OpEvent", "SettingsTrace", "compare_events", "trace_settings"]
 
@@ -228,11 +229,7 @@ _HELD_RATES = ("dropout_prob", "attention_dropout", "attn_dropout", "dropout_p",
 
 
 def _held_rate(layer: Any) -> Optional[float]:
-    for attr in _HELD_RATES:
-        v = getattr(layer, attr, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    return None
+    return number_attr(layer, _HELD_RATES)
 
 
 def _sdpa_events(a: Mapping[str, Any], scores: Optional[tuple[int, ...]], on: bool

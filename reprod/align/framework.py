@@ -17,6 +17,7 @@ from .rules import (
     ConversionRules,
     KeyPlan,
     linear_weight_names,
+    number_attr,
     packed_linear_weights,
     plan_conversion,
     split_attention,
@@ -371,11 +372,7 @@ def _drop_rate(layer: Any) -> float:
     name = type(layer).__name__.lower()
     if not any(k in name for k in _RANDOM_DROPS):
         return 0.0
-    for attr in ("p", "drop_prob", "_p"):
-        value = getattr(layer, attr, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return 0.0
+    return number_attr(layer, ("p", "drop_prob", "_p")) or 0.0
 
 
 def _switched_off(layer: Any) -> bool:

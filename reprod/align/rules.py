@@ -20,7 +20,7 @@ definition order when names cannot be mapped by rules.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -550,6 +550,16 @@ def _is_torch_module(obj: Any) -> bool:
         and hasattr(obj, "named_modules")
         and type(obj).__module__.split(".")[0] != "paddle"
     )
+
+
+def number_attr(obj: Any, names: Sequence[str]) -> Optional[float]:
+    """The first of ``names`` that ``obj`` holds as a number (not a bool), as a float: a
+    setting that layers of one kind keep under several names (``eps``, ``epsilon``...)."""
+    for name in names:
+        value = getattr(obj, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
 
 
 def is_hf_conv1d(layer: Any) -> bool:

@@ -24,7 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .rules import class_names, is_hf_conv1d
+from .rules import class_names, is_hf_conv1d, number_attr
 
 __all__ = ["SettingDiff", "SettingsReport", "compare_settings", "layer_settings", "read_settings",
            "save_settings", "settings_checked", "with_finding"]
@@ -157,11 +157,7 @@ _EPSILON_NAMES = ("eps", "epsilon", "_epsilon", "variance_epsilon")
 
 def _norm_epsilon(layer: Any) -> Optional[float]:
     """A normalisation layer's epsilon, under any of the names layers keep it by."""
-    for name in _EPSILON_NAMES:
-        value = getattr(layer, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+    return number_attr(layer, _EPSILON_NAMES)
 
 
 def _ln_epsilon(layer: Any) -> float:
