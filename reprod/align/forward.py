@@ -260,6 +260,8 @@ def _localised(
     if div is not None:
         options["divergence"] = {"layer": div.layer, "kind": div.kind, "message": div.message,
                                  "hint": found.hint}
+        if found.port_layer() is not None:  # paired by order with a layer named otherwise
+            options["divergence"]["port_layer"] = found.port_layer()
     result = dataclasses.replace(result, options=options)
     if out_dir is not None:
         out = os.fspath(out_dir)

@@ -37,6 +37,18 @@ class Localisation:
     port: Mapping[str, Any]
     by_order: bool = False
     backward: bool = False
+    # paired by order: reference layer -> the port's layer of another name
+    port_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def port_layer(self) -> Optional[str]:
+        """The port's name of the layer named, where pairing by order paired it with a layer
+        of another name (``time_embedding.act#5`` is the port's
+        ``down_blocks.1.resnets.0.nonlinearity``); None otherwise."""
+        if self.divergence is None or not self.divergence.layer:
+            return None
+        name, _, call = self.divergence.layer.partition("#")
+        port = self.port_names.get(self.divergence.layer) or self.port_names.get(name)
+        return port if port is not None and port != self.divergence.layer else None
 
     @property
     def findings(self) -> list[str]:
@@ -458,7 +470,8 @@ def localise_forward(
         if found is not None:
             div, hint = dataclasses.replace(found[0], passed_over=div.passed_over), None
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
-    return Localisation(div, hint, result, ref, port, by_order, backward)
+    port_names = {} if pairing is None else {r: o for o, r in pairing.calls.items()}
+    return Localisation(div, hint, result, ref, port, by_order, backward, port_names)
 
 
 def _passes_unchanged(functions: Mapping[str, Any], subject: Optional[str]) -> bool:

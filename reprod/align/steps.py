@@ -1096,6 +1096,8 @@ def _train_localised(
                 options["divergence"] = {"layer": div.layer, "kind": div.kind,
                                          "message": div.message, "hint": loc.hint,
                                          "direction": div.direction, "step": step}
+                if loc.port_layer() is not None:
+                    options["divergence"]["port_layer"] = loc.port_layer()
     options["findings"] = findings
     return dataclasses.replace(result, options=options)
 

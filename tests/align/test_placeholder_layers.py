@@ -114,6 +114,7 @@ def test_placeholder_layers_the_port_does_without_do_not_unpair_the_rest(models,
     w.set_value(w * 1.05)
     div = align_forward(tm, pm, image(), by_order=by_order).options["divergence"]
     assert div["kind"] == "layer" and div["layer"] == "blocks.1.proj", div
+    assert "port_layer" not in div  # the port names it alike
 
 
 def test_by_order_a_block_s_own_code_is_named_at_the_block(models):

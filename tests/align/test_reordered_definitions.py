@@ -149,6 +149,7 @@ def test_the_rules_the_weights_were_loaded_with_pair_the_layer_captures():
     div = r.options["divergence"]
     assert div["kind"] == "layer" and div["layer"] == "stage1.1", div
     assert div["message"].startswith("diverges at stage1.1 (Conv2d): input aligned")
+    assert div["port_layer"] == "stages.1.1"  # where to look in the port
 
     tm.train()
     pm.train()
@@ -161,3 +162,4 @@ def test_the_rules_the_weights_were_loaded_with_pair_the_layer_captures():
                                                           parameters=pm.parameters()))
     assert not r.passed
     assert r.options["divergence"]["layer"] == "stage1.1", r.options["divergence"]
+    assert r.options["divergence"]["port_layer"] == "stages.1.1"
