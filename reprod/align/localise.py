@@ -46,7 +46,7 @@ class Localisation:
         ``down_blocks.1.resnets.0.nonlinearity``); None otherwise."""
         if self.divergence is None or not self.divergence.layer:
             return None
-        name, _, call = self.divergence.layer.partition("#")
+        name = self.divergence.layer.partition("#")[0]
         port = self.port_names.get(self.divergence.layer) or self.port_names.get(name)
         return port if port is not None and port != self.divergence.layer else None
 
@@ -366,7 +366,14 @@ def localise_forward(
     porter's own pairs, ``ConversionRules.from_pairs``), the captures pair by call order
     anchored on the layers they pair, as by order: by name they would not pair at all."""
     from ..capture import first_divergence, layer_types
-    from ..capture.naming import _applied_as_functions, _derive, _fused, _pair_all, _renamed
+    from ..capture.naming import (
+        ROOT,
+        _applied_as_functions,
+        _derive,
+        _fused,
+        _pair_all,
+        _renamed,
+    )
     from ..diagnose import diagnose
     from ..diff.engine import compare
 
@@ -384,8 +391,8 @@ def localise_forward(
     # calls that compute nothing (an Identity, an eval-mode dropout or drop path: output is
     # input) and have no counterpart: timm's ViT holds 18 Identity placeholders a port does
     # without, and counted as unpaired they made "layer names do not pair" the answer
-    ref, raw = (_without_inert(ref, raw, _inert(torch_model)),
-                _without_inert(raw, ref, _inert(paddle_model)))
+    inert = (_inert(torch_model), _inert(paddle_model))
+    ref, raw = _without_inert(ref, raw, inert[0]), _without_inert(raw, ref, inert[1])
     names: dict[str, str] = {}  # port layer -> reference layer
     port = raw
     superseded: set[str] = set()  # reference keys a fused port layer computes nothing for
@@ -396,7 +403,7 @@ def localise_forward(
         if not anchors:
             anchors = _weight_anchors(torch_model, paddle_model, rules)
         pairing = _pair_all(ref, raw, anchors,
-                            inert=(_inert(torch_model), _inert(paddle_model)),
+                            inert=inert,
                             kinds=(layer_types(torch_model), layer_types(paddle_model)))
         parts, superseded, derived = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
         port = _renamed(raw, pairing.calls, parts)
@@ -461,7 +468,7 @@ def localise_forward(
     # by order only the leaves (and the model itself) are recorded: a leaf whose input already
     # differs inside the model is named at the model's own forward code, where a block between
     # the two leaves (timm's Attention, whose scale is its own code) holds that code
-    gap = div.inner if div is not None and div.layer == _ROOT and div.inner is not None else div
+    gap = div.inner if div is not None and div.layer == ROOT and div.inner is not None else div
     if pairing is not None and gap is not None and gap.kind == "layer" \
             and gap.direction == "forward" \
             and gap.input_aligned is False and gap.previous is not None:
@@ -942,7 +949,6 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
 
 
 # layers that may compute their input unchanged (a dropout in eval mode)
-_ROOT = "<model>"  # reprod.capture's name of the model itself
 _INERT = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alphadropout",
                     "featurealphadropout", "identity", "droppath", "stochasticdepth"})
 
