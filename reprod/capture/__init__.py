@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from ..errors import UnsupportedValueError
 from ..logger import ReprodLogger
+from ._onnx import OnnxLayerCall, onnx_layers, record_onnx
 from .divergence import Divergence, first_divergence
 from .kinks import KINK_POINTS, KinkCrossing, explain_kinks, find_kink_crossings
 from .naming import (
@@ -40,6 +41,9 @@ from .replay import replay  # isolated per-layer replay
 __all__ = [
     "record",
     "release_buffers",
+    "record_onnx",
+    "onnx_layers",
+    "OnnxLayerCall",
     "layer_types",
     "first_divergence",
     "Divergence",

@@ -1,0 +1,407 @@
+"""Layer-by-layer capture of an ONNX model under its torch layers' names, run by onnxruntime.
+
+An exported graph keeps which torch layer each node came from: the dynamo exporter (the
+default since torch 2.9) writes the chain of layer names into every node's
+``pkg.torch.onnx.name_scopes`` metadata; the TorchScript exporter (``dynamo=False``) spells it
+in the node's name (``/features/features.0/Conv``). A layer call's output in the graph is the
+value its nodes make that nodes outside it read, and its input the value it reads from outside:
+the same tensors ``reprod.capture.record`` logs from the torch model, under the same keys, so
+``first_divergence`` over the two captures names the first layer the export computes
+differently. onnx and onnxruntime are imported when this runs, never by ``import reprod``.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ..errors import (
+    DumpFormatError,
+    DumpNotFoundError,
+    MissingDependencyError,
+    UnsupportedValueError,
+)
+from ..logger import ReprodLogger
+from .naming import ROOT
+
+__all__ = ["record_onnx", "onnx_layers", "OnnxLayerCall"]
+
+_SCOPES = "pkg.torch.onnx.name_scopes"
+_REWRITTEN = "pkg.onnxscript.rewriter.rule_name"
+# TorchScript names a layer's second call by suffixing its scope: /act/Relu then /act_1/Relu
+_CALL_SUFFIX = re.compile(r"^(?P<base>.+)_(?P<n>[1-9][0-9]*)$")
+# TorchScript keeps a convolution's weight under its parameter's name unless export changed it;
+# a renamed one (onnx::Conv_15) had the following BatchNorm folded into it in eval mode
+_FOLDED_WEIGHT = re.compile(r"^onnx::(Conv|ConvTranspose)_[0-9]+$")
+_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                 "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+Feeds = Union[Mapping[str, Any], Sequence[Any], Any]
+
+
+@dataclass
+class OnnxLayerCall:
+    """One call of a torch layer as the graph holds it: its nodes, and the values that cross
+    its edge (``inputs`` read from outside, ``outputs`` read outside or returned)."""
+
+    subject: str  # capture subject: layer name, with #<call> from the second call on
+    name: str
+    nodes: list[str] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    leaf: bool = True
+    rewritten: bool = False  # a node the exporter's optimiser fused (its input is not the layer's)
+    folded: bool = False  # a convolution with the next BatchNorm folded in (TorchScript export)
+
+
+def _import(what: str) -> Any:
+    try:
+        return __import__(what)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"record_onnx needs {what} (pip install onnx onnxruntime): {exc}") from None
+
+
+def _load(model: Any) -> tuple[Any, str]:
+    onnx = _import("onnx")
+    if isinstance(model, onnx.ModelProto):
+        return model, "<onnx model>"
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise DumpNotFoundError(path)
+    try:
+        return onnx.load(path), path
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DumpFormatError(f"{path}: not an ONNX model ({first})") from None
+
+
+def _metadata(node: Any) -> dict[str, str]:
+    return {p.key: p.value for p in node.metadata_props}
+
+
+def _dynamo_chain(value: str) -> Optional[list[str]]:
+    try:
+        scopes = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(scopes, list) or not scopes:
+        return None
+    # ['', 'b1', 'b1.bn', '<fx node>']: the model, its layers outermost first, then the op
+    return [str(s) for s in scopes[1:-1] if s]
+
+
+def _torchscript_chain(name: str, seen: dict[str, set[str]]) -> list[tuple[str, int]]:
+    """``/b1/conv/Conv`` -> [("b1", 1), ("b1.conv", 1)]; ``/act_1/Relu`` after ``/act/..``
+    -> [("act", 2)]. A segment is the attribute name, or for a container's child the parent's
+    segment, a dot and the index (``/features/features.1/block/block.0/``)."""
+    chain: list[tuple[str, int]] = []
+    parent, parent_seg = "", ""
+    for seg in name.split("/")[1:-1]:
+        if not seg:
+            continue
+        call = 1
+        names = seen.setdefault(parent, set())
+        m = _CALL_SUFFIX.match(seg)
+        if m is not None and m.group("base") in names:
+            seg, call = m.group("base"), int(m.group("n")) + 1
+        names.add(seg)
+        if parent_seg and seg.startswith(parent_seg + "."):
+            qual = parent + seg[len(parent_seg):]
+        else:
+            qual = f"{parent}.{seg}" if parent else seg
+        chain.append((qual, call))
+        parent, parent_seg = qual, seg
+    return chain
+
+
+def _constants(graph: Any) -> set[str]:
+    """Values that do not depend on the graph's inputs (initializers, Constant nodes and what is
+    computed from them alone): never a layer's input."""
+    const = {i.name for i in graph.initializer}
+    const.update(i.name for i in graph.sparse_initializer)
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type in ("Constant", "ConstantOfShape") and all(i in const for i in ins):
+            const.update(node.output)
+        elif ins and all(i in const for i in ins):
+            const.update(node.output)
+    return const
+
+
+def onnx_layers(model: Any) -> list[OnnxLayerCall]:
+    """The torch layer calls an exported ONNX graph holds, in call order (the order in which
+    they finish), each with its nodes and the values crossing its edge.
+
+    ``model`` is a path or an ``onnx.ModelProto``. The model itself is ``<model>``. Layers are
+    read from the dynamo exporter's ``name_scopes`` metadata, or else from TorchScript-style node
+    names; a graph with neither (written by another converter) holds only ``<model>``.
+
+    >>> [c.subject for c in onnx_layers("mobilenet.onnx")][:3]
+    ['features.0.0', 'features.0.1', 'features.0.2']
+    """
+    proto, _ = _load(model)
+    return _layer_calls(proto.graph)
+
+
+def _layer_calls(graph: Any) -> list[OnnxLayerCall]:
+    const = _constants(graph)
+    seen: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    calls: list[OnnxLayerCall] = []
+    open_calls: dict[str, OnnxLayerCall] = {}  # layer name -> its call the previous node was in
+    made_in: dict[str, set[int]] = {}  # value -> ids of every call that made it (nested)
+    node_calls: list[list[OnnxLayerCall]] = []
+    previous: list[tuple[str, int]] = []
+    for node in graph.node:
+        meta = _metadata(node)
+        chain_calls: Optional[list[tuple[str, int]]] = None
+        if _SCOPES in meta:
+            names = _dynamo_chain(meta[_SCOPES])
+            if names is not None:
+                # the dynamo exporter does not number calls: a layer's run of consecutive nodes
+                # is one call, and it is called again when its nodes come back after others
+                chain_calls = [(n, 0) for n in names]
+        elif node.name.startswith("/"):
+            chain_calls = _torchscript_chain(node.name, seen)
+        if chain_calls is None:
+            chain_calls = previous  # a node no exporter labelled: it belongs where it stands
+        current: list[OnnxLayerCall] = []
+        still_open: dict[str, OnnxLayerCall] = {}
+        for depth, (name, call) in enumerate(chain_calls):
+            existing = open_calls.get(name)
+            if existing is not None and (call == 0 or existing.subject.endswith(f"#{call}")
+                                         or (call == 1 and "#" not in existing.subject)):
+                c = existing
+            else:
+                n = counts[name] = counts.get(name, 0) + 1 if call == 0 else call
+                c = OnnxLayerCall(name if n == 1 else f"{name}#{n}", name)
+                calls.append(c)
+            still_open[name] = c
+            current.append(c)
+            if depth < len(chain_calls) - 1:
+                c.leaf = False
+        open_calls = still_open
+        previous = chain_calls
+        for c in current:
+            c.nodes.append(node.name)
+            if c is current[-1]:
+                c.ops.append(node.op_type)
+                if "Fuse" in meta.get(_REWRITTEN, ""):
+                    # FuseBatchNormIntoConv & co: the node carries the last fused layer's
+                    # name and the first one's input (rules such as RemoveOptionalBias* stay
+                    # within their layer)
+                    c.rewritten = True
+                if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1 \
+                        and _FOLDED_WEIGHT.match(node.input[1]):
+                    c.folded = True
+        node_calls.append(current)
+        ids = {id(c) for c in current}
+        for out in node.output:
+            if out:
+                made_in[out] = ids
+
+    # a value crosses a call's edge where it is made inside and read outside, or the reverse
+    by_id = {id(c): c for c in calls}
+    graph_outputs = [o.name for o in graph.output]
+    for node, current in zip(graph.node, node_calls):
+        inside = {id(c) for c in current}
+        for value in node.input:
+            if not value or value in const:
+                continue
+            makers = made_in.get(value, set())
+            for c in current:
+                if id(c) not in makers and value not in c.inputs:
+                    c.inputs.append(value)
+            for cid in makers - inside:
+                c = by_id[cid]
+                if value not in c.outputs:
+                    c.outputs.append(value)
+    for value in graph_outputs:
+        for cid in made_in.get(value, set()):
+            c = by_id[cid]
+            if value not in c.outputs:
+                c.outputs.append(value)
+    # a layer call finishes with its last node: call order is the order of last nodes, and a
+    # layer ending on the same node as its container finishes first
+    last = {id(c): (i, -depth) for i, current in enumerate(node_calls)
+            for depth, c in enumerate(current)}
+    calls.sort(key=lambda c: last[id(c)])
+    root = OnnxLayerCall(ROOT, ROOT, leaf=not calls)
+    root.nodes = [n.name for n in graph.node]
+    root.ops = [n.op_type for n in graph.node]
+    initializers = {i.name for i in graph.initializer}
+    root.inputs = [i.name for i in graph.input if i.name not in initializers]
+    root.outputs = graph_outputs
+    return calls + [root]
+
+
+def _as_feeds(feeds: Feeds, inputs: Sequence[Any], where: str) -> dict[str, np.ndarray]:
+    from ..adapters import to_numpy
+
+    names = [i.name for i in inputs]
+    if isinstance(feeds, Mapping):
+        given = dict(feeds)
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise UnsupportedValueError(
+                f"{where}: no input named {unknown[0]!r}; its inputs are {', '.join(names)}")
+    else:
+        if isinstance(feeds, (list, tuple)) and not (feeds and isinstance(feeds[0], (int, float))):
+            values = list(feeds)
+        else:
+            values = [feeds]
+        if len(values) != len(names):
+            raise UnsupportedValueError(
+                f"{where}: {len(values)} input(s) given, the graph takes {len(names)} "
+                f"({', '.join(names)}); pass a dict to name them")
+        given = dict(zip(names, values))
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise UnsupportedValueError(f"{where}: input {missing[0]!r} not given")
+    arrays = {k: to_numpy(v, key=k, copy=False).array for k, v in given.items()}
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    for graph_input in inputs:
+        elem = graph_input.type.tensor_type.elem_type
+        if not elem:
+            continue
+        try:
+            want = np.dtype(tensor_dtype_to_np_dtype(elem))
+        except (KeyError, TypeError, ValueError):
+            continue
+        got = arrays[graph_input.name].dtype
+        if got != want:  # onnxruntime neither casts nor names the input
+            raise UnsupportedValueError(
+                f"{where}: input {graph_input.name!r} is {got}, the graph takes {want}")
+    return arrays
+
+
+def _selected(name: str, include: Optional[tuple[str, ...]], exclude: tuple[str, ...]) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def _patterns(p: Union[str, Sequence[str], None]) -> Optional[tuple[str, ...]]:
+    if p is None:
+        return None
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _keys(call: OnnxLayerCall, record_inputs: bool) -> list[tuple[str, str]]:
+    """(capture key, value name) pairs one layer call is logged under. A layer with several
+    inputs or outputs is logged only where their order is known (the model's own, by position):
+    inside, the graph does not say which argument or tuple item a value was."""
+    keys: list[tuple[str, str]] = []
+    root = call.subject == ROOT
+    ins = call.inputs if (root or (not call.rewritten and len(call.inputs) == 1)) else []
+    if record_inputs:
+        for i, value in enumerate(ins):
+            keys.append((f"{call.subject}.in" if len(ins) == 1 else f"{call.subject}.in[{i}]", value))
+    outs = call.outputs if (root or len(call.outputs) == 1) and not call.folded else []
+    for i, value in enumerate(outs):
+        keys.append((f"{call.subject}.out" if len(outs) == 1 else f"{call.subject}.out[{i}]", value))
+    return keys
+
+
+def record_onnx(
+    model: Any,
+    feeds: Feeds,
+    logger: Optional[ReprodLogger] = None,
+    *,
+    inputs: bool = True,
+    include: Union[str, Sequence[str], None] = None,
+    exclude: Union[str, Sequence[str], None] = None,
+    containers: bool = True,
+    providers: Optional[Sequence[Any]] = None,
+    optimization: str = "disable",
+    session_options: Any = None,
+) -> ReprodLogger:
+    """Run an exported ONNX model once in onnxruntime and log every torch layer call's input
+    and output under the keys ``reprod.capture.record`` gives the torch model's.
+
+    ``model`` is the ``.onnx`` path or an ``onnx.ModelProto``; ``feeds`` the graph's inputs: a
+    dict by input name, a list in the graph's order, or one value (numpy arrays or torch/paddle
+    tensors). Compare the result with a ``record`` of the torch model on the same inputs and
+    ``first_divergence`` names the first layer the export computes differently:
+
+    >>> with record(model) as torch_log:
+    ...     model(x)
+    >>> onnx_log = record_onnx("model.onnx", x)
+    >>> div = first_divergence(reprod.compare(torch_log.data, onnx_log.data, threshold=1e-5))
+
+    A layer is logged where the graph says which value is its input and output: one value in and
+    one out (layers that take or return several are left out, except the model itself, whose
+    inputs and outputs are the graph's, by position). ``include``/``exclude`` are glob patterns on
+    layer names and ``containers=False`` keeps leaf layers only, as for ``record``. onnxruntime's
+    graph optimisations are off by default (``optimization="disable"``), so that every node runs
+    as exported; ``"basic"``, ``"extended"`` or ``"all"`` run what a deployment runs.
+    ``providers`` defaults to ``["CPUExecutionProvider"]``.
+
+    A convolution that the TorchScript exporter folded the next BatchNorm into (eval mode,
+    ``dynamo=False``) computes both layers: its output is not logged, and a warning says so
+    (export with ``dynamo=True`` or ``do_constant_folding=False`` to keep them apart). Two
+    consecutive calls of one layer (``act(act(x))``) are one call to the dynamo exporter's
+    metadata: the graph does not tell them apart.
+    """
+    proto, where = _load(model)
+    ort = _import("onnxruntime")
+    onnx = _import("onnx")
+    if optimization not in _OPTIMIZATION:
+        raise UnsupportedValueError(
+            f"record_onnx: optimization={optimization!r}; expected one of {', '.join(_OPTIMIZATION)}")
+    if logger is None:
+        logger = ReprodLogger()
+    calls = _layer_calls(proto.graph)
+    inc, exc = _patterns(include), _patterns(exclude) or ()
+    folded = [c.subject for c in calls if c.folded]
+    if folded:
+        warnings.warn(
+            f"{where}: {len(folded)} convolution(s) have the next BatchNorm folded in "
+            f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''}): their outputs are "
+            "not logged; export with dynamo=True or do_constant_folding=False to compare them",
+            stacklevel=2)
+    wanted: list[tuple[str, str]] = []
+    for call in calls:
+        if call.subject != ROOT and not call.leaf and not containers:
+            continue
+        if call.subject != ROOT and not _selected(call.name, inc, exc):
+            continue
+        wanted.extend(_keys(call, inputs))
+    graph_inputs = {i.name for i in proto.graph.input}
+    fetch = list(dict.fromkeys(v for _, v in wanted if v not in graph_inputs))
+    present = {o.name for o in proto.graph.output}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=v) for v in fetch if v not in present)
+    opts = session_options if session_options is not None else ort.SessionOptions()
+    if session_options is None:
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION[optimization])
+    session_inputs = [i for i in proto.graph.input if i.name not in {
+        t.name for t in proto.graph.initializer}]
+    values = _as_feeds(feeds, session_inputs, where)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), opts,
+                                       providers=list(providers or ["CPUExecutionProvider"]))
+        names = [o.name for o in session.get_outputs()]
+        results = session.run(names, values)
+    except Exception as exc:  # onnxruntime raises its own classes, one per failure kind
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedValueError(f"{where}: onnxruntime could not run it: {first}") from None
+    got = dict(zip(names, results))
+    got.update(values)
+    for key, value in wanted:
+        array = got.get(value)
+        if isinstance(array, np.ndarray):
+            logger.add(key, array)
+    return logger

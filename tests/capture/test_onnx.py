@@ -1,0 +1,340 @@
+"""record_onnx: an ONNX export captured under its torch layers' names, and first_divergence
+naming the layer an edited graph computes differently. Both exporters (dynamo's metadata,
+TorchScript's node names), the example's MobileNetV3 as the real model."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")  # the dynamo exporter's
+
+from onnx import numpy_helper  # noqa: E402
+from torch import nn  # noqa: E402
+
+import reprod  # noqa: E402
+from reprod.capture import first_divergence, layer_types, onnx_layers, record, record_onnx  # noqa: E402
+from reprod.errors import DumpFormatError, DumpNotFoundError, ReprodError  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mobilenetv3"
+EXPORTS = {
+    "dynamo": {"dynamo": True},
+    "torchscript": {"dynamo": False, "do_constant_folding": False},
+}
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x))) + x[:, :1]  # the container's own code: an add
+
+
+class Twin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1 = Block()
+        self.act = nn.ReLU()
+        self.seq = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
+                                 nn.Sequential(nn.GELU(), nn.Conv2d(4, 4, 1)))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.act(self.b1(x))
+        y = self.act(y * 2)  # a second call of one layer
+        return self.fc(self.pool(self.seq(y)).flatten(1))
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded weights, with every BatchNorm's statistics and affine moved off their defaults."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen) * 0.2 - 0.1)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) * 1.5 + 0.5)
+                mod.weight.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+                mod.bias.copy_(torch.rand(mod.num_features, generator=gen) * 0.2 - 0.1)
+    return model.eval()
+
+
+def export(model: nn.Module, x, path: Path, **kwargs) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), **kwargs)
+    return path
+
+
+def torch_capture(model: nn.Module, x) -> dict:
+    with torch.no_grad(), record(model) as log:
+        model(x)
+    return log.data
+
+
+def diverge(ref: dict, onnx_data: dict, model: nn.Module):
+    result = reprod.compare(ref, onnx_data, method="max", threshold=1e-5)
+    return first_divergence(result, layer_types=layer_types(model)), result
+
+
+def scope_nodes(proto, layer: str) -> list:
+    """The graph's nodes of ``layer`` itself, read straight from the exporter's labels: dynamo's
+    ``name_scopes``, or TorchScript's node name (``/seq/seq.2/seq.2.0/Gelu`` for ``seq.2.0``)."""
+    parts = layer.split(".")
+    segments, prefix = [], ""
+    for part in parts:  # a container's child is spelt "<parent segment>.<index>"
+        seg = f"{prefix}.{part}" if prefix and part.isdigit() else part
+        segments.append(seg)
+        prefix = seg
+    torchscript = "/" + "/".join(segments) + "/"
+    found = []
+    for node in proto.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        scopes = meta.get("pkg.torch.onnx.name_scopes")
+        if scopes is not None:
+            if eval(scopes)[-2] == layer:  # ['', ..., layer, fx node]
+                found.append(node)
+        elif node.name.startswith(torchscript) and "/" not in node.name[len(torchscript):]:
+            found.append(node)
+    return found
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomised(Twin())
+    x = torch.randn(2, 3, 8, 8)
+    out = tmp_path_factory.mktemp("onnx")
+    paths = {name: export(model, x, out / f"{name}.onnx", **kw) for name, kw in EXPORTS.items()}
+    paths["folded"] = export(model, x, out / "folded.onnx", dynamo=False)
+    return model, x, torch_capture(model, x), paths
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_a_faithful_export_aligns_key_by_key_with_the_torch_capture(twin, exporter):
+    model, x, ref, paths = twin
+    got = record_onnx(paths[exporter], x).data
+    div, result = diverge(ref, got, model)
+    assert div is None
+    paired = [r for r in result.results if r.status == "passed"]
+    assert not [r.key for r in result.results if r.status == "extra"]  # no key torch lacks
+    # the second call of `act`, the container's own add and the model's ends are all there
+    for key in ("act.out", "act#2.in", "act#2.out", "b1.in", "b1.out", "seq.2.0.out",
+                "fc.in", "fc.out", "<model>.in", "<model>.out"):
+        assert key in got, key
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6)
+    if exporter == "torchscript":
+        assert len(paired) == len(ref)  # unfolded: every layer of the model
+    else:
+        # dynamo folds each BatchNorm into its convolution, under the BatchNorm's name
+        assert set(ref) - set(got) == {"b1.conv.in", "b1.conv.out", "b1.bn.in",
+                                        "seq.0.in", "seq.0.out", "seq.1.in"}
+
+
+def test_the_model_output_is_what_onnxruntime_returns(twin):
+    _, x, _, paths = twin
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as recorded
+    plain = ort.InferenceSession(str(paths["dynamo"]), opts, providers=["CPUExecutionProvider"])
+    expected = plain.run(None, {plain.get_inputs()[0].name: x.numpy()})[0]
+    got = record_onnx(paths["dynamo"], {plain.get_inputs()[0].name: x}).data
+    np.testing.assert_array_equal(got["<model>.out"], expected)
+    np.testing.assert_array_equal(got["<model>.in"], x.numpy())
+
+
+def test_torchscript_folded_batchnorm_is_left_out_and_said(twin):
+    model, x, ref, paths = twin
+    with pytest.warns(UserWarning, match=r"2 convolution\(s\) have the next BatchNorm folded in "
+                                         r"\(b1\.conv, seq\.0\)"):
+        got = record_onnx(paths["folded"], x).data
+    assert "b1.conv.out" not in got and "seq.0.out" not in got
+    assert diverge(ref, got, model)[0] is None
+
+
+def edited(path: Path, edit) -> onnx.ModelProto:
+    proto = onnx.load(str(path))
+    edit(proto)
+    return proto
+
+
+def scale_initializer(proto, name: str, factor: float) -> None:
+    for i, init in enumerate(proto.graph.initializer):
+        if init.name == name:
+            array = numpy_helper.to_array(init) * np.float32(factor)
+            proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(array, name))
+            return
+    raise AssertionError(f"no initializer {name}")
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_a_changed_weight_is_named_at_its_layer(twin, exporter):
+    model, x, ref, paths = twin
+    proto = edited(paths[exporter], lambda p: scale_initializer(p, "seq.2.1.weight", 1.01))
+    div, _ = diverge(ref, record_onnx(proto, x).data, model)
+    assert div is not None and div.layer == "seq.2.1" and div.input_aligned
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_a_changed_activation_is_named_at_its_layer(twin, exporter):
+    model, x, ref, paths = twin
+
+    def tanh_gelu(proto):
+        (node,) = [n for n in scope_nodes(proto, "seq.2.0") if n.op_type == "Gelu"]
+        kept = [a for a in node.attribute if a.name != "approximate"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [onnx.helper.make_attribute("approximate", "tanh")])
+
+    div, _ = diverge(ref, record_onnx(edited(paths[exporter], tanh_gelu), x).data, model)
+    assert div is not None and div.layer == "seq.2.0" and div.layer_type == "GELU"
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_a_containers_own_code_is_named_at_the_container(twin, exporter):
+    model, x, ref, paths = twin
+
+    def subtract(proto):
+        (node,) = [n for n in scope_nodes(proto, "b1") if n.op_type == "Add"]
+        node.op_type = "Sub"
+
+    div, _ = diverge(ref, record_onnx(edited(paths[exporter], subtract), x).data, model)
+    assert div is not None and div.layer == "b1" and div.own_code
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_the_second_call_of_a_layer_is_told_apart(twin, exporter):
+    model, x, ref, paths = twin
+
+    def sigmoid_second(proto):
+        relus = [n for n in proto.graph.node if n.op_type == "Relu"]
+        (node,) = [n for n in relus if n.output[0] in _second_relu(proto)]
+        node.op_type = "Sigmoid"  # its input is >= 0: a leaky ReLU would change nothing
+
+    div, _ = diverge(ref, record_onnx(edited(paths[exporter], sigmoid_second), x).data, model)
+    assert div is not None and div.layer == "act#2" and div.output.key == "act#2.out"
+
+
+def _second_relu(proto) -> list[str]:
+    """The second ReLU call's output, found from the graph's data flow: the ReLU whose input is
+    a Mul's output (``act(y * 2)``)."""
+    made_by = {o: n for n in proto.graph.node for o in n.output}
+    return [n.output[0] for n in proto.graph.node
+            if n.op_type == "Relu" and made_by.get(n.input[0]) is not None
+            and made_by[n.input[0]].op_type == "Mul"]
+
+
+def test_onnx_layers_lists_calls_in_call_order_with_their_ops(twin):
+    _, _, _, paths = twin
+    calls = {c.subject: c for c in onnx_layers(paths["torchscript"])}
+    order = [c.subject for c in onnx_layers(paths["torchscript"])]
+    assert order.index("seq.2.1") < order.index("seq.2") < order.index("seq") < order.index("pool")
+    assert order[-1] == "<model>"
+    assert calls["b1.bn"].ops == ["BatchNormalization"] and calls["b1.bn"].leaf
+    assert not calls["b1"].leaf and "Add" in calls["b1"].ops
+    assert calls["act#2"].name == "act"
+
+
+def test_include_exclude_and_leaves_only(twin):
+    _, x, _, paths = twin
+    only_seq = record_onnx(paths["torchscript"], x, include="seq.*").keys()
+    assert {k.split(".out")[0].split(".in")[0] for k in only_seq} - {"<model>"} <= {
+        "seq.0", "seq.1", "seq.2", "seq.2.0", "seq.2.1"}
+    leaves = record_onnx(paths["torchscript"], x, containers=False, inputs=False).keys()
+    assert "b1.out" not in leaves and "seq.out" not in leaves and "b1.bn.out" in leaves
+    assert not [k for k in leaves if k.endswith(".in") and k != "<model>.in"]
+
+
+def test_a_graph_without_labels_holds_only_the_model(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([-1.0, 0.5, 2.0], np.float32)
+    got = record_onnx(model, x).data
+    assert sorted(got) == ["<model>.in", "<model>.out"]
+    np.testing.assert_array_equal(got["<model>.out"], -np.maximum(x, 0))
+
+
+def test_bad_input_is_one_line_naming_the_file(twin, tmp_path):
+    _, x, _, paths = twin
+    with pytest.raises(DumpNotFoundError, match="nowhere.onnx: no such file"):
+        record_onnx(tmp_path / "nowhere.onnx", x)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\xff not protobuf at all" * 10)
+    with pytest.raises(DumpFormatError, match=r"junk\.onnx: not an ONNX model"):
+        record_onnx(junk, x)
+    path = paths["torchscript"]
+    with pytest.raises(ReprodError, match=r"no input named 'image'; its inputs are"):
+        record_onnx(path, {"image": x})
+    with pytest.raises(ReprodError, match=r"2 input\(s\) given, the graph takes 1"):
+        record_onnx(path, [x, x])
+    with pytest.raises(ReprodError, match=r"torchscript\.onnx: input 'input\.1' is float64, "
+                                          r"the graph takes float32"):
+        record_onnx(path, x.double())
+    with pytest.raises(ReprodError, match=r"torchscript\.onnx: onnxruntime could not run it: "
+                                          r".*Got invalid dimensions"):
+        record_onnx(path, x[:, :2])
+    with pytest.raises(ReprodError, match="optimization='fast'"):
+        record_onnx(path, x, optimization="fast")
+    with pytest.raises(ReprodError) as caught:
+        record_onnx(path, x[:, :2])
+    assert "\n" not in str(caught.value)
+
+
+def test_deployment_optimisations_keep_a_faithful_export_aligned(twin):
+    model, x, ref, paths = twin
+    got = record_onnx(paths["dynamo"], x, optimization="all").data
+    assert diverge(ref, got, model)[0] is None
+
+
+@pytest.fixture(scope="module")
+def mobilenet(tmp_path_factory):
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        torch_model = importlib.import_module("torch_model")
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    torch.manual_seed(0)
+    model = randomised(torch_model.mobilenet_v3_small(num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    path = export(model, x, tmp_path_factory.mktemp("mbv3") / "mbv3.onnx", dynamo=True)
+    return model, x, torch_capture(model, x), path
+
+
+def test_the_examples_mobilenetv3_export_aligns_layer_by_layer(mobilenet):
+    model, x, ref, path = mobilenet
+    got = record_onnx(path, x).data
+    div, result = diverge(ref, got, model)
+    assert div is None
+    types = layer_types(model)
+    paired = {r.key for r in result.results if r.status == "passed"}
+    # every layer's output is compared but a convolution's whose BatchNorm dynamo folded in
+    # (and eval-mode Dropout's, which exports to nothing)
+    unpaired_out = {k[:-4] for k in ref if k.endswith(".out") and k not in paired}
+    assert {types[name] for name in unpaired_out} == {"Conv2d", "Dropout"}
+    for name in unpaired_out:
+        if types[name] == "Conv2d":
+            bn = name.rsplit(".", 1)[0] + ".1"
+            assert types.get(bn) == "BatchNorm2d" and f"{bn}.out" in paired
+
+
+def test_a_changed_weight_in_the_mobilenetv3_export_is_named(mobilenet):
+    model, x, ref, path = mobilenet
+    name = "features.4.block.2.fc1.weight"  # a squeeze-excitation's first 1x1 convolution
+    div, _ = diverge(ref, record_onnx(edited(path, lambda p: scale_initializer(p, name, 1.01)),
+                                      x).data, model)
+    assert div is not None and div.layer == "features.4.block.2.fc1" and div.layer_type == "Conv2d"
