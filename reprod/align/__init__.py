@@ -34,6 +34,7 @@ from .conversion import (
     load_into_paddle,
     torch_to_paddle,
 )
+from .onnx_export import align_onnx
 from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
 from .settings import SettingDiff, SettingsReport, compare_settings, layer_settings, save_settings
 from .steps import KNOWN_DIFFERENCES, align_forward, align_train, noise_multiples
@@ -71,6 +72,7 @@ __all__ = [
     "load_into_paddle",
     "align_forward",
     "align_train",
+    "align_onnx",
     "noise_multiples",
     "KNOWN_DIFFERENCES",
 ]

@@ -338,3 +338,66 @@ def test_a_changed_weight_in_the_mobilenetv3_export_is_named(mobilenet):
     div, _ = diverge(ref, record_onnx(edited(path, lambda p: scale_initializer(p, name, 1.01)),
                                       x).data, model)
     assert div is not None and div.layer == "features.4.block.2.fc1" and div.layer_type == "Conv2d"
+
+
+# --- align_onnx: the one-call check, outputs and layers judged against float32 noise ---------
+
+from reprod.align import align_onnx  # noqa: E402
+
+
+def test_align_onnx_passes_a_faithful_export_and_writes_dumps_that_reproduce_it(twin, tmp_path):
+    model, x, _, paths = twin
+    r = align_onnx(model, paths["dynamo"], x, out_dir=tmp_path)
+    assert r.passed, r.options.get("findings")
+    assert "logits" in [k.key for k in r] and "seq.2.1.out" in [k.key for k in r]
+    assert r.options["noise"] == "torch float64"
+    assert 0 < r.options["noise_multiple"]["onnx"]["multiple"] < 20
+    again = reprod.compare(tmp_path / "onnx_torch.npy", tmp_path / "onnx_onnx.npy",
+                           noise=tmp_path / "onnx_torch64.npy", method="max", threshold=1e-5)
+    assert again.passed and len(list(again)) == len(list(r))
+    assert "diff check passed" in (tmp_path / "onnx_diff.log").read_text(encoding="utf-8")
+
+
+def test_align_onnx_names_an_early_bug_the_outputs_hide(mobilenet):
+    """A squeeze-excitation weight 1% off moves the real MobileNetV3's outputs by less than
+    their float32 rounding: the outputs alone pass it; the layers name it."""
+    model, x, _, path = mobilenet
+    name = "features.6.block.2.fc2.weight"
+    bug = edited(path, lambda p: scale_initializer(p, name, 1.01))
+    outputs_only = align_onnx(model, bug, x, layers=False)
+    assert outputs_only.passed  # the point: outputs cannot see it
+    r = align_onnx(model, bug, x)
+    assert not r.passed
+    assert r.options["divergence"]["layer"] == "features.6.block.2.fc2"
+    assert r.options["findings"][0].startswith("diverges at features.6.block.2.fc2 (Conv2d): "
+                                               "input aligned")
+    assert r.options["layers_not_in_graph"] > 0  # the folded convolutions, the dropout
+
+
+def test_align_onnx_judges_by_the_float64_twins_noise_not_the_threshold(mobilenet):
+    """At 1e-7 the faithful export fails by rounding alone; judged against torch's own distance
+    from float64 it passes, and a 1% bug still fails, at its layer."""
+    model, x, _, path = mobilenet
+    assert not align_onnx(model, path, x, calibrate=False, threshold=1e-7).passed
+    assert align_onnx(model, path, x, threshold=1e-7).passed
+    name = "features.9.block.2.fc1.weight"
+    bug = edited(path, lambda p: scale_initializer(p, name, 1.01))
+    calibrated = align_onnx(model, bug, x, threshold=1e-7)
+    assert not calibrated.passed
+    assert calibrated.options["divergence"]["layer"] == "features.9.block.2.fc1"
+
+
+def test_align_onnx_says_when_the_graph_returns_other_outputs(twin, tmp_path):
+    model, x, _, paths = twin
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            y = self.inner(x)
+            return y, y * 2
+
+    r = align_onnx(Two().eval(), paths["dynamo"], x, layers=False)
+    assert "the graph returns 1 output(s), the torch model 2" in r.options["findings"][0]
