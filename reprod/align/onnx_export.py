@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..capture._onnx import _layer_calls, _load
 from ..diff.criteria import Criteria
 from ..errors import ReprodError
 from ..logger import ReprodLogger
@@ -26,6 +27,25 @@ def _graph_outputs(onnx_log: ReprodLogger) -> list[np.ndarray]:
     keys = [k for k in onnx_log.keys() if k == "<model>.out" or k.startswith("<model>.out[")]
     keys.sort(key=lambda k: -1 if k == "<model>.out" else int(k[len("<model>.out["):-1]))
     return [onnx_log.data[k] for k in keys]
+
+
+def _fused_note(layer: str, proto: Any, ref: Mapping[str, Any], held: Mapping[str, Any],
+                types: Mapping[str, str]) -> str:
+    """Where the exporter fused the layer named with the one before it (a BatchNorm folded into
+    its convolution, under the BatchNorm's name), that the cause may be the other's."""
+    fused = {c.subject for c in _layer_calls(proto.graph) if c.rewritten}
+    if layer not in fused or f"{layer}.in" not in ref:
+        return ""
+    entering = ref[f"{layer}.in"]
+    before = [k[:-len(".out")] for k, v in ref.items()
+              if k.endswith(".out") and k not in held
+              and (v is entering or (np.shape(v) == np.shape(entering)
+                                     and np.array_equal(v, entering)))]
+    if not before:
+        return ""
+    names = ", ".join(f"{b} ({types.get(b.split('#')[0], '?')})" for b in before)
+    return (f"; the graph computes it fused with {names}, whose output it does not hold: "
+            "the difference is in either")
 
 
 def _feeds(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
@@ -132,7 +152,8 @@ def align_onnx(
             except Exception as e:  # the model's own code: judged as if uncalibrated
                 skipped, ref64, noise_layers, calibrate = twin_failed(e), None, None, False
     # one run of the graph holds its outputs and every layer's
-    onnx_log = record_onnx(onnx_model, feeds, optimization=optimization, providers=providers)
+    proto, _ = _load(onnx_model)
+    onnx_log = record_onnx(proto, feeds, optimization=optimization, providers=providers)
     outs = _graph_outputs(onnx_log)
     port = dict(zip(ref, outs))
     findings: list[str] = []
@@ -158,10 +179,13 @@ def align_onnx(
         options.update(noise="torch float64", noise_multiple=noise_multiples(
             result, default_group="onnx"))
     if torch_layers is not None and not result.passed:
-        div = first_divergence(result, layer_types=layer_types(torch_model))
+        types = layer_types(torch_model)
+        div = first_divergence(result, layer_types=types)
         if div is not None:
-            options["divergence"] = {"layer": div.layer, "kind": div.kind, "message": div.message}
-            findings.insert(0, div.message)
+            message = div.message + _fused_note(div.layer, proto, torch_layers.data,
+                                                onnx_log.data, types)
+            options["divergence"] = {"layer": div.layer, "kind": div.kind, "message": message}
+            findings.insert(0, message)
         elif any(not r.passed for r in result if r.key.startswith("logits")):
             findings.append("every layer the graph holds apart aligns: the difference is made "
                             "between them, or in the outputs' order")

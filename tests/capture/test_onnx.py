@@ -401,3 +401,15 @@ def test_align_onnx_says_when_the_graph_returns_other_outputs(twin, tmp_path):
 
     r = align_onnx(Two().eval(), paths["dynamo"], x, layers=False)
     assert "the graph returns 1 output(s), the torch model 2" in r.options["findings"][0]
+
+
+def test_a_bug_in_a_folded_convolution_names_both_layers_the_graph_fused(mobilenet):
+    """dynamo folds each BatchNorm into its convolution, under the BatchNorm's name: a bug in
+    the convolution's weight is named at the BatchNorm, with the convolution beside it."""
+    model, x, _, path = mobilenet
+    name = "features.3.block.1.0.weight"  # the depthwise convolution before features.3.block.1.1
+    r = align_onnx(model, edited(path, lambda p: scale_initializer(p, name, 1.01)), x)
+    assert r.options["divergence"]["layer"] == "features.3.block.1.1"
+    assert r.options["findings"][0].endswith(
+        "the graph computes it fused with features.3.block.1.0 (Conv2d), whose output it does "
+        "not hold: the difference is in either")
