@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..capture._onnx import _layer_calls, _load
+from ..capture._onnx import _capture, _layer_calls, _load, _Modules, pair_onnx
+from ..capture.naming import ROOT
 from ..diff.criteria import Criteria
 from ..errors import ReprodError
 from ..logger import ReprodLogger
@@ -29,18 +30,22 @@ def _graph_outputs(onnx_log: ReprodLogger) -> list[np.ndarray]:
     return [onnx_log.data[k] for k in keys]
 
 
-def _fused_note(layer: str, proto: Any, ref: Mapping[str, Any], held: Mapping[str, Any],
+def _fused_note(layer: str, proto: Any, modules: Any, folded: Mapping[str, str],
+                ref: Mapping[str, Any], held: Mapping[str, Any],
                 types: Mapping[str, str]) -> str:
     """Where the exporter fused the layer named with the one before it (a BatchNorm folded into
-    its convolution, under the BatchNorm's name), that the cause may be the other's."""
-    fused = {c.subject for c in _layer_calls(proto.graph) if c.rewritten}
-    if layer not in fused or f"{layer}.in" not in ref:
-        return ""
-    entering = ref[f"{layer}.in"]
-    before = [k[:-len(".out")] for k, v in ref.items()
-              if k.endswith(".out") and k not in held
-              and (v is entering or (np.shape(v) == np.shape(entering)
-                                     and np.array_equal(v, entering)))]
+    its convolution), that the cause may be the other's."""
+    before: list[str] = []
+    if layer in folded:  # TorchScript: the convolution's output is the BatchNorm's
+        before = [folded[layer]]
+    elif layer in {c.subject for c in _layer_calls(proto.graph, modules) if c.rewritten} \
+            and f"{layer}.in" in ref:
+        # dynamo: the fused node carries the BatchNorm's name and reads the convolution's input
+        entering = ref[f"{layer}.in"]
+        before = [k[:-len(".out")] for k, v in ref.items()
+                  if k.endswith(".out") and k not in held
+                  and (v is entering or (np.shape(v) == np.shape(entering)
+                                         and np.array_equal(v, entering)))]
     if not before:
         return ""
     names = ", ".join(f"{b} ({types.get(b.split('#')[0], '?')})" for b in before)
@@ -124,7 +129,7 @@ def align_onnx(
     """
     import torch
 
-    from ..capture import first_divergence, layer_types, record, record_onnx
+    from ..capture import first_divergence, layer_types, record
     from ..diff.engine import compare
     from ..storage import save
 
@@ -153,7 +158,8 @@ def align_onnx(
                 skipped, ref64, noise_layers, calibrate = twin_failed(e), None, None, False
     # one run of the graph holds its outputs and every layer's
     proto, _ = _load(onnx_model)
-    onnx_log = record_onnx(proto, feeds, optimization=optimization, providers=providers)
+    onnx_log, folded = _capture(proto, feeds, torch_model=torch_model, optimization=optimization,
+                                providers=providers)
     outs = _graph_outputs(onnx_log)
     port = dict(zip(ref, outs))
     findings: list[str] = []
@@ -165,12 +171,17 @@ def align_onnx(
     if torch_layers is not None:
         # each layer the graph holds apart, judged like the outputs: an export's bug in an early
         # layer may move a deep model's outputs by less than its rounding
-        held = onnx_log.data
-        ref_layers = {k: v for k, v in torch_layers.data.items() if k in held}
-        options["layers_not_in_graph"] = len({k.rsplit(".", 1)[0] for k in torch_layers.keys()
-                                             if k not in held})
+        ref_layers, held = pair_onnx(torch_layers.data, onnx_log.data)
+        every = {k.rsplit(".", 1)[0] for k in torch_layers.keys()} - {ROOT}
+        compared = {k.rsplit(".", 1)[0] for k in ref_layers} - {ROOT}
+        options["layers_not_in_graph"] = len(every - compared)
+        if len(compared) * 2 < len(every):
+            findings.append(
+                f"only {len(compared)} of the torch model's {len(every)} layer calls are held "
+                "apart in the graph (exported by another tool, or its node names stripped?): a "
+                "difference inside the others is seen only where it reaches one of them")
         ref_all.update(ref_layers)
-        port_all.update((k, held[k]) for k in ref_layers)
+        port_all.update(held)
         if noise_layers is not None and ref64 is not None:
             noise_all = {**ref64, **noise_layers.data}
     result = compare(ref_all, port_all, criteria=crit, noise=noise_all)
@@ -182,8 +193,9 @@ def align_onnx(
         types = layer_types(torch_model)
         div = first_divergence(result, layer_types=types)
         if div is not None:
-            message = div.message + _fused_note(div.layer, proto, torch_layers.data,
-                                                onnx_log.data, types)
+            message = div.message + _fused_note(
+                div.layer, proto, _Modules.of(torch_model, proto.graph), folded,
+                torch_layers.data, held, types)
             options["divergence"] = {"layer": div.layer, "kind": div.kind, "message": message}
             findings.insert(0, message)
         elif any(not r.passed for r in result if r.key.startswith("logits")):

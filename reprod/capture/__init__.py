@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from ..errors import UnsupportedValueError
 from ..logger import ReprodLogger
-from ._onnx import OnnxLayerCall, onnx_layers, record_onnx
+from ._onnx import OnnxLayerCall, onnx_layers, pair_onnx, record_onnx
 from .divergence import Divergence, first_divergence
 from .kinks import KINK_POINTS, KinkCrossing, explain_kinks, find_kink_crossings
 from .naming import (
@@ -43,6 +43,7 @@ __all__ = [
     "release_buffers",
     "record_onnx",
     "onnx_layers",
+    "pair_onnx",
     "OnnxLayerCall",
     "layer_types",
     "first_divergence",

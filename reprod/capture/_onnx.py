@@ -32,7 +32,7 @@ from ..errors import (
 from ..logger import ReprodLogger
 from .naming import ROOT
 
-__all__ = ["record_onnx", "onnx_layers", "OnnxLayerCall"]
+__all__ = ["record_onnx", "onnx_layers", "pair_onnx", "OnnxLayerCall"]
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 _REWRITTEN = "pkg.onnxscript.rewriter.rule_name"
@@ -100,10 +100,56 @@ def _dynamo_chain(value: str) -> Optional[list[str]]:
     return [str(s) for s in scopes[1:-1] if s]
 
 
-def _torchscript_chain(name: str, seen: dict[str, set[str]]) -> list[tuple[str, int]]:
+@dataclass
+class _Modules:
+    """What is known of the torch model's layer names: from the model itself when given (every
+    name, and the first name of a layer registered under several), else the layers holding
+    parameters, from the initializers' names (``fc_1.weight``)."""
+
+    names: set[str]
+    exact: bool
+    alias: dict[str, str] = field(default_factory=dict)
+    classes: list[tuple[str, str]] = field(default_factory=list)  # definition order
+
+    @classmethod
+    def of(cls, model: Any, graph: Any) -> _Modules:
+        if model is None:
+            names = set()
+            for init in graph.initializer:
+                parts = init.name.split(".")
+                names.update(".".join(parts[:i]) for i in range(1, len(parts)))
+            return cls(names, exact=False)
+        if not hasattr(model, "named_modules"):
+            raise UnsupportedValueError(
+                f"record_onnx: torch_model= is the torch model the graph was exported from, not a "
+                f"{type(model).__module__}.{type(model).__qualname__}")
+        first: dict[int, str] = {}
+        alias: dict[str, str] = {}
+        classes = []
+        for name, module in model.named_modules(remove_duplicate=False):
+            if not name:
+                continue
+            canonical = first.setdefault(id(module), name)
+            if canonical != name:
+                alias[name] = canonical
+            else:
+                classes.append((name, type(module).__name__))
+        return cls({n for n, _ in model.named_modules(remove_duplicate=False)} - {""}, True,
+                   alias, classes)
+
+    def real(self, qual: str) -> bool:
+        return qual in self.names
+
+    def canonical(self, qual: str) -> str:
+        return self.alias.get(qual, qual)
+
+
+def _torchscript_chain(name: str, seen: dict[str, set[str]],
+                       modules: _Modules) -> list[tuple[str, int]]:
     """``/b1/conv/Conv`` -> [("b1", 1), ("b1.conv", 1)]; ``/act_1/Relu`` after ``/act/..``
     -> [("act", 2)]. A segment is the attribute name, or for a container's child the parent's
-    segment, a dot and the index (``/features/features.1/block/block.0/``)."""
+    segment, a dot and the index (``/features/features.1/block/block.0/``). A suffixed segment
+    that names a layer of its own (``fc_1`` beside ``fc``) is that layer."""
     chain: list[tuple[str, int]] = []
     parent, parent_seg = "", ""
     for seg in name.split("/")[1:-1]:
@@ -112,16 +158,28 @@ def _torchscript_chain(name: str, seen: dict[str, set[str]]) -> list[tuple[str, 
         call = 1
         names = seen.setdefault(parent, set())
         m = _CALL_SUFFIX.match(seg)
-        if m is not None and m.group("base") in names:
+        if (m is not None and m.group("base") in names
+                and not modules.real(_qualified(parent, parent_seg, seg))
+                and (not modules.exact or modules.real(
+                    _qualified(parent, parent_seg, m.group("base"))))):
             seg, call = m.group("base"), int(m.group("n")) + 1
         names.add(seg)
-        if parent_seg and seg.startswith(parent_seg + "."):
-            qual = parent + seg[len(parent_seg):]
-        else:
-            qual = f"{parent}.{seg}" if parent else seg
+        qual = _qualified(parent, parent_seg, seg)
+        if modules.exact and not modules.real(qual):
+            # a layer shared by two containers: TorchScript names it in the second after its
+            # attribute in the first (/b/a/ for the layer ``a`` also registered as ``b.2``)
+            named = [n for n in modules.names if n == seg or n.endswith("." + seg)]
+            if len(named) == 1:
+                qual = modules.canonical(named[0])
         chain.append((qual, call))
         parent, parent_seg = qual, seg
     return chain
+
+
+def _qualified(parent: str, parent_seg: str, seg: str) -> str:
+    if parent_seg and seg.startswith(parent_seg + "."):
+        return parent + seg[len(parent_seg):]
+    return f"{parent}.{seg}" if parent else seg
 
 
 def _constants(graph: Any) -> set[str]:
@@ -138,27 +196,30 @@ def _constants(graph: Any) -> set[str]:
     return const
 
 
-def onnx_layers(model: Any) -> list[OnnxLayerCall]:
+def onnx_layers(model: Any, *, torch_model: Any = None) -> list[OnnxLayerCall]:
     """The torch layer calls an exported ONNX graph holds, in call order (the order in which
     they finish), each with its nodes and the values crossing its edge.
 
     ``model`` is a path or an ``onnx.ModelProto``. The model itself is ``<model>``. Layers are
     read from the dynamo exporter's ``name_scopes`` metadata, or else from TorchScript-style node
     names; a graph with neither (written by another converter) holds only ``<model>``.
+    ``torch_model``: as for ``record_onnx``.
 
     >>> [c.subject for c in onnx_layers("mobilenet.onnx")][:3]
     ['features.0.0', 'features.0.1', 'features.0.2']
     """
+    _check_model(model)
     proto, _ = _load(model)
-    return _layer_calls(proto.graph)
+    return _layer_calls(proto.graph, _Modules.of(torch_model, proto.graph))
 
 
-def _layer_calls(graph: Any) -> list[OnnxLayerCall]:
+def _layer_calls(graph: Any, modules: _Modules) -> list[OnnxLayerCall]:
     const = _constants(graph)
     seen: dict[str, set[str]] = {}
     counts: dict[str, int] = {}
     calls: list[OnnxLayerCall] = []
-    open_calls: dict[str, OnnxLayerCall] = {}  # layer name -> its call the previous node was in
+    # (layer name, TorchScript's call number or 0) -> the call the previous node was in
+    open_calls: dict[tuple[str, int], OnnxLayerCall] = {}
     made_in: dict[str, set[int]] = {}  # value -> ids of every call that made it (nested)
     node_calls: list[list[OnnxLayerCall]] = []
     previous: list[tuple[str, int]] = []
@@ -170,23 +231,24 @@ def _layer_calls(graph: Any) -> list[OnnxLayerCall]:
             if names is not None:
                 # the dynamo exporter does not number calls: a layer's run of consecutive nodes
                 # is one call, and it is called again when its nodes come back after others
-                chain_calls = [(n, 0) for n in names]
+                chain_calls = [(modules.canonical(n), 0) for n in names]
         elif node.name.startswith("/"):
-            chain_calls = _torchscript_chain(node.name, seen)
+            chain_calls = _torchscript_chain(node.name, seen, modules)
         if chain_calls is None:
             chain_calls = previous  # a node no exporter labelled: it belongs where it stands
         current: list[OnnxLayerCall] = []
-        still_open: dict[str, OnnxLayerCall] = {}
+        still_open: dict[tuple[str, int], OnnxLayerCall] = {}
         for depth, (name, call) in enumerate(chain_calls):
-            existing = open_calls.get(name)
-            if existing is not None and (call == 0 or existing.subject.endswith(f"#{call}")
-                                         or (call == 1 and "#" not in existing.subject)):
+            existing = open_calls.get((name, call))
+            if existing is not None:
                 c = existing
             else:
-                n = counts[name] = counts.get(name, 0) + 1 if call == 0 else call
+                # a layer's calls count on whatever scope each sat in (a layer shared by two
+                # containers is named once): TorchScript's suffix is a floor
+                n = counts[name] = max(call, counts.get(name, 0) + 1)
                 c = OnnxLayerCall(name if n == 1 else f"{name}#{n}", name)
                 calls.append(c)
-            still_open[name] = c
+            still_open[(name, call)] = c
             current.append(c)
             if depth < len(chain_calls) - 1:
                 c.leaf = False
@@ -268,7 +330,13 @@ def _as_feeds(feeds: Feeds, inputs: Sequence[Any], where: str) -> dict[str, np.n
     missing = [n for n in names if n not in given]
     if missing:
         raise UnsupportedValueError(f"{where}: input {missing[0]!r} not given")
-    arrays = {k: to_numpy(v, key=k, copy=False).array for k, v in given.items()}
+    arrays = {}
+    for k, v in given.items():
+        try:
+            arrays[k] = to_numpy(v, key=k, copy=False).array
+        except UnsupportedValueError as exc:
+            why = str(exc).removeprefix(f"key {k!r}: ")
+            raise UnsupportedValueError(f"{where}: input {k!r}: {why}") from None
     from onnx.helper import tensor_dtype_to_np_dtype
 
     for graph_input in inputs:
@@ -298,20 +366,59 @@ def _patterns(p: Union[str, Sequence[str], None]) -> Optional[tuple[str, ...]]:
     return (p,) if isinstance(p, str) else tuple(p)
 
 
-def _keys(call: OnnxLayerCall, record_inputs: bool) -> list[tuple[str, str]]:
+def _keys(call: OnnxLayerCall, record_inputs: bool,
+          out_subject: Optional[str] = None) -> list[tuple[str, str]]:
     """(capture key, value name) pairs one layer call is logged under. A layer with several
     inputs or outputs is logged only where their order is known (the model's own, by position):
-    inside, the graph does not say which argument or tuple item a value was."""
+    inside, the graph does not say which argument or tuple item a value was. ``out_subject``:
+    where the output is another layer's (a convolution's with its BatchNorm folded in)."""
     keys: list[tuple[str, str]] = []
     root = call.subject == ROOT
     ins = call.inputs if (root or (not call.rewritten and len(call.inputs) == 1)) else []
     if record_inputs:
         for i, value in enumerate(ins):
             keys.append((f"{call.subject}.in" if len(ins) == 1 else f"{call.subject}.in[{i}]", value))
-    outs = call.outputs if (root or len(call.outputs) == 1) and not call.folded else []
+    subject = out_subject or call.subject
+    outs = call.outputs if (root or len(call.outputs) == 1) else []
+    if call.folded and out_subject is None:
+        outs = []
     for i, value in enumerate(outs):
-        keys.append((f"{call.subject}.out" if len(outs) == 1 else f"{call.subject}.out[{i}]", value))
+        keys.append((f"{subject}.out" if len(outs) == 1 else f"{subject}.out[{i}]", value))
     return keys
+
+
+def _folded_into(calls: Sequence[OnnxLayerCall], modules: _Modules) -> dict[str, str]:
+    """Folded convolution call -> the BatchNorm call folded into it: the first BatchNorm defined
+    after it beside it (same parent) that has no nodes of its own and no other convolution."""
+    if not modules.exact:
+        return {}
+    in_graph = {c.name for c in calls}
+    order = [name for name, _ in modules.classes]
+    kinds = dict(modules.classes)
+    taken: set[str] = set()
+    found: dict[str, str] = {}
+    for call in calls:
+        if not call.folded or call.name not in kinds:
+            continue
+        parent = call.name.rpartition(".")[0]
+        for name in order[order.index(call.name) + 1:]:
+            if (name.rpartition(".")[0] == parent and "BatchNorm" in kinds[name]
+                    and name not in in_graph and name not in taken):
+                taken.add(name)
+                suffix = call.subject[len(call.name):]  # the convolution's call, #2...
+                found[call.subject] = name + suffix
+                break
+    return found
+
+
+def _check_model(model: Any) -> None:
+    onnx = _import("onnx")
+    if isinstance(model, (str, bytes, os.PathLike, onnx.ModelProto)):
+        return
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    hint = " (the torch model goes in torch_model=)" if hasattr(model, "named_modules") else ""
+    raise UnsupportedValueError(
+        f"record_onnx: the model is a {kind}; give the .onnx path or an onnx.ModelProto{hint}")
 
 
 def record_onnx(
@@ -319,6 +426,7 @@ def record_onnx(
     feeds: Feeds,
     logger: Optional[ReprodLogger] = None,
     *,
+    torch_model: Any = None,
     inputs: bool = True,
     include: Union[str, Sequence[str], None] = None,
     exclude: Union[str, Sequence[str], None] = None,
@@ -332,13 +440,15 @@ def record_onnx(
 
     ``model`` is the ``.onnx`` path or an ``onnx.ModelProto``; ``feeds`` the graph's inputs: a
     dict by input name, a list in the graph's order, or one value (numpy arrays or torch/paddle
-    tensors). Compare the result with a ``record`` of the torch model on the same inputs and
-    ``first_divergence`` names the first layer the export computes differently:
+    tensors). Compare the result with a ``record`` of the torch model on the same inputs,
+    paired by ``pair_onnx``, and ``first_divergence`` names the first layer the export computes
+    differently (``reprod.align.align_onnx`` does all of it in one call):
 
     >>> with record(model) as torch_log:
     ...     model(x)
-    >>> onnx_log = record_onnx("model.onnx", x)
-    >>> div = first_divergence(reprod.compare(torch_log.data, onnx_log.data, threshold=1e-5))
+    >>> onnx_log = record_onnx("model.onnx", x, torch_model=model)
+    >>> result = reprod.compare(torch_log.data, onnx_log.data, pair=pair_onnx, threshold=1e-5)
+    >>> div = first_divergence(result)
 
     A layer is logged where the graph says which value is its input and output: one value in and
     one out (layers that take or return several are left out, except the model itself, whose
@@ -348,12 +458,40 @@ def record_onnx(
     as exported; ``"basic"``, ``"extended"`` or ``"all"`` run what a deployment runs.
     ``providers`` defaults to ``["CPUExecutionProvider"]``.
 
-    A convolution that the TorchScript exporter folded the next BatchNorm into (eval mode,
-    ``dynamo=False``) computes both layers: its output is not logged, and a warning says so
-    (export with ``dynamo=True`` or ``do_constant_folding=False`` to keep them apart). Two
+    ``torch_model``, the model the graph was exported from, makes the names exact: a layer
+    registered under two names is logged under the first, as ``record`` does; a TorchScript
+    scope ``fc_1`` is the layer ``fc_1`` where there is one, else the second call of ``fc``
+    (without it, a layer without parameters named so is taken for a second call); and a
+    convolution the TorchScript exporter folded the next BatchNorm into (eval mode,
+    ``dynamo=False``, the default constant folding) is logged as that BatchNorm's output, which
+    it is. Without it such a convolution's output is not logged, and a warning says so. Two
     consecutive calls of one layer (``act(act(x))``) are one call to the dynamo exporter's
-    metadata: the graph does not tell them apart.
+    metadata: ``pair_onnx`` leaves out a layer whose calls the two sides count differently.
     """
+    logger, _ = _capture(model, feeds, logger, torch_model=torch_model, inputs=inputs,
+                         include=include, exclude=exclude, containers=containers,
+                         providers=providers, optimization=optimization,
+                         session_options=session_options)
+    return logger
+
+
+def _capture(
+    model: Any,
+    feeds: Feeds,
+    logger: Optional[ReprodLogger] = None,
+    *,
+    torch_model: Any = None,
+    inputs: bool = True,
+    include: Union[str, Sequence[str], None] = None,
+    exclude: Union[str, Sequence[str], None] = None,
+    containers: bool = True,
+    providers: Optional[Sequence[Any]] = None,
+    optimization: str = "disable",
+    session_options: Any = None,
+) -> tuple[ReprodLogger, dict[str, str]]:
+    """``record_onnx``, and which layer the graph computes each folded BatchNorm with
+    (BatchNorm call -> convolution call)."""
+    _check_model(model)
     proto, where = _load(model)
     ort = _import("onnxruntime")
     onnx = _import("onnx")
@@ -362,22 +500,30 @@ def record_onnx(
             f"record_onnx: optimization={optimization!r}; expected one of {', '.join(_OPTIMIZATION)}")
     if logger is None:
         logger = ReprodLogger()
-    calls = _layer_calls(proto.graph)
+    modules = _Modules.of(torch_model, proto.graph)
+    calls = _layer_calls(proto.graph, modules)
+    if len(calls) == 1:
+        warnings.warn(
+            f"{where}: no node names a torch layer (not exported by torch.onnx.export, or its "
+            "names were stripped): only the model's inputs and outputs are logged",
+            stacklevel=3)
     inc, exc = _patterns(include), _patterns(exclude) or ()
-    folded = [c.subject for c in calls if c.folded]
+    into = _folded_into(calls, modules)
+    folded = [c.subject for c in calls if c.folded and c.subject not in into]
     if folded:
         warnings.warn(
             f"{where}: {len(folded)} convolution(s) have the next BatchNorm folded in "
             f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''}): their outputs are "
-            "not logged; export with dynamo=True or do_constant_folding=False to compare them",
-            stacklevel=2)
+            "not logged; give torch_model= to log them as the BatchNorms', or export with "
+            "dynamo=True or do_constant_folding=False",
+            stacklevel=3)
     wanted: list[tuple[str, str]] = []
     for call in calls:
         if call.subject != ROOT and not call.leaf and not containers:
             continue
         if call.subject != ROOT and not _selected(call.name, inc, exc):
             continue
-        wanted.extend(_keys(call, inputs))
+        wanted.extend(_keys(call, inputs, into.get(call.subject)))
     graph_inputs = {i.name for i in proto.graph.input}
     fetch = list(dict.fromkeys(v for _, v in wanted if v not in graph_inputs))
     present = {o.name for o in proto.graph.output}
@@ -396,12 +542,67 @@ def record_onnx(
         names = [o.name for o in session.get_outputs()]
         results = session.run(names, values)
     except Exception as exc:  # onnxruntime raises its own classes, one per failure kind
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedValueError(f"{where}: onnxruntime could not run it: {first}") from None
+        # its messages run over lines ("Got invalid dimensions ...\n index: 2 Got: 32 ..."):
+        # one line, all of it
+        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise UnsupportedValueError(
+            f"{where}: onnxruntime could not run it: {text or type(exc).__name__}") from None
     got = dict(zip(names, results))
     got.update(values)
     for key, value in wanted:
         array = got.get(value)
         if isinstance(array, np.ndarray):
             logger.add(key, array)
-    return logger
+    return logger, {bn: conv for conv, bn in into.items()}
+
+
+def pair_onnx(ref: Mapping[str, Any], other: Mapping[str, Any]
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``reprod.compare``'s ``pair=`` for a torch capture (``ref``) against ``record_onnx``'s:
+    the layers the graph does not hold apart are left out of both, not failed as missing.
+
+    - A reference layer key the graph has no value for (a convolution whose BatchNorm the
+      exporter fused in, eval-mode dropout, a layer taking or returning several tensors) is
+      left out; ``first_divergence`` then judges the layers around it.
+    - A layer the graph logs under ``.in``/``.out`` where the reference has the one tensor
+      among several positions (``MultiheadAttention``: ``.in[0]`` for query=key=value,
+      ``.out[0]`` beside a ``None``) is renamed to that position, where shapes agree.
+    - A layer whose calls the two sides count differently (``act(act(x))``, one call to the
+      dynamo exporter's metadata) is left out of both: which call is which is not known.
+
+    Keys that are not capture keys (``logits``) are kept as they are.
+
+    >>> reprod.compare(torch_log.data, onnx_log.data, pair=pair_onnx, method="max", threshold=1e-5)
+    """
+    from .naming import parse_key
+
+    def calls(tree: Mapping[str, Any]) -> dict[str, set[int]]:
+        found: dict[str, set[int]] = {}
+        for key in tree:
+            parsed = parse_key(key)
+            if parsed is not None and not parsed.is_param:
+                found.setdefault(parsed.name, set()).add(parsed.call)
+        return found
+
+    ref_calls, other_calls = calls(ref), calls(other)
+    uneven = {n for n, c in other_calls.items() if n in ref_calls and c != ref_calls[n]}
+    renamed: dict[str, Any] = {}
+    for key, value in other.items():
+        parsed = parse_key(key)
+        if parsed is not None and not parsed.is_param:
+            if parsed.name in uneven:
+                continue
+            if not parsed.items and key not in ref and f"{key}[0]" in ref \
+                    and f"{key}[1]" not in other:
+                if tuple(getattr(ref[f"{key}[0]"], "shape", ())) == tuple(
+                        getattr(value, "shape", ())):
+                    key = f"{key}[0]"
+        renamed[key] = value
+    kept: dict[str, Any] = {}
+    for key, value in ref.items():
+        parsed = parse_key(key)
+        if parsed is not None and not parsed.is_param and (
+                parsed.name in uneven or key not in renamed):
+            continue
+        kept[key] = value
+    return kept, renamed

@@ -413,3 +413,203 @@ def test_a_bug_in_a_folded_convolution_names_both_layers_the_graph_fused(mobilen
     assert r.options["findings"][0].endswith(
         "the graph computes it fused with features.3.block.1.0 (Conv2d), whose output it does "
         "not hold: the difference is in either")
+
+
+# --- names the graph spells otherwise, and layers it does not hold apart ---------------------
+
+from reprod.capture import pair_onnx  # noqa: E402
+
+
+class Names(nn.Module):
+    """A sibling named like a second call (``fc_1`` beside ``fc``), a layer registered under two
+    names and called from both places, and a layer called twice in a row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.fc_1 = nn.Linear(6, 6)
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Sequential(nn.Tanh(), nn.Linear(6, 6), self.a)
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        y = self.a(self.fc_1(self.fc(x)))
+        return self.act(self.act(self.b(y)))
+
+
+@pytest.fixture(scope="module")
+def names(tmp_path_factory):
+    torch.manual_seed(1)
+    model = Names().eval()
+    x = torch.randn(3, 6)
+    out = tmp_path_factory.mktemp("names")
+    paths = {name: export(model, x, out / f"{name}.onnx", **kw) for name, kw in EXPORTS.items()}
+    return model, x, torch_capture(model, x), paths
+
+
+def gemm_alpha(proto, node) -> None:
+    kept = [a for a in node.attribute if a.name != "alpha"]
+    del node.attribute[:]
+    node.attribute.extend(kept + [onnx.helper.make_attribute("alpha", 1.01)])
+
+
+def gemm_reading(proto, weight: str):
+    """The Gemm/MatMul node reading ``weight`` (the initializer), whatever it is named."""
+    for node in proto.graph.node:
+        if node.op_type == "Gemm" and weight in node.input:
+            return node
+    raise AssertionError(weight)
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_a_sibling_named_like_a_second_call_is_itself(names, exporter):
+    model, x, ref, paths = names
+    proto = edited(paths[exporter], lambda p: gemm_alpha(p, gemm_reading(p, "fc_1.weight")))
+    got = record_onnx(proto, x, torch_model=model).data
+    assert "fc_1.out" in got and "fc#2.out" not in got
+    div = first_divergence(reprod.compare(ref, got, pair=pair_onnx, method="max", threshold=1e-5),
+                           layer_types=layer_types(model))
+    assert div is not None and div.layer == "fc_1"
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_a_layer_registered_twice_is_named_as_record_names_it(names, exporter):
+    """``a`` is also ``b.2``: torch's record names its second call ``a#2``; so must the graph's,
+    whichever container the exporter saw it in."""
+    model, x, ref, paths = names
+
+    def second_a(proto):
+        nodes = [n for n in proto.graph.node  # its weight is a.weight, or b.2.weight to dynamo
+                 if n.op_type == "Gemm" and {"a.weight", "b.2.weight"} & set(n.input)]
+        gemm_alpha(proto, nodes[1])
+
+    got = record_onnx(edited(paths[exporter], second_a), x, torch_model=model).data
+    assert {"a.out", "a#2.out"} <= set(got) and "b.2.out" not in got and "b.a.out" not in got
+    div = first_divergence(reprod.compare(ref, got, pair=pair_onnx, method="max", threshold=1e-5),
+                           layer_types=layer_types(model))
+    assert div is not None and div.layer == "a#2"
+
+
+def test_calls_the_graph_does_not_tell_apart_are_left_out_not_failed(names):
+    """dynamo labels both calls of ``act(act(x))`` alike: one call to the graph, two to torch.
+    Compared as they are, torch's first call meets the graph's second and fails a faithful
+    export; pair_onnx leaves that layer out of both sides."""
+    model, x, ref, paths = names
+    got = record_onnx(paths["dynamo"], x, torch_model=model).data
+    assert "act.out" in got and "act#2.out" not in got
+    plain = reprod.compare(ref, got, method="max", threshold=1e-5)
+    assert not plain["act.out"].passed  # the mismatch pair_onnx avoids
+    paired = reprod.compare(ref, got, pair=pair_onnx, method="max", threshold=1e-5)
+    assert paired.passed
+    assert "act.out" not in [r.key for r in paired] and "fc.out" in [r.key for r in paired]
+
+
+def test_pair_onnx_leaves_out_what_the_graph_does_not_hold(twin):
+    model, x, ref, paths = twin
+    got = record_onnx(paths["dynamo"], x).data
+    plain = reprod.compare(ref, got, method="max", threshold=1e-5)
+    assert not plain.passed  # the folded convolutions' keys, missing
+    paired = reprod.compare(ref, got, pair=pair_onnx, method="max", threshold=1e-5)
+    assert paired.passed and {r.key for r in paired} == set(got)
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_multihead_attention_pairs_its_one_input_and_output(exporter, tmp_path):
+    """torch records MultiheadAttention(x, x, x) as .in[0..2] and (out, None) as .out[0]; the
+    graph sees one tensor in and one out."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            y, _ = self.attn(x, x, x, need_weights=False)
+            return self.head(y)
+
+    torch.manual_seed(2)
+    model = Attention().eval()
+    x = torch.randn(2, 5, 8)
+    ref = torch_capture(model, x)
+    assert {"attn.in[0]", "attn.in[2]", "attn.out[0]"} <= set(ref)
+    path = export(model, x, tmp_path / "attn.onnx", **EXPORTS[exporter])
+    got = record_onnx(path, x, torch_model=model).data
+    paired = reprod.compare(ref, got, pair=pair_onnx, method="max", threshold=1e-5)
+    assert {"attn.in[0]", "attn.out[0]"} <= {r.key for r in paired} and paired.passed
+
+    def softmax_axis(proto):
+        (node,) = [n for n in proto.graph.node if n.op_type == "Softmax"]
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("axis", -2))
+
+    bug = record_onnx(edited(path, softmax_axis), x, torch_model=model).data
+    div = first_divergence(reprod.compare(ref, bug, pair=pair_onnx, method="max", threshold=1e-5),
+                           layer_types=layer_types(model))
+    assert div is not None and div.layer == "attn" and div.input_aligned
+
+
+def test_a_folded_convolution_is_logged_as_its_batchnorm_given_the_model(twin):
+    model, x, ref, paths = twin
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left out: no warning
+        got = record_onnx(paths["folded"], x, torch_model=model).data
+    assert {"b1.bn.out", "seq.1.out"} <= set(got) and "b1.conv.out" not in got
+    np.testing.assert_allclose(got["b1.bn.out"], ref["b1.bn.out"], rtol=1e-5, atol=1e-6)
+    assert reprod.compare(ref, got, pair=pair_onnx, method="max", threshold=1e-5).passed
+
+
+def test_align_onnx_on_a_folded_torchscript_export_names_both_layers(twin):
+    model, x, _, paths = twin
+    # TorchScript renames a folded convolution's weight: find it by the node reading it
+    def scale_folded(proto):
+        (node,) = [n for n in proto.graph.node if n.name == "/seq/seq.0/Conv"]
+        scale_initializer(proto, node.input[1], 1.01)
+
+    r = align_onnx(model, edited(paths["folded"], scale_folded), x)
+    assert r.options["divergence"]["layer"] == "seq.1"
+    assert r.options["findings"][0].endswith(
+        "the graph computes it fused with seq.0 (Conv2d), whose output it does not hold: the "
+        "difference is in either")
+
+
+def test_a_graph_without_labels_warns(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.warns(UserWarning, match="<onnx model>: no node names a torch layer"):
+        record_onnx(model, np.zeros(3, np.float32))
+
+
+def test_the_wrong_things_in_the_wrong_places_are_one_line(twin):
+    model, x, _, paths = twin
+    with pytest.raises(ReprodError, match=r"^record_onnx: the model is a .*Twin; give the \.onnx "
+                                          r"path or an onnx\.ModelProto \(the torch model goes in "
+                                          r"torch_model=\)$"):
+        record_onnx(model, x)
+    with pytest.raises(ReprodError, match=r"dynamo\.onnx: input 'x': cannot log a value of type "
+                                          r"builtins\.NoneType"):
+        record_onnx(paths["dynamo"], {"x": None})
+    with pytest.raises(ReprodError, match=r"Got invalid dimensions.*; index: 2 Got: 4 Expected: 8"):
+        record_onnx(paths["dynamo"], x[:, :, :4])
+
+
+def test_align_onnx_says_when_the_graph_holds_few_layers_apart(twin):
+    """A graph whose node names were stripped holds only the model: the outputs are still
+    judged, and the finding says the layers were not."""
+    model, x, _, paths = twin
+
+    def strip(proto):
+        for i, node in enumerate(proto.graph.node):
+            node.name = f"n{i}"
+            del node.metadata_props[:]
+
+    with pytest.warns(UserWarning, match="no node names a torch layer"):
+        r = align_onnx(model, edited(paths["dynamo"], strip), x)
+    assert r.passed
+    assert any(f.startswith("only 0 of the torch model's 14 layer calls are held apart")
+               for f in r.options["findings"]), r.options.get("findings")
