@@ -84,7 +84,7 @@ def exported(tmp_path_factory):
     return get
 
 
-def scaled(path, pick, factor: float = 1.01) -> "onnx.ModelProto":
+def scaled(path, pick, factor: float = 1.01) -> onnx.ModelProto:
     """The graph with one weight initializer scaled: the one ``pick(proto)`` names."""
     proto = onnx.load(str(path))
     name = pick(proto)
