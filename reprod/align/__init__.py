@@ -7,6 +7,7 @@ forward pass and training steps.
 >>> load_into_paddle(paddle_model, torch_model, by_order=True)   # names differ: pair by order
 >>> align_forward(torch_model, paddle_model, {"x": x}, out_dir="result").passed
 >>> align_forward(torch_model, paddle_model, {"x": x}, calibrate=True).passed  # vs float32 noise
+>>> align_onnx(torch_model, "model.onnx", x).passed        # a torch model against its ONNX export
 
 Modules: ``rules`` (the torch -> Paddle name and layout rules, planned per key), ``by_order``
 (pairing state dicts by definition order), ``conversion`` (convert, check, load), ``structure``,
