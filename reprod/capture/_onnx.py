@@ -213,6 +213,47 @@ def onnx_layers(model: Any, *, torch_model: Any = None) -> list[OnnxLayerCall]:
     return _layer_calls(proto.graph, _Modules.of(torch_model, proto.graph))
 
 
+def _chains(graph: Any, modules: _Modules, seen: dict[str, set[str]]
+            ) -> list[list[tuple[str, int]]]:
+    """Each node's chain of (layer name, TorchScript's call number or 0), outermost first.
+
+    A node no exporter labelled (a Cast a float16 converter inserted, an Identity) belongs to the
+    layers both its labelled neighbours are in: a Cast between two layers of a block is the
+    block's, not the first layer's, whose output stays the value it made."""
+    labelled: list[Optional[list[tuple[str, int]]]] = []
+    for node in graph.node:
+        meta = _metadata(node)
+        chain: Optional[list[tuple[str, int]]] = None
+        if _SCOPES in meta:
+            names = _dynamo_chain(meta[_SCOPES])
+            if names is not None:
+                # the dynamo exporter does not number calls: a layer's run of consecutive nodes
+                # is one call, and it is called again when its nodes come back after others
+                chain = [(modules.canonical(n), 0) for n in names]
+        elif node.name.startswith("/"):
+            chain = _torchscript_chain(node.name, seen, modules)
+        labelled.append(chain)
+    chains: list[list[tuple[str, int]]] = []
+    following: list[Optional[list[tuple[str, int]]]] = [None] * len(labelled)
+    upcoming: Optional[list[tuple[str, int]]] = None
+    for i in range(len(labelled) - 1, -1, -1):
+        following[i] = upcoming
+        if labelled[i] is not None:
+            upcoming = labelled[i]
+    before: list[tuple[str, int]] = []
+    for chain, after in zip(labelled, following):
+        if chain is None:
+            after = after or []
+            common = 0
+            while common < min(len(before), len(after)) and before[common] == after[common]:
+                common += 1
+            chain = before[:common]
+        else:
+            before = chain
+        chains.append(chain)
+    return chains
+
+
 def _layer_calls(graph: Any, modules: _Modules) -> list[OnnxLayerCall]:
     const = _constants(graph)
     seen: dict[str, set[str]] = {}
@@ -222,20 +263,9 @@ def _layer_calls(graph: Any, modules: _Modules) -> list[OnnxLayerCall]:
     open_calls: dict[tuple[str, int], OnnxLayerCall] = {}
     made_in: dict[str, set[int]] = {}  # value -> ids of every call that made it (nested)
     node_calls: list[list[OnnxLayerCall]] = []
-    previous: list[tuple[str, int]] = []
-    for node in graph.node:
+    chains = _chains(graph, modules, seen)
+    for node, chain_calls in zip(graph.node, chains):
         meta = _metadata(node)
-        chain_calls: Optional[list[tuple[str, int]]] = None
-        if _SCOPES in meta:
-            names = _dynamo_chain(meta[_SCOPES])
-            if names is not None:
-                # the dynamo exporter does not number calls: a layer's run of consecutive nodes
-                # is one call, and it is called again when its nodes come back after others
-                chain_calls = [(modules.canonical(n), 0) for n in names]
-        elif node.name.startswith("/"):
-            chain_calls = _torchscript_chain(node.name, seen, modules)
-        if chain_calls is None:
-            chain_calls = previous  # a node no exporter labelled: it belongs where it stands
         current: list[OnnxLayerCall] = []
         still_open: dict[tuple[str, int], OnnxLayerCall] = {}
         for depth, (name, call) in enumerate(chain_calls):
@@ -253,7 +283,6 @@ def _layer_calls(graph: Any, modules: _Modules) -> list[OnnxLayerCall]:
             if depth < len(chain_calls) - 1:
                 c.leaf = False
         open_calls = still_open
-        previous = chain_calls
         for c in current:
             c.nodes.append(node.name)
             if c is current[-1]:

@@ -613,3 +613,33 @@ def test_align_onnx_says_when_the_graph_holds_few_layers_apart(twin):
     assert r.passed
     assert any(f.startswith("only 0 of the torch model's 14 layer calls are held apart")
                for f in r.options["findings"]), r.options.get("findings")
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_an_unlabelled_cast_between_two_layers_is_their_containers(twin, exporter):
+    """A float16 converter's Casts carry no layer: between seq.2.0 and seq.2.1 they are seq.2's
+    code, so seq.2.0's output stays the value it made, and the rounding is named at seq.2."""
+    model, x, ref, paths = twin
+
+    def round_trip(proto):
+        (gelu,) = [n for n in scope_nodes(proto, "seq.2.0") if n.op_type == "Gelu"]
+        made = gelu.output[0]
+        readers = [n for n in proto.graph.node if made in n.input]
+        casts = [onnx.helper.make_node("Cast", [made], ["half_" + made], to=onnx.TensorProto.FLOAT16,
+                                       name="cast_down"),
+                 onnx.helper.make_node("Cast", ["half_" + made], ["back_" + made],
+                                       to=onnx.TensorProto.FLOAT, name="cast_up")]
+        for reader in readers:
+            reader.input[list(reader.input).index(made)] = "back_" + made
+        at = list(proto.graph.node).index(gelu) + 1
+        for i, cast in enumerate(casts):
+            proto.graph.node.insert(at + i, cast)
+
+    proto = edited(paths[exporter], round_trip)
+    calls = {c.subject: c for c in onnx_layers(proto)}
+    assert calls["seq.2.0"].ops == ["Gelu"] and "Cast" in calls["seq.2"].ops
+    got = record_onnx(proto, x).data
+    assert set(got) == set(record_onnx(paths[exporter], x).data)
+    np.testing.assert_allclose(got["seq.2.0.out"], ref["seq.2.0.out"], rtol=1e-5, atol=1e-6)
+    div, _ = diverge(ref, got, model)
+    assert div is not None and div.layer == "seq.2" and div.inner.layer == "seq.2.1"
