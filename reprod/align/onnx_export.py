@@ -5,6 +5,7 @@ computes differently named, from one capture of each side (``reprod.capture.reco
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,105 @@ def _fused_note(layer: str, proto: Any, modules: Any, folded: Mapping[str, str],
             "the difference is in either")
 
 
+_HALF = ("float16", "bfloat16")
+
+
+def _graph_precision(proto: Any) -> str:
+    """The precision a graph computes in: that of most of its floating weights, by elements
+    (a float16 converter keeps a few in float32, for the ops it leaves alone)."""
+    from onnx import TensorProto
+
+    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
+             TensorProto.BFLOAT16: "bfloat16", TensorProto.DOUBLE: "float64"}
+    sizes: dict[str, int] = {}
+    for init in proto.graph.initializer:
+        if init.data_type in names:
+            n = int(np.prod(init.dims)) if len(init.dims) else 1
+            sizes[names[init.data_type]] = sizes.get(names[init.data_type], 0) + n
+    if not sizes:
+        return "float32"
+    found = max(sizes, key=lambda k: sizes[k])
+    return found if found in _HALF else "float32"
+
+
+def _as_graph_inputs(feeds: Any, proto: Any) -> Any:
+    """Floating inputs in each graph input's own dtype: a float16 graph exported with its
+    inputs in float16 takes them so, one that kept float32 inputs (a converter's
+    ``keep_io_types``) takes those."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    from ..adapters import to_numpy
+
+    initializers = {i.name for i in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
+    wanted = {}
+    for gi in graph_inputs:
+        try:
+            wanted[gi.name] = np.dtype(tensor_dtype_to_np_dtype(gi.type.tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError):
+            continue
+
+    def cast(name: str, value: Any) -> Any:
+        array = to_numpy(value, key=name, copy=False).array
+        want = wanted.get(name)
+        if want is not None and array.dtype.kind == "f" and want.kind == "f":
+            return array.astype(want)
+        return array
+
+    if isinstance(feeds, dict):
+        return {k: cast(k, v) for k, v in feeds.items()}
+    return [cast(gi.name, v) for gi, v in zip(graph_inputs, feeds)]
+
+
+def _run(model: Any, args: Any, kwargs: Any, dev: Any, layers: bool, *,
+         cast: Any = None, float64: bool = False) -> tuple[dict[str, np.ndarray], Any]:
+    """One forward pass of ``model`` (eval mode, no grad): its flattened outputs, and with
+    ``layers`` its layer capture. ``cast``: the floating inputs' dtype (a half-precision twin)."""
+    from ..capture import record
+
+    def inputs(value: Any) -> Any:
+        value = _to_torch(value, dev, float64=float64)
+        if cast is not None:
+            value = _map_floating(value, cast)
+        return value
+
+    out: dict[str, np.ndarray] = {}
+    with (record(model) if layers else contextlib.nullcontext()) as log:
+        _flatten(model(*inputs(args), **inputs(kwargs)), "logits", out)
+    return out, log
+
+
+def _map_floating(value: Any, dtype: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _map_floating(v, dtype) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_floating(v, dtype) for v in value)
+    if hasattr(value, "is_floating_point") and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+def _reference_overflow(result: Any, ref: Mapping[str, Any], noise: Optional[Mapping[str, Any]],
+                        precision: str) -> Optional[str]:
+    """Where the torch model itself overflows in the graph's half precision (its finer run does
+    not): the graph is then judged against an infinity, and the model cannot run so as it is."""
+    if precision not in _HALF or noise is None:
+        return None
+    # the first layer it overflows in, in call order; the outputs only where no layer was judged
+    for r in sorted(result, key=lambda r: r.key == "logits" or r.key.startswith("logits/")):
+        if not (r.ref_inf or r.ref_nan) or r.key not in noise:
+            continue
+        finer = np.asarray(noise[r.key])
+        if finer.dtype.kind == "f" and np.isfinite(finer).all():
+            peak = float(np.abs(finer).max()) if finer.size else 0.0
+            return (f"the torch model itself overflows in {precision} at {r.key} "
+                    f"({(r.ref_inf or 0) + (r.ref_nan or 0)} values Inf or NaN; in float32 they "
+                    f"peak at {peak:.3g}, past {precision}'s largest "
+                    f"{65504.0 if precision == 'float16' else 3.39e38:.6g}): it cannot run in "
+                    f"{precision} as it is, and the graph is judged there against it")
+    return None
+
+
 def _feeds(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
     """The graph's inputs from the model's: positional ones in order (the exporter names them
     after the arguments, keyword ones by name)."""
@@ -90,6 +190,7 @@ def align_onnx(
     layers: bool = True,
     optimization: str = "disable",
     providers: Optional[Sequence[Any]] = None,
+    precision: str = "auto",
     verbose: bool = False,
 ) -> Any:
     """Run the torch model (in eval mode) and its ONNX export (in onnxruntime) on the same inputs
@@ -120,8 +221,18 @@ def align_onnx(
     BatchNorm folded in, eval-mode dropout, layers taking or returning several tensors) are not
     compared; ``options["layers_not_in_graph"]`` counts them. ``optimization`` and
     ``providers`` are ``record_onnx``'s. With ``out_dir``: ``onnx_torch.npy``,
-    ``onnx_onnx.npy`` (and ``onnx_torch64.npy``), which ``reprod-diff`` compares again, and
-    ``onnx_diff.log``.
+    ``onnx_onnx.npy`` (and the noise, ``onnx_torch64.npy`` or ``onnx_torch32.npy``), which
+    ``reprod-diff`` compares again, and ``onnx_diff.log``.
+
+    ``precision``: what the graph computes in, ``"auto"`` (the default) reading it from its
+    weights. A float16 or bfloat16 graph (a converter's ``convert_float_to_float16``, or a model
+    exported in half precision) rounds every value thousands of times coarser than float32
+    noise can judge: the reference is then a copy of the torch model in that precision, on the
+    inputs cast to it, and its float32 run (the model as given) is the noise, within
+    ``reprod.diff.noise.LOW_PRECISION_NOISE_FACTOR`` (8). The graph's inputs are cast to the
+    dtypes it declares. Where the torch model itself overflows in that precision (float32
+    values past 65504), the first finding says so. ``options["precision"]`` holds the
+    precision judged in.
 
     >>> torch.onnx.export(model, (x,), "model.onnx")
     >>> r = align_onnx(model, "model.onnx", x)
@@ -129,40 +240,60 @@ def align_onnx(
     """
     import torch
 
-    from ..capture import first_divergence, layer_types, record
+    from ..capture import first_divergence, layer_types
     from ..diff.engine import compare
     from ..storage import save
 
     crit = _criteria(criteria, calibrate, methods=method, threshold=threshold, atol=atol,
                      rtol=rtol, per_key=per_key, noise_factor=noise_factor)
+    proto, where = _load(onnx_model)
+    if precision == "auto":
+        precision = _graph_precision(proto)
+    elif precision not in _HALF and precision != "float32":
+        raise ReprodError(f"align_onnx: precision={precision!r}; expected 'auto', 'float32', "
+                          "'float16' or 'bfloat16'")
     args, kwargs = _split_inputs(inputs)
-    feeds = _feeds(args, kwargs)
+    feeds = _as_graph_inputs(_feeds(args, kwargs), proto)
     dev = _torch_device(torch_model)
     skipped: Optional[str] = None
-    ref: dict[str, np.ndarray] = {}
-    ref64: Optional[dict[str, np.ndarray]] = None
+    findings: list[str] = []
     with _eval(torch_model), torch.no_grad():
-        with record(torch_model) if layers else contextlib.nullcontext() as torch_layers:
-            _flatten(torch_model(*_to_torch(args, dev), **_to_torch(kwargs, dev)), "logits", ref)
-        noise_layers = None
-        if calibrate:
+        # the reference runs in the graph's precision, and the next finer one is its noise: a
+        # float16 graph against float32 noise would fail every key by float16's own rounding
+        if precision in _HALF:
+            half = getattr(torch, precision)
             try:
-                twin = _float64_twin(torch_model)
-                ref64 = {}
-                with float64_default(), (record(twin) if layers
-                                         else contextlib.nullcontext()) as noise_layers:
-                    _flatten(twin(*_to_torch(args, dev, float64=True),
-                                  **_to_torch(kwargs, dev, float64=True)), "logits", ref64)
+                twin = copy.deepcopy(torch_model).to(half)
+                ref, torch_layers = _run(twin, args, kwargs, dev, layers, cast=half)
                 del twin
-            except Exception as e:  # the model's own code: judged as if uncalibrated
-                skipped, ref64, noise_layers, calibrate = twin_failed(e), None, None, False
+            except Exception as e:  # a kernel torch lacks in that precision on this device
+                raise ReprodError(
+                    f"align_onnx: {where} computes in {precision}, and the torch model in "
+                    f"{precision}, its reference, failed ({type(e).__name__}: "
+                    f"{(str(e).strip().splitlines() or [''])[0][:160]}); pass precision="
+                    "'float32' to judge it against the float32 model by threshold") from e
+            ref_noise = None
+            noise_layers = None
+            if calibrate:
+                ref_noise, noise_layers = _run(torch_model, args, kwargs, dev, layers)
+        else:
+            ref, torch_layers = _run(torch_model, args, kwargs, dev, layers)
+            ref_noise, noise_layers = None, None
+            if calibrate:
+                try:
+                    twin = _float64_twin(torch_model)
+                    with float64_default():
+                        ref_noise, noise_layers = _run(twin, args, kwargs, dev, layers,
+                                                       float64=True)
+                    del twin
+                except Exception as e:  # the model's own code: judged as if uncalibrated
+                    skipped, ref_noise, noise_layers, calibrate = twin_failed(e), None, None, False
+    ref64 = ref_noise
     # one run of the graph holds its outputs and every layer's
-    proto, _ = _load(onnx_model)
     onnx_log, folded = _capture(proto, feeds, torch_model=torch_model, optimization=optimization,
-                                providers=providers)
+                                providers=providers, where=where)
     outs = _graph_outputs(onnx_log)
     port = dict(zip(ref, outs))
-    findings: list[str] = []
     if len(outs) != len(ref):
         findings.append(f"the graph returns {len(outs)} output(s), the torch model {len(ref)}: "
                         "paired by position, the rest not compared")
@@ -186,9 +317,10 @@ def align_onnx(
             noise_all = {**ref64, **noise_layers.data}
     result = compare(ref_all, port_all, criteria=crit, noise=noise_all)
     options = dict(result.options, **options)
+    options["precision"] = precision
     if ref64 is not None:
-        options.update(noise="torch float64", noise_multiple=noise_multiples(
-            result, default_group="onnx"))
+        options.update(noise="torch float32" if precision in _HALF else "torch float64",
+                       noise_multiple=noise_multiples(result, default_group="onnx"))
     if torch_layers is not None and not result.passed:
         types = layer_types(torch_model)
         div = first_divergence(result, layer_types=types)
@@ -201,6 +333,9 @@ def align_onnx(
         elif any(not r.passed for r in result if r.key.startswith("logits")):
             findings.append("every layer the graph holds apart aligns: the difference is made "
                             "between them, or in the outputs' order")
+    overflow = _reference_overflow(result, ref_all, noise_all, precision)
+    if overflow is not None:  # before the place named: it says why that place fails
+        findings.insert(0, overflow)
     if findings:
         options["findings"] = [*findings, *options.get("findings", ())]
     result = dataclasses.replace(result, options=options)
@@ -214,6 +349,7 @@ def align_onnx(
         save(os.path.join(out, "onnx_torch.npy"), ref_all)
         save(os.path.join(out, "onnx_onnx.npy"), port_all)
         if noise_all is not None:
-            save(os.path.join(out, "onnx_torch64.npy"), noise_all)
+            noise_file = "onnx_torch32.npy" if precision in _HALF else "onnx_torch64.npy"
+            save(os.path.join(out, noise_file), noise_all)
         _write_diff_log(result, os.path.join(out, "onnx_diff.log"), verbose=verbose)
     return result

@@ -517,11 +517,13 @@ def _capture(
     providers: Optional[Sequence[Any]] = None,
     optimization: str = "disable",
     session_options: Any = None,
+    where: Optional[str] = None,
 ) -> tuple[ReprodLogger, dict[str, str]]:
     """``record_onnx``, and which layer the graph computes each folded BatchNorm with
     (BatchNorm call -> convolution call)."""
     _check_model(model)
-    proto, where = _load(model)
+    proto, loaded_from = _load(model)
+    where = where or loaded_from
     ort = _import("onnxruntime")
     onnx = _import("onnx")
     if optimization not in _OPTIMIZATION:

@@ -172,7 +172,8 @@ def edited(path: Path, edit) -> onnx.ModelProto:
 def scale_initializer(proto, name: str, factor: float) -> None:
     for i, init in enumerate(proto.graph.initializer):
         if init.name == name:
-            array = numpy_helper.to_array(init) * np.float32(factor)
+            array = numpy_helper.to_array(init)
+            array = (array * factor).astype(array.dtype)
             proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(array, name))
             return
     raise AssertionError(f"no initializer {name}")
@@ -643,3 +644,83 @@ def test_an_unlabelled_cast_between_two_layers_is_their_containers(twin, exporte
     np.testing.assert_allclose(got["seq.2.0.out"], ref["seq.2.0.out"], rtol=1e-5, atol=1e-6)
     div, _ = diverge(ref, got, model)
     assert div is not None and div.layer == "seq.2" and div.inner.layer == "seq.2.1"
+
+
+# --- half-precision graphs: judged against the torch model in that precision ------------------
+
+import copy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def half_twin(tmp_path_factory):
+    """The twin exported in float16 (weights, inputs and outputs), and the same graph with
+    float32 inputs and outputs around it, as a converter's ``keep_io_types=True`` writes it."""
+    torch.manual_seed(0)
+    model = randomised(Twin())
+    x = torch.randn(2, 3, 8, 8)
+    out = tmp_path_factory.mktemp("half")
+    path = export(copy.deepcopy(model).half(), x.half(), out / "twin16.onnx", dynamo=True)
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    (gin,) = graph.input
+    (gout,) = graph.output
+    for node in graph.node:  # the float16 graph now reads the Cast's output
+        node.input[:] = ["x16" if i == gin.name else i for i in node.input]
+        node.output[:] = ["y16" if o == gout.name else o for o in node.output]
+    graph.node.insert(0, onnx.helper.make_node("Cast", [gin.name], ["x16"],
+                                               to=onnx.TensorProto.FLOAT16, name="in_cast"))
+    graph.node.append(onnx.helper.make_node("Cast", ["y16"], [gout.name],
+                                            to=onnx.TensorProto.FLOAT, name="out_cast"))
+    gin.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    gout.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    del graph.value_info[:]
+    keep_io = out / "twin16_io32.onnx"
+    onnx.save(proto, str(keep_io))
+    return model, x, path, keep_io
+
+
+@pytest.mark.parametrize("graph", ["float16 throughout", "float32 inputs and outputs"])
+def test_a_float16_graph_is_judged_against_the_model_in_float16(half_twin, graph):
+    model, x, path, keep_io = half_twin
+    target = path if graph == "float16 throughout" else keep_io
+    r = align_onnx(model, target, x)  # float32 inputs: cast to what the graph takes
+    assert r.passed, r.options.get("findings")
+    assert r.options["precision"] == "float16" and r.options["noise"] == "torch float32"
+    assert r.options["noise_multiple"]["onnx"]["multiple"] < 8
+    assert len([k for k in r if k.key.endswith(".out")]) >= 10  # its layers, not its outputs only
+    # judged against float32's noise instead, float16's own rounding fails a layer
+    assert not align_onnx(model, target, x, precision="float32").passed
+
+
+def test_a_bug_in_a_float16_graph_is_named_at_its_layer(half_twin):
+    model, x, path, _ = half_twin
+    r = align_onnx(model, edited(path, lambda p: scale_initializer(p, "seq.2.1.weight", 1.05)), x)
+    assert not r.passed and r.options["divergence"]["layer"] == "seq.2.1"
+
+
+def test_a_model_that_overflows_in_float16_is_said_to(tmp_path):
+    """Activations past 65504 that a LayerNorm brings back: fine in float32, Inf in float16,
+    in the torch model as in its graph."""
+
+    class Loud(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.norm(self.up(x)))
+
+    torch.manual_seed(3)
+    model = Loud().eval()
+    with torch.no_grad():
+        model.up.weight.mul_(3e4)
+    x = torch.randn(4, 8) + 2
+    assert model.up(x).abs().max() > 65504 and torch.isfinite(model(x)).all()
+    path = export(copy.deepcopy(model).half(), x.half(), tmp_path / "loud16.onnx", dynamo=True)
+    r = align_onnx(model, path, x)
+    assert r.options["precision"] == "float16"
+    assert r.options["findings"][0].startswith("the torch model itself overflows in float16 at "
+                                               "up.out")
+    assert "it cannot run in float16 as it is" in r.options["findings"][0]
