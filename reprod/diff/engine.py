@@ -15,6 +15,7 @@ from .. import _native
 from .. import messages as msg
 from .._gc import gc_paused
 from ..errors import DumpChangedError, ReprodError
+from ..logger import ReprodLogger
 from ..storage.lazy import Dump, NonNumericValue
 from .batch import compare_batch, unravel
 from .columns_batch import ColumnPairs, column_pairs, compare_columns, sides_of
@@ -86,6 +87,7 @@ def compare(
     >>> r.passed
     True
     """
+    ref, other, noise, other_noise = (_logged(x) for x in (ref, other, noise, other_noise))
     given = {"methods": method, "threshold": threshold, "atol": atol, "rtol": rtol,
              "per_key": per_key, "equal_nan": equal_nan, "strict_shape": strict_shape,
              "noise_factor": noise_factor}
@@ -102,6 +104,18 @@ def compare(
         if other_noise is not None:
             result = _rounding_explained(result, ref, other, noise, other_noise)
     return result
+
+
+def _logged(value: Any) -> Any:
+    """A ``ReprodLogger`` (what ``record`` yields) as the values it holds; a streaming one, which
+    holds none, as the file it writes."""
+    if not isinstance(value, ReprodLogger):
+        return value
+    stream = getattr(value, "_stream_path", None)
+    if stream is not None:
+        raise ReprodError(f"compare: a streaming ReprodLogger holds no values; close() it and "
+                          f"compare the file it writes, {stream}")
+    return value.data
 
 
 def _leaf(tree: Any, path: tuple[str, ...], shape: Optional[tuple[int, ...]]) -> Optional[np.ndarray]:
