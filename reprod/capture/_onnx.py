@@ -13,7 +13,6 @@ differently. onnx and onnxruntime are imported when this runs, never by ``import
 from __future__ import annotations
 
 import ast
-import fnmatch
 import os
 import re
 import warnings
@@ -31,6 +30,7 @@ from ..errors import (
 )
 from ..logger import ReprodLogger
 from .naming import ROOT
+from .recorder import _patterns, _selected
 
 __all__ = ["record_onnx", "onnx_layers", "pair_onnx", "OnnxLayerCall"]
 
@@ -381,18 +381,6 @@ def _as_feeds(feeds: Feeds, inputs: Sequence[Any], where: str) -> dict[str, np.n
             raise UnsupportedValueError(
                 f"{where}: input {graph_input.name!r} is {got}, the graph takes {want}")
     return arrays
-
-
-def _selected(name: str, include: Optional[tuple[str, ...]], exclude: tuple[str, ...]) -> bool:
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
-
-
-def _patterns(p: Union[str, Sequence[str], None]) -> Optional[tuple[str, ...]]:
-    if p is None:
-        return None
-    return (p,) if isinstance(p, str) else tuple(p)
 
 
 def _keys(call: OnnxLayerCall, record_inputs: bool,
