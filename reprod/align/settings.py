@@ -1112,7 +1112,10 @@ def with_finding(result: Any, verbose: bool = False) -> Any:
     if not lines:
         findings = [f for f in result.options.get("findings", ()) if f != unread] + [unread]
         return dataclasses.replace(result, options=dict(result.options, findings=findings))
-    shown = "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
+    # a momentum acts in training only: among the five shown, what moves this forward pass first
+    # (X2Paddle's ports set 35 BatchNorms' momentum wrong, and hid an epsilon behind them)
+    ordered = sorted(lines, key=lambda line: ": momentum " in line)
+    shown = "; ".join(ordered[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
     where = (result.options.get("settings") or {}).get("where") or []
     what = ("layer setting" if where and all(_origin(*w) == "layer" for w in where)
             else "setting")

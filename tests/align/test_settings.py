@@ -419,3 +419,26 @@ def test_verbose_prints_each_log_line_once(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert (out + err).count("diff check failed") == 1, out + err
     assert (out + err).count("finding: 1 layer setting") == 1
+
+
+def test_the_finding_shows_what_moves_the_forward_pass_before_momenta():
+    """X2Paddle's ports set every BatchNorm's momentum in torch's convention: 35 lines that act
+    in training only. An epsilon that moves this forward pass must be among the five shown."""
+    import dataclasses
+
+    import numpy as np
+
+    import reprod
+    from reprod.align import settings as settings_module
+
+    lines = [f"batchnorm{i} (torch bn{i}): momentum 0.1 in torch, 0.9 in Paddle" for i in range(35)]
+    lines.insert(20, "batchnorm16 (torch features.6.block.1.1): epsilon 0.001 in torch, "
+                     "1e-05 in Paddle")
+    result = reprod.compare({"a": np.ones(2)}, {"a": np.ones(2)})
+    result = dataclasses.replace(result, options=dict(result.options, settings={
+        "differ": lines, "where": [("batchnorm0", "bn0")]}))
+    finding = settings_module.with_finding(result).options["findings"][-1]
+    assert finding.startswith("36 ")
+    shown = finding.split("whatever the values say: ", 1)[1]
+    assert shown.startswith("batchnorm16 (torch features.6.block.1.1): epsilon 0.001 in torch")
+    assert shown.endswith("; and 31 more")
