@@ -583,11 +583,15 @@ def pair_onnx(ref: Mapping[str, Any], other: Mapping[str, Any]
     - A reference layer key the graph has no value for (a convolution whose BatchNorm the
       exporter fused in, eval-mode dropout, a layer taking or returning several tensors) is
       left out; ``first_divergence`` then judges the layers around it.
-    - A layer the graph logs under ``.in``/``.out`` where the reference has the one tensor
-      among several positions (``MultiheadAttention``: ``.in[0]`` for query=key=value,
-      ``.out[0]`` beside a ``None``) is renamed to that position, where shapes agree.
+    - The graph's one tensor in or out of a layer call, where the reference names it among
+      several items, pairs with the reference's item of its shape (the first such, in the
+      reference's order): ``MultiheadAttention(x, x, x)``'s ``.in[0]`` and the ``.out[0]``
+      beside a ``None``, a Hugging Face layer called with ``input_ids=`` (``.in[input_ids]``)
+      or returning a ``ModelOutput`` (``.out[last_hidden_state]``). The model's own outputs,
+      positions in the graph, pair in the reference's order.
     - A layer whose calls the two sides count differently (``act(act(x))``, one call to the
       dynamo exporter's metadata) is left out of both: which call is which is not known.
+    - What the graph logs under a key the reference does not have is left out.
 
     Keys that are not capture keys (``logits``) are kept as they are.
 
@@ -603,20 +607,36 @@ def pair_onnx(ref: Mapping[str, Any], other: Mapping[str, Any]
                 found.setdefault(parsed.name, set()).add(parsed.call)
         return found
 
+    def shape(value: Any) -> tuple[int, ...]:
+        return tuple(getattr(value, "shape", ()))
+
     ref_calls, other_calls = calls(ref), calls(other)
     uneven = {n for n, c in other_calls.items() if n in ref_calls and c != ref_calls[n]}
+    items: dict[str, list[str]] = {}  # "<subject>.<what>" -> the reference's item keys, in order
+    for key in ref:
+        parsed = parse_key(key)
+        if parsed is not None and not parsed.is_param and parsed.items:
+            items.setdefault(f"{parsed.subject}.{parsed.what}", []).append(key)
     renamed: dict[str, Any] = {}
     for key, value in other.items():
         parsed = parse_key(key)
-        if parsed is not None and not parsed.is_param:
-            if parsed.name in uneven:
-                continue
-            if not parsed.items and key not in ref and f"{key}[0]" in ref \
-                    and f"{key}[1]" not in other:
-                if tuple(getattr(ref[f"{key}[0]"], "shape", ())) == tuple(
-                        getattr(value, "shape", ())):
-                    key = f"{key}[0]"
-        renamed[key] = value
+        if parsed is None or parsed.is_param:
+            renamed[key] = value
+            continue
+        if parsed.name in uneven:
+            continue
+        whole = f"{parsed.subject}.{parsed.what}"
+        if key not in ref and whole in items:
+            if not parsed.items:  # the graph's one tensor: the reference's item of its shape
+                fits = [k for k in items[whole] if shape(ref[k]) == shape(value)]
+                key = fits[0] if fits else key
+            elif parsed.subject == ROOT and parsed.items[0].isdigit():
+                # the model's outputs (or inputs): the graph's positions, the reference's order
+                at = int(parsed.items[0])
+                if at < len(items[whole]) and shape(ref[items[whole][at]]) == shape(value):
+                    key = items[whole][at]
+        if key in ref and key not in renamed:
+            renamed[key] = value
     kept: dict[str, Any] = {}
     for key, value in ref.items():
         parsed = parse_key(key)

@@ -724,3 +724,44 @@ def test_a_model_that_overflows_in_float16_is_said_to(tmp_path):
     assert r.options["findings"][0].startswith("the torch model itself overflows in float16 at "
                                                "up.out")
     assert "it cannot run in float16 as it is" in r.options["findings"][0]
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTS))
+def test_keyword_inputs_and_dict_outputs_pair_with_the_graphs_one_tensor(exporter, tmp_path):
+    """A layer called with a keyword and returning a dict (Hugging Face's style) is recorded
+    as ``.in[x]`` and ``.out[hidden]``; the model's dict outputs as ``<model>.out[<name>]``.
+    The graph has one tensor each, and its outputs by position."""
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return {"hidden": torch.tanh(self.fc(x))}
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            hidden = self.inner(x=x)["hidden"]
+            return {"hidden": hidden, "logits": self.head(hidden)}
+
+    torch.manual_seed(4)
+    model = Outer().eval()
+    x = torch.randn(3, 6)
+    ref = torch_capture(model, x)
+    assert {"inner.in[x]", "inner.out[hidden]", "<model>.out[logits]"} <= set(ref)
+    path = export(model, x, tmp_path / "outer.onnx", **EXPORTS[exporter])
+    got = record_onnx(path, x, torch_model=model).data
+    assert {"inner.in", "inner.out", "<model>.out[0]", "<model>.out[1]"} <= set(got)
+    kept, renamed = pair_onnx(ref, got)
+    assert {"inner.in[x]", "inner.out[hidden]", "<model>.out[hidden]",
+            "<model>.out[logits]"} <= set(renamed)
+    assert set(kept) == set(renamed)
+    np.testing.assert_allclose(renamed["<model>.out[logits]"], ref["<model>.out[logits]"],
+                               rtol=1e-5, atol=1e-6)
+    assert reprod.compare(ref, got, pair=pair_onnx, method="max", threshold=1e-5).passed

@@ -161,3 +161,65 @@ def test_a_weight_bug_in_a_late_block_is_named_at_its_layer(exported):
 
     r = align_onnx(net, scaled(path, mlp3_weight), x)
     assert r.options["divergence"]["layer"] == "encoder.layers.encoder_layer_1.mlp.3"
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """Hugging Face's BERT, two small layers, LayerNorms perturbed, a padded second row."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=64)
+    model = transformers.BertModel(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
+                mod.bias.copy_(torch.rand(mod.bias.shape, generator=gen) * 0.4 - 0.2)
+    ids = torch.randint(0, 100, (2, 16), generator=gen)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    out = tmp_path_factory.mktemp("bert")
+    paths = {}
+    for exporter in ("dynamo", "torchscript"):
+        paths[exporter] = out / f"bert.{exporter}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (ids, mask), str(paths[exporter]),
+                              dynamo=exporter == "dynamo")
+    return model, (ids, mask), paths
+
+
+def _in_layer(node, layer: str, torchscript: str) -> bool:
+    """Whether dynamo's labels or TorchScript's node name (``torchscript``, its scope path)
+    put ``node`` in ``layer``."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    return f"'{layer}'" in meta.get("pkg.torch.onnx.name_scopes", "") or \
+        node.name.startswith(torchscript)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_bert_export_pairs_its_layers_and_names_a_bug_at_its_layer(bert, exporter):
+    """BERT's layers are called with keywords (``input_ids=``) and return ``ModelOutput``
+    dicts and tuples: torch records ``.in[input_ids]``, ``.out[last_hidden_state]``,
+    ``.out[0]``, the graph one tensor each. Before pair_onnx paired them, the faithful export
+    failed on four keys the graph alone had."""
+    model, inputs, paths = bert
+    faithful = align_onnx(model, paths[exporter], inputs)
+    assert faithful.passed, faithful.options.get("findings")
+    keys = {r.key for r in faithful}
+    assert {"embeddings.in[input_ids]", "encoder.out[last_hidden_state]",
+            "encoder.layer.1.out[0]", "<model>.out[pooler_output]"} <= keys
+    assert len(keys) > 60
+
+    proto = onnx.load(str(paths[exporter]))
+    (gelu,) = [n for n in proto.graph.node if n.op_type == "Gelu"
+               and _in_layer(n, "encoder.layer.1.intermediate.intermediate_act_fn",
+                             "/encoder/layer.1/intermediate/intermediate_act_fn/")]
+    del gelu.attribute[:]
+    gelu.attribute.append(onnx.helper.make_attribute("approximate", "tanh"))
+    r = align_onnx(model, proto, inputs)
+    assert r.options["divergence"]["layer"] == "encoder.layer.1.intermediate.intermediate_act_fn"
+    assert "input aligned" in r.options["divergence"]["message"]
