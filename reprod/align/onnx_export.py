@@ -13,13 +13,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..capture._onnx import _capture, _layer_calls, _load, _Modules, pair_onnx
+from ..capture._onnx import _capture, _load, pair_onnx
 from ..capture.naming import ROOT
 from ..diff.criteria import Criteria
 from ..errors import ReprodError
 from ..logger import ReprodLogger
 from .calibration import _float64_twin, float64_default, twin_failed, uncalibrated
-from .framework import _criteria, _flatten, _split_inputs, _to_torch, _torch_device
+from .framework import _criteria, _flatten, _map_tree, _split_inputs, _to_torch, _torch_device
 from .results import PathLike, _write_diff_log, noise_multiples
 
 __all__ = ["align_onnx"]
@@ -31,16 +31,17 @@ def _graph_outputs(onnx_log: ReprodLogger) -> list[np.ndarray]:
     return [onnx_log.data[k] for k in keys]
 
 
-def _fused_note(layer: str, proto: Any, modules: Any, folded: Mapping[str, str],
-                ref: Mapping[str, Any], held: Mapping[str, Any],
-                types: Mapping[str, str]) -> str:
+def _fused_note(layer: str, fused: Mapping[str, Optional[str]], ref: Mapping[str, Any],
+                held: Mapping[str, Any], types: Mapping[str, str]) -> str:
     """Where the exporter fused the layer named with the one before it (a BatchNorm folded into
     its convolution), that the cause may be the other's."""
+    if layer not in fused:
+        return ""
     before: list[str] = []
-    if layer in folded:  # TorchScript: the convolution's output is the BatchNorm's
-        before = [folded[layer]]
-    elif layer in {c.subject for c in _layer_calls(proto.graph, modules) if c.rewritten} \
-            and f"{layer}.in" in ref:
+    partner = fused[layer]
+    if partner is not None:  # TorchScript: the convolution's output is the BatchNorm's
+        before = [partner]
+    elif f"{layer}.in" in ref:
         # dynamo: the fused node carries the BatchNorm's name and reads the convolution's input
         entering = ref[f"{layer}.in"]
         before = [k[:-len(".out")] for k, v in ref.items()
@@ -75,35 +76,6 @@ def _graph_precision(proto: Any) -> str:
     return found if found in _HALF else "float32"
 
 
-def _as_graph_inputs(feeds: Any, proto: Any) -> Any:
-    """Floating inputs in each graph input's own dtype: a float16 graph exported with its
-    inputs in float16 takes them so, one that kept float32 inputs (a converter's
-    ``keep_io_types``) takes those."""
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    from ..adapters import to_numpy
-
-    initializers = {i.name for i in proto.graph.initializer}
-    graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
-    wanted = {}
-    for gi in graph_inputs:
-        try:
-            wanted[gi.name] = np.dtype(tensor_dtype_to_np_dtype(gi.type.tensor_type.elem_type))
-        except (KeyError, TypeError, ValueError):
-            continue
-
-    def cast(name: str, value: Any) -> Any:
-        array = to_numpy(value, key=name, copy=False).array
-        want = wanted.get(name)
-        if want is not None and array.dtype.kind == "f" and want.kind == "f":
-            return array.astype(want)
-        return array
-
-    if isinstance(feeds, dict):
-        return {k: cast(k, v) for k, v in feeds.items()}
-    return [cast(gi.name, v) for gi, v in zip(graph_inputs, feeds)]
-
-
 def _run(model: Any, args: Any, kwargs: Any, dev: Any, layers: bool, *,
          cast: Any = None, float64: bool = False) -> tuple[dict[str, np.ndarray], Any]:
     """One forward pass of ``model`` (eval mode, no grad): its flattened outputs, and with
@@ -113,23 +85,13 @@ def _run(model: Any, args: Any, kwargs: Any, dev: Any, layers: bool, *,
     def inputs(value: Any) -> Any:
         value = _to_torch(value, dev, float64=float64)
         if cast is not None:
-            value = _map_floating(value, cast)
+            value = _map_tree(value, lambda t: t.to(cast) if t.is_floating_point() else t)
         return value
 
     out: dict[str, np.ndarray] = {}
     with (record(model) if layers else contextlib.nullcontext()) as log:
         _flatten(model(*inputs(args), **inputs(kwargs)), "logits", out)
     return out, log
-
-
-def _map_floating(value: Any, dtype: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _map_floating(v, dtype) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_floating(v, dtype) for v in value)
-    if hasattr(value, "is_floating_point") and value.is_floating_point():
-        return value.to(dtype)
-    return value
 
 
 def _reference_overflow(result: Any, ref: Mapping[str, Any], noise: Optional[Mapping[str, Any]],
@@ -253,7 +215,7 @@ def align_onnx(
         raise ReprodError(f"align_onnx: precision={precision!r}; expected 'auto', 'float32', "
                           "'float16' or 'bfloat16'")
     args, kwargs = _split_inputs(inputs)
-    feeds = _as_graph_inputs(_feeds(args, kwargs), proto)
+    feeds = _feeds(args, kwargs)
     dev = _torch_device(torch_model)
     skipped: Optional[str] = None
     findings: list[str] = []
@@ -288,17 +250,16 @@ def align_onnx(
                     del twin
                 except Exception as e:  # the model's own code: judged as if uncalibrated
                     skipped, ref_noise, noise_layers, calibrate = twin_failed(e), None, None, False
-    ref64 = ref_noise
     # one run of the graph holds its outputs and every layer's
-    onnx_log, folded = _capture(proto, feeds, torch_model=torch_model, optimization=optimization,
-                                providers=providers, where=where)
+    onnx_log, fused = _capture(proto, feeds, torch_model=torch_model, optimization=optimization,
+                               providers=providers, where=where, cast_inputs=True)
     outs = _graph_outputs(onnx_log)
     port = dict(zip(ref, outs))
     if len(outs) != len(ref):
         findings.append(f"the graph returns {len(outs)} output(s), the torch model {len(ref)}: "
                         "paired by position, the rest not compared")
     options: dict[str, Any] = {}
-    ref_all, port_all, noise_all = dict(ref), dict(port), ref64
+    ref_all, port_all, noise_all = dict(ref), dict(port), ref_noise
     if torch_layers is not None:
         # each layer the graph holds apart, judged like the outputs: an export's bug in an early
         # layer may move a deep model's outputs by less than its rounding
@@ -313,12 +274,12 @@ def align_onnx(
                 "difference inside the others is seen only where it reaches one of them")
         ref_all.update(ref_layers)
         port_all.update(held)
-        if noise_layers is not None and ref64 is not None:
-            noise_all = {**ref64, **noise_layers.data}
+        if noise_layers is not None and ref_noise is not None:
+            noise_all = {**ref_noise, **noise_layers.data}
     result = compare(ref_all, port_all, criteria=crit, noise=noise_all)
     options = dict(result.options, **options)
     options["precision"] = precision
-    if ref64 is not None:
+    if ref_noise is not None:
         options.update(noise="torch float32" if precision in _HALF else "torch float64",
                        noise_multiple=noise_multiples(result, default_group="onnx"))
     if torch_layers is not None and not result.passed:
@@ -326,8 +287,7 @@ def align_onnx(
         div = first_divergence(result, layer_types=types)
         if div is not None:
             message = div.message + _fused_note(
-                div.layer, proto, _Modules.of(torch_model, proto.graph), folded,
-                torch_layers.data, held, types)
+                div.layer, fused, torch_layers.data, held, types)
             options["divergence"] = {"layer": div.layer, "kind": div.kind, "message": message}
             findings.insert(0, message)
         elif any(not r.passed for r in result if r.key.startswith("logits")):

@@ -336,7 +336,11 @@ def _layer_calls(graph: Any, modules: _Modules) -> list[OnnxLayerCall]:
     return calls + [root]
 
 
-def _as_feeds(feeds: Feeds, inputs: Sequence[Any], where: str) -> dict[str, np.ndarray]:
+def _as_feeds(feeds: Feeds, inputs: Sequence[Any], where: str,
+              cast: bool = False) -> dict[str, np.ndarray]:
+    """The graph's inputs by name, as numpy arrays of the dtypes it declares: a floating one of
+    another floating dtype is cast with ``cast`` (align_onnx: a float16 graph fed the float32
+    model's inputs), else refused."""
     from ..adapters import to_numpy
 
     names = [i.name for i in inputs]
@@ -377,7 +381,9 @@ def _as_feeds(feeds: Feeds, inputs: Sequence[Any], where: str) -> dict[str, np.n
         except (KeyError, TypeError, ValueError):
             continue
         got = arrays[graph_input.name].dtype
-        if got != want:  # onnxruntime neither casts nor names the input
+        if got != want and cast and got.kind == "f" and want.kind == "f":
+            arrays[graph_input.name] = arrays[graph_input.name].astype(want)
+        elif got != want:  # onnxruntime neither casts nor names the input
             raise UnsupportedValueError(
                 f"{where}: input {graph_input.name!r} is {got}, the graph takes {want}")
     return arrays
@@ -506,9 +512,11 @@ def _capture(
     optimization: str = "disable",
     session_options: Any = None,
     where: Optional[str] = None,
-) -> tuple[ReprodLogger, dict[str, str]]:
-    """``record_onnx``, and which layer the graph computes each folded BatchNorm with
-    (BatchNorm call -> convolution call)."""
+    cast_inputs: bool = False,
+) -> tuple[ReprodLogger, dict[str, Optional[str]]]:
+    """``record_onnx``, and the layer calls the graph computes fused with the one before them:
+    a folded BatchNorm -> its convolution (TorchScript), or -> None where the graph does not say
+    which (a node dynamo's optimiser fused, under the last fused layer's name)."""
     _check_model(model)
     proto, loaded_from = _load(model)
     where = where or loaded_from
@@ -554,7 +562,7 @@ def _capture(
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION[optimization])
     session_inputs = [i for i in proto.graph.input if i.name not in {
         t.name for t in proto.graph.initializer}]
-    values = _as_feeds(feeds, session_inputs, where)
+    values = _as_feeds(feeds, session_inputs, where, cast=cast_inputs)
     try:
         session = ort.InferenceSession(probe.SerializeToString(), opts,
                                        providers=list(providers or ["CPUExecutionProvider"]))
@@ -572,7 +580,9 @@ def _capture(
         array = got.get(value)
         if isinstance(array, np.ndarray):
             logger.add(key, array)
-    return logger, {bn: conv for conv, bn in into.items()}
+    fused: dict[str, Optional[str]] = {c.subject: None for c in calls if c.rewritten}
+    fused.update((bn, conv) for conv, bn in into.items())
+    return logger, fused
 
 
 def pair_onnx(ref: Mapping[str, Any], other: Mapping[str, Any]
