@@ -48,6 +48,9 @@ class Localisation:
             return None
         name = self.divergence.layer.partition("#")[0]
         port = self.port_names.get(self.divergence.layer) or self.port_names.get(name)
+        folded = getattr(self.divergence, "folded", None)
+        if port is None and folded is not None:  # a port layer computing two of the reference's
+            port = self.port_names.get(folded) or self.port_names.get(folded.partition("#")[0])
         return port if port is not None and port != self.divergence.layer else None
 
     @property
@@ -407,7 +410,7 @@ def localise_forward(
                             kinds=(layer_types(torch_model), layer_types(paddle_model)))
         parts, superseded, derived = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
         port = _renamed(raw, pairing.calls, parts)
-        functions = _applied_as_functions(ref, port, pairing)
+        functions = _applied_as_functions(ref, port, pairing, set(parts.values()))
         port.update(functions)
         names = {o.partition("#")[0]: r.partition("#")[0] for o, r in pairing.calls.items()}
     noise = None if run_twin is None else _split_packed(

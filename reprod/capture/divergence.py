@@ -72,6 +72,10 @@ class Divergence:
     # the reference's layer calls between ``previous`` and ``layer`` that nothing in the port
     # pairs with, with their classes ("encoder.ln (LayerNorm)"): where an input already differs
     unpaired_between: tuple[str, ...] = ()
+    # the reference's layer call before ``layer`` that the port computes in the same layer (a
+    # convolution a converter folded the BatchNorm ``layer`` into): ``inputs`` are its inputs
+    folded: Optional[str] = None
+    folded_type: Optional[str] = None
 
     @property
     def input_aligned(self) -> Optional[bool]:
@@ -99,6 +103,9 @@ class Divergence:
             )
         backward = self.direction == "backward"
         where = self.layer + (f" ({self.layer_type})" if self.layer_type else "")
+        if self.folded is not None:
+            where = (self.folded + (f" ({self.folded_type})" if self.folded_type else "")
+                     + f" + {where}, one layer in the port")
         head = "backward diverges" if backward else "diverges"
         inp = "incoming gradient" if backward else "input"
         out = f"{_describe_output(self.output, backward, len(self.outputs) > 1)}"
@@ -222,11 +229,12 @@ def _representative(results: tuple[KeyResult, ...]) -> Optional[KeyResult]:
 
 
 class _Unit:
-    __slots__ = ("subject", "name", "ins", "outs", "pos", "start")
+    __slots__ = ("subject", "name", "ins", "outs", "pos", "start", "folded")
 
     def __init__(self, subject: str, name: str) -> None:
         self.subject = subject
         self.name = name
+        self.folded: Optional[_Unit] = None  # the call before it, computed in one port layer
         self.pos: Optional[int] = None  # position of the first output key: when the call ended
         self.start: Optional[int] = None  # position of its first key: when the call began
         self.ins: list[KeyResult] = []
@@ -263,6 +271,10 @@ def _divergence(
     ins, outs = tuple(unit.ins), tuple(unit.outs)
     output = _representative(outs)
     assert output is not None
+    if unit.folded is not None:
+        extra.setdefault("folded", unit.folded.subject)
+        extra.setdefault("folded_type",
+                         None if layer_types is None else layer_types.get(unit.folded.name))
     return Divergence(
         layer=unit.subject,
         layer_type=None if layer_types is None else layer_types.get(unit.name),
@@ -409,6 +421,24 @@ def _unpaired(result: DiffResult) -> Optional[Divergence]:
     )
 
 
+def _merge_folded(forward: dict[str, _Unit], result: DiffResult) -> None:
+    """Join each layer call recorded with outputs only to the call just before it recorded
+    with inputs only: what ``match_by_order`` leaves of two reference layers one port layer
+    computes (a BatchNorm folded into its convolution), the first's input and the second's
+    output. Judged as one call, its input is the first's, not "not recorded"."""
+    at = {r.key: pos for pos, r in enumerate(result.results)}
+    for unit in list(forward.values()):
+        if unit.ins or not unit.outs or unit.start is None or unit.start == 0:
+            continue
+        parsed = parse_key(result.results[unit.start - 1].key)
+        before = None if parsed is None else forward.get(parsed.subject)
+        if before is None or before is unit or before.outs or not before.ins or \
+                at.get(before.ins[-1].key) != unit.start - 1:
+            continue
+        unit.ins, unit.start, unit.folded = list(before.ins), before.start, before
+        del forward[before.subject]
+
+
 def first_divergence(
     result: DiffResult, *, layer_types: Optional[Mapping[str, str]] = None,
     carried: Optional[Callable[[Divergence], bool]] = None,
@@ -476,6 +506,7 @@ def first_divergence(
             if unit.pos is None:
                 unit.pos = pos
 
+    _merge_folded(forward, result)
     spans: Spans = {
         u.subject: (u.start, u.pos)
         for u in forward.values()

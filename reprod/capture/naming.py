@@ -20,7 +20,6 @@ keys are called (a layer attribute named ``out`` gives ``head.out.out``).
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import warnings
 from collections.abc import Collection, Mapping, Sequence
@@ -30,6 +29,10 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from ..errors import KeyMismatchError, UnsupportedValueError
+from . import _values
+from ._values import close as _close
+from ._values import feeds as _feeds
+from ._values import stats as _stats
 
 __all__ = [
     "ROOT",
@@ -407,15 +410,17 @@ def _identity_call(mapping: Mapping[str, Any], subject: str) -> bool:
     return a.dtype.kind == "f" and a.size > 1 and not bool((a == a.flat[0]).all())
 
 
-def _applied_as_functions(ref: Mapping[str, Any], port: Mapping[str, Any], pairing: Any
-                          ) -> dict[str, Any]:
+def _applied_as_functions(ref: Mapping[str, Any], port: Mapping[str, Any], pairing: Any,
+                          fused: Collection[str] = ()) -> dict[str, Any]:
     """The port's input and output of each reference layer it applies as a function (Hugging
     Face's ``GELUActivation`` layer, Paddle's ``F.gelu`` inside ``TransformerEncoderLayer``),
     under the layer's keys: where a layer call only the reference records sits between two paired
     calls, and the reference's data runs through it (its input is the output of the call before,
     its output the input of the call after), the port's output of the call before and input of
     the call after are what it computed there. The layer is then judged, and diagnosed, as any
-    paired one."""
+    paired one. ``fused``: the reference outputs a port layer computing two reference layers
+    gives (``_fused``); the second of those counts as paired (a converter's convolution with the
+    BatchNorm folded in, then the Hardswish as a function)."""
     parts: dict[str, dict[str, str]] = {}
     for key in ref:
         k = parse_key(key)
@@ -431,10 +436,10 @@ def _applied_as_functions(ref: Mapping[str, Any], port: Mapping[str, Any], pairi
     out: dict[str, Any] = {}
     for i in range(1, len(order) - 1):
         prev, x, nxt = order[i - 1], order[i], order[i + 1]
-        if x not in pairing.ref_only or prev not in paired or nxt not in paired:
+        if x not in pairing.ref_only or nxt not in paired:
             continue
         keys = part(prev, "out"), part(x, "in"), part(x, "out"), part(nxt, "in")
-        if any(k is None for k in keys):
+        if any(k is None for k in keys) or (prev not in paired and keys[0] not in fused):
             continue
         before, x_in, x_out, after = keys
         if before not in port or after not in port or not (
@@ -559,10 +564,39 @@ def _pair_calls(ref_calls: list[tuple[str, dict[str, Any]]],
     (``_fingerprint``), wins: a port that drops a LayerNorm for an ``Identity`` has its next
     Linear see the LayerNorm's input, and by values alone the two would pair."""
     subject_map: dict[str, str] = {}
+    owns: dict[tuple[int, str], Optional[str]] = {}
+
+    def own(side: int, subject: str) -> Optional[str]:
+        # what the call computes, from its own values: a bug before it leaves that as it is
+        if (side, subject) not in owns:
+            m = ref_map if side == 0 else other_map
+            owns[side, subject] = None if m is None else _values.own_kind(
+                _values.part_value(m, subject, "in"), _values.part_value(m, subject, "out"))
+        return owns[side, subject]
+
+    def alike(ref: str, other: str) -> Optional[bool]:
+        """Whether two calls are layers of one kind: by class where both are known, else by
+        what their values say they compute; ``None`` where neither tells."""
+        if _known_kinds(kinds, ref, other):
+            return _one_kind(kinds, ref, other)
+        a, b = own(0, ref), own(1, other)
+        return None if a is None or b is None else a == b
+
     fixed, crossing = _anchored_pairs(ref_calls, other_calls, anchors)
+    folded: dict[int, list[int]] = {}
+    if ref_map is not None and other_map is not None:
+        found = _values.value_anchors(
+            [c[0] for c in ref_calls], [c[0] for c in other_calls], ref_map, other_map,
+            {j for _, j in fixed + crossing}, {i for i, _ in fixed + crossing},
+            lambda j, i: alike(ref_calls[j][0], other_calls[i][0]) is not False)
+        if found.pairs:
+            fixed, crossing = _values.increasing(sorted(fixed + crossing + found.pairs))
+            folded = found.folded
     for i, j in crossing:
         subject_map[other_calls[i][0]] = ref_calls[j][0]
     other_fixed, ref_fixed = {i for i, _ in crossing}, {j for _, j in crossing}
+    # the reference calls a port call folds into the one it pairs with pair with nothing
+    ref_fixed.update(k for chain in folded.values() for k in chain)
     bounds = [(-1, -1), *fixed, (len(other_calls), len(ref_calls))]
     prints: dict[tuple[int, str], Any] = {}
 
@@ -581,7 +615,7 @@ def _pair_calls(ref_calls: list[tuple[str, dict[str, Any]]],
         ref_subj, other_subj = [c[0] for c in ref_seg], [c[0] for c in other_seg]
 
         def like(a: int, b: int, r: list[str] = ref_subj, o: list[str] = other_subj) -> int:
-            return _likeness(fp(0, r[a]), fp(1, o[b])) + _SAME_KIND * _one_kind(kinds, r[a], o[b])
+            return _likeness(fp(0, r[a]), fp(1, o[b])) + _SAME_KIND * bool(alike(r[a], o[b]))
 
         ref_sigs, other_sigs = [_signature(p) for _, p in ref_seg], [_signature(p) for _, p in other_seg]
         pairs = _uncrossed(_align(ref_sigs, other_sigs, like), ref_sigs, other_sigs, like)
@@ -604,6 +638,11 @@ def _one_kind(kinds: Optional[tuple[Mapping[str, str], Mapping[str, str]]], ref:
     if a is None or b is None:
         return False
     return _DIMS_SUFFIX.sub("", a.lower()) == _DIMS_SUFFIX.sub("", b.lower())
+
+
+def _known_kinds(kinds: Optional[tuple[Mapping[str, str], Mapping[str, str]]], ref: str,
+                 other: str) -> bool:
+    return kinds is not None and _base(ref) in kinds[0] and _base(other) in kinds[1]
 
 
 # how many pairs apart two paired calls may be swapped (siblings called the other way round)
@@ -630,7 +669,6 @@ def _uncrossed(pairs: list[tuple[int, int]], ref_sigs: list[Any], other_sigs: li
 # an alignment of more calls than this (reference x port, between two anchors) takes difflib's
 # longest runs of matching shapes instead of the value-aware alignment, whose table is that size
 _ALIGN_CELLS = 1 << 22
-_LIKE_RTOL = 1e-2  # values agreeing this closely are the same values (float32 or half ports)
 
 
 def _align(ref_sigs: list[Any], other_sigs: list[Any], likeness: Callable[[int, int], int]
@@ -683,30 +721,6 @@ def _fingerprint(mapping: Mapping[str, Any], subject: str) -> Optional[tuple[Any
     return part("in"), part("out")
 
 
-def _stats(value: Any) -> Optional[tuple[float, float, float]]:
-    try:
-        a = np.asarray(value)
-    except Exception:  # noqa: BLE001 - a value without an array view: no fingerprint
-        return None
-    if a.dtype.kind != "f" or a.size == 0:
-        return None
-    # over the array as it is (half precision summed in float32): numpy's pairwise sums are far
-    # within the 1e-2 that likeness reads them to, and a float64 copy and a second |x| cost 3x
-    # the reads (ResNet-50's captures: pairing took 1.0 s against 0.13 s for comparing them)
-    acc = np.float32 if a.itemsize < 4 else None
-    with np.errstate(all="ignore"):
-        size = np.abs(a)
-        return float(a.mean(dtype=acc)), float(size.mean(dtype=acc)), float(size.max())
-
-
-def _close(x: Any, y: Any) -> bool:
-    if x is None or y is None or not all(map(math.isfinite, (*x, *y))):
-        return False
-    scale = max(x[1], y[1])
-    return (abs(x[0] - y[0]) <= _LIKE_RTOL * scale and abs(x[1] - y[1]) <= _LIKE_RTOL * scale
-            and abs(x[2] - y[2]) <= _LIKE_RTOL * max(x[2], y[2]))
-
-
 def _likeness(ref_fp: Any, other_fp: Any) -> int:
     """2 where the inputs agree, plus 1 where the outputs do: a correct port's paired calls see
     the same input (a layer and the one after it, same-shaped, do not)."""
@@ -727,8 +741,9 @@ def _fused(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
 
     Found by values: the reference's next layer is unpaired and takes the paired layer's output
     as its input, and the port layer's output agrees with the next layer's output, not with the
-    paired layer's. After a bug values agree with neither, and the port layer's output is set
-    against the paired layer's, as before.
+    paired layer's. After a bug in it values agree with neither, and the port layer's output
+    is set against the one it is nearer (a convolution 1% off with its BatchNorm folded in is
+    nearer the BatchNorm's output; one applying the next layer as a function, the paired one's).
 
     Where the reference applies the ReLU as a function (densenet's last ``F.relu``), no reference
     layer records what the fused port layer gives: its output agrees with the ReLU of the paired
@@ -761,11 +776,24 @@ def _fused(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
             continue
         if a is not b and not np.array_equal(np.asarray(a), np.asarray(b)):
             continue
-        got = _stats(other_map[o_out])
-        if _close(got, _stats(ref_map[r2_out])) and not _close(got, _stats(a)):
+        got, first, second = _stats(other_map[o_out]), _stats(a), _stats(ref_map[r2_out])
+        if (_close(got, second) and not _close(got, first)) or (
+                not _close(got, first) and not _close(got, second)
+                and _nearer(other_map[o_out], ref_map[r2_out], a)):
             parts[o_out] = r2_out
             superseded.update((r_out, r2_in))
     return parts, superseded, derived
+
+
+def _nearer(got: Any, this: Any, that: Any) -> bool:
+    """Whether ``got`` is nearer ``this`` than ``that`` (largest difference): a port layer
+    computing two reference layers in one, with a bug in it, is nearer the second's output (a
+    convolution's weight 1% off, its BatchNorm folded in) than the first's."""
+    with np.errstate(all="ignore"):
+        g = np.asarray(got, dtype=np.float64)
+        near = float(np.max(np.abs(g - np.asarray(this, dtype=np.float64))))
+        far = float(np.max(np.abs(g - np.asarray(that, dtype=np.float64))))
+    return bool(near < far)
 
 
 def _derive(ref: dict[str, Any], derived: Mapping[str, str]) -> dict[str, Any]:
@@ -777,18 +805,6 @@ def _derive(ref: dict[str, Any], derived: Mapping[str, str]) -> dict[str, Any]:
 
     return Derived({k: DERIVED_OPS[derived[k]](v) if k in derived else v for k, v in ref.items()},
                    derived)
-
-
-def _feeds(out: Any, nxt: Any) -> bool:
-    """Whether a layer's output is the next layer's input (the same tensor, recorded once, or
-    equal values), read from their first elements: a function between them changes those."""
-    if out is nxt:
-        return True
-    a, b = np.asarray(out), np.asarray(nxt)
-    if a.shape != b.shape:
-        return False
-    n = min(a.size, 256)
-    return bool(np.array_equal(a.reshape(-1)[:n], b.reshape(-1)[:n]))
 
 
 def _applied_relu(ref_out: Any, port_out: Any) -> bool:
@@ -839,7 +855,7 @@ def match_by_order(
                       if not left_out(k, other_boxes, subject_map, other_only)},
                      subject_map, parts)
     # a reference layer the port applies as a function: judged on what the port computed there
-    functions = _applied_as_functions(ref_map, other, pairing)
+    functions = _applied_as_functions(ref_map, other, pairing, kept)
     other.update(functions)
     ref = {k: v for k, v in ref_map.items()
            if k in kept or k in functions
