@@ -54,6 +54,15 @@ class SettingDiff:
             where = f"{self.torch_layer} ({ref} only)"
         elif self.torch_layer.startswith(NONE_FOR):
             where = f"{self.paddle_layer} ({other} only)"
+        if self.setting == "momentum" and other == "Paddle" and \
+                isinstance(self.paddle_value, float):
+            # compared in torch's convention, shown in each side's own: the generated code says
+            # momentum=0.1 where torch's 0.1 needs Paddle's 0.9
+            t = self.torch_value
+            return (f"{where}: momentum {_show_value(t)} in {ref}, {1.0 - self.paddle_value:g} "
+                    f"in {other}, where it weighs the running statistics and {ref}'s the batch"
+                    + (f": {ref}'s {t:g} is {other}'s {1.0 - t:g}" if isinstance(t, float)
+                       else ""))
         return (f"{where}: {self.setting} {_show_value(self.torch_value)} in {ref}, "
                 f"{_show_value(self.paddle_value)} in {other}" + _MEANING.get(self.setting, ""))
 
@@ -1030,6 +1039,9 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
     info: dict[str, Any] = {"differ": [d.line() for d in diffs]}
     if diffs:  # both sides' names, for the finding to say which is where the values differ
         info["where"] = [[d.torch_layer, d.paddle_layer] for d in diffs]
+    training = [f"{d.paddle_layer}/{d.setting}" for d in diffs if _training_only(d)]
+    if training:
+        info["training_only"] = training
     if waived:
         info["waived"] = [d.line() for d in waived]
     if report.unpaired or unpaired_layers:
@@ -1089,6 +1101,22 @@ def _inside_divergence(result: Any) -> Optional[tuple[str, str]]:
     return None
 
 
+_DROPOUTS = ("dropout", "dropout2d", "dropout3d", "alphadropout", "droppath")
+
+
+def _training_only(d: SettingDiff) -> bool:
+    """A setting that acts in training only: a BatchNorm's momentum, a dropout's rate or mode
+    (X2Paddle's ONNX-route ports have no dropout at all: the export leaves it out)."""
+    return (d.kind == "batchnorm" and d.setting == "momentum") or d.kind in _DROPOUTS
+
+
+def _waiver(names: list[str]) -> str:
+    """``check_settings=`` patterns waiving ``names`` ("<Paddle layer>/<setting>"): a glob per
+    momentum, the names themselves for the rest (a glob on ``p`` would waive a normalize's)."""
+    patterns = sorted({"*/momentum" if n.endswith("/momentum") else n for n in names})
+    return "check_settings=[" + ", ".join(f'"{p}"' for p in patterns) + "]"
+
+
 def with_finding(result: Any, verbose: bool = False) -> Any:
     """``result`` with the settings that differ as its last finding (``options["findings"]``),
     printed with ``verbose``."""
@@ -1122,6 +1150,13 @@ def with_finding(result: Any, verbose: bool = False) -> Any:
     line = (f"{len(lines)} {what}{'s' if len(lines) > 1 else ''} of the port differ"
             f"{'s' if len(lines) == 1 else ''} from the reference's, whatever the values say: "
             f"{shown}")
+    training = info.get("training_only") or []
+    if training:
+        who = ("it acts" if len(lines) == 1 else
+               f"{'all' if len(training) == len(lines) else len(training)} of them act")
+        line += (f"; {who} in training only (a BatchNorm's momentum, a dropout): a port for "
+                 f"inference waives {'it' if len(training) == 1 else 'them'} with "
+                 f"{_waiver(training)}")
     inside = _inside_divergence(result)
     if inside is None and any(_origin(*w) == "optimizer" for w in where) and any(
             "optimizer" in f for f in result.options.get("findings", ())):

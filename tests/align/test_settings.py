@@ -276,7 +276,38 @@ def test_a_momentum_that_step_0_cannot_show_fails_as_a_setting():
     assert [k.key for k in r.failed] == ["settings/bn/momentum"]
     assert r.options["findings"] == [
         "1 layer setting of the port differs from the reference's, whatever the values say: "
-        "bn: momentum 0.1 in torch, 0.9 in Paddle"]
+        "bn: momentum 0.1 in torch, 0.1 in Paddle, where it weighs the running statistics and "
+        "torch's the batch: torch's 0.1 is Paddle's 0.9; it acts in training only (a "
+        "BatchNorm's momentum, a dropout): a port for inference waives it with "
+        'check_settings=["*/momentum"]']
+
+
+class TNetDropout(TNet):
+    def __init__(self):
+        super().__init__()
+        self.drop = tnn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))))
+
+
+def test_a_dropout_an_inference_port_lacks_fails_and_the_finding_says_how_to_waive_it():
+    """X2Paddle's ONNX-route ports have no dropout (the export leaves it out): align_forward
+    failed them on it, in evaluation mode where it does nothing, without saying so."""
+    torch.manual_seed(0)
+    tm, pm = TNetDropout(), PNet()
+    load_into_paddle(pm, tm, by_order=True)
+    r = align_forward(tm, pm, X, by_order=True)
+    assert [k.key for k in r.failed] == ["settings/(none for torch drop)/p"], r.summary_line()
+    finding = r.options["findings"][-1]
+    assert finding.startswith("1 layer setting of the port differs from the reference's, "
+                              "whatever the values say: drop (torch only): p 0.2 in torch, "
+                              "no dropout in Paddle; it acts in training only"), finding
+    waiver = finding.rpartition("check_settings=")[2]
+    assert waiver == '["(none for torch drop)/p"]'
+    r = align_forward(tm, pm, X, by_order=True, check_settings=["(none for torch drop)/p"])
+    assert r.passed and r.options["settings"]["waived"] == [
+        "drop (torch only): p 0.2 in torch, no dropout in Paddle"], r.options["settings"]
 
 
 def test_matching_settings_add_no_key():

@@ -349,7 +349,8 @@ def test_step0_batchnorm_notes_are_checked_from_the_statistics_before_training()
     assert {k.key for k in r.failed} == {"step0/stat/bn._mean", "step0/stat/bn._variance",
                                          "settings/bn/momentum"}
     assert r["settings/bn/momentum"].reason.startswith(
-        "bn: momentum 0.1 in torch, 0.9 in Paddle"), r["settings/bn/momentum"].reason
+        "bn: momentum 0.1 in torch, 0.1 in Paddle, where it weighs the running statistics"
+    ), r["settings/bn/momentum"].reason
     assert r.options["findings"][0].startswith(
         "only BatchNorm statistics differ first (step0/stat, 2 keys): bn fits a momentum in the "
         "other framework's convention (check BatchNorm momentum"), r.options["findings"]
