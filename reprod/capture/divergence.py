@@ -76,6 +76,9 @@ class Divergence:
     # convolution a converter folded the BatchNorm ``layer`` into): ``inputs`` are its inputs
     folded: Optional[str] = None
     folded_type: Optional[str] = None
+    # the data flowing on from the layer aligns again, and no layer after it differs: its
+    # difference is not carried to the outputs (``carried`` said so; the first passed over)
+    not_carried: bool = False
 
     @property
     def input_aligned(self) -> Optional[bool]:
@@ -333,7 +336,7 @@ def _walk(
         previous = unit.subject
     if shared is not None:
         return shared
-    return passed[0] if passed else None
+    return replace(passed[0], not_carried=True) if passed else None
 
 
 def _uneven_calls(result: DiffResult) -> set[str]:

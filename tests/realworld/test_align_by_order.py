@@ -136,7 +136,10 @@ def test_a_bug_is_found_in_its_layer_and_explained(model, bug):
         key = f"settings/{pair.paddle_name(target)}/momentum"
         assert [k.key for k in result.failed] == [key], result.to_table(failed_only=True)
         assert "divergence" not in result.options
-        assert result.options["findings"][-1].endswith(result[key].reason.split(": the ")[0])
+        line = result[key].reason.split(": the ")[0]
+        assert result.options["findings"][-1].endswith(
+            f"{line}; it acts in training only (a BatchNorm's momentum, a dropout): a port for "
+            'inference waives it with check_settings=["*/momentum"]'), result.options["findings"]
         return
     assert not result.passed, f"{bug} not caught"
     div, findings = result.options["divergence"], result.options["findings"]
