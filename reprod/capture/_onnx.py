@@ -576,10 +576,17 @@ def _capture(
             f"{where}: onnxruntime could not run it: {text or type(exc).__name__}") from None
     got = dict(zip(names, results))
     got.update(values)
+    # onnxruntime's outputs are new arrays no one else holds: logged as they are (the copy
+    # add makes was two thirds of record_onnx's cost beyond its session and run); the feeds
+    # are the caller's, copied
+    own = {id(a) for a in results if isinstance(a, np.ndarray)}
     for key, value in wanted:
         array = got.get(value)
         if isinstance(array, np.ndarray):
-            logger.add(key, array)
+            if id(array) in own and array.dtype.kind in "biuf":
+                logger._put(key, array)
+            else:
+                logger.add(key, array)
     fused: dict[str, Optional[str]] = {c.subject: None for c in calls if c.rewritten}
     fused.update((bn, conv) for conv, bn in into.items())
     return logger, fused

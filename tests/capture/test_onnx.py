@@ -296,6 +296,24 @@ def test_bad_input_is_one_line_naming_the_file(twin, tmp_path):
     assert "\n" not in str(caught.value)
 
 
+def test_the_log_keeps_its_values_when_the_caller_changes_the_feed(twin):
+    """onnxruntime's outputs are logged without a copy (no one else holds them); the feed is
+    the caller's and is copied: changing it afterwards changes nothing logged."""
+    model, x, ref, paths = twin
+    feed = x.numpy().copy()
+    log = record_onnx(paths["dynamo"], feed)
+    want = {k: np.array(v, copy=True) for k, v in log.data.items()}
+    assert "<model>.in" in want and "<model>.out" in want
+    feed[...] = 7.0
+    assert all(np.array_equal(log.data[k], v) for k, v in want.items())
+    # and the logged values are the graph's own: a plain run gives the model's output
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(paths["dynamo"]), providers=["CPUExecutionProvider"])
+    plain = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(want["<model>.out"], plain, rtol=1e-6, atol=1e-6)
+
+
 def test_deployment_optimisations_keep_a_faithful_export_aligned(twin):
     model, x, ref, paths = twin
     got = record_onnx(paths["dynamo"], x, optimization="all").data
