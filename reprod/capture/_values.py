@@ -9,6 +9,7 @@ of the reference calls it folds. Those calls are anchors; the rest pair by order
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -131,12 +132,23 @@ def value_anchors(ref_subjects: Sequence[str], other_subjects: Sequence[str],
     other_p = probes(other_subjects, other_map, other_taken)
     if not ref_p or not other_p:
         return Anchors([], {})
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for j, (p_in, _) in ref_p.items():
-        by_shape.setdefault(p_in.shape, []).append(j)
-    # the reference calls reading each port call's input, found once for the three rules
-    reads = {i: [j for j in by_shape.get(p_in.shape, ()) if same_values(p_in, ref_p[j][0])]
-             for i, (p_in, _) in other_p.items()}
+    # the reference calls reading each port call's input, found once for the three rules: of
+    # those of its shape, sorted by mean |x|, only the ones within LIKE_RTOL of it are read (a
+    # large model's thousand same-shaped calls a side would otherwise make a million checks)
+    by_shape: dict[tuple[int, ...], tuple[list[float], list[int]]] = {}
+    for j, (p_in, _) in sorted(ref_p.items(), key=lambda item: item[1][0].stats[1]):
+        sizes, calls = by_shape.setdefault(p_in.shape, ([], []))
+        sizes.append(p_in.stats[1])
+        calls.append(j)
+
+    def read_by(p_in: Probe) -> list[int]:
+        sizes, calls = by_shape.get(p_in.shape, ([], []))
+        size = p_in.stats[1]
+        lo = bisect.bisect_left(sizes, size * (1 - LIKE_RTOL))
+        hi = bisect.bisect_right(sizes, size / (1 - LIKE_RTOL))
+        return sorted(j for j in calls[lo:hi] if same_values(p_in, ref_p[j][0]))
+
+    reads = {i: read_by(p_in) for i, (p_in, _) in other_p.items()}
     pairs: dict[int, int] = {}
     folded: dict[int, list[int]] = {}
     used: set[int] = set()
