@@ -306,8 +306,13 @@ def rename_by_order(
     nothing keeps its name (``match_by_order`` leaves those out of both sides).
     A parameter gradient follows its layer (``param.blocks.0.weight.grad`` becomes
     ``param.features.1.weight.grad`` when layer ``blocks.0`` pairs with ``features.1``). Keys
-    outside the capture scheme are kept as they are. Layers whose shapes agree by chance pair
-    wrongly, so read the result with that in mind.
+    outside the capture scheme are kept as they are. Before the order, values pair what they
+    pin down: a port call reading the same input as one reference call and giving the same
+    output as it (or as a call up to two after it, which it folds in: a BatchNorm in its
+    convolution) pairs with it wherever either calls it (a converter's ResNet runs each stage's
+    downsample first). Where shapes leave several pairings, calls of one kind win, read from
+    each call's own input and output. Layers whose shapes agree by chance and whose values say
+    nothing can still pair wrongly, so read the result with that in mind.
 
     ``anchors`` (other layer name -> reference layer name) fixes pairs known otherwise, such
     as the layers owning parameters paired by ``reprod.align.pair_weights_by_order``: shapes
@@ -557,8 +562,9 @@ def _pair_calls(ref_calls: list[tuple[str, dict[str, Any]]],
                 other_map: Optional[Mapping[str, Any]] = None,
                 kinds: Optional[tuple[Mapping[str, str], Mapping[str, str]]] = None
                 ) -> dict[str, str]:
-    """Layer calls paired by call order: the anchored ones, and between them the most calls whose
-    shapes match, in order. Where shapes allow several such pairings (a port with a layer the
+    """Layer calls paired by call order: the anchored ones (by ``anchors``' names, and by values:
+    ``_values.value_anchors``, of which a longest run in order on both sides bounds the rest),
+    and between them the most calls whose shapes match, in order. Where shapes allow several such pairings (a port with a layer the
     reference calls as a function: a ``ReLU`` after a ``BatchNorm`` keeps its shape), the one
     whose paired calls are layers of one kind (``kinds``), then see the same values
     (``_fingerprint``), wins: a port that drops a LayerNorm for an ``Identity`` has its next
