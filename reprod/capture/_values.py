@@ -247,43 +247,77 @@ def own_kind(x: Any, y: Any) -> Optional[str]:
     """What a layer call computes, read from its own input and output, so that a bug before it
     does not change the answer: ``"activation"`` (one function of each element: ReLU,
     Hardswish), ``"channelwise"`` (a function of each element per channel: an eval BatchNorm),
-    ``"mixing"`` (each output of several inputs: convolution, linear), or ``None`` (other
-    shapes, too few values, a constant output). The pairing by order prefers calls of one
-    kind where shapes allow several pairings."""
+    ``"normalising"`` (each element a function, per feature, of its row along the last axis
+    standardised: LayerNorm, RMSNorm), ``"mixing"`` (each output of several inputs:
+    convolution, linear), or ``None`` (other shapes, too few values, a constant output). The
+    pairing by order prefers calls of one kind where shapes allow several pairings."""
     try:
         a, b = np.asarray(x), np.asarray(y)
     except Exception:  # noqa: BLE001 - a value without an array view
         return None
     if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f" or a.size < 16:
         return None
+    full_a, full_b = a, b
     if a.ndim >= 2:
         a, b = np.moveaxis(a, 1, 0), np.moveaxis(b, 1, 0)
     a, b = a.reshape(len(a) if a.ndim > 1 else 1, -1), b.reshape(len(b) if b.ndim > 1 else 1, -1)
-    rows = np.linspace(0, a.shape[0] - 1, min(_KIND_ROWS, a.shape[0])).astype(np.intp)
-    cols = np.linspace(0, a.shape[1] - 1, min(_KIND_COLS, a.shape[1])).astype(np.intp)
-    a = a[np.ix_(rows, cols)].astype(np.float64)
-    b = b[np.ix_(rows, cols)].astype(np.float64)
+    a, b = _sampled(a, b)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return None
-
-    def ratio(x: np.ndarray, y: np.ndarray) -> Optional[float]:
-        """How much less ``y`` varies along sorted ``x`` than as it lies, row by row: near 1
-        for values unrelated to the input, about 3 / (columns - 1) for a monotone function."""
-        shuffled = float(np.abs(np.diff(y, axis=1)).sum())
-        if shuffled <= 0.0:
-            return None
-        order = np.argsort(x, axis=1, kind="stable")
-        return float(np.abs(np.diff(np.take_along_axis(y, order, 1), axis=1)).sum()) / shuffled
-
-    flat = ratio(a.reshape(1, -1), b.reshape(1, -1))
+    flat = _ratio(a.reshape(1, -1), b.reshape(1, -1))
     if flat is None:
         return None
     if flat <= _POINTWISE:
         return "activation"
     if a.shape[1] < 4:
         return None
-    rows = ratio(a, b)
-    if rows is None:
+    if _monotone(a, b):
+        return "channelwise"
+    return "normalising" if _normalising(full_a, full_b) else "mixing"
+
+
+def _sampled(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``_KIND_ROWS`` x ``_KIND_COLS`` of two (rows, columns) arrays, in float64."""
+    rows = np.linspace(0, a.shape[0] - 1, min(_KIND_ROWS, a.shape[0])).astype(np.intp)
+    cols = np.linspace(0, a.shape[1] - 1, min(_KIND_COLS, a.shape[1])).astype(np.intp)
+    return (a[np.ix_(rows, cols)].astype(np.float64), b[np.ix_(rows, cols)].astype(np.float64))
+
+
+def _ratio(x: np.ndarray, y: np.ndarray) -> Optional[float]:
+    """How much less ``y`` varies along sorted ``x`` than as it lies, row by row: near 1 for
+    values unrelated to the input, about 3 / (columns - 1) for a monotone function."""
+    shuffled = float(np.abs(np.diff(y, axis=1)).sum())
+    if shuffled <= 0.0:
         return None
+    order = np.argsort(x, axis=1, kind="stable")
+    return float(np.abs(np.diff(np.take_along_axis(y, order, 1), axis=1)).sum()) / shuffled
+
+
+def _monotone(x: np.ndarray, y: np.ndarray) -> bool:
+    """Each row of ``y`` a function of the same row of ``x`` (rows, columns)."""
+    got = _ratio(x, y)
     # a monotone function's sorted run varies ~3 / (n - 1) of a shuffled one over n columns
-    return "channelwise" if rows <= min(0.5, max(_POINTWISE, 6 / (a.shape[1] - 1))) else "mixing"
+    return got is not None and got <= min(0.5, max(_POINTWISE, 6 / (x.shape[1] - 1)))
+
+
+def _normalising(x: np.ndarray, y: np.ndarray) -> bool:
+    """Each feature (last axis) of ``y`` a function of that feature of ``x``'s rows
+    standardised (LayerNorm) or divided by their root mean square (RMSNorm): a LayerNorm and
+    the Linear after it read one input and give one shape, and only this tells them apart."""
+    if x.ndim < 2 or x.shape[-1] < 4:
+        return False
+    rows_x, rows_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if len(rows_x) < 4:
+        return False
+    pick = np.linspace(0, len(rows_x) - 1, min(_KIND_ROWS, len(rows_x))).astype(np.intp)
+    rows_x, rows_y = rows_x[pick].astype(np.float64), rows_y[pick].astype(np.float64)
+    with np.errstate(all="ignore"):
+        centred = rows_x - rows_x.mean(axis=1, keepdims=True)
+        standard = centred / np.sqrt((centred ** 2).mean(axis=1, keepdims=True))
+        rms = rows_x / np.sqrt((rows_x ** 2).mean(axis=1, keepdims=True))
+    for z in (standard, rms):
+        if np.isfinite(z).all():
+            zs, ys = _sampled(z.T, rows_y.T)  # features as rows, the rows read as columns
+            if _monotone(zs, ys):
+                return True
+    return False

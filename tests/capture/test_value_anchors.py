@@ -265,3 +265,43 @@ def test_siblings_with_the_same_values_anchor_neither():
     ref = {"x.in": a, "x.out": b, "x#2.in": a, "x#2.out": b, "<model>.in": a, "<model>.out": b}
     got = {"p.in": a, "p.out": b, "q.in": a, "q.out": b, "<model>.in": a, "<model>.out": b}
     assert pair_layer_calls(ref, got) == {"p": "x", "q": "x#2", "<model>": "<model>"}
+
+
+def _layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+    c = x - x.mean(-1, keepdims=True)
+    return c / np.sqrt((c ** 2).mean(-1, keepdims=True) + 1e-5) * g + b
+
+
+def test_own_kind_tells_a_layer_norm_from_the_linear_after_it():
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 64) * 2 + 0.5
+    ln, rms, lin = torch.nn.LayerNorm(64), torch.nn.RMSNorm(64), torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+        rms.weight.uniform_(0.5, 1.5)
+        assert own_kind(x.numpy(), ln(x).numpy()) == "normalising"
+        assert own_kind(x.numpy(), rms(x).numpy()) == "normalising"
+        assert own_kind(x.numpy(), lin(x).numpy()) == "mixing"
+
+
+def test_a_layer_norm_the_port_leaves_out_pairs_with_nothing_on_captures_alone():
+    """The port leaves the embedding LayerNorm out: its next Linear reads the LayerNorm's input.
+    With layer classes (align_forward) the kinds kept them apart; on captures alone the Linear
+    paired with the LayerNorm and every call after it shifted by one."""
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((2, 7, 16)).astype(np.float32)
+    w0, w1, w2 = (rng.standard_normal((3, 16, 16)) / 2).astype(np.float32)
+    x = e @ w0 + 0.5
+    g, b = rng.uniform(0.5, 1.5, 16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    h = _layer_norm(x, g, b).astype(np.float32)
+    ref = {"<model>.in": e, "emb.in": e, "emb.out": x, "ln.in": x, "ln.out": h, "q.in": h,
+           "q.out": h @ w1, "k.in": h @ w1, "k.out": h @ w1 @ w2, "<model>.out": h @ w1 @ w2}
+    got = {"<model>.in": e, "emb.in": e, "emb.out": x, "q.in": x, "q.out": x @ w1,
+           "k.in": x @ w1, "k.out": x @ w1 @ w2, "<model>.out": x @ w1 @ w2}
+    pairs = pair_layer_calls(ref, got)
+    assert pairs == {"emb": "emb", "q": "q", "k": "k", "<model>": "<model>"}, pairs
+    r = reprod.compare(*match_by_order(ref, got), threshold=1e-5)
+    div = first_divergence(r)
+    # judged where the port's data runs unchanged through the place of the left-out layer
+    assert div.layer == "ln" and div.input_aligned, div.message
