@@ -153,18 +153,17 @@ def value_anchors(ref_subjects: Sequence[str], other_subjects: Sequence[str],
     folded: dict[int, list[int]] = {}
     used: set[int] = set()
 
-    def settle(found: dict[int, list[Any]]) -> None:
-        """Keep the port calls with one candidate that no other port call has."""
-        count: dict[Any, int] = {}
+    def settle(found: dict[int, list[tuple[int, list[int]]]]) -> None:
+        """Keep the port calls with one candidate (reference call, the calls it folds in) that
+        no other port call has."""
+        count: dict[int, int] = {}
         for cands in found.values():
-            for c in cands:
-                key = c[0] if isinstance(c, tuple) else c
-                count[key] = count.get(key, 0) + 1
+            for j, _ in cands:
+                count[j] = count.get(j, 0) + 1
         for i, cands in found.items():
             if len(cands) != 1:
                 continue
-            c = cands[0]
-            j, chain = (c[0], c[1]) if isinstance(c, tuple) else (c, [])
+            j, chain = cands[0]
             if count[j] == 1:
                 pairs[i] = j
                 used.add(j)
@@ -175,14 +174,14 @@ def value_anchors(ref_subjects: Sequence[str], other_subjects: Sequence[str],
     def free(i: int) -> list[int]:
         return [j for j in reads[i] if j not in used]
 
-    settle({i: [j for j in free(i) if same_values(other_p[i][1], ref_p[j][1])]
+    settle({i: [(j, []) for j in free(i) if same_values(other_p[i][1], ref_p[j][1])]
             for i in other_p if other_p[i][1] is not None})
-    fused: dict[int, list[Any]] = {}
+    fused: dict[int, list[tuple[int, list[int]]]] = {}
     for i in other_p:
         out = other_p[i][1]
         if i in pairs or out is None:
             continue
-        cands: list[Any] = []
+        cands: list[tuple[int, list[int]]] = []
         for j in free(i):
             chain: list[int] = []
             k = j
@@ -194,7 +193,9 @@ def value_anchors(ref_subjects: Sequence[str], other_subjects: Sequence[str],
                     break
                 k += 1
                 chain.append(k)
-                if same_values(out, probe(part_value(ref_map, ref_subjects[k], "out"))):
+                got = ref_p[k][1] if k in ref_p else probe(
+                    part_value(ref_map, ref_subjects[k], "out"))
+                if same_values(out, got):
                     cands.append((j, list(chain)))
                     break
         fused[i] = cands
@@ -204,7 +205,7 @@ def value_anchors(ref_subjects: Sequence[str], other_subjects: Sequence[str],
         o_out, r_out = other_p[i][1], ref_p[j][1]
         return o_out is not None and r_out is not None and o_out.shape == r_out.shape
 
-    settle({i: [j for j in free(i) if same_shapes(i, j) and (alike is None or alike(j, i))]
+    settle({i: [(j, []) for j in free(i) if same_shapes(i, j) and (alike is None or alike(j, i))]
             for i in other_p if i not in pairs})
     return Anchors(sorted(pairs.items()), folded)
 
