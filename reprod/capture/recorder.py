@@ -307,6 +307,17 @@ def _selected(name: str, include: Optional[tuple[str, ...]], exclude: tuple[str,
     return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
+def _outputs(output: Any, is_tensor: Callable[[Any], bool]) -> list[tuple[Items, Any]]:
+    """A layer's output tensors, as its inputs are named: a tuple whose tensors are all in its
+    first item is that item (torch's ``MultiheadAttention`` returns ``(out, None)`` where
+    Paddle's returns ``out``; a Hugging Face layer ``(hidden,)`` where PaddleNLP's returns
+    ``hidden``), so that the two pair by name."""
+    found = list(flatten(output, is_tensor))
+    if isinstance(output, (tuple, list)) and found and all(items[0] == 0 for items, _ in found):
+        return [(items[1:], t) for items, t in found]
+    return found
+
+
 def flatten(
     value: Any, is_tensor: Callable[[Any], bool], prefix: Items = ()
 ) -> Iterator[tuple[Items, Any]]:
@@ -560,7 +571,7 @@ class Recorder:
                 return
             stack = self._open.get(name)
             call = stack.pop() if stack else self._calls.get(name, 1)
-            for items, t in flatten(output, self.backend.is_tensor):
+            for items, t in _outputs(output, self.backend.is_tensor):
                 if self.forward:
                     self._add(layer_key(name, call, "out", items), t)
                 if self.backward and self.backend.wants_grad(t):
