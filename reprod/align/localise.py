@@ -167,7 +167,7 @@ def _column_packed(torch_model: Any) -> dict[str, tuple[str, int]]:
     from .rules import _packings
 
     return {src[: -len(".weight")]: (prefix, e)
-            for src, (prefix, what, e, axis, _) in _packings(torch_model.state_dict()).items()
+            for src, (prefix, what, e, axis, _, _) in _packings(torch_model.state_dict()).items()
             if what == "weight" and axis == 1}
 
 

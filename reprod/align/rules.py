@@ -168,41 +168,59 @@ def torch_constants(torch_model: Any) -> set[str]:
 
 
 _IN_PROJ = re.compile(r"(.*\.)?in_proj_(weight|bias)")
+# torch's MultiheadAttention with kdim or vdim other than embed_dim: the three projection
+# weights apart ([E, E], [E, kdim], [E, vdim]), their biases still packed in ``in_proj_bias``
+_APART = re.compile(r"(.*\.)?([qkv])_proj_(weight)")
 # Hugging Face's GPT-2 attention: one Conv1D ``c_attn`` ([E, 3E], [in, out] as Paddle's Linear
 # holds a weight) beside its output projection ``c_proj``
 _C_ATTN = re.compile(r"(.*\.)?c_attn\.(weight|bias)")
 
 # a packed tensor -> (the layer prefix its slices go under, "weight" or "bias", its E, the axis
-# q, k and v lie along, whether its weight slices are in torch's Linear layout [out, in])
-_Packing = tuple[str, str, int, int, bool]
+# q, k and v lie along, whether its weight slices are in torch's Linear layout [out, in], which
+# of q, k and v it holds: "qkv" packed, or one of them whole)
+_Packing = tuple[str, str, int, int, bool, str]
 
 
 def _packings(state: Mapping[str, Any]) -> dict[str, _Packing]:
     """Each packed attention tensor of a torch state dict: torch's ``nn.MultiheadAttention``
     ``in_proj_weight`` [3E, E] and ``in_proj_bias`` [3E] (rows), and a Hugging Face GPT-2
     attention's Conv1D ``c_attn.weight`` [E, 3E] and ``c_attn.bias`` [3E] (columns), each where
-    its layer holds an output projection of [E, E] beside it (``out_proj``, ``c_proj``)."""
+    its layer holds an output projection of [E, E] beside it (``out_proj``, ``c_proj``). With
+    ``kdim``/``vdim``, torch's ``q_proj_weight``, ``k_proj_weight`` and ``v_proj_weight`` ([E,
+    E], [E, kdim], [E, vdim]) are each one of them whole, under another name than Paddle's."""
     def shape(key: str) -> tuple[int, ...]:
         return tuple(int(d) for d in getattr(state.get(key), "shape", ()))
 
     out: dict[str, _Packing] = {}
     for key in state:
-        for pattern, out_proj in ((_IN_PROJ, "out_proj.weight"), (_C_ATTN, "c_proj.weight")):
+        for pattern, out_proj in ((_IN_PROJ, "out_proj.weight"), (_C_ATTN, "c_proj.weight"),
+                                  (_APART, "out_proj.weight")):
             m = pattern.fullmatch(key)
             if m is None:
                 continue
-            prefix, what = m.group(1) or "", m.group(2)
+            prefix, what = m.group(1) or "", m.group(m.lastindex or 0)
             out_w = shape(prefix + out_proj)
             e = out_w[0] if len(out_w) == 2 and out_w[0] == out_w[1] else 0
             if not e:
                 continue
-            if what == "bias" and shape(key) == (3 * e,):
-                out[key] = (prefix, what, e, 0, True)
+            if pattern is _APART:
+                if len(shape(key)) == 2 and shape(key)[0] == e:
+                    out[key] = (prefix, what, e, 0, True, m.group(2))
+            elif what == "bias" and shape(key) == (3 * e,):
+                out[key] = (prefix, what, e, 0, True, "qkv")
             elif shape(key) == (3 * e, e):  # a Linear's rows
-                out[key] = (prefix, what, e, 0, True)
+                out[key] = (prefix, what, e, 0, True, "qkv")
             elif pattern is _C_ATTN and shape(key) == (e, 3 * e):
-                out[key] = (prefix, what, e, 1, False)
+                out[key] = (prefix, what, e, 1, False, "qkv")
     return out
+
+
+def _slices(packing: _Packing) -> list[tuple[str, tuple[slice, ...]]]:
+    """(q, k or v, its index into the tensor) for each of the projections a tensor holds."""
+    _, _, e, axis, _, held = packing
+    if len(held) == 1:
+        return [(held, (slice(None),))]
+    return [(q, (slice(None),) * axis + (slice(i * e, (i + 1) * e),)) for i, q in enumerate(held)]
 
 
 def split_attention(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -212,12 +230,19 @@ def split_attention(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     torch's ``nn.MultiheadAttention`` packs the query, key and value projections in one
     ``in_proj_weight`` [3E, E] and ``in_proj_bias`` [3E]; Hugging Face's GPT-2 in one Conv1D
     ``c_attn`` ([E, 3E]: the three side by side, each already in Paddle's [in, out]). Paddle
-    holds ``q_proj``, ``k_proj`` and ``v_proj``, each a Linear ([E, E] and [E]). The slices come
-    in Paddle's order (``q_proj.weight``, ``q_proj.bias``, ``k_proj.weight``...) under the
+    holds ``q_proj``, ``k_proj`` and ``v_proj``, each a Linear ([E, E] and [E]). With ``kdim`` or
+    ``vdim``, torch keeps the weights apart as ``q_proj_weight``... ([E, kdim] for the key's),
+    each renamed to Paddle's ``q_proj.weight``..., the biases still packed. The slices come in
+    Paddle's order (``q_proj.weight``, ``q_proj.bias``, ``k_proj.weight``...) under the
     attention layer's prefix, so that pairing by definition order sees them as Paddle lists
     them. A packed key is split where its layer has an output projection of [E, E] beside it and
     its shape is three E-wide blocks; any other is kept (``_packings``)."""
     packings = _packings(state)
+    # the tensors holding each projection's weight and bias: (prefix, q/k/v) -> {what: key}
+    held: dict[tuple[str, str], dict[str, str]] = {}
+    for key, packing in packings.items():
+        for q, _ in _slices(packing):
+            held.setdefault((packing[0], q), {})[packing[1]] = key
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for key, value in state.items():
@@ -225,43 +250,30 @@ def split_attention(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
         if packing is None:
             out[key] = value
             continue
-        prefix, what, _, _, _ = packing
-        weight = _packed_pair(key, what, "weight")
-        if what == "bias" and weight in packings:
-            continue  # split beside its weight, as Paddle lists them
-        parts = [(key, value, packing)]
-        bias = _packed_pair(key, what, "bias")
-        if what == "weight" and bias in packings:
-            parts.append((bias, state[bias], packings[bias]))
-        for i, q in enumerate("qkv"):
-            for src, tensor, (_, part, e, axis, _) in parts:
+        prefix, what = packing[0], packing[1]
+        if what == "bias" and all("weight" in held[prefix, q] for q, _ in _slices(packing)):
+            continue  # split beside its weights, as Paddle lists them
+        for q, _ in _slices(packing):
+            for part in ("weight", "bias") if what == "weight" else ("bias",):
+                src = held[prefix, q].get(part)
+                if src is None:
+                    continue
+                index = dict(_slices(packings[src]))[q]
                 name = f"{prefix}{q}_proj.{part}"
-                out[name] = tensor[_third(i, e, axis)]
+                out[name] = state[src][index]
                 origin[name] = src
     return out, origin
-
-
-def _third(i: int, e: int, axis: int) -> tuple[slice, ...]:
-    """The index of q (0), k (1) or v (2) in a tensor packing them along ``axis``, E each."""
-    return (slice(None),) * axis + (slice(i * e, (i + 1) * e),)
-
-
-def _packed_pair(key: str, what: str, want: str) -> str:
-    """The packed weight or bias beside ``key``: ``in_proj_weight``'s ``in_proj_bias``,
-    ``c_attn.weight``'s ``c_attn.bias``."""
-    return key[: len(key) - len(what)] + want
 
 
 def packed_slices(state: Mapping[str, Any]) -> dict[str, list[tuple[str, tuple[slice, ...]]]]:
     """Each packed attention tensor of a torch state dict -> [(the Paddle-ordered name of a
     slice, its index into the tensor)] (``split_attention``'s slices: rows of torch's
-    ``in_proj_weight``, columns of GPT-2's ``c_attn.weight``)."""
+    ``in_proj_weight``, columns of GPT-2's ``c_attn.weight``; a ``k_proj_weight`` whole)."""
     packings = _packings(state)
     out: dict[str, list[tuple[str, tuple[slice, ...]]]] = {}
     for name, src in split_attention(state)[1].items():
-        _, _, e, axis, _ = packings[src]
-        i = "qkv".index(name.rsplit(".", 2)[-2][0])
-        out.setdefault(src, []).append((name, _third(i, e, axis)))
+        q = name.rsplit(".", 2)[-2][0]
+        out.setdefault(src, []).append((name, dict(_slices(packings[src]))[q]))
     return out
 
 
@@ -286,7 +298,7 @@ def known_layouts(state: Mapping[str, Any]) -> dict[str, bool]:
     packings = _packings(state)
     out = {name: packings[src][4] for name, src in split_attention(state)[1].items()
            if name.endswith("weight")}
-    if any(not linear for _, what, _, _, linear in packings.values() if what == "weight"):
+    if any(not p[4] for p in packings.values() if p[1] == "weight"):
         out.update((k, False) for k in state if _CONV1D_WEIGHT.search(k))
     return out
 
@@ -296,6 +308,8 @@ def packed_why(state: Mapping[str, Any]) -> dict[str, str]:
     packings = _packings(state)
     return {name: (f"rows of {src} (torch's MultiheadAttention packs q, k, v)"
                    if packings[src][3] == 0 and "in_proj_" in src else
+                   f"{src} renamed (torch's MultiheadAttention with kdim or vdim keeps q, k "
+                   "and v apart)" if len(packings[src][5]) == 1 else
                    f"{'columns' if packings[src][3] else 'rows'} of {src} (Hugging Face's GPT-2 "
                    "attention packs q, k, v)")
             for name, src in split_attention(state)[1].items()}
