@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from models import build_pair, make_inputs, make_labels  # noqa: E402
 
 from reprod.align import align_train  # noqa: E402
+from reprod.diff.noise import DEFAULT_NOISE_FACTOR  # noqa: E402
 
 MODEL, SEED, BATCH, SIZE, STEPS = "densenet121", 0, 2, 64, 2
 CROSSING = "features.denseblock1.denselayer4.relu2"
@@ -92,7 +93,9 @@ def _failed(r) -> list:
 def test_without_the_explanation_a_correct_port_fails_its_gradients():
     others = _failed(trained(kinks=False))
     assert any(k.key.startswith("step0/grad/") for k in others)
-    assert max(k.noise_multiple for k in others) > 100
+    # how far past the noise factor depends on the CPU's rounding of the element near 0 (10^4x
+    # where measured first, 36x on an AMD EPYC); failing is the point
+    assert max(k.noise_multiple for k in others) > DEFAULT_NOISE_FACTOR
 
 
 def test_the_fused_batch_norms_pair_with_torch_relus_and_explain_the_failures():

@@ -331,7 +331,11 @@ def test_vit_gelu_computed_in_the_forward_is_localised_by_name() -> None:
 
     mlp.forward = types.MethodType(forward, mlp)
     r = align_forward(tm, pm, V.image(hw=V.VIT_HW), calibrate=True)
-    assert _failed(r) == {"logits", "settings/blocks.0.mlp:gelu/approximate"}, \
+    # the tanh approximation in one early block moves the logits by about their 20x noise: past
+    # it on one CPU, within it on another (an AMD EPYC here), where the layers judged inside the
+    # passing outputs fail at the block's own output instead
+    assert _failed(r) in ({"logits", "settings/blocks.0.mlp:gelu/approximate"},
+                          {"layers/blocks.0.mlp.out", "settings/blocks.0.mlp:gelu/approximate"}), \
         r.to_table(failed_only=True)
     d = _divergence(r)
     assert (d.get("layer"), d.get("kind")) == ("blocks.0.mlp", "layer"), d
