@@ -387,3 +387,20 @@ def test_a_few_one_sided_layers_keep_the_answer():
     assert first_divergence(compare(ref, other)) is None  # 3 of 5 pair
     other = {k: v for k, v in ref.items() if not k.startswith(("b.", "c.", "d."))}
     assert first_divergence(compare(ref, other)).kind == "unpaired"  # 2 of 5
+
+
+def test_the_port_s_calls_inside_a_paired_call_leave_nothing_unpaired():
+    """Paddle's attention calls its q, k, v and output Linears where torch's computes them as
+    functions: four port calls inside one paired call, beside two other paired calls. Counted as
+    unpaired, they made "layer names do not pair: only 3 of 3" the answer."""
+    ref = chain("attn", "head")
+    ref["<model>.in"], ref["<model>.out"] = ref["attn.in"], ref["head.out"]
+    other = dict(ref)
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        other[f"attn.{proj}.in"] = other[f"attn.{proj}.out"] = BASE
+    div = first_divergence(compare(ref, changed(other, "attn.out")))
+    assert div is not None and div.kind == "layer" and div.layer == "attn"
+    # calls outside any paired call still count
+    for name in ("x", "y", "z", "w"):
+        other[f"{name}.in"] = other[f"{name}.out"] = BASE
+    assert first_divergence(compare(ref, changed(other, "attn.out"))).kind == "unpaired"
