@@ -33,6 +33,25 @@ def _float64_twin(torch_model: Any) -> Any:
     return twin
 
 
+def _half_twin(torch_model: Any, precision: str, where: str) -> Any:
+    """A deep copy of the torch model in ``precision`` (``"float16"``, ``"bfloat16"``): the
+    reference of a port that computes in it."""
+    import torch
+
+    try:
+        return copy.deepcopy(torch_model).to(getattr(torch, precision))
+    except Exception as e:
+        raise ReprodError(
+            f"{where}: the port computes in {precision}, and a {precision} copy of "
+            f"{type(torch_model).__name__}, its reference, could not be made "
+            f"({type(e).__name__}: {_first_line(e)}); pass precision='float32'") from e
+
+
+def _first_line(error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [""])[0]
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
 @contextlib.contextmanager
 def float64_default() -> Iterator[None]:
     """torch's default dtype float64 inside, the one before restored after (an error too).

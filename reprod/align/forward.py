@@ -11,17 +11,27 @@ from typing import Any, Optional
 import numpy as np
 
 from ..diff.criteria import Criteria
+from ..errors import ReprodError
 from ..logger import ReprodLogger
 from ..storage import save
 from . import settings
-from .calibration import _float64_twin, float64_default, twin_failed, uncalibrated
+from .calibration import (
+    _first_line,
+    _float64_twin,
+    _half_twin,
+    float64_default,
+    twin_failed,
+    uncalibrated,
+)
 from .calls import trace_settings
 from .framework import (
+    _HALF,
     _criteria,
     _deterministic,
     _flatten,
     _modes,
     _paddle_place,
+    _port_precision,
     _split_inputs,
     _to_paddle,
     _to_torch,
@@ -60,6 +70,7 @@ def align_forward(
     check_settings: Any = True,
     rules: Any = None,
     layers: Optional[bool] = None,
+    precision: str = "auto",
 ) -> Any:
     """Run both models in eval mode on the same inputs and compare their outputs.
 
@@ -110,6 +121,18 @@ def align_forward(
     rounding could fail a faithful port at an absolute threshold, so the default judges the
     outputs alone there.
 
+    ``precision``: what the port computes in, ``"auto"`` (the default) reading it from the
+    Paddle model's parameters (``model.to(dtype="float16")``). A float16 or bfloat16 port rounds
+    every value thousands of times coarser than float32 noise can judge: the reference is then
+    a copy of the torch model in that precision, on the inputs cast to it, and, calibrated, the
+    torch model as given (float32) is the noise, within
+    ``reprod.diff.noise.LOW_PRECISION_NOISE_FACTOR`` (8; ``out_dir`` gets
+    ``forward_torch32.npy``). The port's floating inputs are cast to its precision.
+    ``precision="float32"`` judges it against the float32 model, where calibration cannot
+    speak (each key says so). ``options["precision"]`` holds a half precision judged in.
+    Paddle has no half-precision kernels for most operations on the CPU: run such a port on a
+    GPU (the error says which kernel it lacked).
+
     ``rules``: the ``ConversionRules`` the weights were loaded with (skips of the reference's
     layers the port lacks, ``port_only`` for the port's own): the settings check and the
     localisation pair the layers with parameters under them.
@@ -127,6 +150,14 @@ def align_forward(
 
     crit = _criteria(criteria, calibrate, methods=method, threshold=threshold, atol=atol,
                      rtol=rtol, per_key=per_key, noise_factor=noise_factor)
+    port_dtype = _port_precision(paddle_model)
+    if precision == "auto":
+        precision = port_dtype
+    elif precision not in (*_HALF, "float32"):
+        raise ReprodError(f"align_forward: precision={precision!r}; expected 'auto', "
+                          "'float32', 'float16' or 'bfloat16'")
+    half = precision if precision in _HALF else None
+    port_cast = port_dtype if port_dtype in _HALF else None  # what the port's inputs are in
     waive = settings.waivers(check_settings)
     torch_log, paddle_log = ReprodLogger(), ReprodLogger()
     noise_log = ReprodLogger() if calibrate else None
@@ -142,8 +173,17 @@ def align_forward(
             torch.manual_seed(seed)
             targs, tkw = _to_torch(args, dev), _to_torch(kwargs, dev)
             with traces[0] if traces else contextlib.nullcontext():
-                outs.append((torch_log, torch_model(*targs, **tkw)))
-            if noise_log is not None:
+                out32 = torch_model(*targs, **tkw)
+            if half is not None:
+                # the reference in the port's precision, and the float32 run its noise: a half
+                # port against float32 noise would fail every key by its own rounding
+                outs.append((torch_log, _run_half(torch_model, half, args, kwargs, dev, seed)))
+                if noise_log is not None:
+                    outs.append((noise_log, out32))
+            else:
+                outs.append((torch_log, out32))
+            del out32
+            if noise_log is not None and half is None:
                 twin = _float64_twin(torch_model)  # in eval mode, as the original is now
                 torch.manual_seed(seed)
                 args64 = _to_torch(args, dev, float64=True)
@@ -157,9 +197,10 @@ def align_forward(
                 del twin
         place = _paddle_place(paddle_model)
         with paddle.no_grad():
-            pargs, pkw = _to_paddle(args, place), _to_paddle(kwargs, place)
+            pargs = _to_paddle(args, place, dtype=port_cast)
+            pkw = _to_paddle(kwargs, place, dtype=port_cast)
             with traces[1] if traces else contextlib.nullcontext():
-                out_p = paddle_model(*pargs, **pkw)
+                out_p = _run_port(paddle_model, pargs, pkw, port_cast, place)
             outs.append((paddle_log, out_p))
     flats: list[dict[str, np.ndarray]] = []
     nones: dict[str, list[str]] = {}
@@ -184,7 +225,10 @@ def align_forward(
         verbose=verbose,
         noise_log=noise_log,
         write_log=False,  # below, with the findings
+        noise_precision="float32" if half is not None else "float64",
     )
+    if half is not None:
+        result = dataclasses.replace(result, options=dict(result.options, precision=half))
     if paired_outputs:
         result = dataclasses.replace(result, options=dict(result.options,
                                                           outputs_paired=paired_outputs))
@@ -201,7 +245,7 @@ def align_forward(
         result = _localised(
             result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,
             calibrate=calibrate, criteria=crit, out_dir=out_dir, verbose=verbose, rules=rules,
-            outputs_passed=not outputs_fail,
+            outputs_passed=not outputs_fail, half=half, port_cast=port_cast,
         )
     result = settings.with_finding(result, verbose=verbose)
     # what both return is judged; what one does not is said first
@@ -220,6 +264,39 @@ def align_forward(
     return result
 
 
+def _run_half(torch_model: Any, half: str, args: Any, kwargs: Any, dev: Any, seed: int) -> Any:
+    """The outputs of a copy of the torch model in ``half``, on the inputs cast to it."""
+    import torch
+
+    twin = _half_twin(torch_model, half, "align_forward")
+    dtype = getattr(torch, half)
+    torch.manual_seed(seed)
+    try:
+        return twin(*_to_torch(args, dev, dtype=dtype), **_to_torch(kwargs, dev, dtype=dtype))
+    except Exception as e:  # a kernel torch lacks in that precision on this device
+        raise ReprodError(
+            f"align_forward: the port computes in {half}, and {type(torch_model).__name__} in "
+            f"{half}, its reference, failed on {dev} ({type(e).__name__}: {_first_line(e)}); "
+            "pass precision='float32' to judge it against the float32 model") from e
+
+
+def _run_port(paddle_model: Any, args: Any, kwargs: Any, port_cast: Optional[str],
+              place: Any) -> Any:
+    """The port's outputs; where it holds half-precision weights and Paddle cannot run them
+    (no float16 or bfloat16 kernel for most operations on the CPU), one line that says so."""
+    if port_cast is None:
+        return paddle_model(*args, **kwargs)
+    try:
+        return paddle_model(*args, **kwargs)
+    except Exception as e:
+        cpu = "cpu" in str(place).lower() or place is None
+        raise ReprodError(
+            f"align_forward: the port {type(paddle_model).__name__} holds {port_cast} weights, "
+            f"and Paddle could not run it on {place} ({type(e).__name__}: {_first_line(e)})"
+            + ("; Paddle has no float16 or bfloat16 kernels for most operations on the CPU: "
+               "run both models on a GPU" if cpu else "")) from e
+
+
 def _localised(
     result: Any,
     torch_model: Any,
@@ -235,30 +312,47 @@ def _localised(
     verbose: bool,
     rules: Any = None,
     outputs_passed: bool = False,
+    half: Optional[str] = None,
+    port_cast: Optional[str] = None,
 ) -> Any:
     """``result`` with ``align_forward``'s localisation in its options, the layers' dumps
     written and, with ``verbose``, the findings printed. ``outputs_passed``: the layers are
     judged although the outputs pass; a layer that differs fails the result (``layers/<key>``),
-    and where none does, or the layers do not pair, the result is as it was."""
+    and where none does, or the layers do not pair, the result is as it was. ``half``: the
+    reference runs in that precision, and the torch model as given is the noise;
+    ``port_cast``: the port's inputs' dtype."""
     import paddle
     import torch
 
     with _modes(torch_model, paddle_model, train=False), _deterministic(seed):
         dev, place = _torch_device(torch_model), _paddle_place(paddle_model)
-        targs, tkw = _to_torch(args, dev), _to_torch(kwargs, dev)
-        pargs, pkw = _to_paddle(args, place), _to_paddle(kwargs, place)
+        reference = torch_model if half is None else _half_twin(torch_model, half,
+                                                                "align_forward")
+        dtype = None if half is None else getattr(torch, half)
+        targs, tkw = _to_torch(args, dev, dtype=dtype), _to_torch(kwargs, dev, dtype=dtype)
+        pargs = _to_paddle(args, place, dtype=port_cast)
+        pkw = _to_paddle(kwargs, place, dtype=port_cast)
 
         def run_torch() -> None:
             with torch.no_grad():
                 torch.manual_seed(seed)
-                torch_model(*targs, **tkw)
+                reference(*targs, **tkw)
 
         def run_paddle() -> None:
             with paddle.no_grad():
                 paddle_model(*pargs, **pkw)
 
         twin = None
-        if calibrate:
+        if calibrate and half is not None:
+            a32, k32 = _to_torch(args, dev), _to_torch(kwargs, dev)
+
+            def run_float32() -> None:
+                with torch.no_grad():
+                    torch.manual_seed(seed)
+                    torch_model(*a32, **k32)
+
+            twin = (torch_model, run_float32)
+        elif calibrate:
             model64 = _float64_twin(torch_model)
             a64, k64 = _to_torch(args, dev, float64=True), _to_torch(kwargs, dev, float64=True)
 
@@ -268,7 +362,7 @@ def _localised(
                     model64(*a64, **k64)
 
             twin = (model64, run_twin)
-        found = localise_forward(torch_model, paddle_model, run_torch, run_paddle,
+        found = localise_forward(reference, paddle_model, run_torch, run_paddle,
                                  by_order=by_order, criteria=criteria, run_twin=twin,
                                  rules=rules)
     div = found.divergence

@@ -201,14 +201,17 @@ def _torch_device(model: Any) -> Any:
     return torch.device("cpu")
 
 
-def _to_torch(value: Any, device: Any, *, float64: bool = False) -> Any:
+def _to_torch(value: Any, device: Any, *, float64: bool = False, dtype: Any = None) -> Any:
     """numpy arrays (or tensors) -> torch tensors on ``device``; with ``float64``, floating ones
-    (float16/bfloat16/float32) in float64 (integer and boolean ones as they are)."""
+    (float16/bfloat16/float32) in float64, with ``dtype`` in that torch dtype (integer and
+    boolean ones as they are)."""
     import torch
 
     def one(v: Any) -> Any:
         t = torch.from_numpy(np.array(_as_array(v))).to(device)
-        return t.double() if float64 and t.is_floating_point() else t
+        if t.is_floating_point() and (float64 or dtype is not None):
+            return t.to(torch.float64 if float64 else dtype)
+        return t
 
     return _map_tree(value, one)
 
@@ -219,10 +222,33 @@ def _paddle_place(model: Any) -> Any:
     return None
 
 
-def _to_paddle(value: Any, place: Any) -> Any:
+def _to_paddle(value: Any, place: Any, *, dtype: Optional[str] = None) -> Any:
+    """numpy arrays (or tensors) -> Paddle tensors on ``place``; with ``dtype`` (``"float16"``,
+    ``"bfloat16"``), floating ones in it, as a half-precision port takes them."""
     import paddle
 
-    return _map_tree(value, lambda v: paddle.to_tensor(_as_array(v), place=place))
+    def one(v: Any) -> Any:
+        t = paddle.to_tensor(_as_array(v), place=place)
+        return t.astype(dtype) if dtype is not None and t.is_floating_point() else t
+
+    return _map_tree(value, one)
+
+
+_HALF = ("float16", "bfloat16")
+
+
+def _port_precision(paddle_model: Any) -> str:
+    """The precision a Paddle model computes in: that of most of its floating parameters and
+    buffers, by elements (``float16``, ``bfloat16``; otherwise ``float32``)."""
+    sizes: dict[str, int] = {}
+    for t in [*paddle_model.parameters(), *paddle_model.buffers()]:
+        name = str(t.dtype).rpartition(".")[2]
+        if name in ("float16", "bfloat16", "float32", "float64"):
+            sizes[name] = sizes.get(name, 0) + int(np.prod(t.shape))
+    if not sizes:
+        return "float32"
+    found = max(sizes, key=lambda k: sizes[k])
+    return found if found in _HALF else "float32"
 
 
 @contextlib.contextmanager

@@ -221,13 +221,16 @@ def _finish(
     paddle_to_torch: Optional[Mapping[str, str]] = None,
     initial: Optional[tuple[Mapping[str, Any], Mapping[str, Any]]] = None,
     kink_line: bool = True,
+    noise_precision: str = "float64",
 ) -> Any:
     """Compare, annotate and write the dumps (and, with ``write_log``, the diff log: a caller
     that adds findings first writes it itself), judged by ``criteria`` (a ``reprod.Criteria``,
 ``framework._criteria``). ``kinks``: the ``align.kinks.KinkCapture`` whose
     layer captures the loggers also hold (compared, used to explain kink crossings, then taken
     out of the result and the dumps); ``paddle_to_torch`` maps the gradients' parameter names.
-    ``kink_line=False``: a caller that checks the kink labels further prints their line itself."""
+    ``kink_line=False``: a caller that checks the kink labels further prints their line itself.
+    ``noise_precision``: what the noise reference ran in (``"float32"`` for a reference in half
+    precision), saved as ``<name>_torch64.npy`` or ``<name>_torch32.npy``."""
     from ..diff.engine import compare
 
     ref, other = torch_log.data, paddle_log.data
@@ -242,7 +245,7 @@ def _finish(
             kinks.strip(log, side)
     if noise_log is not None:
         worst = noise_multiples(result, default_group=name)
-        options = dict(result.options, noise="torch float64", noise_multiple=worst)
+        options = dict(result.options, noise=f"torch {noise_precision}", noise_multiple=worst)
         result = dataclasses.replace(result, options=options)
     if out_dir is not None:
         out = os.fspath(out_dir)
@@ -250,7 +253,7 @@ def _finish(
         torch_log.save(os.path.join(out, f"{name}_torch.npy"))
         paddle_log.save(os.path.join(out, f"{name}_paddle.npy"))
         if noise_log is not None:
-            noise_log.save(os.path.join(out, f"{name}_torch64.npy"))
+            noise_log.save(os.path.join(out, f"{name}_torch{noise_precision[-2:]}.npy"))
         if write_log:
             _write_diff_log(result, os.path.join(out, f"{name}_diff.log"), verbose=verbose)
     if verbose and noise_log is not None:
