@@ -20,6 +20,13 @@ On MobileNetV3-Small from examples/mobilenetv3/ (seeded random weights, batch 8,
    in the same step and the gradients left after it: on CUDA the copies reach the writer thread
    still in flight.
 
+4. **Half-precision ports.** ``align_forward(calibrate=True)`` of the example's MobileNetV3
+   against its Paddle port cast to float16 and to bfloat16 (``precision="auto"``: the torch
+   model in that precision is the reference, its float32 run the noise): the faithful port
+   passes, and the port with the example's Hardswish bug fails at that layer. Paddle's own GPU
+   kernels, which the CPU lacks (the tests check the judging on emulated half layers); skipped
+   where Paddle is not installed or, on the CPU, reported as the one-line error the CPU gives.
+
 Prints a table and, last, one JSON line with every figure; exits 1 when a check fails.
 """
 
@@ -237,6 +244,61 @@ def time_overlap(torch: Any, device: str, batch: int, rounds: int) -> dict[str, 
     return ms
 
 
+def check_half_ports(device: str) -> list[dict[str, Any]]:
+    """``align_forward`` on the example's Paddle port in float16 and bfloat16 (see the module's
+    docstring, 4.)."""
+    try:
+        import paddle
+    except ImportError:
+        return [{"dtype": "-", "skipped": "paddle is not installed", "passed": True}]
+    import numpy as np
+    import torch
+
+    from reprod.align import align_forward, load_into_paddle
+    from reprod.errors import ReprodError
+
+    sys.path.insert(0, EXAMPLE)
+    import paddle_model
+    from torch_model import mobilenet_v3_small
+
+    paddle.set_device("gpu" if device == "cuda" else "cpu")
+    torch.manual_seed(0)
+    tm = mobilenet_v3_small(num_classes=10)
+    with torch.no_grad():  # BN statistics and biases that matter
+        for mod in tm.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.1, 0.1)
+    tm = tm.eval().to(device)
+    x = np.random.default_rng(0).standard_normal((2, 3, 96, 96), dtype=np.float32)
+    out = []
+    for dt in ("float16", "bfloat16"):
+        row: dict[str, Any] = {"dtype": dt}
+        for bug in (None, "hardswish"):
+            pm = paddle_model.mobilenet_v3_small(num_classes=10)
+            load_into_paddle(pm, tm)
+            where = paddle_model.inject_bug(pm, bug) if bug else None
+            pm.to(dtype=dt)
+            try:
+                r = align_forward(tm, pm, x, calibrate=True)
+            except ReprodError as e:
+                row.update(skipped=str(e), passed=device == "cpu")
+                break
+            worst = r.options.get("noise_multiple", {}).get("forward", {}).get("multiple")
+            if bug is None:
+                row.update(faithful_passed=r.passed, faithful_multiple=worst)
+            else:
+                row.update(bug_failed=not r.passed,
+                           bug_layer=r.options.get("divergence", {}).get("layer"),
+                           bug_expected=where)
+        if "skipped" not in row:
+            row["passed"] = bool(row["faithful_passed"] and row["bug_failed"]
+                                 and row["bug_layer"] == row["bug_expected"])
+        out.append(row)
+    return out
+
+
 def main(argv: Any = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -267,8 +329,15 @@ def main(argv: Any = None) -> int:
     print("| variant | forward ms (median) | / hooks copy |\n|---|---|---|")
     for k, v in ms.items():
         print(f"| {k} | {v:.2f} | {v / ms['hooks copy']:.2f}x |")
+    out["half ports"] = check_half_ports(args.device)
+    for h in out["half ports"]:
+        print(f"half-precision port, {h['dtype']}: " + (
+            f"skipped ({h['skipped']})" if "skipped" in h else
+            f"faithful {'passes' if h['faithful_passed'] else 'FAILS'} at "
+            f"{h['faithful_multiple']}x its noise; the Hardswish bug "
+            f"{'fails' if h['bug_failed'] else 'PASSES'} at {h['bug_layer']}"))
     print(json.dumps(out))
-    return 0 if all(c["passed"] for c in out["copies"]) else 1
+    return 0 if all(c["passed"] for c in out["copies"] + out["half ports"]) else 1
 
 
 if __name__ == "__main__":

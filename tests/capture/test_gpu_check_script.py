@@ -33,6 +33,12 @@ def test_the_checks_pass_on_the_cpu() -> None:
     assert set(out["forward ms"]) == {"plain", "hooks copy", "record", "plain + write",
                                       "record stream"}
     assert out["dump MiB"] > 1
+    # Paddle has no half kernels on the CPU: the half-precision ports are said to be skipped,
+    # with align_forward's one line
+    assert [h["dtype"] for h in out["half ports"]] == ["float16", "bfloat16"]
+    assert all(h["skipped"].startswith("align_forward: the port MobileNetV3 holds")
+               and "Paddle has no float16 or bfloat16 kernels" in h["skipped"]
+               for h in out["half ports"]), out["half ports"]
 
 
 def test_without_a_device_it_says_so_in_one_line() -> None:
