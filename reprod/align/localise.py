@@ -110,6 +110,70 @@ def _weight_anchors(torch_model: Any, paddle_model: Any, rules: Any = None) -> d
     return {p.rpartition(".")[0]: t.rpartition(".")[0] for t, p in pairs.items()}
 
 
+def _port_blocks_as_leaves(torch_model: Any, paddle_model: Any, anchors: Mapping[str, str]
+                           ) -> dict[str, str]:
+    """Port block -> the reference leaf whose weights its layers hold, where by order (leaves
+    only) the two would not meet: torch's ``MultiheadAttention`` holds ``in_proj_weight`` itself
+    and applies its ``out_proj`` as a function, one leaf call, where Paddle's calls ``q_proj``,
+    ``k_proj``, ``v_proj`` and ``out_proj``, four leaves and no weights of its own. A port layer
+    whose every layer with weights pairs inside one reference leaf (by ``anchors``, Paddle layer
+    -> torch layer), two of them at least, is recorded whole in place of its sublayers."""
+    from ..capture._torch import _TorchBackend
+
+    leaf = _TorchBackend().is_leaf
+    holders = [name for name, m in torch_model.named_modules()
+               if name and _has_sublayers(m) and leaf(m)]
+    if not holders:
+        return {}
+
+    def holder(t: str) -> Optional[str]:
+        return next((h for h in holders if t == h or t.startswith(h + ".")), None)
+
+    groups: dict[str, list[str]] = {}
+    for p, t in anchors.items():
+        h = holder(t)
+        if h is not None:
+            groups.setdefault(h, []).append(p)
+    weighted = [name for name, layer in _named(paddle_model)
+                if name and any(True for _ in layer.named_parameters(include_sublayers=False))]
+    out: dict[str, str] = {}
+    for h, ports in groups.items():
+        if len(ports) < 2:
+            continue
+        parts = [p.split(".") for p in ports]
+        common = []
+        for level in zip(*parts):
+            if len(set(level)) > 1:
+                break
+            common.append(level[0])
+        block = ".".join(common)
+        if not block or block in ports:
+            continue
+        inside = [n for n in weighted if n.startswith(block + ".")]
+        if inside and all(holder(anchors.get(n, "")) == h for n in inside):
+            out[block] = h
+    return out
+
+
+def _leaves_and_blocks(capture: Mapping[str, Any], paddle_model: Any, blocks: Mapping[str, str]
+                       ) -> dict[str, Any]:
+    """A capture of every layer (``containers=True``) cut to what a leaves-only one holds, with
+    each of ``blocks`` in place of its sublayers (``_port_blocks_as_leaves``)."""
+    from ..capture._paddle import _PaddleBackend
+    from ..capture.naming import ROOT
+
+    leaf = _PaddleBackend().is_leaf
+    inside = tuple(b + "." for b in blocks)
+    kept = {name for name, layer in _named(paddle_model)
+            if name and leaf(layer) and not name.startswith(inside)} | set(blocks) | {ROOT}
+    out = {}
+    for key, value in capture.items():
+        subject = _subject(key)
+        if subject is None or subject.partition("#")[0] in kept:
+            out[key] = value
+    return out
+
+
 def _rule_anchors(torch_model: Any, rules: Any) -> dict[str, str]:
     """Paddle layer -> torch layer for the layers owning parameters, as ``rules`` name their
     weights; empty where the rules rename no layer (names pair as they are)."""
@@ -388,7 +452,18 @@ def localise_forward(
     containers = not by_order
     packed = _column_packed(torch_model) if by_order else {}
     ref = _split_packed(_capture(torch_model, run_torch, containers, backward), packed)
-    raw = _capture(paddle_model, run_paddle, containers, backward)
+    blocks: dict[str, str] = {}
+    if by_order and not anchors:
+        anchors = _weight_anchors(torch_model, paddle_model, rules)
+    if by_order and anchors:
+        blocks = _port_blocks_as_leaves(torch_model, paddle_model, anchors)
+    if blocks:
+        raw = _leaves_and_blocks(_capture(paddle_model, run_paddle, True, backward),
+                                 paddle_model, blocks)
+        anchors = {**{p: t for p, t in anchors.items()
+                      if not p.startswith(tuple(b + "." for b in blocks))}, **blocks}
+    else:
+        raw = _capture(paddle_model, run_paddle, containers, backward)
     if ref_layout is not None:
         ref = ref_layout(ref)
     # calls that compute nothing (an Identity, an eval-mode dropout or drop path: output is
@@ -403,9 +478,7 @@ def localise_forward(
     functions: dict[str, Any] = {}  # the port's side of reference layers it applies as functions
     pairing = None
     if by_order:
-        if not anchors:
-            anchors = _weight_anchors(torch_model, paddle_model, rules)
-        pairing = _pair_all(ref, raw, anchors,
+        pairing = _pair_all(ref, raw, anchors or {},
                             inert=inert,
                             kinds=(layer_types(torch_model), layer_types(paddle_model)))
         parts, superseded, derived = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
@@ -481,7 +554,11 @@ def localise_forward(
             div, hint = dataclasses.replace(found[0], passed_over=div.passed_over), None
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
     port_names = {} if pairing is None else {r: o for o, r in pairing.calls.items()}
-    return Localisation(div, hint, result, ref, port, by_order, backward, port_names)
+    found = Localisation(div, hint, result, ref, port, by_order, backward, port_names)
+    if found.port_layer() is not None:  # named in the message too: the porter edits the port
+        found = dataclasses.replace(found, divergence=dataclasses.replace(
+            div, port_layer=found.port_layer()))
+    return found
 
 
 def _passes_unchanged(functions: Mapping[str, Any], subject: Optional[str]) -> bool:

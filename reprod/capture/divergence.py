@@ -49,7 +49,10 @@ class Divergence:
     outputs differ while the layers reading them align again: their difference is not carried
     on, so it is not what made the outputs differ. ``unpaired_between``: where the input
     already differs, the reference's layer calls after ``previous`` that nothing in the port
-    pairs with (a LayerNorm the port replaced by an ``Identity``).
+    pairs with (a LayerNorm the port replaced by an ``Identity``). ``port_layer``: the port's
+    name of ``layer`` where pairing by call order paired it with a layer of another name
+    (``diverges at enc.layers.1.self_attn (MultiheadAttention; the port's
+    body.layers.1.self_attn)``).
     """
 
     layer: str
@@ -79,6 +82,9 @@ class Divergence:
     # the data flowing on from the layer aligns again, and no layer after it differs: its
     # difference is not carried to the outputs (``carried`` said so; the first passed over)
     not_carried: bool = False
+    # the port's name of the layer, where pairing by call order paired it with another name
+    # (``align_forward(by_order=True)``): the message names both, as the porter edits the port
+    port_layer: Optional[str] = None
 
     @property
     def input_aligned(self) -> Optional[bool]:
@@ -108,7 +114,11 @@ class Divergence:
         where = self.layer + (f" ({self.layer_type})" if self.layer_type else "")
         if self.folded is not None:
             where = (self.folded + (f" ({self.folded_type})" if self.folded_type else "")
-                     + f" + {where}, one layer in the port")
+                     + f" + {where}, one layer in the port"
+                     + (f": {self.port_layer}" if self.port_layer else ""))
+        elif self.port_layer:
+            where = self.layer + (f" ({self.layer_type}; the port's {self.port_layer})"
+                                  if self.layer_type else f" (the port's {self.port_layer})")
         head = "backward diverges" if backward else "diverges"
         inp = "incoming gradient" if backward else "input"
         out = f"{_describe_output(self.output, backward, len(self.outputs) > 1)}"

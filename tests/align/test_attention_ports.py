@@ -107,6 +107,26 @@ def test_a_renamed_transformer_port_pairs_by_order():
     assert r.passed, r.to_table(failed_only=True)
 
 
+def test_a_renamed_port_s_attention_bug_is_named_at_the_attention_by_order():
+    """By order only leaves are recorded: torch's attention is one (it holds in_proj_weight and
+    applies out_proj as a function), Paddle's four Linears. Its block is recorded whole in their
+    place, so the two meet; before, the bug lay "between enc.layers.0.norm2 and
+    enc.layers.1.norm1, outside the recorded layers"."""
+    tm, _ = _models()
+    pm = _P(("body", "out"))
+    pm.eval()
+    load_into_paddle(pm, tm, by_order=True)
+    attn = pm.body.layers[1].self_attn
+    attn.k_proj.weight.set_value(attn.k_proj.weight.numpy() * 1.05)
+    r = align_forward(tm, pm, {"x": X}, by_order=True, calibrate=True)
+    div = r.options["divergence"]
+    assert (div["layer"], div["port_layer"]) == ("enc.layers.1.self_attn",
+                                                 "body.layers.1.self_attn")
+    assert div["message"].startswith(
+        "diverges at enc.layers.1.self_attn (MultiheadAttention; the port's "
+        "body.layers.1.self_attn): input aligned"), div
+
+
 def _swapped_k_and_v():
     """The port with its second layer's key and value projections swapped."""
     tm, pm = _models()

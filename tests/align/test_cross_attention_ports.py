@@ -134,6 +134,16 @@ def test_a_key_projection_off_by_one_percent_fails_at_the_attention():
     assert r.options["divergence"]["layer"] == "attn"
 
 
+def test_a_renamed_port_s_key_projection_bug_is_named_at_its_attention_by_order():
+    tm, pm = _models(names=("cross", "out"))
+    load_into_paddle(pm, tm, by_order=True)
+    pm.cross.k_proj.weight.set_value(pm.cross.k_proj.weight.numpy() * 1.05)
+    r = align_forward(tm, pm, INPUTS, by_order=True, calibrate=True)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert (div["layer"], div["port_layer"]) == ("attn", "cross"), div
+
+
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
 def test_align_train_records_the_apart_weights_under_paddle_s_names(optimizer):
     tm, pm = _models()

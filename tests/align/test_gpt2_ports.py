@@ -266,7 +266,8 @@ def test_a_bug_in_one_of_the_three_is_named_at_its_columns_of_c_attn(pair, q, co
     w.set_value(w * 1.05)
     div = align_forward(tm, pm, {"x": X}, by_order=True).options["divergence"]
     assert div["layer"] == f"h.1.attn.{q}_proj", div
-    assert f"(c_attn[..., {columns}] vs Linear): input aligned" in div["message"], div
+    assert (f"(c_attn[..., {columns}] vs Linear; the port's layers.1.self_attn.{q}_proj): "
+            "input aligned") in div["message"], div
 
 
 def _trained(tm, pm, steps, torch_optimizer, paddle_optimizer):

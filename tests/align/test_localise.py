@@ -133,14 +133,16 @@ def test_an_activation_variant_is_named_with_both_layer_types() -> None:
 # --- by order -----------------------------------------------------------------------------------
 
 
-def test_forward_by_order_names_the_reference_layer() -> None:
+def test_forward_by_order_names_the_reference_layer_and_the_port_s() -> None:
     tm, pm = _by_order_twins()
     pm.body.bn._epsilon = 1e-2  # torch's features.4
     tm.eval()
     r = align_forward(tm, pm, _image(), calibrate=True, by_order=True)
     div = r.options["divergence"]
     assert div["layer"] == "features.4" and "BN epsilon: port uses ~1e-2" in div["hint"]
-    assert div["message"].startswith("diverges at features.4 (BatchNorm2d): input aligned")
+    # the port's name too, where the porter edits
+    assert div["message"].startswith(
+        "diverges at features.4 (BatchNorm2d; the port's body.bn): input aligned")
 
 
 def test_forward_without_by_order_fails_closed_when_names_do_not_pair() -> None:

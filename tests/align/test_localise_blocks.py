@@ -124,7 +124,7 @@ def test_a_leaf_bug_is_still_named_at_its_leaf():
     r = align_forward(tm, pm, _x(), by_order=True)
     div = r.options["divergence"]
     assert div["layer"] == "blocks.1.body.1" and div["message"].startswith(
-        "diverges at blocks.1.body.1 (BatchNorm2d): input aligned"), div
+        "diverges at blocks.1.body.1 (BatchNorm2d; the port's stages.1.norm): input aligned"), div
 
 
 def test_a_difference_outside_every_block_keeps_the_between_message():
@@ -141,7 +141,8 @@ def test_a_difference_outside_every_block_keeps_the_between_message():
     pm.forward = shifted
     r = align_forward(tm, pm, _x(), by_order=True)
     message = r.options["divergence"]["message"]
-    assert message.startswith("diverges before head (Conv2d): input already differs"), message
+    assert message.startswith(
+        "diverges before head (Conv2d; the port's proj): input already differs"), message
     assert "although blocks.2.body.2 aligns" in message, message
     pm.forward = forward
 

@@ -148,7 +148,8 @@ def test_the_rules_the_weights_were_loaded_with_pair_the_layer_captures():
     assert not r.passed
     div = r.options["divergence"]
     assert div["kind"] == "layer" and div["layer"] == "stage1.1", div
-    assert div["message"].startswith("diverges at stage1.1 (Conv2d): input aligned")
+    assert div["message"].startswith(
+        "diverges at stage1.1 (Conv2d; the port's stages.1.1): input aligned")
     assert div["port_layer"] == "stages.1.1"  # where to look in the port
 
     tm.train()

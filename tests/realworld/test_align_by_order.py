@@ -200,7 +200,9 @@ def test_the_findings_name_the_port_layer_classes_right(model):
         assert shown is not None, (bug, div["message"])
         # one name, or the port's beside it where it is another class (a ResNet block is
         # Bottleneck in torchvision and BottleneckBlock in paddle.vision)
-        label = shown.group(1)
+        label, _, named = shown.group(1).partition("; the port's ")
+        # paired by order with a layer of another name, the message names it too
+        assert named == (div.get("port_layer") or ""), (bug, div["message"])
         assert label == cls or (label.startswith(f"{cls} vs ")
                                 and label[len(cls) + 4:].lower() != cls.lower()), (bug, label)
         if div["hint"] is not None:

@@ -158,8 +158,8 @@ def test_densenet_norm5_bug_is_named_and_diagnosed_by_align_forward() -> None:
     r = align_forward(pair.torch32, port(pair, bn_eps="features.norm5"), make_inputs(0, 2),
                       calibrate=True, by_order=True)
     found = r.options["findings"]
-    assert found[0].startswith("diverges at features.norm5 (BatchNorm2d vs BatchNorm): input "
-                               "aligned"), found
+    assert found[0].startswith("diverges at features.norm5 (BatchNorm2d vs BatchNorm; the "
+                               "port's batch_norm): input aligned"), found
     assert found[1] == "likely cause at features.norm5: BN epsilon: port uses ~1e-3, reference 1e-5"
 
 
@@ -203,6 +203,7 @@ def test_squeezenet_siblings_called_the_other_way_round() -> None:
     div = first_divergence(r)
     assert div is not None and div.layer == target and div.input_aligned, div and div.message
     found = align_forward(pair.torch32, m, x, calibrate=True, by_order=True).options["findings"]
-    assert found[0].startswith(f"diverges at {target} (Conv2d): input aligned"), found
+    assert found[0].startswith(f"diverges at {target} (Conv2d; the port's "
+                               "_conv6._conv_path1._conv): input aligned"), found
     r = replay(m, ref, by_order=True, noise=hi)
     assert [k.key for k in r.failed] == [f"{target}.out"], r.to_table(failed_only=True)

@@ -81,6 +81,6 @@ def test_a_wrong_backward_is_named_at_its_layer():
                  if isinstance(m, torch.nn.Hardswish)]
     assert hardswish[3] == "features.5.block.0.2"
     found = r.options["findings"]
-    assert found[0].startswith("backward diverges at features.5.block.0.2 (Hardswish): incoming "
-                               "gradient aligned"), found
+    assert found[0].startswith("backward diverges at features.5.block.0.2 (Hardswish; the port's "
+                               "blocks.4.expand_conv.2): incoming gradient aligned"), found
     assert r.options["divergence"]["direction"] == "backward"
