@@ -110,19 +110,23 @@ def _weight_anchors(torch_model: Any, paddle_model: Any, rules: Any = None) -> d
     return {p.rpartition(".")[0]: t.rpartition(".")[0] for t, p in pairs.items()}
 
 
-def _port_blocks_as_leaves(torch_model: Any, paddle_model: Any, anchors: Mapping[str, str]
-                           ) -> dict[str, str]:
+def _port_blocks_as_leaves(torch_model: Any, paddle_model: Any, anchors: Mapping[str, str],
+                           ref: Mapping[str, Any]) -> dict[str, str]:
     """Port block -> the reference leaf whose weights its layers hold, where by order (leaves
     only) the two would not meet: torch's ``MultiheadAttention`` holds ``in_proj_weight`` itself
     and applies its ``out_proj`` as a function, one leaf call, where Paddle's calls ``q_proj``,
     ``k_proj``, ``v_proj`` and ``out_proj``, four leaves and no weights of its own. A port layer
     whose every layer with weights pairs inside one reference leaf (by ``anchors``, Paddle layer
-    -> torch layer), two of them at least, is recorded whole in place of its sublayers."""
+    -> torch layer), two of them at least, is recorded whole in place of its sublayers. Only
+    a reference leaf none of whose sublayers the reference's capture ``ref`` records counts:
+    torchvision's ViT ``Encoder`` holds ``pos_embedding`` itself, and its blocks are recorded."""
     from ..capture._torch import _TorchBackend
 
     leaf = _TorchBackend().is_leaf
+    recorded = {s.partition("#")[0] for s in map(_subject, ref) if s is not None}
     holders = [name for name, m in torch_model.named_modules()
-               if name and _has_sublayers(m) and leaf(m)]
+               if name and _has_sublayers(m) and leaf(m)
+               and not any(r.startswith(name + ".") for r in recorded)]
     if not holders:
         return {}
 
@@ -456,7 +460,7 @@ def localise_forward(
     if by_order and not anchors:
         anchors = _weight_anchors(torch_model, paddle_model, rules)
     if by_order and anchors:
-        blocks = _port_blocks_as_leaves(torch_model, paddle_model, anchors)
+        blocks = _port_blocks_as_leaves(torch_model, paddle_model, anchors, ref)
     if blocks:
         raw = _leaves_and_blocks(_capture(paddle_model, run_paddle, True, backward),
                                  paddle_model, blocks)

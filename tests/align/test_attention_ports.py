@@ -361,3 +361,59 @@ def test_the_reference_s_update_of_a_slice_replays_as_its_rows():
     np.testing.assert_allclose(accs["moment1"],
                                ref.state[whole]["exp_avg"].numpy()[32:].T * forcing._paddle_weight(0.9),
                                rtol=1e-6, atol=1e-12)
+
+
+def test_a_reference_leaf_whose_sublayers_are_recorded_keeps_the_port_s_layers_apart():
+    """A torch encoder holding a positional parameter itself is a leaf, and so are the blocks it
+    calls: the port's block holding the same weights is not recorded whole, so a bug in one of
+    its Linears is still named there, not at the whole encoder."""
+
+    class TorchEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = torch.nn.Parameter(torch.randn(1, 5, 16) * 0.1)
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+            self.ln = torch.nn.LayerNorm(16)
+
+        def forward(self, x):
+            return self.ln(self.b(torch.relu(self.a(x + self.pos))))
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head = TorchEncoder(), torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x))
+
+    class Positions(paddle.nn.Layer):  # the parameter in a layer of its own, never called
+        def __init__(self):
+            super().__init__()
+            self.pos = self.create_parameter([1, 5, 16])
+
+    class PaddleEncoder(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.pe = Positions()
+            self.fc1, self.fc2 = paddle.nn.Linear(16, 16), paddle.nn.Linear(16, 16)
+            self.norm = paddle.nn.LayerNorm(16)
+
+        def forward(self, x):
+            return self.norm(self.fc2(paddle.nn.functional.relu(self.fc1(x + self.pe.pos))))
+
+    class PaddleNet(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.body, self.out = PaddleEncoder(), paddle.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.out(self.body(x))
+
+    torch.manual_seed(0)
+    tm, pm = TorchNet().eval(), PaddleNet()
+    pm.eval()
+    load_into_paddle(pm, tm, by_order=True)
+    pm.body.fc2.weight.set_value(pm.body.fc2.weight.numpy() * 1.05)
+    r = align_forward(tm, pm, {"x": X}, by_order=True, calibrate=True)
+    div = r.options["divergence"]
+    assert (div["layer"], div["port_layer"]) == ("enc.b", "body.fc2"), div
