@@ -26,6 +26,7 @@ layers is not seen.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import re
 import sys
@@ -841,9 +842,10 @@ class SettingsTrace:
                 continue
             if s is not None and isinstance(s, self._base):
                 name = self._names.get(id(s))
-                # a transformer layer's settings name its activation, not how it computes it
+                # a transformer layer's settings name its activation, not how it computes it;
+                # a hand-written attention's name its head count, not its softmax or dropout
                 read = _settings.read_settings(s)
-                inside = read is not None and read[0] != "transformerlayer"
+                inside = read is not None and read[0] not in ("transformerlayer", "heads")
                 if name is None:
                     return type(s).__name__, inside, s
                 return name or "(model)", inside, s
@@ -1069,6 +1071,16 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
     for side, events in ((0, ours), (1, theirs)):
         for e in _with_attention_dropouts(events):
             kinds.setdefault(e.kind, ([], []))[side].append(e)
+    heads = kinds.get("heads")
+    if heads is not None and not (heads[0] and heads[1]):
+        # a hand-written attention on one side, the framework's own on the other: head counts
+        # compare (as ``settings._by_definition`` pairs them)
+        for side in (0, 1):
+            if not heads[side]:
+                heads[side].extend(
+                    dataclasses.replace(e, kind="heads",
+                                        settings={"num_heads": e.settings["num_heads"]})
+                    for e in kinds.get("attention", ([], []))[side] if "num_heads" in e.settings)
     diffs: list[_settings.SettingDiff] = []
     unpaired: list[str] = []
     compared = layers = 0
@@ -1077,6 +1089,8 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
         if kind not in layer_kinds and kind not in _DYNAMIC and not any(
                 not e.layer for e in xs + ys):
             continue  # layers only: the layer settings' pairs
+        if kind == "heads" and len(xs) != len(ys):
+            continue  # read from classes named so: where they do not pair, nothing is known
         if len(xs) != len(ys):
             # a dropout of p 0 is the identity: a port may hold one where the reference has none
             # (PaddleNLP's activation dropout), and pairing goes on without them

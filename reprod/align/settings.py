@@ -140,6 +140,19 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
     return None, rank
 
 
+_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "nhead", "num_head")
+
+
+def _heads(layer: Any) -> Optional[int]:
+    """An attention layer's head count, under the name its library gives it; None where it
+    holds none."""
+    for attr in _HEADS:
+        value = getattr(layer, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def _layer_kind(layer: Any) -> tuple[Optional[str], int]:
     """``_kind`` of a layer's class, else of the nearest torch or Paddle class it derives from
     (PaddleNLP's GPTLayerNorm is a LayerNorm, with its settings); a layer without parameters
@@ -154,6 +167,11 @@ def _layer_kind(layer: Any) -> tuple[Optional[str], int]:
     if name.endswith("gelu") and "quick" not in name and not any(
             True for _ in layer.parameters()):
         return "gelu", 0
+    if name.endswith("attention") and _heads(layer) is not None:
+        # an attention written by hand (timm's and PaddleClas's Attention, Hugging Face's
+        # LlamaAttention): its head count is a setting, which its weights cannot show. Its own
+        # kind: a built-in attention's traced masks and held dropout rate are not read from it
+        return "heads", 0
     if name.endswith("layernorm") and _norm_epsilon(layer) is not None:
         # a LayerNorm written by hand (PaddleClas's ChannelsFirstLayerNorm, Hugging Face's
         # ConvNextLayerNorm): its epsilon is a setting like any LayerNorm's
@@ -267,7 +285,7 @@ _BY_ORDER = ("maxpool", "avgpool", "adaptiveavgpool", "adaptivemaxpool", "dropou
              "logsoftmax", "upsample", "pixelshuffle", "pixelunshuffle", "channelshuffle",
              "flatten", "celu", "hardshrink", "softshrink", "pad", "rotary",
              # whose parameters are their sublayers' (or packed otherwise than the port's)
-             "attention", "transformerlayer")
+             "attention", "transformerlayer", "heads")
 # torch's padding layers by class (ZeroPad2d, ReflectionPad2d...): Paddle's Pad2D says its mode
 _PAD_MODES = {"zeropad": "constant", "constantpad": "constant", "reflectionpad": "reflect",
               "replicationpad": "replicate", "circularpad": "circular"}
@@ -487,6 +505,8 @@ _SETTINGS["attention"] = [
     ("kdim", lambda t, r: int(t.kdim), lambda p, r: int(p.kdim)),
     ("vdim", lambda t, r: int(t.vdim), lambda p, r: int(p.vdim)),
 ]
+# an attention written by hand, on both sides (see _layer_kind)
+_SETTINGS["heads"] = [("num_heads", lambda t, r: _heads_of(t), lambda p, r: _heads_of(p))]
 _SETTINGS["transformerlayer"] = [
     ("norm_first", lambda t, r: bool(t.norm_first), lambda p, r: bool(p.normalize_before)),
     ("activation", lambda t, r: _activation_name(t.activation),
@@ -520,6 +540,13 @@ _SETTINGS["convtranspose"] = _SETTINGS["conv"] + [
     ("output_padding", lambda t, r: _tuple(t.output_padding, r),
      lambda p, r: _tuple(p.output_padding, r)),
 ]
+
+
+def _heads_of(layer: Any) -> int:
+    heads = _heads(layer)
+    if heads is None:
+        raise AttributeError("no head count")
+    return heads
 
 
 def _drop_path_rate(layer: Any) -> float:
@@ -638,8 +665,11 @@ def _leaves(model: Any, children: Callable[[Any], Any]) -> list[tuple[str, Any]]
         if kind in _WHOLE:  # read as one layer: its sublayers have no settings of their own
             inside = name + "."
             out.append((name, m))
-        elif name and (kind == "transformerlayer" or not any(True for _ in children(m))):
-            out.append((name, m))  # a transformer layer's own settings; its sublayers follow
+        elif name and (kind in ("transformerlayer", "heads")
+                       or not any(True for _ in children(m))):
+            # a transformer layer's or hand-written attention's own settings; its sublayers
+            # follow
+            out.append((name, m))
     return out
 
 
@@ -702,6 +732,15 @@ def _by_definition(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[s
         for e in _with_held(entries):
             if e["kind"] in kinds:
                 by_kind.setdefault(e["kind"], ([], []))[side].append(e)
+    heads = by_kind.get("heads")
+    if heads is not None and not (heads[0] and heads[1]):
+        # a hand-written attention on one side, the framework's own on the other (Hugging
+        # Face's BertSelfAttention against PaddleNLP's MultiHeadAttention): head counts compare
+        for side, entries in ((0, ours), (1, theirs)):
+            heads[side].extend({"name": e["name"], "kind": "heads",
+                                "settings": {"num_heads": e["settings"]["num_heads"]}}
+                               for e in entries if e["kind"] == "attention"
+                               and "num_heads" in e["settings"] and not heads[side])
     diffs: list[SettingDiff] = []
     unpaired: list[str] = []
     compared = 0
@@ -711,6 +750,8 @@ def _by_definition(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[s
                     [e for e in ys if e["settings"].get("p")])
             if len(kept[0]) == len(kept[1]) and kept[0]:
                 xs, ys = kept
+        if len(xs) != len(ys) and kind == "heads":
+            continue  # read from classes named so: where they do not pair, nothing is known
         if len(xs) != len(ys):
             # a side that holds none may apply them as functions (Hugging Face's dropouts):
             # only a trace sees those
