@@ -105,8 +105,7 @@ def uncalibrated(result: Any, why: Optional[str], verbose: bool = False) -> Any:
 def twin_failed(error: BaseException) -> str:
     """Why a calibrated run is judged without calibration, in one line: its float64 twin's
     error."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    first = first if len(first) <= 160 else first[:157] + "..."
+    first = _first_line(error)
     return (f"the float64 copy of the torch model failed ({type(error).__name__}: {first}), "
             "so the run is judged without calibration (a model's own code may make float32 "
             "tensors, torch.full(..., dtype=torch.float32), or refuse float64)")
