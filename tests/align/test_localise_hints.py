@@ -111,3 +111,33 @@ def test_a_layer_s_own_parameter_that_differs_is_named_not_its_code() -> None:
     assert div["layer"] == "attn" and "own forward code" in div["message"], div
     assert div["hint"] == ("its own parameter r_w_bias (max diff 0.125) differs from the "
                            "reference's: the weights, not the code"), div
+
+
+def test_a_square_linear_weight_is_compared_in_paddle_s_layout() -> None:
+    """A square Linear weight reads the same shape either way round: compared as it lies, a
+    right one differed (max diff ~1.6 on random weights), and a code bug in the layer was put
+    on its weights."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    paddle = pytest.importorskip("paddle")
+    from reprod.align import align_forward, load_into_paddle
+
+    class Shifted(paddle.nn.Linear):  # the port's code adds what the reference does not
+        def forward(self, x):
+            return super().forward(x) + 0.125
+
+    torch.manual_seed(0)
+    tm = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).eval()
+    pm = paddle.nn.Sequential(Shifted(8, 8), paddle.nn.Tanh(), paddle.nn.Linear(8, 2))
+    load_into_paddle(pm, tm)
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    div = align_forward(tm, pm, x).options["divergence"]
+    assert div["layer"] == "0" and div["hint"] is None, div
+    # and a weight that does differ is still named, by its real difference
+    pm[0].weight.set_value(pm[0].weight.numpy() * np.float32(1.5))
+    pm[0].__class__ = paddle.nn.Linear
+    div = align_forward(tm, pm, x).options["divergence"]
+    w = tm[0].weight.detach().numpy()
+    assert div["hint"] == (f"its own parameter weight (max diff {np.abs(w).max() * 0.5:.3g}) "
+                           "differs from the reference's: the weights, not the code"), div
