@@ -284,11 +284,11 @@ def _run_port(paddle_model: Any, args: Any, kwargs: Any, port_cast: Optional[str
               place: Any) -> Any:
     """The port's outputs; where it holds half-precision weights and Paddle cannot run them
     (no float16 or bfloat16 kernel for most operations on the CPU), one line that says so."""
-    if port_cast is None:
-        return paddle_model(*args, **kwargs)
     try:
         return paddle_model(*args, **kwargs)
     except Exception as e:
+        if port_cast is None:
+            raise  # the port's own code: its error as it is
         cpu = "cpu" in str(place).lower() or place is None
         raise ReprodError(
             f"align_forward: the port {type(paddle_model).__name__} holds {port_cast} weights, "

@@ -737,10 +737,11 @@ def _by_definition(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[s
         # a hand-written attention on one side, the framework's own on the other (Hugging
         # Face's BertSelfAttention against PaddleNLP's MultiHeadAttention): head counts compare
         for side, entries in ((0, ours), (1, theirs)):
-            heads[side].extend({"name": e["name"], "kind": "heads",
-                                "settings": {"num_heads": e["settings"]["num_heads"]}}
-                               for e in entries if e["kind"] == "attention"
-                               and "num_heads" in e["settings"] and not heads[side])
+            if not heads[side]:
+                heads[side].extend({"name": e["name"], "kind": "heads",
+                                    "settings": {"num_heads": e["settings"]["num_heads"]}}
+                                   for e in entries if e["kind"] == "attention"
+                                   and "num_heads" in e["settings"])
     diffs: list[SettingDiff] = []
     unpaired: list[str] = []
     compared = 0

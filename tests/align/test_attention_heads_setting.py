@@ -133,6 +133,20 @@ def test_hugging_face_s_spelling_against_paddle_s_built_in_attention():
     assert [d.line() for d in compare_settings(Layer(4), PaddleLayer(8)).differ] == [
         "attention: num_heads 4 in torch, 8 in Paddle"]
 
+    # a stack of them: each pairs with its own (the second differs)
+    class Stack(torch.nn.Module):
+        def __init__(self, heads):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Layer(h) for h in heads)
+
+    class PaddleStack(paddle.nn.Layer):
+        def __init__(self, heads):
+            super().__init__()
+            self.layers = paddle.nn.LayerList([PaddleLayer(h) for h in heads])
+
+    assert [d.line() for d in compare_settings(Stack([4, 4, 4]), PaddleStack([4, 2, 4])).differ] == [
+        "layers.1.attention: num_heads 4 in torch, 2 in Paddle"]
+
 
 def test_a_dropout_the_attention_applies_as_a_function_still_pairs_by_call():
     """timm's fused attention applies its dropout inside ``scaled_dot_product_attention``
