@@ -19,7 +19,15 @@ from ..diff.criteria import Criteria
 from ..errors import ReprodError
 from ..logger import ReprodLogger
 from .calibration import _float64_twin, float64_default, twin_failed, uncalibrated
-from .framework import _criteria, _flatten, _map_tree, _split_inputs, _to_torch, _torch_device
+from .framework import (
+    _HALF,
+    _criteria,
+    _flatten,
+    _map_tree,
+    _split_inputs,
+    _to_torch,
+    _torch_device,
+)
 from .results import PathLike, _write_diff_log, noise_multiples
 
 __all__ = ["align_onnx"]
@@ -53,9 +61,6 @@ def _fused_note(layer: str, fused: Mapping[str, Optional[str]], ref: Mapping[str
     names = ", ".join(f"{b} ({types.get(b.split('#')[0], '?')})" for b in before)
     return (f"; the graph computes it fused with {names}, whose output it does not hold: "
             "the difference is in either")
-
-
-_HALF = ("float16", "bfloat16")
 
 
 def _graph_precision(proto: Any) -> str:
