@@ -245,6 +245,11 @@ def _port_precision(paddle_model: Any) -> str:
         name = str(t.dtype).rpartition(".")[2]
         if name in ("float16", "bfloat16", "float32", "float64"):
             sizes[name] = sizes.get(name, 0) + int(np.prod(t.shape))
+    return _most(sizes)
+
+
+def _most(sizes: Mapping[str, int]) -> str:
+    """The half precision most elements are in (dtype name -> elements), else ``float32``."""
     if not sizes:
         return "float32"
     found = max(sizes, key=lambda k: sizes[k])

@@ -24,6 +24,7 @@ from .framework import (
     _criteria,
     _flatten,
     _map_tree,
+    _most,
     _split_inputs,
     _to_torch,
     _torch_device,
@@ -75,10 +76,7 @@ def _graph_precision(proto: Any) -> str:
         if init.data_type in names:
             n = int(np.prod(init.dims)) if len(init.dims) else 1
             sizes[names[init.data_type]] = sizes.get(names[init.data_type], 0) + n
-    if not sizes:
-        return "float32"
-    found = max(sizes, key=lambda k: sizes[k])
-    return found if found in _HALF else "float32"
+    return _most(sizes)
 
 
 def _run(model: Any, args: Any, kwargs: Any, dev: Any, layers: bool, *,

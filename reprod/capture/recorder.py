@@ -33,7 +33,7 @@ import math
 import sys
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Protocol, Union
 
 import numpy as np
@@ -307,13 +307,15 @@ def _selected(name: str, include: Optional[tuple[str, ...]], exclude: tuple[str,
     return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
-def _outputs(output: Any, is_tensor: Callable[[Any], bool]) -> list[tuple[Items, Any]]:
+def _outputs(output: Any, is_tensor: Callable[[Any], bool]) -> Iterable[tuple[Items, Any]]:
     """A layer's output tensors, as its inputs are named: a tuple whose tensors are all in its
     first item is that item (torch's ``MultiheadAttention`` returns ``(out, None)`` where
     Paddle's returns ``out``; a Hugging Face layer ``(hidden,)`` where PaddleNLP's returns
     ``hidden``), so that the two pair by name."""
+    if not isinstance(output, (tuple, list)):  # most calls: one tensor, nothing to gather
+        return flatten(output, is_tensor)
     found = list(flatten(output, is_tensor))
-    if isinstance(output, (tuple, list)) and found and all(items[0] == 0 for items, _ in found):
+    if found and all(items[0] == 0 for items, _ in found):
         return [(items[1:], t) for items, t in found]
     return found
 
