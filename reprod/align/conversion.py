@@ -27,6 +27,7 @@ from ..storage.framework_files import (
     weight_file_suffix,
 )
 from .by_order import by_order_rules
+from .fusion import find_fusions, fuse
 from .rules import (
     ConversionRules,
     KeyPlan,
@@ -299,6 +300,17 @@ def _unit_axes_as_the_model_s(paddle_model: Any, arrays: Mapping[str, Any]) -> d
     return out
 
 
+def _fused_as_the_port_holds(paddle_model: Any, arrays: Mapping[str, Any],
+                             rules: Optional[ConversionRules] = None) -> Mapping[str, Any]:
+    """``arrays`` with the reference's tensors that one port tensor holds together (PaddleNLP's
+    ``qkv_proj`` for ``q_proj``, ``k_proj``, ``v_proj``) fused as ``rules.fuse_groups`` lays
+    them out (``reprod.align.fusion``)."""
+    expected = {k: tuple(int(d) for d in v.shape)
+                for k, v in unaliased(paddle_model.state_dict())[0].items()}
+    fusions = find_fusions({k: tuple(np.shape(v)) for k, v in arrays.items()}, expected, rules)
+    return fuse(arrays, fusions) if fusions else arrays
+
+
 def check_fits(
     paddle_model: Any, weights: Mapping[str, Any], *, source: str = "converted weights",
     rules: Optional[ConversionRules] = None,
@@ -402,6 +414,7 @@ def load_into_paddle(
         arrays = weights
     else:
         raise ReprodError(f"cannot load a {type(weights).__name__} into a Paddle model")
+    arrays = _fused_as_the_port_holds(paddle_model, arrays, rules)
     check_fits(paddle_model, arrays, source=source, rules=rules)
     arrays = {**_own_constants(paddle_model, arrays, rules), **_unit_axes_as_the_model_s(
         paddle_model, arrays)}  # set_state_dict wants them all

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..adapters import to_numpy
+from .fusion import layout_hint, model_fusions, split_captures
 
 __all__ = ["Localisation", "localise_forward"]
 
@@ -470,6 +471,11 @@ def localise_forward(
         raw = _capture(paddle_model, run_paddle, containers, backward)
     if ref_layout is not None:
         ref = ref_layout(ref)
+    # a port Linear holding several of the reference's (PaddleNLP's qkv_proj for q_proj, k_proj
+    # and v_proj) is judged as those, its output cut as its weights lie
+    fusions = [] if by_order else model_fusions(torch_model, paddle_model, rules)
+    if fusions:
+        ref, raw = split_captures(ref, raw, [f for f, _ in fusions])
     # calls that compute nothing (an Identity, an eval-mode dropout or drop path: output is
     # input) and have no counterpart: timm's ViT holds 18 Identity placeholders a port does
     # without, and counted as unpaired they made "layer names do not pair" the answer
@@ -538,6 +544,10 @@ def localise_forward(
         hint = _untransposed(div.layer.partition("#")[0], torch_model, paddle_model, names)
     if hint is None and div is not None and div.kind == "layer" and div.input_aligned:
         hint = _own_parameters(div.layer.partition("#")[0], torch_model, paddle_model, names)
+    if hint is None and pairing is None and div is not None and div.kind == "layer" \
+            and div.input_aligned:
+        hint = _fused_layout(div, fusions, paddle_model, run_paddle, judged, noise,
+                             criteria, containers)
     if hint is None and noise is None:
         hint = _carried_rounding(div)
     if pairing is not None and div is not None and div.kind == "layer" \
@@ -563,6 +573,31 @@ def localise_forward(
         found = dataclasses.replace(found, divergence=dataclasses.replace(
             div, port_layer=found.port_layer()))
     return found
+
+
+def _fused_layout(div: Any, fusions: Any, paddle_model: Any, run_paddle: Any,
+                  judged: Mapping[str, Any], noise: Optional[Mapping[str, Any]], criteria: Any,
+                  containers: bool) -> Optional[str]:
+    """The hint for a layer holding a port tensor that fuses several of the reference's
+    (``reprod.align.fusion``), where another layout of its parts makes the layer align: the
+    port runs again once per layout tried, the layer's output judged as before."""
+    from ..capture.naming import ROOT
+    from ..diff.engine import compare
+
+    key = div.output.key if div.output is not None else None
+    if not fusions or key is None or key not in judged:
+        return None
+
+    def aligns(now: Any) -> bool:
+        got = split_captures({}, _capture(paddle_model, run_paddle, containers), now)[1]
+        if key not in got:
+            return False
+        ref_noise = None if noise is None or key not in noise else {key: noise[key]}
+        return bool(compare({key: judged[key]}, {key: got[key]}, criteria=criteria,
+                            noise=ref_noise).passed)
+
+    layer = div.layer.partition("#")[0]
+    return layout_hint("" if layer == ROOT else layer, paddle_model, fusions, aligns)
 
 
 def _passes_unchanged(functions: Mapping[str, Any], subject: Optional[str]) -> bool:

@@ -372,10 +372,15 @@ class ConversionRules:
     - ``port_only``: patterns searched in the *Paddle* keys: tensors only the port holds (a pooler
       or head the reference lacks). They keep their values on load, are left out of pairing by
       order, and show in ``compare_structure`` as the port's own.
+    - ``fuse_groups``: ``{pattern: groups}`` (or pairs), patterns searched in the *Paddle* keys:
+      how a port tensor fusing several of the reference's lays them out (``reprod.align.fusion``):
+      each part cut in ``groups`` pieces taken in turn (PaddleNLP's LLaMA ``qkv_proj``: its
+      ``num_key_value_heads``); 1, the default, side by side.
 
     >>> rules = ConversionRules(rename={r"^module\\.": ""}, skip=[r"^head\\."])
     >>> weights = torch_to_paddle("model.pth", rules=rules)
     >>> rules = ConversionRules(skip=[r"embed_positions"], port_only=[r"^pooler\\."])
+    >>> rules = ConversionRules(fuse_groups={r"qkv_proj": 8})
     """
 
     rename: tuple[tuple[str, str], ...] = ()
@@ -384,6 +389,7 @@ class ConversionRules:
     no_transpose: tuple[str, ...] = ()
     pairs: tuple[tuple[str, str], ...] = ()
     port_only: tuple[str, ...] = ()
+    fuse_groups: tuple[tuple[str, int], ...] = ()
     _compiled: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -403,6 +409,16 @@ class ConversionRules:
                 raise ReprodError(f"pair {pair!r} must be a (torch key, paddle key) pair of str")
             exact_pairs.append((pair[0], pair[1]))
         object.__setattr__(self, "pairs", tuple(exact_pairs))
+        fg = self.fuse_groups.items() if isinstance(self.fuse_groups, Mapping) \
+            else self.fuse_groups
+        groups: list[tuple[str, int]] = []
+        for pair in fg:
+            if isinstance(pair, str) or len(pair) != 2 or not isinstance(pair[0], str) \
+                    or not isinstance(pair[1], int) or isinstance(pair[1], bool) or pair[1] < 1:
+                raise ReprodError(
+                    f"fuse_groups entry {pair!r} must be a (pattern, groups >= 1) pair")
+            groups.append((pair[0], pair[1]))
+        object.__setattr__(self, "fuse_groups", tuple(groups))
         for name in ("skip", "transpose", "no_transpose", "port_only"):
             object.__setattr__(self, name, _tuple_of_str(getattr(self, name), name))
         renames = tuple((_compile(p, "rename"), r) for p, r in self.rename)
@@ -412,6 +428,7 @@ class ConversionRules:
             "transpose": tuple(_compile(p, "transpose") for p in self.transpose),
             "no_transpose": tuple(_compile(p, "no-transpose") for p in self.no_transpose),
             "port_only": tuple(_compile(p, "port-only") for p in self.port_only),
+            "fuse_groups": tuple((_compile(p, "fuse_groups"), g) for p, g in self.fuse_groups),
             "pairs": dict(self.pairs),
         }
         for pat, repl in renames:
@@ -479,6 +496,7 @@ class ConversionRules:
             no_transpose=base.no_transpose + exact_no,
             pairs=base.pairs + tuple(pairs.items()),
             port_only=base.port_only,
+            fuse_groups=base.fuse_groups,
         )
 
     def port_only_pattern(self, paddle_name: str) -> Optional[str]:
@@ -486,6 +504,13 @@ class ConversionRules:
         for pat in self._compiled["port_only"]:
             if pat.search(paddle_name):
                 return str(pat.pattern)
+        return None
+
+    def fuse_groups_for(self, paddle_name: str) -> Optional[tuple[str, int]]:
+        """The first ``fuse_groups`` (pattern, groups) whose pattern a Paddle key matches."""
+        for pat, groups in self._compiled["fuse_groups"]:
+            if pat.search(paddle_name):
+                return str(pat.pattern), int(groups)
         return None
 
     def skip_pattern(self, torch_name: str) -> Optional[str]:

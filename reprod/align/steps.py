@@ -63,6 +63,7 @@ from .framework import (
     not_compared_outputs,
     pair_outputs,
 )
+from .fusion import fuse, model_fusions, split_named
 from .kinks import KinkCapture
 from .localise import localise_forward
 from .results import (
@@ -268,6 +269,7 @@ def _paddle_steps(
     outputs_like: Optional[Mapping[str, Any]] = None,
     extra: Optional[list[str]] = None,
     paired: Optional[Collection[str]] = None,
+    fusions: Sequence[Any] = (),
 ) -> None:
     """``outputs_like``: the reference's records, whose named outputs a tuple pairs with
     (``pair_outputs``); ``extra`` receives the port's outputs beyond them (not recorded).
@@ -297,22 +299,31 @@ def _paddle_steps(
             log.add(k, v)
         log.add(f"step{i}/loss", loss.reshape([]))
         log.add(f"step{i}/lr", np.float64(optimizer.get_lr()))
-        for name, p in model.named_parameters():
-            if not p.stop_gradient and p.grad is not None and (paired is None or name in paired):
-                log.add(f"step{i}/grad/{name}", _paddle_view(p.grad))
+        # a fused tensor (PaddleNLP's qkv_proj) is recorded as the reference's parts
+        for name, g in split_named(((name, _paddle_view(p.grad))
+                                    for name, p in model.named_parameters()
+                                    if not p.stop_gradient and p.grad is not None), fusions):
+            if paired is None or name in paired:
+                log.add(f"step{i}/grad/{name}", g)
         optimizer.step()
         # Paddle keeps BatchNorm statistics as stop_gradient parameters: they are torch's buffers
-        for name, value in unaliased(model.state_dict())[0].items():  # an RNN's weights once
+        state = unaliased(model.state_dict())[0]  # an RNN's weights once
+        kinds = {name: "stat" if getattr(value, "stop_gradient", True) else "param"
+                 for name, value in state.items()}
+        for name, value in split_named(((n, _paddle_view(v)) for n, v in state.items()),
+                                       fusions):
             if paired is not None and name not in paired:
                 continue
-            if getattr(value, "stop_gradient", True):
+            if kinds.get(name, "param") == "stat":
                 if stats:
-                    log.add(f"step{i}/stat/{name}", _paddle_view(value))
+                    log.add(f"step{i}/stat/{name}", value)
             else:
-                log.add(f"step{i}/param/{name}", _paddle_view(value))
+                log.add(f"step{i}/param/{name}", value)
         if opt_state:
-            for key, value in forcing.paddle_state_records(optimizer, model):
-                log.add(f"step{i}/opt/{key}", _paddle_view(value))
+            for key, value in split_named(((k, _paddle_view(v)) for k, v in
+                                           forcing.paddle_state_records(optimizer, model)),
+                                          fusions):
+                log.add(f"step{i}/opt/{key}", value)
         if scheduler is not None:
             _step_scheduler(scheduler, "paddle", i)
 
@@ -536,6 +547,8 @@ def align_train(
     if torch_model.training:
         _check_no_dropout(torch_model, paddle_model)
     plan = _torch_params_plan(torch_model, rules)
+    # the port's tensors fusing several of the reference's, as their values lie now
+    fusions = [f for f, _ in model_fusions(torch_model, paddle_model, rules)]
     before = Snapshot.take(torch_model, paddle_model) if localise else None
     initial = _initial_stats(torch_model, paddle_model, plan) if stats else None
     explain = calibrate if kinks is None else kinks
@@ -640,6 +653,7 @@ def align_train(
             outputs_like=torch_log.data,
             extra=extra_outputs,
             paired=_paired_names(plan),
+            fusions=fusions,
         )
     _common_state(torch_log, paddle_log, noise_log)
     twin_info = None
@@ -696,7 +710,7 @@ def align_train(
             weights0=weights0,
             kinks=kink is not None, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
             plan=plan, stats=stats, seed=seed, calibrate=calibrate, criteria=crit,
-            optimizer_state=optimizer_state)
+            optimizer_state=optimizer_state, fusions=fusions)
     if weights0:  # plain SGD's weight decay, which no key of one step resolves
         result = decay.decay_checked(result, torch_log.data, paddle_log.data, weights0)
     weights0 = {}
@@ -731,7 +745,7 @@ def align_train(
                 result, torch_model, paddle_model, before, batches, torch_log.data,
                 paddle_log.data, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
                 seed=seed, by_order=by_order, calibrate=calibrate, criteria=crit,
-                lr=_first_lr(paddle_optimizer), plan=plan,
+                lr=_first_lr(paddle_optimizer), plan=plan, fusions=fusions,
             )
         finally:
             after.restore(torch_model, paddle_model)
@@ -766,7 +780,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                      noise_data: Optional[Mapping[str, Any]], *, torch_optimizer: Any,
                      paddle_optimizer: Any, opt_states: Mapping[int, Any],
                      adam: Optional[tuple[float, float, int]], weights0: Mapping[str, Any],
-                     kinks: bool,
+                     kinks: bool, fusions: Sequence[Any] = (),
                      torch_loss_fn: Callable[..., Any], paddle_loss_fn: Callable[..., Any],
                      plan: Mapping[str, KeyPlan], stats: bool, seed: int, calibrate: bool,
                      criteria: Criteria, optimizer_state: bool) -> Any:
@@ -824,7 +838,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                     _paddle_steps(paddle_model, [batch], 1, loss_fn=paddle_loss_fn,
                                   optimizer=paddle_optimizer, scheduler=None, stats=stats,
                                   log=log, opt_state=optimizer_state, outputs_like=like,
-                                  paired=_paired_names(plan))
+                                  paired=_paired_names(plan), fusions=fusions)
 
             def finish(t_log: ReprodLogger, p_log: ReprodLogger, n_log: Optional[ReprodLogger],
                        initial: Any, s: int = s, kink: Optional[KinkCapture] = kink) -> Any:
@@ -839,7 +853,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                                        loss_fn=torch_loss_fn, seed=seed + s, plan=plan)
                 if n_log is not None and kink is not None:
                     r = _rounding_checked(
-                        r, paddle_model, partial(_paddle_state, s - 1, torch_data, paddle_model),
+                        r, paddle_model, partial(_paddle_state, s - 1, torch_data, paddle_model, fusions),
                         batches[s % len(batches)], loss_fn=paddle_loss_fn, stats=stats,
                         ref=t_log.data, other=p_log.data, noise=n_log.data)
                 before = {k.split("/param/", 1)[1]: v for k, v in torch_data.items()
@@ -878,12 +892,19 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
     return result
 
 
-def _paddle_state(step: int, torch_data: Mapping[str, Any], paddle_model: Any
-                  ) -> dict[str, np.ndarray]:
+def _paddle_state(step: int, torch_data: Mapping[str, Any], paddle_model: Any,
+                  fusions: Sequence[Any] = ()) -> dict[str, np.ndarray]:
     """The Paddle model's state dict as the reference recorded it after ``step`` (what a forced
-    step loads into it)."""
-    return {name: forcing._recorded(step, torch_data, name)
-            for name in unaliased(paddle_model.state_dict())[0]}
+    step loads into it); a fused tensor from the parts recorded under the reference's names."""
+    names = _port_names(paddle_model, fusions)
+    return fuse({name: forcing._recorded(step, torch_data, name) for name in names}, fusions)
+
+
+def _port_names(paddle_model: Any, fusions: Sequence[Any]) -> list[str]:
+    """The port's state names as ``_paddle_steps`` records them: a fused tensor's parts'."""
+    parts = {f.port_key: f.parts for f in fusions}
+    return [p for name in unaliased(paddle_model.state_dict())[0]
+            for p in parts.get(name, (name,))]
 
 
 _STATE_KEY = re.compile(r"step\d+/opt/.+")
@@ -1009,6 +1030,7 @@ def _train_localised(
     criteria: Criteria,
     lr: Optional[float],
     plan: Mapping[str, KeyPlan],
+    fusions: Sequence[Any] = (),
 ) -> Any:
     """``result`` with where the first failing step goes wrong in ``options["findings"]`` (and
     ``["divergence"]`` where a layer is named)."""
@@ -1075,7 +1097,7 @@ def _train_localised(
         # before training, or the weights and statistics each side recorded at the step before
         before.restore(torch_model, paddle_model)
         if step == 0 or _restore_step(step - 1, torch_model, paddle_model, torch_data,
-                                      torch_data if forced else paddle_data, plan):
+                                      torch_data if forced else paddle_data, plan, fusions):
             loc = _localise_step(torch_model, paddle_model, batches[step % len(batches)],
                                  backward=kinds[0] == "grad", torch_loss_fn=torch_loss_fn,
                                  paddle_loss_fn=paddle_loss_fn, seed=seed, by_order=by_order,
@@ -1155,7 +1177,8 @@ def _localise_step(torch_model: Any, paddle_model: Any, batch: Any, *, backward:
 
 
 def _restore_step(step: int, torch_model: Any, paddle_model: Any, torch_data: Mapping[str, Any],
-                  paddle_data: Mapping[str, Any], plan: Mapping[str, KeyPlan]) -> bool:
+                  paddle_data: Mapping[str, Any], plan: Mapping[str, KeyPlan],
+                  fusions: Sequence[Any] = ()) -> bool:
     """Each model's weights and statistics as it recorded them after ``step`` (the torch side's
     from Paddle's layout back to its own); False where a value was not recorded (``stats=False``),
     the models then left as they were."""
@@ -1177,11 +1200,12 @@ def _restore_step(step: int, torch_model: Any, paddle_model: Any, torch_data: Ma
             return False
         torch_values[tname] = np.ascontiguousarray(value.T) if kp.action == "transpose" else value
     paddle_values = {}
-    for name in unaliased(paddle_model.state_dict())[0]:
+    for name in _port_names(paddle_model, fusions):
         value = recorded(paddle_data, name)
         if value is None:
             return False
         paddle_values[name] = value
+    paddle_values = fuse(paddle_values, fusions)
     sd = torch_model.state_dict()  # a packed attention tensor also under its slices' names
     state = {**sd, **dict(torch_views(sd.items(), packed_slices(sd)))}
     with torch.no_grad():

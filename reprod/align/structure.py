@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from ..messages import fmt_shape
 from .by_order import _order_plan, _rules_from_order
+from .fusion import find_fusions
 from .rules import (
     ConversionRules,
     KeyPlan,
@@ -29,7 +30,7 @@ _NO_RULES = ConversionRules()
 
 # statuses that do not keep the weights from loading ("order": paired by order with a tensor of
 # another kind, e.g. a BatchNorm statistic with a weight, is a problem)
-_FINE = ("ok", "transposed", "skipped", "dropped", "own")
+_FINE = ("ok", "transposed", "skipped", "dropped", "own", "fused")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,10 @@ class StructureRow:
     dropped (no Paddle counterpart, e.g. ``num_batches_tracked``), order (``by_order=True`` paired a
     BatchNorm statistic with another kind of tensor), own (one side alone has it, and it is that
     model's constant, not a weight: an integer or bool tensor, PaddleNLP's ``position_ids``, or a
-    buffer, PaddleNLP GPT-J's causal mask; loading leaves it alone and the counts leave it out).
+    buffer, PaddleNLP GPT-J's causal mask; loading leaves it alone and the counts leave it out),
+    fused (one of the reference's tensors that a port tensor holds with others, its note saying
+    which and how: PaddleNLP's ``qkv_proj`` for ``q_proj``, ``k_proj``, ``v_proj``; see
+    ``reprod.align.fusion``).
     With ``by_order=True`` the note of a pair whose
     names differ starts with ``paired by order``. ``trainable`` is False for
     statistics: torch buffers and Paddle's ``stop_gradient`` parameters (BatchNorm ``_mean``/``_variance``).
@@ -214,6 +218,10 @@ def compare_structure(
     # the reference's constants the port does not hold (it computes them): not weights
     torch_own = {p.torch_name for p in plan if p.paddle_name is not None
                  and p.paddle_name not in paddle_shapes} & torch_constants(torch_model)
+    fused = {part: f for f in find_fusions(
+        {p.paddle_name: p.paddle_shape for p in plan if p.paddle_name is not None
+         and p.paddle_shape is not None and p.torch_name not in torch_own},
+        paddle_shapes, rules) for part in f.parts}
     for p in plan:
         trainable = p.torch_name in trainable_torch
         if p.torch_name in torch_own:
@@ -227,6 +235,15 @@ def compare_structure(
                     None, p.torch_name, p.torch_shape, None, status, f"{status}: {p.why}", trainable
                 )
             )
+            continue
+        if p.paddle_name in fused and p.torch_name not in wrong_kind:
+            f = fused[p.paddle_name]
+            counts.setdefault(_layer(f.port_key), [0, 0])[0] += _numel(p.torch_shape)
+            rows.append(StructureRow(f.port_key, p.torch_name, p.torch_shape,
+                                     paddle_shapes[f.port_key], "fused",
+                                     f"fused: {f.why(p.paddle_name)}"
+                                     + ("; transposed" if p.action == "transpose" else ""),
+                                     trainable))
             continue
         counts.setdefault(_layer(p.paddle_name), [0, 0])[0] += _numel(p.torch_shape)
         want = paddle_shapes.get(p.paddle_name)
@@ -265,6 +282,7 @@ def compare_structure(
             StructureRow(p.paddle_name, p.torch_name, p.torch_shape, want, status, note, trainable)
         )
     converted_names = {p.paddle_name for p in plan if p.paddle_name is not None}
+    converted_names |= {f.port_key for f in fused.values()}
     own = port_constants(paddle_sd, {name for name, _ in paddle_model.named_buffers()}
                          if hasattr(paddle_model, "named_buffers") else None)
     own = own - paddle_trainable - converted_names

@@ -153,3 +153,66 @@ def test_a_rotary_base_is_a_setting_of_each_block() -> None:
     assert [k.key for k in r.failed if k.status == "setting"] == [
         "settings/layers.1.self_attn.rotary_emb/base"]
     assert "base 10000 in torch, 500 in Paddle" in r.options["findings"][-1]
+
+
+def _fused(rules: Any = None) -> tuple[Any, Any]:
+    """HF's LLaMA with grouped-query attention (2 key-value heads for 4) against PaddleNLP's
+    with ``fuse_attention_qkv`` and ``fuse_attention_ffn``: one ``qkv_proj`` [64, 128] for
+    ``q_proj``, ``k_proj``, ``v_proj`` (read per key-value head), one ``gate_up_fused_proj``
+    [64, 344] for ``gate_proj`` and ``up_proj`` (side by side)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import paddle
+        import torch
+        from paddlenlp.transformers import LlamaConfig as PaddleLlamaConfig
+        from paddlenlp.transformers import LlamaModel as PaddleLlama
+        from transformers import LlamaConfig, LlamaModel
+
+        from reprod.align import load_into_paddle
+
+        config = dict(CONFIG, num_key_value_heads=2)
+        torch.manual_seed(0)
+        tm = LlamaModel(LlamaConfig(**config, attn_implementation="eager")).eval()
+        tm.config.use_cache = False
+        paddle.seed(0)
+        pm = PaddleLlama(PaddleLlamaConfig(**config, fuse_attention_qkv=True,
+                                           fuse_attention_ffn=True))
+        pm.eval()
+        load_into_paddle(pm, tm, rules=rules)
+    return tm, pm
+
+
+def test_fused_projections_show_in_the_structure_and_load_into_their_columns() -> None:
+    from reprod.align import compare_structure
+
+    tm, pm = _fused()
+    report = compare_structure(tm, pm)
+    assert report.ok, report.to_table(only_problems=True)
+    fused = {r.torch_name: r.paddle_name for r in report.rows_with("fused")}
+    assert len(fused) == 10  # q, k, v, gate and up in each of 2 layers
+    assert fused["layers.1.mlp.up_proj.weight"] == "layers.1.mlp.gate_up_fused_proj.weight"
+    t = tm.state_dict()
+    gate_up = pm.layers[0].mlp.gate_up_fused_proj.weight.numpy()
+    np.testing.assert_array_equal(gate_up, np.concatenate(
+        [t["layers.0.mlp.gate_proj.weight"].numpy().T, t["layers.0.mlp.up_proj.weight"].numpy().T],
+        axis=1))
+
+
+def test_a_fused_qkv_read_per_key_value_head_is_named_with_its_groups() -> None:
+    """Loaded side by side (the default), PaddleNLP's per-head reading mixes q, k and v: the
+    localisation tries the other layouts and names the one PaddleNLP's own conversion uses;
+    loaded so, the port passes against float32 noise, its fused layers judged as HF's parts."""
+    from reprod.align import ConversionRules, align_forward
+
+    tm, pm = _fused()
+    r = align_forward(tm, pm, _ids(), calibrate=True)
+    assert not r.passed
+    assert r.options["divergence"]["layer"] == "layers.0"
+    assert r.options["divergence"]["hint"].endswith(
+        "in 2 groups: with that layout it aligns; load with "
+        "ConversionRules(fuse_groups={'qkv_proj': 2})")
+    rules = ConversionRules(fuse_groups={"qkv_proj": 2})
+    tm, pm = _fused(rules)
+    r = align_forward(tm, pm, _ids(), calibrate=True, rules=rules, layers=True)
+    assert r.passed, r.to_table()
+    assert r.options["layers"]["passed"] is True

@@ -1,0 +1,361 @@
+"""Fused projections: one port Linear holding what the reference keeps in several.
+
+A port written for speed fuses Linears the reference keeps apart: PaddleNLP's LLaMA with
+``fuse_attention_qkv`` holds one ``qkv_proj`` [E, E + 2 E_kv] for Hugging Face's ``q_proj``,
+``k_proj`` and ``v_proj``, and with ``fuse_attention_ffn`` one ``gate_up_fused_proj`` for
+``gate_proj`` and ``up_proj``; a ViT port keeps one ``qkv`` for separate query, key and value.
+By name, the reference's parts are "unexpected" and the port's tensor "missing", and nothing
+loads.
+
+A fusion is found from shapes alone, after the reference's weights are converted to Paddle's
+names and layouts (a Linear's [in, out]): a port tensor no converted key names, and a run of
+consecutive converted keys no port tensor names, under the same parent layer, with the same
+last name (``weight``, ``bias``: a bias only where its layer's weight fused), the same leading
+axes, whose output sizes add up to the port tensor's; and under that parent, a layer both
+models name alike (the attention's output projection), without which the names are the port's
+own and sums of shapes say nothing. The parts lie along the output axis (the last, in Paddle's
+layout).
+
+How they lie along it is the port's own code, which shapes cannot tell: side by side
+(``[q | k | v]``, ``groups=1``, timm's and PaddleClas's ViT, PaddleNLP's ``gate_up_fused_proj``),
+or each cut in ``groups`` pieces taken in turn (``[q_1 | k_1 | v_1 | q_2 | ...]``: PaddleNLP's
+LLaMA reshapes its ``qkv_proj`` output per key-value head, so ``groups`` is its
+``num_key_value_heads``). ``ConversionRules(fuse_groups={pattern: groups})`` says which; where
+none does, the parts are loaded side by side and the conversion says so. ``align_forward``
+tries the other layouts where a layer holding a fused tensor diverges, and names the one that
+aligns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import ReprodError
+
+__all__ = ["Fusion", "find_fusions", "fuse", "unfuse", "regroup", "group_choices",
+           "split_captures"]
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One port tensor (``port_key``) holding the converted reference tensors ``parts`` (Paddle
+    names, in the reference's order) along its last axis, ``sizes`` wide each, cut in ``groups``
+    pieces taken in turn (1: side by side)."""
+
+    port_key: str
+    parts: tuple[str, ...]
+    sizes: tuple[int, ...]
+    groups: int = 1
+
+    @property
+    def layout(self) -> str:
+        names = [_short(p) for p in self.parts]
+        if self.groups == 1:
+            return "[" + " | ".join(names) + "] side by side"
+        return (f"[{' | '.join(n + '_1' for n in names)} | ...] in {self.groups} groups")
+
+    def columns(self) -> list[np.ndarray]:
+        """Each part's indices along the fused tensor's last axis."""
+        g = self.groups
+        out: list[np.ndarray] = []
+        block = sum(s // g for s in self.sizes)  # one group of every part
+        start = 0
+        for s in self.sizes:
+            piece = s // g
+            out.append((np.arange(g)[:, None] * block + start + np.arange(piece)[None, :]).ravel())
+            start += piece
+        return out
+
+    def why(self, part: str) -> str:
+        i = self.parts.index(part)
+        return (f"into {self.port_key} ({self.sizes[i]} of its {sum(self.sizes)} outputs: "
+                f"{self.layout})")
+
+
+def _short(key: str) -> str:
+    parts = key.split(".")
+    return parts[-2] if len(parts) > 1 else parts[-1]
+
+
+def _split(key: str) -> tuple[str, str, str]:
+    """(parent layer prefix, layer, last name): ``a.attn.q.weight`` -> (``a.attn.``, ``q``,
+    ``weight``)."""
+    parts = key.split(".")
+    if len(parts) < 2:
+        return "", "", key
+    return ".".join(parts[:-2]) + ("." if len(parts) > 2 else ""), parts[-2], parts[-1]
+
+
+def _divides(groups: int, sizes: Sequence[int]) -> bool:
+    return groups >= 1 and all(s % groups == 0 for s in sizes)
+
+
+def find_fusions(converted: Mapping[str, tuple[int, ...]], port: Mapping[str, tuple[int, ...]],
+                 rules: Any = None) -> list[Fusion]:
+    """The fusions between converted reference shapes (Paddle names and layouts, in the
+    reference's order) and the port's shapes; ``rules.fuse_groups`` gives each its layout.
+    A port tensor more than one run of parts could fill is left alone (it stays missing)."""
+    spare = [k for k in converted if k not in port]
+    wanted = [k for k in port if k not in converted]
+    if not spare or not wanted:
+        return []
+    # a parent holding a layer both name alike (an attention's o_proj beside its fused qkv_proj):
+    # the names are the port's own otherwise, and shapes that add up say nothing
+    anchored = {_split(k)[0] for k in converted if k in port}
+    taken: set[str] = set()
+    out: list[Fusion] = []
+    by_layer: dict[tuple[str, str], Fusion] = {}
+    # weights first: a bias fuses as its layer's weight did
+    for key in sorted(wanted, key=lambda k: _split(k)[2] != "weight"):
+        shape = tuple(int(d) for d in port[key])
+        parent, layer, last = _split(key)
+        weight = by_layer.get((parent, layer))
+        # a Linear's weight, or the bias of one fused already
+        if parent not in anchored or len(shape) != (1 if weight is not None else 2):
+            continue
+        cands = [k for k in spare if k not in taken and _split(k)[0] == parent
+                 and _split(k)[2] == last and len(converted[k]) == len(shape)
+                 and tuple(converted[k][:-1]) == shape[:-1]]
+        if weight is not None:  # the same layers as its weight, or none
+            names = [f"{parent}{_split(p)[1]}.{last}" for p in weight.parts]
+            runs = [names] if all(n in cands for n in names) else []
+        else:
+            runs = []
+            for i in range(len(cands)):
+                total = 0
+                for j in range(i, len(cands)):
+                    total += int(converted[cands[j]][-1])
+                    if total >= shape[-1]:
+                        break
+                if total == shape[-1] and j > i:
+                    runs.append(cands[i:j + 1])
+        if len(runs) != 1:
+            continue
+        sizes = tuple(int(converted[k][-1]) for k in runs[0])
+        if sum(sizes) != shape[-1]:
+            continue
+        groups = _groups_for(key, sizes, rules)
+        f = Fusion(key, tuple(runs[0]), sizes, groups)
+        taken.update(runs[0])
+        by_layer[(parent, layer)] = f
+        out.append(f)
+    return out
+
+
+def _groups_for(key: str, sizes: Sequence[int], rules: Any) -> int:
+    pattern_groups = getattr(rules, "fuse_groups_for", None)
+    found = pattern_groups(key) if pattern_groups is not None else None
+    if found is None:
+        return 1
+    pattern, groups = found
+    if not _divides(groups, sizes):
+        raise ReprodError(
+            f"fuse_groups {pattern!r}: {groups} groups do not divide {key}'s parts "
+            f"({', '.join(str(s) for s in sizes)} outputs)")
+    return groups
+
+
+def fuse(arrays: Mapping[str, Any], fusions: Sequence[Fusion]) -> dict[str, Any]:
+    """``arrays`` with each fusion's parts replaced by the port tensor they make up, in its
+    place among the keys."""
+    if not fusions:
+        return dict(arrays)
+    first = {f.parts[0]: f for f in fusions}
+    gone = {p for f in fusions for p in f.parts}
+    out: dict[str, Any] = {}
+    for key, value in arrays.items():
+        if key in first:
+            f = first[key]
+            parts = [np.asarray(arrays[p]) for p in f.parts]
+            dtype = np.result_type(*parts)
+            fused = np.empty(parts[0].shape[:-1] + (sum(f.sizes),), dtype=dtype)
+            for cols, part in zip(f.columns(), parts):
+                fused[..., cols] = part
+            out[f.port_key] = fused
+        elif key not in gone:
+            out[key] = value
+    return out
+
+
+def unfuse(value: Any, fusion: Fusion) -> list[np.ndarray]:
+    """The parts a fused port tensor holds, as ``fusion`` lays them out."""
+    arr = np.asarray(value)
+    return [np.ascontiguousarray(arr[..., cols]) for cols in fusion.columns()]
+
+
+def regroup(value: Any, fusion: Fusion, groups: int) -> np.ndarray:
+    """A fused tensor laid out as ``fusion`` says, laid out in ``groups`` instead."""
+    other = Fusion(fusion.port_key, fusion.parts, fusion.sizes, groups)
+    parts = unfuse(value, fusion)
+    out = np.empty_like(np.asarray(value))
+    for cols, part in zip(other.columns(), parts):
+        out[..., cols] = part
+    return out
+
+
+def group_choices(fusion: Fusion, limit: Optional[int] = None) -> list[int]:
+    """The layouts a fusion's parts allow besides its own: every count of groups that divides
+    each part's size (side by side first, then by count)."""
+    sizes = fusion.sizes
+    top = min(sizes)
+    out = [g for g in range(1, top + 1) if _divides(g, sizes) and g != fusion.groups]
+    return out if limit is None else out[:limit]
+
+
+def _role(key: str) -> str:
+    """A key with its block indices left out: the same tensor of every block."""
+    return ".".join("#" if seg.isdigit() else seg for seg in key.split("."))
+
+
+def model_fusions(torch_model: Any, paddle_model: Any, rules: Any = None
+                  ) -> list[tuple[Fusion, list[np.ndarray]]]:
+    """The fusions between a torch model's converted weights and a Paddle model's, each with
+    its parts' converted values and with the layout the port's tensor holds them in now (the
+    one whose parts equal them; fusions in no layout are left out: the values differ)."""
+    from .framework import _torch_array, _torch_params_plan
+    from .rules import split_attention, unaliased
+
+    plan = _torch_params_plan(torch_model, rules)
+    state = split_attention(torch_model.state_dict())[0]
+    by_paddle = {p.paddle_name: p for p in plan.values() if p.paddle_name is not None}
+    port_state = unaliased(paddle_model.state_dict())[0]
+    port_shapes = {k: tuple(int(d) for d in v.shape) for k, v in port_state.items()}
+    out: list[tuple[Fusion, list[np.ndarray]]] = []
+    for f in find_fusions({k: p.paddle_shape for k, p in by_paddle.items()
+                           if p.paddle_shape is not None}, port_shapes, rules):
+        parts = [_torch_array(state[by_paddle[k].torch_name], by_paddle[k]) for k in f.parts]
+        held = np.asarray(port_state[f.port_key].numpy())
+        for g in [f.groups, *group_choices(f)]:
+            here = Fusion(f.port_key, f.parts, f.sizes, g)
+            if all(np.array_equal(a, b.astype(a.dtype, copy=False))
+                   for a, b in zip(unfuse(held, here), parts)):
+                out.append((here, parts))
+                break
+    return out
+
+
+def _candidates(fusion: Fusion, port_layer: Any, limit: int) -> list[int]:
+    """The other layouts worth a run, likeliest first: side by side, then each head count the
+    port's layer holds (a split per head or per key-value head), then the rest by count."""
+    from .settings import _HEADS
+
+    choices = group_choices(fusion)
+    first = [1] if 1 in choices else []
+    for layer in port_layer:
+        for name in _HEADS + ("num_key_value_heads", "num_kv_heads", "n_kv_heads"):
+            value = getattr(layer, name, None)
+            if isinstance(value, int) and value in choices and value not in first:
+                first.append(value)
+    return (first + [g for g in choices if g not in first])[:limit]
+
+
+def split_captures(ref: Mapping[str, Any], port: Mapping[str, Any],
+                   fusions: Sequence[Fusion]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Layer captures (``reprod.capture.record``) with each fused port layer's keys given under
+    the reference's layers it fuses: its output (and output gradient, and its parameters'
+    gradients) cut along the last axis as the fusion lays the parts out, its input as it is.
+    An input's gradient, the sum of the parts' on the port's side, has no counterpart: the
+    reference's parts' are left out too."""
+    from ..capture.naming import parse_key
+
+    layers: dict[str, list[tuple[str, np.ndarray]]] = {}
+    params: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for f in fusions:
+        params[f.port_key] = list(zip(f.parts, f.columns()))
+        if f.port_key.endswith(".weight"):
+            layers[f.port_key[:-7]] = [(p.rsplit(".", 1)[0], c)
+                                       for p, c in zip(f.parts, f.columns())]
+    if not layers:
+        return dict(ref), dict(port)
+    total = {lp: sum(len(c) for _, c in parts) for lp, parts in layers.items()}
+    part_layers = {rl for parts in layers.values() for rl, _ in parts}
+    out: dict[str, Any] = {}
+    for key, value in port.items():
+        k = parse_key(key)
+        split = None if k is None else (params.get(k.name) if k.is_param else layers.get(k.name))
+        if split is None:
+            out[key] = value
+            continue
+        if k.what == "grad_in":
+            continue
+        arr = np.asarray(value)
+        cut = k.is_param or (k.what in ("out", "grad_out") and arr.ndim
+                             and arr.shape[-1] == total.get(k.name, -1))
+        for name, cols in split:
+            out[str(k.with_name(name))] = arr[..., cols] if cut else arr
+    kept = {}
+    for key, value in ref.items():
+        k = parse_key(key)
+        if k is not None and not k.is_param and k.what == "grad_in" and k.name in part_layers:
+            continue
+        kept[key] = value
+    return kept, out
+
+
+def layout_hint(layer: str, paddle_model: Any, fusions: Sequence[tuple[Fusion, list[np.ndarray]]],
+                aligns: Any, limit: int = 8) -> Optional[str]:
+    """Where ``layer`` (a port layer, "" the model) holds a fused tensor and diverges, the layout
+    of its parts under which it aligns (``aligns(fusions)``: whether the layer aligns now, the
+    fusions laid out as they are now), each tried by writing the port's tensors of that role
+    (in every block) laid out so, and put back after. None where no layout tried aligns it."""
+    prefix = f"{layer}." if layer else ""
+    inside = [(f, parts) for f, parts in fusions if f.port_key.startswith(prefix)]
+    if not inside:
+        return None
+    named = dict(paddle_model.named_sublayers(include_self=True))
+    state = paddle_model.state_dict()
+    for role in dict.fromkeys(_role(f.port_key) for f, _ in inside):
+        if not role.endswith("weight"):
+            continue
+        layer_role = role.rsplit(".", 1)[0]  # its bias goes with it
+        group = [(f, parts) for f, parts in fusions if _role(f.port_key).rsplit(".", 1)[0]
+                 == layer_role]
+        here = next(f for f, _ in inside if _role(f.port_key) == role)
+        owner = here.port_key.rsplit(".", 2)[0]
+        holders = [named[n] for n in (owner, owner.rsplit(".", 1)[0]) if n in named]
+        saved = {f.port_key: np.array(state[f.port_key].numpy()) for f, _ in group}
+        try:
+            for g in _candidates(here, holders, limit):
+                if not all(_divides(g, f.sizes) for f, _ in group):
+                    continue
+                for f, _ in group:
+                    state[f.port_key].set_value(
+                        regroup(saved[f.port_key], f, g).astype(saved[f.port_key].dtype))
+                regrouped = {f.port_key for f, _ in group}
+                now = [Fusion(f.port_key, f.parts, f.sizes, g) if f.port_key in regrouped else f
+                       for f, _ in fusions]
+                if aligns(now):
+                    tried = Fusion(here.port_key, here.parts, here.sizes, g)
+                    pattern = re.escape(layer_role.rsplit(".", 1)[-1])
+                    return (f"{here.port_key} holds {', '.join(_short(p) for p in here.parts)} "
+                            f"laid out {here.layout}, and the port reads them as "
+                            f"{tried.layout}: with that layout it aligns; load with "
+                            f"ConversionRules(fuse_groups={{{pattern!r}: {g}}})")
+        finally:
+            for key, value in saved.items():
+                state[key].set_value(value)
+    return None
+
+
+def split_named(items: Any, fusions: Sequence[Fusion]) -> Any:
+    """``(name, array)`` pairs with each fused port tensor's given as its parts', under their
+    names, cut as the fusion lays them out; a ``<name>.<accumulator>`` (an optimizer's moment
+    of that tensor) likewise."""
+    by_key = {f.port_key: f for f in fusions}
+    for name, value in items:
+        f = by_key.get(name)
+        suffix = ""
+        if f is None and "." in name and by_key:
+            head, _, acc = name.rpartition(".")
+            f, suffix = by_key.get(head), f".{acc}"
+        if f is None:
+            yield name, value
+            continue
+        arr = np.asarray(value)
+        for part, cols in zip(f.parts, f.columns()):
+            yield part + suffix, arr[..., cols]

@@ -1,0 +1,279 @@
+"""A port that fuses Linears the reference keeps apart (``reprod.align.fusion``): one ``qkv``
+for ``q``, ``k`` and ``v`` (with grouped-query attention's narrower ``k`` and ``v``), one
+``gate_up`` for ``gate`` and ``up``.
+
+The reference here is a hand-written grouped-query attention block in torch; the ports hold
+one fused Linear each and split its output either side by side or per key-value head, as
+PaddleNLP's LLaMA with ``fuse_attention_qkv`` does (tests/realworld/test_llama_real.py runs
+that port itself).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reprod.align.fusion import Fusion, find_fusions, fuse, group_choices, regroup, unfuse
+from reprod.align.rules import ConversionRules
+from reprod.errors import ReprodError
+
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+
+from reprod.align import align_forward, compare_structure, load_into_paddle  # noqa: E402
+
+E, H, KV, D = 16, 4, 2, 4  # hidden, query heads, key-value heads, head size
+INPUTS = {"x": np.random.default_rng(0).standard_normal((2, 5, E)).astype(np.float32)}
+
+
+class _Ref(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.Module()
+        self.attn.q_proj = torch.nn.Linear(E, H * D)
+        self.attn.k_proj = torch.nn.Linear(E, KV * D)
+        self.attn.v_proj = torch.nn.Linear(E, KV * D)
+        self.attn.o_proj = torch.nn.Linear(H * D, E)
+        self.mlp = torch.nn.Module()
+        self.mlp.gate_proj = torch.nn.Linear(E, 24, bias=False)
+        self.mlp.up_proj = torch.nn.Linear(E, 24, bias=False)
+        self.mlp.down_proj = torch.nn.Linear(24, E, bias=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        a = self.attn
+        q = a.q_proj(x).view(b, s, H, D).transpose(1, 2)
+        k = a.k_proj(x).view(b, s, KV, D).repeat_interleave(H // KV, dim=2).transpose(1, 2)
+        v = a.v_proj(x).view(b, s, KV, D).repeat_interleave(H // KV, dim=2).transpose(1, 2)
+        w = torch.softmax(q @ k.transpose(-1, -2) / D ** 0.5, dim=-1)
+        x = x + a.o_proj((w @ v).transpose(1, 2).reshape(b, s, H * D))
+        m = self.mlp
+        return x + m.down_proj(torch.nn.functional.silu(m.gate_proj(x)) * m.up_proj(x))
+
+
+class _Port(paddle.nn.Layer):
+    """``per_group``: the fused output read per key-value head ([q_i | k_i | v_i] for each),
+    as PaddleNLP's LLaMA reads its ``qkv_proj``; else side by side ([q | k | v])."""
+
+    def __init__(self, per_group: bool, scale: float = 1.0):
+        super().__init__()
+        self.per_group, self.scale = per_group, scale
+        self.attn = paddle.nn.Layer()
+        self.attn.qkv_proj = paddle.nn.Linear(E, (H + 2 * KV) * D)
+        self.attn.o_proj = paddle.nn.Linear(H * D, E)
+        self.attn.num_key_value_heads = KV
+        self.mlp = paddle.nn.Layer()
+        self.mlp.gate_up_proj = paddle.nn.Linear(E, 48, bias_attr=False)
+        self.mlp.down_proj = paddle.nn.Linear(24, E, bias_attr=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        a = self.attn
+        mixed = a.qkv_proj(x)
+        if self.per_group:
+            mixed = mixed.reshape([b, s, KV, (H // KV + 2) * D])
+            q, k, v = paddle.split(mixed, [H // KV * D, D, D], axis=-1)
+            q = q.reshape([b, s, H, D])
+        else:
+            q, k, v = paddle.split(mixed, [H * D, KV * D, KV * D], axis=-1)
+            q, k, v = q.reshape([b, s, H, D]), k.reshape([b, s, KV, D]), v.reshape([b, s, KV, D])
+        k = paddle.repeat_interleave(k, H // KV, axis=2).transpose([0, 2, 1, 3])
+        v = paddle.repeat_interleave(v, H // KV, axis=2).transpose([0, 2, 1, 3])
+        q = q.transpose([0, 2, 1, 3])
+        w = paddle.nn.functional.softmax(q @ k.transpose([0, 1, 3, 2]) / D ** 0.5 * self.scale,
+                                         axis=-1)
+        x = x + a.o_proj((w @ v).transpose([0, 2, 1, 3]).reshape([b, s, H * D]))
+        gate, up = paddle.chunk(self.mlp.gate_up_proj(x), 2, axis=-1)
+        return x + self.mlp.down_proj(paddle.nn.functional.silu(gate) * up)
+
+
+def _models(per_group: bool, scale: float = 1.0):
+    torch.manual_seed(0)
+    tm = _Ref()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.normal_(0, 0.3)
+    return tm.eval(), _Port(per_group, scale)
+
+
+# --- the layouts, against numpy's own concatenation --------------------------------------------
+
+def test_side_by_side_is_numpy_s_concatenation_and_groups_take_a_piece_of_each_in_turn():
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((3, n)) for n in (8, 4, 4))
+    side = Fusion("qkv.weight", ("q.weight", "k.weight", "v.weight"), (8, 4, 4), 1)
+    arrays = {"q.weight": q, "k.weight": k, "v.weight": v, "o.weight": q[:, :2]}
+    out = fuse(arrays, [side])
+    assert list(out) == ["qkv.weight", "o.weight"]
+    np.testing.assert_array_equal(out["qkv.weight"], np.concatenate([q, k, v], axis=-1))
+    two = Fusion(side.port_key, side.parts, side.sizes, 2)
+    want = np.concatenate([q[:, :4], k[:, :2], v[:, :2], q[:, 4:], k[:, 2:], v[:, 2:]], axis=-1)
+    np.testing.assert_array_equal(fuse(arrays, [two])["qkv.weight"], want)
+    for got, part in zip(unfuse(want, two), (q, k, v)):
+        np.testing.assert_array_equal(got, part)
+    np.testing.assert_array_equal(regroup(want, two, 1), np.concatenate([q, k, v], axis=-1))
+    assert group_choices(side) == [2, 4]
+
+
+def test_a_fusion_is_found_from_shapes_under_one_parent_with_its_bias_beside_its_weight():
+    converted = {"a.q.weight": (16, 16), "a.q.bias": (16,), "a.k.weight": (16, 8),
+                 "a.k.bias": (8,), "a.v.weight": (16, 8), "a.v.bias": (8,),
+                 "a.o.weight": (16, 16), "b.q.weight": (16, 16)}
+    port = {"a.qkv.weight": (16, 32), "a.qkv.bias": (32,), "a.o.weight": (16, 16),
+            "b.q.weight": (16, 16)}
+    found = {f.port_key: f for f in find_fusions(converted, port)}
+    assert found["a.qkv.weight"].parts == ("a.q.weight", "a.k.weight", "a.v.weight")
+    assert found["a.qkv.bias"].parts == ("a.q.bias", "a.k.bias", "a.v.bias")
+    assert found["a.qkv.weight"].sizes == (16, 8, 8)
+    # another parent, other leading axes, or a run of one: no fusion
+    o = {"a.o.weight": (16, 16), "b.o.weight": (16, 16)}  # the layer both name alike
+    assert find_fusions({**o, "b.q.weight": (16, 16), "b.k.weight": (16, 16)},
+                        {**o, "a.qkv.weight": (16, 32)}) == []
+    assert find_fusions({**o, "a.q.weight": (16, 16), "a.k.weight": (8, 16)},
+                        {**o, "a.qkv.weight": (16, 32)}) == []
+    assert find_fusions({**o, "a.q.weight": (16, 32)}, {**o, "a.qkv.weight": (16, 32)}) == []
+    assert len(find_fusions({**o, "a.q.weight": (16, 16), "a.k.weight": (16, 16)},
+                            {**o, "a.qkv.weight": (16, 32)})) == 1
+
+
+def test_without_a_layer_named_alike_beside_them_or_a_weight_fused_nothing_fuses():
+    """A port whose every layer is named otherwise: a BatchNorm's weight [8] and a Conv's bias
+    [8] add up to a Linear's bias [16], and are no fusion of it."""
+    converted = {"conv.bias": (8,), "bn.weight": (8,), "fc.weight": (8, 16)}
+    port = {"renamed_fc.bias": (16,), "renamed_fc.weight": (8, 16)}
+    assert find_fusions(converted, port) == []
+    # the same parent holds a layer named alike, but no weight fused: the bias stays apart
+    assert find_fusions({**converted, "head.weight": (16, 4)},
+                        {**port, "head.weight": (16, 4)}) == []
+    # the two weights with no layer named alike beside them
+    assert find_fusions({"q.weight": (16, 16), "k.weight": (16, 16)},
+                        {"qkv.weight": (16, 32)}) == []
+
+
+def test_a_port_tensor_two_runs_could_fill_is_left_alone():
+    o = {"a.o.weight": (8, 8)}
+    converted = {**o, "a.p.weight": (4, 8), "a.q.weight": (4, 8), "a.r.weight": (4, 8)}
+    assert find_fusions(converted, {**o, "a.pq.weight": (4, 16)}) == []
+    assert len(find_fusions({**o, "a.p.weight": (4, 8), "a.q.weight": (4, 8)},
+                            {**o, "a.pq.weight": (4, 16)})) == 1
+
+
+def test_groups_come_from_the_rules_and_must_divide_every_part():
+    converted = {"a.q.weight": (16, 16), "a.k.weight": (16, 8), "a.v.weight": (16, 8),
+                 "a.o.weight": (16, 16)}
+    port = {"a.qkv.weight": (16, 32), "a.o.weight": (16, 16)}
+    rules = ConversionRules(fuse_groups={r"qkv": 4})
+    assert find_fusions(converted, port)[0].groups == 1
+    assert find_fusions(converted, port, rules)[0].groups == 4
+    with pytest.raises(ReprodError, match=r"fuse_groups 'qkv': 3 groups do not divide "
+                                          r"a\.qkv\.weight's parts \(16, 8, 8 outputs\)"):
+        find_fusions(converted, port, ConversionRules(fuse_groups={"qkv": 3}))
+    with pytest.raises(ReprodError, match="must be a .pattern, groups >= 1. pair"):
+        ConversionRules(fuse_groups={"qkv": 0})
+    kept = ConversionRules.from_pairs({"x": "y"}, base=rules)
+    assert kept.fuse_groups == (("qkv", 4),)
+
+
+# --- loading, structure and localisation on real models -----------------------------------------
+
+def test_the_structure_shows_each_part_fused_into_the_port_s_tensor_and_matches():
+    tm, pm = _models(per_group=False)
+    report = compare_structure(tm, pm)
+    assert report.ok, report.to_table(only_problems=True)
+    fused = {r.torch_name: r for r in report.rows_with("fused")}
+    assert set(fused) == {f"attn.{q}_proj.{w}" for q in "qkv" for w in ("weight", "bias")} | {
+        "mlp.gate_proj.weight", "mlp.up_proj.weight"}
+    assert fused["attn.k_proj.weight"].paddle_name == "attn.qkv_proj.weight"
+    assert "8 of its 32 outputs: [q_proj | k_proj | v_proj] side by side" in \
+        fused["attn.k_proj.weight"].note
+    assert not report.rows_with("extra") and not report.rows_with("missing")
+
+
+def test_loaded_side_by_side_the_weights_are_the_reference_s_and_the_port_aligns():
+    tm, pm = _models(per_group=False)
+    load_into_paddle(pm, tm)
+    w = pm.attn.qkv_proj.weight.numpy()
+    np.testing.assert_array_equal(w[:, :16], tm.attn.q_proj.weight.detach().numpy().T)
+    np.testing.assert_array_equal(w[:, 24:], tm.attn.v_proj.weight.detach().numpy().T)
+    np.testing.assert_array_equal(pm.attn.qkv_proj.bias.numpy()[16:24],
+                                  tm.attn.k_proj.bias.detach().numpy())
+    r = align_forward(tm, pm, INPUTS, calibrate=True)
+    assert r.passed, r.to_table()
+
+
+def test_a_port_reading_per_group_aligns_when_loaded_with_its_groups():
+    tm, pm = _models(per_group=True)
+    rules = ConversionRules(fuse_groups={"qkv_proj": KV})
+    load_into_paddle(pm, tm, rules=rules)
+    r = align_forward(tm, pm, INPUTS, calibrate=True, rules=rules, layers=True)
+    assert r.passed, r.to_table()
+    # the fused layers' outputs are judged as the reference's parts, cut as the weights lie
+    assert r.options["layers"] == {"judged": 16, "passed": True}
+
+
+def test_the_fused_output_is_cut_into_the_parts_as_its_weights_lie():
+    from reprod.align.fusion import split_captures
+
+    out = np.arange(2 * 12, dtype=np.float32).reshape(2, 12)
+    f = Fusion("a.qkv.weight", ("a.q.weight", "a.k.weight", "a.v.weight"), (4, 4, 4), 2)
+    ref = {"a.q.in": 0, "a.q.grad_in": 0, "a.q.out": 0, "b.out": 0}
+    port = {"a.qkv.in": out[:, :3], "a.qkv.out": out, "a.qkv.grad_in": out[:, :3],
+            "param.a.qkv.weight.grad": out, "b.out": 1}
+    kept, got = split_captures(ref, port, [f])
+    assert list(kept) == ["a.q.in", "a.q.out", "b.out"]  # the parts' input gradients: none
+    np.testing.assert_array_equal(got["a.k.out"], out[:, [2, 3, 8, 9]])
+    np.testing.assert_array_equal(got["param.a.v.weight.grad"], out[:, [4, 5, 10, 11]])
+    np.testing.assert_array_equal(got["a.v.in"], out[:, :3])
+    assert "a.qkv.out" not in got and not any("grad_in" in k for k in got)
+
+
+def test_loaded_in_the_wrong_layout_the_divergence_names_the_layout_that_aligns():
+    tm, pm = _models(per_group=True)
+    load_into_paddle(pm, tm)  # side by side: not how this port reads it
+    before = pm.attn.qkv_proj.weight.numpy().copy()
+    r = align_forward(tm, pm, INPUTS, calibrate=True)
+    assert not r.passed
+    hint = r.options["divergence"]["hint"]
+    assert hint == ("attn.qkv_proj.weight holds q_proj, k_proj, v_proj laid out [q_proj | k_proj "
+                    "| v_proj] side by side, and the port reads them as [q_proj_1 | k_proj_1 | "
+                    "v_proj_1 | ...] in 2 groups: with that layout it aligns; load with "
+                    "ConversionRules(fuse_groups={'qkv_proj': 2})")
+    # the layouts tried are put back
+    np.testing.assert_array_equal(pm.attn.qkv_proj.weight.numpy(), before)
+
+
+def test_a_bug_no_layout_mends_gets_no_layout_hint():
+    tm, pm = _models(per_group=False, scale=1.5)  # the attention's scale is wrong
+    load_into_paddle(pm, tm)
+    r = align_forward(tm, pm, INPUTS, calibrate=True)
+    assert not r.passed
+    hint = r.options["divergence"]["hint"] or ""
+    assert "fuse_groups" not in hint
+
+
+def test_training_steps_judge_the_fused_tensors_gradients_weights_and_moments_as_the_parts():
+    from reprod.align import align_train
+
+    tm, pm = _models(per_group=True)
+    rules = ConversionRules(fuse_groups={"qkv_proj": KV})
+    load_into_paddle(pm, tm, rules=rules)
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [(INPUTS, None)], steps=2, calibrate=True, rules=rules,
+        torch_loss_fn=lambda out, *_: out.square().mean(),
+        paddle_loss_fn=lambda out, *_: out.square().mean(),
+        torch_optimizer=torch.optim.AdamW(tm.parameters(), lr=1e-2),
+        paddle_optimizer=paddle.optimizer.AdamW(learning_rate=1e-2, parameters=pm.parameters()))
+    assert r.passed, r.to_table(failed_only=True)
+    keys = {k.key for k in r.results}
+    for what in ("grad", "param"):
+        assert {f"step1/{what}/attn.{q}_proj.{w}" for q in "qkv" for w in ("weight", "bias")} \
+            <= keys
+        assert f"step1/{what}/mlp.up_proj.weight" in keys
+    assert "step1/opt/attn.k_proj.weight.moment2" in keys
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in keys)
+    # after the steps the port's k columns (8:12 and 24:28, in 2 groups) hold torch's k
+    moved = pm.attn.qkv_proj.weight.numpy()
+    np.testing.assert_allclose(np.concatenate([moved[:, 8:12], moved[:, 24:28]], axis=1),
+                               tm.attn.k_proj.weight.detach().numpy().T, rtol=1e-4, atol=1e-6)
