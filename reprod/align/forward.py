@@ -164,6 +164,7 @@ def align_forward(
     skipped: Optional[str] = None  # why a calibrated run is judged without its twin
     args, kwargs = _split_inputs(inputs)
     outs: list[tuple[ReprodLogger, Any]] = []
+    half_twin = None  # the reference in the port's half precision
     # the settings of the operations each model applies as functions, from its first pass
     traces = None if waive is None else (trace_settings(torch_model),
                                          trace_settings(paddle_model))
@@ -177,7 +178,10 @@ def align_forward(
             if half is not None:
                 # the reference in the port's precision, and the float32 run its noise: a half
                 # port against float32 noise would fail every key by its own rounding
-                outs.append((torch_log, _run_half(torch_model, half, args, kwargs, dev, seed)))
+                # made once: localisation runs the same copy
+                half_twin = _half_twin(torch_model, half, "align_forward")
+                outs.append((torch_log, _run_half(half_twin, torch_model, half, args, kwargs,
+                                                  dev, seed)))
                 if noise_log is not None:
                     outs.append((noise_log, out32))
             else:
@@ -246,7 +250,9 @@ def align_forward(
             result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,
             calibrate=calibrate, criteria=crit, out_dir=out_dir, verbose=verbose, rules=rules,
             outputs_passed=not outputs_fail, half=half, port_cast=port_cast,
+            half_twin=half_twin,
         )
+    half_twin = None
     result = settings.with_finding(result, verbose=verbose)
     # what both return is judged; what one does not is said first
     first = [line for line in (one_sided_outputs(flats[0], flats[-1], "logits"),
@@ -264,11 +270,12 @@ def align_forward(
     return result
 
 
-def _run_half(torch_model: Any, half: str, args: Any, kwargs: Any, dev: Any, seed: int) -> Any:
-    """The outputs of a copy of the torch model in ``half``, on the inputs cast to it."""
+def _run_half(twin: Any, torch_model: Any, half: str, args: Any, kwargs: Any, dev: Any,
+              seed: int) -> Any:
+    """The outputs of ``twin`` (a copy of the torch model in ``half``), on the inputs cast to
+    it."""
     import torch
 
-    twin = _half_twin(torch_model, half, "align_forward")
     dtype = getattr(torch, half)
     torch.manual_seed(seed)
     try:
@@ -314,20 +321,21 @@ def _localised(
     outputs_passed: bool = False,
     half: Optional[str] = None,
     port_cast: Optional[str] = None,
+    half_twin: Any = None,
 ) -> Any:
     """``result`` with ``align_forward``'s localisation in its options, the layers' dumps
     written and, with ``verbose``, the findings printed. ``outputs_passed``: the layers are
     judged although the outputs pass; a layer that differs fails the result (``layers/<key>``),
     and where none does, or the layers do not pair, the result is as it was. ``half``: the
-    reference runs in that precision, and the torch model as given is the noise;
-    ``port_cast``: the port's inputs' dtype."""
+    reference runs in that precision (``half_twin``, the copy the outputs ran, where made), and
+    the torch model as given is the noise; ``port_cast``: the port's inputs' dtype."""
     import paddle
     import torch
 
     with _modes(torch_model, paddle_model, train=False), _deterministic(seed):
         dev, place = _torch_device(torch_model), _paddle_place(paddle_model)
-        reference = torch_model if half is None else _half_twin(torch_model, half,
-                                                                "align_forward")
+        reference = torch_model if half is None else half_twin if half_twin is not None \
+            else _half_twin(torch_model, half, "align_forward")
         dtype = None if half is None else getattr(torch, half)
         targs, tkw = _to_torch(args, dev, dtype=dtype), _to_torch(kwargs, dev, dtype=dtype)
         pargs = _to_paddle(args, place, dtype=port_cast)

@@ -102,6 +102,25 @@ def test_a_weight_bug_fails_past_the_half_noise_at_its_layer():
     assert r32.options["noise"] == "torch float64"
 
 
+def test_the_half_reference_is_copied_once_for_the_outputs_and_the_layers(monkeypatch):
+    """The half copy of the reference ran the outputs and was made again for the layers: two
+    deep copies of the model where one does."""
+    from reprod.align import forward
+
+    made = []
+    real = forward._half_twin
+
+    def counted(*a, **k):
+        made.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(forward, "_half_twin", counted)
+    t, p = _port("float16", weight_bug=1.01)
+    r = align_forward(t, p, X, calibrate=True)
+    assert r.options["divergence"]["layer"] == "3"  # the layers were localised
+    assert made == ["float16"]
+
+
 def test_judged_against_float32_the_half_port_says_what_to_run_instead():
     t, p = _port("float16")
     r = align_forward(t, p, X, calibrate=True, precision="float32")
