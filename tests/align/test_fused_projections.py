@@ -277,3 +277,52 @@ def test_training_steps_judge_the_fused_tensors_gradients_weights_and_moments_as
     moved = pm.attn.qkv_proj.weight.numpy()
     np.testing.assert_allclose(np.concatenate([moved[:, 8:12], moved[:, 24:28]], axis=1),
                                tm.attn.k_proj.weight.detach().numpy().T, rtol=1e-4, atol=1e-6)
+
+
+class _MHA(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(E, H, batch_first=True)
+        self.head = torch.nn.Linear(E, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+class _HandWritten(paddle.nn.Layer):
+    """torch's MultiheadAttention written out with one ``qkv`` Linear, read side by side."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = paddle.nn.Layer()
+        self.attn.qkv = paddle.nn.Linear(E, 3 * E)
+        self.attn.out_proj = paddle.nn.Linear(E, E)
+        self.head = paddle.nn.Linear(E, 3)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (t.reshape([b, s, H, E // H]).transpose([0, 2, 1, 3])
+                   for t in paddle.split(self.attn.qkv(x), 3, axis=-1))
+        w = paddle.nn.functional.softmax(q @ k.transpose([0, 1, 3, 2]) / (E // H) ** 0.5, -1)
+        return self.head(self.attn.out_proj((w @ v).transpose([0, 2, 1, 3]).reshape([b, s, E])))
+
+
+def test_torch_s_packed_attention_loads_into_a_port_s_fused_qkv_and_aligns():
+    """torch's ``in_proj_weight`` is split into Paddle's q/k/v_proj names (``split_attention``),
+    which the port's one ``qkv`` fuses again: the rows of ``in_proj_weight``, transposed."""
+    torch.manual_seed(0)
+    tm = _MHA().eval()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.normal_(0, 0.3)
+    pm = _HandWritten()
+    report = compare_structure(tm, pm)
+    assert report.ok, report.to_table(only_problems=True)
+    assert {r.torch_name for r in report.rows_with("fused")} == {
+        f"attn.{q}_proj.{w}" for q in "qkv" for w in ("weight", "bias")}
+    load_into_paddle(pm, tm)
+    np.testing.assert_array_equal(pm.attn.qkv.weight.numpy(),
+                                  tm.attn.in_proj_weight.detach().numpy().T)
+    np.testing.assert_array_equal(pm.attn.qkv.bias.numpy(), tm.attn.in_proj_bias.detach().numpy())
+    r = align_forward(tm, pm, INPUTS, calibrate=True)
+    assert r.passed, r.to_table()
