@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--paddle-model",
         metavar="MODULE:FACTORY",
-        help="builds the Paddle model: the result must fit it (every key, shape, dtype)",
+        help="builds the Paddle model: the result must fit it (every key, shape, dtype); "
+        "the reference's tensors one of its tensors fuses are fused (--fuse-groups)",
     )
     p.add_argument(
         "--by-order",
@@ -124,6 +125,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="Paddle keys only the port has (a pooler the reference lacks): not written, kept "
         "as the port initialises them, left out of --by-order's pairing",
+    )
+    p.add_argument(
+        "--fuse-groups",
+        action="append",
+        default=[],
+        metavar="PATTERN=N",
+        help="a --paddle-model tensor fusing several of the reference's (PaddleNLP's qkv_proj) "
+        "holds each cut in N pieces taken in turn (its key-value head count); default side by "
+        "side",
     )
     p.add_argument(
         "--transpose",
@@ -175,7 +185,7 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
         )
     rules = ConversionRules.from_strings(
         rename=args.rename, skip=args.skip, transpose=args.transpose,
-        no_transpose=args.no_transpose, port_only=args.port_only,
+        no_transpose=args.no_transpose, port_only=args.port_only, fuse_groups=args.fuse_groups,
     )
     if args.by_order and not args.paddle_model:
         raise ReprodError("--by-order needs --paddle-model MODULE:FACTORY to take the order from")
@@ -188,7 +198,7 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
             model=torch_model,
             rules=rules,
             by_order=args.by_order,
-            paddle_model=paddle_model if args.by_order else None,
+            paddle_model=paddle_model,
         )
     for w in caught:
         if issubclass(w.category, HeuristicLinearWarning):

@@ -26,7 +26,7 @@ from ..storage.framework_files import (
     read_torch_state_dict,
     weight_file_suffix,
 )
-from .by_order import by_order_rules
+from .by_order import _paddle_shapes, by_order_rules
 from .fusion import find_fusions, fuse
 from .rules import (
     ConversionRules,
@@ -161,7 +161,9 @@ def convert(
 
     ``by_order=True`` names each key after the Paddle key at the same position of ``paddle_model``
     (a Paddle model, state dict or ``.pdparams`` path), see ``pair_weights_by_order``; Linear weights are
-    then recognised by shape. ``rules`` still skip keys.
+    then recognised by shape. ``rules`` still skip keys. Without ``by_order``, ``paddle_model``
+    is the port the weights are for: the tensors one of its tensors fuses are fused
+    (``reprod.align.fusion``: PaddleNLP's ``qkv_proj``, laid out as ``rules.fuse_groups`` says).
 
     ``copy=False``: a weight kept as it is may share memory with its torch tensor, for a caller
     done with the arrays before the tensors can change (``load_into_paddle`` hands them to
@@ -204,8 +206,6 @@ def convert(
             raise ReprodError(f"{source}: by_order needs paddle_model= to take the order from")
         # paired before the split: a packed tensor tells its slices' layout (GPT-2's c_attn)
         rules = by_order_rules(model if model is not None else sd, paddle_model, rules=rules)
-    elif paddle_model is not None:
-        raise ReprodError(f"{source}: paddle_model= is only used with by_order=True")
     sd = split_attention(sd)[0]  # a packed attention's q, k, v as Paddle's q/k/v_proj
     plan = plan_conversion({k: tuple(np.shape(v)) for k, v in sd.items()}, linear_weights=linear,
                            rules=rules, known=known)
@@ -232,6 +232,8 @@ def convert(
         weights[p.paddle_name] = arr
         if conv.source_dtype is not None:
             dtypes[p.paddle_name] = conv.source_dtype
+    if paddle_model is not None and not by_order:
+        weights, plan = _fused_for(paddle_model, weights, plan, rules)
     how = "order" if by_order else "model" if linear is not None else "heuristic"
     result = Conversion(weights, plan, how, dtypes)
     if linear is None and result.by_action("transpose"):
@@ -247,6 +249,22 @@ def convert(
                 stacklevel=2,
             )
     return result
+
+
+def _fused_for(paddle_model: Any, weights: dict[str, np.ndarray], plan: tuple[KeyPlan, ...],
+               rules: Optional[ConversionRules]) -> tuple[dict[str, np.ndarray],
+                                                         tuple[KeyPlan, ...]]:
+    """``weights`` with the tensors one tensor of ``paddle_model`` (a Paddle model, state dict
+    or ``.pdparams`` path) fuses made into it (``reprod.align.fusion``), each part's plan
+    saying so."""
+    port = _paddle_shapes(paddle_model)[0]
+    fusions = find_fusions({k: tuple(np.shape(v)) for k, v in weights.items()}, port, rules)
+    if not fusions:
+        return weights, plan
+    part_of = {p: f for f in fusions for p in f.parts}
+    plan = tuple(dataclasses.replace(p, why=f"{p.why}; fused {part_of[p.paddle_name].why(p.paddle_name)}")
+                 if p.paddle_name in part_of else p for p in plan)
+    return fuse(weights, fusions), plan
 
 
 def torch_to_paddle(

@@ -449,8 +449,10 @@ class ConversionRules:
         transpose: Collection[str] = (),
         no_transpose: Collection[str] = (),
         port_only: Collection[str] = (),
+        fuse_groups: Collection[str] = (),
     ) -> ConversionRules:
-        """Rules from command-line style strings; a rename is ``"PATTERN=REPLACEMENT"``.
+        """Rules from command-line style strings; a rename is ``"PATTERN=REPLACEMENT"``, a
+        ``fuse_groups`` entry ``"PATTERN=N"``.
 
         >>> ConversionRules.from_strings(rename=[r"^backbone\\.=body."]).rename
         (('^backbone\\\\.', 'body.'),)
@@ -461,12 +463,19 @@ class ConversionRules:
                 raise ReprodError(f"rename rule {item!r} must look like PATTERN=REPLACEMENT")
             pat, repl = item.split("=", 1)
             pairs.append((pat, repl))
+        groups = []
+        for item in fuse_groups:
+            pat, _, n = item.rpartition("=")
+            if not pat or not n.strip().isdigit():
+                raise ReprodError(f"fuse-groups {item!r} must look like PATTERN=N (N a count)")
+            groups.append((pat, int(n)))
         return cls(
             rename=tuple(pairs),
             skip=tuple(skip),
             transpose=tuple(transpose),
             no_transpose=tuple(no_transpose),
             port_only=tuple(port_only),
+            fuse_groups=tuple(groups),
         )
 
     @classmethod

@@ -326,3 +326,45 @@ def test_torch_s_packed_attention_loads_into_a_port_s_fused_qkv_and_aligns():
     np.testing.assert_array_equal(pm.attn.qkv.bias.numpy(), tm.attn.in_proj_bias.detach().numpy())
     r = align_forward(tm, pm, INPUTS, calibrate=True)
     assert r.passed, r.to_table()
+
+
+def per_group_port():
+    return _Port(per_group=True)
+
+
+def reference():
+    return _Ref()
+
+
+def test_convert_for_a_port_fuses_and_each_part_s_plan_says_where_it_went():
+    from reprod.align import convert
+
+    tm, pm = _models(per_group=True)
+    rules = ConversionRules(fuse_groups={"qkv_proj": KV})
+    conv = convert(tm, rules=rules, paddle_model=pm)
+    plan = {p.torch_name: p for p in conv.plan}
+    assert plan["attn.v_proj.weight"].why == (
+        "nn.Linear weight; fused into attn.qkv_proj.weight (8 of its 32 outputs: [q_proj_1 | "
+        "k_proj_1 | v_proj_1 | ...] in 2 groups)")
+    assert "attn.q_proj.weight" not in conv.weights
+    pm.set_state_dict(conv.weights)
+    assert align_forward(tm, pm, INPUTS, calibrate=True, rules=rules).passed
+
+
+def test_reprod_convert_writes_the_fused_tensors_for_its_paddle_model(tmp_path, capsys):
+    import os
+
+    from reprod.align.cli import main
+    from reprod.storage.framework_files import read_pdparams
+
+    here = os.path.abspath(__file__)
+    tm, pm = _models(per_group=True)
+    src, dst = str(tmp_path / "m.pth"), str(tmp_path / "m.pdparams")
+    torch.save(tm.state_dict(), src)
+    assert main([src, dst, "--model", f"{here}:reference", "--paddle-model",
+                 f"{here}:per_group_port", "--fuse-groups", "qkv_proj=2", "-q"]) == 0
+    pm.set_state_dict(read_pdparams(dst))
+    assert align_forward(tm, pm, INPUTS, calibrate=True).passed
+    assert main([src, dst, "--paddle-model", f"{here}:per_group_port",
+                 "--fuse-groups", "qkv_proj"]) == 2
+    assert "fuse-groups 'qkv_proj' must look like PATTERN=N" in capsys.readouterr().err
