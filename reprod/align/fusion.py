@@ -136,15 +136,35 @@ def find_fusions(converted: Mapping[str, tuple[int, ...]], port: Mapping[str, tu
                     runs.append(cands[i:j + 1])
         if len(runs) != 1:
             continue
-        sizes = tuple(int(converted[k][-1]) for k in runs[0])
+        parts = _qkv_order(runs[0])
+        sizes = tuple(int(converted[k][-1]) for k in parts)
         if sum(sizes) != shape[-1]:
             continue
         groups = _groups_for(key, sizes, rules)
-        f = Fusion(key, tuple(runs[0]), sizes, groups)
-        taken.update(runs[0])
+        f = Fusion(key, tuple(parts), sizes, groups)
+        taken.update(parts)
         by_layer[(parent, layer)] = f
         out.append(f)
     return out
+
+
+# a projection's role by its layer's name: query, key, value
+_ROLE = re.compile(r"(?i)^(?:(q|k|v)(?:_?proj|_lin|_linear)?|(query|key|value)(?:_?proj)?)$")
+
+
+def _qkv_order(parts: Sequence[str]) -> list[str]:
+    """``parts`` in query, key, value order where their layers' names say which is which: a
+    fused projection holds them so whatever order the reference defines them in (Hugging
+    Face's BART and OPT define ``k_proj``, ``v_proj``, ``q_proj``)."""
+    roles = []
+    for p in parts:
+        m = _ROLE.match(_short(p))
+        if m is None:
+            return list(parts)
+        roles.append((m.group(1) or m.group(2)).lower()[0])
+    if sorted(roles) != ["k", "q", "v"]:
+        return list(parts)
+    return [p for _, p in sorted(zip(roles, parts), key=lambda rp: "qkv".index(rp[0]))]
 
 
 def _groups_for(key: str, sizes: Sequence[int], rules: Any) -> int:

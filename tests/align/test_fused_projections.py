@@ -368,3 +368,38 @@ def test_reprod_convert_writes_the_fused_tensors_for_its_paddle_model(tmp_path, 
     assert main([src, dst, "--paddle-model", f"{here}:per_group_port",
                  "--fuse-groups", "qkv_proj"]) == 2
     assert "fuse-groups 'qkv_proj' must look like PATTERN=N" in capsys.readouterr().err
+
+
+class _RefKVQ(_Ref):
+    """The reference defining key, value, then query (as Hugging Face's BART and OPT do)."""
+
+    def __init__(self):
+        super().__init__()
+        q = self.attn.q_proj
+        del self.attn.q_proj
+        self.attn.q_proj = q  # after k_proj and v_proj
+        o = self.attn.o_proj
+        del self.attn.o_proj
+        self.attn.o_proj = o
+
+
+def test_a_reference_defining_k_v_q_fills_the_fused_tensor_in_q_k_v_order():
+    from reprod.align.fusion import _qkv_order
+
+    tm = _RefKVQ()
+    assert [k for k in tm.state_dict()][:3] == ["attn.k_proj.weight", "attn.k_proj.bias",
+                                                "attn.v_proj.weight"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.normal_(0, 0.3)
+    tm.eval()
+    pm = _Port(per_group=False)
+    load_into_paddle(pm, tm)
+    np.testing.assert_array_equal(pm.attn.qkv_proj.weight.numpy()[:, :16],
+                                  tm.attn.q_proj.weight.detach().numpy().T)
+    assert align_forward(tm, pm, INPUTS, calibrate=True).passed
+    assert _qkv_order(["a.key.weight", "a.value.weight", "a.query.weight"]) == [
+        "a.query.weight", "a.key.weight", "a.value.weight"]
+    # names that do not say which is which keep the reference's order
+    assert _qkv_order(["a.w1.weight", "a.w3.weight"]) == ["a.w1.weight", "a.w3.weight"]
