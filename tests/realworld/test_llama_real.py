@@ -216,3 +216,29 @@ def test_a_fused_qkv_read_per_key_value_head_is_named_with_its_groups() -> None:
     r = align_forward(tm, pm, _ids(), calibrate=True, rules=rules, layers=True)
     assert r.passed, r.to_table()
     assert r.options["layers"]["passed"] is True
+
+
+def test_adamw_steps_of_the_fused_port_align_part_by_part() -> None:
+    """Three AdamW steps of the fused port, loaded per key-value head: each of HF's q, k, v,
+    gate and up projections is judged against its own noise, its gradient, weight and Adam
+    moments cut out of the port's fused tensors."""
+    import paddle
+    import torch
+
+    from reprod.align import ConversionRules, align_train
+
+    rules = ConversionRules(fuse_groups={"qkv_proj": 2})
+    tm, pm = _fused(rules)
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [(_ids(), None)], steps=3, dropout="off", calibrate=True, rules=rules,
+        torch_loss_fn=lambda out, *_: out.last_hidden_state.square().mean(),
+        paddle_loss_fn=lambda out, *_: out[0].square().mean(),
+        torch_optimizer=torch.optim.AdamW(tm.parameters(), lr=1e-3),
+        paddle_optimizer=paddle.optimizer.AdamW(learning_rate=1e-3, parameters=pm.parameters()))
+    assert r.passed, r.to_table(failed_only=True)
+    keys = {k.key for k in r.results}
+    assert len([k for k in keys if k.startswith("step2/param/")]) == 20
+    assert "step2/opt/layers.1.self_attn.v_proj.weight.moment2" in keys
+    assert not any("fused" in k or "qkv_proj" in k for k in keys)
