@@ -232,11 +232,16 @@ def _role(key: str) -> str:
     return ".".join("#" if seg.isdigit() else seg for seg in key.split("."))
 
 
-def model_fusions(torch_model: Any, paddle_model: Any, rules: Any = None
+def model_fusions(torch_model: Any, paddle_model: Any, rules: Any = None,
+                  strays: Optional[list[tuple[Fusion, Optional[Fusion]]]] = None
                   ) -> list[tuple[Fusion, list[np.ndarray]]]:
     """The fusions between a torch model's converted weights and a Paddle model's, each with
     its parts' converted values and with the layout the port's tensor holds them in now (the
-    one whose parts equal them; fusions in no layout are left out: the values differ)."""
+    one whose parts equal them). Those in no layout are left out (their values differ), and
+    put in ``strays`` with the layout of the parts in another order that the port's tensor
+    holds, or None."""
+    import itertools
+
     from .framework import _torch_array, _torch_params_plan
     from .rules import split_attention, unaliased
 
@@ -246,17 +251,52 @@ def model_fusions(torch_model: Any, paddle_model: Any, rules: Any = None
     port_state = unaliased(paddle_model.state_dict())[0]
     port_shapes = {k: tuple(int(d) for d in v.shape) for k, v in port_state.items()}
     out: list[tuple[Fusion, list[np.ndarray]]] = []
-    for f in find_fusions({k: p.paddle_shape for k, p in by_paddle.items()
-                           if p.paddle_shape is not None}, port_shapes, rules):
-        parts = [_torch_array(state[by_paddle[k].torch_name], by_paddle[k]) for k in f.parts]
-        held = np.asarray(port_state[f.port_key].numpy())
+
+    def laid_out(f: Fusion, held: np.ndarray, parts: list[np.ndarray]) -> Optional[Fusion]:
         for g in [f.groups, *group_choices(f)]:
             here = Fusion(f.port_key, f.parts, f.sizes, g)
             if all(np.array_equal(a, b.astype(a.dtype, copy=False))
                    for a, b in zip(unfuse(held, here), parts)):
-                out.append((here, parts))
+                return here
+        return None
+
+    for f in find_fusions({k: p.paddle_shape for k, p in by_paddle.items()
+                           if p.paddle_shape is not None}, port_shapes, rules):
+        parts = [_torch_array(state[by_paddle[k].torch_name], by_paddle[k]) for k in f.parts]
+        held = np.asarray(port_state[f.port_key].numpy())
+        here = laid_out(f, held, parts)
+        if here is not None:
+            out.append((here, parts))
+            continue
+        if strays is None:
+            continue
+        other = None
+        for order in itertools.islice(itertools.permutations(range(len(f.parts))), 1, 24):
+            moved = Fusion(f.port_key, tuple(f.parts[i] for i in order),
+                           tuple(f.sizes[i] for i in order), 1)
+            other = laid_out(moved, held, [parts[i] for i in order])
+            if other is not None:
                 break
+        strays.append((f, other))
     return out
+
+
+def stray_hint(layer: str, strays: Sequence[tuple[Fusion, Optional[Fusion]]]) -> Optional[str]:
+    """Where ``layer`` (a port layer, "" the model) holds a fused tensor whose values are the
+    reference's parts in no layout (``model_fusions``' strays), what it holds instead."""
+    prefix = f"{layer}." if layer else ""
+    for f, other in strays:
+        if not f.port_key.startswith(prefix) or not f.port_key.endswith(".weight"):
+            continue
+        names = ", ".join(_short(p) for p in f.parts)
+        if other is not None:
+            return (f"{f.port_key} holds {', '.join(_short(p) for p in other.parts)} laid out "
+                    f"{other.layout}: the reference's {names} in another order, which a fused "
+                    f"projection reads as {names}")
+        return (f"{f.port_key} holds the reference's {names} in none of the layouts they "
+                "allow (side by side, or cut in groups, in any order): its values are not "
+                "theirs")
+    return None
 
 
 def _candidates(fusion: Fusion, port_layer: Any, limit: int) -> list[int]:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..adapters import to_numpy
-from .fusion import layout_hint, model_fusions, split_captures
+from .fusion import layout_hint, model_fusions, split_captures, stray_hint
 
 __all__ = ["Localisation", "localise_forward"]
 
@@ -473,7 +473,8 @@ def localise_forward(
         ref = ref_layout(ref)
     # a port Linear holding several of the reference's (PaddleNLP's qkv_proj for q_proj, k_proj
     # and v_proj) is judged as those, its output cut as its weights lie
-    fusions = [] if by_order else model_fusions(torch_model, paddle_model, rules)
+    strays: list[Any] = []  # fused port tensors holding the parts in no layout
+    fusions = [] if by_order else model_fusions(torch_model, paddle_model, rules, strays)
     if fusions:
         ref, raw = split_captures(ref, raw, [f for f, _ in fusions])
     # calls that compute nothing (an Identity, an eval-mode dropout or drop path: output is
@@ -548,6 +549,9 @@ def localise_forward(
             and div.input_aligned:
         hint = _fused_layout(div, fusions, paddle_model, run_paddle, judged, noise,
                              criteria, containers)
+        if hint is None and strays:
+            layer = div.layer.partition("#")[0]
+            hint = stray_hint("" if layer == ROOT else layer, strays)
     if hint is None and noise is None:
         hint = _carried_rounding(div)
     if pairing is not None and div is not None and div.kind == "layer" \

@@ -403,3 +403,33 @@ def test_a_reference_defining_k_v_q_fills_the_fused_tensor_in_q_k_v_order():
         "a.query.weight", "a.key.weight", "a.value.weight"]
     # names that do not say which is which keep the reference's order
     assert _qkv_order(["a.w1.weight", "a.w3.weight"]) == ["a.w1.weight", "a.w3.weight"]
+
+
+def test_a_fused_tensor_filled_in_the_reference_s_definition_order_is_named_so():
+    """A porter's own conversion script concatenating BART-style k, v, q as the state dict
+    lists them: the port reads q, k, v, and the hint says which order the tensor holds."""
+    tm = _RefKVQ()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.normal_(0, 0.3)
+    tm.eval()
+    pm = _Port(per_group=False)
+    load_into_paddle(pm, tm)
+    a = tm.attn
+    pm.attn.qkv_proj.weight.set_value(np.concatenate(
+        [m.weight.detach().numpy().T for m in (a.k_proj, a.v_proj, a.q_proj)], axis=1))
+    pm.attn.qkv_proj.bias.set_value(np.concatenate(
+        [m.bias.detach().numpy() for m in (a.k_proj, a.v_proj, a.q_proj)]))
+    r = align_forward(tm, pm, INPUTS, calibrate=True)
+    assert not r.passed
+    assert r.options["divergence"]["hint"] == (
+        "attn.qkv_proj.weight holds k_proj, v_proj, q_proj laid out [k_proj | v_proj | q_proj] "
+        "side by side: the reference's q_proj, k_proj, v_proj in another order, which a fused "
+        "projection reads as q_proj, k_proj, v_proj")
+    # values of no layout at all: not the reference's
+    pm.attn.qkv_proj.weight.set_value(pm.attn.qkv_proj.weight.numpy()[::-1].copy())
+    r = align_forward(tm, pm, INPUTS, calibrate=True)
+    assert r.options["divergence"]["hint"].startswith(
+        "attn.qkv_proj.weight holds the reference's q_proj, k_proj, v_proj in none of the "
+        "layouts they allow")
