@@ -242,6 +242,7 @@ def model_fusions(torch_model: Any, paddle_model: Any, rules: Any = None,
     holds, or None."""
     import itertools
 
+    from ..adapters import to_numpy
     from .framework import _torch_array, _torch_params_plan
     from .rules import split_attention, unaliased
 
@@ -263,7 +264,7 @@ def model_fusions(torch_model: Any, paddle_model: Any, rules: Any = None,
     for f in find_fusions({k: p.paddle_shape for k, p in by_paddle.items()
                            if p.paddle_shape is not None}, port_shapes, rules):
         parts = [_torch_array(state[by_paddle[k].torch_name], by_paddle[k]) for k in f.parts]
-        held = np.asarray(port_state[f.port_key].numpy())
+        held = to_numpy(port_state[f.port_key]).array  # bfloat16 as float32, as the parts
         here = laid_out(f, held, parts)
         if here is not None:
             out.append((here, parts))
