@@ -473,11 +473,80 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
                 by_position = dict(zip(torch_keys, paddle_keys))
                 moved = frozenset(tk for tk, pk, _ in kpairs if by_position[tk] != pk)
                 return _OrderPlan(tuple(kpairs), (), header, frozenset(kwrong), moved)
+    if problems and len(torch_keys) > len(paddle_keys):
+        fused = _fused_order(torch_keys, paddle_keys, tshapes, pshapes, linear)
+        if fused is not None:
+            return _OrderPlan(tuple(fused), (), header)
     # the same layers in the same order, or none that pair kind by kind: the positions decide
     explained, lone = _explain_refusal(torch_side, paddle_side, rules, torch_keys, paddle_keys,
                                        tshapes, pshapes) if problems and explain else ("", ((), ()))
     return _OrderPlan(tuple(pairs), tuple(problems), header, frozenset(wrong_kind),
                       explained=explained, lone=lone)
+
+
+_MOST_FUSED = 4  # reference layers one port layer may fuse (q, k, v; gate, up)
+
+
+def _fused_order(torch_keys: list[str], paddle_keys: list[str],
+                 tshapes: Mapping[str, tuple[int, ...]], pshapes: Mapping[str, tuple[int, ...]],
+                 linear: set[str]) -> Optional[list[tuple[str, str, bool]]]:
+    """The pairs by order where the port fuses runs of the reference's layers into one
+    (``reprod.align.fusion``: a ``qkv`` Linear for ``query``, ``key``, ``value``), layer by
+    layer in order: a layer pairs with one of as many tensors whose shapes pair, or a run of
+    2 to 4 reference layers, each with the port layer's tensors (weight, bias), their outputs
+    adding up to its. Each part is named under the port layer's parent by its own layer name
+    (``blocks.0.attn.query.weight``), which loading then fuses by name. None where the layers
+    do not read so, or nothing fuses."""
+    tg, pg = _groups(torch_keys), _groups(paddle_keys)
+
+    def paddle_layout(key: str) -> tuple[int, ...]:
+        shape = tshapes[key]
+        return shape[::-1] if len(shape) == 2 and key in linear else shape
+
+    out: list[tuple[str, str, bool]] = []
+    fused = False
+    i = j = 0
+    while i < len(tg) and j < len(pg):
+        tk = [torch_keys[x] for x in tg[i][1]]
+        pk = [paddle_keys[x] for x in pg[j][1]]
+        if len(tk) == len(pk) and all(_shapes_pair(tshapes[a], pshapes[b])
+                                      for a, b in zip(tk, pk)):
+            pairs, problems, _ = _check(list(zip(tg[i][1], tk, pk)), tshapes, pshapes, linear)
+            if problems:
+                return None
+            out += pairs
+            i, j = i + 1, j + 1
+            continue
+        parent, _, _ = pg[j][0].rpartition(".")
+        for k in range(2, _MOST_FUSED + 1):
+            run = [[torch_keys[x] for x in idx] for _, idx in tg[i:i + k]]
+            if len(run) < k or any(len(keys) != len(pk) for keys in run):
+                continue
+            fits = True
+            for n, port_key in enumerate(pk):
+                want = pshapes[port_key]
+                shapes = [paddle_layout(keys[n]) for keys in run]
+                if any(len(sh) != len(want) or sh[:-1] != want[:-1] for sh in shapes) or \
+                        len(want) not in (1, 2) or sum(sh[-1] for sh in shapes) != want[-1] or \
+                        any(keys[n].rpartition(".")[2] != port_key.rpartition(".")[2]
+                            for keys in run):
+                    fits = False
+                    break
+            names = [tg[i + m][0].rpartition(".")[2] for m in range(k)]
+            virtual = [f"{parent}.{name}" if parent else name for name in names]
+            if not fits or len(set(names)) != k or any(
+                    v + "." + key.rpartition(".")[2] in pshapes for v in virtual for key in pk):
+                continue
+            for m, keys in enumerate(run):
+                out += [(key, f"{virtual[m]}.{key.rpartition('.')[2]}",
+                         len(tshapes[key]) == 2 and key in linear) for key in keys]
+            i, j, fused = i + k, j + 1, True
+            break
+        else:
+            return None
+    if i < len(tg) or j < len(pg) or not fused:
+        return None
+    return out
 
 
 def _same_names_first(torch_keys: list[str], paddle_keys: list[str]

@@ -179,6 +179,20 @@ def _leaves_and_blocks(capture: Mapping[str, Any], paddle_model: Any, blocks: Ma
     return out
 
 
+def _order_rules(torch_model: Any, paddle_model: Any, rules: Any) -> Any:
+    """``rules`` with the weights' pairing by order in them (where they pair), under which the
+    reference's parts a port tensor fuses are named beside it (``by_order._fused_order``)."""
+    from ..errors import ReprodError
+    from .by_order import by_order_rules
+
+    if rules is not None and rules.pairs:
+        return rules
+    try:
+        return by_order_rules(torch_model, paddle_model, rules=rules)
+    except ReprodError:
+        return rules
+
+
 def _rule_anchors(torch_model: Any, rules: Any) -> dict[str, str]:
     """Paddle layer -> torch layer for the layers owning parameters, as ``rules`` name their
     weights; empty where the rules rename no layer (names pair as they are)."""
@@ -474,7 +488,8 @@ def localise_forward(
     # a port Linear holding several of the reference's (PaddleNLP's qkv_proj for q_proj, k_proj
     # and v_proj) is judged as those, its output cut as its weights lie
     strays: list[Any] = []  # fused port tensors holding the parts in no layout
-    fusions = [] if by_order else model_fusions(torch_model, paddle_model, rules, strays)
+    fusions = model_fusions(torch_model, paddle_model, _order_rules(
+        torch_model, paddle_model, rules) if by_order else rules, strays)
     if fusions:
         ref, raw = split_captures(ref, raw, [f for f, _ in fusions])
     # calls that compute nothing (an Identity, an eval-mode dropout or drop path: output is

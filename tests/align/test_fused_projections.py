@@ -433,3 +433,98 @@ def test_a_fused_tensor_filled_in_the_reference_s_definition_order_is_named_so()
     assert r.options["divergence"]["hint"].startswith(
         "attn.qkv_proj.weight holds the reference's q_proj, k_proj, v_proj in none of the "
         "layouts they allow")
+
+
+# --- by order: a fused port whose names are its own ---------------------------------------------
+
+class _RenamedPort(paddle.nn.Layer):
+    """``_Port(per_group=True)`` with names of its own: ``mixer.wqkv``, ``mixer.wo``,
+    ``ffn.w13``, ``ffn.w2``, so nothing pairs by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.mixer = paddle.nn.Layer()
+        self.mixer.wqkv = paddle.nn.Linear(E, (H + 2 * KV) * D)
+        self.mixer.wo = paddle.nn.Linear(H * D, E)
+        self.ffn = paddle.nn.Layer()
+        self.ffn.w13 = paddle.nn.Linear(E, 48, bias_attr=False)
+        self.ffn.w2 = paddle.nn.Linear(24, E, bias_attr=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        mixed = self.mixer.wqkv(x).reshape([b, s, KV, (H // KV + 2) * D])
+        q, k, v = paddle.split(mixed, [H // KV * D, D, D], axis=-1)
+        q = q.reshape([b, s, H, D]).transpose([0, 2, 1, 3])
+        k = paddle.repeat_interleave(k, H // KV, axis=2).transpose([0, 2, 1, 3])
+        v = paddle.repeat_interleave(v, H // KV, axis=2).transpose([0, 2, 1, 3])
+        w = paddle.nn.functional.softmax(q @ k.transpose([0, 1, 3, 2]) / D ** 0.5, axis=-1)
+        x = x + self.mixer.wo((w @ v).transpose([0, 2, 1, 3]).reshape([b, s, H * D]))
+        gate, up = paddle.chunk(self.ffn.w13(x), 2, axis=-1)
+        return x + self.ffn.w2(paddle.nn.functional.silu(gate) * up)
+
+
+def test_by_order_a_run_of_reference_layers_pairs_with_the_port_layer_fusing_them():
+    from reprod.align import pair_weights_by_order
+
+    tm, _ = _models(per_group=True)
+    pm = _RenamedPort()
+    pairs = pair_weights_by_order(tm, pm)
+    assert pairs == {
+        "attn.q_proj.weight": "mixer.q_proj.weight", "attn.q_proj.bias": "mixer.q_proj.bias",
+        "attn.k_proj.weight": "mixer.k_proj.weight", "attn.k_proj.bias": "mixer.k_proj.bias",
+        "attn.v_proj.weight": "mixer.v_proj.weight", "attn.v_proj.bias": "mixer.v_proj.bias",
+        "attn.o_proj.weight": "mixer.wo.weight", "attn.o_proj.bias": "mixer.wo.bias",
+        "mlp.gate_proj.weight": "ffn.gate_proj.weight", "mlp.up_proj.weight": "ffn.up_proj.weight",
+        "mlp.down_proj.weight": "ffn.w2.weight"}
+    report = compare_structure(tm, pm, by_order=True)
+    assert report.ok, report.to_table(only_problems=True)
+    assert {r.paddle_name for r in report.rows_with("fused")} == {
+        "mixer.wqkv.weight", "mixer.wqkv.bias", "ffn.w13.weight"}
+
+
+def test_by_order_the_fused_port_loads_and_aligns_forward_and_in_training():
+    from reprod.align import align_train, by_order_rules
+
+    tm, _ = _models(per_group=True)
+    pm = _RenamedPort()
+    rules = ConversionRules(fuse_groups={"wqkv": KV})
+    load_into_paddle(pm, tm, by_order=True, rules=rules)
+    np.testing.assert_array_equal(pm.ffn.w13.weight.numpy()[:, 24:],
+                                  tm.mlp.up_proj.weight.detach().numpy().T)
+    assert align_forward(tm, pm, INPUTS, calibrate=True, by_order=True, rules=rules).passed
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [(INPUTS, None)], steps=2, calibrate=True, rules=by_order_rules(tm, pm, rules=rules),
+        torch_loss_fn=lambda out, *_: out.square().mean(),
+        paddle_loss_fn=lambda out, *_: out.square().mean(),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
+        paddle_optimizer=paddle.optimizer.SGD(learning_rate=0.1, parameters=pm.parameters()))
+    assert r.passed, r.to_table(failed_only=True)
+    assert "step1/grad/mixer.k_proj.weight" in {k.key for k in r.results}
+
+
+def test_by_order_a_fusion_at_the_model_s_root_pairs_and_loads():
+    """Two reference Linears [8 -> 4] against one port Linear [8 -> 8], beside a head each:
+    the parts take their own names at the port's root, which loading fuses."""
+    from reprod.align.by_order import _order_plan
+
+    class T(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = (torch.nn.Linear(8, 4), torch.nn.Linear(8, 4),
+                                         torch.nn.Linear(8, 2))
+
+    class P(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.ab, self.out = paddle.nn.Linear(8, 8), paddle.nn.Linear(8, 2)
+
+    tm, pm = T(), P()
+    plan = _order_plan(tm, pm, None)
+    assert not plan.problems
+    assert [pk for _, pk, _ in plan.pairs] == ["a.weight", "a.bias", "b.weight", "b.bias",
+                                                "out.weight", "out.bias"]
+    load_into_paddle(pm, tm, by_order=True)
+    np.testing.assert_array_equal(pm.ab.weight.numpy()[:, 4:], tm.b.weight.detach().numpy().T)
+    np.testing.assert_array_equal(pm.ab.bias.numpy()[:4], tm.a.bias.detach().numpy())
