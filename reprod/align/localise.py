@@ -561,12 +561,21 @@ def localise_forward(
     if hint is None and div is not None and div.kind == "layer" and div.input_aligned:
         hint = _own_parameters(div.layer.partition("#")[0], torch_model, paddle_model, names)
     if hint is None and pairing is None and div is not None and div.kind == "layer" \
-            and div.input_aligned:
+            and div.input_aligned and div.direction == "forward":
         hint = _fused_layout(div, fusions, paddle_model, run_paddle, judged, noise,
                              criteria, containers)
         if hint is None and strays:
             layer = div.layer.partition("#")[0]
             hint = stray_hint("" if layer == ROOT else layer, strays)
+    if hint is None and pairing is not None and fusions and div is not None \
+            and div.kind == "layer" and div.input_aligned is False and div.previous is not None \
+            and div.direction == "forward":
+        # by order only leaves are recorded: the code reading a fused layer's output lies
+        # between its last part and the next leaf, whose input is judged
+        hint = _fused_layout_by_order(div, fusions, paddle_model, run_paddle, judged, noise,
+                                      criteria, containers,
+                                      lambda got: _renamed(got, pairing.calls, parts),
+                                      pairing.calls)
     if hint is None and noise is None:
         hint = _carried_rounding(div)
     if pairing is not None and div is not None and div.kind == "layer" \
@@ -617,6 +626,36 @@ def _fused_layout(div: Any, fusions: Any, paddle_model: Any, run_paddle: Any,
 
     layer = div.layer.partition("#")[0]
     return layout_hint("" if layer == ROOT else layer, paddle_model, fusions, aligns)
+
+
+def _fused_layout_by_order(div: Any, fusions: Any, paddle_model: Any, run_paddle: Any,
+                           judged: Mapping[str, Any], noise: Optional[Mapping[str, Any]],
+                           criteria: Any, containers: bool, rename: Any,
+                           calls: Mapping[str, str]) -> Optional[str]:
+    """``_fused_layout`` paired by order, where the leaf after a fused layer's last part
+    (``div.previous``) reads a differing input: the layouts are tried until that input aligns.
+    ``rename``: the port's captures under the reference's names, as the pairing named them."""
+    from ..diff.engine import compare
+
+    key = div.input.key if div.input is not None else None
+    if key is None or key not in judged:
+        return None
+    port_of = {r.partition("#")[0]: o.partition("#")[0] for o, r in calls.items()}
+    before = port_of.get(div.previous.partition("#")[0])
+    owner = next((f for f, _ in fusions
+                  if any(p.rpartition(".")[0] == before for p in f.parts)), None)
+    if owner is None:
+        return None
+
+    def aligns(now: Any) -> bool:
+        got = rename(split_captures({}, _capture(paddle_model, run_paddle, containers), now)[1])
+        if key not in got:
+            return False
+        ref_noise = None if noise is None or key not in noise else {key: noise[key]}
+        return bool(compare({key: judged[key]}, {key: got[key]}, criteria=criteria,
+                            noise=ref_noise).passed)
+
+    return layout_hint(owner.port_key.rsplit(".", 2)[0], paddle_model, fusions, aligns)
 
 
 def _passes_unchanged(functions: Mapping[str, Any], subject: Optional[str]) -> bool:

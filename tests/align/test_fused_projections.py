@@ -504,6 +504,18 @@ def test_by_order_the_fused_port_loads_and_aligns_forward_and_in_training():
     assert "step1/grad/mixer.k_proj.weight" in {k.key for k in r.results}
 
 
+def test_by_order_a_wrong_layout_is_put_after_the_last_part_and_named():
+    tm, _ = _models(per_group=True)
+    pm = _RenamedPort()
+    load_into_paddle(pm, tm, by_order=True)  # side by side: not how this port reads it
+    r = align_forward(tm, pm, INPUTS, calibrate=True, by_order=True)
+    assert not r.passed
+    assert "although attn.v_proj aligns" in r.options["findings"][0]
+    assert r.options["divergence"]["hint"].endswith(
+        "in 2 groups: with that layout it aligns; load with "
+        "ConversionRules(fuse_groups={'wqkv': 2})")
+
+
 def test_by_order_a_fusion_at_the_model_s_root_pairs_and_loads():
     """Two reference Linears [8 -> 4] against one port Linear [8 -> 8], beside a head each:
     the parts take their own names at the port's root, which loading fuses."""

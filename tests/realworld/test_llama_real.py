@@ -248,7 +248,8 @@ def test_by_order_hf_s_causal_lm_loads_into_paddlenlp_s_fused_one_and_is_localis
     """HF's ``LlamaForCausalLM`` (``model.layers...``) against PaddleNLP's with fused
     projections (``llama.layers...``): nothing pairs by name, and by order each run of q, k, v
     (and gate, up) pairs with the port's fused layer. Loaded per key-value head it passes;
-    loaded side by side the divergence is put between v_proj and o_proj."""
+    loaded side by side the divergence is put between v_proj and o_proj, and the layout the
+    port reads is named."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import paddle
@@ -276,3 +277,8 @@ def test_by_order_hf_s_causal_lm_loads_into_paddlenlp_s_fused_one_and_is_localis
         "diverges before model.layers.0.self_attn.o_proj (Linear; the port's "
         "llama.layers.0.self_attn.o_proj): input already differs")
     assert "although model.layers.0.self_attn.v_proj aligns" in r.options["findings"][0]
+    assert r.options["divergence"]["hint"] == (
+        "llama.layers.0.self_attn.qkv_proj.weight holds q_proj, k_proj, v_proj laid out [q_proj "
+        "| k_proj | v_proj] side by side, and the port reads them as [q_proj_1 | k_proj_1 | "
+        "v_proj_1 | ...] in 2 groups: with that layout it aligns; load with "
+        "ConversionRules(fuse_groups={'qkv_proj': 2})")
