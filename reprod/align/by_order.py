@@ -498,12 +498,25 @@ def _fused_order(torch_keys: list[str], paddle_keys: list[str],
     (``blocks.0.attn.query.weight``), which loading then fuses by name. None where the layers
     do not read so, or nothing fuses."""
     tg, pg = _groups(torch_keys), _groups(paddle_keys)
+    out: list[tuple[str, str, bool]] = []
+    # parameters of their own (a class token, a position table) go where each model defines
+    # them, torchvision's ViT before its patch embedding and PaddleClas's after: paired by
+    # shape where each shape is one parameter's on both sides
+    tb, pb = _bare(torch_keys, tg), _bare(paddle_keys, pg)
+    if tb or pb:
+        by_shape = {tshapes[torch_keys[tg[g][1][0]]]: g for g in tb}
+        other = {pshapes[paddle_keys[pg[g][1][0]]]: g for g in pb}
+        if len(by_shape) != len(tb) or len(other) != len(pb) or set(by_shape) != set(other):
+            return None
+        out += [(torch_keys[tg[by_shape[sh]][1][0]], paddle_keys[pg[other[sh]][1][0]], False)
+                for sh in by_shape]
+        tg = [grp for g, grp in enumerate(tg) if g not in tb]
+        pg = [grp for g, grp in enumerate(pg) if g not in pb]
 
     def paddle_layout(key: str) -> tuple[int, ...]:
         shape = tshapes[key]
         return shape[::-1] if len(shape) == 2 and key in linear else shape
 
-    out: list[tuple[str, str, bool]] = []
     fused = False
     i = j = 0
     while i < len(tg) and j < len(pg):
@@ -547,6 +560,18 @@ def _fused_order(torch_keys: list[str], paddle_keys: list[str],
     if i < len(tg) or j < len(pg) or not fused:
         return None
     return out
+
+
+# the last names of a layer's own tensors: a group of one tensor named otherwise is a bare
+# parameter of its module (``class_token``, ``pos_embedding``)
+_LAYER_TENSORS = re.compile(r"^(weight|bias|running_mean|running_var|_mean|_variance|"
+                            r"weight_[a-z]+_l\d+.*|bias_[a-z]+_l\d+.*|in_proj_\w+)$")
+
+
+def _bare(keys: list[str], groups: list[tuple[str, list[int]]]) -> set[int]:
+    """The groups (``_groups``) that are one bare parameter each."""
+    return {g for g, (_, idx) in enumerate(groups) if len(idx) == 1
+            and not _LAYER_TENSORS.match(keys[idx[0]].rpartition(".")[2])}
 
 
 def _same_names_first(torch_keys: list[str], paddle_keys: list[str]

@@ -474,8 +474,17 @@ def localise_forward(
     blocks: dict[str, str] = {}
     if by_order and not anchors:
         anchors = _weight_anchors(torch_model, paddle_model, rules)
+    # a port Linear holding several of the reference's (PaddleNLP's qkv_proj for q_proj, k_proj
+    # and v_proj) is judged as those, its output cut as its weights lie
+    strays: list[Any] = []  # fused port tensors holding the parts in no layout
+    fusions = model_fusions(torch_model, paddle_model, _order_rules(
+        torch_model, paddle_model, rules) if by_order else rules, strays)
     if by_order and anchors:
-        blocks = _port_blocks_as_leaves(torch_model, paddle_model, anchors, ref)
+        # a fused layer is anchored where its parts are: a port block of fused layers whose
+        # parts one reference leaf holds (PaddleClas's attention against torch's) is that leaf
+        fused = {f.port_key.rpartition(".")[0]: anchors[part]
+                 for f, _ in fusions if (part := f.parts[0].rpartition(".")[0]) in anchors}
+        blocks = _port_blocks_as_leaves(torch_model, paddle_model, {**anchors, **fused}, ref)
     if blocks:
         raw = _leaves_and_blocks(_capture(paddle_model, run_paddle, True, backward),
                                  paddle_model, blocks)
@@ -485,11 +494,6 @@ def localise_forward(
         raw = _capture(paddle_model, run_paddle, containers, backward)
     if ref_layout is not None:
         ref = ref_layout(ref)
-    # a port Linear holding several of the reference's (PaddleNLP's qkv_proj for q_proj, k_proj
-    # and v_proj) is judged as those, its output cut as its weights lie
-    strays: list[Any] = []  # fused port tensors holding the parts in no layout
-    fusions = model_fusions(torch_model, paddle_model, _order_rules(
-        torch_model, paddle_model, rules) if by_order else rules, strays)
     if fusions:
         ref, raw = split_captures(ref, raw, [f for f, _ in fusions])
     # calls that compute nothing (an Identity, an eval-mode dropout or drop path: output is

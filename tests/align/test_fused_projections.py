@@ -540,3 +540,37 @@ def test_by_order_a_fusion_at_the_model_s_root_pairs_and_loads():
     load_into_paddle(pm, tm, by_order=True)
     np.testing.assert_array_equal(pm.ab.weight.numpy()[:, 4:], tm.b.weight.detach().numpy().T)
     np.testing.assert_array_equal(pm.ab.bias.numpy()[:4], tm.a.bias.detach().numpy())
+
+
+def test_by_order_with_a_fusion_bare_parameters_pair_by_shape_wherever_defined():
+    """torchvision's ViT defines its class token before its patch embedding, PaddleClas's after;
+    with a fusion to read, each bare parameter pairs with the one of its shape."""
+    from reprod.align.by_order import _order_plan
+
+    class T(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token = torch.nn.Parameter(torch.zeros(1, 1, 8))
+            self.a, self.b, self.head = (torch.nn.Linear(8, 4), torch.nn.Linear(8, 4),
+                                         torch.nn.Linear(8, 2))
+            self.table = torch.nn.Parameter(torch.zeros(1, 5, 8))
+
+    class P(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.pos = self.create_parameter([1, 5, 8])
+            self.cls = self.create_parameter([1, 1, 8])
+            self.ab, self.out = paddle.nn.Linear(8, 8), paddle.nn.Linear(8, 2)
+
+    plan = _order_plan(T(), P(), None)
+    assert not plan.problems
+    pairs = {tk: pk for tk, pk, _ in plan.pairs}
+    assert pairs["token"] == "cls" and pairs["table"] == "pos"
+    assert pairs["b.bias"] == "b.bias" and pairs["head.weight"] == "out.weight"
+
+    class Q(P):  # two bare parameters of one shape: which is which, no shape says
+        def __init__(self):
+            super().__init__()
+            self.pos = self.create_parameter([1, 1, 8])
+
+    assert _order_plan(T(), Q(), None).problems
