@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..logger import ReprodLogger
+from .fusion import fuse
 from .rules import KeyPlan, packed_slices, torch_views, unaliased, with_aliases
 
 # torch optimizer state -> the Paddle accumulator holding the same quantity
@@ -128,11 +129,12 @@ def _beta_pow(beta: float, steps: int) -> np.float32:
 
 def load_paddle_optimizer(paddle_opt: Any, torch_state: Mapping[str, Any], torch_opt: Any,
                           torch_model: Any, paddle_model: Any,
-                          plan: Mapping[str, KeyPlan]) -> None:
+                          plan: Mapping[str, KeyPlan], fusions: Sequence[Any] = ()) -> None:
     """Set the Paddle optimizer's accumulators to the torch optimizer state ``torch_state`` (a
-    ``state_dict()``), parameter by parameter through ``plan`` (Linear weights transposed).
-    Raises ``Unsupported`` where a quantity has no counterpart on the other side: a Paddle
-    accumulator left as it was would carry the port's own history into the step."""
+    ``state_dict()``), parameter by parameter through ``plan`` (Linear weights transposed); a
+    parameter one of ``fusions`` names (``reprod.align.fusion``) into its columns of the fused
+    one's. Raises ``Unsupported`` where a quantity has no counterpart on the other side: a
+    Paddle accumulator left as it was would carry the port's own history into the step."""
     accs = paddle_accumulators(paddle_opt)
     unknown = set(accs) - set(_STATE_TO_ACC.values()) - set(_BETA_POWS)
     if unknown:
@@ -144,6 +146,8 @@ def load_paddle_optimizer(paddle_opt: Any, torch_state: Mapping[str, Any], torch
     by_index = _torch_params_by_index(torch_opt)
     covered: set[tuple[str, str]] = set()
     slices = packed_slices(torch_model.state_dict())
+    part_of = {part: (f.port_key, cols) for f in fusions
+               for part, cols in zip(f.parts, f.columns())}
     for index, whole_state in states.items():
         p = by_index[int(index)]
         name = torch_name.get(id(p), "")
@@ -152,7 +156,8 @@ def load_paddle_optimizer(paddle_opt: Any, torch_state: Mapping[str, Any], torch
             state = whole_state if index is None else {
                 k: v[index] if hasattr(v, "dim") and v.dim() > 0 else v
                 for k, v in whole_state.items()}
-            _load_one(paddle_opt, accs, plan.get(vname), paddle_params, state, covered)
+            _load_one(paddle_opt, accs, plan.get(vname), paddle_params, state, covered,
+                      part_of)
     for acc_name, per_param in accs.items():
         for pname in per_param:
             if (acc_name, pname) not in covered:
@@ -162,11 +167,17 @@ def load_paddle_optimizer(paddle_opt: Any, torch_state: Mapping[str, Any], torch
 
 def _load_one(paddle_opt: Any, accs: Mapping[str, Any], kp: Optional[KeyPlan],
               paddle_params: Mapping[str, Any], state: Mapping[str, Any],
-              covered: set[tuple[str, str]]) -> None:
-    """One torch parameter's optimizer ``state`` into the accumulators of its Paddle one."""
-    if kp is None or kp.paddle_name is None or kp.paddle_name not in paddle_params:
+              covered: set[tuple[str, str]],
+              part_of: Optional[Mapping[str, tuple[str, Any]]] = None) -> None:
+    """One torch parameter's optimizer ``state`` into the accumulators of its Paddle one; a
+    part of a fused one (``part_of``: part -> (fused parameter, its columns)) into its
+    columns."""
+    if kp is None or kp.paddle_name is None:
         return
-    pname = paddle_params[kp.paddle_name].name
+    target, cols = (part_of or {}).get(kp.paddle_name, (kp.paddle_name, None))
+    if target not in paddle_params:
+        return
+    pname = paddle_params[target].name
     for key, value in state.items():
         if key == "step":
             for pow_name, beta in zip(_BETA_POWS, ("beta1", "beta2")):
@@ -192,6 +203,10 @@ def _load_one(paddle_opt: Any, accs: Mapping[str, Any], kp: Optional[KeyPlan],
             arr = arr.T
         if key in _MOMENT_BETA:
             arr = arr * _paddle_weight(_beta(paddle_opt, _MOMENT_BETA[key]))
+        if cols is not None:  # the other parts' columns as earlier parts set them
+            whole = np.array(acc.numpy())
+            whole[..., cols] = arr
+            arr = whole
         acc.set_value(np.ascontiguousarray(arr, dtype=np.dtype(str(acc.numpy().dtype))))
         covered.add((acc_name, pname))
 
@@ -268,10 +283,12 @@ def reference_state(step: int, data: Mapping[str, Any],
 
 
 def load_reference_state(step: int, torch_data: Mapping[str, Any], torch_model: Any,
-                         paddle_model: Any, plan: Mapping[str, KeyPlan]) -> None:
+                         paddle_model: Any, plan: Mapping[str, KeyPlan],
+                         fusions: Sequence[Any] = ()) -> None:
     """Both models set to the weights and statistics the reference recorded after ``step``
-    (Paddle names and layout in the dump; the torch model's own layout restored). Raises
-    ``Unsupported`` where a value was not recorded (``stats=False``)."""
+    (Paddle names and layout in the dump; the torch model's own layout restored; a fused
+    tensor of the port made of its parts). Raises ``Unsupported`` where a value was not
+    recorded (``stats=False``)."""
     import torch
 
     sd = torch_model.state_dict()  # a packed attention tensor also under its slices' names
@@ -280,9 +297,11 @@ def load_reference_state(step: int, torch_data: Mapping[str, Any], torch_model: 
         for tname, value in reference_state(step, torch_data, plan).items():
             if tname in state:
                 state[tname].copy_(torch.from_numpy(value))
-    paddle_model.set_state_dict(with_aliases(paddle_model, {
+    parts = {f.port_key: f.parts for f in fusions}
+    paddle_model.set_state_dict(with_aliases(paddle_model, fuse({
         name: _recorded(step, torch_data, name)
-        for name in unaliased(paddle_model.state_dict())[0]}))
+        for key in unaliased(paddle_model.state_dict())[0]
+        for name in parts.get(key, (key,))}, fusions)))
 
 
 def renamed(result: Any, step: int) -> Any:
@@ -396,15 +415,16 @@ def run_forced(step: int, *, batches: Sequence[Any], torch_model: Any, paddle_mo
                torch_data: Mapping[str, Any], paddle_lr_value: float,
                plan: Mapping[str, KeyPlan], run_torch: Callable[..., None],
                run_twin: Optional[Callable[..., Any]], run_paddle: Callable[..., None],
-               finish: Callable[..., Any]) -> Any:
+               finish: Callable[..., Any], fusions: Sequence[Any] = ()) -> Any:
     """Step ``step`` of each side from the reference's state after the step before; the result
     under ``step<step>/`` keys. ``run_*`` run one step on a batch into a logger (``run_twin``
     builds the float64 twin from the torch model and optimizer as they are then, and returns
     its logger); ``finish`` compares (torch log, paddle log, noise log or None, initial)."""
     batch = batches[step % len(batches)]
-    load_reference_state(step - 1, torch_data, torch_model, paddle_model, plan)
+    load_reference_state(step - 1, torch_data, torch_model, paddle_model, plan, fusions)
     torch_opt.load_state_dict(copy.deepcopy(dict(torch_opt_state)))
-    load_paddle_optimizer(paddle_opt, torch_opt_state, torch_opt, torch_model, paddle_model, plan)
+    load_paddle_optimizer(paddle_opt, torch_opt_state, torch_opt, torch_model, paddle_model, plan,
+                          fusions)
     stats = {f"step0/stat/{k.split('/stat/', 1)[1]}": np.array(v)
              for k, v in torch_data.items() if k.startswith(f"step{step - 1}/stat/")}
     noise_log = run_twin(batch) if run_twin is not None else None

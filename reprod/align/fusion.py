@@ -23,7 +23,8 @@ LLaMA reshapes its ``qkv_proj`` output per key-value head, so ``groups`` is its
 ``num_key_value_heads``). ``ConversionRules(fuse_groups={pattern: groups})`` says which; where
 none does, the parts are loaded side by side and the conversion says so. ``align_forward``
 tries the other layouts where a layer holding a fused tensor diverges, and names the one that
-aligns.
+aligns. By order, ``by_order._fused_order`` names the parts under the port layer's parent, and
+all of this follows by name.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ __all__ = ["Fusion", "find_fusions", "fuse", "unfuse", "regroup", "group_choices
 @dataclass(frozen=True)
 class Fusion:
     """One port tensor (``port_key``) holding the converted reference tensors ``parts`` (Paddle
-    names, in the reference's order) along its last axis, ``sizes`` wide each, cut in ``groups``
-    pieces taken in turn (1: side by side)."""
+    names; query, key, value in that order where their names say so, else in the reference's
+    order) along its last axis, ``sizes`` wide each, cut in ``groups`` pieces taken in turn
+    (1: side by side)."""
 
     port_key: str
     parts: tuple[str, ...]

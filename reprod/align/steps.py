@@ -853,7 +853,8 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                                        loss_fn=torch_loss_fn, seed=seed + s, plan=plan)
                 if n_log is not None and kink is not None:
                     r = _rounding_checked(
-                        r, paddle_model, partial(_paddle_state, s - 1, torch_data, paddle_model, fusions),
+                        r, paddle_model,
+                        partial(_paddle_state, s - 1, torch_data, paddle_model, fusions),
                         batches[s % len(batches)], loss_fn=paddle_loss_fn, stats=stats,
                         ref=t_log.data, other=p_log.data, noise=n_log.data)
                 before = {k.split("/param/", 1)[1]: v for k, v in torch_data.items()
@@ -874,7 +875,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 torch_opt=torch_optimizer, paddle_opt=paddle_optimizer,
                 torch_opt_state=opt_states[s], torch_data=torch_data, paddle_lr_value=lrs[s],
                 plan=plan, run_torch=run_torch, run_twin=run_twin if calibrate else None,
-                run_paddle=run_paddle, finish=finish)
+                run_paddle=run_paddle, finish=finish, fusions=fusions)
     except forcing.Unsupported as e:
         options = dict(result.options, forcing={"steps": [], "skipped": str(e)})
         return dataclasses.replace(result, options=options)
