@@ -109,10 +109,14 @@ class StructureReport:
             f"values: torch {self.torch_total:,} ({self.torch_trainable:,} trainable), "
             f"paddle {self.paddle_total:,} ({self.paddle_trainable:,} trainable)"
         )
+        fused = self.rows_with("fused")
+        joined = (f", {len(fused)} fused into {len({r.paddle_name for r in fused})}"
+                  if fused else "")
         if self.ok:
             return (
                 f"structure matches: {len(self.rows_with('ok')) + len(self.rows_with('transposed'))} "
-                f"tensors, {len(self.rows_with('transposed'))} transposed on conversion; {counts}"
+                f"tensors, {len(self.rows_with('transposed'))} transposed on conversion{joined}; "
+                f"{counts}"
             )
         parts = [
             f"{len(self.rows_with(s))} {s}"

@@ -187,6 +187,8 @@ def test_the_structure_shows_each_part_fused_into_the_port_s_tensor_and_matches(
     assert "8 of its 32 outputs: [q_proj | k_proj | v_proj] side by side" in \
         fused["attn.k_proj.weight"].note
     assert not report.rows_with("extra") and not report.rows_with("missing")
+    assert report.summary_line().startswith(
+        "structure matches: 3 tensors, 2 transposed on conversion, 8 fused into 3; ")
 
 
 def test_loaded_side_by_side_the_weights_are_the_reference_s_and_the_port_aligns():
