@@ -77,6 +77,8 @@ class Conversion:
     plan: tuple[KeyPlan, ...]
     linear_source: str
     source_dtypes: dict[str, str] = field(default_factory=dict)
+    # a port tensor -> the converted tensors fused into it (``reprod.align.fusion``)
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def by_action(self, action: str) -> list[KeyPlan]:
         return [p for p in self.plan if p.action == action]
@@ -88,8 +90,10 @@ class Conversion:
             "model": "nn.Linear layers of the torch model",
             "order": "the shapes of the Paddle tensors paired by order",
         }.get(self.linear_source, "a name/shape heuristic (no torch model given)")
+        joined = (f", {sum(len(p) for p in self.fused.values())} of the reference's fused "
+                  f"into {len(self.fused)}" if self.fused else "")
         return (
-            f"{len(self.weights)} tensors converted: {n['transpose']} transposed (found by {how}), "
+            f"{len(self.weights)} tensors converted{joined}: {n['transpose']} transposed (found by {how}), "
             f"{renamed} renamed, {n['copy']} copied, {n['skip']} skipped by rule, "
             f"{n['drop']} dropped"
         )
@@ -232,10 +236,11 @@ def convert(
         weights[p.paddle_name] = arr
         if conv.source_dtype is not None:
             dtypes[p.paddle_name] = conv.source_dtype
+    fused: dict[str, tuple[str, ...]] = {}
     if paddle_model is not None and not by_order:
-        weights, plan = _fused_for(paddle_model, weights, plan, rules)
+        weights, plan, fused = _fused_for(paddle_model, weights, plan, rules)
     how = "order" if by_order else "model" if linear is not None else "heuristic"
-    result = Conversion(weights, plan, how, dtypes)
+    result = Conversion(weights, plan, how, dtypes, fused)
     if linear is None and result.by_action("transpose"):
         names = ", ".join(
             p.torch_name for p in result.by_action("transpose") if p.why.startswith("heur")
@@ -252,19 +257,19 @@ def convert(
 
 
 def _fused_for(paddle_model: Any, weights: dict[str, np.ndarray], plan: tuple[KeyPlan, ...],
-               rules: Optional[ConversionRules]) -> tuple[dict[str, np.ndarray],
-                                                         tuple[KeyPlan, ...]]:
+               rules: Optional[ConversionRules]
+               ) -> tuple[dict[str, np.ndarray], tuple[KeyPlan, ...], dict[str, tuple[str, ...]]]:
     """``weights`` with the tensors one tensor of ``paddle_model`` (a Paddle model, state dict
     or ``.pdparams`` path) fuses made into it (``reprod.align.fusion``), each part's plan
-    saying so."""
+    saying so, and each fused tensor's parts."""
     port = _paddle_shapes(paddle_model)[0]
     fusions = find_fusions({k: tuple(np.shape(v)) for k, v in weights.items()}, port, rules)
     if not fusions:
-        return weights, plan
+        return weights, plan, {}
     part_of = {p: f for f in fusions for p in f.parts}
     plan = tuple(dataclasses.replace(p, why=f"{p.why}; fused {part_of[p.paddle_name].why(p.paddle_name)}")
                  if p.paddle_name in part_of else p for p in plan)
-    return fuse(weights, fusions), plan
+    return fuse(weights, fusions), plan, {f.port_key: f.parts for f in fusions}
 
 
 def torch_to_paddle(

@@ -349,6 +349,13 @@ def test_convert_for_a_port_fuses_and_each_part_s_plan_says_where_it_went():
         "nn.Linear weight; fused into attn.qkv_proj.weight (8 of its 32 outputs: [q_proj_1 | "
         "k_proj_1 | v_proj_1 | ...] in 2 groups)")
     assert "attn.q_proj.weight" not in conv.weights
+    assert conv.fused == {"attn.qkv_proj.weight": ("attn.q_proj.weight", "attn.k_proj.weight",
+                                                   "attn.v_proj.weight"),
+                          "attn.qkv_proj.bias": ("attn.q_proj.bias", "attn.k_proj.bias",
+                                                 "attn.v_proj.bias"),
+                          "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+    assert conv.summary_line().startswith(
+        "6 tensors converted, 8 of the reference's fused into 3: 7 transposed")
     pm.set_state_dict(conv.weights)
     assert align_forward(tm, pm, INPUTS, calibrate=True, rules=rules).passed
 
