@@ -565,6 +565,10 @@ class Recorder:
         # flags, which one framework passes and the other does not, leave the key alone
         if found and all(items[0] == 0 for items, _ in found):
             return [(items[1:], t) for items, t in found]
+        # one tensor passed as every argument is "in" too: torch's self-attention called as
+        # attn(x, x, x) against a port's attention reading x once (PaddleClas's ViT)
+        if len(found) > 1 and all(t is found[0][1] for _, t in found):
+            return [((), found[0][1])]
         return found
 
     def _post(self, name: str) -> Callable[[Any], None]:

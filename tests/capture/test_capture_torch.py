@@ -200,6 +200,30 @@ def test_non_tensor_arguments_do_not_change_the_input_key():
     np.testing.assert_array_equal(log.data["c.in"], [6.0, 6.0])
 
 
+def test_one_tensor_passed_as_every_argument_is_the_input():
+    """torch's self-attention is called attn(x, x, x): one input, as a port's attention reading
+    x once records it; cross attention's two tensors keep their places."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.cross = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x, m):
+            y = self.self_attn(x, x, x, need_weights=False)[0]
+            return self.cross(y, m, m, need_weights=False)[0]
+
+    net = Net().eval()
+    x, m = torch.randn(1, 3, 4), torch.randn(1, 5, 4)
+    with record(net, containers=False) as log, torch.no_grad():
+        net(x, m)
+    assert log.keys() == ["self_attn.in", "self_attn.out", "cross.in[0]", "cross.in[1]",
+                          "cross.in[2]", "cross.out"]
+    np.testing.assert_array_equal(log.data["self_attn.in"], x.numpy())
+    np.testing.assert_array_equal(log.data["cross.in[2]"], m.numpy())
+
+
 def test_containers_include_and_exclude(net):
     log = twins.run_torch(net, backward=False, containers=True)
     keys = log.keys()

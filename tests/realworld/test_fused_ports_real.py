@@ -101,3 +101,5 @@ def test_an_attention_scale_bug_is_localised_at_its_block() -> None:
     div = r.options["divergence"]
     assert div["layer"] == "encoder.layers.encoder_layer_1.self_attention"
     assert div["port_layer"] == "blocks.1.attn"
+    # torch's attn(x, x, x) records one input, as PaddleClas's attn(x) does: they pair
+    assert "): input aligned (max " in div["message"]
