@@ -30,7 +30,11 @@ SEED = 0
 
 def ppcls_on_path() -> bool:
     """Put the installed paddleclas's ``ppcls`` directory on sys.path (without importing
-    paddleclas); False where paddleclas is not installed."""
+    paddleclas); False where paddleclas is not installed. Called again, True at once: with
+    that directory on sys.path, ``paddleclas`` is found as the ``paddleclas.py`` inside it (no
+    package), and a second module calling this was skipped whole."""
+    if importlib.util.find_spec("ppcls") is not None:
+        return True
     spec = importlib.util.find_spec("paddleclas")
     if spec is None or not spec.submodule_search_locations:
         return False
