@@ -87,13 +87,17 @@ class _Port(paddle.nn.Layer):
         return x + self.mlp.down_proj(paddle.nn.functional.silu(gate) * up)
 
 
-def _models(per_group: bool, scale: float = 1.0):
+def _seeded(tm):
+    """``tm`` with seeded weights, every bias too, in eval mode."""
     torch.manual_seed(0)
-    tm = _Ref()
     with torch.no_grad():
         for p in tm.parameters():
             p.normal_(0, 0.3)
-    return tm.eval(), _Port(per_group, scale)
+    return tm.eval()
+
+
+def _models(per_group: bool, scale: float = 1.0):
+    return _seeded(_Ref()), _Port(per_group, scale)
 
 
 # --- the layouts, against numpy's own concatenation --------------------------------------------
@@ -312,11 +316,7 @@ class _HandWritten(paddle.nn.Layer):
 def test_torch_s_packed_attention_loads_into_a_port_s_fused_qkv_and_aligns():
     """torch's ``in_proj_weight`` is split into Paddle's q/k/v_proj names (``split_attention``),
     which the port's one ``qkv`` fuses again: the rows of ``in_proj_weight``, transposed."""
-    torch.manual_seed(0)
-    tm = _MHA().eval()
-    with torch.no_grad():
-        for p in tm.parameters():
-            p.normal_(0, 0.3)
+    tm = _seeded(_MHA())
     pm = _HandWritten()
     report = compare_structure(tm, pm)
     assert report.ok, report.to_table(only_problems=True)
@@ -395,14 +395,9 @@ class _RefKVQ(_Ref):
 def test_a_reference_defining_k_v_q_fills_the_fused_tensor_in_q_k_v_order():
     from reprod.align.fusion import _qkv_order
 
-    tm = _RefKVQ()
+    tm = _seeded(_RefKVQ())
     assert [k for k in tm.state_dict()][:3] == ["attn.k_proj.weight", "attn.k_proj.bias",
                                                 "attn.v_proj.weight"]
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in tm.parameters():
-            p.normal_(0, 0.3)
-    tm.eval()
     pm = _Port(per_group=False)
     load_into_paddle(pm, tm)
     np.testing.assert_array_equal(pm.attn.qkv_proj.weight.numpy()[:, :16],
@@ -417,12 +412,7 @@ def test_a_reference_defining_k_v_q_fills_the_fused_tensor_in_q_k_v_order():
 def test_a_fused_tensor_filled_in_the_reference_s_definition_order_is_named_so():
     """A porter's own conversion script concatenating BART-style k, v, q as the state dict
     lists them: the port reads q, k, v, and the hint says which order the tensor holds."""
-    tm = _RefKVQ()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in tm.parameters():
-            p.normal_(0, 0.3)
-    tm.eval()
+    tm = _seeded(_RefKVQ())
     pm = _Port(per_group=False)
     load_into_paddle(pm, tm)
     a = tm.attn

@@ -155,30 +155,33 @@ def test_a_rotary_base_is_a_setting_of_each_block() -> None:
     assert "base 10000 in torch, 500 in Paddle" in r.options["findings"][-1]
 
 
-def _fused(rules: Any = None) -> tuple[Any, Any]:
+def _fused(rules: Any = None, causal: bool = False, by_order: bool = False
+           ) -> tuple[Any, Any]:
     """HF's LLaMA with grouped-query attention (2 key-value heads for 4) against PaddleNLP's
     with ``fuse_attention_qkv`` and ``fuse_attention_ffn``: one ``qkv_proj`` [64, 128] for
     ``q_proj``, ``k_proj``, ``v_proj`` (read per key-value head), one ``gate_up_fused_proj``
-    [64, 344] for ``gate_proj`` and ``up_proj`` (side by side)."""
+    [64, 344] for ``gate_proj`` and ``up_proj`` (side by side). ``causal``: both
+    ``LlamaForCausalLM`` (HF's ``model.layers...``, PaddleNLP's ``llama.layers...``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import paddle
+        import paddlenlp.transformers as pnlp
         import torch
-        from paddlenlp.transformers import LlamaConfig as PaddleLlamaConfig
-        from paddlenlp.transformers import LlamaModel as PaddleLlama
-        from transformers import LlamaConfig, LlamaModel
+        import transformers
 
         from reprod.align import load_into_paddle
 
         config = dict(CONFIG, num_key_value_heads=2)
+        kind = "LlamaForCausalLM" if causal else "LlamaModel"
         torch.manual_seed(0)
-        tm = LlamaModel(LlamaConfig(**config, attn_implementation="eager")).eval()
+        tm = getattr(transformers, kind)(
+            transformers.LlamaConfig(**config, attn_implementation="eager")).eval()
         tm.config.use_cache = False
         paddle.seed(0)
-        pm = PaddleLlama(PaddleLlamaConfig(**config, fuse_attention_qkv=True,
-                                           fuse_attention_ffn=True))
+        pm = getattr(pnlp, kind)(pnlp.LlamaConfig(**config, fuse_attention_qkv=True,
+                                                  fuse_attention_ffn=True))
         pm.eval()
-        load_into_paddle(pm, tm, rules=rules)
+        load_into_paddle(pm, tm, rules=rules, by_order=by_order)
     return tm, pm
 
 
@@ -250,29 +253,13 @@ def test_by_order_hf_s_causal_lm_loads_into_paddlenlp_s_fused_one_and_is_localis
     (and gate, up) pairs with the port's fused layer. Loaded per key-value head it passes;
     loaded side by side the divergence is put between v_proj and o_proj, and the layout the
     port reads is named."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import paddle
-        import torch
-        from paddlenlp.transformers import LlamaConfig as PaddleLlamaConfig
-        from paddlenlp.transformers import LlamaForCausalLM as PaddleLlama
-        from transformers import LlamaConfig, LlamaForCausalLM
+    from reprod.align import ConversionRules, align_forward
 
-        from reprod.align import ConversionRules, align_forward, load_into_paddle
-
-        config = dict(CONFIG, num_key_value_heads=2)
-        torch.manual_seed(0)
-        tm = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager")).eval()
-        tm.config.use_cache = False
-        for groups, passes in ((2, True), (1, False)):
-            paddle.seed(0)
-            pm = PaddleLlama(PaddleLlamaConfig(**config, fuse_attention_qkv=True,
-                                               fuse_attention_ffn=True))
-            pm.eval()
-            rules = ConversionRules(fuse_groups={"qkv_proj": groups})
-            load_into_paddle(pm, tm, by_order=True, rules=rules)
-            r = align_forward(tm, pm, _ids(), calibrate=True, by_order=True, rules=rules)
-            assert r.passed is passes, r.to_table()
+    for groups, passes in ((2, True), (1, False)):
+        rules = ConversionRules(fuse_groups={"qkv_proj": groups})
+        tm, pm = _fused(rules, causal=True, by_order=True)
+        r = align_forward(tm, pm, _ids(), calibrate=True, by_order=True, rules=rules)
+        assert r.passed is passes, r.to_table()
     assert r.options["findings"][0].startswith(
         "diverges before model.layers.0.self_attn.o_proj (Linear; the port's "
         "llama.layers.0.self_attn.o_proj): input already differs")
