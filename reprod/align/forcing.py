@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..logger import ReprodLogger
-from .fusion import fuse
+from .fusion import fuse, part_names
 from .rules import KeyPlan, packed_slices, torch_views, unaliased, with_aliases
 
 # torch optimizer state -> the Paddle accumulator holding the same quantity
@@ -297,11 +297,9 @@ def load_reference_state(step: int, torch_data: Mapping[str, Any], torch_model: 
         for tname, value in reference_state(step, torch_data, plan).items():
             if tname in state:
                 state[tname].copy_(torch.from_numpy(value))
-    parts = {f.port_key: f.parts for f in fusions}
     paddle_model.set_state_dict(with_aliases(paddle_model, fuse({
         name: _recorded(step, torch_data, name)
-        for key in unaliased(paddle_model.state_dict())[0]
-        for name in parts.get(key, (key,))}, fusions)))
+        for name in part_names(unaliased(paddle_model.state_dict())[0], fusions)}, fusions)))
 
 
 def renamed(result: Any, step: int) -> Any:

@@ -422,3 +422,10 @@ def split_named(items: Any, fusions: Sequence[Fusion]) -> Any:
         arr = np.asarray(value)
         for part, cols in zip(f.parts, f.columns()):
             yield part + suffix, arr[..., cols]
+
+
+def part_names(names: Any, fusions: Sequence[Fusion]) -> list[str]:
+    """``names`` (the port's state keys) with each fused tensor's given as its parts', as
+    ``align_train`` records them."""
+    parts = {f.port_key: f.parts for f in fusions}
+    return [p for name in names for p in parts.get(name, (name,))]

@@ -607,6 +607,26 @@ def localise_forward(
     return found
 
 
+def _aligns_when(key: str, paddle_model: Any, run_paddle: Any, judged: Mapping[str, Any],
+                 noise: Optional[Mapping[str, Any]], criteria: Any, containers: bool,
+                 rename: Any = None) -> Any:
+    """``layout_hint``'s test: whether the port, run again with its fused tensors laid out as
+    ``now`` says, gives ``key`` as the reference does (judged as before; ``rename``: the port's
+    captures under the reference's names, where paired by order)."""
+    from ..diff.engine import compare
+
+    ref_noise = None if noise is None or key not in noise else {key: noise[key]}
+
+    def aligns(now: Any) -> bool:
+        got = split_captures({}, _capture(paddle_model, run_paddle, containers), now)[1]
+        if rename is not None:
+            got = rename(got)
+        return key in got and bool(compare({key: judged[key]}, {key: got[key]},
+                                           criteria=criteria, noise=ref_noise).passed)
+
+    return aligns
+
+
 def _fused_layout(div: Any, fusions: Any, paddle_model: Any, run_paddle: Any,
                   judged: Mapping[str, Any], noise: Optional[Mapping[str, Any]], criteria: Any,
                   containers: bool) -> Optional[str]:
@@ -614,22 +634,13 @@ def _fused_layout(div: Any, fusions: Any, paddle_model: Any, run_paddle: Any,
     (``reprod.align.fusion``), where another layout of its parts makes the layer align: the
     port runs again once per layout tried, the layer's output judged as before."""
     from ..capture.naming import ROOT
-    from ..diff.engine import compare
 
     key = div.output.key if div.output is not None else None
     if not fusions or key is None or key not in judged:
         return None
-
-    def aligns(now: Any) -> bool:
-        got = split_captures({}, _capture(paddle_model, run_paddle, containers), now)[1]
-        if key not in got:
-            return False
-        ref_noise = None if noise is None or key not in noise else {key: noise[key]}
-        return bool(compare({key: judged[key]}, {key: got[key]}, criteria=criteria,
-                            noise=ref_noise).passed)
-
     layer = div.layer.partition("#")[0]
-    return layout_hint("" if layer == ROOT else layer, paddle_model, fusions, aligns)
+    return layout_hint("" if layer == ROOT else layer, paddle_model, fusions, _aligns_when(
+        key, paddle_model, run_paddle, judged, noise, criteria, containers))
 
 
 def _fused_layout_by_order(div: Any, fusions: Any, paddle_model: Any, run_paddle: Any,
@@ -639,8 +650,6 @@ def _fused_layout_by_order(div: Any, fusions: Any, paddle_model: Any, run_paddle
     """``_fused_layout`` paired by order, where the leaf after a fused layer's last part
     (``div.previous``) reads a differing input: the layouts are tried until that input aligns.
     ``rename``: the port's captures under the reference's names, as the pairing named them."""
-    from ..diff.engine import compare
-
     key = div.input.key if div.input is not None else None
     if key is None or key not in judged:
         return None
@@ -650,16 +659,8 @@ def _fused_layout_by_order(div: Any, fusions: Any, paddle_model: Any, run_paddle
                   if any(p.rpartition(".")[0] == before for p in f.parts)), None)
     if owner is None:
         return None
-
-    def aligns(now: Any) -> bool:
-        got = rename(split_captures({}, _capture(paddle_model, run_paddle, containers), now)[1])
-        if key not in got:
-            return False
-        ref_noise = None if noise is None or key not in noise else {key: noise[key]}
-        return bool(compare({key: judged[key]}, {key: got[key]}, criteria=criteria,
-                            noise=ref_noise).passed)
-
-    return layout_hint(owner.port_key.rsplit(".", 2)[0], paddle_model, fusions, aligns)
+    return layout_hint(owner.port_key.rsplit(".", 2)[0], paddle_model, fusions, _aligns_when(
+        key, paddle_model, run_paddle, judged, noise, criteria, containers, rename))
 
 
 def _passes_unchanged(functions: Mapping[str, Any], subject: Optional[str]) -> bool:

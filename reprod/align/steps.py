@@ -63,7 +63,7 @@ from .framework import (
     not_compared_outputs,
     pair_outputs,
 )
-from .fusion import fuse, model_fusions, split_named
+from .fusion import fuse, model_fusions, part_names, split_named
 from .kinks import KinkCapture
 from .localise import localise_forward
 from .results import (
@@ -897,15 +897,8 @@ def _paddle_state(step: int, torch_data: Mapping[str, Any], paddle_model: Any,
                   fusions: Sequence[Any] = ()) -> dict[str, np.ndarray]:
     """The Paddle model's state dict as the reference recorded it after ``step`` (what a forced
     step loads into it); a fused tensor from the parts recorded under the reference's names."""
-    names = _port_names(paddle_model, fusions)
+    names = part_names(unaliased(paddle_model.state_dict())[0], fusions)
     return fuse({name: forcing._recorded(step, torch_data, name) for name in names}, fusions)
-
-
-def _port_names(paddle_model: Any, fusions: Sequence[Any]) -> list[str]:
-    """The port's state names as ``_paddle_steps`` records them: a fused tensor's parts'."""
-    parts = {f.port_key: f.parts for f in fusions}
-    return [p for name in unaliased(paddle_model.state_dict())[0]
-            for p in parts.get(name, (name,))]
 
 
 _STATE_KEY = re.compile(r"step\d+/opt/.+")
@@ -1201,7 +1194,7 @@ def _restore_step(step: int, torch_model: Any, paddle_model: Any, torch_data: Ma
             return False
         torch_values[tname] = np.ascontiguousarray(value.T) if kp.action == "transpose" else value
     paddle_values = {}
-    for name in _port_names(paddle_model, fusions):
+    for name in part_names(unaliased(paddle_model.state_dict())[0], fusions):
         value = recorded(paddle_data, name)
         if value is None:
             return False
