@@ -27,7 +27,7 @@ from ..storage.framework_files import (
     weight_file_suffix,
 )
 from .by_order import _paddle_shapes, by_order_rules
-from .fusion import find_fusions, fuse
+from .fusion import find_fusions, find_splits, fuse, port_splits, split
 from .rules import (
     ConversionRules,
     KeyPlan,
@@ -40,6 +40,7 @@ from .rules import (
     packed_why,
     plan_conversion,
     port_constants,
+    port_splitting,
     split_attention,
     torch_aliases,
     torch_constants,
@@ -79,6 +80,8 @@ class Conversion:
     source_dtypes: dict[str, str] = field(default_factory=dict)
     # a port tensor -> the converted tensors fused into it (``reprod.align.fusion``)
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # a reference tensor -> the port tensors it was split into (``reprod.align.fusion.Split``)
+    split: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def by_action(self, action: str) -> list[KeyPlan]:
         return [p for p in self.plan if p.action == action]
@@ -92,6 +95,8 @@ class Conversion:
         }.get(self.linear_source, "a name/shape heuristic (no torch model given)")
         joined = (f", {sum(len(p) for p in self.fused.values())} of the reference's fused "
                   f"into {len(self.fused)}" if self.fused else "")
+        joined += (f", {len(self.split)} of the reference's split into "
+                   f"{sum(len(p) for p in self.split.values())}" if self.split else "")
         return (
             f"{len(self.weights)} tensors converted{joined}: {n['transpose']} transposed (found by {how}), "
             f"{renamed} renamed, {n['copy']} copied, {n['skip']} skipped by rule, "
@@ -201,16 +206,22 @@ def convert(
         linear: Optional[set[str]] = linear_weight_names(model)
     else:
         linear = None
-    if linear is not None:
-        linear |= packed_linear_weights(sd)
-    known = known_layouts(sd)
-    why = packed_why(sd)
-    if by_order:
-        if paddle_model is None:
-            raise ReprodError(f"{source}: by_order needs paddle_model= to take the order from")
-        # paired before the split: a packed tensor tells its slices' layout (GPT-2's c_attn)
-        rules = by_order_rules(model if model is not None else sd, paddle_model, rules=rules)
-    sd = split_attention(sd)[0]  # a packed attention's q, k, v as Paddle's q/k/v_proj
+    # the reference's tensors holding what the port keeps apart (Phi-3's qkv_proj for a port's
+    # q_proj, k_proj, v_proj): split, each part named as the port's
+    splits = port_splits(sd, paddle_model, rules, linear) \
+        if paddle_model is not None and not by_order else []
+    with port_splitting(splits):
+        if linear is not None:
+            linear |= packed_linear_weights(sd)
+        known = known_layouts(sd)
+        why = packed_why(sd)
+        if by_order:
+            if paddle_model is None:
+                raise ReprodError(f"{source}: by_order needs paddle_model= to take the order "
+                                  "from")
+            # paired before the split: a packed tensor tells its slices' layout (GPT-2's c_attn)
+            rules = by_order_rules(model if model is not None else sd, paddle_model, rules=rules)
+        sd = split_attention(sd)[0]  # a packed attention's q, k, v as Paddle's q/k/v_proj
     plan = plan_conversion({k: tuple(np.shape(v)) for k, v in sd.items()}, linear_weights=linear,
                            rules=rules, known=known)
     if by_order:
@@ -240,7 +251,8 @@ def convert(
     if paddle_model is not None and not by_order:
         weights, plan, fused = _fused_for(paddle_model, weights, plan, rules)
     how = "order" if by_order else "model" if linear is not None else "heuristic"
-    result = Conversion(weights, plan, how, dtypes, fused)
+    result = Conversion(weights, plan, how, dtypes, fused,
+                        {s.torch_key: s.parts for s in splits})
     if linear is None and result.by_action("transpose"):
         names = ", ".join(
             p.torch_name for p in result.by_action("transpose") if p.why.startswith("heur")
@@ -327,11 +339,15 @@ def _fused_as_the_port_holds(paddle_model: Any, arrays: Mapping[str, Any],
                              rules: Optional[ConversionRules] = None) -> Mapping[str, Any]:
     """``arrays`` with the reference's tensors that one port tensor holds together (PaddleNLP's
     ``qkv_proj`` for ``q_proj``, ``k_proj``, ``v_proj``) fused as ``rules.fuse_groups`` lays
-    them out (``reprod.align.fusion``)."""
+    them out, and each reference tensor holding several the port keeps apart (Phi-3's
+    ``qkv_proj`` against LLaMA's three) split so (``reprod.align.fusion``)."""
     expected = {k: tuple(int(d) for d in v.shape)
                 for k, v in unaliased(paddle_model.state_dict())[0].items()}
-    fusions = find_fusions({k: tuple(np.shape(v)) for k, v in arrays.items()}, expected, rules)
-    return fuse(arrays, fusions) if fusions else arrays
+    shapes = {k: tuple(np.shape(v)) for k, v in arrays.items()}
+    fusions = find_fusions(shapes, expected, rules)
+    # and the reverse: a reference tensor holding several the port keeps apart
+    splits = find_splits(shapes, expected, rules, fusions)
+    return split(fuse(arrays, fusions), splits) if fusions or splits else arrays
 
 
 def check_fits(

@@ -41,6 +41,7 @@ from .framework import (
     one_sided_outputs,
     pair_outputs,
 )
+from .fusion import splitting_for_port
 from .localise import localise_forward
 from .results import PathLike, _finish, _write_diff_log
 
@@ -49,6 +50,7 @@ __all__ = ["align_forward"]
 # --- forward ------------------------------------------------------------------------------------
 
 
+@splitting_for_port
 def align_forward(
     torch_model: Any,
     paddle_model: Any,

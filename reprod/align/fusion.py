@@ -30,7 +30,7 @@ all of this follows by name.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -38,8 +38,29 @@ import numpy as np
 
 from ..errors import ReprodError
 
-__all__ = ["Fusion", "find_fusions", "fuse", "unfuse", "regroup", "group_choices",
-           "split_captures"]
+__all__ = ["Fusion", "Split", "find_fusions", "find_splits", "fuse", "unfuse", "regroup",
+           "group_choices", "split_captures"]
+
+
+def _columns(sizes: Sequence[int], groups: int) -> list[np.ndarray]:
+    """Each part's indices along a fused tensor's output axis, ``sizes`` wide each, cut in
+    ``groups`` pieces taken in turn."""
+    g = groups
+    out: list[np.ndarray] = []
+    block = sum(s // g for s in sizes)  # one group of every part
+    start = 0
+    for s in sizes:
+        piece = s // g
+        out.append((np.arange(g)[:, None] * block + start + np.arange(piece)[None, :]).ravel())
+        start += piece
+    return out
+
+
+def _layout(parts: Sequence[str], groups: int) -> str:
+    names = [_short(p) for p in parts]
+    if groups == 1:
+        return "[" + " | ".join(names) + "] side by side"
+    return f"[{' | '.join(n + '_1' for n in names)} | ...] in {groups} groups"
 
 
 @dataclass(frozen=True)
@@ -56,27 +77,68 @@ class Fusion:
 
     @property
     def layout(self) -> str:
-        names = [_short(p) for p in self.parts]
-        if self.groups == 1:
-            return "[" + " | ".join(names) + "] side by side"
-        return (f"[{' | '.join(n + '_1' for n in names)} | ...] in {self.groups} groups")
+        return _layout(self.parts, self.groups)
 
     def columns(self) -> list[np.ndarray]:
         """Each part's indices along the fused tensor's last axis."""
-        g = self.groups
-        out: list[np.ndarray] = []
-        block = sum(s // g for s in self.sizes)  # one group of every part
-        start = 0
-        for s in self.sizes:
-            piece = s // g
-            out.append((np.arange(g)[:, None] * block + start + np.arange(piece)[None, :]).ravel())
-            start += piece
-        return out
+        return _columns(self.sizes, self.groups)
 
     def why(self, part: str) -> str:
         i = self.parts.index(part)
         return (f"into {self.port_key} ({self.sizes[i]} of its {sum(self.sizes)} outputs: "
                 f"{self.layout})")
+
+
+@dataclass(frozen=True)
+class Split:
+    """The reverse: one reference tensor holding what the port keeps in several (Hugging
+    Face's Phi-3 ``qkv_proj`` and ``gate_up_proj`` against a port written as LLaMA is, with
+    ``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj``, ``up_proj``). ``ref_key``: its Paddle
+    name once converted; ``parts``: the port tensors it holds along its output axis (the last,
+    in Paddle's layout), ``sizes`` wide each, cut in ``groups`` pieces taken in turn as the
+    reference's code lays them out. ``torch_key``, ``torch_parts``, ``axis``: the same in the
+    reference's own names and layout (a Linear's weight holds its outputs in rows: ``axis``
+    0), each part named after the port's layer beside the reference's, so that the
+    conversion's rules rename it as they rename the rest of that layer."""
+
+    ref_key: str
+    parts: tuple[str, ...]
+    sizes: tuple[int, ...]
+    groups: int = 1
+    torch_key: str = ""
+    torch_parts: tuple[str, ...] = ()
+    axis: int = -1
+    linear: bool = False  # a Linear's weight, which Paddle holds transposed
+
+    @property
+    def layout(self) -> str:
+        return _layout(self.parts, self.groups)
+
+    def columns(self) -> list[np.ndarray]:
+        """Each part's indices along the reference tensor's output axis."""
+        return _columns(self.sizes, self.groups)
+
+    def torch_index(self, i: int) -> tuple[Any, ...]:
+        """Part ``i``'s index into the reference's tensor in its own layout: a slice (a view)
+        where the parts lie side by side."""
+        cols = self.columns()[i]
+        if self.groups == 1:
+            start = sum(self.sizes[:i])
+            pick: Any = slice(start, start + self.sizes[i])
+        else:
+            pick = cols
+        return (slice(None),) * self.axis + (pick,) if self.axis >= 0 else (..., pick)
+
+    def part_why(self, torch_part: str) -> str:
+        return self.why(self.parts[self.torch_parts.index(torch_part)])
+
+    def share(self, part: str) -> str:
+        i = self.parts.index(part)
+        return (f"{self.sizes[i]} of its {sum(self.sizes)} outputs: {self.layout}; the "
+                "reference fuses what the port keeps apart")
+
+    def why(self, part: str) -> str:
+        return f"split from {self.torch_key or self.ref_key} ({self.share(part)})"
 
 
 def _short(key: str) -> str:
@@ -148,6 +210,121 @@ def find_fusions(converted: Mapping[str, tuple[int, ...]], port: Mapping[str, tu
         by_layer[(parent, layer)] = f
         out.append(f)
     return out
+
+
+def find_splits(converted: Mapping[str, tuple[int, ...]], port: Mapping[str, tuple[int, ...]],
+                rules: Any = None, fusions: Sequence[Fusion] = ()) -> list[Split]:
+    """The reverse of ``find_fusions``: the converted reference tensors each holding a run of
+    the port's (in the port's order, query, key, value first where named so), found by the same
+    rules with the sides swapped, among the tensors ``fusions`` leave; ``rules.fuse_groups``,
+    matched against the reference's converted key, gives each its layout."""
+    taken = {p for f in fusions for p in f.parts}
+    fused = {f.port_key for f in fusions}
+    found = find_fusions({k: v for k, v in port.items() if k not in fused},
+                         {k: v for k, v in converted.items() if k not in taken}, rules)
+    return [Split(f.port_key, f.parts, f.sizes, f.groups) for f in found]
+
+
+def split(arrays: Mapping[str, Any], splits: Sequence[Split]) -> dict[str, Any]:
+    """``arrays`` (converted: Paddle names and layouts) with each split's reference tensor
+    replaced by the port's parts it holds, in its place among the keys."""
+    if not splits:
+        return dict(arrays)
+    by_key = {s.ref_key: s for s in splits}
+    out: dict[str, Any] = {}
+    for key, value in arrays.items():
+        s = by_key.get(key)
+        if s is None:
+            out[key] = value
+        else:
+            out.update(zip(s.parts, unfuse(value, s)))
+    return out
+
+
+def torch_splits(state_shapes: Mapping[str, tuple[int, ...]], port: Mapping[str, tuple[int, ...]],
+                 *, linear_weights: Optional[set[str]] = None, rules: Any = None,
+                 known: Optional[Mapping[str, bool]] = None) -> list[Split]:
+    """The splits between a torch state dict (its shapes, split as ``split_attention`` splits
+    torch's packed attention) and a port's shapes, with the reference's own names and layout
+    filled in (``Split.torch_key``...): each part named after the port's layer, under the
+    reference tensor's parent; kept only where the conversion's rules take that name to the
+    port's part, as they take the rest of the layer."""
+    import dataclasses
+
+    from .rules import plan_conversion
+
+    plan = plan_conversion(dict(state_shapes), linear_weights=linear_weights, rules=rules,
+                           known=known)
+    by_paddle = {p.paddle_name: p for p in plan if p.paddle_name is not None}
+    converted = {k: p.paddle_shape for k, p in by_paddle.items() if p.paddle_shape is not None}
+    out: list[Split] = []
+    for s in find_splits(converted, port, rules, find_fusions(converted, port, rules)):
+        kp = by_paddle[s.ref_key]
+        parent, _, last = _split(kp.torch_name)
+        names = tuple(f"{parent}{_split(p)[1]}.{last}" for p in s.parts)
+        if any(n in state_shapes for n in names):
+            continue
+        linear = kp.action == "transpose"
+        axis = 0 if linear else len(kp.torch_shape or ()) - 1
+        shapes = {}
+        for n, size in zip(names, s.sizes):
+            shape = list(kp.torch_shape or ())
+            shape[axis] = size
+            shapes[n] = tuple(shape)
+        renamed = {p.torch_name: p.paddle_name for p in plan_conversion(
+            shapes, linear_weights=set(names) if linear else set(), rules=rules)}
+        if [renamed.get(n) for n in names] != list(s.parts):
+            continue
+        out.append(dataclasses.replace(s, torch_key=kp.torch_name, torch_parts=names, axis=axis,
+                                       linear=linear))
+    return out
+
+
+def port_splits(state: Mapping[str, Any], paddle_side: Any, rules: Any = None,
+                linear_weights: Optional[set[str]] = None) -> list[Split]:
+    """``torch_splits`` between a torch state dict (``linear_weights``: its Linear weights,
+    None to guess them as the conversion does) and a Paddle model, state dict or ``.pdparams``
+    path."""
+    from .by_order import _paddle_shapes
+    from .rules import known_layouts, packed_linear_weights, port_splitting, split_attention
+
+    with port_splitting(()):  # the reference's own tensors, whatever splits are in effect
+        port = _paddle_shapes(paddle_side)[0]
+        linear = None if linear_weights is None else \
+            set(linear_weights) | packed_linear_weights(state)
+        shapes = {k: tuple(int(d) for d in np.shape(v))
+                  for k, v in split_attention(state)[0].items()}
+        return torch_splits(shapes, port, linear_weights=linear, rules=rules,
+                            known=known_layouts(state))
+
+
+def model_splits(torch_model: Any, paddle_model: Any, rules: Any = None) -> list[Split]:
+    """``port_splits`` between a torch model and its port."""
+    from .rules import linear_weight_names
+
+    return port_splits(torch_model.state_dict(), paddle_model, rules,
+                       linear_weight_names(torch_model))
+
+
+def splitting_for_port(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(torch_model, paddle_model, ..., rules=, by_order=)`` run with the reference's
+    tensors that hold several of the port's split as the port keeps them (``model_splits``,
+    ``rules.port_splitting``): its plan, gradients, moments and layer captures all read them
+    so. By order they are not looked for."""
+    import functools
+
+    from .rules import _SPLITS, port_splitting
+
+    @functools.wraps(fn)
+    def run(torch_model: Any, paddle_model: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("by_order") or _SPLITS.get() or not hasattr(torch_model, "state_dict"):
+            return fn(torch_model, paddle_model, *args, **kwargs)
+        rules = kwargs.get("rules")
+        splits = model_splits(torch_model, paddle_model,
+                              rules if hasattr(rules, "fuse_groups_for") else None)
+        with port_splitting(splits):
+            return fn(torch_model, paddle_model, *args, **kwargs)
+    return run
 
 
 # a projection's role by its layer's name: query, key, value
@@ -318,30 +495,44 @@ def _candidates(fusion: Fusion, port_layer: Any, limit: int) -> list[int]:
 
 
 def split_captures(ref: Mapping[str, Any], port: Mapping[str, Any],
-                   fusions: Sequence[Fusion]) -> tuple[dict[str, Any], dict[str, Any]]:
+                   fusions: Sequence[Fusion], splits: Sequence[Split] = ()
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Layer captures (``reprod.capture.record``) with each fused port layer's keys given under
     the reference's layers it fuses: its output (and output gradient, and its parameters'
     gradients) cut along the last axis as the fusion lays the parts out, its input as it is.
     An input's gradient, the sum of the parts' on the port's side, has no counterpart: the
-    reference's parts' are left out too."""
+    reference's parts' are left out too. ``splits``, the reverse: each reference layer holding
+    several of the port's cut so, under the names ``Split.torch_parts`` gives the parts (the
+    reference's parameters' gradients in Paddle's layout: ``align_train``'s ``ref_layout``)."""
+    port, ref = _cut(port, ref, [(f.port_key, f.parts, f.columns()) for f in fusions])
+    ref, port = _cut(ref, port, [(s.torch_key, s.torch_parts, s.columns()) for s in splits])
+    return ref, port
+
+
+def _cut(whole: Mapping[str, Any], other: Mapping[str, Any],
+         table: Sequence[tuple[str, Sequence[str], list[np.ndarray]]]
+         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``split_captures`` for one side: ``whole``'s keys of each (tensor, its parts' names,
+    their columns) in ``table`` cut into the parts', and ``other``'s input gradients of the
+    parts' layers left out."""
     from ..capture.naming import parse_key
 
     layers: dict[str, list[tuple[str, np.ndarray]]] = {}
     params: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for f in fusions:
-        params[f.port_key] = list(zip(f.parts, f.columns()))
-        if f.port_key.endswith(".weight"):
-            layers[f.port_key[:-7]] = [(p.rsplit(".", 1)[0], c)
-                                       for p, c in zip(f.parts, f.columns())]
+    for key, parts, columns in table:
+        params[key] = list(zip(parts, columns))
+        if key.endswith(".weight"):
+            layers[key[:-7]] = [(p.rsplit(".", 1)[0], c) for p, c in zip(parts, columns)]
     if not layers:
-        return dict(ref), dict(port)
+        return dict(whole), dict(other)
     total = {lp: sum(len(c) for _, c in parts) for lp, parts in layers.items()}
     part_layers = {rl for parts in layers.values() for rl, _ in parts}
     out: dict[str, Any] = {}
-    for key, value in port.items():
+    for key, value in whole.items():
         k = parse_key(key)
-        split = None if k is None else (params.get(k.name) if k.is_param else layers.get(k.name))
-        if split is None:
+        cut_by = None if k is None else (params.get(k.name) if k.is_param
+                                         else layers.get(k.name))
+        if cut_by is None:
             out[key] = value
             continue
         if k.what == "grad_in":
@@ -349,15 +540,15 @@ def split_captures(ref: Mapping[str, Any], port: Mapping[str, Any],
         arr = np.asarray(value)
         cut = k.is_param or (k.what in ("out", "grad_out") and arr.ndim
                              and arr.shape[-1] == total.get(k.name, -1))
-        for name, cols in split:
+        for name, cols in cut_by:
             out[str(k.with_name(name))] = arr[..., cols] if cut else arr
     kept = {}
-    for key, value in ref.items():
+    for key, value in other.items():
         k = parse_key(key)
         if k is not None and not k.is_param and k.what == "grad_in" and k.name in part_layers:
             continue
         kept[key] = value
-    return kept, out
+    return out, kept
 
 
 def layout_hint(layer: str, paddle_model: Any, fusions: Sequence[tuple[Fusion, list[np.ndarray]]],

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..adapters import to_numpy
 from .fusion import layout_hint, model_fusions, split_captures, stray_hint
+from .rules import active_splits
 
 __all__ = ["Localisation", "localise_forward"]
 
@@ -494,8 +495,11 @@ def localise_forward(
         raw = _capture(paddle_model, run_paddle, containers, backward)
     if ref_layout is not None:
         ref = ref_layout(ref)
-    if fusions:
-        ref, raw = split_captures(ref, raw, [f for f, _ in fusions])
+    # and the reverse, a reference layer holding several of the port's (Phi-3's qkv_proj for
+    # a port's q_proj, k_proj, v_proj), judged as those
+    splits = active_splits()
+    if fusions or splits:
+        ref, raw = split_captures(ref, raw, [f for f, _ in fusions], splits)
     # calls that compute nothing (an Identity, an eval-mode dropout or drop path: output is
     # input) and have no counterpart: timm's ViT holds 18 Identity placeholders a port does
     # without, and counted as unpaired they made "layer names do not pair" the answer
@@ -520,6 +524,8 @@ def localise_forward(
         _capture(run_twin[0], run_twin[1], containers, backward), packed)
     if noise is not None and ref_layout is not None:
         noise = ref_layout(noise)
+    if noise is not None and splits:
+        noise = split_captures(noise, {}, (), splits)[0]
     judged = _derive({k: v for k, v in ref.items() if k not in superseded}, derived)
     judged, port, noise = _broadcast(judged, _merged(judged, port), noise)
     port = _permuted(judged, _masked_alike(judged, port), criteria, noise)

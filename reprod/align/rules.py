@@ -19,8 +19,10 @@ definition order when names cannot be mapped by rules.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -215,6 +217,40 @@ def _packings(state: Mapping[str, Any]) -> dict[str, _Packing]:
     return out
 
 
+# the reference tensors that hold what the port keeps apart (``reprod.align.fusion.Split``),
+# while a comparison of one pair of models runs (``port_splitting``): every reader of a torch
+# state dict below (its plan, its gradients, its optimizer's moments, forcing's writes) then
+# sees each as the port's parts, as it sees torch's packed attention as Paddle's q, k, v.
+# A context rather than one more argument to the dozen functions that slice a state dict.
+_SPLITS: ContextVar[tuple[Any, ...]] = ContextVar("reprod_port_splits", default=())
+
+
+@contextlib.contextmanager
+def port_splitting(splits: Sequence[Any]) -> Iterator[None]:
+    """Within it, the torch state dicts read through ``split_attention``, ``packed_slices``...
+    hold each of ``splits``' reference tensors as the port's parts."""
+    token = _SPLITS.set(tuple(splits))
+    try:
+        yield
+    finally:
+        _SPLITS.reset(token)
+
+
+def active_splits() -> tuple[Any, ...]:
+    """The splits ``port_splitting`` has in effect."""
+    return _SPLITS.get()
+
+
+def _splits_in(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The splits in effect whose reference tensor ``state`` holds, at the size they cut."""
+    out: dict[str, Any] = {}
+    for sp in _SPLITS.get():
+        shape = tuple(getattr(state.get(sp.torch_key), "shape", ()))
+        if shape and int(shape[sp.axis]) == sum(sp.sizes):
+            out[sp.torch_key] = sp
+    return out
+
+
 def _slices(packing: _Packing) -> list[tuple[str, tuple[slice, ...]]]:
     """(q, k or v, its index into the tensor) for each of the projections a tensor holds."""
     _, _, e, axis, _, held = packing
@@ -245,7 +281,14 @@ def split_attention(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
             held.setdefault((packing[0], q), {})[packing[1]] = key
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    splits = _splits_in(state)
     for key, value in state.items():
+        sp = splits.get(key)
+        if sp is not None:  # a tensor the port keeps apart (``port_splitting``)
+            for i, name in enumerate(sp.torch_parts):
+                out[name] = value[sp.torch_index(i)]
+                origin[name] = key
+            continue
         packing = packings.get(key)
         if packing is None:
             out[key] = value
@@ -270,8 +313,13 @@ def packed_slices(state: Mapping[str, Any]) -> dict[str, list[tuple[str, tuple[s
     slice, its index into the tensor)] (``split_attention``'s slices: rows of torch's
     ``in_proj_weight``, columns of GPT-2's ``c_attn.weight``; a ``k_proj_weight`` whole)."""
     packings = _packings(state)
+    splits = _splits_in(state)
     out: dict[str, list[tuple[str, tuple[slice, ...]]]] = {}
     for name, src in split_attention(state)[1].items():
+        if src in splits:
+            sp = splits[src]
+            out.setdefault(src, []).append((name, sp.torch_index(sp.torch_parts.index(name))))
+            continue
         q = name.rsplit(".", 2)[-2][0]
         out.setdefault(src, []).append((name, dict(_slices(packings[src]))[q]))
     return out
@@ -281,8 +329,10 @@ def packed_linear_weights(state: Mapping[str, Any]) -> set[str]:
     """The slices' weight names (``split_attention``) in torch's Linear layout [out, in], which
     Paddle holds transposed: ``in_proj_weight``'s rows; GPT-2's Conv1D columns are not."""
     packings = _packings(state)
+    splits = _splits_in(state)
     return {name for name, src in split_attention(state)[1].items()
-            if name.endswith("weight") and packings[src][4]}
+            if (splits[src].linear if src in splits else
+                name.endswith("weight") and packings[src][4])}
 
 
 _CONV1D_WEIGHT = re.compile(r"(^|\.)(c_attn|c_proj|c_fc)\.weight$")
@@ -296,8 +346,10 @@ def known_layouts(state: Mapping[str, Any]) -> dict[str, bool]:
     ``c_attn`` is packed by columns (Hugging Face's GPT-2), the weights of its Conv1D layers
     (``c_attn``, ``c_proj``, ``c_fc``: [in, out], as Paddle's Linear)."""
     packings = _packings(state)
-    out = {name: packings[src][4] for name, src in split_attention(state)[1].items()
-           if name.endswith("weight")}
+    splits = _splits_in(state)
+    out = {name: splits[src].linear if src in splits else packings[src][4]
+           for name, src in split_attention(state)[1].items()
+           if name.endswith("weight") and (src in splits or src in packings)}
     if any(not p[4] for p in packings.values() if p[1] == "weight"):
         out.update((k, False) for k in state if _CONV1D_WEIGHT.search(k))
     return out
@@ -306,13 +358,20 @@ def known_layouts(state: Mapping[str, Any]) -> dict[str, bool]:
 def packed_why(state: Mapping[str, Any]) -> dict[str, str]:
     """Each slice's name -> where it comes from, for the conversion's reasons."""
     packings = _packings(state)
-    return {name: (f"rows of {src} (torch's MultiheadAttention packs q, k, v)"
-                   if packings[src][3] == 0 and "in_proj_" in src else
-                   f"{src} renamed (torch's MultiheadAttention with kdim or vdim keeps q, k "
-                   "and v apart)" if len(packings[src][5]) == 1 else
-                   f"{'columns' if packings[src][3] else 'rows'} of {src} (Hugging Face's GPT-2 "
-                   "attention packs q, k, v)")
-            for name, src in split_attention(state)[1].items()}
+    splits = _splits_in(state)
+    out: dict[str, str] = {}
+    for name, src in split_attention(state)[1].items():
+        if src in splits:
+            out[name] = splits[src].part_why(name)
+        elif packings[src][3] == 0 and "in_proj_" in src:
+            out[name] = f"rows of {src} (torch's MultiheadAttention packs q, k, v)"
+        elif len(packings[src][5]) == 1:
+            out[name] = (f"{src} renamed (torch's MultiheadAttention with kdim or vdim keeps q, "
+                         "k and v apart)")
+        else:
+            out[name] = (f"{'columns' if packings[src][3] else 'rows'} of {src} (Hugging Face's "
+                         "GPT-2 attention packs q, k, v)")
+    return out
 
 
 def torch_views(items: Any, slices: Mapping[str, list[tuple[str, tuple[slice, ...]]]]

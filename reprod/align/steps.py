@@ -63,7 +63,7 @@ from .framework import (
     not_compared_outputs,
     pair_outputs,
 )
-from .fusion import fuse, model_fusions, part_names, split_named
+from .fusion import fuse, model_fusions, part_names, split_named, splitting_for_port
 from .kinks import KinkCapture
 from .localise import localise_forward
 from .results import (
@@ -350,6 +350,7 @@ def _paired_names(plan: Mapping[str, KeyPlan]) -> set[str]:
     return {kp.paddle_name for kp in plan.values() if kp.paddle_name is not None}
 
 
+@splitting_for_port
 def align_train(
     torch_model: Any,
     paddle_model: Any,

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ..messages import fmt_shape
 from .by_order import _order_plan, _rules_from_order
-from .fusion import find_fusions
+from .fusion import find_fusions, model_splits
 from .rules import (
     ConversionRules,
     KeyPlan,
@@ -17,6 +17,7 @@ from .rules import (
     packed_linear_weights,
     plan_conversion,
     port_constants,
+    port_splitting,
     split_attention,
     torch_aliases,
     torch_constants,
@@ -30,7 +31,7 @@ _NO_RULES = ConversionRules()
 
 # statuses that do not keep the weights from loading ("order": paired by order with a tensor of
 # another kind, e.g. a BatchNorm statistic with a weight, is a problem)
-_FINE = ("ok", "transposed", "skipped", "dropped", "own", "fused")
+_FINE = ("ok", "transposed", "skipped", "dropped", "own", "fused", "split")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ class StructureRow:
     buffer, PaddleNLP GPT-J's causal mask; loading leaves it alone and the counts leave it out),
     fused (one of the reference's tensors that a port tensor holds with others, its note saying
     which and how: PaddleNLP's ``qkv_proj`` for ``q_proj``, ``k_proj``, ``v_proj``; see
-    ``reprod.align.fusion``).
+    ``reprod.align.fusion``), split (the reverse: a port tensor that one of the reference's
+    holds with others, Phi-3's ``qkv_proj`` against a port's ``q_proj``..., one row a part, the
+    reference's whole tensor on its side).
     With ``by_order=True`` the note of a pair whose
     names differ starts with ``paired by order``. ``trainable`` is False for
     statistics: torch buffers and Paddle's ``stop_gradient`` parameters (BatchNorm ``_mean``/``_variance``).
@@ -112,6 +115,9 @@ class StructureReport:
         fused = self.rows_with("fused")
         joined = (f", {len(fused)} fused into {len({r.paddle_name for r in fused})}"
                   if fused else "")
+        split = self.rows_with("split")
+        joined += (f", {len({r.torch_name for r in split})} split into {len(split)}"
+                   if split else "")
         if self.ok:
             return (
                 f"structure matches: {len(self.rows_with('ok')) + len(self.rows_with('transposed'))} "
@@ -200,14 +206,16 @@ def compare_structure(
         wrong_kind = set(order.wrong_kind)
         rules = _rules_from_order(order, rules)
     whole_sd = torch_model.state_dict()
-    torch_sd, packed = split_attention(whole_sd)
+    # a reference tensor holding several the port keeps apart: a row for each part
+    splits = [] if by_order else model_splits(torch_model, paddle_model, rules)
+    with port_splitting(splits):
+        torch_sd, packed = split_attention(whole_sd)
+        linear = linear_weight_names(torch_model) | packed_linear_weights(whole_sd)
+    split_of = {part: s for s in splits for part in s.torch_parts}
     trainable_torch = {n for n, p in torch_model.named_parameters() if p.requires_grad}
     trainable_torch |= {k for k, src in packed.items() if src in trainable_torch}
     plan = plan_conversion(
-        {k: tuple(v.shape) for k, v in torch_sd.items()},
-        linear_weights=linear_weight_names(torch_model) | packed_linear_weights(whole_sd),
-        rules=rules,
-    )
+        {k: tuple(v.shape) for k, v in torch_sd.items()}, linear_weights=linear, rules=rules)
     # a tied weight's second name (T5's encoder.embed_tokens.weight): Paddle's state dict is
     # read once per tensor too, and its alias loads through the first name
     tied = torch_aliases(whole_sd)
@@ -246,6 +254,15 @@ def compare_structure(
             rows.append(StructureRow(f.port_key, p.torch_name, p.torch_shape,
                                      paddle_shapes[f.port_key], "fused",
                                      f"fused: {f.why(p.paddle_name)}"
+                                     + ("; transposed" if p.action == "transpose" else ""),
+                                     trainable))
+            continue
+        if p.torch_name in split_of and paddle_shapes.get(p.paddle_name) == p.paddle_shape:
+            sp = split_of[p.torch_name]
+            counts.setdefault(_layer(p.paddle_name), [0, 0])[0] += _numel(p.torch_shape)
+            rows.append(StructureRow(p.paddle_name, sp.torch_key, tuple(whole_sd[sp.torch_key].shape),
+                                     p.paddle_shape, "split",
+                                     f"split: {sp.share(p.paddle_name)}"
                                      + ("; transposed" if p.action == "transpose" else ""),
                                      trainable))
             continue
