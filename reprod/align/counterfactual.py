@@ -48,7 +48,7 @@ from .framework import (
     _torch_array,
     _torch_device,
 )
-from .rules import KeyPlan, packed_slices, torch_views
+from .rules import KeyPlan, copy_into, packed_slices, torch_views
 
 __all__ = ["checked", "counterfactual_grads", "finding", "first_in_backward", "labelled_grads",
            "port_inputs"]
@@ -121,13 +121,8 @@ def counterfactual_grads(torch_model: Any, state: Mapping[str, Any], batch: Any,
     import torch
 
     twin = _float64_twin(torch_model)
-    sd = twin.state_dict()  # a packed attention tensor by its own name and its slices' names
-    own = {**sd, **dict(torch_views(sd.items(), packed_slices(sd)))}
-    with torch.no_grad():
-        for name, value in state.items():
-            if name in own:
-                v = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
-                own[name].copy_(v.to(own[name].device))
+    # a packed attention tensor by its own name and its slices' names
+    copy_into(twin.state_dict(), state)
     norm_of = {site: norm for norm, site in sites.items()}
     modules = dict(twin.named_modules())
     wanted: set[str] = set()  # the modules whose calls take the port's input

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..logger import ReprodLogger
 from .fusion import fuse, part_names
-from .rules import KeyPlan, packed_slices, torch_views, unaliased, with_aliases
+from .rules import KeyPlan, copy_into, packed_slices, torch_views, unaliased, with_aliases
 
 # torch optimizer state -> the Paddle accumulator holding the same quantity
 _STATE_TO_ACC = {"momentum_buffer": "velocity", "exp_avg": "moment1", "exp_avg_sq": "moment2"}
@@ -289,14 +289,9 @@ def load_reference_state(step: int, torch_data: Mapping[str, Any], torch_model: 
     (Paddle names and layout in the dump; the torch model's own layout restored; a fused
     tensor of the port made of its parts). Raises ``Unsupported`` where a value was not
     recorded (``stats=False``)."""
-    import torch
 
-    sd = torch_model.state_dict()  # a packed attention tensor also under its slices' names
-    state = {**sd, **dict(torch_views(sd.items(), packed_slices(sd)))}
-    with torch.no_grad():
-        for tname, value in reference_state(step, torch_data, plan).items():
-            if tname in state:
-                state[tname].copy_(torch.from_numpy(value))
+    # a packed attention tensor also under its slices' names
+    copy_into(torch_model.state_dict(), reference_state(step, torch_data, plan))
     paddle_model.set_state_dict(with_aliases(paddle_model, fuse({
         name: _recorded(step, torch_data, name)
         for name in part_names(unaliased(paddle_model.state_dict())[0], fusions)}, fusions)))

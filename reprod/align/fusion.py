@@ -596,6 +596,60 @@ def layout_hint(layer: str, paddle_model: Any, fusions: Sequence[tuple[Fusion, l
     return None
 
 
+def split_layout_hint(layer: str, torch_model: Any, paddle_model: Any, splits: Sequence[Split],
+                      aligns: Callable[[], bool], limit: int = 8) -> Optional[str]:
+    """The reverse of ``layout_hint``: where ``layer`` (a port layer, "" the model) holds the
+    parts of a reference tensor that holds several of the port's and diverges with its input
+    aligned, the parts were cut in a layout other than the one the reference's code reads them
+    in (each part's own output aligns, as it was cut alike from both). Each other layout is
+    tried by loading the port's parts of that role (in every block) cut so from the reference's
+    tensors, and put back after; ``aligns()``: whether the layer aligns now."""
+    import dataclasses
+
+    from ..adapters import to_numpy
+
+    prefix = f"{layer}." if layer else ""
+    inside = [s for s in splits if s.parts[0].startswith(prefix)]
+    if not inside:
+        return None
+    sd = torch_model.state_dict()
+    modules = dict(torch_model.named_modules())
+    state = paddle_model.state_dict()
+    for role in dict.fromkeys(_role(s.ref_key) for s in inside):
+        if not role.endswith("weight"):
+            continue
+        layer_role = role.rsplit(".", 1)[0]  # its bias goes with it
+        group = [s for s in splits if _role(s.ref_key).rsplit(".", 1)[0] == layer_role
+                 and all(p in state for p in s.parts)]
+        here = next(s for s in inside if _role(s.ref_key) == role)
+        owner = here.torch_key.rsplit(".", 2)[0]
+        holders = [modules[n] for n in (owner, owner.rsplit(".", 1)[0]) if n in modules]
+        whole = {}
+        for s in group:
+            arr = to_numpy(sd[s.torch_key]).array
+            whole[s.ref_key] = arr.T if s.linear else arr
+        saved = {p: np.array(state[p].numpy()) for s in group for p in s.parts}
+        try:
+            for g in _candidates(here, holders, limit):
+                if not all(_divides(g, s.sizes) for s in group):
+                    continue
+                for s in group:
+                    cut = unfuse(whole[s.ref_key], dataclasses.replace(s, groups=g))
+                    for p, value in zip(s.parts, cut):
+                        state[p].set_value(value.astype(saved[p].dtype))
+                if aligns():
+                    tried = dataclasses.replace(here, groups=g)
+                    pattern = re.escape(_short(here.ref_key))
+                    return (f"{here.torch_key} holds {', '.join(_short(p) for p in here.parts)} "
+                            f"laid out {tried.layout}, and they were split from it as "
+                            f"{here.layout}: split so, the port aligns; load with "
+                            f"ConversionRules(fuse_groups={{{pattern!r}: {g}}})")
+        finally:
+            for key, value in saved.items():
+                state[key].set_value(value)
+    return None
+
+
 def split_named(items: Any, fusions: Sequence[Fusion]) -> Any:
     """``(name, array)`` pairs with each fused port tensor's given as its parts', under their
     names, cut as the fusion lays them out; a ``<name>.<accumulator>`` (an optimizer's moment

@@ -19,7 +19,13 @@ from typing import Any, Optional
 import numpy as np
 
 from ..adapters import to_numpy
-from .fusion import layout_hint, model_fusions, split_captures, stray_hint
+from .fusion import (
+    layout_hint,
+    model_fusions,
+    split_captures,
+    split_layout_hint,
+    stray_hint,
+)
 from .rules import active_splits
 
 __all__ = ["Localisation", "localise_forward"]
@@ -577,6 +583,12 @@ def localise_forward(
         if hint is None and strays:
             layer = div.layer.partition("#")[0]
             hint = stray_hint("" if layer == ROOT else layer, strays)
+        if hint is None and splits and div.output is not None and div.output.key in judged:
+            layer = div.layer.partition("#")[0]
+            hint = split_layout_hint(
+                "" if layer == ROOT else layer, torch_model, paddle_model, splits,
+                lambda: _aligns_when(div.output.key, paddle_model, run_paddle, judged, noise,
+                                     criteria, containers)([f for f, _ in fusions]))
     if hint is None and pairing is not None and fusions and div is not None \
             and div.kind == "layer" and div.input_aligned is False and div.previous is not None \
             and div.direction == "forward":

@@ -388,6 +388,27 @@ def torch_views(items: Any, slices: Mapping[str, list[tuple[str, tuple[slice, ..
     return out
 
 
+def copy_into(state: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """Write ``values`` (arrays or tensors, by torch name) into a torch state dict's tensors in
+    place, a packed or split tensor's slices (``packed_slices``) by their names: through an
+    index, since a split laid out in groups is no view of its tensor. Names it does not hold are
+    left alone."""
+    import numpy as np
+    import torch
+
+    where = {name: (src, index) for src, parts in packed_slices(state).items()
+             for name, index in parts}
+    with torch.no_grad():
+        for name, value in values.items():
+            v = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+            if name in where:
+                src, index = where[name]
+                target = state[src]
+                target[index] = v.to(device=target.device, dtype=target.dtype)
+            elif name in state:
+                state[name].copy_(v.to(state[name].device))
+
+
 def with_aliases(model: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` (a Paddle state dict without aliases) with each alias of ``model``'s state dict
     named too, as ``set_state_dict`` wants every key (it warns of each it misses)."""

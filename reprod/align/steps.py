@@ -78,6 +78,7 @@ from .results import (
 from .rules import (
     ConversionRules,
     KeyPlan,
+    copy_into,
     packed_slices,
     split_attention,
     torch_views,
@@ -1177,7 +1178,6 @@ def _restore_step(step: int, torch_model: Any, paddle_model: Any, torch_data: Ma
     """Each model's weights and statistics as it recorded them after ``step`` (the torch side's
     from Paddle's layout back to its own); False where a value was not recorded (``stats=False``),
     the models then left as they were."""
-    import torch
 
     def recorded(data: Mapping[str, Any], name: str) -> Any:
         for kind in ("param", "stat"):
@@ -1201,11 +1201,8 @@ def _restore_step(step: int, torch_model: Any, paddle_model: Any, torch_data: Ma
             return False
         paddle_values[name] = value
     paddle_values = fuse(paddle_values, fusions)
-    sd = torch_model.state_dict()  # a packed attention tensor also under its slices' names
-    state = {**sd, **dict(torch_views(sd.items(), packed_slices(sd)))}
-    with torch.no_grad():
-        for tname, value in torch_values.items():
-            state[tname].copy_(torch.from_numpy(value))
+    # a packed attention tensor also under its slices' names
+    copy_into(torch_model.state_dict(), torch_values)
     paddle_model.set_state_dict(with_aliases(paddle_model, paddle_values))
     return True
 
