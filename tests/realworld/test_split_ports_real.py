@@ -1,0 +1,177 @@
+"""A reference that fuses what its port keeps apart, both written by others: Hugging Face's
+Phi-3 (torch) holds one ``qkv_proj`` [E + 2 E_kv, E] and one ``gate_up_proj`` [2 I, E] per
+layer, and a porter who writes Phi-3 in Paddle on PaddleNLP's LLaMA (the same decoder: RMSNorm,
+rotary attention, SwiGLU) holds ``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj`` and
+``up_proj``. Small config (2 layers, hidden 64, 4 heads, 2 key-value heads), RMSNorm weights
+perturbed so every tensor counts.
+
+- By name, Phi-3's fused tensors are split into the port's parts (``reprod.align.fusion.Split``):
+  the structure matches, the weights load into the parts, the port passes against float32
+  noise, forward and in three AdamW steps, each part judged on its own.
+- A bug in one part is localised at the port's layer for it, which the reference has not.
+- Split in a layout Phi-3 does not read (per key-value head), the divergence names the one it
+  reads (side by side).
+
+transformers, paddlenlp, torch and paddle are imported inside the tests only (see
+test_bert_real.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CONFIG: dict[str, Any] = dict(
+    vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+
+
+def _phi3_and_llama(rules: Any = None, causal: bool = False) -> tuple[Any, Any]:
+    """Phi-3 (no padding row: Phi-3's default pad token 32000 is outside this vocabulary, and
+    PaddleNLP's LLaMA embeds without one) against PaddleNLP's LLaMA, loaded by name.
+    ``causal``: both ``...ForCausalLM``, HF's ``model.layers...`` against PaddleNLP's
+    ``llama.layers...``, renamed by a rule."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import paddle
+        import paddlenlp.transformers as pnlp
+        import torch
+        import transformers
+
+        from reprod.align import ConversionRules, load_into_paddle
+
+        torch.manual_seed(0)
+        kind = "ForCausalLM" if causal else "Model"
+        tm = getattr(transformers, f"Phi3{kind}")(transformers.Phi3Config(
+            **CONFIG, pad_token_id=None, attn_implementation="eager"))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # HF initialises every RMSNorm weight to 1
+            for name, p in tm.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        tm.eval()
+        tm.config.use_cache = False
+        paddle.seed(0)
+        pm = getattr(pnlp, f"Llama{kind}")(pnlp.LlamaConfig(**CONFIG))
+        pm.eval()
+        if causal:
+            rules = ConversionRules(rename={r"^model\.": "llama."},
+                                    fuse_groups=(rules.fuse_groups if rules else ()))
+        load_into_paddle(pm, tm, rules=rules)
+    return tm, pm, rules
+
+
+def _ids() -> dict[str, np.ndarray]:
+    return {"input_ids": np.random.default_rng(0).integers(1, 1000, (2, 12)).astype(np.int64)}
+
+
+def test_the_fused_tensors_split_into_the_port_s_parts_in_the_structure_and_on_load() -> None:
+    from reprod.align import compare_structure
+
+    tm, pm, _ = _phi3_and_llama()
+    report = compare_structure(tm, pm)
+    assert report.ok, report.to_table(only_problems=True)
+    split = {r.paddle_name: r.torch_name for r in report.rows_with("split")}
+    assert len(split) == 10  # q, k, v, gate and up in each of 2 layers
+    assert split["layers.1.mlp.up_proj.weight"] == "layers.1.mlp.gate_up_proj.weight"
+    assert "4 split into 10" in report.summary_line()
+    t = tm.state_dict()
+    qkv, gate_up = (t[f"layers.0.{k}.weight"].numpy() for k in ("self_attn.qkv_proj",
+                                                                "mlp.gate_up_proj"))
+    # 4 query heads of 16, then 2 key heads, then 2 value heads: rows 64:96 are the keys
+    np.testing.assert_array_equal(pm.layers[0].self_attn.k_proj.weight.numpy(), qkv[64:96].T)
+    np.testing.assert_array_equal(pm.layers[0].mlp.up_proj.weight.numpy(), gate_up[172:].T)
+
+
+def test_loaded_by_name_the_port_passes_against_float32_noise() -> None:
+    from reprod.align import align_forward
+
+    tm, pm, _ = _phi3_and_llama()
+    r = align_forward(tm, pm, _ids(), calibrate=True)
+    assert r.passed, r.to_table()
+    assert [k.key for k in r.results] == ["logits/last_hidden_state"]
+
+
+def test_with_the_head_renamed_by_a_rule_the_causal_models_align_too() -> None:
+    from reprod.align import align_forward, compare_structure
+
+    tm, pm, rules = _phi3_and_llama(causal=True)
+    report = compare_structure(tm, pm, rules=rules)
+    assert report.ok, report.to_table(only_problems=True)
+    assert "4 split into 10" in report.summary_line()
+    r = align_forward(tm, pm, _ids(), calibrate=True, rules=rules)
+    assert r.passed, r.to_table()
+
+
+def test_a_bug_in_one_part_is_localised_at_the_port_s_layer_the_reference_has_not() -> None:
+    from reprod.align import align_forward
+
+    tm, pm, _ = _phi3_and_llama()
+    w = pm.layers[1].mlp.up_proj.weight
+    w.set_value(w.numpy() * 1.01)
+    r = align_forward(tm, pm, _ids(), calibrate=True)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert div["layer"] == "layers.1.mlp.up_proj"
+    assert "input aligned" in div["message"] and "constant factor 0.990099" in div["message"]
+
+
+def test_split_per_key_value_head_the_layout_phi3_reads_is_named() -> None:
+    from reprod.align import ConversionRules, align_forward
+
+    rules = ConversionRules(fuse_groups={"qkv_proj": 2})
+    tm, pm, _ = _phi3_and_llama(rules)
+    r = align_forward(tm, pm, _ids(), calibrate=True, rules=rules)
+    assert not r.passed
+    # HF calls its attention with keywords (in[hidden_states]), PaddleNLP positionally
+    # (in[0]): its input pairs with nothing, and the block holding it is named, the input of
+    # o_proj differing inside it
+    assert r.options["divergence"]["layer"] == "layers.0"
+    assert "the input of layers.0.self_attn.o_proj already differs" in \
+        r.options["divergence"]["message"]
+    assert r.options["divergence"]["hint"] == (
+        "layers.0.self_attn.qkv_proj.weight holds q_proj, k_proj, v_proj laid out [q_proj | "
+        "k_proj | v_proj] side by side, and they were split from it as [q_proj_1 | k_proj_1 | "
+        "v_proj_1 | ...] in 2 groups: split so, the port aligns; load with "
+        "ConversionRules(fuse_groups={'qkv_proj': 1})")
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_adamw_steps_judge_each_part_and_find_a_bug_in_one(bug: bool) -> None:
+    """Three AdamW steps in train mode: each of the port's 20 tensors (10 of them parts of
+    Phi-3's) judged against the float64 twin's noise, gradient, weight and both moments; a
+    port whose k_proj of layer 1 is scaled by 1.01 is localised there at step 0."""
+    import paddle
+    import torch
+
+    from reprod.align import align_train
+
+    tm, pm, _ = _phi3_and_llama()
+    if bug:
+        w = pm.layers[1].self_attn.k_proj.weight
+        w.set_value(w.numpy() * 1.01)
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [(_ids(), None)], steps=3, dropout="off", calibrate=True,
+        torch_loss_fn=lambda out, *_: out.last_hidden_state.square().mean(),
+        paddle_loss_fn=lambda out, *_: out[0].square().mean(),
+        torch_optimizer=torch.optim.AdamW(tm.parameters(), lr=1e-3),
+        paddle_optimizer=paddle.optimizer.AdamW(learning_rate=1e-3, parameters=pm.parameters()))
+    if bug:
+        assert not r.passed
+        assert r.options["divergence"]["layer"] == "layers.1.self_attn.k_proj"
+        assert r.options["divergence"]["step"] == 0
+        return
+    assert r.passed, r.to_table(failed_only=True)
+    keys = [k.key for k in r.results]
+    params = [k for k in keys if k.startswith("step2/param/")]
+    assert len(params) == 20
+    assert "step2/param/layers.1.mlp.gate_proj.weight" in params
+    assert "step2/opt/layers.0.self_attn.v_proj.weight.moment2" in keys
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in keys)
