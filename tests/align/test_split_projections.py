@@ -338,3 +338,29 @@ def test_split_in_the_wrong_layout_the_divergence_names_the_layout_the_reference
         "side by side: split so, the port aligns; load with "
         "ConversionRules(fuse_groups={'qkv_proj': 2})")
     np.testing.assert_array_equal(pm.attn.k_proj.weight.numpy(), before)
+
+
+def test_a_torch_file_loads_into_the_port_s_parts_and_a_misfit_is_named(tmp_path):
+    """A ``.pth`` read without its model is split as the model is; where the parts' outputs do
+    not add up to the reference's tensor nothing is split, and loading names each key."""
+    from reprod.errors import ReprodError
+
+    tm, pm = _models()
+    path = tmp_path / "ref.pth"
+    torch.save(tm.state_dict(), path)
+    load_into_paddle(pm, str(path))
+    np.testing.assert_array_equal(pm.attn.v_proj.weight.numpy(),
+                                  _rows(tm.attn.qkv_proj.weight, 24, 32))
+    np.testing.assert_array_equal(pm.mlp.gate_proj.weight.numpy(),
+                                  _rows(tm.mlp.gate_up_proj.weight, 0, 24))
+    assert align_forward(tm, pm, INPUTS, calibrate=True).passed
+
+    narrow = _Port()
+    narrow.mlp.up_proj = paddle.nn.Linear(E, 20, bias_attr=False)  # 24 + 20 is not 48
+    with pytest.raises(ReprodError) as err:
+        load_into_paddle(narrow, tm)
+    message = str(err.value)
+    assert "mlp.gate_up_proj.weight" in message and "mlp.up_proj.weight" in message
+    # the attention's split is unaffected
+    assert [r.paddle_name for r in compare_structure(tm, narrow).rows_with("split")] == [
+        f"attn.{q}_proj.{w}" for w in ("weight", "bias") for q in "qkv"]
