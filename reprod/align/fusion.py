@@ -109,6 +109,9 @@ class Split:
     torch_parts: tuple[str, ...] = ()
     axis: int = -1
     linear: bool = False  # a Linear's weight, which Paddle holds transposed
+    # where the port's parts hold the reference's tensor in no layout (``model_splits``): what
+    # they hold instead, for the divergence's hint
+    stray: str = ""
 
     @property
     def layout(self) -> str:
@@ -299,11 +302,73 @@ def port_splits(state: Mapping[str, Any], paddle_side: Any, rules: Any = None,
 
 
 def model_splits(torch_model: Any, paddle_model: Any, rules: Any = None) -> list[Split]:
-    """``port_splits`` between a torch model and its port."""
-    from .rules import linear_weight_names
+    """``port_splits`` between a torch model and its port, each laid out as the port's parts
+    hold it now: the layout ``rules`` give if the parts' values are the reference's tensor cut
+    so, else the other layout they are cut in (a porter's own script split it per head), a
+    bias as its weight. Their captures are then cut as the parts were, and a layout the
+    reference's code does not read shows where that code diverges (``split_layout_hint``).
+    Parts holding the reference's tensor in no layout keep the rules' and say what they hold
+    (``Split.stray``)."""
+    import dataclasses
 
-    return port_splits(torch_model.state_dict(), paddle_model, rules,
-                       linear_weight_names(torch_model))
+    from ..adapters import to_numpy
+    from .rules import linear_weight_names, unaliased
+
+    found = port_splits(torch_model.state_dict(), paddle_model, rules,
+                        linear_weight_names(torch_model))
+    if not found or not hasattr(paddle_model, "state_dict"):
+        return found
+    sd = torch_model.state_dict()
+    port = unaliased(paddle_model.state_dict())[0]
+    out: list[Split] = []
+    weights: dict[str, int] = {}  # layer -> the groups its weight's parts were found in
+    for s in found:  # weights first (``find_fusions``)
+        layer = s.ref_key.rsplit(".", 1)[0]
+        if layer in weights:
+            g = weights[layer]
+            out.append(dataclasses.replace(s, groups=g) if _divides(g, s.sizes) else s)
+            continue
+        whole = to_numpy(sd[s.torch_key]).array  # bfloat16 as float32, as the parts
+        whole = whole.T if s.linear else whole
+        held = [to_numpy(port[p]).array for p in s.parts]
+        here = _held_as(s, whole, held)
+        if here is None:
+            here = dataclasses.replace(s, stray=_stray_split(s, whole, held))
+        weights[layer] = here.groups
+        out.append(here)
+    return out
+
+
+def _held_as(s: Split, whole: np.ndarray, held: Sequence[np.ndarray]) -> Optional[Split]:
+    """``s`` in the layout (its own first) whose cut of ``whole`` the parts ``held`` are."""
+    import dataclasses
+
+    for g in [s.groups, *group_choices(s)]:
+        here = dataclasses.replace(s, groups=g)
+        cut = unfuse(whole, here)
+        if all(a.shape == b.shape and np.array_equal(a, b.astype(a.dtype, copy=False))
+               for a, b in zip(held, cut)):
+            return here
+    return None
+
+
+def _stray_split(s: Split, whole: np.ndarray, held: Sequence[np.ndarray]) -> str:
+    """What the parts of a split hold where they are the reference's tensor in no layout: its
+    outputs in another order (a conversion script cutting ``[k | v | q]``), or not its."""
+    import dataclasses
+    import itertools
+
+    names = ", ".join(_short(p) for p in s.parts)
+    key = s.torch_key or s.ref_key
+    for order in itertools.islice(itertools.permutations(range(len(s.parts))), 1, 24):
+        moved = dataclasses.replace(s, parts=tuple(s.parts[i] for i in order),
+                                    sizes=tuple(s.sizes[i] for i in order), groups=1)
+        other = _held_as(moved, whole, [held[i] for i in order])
+        if other is not None:
+            return (f"the port's {names} hold {key}'s outputs cut as {other.layout}, and the "
+                    f"reference reads them as {s.layout}: its {names} in another order")
+    return (f"the port's {names} hold none of {key}'s outputs in the layouts they allow (side "
+            "by side, or cut in groups, in any order): their values are not the reference's")
 
 
 def splitting_for_port(fn: Callable[..., Any]) -> Callable[..., Any]:

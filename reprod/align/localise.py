@@ -583,6 +583,11 @@ def localise_forward(
         if hint is None and strays:
             layer = div.layer.partition("#")[0]
             hint = stray_hint("" if layer == ROOT else layer, strays)
+        if hint is None and splits:
+            layer = div.layer.partition("#")[0]
+            prefix = "" if layer == ROOT else f"{layer}."
+            hint = next((s.stray for s in splits if s.stray
+                         and any(p.startswith(prefix) for p in s.parts)), None)
         if hint is None and splits and div.output is not None and div.output.key in judged:
             layer = div.layer.partition("#")[0]
             hint = split_layout_hint(

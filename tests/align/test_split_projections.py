@@ -364,3 +364,67 @@ def test_a_torch_file_loads_into_the_port_s_parts_and_a_misfit_is_named(tmp_path
     # the attention's split is unaffected
     assert [r.paddle_name for r in compare_structure(tm, narrow).rows_with("split")] == [
         f"attn.{q}_proj.{w}" for w in ("weight", "bias") for q in "qkv"]
+
+
+def _load_parts(pm, tm, order=("q", "k", "v"), groups=1):
+    """The port's attention loaded by a porter's own script: the reference's qkv rows cut
+    ``groups`` ways, the pieces given to the parts in ``order``; the rest by reprod."""
+    load_into_paddle(pm, tm)
+    w = tm.attn.qkv_proj.weight.detach().numpy()
+    b = tm.attn.qkv_proj.bias.detach().numpy()
+    sizes = {"q": H * D, "k": KV * D, "v": KV * D}
+    rows: dict[str, list[int]] = {q: [] for q in order}
+    start = 0
+    for _ in range(groups):
+        for q in order:
+            n = sizes[q] // groups
+            rows[q] += list(range(start, start + n))
+            start += n
+    for q in order:
+        proj = getattr(pm.attn, f"{q}_proj")
+        proj.weight.set_value(w[rows[q]].T.copy())
+        proj.bias.set_value(b[rows[q]].copy())
+
+
+def test_parts_a_script_split_per_group_are_judged_so_and_the_layout_read_is_named():
+    """The port's parts hold the reference's tensor cut in 2 groups (the porter's script):
+    they are judged as cut so, each aligns, and the code reading them is where the layout
+    the reference reads (side by side) is named."""
+    from reprod.align.fusion import model_splits
+
+    tm, pm = _models()
+    _load_parts(pm, tm, groups=2)
+    assert {s.torch_key: s.groups for s in model_splits(tm, pm)} == {
+        "attn.qkv_proj.weight": 2, "attn.qkv_proj.bias": 2, "mlp.gate_up_proj.weight": 1}
+    r = align_forward(tm, pm, INPUTS, calibrate=True)
+    assert not r.passed
+    assert r.options["divergence"]["hint"] == (
+        "attn.qkv_proj.weight holds q_proj, k_proj, v_proj laid out [q_proj | k_proj | v_proj] "
+        "side by side, and they were split from it as [q_proj_1 | k_proj_1 | v_proj_1 | ...] in "
+        "2 groups: split so, the port aligns; load with "
+        "ConversionRules(fuse_groups={'qkv_proj': 1})")
+
+
+def test_parts_a_script_split_in_another_order_are_named_so_at_the_first_part():
+    tm, pm = _models()
+    _load_parts(pm, tm, order=("k", "v", "q"))
+    r = align_forward(tm, pm, INPUTS, calibrate=True)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert div["layer"] == "attn.q_proj"
+    assert div["hint"] == (
+        "the port's q_proj, k_proj, v_proj hold attn.qkv_proj.weight's outputs cut as [k_proj | "
+        "v_proj | q_proj] side by side, and the reference reads them as [q_proj | k_proj | "
+        "v_proj] side by side: its q_proj, k_proj, v_proj in another order")
+
+
+def test_parts_holding_none_of_the_reference_s_outputs_are_named_so():
+    tm, pm = _models()
+    load_into_paddle(pm, tm)
+    rng = np.random.default_rng(5)
+    pm.attn.k_proj.weight.set_value(rng.standard_normal((E, KV * D)).astype(np.float32))
+    r = align_forward(tm, pm, INPUTS, calibrate=True)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert div["layer"] == "attn.k_proj"
+    assert div["hint"].endswith("their values are not the reference's")
