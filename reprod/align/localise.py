@@ -583,17 +583,21 @@ def localise_forward(
         if hint is None and strays:
             layer = div.layer.partition("#")[0]
             hint = stray_hint("" if layer == ROOT else layer, strays)
-        if hint is None and splits:
-            layer = div.layer.partition("#")[0]
-            prefix = "" if layer == ROOT else f"{layer}."
-            hint = next((s.stray for s in splits if s.stray
-                         and any(p.startswith(prefix) for p in s.parts)), None)
-        if hint is None and splits and div.output is not None and div.output.key in judged:
-            layer = div.layer.partition("#")[0]
-            hint = split_layout_hint(
-                "" if layer == ROOT else layer, torch_model, paddle_model, splits,
-                lambda: _aligns_when(div.output.key, paddle_model, run_paddle, judged, noise,
-                                     criteria, containers)([f for f, _ in fusions]))
+    rename = None if pairing is None else (lambda got: _renamed(got, pairing.calls, parts))
+    if hint is None and splits and div is not None and div.kind == "layer" \
+            and div.input_aligned and div.direction == "forward":
+        hint = _split_hint(div, splits, torch_model, paddle_model, run_paddle, judged, noise,
+                           criteria, containers, pairing, rename, fusions)
+    if hint is None and pairing is not None and splits and div is not None \
+            and div.kind == "layer" and div.input_aligned is False and div.previous is not None \
+            and div.direction == "forward":
+        # by order only leaves are recorded: the code reading the parts lies between the last
+        # part and the next leaf, whose input is judged
+        hint = _split_layout_by_order(div, splits, torch_model, paddle_model, run_paddle,
+                                      judged, noise, criteria, containers, rename, fusions,
+                                      pairing.calls)
+    # a layout found by running the port again holds for the block found below too
+    layout = hint if hint is not None and "ConversionRules(fuse_groups=" in hint else None
     if hint is None and pairing is not None and fusions and div is not None \
             and div.kind == "layer" and div.input_aligned is False and div.previous is not None \
             and div.direction == "forward":
@@ -620,7 +624,7 @@ def localise_forward(
         found = _block_between(gap, torch_model, paddle_model, run_torch, run_paddle, ref, raw,
                                names, criteria, run_twin, pairing)
         if found is not None:
-            div, hint = dataclasses.replace(found[0], passed_over=div.passed_over), None
+            div, hint = dataclasses.replace(found[0], passed_over=div.passed_over), layout
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
     port_names = {} if pairing is None else {r: o for o, r in pairing.calls.items()}
     found = Localisation(div, hint, result, ref, port, by_order, backward, port_names)
@@ -664,6 +668,57 @@ def _fused_layout(div: Any, fusions: Any, paddle_model: Any, run_paddle: Any,
     layer = div.layer.partition("#")[0]
     return layout_hint("" if layer == ROOT else layer, paddle_model, fusions, _aligns_when(
         key, paddle_model, run_paddle, judged, noise, criteria, containers))
+
+
+def _split_hint(div: Any, splits: Any, torch_model: Any, paddle_model: Any, run_paddle: Any,
+                judged: Mapping[str, Any], noise: Optional[Mapping[str, Any]], criteria: Any,
+                containers: bool, pairing: Any, rename: Any, fusions: Any = ()
+                ) -> Optional[str]:
+    """The hint for a layer holding the parts of a reference tensor that holds several of the
+    port's (``reprod.align.fusion.Split``), its input aligned: what the parts hold where they
+    are the reference's tensor in no layout (``Split.stray``), else the layout the reference
+    reads where loading the parts so makes the layer align. Paired by call order (``pairing``),
+    the layer is the reference's and the port's is the one it paired with; ``rename`` gives
+    the port's captures the reference's names."""
+    from ..capture.naming import ROOT
+
+    layer = div.layer.partition("#")[0]
+    if pairing is not None and layer != ROOT:
+        port_of = {r.partition("#")[0]: o.partition("#")[0] for o, r in pairing.calls.items()}
+        layer = port_of.get(layer)
+        if layer is None:
+            return None
+    prefix = "" if layer == ROOT else f"{layer}."
+    hint = next((s.stray for s in splits
+                 if s.stray and any(p.startswith(prefix) for p in s.parts)), None)
+    key = div.output.key if div.output is not None else None
+    if hint is not None or key is None or key not in judged:
+        return hint
+    return split_layout_hint("" if layer == ROOT else layer, torch_model, paddle_model, splits,
+                             lambda: _aligns_when(key, paddle_model, run_paddle, judged, noise,
+                                                  criteria, containers, rename)(
+                                 [f for f, _ in fusions]))
+
+
+def _split_layout_by_order(div: Any, splits: Any, torch_model: Any, paddle_model: Any,
+                           run_paddle: Any, judged: Mapping[str, Any],
+                           noise: Optional[Mapping[str, Any]], criteria: Any, containers: bool,
+                           rename: Any, fusions: Any, calls: Mapping[str, str]) -> Optional[str]:
+    """``_split_hint``'s layouts paired by call order, where the leaf after a split's last
+    part (``div.previous``) reads a differing input: tried until that input aligns."""
+    key = div.input.key if div.input is not None else None
+    if key is None or key not in judged:
+        return None
+    port_of = {r.partition("#")[0]: o.partition("#")[0] for o, r in calls.items()}
+    before = port_of.get(div.previous.partition("#")[0])
+    owner = next((s for s in splits if any(p.rpartition(".")[0] == before for p in s.parts)),
+                 None)
+    if owner is None:
+        return None
+    return split_layout_hint(owner.parts[0].rsplit(".", 2)[0], torch_model, paddle_model,
+                             splits, lambda: _aligns_when(key, paddle_model, run_paddle, judged,
+                                                          noise, criteria, containers, rename)(
+                                 [f for f, _ in fusions]))
 
 
 def _fused_layout_by_order(div: Any, fusions: Any, paddle_model: Any, run_paddle: Any,

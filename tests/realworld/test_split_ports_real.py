@@ -12,12 +12,24 @@ perturbed so every tensor counts.
 - Split in a layout Phi-3 does not read (per key-value head), the divergence names the one it
   reads (side by side).
 
-transformers, paddlenlp, torch and paddle are imported inside the tests only (see
+And timm's ViT (one ``qkv`` Linear and ``proj`` per block) against a Paddle ViT a porter
+writes on Paddle's own ``TransformerEncoderLayer`` (``paddle.nn.MultiHeadAttention``: ``q_proj``,
+``k_proj``, ``v_proj``, ``out_proj``), loaded by name with the porter's rename rules; the port is
+ten lines around Paddle's layers:
+
+- the structure matches with timm's ``qkv`` split into Paddle's three, and the port passes;
+- Paddle's LayerNorm epsilon default (1e-5 against timm's 1e-6) is named as a setting;
+- a bug in one part is named at the reference's virtual part and the port's layer;
+- parts a porter's script cut per head are judged so, and the layout timm reads is named.
+
+transformers, paddlenlp, timm, torch and paddle are imported inside the tests only (see
 test_bert_real.py).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -175,3 +187,132 @@ def test_adamw_steps_judge_each_part_and_find_a_bug_in_one(bug: bool) -> None:
     assert "step2/param/layers.1.mlp.gate_proj.weight" in params
     assert "step2/opt/layers.0.self_attn.v_proj.weight.moment2" in keys
     assert not any("qkv_proj" in k or "gate_up_proj" in k for k in keys)
+
+
+# --- timm's ViT against Paddle's TransformerEncoderLayer ----------------------------------------
+
+VIT_E, VIT_HEADS, VIT_DEPTH = 64, 4, 2
+VIT_RULES = [(r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.out_proj."),
+             (r"^blocks\.(\d+)\.attn\.", r"encoder.layers.\1.self_attn."),
+             (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layers.\1.linear1."),
+             (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layers.\1.linear2."),
+             (r"^blocks\.", "encoder.layers.")]
+
+
+def _vit(eps: float = 1e-6) -> tuple[Any, Any, Any]:
+    """timm's ViT (32 px, patch 8, 2 blocks of width 64, 4 heads; norms, biases, tokens and
+    position table perturbed) and its port on Paddle's TransformerEncoderLayer (pre-norm, exact
+    GELU, LayerNorm ``eps``), loaded by name with the rules renaming timm's blocks."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import paddle
+        import timm
+        import torch
+
+        from reprod.align import ConversionRules, load_into_paddle
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from vision_ports import perturb  # the seeded noise test_vision_ports_real.py uses
+
+        e = VIT_E
+
+        class PaddleViT(paddle.nn.Layer):
+            def __init__(self) -> None:
+                super().__init__()
+                self.cls_token = self.create_parameter([1, 1, e])
+                self.pos_embed = self.create_parameter([1, 17, e])
+                self.patch_embed = paddle.nn.Layer()
+                self.patch_embed.proj = paddle.nn.Conv2D(3, e, 8, 8)
+                layer = paddle.nn.TransformerEncoderLayer(
+                    e, VIT_HEADS, 4 * e, dropout=0.0, activation="gelu", normalize_before=True,
+                    layer_norm_eps=eps)
+                self.encoder = paddle.nn.TransformerEncoder(layer, VIT_DEPTH)
+                self.norm = paddle.nn.LayerNorm(e, epsilon=1e-6)
+                self.head = paddle.nn.Linear(e, 5)
+
+            def forward(self, x: Any) -> Any:
+                x = self.patch_embed.proj(x).flatten(2).transpose([0, 2, 1])
+                x = paddle.concat([self.cls_token.expand([x.shape[0], -1, -1]), x], 1)
+                return self.head(self.norm(self.encoder(x + self.pos_embed))[:, 0])
+
+        torch.manual_seed(0)
+        tm = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                               patch_size=8, depth=VIT_DEPTH, num_classes=5, embed_dim=e,
+                               num_heads=VIT_HEADS).eval()
+        perturb(tm)
+        paddle.seed(0)
+        pm = PaddleViT()
+        pm.eval()
+        rules = ConversionRules(rename=VIT_RULES)
+        load_into_paddle(pm, tm, rules=rules)
+    return tm, pm, rules
+
+
+def _images() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+
+
+def test_timm_s_qkv_splits_into_paddle_s_multi_head_attention_and_the_port_passes() -> None:
+    from reprod.align import align_forward, compare_structure
+
+    tm, pm, rules = _vit()
+    report = compare_structure(tm, pm, rules=rules)
+    assert report.ok, report.to_table(only_problems=True)
+    assert report.summary_line().startswith(
+        "structure matches: 28 tensors, 7 transposed on conversion, 4 split into 12")
+    qkv = tm.blocks[1].attn.qkv.weight.detach().numpy()
+    np.testing.assert_array_equal(pm.encoder.layers[1].self_attn.v_proj.weight.numpy(),
+                                  qkv[2 * VIT_E:].T)
+    r = align_forward(tm, pm, _images(), calibrate=True, rules=rules)
+    assert r.passed, r.to_table()
+
+
+def test_paddle_s_layer_norm_epsilon_default_is_named_as_a_setting() -> None:
+    from reprod.align import align_forward
+
+    tm, pm, rules = _vit(eps=1e-5)
+    r = align_forward(tm, pm, _images(), calibrate=True, rules=rules)
+    assert not r.passed
+    assert r.options["divergence"]["layer"] == "blocks.0.norm1"
+    assert "encoder.layers.0.norm1 (torch blocks.0.norm1): epsilon 1e-06 in torch, 1e-05 in " \
+        "Paddle" in r.options["findings"][-1]
+
+
+def test_a_bug_in_one_part_is_named_at_the_reference_s_part_and_the_port_s_layer() -> None:
+    from reprod.align import align_forward
+
+    tm, pm, rules = _vit()
+    b = pm.encoder.layers[1].self_attn.v_proj.bias
+    b.set_value(b.numpy() + 0.05)
+    r = align_forward(tm, pm, _images(), calibrate=True, rules=rules)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert div["layer"] == "blocks.1.attn.v_proj"
+    assert div["port_layer"] == "encoder.layers.1.self_attn.v_proj"
+    assert "input aligned" in div["message"]
+
+
+def test_parts_a_script_cut_per_head_are_judged_so_and_timm_s_layout_is_named() -> None:
+    """A porter's script reading timm's qkv rows as [head, 3, head size] (GPT-NeoX's layout):
+    each part aligns as cut, and the attention block reading them is named with timm's layout,
+    found by loading the parts so and running the port again."""
+    from reprod.align import align_forward
+
+    tm, pm, rules = _vit()
+    d = VIT_E // VIT_HEADS
+    for blk, layer in zip(tm.blocks, pm.encoder.layers):
+        w = blk.attn.qkv.weight.detach().numpy().reshape(VIT_HEADS, 3, d, VIT_E)
+        b = blk.attn.qkv.bias.detach().numpy().reshape(VIT_HEADS, 3, d)
+        for j, name in enumerate("qkv"):
+            proj = getattr(layer.self_attn, f"{name}_proj")
+            proj.weight.set_value(np.ascontiguousarray(w[:, j].reshape(VIT_E, VIT_E).T))
+            proj.bias.set_value(np.ascontiguousarray(b[:, j].reshape(VIT_E)))
+    r = align_forward(tm, pm, _images(), calibrate=True, rules=rules)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert div["layer"] == "blocks.0.attn"
+    assert div["hint"] == (
+        "blocks.0.attn.qkv.weight holds q_proj, k_proj, v_proj laid out [q_proj | k_proj | "
+        "v_proj] side by side, and they were split from it as [q_proj_1 | k_proj_1 | v_proj_1 | "
+        "...] in 4 groups: split so, the port aligns; load with "
+        "ConversionRules(fuse_groups={'qkv': 1})")
