@@ -316,3 +316,27 @@ def test_parts_a_script_cut_per_head_are_judged_so_and_timm_s_layout_is_named() 
         "v_proj] side by side, and they were split from it as [q_proj_1 | k_proj_1 | v_proj_1 | "
         "...] in 4 groups: split so, the port aligns; load with "
         "ConversionRules(fuse_groups={'qkv': 1})")
+
+
+def test_adamw_steps_of_the_vit_judge_timm_s_qkv_as_paddle_s_three() -> None:
+    """Two AdamW steps with a cross-entropy loss, in train mode (timm's dropouts are 0): every
+    tensor of the port (40, timm's 2 qkv weights and biases as 12 of them) passes, calibrated."""
+    import paddle
+    import torch
+
+    from reprod.align import align_train
+
+    tm, pm, rules = _vit()
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [(_images(), np.array([1, 3]))], steps=2, calibrate=True, rules=rules,
+        torch_loss_fn=torch.nn.CrossEntropyLoss(), paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+        torch_optimizer=torch.optim.AdamW(tm.parameters(), lr=1e-3),
+        paddle_optimizer=paddle.optimizer.AdamW(learning_rate=1e-3, parameters=pm.parameters()))
+    assert r.passed, r.to_table(failed_only=True)
+    params = [k.key for k in r.results if k.key.startswith("step1/param/")]
+    assert len(params) == 40
+    assert {f"step1/param/encoder.layers.1.self_attn.{q}_proj.{w}" for q in "qkv"
+            for w in ("weight", "bias")} <= set(params)
+    assert "step1/opt/encoder.layers.0.self_attn.k_proj.bias.moment1" in {k.key for k in r.results}
