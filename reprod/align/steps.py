@@ -78,6 +78,7 @@ from .results import (
 from .rules import (
     ConversionRules,
     KeyPlan,
+    active_splits,
     copy_into,
     packed_slices,
     split_attention,
@@ -1212,6 +1213,9 @@ def _paddle_layout(plan: Mapping[str, KeyPlan], capture: dict[str, Any]) -> dict
     ``align_train`` records its own ``grad/`` keys."""
     from ..capture.naming import parse_key
 
+    # a reference tensor split for the port (``fusion.Split``) has no plan of its own, only
+    # its parts: its gradient is turned whole, then cut along the outputs as they are
+    whole = {s.torch_key: s for s in active_splits() if s.linear}
     out = dict(capture)
     for key, value in capture.items():
         parsed = parse_key(key)
@@ -1219,6 +1223,8 @@ def _paddle_layout(plan: Mapping[str, KeyPlan], capture: dict[str, Any]) -> dict
             kp = plan.get(parsed.name)
             if kp is not None and kp.action == "transpose":
                 out[key] = _torch_array(value, kp)
+            elif kp is None and parsed.name in whole:
+                out[key] = np.ascontiguousarray(np.asarray(value).T)
     return out
 
 

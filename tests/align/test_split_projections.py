@@ -428,3 +428,59 @@ def test_parts_holding_none_of_the_reference_s_outputs_are_named_so():
     div = r.options["divergence"]
     assert div["layer"] == "attn.k_proj"
     assert div["hint"].endswith("their values are not the reference's")
+
+
+class _GradScaled(paddle.autograd.PyLayer):
+    """The identity forward; its backward scales the gradient by 1.01 (a hand-written backward
+    gone wrong)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.01
+
+
+class _BackwardBugPort(_Port):
+    def forward(self, x):
+        b, s, _ = x.shape
+        a = self.attn
+        q = a.q_proj(x).reshape([b, s, H, D]).transpose([0, 2, 1, 3])
+        k, v = (paddle.repeat_interleave(t.reshape([b, s, KV, D]), H // KV, axis=2)
+                .transpose([0, 2, 1, 3]) for t in (a.k_proj(x), _GradScaled.apply(a.v_proj(x))))
+        w = paddle.nn.functional.softmax(q @ k.transpose([0, 1, 3, 2]) / D ** 0.5, axis=-1)
+        x = x + a.o_proj((w @ v).transpose([0, 2, 1, 3]).reshape([b, s, H * D]))
+        m = self.mlp
+        return x + m.down_proj(paddle.nn.functional.silu(m.gate_proj(x)) * m.up_proj(x))
+
+
+def test_a_backward_only_bug_beside_a_part_is_localised_with_the_gradients_cut_as_parts():
+    """The forward aligns and the gradient of v_proj's output is 1% off: the backward pass is
+    localised between o_proj and v_proj, the reference's fused weight gradient cut into the
+    parts' (turned to Paddle's layout first: cut in torch's, its rows would be read as
+    columns)."""
+    from reprod.align import align_train
+
+    tm, _ = _models()
+    pm = _BackwardBugPort()
+    load_into_paddle(pm, tm)
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [(INPUTS, None)], steps=1, calibrate=True,
+        torch_loss_fn=lambda out, *_: out.square().mean(),
+        paddle_loss_fn=lambda out, *_: out.square().mean(),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=1e-2),
+        paddle_optimizer=paddle.optimizer.SGD(learning_rate=1e-2, parameters=pm.parameters()))
+    assert not r.passed
+    div = r.options["divergence"]
+    assert (div["layer"], div["direction"], div["step"]) == ("attn.v_proj", "backward", 0)
+    assert "although attn.o_proj aligns" in div["message"]
+    assert "gradient of param attn.v_proj.bias" in div["message"]
+    status = {k.key: k.status for k in r.results}
+    assert status["step0/logits"] == "passed"
+    # the scaled gradient reaches v's weight, not q's (its path does not pass the scale)
+    assert status["step0/grad/attn.v_proj.weight"] == "failed"
+    assert status["step0/grad/attn.q_proj.weight"] == "passed"
