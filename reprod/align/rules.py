@@ -376,8 +376,9 @@ def packed_why(state: Mapping[str, Any]) -> dict[str, str]:
 
 def torch_views(items: Any, slices: Mapping[str, list[tuple[str, tuple[slice, ...]]]]
                 ) -> list[tuple[str, Any]]:
-    """``(name, tensor)`` pairs with each packed attention tensor replaced by its slices (views:
-    a write into one writes into the packed tensor); a None (a missing gradient) stays None."""
+    """``(name, tensor)`` pairs with each packed attention tensor replaced by its slices; a None
+    (a missing gradient) stays None. A slice is a view of the packed tensor except where a split
+    lays its parts out in groups (``port_splitting``): write through ``copy_into``."""
     out: list[tuple[str, Any]] = []
     for name, value in items:
         parts = slices.get(name)
