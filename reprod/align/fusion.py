@@ -124,12 +124,11 @@ class Split:
     def torch_index(self, i: int) -> tuple[Any, ...]:
         """Part ``i``'s index into the reference's tensor in its own layout: a slice (a view)
         where the parts lie side by side."""
-        cols = self.columns()[i]
         if self.groups == 1:
             start = sum(self.sizes[:i])
             pick: Any = slice(start, start + self.sizes[i])
         else:
-            pick = cols
+            pick = self.columns()[i]
         return (slice(None),) * self.axis + (pick,) if self.axis >= 0 else (..., pick)
 
     def part_why(self, torch_part: str) -> str:
