@@ -327,9 +327,9 @@ def model_splits(torch_model: Any, paddle_model: Any, rules: Any = None) -> list
             g = weights[layer]
             out.append(dataclasses.replace(s, groups=g) if _divides(g, s.sizes) else s)
             continue
-        whole = to_numpy(sd[s.torch_key]).array  # bfloat16 as float32, as the parts
-        whole = whole.T if s.linear else whole
-        held = [to_numpy(port[p]).array for p in s.parts]
+        # the tensors' own memory, read here only (bfloat16 as float32, on both sides)
+        whole = to_numpy(sd[s.torch_key], copy=False).array
+        held = [to_numpy(port[p], copy=False).array for p in s.parts]
         here = _held_as(s, whole, held)
         if here is None:
             here = dataclasses.replace(s, stray=_stray_split(s, whole, held))
@@ -339,16 +339,40 @@ def model_splits(torch_model: Any, paddle_model: Any, rules: Any = None) -> list
 
 
 def _held_as(s: Split, whole: np.ndarray, held: Sequence[np.ndarray]) -> Optional[Split]:
-    """``s`` in the layout (its own first) whose cut of ``whole`` the parts ``held`` are."""
+    """``s`` in the layout (its own first) whose cut of ``whole`` (the reference's tensor, in
+    its own layout) the parts ``held`` (the port's, in Paddle's) are."""
     import dataclasses
 
-    for g in [s.groups, *group_choices(s)]:
+    if _cut_is(s, whole, held):  # the rules' own, before the divisors are counted
+        return s
+    for g in group_choices(s):
         here = dataclasses.replace(s, groups=g)
-        cut = unfuse(whole, here)
-        if all(a.shape == b.shape and np.array_equal(a, b.astype(a.dtype, copy=False))
-               for a, b in zip(held, cut)):
+        if _cut_is(here, whole, held):
             return here
     return None
+
+
+def _cut_is(s: Split, whole: np.ndarray, held: Sequence[np.ndarray]) -> bool:
+    """Whether the parts ``held`` (Paddle's layout) are ``whole`` (the reference's own) cut as
+    ``s`` lays them out, compared through views: the output axis split into (groups, one
+    group of every part), each part's into (groups, its piece). No copy of a tensor is made
+    (a fancy-indexed cut copied 0.6 s of a 100M-parameter Phi-3's 1.2)."""
+    g = s.groups
+    if not _divides(g, s.sizes) or int(whole.shape[s.axis]) != sum(s.sizes):
+        return False
+    w = np.moveaxis(whole, s.axis, 0)
+    w = w.reshape((g, sum(s.sizes) // g) + w.shape[1:])
+    start = 0
+    for size, part in zip(s.sizes, held):
+        piece = size // g
+        p = np.moveaxis(part.T if s.linear else part, s.axis, 0)
+        if p.shape != (size,) + w.shape[2:]:
+            return False
+        p = p.reshape((g, piece) + p.shape[1:])
+        if not np.array_equal(w[:, start:start + piece], p.astype(w.dtype, copy=False)):
+            return False
+        start += piece
+    return True
 
 
 def _stray_split(s: Split, whole: np.ndarray, held: Sequence[np.ndarray]) -> str:
