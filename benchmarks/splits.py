@@ -2,6 +2,8 @@
 run by every ``align_forward`` and ``align_train``) against its floors, on a real pair: Hugging
 Face's Phi-3 against PaddleNLP's LLaMA (tests/realworld/test_split_ports_real.py), at hidden
 1024, 8 layers, 16 heads (4 key-value), vocabulary 8000: about 100M parameters, 16 fused tensors.
+And the forward direction (``model_fusions``): Hugging Face's LLaMA against PaddleNLP's with
+``fuse_attention_qkv`` and ``fuse_attention_ffn``, the same config.
 
     OMP_NUM_THREADS=1 .venv-real/bin/python benchmarks/splits.py
     OMP_NUM_THREADS=1 .venv-real/bin/python benchmarks/splits.py --reprod DIR   # another checkout
@@ -73,6 +75,26 @@ def main() -> None:
     fwd = median_seconds(forward, args.rounds)
     n = sum(p.numel() for p in tm.parameters())
     size = sum(a.nbytes for a in fused)
+    # the forward direction: HF's LLaMA against PaddleNLP's fused one (model_fusions)
+    from reprod.align import ConversionRules
+    from reprod.align.fusion import model_fusions
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaModel(transformers.LlamaConfig(
+        **CONFIG, attn_implementation="eager")).eval()
+    fused_port = pnlp.LlamaModel(pnlp.LlamaConfig(**CONFIG, fuse_attention_qkv=True,
+                                                  fuse_attention_ffn=True))
+    fused_port.eval()
+    rules = ConversionRules(fuse_groups={"qkv_proj": CONFIG["num_key_value_heads"]})
+    load_into_paddle(fused_port, llama, rules=rules)
+    fusions = model_fusions(llama, fused_port, rules)
+    assert len(fusions) == 2 * CONFIG["num_hidden_layers"]
+    port_fused = [fused_port.state_dict()[f.port_key].numpy() for f, _ in fusions]
+    port_copies = [np.ascontiguousarray(a.T) for a in port_fused]
+    found_f = median_seconds(lambda: model_fusions(llama, fused_port, rules), args.rounds)
+    read_f = median_seconds(
+        lambda: [np.array_equal(a, b.T) for a, b in zip(port_fused, port_copies)], args.rounds)
+
     print(f"reprod {revision(args.reprod)}; Phi-3 {n / 1e6:.0f}M parameters, {len(splits)} fused "
           f"tensors ({size / 2**20:.0f} MiB), torch {torch.__version__}, paddle "
           f"{paddle.__version__}, median of {args.rounds}")
@@ -82,6 +104,8 @@ def main() -> None:
                     ("plain: array_equal of each fused tensor and its transpose", read),
                     ("one forward, 2 x 64 tokens", fwd)):
         print(f"| {name} | {t:.3f} | {t / read:.1f} | {t / fwd:.2f} |")
+    print(f"| model_fusions, HF's LLaMA against PaddleNLP's fused one | {found_f:.3f} | "
+          f"{found_f / read_f:.1f} (of {read_f:.3f}) | {found_f / fwd:.2f} |")
 
 
 if __name__ == "__main__":

@@ -343,29 +343,34 @@ def _held_as(s: Split, whole: np.ndarray, held: Sequence[np.ndarray]) -> Optiona
     its own layout) the parts ``held`` (the port's, in Paddle's) are."""
     import dataclasses
 
-    if _cut_is(s, whole, held):  # the rules' own, before the divisors are counted
-        return s
-    for g in group_choices(s):
-        here = dataclasses.replace(s, groups=g)
-        if _cut_is(here, whole, held):
-            return here
+    for g in _layouts(s):
+        if _cut_is(s.sizes, g, s.axis, whole, held, s.linear):
+            return s if g == s.groups else dataclasses.replace(s, groups=g)
     return None
 
 
-def _cut_is(s: Split, whole: np.ndarray, held: Sequence[np.ndarray]) -> bool:
-    """Whether the parts ``held`` (Paddle's layout) are ``whole`` (the reference's own) cut as
-    ``s`` lays them out, compared through views: the output axis split into (groups, one
-    group of every part), each part's into (groups, its piece). No copy of a tensor is made
-    (a fancy-indexed cut copied 0.6 s of a 100M-parameter Phi-3's 1.2)."""
-    g = s.groups
-    if not _divides(g, s.sizes) or int(whole.shape[s.axis]) != sum(s.sizes):
+def _layouts(f: Any) -> Any:
+    """A fusion's or split's own layout, then the others it allows, counted only if asked for."""
+    yield f.groups
+    yield from group_choices(f)
+
+
+def _cut_is(sizes: Sequence[int], groups: int, axis: int, whole: np.ndarray,
+            held: Sequence[np.ndarray], transposed: bool) -> bool:
+    """Whether the parts ``held`` are ``whole`` cut along ``axis`` into ``sizes`` laid out in
+    ``groups``; ``transposed``: each part is held transposed against ``whole`` (a Linear's
+    weight in Paddle's layout against torch's). Compared through views: the axis split into
+    (groups, one group of every part), each part's into (groups, its piece). No copy of a
+    tensor is made (a fancy-indexed cut copied 0.6 s of a 100M-parameter Phi-3's 1.2)."""
+    g = groups
+    if not _divides(g, sizes) or int(whole.shape[axis]) != sum(sizes):
         return False
-    w = np.moveaxis(whole, s.axis, 0)
-    w = w.reshape((g, sum(s.sizes) // g) + w.shape[1:])
+    w = np.moveaxis(whole, axis, 0)
+    w = w.reshape((g, sum(sizes) // g) + w.shape[1:])
     start = 0
-    for size, part in zip(s.sizes, held):
+    for size, part in zip(sizes, held):
         piece = size // g
-        p = np.moveaxis(part.T if s.linear else part, s.axis, 0)
+        p = np.moveaxis(part.T if transposed else part, axis, 0)
         if p.shape != (size,) + w.shape[2:]:
             return False
         p = p.reshape((g, piece) + p.shape[1:])
@@ -503,14 +508,14 @@ def model_fusions(torch_model: Any, paddle_model: Any, rules: Any = None,
                   strays: Optional[list[tuple[Fusion, Optional[Fusion]]]] = None
                   ) -> list[tuple[Fusion, list[np.ndarray]]]:
     """The fusions between a torch model's converted weights and a Paddle model's, each with
-    its parts' converted values and with the layout the port's tensor holds them in now (the
-    one whose parts equal them). Those in no layout are left out (their values differ), and
+    its parts' converted values (views of the torch tensors, to be read before they change) and
+    with the layout the port's tensor holds them in now (the one whose parts equal them). Those in no layout are left out (their values differ), and
     put in ``strays`` with the layout of the parts in another order that the port's tensor
     holds, or None."""
     import itertools
 
     from ..adapters import to_numpy
-    from .framework import _torch_array, _torch_params_plan
+    from .framework import _torch_params_plan, _torch_view
     from .rules import split_attention, unaliased
 
     plan = _torch_params_plan(torch_model, rules)
@@ -521,17 +526,17 @@ def model_fusions(torch_model: Any, paddle_model: Any, rules: Any = None,
     out: list[tuple[Fusion, list[np.ndarray]]] = []
 
     def laid_out(f: Fusion, held: np.ndarray, parts: list[np.ndarray]) -> Optional[Fusion]:
-        for g in [f.groups, *group_choices(f)]:
-            here = Fusion(f.port_key, f.parts, f.sizes, g)
-            if all(np.array_equal(a, b.astype(a.dtype, copy=False))
-                   for a, b in zip(unfuse(held, here), parts)):
-                return here
+        for g in _layouts(f):
+            if _cut_is(f.sizes, g, held.ndim - 1, held, parts, False):
+                return f if g == f.groups else Fusion(f.port_key, f.parts, f.sizes, g)
         return None
 
     for f in find_fusions({k: p.paddle_shape for k, p in by_paddle.items()
                            if p.paddle_shape is not None}, port_shapes, rules):
-        parts = [_torch_array(state[by_paddle[k].torch_name], by_paddle[k]) for k in f.parts]
-        held = to_numpy(port_state[f.port_key]).array  # bfloat16 as float32, as the parts
+        # the tensors' own memory, read here only: the parts in Paddle's layout as views (a
+        # Linear's weight transposed), bfloat16 as float32 on both sides
+        parts = [_torch_view(state[by_paddle[k].torch_name], by_paddle[k]) for k in f.parts]
+        held = to_numpy(port_state[f.port_key], copy=False).array
         here = laid_out(f, held, parts)
         if here is not None:
             out.append((here, parts))
