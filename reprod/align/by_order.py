@@ -473,7 +473,7 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
                 by_position = dict(zip(torch_keys, paddle_keys))
                 moved = frozenset(tk for tk, pk, _ in kpairs if by_position[tk] != pk)
                 return _OrderPlan(tuple(kpairs), (), header, frozenset(kwrong), moved)
-    if problems and len(torch_keys) > len(paddle_keys):
+    if problems and len(torch_keys) != len(paddle_keys):
         fused = _fused_order(torch_keys, paddle_keys, tshapes, pshapes, linear)
         if fused is not None:
             return _OrderPlan(tuple(fused), (), header)
@@ -556,10 +556,56 @@ def _fused_order(torch_keys: list[str], paddle_keys: list[str],
             i, j, fused = i + k, j + 1, True
             break
         else:
-            return None
+            # the reverse: one reference layer holding a run of the port's (timm's qkv for
+            # q_proj, k_proj, v_proj), named under the port layers' parent by its own name,
+            # which the conversion then splits by name (``fusion.Split``)
+            k = _split_run(tk, pg[j:j + _MOST_FUSED], paddle_keys, pshapes, paddle_layout)
+            if k is None:
+                return None
+            parent = pg[j][0].rpartition(".")[0]
+            name = tg[i][0].rpartition(".")[2]
+            virtual = f"{parent}.{name}" if parent else name
+            if any(f"{virtual}.{key.rpartition('.')[2]}" in pshapes for key in tk):
+                return None
+            # a run holding a layer named as one of the reference's beside it is a mispairing
+            # the shapes hide: Phi-3 defines o_proj before qkv_proj, and by shape its o_proj
+            # takes LLaMA's q_proj and its qkv_proj k_proj, v_proj, o_proj
+            block = tg[i][0].rpartition(".")[0]
+            beside = {layer.rpartition(".")[2] for layer, _ in tg
+                      if layer.rpartition(".")[0] == block}
+            if any(layer.rpartition(".")[2] in beside for layer, _ in pg[j:j + k]):
+                return None
+            out += [(key, f"{virtual}.{key.rpartition('.')[2]}",
+                     len(tshapes[key]) == 2 and key in linear) for key in tk]
+            i, j, fused = i + 1, j + k, True
     if i < len(tg) or j < len(pg) or not fused:
         return None
     return out
+
+
+def _split_run(tk: list[str], pgroups: list[tuple[str, list[int]]], paddle_keys: list[str],
+               pshapes: Mapping[str, tuple[int, ...]], paddle_layout: Any) -> Optional[int]:
+    """How many of the port's layers ``pgroups`` (2 to 4, one parent) one reference layer's
+    tensors ``tk`` hold side by side along their outputs, tensor by tensor (weight, bias);
+    None where no run adds up."""
+    for k in range(2, len(pgroups) + 1):
+        run = [[paddle_keys[x] for x in idx] for _, idx in pgroups[:k]]
+        if any(len(keys) != len(tk) for keys in run) or \
+                len({layer.rpartition(".")[0] for layer, _ in pgroups[:k]}) != 1:
+            continue
+        fits = True
+        for n, torch_key in enumerate(tk):
+            have = paddle_layout(torch_key)
+            shapes = [pshapes[keys[n]] for keys in run]
+            if any(len(sh) != len(have) or sh[:-1] != have[:-1] for sh in shapes) or \
+                    len(have) not in (1, 2) or sum(sh[-1] for sh in shapes) != have[-1] or \
+                    any(keys[n].rpartition(".")[2] != torch_key.rpartition(".")[2]
+                        for keys in run):
+                fits = False
+                break
+        if fits:
+            return k
+    return None
 
 
 # the last names of a layer's own tensors: a group of one tensor named otherwise is a bare

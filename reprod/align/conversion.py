@@ -32,6 +32,7 @@ from .rules import (
     ConversionRules,
     KeyPlan,
     _is_torch_module,
+    active_splits,
     as_target_layout,
     kernel_against_matrix,
     known_layouts,
@@ -206,21 +207,20 @@ def convert(
         linear: Optional[set[str]] = linear_weight_names(model)
     else:
         linear = None
+    if by_order:
+        if paddle_model is None:
+            raise ReprodError(f"{source}: by_order needs paddle_model= to take the order from")
+        # paired before the split: a packed tensor tells its slices' layout (GPT-2's c_attn)
+        rules = by_order_rules(model if model is not None else sd, paddle_model, rules=rules)
     # the reference's tensors holding what the port keeps apart (Phi-3's qkv_proj for a port's
     # q_proj, k_proj, v_proj): split, each part named as the port's
-    splits = port_splits(sd, paddle_model, rules, linear) \
-        if paddle_model is not None and not by_order else []
+    splits = active_splits() or (port_splits(sd, paddle_model, rules, linear)
+                                 if paddle_model is not None else [])
     with port_splitting(splits):
         if linear is not None:
             linear |= packed_linear_weights(sd)
         known = known_layouts(sd)
         why = packed_why(sd)
-        if by_order:
-            if paddle_model is None:
-                raise ReprodError(f"{source}: by_order needs paddle_model= to take the order "
-                                  "from")
-            # paired before the split: a packed tensor tells its slices' layout (GPT-2's c_attn)
-            rules = by_order_rules(model if model is not None else sd, paddle_model, rules=rules)
         sd = split_attention(sd)[0]  # a packed attention's q, k, v as Paddle's q/k/v_proj
     plan = plan_conversion({k: tuple(np.shape(v)) for k, v in sd.items()}, linear_weights=linear,
                            rules=rules, known=known)

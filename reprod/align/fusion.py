@@ -263,23 +263,37 @@ def torch_splits(state_shapes: Mapping[str, tuple[int, ...]], port: Mapping[str,
     for s in find_splits(converted, port, rules, find_fusions(converted, port, rules)):
         kp = by_paddle[s.ref_key]
         parent, _, last = _split(kp.torch_name)
-        names = tuple(f"{parent}{_split(p)[1]}.{last}" for p in s.parts)
-        if any(n in state_shapes for n in names):
-            continue
         linear = kp.action == "transpose"
         axis = 0 if linear else len(kp.torch_shape or ()) - 1
-        shapes = {}
-        for n, size in zip(names, s.sizes):
-            shape = list(kp.torch_shape or ())
-            shape[axis] = size
-            shapes[n] = tuple(shape)
-        renamed = {p.torch_name: p.paddle_name for p in plan_conversion(
-            shapes, linear_weights=set(names) if linear else set(), rules=rules)}
-        if [renamed.get(n) for n in names] != list(s.parts):
+
+        # the port's layer names beside the reference's (renamed as the rest of that layer),
+        # else, where the rules name the reference's tensor one by one (pairs by order), the
+        # port's own keys, which no rule renames
+        names = next((n for n in (tuple(f"{parent}{_split(p)[1]}.{last}" for p in s.parts),
+                                  tuple(s.parts))
+                      if n[0] not in state_shapes and _renamed_to(n, s, kp.torch_shape or (),
+                                                                  axis, linear, rules)), None)
+        if names is None:
             continue
         out.append(dataclasses.replace(s, torch_key=kp.torch_name, torch_parts=names, axis=axis,
                                        linear=linear))
     return out
+
+
+def _renamed_to(names: tuple[str, ...], s: Split, shape: tuple[int, ...], axis: int,
+                linear: bool, rules: Any) -> bool:
+    """Whether the conversion's rules take the torch names ``names`` of ``s``'s parts (their
+    tensor of ``shape`` cut along ``axis``) to the port's parts."""
+    from .rules import plan_conversion
+
+    shapes = {}
+    for n, size in zip(names, s.sizes):
+        cut = list(shape)
+        cut[axis] = size
+        shapes[n] = tuple(cut)
+    renamed = {p.torch_name: p.paddle_name for p in plan_conversion(
+        shapes, linear_weights=set(names) if linear else set(), rules=rules)}
+    return [renamed.get(n) for n in names] == list(s.parts)
 
 
 def port_splits(state: Mapping[str, Any], paddle_side: Any, rules: Any = None,
@@ -403,18 +417,27 @@ def splitting_for_port(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn(torch_model, paddle_model, ..., rules=, by_order=)`` run with the reference's
     tensors that hold several of the port's split as the port keeps them (``model_splits``,
     ``rules.port_splitting``): its plan, gradients, moments and layer captures all read them
-    so. By order they are not looked for."""
+    so. By order (``by_order=True``), the reference's tensor is named by the pairing
+    (``by_order._fused_order``) and split by name from there; within, the models pair part for
+    part."""
     import functools
 
     from .rules import _SPLITS, port_splitting
 
     @functools.wraps(fn)
     def run(torch_model: Any, paddle_model: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("by_order") or _SPLITS.get() or not hasattr(torch_model, "state_dict"):
+        if _SPLITS.get() or not hasattr(torch_model, "state_dict"):
             return fn(torch_model, paddle_model, *args, **kwargs)
         rules = kwargs.get("rules")
-        splits = model_splits(torch_model, paddle_model,
-                              rules if hasattr(rules, "fuse_groups_for") else None)
+        rules = rules if hasattr(rules, "fuse_groups_for") else None
+        if kwargs.get("by_order"):
+            from .by_order import by_order_rules
+
+            try:
+                rules = by_order_rules(torch_model, paddle_model, rules=rules)
+            except ReprodError:  # refused: ``fn`` says why, as it would without splits
+                return fn(torch_model, paddle_model, *args, **kwargs)
+        splits = model_splits(torch_model, paddle_model, rules)
         with port_splitting(splits):
             return fn(torch_model, paddle_model, *args, **kwargs)
     return run

@@ -282,12 +282,23 @@ def split_attention(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     splits = _splits_in(state)
+    # a layer's split tensors (weight, bias) give their parts together, part by part, as the
+    # port lists them (``q_proj.weight``, ``q_proj.bias``, ``k_proj.weight``...)
+    by_layer: dict[str, list[Any]] = {}
+    for key, sp in splits.items():
+        by_layer.setdefault(key.rpartition(".")[0], []).append(sp)
     for key, value in state.items():
         sp = splits.get(key)
         if sp is not None:  # a tensor the port keeps apart (``port_splitting``)
-            for i, name in enumerate(sp.torch_parts):
-                out[name] = value[sp.torch_index(i)]
-                origin[name] = key
+            layer = by_layer.get(key.rpartition(".")[0], [sp])
+            if layer[0] is not sp:
+                continue  # given beside the layer's first
+            for i in range(len(sp.torch_parts)):
+                for each in layer:
+                    if i < len(each.torch_parts):
+                        name = each.torch_parts[i]
+                        out[name] = state[each.torch_key][each.torch_index(i)]
+                        origin[name] = each.torch_key
             continue
         packing = packings.get(key)
         if packing is None:

@@ -11,6 +11,7 @@ from .fusion import find_fusions, model_splits
 from .rules import (
     ConversionRules,
     KeyPlan,
+    active_splits,
     integer_keys,
     kernel_against_matrix,
     linear_weight_names,
@@ -207,7 +208,8 @@ def compare_structure(
         rules = _rules_from_order(order, rules)
     whole_sd = torch_model.state_dict()
     # a reference tensor holding several the port keeps apart: a row for each part
-    splits = [] if by_order else model_splits(torch_model, paddle_model, rules)
+    # those in effect where a comparison runs (whose rules pair the parts already, by order)
+    splits = active_splits() or model_splits(torch_model, paddle_model, rules)
     with port_splitting(splits):
         torch_sd, packed = split_attention(whole_sd)
         linear = linear_weight_names(torch_model) | packed_linear_weights(whole_sd)

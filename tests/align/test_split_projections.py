@@ -148,11 +148,11 @@ def test_the_structure_shows_a_row_a_part_with_the_reference_s_whole_tensor_and_
     report = compare_structure(tm, pm)
     assert report.ok, report.to_table(only_problems=True)
     split_rows = report.rows_with("split")
+    # part by part, each weight beside its bias, as the port lists them
     assert [(r.paddle_name, r.torch_name) for r in split_rows] == [
-        (f"attn.{q}_proj.{w}", f"attn.qkv_proj.{w}") for w in ("weight",) for q in "qkv"] + [
-        (f"attn.{q}_proj.bias", "attn.qkv_proj.bias") for q in "qkv"] + [
-        ("mlp.gate_proj.weight", "mlp.gate_up_proj.weight"),
-        ("mlp.up_proj.weight", "mlp.gate_up_proj.weight")]
+        (f"attn.{q}_proj.{w}", f"attn.qkv_proj.{w}") for q in "qkv" for w in ("weight", "bias")
+    ] + [("mlp.gate_proj.weight", "mlp.gate_up_proj.weight"),
+         ("mlp.up_proj.weight", "mlp.gate_up_proj.weight")]
     k = next(r for r in split_rows if r.paddle_name == "attn.k_proj.weight")
     assert (k.torch_shape, k.paddle_shape) == ((QKV, E), (E, KV * D))
     assert k.note == ("split: 8 of its 32 outputs: [q_proj | k_proj | v_proj] side by side; the "
@@ -363,7 +363,7 @@ def test_a_torch_file_loads_into_the_port_s_parts_and_a_misfit_is_named(tmp_path
     assert "mlp.gate_up_proj.weight" in message and "mlp.up_proj.weight" in message
     # the attention's split is unaffected
     assert [r.paddle_name for r in compare_structure(tm, narrow).rows_with("split")] == [
-        f"attn.{q}_proj.{w}" for w in ("weight", "bias") for q in "qkv"]
+        f"attn.{q}_proj.{w}" for q in "qkv" for w in ("weight", "bias")]
 
 
 def _load_parts(pm, tm, order=("q", "k", "v"), groups=1):
@@ -484,3 +484,121 @@ def test_a_backward_only_bug_beside_a_part_is_localised_with_the_gradients_cut_a
     # the scaled gradient reaches v's weight, not q's (its path does not pass the scale)
     assert status["step0/grad/attn.v_proj.weight"] == "failed"
     assert status["step0/grad/attn.q_proj.weight"] == "passed"
+
+
+# --- by order: a port of other names, in the reference's order ----------------------------------
+
+class _Renamed(paddle.nn.Layer):
+    """``_Port`` under other names (``attention.query``... ``ffn.gate``...), defined in the
+    reference's order: by name nothing pairs; by order timm-like ``qkv_proj`` pairs with the
+    run ``query``, ``key``, ``value``, and ``gate_up_proj`` with ``gate``, ``up``."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = paddle.nn.Layer()
+        self.attention.query = paddle.nn.Linear(E, H * D)
+        self.attention.key = paddle.nn.Linear(E, KV * D)
+        self.attention.value = paddle.nn.Linear(E, KV * D)
+        self.attention.out = paddle.nn.Linear(H * D, E)
+        self.ffn = paddle.nn.Layer()
+        self.ffn.gate = paddle.nn.Linear(E, 24, bias_attr=False)
+        self.ffn.up = paddle.nn.Linear(E, 24, bias_attr=False)
+        self.ffn.down = paddle.nn.Linear(24, E, bias_attr=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        a = self.attention
+        q = a.query(x).reshape([b, s, H, D]).transpose([0, 2, 1, 3])
+        k, v = (paddle.repeat_interleave(t.reshape([b, s, KV, D]), H // KV, axis=2)
+                .transpose([0, 2, 1, 3]) for t in (a.key(x), a.value(x)))
+        w = paddle.nn.functional.softmax(q @ k.transpose([0, 1, 3, 2]) / D ** 0.5, axis=-1)
+        x = x + a.out((w @ v).transpose([0, 2, 1, 3]).reshape([b, s, H * D]))
+        f = self.ffn
+        return x + f.down(paddle.nn.functional.silu(f.gate(x)) * f.up(x))
+
+
+def test_by_order_one_reference_layer_pairs_with_the_run_of_port_layers_it_holds():
+    from reprod.align import pair_weights_by_order
+
+    tm, _ = _models()
+    pm = _Renamed()
+    pairs = pair_weights_by_order(tm, pm)
+    # the fused tensors named under the port's parent, by their own layer's name
+    assert pairs["attn.qkv_proj.weight"] == "attention.qkv_proj.weight"
+    assert pairs["attn.qkv_proj.bias"] == "attention.qkv_proj.bias"
+    assert pairs["attn.o_proj.weight"] == "attention.out.weight"
+    assert pairs["mlp.gate_up_proj.weight"] == "ffn.gate_up_proj.weight"
+    report = compare_structure(tm, pm, by_order=True)
+    assert report.ok, report.to_table(only_problems=True)
+    assert [(r.paddle_name, r.torch_name) for r in report.rows_with("split")][:2] == [
+        ("attention.query.weight", "attn.qkv_proj.weight"),
+        ("attention.query.bias", "attn.qkv_proj.bias")]
+    assert "3 split into 8" in report.summary_line()
+
+
+def test_by_order_the_split_loads_aligns_and_a_bug_in_a_part_is_named():
+    tm, _ = _models()
+    pm = _Renamed()
+    load_into_paddle(pm, tm, by_order=True)
+    np.testing.assert_array_equal(pm.attention.key.weight.numpy(),
+                                  _rows(tm.attn.qkv_proj.weight, 16, 24))
+    np.testing.assert_array_equal(pm.ffn.up.weight.numpy(),
+                                  _rows(tm.mlp.gate_up_proj.weight, 24, 48))
+    r = align_forward(tm, pm, INPUTS, calibrate=True, by_order=True)
+    assert r.passed, r.to_table()
+    b = pm.attention.value.bias
+    b.set_value(b.numpy() + 0.05)
+    r = align_forward(tm, pm, INPUTS, calibrate=True, by_order=True)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert "input aligned" in div["message"], div
+    assert div.get("port_layer", div["layer"]) == "attention.value", div
+
+
+def test_by_order_training_steps_judge_the_fused_tensors_as_the_port_s_parts():
+    from reprod.align import align_train
+
+    tm, _ = _models()
+    pm = _Renamed()
+    load_into_paddle(pm, tm, by_order=True)
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [(INPUTS, None)], steps=2, calibrate=True, by_order=True,
+        torch_loss_fn=lambda out, *_: out.square().mean(),
+        paddle_loss_fn=lambda out, *_: out.square().mean(),
+        torch_optimizer=torch.optim.AdamW(tm.parameters(), lr=1e-2),
+        paddle_optimizer=paddle.optimizer.AdamW(learning_rate=1e-2, parameters=pm.parameters()))
+    assert r.passed, r.to_table(failed_only=True)
+    keys = {k.key for k in r.results}
+    assert {"step1/grad/attention.key.weight", "step1/param/ffn.up.weight",
+            "step1/opt/attention.value.bias.moment2"} <= keys
+
+
+class _RefOutputFirst(_Ref):
+    """The reference defining its output projection before its fused one, as Phi-3 does."""
+
+    def __init__(self, per_group: bool = False):
+        super().__init__(per_group)
+        qkv = self.attn.qkv_proj
+        del self.attn.qkv_proj
+        self.attn.qkv_proj = qkv  # after o_proj
+
+
+def test_by_order_a_run_holding_a_layer_named_as_the_reference_s_is_refused_not_mispaired():
+    """By shape, o_proj [16, 16] pairs with the port's q_proj and qkv_proj [32, 16] with k_proj,
+    v_proj, o_proj (8 + 8 + 16): the port's o_proj in that run is named as a layer of the
+    reference beside it, so the pairing is refused, as it was before splits were looked for."""
+    from reprod.align import pair_weights_by_order
+    from reprod.errors import KeyMismatchError
+
+    torch.manual_seed(0)
+    tm = _RefOutputFirst().eval()
+    assert list(tm.state_dict())[:3] == ["attn.o_proj.weight", "attn.o_proj.bias",
+                                         "attn.qkv_proj.weight"]
+    with pytest.raises(KeyMismatchError, match="pairing by order failed"):
+        pair_weights_by_order(tm, _Port())
+    # by name it splits and loads
+    pm = _Port()
+    load_into_paddle(pm, tm)
+    assert align_forward(tm, pm, INPUTS, calibrate=True).passed
