@@ -22,6 +22,11 @@ ten lines around Paddle's layers:
 - a bug in one part is named at the reference's virtual part and the port's layer;
 - parts a porter's script cut per head are judged so, and the layout timm reads is named.
 
+And a port mirroring timm's blocks (``norm1``, ``attn``, ``norm2``, ``mlp``) with Paddle's
+``MultiHeadAttention`` as ``attn``: by name ``proj`` and ``out_proj`` differ and nothing splits;
+by order timm's ``qkv`` pairs with the run ``q_proj``, ``k_proj``, ``v_proj``, and the port loads
+and passes.
+
 transformers, paddlenlp, timm, torch and paddle are imported inside the tests only (see
 test_bert_real.py).
 """
@@ -340,3 +345,85 @@ def test_adamw_steps_of_the_vit_judge_timm_s_qkv_as_paddle_s_three() -> None:
     assert {f"step1/param/encoder.layers.1.self_attn.{q}_proj.{w}" for q in "qkv"
             for w in ("weight", "bias")} <= set(params)
     assert "step1/opt/encoder.layers.0.self_attn.k_proj.bias.moment1" in {k.key for k in r.results}
+
+
+def _vit_blocks() -> tuple[Any, Any]:
+    """timm's ViT (as ``_vit``) and a port mirroring its blocks, Paddle's MultiHeadAttention as
+    each block's ``attn`` (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` for timm's ``qkv``,
+    ``proj``); not loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import paddle
+
+        e = VIT_E
+
+        class Mlp(paddle.nn.Layer):
+            def __init__(self) -> None:
+                super().__init__()
+                self.fc1 = paddle.nn.Linear(e, 4 * e)
+                self.act = paddle.nn.GELU()
+                self.fc2 = paddle.nn.Linear(4 * e, e)
+
+            def forward(self, x: Any) -> Any:
+                return self.fc2(self.act(self.fc1(x)))
+
+        class Block(paddle.nn.Layer):
+            def __init__(self) -> None:
+                super().__init__()
+                self.norm1 = paddle.nn.LayerNorm(e, epsilon=1e-6)
+                self.attn = paddle.nn.MultiHeadAttention(e, VIT_HEADS)
+                self.norm2 = paddle.nn.LayerNorm(e, epsilon=1e-6)
+                self.mlp = Mlp()
+
+            def forward(self, x: Any) -> Any:
+                h = self.norm1(x)
+                x = x + self.attn(h, h, h)
+                return x + self.mlp(self.norm2(x))
+
+        class PaddleViT(paddle.nn.Layer):
+            def __init__(self) -> None:
+                super().__init__()
+                self.cls_token = self.create_parameter([1, 1, e])
+                self.pos_embed = self.create_parameter([1, 17, e])
+                self.patch_embed = paddle.nn.Layer()
+                self.patch_embed.proj = paddle.nn.Conv2D(3, e, 8, 8)
+                self.blocks = paddle.nn.LayerList([Block() for _ in range(VIT_DEPTH)])
+                self.norm = paddle.nn.LayerNorm(e, epsilon=1e-6)
+                self.head = paddle.nn.Linear(e, 5)
+
+            def forward(self, x: Any) -> Any:
+                x = self.patch_embed.proj(x).flatten(2).transpose([0, 2, 1])
+                x = paddle.concat([self.cls_token.expand([x.shape[0], -1, -1]), x], 1)
+                x = x + self.pos_embed
+                for block in self.blocks:
+                    x = block(x)
+                return self.head(self.norm(x)[:, 0])
+
+        tm = _vit()[0]
+        pm = PaddleViT()
+        pm.eval()
+    return tm, pm
+
+
+def test_by_order_timm_s_qkv_pairs_with_paddle_s_three_and_the_port_passes() -> None:
+    from reprod.align import align_forward, compare_structure, load_into_paddle
+
+    tm, pm = _vit_blocks()
+    by_name = compare_structure(tm, pm)
+    assert not by_name.ok and len(by_name.rows_with("split")) == 0
+    report = compare_structure(tm, pm, by_order=True)
+    assert report.ok, report.to_table(only_problems=True)
+    assert "4 split into 12" in report.summary_line()
+    load_into_paddle(pm, tm, by_order=True)
+    qkv = tm.blocks[0].attn.qkv.weight.detach().numpy()
+    np.testing.assert_array_equal(pm.blocks[0].attn.k_proj.weight.numpy(),
+                                  qkv[VIT_E:2 * VIT_E].T)
+    r = align_forward(tm, pm, _images(), calibrate=True, by_order=True)
+    assert r.passed, r.to_table()
+    w = pm.blocks[1].attn.k_proj.weight
+    w.set_value(w.numpy() * 1.01)
+    r = align_forward(tm, pm, _images(), calibrate=True, by_order=True)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert div["layer"] == "blocks.1.attn.k_proj" and "input aligned" in div["message"]
+    assert div["hint"].endswith("their values are not the reference's")
