@@ -583,30 +583,30 @@ def localise_forward(
         if hint is None and strays:
             layer = div.layer.partition("#")[0]
             hint = stray_hint("" if layer == ROOT else layer, strays)
+    # what the fused or split tensors hold, found from their values or by running the port
+    # again: true of the block found below too, where the leaves' hints are not
+    layout = None
     rename = None if pairing is None else (lambda got: _renamed(got, pairing.calls, parts))
     if hint is None and splits and div is not None and div.kind == "layer" \
             and div.input_aligned and div.direction == "forward":
-        hint = _split_hint(div, splits, torch_model, paddle_model, run_paddle, judged, noise,
-                           criteria, containers, pairing, rename, fusions)
+        hint = layout = _split_hint(div, splits, torch_model, paddle_model, run_paddle, judged,
+                                    noise, criteria, containers, pairing, rename, fusions)
     if hint is None and pairing is not None and splits and div is not None \
             and div.kind == "layer" and div.input_aligned is False and div.previous is not None \
             and div.direction == "forward":
         # by order only leaves are recorded: the code reading the parts lies between the last
         # part and the next leaf, whose input is judged
-        hint = _split_layout_by_order(div, splits, torch_model, paddle_model, run_paddle,
-                                      judged, noise, criteria, containers, rename, fusions,
-                                      pairing.calls)
-    # a layout found by running the port again holds for the block found below too
-    layout = hint if hint is not None and "ConversionRules(fuse_groups=" in hint else None
+        hint = layout = _split_layout_by_order(div, splits, torch_model, paddle_model,
+                                               run_paddle, judged, noise, criteria, containers,
+                                               rename, fusions, pairing.calls)
     if hint is None and pairing is not None and fusions and div is not None \
             and div.kind == "layer" and div.input_aligned is False and div.previous is not None \
             and div.direction == "forward":
         # by order only leaves are recorded: the code reading a fused layer's output lies
         # between its last part and the next leaf, whose input is judged
-        hint = _fused_layout_by_order(div, fusions, paddle_model, run_paddle, judged, noise,
-                                      criteria, containers,
-                                      lambda got: _renamed(got, pairing.calls, parts),
-                                      pairing.calls)
+        hint = layout = _fused_layout_by_order(div, fusions, paddle_model, run_paddle, judged,
+                                               noise, criteria, containers, rename,
+                                               pairing.calls)
     if hint is None and noise is None:
         hint = _carried_rounding(div)
     if pairing is not None and div is not None and div.kind == "layer" \
