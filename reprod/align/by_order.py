@@ -840,7 +840,7 @@ def pair_weights_by_order(
     >>> load_into_paddle(paddle_model, torch_model, by_order=True)   # pair, convert and load
     """
     plan = _order_plan(torch_side, paddle_side, rules)
-    plan.raise_problems()
+    _raise_problems(plan, torch_side, paddle_side, rules)
     return {tk: pk for tk, pk, _ in plan.pairs}
 
 
@@ -876,5 +876,27 @@ def by_order_rules(
     >>> paddle_model.set_state_dict(torch_to_paddle(torch_model, rules=rules))
     """
     plan = _order_plan(torch_side, paddle_side, rules)
-    plan.raise_problems()
+    _raise_problems(plan, torch_side, paddle_side, rules)
     return _rules_from_order(plan, rules)
+
+
+def _raise_problems(plan: _OrderPlan, torch_side: Any, paddle_side: Any,
+                    rules: Optional[ConversionRules]) -> None:
+    """``plan.raise_problems()``, saying where the two models pair by name instead: Phi-3
+    against LLaMA is refused by order (it defines ``o_proj`` before ``qkv_proj``) and matches
+    by name, its fused tensors split."""
+    try:
+        plan.raise_problems()
+    except KeyMismatchError as exc:
+        if not (_is_torch_module(torch_side) and hasattr(paddle_side, "named_sublayers")):
+            raise
+        from .structure import compare_structure
+
+        try:
+            by_name = compare_structure(torch_side, paddle_side, rules=rules)
+        except ReprodError:
+            raise exc from None
+        if not by_name.ok:
+            raise
+        raise KeyMismatchError(f"{exc} | by name the models pair ({by_name.summary_line()}): "
+                               "leave by_order off") from None

@@ -602,3 +602,31 @@ def test_by_order_a_run_holding_a_layer_named_as_the_reference_s_is_refused_not_
     pm = _Port()
     load_into_paddle(pm, tm)
     assert align_forward(tm, pm, INPUTS, calibrate=True).passed
+
+
+def test_by_order_refused_the_error_says_the_models_pair_by_name():
+    from reprod.align import load_into_paddle as load
+    from reprod.errors import KeyMismatchError
+
+    torch.manual_seed(0)
+    tm = _RefOutputFirst().eval()
+    with pytest.raises(KeyMismatchError) as err:
+        load(_Port(), tm, by_order=True)
+    message = str(err.value)
+    assert message.startswith("pairing by order failed")
+    by_name = compare_structure(tm, _Port())
+    assert by_name.ok and "3 split into 8" in by_name.summary_line()
+    assert message.endswith(f" | by name the models pair ({by_name.summary_line()}): leave "
+                            "by_order off")
+    # where the names do not pair either, the refusal is as it was
+    with pytest.raises(KeyMismatchError) as err:
+        load(_Port(), _seeded_mlp_only(), by_order=True)
+    assert str(err.value).startswith("pairing by order failed") and "by name" not in str(err.value)
+
+
+def _seeded_mlp_only():
+    """A reference holding the port's MLP and no attention: no pairing, by order or by name."""
+    torch.manual_seed(0)
+    tm = _Ref()
+    del tm.attn
+    return tm.eval()
