@@ -466,6 +466,7 @@ def localise_forward(
         _fused,
         _pair_all,
         _renamed,
+        pair_inputs,
     )
     from ..diagnose import diagnose
     from ..diff.engine import compare
@@ -526,6 +527,10 @@ def localise_forward(
         functions = _applied_as_functions(ref, port, pairing, set(parts.values()))
         port.update(functions)
         names = {o.partition("#")[0]: r.partition("#")[0] for o, r in pairing.calls.items()}
+    # an input passed by keyword on one side and by position on the other (HF's
+    # self_attn(hidden_states=...) against PaddleNLP's self_attn(x)) pairs by its values: else
+    # the layer's input never aligns, and a divergence inside it is named at the block around it
+    port = pair_inputs(ref, port)
     noise = None if run_twin is None else _split_packed(
         _capture(run_twin[0], run_twin[1], containers, backward), packed)
     if noise is not None and ref_layout is not None:
@@ -912,7 +917,7 @@ def _mends(model: Any, run: Any, raw: Mapping[str, Any], ref: Mapping[str, Any],
     that differ otherwise)."""
     import paddle
 
-    from ..capture.naming import parse_key
+    from ..capture.naming import pair_inputs, parse_key
 
     target = ref.get(out_key)
     pairs = {}
@@ -920,6 +925,9 @@ def _mends(model: Any, run: Any, raw: Mapping[str, Any], ref: Mapping[str, Any],
         parsed = parse_key(key)
         if parsed is not None and parsed.subject == reader and parsed.what == "in":
             pairs[key] = f"{ref_reader}.{parsed.part}"
+    # an input the reference passes by keyword and the port by position: by its values
+    named = pair_inputs(ref, {r: raw[k] for k, r in pairs.items()})
+    pairs = {k: n for k, n in zip(pairs, named)}
     if not isinstance(target, np.ndarray) or target.dtype.kind != "f" or not pairs or any(
             np.shape(ref.get(r)) != np.shape(raw[k]) for k, r in pairs.items()):
         return False
@@ -1154,7 +1162,13 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     name. Returns that ``Divergence`` and the blocks' captures, or None (no such blocks, or none
     diverges)."""
     from ..capture.divergence import Divergence, _representative
-    from ..capture.naming import _layer_calls, _pair_containers, _renamed, parse_key
+    from ..capture.naming import (
+        _layer_calls,
+        _pair_containers,
+        _renamed,
+        pair_inputs,
+        parse_key,
+    )
     from ..diff.engine import compare
 
     previous, following = div.previous.partition("#")[0], div.layer.partition("#")[0]
@@ -1187,7 +1201,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
                    key=lambda pair: -pair[0].count("."))  # the innermost first
     if not pairs:
         return None
-    port = _renamed(raw, {p: r for r, p in pairs})
+    port = pair_inputs(ref, _renamed(raw, {p: r for r, p in pairs}))
     paired = {r for r, _ in pairs}
     ref = {k: v for k, v in ref.items() if _subject(k) in paired}
     port = {k: v for k, v in port.items() if _subject(k) in paired}

@@ -30,6 +30,7 @@ from .naming import (
     layer_key,
     match_by_order,
     pair_by_order,
+    pair_inputs,
     param_key,
     parse_key,
     rename,
@@ -56,6 +57,7 @@ __all__ = [
     "rename",
     "rename_by_order",
     "match_by_order",
+    "pair_inputs",
     "pair_by_order",  # deprecated: rename_by_order
     "parse_key",
     "layer_key",

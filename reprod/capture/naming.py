@@ -45,6 +45,7 @@ __all__ = [
     "rename_by_order",
     "pair_by_order",
     "match_by_order",
+    "pair_inputs",
     "Rules",
 ]
 
@@ -544,8 +545,21 @@ def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
             # layer returns its new features, paddle.vision's them concatenated to its input)
             # are blocks cut differently, not a pair
             out.update((oc, rc) for oc, rc in zip(o_calls, r_calls)
-                       if _signature(other_parts[oc]) == _signature(ref_parts[rc]))
+                       if _same_box(other_parts[oc], ref_parts[rc]))
     return out
+
+
+def _same_box(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two container calls holding the same leaves take and give the same things: the
+    same signature, or the same outputs and an input of one shape where the inputs are keyed
+    otherwise (HF's ``self_attn(hidden_states=...)``, ``in[hidden_states]``, against
+    PaddleNLP's ``self_attn(x)``, ``in[0]``; ``pair_inputs`` pairs them by value)."""
+    if _signature(a) == _signature(b):
+        return True
+    outs = [sorted((p, s) for p, s in parts.items() if p.startswith("out")) for parts in (a, b)]
+    ins = [{p: s for p, s in parts.items() if p.startswith("in")} for parts in (a, b)]
+    return bool(outs[0]) and outs[0] == outs[1] and set(ins[0]) != set(ins[1]) and bool(
+        {s for s in ins[0].values() if s} & {s for s in ins[1].values() if s})
 
 
 def _calls_by_layer(calls: list[tuple[str, dict[str, Any]]]) -> dict[str, list[str]]:
@@ -860,6 +874,8 @@ def match_by_order(
     other = _renamed({k: v for k, v in other_map.items()
                       if not left_out(k, other_boxes, subject_map, other_only)},
                      subject_map, parts)
+    # inputs passed by keyword on one side and by position on the other
+    other = pair_inputs(ref_map, other)
     # a reference layer the port applies as a function: judged on what the port computed there
     functions = _applied_as_functions(ref_map, other, pairing, kept)
     other.update(functions)
@@ -867,6 +883,85 @@ def match_by_order(
            if k in kept or k in functions
            or (k not in superseded and not left_out(k, ref_boxes, paired, ref_only))}
     return _derive(ref, derived), other
+
+
+def pair_inputs(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> dict[str, Any]:
+    """``other_map`` with the inputs of each layer call that the two sides key otherwise renamed
+    to the reference's keys. One framework passes an argument by keyword and the other by
+    position (Hugging Face calls ``self_attn(hidden_states=...)``, PaddleNLP ``self_attn(x,
+    ...)``), and the call's inputs then pair with nothing: ``in[hidden_states]`` on one side,
+    ``in[0]`` on the other. A divergence inside such a layer was named at the block around it,
+    its input never shown to align.
+
+    An input is renamed where, of the same call's inputs the reference alone keys, one holds the
+    same values (``_values.same_values``: shape, statistics and sampled elements to 1e-2): a
+    faithful port hands a layer what the reference hands it, and inputs that already differ are
+    left unpaired, as before, rather than set against an unrelated tensor of the same shape
+    (an attention mask in another convention). Several alike (one tensor passed as query and
+    key) pair in order. Each call's gradients through its inputs (``grad_in``) follow the
+    pairing of its inputs. Keys that pair already, and everything else, are kept as they are.
+
+    >>> reprod.compare(ref, pair_inputs(ref, port), threshold=1e-5)
+    """
+    ref_parts = _inputs_by_call(ref_map)
+    if not ref_parts:
+        return dict(other_map)
+    other_parts = _inputs_by_call(other_map)
+    renamed: dict[str, str] = {}
+    probes: dict[str, Optional[_values.Probe]] = {}
+
+    def probe(mapping: Mapping[str, Any], key: str) -> Optional[_values.Probe]:
+        side = ("r:" if mapping is ref_map else "o:") + key
+        if side not in probes:
+            probes[side] = _values.probe(mapping[key])
+        return probes[side]
+
+    for subject, theirs in other_parts.items():
+        ours = ref_parts.get(subject)
+        if ours is None:
+            continue
+        taught: dict[tuple[str, ...], tuple[str, ...]] = {}  # the port's items -> the reference's
+        for what in ("in", "grad_in"):
+            ref_left = [(k, c) for k, c in ours.get(what, ()) if k not in other_map]
+            other_left = [(k, c) for k, c in theirs.get(what, ()) if k not in ref_map]
+            if not ref_left or not other_left:
+                continue
+            if what == "grad_in":
+                # as its input paired: a gradient that differs still pairs with its input's
+                by_items = {c.items: (k, c) for k, c in ref_left}
+                for key, parsed in list(other_left):
+                    mine = by_items.get(taught.get(parsed.items, ("<none>",)))
+                    if mine is not None:
+                        renamed[key] = mine[0]
+                        ref_left.remove(mine)
+                        other_left.remove((key, parsed))
+            for key, parsed in ref_left:
+                p = probe(ref_map, key)
+                if p is None:
+                    continue
+                for candidate in other_left:
+                    if _values.same_values(p, probe(other_map, candidate[0])):
+                        renamed[candidate[0]] = key
+                        other_left.remove(candidate)
+                        taught[candidate[1].items] = parsed.items
+                        break
+    if not renamed:
+        return dict(other_map)
+    return {renamed.get(k, k): v for k, v in other_map.items()}
+
+
+def _inputs_by_call(mapping: Mapping[str, Any]
+                    ) -> dict[str, dict[str, list[tuple[str, CaptureKey]]]]:
+    """Each layer call's input and input-gradient keys, parsed, in order: {subject: {what: ...}}."""
+    out: dict[str, dict[str, list[tuple[str, CaptureKey]]]] = {}
+    for key in mapping:
+        if ".in" not in key and ".grad_in" not in key:
+            continue
+        parsed = parse_key(key)
+        if parsed is None or parsed.what not in ("in", "grad_in"):
+            continue
+        out.setdefault(parsed.subject, {}).setdefault(parsed.what, []).append((key, parsed))
+    return out
 
 
 def _one_sided(ref_leaves: list[str], other_leaves: list[str], subject_map: Mapping[str, str]

@@ -155,6 +155,33 @@ def test_a_rotary_base_is_a_setting_of_each_block() -> None:
     assert "base 10000 in torch, 500 in Paddle" in r.options["findings"][-1]
 
 
+def test_a_bug_in_the_port_s_attention_code_is_named_at_the_attention(monkeypatch: Any) -> None:
+    """HF calls its attention with keywords (``self_attn.in[hidden_states]``), PaddleNLP
+    positionally (``self_attn.in[0]``): paired by their values (``reprod.capture.pair_inputs``),
+    the attention's input aligns, and queries scaled by 1.1 in PaddleNLP's own attention code
+    (its ``scaled_dot_product_attention``, run between the projections) are named at the
+    attention's forward code. Unpaired, the decoder layer around it was named."""
+    import paddlenlp.transformers.llama.modeling as modeling
+
+    from reprod.align import align_forward
+
+    tm, pm = _loaded()
+    original = modeling.scaled_dot_product_attention
+
+    def scaled(query_states: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(query_states * 1.1, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "scaled_dot_product_attention", scaled)
+    r = align_forward(tm, pm, _ids(), calibrate=True)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert div["layer"] == "layers.0.self_attn", div["message"]
+    assert div["message"].startswith(
+        "diverges at layers.0.self_attn (LlamaAttention): input aligned"), div["message"]
+    assert "the input of layers.0.self_attn.o_proj already differs" in div["message"]
+    assert "cause is layers.0.self_attn's own forward code" in div["message"]
+
+
 def _fused(rules: Any = None, causal: bool = False, by_order: bool = False
            ) -> tuple[Any, Any]:
     """HF's LLaMA with grouped-query attention (2 key-value heads for 4) against PaddleNLP's
@@ -210,7 +237,9 @@ def test_a_fused_qkv_read_per_key_value_head_is_named_with_its_groups() -> None:
     tm, pm = _fused()
     r = align_forward(tm, pm, _ids(), calibrate=True)
     assert not r.passed
-    assert r.options["divergence"]["layer"] == "layers.0"
+    # the attention's own code reads the fused output (its input paired by value across HF's
+    # keyword and PaddleNLP's position)
+    assert r.options["divergence"]["layer"] == "layers.0.self_attn"
     assert r.options["divergence"]["hint"].endswith(
         "in 2 groups: with that layout it aligns; load with "
         "ConversionRules(fuse_groups={'qkv_proj': 2})")

@@ -146,9 +146,10 @@ def test_split_per_key_value_head_the_layout_phi3_reads_is_named() -> None:
     r = align_forward(tm, pm, _ids(), calibrate=True, rules=rules)
     assert not r.passed
     # HF calls its attention with keywords (in[hidden_states]), PaddleNLP positionally
-    # (in[0]): its input pairs with nothing, and the block holding it is named, the input of
-    # o_proj differing inside it
-    assert r.options["divergence"]["layer"] == "layers.0"
+    # (in[0]): paired by value (reprod.capture.pair_inputs), its input aligns and the
+    # attention's own code is named, the input of o_proj differing inside it
+    assert r.options["divergence"]["layer"] == "layers.0.self_attn"
+    assert "input aligned" in r.options["divergence"]["message"]
     assert "the input of layers.0.self_attn.o_proj already differs" in \
         r.options["divergence"]["message"]
     assert r.options["divergence"]["hint"] == (
