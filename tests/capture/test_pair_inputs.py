@@ -12,6 +12,7 @@ tests/realworld/test_split_ports_real.py runs Hugging Face's Phi-3 against Paddl
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,21 +125,37 @@ class _TModel(torch.nn.Module):
         return x
 
 
+class _GradScaled(paddle.autograd.PyLayer):
+    """The identity forward; its backward scales the gradient by 1.5 (a hand-written backward
+    gone wrong)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: paddle.Tensor) -> paddle.Tensor:
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, g: paddle.Tensor) -> paddle.Tensor:
+        return g * 1.5
+
+
 class _PAttn(paddle.nn.Layer):
-    def __init__(self, bug: float = 1.0) -> None:
+    def __init__(self, bug: Any = 1.0) -> None:
         super().__init__()
         self.bug = bug
         self.q, self.k, self.v, self.o = (paddle.nn.Linear(E, E) for _ in range(4))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         q, k, v = self.q(x), self.k(x), self.v(x)
+        scale = 1.0 if self.bug == "backward" else self.bug
         w = paddle.nn.functional.softmax(
-            q @ k.transpose([0, 2, 1]) / math.sqrt(E) * self.bug, axis=-1)
+            q @ k.transpose([0, 2, 1]) / math.sqrt(E) * scale, axis=-1)
+        if self.bug == "backward":
+            w = _GradScaled.apply(w)
         return self.o(w @ v)
 
 
 class _PBlock(paddle.nn.Layer):
-    def __init__(self, bug: float = 1.0) -> None:
+    def __init__(self, bug: Any = 1.0) -> None:
         super().__init__()
         self.norm = paddle.nn.LayerNorm(E)
         self.attn = _PAttn(bug)
@@ -150,7 +167,7 @@ class _PBlock(paddle.nn.Layer):
 
 
 class _PModel(paddle.nn.Layer):
-    def __init__(self, bug: float = 1.0) -> None:
+    def __init__(self, bug: Any = 1.0) -> None:
         super().__init__()
         self.blocks = paddle.nn.LayerList([_PBlock(bug if i == 1 else 1.0) for i in range(2)])
 
@@ -160,7 +177,7 @@ class _PModel(paddle.nn.Layer):
         return x
 
 
-def _pair(bug: float = 1.0) -> tuple[_TModel, _PModel]:
+def _pair(bug: Any = 1.0) -> tuple[_TModel, _PModel]:
     from reprod.align import load_into_paddle
 
     torch.manual_seed(0)
@@ -229,3 +246,25 @@ def test_backward_the_attention_s_input_gradient_pairs_with_its_input() -> None:
         np.testing.assert_allclose(got[f"{call}.grad_in[hidden_states]"],
                                    ref_log.data[f"{call}.grad_in[hidden_states]"],
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_a_backward_only_bug_in_the_attention_s_code_is_named_at_the_attention() -> None:
+    """The forward aligns and the port's attention scales the gradient through its softmax
+    weights: the attention's input gradient (``grad_in[hidden_states]`` against the port's
+    ``grad_in``, paired with its input) differs while the gradient reaching its output aligns,
+    so the attention is named in the backward pass."""
+    from reprod.align import align_train
+
+    tm, pm = _pair(bug="backward")
+    tm.train()
+    pm.train()
+    r = align_train(
+        tm, pm, [(INPUTS, None)], steps=1, calibrate=True,
+        torch_loss_fn=lambda out, *_: out.square().mean(),
+        paddle_loss_fn=lambda out, *_: out.square().mean(),
+        torch_optimizer=torch.optim.SGD(tm.parameters(), lr=1e-2),
+        paddle_optimizer=paddle.optimizer.SGD(learning_rate=1e-2, parameters=pm.parameters()))
+    assert not r.passed
+    div = r.options["divergence"]
+    assert (div["layer"], div["direction"], div["step"]) == ("blocks.1.attn", "backward", 0), \
+        div["message"]
