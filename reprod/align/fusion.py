@@ -692,26 +692,45 @@ def layout_hint(layer: str, paddle_model: Any, fusions: Sequence[tuple[Fusion, l
         owner = here.port_key.rsplit(".", 2)[0]
         holders = [named[n] for n in (owner, owner.rsplit(".", 1)[0]) if n in named]
         saved = {f.port_key: np.array(state[f.port_key].numpy()) for f, _ in group}
-        try:
-            for g in _candidates(here, holders, limit):
-                if not all(_divides(g, f.sizes) for f, _ in group):
-                    continue
-                for f, _ in group:
-                    state[f.port_key].set_value(
-                        regroup(saved[f.port_key], f, g).astype(saved[f.port_key].dtype))
-                regrouped = {f.port_key for f, _ in group}
-                now = [Fusion(f.port_key, f.parts, f.sizes, g) if f.port_key in regrouped else f
-                       for f, _ in fusions]
-                if aligns(now):
-                    tried = Fusion(here.port_key, here.parts, here.sizes, g)
-                    pattern = re.escape(layer_role.rsplit(".", 1)[-1])
-                    return (f"{here.port_key} holds {', '.join(_short(p) for p in here.parts)} "
-                            f"laid out {here.layout}, and the port reads them as "
-                            f"{tried.layout}: with that layout it aligns; load with "
-                            f"ConversionRules(fuse_groups={{{pattern!r}: {g}}})")
-        finally:
-            for key, value in saved.items():
-                state[key].set_value(value)
+        regrouped = {f.port_key for f, _ in group}
+
+        def write(g: int, group: Any = group, saved: Any = saved) -> None:
+            for f, _ in group:
+                state[f.port_key].set_value(
+                    regroup(saved[f.port_key], f, g).astype(saved[f.port_key].dtype))
+
+        def now(g: int, regrouped: set[str] = regrouped) -> bool:
+            return bool(aligns([Fusion(f.port_key, f.parts, f.sizes, g)
+                                if f.port_key in regrouped else f for f, _ in fusions]))
+
+        found = _first_layout(state, saved, here, holders, [f.sizes for f, _ in group], limit,
+                              write, now)
+        if found is not None:
+            tried = Fusion(here.port_key, here.parts, here.sizes, found)
+            pattern = re.escape(layer_role.rsplit(".", 1)[-1])
+            return (f"{here.port_key} holds {', '.join(_short(p) for p in here.parts)} "
+                    f"laid out {here.layout}, and the port reads them as "
+                    f"{tried.layout}: with that layout it aligns; load with "
+                    f"ConversionRules(fuse_groups={{{pattern!r}: {found}}})")
+    return None
+
+
+def _first_layout(state: Any, saved: dict[str, np.ndarray], here: Any, holders: list[Any],
+                  sizes: list[Sequence[int]], limit: int, write: Callable[[int], None],
+                  aligns: Callable[[int], bool]) -> Optional[int]:
+    """``layout_hint``'s and ``split_layout_hint``'s search: the first group count ``g`` (of
+    ``here``'s candidates) dividing every tensor's part ``sizes`` under which, the port's
+    tensors written so (``write(g)``), the layer aligns (``aligns(g)``). The port's tensors
+    (``saved``) are put back in ``state`` whatever is found or raised."""
+    try:
+        for g in _candidates(here, holders, limit):
+            if all(_divides(g, s) for s in sizes):
+                write(g)
+                if aligns(g):
+                    return g
+    finally:
+        for key, value in saved.items():
+            state[key].set_value(value)
     return None
 
 
@@ -748,24 +767,23 @@ def split_layout_hint(layer: str, torch_model: Any, paddle_model: Any, splits: S
             arr = to_numpy(sd[s.torch_key]).array
             whole[s.ref_key] = arr.T if s.linear else arr
         saved = {p: np.array(state[p].numpy()) for s in group for p in s.parts}
-        try:
-            for g in _candidates(here, holders, limit):
-                if not all(_divides(g, s.sizes) for s in group):
-                    continue
-                for s in group:
-                    cut = unfuse(whole[s.ref_key], dataclasses.replace(s, groups=g))
-                    for p, value in zip(s.parts, cut):
-                        state[p].set_value(value.astype(saved[p].dtype))
-                if aligns():
-                    tried = dataclasses.replace(here, groups=g)
-                    pattern = re.escape(_short(here.ref_key))
-                    return (f"{here.torch_key} holds {', '.join(_short(p) for p in here.parts)} "
-                            f"laid out {tried.layout}, and they were split from it as "
-                            f"{here.layout}: split so, the port aligns; load with "
-                            f"ConversionRules(fuse_groups={{{pattern!r}: {g}}})")
-        finally:
-            for key, value in saved.items():
-                state[key].set_value(value)
+
+        def write(g: int, group: Any = group, whole: Any = whole, saved: Any = saved
+                  ) -> None:
+            for s in group:
+                cut = unfuse(whole[s.ref_key], dataclasses.replace(s, groups=g))
+                for p, value in zip(s.parts, cut):
+                    state[p].set_value(value.astype(saved[p].dtype))
+
+        found = _first_layout(state, saved, here, holders, [s.sizes for s in group], limit,
+                              write, lambda _g: aligns())
+        if found is not None:
+            tried = dataclasses.replace(here, groups=found)
+            pattern = re.escape(_short(here.ref_key))
+            return (f"{here.torch_key} holds {', '.join(_short(p) for p in here.parts)} "
+                    f"laid out {tried.layout}, and they were split from it as "
+                    f"{here.layout}: split so, the port aligns; load with "
+                    f"ConversionRules(fuse_groups={{{pattern!r}: {found}}})")
     return None
 
 

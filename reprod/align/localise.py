@@ -603,7 +603,7 @@ def localise_forward(
         # part and the next leaf, whose input is judged
         hint = layout = _split_layout_by_order(div, splits, torch_model, paddle_model,
                                                run_paddle, judged, noise, criteria, containers,
-                                               rename, fusions, pairing.calls)
+                                               rename, fusions, pairing)
     if hint is None and pairing is not None and fusions and div is not None \
             and div.kind == "layer" and div.input_aligned is False and div.previous is not None \
             and div.direction == "forward":
@@ -611,7 +611,7 @@ def localise_forward(
         # between its last part and the next leaf, whose input is judged
         hint = layout = _fused_layout_by_order(div, fusions, paddle_model, run_paddle, judged,
                                                noise, criteria, containers, rename,
-                                               pairing.calls)
+                                               pairing)
     if hint is None and noise is None:
         hint = _carried_rounding(div)
     if pairing is not None and div is not None and div.kind == "layer" \
@@ -689,8 +689,7 @@ def _split_hint(div: Any, splits: Any, torch_model: Any, paddle_model: Any, run_
 
     layer = div.layer.partition("#")[0]
     if pairing is not None and layer != ROOT:
-        port_of = {r.partition("#")[0]: o.partition("#")[0] for o, r in pairing.calls.items()}
-        layer = port_of.get(layer)
+        layer = pairing.port_layers().get(layer)
         if layer is None:
             return None
     prefix = "" if layer == ROOT else f"{layer}."
@@ -708,14 +707,13 @@ def _split_hint(div: Any, splits: Any, torch_model: Any, paddle_model: Any, run_
 def _split_layout_by_order(div: Any, splits: Any, torch_model: Any, paddle_model: Any,
                            run_paddle: Any, judged: Mapping[str, Any],
                            noise: Optional[Mapping[str, Any]], criteria: Any, containers: bool,
-                           rename: Any, fusions: Any, calls: Mapping[str, str]) -> Optional[str]:
+                           rename: Any, fusions: Any, pairing: Any) -> Optional[str]:
     """``_split_hint``'s layouts paired by call order, where the leaf after a split's last
     part (``div.previous``) reads a differing input: tried until that input aligns."""
     key = div.input.key if div.input is not None else None
     if key is None or key not in judged:
         return None
-    port_of = {r.partition("#")[0]: o.partition("#")[0] for o, r in calls.items()}
-    before = port_of.get(div.previous.partition("#")[0])
+    before = pairing.port_layers().get(div.previous.partition("#")[0])
     owner = next((s for s in splits if any(p.rpartition(".")[0] == before for p in s.parts)),
                  None)
     if owner is None:
@@ -729,15 +727,14 @@ def _split_layout_by_order(div: Any, splits: Any, torch_model: Any, paddle_model
 def _fused_layout_by_order(div: Any, fusions: Any, paddle_model: Any, run_paddle: Any,
                            judged: Mapping[str, Any], noise: Optional[Mapping[str, Any]],
                            criteria: Any, containers: bool, rename: Any,
-                           calls: Mapping[str, str]) -> Optional[str]:
+                           pairing: Any) -> Optional[str]:
     """``_fused_layout`` paired by order, where the leaf after a fused layer's last part
     (``div.previous``) reads a differing input: the layouts are tried until that input aligns.
     ``rename``: the port's captures under the reference's names, as the pairing named them."""
     key = div.input.key if div.input is not None else None
     if key is None or key not in judged:
         return None
-    port_of = {r.partition("#")[0]: o.partition("#")[0] for o, r in calls.items()}
-    before = port_of.get(div.previous.partition("#")[0])
+    before = pairing.port_layers().get(div.previous.partition("#")[0])
     owner = next((f for f, _ in fusions
                   if any(p.rpartition(".")[0] == before for p in f.parts)), None)
     if owner is None:

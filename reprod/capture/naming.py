@@ -358,6 +358,11 @@ class _Pairing:
         return (_whole(self.ref_leaves, self.ref_only),
                 _whole(self.other_leaves, self.other_only))
 
+    def port_layers(self) -> dict[str, str]:
+        """Reference layer -> the other side's layer it paired with (by their calls), the
+        layer a hint about the reference's names: the porter edits the port's."""
+        return {_base(r): _base(o) for o, r in self.calls.items()}
+
 
 def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
               anchors: Optional[Mapping[str, str]],
