@@ -1160,6 +1160,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     diverges)."""
     from ..capture.divergence import Divergence, _representative
     from ..capture.naming import (
+        _base,
         _layer_calls,
         _pair_containers,
         _renamed,
@@ -1192,8 +1193,13 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     ref_skip, port_skip = pairing.one_sided_layers()
     ref_skip = ref_skip | {s.partition("#")[0] for s in pairing.ref_inert}
     port_skip = port_skip | {s.partition("#")[0] for s in pairing.other_inert}
-    boxes = _pair_containers(ref_calls, port_calls, set(ref_blocks), set(port_blocks), names,
-                             ref_skip, port_skip)
+    # a leaf the pairing by order left out on both sides (Mixtral's rotary_emb: [B, H, L, D]
+    # in HF, [B, L, H, D] in PaddleNLP) but of one name on both is that leaf, as it is judged
+    ref_subjects = {_base(s) for s, _ in ref_calls}
+    same = {o: o for o in {_base(s) for s, _ in port_calls}
+            if o in ref_subjects and o not in names and o not in names.values()}
+    boxes = _pair_containers(ref_calls, port_calls, set(ref_blocks), set(port_blocks),
+                             {**same, **names}, ref_skip, port_skip)
     pairs = sorted(((r, p) for p, r in boxes.items() if "#" not in p and "#" not in r),
                    key=lambda pair: -pair[0].count("."))  # the innermost first
     if not pairs:
@@ -1205,7 +1211,9 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], sorted(paired))
     result = compare(ref, port, criteria=criteria, noise=noise)
     ref_types, port_types = dict(_named(torch_model)), dict(_named(paddle_model))
-    keys = [(kr, parse_key(kr.key)) for kr in result]
+    # as first_divergence judges: a key one side alone records (an attention mask only HF
+    # passes) says nothing of either block
+    keys = [(kr, parse_key(kr.key)) for kr in result if kr.status not in ("missing", "extra")]
     for r, p in pairs:
         ins = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "in")
         outs = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "out")

@@ -208,6 +208,32 @@ def test_mixtral_s_rotary_base_is_put_at_the_rotary_layer() -> None:
     assert "input aligned" in div["message"], div
 
 
+@pytest.mark.parametrize("by_order", [False, True])
+def test_a_bug_in_mixtral_s_attention_code_is_named_at_the_attention(by_order: bool,
+                                                                    monkeypatch: Any) -> None:
+    """Queries scaled by 1.1 inside PaddleNLP's attention code (its
+    ``scaled_dot_product_attention``, between the projections and o_proj). HF calls the
+    attention with keywords (``in[hidden_states]``), PaddleNLP positionally (``in[0]``): paired
+    by value, its input aligns and its own code is named. By name the decoder layer was named;
+    by order the gap "between rotary_emb and o_proj", as the attention blocks did not pair
+    (their inputs keyed otherwise, the rotary layers left out of the pairing by their layouts,
+    and HF's mask, passed by it alone, held against the block)."""
+    import paddlenlp.transformers.mixtral.modeling as M
+
+    from reprod.align import align_forward
+
+    tm, pm = built("mixtral")
+    original = M.scaled_dot_product_attention
+    monkeypatch.setattr(M, "scaled_dot_product_attention",
+                        lambda q, *a, **k: original(q * 1.1, *a, **k))
+    r = align_forward(tm, pm, {"input_ids": ids()}, by_order=by_order, check_settings=False)
+    div = r.options["divergence"]
+    assert div["layer"] == "layers.0.self_attn", div["message"]
+    assert div["message"].startswith(
+        "diverges at layers.0.self_attn (MixtralAttention): input aligned"), div["message"]
+    assert "cause is layers.0.self_attn's own forward code" in div["message"]
+
+
 # --- MBart -------------------------------------------------------------------------------------
 
 
