@@ -623,6 +623,7 @@ def localise_forward(
     # differs inside the model is named at the model's own forward code, where a block between
     # the two leaves (timm's Attention, whose scale is its own code) holds that code
     gap = div.inner if div is not None and div.layer == ROOT and div.inner is not None else div
+    blocks: dict[str, str] = {}  # reference block -> the port's, where one was found below
     if pairing is not None and gap is not None and gap.kind == "layer" \
             and gap.direction == "forward" \
             and gap.input_aligned is False and gap.previous is not None:
@@ -631,7 +632,9 @@ def localise_forward(
         if found is not None:
             div, hint = dataclasses.replace(found[0], passed_over=div.passed_over), layout
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
+            blocks = found[3]
     port_names = {} if pairing is None else {r: o for o, r in pairing.calls.items()}
+    port_names.update(blocks)  # a block found between two leaves: its port name too
     found = Localisation(div, hint, result, ref, port, by_order, backward, port_names)
     if found.port_layer() is not None:  # named in the message too: the porter edits the port
         found = dataclasses.replace(found, divergence=dataclasses.replace(
@@ -1148,7 +1151,8 @@ def _around(containers: list[str], previous: str, following: str) -> list[str]:
 def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any, run_paddle: Any,
                    ref_leaves: Mapping[str, Any], port_leaves: Mapping[str, Any],
                    names: Mapping[str, str], criteria: Any, run_twin: Any,
-                   pairing: Any) -> Optional[tuple[Any, dict[str, Any], dict[str, Any]]]:
+                   pairing: Any
+                   ) -> Optional[tuple[Any, dict[str, Any], dict[str, Any], dict[str, str]]]:
     """By call order only leaf layers are recorded, so a block's own forward code (a dropped
     residual add) shows as a leaf whose input already differs although the leaf before it aligns.
     The blocks whose forward code may run between those two leaves (those ending between them,
@@ -1156,8 +1160,8 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     on each side, and a port block pairs with the reference block that holds the same leaves (by
     the leaves' pairing; of nested blocks holding the same ones, only the outermost). The
     innermost pair whose input aligns while its output differs is where the two part ways, as by
-    name. Returns that ``Divergence`` and the blocks' captures, or None (no such blocks, or none
-    diverges)."""
+    name. Returns that ``Divergence``, the blocks' captures and {its name: the port's}, or None
+    (no such blocks, or none diverges)."""
     from ..capture.divergence import Divergence, _representative
     from ..capture.naming import (
         _base,
@@ -1229,7 +1233,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
         found = Divergence(layer=r, layer_type=label, input=_representative(ins), output=output,
                            inputs=ins, outputs=outs, previous=div.previous,
                            inner=div if holds else None, own_code=not holds)
-        return found, ref, port
+        return found, ref, port, {r: p}
     return None
 
 

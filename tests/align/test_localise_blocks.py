@@ -102,8 +102,10 @@ def test_a_dropped_residual_is_named_at_its_block(block, calibrate, tmp_path):
     div = r.options["divergence"]
     assert (div["layer"], div["kind"], div["hint"]) == (f"blocks.{block}", "layer", None)
     message = div["message"]
-    assert message.startswith(f"diverges at blocks.{block} (TorchBlock vs PaddleBlock): input "
-                              "aligned (max "), message
+    # the porter edits the port's block, named as the leaves' port layers are
+    assert message.startswith(f"diverges at blocks.{block} (TorchBlock vs PaddleBlock; the "
+                              f"port's stages.{block}): input aligned (max "), message
+    assert div["port_layer"] == f"stages.{block}"
     assert message.endswith("; its recorded sublayers align, so the cause is its own forward "
                             "code"), message
     assert r.options["findings"] == [message]

@@ -280,8 +280,8 @@ def test_by_order_hf_s_causal_lm_loads_into_paddlenlp_s_fused_one_and_is_localis
     """HF's ``LlamaForCausalLM`` (``model.layers...``) against PaddleNLP's with fused
     projections (``llama.layers...``): nothing pairs by name, and by order each run of q, k, v
     (and gate, up) pairs with the port's fused layer. Loaded per key-value head it passes;
-    loaded side by side the divergence is put between v_proj and o_proj, and the layout the
-    port reads is named."""
+    loaded side by side the divergence is put at the attention, whose code reads the fused
+    output, and the layout the port reads is named."""
     from reprod.align import ConversionRules, align_forward
 
     for groups, passes in ((2, True), (1, False)):
@@ -289,10 +289,14 @@ def test_by_order_hf_s_causal_lm_loads_into_paddlenlp_s_fused_one_and_is_localis
         tm, pm = _fused(rules, causal=True, by_order=True)
         r = align_forward(tm, pm, _ids(), calibrate=True, by_order=True, rules=rules)
         assert r.passed is passes, r.to_table()
+    # the attention block between v_proj and o_proj is found and named with the port's name
+    # (its input, HF's keyword and PaddleNLP's position, paired by value)
     assert r.options["findings"][0].startswith(
-        "diverges before model.layers.0.self_attn.o_proj (Linear; the port's "
-        "llama.layers.0.self_attn.o_proj): input already differs")
-    assert "although model.layers.0.self_attn.v_proj aligns" in r.options["findings"][0]
+        "diverges at model.layers.0.self_attn (LlamaAttention; the port's "
+        "llama.layers.0.self_attn): input aligned"), r.options["findings"][0]
+    assert "the input of model.layers.0.self_attn.o_proj already differs" in \
+        r.options["findings"][0]
+    assert r.options["divergence"]["port_layer"] == "llama.layers.0.self_attn"
     assert r.options["divergence"]["hint"] == (
         "llama.layers.0.self_attn.qkv_proj.weight holds q_proj, k_proj, v_proj laid out [q_proj "
         "| k_proj | v_proj] side by side, and the port reads them as [q_proj_1 | k_proj_1 | "
