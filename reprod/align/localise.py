@@ -1162,7 +1162,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     innermost pair whose input aligns while its output differs is where the two part ways, as by
     name. Returns that ``Divergence``, the blocks' captures and {its name: the port's}, or None
     (no such blocks, or none diverges)."""
-    from ..capture.divergence import Divergence, _representative
+    from ..capture.divergence import Divergence, _representative, _rows_apart
     from ..capture.naming import (
         _base,
         _layer_calls,
@@ -1221,6 +1221,13 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     for r, p in pairs:
         ins = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "in")
         outs = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "out")
+        # as first_divergence: an input handed in another shape (a mask) beside others is a form
+        unlike = tuple(kr for kr in ins if kr.status == "shape"
+                       and not _rows_apart(kr.ref_shape, kr.other_shape))
+        if unlike and len(unlike) < len(ins):
+            ins = tuple(kr for kr in ins if kr not in unlike)
+        else:
+            unlike = ()
         if not ins or not outs or not all(kr.passed for kr in ins) or all(kr.passed for kr in outs):
             continue
         output = _representative(outs)
@@ -1232,7 +1239,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
         holds = following.startswith(r + ".")
         found = Divergence(layer=r, layer_type=label, input=_representative(ins), output=output,
                            inputs=ins, outputs=outs, previous=div.previous,
-                           inner=div if holds else None, own_code=not holds)
+                           inner=div if holds else None, own_code=not holds, unlike=unlike)
         return found, ref, port, {r: p}
     return None
 

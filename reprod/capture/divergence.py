@@ -85,6 +85,10 @@ class Divergence:
     # the port's name of the layer, where pairing by call order paired it with another name
     # (``align_forward(by_order=True)``): the message names both, as the porter edits the port
     port_layer: Optional[str] = None
+    # inputs handed in another shape on each side while the call's other inputs compare (an
+    # attention mask HF builds [B, 1, L, L] and PaddleNLP [B, 1, 1, L]): a form, not a value,
+    # so not held against the layer; said in the message
+    unlike: tuple[KeyResult, ...] = ()
 
     @property
     def input_aligned(self) -> Optional[bool]:
@@ -100,7 +104,8 @@ class Divergence:
         >>> first_divergence(result).message
         'diverges at features.3.block.2 (SqueezeExcitation): input aligned (max 2.000e-07), output max diff 4.000e-02'
         """
-        return self._message() + _factor_note(self.factor) + _passed_note(self.passed_over)
+        return (self._message() + _unlike_note(self.unlike, self.direction)
+                + _factor_note(self.factor) + _passed_note(self.passed_over))
 
     def _message(self) -> str:
         if self.kind == "unpaired":
@@ -178,6 +183,23 @@ def _calls_of_one_layer(previous: str, layer: str) -> bool:
     return previous.split("#")[0] == layer.split("#")[0]
 
 
+def _unlike_note(unlike: tuple[KeyResult, ...], direction: str) -> str:
+    if not unlike or direction != "forward":
+        return ""
+    parts = []
+    for r in unlike:
+        parsed = parse_key(r.key)
+        item = "" if parsed is None else parsed.part[len("in"):]
+        parts.append(f"input{item} ({_shape_text(r.ref_shape)} in the reference, "
+                     f"{_shape_text(r.other_shape)} in the port)")
+    return (f"; not judged: its {', '.join(parts)}, handed in another shape on each side (a mask "
+            "each builds its own way), its other inputs compared")
+
+
+def _shape_text(shape: Optional[tuple[int, ...]]) -> str:
+    return "?" if shape is None else "[" + ", ".join(str(n) for n in shape) + "]"
+
+
 def _factor_note(factor: Optional[float]) -> str:
     if factor is None:
         return ""
@@ -242,7 +264,7 @@ def _representative(results: tuple[KeyResult, ...]) -> Optional[KeyResult]:
 
 
 class _Unit:
-    __slots__ = ("subject", "name", "ins", "outs", "pos", "start", "folded")
+    __slots__ = ("subject", "name", "ins", "outs", "pos", "start", "folded", "forms")
 
     def __init__(self, subject: str, name: str) -> None:
         self.subject = subject
@@ -252,6 +274,7 @@ class _Unit:
         self.start: Optional[int] = None  # position of its first key: when the call began
         self.ins: list[KeyResult] = []
         self.outs: list[KeyResult] = []
+        self.forms: list[KeyResult] = []  # inputs handed in another shape (``unlike``)
 
 
 # forward (start, end) positions of each layer call: call A encloses call B when A began before
@@ -288,6 +311,8 @@ def _divergence(
         extra.setdefault("folded", unit.folded.subject)
         extra.setdefault("folded_type",
                          None if layer_types is None else layer_types.get(unit.folded.name))
+    if unit.forms:
+        extra.setdefault("unlike", tuple(unit.forms))
     return Divergence(
         layer=unit.subject,
         layer_type=None if layer_types is None else layer_types.get(unit.name),
@@ -517,13 +542,19 @@ def first_divergence(
             unit = table[parsed.subject] = _Unit(parsed.subject, parsed.name)
         if unit.start is None:
             unit.start = pos
-        if parsed.what in ("in", "grad_out"):
+        if parsed.what == "in" and r.status == "shape" and \
+                not _rows_apart(r.ref_shape, r.other_shape):
+            unit.forms.append(r)  # judged as an input below only where it is the call's only one
+        elif parsed.what in ("in", "grad_out"):
             unit.ins.append(r)
         else:
             unit.outs.append(r)
             if unit.pos is None:
                 unit.pos = pos
 
+    for unit in forward.values():
+        if unit.forms and not unit.ins:  # no other input compared: its shape is what differs
+            unit.ins, unit.forms = unit.forms, []
     _merge_folded(forward, result)
     spans: Spans = {
         u.subject: (u.start, u.pos)

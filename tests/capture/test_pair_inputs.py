@@ -268,3 +268,34 @@ def test_a_backward_only_bug_in_the_attention_s_code_is_named_at_the_attention()
     div = r.options["divergence"]
     assert (div["layer"], div["direction"], div["step"]) == ("blocks.1.attn", "backward", 0), \
         div["message"]
+
+
+# --- an input handed in another shape on each side: a form, not a value ------------------------
+
+def test_a_mask_in_another_shape_beside_an_aligned_input_is_not_held_against_the_layer() -> None:
+    """GPT-J's attention gets HF's causal mask [B, 1, L, L + 1] and PaddleNLP's padding mask
+    [B, 1, 1, L]: compared, the shapes differ, and its input was said to differ, the
+    divergence inside it put at the gap before out_proj."""
+    out = X + 1.0
+    ref = {"attn.in[hidden_states]": X, "attn.in[attention_mask]": np.zeros((2, 1, 5, 6)),
+           "attn.o.in": X, "attn.o.out": out, "attn.out": out}
+    port = {"attn.in[hidden_states]": X, "attn.in[attention_mask]": np.zeros((2, 1, 1, 5)),
+            "attn.o.in": X * 2, "attn.o.out": out * 2, "attn.out": out * 2}
+    div = first_divergence(compare(ref, port, threshold=1e-5))
+    assert div is not None and div.layer == "attn" and div.input_aligned, div
+    assert [r.key for r in div.unlike] == ["attn.in[attention_mask]"]
+    assert "not judged: its input[attention_mask] ([2, 1, 5, 6] in the reference, " \
+           "[2, 1, 1, 5] in the port)" in div.message
+
+
+def test_a_lone_input_of_another_shape_or_other_rows_still_differs() -> None:
+    """The call's only input of another shape is what differs; a Mixtral expert handed other
+    rows (a router choosing otherwise) differs beside any other input."""
+    lone_ref = {"a.in": X, "a.out": X}
+    lone_port = {"a.in": X[:, :, :4], "a.out": X * 2}
+    div = first_divergence(compare(lone_ref, lone_port, threshold=1e-5))
+    assert div is not None and div.input_aligned is False and not div.unlike
+    rows_ref = {"e.in[0]": X[0], "e.in[1]": X[1], "e.out": X}
+    rows_port = {"e.in[0]": X[0, :3], "e.in[1]": X[1], "e.out": X * 2}
+    div = first_divergence(compare(rows_ref, rows_port, threshold=1e-5))
+    assert div is not None and div.input_aligned is False and not div.unlike

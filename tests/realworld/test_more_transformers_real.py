@@ -397,6 +397,26 @@ def test_a_bug_is_named_where_it_is(name: str, index: int) -> None:
         assert div["layer"] == layer and "input aligned" in div["message"], div
 
 
+@pytest.mark.parametrize("by_order", [False, True])
+def test_bloom_s_attention_code_is_named_though_its_mask_is_shaped_otherwise(by_order: bool
+                                                                            ) -> None:
+    """HF hands Bloom's attention its mask [B, 1, L, L], PaddleNLP [B * H, L, L]: the shapes
+    differed, and a bug in the attention's own code (10 % before its dense output layer, a
+    forward pre-hook standing for it) was put "between attention_dropout and dense". Its hidden
+    states and alibi compare; the mask is not held against it."""
+    from reprod.align import align_forward
+
+    tm, pm = _loaded("bloom")
+    pm.h[1].self_attention.dense.register_forward_pre_hook(
+        lambda _, args: (args[0] * 1.1, *args[1:]))
+    r = align_forward(tm, pm, _feed("bloom"), by_order=by_order, check_settings=False)
+    div = r.options["divergence"]
+    assert div["layer"] == "h.1.self_attention", div["message"]
+    assert "input aligned" in div["message"] and "own forward code" in div["message"]
+    assert "not judged: its input[attention_mask] ([2, 1, 16, 16] in the reference, " \
+           "[8, 16, 16] in the port)" in div["message"], div["message"]
+
+
 def test_bart_s_dropout_defaults_differ_and_only_they_are_said() -> None:
     from paddlenlp.transformers import BartConfig as PC
     from transformers import BartConfig

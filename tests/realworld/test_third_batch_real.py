@@ -234,6 +234,34 @@ def test_a_bug_in_mixtral_s_attention_code_is_named_at_the_attention(by_order: b
     assert "cause is layers.0.self_attn's own forward code" in div["message"]
 
 
+def _scaled_before(layer: Any) -> None:
+    """The attention's own code off by 10 % just before its output projection (a forward
+    pre-hook on the port's layer stands for it; it runs before reprod's, which records it)."""
+    layer.register_forward_pre_hook(lambda _, args: (args[0] * 1.1, *args[1:]))
+
+
+@pytest.mark.parametrize("by_order", [False, True])
+@pytest.mark.parametrize("name, attn", [("gptj", "h.1.attn"), ("codegen", "h.1.attn")])
+def test_gptj_s_attention_code_is_named_though_its_mask_is_built_otherwise(
+        name: str, attn: str, by_order: bool) -> None:
+    """HF hands GPT-J's and CodeGen's attention a causal mask [B, 1, L, L + 1], PaddleNLP a
+    padding mask [B, 1, 1, L]; compared, their shapes differ, and the attention's input was
+    said to differ: a bug in its own code was put "between attn_dropout and out_proj". The mask
+    is a form each side builds, not a value it computes: beside the hidden states (paired by
+    value, HF's keyword against PaddleNLP's position) it is not held against the layer, and the
+    message says so."""
+    from reprod.align import align_forward
+
+    tm, pm = built(name)
+    _scaled_before(dict(pm.named_sublayers())[f"{attn}.out_proj"])
+    r = align_forward(tm, pm, {"input_ids": ids()}, by_order=by_order, check_settings=False)
+    div = r.options["divergence"]
+    assert div["layer"] == attn, div["message"]
+    assert "input aligned" in div["message"] and "own forward code" in div["message"]
+    assert "not judged: its input[attention_mask] ([2, 1, 10, 11] in the reference, " \
+           "[2, 1, 1, 10] in the port)" in div["message"], div["message"]
+
+
 # --- MBart -------------------------------------------------------------------------------------
 
 
