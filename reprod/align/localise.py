@@ -1213,6 +1213,9 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     ref = {k: v for k, v in ref.items() if _subject(k) in paired}
     port = {k: v for k, v in port.items() if _subject(k) in paired}
     noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], sorted(paired))
+    # judged as the leaves are: T5's mask, float32's lowest in HF and -1e4 in PaddleNLP, alike
+    ref, port, noise = _broadcast(ref, _merged(ref, port), noise)
+    port = _permuted(ref, _masked_alike(ref, port), criteria, noise)
     result = compare(ref, port, criteria=criteria, noise=noise)
     ref_types, port_types = dict(_named(torch_model)), dict(_named(paddle_model))
     # as first_divergence judges: a key one side alone records (an attention mask only HF

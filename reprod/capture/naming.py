@@ -556,15 +556,17 @@ def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
 
 def _same_box(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two container calls holding the same leaves take and give the same things: the
-    same signature, or the same outputs and an input of one shape where the inputs are keyed
-    otherwise (HF's ``self_attn(hidden_states=...)``, ``in[hidden_states]``, against
-    PaddleNLP's ``self_attn(x)``, ``in[0]``; ``pair_inputs`` pairs them by value)."""
+    same signature, or the same first output and an input of one shape, the rest keyed or
+    returned otherwise: HF's ``self_attn(hidden_states=...)`` (``in[hidden_states]``) against
+    PaddleNLP's ``self_attn(x)`` (``in[0]``), which ``pair_inputs`` pairs by value, and HF's
+    OPT attention returning its key/value cache beside its output, PaddleNLP's its weights."""
     if _signature(a) == _signature(b):
         return True
-    outs = [sorted((p, s) for p, s in parts.items() if p.startswith("out")) for parts in (a, b)]
-    ins = [{p: s for p, s in parts.items() if p.startswith("in")} for parts in (a, b)]
-    return bool(outs[0]) and outs[0] == outs[1] and set(ins[0]) != set(ins[1]) and bool(
-        {s for s in ins[0].values() if s} & {s for s in ins[1].values() if s})
+    first = [next((parts[p] for p in ("out", "out[0]") if p in parts), None) for parts in (a, b)]
+    if first[0] is None or first[0] != first[1]:
+        return False
+    ins = [{s for p, s in parts.items() if p.startswith("in") and s} for parts in (a, b)]
+    return bool(ins[0] & ins[1])
 
 
 def _calls_by_layer(calls: list[tuple[str, dict[str, Any]]]) -> dict[str, list[str]]:
