@@ -170,8 +170,12 @@ def test_a_bug_is_found_in_its_layer_and_explained(model, bug):
         # hold, and the block is named as by name; no diagnosis fits a missing add
         assert div["layer"] == target, message
         cls = _torch_class(pair, target)  # and the port's where it differs (BottleneckBlock)
-        assert re.match(rf"diverges at {re.escape(target)} \({cls}( vs \w+)?\): input aligned "
-                        r"\(max ", message), message
+        # with the port's name where it differs (paddle.vision's blocks.4 for features.5)
+        assert re.match(rf"diverges at {re.escape(target)} \({cls}( vs \w+)?"
+                        r"(; the port's [\w.]+)?\): input aligned \(max ", message), message
+        port = div.get("port_layer")
+        assert port is None or message.startswith(
+            f"diverges at {target} ({cls}") and f"; the port's {port}): " in message, message
         if model == "resnet50":  # the add comes before the block's last leaf, its shared ReLU
             assert f"; inside it, the input of {target}.relu#3 already differs" in message
             assert message.endswith(f"so the cause is {target}'s own forward code"), message
