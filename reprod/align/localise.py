@@ -1206,8 +1206,15 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
                              {**same, **names}, ref_skip, port_skip)
     pairs = sorted(((r, p) for p, r in boxes.items() if "#" not in p and "#" not in r),
                    key=lambda pair: -pair[0].count("."))  # the innermost first
+    blocks_ref = ref
+
+    def feeding() -> Optional[tuple[Any, dict[str, Any], dict[str, Any], dict[str, str]]]:
+        return _block_feeding(div, previous, following, to_port, ref_blocks, port_blocks,
+                              blocks_ref, raw, ref_leaves, port_leaves, torch_model,
+                              paddle_model, criteria, run_twin)
+
     if not pairs:
-        return None
+        return feeding()
     port = pair_inputs(ref, _renamed(raw, {p: r for r, p in pairs}))
     paired = {r for r, _ in pairs}
     ref = {k: v for k, v in ref.items() if _subject(k) in paired}
@@ -1244,7 +1251,71 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
                            inputs=ins, outputs=outs, previous=div.previous,
                            inner=div if holds else None, own_code=not holds, unlike=unlike)
         return found, ref, port, {r: p}
+    return feeding()
+
+def _block_feeding(div: Any, previous: str, following: str, to_port: Mapping[str, str],
+                   ref_blocks: list[str], port_blocks: list[str], ref: Mapping[str, Any],
+                   raw: Mapping[str, Any], ref_leaves: Mapping[str, Any],
+                   port_leaves: Mapping[str, Any], torch_model: Any, paddle_model: Any,
+                   criteria: Any, run_twin: Any
+                   ) -> Optional[tuple[Any, dict[str, Any], dict[str, Any], dict[str, str]]]:
+    """``_block_between`` where the blocks are cut otherwise on each side, so none holds the
+    same leaves as another: Hugging Face's BERT computes its attention in ``attention.self``
+    (query, key, value) and projects it in ``attention.output.dense``, PaddleNLP's in one
+    ``self_attn`` holding all four. The reference block that ends between the two leaves and
+    whose output is what ``following`` reads is set against the port's block holding both
+    leaves: its input against that block's input, its output against what the port's
+    ``following`` reads. Where its input aligns and its output differs, it is named (its own
+    forward code), with the port's block."""
+    from ..capture import _values
+    from ..capture.divergence import Divergence, _representative
+    from ..capture.naming import pair_inputs
+    from ..diff.engine import compare
+
+    port_prev, port_next = to_port[previous], to_port[following]
+    holder = next((b for b in sorted(port_blocks, key=lambda b: -b.count("."))
+                   if port_prev.startswith(b + ".") and port_next.startswith(b + ".")), None)
+    reads = _values.part_value(ref_leaves, following, "in")
+    port_reads = _values.part_value(port_leaves, port_next, "in")
+    if holder is None or reads is None or port_reads is None:
+        return None
+    for r in sorted(ref_blocks, key=lambda b: -b.count(".")):  # the innermost first
+        if not previous.startswith(r + ".") or following.startswith(r + "."):
+            continue
+        out_key = next((f"{r}.{w}" for w in ("out", "out[0]") if f"{r}.{w}" in ref), None)
+        if out_key is None or not _values.feeds(ref[out_key], reads):
+            continue
+        ins = {k: v for k, v in ref.items() if _is_input_of(k, r)}
+        # blocks cut otherwise take other arguments in each position (HF's attention.self its
+        # mask second, Paddle's attention its key): inputs pair by their values alone
+        given = [k for k in raw if _is_input_of(k, holder)]
+        port = {f"{r}.in[port {i}]": raw[k] for i, k in enumerate(given)}
+        mine = {**ins, out_key: ref[out_key]}
+        theirs = {**pair_inputs(mine, port), out_key: port_reads}
+        noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], [r])
+        mine, theirs, noise = _broadcast(mine, _merged(mine, theirs), noise)
+        theirs = _permuted(mine, _masked_alike(mine, theirs), criteria, noise)
+        result = compare(mine, theirs, criteria=criteria, noise=noise)
+        judged = [kr for kr in result if kr.status not in ("missing", "extra")]
+        ins_r = tuple(kr for kr in judged if kr.key != out_key)
+        outs = tuple(kr for kr in judged if kr.key == out_key)
+        if not ins_r or not outs or not all(kr.passed for kr in ins_r) or outs[0].passed:
+            return None
+        rc = type(dict(_named(torch_model))[r]).__name__
+        pc = type(dict(_named(paddle_model))[holder]).__name__
+        label = _type_label((rc, None if pc.lower() == rc.lower() else pc))
+        found = Divergence(layer=r, layer_type=label, input=_representative(ins_r),
+                           output=outs[0], inputs=ins_r, outputs=outs, previous=div.previous,
+                           own_code=True)
+        return found, mine, theirs, {r: holder}
     return None
+
+
+def _is_input_of(key: str, call: str) -> bool:
+    from ..capture.naming import parse_key
+
+    parsed = parse_key(key)
+    return parsed is not None and parsed.subject == call and parsed.what == "in"
 
 
 # layers that may compute their input unchanged (a dropout in eval mode)

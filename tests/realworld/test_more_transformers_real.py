@@ -422,6 +422,9 @@ def test_bloom_s_attention_code_is_named_though_its_mask_is_shaped_otherwise(by_
     ("opt", "decoder.layers.1.self_attn.out_proj", "decoder.layers.1.self_attn"),
     ("bart", "encoder.encoder.layers.1.self_attn.out_proj", "encoder.layers.1.self_attn"),
     ("distilbert", "encoder.layers.1.self_attn.out_proj", "transformer.layer.1.attention"),
+    ("roberta", "encoder.layers.1.self_attn.out_proj", "encoder.layer.1.attention.self"),
+    ("ernie", "encoder.layers.1.self_attn.out_proj", "encoder.layer.1.attention.self"),
+    ("electra", "encoder.layers.1.self_attn.out_proj", "encoder.layer.1.attention.self"),
 ])
 def test_an_attention_s_own_code_is_named_by_order(name: str, before: str, block: str) -> None:
     """By order only leaves are recorded; a bug in an attention's own code (10 % before its
@@ -429,7 +432,12 @@ def test_an_attention_s_own_code_is_named_by_order(name: str, before: str, block
     and the block holding the gap is recorded and named. T5's and OPT's were not found: T5's
     mask (float32's lowest in HF, -1e4 in PaddleNLP) was judged there unlike the leaves' masks,
     HF's T5 passes a cache position PaddleNLP does not, and HF's OPT attention returns its
-    key/value cache where PaddleNLP's returns its weights, so the two blocks did not pair."""
+    key/value cache where PaddleNLP's returns its weights, so the two blocks did not pair.
+    HF's BERT family computes its attention in ``attention.self`` (query, key, value) and
+    projects it in ``attention.output.dense``, PaddleNLP's ``self_attn`` holds all four: no two
+    blocks hold the same leaves, and "between attention.self.value and attention.output.dense"
+    was said. ``attention.self``, whose output the dense layer reads, is set against the port's
+    ``self_attn`` up to its ``out_proj``, and named with it."""
     from reprod.align import align_forward
 
     tm, pm = _loaded(name)
@@ -440,6 +448,10 @@ def test_an_attention_s_own_code_is_named_by_order(name: str, before: str, block
     assert div["layer"] == block, div["message"]
     assert "input aligned" in div["message"] and "own forward code" in div["message"], \
         div["message"]
+    if block.endswith("attention.self"):
+        assert div["port_layer"] == before.rpartition(".")[0], div
+        assert "vs MultiHeadAttention; the port's encoder.layers.1.self_attn): input aligned" \
+            in div["message"], div["message"]
 
 
 def test_bart_s_dropout_defaults_differ_and_only_they_are_said() -> None:
