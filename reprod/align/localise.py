@@ -331,6 +331,15 @@ def _broadcast(ref: dict[str, Any], port: dict[str, Any], noise: Optional[dict[s
     return widened(ref), widened(port), None if noise is None else widened(noise)
 
 
+def _alike(ref: Any, port: dict[str, Any], noise: Optional[dict[str, Any]], criteria: Any
+           ) -> tuple[Any, dict[str, Any], Optional[dict[str, Any]]]:
+    """The two captures (and the noise reference) as they are judged: axes one side repeats or
+    merges taken as the other's (``_broadcast``, ``_merged``), masks both apply set alike
+    (``_masked_alike``), and axes in another order transposed to the reference's
+    (``_permuted``): the values then judge them, not the layouts."""
+    ref, port, noise = _broadcast(ref, _merged(ref, port), noise)
+    return ref, _permuted(ref, _masked_alike(ref, port), criteria, noise), noise
+
 def _merged(ref: Any, port: dict[str, Any]) -> dict[str, Any]:
     """``port`` with each capture that holds the reference's values with its leading axes
     merged or split otherwise (Hugging Face's OPT flattens a layer's hidden states to [B*L, E]
@@ -538,8 +547,7 @@ def localise_forward(
     if noise is not None and splits:
         noise = split_captures(noise, {}, (), splits)[0]
     judged = _derive({k: v for k, v in ref.items() if k not in superseded}, derived)
-    judged, port, noise = _broadcast(judged, _merged(judged, port), noise)
-    port = _permuted(judged, _masked_alike(judged, port), criteria, noise)
+    judged, port, noise = _alike(judged, port, noise, criteria)
     plain = compare(judged, port, criteria=criteria, noise=noise)
     ptypes = layer_types(paddle_model)
     types: dict[str, tuple[str, Optional[str]]] = {
@@ -1162,7 +1170,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     innermost pair whose input aligns while its output differs is where the two part ways, as by
     name. Returns that ``Divergence``, the blocks' captures and {its name: the port's}, or None
     (no such blocks, or none diverges)."""
-    from ..capture.divergence import Divergence, _representative, _rows_apart
+    from ..capture.divergence import Divergence, _representative, without_forms
     from ..capture.naming import (
         _base,
         _layer_calls,
@@ -1221,8 +1229,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     port = {k: v for k, v in port.items() if _subject(k) in paired}
     noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], sorted(paired))
     # judged as the leaves are: T5's mask, float32's lowest in HF and -1e4 in PaddleNLP, alike
-    ref, port, noise = _broadcast(ref, _merged(ref, port), noise)
-    port = _permuted(ref, _masked_alike(ref, port), criteria, noise)
+    ref, port, noise = _alike(ref, port, noise, criteria)
     result = compare(ref, port, criteria=criteria, noise=noise)
     ref_types, port_types = dict(_named(torch_model)), dict(_named(paddle_model))
     # as first_divergence judges: a key one side alone records (an attention mask only HF
@@ -1231,13 +1238,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     for r, p in pairs:
         ins = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "in")
         outs = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "out")
-        # as first_divergence: an input handed in another shape (a mask) beside others is a form
-        unlike = tuple(kr for kr in ins if kr.status == "shape"
-                       and not _rows_apart(kr.ref_shape, kr.other_shape))
-        if unlike and len(unlike) < len(ins):
-            ins = tuple(kr for kr in ins if kr not in unlike)
-        else:
-            unlike = ()
+        ins, unlike = without_forms(ins)  # a mask built otherwise beside them: as by name
         if not ins or not outs or not all(kr.passed for kr in ins) or all(kr.passed for kr in outs):
             continue
         output = _representative(outs)
@@ -1293,8 +1294,7 @@ def _block_feeding(div: Any, previous: str, following: str, to_port: Mapping[str
         mine = {**ins, out_key: ref[out_key]}
         theirs = {**pair_inputs(mine, port), out_key: port_reads}
         noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], [r])
-        mine, theirs, noise = _broadcast(mine, _merged(mine, theirs), noise)
-        theirs = _permuted(mine, _masked_alike(mine, theirs), criteria, noise)
+        mine, theirs, noise = _alike(mine, theirs, noise, criteria)
         result = compare(mine, theirs, criteria=criteria, noise=noise)
         judged = [kr for kr in result if kr.status not in ("missing", "extra")]
         ins_r = tuple(kr for kr in judged if kr.key != out_key)

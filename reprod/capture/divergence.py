@@ -236,6 +236,19 @@ def _describe(r: KeyResult) -> str:
     return r.reason or r.status
 
 
+def without_forms(ins: tuple[KeyResult, ...]
+                  ) -> tuple[tuple[KeyResult, ...], tuple[KeyResult, ...]]:
+    """A layer call's inputs split into those judged and those handed in another shape on each
+    side (``Divergence.unlike``), where any other input is judged: a mask each side builds its
+    own way is a form, not a value. A call's only inputs of another shape, and inputs with
+    another number of rows (an expert handed other tokens), are what differs and stay."""
+    forms = tuple(r for r in ins if r.status == "shape"
+                  and not _rows_apart(r.ref_shape, r.other_shape))
+    if not forms or len(forms) == len(ins):
+        return ins, ()
+    return tuple(r for r in ins if r not in forms), forms
+
+
 def _rows_apart(a: Optional[tuple[int, ...]], b: Optional[tuple[int, ...]]) -> bool:
     return (a is not None and b is not None and len(a) == len(b) >= 1 and a[0] != b[0]
             and tuple(a[1:]) == tuple(b[1:]))
@@ -274,7 +287,7 @@ class _Unit:
         self.start: Optional[int] = None  # position of its first key: when the call began
         self.ins: list[KeyResult] = []
         self.outs: list[KeyResult] = []
-        self.forms: list[KeyResult] = []  # inputs handed in another shape (``unlike``)
+        self.forms: list[KeyResult] = []  # inputs handed in another shape (without_forms)
 
 
 # forward (start, end) positions of each layer call: call A encloses call B when A began before
@@ -542,10 +555,7 @@ def first_divergence(
             unit = table[parsed.subject] = _Unit(parsed.subject, parsed.name)
         if unit.start is None:
             unit.start = pos
-        if parsed.what == "in" and r.status == "shape" and \
-                not _rows_apart(r.ref_shape, r.other_shape):
-            unit.forms.append(r)  # judged as an input below only where it is the call's only one
-        elif parsed.what in ("in", "grad_out"):
+        if parsed.what in ("in", "grad_out"):
             unit.ins.append(r)
         else:
             unit.outs.append(r)
@@ -553,8 +563,8 @@ def first_divergence(
                 unit.pos = pos
 
     for unit in forward.values():
-        if unit.forms and not unit.ins:  # no other input compared: its shape is what differs
-            unit.ins, unit.forms = unit.forms, []
+        ins, forms = without_forms(tuple(unit.ins))
+        unit.ins, unit.forms = list(ins), list(forms)
     _merge_folded(forward, result)
     spans: Spans = {
         u.subject: (u.start, u.pos)
