@@ -1231,7 +1231,6 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     # judged as the leaves are: T5's mask, float32's lowest in HF and -1e4 in PaddleNLP, alike
     ref, port, noise = _alike(ref, port, noise, criteria)
     result = compare(ref, port, criteria=criteria, noise=noise)
-    ref_types, port_types = dict(_named(torch_model)), dict(_named(paddle_model))
     # as first_divergence judges: a key one side alone records (an attention mask only HF
     # passes) says nothing of either block
     keys = [(kr, parse_key(kr.key)) for kr in result if kr.status not in ("missing", "extra")]
@@ -1243,8 +1242,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
             continue
         output = _representative(outs)
         assert output is not None
-        rc, pc = type(ref_types[r]).__name__, type(port_types[p]).__name__
-        label = _type_label((rc, None if pc.lower() == rc.lower() else pc))
+        label = _block_label(torch_model, paddle_model, r, p)
         # a block ending between the two holds only aligned layers; the one holding both holds
         # the layer whose input differs, as by name its "inner" divergence
         holds = following.startswith(r + ".")
@@ -1301,14 +1299,19 @@ def _block_feeding(div: Any, previous: str, following: str, to_port: Mapping[str
         outs = tuple(kr for kr in judged if kr.key == out_key)
         if not ins_r or not outs or not all(kr.passed for kr in ins_r) or outs[0].passed:
             return None
-        rc = type(dict(_named(torch_model))[r]).__name__
-        pc = type(dict(_named(paddle_model))[holder]).__name__
-        label = _type_label((rc, None if pc.lower() == rc.lower() else pc))
+        label = _block_label(torch_model, paddle_model, r, holder)
         found = Divergence(layer=r, layer_type=label, input=_representative(ins_r),
                            output=outs[0], inputs=ins_r, outputs=outs, previous=div.previous,
                            own_code=True)
         return found, mine, theirs, {r: holder}
     return None
+
+
+def _block_label(torch_model: Any, paddle_model: Any, ref_block: str, port_block: str) -> str:
+    """The two blocks' classes for a message: the port's only where it differs."""
+    rc = type(dict(_named(torch_model))[ref_block]).__name__
+    pc = type(dict(_named(paddle_model))[port_block]).__name__
+    return _type_label((rc, None if pc.lower() == rc.lower() else pc))
 
 
 def _is_input_of(key: str, call: str) -> bool:
