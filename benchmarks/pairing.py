@@ -3,10 +3,11 @@ against comparing them, on a real model pair.
 
     .venv-real/bin/python benchmarks/pairing.py                    # resnet50, mobilenet_v3_small
     .venv-real/bin/python benchmarks/pairing.py --reprod DIR       # another checkout
+    .venv-real/bin/python benchmarks/pairing.py --batch 8          # larger captures
 
 Needs torch, torchvision and paddle (tests/realworld's environment). Both models of the pair
 (torchvision's and paddle.vision's port, tests/realworld/models.py) are captured once with
-``reprod.capture.record`` at batch 2; the figures are medians of ``--rounds``. The floor is
+``reprod.capture.record`` at batch 2 (``--batch``); the figures are medians of ``--rounds``. The floor is
 ``reprod.compare`` of the paired captures (the reads pairing's fingerprints also need), and one
 ``sum`` over every capture, measured in the same run.
 """
@@ -24,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _row(name: str, rounds: int) -> str:
+def _row(name: str, rounds: int, batch: int) -> str:
     import numpy as np
     import paddle
     import torch
@@ -34,7 +35,7 @@ def _row(name: str, rounds: int) -> str:
     from reprod.capture import match_by_order, record
 
     pair = build_pair(name, seed=0)
-    x = make_inputs(0, 2)
+    x = make_inputs(0, batch)
     with torch.no_grad(), record(pair.torch32) as t_log:
         pair.torch32(torch.from_numpy(x))
     port = pair.paddle()
@@ -55,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", action="append")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reprod", default=ROOT, help="the checkout whose reprod is measured")
     args = ap.parse_args()
     check_env("pairing.py")
@@ -69,7 +71,7 @@ def main() -> None:
           "pairing / compare |")
     print("|---|---|---|---|---|---|---|")
     for name in args.model or ["resnet50", "mobilenet_v3_small"]:
-        print(_row(name, args.rounds))
+        print(_row(name, args.rounds, args.batch))
 
 
 if __name__ == "__main__":

@@ -755,6 +755,127 @@ static PyObject *stats3(PyObject *self, PyObject *args) {
 
 
 /*
+ * moments: the sum, the sum of |x|, the least and the largest element of one float32/float64
+ * buffer, in float64, in one pass. The pairing by call order fingerprints every capture by its
+ * mean, mean |x| and max |x| (reprod/capture/_values.py: stats); numpy took an |x| copy and
+ * three reductions, 5x a read of the capture (ResNet-50's captures at batch 8: 1.0 s of the
+ * 1.3 s the pairing took). Two vectors of lanes a step, so that two independent additions are in
+ * flight. A NaN makes the sums NaN (what the caller tests); the least and largest skip it.
+ */
+#ifdef HAVE_VECTORS
+#define DEFINE_MOMENTS(NAME, ATTR, W, VD, VI, LOAD, SIZE, MAX, MIN)                               \
+    ATTR static void NAME(const char *p, Py_ssize_t n, double out[4]) {                         \
+        const VI absmask = (VI){0} + INT64_MAX;                                                  \
+        const VD zero = {0};                                                                     \
+        VD s0 = zero, s1 = zero, a0 = zero, a1 = zero;                                           \
+        VD lo0 = zero + INFINITY, lo1 = lo0, hi0 = zero - INFINITY, hi1 = hi0;                   \
+        Py_ssize_t i = 0, m = n / (2 * W) * (2 * W);                                             \
+        for (; i < m; i += 2 * W) {                                                              \
+            VD x = LOAD(p + SIZE * i), y = LOAD(p + SIZE * (i + W));                             \
+            s0 += x;                                                                             \
+            s1 += y;                                                                             \
+            a0 += (VD)((VI)x & absmask);                                                         \
+            a1 += (VD)((VI)y & absmask);                                                         \
+            lo0 = MIN(x, lo0);                                                                   \
+            lo1 = MIN(y, lo1);                                                                   \
+            hi0 = MAX(x, hi0);                                                                   \
+            hi1 = MAX(y, hi1);                                                                   \
+        }                                                                                        \
+        double s = 0.0, a = 0.0, lo = INFINITY, hi = -INFINITY;                                  \
+        for (int l = 0; l < W; l++) {                                                            \
+            s += s0[l] + s1[l];                                                                  \
+            a += a0[l] + a1[l];                                                                  \
+            if (lo0[l] < lo) lo = lo0[l];                                                        \
+            if (lo1[l] < lo) lo = lo1[l];                                                        \
+            if (hi0[l] > hi) hi = hi0[l];                                                        \
+            if (hi1[l] > hi) hi = hi1[l];                                                        \
+        }                                                                                        \
+        for (; i < n; i++) {                                                                     \
+            double v = SIZE == 4 ? load_f(p, i) : load_d(p, i);                                  \
+            s += v;                                                                              \
+            a += fabs(v);                                                                        \
+            if (v < lo) lo = v;                                                                  \
+            if (v > hi) hi = v;                                                                  \
+        }                                                                                        \
+        out[0] = s, out[1] = a, out[2] = lo, out[3] = hi;                                        \
+    }
+DEFINE_MOMENTS(moments2_f, , 2, vd2, vi2, LOADF2, 4, MAX2, MIN2)
+DEFINE_MOMENTS(moments2_d, , 2, vd2, vi2, LOADD2, 8, MAX2, MIN2)
+#ifdef HAVE_AVX2
+DEFINE_MOMENTS(moments4_f, AVX2, 4, vd4, vi4, LOADF4, 4, MAX4, MIN4)
+DEFINE_MOMENTS(moments4_d, AVX2, 4, vd4, vi4, LOADD4, 8, MAX4, MIN4)
+#endif
+#endif /* HAVE_VECTORS */
+
+#ifndef HAVE_VECTORS
+static void moments_scalar(const char *p, char kind, Py_ssize_t n, double out[4]) {
+    double s = 0.0, a = 0.0, lo = INFINITY, hi = -INFINITY;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double v = LOAD(kind, p, i);
+        s += v;
+        a += fabs(v);
+        if (v < lo) lo = v;
+        if (v > hi) hi = v;
+    }
+    out[0] = s, out[1] = a, out[2] = lo, out[3] = hi;
+}
+#endif
+
+PyDoc_STRVAR(moments_doc,
+    "moments(buf, kind) -> (sum, sum_abs, min, max)\n\n"
+    "Of a contiguous buffer of float32 ('f') or float64 ('d'), summed in float64, in one pass.\n"
+    "A NaN makes both sums NaN; min and max skip NaNs (inf and -inf where nothing is counted).\n"
+    "A SIGBUS while reading raises MappedReadError.");
+
+static PyObject *moments(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    int k;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*C", &b, &k)) return NULL;
+    Py_ssize_t size = kind_size(k);
+    if (!size || b.len % size) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "moments: bad kind or length");
+        return NULL;
+    }
+    if (bus_install() < 0) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    Py_ssize_t n = b.len / size;
+    double out[4];
+    const char *p = b.buf;
+    bus_guard_t g;
+    int faulted = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (BUS_GUARDED(g)) {
+        bus_arm(&g);
+#ifdef HAVE_VECTORS
+#ifdef HAVE_AVX2
+        if (table == avx2_table) {
+            if (k == 'f') moments4_f(p, n, out);
+            else moments4_d(p, n, out);
+        } else
+#endif
+        if (k == 'f') moments2_f(p, n, out);
+        else moments2_d(p, n, out);
+#else
+        moments_scalar(p, (char)k, n, out);
+#endif
+    } else {
+        faulted = 1;
+    }
+    bus_disarm(&g);
+    Py_END_ALLOW_THREADS
+    Py_buffer *bufs[1] = {&b};
+    int which = faulted ? bus_which(g.addr, bufs, 1) : -1;
+    PyBuffer_Release(&b);
+    if (faulted) return bus_raise(which, -1);
+    return Py_BuildValue("(dddd)", out[0], out[1], out[2], out[3]);
+}
+
+
+/*
  * CRC-32 (zlib's: reflected polynomial 0xEDB88320), for the checksums of .npz members.
  * Bytes 16 at a time are folded with carry-less multiplication where the CPU has PCLMULQDQ
  * (Gopal et al., "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ", Intel 2009;
@@ -2598,6 +2719,7 @@ static PyObject *rename_exchange(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"stats", stats, METH_VARARGS, stats_doc},
     {"stats3", stats3, METH_VARARGS, stats3_doc},
+    {"moments", moments, METH_VARARGS, moments_doc},
     {"stats_many", stats_many, METH_VARARGS, stats_many_doc},
     {"scan_items", scan_items, METH_VARARGS, scan_items_doc},
     {"zip_central", zip_central, METH_VARARGS, zip_central_doc},

@@ -16,26 +16,54 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .. import _native
+
 LIKE_RTOL = 1e-2  # values agreeing this closely are the same values (float32 or half ports)
 _SAMPLES = 16  # elements read at fixed places: two arrays with like statistics but other values
+_KERNEL_CODES = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}  # native order only
 _FOLD = 3  # at most this many reference calls in a row computed by one port call
 
 
-def stats(value: Any) -> Optional[tuple[float, float, float]]:
-    """(mean, mean |x|, max |x|) of a float array; ``None`` for anything else."""
+def moments(value: Any) -> Optional[tuple[float, float, float, float]]:
+    """(mean, mean |x|, least, largest) of a float array; ``None`` for anything else. A NaN makes
+    the means NaN."""
     try:
         a = np.asarray(value)
     except Exception:  # noqa: BLE001 - a value without an array view: no fingerprint
         return None
     if a.dtype.kind != "f" or a.size == 0:
         return None
+    kernel = _native.kernel()
+    code = _KERNEL_CODES.get(a.dtype)
+    if kernel is not None and code is not None and a.flags.c_contiguous:
+        # one read of the array: numpy's |x| copy and three reductions cost 5x that, most of
+        # the pairing's time on a large model's captures (benchmarks/pairing.py)
+        total, total_abs, lo, hi = kernel.moments(a, code)
+        return total / a.size, total_abs / a.size, lo, hi
     # over the array as it is (half precision summed in float32): numpy's pairwise sums are far
-    # within the 1e-2 that likeness reads them to, and a float64 copy and a second |x| cost 3x
-    # the reads (ResNet-50's captures: pairing took 1.0 s against 0.13 s for comparing them)
+    # within the 1e-2 that likeness reads them to, and a float64 copy costs the reads twice
     acc = np.float32 if a.itemsize < 4 else None
     with np.errstate(all="ignore"):
-        size = np.abs(a)
-        return float(a.mean(dtype=acc)), float(size.mean(dtype=acc)), float(size.max())
+        return (float(a.mean(dtype=acc)), float(np.abs(a).mean(dtype=acc)), float(a.min()),
+                float(a.max()))
+
+
+def stats(value: Any) -> Optional[tuple[float, float, float]]:
+    """(mean, mean |x|, max |x|) of a float array; ``None`` for anything else."""
+    m = moments(value)
+    return None if m is None else of_moments(m)
+
+
+def of_moments(m: tuple[float, float, float, float]) -> tuple[float, float, float]:
+    """``stats`` from ``moments``."""
+    return m[0], m[1], max(m[3], -m[2])
+
+
+def relu_stats(m: tuple[float, float, float, float]) -> tuple[float, float, float]:
+    """``stats`` of max(x, 0) from the ``moments`` of x, without computing it: its mean and
+    mean |x| are both (mean + mean |x|) / 2."""
+    half = (m[0] + m[1]) / 2
+    return half, half, max(m[3], 0.0)
 
 
 def close(x: Any, y: Any) -> bool:

@@ -465,7 +465,14 @@ def _same_array(a: Any, b: Any) -> bool:
         x, y = np.asarray(a), np.asarray(b)
     except Exception:  # noqa: BLE001 - a value without an array view
         return False
-    return x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(x, y))
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    if x is y:
+        return True
+    # most calls asked about compute something: their first elements already differ, and the
+    # whole comparison (a boolean array of the capture's size) is left for the ones that do not
+    n = min(x.size, 256)
+    return bool(np.array_equal(x.flat[:n], y.flat[:n])) and bool(np.array_equal(x, y))
 
 
 def _whole(leaves: list[str], calls: set[str]) -> set[str]:
@@ -836,11 +843,11 @@ def _derive(ref: dict[str, Any], derived: Mapping[str, str]) -> dict[str, Any]:
 
 def _applied_relu(ref_out: Any, port_out: Any) -> bool:
     """The port's output agrees with the ReLU of the reference's, and not with it."""
-    a = np.asarray(ref_out)
-    if a.dtype.kind != "f" or not (a < 0).any():
+    m = _values.moments(ref_out)
+    if m is None or not m[2] < 0:
         return False
     got = _stats(port_out)
-    return _close(got, _stats(np.maximum(a, 0))) and not _close(got, _stats(a))
+    return _close(got, _values.relu_stats(m)) and not _close(got, _values.of_moments(m))
 
 
 def match_by_order(
