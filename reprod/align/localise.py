@@ -1217,9 +1217,9 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     blocks_ref = ref
 
     def feeding() -> Optional[tuple[Any, dict[str, Any], dict[str, Any], dict[str, str]]]:
-        return _block_feeding(div, previous, following, to_port, ref_blocks, port_blocks,
-                              blocks_ref, raw, ref_leaves, port_leaves, torch_model,
-                              paddle_model, criteria, run_twin)
+        args = (div, previous, following, to_port, ref_blocks, port_blocks, blocks_ref, raw,
+                ref_leaves, port_leaves, torch_model, paddle_model, criteria, run_twin)
+        return _block_feeding(*args) or _block_holding(*args)
 
     if not pairs:
         return feeding()
@@ -1306,6 +1306,67 @@ def _block_feeding(div: Any, previous: str, following: str, to_port: Mapping[str
         return found, mine, theirs, {r: holder}
     return None
 
+
+
+def _block_holding(div: Any, previous: str, following: str, to_port: Mapping[str, str],
+                   ref_blocks: list[str], port_blocks: list[str], ref: Mapping[str, Any],
+                   raw: Mapping[str, Any], ref_leaves: Mapping[str, Any],
+                   port_leaves: Mapping[str, Any], torch_model: Any, paddle_model: Any,
+                   criteria: Any, run_twin: Any
+                   ) -> Optional[tuple[Any, dict[str, Any], dict[str, Any], dict[str, str]]]:
+    """``_block_between`` where the innermost blocks holding both leaves hold other leaves on
+    each side: Hugging Face's MPNet computes its attention in ``attention.attn`` (q, k, v, o)
+    and adds and normalises in ``attention``, PaddleNLP's ``attention`` holds q, k, v, o and the
+    norm. The reference's innermost block holding both is set against the port's: its inputs
+    against that block's (by value), and its output, where it is a leaf's it holds (``o``'s),
+    against the port's pair of that leaf. Where its input aligns and its output differs, it is
+    named, its code between the two leaves the cause, with the port's block."""
+    from ..capture import _values
+    from ..capture.divergence import Divergence, _representative
+    from ..capture.naming import pair_inputs, parse_key
+    from ..diff.engine import compare
+
+    def innermost(blocks: list[str], a: str, b: str) -> Optional[str]:
+        return next((c for c in sorted(blocks, key=lambda c: -c.count("."))
+                     if a.startswith(c + ".") and b.startswith(c + ".")), None)
+
+    r = innermost(ref_blocks, previous, following)
+    holder = innermost(port_blocks, to_port[previous], to_port[following])
+    if r is None or holder is None:
+        return None
+    out_key = next((f"{r}.{w}" for w in ("out", "out[0]") if f"{r}.{w}" in ref), None)
+    if out_key is None:
+        return None
+    # the leaf whose output the block returns as it is, the last such, and its pair's output
+    last = None
+    for key in ref_leaves:
+        k = parse_key(key)
+        if (k is not None and k.what == "out" and k.subject.startswith(r + ".")
+                and k.subject.partition("#")[0] in to_port and _values.feeds(ref_leaves[key], ref[out_key])):
+            last = k
+    if last is None:
+        return None
+    theirs_out = _values.part_value(port_leaves, to_port[last.subject.partition("#")[0]], "out")
+    if theirs_out is None:
+        return None
+    ins = {k: v for k, v in ref.items() if _is_input_of(k, r)}
+    # other blocks take other arguments in each position: inputs pair by their values alone
+    given = [k for k in raw if _is_input_of(k, holder)]
+    port = {f"{r}.in[port {i}]": raw[k] for i, k in enumerate(given)}
+    mine = {**ins, out_key: ref[out_key]}
+    theirs = {**pair_inputs(mine, port), out_key: theirs_out}
+    noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], [r])
+    mine, theirs, noise = _alike(mine, theirs, noise, criteria)
+    result = compare(mine, theirs, criteria=criteria, noise=noise)
+    judged = [kr for kr in result if kr.status not in ("missing", "extra")]
+    ins_r = tuple(kr for kr in judged if kr.key != out_key)
+    outs = tuple(kr for kr in judged if kr.key == out_key)
+    if not ins_r or not outs or not all(kr.passed for kr in ins_r) or outs[0].passed:
+        return None
+    label = _block_label(torch_model, paddle_model, r, holder)
+    found = Divergence(layer=r, layer_type=label, input=_representative(ins_r), output=outs[0],
+                       inputs=ins_r, outputs=outs, previous=div.previous, inner=div)
+    return found, mine, theirs, {r: holder}
 
 def _block_label(torch_model: Any, paddle_model: Any, ref_block: str, port_block: str) -> str:
     """The two blocks' classes for a message: the port's only where it differs."""

@@ -425,6 +425,9 @@ def test_bloom_s_attention_code_is_named_though_its_mask_is_shaped_otherwise(by_
     ("roberta", "encoder.layers.1.self_attn.out_proj", "encoder.layer.1.attention.self"),
     ("ernie", "encoder.layers.1.self_attn.out_proj", "encoder.layer.1.attention.self"),
     ("electra", "encoder.layers.1.self_attn.out_proj", "encoder.layer.1.attention.self"),
+    # one layer shared by both: its first call
+    ("albert", "encoder.albert_layer_groups.0.albert_layers.0.attention.dense",
+     "encoder.albert_layer_groups.0.albert_layers.0.attention"),
 ])
 def test_an_attention_s_own_code_is_named_by_order(name: str, before: str, block: str) -> None:
     """By order only leaves are recorded; a bug in an attention's own code (10 % before its
