@@ -201,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or [[\"regex\", \"replacement\"], ...] (capture keys are renamed by layer name)",
     )
     p.add_argument(
+        "--pair-inputs",
+        action="store_true",
+        help="layer captures: pair a call's input keyed otherwise on each side (in[hidden_states] "
+        "against in[0]: a keyword against a position) by its values "
+        "(reprod.capture.pair_inputs); --by-order does so already",
+    )
+    p.add_argument(
         "--strict-shape",
         action="store_true",
         help="shapes that differ only by axes of size 1 ((90, 1) vs (90,)) fail instead of being "
@@ -242,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ~8 ms of a 0.15 s run on 5,000 keys); anything else (abbreviations, --opt=value, a value or path
 # starting with "-", a wrong count of paths, --help) goes to argparse, which also words the errors
 _FAST_FLAGS = {"--equal-nan": "equal_nan", "--by-order": "by_order", "--strict-shape": "strict_shape",
-               "--first": "first", "--failed-only": "failed_only", "--verify": "verify",
+               "--pair-inputs": "pair_inputs", "--first": "first", "--failed-only": "failed_only", "--verify": "verify",
                "--quiet": "quiet"}
 _FAST_VALUES = {"--format": "format", "--output": "output", "--html": "html",
                 "--threshold": "threshold"}
@@ -250,8 +257,8 @@ _DEFAULTS: dict[str, Any] = {
     "threshold": 1e-6, "method": None, "atol": None, "rtol": None, "key_threshold": [],
     "keys": None, "equal_nan": False, "noise": None, "noise_factor": None, "other_noise": None,
     "jobs": None,
-    "scheduler": None, "by_order": False, "rename": None, "strict_shape": False,
-    "format": "table", "output": None, "first": False, "failed_only": False, "max_rows": None,
+    "scheduler": None, "by_order": False, "rename": None, "pair_inputs": False,
+    "strict_shape": False, "format": "table", "output": None, "first": False, "failed_only": False, "max_rows": None,
     "html": None, "verify": False, "quiet": False,
 }  # build_parser()'s defaults (tests/test_cli.py checks that they agree)
 
@@ -295,7 +302,20 @@ def _fast_args(argv: Sequence[str]) -> Optional[Any]:
 
 
 def _pairing(args: argparse.Namespace) -> Any:
-    """The ``pair`` function of --by-order / --rename FILE (None without them)."""
+    """The ``pair`` function of --by-order / --rename FILE / --pair-inputs (None without them)."""
+    pair = _renaming(args)
+    if not args.pair_inputs or args.by_order:  # match_by_order pairs inputs itself
+        return pair
+
+    def inputs_paired(ref: Any, other: Any) -> Any:
+        from .capture.naming import pair_inputs
+
+        return pair_inputs(ref, other if pair is None else pair(ref, other))
+
+    return inputs_paired
+
+
+def _renaming(args: argparse.Namespace) -> Any:
     if args.rename and args.by_order:
         raise UsageError("give --by-order or --rename FILE, not both")
     if args.rename:
@@ -407,7 +427,7 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
         raise UsageError(f"--noise {args.noise} must be a folder exactly when {args.ref} is one")
     if args.other_noise and (ref_dir or pair is not None):
         raise UsageError("--other-noise works on two files under the same keys: leave out "
-                         "folders and --by-order/--rename")
+                         "folders and --by-order/--rename/--pair-inputs")
     if ref_dir:
         # folders: every file pair through compare_trees (serially, on a local process pool with
         # --jobs, on a Dask cluster with --scheduler / REPROD_SCHEDULER); --by-order/--rename run
@@ -416,7 +436,8 @@ def _run(args: argparse.Namespace) -> tuple[Compared, Optional[tuple[Any, Any]]]
 
         scheduler = args.scheduler or os.environ.get("REPROD_SCHEDULER") or None
         if pair is not None and (scheduler or (args.jobs or 1) > 1):
-            raise UsageError("--by-order/--rename work in one process: leave out --jobs/--scheduler")
+            raise UsageError("--by-order/--rename/--pair-inputs work in one process: leave out "
+                             "--jobs/--scheduler")
         tree = compare_trees(args.ref, args.other, criteria=criteria, noise=args.noise,
                              jobs=args.jobs, scheduler=scheduler, keys=args.keys,
                              verify=args.verify, progress=False if args.quiet else None, pair=pair)

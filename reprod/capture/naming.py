@@ -250,8 +250,14 @@ def _layer_calls(mapping: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]
 
 def _signature(parts: dict[str, Any]) -> tuple[Any, ...]:
     # forward parts only: a gradient missing on one side must not break the pairing of layers
-    fwd = sorted((p, s) for p, s in parts.items() if p.startswith(("in", "out")))
-    return tuple(fwd) if fwd else tuple(sorted(parts.items()))
+    fwd = [(p, s) for p, s in parts.items() if p.startswith(("in", "out"))]
+    if not fwd:
+        return tuple(sorted(parts.items()))
+    # the inputs' shapes, not their keys: one framework passes an argument by keyword, the
+    # other by position (HF's self_attn(hidden_states=...), PaddleNLP's self_attn(x)), and the
+    # call is the same call; pair_inputs then pairs the keys by value
+    ins = tuple(sorted((s for p, s in fwd if p.startswith("in")), key=repr))
+    return (("in", ins), *sorted((p, s) for p, s in fwd if p.startswith("out")))
 
 
 def _anchored_pairs(
@@ -959,9 +965,37 @@ def pair_inputs(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> dic
                         other_left.remove(candidate)
                         taught[candidate[1].items] = parsed.items
                         break
+    renamed.update(_first_outputs(ref_map, other_map))
     if not renamed:
         return dict(other_map)
     return {renamed.get(k, k): v for k, v in other_map.items()}
+
+
+_FIRST = ("[0]", ".0")  # how a capture keys the first of several outputs
+
+
+def _first_outputs(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> dict[str, str]:
+    """{other key: reference key} for a call's lone output on one side against the first of
+    several on the other, of one shape (PaddleNLP's MegatronBERT attention returns its weights
+    beside its output, HF's its output alone), and the gradient of that output alike: the
+    first output is what the call computes, and unpaired neither was judged."""
+    out: dict[str, str] = {}
+    for what in ("out", "grad_out"):
+        for key in other_map:
+            stem, dot, last = key.rpartition(".")
+            if last == what:  # the port's lone output against the reference's first
+                theirs = [f"{key}{f}" for f in _FIRST if f"{key}{f}" in ref_map]
+                if len(theirs) == 1 and key not in ref_map and \
+                        _shape(ref_map[theirs[0]]) == _shape(other_map[key]):
+                    out[key] = theirs[0]
+                continue
+            for f in _FIRST:
+                lone = key[: -len(f)]
+                if key.endswith(f) and lone.rpartition(".")[2] == what and lone in ref_map \
+                        and lone not in other_map and key not in ref_map \
+                        and _shape(ref_map[lone]) == _shape(other_map[key]):
+                    out[key] = lone
+    return out
 
 
 def _inputs_by_call(mapping: Mapping[str, Any]

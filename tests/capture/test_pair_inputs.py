@@ -109,3 +109,27 @@ def test_a_lone_input_of_another_shape_or_other_rows_still_differs() -> None:
     rows_port = {"e.in[0]": X[0, :3], "e.in[1]": X[1], "e.out": X * 2}
     div = first_divergence(compare(rows_ref, rows_port, threshold=1e-5))
     assert div is not None and div.input_aligned is False and not div.unlike
+
+
+def test_a_lone_output_pairs_with_the_first_of_several_of_its_shape() -> None:
+    """HF's MegatronBERT attention returns its context alone, PaddleNLP's the context and its
+    weights: ``out`` against ``out[0]`` (and ``out[1]``). Unpaired, neither was judged and a
+    bug in the attention's code was put outside the recorded layers."""
+    weights = RNG.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    ref = {"attn.in[hidden_states]": X, "attn.out": X * 2, "attn.grad_out": X}
+    port = {"attn.in[0]": X, "attn.out[0]": X * 2.2, "attn.out[1]": weights,
+            "attn.grad_out[0]": X}
+    got = pair_inputs(ref, port)
+    assert list(got) == ["attn.in[hidden_states]", "attn.out", "attn.out[1]", "attn.grad_out"]
+    assert got["attn.out"] is port["attn.out[0]"]  # paired though its values differ
+    div = first_divergence(compare(ref, got, threshold=1e-5))
+    assert div is not None and div.layer == "attn" and div.input_aligned, div.message
+    # and the other way round: the reference returns several, the port one
+    back = pair_inputs(port, ref)
+    assert "attn.out[0]" in back and back["attn.out[0]"] is ref["attn.out"]
+
+
+def test_outputs_of_other_shapes_or_keyed_alike_already_stay_as_they_are() -> None:
+    ref = {"a.out": X, "b.out": X, "c.out": X, "c.out[0]": X}
+    port = {"a.out[0]": X[0], "b.out": X, "b.out[0]": X, "c.out[0]": X}
+    assert pair_inputs(ref, port) == port
