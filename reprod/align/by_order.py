@@ -629,13 +629,29 @@ def _same_names_first(torch_keys: list[str], paddle_keys: list[str]
     if not common:
         return None
     position = {k: i for i, k in enumerate(torch_keys)}
-    rest = zip([k for k in torch_keys if k not in common],
-               [k for k in paddle_keys if k not in common])
+    # then the names alike but for case and underscores (HF's LUKE ``embeddings.LayerNorm``
+    # against PaddleNLP's ``embeddings.layer_norm``): LUKE's six norms, all [64], listed in
+    # another order on each side, paired in order crossed blocks and loaded wrong, silently
+    t_rest = [k for k in torch_keys if k not in common]
+    p_rest = [k for k in paddle_keys if k not in common]
+    t_loose, p_loose = _loose_names(t_rest), _loose_names(p_rest)
+    alike = {t: p_loose[n] for n, t in t_loose.items() if n in p_loose}
+    taken = set(alike.values())
+    rest = zip([k for k in t_rest if k not in alike], [k for k in p_rest if k not in taken])
     out = sorted([(position[k], k, k) for k in common] +
+                 [(position[t], t, p) for t, p in alike.items()] +
                  [(position[t], t, p) for t, p in rest])
     if all(p == paddle_keys[i] for i, _, p in out):
         return None  # the positions' own pairing
     return out
+
+
+def _loose_names(keys: list[str]) -> dict[str, str]:
+    """{name without case and underscores: key} of the keys that name is one key's alone."""
+    seen: dict[str, list[str]] = {}
+    for k in keys:
+        seen.setdefault(k.lower().replace("_", ""), []).append(k)
+    return {n: ks[0] for n, ks in seen.items() if len(ks) == 1}
 
 
 def _groups(keys: list[str]) -> list[tuple[str, list[int]]]:
