@@ -80,6 +80,10 @@ SAME = [
     ("avgpool", lambda: tnn.AvgPool2d(3, 2, 1), lambda: pnn.AvgPool2D(3, 2, 1, exclusive=False)),
     ("avgpool unpadded, another count", lambda: tnn.AvgPool2d(2),
      lambda: pnn.AvgPool2D(2, exclusive=True)),
+    # HF's Funnel against PaddleNLP's: a window past the edge averages what it holds either way
+    ("avgpool unpadded ceil_mode, another count",
+     lambda: tnn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=True),
+     lambda: pnn.AvgPool2D(2, 2, ceil_mode=True, exclusive=True)),
     ("adaptive", lambda: tnn.AdaptiveAvgPool2d(1), lambda: pnn.AdaptiveAvgPool2D(1)),
     ("dropout", lambda: tnn.Dropout(0.2), lambda: pnn.Dropout(0.2)),
     ("dropout off, another mode", lambda: tnn.Dropout(0.0),
@@ -188,6 +192,21 @@ def test_a_changed_setting_is_one_difference_with_both_values(t, p, expected):
             assert a == pytest.approx(b, rel=1e-6)
         else:
             assert a == b
+
+
+@pytest.mark.parametrize("size", [3, 4, 5, 7])
+@pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 2), (3, 3), (2, 1)])
+def test_an_unpadded_ceil_mode_pool_computes_the_same_whatever_it_counts(size, kernel, stride):
+    """Why the count is not compared without padding, even with ceil_mode: the numbers."""
+    x = np.random.default_rng(size).standard_normal((1, 2, size, size + 1)).astype(np.float32)
+    t = torch.nn.functional.avg_pool2d(torch.from_numpy(x), kernel, stride, ceil_mode=True,
+                                       count_include_pad=True).numpy()
+    for exclusive in (True, False):
+        p = paddle.nn.functional.avg_pool2d(paddle.to_tensor(x), kernel, stride, ceil_mode=True,
+                                            exclusive=exclusive).numpy()
+        np.testing.assert_allclose(p, t, rtol=1e-6, atol=1e-7)
+    assert _diffs(tnn.AvgPool2d(kernel, stride, ceil_mode=True),
+                  pnn.AvgPool2D(kernel, stride, ceil_mode=True)) == []
 
 
 def test_layers_without_parameters_pair_by_order_only_where_the_counts_agree():
