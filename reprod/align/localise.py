@@ -12,9 +12,10 @@ the torch model, so a hint appears only where the magnitudes fit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -388,59 +389,95 @@ def _masked_alike(ref: Any, port: dict[str, Any]) -> dict[str, Any]:
 _MAX_PERMUTED_RANK = 5
 
 
-def _permuted(ref: Any, port: dict[str, Any], criteria: Any, noise: Any) -> dict[str, Any]:
-    """``port`` with each capture that holds the reference's values with its axes in another
-    order (HF's Llama-family attention hands its rotary embedding [B, H, L, D], PaddleNLP's
-    [B, L, H, D]) transposed to the reference's: of the permutations that map its shape onto the
-    reference's, those whose values then pass ``criteria`` (against ``noise`` where calibrated),
-    and of them the one whose values differ least. Where sizes repeat (B == H) several
-    permutations fit the shapes and the values decide. A capture no permutation makes agree is
-    transposed as the captures of the same two shapes that agree are (a bug before a rotary
-    embedding changes its query's values, not their layout), and otherwise stays as it was, to
-    fail on its shape. Shapes that agree are never permuted: with H == L a bug that transposes
-    the two could not be told from a layout."""
+def _permutations(have: tuple[int, ...], want: tuple[int, ...]) -> list[Callable[[Any], Any]]:
+    """The transpositions of an array shaped ``have`` into ``want``, of one rank."""
     from itertools import permutations
 
+    if have == want or len(have) != len(want) or not 2 <= len(have) <= _MAX_PERMUTED_RANK or \
+            sorted(have) != sorted(want):
+        return []
+    return [functools.partial(np.transpose, axes=axes) for axes in permutations(range(len(have)))
+            if tuple(have[i] for i in axes) == want]
+
+
+def _head_splits(have: tuple[int, ...], want: tuple[int, ...]) -> list[Callable[[Any], Any]]:
+    """The ways an array shaped ``have`` holds ``want``'s values with one axis split in two and
+    the axes in another order, or the reverse: PaddleNLP's BigBird projects its query with a
+    ``Linear3D`` giving [B, H, L, D], HF's ``Linear`` [B, L, H * D]."""
+    from itertools import permutations
+
+    if abs(len(have) - len(want)) != 1 or int(np.prod(have)) != int(np.prod(want)):
+        return []
+    hi = have if len(have) > len(want) else want
+    if not 3 <= len(hi) <= _MAX_PERMUTED_RANK:
+        return []
+    lo = want if hi is have else have
+    ways: list[Callable[[Any], Any]] = []
+    for axes in permutations(range(len(hi))):
+        moved = tuple(hi[i] for i in axes)
+        for at in range(len(moved) - 1):
+            if moved[:at] + (moved[at] * moved[at + 1],) + moved[at + 2:] != lo:
+                continue
+            if hi is have:  # transposed, then two axes merged
+                ways.append(lambda b, axes=axes: np.reshape(np.transpose(b, axes), want))
+            else:  # one axis split, then transposed back
+                back = tuple(int(i) for i in np.argsort(axes))
+                ways.append(lambda b, moved=moved, back=back:
+                            np.transpose(np.reshape(b, moved), back))
+    return ways
+
+
+def _permuted(ref: Any, port: dict[str, Any], criteria: Any, noise: Any) -> dict[str, Any]:
+    """``port`` with each capture that holds the reference's values laid out otherwise in the
+    reference's layout: its axes in another order (HF's Llama-family attention hands its rotary
+    embedding [B, H, L, D], PaddleNLP's [B, L, H, D]), or also one axis split in two (PaddleNLP's
+    BigBird query [B, H, L, D] against HF's [B, L, E]): of the layouts that map its shape onto the
+    reference's, those whose values then pass ``criteria`` (against ``noise`` where calibrated),
+    and of them the one whose values differ least. Where sizes repeat (B == H) several layouts
+    fit the shapes and the values decide. A capture no layout makes agree is laid out as the
+    captures of the same two shapes that agree are (a bug before a rotary embedding changes its
+    query's values, not their layout), and otherwise stays as it was, to fail on its shape.
+    Shapes that agree are never permuted: with H == L a bug that transposes the two could not be
+    told from a layout."""
     from ..diff.engine import compare
 
     derived = getattr(ref, "derived", {})
     out = port
-    learnt: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[int, ...]] = {}
+    learnt: dict[tuple[tuple[int, ...], tuple[int, ...]], Callable[[Any], Any]] = {}
     left: list[str] = []
     for key in sorted(ref.keys() & port.keys()):
         a, b = ref[key], port[key]
-        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or key in derived:
+        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or key in derived or \
+                a.shape == b.shape:
             continue
-        if a.shape == b.shape or a.ndim != b.ndim or not 2 <= a.ndim <= _MAX_PERMUTED_RANK or \
-                sorted(a.shape) != sorted(b.shape):
+        ways = _permutations(b.shape, a.shape) or _head_splits(b.shape, a.shape)
+        if not ways:
             continue
         fits = []
-        for axes in permutations(range(b.ndim)):
-            if tuple(b.shape[i] for i in axes) == a.shape:
-                gap = np.abs(np.transpose(b, axes).astype(np.float64) - a) if a.size else \
-                    np.zeros(1)
-                worst = float(np.max(gap))
-                fits.append((worst if worst == worst else np.inf, axes))  # NaN: tried last
-        for _, axes in sorted(fits, key=lambda fit: fit[0]):
-            moved = np.transpose(b, axes)
+        for n, way in enumerate(ways):
+            gap = np.abs(way(b).astype(np.float64) - a) if a.size else np.zeros(1)
+            worst = float(np.max(gap))
+            fits.append((worst if worst == worst else np.inf, n))  # NaN: tried last
+        for _, n in sorted(fits):
+            moved = ways[n](b)
             judged = compare({key: a}, {key: moved}, criteria=criteria,
                              noise=None if noise is None or key not in noise else {key: noise[key]})
             if judged[key].passed:
                 if out is port:
                     out = dict(port)
                 out[key] = moved
-                learnt.setdefault((b.shape, a.shape), axes)
+                learnt.setdefault((b.shape, a.shape), ways[n])
                 break
         else:
             left.append(key)
     # a capture whose values differ, laid out as others that agree (the query handed to a rotary
     # embedding after a bug, beside the key that aligns), is judged by its values in that layout
     for key in left:
-        axes = learnt.get((port[key].shape, ref[key].shape))
-        if axes is not None:
+        way = learnt.get((port[key].shape, ref[key].shape))
+        if way is not None:
             if out is port:
                 out = dict(port)
-            out[key] = np.transpose(port[key], axes)
+            out[key] = way(port[key])
     return out
 
 

@@ -306,3 +306,28 @@ def test_a_permutation_is_taken_only_where_the_values_then_agree() -> None:
     off = port.copy()
     off[0, 0, 0, 0] += 1.0
     assert _permuted({"x.in": ref}, {"x.in": off}, crit, None)["x.in"] is off
+
+
+@pytest.mark.parametrize("heads", [4, 2])  # 2: B == H, the values decide between the layouts
+def test_heads_split_off_one_axis_are_judged_in_the_reference_s_layout(heads: int) -> None:
+    """PaddleNLP's BigBird projects its query with a ``Linear3D`` giving [B, H, L, D], HF's
+    ``Linear`` [B, L, H * D]: the capture failed on its shape and every bug after it was put
+    at layer 0's query."""
+    import reprod
+
+    crit = reprod.Criteria(methods="max", threshold=1e-6)
+    rng = np.random.default_rng(heads)
+    ref = rng.standard_normal((2, 5, heads * 3)).astype(np.float32)  # [B, L, H * D]
+    port = np.ascontiguousarray(ref.reshape(2, 5, heads, 3).transpose(0, 2, 1, 3))
+    got = _permuted({"q.out": ref}, {"q.out": port}, crit, None)["q.out"]
+    assert got.shape == ref.shape and np.array_equal(got, ref)
+    # the other way round: the reference splits, the port does not
+    back = _permuted({"q.out": port}, {"q.out": ref}, crit, None)["q.out"]
+    assert back.shape == port.shape and np.array_equal(back, port)
+    # a value off in every layout stays as it was; beside one that agrees, it takes that layout
+    off = port.copy()
+    off[0, 0, 0, 0] += 1.0
+    assert _permuted({"q.out": ref}, {"q.out": off}, crit, None)["q.out"] is off
+    both = _permuted({"q.out": ref, "k.out": ref}, {"q.out": off, "k.out": port}, crit, None)
+    assert both["q.out"].shape == ref.shape
+    assert np.count_nonzero(both["q.out"] != ref) == 1
