@@ -453,6 +453,31 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
         # position_ids, its GPT-J's causal mask): no weights, each model keeps its own
         torch_keys = [k for k in torch_keys if k not in tints]
         paddle_keys = [k for k in paddle_keys if k not in pints]
+    # the pairs the porter gave (``rules.pairs``: a layer each side defines elsewhere, which
+    # no order pairs) are theirs; the rest pair by order around them
+    given = [(tk, pk) for tk, pk in rules.pairs if tk in tshapes and pk in pshapes]
+    if not given:
+        return _plan_rest(torch_keys, paddle_keys, torch_side, paddle_side, rules, explain,
+                          tshapes, pshapes, linear, f"{tlabel} ({len(torch_keys)} tensors) vs "
+                          f"{plabel} ({len(paddle_keys)} tensors)")
+    t_given, p_given = {tk for tk, _ in given}, {pk for _, pk in given}
+    header = f"{tlabel} ({len(torch_keys)} tensors) vs {plabel} ({len(paddle_keys)} tensors)"
+    plan = _plan_rest([k for k in torch_keys if k not in t_given],
+                      [k for k in paddle_keys if k not in p_given], torch_side, paddle_side, rules,
+                      explain, tshapes, pshapes, linear, header)
+    at = {k: i for i, k in enumerate(torch_keys)}
+    pairs, problems, wrong = _check([(at.get(tk, -1), tk, pk) for tk, pk in given], tshapes,
+                                    pshapes, linear)
+    order = {k: i for i, k in enumerate(tshapes)}
+    return dataclasses.replace(
+        plan, pairs=tuple(sorted([*plan.pairs, *pairs], key=lambda pair: order[pair[0]])),
+        problems=(*problems, *plan.problems), wrong_kind=plan.wrong_kind | wrong)
+
+
+def _plan_rest(torch_keys: list[str], paddle_keys: list[str], torch_side: Any, paddle_side: Any,
+               rules: ConversionRules, explain: bool, tshapes: Mapping[str, tuple[int, ...]],
+               pshapes: Mapping[str, tuple[int, ...]], linear: set[str], header: str
+               ) -> _OrderPlan:
     flat = [(i, tk, pk) for i, (tk, pk) in enumerate(zip(torch_keys, paddle_keys))]
     pairs, problems, wrong_kind = _check(flat, tshapes, pshapes, linear)
     n = len(pairs)
@@ -462,7 +487,6 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
     problems += [
         (None, f"#{n + j} nothing vs {k} {list(pshapes[k])}") for j, k in enumerate(paddle_keys[n:])
     ]
-    header = f"{tlabel} ({len(torch_keys)} tensors) vs {plabel} ({len(paddle_keys)} tensors)"
     if (problems or _contradicted(pairs)) and len(torch_keys) == len(paddle_keys):
         named = _same_names_first(torch_keys, paddle_keys)
         candidates = ([named] if named is not None else []) + _by_kind(
