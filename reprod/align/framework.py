@@ -61,8 +61,10 @@ def pair_outputs(ref: Mapping[str, Any], port: dict[str, np.ndarray], head: str 
     Pegasus adds its encoder's mask, DeBERTa-v2 its hidden states). A port returning more pairs
     only outputs as deep as the reference's (a hidden state of the port's tuple of them is not
     the reference's output), and only where none of its other outputs as deep has the shape of
-    one paired (which would be the reference's is a guess). ``head``: the outputs' key prefix, a
-    lone tensor's whole key.
+    one paired (which would be the reference's is a guess). As many on each side, those after
+    the leading ones pair by shape where a shape is one output's alone on each side (PaddleNLP's
+    LUKE returns its entity states before its pooled output). ``head``: the outputs' key
+    prefix, a lone tensor's whole key.
 
     ``extra``: where given, receives the port's outputs beyond the reference's (each reference
     output has its pair, and the port's others are positions), which then leave the outputs
@@ -110,6 +112,12 @@ def _paired_by_position(ref: Mapping[str, Any], port: Mapping[str, Any], only_re
                 more and _depth(a, head) != _depth(b, head)):
             break
         agree += 1
+    if len(only_ref) == len(only_port):
+        # after the leading ones, as many on each side in another order (PaddleNLP's LUKE
+        # returns its entity states before its pooled output, HF after): each pairs with the
+        # one of its shape where that shape is one output's on each side
+        return {**dict(zip(only_port[:agree], only_ref[:agree])),
+                **_by_shape(ref, port, only_ref[agree:], only_port[agree:], head)}
     if not agree:
         return {}
     if more:
@@ -118,6 +126,20 @@ def _paired_by_position(ref: Mapping[str, Any], port: Mapping[str, Any], only_re
         if any((_depth(b, head), _shape_of(port[b])) in taken for b in only_port[agree:]):
             return {}
     return dict(zip(only_port[:agree], only_ref[:agree]))
+
+
+def _by_shape(ref: Mapping[str, Any], port: Mapping[str, Any], ref_keys: list[str],
+              port_keys: list[str], head: str) -> dict[str, str]:
+    """Port key -> reference key for the outputs whose shape and depth are one output's alone
+    on each side."""
+    def alone(tree: Mapping[str, Any], keys: list[str]) -> dict[Any, str]:
+        seen: dict[Any, list[str]] = {}
+        for k in keys:
+            seen.setdefault((_depth(k, head), _shape_of(tree[k])), []).append(k)
+        return {sig: ks[0] for sig, ks in seen.items() if len(ks) == 1}
+
+    mine, theirs = alone(ref, ref_keys), alone(port, port_keys)
+    return {theirs[sig]: key for sig, key in mine.items() if sig in theirs}
 
 
 def not_compared_outputs(nones: Mapping[str, list[str]], extra: list[str]) -> dict[str, str]:

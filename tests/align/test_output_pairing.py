@@ -51,6 +51,28 @@ def test_a_port_returning_a_cache_and_a_mask_pairs_around_them() -> None:
     assert extra == ["logits/3"] and list(out) == list(ref)
 
 
+def test_outputs_in_another_order_pair_by_their_shapes_where_each_is_one_output_s() -> None:
+    """PaddleNLP's LUKE returns (sequence, entity states, pooled), HF's ModelOutput
+    (last_hidden_state, pooler_output, entity_last_hidden_state): the first paired, the other
+    two were MISSING on one side and EXTRA on the other."""
+    seq, pooled, ents = np.zeros((B, L, H)), np.ones((B, H)), np.full((B, 3, H), 2.0)
+    ref = {"logits/last_hidden_state": seq, "logits/pooler_output": pooled,
+           "logits/entity_last_hidden_state": ents}
+    port = {"logits/0": seq, "logits/1": ents, "logits/2": pooled}
+    out, renamed = pair_outputs(ref, port)
+    assert renamed == {"logits/0": "logits/last_hidden_state",
+                       "logits/1": "logits/entity_last_hidden_state",
+                       "logits/2": "logits/pooler_output"}
+    assert out["logits/pooler_output"] is pooled and out["logits/entity_last_hidden_state"] is ents
+    # two of one shape: which is which is a guess, and those stay each side's own
+    twin = {"logits/last_hidden_state": seq, "logits/a": pooled, "logits/b": pooled}
+    _, renamed = pair_outputs(twin, {"logits/0": pooled, "logits/1": seq, "logits/2": pooled})
+    assert renamed == {"logits/1": "logits/last_hidden_state"}
+    # none leading alike: the shapes alone pair them
+    _, renamed = pair_outputs({"logits/x": seq, "logits/y": pooled},
+                              {"logits/0": pooled, "logits/1": seq})
+    assert renamed == {"logits/0": "logits/y", "logits/1": "logits/x"}
+
 def test_more_outputs_pair_only_where_the_pairing_is_no_guess() -> None:
     h, enc = np.zeros((B, L, H)), np.zeros((B, S, H))
     ref = {"logits/last_hidden_state": h}
@@ -61,9 +83,14 @@ def test_more_outputs_pair_only_where_the_pairing_is_no_guess() -> None:
     assert extra == []  # the reference's output has no pair: nothing is set aside
     # two outputs of its shape: either could be it
     assert pair_outputs(ref, {"logits/0": h, "logits/1": h}, extra=extra)[1] == {}
-    # the reference's outputs in another order, as many: their shapes disagree, nothing pairs
+    # the reference's outputs in another order, as many, of shapes each one output's: they
+    # pair by shape; of one shape (S == L), which is which is a guess and nothing pairs
     two = {"logits/last_hidden_state": h, "logits/encoder_last_hidden_state": enc}
-    assert pair_outputs(two, {"logits/0": enc, "logits/1": h}, extra=extra)[1] == {}
+    assert pair_outputs(two, {"logits/0": enc, "logits/1": h}, extra=extra)[1] == {
+        "logits/0": "logits/encoder_last_hidden_state", "logits/1": "logits/last_hidden_state"}
+    same = {"logits/last_hidden_state": h, "logits/encoder_last_hidden_state": h + 1}
+    assert pair_outputs(same, {"logits/0": h + 1, "logits/1": h}, extra=extra)[1] == {
+        "logits/0": "logits/last_hidden_state", "logits/1": "logits/encoder_last_hidden_state"}
     # named outputs beyond the reference's are not positions: they stay, the port's own
     got, _ = pair_outputs(ref, {"logits/last_hidden_state": h, "logits/attn": enc}, extra=extra)
     assert extra == [] and list(got) == ["logits/last_hidden_state", "logits/attn"]
