@@ -376,8 +376,11 @@ def test_pair_outputs_by_position_only_where_one_side_is_positional() -> None:
     assert list(got) == list(ref)
     # two named sides: other names are other outputs
     assert pair_outputs(ref, {"logits/seq": a, "logits/pooled": b})[1] == {}
-    # the shapes in order must agree
-    assert pair_outputs(ref, {"logits/0": b, "logits/1": a})[1] == {}
+    # in another order, each shape one output's alone on each side: paired by shape
+    assert pair_outputs(ref, {"logits/0": b, "logits/1": a})[1] == {
+        "logits/0": "logits/pooler_output", "logits/1": "logits/last_hidden_state"}
+    # of one shape: which is which is a guess, nothing pairs
+    assert pair_outputs(ref, {"logits/0": a[:, :1], "logits/1": a[:, :1]})[1] == {}
     # fewer on the port, by position: the reference's first ones, where the shapes agree
     assert pair_outputs(ref, {"logits/0": a})[1] == {"logits/0": "logits/last_hidden_state"}
     assert pair_outputs(ref, {"logits/0": b})[1] == {}
