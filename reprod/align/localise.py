@@ -674,7 +674,9 @@ def localise_forward(
             and gap.input_aligned is False and gap.previous is not None:
         found = _block_between(gap, torch_model, paddle_model, run_torch, run_paddle, ref, raw,
                                names, criteria, run_twin, pairing)
-        if found is not None:
+        if found is not None and isinstance(found[0], _Handed):
+            div = dataclasses.replace(div, handed=(found[0].block, found[0].input))
+        elif found is not None:
             div, hint = dataclasses.replace(found[0], passed_over=div.passed_over), layout
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
             blocks = found[3]
@@ -1207,7 +1209,12 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     innermost pair whose input aligns while its output differs is where the two part ways, as by
     name. Returns that ``Divergence``, the blocks' captures and {its name: the port's}, or None
     (no such blocks, or none diverges)."""
-    from ..capture.divergence import Divergence, _representative, without_forms
+    from ..capture.divergence import (
+        Divergence,
+        _representative,
+        unmatched_inputs,
+        without_forms,
+    )
     from ..capture.naming import (
         _base,
         _layer_calls,
@@ -1271,10 +1278,16 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     # as first_divergence judges: a key one side alone records (an attention mask only HF
     # passes) says nothing of either block
     keys = [(kr, parse_key(kr.key)) for kr in result if kr.status not in ("missing", "extra")]
+    unmatched = unmatched_inputs(result)
+    handed: Optional[_Handed] = None
     for r, p in pairs:
         ins = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "in")
         outs = tuple(kr for kr, k in keys if k is not None and k.subject == r and k.what == "out")
         ins, unlike = without_forms(ins)  # a mask built otherwise beside them: as by name
+        if handed is None and following.startswith(r + ".") and len(ins) > 1 and \
+                any(kr.passed for kr in ins) and not all(kr.passed for kr in ins):
+            # the innermost block holding both is handed one input already differing
+            handed = _Handed(r, next(kr for kr in ins if not kr.passed))
         if not ins or not outs or not all(kr.passed for kr in ins) or all(kr.passed for kr in outs):
             continue
         output = _representative(outs)
@@ -1285,9 +1298,22 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
         holds = following.startswith(r + ".")
         found = Divergence(layer=r, layer_type=label, input=_representative(ins), output=output,
                            inputs=ins, outputs=outs, previous=div.previous,
-                           inner=div if holds else None, own_code=not holds, unlike=unlike)
+                           inner=div if holds else None, own_code=not holds, unlike=unlike,
+                           unmatched=unmatched.get(r, ((), ())))
         return found, ref, port, {r: p}
-    return feeding()
+    fed = feeding()
+    if fed is None and handed is not None:
+        return handed, {}, {}, {}
+    return fed
+
+
+@dataclass(frozen=True)
+class _Handed:
+    """``_block_between``'s answer where no block diverges but the one holding both leaves is
+    handed one input already differing while its others align (``Divergence.handed``)."""
+
+    block: str
+    input: Any
 
 def _block_feeding(div: Any, previous: str, following: str, to_port: Mapping[str, str],
                    ref_blocks: list[str], port_blocks: list[str], ref: Mapping[str, Any],

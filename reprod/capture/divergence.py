@@ -6,7 +6,7 @@ mostly did not pair by name gives a divergence of kind ``"unpaired"``, never ``N
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
@@ -89,6 +89,16 @@ class Divergence:
     # attention mask HF builds [B, 1, L, L] and PaddleNLP [B, 1, 1, L]): a form, not a value,
     # so not held against the layer; said in the message
     unlike: tuple[KeyResult, ...] = ()
+    # inputs of the call keyed otherwise on each side that paired with none of the other's by
+    # value (``pair_inputs``): the reference's and the port's keys. HF hands BlenderbotSmall's
+    # attention its mask additive (1 = attend), PaddleNLP 1 = masked; an unpatched PaddleNLP
+    # MegatronBERT adds its 0/1 mask as it is. Not compared, so said in the message
+    unmatched: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    # where the input already differs: the block around the gap (by call order, recorded
+    # afterwards) and the one of its inputs that already differs while its others align (an
+    # unpatched PaddleNLP MegatronBERT adds its 0/1 mask as it is): that input's making is
+    # where to look, not the code between the two leaves
+    handed: Optional[tuple[str, KeyResult]] = None
 
     @property
     def input_aligned(self) -> Optional[bool]:
@@ -105,6 +115,7 @@ class Divergence:
         'diverges at features.3.block.2 (SqueezeExcitation): input aligned (max 2.000e-07), output max diff 4.000e-02'
         """
         return (self._message() + _unlike_note(self.unlike, self.direction)
+                + _unmatched_note(self.unmatched, self.direction) + _handed_note(self.handed)
                 + _factor_note(self.factor) + _passed_note(self.passed_over))
 
     def _message(self) -> str:
@@ -196,6 +207,28 @@ def _unlike_note(unlike: tuple[KeyResult, ...], direction: str) -> str:
             "each builds its own way), its other inputs compared")
 
 
+def _unmatched_note(unmatched: tuple[tuple[str, ...], tuple[str, ...]], direction: str) -> str:
+    ref, port = unmatched
+    if not ref or direction != "forward":
+        return ""
+    mine = ", ".join(f"input{p[len('in'):]}" for p in ref)
+    theirs = ", ".join(f"input{p[len('in'):]}" for p in port)
+    return (f"; not compared: its {mine} holds other values than any input the port keys "
+            f"otherwise ({theirs}): a mask written in another convention, or one built wrong "
+            "before the layer")
+
+
+def _handed_note(handed: Optional[tuple[str, KeyResult]]) -> str:
+    if handed is None:
+        return ""
+    block, r = handed
+    parsed = parse_key(r.key)
+    item = "" if parsed is None else parsed.part[len("in"):]
+    return (f"; the block around it, {block}, is handed its input{item} already differing "
+            f"({_describe(r)}) while its other inputs align: look first where that input is "
+            "made (a mask built before the block)")
+
+
 def _shape_text(shape: Optional[tuple[int, ...]]) -> str:
     return "?" if shape is None else "[" + ", ".join(str(n) for n in shape) + "]"
 
@@ -234,6 +267,21 @@ def _describe(r: KeyResult) -> str:
         return (f"{r.reason}: another number of rows, as a selection upstream gives that chose "
                 "otherwise (a router's top-k, a near tie decided by rounding, a mask)")
     return r.reason or r.status
+
+
+def unmatched_inputs(results: Iterable[KeyResult]
+                     ) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """{layer call: (the reference's input parts, the port's)} for the calls whose inputs are
+    keyed otherwise on each side and paired with none of the other's by value
+    (``Divergence.unmatched``): a key on one side only, with one on the other side only."""
+    sides: dict[str, tuple[list[str], list[str]]] = {}
+    for r in results:
+        if r.status not in _ONE_SIDED:
+            continue
+        parsed = parse_key(r.key)
+        if parsed is not None and parsed.what == "in":
+            sides.setdefault(parsed.subject, ([], []))[r.status == "extra"].append(parsed.part)
+    return {s: (tuple(a), tuple(b)) for s, (a, b) in sides.items() if a and b}
 
 
 def without_forms(ins: tuple[KeyResult, ...]
@@ -277,7 +325,8 @@ def _representative(results: tuple[KeyResult, ...]) -> Optional[KeyResult]:
 
 
 class _Unit:
-    __slots__ = ("subject", "name", "ins", "outs", "pos", "start", "folded", "forms")
+    __slots__ = ("subject", "name", "ins", "outs", "pos", "start", "folded", "forms",
+                 "unmatched")
 
     def __init__(self, subject: str, name: str) -> None:
         self.subject = subject
@@ -288,6 +337,7 @@ class _Unit:
         self.ins: list[KeyResult] = []
         self.outs: list[KeyResult] = []
         self.forms: list[KeyResult] = []  # inputs handed in another shape (without_forms)
+        self.unmatched: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # Divergence.unmatched
 
 
 # forward (start, end) positions of each layer call: call A encloses call B when A began before
@@ -326,6 +376,8 @@ def _divergence(
                          None if layer_types is None else layer_types.get(unit.folded.name))
     if unit.forms:
         extra.setdefault("unlike", tuple(unit.forms))
+    if unit.unmatched[0]:
+        extra.setdefault("unmatched", unit.unmatched)
     return Divergence(
         layer=unit.subject,
         layer_type=None if layer_types is None else layer_types.get(unit.name),
@@ -424,11 +476,19 @@ def _found(
         # the input was computed by code between recorded layers: the innermost enclosing
         # layer whose input aligns and whose output differs ran that code
         outer = [u for u in units if _encloses(spans, u.subject, unit.subject)]
+        handed: Optional[tuple[str, KeyResult]] = None
         for enclosing in sorted(outer, key=lambda u: -spans[u.subject][0]):
             if _aligned(enclosing.ins):
                 if _failing(enclosing.outs):
-                    return _divergence(enclosing, direction, layer_types, previous, inner=found)
+                    return _divergence(enclosing, direction, layer_types, previous, inner=found,
+                                       handed=handed)
                 break
+            if handed is None and direction == "forward" and len(enclosing.ins) > 1 and \
+                    any(r.passed for r in enclosing.ins):
+                # the innermost block around it is handed one input already differing (a mask)
+                handed = (enclosing.subject, next(r for r in enclosing.ins if not r.passed))
+        if handed is not None:
+            return replace(found, handed=handed)
     elif inside and found.input_aligned:
         span = spans.get(unit.subject)
         within = () if span is None else tuple(dict.fromkeys(
@@ -536,6 +596,7 @@ def first_divergence(
     params: list[tuple[CaptureKey, KeyResult]] = []
     ref_only: list[tuple[int, str]] = []  # (position, layer call) of the reference's alone
     uneven = _uneven_calls(result)
+    unmatched = unmatched_inputs(result.results)
     for pos, r in enumerate(result.results):
         parsed = parse_key(r.key)
         if parsed is not None and r.status == "missing" and not parsed.is_param:
@@ -565,6 +626,7 @@ def first_divergence(
     for unit in forward.values():
         ins, forms = without_forms(tuple(unit.ins))
         unit.ins, unit.forms = list(ins), list(forms)
+        unit.unmatched = unmatched.get(unit.subject, ((), ()))
     _merge_folded(forward, result)
     spans: Spans = {
         u.subject: (u.start, u.pos)

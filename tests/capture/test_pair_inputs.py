@@ -133,3 +133,28 @@ def test_outputs_of_other_shapes_or_keyed_alike_already_stay_as_they_are() -> No
     ref = {"a.out": X, "b.out": X, "c.out": X, "c.out[0]": X}
     port = {"a.out[0]": X[0], "b.out": X, "b.out[0]": X, "c.out[0]": X}
     assert pair_inputs(ref, port) == port
+
+
+def test_an_input_keyed_otherwise_that_holds_other_values_is_said_not_compared() -> None:
+    """HF hands BlenderbotSmall's attention an additive mask, PaddleNLP a 0/1 one where 1 is
+    masked: no value pairs them, and the attention was said to have its input aligned without a
+    word of the mask."""
+    additive = np.zeros((2, 1, 5, 5), np.float32)
+    additive[1, ..., 3:] = np.finfo(np.float32).min
+    ones = np.zeros((2, 1, 5, 5), np.float32)
+    ones[1, ..., 3:] = 1.0
+    ref = {"attn.in[hidden_states]": X, "attn.in[attention_mask]": additive, "attn.out": X}
+    port = {"attn.in[0]": X, "attn.in[1]": ones, "attn.out": X * 1.1}
+    div = first_divergence(compare(ref, pair_inputs(ref, port), threshold=1e-5))
+    assert div is not None and div.layer == "attn" and div.input_aligned
+    assert div.unmatched == (("in[attention_mask]",), ("in[1]",))
+    assert div.message.endswith(
+        "; not compared: its input[attention_mask] holds other values than any input the port "
+        "keys otherwise (input[1]): a mask written in another convention, or one built wrong "
+        "before the layer"), div.message
+    # an argument only the reference passes (HF's cache_position) has nothing to be held against
+    lone = {"attn.in[hidden_states]": X, "attn.in[cache_position]": np.arange(5.0),
+            "attn.out": X}
+    div = first_divergence(compare(lone, pair_inputs(lone, {"attn.in[0]": X, "attn.out": X * 1.1}),
+                                   threshold=1e-5))
+    assert div is not None and div.unmatched == ((), ()) and "not compared" not in div.message
