@@ -828,6 +828,20 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
                                     port_only=rules.port_only + tuple(only))
         if _order_plan(torch_side, paddle_side, tried, explain=False).problems:
             continue
+        moved = _moved(t_alone, p_alone, tshapes, pshapes)
+        if moved:
+            # a layer alone on each side, of the same shapes: likely one each defines elsewhere
+            # (HF's ConvBERT its attention's output Linear after its convolutions, PaddleNLP's
+            # before them); skipping it would load the port with that layer left as it was
+            paired = {tk: pk for t_keys, p_keys in moved for tk, pk in zip(t_keys, p_keys)}
+            t_rest = [keys for keys in t_alone if keys[0] not in paired]
+            p_rest = [keys for keys in p_alone if keys[0] not in paired.values()]
+            given = dataclasses.replace(
+                rules, pairs=tuple(rules.pairs) + tuple(paired.items()),
+                skip=rules.skip + tuple(_pattern(k) for k in t_rest),
+                port_only=rules.port_only + tuple(_pattern(k) for k in p_rest))
+            if not _order_plan(torch_side, paddle_side, given, explain=False).problems:
+                return _moved_text(paired, t_rest, p_rest, tshapes, pshapes), ((), ())
         parts, said = [], []
         for side, alone, shapes, patterns, field in (
                 ("torch", t_alone, tshapes, skip, "skip"),
@@ -840,6 +854,48 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
                 "have no counterpart (a layer the other side computes or does without), say "
                 f"so: rules=ConversionRules({', '.join(said)})"), (tuple(skip), tuple(only))
     return "", ((), ())
+
+
+_STAT_NAMES = {"_mean": "running_mean", "_variance": "running_var"}  # Paddle's -> torch's
+
+
+def _moved(t_alone: list[list[str]], p_alone: list[list[str]],
+           tshapes: Mapping[str, tuple[int, ...]], pshapes: Mapping[str, tuple[int, ...]]
+           ) -> list[tuple[list[str], list[str]]]:
+    """The layers left alone on each side that pair in order by their tensors' shapes, each
+    torch layer with the first Paddle one not yet taken (a layer each side defines elsewhere)."""
+    out: list[tuple[list[str], list[str]]] = []
+    taken: set[int] = set()
+    for t_keys in t_alone:
+        for n, p_keys in enumerate(p_alone):
+            if n not in taken and len(t_keys) == len(p_keys) and all(
+                    _shapes_pair(tshapes[a], pshapes[b]) and
+                    _STAT_NAMES.get(b.rpartition(".")[2], b.rpartition(".")[2]) ==
+                    a.rpartition(".")[2] for a, b in zip(t_keys, p_keys)):
+                taken.add(n)
+                out.append((t_keys, p_keys))
+                break
+    return out
+
+
+def _moved_text(paired: Mapping[str, str], t_rest: list[list[str]], p_rest: list[list[str]],
+                tshapes: Mapping[str, tuple[int, ...]], pshapes: Mapping[str, tuple[int, ...]]
+                ) -> str:
+    layers = [(tk.rpartition(".")[0], pk.rpartition(".")[0]) for tk, pk in paired.items()]
+    named = ", ".join(f"{t} (torch) and {p} (Paddle)" for t, p in dict.fromkeys(layers))
+    args = ["pairs={" + ", ".join(f'"{tk}": "{pk}"' for tk, pk in paired.items()) + "}"]
+    if t_rest:
+        args.append("skip=[" + ", ".join(f'r"{_pattern(k)}"' for k in t_rest) + "]")
+    if p_rest:
+        args.append("port_only=[" + ", ".join(f'r"{_pattern(k)}"' for k in p_rest) + "]")
+    rest = [f"{k} {list(tshapes[k])}" for keys in t_rest for k in keys] + \
+        [f"{k} {list(pshapes[k])}" for keys in p_rest for k in keys]
+    alone = f"; {', '.join(rest)} on one side alone" if rest else ""
+    return (f"every other tensor pairs by shape, but {named} are left alone, each on its own "
+            f"side, of the same shapes: a layer each side defines elsewhere in its order (HF's "
+            f"ConvBERT defines its attention's output Linear after its convolutions, PaddleNLP's "
+            f"before them){alone}. Where so, pair them: "
+            f"rules=ConversionRules({', '.join(args)})")
 
 
 def _with_lone_layers(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules]

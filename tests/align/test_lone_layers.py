@@ -283,3 +283,23 @@ def test_align_train_leaves_the_port_s_own_tensors_out_of_its_records():
     assert not any("pooler" in k or k.endswith("/index") for k in keys), sorted(keys)[:5]
     assert "step1/grad/layers.1.fc1.weight" in keys and "step1/stat/layers.1.norm1.weight" not in keys
     assert r.passed, r.to_table(failed_only=True)
+
+
+def test_a_layer_alone_on_each_side_of_the_same_shapes_reads_as_moved() -> None:
+    """HF's ConvBERT defines each attention's output Linear after its convolutions, PaddleNLP's
+    before them: left alone, one on each side, of the same shapes, they are paired in the
+    suggestion (skipping the one would load the port with the other random); a layer of other
+    shapes stays one side's alone, and a BatchNorm's statistics pair by their own names."""
+    from reprod.align.by_order import _moved
+
+    t = {"l0.out.weight": (8, 8), "l0.out.bias": (8,), "l1.out.weight": (8, 8),
+         "l1.out.bias": (8,), "bn.running_mean": (4,), "bn.running_var": (4,)}
+    p = {"pool.weight": (8, 8), "pool.bias": (8,), "a.proj.weight": (8, 8), "a.proj.bias": (8,),
+         "norm._mean": (4,), "norm._variance": (4,), "x.weight": (3, 8), "x.bias": (3,)}
+    t_alone = [["l0.out.weight", "l0.out.bias"], ["l1.out.weight", "l1.out.bias"],
+               ["bn.running_mean", "bn.running_var"]]
+    p_alone = [["x.weight", "x.bias"], ["a.proj.weight", "a.proj.bias"],
+               ["norm._variance", "norm._mean"], ["norm._mean", "norm._variance"],
+               ["pool.weight", "pool.bias"]]
+    got = _moved(t_alone, p_alone, t, p)
+    assert got == [(t_alone[0], p_alone[1]), (t_alone[1], p_alone[4]), (t_alone[2], p_alone[3])]
