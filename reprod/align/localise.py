@@ -1300,7 +1300,10 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
                            inputs=ins, outputs=outs, previous=div.previous,
                            inner=div if holds else None, own_code=not holds, unlike=unlike,
                            unmatched=unmatched.get(r, ((), ())))
-        return found, ref, port, {r: p}
+        # a block holding both leaves: where the reference's block ending between them (HF's
+        # ErnieM self_attn.self_attn, whose output its out_proj reads) diverges, it is nearer
+        fed = feeding() if holds else None
+        return fed if fed is not None else (found, ref, port, {r: p})
     fed = feeding()
     if fed is None and handed is not None:
         return handed, {}, {}, {}
