@@ -664,6 +664,10 @@ def localise_forward(
         between = _unpaired_between(pairing, div, labels)
         if between:
             div = dataclasses.replace(div, unpaired_between=between)
+        else:
+            theirs = _port_between(pairing, div, paddle_model)
+            if theirs:
+                div = dataclasses.replace(div, port_between=theirs)
     # by order only the leaves (and the model itself) are recorded: a leaf whose input already
     # differs inside the model is named at the model's own forward code, where a block between
     # the two leaves (timm's Attention, whose scale is its own code) holds that code
@@ -819,6 +823,28 @@ def _unpaired_between(pairing: Any, div: Any, labels: Mapping[str, str]) -> tupl
     for subject in order[start + 1:end]:
         if subject in pairing.ref_only:
             kind = labels.get(subject.partition("#")[0])
+            out.append(f"{subject} ({kind})" if kind else subject)
+    return tuple(out)
+
+
+def _port_between(pairing: Any, div: Any, paddle_model: Any) -> tuple[str, ...]:
+    """The port's leaf calls between its pairs of ``div.previous`` and ``div.layer`` that nothing
+    in the reference pairs with, each with its class: what the port computes there on its own."""
+    port_of = {r: o for o, r in pairing.calls.items()}
+    order = pairing.other_leaves
+    try:
+        start = order.index(port_of[div.previous])
+    except (KeyError, ValueError):
+        return ()
+    # up to the layer's pair, or where it has none (an eval-mode dropout, left out of the
+    # pairing on both sides) the next paired call
+    end = next((i for i in range(start + 1, len(order))
+                if order[i] == port_of.get(div.layer) or order[i] in pairing.calls), len(order))
+    classes = {name: type(layer).__name__ for name, layer in _named(paddle_model)}
+    out = []
+    for subject in order[start + 1:end]:
+        if subject in pairing.other_only:
+            kind = classes.get(subject.partition("#")[0])
             out.append(f"{subject} ({kind})" if kind else subject)
     return tuple(out)
 

@@ -75,6 +75,9 @@ class Divergence:
     # the reference's layer calls between ``previous`` and ``layer`` that nothing in the port
     # pairs with, with their classes ("encoder.ln (LayerNorm)"): where an input already differs
     unpaired_between: tuple[str, ...] = ()
+    # the port's layer calls there that nothing in the reference pairs with ("pos_encoding
+    # (Embedding)": CTRL's sinusoidal table, a layer in PaddleNLP and a function in HF)
+    port_between: tuple[str, ...] = ()
     # the reference's layer call before ``layer`` that the port computes in the same layer (a
     # convolution a converter folded the BatchNorm ``layer`` into): ``inputs`` are its inputs
     folded: Optional[str] = None
@@ -181,6 +184,16 @@ class Divergence:
                 f"two the reference calls {names}, which nothing in the port pairs with: "
                 f"{'a layer' if one else 'layers'} the port leaves out, or computes where "
                 "nothing records it"
+            )
+        elif self.port_between:
+            names = ", ".join(self.port_between)
+            one = len(self.port_between) == 1
+            cause = (
+                f"{inp} already differs ({diff}) although {self.previous} aligns; between the "
+                f"two the port calls {names}, which nothing in the reference pairs with: "
+                f"{'a layer' if one else 'layers'} the reference computes where nothing records "
+                f"it (a function, a table), or the port adds: the cause lies there or between "
+                "the two"
             )
         else:
             cause = (

@@ -316,3 +316,24 @@ def test_bugs_are_named_where_they_are(name: str, which: int) -> None:
     assert "input aligned" in div["message"], div["message"]
     if bug is _scaled_before:
         assert "own forward code" in div["message"], div["message"]
+
+
+def test_a_bug_in_ctrl_s_port_only_table_is_said_at_the_table() -> None:
+    """PaddleNLP's CTRL computes its sinusoidal table in a layer (``pos_encoding``), HF's adds a
+    bare tensor: the port's table with sines and cosines interleaved (HF's halves) was put
+    "between w and dropout, outside the recorded layers"."""
+    import paddle
+
+    from reprod.align import align_forward
+
+    tm, pm = built("ctrl")
+    w = pm.pos_encoding.weight.numpy()
+    half = w.shape[1] // 2
+    mixed = np.empty_like(w)
+    mixed[:, 0::2], mixed[:, 1::2] = w[:, :half], w[:, half:]
+    pm.pos_encoding.weight.set_value(paddle.to_tensor(mixed))
+    r = align_forward(tm, pm, padded(0, segments=False), by_order=True, rules=ctrl_rules(),
+                      check_settings=False)
+    message = r.options["divergence"]["message"]
+    assert "the port calls pos_encoding (SinusoidalPositionalEmbedding), which nothing in the " \
+        "reference pairs with" in message, message
