@@ -752,12 +752,9 @@ def _align(ref_sigs: list[Any], other_sigs: list[Any], likeness: Callable[[int, 
 def _fingerprint(mapping: Mapping[str, Any], subject: str) -> Optional[tuple[Any, Any]]:
     """(mean, mean |x|, max |x|) of a layer call's first input and first output, or ``None``
     for a part that is not a float array."""
-    def part(name: str) -> Any:
-        for suffix in ("", ".0"):
-            value = mapping.get(f"{subject}.{name}{suffix}")
-            if value is not None:
-                return _stats(value)
-        return None
+    def part(what: str) -> Any:
+        value = _values.part_value(mapping, subject, what)
+        return None if value is None else _stats(value)
     return part("in"), part("out")
 
 

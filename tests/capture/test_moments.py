@@ -142,3 +142,18 @@ def test_same_array_reads_past_the_first_elements() -> None:
     c[3] = np.nan
     assert not _same_array(c, c.copy())
     assert not _same_array(a, a.astype(np.float64)) and not _same_array(a, a.reshape(2, -1))
+
+
+@pytest.mark.parametrize("suffix", ["", "[0]", ".0"])
+def test_the_pairing_fingerprint_reads_a_call_s_first_part_however_it_is_keyed(suffix: str
+                                                                              ) -> None:
+    """``_fingerprint`` read ``in``/``in.0`` only: a call of several inputs (``in[0]``, ``in[1]``:
+    an attention handed its mask) had no input fingerprint, and its values never helped pair
+    it where shapes left a choice. It now reads as ``_values.part_value`` does."""
+    from reprod.capture.naming import _fingerprint
+
+    x = np.random.default_rng(6).standard_normal((3, 4)).astype(np.float32)
+    y = x * 2 + 1
+    fp = _fingerprint({f"a.in{suffix}": x, "a.in[1]": x[:1], f"a.out{suffix}": y}, "a")
+    assert fp == (_values.stats(x), _values.stats(y))
+    assert _fingerprint({"a.in": np.arange(3)}, "a") == (None, None)
