@@ -1286,9 +1286,10 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
                    key=lambda pair: -pair[0].count("."))  # the innermost first
     blocks_ref = ref
 
+    args = (div, previous, following, to_port, ref_blocks, port_blocks, blocks_ref, raw,
+            ref_leaves, port_leaves, torch_model, paddle_model, criteria, run_twin)
+
     def feeding() -> Optional[tuple[Any, dict[str, Any], dict[str, Any], dict[str, str]]]:
-        args = (div, previous, following, to_port, ref_blocks, port_blocks, blocks_ref, raw,
-                ref_leaves, port_leaves, torch_model, paddle_model, criteria, run_twin)
         return _block_feeding(*args) or _block_holding(*args)
 
     if not pairs:
@@ -1328,7 +1329,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
                            unmatched=unmatched.get(r, ((), ())))
         # a block holding both leaves: where the reference's block ending between them (HF's
         # ErnieM self_attn.self_attn, whose output its out_proj reads) diverges, it is nearer
-        fed = feeding() if holds else None
+        fed = _block_feeding(*args) if holds else None
         return fed if fed is not None else (found, ref, port, {r: p})
     fed = feeding()
     if fed is None and handed is not None:
