@@ -341,6 +341,7 @@ def _alike(ref: Any, port: dict[str, Any], noise: Optional[dict[str, Any]], crit
     ref, port, noise = _broadcast(ref, _merged(ref, port), noise)
     return ref, _permuted(ref, _masked_alike(ref, port), criteria, noise), noise
 
+
 def _merged(ref: Any, port: dict[str, Any]) -> dict[str, Any]:
     """``port`` with each capture that holds the reference's values with its leading axes
     merged or split otherwise (Hugging Face's OPT flattens a layer's hidden states to [B*L, E]
@@ -1345,6 +1346,7 @@ class _Handed:
     block: str
     input: Any
 
+
 def _block_feeding(div: Any, previous: str, following: str, to_port: Mapping[str, str],
                    ref_blocks: list[str], port_blocks: list[str], ref: Mapping[str, Any],
                    raw: Mapping[str, Any], ref_leaves: Mapping[str, Any],
@@ -1460,6 +1462,7 @@ def _block_holding(div: Any, previous: str, following: str, to_port: Mapping[str
     found = Divergence(layer=r, layer_type=label, input=_representative(ins_r), output=outs[0],
                        inputs=ins_r, outputs=outs, previous=div.previous, inner=div)
     return found, mine, theirs, {r: holder}
+
 
 def _block_label(torch_model: Any, paddle_model: Any, ref_block: str, port_block: str) -> str:
     """The two blocks' classes for a message: the port's only where it differs."""
