@@ -1362,9 +1362,6 @@ def _block_feeding(div: Any, previous: str, following: str, to_port: Mapping[str
     ``following`` reads. Where its input aligns and its output differs, it is named (its own
     forward code), with the port's block."""
     from ..capture import _values
-    from ..capture.divergence import Divergence, _representative
-    from ..capture.naming import pair_inputs
-    from ..diff.engine import compare
 
     port_prev, port_next = to_port[previous], to_port[following]
     holder = next((b for b in sorted(port_blocks, key=lambda b: -b.count("."))
@@ -1379,26 +1376,8 @@ def _block_feeding(div: Any, previous: str, following: str, to_port: Mapping[str
         out_key = next((f"{r}.{w}" for w in ("out", "out[0]") if f"{r}.{w}" in ref), None)
         if out_key is None or not _values.feeds(ref[out_key], reads):
             continue
-        ins = {k: v for k, v in ref.items() if _is_input_of(k, r)}
-        # blocks cut otherwise take other arguments in each position (HF's attention.self its
-        # mask second, Paddle's attention its key): inputs pair by their values alone
-        given = [k for k in raw if _is_input_of(k, holder)]
-        port = {f"{r}.in[port {i}]": raw[k] for i, k in enumerate(given)}
-        mine = {**ins, out_key: ref[out_key]}
-        theirs = {**pair_inputs(mine, port), out_key: port_reads}
-        noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], [r])
-        mine, theirs, noise = _alike(mine, theirs, noise, criteria)
-        result = compare(mine, theirs, criteria=criteria, noise=noise)
-        judged = [kr for kr in result if kr.status not in ("missing", "extra")]
-        ins_r = tuple(kr for kr in judged if kr.key != out_key)
-        outs = tuple(kr for kr in judged if kr.key == out_key)
-        if not ins_r or not outs or not all(kr.passed for kr in ins_r) or outs[0].passed:
-            return None
-        label = _block_label(torch_model, paddle_model, r, holder)
-        found = Divergence(layer=r, layer_type=label, input=_representative(ins_r),
-                           output=outs[0], inputs=ins_r, outputs=outs, previous=div.previous,
-                           own_code=True)
-        return found, mine, theirs, {r: holder}
+        return _judged_against(div, r, holder, out_key, port_reads, ref, raw, torch_model,
+                               paddle_model, criteria, run_twin, own_code=True)
     return None
 
 
@@ -1417,9 +1396,7 @@ def _block_holding(div: Any, previous: str, following: str, to_port: Mapping[str
     against the port's pair of that leaf. Where its input aligns and its output differs, it is
     named, its code between the two leaves the cause, with the port's block."""
     from ..capture import _values
-    from ..capture.divergence import Divergence, _representative
-    from ..capture.naming import pair_inputs, parse_key
-    from ..diff.engine import compare
+    from ..capture.naming import parse_key
 
     def innermost(blocks: list[str], a: str, b: str) -> Optional[str]:
         return next((c for c in sorted(blocks, key=lambda c: -c.count("."))
@@ -1444,12 +1421,29 @@ def _block_holding(div: Any, previous: str, following: str, to_port: Mapping[str
     theirs_out = _values.part_value(port_leaves, to_port[last.subject.partition("#")[0]], "out")
     if theirs_out is None:
         return None
+    return _judged_against(div, r, holder, out_key, theirs_out, ref, raw, torch_model,
+                           paddle_model, criteria, run_twin, inner=div)
+
+
+def _judged_against(div: Any, r: str, holder: str, out_key: str, port_out: Any,
+                    ref: Mapping[str, Any], raw: Mapping[str, Any], torch_model: Any,
+                    paddle_model: Any, criteria: Any, run_twin: Any, **found: Any
+                    ) -> Optional[tuple[Any, dict[str, Any], dict[str, Any], dict[str, str]]]:
+    """The reference block ``r`` judged against the port's block ``holder`` that holds other
+    leaves (``_block_feeding``, ``_block_holding``): its inputs against the port block's, paired
+    by their values alone (the blocks take other arguments in each position: HF's attention.self
+    its mask second, Paddle's attention its key), its output ``out_key`` against ``port_out``.
+    Where its inputs align and its output differs, the ``Divergence`` (``found``: its other
+    fields), the two captures and {r: holder}; else None."""
+    from ..capture.divergence import Divergence, _representative
+    from ..capture.naming import pair_inputs
+    from ..diff.engine import compare
+
     ins = {k: v for k, v in ref.items() if _is_input_of(k, r)}
-    # other blocks take other arguments in each position: inputs pair by their values alone
     given = [k for k in raw if _is_input_of(k, holder)]
     port = {f"{r}.in[port {i}]": raw[k] for i, k in enumerate(given)}
     mine = {**ins, out_key: ref[out_key]}
-    theirs = {**pair_inputs(mine, port), out_key: theirs_out}
+    theirs = {**pair_inputs(mine, port), out_key: port_out}
     noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], [r])
     mine, theirs, noise = _alike(mine, theirs, noise, criteria)
     result = compare(mine, theirs, criteria=criteria, noise=noise)
@@ -1459,9 +1453,9 @@ def _block_holding(div: Any, previous: str, following: str, to_port: Mapping[str
     if not ins_r or not outs or not all(kr.passed for kr in ins_r) or outs[0].passed:
         return None
     label = _block_label(torch_model, paddle_model, r, holder)
-    found = Divergence(layer=r, layer_type=label, input=_representative(ins_r), output=outs[0],
-                       inputs=ins_r, outputs=outs, previous=div.previous, inner=div)
-    return found, mine, theirs, {r: holder}
+    return (Divergence(layer=r, layer_type=label, input=_representative(ins_r), output=outs[0],
+                       inputs=ins_r, outputs=outs, previous=div.previous, **found),
+            mine, theirs, {r: holder})
 
 
 def _block_label(torch_model: Any, paddle_model: Any, ref_block: str, port_block: str) -> str:
