@@ -110,9 +110,9 @@ def _kind(cls_name: str) -> tuple[Optional[str], int]:
         return base, rank
     if base in _PAD_MODES or base == "pad":
         return "pad", rank
-    if n.endswith("rmsnorm") or n == "t5layernorm":
-        # torch's RMSNorm, Hugging Face's and PaddleNLP's LlamaRMSNorm and T5LayerNorm (no mean
-        # taken, no bias)
+    if n.endswith(("rmsnorm", "t5layernorm")):
+        # torch's RMSNorm, Hugging Face's and PaddleNLP's LlamaRMSNorm and T5LayerNorm, and those
+        # copying it (MT5LayerNorm, UMT5LayerNorm, LongT5LayerNorm): no mean taken, no bias
         return "rmsnorm", 0
     if n in ("layernorm", "groupnorm", "embedding", "leakyrelu", "gelu", "hardtanh", "elu",
              "softplus", "softmax", "logsoftmax", "upsample", "upsamplingbilinear2d",

@@ -156,3 +156,12 @@ def test_the_rms_epsilon_fit_against_numpy() -> None:
     # read as a LayerNorm, the fit finds no one epsilon for every row
     assert layernorm_epsilon(x, rms(1e-6), rms(1e-3), 1e-6) != \
         "LayerNorm epsilon: port uses ~1e-3, reference 1e-6"
+
+
+@pytest.mark.parametrize("name", ["T5LayerNorm", "MT5LayerNorm", "UMT5LayerNorm",
+                                  "LongT5LayerNorm", "LlamaRMSNorm", "RMSNorm"])
+def test_t5_s_norm_and_its_copies_are_rms_norms(name: str) -> None:
+    from reprod.align.settings import _kind
+
+    assert _kind(name) == ("rmsnorm", 0)
+    assert _kind("LayerNorm") == ("layernorm", 0)

@@ -337,3 +337,18 @@ def test_a_bug_in_ctrl_s_port_only_table_is_said_at_the_table() -> None:
     message = r.options["divergence"]["message"]
     assert "the port calls pos_encoding (SinusoidalPositionalEmbedding), which nothing in the " \
         "reference pairs with" in message, message
+
+
+def test_mt5_s_norm_is_an_rms_norm_its_epsilon_fitted_so() -> None:
+    """HF's ``MT5LayerNorm`` (T5's, copied) takes no mean: it was read as a LayerNorm, and a
+    port epsilon of 1e-2 was said as "LayerNorm epsilon: port uses ~1e-2, reference 1e-5",
+    against the reference's 1e-6 (the settings line of the same run said 1e-06)."""
+    from reprod.align import align_forward
+
+    tm, pm = built("mt5")
+    _sub(pm, "encoder.block.1.layer.1.layer_norm").variance_epsilon = 1e-2
+    r = align_forward(tm, pm, seq2seq_feed(0, mask=True), by_order=True)
+    div = r.options["divergence"]
+    assert div["layer"] == "encoder.block.1.layer.1.layer_norm", div["message"]
+    assert div["hint"] == "MT5LayerNorm: RMSNorm epsilon: port uses ~1e-2, reference 1e-6", div
+    assert "settings/encoder.block.1.layer.1.layer_norm/epsilon" in _failed(r)
