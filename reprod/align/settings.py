@@ -161,6 +161,11 @@ def _layer_kind(layer: Any) -> tuple[Optional[str], int]:
         return None, 0  # Hugging Face's GPT-2 Linear: no settings, and no convolution's
     for name in class_names(layer):
         kind, rank = _kind(name)
+        if kind == "attention" and not _framework_attention(layer):
+            # a class written by hand under the framework's name (HF's and PaddleNLP's XLM
+            # MultiHeadAttention): read whole as the framework's, its softmax and dropout calls
+            # went untraced and a softmax over the wrong axis unsaid; it is a hand-written one
+            break
         if kind is not None:
             return kind, rank
     name = type(layer).__name__.lower()
@@ -177,6 +182,14 @@ def _layer_kind(layer: Any) -> tuple[Optional[str], int]:
         # ConvNextLayerNorm): its epsilon is a setting like any LayerNorm's
         return "layernorm", 0
     return None, 0
+
+
+def _framework_attention(layer: Any) -> bool:
+    """Whether a layer is (or derives from) torch's ``nn.MultiheadAttention`` or Paddle's
+    ``nn.MultiHeadAttention``, not a class of a model library's that shares the name."""
+    return any(base.__name__.lower() == "multiheadattention"
+               and base.__module__.split(".", 1)[0] in ("torch", "paddle")
+               for base in type(layer).__mro__)
 
 
 _EPSILON_NAMES = ("eps", "epsilon", "_epsilon", "variance_epsilon")

@@ -352,3 +352,39 @@ def test_mt5_s_norm_is_an_rms_norm_its_epsilon_fitted_so() -> None:
     assert div["layer"] == "encoder.block.1.layer.1.layer_norm", div["message"]
     assert div["hint"] == "MT5LayerNorm: RMSNorm epsilon: port uses ~1e-2, reference 1e-6", div
     assert "settings/encoder.block.1.layer.1.layer_norm/epsilon" in _failed(r)
+
+
+def _with_line(layer: Any, old: str, new: str) -> None:
+    """The instance's forward with one line of its class's source changed: the porter's own
+    forward code differing from the reference's."""
+    import inspect
+    import textwrap
+    import types
+
+    fn = type(layer).forward
+    src = textwrap.dedent(inspect.getsource(fn))
+    assert old in src
+    scope = dict(sys.modules[fn.__module__].__dict__)
+    exec(compile(src.replace(old, new), "<port>", "exec"), scope)  # noqa: S102 - the test's own
+    layer.forward = types.MethodType(scope[fn.__name__], layer)
+
+
+def test_xlm_s_hand_written_attention_has_its_softmax_axis_read() -> None:
+    """HF's and PaddleNLP's XLM write their own ``MultiHeadAttention``, which was read whole as
+    the frameworks' built-in one: its softmax and dropout calls went untraced, a softmax over
+    the wrong axis gave no setting, and a dropout rate was set against the feed-forward's."""
+    from reprod.align import align_forward
+
+    tm, pm = built("xlm")
+    _with_line(_sub(pm, "attentions.1"), "F.softmax(scores, axis=-1)",
+               "F.softmax(scores, axis=-2)")
+    r = align_forward(tm, pm, padded(2, segments=False), by_order=True)
+    assert "settings/attentions.1:softmax/axis" in _failed(r), r.to_table(failed_only=True)
+    assert r.options["divergence"]["layer"] == "attentions.1"
+    tm, pm = built("xlm")
+    drop = _sub(pm, "attentions.1.dropout")
+    drop.p = 0.1
+    r = align_forward(tm, pm, padded(2, segments=False), by_order=True)
+    said = " ".join(r.options["findings"])
+    assert "attentions.1.dropout (torch attentions.1:dropout): p 0 in torch, 0.1 in Paddle" in \
+        said, said
