@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -1421,27 +1421,36 @@ def _block_holding(div: Any, previous: str, following: str, to_port: Mapping[str
     theirs_out = _values.part_value(port_leaves, to_port[last.subject.partition("#")[0]], "out")
     if theirs_out is None:
         return None
+    # the block's inputs may be values the port computes inside its block (HF's LayoutLMOutput
+    # takes the feed-forward's hidden state and the attention's output, both inside PaddleNLP's
+    # one TransformerEncoderLayer): the port's recorded values of their shapes are candidates
+    shapes = {np.shape(v) for k, v in ref.items() if _is_input_of(k, r)}
+    inside = [v for k, v in port_leaves.items()
+              if (pk := parse_key(k)) is not None and pk.what in ("in", "out")
+              and pk.subject.startswith(holder + ".") and np.shape(v) in shapes]
     return _judged_against(div, r, holder, out_key, theirs_out, ref, raw, torch_model,
-                           paddle_model, criteria, run_twin, inner=div)
+                           paddle_model, criteria, run_twin, inside=inside, inner=div)
 
 
 def _judged_against(div: Any, r: str, holder: str, out_key: str, port_out: Any,
                     ref: Mapping[str, Any], raw: Mapping[str, Any], torch_model: Any,
-                    paddle_model: Any, criteria: Any, run_twin: Any, **found: Any
+                    paddle_model: Any, criteria: Any, run_twin: Any, inside: Sequence[Any] = (),
+                    **found: Any
                     ) -> Optional[tuple[Any, dict[str, Any], dict[str, Any], dict[str, str]]]:
     """The reference block ``r`` judged against the port's block ``holder`` that holds other
     leaves (``_block_feeding``, ``_block_holding``): its inputs against the port block's, paired
     by their values alone (the blocks take other arguments in each position: HF's attention.self
     its mask second, Paddle's attention its key), its output ``out_key`` against ``port_out``.
-    Where its inputs align and its output differs, the ``Divergence`` (``found``: its other
-    fields), the two captures and {r: holder}; else None."""
+    ``inside``: more of the port's values its inputs may pair with (computed inside the port's
+    block). Where its inputs align and its output differs, the ``Divergence`` (``found``: its
+    other fields), the two captures and {r: holder}; else None."""
     from ..capture.divergence import Divergence, _representative
     from ..capture.naming import pair_inputs
     from ..diff.engine import compare
 
     ins = {k: v for k, v in ref.items() if _is_input_of(k, r)}
-    given = [k for k in raw if _is_input_of(k, holder)]
-    port = {f"{r}.in[port {i}]": raw[k] for i, k in enumerate(given)}
+    given = [raw[k] for k in raw if _is_input_of(k, holder)] + list(inside)
+    port = {f"{r}.in[port {i}]": v for i, v in enumerate(given)}
     mine = {**ins, out_key: ref[out_key]}
     theirs = {**pair_inputs(mine, port), out_key: port_out}
     noise = None if run_twin is None else _capture_only(run_twin[0], run_twin[1], [r])

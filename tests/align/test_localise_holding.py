@@ -8,6 +8,8 @@ value, its output, o's, against the port's o) and named, with the port's block."
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -162,3 +164,70 @@ def test_a_bug_in_a_leaf_is_still_named_at_the_leaf():
         w.set_value(w * 1.05)
     div = align_forward(tm, pm, _x(), by_order=True).options["divergence"]
     assert div["layer"] == "blocks.1.inner.o" and "input aligned" in div["message"], div
+
+
+class TorchOutput(torch.nn.Module):
+    """HF's BERT-style output block: its dense layer, then the residual handed in, normed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = torch.nn.Linear(2 * D, D)
+        self.norm = torch.nn.LayerNorm(D)
+
+    def forward(self, hidden, residual):
+        return self.norm(self.dense(hidden) + residual)
+
+
+class TorchFeedForward(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = torch.nn.Linear(D, D)
+        self.up = torch.nn.Linear(D, 2 * D)
+        self.output = TorchOutput()
+
+    def forward(self, x):
+        y = self.pre(x)  # the residual is computed inside the block, as an attention's output
+        return self.output(torch.relu(self.up(y)), y)
+
+
+class PaddleFeedForward(paddle.nn.Layer):
+    """The port: one layer holds it all, the residual added in its own code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = paddle.nn.Linear(D, D)
+        self.linear1 = paddle.nn.Linear(D, 2 * D)
+        self.linear2 = paddle.nn.Linear(2 * D, D)
+        self.norm = paddle.nn.LayerNorm(D)
+        self.residual = True
+
+    def forward(self, x):
+        y = self.pre(x)
+        h = self.linear2(paddle.nn.functional.relu(self.linear1(y)))
+        return self.norm(h + y if self.residual else h)
+
+
+def _feed_forward_pair() -> tuple[Any, Any]:
+    torch.manual_seed(0)
+    paddle.seed(0)
+    tm = torch.nn.Sequential(torch.nn.Linear(8, D), TorchFeedForward()).eval()
+    pm = paddle.nn.Sequential(paddle.nn.Linear(8, D), PaddleFeedForward())
+    with torch.no_grad():
+        tm[1].output.norm.weight.uniform_(0.5, 1.5)
+        tm[1].output.norm.bias.uniform_(-0.5, 0.5)
+    load_into_paddle(pm, tm, by_order=True)
+    pm.eval()
+    return tm, pm
+
+
+def test_a_block_whose_inputs_the_port_computes_inside_its_own_is_named() -> None:
+    """The reference block's inputs (the feed-forward's hidden state, the residual) are values
+    the port computes inside its one block: they are looked for there, and a dropped residual
+    is named at the reference's output block, not "outside the recorded layers"."""
+    tm, pm = _feed_forward_pair()
+    assert align_forward(tm, pm, _x(), by_order=True).passed
+    pm[1].residual = False
+    div = align_forward(tm, pm, _x(), by_order=True).options["divergence"]
+    assert (div["layer"], div["port_layer"]) == ("1.output", "1"), div["message"]
+    assert "input aligned" in div["message"] and "own forward code" in div["message"], \
+        div["message"]

@@ -364,9 +364,12 @@ def _with_line(layer: Any, old: str, new: str) -> None:
     fn = type(layer).forward
     src = textwrap.dedent(inspect.getsource(fn))
     assert old in src
+    # its decorators left out (Paddle's argument aliases): the function as written
+    src = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith("@"))
     scope = dict(sys.modules[fn.__module__].__dict__)
-    exec(compile(src.replace(old, new), "<port>", "exec"), scope)  # noqa: S102 - the test's own
-    layer.forward = types.MethodType(scope[fn.__name__], layer)
+    defined: dict[str, Any] = {}
+    exec(compile(src.replace(old, new), "<port>", "exec"), scope, defined)  # noqa: S102
+    layer.forward = types.MethodType(next(iter(defined.values())), layer)
 
 
 def test_xlm_s_hand_written_attention_has_its_softmax_axis_read() -> None:
@@ -388,3 +391,22 @@ def test_xlm_s_hand_written_attention_has_its_softmax_axis_read() -> None:
     said = " ".join(r.options["findings"])
     assert "attentions.1.dropout (torch attentions.1:dropout): p 0 in torch, 0.1 in Paddle" in \
         said, said
+
+
+def test_layoutlm_s_dropped_residual_is_named_at_the_block_that_adds_it() -> None:
+    """HF's ``LayoutLMOutput`` adds the residual (the attention's output) to its dense layer's
+    output; PaddleNLP's one ``TransformerEncoderLayer`` does it all. The port without that
+    residual was put "before encoder.layer.1.output.LayerNorm ... outside the recorded layers":
+    the reference block's inputs are values the port computes inside its block, which were not
+    looked for there."""
+    from reprod.align import align_forward
+
+    tm, pm = built("layoutlm")
+    _with_line(_sub(pm, "encoder.layers.1"), "src = residual + self.dropout2(src)",
+               "src = self.dropout2(src)")
+    r = align_forward(tm, pm, layoutlm_feed(), by_order=True)
+    div = r.options["divergence"]
+    assert (div["layer"], div["port_layer"]) == ("encoder.layer.1.output", "encoder.layers.1"), \
+        div["message"]
+    assert "input aligned" in div["message"] and "own forward code" in div["message"], \
+        div["message"]
