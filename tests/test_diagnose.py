@@ -374,3 +374,23 @@ def test_align_train_names_the_variance_bias_or_the_momentum_bug_by_magnitude(sa
     for k in stats:
         assert "1 - momentum" in k.note and "biased batch variance" not in k.note, k.key
     assert not any(k.status == "known" for k in r)
+
+
+def test_an_epsilon_too_small_to_read_back_is_said_so_not_guessed():
+    """GPT-J's LayerNorm in a port at 1e-12 against HF's 1e-5 was read as "~5.7e-10": below
+    what float32 outputs resolve the fit gives rounding, not the port's value."""
+    from reprod.diagnose.epsilon import layernorm_epsilon
+
+    x = (np.random.default_rng(0).standard_normal((64, 32)) * 0.03).astype(np.float32)
+    centred = x - x.mean(axis=-1, keepdims=True)
+    var = x.astype(np.float64).var(axis=-1, keepdims=True)
+
+    def normed(eps: float) -> np.ndarray:
+        return (centred / np.sqrt(var + eps)).astype(np.float32)
+
+    said = layernorm_epsilon(x, normed(1e-5), normed(1e-12), 1e-5)
+    assert said is not None and said.startswith("LayerNorm epsilon: port uses far less (under ~")
+    assert said.endswith("too small to read back), reference 1e-5"), said
+    # one it can read: its value
+    assert layernorm_epsilon(x, normed(1e-5), normed(1e-4), 1e-5) == \
+        "LayerNorm epsilon: port uses ~1e-4, reference 1e-5"

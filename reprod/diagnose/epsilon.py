@@ -66,7 +66,7 @@ def bn_epsilon(
     eps = _eps_fit(_channels_last(r, axis), _channels_last(o, axis), v, float(eps_ref))
     if eps is None:
         return None
-    return f"BN epsilon: port uses ~{_fmt(eps)}, reference {_fmt(float(eps_ref))}"
+    return f"BN epsilon: {_uses(eps, v)}, reference {_fmt(float(eps_ref))}"
 
 
 def layernorm_epsilon(
@@ -107,4 +107,19 @@ def layernorm_epsilon(
     if eps is None:
         return None
     kind = "RMSNorm" if rms else "LayerNorm"
-    return f"{kind} epsilon: port uses ~{_fmt(eps)}, reference {_fmt(float(eps_ref))}"
+    return f"{kind} epsilon: {_uses(eps, var)}, reference {_fmt(float(eps_ref))}"
+
+
+# the part of a variance below which an epsilon added to it cannot be read back from float32
+# outputs: their rounding (6e-8 relative, on each side) moves the fit by about this much
+_RESOLUTION = 1e-6
+
+
+def _uses(eps: float, var: np.ndarray) -> str:
+    """What the port's fitted epsilon says: its value, or where it lies below what float32
+    outputs can resolve (GPT-J's LayerNorm at 1e-12 against 1e-5 read as ~5.7e-10), that it is
+    far smaller, and below what."""
+    floor = _RESOLUTION * float(np.median(var))
+    if eps < floor:
+        return f"port uses far less (under ~{_fmt(floor)}, too small to read back)"
+    return f"port uses ~{_fmt(eps)}"
