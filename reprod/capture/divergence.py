@@ -227,8 +227,8 @@ def _unmatched_note(unmatched: tuple[tuple[str, ...], tuple[str, ...]], directio
     mine = ", ".join(f"input{p[len('in'):]}" for p in ref)
     theirs = ", ".join(f"input{p[len('in'):]}" for p in port)
     return (f"; not compared: its {mine} holds other values than any input the port keys "
-            f"otherwise ({theirs}): a mask written in another convention, or one built wrong "
-            "before the layer")
+            f"otherwise ({theirs}): most often a mask each side writes its own way (additive "
+            "against 1 = masked), which the layer's outputs then judge")
 
 
 def _handed_note(handed: Optional[tuple[str, KeyResult]]) -> str:

@@ -150,8 +150,8 @@ def test_an_input_keyed_otherwise_that_holds_other_values_is_said_not_compared()
     assert div.unmatched == (("in[attention_mask]",), ("in[1]",))
     assert div.message.endswith(
         "; not compared: its input[attention_mask] holds other values than any input the port "
-        "keys otherwise (input[1]): a mask written in another convention, or one built wrong "
-        "before the layer"), div.message
+        "keys otherwise (input[1]): most often a mask each side writes its own way (additive "
+        "against 1 = masked), which the layer's outputs then judge"), div.message
     # an argument only the reference passes (HF's cache_position) has nothing to be held against
     lone = {"attn.in[hidden_states]": X, "attn.in[cache_position]": np.arange(5.0),
             "attn.out": X}
