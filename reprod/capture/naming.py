@@ -916,7 +916,10 @@ def pair_inputs(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> dic
     left unpaired, as before, rather than set against an unrelated tensor of the same shape
     (an attention mask in another convention). Several alike (one tensor passed as query and
     key) pair in order. Each call's gradients through its inputs (``grad_in``) follow the
-    pairing of its inputs. Keys that pair already, and everything else, are kept as they are.
+    pairing of its inputs. A call's lone output on one side and the first of several on the
+    other, of one shape (``out`` against ``out[0]``: PaddleNLP's MegatronBERT attention returns
+    its weights too), pair as well, their gradients alike. Keys that pair already, and
+    everything else, are kept as they are.
 
     >>> reprod.compare(ref, pair_inputs(ref, port), threshold=1e-5)
     """
@@ -979,8 +982,7 @@ def _first_outputs(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> 
     out: dict[str, str] = {}
     for what in ("out", "grad_out"):
         for key in other_map:
-            stem, dot, last = key.rpartition(".")
-            if last == what:  # the port's lone output against the reference's first
+            if key.rpartition(".")[2] == what:  # the port's lone output against the reference's first
                 theirs = [f"{key}{f}" for f in _FIRST if f"{key}{f}" in ref_map]
                 if len(theirs) == 1 and key not in ref_map and \
                         _shape(ref_map[theirs[0]]) == _shape(other_map[key]):
