@@ -456,12 +456,11 @@ def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRul
     # the pairs the porter gave (``rules.pairs``: a layer each side defines elsewhere, which
     # no order pairs) are theirs; the rest pair by order around them
     given = [(tk, pk) for tk, pk in rules.pairs if tk in tshapes and pk in pshapes]
+    header = f"{tlabel} ({len(torch_keys)} tensors) vs {plabel} ({len(paddle_keys)} tensors)"
     if not given:
         return _plan_rest(torch_keys, paddle_keys, torch_side, paddle_side, rules, explain,
-                          tshapes, pshapes, linear, f"{tlabel} ({len(torch_keys)} tensors) vs "
-                          f"{plabel} ({len(paddle_keys)} tensors)")
+                          tshapes, pshapes, linear, header)
     t_given, p_given = {tk for tk, _ in given}, {pk for _, pk in given}
-    header = f"{tlabel} ({len(torch_keys)} tensors) vs {plabel} ({len(paddle_keys)} tensors)"
     plan = _plan_rest([k for k in torch_keys if k not in t_given],
                       [k for k in paddle_keys if k not in p_given], torch_side, paddle_side, rules,
                       explain, tshapes, pshapes, linear, header)
