@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -820,10 +820,16 @@ def _unpaired_between(pairing: Any, div: Any, labels: Mapping[str, str]) -> tupl
         start, end = order.index(div.previous), order.index(div.layer)
     except ValueError:
         return ()
+    return _labelled(order[start + 1:end], pairing.ref_only, labels)
+
+
+def _labelled(calls: list[str], alone: Collection[str], classes: Mapping[str, str]
+              ) -> tuple[str, ...]:
+    """Of ``calls``, those in ``alone``, each with its layer's class: "encoder.ln (LayerNorm)"."""
     out = []
-    for subject in order[start + 1:end]:
-        if subject in pairing.ref_only:
-            kind = labels.get(subject.partition("#")[0])
+    for subject in calls:
+        if subject in alone:
+            kind = classes.get(subject.partition("#")[0])
             out.append(f"{subject} ({kind})" if kind else subject)
     return tuple(out)
 
@@ -842,12 +848,7 @@ def _port_between(pairing: Any, div: Any, paddle_model: Any) -> tuple[str, ...]:
     end = next((i for i in range(start + 1, len(order))
                 if order[i] == port_of.get(div.layer) or order[i] in pairing.calls), len(order))
     classes = {name: type(layer).__name__ for name, layer in _named(paddle_model)}
-    out = []
-    for subject in order[start + 1:end]:
-        if subject in pairing.other_only:
-            kind = classes.get(subject.partition("#")[0])
-            out.append(f"{subject} ({kind})" if kind else subject)
-    return tuple(out)
+    return _labelled(order[start + 1:end], pairing.other_only, classes)
 
 
 # how far a layer's output is pushed to see which later layers read it: noise on the scale of its

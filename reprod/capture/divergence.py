@@ -176,24 +176,17 @@ class Divergence:
                 f"so the cause lies between the two calls of {base}, in the code that calls "
                 "it, outside the recorded layers"
             )
-        elif self.unpaired_between:
-            names = ", ".join(self.unpaired_between)
-            one = len(self.unpaired_between) == 1
+        elif self.unpaired_between or self.port_between:
+            mine = bool(self.unpaired_between)
+            calls = self.unpaired_between if mine else self.port_between
+            what = ("a layer" if len(calls) == 1 else "layers") + (
+                " the port leaves out, or computes where nothing records it" if mine else
+                " the reference computes where nothing records it (a function, a table), or the "
+                "port adds: the cause lies there or between the two")
             cause = (
                 f"{inp} already differs ({diff}) although {self.previous} aligns; between the "
-                f"two the reference calls {names}, which nothing in the port pairs with: "
-                f"{'a layer' if one else 'layers'} the port leaves out, or computes where "
-                "nothing records it"
-            )
-        elif self.port_between:
-            names = ", ".join(self.port_between)
-            one = len(self.port_between) == 1
-            cause = (
-                f"{inp} already differs ({diff}) although {self.previous} aligns; between the "
-                f"two the port calls {names}, which nothing in the reference pairs with: "
-                f"{'a layer' if one else 'layers'} the reference computes where nothing records "
-                f"it (a function, a table), or the port adds: the cause lies there or between "
-                "the two"
+                f"two the {'reference' if mine else 'port'} calls {', '.join(calls)}, which "
+                f"nothing in the {'port' if mine else 'reference'} pairs with: {what}"
             )
         else:
             cause = (
