@@ -924,9 +924,7 @@ def pair_inputs(ref_map: Mapping[str, Any], other_map: Mapping[str, Any]) -> dic
     >>> reprod.compare(ref, pair_inputs(ref, port), threshold=1e-5)
     """
     ref_parts = _inputs_by_call(ref_map)
-    if not ref_parts:
-        return dict(other_map)
-    other_parts = _inputs_by_call(other_map)
+    other_parts = _inputs_by_call(other_map) if ref_parts else {}
     renamed: dict[str, str] = {}
     probes: dict[str, Optional[_values.Probe]] = {}
 

@@ -91,3 +91,14 @@ def test_folders_on_several_processes_are_refused_in_one_line(tmp_path, capsys) 
 def test_the_parser_knows_the_flag() -> None:
     assert build_parser().parse_args(["a", "b"]).pair_inputs is False
     assert build_parser().parse_args(["a", "b", "--pair-inputs"]).pair_inputs is True
+
+
+def test_outputs_pair_where_no_call_records_an_input(tmp_path) -> None:
+    """Captures of outputs alone (``record(..., inputs=False)``, or hand-made): the lone output
+    against the first of several paired all the same."""
+    a, b = tmp_path / "ref.npz", tmp_path / "port.npz"
+    reprod.save(a, {"attn.out": Y, "loss": np.float32(1.0)})
+    reprod.save(b, {"attn.out[0]": Y, "attn.out[1]": X[:1], "loss": np.float32(1.0)})
+    code, keys = _report(tmp_path, str(a), str(b), "--pair-inputs")
+    assert keys["attn.out"]["status"] == "passed" and keys["attn.out[1]"]["status"] == "extra"
+    assert code == 1  # the port's extra output is still a key the reference lacks
