@@ -1365,8 +1365,7 @@ def _block_feeding(div: Any, previous: str, following: str, to_port: Mapping[str
     from ..capture import _values
 
     port_prev, port_next = to_port[previous], to_port[following]
-    holder = next((b for b in sorted(port_blocks, key=lambda b: -b.count("."))
-                   if port_prev.startswith(b + ".") and port_next.startswith(b + ".")), None)
+    holder = _innermost(port_blocks, port_prev, port_next)
     reads = _values.part_value(ref_leaves, following, "in")
     port_reads = _values.part_value(port_leaves, port_next, "in")
     if holder is None or reads is None or port_reads is None:
@@ -1374,13 +1373,23 @@ def _block_feeding(div: Any, previous: str, following: str, to_port: Mapping[str
     for r in sorted(ref_blocks, key=lambda b: -b.count(".")):  # the innermost first
         if not previous.startswith(r + ".") or following.startswith(r + "."):
             continue
-        out_key = next((f"{r}.{w}" for w in ("out", "out[0]") if f"{r}.{w}" in ref), None)
+        out_key = _first_out(ref, r)
         if out_key is None or not _values.feeds(ref[out_key], reads):
             continue
         return _judged_against(div, r, holder, out_key, port_reads, ref, raw, torch_model,
                                paddle_model, criteria, run_twin, own_code=True)
     return None
 
+
+def _innermost(blocks: list[str], a: str, b: str) -> Optional[str]:
+    """Of ``blocks``, the innermost holding both layers ``a`` and ``b``."""
+    return next((c for c in sorted(blocks, key=lambda c: -c.count("."))
+                 if a.startswith(c + ".") and b.startswith(c + ".")), None)
+
+
+def _first_out(capture: Mapping[str, Any], call: str) -> Optional[str]:
+    """The key of a call's lone (or first) output in ``capture``."""
+    return next((f"{call}.{w}" for w in ("out", "out[0]") if f"{call}.{w}" in capture), None)
 
 
 def _block_holding(div: Any, previous: str, following: str, to_port: Mapping[str, str],
@@ -1399,15 +1408,11 @@ def _block_holding(div: Any, previous: str, following: str, to_port: Mapping[str
     from ..capture import _values
     from ..capture.naming import parse_key
 
-    def innermost(blocks: list[str], a: str, b: str) -> Optional[str]:
-        return next((c for c in sorted(blocks, key=lambda c: -c.count("."))
-                     if a.startswith(c + ".") and b.startswith(c + ".")), None)
-
-    r = innermost(ref_blocks, previous, following)
-    holder = innermost(port_blocks, to_port[previous], to_port[following])
+    r = _innermost(ref_blocks, previous, following)
+    holder = _innermost(port_blocks, to_port[previous], to_port[following])
     if r is None or holder is None:
         return None
-    out_key = next((f"{r}.{w}" for w in ("out", "out[0]") if f"{r}.{w}" in ref), None)
+    out_key = _first_out(ref, r)
     if out_key is None:
         return None
     # the leaf whose output the block returns as it is, the last such, and its pair's output
@@ -1415,7 +1420,8 @@ def _block_holding(div: Any, previous: str, following: str, to_port: Mapping[str
     for key in ref_leaves:
         k = parse_key(key)
         if (k is not None and k.what == "out" and k.subject.startswith(r + ".")
-                and k.subject.partition("#")[0] in to_port and _values.feeds(ref_leaves[key], ref[out_key])):
+                and k.subject.partition("#")[0] in to_port
+                and _values.feeds(ref_leaves[key], ref[out_key])):
             last = k
     if last is None:
         return None
