@@ -875,6 +875,44 @@ static PyObject *moments(PyObject *self, PyObject *args) {
 }
 
 
+PyDoc_STRVAR(same_bytes_doc,
+    "same_bytes(a, b) -> bool\n\n"
+    "Whether two contiguous buffers hold the same bytes (memcmp). A SIGBUS while reading raises\n"
+    "MappedReadError, its argument the buffer that faulted (0 or 1).");
+
+static PyObject *same_bytes(PyObject *self, PyObject *args) {
+    Py_buffer a, b;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*", &a, &b)) return NULL;
+    if (a.len != b.len) {
+        PyBuffer_Release(&a);
+        PyBuffer_Release(&b);
+        Py_RETURN_FALSE;
+    }
+    if (bus_install() < 0) {
+        PyBuffer_Release(&a);
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    int same = 1, faulted = 0;
+    bus_guard_t g;
+    Py_BEGIN_ALLOW_THREADS
+    if (BUS_GUARDED(g)) {
+        bus_arm(&g);
+        same = a.len == 0 || memcmp(a.buf, b.buf, (size_t)a.len) == 0;
+    } else {
+        faulted = 1;
+    }
+    bus_disarm(&g);
+    Py_END_ALLOW_THREADS
+    Py_buffer *bufs[2] = {&a, &b};
+    int which = faulted ? bus_which(g.addr, bufs, 2) : -1;
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    if (faulted) return bus_raise(which, -1);
+    return PyBool_FromLong(same);
+}
+
 /*
  * CRC-32 (zlib's: reflected polynomial 0xEDB88320), for the checksums of .npz members.
  * Bytes 16 at a time are folded with carry-less multiplication where the CPU has PCLMULQDQ
@@ -2720,6 +2758,7 @@ static PyMethodDef methods[] = {
     {"stats", stats, METH_VARARGS, stats_doc},
     {"stats3", stats3, METH_VARARGS, stats3_doc},
     {"moments", moments, METH_VARARGS, moments_doc},
+    {"same_bytes", same_bytes, METH_VARARGS, same_bytes_doc},
     {"stats_many", stats_many, METH_VARARGS, stats_many_doc},
     {"scan_items", scan_items, METH_VARARGS, scan_items_doc},
     {"zip_central", zip_central, METH_VARARGS, zip_central_doc},

@@ -48,6 +48,29 @@ def moments(value: Any) -> Optional[tuple[float, float, float, float]]:
                 float(a.max()))
 
 
+def identical(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether two arrays of one shape and dtype hold the same data. Contiguous ones compare
+    their bytes in the kernel, whose reads of a dump truncated meanwhile raise
+    ``MappedReadError`` where numpy's kill the process; a NaN carried through unchanged is then
+    the same data too, as it is."""
+    kernel = _native.kernel()
+    if kernel is not None and x.flags.c_contiguous and y.flags.c_contiguous:
+        return bool(kernel.same_bytes(x, y))
+    # most calls asked about compute something: their first elements already differ, and the
+    # whole comparison (a boolean array of the capture's size) is left for the ones that do not
+    n = min(x.size, 256)
+    nan = x.dtype.kind in "fc"  # as the bytes: a NaN carried through is the same data
+    return bool(np.array_equal(x.flat[:n], y.flat[:n], equal_nan=nan)) and \
+        bool(np.array_equal(x, y, equal_nan=nan))
+
+
+def varies(a: np.ndarray) -> bool:
+    """Whether a float array holds more than one value (a NaN counts as varying, as it compares
+    unequal to itself), read once through ``moments``."""
+    m = moments(a)
+    return m is not None and a.size > 1 and (math.isnan(m[0]) or m[2] != m[3])
+
+
 def stats(value: Any) -> Optional[tuple[float, float, float]]:
     """(mean, mean |x|, max |x|) of a float array; ``None`` for anything else."""
     m = moments(value)

@@ -423,8 +423,7 @@ def _identity_call(mapping: Mapping[str, Any], subject: str) -> bool:
             break
     if x is None or y is None or not _same_array(x, y):
         return False
-    a = np.asarray(x)
-    return a.dtype.kind == "f" and a.size > 1 and not bool((a == a.flat[0]).all())
+    return _values.varies(np.asarray(x))
 
 
 def _applied_as_functions(ref: Mapping[str, Any], port: Mapping[str, Any], pairing: Any,
@@ -473,12 +472,7 @@ def _same_array(a: Any, b: Any) -> bool:
         return False
     if x.shape != y.shape or x.dtype != y.dtype:
         return False
-    if x is y:
-        return True
-    # most calls asked about compute something: their first elements already differ, and the
-    # whole comparison (a boolean array of the capture's size) is left for the ones that do not
-    n = min(x.size, 256)
-    return bool(np.array_equal(x.flat[:n], y.flat[:n])) and bool(np.array_equal(x, y))
+    return x is y or _values.identical(x, y)
 
 
 def _whole(leaves: list[str], calls: set[str]) -> set[str]:

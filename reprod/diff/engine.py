@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import itertools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -167,7 +168,10 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
     b = open_side(other, "other")
     left_out: dict[str, int] = {}
     if pair is not None:
-        paired = pair(a.tree, b.tree)
+        try:
+            paired = pair(a.tree, b.tree)
+        except _native.MappedReadError:  # SIGBUS in the kernel while pairing: one line, not a crash
+            raise _shrunk((a, b)) from None
         if isinstance(paired, tuple):  # (ref, other): keys with no counterpart left out
             n_ref, n_other = len(a.tree), len(b.tree)
             a.tree, b.tree = paired
@@ -278,6 +282,28 @@ def _compare_columns(cp: ColumnPairs, policy: Criteria, owned: tuple[Any, ...],
             if windows % _DROP_EVERY == 0:
                 for mf in owned:
                     mf.drop_pages()
+
+
+def _shrunk(sides: Sequence[Side]) -> DumpChangedError:
+    """The error for a read that faulted outside any one key's comparison (the pairing by call
+    order reads many keys): the file found shorter than when it was mapped, and its first key
+    past the new end; every mapped file where none is (an I/O error under the mapping)."""
+    files = []
+    for s in sides:
+        mf = getattr(s.tree, "mapped_file", None)
+        if type(s.tree) is not Dump or mf is None:
+            continue
+        files.append(s.name)
+        try:
+            size = os.stat(mf.path).st_size
+        except OSError:
+            size = 0
+        if size < mf.size:
+            key = s.tree.key_past(size)
+            where = s.name if key is None else f"{s.name}: key {key!r}"
+            return DumpChangedError(f"{where}: the file was truncated while being read (SIGBUS)")
+    where = " or ".join(dict.fromkeys(files))
+    return DumpChangedError(f"{where}: a file could not be read while pairing its keys (SIGBUS)")
 
 
 def _owned_files(sides: Sequence[Side]) -> tuple[Any, ...]:

@@ -344,6 +344,21 @@ class Dump(Mapping[str, Any]):
     def mapped_file(self) -> Optional[MappedFile]:
         return self._mf
 
+    def key_past(self, size: int) -> Optional[str]:
+        """Of the keys whose bytes in the mapped file reach past ``size`` bytes, the one that
+        starts first (a file truncated to ``size`` while mapped: the key a read faults on first),
+        or ``None``."""
+        past = [(spec.offset, key) for key, spec in self._in_file() if spec.offset + spec.nbytes > size]
+        return min(past)[1] if past else None
+
+    def _in_file(self) -> Iterator[tuple[str, ArraySpec]]:
+        for key in self:
+            node = self.spec(key)
+            if isinstance(node, Dump):
+                yield from node._in_file()
+            elif type(node) is ArraySpec and node.loader is None:
+                yield self._prefix + key, node
+
     def _where(self, key: str) -> str:
         # built only when needed: formatting it costs as much as viewing a small array
         return f"{self.path}: key {self._prefix + key!r}"

@@ -183,3 +183,79 @@ def test_kernel_reports_the_faulting_buffer(tmp_path):
                           env=dict(os.environ, PYTHONPATH=REPO, REPROD_KERNEL="1"), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stdout, proc.stderr)
+
+
+BY_ORDER = textwrap.dedent("""
+    import os, sys
+    import reprod.storage as storage
+    load = storage.load
+    folder, victim = sys.argv[1], sys.argv[2]
+    def truncating_load(path, **kw):  # mapped, then truncated before the pairing reads it
+        dump = load(path, **kw)
+        if os.path.basename(str(path)) == victim:
+            os.truncate(path, 4096)
+        return dump
+    storage.load = truncating_load
+    from reprod.cli import main
+    sys.exit(main([os.path.join(folder, "ref.npy"), os.path.join(folder, "port.npy"), "--by-order",
+                   "--quiet"]))
+""")
+
+
+@pytest.mark.parametrize("victim", ["ref", "port"])
+def test_pairing_by_order_names_the_truncated_file_and_its_first_key_past_the_end(tmp_path, victim):
+    # the pairing compares whole layer captures (is a call's output its input?) before any key
+    # is compared: those reads go through the kernel too, and the file that shrank is named with
+    # the first key whose bytes lay past its new end (legacy .npy: views of the file, no CRC)
+    torch = pytest.importorskip("torch")
+    import reprod
+    from reprod.capture import record
+
+    class Renamed(torch.nn.Module):
+        def __init__(self, seq: torch.nn.Sequential) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2, self.drop = seq
+
+        def forward(self, x):
+            return self.drop(self.fc2(self.act(self.fc1(x))))
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                              torch.nn.Dropout()).eval()
+    x = torch.randn(512, 256)
+    for side, model in (("ref", seq), ("port", Renamed(seq))):
+        logger = reprod.ReprodLogger()
+        with record(model, logger):
+            model(x)
+        logger.save(str(tmp_path / f"{side}.npy"))
+    want = reprod.load(str(tmp_path / f"{victim}.npy")).key_past(4096)
+    assert want is not None
+    proc = subprocess.run([sys.executable, "-c", BY_ORDER, str(tmp_path), f"{victim}.npy"],
+                          env=dict(os.environ, PYTHONPATH=REPO, REPROD_KERNEL="1", PYTHONFAULTHANDLER=""),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == (f"reprod-diff: error: {tmp_path / (victim + '.npy')}: key {want!r}: the file "
+                                   "was truncated while being read (SIGBUS)")
+
+
+@pytest.mark.parametrize("ext", [".npy", ".npz"])
+def test_key_past_is_the_first_array_reaching_past_the_end(tmp_path, ext):
+    # each array's bytes found in the raw file, independently of the reader's specs
+    import reprod
+
+    arrays = {"a": np.full(3000, 1, np.float32), "nested/b": np.full(5000, 2, np.float64),
+              "c": np.full(100, 3, np.int16), "d": np.full(2000, 4, np.float32)}
+    path = str(tmp_path / f"dump{ext}")
+    if ext == ".npz":
+        reprod.save(path, arrays)
+    else:
+        np.save(path, {"a": arrays["a"], "nested": {"b": arrays["nested/b"]}, "c": arrays["c"],
+                       "d": arrays["d"]}, allow_pickle=True)
+    raw = open(path, "rb").read()
+    where = {k: (raw.find(v.tobytes()), v.nbytes) for k, v in arrays.items()}
+    assert all(at > 0 for at, _ in where.values())
+    dump = reprod.load(path)
+    for size in (0, 100, where["a"][0] + 10, where["c"][0] + 1, where["d"][0] + 8000, len(raw) - 1,
+                 len(raw)):
+        past = sorted((at, k) for k, (at, n) in where.items() if at + n > size)
+        assert dump.key_past(size) == (past[0][1] if past else None), size
