@@ -40,10 +40,13 @@ class Decay:
 
 
 def fitted_decay(data: Mapping[str, Any], name: str, steps: list[int],
-                 before0: Optional[np.ndarray]) -> Optional[Decay]:
+                 before0: Optional[np.ndarray], scaled: bool = False) -> Optional[Decay]:
     """The weight decay ``name``'s updates fit in one side's dump over ``steps`` (step 0 from
     ``before0``, the weights before training); None where nothing can be fitted (no gradient,
-    no learning rate, weights that do not vary)."""
+    no learning rate, weights that do not vary). ``scaled``: the gradients recorded were
+    scaled before the update (clipped), by a factor of each step's own: see ``_scaled_fit``."""
+    if scaled:
+        return _scaled_fit(data, name, steps, before0)
     swd = sww = 0.0
     rows: list[tuple[np.ndarray, np.ndarray]] = []
     for s in steps:
@@ -71,13 +74,69 @@ def fitted_decay(data: Mapping[str, Any], name: str, steps: list[int],
     return Decay(lam, math.sqrt(ssr / (n - 1) / sww), n)
 
 
+def _rows(data: Mapping[str, Any], name: str, s: int, before0: Optional[np.ndarray]
+          ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(w_before, (w_before - w_after) / lr, grad) of step ``s``, float64, flat; None where a
+    part is missing or not finite."""
+    after, grad = data.get(f"step{s}/param/{name}"), data.get(f"step{s}/grad/{name}")
+    before = before0 if s == 0 else data.get(f"step{s - 1}/param/{name}")
+    lr = data.get(f"step{s}/lr")
+    if after is None or grad is None or before is None or lr is None:
+        return None
+    lr = float(np.asarray(lr))
+    w = np.asarray(before, np.float64).reshape(-1)
+    a, g = np.asarray(after, np.float64).reshape(-1), np.asarray(grad, np.float64).reshape(-1)
+    if not lr > 0 or w.shape != a.shape or w.shape != g.shape:
+        return None
+    u = (w - a) / lr
+    if not (np.isfinite(u).all() and np.isfinite(w).all() and np.isfinite(g).all()):
+        return None
+    return w, u, g
+
+
+def _scaled_fit(data: Mapping[str, Any], name: str, steps: list[int],
+                before0: Optional[np.ndarray]) -> Optional[Decay]:
+    """The decay where each step's gradient was scaled by a factor of its own before the update
+    (clipped by the global norm: the factor is the same for every element of a step, and
+    neither side records it): per step, (w_before - w_after) / lr = c * grad + wd * w_before,
+    fitted by least squares in c and wd together, and the steps' decays weighed by their
+    standard errors. Clipping by value is no factor: its clipped elements go to the residual."""
+    num = den = 0.0
+    n = 0
+    for s in steps:
+        rows = _rows(data, name, s, before0)
+        if rows is None:
+            continue
+        w, u, g = rows
+        if w.size < 4:
+            continue
+        gg, gw, ww = float(g @ g), float(g @ w), float(w @ w)
+        det = gg * ww - gw * gw
+        if not det > 1e-12 * gg * ww:  # the gradient a multiple of the weights: nothing to part
+            continue
+        gu, wu = float(g @ u), float(w @ u)
+        c = (ww * gu - gw * wu) / det
+        lam = (gg * wu - gw * gu) / det
+        ssr = float(np.sum((u - c * g - lam * w) ** 2))
+        var = ssr / (w.size - 2) * gg / det
+        if not var > 0:
+            var = 1e-300  # an exact fit: its decay weighs as much as any can
+        num += lam / var
+        den += 1.0 / var
+        n += w.size
+    if den == 0.0:
+        return None
+    return Decay(num / den, math.sqrt(1.0 / den), n)
+
+
 def decay_checked(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
-                  weights0: Mapping[str, Any]) -> Any:
+                  weights0: Mapping[str, Any], scaled: bool = False) -> Any:
     """``result`` with the updated weights of each parameter whose two fitted decays differ
     failed (``fitted_decay``), for parameters whose optimizer state neither side recorded
     (plain SGD; any optimizer with ``optimizer_state=False``: the fit is each side's own, so a
     correct port's two fits agree whatever the update rule);
-    ``result.options["decay"]`` lists them (``{name: {"reference": wd, "port": wd, "z": z}}``)."""
+    ``result.options["decay"]`` lists them (``{name: {"reference": wd, "port": wd, "z": z}}``).
+    ``scaled``: either side clips its gradients (``fitted_decay``)."""
     names: dict[str, list[int]] = {}
     for kr in result.results:
         m = _PARAM.fullmatch(kr.key)
@@ -90,8 +149,8 @@ def decay_checked(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
         if name in stateful or name not in weights0:
             continue
         steps = sorted(steps)
-        t = fitted_decay(ref, name, steps, np.asarray(weights0[name]))
-        p = fitted_decay(other, name, steps, np.asarray(weights0[name]))
+        t = fitted_decay(ref, name, steps, np.asarray(weights0[name]), scaled)
+        p = fitted_decay(other, name, steps, np.asarray(weights0[name]), scaled)
         if t is None or p is None:
             continue
         err = math.hypot(t.error, p.error)

@@ -12,8 +12,9 @@ the optimizers' hyperparameters"): here each is read and compared.
 Read in one spelling (torch's names where Paddle's differ: ``betas`` for ``beta1, beta2``, ``rho``
 for torch's ``alpha``): ``algorithm`` ("SGD", "SGD with momentum", "Adam", "AdamW", "RMSProp"),
 ``momentum``, ``nesterov``, ``dampening``, ``betas``, ``epsilon``, ``amsgrad``, ``rho``,
-``centered``, ``maximize``, ``grad_clip`` (Paddle's; ``align_train``'s torch loop clips nothing)
-and, per parameter, ``weight_decay`` ("L2 0.0001", "decoupled 0.05", "L1 0.001" or "none"). The
+``centered``, ``maximize``, ``grad_clip`` (Paddle's optimizer's; torch's as ``align_train``'s
+``torch_grad_clip`` or ``save_settings``' ``grad_clip`` give it: ``grad_clip.GradClip``) and, per
+parameter, ``weight_decay`` ("L2 0.0001", "decoupled 0.05", "L1 0.001" or "none"). The
 learning rate is not a setting here: each step's ``lr`` key compares it, schedule included.
 RMSProp's epsilon is not compared: Paddle adds it under the square root, torch after it.
 """
@@ -25,6 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .grad_clip import GradClip
 from .settings import SettingDiff, _same
 
 __all__ = ["compare_optimizers", "compare_records", "optimizer_record",
@@ -45,9 +47,11 @@ def _decay(kind: str, coeff: Any) -> str:
     return f"{kind} {c:g}" if c else "none"
 
 
-def read_torch_optimizer(opt: Any) -> Optional[tuple[dict[str, Any], dict[int, str], list[str]]]:
+def read_torch_optimizer(opt: Any, grad_clip: Any = None
+                         ) -> Optional[tuple[dict[str, Any], dict[int, str], list[str]]]:
     """``(settings, weight decay by id(parameter), settings that differ between param groups)``
-    of a torch optimizer of a known class, else None."""
+    of a torch optimizer of a known class, else None. ``grad_clip``: the step's clipping
+    (``GradClip``; None: none); a custom function's is left out of the settings."""
     import torch
 
     groups = list(getattr(opt, "param_groups", ()) or ())
@@ -81,7 +85,9 @@ def read_torch_optimizer(opt: Any) -> Optional[tuple[dict[str, Any], dict[int, s
         return out
 
     per_group = [one(g) for g in groups]
-    settings = {"grad_clip": "none"}  # align_train's torch step clips nothing
+    # a torch optimizer does not clip: the step around it does, as the caller says
+    clip_text = "none" if grad_clip is None else grad_clip.text
+    settings: dict[str, Any] = {} if clip_text is None else {"grad_clip": clip_text}
     varies = []
     for k in per_group[0]:
         values = [s.get(k) for s in per_group]
@@ -172,15 +178,16 @@ def read_paddle_optimizer(opt: Any) -> Optional[tuple[dict[str, Any], dict[int, 
     return s, decay
 
 
-def optimizer_record(opt: Any, model: Any) -> dict[str, Any]:
+def optimizer_record(opt: Any, model: Any, grad_clip: Any = None) -> dict[str, Any]:
     """What ``save_settings(..., optimizer=)`` writes: the framework, the settings, those that
     differ between torch's param groups, and each parameter's weight decay in the model's
     definition order (``[[name, decay], ...]``; the parameters the optimizer holds), or
-    ``{"skipped": why}`` for an optimizer of another class."""
+    ``{"skipped": why}`` for an optimizer of another class. ``grad_clip``: a torch step's
+    clipping (``GradClip``); a custom function's is said under ``"not_compared"``."""
     from .settings import _framework
 
     framework = _framework(model)
-    read = (read_torch_optimizer(opt) if framework == "torch" else
+    read = (read_torch_optimizer(opt, grad_clip) if framework == "torch" else
             None if (p := read_paddle_optimizer(opt)) is None else (*p, []))
     if read is None:
         return {"framework": framework, "skipped": _skipped(opt)}
@@ -192,7 +199,14 @@ def optimizer_record(opt: Any, model: Any) -> dict[str, Any]:
                                      if id(q) in decay and _trained(q)]}
     if varies:
         out["per_group"] = varies
+    if framework == "torch" and grad_clip is not None and grad_clip.text is None:
+        out["not_compared"] = [_CUSTOM_CLIP]
     return out
+
+
+_CUSTOM_CLIP = ("grad_clip (the reference clips with a function reprod cannot read: give "
+                "torch_grad_clip a number or a functools.partial of torch.nn.utils.clip_grad_norm_ "
+                "or clip_grad_value_ to have it compared)")
 
 
 def _trained(param: Any) -> bool:
@@ -215,6 +229,9 @@ def compare_records(ours: Mapping[str, Any], theirs: Mapping[str, Any],
         return [], {"skipped": ours.get("skipped") or theirs.get("skipped")}
     ts, ps = dict(ours["settings"]), dict(theirs["settings"])
     info: dict[str, Any] = {"torch": ts, "paddle": ps}
+    not_compared = [*ours.get("not_compared", ()), *theirs.get("not_compared", ())]
+    if not_compared:
+        info["not_compared"] = not_compared
     if ours.get("per_group"):
         info["per_group"] = list(ours["per_group"])
     diffs = []
@@ -222,8 +239,8 @@ def compare_records(ours: Mapping[str, Any], theirs: Mapping[str, Any],
         if k == "epsilon" and ts.get("algorithm") == ps.get("algorithm") == "RMSProp":
             # not one number in two spellings: Paddle adds it under the square root, torch
             # after it, so no pair of values computes the same (a framework difference)
-            info["not_compared"] = ["epsilon (RMSProp: Paddle's is under the square root, "
-                                    "torch's added after it)"]
+            info.setdefault("not_compared", []).append(
+                "epsilon (RMSProp: Paddle's is under the square root, torch's added after it)")
             continue
         if k in ps and not _same(ts[k], ps[k]):
             diffs.append(SettingDiff("optimizer", "optimizer", k, ts[k], ps[k], "optimizer",
@@ -257,13 +274,19 @@ def compare_records(ours: Mapping[str, Any], theirs: Mapping[str, Any],
 
 
 def compare_optimizers(torch_opt: Any, paddle_opt: Any, torch_model: Any, paddle_model: Any,
-                       torch_to_paddle: Optional[Mapping[str, str]] = None
+                       torch_to_paddle: Optional[Mapping[str, str]] = None,
+                       torch_grad_clip: Any = None
                        ) -> tuple[list[SettingDiff], dict[str, Any]]:
     """The hyperparameters that differ between the two optimizers, as ``SettingDiff`` of
     ``"optimizer"`` (``settings/optimizer/<setting>``; a weight decay that differs on some
     parameters only, ``settings/optimizer/<Paddle parameter>/weight_decay``), and what was read
     (``{"torch": ..., "paddle": ...}``, or ``{"skipped": why}`` for an optimizer of another
     class). ``torch_to_paddle``: torch parameter name -> Paddle parameter name (None: by
-    definition order)."""
-    return compare_records(optimizer_record(torch_opt, torch_model),
+    definition order). ``torch_grad_clip``: how the torch step clips its gradients, as
+    ``align_train`` takes it (a number, a ``functools.partial`` of ``clip_grad_norm_`` or
+    ``clip_grad_value_``, a function; None: not at all)."""
+    from .grad_clip import grad_clip_of
+
+    clip = torch_grad_clip if isinstance(torch_grad_clip, GradClip) else grad_clip_of(torch_grad_clip)
+    return compare_records(optimizer_record(torch_opt, torch_model, clip),
                            optimizer_record(paddle_opt, paddle_model), torch_to_paddle)

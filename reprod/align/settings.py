@@ -1057,7 +1057,7 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
                      traces: Optional[tuple[Any, Any]] = None,
                      optimizers: Optional[tuple[Any, Any]] = None,
                      schedulers: Optional[tuple[Any, Any, int]] = None,
-                     rules: Any = None) -> Any:
+                     rules: Any = None, torch_grad_clip: Any = None) -> Any:
     """``result`` with a failing key ``settings/<Paddle layer>/<setting>`` (status
     ``"setting"``) for each setting that differs and no ``waive`` pattern matches
     (``<Paddle layer>/<setting>``, glob), after the value keys, and ``options["settings"]``:
@@ -1065,7 +1065,8 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
     ``optimizers``: (torch's, Paddle's), whose hyperparameters are compared too
     (``optim_settings``; needs ``torch_to_paddle``). ``schedulers``: (torch's, Paddle's, the
     steps both took), whose learning rates are compared far past those steps
-    (``lr_schedule``; needs ``optimizers``)."""
+    (``lr_schedule``; needs ``optimizers``). ``torch_grad_clip``: how the torch step clips
+    (``optim_settings.compare_optimizers``)."""
     from fnmatch import fnmatchcase
 
     from ..diff.result import KeyResult
@@ -1081,7 +1082,8 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
         from .optim_settings import compare_optimizers
 
         extra, optimizer_info = compare_optimizers(optimizers[0], optimizers[1], torch_model,
-                                                   paddle_model, torch_to_paddle)
+                                                   paddle_model, torch_to_paddle,
+                                                   torch_grad_clip=torch_grad_clip)
         found += extra
         if schedulers is not None:
             from .lr_schedule import compare_schedules
@@ -1281,7 +1283,7 @@ def layer_settings(model: Any) -> list[dict[str, Any]]:
 
 
 def save_settings(model: Any, path: Any, trace: Any = None, optimizer: Any = None,
-                  scheduler: Any = None) -> str:
+                  scheduler: Any = None, grad_clip: Any = None) -> str:
     """Write ``layer_settings(model)`` to ``path`` (JSON, atomically) and return the path: what
     a script that cannot hold the other framework's model saves beside its dump, for
     ``compare_settings(reference_file, port_file)``. ``trace``: a ``trace_settings`` of one
@@ -1291,7 +1293,10 @@ def save_settings(model: Any, path: Any, trace: Any = None, optimizer: Any = Non
     files hold them, each parameter's weight decay paired by definition order. ``scheduler``:
     its learning-rate schedule (torch's over ``optimizer``), stepped on alone from where it is
     (``lr_schedule``), saved as its rates and compared where both files hold one: save both
-    before training, or after as many steps."""
+    before training, or after as many steps. ``grad_clip``: how a torch script clips its
+    gradients before ``optimizer.step()`` (``align_train``'s ``torch_grad_clip``: a number, a
+    ``functools.partial`` of ``clip_grad_norm_`` or ``clip_grad_value_``); a Paddle optimizer
+    holds its own."""
     import json
     import os
     import tempfile
@@ -1303,10 +1308,20 @@ def save_settings(model: Any, path: Any, trace: Any = None, optimizer: Any = Non
                            "layers": layer_settings(model)}
     if trace is not None:
         doc["calls"] = [e.to_json() for e in trace.events]
+    if grad_clip is not None and optimizer is None:
+        from ..errors import ReprodError
+
+        raise ReprodError("save_settings: grad_clip= is saved with the optimizer's settings: give "
+                          "optimizer= too")
     if optimizer is not None:
+        from ..errors import ReprodError
+        from .grad_clip import grad_clip_of
         from .optim_settings import optimizer_record
 
-        record = optimizer_record(optimizer, model)
+        if grad_clip is not None and _framework(model) != "torch":
+            raise ReprodError("save_settings: grad_clip= is for a torch script's step; a Paddle "
+                              "optimizer holds its clipping (grad_clip=ClipGradByGlobalNorm(...))")
+        record = optimizer_record(optimizer, model, grad_clip_of(grad_clip))
         if "settings" in record:
             record["settings"] = {k: _jsonable(v) for k, v in record["settings"].items()}
         doc["optimizer"] = record

@@ -64,6 +64,7 @@ from .framework import (
     pair_outputs,
 )
 from .fusion import fuse, model_fusions, part_names, split_named, splitting_for_port
+from .grad_clip import GradClip, grad_clip_of
 from .kinks import KinkCapture
 from .localise import localise_forward
 from .results import (
@@ -188,6 +189,7 @@ def _torch_steps(
     opt_state: bool = False,
     arena: Optional[spill.SpillArena] = None,
     trace: Any = None,
+    clip: Optional[GradClip] = None,
 ) -> None:
     """``float64``: cast floating inputs and labels to float64. ``reseed``: seed torch with
     ``reseed + i`` before step i's forward pass. ``hyper_out`` receives each step's param-group
@@ -197,7 +199,8 @@ def _torch_steps(
     ``drop_grads``: set the gradients to None once the optimizer has used them (a model nobody
     reads them from after). ``opt_state``: record each parameter's momentum buffer and Adam
     moments after the step (``step<i>/opt/<name>.<accumulator>``). ``arena``: where the
-    copies of ``state_out`` are kept."""
+    copies of ``state_out`` are kept. ``clip``: the reference's gradient clipping, after the
+    gradients are recorded (Paddle clips inside its step, after they are recorded too)."""
     import torch
 
     dev = _torch_device(model)
@@ -237,6 +240,8 @@ def _torch_steps(
             kp = plan.get(name)
             if grad is not None and kp is not None and kp.paddle_name is not None:
                 _log_torch(log, f"step{i}/grad/{kp.paddle_name}", grad, kp)
+        if clip is not None:
+            clip.apply(model.parameters())
         optimizer.step()
         if drop_grads:  # not kept beside the weights recorded next: the float64 twin's peak
             model.zero_grad(set_to_none=True)
@@ -387,6 +392,7 @@ def align_train(
     spill_dir: Optional[PathLike] = None,
     check_settings: Any = True,
     dropout: str = "check",
+    torch_grad_clip: Any = None,
 ) -> Any:
     """Train both models for ``steps`` steps on the same batches and compare, per step, the logits,
     the loss, the learning rate, every parameter's gradient and every updated parameter.
@@ -428,6 +434,13 @@ def align_train(
     worst multiple of each step (``{"step0": {"multiple": 2.4, "key": "step0/grad/fc1.weight"}}``,
     see ``noise_multiples``), also printed with ``verbose``; ``out_dir`` also gets
     ``train_torch64.npy``. The BatchNorm running variance keeps its known difference (above).
+
+    ``torch_grad_clip``: how the torch step clips its gradients between backward and step, as a
+    Paddle optimizer's ``grad_clip`` does inside its step: a number (the global 2-norm, scaled as
+    Paddle's ``ClipGradByGlobalNorm`` scales it), a ``functools.partial`` of
+    ``torch.nn.utils.clip_grad_norm_`` or ``clip_grad_value_``, or a function called with the
+    model's parameters (``reprod.align.grad_clip``). The gradients recorded are before clipping
+    on both sides.
 
     ``by_order=True`` pairs the two models' parameters by definition order
     (``reprod.align.by_order_rules``), for ports whose names no rule maps; every key is then
@@ -528,6 +541,7 @@ def align_train(
             return align_train(**arguments)
     if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)) or len(batches) == 0:
         raise ReprodError("batches must be a non-empty list of (inputs, labels) pairs")
+    clip = grad_clip_of(torch_grad_clip)
     n = len(batches) if steps is None else int(steps)
     if n < 1:
         raise ReprodError(f"steps must be at least 1, got {steps}")
@@ -611,6 +625,7 @@ def align_train(
             opt_state=optimizer_state,
             arena=arena,
             trace=None if traces is None else traces[0],
+            clip=clip,
         )
     skipped: Optional[str] = None  # why a calibrated run is judged without its twin
     extra_outputs: list[str] = []  # the port's outputs beyond the reference's, every step
@@ -636,6 +651,7 @@ def align_train(
                     hyper_in=hyper,
                     drop_grads=True,
                     opt_state=optimizer_state,
+                    clip=clip,
                 )
         except Exception as e:  # the model's own code: judged as if uncalibrated (kinks too)
             skipped = twin_failed(e)
@@ -713,9 +729,11 @@ def align_train(
             weights0=weights0,
             kinks=kink is not None, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
             plan=plan, stats=stats, seed=seed, calibrate=calibrate, criteria=crit,
-            optimizer_state=optimizer_state, fusions=fusions)
+            optimizer_state=optimizer_state, fusions=fusions, clip=clip)
     if weights0:  # plain SGD's weight decay, which no key of one step resolves
-        result = decay.decay_checked(result, torch_log.data, paddle_log.data, weights0)
+        result = decay.decay_checked(result, torch_log.data, paddle_log.data, weights0,
+                                     scaled=clip is not None or
+                                     getattr(paddle_optimizer, "_grad_clip", None) is not None)
     weights0 = {}
     arena.close()
     if arena.spilled or arena.reason is not None:
@@ -726,7 +744,7 @@ def align_train(
             result, torch_model, paddle_model,
             {name: kp.paddle_name for name, kp in plan.items() if kp.paddle_name}, waive,
             traces=traces, optimizers=(torch_optimizer, paddle_optimizer),
-            schedulers=(torch_scheduler, paddle_scheduler, n))
+            schedulers=(torch_scheduler, paddle_scheduler, n), torch_grad_clip=clip)
     if verbose:
         for line in _rounding_summary(result):
             print(line, flush=True)
@@ -786,7 +804,8 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                      kinks: bool, fusions: Sequence[Any] = (),
                      torch_loss_fn: Callable[..., Any], paddle_loss_fn: Callable[..., Any],
                      plan: Mapping[str, KeyPlan], stats: bool, seed: int, calibrate: bool,
-                     criteria: Criteria, optimizer_state: bool) -> Any:
+                     criteria: Criteria, optimizer_state: bool,
+                     clip: Optional[GradClip] = None) -> Any:
     """Step 0's updated weights that the reference's optimizer makes of the port's aligned
     gradient relabelled ``"kink"`` (with ``kinks``: Adam's normalised update near g = 0), weights
     that Paddle's float32 Adam bias corrections explain ``"known"``; then each later step whose
@@ -797,7 +816,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
         result = forcing.replay_kinks(
             result, torch_data, paddle_data, noise_data, criteria, 0, torch_opt=torch_optimizer,
             torch_state=opt_states[0], torch_model=torch_model, plan=plan, before=weights0,
-            adam=adam, updates=0)
+            adam=adam, updates=0, clip=clip)
     if adam is not None:
         result = forcing.adam_known(result, torch_data, paddle_data, noise_data, criteria, adam)
     todo = forcing.steps_to_force(result, normalised=adam is not None)
@@ -820,7 +839,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                     _torch_steps(torch_model, [batch], 1, loss_fn=torch_loss_fn,
                                  optimizer=torch_optimizer, scheduler=None, plan=plan,
                                  stats=stats, log=log, reseed=seed + s if calibrate else None,
-                                 opt_state=optimizer_state)
+                                 opt_state=optimizer_state, clip=clip)
 
             def run_twin(batch: Any, s: int = s,
                          kink: Optional[KinkCapture] = kink) -> ReprodLogger:
@@ -831,7 +850,7 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                     _torch_steps(twin, [batch], 1, loss_fn=_float64_loss(torch_loss_fn),
                                  optimizer=twin_opt, scheduler=None, plan=plan, stats=stats,
                                  log=log, float64=True, reseed=seed + s, drop_grads=True,
-                                 opt_state=optimizer_state)
+                                 opt_state=optimizer_state, clip=clip)
                 return log
 
             def run_paddle(batch: Any, log: ReprodLogger,
@@ -867,7 +886,8 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                     r = forcing.replay_kinks(
                         r, t_log.data, p_log.data, n_data, criteria, 0,
                         torch_opt=torch_optimizer, torch_state=opt_states[s],
-                        torch_model=torch_model, plan=plan, before=before, adam=adam, updates=s)
+                        torch_model=torch_model, plan=plan, before=before, adam=adam, updates=s,
+                        clip=clip)
                 if adam is not None:  # this step's update alone, from the reference's weights
                     r = forcing.adam_known(r, t_log.data, p_log.data, n_data, criteria, adam,
                                            first=s, before=before)
