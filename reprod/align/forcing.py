@@ -560,7 +560,11 @@ def replayed_state(torch_opt: Any, torch_state: Mapping[str, Any], torch_model: 
         return None
 
     def torch_layout(a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(a.T) if kp.action == "transpose" else np.array(a)
+        # always a copy: the step below updates it in place through torch.from_numpy, and the
+        # transpose of a view of the weights before training (a Linear's, Paddle layout) is
+        # already contiguous, so ascontiguousarray handed back that memory and the replay
+        # moved the copy localisation starts from, and the decay fit's weights
+        return np.array(a.T if kp.action == "transpose" else a, order="C")
 
     p = torch.nn.Parameter(torch.from_numpy(torch_layout(before)).to(target.dtype))
     p.grad = torch.from_numpy(torch_layout(grad)).to(target.dtype)
@@ -608,7 +612,8 @@ def replay_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
                  noise: Optional[Mapping[str, Any]], criteria: Any, step: int, *,
                  torch_opt: Any, torch_state: Mapping[str, Any], torch_model: Any,
                  plan: Mapping[str, KeyPlan], before: Mapping[str, Any],
-                 adam: Optional[tuple[float, float, int]], updates: int) -> Any:
+                 adam: Optional[tuple[float, float, int]], updates: int,
+                 clip: Any = None) -> Any:
     """Step ``step``'s failing updated weights and optimizer state (velocity, Adam moments),
     both sides started from ``before`` (Paddle names and layout), whose gradient key aligns and
     whose port value is what the reference's optimizer (state ``torch_state``) makes of the
@@ -620,10 +625,18 @@ def replay_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
     aligned gradient's own rounding (Paddle's, which the reference's noise does not hold)
     carried into the update, a momentum buffer or a second moment (2|g| times it). A wrong
     beta, epsilon, momentum or weight decay makes another update of the same gradient, and
-    fails."""
+    fails. ``clip``: the reference's gradient clipping (``grad_clip.GradClip``), applied to the
+    port's gradients of the step before they are replayed; nothing is replayed where it cannot
+    be (a custom function)."""
     from ..diff.engine import compare
 
     by_paddle = {kp.paddle_name: kp for kp in plan.values() if kp.paddle_name}
+    grads: Optional[Mapping[str, Any]] = None  # the port's gradients, as the reference clips them
+    if clip is not None:
+        head = f"step{step}/grad/"
+        grads = clip.arrays({k[len(head):]: other[k] for k in other if k.startswith(head)})
+        if grads is None:
+            return result
     out, changed = [], False
     for kr in result.results:
         which = _replayed_key(kr.key, step)
@@ -636,7 +649,7 @@ def replay_kinks(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
             continue
         w0 = np.asarray(before[name])
         step_made = replayed_state(torch_opt, torch_state, torch_model, by_paddle[name], w0,
-                                   np.asarray(other[gkey]))
+                                   np.asarray(other[gkey] if grads is None else grads[name]))
         made = None
         if step_made is not None:
             made = step_made[0] if acc is None else step_made[1].get(acc)

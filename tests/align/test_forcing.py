@@ -160,11 +160,16 @@ def test_replayed_is_the_reference_optimizers_own_step(kind) -> None:
             before = {n: p.detach().numpy().copy() for n, p in tm.named_parameters()}
             grads = {n: p.grad.numpy().copy() for n, p in tm.named_parameters()}
         topt.step()
+    kept = copy.deepcopy(before)
     for name, p in tm.named_parameters():
         kp = plan[name]
         t = (lambda a: a.T) if kp.action == "transpose" else (lambda a: a)
         got = replayed(topt, state, tm, kp, t(before[name]), t(grads[name]))
         np.testing.assert_array_equal(got, t(p.detach().numpy()), err_msg=name)
+        # the weights it starts from stay as they were: a Linear weight's transposed view was
+        # handed to torch as it lay and stepped in place, moving the copy localisation starts
+        # from (and the decay fit's weights before training)
+        np.testing.assert_array_equal(before[name], kept[name], err_msg=name)
     assert plan["fc.weight"].action == "transpose"
 
 
