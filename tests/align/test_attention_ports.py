@@ -225,9 +225,76 @@ def test_transformer_settings_each_framework_spells_its_way():
         paddle_layer(activation="relu")).differ] == [
         "layers.0: norm_first True in torch, False in Paddle",
         "layers.0: activation 'gelu' in torch, 'relu' in Paddle"]
-    # torch's attention takes the sequence first unless told; Paddle's the batch, always
-    assert [d.line() for d in compare_settings(torch_layer(), paddle_layer()).differ] == [
+    # torch's attention takes the sequence first unless told; Paddle's the batch, always: a
+    # layout, said and not failed (the model around it may transpose)
+    report = compare_settings(torch_layer(), paddle_layer())
+    assert report.passed and not report.differ
+    assert [d.line() for d in report.layout] == [
         "layers.0.self_attn: batch_first False in torch, True in Paddle"]
+    assert "batch_first False in torch, True in Paddle (a layout of the inputs: not failed, " \
+        "the values decide)" in str(report)
+
+
+class _SeqFirst(torch.nn.Module):
+    """torch's default sequence-first encoder, the reference transposing around it (or, with
+    ``transpose=False``, feeding it the batch first: a bug in the layout)."""
+
+    def __init__(self, transpose: bool = True) -> None:
+        super().__init__()
+        self.transpose = transpose
+        layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0)
+        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        if self.transpose:
+            return self.head(self.enc(x.transpose(0, 1)).transpose(0, 1))
+        return self.head(self.enc(x))
+
+
+class _BatchFirst(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = paddle.nn.TransformerEncoder(
+            paddle.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 2)
+        self.head = paddle.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+def test_a_sequence_first_reference_and_a_batch_first_port_are_judged_by_their_values(transpose):
+    """A faithful port of torch's default layout (the reference transposes around its
+    sequence-first encoder, Paddle's takes the batch first) computes the same numbers: it
+    failed on ``batch_first False in torch, True in Paddle``. A reference that does not
+    transpose fails on its values, and the layout is said as what to check."""
+    from reprod.align import align_forward
+
+    torch.manual_seed(0)
+    tm = _SeqFirst(transpose).eval()
+    with torch.no_grad():
+        for p in tm.parameters():  # LayerNorms' weights and biases matter too
+            p.add_(torch.randn_like(p) * 0.1)
+    from reprod.align import load_into_paddle
+
+    pm = _BatchFirst()
+    pm.eval()
+    load_into_paddle(pm, tm, by_order=True)
+    r0 = align_forward(tm, pm, X, by_order=True)
+    if transpose:
+        assert r0.passed, r0.to_table(failed_only=True)
+        assert not any(k.key.startswith("settings/") for k in r0.results)
+        assert r0.options["settings"]["layout"] == [
+            "enc.layers.0.self_attn: batch_first False in torch, True in Paddle",
+            "enc.layers.1.self_attn: batch_first False in torch, True in Paddle"]
+        assert not any("layout" in f for f in r0.options.get("findings", ()))
+        return
+    assert not r0.passed
+    assert r0.options["divergence"]["layer"] == "enc.layers.0.self_attn"
+    assert any(f.startswith("the port's layers take their inputs in another layout: "
+                            "enc.layers.0.self_attn") and "transposes its inputs" in f
+               for f in r0.options["findings"])
 
 
 def test_a_forced_step_loads_the_reference_s_state_into_the_packed_tensor():
