@@ -675,8 +675,7 @@ def localise_forward(
     gap = div.inner if div is not None and div.layer == ROOT and div.inner is not None else div
     blocks: dict[str, str] = {}  # reference block -> the port's, where one was found below
     if pairing is not None and gap is not None and gap.kind == "layer" \
-            and gap.direction == "forward" \
-            and gap.input_aligned is False and gap.previous is not None:
+            and gap.direction == "forward" and gap.input_aligned is False:
         found = _block_between(gap, torch_model, paddle_model, run_torch, run_paddle, ref, raw,
                                names, criteria, run_twin, pairing)
         if found is not None and isinstance(found[0], _Handed):
@@ -1253,18 +1252,25 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     )
     from ..diff.engine import compare
 
-    previous, following = div.previous.partition("#")[0], div.layer.partition("#")[0]
+    # no previous: the first recorded leaf reads a differing input, though both models were
+    # handed the same: the blocks holding it start before it (a transformer whose first block
+    # is the first thing called, normalising after its attention where the reference does so
+    # before: "the input of the first recorded layer already differs" sent porters to their
+    # inputs)
+    previous = "" if div.previous is None else div.previous.partition("#")[0]
+    following = div.layer.partition("#")[0]
     to_port = {r: o for o, r in names.items()}
     # a call left out of the pairing (an eval-mode dropout, output = input) keeps its own name,
     # where the port has a layer of that name
     port_layers = {name for name, _ in _named(paddle_model)}
     for layer in (previous, following):
-        if layer not in to_port and layer in port_layers:
+        if layer and layer not in to_port and layer in port_layers:
             to_port[layer] = layer
-    if previous not in to_port or following not in to_port:
+    if (previous and previous not in to_port) or following not in to_port:
         return None
     ref_blocks = _around(_containers(_named(torch_model)), previous, following)
-    port_blocks = _around(_containers(_named(paddle_model)), to_port[previous], to_port[following])
+    port_blocks = _around(_containers(_named(paddle_model)), to_port.get(previous, ""),
+                          to_port[following])
     if not ref_blocks or not port_blocks:
         return None
     ref = _capture_only(torch_model, run_torch, ref_blocks)
@@ -1292,6 +1298,8 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
             ref_leaves, port_leaves, torch_model, paddle_model, criteria, run_twin)
 
     def feeding() -> Optional[tuple[Any, dict[str, Any], dict[str, Any], dict[str, str]]]:
+        if not previous:  # both look for the blocks between two leaves
+            return None
         return _block_feeding(*args) or _block_holding(*args)
 
     if not pairs:
@@ -1331,7 +1339,7 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
                            unmatched=unmatched.get(r, ((), ())))
         # a block holding both leaves: where the reference's block ending between them (HF's
         # ErnieM self_attn.self_attn, whose output its out_proj reads) diverges, it is nearer
-        fed = _block_feeding(*args) if holds else None
+        fed = _block_feeding(*args) if holds and previous else None
         return fed if fed is not None else (found, ref, port, {r: p})
     fed = feeding()
     if fed is None and handed is not None:

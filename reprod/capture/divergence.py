@@ -147,10 +147,14 @@ class Divergence:
             worst = _max_abs(self.inputs)
             text = f"{head} at {where}: {inp} aligned (max {fmt_num(worst)}), {out}"
             if self.inner is not None and self.inner.input is not None:
+                before = ("while its recorded sublayers before that align"
+                          if self.inner.previous is not None and
+                          self.inner.previous.startswith(self.layer + ".") else
+                          "and it is the first of its sublayers recorded")
                 text += (
                     f"; inside it, the {inp} of {self.inner.layer} already differs "
-                    f"({_describe(self.inner.input)}) while its recorded sublayers before that "
-                    f"align, so the cause is {self.layer}'s own forward code"
+                    f"({_describe(self.inner.input)}) {before}, so the cause is {self.layer}'s "
+                    "own forward code"
                 )
             elif self.own_code and self.unpaired_inside:
                 names = ", ".join(self.unpaired_inside[:3]) + (

@@ -1,0 +1,149 @@
+"""A bug in the block a model calls first (pairing by call order records only the leaves).
+
+A pre-norm reference against a post-norm port: the port's first norm reads the attention's
+input plus its output, so the first recorded leaf's input already differs although both
+models were handed the same array. That read "the input of the first recorded layer already
+differs", which sent porters to their inputs. The blocks holding that leaf are recorded, and
+the one whose input aligns and whose output differs is named, its own forward code the cause.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+paddle = pytest.importorskip("paddle")
+
+from reprod.align import align_forward, load_into_paddle  # noqa: E402
+
+D, H = 16, 4
+X = np.random.default_rng(0).standard_normal((2, 6, D)).astype(np.float32)
+
+
+class TorchBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(D)
+        self.attn = torch.nn.Linear(D, D)  # a stand-in for the attention: what reads the norm
+        self.norm2 = torch.nn.LayerNorm(D)
+        self.fc = torch.nn.Linear(D, D)
+
+    def forward(self, x):  # pre-norm
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc(self.norm2(x))
+
+
+class PaddleBlock(paddle.nn.Layer):
+    def __init__(self, pre_norm: bool) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.ln1 = paddle.nn.LayerNorm(D)
+        self.proj = paddle.nn.Linear(D, D)
+        self.ln2 = paddle.nn.LayerNorm(D)
+        self.linear = paddle.nn.Linear(D, D)
+
+    def forward(self, x):
+        if self.pre_norm:
+            x = x + self.proj(self.ln1(x))
+            return x + self.linear(self.ln2(x))
+        x = self.ln1(x + self.proj(x))  # post-norm: the port's bug
+        return self.ln2(x + self.linear(x))
+
+
+class TorchNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([TorchBlock(), TorchBlock()])
+        self.head = torch.nn.Linear(D, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class PaddleNet(paddle.nn.Layer):
+    def __init__(self, pre_norm: bool) -> None:
+        super().__init__()
+        self.layers = paddle.nn.LayerList([PaddleBlock(pre_norm), PaddleBlock(pre_norm)])
+        self.out = paddle.nn.Linear(D, 3)
+
+    def forward(self, x):
+        for b in self.layers:
+            x = b(x)
+        return self.out(x)
+
+
+def _pair(pre_norm: bool):
+    torch.manual_seed(0)
+    tm = TorchNet().eval()
+    with torch.no_grad():  # LayerNorms' weights and biases matter too
+        for p in tm.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    pm = PaddleNet(pre_norm)
+    pm.eval()
+    load_into_paddle(pm, tm, by_order=True)
+    return tm, pm
+
+
+def test_a_faithful_port_passes() -> None:
+    r = align_forward(*_pair(True), X, by_order=True)
+    assert r.passed, r.to_table(failed_only=True)
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_a_post_norm_port_of_a_pre_norm_first_block_is_named_at_that_block(calibrate) -> None:
+    r = align_forward(*_pair(False), X, by_order=True, calibrate=calibrate)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert div["layer"] == "blocks.0" and div.get("port_layer") == "layers.0"
+    message = r.options["findings"][0]
+    assert message.startswith("diverges at blocks.0 (TorchBlock vs PaddleBlock; the port's layers.0): input "
+                              "aligned (max 0.000e+00)")
+    assert ("inside it, the input of blocks.0.norm1 already differs" in message and
+            "and it is the first of its sublayers recorded, so the cause is blocks.0's own "
+            "forward code" in message)
+    assert "first recorded layer" not in message
+
+
+def test_torch_s_pre_norm_encoder_against_paddle_s_post_norm_names_the_layer_and_its_setting() -> None:
+    """The libraries' own layers: norm_first against normalize_before, a setting, now said to
+    be the likely cause where the values first differ."""
+    class TEnc(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(D, H, 32, dropout=0.0, batch_first=True,
+                                                     norm_first=True)
+            self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(D, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x))
+
+    class PEnc(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = paddle.nn.TransformerEncoder(
+                paddle.nn.TransformerEncoderLayer(D, H, 32, dropout=0.0), 2)
+            self.classifier = paddle.nn.Linear(D, 3)
+
+        def forward(self, x):
+            return self.classifier(self.encoder(x))
+
+    torch.manual_seed(0)
+    tm = TEnc().eval()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    pm = PEnc()
+    pm.eval()
+    load_into_paddle(pm, tm, by_order=True)
+    r = align_forward(tm, pm, X, by_order=True)
+    assert r.options["divergence"]["layer"] == "enc.layers.0"
+    assert r.options["findings"][0].startswith(
+        "diverges at enc.layers.0 (TransformerEncoderLayer; the port's encoder.layers.0): input "
+        "aligned")
+    assert r.options["findings"][-1].endswith(
+        "enc.layers.0 is the layer where the values first differ: the likely cause")
+    assert "norm_first True in torch, False in Paddle" in r.options["findings"][-1]
