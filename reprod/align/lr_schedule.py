@@ -6,7 +6,8 @@ longer, a step decay's milestones, a polynomial decay's end value all agree at s
 side's scheduler is copied, detached from its optimizer (torch's writes the rate into a stand-in
 holding a copy of the param groups, without the parameters; Paddle's holds no parameters), and
 stepped on to a horizon of twice the longest period either schedule names (``T_max``,
-``total_iters``, milestones, warmup and decay steps...: at least 1,000 steps, at most 100,000),
+``total_iters``, milestones, warmup and decay steps..., and the integers a schedule of a
+function holds: at least 1,000 steps, at most 100,000),
 and the two sequences are compared, from the rate both hold when training ends (the step after
 the last one trained: each step's ``lr`` key compares only the steps trained). The first step
 where they part fails, with both rates; where neither side has a scheduler, both rates are the
@@ -16,6 +17,7 @@ constants they were from step 0, so a difference is named there.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -62,6 +64,36 @@ def _periods(sched: Any, seen: Optional[set[int]] = None) -> list[int]:
             getattr(sched, "learning_rate", None)]:
         if inner is not None and hasattr(inner, "step"):
             out += _periods(inner, seen)
+    # a schedule of a function (torch's LambdaLR, Paddle's LambdaDecay) names no length: Hugging
+    # Face's linear warmup is a LambdaLR of a partial holding num_training_steps, PaddleNLP's
+    # LinearDecayWithWarmup a LambdaDecay of a closure over total_steps, and schedules of
+    # 100,000 steps against 50,000 were compared to step 1,000 only, and passed
+    fns = list(getattr(sched, "lr_lambdas", None) or ()) + [getattr(sched, "lr_lambda", None)]
+    for fn in fns:
+        out += _held_integers(fn)
+    return out
+
+
+def _held_integers(fn: Any, depth: int = 0) -> list[int]:
+    """The positive integers a schedule's function holds: a ``functools.partial``'s arguments,
+    a closure's cells (and those of the functions they hold, two deep)."""
+    if fn is None or depth > 2:
+        return []
+    values: list[Any] = []
+    if isinstance(fn, functools.partial):
+        values += list(fn.args) + list(fn.keywords.values())
+        values.append(fn.func)
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    out: list[int] = []
+    for v in values:
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            out.append(v)
+        elif callable(v) and not isinstance(v, type):
+            out += _held_integers(v, depth + 1)
     return out
 
 

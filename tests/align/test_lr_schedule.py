@@ -281,3 +281,45 @@ def test_each_script_saves_its_schedule_and_the_files_compare(tmp_path):
     with pytest.raises(ReprodError, match=r"bad\.json: its lr_schedule is not \{lrs: \[rate, "
                                           r"\.\.\.\]\}"):
         compare_settings(a, str(bad))
+
+
+def _hf_linear(step, *, num_warmup_steps, num_training_steps):
+    # Hugging Face's get_linear_schedule_with_warmup: a LambdaLR of a partial of this
+    if step < num_warmup_steps:
+        return step / max(1, num_warmup_steps)
+    return max(0.0, (num_training_steps - step) / max(1, num_training_steps - num_warmup_steps))
+
+
+def _paddlenlp_linear(lr, total_steps, warmup):
+    # PaddleNLP's LinearDecayWithWarmup: a LambdaDecay of a closure over its lengths
+    def lr_lambda(step):
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    return PS.LambdaDecay(lr, lr_lambda)
+
+
+@pytest.mark.parametrize("port_total", [100_000, 50_000])
+def test_schedules_of_functions_are_stepped_as_far_as_the_lengths_they_hold(port_total):
+    """A LambdaLR/LambdaDecay names no length: the two linear warmups of 2,000 steps, decaying
+    over 100,000 against 50,000, were compared to step 1,000 only, and passed."""
+    from functools import partial
+
+    ts, to, ps, po = _pair(
+        lambda o: TS.LambdaLR(o, partial(_hf_linear, num_warmup_steps=2000,
+                                         num_training_steps=100_000)),
+        lambda lr: _paddlenlp_linear(lr, port_total, 2000))
+    diffs, info = compare_schedules(ts, to, ps, po, done=3)
+    assert info["horizon"] == 100_000  # twice the longest length held, at most 100,000
+    if port_total == 100_000:
+        assert diffs == []
+        return
+    (d,) = diffs
+
+    def rate(k, total):
+        return _hf_linear(k, num_warmup_steps=2000, num_training_steps=total)
+
+    # independently: where the two formulas' rates first part by more than 1e-6 of them
+    k = next(k for k in range(3, 100_000) if abs(rate(k, 100_000) - rate(k, port_total)) >
+             1e-6 * rate(k, 100_000))
+    assert d.setting == f"lr_at_step_{k}" and info["part_at"] == k == 2001
