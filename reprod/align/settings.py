@@ -854,12 +854,23 @@ def _by_weight(xs: Sequence[Mapping[str, Any]], ys: Sequence[Mapping[str, Any]]
     return [left[key].pop(0) for key in xk]  # type: ignore[index]
 
 
-def _is_layout(d: SettingDiff) -> bool:
-    """A setting of the layout a layer takes its inputs in, which no setting of the port's can
-    match, so a faithful port transposes around it instead: torch's attention's batch_first
-    against Paddle's, which takes the batch first always. An RNN's is a setting still: Paddle's
-    time_major matches it, and a port that forgets it computes on the batch as on time."""
-    return d.setting == "batch_first" and d.kind == "attention"
+def _values_decide(d: SettingDiff) -> Optional[str]:
+    """What kind of setting is said and not failed, because values compared anyway show whether
+    it matters, or None for a setting that fails:
+
+    - "layout": how a layer takes its inputs, which no setting of the port's can match, so a
+      faithful port transposes around it: torch's attention's batch_first against Paddle's,
+      batch first always. (An RNN's is a setting still: Paddle's time_major matches it, and a
+      port that forgets it computes on the batch as on time.)
+    - "reduction": a loss's, which a port may undo in its own code: Paddle's cross entropy
+      with ignore_index divides a mean by every label, so a faithful port takes the sum and
+      divides by the labels kept, and failed on "reduction 'mean' in torch, 'sum' in Paddle"
+      with every value aligned. The loss is compared wherever it is computed."""
+    if d.setting == "batch_first" and d.kind == "attention":
+        return "layout"
+    if d.setting == "reduction":
+        return "reduction"
+    return None
 
 
 _BY_DEFINITION = "layers with parameters: paired by definition order, kind by kind"
@@ -879,17 +890,15 @@ class SettingsReport:
     readable: int = 0  # the layers of a kind with settings the two models hold, the fewer side's
     # of ``unpaired``, the kinds with parameters both sides hold, in other numbers: unchecked
     unchecked: tuple[str, ...] = ()
-    # settings of how a layer takes its inputs (an attention's batch_first): said, not failed
-    layout: tuple[SettingDiff, ...] = ()
+    # settings the values compared decide (``_values_decide``): said, not failed
+    said: tuple[SettingDiff, ...] = ()
 
     def __post_init__(self) -> None:
-        # a layout is no function of its own: a reference that transposes around a sequence-first
-        # attention and a port that feeds Paddle's batch-first one compute the same, and every
-        # such faithful port failed on it; where the port transposes otherwise, the values say so
-        moved = tuple(d for d in self.differ if _is_layout(d))
+        moved = tuple(d for d in self.differ if _values_decide(d))
         if moved:
-            object.__setattr__(self, "differ", tuple(d for d in self.differ if not _is_layout(d)))
-            object.__setattr__(self, "layout", self.layout + moved)
+            object.__setattr__(self, "differ",
+                               tuple(d for d in self.differ if not _values_decide(d)))
+            object.__setattr__(self, "said", self.said + moved)
 
     @property
     def passed(self) -> bool:
@@ -912,8 +921,8 @@ class SettingsReport:
                      "paired (see below)")
         lines = [d.line() for d in self.differ] or (
             [agree] if self.nothing_compared else [f"{agree} agree"])
-        lines += [f"{d.line()} (a layout of the inputs: not failed, the values decide)"
-                  for d in self.layout]
+        lines += [f"{d.line()} (a {'layout of the inputs' if _values_decide(d) == 'layout' else 'loss reduction'}: "
+                  "not failed, the values decide)" for d in self.said]
         for u in self.unpaired:
             if u.startswith(_BY_SHAPE):
                 lines.append(u)
@@ -1124,8 +1133,8 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
         info["training_only"] = training
     if waived:
         info["waived"] = [d.line() for d in waived]
-    if report.layout:
-        info["layout"] = [d.line() for d in report.layout]
+    for d in report.said:
+        info.setdefault(str(_values_decide(d)), []).append(d.line())
     if report.unpaired or unpaired_layers:
         info["unpaired"] = unpaired_layers + list(report.unpaired)
     if report.nothing_compared:
@@ -1203,7 +1212,7 @@ def with_finding(result: Any, verbose: bool = False) -> Any:
     """``result`` with the settings that differ as its last finding (``options["findings"]``),
     printed with ``verbose``."""
 
-    result = _layout_finding(result, verbose)
+    result = _values_decide_finding(result, verbose)
     info = result.options.get("settings") or {}
     lines = info.get("differ") or []
     unread = _unpaired_activations(info.get("unpaired") or ())
@@ -1257,23 +1266,40 @@ def with_finding(result: Any, verbose: bool = False) -> Any:
     return dataclasses.replace(result, options=dict(result.options, findings=findings))
 
 
-def _layout_finding(result: Any, verbose: bool) -> Any:
-    """``result`` with a finding for layers taking their inputs in another layout
-    (``_is_layout``), where values fail: the layout alone passes, but a port that does not
-    transpose as the reference does computes on the batch as on the sequence."""
-    layout = (result.options.get("settings") or {}).get("layout") or []
-    if not layout or not values_failed(result):
+def _values_decide_finding(result: Any, verbose: bool) -> Any:
+    """``result`` with a finding for each kind of setting said and not failed
+    (``_values_decide``) where values fail: alone it passes, but it is what to check first."""
+    info = result.options.get("settings") or {}
+    if not values_failed(result):
         return result
-    line = (f"the port's layer{'s take' if len(layout) > 1 else ' takes'} {'their' if len(layout) > 1 else 'its'} "
-            f"inputs in another layout: {'; '.join(layout[:5])}"
-            f"{f'; and {len(layout) - 5} more' if len(layout) > 5 else ''} (torch's attention "
-            "without batch_first takes [sequence, batch, features], Paddle's [batch, sequence, "
-            "features]): a layout alone is no difference, but where the values differ, check "
-            "that the port transposes its inputs as the reference does")
+    lines = []
+    layout = info.get("layout") or []
+    if layout:
+        lines.append(
+            f"the port's layer{'s take' if len(layout) > 1 else ' takes'} "
+            f"{'their' if len(layout) > 1 else 'its'} inputs in another layout: "
+            f"{_shown(layout)} (torch's attention without batch_first takes [sequence, batch, "
+            "features], Paddle's [batch, sequence, features]): a layout alone is no difference, "
+            "but where the values differ, check that the port transposes its inputs as the "
+            "reference does")
+    reduction = info.get("reduction") or []
+    if reduction and any(not kr.passed and re.search(r"(^|/)loss(/|$)", kr.key)
+                         for kr in result.results):
+        lines.append(
+            f"the port's loss reduces otherwise: {_shown(reduction)}; a reduction alone is no "
+            "difference (a sum the port divides by the count kept is the mean), but the loss "
+            "differs: check that the port's loss is divided as the reference's")
+    if not lines:
+        return result
     if verbose:
-        print(line, flush=True)
-    findings = [f for f in result.options.get("findings", ()) if f != line] + [line]
+        for line in lines:
+            print(line, flush=True)
+    findings = [f for f in result.options.get("findings", ()) if f not in lines] + lines
     return dataclasses.replace(result, options=dict(result.options, findings=findings))
+
+
+def _shown(lines: Sequence[str]) -> str:
+    return "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
 
 
 def _unpaired_activations(unpaired: Sequence[str]) -> Optional[str]:

@@ -229,7 +229,7 @@ def test_transformer_settings_each_framework_spells_its_way():
     # layout, said and not failed (the model around it may transpose)
     report = compare_settings(torch_layer(), paddle_layer())
     assert report.passed and not report.differ
-    assert [d.line() for d in report.layout] == [
+    assert [d.line() for d in report.said] == [
         "layers.0.self_attn: batch_first False in torch, True in Paddle"]
     assert "batch_first False in torch, True in Paddle (a layout of the inputs: not failed, " \
         "the values decide)" in str(report)
