@@ -94,6 +94,8 @@ from .train_localise import (
     first_failing_step,
     gradient_not_reaching,
     loss_finding,
+    noise_gradients,
+    noise_update_line,
     reference_diverged,
     stat_finding,
     state_finding,
@@ -1069,11 +1071,18 @@ def _train_localised(
             findings.append("the learning rate differs first: the schedulers differ (their "
                             "kind, step size, decay, or how often each is stepped)")
         elif kinds[0] == "param" and forced:
-            findings.append(f"step {step}, run on both sides from the reference's weights, "
-                            "statistics and optimizer state, computes aligned gradients and "
-                            "other updated weights: the optimizers' hyperparameters differ "
-                            "(momentum, Adam's betas or epsilon, a weight decay: the first "
-                            "update does not show them)")
+            failing = [kr.key for kr in result if kr.key.startswith(f"step{step}/param/")
+                       and not kr.passed]
+            top = noise_gradients(failing, step, torch_data, paddle_data)
+            head = (f"step {step}, run on both sides from the reference's weights, statistics "
+                    "and optimizer state, computes aligned gradients and other updated weights")
+            if top is not None:
+                # a warmup from lr 0 moves nothing at step 0: the noise shows first later on
+                findings.append(f"{head} ({len(failing)} of them): {noise_update_line(top)}")
+            else:
+                findings.append(f"{head}: the optimizers' hyperparameters differ (momentum, "
+                                "Adam's betas or epsilon, a weight decay: the first update "
+                                "does not show them)")
         elif kinds[0] == "param":
             findings.append(f"step {step}'s gradients align and its updated weights do not, "
                             "while the first update aligned: the optimizers' state differs "

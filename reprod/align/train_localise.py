@@ -187,11 +187,9 @@ def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[st
         g_ref, g_port = ref_log.get(f"step0/grad/{name}"), port_log.get(f"step0/grad/{name}")
         flips.append(np.zeros(w.size, bool) if g_ref is None or g_port is None else
                      np.sign(np.asarray(g_ref).reshape(-1)) != np.sign(np.asarray(g_port).reshape(-1)))
-        if g_ref is not None and g_port is not None:
-            gr, gp = np.asarray(g_ref, np.float64), np.asarray(g_port, np.float64)
-            top = float(np.abs(gr).max(initial=0.0))
-            if float(np.abs(gr - gp).max(initial=0.0)) >= 0.5 * top:
-                noise.append(max(top, float(np.abs(gp).max(initial=0.0))))
+        top = _noise_gradient(g_ref, g_port)
+        if top is not None:
+            noise.append(top)
     if not d_ref:
         return None
     r, o, w = np.concatenate(d_ref), np.concatenate(d_port), np.concatenate(p0)
@@ -201,13 +199,8 @@ def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[st
                 f"({len(keys)} of them): the reference's step left the parameters as they were")
     if len(noise) == len(d_ref):
         return (f"the gradients align (step0/grad) and the updated parameters do not "
-                f"({len(keys)} of them): each one's gradient is noise on both sides (at most "
-                f"{max(noise):.3g}, the two as far apart as they are large: a parameter the loss "
-                "does not depend on, as a key projection's bias under softmax), which an update "
-                "that normalises the gradient (Adam: lr * m / (sqrt(v) + eps)) turns into steps "
-                f"of up to {float(np.abs(o - r).max()):.3g}, each side its own; not an "
-                "optimizer difference, though the verdict cannot tell it from one (kinks=True "
-                "or calibrate=True judges them)")
+                f"({len(keys)} of them): " +
+                noise_update_line(max(noise), float(np.abs(o - r).max())))
     line = _sign_flips(o - r, flip, len(keys))
     if line is not None:
         return line
@@ -237,6 +230,46 @@ def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[st
                        f"(together they explain {max(0.0, 1 - left):.0%} of the difference): "
                        "compare the optimizers' hyperparameters (an epsilon, gradient clipping)")
     return head + ": " + "; ".join(parts)
+
+
+def _noise_gradient(g_ref: Any, g_port: Any) -> Optional[float]:
+    """The larger of two gradients of one parameter that are noise (as far apart as they are
+    large: half the reference's largest element at least), else None."""
+    if g_ref is None or g_port is None:
+        return None
+    gr, gp = np.asarray(g_ref, np.float64), np.asarray(g_port, np.float64)
+    if gr.shape != gp.shape:
+        return None
+    top = float(np.abs(gr).max(initial=0.0))
+    if float(np.abs(gr - gp).max(initial=0.0)) >= 0.5 * top:
+        return max(top, float(np.abs(gp).max(initial=0.0)))
+    return None
+
+
+def noise_gradients(keys: Sequence[str], step: int, ref_log: Mapping[str, Any],
+                    port_log: Mapping[str, Any]) -> Optional[float]:
+    """Where every failing ``stepN/param/`` key's two gradients of that step are noise, the
+    largest of them; else None."""
+    tops = []
+    for key in keys:
+        name = key.split("/param/", 1)[1]
+        top = _noise_gradient(ref_log.get(f"step{step}/grad/{name}"),
+                              port_log.get(f"step{step}/grad/{name}"))
+        if top is None:
+            return None
+        tops.append(top)
+    return max(tops) if tops else None
+
+
+def noise_update_line(top: float, moved: Optional[float] = None) -> str:
+    """Why updates apart are no optimizer difference where their gradients are noise."""
+    steps = "steps" if moved is None else f"steps of up to {moved:.3g}"
+    return (f"each one's gradient is noise on both sides (at most {top:.3g}, the two as far "
+            "apart as they are large: a parameter the loss does not depend on, as a key "
+            "projection's bias under softmax), which an update that normalises the gradient "
+            f"(Adam: lr * m / (sqrt(v) + eps)) turns into {steps}, each side its own; not an "
+            "optimizer difference, though the verdict cannot tell it from one (kinks=True or "
+            "calibrate=True judges them)")
 
 
 def state_finding(result: Any, step: int, ref_log: Mapping[str, Any],
