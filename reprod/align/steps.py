@@ -1089,7 +1089,9 @@ def _train_localised(
                             "(momentum, Adam's betas or epsilon: the first update does not "
                             "show them)")
     elif kinds[0] == "loss":
-        findings.append(loss_finding(result, batch_size_of(batches)))
+        findings.append(loss_finding(result, batch_size_of(batches),
+                                     _split_batch(batches[0], 0)[1],
+                                     getattr(torch_loss_fn, "ignore_index", -100)))
     elif kinds[0] == "lr":
         findings.append("the learning rate differs before the first update: the optimizers' "
                         "initial learning rates (or their schedulers) differ")

@@ -119,8 +119,10 @@ def gradient_not_reaching(result: Any, layer_types: Optional[Mapping[str, str]] 
                    "or its parameters are frozen)")
 
 
-def loss_finding(result: Any, batch_size: Optional[int]) -> str:
-    """The outputs align and the loss does not: the loss functions differ."""
+def loss_finding(result: Any, batch_size: Optional[int], labels: Any = None,
+                 ignore_index: Any = -100) -> str:
+    """The outputs align and the loss does not: the loss functions differ. ``labels``: step 0's,
+    and ``ignore_index`` the reference loss's, for a mean one side takes over every label."""
     from .results import CE_CLIP_HINT
 
     ref = result["step0/loss"]
@@ -137,8 +139,35 @@ def loss_finding(result: Any, batch_size: Optional[int]) -> str:
     if batch_size and batch_size > 1 and abs(ratio * batch_size - 1) <= 1e-3:
         return line + (f" (the port's loss is 1/{batch_size} of the reference's, the batch "
                        "size: a mean against a sum, reduction)")
+    kept = _kept_share(labels, ignore_index)
+    if kept is not None and 0 < kept[0] < kept[1]:
+        share = kept[0] / kept[1]
+        # Paddle's cross_entropy with ignore_index divides its mean by every label, ignored ones
+        # included (paddle 3.3.1), torch's by the labels kept
+        if abs(ratio - share) <= 1e-3 * share:
+            return line + (f" (the port's loss is {ratio:.6g}x the reference's, the share of labels "
+                           f"not ignored, {kept[0]} of {kept[1]}: the port's mean divides by every "
+                           f"label, the {ignore_index} ones included, the reference's by those kept; "
+                           "Paddle's cross_entropy with ignore_index does so: take its sum and "
+                           "divide by the labels kept)")
+        if abs(ratio * share - 1) <= 1e-3:
+            return line + (f" (the port's loss is {ratio:.6g}x the reference's, the inverse of the "
+                           f"share of labels not ignored, {kept[0]} of {kept[1]}: the reference's "
+                           "mean divides by every label, the port's by those kept)")
     return line + f" (the port's loss is {ratio:.6g}x the reference's: reduction, label " \
                   "smoothing, class weights, ignore_index)"
+
+
+def _kept_share(labels: Any, ignore_index: Any) -> Optional[tuple[int, int]]:
+    """(labels not ``ignore_index``, labels) of an integer label array, else None."""
+    try:
+        a = np.asarray(labels)
+        index = int(ignore_index)
+    except (TypeError, ValueError):
+        return None
+    if a.dtype.kind not in "iu" or a.size == 0:
+        return None
+    return int(np.count_nonzero(a != index)), int(a.size)
 
 
 _BN_STATS = ("_mean", "_variance")  # Paddle's names of a BatchNorm's running statistics

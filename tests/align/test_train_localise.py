@@ -447,3 +447,33 @@ def test_a_reference_that_diverges_to_nan_is_said_to_and_not_localised() -> None
     assert "training diverges in the reference too" in line
     assert "steps=1" in line and "divergence" not in r.options
     assert all(k.passed for k in r if k.key.startswith("step0/"))
+
+
+def test_a_mean_over_every_label_against_one_over_the_labels_kept_is_named() -> None:
+    """Paddle's cross_entropy with ignore_index divides its mean by every label, the ignored
+    ones included (paddle 3.3.1); torch's by those kept. The port's loss is the share kept
+    times the reference's: 'reduction, label smoothing, class weights, ignore_index' named
+    four candidates for one cause the labels show."""
+    tm, pm = twins(0)
+    tm.train()
+    pm.train()
+    inputs, labels = make_batch(0, n=8)
+    labels[[1, 3, 4]] = -100
+    # the independent reference: both frameworks' own losses on one array
+    logits = np.random.default_rng(1).standard_normal((8, 5)).astype(np.float32)
+    t = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
+    p = float(paddle.nn.functional.cross_entropy(paddle.to_tensor(logits), paddle.to_tensor(labels),
+                                                 ignore_index=-100))
+    assert p / t == pytest.approx(5 / 8, rel=1e-5)
+    r = align_train(tm, pm, [(inputs, labels)], steps=1,
+                    torch_loss_fn=torch.nn.CrossEntropyLoss(),
+                    paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+                    torch_optimizer=torch.optim.SGD(tm.parameters(), lr=LR),
+                    paddle_optimizer=paddle.optimizer.SGD(LR, parameters=pm.parameters()))
+    assert r.first_failure.key == "step0/loss"
+    assert r.options["findings"][0] == (
+        "the loss differs although the outputs align (step0/logits): the loss functions differ "
+        "(the port's loss is 0.625x the reference's, the share of labels not ignored, 5 of 8: "
+        "the port's mean divides by every label, the -100 ones included, the reference's by "
+        "those kept; Paddle's cross_entropy with ignore_index does so: take its sum and divide "
+        "by the labels kept)")
