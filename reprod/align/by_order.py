@@ -849,10 +849,39 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
                 held = ", ".join(f"{k} {list(shapes[k])}" for keys in alone for k in keys)
                 parts.append(f"the {side} side alone holds {held}")
                 said.append(f"{field}=[{', '.join('r' + chr(34) + p + chr(34) for p in patterns)}]")
-        return (f"every other tensor pairs by shape, but {' and '.join(parts)}; where those "
+        text = (f"every other tensor pairs by shape, but {' and '.join(parts)}; where those "
                 "have no counterpart (a layer the other side computes or does without), say "
-                f"so: rules=ConversionRules({', '.join(said)})"), (tuple(skip), tuple(only))
+                f"so: rules=ConversionRules({', '.join(said)})")
+        return text + _untied(torch_side, p_alone, pshapes), (tuple(skip), tuple(only))
     return "", ((), ())
+
+
+def _untied(torch_side: Any, p_alone: list[list[str]], pshapes: Mapping[str, tuple[int, ...]]
+            ) -> str:
+    """What to add where a tensor the port alone holds is a second name the reference ties to
+    another (GPT-2's lm_head.weight, tied to transformer.wte.weight): the port's is a parameter
+    of its own, so ``port_only`` would load it as it was and leave the head's share out of the
+    embedding's gradient; "" otherwise."""
+    state = torch_side.state_dict() if hasattr(torch_side, "state_dict") else torch_side
+    try:
+        aliases = torch_aliases(state)
+    except Exception:  # noqa: BLE001 - arrays read from a file: no memory to share, no ties
+        return ""
+    said = []
+    for keys in p_alone:
+        for key in keys:
+            shape = tuple(pshapes[key])
+            for alias, target in aliases.items():
+                t_shape = tuple(getattr(state[alias], "shape", ()))
+                if alias.rpartition(".")[2] == key.rpartition(".")[2] and \
+                        (t_shape == shape or t_shape == shape[::-1]):
+                    said.append(f"the reference's {alias} is {target} (tied: one tensor), the "
+                                f"port's {key} a parameter of its own")
+    if not said:
+        return ""
+    return ("; but " + "; ".join(dict.fromkeys(said)) + ": a tie the port leaves out "
+            "(tie_word_embeddings), which port_only would load as it is, its gradient missing "
+            "from the embedding's: tie it in the port instead")
 
 
 _STAT_NAMES = {"_mean": "running_mean", "_variance": "running_var"}  # Paddle's -> torch's
