@@ -408,11 +408,14 @@ def run_forced(step: int, *, batches: Sequence[Any], torch_model: Any, paddle_mo
                torch_data: Mapping[str, Any], paddle_lr_value: float,
                plan: Mapping[str, KeyPlan], run_torch: Callable[..., None],
                run_twin: Optional[Callable[..., Any]], run_paddle: Callable[..., None],
-               finish: Callable[..., Any], fusions: Sequence[Any] = ()) -> Any:
+               finish: Callable[..., Any], fusions: Sequence[Any] = (),
+               keep: Optional[dict[int, Any]] = None) -> Any:
     """Step ``step`` of each side from the reference's state after the step before; the result
     under ``step<step>/`` keys. ``run_*`` run one step on a batch into a logger (``run_twin``
     builds the float64 twin from the torch model and optimizer as they are then, and returns
-    its logger); ``finish`` compares (torch log, paddle log, noise log or None, initial)."""
+    its logger); ``finish`` compares (torch log, paddle log, noise log or None, initial).
+    ``keep`` receives {step: (the result under ``step0/`` keys, the torch log's data, the
+    Paddle log's)}: what localisation sets the two updates of that step against."""
     batch = batches[step % len(batches)]
     load_reference_state(step - 1, torch_data, torch_model, paddle_model, plan, fusions)
     torch_opt.load_state_dict(copy.deepcopy(dict(torch_opt_state)))
@@ -425,7 +428,10 @@ def run_forced(step: int, *, batches: Sequence[Any], torch_model: Any, paddle_mo
     run_torch(batch, torch_log)
     with paddle_lr(paddle_opt, paddle_lr_value):
         run_paddle(batch, paddle_log, torch_log.data)  # the reference's names for its outputs
-    return renamed(finish(torch_log, paddle_log, noise_log, (stats, dict(stats))), step)
+    found = finish(torch_log, paddle_log, noise_log, (stats, dict(stats)))
+    if keep is not None:
+        keep[step] = (found, torch_log.data, paddle_log.data)
+    return renamed(found, step)
 
 
 # --- Paddle's Adam: bias corrections in float32 ------------------------------------------------

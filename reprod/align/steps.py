@@ -723,6 +723,8 @@ def align_train(
             result, paddle_model, lambda: paddle_start, batches[0], loss_fn=paddle_loss_fn,
             stats=stats, ref=torch_log.data, other=paddle_log.data, noise=noise_log.data)
     paddle_start = None
+    # the first step judged from the reference's state: its two updates, for localisation
+    forced_logs: Optional[dict[int, Any]] = {} if localise else None
     if per_step:
         result = _judged_per_step(
             result, torch_model, paddle_model, batches, torch_log.data, paddle_log.data,
@@ -731,7 +733,8 @@ def align_train(
             weights0=weights0,
             kinks=kink is not None, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
             plan=plan, stats=stats, seed=seed, calibrate=calibrate, criteria=crit,
-            optimizer_state=optimizer_state, fusions=fusions, clip=clip)
+            optimizer_state=optimizer_state, fusions=fusions, clip=clip,
+            forced_logs=forced_logs)
     if weights0:  # plain SGD's weight decay, which no key of one step resolves
         result = decay.decay_checked(result, torch_log.data, paddle_log.data, weights0,
                                      scaled=clip is not None or
@@ -769,6 +772,7 @@ def align_train(
                 paddle_log.data, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
                 seed=seed, by_order=by_order, calibrate=calibrate, criteria=crit,
                 lr=_first_lr(paddle_optimizer), plan=plan, fusions=fusions,
+                forced_logs=forced_logs,
             )
         finally:
             after.restore(torch_model, paddle_model)
@@ -807,7 +811,8 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                      torch_loss_fn: Callable[..., Any], paddle_loss_fn: Callable[..., Any],
                      plan: Mapping[str, KeyPlan], stats: bool, seed: int, calibrate: bool,
                      criteria: Criteria, optimizer_state: bool,
-                     clip: Optional[GradClip] = None) -> Any:
+                     clip: Optional[GradClip] = None,
+                     forced_logs: Optional[dict[int, Any]] = None) -> Any:
     """Step 0's updated weights that the reference's optimizer makes of the port's aligned
     gradient relabelled ``"kink"`` (with ``kinks``: Adam's normalised update near g = 0), weights
     that Paddle's float32 Adam bias corrections explain ``"known"``; then each later step whose
@@ -900,7 +905,8 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 torch_opt=torch_optimizer, paddle_opt=paddle_optimizer,
                 torch_opt_state=opt_states[s], torch_data=torch_data, paddle_lr_value=lrs[s],
                 plan=plan, run_torch=run_torch, run_twin=run_twin if calibrate else None,
-                run_paddle=run_paddle, finish=finish, fusions=fusions)
+                run_paddle=run_paddle, finish=finish, fusions=fusions,
+                keep=forced_logs if forced_logs is not None and not forced_logs else None)
     except forcing.Unsupported as e:
         options = dict(result.options, forcing={"steps": [], "skipped": str(e)})
         return dataclasses.replace(result, options=options)
@@ -1050,9 +1056,11 @@ def _train_localised(
     lr: Optional[float],
     plan: Mapping[str, KeyPlan],
     fusions: Sequence[Any] = (),
+    forced_logs: Optional[Mapping[int, Any]] = None,
 ) -> Any:
     """``result`` with where the first failing step goes wrong in ``options["findings"]`` (and
-    ``["divergence"]`` where a layer is named)."""
+    ``["divergence"]`` where a layer is named). ``forced_logs``: the first step judged from the
+    reference's state, {step: (its result under step0/ keys, torch data, Paddle data)}."""
     found = first_failing_step(result)
     if found is None:
         return result
@@ -1076,9 +1084,25 @@ def _train_localised(
             top = noise_gradients(failing, step, torch_data, paddle_data)
             head = (f"step {step}, run on both sides from the reference's weights, statistics "
                     "and optimizer state, computes aligned gradients and other updated weights")
+            fitted = None
+            kept = (forced_logs or {}).get(step)
+            if top is None and kept is not None:
+                # a warmup from lr 0 moves nothing at step 0: the first update that shows the
+                # optimizers is this one, set against each other as step 0's would be
+                weights = {k.split("/param/", 1)[1]: v for k, v in torch_data.items()
+                           if k.startswith(f"step{step - 1}/param/")}
+                lr_s = torch_data.get(f"step{step}/lr")
+                fitted = update_finding(kept[0], kept[1], kept[2], weights,
+                                        None if lr_s is None else float(np.asarray(lr_s)),
+                                        label=step)
             if top is not None:
                 # a warmup from lr 0 moves nothing at step 0: the noise shows first later on
                 findings.append(f"{head} ({len(failing)} of them): {noise_update_line(top)}")
+            elif fitted is not None and "neither proportional" not in fitted:
+                # "the gradients align (stepN/grad) and the updated parameters do not (n of
+                # them): ..." says again what the head says
+                said = fitted.split(" of them): ", 1)
+                findings.append(f"{head}: {said[-1]}")
             else:
                 findings.append(f"{head}: the optimizers' hyperparameters differ (momentum, "
                                 "Adam's betas or epsilon, a weight decay: the first update "

@@ -196,44 +196,64 @@ def stat_finding(result: Any) -> str:
 
 
 def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[str, Any],
-                   before: Mapping[str, Any], lr: Optional[float]) -> Optional[str]:
+                   before: Mapping[str, Any], lr: Optional[float], label: int = 0
+                   ) -> Optional[str]:
     """The gradients align and the parameters after the step do not: the optimizers differ.
-    ``before``: each parameter (Paddle name and layout) before the step."""
+    ``before``: each parameter (Paddle name and layout) before the step. The logs hold the step
+    under ``step0/`` keys; ``label``: the step it is, as said."""
     keys = [kr.key for kr in result
             if kr.key.startswith("step0/param/") and not kr.passed]
     if not keys:
         return None
     d_ref, d_port, p0, flips = [], [], [], []
     noise: list[float] = []  # the largest gradient of each key whose two gradients are noise
+    moved = 0.0  # the largest step apart of those keys
     for key in keys:
         name = key[len("step0/param/"):]
         if name not in before or key not in ref_log or key not in port_log:
             continue
         w = np.asarray(before[name], dtype=np.float64).reshape(-1)
-        d_ref.append(np.asarray(ref_log[key], dtype=np.float64).reshape(-1) - w)
-        d_port.append(np.asarray(port_log[key], dtype=np.float64).reshape(-1) - w)
-        p0.append(w)
+        a = np.asarray(ref_log[key], dtype=np.float64).reshape(-1) - w
+        b = np.asarray(port_log[key], dtype=np.float64).reshape(-1) - w
         g_ref, g_port = ref_log.get(f"step0/grad/{name}"), port_log.get(f"step0/grad/{name}")
-        flips.append(np.zeros(w.size, bool) if g_ref is None or g_port is None else
-                     np.sign(np.asarray(g_ref).reshape(-1)) != np.sign(np.asarray(g_port).reshape(-1)))
         top = _noise_gradient(g_ref, g_port)
         if top is not None:
+            # left out of the fit: a bias before a BatchNorm, whose noise Adam makes steps of
+            # up to lr, would hide a weight decay on every other parameter
             noise.append(top)
+            moved = max(moved, float(np.abs(b - a).max(initial=0.0)))
+            continue
+        d_ref.append(a)
+        d_port.append(b)
+        p0.append(w)
+        flips.append(np.zeros(w.size, bool) if g_ref is None or g_port is None else
+                     np.sign(np.asarray(g_ref).reshape(-1)) != np.sign(np.asarray(g_port).reshape(-1)))
+    if not d_ref and noise:
+        return (f"the gradients align (step{label}/grad) and the updated parameters do not "
+                f"({len(keys)} of them): " + noise_update_line(max(noise), moved))
     if not d_ref:
         return None
     r, o, w = np.concatenate(d_ref), np.concatenate(d_port), np.concatenate(p0)
     flip = np.concatenate(flips)
     if float(r @ r) == 0.0:
-        return (f"the gradients align (step0/grad) and the updated parameters do not "
+        return (f"the gradients align (step{label}/grad) and the updated parameters do not "
                 f"({len(keys)} of them): the reference's step left the parameters as they were")
-    if len(noise) == len(d_ref):
-        return (f"the gradients align (step0/grad) and the updated parameters do not "
-                f"({len(keys)} of them): " +
-                noise_update_line(max(noise), float(np.abs(o - r).max())))
-    line = _sign_flips(o - r, flip, len(keys))
+    line = _fitted_update(r, o, w, flip, keys, lr, label)
+    if noise and line is not None:
+        line += (f" (and {len(noise)} more, left out of the fit: {'its' if len(noise) == 1 else 'their'} "
+                 f"gradients are noise on both sides, at most {max(noise):.3g}, which an update "
+                 "that normalises the gradient makes steps of)")
+    return line
+
+
+def _fitted_update(r: np.ndarray, o: np.ndarray, w: np.ndarray, flip: np.ndarray,
+                   keys: Sequence[str], lr: Optional[float], label: int) -> Optional[str]:
+    """``update_finding``'s reading of the two updates ``r`` (the reference's) and ``o`` of the
+    weights ``w``, their gradients' signs apart at ``flip``."""
+    line = _sign_flips(o - r, flip, len(keys), label)
     if line is not None:
         return line
-    head = (f"the gradients align (step0/grad) and the updated parameters do not ({len(keys)} "
+    head = (f"the gradients align (step{label}/grad) and the updated parameters do not ({len(keys)} "
             "of them): the optimizers differ")
     # the difference of the updates, fitted by a scaled update (a learning rate) and a term in
     # the weights (a weight decay) together: each is named where it explains a tenth of it
@@ -370,7 +390,7 @@ def _ratio_fit(keys: Sequence[str], head: str, acc: str, ref_log: Mapping[str, A
     return a if float(np.linalg.norm(ov - a * rv)) <= 0.1 * dd else None
 
 
-def _sign_flips(d: np.ndarray, flip: np.ndarray, keys: int) -> Optional[str]:
+def _sign_flips(d: np.ndarray, flip: np.ndarray, keys: int, label: int = 0) -> Optional[str]:
     """Where the updates differ almost only at elements whose two gradients have opposite signs
     (both within float32 noise of 0, as the gradient keys align): an update that takes the
     gradient's sign (Adam's first steps, lr * g / (|g| + eps)) turns that noise into a step of
@@ -381,7 +401,7 @@ def _sign_flips(d: np.ndarray, flip: np.ndarray, keys: int) -> Optional[str]:
     if not flip.any() or dd == 0.0 or float(np.linalg.norm(d[flip])) < 0.99 * dd:
         return None
     n, largest = int(flip.sum()), float(np.abs(d[flip]).max())
-    return (f"the gradients align (step0/grad) and the updated parameters do not ({keys} of "
+    return (f"the gradients align (step{label}/grad) and the updated parameters do not ({keys} of "
             f"them), apart only at the {n} element{'' if n == 1 else 's'} whose two gradients "
             f"have opposite signs (both within float32 noise of 0), by up to {largest:.3g}: an "
             "update that takes the gradient's sign (Adam's first steps: lr * g / (|g| + eps)) "
