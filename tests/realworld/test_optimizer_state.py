@@ -61,7 +61,7 @@ def test_the_weights_alone_show_the_missing_decay_only_by_its_fit(monkeypatch):
                for k in r.failed), r.to_table(failed_only=True)
     fit = r.options["decay"]["_conv.weight"]
     assert abs(fit["reference"] - 1e-4) < 1e-6 and abs(fit["port"]) < 1e-6
-    monkeypatch.setattr(steps.decay, "decay_checked", lambda result, *args: result)
+    monkeypatch.setattr(steps.decay, "decay_checked", lambda result, *args, **kw: result)
     assert _run(None, optimizer_state=False, check_settings=False).passed
 
 
