@@ -698,15 +698,26 @@ def _shapes_pair(ts: tuple[int, ...], ps: tuple[int, ...]) -> bool:
 _Signature = list[tuple[tuple[int, ...], Optional[str]]]
 
 
-def _align_layers(ts: list[_Signature], ps: list[_Signature]
+def _align_layers(ts: list[_Signature], ps: list[_Signature],
+                  names: Optional[tuple[list[str], list[str]]] = None
                   ) -> Optional[tuple[list[int], list[int]]]:
     """The layers each side alone holds, aligning two sequences of layers (each a list of
     (shape, statistic kind)) with the fewest left alone: a layer pairs with one of as many
-    tensors, each pair of shapes equal or transposed. None where that fewest is reached in two
-    ways (two Linears of one shape, either of which could be the extra one)."""
+    tensors, each pair of shapes equal or transposed. Of readings leaving as many alone, the one
+    pairing the most layers of one last name (``names``: each side's layer names) wins: torch's
+    encoder with a final LayerNorm against Paddle's without leaves out either that norm or the
+    last block's norm2 by shape, and by name only the first. None where the best is reached in
+    two ways (two Linears of one shape, either of which could be the extra one)."""
     n, m = len(ts), len(ps)
     if n * m > 250_000:
         return None
+    lone = n + m + 1  # a layer left alone outweighs every pair of names that differ
+
+    def named(i: int, j: int) -> int:
+        if names is None:
+            return 0
+        a, b = names[0][i].rpartition(".")[2], names[1][j].rpartition(".")[2]
+        return int(a != b or a.isdigit())  # a Sequential's positions name nothing
 
     def fits(i: int, j: int) -> bool:
         a, b = ts[i], ps[j]
@@ -716,7 +727,7 @@ def _align_layers(ts: list[_Signature], ps: list[_Signature]
     # cost[i][j][after]: the fewest layers left alone aligning ts[i:] with ps[j:]; ways: how
     # many readings reach it (at most 2). ``after`` = 1 right after leaving a Paddle layer alone,
     # where a torch one may not be left next: a run of lone layers counts as one reading
-    big = n + m + 1
+    big = (n + m + 1) * lone
     cost = [[[big, big] for _ in range(m + 1)] for _ in range(n + 1)]
     ways = [[[0, 0] for _ in range(m + 1)] for _ in range(n + 1)]
     for i in range(n, -1, -1):
@@ -727,11 +738,11 @@ def _align_layers(ts: list[_Signature], ps: list[_Signature]
                     continue
                 options = []
                 if i < n and j < m and fits(i, j):
-                    options.append((cost[i + 1][j + 1][0], ways[i + 1][j + 1][0]))
+                    options.append((cost[i + 1][j + 1][0] + named(i, j), ways[i + 1][j + 1][0]))
                 if i < n and not after:
-                    options.append((cost[i + 1][j][0] + 1, ways[i + 1][j][0]))
+                    options.append((cost[i + 1][j][0] + lone, ways[i + 1][j][0]))
                 if j < m:
-                    options.append((cost[i][j + 1][1] + 1, ways[i][j + 1][1]))
+                    options.append((cost[i][j + 1][1] + lone, ways[i][j + 1][1]))
                 if not options:  # torch layers left after a lone Paddle one: read otherwise
                     continue
                 best = min(c for c, _ in options)
@@ -745,11 +756,11 @@ def _align_layers(ts: list[_Signature], ps: list[_Signature]
     run: set[str] = set()  # the sides with a lone layer since the last pair
     while i < n or j < m:
         here = cost[i][j][after]
-        if i < n and j < m and fits(i, j) and cost[i + 1][j + 1][0] == here:
+        if i < n and j < m and fits(i, j) and cost[i + 1][j + 1][0] + named(i, j) == here:
             i, j, after = i + 1, j + 1, 0
             run = set()
             continue
-        if i < n and not after and cost[i + 1][j][0] + 1 == here:
+        if i < n and not after and cost[i + 1][j][0] + lone == here:
             t_alone.append(i)
             i, after = i + 1, 0
             run.add("torch")
@@ -784,7 +795,7 @@ def _lone_candidates(torch_keys: list[str], paddle_keys: list[str],
     tsig = [sig(torch_keys, idx, tshapes, _TORCH_STAT) for _, idx in tg]
     psig = [sig(paddle_keys, idx, pshapes, _PADDLE_STAT) for _, idx in pg]
     out = []
-    whole = _align_layers(tsig, psig)
+    whole = _align_layers(tsig, psig, ([name for name, _ in tg], [name for name, _ in pg]))
     if whole is not None:
         out.append(([[torch_keys[i] for i in tg[g][1]] for g in whole[0]],
                     [[paddle_keys[i] for i in pg[g][1]] for g in whole[1]]))
@@ -796,14 +807,18 @@ def _lone_candidates(torch_keys: list[str], paddle_keys: list[str],
     for kind in kinds:
         ti = [g for g, (_, idx) in enumerate(tg) if tkind[torch_keys[idx[0]]][1] == kind]
         pi = [g for g, (_, idx) in enumerate(pg) if pkind[paddle_keys[idx[0]]][1] == kind]
-        found = _align_layers([tsig[g] for g in ti], [psig[g] for g in pi])
+        found = _align_layers([tsig[g] for g in ti], [psig[g] for g in pi],
+                              ([tg[g][0] for g in ti], [pg[g][0] for g in pi]))
         if found is None:
             return out
         t_alone += [[torch_keys[i] for i in tg[ti[g]][1]] for g in found[0]]
         p_alone += [[paddle_keys[i] for i in pg[pi[g]][1]] for g in found[1]]
     if t_alone or p_alone:
         out.append((t_alone, p_alone))
-    return [c for c in out if 0 < len(c[0]) + len(c[1]) <= _MOST_LONE]
+    # the reading leaving the fewest layers alone first: names now settle readings in order
+    # that shapes left open, some of them only by leaving a block's moved layers alone too
+    return sorted((c for c in out if 0 < len(c[0]) + len(c[1]) <= _MOST_LONE),
+                  key=lambda c: len(c[0]) + len(c[1]))
 
 
 def _pattern(keys: list[str]) -> str:

@@ -228,14 +228,30 @@ class PaddleOneTable(paddle.nn.Layer):
         self.norm = paddle.nn.LayerNorm(D)
 
 
+class PaddleOtherName(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.x = paddle.nn.Embedding(10, D)
+        self.norm = paddle.nn.LayerNorm(D)
+
+
 def test_a_kind_with_parameters_left_unpaired_is_no_pass():
-    # either embedding could be the one the port lacks: nothing pairs them, and the padding
-    # index of the one that is ported goes unchecked
-    report = compare_settings(TorchTwoTables(), PaddleOneTable(), by_order=True)
+    # by shapes and names, either embedding could be the one the port lacks: nothing pairs
+    # them, and the padding index of the one that is ported goes unchecked
+    report = compare_settings(TorchTwoTables(), PaddleOtherName(), by_order=True)
     assert not report.differ and report.compared == 1  # the LayerNorms
     assert report.unchecked == ("embedding: 2 in torch, 1 in Paddle",)
     assert not report.passed
     assert "unchecked, not paired: embedding: 2 in torch, 1 in Paddle" in str(report)
+
+
+def test_a_name_both_sides_hold_settles_which_layer_the_port_lacks():
+    # the port's embedding is named as the reference's first: that one pairs, b is the one the
+    # port lacks, and a's padding index is compared
+    report = compare_settings(TorchTwoTables(), PaddleOneTable(), by_order=True)
+    assert [(d.torch_layer, d.paddle_layer, d.setting) for d in report.differ] == [
+        ("a", "a", "padding_idx")]
+    assert not report.unchecked
 
 
 def test_align_forward_pairs_under_the_rules_the_weights_were_loaded_with():
