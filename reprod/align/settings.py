@@ -1311,6 +1311,13 @@ def _unpaired_activations(unpaired: Sequence[str]) -> Optional[str]:
     said = [u for u in unpaired if u.startswith("gelu")]
     if not said:
         return None
+    # "gelu (calls and layers): 2 in torch, 0 in Paddle": one side applies none that is read
+    none = [side for u in said for side in ("torch", "Paddle") if f" 0 in {side}" in u]
+    if len(none) == len(said):
+        return ("GELUs not paired, so their approximations went unchecked: " + "; ".join(said) +
+                f" ({' and '.join(dict.fromkeys(none))} applying none that is read: a GELU "
+                "computed in a model's own forward code, or another activation; check that both "
+                "sides apply the same one, approximated alike)")
     return ("GELUs not paired, so their approximations went unchecked: " + "; ".join(said) +
             " (a GELU computed in a model's own forward code is not read: check that both "
             "sides approximate it alike)")
