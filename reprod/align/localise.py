@@ -684,6 +684,8 @@ def localise_forward(
             div, hint = dataclasses.replace(found[0], passed_over=div.passed_over), layout
             ref, port = {**ref, **found[1]}, {**port, **found[2]}
             blocks = found[3]
+            if hint is None and div.inner is not None:
+                hint = _reads_hint(div.layer, div.inner.layer, ref, port)
     port_names = {} if pairing is None else {r: o for o, r in pairing.calls.items()}
     port_names.update(blocks)  # a block found between two leaves: its port name too
     found = Localisation(div, hint, result, ref, port, by_order, backward, port_names)
@@ -1345,6 +1347,62 @@ def _block_between(div: Any, torch_model: Any, paddle_model: Any, run_torch: Any
     if fed is None and handed is not None:
         return handed, {}, {}, {}
     return fed
+
+
+_MOST_READ = 24  # a block's values tried as what a layer reads, singly and in pairs
+
+
+def _reads_hint(block: str, layer: str, ref: Mapping[str, Any], port: Mapping[str, Any]
+                ) -> Optional[str]:
+    """What the layer whose input already differs inside ``block`` reads on each side, where
+    that is one of the block's own values or the sum of two: its input, its recorded sublayers'
+    outputs (each side's own). A post-norm port of a pre-norm block: "norm1 reads the block's
+    input + attn's output in the port, the block's input in the reference"; a residual added to
+    the normalised tensor: "norm2 reads norm1's output + attn's output in the port, the block's
+    input + attn's output in the reference". None where either side's reads are none of those."""
+    from ..capture import _values
+
+    def reads(side: Mapping[str, Any]) -> Optional[str]:
+        target = _values.part_value(side, layer, "in")
+        if target is None:
+            return None
+        t = np.asarray(target, dtype=np.float64)
+        named: list[tuple[str, np.ndarray]] = []
+        block_in = _values.part_value(side, block, "in")
+        if block_in is not None and np.shape(block_in) == t.shape:
+            named.append(("the block's input", np.asarray(block_in, dtype=np.float64)))
+        seen: set[str] = set()
+        for key in side:
+            sub = key.rpartition(".")[0] if ".out" in key else None
+            if sub is None or not sub.startswith(block + ".") or sub == layer or sub in seen:
+                continue
+            seen.add(sub)
+            out = _values.part_value(side, sub, "out")
+            if out is not None and np.shape(out) == t.shape:
+                named.append((f"{sub[len(block) + 1:]}'s output", np.asarray(out, dtype=np.float64)))
+        named = named[:_MOST_READ]
+        scale = float(np.abs(t).max(initial=0.0))
+        if not scale or not named:
+            return None
+        tol = 1e-4 * scale
+
+        def near(v: np.ndarray) -> bool:
+            return float(np.abs(t - v).max(initial=0.0)) <= tol
+        for name, v in named:
+            if near(v):
+                return name
+        for i, (a, va) in enumerate(named):
+            for b, vb in named[i + 1:]:
+                if near(va + vb):
+                    return f"{a} + {b}"
+        return None
+
+    mine, theirs = reads(ref), reads(port)
+    if mine is None or theirs is None or mine == theirs:
+        return None
+    sub = layer[len(block) + 1:] if layer.startswith(block + ".") else layer
+    return (f"{sub} reads {theirs} in the port, {mine} in the reference: the block adds or "
+            "normalises in another order (a residual, pre-norm against post-norm)")
 
 
 @dataclass(frozen=True)

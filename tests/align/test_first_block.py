@@ -105,6 +105,42 @@ def test_a_post_norm_port_of_a_pre_norm_first_block_is_named_at_that_block(calib
             "and it is the first of its sublayers recorded, so the cause is blocks.0's own "
             "forward code" in message)
     assert "first recorded layer" not in message
+    # what norm1 reads on each side, from each side's own values: post-norm against pre-norm
+    assert div["hint"] == (
+        "norm1 reads the block's input + attn's output in the port, the block's input in the "
+        "reference: the block adds or normalises in another order (a residual, pre-norm "
+        "against post-norm)")
+
+
+class ResidualOfTheNorm(PaddleBlock):
+    """The residual added to the normalised tensor: h = ln1(x); x = h + proj(h)."""
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = h + self.proj(h)
+        return x + self.linear(self.ln2(x))
+
+
+def test_a_residual_added_to_the_normalised_tensor_is_said_by_what_the_next_norm_reads() -> None:
+    tm, _ = _pair(True)
+    pm = PaddleNet(True)
+    pm.layers = paddle.nn.LayerList([ResidualOfTheNorm(True), PaddleBlock(True)])
+    pm.eval()
+    load_into_paddle(pm, tm, by_order=True)
+    r = align_forward(tm, pm, X, by_order=True)
+    div = r.options["divergence"]
+    assert div["layer"] == "blocks.0"
+    assert "the input of blocks.0.norm2 already differs" in r.options["findings"][0]
+    assert div["hint"].startswith(
+        "norm2 reads norm1's output + attn's output in the port, the block's input + attn's "
+        "output in the reference")
+    # independently: the port's norm2 input is ln1's output plus proj's, by numpy on its own
+    x = paddle.to_tensor(X)
+    h = pm.layers[0].ln1(x)
+    got = (h + pm.layers[0].proj(h)).numpy()
+    xt = torch.from_numpy(X)
+    want = (tm.blocks[0].norm1(xt) + tm.blocks[0].attn(tm.blocks[0].norm1(xt))).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_torch_s_pre_norm_encoder_against_paddle_s_post_norm_names_the_layer_and_its_setting() -> None:
