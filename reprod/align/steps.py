@@ -1166,6 +1166,9 @@ def _train_localised(
                                          "hint": None, "direction": "backward", "step": step}
             else:
                 findings += loc.findings
+            drift = _drifted(div, step, forced, plan, torch_data, paddle_data)
+            if drift is not None:
+                findings.append(drift)
             if div is not None:
                 options["divergence"] = {"layer": div.layer, "kind": div.kind,
                                          "message": div.message, "hint": loc.hint,
@@ -1174,6 +1177,38 @@ def _train_localised(
                     options["divergence"]["port_layer"] = loc.port_layer()
     options["findings"] = findings
     return dataclasses.replace(result, options=options)
+
+
+def _drifted(div: Any, step: int, forced: bool, plan: Mapping[str, KeyPlan],
+             torch_data: Mapping[str, Any], paddle_data: Mapping[str, Any]) -> Optional[str]:
+    """A later step localised from each side's own weights names a layer whose input aligns and
+    whose output does not: where that layer's own weights after the step before already differ
+    (each key passing), the step computes on weights apart by the rounding of the steps before,
+    and the layer is named for them (a faithful BERT's word embedding after three Adam steps)."""
+    if div is None or step == 0 or forced or div.kind != "layer" or not div.input_aligned \
+            or div.direction != "forward":
+        return None
+    layer = div.layer.partition("#")[0]
+    worst, names = 0.0, []
+    for name, kp in plan.items():
+        if kp.paddle_name is None or name.rpartition(".")[0] != layer:
+            continue
+        key = f"step{step - 1}/param/{kp.paddle_name}"
+        a, b = torch_data.get(key), paddle_data.get(key)
+        if a is None or b is None or np.shape(a) != np.shape(b):
+            continue
+        gap = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)),
+                           initial=0.0))
+        if gap > 0.0:
+            worst = max(worst, gap)
+            names.append(key)
+    if not names:
+        return None
+    return (f"{layer}'s own weights after step {step - 1} already differ on the two sides (max "
+            f"{worst:.3e}, {', '.join(names[:2])}{' ...' if len(names) > 2 else ''}, which "
+            f"passed): step {step} runs each side from its own weights, so a layer whose weights "
+            "the steps before moved apart is named there; the difference is carried from those "
+            "steps, not made by the layer's code")
 
 
 def _localise_step(torch_model: Any, paddle_model: Any, batch: Any, *, backward: bool,
