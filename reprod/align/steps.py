@@ -1077,7 +1077,8 @@ def _train_localised(
                         f"({', '.join(kinds)}), first at {first.key}: {first.reason}")
         if kinds[0] == "lr":
             findings.append("the learning rate differs first: the schedulers differ (their "
-                            "kind, step size, decay, or how often each is stepped)")
+                            "kind, step size, decay, or how often each is stepped)" +
+                            _lr_ratio(torch_data, paddle_data))
         elif kinds[0] == "param" and forced:
             failing = [kr.key for kr in result if kr.key.startswith(f"step{step}/param/")
                        and not kr.passed]
@@ -1118,7 +1119,8 @@ def _train_localised(
                                      getattr(torch_loss_fn, "ignore_index", -100)))
     elif kinds[0] == "lr":
         findings.append("the learning rate differs before the first update: the optimizers' "
-                        "initial learning rates (or their schedulers) differ")
+                        "initial learning rates (or their schedulers) differ" +
+                        _lr_ratio(torch_data, paddle_data))
     elif kinds[0] == "param":
         weights = {k: np.asarray(v.numpy()) for k, v in before.paddle_state.items()}
         line = update_finding(result, torch_data, paddle_data, weights, lr)
@@ -1177,6 +1179,26 @@ def _train_localised(
                     options["divergence"]["port_layer"] = loc.port_layer()
     options["findings"] = findings
     return dataclasses.replace(result, options=options)
+
+
+def _lr_ratio(torch_data: Mapping[str, Any], paddle_data: Mapping[str, Any]) -> str:
+    """"; the port's rate is 2x the reference's at every step (...)" where the two sides' rates
+    keep one ratio over every step either is not 0 at (a peak rate given otherwise, the same
+    schedule), else ""."""
+    ratios = []
+    for key in torch_data:
+        if not re.fullmatch(r"step\d+/lr", key) or key not in paddle_data:
+            continue
+        a, b = float(np.asarray(torch_data[key])), float(np.asarray(paddle_data[key]))
+        if a == 0.0 and b == 0.0:  # a warmup from 0: no ratio to read
+            continue
+        if a == 0.0:
+            return ""
+        ratios.append(b / a)
+    if len(ratios) < 2 or any(abs(r - ratios[0]) > 1e-6 * abs(ratios[0]) for r in ratios):
+        return ""
+    return (f"; the port's rate is {ratios[0]:.6g}x the reference's at each of the {len(ratios)} "
+            "steps with a rate: the same schedule from another peak (or initial) learning rate")
 
 
 def _drifted(div: Any, step: int, forced: bool, plan: Mapping[str, KeyPlan],

@@ -323,3 +323,27 @@ def test_schedules_of_functions_are_stepped_as_far_as_the_lengths_they_hold(port
     k = next(k for k in range(3, 100_000) if abs(rate(k, 100_000) - rate(k, port_total)) >
              1e-6 * rate(k, 100_000))
     assert d.setting == f"lr_at_step_{k}" and info["part_at"] == k == 2001
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_a_peak_rate_2x_is_named_by_its_ratio_at_every_step(warmup):
+    """The same schedule from another peak rate: every step's rate is 2x the reference's (a
+    warmup from 0 has no ratio at step 0, and is passed over), named as such instead of "their
+    kind, step size, decay, or how often each is stepped"."""
+    if warmup:
+        def ramp(k):
+            return min(1.0, k / 2)
+        r = _train(lambda o: TS.LambdaLR(o, ramp), lambda lr: PS.LambdaDecay(lr, ramp),
+                   paddle_lr=0.2)
+    else:
+        r = _train(lambda o: TS.StepLR(o, 2, 0.5), lambda lr: PS.StepDecay(lr, 2, 0.5),
+                   paddle_lr=0.2)
+    steps = 2 if warmup else 3  # the steps either side has a rate at
+    line = next(f for f in r.options["findings"] if "learning rate differs" in f)
+    assert line.endswith(f"; the port's rate is 2x the reference's at each of the {steps} steps "
+                         "with a rate: the same schedule from another peak (or initial) learning "
+                         "rate"), line
+    # a schedule that differs otherwise is not read as a ratio
+    other = _train(lambda o: TS.StepLR(o, 2, 0.5), lambda lr: PS.StepDecay(lr, 1, 0.5))
+    line = next(f for f in other.options["findings"] if "learning rate differs" in f)
+    assert "x the reference's at each" not in line
