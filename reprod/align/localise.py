@@ -1397,7 +1397,10 @@ def _reads_hint(block: str, layer: str, ref: Mapping[str, Any], port: Mapping[st
                     return f"{a} + {b}"
         return None
 
-    mine, theirs = reads(ref), reads(port)
+    try:
+        mine, theirs = reads(ref), reads(port)
+    except (TypeError, ValueError):  # a value that is no numeric array: no hint, not a failure
+        return None
     if mine is None or theirs is None or mine == theirs:
         return None
     sub = layer[len(block) + 1:] if layer.startswith(block + ".") else layer
