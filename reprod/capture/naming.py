@@ -539,12 +539,32 @@ def _pair_containers(ref_calls: list[tuple[str, dict[str, Any]]],
                               key=lambda item: item[0].count(".")):
         if inside:  # a container holding no paired leaf says nothing of which it is
             groups.setdefault(frozenset(inside), ([], []))[0].append(box)
+    partial: list[tuple[str, frozenset[Optional[str]]]] = []
     for box, inside in sorted(held(other_calls, other_boxes, leaves, other_skip).items(),
                               key=lambda item: item[0].count(".")):
         key = frozenset(inside)
         if key and None not in key and key in groups:  # every leaf it holds paired
             groups[key][1].append(box)
+        elif None in key:
+            partial.append((box, key - {None}))
     pairs = [(r_side[0], o_side[0]) for r_side, o_side in groups.values() if r_side and o_side]
+    # a block holding a leaf whose call paired with nothing (an activation fed another input
+    # where the block computes otherwise: a pre-norm port of a post-norm block) pairs with the
+    # reference block holding the same paired leaves, where neither found another partner:
+    # the leaves that did pair say which block it is
+    taken_ref = {r for r, _ in pairs}
+    taken_other = {o for _, o in pairs}
+    paired_ref = set(leaves.values())
+    loose: dict[frozenset[Optional[str]], list[str]] = {}
+    for key, (r_side, _) in groups.items():
+        if r_side and r_side[0] not in taken_ref:
+            loose.setdefault(frozenset(k for k in key if k in paired_ref), []).append(r_side[0])
+    for box, key in partial:
+        match = loose.get(key, [])
+        if len(key) > 1 and len(match) == 1 and box not in taken_other and match[0] not in taken_ref:
+            pairs.append((match[0], box))
+            taken_ref.add(match[0])
+            taken_other.add(box)
     if ROOT in ref_boxes and ROOT in other_boxes:
         pairs.append((ROOT, ROOT))
     ref_by, other_by = _calls_by_layer(ref_calls), _calls_by_layer(other_calls)

@@ -183,3 +183,59 @@ def test_torch_s_pre_norm_encoder_against_paddle_s_post_norm_names_the_layer_and
     assert r.options["findings"][-1].endswith(
         "enc.layers.0 is the layer where the values first differ: the likely cause")
     assert "norm_first True in torch, False in Paddle" in r.options["findings"][-1]
+
+
+class TorchPostBlock(torch.nn.Module):
+    """Post-norm, with an activation layer in its feed-forward (a leaf without parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.Linear(D, D)
+        self.norm1 = torch.nn.LayerNorm(D)
+        self.fc1 = torch.nn.Linear(D, 2 * D)
+        self.act = torch.nn.GELU()
+        self.fc2 = torch.nn.Linear(2 * D, D)
+        self.norm2 = torch.nn.LayerNorm(D)
+
+    def forward(self, x):
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.fc2(self.act(self.fc1(x))))
+
+
+class PaddlePreBlock(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = paddle.nn.Linear(D, D)
+        self.ln1 = paddle.nn.LayerNorm(D)
+        self.linear1 = paddle.nn.Linear(D, 2 * D)
+        self.activation = paddle.nn.GELU()
+        self.linear2 = paddle.nn.Linear(2 * D, D)
+        self.ln2 = paddle.nn.LayerNorm(D)
+
+    def forward(self, x):  # pre-norm: the port's bug
+        x = x + self.proj(self.ln1(x))
+        return x + self.linear2(self.activation(self.linear1(self.ln2(x))))
+
+
+def test_a_pre_norm_port_of_a_post_norm_first_block_is_named_at_that_block() -> None:
+    """The reverse: the port calls its norm first, the reference its attention. The blocks'
+    activations, fed other inputs, pair with nothing by call order, and a block holding a leaf
+    that paired with nothing paired with no block: the attention was named "the input of the
+    first recorded layer already differs". A block whose paired leaves are the reference
+    block's now pairs with it."""
+    torch.manual_seed(0)
+    tm = TorchNet().eval()
+    tm.blocks = torch.nn.ModuleList([TorchPostBlock(), TorchPostBlock()])
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    pm = PaddleNet(True)
+    pm.layers = paddle.nn.LayerList([PaddlePreBlock(), PaddlePreBlock()])
+    pm.eval()
+    load_into_paddle(pm, tm, by_order=True)
+    r = align_forward(tm, pm, X, by_order=True)
+    div = r.options["divergence"]
+    assert div["layer"] == "blocks.0" and div.get("port_layer") == "layers.0", r.options["findings"]
+    assert "and it is the first of its sublayers recorded" in r.options["findings"][0]
+    assert div["hint"].startswith("attn reads norm1's output in the port, the block's input in "
+                                  "the reference")
