@@ -151,3 +151,30 @@ def test_an_unknown_precision_is_refused():
     t, p = _port("float32")
     with pytest.raises(ReprodError, match="precision='float8'; expected 'auto'"):
         align_forward(t, p, X, precision="float8")
+
+
+class _RoundedOut(paddle.nn.Layer):
+    """A float32 port whose outputs are rounded to bfloat16 (held in float32): what a port
+    running its own half-precision code on float32 parameters returns."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).astype("bfloat16").astype("float32")
+
+
+def test_half_values_held_in_float32_are_told_which_precision_to_pass():
+    t, p = _port("float32")
+    port = _RoundedOut(p)
+    port.eval()
+    r = align_forward(t, port, X, calibrate=True, rules=None, by_order=True, localise=False)
+    assert r.options["findings"][0] == (
+        "the port's values are bfloat16, held in float32 (its parameters are float32, so "
+        "precision='auto' read float32): pass precision='bfloat16' to judge it against the "
+        "reference run in bfloat16, with the float32 run as the noise")
+    # the same port judged as it says
+    told = align_forward(t, port, X, calibrate=True, by_order=True, localise=False,
+                         precision="bfloat16")
+    assert not any(f.startswith("the port's values are") for f in told.options.get("findings", ()))
