@@ -51,7 +51,6 @@ __all__ = ["align_forward"]
 # --- forward ------------------------------------------------------------------------------------
 
 
-@splitting_for_port
 def _held_half(result: Any, half: Optional[str], verbose: bool) -> Any:
     """``result`` with a first finding where the port's values are half precision held in
     float32 (its parameters float32, so ``precision="auto"`` read float32): the comparison
@@ -70,6 +69,7 @@ def _held_half(result: Any, half: Optional[str], verbose: bool) -> Any:
     return dataclasses.replace(result, options=dict(result.options, findings=findings))
 
 
+@splitting_for_port
 def align_forward(
     torch_model: Any,
     paddle_model: Any,
