@@ -86,8 +86,14 @@ class Localisation:
             ]
         lines = [self.divergence.message]
         if self.hint:
-            label = f"{self.divergence.layer_type}: "
-            why = self.hint[len(label) :] if self.hint.startswith(label) else self.hint
+            # the label the hint starts with: the layer's type, or the reference's class where
+            # the two classes differ ("Bottleneck vs BottleneckBlock")
+            kind = self.divergence.layer_type or ""
+            why = self.hint
+            for label in (f"{kind}: ", f"{kind.split(' vs ')[0]}: "):
+                if kind and why.startswith(label):
+                    why = why[len(label):]
+                    break
             lines.append(f"likely cause at {self.divergence.layer}: {why}")
         return lines
 
@@ -686,6 +692,9 @@ def localise_forward(
             blocks = found[3]
             if hint is None and div.inner is not None:
                 hint = _reads_hint(div.layer, div.inner.layer, ref, port)
+                if hint is not None:  # labelled as every hint is, by the reference's class
+                    cls = type(dict(_named(torch_model)).get(div.layer)).__name__
+                    hint = f"{cls}: {hint}"
     port_names = {} if pairing is None else {r: o for o, r in pairing.calls.items()}
     port_names.update(blocks)  # a block found between two leaves: its port name too
     found = Localisation(div, hint, result, ref, port, by_order, backward, port_names)

@@ -107,9 +107,13 @@ def test_a_post_norm_port_of_a_pre_norm_first_block_is_named_at_that_block(calib
     assert "first recorded layer" not in message
     # what norm1 reads on each side, from each side's own values: post-norm against pre-norm
     assert div["hint"] == (
-        "norm1 reads the block's input + attn's output in the port, the block's input in the "
-        "reference: the block adds or normalises in another order (a residual, pre-norm "
-        "against post-norm)")
+        "TorchBlock: norm1 reads the block's input + attn's output in the port, the block's "
+        "input in the reference: the block adds or normalises in another order (a residual, "
+        "pre-norm against post-norm)")
+    assert r.options["findings"][1] == (
+        "likely cause at blocks.0: norm1 reads the block's input + attn's output in the port, "
+        "the block's input in the reference: the block adds or normalises in another order (a "
+        "residual, pre-norm against post-norm)")
 
 
 class ResidualOfTheNorm(PaddleBlock):
@@ -132,8 +136,8 @@ def test_a_residual_added_to_the_normalised_tensor_is_said_by_what_the_next_norm
     assert div["layer"] == "blocks.0"
     assert "the input of blocks.0.norm2 already differs" in r.options["findings"][0]
     assert div["hint"].startswith(
-        "norm2 reads norm1's output + attn's output in the port, the block's input + attn's "
-        "output in the reference")
+        "TorchBlock: norm2 reads norm1's output + attn's output in the port, the block's input "
+        "+ attn's output in the reference")
     # independently: the port's norm2 input is ln1's output plus proj's, by numpy on its own
     x = paddle.to_tensor(X)
     h = pm.layers[0].ln1(x)
@@ -237,5 +241,5 @@ def test_a_pre_norm_port_of_a_post_norm_first_block_is_named_at_that_block() -> 
     div = r.options["divergence"]
     assert div["layer"] == "blocks.0" and div.get("port_layer") == "layers.0", r.options["findings"]
     assert "and it is the first of its sublayers recorded" in r.options["findings"][0]
-    assert div["hint"].startswith("attn reads norm1's output in the port, the block's input in "
-                                  "the reference")
+    assert div["hint"].startswith("TorchPostBlock: attn reads norm1's output in the port, the "
+                                  "block's input in the reference")

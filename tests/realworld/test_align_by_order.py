@@ -167,7 +167,8 @@ def test_a_bug_is_found_in_its_layer_and_explained(model, bug):
     elif bug == "no_residual":
         # the add lies in the block's own forward, which by order records no key: the blocks
         # around the first leaf whose input differs are recorded and paired by the leaves they
-        # hold, and the block is named as by name; no diagnosis fits a missing add
+        # hold, and the block is named as by name; where a sublayer reads the sum the add
+        # made, what it reads on each side is the hint
         assert div["layer"] == target, message
         cls = _torch_class(pair, target)  # and the port's where it differs (BottleneckBlock)
         # with the port's name where it differs (paddle.vision's blocks.4 for features.5)
@@ -179,10 +180,17 @@ def test_a_bug_is_found_in_its_layer_and_explained(model, bug):
         if model == "resnet50":  # the add comes before the block's last leaf, its shared ReLU
             assert f"; inside it, the input of {target}.relu#3 already differs" in message
             assert message.endswith(f"so the cause is {target}'s own forward code"), message
-        else:  # MobileNetV3's InvertedResidual adds after its last leaf
+            # what that ReLU reads on each side, from each side's own values: the residual
+            assert hint == (
+                f"{cls}: relu#3 reads bn3's output in the port, the block's input + bn3's "
+                "output in the reference: the block adds or normalises in another order (a "
+                "residual, pre-norm against post-norm)"), hint
+            assert len(findings) == 2 and findings[1].startswith(
+                f"likely cause at {target}: relu#3 reads bn3's output in the port"), findings
+        else:  # MobileNetV3's InvertedResidual adds after its last leaf: no sublayer reads it
             assert message.endswith("; its recorded sublayers align, so the cause is its own "
                                     "forward code"), message
-        assert hint is None and len(findings) == 1, findings
+            assert hint is None and len(findings) == 1, findings
 
 
 def _torch_class(pair, layer: str) -> str:
