@@ -50,17 +50,11 @@ def fitted_decay(data: Mapping[str, Any], name: str, steps: list[int],
     swd = sww = 0.0
     rows: list[tuple[np.ndarray, np.ndarray]] = []
     for s in steps:
-        after, grad = data.get(f"step{s}/param/{name}"), data.get(f"step{s}/grad/{name}")
-        before = before0 if s == 0 else data.get(f"step{s - 1}/param/{name}")
-        lr = data.get(f"step{s}/lr")
-        if after is None or grad is None or before is None or lr is None:
+        got = _rows(data, name, s, before0)
+        if got is None:
             continue
-        lr = float(np.asarray(lr))
-        w = np.asarray(before, np.float64).reshape(-1)
-        a, g = np.asarray(after, np.float64).reshape(-1), np.asarray(grad, np.float64).reshape(-1)
-        if not lr > 0 or w.shape != a.shape or w.shape != g.shape:
-            continue
-        d = (w - a) / lr - g
+        w, u, g = got
+        d = u - g
         if not (np.isfinite(d).all() and np.isfinite(w).all()):
             return None
         swd += float(d @ w)
@@ -77,7 +71,7 @@ def fitted_decay(data: Mapping[str, Any], name: str, steps: list[int],
 def _rows(data: Mapping[str, Any], name: str, s: int, before0: Optional[np.ndarray]
           ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(w_before, (w_before - w_after) / lr, grad) of step ``s``, float64, flat; None where a
-    part is missing or not finite."""
+    part is missing, or the shapes or the rate do not fit."""
     after, grad = data.get(f"step{s}/param/{name}"), data.get(f"step{s}/grad/{name}")
     before = before0 if s == 0 else data.get(f"step{s - 1}/param/{name}")
     lr = data.get(f"step{s}/lr")
@@ -88,10 +82,7 @@ def _rows(data: Mapping[str, Any], name: str, s: int, before0: Optional[np.ndarr
     a, g = np.asarray(after, np.float64).reshape(-1), np.asarray(grad, np.float64).reshape(-1)
     if not lr > 0 or w.shape != a.shape or w.shape != g.shape:
         return None
-    u = (w - a) / lr
-    if not (np.isfinite(u).all() and np.isfinite(w).all() and np.isfinite(g).all()):
-        return None
-    return w, u, g
+    return w, (w - a) / lr, g
 
 
 def _scaled_fit(data: Mapping[str, Any], name: str, steps: list[int],
@@ -108,6 +99,8 @@ def _scaled_fit(data: Mapping[str, Any], name: str, steps: list[int],
         if rows is None:
             continue
         w, u, g = rows
+        if not (np.isfinite(u).all() and np.isfinite(w).all() and np.isfinite(g).all()):
+            return None  # as the plain fit: a step that is not finite fits nothing
         if w.size < 4:
             continue
         gg, gw, ww = float(g @ g), float(g @ w), float(w @ w)
