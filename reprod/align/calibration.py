@@ -9,6 +9,8 @@ import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from ..errors import ReprodError
 
 # --- calibration: the torch model again, in float64 ----------------------------------------------
@@ -45,6 +47,83 @@ def _half_twin(torch_model: Any, precision: str, where: str) -> Any:
             f"{where}: the port computes in {precision}, and a {precision} copy of "
             f"{type(torch_model).__name__}, its reference, could not be made "
             f"({type(e).__name__}: {_first_line(e)}); pass precision='float32'") from e
+
+
+def _half_weights_twin(torch_model: Any, precision: str, keys: Optional[set[str]] = None
+                       ) -> Any:
+    """The noise reference of a half-precision port: a deep copy of the torch model, in its own
+    dtype, whose floating parameters and buffers (those named in ``keys``; every one where
+    None) hold their values rounded to ``precision``.
+
+    It computes, nearly exactly, what the half reference and a faithful half port both compute,
+    so the half run's distance from it is the rounding of the values alone, which a faithful
+    port has of its own. The float32 model, the noise before, was also off by the rounding of
+    the weights, which the port shares with the half reference: that noise was tens of times a
+    layer's own rounding (91 % at a BatchNorm whose statistics round), and a weight 2 % off
+    passed behind it (resnet18 0.84x, BERT 0.81x; caught at 10^4x in float32)."""
+    import torch
+
+    twin = _copied(torch_model, f"calibrate=True with a {precision} port")
+    with torch.no_grad():
+        for name, t in [*twin.named_parameters(), *twin.named_buffers()]:
+            if t.is_floating_point() and t.dtype != getattr(torch, precision) \
+                    and (keys is None or name in keys):
+                t.copy_(t.to(getattr(torch, precision)).to(t.dtype))
+    return twin
+
+
+def _copied(torch_model: Any, why: str) -> Any:
+    try:
+        return copy.deepcopy(torch_model)
+    except Exception as e:  # a module holding something deepcopy refuses (a lock, a file...)
+        raise ReprodError(
+            f"{why} runs a copy of the torch model, but copy.deepcopy of "
+            f"{type(torch_model).__name__} failed ({type(e).__name__}: {e}); make the model "
+            "deep-copyable or compare with reprod.compare(..., noise=) on dumps of your own"
+        ) from e
+
+
+def _holds_half(value: Any, precision: str) -> bool:
+    """Whether a Paddle tensor holds ``precision`` values: in that dtype, or float32 values
+    that dtype represents exactly (a port rounded to it and held in float32)."""
+    name = str(value.dtype).rpartition(".")[2]
+    if name == precision:
+        return True
+    if name != "float32":
+        return False
+    a = np.ascontiguousarray(value.numpy())
+    if precision == "bfloat16":
+        return not np.any(a.view(np.uint32) & np.uint32(0xFFFF))
+    with np.errstate(over="ignore", invalid="ignore"):
+        back = a.astype(np.float16).astype(np.float32)
+    return bool(np.array_equal(back, a, equal_nan=True))
+
+
+def half_rounded_keys(torch_model: Any, paddle_model: Any, precision: str, rules: Any = None
+                      ) -> tuple[Optional[set[str]], str]:
+    """Which of the torch model's tensors the half-weights twin rounds, and how that was
+    decided, in a few words (``options["half_noise"]``): every one where the port holds all
+    its floating tensors in ``precision``; where it holds some in float32 (Paddle's AMP O2
+    keeps norm layers' there), those it holds in ``precision``, paired by definition order;
+    none where it holds none, or the pairing is refused (the float32 model, the noise as
+    before: a port held in float32 rounds its weights where nobody can see)."""
+    held = {n: _holds_half(t, precision) for n, t in
+            [*paddle_model.named_parameters(), *paddle_model.named_buffers()]
+            if str(t.dtype).rpartition(".")[2] in ("float16", "bfloat16", "float32")}
+    if held and all(held.values()):
+        return None, f"every weight rounded to {precision}"
+    if not any(held.values()):
+        return set(), "the port holds its weights in float32: none rounded"
+    from .by_order import pair_weights_by_order
+
+    try:
+        pairs = pair_weights_by_order(torch_model, paddle_model, rules=rules)
+    except ReprodError:
+        return set(), ("the port holds some weights in float32, and they do not pair by "
+                       "order: none rounded")
+    keys = {t for t, p in pairs.items() if held.get(p)}
+    return keys, (f"{len(keys)} of {len(pairs)} weights rounded to {precision}, as the port "
+                  "holds them")
 
 
 def _first_line(error: BaseException) -> str:

@@ -20,7 +20,9 @@ from .calibration import (
     _first_line,
     _float64_twin,
     _half_twin,
+    _half_weights_twin,
     float64_default,
+    half_rounded_keys,
     twin_failed,
     uncalibrated,
 )
@@ -43,6 +45,7 @@ from .framework import (
     pair_outputs,
 )
 from .fusion import splitting_for_port
+from .half_local import local_layers
 from .localise import localise_forward
 from .results import PathLike, _finish, _write_diff_log
 
@@ -186,6 +189,8 @@ def align_forward(
     args, kwargs = _split_inputs(inputs)
     outs: list[tuple[ReprodLogger, Any]] = []
     half_twin = None  # the reference in the port's half precision
+    noise_twin = None  # and its noise: the torch model on the half weights, in float32
+    half_noise: Optional[str] = None  # which weights that rounds
     # the settings of the operations each model applies as functions, from its first pass
     traces = None if waive is None else (trace_settings(torch_model),
                                          trace_settings(paddle_model))
@@ -204,7 +209,12 @@ def align_forward(
                 outs.append((torch_log, _run_half(half_twin, torch_model, half, args, kwargs,
                                                   dev, seed)))
                 if noise_log is not None:
-                    outs.append((noise_log, out32))
+                    # the noise: the same half weights and inputs, computed in float32
+                    keys, half_noise = half_rounded_keys(torch_model, paddle_model, half,
+                                                         rules)
+                    noise_twin = _half_weights_twin(torch_model, half, keys)
+                    outs.append((noise_log, _run_rounded(noise_twin, half, args, kwargs,
+                                                         dev, seed)))
             else:
                 outs.append((torch_log, out32))
             del out32
@@ -254,6 +264,9 @@ def align_forward(
     )
     if half is not None:
         result = dataclasses.replace(result, options=dict(result.options, precision=half))
+    if half_noise is not None:
+        result = dataclasses.replace(result, options=dict(result.options,
+                                                          half_noise=half_noise))
     if paired_outputs:
         result = dataclasses.replace(result, options=dict(result.options,
                                                           outputs_paired=paired_outputs))
@@ -271,9 +284,9 @@ def align_forward(
             result, torch_model, paddle_model, args, kwargs, seed=seed, by_order=by_order,
             calibrate=calibrate, criteria=crit, out_dir=out_dir, verbose=verbose, rules=rules,
             outputs_passed=not outputs_fail, half=half, port_cast=port_cast,
-            half_twin=half_twin,
+            half_twin=half_twin, noise_twin=noise_twin,
         )
-    half_twin = None
+    half_twin = noise_twin = None
     result = settings.with_finding(result, verbose=verbose)
     result = _held_half(result, half, verbose)
     # what both return is judged; what one does not is said first
@@ -307,6 +320,17 @@ def _run_half(twin: Any, torch_model: Any, half: str, args: Any, kwargs: Any, de
             f"align_forward: the port computes in {half}, and {type(torch_model).__name__} in "
             f"{half}, its reference, failed on {dev} ({type(e).__name__}: {_first_line(e)}); "
             "pass precision='float32' to judge it against the float32 model") from e
+
+
+def _run_rounded(twin: Any, half: str, args: Any, kwargs: Any, dev: Any, seed: int) -> Any:
+    """The outputs of ``twin`` (the half-weights twin) on the inputs rounded to ``half``, as
+    the half reference takes them, held in their own dtype."""
+    import torch
+
+    dtype = getattr(torch, half)
+    torch.manual_seed(seed)
+    return twin(*_to_torch(args, dev, rounded_to=dtype),
+                **_to_torch(kwargs, dev, rounded_to=dtype))
 
 
 def _run_port(paddle_model: Any, args: Any, kwargs: Any, port_cast: Optional[str],
@@ -344,6 +368,7 @@ def _localised(
     half: Optional[str] = None,
     port_cast: Optional[str] = None,
     half_twin: Any = None,
+    noise_twin: Any = None,
 ) -> Any:
     """``result`` with ``align_forward``'s localisation in its options, the layers' dumps
     written and, with ``verbose``, the findings printed. ``outputs_passed``: the layers are
@@ -374,14 +399,18 @@ def _localised(
 
         twin = None
         if calibrate and half is not None:
-            a32, k32 = _to_torch(args, dev), _to_torch(kwargs, dev)
+            if noise_twin is None:
+                noise_twin = _half_weights_twin(torch_model, half, half_rounded_keys(
+                    torch_model, paddle_model, half, rules)[0])
+            a32 = _to_torch(args, dev, rounded_to=dtype)
+            k32 = _to_torch(kwargs, dev, rounded_to=dtype)
 
             def run_float32() -> None:
                 with torch.no_grad():
                     torch.manual_seed(seed)
-                    torch_model(*a32, **k32)
+                    noise_twin(*a32, **k32)
 
-            twin = (torch_model, run_float32)
+            twin = (noise_twin, run_float32)
         elif calibrate:
             model64 = _float64_twin(torch_model)
             a64, k64 = _to_torch(args, dev, float64=True), _to_torch(kwargs, dev, float64=True)
@@ -395,6 +424,14 @@ def _localised(
         found = localise_forward(reference, paddle_model, run_torch, run_paddle,
                                  by_order=by_order, criteria=criteria, run_twin=twin,
                                  rules=rules)
+        # in half precision a layer's whole-run noise holds all the rounding upstream: each
+        # layer is judged again alone, on the half reference's input
+        local = None if not calibrate or half is None else local_layers(
+            found.ref, noise_twin, paddle_model, port_names=found.port_names, precision=half,
+            factor=criteria.noise_factor)
+    if local is not None:
+        return _judged_alone(result, found, local, half, torch_model, paddle_model,
+                             out_dir=out_dir, verbose=verbose, outputs_passed=outputs_passed)
     div = found.divergence
     if outputs_passed:
         judged = len(found.result.results) if found.result is not None else 0
@@ -426,6 +463,74 @@ def _localised(
         for line in findings:
             print(line, flush=True)
     return result
+
+
+def _judged_alone(result: Any, found: Any, local: Any, half: str, torch_model: Any,
+                  paddle_model: Any, *, out_dir: Optional[PathLike], verbose: bool,
+                  outputs_passed: bool) -> Any:
+    """``result`` with a half-precision port's layers judged each alone (``local``, from
+    ``half_local.local_layers``): the first that fails is the divergence, and fails the run
+    (``layers/<key>``); where none fails, the layers pass, and the whole-run localisation's
+    findings (``found``) are kept only where the outputs failed, after a line saying that no
+    layer computes differently alone."""
+    failed = local.failed
+    info: dict[str, Any] = {"judged": local.judged, "passed": not failed, "alone": True,
+                            "factor": local.factor}
+    top = max((kr for kr in local.result.results if kr.noise_multiple is not None),
+              key=lambda kr: kr.noise_multiple, default=None)
+    if top is not None:  # how close the layers came: what a bug must exceed to be seen
+        info["largest"] = {"key": top.key, "multiple": top.noise_multiple}
+    options = dict(result.options)
+    findings: list[str] = []
+    results = tuple(result.results)
+    if failed:
+        first = failed[0]
+        layer = _layer_of(first.key)
+        port = found.port_names.get(layer)
+        cls = type(dict(torch_model.named_modules()).get(layer)).__name__
+        named = f"{layer} ({cls}" + (f"; the port's {port})" if port and port != layer else ")")
+        line = (f"diverges at {named}: replayed alone on the reference's {half} input, it is "
+                f"{first.noise_multiple:.3g}x its own {half} rounding (> {local.factor:g}x)")
+        more = [kr.key for kr in failed[1:]]
+        if more:
+            line += f"; {len(more)} more layer output{'s' if len(more) > 1 else ''} alone: " \
+                    + ", ".join(more[:4]) + (", ..." if len(more) > 4 else "")
+        findings.append(line if not outputs_passed
+                        else f"the outputs align, but not the layers inside: {line}")
+        options["divergence"] = {"layer": layer, "kind": "layer", "message": line,
+                                 "hint": None, "alone": True}
+        if port and port != layer:
+            options["divergence"]["port_layer"] = port
+        results += tuple(dataclasses.replace(kr, key=f"layers/{kr.key}") for kr in failed)
+    elif not outputs_passed:
+        findings.append(f"every layer of the port computes as the reference does when replayed "
+                        f"alone on its {half} input ({local.judged} outputs, within "
+                        f"{local.factor:g}x their own rounding): what differs is carried from "
+                        "the input or lies in code between the layers")
+        findings += found.findings
+        if found.divergence is not None:
+            div = found.divergence
+            options["divergence"] = {"layer": div.layer, "kind": div.kind,
+                                     "message": div.message, "hint": found.hint}
+    options["layers"] = info
+    options["findings"] = findings
+    result = dataclasses.replace(result, results=results, options=options)
+    if out_dir is not None:
+        out = os.fspath(out_dir)
+        save(os.path.join(out, "forward_layers_torch.npy"), found.ref)
+        save(os.path.join(out, "forward_layers_paddle.npy"), found.port)
+    if verbose:
+        for line in findings:
+            print(line, flush=True)
+    return result
+
+
+def _layer_of(key: str) -> str:
+    """The layer a capture's output key names (``layer2.1.conv2.out`` -> ``layer2.1.conv2``)."""
+    from ..capture.naming import parse_key
+
+    parsed = parse_key(key)
+    return key if parsed is None else parsed.name
 
 
 # what a layer's key says of its values (not of its shape or dtype)

@@ -223,14 +223,18 @@ def _torch_device(model: Any) -> Any:
     return torch.device("cpu")
 
 
-def _to_torch(value: Any, device: Any, *, float64: bool = False, dtype: Any = None) -> Any:
+def _to_torch(value: Any, device: Any, *, float64: bool = False, dtype: Any = None,
+              rounded_to: Any = None) -> Any:
     """numpy arrays (or tensors) -> torch tensors on ``device``; with ``float64``, floating ones
-    (float16/bfloat16/float32) in float64, with ``dtype`` in that torch dtype (integer and
-    boolean ones as they are)."""
+    (float16/bfloat16/float32) in float64, with ``dtype`` in that torch dtype, with
+    ``rounded_to`` rounded to that torch dtype and held in their own (integer and boolean ones
+    as they are)."""
     import torch
 
     def one(v: Any) -> Any:
         t = torch.from_numpy(np.array(_as_array(v))).to(device)
+        if t.is_floating_point() and rounded_to is not None:
+            return t.to(rounded_to).to(t.dtype)
         if t.is_floating_point() and (float64 or dtype is not None):
             return t.to(torch.float64 if float64 else dtype)
         return t

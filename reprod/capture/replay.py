@@ -321,12 +321,42 @@ def replay(
     >>> [k.key for k in r.failed]
     ['bn.out', 'act2.out']
     """
-    from ..adapters import to_numpy
     from ..diff.engine import compare
 
     for bad in ("pair", "keys"):
         if bad in compare_kw:
             raise TypeError(f"replay: {bad}= is not supported (use rename=, by_order=, include=)")
+    got = _replayed(model, reference, rename=rename, by_order=by_order, include=include,
+                    exclude=exclude, containers=containers)
+    result = compare(got.ref_out, got.port_out, **compare_kw)
+    if got.failures:
+        result = _with_failures(result, got.failures, got.position, got.order)
+    result.options["replay_skipped"] = got.skipped
+    result.options["replay_unpaired"] = got.unpaired
+    return result
+
+
+@dataclasses.dataclass
+class _Replayed:
+    """What a replay ran, before it is judged: the reference's outputs and the port's, by the
+    reference's keys, and replay's own verdicts (``failures``, at positions in ``position`` /
+    ``order``)."""
+
+    ref_out: dict[str, Any]
+    port_out: dict[str, Any]
+    failures: list[tuple[float, KeyResult]]
+    skipped: list[dict[str, Any]]
+    unpaired: list[str]
+    position: dict[str, int]
+    order: dict[str, int]
+
+
+def _replayed(model: Any, reference: Any, *, rename: Optional[Rules] = None,
+              by_order: bool = False, include: Patterns = None, exclude: Patterns = None,
+              containers: bool = False) -> _Replayed:
+    """``replay``'s runs, without the comparison (``replay`` documents the arguments)."""
+    from ..adapters import to_numpy
+
     tree = _reference_tree(reference)
     calls = _reference_calls(tree)
     order: dict[str, int] = {}  # layer name -> position of its first output: call order
@@ -398,15 +428,10 @@ def replay(
                 key = layer_key(ref, call.call, "out", items)
                 port_out[key] = to_numpy(t, key=key).array
 
-    result = compare(ref_out, port_out, **compare_kw)
-    if failures:
-        result = _with_failures(result, failures, position, order)
     inner = _containers(calls)
     unpaired = [n for n in sorted(calls, key=lambda n: order.get(n, 0))
                 if n not in paired_refs and (containers or n not in inner)]
-    result.options["replay_skipped"] = skipped
-    result.options["replay_unpaired"] = unpaired
-    return result
+    return _Replayed(ref_out, port_out, failures, skipped, unpaired, position, order)
 
 
 def _raised(key: str, ref: Any, layer: str, why: str) -> KeyResult:
