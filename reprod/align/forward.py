@@ -429,33 +429,40 @@ def _localised(
         local = None if not calibrate or half is None else local_layers(
             found.ref, noise_twin, paddle_model, port_names=found.port_names, precision=half,
             factor=criteria.noise_factor)
-    if local is not None:
-        return _judged_alone(result, found, local, half, torch_model, paddle_model,
-                             out_dir=out_dir, verbose=verbose, outputs_passed=outputs_passed)
     div = found.divergence
+    findings: list[str] = []
     if outputs_passed:
         judged = len(found.result.results) if found.result is not None else 0
         if div is None or not _fails_the_layers(div):
             info: dict[str, Any] = {"judged": judged, "passed": div is None}
             if div is not None:  # what differs, and fails nothing (_fails_the_layers)
                 info["not_failed"] = div.message
-            return dataclasses.replace(result, options=dict(result.options, layers=info))
-        failing = dataclasses.replace(div.output, key=f"layers/{div.output.key}")
-        findings = [f"the outputs align, but not the layers inside: {found.findings[0]}",
-                    *found.findings[1:]]
-        result = dataclasses.replace(
-            result, results=tuple(result.results) + (failing,),
-            options=dict(result.options, layers={"judged": judged, "passed": False}))
+            result = dataclasses.replace(result, options=dict(result.options, layers=info))
+            div = None
+        else:
+            failing = dataclasses.replace(div.output, key=f"layers/{div.output.key}")
+            findings = [f"the outputs align, but not the layers inside: {found.findings[0]}",
+                        *found.findings[1:]]
+            result = dataclasses.replace(
+                result, results=tuple(result.results) + (failing,),
+                options=dict(result.options, layers={"judged": judged, "passed": False}))
     else:
-        findings = found.findings
-    options = dict(result.options, findings=findings)
+        findings = list(found.findings)
+    options = dict(result.options)
     if div is not None:
         options["divergence"] = {"layer": div.layer, "kind": div.kind, "message": div.message,
                                  "hint": found.hint}
         if found.port_layer() is not None:  # paired by order with a layer named otherwise
             options["divergence"]["port_layer"] = found.port_layer()
+    if local is not None:
+        findings = _judged_alone(options, findings, found, local, half, torch_model,
+                                 paddle_model, outputs_passed=outputs_passed)
+        result = dataclasses.replace(result, results=tuple(result.results) + tuple(
+            dataclasses.replace(kr, key=f"alone/{kr.key}") for kr in local.failed))
+    if findings:
+        options["findings"] = findings
     result = dataclasses.replace(result, options=options)
-    if out_dir is not None:
+    if out_dir is not None and (findings or local is not None or not outputs_passed):
         out = os.fspath(out_dir)
         save(os.path.join(out, "forward_layers_torch.npy"), found.ref)
         save(os.path.join(out, "forward_layers_paddle.npy"), found.port)
@@ -465,64 +472,64 @@ def _localised(
     return result
 
 
-def _judged_alone(result: Any, found: Any, local: Any, half: str, torch_model: Any,
-                  paddle_model: Any, *, out_dir: Optional[PathLike], verbose: bool,
-                  outputs_passed: bool) -> Any:
-    """``result`` with a half-precision port's layers judged each alone (``local``, from
-    ``half_local.local_layers``): the first that fails is the divergence, and fails the run
-    (``layers/<key>``); where none fails, the layers pass, and the whole-run localisation's
-    findings (``found``) are kept only where the outputs failed, after a line saying that no
-    layer computes differently alone."""
+def _judged_alone(options: dict[str, Any], findings: list[str], found: Any, local: Any,
+                  half: str, torch_model: Any, paddle_model: Any, *, outputs_passed: bool
+                  ) -> list[str]:
+    """The findings, with ``options`` updated in place, where a half-precision port's layers
+    were also judged each alone (``local``, from ``half_local.local_layers``) beside the whole
+    run (``found``): ``options["layers"]["alone"]`` says how; the first layer failing alone is
+    the divergence, its line first (the whole run's findings follow where they name the same
+    layer, its likely cause among them; where they name another, they follow as what the whole
+    run saw)."""
     failed = local.failed
-    info: dict[str, Any] = {"judged": local.judged, "passed": not failed, "alone": True,
-                            "factor": local.factor}
+    alone: dict[str, Any] = {"judged": local.judged, "passed": not failed,
+                             "factor": local.factor}
     top = max((kr for kr in local.result.results if kr.noise_multiple is not None),
               key=lambda kr: kr.noise_multiple, default=None)
     if top is not None:  # how close the layers came: what a bug must exceed to be seen
-        info["largest"] = {"key": top.key, "multiple": top.noise_multiple}
-    options = dict(result.options)
-    findings: list[str] = []
-    results = tuple(result.results)
-    if failed:
-        first = failed[0]
-        layer = _layer_of(first.key)
-        port = found.port_names.get(layer)
-        cls = type(dict(torch_model.named_modules()).get(layer)).__name__
-        named = f"{layer} ({cls}" + (f"; the port's {port})" if port and port != layer else ")")
-        line = (f"diverges at {named}: replayed alone on the reference's {half} input, it is "
-                f"{first.noise_multiple:.3g}x its own {half} rounding (> {local.factor:g}x)")
-        more = [kr.key for kr in failed[1:]]
-        if more:
-            line += f"; {len(more)} more layer output{'s' if len(more) > 1 else ''} alone: " \
-                    + ", ".join(more[:4]) + (", ..." if len(more) > 4 else "")
-        findings.append(line if not outputs_passed
-                        else f"the outputs align, but not the layers inside: {line}")
-        options["divergence"] = {"layer": layer, "kind": "layer", "message": line,
-                                 "hint": None, "alone": True}
-        if port and port != layer:
-            options["divergence"]["port_layer"] = port
-        results += tuple(dataclasses.replace(kr, key=f"layers/{kr.key}") for kr in failed)
-    elif not outputs_passed:
-        findings.append(f"every layer of the port computes as the reference does when replayed "
-                        f"alone on its {half} input ({local.judged} outputs, within "
-                        f"{local.factor:g}x their own rounding): what differs is carried from "
-                        "the input or lies in code between the layers")
-        findings += found.findings
-        if found.divergence is not None:
-            div = found.divergence
-            options["divergence"] = {"layer": div.layer, "kind": div.kind,
-                                     "message": div.message, "hint": found.hint}
-    options["layers"] = info
-    options["findings"] = findings
-    result = dataclasses.replace(result, results=results, options=options)
-    if out_dir is not None:
-        out = os.fspath(out_dir)
-        save(os.path.join(out, "forward_layers_torch.npy"), found.ref)
-        save(os.path.join(out, "forward_layers_paddle.npy"), found.port)
-    if verbose:
-        for line in findings:
-            print(line, flush=True)
-    return result
+        alone["largest"] = {"key": top.key, "multiple": top.noise_multiple}
+    layers = dict(options.get("layers") or {"judged": 0, "passed": True})
+    layers["alone"] = alone
+    layers["passed"] = bool(layers.get("passed", True)) and not failed
+    options["layers"] = layers
+    if not failed:
+        return findings
+    first = failed[0]
+    layer = _layer_of(first.key)
+    port = found.port_names.get(layer)
+    cls = type(dict(torch_model.named_modules()).get(layer)).__name__
+    named = f"{layer} ({cls}" + (f"; the port's {port})" if port and port != layer else ")")
+    line = (f"diverges at {named}: replayed alone on the reference's {half} input, it is "
+            f"{first.noise_multiple:.3g}x its own {half} rounding (> {local.factor:g}x)")
+    more = [kr.key for kr in failed[1:]]
+    if more:
+        line += (f"; {len(more)} more layer output{'s' if len(more) > 1 else ''} fail alone: "
+                 + ", ".join(more[:4]) + (", ..." if len(more) > 4 else ""))
+    if outputs_passed:
+        line = f"the outputs align, but not the layers inside: {line}"
+    before = options.get("divergence")
+    same = before is not None and _layer_of(str(before["layer"])) == layer
+    hint = before.get("hint") if same else None
+    cause: list[str] = []
+    if hint is None:
+        from .localise import _torch_context
+
+        theirs = dict(paddle_model.named_sublayers()).get(port or layer)
+        other = None if theirs is None else type(theirs).__name__
+        other = None if other is None or other.lower() == cls.lower() else other
+        hint = local.hint(first.key, found.ref, (cls, other),
+                          _torch_context(torch_model, found.ref))
+        if hint is not None:  # its label is the layer's classes, named in the line above
+            label = f"{cls} vs {other}: " if other else f"{cls}: "
+            cause = [f"likely cause at {layer}: "
+                     + (hint[len(label):] if hint.startswith(label) else hint)]
+    options["divergence"] = {"layer": layer, "kind": "layer", "message": line,
+                             "hint": hint, "alone": True}
+    if port and port != layer:
+        options["divergence"]["port_layer"] = port
+    if same:  # the whole run's own line of it goes: its likely cause stays
+        return [line, *cause, *findings[1:]]
+    return [line, *cause, *(f"in the whole run: {f}" for f in findings)]
 
 
 def _layer_of(key: str) -> str:

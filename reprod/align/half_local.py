@@ -43,10 +43,30 @@ class LocalLayers:
     result: Any
     factor: float
     judged: int
+    ports: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # key -> output
 
     @property
     def failed(self) -> list[Any]:
         return [kr for kr in self.result.results if not kr.passed]
+
+    def hint(self, key: str, ref: Mapping[str, Any], types: tuple[str, Optional[str]],
+             context: Mapping[str, Any]) -> Optional[str]:
+        """What ``reprod.diagnose`` says of the failing output ``key``, the port's replayed
+        output read against the reference's input (as a diagnosis reads both sides'); the
+        whole run's own hint was gated on its noise and said nothing in half precision."""
+        from ..diagnose import diagnose
+
+        if key not in self.ports:
+            return None
+        plain = dataclasses.replace(self.result, results=tuple(
+            kr for kr in self.result.results if kr.key == key))
+        layer = key.rpartition(".")[0]
+        found = diagnose(plain, ref, {key: self.ports[key]},
+                         layer_types={layer: tuple(t for t in types if t)}, context=context)
+        before, after = plain[key].note or "", found[key].note or ""
+        if after == before:
+            return None
+        return after[len(before):].lstrip("; ") if after.startswith(before) else after
 
 
 def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
@@ -100,7 +120,8 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
             reason=(f"{multiple:.3g}x its own {precision} rounding, replayed alone on the "
                     f"reference's input ({'<=' if passed else '>'} {factor:g}x)")))
     result = dataclasses.replace(result, results=tuple(judged))
-    return LocalLayers(result, factor, len(keys))
+    # as the port computed them: a diagnosis reads their precision from the values
+    return LocalLayers(result, factor, len(keys), {k: port.port_out[k] for k in keys})
 
 
 def _multiple(ref: np.ndarray, port: np.ndarray, twin: np.ndarray, eps: float

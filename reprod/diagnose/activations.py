@@ -46,14 +46,45 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def _matches(pred: np.ndarray, out: np.ndarray, scale: Optional[float] = None) -> bool:
+def _matches(pred: np.ndarray, out: np.ndarray, scale: Optional[float] = None,
+             unit: float = 0.0) -> bool:
     """Within float32 evaluation error (a few ulps of the output's magnitude; ``scale``: the
-    whole output's, where ``out`` is a sample of it)."""
+    whole output's, where ``out`` is a sample of it), and where the output holds half-precision
+    values, within one of their units (``unit``) of each element: its rounding."""
     if not out.size:
         return False
     if scale is None:
         scale = max(1.0, float(np.max(np.abs(out))))
+    if unit:
+        return bool(np.all(np.abs(pred - out) <= 2e-5 * scale + unit * np.abs(pred)))
     return bool(np.max(np.abs(pred - out)) <= 2e-5 * scale)
+
+
+def _half_unit(out: np.ndarray) -> float:
+    """One unit of the half precision ``out``'s values are held in (bfloat16 2^-7, float16
+    2^-10; in that dtype or widened to float32), else 0: an activation a half-precision layer
+    computed is rounded to it, thousands of times the float32 tolerance."""
+    name = out.dtype.name
+    if name in ("bfloat16", "float16"):
+        return 2.0**-7 if name == "bfloat16" else 2.0**-10
+    if out.dtype != np.float32 or not out.size:
+        return 0.0
+    flat = np.ascontiguousarray(out).reshape(-1)
+    flat = flat[np.isfinite(flat)]
+    bits = flat.view(np.uint32)
+    fractional = flat != np.floor(flat)
+    if not np.any(bits & np.uint32(0xFFFF)):
+        unit, last = 2.0**-7, np.uint32(1 << 16)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            back = flat.astype(np.float16).astype(np.float32)
+        if not np.array_equal(back, flat):
+            return 0.0
+        unit, last = 2.0**-10, np.uint32(1 << 13)
+    # values with few significant bits (whole numbers, a ReLU of them) are every dtype's: the
+    # half precision shows in its last bit, used by a quarter of the fractional values
+    used = int(np.count_nonzero((bits & last).astype(bool) & fractional))
+    return unit if used >= 8 and 4 * used >= int(np.count_nonzero(fractional)) else 0.0
 
 
 def _evaluate(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -88,13 +119,15 @@ def _which(x: Any, out: Any) -> Optional[str]:
         idx = np.linspace(0, n - 1, _SAMPLE).astype(np.intp)
         xs, os_ = _f64(x.reshape(-1)[idx]), _f64(out.reshape(-1)[idx])
         scale = max(1.0, float(np.max(np.abs(out))))
-    fits = [name for name, f in _ACTIVATIONS.items() if _matches(_evaluate(f, xs), os_, scale)]
+    unit = _half_unit(out)
+    fits = [name for name, f in _ACTIVATIONS.items()
+            if _matches(_evaluate(f, xs), os_, scale, unit)]
     leaky = _leaky(xs, os_, scale) is not None
     if not fits and not leaky:
         return None
     xf, of = (xs, os_) if scale is None else (_f64(x), _f64(out))
     for name in fits:
-        if scale is None or _matches(_evaluate(_ACTIVATIONS[name], xf), of):
+        if scale is None or _matches(_evaluate(_ACTIVATIONS[name], xf), of, None, unit):
             return name
     return _leaky(xf, of) if leaky else None
 

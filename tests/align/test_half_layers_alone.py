@@ -113,11 +113,13 @@ def test_a_weight_bug_the_whole_run_noise_hides_fails_its_layer_alone(dtype, bug
     assert _whole_run_multiple(t, p, dtype, str(BUGGED)) < LOW_PRECISION_NOISE_FACTOR
     r = align_forward(t, p, X, calibrate=True)
     assert not r.passed
-    assert r.options["layers"] == {**r.options["layers"], "passed": False, "alone": True}
-    assert r.options["divergence"]["layer"] == str(BUGGED)
+    alone = r.options["layers"]["alone"]
+    assert not r.options["layers"]["passed"] and not alone["passed"]
+    assert alone["largest"]["key"] == f"{BUGGED}.out"
+    assert r.options["divergence"]["layer"] == str(BUGGED) and r.options["divergence"]["alone"]
     failing = [kr.key for kr in r.results if not kr.passed]
-    assert failing[-1] == f"layers/{BUGGED}.out", r.to_table()
-    multiple = r[f"layers/{BUGGED}.out"].noise_multiple
+    assert failing == [f"alone/{BUGGED}.out"], r.to_table()
+    multiple = r[f"alone/{BUGGED}.out"].noise_multiple
     assert multiple > LOW_PRECISION_NOISE_FACTOR
     assert any(f"diverges at {BUGGED} (Linear)" in f and "replayed alone" in f
                for f in r.options["findings"])
@@ -152,9 +154,10 @@ def test_faithful_half_kernels_of_another_rounding_pass_alone(dtype):
         r = align_forward(t, p, X, calibrate=True)
         assert r.passed, r.to_table()
         layers = r.options["layers"]
-        assert layers["passed"] and layers["alone"] and layers["judged"] == 3 * DEPTH + 1
+        alone = layers["alone"]
+        assert layers["passed"] and alone["passed"] and alone["judged"] == 3 * DEPTH + 1
         # how close they came: the unfused bias is one more rounding, a few times at most
-        assert layers["largest"]["multiple"] < LOW_PRECISION_NOISE_FACTOR / 2
+        assert alone["largest"]["multiple"] < LOW_PRECISION_NOISE_FACTOR / 2
 
 
 def test_the_noise_twin_rounds_what_the_port_holds_in_half():
@@ -183,3 +186,55 @@ def test_a_float32_port_keeps_the_whole_run_check():
     r = align_forward(t, p, X, calibrate=True)
     assert not r.passed and "alone" not in r.options.get("layers", {})
     assert r.options["divergence"]["layer"] == str(BUGGED)
+
+
+class _Hardswish(paddle.nn.Hardswish):
+    """Paddle's old fluid Hardswish, slope 1/5, as a half kernel computes it."""
+
+    def forward(self, x):
+        v = x.astype("float32")
+        return (v * paddle.clip(v * 0.2 + 0.5, 0, 1)).astype(x.dtype)
+
+
+def test_an_activation_failing_alone_in_half_precision_is_named_with_its_cause():
+    torch.manual_seed(0)
+    t = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Hardswish(),
+                            torch.nn.Linear(32, 4)).eval()
+    p = paddle.nn.Sequential(_Lin(32, 32), _Hardswish(), _Lin(32, 4))
+    load_into_paddle(p, t)
+    p.to(dtype="bfloat16")
+    r = align_forward(t, p, X * 3, calibrate=True)
+    assert not r.passed and r.options["divergence"]["layer"] == "1"
+    assert r.options["divergence"]["alone"]
+    assert "likely cause at 1: activation: reference Hardswish (slope 1/6), port Hardswish " \
+           "(slope 0.2)" in r.options["findings"], r.options["findings"]
+
+
+def test_activations_are_recognised_in_the_rounding_of_half_values():
+    """Rounded to bfloat16, Hardswish's output is ~2^-9 off its float64 value, 100x the float32
+    tolerance a candidate is recognised within: no candidate fitted and no cause was named."""
+    from reprod.diagnose.activations import _which
+
+    x = np.linspace(-5, 5, 4001).astype(np.float32)
+    xb = torch.from_numpy(x).to(torch.bfloat16)
+    for f, name in ((torch.nn.functional.hardswish, "Hardswish (slope 1/6)"),
+                    (lambda v: v * torch.clamp(v * 0.2 + 0.5, 0, 1), "Hardswish (slope 0.2)")):
+        out = f(xb.float()).to(torch.bfloat16).float().numpy()  # a half kernel: rounded once
+        inp = xb.float().numpy()
+        assert _which(inp, out) == name
+        # in float32 the tolerance stays float32's: the bfloat16 output is no float32 Hardswish
+        assert _which(inp, out + np.float32(1e-6) * np.sign(out)) is None
+
+
+def test_whole_numbers_are_no_half_precision_values():
+    """Values with few significant bits are every dtype's: a float32 ReLU of whole numbers keeps
+    float32's tolerance."""
+    from reprod.diagnose.activations import _half_unit
+
+    rng = np.random.default_rng(0)
+    assert _half_unit(np.arange(-50, 50, dtype=np.float32)) == 0.0
+    assert _half_unit(np.arange(-50, 50, dtype=np.float32) / 4) == 0.0
+    v = rng.standard_normal(1000).astype(np.float32)
+    assert _half_unit(v) == 0.0
+    assert _half_unit(torch.from_numpy(v).to(torch.bfloat16).float().numpy()) == 2.0**-7
+    assert _half_unit(v.astype(np.float16).astype(np.float32)) == 2.0**-10
