@@ -139,6 +139,15 @@ def note_half_values(sides: list[tuple[str, str, str]]) -> str:
     return "; ".join(f"{side} holds {p} values in {dt}" for side, p, dt in sides)
 
 
+def note_half_side(side: str, precision: str, dtype: str, other: str) -> str:
+    """A failing key whose ``side`` holds ``precision`` values (in ``dtype``) and the other
+    side not: uncalibrated, the difference may be that rounding alone."""
+    held = "" if dtype == precision else f" held in {dtype}"
+    return (f"{side} holds {precision} values{held}, {other} does not: a {precision} run "
+            f"differs from a float32 one by its rounding; compare the reference run in "
+            f"{precision} against it, with the float32 run as --noise")
+
+
 def summary_left_out(ref: int, other: int) -> str:
     """What a pairing left out of each side (``compare(pair=...)``), for the summary line."""
     parts = [f"{n} {side} {'key' if n == 1 else 'keys'}" for n, side in

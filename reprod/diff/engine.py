@@ -21,7 +21,14 @@ from ..storage.lazy import Dump, NonNumericValue
 from .batch import compare_batch, unravel
 from .columns_batch import ColumnPairs, column_pairs, compare_columns, sides_of
 from .criteria import Criteria, MethodArg, PerKey, build_criteria
-from .noise import DEFAULT_NOISE_FACTOR, calibrated_stats, judge_precision, leaf_at, port_rounding
+from .noise import (
+    DEFAULT_NOISE_FACTOR,
+    calibrated_stats,
+    carried_precision,
+    judge_precision,
+    leaf_at,
+    port_rounding,
+)
 from .pairing import DerivedNoise, Pair, Side, leaf_array, open_side, walk_pairs
 from .progress import Progress, progress_enabled
 from .result import DiffResult, KeyResult
@@ -221,6 +228,8 @@ def _compare(ref: Any, other: Any, policy: Criteria, *,
                     except _native.MappedReadError as exc:  # SIGBUS in the kernel: one line, not a crash
                         files = (a.name, b.name, None if hi is None else hi.name)
                         raise DumpChangedError.sigbus(p.key, files, getattr(exc, "argument", -1)) from None
+                if hi is None and kr.status == "failed":  # read only where a key fails
+                    kr = _with_half_side(kr, p)
                 results.append(kr)
                 if bar is not None:
                     bar.key_done()
@@ -271,9 +280,11 @@ def _compare_columns(cp: ColumnPairs, policy: Criteria, owned: tuple[Any, ...],
     for start in range(0, cp.n, _WINDOW):
         keys = cp.window(_WINDOW)
         try:
-            results += compare_columns(cp, policy, start, keys, slow, sides)
+            got = compare_columns(cp, policy, start, keys, slow, sides)
         except _native.MappedReadError:  # a dump truncated meanwhile: the per-key path names it
-            results += [slow(Pair((k,), "leaf", cp.ref, cp.other, k)) for k in keys]
+            got = [slow(Pair((k,), "leaf", cp.ref, cp.other, k)) for k in keys]
+        results += [_with_half_side(kr, Pair((kr.key,), "leaf", cp.ref, cp.other, kr.key))
+                    if kr.status == "failed" else kr for kr in got]
         if release:
             gone = dict.fromkeys(keys)  # ColumnTree.release of each, in one update
             for t in release:
@@ -383,6 +394,38 @@ def _pair_nbytes(p: Pair) -> int:
         except Exception:  # a value the adapters convert later; only the bar's total is off
             pass
     return total
+
+
+def _with_half_side(kr: KeyResult, p: Pair) -> KeyResult:
+    """``kr`` (failing, uncalibrated) with ``_half_side``'s note where it has one."""
+    try:
+        assert p.ref_tree is not None and p.other_tree is not None
+        (ra, rdt), (oa, odt) = leaf_array(p.ref_tree, p.path[-1]), \
+            leaf_array(p.other_tree, p.path[-1])
+        note = _half_side(np.asarray(ra), np.asarray(oa), rdt, odt)
+    except Exception:  # a note, never a verdict: the key's result stands as it is
+        return kr
+    if note is None:
+        return kr
+    return dataclasses.replace(kr, note=f"{kr.note}; {note}" if kr.note else note)
+
+
+def _half_side(ra: np.ndarray, oa: np.ndarray, rdt: Optional[str], odt: Optional[str]
+               ) -> Optional[str]:
+    """What a failing key's values say where one side holds a half-precision run's values in
+    float32 (a ``ReprodLogger`` ``.npy`` of a bfloat16 tensor, saved as reprod_log saves it)
+    and the other does not: the dtypes shown are float32 both, and the difference is likely
+    that run's rounding."""
+    r = rdt if rdt in _HALF_DTYPES else carried_precision(ra)
+    o = odt if odt in _HALF_DTYPES else carried_precision(oa)
+    if (r is None) == (o is None) or r == o:
+        return None
+    side, p, other = ("other", o, "ref") if o is not None else ("ref", r, "other")
+    held = {"ref": rdt, "other": odt}[side]
+    return msg.note_half_side(side, str(p), str(held), other)
+
+
+_HALF_DTYPES = ("bfloat16", "float16")
 
 
 def _progress_bar(pairs: Sequence[Pair]) -> Progress:
