@@ -428,7 +428,7 @@ def _localised(
         # layer is judged again alone, on the half reference's input
         local = None if not calibrate or half is None else local_layers(
             found.ref, noise_twin, paddle_model, port_names=found.port_names, precision=half,
-            factor=criteria.noise_factor)
+            factor=criteria.noise_factor, containers=True)
     div = found.divergence
     findings: list[str] = []
     if outputs_passed:

@@ -71,7 +71,8 @@ class LocalLayers:
 
 def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
                  port_names: Mapping[str, str], precision: str,
-                 factor: Optional[float] = None) -> Optional[LocalLayers]:
+                 factor: Optional[float] = None, containers: bool = False
+                 ) -> Optional[LocalLayers]:
     """The port's leaf layers (``paddle_model``), each replayed on the half reference's
     recorded input (``ref``, a capture), judged against the half-weights twin's (``noise_twin``)
     replay on the same input. ``port_names``: reference layer -> the port's, where they are
@@ -96,8 +97,8 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
             return twin_name(name)
         return table.get(name, _NOBODY + name)  # by order: only the pairs the order found
 
-    twin = _replayed(noise_twin, ref, rename=twin_name)
-    port = _replayed(paddle_model, ref, rename=port_name)
+    twin = _replayed(noise_twin, ref, rename=twin_name, containers=containers)
+    port = _replayed(paddle_model, ref, rename=port_name, containers=containers)
     keys = [k for k in port.port_out if k in twin.port_out and k in port.ref_out
             and _floating(port.ref_out[k])]
     if not keys:

@@ -155,7 +155,8 @@ def test_faithful_half_kernels_of_another_rounding_pass_alone(dtype):
         assert r.passed, r.to_table()
         layers = r.options["layers"]
         alone = layers["alone"]
-        assert layers["passed"] and alone["passed"] and alone["judged"] == 3 * DEPTH + 1
+        # every leaf, and the model itself (a container: its own code between its layers)
+        assert layers["passed"] and alone["passed"] and alone["judged"] == 3 * DEPTH + 2
         # how close they came: the unfused bias is one more rounding, a few times at most
         assert alone["largest"]["multiple"] < LOW_PRECISION_NOISE_FACTOR / 2
 
@@ -238,3 +239,49 @@ def test_whole_numbers_are_no_half_precision_values():
     assert _half_unit(v) == 0.0
     assert _half_unit(torch.from_numpy(v).to(torch.bfloat16).float().numpy()) == 2.0**-7
     assert _half_unit(v.astype(np.float16).astype(np.float32)) == 2.0**-10
+
+
+class _TorchBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = torch.nn.Linear(32, 32), torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        return x + torch.nn.functional.gelu(self.norm(self.fc(x)))
+
+
+class _PortBlock(paddle.nn.Layer):
+    """The block, its residual scaled by ``scale`` in its own code (none of its layers')."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.fc, self.norm, self.scale = _Lin(32, 32), _LN(32), scale
+
+    def forward(self, x):
+        h = self.norm(self.fc(x)).astype("float32")
+        return (self.scale * x.astype("float32") + F.gelu(h)).astype(x.dtype)
+
+
+def test_a_block_s_own_code_fails_alone_where_its_layers_pass():
+    """By name, the blocks were recorded too, and each is replayed alone as its layers are: a
+    residual 3 % short, code between the layers, passes the whole run in bfloat16."""
+    torch.manual_seed(0)
+    t = torch.nn.Sequential(*[_TorchBlock() for _ in range(4)], torch.nn.Linear(32, 4))
+    with torch.no_grad():
+        for name, v in t.named_parameters():
+            v.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.3)
+    t.eval()
+    for scale, passes in ((1.0, True), (0.97, False)):
+        p = paddle.nn.Sequential(*[_PortBlock(scale if i == 2 else 1.0) for i in range(4)],
+                                 _Lin(32, 4))
+        load_into_paddle(p, t)
+        p.to(dtype="bfloat16")
+        p.eval()
+        r = align_forward(t, p, X, calibrate=True)
+        assert r.passed is passes, r.to_table()
+        alone = r.options["layers"]["alone"]
+        assert alone["judged"] == 4 * 2 + 1 + 4 + 1  # leaves, blocks, the model
+        if not passes:
+            assert r["logits"].passed  # the whole run does not see it
+            assert r.options["divergence"]["layer"] == "2" and r.options["divergence"]["alone"]
+            assert [kr.key for kr in r.results if not kr.passed][0] == "alone/2.out"

@@ -96,7 +96,8 @@ def test_resnet18_a_faithful_port_passes_and_a_weight_two_percent_off_fails_alon
     tm, pm = resnet18
     r = align_forward(tm, _emulated(copy.deepcopy(pm)), X, calibrate=True, precision=DT)
     alone = r.options["layers"]["alone"]
-    assert r.passed and alone["passed"] and alone["judged"] == 60, r.to_table()
+    # 60 leaves and 16 containers (the blocks, their downsample Sequentials, the model)
+    assert r.passed and alone["passed"] and alone["judged"] == 76, r.to_table()
     assert alone["largest"]["multiple"] < LOW_PRECISION_NOISE_FACTOR / 4
     bugged = _emulated(_scaled(copy.deepcopy(pm), "layer2.1.conv2", 1.02))
     r = align_forward(tm, bugged, X, calibrate=True, precision=DT)
