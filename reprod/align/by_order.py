@@ -704,20 +704,25 @@ def _align_layers(ts: list[_Signature], ps: list[_Signature],
     """The layers each side alone holds, aligning two sequences of layers (each a list of
     (shape, statistic kind)) with the fewest left alone: a layer pairs with one of as many
     tensors, each pair of shapes equal or transposed. Of readings leaving as many alone, the one
-    pairing the most layers of one last name (``names``: each side's layer names) wins: torch's
-    encoder with a final LayerNorm against Paddle's without leaves out either that norm or the
-    last block's norm2 by shape, and by name only the first. None where the best is reached in
+    whose pairs' names share the most words (``names``: each side's layer names; ``_NAMED``)
+    wins: torch's encoder with a final LayerNorm against Paddle's without leaves out either
+    that norm or the last block's norm2 by shape, and by name only the first. None where the best is reached in
     two ways (two Linears of one shape, either of which could be the extra one)."""
     n, m = len(ts), len(ps)
     if n * m > 250_000:
         return None
-    lone = n + m + 1  # a layer left alone outweighs every pair of names that differ
+    # a layer left alone outweighs every pair of names that differ
+    lone = _NAMED * (n + m) + 1
+    words = None if names is None else ([_words(x) for x in names[0]],
+                                        [_words(x) for x in names[1]])
 
     def named(i: int, j: int) -> int:
-        if names is None:
+        if words is None:
             return 0
-        a, b = names[0][i].rpartition(".")[2], names[1][j].rpartition(".")[2]
-        return int(a != b or a.isdigit())  # a Sequential's positions name nothing
+        a, b = words[0][i], words[1][j]
+        if not a or not b:
+            return _NAMED
+        return round(_NAMED * (1 - len(a & b) / len(a | b)))
 
     def fits(i: int, j: int) -> bool:
         a, b = ts[i], ps[j]
@@ -773,6 +778,19 @@ def _align_layers(ts: list[_Signature], ps: list[_Signature],
             # (a head of 5 classes for 6), not two layers each side alone holds
             return None
     return t_alone, p_alone
+
+
+# how finely names weigh a pair: the share of the words two layer names share (Jaccard), in
+# this many steps. The last name alone paired HF's cls.predictions.transform.dense with
+# PaddleNLP's bert.pooler.dense ("dense") and left the port's cls.predictions.transform alone
+_NAMED = 4
+
+
+def _words(name: str) -> frozenset[str]:
+    """A layer name's words, case and underscores aside (``LayerNorm`` is ``layer_norm``); a
+    Sequential's positions name nothing."""
+    return frozenset(w.replace("_", "").lower() for w in name.split(".")
+                     if w and not w.isdigit())
 
 
 _MOST_LONE = 6  # layers one side alone may hold for the shapes to be said to explain a refusal

@@ -319,3 +319,46 @@ def test_a_layer_alone_on_each_side_of_the_same_shapes_reads_as_moved() -> None:
                ["pool.weight", "pool.bias"]]
     got = _moved(t_alone, p_alone, t, p)
     assert got == [(t_alone[0], p_alone[1]), (t_alone[1], p_alone[4]), (t_alone[2], p_alone[3])]
+
+
+class _TorchMLM(torch.nn.Module):
+    """Hugging Face's BertForMaskedLM, small: no pooler, a head transform of one Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(D, D)
+        self.cls = torch.nn.Module()
+        self.cls.transform = torch.nn.Module()
+        self.cls.transform.dense = torch.nn.Linear(D, D)
+        self.cls.transform.LayerNorm = torch.nn.LayerNorm(D)
+
+
+class _PaddleMLM(paddle.nn.Layer):
+    """PaddleNLP's: a pooler between the encoder and the head, of the head transform's
+    shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = paddle.nn.Linear(D, D)
+        self.pooler = paddle.nn.Layer()
+        self.pooler.dense = paddle.nn.Linear(D, D)
+        self.cls = paddle.nn.Layer()
+        self.cls.transform = paddle.nn.Linear(D, D)
+        self.cls.layer_norm = paddle.nn.LayerNorm(D)
+
+
+def test_the_lone_layer_is_the_one_whose_words_the_other_side_lacks():
+    """By shape either the pooler or the head transform is the port's own. By the last name
+    alone, ``dense`` paired the reference's ``cls.transform.dense`` with the pooler's, and the
+    rules said to leave ``cls.transform`` as it was: loaded so, the head kept its random
+    weights. The words the names share say the pooler."""
+    with pytest.raises(KeyMismatchError) as info:
+        pair_weights_by_order(_TorchMLM(), _PaddleMLM())
+    text = str(info.value)
+    assert "the Paddle side alone holds pooler.dense.weight [16, 16], pooler.dense.bias [16]" \
+        in text
+    assert r'rules=ConversionRules(port_only=[r"^pooler\.dense\."])' in text
+    pairs = pair_weights_by_order(_TorchMLM(), _PaddleMLM(),
+                                  rules=ConversionRules(port_only=[r"^pooler\.dense\."]))
+    assert pairs["cls.transform.dense.weight"] == "cls.transform.weight"
+    assert pairs["cls.transform.LayerNorm.weight"] == "cls.layer_norm.weight"
