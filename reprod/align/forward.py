@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import numpy as np
@@ -70,6 +71,30 @@ def _held_half(result: Any, half: Optional[str], verbose: bool) -> Any:
         print(line, flush=True)
     findings = [line, *[f for f in result.options.get("findings", ()) if f != line]]
     return dataclasses.replace(result, options=dict(result.options, findings=findings))
+
+
+def _computed_float32(result: Any, half: Optional[str], port_cast: Optional[str],
+                      port: Mapping[str, Any], verbose: bool) -> Any:
+    """``result`` with a first finding where ``precision=`` asked for a half precision and the
+    port, holding float32 weights, returned float32 values: it computed in float32, and the
+    check said nothing of its half-precision run (``paddle.amp.auto_cast`` does nothing where
+    Paddle has no half kernels, as on the CPU)."""
+    from ..diff.noise import carried_precision
+
+    if half is None or port_cast is not None:
+        return result
+    floating = [np.asarray(v) for v in port.values() if np.asarray(v).dtype.kind == "f"]
+    if not floating or any(a.dtype != np.float32 or carried_precision(a) is not None
+                           for a in floating):
+        return result
+    line = (f"precision='{half}', but the port's weights and outputs are float32 values: it "
+            f"computed in float32, and is judged against the reference run in {half} "
+            "(paddle.amp.auto_cast does nothing where Paddle has no half kernels, as on the "
+            f"CPU; cast the port with paddle_model.to(dtype='{half}') on a GPU)")
+    if verbose:
+        print(line, flush=True)
+    return dataclasses.replace(result, options=dict(
+        result.options, findings=[line, *result.options.get("findings", ())]))
 
 
 @splitting_for_port
@@ -289,6 +314,7 @@ def align_forward(
     half_twin = noise_twin = None
     result = settings.with_finding(result, verbose=verbose)
     result = _held_half(result, half, verbose)
+    result = _computed_float32(result, half, port_cast, flats[-1], verbose)
     # what both return is judged; what one does not is said first
     first = [line for line in (one_sided_outputs(flats[0], flats[-1], "logits"),
                                extra_outputs_finding(extra, "logits")) if line is not None]

@@ -285,3 +285,17 @@ def test_a_block_s_own_code_fails_alone_where_its_layers_pass():
             assert r["logits"].passed  # the whole run does not see it
             assert r.options["divergence"]["layer"] == "2" and r.options["divergence"]["alone"]
             assert [kr.key for kr in r.results if not kr.passed][0] == "alone/2.out"
+
+
+def test_a_port_asked_for_in_half_precision_that_computed_in_float32_is_told():
+    """``paddle.amp.auto_cast`` does nothing where Paddle has no half kernels: the port ran in
+    float32, and a check asked for bfloat16 said nothing of it."""
+    t, p = _port("float32")
+    r = align_forward(t, p, X, calibrate=True, precision="bfloat16")
+    assert r.options["findings"][0].startswith(
+        "precision='bfloat16', but the port's weights and outputs are float32 values: it "
+        "computed in float32")
+    # a port holding half weights is not told so
+    t, p = _port("bfloat16")
+    r = align_forward(t, p, X, calibrate=True, precision="bfloat16")
+    assert not any("computed in float32" in f for f in r.options.get("findings", ()))

@@ -19,7 +19,8 @@ bias perturbed on the torch side and the query/key weights sharpened), each port
   first shows at step 2 and read "the optimizers' hyperparameters differ", as did a weight decay
   missing from a BERT port, whose coefficient is now fitted;
 - a GPT-2 port whose ``lm_head`` is a parameter of its own (no ``tie_word_embeddings``) was
-  refused with a ``port_only`` hint that loads it as it is;
+  refused with a ``port_only`` hint that loads it as it is, and BERT's masked LM with one to
+  leave PaddleNLP's head transform alone, where its pooler is the port's own;
 - torch's sequence-first encoder, transposed around by the reference, against Paddle's
   batch-first one failed on ``batch_first``; a pre-norm first block against Paddle's post-norm
   read "the input of the first recorded layer already differs";
@@ -119,7 +120,7 @@ def _mlm_rules() -> Any:
     return ConversionRules(port_only=[r"^bert\.pooler\."])
 
 
-def _bert_mlm() -> tuple[Any, Any]:
+def _bert_mlm(load: bool = True) -> tuple[Any, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import paddle
@@ -135,7 +136,8 @@ def _bert_mlm() -> tuple[Any, Any]:
         tm = BertForMaskedLM(BertConfig(**BERT_CFG))  # its decoder tied to the word embedding
         _perturb(tm, _bert_norms, ("query.weight", "key.weight"))
         pm = PaddleBertMLM(PaddleBertConfig(**BERT_CFG))
-        load_into_paddle(pm, tm, by_order=True, rules=_mlm_rules())
+        if load:
+            load_into_paddle(pm, tm, by_order=True, rules=_mlm_rules())
     tm.train()
     pm.train()
     return tm, pm
@@ -438,6 +440,22 @@ def test_a_gpt2_port_whose_lm_head_is_its_own_is_told_to_tie_it() -> None:
             "the port's lm_head.weight a parameter of its own: a tie the port leaves out "
             "(tie_word_embeddings), which port_only would load as it is, its gradient missing "
             "from the embedding's: tie it in the port instead") in text
+
+
+def test_a_bert_mlm_port_is_told_its_pooler_is_its_own() -> None:
+    """By shape, PaddleNLP's pooler or its head transform is the port's own. By the last name
+    alone ("dense") the refusal said to leave ``cls.predictions.transform`` as it was, and the
+    port so loaded kept a random head; the words the names share say the pooler."""
+    from reprod.align import load_into_paddle
+    from reprod.errors import KeyMismatchError
+
+    tm, pm = _bert_mlm(load=False)
+    with pytest.raises(KeyMismatchError) as caught:
+        load_into_paddle(pm, tm, by_order=True)
+    text = str(caught.value)
+    assert ("the Paddle side alone holds bert.pooler.dense.weight [64, 64], "
+            "bert.pooler.dense.bias [64]") in text
+    assert r'rules=ConversionRules(port_only=[r"^bert\.pooler\.dense\."])' in text
 
 
 # --------------------------------------------------------------- 6, 7. the library encoders
