@@ -734,7 +734,7 @@ def align_train(
             kinks=kink is not None, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
             plan=plan, stats=stats, seed=seed, calibrate=calibrate, criteria=crit,
             optimizer_state=optimizer_state, fusions=fusions, clip=clip,
-            forced_logs=forced_logs)
+            forced_logs=forced_logs, arena=arena)
     if weights0:  # plain SGD's weight decay, which no key of one step resolves
         result = decay.decay_checked(result, torch_log.data, paddle_log.data, weights0,
                                      scaled=clip is not None or
@@ -812,7 +812,8 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                      plan: Mapping[str, KeyPlan], stats: bool, seed: int, calibrate: bool,
                      criteria: Criteria, optimizer_state: bool,
                      clip: Optional[GradClip] = None,
-                     forced_logs: Optional[dict[int, Any]] = None) -> Any:
+                     forced_logs: Optional[dict[int, Any]] = None,
+                     arena: Optional[spill.SpillArena] = None) -> Any:
     """Step 0's updated weights that the reference's optimizer makes of the port's aligned
     gradient relabelled ``"kink"`` (with ``kinks``: Adam's normalised update near g = 0), weights
     that Paddle's float32 Adam bias corrections explain ``"known"``; then each later step whose
@@ -907,6 +908,11 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
                 plan=plan, run_torch=run_torch, run_twin=run_twin if calibrate else None,
                 run_paddle=run_paddle, finish=finish, fusions=fusions,
                 keep=forced_logs if forced_logs is not None and not forced_logs else None)
+            if forced_logs and s in forced_logs and arena is not None:
+                # held until localisation reads them, about 8x the parameters: through the
+                # arena, as every other record
+                kept, t_data, p_data = forced_logs[s]
+                forced_logs[s] = (kept, _through(arena, t_data), _through(arena, p_data))
     except forcing.Unsupported as e:
         options = dict(result.options, forcing={"steps": [], "skipped": str(e)})
         return dataclasses.replace(result, options=options)
@@ -922,6 +928,13 @@ def _judged_per_step(result: Any, torch_model: Any, paddle_model: Any, batches: 
         if checks:
             result = dataclasses.replace(result, options=dict(result.options, **{option: checks}))
     return result
+
+
+def _through(arena: spill.SpillArena, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data``'s arrays kept by ``arena``: themselves within its budget, copies in its file
+    past it."""
+    return {k: arena.keep(v) if type(v) is np.ndarray and not v.dtype.hasobject else v
+            for k, v in data.items()}
 
 
 def _paddle_state(step: int, torch_data: Mapping[str, Any], paddle_model: Any,

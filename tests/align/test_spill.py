@@ -357,3 +357,49 @@ def test_an_arena_on_a_tmpfs_says_its_records_take_memory(monkeypatch):
     a = RNG.standard_normal(1000)
     np.testing.assert_array_equal(arena.keep(a), a)
     assert "tmpfs" in arena.summary()["note"]
+
+
+def test_the_forced_step_s_records_kept_for_localisation_go_through_the_arena(tmp_path,
+                                                                              monkeypatch):
+    """A later step's failure is judged again from the reference's state, and that step's two
+    logs (about 8x the parameters) are held until localisation reads them: past the budget,
+    in the file as every other record."""
+    import mmap
+
+    from reprod.align import steps
+
+    torch, paddle, tm, pm = _pair()
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((4, 3, 32, 32)).astype(np.float32),
+                rng.integers(0, 5, 4)) for _ in range(3)]
+    seen = {}
+    real = steps._train_localised
+
+    def spy(*a, **k):
+        seen.update(k["forced_logs"] or {})
+        return real(*a, **k)
+
+    monkeypatch.setattr(steps, "_train_localised", spy)
+    from reprod.align import align_train
+
+    # Adam's beta1 0.8 for 0.9: step 0's update is the same, step 1's parts, its gradients
+    # aligned: judged again from the reference's state, whose logs localisation reads
+    r = align_train(tm, pm, batches, torch_loss_fn=torch.nn.CrossEntropyLoss(),
+                    paddle_loss_fn=paddle.nn.CrossEntropyLoss(),
+                    torch_optimizer=torch.optim.Adam(tm.parameters(), lr=1e-3),
+                    paddle_optimizer=paddle.optimizer.Adam(1e-3, beta1=0.8,
+                                                           parameters=pm.parameters()),
+                    calibrate=True, memory_budget=0, check_settings=False,
+                    optimizer_state=False)
+    assert not r.passed and seen, r.summary_line()
+
+    def in_file(a):
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        return isinstance(a, mmap.mmap) or isinstance(a, memoryview) and \
+            isinstance(a.obj, mmap.mmap)
+
+    for _, t_data, p_data in seen.values():
+        big = [v for d in (t_data, p_data) for v in d.values()
+               if isinstance(v, np.ndarray) and v.nbytes >= 1 << 16]
+        assert big and all(in_file(v) for v in big)
