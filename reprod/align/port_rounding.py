@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -41,7 +41,8 @@ from .framework import (
     _split_inputs,
 )
 
-__all__ = ["needed", "paddle_float64", "rescued"]
+__all__ = ["float64_batches", "float64_loss", "needed", "paddle_float64", "paddle_float64_run",
+           "rescued", "rescued_later"]
 
 # the keys a forward and backward pass from a state make (an update's need the optimizer)
 _KINDS = ("logits", "loss", "grad", "stat")
@@ -119,6 +120,122 @@ def paddle_float64(paddle_model: Any, state: Optional[Mapping[str, Any]], batch:
     return got
 
 
+# what an optimizer builds for the parameters it steps, set aside for a float64 run and put
+# back after: its moments and step counts (created again, in float64, for the parameters cast),
+# its learning rate tensor (created in the dtype of ``_dtype``), its master weights
+_OPTIMIZER_STATE = ("_accumulators", "_already_create_accumulator", "_accumulators_holder",
+                    "_master_weights", "_learning_rate_map", "_dtype")
+
+
+def paddle_float64_run(paddle_model: Any, optimizer: Any, state: Mapping[str, Any],
+                       steps: Callable[[], None]) -> None:
+    """Run ``steps()`` (the port's training steps, in the caller's logger) with the Paddle model
+    set to ``state`` and cast to float64 in place, and ``optimizer`` stepping it from a fresh
+    state in float64 (its accumulators made again, its learning rate in float64); then the
+    model's state, dtype and hooks, and the optimizer's own state, are put back. Raises
+    ``Unsupported`` where the model holds floating tensors other than float32 or the optimizer
+    keeps state this cannot set aside."""
+    import collections
+
+    import paddle
+
+    from .forcing import Unsupported
+
+    tensors = paddle_model.state_dict()
+    odd = sorted({str(v.dtype).replace("paddle.", "") for v in tensors.values()
+                  if v.dtype in (paddle.float16, paddle.bfloat16, paddle.float64)})
+    if odd:
+        raise Unsupported(f"the Paddle model holds {', '.join(odd)} tensors: it is cast to "
+                          "float64 and back to float32 in place")
+    if not callable(getattr(paddle_model, "_apply", None)) or \
+            not callable(getattr(paddle_model, "_transform", None)):
+        raise Unsupported("this Paddle's Layer has no _apply to cast its floating tensors with")
+    missing = [a for a in _OPTIMIZER_STATE if not hasattr(optimizer, a)]
+    if missing:
+        raise Unsupported(f"the Paddle optimizer {type(optimizer).__name__} keeps no "
+                          f"{', '.join(missing)} to set aside for a float64 run")
+    saved = {k: v.detach().clone() for k, v in tensors.items()}
+    kept = {a: getattr(optimizer, a) for a in _OPTIMIZER_STATE}
+    default = paddle.get_default_dtype()
+    try:
+        paddle_model.set_state_dict({k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)
+                                     for k, v in state.items()})
+        paddle_model.clear_gradients()
+        optimizer._accumulators = collections.defaultdict(dict)
+        optimizer._already_create_accumulator = set()
+        optimizer._accumulators_holder = {}
+        optimizer._master_weights = {}
+        optimizer._learning_rate_map = {}
+        optimizer._dtype = paddle.float64
+        _cast_floating(paddle_model, "float64")
+        paddle.set_default_dtype("float64")
+        steps()
+    finally:
+        paddle.set_default_dtype(default)
+        try:
+            for a, v in kept.items():
+                setattr(optimizer, a, v)
+            paddle_model.clear_gradients()
+            _cast_floating(paddle_model, "float32")
+            paddle_model.set_state_dict(saved)
+        except Exception as e:
+            raise NotRestored(f"the Paddle model could not be put back after its float64 run "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def float64_batches(batches: Any) -> Any:
+    """``batches`` with their floating arrays in float64 (labels and ids as they are)."""
+    def one(v: Any) -> Any:
+        a = _as_array(v)
+        return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
+
+    return _map_tree(list(batches), one)
+
+
+def float64_loss(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A Paddle loss layer holding tensors (class weights) copied to float64; else as it is."""
+    import paddle
+
+    if isinstance(loss_fn, paddle.nn.Layer) and loss_fn.state_dict():
+        loss64 = copy.deepcopy(loss_fn)
+        loss64.to(dtype="float64")
+        return loss64
+    return loss_fn
+
+
+def rescued_later(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
+                  noise: Mapping[str, Any], port64: Mapping[str, Any],
+                  forced: Collection[int]) -> Any:
+    """``result`` with each failing calibrated key of a step after the first, run free on both
+    sides (not one of ``forced``, judged from the reference's state), relabelled ``"known"``
+    where ``port64`` (the port's own float64 run over the same steps) agrees with the
+    reference's float64 run within the reference's float32 noise: the two float32 runs part by
+    their own rounding, which Adam carries from step to step; a bug stays in the float64 runs
+    at full size."""
+    out, changed = [], False
+    for kr in result.results:
+        key = kr.key
+        step = _step(key)
+        if step is None or step == 0 or step in forced or not _candidate(kr, later=True) \
+                or not all(key in d for d in (ref, other, noise, port64)):
+            out.append(kr)
+            continue
+        found = port_rounding(ref[key], other[key], noise[key], port64[key])
+        if found is None:  # the float64 runs part too: another function, not rounding
+            out.append(kr)
+            continue
+        changed = True
+        out.append(dataclasses.replace(
+            kr, passed=True, status="known",
+            reason=(f"{found.reason('run in float64 over the same steps')}; {kr.reason}")))
+    return dataclasses.replace(result, results=tuple(out)) if changed else result
+
+
+def _step(key: str) -> Optional[int]:
+    head = key.split("/", 1)[0]
+    return int(head[4:]) if head.startswith("step") and head[4:].isdigit() else None
+
+
 class NotRestored(ReprodError):
     """The model a float64 run cast could not be put back as it was: never passed over."""
 
@@ -138,9 +255,12 @@ def _cast_floating(paddle_model: Any, dtype: str) -> None:
     paddle_model._apply(cast, None, dtype, None)
 
 
-def _candidate(kr: Any) -> bool:
+def _candidate(kr: Any, later: bool = False) -> bool:
+    """A failing calibrated key of what a forward and backward pass make (``later``: and a
+    step's update, its weights and optimizer state, which a run over the steps makes too)."""
     kind = kr.key.split("/", 2)[1] if kr.key.count("/") else ""
-    return (not kr.passed and kr.status in ("failed", "mismatch") and kind in _KINDS
+    kinds = _KINDS + ("param", "opt") if later else _KINDS
+    return (not kr.passed and kr.status in ("failed", "mismatch") and kind in kinds
             and kr.noise_multiple is not None)
 
 
