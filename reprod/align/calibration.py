@@ -19,14 +19,7 @@ from ..errors import ReprodError
 def _float64_twin(torch_model: Any) -> Any:
     """A deep copy of the torch model with every floating parameter and buffer (BatchNorm
     statistics included) in float64; the modes of its sub-modules are the original's."""
-    try:
-        twin = copy.deepcopy(torch_model)
-    except Exception as e:  # a module holding something deepcopy refuses (a lock, a file...)
-        raise ReprodError(
-            f"calibrate=True runs a float64 copy of the torch model, but copy.deepcopy of "
-            f"{type(torch_model).__name__} failed ({type(e).__name__}: {e}); make the model "
-            "deep-copyable or compare with reprod.compare(..., noise=) on dumps of your own"
-        ) from e
+    twin = _copied(torch_model, "calibrate=True runs a float64 copy of the torch model")
     twin = twin.double()
     # each call of the twin itself, wherever it runs (align_forward, align_train, localisation,
     # the counterfactual and forced steps); always_call: restored when its forward raises too
@@ -63,7 +56,8 @@ def _half_weights_twin(torch_model: Any, precision: str, keys: Optional[set[str]
     passed behind it (resnet18 0.84x, BERT 0.81x; caught at 10^4x in float32)."""
     import torch
 
-    twin = _copied(torch_model, f"calibrate=True with a {precision} port")
+    twin = _copied(torch_model, f"calibrate=True with a {precision} port runs a copy of the "
+                   "torch model")
     with torch.no_grad():
         for name, t in [*twin.named_parameters(), *twin.named_buffers()]:
             if t.is_floating_point() and t.dtype != getattr(torch, precision) \
@@ -72,12 +66,14 @@ def _half_weights_twin(torch_model: Any, precision: str, keys: Optional[set[str]
     return twin
 
 
-def _copied(torch_model: Any, why: str) -> Any:
+def _copied(torch_model: Any, what: str) -> Any:
+    """A deep copy of the torch model; where it cannot be made, one line saying ``what`` needed
+    it and what to do."""
     try:
         return copy.deepcopy(torch_model)
     except Exception as e:  # a module holding something deepcopy refuses (a lock, a file...)
         raise ReprodError(
-            f"{why} runs a copy of the torch model, but copy.deepcopy of "
+            f"{what}, but copy.deepcopy of "
             f"{type(torch_model).__name__} failed ({type(e).__name__}: {e}); make the model "
             "deep-copyable or compare with reprod.compare(..., noise=) on dumps of your own"
         ) from e

@@ -69,24 +69,9 @@ def paddle_float64(paddle_model: Any, state: Optional[Mapping[str, Any]], batch:
     hooks registered on its tensors (``copy.deepcopy`` drops a gradient hook), which are the
     port's code; its state, dtype and hooks are put back (its gradients are cleared). Raises
     ``Unsupported`` where it holds floating tensors other than float32."""
-    import paddle
-
-    from .forcing import Unsupported
-
-    tensors = paddle_model.state_dict()
-    odd = sorted({str(v.dtype).replace("paddle.", "") for v in tensors.values()
-                  if v.dtype in (paddle.float16, paddle.bfloat16, paddle.float64)})
-    if odd:
-        raise Unsupported(f"the Paddle model holds {', '.join(odd)} tensors: it is cast to "
-                          "float64 and back to float32 in place")
-    if not callable(getattr(paddle_model, "_apply", None)) or \
-            not callable(getattr(paddle_model, "_transform", None)):
-        raise Unsupported("this Paddle's Layer has no _apply to cast its floating tensors with")
+    tensors = _castable(paddle_model)
     saved = {k: v.detach().clone() for k, v in tensors.items()}
-    loss64 = loss_fn
-    if isinstance(loss_fn, paddle.nn.Layer) and loss_fn.state_dict():
-        loss64 = copy.deepcopy(loss_fn)
-        loss64.to(dtype="float64")
+    loss64 = float64_loss(loss_fn)
     place = _paddle_place(paddle_model)
     inputs, labels = _split_batch(batch, 0)
     args, kwargs = _split_inputs(inputs)
@@ -141,15 +126,7 @@ def paddle_float64_run(paddle_model: Any, optimizer: Any, state: Mapping[str, An
 
     from .forcing import Unsupported
 
-    tensors = paddle_model.state_dict()
-    odd = sorted({str(v.dtype).replace("paddle.", "") for v in tensors.values()
-                  if v.dtype in (paddle.float16, paddle.bfloat16, paddle.float64)})
-    if odd:
-        raise Unsupported(f"the Paddle model holds {', '.join(odd)} tensors: it is cast to "
-                          "float64 and back to float32 in place")
-    if not callable(getattr(paddle_model, "_apply", None)) or \
-            not callable(getattr(paddle_model, "_transform", None)):
-        raise Unsupported("this Paddle's Layer has no _apply to cast its floating tensors with")
+    tensors = _castable(paddle_model)
     missing = [a for a in _OPTIMIZER_STATE if not hasattr(optimizer, a)]
     if missing:
         raise Unsupported(f"the Paddle optimizer {type(optimizer).__name__} keeps no "
@@ -181,6 +158,26 @@ def paddle_float64_run(paddle_model: Any, optimizer: Any, state: Mapping[str, An
         except Exception as e:
             raise NotRestored(f"the Paddle model could not be put back after its float64 run "
                               f"({type(e).__name__}: {e})") from e
+
+
+def _castable(paddle_model: Any) -> Any:
+    """The Paddle model's state dict, where it can be cast to float64 in place and back;
+    ``Unsupported`` saying why not where it holds floating tensors other than float32, or its
+    Layer has no ``_apply``."""
+    import paddle
+
+    from .forcing import Unsupported
+
+    tensors = paddle_model.state_dict()
+    odd = sorted({str(v.dtype).replace("paddle.", "") for v in tensors.values()
+                  if v.dtype in (paddle.float16, paddle.bfloat16, paddle.float64)})
+    if odd:
+        raise Unsupported(f"the Paddle model holds {', '.join(odd)} tensors: it is cast to "
+                          "float64 and back to float32 in place")
+    if not callable(getattr(paddle_model, "_apply", None)) or \
+            not callable(getattr(paddle_model, "_transform", None)):
+        raise Unsupported("this Paddle's Layer has no _apply to cast its floating tensors with")
+    return tensors
 
 
 def float64_batches(batches: Any) -> Any:
