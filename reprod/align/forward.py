@@ -452,9 +452,16 @@ def _localised(
                                  rules=rules)
         # in half precision a layer's whole-run noise holds all the rounding upstream: each
         # layer is judged again alone, on the half reference's input
-        local = None if not calibrate or half is None else local_layers(
-            found.ref, noise_twin, paddle_model, port_names=found.port_names, precision=half,
-            factor=criteria.noise_factor, containers=True)
+        local, unjudged = None, None
+        if calibrate and half is not None:
+            try:
+                local = local_layers(found.ref, noise_twin, paddle_model,
+                                     port_names=found.port_names, precision=half,
+                                     factor=criteria.noise_factor, containers=True)
+            except Exception as e:  # noqa: BLE001 - the whole run's judgement stands, said
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                unjudged = f"the layers could not be replayed alone ({type(e).__name__}: " \
+                           f"{first[:160]})"
     div = found.divergence
     findings: list[str] = []
     if outputs_passed:
@@ -480,6 +487,8 @@ def _localised(
                                  "hint": found.hint}
         if found.port_layer() is not None:  # paired by order with a layer named otherwise
             options["divergence"]["port_layer"] = found.port_layer()
+    if unjudged is not None:
+        options["layers"] = dict(options.get("layers") or {}, alone={"skipped": unjudged})
     if local is not None:
         findings = _judged_alone(options, findings, found, local, half, torch_model,
                                  paddle_model, outputs_passed=outputs_passed)

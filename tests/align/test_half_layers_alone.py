@@ -299,3 +299,18 @@ def test_a_port_asked_for_in_half_precision_that_computed_in_float32_is_told():
     t, p = _port("bfloat16")
     r = align_forward(t, p, X, calibrate=True, precision="bfloat16")
     assert not any("computed in float32" in f for f in r.options.get("findings", ()))
+
+
+def test_layers_that_cannot_be_replayed_leave_the_whole_run_s_verdict_and_say_so(monkeypatch):
+    from reprod.align import forward
+
+    def broken(*a, **k):
+        raise RuntimeError("a capture replay cannot read\nmore")
+
+    monkeypatch.setattr(forward, "local_layers", broken)
+    t, p = _port("bfloat16")
+    r = align_forward(t, p, X, calibrate=True)
+    assert r.passed and r.options["layers"]["passed"]
+    assert r.options["layers"]["alone"] == {
+        "skipped": "the layers could not be replayed alone (RuntimeError: a capture replay "
+                   "cannot read)"}
