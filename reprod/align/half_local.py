@@ -99,8 +99,9 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
 
     twin = _replayed(noise_twin, ref, rename=twin_name, containers=containers)
     port = _replayed(paddle_model, ref, rename=port_name, containers=containers)
+    lone = _one_tensor_blocks(ref, noise_twin) if containers else None
     keys = [k for k in port.port_out if k in twin.port_out and k in port.ref_out
-            and _floating(port.ref_out[k])]
+            and _floating(port.ref_out[k]) and (lone is None or lone(k))]
     if not keys:
         return None
     refs = {k: _widened(port.ref_out[k]) for k in keys}
@@ -123,6 +124,31 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
     result = dataclasses.replace(result, results=tuple(judged))
     # as the port computed them: a diagnosis reads their precision from the values
     return LocalLayers(result, factor, len(keys), {k: port.port_out[k] for k in keys})
+
+
+def _one_tensor_blocks(ref: Mapping[str, Any], model: Any) -> Any:
+    """A test of an output key: whether its layer is judged alone where blocks are, a leaf or
+    the model itself, or a block its reference called on one tensor alone (a residual block, a
+    Sequential). A block taking several (a transformer layer's states and mask) may take them
+    in another convention in the port (an additive mask for a boolean one), and alone it would
+    fail a faithful port; the whole run judges its code."""
+    from ..capture.naming import ROOT, parse_key
+    from ..capture.replay import _reference_calls
+
+    calls = _reference_calls(ref)
+    modules = dict(model.named_modules())
+
+    def judged(key: str) -> bool:
+        parsed = parse_key(key)
+        if parsed is None or parsed.name == ROOT:
+            return True
+        module = modules.get(parsed.name)
+        if module is None or not any(True for _ in module.children()):
+            return True
+        call = next((c for c in calls.get(parsed.name, ()) if c.call == parsed.call), None)
+        return call is not None and len(call.ins) == 1 and call.ins[0][0] == ()
+
+    return judged
 
 
 def _multiple(ref: np.ndarray, port: np.ndarray, twin: np.ndarray, eps: float

@@ -314,3 +314,53 @@ def test_layers_that_cannot_be_replayed_leave_the_whole_run_s_verdict_and_say_so
     assert r.options["layers"]["alone"] == {
         "skipped": "the layers could not be replayed alone (RuntimeError: a capture replay "
                    "cannot read)"}
+
+
+class _TorchGated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(32, 32)
+
+    def forward(self, x, gate):
+        return self.fc(x) * gate
+
+
+class _PortGated(paddle.nn.Layer):
+    """The gate taken in another convention (its complement), as a port may take a mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = _Lin(32, 32)
+
+    def forward(self, x, gate):
+        return (self.fc(x).astype("float32") * (1 - gate.astype("float32"))).astype(x.dtype)
+
+
+def test_a_block_taking_several_tensors_is_left_to_the_whole_run():
+    """Replayed alone, a block gets the reference's arguments as they are: a port taking them in
+    another convention (an additive mask for a boolean one) would fail there faithfully. Only
+    blocks called on one tensor are judged alone; this one's code is the whole run's."""
+    torch.manual_seed(0)
+
+    class T(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = _TorchGated(), torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.block(x, torch.ones_like(x)))
+
+    class P(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = _PortGated(), _Lin(32, 4)
+
+        def forward(self, x):
+            return self.head(self.block(x, paddle.zeros_like(x)))
+
+    t, p = T().eval(), P()
+    load_into_paddle(p, t)
+    p.to(dtype="bfloat16")
+    r = align_forward(t, p, X, calibrate=True)
+    assert r.passed, r.to_table()
+    assert r.options["layers"]["alone"]["judged"] == 3  # block.fc, head, the model: not block
