@@ -47,7 +47,7 @@ from .framework import (
 )
 from .fusion import splitting_for_port
 from .half_local import local_layers
-from .localise import localise_forward
+from .localise import _capture, localise_forward
 from .results import PathLike, _finish, _write_diff_log
 
 __all__ = ["align_forward"]
@@ -455,7 +455,9 @@ def _localised(
         local, unjudged = None, None
         if calibrate and half is not None:
             try:
-                local = local_layers(found.ref, noise_twin, paddle_model,
+                # by order only the leaves were recorded: the blocks too, to judge them alone
+                ref = found.ref if not found.by_order else _capture(reference, run_torch, True)
+                local = local_layers(ref, noise_twin, paddle_model,
                                      port_names=found.port_names, precision=half,
                                      factor=criteria.noise_factor, containers=True)
             except Exception as e:  # noqa: BLE001 - the whole run's judgement stands, said

@@ -97,6 +97,9 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
             return twin_name(name)
         return table.get(name, _NOBODY + name)  # by order: only the pairs the order found
 
+    if containers and table:  # by order: the blocks pair by the leaves they hold
+        table.update({p: r for p, r in _blocks_by_leaves(paddle_model, ref, table).items()
+                      if p not in table})
     twin = _replayed(noise_twin, ref, rename=twin_name, containers=containers)
     port = _replayed(paddle_model, ref, rename=port_name, containers=containers)
     lone = _one_tensor_blocks(ref, noise_twin) if containers else None
@@ -124,6 +127,28 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
     result = dataclasses.replace(result, results=tuple(judged))
     # as the port computed them: a diagnosis reads their precision from the values
     return LocalLayers(result, factor, len(keys), {k: port.port_out[k] for k in keys})
+
+
+def _blocks_by_leaves(paddle_model: Any, ref: Mapping[str, Any], leaves: Mapping[str, str]
+                      ) -> dict[str, str]:
+    """The port's blocks paired with the reference's by the leaves they hold (``leaves``: port
+    leaf -> reference leaf, the pairing by order), as ``replay`` pairs them by order."""
+    from ..capture.naming import parse_key
+    from ..capture.replay import (
+        _containers_by_leaves,
+        _framework,
+        _port_layers,
+        _reference_calls,
+    )
+
+    backend, _ = _framework(paddle_model)
+    order: dict[str, int] = {}
+    for pos, key in enumerate(ref):
+        parsed = parse_key(key)
+        if parsed is not None and parsed.what == "out":
+            order.setdefault(parsed.name, pos)
+    return _containers_by_leaves(backend, _port_layers(backend, paddle_model, None, None),
+                                 _reference_calls(ref), order, leaves)
 
 
 def _one_tensor_blocks(ref: Mapping[str, Any], model: Any) -> Any:
