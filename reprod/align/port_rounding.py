@@ -209,28 +209,14 @@ def rescued_later(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
     reference's float64 run within the reference's float32 noise: the two float32 runs part by
     their own rounding, which Adam carries from step to step; a bug stays in the float64 runs
     at full size."""
-    out, changed = [], False
-    for kr in result.results:
-        key = kr.key
-        step = _step(key)
-        if step is None or step == 0 or step in forced or not _candidate(kr, later=True) \
-                or not all(key in d for d in (ref, other, noise, port64)):
-            out.append(kr)
-            continue
-        found = port_rounding(ref[key], other[key], noise[key], port64[key])
-        if found is None:  # the float64 runs part too: another function, not rounding
-            out.append(kr)
-            continue
-        changed = True
-        out.append(dataclasses.replace(
-            kr, passed=True, status="known",
-            reason=(f"{found.reason('run in float64 over the same steps')}; {kr.reason}")))
-    return dataclasses.replace(result, results=tuple(out)) if changed else result
+    from .forcing import _step_of
 
+    def later(kr: Any) -> bool:
+        step = _step_of(kr.key)
+        return step not in (None, 0) and step not in forced and _candidate(kr, later=True)
 
-def _step(key: str) -> Optional[int]:
-    head = key.split("/", 1)[0]
-    return int(head[4:]) if head.startswith("step") and head[4:].isdigit() else None
+    return _relabelled(result, ref, other, noise, port64, later,
+                       "run in float64 over the same steps")
 
 
 class NotRestored(ReprodError):
@@ -271,10 +257,20 @@ def rescued(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
             noise: Mapping[str, Any], port64: Mapping[str, Any]) -> Any:
     """``result`` with each failing calibrated key of ``port64`` (``paddle_float64``'s) that
     both sides' float32 rounding makes relabelled ``"known"``."""
+    return _relabelled(result, ref, other, noise, port64, _candidate,
+                       "run again in float64 from the same state")
+
+
+def _relabelled(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
+                noise: Mapping[str, Any], port64: Mapping[str, Any],
+                taken: Callable[[Any], bool], run: str) -> Any:
+    """``result`` with each key ``taken`` says to look at, and that every record holds,
+    relabelled ``"known"`` where ``port_rounding`` puts its difference down to both sides'
+    rounding (``run``: how the port's float64 values were made, for the reason)."""
     out, changed = [], False
     for kr in result.results:
         key = kr.key
-        if not _candidate(kr) or key not in port64 or not all(key in d for d in (ref, other, noise)):
+        if not taken(kr) or not all(key in d for d in (ref, other, noise, port64)):
             out.append(kr)
             continue
         found = port_rounding(ref[key], other[key], noise[key], port64[key])
@@ -283,6 +279,5 @@ def rescued(result: Any, ref: Mapping[str, Any], other: Mapping[str, Any],
             continue
         changed = True
         out.append(dataclasses.replace(
-            kr, passed=True, status="known",
-            reason=f"{found.reason('run again in float64 from the same state')}; {kr.reason}"))
+            kr, passed=True, status="known", reason=f"{found.reason(run)}; {kr.reason}"))
     return dataclasses.replace(result, results=tuple(out)) if changed else result

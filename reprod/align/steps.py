@@ -1071,7 +1071,7 @@ def _later_rounding_checked(result: Any, paddle_model: Any, paddle_optimizer: An
     from the reference's by more than the reference's own float64 distance: a calibrated BERT
     port failed step 3's logits at 28x, a GPT-2 port a LayerNorm gradient at 24x."""
     if not any(port_rounding._candidate(kr, later=True)
-               and port_rounding._step(kr.key) not in (None, 0) for kr in result.results):
+               and forcing._step_of(kr.key) not in (None, 0) for kr in result.results):
         return result
     forced = set((result.options.get("forcing") or {}).get("steps") or ())
     info: dict[str, Any]

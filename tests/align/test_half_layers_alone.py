@@ -20,6 +20,10 @@ torch = pytest.importorskip("torch")
 paddle = pytest.importorskip("paddle")
 F = paddle.nn.functional
 
+from half_kernels import HalfGELU as _Gelu  # noqa: E402
+from half_kernels import HalfLayerNorm as _LN  # noqa: E402
+from half_kernels import HalfLinear as _Lin  # noqa: E402
+
 from reprod import compare  # noqa: E402
 from reprod.align import align_forward, load_into_paddle  # noqa: E402
 from reprod.align.calibration import _half_weights_twin, half_rounded_keys  # noqa: E402
@@ -29,36 +33,6 @@ from reprod.diff.noise import LOW_PRECISION_NOISE_FACTOR  # noqa: E402
 X = np.random.default_rng(1).standard_normal((8, 32)).astype(np.float32)
 DEPTH = 4  # blocks of Linear, LayerNorm, GELU
 BUGGED = 6  # the port's Linear of the third block (Sequential index 6)
-
-
-def _round(x, dtype):
-    return x.astype(dtype).astype("float32")
-
-
-class _Lin(paddle.nn.Linear):
-    """A half Linear as a GPU kernel computes it; ``unfused``: the bias added to the rounded
-    product and rounded again (another correct kernel)."""
-
-    unfused = False
-
-    def forward(self, x):
-        w, b = self.weight.astype("float32"), self.bias.astype("float32")
-        if self.unfused:
-            y = _round(F.linear(x.astype("float32"), w), x.dtype)
-            return (y + b).astype(x.dtype)
-        return F.linear(x.astype("float32"), w, b).astype(x.dtype)
-
-
-class _LN(paddle.nn.LayerNorm):
-    def forward(self, x):
-        return F.layer_norm(x.astype("float32"), self._normalized_shape,
-                            self.weight.astype("float32"), self.bias.astype("float32"),
-                            self._epsilon).astype(x.dtype)
-
-
-class _Gelu(paddle.nn.GELU):
-    def forward(self, x):
-        return F.gelu(x.astype("float32"), approximate=self._approximate).astype(x.dtype)
 
 
 def _torch_net():

@@ -22,30 +22,16 @@ torch = pytest.importorskip("torch")
 paddle = pytest.importorskip("paddle")
 F = paddle.nn.functional
 
+from half_kernels import HalfGELU as _Gelu  # noqa: E402
+from half_kernels import HalfLayerNorm as _LN  # noqa: E402
+from half_kernels import HalfLinear as _Lin  # noqa: E402
+
 from reprod import compare, load  # noqa: E402
 from reprod.align import align_forward, load_into_paddle  # noqa: E402
 from reprod.diff.noise import LOW_PRECISION_NOISE_FACTOR  # noqa: E402
 from reprod.errors import ReprodError  # noqa: E402
 
 X = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
-
-
-class _Lin(paddle.nn.Linear):
-    def forward(self, x):
-        return F.linear(x.astype("float32"), self.weight.astype("float32"),
-                        self.bias.astype("float32")).astype(x.dtype)
-
-
-class _LN(paddle.nn.LayerNorm):
-    def forward(self, x):
-        return F.layer_norm(x.astype("float32"), self._normalized_shape,
-                            self.weight.astype("float32"), self.bias.astype("float32"),
-                            self._epsilon).astype(x.dtype)
-
-
-class _Gelu(paddle.nn.GELU):
-    def forward(self, x):
-        return F.gelu(x.astype("float32"), approximate=self._approximate).astype(x.dtype)
 
 
 def _torch_net():
