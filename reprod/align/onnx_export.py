@@ -18,7 +18,13 @@ from ..capture.naming import ROOT
 from ..diff.criteria import Criteria
 from ..errors import ReprodError
 from ..logger import ReprodLogger
-from .calibration import _float64_twin, float64_default, twin_failed, uncalibrated
+from .calibration import (
+    _float64_twin,
+    _half_weights_twin,
+    float64_default,
+    twin_failed,
+    uncalibrated,
+)
 from .framework import (
     _HALF,
     _criteria,
@@ -80,13 +86,16 @@ def _graph_precision(proto: Any) -> str:
 
 
 def _run(model: Any, args: Any, kwargs: Any, dev: Any, layers: bool, *,
-         cast: Any = None, float64: bool = False) -> tuple[dict[str, np.ndarray], Any]:
+         cast: Any = None, float64: bool = False, rounded_to: Any = None
+         ) -> tuple[dict[str, np.ndarray], Any]:
     """One forward pass of ``model`` (eval mode, no grad): its flattened outputs, and with
-    ``layers`` its layer capture. ``cast``: the floating inputs' dtype (a half-precision twin)."""
+    ``layers`` its layer capture. ``cast``: the floating inputs' dtype (a half-precision twin);
+    ``rounded_to``: a dtype the floating inputs are rounded to and held in their own (its
+    noise, the half-weights twin)."""
     from ..capture import record
 
     def inputs(value: Any) -> Any:
-        value = _to_torch(value, dev, float64=float64)
+        value = _to_torch(value, dev, float64=float64, rounded_to=rounded_to)
         if cast is not None:
             value = _map_tree(value, lambda t: t.to(cast) if t.is_floating_point() else t)
         return value
@@ -193,7 +202,8 @@ def align_onnx(
     weights. A float16 or bfloat16 graph (a converter's ``convert_float_to_float16``, or a model
     exported in half precision) rounds every value thousands of times coarser than float32
     noise can judge: the reference is then a copy of the torch model in that precision, on the
-    inputs cast to it, and its float32 run (the model as given) is the noise, within
+    inputs cast to it, and the torch model holding those half weights, run in float32 on the
+    inputs rounded the same way, is the noise, within
     ``reprod.diff.noise.LOW_PRECISION_NOISE_FACTOR`` (8). The graph's inputs are cast to the
     dtypes it declares. Where the torch model itself overflows in that precision (float32
     values past 65504), the first finding says so. ``options["precision"]`` holds the
@@ -240,7 +250,12 @@ def align_onnx(
             ref_noise = None
             noise_layers = None
             if calibrate:
-                ref_noise, noise_layers = _run(torch_model, args, kwargs, dev, layers)
+                # the same half weights and inputs in float32: the rounding of the values
+                # alone, which a faithful graph has of its own (calibration._half_weights_twin)
+                twin = _half_weights_twin(torch_model, precision)
+                ref_noise, noise_layers = _run(twin, args, kwargs, dev, layers,
+                                               rounded_to=half)
+                del twin
         else:
             ref, torch_layers = _run(torch_model, args, kwargs, dev, layers)
             ref_noise, noise_layers = None, None
