@@ -22,9 +22,10 @@ fails there.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -69,19 +70,12 @@ def paddle_float64(paddle_model: Any, state: Optional[Mapping[str, Any]], batch:
     hooks registered on its tensors (``copy.deepcopy`` drops a gradient hook), which are the
     port's code; its state, dtype and hooks are put back (its gradients are cleared). Raises
     ``Unsupported`` where it holds floating tensors other than float32."""
-    tensors = _castable(paddle_model)
-    saved = {k: v.detach().clone() for k, v in tensors.items()}
     loss64 = float64_loss(loss_fn)
     place = _paddle_place(paddle_model)
     inputs, labels = _split_batch(batch, 0)
     args, kwargs = _split_inputs(inputs)
     got: dict[str, np.ndarray] = {}
-    try:
-        if state is not None:
-            paddle_model.set_state_dict({k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)
-                                         for k, v in state.items()})
-        paddle_model.clear_gradients()
-        _cast_floating(paddle_model, "float64")
+    with _in_float64(paddle_model, state):
         out = paddle_model(*_to_paddle64(args, place), **_to_paddle64(kwargs, place))
         loss = _call_loss(loss64, out, _to_paddle64(labels, place))
         loss.backward()
@@ -94,6 +88,23 @@ def paddle_float64(paddle_model: Any, state: Optional[Mapping[str, Any]], batch:
             for name, value in paddle_model.state_dict().items():
                 if getattr(value, "stop_gradient", True):
                     got[f"step0/stat/{name}"] = np.array(value.numpy())
+    return got
+
+
+@contextlib.contextmanager
+def _in_float64(paddle_model: Any, state: Optional[Mapping[str, Any]]) -> Iterator[None]:
+    """The Paddle model set to ``state`` (its own where None), its gradients cleared and its
+    floating tensors cast to float64 in place for the block; its state, dtype and hooks put
+    back after (``NotRestored`` where they cannot be). Raises ``Unsupported`` before anything
+    changes where it cannot be cast (``_castable``)."""
+    saved = {k: v.detach().clone() for k, v in _castable(paddle_model).items()}
+    try:
+        if state is not None:
+            paddle_model.set_state_dict({k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)
+                                         for k, v in state.items()})
+        paddle_model.clear_gradients()
+        _cast_floating(paddle_model, "float64")
+        yield
     finally:
         try:
             paddle_model.clear_gradients()
@@ -102,7 +113,6 @@ def paddle_float64(paddle_model: Any, state: Optional[Mapping[str, Any]], batch:
         except Exception as e:
             raise NotRestored(f"the Paddle model could not be put back after its float64 run "
                               f"({type(e).__name__}: {e})") from e
-    return got
 
 
 # what an optimizer builds for the parameters it steps, set aside for a float64 run and put
@@ -126,38 +136,26 @@ def paddle_float64_run(paddle_model: Any, optimizer: Any, state: Mapping[str, An
 
     from .forcing import Unsupported
 
-    tensors = _castable(paddle_model)
     missing = [a for a in _OPTIMIZER_STATE if not hasattr(optimizer, a)]
     if missing:
         raise Unsupported(f"the Paddle optimizer {type(optimizer).__name__} keeps no "
                           f"{', '.join(missing)} to set aside for a float64 run")
-    saved = {k: v.detach().clone() for k, v in tensors.items()}
     kept = {a: getattr(optimizer, a) for a in _OPTIMIZER_STATE}
     default = paddle.get_default_dtype()
-    try:
-        paddle_model.set_state_dict({k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)
-                                     for k, v in state.items()})
-        paddle_model.clear_gradients()
-        optimizer._accumulators = collections.defaultdict(dict)
-        optimizer._already_create_accumulator = set()
-        optimizer._accumulators_holder = {}
-        optimizer._master_weights = {}
-        optimizer._learning_rate_map = {}
-        optimizer._dtype = paddle.float64
-        _cast_floating(paddle_model, "float64")
-        paddle.set_default_dtype("float64")
-        steps()
-    finally:
-        paddle.set_default_dtype(default)
+    with _in_float64(paddle_model, state):
         try:
+            optimizer._accumulators = collections.defaultdict(dict)
+            optimizer._already_create_accumulator = set()
+            optimizer._accumulators_holder = {}
+            optimizer._master_weights = {}
+            optimizer._learning_rate_map = {}
+            optimizer._dtype = paddle.float64
+            paddle.set_default_dtype("float64")
+            steps()
+        finally:
+            paddle.set_default_dtype(default)
             for a, v in kept.items():
                 setattr(optimizer, a, v)
-            paddle_model.clear_gradients()
-            _cast_floating(paddle_model, "float32")
-            paddle_model.set_state_dict(saved)
-        except Exception as e:
-            raise NotRestored(f"the Paddle model could not be put back after its float64 run "
-                              f"({type(e).__name__}: {e})") from e
 
 
 def _castable(paddle_model: Any) -> Any:

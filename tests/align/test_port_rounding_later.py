@@ -38,10 +38,11 @@ def _adam(pm, **kw):
     return paddle.optimizer.Adam(1e-2, parameters=pm.parameters(), **kw)
 
 
-def _steps(pm, opt, n):
+def _steps(pm, opt, n, dtype=np.float32):
     out = []
     for _ in range(n):
-        loss = paddle.nn.functional.cross_entropy(pm(paddle.to_tensor(X)), paddle.to_tensor(Y))
+        loss = paddle.nn.functional.cross_entropy(pm(paddle.to_tensor(X.astype(dtype))),
+                                                  paddle.to_tensor(Y))
         loss.backward()
         opt.step()
         opt.clear_grad()
@@ -60,7 +61,7 @@ def test_the_float64_run_trains_in_float64_and_puts_model_and_optimizer_back():
 
     def run():
         seen["dtype"] = str(pm[0].weight.dtype)
-        seen["losses"] = _steps_64(pm, opt, 3)
+        seen["losses"] = _steps(pm, opt, 3, np.float64)
         seen["moment"] = str(opt._accumulators["moment1"][pm[0].weight.name].dtype)
 
     pr.paddle_float64_run(pm, opt, start, run)
@@ -80,18 +81,6 @@ def test_the_float64_run_trains_in_float64_and_puts_model_and_optimizer_back():
     twin_opt = _adam(twin_pm)
     _steps(twin_pm, twin_opt, 2)
     assert _steps(pm, opt, 1) == _steps(twin_pm, twin_opt, 1)
-
-
-def _steps_64(pm, opt, n):
-    out = []
-    for _ in range(n):
-        loss = paddle.nn.functional.cross_entropy(
-            pm(paddle.to_tensor(X.astype(np.float64))), paddle.to_tensor(Y))
-        loss.backward()
-        opt.step()
-        opt.clear_grad()
-        out.append(float(loss))
-    return out
 
 
 def _torch_float64_losses(n):
