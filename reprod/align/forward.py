@@ -46,7 +46,7 @@ from .framework import (
     pair_outputs,
 )
 from .fusion import splitting_for_port
-from .half_local import local_layers
+from .half_local import _is_input, local_layers
 from .localise import _capture, localise_forward
 from .results import PathLike, _finish, _write_diff_log
 
@@ -459,7 +459,8 @@ def _localised(
                 ref = found.ref if not found.by_order else _capture(reference, run_torch, True)
                 local = local_layers(ref, noise_twin, paddle_model,
                                      port_names=found.port_names, precision=half,
-                                     factor=criteria.noise_factor, containers=True)
+                                     factor=criteria.noise_factor, containers=True,
+                                     run_port=run_paddle, run_twin=twin[1])
             except Exception as e:  # noqa: BLE001 - the whole run's judgement stands, said
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 unjudged = f"the layers could not be replayed alone ({type(e).__name__}: " \
@@ -519,12 +520,15 @@ def _judged_alone(options: dict[str, Any], findings: list[str], found: Any, loca
     layer, its likely cause among them; where they name another, they follow as what the whole
     run saw)."""
     failed = local.failed
-    alone: dict[str, Any] = {"judged": local.judged, "passed": not failed,
-                             "factor": local.factor}
+    alone: dict[str, Any] = {"judged": local.judged, "inputs": local.inputs,
+                             "passed": not failed, "factor": local.factor}
     top = max((kr for kr in local.result.results if kr.noise_multiple is not None),
               key=lambda kr: kr.noise_multiple, default=None)
     if top is not None:  # how close the layers came: what a bug must exceed to be seen
         alone["largest"] = {"key": top.key, "multiple": top.noise_multiple}
+    if local.inputs_skipped is not None:
+        alone["inputs_skipped"] = (f"the code between the layers could not be judged "
+                                   f"({local.inputs_skipped})")
     layers = dict(options.get("layers") or {"judged": 0, "passed": True})
     layers["alone"] = alone
     layers["passed"] = bool(layers.get("passed", True)) and not failed
@@ -536,19 +540,29 @@ def _judged_alone(options: dict[str, Any], findings: list[str], found: Any, loca
     port = found.port_names.get(layer)
     cls = type(dict(torch_model.named_modules()).get(layer)).__name__
     named = f"{layer} ({cls}" + (f"; the port's {port})" if port and port != layer else ")")
-    line = (f"diverges at {named}: replayed alone on the reference's {half} input, it is "
-            f"{first.noise_multiple:.3g}x its own {half} rounding (> {local.factor:g}x)")
+    between = _is_input(first.key)
+    if between:  # the code before the layer, not the layer
+        after = _layer_before(found.ref, first.key, torch_model)
+        call = first.key.rpartition(".")[0]  # its call: a ReLU a block calls twice
+        named = named if call == layer else f"{call}{named[len(layer):]}"
+        line = (f"diverges before {named}" + (f", after {after}" if after else "")
+                + f": its input, computed by the port's code between the layers from the "
+                f"reference's {half} layer outputs, is {first.noise_multiple:.3g}x that code's "
+                f"own {half} rounding (> {local.factor:g}x)")
+    else:
+        line = (f"diverges at {named}: replayed alone on the reference's {half} input, it is "
+                f"{first.noise_multiple:.3g}x its own {half} rounding (> {local.factor:g}x)")
     more = [kr.key for kr in failed[1:]]
     if more:
-        line += (f"; {len(more)} more layer output{'s' if len(more) > 1 else ''} fail alone: "
+        line += (f"; {len(more)} more fail{'' if len(more) > 1 else 's'} alone: "
                  + ", ".join(more[:4]) + (", ..." if len(more) > 4 else ""))
     if outputs_passed:
         line = f"the outputs align, but not the layers inside: {line}"
     before = options.get("divergence")
     same = before is not None and _layer_of(str(before["layer"])) == layer
-    hint = before.get("hint") if same else None
+    hint = before.get("hint") if same and not between else None
     cause: list[str] = []
-    if hint is None:
+    if hint is None and not between:
         from .localise import _torch_context
 
         theirs = dict(paddle_model.named_sublayers()).get(port or layer)
@@ -562,11 +576,30 @@ def _judged_alone(options: dict[str, Any], findings: list[str], found: Any, loca
                      + (hint[len(label):] if hint.startswith(label) else hint)]
     options["divergence"] = {"layer": layer, "kind": "layer", "message": line,
                              "hint": hint, "alone": True}
+    if between:
+        options["divergence"]["input"] = True
     if port and port != layer:
         options["divergence"]["port_layer"] = port
-    if same:  # the whole run's own line of it goes: its likely cause stays
+    if same and not between:  # the whole run's own line of it goes: its likely cause stays
         return [line, *cause, *findings[1:]]
     return [line, *cause, *(f"in the whole run: {f}" for f in findings)]
+
+
+def _layer_before(ref: Mapping[str, Any], key: str, torch_model: Any) -> Optional[str]:
+    """The layer whose output the reference recorded last before its input ``key``, of those
+    computing something: where the code between the two is."""
+    from ..capture.naming import ROOT, parse_key
+    from .localise import _inert
+
+    inert, last = _inert(torch_model), None
+    for k in ref:
+        if k == key:
+            return last
+        parsed = parse_key(k)
+        if parsed is not None and parsed.what == "out" and parsed.name != ROOT \
+                and parsed.name not in inert:
+            last = parsed.name if parsed.call == 1 else f"{parsed.name}#{parsed.call}"
+    return None
 
 
 def _layer_of(key: str) -> str:

@@ -16,7 +16,7 @@ way by as much, a bug by its own size (resnet18's 2 % weight: 12x).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Optional
 
 import numpy as np
@@ -37,13 +37,16 @@ _NOBODY = "\0"
 
 @dataclasses.dataclass(frozen=True)
 class LocalLayers:
-    """The layers judged alone: ``result`` (a ``DiffResult``, one key per replayed output, its
-    multiple of that layer's own rounding), ``factor`` and how many ran."""
+    """The layers judged alone: ``result`` (a ``DiffResult``, one key per replayed output and
+    per input the code between the layers computed, its multiple of that layer's or that code's
+    own rounding), ``factor`` and how many of each were judged."""
 
     result: Any
     factor: float
-    judged: int
+    judged: int  # layer outputs replayed alone
     ports: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # key -> output
+    inputs: int = 0  # layer inputs judged as the code between the layers computed them
+    inputs_skipped: Optional[str] = None  # why the code between the layers was not judged
 
     @property
     def failed(self) -> list[Any]:
@@ -71,12 +74,18 @@ class LocalLayers:
 
 def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
                  port_names: Mapping[str, str], precision: str,
-                 factor: Optional[float] = None, containers: bool = False
-                 ) -> Optional[LocalLayers]:
+                 factor: Optional[float] = None, containers: bool = False,
+                 run_port: Optional[Callable[[], None]] = None,
+                 run_twin: Optional[Callable[[], None]] = None) -> Optional[LocalLayers]:
     """The port's leaf layers (``paddle_model``), each replayed on the half reference's
     recorded input (``ref``, a capture), judged against the half-weights twin's (``noise_twin``)
     replay on the same input. ``port_names``: reference layer -> the port's, where they are
-    named otherwise (a pairing by order). None where no layer replays on both."""
+    named otherwise (a pairing by order). ``containers``: the blocks too; one its reference
+    called on several tensors is judged where ``run_port`` (a run of the port) records what the
+    port's block took (``_several_tensors``). With ``run_twin`` (the twin's run) too, the code
+    between the layers is judged: both run with every paired layer giving the reference's output,
+    and each layer's input, as that code computes it, is judged (``_between``). None where no
+    layer replays on both."""
     from ..capture.replay import _replayed
     from ..diff.engine import compare
     from .localise import _inert
@@ -101,14 +110,42 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
         table.update({p: r for p, r in _blocks_by_leaves(paddle_model, ref, table).items()
                       if p not in table})
     twin = _replayed(noise_twin, ref, rename=twin_name, containers=containers)
-    port = _replayed(paddle_model, ref, rename=port_name, containers=containers)
-    lone = _one_tensor_blocks(ref, noise_twin) if containers else None
+    ports_of = {r: p for p, r in table.items()}
+    several = _several_tensors(ref, noise_twin, paddle_model,
+                               (lambda n: ports_of.get(n)) if table else (lambda n: n), run_port) \
+        if containers and run_port is not None else None
+    port = _replayed(paddle_model, ref, rename=port_name, containers=containers,
+                     inputs=several)
+    lone = _one_tensor_blocks(ref, noise_twin, several.rebuilt if several else ()) \
+        if containers else None
     keys = [k for k in port.port_out if k in twin.port_out and k in port.ref_out
             and _floating(port.ref_out[k]) and (lone is None or lone(k))]
+    ref_out, port_out, twin_out = port.ref_out, dict(port.port_out), dict(twin.port_out)
+    between_skipped: Optional[str] = None
+    if run_port is not None and run_twin is not None:
+        def paired(rename: Callable[[str], str]) -> Callable[[str], Optional[str]]:
+            return lambda n: None if (r := rename(n)).startswith(_NOBODY) else r
+
+        try:
+            theirs, given = _between(ref, paddle_model, run_port, paired(port_name))
+            # the twin is given what the port was: a layer the port computed itself (one it
+            # holds fused, one it applies as a function) rounds on in both
+            ours, _ = _between(ref, noise_twin, run_twin, paired(twin_name), given)
+        except Exception as e:  # noqa: BLE001 - the layers alone stand, said
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            between_skipped = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            theirs, ours = {}, {}
+        inputs = [k for k in ref if k in theirs and k in ours and _floating(ref[k])
+                  and np.shape(theirs[k]) == np.shape(ref[k]) == np.shape(ours[k])]
+        ref_out = {**ref_out, **{k: ref[k] for k in inputs}}
+        port_out.update({k: theirs[k] for k in inputs})
+        twin_out.update({k: ours[k] for k in inputs})
+        position = {k: i for i, k in enumerate(ref)}
+        keys = sorted(keys + inputs, key=lambda k: position.get(k, len(position)))
     if not keys:
         return None
-    refs = {k: _widened(port.ref_out[k]) for k in keys}
-    ports = {k: _widened(port.port_out[k]) for k in keys}
+    refs = {k: _widened(ref_out[k]) for k in keys}
+    ports = {k: _widened(port_out[k]) for k in keys}
     result = compare(refs, ports, method="max", threshold=float("inf"))
     eps = _EPS[precision]
     judged = []
@@ -117,16 +154,79 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
             judged.append(kr)  # NaN, Inf, shape: their own verdicts
             continue
         multiple, n_l2, n_max = _multiple(refs[kr.key], ports[kr.key],
-                                          _widened(twin.port_out[kr.key]), eps)
+                                          _widened(twin_out[kr.key]), eps)
         passed = multiple <= factor
+        how = ("computed by the code before it from the reference's layer outputs"
+               if _is_input(kr.key) else "replayed alone on the reference's input")
         judged.append(dataclasses.replace(
             kr, passed=passed, status="passed" if passed else "failed",
             noise_multiple=multiple, noise_l2=n_l2, noise_max=n_max,
-            reason=(f"{multiple:.3g}x its own {precision} rounding, replayed alone on the "
-                    f"reference's input ({'<=' if passed else '>'} {factor:g}x)")))
+            reason=(f"{multiple:.3g}x its own {precision} rounding, {how} "
+                    f"({'<=' if passed else '>'} {factor:g}x)")))
     result = dataclasses.replace(result, results=tuple(judged))
     # as the port computed them: a diagnosis reads their precision from the values
-    return LocalLayers(result, factor, len(keys), {k: port.port_out[k] for k in keys})
+    outputs = [k for k in keys if not _is_input(k)]
+    return LocalLayers(result, factor, len(outputs), {k: port_out[k] for k in outputs},
+                       inputs=len(keys) - len(outputs), inputs_skipped=between_skipped)
+
+
+def _is_input(key: str) -> bool:
+    from ..capture.naming import parse_key
+
+    parsed = parse_key(key)
+    return parsed is not None and parsed.what == "in"
+
+
+def _between(ref: Mapping[str, Any], model: Any, run: Callable[[], None],
+             paired: Callable[[str], Optional[str]], only: Optional[Collection[str]] = None
+             ) -> tuple[dict[str, np.ndarray], set[str]]:
+    """The inputs ``model``'s leaf layers received in ``run``, each leaf ``paired`` with a
+    reference layer giving that layer's recorded output of the same call in place of its own
+    (of those in ``only``, where given): reference input key -> value, and the output keys
+    given. Each input is then what the code between the layers (a residual's add, an
+    attention's softmax, a function the other side holds as a layer) computed from the
+    reference's own layer outputs; only that code's rounding is in it."""
+    from ..adapters import to_numpy
+    from ..capture.naming import layer_key
+    from ..capture.replay import _framework
+
+    backend, fw = _framework(model)
+    got: dict[str, np.ndarray] = {}
+    given: set[str] = set()
+    handles = []
+
+    def hooks(theirs: str) -> tuple[Any, Any]:
+        calls = [0]
+
+        def before(args: Any, kwargs: Any) -> None:
+            calls[0] += 1
+            for key in (layer_key(theirs, calls[0], "in"), layer_key(theirs, calls[0], "in", (0,))):
+                if key in ref and args and backend.is_tensor(args[0]):
+                    # a copy: an in-place ReLU overwrites its input
+                    got[key] = np.array(to_numpy(args[0], key=key).array, copy=True)
+                    break
+
+        def after(out: Any) -> Any:
+            key = layer_key(theirs, calls[0], "out")
+            if key in ref and (only is None or key in only) and backend.is_tensor(out) and \
+                    tuple(int(d) for d in out.shape) == np.shape(ref[key]):
+                given.add(key)
+                return fw.tensor(np.asarray(ref[key]), out)
+            return None
+
+        return before, after
+
+    for name, layer in backend.named_layers(model):
+        theirs = paired(name) if name and backend.is_leaf(layer) else None
+        if theirs is not None:
+            before, after = hooks(theirs)
+            handles += [backend.add_pre_hook(layer, before), backend.add_post_hook(layer, after)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return got, given
 
 
 def _blocks_by_leaves(paddle_model: Any, ref: Mapping[str, Any], leaves: Mapping[str, str]
@@ -151,12 +251,14 @@ def _blocks_by_leaves(paddle_model: Any, ref: Mapping[str, Any], leaves: Mapping
                                  _reference_calls(ref), order, leaves)
 
 
-def _one_tensor_blocks(ref: Mapping[str, Any], model: Any) -> Any:
+def _one_tensor_blocks(ref: Mapping[str, Any], model: Any, rebuilt: Collection[str] = ()
+                       ) -> Any:
     """A test of an output key: whether its layer is judged alone where blocks are, a leaf or
-    the model itself, or a block its reference called on one tensor alone (a residual block, a
-    Sequential). A block taking several (a transformer layer's states and mask) may take them
-    in another convention in the port (an additive mask for a boolean one), and alone it would
-    fail a faithful port; the whole run judges its code."""
+    the model itself, a block its reference called on one tensor alone (a residual block, a
+    Sequential), or one of ``rebuilt``: a block taking several (a transformer layer's states
+    and mask) given the port's own arguments, the reference's states in them
+    (``_several_tensors``). Given the reference's as they are it would fail a faithful port
+    taking them in another convention (an additive mask for a boolean one)."""
     from ..capture.naming import ROOT, parse_key
     from ..capture.replay import _reference_calls
 
@@ -170,10 +272,106 @@ def _one_tensor_blocks(ref: Mapping[str, Any], model: Any) -> Any:
         module = modules.get(parsed.name)
         if module is None or not any(True for _ in module.children()):
             return True
+        if parsed.name in rebuilt:
+            return True
         call = next((c for c in calls.get(parsed.name, ()) if c.call == parsed.call), None)
         return call is not None and len(call.ins) == 1 and call.ins[0][0] == ()
 
     return judged
+
+
+# a port's argument within this relative L2 distance of the reference's of its shape is that
+# argument (a hidden state, rounded its own way upstream: a few % in bfloat16); a mask in another
+# convention (0/-1e4 for 1/0, or -inf for the dtype's least) or a complement is nowhere near
+_SAME = 0.1
+
+
+class _SeveralTensors:
+    """``_replayed``'s ``inputs``: a block its reference called on several tensors replays on
+    the port's own arguments (recorded by one more run of the port), each the port took in the
+    reference's convention (within ``_SAME`` of one of the reference's of its shape: the states)
+    replaced by the reference's, and the rest (a mask in its own convention) the port's own.
+    The block is judged (``rebuilt``) where the reference's first argument went in."""
+
+    def __init__(self, multi: set[str], port_calls: Mapping[str, Any]) -> None:
+        self.multi, self.port_calls = multi, port_calls
+        self.rebuilt: set[str] = set()
+
+    def __call__(self, port_layer: str, call: Any) -> Any:
+        from ..capture.replay import _Call, _Skip
+
+        if call.name not in self.multi:
+            return call
+        own = next((c for c in self.port_calls.get(port_layer, ()) if c.call == call.call), None)
+        if own is None or not own.ins:
+            raise _Skip("the port's own inputs to the block were not recorded")
+        first = next((a for items, a in call.ins if items == ("0",)), call.ins[0][1])
+        ins, used = [], False
+        for items, arr in own.ins:
+            theirs = _counterpart(arr, [a for _, a in call.ins])
+            if theirs is not None:
+                used = used or theirs is first or np.array_equal(theirs, first)
+                arr = theirs
+            ins.append((items, arr))
+        if not used:
+            raise _Skip("none of the port's inputs to the block is the reference's first")
+        rebuilt = _Call(call.name, call.call)
+        rebuilt.ins, rebuilt.outs, rebuilt.shapes = ins, call.outs, call.shapes
+        self.rebuilt.add(call.name)
+        return rebuilt
+
+
+def _several_tensors(ref: Mapping[str, Any], twin: Any, paddle_model: Any,
+                     port_of: Callable[[str], Optional[str]], run_port: Callable[[], None]
+                     ) -> Optional[_SeveralTensors]:
+    """The inputs for the blocks the reference called on several tensors, the port recorded
+    once more for them (only those blocks, ``port_of``: reference layer -> the port's); None
+    where there are none."""
+    from ..capture import record
+    from ..capture.naming import ROOT
+    from ..capture.replay import _reference_calls
+
+    boxes = {n for n, m in twin.named_modules() if n and any(True for _ in m.children())}
+    multi = {name for name, calls in _reference_calls(ref).items()
+             if name in boxes and name != ROOT
+             and any(not (len(c.ins) == 1 and c.ins[0][0] == ()) for c in calls)}
+    ours = dict(paddle_model.named_sublayers())
+    wanted = sorted({p for n in multi if (p := port_of(n)) in ours})
+    if not wanted:
+        return None
+    with record(paddle_model, include=wanted, containers=True) as log:
+        run_port()
+    return _SeveralTensors(multi, _reference_calls(log.data))
+
+
+def _counterpart(arr: np.ndarray, theirs: list[np.ndarray]) -> Optional[np.ndarray]:
+    """Of the reference's arguments ``theirs``, the one ``arr`` (a port's argument) is, in the
+    reference's convention; None where none is (``_SAME``). Two apart, both near: a _Skip."""
+    from ..capture.replay import _Skip
+
+    if not _floating(arr):  # ids: the same values in any convention
+        return next((r for r in theirs if np.shape(r) == np.shape(arr)
+                     and not _floating(r) and np.array_equal(r, arr)), None)
+    near = sorted(((d, i) for i, r in enumerate(theirs) if _floating(r) and
+                   np.shape(r) == np.shape(arr) and (d := _distance(arr, r)) <= _SAME),
+                  key=lambda di: di[0])
+    if not near:
+        return None
+    best = theirs[near[0][1]]
+    if any(not np.array_equal(theirs[i], best) for _, i in near[1:]):
+        raise _Skip("two of the reference's inputs to the block are near one of the port's")
+    return best
+
+
+def _distance(a: Any, b: Any) -> float:
+    """Relative L2 distance of ``a`` from ``b``; inf where their non-finite values differ."""
+    x, y = _widened(a), _widened(b)
+    fx, fy = np.isfinite(x), np.isfinite(y)
+    if not np.array_equal(fx, fy) or not np.array_equal(x[~fx], y[~fy]):
+        return float("inf")
+    scale = float(np.linalg.norm(y[fy]))
+    gap = float(np.linalg.norm(x[fx] - y[fy]))
+    return gap / scale if scale > 0 else (0.0 if gap == 0 else float("inf"))
 
 
 def _multiple(ref: np.ndarray, port: np.ndarray, twin: np.ndarray, eps: float

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import numpy as np
@@ -19,7 +19,7 @@ import numpy as np
 from .. import messages as msg
 from ..diff.result import DiffResult, KeyResult
 from .naming import ROOT, Rules, _compile_rules, holders, layer_key, parse_key
-from .recorder import Patterns, _patterns, _selected, flatten
+from .recorder import Patterns, _outputs, _patterns, _selected
 
 __all__ = ["replay"]
 
@@ -258,7 +258,7 @@ def _run(fw: Any, backend: Any, model: Any, layer: Any, call: _Call) -> dict[tup
     finally:
         if state is not None:  # BatchNorm in training mode updates its running statistics
             fw.restore(layer, state)
-    return dict(flatten(out, backend.is_tensor))
+    return dict(_outputs(out, backend.is_tensor))  # named as the capture names them
 
 
 # --- pairing -----------------------------------------------------------------------------------
@@ -353,8 +353,11 @@ class _Replayed:
 
 def _replayed(model: Any, reference: Any, *, rename: Optional[Rules] = None,
               by_order: bool = False, include: Patterns = None, exclude: Patterns = None,
-              containers: bool = False) -> _Replayed:
-    """``replay``'s runs, without the comparison (``replay`` documents the arguments)."""
+              containers: bool = False,
+              inputs: Optional[Callable[[str, _Call], _Call]] = None) -> _Replayed:
+    """``replay``'s runs, without the comparison (``replay`` documents the arguments).
+    ``inputs(port_layer, reference_call)``: the call to replay in its place (its inputs the
+    port's own where they are in another convention), or ``_Skip``."""
     from ..adapters import to_numpy
 
     tree = _reference_tree(reference)
@@ -412,7 +415,8 @@ def _replayed(model: Any, reference: Any, *, rename: Optional[Rules] = None,
         for call in calls[ref]:
             subject = ref if call.call == 1 else f"{ref}#{call.call}"
             try:
-                outs = _run(fw, backend, model, layer, call)
+                outs = _run(fw, backend, model, layer,
+                            call if inputs is None else inputs(name, call))
             except _Skip as s:
                 skipped.append({"layer": name, "reference": subject, "reason": str(s)})
                 if isinstance(s, _Raised):
