@@ -245,3 +245,42 @@ def test_containers_find_a_bug_in_a_container_own_code(reference):
     result = replay(port, ref, containers=True, **PORT)
     assert _failed(result) == ["<model>.out", "se.out"]
     assert first_divergence(result).layer == "se"
+
+
+def test_a_block_returning_its_tensor_in_a_tuple_is_compared_as_the_capture_names_it():
+    """A Hugging Face layer returns ``(hidden,)`` where a port's returns ``hidden``; the capture
+    names both ``<layer>.out``. Replay named the tuple's ``out[0]``, so the block was compared
+    with nothing (the reference's key missing, the port's extra)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, wrap):
+            super().__init__()
+            self.fc, self.wrap = torch.nn.Linear(4, 4), wrap
+
+        def forward(self, x):
+            y = self.fc(x) + x
+            return (y,) if self.wrap else y
+
+    class Net(torch.nn.Module):
+        def __init__(self, wrap):
+            super().__init__()
+            self.block = Block(wrap)
+
+        def forward(self, x):
+            out = self.block(x)
+            return out[0] if isinstance(out, tuple) else out
+
+    torch.manual_seed(0)
+    ref_net = Net(wrap=True)
+    with record(ref_net, containers=True) as ref:
+        ref_net(torch.randn(3, 4))
+    assert "block.out" in ref.data and "block.out[0]" not in ref.data
+    port = Net(wrap=False)
+    port.load_state_dict(ref_net.state_dict())
+    result = replay(port, ref, containers=True, **TIGHT)
+    assert {k.key for k in result.results} == {"block.fc.out", "block.out", "<model>.out"}
+    assert result.passed and result["block.out"].status == "passed"
+    # and the other way round: the port returning the tuple
+    with record(port, containers=True) as plain:
+        port(torch.randn(3, 4))
+    assert replay(ref_net, plain, containers=True, **TIGHT)["block.out"].status == "passed"
