@@ -16,9 +16,9 @@ from reprod.diff.result import DiffResult, KeyResult
 from reprod.report.html import render_html, write_html
 
 try:
-    from browser import Browser, find_chromium
+    from browser import Browser, BrowserError, find_chromium
 except ImportError:  # collected as the tests package
-    from tests.report.browser import Browser, find_chromium
+    from tests.report.browser import Browser, BrowserError, find_chromium
 
 THRESHOLD = 1e-6
 
@@ -280,7 +280,13 @@ needs_browser = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def browser():
-    with Browser.launch(CHROMIUM) as b:
+    # a cold Chromium on a loaded CI machine once took over 30 s to answer its first message,
+    # and all 16 tests of the module errored: a second, longer try before giving up
+    try:
+        b = Browser.launch(CHROMIUM, timeout=60)
+    except (BrowserError, TimeoutError):
+        b = Browser.launch(CHROMIUM, timeout=120)
+    with b:
         yield b
 
 
