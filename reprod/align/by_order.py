@@ -195,14 +195,17 @@ class _OrderPlan:
     # rules that say so: (skip patterns, port_only patterns)
     explained: str = ""
     lone: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    lone_at: tuple[str, ...] = ()  # their positions, said in place of the definition order's
 
     def raise_problems(self) -> None:
         if self.problems:
             # two different architectures disagree at hundreds of positions: the first few say
             # where the orders part, and a line of them all would bury it
-            shown = self.problems[:_LISTED]
+            problems = [(None, at) for at in self.lone_at] if self.explained and \
+                self.lone_at else self.problems
+            shown = problems[:_LISTED]
             listed = "; ".join(text for _, text in shown)
-            more = len(self.problems) - len(shown)
+            more = len(problems) - len(shown)
             if more:
                 listed += (f"; ... and {more} more position{'s' if more != 1 else ''} (all of "
                            "them: print(compare_structure(torch_model, paddle_model, "
@@ -501,10 +504,11 @@ def _plan_rest(torch_keys: list[str], paddle_keys: list[str], torch_side: Any, p
         if fused is not None:
             return _OrderPlan(tuple(fused), (), header)
     # the same layers in the same order, or none that pair kind by kind: the positions decide
-    explained, lone = _explain_refusal(torch_side, paddle_side, rules, torch_keys, paddle_keys,
-                                       tshapes, pshapes) if problems and explain else ("", ((), ()))
+    explained, lone, at = _explain_refusal(
+        torch_side, paddle_side, rules, torch_keys, paddle_keys, tshapes, pshapes
+    ) if problems and explain else ("", ((), ()), ())
     return _OrderPlan(tuple(pairs), tuple(problems), header, frozenset(wrong_kind),
-                      explained=explained, lone=lone)
+                      explained=explained, lone=lone, lone_at=at)
 
 
 _MOST_FUSED = 4  # reference layers one port layer may fuse (q, k, v; gate, up)
@@ -849,10 +853,12 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
                      torch_keys: list[str], paddle_keys: list[str],
                      tshapes: Mapping[str, tuple[int, ...]],
                      pshapes: Mapping[str, tuple[int, ...]]
-                     ) -> tuple[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+                     ) -> tuple[str, tuple[tuple[str, ...], tuple[str, ...]],
+                                tuple[str, ...]]:
     """The first reading of ``_lone_candidates`` under whose rules every other tensor pairs
-    (checked by pairing again), said with those rules, and the rules' skip and port_only
-    patterns; "" and none where no reading does."""
+    (checked by pairing again), said with those rules, the rules' skip and port_only patterns,
+    and the positions of the tensors one side alone holds; "" and none where no reading
+    does."""
     for t_alone, p_alone in _lone_candidates(torch_keys, paddle_keys, tshapes, pshapes):
         skip = [_pattern(keys) for keys in t_alone]
         only = [_pattern(keys) for keys in p_alone]
@@ -873,7 +879,7 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
                 skip=rules.skip + tuple(_pattern(k) for k in t_rest),
                 port_only=rules.port_only + tuple(_pattern(k) for k in p_rest))
             if not _order_plan(torch_side, paddle_side, given, explain=False).problems:
-                return _moved_text(paired, t_rest, p_rest, tshapes, pshapes), ((), ())
+                return _moved_text(paired, t_rest, p_rest, tshapes, pshapes), ((), ()), ()
         parts, said = [], []
         for side, alone, shapes, patterns, field in (
                 ("torch", t_alone, tshapes, skip, "skip"),
@@ -885,8 +891,16 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
         text = (f"every other tensor pairs by shape, but {' and '.join(parts)}; where those "
                 "have no counterpart (a layer the other side computes or does without), say "
                 f"so: rules=ConversionRules({', '.join(said)})")
-        return text + _untied(torch_side, p_alone, pshapes), (tuple(skip), tuple(only))
-    return "", ((), ())
+        # where those sit: by definition order the positions part wherever the two define a
+        # layer's tensors in another order (PaddleNLP's encoder layer its linear1 before its
+        # norm1), which lists pairs the kinds would pair and says nothing of these
+        at = [f"#{torch_keys.index(k)} {k} {list(tshapes[k])} vs nothing"
+              for keys in t_alone for k in keys]
+        at += [f"#{paddle_keys.index(k)} nothing vs {k} {list(pshapes[k])}"
+               for keys in p_alone for k in keys]
+        return (text + _untied(torch_side, p_alone, pshapes), (tuple(skip), tuple(only)),
+                tuple(at))
+    return "", ((), ()), ()
 
 
 def _untied(torch_side: Any, p_alone: list[list[str]], pshapes: Mapping[str, tuple[int, ...]]

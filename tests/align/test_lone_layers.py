@@ -122,8 +122,11 @@ def test_a_refusal_names_what_each_side_alone_holds_and_the_rules_that_load_the_
             f"encoder.table.weight [{TABLE}, {D // 2}] and the Paddle side alone holds "
             f"pooler.dense.weight [{D}, {D}], pooler.dense.bias [{D}]") in text
     assert PAIRING in text
-    # the positions follow, as before
-    assert "; the positions: #3 encoder.table.weight" in text
+    # and where those sit: theirs, not the definition order's (which parts wherever a layer
+    # defines its tensors in another order on each side)
+    assert text.endswith(f"; the positions: #3 encoder.table.weight [{TABLE}, {D // 2}] vs "
+                         f"nothing; #27 nothing vs pooler.dense.weight [{D}, {D}]; #28 nothing "
+                         f"vs pooler.dense.bias [{D}]")
 
 
 def test_the_rules_it_names_load_the_port_and_leave_its_own_layers_alone():

@@ -501,6 +501,11 @@ def test_a_bert_mlm_port_is_told_its_pooler_is_its_own() -> None:
     assert ("the Paddle side alone holds bert.pooler.dense.weight [64, 64], "
             "bert.pooler.dense.bias [64]") in text
     assert r'rules=ConversionRules(port_only=[r"^bert\.pooler\.dense\."])' in text
+    # where they sit, not where the definition orders part (PaddleNLP's encoder layer defines
+    # its linear1 before its norm1, and the list read "#13 ...LayerNorm.weight [64] vs
+    # ...linear1.weight [64, 128]", pairs the kinds pair)
+    assert text.endswith("; the positions: #37 nothing vs bert.pooler.dense.weight [64, 64]; "
+                         "#38 nothing vs bert.pooler.dense.bias [64]")
 
 
 # --------------------------------------------------------------- 6, 7. the library encoders
