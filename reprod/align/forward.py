@@ -549,6 +549,9 @@ def _judged_alone(options: dict[str, Any], findings: list[str], found: Any, loca
                 + f": its input, computed by the port's code between the layers from the "
                 f"reference's {half} layer outputs, is {first.noise_multiple:.3g}x that code's "
                 f"own {half} rounding (> {local.factor:g}x)")
+    elif first.noise_multiple is None:  # its own verdict: NaN, Inf, another shape
+        line = f"diverges at {named}: replayed alone on the reference's {half} input, " \
+               f"{first.reason}"
     else:
         line = (f"diverges at {named}: replayed alone on the reference's {half} input, it is "
                 f"{first.noise_multiple:.3g}x its own {half} rounding (> {local.factor:g}x)")

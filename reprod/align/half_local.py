@@ -15,8 +15,9 @@ way by as much, a bug by its own size (resnet18's 2 % weight: 12x).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Optional
 
 import numpy as np
@@ -114,12 +115,24 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
     several = _several_tensors(ref, noise_twin, paddle_model,
                                (lambda n: ports_of.get(n)) if table else (lambda n: n), run_port) \
         if containers and run_port is not None else None
+    fused = list(_fused_acts(paddle_model))
     port = _replayed(paddle_model, ref, rename=port_name, containers=containers,
-                     inputs=several)
+                     inputs=several, exclude=fused or None)
+    if fused:
+        # Paddle's BatchNorm(act="relu") is the reference's norm and the ReLU after it: alone it
+        # is judged as the norm, its activation taken out (densenet121: a faithful port failed
+        # every norm at up to 1640x); the blocks around it keep it
+        with _acts_apart(paddle_model):
+            norms = _replayed(paddle_model, ref, rename=port_name, include=fused)
+        port.ref_out.update(norms.ref_out)
+        port.port_out.update(norms.port_out)
     lone = _one_tensor_blocks(ref, noise_twin, several.rebuilt if several else ()) \
         if containers else None
+    boxes = _boxes(noise_twin) if containers else set()
     keys = [k for k in port.port_out if k in twin.port_out and k in port.ref_out
-            and _floating(port.ref_out[k]) and (lone is None or lone(k))]
+            and _floating(port.ref_out[k]) and (lone is None or lone(k))
+            and not (_layer(k) in boxes
+                     and np.shape(port.port_out[k]) != np.shape(port.ref_out[k]))]
     ref_out, port_out, twin_out = port.ref_out, dict(port.port_out), dict(twin.port_out)
     between_skipped: Optional[str] = None
     if run_port is not None and run_twin is not None:
@@ -170,6 +183,21 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
                        inputs=len(keys) - len(outputs), inputs_skipped=between_skipped)
 
 
+def _boxes(model: Any) -> set[str]:
+    """The blocks of a torch model: a block of the port paired with one of them by the leaves
+    it holds may return something else (Paddle's DenseLayer its input and its new features
+    together, torchvision's the new features alone), which says nothing of its code: another
+    shape there is left to the whole run."""
+    return {n for n, m in model.named_modules() if n and any(True for _ in m.children())}
+
+
+def _layer(key: str) -> Optional[str]:
+    from ..capture.naming import parse_key
+
+    parsed = parse_key(key)
+    return None if parsed is None else parsed.name
+
+
 def _is_input(key: str) -> bool:
     from ..capture.naming import parse_key
 
@@ -216,17 +244,48 @@ def _between(ref: Mapping[str, Any], model: Any, run: Callable[[], None],
 
         return before, after
 
-    for name, layer in backend.named_layers(model):
-        theirs = paired(name) if name and backend.is_leaf(layer) else None
-        if theirs is not None:
-            before, after = hooks(theirs)
-            handles += [backend.add_pre_hook(layer, before), backend.add_post_hook(layer, after)]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
+    with _acts_apart(model) as acts:
+        for name, layer in backend.named_layers(model):
+            theirs = paired(name) if name and backend.is_leaf(layer) else None
+            if theirs is not None:
+                before, after = hooks(theirs)
+                handles += [backend.add_pre_hook(layer, before),
+                            backend.add_post_hook(layer, after)]
+            if name in acts:  # its activation, on what it gives (the reference's norm output)
+                act, apply = acts[name]
+                handles.append(backend.add_post_hook(layer, lambda out, a=act, f=apply: f(out, act=a)))
+        try:
+            run()
+        finally:
+            for h in handles:
+                h.remove()
     return got, given
+
+
+def _fused_acts(model: Any) -> dict[str, Any]:
+    """Layer name -> ``(act, apply)`` for each layer of a Paddle model applying a kink
+    activation to its own output (``paddle.nn.BatchNorm(act="relu")``)."""
+    from ..capture.kinks.fused import _applier
+
+    if not hasattr(model, "named_sublayers"):
+        return {}
+    return {name: found for name, layer in model.named_sublayers()
+            if name and (found := _applier(layer)) is not None}
+
+
+@contextlib.contextmanager
+def _acts_apart(model: Any) -> Iterator[dict[str, Any]]:
+    """The block with each fused layer's activation taken out of it (``_fused_acts``, which it
+    yields), put back after."""
+    acts = _fused_acts(model)
+    layers = dict(model.named_sublayers()) if acts else {}
+    for name in acts:
+        layers[name]._act = None
+    try:
+        yield acts
+    finally:
+        for name, (act, _) in acts.items():
+            layers[name]._act = act
 
 
 def _blocks_by_leaves(paddle_model: Any, ref: Mapping[str, Any], leaves: Mapping[str, str]
@@ -331,7 +390,7 @@ def _several_tensors(ref: Mapping[str, Any], twin: Any, paddle_model: Any,
     from ..capture.naming import ROOT
     from ..capture.replay import _reference_calls
 
-    boxes = {n for n, m in twin.named_modules() if n and any(True for _ in m.children())}
+    boxes = _boxes(twin)
     multi = {name for name, calls in _reference_calls(ref).items()
              if name in boxes and name != ROOT
              and any(not (len(c.ins) == 1 and c.ins[0][0] == ()) for c in calls)}

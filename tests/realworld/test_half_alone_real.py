@@ -253,3 +253,34 @@ def test_bert_a_residual_three_percent_short_in_an_encoder_layer_fails_between_i
     # the encoder layers themselves, judged alone on the port's own mask: 3 blocks more than
     # the blocks called on one tensor (the embeddings, encoder.layer.0 and .1)
     assert r.options["layers"]["alone"]["judged"] == 26
+
+
+def test_densenet121_its_norms_holding_their_relu_are_judged_as_the_norms():
+    """paddle.vision's DenseNet holds each norm and its ReLU in one ``BatchNorm(act="relu")``:
+    replayed alone it was set against torchvision's norm alone, and a faithful port failed
+    every norm (up to 1640x, the first at features.norm0 420x); its blocks return their input
+    and their new features together where torchvision's return the new ones alone (another
+    shape: left to the whole run). A norm's weight 2 % off fails at that norm."""
+    from models import build_paddle, build_torch
+
+    torch.manual_seed(0)
+    paddle.seed(0)
+    tm = build_torch("densenet121")
+    randomize(tm, 0)
+    tm.eval()
+    pm = build_paddle("densenet121")
+    load_into_paddle(pm, tm, by_order=True)
+    pm.eval()
+    x = np.random.RandomState(0).standard_normal((2, 3, 96, 96)).astype("float32")
+    r = align_forward(tm, _emulated(copy.deepcopy(pm)), x, calibrate=True, precision=DT,
+                      by_order=True)
+    alone = r.options["layers"]["alone"]
+    assert r.passed and alone["passed"] and alone["judged"] > 240, r.to_table()
+    assert alone["largest"]["multiple"] < LOW_PRECISION_NOISE_FACTOR / 4
+    norm = "db_conv_4.conv4_11.bn_ac_func2._batch_norm"
+    r = align_forward(tm, _emulated(_scaled(copy.deepcopy(pm), norm, 1.02)), x, calibrate=True,
+                      precision=DT, by_order=True)
+    assert not r.passed
+    div = r.options["divergence"]
+    assert div["layer"] == "features.denseblock3.denselayer11.norm2" and div["port_layer"] == norm
+    assert r[f"alone/{div['layer']}.out"].noise_multiple > LOW_PRECISION_NOISE_FACTOR
