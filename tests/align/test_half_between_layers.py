@@ -243,3 +243,45 @@ def test_a_norm_holding_its_relu_is_judged_alone_as_the_norm():
             div = r.options["divergence"]
             assert div["layer"] == "bn" and div["alone"] and not div.get("input")
             assert r["alone/bn.out"].noise_multiple > LOW_PRECISION_NOISE_FACTOR
+
+
+class _TorchLayerBias(_TorchLayer):
+    def forward(self, h, mask):  # returns the mask too, as T5's attention its position bias
+        return super().forward(h, mask), mask
+
+
+class _PortLayerBias(_PortLayer):
+    def forward(self, h, mask):
+        return super().forward(h, mask), mask
+
+
+def test_what_a_block_on_the_port_s_own_mask_returns_beside_its_states_is_not_judged():
+    """The block got the port's mask: what it returns of it is in the port's convention (a
+    faithful T5 failed its attention's position bias, the mask in it, at 1024x)."""
+    t, _ = _pair()
+    t2, p2 = _Torch(), _Port()
+    t2.layers = torch.nn.ModuleList(_TorchLayerBias() for _ in range(DEPTH))
+    p2.layers = paddle.nn.LayerList([_PortLayerBias() for _ in range(DEPTH)])
+    t2.load_state_dict(t.state_dict())
+    load_into_paddle(p2, t2)
+    p2.to(dtype="bfloat16")
+
+    def torch_forward(self, x):
+        keep = (x[..., :1] > -1).transpose(-1, -2)
+        mask = (~keep).to(x.dtype) * torch.finfo(x.dtype).min
+        for layer in self.layers:
+            x, mask = layer(x, mask)
+        return self.head(x)
+
+    def port_forward(self, x):
+        mask = ((x[..., :1] > -1).astype(x.dtype).transpose([0, 2, 1]) - 1) * 1e4
+        for layer in self.layers:
+            x, mask = layer(x, mask)
+        return self.head(x)
+
+    t2.forward = torch_forward.__get__(t2)
+    p2.forward = port_forward.__get__(p2)
+    r = align_forward(t2.eval(), p2.eval(), X, calibrate=True)
+    assert r.passed, r.to_table()
+    alone = r.options["layers"]["alone"]
+    assert alone["judged"] == 7 * DEPTH + 1 + DEPTH + 1  # the layers by their states alone

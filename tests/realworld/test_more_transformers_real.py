@@ -397,6 +397,43 @@ def test_a_bug_is_named_where_it_is(name: str, index: int) -> None:
         assert div["layer"] == layer and "input aligned" in div["message"], div
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_in_bfloat16_the_faithful_port_passes_alone_and_each_bug_is_named_alone(name: str
+                                                                               ) -> None:
+    """Each port computing as a bfloat16 kernel would (``_emulated``), judged alone and between
+    its layers with its blocks (transformer layers on the port's own mask): the faithful port
+    fails only its real differences (settings), each bug fails alone where it is (a settings
+    bug: its setting; in bfloat16 a LayerNorm epsilon or GELU's form is below one rounding).
+    T5's attention blocks also return the position bias with the mask in it, in the convention
+    of the port's mask: a faithful T5 read 1024x there until a block on the port's own
+    arguments was judged by its states alone."""
+    import copy
+
+    from test_half_alone_real import _emulated
+
+    from reprod.align import align_forward
+
+    tm, pm = _loaded(name)
+    known = MODELS[name]["faithful"]
+    r = align_forward(tm, _emulated(copy.deepcopy(pm)), _feed(name), by_order=True,
+                      calibrate=True, precision="bfloat16")
+    alone = r.options["layers"]["alone"]
+    assert {k.key for k in r.failed} == known, r.to_table(failed_only=True)
+    assert alone["passed"] and alone["inputs"] > 10, alone
+    for bug, keys, layer in MODELS[name]["bugs"]:
+        bugged = copy.deepcopy(pm)
+        bug(bugged)
+        r = align_forward(tm, _emulated(bugged), _feed(name), by_order=True, calibrate=True,
+                          precision="bfloat16")
+        failed = {k.key for k in r.failed}
+        if keys is not None:
+            assert failed == known | keys, r.to_table(failed_only=True)
+        else:
+            div = r.options["divergence"]
+            assert div["layer"] == layer and div["alone"], div
+            assert f"alone/{layer}.out" in failed
+
+
 @pytest.mark.parametrize("by_order", [False, True])
 def test_bloom_s_attention_code_is_named_though_its_mask_is_shaped_otherwise(by_order: bool
                                                                             ) -> None:
