@@ -128,19 +128,24 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
         port.port_out.update(norms.port_out)
     lone = _one_tensor_blocks(ref, noise_twin, several.rebuilt if several else ()) \
         if containers else None
-    boxes = _boxes(noise_twin) if containers else set()
+    # another shape is left to the whole run, which reads layouts: PaddleNLP's BigBird query
+    # returns its heads apart, Paddle's DenseLayer its input and new features together
     keys = [k for k in port.port_out if k in twin.port_out and k in port.ref_out
             and _floating(port.ref_out[k]) and (lone is None or lone(k))
-            and not (_layer(k) in boxes
-                     and np.shape(port.port_out[k]) != np.shape(port.ref_out[k]))]
+            and np.shape(port.port_out[k]) == np.shape(port.ref_out[k])]
     ref_out, port_out, twin_out = port.ref_out, dict(port.port_out), dict(twin.port_out)
     between_skipped: Optional[str] = None
+    eps = _EPS[precision]
+    # a layer whose output is the reference's times a constant: a scale one side applies inside
+    # the layer and the other after it (HF's MBart its embedding's sqrt(d_model)), or a bug
+    scales = {k: c for k in keys if (c := _scale(ref_out[k], port_out[k], eps)) is not None}
     if run_port is not None and run_twin is not None:
         def paired(rename: Callable[[str], str]) -> Callable[[str], Optional[str]]:
             return lambda n: None if (r := rename(n)).startswith(_NOBODY) else r
 
         try:
-            theirs, given = _between(ref, paddle_model, run_port, paired(port_name))
+            theirs, given = _between(ref, paddle_model, run_port, paired(port_name),
+                                     scales=scales)
             # the twin is given what the port was: a layer the port computed itself (one it
             # holds fused, one it applies as a function) rounds on in both
             ours, _ = _between(ref, noise_twin, run_twin, paired(twin_name), given)
@@ -160,7 +165,6 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
     refs = {k: _widened(ref_out[k]) for k in keys}
     ports = {k: _widened(port_out[k]) for k in keys}
     result = compare(refs, ports, method="max", threshold=float("inf"))
-    eps = _EPS[precision]
     judged = []
     for kr in result.results:
         if kr.key not in refs or kr.status not in ("passed", "failed"):
@@ -176,7 +180,7 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
             noise_multiple=multiple, noise_l2=n_l2, noise_max=n_max,
             reason=(f"{multiple:.3g}x its own {precision} rounding, {how} "
                     f"({'<=' if passed else '>'} {factor:g}x)")))
-    result = dataclasses.replace(result, results=tuple(judged))
+    result = dataclasses.replace(result, results=tuple(_moved_scales(judged, scales)))
     # as the port computed them: a diagnosis reads their precision from the values
     outputs = [k for k in keys if not _is_input(k)]
     return LocalLayers(result, factor, len(outputs), {k: port_out[k] for k in outputs},
@@ -184,11 +188,46 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
 
 
 def _boxes(model: Any) -> set[str]:
-    """The blocks of a torch model: a block of the port paired with one of them by the leaves
-    it holds may return something else (Paddle's DenseLayer its input and its new features
-    together, torchvision's the new features alone), which says nothing of its code: another
-    shape there is left to the whole run."""
+    """The blocks of a torch model."""
     return {n for n, m in model.named_modules() if n and any(True for _ in m.children())}
+
+
+def _scale(ref: Any, port: Any, eps: float) -> Optional[float]:
+    """The constant c with ``ref`` == c * ``port`` within a rounding of the half precision
+    (``eps`` in L2, relative), where c is further from 1 than eight roundings; else None."""
+    a, b = _widened(ref).ravel(), _widened(port).ravel()
+    if not a.size or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return None
+    bb = float(b @ b)
+    if bb == 0.0:
+        return None
+    c = float(a @ b) / bb
+    if abs(c - 1.0) <= 8 * eps or np.linalg.norm(a - c * b) > eps * np.linalg.norm(a):
+        return None
+    return c
+
+
+def _moved_scales(judged: list[Any], scales: Mapping[str, float]) -> list[Any]:
+    """The verdicts, each failing output that is the reference's times a constant (``scales``)
+    passed where the next layer input judged, given the port's value of it (the reference's
+    over the constant), aligns: the port's code undoes the scale, moved across the layer. Where
+    that input fails (a weight scaled by a bug, passed on as it is), the layer fails."""
+    at = {kr.key: i for i, kr in enumerate(judged)}
+    out = list(judged)
+    for key, c in scales.items():
+        i = at.get(key)
+        if i is None or out[i].passed:
+            continue
+        reader = next((kr for kr in judged[i + 1:] if _is_input(kr.key)), None)
+        if reader is None or not reader.passed or reader.noise_multiple is None:
+            continue
+        out[i] = dataclasses.replace(
+            out[i], passed=True, status="passed", noise_multiple=None,
+            reason=(f"the reference's output over a constant {c:.6g}, which the port's code "
+                    f"undoes before {_layer(reader.key)} (its input there "
+                    f"{reader.noise_multiple:.3g}x its own rounding): a scale moved across "
+                    "the layer"))
+    return out
 
 
 def _layer(key: str) -> Optional[str]:
@@ -206,14 +245,16 @@ def _is_input(key: str) -> bool:
 
 
 def _between(ref: Mapping[str, Any], model: Any, run: Callable[[], None],
-             paired: Callable[[str], Optional[str]], only: Optional[Collection[str]] = None
+             paired: Callable[[str], Optional[str]], only: Optional[Collection[str]] = None,
+             scales: Optional[Mapping[str, float]] = None
              ) -> tuple[dict[str, np.ndarray], set[str]]:
     """The inputs ``model``'s leaf layers received in ``run``, each leaf ``paired`` with a
     reference layer giving that layer's recorded output of the same call in place of its own
     (of those in ``only``, where given): reference input key -> value, and the output keys
     given. Each input is then what the code between the layers (a residual's add, an
     attention's softmax, a function the other side holds as a layer) computed from the
-    reference's own layer outputs; only that code's rounding is in it."""
+    reference's own layer outputs; only that code's rounding is in it. ``scales``: output key
+    -> c, where the port's layer gives the reference's output over c (``_scale``): given so."""
     from ..adapters import to_numpy
     from ..capture.naming import layer_key
     from ..capture.replay import _framework
@@ -239,7 +280,10 @@ def _between(ref: Mapping[str, Any], model: Any, run: Callable[[], None],
             if key in ref and (only is None or key in only) and backend.is_tensor(out) and \
                     tuple(int(d) for d in out.shape) == np.shape(ref[key]):
                 given.add(key)
-                return fw.tensor(np.asarray(ref[key]), out)
+                value = np.asarray(ref[key])
+                if scales and key in scales:
+                    value = (_widened(value) / scales[key]).astype(np.float32)
+                return fw.tensor(value, out)
             return None
 
         return before, after

@@ -1062,9 +1062,11 @@ def _jolted(output: Any) -> Any:
     if isinstance(output, paddle.Tensor):
         if not paddle.is_floating_point(output) or output.size == 0:
             return output
-        scale = float(paddle.abs(output).max().astype("float32")) + _JOLT
+        # in float32: Paddle has no half-precision abs or add on the CPU
+        wide = output.astype("float32")
+        scale = float(paddle.abs(wide).max()) + _JOLT
         noise = np.random.default_rng(0).standard_normal(output.shape).astype(np.float32)
-        return output + paddle.to_tensor(noise * scale, place=output.place).astype(output.dtype)
+        return (wide + paddle.to_tensor(noise * scale, place=output.place)).astype(output.dtype)
     if isinstance(output, (tuple, list)):
         items = [_jolted(o) for o in output]
         if all(a is b for a, b in zip(items, output)):
@@ -1114,19 +1116,32 @@ def _fit(a: np.ndarray, b: Any) -> Optional[float]:
     return None if yy == 0.0 else float(x @ y) / yy
 
 
+# a constant factor between half-precision values holds to a rounding of the largest: the
+# factor applied to the rounded values on one side, to the unrounded ones on the other
+_HALF_FIT = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
+
+
 def _factor(a: Any, b: Any) -> Optional[float]:
-    """The constant c with a == c * b, where one fits (not 1, which is no factor), else None."""
+    """The constant c with a == c * b, where one fits (not 1, which is no factor), else None.
+    Half-precision values (a bfloat16 port's: numpy holds them as ml_dtypes' bfloat16, of no
+    floating kind) fit to a rounding of theirs."""
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.shape != b.shape \
-            or a.dtype.kind != "f" or b.dtype.kind != "f" or not a.size:
+            or not _floats(a) or not _floats(b) or not a.size:
         return None
     c = _fit(a, b)
     if c is None:
         return None
     x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     size = float(np.max(np.abs(x)))
-    if size == 0.0 or abs(c - 1.0) < 1e-4 or float(np.max(np.abs(x - c * y))) > _FACTOR_FIT * size:
+    fit = max(_FACTOR_FIT, _HALF_FIT.get(a.dtype.name, 0.0), _HALF_FIT.get(b.dtype.name, 0.0))
+    if size == 0.0 or abs(c - 1.0) < max(1e-4, 4 * fit) or \
+            float(np.max(np.abs(x - c * y))) > fit * size:
         return None
     return c
+
+
+def _floats(a: np.ndarray) -> bool:
+    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
 
 
 def _untransposed(layer: str, torch_model: Any, paddle_model: Any, names: Mapping[str, str]

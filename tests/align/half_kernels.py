@@ -21,8 +21,9 @@ class HalfLinear(paddle.nn.Linear):
     unfused = False
 
     def forward(self, x):
-        w, b = self.weight.astype("float32"), self.bias.astype("float32")
-        if self.unfused:
+        w = self.weight.astype("float32")
+        b = None if self.bias is None else self.bias.astype("float32")
+        if self.unfused and b is not None:
             y = rounded(F.linear(x.astype("float32"), w), x.dtype)
             return (y + b).astype(x.dtype)
         return F.linear(x.astype("float32"), w, b).astype(x.dtype)

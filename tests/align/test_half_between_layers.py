@@ -285,3 +285,60 @@ def test_what_a_block_on_the_port_s_own_mask_returns_beside_its_states_is_not_ju
     assert r.passed, r.to_table()
     alone = r.options["layers"]["alone"]
     assert alone["judged"] == 7 * DEPTH + 1 + DEPTH + 1  # the layers by their states alone
+
+
+class _ScaledEmbedding(torch.nn.Embedding):
+    """An embedding scaling its own output (HF's MBartScaledWordEmbedding, by sqrt(d_model))."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 8.0
+
+
+class _TorchScaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = _ScaledEmbedding(50, D), torch.nn.LayerNorm(D), \
+            torch.nn.Linear(D, 4)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.embed(ids)))
+
+
+class _PortScaled(paddle.nn.Layer):
+    """The scale applied after the embedding, in the model's code (PaddleNLP's MBart)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = paddle.nn.Embedding(50, D), _LN(D), _Lin(D, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.head(self.norm((h.astype("float32") * 8.0).astype(h.dtype)))
+
+
+def test_a_scale_moved_across_a_layer_passes_and_a_weight_scaled_by_a_bug_fails():
+    """HF's MBart scales its embedding inside the layer, PaddleNLP's after it: alone the layer
+    read 896x, and given the reference's output between the layers the port scaled it again
+    (4132x). A layer whose output is the reference's times a constant now gives the reference's
+    over it between the layers, and passes where the next input, so computed, aligns; a table
+    10 % off (a constant too) fails at its layer."""
+    torch.manual_seed(0)
+    t = _TorchScaled().eval()
+    with torch.no_grad():
+        for name, v in t.named_parameters():
+            v.normal_(1.0 if name == "norm.weight" else 0.0, 0.3)
+    ids = np.random.default_rng(4).integers(0, 50, (2, 6)).astype(np.int64)
+    for bug, passes in ((1.0, True), (1.1, False)):
+        p = _PortScaled()
+        load_into_paddle(p, t)
+        p.embed.weight.set_value(p.embed.weight.numpy() * np.float32(bug))
+        p.to(dtype="bfloat16")
+        r = align_forward(t, p.eval(), ids, calibrate=True, by_order=True)
+        assert r.passed is passes, r.to_table()
+        alone = r.options["layers"]["alone"]
+        if passes:
+            assert alone["largest"]["multiple"] < LOW_PRECISION_NOISE_FACTOR / 2, alone
+            continue
+        failed = [kr.key for kr in r.results if not kr.passed and kr.key.startswith("alone/")]
+        assert failed[:2] == ["alone/embed.out", "alone/norm.in"], failed
+        assert r.options["divergence"]["layer"] == "embed"
