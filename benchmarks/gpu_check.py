@@ -286,8 +286,14 @@ def check_half_ports(device: str) -> list[dict[str, Any]]:
                 row.update(skipped=str(e), passed=device == "cpu")
                 break
             worst = r.options.get("noise_multiple", {}).get("forward", {}).get("multiple")
+            # how close the layers came alone and between them, on Paddle's own kernels: the
+            # margins the CPU measured only on emulated ones
+            alone = (r.options.get("layers") or {}).get("alone") or {}
             if bug is None:
-                row.update(faithful_passed=r.passed, faithful_multiple=worst)
+                row.update(faithful_passed=r.passed, faithful_multiple=worst,
+                           faithful_alone_largest=(alone.get("largest") or {}).get("multiple"),
+                           faithful_alone_judged=alone.get("judged"),
+                           faithful_alone_inputs=alone.get("inputs"))
             else:
                 row.update(bug_failed=not r.passed,
                            bug_layer=r.options.get("divergence", {}).get("layer"),
