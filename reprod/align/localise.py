@@ -512,6 +512,7 @@ def localise_forward(
     porter's own pairs, ``ConversionRules.from_pairs``), the captures pair by call order
     anchored on the layers they pair, as by order: by name they would not pair at all."""
     from ..capture import first_divergence, layer_types
+    from ..capture.kinks.fused import fused_activations
     from ..capture.naming import (
         ROOT,
         _applied_as_functions,
@@ -580,6 +581,19 @@ def localise_forward(
         functions = _applied_as_functions(ref, port, pairing, set(parts.values()))
         port.update(functions)
         names = {o.partition("#")[0]: r.partition("#")[0] for o, r in pairing.calls.items()}
+    elif fused_activations(paddle_model):
+        # by name too, Paddle's BatchNorm(act="relu") gives what the reference's ReLU after its
+        # norm gives: a faithful port with the reference's names failed its norm (102x)
+        boxes = {n for n, m in torch_model.named_modules()
+                 if not n or any(True for _ in m.children())}
+        order = list(dict.fromkeys(
+            subject for k in ref if (subject := _subject(k)) is not None
+            and subject.partition("#")[0] not in boxes
+            and subject.partition("#")[0] not in inert[0]))
+        same = {s: s for s in order if f"{s}.out" in raw}
+        parts, superseded, derived = _fused(ref, raw, same, order)
+        if parts:
+            port = _renamed(raw, {}, parts)
     # an input passed by keyword on one side and by position on the other (HF's
     # self_attn(hidden_states=...) against PaddleNLP's self_attn(x)) pairs by its values: else
     # the layer's input never aligns, and a divergence inside it is named at the block around it
