@@ -190,49 +190,19 @@ def _rounded_port(p, dtype="bfloat16"):
     return p
 
 
-class _TorchConvs(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn, self.relu = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), \
-            torch.nn.ReLU()
-        self.conv2 = torch.nn.Conv2d(8, 4, 3)
-
-    def forward(self, x):
-        return self.conv2(self.relu(self.bn(self.conv1(x))))
-
-
-class _PortConvs(paddle.nn.Layer):
-    """Paddle's BatchNorm with its ReLU inside (paddle.vision's DenseNet, its ConvBNLayer)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn = paddle.nn.Conv2D(3, 8, 3), paddle.nn.BatchNorm(8, act="relu")
-        self.conv2 = paddle.nn.Conv2D(8, 4, 3)
-
-    def forward(self, x):
-        return self.conv2(self.bn(self.conv1(x)))
-
-
-def test_a_norm_holding_its_relu_is_judged_alone_as_the_norm():
+@pytest.mark.parametrize("by_order", [False, True])
+def test_a_norm_holding_its_relu_is_judged_alone_as_the_norm(by_order):
     """Alone, Paddle's ``BatchNorm(act="relu")`` computed the norm and the ReLU where it is paired
     with the reference's norm alone: a faithful densenet121 failed every norm (up to 1640x). It
     is now replayed with its activation taken out, and between the layers it gives the ReLU of
-    the reference's norm output. By order: the whole run reads the fused layer so only there."""
-    torch.manual_seed(0)
-    t = _TorchConvs().eval()
-    with torch.no_grad():
-        for name, v in t.named_parameters():
-            v.normal_(1.0 if name == "bn.weight" else 0.0, 0.3)
-        t.bn.running_mean.normal_(0.0, 0.3)
-        t.bn.running_var.uniform_(0.5, 2.0)
-    x = np.random.default_rng(3).standard_normal((2, 3, 10, 10)).astype(np.float32)
+    the reference's norm output. (The pair: tests/align/test_fused_by_name.py.)"""
+    from test_fused_by_name import X as x
+    from test_fused_by_name import _pair as fused_pair
+
     for bug, passes in ((1.0, True), (1.02, False)):
-        p = _PortConvs()
-        load_into_paddle(p, t, by_order=True)
-        p.bn.weight.set_value(p.bn.weight.numpy() * np.float32(bug))
-        p.eval()
+        t, p = fused_pair(bug)
         r = align_forward(t, _rounded_port(p), x, calibrate=True, precision="bfloat16",
-                          by_order=True)
+                          by_order=by_order)
         assert r.passed is passes, r.to_table()
         alone = r.options["layers"]["alone"]
         # conv1, bn, conv2 (the reference's relu pairs with nothing), the model
