@@ -85,6 +85,7 @@ class _Torch:
         import torch
 
         self.torch = torch
+        self.model_tensor: dict[int, Any] = {}  # model -> its first floating tensor
 
     def no_grad(self) -> Any:
         return self.torch.no_grad()
@@ -119,6 +120,7 @@ class _Paddle:
         import paddle
 
         self.paddle = paddle
+        self.model_tensor: dict[int, Any] = {}  # model -> its first floating tensor
 
     def no_grad(self) -> Any:
         return self.paddle.no_grad()
@@ -160,11 +162,10 @@ def _first_floating(fw: Any, layer: Any, model: Any, floating: Callable[[Any], b
     for t in list(layer.parameters()) + list(layer.buffers()):
         if floating(t):
             return t
-    cache = fw.__dict__.setdefault("_model_tensor", {})
-    if id(model) not in cache:
-        cache[id(model)] = next((t for t in list(model.parameters()) + list(model.buffers())
-                                 if floating(t)), None)
-    return cache[id(model)]
+    if id(model) not in fw.model_tensor:
+        fw.model_tensor[id(model)] = next(
+            (t for t in list(model.parameters()) + list(model.buffers()) if floating(t)), None)
+    return fw.model_tensor[id(model)]
 
 
 def _framework(model: Any) -> tuple[Any, Any]:
