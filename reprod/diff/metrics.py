@@ -368,9 +368,11 @@ def _finish(n: int, values: Sequence[Any], r: np.ndarray, o: np.ndarray, check_c
             st.mean_abs = mean_abs
         if math.isfinite(max_rel):
             st.mean_rel = mean_rel
-    if math.isinf(max_abs) and inf_unmatched == 0 and nan_unmatched == 0:
+    if math.isinf(max_abs) and inf_unmatched == 0:
         # two finite values more than the float64 maximum apart: |o - r| rounds to inf (right for
-        # the absolute statistics) but the relative error is finite; recompute it without overflow
+        # the absolute statistics) but the relative error is finite; recompute it without overflow.
+        # NaNs, excused or not, enter no statistic (hypothesis found the maximum against its
+        # negative among NaNs compared with equal_nan=False reading inf)
         st.mean_rel, st.max_rel = sp.overflow_safe_rel(r, o, block)
     st.max_scaled = sp.ratio(float(max_abs), float(max_ref))
     st.ref_max = float(max_ref)
