@@ -296,7 +296,9 @@ for _r in (1, 2, 3):
                             "groups": int(a["groups"])},
         lambda a, x, r=_r: {"stride": _settings._tuple(a["stride"], r),
                             "padding": _settings._paddle_pad_value(a["padding"], r),
-                            "dilation": _settings._tuple(a["dilation"], r),
+                            "dilation": _settings.same_dilation(
+                                _settings._paddle_pad_value(a["padding"], r),
+                                _settings._tuple(a["dilation"], r), r),
                             "groups": int(a["groups"])},
         _TORCH_PARAMS["conv"])
     _op([f"conv_transpose{_r}d", f"conv{_r}d_transpose"], "convtranspose",
@@ -434,7 +436,8 @@ def _same_input(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 # (kind, setting) -> whether it changes anything for a pair of calls, from both calls' settings
 _RELEVANT: dict[tuple[str, str], Callable[[Mapping[str, Any], Mapping[str, Any]], bool]] = {
-    ("avgpool", "count_include_pad"): _settings._RELEVANT[("avgpool", "count_include_pad")],
+    **{(k, s): _settings._RELEVANT[(k, s)] for k in ("avgpool", "maxpool")
+       for s in ("padding", "ceil_mode", "count_include_pad") if (k, s) in _settings._RELEVANT},
     ("conv", "padding_mode"): _settings._RELEVANT[("conv", "padding_mode")],
     ("softmax", "axis"): lambda a, b: _settings._RELEVANT[("softmax", "axis")](a, b)
     and _same_input(a, b),
@@ -883,6 +886,12 @@ class SettingsTrace:
             found = norm(bound, first)
             if kind in _AXES:
                 found["_shape"] = _shape(first)
+            elif kind == "conv" and isinstance(found.get("padding"), str):
+                # F.conv2d(x, w, padding="same"): explicit where no input size decides it
+                weight = _shape(bound.get("weight"))
+                rank = len(found["stride"]) if isinstance(found.get("stride"), tuple) else 0
+                if weight is not None and len(weight) == rank + 2:
+                    found["padding"] = _settings.explicit_padding(found, rank, weight[2:])
         except Exception as e:  # a call this cannot read runs as it would, and is said
             self.unread.append(f"{op}: {type(e).__name__}: {e}")
             return

@@ -84,6 +84,8 @@ _MEANING = {"correction": " (the variance divides by n - correction: unbiased is
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, Undilated):
+        return value.shown()
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, tuple):
@@ -342,6 +344,133 @@ def _paddle_pad_value(pad: Any, rank: int) -> Any:
     return _tuple(pad, rank)
 
 
+def explicit_padding(settings: Mapping[str, Any], rank: int,
+                     kernel: Optional[Sequence[int]] = None,
+                     spatial: Optional[Sequence[int]] = None) -> Any:
+    """A ``"same"``/``"valid"`` padding (a convolution's or a pool's, ``settings`` as
+    ``read_settings`` reads them) as the explicit one it pads, in ``_paddle_pad_value``'s
+    spelling, where that does not hang on the input or its ``spatial`` size is given; else as it
+    was. Paddle and torch pad "same" alike: ``(ceil(n / s) - 1) * s + k - n`` in all, half before
+    and the rest after (PaddleClas's ResNet_vd pools its shortcut 2x2 "SAME" where timm's pads
+    0: on an even size the same numbers). ``kernel``: a convolution's, from its weight."""
+    pad = settings.get("padding")
+    if not isinstance(pad, str) or not rank:
+        return pad
+    pad = pad.lower()
+    if pad == "valid":
+        return (0,) * rank
+    if pad != "same":
+        return pad
+    kernel = _tuple(settings.get("kernel_size") if kernel is None else tuple(kernel), rank)
+    stride = _tuple(settings.get("stride", 1), rank)
+    dilation = _tuple(settings.get("dilation", 1), rank)
+    if not all(isinstance(v, tuple) and len(v) == rank for v in (kernel, stride, dilation)):
+        return pad
+    if spatial is None:
+        if any(s != 1 for s in stride):
+            return pad  # hangs on the input's size
+        spatial = (1,) * rank  # with a stride of 1 it does not
+    pairs = []
+    for n, k, s, d in zip(spatial, kernel, stride, dilation):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pairs.append((total // 2, total - total // 2))
+    if all(a == b for a, b in pairs):
+        return tuple(a for a, _ in pairs)
+    return tuple(v for pair in pairs for v in pair)
+
+
+class Undilated(tuple):  # type: ignore[type-arg]
+    """A Paddle "SAME" convolution's dilation: ones, whatever it was given (``given``)."""
+
+    given: tuple[int, ...] = ()
+
+    def shown(self) -> str:
+        return (f"({', '.join('1' for _ in self)}) ('SAME' padding convolves undilated, "
+                f"whatever dilation={self.given} says)")
+
+
+def same_dilation(padding: Any, dilation: Any, rank: int) -> Any:
+    """A Paddle convolution's dilation as it computes: with ``padding="SAME"`` Paddle
+    convolves undilated whatever ``dilation`` says (``Conv2D(3, padding="SAME", dilation=2)``
+    is ``Conv2D(3, padding=1)``), and the port's ``dilation`` is then no setting of its own."""
+    if padding != "same" or not isinstance(dilation, tuple) or all(d == 1 for d in dilation):
+        return dilation
+    out = Undilated((1,) * rank)
+    out.given = dilation
+    return out
+
+
+_POOL_OR_CONV = ("conv", "avgpool", "maxpool")
+
+
+def _explicit_read(kind: str, layer: Any, out: dict[str, Any], rank: int) -> None:
+    """``read_settings``'s "same"/"valid" padding made explicit where it does not hang on the
+    input: a layer's settings are read without one."""
+    if kind not in _POOL_OR_CONV or not isinstance(out.get("padding"), str):
+        return
+    kernel = None
+    if kind == "conv":
+        shape = getattr(getattr(layer, "weight", None), "shape", None)
+        if shape is None or len(shape) != rank + 2:
+            return
+        kernel = tuple(int(d) for d in shape[2:])
+    out["padding"] = explicit_padding(out, rank, kernel)
+
+
+def _pool_windows(c: Mapping[str, Any], n: int, dim: int, kind: str
+                  ) -> Optional[list[tuple[int, int, int]]]:
+    """Along ``dim`` of an input ``n`` long, each window of a pool: the input range it covers
+    and, for an average that counts the padding, what it divides by (the padding, not a
+    ``ceil_mode`` window's reach past it); None where its settings cannot say."""
+    k, st, pad = c.get("kernel_size"), c.get("stride"), c.get("padding")
+    dil = c.get("dilation") or (1,) * len(k or ())
+    if not (isinstance(k, tuple) and isinstance(st, tuple) and isinstance(dil, tuple)
+            and len(k) == len(st) == len(dil) > dim):
+        return None
+    rank = len(k)
+    if isinstance(pad, str):  # "same" pads as this input's size asks
+        spatial = [n if i == dim else k[i] for i in range(rank)]
+        pad = explicit_padding(c, rank, spatial=spatial)
+    if not isinstance(pad, tuple) or len(pad) not in (rank, 2 * rank):
+        return None
+    before, after = (pad[dim], pad[dim]) if len(pad) == rank else pad[2 * dim:2 * dim + 2]
+    s, span = st[dim], dil[dim] * (k[dim] - 1) + 1
+    ceil = bool(c.get("ceil_mode"))
+    count = (n + before + after - span + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (count - 1) * s >= n + before:
+        count -= 1  # no window starts in the padding after the input
+    counts_pad = kind == "avgpool" and bool(c.get("count_include_pad"))
+    out = []
+    for i in range(count):
+        start = i * s - before
+        lo, hi = max(start, 0), min(start + span, n)
+        # Paddle counts a window up to its padding *before* past the end, whatever "SAME" pads
+        # after (torch pads alike on both sides)
+        divisor = min(start + span, n + before) - start if counts_pad else hi - lo
+        out.append((lo, hi, divisor if kind == "avgpool" else 0))
+    return out
+
+
+def _pool_windows_differ(kind: str) -> Callable[[Mapping[str, Any], Mapping[str, Any]], bool]:
+    """Whether two pools' paddings, ceil modes or counts change anything, on an input of any
+    size: not where every window covers the same input on both sides and divides by as many.
+    PaddleClas's ResNet_vd pools its shortcut ``AvgPool2D(2, 2, padding="SAME",
+    ceil_mode=True)`` where timm's has ``AvgPool2d(2, 2, ceil_mode=True,
+    count_include_pad=False)``: "SAME" pads one after an odd size, where torch's last window
+    reaches past the edge, and neither counts it."""
+    def differ(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+        k = a.get("kernel_size")
+        if not isinstance(k, tuple) or k != b.get("kernel_size"):
+            return True
+        # the windows repeat with the stride: a few periods past the kernel and the padding
+        # cover every case
+        sizes = range(1, 4 * (sum(k) + sum(a.get("stride") or ()) + 8))
+        return any(_pool_windows(a, n, dim, kind) is None
+                   or _pool_windows(a, n, dim, kind) != _pool_windows(b, n, dim, kind)
+                   for dim in range(len(k)) for n in sizes)
+    return differ
+
+
 def _torch_padding(t: Any, rank: int) -> Any:
     pad = t.padding
     return pad.lower() if isinstance(pad, str) else _tuple(pad, rank)
@@ -409,7 +538,7 @@ _POOL: list[tuple[str, _Getter, _Getter]] = [
      lambda p, r: _tuple(_pool_kernel_paddle(p), r)),
     ("stride", lambda t, r: _tuple(_pool_stride(t.kernel_size, t.stride), r),
      lambda p, r: _tuple(_pool_stride(_pool_kernel_paddle(p), p.stride), r)),
-    ("padding", lambda t, r: _tuple(t.padding, r), lambda p, r: _tuple(p.padding, r)),
+    ("padding", lambda t, r: _torch_padding(t, r), lambda p, r: _paddle_pad_value(p.padding, r)),
     ("ceil_mode", lambda t, r: bool(t.ceil_mode), lambda p, r: bool(p.ceil_mode)),
 ]
 # kind -> [(setting, torch getter, Paddle getter)], each getter given the layer and its rank
@@ -417,7 +546,8 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
     "conv": [
         ("stride", lambda t, r: _tuple(t.stride, r), lambda p, r: _tuple(p._stride, r)),
         ("padding", _torch_padding, _paddle_padding),
-        ("dilation", lambda t, r: _tuple(t.dilation, r), lambda p, r: _tuple(p._dilation, r)),
+        ("dilation", lambda t, r: _tuple(t.dilation, r),
+         lambda p, r: same_dilation(_paddle_padding(p, r), _tuple(p._dilation, r), r)),
         ("groups", lambda t, r: int(t.groups), lambda p, r: int(p._groups)),
         ("padding_mode", lambda t, r: t.padding_mode, lambda p, r: p._padding_mode),
     ],
@@ -601,7 +731,8 @@ _RELEVANT: dict[tuple[str, str], Callable[[Mapping[str, Any], Mapping[str, Any]]
     # averages what it holds in torch and in Paddle either way (HF's Funnel against PaddleNLP's,
     # avg_pool2d(k=2, s=2, ceil_mode=True): count_include_pad True against exclusive True, the
     # same numbers; both frameworks, k 2-3, s <= k, 1-d and 2-d: 0.0 apart)
-    ("avgpool", "count_include_pad"): _either_padded,
+    **{(k, s): _pool_windows_differ(k) for k in ("avgpool", "maxpool")
+       for s in ("padding", "ceil_mode", "count_include_pad")},
     ("dropout", "mode"): lambda a, b: bool(a.get("p")) or bool(b.get("p")),
     # torch's Softmax() without a dim picks one from the input's rank: nothing to compare
     ("softmax", "axis"): lambda a, b: a.get("axis") is not None and b.get("axis") is not None,
@@ -638,6 +769,7 @@ def read_settings(layer: Any) -> Optional[tuple[str, dict[str, Any]]]:
             out[entry[0]] = entry[side](layer, rank)
         except (AttributeError, TypeError, ValueError):
             continue
+    _explicit_read(kind, layer, out, rank)
     return kind, out
 
 
