@@ -967,6 +967,12 @@ def _with_attention_dropouts(events: Sequence[OpEvent]) -> list[OpEvent]:
 
 
 def _identity(e: OpEvent) -> bool:
+    """A dropout of p 0, or a pool of one element, stride 1 and no padding: the identity."""
+    if e.kind in ("avgpool", "maxpool"):
+        st = e.settings
+        return all(_settings._same(st.get(k), v) for k, v in
+                   (("kernel_size", 1), ("stride", 1), ("padding", 0))) and \
+            st.get("divisor_override") in (None, 1)
     return e.kind.replace("alpha", "").startswith("dropout") and not e.settings.get("p") \
         and not e.settings.get("_rate_unread")
 
@@ -996,6 +1002,52 @@ def _pair_cost(kind: str, x: OpEvent, y: OpEvent) -> float:
     # without one): dearer than leaving both alone
     outside = 2.0 if bool(xb) != bool(yb) else 0.0
     return cost + (0.6 if xb != yb else 0.0) + (0.3 if xa != ya else 0.0) + outside
+
+
+_POOLS = ("avgpool", "maxpool", "adaptiveavgpool", "adaptivemaxpool")
+
+
+def _shape_of_pool(e: OpEvent) -> tuple[Any, ...]:
+    st = e.settings
+    return (st.get("kernel_size"), st.get("stride"), st.get("output_size"))
+
+
+def _pools_aligned(xs: Sequence[OpEvent], ys: Sequence[OpEvent]
+                   ) -> Optional[list[tuple[OpEvent, OpEvent]]]:
+    """Pools of two passes whose counts differ, paired in call order by kernel and stride where
+    one way only pairs every pool of the fewer side: timm's Res2Net pools its first block's last
+    split (3x3, stride 1), which PaddleClas's does not, and the three pools after it pair with
+    the port's three. None where no such pairing is alone (four like pools against three)."""
+    n, m = len(xs), len(ys)
+    a, b = [_shape_of_pool(e) for e in xs], [_shape_of_pool(e) for e in ys]
+    # longest common subsequence, and how many ways reach it
+    best = [[0] * (m + 1) for _ in range(n + 1)]
+    ways = [[1] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            options = [(best[i - 1][j], ways[i - 1][j]), (best[i][j - 1], ways[i][j - 1])]
+            if a[i - 1] == b[j - 1]:
+                options.append((best[i - 1][j - 1] + 1, ways[i - 1][j - 1]))
+            top = max(o[0] for o in options)
+            best[i][j] = top
+            # paths through both skips reach (i-1, j-1) twice: count it once
+            total = sum(w for v, w in options if v == top)
+            if best[i - 1][j] == top and best[i][j - 1] == top and best[i - 1][j - 1] == top:
+                total -= ways[i - 1][j - 1]
+            ways[i][j] = total
+    if best[n][m] != min(n, m) or ways[n][m] != 1:
+        return None
+    pairs: list[tuple[OpEvent, OpEvent]] = []
+    i, j = n, m
+    while i and j:
+        if a[i - 1] == b[j - 1] and best[i][j] == best[i - 1][j - 1] + 1:
+            pairs.append((xs[i - 1], ys[j - 1]))
+            i, j = i - 1, j - 1
+        elif best[i - 1][j] == best[i][j]:
+            i -= 1
+        else:
+            j -= 1
+    return pairs[::-1]
 
 
 def _aligned(kind: str, xs: Sequence[OpEvent], ys: Sequence[OpEvent]
@@ -1102,7 +1154,8 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
             continue  # read from classes named so: where they do not pair, nothing is known
         if len(xs) != len(ys):
             # a dropout of p 0 is the identity: a port may hold one where the reference has none
-            # (PaddleNLP's activation dropout), and pairing goes on without them
+            # (PaddleNLP's activation dropout), and pairing goes on without them; so is a pool
+            # of one element (PaddleClas's ResNeSt pools its first block's shortcut so)
             kept = [e for e in xs if not _identity(e)], [e for e in ys if not _identity(e)]
             if len(kept[0]) == len(kept[1]) and kept[0]:
                 xs, ys = kept
@@ -1120,6 +1173,14 @@ def compare_events(ours: Sequence[OpEvent], theirs: Sequence[OpEvent],
             paired.add(kind)
         elif len(xs) != len(ys):
             pairs, left = _by_name(xs, ys, sides)
+            aligned = _pools_aligned(xs, ys) if kind in _POOLS and not pairs else None
+            if aligned is not None:
+                pairs = aligned
+                alone = [(sides[k], [e.name for e in es if all(e is not p[k] for p in pairs)])
+                         for k, es in ((0, xs), (1, ys))]
+                left = "; paired by kernel and stride, " + "; ".join(
+                    f"{', '.join(ns[:3])}{f' and {len(ns) - 3} more' if len(ns) > 3 else ''} "
+                    f"in {side} only" for side, ns in alone if ns)
             unpaired.append(f"{kind} (calls and layers): {len(xs)} in {sides[0]}, "
                             f"{len(ys)} in {sides[1]}" + left)
             if not pairs:

@@ -812,12 +812,22 @@ def _leaves(model: Any, children: Callable[[Any], Any]) -> list[tuple[str, Any]]
         if kind in _WHOLE:  # read as one layer: its sublayers have no settings of their own
             inside = name + "."
             out.append((name, m))
-        elif name and (kind in ("transformerlayer", "heads")
+        elif name and (kind in ("transformerlayer", "heads") or _norm_holding_more(kind, m)
                        or not any(True for _ in children(m))):
             # a transformer layer's or hand-written attention's own settings; its sublayers
             # follow
             out.append((name, m))
     return out
+
+
+_NORMS = ("batchnorm", "layernorm", "groupnorm", "instancenorm", "rmsnorm")
+
+
+def _norm_holding_more(kind: Optional[str], m: Any) -> bool:
+    """A norm layer that holds its activation as a sublayer (timm's ``BatchNormAct2d``, the norm
+    of every ``ConvNormAct``): its own statistics and epsilon are settings like any norm's (a
+    DPN port's epsilon 1e-5 against timm's 1e-3 went unread)."""
+    return kind in _NORMS and bool(getattr(m, "_parameters", None) or getattr(m, "_buffers", None))
 
 
 def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, str]
@@ -1260,7 +1270,9 @@ def settings_checked(result: Any, torch_model: Any, paddle_model: Any,
     info: dict[str, Any] = {"differ": [d.line() for d in diffs]}
     if diffs:  # both sides' names, for the finding to say which is where the values differ
         info["where"] = [[d.torch_layer, d.paddle_layer] for d in diffs]
-    training = [f"{d.paddle_layer}/{d.setting}" for d in diffs if _training_only(d)]
+    port_layers = dict(paddle_model.named_sublayers()) if diffs else {}
+    training = [f"{d.paddle_layer}/{d.setting}" for d in diffs
+                if _training_only(d, port_layers.get(d.paddle_layer))]
     if training:
         info["training_only"] = training
     if waived:
@@ -1327,10 +1339,19 @@ def _inside_divergence(result: Any) -> Optional[tuple[str, str]]:
 _DROPOUTS = ("dropout", "dropout2d", "dropout3d", "alphadropout", "droppath")
 
 
-def _training_only(d: SettingDiff) -> bool:
+def _training_only(d: SettingDiff, port_layer: Any = None) -> bool:
     """A setting that acts in training only: a BatchNorm's momentum, a dropout's rate or mode
-    (X2Paddle's ONNX-route ports have no dropout at all: the export leaves it out)."""
-    return (d.kind == "batchnorm" and d.setting == "momentum") or d.kind in _DROPOUTS
+    (X2Paddle's ONNX-route ports have no dropout at all: the export leaves it out); not a
+    dropout Paddle scales by ``1 - p`` in evaluation (``mode="downscale_in_infer"``, PaddleClas's
+    InceptionV3 head: 0.8 where timm's passes its features on), whose rate acts there too."""
+    if d.kind == "batchnorm":
+        return d.setting == "momentum"
+    if d.kind not in _DROPOUTS:
+        return False
+    downscale = "downscale_in_infer"
+    if port_layer is None or not hasattr(port_layer, "mode"):  # a call: what the line says
+        return downscale not in (d.torch_value, d.paddle_value)
+    return not (port_layer.mode == downscale and getattr(port_layer, "p", 0))
 
 
 def _waiver(names: list[str]) -> str:
