@@ -1,0 +1,151 @@
+"""PaddleClas's CNN and hybrid ports against timm's models (``paddleclas_pairs.py``), through
+``align_forward(by_order=True, calibrate=True)``: ports nobody here wrote, loaded by reprod's
+own pairing by order.
+
+What the survey of session 37 found, and these tests hold:
+
+- A faithful ResNet50_vd failed three settings: PaddleClas pools its shortcut
+  ``AvgPool2D(2, 2, padding="SAME", ceil_mode=True)``, timm ``AvgPool2d(2, 2, ceil_mode=True,
+  count_include_pad=False)``; the same numbers at every size. Paddle's string paddings are now
+  compared by what they pad.
+- DPN68's BatchNorm epsilon (1e-5 against timm's 1e-3) went unread: timm's norms hold their
+  activation as a sublayer (``BatchNormAct2d``), and only layers without sublayers had settings.
+  The finding now names the epsilon as the likely cause where the values first differ.
+- ResNeSt50's padded 3x3 pools exclude the padding, timm's count it. Its pools were never
+  compared: the port has one more (a 1x1 pool of stride 1, the identity). Res2Net50's likewise:
+  timm pools its first block's last split, PaddleClas's does not. An identity pool is now left
+  out, and pools whose counts differ pair by kernel and stride where one way only pairs them.
+
+torch, timm, paddle and ppcls are imported inside the tests only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("paddleclas") is None or importlib.util.find_spec("timm") is None:
+    pytest.skip("paddleclas and timm are not installed", allow_module_level=True)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import paddleclas_pairs as P  # noqa: E402
+import vision_ports as V  # noqa: E402
+
+if not V.ppcls_on_path():
+    pytest.skip("paddleclas holds no ppcls directory", allow_module_level=True)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _align(tm: Any, pm: Any, x: np.ndarray) -> Any:
+    from reprod.align import align_forward
+
+    return align_forward(tm, pm, x, by_order=True, calibrate=True)
+
+
+def _settings_failed(r: Any) -> list[str]:
+    return [k.key for k in r.failed if k.key.startswith("settings/")]
+
+
+@pytest.mark.parametrize("name", P.FAITHFUL)
+def test_a_faithful_port_passes_and_a_weight_2_percent_off_is_named_at_its_layer(name):
+    tm, pm, x = P.build(name)
+    t, p = P.logits(tm, pm, x)
+    assert np.abs(t - p).max() <= 1e-5 * max(1.0, np.abs(t).max())  # the frameworks agree
+    r = _align(tm, pm, x)
+    assert r.passed, r.options.get("findings")
+    assert r.options["settings"]["differ"] == []
+    convs = [(n, q) for n, q in pm.named_parameters() if len(q.shape) == 4]
+    param, weight = convs[len(convs) // 2]
+    weight.set_value(weight.numpy() * np.float32(1.02))
+    r = _align(tm, pm, x)
+    div = r.options["divergence"]
+    assert not r.passed and _settings_failed(r) == []
+    assert div.get("port_layer", div["layer"]) == param.rsplit(".", 1)[0], div["message"]
+    assert any(f.startswith(f"likely cause at {div['layer']}: its own parameter weight")
+               for f in r.options["findings"])
+
+
+def test_resnet50d_same_pools_are_no_setting_whatever_each_side_counts():
+    tm, pm, x = P.build("resnet50d")
+    pool = pm.blocks[3].short.avg_pool
+    assert str(pool.padding).upper() == "SAME"  # PaddleClas's own, as shipped
+    r = _align(tm, pm, x)
+    assert r.passed and r.options["settings"]["differ"] == []
+    # neither counts what it does not pad itself ("SAME" pads after an odd size, where Paddle
+    # counts up to the padding before): the same numbers at every size (test_same_padding.py)
+    tm.layer2[0].downsample[0].count_include_pad = True
+    pool.exclusive = False
+    r = _align(tm, pm, x)
+    assert r.passed and r.options["settings"]["differ"] == []
+    t, p = P.logits(tm, pm, P.image(72))  # layer3 pools 9 rows
+    assert np.abs(t - p).max() <= 1e-5 * np.abs(t).max()
+
+
+def test_dpn68_epsilon_is_read_from_timms_norm_holding_its_activation():
+    tm, pm, x = P.build("dpn68")
+    r = _align(tm, pm, x)
+    assert not r.passed and r.options["divergence"]["layer"] == "features.conv1_1"
+    eps = [k for k in _settings_failed(r) if k.endswith("/epsilon")]
+    assert len(eps) == 72 and len(_settings_failed(r)) == 72
+    finding = r.options["findings"][-1]
+    assert "conv1_x_1_func._batch_norm (torch features.conv1_1.bn): epsilon 0.001 in torch, " \
+           "1e-05 in Paddle" in finding
+    assert finding.endswith("features.conv1_1.bn is inside features.conv1_1, where the values "
+                            "first differ: the likely cause")
+    for layer in pm.sublayers():  # the port given timm's epsilon computes what timm does
+        if type(layer).__name__ == "BatchNorm":
+            layer._epsilon = 1e-3
+    r = _align(tm, pm, x)
+    assert r.passed, r.options.get("findings")
+
+
+def test_resnest50d_count_of_its_padded_pools_is_named_where_the_values_differ():
+    tm, pm, x = P.build("resnest50d")
+    r = _align(tm, pm, x)
+    div = r.options["divergence"]
+    assert not r.passed and div["layer"] == "layer2.0.avd_last"
+    assert div["port_layer"] == "layer2.layer2_bottleneck_0.avg_pool2d_2"
+    failed = _settings_failed(r)
+    assert sorted(k.rsplit("/", 1)[1] for k in failed) == ["ceil_mode"] * 3 + \
+        ["count_include_pad"] * 3
+    finding = r.options["findings"][-1]
+    assert ("layer2.layer2_bottleneck_0.avg_pool2d_2 (torch layer2.0.avd_last): "
+            "count_include_pad True in torch, False in Paddle") in finding
+    assert finding.endswith("layer2.0.avd_last is the layer where the values first differ: "
+                            "the likely cause")
+    for layer in pm.sublayers():  # counting the padding as timm does
+        if type(layer).__name__ == "AvgPool2D" and layer.padding:
+            layer.exclusive = False
+    r = _align(tm, pm, x)
+    assert r["logits"].passed and all(k.endswith("/ceil_mode") for k in _settings_failed(r))
+    # the shortcut pools' ceil_mode (timm's True) is no difference on this size, one on an odd
+    # one: at 40 px layer3 takes 5 rows, and the port's shortcut comes out a row short of its
+    # main path, which timm's does not
+    import paddle
+    import torch
+
+    x = P.image(40)
+    with torch.no_grad():
+        assert tm(torch.from_numpy(x)).shape == (2, 10)
+    with pytest.raises(ValueError, match="Broadcast dimension mismatch"):
+        pm(paddle.to_tensor(x))
+
+
+def test_res2net50_pools_pair_by_kernel_and_stride_around_the_one_the_port_lacks():
+    tm, pm, x = P.build("res2net50")
+    r = _align(tm, pm, x)
+    div = r.options["divergence"]
+    # timm's first block convolves each split alone, PaddleClas's adds the one before
+    assert not r.passed and div["layer"] == "layer1.0.convs.1"
+    assert div["message"].startswith("diverges before layer1.0.convs.1")
+    assert _settings_failed(r) == [f"settings/bb_{i}_0.pool2d_avg/count_include_pad"
+                                   for i in (1, 2, 3)]
+    assert ("avgpool (calls and layers): 4 in torch, 3 in Paddle; paired by kernel and stride, "
+            "layer1.0.pool in torch only") in r.options["settings"]["unpaired"]
