@@ -353,14 +353,14 @@ def explicit_padding(settings: Mapping[str, Any], rank: int,
     was. Paddle and torch pad "same" alike: ``(ceil(n / s) - 1) * s + k - n`` in all, half before
     and the rest after (PaddleClas's ResNet_vd pools its shortcut 2x2 "SAME" where timm's pads
     0: on an even size the same numbers). ``kernel``: a convolution's, from its weight."""
-    pad = settings.get("padding")
+    given = pad = settings.get("padding")
     if not isinstance(pad, str) or not rank:
         return pad
     pad = pad.lower()
     if pad == "valid":
         return (0,) * rank
     if pad != "same":
-        return pad
+        return given
     kernel = _tuple(settings.get("kernel_size") if kernel is None else tuple(kernel), rank)
     stride = _tuple(settings.get("stride", 1), rank)
     dilation = _tuple(settings.get("dilation", 1), rank)
@@ -471,7 +471,14 @@ def _pool_windows_differ(kind: str) -> Callable[[Mapping[str, Any], Mapping[str,
     return differ
 
 
+PADDED_IN_FORWARD = "TF's 'same', padded in its forward"
+
+
 def _torch_padding(t: Any, rank: int) -> Any:
+    if type(t).__name__.endswith(("Conv2dSame", "Pool2dSame", "Conv2dSameExport")):
+        # timm's TF ports pad in their forward, as the input's size asks; their padding
+        # attribute is 0
+        return PADDED_IN_FORWARD
     pad = t.padding
     return pad.lower() if isinstance(pad, str) else _tuple(pad, rank)
 
@@ -1007,14 +1014,22 @@ def _values_decide(d: SettingDiff) -> Optional[str]:
     - "reduction": a loss's, which a port may undo in its own code: Paddle's cross entropy
       with ignore_index divides a mean by every label, so a faithful port takes the sum and
       divides by the labels kept, and failed on "reduction 'mean' in torch, 'sum' in Paddle"
-      with every value aligned. The loss is compared wherever it is computed."""
+      with every value aligned. The loss is compared wherever it is computed.
+    - "padding": a layer that pads in its forward as its input's size asks (timm's
+      ``Conv2dSame``), whose padding attribute says nothing of it."""
     if d.setting == "batch_first" and d.kind == "attention":
         return "layout"
     if d.setting == "reduction":
         return "reduction"
+    if d.setting == "padding" and PADDED_IN_FORWARD in (d.torch_value, d.paddle_value):
+        # against a port that pads as TF does in its own code around the layer (PaddleClas's
+        # EfficientNet pads 2 and crops a row and a column): the values show what each pads
+        return "padding"
     return None
 
 
+_SAID = {"layout": "layout of the inputs", "reduction": "loss reduction",
+         "padding": "padding one side computes in its forward"}
 _BY_DEFINITION = "layers with parameters: paired by definition order, kind by kind"
 _BY_SHAPE = "layers with parameters: paired by order"
 
@@ -1063,8 +1078,8 @@ class SettingsReport:
                      "paired (see below)")
         lines = [d.line() for d in self.differ] or (
             [agree] if self.nothing_compared else [f"{agree} agree"])
-        lines += [f"{d.line()} (a {'layout of the inputs' if _values_decide(d) == 'layout' else 'loss reduction'}: "
-                  "not failed, the values decide)" for d in self.said]
+        lines += [f"{d.line()} (a {_SAID[str(_values_decide(d))]}: not failed, the values "
+                  "decide)" for d in self.said]
         for u in self.unpaired:
             if u.startswith(_BY_SHAPE):
                 lines.append(u)
@@ -1442,6 +1457,13 @@ def _values_decide_finding(result: Any, verbose: bool) -> Any:
             f"the port's loss reduces otherwise: {_shown(reduction)}; a reduction alone is no "
             "difference (a sum the port divides by the count kept is the mean), but the loss "
             "differs: check that the port's loss is divided as the reference's")
+    padding = info.get("padding") or []
+    if padding:
+        lines.append(
+            f"the reference pads in its layers' forward as the input's size asks, and the port "
+            f"by its own padding: {_shown(padding)}; alone that is no difference (a port may "
+            "pad and crop around the layer), but where the values differ, check that the port "
+            "pads as the reference does at this input's size")
     if not lines:
         return result
     if verbose:

@@ -85,6 +85,12 @@ def test_a_norm_holding_its_activation_has_its_epsilon_compared(eps):
         return
     assert lines == ["bn: epsilon 0.001 in torch, 1e-05 in Paddle"]
     assert not r.passed and not r["logits"].passed  # the values show it too
+    # localised at the norm itself, recorded whole as the port's fused norm is: before, the
+    # port's norm was paired with the activation inside, and "the cause lies between conv and
+    # bn.act, outside the recorded layers"
+    assert r.options["divergence"]["layer"] == "bn"
+    assert r.options["findings"][0].startswith("diverges at bn (NormAct vs BatchNorm): input "
+                                               "aligned")
     assert r.options["findings"][-1].startswith(
         "1 layer setting of the port differs from the reference's, whatever the values say: "
         "bn: epsilon 0.001 in torch, 1e-05 in Paddle")
@@ -171,3 +177,40 @@ def test_a_dropout_paddle_scales_in_evaluation_is_not_waived_as_training_only(mo
     finding = r.options["findings"][-1]
     assert ("in training only" in finding) is not eval_scales, finding
     assert "1: p 0 in torch, 0.2 in Paddle" in finding
+
+
+class Conv2dSame(tnn.Conv2d):
+    """timm's TF port of a convolution: pads "same" in its forward, as the input's size asks;
+    its padding attribute is 0."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
+        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+        x = torch.nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("padding", [[0, 1, 0, 1], 1])
+def test_a_reference_padding_in_its_forward_leaves_the_padding_to_the_values(padding):
+    """timm's tf_efficientnet_b0 against PaddleClas's EfficientNetB0 read "padding (0, 0) in
+    torch, (2, 2) in Paddle" on every strided convolution of a faithful port (PaddleClas pads 2
+    and crops a row and a column around it): the padding of a layer that pads in its forward is
+    said, not failed, and where the values differ a finding says to check it."""
+    torch.manual_seed(0)
+    tm = tnn.Sequential(Conv2dSame(3, 4, 3, stride=2, padding=0)).eval()
+    pm = pnn.Sequential(pnn.Conv2D(3, 4, 3, stride=2, padding=padding))
+    pm.eval()
+    load_into_paddle(pm, tm, by_order=True)
+    x = X[:, :, :12, :12]  # an even size: "same" pads (0, 1)
+    report = compare_settings(tm, pm, by_order=True)
+    assert report.differ == () and [d.setting for d in report.said] == ["padding"]
+    assert str(report).splitlines()[-1].endswith(
+        "(a padding one side computes in its forward: not failed, the values decide)")
+    r = align_forward(tm, pm, x, by_order=True, calibrate=True)
+    faithful = padding != 1
+    assert r.passed is faithful, r.options.get("findings")
+    assert any(f.startswith("the reference pads in its layers' forward as the input's size "
+                            "asks") for f in r.options.get("findings", ())) is not faithful
