@@ -572,6 +572,12 @@ def localise_forward(
     derived: dict[str, str] = {}  # reference keys set against a function of their value
     functions: dict[str, Any] = {}  # the port's side of reference layers it applies as functions
     pairing = None
+    if by_order and anchors:
+        # a reference norm holding its activation (timm's BatchNormAct2d) whose weights the
+        # port's fused BatchNorm(act=...) holds is recorded whole, its sublayers left out:
+        # else the port's norm paired with the activation inside, whose input is the
+        # normalised one
+        ref = _without_sublayers(ref, _fused_norm_pairs(torch_model, paddle_model, anchors))
     if by_order:
         pairing = _pair_all(ref, raw, anchors or {},
                             inert=inert,
@@ -1627,6 +1633,30 @@ def _without_inert(capture: dict[str, Any], other: Mapping[str, Any], inert: set
 
 def _inert(model: Any) -> set[str]:
     return {name for name, layer in _named(model) if type(layer).__name__.lower() in _INERT}
+
+
+def _fused_norm_pairs(torch_model: Any, paddle_model: Any, anchors: Mapping[str, str]
+                      ) -> tuple[str, ...]:
+    """The reference's norms holding their activation as a sublayer whose weights a port's
+    ``BatchNorm(act=...)`` holds (``anchors``: port layer -> reference layer)."""
+    from .settings import _layer_kind, _norm_holding_more
+
+    ours, theirs = dict(_named(torch_model)), dict(_named(paddle_model))
+    out = []
+    for port, layer in anchors.items():
+        m, p = ours.get(layer), theirs.get(port)
+        if m is not None and type(p).__name__ == "BatchNorm" and getattr(p, "_act", None) \
+                and _norm_holding_more(_layer_kind(m)[0], m) and any(True for _ in m.children()):
+            out.append(layer)
+    return tuple(out)
+
+
+def _without_sublayers(capture: Mapping[str, Any], layers: Sequence[str]) -> dict[str, Any]:
+    inside = tuple(f"{n}." for n in layers)
+    if not inside:
+        return dict(capture)
+    return {k: v for k, v in capture.items()
+            if (s := _subject(k)) is None or not s.partition("#")[0].startswith(inside)}
 
 
 def _named(model: Any) -> list[tuple[str, Any]]:

@@ -42,6 +42,9 @@ PAIRS: dict[str, tuple[str, str, str, dict[str, Any], int]] = {
     "dpn68": ("dpn68", "model_zoo.dpn", "DPN68", {}, 64),
     "res2net50": ("res2net50_26w_4s", "model_zoo.res2net", "Res2Net50_26w_4s", {}, 64),
     "resnest50d": ("resnest50d", "model_zoo.resnest", "ResNeSt50", {}, 64),
+    # PaddleClas's default: TF's padding and epsilon, as timm's TF port
+    "tf_efficientnet_b0": ("tf_efficientnet_b0", "model_zoo.efficientnet", "EfficientNetB0",
+                           {}, 64),
 }
 FAITHFUL = ("resnet50d", "repvgg_a0", "regnetx_002", "rexnet_100", "dla34", "seresnext50",
             "pvt_v2_b0")
