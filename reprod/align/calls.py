@@ -925,10 +925,10 @@ def _call_differences(kind: str, a: Mapping[str, Any], b: Mapping[str, Any]
     for setting in list(a) + [k for k in b if k not in a]:
         if setting not in a or setting not in b or setting.startswith("_"):
             continue  # "_shape": what a setting is read against, not one
-        relevant = _RELEVANT.get((kind, setting))
-        if relevant is not None and not relevant(a, b):
+        if _settings._same(a[setting], b[setting]):
             continue
-        if not _settings._same(a[setting], b[setting]):
+        relevant = _RELEVANT.get((kind, setting))  # after: a pool's reads every input size
+        if relevant is None or relevant(a, b):
             out.append((setting, a[setting], b[setting]))
     return out
 

@@ -786,10 +786,10 @@ def _differences(kind: str, a: Mapping[str, Any], b: Mapping[str, Any]
     for setting, *_ in _SETTINGS.get(kind, ()):
         if setting not in a or setting not in b:
             continue
-        relevant = _RELEVANT.get((kind, setting))
-        if relevant is not None and not relevant(a, b):
+        if _same(a[setting], b[setting]):
             continue
-        if not _same(a[setting], b[setting]):
+        relevant = _RELEVANT.get((kind, setting))  # after: a pool's reads every input size
+        if relevant is None or relevant(a, b):
             out.append((setting, a[setting], b[setting]))
     return out
 
