@@ -42,6 +42,8 @@ PAIRS: dict[str, tuple[str, str, str, dict[str, Any], int]] = {
     "dpn68": ("dpn68", "model_zoo.dpn", "DPN68", {}, 64),
     "res2net50": ("res2net50_26w_4s", "model_zoo.res2net", "Res2Net50_26w_4s", {}, 64),
     "resnest50d": ("resnest50d", "model_zoo.resnest", "ResNeSt50", {}, 64),
+    "inception_v3": ("inception_v3", "legendary_models.inception_v3", "InceptionV3", {}, 96),
+    "mobilevit_xxs": ("mobilevit_xxs", "model_zoo.mobilevit", "MobileViT_XXS", {}, 64),
     # PaddleClas's default: TF's padding and epsilon, as timm's TF port
     "tf_efficientnet_b0": ("tf_efficientnet_b0", "model_zoo.efficientnet", "EfficientNetB0",
                            {}, 64),

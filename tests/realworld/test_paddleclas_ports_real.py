@@ -172,3 +172,31 @@ def test_tf_efficientnet_b0_padding_in_the_forward_is_left_to_the_values():
     r = align_forward(tm, pm, x, by_order=True, calibrate=True,
                       check_settings=["*/momentum", "_drop/p"])
     assert r.passed, r.options.get("findings")
+
+
+def test_inception_v3_head_dropout_scales_in_evaluation_and_is_not_waived():
+    """PaddleClas's InceptionV3 ends in ``Dropout(0.2, mode="downscale_in_infer")``: 0.8 times
+    its features in evaluation, where timm's head has no dropout. Given timm's BatchNorm
+    epsilon (1e-3 against 1e-5), the port differs by that scale alone; its rate was said to act
+    in training only, and the finding told a port for inference to waive it."""
+    tm, pm, x = P.build("inception_v3")
+    for layer in pm.sublayers():
+        if type(layer).__name__ in ("BatchNorm", "BatchNorm2D"):
+            layer._epsilon = 1e-3
+    r = _align(tm, pm, x)
+    assert not r.passed and not r["logits"].passed
+    assert sorted(_settings_failed(r)) == ["settings/dropout/mode", "settings/dropout/p"]
+    finding = r.options["findings"][-1]
+    assert "dropout (torch head_drop): p 0 in torch, 0.2 in Paddle" in finding
+    assert "in training only" not in finding and "check_settings" not in finding
+    pm.dropout.p = 0.0  # without its scale the port computes what timm does
+    t, p = P.logits(tm, pm, x)
+    assert np.abs(t - p).max() <= 1e-5 * np.abs(t).max()
+
+
+def test_mobilevit_layernorm_epsilon_is_the_likely_cause():
+    tm, pm, x = P.build("mobilevit_xxs")
+    r = _align(tm, pm, x)
+    assert not r.passed and r.options["divergence"]["layer"] == "stages.2.1.norm"
+    assert "likely cause at stages.2.1.norm: LayerNorm epsilon: port uses ~1e-6, reference " \
+           "1e-5" in r.options["findings"]
