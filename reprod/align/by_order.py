@@ -859,6 +859,21 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
     (checked by pairing again), said with those rules, the rules' skip and port_only patterns,
     and the positions of the tensors one side alone holds; "" and none where no reading
     does."""
+    biases = _biases_before_norms(torch_keys, paddle_keys, tshapes)
+    if biases:
+        skip = tuple(f"^{re.escape(b)}$" for b in biases)
+        tried = dataclasses.replace(rules, skip=rules.skip + skip)
+        if not _order_plan(torch_side, paddle_side, tried, explain=False).problems:
+            shown = ", ".join(biases[:3]) + (f" and {len(biases) - 3} more"
+                                             if len(biases) > 3 else "")
+            return (f"every other tensor pairs by shape, but the torch side's convolutions "
+                    f"have a bias before a BatchNorm where the port's have none: {shown}. A "
+                    "norm cancels a bias before it in training, and in evaluation holds it in "
+                    "its running mean: fold each into the norm after it (running_mean -= bias) "
+                    "and drop it before loading; skipping them (rules=ConversionRules(skip="
+                    "[...])) would load the rest and leave each norm's mean off by its bias",
+                    (skip, ()), tuple(f"#{torch_keys.index(b)} {b} {list(tshapes[b])} vs "
+                                      "nothing" for b in biases))
     for t_alone, p_alone in _lone_candidates(torch_keys, paddle_keys, tshapes, pshapes):
         skip = [_pattern(keys) for keys in t_alone]
         only = [_pattern(keys) for keys in p_alone]
@@ -901,6 +916,27 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
         return (text + _untied(torch_side, p_alone, pshapes), (tuple(skip), tuple(only)),
                 tuple(at))
     return "", ((), ()), ()
+
+
+def _biases_before_norms(torch_keys: list[str], paddle_keys: list[str],
+                         tshapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The torch side's convolution biases right before a BatchNorm's tensors (timm's ResNeSt
+    ``SplitAttn.fc1``, HRNet's heads), where the torch side holds as many more tensors as
+    there are such biases: a port that folded them away."""
+    stats = sum(1 for k in torch_keys if k.endswith("running_mean"))
+    if not stats:
+        return []
+    out = []
+    for i, key in enumerate(torch_keys[:-1]):
+        layer, _, what = key.rpartition(".")
+        weight = tshapes.get(f"{layer}.weight") if layer else None
+        if what != "bias" or weight is None or len(weight) < 3:
+            continue  # a convolution's weight is [out, in, *kernel]
+        norm = torch_keys[i + 1].rpartition(".")[0]
+        if f"{norm}.running_mean" in tshapes and tshapes[f"{norm}.running_mean"] == \
+                tshapes[key] and norm != layer:
+            out.append(key)
+    return out if len(torch_keys) - len(paddle_keys) == len(out) else []
 
 
 def _untied(torch_side: Any, p_alone: list[list[str]], pshapes: Mapping[str, tuple[int, ...]]

@@ -214,3 +214,38 @@ def test_a_reference_padding_in_its_forward_leaves_the_padding_to_the_values(pad
     assert r.passed is faithful, r.options.get("findings")
     assert any(f.startswith("the reference pads in its layers' forward as the input's size "
                             "asks") for f in r.options.get("findings", ())) is not faithful
+
+
+def test_a_conv_bias_before_a_norm_the_port_folded_away_is_said_and_folding_it_loads():
+    """timm's ResNeSt (``SplitAttn.fc1``) and HRNet (its heads) hold a convolution bias before
+    a BatchNorm, which PaddleClas's ports do without: the refusal listed a cascade of shifted
+    positions. It now names the biases and says what folding them means."""
+    from reprod.errors import ReprodError
+
+    torch.manual_seed(0)
+    tm = tnn.Sequential(tnn.Conv2d(3, 4, 3), tnn.BatchNorm2d(4), tnn.ReLU(),
+                        tnn.Conv2d(4, 4, 3), tnn.BatchNorm2d(4), tnn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        for m in (tm[1], tm[4]):
+            m.running_mean.copy_(torch.randn(4) * 0.3)
+    pm = pnn.Sequential(pnn.Conv2D(3, 4, 3, bias_attr=False), pnn.BatchNorm2D(4), pnn.ReLU(),
+                        pnn.Conv2D(4, 4, 3, bias_attr=False), pnn.BatchNorm2D(4),
+                        pnn.Conv2D(4, 2, 1))
+    pm.eval()
+    with pytest.raises(ReprodError) as e:
+        load_into_paddle(pm, tm, by_order=True)
+    text = str(e.value)
+    assert "the torch side's convolutions have a bias before a BatchNorm where the port's " \
+           "have none: 0.bias, 3.bias." in text
+    assert "#1 0.bias [4] vs nothing; #7 3.bias [4] vs nothing" in text
+    # folded as the message says, the reference computes the same and loads into the port
+    with torch.no_grad():
+        before = tm(torch.from_numpy(X)).numpy()
+        for conv, norm in ((tm[0], tm[1]), (tm[3], tm[4])):
+            norm.running_mean.sub_(conv.bias)
+            conv.bias = None
+        np.testing.assert_allclose(tm(torch.from_numpy(X)).numpy(), before, rtol=1e-5,
+                                   atol=1e-6)
+    load_into_paddle(pm, tm, by_order=True)
+    r = align_forward(tm, pm, X, by_order=True, calibrate=True)
+    assert r.passed, r.options.get("findings")

@@ -100,7 +100,9 @@ def image(hw: int, n: int = 2, seed: int = SEED) -> np.ndarray:
     return np.random.RandomState(seed).randn(n, 3, hw, hw).astype("float32")
 
 
-def build(name: str, hw: int | None = None) -> tuple[Any, Any, np.ndarray]:
+def build(name: str, hw: int | None = None, fold: bool = True) -> tuple[Any, Any, np.ndarray]:
+    """The pair, loaded; ``fold=False`` leaves timm's ResNeSt biases before their norms (and
+    the load is refused)."""
     import paddle
     import timm
     import torch
@@ -115,7 +117,7 @@ def build(name: str, hw: int | None = None) -> tuple[Any, Any, np.ndarray]:
         paddle.seed(SEED)
         tm = timm.create_model(timm_name, pretrained=False, num_classes=10)
         perturb(tm)
-        if name == "resnest50d":
+        if name == "resnest50d" and fold:
             fold_split_attention_bias(tm)
         with paddle.utils.unique_name.guard():
             pm = getattr(importlib.import_module(f"ppcls.arch.backbone.{module}"), cls)(

@@ -200,3 +200,15 @@ def test_mobilevit_layernorm_epsilon_is_the_likely_cause():
     assert not r.passed and r.options["divergence"]["layer"] == "stages.2.1.norm"
     assert "likely cause at stages.2.1.norm: LayerNorm epsilon: port uses ~1e-6, reference " \
            "1e-5" in r.options["findings"]
+
+
+def test_resnest50d_as_shipped_is_refused_naming_the_biases_its_port_folded_away():
+    from reprod.errors import ReprodError
+
+    with pytest.raises(ReprodError) as e:
+        P.build("resnest50d", fold=False)
+    text = str(e.value)
+    assert ("the torch side's convolutions have a bias before a BatchNorm where the port's have "
+            "none: layer1.0.conv2.fc1.bias, layer1.1.conv2.fc1.bias, layer1.2.conv2.fc1.bias and "
+            "13 more. ") in text
+    assert "fold each into the norm after it (running_mean -= bias)" in text
