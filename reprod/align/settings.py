@@ -464,9 +464,10 @@ def _pool_windows_differ(kind: str) -> Callable[[Mapping[str, Any], Mapping[str,
             return True
         # the windows repeat with the stride: a few periods past the kernel and the padding
         # cover every case
-        sizes = range(1, 4 * (sum(k) + sum(a.get("stride") or ()) + 8))
-        return any(_pool_windows(a, n, dim, kind) is None
-                   or _pool_windows(a, n, dim, kind) != _pool_windows(b, n, dim, kind)
+        pads = [p for c in (a, b) if isinstance(p_ := c.get("padding"), tuple) for p in p_]
+        sizes = range(1, 4 * (sum(k) + sum(a.get("stride") or ()) + sum(pads) + 8))
+        return any((w := _pool_windows(a, n, dim, kind)) is None
+                   or w != _pool_windows(b, n, dim, kind)
                    for dim in range(len(k)) for n in sizes)
     return differ
 
