@@ -115,14 +115,19 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
     several = _several_tensors(ref, noise_twin, paddle_model,
                                (lambda n: ports_of.get(n)) if table else (lambda n: n), run_port) \
         if containers and run_port is not None else None
-    fused = list(_fused_acts(paddle_model))
+    # a fused norm paired with a reference norm holding its activation (timm's DPN against
+    # PaddleClas's) is judged whole, as the reference's: taken apart, a faithful port failed
+    # every norm at up to 794x
+    holding = _norms_holding_acts(noise_twin)
+    keep = {n for n in _fused_acts(paddle_model) if port_name(n) in holding} if holding else set()
+    fused = list(_fused_acts(paddle_model, keep))
     port = _replayed(paddle_model, ref, rename=port_name, containers=containers,
                      inputs=several, exclude=fused or None)
     if fused:
         # Paddle's BatchNorm(act="relu") is the reference's norm and the ReLU after it: alone it
         # is judged as the norm, its activation taken out (densenet121: a faithful port failed
         # every norm at up to 1640x); the blocks around it keep it
-        with _acts_apart(paddle_model):
+        with _acts_apart(paddle_model, keep):
             norms = _replayed(paddle_model, ref, rename=port_name, include=fused)
         port.ref_out.update(norms.ref_out)
         port.port_out.update(norms.port_out)
@@ -145,7 +150,7 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
 
         try:
             theirs, given = _between(ref, paddle_model, run_port, paired(port_name),
-                                     scales=scales)
+                                     scales=scales, keep=keep)
             # the twin is given what the port was: a layer the port computed itself (one it
             # holds fused, one it applies as a function) rounds on in both
             ours, _ = _between(ref, noise_twin, run_twin, paired(twin_name), given)
@@ -246,7 +251,7 @@ def _is_input(key: str) -> bool:
 
 def _between(ref: Mapping[str, Any], model: Any, run: Callable[[], None],
              paired: Callable[[str], Optional[str]], only: Optional[Collection[str]] = None,
-             scales: Optional[Mapping[str, float]] = None
+             scales: Optional[Mapping[str, float]] = None, keep: Collection[str] = ()
              ) -> tuple[dict[str, np.ndarray], set[str]]:
     """The inputs ``model``'s leaf layers received in ``run``, each leaf ``paired`` with a
     reference layer giving that layer's recorded output of the same call in place of its own
@@ -288,7 +293,7 @@ def _between(ref: Mapping[str, Any], model: Any, run: Callable[[], None],
 
         return before, after
 
-    with _acts_apart(model) as acts:
+    with _acts_apart(model, keep) as acts:  # ``keep``: given the reference's output whole
         for name, layer in backend.named_layers(model):
             theirs = paired(name) if name and backend.is_leaf(layer) else None
             if theirs is not None:
@@ -306,22 +311,33 @@ def _between(ref: Mapping[str, Any], model: Any, run: Callable[[], None],
     return got, given
 
 
-def _fused_acts(model: Any) -> dict[str, Any]:
+def _fused_acts(model: Any, keep: Collection[str] = ()) -> dict[str, Any]:
     """Layer name -> ``(act, apply)`` for each layer of a Paddle model applying a kink
-    activation to its own output (``paddle.nn.BatchNorm(act="relu")``)."""
+    activation to its own output (``paddle.nn.BatchNorm(act="relu")``), but those in ``keep``:
+    paired with a reference norm that holds its activation too (timm's ``BatchNormAct2d``)."""
     from ..capture.kinks.fused import _applier
 
     if not hasattr(model, "named_sublayers"):
         return {}
     return {name: found for name, layer in model.named_sublayers()
-            if name and (found := _applier(layer)) is not None}
+            if name and name not in keep and (found := _applier(layer)) is not None}
+
+
+def _norms_holding_acts(model: Any) -> set[str]:
+    """The torch model's norms that hold their activation as a sublayer."""
+    from .settings import _layer_kind, _norm_holding_more
+
+    if not hasattr(model, "named_modules"):
+        return set()
+    return {name for name, m in model.named_modules()
+            if name and _norm_holding_more(_layer_kind(m)[0], m) and any(True for _ in m.children())}
 
 
 @contextlib.contextmanager
-def _acts_apart(model: Any) -> Iterator[dict[str, Any]]:
+def _acts_apart(model: Any, keep: Collection[str] = ()) -> Iterator[dict[str, Any]]:
     """The block with each fused layer's activation taken out of it (``_fused_acts``, which it
     yields), put back after."""
-    acts = _fused_acts(model)
+    acts = _fused_acts(model, keep)
     layers = dict(model.named_sublayers()) if acts else {}
     for name in acts:
         layers[name]._act = None

@@ -212,3 +212,31 @@ def test_resnest50d_as_shipped_is_refused_naming_the_biases_its_port_folded_away
             "none: layer1.0.conv2.fc1.bias, layer1.1.conv2.fc1.bias, layer1.2.conv2.fc1.bias and "
             "13 more. ") in text
     assert "fold each into the norm after it (running_mean -= bias)" in text
+
+
+def test_dpn68_in_bfloat16_its_fused_norms_are_judged_alone_whole():
+    """Half precision, each layer alone (``half_local``): Paddle's ``BatchNorm(act="relu")`` was
+    replayed without its activation, as torchvision's norms have none; timm's hold theirs, and
+    a faithful DPN68 (given timm's epsilon) failed every norm alone at up to 794x. A conv
+    weight 2 % off is still named alone at its layer. The port computes as a bfloat16 kernel
+    would, held in float32 (Paddle has no CPU bfloat16 kernels), as the project's half tests do."""
+    import copy
+
+    from test_half_alone_real import _emulated
+
+    from reprod.align import align_forward
+
+    tm, pm, x = P.build("dpn68")
+    for layer in pm.sublayers():
+        if type(layer).__name__ == "BatchNorm":
+            layer._epsilon = 1e-3
+    r = align_forward(tm, _emulated(copy.deepcopy(pm)), x, by_order=True, calibrate=True,
+                      precision="bfloat16")
+    alone = r.options["layers"]["alone"]
+    assert r.passed and alone["largest"]["multiple"] < 4, alone
+    weight = pm.dpn3.c3x3_b_func._conv.weight
+    weight.set_value(weight.numpy() * np.float32(1.02))
+    r = align_forward(tm, _emulated(pm), x, by_order=True, calibrate=True, precision="bfloat16")
+    assert not r.passed and r.options["divergence"]["alone"]
+    assert r.options["divergence"]["layer"] == "features.conv2_3.c3x3_b.conv", \
+        r.options["divergence"]["message"]
