@@ -143,6 +143,9 @@ class AtomicFile:
     def commit(self) -> str:
         if self._done:
             return self.path
+        if _term_state["exit_due"] and _thread.get_ident() == _term_state["thread"]:
+            self.abort()  # SIGTERM came and its SystemExit was caught: the file is not put in place
+            _check_exit_due()
         if self.direct:
             self._done = True
             try:
@@ -238,7 +241,9 @@ class AtomicFile:
 _term_lock = _thread.allocate_lock()  # what threading.Lock() is
 _term_holders = [0]
 _term_state: dict[str, Any] = {"installed": False, "terminating": False, "pending": False,
-                               "thread": None}  # the ident of the thread that installed it
+                               "thread": None,  # the ident of the thread that installed it
+                               "exit_due": 0,  # 128 + the signal, once one asked the end
+                               "raised": None}  # the SystemExit last raised for it
 _live_temporaries: set[str] = set()  # temporary files of live AtomicFiles, for the handler
 _critical = [0]  # > 0 while the main thread creates and registers a temporary file
 
@@ -255,12 +260,53 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def _terminate(signum: int) -> None:
     _term_state["terminating"] = True
     _term_state["pending"] = False
+    _term_state["exit_due"] = 128 + signum
     for path in list(_live_temporaries):
         try:
             os.unlink(path)
         except OSError:
             pass
-    raise SystemExit(128 + signum)
+    _raise_exit()
+
+
+# A handler runs wherever the main thread is when the signal comes, and Python cannot let an
+# exception out of some of those places: a __del__, a weakref callback, a buffered file closed as
+# it is collected. There it prints "Exception ignored in" and goes on, and SIGTERM's SystemExit was
+# lost: a save loop kept saving after a SIGTERM (seen once in CI, under load). SIGTERM's default
+# action is never weakened: a SystemExit lost that way ends the process as the default action
+# would (the temporary files are gone already), and one caught by the program is raised again
+# when it next starts a temporary file or commits one.
+def _raise_exit() -> None:
+    exc = SystemExit(_term_state["exit_due"])
+    _term_state["raised"] = exc
+    import sys  # built in, loaded at start-up
+    hook = sys.unraisablehook
+    if getattr(hook, "__name__", "") != "_unraisable_sigterm":
+        def _unraisable_sigterm(args: Any, _previous: Any = hook) -> None:
+            if args.exc_value is not _term_state.get("raised"):
+                _previous(args)
+                return
+            _die(_term_state["exit_due"] or 128 + _signal.SIGTERM)
+        sys.unraisablehook = _unraisable_sigterm
+    raise exc
+
+
+def _die(status: int) -> None:
+    """End the process by the signal behind ``status`` (128 + its number), with its default action,
+    as though no handler had been set; ``os._exit(status)`` where that does not end it."""
+    try:
+        _signal.signal(status - 128, _signal.SIG_DFL)
+        os.kill(os.getpid(), status - 128)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no such signal here
+        pass
+    os._exit(status)
+
+
+def _check_exit_due() -> None:
+    """Raise SIGTERM's SystemExit again, in the main thread, where an earlier one was caught and
+    the program went on: it asked the process to end."""
+    if _term_state["exit_due"] and _thread.get_ident() == _term_state["thread"]:
+        _raise_exit()
 
 
 def _sigterm_hold() -> bool:
@@ -268,6 +314,7 @@ def _sigterm_hold() -> bool:
     True when the handler is installed and runs in this thread (which then guards its file's
     creation with ``_critical``)."""
     me = _thread.get_ident()
+    _check_exit_due()
     with _term_lock:
         _term_holders[0] += 1
         if not _term_state["installed"]:
@@ -313,6 +360,7 @@ def _after_fork_in_child() -> None:
     _live_temporaries.clear()
     _term_holders[0] = 0
     _term_state["terminating"] = _term_state["pending"] = False
+    _term_state["exit_due"] = 0
     if _term_state["installed"]:
         _term_state["installed"] = False
         try:

@@ -332,6 +332,94 @@ def test_sigterm_during_a_streaming_run_leaves_no_temporary(tmp_path) -> None:
     assert _temporaries(tmp_path) == [] and _tag_of(target) == 1.0
 
 
+# SIGTERM comes where the main thread is: in a __del__, a weakref callback or a buffered file closed
+# as it is collected, Python cannot let the handler's SystemExit out ("Exception ignored in") and
+# went on. A save loop then kept saving after SIGTERM (CI, Python 3.13, under load).
+_TERM_UNRAISABLE = r"""
+import os, signal, sys, weakref
+import numpy as np
+import reprod
+from reprod.storage import atomic
+path, where = sys.argv[1], sys.argv[2]
+af = atomic.AtomicFile(path)
+af.file.write(b"partial")
+print(af.tmp_path, flush=True)
+
+def term():
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(1000):  # the handler runs at the next bytecode boundary: here
+        pass
+
+class Dropped:
+    def __del__(self):
+        term()
+
+class Owner:
+    pass
+
+if where == "del":
+    Dropped()
+else:
+    o = Owner()
+    weakref.finalize(o, term)
+    del o
+print("went on after SIGTERM", flush=True)
+af.commit()
+reprod.save(path, {"a": np.ones(3)})
+print("saved after SIGTERM", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["del", "finalize"])
+def test_sigterm_where_python_cannot_raise_still_ends_the_process(tmp_path, where) -> None:
+    target = tmp_path / "run.npz"
+    reprod.save(target, _dump(1.0))
+    p = _child(_TERM_UNRAISABLE, target, where)
+    out, err = p.communicate(timeout=60)
+    # ended as SIGTERM's default action ends a process, once its temporary file was removed
+    assert p.returncode == -signal.SIGTERM, (p.returncode, out, err[-3000:])
+    assert "went on" not in out and "Exception ignored" not in err and "Traceback" not in err, err
+    tmp = Path(out.split()[0])
+    assert tmp.parent == tmp_path and not tmp.exists()
+    assert _temporaries(tmp_path) == [] and _tag_of(target) == 1.0
+
+
+_TERM_CAUGHT = r"""
+import os, signal, sys
+import numpy as np
+import reprod
+from reprod.storage import atomic
+path = sys.argv[1]
+af = atomic.AtomicFile(path)
+af.file.write(b"partial")
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(1000):
+        pass
+except SystemExit as exc:  # a program that logs and goes on
+    print("caught", exc.code, flush=True)
+try:
+    af.commit()
+except SystemExit as exc:
+    print("commit", exc.code, flush=True)
+reprod.save(path, {"a": np.ones(3)})
+print("saved after SIGTERM", flush=True)
+"""
+
+
+def test_sigterm_caught_by_the_program_is_raised_again_at_the_next_save(tmp_path) -> None:
+    """SIGTERM asked the process to end: a program that catches the SystemExit and saves on gets
+    it again, and nothing half-written or written after the signal is put in place."""
+    target = tmp_path / "run.npz"
+    reprod.save(target, _dump(1.0))
+    p = _child(_TERM_CAUGHT, target)
+    out, err = p.communicate(timeout=60)
+    assert out.split() == ["caught", "143", "commit", "143"], (out, err[-3000:])
+    assert p.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert _temporaries(tmp_path) == [] and _tag_of(target) == 1.0
+
+
 _SLOW_STREAM = r"""
 import sys
 import numpy as np
