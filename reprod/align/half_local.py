@@ -325,12 +325,11 @@ def _fused_acts(model: Any, keep: Collection[str] = ()) -> dict[str, Any]:
 
 def _norms_holding_acts(model: Any) -> set[str]:
     """The torch model's norms that hold their activation as a sublayer."""
-    from .settings import _layer_kind, _norm_holding_more
+    from .settings import norm_holding_act
 
     if not hasattr(model, "named_modules"):
         return set()
-    return {name for name, m in model.named_modules()
-            if name and _norm_holding_more(_layer_kind(m)[0], m) and any(True for _ in m.children())}
+    return {name for name, m in model.named_modules() if name and norm_holding_act(m)}
 
 
 @contextlib.contextmanager

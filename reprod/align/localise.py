@@ -1639,14 +1639,14 @@ def _fused_norm_pairs(torch_model: Any, paddle_model: Any, anchors: Mapping[str,
                       ) -> tuple[str, ...]:
     """The reference's norms holding their activation as a sublayer whose weights a port's
     ``BatchNorm(act=...)`` holds (``anchors``: port layer -> reference layer)."""
-    from .settings import _layer_kind, _norm_holding_more
+    from .settings import norm_holding_act
 
     ours, theirs = dict(_named(torch_model)), dict(_named(paddle_model))
     out = []
     for port, layer in anchors.items():
         m, p = ours.get(layer), theirs.get(port)
         if m is not None and type(p).__name__ == "BatchNorm" and getattr(p, "_act", None) \
-                and _norm_holding_more(_layer_kind(m)[0], m) and any(True for _ in m.children()):
+                and norm_holding_act(m):
             out.append(layer)
     return tuple(out)
 

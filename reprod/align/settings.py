@@ -838,6 +838,12 @@ def _norm_holding_more(kind: Optional[str], m: Any) -> bool:
     return kind in _NORMS and bool(getattr(m, "_parameters", None) or getattr(m, "_buffers", None))
 
 
+def norm_holding_act(m: Any) -> bool:
+    """``m`` is a norm holding its activation as a sublayer (timm's ``BatchNormAct2d``): the
+    counterpart of a Paddle ``BatchNorm(act=...)``, which replay and localisation keep whole."""
+    return _norm_holding_more(_layer_kind(m)[0], m) and any(True for _ in m.children())
+
+
 def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, str]
            ) -> list[tuple[str, Any, str, Any]]:
     """(torch name, module, Paddle name, layer) of each pair of layers with parameters (paired
