@@ -143,9 +143,11 @@ class AtomicFile:
     def commit(self) -> str:
         if self._done:
             return self.path
-        if _term_state["exit_due"] and _thread.get_ident() == _term_state["thread"]:
-            self.abort()  # SIGTERM came and its SystemExit was caught: the file is not put in place
-            _check_exit_due()
+        if self.tmp_path is not None and self.tmp_path in _removed_by_sigterm:
+            # SIGTERM came mid-save and the program caught its SystemExit: nothing to put in place
+            self.abort()
+            raise write_error(OSError(errno.EINTR, "interrupted by SIGTERM, whose cleanup removed "
+                                      "the temporary file"), self._given)
         if self.direct:
             self._done = True
             try:
@@ -198,6 +200,7 @@ class AtomicFile:
                     pass
                 finally:
                     _live_temporaries.discard(self.tmp_path)
+                    _removed_by_sigterm.discard(self.tmp_path)
                     _sigterm_release()
 
     def __enter__(self) -> AtomicFile:
@@ -242,9 +245,9 @@ _term_lock = _thread.allocate_lock()  # what threading.Lock() is
 _term_holders = [0]
 _term_state: dict[str, Any] = {"installed": False, "terminating": False, "pending": False,
                                "thread": None,  # the ident of the thread that installed it
-                               "exit_due": 0,  # 128 + the signal, once one asked the end
-                               "raised": None}  # the SystemExit last raised for it
+                               "raised": None}  # the SystemExit the handler raised last
 _live_temporaries: set[str] = set()  # temporary files of live AtomicFiles, for the handler
+_removed_by_sigterm: set[str] = set()  # those the handler removed, until their writer ends
 _critical = [0]  # > 0 while the main thread creates and registers a temporary file
 
 
@@ -260,35 +263,40 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def _terminate(signum: int) -> None:
     _term_state["terminating"] = True
     _term_state["pending"] = False
-    _term_state["exit_due"] = 128 + signum
     for path in list(_live_temporaries):
         try:
             os.unlink(path)
         except OSError:
             pass
-    _raise_exit()
+        _removed_by_sigterm.add(path)
+    exc = SystemExit(128 + signum)
+    _term_state["raised"] = exc
+    _unraisable_ends_the_process()
+    raise exc
 
 
 # A handler runs wherever the main thread is when the signal comes, and Python cannot let an
 # exception out of some of those places: a __del__, a weakref callback, a buffered file closed as
 # it is collected. There it prints "Exception ignored in" and goes on, and SIGTERM's SystemExit was
 # lost: a save loop kept saving after a SIGTERM (seen once in CI, under load). SIGTERM's default
-# action is never weakened: a SystemExit lost that way ends the process as the default action
-# would (the temporary files are gone already), and one caught by the program is raised again
-# when it next starts a temporary file or commits one.
-def _raise_exit() -> None:
-    exc = SystemExit(_term_state["exit_due"])
-    _term_state["raised"] = exc
+# action is never weakened: a SystemExit lost that way ends the process by the signal, as the
+# default action would (the temporary files are gone already). One the program catches is its
+# own to handle, as any SystemExit; the save it interrupted then fails on commit, and says why.
+def _unraisable_ends_the_process() -> None:
     import sys  # built in, loaded at start-up
+
     hook = sys.unraisablehook
-    if getattr(hook, "__name__", "") != "_unraisable_sigterm":
-        def _unraisable_sigterm(args: Any, _previous: Any = hook) -> None:
-            if args.exc_value is not _term_state.get("raised"):
-                _previous(args)
-                return
-            _die(_term_state["exit_due"] or 128 + _signal.SIGTERM)
-        sys.unraisablehook = _unraisable_sigterm
-    raise exc
+    if getattr(hook, "__name__", "") == "_unraisable_sigterm":
+        return
+
+    def _unraisable_sigterm(args: Any, _previous: Any = hook) -> None:
+        exc = _term_state.get("raised")
+        if exc is None or args.exc_value is not exc:
+            _previous(args)
+            return
+        _die(exc.code)
+
+    sys.unraisablehook = _unraisable_sigterm
 
 
 def _die(status: int) -> None:
@@ -302,11 +310,6 @@ def _die(status: int) -> None:
     os._exit(status)
 
 
-def _check_exit_due() -> None:
-    """Raise SIGTERM's SystemExit again, in the main thread, where an earlier one was caught and
-    the program went on: it asked the process to end."""
-    if _term_state["exit_due"] and _thread.get_ident() == _term_state["thread"]:
-        _raise_exit()
 
 
 def _sigterm_hold() -> bool:
@@ -314,7 +317,6 @@ def _sigterm_hold() -> bool:
     True when the handler is installed and runs in this thread (which then guards its file's
     creation with ``_critical``)."""
     me = _thread.get_ident()
-    _check_exit_due()
     with _term_lock:
         _term_holders[0] += 1
         if not _term_state["installed"]:
@@ -360,7 +362,7 @@ def _after_fork_in_child() -> None:
     _live_temporaries.clear()
     _term_holders[0] = 0
     _term_state["terminating"] = _term_state["pending"] = False
-    _term_state["exit_due"] = 0
+    _removed_by_sigterm.clear()
     if _term_state["installed"]:
         _term_state["installed"] = False
         try:
