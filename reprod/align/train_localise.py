@@ -208,6 +208,7 @@ def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[st
     d_ref, d_port, p0, flips = [], [], [], []
     noise: list[float] = []  # the largest gradient of each key whose two gradients are noise
     moved = 0.0  # the largest step apart of those keys
+    scale = _largest_gradient(ref_log, 0)
     for key in keys:
         name = key[len("step0/param/"):]
         if name not in before or key not in ref_log or key not in port_log:
@@ -216,7 +217,7 @@ def update_finding(result: Any, ref_log: Mapping[str, Any], port_log: Mapping[st
         a = np.asarray(ref_log[key], dtype=np.float64).reshape(-1) - w
         b = np.asarray(port_log[key], dtype=np.float64).reshape(-1) - w
         g_ref, g_port = ref_log.get(f"step0/grad/{name}"), port_log.get(f"step0/grad/{name}")
-        top = _noise_gradient(g_ref, g_port)
+        top = _noise_gradient(g_ref, g_port, scale)
         if top is not None:
             # left out of the fit: a bias before a BatchNorm, whose noise Adam makes steps of
             # up to lr, would hide a weight decay on every other parameter
@@ -281,18 +282,33 @@ def _fitted_update(r: np.ndarray, o: np.ndarray, w: np.ndarray, flip: np.ndarray
     return head + ": " + "; ".join(parts)
 
 
-def _noise_gradient(g_ref: Any, g_port: Any) -> Optional[float]:
-    """The larger of two gradients of one parameter that are noise (as far apart as they are
-    large: half the reference's largest element at least), else None."""
+def _noise_gradient(g_ref: Any, g_port: Any, scale: float = 0.0) -> Optional[float]:
+    """The larger of two gradients of one parameter that are noise, else None: as far apart as
+    they are large (half the reference's largest element at least), or, both, no larger than
+    float32's rounding of ``scale``, the step's largest gradient. The second catches a bias
+    before a BatchNorm (its gradient is 0 but for rounding) where both frameworks round alike:
+    on one CPU its two gradients were 3.7e-8 and 0.46 of that apart, under a largest 0.89."""
     if g_ref is None or g_port is None:
         return None
     gr, gp = np.asarray(g_ref, np.float64), np.asarray(g_port, np.float64)
     if gr.shape != gp.shape:
         return None
     top = float(np.abs(gr).max(initial=0.0))
-    if float(np.abs(gr - gp).max(initial=0.0)) >= 0.5 * top:
-        return max(top, float(np.abs(gp).max(initial=0.0)))
+    theirs = float(np.abs(gp).max(initial=0.0))
+    if float(np.abs(gr - gp).max(initial=0.0)) >= 0.5 * top or \
+            max(top, theirs) <= _F32_EPS * scale:
+        return max(top, theirs)
     return None
+
+
+_F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _largest_gradient(log: Mapping[str, Any], step: int) -> float:
+    """The largest element of the step's parameter gradients in ``log``."""
+    head = f"step{step}/grad/"
+    return max((float(np.abs(np.asarray(v, np.float64)).max(initial=0.0))
+                for k, v in log.items() if k.startswith(head)), default=0.0)
 
 
 def noise_gradients(keys: Sequence[str], step: int, ref_log: Mapping[str, Any],
@@ -300,10 +316,11 @@ def noise_gradients(keys: Sequence[str], step: int, ref_log: Mapping[str, Any],
     """Where every failing ``stepN/param/`` key's two gradients of that step are noise, the
     largest of them; else None."""
     tops = []
+    scale = _largest_gradient(ref_log, step) if keys else 0.0
     for key in keys:
         name = key.split("/param/", 1)[1]
         top = _noise_gradient(ref_log.get(f"step{step}/grad/{name}"),
-                              port_log.get(f"step{step}/grad/{name}"))
+                              port_log.get(f"step{step}/grad/{name}"), scale)
         if top is None:
             return None
         tops.append(top)
