@@ -554,6 +554,8 @@ def localise_forward(
                       if not p.startswith(tuple(b + "." for b in blocks))}, **blocks}
     else:
         raw = _capture(paddle_model, run_paddle, containers, backward)
+    if by_order and anchors:
+        raw, anchors = _wrappers_for_shapes(paddle_model, run_paddle, anchors, ref, raw)
     if ref_layout is not None:
         ref = ref_layout(ref)
     # and the reverse, a reference layer holding several of the port's (Phi-3's qkv_proj for
@@ -572,16 +574,24 @@ def localise_forward(
     derived: dict[str, str] = {}  # reference keys set against a function of their value
     functions: dict[str, Any] = {}  # the port's side of reference layers it applies as functions
     pairing = None
+    apart: dict[str, str] = {}  # reference norm -> its activation, recorded apart
     if by_order and anchors:
         # a reference norm holding its activation (timm's BatchNormAct2d) whose weights the
         # port's fused BatchNorm(act=...) holds is recorded whole, its sublayers left out:
         # else the port's norm paired with the activation inside, whose input is the
         # normalised one
         ref = _without_sublayers(ref, _fused_norm_pairs(torch_model, paddle_model, anchors))
+        # and one whose weights a port's plain norm holds, the port applying the activation
+        # after it as a function (PaddleClas's EfficientNet: BatchNorm, then F.swish), is
+        # recorded as the norm and the activation after it: else the port's norm paired with
+        # the activation inside, and a faithful port failed its layers
+        apart = _norms_apart(torch_model, paddle_model, anchors, ref)
+        ref = _norm_apart(ref, apart)
     if by_order:
         pairing = _pair_all(ref, raw, anchors or {},
                             inert=inert,
-                            kinds=(layer_types(torch_model), layer_types(paddle_model)))
+                            kinds=(layer_types(torch_model), layer_types(paddle_model)),
+                            apart=apart)
         parts, superseded, derived = _fused(ref, raw, pairing.calls, pairing.ref_leaves)
         port = _renamed(raw, pairing.calls, parts)
         functions = _applied_as_functions(ref, port, pairing, set(parts.values()))
@@ -604,8 +614,8 @@ def localise_forward(
     # self_attn(hidden_states=...) against PaddleNLP's self_attn(x)) pairs by its values: else
     # the layer's input never aligns, and a divergence inside it is named at the block around it
     port = pair_inputs(ref, port)
-    noise = None if run_twin is None else _split_packed(
-        _capture(run_twin[0], run_twin[1], containers, backward), packed)
+    noise = None if run_twin is None else _norm_apart(_split_packed(
+        _capture(run_twin[0], run_twin[1], containers, backward), packed), apart)
     if noise is not None and ref_layout is not None:
         noise = ref_layout(noise)
     if noise is not None and splits:
@@ -1210,6 +1220,11 @@ def _own_parameters(layer: str, torch_model: Any, paddle_model: Any, names: Mapp
     try:
         ours = list(ref_layer.named_parameters(recurse=False))
         theirs = list(port_layer.named_parameters(include_sublayers=False))
+        if not theirs and ours:
+            # a wrapper holding the one layer that does (``_wrappers_for_shapes``): its weights
+            inner = list(port_layer.named_parameters())
+            if len({n.rpartition(".")[0] for n, _ in inner}) == 1:
+                theirs = [(n.rpartition(".")[2], q) for n, q in inner]
     except (TypeError, AttributeError):
         return None
     by_name = dict(theirs)
@@ -1649,6 +1664,118 @@ def _fused_norm_pairs(torch_model: Any, paddle_model: Any, anchors: Mapping[str,
                 and norm_holding_act(m):
             out.append(layer)
     return tuple(out)
+
+
+def _wrappers_for_shapes(paddle_model: Any, run_paddle: Any, anchors: Mapping[str, str],
+                         ref: Mapping[str, Any], raw: Mapping[str, Any]
+                         ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The port's capture and anchors with each anchored leaf whose output has another shape
+    than its reference layer's replaced by the layer around it holding nothing else, where that
+    one's output has the reference's shape: PaddleClas's EfficientNet pads its convolution 2
+    and crops a row and a column in the wrapper around it (TF's "same"), and the inner
+    convolution was named the divergence for its shape in every port."""
+    from ..capture.naming import parse_key
+
+    def shapes(capture: Mapping[str, Any], layer: str) -> list[tuple[int, ...]]:
+        return [np.shape(v) for key, v in capture.items()
+                if (k := parse_key(key)) is not None and not k.is_param and k.name == layer
+                and k.what == "out"]
+
+    layers = dict(_named(paddle_model))
+    owned = {name: {id(p) for p in layer.parameters()} for name, layer in layers.items()}
+    wrappers: dict[str, list[str]] = {}  # port leaf -> the layers around it, innermost first
+    for port, layer in anchors.items():
+        got, want = shapes(raw, port), shapes(ref, layer)
+        if not got or not want or got == want or len(got) != len(want):
+            continue
+        mine, up, name = owned.get(port), [], port
+        while "." in name:
+            name = name.rpartition(".")[0]
+            if owned.get(name) != mine:
+                break  # it holds weights of others: not this layer's wrapper
+            up.append(name)
+        if up and mine:
+            wrappers[port] = up
+    if not wrappers:
+        return dict(raw), dict(anchors)
+    around = _capture_only(paddle_model, run_paddle,
+                           sorted({n for up in wrappers.values() for n in up}))
+    anchors = dict(anchors)
+    swap: dict[str, str] = {}  # port leaf -> the wrapper recorded in its place
+    for port, up in wrappers.items():
+        want = shapes(ref, anchors[port])
+        found = next((n for n in up if shapes(around, n) == want), None)
+        if found is not None:
+            swap[port] = found
+            anchors[found] = anchors.pop(port)
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        k = parse_key(key)
+        if k is None or k.is_param or k.name not in swap:
+            out[key] = value
+            continue
+        # in the leaf's place, call by call: the wrapper's input is the leaf's, its output
+        # comes where the leaf's came
+        theirs = str(k.with_name(swap[k.name]))
+        if theirs in around:
+            out[theirs] = around[theirs]
+    return out, anchors
+
+
+def _norms_apart(torch_model: Any, paddle_model: Any, anchors: Mapping[str, str],
+                 ref: Mapping[str, Any]) -> dict[str, str]:
+    """Reference norm -> the activation it holds, for each norm holding its activation as a
+    sublayer whose weights a port norm without an activation holds (``anchors``: port layer ->
+    reference layer), where the activation is the one sublayer recorded that computes (a
+    dropout of p 0 is left out: ``_without_inert``) and called as often as the norm."""
+    from .settings import _NORMS, _layer_kind, norm_holding_act
+
+    ours, theirs = dict(_named(torch_model)), dict(_named(paddle_model))
+    calls: dict[str, set[str]] = {}
+    for key in ref:
+        subject = _subject(key)
+        if subject is not None:
+            calls.setdefault(subject.partition("#")[0], set()).add(subject)
+    out: dict[str, str] = {}
+    for port, layer in anchors.items():
+        m, p = ours.get(layer), theirs.get(port)
+        if m is None or p is None or getattr(p, "_act", None) or not norm_holding_act(m) \
+                or _layer_kind(p)[0] not in _NORMS:
+            continue
+        inside = [n for n in calls if n.startswith(f"{layer}.")]
+        if len(inside) == 1 and "." not in inside[0][len(layer) + 1:] \
+                and len(calls[inside[0]]) == len(calls.get(layer, ())):
+            out[layer] = inside[0]
+    return out
+
+
+def _norm_apart(capture: Mapping[str, Any], apart: Mapping[str, str]) -> dict[str, Any]:
+    """``capture`` with each norm of ``apart`` (norm -> its activation) recorded as the norm and
+    then the activation: the norm's output is its activation's input, put before the
+    activation's keys, and its gradient there the activation's input gradient; any other
+    sublayer's keys (an identity dropout) are left out."""
+    if not apart:
+        return dict(capture)
+    from ..capture.naming import CaptureKey, parse_key
+
+    acts = {a: n for n, a in apart.items()}
+    inside = tuple(f"{n}." for n in apart)
+    out: dict[str, Any] = {}
+    for key, value in capture.items():
+        k = parse_key(key)
+        if k is None or k.is_param:
+            out[key] = value
+            continue
+        if k.name in apart and k.what in ("out", "grad_out"):
+            continue  # the norm's own: from its activation's input, below
+        if k.name in acts:
+            if k.what in ("in", "grad_in"):
+                what = "out" if k.what == "in" else "grad_out"
+                out[str(CaptureKey(acts[k.name], k.call, what, k.items))] = value
+        elif k.name.startswith(inside):
+            continue
+        out[key] = value
+    return out
 
 
 def _without_sublayers(capture: Mapping[str, Any], layers: Sequence[str]) -> dict[str, Any]:

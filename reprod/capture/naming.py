@@ -373,8 +373,10 @@ class _Pairing:
 def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
               anchors: Optional[Mapping[str, str]],
               inert: tuple[Collection[str], Collection[str]] = ((), ()),
-              kinds: Optional[tuple[Mapping[str, str], Mapping[str, str]]] = None) -> _Pairing:
-    """``inert``: each side's layers (a dropout, ``Identity``) whose calls, where their output
+              kinds: Optional[tuple[Mapping[str, str], Mapping[str, str]]] = None,
+              apart: Collection[str] = ()) -> _Pairing:
+    """``apart``: reference layers that are leaves though a recorded layer's name lies under
+    theirs (a norm recorded apart from the activation it holds). ``inert``: each side's layers (a dropout, ``Identity``) whose calls, where their output
     is their input, are left out of the pairing: they compute nothing to localise, and paired by
     order they would take the place of a layer that does (a port's p-0 activation dropout against
     the reference's activation layer). ``kinds``: each side's layer name -> class name
@@ -382,7 +384,7 @@ def _pair_all(ref_map: Mapping[str, Any], other_map: Mapping[str, Any],
     win (``_pair_calls``)."""
     ref_calls = _layer_calls(ref_map)
     other_calls = _layer_calls(other_map)
-    ref_boxes, other_boxes = _containers_of(ref_calls), _containers_of(other_calls)
+    ref_boxes, other_boxes = _containers_of(ref_calls) - set(apart), _containers_of(other_calls)
     # with containers, shapes alone pair a block with a leaf or a wrapper with its block: the
     # leaf layers pair by call order, then each container with the one holding the same leaves
     ref_inert = {c[0] for c in ref_calls if _base(c[0]) not in ref_boxes
