@@ -110,7 +110,15 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
     if containers and table:  # by order: the blocks pair by the leaves they hold
         table.update({p: r for p, r in _blocks_by_leaves(paddle_model, ref, table).items()
                       if p not in table})
-    twin = _replayed(noise_twin, ref, rename=twin_name, containers=containers)
+    # a plain port norm paired with a reference norm holding its activation, which the port
+    # applies after it as a function (PaddleClas's EfficientNet against timm's): judged as the
+    # norm, against the reference's output before its activation and the twin's norm without
+    # it (a faithful bf16 port failed every such norm at up to 390x)
+    apart = _norms_apart(noise_twin, paddle_model, port_name, ref_inert)
+    if apart:
+        ref = _ref_apart(ref, apart)
+    with _twin_acts_apart(noise_twin, apart):
+        twin = _replayed(noise_twin, ref, rename=twin_name, containers=containers)
     ports_of = {r: p for p, r in table.items()}
     several = _several_tensors(ref, noise_twin, paddle_model,
                                (lambda n: ports_of.get(n)) if table else (lambda n: n), run_port) \
@@ -153,7 +161,8 @@ def local_layers(ref: Mapping[str, Any], noise_twin: Any, paddle_model: Any, *,
                                      scales=scales, keep=keep)
             # the twin is given what the port was: a layer the port computed itself (one it
             # holds fused, one it applies as a function) rounds on in both
-            ours, _ = _between(ref, noise_twin, run_twin, paired(twin_name), given)
+            ours, _ = _between(ref, noise_twin, run_twin, paired(twin_name), given,
+                               then=_twin_acts(noise_twin, apart))
         except Exception as e:  # noqa: BLE001 - the layers alone stand, said
             first = (str(e).strip().splitlines() or [""])[0][:160]
             between_skipped = f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -251,7 +260,8 @@ def _is_input(key: str) -> bool:
 
 def _between(ref: Mapping[str, Any], model: Any, run: Callable[[], None],
              paired: Callable[[str], Optional[str]], only: Optional[Collection[str]] = None,
-             scales: Optional[Mapping[str, float]] = None, keep: Collection[str] = ()
+             scales: Optional[Mapping[str, float]] = None, keep: Collection[str] = (),
+             then: Optional[Mapping[str, Callable[[Any], Any]]] = None
              ) -> tuple[dict[str, np.ndarray], set[str]]:
     """The inputs ``model``'s leaf layers received in ``run``, each leaf ``paired`` with a
     reference layer giving that layer's recorded output of the same call in place of its own
@@ -259,7 +269,9 @@ def _between(ref: Mapping[str, Any], model: Any, run: Callable[[], None],
     given. Each input is then what the code between the layers (a residual's add, an
     attention's softmax, a function the other side holds as a layer) computed from the
     reference's own layer outputs; only that code's rounding is in it. ``scales``: output key
-    -> c, where the port's layer gives the reference's output over c (``_scale``): given so."""
+    -> c, where the port's layer gives the reference's output over c (``_scale``): given so.
+    ``then``: layer -> what it applies to the value it is given (a norm given its output before
+    the activation it holds, which rounds on as the port's function does)."""
     from ..adapters import to_numpy
     from ..capture.naming import layer_key
     from ..capture.replay import _framework
@@ -288,7 +300,9 @@ def _between(ref: Mapping[str, Any], model: Any, run: Callable[[], None],
                 value = np.asarray(ref[key])
                 if scales and key in scales:
                     value = (_widened(value) / scales[key]).astype(np.float32)
-                return fw.tensor(value, out)
+                given_out = fw.tensor(value, out)
+                act = (then or {}).get(theirs)
+                return given_out if act is None else act(given_out)
             return None
 
         return before, after
@@ -321,6 +335,70 @@ def _fused_acts(model: Any, keep: Collection[str] = ()) -> dict[str, Any]:
         return {}
     return {name: found for name, layer in model.named_sublayers()
             if name and name not in keep and (found := _applier(layer)) is not None}
+
+
+def _norms_apart(noise_twin: Any, paddle_model: Any, port_name: Callable[[str], str],
+                 inert: Collection[str]) -> dict[str, str]:
+    """Reference norm -> the activation sublayer it holds, for each port norm without an
+    activation of its own paired with a torch norm holding one (``port_name``: the port's
+    layer -> the reference's), where that activation is the one sublayer that computes."""
+    from .settings import _NORMS, _layer_kind, norm_holding_act
+
+    if not hasattr(noise_twin, "named_modules") or not hasattr(paddle_model, "named_sublayers"):
+        return {}
+    modules = dict(noise_twin.named_modules())
+    out: dict[str, str] = {}
+    for name, layer in paddle_model.named_sublayers():
+        r = port_name(name)
+        m = modules.get(r)
+        if m is None or getattr(layer, "_act", None) or _layer_kind(layer)[0] not in _NORMS \
+                or not norm_holding_act(m):
+            continue
+        acts = [c for c, _ in m.named_children() if f"{r}.{c}" not in inert]
+        if len(acts) == 1:
+            out[r] = acts[0]
+    return out
+
+
+def _ref_apart(ref: Mapping[str, Any], apart: Mapping[str, str]) -> dict[str, Any]:
+    """``ref`` with each norm's output of ``apart`` its activation's input, call by call."""
+    from ..capture.naming import layer_key, parse_key
+
+    out = dict(ref)
+    for key in ref:
+        k = parse_key(key)
+        if k is not None and k.name in apart and k.what == "out" and not k.items:
+            act = f"{k.name}.{apart[k.name]}"
+            value = ref.get(layer_key(act, k.call, "in"), ref.get(layer_key(act, k.call, "in", (0,))))
+            if value is not None:
+                out[key] = value
+    return out
+
+
+@contextlib.contextmanager
+def _twin_acts_apart(model: Any, apart: Mapping[str, str]) -> Iterator[None]:
+    """The torch twin with each norm of ``apart`` holding an identity for its activation, put
+    back after."""
+    if not apart:
+        yield
+        return
+    import torch
+
+    modules = dict(model.named_modules())
+    held = {name: getattr(modules[name], act) for name, act in apart.items()}
+    for name, act in apart.items():
+        setattr(modules[name], act, torch.nn.Identity())
+    try:
+        yield
+    finally:
+        for name, act in apart.items():
+            setattr(modules[name], act, held[name])
+
+
+def _twin_acts(model: Any, apart: Mapping[str, str]) -> dict[str, Callable[[Any], Any]]:
+    """Norm -> its activation's forward, without the hooks (for ``_between``'s ``then``)."""
+    modules = dict(model.named_modules()) if apart else {}
+    return {name: getattr(modules[name], act).forward for name, act in apart.items()}
 
 
 def _norms_holding_acts(model: Any) -> set[str]:

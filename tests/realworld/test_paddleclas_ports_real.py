@@ -15,6 +15,9 @@ What the survey of session 37 found, and these tests hold:
   compared: the port has one more (a 1x1 pool of stride 1, the identity). Res2Net50's likewise:
   timm pools its first block's last split, PaddleClas's does not. An identity pool is now left
   out, and pools whose counts differ pair by kernel and stride where one way only pairs them.
+- EfficientNetB0 (timm's tf_efficientnet_b0): a bug anywhere was named at the stem, whose inner
+  convolution outputs the padded shape before its wrapper crops it; and the port's norms, their
+  activation a function after them, paired with the activation inside timm's norms (session 38).
 
 torch, timm, paddle and ppcls are imported inside the tests only.
 """
@@ -174,6 +177,35 @@ def test_tf_efficientnet_b0_padding_in_the_forward_is_left_to_the_values():
     assert r.passed, r.options.get("findings")
 
 
+@pytest.mark.parametrize("port, layer", [
+    # the stem convolution, inside the wrapper that crops it: the wrapper stands in
+    ("_ef._conv_stem._conv._conv._conv", "conv_stem"),
+    # the stem's norm, without its activation (F.swish after it), against timm's bn1 holding it
+    ("_ef._conv_stem._conv._bn", "bn1"),
+    ("_ef._blocks.1.._dcn._conv._conv._conv", "blocks.1.0.conv_dw"),  # strided, cropped
+    ("_ef._blocks.8.._ecn._conv._conv._conv", "blocks.4.0.conv_pw"),
+    ("_ef._blocks.8.._ecn._conv._bn", "blocks.4.0.bn1"),
+    ("_fc", "classifier"),
+])
+def test_tf_efficientnet_b0_a_weight_bug_is_named_at_its_layer(port, layer):
+    """Every bug was named at the stem: PaddleClas's inner convolution outputs the padded shape
+    ("output shape (2, 32, 33, 33) does not match ref (2, 32, 32, 32)") and its wrapper crops;
+    and past it, the port's norms, whose activation is a function after them, paired with the
+    activation inside timm's, so a faithful port failed its layers."""
+    from reprod.align import align_forward
+
+    tm, pm, x = P.build("tf_efficientnet_b0")
+    waive = ["*/momentum", "_drop/p"]  # training only: the norms' momentum, a head dropout
+    assert align_forward(tm, pm, x, by_order=True, calibrate=True, check_settings=waive).passed
+    target = dict(pm.named_sublayers())[port]
+    target.weight.set_value(target.weight.numpy() * 1.02)
+    r = align_forward(tm, pm, x, by_order=True, calibrate=True, check_settings=waive)
+    div = r.options["divergence"]
+    assert not r.passed and div["layer"] == layer, div
+    assert port.startswith(div["port_layer"]) and "does not match ref" not in div["message"]
+    assert "its own parameter weight" in div["hint"], div
+
+
 def test_inception_v3_head_dropout_scales_in_evaluation_and_is_not_waived():
     """PaddleClas's InceptionV3 ends in ``Dropout(0.2, mode="downscale_in_infer")``: 0.8 times
     its features in evaluation, where timm's head has no dropout. Given timm's BatchNorm
@@ -240,3 +272,30 @@ def test_dpn68_in_bfloat16_its_fused_norms_are_judged_alone_whole():
     assert not r.passed and r.options["divergence"]["alone"]
     assert r.options["divergence"]["layer"] == "features.conv2_3.c3x3_b.conv", \
         r.options["divergence"]["message"]
+
+
+def test_tf_efficientnet_b0_in_bfloat16_its_plain_norms_are_judged_alone_as_norms():
+    """Half precision, each layer alone: the port's plain norms (the activation a function
+    after them) were replayed against timm's norm and activation, and a faithful bfloat16
+    EfficientNetB0 failed every one (up to 390x at ``bn1``). Emulated bf16 kernels, as above."""
+    import copy
+
+    from test_half_alone_real import _emulated
+
+    from reprod.align import align_forward
+
+    tm, pm, x = P.build("tf_efficientnet_b0")
+    waive = ["*/momentum", "_drop/p"]
+    r = align_forward(tm, _emulated(copy.deepcopy(pm)), x, by_order=True, calibrate=True,
+                      precision="bfloat16", check_settings=waive)
+    alone = r.options["layers"]["alone"]
+    assert r.passed and alone["largest"]["multiple"] < 4 and alone["inputs"] > 100, alone
+    for port, layer in (("_ef._blocks.8.._ecn._conv._conv._conv", "blocks.4.0.conv_pw"),
+                        ("_ef._conv_stem._conv._bn", "bn1")):
+        q = copy.deepcopy(pm)
+        weight = dict(q.named_sublayers())[port].weight
+        weight.set_value(weight.numpy() * np.float32(1.02))
+        r = align_forward(tm, _emulated(q), x, by_order=True, calibrate=True,
+                          precision="bfloat16", check_settings=waive)
+        div = r.options["divergence"]
+        assert not r.passed and div["alone"] and div["layer"] == layer, div["message"]
