@@ -587,6 +587,10 @@ def localise_forward(
         # the activation inside, and a faithful port failed its layers
         apart = _norms_apart(torch_model, paddle_model, anchors, ref)
         ref = _norm_apart(ref, apart)
+    elif not by_order:  # by name, the same: a port's bn, then F.silu, against timm's bn1
+        apart = _norms_apart(torch_model, paddle_model,
+                             {n: n for n, _ in _named(paddle_model) if n}, ref)
+        ref = _norm_apart(ref, apart)
     if by_order:
         pairing = _pair_all(ref, raw, anchors or {},
                             inert=inert,

@@ -272,3 +272,43 @@ def test_in_bfloat16_each_such_norm_is_judged_alone_as_the_norm(bug, layer):
     div = r.options["divergence"]
     assert not r.passed and div["alone"] and div["layer"] == layer, div
     assert r[f"alone/{layer}.out"].noise_multiple > LOW_PRECISION_NOISE_FACTOR
+
+
+class PNamed(pnn.Layer):
+    """A port with the reference's names: paired by name, its norms plain, SiLU a function."""
+
+    def __init__(self, act=F.silu):
+        super().__init__()
+        self.act = act
+        self.conv = pnn.Conv2D(3, 4, 3, padding=1, bias_attr=False)
+        self.bn = pnn.BatchNorm2D(4)
+        self.mid = pnn.Conv2D(4, 4, 3, padding=1, bias_attr=False)
+        self.bn2 = pnn.BatchNorm2D(4)
+        self.head = pnn.Conv2D(4, 2, 1)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        return self.head(F.silu(self.bn2(self.mid(x))))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bug", [None, "bn", "mid"])
+def test_by_name_too(precision, bug):
+    from test_half_between_layers import _rounded_port
+
+    tm, _ = _pair()
+    pm = PNamed()
+    pm.eval()
+    load_into_paddle(pm, tm)
+    if bug is not None:
+        _off(getattr(pm, bug), 1.02)
+    half = precision == "bfloat16"
+    r = align_forward(tm, _rounded_port(pm) if half else pm, X, calibrate=True,
+                      **({"precision": precision} if half else {}))
+    if bug is None:
+        # before: "the outputs align, but not the layers inside: diverges at bn (NormAct vs
+        # BatchNorm2D): input aligned"
+        assert r.passed, r.options.get("findings")
+        return
+    div = r.options["divergence"]
+    assert not r.passed and div["layer"] == bug and div.get("alone", False) is half, div
