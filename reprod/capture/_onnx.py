@@ -79,10 +79,23 @@ def _load(model: Any) -> tuple[Any, str]:
     if not os.path.exists(path):
         raise DumpNotFoundError(path)
     try:
-        return onnx.load(path), path
+        # the weights stay where they are: onnxruntime reads external data from its files
+        # (_external_folder); loaded, a model over 2 GiB could not be handed to it at all
+        return onnx.load(path, load_external_data=False), path
     except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DumpFormatError(f"{path}: not an ONNX model ({first})") from None
+
+
+def _external_folder(proto: Any, where: str) -> Optional[str]:
+    """The folder a graph's external data lies in (its file's, as ONNX locations are relative
+    to it), where an initializer of ``proto`` holds its data in another file; None where none
+    does. A proto given without a file to name the folder: its locations resolve where
+    onnxruntime looks by itself (the working directory)."""
+    external = any(i.data_location == 1 for i in proto.graph.initializer)  # TensorProto.EXTERNAL
+    if not external or not os.path.isfile(where):
+        return None
+    return os.path.dirname(os.path.abspath(where))
 
 
 def _metadata(node: Any) -> dict[str, str]:
@@ -554,12 +567,25 @@ def _capture(
     graph_inputs = {i.name for i in proto.graph.input}
     fetch = list(dict.fromkeys(v for _, v in wanted if v not in graph_inputs))
     present = {o.name for o in proto.graph.output}
+    try:
+        size = proto.ByteSize()
+    except Exception:  # noqa: BLE001 - protobuf cannot even size it past 2 GiB (EncodeError)
+        size = sum(len(i.raw_data) for i in proto.graph.initializer)
+    if size >= (1 << 31) - (1 << 20):  # the outputs added below take a few bytes each
+        raise UnsupportedValueError(
+            f"{where}: the graph holds its weights in itself, {size / (1 << 30):.1f} GiB, past "
+            "the 2 GiB protobuf can hand to onnxruntime: save it with its weights as external "
+            "data (onnx.save(model, path, save_as_external_data=True)) and pass the path")
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     probe.graph.output.extend(onnx.ValueInfoProto(name=v) for v in fetch if v not in present)
     opts = session_options if session_options is not None else ort.SessionOptions()
     if session_options is None:
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION[optimization])
+    folder = _external_folder(proto, where)
+    if folder is not None:  # the graph goes as bytes, which name no folder of their own
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      folder)
     session_inputs = [i for i in proto.graph.input if i.name not in {
         t.name for t in proto.graph.initializer}]
     values = _as_feeds(feeds, session_inputs, where, cast=cast_inputs)
