@@ -1680,22 +1680,33 @@ def _wrappers_for_shapes(paddle_model: Any, run_paddle: Any, anchors: Mapping[st
     convolution was named the divergence for its shape in every port."""
     from ..capture.naming import parse_key
 
-    def shapes(capture: Mapping[str, Any], layer: str) -> list[tuple[int, ...]]:
-        return [np.shape(v) for key, v in capture.items()
-                if (k := parse_key(key)) is not None and not k.is_param and k.name == layer
-                and k.what == "out"]
+    def shapes(capture: Mapping[str, Any]) -> dict[str, list[tuple[int, ...]]]:
+        """Layer -> the shapes of its calls' outputs."""
+        out: dict[str, list[tuple[int, ...]]] = {}
+        for key, v in capture.items():
+            k = parse_key(key)
+            if k is not None and not k.is_param and k.what == "out" and not k.items:
+                out.setdefault(k.name, []).append(np.shape(v))
+        return out
 
+    got, want = shapes(raw), shapes(ref)
+    apart = [port for port, layer in anchors.items()
+             if got.get(port) and want.get(layer) and got[port] != want[layer]
+             and len(got[port]) == len(want[layer])]
+    if not apart:
+        return dict(raw), dict(anchors)
     layers = dict(_named(paddle_model))
-    owned = {name: {id(p) for p in layer.parameters()} for name, layer in layers.items()}
+
+    def owned(name: str) -> set[int]:
+        layer = layers.get(name)
+        return set() if layer is None else {id(p) for p in layer.parameters()}
+
     wrappers: dict[str, list[str]] = {}  # port leaf -> the layers around it, innermost first
-    for port, layer in anchors.items():
-        got, want = shapes(raw, port), shapes(ref, layer)
-        if not got or not want or got == want or len(got) != len(want):
-            continue
-        mine, up, name = owned.get(port), [], port
+    for port in apart:
+        mine, up, name = owned(port), [], port
         while "." in name:
             name = name.rpartition(".")[0]
-            if owned.get(name) != mine:
+            if owned(name) != mine:
                 break  # it holds weights of others: not this layer's wrapper
             up.append(name)
         if up and mine:
@@ -1704,11 +1715,11 @@ def _wrappers_for_shapes(paddle_model: Any, run_paddle: Any, anchors: Mapping[st
         return dict(raw), dict(anchors)
     around = _capture_only(paddle_model, run_paddle,
                            sorted({n for up in wrappers.values() for n in up}))
+    theirs_shapes = shapes(around)
     anchors = dict(anchors)
     swap: dict[str, str] = {}  # port leaf -> the wrapper recorded in its place
     for port, up in wrappers.items():
-        want = shapes(ref, anchors[port])
-        found = next((n for n in up if shapes(around, n) == want), None)
+        found = next((n for n in up if theirs_shapes.get(n) == want[anchors[port]]), None)
         if found is not None:
             swap[port] = found
             anchors[found] = anchors.pop(port)
