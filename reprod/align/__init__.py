@@ -35,6 +35,7 @@ from .conversion import (
     load_into_paddle,
     torch_to_paddle,
 )
+from .fold import fold_conv_biases
 from .onnx_export import align_onnx
 from .rules import ConversionRules, KeyPlan, linear_weight_names, plan_conversion
 from .settings import SettingDiff, SettingsReport, compare_settings, layer_settings, save_settings
@@ -71,6 +72,7 @@ __all__ = [
     "load_weights_as_dump",
     "check_fits",
     "load_into_paddle",
+    "fold_conv_biases",
     "align_forward",
     "align_train",
     "align_onnx",

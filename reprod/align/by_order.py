@@ -870,7 +870,8 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
                     f"have a bias before a BatchNorm where the port's have none: {shown}. A "
                     "norm cancels a bias before it in training, and in evaluation holds it in "
                     "its running mean: fold each into the norm after it (running_mean -= bias) "
-                    "and drop it before loading; skipping them (rules=ConversionRules(skip="
+                    "and drop it before loading (reprod.align.fold_conv_biases(torch_model, x) "
+                    "does, checking the outputs stay); skipping them (rules=ConversionRules(skip="
                     "[...])) would load the rest and leave each norm's mean off by its bias",
                     (skip, ()), tuple(f"#{torch_keys.index(b)} {b} {list(tshapes[b])} vs "
                                       "nothing" for b in biases))

@@ -100,9 +100,11 @@ def image(hw: int, n: int = 2, seed: int = SEED) -> np.ndarray:
     return np.random.RandomState(seed).randn(n, 3, hw, hw).astype("float32")
 
 
-def build(name: str, hw: int | None = None, fold: bool = True) -> tuple[Any, Any, np.ndarray]:
+def build(name: str, hw: int | None = None, fold: bool | str = True
+          ) -> tuple[Any, Any, np.ndarray]:
     """The pair, loaded; ``fold=False`` leaves timm's ResNeSt biases before their norms (and
-    the load is refused)."""
+    the load is refused), ``fold="reprod"`` folds them with ``reprod.align.fold_conv_biases``
+    (``fold_split_attention_bias``, by hand, otherwise)."""
     import paddle
     import timm
     import torch
@@ -117,7 +119,12 @@ def build(name: str, hw: int | None = None, fold: bool = True) -> tuple[Any, Any
         paddle.seed(SEED)
         tm = timm.create_model(timm_name, pretrained=False, num_classes=10)
         perturb(tm)
-        if name == "resnest50d" and fold:
+        if name == "resnest50d" and fold == "reprod":
+            from reprod.align import fold_conv_biases
+
+            tm.eval()
+            fold_conv_biases(tm, torch.from_numpy(image(hw or px)))
+        elif name == "resnest50d" and fold:
             fold_split_attention_bias(tm)
         with paddle.utils.unique_name.guard():
             pm = getattr(importlib.import_module(f"ppcls.arch.backbone.{module}"), cls)(

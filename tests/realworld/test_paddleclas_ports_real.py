@@ -244,6 +244,15 @@ def test_resnest50d_as_shipped_is_refused_naming_the_biases_its_port_folded_away
             "none: layer1.0.conv2.fc1.bias, layer1.1.conv2.fc1.bias, layer1.2.conv2.fc1.bias and "
             "13 more. ") in text
     assert "fold each into the norm after it (running_mean -= bias)" in text
+    assert "reprod.align.fold_conv_biases(torch_model, x) does" in text
+    # which it does: the 16 biases of SplitAttn.fc1, folded as by hand, and the port loads
+    tm, pm, x = P.build("resnest50d", fold="reprod")
+    by_hand = P.build("resnest50d")[0].state_dict()
+    assert tm.state_dict().keys() == by_hand.keys()
+    for key, value in by_hand.items():
+        assert np.allclose(tm.state_dict()[key].numpy(), value.numpy(), rtol=0, atol=1e-7), key
+    t, p = P.logits(tm, pm, x)
+    assert np.isfinite(p).all() and t.shape == p.shape
 
 
 def test_dpn68_in_bfloat16_its_fused_norms_are_judged_alone_whole():
