@@ -563,6 +563,9 @@ _SETTINGS: dict[str, list[tuple[str, _Getter, _Getter]]] = {
         ("epsilon", lambda t, r: float(t.eps), lambda p, r: float(p._epsilon)),
         ("momentum", lambda t, r: _momentum_torch(t), lambda p, r: 1.0 - float(p._momentum)),
         ("statistics", lambda t, r: _statistics_torch(t), lambda p, r: _statistics_paddle(p)),
+        # read only where each norm holds its activation (timm's BatchNormAct2d, Paddle's
+        # BatchNorm(act=...)): a plain one may have it after as a layer or a function
+        ("activation", lambda t, r: _held_act_torch(t), lambda p, r: _fused_act_paddle(p)),
     ],
     "rmsnorm": [
         ("epsilon", lambda t, r: _rms_epsilon(t), lambda p, r: _rms_epsilon(p)),
@@ -836,6 +839,39 @@ def _norm_holding_more(kind: Optional[str], m: Any) -> bool:
     of every ``ConvNormAct``): its own statistics and epsilon are settings like any norm's (a
     DPN port's epsilon 1e-5 against timm's 1e-3 went unread)."""
     return kind in _NORMS and bool(getattr(m, "_parameters", None) or getattr(m, "_buffers", None))
+
+
+# a torch activation's class -> its name in Paddle's BatchNorm(act=...) spelling
+_ACT_NAMES = {"ReLU": "relu", "SiLU": "silu", "Swish": "silu", "Sigmoid": "sigmoid",
+              "Tanh": "tanh", "ReLU6": "relu6", "ELU": "elu", "GELU": "gelu",
+              "Hardswish": "hard_swish", "HardSwish": "hard_swish", "Identity": "none"}
+_PADDLE_ACTS = {"swish": "silu"}  # one function, two names
+
+
+def _held_act_torch(t: Any) -> str:
+    """The activation a torch norm holds as a sublayer (timm's ``act``), in Paddle's spelling
+    (``leaky_relu(0.01)`` with its slope); AttributeError for a norm holding none."""
+    if not norm_holding_act(t):
+        raise AttributeError("no activation held")
+    acts = [m for m in t.children() if type(m).__name__ not in ("Identity", "Dropout")] or \
+        [m for m in t.children() if type(m).__name__ == "Identity"]
+    if len(acts) != 1:
+        raise AttributeError("not one activation")
+    cls = type(acts[0]).__name__
+    if cls == "LeakyReLU":
+        return f"leaky_relu({float(acts[0].negative_slope):g})"
+    if cls not in _ACT_NAMES:
+        raise AttributeError(cls)
+    return _ACT_NAMES[cls]
+
+
+def _fused_act_paddle(p: Any) -> str:
+    """The activation a Paddle ``BatchNorm(act=...)`` applies itself; AttributeError where it
+    applies none."""
+    act = getattr(p, "_act", None)
+    if not isinstance(act, str) or not act:
+        raise AttributeError("no activation fused")
+    return _PADDLE_ACTS.get(act, act)
 
 
 def norm_holding_act(m: Any) -> bool:

@@ -312,3 +312,59 @@ def test_by_name_too(precision, bug):
         return
     div = r.options["divergence"]
     assert not r.passed and div["layer"] == bug and div.get("alone", False) is half, div
+
+
+class LeakyNormAct(tnn.BatchNorm2d):
+    """timm's BatchNormAct2d as timm's DarkNet53 builds it: LeakyReLU(0.01) inside."""
+
+    def __init__(self, channels: int, act: tnn.Module):
+        super().__init__(channels)
+        self.drop = tnn.Identity()
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+@pytest.mark.parametrize("act, fused, differs", [
+    (tnn.LeakyReLU(0.01), "relu", "'leaky_relu(0.01)' in torch, 'relu' in Paddle"),
+    (tnn.ReLU(), "relu", None),
+    (tnn.SiLU(), "swish", None),  # one function, two names
+    (tnn.SiLU(), "sigmoid", "'silu' in torch, 'sigmoid' in Paddle"),
+])
+def test_the_activation_a_norm_holds_is_a_setting_against_a_fused_one(act, fused, differs):
+    """PaddleClas's DarkNet53 fuses ReLU into its norms, timm's holds LeakyReLU(0.01): the run
+    was named at the stem's norm, with no cause."""
+    from reprod.align.settings import compare_settings
+
+    torch.manual_seed(0)
+    tm = tnn.Sequential(tnn.Conv2d(3, 4, 3, padding=1, bias=False), LeakyNormAct(4, act),
+                        tnn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        tm[1].running_mean.copy_(torch.randn(4) * 0.5)  # negative values for the slope to show
+    pm = pnn.Sequential(pnn.Conv2D(3, 4, 3, padding=1, bias_attr=False),
+                        pnn.BatchNorm(4, act=fused), pnn.Conv2D(4, 2, 1))
+    pm.eval()
+    load_into_paddle(pm, tm, by_order=True)
+    lines = [d.line() for d in compare_settings(tm, pm, by_order=True).differ]
+    assert lines == ([] if differs is None else [f"1: activation {differs}"]), lines
+    r = align_forward(tm, pm, X, by_order=True, calibrate=True)
+    assert r.passed is (differs is None), r.options.get("findings")
+    if differs is not None:
+        assert r.options["divergence"]["layer"] == "1"
+        assert f"1: activation {differs}" in r.options["findings"][-1]
+
+
+def test_a_plain_norm_reads_no_activation_whatever_follows_it():
+    """torchvision's norm and the ReLU after it against paddle.vision's BatchNorm(act="relu"):
+    the plain norm holds no activation to compare (the fused one is judged against the norm
+    and the ReLU after it, as before)."""
+    from reprod.align.settings import compare_settings, read_settings
+
+    tm = tnn.Sequential(tnn.Conv2d(3, 4, 3), tnn.BatchNorm2d(4), tnn.ReLU()).eval()
+    pm = pnn.Sequential(pnn.Conv2D(3, 4, 3), pnn.BatchNorm(4, act="relu"))
+    assert "activation" not in read_settings(tm[1])[1]
+    assert read_settings(pm[1])[1]["activation"] == "relu"
+    assert "activation" not in read_settings(pnn.BatchNorm2D(4))[1]
+    load_into_paddle(pm, tm, by_order=True)
+    assert compare_settings(tm, pm, by_order=True).differ == ()
