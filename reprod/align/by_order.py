@@ -875,6 +875,34 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
                     "[...])) would load the rest and leave each norm's mean off by its bias",
                     (skip, ()), tuple(f"#{torch_keys.index(b)} {b} {list(tshapes[b])} vs "
                                       "nothing" for b in biases))
+    lone = _lone_biases(torch_keys, paddle_keys, tshapes, pshapes)
+    if lone is not None:
+        t_bias, p_bias = lone
+        skip = tuple(f"^{re.escape(b)}$" for b, _ in t_bias)
+        only = tuple(f"^{re.escape(b)}$" for b, _ in p_bias)
+        tried = dataclasses.replace(rules, skip=rules.skip + skip,
+                                    port_only=rules.port_only + only)
+        if not _order_plan(torch_side, paddle_side, tried, explain=False).problems:
+            parts = []
+            for side, other, found, shapes in (("torch side's", "port's", t_bias, tshapes),
+                                               ("port's", "torch side's", p_bias, pshapes)):
+                for bias, theirs in found:
+                    layer = bias.rpartition(".")[0]
+                    parts.append(f"the {side} {layer} has a bias {list(shapes[bias])} where the "
+                                 f"{other} {theirs} has none")
+            said = ([f"skip=[{', '.join('r' + chr(34) + p + chr(34) for p in skip)}]"]
+                    if skip else []) + \
+                ([f"port_only=[{', '.join('r' + chr(34) + p + chr(34) for p in only)}]"]
+                 if only else [])
+            at = tuple([f"#{torch_keys.index(b)} {b} {list(tshapes[b])} vs nothing"
+                        for b, _ in t_bias] +
+                       [f"#{paddle_keys.index(b)} nothing vs {b} {list(pshapes[b])}"
+                        for b, _ in p_bias])
+            return (f"every other tensor pairs by shape, but {'; '.join(parts)}: the two compute "
+                    "otherwise unless that bias is zero. Give the layer without one a bias "
+                    "(torch's bias=True, Paddle's bias_attr) to compute the same; where the bias "
+                    f"is zero, say so: rules=ConversionRules({', '.join(said)})",
+                    (skip, only), at)
     for t_alone, p_alone in _lone_candidates(torch_keys, paddle_keys, tshapes, pshapes):
         skip = [_pattern(keys) for keys in t_alone]
         only = [_pattern(keys) for keys in p_alone]
@@ -917,6 +945,49 @@ def _explain_refusal(torch_side: Any, paddle_side: Any, rules: ConversionRules,
         return (text + _untied(torch_side, p_alone, pshapes), (tuple(skip), tuple(only)),
                 tuple(at))
     return "", ((), ()), ()
+
+
+def _lone_biases(torch_keys: list[str], paddle_keys: list[str],
+                 tshapes: Mapping[str, tuple[int, ...]], pshapes: Mapping[str, tuple[int, ...]]
+                 ) -> Optional[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
+    """Where the two pair in order but for a few biases one side's layer holds and its
+    counterpart does not (timm's LCNet head convolution, bias=True, against PaddleClas's,
+    bias_attr=False): (torch bias, the port layer without one) and (port bias, the torch layer
+    without one); None where anything else parts them."""
+    t_alone: list[tuple[str, str]] = []
+    p_alone: list[tuple[str, str]] = []
+    i = j = 0
+
+    def lone(keys: list[str], k: int, other: list[str], o: int) -> bool:
+        # a bias right after its own layer's weight, which paired with the other side's last
+        key = keys[k]
+        return (key.endswith(".bias") and k > 0 and o > 0
+                and keys[k - 1] == key[:-len("bias")] + "weight"
+                and not other[o - 1].endswith(".bias"))
+
+    while i < len(torch_keys) and j < len(paddle_keys):
+        tk, pk = torch_keys[i], paddle_keys[j]
+        if _shapes_pair(tshapes[tk], pshapes[pk]):
+            i, j = i + 1, j + 1
+        elif lone(torch_keys, i, paddle_keys, j):
+            t_alone.append((tk, paddle_keys[j - 1].rpartition(".")[0]))
+            i += 1
+        elif lone(paddle_keys, j, torch_keys, i):
+            p_alone.append((pk, torch_keys[i - 1].rpartition(".")[0]))
+            j += 1
+        else:
+            return None
+    for k in torch_keys[i:]:
+        if not lone(torch_keys, torch_keys.index(k), paddle_keys, len(paddle_keys)):
+            return None
+        t_alone.append((k, paddle_keys[-1].rpartition(".")[0]))
+    for k in paddle_keys[j:]:
+        if not lone(paddle_keys, paddle_keys.index(k), torch_keys, len(torch_keys)):
+            return None
+        p_alone.append((k, torch_keys[-1].rpartition(".")[0]))
+    if not t_alone and not p_alone or len(t_alone) + len(p_alone) > _MOST_LONE:
+        return None
+    return t_alone, p_alone
 
 
 def _biases_before_norms(torch_keys: list[str], paddle_keys: list[str],

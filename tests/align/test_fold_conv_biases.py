@@ -101,3 +101,45 @@ def test_a_norm_without_running_statistics_is_left_alone_and_the_mode_comes_back
                         tnn.Conv2d(4, 4, 1), tnn.BatchNorm2d(4)).train()
     assert fold_conv_biases(tm, torch.from_numpy(X)) == ["2.bias"]
     assert tm[0].bias is not None and tm[2].bias is None and tm.training
+
+
+@pytest.mark.parametrize("side", ["torch", "Paddle"])
+def test_a_bias_one_side_alone_holds_is_named_with_its_layer(side):
+    """timm's LCNet head convolution holds a bias, PaddleClas's ``last_conv`` none, and no norm
+    follows to fold it into: the refusal listed three shifted positions."""
+    torch.manual_seed(0)
+    tm = tnn.Sequential(tnn.Conv2d(3, 4, 3), tnn.BatchNorm2d(4), tnn.ReLU(),
+                        tnn.Conv2d(4, 8, 1, bias=side == "torch"), tnn.Flatten(),
+                        tnn.Linear(8 * 100, 3)).eval()
+    pm = pnn.Sequential(pnn.Conv2D(3, 4, 3), pnn.BatchNorm2D(4), pnn.ReLU(),
+                        pnn.Conv2D(4, 8, 1, bias_attr=None if side == "Paddle" else False),
+                        pnn.Flatten(), pnn.Linear(8 * 100, 3))
+    with pytest.raises(ReprodError) as e:
+        load_into_paddle(pm, tm, by_order=True)
+    text = str(e.value)
+    if side == "torch":
+        said = ("the torch side's 3 has a bias [8] where the port's 3 has none: the two compute "
+                "otherwise unless that bias is zero. Give the layer without one a bias (torch's "
+                "bias=True, Paddle's bias_attr) to compute the same; where the bias is zero, say "
+                'so: rules=ConversionRules(skip=[r"^3\\.bias$"]); the positions: #7 3.bias [8] '
+                "vs nothing")
+    else:
+        said = ("the port's 3 has a bias [8] where the torch side's 3 has none: the two compute "
+                "otherwise unless that bias is zero. Give the layer without one a bias (torch's "
+                "bias=True, Paddle's bias_attr) to compute the same; where the bias is zero, say "
+                'so: rules=ConversionRules(port_only=[r"^3\\.bias$"]); the positions: #7 nothing '
+                "vs 3.bias [8]")
+    assert said in text, text
+    # said so (a zero bias), the rest loads
+    from reprod.align import ConversionRules
+
+    rules = ConversionRules(**({"skip": [r"^3\.bias$"]} if side == "torch"
+                               else {"port_only": [r"^3\.bias$"]}))
+    with torch.no_grad():
+        if side == "torch":
+            tm[3].bias.zero_()
+    if side == "Paddle":
+        pm[3].bias.set_value(np.zeros(8, np.float32))
+    load_into_paddle(pm, tm, by_order=True, rules=rules)
+    pm.eval()
+    assert align_forward(tm, pm, X, by_order=True, calibrate=True, rules=rules).passed
