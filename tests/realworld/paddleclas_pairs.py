@@ -47,6 +47,10 @@ PAIRS: dict[str, tuple[str, str, str, dict[str, Any], int]] = {
     # PaddleClas's default: TF's padding and epsilon, as timm's TF port
     "tf_efficientnet_b0": ("tf_efficientnet_b0", "model_zoo.efficientnet", "EfficientNetB0",
                            {}, 64),
+    # surveyed in session 38 (/tmp/s38/survey): CSPDarkNet53, MobileNetV1, PP-HGNet-tiny,
+    # MobileViTv2, Twins-PCPVT and DeiT (distilled) load and compute what timm does; these not
+    "darknet53": ("darknet53", "model_zoo.darknet", "DarkNet53", {}, 64),  # ReLU for LeakyReLU
+    "lcnet_050": ("lcnet_050", "legendary_models.pp_lcnet", "PPLCNet_x0_5", {}, 64),
 }
 FAITHFUL = ("resnet50d", "repvgg_a0", "regnetx_002", "rexnet_100", "dla34", "seresnext50",
             "pvt_v2_b0")

@@ -308,3 +308,29 @@ def test_tf_efficientnet_b0_in_bfloat16_its_plain_norms_are_judged_alone_as_norm
                           precision="bfloat16", check_settings=waive)
         div = r.options["divergence"]
         assert not r.passed and div["alone"] and div["layer"] == layer, div["message"]
+
+
+def test_darknet53_fused_relu_against_timms_leaky_relu_is_named():
+    """PaddleClas's DarkNet53 fuses ReLU into its norms (``BatchNorm(act="relu")``) where timm's
+    norms hold LeakyReLU(0.01): the run was named at the stem's norm, with no cause."""
+    tm, pm, x = P.build("darknet53")
+    r = _align(tm, pm, x)
+    assert not r.passed and r.options["divergence"]["layer"] == "stem.conv1.bn"
+    failed = _settings_failed(r)
+    assert len(failed) == 52 and all(k.endswith("._bn/activation") for k in failed), failed
+    finding = r.options["findings"][-1]
+    assert finding.startswith("52 layer settings of the port differ from the reference's")
+    assert "_conv1._bn (torch stem.conv1.bn): activation 'leaky_relu(0.01)' in torch, 'relu' " \
+           "in Paddle" in finding
+
+
+def test_lcnet_050_head_bias_only_timm_holds_is_named():
+    """timm's LCNet head convolution holds a bias, PaddleClas's ``last_conv`` none (and no norm
+    follows): the refusal listed three shifted positions."""
+    from reprod.errors import ReprodError
+
+    with pytest.raises(ReprodError) as e:
+        P.build("lcnet_050")
+    assert ("every other tensor pairs by shape, but the torch side's conv_head has a bias [1280] "
+            "where the port's last_conv has none") in str(e.value)
+    assert 'rules=ConversionRules(skip=[r"^conv_head\\.bias$"])' in str(e.value)
