@@ -6,6 +6,7 @@ rule maps (``features.0`` against ``stem.conv``): the pairs, checked by shape an
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import warnings
@@ -245,7 +246,15 @@ def _check(
         elif unit_axes_apart(ts, ps):
             transpose = False  # loaded reshaped (CLIP's 0-d logit_scale against [1])
         else:
-            problems.append((tk, f"#{i} {tk} {list(ts)} vs {pk} {list(ps)}"))
+            said = f"#{i} {tk} {list(ts)} vs {pk} {list(ps)}"
+            if len(ts) > 1 and len(ps) > 1 and math.prod(ts) == math.prod(ps):
+                # TNT's pixel_pos, [1, 24, 4, 4] in timm and [1, 16, 24] in PaddleClas: no rule
+                # reshapes and permutes by itself, and by shape alone which permute is unknown
+                said += (f" (the same {math.prod(ts)} values in another layout: convert it "
+                         "yourself, reshaped or permuted as the port reads it, and leave it out "
+                         f'here: rules=ConversionRules(skip=[r"^{re.escape(tk)}$"], '
+                         f'port_only=[r"^{re.escape(pk)}$"]))')
+            problems.append((tk, said))
             pairs.append((tk, pk, False))
             continue
         if _stat_kind(tk, _TORCH_STAT) != _stat_kind(pk, _PADDLE_STAT):

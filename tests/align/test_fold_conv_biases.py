@@ -143,3 +143,31 @@ def test_a_bias_one_side_alone_holds_is_named_with_its_layer(side):
     load_into_paddle(pm, tm, by_order=True, rules=rules)
     pm.eval()
     assert align_forward(tm, pm, X, by_order=True, calibrate=True, rules=rules).passed
+
+
+def test_a_tensor_in_another_layout_is_said_to_be_the_same_values():
+    """TNT's ``pixel_pos`` is [1, 24, 4, 4] in timm and [1, 16, 24] in PaddleClas: the same
+    values, which no rule reshapes and permutes by itself."""
+
+    class T(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = tnn.Parameter(torch.randn(1, 24, 4, 4))
+            self.fc = tnn.Linear(24, 2)
+
+    class Pd(pnn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.pos = self.create_parameter([1, 16, 24])
+            self.fc = pnn.Linear(24, 2)
+
+    with pytest.raises(ReprodError) as e:
+        load_into_paddle(Pd(), T(), by_order=True)
+    assert str(e.value).endswith(
+        "#0 pos [1, 24, 4, 4] vs pos [1, 16, 24] (the same 384 values in another layout: convert "
+        "it yourself, reshaped or permuted as the port reads it, and leave it out here: "
+        'rules=ConversionRules(skip=[r"^pos$"], port_only=[r"^pos$"]))'), str(e.value)
+    from reprod.align import ConversionRules
+
+    rules = ConversionRules(skip=[r"^pos$"], port_only=[r"^pos$"])
+    load_into_paddle(Pd(), T(), by_order=True, rules=rules)  # the rest loads
