@@ -124,17 +124,7 @@ def test_another_activation_after_the_norm_is_named_at_the_activation():
     assert "activation: reference SiLU, port ReLU" in findings[1]
 
 
-class Conv2dSame(tnn.Conv2d):
-    """timm's TF convolution: pads "same" in its forward, as the input's size asks."""
-
-    def forward(self, x):
-        ih, iw = x.shape[-2:]
-        kh, kw = self.weight.shape[-2:]
-        sh, sw = self.stride
-        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
-        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
-        x = tnn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return super().forward(x)
+from test_norm_act_and_pools import Conv2dSame  # noqa: E402 - timm's TF convolution
 
 
 class TStem(tnn.Module):
