@@ -342,7 +342,7 @@ def _norms_apart(noise_twin: Any, paddle_model: Any, port_name: Callable[[str], 
     """Reference norm -> the activation sublayer it holds, for each port norm without an
     activation of its own paired with a torch norm holding one (``port_name``: the port's
     layer -> the reference's), where that activation is the one sublayer that computes."""
-    from .settings import _NORMS, _layer_kind, norm_holding_act
+    from .settings import plain_norm_against_held_act
 
     if not hasattr(noise_twin, "named_modules") or not hasattr(paddle_model, "named_sublayers"):
         return {}
@@ -351,8 +351,7 @@ def _norms_apart(noise_twin: Any, paddle_model: Any, port_name: Callable[[str], 
     for name, layer in paddle_model.named_sublayers():
         r = port_name(name)
         m = modules.get(r)
-        if m is None or getattr(layer, "_act", None) or _layer_kind(layer)[0] not in _NORMS \
-                or not norm_holding_act(m):
+        if not plain_norm_against_held_act(layer, m):
             continue
         acts = [c for c, _ in m.named_children() if f"{r}.{c}" not in inert]
         if len(acts) == 1:

@@ -1743,7 +1743,7 @@ def _norms_apart(torch_model: Any, paddle_model: Any, anchors: Mapping[str, str]
     sublayer whose weights a port norm without an activation holds (``anchors``: port layer ->
     reference layer), where the activation is the one sublayer recorded that computes (a
     dropout of p 0 is left out: ``_without_inert``) and called as often as the norm."""
-    from .settings import _NORMS, _layer_kind, norm_holding_act
+    from .settings import plain_norm_against_held_act
 
     ours, theirs = dict(_named(torch_model)), dict(_named(paddle_model))
     calls: dict[str, set[str]] = {}
@@ -1753,9 +1753,7 @@ def _norms_apart(torch_model: Any, paddle_model: Any, anchors: Mapping[str, str]
             calls.setdefault(subject.partition("#")[0], set()).add(subject)
     out: dict[str, str] = {}
     for port, layer in anchors.items():
-        m, p = ours.get(layer), theirs.get(port)
-        if m is None or p is None or getattr(p, "_act", None) or not norm_holding_act(m) \
-                or _layer_kind(p)[0] not in _NORMS:
+        if not plain_norm_against_held_act(theirs.get(port), ours.get(layer)):
             continue
         inside = [n for n in calls if n.startswith(f"{layer}.")]
         if len(inside) == 1 and "." not in inside[0][len(layer) + 1:] \

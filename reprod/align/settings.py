@@ -880,6 +880,15 @@ def norm_holding_act(m: Any) -> bool:
     return _norm_holding_more(_layer_kind(m)[0], m) and any(True for _ in m.children())
 
 
+def plain_norm_against_held_act(port_layer: Any, ref_layer: Any) -> bool:
+    """A port norm applying no activation itself paired with a reference norm holding one
+    (PaddleClas's EfficientNet ``BatchNorm``, then ``F.swish``, against timm's
+    ``BatchNormAct2d``): replay and localisation take the reference's apart."""
+    return (port_layer is not None and ref_layer is not None
+            and not getattr(port_layer, "_act", None)
+            and _layer_kind(port_layer)[0] in _NORMS and norm_holding_act(ref_layer))
+
+
 def _pairs(torch_model: Any, paddle_model: Any, torch_to_paddle: Mapping[str, str]
            ) -> list[tuple[str, Any, str, Any]]:
     """(torch name, module, Paddle name, layer) of each pair of layers with parameters (paired
