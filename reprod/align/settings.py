@@ -473,6 +473,9 @@ def _pool_windows_differ(kind: str) -> Callable[[Mapping[str, Any], Mapping[str,
 
 
 PADDED_IN_FORWARD = "TF's 'same', padded in its forward"
+# a layer whose input the forward code around it pads (timm's PP-HGNetV2 stem: F.pad, then a
+# convolution and a max pool without padding, where PaddleClas's pad "SAME" themselves)
+PADDED_BEFORE = "with F.pad before it"
 
 
 def _torch_padding(t: Any, rank: int) -> Any:
@@ -1077,11 +1080,41 @@ def _values_decide(d: SettingDiff) -> Optional[str]:
         # against a port that pads as TF does in its own code around the layer (PaddleClas's
         # EfficientNet pads 2 and crops a row and a column): the values show what each pads
         return "padding"
+    if d.setting == "padding" and any(isinstance(v, str) and PADDED_BEFORE in v
+                                      for v in (d.torch_value, d.paddle_value)):
+        return "padded_before"
     return None
 
 
 _SAID = {"layout": "layout of the inputs", "reduction": "loss reduction",
-         "padding": "padding one side computes in its forward"}
+         "padding": "padding one side computes in its forward",
+         "padded_before": "padding one side's forward code applies before the layer"}
+
+
+def _padded_before(diffs: Sequence[SettingDiff], events: Sequence[Any], side: int
+                   ) -> list[SettingDiff]:
+    """``diffs`` with each padding of a convolution or pool whose forward code around it (a
+    layer holding it) calls ``F.pad`` read as that: "(0, 0) with F.pad before it in stem's
+    forward", which the values decide (``_values_decide``). ``events``: that side's traced
+    calls; ``side``: 0 for the torch side's values, 1 for the port's."""
+    pads: dict[str, tuple[Any, ...]] = {}
+    for e in events:
+        if e.kind == "pad" and not e.layer and e.settings.get("mode", "constant") == "constant":
+            pads.setdefault(e.name.rpartition(":")[0], tuple(e.settings.get("padding", ())))
+    if not pads:
+        return list(diffs)
+    out = []
+    for d in diffs:
+        name = d.torch_layer if side == 0 else d.paddle_layer
+        where = next((w for w in pads if not w or name.startswith(w + ".")), None) \
+            if d.setting == "padding" and d.kind in ("conv", "maxpool", "avgpool") else None
+        if where is None:
+            out.append(d)
+            continue
+        value = (f"{(d.torch_value, d.paddle_value)[side]} {PADDED_BEFORE} "
+                 f"({list(pads[where])}) in {where or 'the model'}'s forward")
+        out.append(dataclasses.replace(d, **{("torch_value", "paddle_value")[side]: value}))
+    return out
 _BY_DEFINITION = "layers with parameters: paired by definition order, kind by kind"
 _BY_SHAPE = "layers with parameters: paired by order"
 
@@ -1219,9 +1252,11 @@ def compare_settings(torch_model: Any, paddle_model: Any, *, rules: Any = None,
         # with traces, the layers without parameters pair in the order the data goes through
         # them, beside the calls of their kind: definition order pairs a port's activation
         # dropout (defined first) with the reference's attention dropout (called first)
-        report = dataclasses.replace(
-            _with_calls(diffs, unpaired, compared, traces[0].events, traces[1].events,
-                        by_call=_BY_ORDER), readable=readable)
+        report = _with_calls(diffs, unpaired, compared, traces[0].events, traces[1].events,
+                             by_call=_BY_ORDER)
+        # replaced, so that the report says the paddings its forward code applies (values decide)
+        report = dataclasses.replace(report, readable=readable, differ=tuple(_padded_before(
+            _padded_before(report.differ, traces[0].events, 0), traces[1].events, 1)))
     return dataclasses.replace(report, unchecked=tuple(
         u for u in report.unpaired if u.split(":", 1)[0] in weighted))
 
@@ -1516,6 +1551,14 @@ def _values_decide_finding(result: Any, verbose: bool) -> Any:
             f"by its own padding: {_shown(padding)}; alone that is no difference (a port may "
             "pad and crop around the layer), but where the values differ, check that the port "
             "pads as the reference does at this input's size")
+    before = info.get("padded_before") or []
+    if before:
+        lines.append(
+            f"the forward code pads before the layer on one side, and the layer pads itself on "
+            f"the other: {_shown(before)}; alone that is no difference for a convolution (zeros "
+            "either way), but where the values differ, check what each pads with: F.pad pads "
+            "zeros, a max pool's own padding never wins its max (PaddleClas's 'SAME' pools), so "
+            "the two differ wherever the values at the border are negative")
     if not lines:
         return result
     if verbose:

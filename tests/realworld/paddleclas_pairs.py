@@ -51,6 +51,8 @@ PAIRS: dict[str, tuple[str, str, str, dict[str, Any], int]] = {
     # MobileViTv2, Twins-PCPVT and DeiT (distilled) load and compute what timm does; these not
     "darknet53": ("darknet53", "model_zoo.darknet", "DarkNet53", {}, 64),  # ReLU for LeakyReLU
     "lcnet_050": ("lcnet_050", "legendary_models.pp_lcnet", "PPLCNet_x0_5", {}, 64),
+    # timm pads zeros (F.pad) before its stem's max pool, PaddleClas's pool pads "SAME"
+    "hgnetv2_b0": ("hgnetv2_b0", "legendary_models.pp_hgnet_v2", "PPHGNetV2_B0", {}, 64),
 }
 FAITHFUL = ("resnet50d", "repvgg_a0", "regnetx_002", "rexnet_100", "dla34", "seresnext50",
             "pvt_v2_b0")

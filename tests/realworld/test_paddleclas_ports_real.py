@@ -334,3 +334,18 @@ def test_lcnet_050_head_bias_only_timm_holds_is_named():
     assert ("every other tensor pairs by shape, but the torch side's conv_head has a bias [1280] "
             "where the port's last_conv has none") in str(e.value)
     assert 'rules=ConversionRules(skip=[r"^conv_head\\.bias$"])' in str(e.value)
+
+
+def test_hgnetv2_b0_padding_before_its_stem_layers_is_said_and_the_max_pool_explained():
+    """timm pads its PP-HGNetV2 stem with F.pad (zeros) before a convolution and a max pool
+    without padding; PaddleClas's layers pad "SAME" themselves. Equal for the convolutions, not
+    for the pool (its own padding never wins a max, and timm's learnable affine leaves negative
+    values at the border): the stem's output differs by 0.097. Three settings failed, and the
+    (equivalent) convolution's padding was named the likely cause."""
+    tm, pm, x = P.build("hgnetv2_b0")
+    r = _align(tm, pm, x)
+    assert not r.passed and r.options["divergence"]["layer"] == "stem"
+    assert "so the cause is stem's own forward code" in r.options["findings"][0]
+    info = r.options["settings"]
+    assert info["differ"] == [] and len(info["padded_before"]) == 3, info
+    assert any("a max pool's own padding never wins its max" in f for f in r.options["findings"])
