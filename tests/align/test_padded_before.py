@@ -138,3 +138,37 @@ def test_a_pad_in_a_layer_not_holding_the_convolution_leaves_its_padding_a_diffe
     assert r.options["settings"]["differ"] == [
         "stem.conv: padding (0, 0) in torch, (0, 1, 0, 1) in Paddle"]
     assert "padded_before" not in r.options["settings"]
+
+
+def test_a_pad_further_out_than_the_layer_holding_the_one_holding_it_says_nothing():
+    """The model pads its input; the convolution three levels down pads nothing itself, the
+    port's pads "SAME": a difference, not a padding the code around the layer applies."""
+
+    class Deep(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = tnn.Module()
+            self.a.b = tnn.Module()
+            self.a.b.conv = tnn.Conv2d(3, 4, 2, bias=False)
+
+        def forward(self, x):
+            return self.a.b.conv(TF.pad(x, (0, 1, 0, 1)))
+
+    class PDeep(pnn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.a = pnn.Layer()
+            self.a.b = pnn.Layer()
+            self.a.b.conv = pnn.Conv2D(3, 4, 2, padding="SAME", bias_attr=False)
+
+        def forward(self, x):
+            return self.a.b.conv(x)
+
+    torch.manual_seed(0)
+    tm, pm = Deep().eval(), PDeep()
+    pm.eval()
+    load_into_paddle(pm, tm, by_order=True)
+    r = align_forward(tm, pm, X, by_order=True, calibrate=True)
+    assert r["logits"].passed  # the same numbers, by the values
+    assert r.options["settings"]["differ"] == [
+        "a.b.conv: padding (0, 0) in torch, (0, 1, 0, 1) in Paddle"]
