@@ -310,8 +310,6 @@ def _die(status: int) -> None:
     os._exit(status)
 
 
-
-
 def _sigterm_hold() -> bool:
     """Count one more temporary file, installing the handler where SIGTERM has its default action;
     True when the handler is installed and runs in this thread (which then guards its file's
