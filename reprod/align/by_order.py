@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import KeyMismatchError, ReprodError
 from ..storage.framework_files import read_pdparams, read_torch_state_dict
+from .call_order import first_calls, in_call_order
 from .rules import (
     _DEFAULT_RULES,
     _DROPPED,
@@ -452,12 +453,18 @@ def _contradicted(pairs: list[tuple[str, str, bool]]) -> bool:
 
 
 def _order_plan(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules],
-                explain: bool = True) -> _OrderPlan:
+                explain: bool = True, calls: Optional[tuple[Mapping[str, int], Mapping[str, int]]]
+                = None) -> _OrderPlan:
+    """``calls``: each side's leaf layers in the order of their first calls
+    (``call_order.first_calls``): the keys pair in that order, not in definition order."""
     rules = rules or _DEFAULT_RULES
     tshapes, linear, tlabel, tints = _torch_shapes(torch_side)
     pshapes, plabel, pints = _paddle_shapes(paddle_side)
     torch_keys = [k for k in tshapes if not _DROPPED.search(k) and rules.skip_pattern(k) is None]
     paddle_keys = [k for k in pshapes if rules.port_only_pattern(k) is None]
+    if calls is not None:
+        torch_keys = in_call_order(torch_keys, calls[0])
+        paddle_keys = in_call_order(paddle_keys, calls[1])
     tints &= set(torch_keys)
     pints &= set(paddle_keys)
     if len(tints) != len(pints):
@@ -1104,13 +1111,21 @@ def _with_lone_layers(torch_side: Any, paddle_side: Any, rules: Optional[Convers
 
 
 def pair_weights_by_order(
-    torch_side: Any, paddle_side: Any, *, rules: Optional[ConversionRules] = None
+    torch_side: Any, paddle_side: Any, *, rules: Optional[ConversionRules] = None,
+    inputs: Any = None,
 ) -> dict[str, str]:
     """Pair torch keys with Paddle keys by definition order, for ports whose names no rule maps
     (``features.0`` against ``stem.conv``). Both frameworks list parameters in definition order,
     BatchNorm statistics included (``running_mean``/``running_var`` against ``_mean``/``_variance``),
     so the n-th tensor on one side is the n-th on the other when the port defines its layers in the
     same order.
+
+    ``inputs`` (example inputs, as ``align_forward`` takes them): pair by the order the layers
+    run in, not the order they are defined (``reprod.align.call_order``): each model runs once on
+    them, and a leaf layer's tensors are listed by its first call. For a port defining sibling
+    layers in another order than the reference (InceptionV4's branches), which by definition
+    order pair crossed, silently where their shapes agree; ``align_forward`` names the case.
+    Needs both models themselves.
 
     Each pair is checked: the shapes must be equal, or a 2-D weight the transpose (a Linear); a
     BatchNorm statistic pairs only with a statistic of the same kind. ``num_batches_tracked`` and
@@ -1127,9 +1142,15 @@ def pair_weights_by_order(
     {'features.0.weight': 'stem.conv.weight', ..., 'classifier.weight': 'head.weight', ...}
     >>> load_into_paddle(paddle_model, torch_model, by_order=True)   # pair, convert and load
     """
-    plan = _order_plan(torch_side, paddle_side, rules)
+    plan = _order_plan(torch_side, paddle_side, rules, calls=_calls(torch_side, paddle_side,
+                                                                    inputs))
     _raise_problems(plan, torch_side, paddle_side, rules)
     return {tk: pk for tk, pk, _ in plan.pairs}
+
+
+def _calls(torch_side: Any, paddle_side: Any, inputs: Any
+           ) -> Optional[tuple[dict[str, int], dict[str, int]]]:
+    return None if inputs is None else first_calls(torch_side, paddle_side, inputs)
 
 
 def pair_by_order(
@@ -1154,16 +1175,19 @@ def _rules_from_order(plan: _OrderPlan, base: Optional[ConversionRules]) -> Conv
 
 
 def by_order_rules(
-    torch_side: Any, paddle_side: Any, *, rules: Optional[ConversionRules] = None
+    torch_side: Any, paddle_side: Any, *, rules: Optional[ConversionRules] = None,
+    inputs: Any = None,
 ) -> ConversionRules:
     """``pair_weights_by_order``'s pairs as ``ConversionRules``, with each 2-D tensor's transpose
     decided by the two shapes (a square one by the torch model's ``nn.Linear`` layers, or the name
-    heuristic). ``rules`` (skips, extra transposes) are kept. Raises like ``pair_weights_by_order``.
+    heuristic). ``rules`` (skips, extra transposes) are kept. ``inputs``: pair by call order, as
+    ``pair_weights_by_order`` says. Raises like ``pair_weights_by_order``.
 
     >>> rules = by_order_rules(torch_model, paddle_model)
     >>> paddle_model.set_state_dict(torch_to_paddle(torch_model, rules=rules))
     """
-    plan = _order_plan(torch_side, paddle_side, rules)
+    plan = _order_plan(torch_side, paddle_side, rules, calls=_calls(torch_side, paddle_side,
+                                                                    inputs))
     _raise_problems(plan, torch_side, paddle_side, rules)
     return _rules_from_order(plan, rules)
 

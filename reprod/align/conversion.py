@@ -161,6 +161,7 @@ def convert(
     by_order: bool = False,
     paddle_model: Any = None,
     copy: bool = True,
+    inputs: Any = None,
 ) -> Conversion:
     """Convert a PyTorch state dict (a mapping, a file, or a torch model) into a Paddle one, and say
     what was done to every key.
@@ -171,7 +172,8 @@ def convert(
 
     ``by_order=True`` names each key after the Paddle key at the same position of ``paddle_model``
     (a Paddle model, state dict or ``.pdparams`` path), see ``pair_weights_by_order``; Linear weights are
-    then recognised by shape. ``rules`` still skip keys. Without ``by_order``, ``paddle_model``
+    then recognised by shape; with ``inputs`` (example inputs, and the torch model itself), by the
+    order the layers run in instead. ``rules`` still skip keys. Without ``by_order``, ``paddle_model``
     is the port the weights are for: the tensors one of its tensors fuses are fused
     (``reprod.align.fusion``: PaddleNLP's ``qkv_proj``, laid out as ``rules.fuse_groups`` says).
 
@@ -207,11 +209,14 @@ def convert(
         linear: Optional[set[str]] = linear_weight_names(model)
     else:
         linear = None
+    if inputs is not None and not by_order:
+        raise ReprodError(f"{source}: inputs= pairs by call order, with by_order=True")
     if by_order:
         if paddle_model is None:
             raise ReprodError(f"{source}: by_order needs paddle_model= to take the order from")
         # paired before the split: a packed tensor tells its slices' layout (GPT-2's c_attn)
-        rules = by_order_rules(model if model is not None else sd, paddle_model, rules=rules)
+        rules = by_order_rules(model if model is not None else sd, paddle_model, rules=rules,
+                               inputs=inputs)
     # the reference's tensors holding what the port keeps apart (Phi-3's qkv_proj for a port's
     # q_proj, k_proj, v_proj): split, each part named as the port's
     splits = active_splits() or (port_splits(sd, paddle_model, rules, linear)
@@ -407,19 +412,26 @@ def load_into_paddle(
     model: Any = None,
     rules: Optional[ConversionRules] = None,
     by_order: bool = False,
+    inputs: Any = None,
 ) -> None:
     """Load weights into a Paddle model after checking that every key fits (see ``check_fits``).
 
     ``weights`` is a Paddle-named mapping, a ``.pdparams`` or ``.pth`` path, a torch state dict or a
     torch model (converted with ``model``/``rules`` first). ``by_order=True`` pairs torch keys with
-    ``paddle_model``'s keys by definition order (see ``pair_weights_by_order``) instead of by name.
+    ``paddle_model``'s keys by definition order (see ``pair_weights_by_order``) instead of by name;
+    with ``inputs`` (example inputs, a torch model given), by the order the layers run in: for a
+    port that defines sibling layers in another order than the reference.
 
     >>> load_into_paddle(paddle_model, torch_model)          # copy a torch model's weights
     >>> load_into_paddle(paddle_model, torch_model, by_order=True)   # names differ, order agrees
+    >>> load_into_paddle(paddle_model, torch_model, by_order=True, inputs=x)  # as they run
     >>> load_into_paddle(paddle_model, "model.pdparams")
     """
     source = "converted weights"
     target = paddle_model if by_order else None
+    if inputs is not None and not (by_order and _is_torch_module(weights)):
+        raise ReprodError("load_into_paddle: inputs= pairs by call order, with by_order=True "
+                          "and the torch model itself as weights")
     if isinstance(weights, (str, os.PathLike)) and by_order:
         source = os.fspath(weights)
         if weight_file_suffix(source) in PADDLE_SUFFIXES:
@@ -433,7 +445,8 @@ def load_into_paddle(
     elif _is_torch_module(weights):
         source = f"weights of {type(weights).__name__}"
         conv = convert(
-            weights, model=model, rules=rules, by_order=by_order, paddle_model=target, copy=False
+            weights, model=model, rules=rules, by_order=by_order, paddle_model=target, copy=False,
+            inputs=inputs,
         )
         # the reference's constants the port does not hold (it computes them): not weights
         constants = torch_constants(weights)

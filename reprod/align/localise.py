@@ -524,6 +524,7 @@ def localise_forward(
     )
     from ..diagnose import diagnose
     from ..diff.engine import compare
+    from .call_order import crossed_hint, crossing
 
     # between the layers the weights pair, pairing by call order reads only shapes, and a
     # container and a leaf with the same in/out shapes would pair: by order, leaf layers only
@@ -534,7 +535,8 @@ def localise_forward(
     packed = _column_packed(torch_model) if by_order else {}
     ref = _split_packed(_capture(torch_model, run_torch, containers, backward), packed)
     blocks: dict[str, str] = {}
-    if by_order and not anchors:
+    by_weights = by_order and not anchors  # the weights' pairing by order anchors the calls
+    if by_weights:
         anchors = _weight_anchors(torch_model, paddle_model, rules)
     # a port Linear holding several of the reference's (PaddleNLP's qkv_proj for q_proj, k_proj
     # and v_proj) is judged as those, its output cut as its weights lie
@@ -554,6 +556,12 @@ def localise_forward(
                       if not p.startswith(tuple(b + "." for b in blocks))}, **blocks}
     else:
         raw = _capture(paddle_model, run_paddle, containers, backward)
+    # a port defining sibling layers in another order than the reference pairs them crossed
+    # by definition order: where its weights were loaded by call order, the calls anchor so
+    crossed = crossing(torch_model, paddle_model, rules, ref, raw) \
+        if by_weights and anchors else None
+    if crossed is not None and crossed.held == "calls":
+        anchors = {**anchors, **crossed.anchors()}
     if by_order and anchors:
         raw, anchors = _wrappers_for_shapes(paddle_model, run_paddle, anchors, ref, raw)
     if ref_layout is not None:
@@ -698,6 +706,24 @@ def localise_forward(
         hint = layout = _fused_layout_by_order(div, fusions, paddle_model, run_paddle, judged,
                                                noise, criteria, containers, rename,
                                                pairing)
+    if crossed is not None and div is not None and pairing is not None:
+        # loaded by definition order, crossed: whether loading by call order makes the rest align
+        # outranks what any layer's own reading says
+        moved = {r for p, r in names.items() if p in crossed.anchors()}
+        failed = {r.key for r in plain.failed}
+
+        def aligns() -> bool:
+            got = rename(_capture(paddle_model, run_paddle, containers))
+            keys = [k for k in got if k in judged and (
+                (s := _subject(k)) is None or s.partition("#")[0] not in moved)]
+            # and it must mend a key that failed: the rest aligning says nothing where every
+            # key that failed is a moved layer's own
+            return bool(failed.intersection(keys)) and bool(compare(
+                {k: judged[k] for k in keys}, {k: got[k] for k in keys}, criteria=criteria,
+                noise=None if noise is None else {k: noise[k] for k in keys if k in noise}
+            ).passed)
+
+        hint = crossed_hint(crossed, torch_model, paddle_model, aligns) or hint
     if hint is None and noise is None:
         hint = _carried_rounding(div)
     if pairing is not None and div is not None and div.kind == "layer" \

@@ -103,6 +103,10 @@ def test_weights_pair_by_order_as_by_hand(model):
     assert pair.copied_with == COPIED_BY_REPROD  # not models.py's fallback copy
     got = pair_weights_by_order(pair.torch32, port)
     assert list(got.items()) == [(p.torch_key, p.paddle_key) for p in pair.pairs]
+    # by the order the layers run: the same pairs, where both define them as they run them
+    # (reprod.align.call_order)
+    by_calls = pair_weights_by_order(pair.torch32, port, inputs=inputs_of(model))
+    assert by_calls == got
 
 
 # --- 2. a correct port ------------------------------------------------------------------------

@@ -522,6 +522,31 @@ def test_bart_s_dropout_defaults_differ_and_only_they_are_said() -> None:
         u.startswith("dropout") for u in r.options["settings"]["unpaired"])
 
 
+@pytest.mark.parametrize("name", ["opt", "bart"])
+def test_by_call_order_the_attention_projections_pair_as_their_names_say(name: str) -> None:
+    """HF's OPT and BART define k_proj, v_proj, q_proj and call q_proj first; PaddleNLP
+    defines and calls q, k, v. By definition order the positions cross (the names mend it,
+    ``by_order._contradicted``); by the order the layers run (``inputs=``) they pair as the
+    names say without reading them, and the port so loaded computes what HF's does."""
+    from reprod.align import load_into_paddle, pair_weights_by_order
+
+    tm, pm = _loaded(name)
+    feed = _feed(name)
+    tkeys = list(tm.state_dict())
+    q = next(k for k in tkeys if k.endswith("layers.0.self_attn.q_proj.weight"))
+    k = q.replace("q_proj", "k_proj")
+    assert tkeys.index(k) < tkeys.index(q)  # defined before the query
+    by_calls = pair_weights_by_order(tm, pm, inputs=feed)
+    assert by_calls == pair_weights_by_order(tm, pm)
+    assert by_calls[q].endswith("layers.0.self_attn.q_proj.weight")
+    assert by_calls[k].endswith("layers.0.self_attn.k_proj.weight")
+    t0, p0 = _outputs(name, tm, pm)
+    load_into_paddle(pm, tm, by_order=True, inputs=feed)
+    t1, p1 = _outputs(name, tm, pm)
+    np.testing.assert_array_equal(p1, p0)
+    np.testing.assert_allclose(p1, t1, rtol=1e-5, atol=1e-5)
+
+
 def test_opt_s_padded_positions_differ_for_real() -> None:
     """HF's OPT numbers the positions cumsum(mask) * mask - 1 (padded ones -1, then offset 2),
     PaddleNLP's cumsum(mask) - 1: the padded rows' outputs part, and the position embedding is
