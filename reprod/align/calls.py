@@ -590,6 +590,24 @@ def _masked_share(layer: Any, args: Any, kwargs: Mapping[str, Any], torch_side: 
 _ACTIVE: set[str] = set()  # the frameworks being traced now: one trace each at a time
 
 
+def _dropout_input(x: Any) -> dict[str, Any]:
+    """What a dropout's input says of its role: its shape, and whether it holds attention
+    probabilities (rank 3 at least, none negative, each last-axis row summing to 1: a softmax's
+    output). Hugging Face's BERT drops its attention probabilities with a Dropout layer of its
+    attention, Paddle's MultiHeadAttention with a rate it holds; by role the two pair, and a
+    dropout the port alone holds (PaddleNLP's activation dropout, p 0) is not set against
+    either."""
+    out: dict[str, Any] = {"_shape": _shape(x)}
+    if _ndim(x) >= 3:
+        try:
+            d = x.detach()
+            out["_probs"] = bool(d.is_floating_point()) and float(d.min()) >= 0.0 and \
+                float((d.sum(-1) - 1).abs().max()) < 1e-2
+        except Exception:  # a tensor this cannot read says nothing of its role
+            pass
+    return out
+
+
 def _layer_event_settings(layer: Any, read: tuple[str, dict[str, Any]], x: Any) -> dict[str, Any]:
     """A layer's settings as its call this time computes: the statistics it uses now, whether
     its dropout is on, its softmax axis for this input, its padding as a call's."""
@@ -606,6 +624,7 @@ def _layer_event_settings(layer: Any, read: tuple[str, dict[str, Any]], x: Any) 
             out["statistics"] = _stats_paddle(layer.training, g)
     elif kind.startswith("dropout") or kind == "alphadropout":
         out["training"] = bool(layer.training)
+        out.update(_dropout_input(x))
     elif kind in ("softmax", "logsoftmax"):
         axis = out.get("axis")
         if axis is None and torch_side:
@@ -886,6 +905,8 @@ class SettingsTrace:
             found = norm(bound, first)
             if kind in _AXES:
                 found["_shape"] = _shape(first)
+            elif kind == "dropout":
+                found.update(_dropout_input(first))
             elif kind == "conv" and isinstance(found.get("padding"), str):
                 # F.conv2d(x, w, padding="same"): explicit where no input size decides it
                 weight = _shape(bound.get("weight"))
@@ -960,7 +981,10 @@ def _with_attention_dropouts(events: Sequence[OpEvent]) -> list[OpEvent]:
     for e in events:
         out.append(e)
         p = e.settings.get("dropout") if e.kind == "attention" else None
-        if isinstance(p, (int, float)) and p:
+        # its rate held though 0: a port whose attention drops nothing, against the reference's
+        # dropout of the attention's probabilities, is that one difference (else the reference's
+        # paired with the port's next dropout, and its text named the wrong one)
+        if isinstance(p, (int, float)) and not isinstance(p, bool):
             out.append(OpEvent("dropout", _INSIDE_ATTENTION, f"{e.name}:dropout", False,
                                {"p": float(p)}))
     return out
@@ -989,7 +1013,8 @@ def _place(e: OpEvent) -> tuple[tuple[int, ...], bool]:
     """Where an event is: the numbers of the blocks it is in (``layers.1`` -> (1,)), and whether
     it is an attention's own dropout (a fused call's, or an attention layer's rate)."""
     return (tuple(int(d) for d in _BLOCK.findall(e.name.split(":", 1)[0])),
-            e.op in (_INSIDE_ATTENTION, "scaled_dot_product_attention"))
+            e.op in (_INSIDE_ATTENTION, "scaled_dot_product_attention")
+            or bool(e.settings.get("_probs")))
 
 
 def _pair_cost(kind: str, x: OpEvent, y: OpEvent) -> float:
@@ -1001,7 +1026,11 @@ def _pair_cost(kind: str, x: OpEvent, y: OpEvent) -> float:
     # one in a block and one outside any (timm's head dropout against a block's in a port
     # without one): dearer than leaving both alone
     outside = 2.0 if bool(xb) != bool(yb) else 0.0
-    return cost + (0.6 if xb != yb else 0.0) + (0.3 if xa != ya else 0.0) + outside
+    # inputs of other shapes (a port's dropout after its FFN activation, 4x wide, against the
+    # reference's residual one): a little dearer, so of equal costs the like-shaped pair wins
+    xs, ys = x.settings.get("_shape"), y.settings.get("_shape")
+    shaped = 0.1 if xs is not None and ys is not None and tuple(xs) != tuple(ys) else 0.0
+    return cost + (0.6 if xb != yb else 0.0) + (0.3 if xa != ya else 0.0) + outside + shaped
 
 
 _POOLS = ("avgpool", "maxpool", "adaptiveavgpool", "adaptivemaxpool")

@@ -412,6 +412,41 @@ def test_layoutlm_s_dropped_residual_is_named_at_the_block_that_adds_it() -> Non
         div["message"]
 
 
+@pytest.mark.parametrize("attention, hidden, said", [
+    (0.0, 0.1, ["encoder.layers.{i}.self_attn:dropout (torch "
+                "encoder.layer.{i}.attention.self.dropout): p 0.1 in torch, 0 in Paddle"]),
+    (0.1, 0.0, ["encoder.layers.{i}.dropout1 (torch encoder.layer.{i}.attention.output.dropout)"
+                ": p 0.1 in torch, 0 in Paddle",
+                "encoder.layers.{i}.dropout2 (torch encoder.layer.{i}.output.dropout): "
+                "p 0.1 in torch, 0 in Paddle"]),
+])
+def test_layoutlm_s_dropout_rates_are_named_against_the_dropouts_of_their_role(
+        attention: float, hidden: float, said: list[str]) -> None:
+    """HF's LayoutLM drops its attention probabilities with ``attention.self.dropout``;
+    PaddleNLP's port with its ``MultiHeadAttention``'s rate, beside an activation dropout of p 0
+    HF has not. A port configured with another attention rate had HF's attention dropout set
+    against the port's activation dropout ("encoder.layers.0.dropout (torch
+    encoder.layer.0.attention.output.dropout)"), and with other residual rates, in the second
+    layer, the residual one against the activation dropout: the wrong knob named."""
+    from fourth_batch_models import _LAYOUTLM, _pair
+    from paddlenlp.transformers import LayoutLMConfig as PC
+    from paddlenlp.transformers import LayoutLMModel as PM
+    from transformers import LayoutLMConfig, LayoutLMModel
+
+    from reprod.align import align_forward
+
+    cfg = dict(_LAYOUTLM, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    tm, pm = _pair(LayoutLMModel, LayoutLMConfig, PM, PC, cfg,
+                   sharp=("query.weight", "key.weight"),
+                   hf_extra=dict(attn_implementation="eager"),
+                   pd_extra=dict(attention_probs_dropout_prob=attention,
+                                 hidden_dropout_prob=hidden))
+    r = align_forward(tm, pm, layoutlm_feed(), by_order=True)
+    differ = [d for d in r.options["settings"]["differ"] if d.startswith("encoder.")]
+    assert differ == [line.format(i=i) for i in (0, 1) for line in said], differ
+    assert not [k for k in _failed(r) if not k.startswith("settings/")], r.summary_line()
+
+
 def test_bigbird_s_query_returning_its_heads_apart_is_left_to_the_whole_run_in_bfloat16(
         ) -> None:
     """PaddleNLP's BigBird query, key and value return their heads apart ([2, 4, 16, 16] for
