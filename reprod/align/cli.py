@@ -2,6 +2,8 @@
 
     reprod-convert model.pth model.pdparams --model mypkg.models:resnet50 --rename '^module\\.='
     reprod-convert model.pth model.pdparams --by-order --paddle-model mypkg.paddle_models:resnet50
+    reprod-convert model.pth model.pdparams --by-order --model mypkg.models:resnet50 \\
+        --paddle-model mypkg.paddle_models:resnet50 --inputs x.npy   # in the order layers run
 
 Exit status: 0 written (or shown, with ``--dry-run``), 2 bad input (one line on stderr, no traceback).
 """
@@ -109,6 +111,14 @@ def _parser() -> argparse.ArgumentParser:
         "rename maps; needs --paddle-model",
     )
     p.add_argument(
+        "--inputs",
+        metavar="FILE",
+        help="with --by-order: pair by the order the layers run, not the order they are "
+        "defined; both models run once on these inputs (a .npy: the one argument; a .npz: its "
+        "arrays by name as keyword arguments, or arr_0, arr_1... as positional ones); needs "
+        "--model",
+    )
+    p.add_argument(
         "--rename",
         action="append",
         default=[],
@@ -156,6 +166,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read_inputs(path: str) -> Any:
+    """``--inputs``: a .npy's array (the one positional argument), a .npz's arrays (keyword
+    arguments by name; ``arr_0``, ``arr_1``..., as ``np.savez`` names unnamed ones: positional)."""
+    import re
+
+    import numpy as np
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            arrays = {name: loaded[name] for name in loaded.files}
+    except Exception as exc:  # a missing, truncated or foreign file: one line
+        raise ReprodError(f"--inputs {path}: cannot be read ({type(exc).__name__}: {exc})") \
+            from None
+    if arrays and all(re.fullmatch(r"arr_\d+", name) for name in arrays):
+        return tuple(arrays[f"arr_{i}"] for i in range(len(arrays)) if f"arr_{i}" in arrays)
+    return arrays
+
+
 def _plan_table(conv: Conversion) -> str:
     from tabulate import tabulate
 
@@ -189,6 +220,11 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     )
     if args.by_order and not args.paddle_model:
         raise ReprodError("--by-order needs --paddle-model MODULE:FACTORY to take the order from")
+    if args.inputs and not args.by_order:
+        raise ReprodError("--inputs pairs by call order: it needs --by-order")
+    if args.inputs and not args.model:
+        raise ReprodError("--inputs runs the models: it needs --model MODULE:FACTORY")
+    inputs = _read_inputs(args.inputs) if args.inputs else None
     torch_model = _build(args.model, "--model") if args.model else None
     paddle_model = _build(args.paddle_model, "--paddle-model") if args.paddle_model else None
     with warnings.catch_warnings(record=True) as caught:
@@ -199,6 +235,7 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
             rules=rules,
             by_order=args.by_order,
             paddle_model=paddle_model,
+            inputs=inputs,
         )
     for w in caught:
         if issubclass(w.category, HeuristicLinearWarning):
