@@ -1094,7 +1094,9 @@ def _moved_text(paired: Mapping[str, str], t_rest: list[list[str]], p_rest: list
             f"side, of the same shapes: a layer each side defines elsewhere in its order (HF's "
             f"ConvBERT defines its attention's output Linear after its convolutions, PaddleNLP's "
             f"before them){alone}. Where so, pair them: "
-            f"rules=ConversionRules({', '.join(args)})")
+            f"rules=ConversionRules({', '.join(args)}); or, where each side calls them as the "
+            f"other does, pair by the order the layers run, from both models and example "
+            f"inputs: inputs=x")
 
 
 def _with_lone_layers(torch_side: Any, paddle_side: Any, rules: Optional[ConversionRules]

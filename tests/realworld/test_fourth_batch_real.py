@@ -262,6 +262,28 @@ def test_convbert_s_refusal_suggests_pairing_the_layer_each_side_defines_elsewhe
     assert r.passed, r.to_table(failed_only=True)
 
 
+def test_convbert_pairs_by_the_order_its_layers_run() -> None:
+    """The refusal's other way: both sides call the attention's output Linear after the
+    convolutions, so by call order (``inputs=``) they pair without naming them; PaddleNLP's
+    pooler, which HF's ``ConvBertModel`` lacks, is left to say. So loaded, the port passes."""
+    from reprod import KeyMismatchError
+    from reprod.align import ConversionRules, align_forward, load_into_paddle
+
+    tm, pm = built("convbert")
+    feed = padded(0)
+    with pytest.raises(KeyMismatchError) as refused:
+        load_into_paddle(pm, tm, by_order=True)
+    assert "pair by the order the layers run" in str(refused.value)
+    with pytest.raises(KeyMismatchError) as refused:
+        load_into_paddle(pm, tm, by_order=True, inputs=feed)
+    assert "the Paddle side alone holds pooler.dense.weight" in str(refused.value)
+    assert "the torch side" not in str(refused.value)
+    rules = ConversionRules(port_only=[r"^pooler\.dense\."])
+    load_into_paddle(pm, tm, by_order=True, inputs=feed, rules=rules)
+    r = align_forward(tm, pm, feed, by_order=True, calibrate=True, rules=rules)
+    assert r.passed, r.summary_line()
+
+
 # --- the pairs reprod got right ----------------------------------------------------------------
 
 
