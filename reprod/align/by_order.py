@@ -523,8 +523,28 @@ def _plan_rest(torch_keys: list[str], paddle_keys: list[str], torch_side: Any, p
     explained, lone, at = _explain_refusal(
         torch_side, paddle_side, rules, torch_keys, paddle_keys, tshapes, pshapes
     ) if problems and explain else ("", ((), ()), ())
+    if problems and explain and not explained and _reordered(torch_keys, paddle_keys, tshapes,
+                                                             pshapes):
+        explained = ("the two sides hold tensors of the same shapes, as many of each, in another "
+                     "order: layers one side defines elsewhere (PaddleClas's ConvNeXt defines "
+                     "its downsamplings before its stages, timm's each in its stage); where each "
+                     "side runs them in the same order, pair by the order the layers run, from "
+                     "both models and example inputs: inputs=x")
     return _OrderPlan(tuple(pairs), tuple(problems), header, frozenset(wrong_kind),
                       explained=explained, lone=lone, lone_at=at)
+
+
+def _reordered(torch_keys: list[str], paddle_keys: list[str],
+               tshapes: Mapping[str, tuple[int, ...]], pshapes: Mapping[str, tuple[int, ...]]
+               ) -> bool:
+    """Whether both sides hold as many tensors of each shape (a 2-D one either way round: a
+    Linear's transpose), so that only their order differs."""
+    def kinds(keys: list[str], shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return sorted(tuple(sorted(shapes[k])) if len(shapes[k]) == 2 else shapes[k]
+                      for k in keys)
+
+    return len(torch_keys) == len(paddle_keys) and \
+        kinds(torch_keys, tshapes) == kinds(paddle_keys, pshapes)
 
 
 _MOST_FUSED = 4  # reference layers one port layer may fuse (q, k, v; gate, up)

@@ -122,6 +122,31 @@ def test_convnext_faithful_port_passes_settings_and_values_by_order() -> None:
                 and k.key.endswith(("/stride", "/groups", "/padding")) and not k.passed]
 
 
+def test_convnext_pairs_by_the_order_its_layers_run_as_its_porter_paired_it_by_hand() -> None:
+    """By definition order ConvNeXt is refused (the downsamplings defined apart), and the
+    porter wrote 56 pairs by hand (``V.convnext_pairs``). Both sides run stem, stage, downsampling,
+    stage...: by the order the layers run (``inputs=``) the pairing is those 56 pairs, the refusal
+    says to try it, and the port so loaded passes; a bug is then named at its layer."""
+    from reprod import KeyMismatchError
+    from reprod.align import align_forward, load_into_paddle, pair_weights_by_order
+
+    tm, pm = V.built("convnext", load=False)
+    x = V.image(hw=V.CONVNEXT_HW)
+    with pytest.raises(KeyMismatchError) as refused:
+        pair_weights_by_order(tm, pm)
+    assert "in another order" in str(refused.value) and "inputs=x" in str(refused.value)
+    assert pair_weights_by_order(tm, pm, inputs=x) == V.convnext_pairs()
+    load_into_paddle(pm, tm, by_order=True, inputs=x)
+    _assert_same_logits(tm, pm, x)
+    r = align_forward(tm, pm, x, by_order=True, calibrate=True, layers=True)
+    assert r.passed, r.to_table(failed_only=True)
+    _pwconv_weight(pm)
+    r = align_forward(tm, pm, x, by_order=True, calibrate=True)
+    d = _divergence(r)
+    assert (d.get("layer"), d.get("kind")) == ("stages.2.blocks.0.mlp.fc1", "layer"), d
+    assert "its own parameter weight" in (d.get("hint") or ""), d
+
+
 def test_convnext_hand_written_layernorm_epsilon_is_a_setting() -> None:
     """PaddleClas normalises the stem and the downsamplings with its own
     ``ChannelsFirstLayerNorm`` (``epsilon``), timm with ``LayerNorm2d`` (an ``nn.LayerNorm``).
