@@ -205,3 +205,31 @@ def test_inputs_need_both_models_and_by_order():
         load_into_paddle(pm, tm, inputs=X)
     with pytest.raises(ReprodError, match="inputs= pairs by call order"):
         load_into_paddle(pm, tm.state_dict(), by_order=True, inputs=X)
+
+
+class Stem(paddle.nn.Layer):
+    """Defines its downsampling before its stem, as PaddleClas's ConvNeXt defines them all
+    before its stages; runs them in the reference's order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = paddle.nn.Conv2D(8, 16, 2, stride=2)
+        self.conv = paddle.nn.Conv2D(3, 8, 3, padding=1)
+        self.mix = paddle.nn.Conv2D(16, 16, 1)
+
+    def forward(self, x):
+        return self.mix(self.down(self.conv(x)))
+
+
+def test_a_refusal_where_only_the_order_differs_says_to_pair_by_call_order():
+    torch.manual_seed(0)
+    tm = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 16, 2, 2),
+                             torch.nn.Conv2d(16, 16, 1)).eval()
+    pm = Stem()
+    pm.eval()
+    with pytest.raises(ReprodError) as refused:
+        load_into_paddle(pm, tm, by_order=True)
+    assert "inputs=x" in str(refused.value), str(refused.value)
+    load_into_paddle(pm, tm, by_order=True, inputs=X)
+    t, p = _outputs(tm, pm)
+    np.testing.assert_allclose(p, t, rtol=1e-5, atol=1e-6)
