@@ -14,14 +14,15 @@ used is not seen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-__all__ = ["Crossing", "capture_calls", "crossing", "first_calls", "first_calls_of",
-           "in_call_order"]
+__all__ = ["Crossing", "capture_calls", "crossed_hint", "crossing", "first_calls",
+           "first_calls_of", "held_by_calls", "in_call_order", "noting_calls"]
 
 
 def _leaves(model: Any) -> list[tuple[str, Any]]:
@@ -30,9 +31,10 @@ def _leaves(model: Any) -> list[tuple[str, Any]]:
     return [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
 
 
-def first_calls_of(model: Any, run: Callable[[], Any]) -> dict[str, int]:
-    """Leaf layer name -> the position of its first call among the leaves' first calls while
-    ``run()`` runs ``model`` (forward pre-hooks, removed after, whatever ``run`` raises)."""
+@contextlib.contextmanager
+def noting_calls(model: Any) -> Iterator[dict[str, int]]:
+    """A dict filled, while the block runs, with leaf layer name -> the position of its first
+    call among the leaves' first calls (forward pre-hooks, removed after, whatever happens)."""
     order: dict[str, int] = {}
     handles = []
     try:
@@ -40,10 +42,16 @@ def first_calls_of(model: Any, run: Callable[[], Any]) -> dict[str, int]:
             def hook(_layer: Any, _args: Any, name: str = name) -> None:
                 order.setdefault(name, len(order))
             handles.append(layer.register_forward_pre_hook(hook))
-        run()
+        yield order
     finally:
         for h in handles:
             h.remove()
+
+
+def first_calls_of(model: Any, run: Callable[[], Any]) -> dict[str, int]:
+    """Leaf layer name -> the position of its first call while ``run()`` runs ``model``."""
+    with noting_calls(model) as order:
+        run()
     return order
 
 
@@ -157,6 +165,51 @@ def _as_float(value: Any) -> Optional[np.ndarray]:
         return np.asarray(value, dtype=np.float32)
     except Exception:  # a tensor of a kind not read here: it tells nothing
         return None
+
+
+def held_by_calls(torch_model: Any, paddle_model: Any, rules: Any,
+                  calls: tuple[Mapping[str, int], Mapping[str, int]]) -> Any:
+    """The pairing by call order (``calls``: each side's leaves' first calls) as
+    ``ConversionRules``, where it differs from the pairing by definition order (or that is
+    refused) and the port's weights hold it: a port loaded with ``inputs=``, whose layers the
+    settings check and the localisation must then pair so too (by definition order a faithful
+    port's crossed siblings of other dilations failed invented settings). None otherwise."""
+    from ..errors import ReprodError
+    from .by_order import _order_plan, _rules_from_order
+
+    if not calls[0] or not calls[1]:
+        return None
+    try:
+        by_calls = _order_plan(torch_model, paddle_model, rules, explain=False, calls=calls)
+    except ReprodError:
+        return None
+    if by_calls.problems:
+        return None
+    try:
+        by_def = _order_plan(torch_model, paddle_model, rules, explain=False)
+        first = {} if by_def.problems else {pk: tk for tk, pk, _ in by_def.pairs}
+    except ReprodError:
+        first = {}
+    moved = [(tk, pk, t) for tk, pk, t in by_calls.pairs if first.get(pk) != tk]
+    if not moved:
+        return None
+    tsd, psd = torch_model.state_dict(), paddle_model.state_dict()
+    told = False
+    for tk, pk, t in moved:
+        other = first.get(pk)
+        a = _as_float(tsd[tk]) if tk in tsd else None
+        held = _as_float(psd[pk]) if pk in psd else None
+        if a is None or held is None:
+            continue
+        a = a.T if t and a.ndim == 2 else a
+        if other is not None and other in tsd:
+            b = _as_float(tsd[other])
+            if b is not None and b.shape == a.shape and np.array_equal(a, b):
+                continue  # the two candidates are alike: this tensor tells nothing
+        if a.shape != held.shape or not np.allclose(held, a, rtol=1e-2, atol=1e-5):
+            return None
+        told = True
+    return _rules_from_order(by_calls, rules) if told else None
 
 
 def crossing(torch_model: Any, paddle_model: Any, rules: Any, ref: Mapping[str, Any],

@@ -27,6 +27,7 @@ from .calibration import (
     twin_failed,
     uncalibrated,
 )
+from .call_order import held_by_calls, noting_calls
 from .calls import trace_settings
 from .framework import (
     _HALF,
@@ -219,13 +220,22 @@ def align_forward(
     # the settings of the operations each model applies as functions, from its first pass
     traces = None if waive is None else (trace_settings(torch_model),
                                          trace_settings(paddle_model))
+    # by order, which leaves each model calls first, from the same first pass: where the port's
+    # weights hold the pairing by call order (loaded with inputs=), the settings and the
+    # localisation pair the layers so too
+    calls: Optional[tuple[Any, Any]] = None
+    if by_order and not getattr(rules, "pairs", ()):
+        calls = (noting_calls(torch_model), noting_calls(paddle_model))
+    noted: list[dict[str, int]] = []
     with _modes(torch_model, paddle_model, train=False), _deterministic(seed):
         dev = _torch_device(torch_model)
         with torch.no_grad():
             torch.manual_seed(seed)
             targs, tkw = _to_torch(args, dev), _to_torch(kwargs, dev)
-            with traces[0] if traces else contextlib.nullcontext():
+            with traces[0] if traces else contextlib.nullcontext(), \
+                    calls[0] if calls else contextlib.nullcontext() as seen:
                 out32 = torch_model(*targs, **tkw)
+            noted.append(seen or {})
             if half is not None:
                 # the reference in the port's precision, and the float32 run its noise: a half
                 # port against float32 noise would fail every key by its own rounding
@@ -259,8 +269,10 @@ def align_forward(
         with paddle.no_grad():
             pargs = _to_paddle(args, place, dtype=port_cast)
             pkw = _to_paddle(kwargs, place, dtype=port_cast)
-            with traces[1] if traces else contextlib.nullcontext():
+            with traces[1] if traces else contextlib.nullcontext(), \
+                    calls[1] if calls else contextlib.nullcontext() as seen:
                 out_p = _run_port(paddle_model, pargs, pkw, port_cast, place)
+            noted.append(seen or {})
             outs.append((paddle_log, out_p))
     flats: list[dict[str, np.ndarray]] = []
     nones: dict[str, list[str]] = {}
@@ -298,6 +310,12 @@ def align_forward(
     if not_compared:
         result = dataclasses.replace(result, options=dict(result.options,
                                                           outputs_not_compared=not_compared))
+    held = held_by_calls(torch_model, paddle_model, rules, (noted[0], noted[1])) \
+        if calls else None
+    if held is not None:
+        rules = held
+        result = dataclasses.replace(result, options=dict(result.options,
+                                                          weights_paired="by call order"))
     if waive is not None:
         result = settings.settings_checked(result, torch_model, paddle_model, waive=waive,
                                            by_order=by_order, traces=traces, rules=rules)

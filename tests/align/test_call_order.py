@@ -233,3 +233,58 @@ def test_a_refusal_where_only_the_order_differs_says_to_pair_by_call_order():
     load_into_paddle(pm, tm, by_order=True, inputs=X)
     t, p = _outputs(tm, pm)
     np.testing.assert_allclose(p, t, rtol=1e-5, atol=1e-6)
+
+
+class Dilated(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.c = torch.nn.Conv2d(8, 8, 3, padding=4, dilation=4)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head(torch.cat([self.b(x), self.c(x)], 1).mean((2, 3)))
+
+
+class DilatedPort(paddle.nn.Layer):
+    """An ASPP-like port defining its dilation-4 branch before its dilation-2 one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = paddle.nn.Conv2D(3, 8, 3, padding=1)
+        self.br3 = paddle.nn.Conv2D(8, 8, 3, padding=4, dilation=4)
+        self.br2 = paddle.nn.Conv2D(8, 8, 3, padding=2, dilation=2)
+        self.fc = paddle.nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = paddle.nn.functional.relu(self.conv0(x))
+        return self.fc(paddle.concat([self.br2(x), self.br3(x)], 1).mean((2, 3)))
+
+
+def test_the_settings_pair_the_layers_as_the_port_s_weights_hold_them():
+    """Loaded by call order, the faithful port's crossed branches were paired by definition
+    order for the settings check, which failed four invented differences ("br3 (torch b):
+    dilation (2, 2) in torch, (4, 4) in Paddle")."""
+    torch.manual_seed(0)
+    paddle.seed(0)
+    tm, pm = Dilated().eval(), DilatedPort()
+    pm.eval()
+    x = np.random.RandomState(0).randn(2, 3, 12, 12).astype("float32")
+    load_into_paddle(pm, tm, by_order=True, inputs=x)
+    r = align_forward(tm, pm, x, by_order=True, calibrate=True, layers=True)
+    assert r.passed, r.summary_line()
+    assert r.options["weights_paired"] == "by call order"
+    # a real difference of setting is still one, named against the branch it runs as
+    pm.br2._dilation = [3, 3]
+    pm.br2._updated_padding = [3, 3]
+    r = align_forward(tm, pm, x, by_order=True, calibrate=True)
+    assert "br2 (torch b): dilation (2, 2) in torch, (3, 3) in Paddle" in \
+        r.options["settings"]["differ"], r.options["settings"]["differ"]
+    # loaded by definition order: the pairing is the weights', and the likely cause says so
+    load_into_paddle(pm, tm, by_order=True)
+    pm.br2._dilation, pm.br2._updated_padding = [2, 2], [2, 2]
+    r = align_forward(tm, pm, x, by_order=True, calibrate=True)
+    assert "weights_paired" not in r.options
+    assert any(HINT in f for f in r.options["findings"]), r.options["findings"]
