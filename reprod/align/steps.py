@@ -372,6 +372,18 @@ def _paired_names(plan: Mapping[str, KeyPlan]) -> set[str]:
     return {kp.paddle_name for kp in plan.values() if kp.paddle_name is not None}
 
 
+def _held_by_calls(torch_model: Any, paddle_model: Any, rules: Any, batch: Any) -> Any:
+    """``call_order.held_by_calls`` from a pass of each model over the first batch's inputs
+    (eval mode, no gradients); None where that pass fails (the steps will say why)."""
+    from .call_order import first_calls, held_by_calls
+
+    try:
+        calls = first_calls(torch_model, paddle_model, _split_batch(batch, 0)[0])
+    except ReprodError:
+        return None
+    return held_by_calls(torch_model, paddle_model, rules, calls)
+
+
 @splitting_for_port
 def align_train(
     torch_model: Any,
@@ -577,8 +589,16 @@ def align_train(
             f"the torch model is in {modes[bool(torch_model.training)]} mode and the Paddle "
             f"model in {modes[bool(paddle_model.training)]} mode; put both in the same mode"
         )
+    weights_paired = None
     if by_order:  # names no rule maps (torchvision against paddle.vision): pair by position
-        rules = by_order_rules(torch_model, paddle_model, rules=rules)
+        # or by the order the layers run, where the port's weights hold that (loaded with
+        # inputs=): else each of its crossed siblings' gradients is set against the other's
+        held = None if getattr(rules, "pairs", ()) else _held_by_calls(
+            torch_model, paddle_model, rules, batches[0])
+        if held is not None:
+            rules, weights_paired = held, "by call order"
+        else:
+            rules = by_order_rules(torch_model, paddle_model, rules=rules)
     _check_structure(torch_model, paddle_model, rules)
     if torch_model.training:
         _check_no_dropout(torch_model, paddle_model)
@@ -769,6 +789,9 @@ def align_train(
     if arena.spilled or arena.reason is not None:
         result = dataclasses.replace(result, options=dict(result.options,
                                                           memory=arena.summary()))
+    if weights_paired is not None:
+        result = dataclasses.replace(result, options=dict(result.options,
+                                                          weights_paired=weights_paired))
     if waive is not None:
         result = settings.settings_checked(
             result, torch_model, paddle_model,

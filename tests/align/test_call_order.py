@@ -288,3 +288,29 @@ def test_the_settings_pair_the_layers_as_the_port_s_weights_hold_them():
     r = align_forward(tm, pm, x, by_order=True, calibrate=True)
     assert "weights_paired" not in r.options
     assert any(HINT in f for f in r.options["findings"]), r.options["findings"]
+
+
+def test_align_train_pairs_the_gradients_as_the_port_s_weights_hold_them():
+    """Loaded by call order, align_train paired the weights by definition order: each crossed
+    branch's gradient, weight and optimizer state were set against the other's."""
+    from reprod.align import align_train
+
+    torch.manual_seed(0)
+    paddle.seed(0)
+    tm, pm = Dilated(), DilatedPort()
+    rng = np.random.default_rng(1)
+    batches = [(rng.standard_normal((2, 3, 12, 12)).astype("float32"),
+                rng.standard_normal((2, 5)).astype("float32")) for _ in range(2)]
+    load_into_paddle(pm, tm, by_order=True, inputs=batches[0][0])
+
+    def train(tm, pm):
+        return align_train(tm, pm, batches, by_order=True, calibrate=True,
+                           torch_loss_fn=torch.nn.MSELoss(), paddle_loss_fn=paddle.nn.MSELoss(),
+                           torch_optimizer=torch.optim.SGD(tm.parameters(), lr=0.1),
+                           paddle_optimizer=paddle.optimizer.SGD(learning_rate=0.1,
+                                                                 parameters=pm.parameters()))
+
+    r = train(tm, pm)
+    assert r.passed, r.to_table(failed_only=True)
+    assert r.options["weights_paired"] == "by call order"
+    assert "step0/grad/br2.weight" in r.keys()
