@@ -590,13 +590,17 @@ def align_train(
             f"model in {modes[bool(paddle_model.training)]} mode; put both in the same mode"
         )
     weights_paired = None
+    # by order, the localisation pairs the weights itself from the user's rules, as
+    # align_forward's does: so it can tell a definition-order pairing that crossed siblings
+    localise_rules = rules
     if by_order:  # names no rule maps (torchvision against paddle.vision): pair by position
         # or by the order the layers run, where the port's weights hold that (loaded with
         # inputs=): else each of its crossed siblings' gradients is set against the other's
         held = None if getattr(rules, "pairs", ()) else _held_by_calls(
             torch_model, paddle_model, rules, batches[0])
         if held is not None:
-            rules, weights_paired = held, "by call order"
+            rules = localise_rules = held
+            weights_paired = "by call order"
         else:
             rules = by_order_rules(torch_model, paddle_model, rules=rules)
     _check_structure(torch_model, paddle_model, rules)
@@ -820,7 +824,7 @@ def align_train(
                 paddle_log.data, torch_loss_fn=torch_loss_fn, paddle_loss_fn=paddle_loss_fn,
                 seed=seed, by_order=by_order, calibrate=calibrate, criteria=crit,
                 lr=_first_lr(paddle_optimizer), plan=plan, fusions=fusions,
-                forced_logs=forced_logs,
+                forced_logs=forced_logs, rules=localise_rules if by_order else None,
             )
         finally:
             after.restore(torch_model, paddle_model)
@@ -1183,6 +1187,7 @@ def _train_localised(
     lr: Optional[float],
     plan: Mapping[str, KeyPlan],
     fusions: Sequence[Any] = (),
+    rules: Any = None,
     forced_logs: Optional[Mapping[int, Any]] = None,
 ) -> Any:
     """``result`` with where the first failing step goes wrong in ``options["findings"]`` (and
@@ -1282,7 +1287,8 @@ def _train_localised(
             loc = _localise_step(torch_model, paddle_model, batches[step % len(batches)],
                                  backward=kinds[0] == "grad", torch_loss_fn=torch_loss_fn,
                                  paddle_loss_fn=paddle_loss_fn, seed=seed, by_order=by_order,
-                                 calibrate=calibrate, criteria=criteria, plan=plan)
+                                 calibrate=calibrate, criteria=criteria, plan=plan,
+                                 rules=rules)
             from ..capture import layer_types
 
             cut = gradient_not_reaching(loc.result, layer_types(torch_model)) \
@@ -1363,9 +1369,11 @@ def _drifted(div: Any, step: int, forced: bool, plan: Mapping[str, KeyPlan],
 def _localise_step(torch_model: Any, paddle_model: Any, batch: Any, *, backward: bool,
                     torch_loss_fn: Callable[..., Any], paddle_loss_fn: Callable[..., Any],
                     seed: int, by_order: bool, calibrate: bool, criteria: Criteria,
-                    plan: Mapping[str, KeyPlan]) -> Any:
+                    plan: Mapping[str, KeyPlan], rules: Any = None) -> Any:
     """A step's forward (and with ``backward``, loss and backward) captured layer by layer on
-    both sides, in the models' own mode, paired and judged (``localise_forward``)."""
+    both sides, in the models' own mode, paired and judged (``localise_forward``). ``rules``:
+    by order, the user's, under which the localisation pairs the weights itself (else the
+    plan's pairs)."""
     import paddle
     import torch
 
@@ -1407,7 +1415,7 @@ def _localise_step(torch_model: Any, paddle_model: Any, batch: Any, *, backward:
         return localise_forward(torch_model, paddle_model, run_torch, run_paddle,
                                 by_order=by_order, criteria=criteria, run_twin=twin,
                                 backward=backward, ref_layout=partial(_paddle_layout, plan),
-                                rules=ConversionRules.from_pairs(
+                                rules=rules if by_order else ConversionRules.from_pairs(
                                     {t: kp.paddle_name for t, kp in plan.items()
                                      if kp.paddle_name is not None}))
 

@@ -314,3 +314,14 @@ def test_align_train_pairs_the_gradients_as_the_port_s_weights_hold_them():
     assert r.passed, r.to_table(failed_only=True)
     assert r.options["weights_paired"] == "by call order"
     assert "step0/grad/br2.weight" in r.keys()
+    # loaded by definition order, the failing training run names the pairing as align_forward
+    # does (its localisation pairs the weights itself, not from the step's plan)
+    torch.manual_seed(0)
+    paddle.seed(0)
+    tm, pm = Ref(), Port()
+    load_into_paddle(pm, tm, by_order=True)
+    batches[:] = [(rng.standard_normal((2, 3, 8, 8)).astype("float32"),
+                   rng.standard_normal((2, 5)).astype("float32")) for _ in range(2)]
+    r = train(tm, pm)
+    assert not r.passed and "weights_paired" not in r.options
+    assert any(HINT in f for f in r.options["findings"]), r.options["findings"]
