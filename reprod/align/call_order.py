@@ -167,18 +167,13 @@ def _as_float(value: Any) -> Optional[np.ndarray]:
         return None
 
 
-def held_by_calls(torch_model: Any, paddle_model: Any, rules: Any,
-                  calls: tuple[Mapping[str, int], Mapping[str, int]]) -> Any:
-    """The pairing by call order (``calls``: each side's leaves' first calls) as
-    ``ConversionRules``, where it differs from the pairing by definition order (or that is
-    refused) and the port's weights hold it: a port loaded with ``inputs=``, whose layers the
-    settings check and the localisation must then pair so too (by definition order a faithful
-    port's crossed siblings of other dilations failed invented settings). None otherwise."""
+def _plans(torch_model: Any, paddle_model: Any, rules: Any,
+           calls: tuple[Mapping[str, int], Mapping[str, int]]) -> Optional[tuple[Any, Any]]:
+    """(the pairing by definition order, None where refused; the pairing by call order), or
+    None where the pairing by call order is refused."""
     from ..errors import ReprodError
-    from .by_order import _order_plan, _rules_from_order
+    from .by_order import _order_plan
 
-    if not calls[0] or not calls[1]:
-        return None
     try:
         by_calls = _order_plan(torch_model, paddle_model, rules, explain=False, calls=calls)
     except ReprodError:
@@ -187,74 +182,82 @@ def held_by_calls(torch_model: Any, paddle_model: Any, rules: Any,
         return None
     try:
         by_def = _order_plan(torch_model, paddle_model, rules, explain=False)
-        first = {} if by_def.problems else {pk: tk for tk, pk, _ in by_def.pairs}
     except ReprodError:
-        first = {}
-    moved = [(tk, pk, t) for tk, pk, t in by_calls.pairs if first.get(pk) != tk]
-    if not moved:
-        return None
+        by_def = None
+    return (None if by_def is None or by_def.problems else by_def), by_calls
+
+
+def _moved(by_def: Any, by_calls: Any) -> dict[str, tuple[Optional[str], bool, str, bool]]:
+    """Paddle key -> (its torch key by definition order, None where that is refused, whether
+    transposed; its torch key by call order, whether transposed), where the two differ."""
+    first = {} if by_def is None else {pk: (tk, t) for tk, pk, t in by_def.pairs}
+    return {pk: (*first.get(pk, (None, False)), tk, t) for tk, pk, t in by_calls.pairs
+            if first.get(pk, (None,))[0] != tk}
+
+
+def _held(moved: Mapping[str, tuple[Optional[str], bool, str, bool]], torch_model: Any,
+          paddle_model: Any) -> Optional[str]:
+    """Which pairing the port's weights hold, ``"definition"`` or ``"calls"``: the one every
+    tensor that can tell (its two candidates differ) is held within 1 % of (a half-precision
+    port's rounding too); None where they tell neither, or disagree."""
     tsd, psd = torch_model.state_dict(), paddle_model.state_dict()
-    told = False
-    for tk, pk, t in moved:
-        other = first.get(pk)
-        a = _as_float(tsd[tk]) if tk in tsd else None
+    votes = set()
+    for pk, (d, dt, c, ct) in moved.items():
         held = _as_float(psd[pk]) if pk in psd else None
-        if a is None or held is None:
+        by_calls = _as_float(tsd[c]) if c in tsd else None
+        if held is None or by_calls is None:
             continue
-        a = a.T if t and a.ndim == 2 else a
-        if other is not None and other in tsd:
-            b = _as_float(tsd[other])
-            if b is not None and b.shape == a.shape and np.array_equal(a, b):
+        by_calls = by_calls.T if ct and by_calls.ndim == 2 else by_calls
+        by_def = _as_float(tsd[d]) if d is not None and d in tsd else None
+        if by_def is not None:
+            by_def = by_def.T if dt and by_def.ndim == 2 else by_def
+            if by_def.shape == by_calls.shape and np.array_equal(by_def, by_calls):
                 continue  # the two candidates are alike: this tensor tells nothing
-        if a.shape != held.shape or not np.allclose(held, a, rtol=1e-2, atol=1e-5):
-            return None
-        told = True
-    return _rules_from_order(by_calls, rules) if told else None
+        near_c = by_calls.shape == held.shape and np.allclose(held, by_calls, rtol=1e-2,
+                                                              atol=1e-5)
+        near_d = by_def is not None and by_def.shape == held.shape and \
+            np.allclose(held, by_def, rtol=1e-2, atol=1e-5)
+        votes.add("neither" if near_c == near_d else "calls" if near_c else "definition")
+    return next(iter(votes)) if len(votes) == 1 and "neither" not in votes else None
+
+
+def held_by_calls(torch_model: Any, paddle_model: Any, rules: Any,
+                  calls: tuple[Mapping[str, int], Mapping[str, int]]) -> Any:
+    """The pairing by call order (``calls``: each side's leaves' first calls) as
+    ``ConversionRules``, where it differs from the pairing by definition order (or that is
+    refused) and the port's weights hold it: a port loaded with ``inputs=``, whose layers the
+    settings check and the localisation must then pair so too (by definition order a faithful
+    port's crossed siblings of other dilations failed invented settings). None otherwise."""
+    from .by_order import _rules_from_order
+
+    if not calls[0] or not calls[1]:
+        return None
+    plans = _plans(torch_model, paddle_model, rules, calls)
+    if plans is None:
+        return None
+    moved = _moved(*plans)
+    if not moved or _held(moved, torch_model, paddle_model) != "calls":
+        return None
+    return _rules_from_order(plans[1], rules)
 
 
 def crossing(torch_model: Any, paddle_model: Any, rules: Any, ref: Mapping[str, Any],
              port: Mapping[str, Any]) -> Optional[Crossing]:
     """The weights' pairings by definition order and by call order (read from the two models'
     layer captures ``ref`` and ``port``), where they differ and both pair every tensor; with
-    which of them the port's weights hold, told by the tensors whose two candidates differ
-    (held within 1 % of a candidate: a half-precision port's rounding too)."""
-    from ..errors import ReprodError
-    from .by_order import _order_plan, _rules_from_order
+    which of them the port's weights hold (``_held``)."""
+    from .by_order import _rules_from_order
 
     calls = (capture_calls(ref, {n for n, _ in _leaves(torch_model)}),
              capture_calls(port, {n for n, _ in _leaves(paddle_model)}))
-    try:
-        by_def = _order_plan(torch_model, paddle_model, rules, explain=False)
-        by_calls = _order_plan(torch_model, paddle_model, rules, explain=False, calls=calls)
-    except ReprodError:
+    plans = _plans(torch_model, paddle_model, rules, calls)
+    if plans is None or plans[0] is None:
         return None
-    if by_def.problems or by_calls.problems:
-        return None
-    first = {pk: (tk, t) for tk, pk, t in by_def.pairs}
-    moved = {pk: (first[pk][0], tk, t) for tk, pk, t in by_calls.pairs
-             if pk in first and first[pk][0] != tk}
+    moved = _moved(*plans)
     if not moved:
         return None
-    tsd, psd = torch_model.state_dict(), paddle_model.state_dict()
-    votes = set()
-    for pk, (d, c, t) in moved.items():
-        if d not in tsd or c not in tsd or pk not in psd:
-            continue
-        a, b, held = _as_float(tsd[d]), _as_float(tsd[c]), _as_float(psd[pk])
-        if a is None or b is None or held is None:
-            continue
-        a = a.T if first[pk][1] and a.ndim == 2 else a
-        b = b.T if t and b.ndim == 2 else b
-        if a.shape != held.shape or b.shape != held.shape or np.array_equal(a, b):
-            continue
-        near_a = np.allclose(held, a, rtol=1e-2, atol=1e-5)
-        near_b = np.allclose(held, b, rtol=1e-2, atol=1e-5)
-        if near_a != near_b:
-            votes.add("definition" if near_a else "calls")
-        else:
-            votes.add("neither")
-    held_by = next(iter(votes)) if len(votes) == 1 and "neither" not in votes else None
-    return Crossing(moved, held_by, _rules_from_order(by_calls, rules))
+    return Crossing({pk: (d, c, ct) for pk, (d, _, c, ct) in moved.items() if d is not None},
+                    _held(moved, torch_model, paddle_model), _rules_from_order(plans[1], rules))
 
 
 def crossed_hint(found: Crossing, torch_model: Any, paddle_model: Any,
