@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..errors import ReprodError
 from ..messages import fmt_shape
 from .by_order import _order_plan, _rules_from_order
+from .call_order import first_calls
 from .fusion import find_fusions, model_splits
 from .rules import (
     ConversionRules,
@@ -189,21 +191,26 @@ def compare_structure(
     *,
     rules: Optional[ConversionRules] = None,
     by_order: bool = False,
+    inputs: Any = None,
 ) -> StructureReport:
     """Put the torch model's state dict, converted by the same rules as ``torch_to_paddle``, beside
     the Paddle model's: what is missing, extra or shaped differently, and the value counts per layer.
 
     ``by_order=True`` pairs tensors by definition order instead of by name (see
     ``pair_weights_by_order``) and shows each pair, including those whose shapes disagree, rather
-    than raising.
+    than raising; with ``inputs`` (example inputs), by the order the layers run on them
+    (``reprod.align.call_order``), as ``load_into_paddle(..., by_order=True, inputs=x)`` loads.
 
     >>> report = compare_structure(torch_model, paddle_model)
     >>> report.ok, print(report.to_table(only_problems=True))
     >>> print(compare_structure(torch_model, renamed_port, by_order=True).to_table())
     """
     wrong_kind: set[str] = set()
+    if inputs is not None and not by_order:
+        raise ReprodError("compare_structure: inputs= pairs by call order, with by_order=True")
     if by_order:
-        order = _order_plan(torch_model, paddle_model, rules)
+        order = _order_plan(torch_model, paddle_model, rules, calls=None if inputs is None
+                            else first_calls(torch_model, paddle_model, inputs))
         wrong_kind = set(order.wrong_kind)
         rules = _rules_from_order(order, rules)
     whole_sd = torch_model.state_dict()

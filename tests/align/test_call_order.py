@@ -325,3 +325,19 @@ def test_align_train_pairs_the_gradients_as_the_port_s_weights_hold_them():
     r = train(tm, pm)
     assert not r.passed and "weights_paired" not in r.options
     assert any(HINT in f for f in r.options["findings"]), r.options["findings"]
+
+
+def test_compare_structure_shows_the_pairs_by_call_order():
+    from reprod.align import compare_structure
+
+    torch.manual_seed(0)
+    tm = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 16, 2, 2),
+                             torch.nn.Conv2d(16, 16, 1)).eval()
+    pm = Stem()
+    assert not compare_structure(tm, pm, by_order=True).ok  # by definition: shapes disagree
+    report = compare_structure(tm, pm, by_order=True, inputs=X)
+    assert report.ok, report.to_table(only_problems=True)
+    assert {(r.torch_name, r.paddle_name) for r in report.rows if r.torch_name} >= {
+        ("0.weight", "conv.weight"), ("1.weight", "down.weight"), ("2.weight", "mix.weight")}
+    with pytest.raises(ReprodError, match="inputs= pairs by call order"):
+        compare_structure(tm, pm, inputs=X)
